@@ -1,0 +1,168 @@
+//! The fleetrun agent: connects out to the controller (so hosts behind NAT work), proves who it
+//! is with its certificate, and runs the tasks the controller sends, one QUIC stream each.
+//!
+//! **Architecture invariant:** the agent never listens on a port; every connection is one it made.
+
+pub mod config;
+mod session;
+mod task;
+
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use fleetrun_exec::{ExecConfig, Executor};
+use fleetrun_net::{Timing, TlsFiles};
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// The agent's version, reported in its hello.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Waits between connection attempts: exponential from `FIRST` to `MAX`, with jitter so a
+/// fleet that lost its controller does not come back in lockstep.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    /// The next wait: between half and all of the current step.
+    fn next_delay(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        step.mul_f64(rand::random_range(0.5..=1.0))
+    }
+}
+
+/// Everything a connection needs; built once at start.
+#[derive(Debug)]
+pub(crate) struct AgentContext {
+    pub agent_id: String,
+    pub config: Config,
+    pub executor: Executor,
+    pub slots: Arc<tokio::sync::Semaphore>,
+    pub hostname: String,
+}
+
+/// Runs the agent until `shutdown` fires.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let agent_id = fleetrun_net::agent_id_of_cert_file(&config.tls.cert).with_context(|| {
+        format!(
+            "reading this agent's identity from {}",
+            config.tls.cert.display()
+        )
+    })?;
+    let endpoint = fleetrun_net::client_endpoint(
+        &TlsFiles {
+            ca: config.tls.ca.clone(),
+            cert: config.tls.cert.clone(),
+            key: config.tls.key.clone(),
+        },
+        config.bind,
+        Timing::default(),
+    )?;
+    let mut exec_config = ExecConfig::new(&config.work_dir);
+    exec_config.cgroup_name = config
+        .cgroup_name
+        .clone()
+        .unwrap_or_else(|| format!("fleetrun-{agent_id}"));
+    let executor = Executor::new(exec_config).context("preparing to run scripts")?;
+    let hostname = config.hostname.clone().unwrap_or_else(system_hostname);
+    let ctx = Arc::new(AgentContext {
+        slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_tasks)),
+        agent_id,
+        config,
+        executor,
+        hostname,
+    });
+    tracing::info!(
+        agent_id = ctx.agent_id,
+        controller = %ctx.config.controller,
+        cgroups = ctx.executor.uses_cgroup(),
+        "agent starting"
+    );
+
+    let mut backoff = Backoff::new();
+    loop {
+        let ended = tokio::select! {
+            ended = session::connect_and_serve(&ctx, &endpoint) => ended,
+            () = shutdown.cancelled() => break,
+        };
+        match ended {
+            session::Ended::AfterWelcome { lasted, reason } => {
+                tracing::warn!("lost the controller after {lasted:?}: {reason}");
+                if lasted > Duration::from_secs(10) {
+                    backoff.reset();
+                }
+            }
+            session::Ended::BeforeWelcome(reason) => {
+                tracing::warn!("cannot connect to the controller: {reason}");
+            }
+        }
+        let delay = backoff.next_delay();
+        tracing::info!("reconnecting in {delay:?}");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    endpoint.close(
+        fleetrun_proto::close_code::SHUTDOWN.into(),
+        b"agent shutting down",
+    );
+    // Let the close reach the controller.
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    Ok(())
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// The address this host is targeted by: configured, else the one it reaches the controller from.
+pub(crate) fn host_ip(config: &Config) -> anyhow::Result<IpAddr> {
+    if let Some(ip) = config.ip {
+        return Ok(ip);
+    }
+    if !config.bind.ip().is_unspecified() {
+        return Ok(config.bind.ip());
+    }
+    let any = if config.controller.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let probe = std::net::UdpSocket::bind(any)?;
+    probe.connect(config.controller)?;
+    Ok(probe.local_addr()?.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let mut backoff = Backoff::new();
+        let delays: Vec<Duration> = (0..12).map(|_| backoff.next_delay()).collect();
+        assert!(delays[0] >= Backoff::FIRST / 2 && delays[0] <= Backoff::FIRST);
+        assert!(delays.iter().all(|d| *d <= Backoff::MAX));
+        assert!(delays[11] >= Backoff::MAX / 2);
+        backoff.reset();
+        assert!(backoff.next_delay() <= Backoff::FIRST);
+    }
+}

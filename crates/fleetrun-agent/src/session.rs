@@ -1,0 +1,132 @@
+//! One connection to the controller: hello, heartbeats, and a task per incoming stream.
+
+use std::{sync::Arc, time::Duration};
+
+use fleetrun_net::{FramedRecv, describe_connection_error, send_frame};
+use fleetrun_proto::{ControlUp, Hello, HelloReply, OsType, PROTOCOL_VERSION};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::{AgentContext, VERSION, host_ip, task};
+
+/// How a session ended.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// The controller never welcomed the agent.
+    BeforeWelcome(String),
+    /// The connection was lost after a welcome.
+    AfterWelcome { lasted: Duration, reason: String },
+}
+
+pub(crate) async fn connect_and_serve(
+    ctx: &Arc<AgentContext>,
+    endpoint: &quinn::Endpoint,
+) -> Ended {
+    let config = &ctx.config;
+    let connecting = match endpoint.connect(config.controller, &config.server_name) {
+        Ok(c) => c,
+        Err(e) => return Ended::BeforeWelcome(format!("cannot start a connection: {e}")),
+    };
+    let connection = match connecting.await {
+        Ok(c) => c,
+        Err(e) => return Ended::BeforeWelcome(describe_connection_error(&e)),
+    };
+    let ip = match host_ip(config) {
+        Ok(ip) => ip,
+        Err(e) => return Ended::BeforeWelcome(format!("cannot tell this host's address: {e}")),
+    };
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_id: ctx.agent_id.clone(),
+        agent_version: VERSION.to_owned(),
+        hostname: ctx.hostname.clone(),
+        os_type: OsType::Linux,
+        bk_cloud_id: config.bk_cloud_id,
+        ips: vec![ip],
+    };
+    // With TLS 1.3 a controller that rejects our certificate does so after `connect()` has
+    // succeeded here: the failure surfaces on this first stream, and is reported as what it is.
+    let (mut send, recv) = match connection.open_bi().await {
+        Ok(streams) => streams,
+        Err(e) => return Ended::BeforeWelcome(describe_connection_error(&e)),
+    };
+    let mut recv = FramedRecv::new(recv);
+    let reply = async {
+        send_frame(&mut send, &hello).await?;
+        recv.recv::<HelloReply>().await
+    };
+    let reply = match tokio::time::timeout(Duration::from_secs(15), reply).await {
+        Err(_) => return Ended::BeforeWelcome("no answer to hello within 15 s".into()),
+        Ok(Err(e)) => {
+            return Ended::BeforeWelcome(match e.connection_error() {
+                Some(conn) => describe_connection_error(conn),
+                None => e.to_string(),
+            });
+        }
+        Ok(Ok(None)) => return Ended::BeforeWelcome("controller closed the hello stream".into()),
+        Ok(Ok(Some(reply))) => reply,
+    };
+    let heartbeat = match reply {
+        HelloReply::Refused { reason } => {
+            return Ended::BeforeWelcome(format!("controller refused this agent: {reason}"));
+        }
+        HelloReply::Welcome {
+            bk_host_id,
+            heartbeat_interval_ms,
+        } => {
+            tracing::info!(bk_host_id, %ip, "connected to the controller");
+            Duration::from_millis(heartbeat_interval_ms.max(100))
+        }
+    };
+    let since = Instant::now();
+    // Tasks of this connection die with it: nobody could receive their output.
+    let session = CancellationToken::new();
+    let _cancel_on_exit = session.clone().drop_guard();
+    let reason = tokio::select! {
+        reason = heartbeats(ctx, &mut send, heartbeat) => reason,
+        reason = accept_tasks(ctx, &connection, &session) => reason,
+    };
+    Ended::AfterWelcome {
+        lasted: since.elapsed(),
+        reason,
+    }
+}
+
+async fn heartbeats(ctx: &AgentContext, send: &mut quinn::SendStream, every: Duration) -> String {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let running = (ctx.config.max_concurrent_tasks - ctx.slots.available_permits()) as u32;
+        if let Err(e) = send_frame(
+            send,
+            &ControlUp::Heartbeat {
+                running_tasks: running,
+            },
+        )
+        .await
+        {
+            return match e.connection_error() {
+                Some(conn) => describe_connection_error(conn),
+                None => e.to_string(),
+            };
+        }
+    }
+}
+
+async fn accept_tasks(
+    ctx: &Arc<AgentContext>,
+    connection: &quinn::Connection,
+    session: &CancellationToken,
+) -> String {
+    loop {
+        match connection.accept_bi().await {
+            Ok((send, recv)) => {
+                let ctx = ctx.clone();
+                let cancel = session.child_token();
+                tokio::spawn(async move { task::serve(ctx, send, recv, cancel).await });
+            }
+            Err(e) => return describe_connection_error(&e),
+        }
+    }
+}

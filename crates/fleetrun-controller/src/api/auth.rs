@@ -1,0 +1,70 @@
+//! Who is calling: bk-job app credentials from the `X-Bkapi-Authorization` header (API gateway
+//! style) or from `bk_app_code`/`bk_app_secret`/`bk_username` parameters (ESB style).
+
+use axum::http::HeaderMap;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use super::{ApiError, error::code, params::Params};
+use crate::config::AppConfig;
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub app_code: String,
+    /// The operator recorded on jobs.
+    pub username: String,
+}
+
+#[derive(Deserialize, Default)]
+struct Credentials {
+    bk_app_code: Option<String>,
+    bk_app_secret: Option<String>,
+    bk_username: Option<String>,
+}
+
+pub fn authenticate(
+    apps: &[AppConfig],
+    headers: &HeaderMap,
+    params: &Params,
+) -> Result<Caller, ApiError> {
+    let mut creds = match headers.get("x-bkapi-authorization") {
+        Some(header) => serde_json::from_slice::<Credentials>(header.as_bytes()).map_err(|e| {
+            ApiError::new(
+                code::API_USER_NO_ACCESS,
+                format!("X-Bkapi-Authorization: not a JSON object of credentials: {e}"),
+            )
+        })?,
+        None => Credentials::default(),
+    };
+    let param = |key: &str| params.str(key).map(str::to_owned);
+    creds.bk_app_code = creds.bk_app_code.or_else(|| param("bk_app_code"));
+    creds.bk_app_secret = creds.bk_app_secret.or_else(|| param("bk_app_secret"));
+    creds.bk_username = creds.bk_username.or_else(|| param("bk_username"));
+
+    let (Some(app_code), Some(secret)) = (creds.bk_app_code, creds.bk_app_secret) else {
+        return Err(ApiError::new(
+            code::API_USER_NO_ACCESS,
+            "app authentication failed: bk_app_code and bk_app_secret are required",
+        ));
+    };
+    // Every configured secret is compared, in constant time, so timing tells nothing about which
+    // part of the credentials was wrong.
+    let mut matched = false;
+    for app in apps {
+        let code_ok = app.bk_app_code.as_bytes().ct_eq(app_code.as_bytes());
+        let secret_ok = app.bk_app_secret.as_bytes().ct_eq(secret.as_bytes());
+        matched |= bool::from(code_ok & secret_ok);
+    }
+    if !matched {
+        return Err(ApiError::new(
+            code::API_USER_NO_ACCESS,
+            "app authentication failed: unknown bk_app_code or wrong bk_app_secret",
+        ));
+    }
+    let username = creds
+        .bk_username
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| ApiError::missing("bk_username"))?;
+    Ok(Caller { app_code, username })
+}

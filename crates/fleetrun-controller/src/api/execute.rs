@@ -1,0 +1,436 @@
+//! `fast_execute_script`.
+
+use std::{collections::HashSet, sync::Arc};
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{
+    ApiError,
+    auth::Caller,
+    error::code,
+    params::{Params, lenient},
+};
+use crate::{
+    Shared,
+    engine::{JobSpec, TaskTemplate},
+    now_ms,
+    status::{host, job},
+};
+
+const MAX_SCRIPT_BYTES: usize = 16 * 1024 * 1024;
+const MAX_PARAM_BYTES: usize = 65_535;
+const MAX_SENSITIVE_PARAM_BYTES: usize = 48_128;
+const MAX_TASK_NAME_CHARS: usize = 512;
+const MAX_HOSTS: usize = 50_000;
+const DEFAULT_TIMEOUT: i64 = 7200;
+const MAX_TIMEOUT: i64 = 86_400;
+
+#[derive(Debug, Deserialize)]
+struct Request {
+    #[serde(default, deserialize_with = "opt_text")]
+    bk_scope_type: Option<String>,
+    #[serde(default, deserialize_with = "opt_text")]
+    bk_scope_id: Option<String>,
+    /// Older clients send only this.
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    bk_biz_id: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    script_version_id: Option<i64>,
+    #[serde(default, deserialize_with = "opt_text")]
+    script_id: Option<String>,
+    script_content: Option<String>,
+    task_name: Option<String>,
+    script_param: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    timeout: Option<i64>,
+    account_alias: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    account_id: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    is_param_sensitive: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    script_language: Option<i64>,
+    target_server: Option<TargetServer>,
+    callback_url: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
+    start_task: Option<bool>,
+    windows_interpreter: Option<String>,
+    rolling_config: Option<Value>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct TargetServer {
+    #[serde(default, deserialize_with = "lenient::opt_int_list")]
+    host_id_list: Option<Vec<i64>>,
+    ip_list: Option<Vec<IpTarget>>,
+    dynamic_group_list: Option<Vec<Value>>,
+    topo_node_list: Option<Vec<Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IpTarget {
+    #[serde(deserialize_with = "lenient::int")]
+    bk_cloud_id: i64,
+    ip: String,
+}
+
+fn opt_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<Value>::deserialize(d)?
+        .filter(|v| !v.is_null())
+        .map(|v| lenient::text(v).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+fn decode_base64(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| ApiError::invalid(field, format!("not valid base64: {e}")))
+}
+
+pub async fn fast_execute_script(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
+    let req: Request = params.parse()?;
+
+    // Scope.
+    let (scope_type, scope_id) = match (
+        req.bk_scope_type.as_deref(),
+        req.bk_scope_id.as_deref(),
+        req.bk_biz_id,
+    ) {
+        (Some(t), Some(id), _) => (t.to_owned(), id.to_owned()),
+        (None, None, Some(biz)) => ("biz".to_owned(), biz.to_string()),
+        (None, _, _) => return Err(ApiError::missing("bk_scope_type")),
+        (_, None, _) => return Err(ApiError::missing("bk_scope_id")),
+    };
+    if scope_type != "biz" {
+        return Err(ApiError::invalid(
+            "bk_scope_type",
+            format!("{scope_type:?} is not supported by this controller (supported: \"biz\")"),
+        ));
+    }
+    let biz_id: i64 = scope_id.parse().map_err(|_| {
+        ApiError::invalid("bk_scope_id", format!("{scope_id:?} is not a business id"))
+    })?;
+    if !shared
+        .config
+        .businesses
+        .iter()
+        .any(|b| b.bk_biz_id == biz_id)
+    {
+        return Err(ApiError::invalid(
+            "bk_scope_id",
+            format!("business {biz_id} does not exist"),
+        ));
+    }
+
+    // Script.
+    if req.script_version_id.is_some() || req.script_id.is_some() {
+        return Err(ApiError::new(
+            code::SCRIPT_NOT_FOUND,
+            "script_version_id/script_id: the script library is empty on this controller; send script_content",
+        ));
+    }
+    let content = req
+        .script_content
+        .as_deref()
+        .ok_or_else(|| ApiError::missing("script_content"))?;
+    let script = decode_base64("script_content", content)?;
+    if script.is_empty() {
+        return Err(ApiError::invalid(
+            "script_content",
+            "decodes to an empty script",
+        ));
+    }
+    if script.len() > MAX_SCRIPT_BYTES {
+        return Err(ApiError::invalid(
+            "script_content",
+            format!("larger than {MAX_SCRIPT_BYTES} bytes decoded"),
+        ));
+    }
+    let language = req
+        .script_language
+        .ok_or_else(|| ApiError::missing("script_language"))?;
+    if !(1..=5).contains(&language) {
+        return Err(ApiError::new(
+            code::BAD_SCRIPT_LANGUAGE,
+            format!(
+                "script_language: {language} is not one of 1 (shell), 2 (bat), 3 (Perl), 4 (Python), 5 (PowerShell)"
+            ),
+        ));
+    }
+
+    // Parameters and limits.
+    let sensitive = match req.is_param_sensitive.unwrap_or(0) {
+        0 => false,
+        1 => true,
+        other => {
+            return Err(ApiError::invalid(
+                "is_param_sensitive",
+                format!("{other} is not 0 or 1"),
+            ));
+        }
+    };
+    let param = match req.script_param.as_deref().filter(|p| !p.is_empty()) {
+        None => String::new(),
+        Some(encoded) => {
+            let bytes = decode_base64("script_param", encoded)?;
+            let limit = if sensitive {
+                MAX_SENSITIVE_PARAM_BYTES
+            } else {
+                MAX_PARAM_BYTES
+            };
+            if bytes.len() > limit {
+                return Err(ApiError::invalid(
+                    "script_param",
+                    format!("longer than {limit} bytes decoded"),
+                ));
+            }
+            String::from_utf8(bytes)
+                .map_err(|_| ApiError::invalid("script_param", "decodes to invalid UTF-8"))?
+        }
+    };
+    let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT);
+    if !(1..=MAX_TIMEOUT).contains(&timeout) {
+        return Err(ApiError::invalid(
+            "timeout",
+            format!("{timeout} is outside [1, {MAX_TIMEOUT}]"),
+        ));
+    }
+    if let Some(name) = &req.task_name
+        && name.chars().count() > MAX_TASK_NAME_CHARS
+    {
+        return Err(ApiError::invalid(
+            "task_name",
+            format!("longer than {MAX_TASK_NAME_CHARS} characters"),
+        ));
+    }
+    if req.rolling_config.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::invalid(
+            "rolling_config",
+            "rolling execution is not supported yet",
+        ));
+    }
+    if req.callback_url.as_deref().is_some_and(|u| !u.is_empty()) {
+        return Err(ApiError::invalid(
+            "callback_url",
+            "callbacks are not supported yet",
+        ));
+    }
+    if req.start_task == Some(false) {
+        return Err(ApiError::invalid(
+            "start_task",
+            "jobs created without starting are not supported yet",
+        ));
+    }
+    if let Some(interpreter) = &req.windows_interpreter
+        && (!interpreter.ends_with(".exe") || interpreter.chars().count() > 260)
+    {
+        return Err(ApiError::invalid(
+            "windows_interpreter",
+            "must end in .exe and be at most 260 characters",
+        ));
+    }
+
+    // Account: account_id wins over account_alias.
+    let account = match (req.account_id, req.account_alias.as_deref()) {
+        (Some(id), _) => shared
+            .config
+            .accounts
+            .iter()
+            .find(|a| a.id == id)
+            .ok_or_else(|| {
+                ApiError::new(
+                    code::ACCOUNT_NOT_FOUND,
+                    format!("account_id: no account {id}"),
+                )
+            })?,
+        (None, Some(alias)) => shared
+            .config
+            .accounts
+            .iter()
+            .find(|a| a.alias == alias)
+            .ok_or_else(|| {
+                ApiError::new(
+                    code::ACCOUNT_NOT_FOUND,
+                    format!("account_alias: no account {alias:?}"),
+                )
+            })?,
+        (None, None) => return Err(ApiError::missing("account_id or account_alias")),
+    };
+
+    // Targets.
+    let targets = req
+        .target_server
+        .ok_or_else(|| ApiError::missing("target_server"))?;
+    if targets
+        .dynamic_group_list
+        .as_ref()
+        .is_some_and(|l| !l.is_empty())
+        || targets
+            .topo_node_list
+            .as_ref()
+            .is_some_and(|l| !l.is_empty())
+    {
+        return Err(ApiError::invalid(
+            "target_server",
+            "dynamic_group_list and topo_node_list are not supported yet; use host_id_list or ip_list",
+        ));
+    }
+    let hosts = shared.store.hosts().await?;
+    let mut chosen = Vec::new();
+    let mut seen = HashSet::new();
+    if let Some(ids) = targets.host_id_list.as_ref().filter(|l| !l.is_empty()) {
+        let by_id: std::collections::HashMap<i64, _> =
+            hosts.iter().map(|h| (h.bk_host_id, h)).collect();
+        let unknown: Vec<String> = ids
+            .iter()
+            .filter(|id| !by_id.contains_key(id))
+            .map(i64::to_string)
+            .collect();
+        if !unknown.is_empty() {
+            return Err(ApiError::new(
+                code::HOST_NOT_FOUND,
+                format!(
+                    "target_server.host_id_list: hosts not in the inventory: {}",
+                    unknown.join(",")
+                ),
+            ));
+        }
+        for id in ids {
+            if seen.insert(*id) {
+                chosen.push(by_id[id]);
+            }
+        }
+    } else if let Some(ips) = targets.ip_list.as_ref().filter(|l| !l.is_empty()) {
+        let mut unknown = Vec::new();
+        for target in ips {
+            let ip = target
+                .ip
+                .parse::<std::net::IpAddr>()
+                .map_err(|_| {
+                    ApiError::invalid(
+                        "target_server.ip_list",
+                        format!("{:?} is not an IP address", target.ip),
+                    )
+                })?
+                .to_canonical()
+                .to_string();
+            match hosts
+                .iter()
+                .find(|h| h.bk_cloud_id == target.bk_cloud_id && h.ip == ip)
+            {
+                Some(h) => {
+                    if seen.insert(h.bk_host_id) {
+                        chosen.push(h);
+                    }
+                }
+                None => unknown.push(format!("{}:{}", target.bk_cloud_id, target.ip)),
+            }
+        }
+        if !unknown.is_empty() {
+            return Err(ApiError::new(
+                code::HOST_NOT_FOUND,
+                format!(
+                    "target_server.ip_list: hosts not in the inventory: {}",
+                    unknown.join(",")
+                ),
+            ));
+        }
+    } else {
+        return Err(ApiError::new(
+            code::TARGETS_EMPTY,
+            "target_server: every target list is empty",
+        ));
+    }
+    if chosen.is_empty() {
+        return Err(ApiError::new(
+            code::NO_HOST_RESOLVED,
+            "target_server resolves to no host",
+        ));
+    }
+    if chosen.len() > MAX_HOSTS {
+        return Err(ApiError::new(
+            code::TOO_MANY_HOSTS,
+            format!("target_server: {} hosts, at most {MAX_HOSTS}", chosen.len()),
+        ));
+    }
+    let outside: Vec<String> = chosen
+        .iter()
+        .filter(|h| h.bk_biz_id != Some(biz_id))
+        .map(|h| h.bk_host_id.to_string())
+        .collect();
+    if !outside.is_empty() {
+        return Err(ApiError::new(
+            code::HOST_OUTSIDE_SCOPE,
+            format!("hosts outside business {biz_id}: {}", outside.join(",")),
+        ));
+    }
+
+    let create_time = now_ms();
+    let name = req
+        .task_name
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| format!("API Quick execution script{create_time}"));
+    let new_job = fleetrun_store::NewJob {
+        name: name.clone(),
+        operator: caller.username.clone(),
+        app_code: caller.app_code.clone(),
+        bk_scope_type: scope_type,
+        bk_scope_id: scope_id,
+        status: job::PENDING,
+        job_type: 1,
+        launch_mode: 2,
+        callback_url: None,
+        create_time,
+        step: fleetrun_store::NewStep {
+            name: name.clone(),
+            step_type: 1,
+            script_language: language as i32,
+            script_content: script.clone(),
+            script_param: param.clone(),
+            is_param_sensitive: sensitive,
+            timeout,
+            account_id: account.id,
+            account: account.account.clone(),
+        },
+        hosts: chosen
+            .iter()
+            .map(|h| fleetrun_store::NewHostResult {
+                bk_host_id: h.bk_host_id,
+                bk_cloud_id: h.bk_cloud_id,
+                ip: h.ip.clone(),
+                status: host::WAITING,
+            })
+            .collect(),
+    };
+    let created = shared.store.create_job(&new_job).await?;
+    shared.engine.start(JobSpec {
+        job_instance_id: created.job_instance_id,
+        step_instance_id: created.step_instance_id,
+        hosts: chosen.iter().map(|h| h.bk_host_id).collect(),
+        task: TaskTemplate {
+            script_language: language as i32,
+            script: Arc::new(script),
+            script_param: param,
+            is_param_sensitive: sensitive,
+            account: account.account.clone(),
+            timeout_secs: timeout as u32,
+        },
+    });
+    tracing::info!(
+        job = created.job_instance_id,
+        hosts = chosen.len(),
+        operator = %caller.username,
+        "job accepted"
+    );
+    Ok(json!({
+        "job_instance_id": created.job_instance_id,
+        "job_instance_name": name,
+        "step_instance_id": created.step_instance_id,
+    }))
+}

@@ -1,0 +1,165 @@
+//! The controller's configuration file (TOML).
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where bk-job clients reach the HTTP API.
+    pub http_listen: SocketAddr,
+    /// Where agents reach the QUIC gateway.
+    pub agent_listen: SocketAddr,
+    /// The SQLite database file.
+    pub database: PathBuf,
+    pub tls: TlsConfig,
+    /// Applications allowed to call the API.
+    #[serde(default)]
+    pub apps: Vec<AppConfig>,
+    /// Execution accounts jobs may name.
+    #[serde(default)]
+    pub accounts: Vec<AccountConfig>,
+    /// Businesses jobs may be scoped to.
+    #[serde(default)]
+    pub businesses: Vec<BusinessConfig>,
+    #[serde(default)]
+    pub placement: PlacementConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    pub bk_app_code: String,
+    pub bk_app_secret: String,
+}
+
+impl std::fmt::Debug for AppConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppConfig")
+            .field("bk_app_code", &self.bk_app_code)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    pub id: i64,
+    pub alias: String,
+    /// The OS user name on the hosts.
+    pub account: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusinessConfig {
+    pub bk_biz_id: i64,
+    pub name: String,
+}
+
+/// Which business a newly registered host lands in.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementConfig {
+    /// Business for agents not named in `agents`; none leaves them unassigned (not targetable).
+    pub default_bk_biz_id: Option<i64>,
+    /// Business per agent id.
+    #[serde(default)]
+    pub agents: BTreeMap<String, i64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Output kept per host per task, in bytes.
+    pub output_limit: u64,
+    /// Seconds between agent heartbeats.
+    pub heartbeat_secs: u64,
+    /// Seconds after a task's own timeout before the controller gives up on the agent (303).
+    pub agent_grace_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            output_limit: 5 * 1024 * 1024,
+            heartbeat_secs: 5,
+            agent_grace_secs: 60,
+        }
+    }
+}
+
+/// The configuration file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for app in &self.apps {
+            if app.bk_app_code.is_empty() || app.bk_app_secret.is_empty() {
+                return Err("apps: bk_app_code and bk_app_secret must not be empty".into());
+            }
+            if !seen.insert(&app.bk_app_code) {
+                return Err(format!(
+                    "apps: bk_app_code {:?} appears twice",
+                    app.bk_app_code
+                ));
+            }
+        }
+        let mut ids = std::collections::HashSet::new();
+        let mut aliases = std::collections::HashSet::new();
+        for account in &self.accounts {
+            if !ids.insert(account.id) {
+                return Err(format!("accounts: id {} appears twice", account.id));
+            }
+            if !aliases.insert(&account.alias) {
+                return Err(format!("accounts: alias {:?} appears twice", account.alias));
+            }
+        }
+        if self.limits.output_limit < 1024 {
+            return Err("limits.output_limit must be at least 1024 bytes".into());
+        }
+        if self.limits.heartbeat_secs == 0 {
+            return Err("limits.heartbeat_secs must be at least 1".into());
+        }
+        Ok(())
+    }
+}

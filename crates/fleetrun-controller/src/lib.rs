@@ -1,0 +1,149 @@
+//! The fleetrun controller: the bk-job-compatible HTTP API, the job engine, and the QUIC gateway
+//! that agents connect to, over one store.
+//!
+//! ```text
+//! client --HTTP--> api --> store (job created) --> engine --QUIC stream per task--> agent
+//!                                                    ^                                 |
+//!                                                    +------ output, result -----------+
+//! ```
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod gateway;
+pub mod status;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use fleetrun_net::{Timing, TlsFiles};
+use fleetrun_store::Store;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// State shared by the API handlers.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Config,
+    pub apps: Vec<config::AppConfig>,
+    pub store: Store,
+    pub engine: engine::Engine,
+    pub agents: gateway::Agents,
+}
+
+/// A started controller.
+#[derive(Debug)]
+pub struct Controller {
+    pub http_addr: SocketAddr,
+    pub agent_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+    store: Store,
+}
+
+/// Unix time in milliseconds, as bk-job reports times.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Controller {
+    /// Opens the store, ends jobs a previous run left unfinished, and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        if let Some(dir) = config
+            .database
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let store = Store::open(&config.database)
+            .await
+            .with_context(|| format!("opening database {}", config.database.display()))?;
+        store.set_all_offline().await?;
+        let ended = store
+            .end_interrupted_jobs(
+                status::host::AGENT_ABNORMAL,
+                "the controller stopped while this task ran; its result is unknown",
+                status::job::FAILED,
+                status::host::UNFINISHED,
+                status::job::UNFINISHED,
+                now_ms(),
+            )
+            .await?;
+        if !ended.is_empty() {
+            tracing::warn!(jobs = ?ended, "ended jobs left unfinished by the previous run");
+        }
+
+        let timing = Timing::default();
+        let endpoint = fleetrun_net::server_endpoint(
+            &TlsFiles {
+                ca: config.tls.ca.clone(),
+                cert: config.tls.cert.clone(),
+                key: config.tls.key.clone(),
+            },
+            config.agent_listen,
+            timing,
+        )?;
+        let agent_addr = endpoint.local_addr()?;
+        let listener = tokio::net::TcpListener::bind(config.http_listen)
+            .await
+            .with_context(|| format!("binding HTTP {}", config.http_listen))?;
+        let http_addr = listener.local_addr()?;
+
+        let agents = gateway::Agents::default();
+        let engine = engine::Engine::new(
+            store.clone(),
+            agents.clone(),
+            config.limits.output_limit,
+            Duration::from_secs(config.limits.agent_grace_secs),
+        );
+        let shutdown = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let gateway = gateway::Gateway {
+            agents: agents.clone(),
+            store: store.clone(),
+            placement: Arc::new(config.placement.clone()),
+            heartbeat: Duration::from_secs(config.limits.heartbeat_secs),
+        };
+        tasks.spawn(gateway.serve(endpoint, shutdown.clone()));
+
+        let shared = Arc::new(Shared {
+            apps: config.apps.clone(),
+            config,
+            store: store.clone(),
+            engine,
+            agents,
+        });
+        let app = api::router(shared).layer(axum::extract::DefaultBodyLimit::max(api::MAX_BODY));
+        let http_shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(http_shutdown.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!("HTTP server failed: {e}");
+            }
+        });
+        tracing::info!(%http_addr, %agent_addr, "controller started");
+        Ok(Self {
+            http_addr,
+            agent_addr,
+            shutdown,
+            tasks,
+            store,
+        })
+    }
+
+    /// Stops accepting work, closes agent connections, and commits what is queued.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        if let Err(e) = self.store.flush().await {
+            tracing::error!("final store flush failed: {e}");
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! bk-job's status numbers, named.
+
+/// Job and step status.
+pub mod job {
+    pub const PENDING: i32 = 1;
+    pub const RUNNING: i32 = 2;
+    pub const SUCCESS: i32 = 3;
+    pub const FAILED: i32 = 4;
+    pub const TERMINATED: i32 = 8;
+    pub const ABNORMAL: i32 = 9;
+    pub const TERMINATE_SUCCESS: i32 = 11;
+
+    /// Statuses after which nothing changes any more.
+    pub fn is_finished(status: i32) -> bool {
+        matches!(status, 3 | 4 | 5 | 6 | 8 | 9 | 11 | 13 | 14)
+    }
+
+    /// Statuses a job can be in while the engine still owns it.
+    pub const UNFINISHED: &[i32] = &[PENDING, RUNNING, 7, 10, 15];
+}
+
+/// Per-host status (`step_ip_result.status`).
+pub mod host {
+    pub const WAITING: i32 = 5;
+    pub const RUNNING: i32 = 7;
+    pub const SUCCESS: i32 = 9;
+    pub const SCRIPT_FAILED: i32 = 101;
+    pub const SCRIPT_TIMEOUT: i32 = 102;
+    pub const NON_ZERO_EXIT: i32 = 104;
+    pub const AGENT_TIMEOUT: i32 = 303;
+    pub const AGENT_ABNORMAL: i32 = 310;
+    pub const USER_NOT_EXIST: i32 = 311;
+    pub const AGENT_TASK_ERROR: i32 = 399;
+    pub const TERMINATE_SUCCESS: i32 = 403;
+
+    /// 3 (last success) and 9 count as success.
+    pub fn is_success(status: i32) -> bool {
+        matches!(status, 3 | 9)
+    }
+
+    /// Statuses a host result has before its task ended.
+    pub const UNFINISHED: &[i32] = &[0, WAITING, RUNNING];
+}

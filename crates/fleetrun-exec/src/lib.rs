@@ -1,0 +1,235 @@
+//! Runs one script on this host for the fleetrun agent.
+//!
+//! A [`Task`] names a script, its language, its arguments, the OS account to
+//! run it as, a timeout and an output limit. [`Executor::start`] stages the
+//! script in a private directory, starts it under that account in its own
+//! session and (where the host allows it) its own cgroup v2, and streams its
+//! output through an [`OutputReceiver`]. The task is over when the script's
+//! main process has exited *and* its output pipe is closed, when the timeout
+//! expires, or when the operator cancels it; in every case whatever is left
+//! of the script's process tree is then killed (SIGTERM, a grace period,
+//! SIGKILL) and the staging directory removed. The [`Outcome`] says how it
+//! ended.
+//!
+//! Only Linux is supported. The crate does no networking and knows nothing
+//! about the wire format: the agent translates to and from the protocol.
+
+mod account;
+mod cgroup;
+mod kill;
+mod language;
+mod outcome;
+mod output;
+mod params;
+mod run;
+mod stage;
+mod sys;
+mod tree;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use language::Language;
+pub use outcome::{Ending, Outcome};
+pub use output::{OutputEvent, OutputReceiver};
+pub use params::{ParamError, split_params};
+
+/// How long a script's process tree gets between SIGTERM and SIGKILL unless
+/// configured otherwise.
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// Bytes of output kept per task unless the task says otherwise (head + tail).
+pub const DEFAULT_OUTPUT_LIMIT: usize = 5 * 1024 * 1024;
+
+/// Name of the cgroup, directly under the cgroup2 mount, that holds one child
+/// cgroup per running task.
+pub const DEFAULT_CGROUP_NAME: &str = "fleetrun";
+
+/// How the executor behaves on this host.
+#[derive(Debug, Clone)]
+pub struct ExecConfig {
+    /// Scripts are staged under `work_dir/tasks/<task id>/`.
+    pub work_dir: PathBuf,
+    /// Time between SIGTERM and SIGKILL when a process tree is killed.
+    pub kill_grace: Duration,
+    /// Put each task in its own cgroup v2 when the host allows it; otherwise
+    /// (or when false) track the tree through process groups, sessions and
+    /// `/proc`.
+    pub use_cgroup: bool,
+    /// Name of the parent cgroup under the cgroup2 mount
+    /// ([`DEFAULT_CGROUP_NAME`]). Two executors on one host must not share
+    /// it: `Executor::new` kills whatever it finds there.
+    pub cgroup_name: String,
+}
+
+impl ExecConfig {
+    /// The defaults: 2 s kill grace, cgroup v2 when available, under
+    /// `<cgroup2 mount>/fleetrun`.
+    pub fn new(work_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            work_dir: work_dir.into(),
+            kill_grace: DEFAULT_KILL_GRACE,
+            use_cgroup: true,
+            cgroup_name: DEFAULT_CGROUP_NAME.to_owned(),
+        }
+    }
+}
+
+/// One script to run.
+#[derive(Debug, Clone)]
+pub struct Task {
+    /// Unique task id (a uuid string). Names the staging directory and the
+    /// cgroup, so only ASCII letters, digits, `-`, `_` and `.` are accepted.
+    pub id: String,
+    /// The script's language, which picks the interpreter.
+    pub language: Language,
+    /// The decoded script content.
+    pub script: Vec<u8>,
+    /// Already split parameters (see [`split_params`]).
+    pub args: Vec<String>,
+    /// OS user name to run as.
+    pub account: String,
+    /// Time the script may run before its process tree is killed.
+    pub timeout: Duration,
+    /// Bytes of output kept: the first half as it arrives, the last half at
+    /// the end ([`DEFAULT_OUTPUT_LIMIT`]).
+    pub output_limit: usize,
+    /// Custom interpreter for Windows hosts. Like bk-job, ignored on Linux.
+    pub windows_interpreter: Option<String>,
+}
+
+/// A failure to prepare the host in [`Executor::new`].
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The staging root `work_dir/tasks` could not be created or given its
+    /// owner and mode.
+    #[error("cannot prepare the staging directory {path}: {source}")]
+    StagingRoot {
+        /// The directory concerned.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A staging directory left by a previous run could not be removed.
+    #[error("cannot remove the leftover staging directory {path}: {source}")]
+    Leftover {
+        /// The directory concerned.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The agent could not become a child subreaper, so orphaned processes of
+    /// a script would escape to init.
+    #[error("cannot become a child subreaper: {0}")]
+    Subreaper(nix::Error),
+}
+
+/// Runs tasks. Cheap to clone; clones share the same configuration.
+#[derive(Debug, Clone)]
+pub struct Executor {
+    inner: Arc<Inner>,
+}
+
+/// What every task of an executor shares.
+#[derive(Debug)]
+struct Inner {
+    config: ExecConfig,
+    /// `work_dir/tasks`.
+    staging_root: PathBuf,
+    /// `<cgroup2 mount>/<cgroup_name>` when cgroups are usable.
+    cgroups: Option<cgroup::CgroupRoot>,
+    /// Who the agent runs as, to decide whether it may switch accounts.
+    agent: account::AgentIdentity,
+}
+
+impl Executor {
+    /// Prepares the host: creates `work_dir/tasks` (0711, owned by the agent),
+    /// removes staging directories and kills and removes task cgroups left
+    /// by a previous crash, and makes the agent a child subreaper so the
+    /// orphans of a script come back to it instead of init.
+    pub fn new(config: ExecConfig) -> Result<Self, SetupError> {
+        sys::become_subreaper().map_err(SetupError::Subreaper)?;
+        let staging_root = stage::prepare_root(&config.work_dir)?;
+        let cgroups = if config.use_cgroup {
+            cgroup::CgroupRoot::open(&config.cgroup_name)
+        } else {
+            None
+        };
+        if let Some(root) = &cgroups {
+            root.remove_leftovers();
+        }
+        let agent = account::AgentIdentity::current();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                staging_root,
+                cgroups,
+                agent,
+            }),
+        })
+    }
+
+    /// Whether tasks get their own cgroup (false: process groups and `/proc`
+    /// tracking).
+    pub fn uses_cgroup(&self) -> bool {
+        self.inner.cgroups.is_some()
+    }
+
+    /// The directory a task is staged in while it runs.
+    pub fn staging_dir(&self, task_id: &str) -> PathBuf {
+        self.inner.staging_root.join(task_id)
+    }
+
+    /// Starts the task and returns at once; the work happens on the current
+    /// tokio runtime (this panics outside one). Output is read continuously
+    /// whether or not anyone consumes it. Cancelling `cancel` kills the
+    /// task's process tree and ends it as [`Ending::Cancelled`].
+    pub fn start(&self, task: Task, cancel: CancellationToken) -> Running {
+        let (tx, output) = output::channel();
+        let outcome = tokio::spawn(run::run(self.inner.clone(), task, cancel, tx));
+        Running { output, outcome }
+    }
+}
+
+/// A started task.
+#[derive(Debug)]
+pub struct Running {
+    /// The script's output, in the order it was written.
+    pub output: OutputReceiver,
+    /// Resolves once the task is completely over: its tree killed, its
+    /// staging directory and cgroup removed, and every output event queued
+    /// on [`Running::output`]. Dropping it does not stop the task.
+    pub outcome: JoinHandle<Outcome>,
+}
+
+impl Inner {
+    fn staging_path(&self, task_id: &str) -> PathBuf {
+        self.staging_root.join(task_id)
+    }
+}
+
+impl Drop for Inner {
+    /// The last clone is gone and so is every task (each holds a clone):
+    /// leave no empty parent cgroup behind.
+    fn drop(&mut self) {
+        if let Some(root) = &self.cgroups {
+            root.remove_if_empty();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn handles_cross_threads() {
+        fn shared<T: Clone + Send + Sync + 'static>() {}
+        fn sent<T: Send + 'static>() {}
+        shared::<super::Executor>();
+        sent::<super::Running>();
+        sent::<super::Outcome>();
+    }
+}

@@ -1,0 +1,13 @@
+//! QUIC with mutual TLS for fleetrun.
+//!
+//! Builds the controller's and the agent's endpoints (rustls with the ring provider, TLS 1.3 only,
+//! ALPN [`fleetrun_proto::ALPN`]), reads an agent's identity out of its certificate, and moves
+//! [`fleetrun_proto`] frames over QUIC streams.
+
+mod frame;
+mod identity;
+mod tls;
+
+pub use frame::{FramedRecv, StreamError, describe_connection_error, send_frame};
+pub use identity::{IdentityError, agent_id_of_cert_file, peer_agent_id};
+pub use tls::{Timing, TlsError, TlsFiles, client_endpoint, server_endpoint};

@@ -1,0 +1,222 @@
+//! The only place that knows how messages become bytes.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of bincode. bincode 1.3 is
+//! frozen upstream; keeping it behind these functions means swapping it touches one file.
+
+use bincode::Options;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::MAX_FRAME_LEN;
+
+const HEADER_LEN: usize = 4;
+
+fn options() -> impl Options + Copy {
+    bincode::DefaultOptions::new()
+        .with_limit(MAX_FRAME_LEN as u64)
+        .reject_trailing_bytes()
+}
+
+/// Encoding a message failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// The message would exceed [`MAX_FRAME_LEN`].
+    #[error("message of {0} bytes exceeds the frame limit")]
+    TooLarge(u64),
+    /// The serializer refused the value.
+    #[error("cannot encode message: {0}")]
+    Serialize(String),
+}
+
+/// Decoding a frame failed; the stream it came from cannot be trusted any further.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The header announced more than [`MAX_FRAME_LEN`] bytes.
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
+    TooLarge(usize),
+    /// The bytes are not a valid message of the expected type.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+}
+
+/// Encodes `msg` as one frame: header and body.
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Bytes, EncodeError> {
+    let opts = options();
+    let len = opts.serialized_size(msg).map_err(|e| match *e {
+        bincode::ErrorKind::SizeLimit => EncodeError::TooLarge(MAX_FRAME_LEN as u64 + 1),
+        other => EncodeError::Serialize(other.to_string()),
+    })?;
+    if len > MAX_FRAME_LEN as u64 {
+        return Err(EncodeError::TooLarge(len));
+    }
+    let mut buf = BytesMut::with_capacity(HEADER_LEN + len as usize);
+    buf.put_u32(len as u32);
+    let mut writer = buf.writer();
+    opts.serialize_into(&mut writer, msg)
+        .map_err(|e| EncodeError::Serialize(e.to_string()))?;
+    Ok(writer.into_inner().freeze())
+}
+
+/// Accumulates bytes from a stream and yields whole frames.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: BytesMut,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes read from the stream.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole message, `Ok(None)` if more bytes are needed.
+    pub fn decode<T: DeserializeOwned>(&mut self) -> Result<Option<T>, DecodeError> {
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes(self.buf[..HEADER_LEN].try_into().unwrap()) as usize;
+        if len > MAX_FRAME_LEN {
+            return Err(DecodeError::TooLarge(len));
+        }
+        if self.buf.len() < HEADER_LEN + len {
+            // Reserve once for the whole frame rather than growing chunk by chunk.
+            self.buf.reserve(HEADER_LEN + len - self.buf.len());
+            return Ok(None);
+        }
+        self.buf.advance(HEADER_LEN);
+        let body = self.buf.split_to(len);
+        options()
+            .deserialize(&body)
+            .map(Some)
+            .map_err(|e| DecodeError::Malformed(e.to_string()))
+    }
+
+    /// Call at the end of the stream: an error if a partial frame is left.
+    pub fn finish(&self) -> Result<(), DecodeError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::Truncated)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::*;
+    use proptest::prelude::*;
+
+    fn sample_request(script: Vec<u8>, param: String) -> TaskDown {
+        TaskDown::Run(TaskRequest {
+            task_id: uuid::Uuid::from_u128(7),
+            job_instance_id: 1,
+            step_instance_id: 2,
+            script_language: 1,
+            script,
+            script_param: param,
+            is_param_sensitive: false,
+            account: "root".into(),
+            timeout_secs: 10,
+            output_limit: 5 << 20,
+            windows_interpreter: None,
+        })
+    }
+
+    #[test]
+    fn frames_split_anywhere_decode_whole() {
+        let msgs = vec![
+            TaskUp::Started { started_at_ms: 5 },
+            TaskUp::Output {
+                offset: 0,
+                data: b"hello\n".to_vec(),
+            },
+            TaskUp::Finished(TaskResult {
+                ending: Ending::Exited { code: 3 },
+                started_at_ms: 5,
+                finished_at_ms: 9,
+                output_bytes: 6,
+                survivors: 0,
+                message: None,
+            }),
+        ];
+        let wire: Vec<u8> = msgs
+            .iter()
+            .flat_map(|m| encode_frame(m).unwrap().to_vec())
+            .collect();
+        let mut dec = FrameDecoder::new();
+        let mut got = Vec::new();
+        for byte in wire {
+            dec.extend(&[byte]);
+            while let Some(m) = dec.decode::<TaskUp>().unwrap() {
+                got.push(m);
+            }
+        }
+        dec.finish().unwrap();
+        assert_eq!(got, msgs);
+    }
+
+    #[test]
+    fn oversized_header_is_refused_before_buffering() {
+        let mut dec = FrameDecoder::new();
+        dec.extend(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            dec.decode::<TaskUp>(),
+            Err(DecodeError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn oversized_message_is_not_encoded() {
+        let msg = sample_request(vec![0; MAX_FRAME_LEN + 1], String::new());
+        assert!(matches!(encode_frame(&msg), Err(EncodeError::TooLarge(_))));
+    }
+
+    #[test]
+    fn trailing_bytes_and_partial_frames_are_errors() {
+        let mut frame = encode_frame(&ControlUp::Heartbeat { running_tasks: 1 })
+            .unwrap()
+            .to_vec();
+        frame.push(0);
+        let len = (frame.len() - 4) as u32;
+        frame[..4].copy_from_slice(&len.to_be_bytes());
+        let mut dec = FrameDecoder::new();
+        dec.extend(&frame);
+        assert!(matches!(
+            dec.decode::<ControlUp>(),
+            Err(DecodeError::Malformed(_))
+        ));
+
+        let mut dec = FrameDecoder::new();
+        dec.extend(&[0, 0, 0, 9, 1]);
+        assert!(dec.decode::<ControlUp>().unwrap().is_none());
+        assert!(matches!(dec.finish(), Err(DecodeError::Truncated)));
+    }
+
+    proptest! {
+        #[test]
+        fn task_requests_round_trip(script in proptest::collection::vec(any::<u8>(), 0..4096), param in ".*") {
+            let msg = sample_request(script, param);
+            let mut dec = FrameDecoder::new();
+            dec.extend(&encode_frame(&msg).unwrap());
+            prop_assert_eq!(dec.decode::<TaskDown>().unwrap(), Some(msg));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut dec = FrameDecoder::new();
+            dec.extend(&bytes);
+            for _ in 0..4 {
+                let _ = dec.decode::<TaskDown>();
+                let _ = dec.decode::<Hello>();
+            }
+        }
+    }
+}

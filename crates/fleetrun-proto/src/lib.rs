@@ -1,0 +1,50 @@
+//! The language the fleetrun controller and its agents speak over QUIC.
+//!
+//! This crate holds the wire messages, the one codec that turns them into bytes, and the framing
+//! that delimits them on a stream. It does no I/O and reads no clock, so every decoder of untrusted
+//! bytes here can be tested (and fuzzed) in isolation.
+//!
+//! A connection carries two kinds of streams:
+//! - one **control stream**, opened by the agent right after the handshake: [`Hello`] up,
+//!   [`HelloReply`] down, then [`ControlUp`] heartbeats for as long as the connection lives;
+//! - one **task stream** per task, opened by the controller: a [`TaskDown::Run`] down, then
+//!   [`TaskUp`] events (output chunks while the script runs, a final [`TaskResult`]) up, and an
+//!   optional [`TaskDown::Cancel`] down.
+
+mod codec;
+mod identity;
+mod messages;
+
+pub use codec::{DecodeError, EncodeError, FrameDecoder, encode_frame};
+pub use identity::{AGENT_URI_PREFIX, agent_id_from_uri, agent_uri, is_valid_agent_id};
+pub use messages::*;
+
+/// The QUIC application protocol. A change that old peers would misread bumps the number, so
+/// mismatched peers fail the TLS handshake instead of misreading frames.
+pub const ALPN: &[u8] = b"fleetrun/1";
+
+/// The revision of the messages inside [`ALPN`]; carried in [`Hello`] so the controller can refuse
+/// an agent that is too old with a message naming both versions.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The oldest agent protocol revision the controller accepts.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame either side accepts, header excluded. Output arrives in chunks of at most
+/// [`MAX_OUTPUT_CHUNK`]; only a task request carrying a large script comes close.
+pub const MAX_FRAME_LEN: usize = 24 * 1024 * 1024;
+
+/// Largest piece of output an agent puts in one [`TaskUp::Output`] frame.
+pub const MAX_OUTPUT_CHUNK: usize = 64 * 1024;
+
+/// QUIC application error codes used when one side closes the connection deliberately.
+pub mod close_code {
+    /// The controller refused the agent's hello (identity, version); the reason was sent first.
+    pub const REFUSED: u32 = 1;
+    /// The peer broke the protocol (undecodable frame, unexpected message).
+    pub const PROTOCOL: u32 = 2;
+    /// The side is shutting down.
+    pub const SHUTDOWN: u32 = 3;
+    /// A newer connection of the same agent replaced this one.
+    pub const REPLACED: u32 = 4;
+}

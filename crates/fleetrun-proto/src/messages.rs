@@ -1,0 +1,144 @@
+//! Wire messages. These types are the compatibility surface between controller and agent:
+//! change them only together with [`crate::PROTOCOL_VERSION`] (or [`crate::ALPN`]).
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// First frame on the control stream, agent to controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u32,
+    /// The id the agent believes it has. The controller checks it against the certificate and
+    /// refuses a mismatch; it is here so the refusal can name both.
+    pub agent_id: String,
+    pub agent_version: String,
+    pub hostname: String,
+    pub os_type: OsType,
+    /// Cloud area (`bk_cloud_id`) from the agent's configuration.
+    pub bk_cloud_id: i64,
+    /// The host's inner addresses, the first being the one operators target it by.
+    pub ips: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OsType {
+    Linux,
+    Windows,
+    Other,
+}
+
+/// The controller's answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloReply {
+    Welcome {
+        bk_host_id: i64,
+        /// How often the agent sends [`ControlUp::Heartbeat`].
+        heartbeat_interval_ms: u64,
+    },
+    /// The connection is closed right after; `reason` says why, for the agent's log.
+    Refused { reason: String },
+}
+
+/// Control stream, agent to controller, after the hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlUp {
+    Heartbeat { running_tasks: u32 },
+}
+
+/// Task stream, controller to agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskDown {
+    Run(TaskRequest),
+    /// Stop the task: kill its whole process tree. The agent still answers with a result.
+    Cancel,
+}
+
+/// One script to run on one host.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRequest {
+    pub task_id: Uuid,
+    pub job_instance_id: i64,
+    pub step_instance_id: i64,
+    /// bk-job `script_language`: 1 shell, 2 bat, 3 Perl, 4 Python, 5 PowerShell.
+    pub script_language: i32,
+    #[serde(with = "serde_bytes")]
+    pub script: Vec<u8>,
+    /// Decoded `script_param`, still one string: the agent splits it into arguments.
+    pub script_param: String,
+    /// When set, the parameter is never written to any log.
+    pub is_param_sensitive: bool,
+    /// The OS user to run as.
+    pub account: String,
+    pub timeout_secs: u32,
+    /// Bytes of output the agent keeps and sends for this task (first and last parts).
+    pub output_limit: u64,
+    pub windows_interpreter: Option<String>,
+}
+
+impl std::fmt::Debug for TaskRequest {
+    // Script and parameter stay out of debug output: either may hold secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskRequest")
+            .field("task_id", &self.task_id)
+            .field("job_instance_id", &self.job_instance_id)
+            .field("step_instance_id", &self.step_instance_id)
+            .field("script_language", &self.script_language)
+            .field("script_len", &self.script.len())
+            .field("account", &self.account)
+            .field("timeout_secs", &self.timeout_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Task stream, agent to controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskUp {
+    /// The process is running (or, for a task that failed before it could start, about to report).
+    Started { started_at_ms: i64 },
+    /// Output, stdout and stderr interleaved as produced. `offset` counts the bytes of this task's
+    /// output sent before this chunk, so the receiver can tell a gap or a repeat.
+    Output {
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Output between the kept first part and the kept last part was dropped.
+    Truncated {
+        dropped_bytes: u64,
+        dropped_lines: u64,
+    },
+    /// The last message on the stream.
+    Finished(TaskResult),
+}
+
+/// How a task ended on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub ending: Ending,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+    /// Bytes the script wrote in all.
+    pub output_bytes: u64,
+    /// Processes of the task's tree found alive after the final kill; 0 unless something escaped.
+    pub survivors: u32,
+    /// A line for the host's log where the ending deserves one (signal, timeout, missing user).
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ending {
+    Exited {
+        code: i32,
+    },
+    Signaled {
+        signal: i32,
+    },
+    TimedOut,
+    Cancelled,
+    UserNotFound,
+    InterpreterMissing,
+    /// The agent could not run the task (staging, spawn, bad request).
+    Failed,
+}

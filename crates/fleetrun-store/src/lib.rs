@@ -1,0 +1,309 @@
+//! fleetrun's durable state in SQLite: hosts, jobs, steps, per-host results and logs.
+//!
+//! Reads go through a small connection pool. Writes from the job engine go through one writer
+//! task ([`Store::record`]) that commits whatever has queued up in a single transaction (group
+//! commit), so a job on thousands of hosts costs a handful of transactions, not one per event.
+//! Creating a job ([`Store::create_job`]) is its own transaction: a job is stored whole or not at all.
+//!
+//! **Architecture invariant:** only this crate speaks SQL.
+
+mod model;
+mod schema;
+mod writer;
+
+use std::{path::Path, str::FromStr, time::Duration};
+
+use sqlx::{
+    Row, SqlitePool,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+use tokio::sync::{mpsc, oneshot};
+
+pub use model::*;
+pub use writer::Write;
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed the operation.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The writer task is gone (the store is shutting down).
+    #[error("store writer stopped")]
+    WriterStopped,
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    writes: mpsc::Sender<Write>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        schema::migrate(&pool).await?;
+        let writes = writer::spawn(pool.clone());
+        Ok(Self { pool, writes })
+    }
+
+    /// Queues a write for the next group commit. Waits only when the queue is full.
+    pub async fn record(&self, write: Write) -> Result<(), StoreError> {
+        self.writes
+            .send(write)
+            .await
+            .map_err(|_| StoreError::WriterStopped)
+    }
+
+    /// Returns once every write queued before this call is committed.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (done, committed) = oneshot::channel();
+        self.record(Write::Flush(done)).await?;
+        committed.await.map_err(|_| StoreError::WriterStopped)
+    }
+
+    /// Records an agent's registration: creates the host at the first one, refreshes it after.
+    /// The host's business is set from `placement` only while it has none.
+    pub async fn register_agent(&self, reg: &AgentRegistration) -> Result<HostRecord, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO host (agent_id, bk_cloud_id, ip, hostname, os_type, agent_version, bk_biz_id, online, last_seen)
+             VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)
+             ON CONFLICT (agent_id) DO UPDATE SET
+                 bk_cloud_id = excluded.bk_cloud_id, ip = excluded.ip, hostname = excluded.hostname,
+                 os_type = excluded.os_type, agent_version = excluded.agent_version,
+                 bk_biz_id = COALESCE(host.bk_biz_id, excluded.bk_biz_id),
+                 online = 1, last_seen = excluded.last_seen
+             RETURNING *",
+        )
+        .bind(&reg.agent_id)
+        .bind(reg.bk_cloud_id)
+        .bind(&reg.ip)
+        .bind(&reg.hostname)
+        .bind(&reg.os_type)
+        .bind(&reg.agent_version)
+        .bind(reg.placement)
+        .bind(reg.now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(HostRecord::from_row(&row))
+    }
+
+    /// Marks a host's agent online or offline.
+    pub async fn set_online(
+        &self,
+        bk_host_id: i64,
+        online: bool,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE host SET online = ?, last_seen = ? WHERE bk_host_id = ?")
+            .bind(online)
+            .bind(now)
+            .bind(bk_host_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks every host offline: at start nobody is connected yet.
+    pub async fn set_all_offline(&self) -> Result<(), StoreError> {
+        sqlx::query("UPDATE host SET online = 0")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// All hosts, ordered by id.
+    pub async fn hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM host ORDER BY bk_host_id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(HostRecord::from_row).collect())
+    }
+
+    /// Stores a new job with its step and a pending result per host, in one transaction.
+    pub async fn create_job(&self, job: &NewJob) -> Result<CreatedJob, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let job_instance_id: i64 = sqlx::query(
+            "INSERT INTO job_instance (name, operator, app_code, bk_scope_type, bk_scope_id, status, type, launch_mode, callback_url, create_time)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING job_instance_id",
+        )
+        .bind(&job.name)
+        .bind(&job.operator)
+        .bind(&job.app_code)
+        .bind(&job.bk_scope_type)
+        .bind(&job.bk_scope_id)
+        .bind(job.status)
+        .bind(job.job_type)
+        .bind(job.launch_mode)
+        .bind(&job.callback_url)
+        .bind(job.create_time)
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
+        let step = &job.step;
+        let step_instance_id: i64 = sqlx::query(
+            "INSERT INTO step_instance (job_instance_id, name, type, status, script_language, script_content, script_param,
+                 is_param_sensitive, timeout, account_id, account, create_time)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING step_instance_id",
+        )
+        .bind(job_instance_id)
+        .bind(&step.name)
+        .bind(step.step_type)
+        .bind(job.status)
+        .bind(step.script_language)
+        .bind(&step.script_content)
+        .bind(&step.script_param)
+        .bind(step.is_param_sensitive)
+        .bind(step.timeout)
+        .bind(step.account_id)
+        .bind(&step.account)
+        .bind(job.create_time)
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
+        for host in &job.hosts {
+            sqlx::query(
+                "INSERT INTO host_result (step_instance_id, bk_host_id, bk_cloud_id, ip, status) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(step_instance_id)
+            .bind(host.bk_host_id)
+            .bind(host.bk_cloud_id)
+            .bind(&host.ip)
+            .bind(host.status)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(CreatedJob {
+            job_instance_id,
+            step_instance_id,
+        })
+    }
+
+    /// A job with its steps, or `None` if there is no such job.
+    pub async fn job(&self, job_instance_id: i64) -> Result<Option<JobRecord>, StoreError> {
+        let Some(row) = sqlx::query("SELECT * FROM job_instance WHERE job_instance_id = ?")
+            .bind(job_instance_id)
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let steps = sqlx::query(
+            "SELECT * FROM step_instance WHERE job_instance_id = ? ORDER BY step_instance_id",
+        )
+        .bind(job_instance_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some(JobRecord::from_rows(&row, &steps)))
+    }
+
+    /// The per-host results of a step, ordered by host id.
+    pub async fn host_results(
+        &self,
+        step_instance_id: i64,
+    ) -> Result<Vec<HostResultRecord>, StoreError> {
+        let rows =
+            sqlx::query("SELECT * FROM host_result WHERE step_instance_id = ? ORDER BY bk_host_id")
+                .bind(step_instance_id)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.iter().map(HostResultRecord::from_row).collect())
+    }
+
+    /// A host's whole stored log for a step.
+    pub async fn host_log(
+        &self,
+        step_instance_id: i64,
+        bk_host_id: i64,
+    ) -> Result<Vec<u8>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT data FROM host_log WHERE step_instance_id = ? AND bk_host_id = ? ORDER BY offset",
+        )
+        .bind(step_instance_id)
+        .bind(bk_host_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut log = Vec::new();
+        for row in rows {
+            log.extend_from_slice(row.get::<&[u8], _>(0));
+        }
+        Ok(log)
+    }
+
+    /// Ends every job that was still pending or running when the controller last stopped: its
+    /// unfinished hosts end with `host_status` and `tag`, its steps and the job with `job_status`.
+    /// Returns the ids of the jobs it ended.
+    pub async fn end_interrupted_jobs(
+        &self,
+        host_status: i32,
+        tag: &str,
+        job_status: i32,
+        unfinished_host_statuses: &[i32],
+        unfinished_job_statuses: &[i32],
+        now: i64,
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let job_list = join_ints(unfinished_job_statuses);
+        let host_list = join_ints(unfinished_host_statuses);
+        let jobs: Vec<i64> = sqlx::query(&format!(
+            "SELECT job_instance_id FROM job_instance WHERE status IN ({job_list})"
+        ))
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+        for job in &jobs {
+            sqlx::query(&format!(
+                "UPDATE host_result SET status = ?, tag = ?, end_time = ?
+                 WHERE status IN ({host_list}) AND step_instance_id IN
+                     (SELECT step_instance_id FROM step_instance WHERE job_instance_id = ?)"
+            ))
+            .bind(host_status)
+            .bind(tag)
+            .bind(now)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "UPDATE step_instance SET status = ?, end_time = ? WHERE job_instance_id = ? AND status IN ({job_list})"
+            ))
+            .bind(job_status)
+            .bind(now)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE job_instance SET status = ?, end_time = ? WHERE job_instance_id = ?",
+            )
+            .bind(job_status)
+            .bind(now)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(jobs)
+    }
+}
+
+fn join_ints(values: &[i32]) -> String {
+    values
+        .iter()
+        .map(i32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}

@@ -1,0 +1,26 @@
+//! Schema migrations, applied in order at open; each runs once, in its own transaction.
+
+use sqlx::{Row, SqlitePool};
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+
+pub(crate) async fn migrate(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS schema_migration (version INTEGER PRIMARY KEY)")
+        .execute(pool)
+        .await?;
+    let applied: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_migration")
+        .fetch_one(pool)
+        .await?
+        .get(0);
+    for &(version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
+        let mut tx = pool.begin().await?;
+        sqlx::raw_sql(sql).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO schema_migration (version) VALUES (?)")
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        tracing::info!(version, "applied schema migration");
+    }
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! The single writer: group-commits the job engine's writes.
+
+use sqlx::SqlitePool;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::HostOutcome;
+
+/// Queue depth before [`crate::Store::record`] makes the engine wait.
+const QUEUE: usize = 65_536;
+/// Most writes committed in one transaction; bounds a transaction's time.
+const BATCH: usize = 4_096;
+
+/// One change from the job engine.
+#[derive(Debug)]
+pub enum Write {
+    /// The job and its step began dispatching.
+    JobStarted {
+        job_instance_id: i64,
+        step_instance_id: i64,
+        status: i32,
+        at: i64,
+    },
+    /// A host's status changed while its task is under way.
+    HostStatus {
+        step_instance_id: i64,
+        bk_host_id: i64,
+        status: i32,
+        start_time: Option<i64>,
+    },
+    /// A piece of a host's log, at `offset` in the stored log.
+    HostLog {
+        step_instance_id: i64,
+        bk_host_id: i64,
+        offset: i64,
+        data: Vec<u8>,
+    },
+    /// A host's task ended.
+    HostFinished {
+        step_instance_id: i64,
+        bk_host_id: i64,
+        outcome: HostOutcome,
+    },
+    /// The step reached a final status.
+    StepFinished {
+        step_instance_id: i64,
+        status: i32,
+        at: i64,
+    },
+    /// The job reached a final status.
+    JobFinished {
+        job_instance_id: i64,
+        status: i32,
+        at: i64,
+    },
+    /// Answered once everything queued before it is committed.
+    Flush(oneshot::Sender<()>),
+}
+
+pub(crate) fn spawn(pool: SqlitePool) -> mpsc::Sender<Write> {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    tokio::spawn(run(pool, rx));
+    tx
+}
+
+async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Write>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let mut flushes = Vec::new();
+        let mut writes = Vec::with_capacity(batch.len());
+        for write in batch.drain(..) {
+            match write {
+                Write::Flush(done) => flushes.push(done),
+                other => writes.push(other),
+            }
+        }
+        // A failed commit is retried: these writes were accepted and must not be lost to a
+        // transient error such as a busy database.
+        let mut attempt = 0u64;
+        while let Err(error) = commit(&pool, &writes).await {
+            attempt += 1;
+            tracing::error!(%error, attempt, writes = writes.len(), "store commit failed; retrying");
+            tokio::time::sleep(std::time::Duration::from_millis(100 * attempt.min(50))).await;
+        }
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+}
+
+async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for write in batch {
+        match write {
+            Write::JobStarted {
+                job_instance_id,
+                step_instance_id,
+                status,
+                at,
+            } => {
+                sqlx::query(
+                    "UPDATE job_instance SET status = ?, start_time = ? WHERE job_instance_id = ?",
+                )
+                .bind(status)
+                .bind(at)
+                .bind(job_instance_id)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE step_instance SET status = ?, start_time = ?, execute_count = execute_count + 1
+                     WHERE step_instance_id = ?",
+                )
+                .bind(status)
+                .bind(at)
+                .bind(step_instance_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Write::HostStatus {
+                step_instance_id,
+                bk_host_id,
+                status,
+                start_time,
+            } => {
+                sqlx::query(
+                    "UPDATE host_result SET status = ?, start_time = COALESCE(?, start_time)
+                     WHERE step_instance_id = ? AND bk_host_id = ?",
+                )
+                .bind(status)
+                .bind(start_time)
+                .bind(step_instance_id)
+                .bind(bk_host_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Write::HostLog {
+                step_instance_id,
+                bk_host_id,
+                offset,
+                data,
+            } => {
+                sqlx::query("INSERT OR REPLACE INTO host_log (step_instance_id, bk_host_id, offset, data) VALUES (?, ?, ?, ?)")
+                    .bind(step_instance_id)
+                    .bind(bk_host_id)
+                    .bind(offset)
+                    .bind(data.as_slice())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Write::HostFinished {
+                step_instance_id,
+                bk_host_id,
+                outcome: o,
+            } => {
+                sqlx::query(
+                    "UPDATE host_result SET status = ?, tag = ?, exit_code = ?, error_code = ?,
+                         start_time = COALESCE(?, start_time), end_time = ?, output_bytes = ?,
+                         dropped_bytes = ?, dropped_lines = ?, survivors = ?
+                     WHERE step_instance_id = ? AND bk_host_id = ?",
+                )
+                .bind(o.status)
+                .bind(&o.tag)
+                .bind(o.exit_code)
+                .bind(o.error_code)
+                .bind(o.start_time)
+                .bind(o.end_time)
+                .bind(o.output_bytes)
+                .bind(o.dropped_bytes)
+                .bind(o.dropped_lines)
+                .bind(o.survivors)
+                .bind(step_instance_id)
+                .bind(bk_host_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Write::StepFinished {
+                step_instance_id,
+                status,
+                at,
+            } => {
+                sqlx::query(
+                    "UPDATE step_instance SET status = ?, end_time = ? WHERE step_instance_id = ?",
+                )
+                .bind(status)
+                .bind(at)
+                .bind(step_instance_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Write::JobFinished {
+                job_instance_id,
+                status,
+                at,
+            } => {
+                sqlx::query(
+                    "UPDATE job_instance SET status = ?, end_time = ? WHERE job_instance_id = ?",
+                )
+                .bind(status)
+                .bind(at)
+                .bind(job_instance_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Write::Flush(_) => {}
+        }
+    }
+    tx.commit().await
+}

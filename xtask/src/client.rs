@@ -1,0 +1,140 @@
+//! A small client of fleetrun's bk-job API, for the demo, tests and benchmarks.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+/// Calls the API with one app's credentials (ESB style, in the body).
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    pub base: String,
+    pub app_code: String,
+    pub app_secret: String,
+    pub username: String,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    pub fn new(base: &str, app_code: &str, app_secret: &str, username: &str) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_owned(),
+            app_code: app_code.to_owned(),
+            app_secret: app_secret.to_owned(),
+            username: username.to_owned(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("building an HTTP client"),
+        }
+    }
+
+    /// POSTs `body` (plus credentials) to `/api/v3/<api>/` and returns the whole envelope.
+    pub async fn call_raw(&self, api: &str, mut body: Value) -> Result<Value> {
+        if let Value::Object(map) = &mut body {
+            map.entry("bk_app_code")
+                .or_insert_with(|| json!(self.app_code));
+            map.entry("bk_app_secret")
+                .or_insert_with(|| json!(self.app_secret));
+            map.entry("bk_username")
+                .or_insert_with(|| json!(self.username));
+        }
+        let url = format!("{}/api/v3/{api}/", self.base);
+        let response = self
+            .http
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let status = response.status();
+        let envelope: Value = response
+            .json()
+            .await
+            .with_context(|| format!("POST {url}: reply is not JSON"))?;
+        if !status.is_success() {
+            bail!("POST {url}: HTTP {status}: {envelope}");
+        }
+        Ok(envelope)
+    }
+
+    /// Like [`Self::call_raw`], but an error envelope is an error; returns `data`.
+    pub async fn call(&self, api: &str, body: Value) -> Result<Value> {
+        let envelope = self.call_raw(api, body).await?;
+        if envelope["result"] != json!(true) {
+            bail!(
+                "{api} failed: code {} {}",
+                envelope["code"],
+                envelope["message"]
+            );
+        }
+        Ok(envelope["data"].clone())
+    }
+
+    /// Polls `get_job_instance_status` until the job is finished; returns its data.
+    pub async fn wait_job(
+        &self,
+        scope: &Value,
+        job_instance_id: i64,
+        limit: Duration,
+    ) -> Result<Value> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut body = scope.clone();
+        body["job_instance_id"] = json!(job_instance_id);
+        body["return_ip_result"] = json!(true);
+        loop {
+            let status = self.call("get_job_instance_status", body.clone()).await?;
+            if status["finished"] == json!(true) {
+                return Ok(status);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("job {job_instance_id} not finished after {limit:?}: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every host's log for a step, by host id.
+    pub async fn logs(
+        &self,
+        scope: &Value,
+        job_instance_id: i64,
+        step_instance_id: i64,
+        hosts: &[i64],
+    ) -> Result<Vec<(i64, String)>> {
+        let mut body = scope.clone();
+        body["job_instance_id"] = json!(job_instance_id);
+        body["step_instance_id"] = json!(step_instance_id);
+        body["host_id_list"] = json!(hosts);
+        let data = self.call("batch_get_job_instance_ip_log", body).await?;
+        Ok(data["script_task_logs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| {
+                (
+                    l["bk_host_id"].as_i64().unwrap_or(0),
+                    l["log_content"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect())
+    }
+
+    /// The controller's host list (fleetrun extension).
+    pub async fn hosts(&self) -> Result<Vec<Value>> {
+        let url = format!("{}/fleetrun/v1/list_hosts", self.base);
+        let body = json!({"bk_app_code": self.app_code, "bk_app_secret": self.app_secret, "bk_username": self.username});
+        let envelope: Value = self
+            .http
+            .post(&url)
+            .json(&body)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if envelope["result"] != json!(true) {
+            bail!("list_hosts failed: {envelope}");
+        }
+        Ok(envelope["data"].as_array().cloned().unwrap_or_default())
+    }
+}

@@ -1,0 +1,520 @@
+//! A local fleetrun cluster: one controller and N agents on this machine, each agent with its
+//! own identity and its own loopback address (127.0.0.10, 127.0.0.11, …).
+//!
+//! Used by `cargo xtask cluster`, `cargo xtask demo`, the integration tests and the benchmarks.
+//! Every process it starts is killed when the [`Cluster`] is dropped.
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::{client::ApiClient, pki};
+
+/// The non-root OS user the cluster's second account runs as.
+pub const TEST_USER: &str = "fleetrun-user";
+pub const APP_CODE: &str = "fleetrun-demo";
+pub const BIZ_ID: i64 = 2;
+
+/// What `cluster.json` holds: everything a client needs to use the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub api_url: String,
+    pub agent_addr: String,
+    pub bk_app_code: String,
+    pub bk_app_secret: String,
+    pub bk_username: String,
+    pub bk_scope_type: String,
+    pub bk_scope_id: String,
+    pub hosts: Vec<HostInfo>,
+    pub accounts: Vec<AccountInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub bk_host_id: i64,
+    pub bk_cloud_id: i64,
+    pub ip: String,
+    pub agent_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccountInfo {
+    pub id: i64,
+    pub alias: String,
+    pub account: String,
+}
+
+impl ClusterInfo {
+    pub fn client(&self) -> ApiClient {
+        ApiClient::new(
+            &self.api_url,
+            &self.bk_app_code,
+            &self.bk_app_secret,
+            &self.bk_username,
+        )
+    }
+
+    /// The scope fields every request carries.
+    pub fn scope(&self) -> Value {
+        json!({"bk_scope_type": self.bk_scope_type, "bk_scope_id": self.bk_scope_id})
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub agents: usize,
+    pub dir: PathBuf,
+    pub release: bool,
+}
+
+/// One agent process and the files it runs from.
+#[derive(Debug)]
+pub struct AgentProcess {
+    pub agent_id: String,
+    pub ip: Ipv4Addr,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// A running cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub info: ClusterInfo,
+    pub agents: Vec<AgentProcess>,
+    pub controller_config: PathBuf,
+    pub controller_log: PathBuf,
+    pub bin_dir: PathBuf,
+    controller: Option<Child>,
+}
+
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+/// Builds the controller and agent binaries; returns the directory holding them.
+pub fn build_binaries(release: bool) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root()).args([
+        "build",
+        "--locked",
+        "--quiet",
+        "-p",
+        "fleetrun-controller",
+        "-p",
+        "fleetrun-agent",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    // Variables cargo set for this process (xtask, or a test binary) would look like a changed
+    // environment to build scripts such as ring's and force a rebuild.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if [
+            "CARGO_MANIFEST_",
+            "CARGO_PKG_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+        ]
+        .iter()
+        .any(|prefix| key.starts_with(prefix))
+        {
+            cmd.env_remove(key.as_ref());
+        }
+    }
+    let status = cmd.status().context("running cargo build")?;
+    ensure!(status.success(), "cargo build failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target.join(if release { "release" } else { "debug" }))
+}
+
+/// A port free right now on 127.0.0.1 for both TCP and UDP.
+pub fn free_port() -> Result<u16> {
+    for _ in 0..50 {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = tcp.local_addr()?.port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port found")
+}
+
+/// Makes sure the non-root test user exists (as root); false when it cannot.
+pub fn ensure_test_user() -> Result<bool> {
+    if Command::new("id")
+        .arg(TEST_USER)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?
+        .success()
+    {
+        return Ok(true);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(false);
+    }
+    let status = Command::new("useradd")
+        .args(["-m", "-s", "/bin/bash", TEST_USER])
+        .status()
+        .context("running useradd")?;
+    ensure!(status.success(), "useradd {TEST_USER} failed");
+    Ok(true)
+}
+
+fn agent_ip(index: usize) -> Result<Ipv4Addr> {
+    ensure!(index < 240, "at most 240 local agents");
+    Ok(Ipv4Addr::new(127, 0, 0, 10 + index as u8))
+}
+
+fn random_secret() -> String {
+    base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        rand::random::<[u8; 24]>(),
+    )
+}
+
+impl Cluster {
+    /// Builds the binaries, writes certificates and configurations under `opts.dir`, starts the
+    /// controller and the agents, and waits until every agent is online.
+    pub async fn start(opts: &ClusterOptions) -> Result<Self> {
+        let bin_dir = build_binaries(opts.release)?;
+        fs::create_dir_all(&opts.dir)?;
+        let dir = opts.dir.canonicalize()?;
+        let certs = dir.join("certs");
+        let ca = pki::Ca::open_or_create(&certs, "fleetrun local cluster CA")?;
+        let controller_cert = ca.issue_controller()?;
+
+        let mut accounts = vec![AccountInfo {
+            id: 1,
+            alias: "root".into(),
+            account: "root".into(),
+        }];
+        if nix::unistd::geteuid().is_root() {
+            if ensure_test_user()? {
+                accounts.push(AccountInfo {
+                    id: 2,
+                    alias: "user".into(),
+                    account: TEST_USER.into(),
+                });
+            }
+        } else {
+            let me = nix::unistd::User::from_uid(nix::unistd::geteuid())?
+                .context("who am I")?
+                .name;
+            accounts = vec![AccountInfo {
+                id: 1,
+                alias: me.clone(),
+                account: me,
+            }];
+        }
+
+        let http_port = free_port()?;
+        let agent_port = free_port()?;
+        let secret = random_secret();
+        let controller_config = dir.join("controller.toml");
+        let mut toml = format!(
+            r#"http_listen = "127.0.0.1:{http_port}"
+agent_listen = "127.0.0.1:{agent_port}"
+database = "{db}"
+
+[tls]
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+
+[[apps]]
+bk_app_code = "{APP_CODE}"
+bk_app_secret = "{secret}"
+
+[[businesses]]
+bk_biz_id = {BIZ_ID}
+name = "Demo business"
+
+[placement]
+default_bk_biz_id = {BIZ_ID}
+"#,
+            db = dir.join("controller.db").display(),
+            ca = ca.cert_path().display(),
+            cert = controller_cert.cert.display(),
+            key = controller_cert.key.display(),
+        );
+        for a in &accounts {
+            toml.push_str(&format!(
+                "\n[[accounts]]\nid = {}\nalias = \"{}\"\naccount = \"{}\"\n",
+                a.id, a.alias, a.account
+            ));
+        }
+        fs::write(&controller_config, toml)?;
+
+        let mut agents = Vec::new();
+        for i in 0..opts.agents {
+            let agent_id = format!("agent-{}", i + 1);
+            let cert = ca.issue_agent(&agent_id)?;
+            let ip = agent_ip(i)?;
+            let agent_dir = dir.join("agents").join(&agent_id);
+            fs::create_dir_all(&agent_dir)?;
+            let config = agent_dir.join("agent.toml");
+            fs::write(
+                &config,
+                format!(
+                    r#"controller = "127.0.0.1:{agent_port}"
+bind = "{ip}:0"
+bk_cloud_id = 0
+hostname = "{agent_id}"
+work_dir = "{work}"
+
+[tls]
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+"#,
+                    work = agent_dir.join("work").display(),
+                    ca = ca.cert_path().display(),
+                    cert = cert.cert.display(),
+                    key = cert.key.display(),
+                ),
+            )?;
+            agents.push(AgentProcess {
+                agent_id,
+                ip,
+                config,
+                log: agent_dir.join("agent.log"),
+                child: None,
+            });
+        }
+
+        let mut cluster = Self {
+            info: ClusterInfo {
+                api_url: format!("http://127.0.0.1:{http_port}"),
+                agent_addr: format!("127.0.0.1:{agent_port}"),
+                bk_app_code: APP_CODE.into(),
+                bk_app_secret: secret,
+                bk_username: "admin".into(),
+                bk_scope_type: "biz".into(),
+                bk_scope_id: BIZ_ID.to_string(),
+                hosts: Vec::new(),
+                accounts,
+            },
+            controller_log: dir.join("controller.log"),
+            dir,
+            agents,
+            controller_config,
+            bin_dir,
+            controller: None,
+        };
+        cluster.start_controller().await?;
+        for i in 0..cluster.agents.len() {
+            cluster.start_agent(i)?;
+        }
+        let ids: Vec<String> = cluster.agents.iter().map(|a| a.agent_id.clone()).collect();
+        let hosts = cluster.wait_online(&ids, Duration::from_secs(60)).await?;
+        cluster.info.hosts = ids
+            .iter()
+            .map(|id| {
+                let h = hosts
+                    .iter()
+                    .find(|h| h["agent_id"] == json!(id))
+                    .expect("online host listed");
+                HostInfo {
+                    bk_host_id: h["bk_host_id"].as_i64().unwrap_or_default(),
+                    bk_cloud_id: h["bk_cloud_id"].as_i64().unwrap_or_default(),
+                    ip: h["ip"].as_str().unwrap_or_default().to_owned(),
+                    agent_id: id.clone(),
+                }
+            })
+            .collect();
+        fs::write(
+            cluster.dir.join("cluster.json"),
+            serde_json::to_string_pretty(&cluster.info)?,
+        )?;
+        Ok(cluster)
+    }
+
+    fn spawn(&self, binary: &str, config: &Path, log: &Path) -> Result<Child> {
+        let log_file = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        Command::new(self.bin_dir.join(binary))
+            .arg("--config")
+            .arg(config)
+            .env(
+                "FLEETRUN_LOG",
+                std::env::var("FLEETRUN_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {binary}"))
+    }
+
+    /// Starts (or restarts) the controller and waits until its API answers.
+    pub async fn start_controller(&mut self) -> Result<()> {
+        ensure!(
+            self.controller.is_none(),
+            "the controller is already running"
+        );
+        let child = self.spawn(
+            "fleetrun-controller",
+            &self.controller_config,
+            &self.controller_log,
+        )?;
+        self.controller = Some(child);
+        let client = self.info.client();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if client.hosts().await.is_ok() {
+                return Ok(());
+            }
+            if let Some(child) = self.controller.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.controller = None;
+                bail!(
+                    "the controller exited with {status}; see {}",
+                    self.controller_log.display()
+                );
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the controller did not answer within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the controller with SIGKILL (as a crash would).
+    pub fn kill_controller(&mut self) -> Result<()> {
+        if let Some(mut child) = self.controller.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts) agent `index`.
+    pub fn start_agent(&mut self, index: usize) -> Result<()> {
+        let agent = &self.agents[index];
+        ensure!(
+            agent.child.is_none(),
+            "{} is already running",
+            agent.agent_id
+        );
+        let child = self.spawn("fleetrun-agent", &agent.config, &agent.log)?;
+        self.agents[index].child = Some(child);
+        Ok(())
+    }
+
+    /// Kills agent `index` with SIGKILL (as a crash would).
+    pub fn kill_agent(&mut self, index: usize) -> Result<()> {
+        if let Some(mut child) = self.agents[index].child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every named agent is online; returns the controller's host list.
+    pub async fn wait_online(&self, agent_ids: &[String], limit: Duration) -> Result<Vec<Value>> {
+        self.wait_hosts(limit, |hosts| {
+            agent_ids.iter().all(|id| {
+                hosts
+                    .iter()
+                    .any(|h| h["agent_id"] == json!(id) && h["online"] == json!(true))
+            })
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "agents {agent_ids:?} not all online; logs under {}",
+                self.dir.display()
+            )
+        })
+    }
+
+    /// Waits until the named agent is offline.
+    pub async fn wait_offline(&self, agent_id: &str, limit: Duration) -> Result<Vec<Value>> {
+        self.wait_hosts(limit, |hosts| {
+            hosts
+                .iter()
+                .any(|h| h["agent_id"] == json!(agent_id) && h["online"] == json!(false))
+        })
+        .await
+        .with_context(|| format!("{agent_id} still online"))
+    }
+
+    async fn wait_hosts(
+        &self,
+        limit: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Result<Vec<Value>> {
+        let client = self.info.client();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Ok(hosts) = client.hosts().await
+                && done(&hosts)
+            {
+                return Ok(hosts);
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "not reached within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops every process politely (SIGTERM), then forcibly after a grace period.
+    pub fn stop(&mut self) {
+        let mut children: Vec<Child> = self
+            .agents
+            .iter_mut()
+            .filter_map(|a| a.child.take())
+            .collect();
+        children.extend(self.controller.take());
+        for child in &children {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        for mut child in children {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if std::time::Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,5 @@
+//! fleetrun's developer and integration commands, as a library the integration tests share.
+
+pub mod client;
+pub mod cluster;
+pub mod pki;
