@@ -200,6 +200,8 @@ impl Cluster {
         let bin_dir = build_binaries(opts.release)?;
         fs::create_dir_all(&opts.dir)?;
         let dir = opts.dir.canonicalize()?;
+        // Scripts run as non-root accounts must reach their staging directories below it.
+        fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         let certs = dir.join("certs");
         let ca = pki::Ca::open_or_create(&certs, "fleetrun local cluster CA")?;
         let controller_cert = ca.issue_controller()?;
@@ -282,6 +284,7 @@ bind = "{ip}:0"
 bk_cloud_id = 0
 hostname = "{agent_id}"
 work_dir = "{work}"
+cgroup_name = "fleetrun-{http_port}-{agent_id}"
 
 [tls]
 ca = "{ca}"
@@ -350,7 +353,8 @@ key = "{key}"
         Ok(cluster)
     }
 
-    fn spawn(&self, binary: &str, config: &Path, log: &Path) -> Result<Child> {
+    /// Starts one of the cluster's binaries with `config`, its output appended to `log`.
+    pub fn spawn(&self, binary: &str, config: &Path, log: &Path) -> Result<Child> {
         let log_file = fs::OpenOptions::new().create(true).append(true).open(log)?;
         Command::new(self.bin_dir.join(binary))
             .arg("--config")

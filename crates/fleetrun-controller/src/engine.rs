@@ -109,6 +109,7 @@ impl Engine {
         })
         .await;
         let mut hosts = JoinSet::new();
+        let mut host_of_task = HashMap::with_capacity(spec.hosts.len());
         for bk_host_id in spec.hosts.iter().copied() {
             let run = HostRun {
                 engine: self.clone(),
@@ -118,16 +119,35 @@ impl Engine {
                 task: spec.task.clone(),
                 cancel: cancel.clone(),
             };
-            hosts.spawn(run.run());
+            let handle = hosts.spawn(run.run());
+            host_of_task.insert(handle.id(), bk_host_id);
         }
         let mut all_succeeded = true;
-        while let Some(result) = hosts.join_next().await {
-            match result {
-                Ok(status) => all_succeeded &= host::is_success(status),
+        while let Some(joined) = hosts.join_next_with_id().await {
+            match joined {
+                Ok((_, status)) => all_succeeded &= host::is_success(status),
                 Err(e) => {
-                    // A host task that panicked left its host unfinished; the job cannot be a success.
-                    tracing::error!(job = spec.job_instance_id, "host task failed: {e}");
+                    // The host's run died before recording a final status: record one for it,
+                    // so no host stays waiting or running forever.
                     all_succeeded = false;
+                    let bk_host_id = host_of_task.get(&e.id()).copied().unwrap_or_default();
+                    tracing::error!(
+                        job = spec.job_instance_id,
+                        bk_host_id,
+                        "host task failed: {e}"
+                    );
+                    self.write(Write::HostFinished {
+                        step_instance_id: spec.step_instance_id,
+                        bk_host_id,
+                        outcome: HostOutcome {
+                            status: host::AGENT_TASK_ERROR,
+                            tag: "internal error in the controller while following this host"
+                                .into(),
+                            end_time: now_ms(),
+                            ..HostOutcome::default()
+                        },
+                    })
+                    .await;
                 }
             }
         }

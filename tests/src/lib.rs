@@ -1,0 +1,158 @@
+//! Shared pieces of the end-to-end tests: a cluster per test in its own directory, whose logs
+//! are printed when the test fails.
+
+use std::{
+    ops::{Deref, DerefMut},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use base64::Engine as _;
+use serde_json::{Value, json};
+use xtask::cluster::{Cluster, ClusterOptions, workspace_root};
+
+pub use xtask::{client::ApiClient, cluster, pki};
+
+/// A cluster for one test.
+#[derive(Debug)]
+pub struct TestCluster {
+    cluster: Cluster,
+    dir: tempfile::TempDir,
+}
+
+impl Deref for TestCluster {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
+}
+
+impl DerefMut for TestCluster {
+    fn deref_mut(&mut self) -> &mut Cluster {
+        &mut self.cluster
+    }
+}
+
+/// Starts a controller and `agents` agents for one test.
+pub async fn start_cluster(agents: usize) -> Result<TestCluster> {
+    let parent = workspace_root().join("target/test-clusters");
+    std::fs::create_dir_all(&parent)?;
+    let dir = tempfile::Builder::new()
+        .prefix("cluster-")
+        .tempdir_in(&parent)?;
+    let cluster = Cluster::start(&ClusterOptions {
+        agents,
+        dir: dir.path().to_owned(),
+        release: false,
+    })
+    .await?;
+    Ok(TestCluster { cluster, dir })
+}
+
+impl TestCluster {
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn client(&self) -> ApiClient {
+        self.info.client()
+    }
+
+    pub fn host_ids(&self) -> Vec<i64> {
+        self.info.hosts.iter().map(|h| h.bk_host_id).collect()
+    }
+
+    /// A fast_execute_script request for a shell script on `hosts` as root; `extra` fields
+    /// override the defaults.
+    pub fn script_request(&self, script: &str, hosts: &[i64], extra: Value) -> Value {
+        let mut request = self.info.scope();
+        request["script_language"] = json!(1);
+        request["script_content"] = json!(b64(script));
+        request["account_alias"] = json!("root");
+        request["timeout"] = json!(60);
+        request["target_server"] = json!({ "host_id_list": hosts });
+        if let Value::Object(extra) = extra {
+            for (k, v) in extra {
+                request[k] = v;
+            }
+        }
+        request
+    }
+
+    /// Submits a job and waits for it; returns (job id, step id, final status data).
+    pub async fn run_job(&self, request: Value) -> Result<(i64, i64, Value)> {
+        let client = self.client();
+        let accepted = client.call("fast_execute_script", request).await?;
+        let job = accepted["job_instance_id"]
+            .as_i64()
+            .context("job_instance_id")?;
+        let step = accepted["step_instance_id"]
+            .as_i64()
+            .context("step_instance_id")?;
+        let status = client
+            .wait_job(&self.info.scope(), job, Duration::from_secs(60))
+            .await?;
+        Ok((job, step, status))
+    }
+
+    /// Each host's log of a step, by host id.
+    pub async fn logs(&self, job: i64, step: i64) -> Result<Vec<(i64, String)>> {
+        self.client()
+            .logs(&self.info.scope(), job, step, &self.host_ids())
+            .await
+    }
+}
+
+/// The per-host results in a `get_job_instance_status` reply.
+pub fn host_results(status: &Value) -> Vec<Value> {
+    status["step_instance_list"][0]["step_ip_result_list"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+pub fn b64(text: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+/// Polls `check` every 50 ms until it yields a value or `limit` passes.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.cluster.stop();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- controller log ({})\n{}",
+                self.controller_log.display(),
+                tail(&self.controller_log, 60)
+            );
+            for agent in &self.agents {
+                eprintln!("--- {} log\n{}", agent.agent_id, tail(&agent.log, 30));
+            }
+        }
+    }
+}
