@@ -88,15 +88,20 @@ impl Engine {
         });
     }
 
-    /// Asks a running job to stop; false if the job is not running here.
-    pub fn terminate(&self, job_instance_id: i64) -> bool {
-        match self.running.lock().unwrap().get(&job_instance_id) {
-            Some(cancel) => {
-                cancel.cancel();
-                true
-            }
-            None => false,
+    /// Asks a running job to stop: every host's process tree is killed. The job shows
+    /// "terminating" until every host has reported. False if the job is not running here.
+    pub async fn terminate(&self, job_instance_id: i64) -> bool {
+        let cancel = self.running.lock().unwrap().get(&job_instance_id).cloned();
+        let Some(cancel) = cancel else { return false };
+        if !cancel.is_cancelled() {
+            cancel.cancel();
+            self.write(Write::JobStatus {
+                job_instance_id,
+                status: job::TERMINATING,
+            })
+            .await;
         }
+        true
     }
 
     async fn run_job(&self, spec: JobSpec, cancel: CancellationToken) {

@@ -8,6 +8,7 @@ pub mod job {
     pub const FAILED: i32 = 4;
     pub const TERMINATED: i32 = 8;
     pub const ABNORMAL: i32 = 9;
+    pub const TERMINATING: i32 = 10;
     pub const TERMINATE_SUCCESS: i32 = 11;
 
     /// Statuses after which nothing changes any more.

@@ -20,6 +20,8 @@ pub enum Write {
         status: i32,
         at: i64,
     },
+    /// The job's status changed while it runs (e.g. terminating); steps follow the job.
+    JobStatus { job_instance_id: i64, status: i32 },
     /// A host's status changed while its task is under way.
     HostStatus {
         step_instance_id: i64,
@@ -114,6 +116,21 @@ async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
                 .bind(step_instance_id)
                 .execute(&mut *tx)
                 .await?;
+            }
+            Write::JobStatus {
+                job_instance_id,
+                status,
+            } => {
+                sqlx::query("UPDATE job_instance SET status = ? WHERE job_instance_id = ? AND end_time IS NULL")
+                    .bind(status)
+                    .bind(job_instance_id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE step_instance SET status = ? WHERE job_instance_id = ? AND end_time IS NULL")
+                    .bind(status)
+                    .bind(job_instance_id)
+                    .execute(&mut *tx)
+                    .await?;
             }
             Write::HostStatus {
                 step_instance_id,

@@ -80,6 +80,7 @@ async fn dispatch(
             "batch_get_job_instance_ip_log" => {
                 query::batch_get_job_instance_ip_log(&shared, &params).await
             }
+            "operate_job_instance" => query::operate_job_instance(&shared, &params).await,
             "list_hosts" => query::list_hosts(&shared).await,
             _ => Err(ApiError::new(
                 error::code::API_UNSUPPORTED,

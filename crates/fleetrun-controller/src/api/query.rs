@@ -255,3 +255,40 @@ pub async fn list_hosts(shared: &Shared) -> Result<Value, ApiError> {
         })
         .collect())
 }
+
+#[derive(Debug, Deserialize)]
+struct OperateJobRequest {
+    #[serde(deserialize_with = "lenient::int")]
+    job_instance_id: i64,
+    #[serde(deserialize_with = "lenient::int")]
+    operation_code: i64,
+}
+
+/// `operate_job_instance`: 1 terminates a running job.
+pub async fn operate_job_instance(shared: &Shared, params: &Params) -> Result<Value, ApiError> {
+    let req: OperateJobRequest = params.parse()?;
+    let job = load_job(shared, req.job_instance_id).await?;
+    match req.operation_code {
+        1 => {
+            if status::job::is_finished(job.status) || !shared.engine.terminate(job.job_instance_id).await {
+                return Err(ApiError::invalid(
+                    "job_instance_id",
+                    format!("job {} is not running (status {})", job.job_instance_id, job.status),
+                ));
+            }
+        }
+        2 => {
+            return Err(ApiError::invalid(
+                "operation_code",
+                format!("job {} was started when it was created; there is nothing to start", job.job_instance_id),
+            ));
+        }
+        other => {
+            return Err(ApiError::invalid(
+                "operation_code",
+                format!("{other} is not 1 (terminate) or 2 (start)"),
+            ));
+        }
+    }
+    Ok(json!({ "job_instance_id": job.job_instance_id }))
+}
