@@ -31,6 +31,9 @@ pub struct ClusterInfo {
     pub bk_app_code: String,
     pub bk_app_secret: String,
     pub bk_username: String,
+    /// The key that signs the app's job callbacks (`X-Fleetrun-Signature`).
+    #[serde(default)]
+    pub callback_secret: String,
     pub bk_scope_type: String,
     pub bk_scope_id: String,
     pub hosts: Vec<HostInfo>,
@@ -233,6 +236,7 @@ impl Cluster {
         let http_port = free_port()?;
         let agent_port = free_port()?;
         let secret = random_secret();
+        let callback_secret = random_secret();
         let controller_config = dir.join("controller.toml");
         let mut toml = format!(
             r#"http_listen = "127.0.0.1:{http_port}"
@@ -247,6 +251,7 @@ key = "{key}"
 [[apps]]
 bk_app_code = "{APP_CODE}"
 bk_app_secret = "{secret}"
+callback_secret = "{callback_secret}"
 
 [[businesses]]
 bk_biz_id = {BIZ_ID}
@@ -313,6 +318,7 @@ key = "{key}"
                 bk_app_code: APP_CODE.into(),
                 bk_app_secret: secret,
                 bk_username: "admin".into(),
+                callback_secret,
                 bk_scope_type: "biz".into(),
                 bk_scope_id: BIZ_ID.to_string(),
                 hosts: Vec::new(),

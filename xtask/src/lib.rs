@@ -2,4 +2,5 @@
 
 pub mod client;
 pub mod cluster;
+pub mod netns;
 pub mod pki;

@@ -27,6 +27,17 @@ pub struct Config {
     pub placement: PlacementConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub security: SecurityConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// File holding the key (32 bytes, base64) that encrypts sensitive script parameters at rest.
+    /// Created with a random key at first start when missing; by default `param.key` beside the
+    /// database.
+    pub param_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -42,6 +53,26 @@ pub struct TlsConfig {
 pub struct AppConfig {
     pub bk_app_code: String,
     pub bk_app_secret: String,
+    /// Key for the HMAC-SHA256 signature (`X-Fleetrun-Signature`) on this app's job callbacks;
+    /// without one its callbacks are sent unsigned.
+    #[serde(default)]
+    pub callback_secret: Option<String>,
+    /// Scopes the app may act on, as `biz:<id>` or `biz_set:<id>`; `*` for every scope.
+    #[serde(default = "every_scope")]
+    pub scopes: Vec<String>,
+}
+
+fn every_scope() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+impl AppConfig {
+    /// Whether the app may act on this scope.
+    pub fn may_use(&self, scope_type: &str, scope_id: &str) -> bool {
+        self.scopes
+            .iter()
+            .any(|s| s == "*" || s.split_once(':') == Some((scope_type, scope_id)))
+    }
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -88,6 +119,8 @@ pub struct LimitsConfig {
     pub heartbeat_secs: u64,
     /// Seconds after a task's own timeout before the controller gives up on the agent (303).
     pub agent_grace_secs: u64,
+    /// Attempts at delivering a job's callback before it is given up as failed.
+    pub callback_max_attempts: u32,
 }
 
 impl Default for LimitsConfig {
@@ -96,6 +129,7 @@ impl Default for LimitsConfig {
             output_limit: 5 * 1024 * 1024,
             heartbeat_secs: 5,
             agent_grace_secs: 60,
+            callback_max_attempts: 10,
         }
     }
 }
@@ -137,6 +171,22 @@ impl Config {
             if app.bk_app_code.is_empty() || app.bk_app_secret.is_empty() {
                 return Err("apps: bk_app_code and bk_app_secret must not be empty".into());
             }
+            if app.callback_secret.as_deref() == Some("") {
+                return Err(format!(
+                    "apps: callback_secret of {:?} is empty (leave it out to send unsigned callbacks)",
+                    app.bk_app_code
+                ));
+            }
+            for scope in &app.scopes {
+                let valid = scope == "*"
+                    || matches!(scope.split_once(':'), Some(("biz" | "biz_set", id)) if id.parse::<i64>().is_ok());
+                if !valid {
+                    return Err(format!(
+                        "apps: scope {scope:?} of {:?} is not \"*\", \"biz:<id>\" or \"biz_set:<id>\"",
+                        app.bk_app_code
+                    ));
+                }
+            }
             if !seen.insert(&app.bk_app_code) {
                 return Err(format!(
                     "apps: bk_app_code {:?} appears twice",
@@ -159,6 +209,9 @@ impl Config {
         }
         if self.limits.heartbeat_secs == 0 {
             return Err("limits.heartbeat_secs must be at least 1".into());
+        }
+        if !(1..=100).contains(&self.limits.callback_max_attempts) {
+            return Err("limits.callback_max_attempts must be between 1 and 100".into());
         }
         Ok(())
     }

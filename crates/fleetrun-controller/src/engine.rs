@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
+    callback::Callbacks,
     gateway::Agents,
     now_ms,
     status::{host, job},
@@ -60,6 +61,8 @@ pub struct Engine {
     output_limit: u64,
     agent_grace: Duration,
     running: Arc<Mutex<HashMap<i64, CancellationToken>>>,
+    /// Told of every job's end, for its callback.
+    callbacks: Option<Callbacks>,
 }
 
 impl Engine {
@@ -70,22 +73,38 @@ impl Engine {
             output_limit,
             agent_grace,
             running: Arc::default(),
+            callbacks: None,
         }
     }
 
-    /// Starts the job in the background.
-    pub fn start(&self, spec: JobSpec) {
+    /// Reports every job's end to the callback dispatcher.
+    pub fn with_callbacks(mut self, callbacks: Callbacks) -> Self {
+        self.callbacks = Some(callbacks);
+        self
+    }
+
+    /// Starts the job in the background; false if it is running already.
+    pub fn start(&self, spec: JobSpec) -> bool {
         let cancel = CancellationToken::new();
-        self.running
-            .lock()
-            .unwrap()
-            .insert(spec.job_instance_id, cancel.clone());
+        {
+            let mut running = self.running.lock().unwrap();
+            if running.contains_key(&spec.job_instance_id) {
+                return false;
+            }
+            running.insert(spec.job_instance_id, cancel.clone());
+        }
         let engine = self.clone();
         tokio::spawn(async move {
             let job_instance_id = spec.job_instance_id;
             engine.run_job(spec, cancel).await;
+            // The job leaves the running set only once its final state is committed, so nobody
+            // sees it neither running nor finished.
+            if let Err(e) = engine.store.flush().await {
+                tracing::error!(job = job_instance_id, "cannot commit the job's end: {e}");
+            }
             engine.running.lock().unwrap().remove(&job_instance_id);
         });
+        true
     }
 
     /// Asks a running job to stop: every host's process tree is killed. The job shows
@@ -176,6 +195,9 @@ impl Engine {
             at,
         })
         .await;
+        if let Some(callbacks) = &self.callbacks {
+            callbacks.job_ended(spec.job_instance_id);
+        }
         tracing::info!(
             job = spec.job_instance_id,
             hosts = spec.hosts.len(),

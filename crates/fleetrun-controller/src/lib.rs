@@ -8,9 +8,11 @@
 //! ```
 
 pub mod api;
+pub mod callback;
 pub mod config;
 pub mod engine;
 pub mod gateway;
+pub mod secrets;
 pub mod status;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -30,6 +32,8 @@ pub struct Shared {
     pub store: Store,
     pub engine: engine::Engine,
     pub agents: gateway::Agents,
+    /// Seals sensitive parameters before they are stored.
+    pub cipher: secrets::ParamCipher,
 }
 
 /// A started controller.
@@ -52,7 +56,7 @@ pub fn now_ms() -> i64 {
 
 impl Controller {
     /// Opens the store, ends jobs a previous run left unfinished, and starts serving.
-    pub async fn start(config: Config) -> anyhow::Result<Self> {
+    pub async fn start(mut config: Config) -> anyhow::Result<Self> {
         if let Some(dir) = config
             .database
             .parent()
@@ -78,6 +82,15 @@ impl Controller {
             tracing::warn!(jobs = ?ended, "ended jobs left unfinished by the previous run");
         }
 
+        let key_file = config.security.param_key_file.clone().unwrap_or_else(|| {
+            config
+                .database
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("param.key")
+        });
+        let cipher = secrets::ParamCipher::load_or_create(&key_file)?;
+
         let timing = Timing::default();
         let endpoint = fleetrun_net::server_endpoint(
             &TlsFiles {
@@ -93,6 +106,8 @@ impl Controller {
             .await
             .with_context(|| format!("binding HTTP {}", config.http_listen))?;
         let http_addr = listener.local_addr()?;
+        // The address actually bound (port 0 picks one): callback URLs must not point at it.
+        config.http_listen = http_addr;
 
         let agents = gateway::Agents::default();
         let engine = engine::Engine::new(
@@ -103,6 +118,12 @@ impl Controller {
         );
         let shutdown = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
+        let engine = engine.with_callbacks(callback::start(
+            store.clone(),
+            &config,
+            shutdown.clone(),
+            &mut tasks,
+        )?);
         let gateway = gateway::Gateway {
             agents: agents.clone(),
             store: store.clone(),
@@ -117,6 +138,7 @@ impl Controller {
             store: store.clone(),
             engine,
             agents,
+            cipher,
         });
         let app = api::router(shared).layer(axum::extract::DefaultBodyLimit::max(api::MAX_BODY));
         let http_shutdown = shutdown.clone();

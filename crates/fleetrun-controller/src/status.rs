@@ -16,8 +16,9 @@ pub mod job {
         matches!(status, 3 | 4 | 5 | 6 | 8 | 9 | 11 | 13 | 14)
     }
 
-    /// Statuses a job can be in while the engine still owns it.
-    pub const UNFINISHED: &[i32] = &[PENDING, RUNNING, 7, 10, 15];
+    /// Statuses of a job the engine was following. A pending job (created with
+    /// `start_task=false`) is not among them: it waits for its start, also across restarts.
+    pub const UNFINISHED: &[i32] = &[RUNNING, 7, 10, 15];
 }
 
 /// Per-host status (`step_ip_result.status`).

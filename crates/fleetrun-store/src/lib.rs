@@ -7,6 +7,7 @@
 //!
 //! **Architecture invariant:** only this crate speaks SQL.
 
+mod callbacks;
 mod model;
 mod schema;
 mod writer;
@@ -19,6 +20,9 @@ use sqlx::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+pub use callbacks::{
+    CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
+};
 pub use model::*;
 pub use writer::Write;
 
@@ -208,6 +212,72 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         Ok(Some(JobRecord::from_rows(&row, &steps)))
+    }
+
+    /// Jobs matching `filter`, newest first, with the total count before paging. Steps are not loaded.
+    pub async fn list_jobs(&self, filter: &JobFilter) -> Result<(i64, Vec<JobRecord>), StoreError> {
+        fn conditions<'a>(q: &mut sqlx::QueryBuilder<'a, sqlx::Sqlite>, f: &'a JobFilter) {
+            q.push(" WHERE bk_scope_type = ")
+                .push_bind(&f.bk_scope_type);
+            q.push(" AND bk_scope_id = ").push_bind(&f.bk_scope_id);
+            q.push(" AND create_time >= ")
+                .push_bind(f.create_time_start);
+            q.push(" AND create_time <= ").push_bind(f.create_time_end);
+            if let Some(id) = f.job_instance_id {
+                q.push(" AND job_instance_id = ").push_bind(id);
+            }
+            if let Some(operator) = &f.operator {
+                q.push(" AND operator = ").push_bind(operator);
+            }
+            if let Some(name) = &f.name {
+                q.push(" AND instr(name, ").push_bind(name).push(") > 0");
+            }
+            if let Some(mode) = f.launch_mode {
+                q.push(" AND launch_mode = ").push_bind(mode);
+            }
+            if let Some(kind) = f.job_type {
+                q.push(" AND type = ").push_bind(kind);
+            }
+            if let Some(status) = f.status {
+                q.push(" AND status = ").push_bind(status);
+            }
+            if let Some(ip) = &f.ip {
+                q.push(
+                    " AND job_instance_id IN (SELECT s.job_instance_id FROM step_instance s \
+                     JOIN host_result r ON r.step_instance_id = s.step_instance_id WHERE r.ip = ",
+                )
+                .push_bind(ip)
+                .push(")");
+            }
+        }
+        let mut count = sqlx::QueryBuilder::new("SELECT COUNT(*) FROM job_instance");
+        conditions(&mut count, filter);
+        let total: i64 = count.build().fetch_one(&self.pool).await?.get(0);
+        let mut page = sqlx::QueryBuilder::new("SELECT * FROM job_instance");
+        conditions(&mut page, filter);
+        page.push(" ORDER BY job_instance_id DESC LIMIT ")
+            .push_bind(filter.length)
+            .push(" OFFSET ")
+            .push_bind(filter.start);
+        let rows = page.build().fetch_all(&self.pool).await?;
+        Ok((
+            total,
+            rows.iter().map(|r| JobRecord::from_rows(r, &[])).collect(),
+        ))
+    }
+
+    /// What a step runs: its script and its parameter as stored (sealed when sensitive).
+    pub async fn step_payload(
+        &self,
+        step_instance_id: i64,
+    ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT script_content, script_param FROM step_instance WHERE step_instance_id = ?",
+        )
+        .bind(step_instance_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
     /// The per-host results of a step, ordered by host id.

@@ -216,3 +216,23 @@ pub struct HostOutcome {
     pub dropped_lines: i64,
     pub survivors: i64,
 }
+
+/// Which jobs [`crate::Store::list_jobs`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub bk_scope_type: String,
+    pub bk_scope_id: String,
+    pub create_time_start: i64,
+    pub create_time_end: i64,
+    pub job_instance_id: Option<i64>,
+    pub operator: Option<String>,
+    /// Part of the name.
+    pub name: Option<String>,
+    pub launch_mode: Option<i32>,
+    pub job_type: Option<i32>,
+    pub status: Option<i32>,
+    /// Jobs that targeted a host with this IP.
+    pub ip: Option<String>,
+    pub start: i64,
+    pub length: i64,
+}

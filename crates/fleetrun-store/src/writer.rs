@@ -5,8 +5,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::HostOutcome;
 
-/// Queue depth before [`crate::Store::record`] makes the engine wait.
-const QUEUE: usize = 65_536;
+/// Queue depth before [`crate::Store::record`] makes the engine wait. A log write holds at most
+/// one 64 KiB chunk, so this bounds the queue's memory to about 512 MiB in the worst case, and
+/// the wait carries backpressure through QUIC flow control to the agents.
+const QUEUE: usize = 8_192;
 /// Most writes committed in one transaction; bounds a transaction's time.
 const BATCH: usize = 4_096;
 

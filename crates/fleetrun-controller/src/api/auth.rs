@@ -14,6 +14,15 @@ pub struct Caller {
     pub app_code: String,
     /// The operator recorded on jobs.
     pub username: String,
+    /// The app's configured scopes.
+    scopes: AppConfig,
+}
+
+impl Caller {
+    /// Whether the calling app may act on this scope.
+    pub fn may_use(&self, scope_type: &str, scope_id: &str) -> bool {
+        self.scopes.may_use(scope_type, scope_id)
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -50,21 +59,27 @@ pub fn authenticate(
     };
     // Every configured secret is compared, in constant time, so timing tells nothing about which
     // part of the credentials was wrong.
-    let mut matched = false;
+    let mut matched = None;
     for app in apps {
         let code_ok = app.bk_app_code.as_bytes().ct_eq(app_code.as_bytes());
         let secret_ok = app.bk_app_secret.as_bytes().ct_eq(secret.as_bytes());
-        matched |= bool::from(code_ok & secret_ok);
+        if bool::from(code_ok & secret_ok) {
+            matched = Some(app);
+        }
     }
-    if !matched {
+    let Some(app) = matched else {
         return Err(ApiError::new(
             code::API_USER_NO_ACCESS,
             "app authentication failed: unknown bk_app_code or wrong bk_app_secret",
         ));
-    }
+    };
     let username = creds
         .bk_username
         .filter(|u| !u.is_empty())
         .ok_or_else(|| ApiError::missing("bk_username"))?;
-    Ok(Caller { app_code, username })
+    Ok(Caller {
+        app_code,
+        username,
+        scopes: app.clone(),
+    })
 }

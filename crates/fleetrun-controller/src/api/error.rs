@@ -4,6 +4,7 @@ use serde_json::Value;
 
 /// bk-job's codes, named.
 pub mod code {
+    pub const NO_PERMISSION: i64 = 1_238_001;
     pub const API_USER_NO_ACCESS: i64 = 1_239_002;
     pub const API_UNSUPPORTED: i64 = 1_239_003;
     pub const INTERNAL: i64 = 1_240_002;

@@ -11,6 +11,7 @@ use super::{
     auth::Caller,
     error::code,
     params::{Params, lenient},
+    scope,
 };
 use crate::{
     Shared,
@@ -29,13 +30,6 @@ const MAX_TIMEOUT: i64 = 86_400;
 
 #[derive(Debug, Deserialize)]
 struct Request {
-    #[serde(default, deserialize_with = "opt_text")]
-    bk_scope_type: Option<String>,
-    #[serde(default, deserialize_with = "opt_text")]
-    bk_scope_id: Option<String>,
-    /// Older clients send only this.
-    #[serde(default, deserialize_with = "lenient::opt_int")]
-    bk_biz_id: Option<i64>,
     #[serde(default, deserialize_with = "lenient::opt_int")]
     script_version_id: Option<i64>,
     #[serde(default, deserialize_with = "opt_text")]
@@ -96,37 +90,8 @@ pub async fn fast_execute_script(
 ) -> Result<Value, ApiError> {
     let req: Request = params.parse()?;
 
-    // Scope.
-    let (scope_type, scope_id) = match (
-        req.bk_scope_type.as_deref(),
-        req.bk_scope_id.as_deref(),
-        req.bk_biz_id,
-    ) {
-        (Some(t), Some(id), _) => (t.to_owned(), id.to_owned()),
-        (None, None, Some(biz)) => ("biz".to_owned(), biz.to_string()),
-        (None, _, _) => return Err(ApiError::missing("bk_scope_type")),
-        (_, None, _) => return Err(ApiError::missing("bk_scope_id")),
-    };
-    if scope_type != "biz" {
-        return Err(ApiError::invalid(
-            "bk_scope_type",
-            format!("{scope_type:?} is not supported by this controller (supported: \"biz\")"),
-        ));
-    }
-    let biz_id: i64 = scope_id.parse().map_err(|_| {
-        ApiError::invalid("bk_scope_id", format!("{scope_id:?} is not a business id"))
-    })?;
-    if !shared
-        .config
-        .businesses
-        .iter()
-        .any(|b| b.bk_biz_id == biz_id)
-    {
-        return Err(ApiError::invalid(
-            "bk_scope_id",
-            format!("business {biz_id} does not exist"),
-        ));
-    }
+    let scope = scope::resolve(shared, caller, params)?;
+    let biz_id = scope.biz_id().expect("resolve admits only business scopes");
 
     // Script.
     if req.script_version_id.is_some() || req.script_id.is_some() {
@@ -215,18 +180,14 @@ pub async fn fast_execute_script(
             "rolling execution is not supported yet",
         ));
     }
-    if req.callback_url.as_deref().is_some_and(|u| !u.is_empty()) {
-        return Err(ApiError::invalid(
-            "callback_url",
-            "callbacks are not supported yet",
-        ));
-    }
-    if req.start_task == Some(false) {
-        return Err(ApiError::invalid(
-            "start_task",
-            "jobs created without starting are not supported yet",
-        ));
-    }
+    let callback_url = match req.callback_url.as_deref().filter(|u| !u.is_empty()) {
+        None => None,
+        Some(url) => Some(
+            crate::callback::check_url(url, shared.config.http_listen)
+                .map_err(|e| ApiError::invalid("callback_url", e))?
+                .to_string(),
+        ),
+    };
     if let Some(interpreter) = &req.windows_interpreter
         && (!interpreter.ends_with(".exe") || interpreter.chars().count() > 260)
     {
@@ -371,6 +332,7 @@ pub async fn fast_execute_script(
         ));
     }
 
+    let start = req.start_task.unwrap_or(true);
     let create_time = now_ms();
     let name = req
         .task_name
@@ -380,19 +342,26 @@ pub async fn fast_execute_script(
         name: name.clone(),
         operator: caller.username.clone(),
         app_code: caller.app_code.clone(),
-        bk_scope_type: scope_type,
-        bk_scope_id: scope_id,
-        status: job::PENDING,
+        bk_scope_type: scope.scope_type.clone(),
+        bk_scope_id: scope.scope_id.clone(),
+        // A job created to start later stays pending (and survives a controller restart as such);
+        // one that starts now is running from the moment it is accepted.
+        status: if start { job::RUNNING } else { job::PENDING },
         job_type: 1,
         launch_mode: 2,
-        callback_url: None,
+        callback_url,
         create_time,
         step: fleetrun_store::NewStep {
             name: name.clone(),
             step_type: 1,
             script_language: language as i32,
             script_content: script.clone(),
-            script_param: param.clone(),
+            // A sensitive parameter is stored sealed; only the dispatch below sees it in clear.
+            script_param: if sensitive {
+                shared.cipher.seal(&param)
+            } else {
+                param.clone()
+            },
             is_param_sensitive: sensitive,
             timeout,
             account_id: account.id,
@@ -409,23 +378,26 @@ pub async fn fast_execute_script(
             .collect(),
     };
     let created = shared.store.create_job(&new_job).await?;
-    shared.engine.start(JobSpec {
-        job_instance_id: created.job_instance_id,
-        step_instance_id: created.step_instance_id,
-        hosts: chosen.iter().map(|h| h.bk_host_id).collect(),
-        task: TaskTemplate {
-            script_language: language as i32,
-            script: Arc::new(script),
-            script_param: param,
-            is_param_sensitive: sensitive,
-            account: account.account.clone(),
-            timeout_secs: timeout as u32,
-        },
-    });
+    if start {
+        shared.engine.start(JobSpec {
+            job_instance_id: created.job_instance_id,
+            step_instance_id: created.step_instance_id,
+            hosts: chosen.iter().map(|h| h.bk_host_id).collect(),
+            task: TaskTemplate {
+                script_language: language as i32,
+                script: Arc::new(script),
+                script_param: param,
+                is_param_sensitive: sensitive,
+                account: account.account.clone(),
+                timeout_secs: timeout as u32,
+            },
+        });
+    }
     tracing::info!(
         job = created.job_instance_id,
         hosts = chosen.len(),
         operator = %caller.username,
+        started = start,
         "job accepted"
     );
     Ok(json!({

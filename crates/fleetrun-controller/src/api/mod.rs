@@ -12,6 +12,7 @@ mod error;
 mod execute;
 pub(crate) mod params;
 mod query;
+mod scope;
 
 use std::sync::Arc;
 
@@ -75,13 +76,22 @@ async fn dispatch(
         tracing::debug!(app = %caller.app_code, operator = %caller.username, "request");
         match api.as_str() {
             "fast_execute_script" => execute::fast_execute_script(&shared, &caller, &params).await,
-            "get_job_instance_status" => query::get_job_instance_status(&shared, &params).await,
-            "get_job_instance_ip_log" => query::get_job_instance_ip_log(&shared, &params).await,
-            "batch_get_job_instance_ip_log" => {
-                query::batch_get_job_instance_ip_log(&shared, &params).await
+            "get_job_instance_status" => {
+                query::get_job_instance_status(&shared, &caller, &params).await
             }
-            "operate_job_instance" => query::operate_job_instance(&shared, &params).await,
+            "get_job_instance_ip_log" => {
+                query::get_job_instance_ip_log(&shared, &caller, &params).await
+            }
+            "batch_get_job_instance_ip_log" => {
+                query::batch_get_job_instance_ip_log(&shared, &caller, &params).await
+            }
+            "operate_job_instance" => query::operate_job_instance(&shared, &caller, &params).await,
+            "get_job_instance_list" => {
+                query::get_job_instance_list(&shared, &caller, &params).await
+            }
+            "get_account_list" => query::get_account_list(&shared, &caller, &params).await,
             "list_hosts" => query::list_hosts(&shared).await,
+            "get_callback_status" => query::get_callback_status(&shared, &caller, &params).await,
             _ => Err(ApiError::new(
                 error::code::API_UNSUPPORTED,
                 format!("unsupported API: {api}"),

@@ -5,8 +5,10 @@ use serde_json::{Value, json};
 
 use super::{
     ApiError,
+    auth::Caller,
     error::code,
     params::{Params, lenient},
+    scope,
 };
 use crate::{Shared, status};
 
@@ -20,25 +22,41 @@ struct StatusRequest {
     return_ip_result: Option<bool>,
 }
 
+/// The job, if it exists in the request's scope (a job of another scope is not found, as in bk-job).
 async fn load_job(
     shared: &Shared,
+    caller: &Caller,
+    params: &Params,
     job_instance_id: i64,
 ) -> Result<fleetrun_store::JobRecord, ApiError> {
-    shared.store.job(job_instance_id).await?.ok_or_else(|| {
-        ApiError::new(
-            code::JOB_NOT_FOUND,
-            format!("job_instance_id: no job {job_instance_id}"),
-        )
-    })
+    let scope = scope::resolve(shared, caller, params)?;
+    shared
+        .store
+        .job(job_instance_id)
+        .await?
+        .filter(|job| scope.owns(&job.bk_scope_type, &job.bk_scope_id))
+        .ok_or_else(|| {
+            ApiError::new(
+                code::JOB_NOT_FOUND,
+                format!(
+                    "job_instance_id: no job {job_instance_id} in {} {}",
+                    scope.scope_type, scope.scope_id
+                ),
+            )
+        })
 }
 
 fn total_time(start: Option<i64>, end: Option<i64>) -> Option<i64> {
     Some(end? - start?)
 }
 
-pub async fn get_job_instance_status(shared: &Shared, params: &Params) -> Result<Value, ApiError> {
+pub async fn get_job_instance_status(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
     let req: StatusRequest = params.parse()?;
-    let job = load_job(shared, req.job_instance_id).await?;
+    let job = load_job(shared, caller, params, req.job_instance_id).await?;
     let mut steps = Vec::with_capacity(job.steps.len());
     for step in &job.steps {
         let mut entry = json!({
@@ -126,10 +144,12 @@ struct BatchLogRequest {
 /// The step's per-host results, after checking that the step belongs to the job.
 async fn step_results(
     shared: &Shared,
+    caller: &Caller,
+    params: &Params,
     job_instance_id: i64,
     step_instance_id: i64,
 ) -> Result<Vec<fleetrun_store::HostResultRecord>, ApiError> {
-    let job = load_job(shared, job_instance_id).await?;
+    let job = load_job(shared, caller, params, job_instance_id).await?;
     if !job
         .steps
         .iter()
@@ -150,9 +170,20 @@ fn same_ip(a: &str, b: &str) -> bool {
     }
 }
 
-pub async fn get_job_instance_ip_log(shared: &Shared, params: &Params) -> Result<Value, ApiError> {
+pub async fn get_job_instance_ip_log(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
     let req: LogRequest = params.parse()?;
-    let results = step_results(shared, req.job_instance_id, req.step_instance_id).await?;
+    let results = step_results(
+        shared,
+        caller,
+        params,
+        req.job_instance_id,
+        req.step_instance_id,
+    )
+    .await?;
     let result = match (req.bk_host_id, req.bk_cloud_id, req.ip.as_deref()) {
         (Some(id), _, _) => results.iter().find(|r| r.bk_host_id == id),
         (None, Some(cloud), Some(ip)) => results
@@ -177,10 +208,18 @@ pub async fn get_job_instance_ip_log(shared: &Shared, params: &Params) -> Result
 
 pub async fn batch_get_job_instance_ip_log(
     shared: &Shared,
+    caller: &Caller,
     params: &Params,
 ) -> Result<Value, ApiError> {
     let req: BatchLogRequest = params.parse()?;
-    let results = step_results(shared, req.job_instance_id, req.step_instance_id).await?;
+    let results = step_results(
+        shared,
+        caller,
+        params,
+        req.job_instance_id,
+        req.step_instance_id,
+    )
+    .await?;
     // host_id_list wins; ip_list is the deprecated alternative.
     let wanted: Vec<&fleetrun_store::HostResultRecord> = match (&req.host_id_list, &req.ip_list) {
         (Some(ids), _) if !ids.is_empty() => {
@@ -265,24 +304,28 @@ struct OperateJobRequest {
 }
 
 /// `operate_job_instance`: 1 terminates a running job.
-pub async fn operate_job_instance(shared: &Shared, params: &Params) -> Result<Value, ApiError> {
+pub async fn operate_job_instance(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
     let req: OperateJobRequest = params.parse()?;
-    let job = load_job(shared, req.job_instance_id).await?;
+    let job = load_job(shared, caller, params, req.job_instance_id).await?;
     match req.operation_code {
         1 => {
-            if status::job::is_finished(job.status) || !shared.engine.terminate(job.job_instance_id).await {
+            if status::job::is_finished(job.status)
+                || !shared.engine.terminate(job.job_instance_id).await
+            {
                 return Err(ApiError::invalid(
                     "job_instance_id",
-                    format!("job {} is not running (status {})", job.job_instance_id, job.status),
+                    format!(
+                        "job {} is not running (status {})",
+                        job.job_instance_id, job.status
+                    ),
                 ));
             }
         }
-        2 => {
-            return Err(ApiError::invalid(
-                "operation_code",
-                format!("job {} was started when it was created; there is nothing to start", job.job_instance_id),
-            ));
-        }
+        2 => start_created_job(shared, &job).await?,
         other => {
             return Err(ApiError::invalid(
                 "operation_code",
@@ -291,4 +334,293 @@ pub async fn operate_job_instance(shared: &Shared, params: &Params) -> Result<Va
         }
     }
     Ok(json!({ "job_instance_id": job.job_instance_id }))
+}
+
+#[derive(Debug, Deserialize)]
+struct JobListRequest {
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    create_time_start: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    create_time_end: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    job_instance_id: Option<i64>,
+    operator: Option<String>,
+    name: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    launch_mode: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_int", rename = "type")]
+    job_type: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    status: Option<i64>,
+    ip: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    start: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    length: Option<i64>,
+}
+
+const THIRTY_DAYS_MS: i64 = 30 * 24 * 3600 * 1000;
+
+/// Reads paging fields: `start` from 0, `length` 1 to 1000 (default 20).
+fn paging(start: Option<i64>, length: Option<i64>) -> Result<(i64, i64), ApiError> {
+    let start = start.unwrap_or(0);
+    if start < 0 {
+        return Err(ApiError::invalid("start", format!("{start} is negative")));
+    }
+    let length = length.unwrap_or(20);
+    if !(1..=1000).contains(&length) {
+        return Err(ApiError::invalid(
+            "length",
+            format!("{length} is outside [1, 1000]"),
+        ));
+    }
+    Ok((start, length))
+}
+
+fn small_enum(field: &str, value: Option<i64>, allowed: &[i64]) -> Result<Option<i32>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(v) if allowed.contains(&v) => Ok(Some(v as i32)),
+        Some(v) => Err(ApiError::invalid(
+            field,
+            format!("{v} is not one of {allowed:?}"),
+        )),
+    }
+}
+
+/// `get_job_instance_list`: the scope's jobs created in a window of at most 30 days.
+pub async fn get_job_instance_list(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
+    let scope = scope::resolve(shared, caller, params)?;
+    let req: JobListRequest = params.parse()?;
+    let begin = req
+        .create_time_start
+        .ok_or_else(|| ApiError::missing("create_time_start"))?;
+    let end = req
+        .create_time_end
+        .ok_or_else(|| ApiError::missing("create_time_end"))?;
+    if end < begin {
+        return Err(ApiError::invalid(
+            "create_time_end",
+            "is before create_time_start",
+        ));
+    }
+    if end - begin > THIRTY_DAYS_MS {
+        return Err(ApiError::invalid(
+            "create_time_end",
+            "the time range is longer than 30 days",
+        ));
+    }
+    let (start, length) = paging(req.start, req.length)?;
+    let filter = fleetrun_store::JobFilter {
+        bk_scope_type: scope.scope_type.clone(),
+        bk_scope_id: scope.scope_id.clone(),
+        create_time_start: begin,
+        create_time_end: end,
+        job_instance_id: req.job_instance_id,
+        operator: req.operator.filter(|o| !o.is_empty()),
+        name: req.name.filter(|n| !n.is_empty()),
+        launch_mode: small_enum("launch_mode", req.launch_mode, &[1, 2, 3])?,
+        job_type: small_enum("type", req.job_type, &[0, 1, 2])?,
+        status: small_enum(
+            "status",
+            req.status,
+            &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15],
+        )?,
+        ip: req.ip.filter(|ip| !ip.is_empty()),
+        start,
+        length,
+    };
+    let (total, jobs) = shared.store.list_jobs(&filter).await?;
+    let data: Vec<Value> = jobs
+        .iter()
+        .map(|job| {
+            json!({
+                "id": job.job_instance_id,
+                "job_instance_id": job.job_instance_id,
+                "name": job.name,
+                "operator": job.operator,
+                "status": job.status,
+                "type": job.job_type,
+                "launch_mode": job.launch_mode,
+                "create_time": job.create_time,
+                "start_time": job.start_time,
+                "end_time": job.end_time,
+                "total_time": total_time(job.start_time, job.end_time),
+                "bk_scope_type": job.bk_scope_type,
+                "bk_scope_id": job.bk_scope_id,
+            })
+        })
+        .collect();
+    Ok(json!({ "start": start, "length": length, "total": total, "data": data }))
+}
+
+#[derive(Debug, Deserialize)]
+struct AccountListRequest {
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    category: Option<i64>,
+    account: Option<String>,
+    alias: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    start: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    length: Option<i64>,
+}
+
+/// `get_account_list`: the execution accounts (all system accounts, category 1).
+pub async fn get_account_list(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
+    let scope = scope::resolve(shared, caller, params)?;
+    let req: AccountListRequest = params.parse()?;
+    let category = small_enum("category", req.category, &[1, 2])?;
+    let (start, length) = paging(req.start, req.length)?;
+    let matching: Vec<&crate::config::AccountConfig> = shared
+        .config
+        .accounts
+        .iter()
+        .filter(|_| category.is_none_or(|c| c == 1))
+        .filter(|a| {
+            req.account
+                .as_deref()
+                .is_none_or(|x| x.is_empty() || a.account.contains(x))
+        })
+        .filter(|a| {
+            req.alias
+                .as_deref()
+                .is_none_or(|x| x.is_empty() || a.alias.contains(x))
+        })
+        .collect();
+    let data: Vec<Value> = matching
+        .iter()
+        .skip(start as usize)
+        .take(length as usize)
+        .map(|a| {
+            json!({
+                "id": a.id,
+                "account": a.account,
+                "alias": a.alias,
+                "category": 1,
+                "type": 1,
+                "os": "Linux",
+                "bk_scope_type": scope.scope_type,
+                "bk_scope_id": scope.scope_id,
+                "description": "",
+            })
+        })
+        .collect();
+    Ok(json!({ "start": start, "length": length, "total": matching.len(), "data": data }))
+}
+
+/// Starts a job created with `start_task=false`.
+async fn start_created_job(
+    shared: &Shared,
+    job: &fleetrun_store::JobRecord,
+) -> Result<(), ApiError> {
+    let not_startable = || {
+        ApiError::invalid(
+            "job_instance_id",
+            format!(
+                "job {} was already started (status {})",
+                job.job_instance_id, job.status
+            ),
+        )
+    };
+    if job.status != status::job::PENDING || job.start_time.is_some() {
+        return Err(not_startable());
+    }
+    let step = job
+        .steps
+        .first()
+        .ok_or_else(|| ApiError::internal("start job", "job has no step"))?;
+    let (script, param) = shared
+        .store
+        .step_payload(step.step_instance_id)
+        .await?
+        .ok_or_else(|| ApiError::internal("start job", "step vanished"))?;
+    let param = if step.is_param_sensitive {
+        shared
+            .cipher
+            .open(&param)
+            .map_err(|e| ApiError::internal("start job", e))?
+    } else {
+        param
+    };
+    let hosts = shared.store.host_results(step.step_instance_id).await?;
+    let started = shared.engine.start(crate::engine::JobSpec {
+        job_instance_id: job.job_instance_id,
+        step_instance_id: step.step_instance_id,
+        hosts: hosts.iter().map(|h| h.bk_host_id).collect(),
+        task: crate::engine::TaskTemplate {
+            script_language: step.script_language,
+            script: std::sync::Arc::new(script),
+            script_param: param,
+            is_param_sensitive: step.is_param_sensitive,
+            account: step.account.clone(),
+            timeout_secs: step.timeout as u32,
+        },
+    });
+    if !started {
+        return Err(not_startable());
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+struct CallbackStatusRequest {
+    #[serde(deserialize_with = "lenient::int")]
+    job_instance_id: i64,
+}
+
+/// `get_callback_status`: where a job's callback stands.
+pub async fn get_callback_status(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
+    let req: CallbackStatusRequest = params.parse()?;
+    let id = req.job_instance_id;
+    let job = load_job(shared, caller, params, id).await?;
+    let Some(url) = job.callback_url.as_deref() else {
+        return Ok(json!({
+            "job_instance_id": id,
+            "url": null,
+            "status": "none",
+            "message": format!("job {id} was submitted without a callback_url: no callback is sent"),
+            "attempts": [],
+        }));
+    };
+    let Some((delivery, attempts)) = shared.store.callback_delivery(id).await? else {
+        return Ok(json!({
+            "job_instance_id": id,
+            "url": crate::callback::redact(url),
+            "status": "waiting",
+            "message": "the callback is sent when the job ends",
+            "attempts": [],
+        }));
+    };
+    let pending = delivery.status == fleetrun_store::CallbackStatus::Pending;
+    Ok(json!({
+        "job_instance_id": id,
+        "url": crate::callback::redact(&delivery.url),
+        "status": delivery.status.as_str(),
+        "delivery_id": delivery.id,
+        "last_error": delivery.last_error,
+        "next_attempt_time": pending.then_some(delivery.next_attempt_at),
+        "attempts": attempts
+            .iter()
+            .map(|a| json!({
+                "attempt": a.attempt,
+                "time": a.at,
+                "http_status": a.http_status,
+                "error": a.error,
+                "duration_ms": a.duration_ms,
+            }))
+            .collect::<Vec<_>>(),
+    }))
 }

@@ -1,0 +1,113 @@
+//! The scope a request acts in (`bk_scope_type` + `bk_scope_id`), and whether the caller may.
+
+use serde_json::{Value, json};
+
+use super::{ApiError, auth::Caller, error::code, params::Params};
+use crate::Shared;
+
+/// A checked scope: it exists, and the calling app may act on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub scope_type: String,
+    pub scope_id: String,
+}
+
+impl Scope {
+    /// The business id of a `biz` scope.
+    pub fn biz_id(&self) -> Option<i64> {
+        (self.scope_type == "biz")
+            .then(|| self.scope_id.parse().ok())
+            .flatten()
+    }
+
+    /// Whether a stored job belongs to this scope.
+    pub fn owns(&self, scope_type: &str, scope_id: &str) -> bool {
+        self.scope_type == scope_type && self.scope_id == scope_id
+    }
+}
+
+fn text(params: &Params, key: &str) -> Option<String> {
+    match params.0.get(key)? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Reads and checks the request's scope. Older clients send only `bk_biz_id`.
+pub fn resolve(shared: &Shared, caller: &Caller, params: &Params) -> Result<Scope, ApiError> {
+    let (scope_type, scope_id) = match (
+        text(params, "bk_scope_type"),
+        text(params, "bk_scope_id"),
+        text(params, "bk_biz_id"),
+    ) {
+        (Some(t), Some(id), _) => (t, id),
+        (None, None, Some(biz)) => ("biz".to_owned(), biz),
+        (None, _, _) => return Err(ApiError::missing("bk_scope_type")),
+        (_, None, _) => return Err(ApiError::missing("bk_scope_id")),
+    };
+    match scope_type.as_str() {
+        "biz" => {
+            let id: i64 = scope_id.parse().map_err(|_| {
+                ApiError::invalid("bk_scope_id", format!("{scope_id:?} is not a business id"))
+            })?;
+            if !shared.config.businesses.iter().any(|b| b.bk_biz_id == id) {
+                return Err(ApiError::invalid(
+                    "bk_scope_id",
+                    format!("business {id} does not exist"),
+                ));
+            }
+        }
+        "biz_set" => {
+            return Err(ApiError::invalid(
+                "bk_scope_id",
+                format!("business set {scope_id} does not exist (no business sets are configured)"),
+            ));
+        }
+        other => {
+            return Err(ApiError::invalid(
+                "bk_scope_type",
+                format!("{other:?} is not \"biz\" or \"biz_set\""),
+            ));
+        }
+    }
+    if !caller.may_use(&scope_type, &scope_id) {
+        let mut error = ApiError::new(
+            code::NO_PERMISSION,
+            format!(
+                "app {:?} may not act on {scope_type} {scope_id}",
+                caller.app_code
+            ),
+        );
+        error.permission = Some(permission(&scope_type, &scope_id));
+        return Err(error);
+    }
+    Ok(Scope {
+        scope_type,
+        scope_id,
+    })
+}
+
+/// bk-job's description of the permission the caller lacks.
+fn permission(scope_type: &str, scope_id: &str) -> Value {
+    let resource_type = if scope_type == "biz" {
+        "biz"
+    } else {
+        "business_set"
+    };
+    json!({
+        "system_id": "bk_job",
+        "system_name": "fleetrun",
+        "actions": [{
+            "id": "access_business",
+            "name": "access business",
+            "related_resource_types": [{
+                "system_id": "bk_cmdb",
+                "system_name": "inventory",
+                "type": resource_type,
+                "type_name": scope_type,
+                "instances": [[{"type": resource_type, "type_name": scope_type, "id": scope_id, "name": scope_id}]],
+            }],
+        }],
+    })
+}

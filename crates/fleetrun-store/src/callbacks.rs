@@ -1,0 +1,499 @@
+//! Job callbacks: the queue of deliveries and the record of every attempt.
+//!
+//! A delivery is queued once per job, after the job's end is committed, and keeps the exact body
+//! that is sent. Because the queue lives here, a restarted controller resumes whatever was still
+//! pending; and because queueing reads the committed job, a job whose end was committed but whose
+//! delivery was not (a crash in between) is found again by [`Store::unqueued_callbacks`].
+
+use sqlx::{Row, sqlite::SqliteRow};
+
+use crate::{JobRecord, Store, StoreError};
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallbackStatus {
+    /// Not delivered yet; another attempt is due at `next_attempt_at`.
+    Pending,
+    /// An attempt got a 2xx answer.
+    Delivered,
+    /// Every allowed attempt failed.
+    Failed,
+}
+
+impl CallbackStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Delivered => "delivered",
+            Self::Failed => "failed",
+        }
+    }
+
+    fn parse(text: &str) -> Self {
+        match text {
+            "delivered" => Self::Delivered,
+            "failed" => Self::Failed,
+            _ => Self::Pending,
+        }
+    }
+}
+
+/// A delivery to queue for an ended job.
+#[derive(Debug, Clone)]
+pub struct NewCallbackDelivery {
+    pub job_instance_id: i64,
+    pub url: String,
+    /// The JSON body, sent byte for byte on every attempt.
+    pub body: String,
+    /// When it is queued; the first attempt is due at once.
+    pub now: i64,
+}
+
+/// A queued delivery, with the app that submitted its job (whose secret signs it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackDelivery {
+    pub id: i64,
+    pub job_instance_id: i64,
+    pub app_code: String,
+    pub url: String,
+    pub body: String,
+    pub status: CallbackStatus,
+    /// Attempts made so far.
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl CallbackDelivery {
+    fn from_row(row: &SqliteRow) -> Self {
+        Self {
+            id: row.get("id"),
+            job_instance_id: row.get("job_instance_id"),
+            app_code: row.get("app_code"),
+            url: row.get("url"),
+            body: row.get("body"),
+            status: CallbackStatus::parse(row.get("status")),
+            attempts: row.get("attempts"),
+            next_attempt_at: row.get("next_attempt_at"),
+            last_error: row.get("last_error"),
+            created_at: row.get("created_at"),
+            updated_at: row.get("updated_at"),
+        }
+    }
+}
+
+/// One attempt at a delivery: the HTTP status it got, or the error that left it without one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackAttempt {
+    pub delivery_id: i64,
+    /// 1 for the first attempt.
+    pub attempt: i64,
+    /// When it started, Unix ms.
+    pub at: i64,
+    pub http_status: Option<i32>,
+    pub error: Option<String>,
+    pub duration_ms: i64,
+}
+
+impl CallbackAttempt {
+    fn from_row(row: &SqliteRow) -> Self {
+        Self {
+            delivery_id: row.get("delivery_id"),
+            attempt: row.get("attempt"),
+            at: row.get("at"),
+            http_status: row.get("http_status"),
+            error: row.get("error"),
+            duration_ms: row.get("duration_ms"),
+        }
+    }
+}
+
+/// What follows an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallbackNext {
+    Delivered,
+    /// Try again at this time (Unix ms).
+    RetryAt(i64),
+    /// No attempts left.
+    Failed,
+}
+
+/// Deliveries joined with their job's app.
+const DELIVERY_SELECT: &str = "SELECT d.*, j.app_code FROM callback_delivery d
+     JOIN job_instance j ON j.job_instance_id = d.job_instance_id";
+
+/// Most ids in one `IN (…)` list, well under SQLite's limits.
+const IDS_PER_QUERY: usize = 500;
+
+impl Store {
+    /// Ended jobs that asked for a callback but have no delivery queued: among `job_ids`, or
+    /// among all jobs when `None` (at start, to recover from a crash between a job's end and its
+    /// delivery being queued).
+    pub async fn unqueued_callbacks(
+        &self,
+        job_ids: Option<&[i64]>,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        const UNQUEUED: &str = "SELECT job_instance_id FROM job_instance j
+             WHERE callback_url IS NOT NULL AND end_time IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM callback_delivery d WHERE d.job_instance_id = j.job_instance_id)";
+        let mut ids: Vec<i64> = Vec::new();
+        match job_ids {
+            None => {
+                let rows = sqlx::query(&format!("{UNQUEUED} ORDER BY job_instance_id"))
+                    .fetch_all(&self.pool)
+                    .await?;
+                ids.extend(rows.iter().map(|r| r.get::<i64, _>(0)));
+            }
+            Some(job_ids) => {
+                for chunk in job_ids.chunks(IDS_PER_QUERY) {
+                    let list = chunk
+                        .iter()
+                        .map(i64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    let rows = sqlx::query(&format!(
+                        "{UNQUEUED} AND job_instance_id IN ({list}) ORDER BY job_instance_id"
+                    ))
+                    .fetch_all(&self.pool)
+                    .await?;
+                    ids.extend(rows.iter().map(|r| r.get::<i64, _>(0)));
+                }
+            }
+        }
+        let mut jobs = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(job) = self.job(id).await? {
+                jobs.push(job);
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Queues deliveries in one transaction; a job that already has one keeps it. Returns how
+    /// many were queued.
+    pub async fn queue_callbacks(
+        &self,
+        deliveries: &[NewCallbackDelivery],
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut queued = 0;
+        for d in deliveries {
+            queued += sqlx::query(
+                "INSERT INTO callback_delivery (job_instance_id, url, body, status, attempts, next_attempt_at, created_at, updated_at)
+                 VALUES (?, ?, ?, 'pending', 0, ?, ?, ?)
+                 ON CONFLICT (job_instance_id) DO NOTHING",
+            )
+            .bind(d.job_instance_id)
+            .bind(&d.url)
+            .bind(&d.body)
+            .bind(d.now)
+            .bind(d.now)
+            .bind(d.now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(queued)
+    }
+
+    /// Up to `limit` pending deliveries, soonest due first (including ones not due yet, so the
+    /// caller knows when to look again).
+    pub async fn pending_callbacks(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<CallbackDelivery>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{DELIVERY_SELECT} WHERE d.status = 'pending' ORDER BY d.next_attempt_at, d.id LIMIT ?"
+        ))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(CallbackDelivery::from_row).collect())
+    }
+
+    /// Records an attempt and what follows it, in one transaction. `last_error` is what the
+    /// delivery shows as its latest failure (kept when the attempt succeeded).
+    pub async fn record_callback_attempt(
+        &self,
+        attempt: &CallbackAttempt,
+        next: CallbackNext,
+        last_error: Option<&str>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let (status, next_attempt_at) = match next {
+            CallbackNext::Delivered => (CallbackStatus::Delivered, None),
+            CallbackNext::RetryAt(at) => (CallbackStatus::Pending, Some(at)),
+            CallbackNext::Failed => (CallbackStatus::Failed, None),
+        };
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO callback_attempt (delivery_id, attempt, at, http_status, error, duration_ms)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (delivery_id, attempt) DO UPDATE SET
+                 at = excluded.at, http_status = excluded.http_status, error = excluded.error,
+                 duration_ms = excluded.duration_ms",
+        )
+        .bind(attempt.delivery_id)
+        .bind(attempt.attempt)
+        .bind(attempt.at)
+        .bind(attempt.http_status)
+        .bind(&attempt.error)
+        .bind(attempt.duration_ms)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE callback_delivery SET status = ?, attempts = ?,
+                 next_attempt_at = COALESCE(?, next_attempt_at),
+                 last_error = COALESCE(?, last_error), updated_at = ?
+             WHERE id = ?",
+        )
+        .bind(status.as_str())
+        .bind(attempt.attempt)
+        .bind(next_attempt_at)
+        .bind(last_error)
+        .bind(now)
+        .bind(attempt.delivery_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A job's delivery and its attempts in order, or `None` while none is queued.
+    pub async fn callback_delivery(
+        &self,
+        job_instance_id: i64,
+    ) -> Result<Option<(CallbackDelivery, Vec<CallbackAttempt>)>, StoreError> {
+        let Some(row) = sqlx::query(&format!("{DELIVERY_SELECT} WHERE d.job_instance_id = ?"))
+            .bind(job_instance_id)
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let delivery = CallbackDelivery::from_row(&row);
+        let attempts =
+            sqlx::query("SELECT * FROM callback_attempt WHERE delivery_id = ? ORDER BY attempt")
+                .bind(delivery.id)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(CallbackAttempt::from_row)
+                .collect();
+        Ok(Some((delivery, attempts)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{NewHostResult, NewJob, NewStep, Write};
+
+    fn new_job(callback_url: Option<&str>) -> NewJob {
+        NewJob {
+            name: "job".into(),
+            operator: "admin".into(),
+            app_code: "app".into(),
+            bk_scope_type: "biz".into(),
+            bk_scope_id: "2".into(),
+            status: 1,
+            job_type: 1,
+            launch_mode: 2,
+            callback_url: callback_url.map(str::to_owned),
+            create_time: 1,
+            step: NewStep {
+                name: "job".into(),
+                step_type: 1,
+                script_language: 1,
+                script_content: b"true".to_vec(),
+                script_param: String::new(),
+                is_param_sensitive: false,
+                timeout: 60,
+                account_id: 1,
+                account: "root".into(),
+            },
+            hosts: vec![NewHostResult {
+                bk_host_id: 1,
+                bk_cloud_id: 0,
+                ip: "127.0.0.1".into(),
+                status: 5,
+            }],
+        }
+    }
+
+    async fn finish(store: &Store, job_instance_id: i64) {
+        store
+            .record(Write::JobFinished {
+                job_instance_id,
+                status: 3,
+                at: 10,
+            })
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+    }
+
+    fn attempt(delivery_id: i64, attempt: i64, http_status: Option<i32>) -> CallbackAttempt {
+        CallbackAttempt {
+            delivery_id,
+            attempt,
+            at: 100 + attempt,
+            http_status,
+            error: http_status
+                .is_none()
+                .then(|| "connection refused".to_owned()),
+            duration_ms: 5,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_ended_jobs_with_a_callback_are_queued_and_only_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let with = store
+            .create_job(&new_job(Some("http://x/hook")))
+            .await
+            .unwrap();
+        let without = store.create_job(&new_job(None)).await.unwrap();
+        let running = store
+            .create_job(&new_job(Some("http://x/other")))
+            .await
+            .unwrap();
+        finish(&store, with.job_instance_id).await;
+        finish(&store, without.job_instance_id).await;
+
+        let all = [
+            with.job_instance_id,
+            without.job_instance_id,
+            running.job_instance_id,
+        ];
+        let found = store.unqueued_callbacks(Some(&all)).await.unwrap();
+        let ids: Vec<i64> = found.iter().map(|j| j.job_instance_id).collect();
+        assert_eq!(ids, [with.job_instance_id]);
+        assert_eq!(found[0].steps.len(), 1);
+        let recovered = store.unqueued_callbacks(None).await.unwrap();
+        assert_eq!(recovered.len(), 1);
+
+        let delivery = NewCallbackDelivery {
+            job_instance_id: with.job_instance_id,
+            url: "http://x/hook".into(),
+            body: "{}".into(),
+            now: 50,
+        };
+        assert_eq!(
+            store
+                .queue_callbacks(std::slice::from_ref(&delivery))
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(store.queue_callbacks(&[delivery]).await.unwrap(), 0);
+        assert!(store.unqueued_callbacks(None).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn attempts_are_recorded_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let store = Store::open(&path).await.unwrap();
+        let job = store
+            .create_job(&new_job(Some("http://x/hook")))
+            .await
+            .unwrap();
+        finish(&store, job.job_instance_id).await;
+        store
+            .queue_callbacks(&[NewCallbackDelivery {
+                job_instance_id: job.job_instance_id,
+                url: "http://x/hook".into(),
+                body: "{\"a\":1}".into(),
+                now: 50,
+            }])
+            .await
+            .unwrap();
+        let pending = store.pending_callbacks(10).await.unwrap();
+        assert_eq!(pending.len(), 1);
+        let id = pending[0].id;
+        assert_eq!(pending[0].app_code, "app");
+        assert_eq!(pending[0].next_attempt_at, 50);
+        store
+            .record_callback_attempt(
+                &attempt(id, 1, None),
+                CallbackNext::RetryAt(2_000),
+                Some("connection refused"),
+                101,
+            )
+            .await
+            .unwrap();
+        drop(store);
+
+        let store = Store::open(&path).await.unwrap();
+        let pending = store.pending_callbacks(10).await.unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].attempts, 1);
+        assert_eq!(pending[0].next_attempt_at, 2_000);
+        store
+            .record_callback_attempt(
+                &attempt(id, 2, Some(200)),
+                CallbackNext::Delivered,
+                None,
+                2_001,
+            )
+            .await
+            .unwrap();
+        assert!(store.pending_callbacks(10).await.unwrap().is_empty());
+        let (delivery, attempts) = store
+            .callback_delivery(job.job_instance_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(delivery.status, CallbackStatus::Delivered);
+        assert_eq!(delivery.attempts, 2);
+        assert_eq!(delivery.body, "{\"a\":1}");
+        assert_eq!(delivery.last_error.as_deref(), Some("connection refused"));
+        assert_eq!(attempts.len(), 2);
+        assert_eq!(attempts[0].http_status, None);
+        assert_eq!(attempts[1].http_status, Some(200));
+        assert!(store.callback_delivery(999).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_last_failed_attempt_ends_the_delivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let job = store
+            .create_job(&new_job(Some("http://x/hook")))
+            .await
+            .unwrap();
+        finish(&store, job.job_instance_id).await;
+        store
+            .queue_callbacks(&[NewCallbackDelivery {
+                job_instance_id: job.job_instance_id,
+                url: "http://x/hook".into(),
+                body: "{}".into(),
+                now: 50,
+            }])
+            .await
+            .unwrap();
+        let id = store.pending_callbacks(1).await.unwrap()[0].id;
+        store
+            .record_callback_attempt(
+                &attempt(id, 1, Some(500)),
+                CallbackNext::Failed,
+                Some("HTTP 500"),
+                60,
+            )
+            .await
+            .unwrap();
+        let (delivery, _) = store
+            .callback_delivery(job.job_instance_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(delivery.status, CallbackStatus::Failed);
+        assert_eq!(delivery.last_error.as_deref(), Some("HTTP 500"));
+        assert!(store.pending_callbacks(10).await.unwrap().is_empty());
+    }
+}

@@ -1,0 +1,333 @@
+//! Job callbacks with the real binaries: a receiver in the test gets the job's final status,
+//! signed with the app's callback secret, and retried while it answers with errors.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    routing::post,
+};
+use fleetrun_tests::{TestCluster, eventually, start_cluster};
+use serde_json::{Value, json};
+
+/// One POST the receiver got.
+#[derive(Debug, Clone)]
+struct Received {
+    at_ms: i64,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+#[derive(Debug, Default)]
+struct Inbox {
+    received: Mutex<Vec<Received>>,
+    /// The first this many POSTs are answered 500.
+    failures: usize,
+}
+
+/// A callback receiver on 127.0.0.1, stopped when dropped.
+#[derive(Debug)]
+struct Receiver {
+    url: String,
+    inbox: Arc<Inbox>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    /// Listens on `port` (0 for any) and answers 500 to the first `failures` POSTs, 200 after.
+    async fn start(port: u16, failures: usize) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        let url = format!("http://{}/hook", listener.local_addr()?);
+        let inbox = Arc::new(Inbox {
+            failures,
+            ..Inbox::default()
+        });
+        let app = Router::new()
+            .route("/hook", post(receive))
+            .with_state(inbox.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { url, inbox, server })
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.inbox.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn receive(State(inbox): State<Arc<Inbox>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let mut received = inbox.received.lock().unwrap();
+    received.push(Received {
+        at_ms: now_ms(),
+        headers,
+        body,
+    });
+    if received.len() <= inbox.failures {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::OK
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn header<'a>(received: &'a Received, name: &str) -> &'a str {
+    received
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Whether the request's `X-Fleetrun-Signature` is the HMAC-SHA256 of its body with `secret`.
+fn signed_with(received: &Received, secret: &str) -> bool {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    header(received, "x-fleetrun-signature")
+        .strip_prefix("sha256=")
+        .and_then(unhex)
+        .is_some_and(|tag| ring::hmac::verify(&key, &received.body, &tag).is_ok())
+}
+
+async fn callback_status(cluster: &TestCluster, job: i64) -> Result<Value> {
+    let mut query = cluster.info.scope();
+    query["job_instance_id"] = json!(job);
+    cluster.client().call("get_callback_status", query).await
+}
+
+/// Waits until the job's callback is no longer pending; returns its status.
+async fn settled_callback(cluster: &TestCluster, job: i64, limit: Duration) -> Result<Value> {
+    eventually(limit, "the callback settles", || async {
+        let status = callback_status(cluster, job).await.ok()?;
+        matches!(status["status"].as_str(), Some("delivered" | "failed")).then_some(status)
+    })
+    .await
+}
+
+/// Submits a job that fails `fast_execute_script`'s checks; returns the error envelope.
+async fn refused(cluster: &TestCluster, request: Value) -> Result<Value> {
+    let envelope = cluster
+        .client()
+        .call_raw("fast_execute_script", request)
+        .await?;
+    anyhow::ensure!(envelope["result"] == json!(false), "accepted: {envelope}");
+    Ok(envelope)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finished_job_is_posted_once_to_its_callback_url_signed() -> Result<()> {
+    let cluster = start_cluster(1).await?;
+    let receiver = Receiver::start(0, 0).await?;
+    // The receiver's token rides in the query, which is never logged or shown.
+    let token = "s3cret-token";
+    let request = cluster.script_request(
+        "echo hi",
+        &cluster.host_ids(),
+        json!({"callback_url": format!("{}?token={token}", receiver.url)}),
+    );
+    let (job, step, status) = cluster.run_job(request).await?;
+    assert_eq!(status["job_instance"]["status"], 3, "{status}");
+    let end_time = status["job_instance"]["end_time"]
+        .as_i64()
+        .context("end_time")?;
+
+    let callback = settled_callback(&cluster, job, Duration::from_secs(20)).await?;
+    assert_eq!(callback["status"], "delivered", "{callback}");
+    assert_eq!(callback["url"], receiver.url);
+    let attempts = callback["attempts"].as_array().context("attempts")?;
+    assert_eq!(attempts.len(), 1, "{callback}");
+    assert_eq!(attempts[0]["attempt"], 1);
+    assert_eq!(attempts[0]["http_status"], 200);
+    assert_eq!(attempts[0]["error"], Value::Null);
+
+    let received = receiver.received();
+    assert_eq!(received.len(), 1, "exactly one POST: {received:?}");
+    let post = &received[0];
+    let body: Value = serde_json::from_slice(&post.body)?;
+    let steps = json!([{"step_instance_id": step, "status": 3}]);
+    assert_eq!(
+        body,
+        json!({"job_instance_id": job, "status": 3, "step_instances": steps, "step_instance_list": steps})
+    );
+    assert_eq!(header(post, "content-type"), "application/json");
+    assert_eq!(
+        header(post, "x-fleetrun-delivery"),
+        callback["delivery_id"].to_string()
+    );
+    let sent_at: i64 = header(post, "x-fleetrun-timestamp").parse()?;
+    assert!((end_time..=post.at_ms).contains(&sent_at), "{sent_at}");
+    assert!(
+        signed_with(post, &cluster.info.callback_secret),
+        "signature {:?} does not verify",
+        header(post, "x-fleetrun-signature")
+    );
+    assert!(!signed_with(post, "another secret"));
+    let log = std::fs::read_to_string(&cluster.controller_log)?;
+    assert!(log.contains("callback delivered"), "{log}");
+    assert!(!log.contains(token), "the callback URL's query was logged");
+    eprintln!(
+        "callback latency: job end {end_time} -> received {} = {} ms",
+        post.at_ms,
+        post.at_ms - end_time
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_receiver_gets_retries_with_backoff_until_it_answers() -> Result<()> {
+    let cluster = start_cluster(1).await?;
+    let receiver = Receiver::start(0, 2).await?;
+    let request = cluster.script_request(
+        "exit 3",
+        &cluster.host_ids(),
+        json!({"callback_url": receiver.url}),
+    );
+    let (job, _, status) = cluster.run_job(request).await?;
+    assert_eq!(status["job_instance"]["status"], 4, "{status}");
+
+    let callback = settled_callback(&cluster, job, Duration::from_secs(30)).await?;
+    assert_eq!(callback["status"], "delivered", "{callback}");
+    let attempts = callback["attempts"].as_array().context("attempts")?;
+    let codes: Vec<&Value> = attempts.iter().map(|a| &a["http_status"]).collect();
+    assert_eq!(codes, [&json!(500), &json!(500), &json!(200)], "{callback}");
+    let numbers: Vec<&Value> = attempts.iter().map(|a| &a["attempt"]).collect();
+    assert_eq!(numbers, [&json!(1), &json!(2), &json!(3)]);
+    assert_eq!(callback["last_error"], "HTTP 500");
+
+    let received = receiver.received();
+    assert_eq!(received.len(), 3, "{received:?}");
+    // The same delivery, byte for byte, each time; the waits double from one second.
+    for post in &received {
+        assert_eq!(post.body, received[0].body);
+        assert_eq!(
+            header(post, "x-fleetrun-delivery"),
+            header(&received[0], "x-fleetrun-delivery")
+        );
+        assert!(signed_with(post, &cluster.info.callback_secret));
+    }
+    let body: Value = serde_json::from_slice(&received[0].body)?;
+    assert_eq!(body["status"], 4);
+    let first_wait = received[1].at_ms - received[0].at_ms;
+    let second_wait = received[2].at_ms - received[1].at_ms;
+    assert!((900..5_000).contains(&first_wait), "{first_wait} ms");
+    assert!((1_900..8_000).contains(&second_wait), "{second_wait} ms");
+    eprintln!("retry waits: {first_wait} ms, {second_wait} ms");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pending_callback_is_delivered_after_a_controller_restart() -> Result<()> {
+    let mut cluster = start_cluster(1).await?;
+    // A port nobody listens on yet: the first attempts are refused.
+    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await?
+        .local_addr()?
+        .port();
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let request = cluster.script_request("true", &cluster.host_ids(), json!({"callback_url": url}));
+    let (job, _, _) = cluster.run_job(request).await?;
+    let failed = eventually(Duration::from_secs(20), "a refused attempt", || async {
+        let status = callback_status(&cluster, job).await.ok()?;
+        let attempts = status["attempts"].as_array()?;
+        (!attempts.is_empty()).then_some(status)
+    })
+    .await?;
+    assert_eq!(failed["status"], "pending", "{failed}");
+    assert_eq!(failed["attempts"][0]["http_status"], Value::Null);
+    assert!(
+        failed["attempts"][0]["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "{failed}"
+    );
+
+    cluster.kill_controller()?;
+    let receiver = Receiver::start(port, 0).await?;
+    cluster.start_controller().await?;
+    let callback = settled_callback(&cluster, job, Duration::from_secs(30)).await?;
+    assert_eq!(callback["status"], "delivered", "{callback}");
+    let received = receiver.received();
+    assert_eq!(received.len(), 1, "{received:?}");
+    let body: Value = serde_json::from_slice(&received[0].body)?;
+    assert_eq!(body["job_instance_id"], job);
+    assert_eq!(body["status"], 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_callback_urls_are_refused_and_create_no_job() -> Result<()> {
+    let cluster = start_cluster(1).await?;
+    let hosts = cluster.host_ids();
+    let (before, _, _) = cluster
+        .run_job(cluster.script_request("true", &hosts, json!({})))
+        .await?;
+    let port = cluster
+        .info
+        .api_url
+        .rsplit(':')
+        .next()
+        .context("api port")?;
+    for url in [
+        "ftp://x".to_owned(),
+        "not a url".to_owned(),
+        "/relative/hook".to_owned(),
+        format!("{}/api/v3/fast_execute_script/", cluster.info.api_url),
+        format!("http://localhost:{port}/hook"),
+        format!("http://example.com/{}", "a".repeat(512)),
+    ] {
+        let envelope = refused(
+            &cluster,
+            cluster.script_request("true", &hosts, json!({"callback_url": url})),
+        )
+        .await?;
+        assert_eq!(envelope["code"], 1_240_003, "{url}: {envelope}");
+        assert!(
+            envelope["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("callback_url")),
+            "{url}: {envelope}"
+        );
+    }
+    // Job ids are allocated in order: the next job follows the last accepted one directly.
+    let (after, _, _) = cluster
+        .run_job(cluster.script_request("true", &hosts, json!({"callback_url": ""})))
+        .await?;
+    assert_eq!(after, before + 1, "a refused request created a job");
+
+    let none = callback_status(&cluster, after).await?;
+    assert_eq!(none["status"], "none", "{none}");
+    assert_eq!(none["url"], Value::Null);
+    let mut query = cluster.info.scope();
+    query["job_instance_id"] = json!(after + 1000);
+    let missing = cluster
+        .client()
+        .call_raw("get_callback_status", query)
+        .await?;
+    assert_eq!(missing["code"], 1_244_006, "{missing}");
+    Ok(())
+}
