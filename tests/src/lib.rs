@@ -45,6 +45,7 @@ pub async fn start_cluster(agents: usize) -> Result<TestCluster> {
         agents,
         dir: dir.path().to_owned(),
         release: false,
+        ..Default::default()
     })
     .await?;
     Ok(TestCluster { cluster, dir })

@@ -71,11 +71,19 @@ impl ClusterInfo {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
     pub agents: usize,
     pub dir: PathBuf,
     pub release: bool,
+    /// Run agent `i` inside host `i` of this network (which needs at least `agents` hosts),
+    /// with the controller listening for agents on the network's bridge. `None`: loopback
+    /// addresses 127.0.0.10, 127.0.0.11, … on this machine.
+    pub network: Option<std::sync::Arc<crate::netns::Network>>,
+    /// The port the controller listens on for agents; any free one when `None`.
+    pub agent_port: Option<u16>,
+    /// Where agents connect, when not straight to the controller (a relay in between).
+    pub agents_connect_to: Option<std::net::SocketAddr>,
 }
 
 /// One agent process and the files it runs from.
@@ -85,7 +93,16 @@ pub struct AgentProcess {
     pub ip: Ipv4Addr,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// The network namespace the agent runs in, if any.
+    pub namespace: Option<String>,
     child: Option<Child>,
+}
+
+impl AgentProcess {
+    /// The agent's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
 }
 
 /// A running cluster.
@@ -234,13 +251,26 @@ impl Cluster {
         }
 
         let http_port = free_port()?;
-        let agent_port = free_port()?;
+        let agent_port = match opts.agent_port {
+            Some(port) => port,
+            None => free_port()?,
+        };
+        let agent_host = match &opts.network {
+            Some(network) => {
+                ensure!(
+                    network.hosts.len() >= opts.agents,
+                    "the network has fewer hosts than agents"
+                );
+                network.gateway
+            }
+            None => Ipv4Addr::LOCALHOST,
+        };
         let secret = random_secret();
         let callback_secret = random_secret();
         let controller_config = dir.join("controller.toml");
         let mut toml = format!(
             r#"http_listen = "127.0.0.1:{http_port}"
-agent_listen = "127.0.0.1:{agent_port}"
+agent_listen = "{agent_host}:{agent_port}"
 database = "{db}"
 
 [tls]
@@ -277,14 +307,20 @@ default_bk_biz_id = {BIZ_ID}
         for i in 0..opts.agents {
             let agent_id = format!("agent-{}", i + 1);
             let cert = ca.issue_agent(&agent_id)?;
-            let ip = agent_ip(i)?;
+            let (ip, namespace) = match &opts.network {
+                Some(network) => (
+                    network.hosts[i].ip,
+                    Some(network.hosts[i].namespace.clone()),
+                ),
+                None => (agent_ip(i)?, None),
+            };
             let agent_dir = dir.join("agents").join(&agent_id);
             fs::create_dir_all(&agent_dir)?;
             let config = agent_dir.join("agent.toml");
             fs::write(
                 &config,
                 format!(
-                    r#"controller = "127.0.0.1:{agent_port}"
+                    r#"controller = "{connect_to}"
 bind = "{ip}:0"
 bk_cloud_id = 0
 hostname = "{agent_id}"
@@ -297,6 +333,9 @@ cert = "{cert}"
 key = "{key}"
 "#,
                     work = agent_dir.join("work").display(),
+                    connect_to = opts
+                        .agents_connect_to
+                        .map_or_else(|| format!("{agent_host}:{agent_port}"), |a| a.to_string()),
                     ca = ca.cert_path().display(),
                     cert = cert.cert.display(),
                     key = cert.key.display(),
@@ -307,6 +346,7 @@ key = "{key}"
                 ip,
                 config,
                 log: agent_dir.join("agent.log"),
+                namespace,
                 child: None,
             });
         }
@@ -314,7 +354,7 @@ key = "{key}"
         let mut cluster = Self {
             info: ClusterInfo {
                 api_url: format!("http://127.0.0.1:{http_port}"),
-                agent_addr: format!("127.0.0.1:{agent_port}"),
+                agent_addr: format!("{agent_host}:{agent_port}"),
                 bk_app_code: APP_CODE.into(),
                 bk_app_secret: secret,
                 bk_username: "admin".into(),
@@ -361,8 +401,29 @@ key = "{key}"
 
     /// Starts one of the cluster's binaries with `config`, its output appended to `log`.
     pub fn spawn(&self, binary: &str, config: &Path, log: &Path) -> Result<Child> {
+        self.spawn_in(None, binary, config, log)
+    }
+
+    /// Like [`Self::spawn`], inside a network namespace when one is given. `ip netns exec`
+    /// execs the binary, so the child's pid is the binary's.
+    fn spawn_in(
+        &self,
+        namespace: Option<&str>,
+        binary: &str,
+        config: &Path,
+        log: &Path,
+    ) -> Result<Child> {
         let log_file = fs::OpenOptions::new().create(true).append(true).open(log)?;
-        Command::new(self.bin_dir.join(binary))
+        let program = self.bin_dir.join(binary);
+        let mut command = match namespace {
+            Some(namespace) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", namespace]).arg(&program);
+                c
+            }
+            None => Command::new(&program),
+        };
+        command
             .arg("--config")
             .arg(config)
             .env(
@@ -428,7 +489,12 @@ key = "{key}"
             "{} is already running",
             agent.agent_id
         );
-        let child = self.spawn("fleetrun-agent", &agent.config, &agent.log)?;
+        let child = match &agent.namespace {
+            Some(namespace) => {
+                self.spawn_in(Some(namespace), "fleetrun-agent", &agent.config, &agent.log)?
+            }
+            None => self.spawn("fleetrun-agent", &agent.config, &agent.log)?,
+        };
         self.agents[index].child = Some(child);
         Ok(())
     }

@@ -2,5 +2,7 @@
 
 pub mod client;
 pub mod cluster;
+pub mod e2e;
 pub mod netns;
 pub mod pki;
+pub mod relay;

@@ -37,6 +37,18 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
+    /// Run the end-to-end scenarios on hosts in network namespaces (needs root).
+    E2e {
+        /// Namespace hosts, one agent each.
+        #[arg(long, default_value_t = 3)]
+        hosts: usize,
+        /// Use release builds.
+        #[arg(long)]
+        release: bool,
+        /// Run only the scenarios whose name contains this.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Run a script on a 3-agent local cluster through the bk-job API, print each host's result.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -63,6 +75,15 @@ fn main() -> Result<()> {
             release,
         } => runtime.block_on(cluster(agents, workspace_root().join(dir), release)),
         Cmd::Demo { agents } => runtime.block_on(demo(agents)),
+        Cmd::E2e {
+            hosts,
+            release,
+            only,
+        } => runtime.block_on(xtask::e2e::run(&xtask::e2e::E2eOptions {
+            hosts,
+            release,
+            only,
+        })),
     }
 }
 
@@ -72,6 +93,7 @@ async fn cluster(agents: usize, dir: PathBuf, release: bool) -> Result<()> {
         agents,
         dir: dir.clone(),
         release,
+        ..Default::default()
     })
     .await?;
     println!(
@@ -109,6 +131,7 @@ async fn demo(agents: usize) -> Result<()> {
         agents,
         dir,
         release: false,
+        ..Default::default()
     })
     .await?;
     let info = &cluster.info;

@@ -1,0 +1,554 @@
+//! `cargo xtask e2e`: fleetrun on hosts with their own addresses (network namespaces), through
+//! the HTTP API, including faults: agents and controllers killed, links cut, lossy links.
+//!
+//! Every scenario ends by checking that each (job, host) reached an explicit final state with
+//! the exact output; the run ends by checking that no process of any task is left.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use crate::{
+    cluster::{Cluster, ClusterOptions, workspace_root},
+    netns::Network,
+    relay::Relay,
+};
+
+#[derive(Debug, Clone)]
+pub struct E2eOptions {
+    /// Namespace hosts, one agent each.
+    pub hosts: usize,
+    pub release: bool,
+    /// Run only scenarios whose name contains this.
+    pub only: Option<String>,
+}
+
+struct Ctx {
+    cluster: Cluster,
+    network: Arc<Network>,
+    /// Every agent reaches the controller through it; it loses and delays packets on demand
+    /// (this kernel may have no `netem`).
+    relay: Relay,
+}
+
+const SCENARIOS: &[&str] = &[
+    "languages",
+    "accounts",
+    "targeting",
+    "timeout",
+    "termination",
+    "callback",
+    "agent-killed",
+    "link-cut",
+    "lossy-links",
+    "controller-killed",
+];
+
+fn b64(text: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+/// Prints the count of a script that prints 1..=n, one line every `step` seconds.
+fn counter(n: u32, step: &str) -> String {
+    format!("for i in $(seq 1 {n}); do echo $i; sleep {step}; done")
+}
+
+fn counted(n: u32) -> String {
+    (1..=n).map(|i| format!("{i}\n")).collect()
+}
+
+impl Ctx {
+    fn hosts(&self) -> Vec<i64> {
+        self.cluster
+            .info
+            .hosts
+            .iter()
+            .map(|h| h.bk_host_id)
+            .collect()
+    }
+
+    fn request(&self, script: &str, extra: Value) -> Value {
+        let mut request = self.cluster.info.scope();
+        request["script_language"] = json!(1);
+        request["script_content"] = json!(b64(script));
+        request["account_alias"] = json!("root");
+        request["timeout"] = json!(120);
+        request["target_server"] = json!({ "host_id_list": self.hosts() });
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            request[k] = v.clone();
+        }
+        request
+    }
+
+    async fn submit(&self, request: Value) -> Result<(i64, i64)> {
+        let accepted = self
+            .cluster
+            .info
+            .client()
+            .call("fast_execute_script", request)
+            .await?;
+        Ok((
+            accepted["job_instance_id"].as_i64().context("job id")?,
+            accepted["step_instance_id"].as_i64().context("step id")?,
+        ))
+    }
+
+    async fn wait(&self, job: i64, limit: Duration) -> Result<Value> {
+        self.cluster
+            .info
+            .client()
+            .wait_job(&self.cluster.info.scope(), job, limit)
+            .await
+    }
+
+    async fn run(&self, request: Value) -> Result<(i64, i64, Value)> {
+        let (job, step) = self.submit(request).await?;
+        let status = self.wait(job, Duration::from_secs(120)).await?;
+        Ok((job, step, status))
+    }
+
+    async fn logs(&self, job: i64, step: i64) -> Result<Vec<(i64, String)>> {
+        self.cluster
+            .info
+            .client()
+            .logs(&self.cluster.info.scope(), job, step, &self.hosts())
+            .await
+    }
+
+    fn results(status: &Value) -> Vec<Value> {
+        status["step_instance_list"][0]["step_ip_result_list"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Asserts the job's status and every host's status (by index; `None`: use `default`).
+    fn expect(status: &Value, job_status: i64, host_status: impl Fn(i64) -> i64) -> Result<()> {
+        ensure!(
+            status["job_instance"]["status"] == json!(job_status),
+            "job status: {status}"
+        );
+        for result in Self::results(status) {
+            let id = result["bk_host_id"].as_i64().unwrap_or_default();
+            ensure!(
+                result["status"] == json!(host_status(id)),
+                "host {id}: {result}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Every agent running and online, every link healthy.
+    async fn heal(&mut self) -> Result<()> {
+        self.network.heal();
+        self.relay.heal();
+        for i in 0..self.network.hosts.len().min(self.cluster.agents.len()) {
+            let _ = self.network.restore(i);
+            if self.cluster.agents[i].pid().is_none() {
+                self.cluster.start_agent(i)?;
+            }
+        }
+        let ids: Vec<String> = self
+            .cluster
+            .agents
+            .iter()
+            .map(|a| a.agent_id.clone())
+            .collect();
+        self.cluster
+            .wait_online(&ids, Duration::from_secs(60))
+            .await?;
+        Ok(())
+    }
+
+    /// Pids of processes inside this cluster's task cgroups: scripts and their descendants.
+    fn task_processes(&self) -> Vec<u32> {
+        let port = self
+            .cluster
+            .info
+            .api_url
+            .rsplit(':')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let marker = format!("/fleetrun-{port}-");
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .is_ok_and(|c| c.contains(&marker))
+            {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    async fn no_task_processes(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = self.task_processes();
+            if left.is_empty() {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "task processes left behind: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn languages(ctx: &mut Ctx) -> Result<()> {
+    for (language, script, expected) in [
+        (1, "echo \"shell $((6*7))\"", "shell 42\n"),
+        (3, "print \"perl \", 6*7, \"\\n\";", "perl 42\n"),
+        (4, "print('python', 6*7)", "python 42\n"),
+    ] {
+        let (job, step, status) = ctx
+            .run(ctx.request(script, json!({"script_language": language})))
+            .await?;
+        Ctx::expect(&status, 3, |_| 9)?;
+        for (host, log) in ctx.logs(job, step).await? {
+            ensure!(
+                log == expected,
+                "language {language} on host {host}: {log:?}"
+            );
+        }
+    }
+    let (_, _, status) = ctx
+        .run(ctx.request("echo hi", json!({"script_language": 2})))
+        .await?;
+    Ctx::expect(&status, 4, |_| 101)
+}
+
+async fn accounts(ctx: &mut Ctx) -> Result<()> {
+    let Some(user) = ctx
+        .cluster
+        .info
+        .accounts
+        .iter()
+        .find(|a| a.account != "root")
+        .cloned()
+    else {
+        bail!("the cluster has no non-root account");
+    };
+    let (job, step, status) = ctx
+        .run(ctx.request("whoami; pwd", json!({"account_alias": user.alias})))
+        .await?;
+    Ctx::expect(&status, 3, |_| 9)?;
+    for (host, log) in ctx.logs(job, step).await? {
+        ensure!(
+            log == format!("{0}\n/home/{0}\n", user.account),
+            "host {host}: {log:?}"
+        );
+    }
+    Ok(())
+}
+
+async fn targeting(ctx: &mut Ctx) -> Result<()> {
+    // Each host reports the address of its own interface: the script ran in the right place.
+    let script = "ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1";
+    let ips: Vec<Value> = ctx
+        .cluster
+        .info
+        .hosts
+        .iter()
+        .map(|h| json!({"bk_cloud_id": h.bk_cloud_id, "ip": h.ip}))
+        .collect();
+    for target in [
+        json!({"host_id_list": ctx.hosts()}),
+        json!({"ip_list": ips}),
+    ] {
+        let (job, step, status) = ctx
+            .run(ctx.request(script, json!({"target_server": target})))
+            .await?;
+        Ctx::expect(&status, 3, |_| 9)?;
+        for (host, log) in ctx.logs(job, step).await? {
+            let info = ctx
+                .cluster
+                .info
+                .hosts
+                .iter()
+                .find(|h| h.bk_host_id == host)
+                .context("host")?;
+            ensure!(
+                log == format!("{}\n", info.ip),
+                "host {host} ({}) said {log:?}",
+                info.ip
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn timeout(ctx: &mut Ctx) -> Result<()> {
+    let script = "sleep 300 & setsid sh -c 'sleep 300 & sleep 300' & echo started; sleep 300";
+    let (job, step, status) = ctx.run(ctx.request(script, json!({"timeout": 2}))).await?;
+    Ctx::expect(&status, 4, |_| 102)?;
+    for (host, log) in ctx.logs(job, step).await? {
+        ensure!(
+            log.starts_with("started\n") && log.contains("timed out"),
+            "host {host}: {log:?}"
+        );
+    }
+    ctx.no_task_processes().await
+}
+
+async fn termination(ctx: &mut Ctx) -> Result<()> {
+    let (job, _) = ctx
+        .submit(ctx.request("echo started; sleep 300", json!({})))
+        .await?;
+    let client = ctx.cluster.info.client();
+    let mut query = ctx.cluster.info.scope();
+    query["job_instance_id"] = json!(job);
+    query["return_ip_result"] = json!(true);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = client
+            .call("get_job_instance_status", query.clone())
+            .await?;
+        if Ctx::results(&status)
+            .iter()
+            .all(|r| r["status"] == json!(7))
+        {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "hosts never all running: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut operate = ctx.cluster.info.scope();
+    operate["job_instance_id"] = json!(job);
+    operate["operation_code"] = json!(1);
+    client.call("operate_job_instance", operate).await?;
+    let status = ctx.wait(job, Duration::from_secs(30)).await?;
+    Ctx::expect(&status, 11, |_| 403)?;
+    ctx.no_task_processes().await
+}
+
+async fn callback(ctx: &mut Ctx) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let (sent, mut received) = tokio::sync::mpsc::channel::<Value>(4);
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sent = sent.clone();
+            async move {
+                if let Ok(value) = serde_json::from_slice::<Value>(&body) {
+                    let _ = sent.send(value).await;
+                }
+                "ok"
+            }
+        }),
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (job, _, status) = ctx
+        .run(ctx.request("echo hi", json!({"callback_url": url})))
+        .await?;
+    Ctx::expect(&status, 3, |_| 9)?;
+    let body = tokio::time::timeout(Duration::from_secs(20), received.recv())
+        .await
+        .context("no callback within 20 s")?
+        .context("listener gone")?;
+    server.abort();
+    ensure!(
+        body["job_instance_id"] == json!(job) && body["status"] == json!(3),
+        "callback body {body}"
+    );
+    ensure!(
+        body["step_instances"] == body["step_instance_list"],
+        "callback body {body}"
+    );
+    Ok(())
+}
+
+async fn agent_killed(ctx: &mut Ctx) -> Result<()> {
+    let (job, step) = ctx
+        .submit(ctx.request(&counter(20, "0.5"), json!({})))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let victim = ctx.cluster.info.hosts[0].bk_host_id;
+    let killed_at = Instant::now();
+    ctx.cluster.kill_agent(0)?;
+    let status = ctx.wait(job, Duration::from_secs(60)).await?;
+    let noticed = killed_at.elapsed();
+    Ctx::expect(&status, 4, |h| if h == victim { 310 } else { 9 })?;
+    for (host, log) in ctx.logs(job, step).await? {
+        if host != victim {
+            ensure!(log == counted(20), "host {host}: {log:?}");
+        }
+    }
+    println!("    the killed agent's host ended 310, the job final {noticed:.1?} after the kill");
+    // The restarted agent kills what its predecessor left running.
+    ctx.heal().await?;
+    ctx.no_task_processes().await
+}
+
+async fn link_cut(ctx: &mut Ctx) -> Result<()> {
+    let index = ctx.network.hosts.len() - 1;
+    let (job, step) = ctx
+        .submit(ctx.request(&counter(20, "0.5"), json!({})))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ctx.network.cut(index)?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    ctx.network.restore(index)?;
+    let status = ctx.wait(job, Duration::from_secs(90)).await?;
+    Ctx::expect(&status, 3, |_| 9)?;
+    for (host, log) in ctx.logs(job, step).await? {
+        ensure!(
+            log == counted(20),
+            "host {host}: output not complete exactly once: {log:?}"
+        );
+    }
+    Ok(())
+}
+
+async fn lossy_links(ctx: &mut Ctx) -> Result<()> {
+    // netem on every link when the kernel has it; the relay's loss and delay otherwise.
+    if ctx.network.impair(10, 100).is_err() {
+        ctx.relay.impair(10, 100);
+    }
+    let result = async {
+        let script = "for i in $(seq 1 300); do echo line-$i; done";
+        let (job, step, status) = ctx.run(ctx.request(script, json!({}))).await?;
+        Ctx::expect(&status, 3, |_| 9)?;
+        let expected: String = (1..=300).map(|i| format!("line-{i}\n")).collect();
+        for (host, log) in ctx.logs(job, step).await? {
+            ensure!(
+                log == expected,
+                "host {host}: output damaged over a lossy link"
+            );
+        }
+        Ok(())
+    }
+    .await;
+    ctx.network.heal();
+    ctx.relay.heal();
+    result
+}
+
+async fn controller_killed(ctx: &mut Ctx) -> Result<()> {
+    let (before, _, _) = ctx.run(ctx.request("echo before", json!({}))).await?;
+    let (job, _) = ctx
+        .submit(ctx.request(&counter(20, "0.5"), json!({})))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ctx.cluster.kill_controller()?;
+    ctx.cluster.start_controller().await?;
+    let ids: Vec<String> = ctx
+        .cluster
+        .agents
+        .iter()
+        .map(|a| a.agent_id.clone())
+        .collect();
+    ctx.cluster
+        .wait_online(&ids, Duration::from_secs(60))
+        .await?;
+    let status = ctx.wait(job, Duration::from_secs(30)).await?;
+    Ctx::expect(&status, 4, |_| 310)?;
+    for result in Ctx::results(&status) {
+        ensure!(
+            result["tag"]
+                .as_str()
+                .is_some_and(|t| t.contains("controller")),
+            "unexplained: {result}"
+        );
+    }
+    let old = ctx.wait(before, Duration::from_secs(5)).await?;
+    Ctx::expect(&old, 3, |_| 9)?;
+    let (_, _, after) = ctx.run(ctx.request("echo after", json!({}))).await?;
+    Ctx::expect(&after, 3, |_| 9)?;
+    ctx.no_task_processes().await
+}
+
+async fn scenario(name: &str, ctx: &mut Ctx) -> Result<()> {
+    match name {
+        "languages" => languages(ctx).await,
+        "accounts" => accounts(ctx).await,
+        "targeting" => targeting(ctx).await,
+        "timeout" => timeout(ctx).await,
+        "termination" => termination(ctx).await,
+        "callback" => callback(ctx).await,
+        "agent-killed" => agent_killed(ctx).await,
+        "link-cut" => link_cut(ctx).await,
+        "lossy-links" => lossy_links(ctx).await,
+        "controller-killed" => controller_killed(ctx).await,
+        other => bail!("no scenario {other}"),
+    }
+}
+
+pub async fn run(opts: &E2eOptions) -> Result<()> {
+    let network = Arc::new(Network::create(opts.hosts)?);
+    let dir = workspace_root().join("target/e2e");
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "{} hosts in network namespaces on bridge {} ({})",
+        opts.hosts, network.bridge, network.gateway
+    );
+    let agent_port = crate::cluster::free_port()?;
+    let relay = Relay::start(
+        std::net::SocketAddr::new(network.gateway.into(), 0),
+        std::net::SocketAddr::new(network.gateway.into(), agent_port),
+    )
+    .await?;
+    let cluster = Cluster::start(&ClusterOptions {
+        agents: opts.hosts,
+        dir: dir.clone(),
+        release: opts.release,
+        network: Some(network.clone()),
+        agent_port: Some(agent_port),
+        agents_connect_to: Some(relay.addr),
+    })
+    .await?;
+    let mut ctx = Ctx {
+        cluster,
+        network,
+        relay,
+    };
+    let (mut passed, mut failed) = (0, 0);
+    for name in SCENARIOS
+        .iter()
+        .filter(|n| opts.only.as_deref().is_none_or(|o| n.contains(o)))
+    {
+        let started = Instant::now();
+        let outcome = scenario(name, &mut ctx).await;
+        let healed = ctx.heal().await;
+        match outcome.and(healed) {
+            Ok(()) => {
+                passed += 1;
+                println!("PASS {name} ({:.1?})", started.elapsed());
+            }
+            Err(e) => {
+                failed += 1;
+                println!("FAIL {name} ({:.1?}): {e:#}", started.elapsed());
+            }
+        }
+    }
+    let leftovers = ctx.no_task_processes().await;
+    ctx.cluster.stop();
+    drop(ctx);
+    if let Err(e) = leftovers {
+        failed += 1;
+        println!("FAIL no processes left behind: {e:#}");
+    }
+    println!("logs in {}", dir.display());
+    println!("e2e: {passed} passed, {failed} failed");
+    ensure!(failed == 0, "{failed} e2e scenarios failed");
+    Ok(())
+}
