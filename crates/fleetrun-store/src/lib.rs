@@ -10,6 +10,7 @@
 mod callbacks;
 mod model;
 mod schema;
+mod scripts;
 mod writer;
 
 use std::{path::Path, str::FromStr, time::Duration};
@@ -24,6 +25,10 @@ pub use callbacks::{
     CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
 };
 pub use model::*;
+pub use scripts::{
+    NewScript, ScriptFilter, ScriptRecord, ScriptVersionRecord, ScriptsError,
+    status_name as script_status_name,
+};
 pub use writer::Write;
 
 /// A store operation failed.

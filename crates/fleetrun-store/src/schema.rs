@@ -5,6 +5,7 @@ use sqlx::{Row, SqlitePool};
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_callbacks.sql")),
+    (3, include_str!("../migrations/0003_scripts.sql")),
 ];
 
 pub(crate) async fn migrate(pool: &SqlitePool) -> Result<(), sqlx::Error> {

@@ -14,6 +14,7 @@ pub mod code {
     pub const TOO_MANY_LOG_HOSTS: i64 = 1_241_007;
     pub const SCRIPT_NOT_FOUND: i64 = 1_243_001;
     pub const TARGETS_EMPTY: i64 = 1_244_001;
+    pub const SCRIPT_NOT_RUNNABLE: i64 = 1_244_018;
     pub const HOST_OUTSIDE_SCOPE: i64 = 1_244_002;
     pub const ACCOUNT_NOT_FOUND: i64 = 1_244_003;
     pub const JOB_NOT_FOUND: i64 = 1_244_006;

@@ -11,7 +11,7 @@ use super::{
     auth::Caller,
     error::code,
     params::{Params, lenient},
-    scope,
+    scope, scripts,
 };
 use crate::{
     Shared,
@@ -93,41 +93,48 @@ pub async fn fast_execute_script(
     let scope = scope::resolve(shared, caller, params)?;
     let biz_id = scope.biz_id().expect("resolve admits only business scopes");
 
-    // Script.
-    if req.script_version_id.is_some() || req.script_id.is_some() {
-        return Err(ApiError::new(
-            code::SCRIPT_NOT_FOUND,
-            "script_version_id/script_id: the script library is empty on this controller; send script_content",
-        ));
-    }
-    let content = req
-        .script_content
-        .as_deref()
-        .ok_or_else(|| ApiError::missing("script_content"))?;
-    let script = decode_base64("script_content", content)?;
-    if script.is_empty() {
-        return Err(ApiError::invalid(
-            "script_content",
-            "decodes to an empty script",
-        ));
-    }
-    if script.len() > MAX_SCRIPT_BYTES {
-        return Err(ApiError::invalid(
-            "script_content",
-            format!("larger than {MAX_SCRIPT_BYTES} bytes decoded"),
-        ));
-    }
-    let language = req
-        .script_language
-        .ok_or_else(|| ApiError::missing("script_language"))?;
-    if !(1..=5).contains(&language) {
-        return Err(ApiError::new(
-            code::BAD_SCRIPT_LANGUAGE,
-            format!(
-                "script_language: {language} is not one of 1 (shell), 2 (bat), 3 (Perl), 4 (Python), 5 (PowerShell)"
-            ),
-        ));
-    }
+    // Script: script_version_id > script_id (its online version) > script_content.
+    let (script, language) = match scripts::runnable_version(
+        shared,
+        &scope,
+        req.script_version_id,
+        req.script_id.as_deref(),
+    )
+    .await?
+    {
+        Some(version) => (version.content, i64::from(version.script_language)),
+        None => {
+            let content = req
+                .script_content
+                .as_deref()
+                .ok_or_else(|| ApiError::missing("script_content"))?;
+            let script = decode_base64("script_content", content)?;
+            if script.is_empty() {
+                return Err(ApiError::invalid(
+                    "script_content",
+                    "decodes to an empty script",
+                ));
+            }
+            if script.len() > MAX_SCRIPT_BYTES {
+                return Err(ApiError::invalid(
+                    "script_content",
+                    format!("larger than {MAX_SCRIPT_BYTES} bytes decoded"),
+                ));
+            }
+            let language = req
+                .script_language
+                .ok_or_else(|| ApiError::missing("script_language"))?;
+            if !(1..=5).contains(&language) {
+                return Err(ApiError::new(
+                    code::BAD_SCRIPT_LANGUAGE,
+                    format!(
+                        "script_language: {language} is not one of 1 (shell), 2 (bat), 3 (Perl), 4 (Python), 5 (PowerShell)"
+                    ),
+                ));
+            }
+            (script, language)
+        }
+    };
 
     // Parameters and limits.
     let sensitive = match req.is_param_sensitive.unwrap_or(0) {

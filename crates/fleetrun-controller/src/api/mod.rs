@@ -13,6 +13,7 @@ mod execute;
 pub(crate) mod params;
 mod query;
 mod scope;
+mod scripts;
 
 use std::sync::Arc;
 
@@ -90,6 +91,23 @@ async fn dispatch(
                 query::get_job_instance_list(&shared, &caller, &params).await
             }
             "get_account_list" => query::get_account_list(&shared, &caller, &params).await,
+            "create_script" => scripts::create_script(&shared, &caller, &params).await,
+            "create_script_version" => {
+                scripts::create_script_version(&shared, &caller, &params).await
+            }
+            "publish_script_version" => {
+                scripts::publish_script_version(&shared, &caller, &params).await
+            }
+            "disable_script_version" => {
+                scripts::disable_script_version(&shared, &caller, &params).await
+            }
+            "get_script_list" => scripts::get_script_list(&shared, &caller, &params).await,
+            "get_script_version_list" => {
+                scripts::get_script_version_list(&shared, &caller, &params).await
+            }
+            "get_script_version_detail" => {
+                scripts::get_script_version_detail(&shared, &caller, &params).await
+            }
             "list_hosts" => query::list_hosts(&shared).await,
             "get_callback_status" => query::get_callback_status(&shared, &caller, &params).await,
             _ => Err(ApiError::new(

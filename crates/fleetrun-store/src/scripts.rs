@@ -1,0 +1,412 @@
+//! The script library: scripts and their versions, with bk-job's status rules
+//! (0 draft, 1 online, 2 offline, 3 disabled; one online version per script).
+
+use sqlx::{Row, sqlite::SqliteRow};
+
+use crate::{Store, StoreError};
+
+/// A script library operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ScriptsError {
+    /// No such script (or version) in the scope.
+    #[error("no such script or version")]
+    NotFound,
+    /// The script already has a version with this label.
+    #[error("version {0:?} exists already")]
+    DuplicateVersion(String),
+    /// The version's status does not allow the operation.
+    #[error("version is {0}, which does not allow this")]
+    WrongStatus(&'static str),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for ScriptsError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Store(StoreError::Database(e))
+    }
+}
+
+/// bk-job's name for a version status.
+pub fn status_name(status: i32) -> &'static str {
+    match status {
+        0 => "draft",
+        1 => "online",
+        2 => "offline",
+        3 => "disabled",
+        _ => "unknown",
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewScript {
+    pub bk_scope_type: String,
+    pub bk_scope_id: String,
+    pub name: String,
+    pub description: String,
+    pub script_language: i32,
+    pub content: Vec<u8>,
+    pub version: String,
+    pub version_desc: String,
+    pub operator: String,
+    pub now: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScriptRecord {
+    pub script_id: String,
+    pub bk_scope_type: String,
+    pub bk_scope_id: String,
+    pub name: String,
+    pub description: String,
+    pub script_language: i32,
+    pub creator: String,
+    pub create_time: i64,
+    pub last_modify_user: String,
+    pub last_modify_time: i64,
+    /// The online version, if any.
+    pub online_script_version_id: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScriptVersionRecord {
+    pub id: i64,
+    pub script_id: String,
+    pub version: String,
+    pub content: Vec<u8>,
+    pub status: i32,
+    pub version_desc: String,
+    pub creator: String,
+    pub create_time: i64,
+    pub last_modify_user: String,
+    pub last_modify_time: i64,
+    /// From the script.
+    pub script_language: i32,
+    pub name: String,
+    pub bk_scope_type: String,
+    pub bk_scope_id: String,
+}
+
+/// Which scripts [`Store::list_scripts`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct ScriptFilter {
+    pub bk_scope_type: String,
+    pub bk_scope_id: String,
+    /// Part of the name.
+    pub name: Option<String>,
+    /// 0 or `None` for every language.
+    pub script_language: Option<i32>,
+    pub start: i64,
+    pub length: i64,
+}
+
+const SCRIPT_COLUMNS: &str = "s.*, (SELECT v.id FROM script_version v WHERE v.script_id = s.script_id AND v.status = 1) AS online_script_version_id";
+const VERSION_COLUMNS: &str = "v.*, s.script_language, s.name, s.bk_scope_type, s.bk_scope_id";
+
+fn script_row(r: &SqliteRow) -> ScriptRecord {
+    ScriptRecord {
+        script_id: r.get("script_id"),
+        bk_scope_type: r.get("bk_scope_type"),
+        bk_scope_id: r.get("bk_scope_id"),
+        name: r.get("name"),
+        description: r.get("description"),
+        script_language: r.get("script_language"),
+        creator: r.get("creator"),
+        create_time: r.get("create_time"),
+        last_modify_user: r.get("last_modify_user"),
+        last_modify_time: r.get("last_modify_time"),
+        online_script_version_id: r.get("online_script_version_id"),
+    }
+}
+
+fn version_row(r: &SqliteRow) -> ScriptVersionRecord {
+    ScriptVersionRecord {
+        id: r.get("id"),
+        script_id: r.get("script_id"),
+        version: r.get("version"),
+        content: r.get("content"),
+        status: r.get("status"),
+        version_desc: r.get("version_desc"),
+        creator: r.get("creator"),
+        create_time: r.get("create_time"),
+        last_modify_user: r.get("last_modify_user"),
+        last_modify_time: r.get("last_modify_time"),
+        script_language: r.get("script_language"),
+        name: r.get("name"),
+        bk_scope_type: r.get("bk_scope_type"),
+        bk_scope_id: r.get("bk_scope_id"),
+    }
+}
+
+impl Store {
+    /// Creates a script with its first version, a draft, in one transaction.
+    pub async fn create_script(
+        &self,
+        new: &NewScript,
+        script_id: &str,
+    ) -> Result<ScriptVersionRecord, ScriptsError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO script (script_id, bk_scope_type, bk_scope_id, name, description, script_language, creator, create_time, last_modify_user, last_modify_time)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(script_id)
+        .bind(&new.bk_scope_type)
+        .bind(&new.bk_scope_id)
+        .bind(&new.name)
+        .bind(&new.description)
+        .bind(new.script_language)
+        .bind(&new.operator)
+        .bind(new.now)
+        .bind(&new.operator)
+        .bind(new.now)
+        .execute(&mut *tx)
+        .await?;
+        let id = insert_version(&mut tx, script_id, new).await?;
+        tx.commit().await?;
+        self.script_version(&new.bk_scope_type, &new.bk_scope_id, id)
+            .await
+    }
+
+    /// Adds a draft version to a script of the scope.
+    pub async fn create_script_version(
+        &self,
+        scope: (&str, &str),
+        script_id: &str,
+        new: &NewScript,
+    ) -> Result<ScriptVersionRecord, ScriptsError> {
+        let script = self.script(scope.0, scope.1, script_id).await?;
+        let mut tx = self.pool.begin().await?;
+        let id = insert_version(&mut tx, &script.script_id, new).await?;
+        sqlx::query(
+            "UPDATE script SET last_modify_user = ?, last_modify_time = ? WHERE script_id = ?",
+        )
+        .bind(&new.operator)
+        .bind(new.now)
+        .bind(&script.script_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.script_version(scope.0, scope.1, id).await
+    }
+
+    /// Puts a version online; the script's previous online version goes offline.
+    pub async fn publish_script_version(
+        &self,
+        scope: (&str, &str),
+        script_id: &str,
+        version_id: i64,
+        operator: &str,
+        now: i64,
+    ) -> Result<ScriptVersionRecord, ScriptsError> {
+        let version = self.script_version(scope.0, scope.1, version_id).await?;
+        if version.script_id != script_id {
+            return Err(ScriptsError::NotFound);
+        }
+        if version.status == 3 {
+            return Err(ScriptsError::WrongStatus(status_name(version.status)));
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE script_version SET status = 2, last_modify_user = ?, last_modify_time = ? WHERE script_id = ? AND status = 1")
+            .bind(operator)
+            .bind(now)
+            .bind(script_id)
+            .execute(&mut *tx)
+            .await?;
+        set_status(&mut tx, version_id, 1, operator, now).await?;
+        tx.commit().await?;
+        self.script_version(scope.0, scope.1, version_id).await
+    }
+
+    /// Disables a version: it can no longer run.
+    pub async fn disable_script_version(
+        &self,
+        scope: (&str, &str),
+        script_id: &str,
+        version_id: i64,
+        operator: &str,
+        now: i64,
+    ) -> Result<ScriptVersionRecord, ScriptsError> {
+        let version = self.script_version(scope.0, scope.1, version_id).await?;
+        if version.script_id != script_id {
+            return Err(ScriptsError::NotFound);
+        }
+        let mut tx = self.pool.begin().await?;
+        set_status(&mut tx, version_id, 3, operator, now).await?;
+        tx.commit().await?;
+        self.script_version(scope.0, scope.1, version_id).await
+    }
+
+    /// A script of the scope.
+    pub async fn script(
+        &self,
+        scope_type: &str,
+        scope_id: &str,
+        script_id: &str,
+    ) -> Result<ScriptRecord, ScriptsError> {
+        let row = sqlx::query(&format!(
+            "SELECT {SCRIPT_COLUMNS} FROM script s WHERE s.script_id = ? AND s.bk_scope_type = ? AND s.bk_scope_id = ?"
+        ))
+        .bind(script_id)
+        .bind(scope_type)
+        .bind(scope_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(ScriptsError::NotFound)?;
+        Ok(script_row(&row))
+    }
+
+    /// A version of a script of the scope.
+    pub async fn script_version(
+        &self,
+        scope_type: &str,
+        scope_id: &str,
+        id: i64,
+    ) -> Result<ScriptVersionRecord, ScriptsError> {
+        let row = sqlx::query(&format!(
+            "SELECT {VERSION_COLUMNS} FROM script_version v JOIN script s ON s.script_id = v.script_id
+             WHERE v.id = ? AND s.bk_scope_type = ? AND s.bk_scope_id = ?"
+        ))
+        .bind(id)
+        .bind(scope_type)
+        .bind(scope_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(ScriptsError::NotFound)?;
+        Ok(version_row(&row))
+    }
+
+    /// A version by its label.
+    pub async fn script_version_by_label(
+        &self,
+        scope: (&str, &str),
+        script_id: &str,
+        version: &str,
+    ) -> Result<ScriptVersionRecord, ScriptsError> {
+        let row = sqlx::query(&format!(
+            "SELECT {VERSION_COLUMNS} FROM script_version v JOIN script s ON s.script_id = v.script_id
+             WHERE v.script_id = ? AND v.version = ? AND s.bk_scope_type = ? AND s.bk_scope_id = ?"
+        ))
+        .bind(script_id)
+        .bind(version)
+        .bind(scope.0)
+        .bind(scope.1)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(ScriptsError::NotFound)?;
+        Ok(version_row(&row))
+    }
+
+    /// The online version of a script of the scope, if it has one.
+    pub async fn online_script_version(
+        &self,
+        scope: (&str, &str),
+        script_id: &str,
+    ) -> Result<Option<ScriptVersionRecord>, ScriptsError> {
+        let script = self.script(scope.0, scope.1, script_id).await?;
+        match script.online_script_version_id {
+            Some(id) => self.script_version(scope.0, scope.1, id).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Scripts of a scope, newest first, and the count before paging.
+    pub async fn list_scripts(
+        &self,
+        f: &ScriptFilter,
+    ) -> Result<(i64, Vec<ScriptRecord>), ScriptsError> {
+        fn conditions<'a>(q: &mut sqlx::QueryBuilder<'a, sqlx::Sqlite>, f: &'a ScriptFilter) {
+            q.push(" WHERE s.bk_scope_type = ")
+                .push_bind(&f.bk_scope_type);
+            q.push(" AND s.bk_scope_id = ").push_bind(&f.bk_scope_id);
+            if let Some(name) = &f.name {
+                q.push(" AND instr(s.name, ").push_bind(name).push(") > 0");
+            }
+            if let Some(language) = f.script_language.filter(|l| *l != 0) {
+                q.push(" AND s.script_language = ").push_bind(language);
+            }
+        }
+        let mut count = sqlx::QueryBuilder::new("SELECT COUNT(*) FROM script s");
+        conditions(&mut count, f);
+        let total: i64 = count.build().fetch_one(&self.pool).await?.get(0);
+        let mut page = sqlx::QueryBuilder::new(format!("SELECT {SCRIPT_COLUMNS} FROM script s"));
+        conditions(&mut page, f);
+        page.push(" ORDER BY s.create_time DESC, s.script_id LIMIT ")
+            .push_bind(f.length)
+            .push(" OFFSET ")
+            .push_bind(f.start);
+        let rows = page.build().fetch_all(&self.pool).await?;
+        Ok((total, rows.iter().map(script_row).collect()))
+    }
+
+    /// Versions of a script of the scope, newest first, and the count before paging.
+    pub async fn list_script_versions(
+        &self,
+        scope: (&str, &str),
+        script_id: &str,
+        start: i64,
+        length: i64,
+    ) -> Result<(i64, Vec<ScriptVersionRecord>), ScriptsError> {
+        self.script(scope.0, scope.1, script_id).await?;
+        let total: i64 = sqlx::query("SELECT COUNT(*) FROM script_version WHERE script_id = ?")
+            .bind(script_id)
+            .fetch_one(&self.pool)
+            .await?
+            .get(0);
+        let rows = sqlx::query(&format!(
+            "SELECT {VERSION_COLUMNS} FROM script_version v JOIN script s ON s.script_id = v.script_id
+             WHERE v.script_id = ? ORDER BY v.id DESC LIMIT ? OFFSET ?"
+        ))
+        .bind(script_id)
+        .bind(length)
+        .bind(start)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok((total, rows.iter().map(version_row).collect()))
+    }
+}
+
+async fn insert_version(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    script_id: &str,
+    new: &NewScript,
+) -> Result<i64, ScriptsError> {
+    let inserted = sqlx::query(
+        "INSERT INTO script_version (script_id, version, content, status, version_desc, creator, create_time, last_modify_user, last_modify_time)
+         VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(script_id)
+    .bind(&new.version)
+    .bind(&new.content)
+    .bind(&new.version_desc)
+    .bind(&new.operator)
+    .bind(new.now)
+    .bind(&new.operator)
+    .bind(new.now)
+    .fetch_one(&mut **tx)
+    .await;
+    match inserted {
+        Ok(row) => Ok(row.get(0)),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            Err(ScriptsError::DuplicateVersion(new.version.clone()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn set_status(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    id: i64,
+    status: i32,
+    operator: &str,
+    now: i64,
+) -> Result<(), ScriptsError> {
+    sqlx::query("UPDATE script_version SET status = ?, last_modify_user = ?, last_modify_time = ? WHERE id = ?")
+        .bind(status)
+        .bind(operator)
+        .bind(now)
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
