@@ -199,23 +199,8 @@ impl Store {
         operator: &str,
         now: i64,
     ) -> Result<ScriptVersionRecord, ScriptsError> {
-        let version = self.script_version(scope.0, scope.1, version_id).await?;
-        if version.script_id != script_id {
-            return Err(ScriptsError::NotFound);
-        }
-        if version.status == 3 {
-            return Err(ScriptsError::WrongStatus(status_name(version.status)));
-        }
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE script_version SET status = 2, last_modify_user = ?, last_modify_time = ? WHERE script_id = ? AND status = 1")
-            .bind(operator)
-            .bind(now)
-            .bind(script_id)
-            .execute(&mut *tx)
-            .await?;
-        set_status(&mut tx, version_id, 1, operator, now).await?;
-        tx.commit().await?;
-        self.script_version(scope.0, scope.1, version_id).await
+        self.change_status(scope, script_id, version_id, 1, operator, now)
+            .await
     }
 
     /// Disables a version: it can no longer run.
@@ -227,12 +212,44 @@ impl Store {
         operator: &str,
         now: i64,
     ) -> Result<ScriptVersionRecord, ScriptsError> {
+        self.change_status(scope, script_id, version_id, 3, operator, now)
+            .await
+    }
+
+    async fn change_status(
+        &self,
+        scope: (&str, &str),
+        script_id: &str,
+        version_id: i64,
+        status: i32,
+        operator: &str,
+        now: i64,
+    ) -> Result<ScriptVersionRecord, ScriptsError> {
         let version = self.script_version(scope.0, scope.1, version_id).await?;
         if version.script_id != script_id {
             return Err(ScriptsError::NotFound);
         }
+        if status == 1 && version.status == 3 {
+            return Err(ScriptsError::WrongStatus(status_name(version.status)));
+        }
         let mut tx = self.pool.begin().await?;
-        set_status(&mut tx, version_id, 3, operator, now).await?;
+        if status == 1 {
+            sqlx::query(
+                "UPDATE script_version SET status = 2, last_modify_user = ?, last_modify_time = ? WHERE script_id = ? AND status = 1",
+            )
+            .bind(operator)
+            .bind(now)
+            .bind(script_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("UPDATE script_version SET status = ?, last_modify_user = ?, last_modify_time = ? WHERE id = ?")
+            .bind(status)
+            .bind(operator)
+            .bind(now)
+            .bind(version_id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         self.script_version(scope.0, scope.1, version_id).await
     }
@@ -392,21 +409,4 @@ async fn insert_version(
         }
         Err(e) => Err(e.into()),
     }
-}
-
-async fn set_status(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    id: i64,
-    status: i32,
-    operator: &str,
-    now: i64,
-) -> Result<(), ScriptsError> {
-    sqlx::query("UPDATE script_version SET status = ?, last_modify_user = ?, last_modify_time = ? WHERE id = ?")
-        .bind(status)
-        .bind(operator)
-        .bind(now)
-        .bind(id)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
 }

@@ -362,7 +362,7 @@ struct JobListRequest {
 const THIRTY_DAYS_MS: i64 = 30 * 24 * 3600 * 1000;
 
 /// Reads paging fields: `start` from 0, `length` 1 to 1000 (default 20).
-fn paging(start: Option<i64>, length: Option<i64>) -> Result<(i64, i64), ApiError> {
+pub(super) fn paging(start: Option<i64>, length: Option<i64>) -> Result<(i64, i64), ApiError> {
     let start = start.unwrap_or(0);
     if start < 0 {
         return Err(ApiError::invalid("start", format!("{start} is negative")));

@@ -12,6 +12,7 @@ use super::{
     auth::Caller,
     error::code,
     params::{Params, lenient},
+    query::paging,
     scope::{self, Scope},
 };
 use crate::{Shared, now_ms};
@@ -241,21 +242,6 @@ struct ListRequest {
     start: Option<i64>,
     #[serde(default, deserialize_with = "lenient::opt_int")]
     length: Option<i64>,
-}
-
-fn paging(start: Option<i64>, length: Option<i64>) -> Result<(i64, i64), ApiError> {
-    let start = start.unwrap_or(0);
-    if start < 0 {
-        return Err(ApiError::invalid("start", format!("{start} is negative")));
-    }
-    let length = length.unwrap_or(20);
-    if !(1..=1000).contains(&length) {
-        return Err(ApiError::invalid(
-            "length",
-            format!("{length} is outside [1, 1000]"),
-        ));
-    }
-    Ok((start, length))
 }
 
 pub async fn get_script_list(

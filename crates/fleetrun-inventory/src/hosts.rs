@@ -1,0 +1,123 @@
+//! The host table and its indexes: by id, by agent, by (cloud area, address), by module and by
+//! business, plus the address conflicts found while building them.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use crate::{fast_hash::FastMap, model::Host, topology::Topology};
+
+/// An address claimed by more than one targetable host in a cloud area. The host with the lowest
+/// id holds it; the others can be targeted by host id, but not by this address, until an operator
+/// resolves the conflict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressConflict {
+    pub bk_cloud_id: i64,
+    pub ip: IpAddr,
+    pub held_by: i64,
+    /// The hosts that claim the address too, by id.
+    pub claimed_by: Vec<i64>,
+}
+
+/// Hosts sorted by id; positions are `u32` so that position order is host id order.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HostTable {
+    pub(crate) hosts: Vec<Host>,
+    by_id: FastMap<i64, u32>,
+    by_agent: FastMap<String, u32>,
+    /// (cloud, address) to the targetable host holding it.
+    holders: FastMap<(i64, IpAddr), u32>,
+    /// (cloud, address) to unassigned hosts with it: they are found, then refused as outside
+    /// every scope.
+    unassigned: FastMap<(i64, IpAddr), Vec<u32>>,
+    pub(crate) conflicts: Vec<AddressConflict>,
+    /// Per topology node position: the hosts in that module (empty for other nodes), sorted.
+    pub(crate) in_module: Vec<Vec<u32>>,
+    /// Business to its hosts, sorted.
+    pub(crate) of_business: FastMap<i64, Vec<u32>>,
+}
+
+impl HostTable {
+    /// Indexes hosts whose references have been checked against `topology`.
+    pub(crate) fn build(mut hosts: Vec<Host>, topology: &Topology) -> Self {
+        hosts.sort_unstable_by_key(|h| h.bk_host_id);
+        for host in &mut hosts {
+            for ip in &mut host.ips {
+                *ip = ip.to_canonical();
+            }
+        }
+        let mut table = Self {
+            in_module: vec![Vec::new(); topology.nodes.len()],
+            ..Self::default()
+        };
+        table.by_id.reserve(hosts.len());
+        let mut conflicts: BTreeMap<(i64, IpAddr), (i64, Vec<i64>)> = BTreeMap::new();
+        for (i, host) in hosts.iter().enumerate() {
+            let i = i as u32;
+            table.by_id.insert(host.bk_host_id, i);
+            if let Some(agent) = &host.agent_id {
+                table.by_agent.insert(agent.clone(), i);
+            }
+            let Some(biz) = host.bk_biz_id else {
+                for ip in &host.ips {
+                    let holders = table.unassigned.entry((host.bk_cloud_id, *ip)).or_default();
+                    if holders.last() != Some(&i) {
+                        holders.push(i);
+                    }
+                }
+                continue;
+            };
+            table.of_business.entry(biz).or_default().push(i);
+            for module in &host.modules {
+                if let Some(m) = topology.module(*module) {
+                    table.in_module[m as usize].push(i);
+                }
+            }
+            for ip in &host.ips {
+                let key = (host.bk_cloud_id, *ip);
+                let holder = *table.holders.entry(key).or_insert(i);
+                if holder != i {
+                    let (_, claimers) = conflicts
+                        .entry(key)
+                        .or_insert_with(|| (hosts[holder as usize].bk_host_id, Vec::new()));
+                    if claimers.last() != Some(&host.bk_host_id) {
+                        claimers.push(host.bk_host_id);
+                    }
+                }
+            }
+        }
+        table.conflicts = conflicts
+            .into_iter()
+            .map(
+                |((bk_cloud_id, ip), (held_by, claimed_by))| AddressConflict {
+                    bk_cloud_id,
+                    ip,
+                    held_by,
+                    claimed_by,
+                },
+            )
+            .collect();
+        table.hosts = hosts;
+        table
+    }
+
+    pub(crate) fn position(&self, bk_host_id: i64) -> Option<u32> {
+        self.by_id.get(&bk_host_id).copied()
+    }
+
+    pub(crate) fn by_agent(&self, agent_id: &str) -> Option<&Host> {
+        self.by_agent
+            .get(agent_id)
+            .map(|&i| &self.hosts[i as usize])
+    }
+
+    /// The targetable host holding an address.
+    pub(crate) fn holder(&self, bk_cloud_id: i64, ip: IpAddr) -> Option<u32> {
+        self.holders.get(&(bk_cloud_id, ip)).copied()
+    }
+
+    /// Unassigned hosts with an address.
+    pub(crate) fn unassigned_with(&self, bk_cloud_id: i64, ip: IpAddr) -> &[u32] {
+        self.unassigned
+            .get(&(bk_cloud_id, ip))
+            .map_or(&[], Vec::as_slice)
+    }
+}
