@@ -84,15 +84,17 @@ impl TestCluster {
     /// Submits a job and waits for it; returns (job id, step id, final status data).
     pub async fn run_job(&self, request: Value) -> Result<(i64, i64, Value)> {
         let client = self.client();
-        let accepted = client.call("fast_execute_script", request).await?;
+        let accepted = client.call("fast_execute_script", request.clone()).await?;
         let job = accepted["job_instance_id"]
             .as_i64()
             .context("job_instance_id")?;
         let step = accepted["step_instance_id"]
             .as_i64()
             .context("step_instance_id")?;
+        // The job is queried in the scope it was submitted in.
+        let scope = json!({"bk_scope_type": request["bk_scope_type"], "bk_scope_id": request["bk_scope_id"]});
         let status = client
-            .wait_job(&self.info.scope(), job, Duration::from_secs(60))
+            .wait_job(&scope, job, Duration::from_secs(60))
             .await?;
         Ok((job, step, status))
     }

@@ -62,7 +62,7 @@ async fn bad_requests_get_bk_job_codes_naming_the_field() -> Result<()> {
         ),
         (
             "unknown business set",
-            json!({"bk_scope_type": "biz_set", "bk_scope_id": "9"}),
+            json!({"bk_scope_type": "biz_set", "bk_scope_id": "99"}),
             1_240_003,
             "bk_scope_id",
         ),
@@ -480,7 +480,7 @@ async fn apps_act_only_in_their_scopes() -> Result<()> {
     cluster.kill_controller()?;
     let mut config = std::fs::read_to_string(&cluster.controller_config)?;
     config.push_str(
-        "\n[[apps]]\nbk_app_code = \"narrow\"\nbk_app_secret = \"narrow-secret\"\nscopes = [\"biz:3\"]\n\n[[businesses]]\nbk_biz_id = 3\nname = \"Other\"\n",
+        "\n[[apps]]\nbk_app_code = \"narrow\"\nbk_app_secret = \"narrow-secret\"\nscopes = [\"biz:3\"]\n",
     );
     std::fs::write(&cluster.controller_config, config)?;
     cluster.start_controller().await?;

@@ -363,17 +363,16 @@ async fn scripts_run_as_the_accounts_user_with_its_groups_environment_and_home()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_account_missing_on_the_host_ends_311_naming_the_user() -> Result<()> {
-    let mut cluster = start_cluster(1).await?;
+    let cluster = start_cluster(1).await?;
     let hosts = cluster.host_ids();
-    cluster.kill_controller()?;
-    let mut config = std::fs::read_to_string(&cluster.controller_config)?;
-    config.push_str(
-        "\n[[accounts]]\nid = 9\nalias = \"ghost\"\naccount = \"fleetrun-no-such-user\"\n",
+    // The account exists in the inventory (reloaded while the controller runs), not on the host.
+    let inventory = cluster.dir().join("inventory.toml");
+    let mut text = std::fs::read_to_string(&inventory)?;
+    text.push_str(
+        "\n[[account]]\nid = 9\nalias = \"ghost\"\naccount = \"fleetrun-no-such-user\"\n",
     );
-    std::fs::write(&cluster.controller_config, config)?;
-    cluster.start_controller().await?;
-    let ids: Vec<String> = cluster.agents.iter().map(|a| a.agent_id.clone()).collect();
-    cluster.wait_online(&ids, Duration::from_secs(30)).await?;
+    std::fs::write(&inventory, text)?;
+    cluster.client().fleetrun("reload_inventory").await?;
     assert!(
         getent("passwd", "fleetrun-no-such-user").is_none(),
         "the ghost account must not exist on this machine"

@@ -122,7 +122,17 @@ impl ApiClient {
 
     /// The controller's host list (fleetrun extension).
     pub async fn hosts(&self) -> Result<Vec<Value>> {
-        let url = format!("{}/fleetrun/v1/list_hosts", self.base);
+        Ok(self
+            .fleetrun("list_hosts")
+            .await?
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// Calls one of fleetrun's own APIs (`/fleetrun/v1/<api>`) that take no parameters.
+    pub async fn fleetrun(&self, api: &str) -> Result<Value> {
+        let url = format!("{}/fleetrun/v1/{api}", self.base);
         let body = json!({"bk_app_code": self.app_code, "bk_app_secret": self.app_secret, "bk_username": self.username});
         let envelope: Value = self
             .http
@@ -133,8 +143,8 @@ impl ApiClient {
             .json()
             .await?;
         if envelope["result"] != json!(true) {
-            bail!("list_hosts failed: {envelope}");
+            bail!("{api} failed: {envelope}");
         }
-        Ok(envelope["data"].as_array().cloned().unwrap_or_default())
+        Ok(envelope["data"].clone())
     }
 }

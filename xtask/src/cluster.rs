@@ -23,6 +23,93 @@ pub const TEST_USER: &str = "fleetrun-user";
 pub const APP_CODE: &str = "fleetrun-demo";
 pub const BIZ_ID: i64 = 2;
 
+/// The topology a cluster's agents land in unless `--inventory` names another file:
+///
+/// ```text
+/// business 2 "demo"                     business 3 "other"
+///   set 10 "web"                          set 20 "misc"
+///     module 100 "nginx"  <- agent-1        module 200 "tools"
+///     module 101 "app"    <- agent-2 and every agent not named here
+///   set 11 "db"
+///     module 110 "mysql"  <- agent-3
+/// business set 9 "all demo" = {2, 3}
+/// dynamic group "web-servers" (business 2): hosts in the set named "web"
+/// ```
+pub const DEFAULT_INVENTORY: &str = r#"# The local cluster's inventory (see xtask/src/cluster.rs).
+[[business]]
+bk_biz_id = 2
+name = "demo"
+
+[[business]]
+bk_biz_id = 3
+name = "other"
+
+[[business_set]]
+bk_biz_set_id = 9
+name = "all demo"
+members = [2, 3]
+
+[[set]]
+bk_inst_id = 10
+name = "web"
+parent = "biz:2"
+
+[[set]]
+bk_inst_id = 11
+name = "db"
+parent = "biz:2"
+
+[[set]]
+bk_inst_id = 20
+name = "misc"
+parent = "biz:3"
+
+[[module]]
+bk_inst_id = 100
+name = "nginx"
+parent = "set:10"
+
+[[module]]
+bk_inst_id = 101
+name = "app"
+parent = "set:10"
+
+[[module]]
+bk_inst_id = 110
+name = "mysql"
+parent = "set:11"
+
+[[module]]
+bk_inst_id = 200
+name = "tools"
+parent = "set:20"
+
+[[host]]
+agent_id = "agent-1"
+bk_biz_id = 2
+modules = [100]
+
+[[host]]
+agent_id = "agent-3"
+bk_biz_id = 2
+modules = [110]
+
+[unlisted_agents]
+bk_biz_id = 2
+modules = [101]
+
+[[dynamic_group]]
+id = "web-servers"
+bk_biz_id = 2
+name = "hosts of the web set"
+
+[[dynamic_group.condition]]
+object = "set"
+field = "bk_set_name"
+op = "equal"
+value = "web"
+"#;
+
 /// What `cluster.json` holds: everything a client needs to use the cluster.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterInfo {
@@ -38,6 +125,12 @@ pub struct ClusterInfo {
     pub bk_scope_id: String,
     pub hosts: Vec<HostInfo>,
     pub accounts: Vec<AccountInfo>,
+    /// Businesses with their sets and modules (ids and host ids), and business sets.
+    #[serde(default)]
+    pub topology: Value,
+    /// Each dynamic group's `id`, `name` and the host ids it matches now.
+    #[serde(default)]
+    pub dynamic_groups: Value,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,6 +177,8 @@ pub struct ClusterOptions {
     pub agent_port: Option<u16>,
     /// Where agents connect, when not straight to the controller (a relay in between).
     pub agents_connect_to: Option<std::net::SocketAddr>,
+    /// The inventory file; by default [`DEFAULT_INVENTORY`] with the cluster's accounts.
+    pub inventory: Option<PathBuf>,
 }
 
 /// One agent process and the files it runs from.
@@ -267,11 +362,29 @@ impl Cluster {
         };
         let secret = random_secret();
         let callback_secret = random_secret();
+        let inventory_path = dir.join("inventory.toml");
+        match &opts.inventory {
+            Some(file) => {
+                fs::copy(file, &inventory_path)
+                    .with_context(|| format!("copying {}", file.display()))?;
+            }
+            None => {
+                let mut text = DEFAULT_INVENTORY.to_owned();
+                for a in &accounts {
+                    text.push_str(&format!(
+                        "\n[[account]]\nid = {}\nalias = \"{}\"\naccount = \"{}\"\n",
+                        a.id, a.alias, a.account
+                    ));
+                }
+                fs::write(&inventory_path, text)?;
+            }
+        }
         let controller_config = dir.join("controller.toml");
-        let mut toml = format!(
+        let toml = format!(
             r#"http_listen = "127.0.0.1:{http_port}"
 agent_listen = "{agent_host}:{agent_port}"
 database = "{db}"
+inventory = "{inventory}"
 
 [tls]
 ca = "{ca}"
@@ -282,25 +395,13 @@ key = "{key}"
 bk_app_code = "{APP_CODE}"
 bk_app_secret = "{secret}"
 callback_secret = "{callback_secret}"
-
-[[businesses]]
-bk_biz_id = {BIZ_ID}
-name = "Demo business"
-
-[placement]
-default_bk_biz_id = {BIZ_ID}
 "#,
+            inventory = inventory_path.display(),
             db = dir.join("controller.db").display(),
             ca = ca.cert_path().display(),
             cert = controller_cert.cert.display(),
             key = controller_cert.key.display(),
         );
-        for a in &accounts {
-            toml.push_str(&format!(
-                "\n[[accounts]]\nid = {}\nalias = \"{}\"\naccount = \"{}\"\n",
-                a.id, a.alias, a.account
-            ));
-        }
         fs::write(&controller_config, toml)?;
 
         let mut agents = Vec::new();
@@ -363,6 +464,8 @@ key = "{key}"
                 bk_scope_id: BIZ_ID.to_string(),
                 hosts: Vec::new(),
                 accounts,
+                topology: Value::Null,
+                dynamic_groups: Value::Null,
             },
             controller_log: dir.join("controller.log"),
             dir,
@@ -392,6 +495,32 @@ key = "{key}"
                 }
             })
             .collect();
+        let client = cluster.info.client();
+        let topology = client.fleetrun("get_topology").await?;
+        cluster.info.dynamic_groups = topology["dynamic_groups"].clone();
+        cluster.info.topology = json!({
+            "businesses": topology["businesses"],
+            "business_sets": topology["business_sets"],
+        });
+        if opts.inventory.is_some() {
+            // A custom inventory brings its own accounts and businesses.
+            if let Some(first) = topology["businesses"][0]["bk_biz_id"].as_i64() {
+                cluster.info.bk_scope_id = first.to_string();
+            }
+            let accounts = client
+                .call("get_account_list", json!({"bk_scope_type": "biz", "bk_scope_id": cluster.info.bk_scope_id, "length": 1000}))
+                .await?;
+            cluster.info.accounts = accounts["data"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| AccountInfo {
+                    id: a["id"].as_i64().unwrap_or_default(),
+                    alias: a["alias"].as_str().unwrap_or_default().to_owned(),
+                    account: a["account"].as_str().unwrap_or_default().to_owned(),
+                })
+                .collect();
+        }
         fs::write(
             cluster.dir.join("cluster.json"),
             serde_json::to_string_pretty(&cluster.info)?,

@@ -260,34 +260,66 @@ async fn accounts(ctx: &mut Ctx) -> Result<()> {
 async fn targeting(ctx: &mut Ctx) -> Result<()> {
     // Each host reports the address of its own interface: the script ran in the right place.
     let script = "ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1";
-    let ips: Vec<Value> = ctx
-        .cluster
-        .info
-        .hosts
+    let hosts = ctx.cluster.info.hosts.clone();
+    let ips: Vec<Value> = hosts
         .iter()
         .map(|h| json!({"bk_cloud_id": h.bk_cloud_id, "ip": h.ip}))
         .collect();
-    for target in [
-        json!({"host_id_list": ctx.hosts()}),
-        json!({"ip_list": ips}),
-    ] {
+    // The cluster's inventory (cluster::DEFAULT_INVENTORY): agent-1 in module 100 of set 10,
+    // agent-3 in module 110 of set 11, every other agent in module 101 of set 10; the dynamic
+    // group "web-servers" is set 10.
+    let agent_of = |id: &str| {
+        hosts
+            .iter()
+            .find(|h| h.agent_id == id)
+            .map(|h| h.bk_host_id)
+    };
+    let web: Vec<i64> = hosts
+        .iter()
+        .filter(|h| h.agent_id != "agent-3")
+        .map(|h| h.bk_host_id)
+        .collect();
+    let cases = [
+        (json!({"host_id_list": ctx.hosts()}), ctx.hosts()),
+        (json!({"ip_list": ips}), ctx.hosts()),
+        (
+            json!({"topo_node_list": [{"id": 110, "node_type": "module"}]}),
+            agent_of("agent-3").into_iter().collect(),
+        ),
+        (
+            json!({"topo_node_list": [{"id": 10, "node_type": "set"}]}),
+            web.clone(),
+        ),
+        (json!({"dynamic_group_list": [{"id": "web-servers"}]}), web),
+    ];
+    for (target, expected) in cases {
+        ensure!(!expected.is_empty(), "no host expected for {target}");
         let (job, step, status) = ctx
             .run(ctx.request(script, json!({"target_server": target})))
             .await?;
         Ctx::expect(&status, 3, |_| 9)?;
+        let mut reached: Vec<i64> = Ctx::results(&status)
+            .iter()
+            .filter_map(|r| r["bk_host_id"].as_i64())
+            .collect();
+        reached.sort_unstable();
+        let mut expected = expected;
+        expected.sort_unstable();
+        ensure!(
+            reached == expected,
+            "{target} reached {reached:?}, expected {expected:?}"
+        );
         for (host, log) in ctx.logs(job, step).await? {
-            let info = ctx
-                .cluster
-                .info
-                .hosts
-                .iter()
-                .find(|h| h.bk_host_id == host)
-                .context("host")?;
-            ensure!(
-                log == format!("{}\n", info.ip),
-                "host {host} ({}) said {log:?}",
-                info.ip
-            );
+            let Some(info) = hosts.iter().find(|h| h.bk_host_id == host) else {
+                continue;
+            };
+            if reached.contains(&host) {
+                ensure!(
+                    log == format!("{}\n", info.ip),
+                    "host {host} ({}) said {log:?}",
+                    info.ip
+                );
+            }
         }
     }
     Ok(())
@@ -514,6 +546,7 @@ pub async fn run(opts: &E2eOptions) -> Result<()> {
         network: Some(network.clone()),
         agent_port: Some(agent_port),
         agents_connect_to: Some(relay.addr),
+        ..Default::default()
     })
     .await?;
     let mut ctx = Ctx {

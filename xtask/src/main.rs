@@ -36,6 +36,9 @@ enum Cmd {
         /// Use release builds.
         #[arg(long)]
         release: bool,
+        /// The inventory file; by default a small example topology (see xtask/src/cluster.rs).
+        #[arg(long)]
+        inventory: Option<PathBuf>,
     },
     /// Run the end-to-end scenarios on hosts in network namespaces (needs root).
     E2e {
@@ -73,7 +76,13 @@ fn main() -> Result<()> {
             agents,
             dir,
             release,
-        } => runtime.block_on(cluster(agents, workspace_root().join(dir), release)),
+            inventory,
+        } => runtime.block_on(cluster(
+            agents,
+            workspace_root().join(dir),
+            release,
+            inventory,
+        )),
         Cmd::Demo { agents } => runtime.block_on(demo(agents)),
         Cmd::E2e {
             hosts,
@@ -87,12 +96,18 @@ fn main() -> Result<()> {
     }
 }
 
-async fn cluster(agents: usize, dir: PathBuf, release: bool) -> Result<()> {
+async fn cluster(
+    agents: usize,
+    dir: PathBuf,
+    release: bool,
+    inventory: Option<PathBuf>,
+) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     let cluster = Cluster::start(&ClusterOptions {
         agents,
         dir: dir.clone(),
         release,
+        inventory: inventory.map(|f| workspace_root().join(f)),
         ..Default::default()
     })
     .await?;

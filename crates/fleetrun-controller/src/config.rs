@@ -20,6 +20,10 @@ pub struct Config {
     /// Execution accounts jobs may name.
     #[serde(default)]
     pub accounts: Vec<AccountConfig>,
+    /// The inventory file (TOML): businesses, business sets, topology, host placement,
+    /// dynamic groups and accounts. Without it, the simple `businesses`, `accounts` and
+    /// `placement` sections below describe a flat inventory; with it, they must be absent.
+    pub inventory: Option<PathBuf>,
     /// Businesses jobs may be scoped to.
     #[serde(default)]
     pub businesses: Vec<BusinessConfig>,
@@ -203,6 +207,17 @@ impl Config {
             if !aliases.insert(&account.alias) {
                 return Err(format!("accounts: alias {:?} appears twice", account.alias));
             }
+        }
+        if self.inventory.is_some()
+            && (!self.businesses.is_empty()
+                || !self.accounts.is_empty()
+                || self.placement.default_bk_biz_id.is_some()
+                || !self.placement.agents.is_empty())
+        {
+            return Err(
+                "inventory: with an inventory file, businesses, accounts and placement belong in it, not here"
+                    .into(),
+            );
         }
         if self.limits.output_limit < 1024 {
             return Err("limits.output_limit must be at least 1024 bytes".into());

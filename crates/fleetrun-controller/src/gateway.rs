@@ -64,6 +64,7 @@ pub(crate) struct Gateway {
     pub store: Store,
     pub placement: Arc<PlacementConfig>,
     pub heartbeat: Duration,
+    pub inventory: Arc<crate::inventory::InventoryState>,
 }
 
 impl Gateway {
@@ -150,6 +151,8 @@ impl Gateway {
                 return;
             }
         };
+        // The host may be new, or report new addresses: the merged inventory is stale.
+        self.inventory.invalidate();
         let welcome = HelloReply::Welcome {
             bk_host_id: host.bk_host_id,
             heartbeat_interval_ms: self.heartbeat.as_millis() as u64,

@@ -12,6 +12,7 @@ pub mod callback;
 pub mod config;
 pub mod engine;
 pub mod gateway;
+pub mod inventory;
 pub mod secrets;
 pub mod status;
 
@@ -32,6 +33,8 @@ pub struct Shared {
     pub store: Store,
     pub engine: engine::Engine,
     pub agents: gateway::Agents,
+    /// Businesses, topology, hosts, groups and accounts.
+    pub inventory: Arc<inventory::InventoryState>,
     /// Seals sensitive parameters before they are stored.
     pub cipher: secrets::ParamCipher,
 }
@@ -44,6 +47,7 @@ pub struct Controller {
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
     store: Store,
+    inventory: Arc<inventory::InventoryState>,
 }
 
 /// Unix time in milliseconds, as bk-job reports times.
@@ -90,6 +94,7 @@ impl Controller {
                 .join("param.key")
         });
         let cipher = secrets::ParamCipher::load_or_create(&key_file)?;
+        let inventory = Arc::new(inventory::InventoryState::load(&config, store.clone())?);
 
         let timing = Timing::default();
         let endpoint = fleetrun_net::server_endpoint(
@@ -129,6 +134,7 @@ impl Controller {
             store: store.clone(),
             placement: Arc::new(config.placement.clone()),
             heartbeat: Duration::from_secs(config.limits.heartbeat_secs),
+            inventory: inventory.clone(),
         };
         tasks.spawn(gateway.serve(endpoint, shutdown.clone()));
 
@@ -138,6 +144,7 @@ impl Controller {
             store: store.clone(),
             engine,
             agents,
+            inventory: inventory.clone(),
             cipher,
         });
         let app = api::router(shared).layer(axum::extract::DefaultBodyLimit::max(api::MAX_BODY));
@@ -157,7 +164,13 @@ impl Controller {
             shutdown,
             tasks,
             store,
+            inventory,
         })
+    }
+
+    /// Reads the inventory file again (on SIGHUP); an invalid file changes nothing.
+    pub fn reload_inventory(&self) -> Result<(), inventory::InventoryLoadError> {
+        self.inventory.reload()
     }
 
     /// Stops accepting work, closes agent connections, and commits what is queued.

@@ -45,10 +45,32 @@ fn main() -> ExitCode {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!("{e:#}");
+                // An inventory that does not load is a bad configuration like any other.
+                if e.is::<fleetrun_controller::inventory::InventoryLoadError>() {
+                    return ExitCode::from(EXIT_CONFIG);
+                }
                 return ExitCode::FAILURE;
             }
         };
-        shutdown_signal().await;
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot install the SIGHUP handler: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let stop = shutdown_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                _ = hangup.recv() => {
+                    if let Err(e) = controller.reload_inventory() {
+                        tracing::error!("inventory not reloaded, the previous one stays: {e}");
+                    }
+                }
+            }
+        }
         tracing::info!("shutting down");
         controller.shutdown().await;
         ExitCode::SUCCESS

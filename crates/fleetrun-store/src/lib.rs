@@ -382,3 +382,127 @@ fn join_ints(values: &[i32]) -> String {
         .collect::<Vec<_>>()
         .join(",")
 }
+
+/// A piece of a host's stored log, as [`Store::log_chunks_from`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogChunk {
+    pub bk_host_id: i64,
+    /// Where the chunk begins in the host's stored log.
+    pub offset: i64,
+    pub data: Vec<u8>,
+}
+
+impl Store {
+    /// The chunks of a step's logs that hold bytes at or after a position, for the hosts in
+    /// `positions` (`(bk_host_id, byte offset)`): at most `limit` chunks, in offset order for each
+    /// host. A host's first chunk may begin before its position; the caller trims it.
+    ///
+    /// One query for all hosts, each an index seek, so a follower of many hosts pays one round
+    /// trip per poll; `limit` bounds what one poll reads.
+    pub async fn log_chunks_from(
+        &self,
+        step_instance_id: i64,
+        positions: &[(i64, i64)],
+        limit: i64,
+    ) -> Result<Vec<LogChunk>, StoreError> {
+        if positions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wanted = positions
+            .iter()
+            .map(|(host, offset)| format!("[{host},{offset}]"))
+            .collect::<Vec<_>>()
+            .join(",");
+        // No ORDER BY: it would make SQLite read every pending chunk before applying the limit.
+        // The join walks each host's primary-key range in offset order anyway.
+        let rows = sqlx::query(
+            "WITH wanted (bk_host_id, position) AS (
+                 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?2))
+             SELECT l.bk_host_id, l.offset, l.data FROM wanted w
+             JOIN host_log l ON l.step_instance_id = ?1 AND l.bk_host_id = w.bk_host_id
+                 AND l.offset >= COALESCE((SELECT MAX(p.offset) FROM host_log p
+                     WHERE p.step_instance_id = ?1 AND p.bk_host_id = w.bk_host_id
+                       AND p.offset <= w.position), 0)
+                 AND l.offset + length(l.data) > w.position
+             LIMIT ?3",
+        )
+        .bind(step_instance_id)
+        .bind(format!("[{wanted}]"))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut chunks: Vec<LogChunk> = rows
+            .iter()
+            .map(|row| LogChunk {
+                bk_host_id: row.get(0),
+                offset: row.get(1),
+                data: row.get(2),
+            })
+            .collect();
+        chunks.sort_by_key(|c| (c.bk_host_id, c.offset));
+        Ok(chunks)
+    }
+}
+
+#[cfg(test)]
+mod log_chunk_tests {
+    use super::*;
+
+    async fn store_with_logs() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        for (host, offset, data) in [(1, 0, "hello "), (1, 6, "world\n"), (2, 0, "abc")] {
+            store
+                .record(Write::HostLog {
+                    step_instance_id: 7,
+                    bk_host_id: host,
+                    offset,
+                    data: data.as_bytes().to_vec(),
+                })
+                .await
+                .unwrap();
+        }
+        store.flush().await.unwrap();
+        (dir, store)
+    }
+
+    fn offsets(chunks: &[LogChunk]) -> Vec<(i64, i64)> {
+        chunks.iter().map(|c| (c.bk_host_id, c.offset)).collect()
+    }
+
+    #[tokio::test]
+    async fn log_chunks_from_returns_what_follows_each_position() {
+        let (_dir, store) = store_with_logs().await;
+        let all = store
+            .log_chunks_from(7, &[(2, 0), (1, 0)], 10)
+            .await
+            .unwrap();
+        assert_eq!(offsets(&all), [(1, 0), (1, 6), (2, 0)]);
+        assert_eq!(all[1].data, b"world\n");
+        // A position inside a chunk returns that chunk, a position at its end does not.
+        let mid = store.log_chunks_from(7, &[(1, 3)], 10).await.unwrap();
+        assert_eq!(offsets(&mid), [(1, 0), (1, 6)]);
+        let next = store
+            .log_chunks_from(7, &[(1, 6), (2, 3)], 10)
+            .await
+            .unwrap();
+        assert_eq!(offsets(&next), [(1, 6)]);
+        assert!(
+            store
+                .log_chunks_from(7, &[(1, 12)], 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .log_chunks_from(8, &[(1, 0)], 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(store.log_chunks_from(7, &[], 10).await.unwrap().is_empty());
+        let first = store.log_chunks_from(7, &[(1, 0)], 1).await.unwrap();
+        assert_eq!(offsets(&first), [(1, 0)]);
+    }
+}

@@ -13,14 +13,9 @@ pub mod code {
     pub const BAD_SCRIPT_LANGUAGE: i64 = 1_241_005;
     pub const TOO_MANY_LOG_HOSTS: i64 = 1_241_007;
     pub const SCRIPT_NOT_FOUND: i64 = 1_243_001;
-    pub const TARGETS_EMPTY: i64 = 1_244_001;
     pub const SCRIPT_NOT_RUNNABLE: i64 = 1_244_018;
-    pub const HOST_OUTSIDE_SCOPE: i64 = 1_244_002;
-    pub const ACCOUNT_NOT_FOUND: i64 = 1_244_003;
     pub const JOB_NOT_FOUND: i64 = 1_244_006;
     pub const STEP_NOT_FOUND: i64 = 1_244_007;
-    pub const TOO_MANY_HOSTS: i64 = 1_244_022;
-    pub const NO_HOST_RESOLVED: i64 = 1_244_028;
     pub const HOST_NOT_FOUND: i64 = 1_244_030;
 }
 

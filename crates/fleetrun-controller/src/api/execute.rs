@@ -1,6 +1,6 @@
 //! `fast_execute_script`.
 
-use std::{collections::HashSet, sync::Arc};
+use std::sync::Arc;
 
 use base64::Engine as _;
 use serde::Deserialize;
@@ -24,7 +24,6 @@ const MAX_SCRIPT_BYTES: usize = 16 * 1024 * 1024;
 const MAX_PARAM_BYTES: usize = 65_535;
 const MAX_SENSITIVE_PARAM_BYTES: usize = 48_128;
 const MAX_TASK_NAME_CHARS: usize = 512;
-const MAX_HOSTS: usize = 50_000;
 const DEFAULT_TIMEOUT: i64 = 7200;
 const MAX_TIMEOUT: i64 = 86_400;
 
@@ -59,8 +58,21 @@ struct TargetServer {
     #[serde(default, deserialize_with = "lenient::opt_int_list")]
     host_id_list: Option<Vec<i64>>,
     ip_list: Option<Vec<IpTarget>>,
-    dynamic_group_list: Option<Vec<Value>>,
-    topo_node_list: Option<Vec<Value>>,
+    dynamic_group_list: Option<Vec<GroupTarget>>,
+    topo_node_list: Option<Vec<TopoTarget>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GroupTarget {
+    #[serde(deserialize_with = "lenient::text")]
+    id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct TopoTarget {
+    #[serde(deserialize_with = "lenient::int")]
+    id: i64,
+    node_type: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,7 +103,6 @@ pub async fn fast_execute_script(
     let req: Request = params.parse()?;
 
     let scope = scope::resolve(shared, caller, params)?;
-    let biz_id = scope.biz_id().expect("resolve admits only business scopes");
 
     // Script: script_version_id > script_id (its online version) > script_content.
     let (script, language) = match scripts::runnable_version(
@@ -205,139 +216,66 @@ pub async fn fast_execute_script(
     }
 
     // Account: account_id wins over account_alias.
-    let account = match (req.account_id, req.account_alias.as_deref()) {
-        (Some(id), _) => shared
-            .config
-            .accounts
-            .iter()
-            .find(|a| a.id == id)
-            .ok_or_else(|| {
-                ApiError::new(
-                    code::ACCOUNT_NOT_FOUND,
-                    format!("account_id: no account {id}"),
-                )
-            })?,
-        (None, Some(alias)) => shared
-            .config
-            .accounts
-            .iter()
-            .find(|a| a.alias == alias)
-            .ok_or_else(|| {
-                ApiError::new(
-                    code::ACCOUNT_NOT_FOUND,
-                    format!("account_alias: no account {alias:?}"),
-                )
-            })?,
-        (None, None) => return Err(ApiError::missing("account_id or account_alias")),
-    };
+    let inventory = shared.inventory.current().await?;
+    let account = inventory
+        .account_for(
+            &scope.inventory,
+            req.account_id,
+            req.account_alias.as_deref(),
+        )
+        .map_err(|e| {
+            let field = if req.account_id.is_some() {
+                "account_id"
+            } else {
+                "account_alias"
+            };
+            match e {
+                fleetrun_inventory::AccountError::Missing => {
+                    ApiError::missing("account_id or account_alias")
+                }
+                other => ApiError::new(i64::from(other.code()), format!("{field}: {other}")),
+            }
+        })?;
 
-    // Targets.
+    // Targets: host ids (or addresses), topology nodes and dynamic groups, merged.
     let targets = req
         .target_server
         .ok_or_else(|| ApiError::missing("target_server"))?;
-    if targets
-        .dynamic_group_list
-        .as_ref()
-        .is_some_and(|l| !l.is_empty())
-        || targets
-            .topo_node_list
-            .as_ref()
-            .is_some_and(|l| !l.is_empty())
-    {
-        return Err(ApiError::invalid(
-            "target_server",
-            "dynamic_group_list and topo_node_list are not supported yet; use host_id_list or ip_list",
-        ));
-    }
-    let hosts = shared.store.hosts().await?;
-    let mut chosen = Vec::new();
-    let mut seen = HashSet::new();
-    if let Some(ids) = targets.host_id_list.as_ref().filter(|l| !l.is_empty()) {
-        let by_id: std::collections::HashMap<i64, _> =
-            hosts.iter().map(|h| (h.bk_host_id, h)).collect();
-        let unknown: Vec<String> = ids
-            .iter()
-            .filter(|id| !by_id.contains_key(id))
-            .map(i64::to_string)
-            .collect();
-        if !unknown.is_empty() {
-            return Err(ApiError::new(
-                code::HOST_NOT_FOUND,
-                format!(
-                    "target_server.host_id_list: hosts not in the inventory: {}",
-                    unknown.join(",")
-                ),
-            ));
-        }
-        for id in ids {
-            if seen.insert(*id) {
-                chosen.push(by_id[id]);
-            }
-        }
-    } else if let Some(ips) = targets.ip_list.as_ref().filter(|l| !l.is_empty()) {
-        let mut unknown = Vec::new();
-        for target in ips {
-            let ip = target
-                .ip
-                .parse::<std::net::IpAddr>()
-                .map_err(|_| {
-                    ApiError::invalid(
+    let host_ids = targets.host_id_list.filter(|l| !l.is_empty());
+    let ips = match (&host_ids, targets.ip_list.filter(|l| !l.is_empty())) {
+        (None, Some(ips)) => {
+            for target in &ips {
+                if target.ip.parse::<std::net::IpAddr>().is_err() {
+                    return Err(ApiError::invalid(
                         "target_server.ip_list",
                         format!("{:?} is not an IP address", target.ip),
-                    )
-                })?
-                .to_canonical()
-                .to_string();
-            match hosts
-                .iter()
-                .find(|h| h.bk_cloud_id == target.bk_cloud_id && h.ip == ip)
-            {
-                Some(h) => {
-                    if seen.insert(h.bk_host_id) {
-                        chosen.push(h);
-                    }
+                    ));
                 }
-                None => unknown.push(format!("{}:{}", target.bk_cloud_id, target.ip)),
             }
+            Some(ips.into_iter().map(|t| (t.bk_cloud_id, t.ip)).collect())
         }
-        if !unknown.is_empty() {
-            return Err(ApiError::new(
-                code::HOST_NOT_FOUND,
-                format!(
-                    "target_server.ip_list: hosts not in the inventory: {}",
-                    unknown.join(",")
-                ),
-            ));
-        }
-    } else {
-        return Err(ApiError::new(
-            code::TARGETS_EMPTY,
-            "target_server: every target list is empty",
-        ));
-    }
-    if chosen.is_empty() {
-        return Err(ApiError::new(
-            code::NO_HOST_RESOLVED,
-            "target_server resolves to no host",
-        ));
-    }
-    if chosen.len() > MAX_HOSTS {
-        return Err(ApiError::new(
-            code::TOO_MANY_HOSTS,
-            format!("target_server: {} hosts, at most {MAX_HOSTS}", chosen.len()),
-        ));
-    }
-    let outside: Vec<String> = chosen
-        .iter()
-        .filter(|h| h.bk_biz_id != Some(biz_id))
-        .map(|h| h.bk_host_id.to_string())
-        .collect();
-    if !outside.is_empty() {
-        return Err(ApiError::new(
-            code::HOST_OUTSIDE_SCOPE,
-            format!("hosts outside business {biz_id}: {}", outside.join(",")),
-        ));
-    }
+        _ => None,
+    };
+    let wanted = fleetrun_inventory::Targets {
+        host_ids,
+        ips,
+        topo_nodes: targets
+            .topo_node_list
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| (n.node_type, n.id))
+            .collect(),
+        dynamic_groups: targets
+            .dynamic_group_list
+            .unwrap_or_default()
+            .into_iter()
+            .map(|g| g.id)
+            .collect(),
+    };
+    let chosen = inventory
+        .resolve(&scope.inventory, &wanted)
+        .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?
+        .hosts;
 
     let start = req.start_task.unwrap_or(true);
     let create_time = now_ms();
@@ -379,7 +317,7 @@ pub async fn fast_execute_script(
             .map(|h| fleetrun_store::NewHostResult {
                 bk_host_id: h.bk_host_id,
                 bk_cloud_id: h.bk_cloud_id,
-                ip: h.ip.clone(),
+                ip: h.ip.to_canonical().to_string(),
                 status: host::WAITING,
             })
             .collect(),

@@ -14,6 +14,7 @@ pub(crate) mod params;
 mod query;
 mod scope;
 mod scripts;
+mod stream;
 
 use std::sync::Arc;
 
@@ -45,7 +46,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
     ] {
         router = router
             .route(&format!("{prefix}/{{api}}"), any(dispatch))
-            .route(&format!("{prefix}/{{api}}/"), any(dispatch));
+            .route(&format!("{prefix}/{{api}}/"), any(dispatch))
+            .route(&format!("{prefix}/stream_job"), any(stream::stream_job))
+            .route(&format!("{prefix}/stream_job/"), any(stream::stream_job));
     }
     router.fallback(not_found).with_state(shared)
 }
@@ -109,6 +112,8 @@ async fn dispatch(
                 scripts::get_script_version_detail(&shared, &caller, &params).await
             }
             "list_hosts" => query::list_hosts(&shared).await,
+            "get_topology" => query::get_topology(&shared).await,
+            "reload_inventory" => query::reload_inventory(&shared),
             "get_callback_status" => query::get_callback_status(&shared, &caller, &params).await,
             _ => Err(ApiError::new(
                 error::code::API_UNSUPPORTED,

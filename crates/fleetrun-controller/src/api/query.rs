@@ -275,24 +275,137 @@ pub async fn batch_get_job_instance_ip_log(
 
 /// fleetrun's host list: every registered host and whether its agent is connected now.
 pub async fn list_hosts(shared: &Shared) -> Result<Value, ApiError> {
-    let hosts = shared.store.hosts().await?;
-    Ok(hosts
+    let registered = shared.store.hosts().await?;
+    let inventory = shared.inventory.current().await?;
+    let conflicted: std::collections::HashSet<i64> = inventory
+        .conflicts()
+        .iter()
+        .flat_map(|c| c.claimed_by.iter().copied())
+        .collect();
+    let mut hosts: Vec<Value> = inventory
+        .hosts()
         .iter()
         .map(|h| {
+            let agent = h
+                .agent_id
+                .as_deref()
+                .and_then(|id| registered.iter().find(|r| r.agent_id == id));
             json!({
                 "bk_host_id": h.bk_host_id,
                 "agent_id": h.agent_id,
                 "bk_cloud_id": h.bk_cloud_id,
-                "ip": h.ip,
+                "ip": h.ips.first().map(|ip| ip.to_string()),
+                "ips": h.ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
                 "hostname": h.hostname,
                 "os_type": h.os_type,
-                "agent_version": h.agent_version,
+                "agent_version": agent.map(|a| a.agent_version.clone()),
                 "bk_biz_id": h.bk_biz_id,
+                "modules": h.modules,
+                "address_conflict": conflicted.contains(&h.bk_host_id),
                 "online": shared.agents.get(h.bk_host_id).is_some(),
-                "last_seen": h.last_seen,
+                "last_seen": agent.map(|a| a.last_seen),
             })
         })
-        .collect())
+        .collect();
+    // Agents the inventory refused (an id collision) are still listed, unplaced.
+    for r in &registered {
+        if inventory.host(r.bk_host_id).is_none() {
+            hosts.push(json!({
+                "bk_host_id": r.bk_host_id,
+                "agent_id": r.agent_id,
+                "bk_cloud_id": r.bk_cloud_id,
+                "ip": r.ip,
+                "ips": [r.ip],
+                "hostname": r.hostname,
+                "os_type": r.os_type,
+                "agent_version": r.agent_version,
+                "bk_biz_id": null,
+                "modules": [],
+                "address_conflict": false,
+                "online": shared.agents.get(r.bk_host_id).is_some(),
+                "last_seen": r.last_seen,
+            }));
+        }
+    }
+    Ok(Value::Array(hosts))
+}
+
+/// fleetrun's topology view: every business with its nodes and the hosts below each, and the
+/// dynamic groups with the hosts they match now.
+pub async fn get_topology(shared: &Shared) -> Result<Value, ApiError> {
+    let inventory = shared.inventory.current().await?;
+    let hosts_below = |scope: fleetrun_inventory::Scope, node: (&str, i64)| -> Vec<i64> {
+        let targets = fleetrun_inventory::Targets {
+            topo_nodes: vec![(node.0.to_owned(), node.1)],
+            ..Default::default()
+        };
+        inventory
+            .resolve(&scope, &targets)
+            .map(|r| r.hosts.iter().map(|h| h.bk_host_id).collect())
+            .unwrap_or_default()
+    };
+    let businesses: Vec<Value> = inventory
+        .businesses()
+        .iter()
+        .map(|b| {
+            let scope = fleetrun_inventory::Scope::Biz(b.bk_biz_id);
+            let nodes: Vec<Value> = inventory
+                .topology()
+                .iter()
+                .filter(|n| inventory.business_of_node(&n.bk_obj_id, n.bk_inst_id) == Some(b.bk_biz_id))
+                .map(|n| {
+                    json!({
+                        "bk_obj_id": n.bk_obj_id,
+                        "bk_inst_id": n.bk_inst_id,
+                        "name": n.name,
+                        "parent": match &n.parent {
+                            fleetrun_inventory::Parent::Business(id) => json!({"bk_obj_id": "biz", "bk_inst_id": id}),
+                            fleetrun_inventory::Parent::Node { bk_obj_id, bk_inst_id } => json!({"bk_obj_id": bk_obj_id, "bk_inst_id": bk_inst_id}),
+                        },
+                        "host_ids": hosts_below(scope, (&n.bk_obj_id, n.bk_inst_id)),
+                    })
+                })
+                .collect();
+            json!({
+                "bk_biz_id": b.bk_biz_id,
+                "name": b.name,
+                "host_ids": hosts_below(scope, ("biz", b.bk_biz_id)),
+                "nodes": nodes,
+            })
+        })
+        .collect();
+    let business_sets: Vec<Value> = inventory
+        .business_sets()
+        .iter()
+        .map(|s| json!({"bk_biz_set_id": s.bk_biz_set_id, "name": s.name, "members": s.members}))
+        .collect();
+    let groups: Vec<Value> = inventory
+        .dynamic_groups()
+        .iter()
+        .map(|g| {
+            let targets = fleetrun_inventory::Targets {
+                dynamic_groups: vec![g.id.clone()],
+                ..Default::default()
+            };
+            let host_ids: Vec<i64> = inventory
+                .resolve(&fleetrun_inventory::Scope::Biz(g.bk_biz_id), &targets)
+                .map(|r| r.hosts.iter().map(|h| h.bk_host_id).collect())
+                .unwrap_or_default();
+            json!({"id": g.id, "name": g.name, "bk_biz_id": g.bk_biz_id, "host_ids": host_ids})
+        })
+        .collect();
+    Ok(
+        json!({ "businesses": businesses, "business_sets": business_sets, "dynamic_groups": groups }),
+    )
+}
+
+/// Reads the inventory file again; an invalid file changes nothing and the error names the line.
+pub fn reload_inventory(shared: &Shared) -> Result<Value, ApiError> {
+    shared
+        .inventory
+        .reload()
+        .map_err(|e| ApiError::invalid("inventory", e))?;
+    Ok(json!({ "reloaded": true }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -480,11 +593,19 @@ pub async fn get_account_list(
     let req: AccountListRequest = params.parse()?;
     let category = small_enum("category", req.category, &[1, 2])?;
     let (start, length) = paging(req.start, req.length)?;
-    let matching: Vec<&crate::config::AccountConfig> = shared
-        .config
-        .accounts
+    let inventory = shared.inventory.base();
+    let matching: Vec<&fleetrun_inventory::Account> = inventory
+        .accounts()
         .iter()
-        .filter(|_| category.is_none_or(|c| c == 1))
+        .filter(|a| a.scopes.is_empty() || a.scopes.contains(&scope.inventory))
+        .filter(|a| {
+            category.is_none_or(|c| {
+                c == match a.category {
+                    fleetrun_inventory::AccountCategory::System => 1,
+                    fleetrun_inventory::AccountCategory::Database => 2,
+                }
+            })
+        })
         .filter(|a| {
             req.account
                 .as_deref()
@@ -505,9 +626,9 @@ pub async fn get_account_list(
                 "id": a.id,
                 "account": a.account,
                 "alias": a.alias,
-                "category": 1,
-                "type": 1,
-                "os": "Linux",
+                "category": if a.category == fleetrun_inventory::AccountCategory::System { 1 } else { 2 },
+                "type": if a.os_type == "windows" { 2 } else { 1 },
+                "os": if a.os_type == "windows" { "Windows" } else { "Linux" },
                 "bk_scope_type": scope.scope_type,
                 "bk_scope_id": scope.scope_id,
                 "description": "",

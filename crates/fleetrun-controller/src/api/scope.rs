@@ -10,16 +10,11 @@ use crate::Shared;
 pub struct Scope {
     pub scope_type: String,
     pub scope_id: String,
+    /// The same scope as the inventory names it.
+    pub inventory: fleetrun_inventory::Scope,
 }
 
 impl Scope {
-    /// The business id of a `biz` scope.
-    pub fn biz_id(&self) -> Option<i64> {
-        (self.scope_type == "biz")
-            .then(|| self.scope_id.parse().ok())
-            .flatten()
-    }
-
     /// Whether a stored job belongs to this scope.
     pub fn owns(&self, scope_type: &str, scope_id: &str) -> bool {
         self.scope_type == scope_type && self.scope_id == scope_id
@@ -46,30 +41,29 @@ pub fn resolve(shared: &Shared, caller: &Caller, params: &Params) -> Result<Scop
         (None, _, _) => return Err(ApiError::missing("bk_scope_type")),
         (_, None, _) => return Err(ApiError::missing("bk_scope_id")),
     };
-    match scope_type.as_str() {
-        "biz" => {
-            let id: i64 = scope_id.parse().map_err(|_| {
-                ApiError::invalid("bk_scope_id", format!("{scope_id:?} is not a business id"))
-            })?;
-            if !shared.config.businesses.iter().any(|b| b.bk_biz_id == id) {
-                return Err(ApiError::invalid(
-                    "bk_scope_id",
-                    format!("business {id} does not exist"),
-                ));
-            }
-        }
-        "biz_set" => {
-            return Err(ApiError::invalid(
-                "bk_scope_id",
-                format!("business set {scope_id} does not exist (no business sets are configured)"),
-            ));
-        }
+    let id: i64 = scope_id
+        .parse()
+        .map_err(|_| ApiError::invalid("bk_scope_id", format!("{scope_id:?} is not a number")))?;
+    let inventory = match scope_type.as_str() {
+        "biz" => fleetrun_inventory::Scope::Biz(id),
+        "biz_set" => fleetrun_inventory::Scope::BizSet(id),
         other => {
             return Err(ApiError::invalid(
                 "bk_scope_type",
                 format!("{other:?} is not \"biz\" or \"biz_set\""),
             ));
         }
+    };
+    if !shared.inventory.base().has_scope(&inventory) {
+        let what = if scope_type == "biz" {
+            "business"
+        } else {
+            "business set"
+        };
+        return Err(ApiError::invalid(
+            "bk_scope_id",
+            format!("{what} {id} does not exist"),
+        ));
     }
     if !caller.may_use(&scope_type, &scope_id) {
         let mut error = ApiError::new(
@@ -85,6 +79,7 @@ pub fn resolve(shared: &Shared, caller: &Caller, params: &Params) -> Result<Scop
     Ok(Scope {
         scope_type,
         scope_id,
+        inventory,
     })
 }
 

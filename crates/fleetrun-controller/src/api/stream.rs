@@ -1,0 +1,652 @@
+//! `stream_job`: a job's host states, output and status as newline-delimited JSON, sent as they
+//! happen, until the job has ended and every byte of its output has been sent.
+//!
+//! bk-job's log APIs can only be polled; this one follows the store instead: it polls the job,
+//! the step's host results and the new log chunks every [`POLL`], and writes what changed. That
+//! is simple, serves running and finished jobs alike, and resumes exactly from byte `offsets`.
+//! Errors found before the stream starts are answered with the usual envelope.
+
+use std::{
+    collections::{HashMap, HashSet},
+    convert::Infallible,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::{
+    body::{Body, Bytes},
+    extract::{RawQuery, State},
+    http::{HeaderMap, HeaderValue, Method, header},
+    response::Response,
+};
+use fleetrun_store::{HostResultRecord, LogChunk};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use super::{
+    ApiError, auth,
+    error::code,
+    params::{Params, lenient},
+    scope,
+};
+use crate::{Shared, status};
+
+/// How often the store is read while a job runs.
+const POLL: Duration = Duration::from_millis(100);
+/// An idle stream sends `{"type":"ping"}` this often, so proxies keep it open.
+const PING: Duration = Duration::from_secs(10);
+/// Most log chunks read in one poll (a chunk is at most 64 KiB): bounds a poll's work and memory.
+const CHUNKS_PER_POLL: i64 = 32;
+/// Steps larger than this re-read their host results less often than every poll.
+const HOSTS_PER_POLL: usize = 2_000;
+
+#[derive(Debug, Deserialize)]
+struct StreamRequest {
+    #[serde(deserialize_with = "lenient::int")]
+    job_instance_id: i64,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    step_instance_id: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_int_list")]
+    host_id_list: Option<Vec<i64>>,
+    #[serde(default)]
+    offsets: Option<Value>,
+}
+
+/// `GET|POST /fleetrun/v1/stream_job`.
+pub async fn stream_job(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    let request_id = super::new_request_id();
+    let span = tracing::info_span!("api", request_id = %request_id, api = "stream_job");
+    let prepared = prepare(&shared, &method, &headers, query.as_deref(), &body)
+        .instrument(span.clone())
+        .await;
+    let follower = match prepared {
+        Ok(follower) => follower,
+        Err(e) => {
+            let _entered = span.enter();
+            if e.code == code::INTERNAL {
+                tracing::error!(code = e.code, "{}", e.message);
+            } else {
+                tracing::info!(code = e.code, "refused: {}", e.message);
+            }
+            drop(_entered);
+            return super::envelope(&request_id, Err(e));
+        }
+    };
+    span.in_scope(|| {
+        tracing::info!(
+            job = follower.job_instance_id,
+            step = follower.step_instance_id,
+            "streaming"
+        )
+    });
+    let (lines, receiver) = mpsc::channel(4);
+    tokio::spawn(follower.run(lines).instrument(span));
+    let mut response = Response::new(Body::from_stream(Lines(receiver)));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // nginx would otherwise buffer the stream.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        headers.insert("x-request-id", value);
+    }
+    response
+}
+
+/// The response body: batches of lines from the follower task. Dropping it (the client went
+/// away) closes the channel, which ends the task.
+struct Lines(mpsc::Receiver<Bytes>);
+
+impl futures_core::Stream for Lines {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|batch| batch.map(Ok))
+    }
+}
+
+async fn prepare(
+    shared: &Arc<Shared>,
+    method: &Method,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<Follower, ApiError> {
+    let params = Params::from_request(method, query, body)?;
+    let caller = auth::authenticate(&shared.apps, headers, &params)?;
+    let req: StreamRequest = params.parse()?;
+    let scope = scope::resolve(shared, &caller, &params)?;
+    let job = shared
+        .store
+        .job(req.job_instance_id)
+        .await?
+        .filter(|job| scope.owns(&job.bk_scope_type, &job.bk_scope_id))
+        .ok_or_else(|| {
+            ApiError::new(
+                code::JOB_NOT_FOUND,
+                format!(
+                    "job_instance_id: no job {} in {} {}",
+                    req.job_instance_id, scope.scope_type, scope.scope_id
+                ),
+            )
+        })?;
+    let step = match req.step_instance_id {
+        None => job.steps.first(),
+        Some(id) => job.steps.iter().find(|s| s.step_instance_id == id),
+    }
+    .ok_or_else(|| {
+        ApiError::new(
+            code::STEP_NOT_FOUND,
+            format!(
+                "step_instance_id: job {} has no step {}",
+                job.job_instance_id,
+                req.step_instance_id.unwrap_or_default()
+            ),
+        )
+    })?;
+    let offsets = parse_offsets(req.offsets.as_ref())?;
+    Ok(Follower {
+        shared: shared.clone(),
+        job_instance_id: job.job_instance_id,
+        step_instance_id: step.step_instance_id,
+        only: req
+            .host_id_list
+            .filter(|l| !l.is_empty())
+            .map(HashSet::from_iter),
+        offsets,
+        hosts: Vec::new(),
+        seen_status: None,
+        sent_status: None,
+    })
+}
+
+/// Reads `offsets`: `"host:bytes,host:bytes"`, or a JSON object `{"host": bytes}`.
+fn parse_offsets(value: Option<&Value>) -> Result<HashMap<i64, i64>, ApiError> {
+    let bad = |why: String| ApiError::invalid("offsets", why);
+    let mut offsets = HashMap::new();
+    let mut add = |host: &str, bytes: &str| {
+        let host: i64 = host
+            .trim()
+            .parse()
+            .map_err(|_| bad(format!("{host:?} is not a host id")))?;
+        let bytes: i64 = bytes
+            .trim()
+            .parse()
+            .ok()
+            .filter(|b| *b >= 0)
+            .ok_or_else(|| bad(format!("{bytes:?} is not a byte offset")))?;
+        offsets.insert(host, bytes);
+        Ok::<(), ApiError>(())
+    };
+    match value {
+        None | Some(Value::Null) => {}
+        Some(Value::String(text)) => {
+            for pair in text.split(',').filter(|p| !p.trim().is_empty()) {
+                let (host, bytes) = pair
+                    .split_once(':')
+                    .ok_or_else(|| bad(format!("{pair:?} is not host:bytes")))?;
+                add(host, bytes)?;
+            }
+        }
+        Some(Value::Object(map)) => {
+            for (host, bytes) in map {
+                add(host, &lenient_text(bytes))?;
+            }
+        }
+        Some(other) => {
+            return Err(bad(format!(
+                "expected \"host:bytes,...\" or an object, got {other}"
+            )));
+        }
+    }
+    Ok(offsets)
+}
+
+fn lenient_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// What the stream has told the client about one host.
+#[derive(Debug)]
+struct HostFollow {
+    result: HostResultRecord,
+    /// Bytes of the stored log read so far.
+    read: i64,
+    /// Read but not yet sent: the start of a UTF-8 sequence whose end is in the next chunk.
+    held: Vec<u8>,
+    /// Its task has ended and its whole log has been sent.
+    drained: bool,
+}
+
+impl HostFollow {
+    /// Takes a chunk of the host's log; returns the output event for its new bytes, if any.
+    fn take(&mut self, chunk: &LogChunk) -> Option<Value> {
+        let end = chunk.offset + chunk.data.len() as i64;
+        if end <= self.read || chunk.offset > self.read {
+            return None;
+        }
+        let skip = (self.read - chunk.offset) as usize;
+        let start = self.read - self.held.len() as i64;
+        let mut bytes = std::mem::take(&mut self.held);
+        bytes.extend_from_slice(&chunk.data[skip..]);
+        self.read = end;
+        let keep = incomplete_utf8_tail(&bytes);
+        self.held = bytes.split_off(bytes.len() - keep);
+        self.output_event(start, &bytes)
+    }
+
+    /// Sends what is held back once nothing more can complete it.
+    fn release(&mut self) -> Option<Value> {
+        let bytes = std::mem::take(&mut self.held);
+        self.output_event(self.read - bytes.len() as i64, &bytes)
+    }
+
+    fn output_event(&self, offset: i64, bytes: &[u8]) -> Option<Value> {
+        (!bytes.is_empty()).then(|| {
+            json!({
+                "type": "output",
+                "bk_host_id": self.result.bk_host_id,
+                "offset": offset,
+                "next_offset": offset + bytes.len() as i64,
+                "data": String::from_utf8_lossy(bytes),
+            })
+        })
+    }
+
+    fn host_event(&self) -> Value {
+        let r = &self.result;
+        json!({
+            "type": "host",
+            "bk_host_id": r.bk_host_id,
+            "bk_cloud_id": r.bk_cloud_id,
+            "ip": r.ip,
+            "status": r.status,
+            "exit_code": r.exit_code,
+            "tag": r.tag,
+            "finished": !status::host::UNFINISHED.contains(&r.status),
+        })
+    }
+}
+
+/// How many bytes at the end of `bytes` begin a UTF-8 sequence that is not complete yet.
+fn incomplete_utf8_tail(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let byte = bytes[bytes.len() - back];
+        if byte & 0b1100_0000 == 0b1000_0000 {
+            continue;
+        }
+        let needed = match byte {
+            0xF0..=0xF7 => 4,
+            0xE0..=0xEF => 3,
+            0xC0..=0xDF => 2,
+            _ => 1,
+        };
+        return if needed > back { back } else { 0 };
+    }
+    0
+}
+
+/// Follows one step of one job for one client.
+struct Follower {
+    shared: Arc<Shared>,
+    job_instance_id: i64,
+    step_instance_id: i64,
+    /// Only these hosts, when the client asked for some.
+    only: Option<HashSet<i64>>,
+    /// Where each host's output starts, from the client's `offsets`.
+    offsets: HashMap<i64, i64>,
+    hosts: Vec<HostFollow>,
+    /// The job's status at the last poll.
+    seen_status: Option<i32>,
+    /// The status in the last job event sent.
+    sent_status: Option<i32>,
+}
+
+/// Why a stream stopped early.
+enum Stop {
+    /// The client went away.
+    Gone,
+    /// The job vanished or the store failed; the client may reconnect.
+    Failed(String),
+    /// The controller is stopping; the client may reconnect to the next one.
+    Shutdown,
+}
+
+impl Follower {
+    async fn run(mut self, lines: mpsc::Sender<Bytes>) {
+        match self.follow(&lines).await {
+            Ok(()) => tracing::info!(job = self.job_instance_id, "stream complete"),
+            Err(Stop::Gone) => tracing::info!(job = self.job_instance_id, "client left"),
+            Err(Stop::Failed(why)) => {
+                tracing::error!(job = self.job_instance_id, "stream failed: {why}");
+                let event =
+                    json!({"type": "error", "message": "internal error; reconnect to resume"});
+                let _ = lines.send(encode(&[event])).await;
+            }
+            Err(Stop::Shutdown) => {
+                let event = json!({
+                    "type": "error",
+                    "message": "the controller is stopping; reconnect to resume",
+                });
+                let _ = lines.send(encode(&[event])).await;
+            }
+        }
+    }
+
+    async fn follow(&mut self, lines: &mpsc::Sender<Bytes>) -> Result<(), Stop> {
+        let mut shutdown = ShutdownSignal::new();
+        let mut idle_since = tokio::time::Instant::now();
+        let mut poll: u64 = 0;
+        loop {
+            let (events, more_now, done) = self.poll(poll).await?;
+            poll += 1;
+            if !events.is_empty() {
+                lines.send(encode(&events)).await.map_err(|_| Stop::Gone)?;
+                idle_since = tokio::time::Instant::now();
+            }
+            if done {
+                return Ok(());
+            }
+            if more_now {
+                continue;
+            }
+            if idle_since.elapsed() >= PING {
+                let ping = encode(&[json!({"type": "ping"})]);
+                lines.send(ping).await.map_err(|_| Stop::Gone)?;
+                idle_since = tokio::time::Instant::now();
+            }
+            tokio::select! {
+                () = tokio::time::sleep(POLL) => {}
+                () = lines.closed() => return Err(Stop::Gone),
+                () = shutdown.received() => return Err(Stop::Shutdown),
+            }
+        }
+    }
+
+    /// One look at the store: the events to send, whether more log is waiting right now, and
+    /// whether the stream is complete.
+    async fn poll(&mut self, poll: u64) -> Result<(Vec<Value>, bool, bool), Stop> {
+        let shared = self.shared.clone();
+        let store = &shared.store;
+        let failed = |e: fleetrun_store::StoreError| Stop::Failed(e.to_string());
+        // The job first: once it reads finished, every host result and log chunk written before
+        // its end is committed, so the reads below see all of them.
+        let job = store
+            .job(self.job_instance_id)
+            .await
+            .map_err(failed)?
+            .ok_or_else(|| Stop::Failed("the job vanished".into()))?;
+        let finished = status::job::is_finished(job.status);
+        let first = self.seen_status.is_none();
+        let job_changed = self.seen_status != Some(job.status);
+        self.seen_status = Some(job.status);
+        let mut events = Vec::new();
+        // A running job's status changes are told at once; a finished job's only at the very end.
+        let job_news = !finished && self.sent_status != Some(job.status);
+        if job_news {
+            self.sent_status = Some(job.status);
+        }
+        if first && job_news {
+            events.push(self.job_event(job.status, false));
+        }
+
+        // Host results: every poll for ordinary steps, less often for very large ones.
+        let every = (self.hosts.len() / HOSTS_PER_POLL).clamp(1, 20) as u64;
+        let mut host_events = Vec::new();
+        if first || job_changed || poll.is_multiple_of(every) {
+            let results = store
+                .host_results(self.step_instance_id)
+                .await
+                .map_err(failed)?;
+            self.update_hosts(results, first, &mut host_events);
+        }
+        if first {
+            events.append(&mut host_events);
+        }
+
+        // New output of the hosts that may have some.
+        let positions: Vec<(i64, i64)> = self
+            .hosts
+            .iter()
+            .filter(|h| !h.drained && (finished || h.result.status != status::host::WAITING))
+            .map(|h| (h.result.bk_host_id, h.read))
+            .collect();
+        let chunks = store
+            .log_chunks_from(self.step_instance_id, &positions, CHUNKS_PER_POLL)
+            .await
+            .map_err(failed)?;
+        let complete = (chunks.len() as i64) < CHUNKS_PER_POLL;
+        let index: HashMap<i64, usize> = self
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.result.bk_host_id, i))
+            .collect();
+        for chunk in &chunks {
+            if let Some(&i) = index.get(&chunk.bk_host_id) {
+                events.extend(self.hosts[i].take(chunk));
+            }
+        }
+        if complete {
+            // Everything these hosts had stored is sent; a host whose task had ended before the
+            // reads above writes no more.
+            for host in &mut self.hosts {
+                let ended = !status::host::UNFINISHED.contains(&host.result.status);
+                if !host.drained && (ended || finished) {
+                    host.drained = true;
+                    events.extend(host.release());
+                }
+            }
+        }
+        events.append(&mut host_events);
+
+        let done = finished && complete && self.hosts.iter().all(|h| h.drained);
+        if job_news && !first {
+            events.push(self.job_event(job.status, false));
+        }
+        if done {
+            events.push(self.job_event(job.status, true));
+        }
+        Ok((events, !complete, done))
+    }
+
+    fn update_hosts(&mut self, results: Vec<HostResultRecord>, first: bool, out: &mut Vec<Value>) {
+        if first {
+            self.hosts = results
+                .into_iter()
+                .filter(|r| self.only.as_ref().is_none_or(|o| o.contains(&r.bk_host_id)))
+                .map(|result| {
+                    let read = self.offsets.get(&result.bk_host_id).copied().unwrap_or(0);
+                    HostFollow {
+                        result,
+                        read,
+                        held: Vec::new(),
+                        drained: false,
+                    }
+                })
+                .collect();
+            out.extend(self.hosts.iter().map(HostFollow::host_event));
+            return;
+        }
+        let mut by_id: HashMap<i64, HostResultRecord> =
+            results.into_iter().map(|r| (r.bk_host_id, r)).collect();
+        for host in &mut self.hosts {
+            let Some(new) = by_id.remove(&host.result.bk_host_id) else {
+                continue;
+            };
+            let changed = new.status != host.result.status
+                || new.exit_code != host.result.exit_code
+                || new.tag != host.result.tag;
+            host.result = new;
+            if changed {
+                out.push(host.host_event());
+            }
+        }
+    }
+
+    fn job_event(&self, status: i32, finished: bool) -> Value {
+        json!({
+            "type": "job",
+            "job_instance_id": self.job_instance_id,
+            "step_instance_id": self.step_instance_id,
+            "status": status,
+            "finished": finished,
+        })
+    }
+}
+
+fn encode(events: &[Value]) -> Bytes {
+    let mut out = Vec::new();
+    for event in events {
+        // Serializing a `Value` cannot fail.
+        let _ = serde_json::to_writer(&mut out, event);
+        out.push(b'\n');
+    }
+    Bytes::from(out)
+}
+
+/// SIGTERM or SIGINT to this process. A stream is a response that never completes on its own,
+/// and the HTTP server's graceful shutdown waits for responses: streams end themselves when the
+/// daemon is told to stop, and their clients reconnect to the next controller.
+struct ShutdownSignal {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignal {
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    async fn received(&mut self) {
+        async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            () = recv(&mut self.term) => {}
+            () = recv(&mut self.int) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_are_read_from_text_or_an_object() {
+        let text = parse_offsets(Some(&json!("1:10, 2:0,"))).unwrap();
+        assert_eq!(text, HashMap::from([(1, 10), (2, 0)]));
+        let object = parse_offsets(Some(&json!({"3": 5, "4": "7"}))).unwrap();
+        assert_eq!(object, HashMap::from([(3, 5), (4, 7)]));
+        assert!(parse_offsets(None).unwrap().is_empty());
+        for bad in [json!("1"), json!("x:1"), json!("1:-1"), json!([1])] {
+            let e = parse_offsets(Some(&bad)).unwrap_err();
+            assert_eq!(e.code, code::BAD_REQUEST, "{bad}");
+            assert!(e.message.starts_with("offsets:"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn an_incomplete_utf8_sequence_waits_for_its_end() {
+        assert_eq!(incomplete_utf8_tail(b"abc"), 0);
+        assert_eq!(incomplete_utf8_tail("é".as_bytes()), 0);
+        assert_eq!(incomplete_utf8_tail(&"é".as_bytes()[..1]), 1);
+        assert_eq!(incomplete_utf8_tail(&"€".as_bytes()[..2]), 2);
+        assert_eq!(incomplete_utf8_tail(&"😀".as_bytes()[..3]), 3);
+        assert_eq!(incomplete_utf8_tail(b"\xff"), 0);
+    }
+
+    fn host() -> HostFollow {
+        HostFollow {
+            result: HostResultRecord {
+                bk_host_id: 1,
+                bk_cloud_id: 0,
+                ip: "127.0.0.10".into(),
+                status: 7,
+                tag: String::new(),
+                exit_code: None,
+                error_code: 0,
+                start_time: None,
+                end_time: None,
+                output_bytes: 0,
+                dropped_bytes: 0,
+                dropped_lines: 0,
+                survivors: 0,
+            },
+            read: 0,
+            held: Vec::new(),
+            drained: false,
+        }
+    }
+
+    fn chunk(offset: i64, data: &[u8]) -> LogChunk {
+        LogChunk {
+            bk_host_id: 1,
+            offset,
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn chunks_become_output_events_without_repeats_or_split_characters() {
+        let mut h = host();
+        let euro = "€".as_bytes();
+        let first = h.take(&chunk(0, &[b"ab", &euro[..1]].concat())).unwrap();
+        assert_eq!(first["data"], "ab");
+        assert_eq!(
+            (first["offset"].clone(), first["next_offset"].clone()),
+            (json!(0), json!(2))
+        );
+        // The same chunk again (a re-read) gives nothing.
+        assert!(h.take(&chunk(0, &[b"ab", &euro[..1]].concat())).is_none());
+        let second = h.take(&chunk(3, &[&euro[1..], b"c"].concat())).unwrap();
+        assert_eq!(second["data"], "€c");
+        assert_eq!(
+            (second["offset"].clone(), second["next_offset"].clone()),
+            (json!(2), json!(6))
+        );
+        // A gap is not skipped over.
+        assert!(h.take(&chunk(9, b"zz")).is_none());
+        assert_eq!(h.read, 6);
+    }
+
+    #[test]
+    fn a_resumed_host_starts_inside_a_chunk() {
+        let mut h = host();
+        h.read = 3;
+        let event = h.take(&chunk(0, b"line1\n")).unwrap();
+        assert_eq!(event["data"], "e1\n");
+        assert_eq!(event["offset"], 3);
+        let mut h = host();
+        h.take(&chunk(0, &"é".as_bytes()[..1]));
+        let released = h.release().unwrap();
+        assert_eq!(released["data"], "\u{fffd}");
+        assert!(h.release().is_none());
+    }
+}
