@@ -254,6 +254,18 @@ async fn bad_requests_get_bk_job_codes_naming_the_field() -> Result<()> {
             "rolling_config",
         ),
         (
+            "rolling mode 4",
+            json!({"rolling_config": {"expression": "10%", "mode": 4}}),
+            1_240_003,
+            "rolling_config.mode",
+        ),
+        (
+            "rolling expression",
+            json!({"rolling_config": {"expression": "ten", "mode": 1}}),
+            1_240_003,
+            "rolling_config.expression",
+        ),
+        (
             "start_task not a bool",
             json!({"start_task": "maybe"}),
             1_240_003,
@@ -603,5 +615,65 @@ async fn a_job_created_without_start_runs_when_started_and_sensitive_params_stay
             place.display()
         );
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_running_when_the_controller_dies_ends_explained_after_the_restart() -> Result<()> {
+    let mut cluster = fleetrun_tests::start_cluster(2).await?;
+    let hosts = cluster.host_ids();
+    let client = cluster.client();
+    let (done, _, _) = cluster
+        .run_job(cluster.script_request("echo before", &hosts, json!({})))
+        .await?;
+    let accepted = client
+        .call(
+            "fast_execute_script",
+            cluster.script_request("echo started; sleep 30", &hosts, json!({})),
+        )
+        .await?;
+    let job = accepted["job_instance_id"].as_i64().unwrap();
+    let step = accepted["step_instance_id"].as_i64().unwrap();
+    fleetrun_tests::eventually(Duration::from_secs(10), "both hosts running", || async {
+        let logs = cluster.logs(job, step).await.ok()?;
+        logs.iter()
+            .all(|(_, l)| l.starts_with("started"))
+            .then_some(())
+    })
+    .await?;
+    cluster.kill_controller()?;
+    cluster.start_controller().await?;
+    let status = client
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(30))
+        .await?;
+    assert_eq!(status["job_instance"]["status"], 4, "{status}");
+    for result in host_results(&status) {
+        assert_eq!(result["status"], 310, "{result}");
+        assert!(
+            result["tag"].as_str().unwrap().contains("controller"),
+            "{result}"
+        );
+    }
+    // The output received before the crash, and earlier jobs, are still there.
+    assert!(
+        cluster
+            .logs(job, step)
+            .await?
+            .iter()
+            .all(|(_, l)| l.starts_with("started\n"))
+    );
+    let mut query = cluster.info.scope();
+    query["job_instance_id"] = json!(done);
+    assert_eq!(
+        client.call("get_job_instance_status", query).await?["job_instance"]["status"],
+        3
+    );
+    // The agents come back by themselves and take new work.
+    let ids: Vec<String> = cluster.agents.iter().map(|a| a.agent_id.clone()).collect();
+    cluster.wait_online(&ids, Duration::from_secs(30)).await?;
+    let (_, _, after) = cluster
+        .run_job(cluster.script_request("echo after", &hosts, json!({})))
+        .await?;
+    assert_eq!(after["job_instance"]["status"], 3);
     Ok(())
 }

@@ -192,10 +192,11 @@ pub async fn fast_execute_script(
             format!("longer than {MAX_TASK_NAME_CHARS} characters"),
         ));
     }
-    if req.rolling_config.as_ref().is_some_and(|v| !v.is_null()) {
+    if let Some(rolling) = req.rolling_config.as_ref().filter(|v| !v.is_null()) {
+        check_rolling_config(rolling)?;
         return Err(ApiError::invalid(
             "rolling_config",
-            "rolling execution is not supported yet",
+            "rolling execution is not supported yet; submit without rolling_config",
         ));
     }
     let callback_url = match req.callback_url.as_deref().filter(|u| !u.is_empty()) {
@@ -350,4 +351,38 @@ pub async fn fast_execute_script(
         "job_instance_name": name,
         "step_instance_id": created.step_instance_id,
     }))
+}
+
+/// bk-job's rolling configuration: `expression` (batch sizes such as `10%` or `1 5 +10%`) and
+/// `mode` 1 (pause on failure), 2 (ignore failures) or 3 (confirm each batch).
+fn check_rolling_config(rolling: &Value) -> Result<(), ApiError> {
+    let Value::Object(fields) = rolling else {
+        return Err(ApiError::invalid("rolling_config", "must be an object"));
+    };
+    let expression = fields
+        .get("expression")
+        .and_then(Value::as_str)
+        .filter(|e| !e.trim().is_empty())
+        .ok_or_else(|| ApiError::missing("rolling_config.expression"))?;
+    let valid_part = |part: &str| {
+        let digits = part
+            .trim_start_matches('+')
+            .trim_start_matches('*')
+            .trim_end_matches('%');
+        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+    };
+    if !expression.split_whitespace().all(valid_part) {
+        return Err(ApiError::invalid(
+            "rolling_config.expression",
+            format!("{expression:?} is not a batch expression such as \"10%\" or \"1 5 +10%\""),
+        ));
+    }
+    match fields.get("mode").and_then(Value::as_i64) {
+        Some(1..=3) => Ok(()),
+        Some(other) => Err(ApiError::invalid(
+            "rolling_config.mode",
+            format!("{other} is not 1, 2 or 3"),
+        )),
+        None => Err(ApiError::missing("rolling_config.mode")),
+    }
 }
