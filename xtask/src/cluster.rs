@@ -220,24 +220,13 @@ pub fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
-/// Builds the controller and agent binaries; returns the directory holding them.
-pub fn build_binaries(release: bool) -> Result<PathBuf> {
+/// A `cargo` command run from the workspace root, without the variables cargo set for the
+/// current process (xtask, or a test binary): build scripts such as ring's would take them for a
+/// changed environment and force a rebuild.
+pub fn cargo_command() -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace_root()).args([
-        "build",
-        "--locked",
-        "--quiet",
-        "-p",
-        "fleetrun-controller",
-        "-p",
-        "fleetrun-agent",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    // Variables cargo set for this process (xtask, or a test binary) would look like a changed
-    // environment to build scripts such as ring's and force a rebuild.
+    cmd.current_dir(workspace_root());
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy();
         if [
@@ -253,6 +242,24 @@ pub fn build_binaries(release: bool) -> Result<PathBuf> {
         {
             cmd.env_remove(key.as_ref());
         }
+    }
+    cmd
+}
+
+/// Builds the controller and agent binaries; returns the directory holding them.
+pub fn build_binaries(release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo_command();
+    cmd.args([
+        "build",
+        "--locked",
+        "--quiet",
+        "-p",
+        "fleetrun-controller",
+        "-p",
+        "fleetrun-agent",
+    ]);
+    if release {
+        cmd.arg("--release");
     }
     let status = cmd.status().context("running cargo build")?;
     ensure!(status.success(), "cargo build failed");
