@@ -37,6 +37,8 @@ pub struct Shared {
     pub inventory: Arc<inventory::InventoryState>,
     /// Seals sensitive parameters before they are stored.
     pub cipher: secrets::ParamCipher,
+    /// Cancelled when the controller stops; long-lived responses end on it.
+    pub shutdown: CancellationToken,
 }
 
 /// A started controller.
@@ -146,6 +148,7 @@ impl Controller {
             agents,
             inventory: inventory.clone(),
             cipher,
+            shutdown: shutdown.clone(),
         });
         let app = api::router(shared).layer(axum::extract::DefaultBodyLimit::max(api::MAX_BODY));
         let http_shutdown = shutdown.clone();

@@ -72,13 +72,13 @@ pub async fn stream_job(
     let follower = match prepared {
         Ok(follower) => follower,
         Err(e) => {
-            let _entered = span.enter();
-            if e.code == code::INTERNAL {
-                tracing::error!(code = e.code, "{}", e.message);
-            } else {
-                tracing::info!(code = e.code, "refused: {}", e.message);
-            }
-            drop(_entered);
+            span.in_scope(|| {
+                if e.code == code::INTERNAL {
+                    tracing::error!(code = e.code, "{}", e.message);
+                } else {
+                    tracing::info!(code = e.code, "refused: {}", e.message);
+                }
+            });
             return super::envelope(&request_id, Err(e));
         }
     };
@@ -350,7 +350,9 @@ impl Follower {
     }
 
     async fn follow(&mut self, lines: &mpsc::Sender<Bytes>) -> Result<(), Stop> {
-        let mut shutdown = ShutdownSignal::new();
+        // A stream never completes on its own, and the HTTP server's graceful shutdown waits for
+        // responses: streams end when the controller stops, and their clients reconnect.
+        let shutdown = self.shared.shutdown.clone();
         let mut idle_since = tokio::time::Instant::now();
         let mut poll: u64 = 0;
         loop {
@@ -374,7 +376,7 @@ impl Follower {
             tokio::select! {
                 () = tokio::time::sleep(POLL) => {}
                 () = lines.closed() => return Err(Stop::Gone),
-                () = shutdown.received() => return Err(Stop::Shutdown),
+                () = shutdown.cancelled() => return Err(Stop::Shutdown),
             }
         }
     }
@@ -519,39 +521,6 @@ fn encode(events: &[Value]) -> Bytes {
         out.push(b'\n');
     }
     Bytes::from(out)
-}
-
-/// SIGTERM or SIGINT to this process. A stream is a response that never completes on its own,
-/// and the HTTP server's graceful shutdown waits for responses: streams end themselves when the
-/// daemon is told to stop, and their clients reconnect to the next controller.
-struct ShutdownSignal {
-    term: Option<tokio::signal::unix::Signal>,
-    int: Option<tokio::signal::unix::Signal>,
-}
-
-impl ShutdownSignal {
-    fn new() -> Self {
-        use tokio::signal::unix::{SignalKind, signal};
-        Self {
-            term: signal(SignalKind::terminate()).ok(),
-            int: signal(SignalKind::interrupt()).ok(),
-        }
-    }
-
-    async fn received(&mut self) {
-        async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
-            match signal {
-                Some(signal) => {
-                    signal.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        }
-        tokio::select! {
-            () = recv(&mut self.term) => {}
-            () = recv(&mut self.int) => {}
-        }
-    }
 }
 
 #[cfg(test)]

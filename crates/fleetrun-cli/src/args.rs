@@ -1,0 +1,322 @@
+//! The command line, as clap reads it. Help texts teach by example.
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+
+const EXAMPLES: &str = "\
+Examples:
+  # Use the local cluster that `cargo xtask cluster` started
+  export FLEETRUN_CLUSTER=target/cluster/cluster.json
+
+  fleetrun run --host 1,2,3 -c 'uptime'             run a command, watch it live
+  fleetrun run --ip 10.0.0.5,1:10.0.0.6 --script deploy.sh --param 'v2 --force'
+  fleetrun run --host 1 -c 'sleep 600' --detach     print the job id and return
+  fleetrun logs 17 --follow                         output as it is written
+  fleetrun status 17                                each host's result
+  fleetrun jobs --status failed --since 7d          recent jobs
+  fleetrun kill 17                                  terminate a running job
+  fleetrun hosts --offline                          hosts whose agent is away
+
+Settings (first found wins): flags, then environment (FLEETRUN_URL, FLEETRUN_APP_CODE,
+FLEETRUN_APP_SECRET, FLEETRUN_USERNAME, FLEETRUN_SCOPE), then one file: --cluster FILE
+(an xtask cluster.json), else --config FILE, else $XDG_CONFIG_HOME/fleetrun/config.toml
+(~/.config/fleetrun/config.toml), with the keys url, app_code, app_secret, username, scope.
+The username defaults to $USER. Every command but `hosts` needs a scope (--scope biz:2).
+
+Exit status:
+  0    every host succeeded (or the command did what it was asked)
+  1    a host failed, timed out, was offline or was terminated
+  2    usage error: bad flags, missing settings, unreadable script
+  3    the controller refused the request (its code and message are printed), or an --ip
+       mixed with --host names no registered host
+  4    the controller cannot be reached, or its answer is not fleetrun's
+  130  interrupted (Ctrl-C); a job started by `run` keeps running";
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  fleetrun run --host 1,2 -c 'df -h /'                    as root (the default account)
+  fleetrun run --ip 127.0.0.10 --as deploy --script ./check.py --timeout 60
+  fleetrun run --host 1 --script - --lang python < job.py  script from standard input
+  fleetrun run --host 1 -c 'echo \"$1\"' --param \"'a b'\"    one argument: a b
+  fleetrun run --topo set:10 --group web -c 'uptime'      targets from the inventory
+  fleetrun run --host 1 -c 'make' --output jsonl          events as they arrive
+  job=$(fleetrun run --host 1 -c 'sleep 60' --detach)     start, then: fleetrun logs $job -f
+
+Targets mix freely: --host IDs, --ip [CLOUD:]IP (cloud area 0 unless given), --topo TYPE:ID
+and --group ID. The script's language follows the file's extension (.sh .bash .bat .cmd .pl
+.py .ps1) or its #! line; --lang overrides. While the job runs, a progress line counts waiting,
+running, succeeded and failed hosts; each output line is prefixed by its host's IP. At the end
+hosts are grouped by outcome and identical outputs are folded (\"37 hosts: ok\").
+Ctrl-C stops watching; the job keeps running (fleetrun kill JOB ends it).";
+
+/// Run scripts on many hosts through a fleetrun (bk-job compatible) controller.
+#[derive(Debug, Parser)]
+#[command(name = "fleetrun", version, after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Settings and output")]
+pub struct Global {
+    /// The controller's URL, e.g. http://10.0.0.2:8080
+    #[arg(long, global = true, env = "FLEETRUN_URL", value_name = "URL")]
+    pub url: Option<String>,
+    /// The app's bk_app_code
+    #[arg(long, global = true, env = "FLEETRUN_APP_CODE", value_name = "CODE")]
+    pub app_code: Option<String>,
+    /// The app's bk_app_secret (never printed)
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETRUN_APP_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub app_secret: Option<String>,
+    /// The operator recorded on jobs (bk_username); default $USER
+    #[arg(long, global = true, env = "FLEETRUN_USERNAME", value_name = "NAME")]
+    pub username: Option<String>,
+    /// The scope to act in: biz:ID (or biz_set:ID)
+    #[arg(long, global = true, env = "FLEETRUN_SCOPE", value_name = "TYPE:ID")]
+    pub scope: Option<String>,
+    /// Settings file (TOML) instead of ~/.config/fleetrun/config.toml
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Take URL, credentials and scope from an xtask cluster.json
+    #[arg(long, global = true, env = "FLEETRUN_CLUSTER", value_name = "FILE")]
+    pub cluster: Option<PathBuf>,
+    /// text for people; json: one document at the end; jsonl: events as they arrive
+    #[arg(
+        long,
+        short = 'o',
+        global = true,
+        value_enum,
+        default_value_t = Output::Text
+    )]
+    pub output: Output,
+    /// Print only the summary (run) or only what was asked
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// Print each request (URL, API, app, user; never the secret) on stderr
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+    Jsonl,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a script on hosts and watch it until it ends
+    #[command(after_help = RUN_EXAMPLES)]
+    Run(Box<RunArgs>),
+    /// Show a job's status and each host's result
+    Status {
+        /// The job instance id
+        job: i64,
+    },
+    /// Show a job's output, prefixed by host; --follow to watch it being written
+    Logs {
+        /// The job instance id
+        job: i64,
+        /// Only these hosts (bk_host_id)
+        #[arg(long = "host", value_name = "ID,...", value_delimiter = ',')]
+        hosts: Vec<i64>,
+        /// Keep printing output as it is written, until the job ends
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// List recent jobs, newest first
+    Jobs(JobsArgs),
+    /// Terminate a running job (operate_job_instance, code 1)
+    Kill {
+        /// The job instance id
+        job: i64,
+        /// Return once the controller accepted the request, without waiting for the end
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List the hosts whose agents have registered
+    Hosts(HostsArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("targets").required(true).multiple(true)))]
+#[command(group(ArgGroup::new("source").required(true).multiple(true)))]
+pub struct RunArgs {
+    /// Target hosts by bk_host_id
+    #[arg(
+        long = "host",
+        value_name = "ID,...",
+        value_delimiter = ',',
+        group = "targets"
+    )]
+    pub hosts: Vec<i64>,
+    /// Target hosts by IP, in cloud area CLOUD (default 0)
+    #[arg(
+        long = "ip",
+        value_name = "[CLOUD:]IP,...",
+        value_delimiter = ',',
+        group = "targets"
+    )]
+    pub ips: Vec<String>,
+    /// Every host below an inventory node, e.g. module:12 (repeatable)
+    #[arg(long = "topo", value_name = "TYPE:ID", group = "targets")]
+    pub topo: Vec<String>,
+    /// Every host of a dynamic group (repeatable)
+    #[arg(long = "group", value_name = "ID", group = "targets")]
+    pub groups: Vec<String>,
+    /// The script, inline (shell unless --lang)
+    #[arg(short = 'c', long = "command", value_name = "SCRIPT", group = "source",
+          conflicts_with_all = ["script", "script_id", "script_version"])]
+    pub command: Option<String>,
+    /// The script, from a file (`-` for standard input)
+    #[arg(long, value_name = "FILE", group = "source", conflicts_with_all = ["script_id", "script_version"])]
+    pub script: Option<PathBuf>,
+    /// A script of the library: its online version
+    #[arg(long, value_name = "ID", group = "source")]
+    pub script_id: Option<String>,
+    /// A script version of the library
+    #[arg(long, value_name = "ID", group = "source")]
+    pub script_version: Option<i64>,
+    /// The script's language, when the file name does not tell
+    #[arg(long, value_enum, value_name = "LANG")]
+    pub lang: Option<Lang>,
+    /// Run as this account: an alias, or a number for an account id
+    #[arg(
+        long = "as",
+        value_name = "ACCOUNT",
+        env = "FLEETRUN_ACCOUNT",
+        default_value = "root"
+    )]
+    pub account: String,
+    /// Seconds before the script is killed (controller default 7200)
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u32>,
+    /// Arguments for the script, split like a shell splits words (never expanded)
+    #[arg(long, value_name = "STRING", allow_hyphen_values = true)]
+    pub param: Option<String>,
+    /// The parameter is secret: stored encrypted and never shown
+    #[arg(long, requires = "param")]
+    pub sensitive: bool,
+    /// The job's name
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// URL the controller POSTs the job's result to when it ends
+    #[arg(long, value_name = "URL")]
+    pub callback: Option<String>,
+    /// Print the job id and return at once instead of watching the job
+    #[arg(long, short)]
+    pub detach: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Lang {
+    #[value(alias = "sh", alias = "bash")]
+    Shell,
+    #[value(alias = "cmd")]
+    Bat,
+    #[value(alias = "pl")]
+    Perl,
+    #[value(alias = "py")]
+    Python,
+    #[value(alias = "ps1", alias = "pwsh")]
+    Powershell,
+}
+
+impl Lang {
+    /// bk-job's `script_language`.
+    pub fn code(self) -> i64 {
+        match self {
+            Self::Shell => 1,
+            Self::Bat => 2,
+            Self::Perl => 3,
+            Self::Python => 4,
+            Self::Powershell => 5,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// How far back: 30m, 24h, 7d (at most 30d)
+    #[arg(long, value_name = "AGE", default_value = "24h")]
+    pub since: String,
+    /// Only jobs in this status: running, success, failed, terminated, ... or its number
+    #[arg(long, value_name = "STATUS")]
+    pub status: Option<String>,
+    /// Only jobs whose name contains this
+    #[arg(long, value_name = "TEXT")]
+    pub name: Option<String>,
+    /// Only jobs of this operator
+    #[arg(long, value_name = "NAME")]
+    pub operator: Option<String>,
+    /// At most this many jobs (1-1000)
+    #[arg(long, value_name = "N", default_value_t = 20,
+          value_parser = clap::value_parser!(i64).range(1..=1000))]
+    pub limit: i64,
+}
+
+#[derive(Debug, Args)]
+pub struct HostsArgs {
+    /// Only hosts whose agent is connected
+    #[arg(long, conflicts_with = "offline")]
+    pub online: bool,
+    /// Only hosts whose agent is not connected
+    #[arg(long)]
+    pub offline: bool,
+    /// Only hosts of this business
+    #[arg(long, value_name = "ID")]
+    pub biz: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_needs_a_target_and_a_script() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args);
+        assert!(parse(&["fleetrun", "run", "-c", "true"]).is_err());
+        assert!(parse(&["fleetrun", "run", "--host", "1"]).is_err());
+        assert!(parse(&["fleetrun", "run", "--host", "1", "-c", "x", "--script", "f"]).is_err());
+        let cli = parse(&[
+            "fleetrun", "run", "--host", "1,2", "--host", "3", "-c", "true",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.hosts, [1, 2, 3]);
+        assert_eq!(run.account, "root");
+        // Global flags go anywhere.
+        let cli = parse(&[
+            "fleetrun",
+            "run",
+            "--ip",
+            "1:10.0.0.1",
+            "-c",
+            "x",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.output, Output::Json);
+    }
+}
