@@ -1,5 +1,6 @@
 //! fleetrun's developer and integration commands, as a library the integration tests share.
 
+pub mod bench;
 pub mod client;
 pub mod cluster;
 pub mod e2e;

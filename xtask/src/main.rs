@@ -52,6 +52,16 @@ enum Cmd {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Run the benchmark suite (release builds): prints a table, writes target/bench/*.json.
+    Bench {
+        /// About two minutes: fewer runs, shorter windows.
+        #[arg(long)]
+        quick: bool,
+        /// Only these groups (comma-separated): fanout, footprint, real, throughput, latency,
+        /// output, inventory.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
     /// Run a script on a 3-agent local cluster through the bk-job API, print each host's result.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -84,6 +94,12 @@ fn main() -> Result<()> {
             inventory,
         )),
         Cmd::Demo { agents } => runtime.block_on(demo(agents)),
+        Cmd::Bench { quick, only } => {
+            runtime.block_on(xtask::bench::run(xtask::bench::BenchOptions {
+                quick,
+                only,
+            }))
+        }
         Cmd::E2e {
             hosts,
             release,

@@ -89,7 +89,11 @@ fn load_roots(path: &std::path::Path) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
-fn transport(timing: Timing) -> Arc<quinn::TransportConfig> {
+/// Transport settings. `peer_streams` is how many bidirectional streams the peer may have open at
+/// once: quinn keeps per-stream state for every allowed stream of every connection, so the
+/// controller allows agents only the few they open (the control stream), while an agent allows
+/// the controller one stream per task it may run or queue.
+fn transport(timing: Timing, peer_streams: u32) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(Some(
@@ -99,11 +103,19 @@ fn transport(timing: Timing) -> Arc<quinn::TransportConfig> {
                 .expect("idle timeout within QUIC's range"),
         ))
         .keep_alive_interval(Some(timing.keep_alive))
-        // One stream per task: an agent may run many at once.
-        .max_concurrent_bidi_streams(4096u32.into())
+        .max_concurrent_bidi_streams(peer_streams.into())
         .max_concurrent_uni_streams(0u32.into());
     Arc::new(transport)
 }
+
+/// Streams an agent may open on its connection: the control stream, and room for a newer
+/// control stream while an old one closes.
+const AGENT_OPENED_STREAMS: u32 = 4;
+/// Task streams the controller may have open to one agent at once; more wait for a stream.
+const TASK_STREAMS_PER_AGENT: u32 = 1024;
+/// Socket buffers for the controller's UDP socket: a fan-out to thousands of agents answers in
+/// bursts the kernel's default (about 208 KiB) drops.
+const SOCKET_BUFFER: usize = 16 * 1024 * 1024;
 
 /// The controller's endpoint: requires a client certificate signed by the CA.
 pub fn server_endpoint(
@@ -122,11 +134,34 @@ pub fn server_endpoint(
     tls.alpn_protocols = vec![fleetrun_proto::ALPN.to_vec()];
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport(timing));
-    quinn::Endpoint::server(config, listen).map_err(|source| TlsError::Bind {
+    config.transport_config(transport(timing, AGENT_OPENED_STREAMS));
+    let bind_error = |source| TlsError::Bind {
         addr: listen,
         source,
-    })
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(listen),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(bind_error)?;
+    if listen.is_ipv6() {
+        // Accept IPv4 agents on an IPv6 wildcard too, as quinn's own binding does.
+        let _ = socket.set_only_v6(false);
+    }
+    // The kernel caps these at net.core.rmem_max / wmem_max; a smaller buffer still works.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&listen.into()).map_err(bind_error)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket.into(),
+        runtime,
+    )
+    .map_err(bind_error)
 }
 
 /// The agent's endpoint, bound to `bind` (port 0 for any), presenting the agent's certificate.
@@ -143,7 +178,7 @@ pub fn client_endpoint(
     tls.alpn_protocols = vec![fleetrun_proto::ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport(timing));
+    config.transport_config(transport(timing, TASK_STREAMS_PER_AGENT));
     let mut endpoint =
         quinn::Endpoint::client(bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(config);

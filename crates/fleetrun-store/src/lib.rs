@@ -42,6 +42,10 @@ pub enum StoreError {
     WriterStopped,
 }
 
+/// Rows per `INSERT` when a job's hosts are stored: 5 parameters each, within SQLite's limit of
+/// 32,766 parameters per statement.
+const HOSTS_PER_INSERT: usize = 1_000;
+
 /// Handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -182,17 +186,20 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?
         .get(0);
-        for host in &job.hosts {
-            sqlx::query(
-                "INSERT INTO host_result (step_instance_id, bk_host_id, bk_cloud_id, ip, status) VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(step_instance_id)
-            .bind(host.bk_host_id)
-            .bind(host.bk_cloud_id)
-            .bind(&host.ip)
-            .bind(host.status)
-            .execute(&mut *tx)
-            .await?;
+        // Many rows per statement: one statement per host costs a round trip each, which is
+        // most of the time a job on thousands of hosts takes to be accepted.
+        for chunk in job.hosts.chunks(HOSTS_PER_INSERT) {
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO host_result (step_instance_id, bk_host_id, bk_cloud_id, ip, status) ",
+            );
+            insert.push_values(chunk, |mut row, host| {
+                row.push_bind(step_instance_id)
+                    .push_bind(host.bk_host_id)
+                    .push_bind(host.bk_cloud_id)
+                    .push_bind(&host.ip)
+                    .push_bind(host.status);
+            });
+            insert.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(CreatedJob {

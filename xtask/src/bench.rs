@@ -1,0 +1,215 @@
+//! `cargo xtask bench`: fleetrun's benchmark suite.
+//!
+//! Every figure is measured in one run beside what it is compared with: published figures
+//! (GSE, bk-job users, Salt) are printed next to it, and the machine's own floor (the rate it
+//! forks and reaps shells) is measured in the same run. Release builds only.
+//!
+//! Groups (`--only` takes a comma-separated list):
+//! - `fanout`: controller + `fleetrun-swarm` (virtual agents, EMULATED executor: no fork), one
+//!   job to 100, 1,000 and 10,000 hosts; HTTP accept and accept -> every host final, p50/p99;
+//!   the controller's own timestamps say where the time went.
+//! - `real`: controller + 100 real agents, `echo ok` on 10 and 100 hosts, beside Salt.
+//! - `throughput`: single-host jobs, 16 in flight on 4 real agents, beside the raw fork rate.
+//! - `latency`: submit -> first output line readable through the log API.
+//! - `output`: 50 MiB from one host, MiB/s and peak RSS of agent and controller.
+//! - `footprint`: controller RSS per connected agent (swarm), a real agent's idle RSS and CPU.
+//! - `inventory`: `fleetrun-inventory`'s `resolve_bench` example, when it exists.
+//!
+//! Writes `target/bench/<timestamp>.json` and `target/bench/latest.json`.
+
+mod inventory;
+mod jobs;
+mod real;
+mod report;
+mod swarm;
+mod sys;
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::json;
+
+pub use report::Figure;
+
+use crate::cluster::workspace_root;
+
+/// Every group, in the order they run.
+pub const GROUPS: &[&str] = &[
+    "fanout",
+    "footprint",
+    "real",
+    "throughput",
+    "latency",
+    "output",
+    "inventory",
+];
+
+#[derive(Debug, Clone, Default)]
+pub struct BenchOptions {
+    /// Fewer runs and shorter windows: about two minutes.
+    pub quick: bool,
+    /// Groups to run; empty for all.
+    pub only: Vec<String>,
+}
+
+/// What the scenarios share.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub root: PathBuf,
+    /// Scratch directory for the clusters (logs stay there after the run).
+    pub work: PathBuf,
+    pub bin_dir: PathBuf,
+    pub quick: bool,
+    only: Vec<String>,
+}
+
+impl Ctx {
+    pub fn wants(&self, group: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|g| g == group)
+    }
+}
+
+/// Drops the variables cargo set for this process: a build started from here would otherwise
+/// see a changed environment and rebuild crates whose build scripts read them.
+pub(crate) fn clean_cargo_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if [
+            "CARGO_MANIFEST_",
+            "CARGO_PKG_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+        ]
+        .iter()
+        .any(|prefix| key.starts_with(prefix))
+        {
+            cmd.env_remove(key.as_ref());
+        }
+    }
+}
+
+/// Builds the controller, the agent and the swarm in release mode; returns their directory.
+fn build() -> Result<PathBuf> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "--locked",
+        "--quiet",
+        "-p",
+        "fleetrun-controller",
+        "-p",
+        "fleetrun-agent",
+        "-p",
+        "fleetrun-swarm",
+    ]);
+    clean_cargo_env(&mut cmd);
+    ensure!(
+        cmd.status().context("running cargo build")?.success(),
+        "cargo build failed"
+    );
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target.join("release"))
+}
+
+pub async fn run(opts: BenchOptions) -> Result<()> {
+    for group in &opts.only {
+        ensure!(
+            GROUPS.contains(&group.as_str()),
+            "unknown group {group:?}; groups: {}",
+            GROUPS.join(", ")
+        );
+    }
+    let root = workspace_root();
+    let out_dir = root.join("target/bench");
+    let building = Instant::now();
+    println!("building release binaries (controller, agent, swarm)");
+    let bin_dir = build()?;
+    println!("built in {:.0?}", building.elapsed());
+    let ctx = Ctx {
+        work: out_dir.join("work"),
+        root: root.clone(),
+        bin_dir,
+        quick: opts.quick,
+        only: opts.only.clone(),
+    };
+    std::fs::create_dir_all(&ctx.work)?;
+
+    let started = Instant::now();
+    let stamp = sys::timestamp();
+    let mut figures: Vec<Figure> = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
+    let mut scenario = async |name: &str, wanted: bool, figures: &mut Vec<Figure>| {
+        if !wanted {
+            return;
+        }
+        println!("[{:>5.1} s] {name} …", started.elapsed().as_secs_f64());
+        let result = match name {
+            "swarm" => swarm::run(&ctx, figures).await,
+            "real" => real::run(&ctx, figures).await,
+            _ => inventory::run(&ctx, figures).await,
+        };
+        if let Err(e) = result {
+            eprintln!("{name} scenario failed: {e:#}");
+            errors.push(format!("{name}: {e:#}"));
+        }
+    };
+    scenario(
+        "swarm",
+        ctx.wants("fanout") || ctx.wants("footprint"),
+        &mut figures,
+    )
+    .await;
+    scenario(
+        "real",
+        ["real", "throughput", "latency", "output", "footprint"]
+            .iter()
+            .any(|g| ctx.wants(g)),
+        &mut figures,
+    )
+    .await;
+    scenario("inventory", ctx.wants("inventory"), &mut figures).await;
+    let took = started.elapsed();
+
+    figures.retain(|f| ctx.wants(f.group));
+    // Group the table as GROUPS orders it, keeping each group's own order.
+    figures.sort_by_key(|f| GROUPS.iter().position(|g| *g == f.group));
+    let table = report::table(&figures);
+    println!(
+        "\nfleetrun bench ({}), {:.0?}\n",
+        if ctx.quick { "quick" } else { "full" },
+        took
+    );
+    print!("{table}");
+
+    let report = json!({
+        "timestamp": stamp,
+        "quick": ctx.quick,
+        "only": ctx.only,
+        "duration_secs": took.as_secs_f64(),
+        "machine": sys::machine(),
+        "git": sys::git(&root),
+        "figures": figures.iter().map(Figure::to_json).collect::<Vec<_>>(),
+        "errors": errors,
+    });
+    let text = serde_json::to_string_pretty(&report)?;
+    let path = out_dir.join(format!("{stamp}.json"));
+    std::fs::write(&path, &text)?;
+    std::fs::write(out_dir.join("latest.json"), &text)?;
+    println!("\nwrote {} (and latest.json)", path.display());
+    if took > Duration::from_secs(600) {
+        eprintln!("warning: the run took over 10 minutes");
+    }
+    if !errors.is_empty() {
+        bail!("{} scenario(s) failed: {}", errors.len(), errors.join("; "));
+    }
+    Ok(())
+}
