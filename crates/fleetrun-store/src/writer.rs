@@ -92,9 +92,34 @@ async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Write>) {
 }
 
 async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
+    // A host whose task also ended in this batch needs no "running" update: its final row says
+    // all. Log chunks go in multi-row inserts. Both matter when thousands of hosts report at once.
+    let finished: std::collections::HashSet<(i64, i64)> = batch
+        .iter()
+        .filter_map(|w| match w {
+            Write::HostFinished {
+                step_instance_id,
+                bk_host_id,
+                ..
+            } => Some((*step_instance_id, *bk_host_id)),
+            _ => None,
+        })
+        .collect();
+    let mut logs = Vec::new();
     let mut tx = pool.begin().await?;
     for write in batch {
         match write {
+            Write::HostStatus {
+                step_instance_id,
+                bk_host_id,
+                ..
+            } if finished.contains(&(*step_instance_id, *bk_host_id)) => {}
+            Write::HostLog {
+                step_instance_id,
+                bk_host_id,
+                offset,
+                data,
+            } => logs.push((*step_instance_id, *bk_host_id, *offset, data.as_slice())),
             Write::JobStarted {
                 job_instance_id,
                 step_instance_id,
@@ -150,20 +175,6 @@ async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
                 .bind(bk_host_id)
                 .execute(&mut *tx)
                 .await?;
-            }
-            Write::HostLog {
-                step_instance_id,
-                bk_host_id,
-                offset,
-                data,
-            } => {
-                sqlx::query("INSERT OR REPLACE INTO host_log (step_instance_id, bk_host_id, offset, data) VALUES (?, ?, ?, ?)")
-                    .bind(step_instance_id)
-                    .bind(bk_host_id)
-                    .bind(offset)
-                    .bind(data.as_slice())
-                    .execute(&mut *tx)
-                    .await?;
             }
             Write::HostFinished {
                 step_instance_id,
@@ -222,5 +233,20 @@ async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
             Write::Flush(_) => {}
         }
     }
+    for chunk in logs.chunks(LOGS_PER_INSERT) {
+        let mut insert = sqlx::QueryBuilder::new(
+            "INSERT OR REPLACE INTO host_log (step_instance_id, bk_host_id, offset, data) ",
+        );
+        insert.push_values(chunk, |mut row, (step, host, offset, data)| {
+            row.push_bind(*step)
+                .push_bind(*host)
+                .push_bind(*offset)
+                .push_bind(*data);
+        });
+        insert.build().execute(&mut *tx).await?;
+    }
     tx.commit().await
 }
+
+/// Log rows per `INSERT` (4 parameters each, well within SQLite's limit).
+const LOGS_PER_INSERT: usize = 1_000;
