@@ -535,6 +535,16 @@ async fn apps_act_only_in_their_scopes() -> Result<()> {
         )
         .await?;
     assert_eq!(envelope["code"], 1_244_006, "{envelope}");
+
+    // Nor does it see business 2's hosts, or get to reload the inventory.
+    assert_eq!(narrow.hosts().await?, Vec::<Value>::new());
+    assert_eq!(cluster.client().hosts().await?.len(), 1);
+    let refused = narrow
+        .fleetrun("reload_inventory")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("1238001"), "{refused}");
     Ok(())
 }
 

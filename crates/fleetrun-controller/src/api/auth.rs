@@ -23,6 +23,30 @@ impl Caller {
     pub fn may_use(&self, scope_type: &str, scope_id: &str) -> bool {
         self.scopes.may_use(scope_type, scope_id)
     }
+
+    /// Whether the app may act on every scope: only such an app sees every host and may change
+    /// the inventory.
+    pub fn is_unrestricted(&self) -> bool {
+        self.scopes.scopes.iter().any(|s| s == "*")
+    }
+
+    /// Whether the app may see a host of business `bk_biz_id` (directly, or through a business
+    /// set it may use).
+    pub fn may_see_business(
+        &self,
+        inventory: &fleetrun_inventory::Inventory,
+        bk_biz_id: Option<i64>,
+    ) -> bool {
+        if self.is_unrestricted() {
+            return true;
+        }
+        let Some(biz) = bk_biz_id else { return false };
+        self.may_use("biz", &biz.to_string())
+            || inventory.business_sets().iter().any(|set| {
+                set.members.contains(&biz)
+                    && self.may_use("biz_set", &set.bk_biz_set_id.to_string())
+            })
+    }
 }
 
 #[derive(Deserialize, Default)]

@@ -111,9 +111,9 @@ async fn dispatch(
             "get_script_version_detail" => {
                 scripts::get_script_version_detail(&shared, &caller, &params).await
             }
-            "list_hosts" => query::list_hosts(&shared).await,
-            "get_topology" => query::get_topology(&shared).await,
-            "reload_inventory" => query::reload_inventory(&shared),
+            "list_hosts" => query::list_hosts(&shared, &caller).await,
+            "get_topology" => query::get_topology(&shared, &caller).await,
+            "reload_inventory" => query::reload_inventory(&shared, &caller),
             "get_callback_status" => query::get_callback_status(&shared, &caller, &params).await,
             _ => Err(ApiError::new(
                 error::code::API_UNSUPPORTED,

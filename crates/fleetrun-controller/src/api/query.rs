@@ -273,8 +273,9 @@ pub async fn batch_get_job_instance_ip_log(
     }))
 }
 
-/// fleetrun's host list: every registered host and whether its agent is connected now.
-pub async fn list_hosts(shared: &Shared) -> Result<Value, ApiError> {
+/// fleetrun's host list: the hosts of the businesses the app may use (every host, unassigned
+/// ones included, for an unrestricted app).
+pub async fn list_hosts(shared: &Shared, caller: &Caller) -> Result<Value, ApiError> {
     let registered = shared.store.hosts().await?;
     let inventory = shared.inventory.current().await?;
     let conflicted: std::collections::HashSet<i64> = inventory
@@ -285,6 +286,7 @@ pub async fn list_hosts(shared: &Shared) -> Result<Value, ApiError> {
     let mut hosts: Vec<Value> = inventory
         .hosts()
         .iter()
+        .filter(|h| caller.may_see_business(&inventory, h.bk_biz_id))
         .map(|h| {
             let agent = h
                 .agent_id
@@ -308,7 +310,7 @@ pub async fn list_hosts(shared: &Shared) -> Result<Value, ApiError> {
         })
         .collect();
     // Agents the inventory refused (an id collision) are still listed, unplaced.
-    for r in &registered {
+    for r in registered.iter().filter(|_| caller.is_unrestricted()) {
         if inventory.host(r.bk_host_id).is_none() {
             hosts.push(json!({
                 "bk_host_id": r.bk_host_id,
@@ -332,7 +334,7 @@ pub async fn list_hosts(shared: &Shared) -> Result<Value, ApiError> {
 
 /// fleetrun's topology view: every business with its nodes and the hosts below each, and the
 /// dynamic groups with the hosts they match now.
-pub async fn get_topology(shared: &Shared) -> Result<Value, ApiError> {
+pub async fn get_topology(shared: &Shared, caller: &Caller) -> Result<Value, ApiError> {
     let inventory = shared.inventory.current().await?;
     let hosts_below = |scope: fleetrun_inventory::Scope, node: (&str, i64)| -> Vec<i64> {
         let targets = fleetrun_inventory::Targets {
@@ -347,6 +349,7 @@ pub async fn get_topology(shared: &Shared) -> Result<Value, ApiError> {
     let businesses: Vec<Value> = inventory
         .businesses()
         .iter()
+        .filter(|b| caller.may_see_business(&inventory, Some(b.bk_biz_id)))
         .map(|b| {
             let scope = fleetrun_inventory::Scope::Biz(b.bk_biz_id);
             let nodes: Vec<Value> = inventory
@@ -382,6 +385,7 @@ pub async fn get_topology(shared: &Shared) -> Result<Value, ApiError> {
     let groups: Vec<Value> = inventory
         .dynamic_groups()
         .iter()
+        .filter(|g| caller.may_see_business(&inventory, Some(g.bk_biz_id)))
         .map(|g| {
             let targets = fleetrun_inventory::Targets {
                 dynamic_groups: vec![g.id.clone()],
@@ -400,7 +404,16 @@ pub async fn get_topology(shared: &Shared) -> Result<Value, ApiError> {
 }
 
 /// Reads the inventory file again; an invalid file changes nothing and the error names the line.
-pub fn reload_inventory(shared: &Shared) -> Result<Value, ApiError> {
+pub fn reload_inventory(shared: &Shared, caller: &Caller) -> Result<Value, ApiError> {
+    if !caller.is_unrestricted() {
+        return Err(ApiError::new(
+            code::NO_PERMISSION,
+            format!(
+                "app {:?} may not reload the inventory: it is not allowed every scope",
+                caller.app_code
+            ),
+        ));
+    }
     shared
         .inventory
         .reload()
