@@ -663,3 +663,190 @@ async fn a_terminal_shows_a_progress_line_and_output_prefixed_by_host() -> Resul
     assert!(ended.contains("succeeded on 2 hosts"), "{ended}");
     Ok(())
 }
+
+/// `fleetrun ARGS` run to its end, with its exit status checked.
+async fn expect(cluster: &TestCluster, args: &[&str], code: i32) -> Result<Finished> {
+    let done = run_to_end(fleetrun(cluster, args)).await?;
+    ensure!(
+        done.code == code,
+        "fleetrun {args:?} exited {} (expected {code}):\n{}{}",
+        done.code,
+        done.stdout,
+        done.stderr
+    );
+    Ok(done)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scripts_topology_and_inventory_from_the_command_line() -> Result<()> {
+    let cluster = start_cluster(1).await?;
+    let host = cluster.host_ids()[0].to_string();
+    let dir = cluster.dir();
+    let first = dir.join("cli-library.sh");
+    std::fs::write(&first, "echo \"from the library: v1\"\n")?;
+
+    // Create (the language from the extension), list, publish, run by script id.
+    let created = expect(
+        &cluster,
+        &[
+            "scripts",
+            "create",
+            "--name",
+            "cli-library",
+            "--version",
+            "v1",
+            first.to_str().unwrap(),
+            "--description",
+            "made by the CLI test",
+            "-o",
+            "json",
+        ],
+        0,
+    )
+    .await?;
+    let created: Value = serde_json::from_str(&created.stdout)?;
+    let script = created["script_id"]
+        .as_str()
+        .context("script_id")?
+        .to_owned();
+    let v1 = created["id"].to_string();
+    assert_eq!(created["script_language"], 1, "{created}");
+    assert_eq!(created["status"], 0, "a new script is a draft: {created}");
+
+    let listed = expect(&cluster, &["scripts", "list", "--name", "cli-lib"], 0).await?;
+    let row = listed
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&script))
+        .with_context(|| format!("the script is listed: {}", listed.stdout))?;
+    assert!(
+        row.contains("cli-library") && row.contains("shell"),
+        "{row}"
+    );
+    let python = expect(
+        &cluster,
+        &["scripts", "list", "--lang", "python", "-o", "json"],
+        0,
+    )
+    .await?;
+    let python: Value = serde_json::from_str(&python.stdout)?;
+    assert_eq!(python["total"], 0, "{python}");
+
+    let published = expect(&cluster, &["scripts", "publish", &script, &v1], 0).await?;
+    assert!(published.stdout.contains("online"), "{}", published.stdout);
+    let ran = expect(
+        &cluster,
+        &["run", "--script-id", &script, "--host", &host],
+        0,
+    )
+    .await?;
+    assert!(
+        ran.stdout.contains("from the library: v1"),
+        "{}",
+        ran.stdout
+    );
+
+    // A second version, published: the first goes offline.
+    let second = dir.join("cli-library-2.sh");
+    let v2_text = "echo \"from the library: v2\"\n";
+    std::fs::write(&second, v2_text)?;
+    let added = expect(
+        &cluster,
+        &[
+            "scripts",
+            "add-version",
+            &script,
+            "--version",
+            "v2",
+            second.to_str().unwrap(),
+            "-q",
+        ],
+        0,
+    )
+    .await?;
+    let v2 = added.stdout.trim().to_owned();
+    ensure!(
+        v2.parse::<i64>().is_ok(),
+        "-q prints the version id: {v2:?}"
+    );
+    expect(&cluster, &["scripts", "publish", &script, &v2], 0).await?;
+    let versions = expect(&cluster, &["scripts", "versions", &script], 0).await?;
+    let status_of = |id: &str| {
+        versions
+            .stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .map(|l| l.split_whitespace().nth(2).unwrap_or("").to_owned())
+    };
+    assert_eq!(
+        status_of(&v1).as_deref(),
+        Some("offline"),
+        "{}",
+        versions.stdout
+    );
+    assert_eq!(
+        status_of(&v2).as_deref(),
+        Some("online"),
+        "{}",
+        versions.stdout
+    );
+    let shown = expect(&cluster, &["scripts", "show", &v2], 0).await?;
+    assert_eq!(shown.stdout, v2_text, "the content alone on stdout");
+    assert!(
+        shown.stderr.contains("v2"),
+        "details on stderr: {}",
+        shown.stderr
+    );
+    let shown = expect(&cluster, &["scripts", "show", &v2, "-o", "json"], 0).await?;
+    let shown: Value = serde_json::from_str(&shown.stdout)?;
+    assert_eq!(shown["content_text"], v2_text, "{shown}");
+
+    // A disabled version does not run: the controller refuses (1244018), exit 3.
+    let disabled = expect(&cluster, &["scripts", "disable", &script, &v1], 0).await?;
+    assert!(disabled.stdout.contains("disabled"), "{}", disabled.stdout);
+    let refused = expect(
+        &cluster,
+        &["run", "--script-version", &v1, "--host", &host],
+        3,
+    )
+    .await?;
+    assert!(refused.stderr.contains("1244018"), "{}", refused.stderr);
+    let unknown = expect(&cluster, &["scripts", "versions", "no-such-script"], 3).await?;
+    assert!(unknown.stderr.contains("1243001"), "{}", unknown.stderr);
+    expect(&cluster, &["scripts", "show", "999999"], 3).await?;
+
+    // The topology: business 2 with module 110, as JSON and as a tree.
+    let topology = expect(&cluster, &["topology", "--output", "json"], 0).await?;
+    let topology: Value = serde_json::from_str(&topology.stdout)?;
+    let business = topology["businesses"]
+        .as_array()
+        .context("businesses")?
+        .iter()
+        .find(|b| b["bk_biz_id"] == 2)
+        .with_context(|| format!("business 2: {topology}"))?;
+    assert!(
+        business["nodes"]
+            .as_array()
+            .context("nodes")?
+            .iter()
+            .any(|n| n["bk_obj_id"] == "module" && n["bk_inst_id"] == 110),
+        "{business}"
+    );
+    let tree = expect(&cluster, &["topology"], 0).await?;
+    assert!(
+        tree.stdout.contains("business 2 ") && tree.stdout.contains("    module 110 "),
+        "{}",
+        tree.stdout
+    );
+
+    // Reloading the inventory: fine as it is; an invalid line is refused and named.
+    let reloaded = expect(&cluster, &["inventory", "reload"], 0).await?;
+    assert!(reloaded.stdout.contains("reloaded"), "{}", reloaded.stdout);
+    let path = dir.join("inventory.toml");
+    let original = std::fs::read_to_string(&path)?;
+    std::fs::write(&path, format!("{original}\nthis is not toml\n"))?;
+    let invalid = expect(&cluster, &["inventory", "reload"], 3).await?;
+    assert!(invalid.stderr.contains("line"), "{}", invalid.stderr);
+    assert!(invalid.stderr.contains("1240003"), "{}", invalid.stderr);
+    Ok(())
+}

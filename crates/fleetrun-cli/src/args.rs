@@ -17,12 +17,18 @@ Examples:
   fleetrun jobs --status failed --since 7d          recent jobs
   fleetrun kill 17                                  terminate a running job
   fleetrun hosts --offline                          hosts whose agent is away
+  fleetrun scripts create --name deploy --version v1 deploy.sh
+                                                    add a script to the library
+  fleetrun run --host 1 --script-id ID              run its online version
+  fleetrun topology                                 businesses, sets, modules, groups
+  fleetrun inventory reload                         read the inventory file again
 
 Settings (first found wins): flags, then environment (FLEETRUN_URL, FLEETRUN_APP_CODE,
 FLEETRUN_APP_SECRET, FLEETRUN_USERNAME, FLEETRUN_SCOPE), then one file: --cluster FILE
 (an xtask cluster.json), else --config FILE, else $XDG_CONFIG_HOME/fleetrun/config.toml
 (~/.config/fleetrun/config.toml), with the keys url, app_code, app_secret, username, scope.
-The username defaults to $USER. Every command but `hosts` needs a scope (--scope biz:2).
+The username defaults to $USER. Every command but `hosts`, `topology` and `inventory` needs a
+scope (--scope biz:2).
 
 Exit status:
   0    every host succeeded (or the command did what it was asked)
@@ -49,6 +55,19 @@ and --group ID. The script's language follows the file's extension (.sh .bash .b
 running, succeeded and failed hosts; each output line is prefixed by its host's IP. At the end
 hosts are grouped by outcome and identical outputs are folded (\"37 hosts: ok\").
 Ctrl-C stops watching; the job keeps running (fleetrun kill JOB ends it).";
+
+const SCRIPTS_EXAMPLES: &str = "\
+Examples:
+  fleetrun scripts create --name deploy --version v1 deploy.sh   a new script (a draft)
+  fleetrun scripts publish SCRIPT_ID VERSION_ID                   make that version online
+  fleetrun run --host 1,2 --script-id SCRIPT_ID                   run the online version
+  fleetrun scripts add-version SCRIPT_ID --version v2 deploy.sh   a new draft version
+  fleetrun scripts list --lang python                             the scope's scripts
+  fleetrun scripts versions SCRIPT_ID                             a script's versions
+  fleetrun scripts show VERSION_ID > deploy.sh                    a version's content
+
+A version is a draft, online, offline or disabled. At most one version of a script is online:
+publishing another sets the previous one offline. Online and offline versions run.";
 
 /// Run scripts on many hosts through a fleetrun (bk-job compatible) controller.
 #[derive(Debug, Parser)]
@@ -147,6 +166,122 @@ pub enum Command {
     },
     /// List the hosts whose agents have registered
     Hosts(HostsArgs),
+    /// The scope's script library: list, show, create, publish, disable
+    #[command(subcommand, after_help = SCRIPTS_EXAMPLES)]
+    Scripts(ScriptsCommand),
+    /// Show the inventory as a tree: businesses, their nodes with host counts, dynamic groups
+    #[command(after_help = "\
+Examples:
+  fleetrun topology                   business -> sets -> modules, with host counts
+  fleetrun topology -o json           every node with its host ids (get_topology)")]
+    Topology,
+    /// The controller's inventory file
+    #[command(subcommand)]
+    Inventory(InventoryCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScriptsCommand {
+    /// List the scope's scripts: id, name, language, online version
+    #[command(after_help = "\
+Examples:
+  fleetrun scripts list                       every script of the scope
+  fleetrun scripts list --name deploy         scripts whose name contains deploy
+  fleetrun scripts list --lang python -o json")]
+    List {
+        /// Only scripts whose name contains this
+        #[arg(long, value_name = "TEXT")]
+        name: Option<String>,
+        /// Only scripts in this language
+        #[arg(long, value_enum, value_name = "LANG")]
+        lang: Option<Lang>,
+    },
+    /// List a script's versions, newest first
+    #[command(after_help = "\
+Examples:
+  fleetrun scripts versions 3f2a9c0e...       id, version, status, creator, time")]
+    Versions {
+        /// The script id
+        script_id: String,
+    },
+    /// Print a version's content (its details go to standard error)
+    #[command(after_help = "\
+Examples:
+  fleetrun scripts show 17 > deploy.sh        the content of version 17
+  fleetrun scripts show 17 -o json            details and content as JSON")]
+    Show {
+        /// The script version id
+        version_id: i64,
+    },
+    /// Create a script from a file; its first version is a draft
+    #[command(after_help = "\
+Examples:
+  fleetrun scripts create --name deploy --version v1 deploy.sh
+  fleetrun scripts create --name check --version 1.0 --lang python - < check
+
+The language follows the file's extension (.sh .bash .bat .cmd .pl .py .ps1) or its #! line;
+--lang overrides. -q prints only the script id and the version id.")]
+    Create {
+        /// The script's name (at most 60 characters)
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// The first version's label, e.g. v1 (at most 60 characters)
+        #[arg(long, value_name = "V")]
+        version: String,
+        /// The script file (`-` for standard input)
+        file: PathBuf,
+        /// The script's language, when the file name does not tell
+        #[arg(long, value_enum, value_name = "LANG")]
+        lang: Option<Lang>,
+        /// What the script is for
+        #[arg(long, value_name = "TEXT")]
+        description: Option<String>,
+    },
+    /// Add a version to a script from a file; it is a draft until published
+    #[command(after_help = "\
+Examples:
+  fleetrun scripts add-version 3f2a9c0e... --version v2 deploy.sh
+
+-q prints only the new version id.")]
+    AddVersion {
+        /// The script id
+        script_id: String,
+        /// The new version's label, unique for the script
+        #[arg(long, value_name = "V")]
+        version: String,
+        /// The script file (`-` for standard input)
+        file: PathBuf,
+    },
+    /// Make a version online (the one `run --script-id` runs); the previous one goes offline
+    #[command(after_help = "\
+Examples:
+  fleetrun scripts publish 3f2a9c0e... 17")]
+    Publish {
+        /// The script id
+        script_id: String,
+        /// The script version id
+        version_id: i64,
+    },
+    /// Disable a version: it no longer runs and cannot be published again
+    #[command(after_help = "\
+Examples:
+  fleetrun scripts disable 3f2a9c0e... 16")]
+    Disable {
+        /// The script id
+        script_id: String,
+        /// The script version id
+        version_id: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InventoryCommand {
+    /// Read the inventory file again (as SIGHUP does); an invalid file changes nothing
+    #[command(after_help = "\
+Examples:
+  fleetrun inventory reload       exit 3 with the controller's message (naming the line)
+                                  when the file is invalid")]
+    Reload,
 }
 
 #[derive(Debug, Args)]
@@ -234,6 +369,18 @@ pub enum Lang {
 }
 
 impl Lang {
+    /// The name of bk-job's `script_language` code.
+    pub fn name_of(code: i64) -> &'static str {
+        match code {
+            1 => "shell",
+            2 => "bat",
+            3 => "perl",
+            4 => "python",
+            5 => "powershell",
+            _ => "unknown",
+        }
+    }
+
     /// bk-job's `script_language`.
     pub fn code(self) -> i64 {
         match self {
@@ -318,5 +465,31 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.global.output, Output::Json);
+    }
+
+    #[test]
+    fn scripts_take_their_ids_and_files() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args);
+        let cli = parse(&[
+            "fleetrun",
+            "scripts",
+            "create",
+            "--name",
+            "n",
+            "--version",
+            "v1",
+            "a.sh",
+        ])
+        .unwrap();
+        let Command::Scripts(ScriptsCommand::Create { version, file, .. }) = cli.command else {
+            panic!("not scripts create")
+        };
+        assert_eq!((version.as_str(), file.to_str()), ("v1", Some("a.sh")));
+        assert!(parse(&["fleetrun", "scripts", "create", "--name", "n", "a.sh"]).is_err());
+        assert!(parse(&["fleetrun", "scripts", "publish", "abc"]).is_err());
+        assert!(parse(&["fleetrun", "scripts", "show", "x"]).is_err());
+        assert!(parse(&["fleetrun", "scripts", "list", "--lang", "py"]).is_ok());
+        assert!(parse(&["fleetrun", "inventory", "reload"]).is_ok());
+        assert!(parse(&["fleetrun", "topology", "-o", "json"]).is_ok());
     }
 }

@@ -57,7 +57,10 @@ impl Client {
     }
 
     fn url(&self, api: &str) -> String {
-        if api == "list_hosts" || api == "stream_job" {
+        if matches!(
+            api,
+            "list_hosts" | "stream_job" | "get_topology" | "reload_inventory"
+        ) {
             format!("{}/fleetrun/v1/{api}", self.settings.url)
         } else {
             format!("{}/api/v3/{api}/", self.settings.url)

@@ -10,11 +10,12 @@ use std::{
 use serde_json::{Value, json};
 
 use crate::{
-    args::{Cli, Command, HostsArgs, JobsArgs, Output, RunArgs},
+    args::{Cli, Command, HostsArgs, InventoryCommand, JobsArgs, Output, RunArgs},
     client::Client,
     display::{self, Live, Style},
     error::{CliError, exit},
     follow::follow,
+    library,
     request::{self, IpTarget},
     settings,
     view::{
@@ -26,11 +27,11 @@ use crate::{
 pub static STARTED_JOB: AtomicI64 = AtomicI64::new(0);
 
 /// What every command needs.
-struct Ctx {
-    client: Client,
-    output: Output,
-    quiet: bool,
-    style: Style,
+pub(crate) struct Ctx {
+    pub client: Client,
+    pub output: Output,
+    pub quiet: bool,
+    pub style: Style,
 }
 
 /// Runs the command line; returns the exit status.
@@ -50,17 +51,20 @@ pub async fn dispatch(cli: &Cli) -> Result<u8, CliError> {
         Command::Jobs(args) => jobs(&ctx, args).await,
         Command::Kill { job, no_wait } => kill(&ctx, *job, *no_wait).await,
         Command::Hosts(args) => hosts(&ctx, args).await,
+        Command::Scripts(command) => library::scripts(&ctx, command).await,
+        Command::Topology => library::topology(&ctx).await,
+        Command::Inventory(InventoryCommand::Reload) => library::reload_inventory(&ctx).await,
     }
 }
 
-fn print(text: &str) -> Result<(), CliError> {
+pub(crate) fn print(text: &str) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
         .map_err(CliError::output)
 }
 
-fn print_json(value: &Value) -> Result<(), CliError> {
+pub(crate) fn print_json(value: &Value) -> Result<(), CliError> {
     // A `Value` always serializes.
     print(&format!(
         "{}\n",
@@ -68,7 +72,7 @@ fn print_json(value: &Value) -> Result<(), CliError> {
     ))
 }
 
-fn read_script(path: &Path) -> std::io::Result<Vec<u8>> {
+pub(crate) fn read_script(path: &Path) -> std::io::Result<Vec<u8>> {
     if path == Path::new("-") {
         let mut content = Vec::new();
         std::io::stdin().read_to_end(&mut content)?;
@@ -351,7 +355,7 @@ fn parse_age(text: &str) -> Result<i64, CliError> {
     Ok(number.saturating_mul(unit_ms))
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

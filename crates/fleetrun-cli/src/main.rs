@@ -2,7 +2,8 @@
 //!
 //! `fleetrun run` submits a script with `fast_execute_script` and follows the job live through
 //! the controller's `stream_job` endpoint; `status`, `logs`, `jobs`, `kill` and `hosts` wrap the
-//! companion APIs. Exit statuses are in [`error::exit`] and in `fleetrun --help`.
+//! companion APIs; `scripts`, `topology` and `inventory` wrap the script library and the
+//! inventory. Exit statuses are in [`error::exit`] and in `fleetrun --help`.
 
 #![forbid(unsafe_code)]
 
@@ -12,6 +13,7 @@ mod commands;
 mod display;
 mod error;
 mod follow;
+mod library;
 mod request;
 mod settings;
 mod view;
