@@ -26,7 +26,6 @@ mod sys;
 
 use std::{
     path::PathBuf,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -73,31 +72,10 @@ impl Ctx {
     }
 }
 
-/// Drops the variables cargo set for this process: a build started from here would otherwise
-/// see a changed environment and rebuild crates whose build scripts read them.
-pub(crate) fn clean_cargo_env(cmd: &mut Command) {
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        if [
-            "CARGO_MANIFEST_",
-            "CARGO_PKG_",
-            "CARGO_CRATE_",
-            "CARGO_BIN_",
-            "CARGO_PRIMARY_PACKAGE",
-            "CARGO_TARGET_TMPDIR",
-        ]
-        .iter()
-        .any(|prefix| key.starts_with(prefix))
-        {
-            cmd.env_remove(key.as_ref());
-        }
-    }
-}
-
 /// Builds the controller, the agent and the swarm in release mode; returns their directory.
 fn build() -> Result<PathBuf> {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(workspace_root()).args([
+    let mut cmd = crate::cluster::cargo_command();
+    cmd.args([
         "build",
         "--release",
         "--locked",
@@ -109,7 +87,6 @@ fn build() -> Result<PathBuf> {
         "-p",
         "fleetrun-swarm",
     ]);
-    clean_cargo_env(&mut cmd);
     ensure!(
         cmd.status().context("running cargo build")?.success(),
         "cargo build failed"

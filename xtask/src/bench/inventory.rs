@@ -25,7 +25,7 @@ pub async fn run(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
         figures.push(not_available(format!("{EXAMPLE} does not exist yet")));
         return Ok(());
     }
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = Command::from(crate::cluster::cargo_command());
     cmd.current_dir(&ctx.root)
         .args([
             "run",
@@ -38,7 +38,6 @@ pub async fn run(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
             "resolve_bench",
         ])
         .kill_on_drop(true);
-    super::clean_cargo_env(cmd.as_std_mut());
     let limit = Duration::from_secs(if ctx.quick { 180 } else { 300 });
     let output = match tokio::time::timeout(limit, cmd.output()).await {
         Err(_) => {
