@@ -106,6 +106,7 @@ async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
         })
         .collect();
     let mut logs = Vec::new();
+    let mut results = Vec::new();
     let mut tx = pool.begin().await?;
     for write in batch {
         match write {
@@ -179,29 +180,8 @@ async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
             Write::HostFinished {
                 step_instance_id,
                 bk_host_id,
-                outcome: o,
-            } => {
-                sqlx::query(
-                    "UPDATE host_result SET status = ?, tag = ?, exit_code = ?, error_code = ?,
-                         start_time = COALESCE(?, start_time), end_time = ?, output_bytes = ?,
-                         dropped_bytes = ?, dropped_lines = ?, survivors = ?
-                     WHERE step_instance_id = ? AND bk_host_id = ?",
-                )
-                .bind(o.status)
-                .bind(&o.tag)
-                .bind(o.exit_code)
-                .bind(o.error_code)
-                .bind(o.start_time)
-                .bind(o.end_time)
-                .bind(o.output_bytes)
-                .bind(o.dropped_bytes)
-                .bind(o.dropped_lines)
-                .bind(o.survivors)
-                .bind(step_instance_id)
-                .bind(bk_host_id)
-                .execute(&mut *tx)
-                .await?;
-            }
+                outcome,
+            } => results.push((*step_instance_id, *bk_host_id, outcome)),
             Write::StepFinished {
                 step_instance_id,
                 status,
@@ -233,6 +213,35 @@ async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
             Write::Flush(_) => {}
         }
     }
+    // Final host rows, many per statement. Applying them after the loop changes nothing: the
+    // only other writes to these rows, "running" updates, were skipped above.
+    for chunk in results.chunks(RESULTS_PER_UPDATE) {
+        let mut update = sqlx::QueryBuilder::new(
+            "UPDATE host_result SET status = v.column3, tag = v.column4, exit_code = v.column5,
+                 error_code = v.column6, start_time = COALESCE(v.column7, host_result.start_time),
+                 end_time = v.column8, output_bytes = v.column9, dropped_bytes = v.column10,
+                 dropped_lines = v.column11, survivors = v.column12
+             FROM (",
+        );
+        update.push_values(chunk, |mut row, (step, host, o)| {
+            row.push_bind(*step)
+                .push_bind(*host)
+                .push_bind(o.status)
+                .push_bind(&o.tag)
+                .push_bind(o.exit_code)
+                .push_bind(o.error_code)
+                .push_bind(o.start_time)
+                .push_bind(o.end_time)
+                .push_bind(o.output_bytes)
+                .push_bind(o.dropped_bytes)
+                .push_bind(o.dropped_lines)
+                .push_bind(o.survivors);
+        });
+        update.push(
+            ") AS v WHERE host_result.step_instance_id = v.column1 AND host_result.bk_host_id = v.column2",
+        );
+        update.build().execute(&mut *tx).await?;
+    }
     for chunk in logs.chunks(LOGS_PER_INSERT) {
         let mut insert = sqlx::QueryBuilder::new(
             "INSERT OR REPLACE INTO host_log (step_instance_id, bk_host_id, offset, data) ",
@@ -250,3 +259,5 @@ async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
 
 /// Log rows per `INSERT` (4 parameters each, well within SQLite's limit).
 const LOGS_PER_INSERT: usize = 1_000;
+/// Host results per `UPDATE` (12 parameters each, within SQLite's 32,766).
+const RESULTS_PER_UPDATE: usize = 1_000;
