@@ -17,7 +17,7 @@ use fleetrun_proto::{
 use fleetrun_store::{AgentRegistration, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::PlacementConfig, now_ms};
+use crate::now_ms;
 
 /// A connected agent.
 #[derive(Debug, Clone)]
@@ -62,7 +62,6 @@ impl Agents {
 pub(crate) struct Gateway {
     pub agents: Agents,
     pub store: Store,
-    pub placement: Arc<PlacementConfig>,
     pub heartbeat: Duration,
     pub inventory: Arc<crate::inventory::InventoryState>,
 }
@@ -247,12 +246,6 @@ impl Gateway {
             }
             .to_owned(),
             agent_version: hello.agent_version.clone(),
-            placement: self
-                .placement
-                .agents
-                .get(agent_id)
-                .copied()
-                .or(self.placement.default_bk_biz_id),
             now: now_ms(),
         })
     }

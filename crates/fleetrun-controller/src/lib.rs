@@ -134,7 +134,6 @@ impl Controller {
         let gateway = gateway::Gateway {
             agents: agents.clone(),
             store: store.clone(),
-            placement: Arc::new(config.placement.clone()),
             heartbeat: Duration::from_secs(config.limits.heartbeat_secs),
             inventory: inventory.clone(),
         };

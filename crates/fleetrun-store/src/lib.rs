@@ -88,15 +88,14 @@ impl Store {
     }
 
     /// Records an agent's registration: creates the host at the first one, refreshes it after.
-    /// The host's business is set from `placement` only while it has none.
+    /// Where the host sits (business, modules) is the inventory's business, not the store's.
     pub async fn register_agent(&self, reg: &AgentRegistration) -> Result<HostRecord, StoreError> {
         let row = sqlx::query(
-            "INSERT INTO host (agent_id, bk_cloud_id, ip, hostname, os_type, agent_version, bk_biz_id, online, last_seen)
-             VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)
+            "INSERT INTO host (agent_id, bk_cloud_id, ip, hostname, os_type, agent_version, online, last_seen)
+             VALUES (?, ?, ?, ?, ?, ?, 1, ?)
              ON CONFLICT (agent_id) DO UPDATE SET
                  bk_cloud_id = excluded.bk_cloud_id, ip = excluded.ip, hostname = excluded.hostname,
                  os_type = excluded.os_type, agent_version = excluded.agent_version,
-                 bk_biz_id = COALESCE(host.bk_biz_id, excluded.bk_biz_id),
                  online = 1, last_seen = excluded.last_seen
              RETURNING *",
         )
@@ -106,7 +105,6 @@ impl Store {
         .bind(&reg.hostname)
         .bind(&reg.os_type)
         .bind(&reg.agent_version)
-        .bind(reg.placement)
         .bind(reg.now)
         .fetch_one(&self.pool)
         .await?;

@@ -12,8 +12,6 @@ pub struct AgentRegistration {
     pub hostname: String,
     pub os_type: String,
     pub agent_version: String,
-    /// The business a new host is placed in, if configuration places it.
-    pub placement: Option<i64>,
     pub now: i64,
 }
 
@@ -26,7 +24,6 @@ pub struct HostRecord {
     pub hostname: String,
     pub os_type: String,
     pub agent_version: String,
-    pub bk_biz_id: Option<i64>,
     pub online: bool,
     pub last_seen: i64,
 }
@@ -41,7 +38,6 @@ impl HostRecord {
             hostname: row.get("hostname"),
             os_type: row.get("os_type"),
             agent_version: row.get("agent_version"),
-            bk_biz_id: row.get("bk_biz_id"),
             online: row.get("online"),
             last_seen: row.get("last_seen"),
         }
