@@ -1,23 +1,33 @@
-//! The controller's view of the inventory: the declarative part (the inventory file, or the
-//! configuration's simple `[[businesses]]`/`[[accounts]]`/`[placement]` sections) merged with
-//! the hosts agents have registered.
+//! The controller's view of the inventory: the current revision of the inventory document, kept in
+//! the store, merged with the hosts agents have registered.
 //!
-//! The merged inventory is rebuilt lazily: a registration or a reload only marks it stale, and
+//! Where the document comes from: the inventory file, or without one the configuration's simple
+//! `[[businesses]]`/`[[accounts]]`/`[placement]` sections written as such a document. At start the
+//! store's latest revision is current, unless that source changed since it was last imported
+//! (its digest is kept with every revision); then the source is imported as a new revision. A
+//! reload (SIGHUP, `reload_inventory`) imports the source; the admin API changes the document.
+//! Every change is checked as a whole and stored as the next revision in one transaction, or
+//! changes nothing.
+//!
+//! The merged inventory is rebuilt lazily: a registration or a change only marks it stale, and
 //! the next request that needs it rebuilds it once.
 
 use std::{
+    collections::HashMap,
     path::PathBuf,
     sync::{Arc, RwLock},
 };
 
 use fleetrun_inventory::{
-    Account, AccountCategory, AgentHost, AgentPlacement, Business, Inventory, InventoryParts,
-    Placement,
+    AgentHost, Change, Inventory, InventoryDocument, InventoryFileError, Scalar,
 };
-use fleetrun_store::{Store, StoreError};
+use fleetrun_store::{InventoryCommitError, NewInventoryRevision, RevisionInfo, Store, StoreError};
 use tokio::sync::Mutex;
 
 use crate::config::Config;
+
+/// Who made a revision that was imported rather than asked for through the API.
+const SYSTEM_OPERATOR: &str = "fleetrun-controller";
 
 /// The inventory could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -32,14 +42,46 @@ pub enum InventoryLoadError {
     #[error("{path}: {source}")]
     File {
         path: PathBuf,
-        source: fleetrun_inventory::InventoryFileError,
+        source: InventoryFileError,
     },
     /// The configuration's inventory sections are inconsistent.
     #[error("configuration: {0}")]
-    Config(#[from] fleetrun_inventory::InventoryError),
+    Config(String),
     /// The file declares scripts; the library lives in the store.
     #[error("{0}: scripts are managed with create_script and friends, not in the inventory file")]
     Scripts(PathBuf),
+    /// The store's current revision no longer reads as an inventory.
+    #[error("inventory revision {revision} in the store: {source}")]
+    Stored {
+        revision: i64,
+        source: InventoryFileError,
+    },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// Another controller stored a revision meanwhile.
+    #[error("{0}")]
+    Commit(#[from] InventoryCommitError),
+}
+
+/// A change to the inventory was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeRefused {
+    /// The change cannot be made, or its result is not a valid inventory; the message says why.
+    #[error("{0}")]
+    Invalid(String),
+    /// The current revision is not the one the caller expected.
+    #[error("the inventory is at revision {current}, not {expected}; read it again and retry")]
+    Stale { expected: i64, current: i64 },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The current revision: its document, and the inventory it describes.
+#[derive(Debug)]
+struct Current {
+    info: RevisionInfo,
+    text: String,
+    inventory: Arc<Inventory>,
 }
 
 #[derive(Debug)]
@@ -47,30 +89,85 @@ pub struct InventoryState {
     source: Option<PathBuf>,
     config: Config,
     store: Store,
-    /// The declarative part.
-    base: RwLock<Arc<Inventory>>,
-    /// The base merged with the registered agents; `None` when stale.
+    current: RwLock<Arc<Current>>,
+    /// The current inventory merged with the registered agents; `None` when stale.
     merged: RwLock<Option<Arc<Inventory>>>,
     /// Serializes rebuilds, so a burst of requests rebuilds once.
     rebuild: Mutex<()>,
+    /// Serializes changes, so each is made on the revision before it.
+    edit: Mutex<()>,
+}
+
+/// A stored revision, for the API.
+#[derive(Debug, Clone)]
+pub struct Revision {
+    pub info: RevisionInfo,
+    pub text: String,
 }
 
 impl InventoryState {
-    pub fn load(config: &Config, store: Store) -> Result<Self, InventoryLoadError> {
-        let base = load_base(config)?;
+    /// Brings up the current revision: the store's latest, or the source imported when it changed
+    /// since it was last imported (or nothing was ever stored).
+    pub async fn load(config: &Config, store: Store) -> Result<Self, InventoryLoadError> {
+        let source = read_source(config)?;
+        let digest = digest(&source);
+        let latest = store.latest_inventory().await?;
+        let current = match latest {
+            Some(latest) if latest.info.source_digest == digest => {
+                let inventory = Inventory::from_toml(&latest.text).map_err(|source| {
+                    InventoryLoadError::Stored {
+                        revision: latest.info.revision,
+                        source,
+                    }
+                })?;
+                Current {
+                    info: latest.info,
+                    text: latest.text,
+                    inventory: Arc::new(inventory),
+                }
+            }
+            latest => {
+                let inventory = check_source(config, &source)?;
+                let based_on = latest.as_ref().map(|l| l.info.revision);
+                if let Some(latest) = &latest
+                    && latest.info.source == "api"
+                {
+                    tracing::warn!(
+                        revision = latest.info.revision,
+                        "the inventory source changed since it was last imported: it replaces the changes made through the API (they stay in the history)"
+                    );
+                }
+                commit_import(&store, config, based_on, source, digest, inventory).await?
+            }
+        };
+        tracing::info!(
+            revision = current.info.revision,
+            source = %current.info.source,
+            "inventory loaded"
+        );
         Ok(Self {
             source: config.inventory.clone(),
             config: config.clone(),
             store,
-            base: RwLock::new(Arc::new(base)),
+            current: RwLock::new(Arc::new(current)),
             merged: RwLock::new(None),
             rebuild: Mutex::new(()),
+            edit: Mutex::new(()),
         })
     }
 
-    /// The declarative part alone: enough for questions about scopes and accounts.
+    /// The current revision's inventory alone: enough for questions about scopes and accounts.
     pub fn base(&self) -> Arc<Inventory> {
-        self.base.read().unwrap().clone()
+        self.current.read().unwrap().inventory.clone()
+    }
+
+    /// The current revision.
+    pub fn revision(&self) -> Revision {
+        let current = self.current.read().unwrap().clone();
+        Revision {
+            info: current.info.clone(),
+            text: current.text.clone(),
+        }
     }
 
     /// The inventory with every registered agent's host placed in it.
@@ -104,7 +201,10 @@ impl InventoryState {
             tracing::warn!(agent_id = refused.agent_id, reason = ?refused.reason, "agent's host left out of the inventory");
         }
         let merged = Arc::new(merged.inventory);
-        *self.merged.write().unwrap() = Some(merged.clone());
+        // A change committed while this merge ran has cleared `merged`; keep it cleared.
+        if Arc::ptr_eq(&base, &self.base()) {
+            *self.merged.write().unwrap() = Some(merged.clone());
+        }
         Ok(merged)
     }
 
@@ -113,26 +213,300 @@ impl InventoryState {
         *self.merged.write().unwrap() = None;
     }
 
-    /// Reads the inventory file again. An invalid file changes nothing.
-    pub fn reload(&self) -> Result<(), InventoryLoadError> {
-        let base = load_base(&self.config)?;
-        *self.base.write().unwrap() = Arc::new(base);
+    /// Imports the source (the inventory file) as the current revision. An invalid file changes
+    /// nothing; a file identical to the current document makes no new revision.
+    pub async fn reload(&self) -> Result<RevisionInfo, InventoryLoadError> {
+        let _one_change_at_a_time = self.edit.lock().await;
+        let source = read_source(&self.config)?;
+        let inventory = check_source(&self.config, &source)?;
+        let current = self.current.read().unwrap().clone();
+        if current.text == source {
+            tracing::info!(
+                revision = current.info.revision,
+                "inventory reloaded: unchanged"
+            );
+            return Ok(current.info.clone());
+        }
+        let digest = digest(&source);
+        let next = commit_import(
+            &self.store,
+            &self.config,
+            Some(current.info.revision),
+            source,
+            digest,
+            inventory,
+        )
+        .await?;
+        let info = next.info.clone();
+        self.install(next);
+        tracing::info!(source = ?self.source, revision = info.revision, "inventory reloaded");
+        Ok(info)
+    }
+
+    /// Makes `changes` on the current document and stores the result as the next revision.
+    /// Returns the new revision and the one it replaced.
+    pub async fn change(
+        &self,
+        changes: &[Change],
+        expected: Option<i64>,
+        operator: &str,
+    ) -> Result<(RevisionInfo, i64), ChangeRefused> {
+        let _one_change_at_a_time = self.edit.lock().await;
+        let current = self.current.read().unwrap().clone();
+        check_expected(&current, expected)?;
+        let agents: HashMap<i64, (String, bool)> = self
+            .store
+            .hosts()
+            .await?
+            .into_iter()
+            .map(|h| (h.bk_host_id, (h.agent_id, h.online)))
+            .collect();
+        let agent_of = |id: i64| agents.get(&id).map(|(agent, _)| agent.clone());
+
+        let mut doc = InventoryDocument::parse(&current.text)
+            .map_err(|e| ChangeRefused::Invalid(format!("the current document: {e}")))?;
+        let mut forget_hosts = Vec::new();
+        for (i, change) in changes.iter().enumerate() {
+            doc.apply(change, &agent_of).map_err(|e| {
+                ChangeRefused::Invalid(format!("changes[{i}] ({}): {e}", change.summary()))
+            })?;
+            if let Change::DeleteHost { bk_host_id } = change
+                && let Some((agent, online)) = agents.get(bk_host_id)
+            {
+                if *online {
+                    return Err(ChangeRefused::Invalid(format!(
+                        "changes[{i}] ({}): agent {agent:?} is connected; stop it (or revoke its certificate) before forgetting its host",
+                        change.summary()
+                    )));
+                }
+                forget_hosts.push(*bk_host_id);
+            }
+        }
+        let text = doc.text();
+        let inventory = check_document(&text)?;
+        let summary = summarize(changes);
+        self.commit(
+            &current,
+            text,
+            inventory,
+            "api",
+            operator,
+            summary,
+            forget_hosts,
+        )
+        .await
+    }
+
+    /// Replaces the current document with `text`.
+    pub async fn replace(
+        &self,
+        text: String,
+        expected: Option<i64>,
+        operator: &str,
+    ) -> Result<(RevisionInfo, i64), ChangeRefused> {
+        let _one_change_at_a_time = self.edit.lock().await;
+        let current = self.current.read().unwrap().clone();
+        check_expected(&current, expected)?;
+        let inventory = Inventory::from_toml(&text)
+            .map_err(|e| ChangeRefused::Invalid(format!("text: {e}")))?;
+        if !inventory.scripts().scripts().is_empty() {
+            return Err(ChangeRefused::Invalid(
+                "text: scripts are managed with create_script and friends, not in the inventory"
+                    .into(),
+            ));
+        }
+        let summary = "replaced the whole document".to_owned();
+        self.commit(
+            &current,
+            text,
+            inventory,
+            "api",
+            operator,
+            summary,
+            Vec::new(),
+        )
+        .await
+    }
+
+    /// A kept revision.
+    pub async fn stored(&self, revision: i64) -> Result<Option<Revision>, StoreError> {
+        Ok(self
+            .store
+            .inventory_revision(revision)
+            .await?
+            .map(|r| Revision {
+                info: r.info,
+                text: r.text,
+            }))
+    }
+
+    /// The latest revisions, newest first.
+    pub async fn history(&self, limit: i64) -> Result<Vec<RevisionInfo>, StoreError> {
+        self.store.inventory_history(limit).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn commit(
+        &self,
+        current: &Current,
+        text: String,
+        inventory: Inventory,
+        source: &str,
+        operator: &str,
+        summary: String,
+        forget_hosts: Vec<i64>,
+    ) -> Result<(RevisionInfo, i64), ChangeRefused> {
+        let new = NewInventoryRevision {
+            based_on: Some(current.info.revision),
+            text,
+            source: source.to_owned(),
+            source_digest: current.info.source_digest.clone(),
+            operator: operator.to_owned(),
+            summary,
+            created_at: crate::now_ms(),
+            forget_hosts,
+        };
+        let revision = match self.store.commit_inventory(&new).await {
+            Ok(revision) => revision,
+            Err(InventoryCommitError::Conflict { current: now, .. }) => {
+                return Err(ChangeRefused::Stale {
+                    expected: current.info.revision,
+                    current: now.unwrap_or(0),
+                });
+            }
+            Err(InventoryCommitError::HostOnline(id)) => {
+                return Err(ChangeRefused::Invalid(format!(
+                    "host {id}'s agent connected meanwhile; stop it before forgetting its host"
+                )));
+            }
+            Err(InventoryCommitError::Store(e)) => return Err(e.into()),
+        };
+        let info = RevisionInfo {
+            revision,
+            source: new.source,
+            source_digest: new.source_digest,
+            operator: new.operator,
+            summary: new.summary,
+            created_at: new.created_at,
+        };
+        let previous = current.info.revision;
+        self.install(Current {
+            info: info.clone(),
+            text: new.text,
+            inventory: Arc::new(inventory),
+        });
+        tracing::info!(revision, previous, operator, summary = %info.summary, "inventory changed");
+        Ok((info, previous))
+    }
+
+    fn install(&self, next: Current) {
+        *self.current.write().unwrap() = Arc::new(next);
         self.invalidate();
-        tracing::info!(source = ?self.source, "inventory reloaded");
-        Ok(())
     }
 }
 
-fn load_base(config: &Config) -> Result<Inventory, InventoryLoadError> {
+fn check_expected(current: &Current, expected: Option<i64>) -> Result<(), ChangeRefused> {
+    match expected {
+        Some(expected) if expected != current.info.revision => Err(ChangeRefused::Stale {
+            expected,
+            current: current.info.revision,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a changed document as a whole, naming the problem and where it sits in the result.
+fn check_document(text: &str) -> Result<Inventory, ChangeRefused> {
+    Inventory::from_toml(text).map_err(|e| {
+        let line = text
+            .lines()
+            .nth(e.line().saturating_sub(1))
+            .unwrap_or("")
+            .trim();
+        let what = match &e {
+            InventoryFileError::Invalid { problem, .. } => problem.to_string(),
+            InventoryFileError::Syntax { message, .. }
+            | InventoryFileError::Entry { message, .. } => message.clone(),
+        };
+        ChangeRefused::Invalid(format!(
+            "the inventory would not be valid: {what} (at `{line}`, line {} of the result)",
+            e.line()
+        ))
+    })
+}
+
+fn summarize(changes: &[Change]) -> String {
+    const SHOWN: usize = 5;
+    let mut parts: Vec<String> = changes.iter().take(SHOWN).map(Change::summary).collect();
+    if changes.len() > SHOWN {
+        parts.push(format!("and {} more", changes.len() - SHOWN));
+    }
+    if parts.is_empty() {
+        "no change".to_owned()
+    } else {
+        parts.join("; ")
+    }
+}
+
+async fn commit_import(
+    store: &Store,
+    config: &Config,
+    based_on: Option<i64>,
+    text: String,
+    digest: String,
+    inventory: Inventory,
+) -> Result<Current, InventoryLoadError> {
+    let source = if config.inventory.is_some() {
+        "file"
+    } else {
+        "config"
+    };
+    let summary = match &config.inventory {
+        Some(path) => format!("imported {}", path.display()),
+        None => "imported the configuration's inventory sections".to_owned(),
+    };
+    let new = NewInventoryRevision {
+        based_on,
+        text,
+        source: source.to_owned(),
+        source_digest: digest,
+        operator: SYSTEM_OPERATOR.to_owned(),
+        summary,
+        created_at: crate::now_ms(),
+        forget_hosts: Vec::new(),
+    };
+    let revision = store.commit_inventory(&new).await?;
+    Ok(Current {
+        info: RevisionInfo {
+            revision,
+            source: new.source,
+            source_digest: new.source_digest,
+            operator: new.operator,
+            summary: new.summary,
+            created_at: new.created_at,
+        },
+        text: new.text,
+        inventory: Arc::new(inventory),
+    })
+}
+
+/// The source document: the inventory file's text, or the configuration's sections as one.
+fn read_source(config: &Config) -> Result<String, InventoryLoadError> {
+    match &config.inventory {
+        Some(path) => std::fs::read_to_string(path).map_err(|source| InventoryLoadError::Read {
+            path: path.clone(),
+            source,
+        }),
+        None => document_from_config(config),
+    }
+}
+
+/// Checks the source document as a whole.
+fn check_source(config: &Config, text: &str) -> Result<Inventory, InventoryLoadError> {
     match &config.inventory {
         Some(path) => {
-            let text =
-                std::fs::read_to_string(path).map_err(|source| InventoryLoadError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
             let inventory =
-                Inventory::from_toml(&text).map_err(|source| InventoryLoadError::File {
+                Inventory::from_toml(text).map_err(|source| InventoryLoadError::File {
                     path: path.clone(),
                     source,
                 })?;
@@ -141,48 +515,67 @@ fn load_base(config: &Config) -> Result<Inventory, InventoryLoadError> {
             }
             Ok(inventory)
         }
-        None => Ok(Inventory::build(parts_from_config(config))?),
+        None => Inventory::from_toml(text).map_err(|e| {
+            InventoryLoadError::Config(match e {
+                InventoryFileError::Invalid { problem, .. } => problem.to_string(),
+                other => other.to_string(),
+            })
+        }),
     }
 }
 
-/// The configuration's simple sections as inventory parts: businesses without topology,
+/// The configuration's simple sections as an inventory document: businesses without topology,
 /// accounts usable in every scope, agents placed in a business by id or by default.
-fn parts_from_config(config: &Config) -> InventoryParts {
-    let in_business = |bk_biz_id: Option<i64>| Placement {
-        bk_biz_id,
-        ..Placement::default()
-    };
-    InventoryParts {
-        businesses: config
-            .businesses
-            .iter()
-            .map(|b| Business {
-                bk_biz_id: b.bk_biz_id,
-                name: b.name.clone(),
-            })
-            .collect(),
-        accounts: config
-            .accounts
-            .iter()
-            .map(|a| Account {
-                id: a.id,
-                alias: a.alias.clone(),
-                account: a.account.clone(),
-                os_type: "linux".into(),
-                category: AccountCategory::System,
-                scopes: Vec::new(),
-            })
-            .collect(),
-        agent_placements: config
-            .placement
-            .agents
-            .iter()
-            .map(|(agent_id, biz)| AgentPlacement {
-                agent_id: agent_id.clone(),
-                placement: in_business(Some(*biz)),
-            })
-            .collect(),
-        unlisted_agents: in_business(config.placement.default_bk_biz_id),
-        ..InventoryParts::default()
+fn document_from_config(config: &Config) -> Result<String, InventoryLoadError> {
+    let header = "# The inventory described by the controller's configuration \
+                  (businesses, accounts, placement).\n";
+    let mut changes = Vec::new();
+    for b in &config.businesses {
+        changes.push(Change::CreateBusiness {
+            bk_biz_id: b.bk_biz_id,
+            name: b.name.clone(),
+        });
     }
+    for a in &config.accounts {
+        changes.push(Change::CreateAccount {
+            id: a.id,
+            alias: a.alias.clone(),
+            account: a.account.clone(),
+            os_type: None,
+            category: None,
+            scopes: Vec::new(),
+        });
+    }
+    for (agent_id, biz) in &config.placement.agents {
+        changes.push(Change::MoveHosts {
+            bk_host_ids: Vec::new(),
+            agent_ids: vec![agent_id.clone()],
+            bk_biz_id: Some(*biz),
+            modules: Vec::new(),
+        });
+    }
+    if let Some(biz) = config.placement.default_bk_biz_id {
+        changes.push(Change::SetUnlistedAgents {
+            bk_biz_id: Some(biz),
+            modules: Vec::new(),
+            attributes: std::collections::BTreeMap::<String, Option<Scalar>>::new(),
+        });
+    }
+    let mut doc =
+        InventoryDocument::parse(header).map_err(|e| InventoryLoadError::Config(e.to_string()))?;
+    let no_agents = |_: i64| None;
+    for change in &changes {
+        doc.apply(change, &no_agents)
+            .map_err(|e| InventoryLoadError::Config(e.to_string()))?;
+    }
+    Ok(doc.text())
+}
+
+/// Hex SHA-256 of a source text.
+fn digest(text: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -96,7 +96,7 @@ impl Controller {
                 .join("param.key")
         });
         let cipher = secrets::ParamCipher::load_or_create(&key_file)?;
-        let inventory = Arc::new(inventory::InventoryState::load(&config, store.clone())?);
+        let inventory = Arc::new(inventory::InventoryState::load(&config, store.clone()).await?);
 
         let timing = Timing::default();
         let endpoint = fleetrun_net::server_endpoint(
@@ -170,9 +170,11 @@ impl Controller {
         })
     }
 
-    /// Reads the inventory file again (on SIGHUP); an invalid file changes nothing.
-    pub fn reload_inventory(&self) -> Result<(), inventory::InventoryLoadError> {
-        self.inventory.reload()
+    /// Imports the inventory file again (on SIGHUP); an invalid file changes nothing.
+    pub async fn reload_inventory(
+        &self,
+    ) -> Result<fleetrun_store::RevisionInfo, inventory::InventoryLoadError> {
+        self.inventory.reload().await
     }
 
     /// Stops accepting work, closes agent connections, and commits what is queued.

@@ -65,7 +65,7 @@ fn main() -> ExitCode {
             tokio::select! {
                 () = &mut stop => break,
                 _ = hangup.recv() => {
-                    if let Err(e) = controller.reload_inventory() {
+                    if let Err(e) = controller.reload_inventory().await {
                         tracing::error!("inventory not reloaded, the previous one stays: {e}");
                     }
                 }

@@ -47,7 +47,10 @@ pub use account::AccountError;
 pub use agents::{
     AgentHost, AgentPlacement, AgentRefusal, Merged, PlacedHost, Placement, RefusedAgent,
 };
-pub use file::InventoryFileError;
+pub use file::{
+    AgentHosts, AttributeChanges, Change, ChangeError, ConditionSpec, ConditionValue,
+    InventoryDocument, InventoryFileError, Scalar,
+};
 pub use group::{Condition, DynamicGroup, ObjectKind, Op, builtin_fields};
 pub use hosts::AddressConflict;
 pub use inventory::{Inventory, InventoryParts};

@@ -8,6 +8,7 @@
 //! **Architecture invariant:** only this crate speaks SQL.
 
 mod callbacks;
+mod inventory;
 mod model;
 mod schema;
 mod scripts;
@@ -23,6 +24,10 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use callbacks::{
     CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
+};
+pub use inventory::{
+    InventoryCommitError, InventoryRevision, KEPT_INVENTORY_REVISIONS, NewInventoryRevision,
+    RevisionInfo,
 };
 pub use model::*;
 pub use scripts::{

@@ -6,6 +6,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_callbacks.sql")),
     (3, include_str!("../migrations/0003_scripts.sql")),
+    (4, include_str!("../migrations/0004_inventory.sql")),
 ];
 
 pub(crate) async fn migrate(pool: &SqlitePool) -> Result<(), sqlx::Error> {

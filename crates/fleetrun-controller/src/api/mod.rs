@@ -7,6 +7,7 @@
 //!
 //! **Architecture invariant:** bk-job codes and messages are made here and nowhere else.
 
+mod admin;
 mod auth;
 mod error;
 mod execute;
@@ -113,7 +114,13 @@ async fn dispatch(
             }
             "list_hosts" => query::list_hosts(&shared, &caller).await,
             "get_topology" => query::get_topology(&shared, &caller).await,
-            "reload_inventory" => query::reload_inventory(&shared, &caller),
+            "reload_inventory" => admin::reload_inventory(&shared, &caller).await,
+            "get_inventory" => admin::get_inventory(&shared, &caller, &params).await,
+            "get_inventory_history" => {
+                admin::get_inventory_history(&shared, &caller, &params).await
+            }
+            "change_inventory" => admin::change_inventory(&shared, &caller, &params).await,
+            "replace_inventory" => admin::replace_inventory(&shared, &caller, &params).await,
             "get_callback_status" => query::get_callback_status(&shared, &caller, &params).await,
             _ => Err(ApiError::new(
                 error::code::API_UNSUPPORTED,

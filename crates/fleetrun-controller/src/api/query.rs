@@ -403,24 +403,6 @@ pub async fn get_topology(shared: &Shared, caller: &Caller) -> Result<Value, Api
     )
 }
 
-/// Reads the inventory file again; an invalid file changes nothing and the error names the line.
-pub fn reload_inventory(shared: &Shared, caller: &Caller) -> Result<Value, ApiError> {
-    if !caller.is_unrestricted() {
-        return Err(ApiError::new(
-            code::NO_PERMISSION,
-            format!(
-                "app {:?} may not reload the inventory: it is not allowed every scope",
-                caller.app_code
-            ),
-        ));
-    }
-    shared
-        .inventory
-        .reload()
-        .map_err(|e| ApiError::invalid("inventory", e))?;
-    Ok(json!({ "reloaded": true }))
-}
-
 #[derive(Debug, Deserialize)]
 struct OperateJobRequest {
     #[serde(deserialize_with = "lenient::int")]

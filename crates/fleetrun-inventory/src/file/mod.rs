@@ -4,7 +4,13 @@
 //! names the line and column of the entry (usually the id or reference) it is about.
 
 mod convert;
+mod edit;
 mod entries;
+
+pub use edit::{
+    AgentHosts, AttributeChanges, Change, ChangeError, ConditionSpec, ConditionValue,
+    InventoryDocument, Scalar,
+};
 
 use std::ops::Range;
 

@@ -1,0 +1,192 @@
+//! fleetrun's inventory administration: `get_inventory`, `get_inventory_history`,
+//! `change_inventory`, `replace_inventory`, `reload_inventory`. Only an app allowed every scope
+//! may call them.
+
+use fleetrun_inventory::Change;
+use fleetrun_store::RevisionInfo;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{
+    ApiError,
+    auth::Caller,
+    error::code,
+    params::{Params, lenient},
+};
+use crate::{
+    Shared,
+    inventory::{ChangeRefused, Revision},
+};
+
+/// Revisions `get_inventory_history` returns at most.
+const MAX_HISTORY: i64 = 100;
+/// Changes one `change_inventory` call may carry.
+const MAX_CHANGES: usize = 10_000;
+
+impl From<ChangeRefused> for ApiError {
+    fn from(e: ChangeRefused) -> Self {
+        match e {
+            ChangeRefused::Invalid(message) => ApiError::new(code::BAD_REQUEST, message),
+            stale @ ChangeRefused::Stale { .. } => ApiError::invalid("expected_revision", stale),
+            ChangeRefused::Store(e) => e.into(),
+        }
+    }
+}
+
+fn require_admin(caller: &Caller, what: &str) -> Result<(), ApiError> {
+    if caller.is_unrestricted() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        code::NO_PERMISSION,
+        format!(
+            "app {:?} may not {what}: it is not allowed every scope",
+            caller.app_code
+        ),
+    ))
+}
+
+fn info_json(info: &RevisionInfo) -> Value {
+    json!({
+        "revision": info.revision,
+        "source": info.source,
+        "operator": info.operator,
+        "created_at": info.created_at,
+        "summary": info.summary,
+    })
+}
+
+fn revision_json(revision: &Revision) -> Value {
+    let mut out = info_json(&revision.info);
+    out["text"] = json!(revision.text);
+    out
+}
+
+#[derive(Debug, Deserialize)]
+struct GetInventory {
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    revision: Option<i64>,
+}
+
+pub async fn get_inventory(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
+    require_admin(caller, "read the inventory document")?;
+    let req: GetInventory = params.parse()?;
+    let current = shared.inventory.revision();
+    let revision = match req.revision {
+        None => current,
+        Some(n) if n == current.info.revision => current,
+        Some(n) => shared.inventory.stored(n).await?.ok_or_else(|| {
+            ApiError::invalid(
+                "revision",
+                format!(
+                    "revision {n} is not kept (the current one is {})",
+                    current.info.revision
+                ),
+            )
+        })?,
+    };
+    Ok(revision_json(&revision))
+}
+
+#[derive(Debug, Deserialize)]
+struct GetHistory {
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    limit: Option<i64>,
+}
+
+pub async fn get_inventory_history(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
+    require_admin(caller, "read the inventory history")?;
+    let req: GetHistory = params.parse()?;
+    let limit = req.limit.unwrap_or(20);
+    if !(1..=MAX_HISTORY).contains(&limit) {
+        return Err(ApiError::invalid(
+            "limit",
+            format!("{limit} is not between 1 and {MAX_HISTORY}"),
+        ));
+    }
+    let history = shared.inventory.history(limit).await?;
+    Ok(Value::Array(history.iter().map(info_json).collect()))
+}
+
+#[derive(Debug, Deserialize)]
+struct ChangeInventory {
+    changes: Option<Vec<Change>>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    expected_revision: Option<i64>,
+}
+
+pub async fn change_inventory(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
+    require_admin(caller, "change the inventory")?;
+    let req: ChangeInventory = params.parse()?;
+    let changes = req.changes.ok_or_else(|| ApiError::missing("changes"))?;
+    if changes.is_empty() {
+        return Err(ApiError::invalid("changes", "is empty: nothing to change"));
+    }
+    if changes.len() > MAX_CHANGES {
+        return Err(ApiError::invalid(
+            "changes",
+            format!(
+                "{} changes, more than {MAX_CHANGES} in one call",
+                changes.len()
+            ),
+        ));
+    }
+    let (info, previous) = shared
+        .inventory
+        .change(&changes, req.expected_revision, &caller.username)
+        .await?;
+    Ok(json!({
+        "revision": info.revision,
+        "previous_revision": previous,
+        "summary": info.summary,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct ReplaceInventory {
+    text: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    expected_revision: Option<i64>,
+}
+
+pub async fn replace_inventory(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
+    require_admin(caller, "replace the inventory")?;
+    let req: ReplaceInventory = params.parse()?;
+    let text = req.text.ok_or_else(|| ApiError::missing("text"))?;
+    let (info, previous) = shared
+        .inventory
+        .replace(text, req.expected_revision, &caller.username)
+        .await?;
+    Ok(json!({
+        "revision": info.revision,
+        "previous_revision": previous,
+        "summary": info.summary,
+    }))
+}
+
+/// Imports the inventory file again; an invalid file changes nothing and the error names the line.
+pub async fn reload_inventory(shared: &Shared, caller: &Caller) -> Result<Value, ApiError> {
+    require_admin(caller, "reload the inventory")?;
+    let info = shared
+        .inventory
+        .reload()
+        .await
+        .map_err(|e| ApiError::invalid("inventory", e))?;
+    Ok(json!({ "reloaded": true, "revision": info.revision }))
+}
