@@ -1,8 +1,12 @@
 //! The command line, as clap reads it. Help texts teach by example.
 
+mod admin;
+
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+
+pub use self::admin::*;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -21,14 +25,21 @@ Examples:
                                                     add a script to the library
   fleetrun run --host 1 --script-id ID              run its online version
   fleetrun topology                                 businesses, sets, modules, groups
+  fleetrun node add set:12 --name cache --parent biz:2
+  fleetrun hosts move 3,4 --biz 2 --module 120      put hosts in a module
+  fleetrun groups add big --biz 2 --name 'big hosts' --where 'host.cpu range 8..'
+  fleetrun inventory history                        who changed the inventory, and how
+  fleetrun inventory show > inventory.toml          the inventory as a document
+  fleetrun inventory apply inventory.toml --expect-revision 8
   fleetrun inventory reload                         read the inventory file again
 
 Settings (first found wins): flags, then environment (FLEETRUN_URL, FLEETRUN_APP_CODE,
 FLEETRUN_APP_SECRET, FLEETRUN_USERNAME, FLEETRUN_SCOPE), then one file: --cluster FILE
 (an xtask cluster.json), else --config FILE, else $XDG_CONFIG_HOME/fleetrun/config.toml
 (~/.config/fleetrun/config.toml), with the keys url, app_code, app_secret, username, scope.
-The username defaults to $USER. Every command but `hosts`, `topology` and `inventory` needs a
-scope (--scope biz:2).
+The username defaults to $USER. Every command but `hosts`, `topology`, `groups` and the
+inventory's administration (`inventory`, `biz`, `bizset`, `node`, `... add|update|rm`) needs a
+scope (--scope biz:2); administration needs an app allowed every scope.
 
 Exit status:
   0    every host succeeded (or the command did what it was asked)
@@ -164,7 +175,7 @@ pub enum Command {
         #[arg(long)]
         no_wait: bool,
     },
-    /// List the hosts whose agents have registered
+    /// List the hosts (agents' and the inventory's); add, update, move or remove them
     Hosts(HostsArgs),
     /// The scope's script library: list, show, create, publish, disable
     #[command(subcommand, after_help = SCRIPTS_EXAMPLES)]
@@ -175,9 +186,22 @@ Examples:
   fleetrun topology                   business -> sets -> modules, with host counts
   fleetrun topology -o json           every node with its host ids (get_topology)")]
     Topology,
-    /// The controller's inventory file
-    #[command(subcommand)]
+    /// The inventory as a document: show, history, apply, change, reload
+    #[command(subcommand, after_help = INVENTORY_EXAMPLES)]
     Inventory(InventoryCommand),
+    /// Add, rename or remove a business
+    #[command(subcommand)]
+    Biz(BizCommand),
+    /// Add, update or remove a business set
+    #[command(subcommand)]
+    Bizset(BizsetCommand),
+    /// Add, update or remove a topology node: a set, a module or a custom level's
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// List the dynamic groups (saved host queries); add, update or remove them
+    Groups(GroupsArgs),
+    /// List the accounts usable in the scope; add, update or remove them
+    Accounts(AccountsArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -272,16 +296,6 @@ Examples:
         /// The script version id
         version_id: i64,
     },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum InventoryCommand {
-    /// Read the inventory file again (as SIGHUP does); an invalid file changes nothing
-    #[command(after_help = "\
-Examples:
-  fleetrun inventory reload       exit 3 with the controller's message (naming the line)
-                                  when the file is invalid")]
-    Reload,
 }
 
 #[derive(Debug, Args)]
@@ -411,19 +425,6 @@ pub struct JobsArgs {
     #[arg(long, value_name = "N", default_value_t = 20,
           value_parser = clap::value_parser!(i64).range(1..=1000))]
     pub limit: i64,
-}
-
-#[derive(Debug, Args)]
-pub struct HostsArgs {
-    /// Only hosts whose agent is connected
-    #[arg(long, conflicts_with = "offline")]
-    pub online: bool,
-    /// Only hosts whose agent is not connected
-    #[arg(long)]
-    pub offline: bool,
-    /// Only hosts of this business
-    #[arg(long, value_name = "ID")]
-    pub biz: Option<i64>,
 }
 
 #[cfg(test)]

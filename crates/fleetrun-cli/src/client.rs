@@ -59,7 +59,14 @@ impl Client {
     fn url(&self, api: &str) -> String {
         if matches!(
             api,
-            "list_hosts" | "stream_job" | "get_topology" | "reload_inventory"
+            "list_hosts"
+                | "stream_job"
+                | "get_topology"
+                | "reload_inventory"
+                | "get_inventory"
+                | "get_inventory_history"
+                | "replace_inventory"
+                | "change_inventory"
         ) {
             format!("{}/fleetrun/v1/{api}", self.settings.url)
         } else {

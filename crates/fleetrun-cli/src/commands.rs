@@ -10,12 +10,13 @@ use std::{
 use serde_json::{Value, json};
 
 use crate::{
-    args::{Cli, Command, HostsArgs, InventoryCommand, JobsArgs, Output, RunArgs},
+    admin,
+    args::{Cli, Command, HostsArgs, JobsArgs, Output, RunArgs},
     client::Client,
     display::{self, Live, Style},
     error::{CliError, exit},
     follow::follow,
-    library,
+    inventory, library,
     request::{self, IpTarget},
     settings,
     view::{
@@ -50,10 +51,24 @@ pub async fn dispatch(cli: &Cli) -> Result<u8, CliError> {
         Command::Logs { job, hosts, follow } => logs(&ctx, *job, hosts, *follow).await,
         Command::Jobs(args) => jobs(&ctx, args).await,
         Command::Kill { job, no_wait } => kill(&ctx, *job, *no_wait).await,
-        Command::Hosts(args) => hosts(&ctx, args).await,
+        Command::Hosts(args) => match &args.command {
+            None => hosts(&ctx, args).await,
+            Some(command) => admin::run(&ctx, admin::host_change(command)).await,
+        },
         Command::Scripts(command) => library::scripts(&ctx, command).await,
         Command::Topology => library::topology(&ctx).await,
-        Command::Inventory(InventoryCommand::Reload) => library::reload_inventory(&ctx).await,
+        Command::Inventory(command) => inventory::run(&ctx, command).await,
+        Command::Biz(command) => admin::run(&ctx, Ok(admin::biz_change(command))).await,
+        Command::Bizset(command) => admin::run(&ctx, Ok(admin::bizset_change(command))).await,
+        Command::Node(command) => admin::run(&ctx, admin::node_change(command)).await,
+        Command::Groups(args) => match &args.command {
+            None => admin::groups(&ctx, args.biz).await,
+            Some(command) => admin::run(&ctx, Ok(admin::group_change(command))).await,
+        },
+        Command::Accounts(args) => match &args.command {
+            None => admin::accounts(&ctx).await,
+            Some(command) => admin::run(&ctx, Ok(admin::account_change(command))).await,
+        },
     }
 }
 
@@ -503,7 +518,13 @@ async fn hosts(ctx: &Ctx, args: &HostsArgs) -> Result<u8, CliError> {
             ];
             for h in &hosts {
                 let online = h["online"] == true;
-                let agent = if online { "online" } else { "offline" };
+                // A host the inventory lists without an agent is never online, and that is fine.
+                let has_agent = !h["agent_id"].is_null();
+                let agent = match (has_agent, online) {
+                    (false, _) => ctx.style.paint("0", "none"),
+                    (true, true) => ctx.style.paint("32", "online"),
+                    (true, false) => ctx.style.paint("31", "offline"),
+                };
                 rows.push(vec![
                     h["bk_host_id"].to_string(),
                     h["ip"].as_str().unwrap_or("").to_owned(),
@@ -513,11 +534,11 @@ async fn hosts(ctx: &Ctx, args: &HostsArgs) -> Result<u8, CliError> {
                         .as_i64()
                         .map(|b| b.to_string())
                         .unwrap_or_else(|| "-".into()),
-                    ctx.style.paint(if online { "32" } else { "31" }, agent),
-                    if online {
-                        "now".into()
-                    } else {
-                        display::age(h["last_seen"].as_i64().unwrap_or(0), now)
+                    agent,
+                    match h["last_seen"].as_i64() {
+                        _ if online => "now".into(),
+                        Some(seen) => display::age(seen, now),
+                        None => "-".into(),
                     },
                     h["agent_version"].as_str().unwrap_or("").to_owned(),
                 ]);

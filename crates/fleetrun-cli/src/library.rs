@@ -1,5 +1,4 @@
-//! `fleetrun scripts` (the scope's script library), `fleetrun topology` and
-//! `fleetrun inventory reload`.
+//! `fleetrun scripts` (the scope's script library) and `fleetrun topology`.
 
 use std::{collections::HashSet, io::Write, path::Path};
 
@@ -33,7 +32,7 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn plural(n: usize, one: &str) -> String {
+pub(crate) fn plural(n: usize, one: &str) -> String {
     if n == 1 {
         format!("1 {one}")
     } else {
@@ -41,16 +40,16 @@ fn plural(n: usize, one: &str) -> String {
     }
 }
 
-fn text_of<'a>(value: &'a Value, key: &str) -> &'a str {
+pub(crate) fn text_of<'a>(value: &'a Value, key: &str) -> &'a str {
     value[key].as_str().unwrap_or("")
 }
 
-fn items(value: &Value) -> &[Value] {
+pub(crate) fn items(value: &Value) -> &[Value] {
     value.as_array().map_or(&[], Vec::as_slice)
 }
 
 /// One document: pretty for `--output json`, one line for `jsonl`.
-fn print_doc(ctx: &Ctx, value: &Value) -> Result<(), CliError> {
+pub(crate) fn print_doc(ctx: &Ctx, value: &Value) -> Result<(), CliError> {
     match ctx.output {
         Output::Jsonl => print(&format!("{value}\n")),
         _ => print_json(value),
@@ -146,7 +145,7 @@ fn script_file(path: &Path, lang: Option<Lang>) -> Result<(Vec<u8>, Lang), CliEr
 }
 
 /// Every page of a list API; `{total, data}` as one document.
-async fn all_pages(ctx: &Ctx, api: &str, query: Value) -> Result<Value, CliError> {
+pub(crate) async fn all_pages(ctx: &Ctx, api: &str, query: Value) -> Result<Value, CliError> {
     const PAGE: i64 = 1000;
     let mut all: Vec<Value> = Vec::new();
     loop {
@@ -166,7 +165,7 @@ async fn all_pages(ctx: &Ctx, api: &str, query: Value) -> Result<Value, CliError
 
 /// Prints the list for `--output json` (the whole document) or `jsonl` (an item a line);
 /// false for text, which the caller prints.
-fn print_list(ctx: &Ctx, doc: &Value) -> Result<bool, CliError> {
+pub(crate) fn print_list(ctx: &Ctx, doc: &Value) -> Result<bool, CliError> {
     match ctx.output {
         Output::Json => print_json(doc)?,
         Output::Jsonl => {
@@ -406,15 +405,6 @@ fn children<'a>(
             children(out, nodes, (kind, id), depth + 1, seen);
         }
     }
-}
-
-pub async fn reload_inventory(ctx: &Ctx) -> Result<u8, CliError> {
-    let data = ctx.client.call("reload_inventory", json!({})).await?;
-    match ctx.output {
-        Output::Text => print("inventory reloaded\n")?,
-        _ => print_doc(ctx, &data)?,
-    }
-    Ok(exit::OK)
 }
 
 #[cfg(test)]

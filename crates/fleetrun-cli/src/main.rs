@@ -2,20 +2,25 @@
 //!
 //! `fleetrun run` submits a script with `fast_execute_script` and follows the job live through
 //! the controller's `stream_job` endpoint; `status`, `logs`, `jobs`, `kill` and `hosts` wrap the
-//! companion APIs; `scripts`, `topology` and `inventory` wrap the script library and the
-//! inventory. Exit statuses are in [`error::exit`] and in `fleetrun --help`.
+//! companion APIs; `scripts` and `topology` wrap the script library and the inventory's tree;
+//! `inventory`, `biz`, `bizset`, `node`, `groups`, `accounts` and the subcommands of `hosts`
+//! administer the inventory, one revision per change. Exit statuses are in [`error::exit`] and
+//! in `fleetrun --help`.
 
 #![forbid(unsafe_code)]
 
+mod admin;
 mod args;
 mod client;
 mod commands;
 mod display;
 mod error;
 mod follow;
+mod inventory;
 mod library;
 mod request;
 mod settings;
+mod syntax;
 mod view;
 
 use std::{process::ExitCode, sync::atomic::Ordering};
