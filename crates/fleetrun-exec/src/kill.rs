@@ -7,7 +7,7 @@ use nix::sys::signal::Signal;
 
 use crate::cgroup::TaskCgroup;
 use crate::sys;
-use crate::tree::{ProcessTree, all_processes};
+use crate::tree::{ProcessTree, agent_children, all_processes};
 
 /// How long SIGKILLed processes get to disappear before they are counted as
 /// survivors (a process stuck in uninterruptible sleep can outlast this).
@@ -63,7 +63,8 @@ impl Tree {
         match self {
             Self::Cgroup { cgroup, leader } => {
                 let agent = sys::agent_pid();
-                for p in all_processes() {
+                let candidates = agent_children().unwrap_or_else(all_processes);
+                for p in candidates {
                     if p.dead && p.ppid == agent && p.pid != *leader && cgroup.holds(p.pid) {
                         sys::reap(p.pid);
                     }

@@ -53,6 +53,21 @@ pub(crate) fn read_stat(pid: i32) -> Option<ProcStat> {
     parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
+/// The agent's children (its orphans come back to it), from
+/// `/proc/self/task/*/children`: a few small reads instead of one per process
+/// on the host. `None` when the kernel does not offer the list.
+pub(crate) fn agent_children() -> Option<Vec<ProcStat>> {
+    let mut pids = HashSet::new();
+    for task in fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let text = fs::read_to_string(task.path().join("children")).ok()?;
+        pids.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok()),
+        );
+    }
+    Some(pids.into_iter().filter_map(read_stat).collect())
+}
+
 /// Every process on the host (those that vanish mid-scan are skipped).
 pub(crate) fn all_processes() -> Vec<ProcStat> {
     let Ok(entries) = fs::read_dir("/proc") else {
@@ -188,6 +203,23 @@ fn fd_flags(fdinfo: &str) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agents_children_include_a_just_started_child() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let children = agent_children().expect("the kernel lists children");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let found = children
+            .iter()
+            .find(|p| p.pid == pid)
+            .expect("child listed");
+        assert_eq!(found.ppid, std::process::id() as i32);
+    }
 
     #[test]
     fn parses_stat_with_a_hostile_command_name() {
