@@ -12,6 +12,7 @@ mod inventory;
 mod model;
 mod schema;
 mod scripts;
+mod watch;
 mod writer;
 
 use std::{path::Path, str::FromStr, time::Duration};
@@ -34,6 +35,7 @@ pub use scripts::{
     NewScript, ScriptFilter, ScriptRecord, ScriptVersionRecord, ScriptsError,
     status_name as script_status_name,
 };
+pub use watch::JobWatch;
 pub use writer::Write;
 
 /// A store operation failed.
@@ -56,6 +58,7 @@ const HOSTS_PER_INSERT: usize = 1_000;
 pub struct Store {
     pool: SqlitePool,
     writes: mpsc::Sender<Write>,
+    watchers: watch::Watchers,
 }
 
 impl Store {
@@ -73,8 +76,13 @@ impl Store {
             .connect_with(options)
             .await?;
         schema::migrate(&pool).await?;
-        let writes = writer::spawn(pool.clone());
-        Ok(Self { pool, writes })
+        let watchers = watch::Watchers::default();
+        let writes = writer::spawn(pool.clone(), watchers.clone());
+        Ok(Self {
+            pool,
+            writes,
+            watchers,
+        })
     }
 
     /// Queues a write for the next group commit. Waits only when the queue is full.
@@ -90,6 +98,11 @@ impl Store {
         let (done, committed) = oneshot::channel();
         self.record(Write::Flush(done)).await?;
         committed.await.map_err(|_| StoreError::WriterStopped)
+    }
+
+    /// Follows a job: [`JobWatch::changed`] returns after the writer committed something of it.
+    pub fn watch_job(&self, job_instance_id: i64, step_instance_id: i64) -> JobWatch {
+        self.watchers.watch(job_instance_id, step_instance_id)
     }
 
     /// Records an agent's registration: creates the host at the first one, refreshes it after.

@@ -3,7 +3,7 @@
 use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::HostOutcome;
+use crate::{HostOutcome, watch::Watchers};
 
 /// Queue depth before [`crate::Store::record`] makes the engine wait. A log write holds at most
 /// one 64 KiB chunk, so this bounds the queue's memory to about 512 MiB in the worst case, and
@@ -60,13 +60,13 @@ pub enum Write {
     Flush(oneshot::Sender<()>),
 }
 
-pub(crate) fn spawn(pool: SqlitePool) -> mpsc::Sender<Write> {
+pub(crate) fn spawn(pool: SqlitePool, watchers: Watchers) -> mpsc::Sender<Write> {
     let (tx, rx) = mpsc::channel(QUEUE);
-    tokio::spawn(run(pool, rx));
+    tokio::spawn(run(pool, rx, watchers));
     tx
 }
 
-async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Write>) {
+async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Write>, watchers: Watchers) {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         let mut flushes = Vec::new();
@@ -85,6 +85,7 @@ async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Write>) {
             tracing::error!(%error, attempt, writes = writes.len(), "store commit failed; retrying");
             tokio::time::sleep(std::time::Duration::from_millis(100 * attempt.min(50))).await;
         }
+        watchers.committed(&writes);
         for done in flushes {
             let _ = done.send(());
         }
@@ -105,7 +106,9 @@ async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
             _ => None,
         })
         .collect();
+    let mut skipped_starts = std::collections::HashMap::new();
     let mut logs = Vec::new();
+    let mut running = Vec::new();
     let mut results = Vec::new();
     let mut tx = pool.begin().await?;
     for write in batch {
@@ -113,8 +116,12 @@ async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
             Write::HostStatus {
                 step_instance_id,
                 bk_host_id,
+                start_time,
                 ..
-            } if finished.contains(&(*step_instance_id, *bk_host_id)) => {}
+            } if finished.contains(&(*step_instance_id, *bk_host_id)) => {
+                // Its start time still counts, should the final row not carry one.
+                skipped_starts.insert((*step_instance_id, *bk_host_id), *start_time);
+            }
             Write::HostLog {
                 step_instance_id,
                 bk_host_id,
@@ -165,18 +172,7 @@ async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
                 bk_host_id,
                 status,
                 start_time,
-            } => {
-                sqlx::query(
-                    "UPDATE host_result SET status = ?, start_time = COALESCE(?, start_time)
-                     WHERE step_instance_id = ? AND bk_host_id = ?",
-                )
-                .bind(status)
-                .bind(start_time)
-                .bind(step_instance_id)
-                .bind(bk_host_id)
-                .execute(&mut *tx)
-                .await?;
-            }
+            } => running.push((*step_instance_id, *bk_host_id, *status, *start_time)),
             Write::HostFinished {
                 step_instance_id,
                 bk_host_id,
@@ -213,8 +209,26 @@ async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
             Write::Flush(_) => {}
         }
     }
-    // Final host rows, many per statement. Applying them after the loop changes nothing: the
-    // only other writes to these rows, "running" updates, were skipped above.
+    // "Running" host rows, then final ones, many per statement. Applying them after the loop
+    // changes nothing: nothing else in a batch writes these rows, and a host's "running" update
+    // was skipped above when its final one is in the same batch.
+    for chunk in running.chunks(RUNNING_PER_UPDATE) {
+        let mut update = sqlx::QueryBuilder::new(
+            "UPDATE host_result SET status = v.column3,
+                 start_time = COALESCE(v.column4, host_result.start_time)
+             FROM (",
+        );
+        update.push_values(chunk, |mut row, (step, host, status, start_time)| {
+            row.push_bind(*step)
+                .push_bind(*host)
+                .push_bind(*status)
+                .push_bind(*start_time);
+        });
+        update.push(
+            ") AS v WHERE host_result.step_instance_id = v.column1 AND host_result.bk_host_id = v.column2",
+        );
+        update.build().execute(&mut *tx).await?;
+    }
     for chunk in results.chunks(RESULTS_PER_UPDATE) {
         let mut update = sqlx::QueryBuilder::new(
             "UPDATE host_result SET status = v.column3, tag = v.column4, exit_code = v.column5,
@@ -230,7 +244,10 @@ async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
                 .push_bind(&o.tag)
                 .push_bind(o.exit_code)
                 .push_bind(o.error_code)
-                .push_bind(o.start_time)
+                .push_bind(
+                    o.start_time
+                        .or_else(|| skipped_starts.get(&(*step, *host)).copied().flatten()),
+                )
                 .push_bind(o.end_time)
                 .push_bind(o.output_bytes)
                 .push_bind(o.dropped_bytes)
@@ -257,7 +274,103 @@ async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
     tx.commit().await
 }
 
+/// "Running" host rows per `UPDATE` (4 parameters each).
+const RUNNING_PER_UPDATE: usize = 1_000;
 /// Log rows per `INSERT` (4 parameters each, well within SQLite's limit).
 const LOGS_PER_INSERT: usize = 1_000;
 /// Host results per `UPDATE` (12 parameters each, within SQLite's 32,766).
 const RESULTS_PER_UPDATE: usize = 1_000;
+
+#[cfg(test)]
+mod tests {
+    use crate::{HostOutcome, NewHostResult, NewJob, NewStep, Store, Write};
+
+    #[tokio::test]
+    async fn running_and_final_rows_land_whatever_the_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let hosts: Vec<NewHostResult> = (1..=2_500)
+            .map(|id| NewHostResult {
+                bk_host_id: id,
+                bk_cloud_id: 0,
+                ip: format!("10.0.{}.{}", id / 256, id % 256),
+                status: 5,
+            })
+            .collect();
+        let job = store
+            .create_job(&NewJob {
+                name: "t".into(),
+                operator: "o".into(),
+                app_code: "a".into(),
+                bk_scope_type: "biz".into(),
+                bk_scope_id: "2".into(),
+                status: 1,
+                job_type: 1,
+                launch_mode: 1,
+                callback_url: None,
+                create_time: 0,
+                step: NewStep {
+                    name: "s".into(),
+                    step_type: 1,
+                    script_language: 1,
+                    script_content: b"true".to_vec(),
+                    script_param: String::new(),
+                    is_param_sensitive: false,
+                    timeout: 60,
+                    account_id: 1,
+                    account: "root".into(),
+                },
+                hosts,
+            })
+            .await
+            .unwrap();
+        let step = job.step_instance_id;
+        // Every host but the last starts; even ones also finish, some in the same batch as
+        // their start, some in a later one.
+        for id in 1..2_500 {
+            store
+                .record(Write::HostStatus {
+                    step_instance_id: step,
+                    bk_host_id: id,
+                    status: 7,
+                    start_time: Some(100 + id),
+                })
+                .await
+                .unwrap();
+            if id % 2 == 0 {
+                if id % 4 == 0 {
+                    store.flush().await.unwrap();
+                }
+                store
+                    .record(Write::HostFinished {
+                        step_instance_id: step,
+                        bk_host_id: id,
+                        outcome: HostOutcome {
+                            status: 9,
+                            end_time: 5_000,
+                            exit_code: Some(0),
+                            ..HostOutcome::default()
+                        },
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+        store.flush().await.unwrap();
+        let results = store.host_results(step).await.unwrap();
+        assert_eq!(results.len(), 2_500);
+        for r in results {
+            let (status, start) = match r.bk_host_id {
+                2_500 => (5, None),
+                id if id % 2 == 0 => (9, Some(100 + id)),
+                id => (7, Some(100 + id)),
+            };
+            assert_eq!(
+                (r.status, r.start_time),
+                (status, start),
+                "host {}",
+                r.bk_host_id
+            );
+        }
+    }
+}

@@ -1,8 +1,9 @@
 //! `stream_job`: a job's host states, output and status as newline-delimited JSON, sent as they
 //! happen, until the job has ended and every byte of its output has been sent.
 //!
-//! bk-job's log APIs can only be polled; this one follows the store instead: it polls the job,
-//! the step's host results and the new log chunks every [`POLL`], and writes what changed. That
+//! bk-job's log APIs can only be polled; this one follows the store instead: whenever the writer
+//! has committed something of the job (at least every [`FALLBACK`]), it reads the job, the step's
+//! host results and the new log chunks, and writes what changed. That
 //! is simple, serves running and finished jobs alike, and resumes exactly from byte `offsets`.
 //! Errors found before the stream starts are answered with the usual envelope.
 
@@ -35,8 +36,11 @@ use super::{
 };
 use crate::{Shared, status};
 
-/// How often the store is read while a job runs.
+/// The store is read again when the writer commits something of the job; large steps, whose
+/// every read is costly, are read at most this often.
 const POLL: Duration = Duration::from_millis(100);
+/// And at least this often, whatever the notifications say.
+const FALLBACK: Duration = Duration::from_secs(1);
 /// An idle stream sends `{"type":"ping"}` this often, so proxies keep it open.
 const PING: Duration = Duration::from_secs(10);
 /// Most log chunks read in one poll (a chunk is at most 64 KiB): bounds a poll's work and memory.
@@ -355,6 +359,11 @@ impl Follower {
         let shutdown = self.shared.shutdown.clone();
         let mut idle_since = tokio::time::Instant::now();
         let mut poll: u64 = 0;
+        // Subscribed before the first read: nothing committed after it goes unnoticed.
+        let watch = self
+            .shared
+            .store
+            .watch_job(self.job_instance_id, self.step_instance_id);
         loop {
             let (events, more_now, done) = self.poll(poll).await?;
             poll += 1;
@@ -374,9 +383,13 @@ impl Follower {
                 idle_since = tokio::time::Instant::now();
             }
             tokio::select! {
-                () = tokio::time::sleep(POLL) => {}
+                () = watch.changed() => {}
+                () = tokio::time::sleep(FALLBACK) => {}
                 () = lines.closed() => return Err(Stop::Gone),
                 () = shutdown.cancelled() => return Err(Stop::Shutdown),
+            }
+            if self.hosts.len() > HOSTS_PER_POLL {
+                tokio::time::sleep(POLL).await;
             }
         }
     }
