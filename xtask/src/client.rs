@@ -130,6 +130,34 @@ impl ApiClient {
             .unwrap_or_default())
     }
 
+    /// Follows a job through `stream_job` until the stream ends (the job finished and all its
+    /// output was sent); returns the last event, the job's final one.
+    pub async fn follow_job(&self, mut body: Value) -> Result<Value> {
+        if let Value::Object(map) = &mut body {
+            map.insert("bk_app_code".into(), json!(self.app_code));
+            map.insert("bk_app_secret".into(), json!(self.app_secret));
+            map.insert("bk_username".into(), json!(self.username));
+        }
+        let url = format!("{}/fleetrun/v1/stream_job", self.base);
+        let text = self
+            .http
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?
+            .text()
+            .await
+            .with_context(|| format!("POST {url}: reading the stream"))?;
+        let last = text.lines().last().context("empty stream")?;
+        let event: Value =
+            serde_json::from_str(last).with_context(|| format!("not JSON: {last}"))?;
+        if event["type"] != "job" || event["finished"] != json!(true) {
+            bail!("stream_job ended without the job's end: {last}");
+        }
+        Ok(event)
+    }
+
     /// Calls one of fleetrun's own APIs (`/fleetrun/v1/<api>`) that take no parameters.
     pub async fn fleetrun(&self, api: &str) -> Result<Value> {
         let url = format!("{}/fleetrun/v1/{api}", self.base);

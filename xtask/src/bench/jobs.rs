@@ -120,6 +120,24 @@ impl Api {
         }
     }
 
+    /// Submits one job and follows it to its end through `stream_job` (no polling).
+    pub async fn run_streamed(&self, hosts: &[i64], script: &str) -> Result<Timed> {
+        let submitted_ms = unix_ms();
+        let sent = Instant::now();
+        let (job, step) = self.submit(hosts, script, "fleetrun bench").await?;
+        let accepted = Instant::now();
+        self.client
+            .follow_job(self.body(json!({"job_instance_id": job})))
+            .await?;
+        Ok(Timed {
+            job,
+            step,
+            submitted_ms,
+            accept: accepted - sent,
+            to_final: accepted.elapsed(),
+        })
+    }
+
     /// Submits and follows one job to its end.
     pub async fn run_timed(
         &self,

@@ -264,13 +264,7 @@ async fn throughput(
         workers.spawn(async move {
             let mut done = 0u64;
             while Instant::now() < deadline {
-                api.run_timed(
-                    &[host],
-                    "echo ok\n",
-                    Duration::from_millis(5),
-                    Duration::from_secs(60),
-                )
-                .await?;
+                api.run_streamed(&[host], "echo ok\n").await?;
                 done += 1;
             }
             anyhow::Ok(done)
@@ -308,7 +302,7 @@ async fn throughput(
         .at_least(raw * 0.5)
         .baseline("target: at least 50% of the raw fork rate measured above")
         .note(format!(
-            "{jobs} jobs in {:.1} s; each client polls get_job_instance_status every 5 ms; \
+            "{jobs} jobs in {:.1} s; each client follows its job with stream_job (no polling); \
              CPU ms per job: controller {:.2}, agents with their scripts {:.2}, this benchmark client {:.2}",
             started.elapsed().as_secs_f64(),
             per_job(0),
