@@ -60,6 +60,16 @@ impl TestCluster {
         self.info.client()
     }
 
+    /// The host id the controller gave an agent's host.
+    pub fn host_id(&self, agent_id: &str) -> i64 {
+        self.info
+            .hosts
+            .iter()
+            .find(|h| h.agent_id == agent_id)
+            .unwrap_or_else(|| panic!("no agent {agent_id} in the cluster"))
+            .bk_host_id
+    }
+
     pub fn host_ids(&self) -> Vec<i64> {
         self.info.hosts.iter().map(|h| h.bk_host_id).collect()
     }
@@ -105,6 +115,31 @@ impl TestCluster {
             .logs(&self.info.scope(), job, step, &self.host_ids())
             .await
     }
+}
+
+/// The ids of the hosts a job reached (its per-host results), sorted.
+pub fn reached(status: &Value) -> Vec<i64> {
+    let mut ids: Vec<i64> = host_results(status)
+        .iter()
+        .filter_map(|r| r["bk_host_id"].as_i64())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Builds the `fleetrun` binary once per test binary; returns its path.
+pub fn fleetrun_bin() -> &'static Path {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let mut cmd = xtask::cluster::cargo_command();
+        cmd.args(["build", "--locked", "--quiet", "-p", "fleetrun-cli"]);
+        let status = cmd.status().expect("running cargo build -p fleetrun-cli");
+        assert!(status.success(), "cargo build -p fleetrun-cli failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"));
+        target.join("debug/fleetrun")
+    })
 }
 
 /// The per-host results in a `get_job_instance_status` reply.

@@ -545,6 +545,19 @@ async fn apps_act_only_in_their_scopes() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(refused.contains("1238001"), "{refused}");
+    // Nor read or change the inventory document.
+    for (api, body) in [
+        ("get_inventory", json!({})),
+        ("get_inventory_history", json!({})),
+        (
+            "change_inventory",
+            json!({"changes": [{"op": "create_business", "bk_biz_id": 77, "name": "x"}]}),
+        ),
+        ("replace_inventory", json!({"text": ""})),
+    ] {
+        let envelope = narrow.call_raw(api, body).await?;
+        assert_eq!(envelope["code"], 1_238_001, "{api}: {envelope}");
+    }
     Ok(())
 }
 

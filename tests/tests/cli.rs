@@ -1,41 +1,16 @@
 //! The `fleetrun` command line against a real cluster: exit statuses, JSON output, live
 //! following, termination, a terminal session; and the `stream_job` endpoint it follows.
 
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-    process::Stdio,
-    sync::OnceLock,
-    time::Duration,
-};
+use std::{collections::HashMap, path::Path, process::Stdio, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
-use fleetrun_tests::{
-    TestCluster,
-    cluster::{cargo_command, workspace_root},
-    eventually, host_results, start_cluster,
-};
+use fleetrun_tests::{TestCluster, eventually, fleetrun_bin, host_results, start_cluster};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines},
     process::{Child, ChildStdout, Command},
     time::{Instant, timeout},
 };
-
-/// Builds the `fleetrun` binary once for all tests in this file; returns its path.
-fn fleetrun_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let mut cmd = cargo_command();
-        cmd.args(["build", "--locked", "--quiet", "-p", "fleetrun-cli"]);
-        let status = cmd.status().expect("running cargo build -p fleetrun-cli");
-        assert!(status.success(), "cargo build -p fleetrun-cli failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"));
-        target.join("debug/fleetrun")
-    })
-}
 
 /// `fleetrun ARGS` set up to use the cluster (through its cluster.json), with nothing from the
 /// caller's environment that could change its settings.

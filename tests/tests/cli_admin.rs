@@ -2,36 +2,12 @@
 //! a business built entry by entry and used at once, refusals and their exit statuses, the
 //! document's revisions, dynamic groups written as `--where` conditions, and the other entries.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Stdio,
-    sync::OnceLock,
-    time::Duration,
-};
+use std::{process::Stdio, time::Duration};
 
 use anyhow::{Context, Result, ensure};
-use fleetrun_tests::{
-    TestCluster,
-    cluster::{cargo_command, workspace_root},
-    start_cluster,
-};
+use fleetrun_tests::{TestCluster, fleetrun_bin, start_cluster};
 use serde_json::Value;
 use tokio::{process::Command, time::timeout};
-
-/// Builds the `fleetrun` binary once for all tests in this file; returns its path.
-fn fleetrun_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let mut cmd = cargo_command();
-        cmd.args(["build", "--locked", "--quiet", "-p", "fleetrun-cli"]);
-        let status = cmd.status().expect("running cargo build -p fleetrun-cli");
-        assert!(status.success(), "cargo build -p fleetrun-cli failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"));
-        target.join("debug/fleetrun")
-    })
-}
 
 struct Finished {
     stdout: String,

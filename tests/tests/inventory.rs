@@ -2,19 +2,10 @@
 //! with scopes, reloads; with real agents.
 
 use anyhow::Result;
-use fleetrun_tests::{host_results, start_cluster};
+use fleetrun_tests::{reached, start_cluster};
 use serde_json::{Value, json};
 
 fn sorted(mut ids: Vec<i64>) -> Vec<i64> {
-    ids.sort_unstable();
-    ids
-}
-
-fn reached(status: &Value) -> Vec<i64> {
-    let mut ids: Vec<i64> = host_results(status)
-        .iter()
-        .filter_map(|r| r["bk_host_id"].as_i64())
-        .collect();
     ids.sort_unstable();
     ids
 }
@@ -23,15 +14,7 @@ fn reached(status: &Value) -> Vec<i64> {
 async fn targets_resolve_through_topology_groups_and_business_sets() -> Result<()> {
     let cluster = start_cluster(3).await?;
     let client = cluster.client();
-    let id = |agent: &str| {
-        cluster
-            .info
-            .hosts
-            .iter()
-            .find(|h| h.agent_id == agent)
-            .unwrap()
-            .bk_host_id
-    };
+    let id = |agent: &str| cluster.host_id(agent);
     let (a1, a2, a3) = (id("agent-1"), id("agent-2"), id("agent-3"));
 
     // cluster.json describes the topology and the groups as they are now.
@@ -131,15 +114,7 @@ async fn targets_resolve_through_topology_groups_and_business_sets() -> Result<(
 async fn reloads_move_hosts_change_groups_and_refuse_bad_files() -> Result<()> {
     let cluster = start_cluster(3).await?;
     let client = cluster.client();
-    let id = |agent: &str| {
-        cluster
-            .info
-            .hosts
-            .iter()
-            .find(|h| h.agent_id == agent)
-            .unwrap()
-            .bk_host_id
-    };
+    let id = |agent: &str| cluster.host_id(agent);
     let (a1, a2, a3) = (id("agent-1"), id("agent-2"), id("agent-3"));
     let group = json!({"target_server": {"dynamic_group_list": [{"id": "web-servers"}]}});
     let (_, _, before) = cluster

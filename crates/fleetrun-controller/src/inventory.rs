@@ -285,16 +285,8 @@ impl InventoryState {
         let text = doc.text();
         let inventory = check_document(&text)?;
         let summary = summarize(changes);
-        self.commit(
-            &current,
-            text,
-            inventory,
-            "api",
-            operator,
-            summary,
-            forget_hosts,
-        )
-        .await
+        self.commit(&current, text, inventory, operator, summary, forget_hosts)
+            .await
     }
 
     /// Replaces the current document with `text`.
@@ -309,23 +301,15 @@ impl InventoryState {
         check_expected(&current, expected)?;
         let inventory = Inventory::from_toml(&text)
             .map_err(|e| ChangeRefused::Invalid(format!("text: {e}")))?;
-        if !inventory.scripts().scripts().is_empty() {
+        if has_scripts(&inventory) {
             return Err(ChangeRefused::Invalid(
                 "text: scripts are managed with create_script and friends, not in the inventory"
                     .into(),
             ));
         }
         let summary = "replaced the whole document".to_owned();
-        self.commit(
-            &current,
-            text,
-            inventory,
-            "api",
-            operator,
-            summary,
-            Vec::new(),
-        )
-        .await
+        self.commit(&current, text, inventory, operator, summary, Vec::new())
+            .await
     }
 
     /// A kept revision.
@@ -345,13 +329,12 @@ impl InventoryState {
         self.store.inventory_history(limit).await
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Stores a change made through the API as the revision after `current`, and installs it.
     async fn commit(
         &self,
         current: &Current,
         text: String,
         inventory: Inventory,
-        source: &str,
         operator: &str,
         summary: String,
         forget_hosts: Vec<i64>,
@@ -359,7 +342,7 @@ impl InventoryState {
         let new = NewInventoryRevision {
             based_on: Some(current.info.revision),
             text,
-            source: source.to_owned(),
+            source: "api".to_owned(),
             source_digest: current.info.source_digest.clone(),
             operator: operator.to_owned(),
             summary,
@@ -403,6 +386,11 @@ impl InventoryState {
         *self.current.write().unwrap() = Arc::new(next);
         self.invalidate();
     }
+}
+
+/// Scripts live in the store's library, never in the inventory document.
+fn has_scripts(inventory: &Inventory) -> bool {
+    !inventory.scripts().scripts().is_empty()
 }
 
 fn check_expected(current: &Current, expected: Option<i64>) -> Result<(), ChangeRefused> {
@@ -510,7 +498,7 @@ fn check_source(config: &Config, text: &str) -> Result<Inventory, InventoryLoadE
                     path: path.clone(),
                     source,
                 })?;
-            if !inventory.scripts().scripts().is_empty() {
+            if has_scripts(&inventory) {
                 return Err(InventoryLoadError::Scripts(path.clone()));
             }
             Ok(inventory)

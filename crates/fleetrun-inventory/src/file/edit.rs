@@ -8,7 +8,7 @@
 //!
 //! [`Inventory::from_toml`]: crate::Inventory::from_toml
 
-use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
+use std::{collections::BTreeMap, fmt, fmt::Write as _, net::IpAddr};
 
 use serde::Deserialize;
 use toml_edit::{ArrayOfTables, DocumentMut, Item, Table, value};
@@ -343,20 +343,15 @@ impl InventoryDocument {
     pub fn apply(&mut self, change: &Change, agents: &dyn AgentHosts) -> Result<(), ChangeError> {
         match change {
             Change::CreateBusiness { bk_biz_id, name } => {
-                if self
-                    .find("business", |t| int(t, "bk_biz_id") == Some(*bk_biz_id))
-                    .is_some()
-                {
-                    return refuse(format!("business {bk_biz_id} already exists"));
-                }
+                self.fresh(Id::Business(*bk_biz_id))?;
                 let mut t = Table::new();
                 t["bk_biz_id"] = value(*bk_biz_id);
                 t["name"] = value(name.as_str());
                 self.push("business", t);
             }
             Change::UpdateBusiness { bk_biz_id, name } => {
-                let t = self.business(*bk_biz_id)?;
-                t["name"] = value(name.as_str());
+                let i = self.existing(Id::Business(*bk_biz_id))?;
+                self.entry("business", i)["name"] = value(name.as_str());
             }
             Change::DeleteBusiness { bk_biz_id } => {
                 let users = self.business_users(*bk_biz_id);
@@ -366,10 +361,7 @@ impl InventoryDocument {
                         listing(&users)
                     ));
                 }
-                let i = self.index_of("business", |t| int(t, "bk_biz_id") == Some(*bk_biz_id));
-                let Some(i) = i else {
-                    return refuse(format!("business {bk_biz_id} does not exist"));
-                };
+                let i = self.existing(Id::Business(*bk_biz_id))?;
                 self.remove("business", i);
             }
             Change::CreateBusinessSet {
@@ -377,14 +369,7 @@ impl InventoryDocument {
                 name,
                 members,
             } => {
-                if self
-                    .index_of("business_set", |t| {
-                        int(t, "bk_biz_set_id") == Some(*bk_biz_set_id)
-                    })
-                    .is_some()
-                {
-                    return refuse(format!("business set {bk_biz_set_id} already exists"));
-                }
+                self.fresh(Id::BusinessSet(*bk_biz_set_id))?;
                 let mut t = Table::new();
                 t["bk_biz_set_id"] = value(*bk_biz_set_id);
                 t["name"] = value(name.as_str());
@@ -396,11 +381,8 @@ impl InventoryDocument {
                 name,
                 members,
             } => {
-                let Some(t) = self.find("business_set", |t| {
-                    int(t, "bk_biz_set_id") == Some(*bk_biz_set_id)
-                }) else {
-                    return refuse(format!("business set {bk_biz_set_id} does not exist"));
-                };
+                let i = self.existing(Id::BusinessSet(*bk_biz_set_id))?;
+                let t = self.entry("business_set", i);
                 if let Some(name) = name {
                     t["name"] = value(name.as_str());
                 }
@@ -417,11 +399,7 @@ impl InventoryDocument {
                         listing(&users)
                     ));
                 }
-                let Some(i) = self.index_of("business_set", |t| {
-                    int(t, "bk_biz_set_id") == Some(*bk_biz_set_id)
-                }) else {
-                    return refuse(format!("business set {bk_biz_set_id} does not exist"));
-                };
+                let i = self.existing(Id::BusinessSet(*bk_biz_set_id))?;
                 self.remove("business_set", i);
             }
             Change::CreateNode {
@@ -432,9 +410,7 @@ impl InventoryDocument {
                 attributes,
             } => {
                 let (key, is_level) = node_kind(bk_obj_id)?;
-                if self.node_index(bk_obj_id, *bk_inst_id).is_some() {
-                    return refuse(format!("{bk_obj_id}:{bk_inst_id} already exists"));
-                }
+                self.fresh(Id::Node(bk_obj_id, *bk_inst_id))?;
                 check_parent(parent)?;
                 let mut t = Table::new();
                 if is_level {
@@ -454,9 +430,7 @@ impl InventoryDocument {
                 attributes,
             } => {
                 let (key, _) = node_kind(bk_obj_id)?;
-                let Some(i) = self.node_index(bk_obj_id, *bk_inst_id) else {
-                    return refuse(format!("{bk_obj_id}:{bk_inst_id} does not exist"));
-                };
+                let i = self.existing(Id::Node(bk_obj_id, *bk_inst_id))?;
                 if let Some(parent) = parent {
                     check_parent(parent)?;
                 }
@@ -474,9 +448,7 @@ impl InventoryDocument {
                 bk_inst_id,
             } => {
                 let (key, _) = node_kind(bk_obj_id)?;
-                let Some(i) = self.node_index(bk_obj_id, *bk_inst_id) else {
-                    return refuse(format!("{bk_obj_id}:{bk_inst_id} does not exist"));
-                };
+                let i = self.existing(Id::Node(bk_obj_id, *bk_inst_id))?;
                 let users = self.node_users(bk_obj_id, *bk_inst_id);
                 if !users.is_empty() {
                     return refuse(format!(
@@ -623,12 +595,7 @@ impl InventoryDocument {
                 object,
                 conditions,
             } => {
-                if self
-                    .index_of("dynamic_group", |t| text(t, "id") == Some(id))
-                    .is_some()
-                {
-                    return refuse(format!("dynamic group {id:?} already exists"));
-                }
+                self.fresh(Id::Group(id))?;
                 let mut t = Table::new();
                 t["id"] = value(id.as_str());
                 t["bk_biz_id"] = value(*bk_biz_id);
@@ -650,9 +617,7 @@ impl InventoryDocument {
                 object,
                 conditions,
             } => {
-                let Some(i) = self.index_of("dynamic_group", |t| text(t, "id") == Some(id)) else {
-                    return refuse(format!("dynamic group {id:?} does not exist"));
-                };
+                let i = self.existing(Id::Group(id))?;
                 let t = self.entry("dynamic_group", i);
                 if let Some(biz) = bk_biz_id {
                     t["bk_biz_id"] = value(*biz);
@@ -672,9 +637,7 @@ impl InventoryDocument {
                 }
             }
             Change::DeleteDynamicGroup { id } => {
-                let Some(i) = self.index_of("dynamic_group", |t| text(t, "id") == Some(id)) else {
-                    return refuse(format!("dynamic group {id:?} does not exist"));
-                };
+                let i = self.existing(Id::Group(id))?;
                 self.remove("dynamic_group", i);
             }
             Change::CreateAccount {
@@ -685,12 +648,7 @@ impl InventoryDocument {
                 category,
                 scopes,
             } => {
-                if self
-                    .index_of("account", |t| int(t, "id") == Some(*id))
-                    .is_some()
-                {
-                    return refuse(format!("account {id} already exists"));
-                }
+                self.fresh(Id::Account(*id))?;
                 let mut t = Table::new();
                 t["id"] = value(*id);
                 t["alias"] = value(alias.as_str());
@@ -715,9 +673,7 @@ impl InventoryDocument {
                 category,
                 scopes,
             } => {
-                let Some(i) = self.index_of("account", |t| int(t, "id") == Some(*id)) else {
-                    return refuse(format!("account {id} does not exist"));
-                };
+                let i = self.existing(Id::Account(*id))?;
                 let t = self.entry("account", i);
                 if let Some(alias) = alias {
                     t["alias"] = value(alias.as_str());
@@ -741,9 +697,7 @@ impl InventoryDocument {
                 }
             }
             Change::DeleteAccount { id } => {
-                let Some(i) = self.index_of("account", |t| int(t, "id") == Some(*id)) else {
-                    return refuse(format!("account {id} does not exist"));
-                };
+                let i = self.existing(Id::Account(*id))?;
                 self.remove("account", i);
             }
         }
@@ -784,13 +738,24 @@ impl InventoryDocument {
         }
     }
 
-    fn index_of(&self, key: &str, pred: impl Fn(&Table) -> bool) -> Option<usize> {
-        self.entries(key).iter().position(pred)
+    /// Where an entry is, or why it cannot be changed: it does not exist.
+    fn existing(&self, id: Id<'_>) -> Result<usize, ChangeError> {
+        match self.index_of(id.key(), |t| id.matches(t)) {
+            Some(i) => Ok(i),
+            None => refuse(format!("{id} does not exist")),
+        }
     }
 
-    fn find(&mut self, key: &str, pred: impl Fn(&Table) -> bool) -> Option<&mut Table> {
-        let i = self.index_of(key, pred)?;
-        Some(self.entry(key, i))
+    /// Refuses to create an entry that exists already.
+    fn fresh(&self, id: Id<'_>) -> Result<(), ChangeError> {
+        match self.index_of(id.key(), |t| id.matches(t)) {
+            Some(_) => refuse(format!("{id} already exists")),
+            None => Ok(()),
+        }
+    }
+
+    fn index_of(&self, key: &str, pred: impl Fn(&Table) -> bool) -> Option<usize> {
+        self.entries(key).iter().position(pred)
     }
 
     fn entry(&mut self, key: &str, i: usize) -> &mut Table {
@@ -808,22 +773,6 @@ impl InventoryDocument {
         entries.remove(i);
         if entries.is_empty() {
             self.doc.remove(key);
-        }
-    }
-
-    fn business(&mut self, bk_biz_id: i64) -> Result<&mut Table, ChangeError> {
-        match self.find("business", |t| int(t, "bk_biz_id") == Some(bk_biz_id)) {
-            Some(t) => Ok(t),
-            None => refuse(format!("business {bk_biz_id} does not exist")),
-        }
-    }
-
-    fn node_index(&self, bk_obj_id: &str, bk_inst_id: i64) -> Option<usize> {
-        match bk_obj_id {
-            SET | MODULE => self.index_of(bk_obj_id, |t| int(t, "bk_inst_id") == Some(bk_inst_id)),
-            _ => self.index_of("level", |t| {
-                text(t, "bk_obj_id") == Some(bk_obj_id) && int(t, "bk_inst_id") == Some(bk_inst_id)
-            }),
         }
     }
 
@@ -931,6 +880,57 @@ impl InventoryDocument {
             Item::Table(t) => Some(t.clone()),
             Item::Value(toml_edit::Value::InlineTable(t)) => Some(t.clone().into_table()),
             _ => None,
+        }
+    }
+}
+
+/// An entry other than a host, by its id.
+#[derive(Debug, Clone, Copy)]
+enum Id<'a> {
+    Business(i64),
+    BusinessSet(i64),
+    /// `bk_obj_id`, `bk_inst_id`: a set, a module or a node of a custom level.
+    Node(&'a str, i64),
+    Group(&'a str),
+    Account(i64),
+}
+
+impl Id<'_> {
+    /// The document's key for entries of this kind.
+    fn key(&self) -> &'static str {
+        match self {
+            Id::Business(_) => "business",
+            Id::BusinessSet(_) => "business_set",
+            Id::Node(obj, _) if *obj == SET => SET,
+            Id::Node(obj, _) if *obj == MODULE => MODULE,
+            Id::Node(..) => "level",
+            Id::Group(_) => "dynamic_group",
+            Id::Account(_) => "account",
+        }
+    }
+
+    fn matches(&self, t: &Table) -> bool {
+        match self {
+            Id::Business(id) => int(t, "bk_biz_id") == Some(*id),
+            Id::BusinessSet(id) => int(t, "bk_biz_set_id") == Some(*id),
+            Id::Node(obj, id) => {
+                int(t, "bk_inst_id") == Some(*id)
+                    && (self.key() != "level" || text(t, "bk_obj_id") == Some(obj))
+            }
+            Id::Group(id) => text(t, "id") == Some(id),
+            Id::Account(id) => int(t, "id") == Some(*id),
+        }
+    }
+}
+
+impl fmt::Display for Id<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Id::Business(id) => write!(f, "business {id}"),
+            Id::BusinessSet(id) => write!(f, "business set {id}"),
+            Id::Node(obj, id) => write!(f, "{obj}:{id}"),
+            Id::Group(id) => write!(f, "dynamic group {id:?}"),
+            Id::Account(id) => write!(f, "account {id}"),
         }
     }
 }
