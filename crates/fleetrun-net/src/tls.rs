@@ -149,9 +149,7 @@ pub fn server_endpoint(
         // Accept IPv4 agents on an IPv6 wildcard too, as quinn's own binding does.
         let _ = socket.set_only_v6(false);
     }
-    // The kernel caps these at net.core.rmem_max / wmem_max; a smaller buffer still works.
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    set_buffers(&socket);
     socket.bind(&listen.into()).map_err(bind_error)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
@@ -162,6 +160,30 @@ pub fn server_endpoint(
         runtime,
     )
     .map_err(bind_error)
+}
+
+/// Asks for [`SOCKET_BUFFER`]-sized socket buffers: beyond `net.core.rmem_max`/`wmem_max` when
+/// the process may (CAP_NET_ADMIN), else as much as those allow. A smaller buffer still works,
+/// but a burst of results from thousands of agents then overflows it and waits for QUIC's
+/// retransmissions, so the shortfall is logged with the remedy.
+fn set_buffers(socket: &socket2::Socket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    }
+    if setsockopt(socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    }
+    // Linux reports twice the size it was asked for (the rest is its bookkeeping).
+    let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
+    if granted < SOCKET_BUFFER {
+        tracing::warn!(
+            granted,
+            wanted = SOCKET_BUFFER,
+            "small UDP receive buffer: bursts from many agents may be dropped and retransmitted; \
+             raise net.core.rmem_max and net.core.wmem_max to {SOCKET_BUFFER} or run with CAP_NET_ADMIN"
+        );
+    }
 }
 
 /// The agent's endpoint, bound to `bind` (port 0 for any), presenting the agent's certificate.
