@@ -224,6 +224,17 @@ impl Store {
         })
     }
 
+    /// A job's status alone, or `None` if there is no such job: what a follower reads often.
+    pub async fn job_status(&self, job_instance_id: i64) -> Result<Option<i32>, StoreError> {
+        Ok(
+            sqlx::query("SELECT status FROM job_instance WHERE job_instance_id = ?")
+                .bind(job_instance_id)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|row| row.get(0)),
+        )
+    }
+
     /// A job with its steps, or `None` if there is no such job.
     pub async fn job(&self, job_instance_id: i64) -> Result<Option<JobRecord>, StoreError> {
         let Some(row) = sqlx::query("SELECT * FROM job_instance WHERE job_instance_id = ?")
@@ -234,7 +245,10 @@ impl Store {
             return Ok(None);
         };
         let steps = sqlx::query(
-            "SELECT * FROM step_instance WHERE job_instance_id = ? ORDER BY step_instance_id",
+            // Not the script (up to 16 MiB) nor its parameter: status reads are frequent.
+            "SELECT step_instance_id, name, type, status, execute_count, script_language,
+                    is_param_sensitive, timeout, account_id, account, create_time, start_time, end_time
+             FROM step_instance WHERE job_instance_id = ? ORDER BY step_instance_id",
         )
         .bind(job_instance_id)
         .fetch_all(&self.pool)

@@ -402,23 +402,23 @@ impl Follower {
         let failed = |e: fleetrun_store::StoreError| Stop::Failed(e.to_string());
         // The job first: once it reads finished, every host result and log chunk written before
         // its end is committed, so the reads below see all of them.
-        let job = store
-            .job(self.job_instance_id)
+        let job_status = store
+            .job_status(self.job_instance_id)
             .await
             .map_err(failed)?
             .ok_or_else(|| Stop::Failed("the job vanished".into()))?;
-        let finished = status::job::is_finished(job.status);
+        let finished = status::job::is_finished(job_status);
         let first = self.seen_status.is_none();
-        let job_changed = self.seen_status != Some(job.status);
-        self.seen_status = Some(job.status);
+        let job_changed = self.seen_status != Some(job_status);
+        self.seen_status = Some(job_status);
         let mut events = Vec::new();
         // A running job's status changes are told at once; a finished job's only at the very end.
-        let job_news = !finished && self.sent_status != Some(job.status);
+        let job_news = !finished && self.sent_status != Some(job_status);
         if job_news {
-            self.sent_status = Some(job.status);
+            self.sent_status = Some(job_status);
         }
         if first && job_news {
-            events.push(self.job_event(job.status, false));
+            events.push(self.job_event(job_status, false));
         }
 
         // Host results: every poll for ordinary steps, less often for very large ones.
@@ -473,10 +473,10 @@ impl Follower {
 
         let done = finished && complete && self.hosts.iter().all(|h| h.drained);
         if job_news && !first {
-            events.push(self.job_event(job.status, false));
+            events.push(self.job_event(job_status, false));
         }
         if done {
-            events.push(self.job_event(job.status, true));
+            events.push(self.job_event(job_status, true));
         }
         Ok((events, !complete, done))
     }
