@@ -436,7 +436,8 @@ async fn the_document_and_every_kind_of_entry_from_the_command_line() -> Result<
     revision_line(&removed)?;
     fleetrun(&cluster, &["inventory", "unlisted-agents", "--unassign"], 0).await?;
 
-    // Older revisions stay readable; reloading the file makes it the truth again.
+    // Older revisions stay readable; a reload keeps the API's changes while the file is as it
+    // was imported, and --force makes the file the truth again.
     let old = fleetrun(
         &cluster,
         &["inventory", "show", "--revision", &start.to_string()],
@@ -444,8 +445,16 @@ async fn the_document_and_every_kind_of_entry_from_the_command_line() -> Result<
     )
     .await?;
     assert_eq!(old.stdout, document);
-    let reloaded = fleetrun(&cluster, &["inventory", "reload"], 0).await?;
+    let before = current_revision(&cluster).await?;
+    let kept = fleetrun(&cluster, &["inventory", "reload"], 0).await?;
+    assert!(
+        kept.stdout.contains(&format!("revision {before} stays")),
+        "{}",
+        kept.stdout
+    );
+    let reloaded = fleetrun(&cluster, &["inventory", "reload", "--force"], 0).await?;
     let now = current_revision(&cluster).await?;
+    assert_eq!(now, before + 1);
     assert_eq!(
         reloaded.stdout.trim(),
         format!("inventory reloaded: revision {now}")

@@ -26,7 +26,7 @@ pub async fn run(ctx: &Ctx, command: &InventoryCommand) -> Result<u8, CliError> 
             let (changes, expected) = parse_changes(&content, file)?;
             commit(ctx, changes, expect.expect_revision.or(expected)).await
         }
-        InventoryCommand::Reload => reload(ctx).await,
+        InventoryCommand::Reload { force } => reload(ctx, *force).await,
         InventoryCommand::UnlistedAgents { .. } => {
             let (change, expect) = admin::unlisted_agents_change(command)?;
             commit(ctx, vec![change], expect.expect_revision).await
@@ -216,12 +216,19 @@ async fn history(ctx: &Ctx, limit: i64) -> Result<u8, CliError> {
     Ok(exit::OK)
 }
 
-async fn reload(ctx: &Ctx) -> Result<u8, CliError> {
-    let data = ctx.client.call("reload_inventory", json!({})).await?;
+async fn reload(ctx: &Ctx, force: bool) -> Result<u8, CliError> {
+    let data = ctx
+        .client
+        .call("reload_inventory", json!({"force": force}))
+        .await?;
     match ctx.output {
-        Output::Text => match data["revision"].as_i64() {
-            Some(revision) => print(&format!("inventory reloaded: revision {revision}\n"))?,
-            None => print("inventory reloaded\n")?,
+        Output::Text => match (data["revision"].as_i64(), data["imported"].as_bool()) {
+            (Some(revision), Some(false)) => print(&format!(
+                "inventory file unchanged since it was imported: revision {revision} stays \
+                 (--force imports it anyway)\n"
+            ))?,
+            (Some(revision), _) => print(&format!("inventory reloaded: revision {revision}\n"))?,
+            (None, _) => print("inventory reloaded\n")?,
         },
         _ => print_doc(ctx, &data)?,
     }

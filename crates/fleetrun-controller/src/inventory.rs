@@ -15,7 +15,10 @@
 use std::{
     collections::HashMap,
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use fleetrun_inventory::{
@@ -92,6 +95,8 @@ pub struct InventoryState {
     current: RwLock<Arc<Current>>,
     /// The current inventory merged with the registered agents; `None` when stale.
     merged: RwLock<Option<Arc<Inventory>>>,
+    /// Bumped by every invalidation: a merge that raced one is not kept.
+    generation: AtomicU64,
     /// Serializes rebuilds, so a burst of requests rebuilds once.
     rebuild: Mutex<()>,
     /// Serializes changes, so each is made on the revision before it.
@@ -151,6 +156,7 @@ impl InventoryState {
             store,
             current: RwLock::new(Arc::new(current)),
             merged: RwLock::new(None),
+            generation: AtomicU64::new(0),
             rebuild: Mutex::new(()),
             edit: Mutex::new(()),
         })
@@ -179,6 +185,7 @@ impl InventoryState {
         if let Some(merged) = self.merged.read().unwrap().clone() {
             return Ok(merged);
         }
+        let generation = self.generation.load(Ordering::Acquire);
         let base = self.base();
         let agents: Vec<AgentHost> = self
             .store
@@ -201,33 +208,39 @@ impl InventoryState {
             tracing::warn!(agent_id = refused.agent_id, reason = ?refused.reason, "agent's host left out of the inventory");
         }
         let merged = Arc::new(merged.inventory);
-        // A change committed while this merge ran has cleared `merged`; keep it cleared.
-        if Arc::ptr_eq(&base, &self.base()) {
-            *self.merged.write().unwrap() = Some(merged.clone());
+        // A registration or a change that came while this merge ran has made it stale: it
+        // serves this request, and the next one merges again.
+        let mut cached = self.merged.write().unwrap();
+        if self.generation.load(Ordering::Acquire) == generation {
+            *cached = Some(merged.clone());
         }
         Ok(merged)
     }
 
     /// Marks the merged inventory stale (an agent registered or changed).
     pub fn invalidate(&self) {
-        *self.merged.write().unwrap() = None;
+        let mut cached = self.merged.write().unwrap();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        *cached = None;
     }
 
-    /// Imports the source (the inventory file) as the current revision. An invalid file changes
-    /// nothing; a file identical to the current document makes no new revision.
-    pub async fn reload(&self) -> Result<RevisionInfo, InventoryLoadError> {
+    /// Imports the source (the inventory file) as the current revision when it changed since it
+    /// was last imported, or always when `force`d: a reload with an untouched file keeps the
+    /// changes made through the API, as a restart does. An invalid file changes nothing.
+    /// Returns the current revision and whether it is a new import.
+    pub async fn reload(&self, force: bool) -> Result<(RevisionInfo, bool), InventoryLoadError> {
         let _one_change_at_a_time = self.edit.lock().await;
         let source = read_source(&self.config)?;
-        let inventory = check_source(&self.config, &source)?;
+        let digest = digest(&source);
         let current = self.current.read().unwrap().clone();
-        if current.text == source {
+        if current.text == source || (!force && current.info.source_digest == digest) {
             tracing::info!(
                 revision = current.info.revision,
-                "inventory reloaded: unchanged"
+                "inventory reload: the file is unchanged since it was imported"
             );
-            return Ok(current.info.clone());
+            return Ok((current.info.clone(), false));
         }
-        let digest = digest(&source);
+        let inventory = check_source(&self.config, &source)?;
         let next = commit_import(
             &self.store,
             &self.config,
@@ -240,16 +253,17 @@ impl InventoryState {
         let info = next.info.clone();
         self.install(next);
         tracing::info!(source = ?self.source, revision = info.revision, "inventory reloaded");
-        Ok(info)
+        Ok((info, true))
     }
 
     /// Makes `changes` on the current document and stores the result as the next revision.
     /// Returns the new revision and the one it replaced.
     pub async fn change(
         &self,
-        changes: &[Change],
+        changes: Vec<Change>,
         expected: Option<i64>,
         operator: &str,
+        connected: impl Fn(i64) -> bool,
     ) -> Result<(RevisionInfo, i64), ChangeRefused> {
         let _one_change_at_a_time = self.edit.lock().await;
         let current = self.current.read().unwrap().clone();
@@ -259,32 +273,16 @@ impl InventoryState {
             .hosts()
             .await?
             .into_iter()
-            .map(|h| (h.bk_host_id, (h.agent_id, h.online)))
+            .map(|h| (h.bk_host_id, (h.agent_id.clone(), connected(h.bk_host_id))))
             .collect();
-        let agent_of = |id: i64| agents.get(&id).map(|(agent, _)| agent.clone());
-
-        let mut doc = InventoryDocument::parse(&current.text)
-            .map_err(|e| ChangeRefused::Invalid(format!("the current document: {e}")))?;
-        let mut forget_hosts = Vec::new();
-        for (i, change) in changes.iter().enumerate() {
-            doc.apply(change, &agent_of).map_err(|e| {
-                ChangeRefused::Invalid(format!("changes[{i}] ({}): {e}", change.summary()))
-            })?;
-            if let Change::DeleteHost { bk_host_id } = change
-                && let Some((agent, online)) = agents.get(bk_host_id)
-            {
-                if *online {
-                    return Err(ChangeRefused::Invalid(format!(
-                        "changes[{i}] ({}): agent {agent:?} is connected; stop it (or revoke its certificate) before forgetting its host",
-                        change.summary()
-                    )));
-                }
-                forget_hosts.push(*bk_host_id);
-            }
-        }
-        let text = doc.text();
-        let inventory = check_document(&text)?;
-        let summary = summarize(changes);
+        let text = current.text.clone();
+        // Parsing, editing and checking a large document is CPU work: off the async workers.
+        let (text, inventory, forget_hosts, summary) =
+            tokio::task::spawn_blocking(move || edit_document(&text, &changes, &agents))
+                .await
+                .map_err(|e| {
+                    ChangeRefused::Invalid(format!("the change could not be made: {e}"))
+                })??;
         self.commit(&current, text, inventory, operator, summary, forget_hosts)
             .await
     }
@@ -299,8 +297,13 @@ impl InventoryState {
         let _one_change_at_a_time = self.edit.lock().await;
         let current = self.current.read().unwrap().clone();
         check_expected(&current, expected)?;
-        let inventory = Inventory::from_toml(&text)
-            .map_err(|e| ChangeRefused::Invalid(format!("text: {e}")))?;
+        let (text, parsed) = tokio::task::spawn_blocking(move || {
+            let parsed = Inventory::from_toml(&text);
+            (text, parsed)
+        })
+        .await
+        .map_err(|e| ChangeRefused::Invalid(format!("text could not be read: {e}")))?;
+        let inventory = parsed.map_err(|e| ChangeRefused::Invalid(format!("text: {e}")))?;
         if has_scripts(&inventory) {
             return Err(ChangeRefused::Invalid(
                 "text: scripts are managed with create_script and friends, not in the inventory"
@@ -386,6 +389,47 @@ impl InventoryState {
         *self.current.write().unwrap() = Arc::new(next);
         self.invalidate();
     }
+}
+
+/// Makes `changes` on the document `text`: the new text, the inventory it describes, the agents'
+/// hosts to forget with it, and a summary for the history. `agents` maps each registered
+/// agent's host id to its agent and whether it is connected now.
+#[allow(clippy::type_complexity)]
+fn edit_document(
+    text: &str,
+    changes: &[Change],
+    agents: &HashMap<i64, (String, bool)>,
+) -> Result<(String, Inventory, Vec<i64>, String), ChangeRefused> {
+    let agent_of = |id: i64| agents.get(&id).map(|(agent, _)| agent.clone());
+    let mut doc = InventoryDocument::parse(text)
+        .map_err(|e| ChangeRefused::Invalid(format!("the current document: {e}")))?;
+    let mut forget_hosts = Vec::new();
+    for (i, change) in changes.iter().enumerate() {
+        let refused = |why: String| {
+            ChangeRefused::Invalid(format!("changes[{i}] ({}): {why}", change.summary()))
+        };
+        // Deleting a host of the document never touches an agent's registration, even one
+        // whose id collides with it.
+        let agents_host = match change {
+            Change::DeleteHost { bk_host_id } if !doc.has_host(*bk_host_id) => {
+                agents.get(bk_host_id).map(|agent| (*bk_host_id, agent))
+            }
+            _ => None,
+        };
+        if let Some((_, (agent, true))) = agents_host {
+            return Err(refused(format!(
+                "agent {agent:?} is connected; stop it (or revoke its certificate) before forgetting its host"
+            )));
+        }
+        doc.apply(change, &agent_of)
+            .map_err(|e| refused(e.to_string()))?;
+        if let Some((bk_host_id, _)) = agents_host {
+            forget_hosts.push(bk_host_id);
+        }
+    }
+    let text = doc.text();
+    let inventory = check_document(&text)?;
+    Ok((text, inventory, forget_hosts, summarize(changes)))
 }
 
 /// Scripts live in the store's library, never in the inventory document.
@@ -544,8 +588,8 @@ fn document_from_config(config: &Config) -> Result<String, InventoryLoadError> {
     }
     if let Some(biz) = config.placement.default_bk_biz_id {
         changes.push(Change::SetUnlistedAgents {
-            bk_biz_id: Some(biz),
-            modules: Vec::new(),
+            bk_biz_id: Some(Some(biz)),
+            modules: None,
             attributes: std::collections::BTreeMap::<String, Option<Scalar>>::new(),
         });
     }
@@ -566,4 +610,33 @@ fn digest(text: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = "[[business]]\nbk_biz_id = 2\nname = \"shop\"\n\n\
+                       [[host]]\nbk_host_id = 5\nips = [\"10.0.0.5\"]\nbk_biz_id = 2\n";
+
+    fn delete(id: i64) -> Vec<Change> {
+        vec![Change::DeleteHost { bk_host_id: id }]
+    }
+
+    #[test]
+    fn deleting_a_document_host_leaves_an_agent_with_the_same_id_alone() {
+        // Agent "a" got id 5 too (the controller refuses it while the document's host 5 exists).
+        let agents = HashMap::from([(5, ("a".to_owned(), true)), (6, ("b".to_owned(), false))]);
+        let (text, _, forget, _) = edit_document(DOC, &delete(5), &agents).unwrap();
+        assert!(!text.contains("bk_host_id = 5"), "{text}");
+        assert!(forget.is_empty());
+        // An agent's own host is forgotten when its agent is away, refused while connected.
+        let (_, _, forget, _) = edit_document(DOC, &delete(6), &agents).unwrap();
+        assert_eq!(forget, [6]);
+        let agents = HashMap::from([(6, ("b".to_owned(), true))]);
+        let Err(ChangeRefused::Invalid(why)) = edit_document(DOC, &delete(6), &agents) else {
+            panic!("a connected agent's host was forgotten");
+        };
+        assert!(why.contains("agent \"b\" is connected"), "{why}");
+    }
 }

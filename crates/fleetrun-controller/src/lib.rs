@@ -170,11 +170,17 @@ impl Controller {
         })
     }
 
-    /// Imports the inventory file again (on SIGHUP); an invalid file changes nothing.
+    /// Imports the inventory file again (on SIGHUP) if it changed since it was last imported; an
+    /// invalid file changes nothing.
     pub async fn reload_inventory(
         &self,
     ) -> Result<fleetrun_store::RevisionInfo, inventory::InventoryLoadError> {
-        self.inventory.reload().await
+        let inventory = self.inventory.clone();
+        // Run to the end whatever happens to the caller: a stored revision is the one in force.
+        tokio::spawn(async move { inventory.reload(false).await })
+            .await
+            .map_err(|e| inventory::InventoryLoadError::Config(format!("reload failed: {e}")))?
+            .map(|(info, _)| info)
     }
 
     /// Stops accepting work, closes agent connections, and commits what is queued.

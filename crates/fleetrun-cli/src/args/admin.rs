@@ -166,12 +166,20 @@ Examples:
         #[command(flatten)]
         expect: Expect,
     },
-    /// Read the controller's inventory file again (as SIGHUP does); an invalid file changes nothing
+    /// Read the controller's inventory file again (as SIGHUP does): imported when it changed since
+    /// it was last imported, or always with --force; an invalid file changes nothing
     #[command(after_help = "\
 Examples:
-  fleetrun inventory reload       prints the new revision; exit 3 with the controller's
-                                  message (naming the line) when the file is invalid")]
-    Reload,
+  fleetrun inventory reload          imports the file if it was edited; prints the revision;
+                                     exit 3 with the controller's message (naming the line)
+                                     when the file is invalid
+  fleetrun inventory reload --force  makes the file the truth again, dropping the changes
+                                     made since with the API (they stay in the history)")]
+    Reload {
+        /// Import the file even if it did not change since it was last imported
+        #[arg(long)]
+        force: bool,
+    },
     /// Where agents listed nowhere go: a business and modules, or the unassigned pool
     #[command(
         group(ArgGroup::new("place").required(true).args(["biz", "unassign"])),

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     Shared,
-    inventory::{ChangeRefused, Revision},
+    inventory::{ChangeRefused, InventoryLoadError, Revision},
 };
 
 /// Revisions `get_inventory_history` returns at most.
@@ -31,6 +31,16 @@ impl From<ChangeRefused> for ApiError {
             ChangeRefused::Store(e) => e.into(),
         }
     }
+}
+
+/// Runs a change of the inventory to its end even if the client goes away meanwhile, so that a
+/// revision the store has committed is always the one in force.
+async fn to_the_end<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| ApiError::internal("inventory change", e))
 }
 
 fn require_admin(caller: &Caller, what: &str) -> Result<(), ApiError> {
@@ -143,10 +153,17 @@ pub async fn change_inventory(
             ),
         ));
     }
-    let (info, previous) = shared
-        .inventory
-        .change(&changes, req.expected_revision, &caller.username)
-        .await?;
+    let inventory = shared.inventory.clone();
+    let agents = shared.agents.clone();
+    let operator = caller.username.clone();
+    let expected = req.expected_revision;
+    let (info, previous) = to_the_end(async move {
+        let connected = |bk_host_id| agents.get(bk_host_id).is_some();
+        inventory
+            .change(changes, expected, &operator, connected)
+            .await
+    })
+    .await??;
     Ok(json!({
         "revision": info.revision,
         "previous_revision": previous,
@@ -169,10 +186,11 @@ pub async fn replace_inventory(
     require_admin(caller, "replace the inventory")?;
     let req: ReplaceInventory = params.parse()?;
     let text = req.text.ok_or_else(|| ApiError::missing("text"))?;
-    let (info, previous) = shared
-        .inventory
-        .replace(text, req.expected_revision, &caller.username)
-        .await?;
+    let inventory = shared.inventory.clone();
+    let operator = caller.username.clone();
+    let expected = req.expected_revision;
+    let (info, previous) =
+        to_the_end(async move { inventory.replace(text, expected, &operator).await }).await??;
     Ok(json!({
         "revision": info.revision,
         "previous_revision": previous,
@@ -180,13 +198,29 @@ pub async fn replace_inventory(
     }))
 }
 
-/// Imports the inventory file again; an invalid file changes nothing and the error names the line.
-pub async fn reload_inventory(shared: &Shared, caller: &Caller) -> Result<Value, ApiError> {
+#[derive(Debug, Deserialize)]
+struct ReloadInventory {
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
+    force: Option<bool>,
+}
+
+/// Imports the inventory file again if it changed since it was last imported (always with
+/// `force`); an invalid file changes nothing and the error names the line.
+pub async fn reload_inventory(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
     require_admin(caller, "reload the inventory")?;
-    let info = shared
-        .inventory
-        .reload()
-        .await
-        .map_err(|e| ApiError::invalid("inventory", e))?;
-    Ok(json!({ "reloaded": true, "revision": info.revision }))
+    let req: ReloadInventory = params.parse()?;
+    let inventory = shared.inventory.clone();
+    let force = req.force.unwrap_or(false);
+    let (info, imported) = to_the_end(async move { inventory.reload(force).await })
+        .await?
+        .map_err(|e| match e {
+            InventoryLoadError::Store(e) => ApiError::internal("inventory reload", e),
+            InventoryLoadError::Commit(e) => ApiError::internal("inventory reload", e),
+            e => ApiError::invalid("inventory", e),
+        })?;
+    Ok(json!({ "reloaded": true, "imported": imported, "revision": info.revision }))
 }

@@ -114,7 +114,7 @@ async fn dispatch(
             }
             "list_hosts" => query::list_hosts(&shared, &caller).await,
             "get_topology" => query::get_topology(&shared, &caller).await,
-            "reload_inventory" => admin::reload_inventory(&shared, &caller).await,
+            "reload_inventory" => admin::reload_inventory(&shared, &caller, &params).await,
             "get_inventory" => admin::get_inventory(&shared, &caller, &params).await,
             "get_inventory_history" => {
                 admin::get_inventory_history(&shared, &caller, &params).await

@@ -8,7 +8,12 @@
 //!
 //! [`Inventory::from_toml`]: crate::Inventory::from_toml
 
-use std::{collections::BTreeMap, fmt, fmt::Write as _, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    fmt::Write as _,
+    net::IpAddr,
+};
 
 use serde::Deserialize;
 use toml_edit::{ArrayOfTables, DocumentMut, Item, Table, value};
@@ -145,11 +150,13 @@ pub enum Change {
     DeleteHost {
         bk_host_id: i64,
     },
+    /// Absent fields stay as they are; `bk_biz_id: null` is the unassigned pool. A new
+    /// business without `modules` means no module.
     SetUnlistedAgents {
+        #[serde(default, deserialize_with = "present")]
+        bk_biz_id: Option<Option<i64>>,
         #[serde(default)]
-        bk_biz_id: Option<i64>,
-        #[serde(default)]
-        modules: Vec<i64>,
+        modules: Option<Vec<i64>>,
         #[serde(default)]
         attributes: AttributeChanges,
     },
@@ -268,8 +275,9 @@ impl Change {
             }
             Change::DeleteHost { bk_host_id } => format!("delete_host {bk_host_id}"),
             Change::SetUnlistedAgents { bk_biz_id, .. } => match bk_biz_id {
-                Some(biz) => format!("set_unlisted_agents business {biz}"),
-                None => "set_unlisted_agents unassigned".to_owned(),
+                Some(Some(biz)) => format!("set_unlisted_agents business {biz}"),
+                Some(None) => "set_unlisted_agents unassigned".to_owned(),
+                None => "set_unlisted_agents".to_owned(),
             },
             Change::CreateDynamicGroup { id, .. } => format!("create_dynamic_group {id}"),
             Change::UpdateDynamicGroup { id, .. } => format!("update_dynamic_group {id}"),
@@ -307,6 +315,9 @@ impl<F: Fn(i64) -> Option<String>> AgentHosts for F {
 pub struct InventoryDocument {
     doc: DocumentMut,
 }
+
+/// Hosts one `move_hosts` may name (the most one job may target).
+const MAX_MOVED_HOSTS: usize = 50_000;
 
 const CONDITION_OBJECTS: [&str; 3] = ["host", "set", "module"];
 const CONDITION_OPS: [&str; 12] = [
@@ -538,22 +549,41 @@ impl InventoryDocument {
                 if bk_host_ids.is_empty() && agent_ids.is_empty() {
                     return refuse("bk_host_ids and agent_ids are both empty: no host to move");
                 }
+                if bk_host_ids.len() + agent_ids.len() > MAX_MOVED_HOSTS {
+                    return refuse(format!(
+                        "more than {MAX_MOVED_HOSTS} hosts in one move; split it into several changes"
+                    ));
+                }
+                let (by_id, mut by_agent) = self.host_positions();
+                let mut targets = Vec::with_capacity(bk_host_ids.len() + agent_ids.len());
                 for id in bk_host_ids {
-                    let i = match self.file_host(*id) {
-                        Some(i) => i,
+                    match by_id.get(id) {
+                        Some(&i) => targets.push(Ok(i)),
                         None => match agents.agent_of(*id) {
-                            Some(agent) => self.agent_entry(&agent, false),
+                            Some(agent) => targets.push(Err(agent)),
                             None => return refuse(format!("host {id} does not exist")),
                         },
-                    };
-                    set_placement(self.entry("host", i), *bk_biz_id, modules);
+                    }
                 }
                 for agent in agent_ids {
                     if agent.is_empty() {
                         return refuse("agent_ids: an agent id must not be empty");
                     }
-                    let i = self.agent_entry(agent, false);
-                    set_placement(self.entry("host", i), *bk_biz_id, modules);
+                    targets.push(Err(agent.clone()));
+                }
+                let entries = self.entries_mut("host");
+                for target in targets {
+                    let i = match target {
+                        Ok(i) => i,
+                        Err(agent) => *by_agent.entry(agent).or_insert_with_key(|agent| {
+                            let mut t = Table::new();
+                            t["agent_id"] = value(agent.as_str());
+                            entries.push(t);
+                            entries.len() - 1
+                        }),
+                    };
+                    let t = entries.get_mut(i).expect("position found above");
+                    set_placement(t, *bk_biz_id, modules);
                 }
             }
             Change::DeleteHost { bk_host_id } => {
@@ -573,20 +603,27 @@ impl InventoryDocument {
                 modules,
                 attributes,
             } => {
-                let t = self
+                let item = self
                     .doc
                     .entry("unlisted_agents")
                     .or_insert_with(|| Item::Table(Table::new()));
-                let Some(t) = t.as_table_like_mut() else {
+                if let Some(inline) = item.as_inline_table() {
+                    *item = Item::Table(inline.clone().into_table());
+                }
+                let Some(t) = item.as_table_mut() else {
                     return refuse("unlisted_agents is not a table in the inventory document");
                 };
-                let mut table = Table::new();
-                for (k, v) in t.iter() {
-                    table.insert(k, v.clone());
+                match (bk_biz_id, modules) {
+                    (Some(biz), modules) => {
+                        set_placement(t, *biz, modules.as_deref().unwrap_or_default());
+                    }
+                    (None, Some(modules)) => {
+                        let biz = int(t, "bk_biz_id");
+                        set_placement(t, biz, modules);
+                    }
+                    (None, None) => {}
                 }
-                set_placement(&mut table, *bk_biz_id, modules);
-                merge_attributes(&mut table, attributes);
-                self.doc["unlisted_agents"] = Item::Table(table);
+                merge_attributes(t, attributes);
             }
             Change::CreateDynamicGroup {
                 id,
@@ -755,7 +792,34 @@ impl InventoryDocument {
     }
 
     fn index_of(&self, key: &str, pred: impl Fn(&Table) -> bool) -> Option<usize> {
-        self.entries(key).iter().position(pred)
+        match self.doc.get(key) {
+            Some(Item::ArrayOfTables(a)) => a.iter().position(pred),
+            Some(Item::Value(toml_edit::Value::Array(a))) => a
+                .iter()
+                .filter_map(toml_edit::Value::as_inline_table)
+                .position(|t| pred(&t.clone().into_table())),
+            _ => None,
+        }
+    }
+
+    /// Whether the document lists a host of its own (not an agent's) with this id.
+    pub fn has_host(&self, bk_host_id: i64) -> bool {
+        self.file_host(bk_host_id).is_some()
+    }
+
+    /// Where each host entry is, by `bk_host_id` and by `agent_id`: one pass for changes that
+    /// touch many hosts.
+    fn host_positions(&mut self) -> (HashMap<i64, usize>, HashMap<String, usize>) {
+        let mut by_id = HashMap::new();
+        let mut by_agent = HashMap::new();
+        for (i, t) in self.entries_mut("host").iter().enumerate() {
+            if let Some(id) = int(t, "bk_host_id") {
+                by_id.insert(id, i);
+            } else if let Some(agent) = text(t, "agent_id") {
+                by_agent.insert(agent.to_owned(), i);
+            }
+        }
+        (by_id, by_agent)
     }
 
     fn entry(&mut self, key: &str, i: usize) -> &mut Table {
@@ -933,6 +997,15 @@ impl fmt::Display for Id<'_> {
             Id::Account(id) => write!(f, "account {id}"),
         }
     }
+}
+
+/// For fields where absent and `null` differ: present (even as `null`) is `Some`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }
 
 fn node_kind(bk_obj_id: &str) -> Result<(&'static str, bool), ChangeError> {
@@ -1299,6 +1372,34 @@ mod tests {
             placed.host.attributes.get("rack"),
             Some(&crate::Value::Text("c3".into()))
         );
+    }
+
+    #[test]
+    fn unlisted_agents_change_only_what_is_named() {
+        let text = apply(
+            &without_scripts(EXAMPLE),
+            &[r#"{"op":"set_unlisted_agents","attributes":{"rack":"z9"}}"#],
+        )
+        .unwrap();
+        assert!(
+            text.contains("[unlisted_agents]\nbk_biz_id = 3\nmodules = [200]\n"),
+            "{text}"
+        );
+        assert!(text.contains("# Agents listed nowhere go here"), "{text}");
+        Inventory::from_toml(&text).unwrap();
+        let text = apply(&text, &[r#"{"op":"set_unlisted_agents","bk_biz_id":null}"#]).unwrap();
+        assert!(!text.contains("modules = [200]\nattributes"), "{text}");
+        let inventory = Inventory::from_toml(&text).unwrap();
+        let placed = inventory.place_agent(&crate::AgentHost {
+            agent_id: "new".into(),
+            bk_host_id: 5,
+            bk_cloud_id: 0,
+            ips: vec!["10.9.0.9".parse().unwrap()],
+            hostname: "n".into(),
+            os_type: "linux".into(),
+        });
+        assert_eq!(placed.host.bk_biz_id, None);
+        assert!(placed.host.modules.is_empty());
     }
 
     #[test]
