@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use fleetrun_tests::{host_results, reached, start_cluster};
+use fleetrun_tests::{eventually, host_results, reached, start_cluster};
 use serde_json::{Value, json};
 
 fn topo(obj: &str, id: i64) -> Value {
@@ -197,9 +197,23 @@ async fn an_address_claimed_twice_is_flagged_until_the_stale_host_is_forgotten()
         config.replace("[tls]", &format!("ip = \"{ip1}\"\n\n[tls]")),
     )?;
     cluster.start_agent(2)?;
-    let hosts = cluster
-        .wait_online(&["agent-3".to_owned()], Duration::from_secs(30))
-        .await?;
+    // Online with its new address (a list read while it registers may show the old one).
+    let hosts = eventually(
+        Duration::from_secs(30),
+        "agent-3 back with the address",
+        || {
+            let client = client.clone();
+            let ip1 = ip1.clone();
+            async move {
+                let hosts = client.hosts().await.ok()?;
+                hosts
+                    .iter()
+                    .any(|h| h["agent_id"] == "agent-3" && h["online"] == true && h["ip"] == ip1)
+                    .then_some(hosts)
+            }
+        },
+    )
+    .await?;
     let flagged = |hosts: &[Value], id: i64| {
         hosts.iter().find(|h| h["bk_host_id"] == id).unwrap()["address_conflict"] == true
     };
