@@ -177,7 +177,7 @@ impl Gateway {
         if self.agents.remove(host.bk_host_id, &connection) {
             if let Err(e) = self
                 .store
-                .set_online(host.bk_host_id, false, now_ms())
+                .set_offline(host.bk_host_id, registration.now, now_ms())
                 .await
             {
                 tracing::error!(agent_id, "cannot mark host offline: {e}");

@@ -129,19 +129,23 @@ impl Store {
         Ok(HostRecord::from_row(&row))
     }
 
-    /// Marks a host's agent online or offline.
-    pub async fn set_online(
+    /// Marks a host's agent offline when the connection that registered at `registered_at` ends,
+    /// unless a newer registration (a reconnection that raced the old connection's end) has
+    /// marked it online since.
+    pub async fn set_offline(
         &self,
         bk_host_id: i64,
-        online: bool,
+        registered_at: i64,
         now: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE host SET online = ?, last_seen = ? WHERE bk_host_id = ?")
-            .bind(online)
-            .bind(now)
-            .bind(bk_host_id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE host SET online = 0, last_seen = ? WHERE bk_host_id = ? AND last_seen <= ?",
+        )
+        .bind(now)
+        .bind(bk_host_id)
+        .bind(registered_at)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -541,5 +545,38 @@ mod log_chunk_tests {
         assert!(store.log_chunks_from(7, &[], 10).await.unwrap().is_empty());
         let first = store.log_chunks_from(7, &[(1, 0)], 1).await.unwrap();
         assert_eq!(offsets(&first), [(1, 0)]);
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    fn registration(now: i64) -> AgentRegistration {
+        AgentRegistration {
+            agent_id: "a".into(),
+            bk_cloud_id: 0,
+            ip: "10.0.0.1".into(),
+            hostname: "h".into(),
+            os_type: "linux".into(),
+            agent_version: "1".into(),
+            now,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_old_connections_end_does_not_mark_a_reconnected_agent_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let first = store.register_agent(&registration(100)).await.unwrap();
+        let again = store.register_agent(&registration(200)).await.unwrap();
+        assert_eq!(first.bk_host_id, again.bk_host_id);
+        // The first connection ends after the second registered: the host stays online.
+        store.set_offline(first.bk_host_id, 100, 250).await.unwrap();
+        assert!(store.hosts().await.unwrap()[0].online);
+        store.set_offline(first.bk_host_id, 200, 300).await.unwrap();
+        let host = &store.hosts().await.unwrap()[0];
+        assert!(!host.online);
+        assert_eq!(host.last_seen, 300);
     }
 }
