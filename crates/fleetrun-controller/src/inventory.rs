@@ -89,7 +89,6 @@ struct Current {
 
 #[derive(Debug)]
 pub struct InventoryState {
-    source: Option<PathBuf>,
     config: Config,
     store: Store,
     current: RwLock<Arc<Current>>,
@@ -151,7 +150,6 @@ impl InventoryState {
             "inventory loaded"
         );
         Ok(Self {
-            source: config.inventory.clone(),
             config: config.clone(),
             store,
             current: RwLock::new(Arc::new(current)),
@@ -252,7 +250,7 @@ impl InventoryState {
         .await?;
         let info = next.info.clone();
         self.install(next);
-        tracing::info!(source = ?self.source, revision = info.revision, "inventory reloaded");
+        tracing::info!(source = ?self.config.inventory, revision = info.revision, "inventory reloaded");
         Ok((info, true))
     }
 

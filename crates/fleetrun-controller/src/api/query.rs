@@ -283,6 +283,10 @@ pub async fn list_hosts(shared: &Shared, caller: &Caller) -> Result<Value, ApiEr
         .iter()
         .flat_map(|c| c.claimed_by.iter().copied())
         .collect();
+    let by_agent: std::collections::HashMap<&str, &fleetrun_store::HostRecord> = registered
+        .iter()
+        .map(|r| (r.agent_id.as_str(), r))
+        .collect();
     let mut hosts: Vec<Value> = inventory
         .hosts()
         .iter()
@@ -291,7 +295,7 @@ pub async fn list_hosts(shared: &Shared, caller: &Caller) -> Result<Value, ApiEr
             let agent = h
                 .agent_id
                 .as_deref()
-                .and_then(|id| registered.iter().find(|r| r.agent_id == id));
+                .and_then(|id| by_agent.get(id).copied());
             json!({
                 "bk_host_id": h.bk_host_id,
                 "agent_id": h.agent_id,

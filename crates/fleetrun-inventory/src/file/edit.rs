@@ -361,8 +361,7 @@ impl InventoryDocument {
                 self.push("business", t);
             }
             Change::UpdateBusiness { bk_biz_id, name } => {
-                let i = self.existing(Id::Business(*bk_biz_id))?;
-                self.entry("business", i)["name"] = value(name.as_str());
+                self.existing_entry(Id::Business(*bk_biz_id))?["name"] = value(name.as_str());
             }
             Change::DeleteBusiness { bk_biz_id } => {
                 let users = self.business_users(*bk_biz_id);
@@ -392,14 +391,9 @@ impl InventoryDocument {
                 name,
                 members,
             } => {
-                let i = self.existing(Id::BusinessSet(*bk_biz_set_id))?;
-                let t = self.entry("business_set", i);
-                if let Some(name) = name {
-                    t["name"] = value(name.as_str());
-                }
-                if let Some(members) = members {
-                    t["members"] = value(int_array(members));
-                }
+                let t = self.existing_entry(Id::BusinessSet(*bk_biz_set_id))?;
+                put(t, "name", name.as_deref());
+                put(t, "members", members.as_deref().map(int_array));
             }
             Change::DeleteBusinessSet { bk_biz_set_id } => {
                 let scope = format!("biz_set:{bk_biz_set_id}");
@@ -446,12 +440,8 @@ impl InventoryDocument {
                     check_parent(parent)?;
                 }
                 let t = self.entry(key, i);
-                if let Some(name) = name {
-                    t["name"] = value(name.as_str());
-                }
-                if let Some(parent) = parent {
-                    t["parent"] = value(parent.as_str());
-                }
+                put(t, "name", name.as_deref());
+                put(t, "parent", parent.as_deref());
                 merge_attributes(t, attributes);
             }
             Change::DeleteNode {
@@ -491,12 +481,8 @@ impl InventoryDocument {
                 t["bk_host_id"] = value(*bk_host_id);
                 t["bk_cloud_id"] = value(bk_cloud_id.unwrap_or(0));
                 t["ips"] = value(ip_array(ips));
-                if let Some(hostname) = hostname {
-                    t["hostname"] = value(hostname.as_str());
-                }
-                if let Some(os_type) = os_type {
-                    t["os_type"] = value(os_type.as_str());
-                }
+                put(&mut t, "hostname", hostname.as_deref());
+                put(&mut t, "os_type", os_type.as_deref());
                 set_placement(&mut t, *bk_biz_id, modules);
                 merge_attributes(&mut t, attributes);
                 self.push("host", t);
@@ -511,18 +497,10 @@ impl InventoryDocument {
             } => {
                 if let Some(i) = self.file_host(*bk_host_id) {
                     let t = self.entry("host", i);
-                    if let Some(cloud) = bk_cloud_id {
-                        t["bk_cloud_id"] = value(*cloud);
-                    }
-                    if let Some(ips) = ips {
-                        t["ips"] = value(ip_array(ips));
-                    }
-                    if let Some(hostname) = hostname {
-                        t["hostname"] = value(hostname.as_str());
-                    }
-                    if let Some(os_type) = os_type {
-                        t["os_type"] = value(os_type.as_str());
-                    }
+                    put(t, "bk_cloud_id", *bk_cloud_id);
+                    put(t, "ips", ips.as_deref().map(ip_array));
+                    put(t, "hostname", hostname.as_deref());
+                    put(t, "os_type", os_type.as_deref());
                     merge_attributes(t, attributes);
                 } else if let Some(agent) = agents.agent_of(*bk_host_id) {
                     if bk_cloud_id.is_some()
@@ -654,14 +632,9 @@ impl InventoryDocument {
                 object,
                 conditions,
             } => {
-                let i = self.existing(Id::Group(id))?;
-                let t = self.entry("dynamic_group", i);
-                if let Some(biz) = bk_biz_id {
-                    t["bk_biz_id"] = value(*biz);
-                }
-                if let Some(name) = name {
-                    t["name"] = value(name.as_str());
-                }
+                let t = self.existing_entry(Id::Group(id))?;
+                put(t, "bk_biz_id", *bk_biz_id);
+                put(t, "name", name.as_deref());
                 if let Some(object) = object {
                     check_object("object", object)?;
                     t["object"] = value(object.as_str());
@@ -690,9 +663,7 @@ impl InventoryDocument {
                 t["id"] = value(*id);
                 t["alias"] = value(alias.as_str());
                 t["account"] = value(account.as_str());
-                if let Some(os_type) = os_type {
-                    t["os_type"] = value(os_type.as_str());
-                }
+                put(&mut t, "os_type", os_type.as_deref());
                 if let Some(category) = category {
                     check_category(category)?;
                     t["category"] = value(category.as_str());
@@ -710,17 +681,10 @@ impl InventoryDocument {
                 category,
                 scopes,
             } => {
-                let i = self.existing(Id::Account(*id))?;
-                let t = self.entry("account", i);
-                if let Some(alias) = alias {
-                    t["alias"] = value(alias.as_str());
-                }
-                if let Some(account) = account {
-                    t["account"] = value(account.as_str());
-                }
-                if let Some(os_type) = os_type {
-                    t["os_type"] = value(os_type.as_str());
-                }
+                let t = self.existing_entry(Id::Account(*id))?;
+                put(t, "alias", alias.as_deref());
+                put(t, "account", account.as_deref());
+                put(t, "os_type", os_type.as_deref());
                 if let Some(category) = category {
                     check_category(category)?;
                     t["category"] = value(category.as_str());
@@ -781,6 +745,12 @@ impl InventoryDocument {
             Some(i) => Ok(i),
             None => refuse(format!("{id} does not exist")),
         }
+    }
+
+    /// An entry to change, or why it cannot be changed: it does not exist.
+    fn existing_entry(&mut self, id: Id<'_>) -> Result<&mut Table, ChangeError> {
+        let i = self.existing(id)?;
+        Ok(self.entry(id.key(), i))
     }
 
     /// Refuses to create an entry that exists already.
@@ -1068,12 +1038,8 @@ fn conditions_table(conditions: &[ConditionSpec]) -> Result<ArrayOfTables, Chang
             }
             None => {}
         }
-        if let Some(min) = c.min {
-            t["min"] = value(min);
-        }
-        if let Some(max) = c.max {
-            t["max"] = value(max);
-        }
+        put(&mut t, "min", c.min);
+        put(&mut t, "max", c.max);
         tables.push(t);
     }
     Ok(tables)
@@ -1090,6 +1056,13 @@ fn set_placement(t: &mut Table, bk_biz_id: Option<i64>, modules: &[i64]) {
         t.remove("modules");
     } else {
         t["modules"] = value(int_array(modules));
+    }
+}
+
+/// Sets `key` when a value is given; leaves it as it is otherwise.
+fn put(t: &mut Table, key: &str, v: Option<impl Into<toml_edit::Value>>) {
+    if let Some(v) = v {
+        t[key] = value(v);
     }
 }
 
