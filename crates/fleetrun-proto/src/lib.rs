@@ -30,6 +30,14 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The oldest agent protocol revision the controller accepts.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
+/// The SHA-256 of `messages.rs`'s code (comments and blank lines left out) for each protocol
+/// version, oldest first. xtask's tidy test recomputes it, so a change to what goes on the wire
+/// fails the tests until it comes with a new [`PROTOCOL_VERSION`] and its line here.
+pub const WIRE_DIGESTS: &[(u32, &str)] = &[(
+    1,
+    "4baf1af85599ff46787af7f1de8907b8368c5a7c90c27f586c4270327c9f3681",
+)];
+
 /// Largest frame either side accepts, header excluded. Output arrives in chunks of at most
 /// [`MAX_OUTPUT_CHUNK`]; only a task request carrying a large script comes close.
 pub const MAX_FRAME_LEN: usize = 24 * 1024 * 1024;
