@@ -41,11 +41,7 @@ async fn cluster() -> Result<TestCluster> {
 }
 
 fn api_addr(cluster: &TestCluster) -> Result<SocketAddr> {
-    Ok(cluster
-        .info
-        .api_url
-        .trim_start_matches("http://")
-        .parse()?)
+    Ok(cluster.info.api_url.trim_start_matches("http://").parse()?)
 }
 
 /// The controller's process: the one started with this cluster's configuration file.
@@ -131,8 +127,7 @@ async fn huge_body(addr: SocketAddr, pace: Option<usize>) -> Result<String> {
     let closing = b"\"}";
     let chunk = vec![b'A'; 1 << 20];
     let mut sent = 0;
-    let mut going =
-        send(&mut writer, head.as_bytes()).await && send(&mut writer, opening).await;
+    let mut going = send(&mut writer, head.as_bytes()).await && send(&mut writer, opening).await;
     sent += opening.len();
     if let Some(pace) = pace {
         // Just under the unauthenticated budget at once, then a trickle.
@@ -169,8 +164,7 @@ fn envelope(reply: &str) -> Option<Value> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn slow_heads_and_huge_bodies_neither_starve_a_valid_request_nor_grow_memory() -> Result<()>
-{
+async fn slow_heads_and_huge_bodies_neither_starve_a_valid_request_nor_grow_memory() -> Result<()> {
     let cluster = cluster().await?;
     let addr = api_addr(&cluster)?;
     let pid = controller_pid(&cluster)?;
@@ -261,7 +255,7 @@ async fn slow_heads_and_huge_bodies_neither_starve_a_valid_request_nor_grow_memo
     let worst = *latencies.last().unwrap();
     let growth = (peak.load(Ordering::Relaxed) as u64).saturating_sub(baseline);
     let slowest_close = closed.iter().max().copied().unwrap_or_default();
-    let replies = replies.lock().unwrap();
+    let replies = std::mem::take(&mut *replies.lock().unwrap());
     let refused = replies
         .iter()
         .filter_map(|r| envelope(r))
@@ -292,7 +286,11 @@ async fn slow_heads_and_huge_bodies_neither_starve_a_valid_request_nor_grow_memo
         "the controller's memory grew by {} MiB under huge unauthenticated bodies",
         growth >> 20
     );
-    assert!(refused > 0, "no refusal was read back: {:?}", replies.first());
+    assert!(
+        refused > 0,
+        "no refusal was read back: {:?}",
+        replies.first()
+    );
 
     // And the controller still answers.
     assert_eq!(client.hosts().await?.len(), 1);

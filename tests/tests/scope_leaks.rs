@@ -43,7 +43,12 @@ fn request(cluster: &TestCluster, target_server: Value) -> Value {
 
 /// The envelope without what differs between any two replies (the request id).
 fn answer(envelope: &Value) -> String {
-    json!([envelope["code"], envelope["message"], envelope["permission"]]).to_string()
+    json!([
+        envelope["code"],
+        envelope["message"],
+        envelope["permission"]
+    ])
+    .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -79,7 +84,10 @@ async fn a_restricted_app_learns_nothing_of_other_businesses() -> Result<()> {
             json!({"create_time_start": 0, "create_time_end": 1000}),
         ),
         ("get_job_instance_status", json!({"job_instance_id": 1})),
-        ("fast_execute_script", request(&cluster, json!({"host_id_list": [own_host]}))),
+        (
+            "fast_execute_script",
+            request(&cluster, json!({"host_id_list": [own_host]})),
+        ),
     ] {
         let ask = |scope_type: &str, id: &str| {
             let mut body = extra.clone();
@@ -148,7 +156,10 @@ async fn a_restricted_app_learns_nothing_of_other_businesses() -> Result<()> {
     // Its own host runs; and the unrestricted app, which may see business 2, is still told that
     // a host is outside the scope it asked for.
     let accepted = narrow
-        .call("fast_execute_script", request(&cluster, json!({"host_id_list": [own_host]})))
+        .call(
+            "fast_execute_script",
+            request(&cluster, json!({"host_id_list": [own_host]})),
+        )
         .await?;
     assert!(accepted["job_instance_id"].as_i64().is_some());
     let outside = cluster

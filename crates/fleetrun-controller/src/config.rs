@@ -251,10 +251,15 @@ impl Config {
         }
         let l = &self.limits;
         if l.http_header_timeout_secs == 0 || l.http_body_timeout_secs == 0 {
-            return Err("limits.http_header_timeout_secs and http_body_timeout_secs must be at least 1".into());
+            return Err(
+                "limits.http_header_timeout_secs and http_body_timeout_secs must be at least 1"
+                    .into(),
+            );
         }
         if l.http_max_connections == 0 || l.http_max_requests == 0 {
-            return Err("limits.http_max_connections and http_max_requests must be at least 1".into());
+            return Err(
+                "limits.http_max_connections and http_max_requests must be at least 1".into(),
+            );
         }
         if !(1024..=crate::api::MAX_BODY).contains(&l.http_unauthenticated_body_bytes)
             || l.http_unauthenticated_total_bytes < l.http_unauthenticated_body_bytes

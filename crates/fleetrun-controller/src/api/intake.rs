@@ -294,7 +294,10 @@ mod tests {
         assert_eq!(found(r#"{"script_content": "AAAA"#), None);
         assert_eq!(found(r#"{"bk_app_code": "a", "bk_app_sec"#), None);
         assert_eq!(found(r#"{"bk_app_code": "a", "bk_app_secret": "s"#), None);
-        assert_eq!(found(r#"[{"bk_app_code": "a", "bk_app_secret": "s"}]"#), None);
+        assert_eq!(
+            found(r#"[{"bk_app_code": "a", "bk_app_secret": "s"}]"#),
+            None
+        );
         assert_eq!(found(r#"{"bk_app_code": 1, "bk_app_secret": "s"}"#), None);
         assert_eq!(found(""), None);
         assert_eq!(

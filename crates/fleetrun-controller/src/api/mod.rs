@@ -162,22 +162,28 @@ fn new_request_id() -> String {
 
 fn envelope(request_id: &str, result: Result<Value, ApiError>) -> Response {
     let (status, body) = match result {
-        Ok(data) => (StatusCode::OK, json!({
-            "result": true,
-            "code": 0,
-            "message": "success",
-            "data": data,
-            "permission": null,
-            "request_id": request_id,
-        })),
-        Err(e) => (e.http_status, json!({
-            "result": false,
-            "code": e.code,
-            "message": e.message,
-            "data": null,
-            "permission": e.permission,
-            "request_id": request_id,
-        })),
+        Ok(data) => (
+            StatusCode::OK,
+            json!({
+                "result": true,
+                "code": 0,
+                "message": "success",
+                "data": data,
+                "permission": null,
+                "request_id": request_id,
+            }),
+        ),
+        Err(e) => (
+            e.http_status,
+            json!({
+                "result": false,
+                "code": e.code,
+                "message": e.message,
+                "data": null,
+                "permission": e.permission,
+                "request_id": request_id,
+            }),
+        ),
     };
     let mut response = (status, axum::Json(body)).into_response();
     if let Ok(value) = HeaderValue::from_str(request_id) {

@@ -535,7 +535,10 @@ pub async fn get_job_instance_list(
     }
     // With both at least 0 the difference cannot overflow; checked_sub keeps that true should
     // the rule above ever change.
-    if end.checked_sub(begin).is_none_or(|range| range > THIRTY_DAYS_MS) {
+    if end
+        .checked_sub(begin)
+        .is_none_or(|range| range > THIRTY_DAYS_MS)
+    {
         return Err(ApiError::invalid(
             "create_time_end",
             "the time range is longer than 30 days",

@@ -28,13 +28,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use super::{
-    ApiError,
-    error::code,
-    intake,
-    params::lenient,
-    scope,
-};
+use super::{ApiError, error::code, intake, params::lenient, scope};
 use crate::{Shared, status};
 
 /// The store is read again when the writer commits something of the job; large steps, whose
