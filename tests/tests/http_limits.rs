@@ -24,13 +24,13 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 const PREFIX_BYTES: usize = 64 * 1024;
 const MAX_BODY: usize = 24 * 1024 * 1024;
 
-/// A one-agent cluster whose controller runs with the test's header timeout.
-async fn cluster() -> Result<TestCluster> {
+/// A one-agent cluster whose controller runs with the test's header timeout and `limits`.
+async fn cluster(limits: &str) -> Result<TestCluster> {
     let mut cluster = start_cluster(1).await?;
     cluster.kill_controller()?;
     let mut config = std::fs::read_to_string(&cluster.controller_config)?;
     config.push_str(&format!(
-        "\n[limits]\nhttp_header_timeout_secs = {}\n",
+        "\n[limits]\nhttp_header_timeout_secs = {}\n{limits}\n",
         HEADER_TIMEOUT.as_secs()
     ));
     std::fs::write(&cluster.controller_config, config)?;
@@ -165,7 +165,7 @@ fn envelope(reply: &str) -> Option<Value> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_heads_and_huge_bodies_neither_starve_a_valid_request_nor_grow_memory() -> Result<()> {
-    let cluster = cluster().await?;
+    let cluster = cluster("").await?;
     let addr = api_addr(&cluster)?;
     let pid = controller_pid(&cluster)?;
     let client = cluster.client();
@@ -320,7 +320,7 @@ async fn raw_post(addr: SocketAddr, path: &str, extra_head: &str, body: &[u8]) -
 
 #[tokio::test(flavor = "multi_thread")]
 async fn credentials_decide_how_much_body_is_read() -> Result<()> {
-    let cluster = cluster().await?;
+    let cluster = cluster("").await?;
     let addr = api_addr(&cluster)?;
     let info = &cluster.info;
     let scope = json!({"bk_scope_type": "biz", "bk_scope_id": info.bk_scope_id});
@@ -396,4 +396,103 @@ async fn credentials_decide_how_much_body_is_read() -> Result<()> {
     );
     assert!(started.elapsed() < HEADER_TIMEOUT + Duration::from_secs(3));
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_without_credentials_cannot_take_the_turns_of_those_with() -> Result<()> {
+    // Two requests served at once, and room for two unauthenticated bodies' starts.
+    let cluster = cluster(&format!(
+        "http_max_requests = 2\nhttp_unauthenticated_total_bytes = {}",
+        2 * PREFIX_BYTES
+    ))
+    .await?;
+    let addr = api_addr(&cluster)?;
+    let info = &cluster.info;
+
+    // Ten clients trickle bodies that would fit the unauthenticated budget, never finishing.
+    let trickles: Vec<_> = (0..10)
+        .map(|_| {
+            tokio::spawn(async move {
+                let stream = TcpStream::connect(addr).await?;
+                let (mut reader, mut writer) = stream.into_split();
+                let head = format!(
+                    "POST /api/v3/get_account_list/ HTTP/1.1\r\nHost: fleetrun\r\n\
+                     Content-Type: application/json\r\nContent-Length: {PREFIX_BYTES}\r\n\r\n{{\"pad\": \""
+                );
+                let mut going = send(&mut writer, head.as_bytes()).await;
+                let mut reply = Vec::new();
+                let started = Instant::now();
+                while going {
+                    tokio::select! {
+                        _ = reader.read_to_end(&mut reply) => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {
+                            going = send(&mut writer, b"x").await;
+                        }
+                    }
+                }
+                anyhow::Ok((started.elapsed(), String::from_utf8_lossy(&reply).into_owned()))
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A client with credentials in its head is served at once, whatever the others hold.
+    let header = json!({"bk_app_code": info.bk_app_code, "bk_app_secret": info.bk_app_secret, "bk_username": "admin"});
+    let http = reqwest::Client::new();
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let reply: Value = http
+            .post(format!("{}/fleetrun/v1/list_hosts", info.api_url))
+            .header("X-Bkapi-Authorization", header.to_string())
+            .send()
+            .await?
+            .json()
+            .await?;
+        worst = worst.max(started.elapsed());
+        assert_eq!(reply["code"], 0, "{reply}");
+    }
+    // One with credentials in its body waits for room in the budget, within the header timeout.
+    let started = Instant::now();
+    let envelope = cluster
+        .client()
+        .call_raw("get_account_list", cluster.info.scope())
+        .await?;
+    let waited = started.elapsed();
+    println!(
+        "with trickling clients holding the budget: header credentials served in at most \
+         {worst:?}; body credentials answered {} after {waited:?}",
+        envelope["code"]
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "a request with credentials in its head took {worst:?}"
+    );
+    assert!(
+        waited < HEADER_TIMEOUT + Duration::from_secs(2),
+        "{waited:?}"
+    );
+    assert!(
+        envelope["code"] == 0 || envelope["code"] == 1_240_002,
+        "{envelope}"
+    );
+
+    // The trickling clients are all cut off at the header timeout.
+    for task in trickles {
+        let (open, reply) = task.await??;
+        assert!(
+            open < HEADER_TIMEOUT + Duration::from_secs(2),
+            "{open:?}: {reply}"
+        );
+        let envelope = envelope_of(&reply);
+        assert!(
+            [1_240_002, 1_240_003].contains(&envelope["code"].as_i64().unwrap_or_default()),
+            "{reply}"
+        );
+    }
+    Ok(())
+}
+
+fn envelope_of(reply: &str) -> Value {
+    envelope(reply).unwrap_or(Value::Null)
 }

@@ -6,7 +6,7 @@
 //! first `http_unauthenticated_body_bytes` of it, read within `http_header_timeout_secs`; what
 //! such clients hold meanwhile is counted against `http_unauthenticated_total_bytes`, shared by
 //! all of them. Only a caller whose credentials check out has the rest read, up to [`MAX_BODY`]
-//! within `http_body_timeout_secs`.
+//! within `http_body_timeout_secs`, and is served, at most `http_max_requests` at once.
 
 use std::{borrow::Cow, fmt, sync::Arc, time::Duration};
 
@@ -17,7 +17,7 @@ use axum::{
 use http_body_util::BodyExt as _;
 use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
 use tokio::{
-    sync::Semaphore,
+    sync::{OwnedSemaphorePermit, Semaphore},
     time::{Instant, timeout_at},
 };
 
@@ -29,13 +29,17 @@ use super::{
 };
 use crate::{Shared, config::LimitsConfig};
 
-/// What unauthenticated requests may hold, for the whole HTTP server.
+/// What unauthenticated requests may hold, and how many authenticated ones are served at once,
+/// for the whole HTTP server.
 #[derive(Debug)]
 pub struct Gate {
     /// Bytes of body within which credentials must appear.
     prefix_bytes: usize,
     /// One permit per byte held by a request not yet authenticated.
     budget: Arc<Semaphore>,
+    /// One permit per authenticated request being served. Taken only once the caller's
+    /// credentials have checked out, so that clients without any cannot use them up.
+    turns: Arc<Semaphore>,
     head_timeout: Duration,
     body_timeout: Duration,
 }
@@ -49,14 +53,43 @@ impl Gate {
                     .http_unauthenticated_total_bytes
                     .min(Semaphore::MAX_PERMITS),
             )),
+            turns: Arc::new(Semaphore::new(
+                limits.http_max_requests.min(Semaphore::MAX_PERMITS),
+            )),
             head_timeout: Duration::from_secs(limits.http_header_timeout_secs),
             body_timeout: Duration::from_secs(limits.http_body_timeout_secs),
         }
     }
+
+    async fn take_turn(&self) -> OwnedSemaphorePermit {
+        self.turns
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the turn semaphore is never closed")
+    }
+}
+
+/// An authenticated request, read.
+#[derive(Debug)]
+pub struct Admitted {
+    pub params: Params,
+    pub caller: Caller,
+    /// Its turn among the requests served at once, until it is dropped.
+    pub turn: OwnedSemaphorePermit,
+}
+
+/// What a request holds once its body has been read.
+enum Held {
+    /// The app was checked before the body was read, and the request has its turn.
+    Turn(OwnedSemaphorePermit),
+    /// A small body read without credentials, holding its bytes of the budget.
+    Budget(OwnedSemaphorePermit),
+    Nothing,
 }
 
 /// Reads the request's parameters and authenticates its caller, reading no more of the body
-/// than the caller is entitled to.
+/// than the caller is entitled to; waits for the request's turn once it is authenticated.
 pub async fn read(
     shared: &Shared,
     gate: &Gate,
@@ -64,17 +97,29 @@ pub async fn read(
     headers: &HeaderMap,
     query: Option<&str>,
     body: Body,
-) -> Result<(Params, Caller), ApiError> {
+) -> Result<Admitted, ApiError> {
     let started = Instant::now();
     // A GET's body is not read at all: its parameters are in the query.
-    let bytes = if *method == Method::GET {
-        Bytes::new()
+    let (bytes, held) = if *method == Method::GET {
+        (Bytes::new(), Held::Nothing)
     } else {
         read_body(shared, gate, headers, query, body, started).await?
     };
     let params = Params::from_request(method, query, &bytes)?;
     let caller = auth::authenticate(&shared.apps, headers, &params)?;
-    Ok((params, caller))
+    let turn = match held {
+        Held::Turn(turn) => turn,
+        Held::Budget(bytes) => {
+            drop(bytes);
+            gate.take_turn().await
+        }
+        Held::Nothing => gate.take_turn().await,
+    };
+    Ok(Admitted {
+        params,
+        caller,
+        turn,
+    })
 }
 
 async fn read_body(
@@ -84,7 +129,7 @@ async fn read_body(
     query: Option<&str>,
     body: Body,
     started: Instant,
-) -> Result<Bytes, ApiError> {
+) -> Result<(Bytes, Held), ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -101,10 +146,11 @@ async fn read_body(
     let body_deadline = started + gate.body_timeout;
     if let Some((app_code, secret)) = auth::head_credentials(headers, query)? {
         auth::check_app(&shared.apps, &app_code, &secret)?;
+        let turn = gate.take_turn().await;
         reader
             .read_until(MAX_BODY, body_deadline, gate.body_timeout)
             .await?;
-        return Ok(reader.into_bytes(capacity));
+        return Ok((reader.into_bytes(capacity), Held::Turn(turn)));
     }
 
     // Only the body can tell who is calling: read its start, within the shared budget.
@@ -127,27 +173,29 @@ async fn read_body(
     let ended = reader
         .read_until(gate.prefix_bytes, head_deadline, gate.head_timeout)
         .await?;
-    if !ended {
-        let prefix = reader.prefix(gate.prefix_bytes);
-        let (app_code, secret) = credentials_in(&prefix).ok_or_else(|| {
-            ApiError::new(
-                code::API_USER_NO_ACCESS,
-                format!(
-                    "app authentication failed: for a body larger than {} bytes, bk_app_code and \
-                     bk_app_secret must be in the X-Bkapi-Authorization header, the query string, \
-                     or the body's first {} bytes",
-                    gate.prefix_bytes, gate.prefix_bytes
-                ),
-            )
-        })?;
-        auth::check_app(&shared.apps, &app_code, &secret)?;
-        drop(permit);
-        reader
-            .read_until(MAX_BODY, body_deadline, gate.body_timeout)
-            .await?;
+    if ended {
+        // Small enough to be checked whole; its bytes stay counted until it has been.
+        return Ok((reader.into_bytes(capacity), Held::Budget(permit)));
     }
-    // A small body is kept, within the budget, until its credentials have been checked.
-    Ok(reader.into_bytes(capacity))
+    let prefix = reader.prefix(gate.prefix_bytes);
+    let (app_code, secret) = credentials_in(&prefix).ok_or_else(|| {
+        ApiError::new(
+            code::API_USER_NO_ACCESS,
+            format!(
+                "app authentication failed: for a body larger than {} bytes, bk_app_code and \
+                 bk_app_secret must be in the X-Bkapi-Authorization header, the query string, \
+                 or the body's first {} bytes",
+                gate.prefix_bytes, gate.prefix_bytes
+            ),
+        )
+    })?;
+    auth::check_app(&shared.apps, &app_code, &secret)?;
+    drop(permit);
+    let turn = gate.take_turn().await;
+    reader
+        .read_until(MAX_BODY, body_deadline, gate.body_timeout)
+        .await?;
+    Ok((reader.into_bytes(capacity), Held::Turn(turn)))
 }
 
 fn too_large() -> ApiError {

@@ -86,8 +86,12 @@ async fn dispatch(
     // newline in it cannot start a forged log line.
     let span = tracing::info_span!("api", request_id = %request_id, api = ?api);
     let result = async {
-        let (params, caller) =
-            intake::read(&shared, &gate, &method, &headers, query.as_deref(), body).await?;
+        // The turn is held until the reply is made.
+        let intake::Admitted {
+            params,
+            caller,
+            turn: _turn,
+        } = intake::read(&shared, &gate, &method, &headers, query.as_deref(), body).await?;
         tracing::debug!(app = %caller.app_code, operator = ?caller.username, "request");
         match api.as_str() {
             "fast_execute_script" => execute::fast_execute_script(&shared, &caller, &params).await,

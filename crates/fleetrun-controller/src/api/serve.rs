@@ -2,12 +2,12 @@
 //!
 //! Connections past `http_max_connections` wait in the listen backlog; a connection that does not
 //! deliver a request head within `http_header_timeout_secs` (a slow client, or an idle kept-alive
-//! one) is closed; requests past `http_max_requests` wait for a turn. Bodies are bounded by
+//! one) is closed. Bodies, and how many requests are served at once, are bounded by
 //! [`super::intake`].
 
 use std::{sync::Arc, time::Duration};
 
-use axum::{Router, extract::Request, middleware::Next, response::Response};
+use axum::Router;
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
@@ -24,10 +24,6 @@ pub async fn serve(
     limits: LimitsConfig,
     shutdown: CancellationToken,
 ) {
-    let turns = Arc::new(Semaphore::new(limits.http_max_requests));
-    let app = app.layer(axum::middleware::from_fn(move |request, next| {
-        take_turn(turns.clone(), request, next)
-    }));
     let connections = Arc::new(Semaphore::new(limits.http_max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -74,12 +70,4 @@ pub async fn serve(
         while open.try_join_next().is_some() {}
     }
     while open.join_next().await.is_some() {}
-}
-
-async fn take_turn(turns: Arc<Semaphore>, request: Request, next: Next) -> Response {
-    let _turn = turns
-        .acquire_owned()
-        .await
-        .expect("the request semaphore is never closed");
-    next.run(request).await
 }

@@ -121,7 +121,12 @@ async fn prepare(
     query: Option<&str>,
     body: Body,
 ) -> Result<Follower, ApiError> {
-    let (params, caller) = intake::read(shared, gate, method, headers, query, body).await?;
+    // The turn covers the checks; a stream that follows a job for long holds only its connection.
+    let intake::Admitted {
+        params,
+        caller,
+        turn: _turn,
+    } = intake::read(shared, gate, method, headers, query, body).await?;
     let req: StreamRequest = params.parse()?;
     let scope = scope::resolve(shared, &caller, &params)?;
     let job = shared
