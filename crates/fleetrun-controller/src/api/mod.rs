@@ -138,7 +138,7 @@ async fn dispatch(
             "get_callback_status" => query::get_callback_status(&shared, &caller, &params).await,
             _ => Err(ApiError::new(
                 error::code::API_UNSUPPORTED,
-                format!("unsupported API: {api:?}"),
+                format!("unsupported API: {api}"),
             )),
         }
     }
