@@ -21,6 +21,8 @@ use tokio::{
 
 /// Short, so that the test sees slow clients closed without waiting long.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+/// What a loaded machine may add to a timeout before the controller acts on it.
+const SLACK: Duration = Duration::from_secs(3);
 const PREFIX_BYTES: usize = 64 * 1024;
 const MAX_BODY: usize = 24 * 1024 * 1024;
 
@@ -134,13 +136,13 @@ async fn huge_body(addr: SocketAddr, pace: Option<usize>) -> Result<String> {
         let first = PREFIX_BYTES - 1024;
         going = going && send(&mut writer, &chunk[..first]).await;
         sent += first;
-        while going && sent < 2 * PREFIX_BYTES {
+        while going && sent < 2 * PREFIX_BYTES && !reply.is_finished() {
             tokio::time::sleep(Duration::from_secs(1)).await;
             going = send(&mut writer, &chunk[..pace]).await;
             sent += pace;
         }
     }
-    while going && sent < MAX_BODY - closing.len() {
+    while going && sent < MAX_BODY - closing.len() && !reply.is_finished() {
         let n = chunk.len().min(MAX_BODY - closing.len() - sent);
         going = send(&mut writer, &chunk[..n]).await;
         sent += n;
@@ -278,7 +280,7 @@ async fn slow_heads_and_huge_bodies_neither_starve_a_valid_request_nor_grow_memo
         "a valid request took {worst:?} under attack"
     );
     assert!(
-        slowest_close <= HEADER_TIMEOUT + Duration::from_secs(2),
+        slowest_close <= HEADER_TIMEOUT + SLACK,
         "a slow head was kept open {slowest_close:?}, the header timeout is {HEADER_TIMEOUT:?}"
     );
     assert!(
@@ -394,7 +396,7 @@ async fn credentials_decide_how_much_body_is_read() -> Result<()> {
         refused["message"].as_str().unwrap().starts_with("body"),
         "{refused}"
     );
-    assert!(started.elapsed() < HEADER_TIMEOUT + Duration::from_secs(3));
+    assert!(started.elapsed() < HEADER_TIMEOUT + SLACK);
     Ok(())
 }
 
@@ -468,10 +470,7 @@ async fn clients_without_credentials_cannot_take_the_turns_of_those_with() -> Re
         worst < Duration::from_secs(1),
         "a request with credentials in its head took {worst:?}"
     );
-    assert!(
-        waited < HEADER_TIMEOUT + Duration::from_secs(2),
-        "{waited:?}"
-    );
+    assert!(waited < HEADER_TIMEOUT + SLACK, "{waited:?}");
     assert!(
         envelope["code"] == 0 || envelope["code"] == 1_240_002,
         "{envelope}"
@@ -480,10 +479,7 @@ async fn clients_without_credentials_cannot_take_the_turns_of_those_with() -> Re
     // The trickling clients are all cut off at the header timeout.
     for task in trickles {
         let (open, reply) = task.await??;
-        assert!(
-            open < HEADER_TIMEOUT + Duration::from_secs(2),
-            "{open:?}: {reply}"
-        );
+        assert!(open < HEADER_TIMEOUT + SLACK, "{open:?}: {reply}");
         let envelope = envelope_of(&reply);
         assert!(
             [1_240_002, 1_240_003].contains(&envelope["code"].as_i64().unwrap_or_default()),
