@@ -125,6 +125,21 @@ pub struct LimitsConfig {
     pub agent_grace_secs: u64,
     /// Attempts at delivering a job's callback before it is given up as failed.
     pub callback_max_attempts: u32,
+    /// Seconds a client has to send a request's head (and, when its credentials are not in the
+    /// head, the first `http_unauthenticated_body_bytes` of its body); also how long an idle
+    /// connection stays open.
+    pub http_header_timeout_secs: u64,
+    /// Seconds an authenticated client has to send the whole body.
+    pub http_body_timeout_secs: u64,
+    /// Open HTTP connections; more wait in the listen backlog.
+    pub http_max_connections: usize,
+    /// Requests handled at once; more wait for their turn.
+    pub http_max_requests: usize,
+    /// Bytes of body read from a client that has not yet shown its credentials: they must be
+    /// within this much of the body's start.
+    pub http_unauthenticated_body_bytes: usize,
+    /// Bytes held for all unauthenticated requests together.
+    pub http_unauthenticated_total_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -134,6 +149,12 @@ impl Default for LimitsConfig {
             heartbeat_secs: 5,
             agent_grace_secs: 60,
             callback_max_attempts: 10,
+            http_header_timeout_secs: 10,
+            http_body_timeout_secs: 60,
+            http_max_connections: 512,
+            http_max_requests: 128,
+            http_unauthenticated_body_bytes: 64 * 1024,
+            http_unauthenticated_total_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -227,6 +248,23 @@ impl Config {
         }
         if !(1..=100).contains(&self.limits.callback_max_attempts) {
             return Err("limits.callback_max_attempts must be between 1 and 100".into());
+        }
+        let l = &self.limits;
+        if l.http_header_timeout_secs == 0 || l.http_body_timeout_secs == 0 {
+            return Err(
+                "limits.http_header_timeout_secs and http_body_timeout_secs must be at least 1"
+                    .into(),
+            );
+        }
+        if l.http_max_connections == 0 || l.http_max_requests == 0 {
+            return Err(
+                "limits.http_max_connections and http_max_requests must be at least 1".into(),
+            );
+        }
+        if !(1024..=crate::api::MAX_BODY).contains(&l.http_unauthenticated_body_bytes)
+            || l.http_unauthenticated_total_bytes < l.http_unauthenticated_body_bytes
+        {
+            return Err("limits.http_unauthenticated_body_bytes must be between 1 KiB and 24 MiB, and http_unauthenticated_total_bytes at least that".into());
         }
         Ok(())
     }

@@ -149,16 +149,9 @@ impl Controller {
             cipher,
             shutdown: shutdown.clone(),
         });
-        let app = api::router(shared).layer(axum::extract::DefaultBodyLimit::max(api::MAX_BODY));
-        let http_shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(http_shutdown.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::error!("HTTP server failed: {e}");
-            }
-        });
+        let limits = shared.config.limits.clone();
+        let app = api::router(shared);
+        tasks.spawn(api::serve(listener, app, limits, shutdown.clone()));
         tracing::info!(%http_addr, %agent_addr, "controller started");
         Ok(Self {
             http_addr,

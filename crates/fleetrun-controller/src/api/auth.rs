@@ -56,20 +56,65 @@ struct Credentials {
     bk_username: Option<String>,
 }
 
-pub fn authenticate(
-    apps: &[AppConfig],
-    headers: &HeaderMap,
-    params: &Params,
-) -> Result<Caller, ApiError> {
-    let mut creds = match headers.get("x-bkapi-authorization") {
+/// The credentials in the `X-Bkapi-Authorization` header, if it is there.
+fn header_credentials(headers: &HeaderMap) -> Result<Credentials, ApiError> {
+    match headers.get("x-bkapi-authorization") {
         Some(header) => serde_json::from_slice::<Credentials>(header.as_bytes()).map_err(|e| {
             ApiError::new(
                 code::API_USER_NO_ACCESS,
                 format!("X-Bkapi-Authorization: not a JSON object of credentials: {e}"),
             )
-        })?,
-        None => Credentials::default(),
+        }),
+        None => Ok(Credentials::default()),
+    }
+}
+
+/// The app code and secret a request carries before its body (in the header, or else in the
+/// query string), as [`authenticate`] would read them; `None` when either is missing there.
+pub fn head_credentials(
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Option<(String, String)>, ApiError> {
+    let creds = header_credentials(headers)?;
+    let from_query = |key: &str| {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query?).ok()?;
+        pairs.into_iter().find(|(k, _)| k == key).map(|(_, v)| v)
     };
+    let code = creds.bk_app_code.or_else(|| from_query("bk_app_code"));
+    let secret = creds.bk_app_secret.or_else(|| from_query("bk_app_secret"));
+    Ok(code.zip(secret))
+}
+
+/// The configured app with this code and secret.
+pub fn check_app<'a>(
+    apps: &'a [AppConfig],
+    app_code: &str,
+    secret: &str,
+) -> Result<&'a AppConfig, ApiError> {
+    // Every configured secret is compared, in constant time, so timing tells nothing about which
+    // part of the credentials was wrong.
+    let mut matched = None;
+    for app in apps {
+        let code_ok = app.bk_app_code.as_bytes().ct_eq(app_code.as_bytes());
+        let secret_ok = app.bk_app_secret.as_bytes().ct_eq(secret.as_bytes());
+        if bool::from(code_ok & secret_ok) {
+            matched = Some(app);
+        }
+    }
+    matched.ok_or_else(|| {
+        ApiError::new(
+            code::API_USER_NO_ACCESS,
+            "app authentication failed: unknown bk_app_code or wrong bk_app_secret",
+        )
+    })
+}
+
+pub fn authenticate(
+    apps: &[AppConfig],
+    headers: &HeaderMap,
+    params: &Params,
+) -> Result<Caller, ApiError> {
+    let mut creds = header_credentials(headers)?;
     let param = |key: &str| params.str(key).map(str::to_owned);
     creds.bk_app_code = creds.bk_app_code.or_else(|| param("bk_app_code"));
     creds.bk_app_secret = creds.bk_app_secret.or_else(|| param("bk_app_secret"));
@@ -81,26 +126,19 @@ pub fn authenticate(
             "app authentication failed: bk_app_code and bk_app_secret are required",
         ));
     };
-    // Every configured secret is compared, in constant time, so timing tells nothing about which
-    // part of the credentials was wrong.
-    let mut matched = None;
-    for app in apps {
-        let code_ok = app.bk_app_code.as_bytes().ct_eq(app_code.as_bytes());
-        let secret_ok = app.bk_app_secret.as_bytes().ct_eq(secret.as_bytes());
-        if bool::from(code_ok & secret_ok) {
-            matched = Some(app);
-        }
-    }
-    let Some(app) = matched else {
-        return Err(ApiError::new(
-            code::API_USER_NO_ACCESS,
-            "app authentication failed: unknown bk_app_code or wrong bk_app_secret",
-        ));
-    };
+    let app = check_app(apps, &app_code, &secret)?;
     let username = creds
         .bk_username
         .filter(|u| !u.is_empty())
         .ok_or_else(|| ApiError::missing("bk_username"))?;
+    // The operator is written to the log and shown back to every reader of the job: a control
+    // character there could only forge log lines or terminal output.
+    if username.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "bk_username",
+            "must not contain control characters",
+        ));
+    }
     Ok(Caller {
         app_code,
         username,

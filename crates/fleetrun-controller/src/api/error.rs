@@ -1,5 +1,6 @@
 //! bk-job error codes and the error every API returns.
 
+use axum::http::StatusCode;
 use serde_json::Value;
 
 /// bk-job's codes, named.
@@ -26,6 +27,8 @@ pub struct ApiError {
     pub code: i64,
     pub message: String,
     pub permission: Option<Value>,
+    /// 200 like every bk-job reply, except where the HTTP layer refuses the request itself.
+    pub http_status: StatusCode,
 }
 
 impl ApiError {
@@ -34,7 +37,13 @@ impl ApiError {
             code,
             message: message.into(),
             permission: None,
+            http_status: StatusCode::OK,
         }
+    }
+
+    pub fn with_http_status(mut self, status: StatusCode) -> Self {
+        self.http_status = status;
+        self
     }
 
     /// A field failed validation (1240003).

@@ -273,6 +273,7 @@ pub async fn fast_execute_script(
             .map(|g| g.id)
             .collect(),
     };
+    scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
     let chosen = inventory
         .resolve(&scope.inventory, &wanted)
         .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?

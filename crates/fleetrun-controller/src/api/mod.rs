@@ -11,19 +11,21 @@ mod admin;
 mod auth;
 mod error;
 mod execute;
+mod intake;
 pub(crate) mod params;
 mod query;
 mod scope;
 mod scripts;
+mod serve;
 mod stream;
 
 use std::sync::Arc;
 
 use axum::{
-    Router,
-    body::Bytes,
+    Extension, Router,
+    body::Body,
     extract::{Path, RawQuery, State},
-    http::{HeaderMap, HeaderValue, Method},
+    http::{HeaderMap, HeaderValue, Method, StatusCode},
     response::{IntoResponse, Response},
     routing::any,
 };
@@ -32,11 +34,13 @@ use tracing::Instrument;
 
 pub use error::ApiError;
 pub use params::MAX_BODY;
+pub use serve::serve;
 
 use crate::Shared;
 
 /// Builds the router for all bk-job path styles.
 pub fn router(shared: Arc<Shared>) -> Router {
+    let gate = Arc::new(intake::Gate::new(&shared.config.limits));
     let mut router = Router::new();
     // `/fleetrun/v1` carries fleetrun's own APIs, with the same envelope and credentials.
     for prefix in [
@@ -51,7 +55,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
             .route(&format!("{prefix}/stream_job"), any(stream::stream_job))
             .route(&format!("{prefix}/stream_job/"), any(stream::stream_job));
     }
-    router.fallback(not_found).with_state(shared)
+    router
+        .fallback(not_found)
+        .layer(Extension(gate))
+        .with_state(shared)
 }
 
 async fn not_found() -> Response {
@@ -67,18 +74,25 @@ async fn not_found() -> Response {
 
 async fn dispatch(
     State(shared): State<Arc<Shared>>,
+    Extension(gate): Extension<Arc<intake::Gate>>,
     Path(api): Path<String>,
     method: Method,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let request_id = new_request_id();
-    let span = tracing::info_span!("api", request_id = %request_id, api = %api);
+    // The path is the client's text, logged before it is authenticated: `?` escapes it, so a
+    // newline in it cannot start a forged log line.
+    let span = tracing::info_span!("api", request_id = %request_id, api = ?api);
     let result = async {
-        let params = params::Params::from_request(&method, query.as_deref(), &body)?;
-        let caller = auth::authenticate(&shared.apps, &headers, &params)?;
-        tracing::debug!(app = %caller.app_code, operator = %caller.username, "request");
+        // The turn is held until the reply is made.
+        let intake::Admitted {
+            params,
+            caller,
+            turn: _turn,
+        } = intake::read(&shared, &gate, &method, &headers, query.as_deref(), body).await?;
+        tracing::debug!(app = %caller.app_code, operator = ?caller.username, "request");
         match api.as_str() {
             "fast_execute_script" => execute::fast_execute_script(&shared, &caller, &params).await,
             "get_job_instance_status" => {
@@ -130,15 +144,20 @@ async fn dispatch(
     }
     .instrument(span.clone())
     .await;
-    let _entered = span.enter();
-    match &result {
-        Ok(_) => tracing::info!("ok"),
-        Err(e) if e.code == error::code::INTERNAL => {
-            tracing::error!(code = e.code, "{}", e.message)
-        }
-        Err(e) => tracing::info!(code = e.code, "refused: {}", e.message),
-    }
+    span.in_scope(|| log_result(&result));
     envelope(&request_id, result)
+}
+
+/// Logs how a request ended. Messages quote what clients sent, so they are escaped: a line in
+/// the log is one line the controller wrote.
+fn log_result<T>(result: &Result<T, ApiError>) {
+    match result {
+        Ok(_) => tracing::info!("ok"),
+        Err(e) if e.code == error::code::INTERNAL && e.http_status.is_success() => {
+            tracing::error!(code = e.code, "{}", e.message.escape_debug())
+        }
+        Err(e) => tracing::info!(code = e.code, "refused: {}", e.message.escape_debug()),
+    }
 }
 
 fn new_request_id() -> String {
@@ -146,25 +165,31 @@ fn new_request_id() -> String {
 }
 
 fn envelope(request_id: &str, result: Result<Value, ApiError>) -> Response {
-    let body = match result {
-        Ok(data) => json!({
-            "result": true,
-            "code": 0,
-            "message": "success",
-            "data": data,
-            "permission": null,
-            "request_id": request_id,
-        }),
-        Err(e) => json!({
-            "result": false,
-            "code": e.code,
-            "message": e.message,
-            "data": null,
-            "permission": e.permission,
-            "request_id": request_id,
-        }),
+    let (status, body) = match result {
+        Ok(data) => (
+            StatusCode::OK,
+            json!({
+                "result": true,
+                "code": 0,
+                "message": "success",
+                "data": data,
+                "permission": null,
+                "request_id": request_id,
+            }),
+        ),
+        Err(e) => (
+            e.http_status,
+            json!({
+                "result": false,
+                "code": e.code,
+                "message": e.message,
+                "data": null,
+                "permission": e.permission,
+                "request_id": request_id,
+            }),
+        ),
     };
-    let mut response = axum::Json(body).into_response();
+    let mut response = (status, axum::Json(body)).into_response();
     if let Ok(value) = HeaderValue::from_str(request_id) {
         response.headers_mut().insert("x-request-id", value);
     }

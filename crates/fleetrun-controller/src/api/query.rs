@@ -381,9 +381,14 @@ pub async fn get_topology(shared: &Shared, caller: &Caller) -> Result<Value, Api
             })
         })
         .collect();
+    // A business set names its members: it is shown only to an app that may use the set itself
+    // (and so every member), or not otherwise learn of them.
     let business_sets: Vec<Value> = inventory
         .business_sets()
         .iter()
+        .filter(|s| {
+            caller.is_unrestricted() || caller.may_use("biz_set", &s.bk_biz_set_id.to_string())
+        })
         .map(|s| json!({"bk_biz_set_id": s.bk_biz_set_id, "name": s.name, "members": s.members}))
         .collect();
     let groups: Vec<Value> = inventory
@@ -514,13 +519,26 @@ pub async fn get_job_instance_list(
     let end = req
         .create_time_end
         .ok_or_else(|| ApiError::missing("create_time_end"))?;
+    for (field, time) in [("create_time_start", begin), ("create_time_end", end)] {
+        if time < 0 {
+            return Err(ApiError::invalid(
+                field,
+                format!("{time} is negative (a time is milliseconds since 1970)"),
+            ));
+        }
+    }
     if end < begin {
         return Err(ApiError::invalid(
             "create_time_end",
             "is before create_time_start",
         ));
     }
-    if end - begin > THIRTY_DAYS_MS {
+    // With both at least 0 the difference cannot overflow; checked_sub keeps that true should
+    // the rule above ever change.
+    if end
+        .checked_sub(begin)
+        .is_none_or(|range| range > THIRTY_DAYS_MS)
+    {
         return Err(ApiError::invalid(
             "create_time_end",
             "the time range is longer than 30 days",

@@ -54,17 +54,8 @@ pub fn resolve(shared: &Shared, caller: &Caller, params: &Params) -> Result<Scop
             ));
         }
     };
-    if !shared.inventory.base().has_scope(&inventory) {
-        let what = if scope_type == "biz" {
-            "business"
-        } else {
-            "business set"
-        };
-        return Err(ApiError::invalid(
-            "bk_scope_id",
-            format!("{what} {id} does not exist"),
-        ));
-    }
+    // Permission first: an app that may not use a scope learns nothing from asking about it,
+    // not even whether it exists.
     if !caller.may_use(&scope_type, &scope_id) {
         let mut error = ApiError::new(
             code::NO_PERMISSION,
@@ -76,11 +67,69 @@ pub fn resolve(shared: &Shared, caller: &Caller, params: &Params) -> Result<Scop
         error.permission = Some(permission(&scope_type, &scope_id));
         return Err(error);
     }
+    if !shared.inventory.base().has_scope(&inventory) {
+        let what = if scope_type == "biz" {
+            "business"
+        } else {
+            "business set"
+        };
+        return Err(ApiError::invalid(
+            "bk_scope_id",
+            format!("{what} {id} does not exist"),
+        ));
+    }
     Ok(Scope {
         scope_type,
         scope_id,
         inventory,
     })
+}
+
+/// Refuses hosts named by id or address (`targets`' `host_ids`, else its `ips`) that the caller
+/// may not see, exactly as [`fleetrun_inventory::Inventory::resolve`] refuses hosts that do not
+/// exist: for an app restricted to some businesses, a host of another business, or one not yet
+/// placed, is not there. Without this, "outside the scope" would tell it that the host exists,
+/// and for an address, which host holds it.
+pub fn refuse_unseen_hosts(
+    caller: &Caller,
+    inventory: &fleetrun_inventory::Inventory,
+    targets: &fleetrun_inventory::Targets,
+) -> Result<(), ApiError> {
+    if caller.is_unrestricted() {
+        return Ok(());
+    }
+    let seen = |host: Option<&fleetrun_inventory::Host>| {
+        host.is_some_and(|h| caller.may_see_business(inventory, h.bk_biz_id))
+    };
+    let mut unseen = Vec::new();
+    match targets.host_ids.as_deref().filter(|ids| !ids.is_empty()) {
+        Some(ids) => {
+            for &id in ids {
+                if !seen(inventory.host(id)) {
+                    unseen.push(id.to_string());
+                }
+            }
+        }
+        None => {
+            for (cloud, text) in targets.ips.as_deref().unwrap_or_default() {
+                match text.trim().parse::<std::net::IpAddr>() {
+                    Ok(ip) if seen(inventory.host_by_address(*cloud, ip)) => {}
+                    Ok(ip) => unseen.push(format!("{cloud}:{}", ip.to_canonical())),
+                    Err(_) => unseen.push(format!("{cloud}:{text}")),
+                }
+            }
+        }
+    }
+    if unseen.is_empty() {
+        return Ok(());
+    }
+    let mut once = std::collections::HashSet::new();
+    unseen.retain(|name| once.insert(name.clone()));
+    let error = fleetrun_inventory::ResolveError::UnknownHosts(unseen);
+    Err(ApiError::new(
+        i64::from(error.code()),
+        format!("target_server: {error}"),
+    ))
 }
 
 /// bk-job's description of the permission the caller lacks.

@@ -18,7 +18,7 @@ use std::{
 
 use axum::{
     body::{Body, Bytes},
-    extract::{RawQuery, State},
+    extract::{Extension, RawQuery, State},
     http::{HeaderMap, HeaderValue, Method, header},
     response::Response,
 };
@@ -28,12 +28,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use super::{
-    ApiError, auth,
-    error::code,
-    params::{Params, lenient},
-    scope,
-};
+use super::{ApiError, error::code, intake, params::lenient, scope};
 use crate::{Shared, status};
 
 /// The store is read again when the writer commits something of the job; large steps, whose
@@ -63,27 +58,23 @@ struct StreamRequest {
 /// `GET|POST /fleetrun/v1/stream_job`.
 pub async fn stream_job(
     State(shared): State<Arc<Shared>>,
+    Extension(gate): Extension<Arc<intake::Gate>>,
     method: Method,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let request_id = super::new_request_id();
     let span = tracing::info_span!("api", request_id = %request_id, api = "stream_job");
-    let prepared = prepare(&shared, &method, &headers, query.as_deref(), &body)
+    let prepared = prepare(&shared, &gate, &method, &headers, query.as_deref(), body)
         .instrument(span.clone())
         .await;
     let follower = match prepared {
         Ok(follower) => follower,
         Err(e) => {
-            span.in_scope(|| {
-                if e.code == code::INTERNAL {
-                    tracing::error!(code = e.code, "{}", e.message);
-                } else {
-                    tracing::info!(code = e.code, "refused: {}", e.message);
-                }
-            });
-            return super::envelope(&request_id, Err(e));
+            let result = Err(e);
+            span.in_scope(|| super::log_result(&result));
+            return super::envelope(&request_id, result);
         }
     };
     span.in_scope(|| {
@@ -124,13 +115,18 @@ impl futures_core::Stream for Lines {
 
 async fn prepare(
     shared: &Arc<Shared>,
+    gate: &intake::Gate,
     method: &Method,
     headers: &HeaderMap,
     query: Option<&str>,
-    body: &[u8],
+    body: Body,
 ) -> Result<Follower, ApiError> {
-    let params = Params::from_request(method, query, body)?;
-    let caller = auth::authenticate(&shared.apps, headers, &params)?;
+    // The turn covers the checks; a stream that follows a job for long holds only its connection.
+    let intake::Admitted {
+        params,
+        caller,
+        turn: _turn,
+    } = intake::read(shared, gate, method, headers, query, body).await?;
     let req: StreamRequest = params.parse()?;
     let scope = scope::resolve(shared, &caller, &params)?;
     let job = shared
