@@ -108,7 +108,10 @@ async fn a_sealed_parameter_copied_into_another_jobs_row_does_not_run_there() ->
     // A itself still runs with its secret.
     let started = start(&cluster, job_a).await?;
     assert_eq!(started["result"], true, "{started}");
-    assert_eq!(output(&cluster, job_a, step_a).await?, format!("param={secret}\n"));
+    assert_eq!(
+        output(&cluster, job_a, step_a).await?,
+        format!("param={secret}\n")
+    );
     Ok(())
 }
 
@@ -136,6 +139,9 @@ async fn a_parameter_sealed_in_the_older_format_still_runs() -> Result<()> {
     overwrite_param(&cluster, step, SqlValue::Text(&old)).await?;
     let started = start(&cluster, job).await?;
     assert_eq!(started["result"], true, "{started}");
-    assert_eq!(output(&cluster, job, step).await?, "param=sealed-long-ago\n");
+    assert_eq!(
+        output(&cluster, job, step).await?,
+        "param=sealed-long-ago\n"
+    );
     Ok(())
 }

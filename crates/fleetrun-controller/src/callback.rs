@@ -706,7 +706,9 @@ mod tests {
                     let mut request = [0u8; 4096];
                     let _ = stream.read(&mut request).await;
                     let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
                         .await;
                 });
             }

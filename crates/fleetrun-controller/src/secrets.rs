@@ -161,10 +161,8 @@ mod tests {
 
     impl KeyDir {
         fn new(test: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!(
-                "fleetrun-secrets-{}-{test}",
-                std::process::id()
-            ));
+            let dir = std::env::temp_dir()
+                .join(format!("fleetrun-secrets-{}-{test}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             Self(dir)
@@ -229,9 +227,20 @@ mod tests {
         // (Python's `cryptography`): nonce 0..12, associated data "fleetrun script_param".
         let old = "enc:v1:AAECAwQFBgcICQoLKG6yO7bWoWm+NUcbx+nZuKf41K3bARDiEvg=";
         for (job, step) in [(1, 1), (7, 8)] {
-            assert_eq!(cipher.open(old, job, step).unwrap(), "old s3cr3t", "{job}/{step}");
+            assert_eq!(
+                cipher.open(old, job, step).unwrap(),
+                "old s3cr3t",
+                "{job}/{step}"
+            );
         }
-        assert!(cipher.open(&old.replacen(V1_PREFIX, PREFIX, 1), 1, 1).is_err());
-        assert!(cipher.open("s3cr3t", 1, 1).is_err(), "a clear value is not sealed");
+        assert!(
+            cipher
+                .open(&old.replacen(V1_PREFIX, PREFIX, 1), 1, 1)
+                .is_err()
+        );
+        assert!(
+            cipher.open("s3cr3t", 1, 1).is_err(),
+            "a clear value is not sealed"
+        );
     }
 }

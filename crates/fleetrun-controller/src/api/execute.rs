@@ -320,7 +320,10 @@ pub async fn fast_execute_script(
             })
             .collect(),
     };
-    let created = shared.store.create_job_sealing(&new_job, shared.cipher.sealer()).await?;
+    let created = shared
+        .store
+        .create_job_sealing(&new_job, shared.cipher.sealer())
+        .await?;
     if start {
         shared.engine.start(JobSpec {
             job_instance_id: created.job_instance_id,

@@ -95,17 +95,26 @@ const V4_RANGES: &[(Ipv4Net, &str)] = &[
 const V6_RANGES: &[(Ipv6Net, &str)] = &[
     (v6([0, 0, 0, 0, 0, 0, 0, 0], 128), "unspecified"),
     (v6([0, 0, 0, 0, 0, 0, 0, 1], 128), "loopback"),
-    (v6([0, 0, 0, 0, 0, 0, 0, 0], 96), "IPv4-compatible (deprecated)"),
+    (
+        v6([0, 0, 0, 0, 0, 0, 0, 0], 96),
+        "IPv4-compatible (deprecated)",
+    ),
     (v6([0, 0, 0, 0, 0xffff, 0, 0, 0], 96), "IPv4-translated"),
     (v6([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48), "local-use NAT64"),
     (v6([0x100, 0, 0, 0, 0, 0, 0, 0], 64), "discard-only"),
-    (v6([0x2001, 0, 0, 0, 0, 0, 0, 0], 23), "IETF protocol assignment"),
+    (
+        v6([0x2001, 0, 0, 0, 0, 0, 0, 0], 23),
+        "IETF protocol assignment",
+    ),
     (v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32), "documentation"),
     (v6([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20), "documentation"),
     (v6([0x5f00, 0, 0, 0, 0, 0, 0, 0], 16), "segment routing"),
     (v6([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7), "unique-local"),
     (v6([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10), "link-local"),
-    (v6([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10), "site-local (deprecated)"),
+    (
+        v6([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10),
+        "site-local (deprecated)",
+    ),
     (v6([0xff00, 0, 0, 0, 0, 0, 0, 0], 8), "multicast"),
 ];
 
@@ -277,7 +286,13 @@ mod tests {
             assert_eq!(e.ip, ip(text));
             assert!(open.check(ip(text)).is_ok(), "{text}");
         }
-        for text in ["10.0.0.1", "169.254.169.254", "::1", "fc00::1", "192.168.0.1"] {
+        for text in [
+            "10.0.0.1",
+            "169.254.169.254",
+            "::1",
+            "fc00::1",
+            "192.168.0.1",
+        ] {
             assert!(open.check(ip(text)).is_err(), "{text}");
         }
         for text in ["8.8.8.8", "2606:4700:4700::1111"] {
