@@ -45,7 +45,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use url::{Host, Url};
 
-pub use self::address::{CallbacksConfig, Forbidden, non_public};
+pub use self::address::{CallbacksConfig, Forbidden};
 use crate::{Config, now_ms, status};
 
 /// Longest callback URL accepted, in characters.
