@@ -179,6 +179,9 @@ pub struct ClusterOptions {
     pub agents_connect_to: Option<std::net::SocketAddr>,
     /// The inventory file; by default [`DEFAULT_INVENTORY`] with the cluster's accounts.
     pub inventory: Option<PathBuf>,
+    /// The controller's `[callbacks] allow_networks`; by default loopback, where test and demo
+    /// receivers listen.
+    pub callback_allow_networks: Option<Vec<String>>,
 }
 
 /// One agent process and the files it runs from.
@@ -402,8 +405,15 @@ key = "{key}"
 bk_app_code = "{APP_CODE}"
 bk_app_secret = "{secret}"
 callback_secret = "{callback_secret}"
+
+[callbacks]
+allow_networks = {allow_networks:?}
 "#,
             inventory = inventory_path.display(),
+            allow_networks = opts
+                .callback_allow_networks
+                .clone()
+                .unwrap_or_else(|| vec!["127.0.0.0/8".to_owned()]),
             db = dir.join("controller.db").display(),
             ca = ca.cert_path().display(),
             cert = controller_cert.cert.display(),

@@ -14,10 +14,19 @@
 //!
 //! Each request carries the body bk-job sends (with both `step_instances`, as bk-job's code has
 //! it, and `step_instance_list`, as its docs have it), signed with the submitting app's
-//! `callback_secret`: `X-Fleetrun-Signature: sha256=<hex HMAC-SHA256 of the body>`.
+//! `callback_secret`: `X-Fleetrun-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">`,
+//! where the timestamp is the attempt's `X-Fleetrun-Timestamp`, so that a receiver rejecting old
+//! timestamps also rejects a captured request replayed later under a fresh one.
+//!
+//! A callback reaches only public addresses unless the configuration allows more ([`address`]).
+//! What the submitter sees of a failed attempt (`get_callback_status`) is one of two fixed
+//! messages ([`NoAnswer`]): which of refused, reset or timed out a connection was would let a
+//! callback URL probe which ports are open; the details go to the controller's log.
 //!
 //! **Architecture invariant:** a callback URL is logged as scheme, host and path only: its query
 //! may carry the receiver's token.
+
+mod address;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -36,6 +45,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use url::{Host, Url};
 
+pub use self::address::{CallbacksConfig, Forbidden};
 use crate::{Config, now_ms, status};
 
 /// Longest callback URL accepted, in characters.
@@ -63,11 +73,19 @@ pub enum UrlError {
     /// It would call the controller's own API.
     #[error("points at this controller's own API")]
     Controller,
+    /// Its host is an address callbacks may not reach.
+    #[error(transparent)]
+    Forbidden(#[from] Forbidden),
 }
 
-/// Checks a submitted callback URL: absolute http(s), at most [`MAX_URL_CHARS`], and not the
-/// controller itself (`http_listen` is the address its API is bound to).
-pub fn check_url(text: &str, http_listen: SocketAddr) -> Result<Url, UrlError> {
+/// Checks a submitted callback URL: absolute http(s), at most [`MAX_URL_CHARS`], not the
+/// controller itself (`http_listen` is the address its API is bound to), and, when its host is an
+/// address, one `callbacks` allows. A host name is checked when each attempt resolves it.
+pub fn check_url(
+    text: &str,
+    http_listen: SocketAddr,
+    callbacks: &CallbacksConfig,
+) -> Result<Url, UrlError> {
     if text.chars().count() > MAX_URL_CHARS {
         return Err(UrlError::TooLong);
     }
@@ -78,7 +96,19 @@ pub fn check_url(text: &str, http_listen: SocketAddr) -> Result<Url, UrlError> {
     if points_at(&url, http_listen) {
         return Err(UrlError::Controller);
     }
+    if let Some(ip) = literal_ip(&url) {
+        callbacks.check(ip)?;
+    }
     Ok(url)
+}
+
+/// The URL's host when it is an address, which the HTTP client connects to without resolving.
+fn literal_ip(url: &Url) -> Option<IpAddr> {
+    match url.host()? {
+        Host::Ipv4(ip) => Some(IpAddr::V4(ip)),
+        Host::Ipv6(ip) => Some(IpAddr::V6(ip)),
+        Host::Domain(_) => None,
+    }
 }
 
 /// Whether `url` reaches the API listening on `http_listen`: same port, and a loopback,
@@ -120,9 +150,14 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// `sha256=<hex HMAC-SHA256 of body>`, the `X-Fleetrun-Signature` value.
-pub fn signature(key: &ring::hmac::Key, body: &[u8]) -> String {
-    let tag = ring::hmac::sign(key, body);
+/// `sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">`, the `X-Fleetrun-Signature` value of a
+/// request whose `X-Fleetrun-Timestamp` is `timestamp`.
+pub fn signature(key: &ring::hmac::Key, timestamp: &str, body: &[u8]) -> String {
+    let mut context = ring::hmac::Context::with_key(key);
+    context.update(timestamp.as_bytes());
+    context.update(b".");
+    context.update(body);
+    let tag = context.sign();
     let mut text = String::with_capacity(7 + 64);
     text.push_str("sha256=");
     for byte in tag.as_ref() {
@@ -176,6 +211,8 @@ struct Dispatcher {
     http: reqwest::Client,
     /// Signing key per app code; apps without a `callback_secret` are absent.
     keys: HashMap<String, ring::hmac::Key>,
+    /// The networks callbacks may reach beyond public addresses.
+    callbacks: Arc<CallbacksConfig>,
     max_attempts: i64,
     /// Poked when a delivery was queued.
     queued: Notify,
@@ -188,13 +225,8 @@ pub fn start(
     shutdown: CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<Callbacks> {
-    let http = reqwest::Client::builder()
-        .timeout(ATTEMPT_TIMEOUT)
-        // A redirect is a failed attempt: following one would send the job's result somewhere
-        // the submitter did not name.
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("fleetrun-controller/", env!("CARGO_PKG_VERSION")))
-        .build()?;
+    let callbacks = Arc::new(config.callbacks.clone());
+    let http = http_client(callbacks.clone())?;
     let mut keys = HashMap::new();
     for app in &config.apps {
         match &app.callback_secret {
@@ -214,6 +246,7 @@ pub fn start(
         store,
         http,
         keys,
+        callbacks,
         max_attempts: i64::from(config.limits.callback_max_attempts),
         queued: Notify::new(),
     });
@@ -221,6 +254,41 @@ pub fn start(
     tasks.spawn(dispatcher.clone().intake(ended_rx, shutdown.clone()));
     tasks.spawn(dispatcher.deliver(shutdown));
     Ok(Callbacks { ended })
+}
+
+/// The client callbacks are sent with: it connects only to addresses `callbacks` allows.
+fn http_client(callbacks: Arc<CallbacksConfig>) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(ATTEMPT_TIMEOUT)
+        // A redirect is a failed attempt: following one would send the job's result somewhere
+        // the submitter did not name, and to an address nobody checked.
+        .redirect(reqwest::redirect::Policy::none())
+        // Through a proxy, the address checked would be the proxy's, not the receiver's.
+        .no_proxy()
+        .dns_resolver(Arc::new(address::CheckedResolver { config: callbacks }))
+        .user_agent(concat!("fleetrun-controller/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// Why an attempt got no HTTP answer, as the submitter sees it: nothing about the connection's
+/// fate (refused, reset, timed out, TLS), which would tell open ports from closed ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NoAnswer {
+    /// The URL's host is, or resolves to, only addresses callbacks may not reach.
+    #[error(
+        "refused: the callback URL's host is or resolves to an address in a network the controller's configuration does not allow callbacks to"
+    )]
+    Refused,
+    /// Anything else: no address, no connection, no HTTP answer in time.
+    #[error("could not connect, or no HTTP answer within 15 s")]
+    Unreachable,
+}
+
+/// An attempt without an HTTP answer: what the submitter sees, and what the log says.
+#[derive(Debug)]
+struct Failure {
+    shown: NoAnswer,
+    detail: String,
 }
 
 impl Dispatcher {
@@ -358,11 +426,18 @@ impl Dispatcher {
         let started = Instant::now();
         let result = self.post(&delivery, at).await;
         let duration_ms = started.elapsed().as_millis() as i64;
+        let mut detail = None;
         let (http_status, error, last_error) = match result {
             Ok(code) if (200..300).contains(&code) => (Some(i32::from(code)), None, None),
             Ok(code) => (Some(i32::from(code)), None, Some(format!("HTTP {code}"))),
-            Err(e) => (None, Some(e.clone()), Some(e)),
+            Err(failure) => {
+                let shown = failure.shown.to_string();
+                detail = Some(failure.detail);
+                (None, Some(shown.clone()), Some(shown))
+            }
         };
+        // The log, read by the operator only, says what happened to the connection.
+        let why = detail.as_deref().or(last_error.as_deref()).unwrap_or("?");
         let next = if last_error.is_none() {
             CallbackNext::Delivered
         } else if number >= self.max_attempts {
@@ -372,15 +447,15 @@ impl Dispatcher {
         };
         let url = redact(&delivery.url);
         let job = delivery.job_instance_id;
-        match (next, &last_error) {
-            (CallbackNext::Delivered, _) => {
+        match next {
+            CallbackNext::Delivered => {
                 tracing::info!(job, delivery = delivery.id, attempt = number, %url, duration_ms, "callback delivered");
             }
-            (CallbackNext::RetryAt(when), Some(why)) => {
+            CallbackNext::RetryAt(when) => {
                 tracing::warn!(job, delivery = delivery.id, attempt = number, %url, retry_in_ms = when - now_ms(), "callback attempt failed: {why}");
             }
-            (_, why) => {
-                tracing::error!(job, delivery = delivery.id, attempts = number, %url, "callback given up: {}", why.as_deref().unwrap_or("?"));
+            CallbackNext::Failed => {
+                tracing::error!(job, delivery = delivery.id, attempts = number, %url, "callback given up: {why}");
             }
         }
         let record = CallbackAttempt {
@@ -409,22 +484,34 @@ impl Dispatcher {
     }
 
     /// POSTs the body; the HTTP status, or why there is none.
-    async fn post(&self, delivery: &CallbackDelivery, at: i64) -> Result<u16, String> {
-        let url = Url::parse(&delivery.url).map_err(|e| format!("bad URL: {e}"))?;
+    async fn post(&self, delivery: &CallbackDelivery, at: i64) -> Result<u16, Failure> {
+        let url = Url::parse(&delivery.url).map_err(|e| Failure {
+            shown: NoAnswer::Unreachable,
+            detail: format!("bad URL: {e}"),
+        })?;
+        // The client resolves host names through the checking resolver, but connects to a
+        // literal address directly.
+        if let Some(ip) = literal_ip(&url) {
+            self.callbacks.check(ip).map_err(|e| Failure {
+                shown: NoAnswer::Refused,
+                detail: e.to_string(),
+            })?;
+        }
+        let timestamp = at.to_string();
         let mut request = self
             .http
             .post(url)
             .header(CONTENT_TYPE, "application/json")
             .header("X-Fleetrun-Delivery", delivery.id.to_string())
-            .header("X-Fleetrun-Timestamp", at.to_string())
+            .header("X-Fleetrun-Timestamp", &timestamp)
             .body(delivery.body.clone());
         if let Some(key) = self.keys.get(&delivery.app_code) {
             request = request.header(
                 "X-Fleetrun-Signature",
-                signature(key, delivery.body.as_bytes()),
+                signature(key, &timestamp, delivery.body.as_bytes()),
             );
         }
-        let response = request.send().await.map_err(describe)?;
+        let response = request.send().await.map_err(failure)?;
         Ok(response.status().as_u16())
     }
 }
@@ -433,6 +520,22 @@ async fn sleep_for(wait: Option<Duration>) {
     match wait {
         Some(wait) => tokio::time::sleep(wait).await,
         None => std::future::pending().await,
+    }
+}
+
+/// What the submitter and the log are told of a request that got no HTTP answer.
+fn failure(error: reqwest::Error) -> Failure {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    let mut shown = NoAnswer::Unreachable;
+    while let Some(cause) = source {
+        if cause.downcast_ref::<Forbidden>().is_some() {
+            shown = NoAnswer::Refused;
+        }
+        source = cause.source();
+    }
+    Failure {
+        shown,
+        detail: describe(error),
     }
 }
 
@@ -463,16 +566,61 @@ mod tests {
         "127.0.0.1:8080".parse().unwrap()
     }
 
+    fn check_url(text: &str, listen: SocketAddr) -> Result<Url, UrlError> {
+        super::check_url(text, listen, &CallbacksConfig::default())
+    }
+
+    /// Callbacks may reach these networks as well.
+    fn allowing(networks: &[&str]) -> CallbacksConfig {
+        CallbacksConfig {
+            allow_networks: networks.iter().map(|n| n.parse().unwrap()).collect(),
+        }
+    }
+
     #[test]
     fn http_and_https_urls_elsewhere_are_accepted() {
         for url in [
             "http://example.com/hook",
             "https://example.com:8443/hook?token=x",
-            "http://127.0.0.1:9000/hook",
-            "http://10.0.0.1:8080/hook",
+            "http://8.8.8.8:9000/hook",
+            "http://[2606:4700:4700::1111]/hook",
+            // A name is checked when it is resolved, at each attempt.
+            "http://localhost:9000/hook",
         ] {
             assert!(check_url(url, listen()).is_ok(), "{url}");
         }
+    }
+
+    #[test]
+    fn internal_addresses_are_refused_unless_allowed() {
+        for url in [
+            "http://127.0.0.1:9000/hook",
+            "http://127.1:9000/hook",
+            "http://0x7f000001:9000/hook",
+            "http://10.0.0.1:8080/hook",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[::1]:9000/",
+            "http://[::ffff:10.0.0.1]/",
+            "http://[fe80::1]/",
+            "http://100.64.0.1/",
+        ] {
+            assert!(
+                matches!(check_url(url, listen()), Err(UrlError::Forbidden(_))),
+                "{url}"
+            );
+        }
+        let loopback = allowing(&["127.0.0.0/8"]);
+        assert!(super::check_url("http://127.0.0.1:9000/hook", listen(), &loopback).is_ok());
+        assert!(super::check_url("http://[::ffff:127.0.0.2]/", listen(), &loopback).is_ok());
+        assert!(matches!(
+            super::check_url("http://10.0.0.1/", listen(), &loopback),
+            Err(UrlError::Forbidden(_))
+        ));
+        // Allowing loopback does not open the controller's own API.
+        assert!(matches!(
+            super::check_url("http://127.0.0.1:8080/", listen(), &loopback),
+            Err(UrlError::Controller)
+        ));
     }
 
     #[test]
@@ -514,7 +662,10 @@ mod tests {
             check_url("http://127.0.0.5/", everywhere),
             Err(UrlError::Controller)
         ));
-        assert!(check_url("https://127.0.0.1/", everywhere).is_ok());
+        assert!(matches!(
+            check_url("https://127.0.0.1/", everywhere),
+            Err(UrlError::Forbidden(_))
+        ));
     }
 
     #[test]
@@ -527,12 +678,98 @@ mod tests {
     }
 
     #[test]
-    fn the_signature_is_hex_hmac_sha256() {
-        // RFC 4231, test case 2.
+    fn the_signature_is_hex_hmac_sha256_of_timestamp_dot_body() {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"Jefe");
+        // printf '%s' '1700000000000.{"job_instance_id":7}' | openssl dgst -sha256 -hmac Jefe
         assert_eq!(
-            signature(&key, b"what do ya want for nothing?"),
-            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+            signature(&key, "1700000000000", br#"{"job_instance_id":7}"#),
+            "sha256=425b6c01a6f8cb8e1bd63c15cf75003595c514b719180e1af2761108ab772de5"
+        );
+        // The same body at another time has another signature.
+        assert_ne!(
+            signature(&key, "1700000000001", br#"{"job_instance_id":7}"#),
+            signature(&key, "1700000000000", br#"{"job_instance_id":7}"#),
+        );
+    }
+
+    /// A loopback HTTP server answering 200 to everything; counts the connections it accepts.
+    async fn counting_server() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = stream.read(&mut request).await;
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
+                        .await;
+                });
+            }
+        });
+        (port, accepted)
+    }
+
+    /// What a request through the callback client gets: the HTTP status or the submitter's view
+    /// of the failure.
+    async fn send(callbacks: CallbacksConfig, url: &str) -> Result<u16, NoAnswer> {
+        let http = http_client(Arc::new(callbacks)).unwrap();
+        match http.post(url).body("{}").send().await {
+            Ok(response) => Ok(response.status().as_u16()),
+            Err(e) => Err(failure(e).shown),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_resolving_to_loopback_is_refused_before_connecting_unless_allowed() {
+        let (port, accepted) = counting_server().await;
+        let url = format!("http://localhost:{port}/hook");
+        assert_eq!(
+            send(CallbacksConfig::default(), &url).await,
+            Err(NoAnswer::Refused)
+        );
+        assert_eq!(
+            send(allowing(&["10.0.0.0/8", "fc00::/7"]), &url).await,
+            Err(NoAnswer::Refused)
+        );
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(
+            send(allowing(&["127.0.0.0/8", "::1/128"]), &url).await,
+            Ok(200)
+        );
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_and_a_silent_one_look_the_same() {
+        // A listener that accepts and closes at once, and a port nobody listens on.
+        let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open_port = open.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = open.accept().await {
+                drop(stream);
+            }
+        });
+        let closed_port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().port()
+        };
+        let loopback = allowing(&["127.0.0.0/8"]);
+        let open_url = format!("http://127.0.0.1:{open_port}/");
+        let closed_url = format!("http://127.0.0.1:{closed_port}/");
+        assert_eq!(
+            send(loopback.clone(), &open_url).await,
+            Err(NoAnswer::Unreachable)
+        );
+        assert_eq!(
+            send(loopback, &closed_url).await,
+            Err(NoAnswer::Unreachable)
         );
     }
 

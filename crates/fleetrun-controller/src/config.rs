@@ -33,6 +33,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub security: SecurityConfig,
+    /// Where job callbacks may go beyond public addresses.
+    #[serde(default)]
+    pub callbacks: crate::callback::CallbacksConfig,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

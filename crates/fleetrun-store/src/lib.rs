@@ -61,6 +61,9 @@ pub struct Store {
     watchers: watch::Watchers,
 }
 
+/// Seals a step's parameter for the job and step it belongs to.
+type ParamSeal<'a> = dyn FnOnce(&str, CreatedJob) -> String + Send + 'a;
+
 impl Store {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
@@ -167,6 +170,28 @@ impl Store {
 
     /// Stores a new job with its step and a pending result per host, in one transaction.
     pub async fn create_job(&self, job: &NewJob) -> Result<CreatedJob, StoreError> {
+        self.insert_job(job, None).await
+    }
+
+    /// [`Store::create_job`], with a sensitive step parameter stored as `seal` makes it from the
+    /// clear `script_param` and the ids the job and step receive (to bind it to them). The step's
+    /// row is written with an empty parameter first, then the sealed one, in the same
+    /// transaction: the clear value never reaches the database.
+    pub async fn create_job_sealing(
+        &self,
+        job: &NewJob,
+        seal: impl FnOnce(&str, CreatedJob) -> String + Send,
+    ) -> Result<CreatedJob, StoreError> {
+        let seal: Box<ParamSeal<'_>> = Box::new(seal);
+        self.insert_job(job, job.step.is_param_sensitive.then_some(seal))
+            .await
+    }
+
+    async fn insert_job(
+        &self,
+        job: &NewJob,
+        seal: Option<Box<ParamSeal<'_>>>,
+    ) -> Result<CreatedJob, StoreError> {
         let mut tx = self.pool.begin().await?;
         let job_instance_id: i64 = sqlx::query(
             "INSERT INTO job_instance (name, operator, app_code, bk_scope_type, bk_scope_id, status, type, launch_mode, callback_url, create_time)
@@ -197,7 +222,7 @@ impl Store {
         .bind(job.status)
         .bind(step.script_language)
         .bind(&step.script_content)
-        .bind(&step.script_param)
+        .bind(if seal.is_some() { "" } else { step.script_param.as_str() })
         .bind(step.is_param_sensitive)
         .bind(step.timeout)
         .bind(step.account_id)
@@ -206,6 +231,17 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?
         .get(0);
+        if let Some(seal) = seal {
+            let ids = CreatedJob {
+                job_instance_id,
+                step_instance_id,
+            };
+            sqlx::query("UPDATE step_instance SET script_param = ? WHERE step_instance_id = ?")
+                .bind(seal(&step.script_param, ids))
+                .bind(step_instance_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         // Many rows per statement: one statement per host costs a round trip each, which is
         // most of the time a job on thousands of hosts takes to be accepted.
         for chunk in job.hosts.chunks(HOSTS_PER_INSERT) {

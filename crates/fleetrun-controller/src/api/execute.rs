@@ -202,7 +202,7 @@ pub async fn fast_execute_script(
     let callback_url = match req.callback_url.as_deref().filter(|u| !u.is_empty()) {
         None => None,
         Some(url) => Some(
-            crate::callback::check_url(url, shared.config.http_listen)
+            crate::callback::check_url(url, shared.config.http_listen, &shared.config.callbacks)
                 .map_err(|e| ApiError::invalid("callback_url", e))?
                 .to_string(),
         ),
@@ -303,12 +303,9 @@ pub async fn fast_execute_script(
             step_type: 1,
             script_language: language as i32,
             script_content: script.clone(),
-            // A sensitive parameter is stored sealed; only the dispatch below sees it in clear.
-            script_param: if sensitive {
-                shared.cipher.seal(&param)
-            } else {
-                param.clone()
-            },
+            // A sensitive parameter is stored sealed for its step (`create_job_sealing`); only
+            // the dispatch below sees it in clear.
+            script_param: param.clone(),
             is_param_sensitive: sensitive,
             timeout,
             account_id: account.id,
@@ -324,7 +321,10 @@ pub async fn fast_execute_script(
             })
             .collect(),
     };
-    let created = shared.store.create_job(&new_job).await?;
+    let created = shared
+        .store
+        .create_job_sealing(&new_job, shared.cipher.sealer())
+        .await?;
     if start {
         shared.engine.start(JobSpec {
             job_instance_id: created.job_instance_id,

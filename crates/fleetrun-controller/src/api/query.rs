@@ -684,7 +684,7 @@ async fn start_created_job(
     let param = if step.is_param_sensitive {
         shared
             .cipher
-            .open(&param)
+            .open(&param, job.job_instance_id, step.step_instance_id)
             .map_err(|e| ApiError::internal("start job", e))?
     } else {
         param
