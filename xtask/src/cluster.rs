@@ -379,7 +379,7 @@ impl Cluster {
                 let mut text = DEFAULT_INVENTORY.to_owned();
                 for a in &accounts {
                     text.push_str(&format!(
-                        "\n[[account]]\nid = {}\nalias = \"{}\"\naccount = \"{}\"\n",
+                        "\n[[account]]\nid = {}\nalias = \"{}\"\naccount = \"{}\"\nscopes = [\"biz:2\", \"biz:3\", \"biz_set:9\"]\n",
                         a.id, a.alias, a.account
                     ));
                 }
@@ -402,6 +402,8 @@ key = "{key}"
 bk_app_code = "{APP_CODE}"
 bk_app_secret = "{secret}"
 callback_secret = "{callback_secret}"
+scopes = ["*"]
+admin = true
 "#,
             inventory = inventory_path.display(),
             db = dir.join("controller.db").display(),

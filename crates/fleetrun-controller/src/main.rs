@@ -40,7 +40,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         let controller = match Controller::start(config).await {
             Ok(c) => c,
             Err(e) => {
@@ -72,9 +72,15 @@ fn main() -> ExitCode {
             }
         }
         tracing::info!("shutting down");
-        controller.shutdown().await;
-        ExitCode::SUCCESS
-    })
+        if controller.shutdown().await {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    });
+    // Work still blocked on a failing disk must not hold the process.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 async fn shutdown_signal() {
