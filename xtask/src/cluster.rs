@@ -619,6 +619,30 @@ key = "{key}"
         Ok(())
     }
 
+    /// Asks the controller to stop (SIGTERM) and waits up to `limit`: how it exited, or `None`
+    /// when it was still running then (it is killed).
+    pub fn stop_controller(&mut self, limit: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let Some(mut child) = self.controller.take() else {
+            bail!("the controller is not running");
+        };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if std::time::Instant::now() > deadline {
+                child.kill()?;
+                child.wait()?;
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts (or restarts) agent `index`.
     pub fn start_agent(&mut self, index: usize) -> Result<()> {
         let agent = &self.agents[index];

@@ -153,9 +153,10 @@ async fn a_failure_found_while_creating_a_job_clears_once_the_database_recovers(
     let store = Store::open(&path).await.unwrap();
     store.create_job(&new_job(RUNNING)).await.unwrap();
     let frozen = Immutable::set(vec![path.clone(), sibling(&path, "-wal")]);
-    assert!(store.create_job(&new_job(RUNNING)).await.is_err());
+    let refused = store.create_job(&new_job(RUNNING)).await.unwrap_err();
+    assert!(refused.is_write_failure(), "{refused}");
     // The writer had nothing to write; it probes until writes succeed again.
-    assert!(!store.health().is_writable());
+    assert!(!store.health().is_writable(), "{:?}", store.health());
     drop(frozen);
     until(Duration::from_secs(15), "the recovery noticed", || {
         store.health().is_writable()
