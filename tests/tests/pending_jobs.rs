@@ -39,21 +39,24 @@ async fn a_pending_job_is_refused_at_start_as_a_fresh_submit_would_be() -> Resul
         .as_i64()
         .context("job id")?;
 
-    // agent-1's host moves to business 3; the root account is no longer business 2's.
-    client
-        .call(
-            "change_inventory",
-            json!({"changes": [
-                {"op": "move_hosts", "bk_host_ids": [a1], "bk_biz_id": 3, "modules": [200]},
-                {"op": "update_account", "id": 1, "scopes": ["biz:3"]},
-            ]}),
-        )
-        .await?;
-
-    for (job, request, what) in [
-        (host_moves, on_a1, "a host that left the scope"),
-        (account_leaves, on_a2, "an account the scope may no longer use"),
+    // First agent-1's host moves to business 3, then the root account stops being business 2's.
+    for (job, request, change, what) in [
+        (
+            host_moves,
+            on_a1,
+            json!({"op": "move_hosts", "bk_host_ids": [a1], "bk_biz_id": 3, "modules": [200]}),
+            "a host that left the scope",
+        ),
+        (
+            account_leaves,
+            on_a2,
+            json!({"op": "update_account", "id": 1, "scopes": ["biz:3"]}),
+            "an account the scope may no longer use",
+        ),
     ] {
+        client
+            .call("change_inventory", json!({"changes": [change]}))
+            .await?;
         let refused = client
             .call_raw("operate_job_instance", start(&scope, job))
             .await?;
