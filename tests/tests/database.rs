@@ -93,8 +93,7 @@ async fn start_talkative_job(cluster: &TestCluster, lines: u32) -> Result<i64> {
         let (client, query) = (client.clone(), query.clone());
         async move {
             let status = client.call("get_job_instance_status", query).await.ok()?;
-            (status["step_instance_list"][0]["step_ip_result_list"][0]["status"] == 7)
-                .then_some(())
+            (status["step_instance_list"][0]["step_ip_result_list"][0]["status"] == 7).then_some(())
         }
     })
     .await?;
@@ -134,12 +133,13 @@ async fn an_unwritable_database_refuses_new_jobs_keeps_accepted_output_and_does_
     let back = accepted["data"]["job_instance_id"].as_i64().unwrap();
     let client = cluster.client();
     for job in [back, job] {
-        let status = client.wait_job(&scope, job, Duration::from_secs(60)).await?;
+        let status = client
+            .wait_job(&scope, job, Duration::from_secs(60))
+            .await?;
         assert_eq!(status["job_instance"]["status"], 3, "{status}");
     }
-    let step = client
-        .wait_job(&scope, job, Duration::from_secs(1))
-        .await?["step_instance_list"][0]["step_instance_id"]
+    let step = client.wait_job(&scope, job, Duration::from_secs(1)).await?["step_instance_list"][0]
+        ["step_instance_id"]
         .as_i64()
         .unwrap();
     let log = &cluster.logs(job, step).await?[0];
@@ -155,7 +155,10 @@ async fn an_unwritable_database_refuses_new_jobs_keeps_accepted_output_and_does_
     let asked = Instant::now();
     let exited = cluster.stop_controller(Duration::from_secs(20))?;
     let took = asked.elapsed();
-    assert!(exited.is_some(), "the controller did not stop within 20 s of SIGTERM");
+    assert!(
+        exited.is_some(),
+        "the controller did not stop within 20 s of SIGTERM"
+    );
     assert!(took < Duration::from_secs(15), "the stop took {took:?}");
     let log = std::fs::read_to_string(&cluster.controller_log)?;
     assert!(

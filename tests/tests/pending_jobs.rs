@@ -34,10 +34,10 @@ async fn a_pending_job_is_refused_at_start_as_a_fresh_submit_would_be() -> Resul
     let host_moves = client.call("fast_execute_script", on_a1.clone()).await?["job_instance_id"]
         .as_i64()
         .context("job id")?;
-    let account_leaves = client.call("fast_execute_script", on_a2.clone()).await?
-        ["job_instance_id"]
-        .as_i64()
-        .context("job id")?;
+    let account_leaves =
+        client.call("fast_execute_script", on_a2.clone()).await?["job_instance_id"]
+            .as_i64()
+            .context("job id")?;
 
     // First agent-1's host moves to business 3, then the root account stops being business 2's.
     for (job, request, change, what) in [
@@ -63,7 +63,10 @@ async fn a_pending_job_is_refused_at_start_as_a_fresh_submit_would_be() -> Resul
         let mut fresh = request.clone();
         fresh["start_task"] = json!(true);
         let fresh = client.call_raw("fast_execute_script", fresh).await?;
-        assert_ne!(fresh["code"], 0, "{what}: a fresh submit was accepted: {fresh}");
+        assert_ne!(
+            fresh["code"], 0,
+            "{what}: a fresh submit was accepted: {fresh}"
+        );
         assert_eq!(
             (&refused["code"], &refused["message"]),
             (&fresh["code"], &fresh["message"]),
@@ -124,10 +127,14 @@ async fn concurrent_starts_through_two_controllers_start_a_pending_job_once() ->
         &cluster.info.bk_app_secret,
         &cluster.info.bk_username,
     );
-    fleetrun_tests::eventually(Duration::from_secs(30), "the second controller answers", || {
-        let other = other.clone();
-        async move { other.hosts().await.ok() }
-    })
+    fleetrun_tests::eventually(
+        Duration::from_secs(30),
+        "the second controller answers",
+        || {
+            let other = other.clone();
+            async move { other.hosts().await.ok() }
+        },
+    )
     .await?;
 
     let marker = cluster.dir().join("ran");

@@ -24,10 +24,10 @@ use sqlx::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-pub use health::Health;
 pub use callbacks::{
     CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
 };
+pub use health::Health;
 pub use inventory::{
     InventoryCommitError, InventoryRevision, KEPT_INVENTORY_REVISIONS, NewInventoryRevision,
     RevisionInfo,

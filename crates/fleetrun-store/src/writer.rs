@@ -5,11 +5,7 @@ use std::{collections::VecDeque, sync::Arc, time::Duration};
 use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{
-    HostOutcome,
-    health::HealthState,
-    watch::Watchers,
-};
+use crate::{HostOutcome, health::HealthState, watch::Watchers};
 
 /// Queue depth before [`crate::Store::record`] makes the engine wait (while the database accepts
 /// writes; while it refuses them, the writer keeps taking writes into a bounded backlog). A log write holds at most
@@ -132,8 +128,8 @@ impl Writer {
             } else if failing {
                 // Keep taking writes in while waiting to retry, so that the engine (and through
                 // it the agents) does not stall on a broken disk; the backlog is bounded.
-                let delay = Duration::from_millis(100 * u64::from(attempt.min(50)))
-                    .min(MAX_RETRY_DELAY);
+                let delay =
+                    Duration::from_millis(100 * u64::from(attempt.min(50))).min(MAX_RETRY_DELAY);
                 let retry = tokio::time::sleep(delay);
                 tokio::pin!(retry);
                 while open {
@@ -289,7 +285,10 @@ fn output_bytes(write: &Write) -> usize {
     }
 }
 
-async fn commit(connection: &mut sqlx::SqliteConnection, batch: &[Write]) -> Result<(), sqlx::Error> {
+async fn commit(
+    connection: &mut sqlx::SqliteConnection,
+    batch: &[Write],
+) -> Result<(), sqlx::Error> {
     // A host whose task also ended in this batch needs no "running" update: its final row says
     // all. Log chunks go in multi-row inserts. Both matter when thousands of hosts report at once.
     let finished: std::collections::HashSet<(i64, i64)> = batch

@@ -138,7 +138,10 @@ async fn an_unwritable_database_is_reported_and_what_was_accepted_is_written_onc
         .await
         .is_err()
     {
-        panic!("not flushed once the database accepts writes: {:?}", store.health());
+        panic!(
+            "not flushed once the database accepts writes: {:?}",
+            store.health()
+        );
     }
     let health = store.health();
     assert!(health.is_writable(), "{health:?}");
