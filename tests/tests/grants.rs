@@ -2,25 +2,41 @@
 //! an app and "nowhere" for an account, and administration is a grant of its own, not implied
 //! by being allowed every scope. With the real controller binary and real HTTP.
 
-use std::process::Command;
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use fleetrun_tests::{ApiClient, TestCluster, start_cluster};
 use serde_json::json;
 
-/// Runs the real controller binary with `config` until it exits; its exit code and output.
+/// Runs the real controller binary with `config` until it exits (killed after 20 s: a controller
+/// that starts is a failure here); its exit code and output.
 fn run_controller_with(cluster: &TestCluster, name: &str, config: String) -> (Option<i32>, String) {
     let path = cluster.dir().join(name);
     std::fs::write(&path, config).unwrap();
-    let output = Command::new(cluster.bin_dir.join("fleetrun-controller"))
+    let log = cluster.dir().join(format!("{name}.log"));
+    let mut child = Command::new(cluster.bin_dir.join("fleetrun-controller"))
         .arg("--config")
         .arg(&path)
         .env("FLEETRUN_LOG", "info")
-        .output()
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+        .spawn()
         .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    (output.status.code(), text)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code(), std::fs::read_to_string(&log).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -74,7 +90,7 @@ async fn an_app_allowed_every_scope_does_not_administer_without_the_grant() -> R
     cluster.kill_controller()?;
     cluster.start_controller().await?;
     cluster
-        .wait_online(&["agent-1".to_owned()], std::time::Duration::from_secs(30))
+        .wait_online(&["agent-1".to_owned()], Duration::from_secs(30))
         .await?;
     let wide = ApiClient::new(&cluster.info.api_url, "wide", "wide-secret", "mallory");
     let host = cluster.host_id("agent-1");
