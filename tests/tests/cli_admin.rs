@@ -96,8 +96,8 @@ async fn an_operator_builds_a_business_and_runs_jobs_in_it() -> Result<()> {
     let agent_2 = agent_2.to_string();
     let start = current_revision(&cluster).await?;
 
-    // A business, a set and a module under it, and agent-2's host moved into the module: one
-    // revision each, printed as "revision N: summary".
+    // A business, a set and a module under it, agent-2's host moved into the module and the
+    // root account allowed there: one revision each, printed as "revision N: summary".
     let mut revisions = Vec::new();
     for args in [
         &["biz", "add", "5", "--name", "lab"][..],
@@ -114,6 +114,14 @@ async fn an_operator_builds_a_business_and_runs_jobs_in_it() -> Result<()> {
             "set:50",
         ],
         &["hosts", "move", &agent_2, "--biz", "5", "--module", "500"],
+        // An account belongs to the businesses it lists: the new one must be given one.
+        &[
+            "accounts",
+            "update",
+            "1",
+            "--usable-in",
+            "biz:2,biz:3,biz_set:9,biz:5",
+        ],
     ] {
         let done = fleetrun(&cluster, args, 0).await?;
         revisions.push(revision_line(&done)?);
@@ -121,7 +129,7 @@ async fn an_operator_builds_a_business_and_runs_jobs_in_it() -> Result<()> {
     let numbers: Vec<i64> = revisions.iter().map(|(n, _)| *n).collect();
     assert_eq!(
         numbers,
-        (start + 1..=start + 4).collect::<Vec<_>>(),
+        (start + 1..=start + 5).collect::<Vec<_>>(),
         "{revisions:?}"
     );
     assert!(revisions[1].1.contains("set:50"), "{revisions:?}");
@@ -181,7 +189,7 @@ async fn an_operator_builds_a_business_and_runs_jobs_in_it() -> Result<()> {
     assert!(
         shown
             .stderr
-            .contains(&format!("revision {} (api", start + 4)),
+            .contains(&format!("revision {} (api", start + 5)),
         "{}",
         shown.stderr
     );

@@ -369,7 +369,7 @@ async fn an_account_missing_on_the_host_ends_311_naming_the_user() -> Result<()>
     let inventory = cluster.dir().join("inventory.toml");
     let mut text = std::fs::read_to_string(&inventory)?;
     text.push_str(
-        "\n[[account]]\nid = 9\nalias = \"ghost\"\naccount = \"fleetrun-no-such-user\"\n",
+        "\n[[account]]\nid = 9\nalias = \"ghost\"\naccount = \"fleetrun-no-such-user\"\nscopes = [\"biz:2\"]\n",
     );
     std::fs::write(&inventory, text)?;
     cluster.client().fleetrun("reload_inventory").await?;

@@ -382,7 +382,7 @@ impl Cluster {
                 let mut text = DEFAULT_INVENTORY.to_owned();
                 for a in &accounts {
                     text.push_str(&format!(
-                        "\n[[account]]\nid = {}\nalias = \"{}\"\naccount = \"{}\"\n",
+                        "\n[[account]]\nid = {}\nalias = \"{}\"\naccount = \"{}\"\nscopes = [\"biz:2\", \"biz:3\", \"biz_set:9\"]\n",
                         a.id, a.alias, a.account
                     ));
                 }
@@ -405,6 +405,8 @@ key = "{key}"
 bk_app_code = "{APP_CODE}"
 bk_app_secret = "{secret}"
 callback_secret = "{callback_secret}"
+scopes = ["*"]
+admin = true
 
 [callbacks]
 allow_networks = {allow_networks:?}
@@ -625,6 +627,30 @@ key = "{key}"
             child.wait()?;
         }
         Ok(())
+    }
+
+    /// Asks the controller to stop (SIGTERM) and waits up to `limit`: how it exited, or `None`
+    /// when it was still running then (it is killed).
+    pub fn stop_controller(&mut self, limit: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let Some(mut child) = self.controller.take() else {
+            bail!("the controller is not running");
+        };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if std::time::Instant::now() > deadline {
+                child.kill()?;
+                child.wait()?;
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Starts (or restarts) agent `index`.

@@ -371,7 +371,7 @@ pub async fn groups(ctx: &Ctx, biz: Option<i64>) -> Result<u8, CliError> {
         .filter(|g| biz.is_none_or(|b| g["bk_biz_id"].as_i64() == Some(b)))
         .cloned()
         .collect();
-    // Conditions are in the document only, which only an app allowed every scope may read.
+    // Conditions are in the document only, which only an app granted admin may read.
     let conditions = match ctx.client.call("get_inventory", json!({})).await {
         Ok(document) => Some(group_conditions(text_of(&document, "text"))),
         Err(CliError::Refused { .. }) => None,

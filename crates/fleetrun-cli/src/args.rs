@@ -39,7 +39,7 @@ FLEETRUN_APP_SECRET, FLEETRUN_USERNAME, FLEETRUN_SCOPE), then one file: --cluste
 (~/.config/fleetrun/config.toml), with the keys url, app_code, app_secret, username, scope.
 The username defaults to $USER. Every command but `hosts`, `topology`, `groups` and the
 inventory's administration (`inventory`, `biz`, `bizset`, `node`, `... add|update|rm`) needs a
-scope (--scope biz:2); administration needs an app allowed every scope.
+scope (--scope biz:2); administration needs an app granted admin (`admin = true`).
 
 Exit status:
   0    every host succeeded (or the command did what it was asked)

@@ -65,12 +65,13 @@ pub struct AppConfig {
     #[serde(default)]
     pub callback_secret: Option<String>,
     /// Scopes the app may act on, as `biz:<id>` or `biz_set:<id>`; `*` for every scope.
-    #[serde(default = "every_scope")]
+    /// Required: an app without it is a configuration error, never an app allowed everywhere.
+    #[serde(default)]
     pub scopes: Vec<String>,
-}
-
-fn every_scope() -> Vec<String> {
-    vec!["*".to_owned()]
+    /// Whether the app may administer the controller (change, replace, reload and read the
+    /// inventory). A grant of its own: `scopes = ["*"]` does not imply it.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 impl AppConfig {
@@ -97,6 +98,10 @@ pub struct AccountConfig {
     pub alias: String,
     /// The OS user name on the hosts.
     pub account: String,
+    /// Scopes whose jobs may run as it, as `biz:<id>` or `biz_set:<id>`. Required: as in bk-job,
+    /// an account belongs to the businesses that use it, and one listing none is usable nowhere.
+    #[serde(default)]
+    pub scopes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -205,6 +210,12 @@ impl Config {
                     app.bk_app_code
                 ));
             }
+            if app.scopes.is_empty() {
+                return Err(format!(
+                    "apps: {:?} has no scopes: list those it may act on (\"biz:<id>\", \"biz_set:<id>\", or \"*\" for every scope)",
+                    app.bk_app_code
+                ));
+            }
             for scope in &app.scopes {
                 let valid = scope == "*"
                     || matches!(scope.split_once(':'), Some(("biz" | "biz_set", id)) if id.parse::<i64>().is_ok());
@@ -230,6 +241,21 @@ impl Config {
             }
             if !aliases.insert(&account.alias) {
                 return Err(format!("accounts: alias {:?} appears twice", account.alias));
+            }
+            if account.scopes.is_empty() {
+                return Err(format!(
+                    "accounts: {:?} has no scopes: list the \"biz:<id>\" and \"biz_set:<id>\" whose jobs may run as it",
+                    account.alias
+                ));
+            }
+            for scope in &account.scopes {
+                if !matches!(scope.split_once(':'), Some(("biz" | "biz_set", id)) if id.parse::<i64>().is_ok())
+                {
+                    return Err(format!(
+                        "accounts: scope {scope:?} of {:?} is not \"biz:<id>\" or \"biz_set:<id>\"",
+                        account.alias
+                    ));
+                }
             }
         }
         if self.inventory.is_some()

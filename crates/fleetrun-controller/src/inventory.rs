@@ -555,7 +555,7 @@ fn check_source(config: &Config, text: &str) -> Result<Inventory, InventoryLoadE
 }
 
 /// The configuration's simple sections as an inventory document: businesses without topology,
-/// accounts usable in every scope, agents placed in a business by id or by default.
+/// accounts usable in the scopes they list, agents placed in a business by id or by default.
 fn document_from_config(config: &Config) -> Result<String, InventoryLoadError> {
     let header = "# The inventory described by the controller's configuration \
                   (businesses, accounts, placement).\n";
@@ -573,7 +573,7 @@ fn document_from_config(config: &Config) -> Result<String, InventoryLoadError> {
             account: a.account.clone(),
             os_type: None,
             category: None,
-            scopes: Vec::new(),
+            scopes: a.scopes.clone(),
         });
     }
     for (agent_id, biz) in &config.placement.agents {

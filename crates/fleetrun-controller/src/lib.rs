@@ -63,13 +63,7 @@ pub fn now_ms() -> i64 {
 impl Controller {
     /// Opens the store, ends jobs a previous run left unfinished, and starts serving.
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
-        if let Some(dir) = config
-            .database
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-        {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
+        // The store creates the database's directory, readable by this user only.
         let store = Store::open(&config.database)
             .await
             .with_context(|| format!("opening database {}", config.database.display()))?;
@@ -176,12 +170,43 @@ impl Controller {
             .map(|(info, _)| info)
     }
 
-    /// Stops accepting work, closes agent connections, and commits what is queued.
-    pub async fn shutdown(mut self) {
+    /// Stops accepting work, closes agent connections, and commits what is queued, each within a
+    /// deadline: a database that refuses writes must not keep the controller from stopping.
+    /// Returns false when results were left unwritten (the log says which and why).
+    pub async fn shutdown(mut self) -> bool {
         self.shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
-        if let Err(e) = self.store.flush().await {
-            tracing::error!("final store flush failed: {e}");
+        let drained = tokio::time::timeout(STOP_DEADLINE, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                "the API and the gateway did not stop within {STOP_DEADLINE:?}; stopping them"
+            );
+            self.tasks.shutdown().await;
+        }
+        match tokio::time::timeout(STOP_DEADLINE, self.store.flush()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::error!("final store flush failed: {e}");
+                false
+            }
+            Err(_) => {
+                let health = self.store.health();
+                tracing::error!(
+                    writes = health.pending,
+                    output_bytes = health.pending_output_bytes,
+                    lost_before = health.lost,
+                    error = health.write_error.as_deref().unwrap_or("none"),
+                    "stopping with results the database did not take within {STOP_DEADLINE:?}: \
+                     these writes (host statuses and output) are lost; the jobs they belong to \
+                     are ended as interrupted at the next start"
+                );
+                false
+            }
         }
     }
 }
+
+/// How long a stop waits for the servers to end, then for the store to commit what is queued.
+const STOP_DEADLINE: Duration = Duration::from_secs(5);

@@ -40,41 +40,49 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
-        let controller = match Controller::start(config).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!("{e:#}");
-                // An inventory that does not load is a bad configuration like any other.
-                if e.is::<fleetrun_controller::inventory::InventoryLoadError>() {
-                    return ExitCode::from(EXIT_CONFIG);
+    let code =
+        runtime.block_on(async {
+            let controller = match Controller::start(config).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    // An inventory that does not load is a bad configuration like any other.
+                    if e.is::<fleetrun_controller::inventory::InventoryLoadError>() {
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                    return ExitCode::FAILURE;
                 }
-                return ExitCode::FAILURE;
-            }
-        };
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("cannot install the SIGHUP handler: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let stop = shutdown_signal();
-        tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                () = &mut stop => break,
-                _ = hangup.recv() => {
-                    if let Err(e) = controller.reload_inventory().await {
-                        tracing::error!("inventory not reloaded, the previous one stays: {e}");
+            };
+            let mut hangup =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!("cannot install the SIGHUP handler: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+            let stop = shutdown_signal();
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    () = &mut stop => break,
+                    _ = hangup.recv() => {
+                        if let Err(e) = controller.reload_inventory().await {
+                            tracing::error!("inventory not reloaded, the previous one stays: {e}");
+                        }
                     }
                 }
             }
-        }
-        tracing::info!("shutting down");
-        controller.shutdown().await;
-        ExitCode::SUCCESS
-    })
+            tracing::info!("shutting down");
+            if controller.shutdown().await {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        });
+    // Work still blocked on a failing disk must not hold the process.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 async fn shutdown_signal() {

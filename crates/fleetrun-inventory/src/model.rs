@@ -196,7 +196,8 @@ pub struct Account {
     /// `"linux"` or `"windows"`.
     pub os_type: String,
     pub category: AccountCategory,
-    /// Scopes that may use the account; empty means every scope.
+    /// Scopes that may use the account; none means no scope may (an account belongs to the
+    /// businesses that use it, as in bk-job).
     pub scopes: Vec<Scope>,
 }
 
@@ -204,6 +205,6 @@ impl Account {
     /// Whether a job in `scope` may run as this account. Scopes match exactly: an account allowed
     /// in a business set is not thereby allowed in its member businesses.
     pub fn allowed_in(&self, scope: &Scope) -> bool {
-        self.scopes.is_empty() || self.scopes.contains(scope)
+        self.scopes.contains(scope)
     }
 }

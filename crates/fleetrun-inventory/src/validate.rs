@@ -130,9 +130,7 @@ pub(crate) fn validate(parts: &InventoryParts) -> Result<(), InventoryError> {
         let overlapping = parts.accounts[..i].iter().find(|other| {
             other.alias == account.alias
                 && other.category == account.category
-                && (other.scopes.is_empty()
-                    || account.scopes.is_empty()
-                    || other.scopes.iter().any(|s| account.scopes.contains(s)))
+                && other.scopes.iter().any(|s| account.scopes.contains(s))
         });
         if let Some(other) = overlapping {
             return Err(at(Field::Alias)(Problem::DuplicateAlias {

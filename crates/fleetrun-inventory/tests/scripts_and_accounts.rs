@@ -22,6 +22,13 @@ members = [2, 3]
 id = 1
 alias = "root"
 account = "root"
+scopes = ["biz:2", "biz:3"]
+
+# Listing no scope, it belongs to no business: no job may run as it.
+[[account]]
+id = 5
+alias = "orphan"
+account = "nobody"
 
 [[account]]
 id = 2
@@ -239,7 +246,9 @@ fn account_rules() {
     let inventory = fixture();
     #[rustfmt::skip]
     let cases: &[Case] = &[
-        ("an account for every scope", Scope::Biz(3), Some(1), None, "account 1 (root)"),
+        ("an account of several businesses", Scope::Biz(3), Some(1), None, "account 1 (root)"),
+        ("an account listing no scope", Scope::Biz(2), Some(5), None, "1244004 account 5 is not allowed in biz:2"),
+        ("not lent to a set's members", Scope::BizSet(9), Some(1), None, "1244004 account 1 is not allowed in biz_set:9"),
         ("by alias", Scope::Biz(2), None, Some("root"), "account 1 (root)"),
         ("an alias means the account of the scope", Scope::Biz(2), None, Some("deploy"), "account 2 (deploy)"),
         ("the same alias elsewhere", Scope::Biz(3), None, Some("deploy"), "account 3 (deploy-pay)"),

@@ -8,6 +8,7 @@
 //! **Architecture invariant:** only this crate speaks SQL.
 
 mod callbacks;
+mod health;
 mod inventory;
 mod model;
 mod schema;
@@ -26,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use callbacks::{
     CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
 };
+pub use health::Health;
 pub use inventory::{
     InventoryCommitError, InventoryRevision, KEPT_INVENTORY_REVISIONS, NewInventoryRevision,
     RevisionInfo,
@@ -47,6 +49,20 @@ pub enum StoreError {
     /// The writer task is gone (the store is shutting down).
     #[error("store writer stopped")]
     WriterStopped,
+    /// The database file or its directory could not be prepared.
+    #[error("{path}: {source}")]
+    File {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Whether the database refused to be written (a full disk, a read-only or failing file),
+    /// rather than the request being wrong.
+    pub fn is_write_failure(&self) -> bool {
+        matches!(self, StoreError::Database(e) if health::is_write_failure(e))
+    }
 }
 
 /// Rows per `INSERT` when a job's hosts are stored: 5 parameters each, within SQLite's limit of
@@ -59,14 +75,62 @@ pub struct Store {
     pool: SqlitePool,
     writes: mpsc::Sender<Write>,
     watchers: watch::Watchers,
+    health: std::sync::Arc<health::HealthState>,
+}
+
+/// The database holds scripts, their output and callback URLs with their tokens: only the
+/// controller's user may read it. SQLite gives the `-wal` and `-shm` files the database's mode.
+const DATABASE_MODE: u32 = 0o600;
+/// The directory the store creates for its database, when it has to.
+const DIRECTORY_MODE: u32 = 0o700;
+
+/// Creates the database's directory (0700) and the database file (0600) if missing, and takes
+/// read access away from others on an existing database and its `-wal` and `-shm` files.
+fn prepare_files(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let file_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::File { path, source }
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIRECTORY_MODE)
+            .create(dir)
+            .map_err(file_error(dir))?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(DATABASE_MODE)
+        .open(path)
+        .map_err(file_error(path))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let file = Path::new(&name);
+        match std::fs::metadata(file) {
+            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(file, std::fs::Permissions::from_mode(DATABASE_MODE))
+                    .map_err(file_error(file))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(file_error(file)(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Seals a step's parameter for the job and step it belongs to.
 type ParamSeal<'a> = dyn FnOnce(&str, CreatedJob) -> String + Send + 'a;
 
 impl Store {
-    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    /// Opens (creating if needed, readable by its owner only) the database at `path` and brings
+    /// its schema up to date.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        prepare_files(path)?;
         let options = SqliteConnectOptions::from_str("sqlite://")?
             .filename(path)
             .create_if_missing(true)
@@ -80,11 +144,30 @@ impl Store {
             .await?;
         schema::migrate(&pool).await?;
         let watchers = watch::Watchers::default();
-        let writes = writer::spawn(pool.clone(), watchers.clone());
+        let health = health::HealthState::new();
+        let writes = writer::spawn(pool.clone(), watchers.clone(), health.clone());
         Ok(Self {
             pool,
             writes,
             watchers,
+            health,
+        })
+    }
+
+    /// Whether the database accepts writes, and what waits to be written.
+    pub fn health(&self) -> Health {
+        self.health.get()
+    }
+
+    /// Notes a failed write made outside the writer, so that [`Store::health`] says so and the
+    /// writer probes until writes succeed again.
+    fn noting_write_failure<T>(&self, result: Result<T, sqlx::Error>) -> Result<T, StoreError> {
+        result.map_err(|e| {
+            if health::is_write_failure(&e) {
+                self.health.failed(&e);
+                self.health.failed_elsewhere.notify_one();
+            }
+            StoreError::Database(e)
         })
     }
 
@@ -192,76 +275,34 @@ impl Store {
         job: &NewJob,
         seal: Option<Box<ParamSeal<'_>>>,
     ) -> Result<CreatedJob, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let job_instance_id: i64 = sqlx::query(
-            "INSERT INTO job_instance (name, operator, app_code, bk_scope_type, bk_scope_id, status, type, launch_mode, callback_url, create_time)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING job_instance_id",
-        )
-        .bind(&job.name)
-        .bind(&job.operator)
-        .bind(&job.app_code)
-        .bind(&job.bk_scope_type)
-        .bind(&job.bk_scope_id)
-        .bind(job.status)
-        .bind(job.job_type)
-        .bind(job.launch_mode)
-        .bind(&job.callback_url)
-        .bind(job.create_time)
-        .fetch_one(&mut *tx)
-        .await?
-        .get(0);
-        let step = &job.step;
-        let step_instance_id: i64 = sqlx::query(
-            "INSERT INTO step_instance (job_instance_id, name, type, status, script_language, script_content, script_param,
-                 is_param_sensitive, timeout, account_id, account, create_time)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING step_instance_id",
-        )
-        .bind(job_instance_id)
-        .bind(&step.name)
-        .bind(step.step_type)
-        .bind(job.status)
-        .bind(step.script_language)
-        .bind(&step.script_content)
-        .bind(if seal.is_some() { "" } else { step.script_param.as_str() })
-        .bind(step.is_param_sensitive)
-        .bind(step.timeout)
-        .bind(step.account_id)
-        .bind(&step.account)
-        .bind(job.create_time)
-        .fetch_one(&mut *tx)
-        .await?
-        .get(0);
-        if let Some(seal) = seal {
-            let ids = CreatedJob {
-                job_instance_id,
-                step_instance_id,
-            };
-            sqlx::query("UPDATE step_instance SET script_param = ? WHERE step_instance_id = ?")
-                .bind(seal(&step.script_param, ids))
-                .bind(step_instance_id)
-                .execute(&mut *tx)
-                .await?;
+        let created = async {
+            let mut connection = self.pool.acquire().await?;
+            let created = insert_job(&mut connection, job, seal).await;
+            health::discard_if_broken(&mut connection, &created);
+            created
         }
-        // Many rows per statement: one statement per host costs a round trip each, which is
-        // most of the time a job on thousands of hosts takes to be accepted.
-        for chunk in job.hosts.chunks(HOSTS_PER_INSERT) {
-            let mut insert = sqlx::QueryBuilder::new(
-                "INSERT INTO host_result (step_instance_id, bk_host_id, bk_cloud_id, ip, status) ",
-            );
-            insert.push_values(chunk, |mut row, host| {
-                row.push_bind(step_instance_id)
-                    .push_bind(host.bk_host_id)
-                    .push_bind(host.bk_cloud_id)
-                    .push_bind(&host.ip)
-                    .push_bind(host.status);
-            });
-            insert.build().execute(&mut *tx).await?;
+        .await;
+        self.noting_write_failure(created)
+    }
+
+    /// Moves a job from `pending` to `running` (status values as the caller names them), once:
+    /// of several concurrent calls, from this process or another sharing the database, exactly
+    /// one gets `true`. The job's step follows.
+    pub async fn claim_pending_job(
+        &self,
+        job_instance_id: i64,
+        pending: i32,
+        running: i32,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let claimed = async {
+            let mut connection = self.pool.acquire().await?;
+            let claimed = claim(&mut connection, job_instance_id, pending, running, now).await;
+            health::discard_if_broken(&mut connection, &claimed);
+            claimed
         }
-        tx.commit().await?;
-        Ok(CreatedJob {
-            job_instance_id,
-            step_instance_id,
-        })
+        .await;
+        self.noting_write_failure(claimed)
     }
 
     /// A job's status alone, or `None` if there is no such job: what a follower reads often.
@@ -450,6 +491,117 @@ impl Store {
         tx.commit().await?;
         Ok(jobs)
     }
+}
+
+/// Inserts a job, its step and a pending result per host, in one transaction.
+async fn insert_job(
+    connection: &mut sqlx::SqliteConnection,
+    job: &NewJob,
+    seal: Option<Box<ParamSeal<'_>>>,
+) -> Result<CreatedJob, sqlx::Error> {
+    let mut tx = sqlx::Connection::begin(connection).await?;
+    let job_instance_id: i64 = sqlx::query(
+        "INSERT INTO job_instance (name, operator, app_code, bk_scope_type, bk_scope_id, status, type, launch_mode, callback_url, create_time)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING job_instance_id",
+    )
+    .bind(&job.name)
+    .bind(&job.operator)
+    .bind(&job.app_code)
+    .bind(&job.bk_scope_type)
+    .bind(&job.bk_scope_id)
+    .bind(job.status)
+    .bind(job.job_type)
+    .bind(job.launch_mode)
+    .bind(&job.callback_url)
+    .bind(job.create_time)
+    .fetch_one(&mut *tx)
+    .await?
+    .get(0);
+    let step = &job.step;
+    let step_instance_id: i64 = sqlx::query(
+        "INSERT INTO step_instance (job_instance_id, name, type, status, script_language, script_content, script_param,
+             is_param_sensitive, timeout, account_id, account, create_time)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING step_instance_id",
+    )
+    .bind(job_instance_id)
+    .bind(&step.name)
+    .bind(step.step_type)
+    .bind(job.status)
+    .bind(step.script_language)
+    .bind(&step.script_content)
+    .bind(if seal.is_some() { "" } else { step.script_param.as_str() })
+    .bind(step.is_param_sensitive)
+    .bind(step.timeout)
+    .bind(step.account_id)
+    .bind(&step.account)
+    .bind(job.create_time)
+    .fetch_one(&mut *tx)
+    .await?
+    .get(0);
+    if let Some(seal) = seal {
+        let ids = CreatedJob {
+            job_instance_id,
+            step_instance_id,
+        };
+        sqlx::query("UPDATE step_instance SET script_param = ? WHERE step_instance_id = ?")
+            .bind(seal(&step.script_param, ids))
+            .bind(step_instance_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    // Many rows per statement: one statement per host costs a round trip each, which is
+    // most of the time a job on thousands of hosts takes to be accepted.
+    for chunk in job.hosts.chunks(HOSTS_PER_INSERT) {
+        let mut insert = sqlx::QueryBuilder::new(
+            "INSERT INTO host_result (step_instance_id, bk_host_id, bk_cloud_id, ip, status) ",
+        );
+        insert.push_values(chunk, |mut row, host| {
+            row.push_bind(step_instance_id)
+                .push_bind(host.bk_host_id)
+                .push_bind(host.bk_cloud_id)
+                .push_bind(&host.ip)
+                .push_bind(host.status);
+        });
+        insert.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(CreatedJob {
+        job_instance_id,
+        step_instance_id,
+    })
+}
+
+/// Moves a pending job and its step to running, if it is still pending; whether it did.
+async fn claim(
+    connection: &mut sqlx::SqliteConnection,
+    job_instance_id: i64,
+    pending: i32,
+    running: i32,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = sqlx::Connection::begin(connection).await?;
+    let claimed = sqlx::query(
+        "UPDATE job_instance SET status = ?, start_time = ?
+         WHERE job_instance_id = ? AND status = ? AND start_time IS NULL",
+    )
+    .bind(running)
+    .bind(now)
+    .bind(job_instance_id)
+    .bind(pending)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if claimed {
+        sqlx::query("UPDATE step_instance SET status = ? WHERE job_instance_id = ? AND status = ?")
+            .bind(running)
+            .bind(job_instance_id)
+            .bind(pending)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(claimed)
 }
 
 fn join_ints(values: &[i32]) -> String {

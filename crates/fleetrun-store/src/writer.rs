@@ -1,11 +1,14 @@
 //! The single writer: group-commits the job engine's writes.
 
+use std::{collections::VecDeque, sync::Arc, time::Duration};
+
 use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{HostOutcome, watch::Watchers};
+use crate::{HostOutcome, health::HealthState, watch::Watchers};
 
-/// Queue depth before [`crate::Store::record`] makes the engine wait. A log write holds at most
+/// Queue depth before [`crate::Store::record`] makes the engine wait (while the database accepts
+/// writes; while it refuses them, the writer keeps taking writes into a bounded backlog). A log write holds at most
 /// one 64 KiB chunk, so this bounds the queue's memory to about 512 MiB in the worst case, and
 /// the wait carries backpressure through QUIC flow control to the agents.
 const QUEUE: usize = 8_192;
@@ -60,39 +63,232 @@ pub enum Write {
     Flush(oneshot::Sender<()>),
 }
 
-pub(crate) fn spawn(pool: SqlitePool, watchers: Watchers) -> mpsc::Sender<Write> {
+pub(crate) fn spawn(
+    pool: SqlitePool,
+    watchers: Watchers,
+    health: Arc<HealthState>,
+) -> mpsc::Sender<Write> {
     let (tx, rx) = mpsc::channel(QUEUE);
-    tokio::spawn(run(pool, rx, watchers));
+    tokio::spawn(
+        Writer {
+            pool,
+            watchers,
+            health,
+            rx,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            accepted: 0,
+            flushes: VecDeque::new(),
+            dropping: false,
+        }
+        .run(),
+    );
     tx
 }
 
-async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Write>, watchers: Watchers) {
-    let mut batch = Vec::with_capacity(BATCH);
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
-        let mut flushes = Vec::new();
-        let mut writes = Vec::with_capacity(batch.len());
-        for write in batch.drain(..) {
-            match write {
-                Write::Flush(done) => flushes.push(done),
-                other => writes.push(other),
+/// Writes kept in memory while the database refuses them, at most. Bounds the memory a long
+/// outage takes; past it, writes are given up and counted (see [`crate::Health::lost`]).
+const MAX_PENDING: usize = 200_000;
+/// Bytes of host output kept in memory while the database refuses writes, at most.
+const MAX_PENDING_OUTPUT: usize = 256 * 1024 * 1024;
+/// Longest wait between two attempts at a failing database.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+struct Writer {
+    pool: SqlitePool,
+    watchers: Watchers,
+    health: Arc<HealthState>,
+    rx: mpsc::Receiver<Write>,
+    /// Accepted writes not committed yet, in order.
+    pending: VecDeque<Write>,
+    /// Bytes of host output in `pending`.
+    pending_bytes: usize,
+    /// Writes accepted since the start (flushes and lost writes excluded).
+    accepted: u64,
+    /// Flush requests, each with the number of writes that must be committed first.
+    flushes: VecDeque<(u64, oneshot::Sender<()>)>,
+    /// Whether writes are being given up (logged once per run of failures).
+    dropping: bool,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let mut incoming = Vec::with_capacity(BATCH);
+        let mut attempt = 0u32;
+        let mut open = true;
+        while open || !self.pending.is_empty() {
+            let failing = !self.health.get().is_writable();
+            if !failing && self.pending.is_empty() {
+                // Healthy and idle: wait for writes, or for news that another path failed.
+                tokio::select! {
+                    n = self.rx.recv_many(&mut incoming, BATCH) => open = n > 0,
+                    () = self.health.failed_elsewhere.notified() => {}
+                }
+                self.take(&mut incoming);
+            } else if failing {
+                // Keep taking writes in while waiting to retry, so that the engine (and through
+                // it the agents) does not stall on a broken disk; the backlog is bounded.
+                let delay =
+                    Duration::from_millis(100 * u64::from(attempt.min(50))).min(MAX_RETRY_DELAY);
+                let retry = tokio::time::sleep(delay);
+                tokio::pin!(retry);
+                while open {
+                    tokio::select! {
+                        n = self.rx.recv_many(&mut incoming, BATCH) => open = n > 0,
+                        () = &mut retry => break,
+                    }
+                    self.take(&mut incoming);
+                }
+                if !open && !self.pending.is_empty() {
+                    // Nobody can wait for these any more; say what is lost rather than spin.
+                    self.give_up_pending();
+                    break;
+                }
+            } else if self.pending.len() < BATCH {
+                // Healthy with a backlog: top it up without waiting, then commit.
+                while let Ok(write) = self.rx.try_recv() {
+                    self.accept(write);
+                    if self.pending.len() >= BATCH {
+                        break;
+                    }
+                }
+            }
+            // Only a write that was made says whether the database takes writes.
+            let result = if !self.pending.is_empty() {
+                self.commit_front().await
+            } else if !self.health.get().is_writable() {
+                self.probe().await
+            } else {
+                self.answer_flushes();
+                continue;
+            };
+            match result {
+                Ok(()) => {
+                    attempt = 0;
+                    self.health.succeeded();
+                    self.dropping = false;
+                }
+                Err(error) => {
+                    attempt = attempt.saturating_add(1);
+                    self.health.failed(&error);
+                }
+            }
+            self.answer_flushes();
+        }
+    }
+
+    fn take(&mut self, incoming: &mut Vec<Write>) {
+        for write in incoming.drain(..) {
+            self.accept(write);
+        }
+    }
+
+    fn accept(&mut self, write: Write) {
+        match write {
+            Write::Flush(done) => self.flushes.push_back((self.accepted, done)),
+            write => {
+                let bytes = output_bytes(&write);
+                if self.pending.len() >= MAX_PENDING
+                    || (bytes > 0 && self.pending_bytes + bytes > MAX_PENDING_OUTPUT)
+                {
+                    self.lose(1);
+                    return;
+                }
+                self.pending_bytes += bytes;
+                self.pending.push_back(write);
+                self.accepted += 1;
+                self.publish();
             }
         }
-        // A failed commit is retried: these writes were accepted and must not be lost to a
-        // transient error such as a busy database.
-        let mut attempt = 0u64;
-        while let Err(error) = commit(&pool, &writes).await {
-            attempt += 1;
-            tracing::error!(%error, attempt, writes = writes.len(), "store commit failed; retrying");
-            tokio::time::sleep(std::time::Duration::from_millis(100 * attempt.min(50))).await;
+    }
+
+    fn lose(&mut self, writes: u64) {
+        if !self.dropping {
+            self.dropping = true;
+            tracing::error!(
+                pending = self.pending.len(),
+                pending_output_bytes = self.pending_bytes,
+                "the database has refused writes for so long that the results kept in memory \
+                 reached their bound: further results are LOST until it accepts writes again"
+            );
         }
-        watchers.committed(&writes);
-        for done in flushes {
-            let _ = done.send(());
+        self.health.lost(writes);
+    }
+
+    fn give_up_pending(&mut self) {
+        tracing::error!(
+            writes = self.pending.len(),
+            output_bytes = self.pending_bytes,
+            "the store closed while the database refused writes: these results are LOST"
+        );
+        self.lose(self.pending.len() as u64);
+        self.pending.clear();
+        self.pending_bytes = 0;
+        self.publish();
+    }
+
+    fn publish(&self) {
+        self.health
+            .set_pending(self.pending.len(), self.pending_bytes);
+    }
+
+    /// Commits up to [`BATCH`] writes from the front of the backlog, in one transaction.
+    async fn commit_front(&mut self) -> Result<(), sqlx::Error> {
+        let n = self.pending.len().min(BATCH);
+        let batch = &self.pending.make_contiguous()[..n];
+        let mut connection = self.pool.acquire().await?;
+        let committed = commit(&mut connection, batch).await;
+        crate::health::discard_if_broken(&mut connection, &committed);
+        committed?;
+        self.watchers.committed(batch);
+        for write in self.pending.drain(..n) {
+            self.pending_bytes -= output_bytes(&write);
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Writes the probe row: whether the database accepts writes again.
+    async fn probe(&self) -> Result<(), sqlx::Error> {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut connection = self.pool.acquire().await?;
+        let probed = sqlx::query("INSERT OR REPLACE INTO write_probe (id, at) VALUES (1, ?)")
+            .bind(at)
+            .execute(&mut *connection)
+            .await
+            .map(drop);
+        crate::health::discard_if_broken(&mut connection, &probed);
+        probed
+    }
+
+    /// Answers the flushes whose writes are committed. A lost write counts as done: nothing
+    /// will ever commit it.
+    fn answer_flushes(&mut self) {
+        let done = self.accepted - self.pending.len() as u64;
+        while let Some((needed, _)) = self.flushes.front() {
+            if *needed > done {
+                break;
+            }
+            if let Some((_, reply)) = self.flushes.pop_front() {
+                let _ = reply.send(());
+            }
         }
     }
 }
 
-async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
+fn output_bytes(write: &Write) -> usize {
+    match write {
+        Write::HostLog { data, .. } => data.len(),
+        _ => 0,
+    }
+}
+
+async fn commit(
+    connection: &mut sqlx::SqliteConnection,
+    batch: &[Write],
+) -> Result<(), sqlx::Error> {
     // A host whose task also ended in this batch needs no "running" update: its final row says
     // all. Log chunks go in multi-row inserts. Both matter when thousands of hosts report at once.
     let finished: std::collections::HashSet<(i64, i64)> = batch
@@ -110,7 +306,7 @@ async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
     let mut logs = Vec::new();
     let mut running = Vec::new();
     let mut results = Vec::new();
-    let mut tx = pool.begin().await?;
+    let mut tx = sqlx::Connection::begin(connection).await?;
     for write in batch {
         match write {
             Write::HostStatus {

@@ -1,6 +1,6 @@
 //! fleetrun's inventory administration: `get_inventory`, `get_inventory_history`,
-//! `change_inventory`, `replace_inventory`, `reload_inventory`. Only an app allowed every scope
-//! may call them.
+//! `change_inventory`, `replace_inventory`, `reload_inventory`. Only an app granted `admin` may
+//! call them.
 
 use fleetrun_inventory::Change;
 use fleetrun_store::RevisionInfo;
@@ -44,13 +44,13 @@ async fn to_the_end<T: Send + 'static>(
 }
 
 fn require_admin(caller: &Caller, what: &str) -> Result<(), ApiError> {
-    if caller.is_unrestricted() {
+    if caller.is_admin() {
         return Ok(());
     }
     Err(ApiError::new(
         code::NO_PERMISSION,
         format!(
-            "app {:?} may not {what}: it is not allowed every scope",
+            "app {:?} may not {what}: it is not granted admin",
             caller.app_code
         ),
     ))

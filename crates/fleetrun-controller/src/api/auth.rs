@@ -24,10 +24,14 @@ impl Caller {
         self.scopes.may_use(scope_type, scope_id)
     }
 
-    /// Whether the app may act on every scope: only such an app sees every host and may change
-    /// the inventory.
+    /// Whether the app may act on every scope: only such an app sees every host.
     pub fn is_unrestricted(&self) -> bool {
         self.scopes.scopes.iter().any(|s| s == "*")
+    }
+
+    /// Whether the app was granted administration (`admin = true`), which no scope implies.
+    pub fn is_admin(&self) -> bool {
+        self.scopes.admin
     }
 
     /// Whether the app may see a host of business `bk_biz_id` (directly, or through a business

@@ -18,6 +18,8 @@ pub mod code {
     pub const JOB_NOT_FOUND: i64 = 1_244_006;
     pub const STEP_NOT_FOUND: i64 = 1_244_007;
     pub const HOST_NOT_FOUND: i64 = 1_244_030;
+    /// bk-job's DB_ERROR: the database is unusable.
+    pub const DATABASE_UNWRITABLE: i64 = 1_252_001;
 }
 
 /// A refused or failed request: bk-job code, a message naming the field, and for permission
@@ -65,6 +67,13 @@ impl ApiError {
 
 impl From<fleetrun_store::StoreError> for ApiError {
     fn from(e: fleetrun_store::StoreError) -> Self {
+        if e.is_write_failure() {
+            tracing::error!("store: {e}");
+            return Self::new(
+                code::DATABASE_UNWRITABLE,
+                format!("the controller cannot write to its database: {e}"),
+            );
+        }
         Self::internal("store", e)
     }
 }

@@ -95,6 +95,19 @@ fn decode_base64(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
         .map_err(|e| ApiError::invalid(field, format!("not valid base64: {e}")))
 }
 
+/// Refuses new work while the database refuses writes: a job accepted then could not be kept.
+pub(super) fn refuse_while_unwritable(shared: &Shared) -> Result<(), ApiError> {
+    match shared.store.health().write_error {
+        None => Ok(()),
+        Some(error) => Err(ApiError::new(
+            code::DATABASE_UNWRITABLE,
+            format!(
+                "the controller cannot write to its database: {error}; no job is accepted until it can"
+            ),
+        )),
+    }
+}
+
 pub async fn fast_execute_script(
     shared: &Shared,
     caller: &Caller,
@@ -103,6 +116,7 @@ pub async fn fast_execute_script(
     let req: Request = params.parse()?;
 
     let scope = scope::resolve(shared, caller, params)?;
+    refuse_while_unwritable(shared)?;
 
     // Script: script_version_id > script_id (its online version) > script_content.
     let (script, language) = match scripts::runnable_version(

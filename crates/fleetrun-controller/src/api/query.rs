@@ -614,7 +614,7 @@ pub async fn get_account_list(
     let matching: Vec<&fleetrun_inventory::Account> = inventory
         .accounts()
         .iter()
-        .filter(|a| a.scopes.is_empty() || a.scopes.contains(&scope.inventory))
+        .filter(|a| a.allowed_in(&scope.inventory))
         .filter(|a| {
             category.is_none_or(|c| {
                 c == match a.category {
@@ -655,7 +655,11 @@ pub async fn get_account_list(
     Ok(json!({ "start": start, "length": length, "total": matching.len(), "data": data }))
 }
 
-/// Starts a job created with `start_task=false`.
+/// Starts a job created with `start_task=false`, as it would be submitted now: its hosts must
+/// still be in its scope and its account still allowed there (the caller's permission on the
+/// scope was checked when the job was looked up), else it is refused with the code a fresh
+/// submit gets. Moving the job from pending to running is one conditional update in the store,
+/// so of concurrent starts, even from controllers sharing the database, exactly one runs it.
 async fn start_created_job(
     shared: &Shared,
     job: &fleetrun_store::JobRecord,
@@ -672,10 +676,35 @@ async fn start_created_job(
     if job.status != status::job::PENDING || job.start_time.is_some() {
         return Err(not_startable());
     }
+    super::execute::refuse_while_unwritable(shared)?;
     let step = job
         .steps
         .first()
         .ok_or_else(|| ApiError::internal("start job", "job has no step"))?;
+    let scope: fleetrun_inventory::Scope = format!("{}:{}", job.bk_scope_type, job.bk_scope_id)
+        .parse()
+        .map_err(|e| ApiError::internal("start job", format!("stored scope: {e}")))?;
+    let inventory = shared.inventory.current().await?;
+    let account = inventory
+        .account_for(&scope, Some(step.account_id), None)
+        .map_err(|e| ApiError::new(i64::from(e.code()), format!("account_id: {e}")))?;
+    if account.account != step.account {
+        return Err(ApiError::invalid(
+            "job_instance_id",
+            format!(
+                "account {} now runs as {:?}, not {:?} as when job {} was created; submit it again",
+                step.account_id, account.account, step.account, job.job_instance_id
+            ),
+        ));
+    }
+    let hosts = shared.store.host_results(step.step_instance_id).await?;
+    let wanted = fleetrun_inventory::Targets {
+        host_ids: Some(hosts.iter().map(|h| h.bk_host_id).collect()),
+        ..Default::default()
+    };
+    inventory
+        .resolve(&scope, &wanted)
+        .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?;
     let (script, param) = shared
         .store
         .step_payload(step.step_instance_id)
@@ -689,7 +718,18 @@ async fn start_created_job(
     } else {
         param
     };
-    let hosts = shared.store.host_results(step.step_instance_id).await?;
+    let claimed = shared
+        .store
+        .claim_pending_job(
+            job.job_instance_id,
+            status::job::PENDING,
+            status::job::RUNNING,
+            crate::now_ms(),
+        )
+        .await?;
+    if !claimed {
+        return Err(not_startable());
+    }
     let started = shared.engine.start(crate::engine::JobSpec {
         job_instance_id: job.job_instance_id,
         step_instance_id: step.step_instance_id,
@@ -699,7 +739,7 @@ async fn start_created_job(
             script: std::sync::Arc::new(script),
             script_param: param,
             is_param_sensitive: step.is_param_sensitive,
-            account: step.account.clone(),
+            account: account.account.clone(),
             timeout_secs: step.timeout as u32,
         },
     });

@@ -1,0 +1,116 @@
+//! Whether the database accepts writes, as the rest of the controller sees it.
+//!
+//! A failing write is reported once, when writes start failing, and once when they succeed again;
+//! in between the writer keeps retrying quietly.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+/// The store's ability to write, as [`crate::Store::health`] reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Why writes fail now (the database's last error); `None` while they succeed.
+    pub write_error: Option<String>,
+    /// Engine writes accepted and not committed yet.
+    pub pending: usize,
+    /// Bytes of host output among the pending writes.
+    pub pending_output_bytes: usize,
+    /// Engine writes given up since the store opened: they arrived while writes failed and the
+    /// writes kept in memory had reached their bound.
+    pub lost: u64,
+}
+
+impl Health {
+    /// Whether the last write succeeded.
+    pub fn is_writable(&self) -> bool {
+        self.write_error.is_none()
+    }
+}
+
+/// Shared between the store's handles and its writer.
+#[derive(Debug, Default)]
+pub(crate) struct HealthState {
+    health: Mutex<Health>,
+    /// Wakes the writer when another path (creating a job) found the database unwritable, so
+    /// that it probes until writes succeed again even with nothing of its own to write.
+    pub(crate) failed_elsewhere: Notify,
+}
+
+impl HealthState {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    pub(crate) fn get(&self) -> Health {
+        self.health.lock().unwrap().clone()
+    }
+
+    /// Records a failed write; logs only the first of a run of failures.
+    pub(crate) fn failed(&self, error: &sqlx::Error) {
+        let mut health = self.health.lock().unwrap();
+        if health.write_error.is_none() {
+            tracing::error!(
+                %error,
+                pending = health.pending,
+                "the database refuses writes: new jobs are refused and accepted results are kept \
+                 in memory and retried until it accepts them again"
+            );
+        }
+        health.write_error = Some(error.to_string());
+    }
+
+    /// Records a successful write; logs the end of a run of failures.
+    pub(crate) fn succeeded(&self) {
+        let mut health = self.health.lock().unwrap();
+        if let Some(error) = health.write_error.take() {
+            tracing::warn!(
+                last_error = %error,
+                lost = health.lost,
+                "the database accepts writes again"
+            );
+        }
+    }
+
+    pub(crate) fn set_pending(&self, pending: usize, output_bytes: usize) {
+        let mut health = self.health.lock().unwrap();
+        health.pending = pending;
+        health.pending_output_bytes = output_bytes;
+    }
+
+    pub(crate) fn lost(&self, writes: u64) {
+        self.health.lock().unwrap().lost += writes;
+    }
+}
+
+/// Whether an error means the database cannot be written (a full disk, a read-only or failing
+/// file), as opposed to a bad statement or a busy database.
+pub(crate) fn is_write_failure(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(e) => {
+            // SQLite's primary result codes: PERM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN,
+            // NOTADB. The extended code sqlx reports carries the primary one in its low byte.
+            let primary = e
+                .code()
+                .and_then(|c| c.parse::<i32>().ok())
+                .map(|c| c & 0xff);
+            matches!(primary, Some(3 | 8 | 10 | 11 | 13 | 14 | 26))
+        }
+        _ => false,
+    }
+}
+
+/// Closes a connection whose write failed for want of a writable database instead of returning
+/// it to the pool: SQLite can keep the failed transaction's lock on it, which would then block
+/// every later write, even once the database is writable again.
+pub(crate) fn discard_if_broken<T>(
+    connection: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
+    result: &Result<T, sqlx::Error>,
+) {
+    if let Err(error) = result
+        && is_write_failure(error)
+    {
+        connection.close_on_drop();
+    }
+}
