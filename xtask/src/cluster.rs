@@ -179,6 +179,9 @@ pub struct ClusterOptions {
     pub agents_connect_to: Option<std::net::SocketAddr>,
     /// The inventory file; by default [`DEFAULT_INVENTORY`] with the cluster's accounts.
     pub inventory: Option<PathBuf>,
+    /// Cloud areas whose agents' reported addresses the controller believes without proof
+    /// (`[agents] trust_reported_ip_in`): a swarm's virtual agents report made-up ones.
+    pub trust_reported_ip_in: Vec<i64>,
 }
 
 /// One agent process and the files it runs from.
@@ -398,11 +401,18 @@ ca = "{ca}"
 cert = "{cert}"
 key = "{key}"
 
+# Agents the inventory does not name (agent-2, agent-4, ...) register and land where its
+# [unlisted_agents] says; each agent's certificate names its address.
+[agents]
+unlisted = "register"
+trust_reported_ip_in = {trusted:?}
+
 [[apps]]
 bk_app_code = "{APP_CODE}"
 bk_app_secret = "{secret}"
 callback_secret = "{callback_secret}"
 "#,
+            trusted = opts.trust_reported_ip_in,
             inventory = inventory_path.display(),
             db = dir.join("controller.db").display(),
             ca = ca.cert_path().display(),
@@ -414,7 +424,6 @@ callback_secret = "{callback_secret}"
         let mut agents = Vec::new();
         for i in 0..opts.agents {
             let agent_id = format!("agent-{}", i + 1);
-            let cert = ca.issue_agent(&agent_id)?;
             let (ip, namespace) = match &opts.network {
                 Some(network) => (
                     network.hosts[i].ip,
@@ -422,6 +431,9 @@ callback_secret = "{callback_secret}"
                 ),
                 None => (agent_ip(i)?, None),
             };
+            // Named in the certificate, the address holds wherever the agent connects from
+            // (through a relay, say).
+            let cert = ca.issue_agent_at(&agent_id, &[ip.into()])?;
             let agent_dir = dir.join("agents").join(&agent_id);
             fs::create_dir_all(&agent_dir)?;
             let config = agent_dir.join("agent.toml");

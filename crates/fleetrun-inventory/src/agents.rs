@@ -4,6 +4,7 @@
 use std::{collections::BTreeMap, collections::HashSet, net::IpAddr};
 
 use crate::{
+    fast_hash::FastMap,
     hosts::HostTable,
     inventory::Inventory,
     model::{Host, Value},
@@ -35,6 +36,9 @@ pub struct AgentHost {
     pub ips: Vec<IpAddr>,
     pub hostname: String,
     pub os_type: String,
+    /// Since when (Unix ms) the agent has claimed its addresses: an earlier claim holds an
+    /// address against a later one.
+    pub address_since: i64,
 }
 
 /// An agent's host with its placement applied.
@@ -75,6 +79,11 @@ pub enum AgentRefusal {
 }
 
 impl Inventory {
+    /// Whether a `[[host]]` entry places this agent (otherwise it is an unlisted agent).
+    pub fn lists_agent(&self, agent_id: &str) -> bool {
+        self.placements.contains_key(agent_id)
+    }
+
     /// The host an agent's registration stands for: its own report, placed by the file.
     pub fn place_agent(&self, agent: &AgentHost) -> PlacedHost {
         let listed = self.placements.get(&agent.agent_id);
@@ -107,6 +116,7 @@ impl Inventory {
             .filter_map(|h| h.agent_id.as_deref())
             .collect();
         let mut refused = Vec::new();
+        let mut claimed_since = FastMap::default();
         hosts.reserve(agents.len());
         for agent in agents {
             let reason = if !seen.insert(&agent.agent_id) {
@@ -123,11 +133,18 @@ impl Inventory {
                     agent_id: agent.agent_id.clone(),
                     reason,
                 }),
-                None => hosts.push(self.place_agent(agent).host),
+                None => {
+                    claimed_since.insert(agent.bk_host_id, agent.address_since);
+                    hosts.push(self.place_agent(agent).host);
+                }
             }
         }
         Merged {
-            inventory: self.with_host_table(HostTable::build(hosts, &self.topology)),
+            inventory: self.with_host_table(HostTable::build(
+                hosts,
+                &self.topology,
+                &claimed_since,
+            )),
             refused,
         }
     }

@@ -56,7 +56,7 @@ impl Inventory {
     pub fn build(parts: InventoryParts) -> Result<Self, InventoryError> {
         validate(&parts)?;
         let topology = Topology::build(parts.topology);
-        let hosts = HostTable::build(parts.hosts.clone(), &topology);
+        let hosts = HostTable::build(parts.hosts.clone(), &topology, &Default::default());
         Ok(Self {
             business_index: index(&parts.businesses, |b| b.bk_biz_id),
             businesses: parts.businesses,
