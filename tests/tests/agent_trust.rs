@@ -85,7 +85,11 @@ async fn an_agent_reporting_another_hosts_address_is_refused() -> Result<()> {
     cluster
         .wait_offline(&forger_id, Duration::from_secs(30))
         .await?;
-    set_agent_option(&cluster.agents[forger].config, "ip", &format!("\"{victim_ip}\""))?;
+    set_agent_option(
+        &cluster.agents[forger].config,
+        "ip",
+        &format!("\"{victim_ip}\""),
+    )?;
     cluster.start_agent(forger)?;
     let log = cluster.agents[forger].log.clone();
     let refusal = eventually(Duration::from_secs(20), "the forger is refused", || {
@@ -116,7 +120,13 @@ async fn an_agent_reporting_another_hosts_address_is_refused() -> Result<()> {
     assert_eq!(forger_host["ip"], forger_ip, "{hosts:?}");
 
     // A raw client with the forger's certificate and a hand-made hello gets the same answer.
-    let reply = raw_hello(&cluster, &forger_id, &cluster.agents[forger].ip.into(), &victim_ip).await?;
+    let reply = raw_hello(
+        &cluster,
+        &forger_id,
+        &cluster.agents[forger].ip.into(),
+        &victim_ip,
+    )
+    .await?;
     match reply {
         Some(HelloReply::Refused { reason }) => {
             assert!(reason.contains("does not name"), "{reason}")
@@ -163,8 +173,16 @@ async fn a_newcomer_on_a_held_address_is_quarantined_not_the_holder() -> Result<
     )
     .await?;
     // The newcomer is flagged, the holder keeps its address although its id is higher.
-    assert_eq!(host_of(&hosts, &forger_id)["address_conflict"], true, "{hosts:?}");
-    assert_eq!(host_of(&hosts, &victim_id)["address_conflict"], false, "{hosts:?}");
+    assert_eq!(
+        host_of(&hosts, &forger_id)["address_conflict"],
+        true,
+        "{hosts:?}"
+    );
+    assert_eq!(
+        host_of(&hosts, &victim_id)["address_conflict"],
+        false,
+        "{hosts:?}"
+    );
     let controller_log = read(&cluster.controller_log);
     assert!(
         controller_log.contains("address conflict") && controller_log.contains("quarantined"),
@@ -253,7 +271,10 @@ async fn a_revoked_agent_is_cut_off_within_a_second_and_stays_out() -> Result<()
         .call_raw("revoke_agent", json!({"agent_id": "no such/agent"}))
         .await?;
     assert_eq!(bad["code"], 1_240_003, "{bad}");
-    assert!(bad["message"].as_str().unwrap().starts_with("agent_id"), "{bad}");
+    assert!(
+        bad["message"].as_str().unwrap().starts_with("agent_id"),
+        "{bad}"
+    );
 
     // Lifting the revocation lets it back.
     client
@@ -301,9 +322,15 @@ async fn a_forgotten_agent_is_not_placed_again_unless_unlisted_agents_may_regist
         async move { text.contains("is not in the inventory").then_some(text) }
     })
     .await?;
-    assert!(text.contains("fleetrun hosts move --agent agent-2"), "{text}");
+    assert!(
+        text.contains("fleetrun hosts move --agent agent-2"),
+        "{text}"
+    );
     let hosts = client.hosts().await?;
-    assert!(hosts.iter().all(|h| h["agent_id"] != "agent-2"), "{hosts:?}");
+    assert!(
+        hosts.iter().all(|h| h["agent_id"] != "agent-2"),
+        "{hosts:?}"
+    );
 
     // Listed by an operator, it registers again, as a new host where the listing says.
     client
@@ -329,7 +356,11 @@ async fn a_certificate_without_client_authentication_is_refused_at_the_handshake
     let mut params = pki::agent_params("agent-9", &["127.0.0.97".parse()?])?;
     params.extended_key_usages = Vec::new();
     let dir = cluster.dir().join("certs/agents");
-    let cert = ca.issue(params, &dir.join("agent-9.pem"), &dir.join("agent-9.key.pem"))?;
+    let cert = ca.issue(
+        params,
+        &dir.join("agent-9.pem"),
+        &dir.join("agent-9.key.pem"),
+    )?;
     let endpoint = fleetrun_net::client_endpoint(
         &fleetrun_net::TlsFiles {
             ca: ca.cert_path(),
@@ -354,7 +385,10 @@ async fn a_certificate_without_client_authentication_is_refused_at_the_handshake
     })
     .await?;
     let hosts = cluster.client().hosts().await?;
-    assert!(hosts.iter().all(|h| h["agent_id"] != "agent-9"), "{hosts:?}");
+    assert!(
+        hosts.iter().all(|h| h["agent_id"] != "agent-9"),
+        "{hosts:?}"
+    );
     Ok(())
 }
 

@@ -198,7 +198,10 @@ async fn an_address_claimed_twice_is_flagged_until_the_stale_host_is_forgotten()
     let ip3 = cluster.agents[2].ip;
     std::fs::write(
         &cluster.agents[2].config,
-        config.replace(&format!("bind = \"{ip3}:0\""), &format!("bind = \"{ip1}:0\"")),
+        config.replace(
+            &format!("bind = \"{ip3}:0\""),
+            &format!("bind = \"{ip1}:0\""),
+        ),
     )?;
     cluster.start_agent(2)?;
     // Online with its new address (a list read while it registers may show the old one).

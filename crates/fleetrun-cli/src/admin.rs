@@ -10,8 +10,8 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     args::{
-        AccountsCommand, AgentsCommand, AttrArgs, BizCommand, BizsetCommand, Expect, GroupsCommand, HostIdentity,
-        HostsCommand, InventoryCommand, NodeCommand, Output,
+        AccountsCommand, AgentsCommand, AttrArgs, BizCommand, BizsetCommand, Expect, GroupsCommand,
+        HostIdentity, HostsCommand, InventoryCommand, NodeCommand, Output,
     },
     commands::{Ctx, now_ms, print, print_json},
     display,

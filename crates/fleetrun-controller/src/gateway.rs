@@ -351,7 +351,10 @@ impl Gateway {
         let earlier = match self.store.earlier_claims(host).await {
             Ok(earlier) => earlier,
             Err(e) => {
-                tracing::error!(agent_id = host.agent_id, "cannot look up address claims: {e}");
+                tracing::error!(
+                    agent_id = host.agent_id,
+                    "cannot look up address claims: {e}"
+                );
                 return;
             }
         };
@@ -496,7 +499,10 @@ mod tests {
         );
         // A certificate with addresses binds the agent to them, even in a trusted cloud area.
         let refused = address("10.0.0.5", &["10.0.0.4"], "10.0.0.5", &[1]).unwrap_err();
-        assert!(refused.contains("does not name (it names 10.0.0.4)"), "{refused}");
+        assert!(
+            refused.contains("does not name (it names 10.0.0.4)"),
+            "{refused}"
+        );
         // No address in the certificate: where it connects from.
         assert_eq!(
             address("10.0.0.5", &[], "::ffff:10.0.0.5", &[]),

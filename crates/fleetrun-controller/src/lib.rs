@@ -117,7 +117,13 @@ impl Controller {
         config.http_listen = http_addr;
 
         let agents = gateway::Agents::default();
-        agents.set_revoked(store.revoked_agents().await?.into_iter().map(|r| r.agent_id));
+        agents.set_revoked(
+            store
+                .revoked_agents()
+                .await?
+                .into_iter()
+                .map(|r| r.agent_id),
+        );
         let engine = engine::Engine::new(
             store.clone(),
             agents.clone(),

@@ -260,7 +260,9 @@ impl ClientCertVerifier for ClientAuthOnly {
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
         if !allows_client_auth(end_entity)? {
-            tracing::warn!("refusing a client certificate without the clientAuth extended key usage");
+            tracing::warn!(
+                "refusing a client certificate without the clientAuth extended key usage"
+            );
             return Err(rustls::Error::InvalidCertificate(
                 CertificateError::InvalidPurpose,
             ));

@@ -21,7 +21,10 @@ impl Pki {
         let dir = tempfile::tempdir()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         std::fs::write(dir.path().join("ca.pem"), cert.pem())?;
@@ -58,7 +61,9 @@ impl Pki {
             fleetrun_proto::agent_uri(agent_id).try_into()?,
         ));
         for ip in ips {
-            params.subject_alt_names.push(SanType::IpAddress(ip.parse()?));
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(ip.parse()?));
         }
         params.extended_key_usages = usages;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -71,7 +76,10 @@ impl Pki {
 }
 
 /// Connects with `client` to a fresh controller endpoint; returns what the controller made of it.
-async fn handshake(pki: &Pki, client: &TlsFiles) -> Result<Result<fleetrun_net::AgentCertificate, String>> {
+async fn handshake(
+    pki: &Pki,
+    client: &TlsFiles,
+) -> Result<Result<fleetrun_net::AgentCertificate, String>> {
     let server = server_endpoint(
         &TlsFiles {
             ca: pki.path("ca.pem"),

@@ -169,11 +169,20 @@ mod address_tests {
     async fn a_host_keeps_its_claim_time_until_its_address_changes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).await.unwrap();
-        let first = store.register_agent(&registration("10.0.0.1", 100)).await.unwrap();
+        let first = store
+            .register_agent(&registration("10.0.0.1", 100))
+            .await
+            .unwrap();
         assert_eq!(first.address_since, 100);
-        let again = store.register_agent(&registration("10.0.0.1", 200)).await.unwrap();
+        let again = store
+            .register_agent(&registration("10.0.0.1", 200))
+            .await
+            .unwrap();
         assert_eq!(again.address_since, 100);
-        let moved = store.register_agent(&registration("10.0.0.2", 300)).await.unwrap();
+        let moved = store
+            .register_agent(&registration("10.0.0.2", 300))
+            .await
+            .unwrap();
         assert_eq!(moved.address_since, 300);
         assert_eq!(store.host_of_agent("a").await.unwrap(), Some(moved.clone()));
         assert_eq!(store.host_of_agent("b").await.unwrap(), None);
@@ -184,7 +193,10 @@ mod address_tests {
         let b = store.register_agent(&b).await.unwrap();
         let against_b = store.earlier_claims(&b).await.unwrap();
         assert_eq!(
-            against_b.iter().map(|c| c.agent_id.as_str()).collect::<Vec<_>>(),
+            against_b
+                .iter()
+                .map(|c| c.agent_id.as_str())
+                .collect::<Vec<_>>(),
             ["a"]
         );
         assert!(store.earlier_claims(&moved).await.unwrap().is_empty());

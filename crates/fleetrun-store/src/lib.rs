@@ -7,10 +7,10 @@
 //!
 //! **Architecture invariant:** only this crate speaks SQL.
 
+mod agent_trust;
 mod callbacks;
 mod inventory;
 mod model;
-mod agent_trust;
 mod schema;
 mod scripts;
 mod watch;
@@ -24,6 +24,7 @@ use sqlx::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+pub use agent_trust::{AddressClaim, Revocation};
 pub use callbacks::{
     CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
 };
@@ -32,7 +33,6 @@ pub use inventory::{
     RevisionInfo,
 };
 pub use model::*;
-pub use agent_trust::{AddressClaim, Revocation};
 pub use scripts::{
     NewScript, ScriptFilter, ScriptRecord, ScriptVersionRecord, ScriptsError,
     status_name as script_status_name,

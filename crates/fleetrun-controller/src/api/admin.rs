@@ -4,7 +4,7 @@
 //! call them.
 
 use fleetrun_inventory::Change;
-use fleetrun_store::{Revocation, RevisionInfo};
+use fleetrun_store::{RevisionInfo, Revocation};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
