@@ -267,6 +267,19 @@ async fn a_revoked_agent_is_cut_off_within_a_second_and_stays_out() -> Result<()
         .call("revoke_agent", json!({"agent_id": "agent-2"}))
         .await?;
     assert_eq!(again["newly_revoked"], false, "{again}");
+    // The same through the command line.
+    let listed = fleetrun(&cluster, &["agents", "list-revoked"]).await?;
+    assert!(
+        listed.contains("agent-2")
+            && listed.contains("by admin")
+            && listed.contains("machine stolen"),
+        "{listed}"
+    );
+    let again = fleetrun(&cluster, &["agents", "revoke", "agent-2"]).await?;
+    assert!(
+        again.contains("agent agent-2 was already revoked"),
+        "{again}"
+    );
     let bad = client
         .call_raw("revoke_agent", json!({"agent_id": "no such/agent"}))
         .await?;
@@ -390,6 +403,33 @@ async fn a_certificate_without_client_authentication_is_refused_at_the_handshake
         "{hosts:?}"
     );
     Ok(())
+}
+
+/// `fleetrun ARGS` against the cluster (its cluster.json only); its standard output, once it
+/// exited 0.
+async fn fleetrun(cluster: &TestCluster, args: &[&str]) -> Result<String> {
+    let mut cmd = tokio::process::Command::new(fleetrun_tests::fleetrun_bin());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("FLEETRUN_") {
+            cmd.env_remove(&key);
+        }
+    }
+    let output = cmd
+        .env("FLEETRUN_CLUSTER", cluster.dir().join("cluster.json"))
+        .env("XDG_CONFIG_HOME", cluster.dir())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), output).await??;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    anyhow::ensure!(
+        output.status.success(),
+        "fleetrun {args:?}: {}\n{stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(stdout)
 }
 
 /// Connects with an agent's own certificate from `bind` and sends a hello reporting `ip`.
