@@ -4,8 +4,9 @@
 //! in its hello is compared with the certificate and a mismatch is refused.
 //!
 //! **Architecture invariant:** an agent's address is one it cannot make up. It is the address
-//! it reports only when that address is named by its certificate (an IP SAN); else when it is
-//! the address the agent connects from; else when the operator trusts reported addresses in the
+//! it reports only when the inventory pins the agent to it (`ips`, `bk_cloud_id` on its `[[host]]`
+//! entry); else, without a pin, when its certificate names it (an IP SAN); else when it is the
+//! address the agent connects from; else when the operator trusts reported addresses in the
 //! agent's cloud area (`[agents] trust_reported_ip_in`, for agents behind NAT). Anything else is
 //! refused. An address already claimed by another host stays with the earlier claim: the newcomer
 //! is registered but quarantined (flagged, logged, not a target by that address).
@@ -17,6 +18,7 @@ use std::{
     time::Duration,
 };
 
+use fleetrun_inventory::PinnedAddress;
 use fleetrun_net::{
     AgentCertificate, FramedRecv, describe_connection_error, peer_agent, send_frame,
 };
@@ -121,6 +123,8 @@ impl Agents {
 /// Where an agent's address came from, most trusted first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AddressSource {
+    /// The operator's inventory pins the agent to it.
+    Inventory,
     /// The certificate names it.
     Certificate,
     /// The agent connects from it.
@@ -133,6 +137,7 @@ pub(crate) enum AddressSource {
 /// backs it (see the module documentation).
 pub(crate) fn agent_address(
     reported: Option<IpAddr>,
+    pinned: Option<&PinnedAddress>,
     certificate: &[IpAddr],
     observed: IpAddr,
     bk_cloud_id: i64,
@@ -143,6 +148,17 @@ pub(crate) fn agent_address(
         .to_canonical();
     if ip.is_unspecified() {
         return Err(format!("agent reported the unspecified address {ip}"));
+    }
+    if let Some(pin) = pinned {
+        if pin.bk_cloud_id == bk_cloud_id && pin.ips.contains(&ip) {
+            return Ok((ip, AddressSource::Inventory));
+        }
+        let pinned: Vec<String> = pin.ips.iter().map(IpAddr::to_string).collect();
+        return Err(format!(
+            "agent reports address {ip} in cloud area {bk_cloud_id}, but the inventory pins it to {} in cloud area {}",
+            pinned.join(", "),
+            pin.bk_cloud_id
+        ));
     }
     let observed = observed.to_canonical();
     if !certificate.is_empty() {
@@ -405,8 +421,10 @@ impl Gateway {
                 hello.agent_id
             ));
         }
+        let pinned = self.inventory.base().pinned_address(agent_id).cloned();
         let (ip, source) = agent_address(
             hello.ips.first().copied(),
+            pinned.as_ref(),
             &certificate.ips,
             observed,
             hello.bk_cloud_id,
@@ -489,7 +507,7 @@ mod tests {
     fn an_agents_address_is_one_it_cannot_make_up() {
         let address = |reported: &str, cert: &[&str], observed: &str, trusted: &[i64]| {
             let cert: Vec<IpAddr> = cert.iter().map(|a| ip(a)).collect();
-            agent_address(Some(ip(reported)), &cert, ip(observed), 1, trusted)
+            agent_address(Some(ip(reported)), None, &cert, ip(observed), 1, trusted)
         };
         let ok = |source| Ok((ip("10.0.0.5"), source));
         // Named by the certificate: wherever the agent connects from (a relay, NAT).
@@ -516,7 +534,30 @@ mod tests {
             ok(AddressSource::TrustedReport)
         );
         assert!(address("10.0.0.5", &[], "10.0.0.6", &[2]).is_err());
-        assert!(agent_address(None, &[], ip("10.0.0.6"), 1, &[]).is_err());
+        assert!(agent_address(None, None, &[], ip("10.0.0.6"), 1, &[]).is_err());
+        // The operator's pin comes first: it admits an address nothing else backs, and refuses
+        // any other, even one the certificate names.
+        let pin = PinnedAddress {
+            bk_cloud_id: 1,
+            ips: vec![ip("10.0.0.5")],
+        };
+        let pinned = |reported: &str, cloud: i64, cert: &[IpAddr]| {
+            agent_address(
+                Some(ip(reported)),
+                Some(&pin),
+                cert,
+                ip("192.0.2.1"),
+                cloud,
+                &[],
+            )
+        };
+        assert_eq!(pinned("10.0.0.5", 1, &[]), ok(AddressSource::Inventory));
+        let refused = pinned("10.0.0.6", 1, &[ip("10.0.0.6")]).unwrap_err();
+        assert!(
+            refused.contains("pins it to 10.0.0.5 in cloud area 1"),
+            "{refused}"
+        );
+        assert!(pinned("10.0.0.5", 2, &[]).is_err());
         assert!(address("0.0.0.0", &[], "0.0.0.0", &[1]).is_err());
     }
 }

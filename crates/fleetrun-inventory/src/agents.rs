@@ -24,6 +24,17 @@ pub struct Placement {
 pub struct AgentPlacement {
     pub agent_id: String,
     pub placement: Placement,
+    /// The address the operator approved for the agent, if any.
+    pub address: Option<PinnedAddress>,
+}
+
+/// An agent's address as the inventory pins it: the agent must report one of these addresses in
+/// this cloud area, and its host is targeted by them whatever it reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedAddress {
+    pub bk_cloud_id: i64,
+    /// Canonical; the first is the primary one.
+    pub ips: Vec<IpAddr>,
 }
 
 /// A registered agent: what it reports about its host, and the host id the controller gave it.
@@ -84,15 +95,29 @@ impl Inventory {
         self.placements.contains_key(agent_id)
     }
 
+    /// The address the inventory pins an agent to, if it does.
+    pub fn pinned_address(&self, agent_id: &str) -> Option<&PinnedAddress> {
+        self.pinned.get(agent_id)
+    }
+
     /// The host an agent's registration stands for: its own report, placed by the file.
     pub fn place_agent(&self, agent: &AgentHost) -> PlacedHost {
         let listed = self.placements.get(&agent.agent_id);
         let placement = listed.unwrap_or(&self.unlisted_agents);
+        // The operator's pin wins over what the agent reported (which the controller checked
+        // against the pin when the agent registered; the pin may have changed since).
+        let (bk_cloud_id, ips) = match self.pinned.get(&agent.agent_id) {
+            Some(pin) => (pin.bk_cloud_id, pin.ips.clone()),
+            None => (
+                agent.bk_cloud_id,
+                agent.ips.iter().map(IpAddr::to_canonical).collect(),
+            ),
+        };
         PlacedHost {
             host: Host {
                 bk_host_id: agent.bk_host_id,
-                bk_cloud_id: agent.bk_cloud_id,
-                ips: agent.ips.iter().map(IpAddr::to_canonical).collect(),
+                bk_cloud_id,
+                ips,
                 hostname: agent.hostname.clone(),
                 os_type: agent.os_type.clone(),
                 agent_id: Some(agent.agent_id.clone()),
@@ -134,7 +159,14 @@ impl Inventory {
                     reason,
                 }),
                 None => {
-                    claimed_since.insert(agent.bk_host_id, agent.address_since);
+                    // An address the operator approved holds against agents' own claims
+                    // (the file's hosts, at i64::MIN, still come first).
+                    let since = if self.pinned.contains_key(&agent.agent_id) {
+                        i64::MIN + 1
+                    } else {
+                        agent.address_since
+                    };
+                    claimed_since.insert(agent.bk_host_id, since);
                     hosts.push(self.place_agent(agent).host);
                 }
             }

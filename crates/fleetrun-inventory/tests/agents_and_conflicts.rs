@@ -235,6 +235,38 @@ fn the_earliest_claim_holds_an_address_whatever_the_ids() {
 }
 
 #[test]
+fn a_pinned_address_wins_over_the_agents_report_and_its_claim_comes_first() {
+    let file = format!(
+        "{FILE}\n[unlisted_agents]\nbk_biz_id = 2\n\n[[host]]\nagent_id = \"p\"\nbk_cloud_id = 1\nips = [\"::ffff:10.0.0.7\"]\nbk_biz_id = 2\n"
+    );
+    let inventory = Inventory::from_toml(&file).unwrap();
+    let pin = inventory.pinned_address("p").unwrap();
+    assert_eq!(
+        (pin.bk_cloud_id, pin.ips[0]),
+        (1, "10.0.0.7".parse().unwrap())
+    );
+    assert!(inventory.pinned_address("a").is_none());
+    let early = |mut agent: AgentHost, at: i64| {
+        agent.address_since = at;
+        agent.bk_cloud_id = 1;
+        agent
+    };
+    let merged = inventory.with_agents(&[
+        early(agent("x", 20, &["10.0.0.7"]), 1),
+        // p reports something else and registered later: the pin decides both.
+        early(agent("p", 30, &["10.0.0.99"]), 500),
+    ]);
+    let inventory = merged.inventory;
+    let p = inventory.host_by_agent("p").unwrap();
+    assert_eq!(
+        (p.bk_cloud_id, p.ips.clone()),
+        (1, vec!["10.0.0.7".parse().unwrap()])
+    );
+    assert_eq!(inventory.conflicts()[0].held_by, 30);
+    assert_eq!(inventory.conflicts()[0].claimed_by, [20]);
+}
+
+#[test]
 fn unlisted_agents_can_have_a_default_place() {
     let file = format!("{FILE}\n[unlisted_agents]\nbk_biz_id = 2\nmodules = [100]\n");
     let inventory = Inventory::from_toml(&file).unwrap();
