@@ -209,6 +209,50 @@ async fn a_newcomer_on_a_held_address_is_quarantined_not_the_holder() -> Result<
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_address_pinned_by_the_inventory_wins_over_the_certificate() -> Result<()> {
+    let mut cluster = start_cluster(2).await?;
+    let client = cluster.client();
+    let a2 = cluster.host_id("agent-2");
+    let current = client.call("get_inventory", json!({})).await?;
+    let text = format!(
+        "{}\n[[host]]\nagent_id = \"agent-2\"\nbk_cloud_id = 0\nips = [\"127.0.0.50\"]\nbk_biz_id = 2\nmodules = [101]\n",
+        current["text"].as_str().unwrap()
+    );
+    client
+        .call("replace_inventory", json!({"text": text}))
+        .await?;
+    // Jobs by address follow the pin at once.
+    let (_, _, status) = cluster
+        .run_job(cluster.script_request(
+            "true",
+            &[],
+            json!({"target_server": {"ip_list": [{"bk_cloud_id": 0, "ip": "127.0.0.50"}]}}),
+        ))
+        .await?;
+    assert_eq!(reached(&status), vec![a2], "{status}");
+
+    // The agent reports the address its certificate names, not the pinned one: refused.
+    cluster.kill_agent(1)?;
+    cluster
+        .wait_offline("agent-2", Duration::from_secs(30))
+        .await?;
+    cluster.start_agent(1)?;
+    let log = cluster.agents[1].log.clone();
+    let text = eventually(Duration::from_secs(20), "agent-2 refused", || {
+        let text = read(&log);
+        async move { text.contains("pins it to").then_some(text) }
+    })
+    .await?;
+    assert!(
+        text.contains("reports address 127.0.0.11 in cloud area 0, but the inventory pins it to 127.0.0.50 in cloud area 0"),
+        "{text}"
+    );
+    let hosts = client.hosts().await?;
+    assert_eq!(host_of(&hosts, "agent-2")["online"], false, "{hosts:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_revoked_agent_is_cut_off_within_a_second_and_stays_out() -> Result<()> {
     let cluster = start_cluster(2).await?;
     let client = cluster.client();
