@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use fleetrun_tests::{eventually, host_results, reached, start_cluster};
+use fleetrun_tests::{eventually, host_results, pki, reached, start_cluster};
 use serde_json::{Value, json};
 
 fn topo(obj: &str, id: i64) -> Value {
@@ -191,10 +191,17 @@ async fn an_address_claimed_twice_is_flagged_until_the_stale_host_is_forgotten()
     cluster
         .wait_offline("agent-3", Duration::from_secs(30))
         .await?;
+    // The new machine connects from the address, with a certificate naming it.
+    let ca = pki::Ca::open_or_create(&cluster.dir().join("certs"), "unused")?;
+    ca.issue_agent_at("agent-3", &[ip1.parse()?])?;
     let config = std::fs::read_to_string(&cluster.agents[2].config)?;
+    let ip3 = cluster.agents[2].ip;
     std::fs::write(
         &cluster.agents[2].config,
-        config.replace("[tls]", &format!("ip = \"{ip1}\"\n\n[tls]")),
+        config.replace(
+            &format!("bind = \"{ip3}:0\""),
+            &format!("bind = \"{ip1}:0\""),
+        ),
     )?;
     cluster.start_agent(2)?;
     // Online with its new address (a list read while it registers may show the old one).
@@ -217,17 +224,15 @@ async fn an_address_claimed_twice_is_flagged_until_the_stale_host_is_forgotten()
     let flagged = |hosts: &[Value], id: i64| {
         hosts.iter().find(|h| h["bk_host_id"] == id).unwrap()["address_conflict"] == true
     };
-    // The lower id holds the address; the other claimant is flagged and not reached by it.
-    let (holder, claimer) = (a1.min(a3), a1.max(a3));
-    assert!(flagged(&hosts, claimer), "{hosts:?}");
-    assert!(!flagged(&hosts, holder), "{hosts:?}");
+    // The earlier claim holds the address, whatever the ids: the newcomer is flagged and not
+    // reached by it.
+    assert!(flagged(&hosts, a3), "{hosts:?}");
+    assert!(!flagged(&hosts, a1), "{hosts:?}");
     let (_, _, status) = cluster
         .run_job(cluster.script_request("echo", &[], by_ip.clone()))
         .await?;
-    assert_eq!(reached(&status), vec![holder]);
-    if holder == a1 {
-        assert_eq!(host_results(&status)[0]["status"], 310, "{status}");
-    }
+    assert_eq!(reached(&status), vec![a1]);
+    assert_eq!(host_results(&status)[0]["status"], 310, "{status}");
 
     // A connected agent's host cannot be forgotten; the stale one can.
     let refused = client

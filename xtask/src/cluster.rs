@@ -182,6 +182,9 @@ pub struct ClusterOptions {
     /// The controller's `[callbacks] allow_networks`; by default loopback, where test and demo
     /// receivers listen.
     pub callback_allow_networks: Option<Vec<String>>,
+    /// Cloud areas whose agents' reported addresses the controller believes without proof
+    /// (`[agents] trust_reported_ip_in`): a swarm's virtual agents report made-up ones.
+    pub trust_reported_ip_in: Vec<i64>,
 }
 
 /// One agent process and the files it runs from.
@@ -401,6 +404,12 @@ ca = "{ca}"
 cert = "{cert}"
 key = "{key}"
 
+# Agents the inventory does not name (agent-2, agent-4, ...) register and land where its
+# [unlisted_agents] says; each agent's certificate names its address.
+[agents]
+unlisted = "register"
+trust_reported_ip_in = {trusted:?}
+
 [[apps]]
 bk_app_code = "{APP_CODE}"
 bk_app_secret = "{secret}"
@@ -411,6 +420,7 @@ admin = true
 [callbacks]
 allow_networks = {allow_networks:?}
 "#,
+            trusted = opts.trust_reported_ip_in,
             inventory = inventory_path.display(),
             allow_networks = opts
                 .callback_allow_networks
@@ -426,7 +436,6 @@ allow_networks = {allow_networks:?}
         let mut agents = Vec::new();
         for i in 0..opts.agents {
             let agent_id = format!("agent-{}", i + 1);
-            let cert = ca.issue_agent(&agent_id)?;
             let (ip, namespace) = match &opts.network {
                 Some(network) => (
                     network.hosts[i].ip,
@@ -434,6 +443,9 @@ allow_networks = {allow_networks:?}
                 ),
                 None => (agent_ip(i)?, None),
             };
+            // Named in the certificate, the address holds wherever the agent connects from
+            // (through a relay, say).
+            let cert = ca.issue_agent_at(&agent_id, &[ip.into()])?;
             let agent_dir = dir.join("agents").join(&agent_id);
             fs::create_dir_all(&agent_dir)?;
             let config = agent_dir.join("agent.toml");

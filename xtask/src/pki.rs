@@ -4,12 +4,18 @@
 //! ```text
 //! ca.pem  ca.key.pem                     the CA (its key signs further agents)
 //! controller.pem  controller.key.pem     SAN: fleetrun-controller, localhost, 127.0.0.1, ::1
-//! agents/<id>.pem  agents/<id>.key.pem   SAN URI spiffe://fleetrun/agent/<id>
+//! agents/<id>.pem  agents/<id>.key.pem   SAN URI spiffe://fleetrun/agent/<id> (and, when the
+//!                                        agent's address is known, that IP address)
 //! ```
-//! Keys are written 0600. An existing CA is reused, so adding agents keeps earlier certificates valid.
+//! The controller's certificate is for server authentication only, the agents' for client
+//! authentication only (the controller refuses an agent certificate without it). An agent
+//! certificate naming addresses binds the agent to them: the controller refuses any other address
+//! it reports. Keys are written 0600. An existing CA is reused, so adding agents keeps earlier
+//! certificates valid.
 
 use std::{
     fs,
+    net::IpAddr,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
 };
@@ -94,7 +100,8 @@ impl Ca {
         self.dir.join("ca.pem")
     }
 
-    fn issue(&self, params: CertificateParams, cert: &Path, key: &Path) -> Result<CertPaths> {
+    /// Signs `params` over a fresh key; writes the certificate to `cert` and the key to `key`.
+    pub fn issue(&self, params: CertificateParams, cert: &Path, key: &Path) -> Result<CertPaths> {
         let key_pair = KeyPair::generate()?;
         let issued = params.signed_by(&key_pair, &self.issuer)?;
         write_file(cert, &issued.pem(), 0o644)?;
@@ -127,26 +134,39 @@ impl Ca {
         )
     }
 
-    /// An agent's client certificate, naming it by URI SAN.
+    /// An agent's client certificate, naming it by URI SAN, and no address.
     pub fn issue_agent(&self, agent_id: &str) -> Result<CertPaths> {
-        anyhow::ensure!(
-            fleetrun_proto::is_valid_agent_id(agent_id),
-            "invalid agent id {agent_id:?}"
-        );
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.subject_alt_names.push(SanType::URI(
-            fleetrun_proto::agent_uri(agent_id).try_into()?,
-        ));
-        params.distinguished_name.push(DnType::CommonName, agent_id);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        self.issue_agent_at(agent_id, &[])
+    }
+
+    /// An agent's client certificate naming it and the addresses it may report.
+    pub fn issue_agent_at(&self, agent_id: &str, ips: &[IpAddr]) -> Result<CertPaths> {
         let agents = self.dir.join("agents");
         self.issue(
-            params,
+            agent_params(agent_id, ips)?,
             &agents.join(format!("{agent_id}.pem")),
             &agents.join(format!("{agent_id}.key.pem")),
         )
     }
+}
+
+/// What an agent certificate holds: its URI SAN, its addresses as IP SANs, client authentication.
+pub fn agent_params(agent_id: &str, ips: &[IpAddr]) -> Result<CertificateParams> {
+    anyhow::ensure!(
+        fleetrun_proto::is_valid_agent_id(agent_id),
+        "invalid agent id {agent_id:?}"
+    );
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.subject_alt_names.push(SanType::URI(
+        fleetrun_proto::agent_uri(agent_id).try_into()?,
+    ));
+    for ip in ips {
+        params.subject_alt_names.push(SanType::IpAddress(*ip));
+    }
+    params.distinguished_name.push(DnType::CommonName, agent_id);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    Ok(params)
 }
 
 /// `cargo xtask certs`: a CA, the controller's certificate, and `agents` agent certificates

@@ -1,7 +1,8 @@
 //! The administration commands that change one entry of the inventory — `biz`, `bizset`,
 //! `node`, `hosts add|update|move|rm`, `groups add|update|rm`, `accounts add|update|rm` and
 //! `inventory unlisted-agents` — each as one change of `change_inventory` (docs/api.md,
-//! "Managing the inventory"); and the lists of `fleetrun groups` and `fleetrun accounts`.
+//! "Managing the inventory"); the lists of `fleetrun groups` and `fleetrun accounts`; and
+//! `fleetrun agents revoke|unrevoke|list-revoked`.
 
 use std::collections::HashMap;
 
@@ -9,10 +10,10 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     args::{
-        AccountsCommand, AttrArgs, BizCommand, BizsetCommand, Expect, GroupsCommand, HostIdentity,
-        HostsCommand, InventoryCommand, NodeCommand, Output,
+        AccountsCommand, AgentsCommand, AttrArgs, BizCommand, BizsetCommand, Expect, GroupsCommand,
+        HostIdentity, HostsCommand, InventoryCommand, NodeCommand, Output,
     },
-    commands::{Ctx, print},
+    commands::{Ctx, now_ms, print, print_json},
     display,
     error::{CliError, exit},
     inventory::commit,
@@ -451,6 +452,82 @@ pub async fn accounts(ctx: &Ctx) -> Result<u8, CliError> {
             plural(accounts.len(), "account")
         ));
     }
+    print(&text)?;
+    Ok(exit::OK)
+}
+
+/// `fleetrun agents ...`: revocation of agents.
+pub async fn agents(ctx: &Ctx, command: &AgentsCommand) -> Result<u8, CliError> {
+    let (api, body) = match command {
+        AgentsCommand::Revoke { agent_id, reason } => {
+            let mut body = json!({ "agent_id": agent_id });
+            if let Some(reason) = reason {
+                body["reason"] = json!(reason);
+            }
+            ("revoke_agent", body)
+        }
+        AgentsCommand::Unrevoke { agent_id } => ("unrevoke_agent", json!({ "agent_id": agent_id })),
+        AgentsCommand::ListRevoked => ("list_revoked_agents", json!({})),
+    };
+    let done = ctx.client.call(api, body).await?;
+    if ctx.output != Output::Text {
+        print_json(&done)?;
+        return Ok(exit::OK);
+    }
+    let now = now_ms();
+    let who = |r: &Value| {
+        let mut text = format!(
+            "by {} {}",
+            text_of(r, "operator"),
+            display::age(r["revoked_at"].as_i64().unwrap_or(now), now)
+        );
+        if let Some(reason) = r["reason"].as_str().filter(|r| !r.is_empty()) {
+            text.push_str(&format!(": {reason}"));
+        }
+        text
+    };
+    let revision = |r: &Value| {
+        r["revision"]
+            .as_i64()
+            .map_or_else(String::new, |n| format!(" (revision {n})"))
+    };
+    let text = match command {
+        AgentsCommand::Revoke { agent_id, .. } => {
+            if done["newly_revoked"] == json!(true) {
+                format!(
+                    "agent {agent_id} revoked{}; {} closed\n",
+                    revision(&done),
+                    plural(
+                        done["connections_closed"].as_u64().unwrap_or(0) as usize,
+                        "connection"
+                    )
+                )
+            } else {
+                format!("agent {agent_id} was already revoked, {}\n", who(&done))
+            }
+        }
+        AgentsCommand::Unrevoke { agent_id } => format!(
+            "agent {agent_id} may connect again{} (it was revoked {})\n",
+            revision(&done),
+            who(&done)
+        ),
+        AgentsCommand::ListRevoked => {
+            let revoked = items(&done);
+            if revoked.is_empty() {
+                if ctx.quiet {
+                    String::new()
+                } else {
+                    "no agent is revoked\n".to_owned()
+                }
+            } else {
+                let mut rows = vec![["AGENT", "REVOKED"].map(String::from).to_vec()];
+                for r in revoked {
+                    rows.push(vec![text_of(r, "agent_id").to_owned(), who(r)]);
+                }
+                display::table(&rows)
+            }
+        }
+    };
     print(&text)?;
     Ok(exit::OK)
 }

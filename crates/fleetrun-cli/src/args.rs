@@ -202,6 +202,9 @@ Examples:
     Groups(GroupsArgs),
     /// List the accounts usable in the scope; add, update or remove them
     Accounts(AccountsArgs),
+    /// Revoke an agent, lift a revocation, list the revoked agents
+    #[command(subcommand, after_help = AGENTS_HELP)]
+    Agents(AgentsCommand),
 }
 
 #[derive(Debug, Subcommand)]

@@ -69,6 +69,7 @@ pub async fn dispatch(cli: &Cli) -> Result<u8, CliError> {
             None => admin::accounts(&ctx).await,
             Some(command) => admin::run(&ctx, Ok(admin::account_change(command))).await,
         },
+        Command::Agents(command) => admin::agents(&ctx, command).await,
     }
 }
 

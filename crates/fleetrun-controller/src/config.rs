@@ -36,6 +36,34 @@ pub struct Config {
     /// Where job callbacks may go beyond public addresses.
     #[serde(default)]
     pub callbacks: crate::callback::CallbacksConfig,
+    #[serde(default)]
+    pub agents: AgentsConfig,
+}
+
+/// Which agents may register, and what their claims about themselves are worth.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentsConfig {
+    /// What becomes of an agent the inventory does not list and that has no host yet.
+    #[serde(default)]
+    pub unlisted: UnlistedAgents,
+    /// Cloud areas whose agents' reported address is believed although their certificate names
+    /// no address and they connect from another one (behind NAT). Elsewhere such an agent is
+    /// refused.
+    #[serde(default)]
+    pub trust_reported_ip_in: Vec<i64>,
+}
+
+/// What becomes of an agent the inventory does not list and that has no host yet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnlistedAgents {
+    /// Refused until an operator lists it (`move_hosts` with its `agent_id`).
+    #[default]
+    Refuse,
+    /// Registered, and placed where the inventory's `[unlisted_agents]` says (by default the
+    /// unassigned pool).
+    Register,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -2,22 +2,39 @@
 //!
 //! **Architecture invariant:** an agent's identity comes only from its certificate. What it says
 //! in its hello is compared with the certificate and a mismatch is refused.
+//!
+//! **Architecture invariant:** an agent's address is one it cannot make up. It is the address
+//! it reports only when the inventory pins the agent to it (`ips`, `bk_cloud_id` on its `[[host]]`
+//! entry); else, without a pin, when its certificate names it (an IP SAN); else when it is the
+//! address the agent connects from; else when the operator trusts reported addresses in the
+//! agent's cloud area (`[agents] trust_reported_ip_in`, for agents behind NAT). Anything else is
+//! refused. An address already claimed by another host stays with the earlier claim: the newcomer
+//! is registered but quarantined (flagged, logged, not a target by that address).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, RwLock},
     time::Duration,
 };
 
-use fleetrun_net::{FramedRecv, describe_connection_error, peer_agent_id, send_frame};
+use fleetrun_inventory::PinnedAddress;
+use fleetrun_net::{
+    AgentCertificate, FramedRecv, describe_connection_error, peer_agent, send_frame,
+};
 use fleetrun_proto::{
     ControlUp, Hello, HelloReply, MIN_PROTOCOL_VERSION, OsType, PROTOCOL_VERSION, close_code,
 };
-use fleetrun_store::{AgentRegistration, Store};
+use fleetrun_store::{AgentRegistration, HostRecord, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::now_ms;
+use crate::{
+    config::{AgentsConfig, UnlistedAgents},
+    now_ms,
+};
+
+/// The close reason a revoked agent's connections get.
+const REVOKED_REASON: &[u8] = b"this agent is revoked by an operator";
 
 /// A connected agent.
 #[derive(Debug, Clone)]
@@ -26,36 +43,145 @@ pub struct AgentLink {
     pub connection: quinn::Connection,
 }
 
-/// The agents connected now, by host id.
+/// The agents connected now, by host id, and the agents that may not connect.
 #[derive(Debug, Clone, Default)]
 pub struct Agents {
-    links: Arc<RwLock<HashMap<i64, AgentLink>>>,
+    links: Arc<RwLock<Links>>,
 }
+
+#[derive(Debug, Default)]
+struct Links {
+    by_host: HashMap<i64, AgentLink>,
+    /// Kept under the same lock as the links, so that an agent revoked while it registers
+    /// either never gets a link or has it closed by the revocation.
+    revoked: HashSet<String>,
+}
+
+/// The agent is revoked.
+#[derive(Debug)]
+struct Revoked;
 
 impl Agents {
     pub fn get(&self, bk_host_id: i64) -> Option<AgentLink> {
-        self.links.read().unwrap().get(&bk_host_id).cloned()
+        self.links.read().unwrap().by_host.get(&bk_host_id).cloned()
     }
 
     pub fn count(&self) -> usize {
-        self.links.read().unwrap().len()
+        self.links.read().unwrap().by_host.len()
     }
 
-    fn insert(&self, bk_host_id: i64, link: AgentLink) -> Option<AgentLink> {
-        self.links.write().unwrap().insert(bk_host_id, link)
+    pub fn is_revoked(&self, agent_id: &str) -> bool {
+        self.links.read().unwrap().revoked.contains(agent_id)
+    }
+
+    /// Takes the stored revocations at start.
+    pub fn set_revoked(&self, agent_ids: impl IntoIterator<Item = String>) {
+        self.links.write().unwrap().revoked = agent_ids.into_iter().collect();
+    }
+
+    /// Refuses the agent from now on and closes its connections; returns how many it closed.
+    pub fn revoke(&self, agent_id: &str) -> usize {
+        let mut links = self.links.write().unwrap();
+        links.revoked.insert(agent_id.to_owned());
+        let mut closed = 0;
+        for link in links.by_host.values().filter(|l| l.agent_id == agent_id) {
+            link.connection
+                .close(close_code::REVOKED.into(), REVOKED_REASON);
+            closed += 1;
+        }
+        closed
+    }
+
+    /// Lets the agent connect again.
+    pub fn unrevoke(&self, agent_id: &str) {
+        self.links.write().unwrap().revoked.remove(agent_id);
+    }
+
+    /// Makes `link` the host's live connection, unless its agent is revoked; returns the link it
+    /// replaced.
+    fn insert(&self, bk_host_id: i64, link: AgentLink) -> Result<Option<AgentLink>, Revoked> {
+        let mut links = self.links.write().unwrap();
+        if links.revoked.contains(&link.agent_id) {
+            return Err(Revoked);
+        }
+        Ok(links.by_host.insert(bk_host_id, link))
     }
 
     /// Removes the link only if it is still this connection (a newer one may have replaced it).
     fn remove(&self, bk_host_id: i64, connection: &quinn::Connection) -> bool {
         let mut links = self.links.write().unwrap();
-        match links.get(&bk_host_id) {
+        match links.by_host.get(&bk_host_id) {
             Some(link) if link.connection.stable_id() == connection.stable_id() => {
-                links.remove(&bk_host_id);
+                links.by_host.remove(&bk_host_id);
                 true
             }
             _ => false,
         }
     }
+}
+
+/// Where an agent's address came from, most trusted first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AddressSource {
+    /// The operator's inventory pins the agent to it.
+    Inventory,
+    /// The certificate names it.
+    Certificate,
+    /// The agent connects from it.
+    Observed,
+    /// The agent says so, in a cloud area where the operator trusts that.
+    TrustedReport,
+}
+
+/// The address an agent is registered with: the one it reports, when something it cannot forge
+/// backs it (see the module documentation).
+pub(crate) fn agent_address(
+    reported: Option<IpAddr>,
+    pinned: Option<&PinnedAddress>,
+    certificate: &[IpAddr],
+    observed: IpAddr,
+    bk_cloud_id: i64,
+    trusted_clouds: &[i64],
+) -> Result<(IpAddr, AddressSource), String> {
+    let ip = reported
+        .ok_or("agent reported no IP address")?
+        .to_canonical();
+    if ip.is_unspecified() {
+        return Err(format!("agent reported the unspecified address {ip}"));
+    }
+    if let Some(pin) = pinned {
+        if pin.bk_cloud_id == bk_cloud_id && pin.ips.contains(&ip) {
+            return Ok((ip, AddressSource::Inventory));
+        }
+        let pinned: Vec<String> = pin.ips.iter().map(IpAddr::to_string).collect();
+        return Err(format!(
+            "agent reports address {ip} in cloud area {bk_cloud_id}, but the inventory pins it to {} in cloud area {}",
+            pinned.join(", "),
+            pin.bk_cloud_id
+        ));
+    }
+    let observed = observed.to_canonical();
+    if !certificate.is_empty() {
+        if certificate.contains(&ip) {
+            return Ok((ip, AddressSource::Certificate));
+        }
+        let named: Vec<String> = certificate.iter().map(IpAddr::to_string).collect();
+        return Err(format!(
+            "agent reports address {ip}, which its certificate does not name (it names {})",
+            named.join(", ")
+        ));
+    }
+    if ip == observed {
+        return Ok((ip, AddressSource::Observed));
+    }
+    if trusted_clouds.contains(&bk_cloud_id) {
+        return Ok((ip, AddressSource::TrustedReport));
+    }
+    Err(format!(
+        "agent reports address {ip} but connects from {observed}, and its certificate names no \
+         address: put the address in the agent's certificate (an IP SAN), or trust reported \
+         addresses in cloud area {bk_cloud_id} ([agents] trust_reported_ip_in)"
+    ))
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +190,7 @@ pub(crate) struct Gateway {
     pub store: Store,
     pub heartbeat: Duration,
     pub inventory: Arc<crate::inventory::InventoryState>,
+    pub policy: AgentsConfig,
 }
 
 impl Gateway {
@@ -91,14 +218,20 @@ impl Gateway {
 
     async fn serve_agent(self, connection: quinn::Connection) {
         let remote = connection.remote_address();
-        let agent_id = match peer_agent_id(&connection) {
-            Ok(id) => id,
+        let certificate = match peer_agent(&connection) {
+            Ok(certificate) => certificate,
             Err(e) => {
                 tracing::warn!(%remote, "refusing agent: {e}");
                 connection.close(close_code::REFUSED.into(), e.to_string().as_bytes());
                 return;
             }
         };
+        let agent_id = certificate.agent_id.clone();
+        if self.agents.is_revoked(&agent_id) {
+            tracing::warn!(%remote, agent_id, "refusing a revoked agent");
+            connection.close(close_code::REVOKED.into(), REVOKED_REASON);
+            return;
+        }
         let (mut send, recv) = match tokio::time::timeout(
             Duration::from_secs(10),
             connection.accept_bi(),
@@ -129,7 +262,7 @@ impl Gateway {
                 return;
             }
         };
-        let registration = match self.check_hello(&agent_id, &hello) {
+        let registration = match self.check_hello(&certificate, remote.ip(), &hello).await {
             Ok(reg) => reg,
             Err(reason) => {
                 tracing::warn!(%remote, agent_id, "refusing agent: {reason}");
@@ -152,6 +285,7 @@ impl Gateway {
         };
         // The host may be new, or report new addresses: the merged inventory is stale.
         self.inventory.invalidate();
+        self.report_contested_address(&host).await;
         let welcome = HelloReply::Welcome {
             bk_host_id: host.bk_host_id,
             heartbeat_interval_ms: self.heartbeat.as_millis() as u64,
@@ -164,11 +298,21 @@ impl Gateway {
             agent_id: agent_id.clone(),
             connection: connection.clone(),
         };
-        if let Some(old) = self.agents.insert(host.bk_host_id, link) {
-            old.connection.close(
+        match self.agents.insert(host.bk_host_id, link) {
+            Ok(Some(old)) => old.connection.close(
                 close_code::REPLACED.into(),
                 b"replaced by a newer connection",
-            );
+            ),
+            Ok(None) => {}
+            Err(Revoked) => {
+                tracing::warn!(agent_id, %remote, "agent revoked while it registered");
+                connection.close(close_code::REVOKED.into(), REVOKED_REASON);
+                let _ = self
+                    .store
+                    .set_offline(host.bk_host_id, registration.now, now_ms())
+                    .await;
+                return;
+            }
         }
         tracing::info!(agent_id, bk_host_id = host.bk_host_id, %remote, ip = host.ip, "agent online");
 
@@ -217,7 +361,54 @@ impl Gateway {
         }
     }
 
-    fn check_hello(&self, agent_id: &str, hello: &Hello) -> Result<AgentRegistration, String> {
+    /// Logs a registration whose address another host claimed first: the newcomer is the one
+    /// quarantined (`address_conflict` in `list_hosts`, not a target by that address).
+    async fn report_contested_address(&self, host: &HostRecord) {
+        let earlier = match self.store.earlier_claims(host).await {
+            Ok(earlier) => earlier,
+            Err(e) => {
+                tracing::error!(
+                    agent_id = host.agent_id,
+                    "cannot look up address claims: {e}"
+                );
+                return;
+            }
+        };
+        let declared = host.ip.parse().ok().and_then(|ip| {
+            self.inventory
+                .base()
+                .host_by_address(host.bk_cloud_id, ip)
+                .map(|h| h.bk_host_id)
+        });
+        let holders: Vec<String> = declared
+            .map(|id| format!("host {id} of the inventory"))
+            .into_iter()
+            .chain(
+                earlier
+                    .iter()
+                    .map(|c| format!("host {} (agent {:?})", c.bk_host_id, c.agent_id)),
+            )
+            .collect();
+        if !holders.is_empty() {
+            tracing::warn!(
+                agent_id = host.agent_id,
+                bk_host_id = host.bk_host_id,
+                bk_cloud_id = host.bk_cloud_id,
+                ip = host.ip,
+                "address conflict: the address is held by {}; this host is quarantined (not a \
+                 target by that address) until an operator resolves it",
+                holders.join(", ")
+            );
+        }
+    }
+
+    async fn check_hello(
+        &self,
+        certificate: &AgentCertificate,
+        observed: IpAddr,
+        hello: &Hello,
+    ) -> Result<AgentRegistration, String> {
+        let agent_id = certificate.agent_id.as_str();
         if hello.protocol_version < MIN_PROTOCOL_VERSION {
             return Err(format!(
                 "agent speaks protocol version {}, this controller needs {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}; upgrade the agent",
@@ -230,14 +421,29 @@ impl Gateway {
                 hello.agent_id
             ));
         }
-        let ip = hello.ips.first().ok_or("agent reported no IP address")?;
-        if ip.is_unspecified() {
-            return Err(format!("agent reported the unspecified address {ip}"));
+        let pinned = self.inventory.base().pinned_address(agent_id).cloned();
+        let (ip, source) = agent_address(
+            hello.ips.first().copied(),
+            pinned.as_ref(),
+            &certificate.ips,
+            observed,
+            hello.bk_cloud_id,
+            &self.policy.trust_reported_ip_in,
+        )?;
+        if source == AddressSource::TrustedReport {
+            tracing::info!(
+                agent_id,
+                %ip,
+                %observed,
+                bk_cloud_id = hello.bk_cloud_id,
+                "believing the agent's reported address: its cloud area is trusted"
+            );
         }
+        self.check_admission(agent_id).await?;
         Ok(AgentRegistration {
             agent_id: agent_id.to_owned(),
             bk_cloud_id: hello.bk_cloud_id,
-            ip: canonical_ip(*ip),
+            ip: ip.to_string(),
             hostname: hello.hostname.clone(),
             os_type: match hello.os_type {
                 OsType::Linux => "linux",
@@ -251,8 +457,28 @@ impl Gateway {
     }
 }
 
-fn canonical_ip(ip: IpAddr) -> String {
-    ip.to_canonical().to_string()
+impl Gateway {
+    /// Whether the agent may register: the inventory lists it, it has a host already (an
+    /// operator forgets it with `delete_host`), or the operator lets unlisted agents register.
+    async fn check_admission(&self, agent_id: &str) -> Result<(), String> {
+        if self.policy.unlisted == UnlistedAgents::Register
+            || self.inventory.base().lists_agent(agent_id)
+        {
+            return Ok(());
+        }
+        match self.store.host_of_agent(agent_id).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(format!(
+                "agent {agent_id:?} is not in the inventory: an operator lists it first \
+                 (fleetrun hosts move --agent {agent_id} ...), or lets unlisted agents register \
+                 ([agents] unlisted = \"register\")"
+            )),
+            Err(e) => {
+                tracing::error!(agent_id, "cannot look up the agent's host: {e}");
+                Err("controller could not check the agent".into())
+            }
+        }
+    }
 }
 
 async fn refuse(send: &mut quinn::SendStream, connection: &quinn::Connection, reason: String) {
@@ -267,4 +493,71 @@ async fn refuse(send: &mut quinn::SendStream, connection: &quinn::Connection, re
     // Give the refusal a moment to arrive before the close overtakes it.
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     connection.close(close_code::REFUSED.into(), reason.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn an_agents_address_is_one_it_cannot_make_up() {
+        let address = |reported: &str, cert: &[&str], observed: &str, trusted: &[i64]| {
+            let cert: Vec<IpAddr> = cert.iter().map(|a| ip(a)).collect();
+            agent_address(Some(ip(reported)), None, &cert, ip(observed), 1, trusted)
+        };
+        let ok = |source| Ok((ip("10.0.0.5"), source));
+        // Named by the certificate: wherever the agent connects from (a relay, NAT).
+        assert_eq!(
+            address("10.0.0.5", &["10.0.0.4", "10.0.0.5"], "192.0.2.1", &[]),
+            ok(AddressSource::Certificate)
+        );
+        // A certificate with addresses binds the agent to them, even in a trusted cloud area.
+        let refused = address("10.0.0.5", &["10.0.0.4"], "10.0.0.5", &[1]).unwrap_err();
+        assert!(
+            refused.contains("does not name (it names 10.0.0.4)"),
+            "{refused}"
+        );
+        // No address in the certificate: where it connects from.
+        assert_eq!(
+            address("10.0.0.5", &[], "::ffff:10.0.0.5", &[]),
+            ok(AddressSource::Observed)
+        );
+        let refused = address("10.0.0.5", &[], "10.0.0.6", &[]).unwrap_err();
+        assert!(refused.contains("connects from 10.0.0.6"), "{refused}");
+        // Or what it says, where the operator trusts that.
+        assert_eq!(
+            address("10.0.0.5", &[], "10.0.0.6", &[1]),
+            ok(AddressSource::TrustedReport)
+        );
+        assert!(address("10.0.0.5", &[], "10.0.0.6", &[2]).is_err());
+        assert!(agent_address(None, None, &[], ip("10.0.0.6"), 1, &[]).is_err());
+        // The operator's pin comes first: it admits an address nothing else backs, and refuses
+        // any other, even one the certificate names.
+        let pin = PinnedAddress {
+            bk_cloud_id: 1,
+            ips: vec![ip("10.0.0.5")],
+        };
+        let pinned = |reported: &str, cloud: i64, cert: &[IpAddr]| {
+            agent_address(
+                Some(ip(reported)),
+                Some(&pin),
+                cert,
+                ip("192.0.2.1"),
+                cloud,
+                &[],
+            )
+        };
+        assert_eq!(pinned("10.0.0.5", 1, &[]), ok(AddressSource::Inventory));
+        let refused = pinned("10.0.0.6", 1, &[ip("10.0.0.6")]).unwrap_err();
+        assert!(
+            refused.contains("pins it to 10.0.0.5 in cloud area 1"),
+            "{refused}"
+        );
+        assert!(pinned("10.0.0.5", 2, &[]).is_err());
+        assert!(address("0.0.0.0", &[], "0.0.0.0", &[1]).is_err());
+    }
 }

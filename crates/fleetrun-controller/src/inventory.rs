@@ -198,6 +198,7 @@ impl InventoryState {
                     bk_cloud_id: h.bk_cloud_id,
                     hostname: h.hostname,
                     os_type: h.os_type,
+                    address_since: h.address_since,
                 })
             })
             .collect();
@@ -311,6 +312,19 @@ impl InventoryState {
         let summary = "replaced the whole document".to_owned();
         self.commit(&current, text, inventory, operator, summary, Vec::new())
             .await
+    }
+
+    /// Records in the history something done to the fleet that the document does not hold (an
+    /// agent revoked): a revision with the current text and `summary`.
+    pub async fn note(&self, summary: String, operator: &str) -> Result<i64, ChangeRefused> {
+        let _one_change_at_a_time = self.edit.lock().await;
+        let current = self.current.read().unwrap().clone();
+        let inventory = (*current.inventory).clone();
+        let text = current.text.clone();
+        let (info, _) = self
+            .commit(&current, text, inventory, operator, summary, Vec::new())
+            .await?;
+        Ok(info.revision)
     }
 
     /// A kept revision.

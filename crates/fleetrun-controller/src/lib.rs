@@ -111,6 +111,13 @@ impl Controller {
         config.http_listen = http_addr;
 
         let agents = gateway::Agents::default();
+        agents.set_revoked(
+            store
+                .revoked_agents()
+                .await?
+                .into_iter()
+                .map(|r| r.agent_id),
+        );
         let engine = engine::Engine::new(
             store.clone(),
             agents.clone(),
@@ -130,6 +137,7 @@ impl Controller {
             store: store.clone(),
             heartbeat: Duration::from_secs(config.limits.heartbeat_secs),
             inventory: inventory.clone(),
+            policy: config.agents.clone(),
         };
         tasks.spawn(gateway.serve(endpoint, shutdown.clone()));
 

@@ -231,6 +231,7 @@ fn main() {
             ips: vec![IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i as u32))],
             hostname: format!("agent-{i}"),
             os_type: "linux".into(),
+            address_since: 0,
         })
         .collect();
     let (merge, merged) = time(5, || inventory.with_agents(&agents));

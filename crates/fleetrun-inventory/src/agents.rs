@@ -4,6 +4,7 @@
 use std::{collections::BTreeMap, collections::HashSet, net::IpAddr};
 
 use crate::{
+    fast_hash::FastMap,
     hosts::HostTable,
     inventory::Inventory,
     model::{Host, Value},
@@ -23,6 +24,17 @@ pub struct Placement {
 pub struct AgentPlacement {
     pub agent_id: String,
     pub placement: Placement,
+    /// The address the operator approved for the agent, if any.
+    pub address: Option<PinnedAddress>,
+}
+
+/// An agent's address as the inventory pins it: the agent must report one of these addresses in
+/// this cloud area, and its host is targeted by them whatever it reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedAddress {
+    pub bk_cloud_id: i64,
+    /// Canonical; the first is the primary one.
+    pub ips: Vec<IpAddr>,
 }
 
 /// A registered agent: what it reports about its host, and the host id the controller gave it.
@@ -35,6 +47,9 @@ pub struct AgentHost {
     pub ips: Vec<IpAddr>,
     pub hostname: String,
     pub os_type: String,
+    /// Since when (Unix ms) the agent has claimed its addresses: an earlier claim holds an
+    /// address against a later one.
+    pub address_since: i64,
 }
 
 /// An agent's host with its placement applied.
@@ -75,15 +90,34 @@ pub enum AgentRefusal {
 }
 
 impl Inventory {
+    /// Whether a `[[host]]` entry places this agent (otherwise it is an unlisted agent).
+    pub fn lists_agent(&self, agent_id: &str) -> bool {
+        self.placements.contains_key(agent_id)
+    }
+
+    /// The address the inventory pins an agent to, if it does.
+    pub fn pinned_address(&self, agent_id: &str) -> Option<&PinnedAddress> {
+        self.pinned.get(agent_id)
+    }
+
     /// The host an agent's registration stands for: its own report, placed by the file.
     pub fn place_agent(&self, agent: &AgentHost) -> PlacedHost {
         let listed = self.placements.get(&agent.agent_id);
         let placement = listed.unwrap_or(&self.unlisted_agents);
+        // The operator's pin wins over what the agent reported (which the controller checked
+        // against the pin when the agent registered; the pin may have changed since).
+        let (bk_cloud_id, ips) = match self.pinned.get(&agent.agent_id) {
+            Some(pin) => (pin.bk_cloud_id, pin.ips.clone()),
+            None => (
+                agent.bk_cloud_id,
+                agent.ips.iter().map(IpAddr::to_canonical).collect(),
+            ),
+        };
         PlacedHost {
             host: Host {
                 bk_host_id: agent.bk_host_id,
-                bk_cloud_id: agent.bk_cloud_id,
-                ips: agent.ips.iter().map(IpAddr::to_canonical).collect(),
+                bk_cloud_id,
+                ips,
                 hostname: agent.hostname.clone(),
                 os_type: agent.os_type.clone(),
                 agent_id: Some(agent.agent_id.clone()),
@@ -107,6 +141,7 @@ impl Inventory {
             .filter_map(|h| h.agent_id.as_deref())
             .collect();
         let mut refused = Vec::new();
+        let mut claimed_since = FastMap::default();
         hosts.reserve(agents.len());
         for agent in agents {
             let reason = if !seen.insert(&agent.agent_id) {
@@ -123,11 +158,25 @@ impl Inventory {
                     agent_id: agent.agent_id.clone(),
                     reason,
                 }),
-                None => hosts.push(self.place_agent(agent).host),
+                None => {
+                    // An address the operator approved holds against agents' own claims
+                    // (the file's hosts, at i64::MIN, still come first).
+                    let since = if self.pinned.contains_key(&agent.agent_id) {
+                        i64::MIN + 1
+                    } else {
+                        agent.address_since
+                    };
+                    claimed_since.insert(agent.bk_host_id, since);
+                    hosts.push(self.place_agent(agent).host);
+                }
             }
         }
         Merged {
-            inventory: self.with_host_table(HostTable::build(hosts, &self.topology)),
+            inventory: self.with_host_table(HostTable::build(
+                hosts,
+                &self.topology,
+                &claimed_since,
+            )),
             refused,
         }
     }

@@ -5,9 +5,10 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use crate::{fast_hash::FastMap, model::Host, topology::Topology};
 
-/// An address claimed by more than one targetable host in a cloud area. The host with the lowest
-/// id holds it; the others can be targeted by host id, but not by this address, until an operator
-/// resolves the conflict.
+/// An address claimed by more than one targetable host in a cloud area. The earliest claim holds
+/// it: a host of the file before any agent's, then the agent that has claimed it the longest,
+/// then the lowest id. The others are quarantined: they can be targeted by host id, but not by
+/// this address, until an operator resolves the conflict. A newcomer never takes an address away.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AddressConflict {
     pub bk_cloud_id: i64,
@@ -36,8 +37,14 @@ pub(crate) struct HostTable {
 }
 
 impl HostTable {
-    /// Indexes hosts whose references have been checked against `topology`.
-    pub(crate) fn build(mut hosts: Vec<Host>, topology: &Topology) -> Self {
+    /// Indexes hosts whose references have been checked against `topology`. `claimed_since`
+    /// says since when an agent's host has claimed its addresses; hosts not in it (the file's)
+    /// claim theirs since always.
+    pub(crate) fn build(
+        mut hosts: Vec<Host>,
+        topology: &Topology,
+        claimed_since: &FastMap<i64, i64>,
+    ) -> Self {
         hosts.sort_unstable_by_key(|h| h.bk_host_id);
         for host in &mut hosts {
             for ip in &mut host.ips {
@@ -49,7 +56,12 @@ impl HostTable {
             ..Self::default()
         };
         table.by_id.reserve(hosts.len());
-        let mut conflicts: BTreeMap<(i64, IpAddr), (i64, Vec<i64>)> = BTreeMap::new();
+        let rank = |i: u32| {
+            let id = hosts[i as usize].bk_host_id;
+            (claimed_since.get(&id).copied().unwrap_or(i64::MIN), id)
+        };
+        // Every claimant of a contested address, in position (host id) order.
+        let mut contested: BTreeMap<(i64, IpAddr), Vec<u32>> = BTreeMap::new();
         for (i, host) in hosts.iter().enumerate() {
             let i = i as u32;
             table.by_id.insert(host.bk_host_id, i);
@@ -73,27 +85,33 @@ impl HostTable {
             }
             for ip in &host.ips {
                 let key = (host.bk_cloud_id, *ip);
-                let holder = *table.holders.entry(key).or_insert(i);
-                if holder != i {
-                    let (_, claimers) = conflicts
-                        .entry(key)
-                        .or_insert_with(|| (hosts[holder as usize].bk_host_id, Vec::new()));
-                    if claimers.last() != Some(&host.bk_host_id) {
-                        claimers.push(host.bk_host_id);
+                let holder = table.holders.entry(key).or_insert(i);
+                if *holder != i {
+                    let claimants = contested.entry(key).or_insert_with(|| vec![*holder]);
+                    if claimants.last() != Some(&i) {
+                        claimants.push(i);
+                    }
+                    if rank(i) < rank(*holder) {
+                        *holder = i;
                     }
                 }
             }
         }
-        table.conflicts = conflicts
+        table.conflicts = contested
             .into_iter()
-            .map(
-                |((bk_cloud_id, ip), (held_by, claimed_by))| AddressConflict {
+            .map(|((bk_cloud_id, ip), claimants)| {
+                let holder = table.holders[&(bk_cloud_id, ip)];
+                AddressConflict {
                     bk_cloud_id,
                     ip,
-                    held_by,
-                    claimed_by,
-                },
-            )
+                    held_by: hosts[holder as usize].bk_host_id,
+                    claimed_by: claimants
+                        .into_iter()
+                        .filter(|&c| c != holder)
+                        .map(|c| hosts[c as usize].bk_host_id)
+                        .collect(),
+                }
+            })
             .collect();
         table.hosts = hosts;
         table

@@ -3,7 +3,7 @@
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use crate::{
-    agents::{AgentPlacement, Placement},
+    agents::{AgentPlacement, PinnedAddress, Placement},
     group::DynamicGroup,
     hosts::{AddressConflict, HostTable},
     model::{Account, Business, BusinessSet, Host, Scope, TopoNode},
@@ -44,6 +44,7 @@ pub struct Inventory {
     /// The hosts of the parts, which every merge of agents starts from.
     pub(crate) declared_hosts: Arc<Vec<Host>>,
     pub(crate) placements: Arc<HashMap<String, Placement>>,
+    pub(crate) pinned: Arc<HashMap<String, PinnedAddress>>,
     pub(crate) unlisted_agents: Arc<Placement>,
     groups: Vec<DynamicGroup>,
     group_index: HashMap<String, usize>,
@@ -56,7 +57,7 @@ impl Inventory {
     pub fn build(parts: InventoryParts) -> Result<Self, InventoryError> {
         validate(&parts)?;
         let topology = Topology::build(parts.topology);
-        let hosts = HostTable::build(parts.hosts.clone(), &topology);
+        let hosts = HostTable::build(parts.hosts.clone(), &topology, &Default::default());
         Ok(Self {
             business_index: index(&parts.businesses, |b| b.bk_biz_id),
             businesses: parts.businesses,
@@ -65,6 +66,13 @@ impl Inventory {
             topology: Arc::new(topology),
             hosts,
             declared_hosts: Arc::new(parts.hosts),
+            pinned: Arc::new(
+                parts
+                    .agent_placements
+                    .iter()
+                    .filter_map(|p| Some((p.agent_id.clone(), p.address.clone()?)))
+                    .collect(),
+            ),
             placements: Arc::new(
                 parts
                     .agent_placements
@@ -91,6 +99,7 @@ impl Inventory {
             hosts,
             declared_hosts: Arc::clone(&self.declared_hosts),
             placements: Arc::clone(&self.placements),
+            pinned: Arc::clone(&self.pinned),
             unlisted_agents: Arc::clone(&self.unlisted_agents),
             groups: self.groups.clone(),
             group_index: self.group_index.clone(),

@@ -14,10 +14,12 @@
 //! # Hosts from agents
 //! The controller merges its registered agents with [`Inventory::with_agents`] (or asks about one
 //! with [`Inventory::place_agent`]). The rule:
-//! - the agent is the authority on its host's identity: cloud area, addresses, hostname, OS; the
-//!   controller gives the host its id when the agent registers;
+//! - the agent reports its host's identity: cloud area, addresses, hostname, OS (the controller
+//!   checks the address against what the agent cannot forge); the controller gives the host its
+//!   id when the agent registers;
 //! - the file is the authority on placement: a `[[host]]` entry keyed by `agent_id` gives the
-//!   business, modules and attributes, and may not give identity fields;
+//!   business, modules and attributes; it may pin the agent's address (`ips`, with
+//!   `bk_cloud_id`), which then wins over the agent's report, but gives no other identity field;
 //! - an agent the file does not list lands where `[unlisted_agents]` says, by default in the
 //!   unassigned pool (visible, never a target);
 //! - a `[[host]]` entry with a `bk_host_id` is a host of the file (e.g. one whose agent is not
@@ -45,7 +47,8 @@ mod validate;
 
 pub use account::AccountError;
 pub use agents::{
-    AgentHost, AgentPlacement, AgentRefusal, Merged, PlacedHost, Placement, RefusedAgent,
+    AgentHost, AgentPlacement, AgentRefusal, Merged, PinnedAddress, PlacedHost, Placement,
+    RefusedAgent,
 };
 pub use file::{
     AgentHosts, AttributeChanges, Change, ChangeError, ConditionSpec, ConditionValue,

@@ -66,7 +66,7 @@ pub enum ResolveError {
     #[error("no target hosts given")]
     Empty,
     /// Host ids, or `cloud:ip` addresses, that no host has (an address only conflicting hosts
-    /// claim cannot occur: its lowest-id claimant holds it).
+    /// claim cannot occur: its earliest claimant holds it).
     #[error("hosts not in the inventory: {}", .0.join(", "))]
     UnknownHosts(Vec<String>),
     /// Topology nodes that do not exist in the scope's businesses. A node of another business is

@@ -47,6 +47,7 @@ fn agent(agent_id: &str, bk_host_id: i64, ips: &[&str]) -> AgentHost {
         ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
         hostname: format!("{agent_id}.local"),
         os_type: "linux".into(),
+        address_since: 0,
     }
 }
 
@@ -190,6 +191,79 @@ fn the_lowest_host_id_holds_an_address() {
             .bk_host_id,
         21
     );
+}
+
+#[test]
+fn the_earliest_claim_holds_an_address_whatever_the_ids() {
+    let file = format!("{FILE}\n[unlisted_agents]\nbk_biz_id = 2\n");
+    let inventory = Inventory::from_toml(&file).unwrap();
+    let since = |mut agent: AgentHost, at: i64| {
+        agent.address_since = at;
+        agent
+    };
+    // Host 21 moved onto 10.0.0.9 after host 30 had it: the newcomer is the one quarantined.
+    let merged = inventory.with_agents(&[
+        since(agent("a", 30, &["10.0.0.9"]), 100),
+        since(agent("x", 21, &["10.0.0.9"]), 200),
+        since(agent("y", 25, &["10.0.0.9"]), 150),
+        // Nor does an agent take a host of the file's address, however early it came.
+        since(agent("z", 40, &["10.0.0.1"]), i64::MIN + 1),
+    ]);
+    let inventory = merged.inventory;
+    assert_eq!(
+        inventory.conflicts(),
+        [
+            AddressConflict {
+                bk_cloud_id: 0,
+                ip: "10.0.0.1".parse().unwrap(),
+                held_by: 1,
+                claimed_by: vec![40],
+            },
+            AddressConflict {
+                bk_cloud_id: 0,
+                ip: "10.0.0.9".parse().unwrap(),
+                held_by: 30,
+                claimed_by: vec![21, 25],
+            },
+        ]
+    );
+    let resolved = inventory
+        .resolve(&Scope::Biz(2), &by_ip("10.0.0.9"))
+        .unwrap();
+    assert_eq!(resolved.hosts.len(), 1);
+    assert_eq!(resolved.hosts[0].bk_host_id, 30);
+}
+
+#[test]
+fn a_pinned_address_wins_over_the_agents_report_and_its_claim_comes_first() {
+    let file = format!(
+        "{FILE}\n[unlisted_agents]\nbk_biz_id = 2\n\n[[host]]\nagent_id = \"p\"\nbk_cloud_id = 1\nips = [\"::ffff:10.0.0.7\"]\nbk_biz_id = 2\n"
+    );
+    let inventory = Inventory::from_toml(&file).unwrap();
+    let pin = inventory.pinned_address("p").unwrap();
+    assert_eq!(
+        (pin.bk_cloud_id, pin.ips[0]),
+        (1, "10.0.0.7".parse().unwrap())
+    );
+    assert!(inventory.pinned_address("a").is_none());
+    let early = |mut agent: AgentHost, at: i64| {
+        agent.address_since = at;
+        agent.bk_cloud_id = 1;
+        agent
+    };
+    let merged = inventory.with_agents(&[
+        early(agent("x", 20, &["10.0.0.7"]), 1),
+        // p reports something else and registered later: the pin decides both.
+        early(agent("p", 30, &["10.0.0.99"]), 500),
+    ]);
+    let inventory = merged.inventory;
+    let p = inventory.host_by_agent("p").unwrap();
+    assert_eq!(
+        (p.bk_cloud_id, p.ips.clone()),
+        (1, vec!["10.0.0.7".parse().unwrap()])
+    );
+    assert_eq!(inventory.conflicts()[0].held_by, 30);
+    assert_eq!(inventory.conflicts()[0].claimed_by, [20]);
 }
 
 #[test]

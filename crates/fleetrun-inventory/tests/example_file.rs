@@ -12,6 +12,7 @@ fn agent(agent_id: &str, bk_host_id: i64, ip: &str) -> AgentHost {
         ips: vec![ip.parse().unwrap()],
         hostname: agent_id.to_owned(),
         os_type: "linux".to_owned(),
+        address_since: 0,
     }
 }
 

@@ -328,9 +328,27 @@ ips = ["10.0.0.1"]
         r#"
 [[host]]
 agent_id = "a"
-ips = ["10.0.0.1"]
+hostname = "h"
 "#,
-        "line 21, column 7: ips is what the agent reports; an agent_id entry only places its host",
+        "line 21, column 12: hostname is what the agent reports; an agent_id entry places its host and may pin its address (ips, bk_cloud_id)",
+    ),
+    (
+        "agent entry pinning a cloud area without an address",
+        r#"
+[[host]]
+agent_id = "a"
+bk_cloud_id = 3
+"#,
+        "line 21, column 15: bk_cloud_id pins an agent's address together with ips",
+    ),
+    (
+        "agent entry pinning no address",
+        r#"
+[[host]]
+agent_id = "a"
+ips = []
+"#,
+        "line 21, column 7: ips pins no address: it is empty",
     ),
     (
         "duplicate host",

@@ -9,5 +9,7 @@ mod identity;
 mod tls;
 
 pub use frame::{FramedRecv, StreamError, describe_connection_error, send_frame};
-pub use identity::{IdentityError, agent_id_of_cert_file, peer_agent_id};
+pub use identity::{
+    AgentCertificate, IdentityError, agent_id_of_cert_file, peer_agent, peer_agent_id,
+};
 pub use tls::{Timing, TlsError, TlsFiles, client_endpoint, server_endpoint};

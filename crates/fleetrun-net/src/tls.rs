@@ -3,8 +3,17 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use rustls::{RootCertStore, crypto::CryptoProvider, server::WebPkiClientVerifier};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+    client::danger::HandshakeSignatureValid,
+    crypto::CryptoProvider,
+    server::{
+        WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject};
+use x509_parser::prelude::FromDer;
 
 /// The PEM files one side of a connection needs.
 #[derive(Debug, Clone)]
@@ -124,9 +133,11 @@ pub fn server_endpoint(
     timing: Timing,
 ) -> Result<quinn::Endpoint, TlsError> {
     let roots = load_roots(&files.ca)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(ClientAuthOnly {
+        inner: WebPkiClientVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?,
+    });
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -205,4 +216,79 @@ pub fn client_endpoint(
         quinn::Endpoint::client(bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
+}
+
+/// The CA's client verifier, and a certificate must also say it is meant for client
+/// authentication. webpki checks the extended key usage only when a certificate has one, so a
+/// certificate issued for something else without any (a CA that signs more than agents) would
+/// otherwise pass as an agent's.
+#[derive(Debug)]
+struct ClientAuthOnly {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+/// Whether a DER certificate's extended key usage names TLS client authentication.
+fn allows_client_auth(der: &[u8]) -> Result<bool, rustls::Error> {
+    let bad = || rustls::Error::InvalidCertificate(CertificateError::BadEncoding);
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).map_err(|_| bad())?;
+    Ok(cert
+        .extended_key_usage()
+        .map_err(|_| bad())?
+        .is_some_and(|eku| eku.value.client_auth))
+}
+
+impl ClientCertVerifier for ClientAuthOnly {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if !allows_client_auth(end_entity)? {
+            tracing::warn!(
+                "refusing a client certificate without the clientAuth extended key usage"
+            );
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::InvalidPurpose,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }

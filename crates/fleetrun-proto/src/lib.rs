@@ -55,4 +55,6 @@ pub mod close_code {
     pub const SHUTDOWN: u32 = 3;
     /// A newer connection of the same agent replaced this one.
     pub const REPLACED: u32 = 4;
+    /// An operator revoked the agent: it is refused until the revocation is lifted.
+    pub const REVOKED: u32 = 5;
 }

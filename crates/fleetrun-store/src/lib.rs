@@ -7,6 +7,7 @@
 //!
 //! **Architecture invariant:** only this crate speaks SQL.
 
+mod agent_trust;
 mod callbacks;
 mod health;
 mod inventory;
@@ -24,6 +25,7 @@ use sqlx::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+pub use agent_trust::{AddressClaim, Revocation};
 pub use callbacks::{
     CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
 };
@@ -192,12 +194,15 @@ impl Store {
     }
 
     /// Records an agent's registration: creates the host at the first one, refreshes it after.
-    /// Where the host sits (business, modules) is the inventory's business, not the store's.
+    /// A host keeps the time it began claiming its address (`address_since`) while the address
+    /// stays the same. Where the host sits (business, modules) is the inventory's business, not the store's.
     pub async fn register_agent(&self, reg: &AgentRegistration) -> Result<HostRecord, StoreError> {
         let row = sqlx::query(
-            "INSERT INTO host (agent_id, bk_cloud_id, ip, hostname, os_type, agent_version, online, last_seen)
-             VALUES (?, ?, ?, ?, ?, ?, 1, ?)
+            "INSERT INTO host (agent_id, bk_cloud_id, ip, hostname, os_type, agent_version, online, last_seen, address_since)
+             VALUES (?, ?, ?, ?, ?, ?, 1, ?7, ?7)
              ON CONFLICT (agent_id) DO UPDATE SET
+                 address_since = CASE WHEN host.bk_cloud_id = excluded.bk_cloud_id AND host.ip = excluded.ip
+                                      THEN host.address_since ELSE excluded.address_since END,
                  bk_cloud_id = excluded.bk_cloud_id, ip = excluded.ip, hostname = excluded.hostname,
                  os_type = excluded.os_type, agent_version = excluded.agent_version,
                  online = 1, last_seen = excluded.last_seen

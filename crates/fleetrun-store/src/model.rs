@@ -26,6 +26,8 @@ pub struct HostRecord {
     pub agent_version: String,
     pub online: bool,
     pub last_seen: i64,
+    /// When the host began claiming its current address (Unix ms).
+    pub address_since: i64,
 }
 
 impl HostRecord {
@@ -40,6 +42,7 @@ impl HostRecord {
             agent_version: row.get("agent_version"),
             online: row.get("online"),
             last_seen: row.get("last_seen"),
+            address_since: row.get("address_since"),
         }
     }
 }

@@ -7,6 +7,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../migrations/0002_callbacks.sql")),
     (3, include_str!("../migrations/0003_scripts.sql")),
     (4, include_str!("../migrations/0004_inventory.sql")),
+    (5, include_str!("../migrations/0005_agent_trust.sql")),
     (6, include_str!("../migrations/0006_write_probe.sql")),
 ];
 

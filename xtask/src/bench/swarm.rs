@@ -128,6 +128,8 @@ pub async fn run(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
         agents: 0,
         dir: dir.clone(),
         release: true,
+        // Virtual agents report made-up addresses, all connecting from this machine.
+        trust_reported_ip_in: vec![0],
         ..Default::default()
     })
     .await?;

@@ -1,5 +1,5 @@
 //! The inventory's administration commands, as clap reads them: `inventory`, `biz`, `bizset`,
-//! `node`, the subcommands of `hosts`, `groups` and `accounts`.
+//! `node`, the subcommands of `hosts`, `groups` and `accounts`; and `agents` (revocation).
 
 use std::path::PathBuf;
 
@@ -91,6 +91,38 @@ Examples:
   fleetrun run --host 1 --as deploy -c whoami
   fleetrun accounts update 3 --usable-everywhere
   fleetrun accounts rm 3";
+
+pub const AGENTS_HELP: &str = "\
+Examples:
+  fleetrun agents revoke web-7 --reason 'host stolen'
+                                  its connection closes now; it is refused until unrevoked,
+                                  whatever certificate it presents for that id
+  fleetrun hosts rm 7             then forget its host (refused while it is connected)
+  fleetrun agents list-revoked    who was revoked, when, by whom and why
+  fleetrun agents unrevoke web-7  let it connect again
+
+Revoking and unrevoking are noted in the inventory history (fleetrun inventory history).
+Only an app allowed every scope may use these commands.";
+
+/// Revoking agents.
+#[derive(Debug, Subcommand)]
+pub enum AgentsCommand {
+    /// Revoke an agent: its connections close now and it is refused until unrevoked
+    Revoke {
+        /// The agent id (its certificate's spiffe://fleetrun/agent/<id>)
+        agent_id: String,
+        /// Why, for the record
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// Let a revoked agent connect again
+    Unrevoke {
+        /// The agent id
+        agent_id: String,
+    },
+    /// List the revoked agents, oldest revocation first
+    ListRevoked,
+}
 
 /// `--expect-revision`, on every command that changes the inventory.
 #[derive(Debug, Clone, Copy, Default, Args)]

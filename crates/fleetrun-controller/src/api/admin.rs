@@ -1,9 +1,10 @@
 //! fleetrun's inventory administration: `get_inventory`, `get_inventory_history`,
-//! `change_inventory`, `replace_inventory`, `reload_inventory`. Only an app granted `admin` may
+//! `change_inventory`, `replace_inventory`, `reload_inventory`, and the agents' revocation:
+//! `revoke_agent`, `unrevoke_agent`, `list_revoked_agents`. Only an app granted `admin` may
 //! call them.
 
 use fleetrun_inventory::Change;
-use fleetrun_store::RevisionInfo;
+use fleetrun_store::{RevisionInfo, Revocation};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -223,4 +224,133 @@ pub async fn reload_inventory(
             e => ApiError::invalid("inventory", e),
         })?;
     Ok(json!({ "reloaded": true, "imported": imported, "revision": info.revision }))
+}
+
+/// Longest revocation reason kept.
+const MAX_REASON: usize = 1_000;
+
+#[derive(Debug, Deserialize)]
+struct AgentParam {
+    agent_id: Option<String>,
+    reason: Option<String>,
+}
+
+fn agent_id_param(req: &AgentParam) -> Result<String, ApiError> {
+    let agent_id = req
+        .agent_id
+        .clone()
+        .ok_or_else(|| ApiError::missing("agent_id"))?;
+    if !fleetrun_proto::is_valid_agent_id(&agent_id) {
+        return Err(ApiError::invalid(
+            "agent_id",
+            format!("{agent_id:?} is not an agent id"),
+        ));
+    }
+    Ok(agent_id)
+}
+
+fn revocation_json(r: &Revocation) -> Value {
+    json!({
+        "agent_id": r.agent_id,
+        "reason": r.reason,
+        "operator": r.operator,
+        "revoked_at": r.revoked_at,
+    })
+}
+
+/// Revokes an agent: its connections close now, and it is refused at every connection after,
+/// whatever certificate it presents, until `unrevoke_agent`. Its host stays (offline) until
+/// `delete_host` forgets it. The revocation is noted in the inventory history.
+pub async fn revoke_agent(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
+    require_admin(caller, "revoke agents")?;
+    let req: AgentParam = params.parse()?;
+    let agent_id = agent_id_param(&req)?;
+    let reason = req.reason.unwrap_or_default();
+    if reason.len() > MAX_REASON {
+        return Err(ApiError::invalid(
+            "reason",
+            format!("{} bytes, more than {MAX_REASON}", reason.len()),
+        ));
+    }
+    let new = Revocation {
+        agent_id: agent_id.clone(),
+        reason,
+        operator: caller.username.clone(),
+        revoked_at: crate::now_ms(),
+    };
+    let store = shared.store.clone();
+    let agents = shared.agents.clone();
+    let inventory = shared.inventory.clone();
+    // Once stored, the revocation is enforced and noted even if the caller goes away.
+    let (revocation, made, closed, revision) = to_the_end(async move {
+        let (revocation, made) = store.revoke_agent(&new).await?;
+        let closed = agents.revoke(&revocation.agent_id);
+        let revision = if made {
+            let summary = match revocation.reason.as_str() {
+                "" => format!("revoke_agent {}", revocation.agent_id),
+                why => format!("revoke_agent {}: {why}", revocation.agent_id),
+            };
+            Some(inventory.note(summary, &revocation.operator).await?)
+        } else {
+            None
+        };
+        Ok::<_, ApiError>((revocation, made, closed, revision))
+    })
+    .await??;
+    tracing::warn!(agent_id, closed, "agent revoked");
+    let mut out = revocation_json(&revocation);
+    out["newly_revoked"] = json!(made);
+    out["connections_closed"] = json!(closed);
+    out["revision"] = json!(revision);
+    Ok(out)
+}
+
+/// Lifts an agent's revocation: it may connect again (and registers as any agent would).
+pub async fn unrevoke_agent(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
+    require_admin(caller, "unrevoke agents")?;
+    let req: AgentParam = params.parse()?;
+    let agent_id = agent_id_param(&req)?;
+    let store = shared.store.clone();
+    let agents = shared.agents.clone();
+    let inventory = shared.inventory.clone();
+    let operator = caller.username.clone();
+    let (lifted, revision) = to_the_end(async move {
+        let lifted = store.unrevoke_agent(&agent_id).await?;
+        agents.unrevoke(&agent_id);
+        let revision = match &lifted {
+            Some(_) => Some(
+                inventory
+                    .note(format!("unrevoke_agent {agent_id}"), &operator)
+                    .await?,
+            ),
+            None => None,
+        };
+        Ok::<_, ApiError>((lifted, revision))
+    })
+    .await??;
+    let Some(lifted) = lifted else {
+        return Err(ApiError::invalid(
+            "agent_id",
+            format!("{:?} is not revoked", req.agent_id.unwrap_or_default()),
+        ));
+    };
+    tracing::warn!(agent_id = lifted.agent_id, "agent revocation lifted");
+    let mut out = revocation_json(&lifted);
+    out["revision"] = json!(revision);
+    Ok(out)
+}
+
+/// Every revoked agent, oldest revocation first.
+pub async fn list_revoked_agents(shared: &Shared, caller: &Caller) -> Result<Value, ApiError> {
+    require_admin(caller, "list revoked agents")?;
+    let revoked = shared.store.revoked_agents().await?;
+    Ok(Value::Array(revoked.iter().map(revocation_json).collect()))
 }

@@ -135,6 +135,9 @@ async fn dispatch(
             }
             "change_inventory" => admin::change_inventory(&shared, &caller, &params).await,
             "replace_inventory" => admin::replace_inventory(&shared, &caller, &params).await,
+            "revoke_agent" => admin::revoke_agent(&shared, &caller, &params).await,
+            "unrevoke_agent" => admin::unrevoke_agent(&shared, &caller, &params).await,
+            "list_revoked_agents" => admin::list_revoked_agents(&shared, &caller).await,
             "get_callback_status" => query::get_callback_status(&shared, &caller, &params).await,
             _ => Err(ApiError::new(
                 error::code::API_UNSUPPORTED,

@@ -1,6 +1,6 @@
 //! From file entries to [`InventoryParts`], remembering where each id and reference was written.
 
-use std::{collections::BTreeMap, collections::HashMap, ops::Range};
+use std::{collections::BTreeMap, collections::HashMap, net::IpAddr, ops::Range};
 
 use toml::Spanned;
 
@@ -9,7 +9,7 @@ use super::entries::{
     OpName, PlacementEntry, StatusName,
 };
 use crate::{
-    agents::{AgentPlacement, Placement},
+    agents::{AgentPlacement, PinnedAddress, Placement},
     group::{Condition, DynamicGroup, ObjectKind, Op},
     inventory::InventoryParts,
     model::{
@@ -278,17 +278,35 @@ fn agent_placement(
     spans: &mut Spans,
 ) -> Result<(), Shape> {
     let reported = [
-        ("bk_cloud_id", entry.bk_cloud_id.as_ref().map(Spanned::span)),
-        ("ips", entry.ips.as_ref().map(Spanned::span)),
         ("hostname", entry.hostname.as_ref().map(Spanned::span)),
         ("os_type", entry.os_type.as_ref().map(Spanned::span)),
     ];
     if let Some((field, Some(span))) = reported.into_iter().find(|(_, span)| span.is_some()) {
         return Err((
             span,
-            format!("{field} is what the agent reports; an agent_id entry only places its host"),
+            format!(
+                "{field} is what the agent reports; an agent_id entry places its host and may pin its address (ips, bk_cloud_id)"
+            ),
         ));
     }
+    let address = match (entry.ips, entry.bk_cloud_id) {
+        (None, None) => None,
+        (None, Some(cloud)) => {
+            return Err((
+                cloud.span(),
+                "bk_cloud_id pins an agent's address together with ips".to_owned(),
+            ));
+        }
+        (Some(ips), cloud) => {
+            if ips.get_ref().is_empty() {
+                return Err((ips.span(), "ips pins no address: it is empty".to_owned()));
+            }
+            Some(PinnedAddress {
+                bk_cloud_id: cloud.map_or(0, Spanned::into_inner),
+                ips: ips.into_inner().iter().map(IpAddr::to_canonical).collect(),
+            })
+        }
+    };
     let i = parts.agent_placements.len();
     let agent = entry.agent_id.expect("checked by the caller");
     spans.note(Item::AgentPlacement, i, Field::Id, agent.span());
@@ -306,6 +324,7 @@ fn agent_placement(
     parts.agent_placements.push(AgentPlacement {
         agent_id: agent.into_inner(),
         placement,
+        address,
     });
     Ok(())
 }

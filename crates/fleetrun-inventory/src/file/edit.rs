@@ -1337,6 +1337,7 @@ mod tests {
             ips: vec!["10.9.0.9".parse().unwrap()],
             hostname: "p".into(),
             os_type: "linux".into(),
+            address_since: 0,
         });
         // Still where [unlisted_agents] put it, now with the attribute.
         assert_eq!(placed.host.bk_biz_id, Some(3));
@@ -1370,6 +1371,7 @@ mod tests {
             ips: vec!["10.9.0.9".parse().unwrap()],
             hostname: "n".into(),
             os_type: "linux".into(),
+            address_since: 0,
         });
         assert_eq!(placed.host.bk_biz_id, None);
         assert!(placed.host.modules.is_empty());
