@@ -229,10 +229,10 @@ fn check(stat: &FileStat, dir: &Path, agent: Uid, last: bool) -> Result<(), Walk
         Some(Problem::Owner)
     } else if mode & 0o022 == 0 || (mode & 0o1000 != 0 && !last) {
         None
-    } else if mode & 0o020 != 0 {
-        Some(Problem::GroupWritable)
-    } else {
+    } else if mode & 0o002 != 0 {
         Some(Problem::WorldWritable)
+    } else {
+        Some(Problem::GroupWritable)
     };
     match problem {
         Some(problem) => Err(untrusted(dir, stat, problem)),
