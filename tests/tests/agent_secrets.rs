@@ -35,7 +35,11 @@ fn ps_as(user: &str) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sensitive_parameter_is_in_no_command_line() -> Result<()> {
-    ensure!(cluster::ensure_test_user()?, "{} is needed", cluster::TEST_USER);
+    ensure!(
+        cluster::ensure_test_user()?,
+        "{} is needed",
+        cluster::TEST_USER
+    );
     let cluster = start_cluster(1).await?;
     let hosts = cluster.host_ids();
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
@@ -76,17 +80,11 @@ async fn a_sensitive_parameter_is_in_no_command_line() -> Result<()> {
         let job = accepted["job_instance_id"].as_i64().context("job id")?;
         let step = accepted["step_instance_id"].as_i64().context("step id")?;
         let ready_path = cluster.dir().join("ready");
-        eventually(
-            Duration::from_secs(30),
-            "the script is running",
-            || async { ready_path.exists().then_some(()) },
-        )
+        eventually(Duration::from_secs(30), "the script is running", || async {
+            ready_path.exists().then_some(())
+        })
         .await?;
-        let seen = format!(
-            "{}{}",
-            all_command_lines(),
-            ps_as(cluster::TEST_USER)?
-        );
+        let seen = format!("{}{}", all_command_lines(), ps_as(cluster::TEST_USER)?);
         std::fs::remove_file(&ready_path)?;
         let leaks: Vec<&str> = seen.lines().filter(|l| l.contains(&secret)).collect();
         assert!(
@@ -95,7 +93,9 @@ async fn a_sensitive_parameter_is_in_no_command_line() -> Result<()> {
             leaks.join("\n")
         );
         let scope = json!({"bk_scope_type": request["bk_scope_type"], "bk_scope_id": request["bk_scope_id"]});
-        let status = client.wait_job(&scope, job, Duration::from_secs(60)).await?;
+        let status = client
+            .wait_job(&scope, job, Duration::from_secs(60))
+            .await?;
         let results = host_results(&status);
         assert_eq!(results[0]["status"], 9, "language {language}: {status}");
         let logs = cluster.logs(job, step).await?;

@@ -37,7 +37,9 @@ impl Setup {
         ensure!(cluster::ensure_test_user()?, "{TEST_USER} is needed");
         let parent = cluster::workspace_root().join("target/test-workdirs");
         std::fs::create_dir_all(&parent)?;
-        let dir = tempfile::Builder::new().prefix("workdir-").tempdir_in(&parent)?;
+        let dir = tempfile::Builder::new()
+            .prefix("workdir-")
+            .tempdir_in(&parent)?;
         let ca = pki::Ca::open_or_create(&dir.path().join("ca"), "workdir test CA")?;
         let cert = ca.issue_agent("workdir-agent")?;
         Ok(Self {
@@ -114,14 +116,22 @@ fn refuses_a_work_dir_owned_by_another_account() -> Result<()> {
     ensure!(status.success(), "chown failed");
 
     let (code, log) = setup.run_agent(&work)?;
-    assert_eq!(code, Some(78), "the agent did not refuse {}:\n{log}", work.display());
-    let expected = format!(
-        "{} (owner {TEST_USER} (uid ",
+    assert_eq!(
+        code,
+        Some(78),
+        "the agent did not refuse {}:\n{log}",
         work.display()
     );
+    let expected = format!("{} (owner {TEST_USER} (uid ", work.display());
     assert!(log.contains(&expected), "{log}");
-    assert!(log.contains("mode 0755) is owned by another account"), "{log}");
-    assert!(!work.join("tasks").exists(), "the agent created its staging directory");
+    assert!(
+        log.contains("mode 0755) is owned by another account"),
+        "{log}"
+    );
+    assert!(
+        !work.join("tasks").exists(),
+        "the agent created its staging directory"
+    );
     Ok(())
 }
 
@@ -141,7 +151,12 @@ fn refuses_a_work_dir_below_a_directory_others_can_write() -> Result<()> {
         let work = shared.join("work");
         std::fs::create_dir(&work)?;
         let (code, log) = setup.run_agent(&work)?;
-        assert_eq!(code, Some(78), "the agent did not refuse {}:\n{log}", work.display());
+        assert_eq!(
+            code,
+            Some(78),
+            "the agent did not refuse {}:\n{log}",
+            work.display()
+        );
         let expected = format!(
             "{} (owner root (uid 0), mode {mode:04o}) {problem}",
             shared.display()

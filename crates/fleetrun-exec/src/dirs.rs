@@ -99,9 +99,14 @@ pub(crate) fn open_trusted(path: &Path, agent: Uid) -> Result<(OwnedFd, PathBuf)
     let mut pending: Vec<OsString> = Vec::new();
     push_components(&mut pending, &absolute);
     let root = PathBuf::from("/");
-    let root_fd = openat(AT_FDCWD, "/", dir_flags(OFlag::O_PATH), Mode::empty())
-        .map_err(io_error(&root))?;
-    check(&fstat(&root_fd).map_err(io_error(&root))?, &root, agent, false)?;
+    let root_fd =
+        openat(AT_FDCWD, "/", dir_flags(OFlag::O_PATH), Mode::empty()).map_err(io_error(&root))?;
+    check(
+        &fstat(&root_fd).map_err(io_error(&root))?,
+        &root,
+        agent,
+        false,
+    )?;
     // The directories walked so far, each checked; `..` goes back up this
     // list, never through the file system.
     let mut walked: Vec<(OwnedFd, PathBuf)> = vec![(root_fd, root)];
@@ -341,7 +346,10 @@ mod tests {
             (shared.clone(), 0o775, Problem::GroupWritable)
         );
         set_mode(&shared, 0o757);
-        assert_eq!(refused(&shared.join("work")).problem, Problem::WorldWritable);
+        assert_eq!(
+            refused(&shared.join("work")).problem,
+            Problem::WorldWritable
+        );
         // Sticky like /tmp: fine above the work directory, not as it.
         set_mode(&shared, 0o1777);
         open_trusted(&shared.join("work"), agent()).unwrap();

@@ -231,7 +231,12 @@ mod tests {
 
     #[test]
     fn hidden_shell_arguments_are_quoted_for_set() {
-        let args = ["a b".to_owned(), "it's".to_owned(), String::new(), "$(id)\n".to_owned()];
+        let args = [
+            "a b".to_owned(),
+            "it's".to_owned(),
+            String::new(),
+            "$(id)\n".to_owned(),
+        ];
         let line = command_line(Language::Shell, Path::new("/s/script.sh"), &args, true).unwrap();
         assert_eq!(line.args, vec![OsString::from("/s/script.sh")]);
         assert_eq!(

@@ -116,7 +116,7 @@ pub enum SetupError {
     /// account, which could then swap the scripts the agent stages there
     /// (and runs as root). A configuration error: nothing was changed.
     #[error(
-        "refusing the work directory: {} (owner {owner}, mode {mode:04o}) {problem}; another account could swap the scripts staged below it. Use a directory owned by root (or the agent's account) that only its owner can write to, as is every directory above it",
+        "refusing the work directory: {} (owner {owner}, mode {mode:04o}) {problem}; whoever can replace it can swap the scripts staged below it, which may run as root. Use a directory owned by root (or the agent's account) that only its owner can write to, below directories that are the same (or sticky, like /tmp)",
         .dir.display()
     )]
     UntrustedWorkDir {

@@ -203,7 +203,8 @@ async fn spawn(
         .map_err(|err| format!("cannot watch the output pipe: {err}"))?;
     let args_pipe = match &line.hidden_args {
         Some(words) => Some(
-            args_pipe(words, account).map_err(|err| format!("cannot pass the parameters: {err}"))?,
+            args_pipe(words, account)
+                .map_err(|err| format!("cannot pass the parameters: {err}"))?,
         ),
         None => None,
     };

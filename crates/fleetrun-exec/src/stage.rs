@@ -186,9 +186,10 @@ fn warn_if_unreachable(root: &Path) {
     if !nix::unistd::geteuid().is_root() {
         return;
     }
-    if let Some(closed) = root.ancestors().find(|dir| {
-        std::fs::metadata(dir).is_ok_and(|meta| meta.mode() & 0o001 == 0)
-    }) {
+    if let Some(closed) = root
+        .ancestors()
+        .find(|dir| std::fs::metadata(dir).is_ok_and(|meta| meta.mode() & 0o001 == 0))
+    {
         tracing::warn!(
             dir = %closed.display(),
             "other users cannot search this directory: scripts run as accounts other than root will fail to read their staging directory"
@@ -222,7 +223,9 @@ impl Staging {
         if !root.in_place() {
             return Err(StageError::CreateDir {
                 path: root.path.clone(),
-                source: io::Error::other("the staging directory was moved or replaced since the agent started"),
+                source: io::Error::other(
+                    "the staging directory was moved or replaced since the agent started",
+                ),
             });
         }
         match mkdirat(&root.dir, task_id, Mode::from_bits_truncate(0o700)) {

@@ -165,7 +165,10 @@ async fn python_parameters_stay_out_of_ps() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ordinary_parameters_are_still_arguments() {
     let (secret, seen, _) = run_with_secret(Language::Shell, false).await;
-    assert!(seen.contains(&format!("{secret} with spaces it's")), "{seen}");
+    assert!(
+        seen.contains(&format!("{secret} with spaces it's")),
+        "{seen}"
+    );
 }
 
 #[tokio::test]
