@@ -35,11 +35,11 @@ struct Setup {
 impl Setup {
     fn new() -> Result<Self> {
         ensure!(cluster::ensure_test_user()?, "{TEST_USER} is needed");
-        let parent = cluster::workspace_root().join("target/test-workdirs");
-        std::fs::create_dir_all(&parent)?;
+        // In the temporary directory (root's, sticky) rather than the workspace, which may belong
+        // to someone else than the root running the tests: the agent would rightly refuse it.
         let dir = tempfile::Builder::new()
-            .prefix("workdir-")
-            .tempdir_in(&parent)?;
+            .prefix("fleetrun-workdir-")
+            .tempdir()?;
         let ca = pki::Ca::open_or_create(&dir.path().join("ca"), "workdir test CA")?;
         let cert = ca.issue_agent("workdir-agent")?;
         Ok(Self {
