@@ -31,6 +31,7 @@ use crate::SetupError;
 use crate::account::Account;
 use crate::dirs::{self, WalkError};
 use crate::language::Language;
+
 /// Why a script could not be staged.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum StageError {
