@@ -24,7 +24,9 @@ pub struct Config {
     pub ip: Option<std::net::IpAddr>,
     /// Reported hostname; by default the system's.
     pub hostname: Option<String>,
-    /// Where scripts are staged while they run.
+    /// Where scripts are staged while they run. It and every directory above it must be owned by
+    /// root or the agent's account and writable by no one else (a sticky directory such as `/tmp`
+    /// may be above it): the agent refuses to start otherwise.
     pub work_dir: PathBuf,
     pub tls: TlsConfig,
     /// Tasks run at once; more wait their turn.

@@ -64,6 +64,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             config.tls.cert.display()
         )
     })?;
+    let mut exec_config = ExecConfig::new(&config.work_dir);
+    exec_config.cgroup_name = config
+        .cgroup_name
+        .clone()
+        .unwrap_or_else(|| format!("fleetrun-{agent_id}"));
+    let executor = Executor::new(exec_config).context("preparing to run scripts")?;
     let endpoint = fleetrun_net::client_endpoint(
         &TlsFiles {
             ca: config.tls.ca.clone(),
@@ -73,12 +79,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.bind,
         Timing::default(),
     )?;
-    let mut exec_config = ExecConfig::new(&config.work_dir);
-    exec_config.cgroup_name = config
-        .cgroup_name
-        .clone()
-        .unwrap_or_else(|| format!("fleetrun-{agent_id}"));
-    let executor = Executor::new(exec_config).context("preparing to run scripts")?;
     let hostname = config.hostname.clone().unwrap_or_else(system_hostname);
     let ctx = Arc::new(AgentContext {
         slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_tasks)),

@@ -4,6 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::Parser;
 use fleetrun_agent::Config;
+use fleetrun_exec::SetupError;
 use tokio_util::sync::CancellationToken;
 
 /// The fleetrun agent: connects to the controller and runs the scripts it is sent.
@@ -56,7 +57,11 @@ fn main() -> ExitCode {
             Ok(Ok(())) => ExitCode::SUCCESS,
             Ok(Err(e)) => {
                 tracing::error!("{e:#}");
-                ExitCode::FAILURE
+                if is_bad_configuration(&e) {
+                    ExitCode::from(EXIT_CONFIG)
+                } else {
+                    ExitCode::FAILURE
+                }
             }
             Err(e) => {
                 tracing::error!("agent task failed: {e}");
@@ -64,6 +69,15 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Errors an operator fixes in the configuration (or the file system it
+/// points at), not by restarting.
+fn is_bad_configuration(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<SetupError>(),
+        Some(SetupError::UntrustedWorkDir { .. })
+    )
 }
 
 async fn shutdown_signal() {

@@ -125,6 +125,7 @@ async fn run(
         language,
         script: request.script,
         args,
+        sensitive_args: request.is_param_sensitive,
         account: request.account,
         timeout: Duration::from_secs(u64::from(request.timeout_secs)),
         output_limit: usize::try_from(request.output_limit).unwrap_or(usize::MAX),

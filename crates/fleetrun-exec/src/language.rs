@@ -80,33 +80,98 @@ impl Language {
     }
 }
 
-/// The program to execute and its arguments.
+/// The program to execute, its arguments, and what it is handed besides.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CommandLine {
     pub program: PathBuf,
     pub args: Vec<OsString>,
+    /// Set on top of the clean environment.
+    pub env: Vec<(OsString, OsString)>,
+    /// Written to a pipe the interpreter reads as descriptor 3: the
+    /// script's arguments, kept off its command line.
+    pub hidden_args: Option<Vec<u8>>,
 }
 
+/// bash runs the file named by `BASH_ENV` before a non-interactive script,
+/// in the same shell: positional parameters set there are the script's
+/// `$@`, while `$0`, `BASH_SOURCE`, `return` and the script's own reading
+/// stay exactly those of `bash script`. The file is the pipe, which carries
+/// `set -- 'word' ...` and then closes itself and forgets `BASH_ENV`, so the
+/// script's own children see neither.
+const SHELL_ARGS_FILE: &str = "/dev/fd/3";
+
+/// Perl compiles `-M` code before the script, with `@ARGV` already set, so a
+/// `BEGIN` block there can replace it. `use 5` does nothing; the script
+/// stays the main program (`$0`, `#!` switches, `die` and `__DATA__` as
+/// usual).
+const PERL_PREAMBLE: &str = r#"-M5; BEGIN { open(my $fleetrun_args, "<&=", 3) or die "cannot read the script's arguments: $!\n"; local $/ = "\0"; @ARGV = <$fleetrun_args>; chomp(@ARGV); close($fleetrun_args); }"#;
+
+/// Python has no such hook: a `-c` program reads the arguments, sets
+/// `sys.argv` and `sys.path[0]` as `python3 script` would have, and runs
+/// the script as `__main__` with runpy (tracebacks show two more frames).
+const PYTHON_WRAPPER: &str = r#"import os, runpy, sys
+with open(3, "rb") as args:
+    sys.argv[:] = [sys.argv[1]] + [os.fsdecode(w) for w in args.read().split(b"\0")[:-1]]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"#;
+
 /// Builds `interpreter [flags] script args...`, or names the interpreter that
-/// is not installed.
+/// is not installed. With `hide_args`, shell, Perl and Python get the
+/// arguments through [`CommandLine::hidden_args`] instead; the caller has
+/// made sure no argument contains a NUL byte, which no program could receive
+/// as an argument anyway.
 pub(crate) fn command_line(
     language: Language,
     script: &Path,
     args: &[String],
+    hide_args: bool,
 ) -> Result<CommandLine, &'static str> {
     let name = language.interpreter();
     let program = find_on_path(name, SANE_PATH).ok_or(name)?;
-    let mut argv: Vec<OsString> = language
-        .interpreter_flags()
-        .iter()
-        .map(OsString::from)
-        .collect();
-    argv.push(script.into());
-    argv.extend(args.iter().map(OsString::from));
-    Ok(CommandLine {
+    let mut line = CommandLine {
         program,
-        args: argv,
-    })
+        args: language
+            .interpreter_flags()
+            .iter()
+            .map(OsString::from)
+            .collect(),
+        env: Vec::new(),
+        hidden_args: None,
+    };
+    match (hide_args, language) {
+        (true, Language::Shell) => {
+            let mut code = String::from("set --");
+            for arg in args {
+                code.push_str(" '");
+                code.push_str(&arg.replace('\'', r"'\''"));
+                code.push('\'');
+            }
+            code.push_str("\nexec 3<&-\nunset BASH_ENV\n");
+            line.env.push(("BASH_ENV".into(), SHELL_ARGS_FILE.into()));
+            line.args.push(script.into());
+            line.hidden_args = Some(code.into_bytes());
+        }
+        (true, Language::Perl | Language::Python) => {
+            if language == Language::Perl {
+                line.args.push(PERL_PREAMBLE.into());
+            } else {
+                line.args.extend(["-c".into(), PYTHON_WRAPPER.into()]);
+            }
+            line.args.push(script.into());
+            let mut words = Vec::new();
+            for arg in args {
+                words.extend_from_slice(arg.as_bytes());
+                words.push(0);
+            }
+            line.hidden_args = Some(words);
+        }
+        _ => {
+            line.args.push(script.into());
+            line.args.extend(args.iter().map(OsString::from));
+        }
+    }
+    Ok(line)
 }
 
 /// The first executable regular file called `name` in the directories of
@@ -138,7 +203,13 @@ mod tests {
 
     #[test]
     fn shell_runs_with_bash_from_the_sane_path() {
-        let line = command_line(Language::Shell, Path::new("/s/script.sh"), &["a".into()]).unwrap();
+        let line = command_line(
+            Language::Shell,
+            Path::new("/s/script.sh"),
+            &["a".into()],
+            false,
+        )
+        .unwrap();
         assert!(line.program.starts_with("/usr/bin") || line.program.starts_with("/bin"));
         assert!(line.program.ends_with("bash"));
         assert_eq!(line.args, vec![OsString::from("/s/script.sh"), "a".into()]);
@@ -146,16 +217,45 @@ mod tests {
 
     #[test]
     fn python_is_never_a_pyenv_shim() {
-        let line = command_line(Language::Python, Path::new("/s/script.py"), &[]).unwrap();
+        let line = command_line(Language::Python, Path::new("/s/script.py"), &[], false).unwrap();
         assert!(!line.program.to_string_lossy().contains("pyenv"));
     }
 
     #[test]
     fn bat_needs_cmd_exe() {
         assert_eq!(
-            command_line(Language::Bat, Path::new("/s/script.bat"), &[]),
+            command_line(Language::Bat, Path::new("/s/script.bat"), &[], true),
             Err("cmd.exe")
         );
+    }
+
+    #[test]
+    fn hidden_shell_arguments_are_quoted_for_set() {
+        let args = [
+            "a b".to_owned(),
+            "it's".to_owned(),
+            String::new(),
+            "$(id)\n".to_owned(),
+        ];
+        let line = command_line(Language::Shell, Path::new("/s/script.sh"), &args, true).unwrap();
+        assert_eq!(line.args, vec![OsString::from("/s/script.sh")]);
+        assert_eq!(
+            line.env,
+            vec![(OsString::from("BASH_ENV"), OsString::from("/dev/fd/3"))]
+        );
+        assert_eq!(
+            String::from_utf8(line.hidden_args.unwrap()).unwrap(),
+            "set -- 'a b' 'it'\\''s' '' '$(id)\n'\nexec 3<&-\nunset BASH_ENV\n"
+        );
+    }
+
+    #[test]
+    fn hidden_words_are_nul_terminated() {
+        let args = ["x".to_owned(), String::new()];
+        let line = command_line(Language::Perl, Path::new("/s/script.pl"), &args, true).unwrap();
+        assert_eq!(line.args.last().unwrap(), "/s/script.pl");
+        assert_eq!(line.hidden_args.unwrap(), b"x\0\0");
+        assert!(line.env.is_empty());
     }
 
     #[test]

@@ -16,6 +16,7 @@
 
 mod account;
 mod cgroup;
+mod dirs;
 mod kill;
 mod language;
 mod outcome;
@@ -91,6 +92,12 @@ pub struct Task {
     pub script: Vec<u8>,
     /// Already split parameters (see [`split_params`]).
     pub args: Vec<String>,
+    /// Keep `args` off the interpreter's command line, which every local
+    /// account can read (`ps`, `/proc/<pid>/cmdline`): shell, Perl and
+    /// Python scripts then get them through an inherited pipe, with the same
+    /// `$0` and arguments as otherwise. PowerShell and batch scripts still
+    /// get them as arguments.
+    pub sensitive_args: bool,
     /// OS user name to run as.
     pub account: String,
     /// Time the script may run before its process tree is killed.
@@ -105,6 +112,23 @@ pub struct Task {
 /// A failure to prepare the host in [`Executor::new`].
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
+    /// `work_dir` or a directory above it could be replaced by another
+    /// account, which could then swap the scripts the agent stages there
+    /// (and runs as root). A configuration error: nothing was changed.
+    #[error(
+        "refusing the work directory: {} (owner {owner}, mode {mode:04o}) {problem}; whoever can replace it can swap the scripts staged below it, which may run as root. Use a directory owned by root (or the agent's account) that only its owner can write to, below directories that are the same (or sticky, like /tmp)",
+        .dir.display()
+    )]
+    UntrustedWorkDir {
+        /// The offending directory (or symlink).
+        dir: PathBuf,
+        /// Its owner, as "name (uid N)".
+        owner: String,
+        /// Its permission bits.
+        mode: u32,
+        /// What is wrong, e.g. "is writable by its group".
+        problem: &'static str,
+    },
     /// The staging root `work_dir/tasks` could not be created or given its
     /// owner and mode.
     #[error("cannot prepare the staging directory {path}: {source}")]
@@ -138,8 +162,8 @@ pub struct Executor {
 #[derive(Debug)]
 struct Inner {
     config: ExecConfig,
-    /// `work_dir/tasks`.
-    staging_root: PathBuf,
+    /// `work_dir/tasks`, held open.
+    staging_root: Arc<stage::StagingRoot>,
     /// `<cgroup2 mount>/<cgroup_name>` when cgroups are usable.
     cgroups: Option<cgroup::CgroupRoot>,
     /// Who the agent runs as, to decide whether it may switch accounts.
@@ -147,13 +171,15 @@ struct Inner {
 }
 
 impl Executor {
-    /// Prepares the host: creates `work_dir/tasks` (0711, owned by the agent),
+    /// Prepares the host: checks that no other account can replace
+    /// `work_dir` or a directory above it ([`SetupError::UntrustedWorkDir`]
+    /// otherwise), creates `work_dir/tasks` (0711, owned by the agent),
     /// removes staging directories and kills and removes task cgroups left
     /// by a previous crash, and makes the agent a child subreaper so the
     /// orphans of a script come back to it instead of init.
     pub fn new(config: ExecConfig) -> Result<Self, SetupError> {
         sys::become_subreaper().map_err(SetupError::Subreaper)?;
-        let staging_root = stage::prepare_root(&config.work_dir)?;
+        let staging_root = Arc::new(stage::prepare_root(&config.work_dir)?);
         let cgroups = if config.use_cgroup {
             cgroup::CgroupRoot::open(&config.cgroup_name)
         } else {
@@ -181,7 +207,7 @@ impl Executor {
 
     /// The directory a task is staged in while it runs.
     pub fn staging_dir(&self, task_id: &str) -> PathBuf {
-        self.inner.staging_root.join(task_id)
+        self.inner.staging_path(task_id)
     }
 
     /// Starts the task and returns at once; the work happens on the current
@@ -208,7 +234,7 @@ pub struct Running {
 
 impl Inner {
     fn staging_path(&self, task_id: &str) -> PathBuf {
-        self.staging_root.join(task_id)
+        self.staging_root.path().join(task_id)
     }
 }
 

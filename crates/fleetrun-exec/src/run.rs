@@ -1,6 +1,7 @@
 //! One task from start to finish: account, interpreter, staging, spawn,
 //! supervision, kill, cleanup.
 
+use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::Stdio;
@@ -70,7 +71,19 @@ pub(crate) async fn run(
     let script_path = inner
         .staging_path(&task.id)
         .join(task.language.script_file_name());
-    let line = match language::command_line(task.language, &script_path, &task.args) {
+    // Hidden arguments are NUL-separated. As arguments, such a word would
+    // make the spawn fail.
+    if task.sensitive_args && task.args.iter().any(|arg| arg.contains('\0')) {
+        return refused(Ending::Failed(
+            "a parameter contains a nul byte, which no script can receive".to_owned(),
+        ));
+    }
+    let line = match language::command_line(
+        task.language,
+        &script_path,
+        &task.args,
+        task.sensitive_args,
+    ) {
         Ok(line) => line,
         Err(name) => return refused(Ending::InterpreterMissing(name.to_owned())),
     };
@@ -188,6 +201,13 @@ async fn spawn(
         .st_ino;
     let pipe = pipe::Receiver::from_owned_fd(pipe_read)
         .map_err(|err| format!("cannot watch the output pipe: {err}"))?;
+    let args_pipe = match &line.hidden_args {
+        Some(words) => Some(
+            args_pipe(words, account)
+                .map_err(|err| format!("cannot pass the parameters: {err}"))?,
+        ),
+        None => None,
+    };
     let mut command = command(line, account, pipe_write)
         .map_err(|err| format!("cannot share the output pipe: {err}"))?;
     // Created last: nothing below can fail before the spawn, whose failure
@@ -210,6 +230,7 @@ async fn spawn(
         ChildSetup {
             credentials,
             cgroup_procs,
+            args_pipe,
         },
     );
     let started_at = SystemTime::now();
@@ -313,12 +334,32 @@ fn command(line: &CommandLine, account: &Account, pipe_write: OwnedFd) -> std::i
         .env("SHELL", &account.shell)
         .env("PATH", SANE_PATH)
         .env("LANG", "C.UTF-8")
+        .envs(line.env.iter().map(|(key, value)| (key, value)))
         .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::from(pipe_write))
         .stderr(Stdio::from(stderr))
         .kill_on_drop(false);
     Ok(command)
+}
+
+/// A pipe already holding `content` and closed for writing; the read end
+/// is for the child. Filled before the spawn so no thread has to feed it:
+/// the pipe is grown when `content` exceeds the default 64 KiB (parameters
+/// are far smaller). It belongs to the account, which bash needs to reopen
+/// it as `/dev/fd/3`.
+fn args_pipe(content: &[u8], account: &Account) -> std::io::Result<OwnedFd> {
+    let (read, write) = open_pipe()?;
+    if account.switch {
+        nix::unistd::fchown(&read, Some(account.uid), Some(account.gid))?;
+    }
+    let capacity = nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_GETPIPE_SZ)?;
+    if content.len() > capacity as usize {
+        let wanted = i32::try_from(content.len()).map_err(std::io::Error::other)?;
+        nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_SETPIPE_SZ(wanted))?;
+    }
+    std::fs::File::from(write).write_all(content)?;
+    Ok(read)
 }
 
 /// Both ends close-on-exec: the child gets the write end only through its

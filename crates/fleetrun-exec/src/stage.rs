@@ -3,14 +3,33 @@
 //! Layout: `work_dir/tasks/` (0711, owned by the agent: others may pass
 //! through but not list it) holds one `<task id>/` per running task (0700,
 //! owned by the target user) with the script in it (0500, same owner).
+//!
+//! `work_dir` and every directory above it must be out of reach of other
+//! accounts (see [`crate::dirs`]); the agent refuses to start otherwise.
+//! Below it everything is created and handed over through descriptors
+//! (`mkdirat`, `openat` with `O_NOFOLLOW`, `fchown`, `fchmod`): no path is
+//! looked up twice, so nothing can be swapped between a check and a use.
+//! The interpreter still opens the script by its path (the script's `$0`
+//! is that path); every directory on it is the agent's or root's and not
+//! writable by others, except the task directory, which by then belongs to
+//! the account the script runs as anyway.
 
-use std::fs::{self, DirBuilder, OpenOptions, Permissions};
+use std::ffi::OsStr;
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt, chown, fchown};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, openat};
+use nix::sys::stat::{Mode, fchmod, fstat, mkdirat};
+use nix::unistd::{Uid, User, fchown};
 
 use crate::SetupError;
 use crate::account::Account;
+use crate::dirs::{self, WalkError};
 use crate::language::Language;
 
 /// Why a script could not be staged.
@@ -60,37 +79,105 @@ pub(crate) fn validate_task_id(id: &str) -> Result<(), StageError> {
     }
 }
 
-/// Creates `work_dir/tasks` (0711) and empties it: anything in it was left
-/// by an agent that died before it could clean up.
-pub(crate) fn prepare_root(work_dir: &Path) -> Result<PathBuf, SetupError> {
-    let root = work_dir.join("tasks");
-    let root_error = |source| SetupError::StagingRoot {
-        path: root.clone(),
-        source,
+/// `work_dir/tasks`, held open.
+#[derive(Debug)]
+pub(crate) struct StagingRoot {
+    /// Where the interpreters find it (symlinks in `work_dir` resolved).
+    path: PathBuf,
+    dir: OwnedFd,
+    /// Device and inode of `dir`, to tell whether `path` still leads to it.
+    id: (u64, u64),
+}
+
+impl StagingRoot {
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether `path` still names the directory held: scripts are run by
+    /// path, so staging into a directory moved away since would run
+    /// whatever is at the path now.
+    fn in_place(&self) -> bool {
+        std::fs::symlink_metadata(&self.path).is_ok_and(|meta| (meta.dev(), meta.ino()) == self.id)
+    }
+}
+
+/// Checks `work_dir` and everything above it, creates `work_dir/tasks`
+/// (0711) and empties it: anything in it was left by an agent that died
+/// before it could clean up.
+pub(crate) fn prepare_root(work_dir: &Path) -> Result<StagingRoot, SetupError> {
+    let agent = nix::unistd::geteuid();
+    let (work, work_path) = dirs::open_trusted(work_dir, agent).map_err(|err| match err {
+        WalkError::Untrusted(untrusted) => untrusted_work_dir(untrusted),
+        WalkError::Io { path, source } => SetupError::StagingRoot { path, source },
+    })?;
+    let path = work_path.join("tasks");
+    let root_error = |source: Errno| SetupError::StagingRoot {
+        path: path.clone(),
+        source: source.into(),
     };
-    fs::create_dir_all(work_dir).map_err(root_error)?;
-    match DirBuilder::new().mode(0o711).create(&root) {
-        Err(err) if err.kind() != io::ErrorKind::AlreadyExists => return Err(root_error(err)),
-        _ => {}
+    match mkdirat(&work, "tasks", Mode::from_bits_truncate(0o711)) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(err) => return Err(root_error(err)),
     }
-    let meta = fs::symlink_metadata(&root).map_err(root_error)?;
-    if !meta.is_dir() {
-        return Err(root_error(io::Error::other("not a directory")));
+    let dir = dirs::open_dir_at(work.as_fd(), OsStr::new("tasks")).map_err(|err| match err {
+        Errno::ENOTDIR | Errno::ELOOP => {
+            let meta = std::fs::symlink_metadata(&path);
+            untrusted_work_dir(dirs::Untrusted {
+                dir: path.clone(),
+                owner: meta.as_ref().map_or(0, |m| m.uid()),
+                mode: meta.as_ref().map_or(0, |m| m.mode() & 0o7777),
+                problem: dirs::Problem::NotADirectory,
+            })
+        }
+        err => root_error(err),
+    })?;
+    let stat = fstat(&dir).map_err(root_error)?;
+    if !dirs::trusted_owner(stat.st_uid, agent) {
+        return Err(untrusted_work_dir(dirs::Untrusted {
+            dir: path,
+            owner: stat.st_uid,
+            mode: stat.st_mode & 0o7777,
+            problem: dirs::Problem::Owner,
+        }));
     }
-    // An existing directory may carry another owner or mode; the agent's
-    // scripts must not be listable by others.
-    chown(&root, Some(nix::unistd::geteuid().as_raw()), None).map_err(root_error)?;
-    fs::set_permissions(&root, Permissions::from_mode(0o711)).map_err(root_error)?;
-    warn_if_unreachable(&root);
-    for entry in fs::read_dir(&root).map_err(root_error)? {
-        let path = entry.map_err(root_error)?.path();
-        remove_any(&path).map_err(|source| SetupError::Leftover {
-            path: path.clone(),
+    // Root's directory under an unprivileged agent, or a mode changed by
+    // hand: the agent's scripts must not be listable by others.
+    if stat.st_uid != agent.as_raw() {
+        fchown(&dir, Some(agent), None).map_err(root_error)?;
+    }
+    fchmod(&dir, Mode::from_bits_truncate(0o711)).map_err(root_error)?;
+    warn_if_unreachable(&path);
+    let leftovers = dirs::entries(dir.as_fd()).map_err(|source| SetupError::StagingRoot {
+        path: path.clone(),
+        source,
+    })?;
+    for name in leftovers {
+        let leftover = path.join(&name);
+        dirs::remove_at(dir.as_fd(), &name).map_err(|source| SetupError::Leftover {
+            path: leftover.clone(),
             source,
         })?;
-        tracing::info!(path = %path.display(), "removed a leftover staging directory");
+        tracing::info!(path = %leftover.display(), "removed a leftover staging directory");
     }
-    Ok(root)
+    Ok(StagingRoot {
+        path,
+        id: (stat.st_dev, stat.st_ino),
+        dir,
+    })
+}
+
+fn untrusted_work_dir(untrusted: dirs::Untrusted) -> SetupError {
+    let owner = match User::from_uid(Uid::from_raw(untrusted.owner)) {
+        Ok(Some(user)) => format!("{} (uid {})", user.name, untrusted.owner),
+        _ => format!("uid {}", untrusted.owner),
+    };
+    SetupError::UntrustedWorkDir {
+        dir: untrusted.dir,
+        owner,
+        mode: untrusted.mode,
+        problem: untrusted.problem.describe(),
+    }
 }
 
 /// Scripts run as other accounts must be able to walk down to their staging
@@ -100,12 +187,9 @@ fn warn_if_unreachable(root: &Path) {
     if !nix::unistd::geteuid().is_root() {
         return;
     }
-    let Ok(root) = root.canonicalize() else {
-        return;
-    };
     if let Some(closed) = root
         .ancestors()
-        .find(|dir| fs::metadata(dir).is_ok_and(|meta| meta.permissions().mode() & 0o001 == 0))
+        .find(|dir| std::fs::metadata(dir).is_ok_and(|meta| meta.mode() & 0o001 == 0))
     {
         tracing::warn!(
             dir = %closed.display(),
@@ -117,7 +201,8 @@ fn warn_if_unreachable(root: &Path) {
 /// A staged script. Dropping it removes the task directory.
 #[derive(Debug)]
 pub(crate) struct Staging {
-    dir: PathBuf,
+    root: Arc<StagingRoot>,
+    task_id: String,
     script: PathBuf,
 }
 
@@ -125,65 +210,79 @@ impl Staging {
     /// Writes the script into `root/<task id>/`, readable by the account
     /// only. Blocking file I/O.
     pub(crate) fn create(
-        root: &Path,
+        root: &Arc<StagingRoot>,
         task_id: &str,
         language: Language,
         content: &[u8],
         account: &Account,
     ) -> Result<Self, StageError> {
-        let dir = root.join(task_id);
-        if let Err(source) = DirBuilder::new().mode(0o700).create(&dir) {
-            return Err(if source.kind() == io::ErrorKind::AlreadyExists {
-                StageError::AlreadyRunning(task_id.to_owned())
-            } else {
-                StageError::CreateDir { path: dir, source }
+        let path = root.path.join(task_id);
+        let dir_error = |source: Errno| StageError::CreateDir {
+            path: path.clone(),
+            source: source.into(),
+        };
+        if !root.in_place() {
+            return Err(StageError::CreateDir {
+                path: root.path.clone(),
+                source: io::Error::other(
+                    "the staging directory was moved or replaced since the agent started",
+                ),
             });
         }
+        match mkdirat(&root.dir, task_id, Mode::from_bits_truncate(0o700)) {
+            Ok(()) => {}
+            Err(Errno::EEXIST) => return Err(StageError::AlreadyRunning(task_id.to_owned())),
+            Err(err) => return Err(dir_error(err)),
+        }
         let staging = Self {
-            script: dir.join(language.script_file_name()),
-            dir,
+            root: root.clone(),
+            task_id: task_id.to_owned(),
+            script: path.join(language.script_file_name()),
         };
-        staging.write_script(content, account)?;
+        let dir = dirs::open_dir_at(root.dir.as_fd(), OsStr::new(task_id)).map_err(dir_error)?;
+        fchmod(&dir, Mode::from_bits_truncate(0o700)).map_err(dir_error)?;
+        staging.write_script(&dir, language, content, account)?;
         if account.switch {
             // Last, so the user never holds the directory before the script
             // is in place.
-            chown(
-                &staging.dir,
-                Some(account.uid.as_raw()),
-                Some(account.gid.as_raw()),
-            )
-            .map_err(|source| StageError::Chown {
-                path: staging.dir.clone(),
-                source,
+            fchown(&dir, Some(account.uid), Some(account.gid)).map_err(|source| {
+                StageError::Chown {
+                    path: path.clone(),
+                    source: source.into(),
+                }
             })?;
         }
         Ok(staging)
     }
 
-    fn write_script(&self, content: &[u8], account: &Account) -> Result<(), StageError> {
+    fn write_script(
+        &self,
+        dir: &OwnedFd,
+        language: Language,
+        content: &[u8],
+        account: &Account,
+    ) -> Result<(), StageError> {
         let path = &self.script;
-        let write_error = |source| StageError::WriteScript {
+        let write_error = |source: io::Error| StageError::WriteScript {
             path: path.clone(),
             source,
         };
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o500)
-            .open(path)
-            .map_err(write_error)?;
+        let file = openat(
+            dir,
+            language.script_file_name(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o500),
+        )
+        .map_err(|err| write_error(err.into()))?;
+        let mut file = File::from(file);
         file.write_all(content).map_err(write_error)?;
-        file.set_permissions(Permissions::from_mode(0o500))
-            .map_err(write_error)?;
+        fchmod(&file, Mode::from_bits_truncate(0o500)).map_err(|err| write_error(err.into()))?;
         if account.switch {
-            fchown(
-                &file,
-                Some(account.uid.as_raw()),
-                Some(account.gid.as_raw()),
-            )
-            .map_err(|source| StageError::Chown {
-                path: path.clone(),
-                source,
+            fchown(&file, Some(account.uid), Some(account.gid)).map_err(|source| {
+                StageError::Chown {
+                    path: path.clone(),
+                    source: source.into(),
+                }
             })?;
         }
         Ok(())
@@ -196,28 +295,18 @@ impl Staging {
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if let Err(err) = remove_any(&self.dir) {
-            tracing::warn!(dir = %self.dir.display(), %err, "cannot remove a staging directory");
+        if let Err(err) = dirs::remove_at(self.root.dir.as_fd(), OsStr::new(&self.task_id)) {
+            let dir = self.root.path.join(&self.task_id);
+            tracing::warn!(dir = %dir.display(), %err, "cannot remove a staging directory");
         }
-    }
-}
-
-/// Removes a file or a directory tree (std's `remove_dir_all` does not
-/// follow symlinks a script may have planted); gone already is fine.
-fn remove_any(path: &Path) -> io::Result<()> {
-    let result = match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(err) => Err(err),
-    };
-    match result {
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs::{self, Permissions};
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
@@ -244,13 +333,13 @@ mod tests {
     #[test]
     fn root_is_0711_and_emptied() {
         let work = tempfile::tempdir().unwrap();
-        let root = prepare_root(work.path()).unwrap();
+        let root = prepare_root(work.path()).unwrap().path().to_owned();
         fs::create_dir_all(root.join("old/sub")).unwrap();
         fs::write(root.join("old/sub/script.sh"), "x").unwrap();
         fs::write(root.join("stray-file"), "x").unwrap();
         fs::set_permissions(&root, Permissions::from_mode(0o777)).unwrap();
         let again = prepare_root(work.path()).unwrap();
-        assert_eq!(again, root);
+        assert_eq!(again.path(), root);
         assert_eq!(fs::read_dir(&root).unwrap().count(), 0);
         let mode = fs::metadata(&root).unwrap().permissions().mode();
         assert_eq!(mode & 0o7777, 0o711);

@@ -3,7 +3,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::sys::wait::{WaitPidFlag, waitpid};
@@ -28,7 +28,13 @@ pub(crate) struct ChildSetup {
     /// The task cgroup's `cgroup.procs`, opened (close-on-exec) by the
     /// agent, so the child can join while it still has the agent's rights.
     pub cgroup_procs: Option<OwnedFd>,
+    /// Read end of the pipe that carries the script's arguments when they
+    /// must stay off its command line; the child gets it as [`ARGS_FD`].
+    pub args_pipe: Option<OwnedFd>,
 }
+
+/// The descriptor the interpreter reads hidden arguments from.
+pub(crate) const ARGS_FD: i32 = 3;
 
 impl ChildSetup {
     fn apply(&self) -> io::Result<()> {
@@ -47,6 +53,32 @@ impl ChildSetup {
             setgid(credentials.gid)?;
             setuid(credentials.uid)?;
         }
+        if let Some(pipe) = &self.args_pipe {
+            // After the cgroup write: ARGS_FD may have been cgroup.procs.
+            give_as(pipe, ARGS_FD)?;
+        }
+        Ok(())
+    }
+}
+
+/// Makes `fd` available as `target` across exec (std opened it, like every
+/// descriptor, close-on-exec).
+fn give_as(fd: &OwnedFd, target: i32) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: dup2 and fcntl only act on the descriptor table, are
+    // async-signal-safe, and `raw` is open (owned by `fd`). Whatever
+    // `target` held before (a close-on-exec descriptor of the agent's) is
+    // closed by dup2, which is what the child wants.
+    let result = unsafe {
+        if raw == target {
+            libc::fcntl(raw, libc::F_SETFD, 0)
+        } else {
+            libc::dup2(raw, target)
+        }
+    };
+    if result == -1 {
+        Err(io::Error::last_os_error())
+    } else {
         Ok(())
     }
 }
@@ -56,8 +88,8 @@ impl ChildSetup {
 pub(crate) fn prepare_child(command: &mut tokio::process::Command, setup: ChildSetup) {
     // SAFETY: the closure runs in the forked child of a multi-threaded
     // process, where only async-signal-safe functions may be called. It only
-    // calls setsid, write, setgroups, setgid and setuid (thin wrappers over
-    // the system calls) on data prepared before the fork, allocates nothing
+    // calls setsid, write, setgroups, setgid, setuid, dup2 and fcntl (thin
+    // wrappers over the system calls) on data prepared before the fork, allocates nothing
     // (errors are raw errno values), and touches no lock.
     unsafe {
         command.pre_exec(move || setup.apply());

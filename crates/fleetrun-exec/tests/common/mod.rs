@@ -114,6 +114,7 @@ pub fn task(language: Language, script: &str, account: &str) -> Task {
         language,
         script: script.as_bytes().to_vec(),
         args: Vec::new(),
+        sensitive_args: false,
         account: account.to_owned(),
         timeout: Duration::from_secs(20),
         output_limit: DEFAULT_OUTPUT_LIMIT,
