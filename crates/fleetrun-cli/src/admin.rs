@@ -310,7 +310,6 @@ pub fn account_change(command: &AccountsCommand) -> Change {
             os,
             category,
             usable_in,
-            usable_everywhere,
             expect,
         } => {
             let mut change = json!({"op": "update_account", "id": id});
@@ -318,13 +317,7 @@ pub fn account_change(command: &AccountsCommand) -> Change {
             put(&mut change, "account", account.as_ref().map(|a| json!(a)));
             put(&mut change, "os_type", os.as_ref().map(|o| json!(o)));
             put(&mut change, "category", category.map(|c| json!(c.name())));
-            // No scopes means every scope.
-            let scopes = if *usable_everywhere {
-                Some(json!([]))
-            } else {
-                usable_in.as_ref().map(|s| json!(s))
-            };
-            put(&mut change, "scopes", scopes);
+            put(&mut change, "scopes", usable_in.as_ref().map(|s| json!(s)));
             (change, *expect)
         }
         AccountsCommand::Rm { id, expect } => (json!({"op": "delete_account", "id": id}), *expect),
@@ -768,20 +761,10 @@ mod tests {
             )
         );
         assert_eq!(
-            change_of(&["accounts", "update", "3", "--usable-everywhere"]),
-            Ok(json!({"op": "update_account", "id": 3, "scopes": []}))
+            change_of(&["accounts", "update", "3", "--usable-in", "biz:2,biz:3"]),
+            Ok(json!({"op": "update_account", "id": 3, "scopes": ["biz:2", "biz:3"]}))
         );
-        assert!(
-            change_of(&[
-                "accounts",
-                "update",
-                "3",
-                "--usable-in",
-                "biz:2",
-                "--usable-everywhere"
-            ])
-            .is_err()
-        );
+        assert!(change_of(&["accounts", "update", "3", "--usable-everywhere"]).is_err());
         assert!(
             change_of(&[
                 "accounts",

@@ -89,7 +89,7 @@ Examples:
   fleetrun accounts                               the accounts usable in the scope (--scope)
   fleetrun accounts add 3 --alias deploy --account deploy --usable-in biz:2,biz_set:9
   fleetrun run --host 1 --as deploy -c whoami
-  fleetrun accounts update 3 --usable-everywhere
+  fleetrun accounts update 3 --usable-in biz:2,biz:3
   fleetrun accounts rm 3";
 
 pub const AGENTS_HELP: &str = "\
@@ -622,7 +622,7 @@ pub enum AccountsCommand {
     },
     /// Change an account
     #[command(group(ArgGroup::new("what").required(true).multiple(true)
-        .args(["alias", "account", "os", "category", "usable_in", "usable_everywhere"])))]
+        .args(["alias", "account", "os", "category", "usable_in"])))]
     Update {
         /// Its id (account_id)
         id: i64,
@@ -638,13 +638,10 @@ pub enum AccountsCommand {
         /// system or database
         #[arg(long, value_enum, value_name = "CATEGORY")]
         category: Option<Category>,
-        /// Only these scopes may use it (replacing the old list)
-        #[arg(long, value_name = "TYPE:ID,...", value_delimiter = ',', value_parser = syntax::scope,
-              conflicts_with = "usable_everywhere")]
+        /// Only these scopes may use it (replacing the old list); an account is usable only
+        /// where it is listed
+        #[arg(long, value_name = "TYPE:ID,...", value_delimiter = ',', value_parser = syntax::scope)]
         usable_in: Option<Vec<String>>,
-        /// Every scope may use it
-        #[arg(long)]
-        usable_everywhere: bool,
         #[command(flatten)]
         expect: Expect,
     },
