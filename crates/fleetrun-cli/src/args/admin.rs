@@ -22,8 +22,8 @@ Examples:
                                                     where agents listed nowhere go
 
 Every change is checked as a whole and becomes the next revision, or changes nothing (exit 3
-with the controller's message). The store keeps the latest 100 revisions. Only an app allowed
-every scope may use these commands; so do `biz`, `bizset`, `node`, `groups add|update|rm`,
+with the controller's message). The store keeps the latest 100 revisions. Only an app granted
+admin may use these commands; so do `biz`, `bizset`, `node`, `groups add|update|rm`,
 `accounts add|update|rm` and `hosts add|update|move|rm`, which each make one revision and
 print it: \"revision 9: create_node set:12\".";
 
@@ -89,7 +89,7 @@ Examples:
   fleetrun accounts                               the accounts usable in the scope (--scope)
   fleetrun accounts add 3 --alias deploy --account deploy --usable-in biz:2,biz_set:9
   fleetrun run --host 1 --as deploy -c whoami
-  fleetrun accounts update 3 --usable-everywhere
+  fleetrun accounts update 3 --usable-in biz:2,biz:3
   fleetrun accounts rm 3";
 
 pub const AGENTS_HELP: &str = "\
@@ -102,7 +102,7 @@ Examples:
   fleetrun agents unrevoke web-7  let it connect again
 
 Revoking and unrevoking are noted in the inventory history (fleetrun inventory history).
-Only an app allowed every scope may use these commands.";
+Only an app granted admin may use these commands.";
 
 /// Revoking agents.
 #[derive(Debug, Subcommand)]
@@ -614,15 +614,16 @@ pub enum AccountsCommand {
         /// system (the default) or database
         #[arg(long, value_enum, value_name = "CATEGORY")]
         category: Option<Category>,
-        /// Only these scopes may use it (default: every scope)
-        #[arg(long, value_name = "TYPE:ID,...", value_delimiter = ',', value_parser = syntax::scope)]
+        /// The scopes whose jobs may run as it (an account listing none is usable nowhere)
+        #[arg(long, value_name = "TYPE:ID,...", value_delimiter = ',', value_parser = syntax::scope,
+              required = true)]
         usable_in: Vec<String>,
         #[command(flatten)]
         expect: Expect,
     },
     /// Change an account
     #[command(group(ArgGroup::new("what").required(true).multiple(true)
-        .args(["alias", "account", "os", "category", "usable_in", "usable_everywhere"])))]
+        .args(["alias", "account", "os", "category", "usable_in"])))]
     Update {
         /// Its id (account_id)
         id: i64,
@@ -638,13 +639,9 @@ pub enum AccountsCommand {
         /// system or database
         #[arg(long, value_enum, value_name = "CATEGORY")]
         category: Option<Category>,
-        /// Only these scopes may use it (replacing the old list)
-        #[arg(long, value_name = "TYPE:ID,...", value_delimiter = ',', value_parser = syntax::scope,
-              conflicts_with = "usable_everywhere")]
+        /// The scopes whose jobs may run as it (replacing the old list)
+        #[arg(long, value_name = "TYPE:ID,...", value_delimiter = ',', value_parser = syntax::scope)]
         usable_in: Option<Vec<String>>,
-        /// Every scope may use it
-        #[arg(long)]
-        usable_everywhere: bool,
         #[command(flatten)]
         expect: Expect,
     },
