@@ -176,3 +176,40 @@ async fn an_unwritable_database_refuses_new_jobs_keeps_accepted_output_and_does_
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_revoked_while_the_database_refuses_writes_is_cut_off_all_the_same() -> Result<()>
+{
+    let cluster = start_cluster(1).await?;
+    let client = cluster.client();
+    let host = cluster.host_id("agent-1");
+    let frozen = Frozen::freeze(&cluster)?;
+    let reply = client
+        .call_raw(
+            "revoke_agent",
+            json!({"agent_id": "agent-1", "reason": "machine stolen"}),
+        )
+        .await?;
+    // The revocation could not be stored, and says so; the agent is cut off all the same.
+    assert_eq!(reply["code"], 1_252_001, "{reply}");
+    let message = reply["message"].as_str().unwrap_or_default();
+    assert!(message.contains("agent-1 is cut off"), "{reply}");
+    eventually(Duration::from_secs(10), "agent-1 offline", || {
+        let client = client.clone();
+        async move {
+            let hosts = client.hosts().await.ok()?;
+            let agent = hosts.iter().find(|h| h["bk_host_id"] == host)?;
+            (agent["online"] == false).then_some(())
+        }
+    })
+    .await?;
+    // Its reconnections are refused, not let back in.
+    let log = cluster.controller_log.clone();
+    eventually(Duration::from_secs(20), "a refused reconnection", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move { text.contains("refusing a revoked agent").then_some(()) }
+    })
+    .await?;
+    drop(frozen);
+    Ok(())
+}

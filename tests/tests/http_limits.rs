@@ -492,3 +492,47 @@ async fn clients_without_credentials_cannot_take_the_turns_of_those_with() -> Re
 fn envelope_of(reply: &str) -> Value {
     envelope(reply).unwrap_or(Value::Null)
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_for_a_turn_does_not_use_up_the_body_time() -> Result<()> {
+    // One request served at once, and 4 s to send a body.
+    let cluster = cluster("http_max_requests = 1\nhttp_body_timeout_secs = 4").await?;
+    let addr = api_addr(&cluster)?;
+    let info = &cluster.info;
+    let credentials = format!(
+        "X-Bkapi-Authorization: {}\r\n",
+        json!({"bk_app_code": info.bk_app_code, "bk_app_secret": info.bk_app_secret, "bk_username": "admin"})
+    );
+    let path = "/api/v3/get_account_list/";
+    let head = |length: usize| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: fleetrun\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {length}\r\n{credentials}\r\n"
+        )
+    };
+
+    // An authenticated client takes the only turn and stalls its body until its 4 s run out.
+    let mut holder = TcpStream::connect(addr).await?;
+    holder.write_all(head(100).as_bytes()).await?;
+    holder.write_all(b"{").await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Another waits for the turn (about 4 s) with half its body sent, and sends the rest 5.5 s
+    // after it started: soon after it is served, though more than 4 s after it arrived.
+    let body = json!({"bk_scope_type": "biz", "bk_scope_id": info.bk_scope_id}).to_string();
+    let (first, rest) = body.as_bytes().split_at(body.len() / 2);
+    let started = Instant::now();
+    let stream = TcpStream::connect(addr).await?;
+    let (mut reader, mut writer) = stream.into_split();
+    writer.write_all(head(body.len()).as_bytes()).await?;
+    writer.write_all(first).await?;
+    tokio::time::sleep_until((started + Duration::from_millis(5_500)).into()).await;
+    let _ = writer.write_all(rest).await;
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), reader.read_to_end(&mut reply)).await??;
+    let reply = String::from_utf8_lossy(&reply);
+    let served = envelope(&reply).with_context(|| reply.to_string())?;
+    assert_eq!(served["code"], 0, "{served}");
+    drop(holder);
+    Ok(())
+}

@@ -296,11 +296,7 @@ pub fn account_change(command: &AccountsCommand) -> Change {
                 json!({"op": "create_account", "id": id, "alias": alias, "account": account});
             put(&mut change, "os_type", os.as_ref().map(|o| json!(o)));
             put(&mut change, "category", category.map(|c| json!(c.name())));
-            put(
-                &mut change,
-                "scopes",
-                (!usable_in.is_empty()).then(|| json!(usable_in)),
-            );
+            put(&mut change, "scopes", Some(json!(usable_in)));
             (change, *expect)
         }
         AccountsCommand::Update {
@@ -761,10 +757,13 @@ mod tests {
             )
         );
         assert_eq!(
-            change_of(&["accounts", "update", "3", "--usable-in", "biz:2,biz:3"]),
-            Ok(json!({"op": "update_account", "id": 3, "scopes": ["biz:2", "biz:3"]}))
+            change_of(&["accounts", "update", "3", "--usable-in", "biz:2"]),
+            Ok(json!({"op": "update_account", "id": 3, "scopes": ["biz:2"]}))
         );
+        // An account listing no scope is usable nowhere: there is no "every scope" to ask for,
+        // and an account is not added without the scopes that may use it.
         assert!(change_of(&["accounts", "update", "3", "--usable-everywhere"]).is_err());
+        assert!(change_of(&["accounts", "add", "3", "--alias", "a", "--account", "a"]).is_err());
         assert!(
             change_of(&[
                 "accounts",

@@ -165,7 +165,8 @@ pub struct LimitsConfig {
     /// head, the first `http_unauthenticated_body_bytes` of its body); also how long an idle
     /// connection stays open.
     pub http_header_timeout_secs: u64,
-    /// Seconds an authenticated client has to send the whole body.
+    /// Seconds an authenticated client has to send the whole body, from when its request is served
+    /// (waiting for a turn among `http_max_requests` does not count).
     pub http_body_timeout_secs: u64,
     /// Open HTTP connections; more wait in the listen backlog.
     pub http_max_connections: usize,

@@ -194,7 +194,19 @@ impl Controller {
             self.tasks.shutdown().await;
         }
         match tokio::time::timeout(STOP_DEADLINE, self.store.flush()).await {
-            Ok(Ok(())) => true,
+            // A flush counts writes given up during an outage as done (nothing will commit
+            // them): they were left unwritten all the same, and the stop says so.
+            Ok(Ok(())) => match self.store.health().lost {
+                0 => true,
+                lost => {
+                    tracing::error!(
+                        lost,
+                        "stopping after the database refused writes for so long that {lost} \
+                         results were given up: they are missing from the database"
+                    );
+                    false
+                }
+            },
             Ok(Err(e)) => {
                 tracing::error!("final store flush failed: {e}");
                 false

@@ -22,8 +22,8 @@ Examples:
                                                     where agents listed nowhere go
 
 Every change is checked as a whole and becomes the next revision, or changes nothing (exit 3
-with the controller's message). The store keeps the latest 100 revisions. Only an app allowed
-every scope may use these commands; so do `biz`, `bizset`, `node`, `groups add|update|rm`,
+with the controller's message). The store keeps the latest 100 revisions. Only an app granted
+admin may use these commands; so do `biz`, `bizset`, `node`, `groups add|update|rm`,
 `accounts add|update|rm` and `hosts add|update|move|rm`, which each make one revision and
 print it: \"revision 9: create_node set:12\".";
 
@@ -102,7 +102,7 @@ Examples:
   fleetrun agents unrevoke web-7  let it connect again
 
 Revoking and unrevoking are noted in the inventory history (fleetrun inventory history).
-Only an app allowed every scope may use these commands.";
+Only an app granted admin may use these commands.";
 
 /// Revoking agents.
 #[derive(Debug, Subcommand)]
@@ -614,8 +614,9 @@ pub enum AccountsCommand {
         /// system (the default) or database
         #[arg(long, value_enum, value_name = "CATEGORY")]
         category: Option<Category>,
-        /// Only these scopes may use it (default: every scope)
-        #[arg(long, value_name = "TYPE:ID,...", value_delimiter = ',', value_parser = syntax::scope)]
+        /// The scopes whose jobs may run as it (an account listing none is usable nowhere)
+        #[arg(long, value_name = "TYPE:ID,...", value_delimiter = ',', value_parser = syntax::scope,
+              required = true)]
         usable_in: Vec<String>,
         #[command(flatten)]
         expect: Expect,
@@ -638,8 +639,7 @@ pub enum AccountsCommand {
         /// system or database
         #[arg(long, value_enum, value_name = "CATEGORY")]
         category: Option<Category>,
-        /// Only these scopes may use it (replacing the old list); an account is usable only
-        /// where it is listed
+        /// The scopes whose jobs may run as it (replacing the old list)
         #[arg(long, value_name = "TYPE:ID,...", value_delimiter = ',', value_parser = syntax::scope)]
         usable_in: Option<Vec<String>>,
         #[command(flatten)]

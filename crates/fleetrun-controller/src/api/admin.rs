@@ -285,10 +285,20 @@ pub async fn revoke_agent(
     let store = shared.store.clone();
     let agents = shared.agents.clone();
     let inventory = shared.inventory.clone();
-    // Once stored, the revocation is enforced and noted even if the caller goes away.
+    // Once begun, the revocation is enforced and noted even if the caller goes away. The agent
+    // is cut off before the revocation is stored: a database that refuses the write must not
+    // leave it connected (only a restart before the write succeeds would let it back).
     let (revocation, made, closed, revision) = to_the_end(async move {
-        let (revocation, made) = store.revoke_agent(&new).await?;
-        let closed = agents.revoke(&revocation.agent_id);
+        let closed = agents.revoke(&new.agent_id);
+        let (revocation, made) = store.revoke_agent(&new).await.map_err(|e| {
+            let mut error = ApiError::from(e);
+            error.message = format!(
+                "{}: agent {} is cut off, and refused until this controller restarts; revoke it \
+                 again once the database takes writes",
+                error.message, new.agent_id
+            );
+            error
+        })?;
         let revision = if made {
             let summary = match revocation.reason.as_str() {
                 "" => format!("revoke_agent {}", revocation.agent_id),

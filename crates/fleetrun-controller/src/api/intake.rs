@@ -5,8 +5,9 @@
 //! comparison. A client whose credentials are in the body (ESB style) must show them within the
 //! first `http_unauthenticated_body_bytes` of it, read within `http_header_timeout_secs`; what
 //! such clients hold meanwhile is counted against `http_unauthenticated_total_bytes`, shared by
-//! all of them. Only a caller whose credentials check out has the rest read, up to [`MAX_BODY`]
-//! within `http_body_timeout_secs`, and is served, at most `http_max_requests` at once.
+//! all of them. Only a caller whose credentials check out waits for its turn (at most
+//! `http_max_requests` are served at once), then has the rest read, up to [`MAX_BODY`] within
+//! `http_body_timeout_secs` of getting it.
 
 use std::{borrow::Cow, fmt, sync::Arc, time::Duration};
 
@@ -143,12 +144,17 @@ async fn read_body(
         chunks: Vec::new(),
         len: 0,
     };
-    let body_deadline = started + gate.body_timeout;
     if let Some((app_code, secret)) = auth::head_credentials(headers, query)? {
         auth::check_app(&shared.apps, &app_code, &secret)?;
         let turn = gate.take_turn().await;
+        // The body's time starts once the request is served: waiting for a turn is the
+        // server's doing, not the client's.
         reader
-            .read_until(MAX_BODY, body_deadline, gate.body_timeout)
+            .read_until(
+                MAX_BODY,
+                Instant::now() + gate.body_timeout,
+                gate.body_timeout,
+            )
             .await?;
         return Ok((reader.into_bytes(capacity), Held::Turn(turn)));
     }
@@ -193,7 +199,11 @@ async fn read_body(
     drop(permit);
     let turn = gate.take_turn().await;
     reader
-        .read_until(MAX_BODY, body_deadline, gate.body_timeout)
+        .read_until(
+            MAX_BODY,
+            Instant::now() + gate.body_timeout,
+            gate.body_timeout,
+        )
         .await?;
     Ok((reader.into_bytes(capacity), Held::Turn(turn)))
 }
