@@ -11,7 +11,8 @@ mod admin;
 mod auth;
 mod error;
 mod execute;
-pub(crate) mod params;
+#[doc(hidden)]
+pub mod params;
 mod query;
 mod scope;
 mod scripts;
