@@ -26,7 +26,8 @@ struct RogueAgent {
 impl RogueAgent {
     /// Registers as `agent_id`, then keeps the connection alive with heartbeats.
     async fn connect(cluster: &TestCluster, agent_id: &str, ip: Ipv4Addr) -> Result<Self> {
-        let ca = pki::Ca::open_or_create(&cluster.dir().join("certs"), "fleetrun local cluster CA")?;
+        let ca =
+            pki::Ca::open_or_create(&cluster.dir().join("certs"), "fleetrun local cluster CA")?;
         let cert = ca.issue_agent(agent_id)?;
         let files = TlsFiles {
             ca: ca.cert_path(),
@@ -90,7 +91,9 @@ impl RogueAgent {
         match recv.recv::<TaskDown>().await? {
             Some(TaskDown::Run(request)) => {
                 // Whatever else the controller sends on the stream is not read.
-                tokio::spawn(async move { while let Ok(Some(_)) = recv.recv::<TaskDown>().await {} });
+                tokio::spawn(
+                    async move { while let Ok(Some(_)) = recv.recv::<TaskDown>().await {} },
+                );
                 Ok((request, send))
             }
             other => bail!("expected a task, got {other:?}"),
@@ -116,7 +119,12 @@ async fn host_id_of(cluster: &TestCluster, agent_id: &str) -> Result<i64> {
 }
 
 /// Submits a script to `host` with `timeout`; returns (job, step).
-async fn submit(cluster: &TestCluster, script: &str, host: i64, timeout: u32) -> Result<(i64, i64)> {
+async fn submit(
+    cluster: &TestCluster,
+    script: &str,
+    host: i64,
+    timeout: u32,
+) -> Result<(i64, i64)> {
     let request = cluster.script_request(script, &[host], json!({ "timeout": timeout }));
     let accepted = cluster
         .client()
@@ -148,7 +156,13 @@ async fn a_rogue_agent_cannot_flood_the_log_or_overflow_what_it_reports() -> Res
     let (request, mut send) = agent.next_task().await?;
     let limit = request.output_limit;
 
-    send_frame(&mut send, &TaskUp::Started { started_at_ms: i64::MIN }).await?;
+    send_frame(
+        &mut send,
+        &TaskUp::Started {
+            started_at_ms: i64::MIN,
+        },
+    )
+    .await?;
     // 40 MiB of output, eight times the limit, at honest offsets.
     let chunk = vec![b'x'; MAX_OUTPUT_CHUNK];
     let mut offset = 0u64;
@@ -190,15 +204,23 @@ async fn a_rogue_agent_cannot_flood_the_log_or_overflow_what_it_reports() -> Res
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as i64;
     for field in ["start_time", "end_time"] {
-        let t = result[field].as_i64().with_context(|| format!("{field}: {result}"))?;
-        ensure!((now - 600_000..=now + 600_000).contains(&t), "{field} {t}: {result}");
+        let t = result[field]
+            .as_i64()
+            .with_context(|| format!("{field}: {result}"))?;
+        ensure!(
+            (now - 600_000..=now + 600_000).contains(&t),
+            "{field} {t}: {result}"
+        );
     }
     ensure!(result["total_time"].as_i64().unwrap_or(-1) >= 0, "{result}");
     // Every other read of the job works too.
     let mut query = cluster.info.scope();
     query["create_time_start"] = json!(now - 3_600_000);
     query["create_time_end"] = json!(now + 60_000);
-    cluster.client().call("get_job_instance_list", query).await?;
+    cluster
+        .client()
+        .call("get_job_instance_list", query)
+        .await?;
 
     let log = log_of(&cluster, job, step, host).await?;
     ensure!(
@@ -206,7 +228,10 @@ async fn a_rogue_agent_cannot_flood_the_log_or_overflow_what_it_reports() -> Res
         "the log holds {} bytes, past the limit of {limit}",
         log.len()
     );
-    ensure!(log.contains("beyond the output limit"), "the log says output was dropped");
+    ensure!(
+        log.contains("beyond the output limit"),
+        "the log says output was dropped"
+    );
     Ok(())
 }
 
@@ -237,11 +262,17 @@ async fn a_task_queued_on_a_busy_agent_gets_its_whole_timeout_once_started() -> 
     query["return_ip_result"] = json!(true);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let status = cluster.client().call("get_job_instance_status", query.clone()).await?;
+        let status = cluster
+            .client()
+            .call("get_job_instance_status", query.clone())
+            .await?;
         if host_results(&status).first().map(|r| r["status"].clone()) == Some(json!(7)) {
             break;
         }
-        ensure!(tokio::time::Instant::now() < deadline, "the first job never ran: {status}");
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the first job never ran: {status}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (second, second_step) = submit(&cluster, "echo second", host, 1).await?;

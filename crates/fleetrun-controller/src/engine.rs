@@ -10,8 +10,8 @@ use std::{
     time::Duration,
 };
 
-use fleetrun_net::{FramedRecv, describe_connection_error, send_frame};
 use bytes::Bytes;
+use fleetrun_net::{FramedRecv, describe_connection_error, send_frame};
 use fleetrun_proto::{SharedTaskRequest, TaskDown, TaskRequest, TaskUp};
 use fleetrun_store::{HostOutcome, Store, Write};
 use tokio::task::JoinSet;
@@ -204,11 +204,7 @@ impl Engine {
                     // so no host stays waiting or running forever.
                     all_succeeded = false;
                     let bk_host_id = host_of_task.get(&e.id()).copied().unwrap_or_default();
-                    tracing::error!(
-                        job = job_instance_id,
-                        bk_host_id,
-                        "host task failed: {e}"
-                    );
+                    tracing::error!(job = job_instance_id, bk_host_id, "host task failed: {e}");
                     self.write(Write::HostFinished {
                         step_instance_id,
                         bk_host_id,

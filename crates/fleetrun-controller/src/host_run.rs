@@ -274,9 +274,7 @@ impl HostTask {
         let budget = self.limits.output_limit.saturating_add(MARKER_ALLOWANCE);
         let room = budget.saturating_sub(self.stored);
         if data.len() as u64 > room {
-            self.over_limit = self
-                .over_limit
-                .saturating_add(data.len() as u64 - room);
+            self.over_limit = self.over_limit.saturating_add(data.len() as u64 - room);
             data.truncate(room as usize);
         }
         self.append(data, actions);
@@ -322,7 +320,8 @@ impl HostTask {
             status,
             tag,
             start_time: self.started_at,
-            end_time: now,
+            // An agent's start time may lie ahead of the controller's clock by the skew.
+            end_time: self.started_at.map_or(now, |start| now.max(start)),
             dropped_bytes: saturate(self.dropped_bytes),
             dropped_lines: saturate(self.dropped_lines),
             ..Outcome::default()
@@ -352,7 +351,9 @@ impl HostTask {
             now,
             self.started_at.unwrap_or(now),
         );
-        let end = self.agent_time(result.finished_at_ms, start, now, now).max(start);
+        let end = self
+            .agent_time(result.finished_at_ms, start, now, now)
+            .max(start);
         // The script wrote at least what arrived and what the agent says it dropped.
         let seen = self.received.saturating_add(self.dropped_bytes);
         Outcome {

@@ -173,6 +173,10 @@ impl FrameDecoder {
         }
         self.buf.advance(HEADER_LEN);
         let body = self.buf.split_to(len);
+        if self.buf.is_empty() {
+            // Lets the frame's buffer go with the frame instead of living as long as the stream.
+            self.buf = BytesMut::new();
+        }
         options()
             .deserialize(&body)
             .map(Some)

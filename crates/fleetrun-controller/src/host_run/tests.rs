@@ -56,7 +56,11 @@ fn run(events: Vec<(i64, Event)>) -> Run {
             assert!(out.outcome.is_none(), "{action:?} after the outcome");
             match &action {
                 Action::Log { offset, data } => {
-                    assert_eq!(*offset as usize, out.log.len(), "logs are appended in order");
+                    assert_eq!(
+                        *offset as usize,
+                        out.log.len(),
+                        "logs are appended in order"
+                    );
                     out.log.extend_from_slice(data);
                 }
                 Action::Finish(outcome) => out.outcome = Some(outcome.clone()),
@@ -78,7 +82,11 @@ fn log_text(run: &Run) -> String {
 fn output_is_deduplicated_and_gaps_are_marked() {
     let cases: &[(&str, Vec<(u64, &[u8])>, &str)] = &[
         ("in order", vec![(0, b"ab"), (2, b"cd")], "abcd"),
-        ("repeat dropped", vec![(0, b"ab"), (0, b"ab"), (2, b"c")], "abc"),
+        (
+            "repeat dropped",
+            vec![(0, b"ab"), (0, b"ab"), (2, b"c")],
+            "abc",
+        ),
         ("overlap trimmed", vec![(0, b"abc"), (1, b"bcd")], "abcd"),
         (
             "gap marked",
@@ -140,7 +148,10 @@ fn stored_output_never_exceeds_the_limit_plus_the_markers() {
             "{name}: the log says output was dropped"
         );
         assert!(outcome.tag.len() <= MAX_MESSAGE_LEN, "{name}");
-        assert!(outcome.dropped_bytes >= 0 && outcome.dropped_lines >= 0, "{name}");
+        assert!(
+            outcome.dropped_bytes >= 0 && outcome.dropped_lines >= 0,
+            "{name}"
+        );
     }
 }
 
@@ -154,7 +165,10 @@ fn offsets_near_the_end_of_u64_do_not_overflow() {
         (T0, finished(Ending::Exited { code: 0 }, T0, T0)),
     ]);
     let text = log_text(&run);
-    assert!(text.contains("2 output chunks at impossible offsets"), "{text}");
+    assert!(
+        text.contains("2 output chunks at impossible offsets"),
+        "{text}"
+    );
     // The one chunk that fits ends exactly at u64::MAX; nothing after it is stored.
     assert!(!text.contains("late"));
     assert_eq!(run.outcome.unwrap().output_bytes, i64::MAX);
@@ -166,11 +180,32 @@ fn absurd_agent_times_are_replaced_by_the_controllers() {
     // (started frame, result start, result end) -> (start_time, end_time)
     let cases: &[(&str, i64, i64, i64, i64, i64)] = &[
         ("plausible", T0 + 10, T0 + 10, T0 + 20, T0 + 10, T0 + 20),
-        ("skewed a little", T0 - 1_000, T0 - 1_000, now + 1_000, T0 - 1_000, now + 1_000),
+        (
+            "skewed a little",
+            T0 - 1_000,
+            T0 - 1_000,
+            now + 1_000,
+            T0 - 1_000,
+            now + 1_000,
+        ),
         ("minimum", i64::MIN, i64::MIN, i64::MIN, T0, now),
         ("maximum", i64::MAX, i64::MAX, i64::MAX, T0, now),
-        ("end before start", T0 + 10, T0 + 10, T0 - 100_000_000, T0 + 10, now),
-        ("far future start", T0 + 10, now + 10 * MAX_CLOCK_SKEW_MS, now, T0 + 10, now),
+        (
+            "end before start",
+            T0 + 10,
+            T0 + 10,
+            T0 - 100_000_000,
+            T0 + 10,
+            now,
+        ),
+        (
+            "far future start",
+            T0 + 10,
+            now + 10 * MAX_CLOCK_SKEW_MS,
+            now,
+            T0 + 10,
+            now,
+        ),
     ];
     for &(name, started_frame, start, end, want_start, want_end) in cases {
         let run = run(vec![
@@ -188,10 +223,26 @@ fn absurd_agent_times_are_replaced_by_the_controllers() {
 fn endings_map_to_statuses_without_overflow() {
     let cases: &[(Ending, i32, Option<i32>)] = &[
         (Ending::Exited { code: 0 }, host::SUCCESS, Some(0)),
-        (Ending::Exited { code: i32::MIN }, host::NON_ZERO_EXIT, Some(i32::MIN)),
-        (Ending::Signaled { signal: 9 }, host::SCRIPT_FAILED, Some(137)),
-        (Ending::Signaled { signal: i32::MAX }, host::SCRIPT_FAILED, None),
-        (Ending::Signaled { signal: i32::MIN }, host::SCRIPT_FAILED, None),
+        (
+            Ending::Exited { code: i32::MIN },
+            host::NON_ZERO_EXIT,
+            Some(i32::MIN),
+        ),
+        (
+            Ending::Signaled { signal: 9 },
+            host::SCRIPT_FAILED,
+            Some(137),
+        ),
+        (
+            Ending::Signaled { signal: i32::MAX },
+            host::SCRIPT_FAILED,
+            None,
+        ),
+        (
+            Ending::Signaled { signal: i32::MIN },
+            host::SCRIPT_FAILED,
+            None,
+        ),
         (Ending::Signaled { signal: 0 }, host::SCRIPT_FAILED, None),
         (Ending::TimedOut, host::SCRIPT_TIMEOUT, None),
         (Ending::Cancelled, host::TERMINATE_SUCCESS, None),
@@ -201,7 +252,11 @@ fn endings_map_to_statuses_without_overflow() {
     for (ending, status, exit_code) in cases {
         let run = run(vec![(T0, finished(ending.clone(), T0, T0))]);
         let outcome = run.outcome.unwrap();
-        assert_eq!((outcome.status, outcome.exit_code), (*status, *exit_code), "{ending:?}");
+        assert_eq!(
+            (outcome.status, outcome.exit_code),
+            (*status, *exit_code),
+            "{ending:?}"
+        );
     }
 }
 
@@ -247,7 +302,11 @@ fn the_timeout_runs_from_the_start_not_from_dispatch() {
         (T0 + 11 * timeout, Event::Timer),
         (
             T0 + 11 * timeout,
-            finished(Ending::Exited { code: 0 }, T0 + 10 * timeout, T0 + 11 * timeout),
+            finished(
+                Ending::Exited { code: 0 },
+                T0 + 10 * timeout,
+                T0 + 11 * timeout,
+            ),
         ),
     ]);
     assert_eq!(queued.outcome.unwrap().status, host::SUCCESS);
@@ -259,7 +318,10 @@ fn the_timeout_runs_from_the_start_not_from_dispatch() {
     // A second Started does not push the deadline back.
     machine.handle(T0 + 900, started(T0 + 900));
     assert_eq!(machine.deadline(), Some(T0 + 500 + timeout + grace));
-    assert!(machine.handle(T0 + 500 + timeout, Event::Timer).is_empty(), "early timer");
+    assert!(
+        machine.handle(T0 + 500 + timeout, Event::Timer).is_empty(),
+        "early timer"
+    );
     let actions = machine.handle(T0 + 500 + timeout + grace, Event::Timer);
     assert_eq!(actions.first(), Some(&Action::SendCancel));
     match actions.last() {
@@ -270,7 +332,11 @@ fn the_timeout_runs_from_the_start_not_from_dispatch() {
         other => panic!("expected the outcome, got {other:?}"),
     }
     assert!(machine.is_done());
-    assert!(machine.handle(T0 + 1_000_000, finished(Ending::Cancelled, T0, T0)).is_empty());
+    assert!(
+        machine
+            .handle(T0 + 1_000_000, finished(Ending::Cancelled, T0, T0))
+            .is_empty()
+    );
 }
 
 #[test]
@@ -278,8 +344,18 @@ fn a_termination_is_sent_once_and_waits_the_grace_period() {
     let grace = LIMITS.grace_ms;
     let cases: &[(&str, bool, i64, i32)] = &[
         // (name, started first, when the agent answers after the cancel, final status)
-        ("queued, confirmed", false, grace - 1, host::TERMINATE_SUCCESS),
-        ("running, confirmed", true, grace - 1, host::TERMINATE_SUCCESS),
+        (
+            "queued, confirmed",
+            false,
+            grace - 1,
+            host::TERMINATE_SUCCESS,
+        ),
+        (
+            "running, confirmed",
+            true,
+            grace - 1,
+            host::TERMINATE_SUCCESS,
+        ),
         ("running, silent", true, grace, host::AGENT_TIMEOUT),
         ("queued, silent", false, grace, host::AGENT_TIMEOUT),
     ];
@@ -311,7 +387,10 @@ fn a_lost_agent_ends_310_with_the_reason_in_the_log() {
     let run = run(vec![
         (T0, started(T0)),
         (T0, output(0, b"partial")),
-        (T0 + 5, Event::Lost("agent connection lost: reset by peer".into())),
+        (
+            T0 + 5,
+            Event::Lost("agent connection lost: reset by peer".into()),
+        ),
         (T0 + 6, finished(Ending::Exited { code: 0 }, T0, T0)),
     ]);
     let outcome = run.outcome.clone().unwrap();
