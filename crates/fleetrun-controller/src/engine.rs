@@ -149,9 +149,17 @@ impl Engine {
             at: started,
         })
         .await;
+        let TaskTemplate {
+            script_language,
+            script,
+            script_param,
+            is_param_sensitive,
+            account,
+            timeout_secs,
+        } = task;
         let limits = Limits {
             output_limit: self.output_limit,
-            timeout_ms: i64::from(task.timeout_secs) * 1000,
+            timeout_ms: i64::from(timeout_secs) * 1000,
             grace_ms: i64::try_from(self.agent_grace.as_millis()).unwrap_or(i64::MAX),
         };
         // Encoded once for all the hosts: each host's run holds a reference to it until its
@@ -161,18 +169,17 @@ impl Engine {
                 task_id: Uuid::nil(),
                 job_instance_id,
                 step_instance_id,
-                script_language: task.script_language,
+                script_language,
                 script: Vec::new(),
-                script_param: task.script_param.clone(),
-                is_param_sensitive: task.is_param_sensitive,
-                account: task.account.clone(),
-                timeout_secs: task.timeout_secs,
+                script_param,
+                is_param_sensitive,
+                account,
+                timeout_secs,
                 output_limit: self.output_limit,
                 windows_interpreter: None,
             },
-            Bytes::from_owner(SharedScript(task.script.clone())),
+            Bytes::from_owner(SharedScript(script)),
         );
-        drop(task);
         let request = match request {
             Ok(request) => Some(request),
             Err(e) => {

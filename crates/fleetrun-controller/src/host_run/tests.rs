@@ -80,7 +80,8 @@ fn log_text(run: &Run) -> String {
 
 #[test]
 fn output_is_deduplicated_and_gaps_are_marked() {
-    let cases: &[(&str, Vec<(u64, &[u8])>, &str)] = &[
+    type Chunks = Vec<(u64, &'static [u8])>;
+    let cases: &[(&str, Chunks, &str)] = &[
         ("in order", vec![(0, b"ab"), (2, b"cd")], "abcd"),
         (
             "repeat dropped",
