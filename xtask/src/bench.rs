@@ -13,6 +13,7 @@
 //! - `latency`: submit -> first output line readable through the log API.
 //! - `output`: 50 MiB from one host, MiB/s and peak RSS of agent and controller.
 //! - `footprint`: controller RSS per connected agent (swarm), a real agent's idle RSS and CPU.
+//! - `script`: controller peak RSS while one 16 MiB script goes to 1,000 swarm hosts.
 //! - `inventory`: `fleetrun-inventory`'s `resolve_bench` example, when it exists.
 //!
 //! Writes `target/bench/<timestamp>.json` and `target/bench/latest.json`.
@@ -21,6 +22,7 @@ mod inventory;
 mod jobs;
 mod real;
 mod report;
+mod script;
 mod swarm;
 mod sys;
 
@@ -44,6 +46,7 @@ pub const GROUPS: &[&str] = &[
     "throughput",
     "latency",
     "output",
+    "script",
     "inventory",
 ];
 
@@ -132,6 +135,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
         let result = match name {
             "swarm" => swarm::run(&ctx, figures).await,
             "real" => real::run(&ctx, figures).await,
+            "script" => script::run(&ctx, figures).await,
             _ => inventory::run(&ctx, figures).await,
         };
         if let Err(e) = result {
@@ -153,6 +157,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
         &mut figures,
     )
     .await;
+    scenario("script", ctx.wants("script"), &mut figures).await;
     scenario("inventory", ctx.wants("inventory"), &mut figures).await;
     let took = started.elapsed();
 

@@ -58,7 +58,7 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Only these groups (comma-separated): fanout, footprint, real, throughput, latency,
-        /// output, inventory.
+        /// output, script, inventory.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

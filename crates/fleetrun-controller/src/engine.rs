@@ -10,8 +10,9 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use fleetrun_net::{FramedRecv, describe_connection_error, send_frame};
-use fleetrun_proto::{Ending, TaskDown, TaskRequest, TaskResult, TaskUp};
+use fleetrun_proto::{SharedTaskRequest, TaskDown, TaskRequest, TaskUp};
 use fleetrun_store::{HostOutcome, Store, Write};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -20,9 +21,19 @@ use uuid::Uuid;
 use crate::{
     callback::Callbacks,
     gateway::Agents,
+    host_run::{Action, Event, HostTask, Limits, Outcome},
     now_ms,
     status::{host, job},
 };
+
+/// A script as the API holds it, lent to the task's encoding without a copy.
+struct SharedScript(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for SharedScript {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+}
 
 /// A job ready to run, as created by the API.
 #[derive(Debug, Clone)]
@@ -86,16 +97,16 @@ impl Engine {
     /// Starts the job in the background; false if it is running already.
     pub fn start(&self, spec: JobSpec) -> bool {
         let cancel = CancellationToken::new();
+        let job_instance_id = spec.job_instance_id;
         {
             let mut running = self.running.lock().unwrap();
-            if running.contains_key(&spec.job_instance_id) {
+            if running.contains_key(&job_instance_id) {
                 return false;
             }
-            running.insert(spec.job_instance_id, cancel.clone());
+            running.insert(job_instance_id, cancel.clone());
         }
         let engine = self.clone();
         tokio::spawn(async move {
-            let job_instance_id = spec.job_instance_id;
             engine.run_job(spec, cancel).await;
             // The job leaves the running set only once its final state is committed, so nobody
             // sees it neither running nor finished.
@@ -124,28 +135,73 @@ impl Engine {
     }
 
     async fn run_job(&self, spec: JobSpec, cancel: CancellationToken) {
+        let JobSpec {
+            job_instance_id,
+            step_instance_id,
+            hosts: targets,
+            task,
+        } = spec;
         let started = now_ms();
         self.write(Write::JobStarted {
-            job_instance_id: spec.job_instance_id,
-            step_instance_id: spec.step_instance_id,
+            job_instance_id,
+            step_instance_id,
             status: job::RUNNING,
             at: started,
         })
         .await;
+        let TaskTemplate {
+            script_language,
+            script,
+            script_param,
+            is_param_sensitive,
+            account,
+            timeout_secs,
+        } = task;
+        let limits = Limits {
+            output_limit: self.output_limit,
+            timeout_ms: i64::from(timeout_secs) * 1000,
+            grace_ms: i64::try_from(self.agent_grace.as_millis()).unwrap_or(i64::MAX),
+        };
+        // Encoded once for all the hosts: each host's run holds a reference to it until its
+        // request is sent, so the script's memory does not grow with the number of hosts.
+        let request = SharedTaskRequest::new(
+            TaskRequest {
+                task_id: Uuid::nil(),
+                job_instance_id,
+                step_instance_id,
+                script_language,
+                script: Vec::new(),
+                script_param,
+                is_param_sensitive,
+                account,
+                timeout_secs,
+                output_limit: self.output_limit,
+                windows_interpreter: None,
+            },
+            Bytes::from_owner(SharedScript(script)),
+        );
+        let request = match request {
+            Ok(request) => Some(request),
+            Err(e) => {
+                tracing::error!(job = job_instance_id, "cannot encode the task: {e}");
+                None
+            }
+        };
         let mut hosts = JoinSet::new();
-        let mut host_of_task = HashMap::with_capacity(spec.hosts.len());
-        for bk_host_id in spec.hosts.iter().copied() {
+        let mut host_of_task = HashMap::with_capacity(targets.len());
+        for bk_host_id in targets.iter().copied() {
             let run = HostRun {
                 engine: self.clone(),
-                job_instance_id: spec.job_instance_id,
-                step_instance_id: spec.step_instance_id,
+                step_instance_id,
                 bk_host_id,
-                task: spec.task.clone(),
+                request: request.clone(),
+                limits,
                 cancel: cancel.clone(),
             };
             let handle = hosts.spawn(run.run());
             host_of_task.insert(handle.id(), bk_host_id);
         }
+        drop(request);
         let mut all_succeeded = true;
         while let Some(joined) = hosts.join_next_with_id().await {
             match joined {
@@ -155,13 +211,9 @@ impl Engine {
                     // so no host stays waiting or running forever.
                     all_succeeded = false;
                     let bk_host_id = host_of_task.get(&e.id()).copied().unwrap_or_default();
-                    tracing::error!(
-                        job = spec.job_instance_id,
-                        bk_host_id,
-                        "host task failed: {e}"
-                    );
+                    tracing::error!(job = job_instance_id, bk_host_id, "host task failed: {e}");
                     self.write(Write::HostFinished {
-                        step_instance_id: spec.step_instance_id,
+                        step_instance_id,
                         bk_host_id,
                         outcome: HostOutcome {
                             status: host::AGENT_TASK_ERROR,
@@ -184,23 +236,23 @@ impl Engine {
         };
         let at = now_ms();
         self.write(Write::StepFinished {
-            step_instance_id: spec.step_instance_id,
+            step_instance_id,
             status,
             at,
         })
         .await;
         self.write(Write::JobFinished {
-            job_instance_id: spec.job_instance_id,
+            job_instance_id,
             status,
             at,
         })
         .await;
         if let Some(callbacks) = &self.callbacks {
-            callbacks.job_ended(spec.job_instance_id);
+            callbacks.job_ended(job_instance_id);
         }
         tracing::info!(
-            job = spec.job_instance_id,
-            hosts = spec.hosts.len(),
+            job = job_instance_id,
+            hosts = targets.len(),
             status,
             elapsed_ms = at - started,
             "job finished"
@@ -214,214 +266,175 @@ impl Engine {
     }
 }
 
-/// One host's part of a job.
+/// One host's part of a job: moves frames between the task stream and the host's [`HostTask`],
+/// and does what it says.
 struct HostRun {
     engine: Engine,
-    job_instance_id: i64,
     step_instance_id: i64,
     bk_host_id: i64,
-    task: TaskTemplate,
+    /// The step's request; taken once sent, so the script lives only while hosts still need it.
+    request: Option<SharedTaskRequest>,
+    limits: Limits,
     cancel: CancellationToken,
-}
-
-/// What the engine learned about a host's task, beyond the agent's result.
-#[derive(Default)]
-struct HostLog {
-    /// Bytes stored so far in the host's log.
-    stored: i64,
-    /// Bytes of the agent's output received so far.
-    received: u64,
-    started_at: Option<i64>,
-    dropped_bytes: u64,
-    dropped_lines: u64,
 }
 
 impl HostRun {
     /// Runs the host's task to a final status and returns it.
-    async fn run(self) -> i32 {
-        let mut log = HostLog::default();
-        let outcome = match self.engine.agents.get(self.bk_host_id) {
-            None => self.abnormal("agent offline when the task was dispatched"),
-            Some(link) => self.exchange(&link.connection, &mut log).await,
+    async fn run(mut self) -> i32 {
+        let mut machine = HostTask::new(self.limits, now_ms());
+        let link = self.engine.agents.get(self.bk_host_id);
+        let outcome = match link {
+            None => {
+                self.request = None;
+                let event = Event::Lost("agent offline when the task was dispatched".into());
+                let actions = machine.handle(now_ms(), event);
+                self.execute(&mut machine, actions, None).await
+            }
+            Some(link) => self.exchange(&link.connection, &mut machine).await,
         };
-        let mut outcome = outcome;
-        outcome.start_time = outcome.start_time.or(log.started_at);
-        if !outcome.tag.is_empty() {
-            let line = format!("[fleetrun] {}\n", outcome.tag);
-            self.append(&mut log, line.into_bytes()).await;
-        }
+        // The machine always finishes on a lost agent; a missing outcome would be a bug in it.
+        let outcome = outcome.unwrap_or_else(|| Outcome {
+            status: host::AGENT_TASK_ERROR,
+            tag: "internal error in the controller while following this host".into(),
+            end_time: now_ms(),
+            ..Outcome::default()
+        });
         let status = outcome.status;
         self.engine
             .write(Write::HostFinished {
                 step_instance_id: self.step_instance_id,
                 bk_host_id: self.bk_host_id,
-                outcome,
+                outcome: outcome.into(),
             })
             .await;
         status
     }
 
-    fn abnormal(&self, why: impl Into<String>) -> HostOutcome {
-        HostOutcome {
-            status: host::AGENT_ABNORMAL,
-            tag: why.into(),
-            end_time: now_ms(),
-            ..HostOutcome::default()
-        }
-    }
-
-    async fn exchange(&self, connection: &quinn::Connection, log: &mut HostLog) -> HostOutcome {
+    async fn exchange(
+        &mut self,
+        connection: &quinn::Connection,
+        machine: &mut HostTask,
+    ) -> Option<Outcome> {
+        let request = self.request.take()?;
         let (mut send, recv) = match connection.open_bi().await {
             Ok(streams) => streams,
             Err(e) => {
-                return self.abnormal(format!(
-                    "agent unreachable: {}",
-                    describe_connection_error(&e)
-                ));
+                drop(request);
+                let why = format!("agent unreachable: {}", describe_connection_error(&e));
+                let actions = machine.handle(now_ms(), Event::Lost(why));
+                return self.execute(machine, actions, None).await;
             }
         };
-        let request = TaskDown::Run(TaskRequest {
-            task_id: Uuid::new_v4(),
-            job_instance_id: self.job_instance_id,
-            step_instance_id: self.step_instance_id,
-            script_language: self.task.script_language,
-            script: self.task.script.as_ref().clone(),
-            script_param: self.task.script_param.clone(),
-            is_param_sensitive: self.task.is_param_sensitive,
-            account: self.task.account.clone(),
-            timeout_secs: self.task.timeout_secs,
-            output_limit: self.engine.output_limit,
-            windows_interpreter: None,
-        });
-        if let Err(e) = send_frame(&mut send, &request).await {
-            return self.abnormal(format!("cannot send the task to the agent: {e}"));
+        let sent = match request.frame(Uuid::new_v4()) {
+            Ok(mut frame) => send
+                .write_all_chunks(&mut frame)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        // quinn keeps what it still has to (re)transmit; this host needs the request no more.
+        drop(request);
+        if let Err(e) = sent {
+            let why = format!("cannot send the task to the agent: {e}");
+            let actions = machine.handle(now_ms(), Event::Lost(why));
+            return self.execute(machine, actions, Some(&mut send)).await;
         }
         let mut recv = FramedRecv::new(recv);
-        let deadline = tokio::time::sleep(
-            Duration::from_secs(u64::from(self.task.timeout_secs)) + self.engine.agent_grace,
-        );
-        tokio::pin!(deadline);
-        let mut cancel_sent = false;
+        let mut cancel_seen = false;
         loop {
-            let msg = tokio::select! {
-                msg = recv.recv::<TaskUp>() => msg,
-                () = self.cancel.cancelled(), if !cancel_sent => {
-                    cancel_sent = true;
-                    if let Err(e) = send_frame(&mut send, &TaskDown::Cancel).await {
-                        return self.abnormal(format!("cannot send the termination to the agent: {e}"));
-                    }
-                    continue;
+            let wait = match machine.deadline() {
+                Some(deadline) => {
+                    Duration::from_millis(u64::try_from(deadline - now_ms()).unwrap_or(0))
                 }
-                () = &mut deadline => {
-                    let _ = send_frame(&mut send, &TaskDown::Cancel).await;
-                    return HostOutcome {
-                        status: host::AGENT_TIMEOUT,
-                        tag: "the agent sent no result within the task's timeout plus the grace period".into(),
-                        end_time: now_ms(),
-                        ..HostOutcome::default()
-                    };
-                }
+                // No deadline: a year stands for never.
+                None => Duration::from_secs(365 * 24 * 3600),
             };
-            match msg {
-                Ok(Some(TaskUp::Started { started_at_ms })) => {
-                    log.started_at = Some(started_at_ms);
+            let event = tokio::select! {
+                msg = recv.recv::<TaskUp>() => match msg {
+                    Ok(Some(up)) => Event::Up(up),
+                    Ok(None) => Event::Lost("the agent closed the task stream without a result".into()),
+                    Err(e) => Event::Lost(match e.connection_error() {
+                        Some(conn) => {
+                            format!("agent connection lost: {}", describe_connection_error(conn))
+                        }
+                        None => format!("agent task stream failed: {e}"),
+                    }),
+                },
+                () = self.cancel.cancelled(), if !cancel_seen => {
+                    cancel_seen = true;
+                    Event::Cancel
+                }
+                () = tokio::time::sleep(wait) => Event::Timer,
+            };
+            let actions = machine.handle(now_ms(), event);
+            if let Some(outcome) = self.execute(machine, actions, Some(&mut send)).await {
+                return Some(outcome);
+            }
+        }
+    }
+
+    /// Does what the machine asked, in order; the outcome once it finished.
+    async fn execute(
+        &self,
+        machine: &mut HostTask,
+        actions: Vec<Action>,
+        mut send: Option<&mut quinn::SendStream>,
+    ) -> Option<Outcome> {
+        let mut actions = std::collections::VecDeque::from(actions);
+        while let Some(action) = actions.pop_front() {
+            match action {
+                Action::Log { offset, data } => {
+                    self.engine
+                        .write(Write::HostLog {
+                            step_instance_id: self.step_instance_id,
+                            bk_host_id: self.bk_host_id,
+                            offset,
+                            data,
+                        })
+                        .await;
+                }
+                Action::Running { start_time } => {
                     self.engine
                         .write(Write::HostStatus {
                             step_instance_id: self.step_instance_id,
                             bk_host_id: self.bk_host_id,
                             status: host::RUNNING,
-                            start_time: Some(started_at_ms),
+                            start_time: Some(start_time),
                         })
                         .await;
                 }
-                Ok(Some(TaskUp::Output { offset, data })) => self.output(log, offset, data).await,
-                Ok(Some(TaskUp::Truncated {
-                    dropped_bytes,
-                    dropped_lines,
-                })) => {
-                    log.dropped_bytes += dropped_bytes;
-                    log.dropped_lines += dropped_lines;
-                    let marker = format!(
-                        "\n[fleetrun] output truncated here: {dropped_bytes} bytes in {dropped_lines} lines dropped\n"
-                    );
-                    self.append(log, marker.into_bytes()).await;
-                }
-                Ok(Some(TaskUp::Finished(result))) => return host_outcome(result, log),
-                Ok(None) => {
-                    return self.abnormal("the agent closed the task stream without a result");
-                }
-                Err(e) => {
-                    let why = match e.connection_error() {
-                        Some(conn) => {
-                            format!("agent connection lost: {}", describe_connection_error(conn))
-                        }
-                        None => format!("agent task stream failed: {e}"),
+                Action::SendCancel => {
+                    let Some(send) = send.as_deref_mut() else {
+                        continue;
                     };
-                    return self.abnormal(why);
+                    if let Err(e) = send_frame(send, &TaskDown::Cancel).await {
+                        let why = format!("cannot send the termination to the agent: {e}");
+                        actions.extend(machine.handle(now_ms(), Event::Lost(why)));
+                    }
+                }
+                Action::Finish(outcome) => {
+                    if matches!(outcome.status, host::AGENT_TIMEOUT | host::AGENT_ABNORMAL) {
+                        tracing::warn!(
+                            step = self.step_instance_id,
+                            bk_host_id = self.bk_host_id,
+                            status = outcome.status,
+                            "{}",
+                            outcome.tag
+                        );
+                    }
+                    if machine.over_limit() > 0 {
+                        tracing::warn!(
+                            step = self.step_instance_id,
+                            bk_host_id = self.bk_host_id,
+                            dropped = machine.over_limit(),
+                            output_limit = self.limits.output_limit,
+                            "the agent sent more output than the limit; the excess was dropped"
+                        );
+                    }
+                    return Some(outcome);
                 }
             }
         }
-    }
-
-    /// Stores a chunk of output, dropping whatever the agent sends twice.
-    async fn output(&self, log: &mut HostLog, offset: u64, data: Vec<u8>) {
-        let end = offset + data.len() as u64;
-        if end <= log.received {
-            return;
-        }
-        let data = if offset < log.received {
-            data[(log.received - offset) as usize..].to_vec()
-        } else {
-            if offset > log.received {
-                let gap = format!(
-                    "\n[fleetrun] {} bytes of output lost in transit\n",
-                    offset - log.received
-                );
-                self.append(log, gap.into_bytes()).await;
-            }
-            data
-        };
-        log.received = end;
-        self.append(log, data).await;
-    }
-
-    async fn append(&self, log: &mut HostLog, data: Vec<u8>) {
-        let offset = log.stored;
-        log.stored += data.len() as i64;
-        self.engine
-            .write(Write::HostLog {
-                step_instance_id: self.step_instance_id,
-                bk_host_id: self.bk_host_id,
-                offset,
-                data,
-            })
-            .await;
-    }
-}
-
-/// Maps the agent's result to bk-job's host status.
-fn host_outcome(result: TaskResult, log: &HostLog) -> HostOutcome {
-    let (status, exit_code) = match result.ending {
-        Ending::Exited { code: 0 } => (host::SUCCESS, Some(0)),
-        Ending::Exited { code } => (host::NON_ZERO_EXIT, Some(code)),
-        // Shells report a death by signal N as 128 + N; so do we.
-        Ending::Signaled { signal } => (host::SCRIPT_FAILED, Some(128 + signal)),
-        Ending::TimedOut => (host::SCRIPT_TIMEOUT, None),
-        Ending::Cancelled => (host::TERMINATE_SUCCESS, None),
-        Ending::UserNotFound => (host::USER_NOT_EXIST, None),
-        Ending::InterpreterMissing => (host::SCRIPT_FAILED, None),
-        Ending::Failed => (host::AGENT_TASK_ERROR, None),
-    };
-    HostOutcome {
-        status,
-        tag: result.message.unwrap_or_default(),
-        exit_code,
-        error_code: 0,
-        start_time: Some(result.started_at_ms).or(log.started_at),
-        end_time: result.finished_at_ms,
-        output_bytes: result.output_bytes as i64,
-        dropped_bytes: log.dropped_bytes as i64,
-        dropped_lines: log.dropped_lines as i64,
-        survivors: i64::from(result.survivors),
+        None
     }
 }

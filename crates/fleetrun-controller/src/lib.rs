@@ -12,6 +12,7 @@ pub mod callback;
 pub mod config;
 pub mod engine;
 pub mod gateway;
+pub mod host_run;
 pub mod inventory;
 pub mod secrets;
 pub mod status;

@@ -7,7 +7,7 @@ use bincode::Options;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::MAX_FRAME_LEN;
+use crate::{MAX_FRAME_LEN, TaskDown, TaskRequest};
 
 const HEADER_LEN: usize = 4;
 
@@ -60,6 +60,87 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Bytes, EncodeError> {
     Ok(writer.into_inner().freeze())
 }
 
+/// A [`TaskDown::Run`] encoded once for every host of a step.
+///
+/// Only the task id differs between the hosts' requests, so each host's frame is a small head
+/// (length, message start, task id, script length) followed by the script and the rest of the
+/// request, both shared by all the hosts: a script sent to a thousand hosts stays one buffer.
+/// The frames are byte for byte what [`encode_frame`] makes of the whole request.
+#[derive(Clone)]
+pub struct SharedTaskRequest {
+    /// The request with an empty script.
+    request: TaskRequest,
+    script: Bytes,
+    script_len: Bytes,
+    /// Everything after the script.
+    tail: Bytes,
+}
+
+impl std::fmt::Debug for SharedTaskRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedTaskRequest")
+            .field("request", &self.request)
+            .field("script_len", &self.script.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedTaskRequest {
+    /// Encodes `request` with `script` in place of its own (which is ignored).
+    pub fn new(mut request: TaskRequest, script: Bytes) -> Result<Self, EncodeError> {
+        request.script = Vec::new();
+        // The fields after the script, in declaration order: a tuple and a struct encode alike.
+        let tail = serialize(&(
+            &request.script_param,
+            request.is_param_sensitive,
+            &request.account,
+            request.timeout_secs,
+            request.output_limit,
+            &request.windows_interpreter,
+        ))?;
+        // A byte string's length is encoded as a u64.
+        let script_len = serialize(&(script.len() as u64))?;
+        let shared = Self {
+            request,
+            script,
+            script_len: script_len.into(),
+            tail: tail.into(),
+        };
+        // Refuses a request past the frame limit now rather than for every host.
+        shared.frame(uuid::Uuid::nil())?;
+        Ok(shared)
+    }
+
+    /// The frame of one host's request: pieces to write in order.
+    pub fn frame(&self, task_id: uuid::Uuid) -> Result<[Bytes; 3], EncodeError> {
+        let mut request = self.request.clone();
+        request.task_id = task_id;
+        let empty = serialize(&TaskDown::Run(request))?;
+        // `empty` is the head, the one-byte length of the empty script, and the tail.
+        let head = &empty[..empty.len() - 1 - self.tail.len()];
+        let len = head.len() + self.script_len.len() + self.script.len() + self.tail.len();
+        if len > MAX_FRAME_LEN {
+            return Err(EncodeError::TooLarge(len as u64));
+        }
+        let mut first = BytesMut::with_capacity(HEADER_LEN + head.len() + self.script_len.len());
+        first.put_u32(len as u32);
+        first.put_slice(head);
+        first.put_slice(&self.script_len);
+        Ok([first.freeze(), self.script.clone(), self.tail.clone()])
+    }
+
+    /// Bytes of the shared script.
+    pub fn script_len(&self) -> usize {
+        self.script.len()
+    }
+}
+
+fn serialize<T: Serialize>(value: &T) -> Result<Vec<u8>, EncodeError> {
+    options()
+        .serialize(value)
+        .map_err(|e| EncodeError::Serialize(e.to_string()))
+}
+
 /// Accumulates bytes from a stream and yields whole frames.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
@@ -92,6 +173,10 @@ impl FrameDecoder {
         }
         self.buf.advance(HEADER_LEN);
         let body = self.buf.split_to(len);
+        if self.buf.is_empty() {
+            // Lets the frame's buffer go with the frame instead of living as long as the stream.
+            self.buf = BytesMut::new();
+        }
         options()
             .deserialize(&body)
             .map(Some)
@@ -200,10 +285,66 @@ mod tests {
         assert!(matches!(dec.finish(), Err(DecodeError::Truncated)));
     }
 
+    fn joined(pieces: &[Bytes]) -> Vec<u8> {
+        pieces.iter().flat_map(|p| p.iter().copied()).collect()
+    }
+
+    #[test]
+    fn shared_task_frames_are_the_whole_requests_frames() {
+        // Script lengths on both sides of every change in the length's encoding.
+        for len in [0, 1, 250, 251, 65_535, 65_536, 1 << 20] {
+            let script: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut request = match sample_request(script.clone(), "a b 'c'".into()) {
+                TaskDown::Run(r) => r,
+                TaskDown::Cancel => unreachable!(),
+            };
+            request.windows_interpreter = Some("pwsh".into());
+            let shared = SharedTaskRequest::new(request.clone(), Bytes::from(script)).unwrap();
+            for id in [uuid::Uuid::nil(), uuid::Uuid::new_v4()] {
+                request.task_id = id;
+                let whole = encode_frame(&TaskDown::Run(request.clone())).unwrap();
+                let pieces = shared.frame(id).unwrap();
+                assert_eq!(joined(&pieces), whole.to_vec(), "script of {len} bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn shared_task_frames_share_the_script() {
+        let script = Bytes::from(vec![7u8; 4096]);
+        let request = match sample_request(Vec::new(), String::new()) {
+            TaskDown::Run(r) => r,
+            TaskDown::Cancel => unreachable!(),
+        };
+        let shared = SharedTaskRequest::new(request, script.clone()).unwrap();
+        let a = shared.frame(uuid::Uuid::new_v4()).unwrap();
+        let b = shared.frame(uuid::Uuid::new_v4()).unwrap();
+        assert_eq!(a[1].as_ptr(), script.as_ptr());
+        assert_eq!(b[1].as_ptr(), script.as_ptr());
+        assert!(a[0].len() < 64, "the per-host head is small");
+    }
+
+    #[test]
+    fn oversized_shared_request_is_refused() {
+        let request = match sample_request(Vec::new(), String::new()) {
+            TaskDown::Run(r) => r,
+            TaskDown::Cancel => unreachable!(),
+        };
+        let script = Bytes::from(vec![0u8; MAX_FRAME_LEN]);
+        assert!(matches!(
+            SharedTaskRequest::new(request, script),
+            Err(EncodeError::TooLarge(_))
+        ));
+    }
+
     proptest! {
         #[test]
         fn task_requests_round_trip(script in proptest::collection::vec(any::<u8>(), 0..4096), param in ".*") {
-            let msg = sample_request(script, param);
+            let msg = sample_request(script.clone(), param);
+            if let TaskDown::Run(request) = &msg {
+                let shared = SharedTaskRequest::new(request.clone(), Bytes::from(script)).unwrap();
+                prop_assert_eq!(joined(&shared.frame(request.task_id).unwrap()), encode_frame(&msg).unwrap().to_vec());
+            }
             let mut dec = FrameDecoder::new();
             dec.extend(&encode_frame(&msg).unwrap());
             prop_assert_eq!(dec.decode::<TaskDown>().unwrap(), Some(msg));

@@ -15,7 +15,7 @@ mod codec;
 mod identity;
 mod messages;
 
-pub use codec::{DecodeError, EncodeError, FrameDecoder, encode_frame};
+pub use codec::{DecodeError, EncodeError, FrameDecoder, SharedTaskRequest, encode_frame};
 pub use identity::{AGENT_URI_PREFIX, agent_id_from_uri, agent_uri, is_valid_agent_id};
 pub use messages::*;
 

@@ -86,6 +86,10 @@ pub struct SwarmConfig {
     /// Task streams the controller may open at once on a connection (the real agent: 4096).
     /// quinn allocates state for every one of them when the connection is made.
     pub max_streams: u32,
+    /// Task requests the swarm reads at once (each holds its script in full while read).
+    pub reading_requests: usize,
+    /// Per-stream receive window; `None` for quinn's default (the real agent's).
+    pub stream_window: Option<u32>,
 }
 
 /// Counters the swarm reports.
@@ -109,6 +113,8 @@ pub(crate) struct Shared {
     task_time: Duration,
     output: Vec<u8>,
     connect_slots: Semaphore,
+    /// Held while a task request is read.
+    reading_slots: Semaphore,
     stopping: AtomicBool,
     stats: Stats,
     expected: usize,
@@ -152,6 +158,9 @@ fn transport(config: &SwarmConfig) -> Result<Arc<quinn::TransportConfig>> {
         .keep_alive_interval(keep_alive)
         .max_concurrent_bidi_streams(config.max_streams.into())
         .max_concurrent_uni_streams(0u32.into());
+    if let Some(window) = config.stream_window {
+        transport.stream_receive_window(window.into());
+    }
     Ok(Arc::new(transport))
 }
 
@@ -211,6 +220,10 @@ impl Swarm {
             config.max_concurrent_tasks >= 1,
             "at least one task at a time"
         );
+        ensure!(
+            config.reading_requests >= 1,
+            "at least one request read at a time"
+        );
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let issued = Instant::now();
         let (identities, first_index) = match &config.identities {
@@ -265,6 +278,7 @@ impl Swarm {
                 .take(config.output_bytes)
                 .collect(),
             connect_slots: Semaphore::new(config.connect_concurrency),
+            reading_slots: Semaphore::new(config.reading_requests),
             stopping: AtomicBool::new(false),
             stats: Stats::default(),
             expected: identities.len(),

@@ -77,6 +77,14 @@ struct Args {
     /// For experiments only.
     #[arg(long, default_value_t = 4096)]
     max_streams: u32,
+    /// Task requests the whole swarm reads at once; the others wait in QUIC flow control. A
+    /// large script is held in full while read, so this bounds the swarm's memory.
+    #[arg(long, default_value_t = 256)]
+    reading_requests: usize,
+    /// Per-stream QUIC receive window in bytes (default: quinn's, as the real agent). For
+    /// experiments only.
+    #[arg(long)]
+    stream_window: Option<u32>,
     /// Runtime worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -131,6 +139,8 @@ fn main() -> ExitCode {
         threads,
         keep_alive: args.keep_alive_ms.map(Duration::from_millis),
         max_streams: args.max_streams,
+        reading_requests: args.reading_requests,
+        stream_window: args.stream_window,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)

@@ -41,8 +41,13 @@ pub(crate) async fn serve(
     recv: quinn::RecvStream,
 ) {
     let mut recv = FramedRecv::new(recv);
+    let reading = shared.reading_slots.acquire().await;
     let request = match recv.recv::<TaskDown>().await {
-        Ok(Some(TaskDown::Run(request))) => request,
+        Ok(Some(TaskDown::Run(mut request))) => {
+            // The emulated executor never runs the script: it need not outlive the read.
+            request.script = Vec::new();
+            request
+        }
         Ok(Some(TaskDown::Cancel)) | Ok(None) => return,
         Err(e) => {
             tracing::warn!("unreadable task request: {e}");
@@ -50,6 +55,7 @@ pub(crate) async fn serve(
             return;
         }
     };
+    drop(reading);
     tracing::debug!(task_id = %request.task_id, job = request.job_instance_id, "task received");
     match run(&shared, &slots, &mut send, &mut recv, request).await {
         Ok(()) => {

@@ -22,24 +22,25 @@ use super::{
 };
 use crate::cluster::{Cluster, ClusterOptions};
 
-const PREFIX: &str = "swarm-";
+pub(super) const PREFIX: &str = "swarm-";
 /// Polling interval while following a job: tight, so the figure is the controller's time.
 const POLL: Duration = Duration::from_millis(2);
 
 /// A `fleetrun-swarm` process.
-struct SwarmProcess {
+pub(super) struct SwarmProcess {
     child: Child,
     welcomed: watch::Receiver<Option<f64>>,
     log: PathBuf,
 }
 
 impl SwarmProcess {
-    async fn start(
+    pub(super) async fn start(
         ctx: &Ctx,
         cluster: &Cluster,
         first_index: usize,
         agents: usize,
         log: PathBuf,
+        extra_args: &[&str],
     ) -> Result<Self> {
         let certs = cluster.dir.join("certs");
         let stderr = std::fs::File::create(&log)?;
@@ -53,6 +54,7 @@ impl SwarmProcess {
             .args(["--agents", &agents.to_string()])
             .args(["--first-index", &first_index.to_string()])
             .args(["--id-prefix", PREFIX])
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr.try_clone()?)
@@ -81,7 +83,7 @@ impl SwarmProcess {
     }
 
     /// Waits for the swarm's "all welcomed" line; returns the seconds it reported.
-    async fn wait_welcomed(&mut self, limit: Duration) -> Result<f64> {
+    pub(super) async fn wait_welcomed(&mut self, limit: Duration) -> Result<f64> {
         let waited = tokio::time::timeout(limit, self.welcomed.wait_for(Option::is_some)).await;
         match waited {
             Ok(Ok(secs)) => Ok(secs.unwrap_or(f64::NAN)),
@@ -100,7 +102,7 @@ impl SwarmProcess {
         self.child.id()
     }
 
-    async fn stop(mut self) {
+    pub(super) async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
@@ -155,7 +157,7 @@ async fn measure(
 
     let mut swarms = Vec::new();
     let mut swarm =
-        SwarmProcess::start(ctx, cluster, 1, first_swarm, dir.join("swarm-1.log")).await?;
+        SwarmProcess::start(ctx, cluster, 1, first_swarm, dir.join("swarm-1.log"), &[]).await?;
     let connect = swarm.wait_welcomed(Duration::from_secs(180)).await?;
     swarms.push(swarm);
     figures.push(
@@ -204,6 +206,7 @@ async fn measure(
                 connected + 1,
                 n - connected,
                 dir.join(format!("swarm-{}.log", swarms.len() + 1)),
+                &[],
             )
             .await?;
             let secs = swarm.wait_welcomed(Duration::from_secs(600)).await?;

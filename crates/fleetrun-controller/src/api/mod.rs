@@ -12,7 +12,8 @@ mod auth;
 mod error;
 mod execute;
 mod intake;
-pub(crate) mod params;
+#[doc(hidden)]
+pub mod params;
 mod query;
 mod scope;
 mod scripts;

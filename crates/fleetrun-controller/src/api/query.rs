@@ -46,8 +46,10 @@ async fn load_job(
         })
 }
 
+/// Saturating: times come from agents and, however they are checked on the way in, a read must
+/// never fail on them.
 fn total_time(start: Option<i64>, end: Option<i64>) -> Option<i64> {
-    Some(end? - start?)
+    Some(end?.saturating_sub(start?))
 }
 
 pub async fn get_job_instance_status(
