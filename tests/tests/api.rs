@@ -290,7 +290,8 @@ async fn bad_requests_get_bk_job_codes_naming_the_field() -> Result<()> {
         );
     }
 
-    // Malformed bodies and unknown APIs never reach a handler, and never give an HTTP error.
+    // Malformed bodies and unknown APIs never reach a handler; only an unknown API is an HTTP
+    // error (404).
     let http = reqwest::Client::new();
     for (body, code) in [
         ("{not json", 1_240_003),
@@ -310,7 +311,14 @@ async fn bad_requests_get_bk_job_codes_naming_the_field() -> Result<()> {
         let envelope: Value = reply.json().await?;
         assert_eq!(envelope["code"], code, "{body:?}: {envelope}");
     }
-    let envelope = client.call_raw("no_such_api", json!({})).await?;
+    // An API that does not exist is not a reply: HTTP 404, still in the envelope.
+    let reply = http
+        .post(format!("{}/api/v3/no_such_api/", cluster.info.api_url))
+        .json(&json!({"bk_app_code": "fleetrun-test"}))
+        .send()
+        .await?;
+    assert_eq!(reply.status(), 404);
+    let envelope: Value = reply.json().await?;
     assert_eq!(envelope["code"], 1_239_003, "{envelope}");
 
     // Not one of the refused requests created a job.

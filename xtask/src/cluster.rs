@@ -215,6 +215,8 @@ pub struct Cluster {
     pub controller_config: PathBuf,
     pub controller_log: PathBuf,
     pub bin_dir: PathBuf,
+    /// `FLEETRUN_LOG_FORMAT` for the processes started from now on; by default this process's.
+    pub log_format: Option<String>,
     controller: Option<Child>,
 }
 
@@ -503,6 +505,7 @@ key = "{key}"
             agents,
             controller_config,
             bin_dir,
+            log_format: std::env::var("FLEETRUN_LOG_FORMAT").ok(),
             controller: None,
         };
         cluster.start_controller().await?;
@@ -589,6 +592,11 @@ key = "{key}"
             .env(
                 "FLEETRUN_LOG",
                 std::env::var("FLEETRUN_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .envs(
+                self.log_format
+                    .iter()
+                    .map(|format| ("FLEETRUN_LOG_FORMAT", format)),
             )
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)

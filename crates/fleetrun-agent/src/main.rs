@@ -1,8 +1,9 @@
-//! `fleetrun-agent --config FILE`: runs on every host.
+//! `fleetrun-agent --config FILE`: runs on every host; `fleetrun-agent check-config --config
+//! FILE`: the same file checked without starting anything.
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::Parser;
+use clap::{CommandFactory, Parser, Subcommand};
 use fleetrun_agent::Config;
 use fleetrun_exec::SetupError;
 use tokio_util::sync::CancellationToken;
@@ -12,8 +13,17 @@ use tokio_util::sync::CancellationToken;
 #[command(version)]
 struct Args {
     /// The configuration file (TOML).
-    #[arg(long, short, env = "FLEETRUN_AGENT_CONFIG")]
-    config: PathBuf,
+    #[arg(long, short, env = "FLEETRUN_AGENT_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Checks the configuration (and the TLS files it names) without connecting: exits 0 with a
+    /// summary when the agent would start with it, 78 with every problem found otherwise.
+    CheckConfig,
 }
 
 /// sysexits' EX_CONFIG: the configuration is unusable.
@@ -21,14 +31,30 @@ const EXIT_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLEETRUN_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let config = match Config::load(&args.config) {
+    let Some(config_path) = args.config else {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--config FILE is required",
+            )
+            .exit()
+    };
+    if let Some(Command::CheckConfig) = args.command {
+        return match Config::check(&config_path) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                for problem in problems {
+                    eprintln!("{problem}");
+                }
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
+    init_logging();
+    let config = match Config::load(&config_path) {
         Ok(config) => config,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -78,6 +104,32 @@ fn is_bad_configuration(error: &anyhow::Error) -> bool {
         error.downcast_ref::<SetupError>(),
         Some(SetupError::UntrustedWorkDir { .. })
     )
+}
+
+/// Logs filtered by `FLEETRUN_LOG`; one JSON object per line when `FLEETRUN_LOG_FORMAT=json`
+/// (for log collectors), else text.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETRUN_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let format = std::env::var("FLEETRUN_LOG_FORMAT").unwrap_or_default();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format.as_str() {
+        "json" => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        "" | "text" => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        other => {
+            builder.with_ansi(false).init();
+            tracing::warn!(
+                format = other,
+                "FLEETRUN_LOG_FORMAT is neither \"text\" nor \"json\": logging text"
+            );
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -204,10 +204,116 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    /// Not TOML, or not the configuration's shape (unknown key, wrong type, missing key).
+    #[error("{path}{at}: {message}")]
+    Parse {
+        path: PathBuf,
+        at: Location,
+        message: String,
+    },
+    /// Well-formed, but not a configuration the controller can run with.
+    #[error("{path}{at}: {message}")]
+    Invalid {
+        path: PathBuf,
+        at: Location,
+        message: String,
+    },
+}
+
+/// Where in the file a problem is, when that is known: `:line:column`, both from 1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Location(pub Option<(usize, usize)>);
+
+impl Location {
+    /// The line and column of byte `offset` of `text`.
+    pub fn of_offset(text: &str, offset: usize) -> Self {
+        let before = &text[..text.floor_char_boundary(offset.min(text.len()))];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        Self(Some((line, column)))
+    }
+
+    /// Where the value at `keys` is written in `text` (the key's table when the key is absent).
+    pub fn of_keys(text: &str, keys: &[Key]) -> Self {
+        let Ok(root) = toml::de::DeTable::parse(text) else {
+            return Self::default();
+        };
+        let mut span = root.span();
+        let mut value: Option<&toml::de::DeValue<'_>> = None;
+        let mut table = Some(root.get_ref());
+        for key in keys {
+            let found = match (key, table, value) {
+                (Key::Name(name), Some(t), _) => t
+                    .iter()
+                    .find(|(k, _)| k.get_ref().as_ref() == *name)
+                    .map(|(_, v)| v),
+                (Key::Index(i), _, Some(toml::de::DeValue::Array(items))) => items.get(*i),
+                _ => None,
+            };
+            let Some(found) = found else { break };
+            span = found.span();
+            value = Some(found.get_ref());
+            table = match found.get_ref() {
+                toml::de::DeValue::Table(t) => Some(t),
+                _ => None,
+            };
+        }
+        Self::of_offset(text, span.start)
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some((line, column)) => write!(f, ":{line}:{column}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One step down into the file: a key of a table, or an element of an array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key {
+    Name(&'static str),
+    Index(usize),
+}
+
+/// A configuration that parses but cannot be run with: what is wrong, and at which key.
+#[derive(Debug)]
+pub struct Invalid {
+    pub at: Vec<Key>,
+    pub message: String,
+}
+
+impl Invalid {
+    fn new(at: &[Key], message: impl Into<String>) -> Self {
+        Self {
+            at: at.to_vec(),
+            message: message.into(),
+        }
+    }
+}
+
+use Key::{Index, Name};
+
+/// Deserializes `text`; an error comes with where it is and a message that names the key at
+/// fault (toml's own names only the value's line).
+pub fn from_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> Result<T, (Option<std::ops::Range<usize>>, String)> {
+    let deserializer = toml::Deserializer::parse(text)
+        .map_err(|e| (e.span(), e.message().trim_end().to_owned()))?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.message().trim_end();
+        let message = if key == "." {
+            message.to_owned()
+        } else {
+            format!("{key}: {message}")
+        };
+        (inner.span(), message)
+    })
 }
 
 impl Config {
@@ -216,73 +322,117 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates the text of the file at `path` (named in errors).
+    pub fn parse(path: &std::path::Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Config = from_toml(text).map_err(|(span, message)| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        config.validate().map_err(|message| ConfigError::Invalid {
-            path: path.to_owned(),
+            at: span.map_or_else(Location::default, |span| {
+                Location::of_offset(text, span.start)
+            }),
             message,
+        })?;
+        config.validate().map_err(|e| ConfigError::Invalid {
+            path: path.to_owned(),
+            at: Location::of_keys(text, &e.at),
+            message: e.message,
         })?;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), Invalid> {
         let mut seen = std::collections::HashSet::new();
-        for app in &self.apps {
-            if app.bk_app_code.is_empty() || app.bk_app_secret.is_empty() {
-                return Err("apps: bk_app_code and bk_app_secret must not be empty".into());
+        for (i, app) in self.apps.iter().enumerate() {
+            let at = |key| [Name("apps"), Index(i), Name(key)];
+            if app.bk_app_code.is_empty() {
+                return Err(Invalid::new(
+                    &at("bk_app_code"),
+                    "apps: bk_app_code must not be empty",
+                ));
+            }
+            if app.bk_app_secret.is_empty() {
+                return Err(Invalid::new(
+                    &at("bk_app_secret"),
+                    format!(
+                        "apps: bk_app_secret of {:?} must not be empty",
+                        app.bk_app_code
+                    ),
+                ));
             }
             if app.callback_secret.as_deref() == Some("") {
-                return Err(format!(
-                    "apps: callback_secret of {:?} is empty (leave it out to send unsigned callbacks)",
-                    app.bk_app_code
+                return Err(Invalid::new(
+                    &at("callback_secret"),
+                    format!(
+                        "apps: callback_secret of {:?} is empty (leave it out to send unsigned callbacks)",
+                        app.bk_app_code
+                    ),
                 ));
             }
             if app.scopes.is_empty() {
-                return Err(format!(
-                    "apps: {:?} has no scopes: list those it may act on (\"biz:<id>\", \"biz_set:<id>\", or \"*\" for every scope)",
-                    app.bk_app_code
+                return Err(Invalid::new(
+                    &[Name("apps"), Index(i)],
+                    format!(
+                        "apps: {:?} has no scopes: list those it may act on (\"biz:<id>\", \"biz_set:<id>\", or \"*\" for every scope)",
+                        app.bk_app_code
+                    ),
                 ));
             }
             for scope in &app.scopes {
                 let valid = scope == "*"
                     || matches!(scope.split_once(':'), Some(("biz" | "biz_set", id)) if id.parse::<i64>().is_ok());
                 if !valid {
-                    return Err(format!(
-                        "apps: scope {scope:?} of {:?} is not \"*\", \"biz:<id>\" or \"biz_set:<id>\"",
-                        app.bk_app_code
+                    return Err(Invalid::new(
+                        &at("scopes"),
+                        format!(
+                            "apps: scope {scope:?} of {:?} is not \"*\", \"biz:<id>\" or \"biz_set:<id>\"",
+                            app.bk_app_code
+                        ),
                     ));
                 }
             }
             if !seen.insert(&app.bk_app_code) {
-                return Err(format!(
-                    "apps: bk_app_code {:?} appears twice",
-                    app.bk_app_code
+                return Err(Invalid::new(
+                    &at("bk_app_code"),
+                    format!("apps: bk_app_code {:?} appears twice", app.bk_app_code),
                 ));
             }
         }
         let mut ids = std::collections::HashSet::new();
         let mut aliases = std::collections::HashSet::new();
-        for account in &self.accounts {
+        for (i, account) in self.accounts.iter().enumerate() {
+            let at = |key| [Name("accounts"), Index(i), Name(key)];
             if !ids.insert(account.id) {
-                return Err(format!("accounts: id {} appears twice", account.id));
+                return Err(Invalid::new(
+                    &at("id"),
+                    format!("accounts: id {} appears twice", account.id),
+                ));
             }
             if !aliases.insert(&account.alias) {
-                return Err(format!("accounts: alias {:?} appears twice", account.alias));
+                return Err(Invalid::new(
+                    &at("alias"),
+                    format!("accounts: alias {:?} appears twice", account.alias),
+                ));
             }
             if account.scopes.is_empty() {
-                return Err(format!(
-                    "accounts: {:?} has no scopes: list the \"biz:<id>\" and \"biz_set:<id>\" whose jobs may run as it",
-                    account.alias
+                return Err(Invalid::new(
+                    &[Name("accounts"), Index(i)],
+                    format!(
+                        "accounts: {:?} has no scopes: list the \"biz:<id>\" and \"biz_set:<id>\" whose jobs may run as it",
+                        account.alias
+                    ),
                 ));
             }
             for scope in &account.scopes {
                 if !matches!(scope.split_once(':'), Some(("biz" | "biz_set", id)) if id.parse::<i64>().is_ok())
                 {
-                    return Err(format!(
-                        "accounts: scope {scope:?} of {:?} is not \"biz:<id>\" or \"biz_set:<id>\"",
-                        account.alias
+                    return Err(Invalid::new(
+                        &at("scopes"),
+                        format!(
+                            "accounts: scope {scope:?} of {:?} is not \"biz:<id>\" or \"biz_set:<id>\"",
+                            account.alias
+                        ),
                     ));
                 }
             }
@@ -293,36 +443,49 @@ impl Config {
                 || self.placement.default_bk_biz_id.is_some()
                 || !self.placement.agents.is_empty())
         {
-            return Err(
-                "inventory: with an inventory file, businesses, accounts and placement belong in it, not here"
-                    .into(),
-            );
+            return Err(Invalid::new(
+                &[Name("inventory")],
+                "inventory: with an inventory file, businesses, accounts and placement belong in it, not here",
+            ));
         }
         if self.limits.output_limit < 1024 {
-            return Err("limits.output_limit must be at least 1024 bytes".into());
+            return Err(Invalid::new(
+                &[Name("limits"), Name("output_limit")],
+                "limits.output_limit must be at least 1024 bytes",
+            ));
         }
         if self.limits.heartbeat_secs == 0 {
-            return Err("limits.heartbeat_secs must be at least 1".into());
+            return Err(Invalid::new(
+                &[Name("limits"), Name("heartbeat_secs")],
+                "limits.heartbeat_secs must be at least 1",
+            ));
         }
         if !(1..=100).contains(&self.limits.callback_max_attempts) {
-            return Err("limits.callback_max_attempts must be between 1 and 100".into());
+            return Err(Invalid::new(
+                &[Name("limits"), Name("callback_max_attempts")],
+                "limits.callback_max_attempts must be between 1 and 100",
+            ));
         }
         let l = &self.limits;
         if l.http_header_timeout_secs == 0 || l.http_body_timeout_secs == 0 {
-            return Err(
-                "limits.http_header_timeout_secs and http_body_timeout_secs must be at least 1"
-                    .into(),
-            );
+            return Err(Invalid::new(
+                &[Name("limits")],
+                "limits.http_header_timeout_secs and http_body_timeout_secs must be at least 1",
+            ));
         }
         if l.http_max_connections == 0 || l.http_max_requests == 0 {
-            return Err(
-                "limits.http_max_connections and http_max_requests must be at least 1".into(),
-            );
+            return Err(Invalid::new(
+                &[Name("limits")],
+                "limits.http_max_connections and http_max_requests must be at least 1",
+            ));
         }
         if !(1024..=crate::api::MAX_BODY).contains(&l.http_unauthenticated_body_bytes)
             || l.http_unauthenticated_total_bytes < l.http_unauthenticated_body_bytes
         {
-            return Err("limits.http_unauthenticated_body_bytes must be between 1 KiB and 24 MiB, and http_unauthenticated_total_bytes at least that".into());
+            return Err(Invalid::new(
+                &[Name("limits")],
+                "limits.http_unauthenticated_body_bytes must be between 1 KiB and 24 MiB, and http_unauthenticated_total_bytes at least that",
+            ));
         }
         Ok(())
     }

@@ -534,6 +534,13 @@ async fn commit_import(
     })
 }
 
+/// Checks the inventory the configuration describes (its file, or its own sections) without
+/// touching the store: what [`InventoryState::load`] would refuse when it imports it.
+pub fn check(config: &Config) -> Result<Inventory, InventoryLoadError> {
+    let source = read_source(config)?;
+    check_source(config, &source)
+}
+
 /// The source document: the inventory file's text, or the configuration's sections as one.
 fn read_source(config: &Config) -> Result<String, InventoryLoadError> {
     match &config.inventory {

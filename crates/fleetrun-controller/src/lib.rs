@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod callback;
+pub mod check;
 pub mod config;
 pub mod engine;
 pub mod gateway;
@@ -40,6 +41,8 @@ pub struct Shared {
     pub cipher: secrets::ParamCipher,
     /// Cancelled when the controller stops; long-lived responses end on it.
     pub shutdown: CancellationToken,
+    /// Whether the QUIC listener agents connect to is accepting (for `/readyz`).
+    pub agent_listener_up: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A started controller.
@@ -133,6 +136,7 @@ impl Controller {
             shutdown.clone(),
             &mut tasks,
         )?);
+        let shutdown_gateway = shutdown.clone();
         let gateway = gateway::Gateway {
             agents: agents.clone(),
             store: store.clone(),
@@ -140,7 +144,12 @@ impl Controller {
             inventory: inventory.clone(),
             policy: config.agents.clone(),
         };
-        tasks.spawn(gateway.serve(endpoint, shutdown.clone()));
+        let agent_listener_up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let listening = agent_listener_up.clone();
+        tasks.spawn(async move {
+            gateway.serve(endpoint, shutdown_gateway).await;
+            listening.store(false, std::sync::atomic::Ordering::Relaxed);
+        });
 
         let shared = Arc::new(Shared {
             apps: config.apps.clone(),
@@ -151,6 +160,7 @@ impl Controller {
             inventory: inventory.clone(),
             cipher,
             shutdown: shutdown.clone(),
+            agent_listener_up,
         });
         let limits = shared.config.limits.clone();
         let app = api::router(shared);

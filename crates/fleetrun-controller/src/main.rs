@@ -1,8 +1,9 @@
-//! `fleetrun-controller --config FILE`: the daemon.
+//! `fleetrun-controller --config FILE`: the daemon; `fleetrun-controller check-config --config
+//! FILE`: the same file checked without starting anything.
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::Parser;
+use clap::{CommandFactory, Parser, Subcommand};
 use fleetrun_controller::{Config, Controller};
 
 /// The fleetrun controller: bk-job-compatible API and the gateway agents connect to.
@@ -10,8 +11,18 @@ use fleetrun_controller::{Config, Controller};
 #[command(version)]
 struct Args {
     /// The configuration file (TOML).
-    #[arg(long, short, env = "FLEETRUN_CONTROLLER_CONFIG")]
-    config: PathBuf,
+    #[arg(long, short, env = "FLEETRUN_CONTROLLER_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Checks the configuration (and the TLS and inventory files it names) without starting:
+    /// exits 0 with a summary when the controller would start with it, 78 with every problem
+    /// found otherwise.
+    CheckConfig,
 }
 
 /// sysexits' EX_CONFIG: the configuration is unusable.
@@ -19,14 +30,30 @@ const EXIT_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLEETRUN_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let config = match Config::load(&args.config) {
+    let Some(config_path) = args.config else {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--config FILE is required",
+            )
+            .exit()
+    };
+    if let Some(Command::CheckConfig) = args.command {
+        return match fleetrun_controller::check::check_config(&config_path) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                for problem in problems {
+                    eprintln!("{problem}");
+                }
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
+    init_logging();
+    let config = match Config::load(&config_path) {
         Ok(config) => config,
         Err(e) => {
             tracing::error!("{e}");
@@ -83,6 +110,32 @@ fn main() -> ExitCode {
     // Work still blocked on a failing disk must not hold the process.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     code
+}
+
+/// Logs to stderr, filtered by `FLEETRUN_LOG`; one JSON object per line when
+/// `FLEETRUN_LOG_FORMAT=json` (for log collectors), else text.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETRUN_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let format = std::env::var("FLEETRUN_LOG_FORMAT").unwrap_or_default();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format.as_str() {
+        "json" => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        "" | "text" => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        other => {
+            builder.with_ansi(false).init();
+            tracing::warn!(
+                format = other,
+                "FLEETRUN_LOG_FORMAT is neither \"text\" nor \"json\": logging text"
+            );
+        }
+    }
 }
 
 async fn shutdown_signal() {

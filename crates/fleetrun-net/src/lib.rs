@@ -12,4 +12,6 @@ pub use frame::{FramedRecv, StreamError, describe_connection_error, send_frame};
 pub use identity::{
     AgentCertificate, IdentityError, agent_id_of_cert_file, peer_agent, peer_agent_id,
 };
-pub use tls::{Timing, TlsError, TlsFiles, client_endpoint, server_endpoint};
+pub use tls::{
+    Timing, TlsError, TlsFiles, client_endpoint, client_tls, server_endpoint, server_tls,
+};

@@ -132,17 +132,7 @@ pub fn server_endpoint(
     listen: SocketAddr,
     timing: Timing,
 ) -> Result<quinn::Endpoint, TlsError> {
-    let roots = load_roots(&files.ca)?;
-    let verifier = Arc::new(ClientAuthOnly {
-        inner: WebPkiClientVerifier::builder_with_provider(roots, provider())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?,
-    });
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)?;
-    tls.alpn_protocols = vec![fleetrun_proto::ALPN.to_vec()];
+    let tls = server_tls(files)?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport(timing, AGENT_OPENED_STREAMS));
@@ -171,6 +161,23 @@ pub fn server_endpoint(
         runtime,
     )
     .map_err(bind_error)
+}
+
+/// The controller's TLS configuration from its files: what [`server_endpoint`] serves with, built
+/// without binding anything (a configuration check calls it alone).
+pub fn server_tls(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
+    let roots = load_roots(&files.ca)?;
+    let verifier = Arc::new(ClientAuthOnly {
+        inner: WebPkiClientVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?,
+    });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)?;
+    tls.alpn_protocols = vec![fleetrun_proto::ALPN.to_vec()];
+    Ok(tls)
 }
 
 /// Asks for [`SOCKET_BUFFER`]-sized socket buffers: beyond `net.core.rmem_max`/`wmem_max` when
@@ -203,12 +210,7 @@ pub fn client_endpoint(
     bind: SocketAddr,
     timing: Timing,
 ) -> Result<quinn::Endpoint, TlsError> {
-    let roots = load_roots(&files.ca)?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?)?;
-    tls.alpn_protocols = vec![fleetrun_proto::ALPN.to_vec()];
+    let tls = client_tls(files)?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport(timing, TASK_STREAMS_PER_AGENT));
@@ -216,6 +218,18 @@ pub fn client_endpoint(
         quinn::Endpoint::client(bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
+}
+
+/// The agent's TLS configuration from its files: what [`client_endpoint`] connects with, built
+/// without binding anything (a configuration check calls it alone).
+pub fn client_tls(files: &TlsFiles) -> Result<rustls::ClientConfig, TlsError> {
+    let roots = load_roots(&files.ca)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?)?;
+    tls.alpn_protocols = vec![fleetrun_proto::ALPN.to_vec()];
+    Ok(tls)
 }
 
 /// The CA's client verifier, and a certificate must also say it is meant for client

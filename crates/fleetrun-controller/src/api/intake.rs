@@ -108,6 +108,14 @@ pub async fn read(
     };
     let params = Params::from_request(method, query, &bytes)?;
     let caller = auth::authenticate(&shared.apps, headers, &params)?;
+    // The request's span declares these empty: from here on every line of the request names its
+    // caller. The operator is the client's text, hence escaped.
+    let span = tracing::Span::current();
+    span.record("app", tracing::field::display(&caller.app_code));
+    span.record(
+        "operator",
+        tracing::field::display(caller.username.escape_debug()),
+    );
     let turn = match held {
         Held::Turn(turn) => turn,
         Held::Budget(bytes) => {

@@ -3,7 +3,8 @@
 //! Every API is reachable through bk-job's path styles (API gateway `/api/v3/<name>/`, ESB
 //! `/api/c/compapi/v2/jobv3/<name>/` and `/api/c/compapi/jobv3/<name>/`, each with or without the
 //! trailing slash), by GET with query parameters or POST with a JSON body. Every reply is bk-job's
-//! envelope with HTTP 200; errors carry bk-job's codes.
+//! envelope with HTTP 200, except a path that names no API (HTTP 404, code 1239003); errors carry
+//! bk-job's codes. `/healthz` and `/readyz` answer probes, without credentials.
 //!
 //! **Architecture invariant:** bk-job codes and messages are made here and nowhere else.
 
@@ -11,6 +12,7 @@ mod admin;
 mod auth;
 mod error;
 mod execute;
+mod health;
 mod intake;
 #[doc(hidden)]
 pub mod params;
@@ -57,20 +59,52 @@ pub fn router(shared: Arc<Shared>) -> Router {
             .route(&format!("{prefix}/stream_job/"), any(stream::stream_job));
     }
     router
+        .route("/healthz", axum::routing::get(health::healthz))
+        .route("/readyz", axum::routing::get(health::readyz))
         .fallback(not_found)
         .layer(Extension(gate))
         .with_state(shared)
 }
 
+/// The APIs [`dispatch`] serves; any other name is answered 404 before its body is read.
+const APIS: &[&str] = &[
+    "fast_execute_script",
+    "get_job_instance_status",
+    "get_job_instance_ip_log",
+    "batch_get_job_instance_ip_log",
+    "operate_job_instance",
+    "get_job_instance_list",
+    "get_account_list",
+    "create_script",
+    "create_script_version",
+    "publish_script_version",
+    "disable_script_version",
+    "get_script_list",
+    "get_script_version_list",
+    "get_script_version_detail",
+    "list_hosts",
+    "get_topology",
+    "reload_inventory",
+    "get_inventory",
+    "get_inventory_history",
+    "change_inventory",
+    "replace_inventory",
+    "revoke_agent",
+    "unrevoke_agent",
+    "list_revoked_agents",
+    "get_callback_status",
+];
+
+/// A path that names no API: HTTP 404 (a client or proxy retrying on 5xx, or treating 200 as
+/// served, must not mistake it for a reply), in bk-job's envelope so bk-job clients read the
+/// code.
+fn unknown_api(message: String) -> ApiError {
+    ApiError::new(error::code::API_UNSUPPORTED, message).with_http_status(StatusCode::NOT_FOUND)
+}
+
 async fn not_found() -> Response {
     let request_id = new_request_id();
-    envelope(
-        &request_id,
-        Err(ApiError::new(
-            error::code::API_UNSUPPORTED,
-            "no such API path",
-        )),
-    )
+    envelope(&request_id, Err(unknown_api("no such API path".to_owned())))
 }
 
 async fn dispatch(
@@ -85,7 +119,21 @@ async fn dispatch(
     let request_id = new_request_id();
     // The path is the client's text, logged before it is authenticated: `?` escapes it, so a
     // newline in it cannot start a forged log line.
-    let span = tracing::info_span!("api", request_id = %request_id, api = ?api);
+    let span = tracing::info_span!(
+        "api",
+        request_id = %request_id,
+        api = ?api,
+        app = tracing::field::Empty,
+        operator = tracing::field::Empty,
+    );
+    if !APIS.contains(&api.as_str()) {
+        let result = Err(unknown_api(format!(
+            "unsupported API: {}",
+            api.escape_debug()
+        )));
+        span.in_scope(|| log_result(&result));
+        return envelope(&request_id, result);
+    }
     let result = async {
         // The turn is held until the reply is made.
         let intake::Admitted {
@@ -93,7 +141,7 @@ async fn dispatch(
             caller,
             turn: _turn,
         } = intake::read(&shared, &gate, &method, &headers, query.as_deref(), body).await?;
-        tracing::debug!(app = %caller.app_code, operator = ?caller.username, "request");
+        tracing::debug!("request");
         match api.as_str() {
             "fast_execute_script" => execute::fast_execute_script(&shared, &caller, &params).await,
             "get_job_instance_status" => {
@@ -140,10 +188,10 @@ async fn dispatch(
             "unrevoke_agent" => admin::unrevoke_agent(&shared, &caller, &params).await,
             "list_revoked_agents" => admin::list_revoked_agents(&shared, &caller).await,
             "get_callback_status" => query::get_callback_status(&shared, &caller, &params).await,
-            _ => Err(ApiError::new(
-                error::code::API_UNSUPPORTED,
-                format!("unsupported API: {api}"),
-            )),
+            _ => Err(unknown_api(format!(
+                "unsupported API: {}",
+                api.escape_debug()
+            ))),
         }
     }
     .instrument(span.clone())

@@ -65,7 +65,13 @@ pub async fn stream_job(
     body: Body,
 ) -> Response {
     let request_id = super::new_request_id();
-    let span = tracing::info_span!("api", request_id = %request_id, api = "stream_job");
+    let span = tracing::info_span!(
+        "api",
+        request_id = %request_id,
+        api = "stream_job",
+        app = tracing::field::Empty,
+        operator = tracing::field::Empty,
+    );
     let prepared = prepare(&shared, &gate, &method, &headers, query.as_deref(), body)
         .instrument(span.clone())
         .await;

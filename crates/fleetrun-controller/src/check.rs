@@ -1,0 +1,76 @@
+//! `fleetrun-controller check-config`: what the controller would refuse at start, found without
+//! starting it (no database opened, no port bound).
+
+use std::path::Path;
+
+use fleetrun_net::{TlsError, TlsFiles};
+
+use crate::config::{Config, ConfigError, Key, Location};
+
+/// Checks the configuration file at `path`: a one-line summary when the controller would start
+/// with it, else every problem found, each naming the file and, where it comes from a key, its
+/// line and column.
+pub fn check_config(path: &Path) -> Result<String, Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|source| {
+        vec![
+            ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }
+            .to_string(),
+        ]
+    })?;
+    // Nothing further can be checked in a file that does not parse.
+    let config = Config::parse(path, &text).map_err(|e| vec![e.to_string()])?;
+    let mut problems = Vec::new();
+    let at = |keys: &[Key]| Location::of_keys(&text, keys);
+
+    let files = TlsFiles {
+        ca: config.tls.ca.clone(),
+        cert: config.tls.cert.clone(),
+        key: config.tls.key.clone(),
+    };
+    if let Err(e) = fleetrun_net::server_tls(&files) {
+        let key = match &e {
+            TlsError::File { path, .. } if *path == config.tls.ca => Some("ca"),
+            TlsError::File { path, .. } if *path == config.tls.cert => Some("cert"),
+            TlsError::File { path, .. } if *path == config.tls.key => Some("key"),
+            _ => None,
+        };
+        let location = match key {
+            Some(key) => at(&[Key::Name("tls"), Key::Name(key)]),
+            None => at(&[Key::Name("tls")]),
+        };
+        problems.push(format!("{}{location}: tls: {e}", path.display()));
+    }
+
+    let inventory = match crate::inventory::check(&config) {
+        Ok(inventory) => Some(inventory),
+        Err(e) => {
+            let location = if config.inventory.is_some() {
+                at(&[Key::Name("inventory")])
+            } else {
+                Location::default()
+            };
+            problems.push(format!("{}{location}: inventory: {e}", path.display()));
+            None
+        }
+    };
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(format!(
+        "{}: ok: HTTP API on {}, agents on {}, database {}, {} app(s), inventory {} ({} business(es))",
+        path.display(),
+        config.http_listen,
+        config.agent_listen,
+        config.database.display(),
+        config.apps.len(),
+        config
+            .inventory
+            .as_deref()
+            .map_or_else(|| "from this file".to_owned(), |p| p.display().to_string()),
+        inventory.map_or(0, |i| i.businesses().len()),
+    ))
+}

@@ -1,0 +1,88 @@
+//! `/healthz` and `/readyz`: answered without credentials, and `/readyz` says the controller is
+//! not ready, naming the store, while its database refuses writes. With the real binaries; as
+//! root, the database is made unwritable with `chattr +i` (which stops root too).
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use anyhow::{Result, ensure};
+use fleetrun_tests::{TestCluster, eventually, start_cluster};
+use serde_json::{Value, json};
+
+async fn probe(cluster: &TestCluster, path: &str) -> Result<(u16, Value)> {
+    // No credentials, as a load balancer's probe sends none.
+    let reply = reqwest::get(format!("{}{path}", cluster.info.api_url)).await?;
+    let status = reply.status().as_u16();
+    Ok((status, reply.json().await?))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_and_readiness_answer_without_credentials() -> Result<()> {
+    let cluster = start_cluster(1).await?;
+    let (status, body) = probe(&cluster, "/healthz").await?;
+    assert_eq!((status, body), (200, json!({"status": "ok"})));
+    let (status, body) = probe(&cluster, "/readyz").await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ready", "{body}");
+    assert!(body["inventory_revision"].as_i64().unwrap() >= 1, "{body}");
+    Ok(())
+}
+
+/// The database and its log made immutable until dropped.
+struct Frozen(Vec<PathBuf>);
+
+impl Frozen {
+    fn freeze(cluster: &TestCluster) -> Result<Self> {
+        let db = cluster.dir().join("controller.db");
+        let wal = cluster.dir().join("controller.db-wal");
+        let frozen = Self(vec![db, wal]);
+        for file in &frozen.0 {
+            let status = Command::new("chattr").arg("+i").arg(file).status()?;
+            ensure!(status.success(), "chattr +i {}", file.display());
+        }
+        Ok(frozen)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for file in &self.0 {
+            let _ = Command::new("chattr").arg("-i").arg(file).status();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_fails_naming_the_store_while_the_database_refuses_writes() -> Result<()> {
+    let cluster = start_cluster(1).await?;
+    let host = cluster.host_id("agent-1");
+    let frozen = Frozen::freeze(&cluster)?;
+    // A write the database refuses: the store learns it is unwritable.
+    let refused = cluster
+        .client()
+        .call_raw(
+            "fast_execute_script",
+            cluster.script_request("echo refused", &[host], json!({})),
+        )
+        .await?;
+    assert_eq!(refused["code"], 1_252_001, "{refused}");
+    let (status, body) = probe(&cluster, "/readyz").await?;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "not_ready", "{body}");
+    let problems = body["problems"].as_array().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.as_str().unwrap().starts_with("store: ")),
+        "{body}"
+    );
+    // Alive all the same: restarting it would not help.
+    assert_eq!(probe(&cluster, "/healthz").await?.0, 200);
+
+    drop(frozen);
+    eventually(Duration::from_secs(30), "ready again", || async {
+        let (status, _) = probe(&cluster, "/readyz").await.ok()?;
+        (status == 200).then_some(())
+    })
+    .await?;
+    Ok(())
+}
