@@ -50,9 +50,6 @@ pub enum InventoryLoadError {
     /// The configuration's inventory sections are inconsistent.
     #[error("configuration: {0}")]
     Config(String),
-    /// The file declares scripts; the library lives in the store.
-    #[error("{0}: scripts are managed with create_script and friends, not in the inventory file")]
-    Scripts(PathBuf),
     /// The store's current revision no longer reads as an inventory.
     #[error("inventory revision {revision} in the store: {source}")]
     Stored {
@@ -303,12 +300,6 @@ impl InventoryState {
         .await
         .map_err(|e| ChangeRefused::Invalid(format!("text could not be read: {e}")))?;
         let inventory = parsed.map_err(|e| ChangeRefused::Invalid(format!("text: {e}")))?;
-        if has_scripts(&inventory) {
-            return Err(ChangeRefused::Invalid(
-                "text: scripts are managed with create_script and friends, not in the inventory"
-                    .into(),
-            ));
-        }
         let summary = "replaced the whole document".to_owned();
         self.commit(&current, text, inventory, operator, summary, Vec::new())
             .await
@@ -444,11 +435,6 @@ fn edit_document(
     Ok((text, inventory, forget_hosts, summarize(changes)))
 }
 
-/// Scripts live in the store's library, never in the inventory document.
-fn has_scripts(inventory: &Inventory) -> bool {
-    !inventory.scripts().scripts().is_empty()
-}
-
 fn check_expected(current: &Current, expected: Option<i64>) -> Result<(), ChangeRefused> {
     match expected {
         Some(expected) if expected != current.info.revision => Err(ChangeRefused::Stale {
@@ -548,17 +534,10 @@ fn read_source(config: &Config) -> Result<String, InventoryLoadError> {
 /// Checks the source document as a whole.
 fn check_source(config: &Config, text: &str) -> Result<Inventory, InventoryLoadError> {
     match &config.inventory {
-        Some(path) => {
-            let inventory =
-                Inventory::from_toml(text).map_err(|source| InventoryLoadError::File {
-                    path: path.clone(),
-                    source,
-                })?;
-            if has_scripts(&inventory) {
-                return Err(InventoryLoadError::Scripts(path.clone()));
-            }
-            Ok(inventory)
-        }
+        Some(path) => Inventory::from_toml(text).map_err(|source| InventoryLoadError::File {
+            path: path.clone(),
+            source,
+        }),
         None => Inventory::from_toml(text).map_err(|e| {
             InventoryLoadError::Config(match e {
                 InventoryFileError::Invalid { problem, .. } => problem.to_string(),
@@ -650,5 +629,18 @@ mod tests {
             panic!("a connected agent's host was forgotten");
         };
         assert!(why.contains("agent \"b\" is connected"), "{why}");
+    }
+
+    #[test]
+    fn a_document_declaring_scripts_is_refused_at_the_script_line() {
+        let text = format!("{DOC}\n[[script]]\nid = \"s\"\nname = \"a\"\n");
+        let Err(ChangeRefused::Invalid(why)) = check_document(&text) else {
+            panic!("a document with scripts was accepted");
+        };
+        assert!(why.contains("line 10"), "{why}");
+        assert!(
+            why.contains("scripts are managed with create_script"),
+            "{why}"
+        );
     }
 }
