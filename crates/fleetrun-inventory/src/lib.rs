@@ -33,7 +33,6 @@
 
 mod account;
 mod agents;
-mod fast_hash;
 mod file;
 mod group;
 mod hosts;
