@@ -63,6 +63,24 @@ pub enum InventoryLoadError {
     Commit(#[from] InventoryCommitError),
 }
 
+/// When [`InventoryState::reload`] imports the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reimport {
+    /// Only when it changed since it was last imported.
+    IfChanged,
+    /// Even when unchanged: the API's changes since the last import are replaced by the file.
+    Always,
+}
+
+/// What a reload left in force.
+#[derive(Debug, Clone)]
+pub struct Reloaded {
+    /// The current revision.
+    pub revision: RevisionInfo,
+    /// Whether the file was imported as a new revision (false: it was unchanged).
+    pub imported: bool,
+}
+
 /// A change to the inventory was not made.
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeRefused {
@@ -221,20 +239,24 @@ impl InventoryState {
     }
 
     /// Imports the source (the inventory file) as the current revision when it changed since it
-    /// was last imported, or always when `force`d: a reload with an untouched file keeps the
-    /// changes made through the API, as a restart does. An invalid file changes nothing.
-    /// Returns the current revision and whether it is a new import.
-    pub async fn reload(&self, force: bool) -> Result<(RevisionInfo, bool), InventoryLoadError> {
+    /// was last imported, or always with [`Reimport::Always`]: a reload with an untouched file
+    /// keeps the changes made through the API, as a restart does. An invalid file changes nothing.
+    pub async fn reload(&self, when: Reimport) -> Result<Reloaded, InventoryLoadError> {
         let _one_change_at_a_time = self.edit.lock().await;
         let source = read_source(&self.config)?;
         let digest = digest(&source);
         let current = self.current.read().unwrap().clone();
-        if current.text == source || (!force && current.info.source_digest == digest) {
+        if current.text == source
+            || (when == Reimport::IfChanged && current.info.source_digest == digest)
+        {
             tracing::info!(
                 revision = current.info.revision,
                 "inventory reload: the file is unchanged since it was imported"
             );
-            return Ok((current.info.clone(), false));
+            return Ok(Reloaded {
+                revision: current.info.clone(),
+                imported: false,
+            });
         }
         let inventory = check_source(&self.config, &source)?;
         let next = commit_import(
@@ -249,7 +271,10 @@ impl InventoryState {
         let info = next.info.clone();
         self.install(next);
         tracing::info!(source = ?self.config.inventory, revision = info.revision, "inventory reloaded");
-        Ok((info, true))
+        Ok(Reloaded {
+            revision: info,
+            imported: true,
+        })
     }
 
     /// Makes `changes` on the current document and stores the result as the next revision.
