@@ -10,6 +10,7 @@ mod task;
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use fleetrun_exec::{ExecConfig, Executor};
 use fleetrun_net::{Timing, TlsFiles};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +24,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// fleet that lost its controller does not come back in lockstep.
 #[derive(Debug)]
 struct Backoff {
-    next: Duration,
+    delays: ExponentialBackoff,
 }
 
 impl Backoff {
@@ -31,18 +32,25 @@ impl Backoff {
     const MAX: Duration = Duration::from_secs(30);
 
     fn new() -> Self {
-        Self { next: Self::FIRST }
+        // backon's jitter adds up to one more step: steps from half of `FIRST` to half of `MAX`
+        // give waits between half and all of a step that doubles from `FIRST` to `MAX`.
+        let delays = ExponentialBuilder::default()
+            .with_min_delay(Self::FIRST / 2)
+            .with_max_delay(Self::MAX / 2)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        Self { delays }
     }
 
     fn reset(&mut self) {
-        self.next = Self::FIRST;
+        *self = Self::new();
     }
 
     /// The next wait: between half and all of the current step.
     fn next_delay(&mut self) -> Duration {
-        let step = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        step.mul_f64(rand::random_range(0.5..=1.0))
+        self.delays.next().unwrap_or(Self::MAX)
     }
 }
 

@@ -3,6 +3,10 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tokio_util::{
+    bytes::BytesMut,
+    codec::{Decoder, LinesCodec, LinesCodecError},
+};
 
 use crate::{error::CliError, settings::Settings};
 
@@ -19,7 +23,8 @@ pub struct Client {
 #[derive(Debug)]
 pub struct EventStream {
     response: reqwest::Response,
-    buffer: Vec<u8>,
+    buffer: BytesMut,
+    lines: LinesCodec,
 }
 
 /// A line longer than this is not one of ours.
@@ -166,7 +171,8 @@ impl Client {
         if response.status().is_success() && is_stream {
             return Ok(EventStream {
                 response,
-                buffer: Vec::new(),
+                buffer: BytesMut::new(),
+                lines: LinesCodec::new_with_max_length(MAX_LINE),
             });
         }
         let status = response.status();
@@ -184,18 +190,20 @@ impl EventStream {
     /// broke or went silent (the caller reconnects).
     pub async fn next(&mut self) -> Result<Option<Value>, String> {
         loop {
-            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.buffer.drain(..=end).collect();
-                let line = &line[..line.len() - 1];
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
+            match self.lines.decode(&mut self.buffer) {
+                Ok(Some(line)) if line.trim().is_empty() => continue,
+                Ok(Some(line)) => {
+                    return serde_json::from_str(&line)
+                        .map(Some)
+                        .map_err(|e| format!("a stream line is not JSON: {e}"));
                 }
-                return serde_json::from_slice(line)
-                    .map(Some)
-                    .map_err(|e| format!("a stream line is not JSON: {e}"));
-            }
-            if self.buffer.len() > MAX_LINE {
-                return Err(format!("a stream line is longer than {MAX_LINE} bytes"));
+                Ok(None) => {}
+                Err(LinesCodecError::MaxLineLengthExceeded) => {
+                    return Err(format!("a stream line is longer than {MAX_LINE} bytes"));
+                }
+                Err(LinesCodecError::Io(e)) => {
+                    return Err(format!("a stream line is not JSON: {e}"));
+                }
             }
             match tokio::time::timeout(STREAM_SILENCE, self.response.chunk()).await {
                 Err(_) => return Err(format!("no data for {}s", STREAM_SILENCE.as_secs())),

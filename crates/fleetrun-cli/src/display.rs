@@ -8,6 +8,7 @@ use std::{
 };
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
 use crate::{
     error::CliError,
@@ -125,7 +126,9 @@ impl Live {
     }
 
     fn prefix(&self, view: &JobView, host: &HostView, index: usize) -> String {
-        let label = format!("{:<width$} | ", host.label(), width = view.label_width());
+        let label = host.label();
+        let pad = view.label_width().saturating_sub(label.width());
+        let label = format!("{label}{} | ", " ".repeat(pad));
         self.style
             .paint(HOST_COLOURS[index % HOST_COLOURS.len()], &label)
     }
@@ -347,7 +350,7 @@ pub fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// Characters shown, not counting `ESC [ ... m` colour codes.
+/// Terminal columns taken (two for a CJK character), not counting `ESC [ ... m` colour codes.
 fn visible_width(text: &str) -> usize {
     let mut width = 0;
     let mut chars = text.chars();
@@ -359,7 +362,7 @@ fn visible_width(text: &str) -> usize {
                 }
             }
         } else {
-            width += 1;
+            width += c.width().unwrap_or(0);
         }
     }
     width
@@ -458,6 +461,19 @@ offline / agent abnormal: 1 host
             vec!["\x1b[32mon\x1b[0m".into(), "x".into()],
         ];
         assert_eq!(table(&painted), "A   B\n\x1b[32mon\x1b[0m  x\n");
+        // A CJK character takes two columns: the next column starts at the same place on
+        // every line.
+        let cjk = vec![
+            vec!["HOST".into(), "JOB".into(), "STATUS".into()],
+            vec!["web-1".into(), "部署".into(), "success".into()],
+            vec!["数据库主机".into(), "backup".into(), "failed".into()],
+        ];
+        assert_eq!(
+            table(&cjk),
+            "HOST        JOB     STATUS\n\
+             web-1       部署    success\n\
+             数据库主机  backup  failed\n"
+        );
         assert_eq!(age(0, 59_000), "59s ago");
         assert_eq!(age(0, 7_200_000), "2h ago");
         assert_eq!(seconds(Duration::from_secs(125)), "2m05s");

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use serde_json::{Value, json};
 
 use crate::{
@@ -12,7 +13,17 @@ use crate::{
 };
 
 /// Consecutive failed connections before giving up (about a minute of backoff).
-const MAX_FAILURES: u32 = 15;
+const MAX_FAILURES: usize = 15;
+
+/// The waits after consecutive failed connections: 0.4 s, 0.8 s, … at most 5 s, then none left.
+fn retry_delays() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(400))
+        .with_max_delay(Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_max_times(MAX_FAILURES)
+        .build()
+}
 
 /// Called for every event with the view already updated.
 pub type OnEvent<'a> = dyn FnMut(&JobView, &Value, &Change) -> Result<(), CliError> + 'a;
@@ -25,7 +36,7 @@ pub async fn follow(
     hosts: &[i64],
     on_event: &mut OnEvent<'_>,
 ) -> Result<(), CliError> {
-    let mut failures = 0u32;
+    let mut delays = retry_delays();
     let mut connected = false;
     loop {
         let mut body = client.scoped(json!({ "job_instance_id": view.job_instance_id }))?;
@@ -55,7 +66,7 @@ pub async fn follow(
                             }
                             let change = view.apply(&event);
                             if matches!(change, Change::Output(..) | Change::Job) {
-                                failures = 0;
+                                delays = retry_delays();
                             }
                             on_event(view, &event, &change)?;
                             if view.finished {
@@ -68,8 +79,7 @@ pub async fn follow(
                 }
             }
         };
-        failures += 1;
-        if failures > MAX_FAILURES {
+        let Some(backoff) = delays.next() else {
             return Err(CliError::Unreachable {
                 url: crate::client::redact_url(&client.settings().url),
                 why: format!(
@@ -77,12 +87,27 @@ pub async fn follow(
                     view.job_instance_id, view.job_instance_id
                 ),
             });
-        }
-        let backoff =
-            Duration::from_millis(200 * 2u64.pow(failures.min(5))).min(Duration::from_secs(5));
+        };
         if client.verbose() {
             eprintln!("stream interrupted ({why}); reconnecting in {backoff:?}");
         }
         tokio::time::sleep(backoff).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_wait_longer_up_to_five_seconds_then_give_up() {
+        let waits: Vec<u64> = retry_delays().map(|d| d.as_millis() as u64).collect();
+        assert_eq!(
+            waits,
+            [
+                400, 800, 1600, 3200, 5000, 5000, 5000, 5000, 5000, 5000, 5000, 5000, 5000, 5000,
+                5000
+            ]
+        );
     }
 }

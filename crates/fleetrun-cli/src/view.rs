@@ -7,6 +7,7 @@ use std::{
 };
 
 use serde_json::{Value, json};
+use unicode_width::UnicodeWidthStr;
 
 /// Output lines kept per host for the summary when the whole output is not kept.
 const TAIL_LINES: usize = 10;
@@ -235,7 +236,7 @@ impl JobView {
     pub fn label_width(&self) -> usize {
         self.hosts
             .iter()
-            .map(|h| h.label().len())
+            .map(|h| h.label().width())
             .max()
             .unwrap_or(0)
     }

@@ -50,9 +50,6 @@ pub enum InventoryLoadError {
     /// The configuration's inventory sections are inconsistent.
     #[error("configuration: {0}")]
     Config(String),
-    /// The file declares scripts; the library lives in the store.
-    #[error("{0}: scripts are managed with create_script and friends, not in the inventory file")]
-    Scripts(PathBuf),
     /// The store's current revision no longer reads as an inventory.
     #[error("inventory revision {revision} in the store: {source}")]
     Stored {
@@ -64,6 +61,24 @@ pub enum InventoryLoadError {
     /// Another controller stored a revision meanwhile.
     #[error("{0}")]
     Commit(#[from] InventoryCommitError),
+}
+
+/// When [`InventoryState::reload`] imports the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reimport {
+    /// Only when it changed since it was last imported.
+    IfChanged,
+    /// Even when unchanged: the API's changes since the last import are replaced by the file.
+    Always,
+}
+
+/// What a reload left in force.
+#[derive(Debug, Clone)]
+pub struct Reloaded {
+    /// The current revision.
+    pub revision: RevisionInfo,
+    /// Whether the file was imported as a new revision (false: it was unchanged).
+    pub imported: bool,
 }
 
 /// A change to the inventory was not made.
@@ -224,20 +239,24 @@ impl InventoryState {
     }
 
     /// Imports the source (the inventory file) as the current revision when it changed since it
-    /// was last imported, or always when `force`d: a reload with an untouched file keeps the
-    /// changes made through the API, as a restart does. An invalid file changes nothing.
-    /// Returns the current revision and whether it is a new import.
-    pub async fn reload(&self, force: bool) -> Result<(RevisionInfo, bool), InventoryLoadError> {
+    /// was last imported, or always with [`Reimport::Always`]: a reload with an untouched file
+    /// keeps the changes made through the API, as a restart does. An invalid file changes nothing.
+    pub async fn reload(&self, when: Reimport) -> Result<Reloaded, InventoryLoadError> {
         let _one_change_at_a_time = self.edit.lock().await;
         let source = read_source(&self.config)?;
         let digest = digest(&source);
         let current = self.current.read().unwrap().clone();
-        if current.text == source || (!force && current.info.source_digest == digest) {
+        if current.text == source
+            || (when == Reimport::IfChanged && current.info.source_digest == digest)
+        {
             tracing::info!(
                 revision = current.info.revision,
                 "inventory reload: the file is unchanged since it was imported"
             );
-            return Ok((current.info.clone(), false));
+            return Ok(Reloaded {
+                revision: current.info.clone(),
+                imported: false,
+            });
         }
         let inventory = check_source(&self.config, &source)?;
         let next = commit_import(
@@ -252,7 +271,10 @@ impl InventoryState {
         let info = next.info.clone();
         self.install(next);
         tracing::info!(source = ?self.config.inventory, revision = info.revision, "inventory reloaded");
-        Ok((info, true))
+        Ok(Reloaded {
+            revision: info,
+            imported: true,
+        })
     }
 
     /// Makes `changes` on the current document and stores the result as the next revision.
@@ -303,12 +325,6 @@ impl InventoryState {
         .await
         .map_err(|e| ChangeRefused::Invalid(format!("text could not be read: {e}")))?;
         let inventory = parsed.map_err(|e| ChangeRefused::Invalid(format!("text: {e}")))?;
-        if has_scripts(&inventory) {
-            return Err(ChangeRefused::Invalid(
-                "text: scripts are managed with create_script and friends, not in the inventory"
-                    .into(),
-            ));
-        }
         let summary = "replaced the whole document".to_owned();
         self.commit(&current, text, inventory, operator, summary, Vec::new())
             .await
@@ -444,11 +460,6 @@ fn edit_document(
     Ok((text, inventory, forget_hosts, summarize(changes)))
 }
 
-/// Scripts live in the store's library, never in the inventory document.
-fn has_scripts(inventory: &Inventory) -> bool {
-    !inventory.scripts().scripts().is_empty()
-}
-
 fn check_expected(current: &Current, expected: Option<i64>) -> Result<(), ChangeRefused> {
     match expected {
         Some(expected) if expected != current.info.revision => Err(ChangeRefused::Stale {
@@ -555,17 +566,10 @@ fn read_source(config: &Config) -> Result<String, InventoryLoadError> {
 /// Checks the source document as a whole.
 fn check_source(config: &Config, text: &str) -> Result<Inventory, InventoryLoadError> {
     match &config.inventory {
-        Some(path) => {
-            let inventory =
-                Inventory::from_toml(text).map_err(|source| InventoryLoadError::File {
-                    path: path.clone(),
-                    source,
-                })?;
-            if has_scripts(&inventory) {
-                return Err(InventoryLoadError::Scripts(path.clone()));
-            }
-            Ok(inventory)
-        }
+        Some(path) => Inventory::from_toml(text).map_err(|source| InventoryLoadError::File {
+            path: path.clone(),
+            source,
+        }),
         None => Inventory::from_toml(text).map_err(|e| {
             InventoryLoadError::Config(match e {
                 InventoryFileError::Invalid { problem, .. } => problem.to_string(),
@@ -657,5 +661,18 @@ mod tests {
             panic!("a connected agent's host was forgotten");
         };
         assert!(why.contains("agent \"b\" is connected"), "{why}");
+    }
+
+    #[test]
+    fn a_document_declaring_scripts_is_refused_at_the_script_line() {
+        let text = format!("{DOC}\n[[script]]\nid = \"s\"\nname = \"a\"\n");
+        let Err(ChangeRefused::Invalid(why)) = check_document(&text) else {
+            panic!("a document with scripts was accepted");
+        };
+        assert!(why.contains("line 10"), "{why}");
+        assert!(
+            why.contains("scripts are managed with create_script"),
+            "{why}"
+        );
     }
 }

@@ -183,10 +183,10 @@ impl Controller {
     ) -> Result<fleetrun_store::RevisionInfo, inventory::InventoryLoadError> {
         let inventory = self.inventory.clone();
         // Run to the end whatever happens to the caller: a stored revision is the one in force.
-        tokio::spawn(async move { inventory.reload(false).await })
+        tokio::spawn(async move { inventory.reload(inventory::Reimport::IfChanged).await })
             .await
             .map_err(|e| inventory::InventoryLoadError::Config(format!("reload failed: {e}")))?
-            .map(|(info, _)| info)
+            .map(|reloaded| reloaded.revision)
     }
 
     /// Stops accepting work, closes agent connections, and commits what is queued, each within a

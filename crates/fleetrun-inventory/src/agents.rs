@@ -3,8 +3,9 @@
 
 use std::{collections::BTreeMap, collections::HashSet, net::IpAddr};
 
+use rustc_hash::FxHashMap;
+
 use crate::{
-    fast_hash::FastMap,
     hosts::HostTable,
     inventory::Inventory,
     model::{Host, Value},
@@ -141,7 +142,7 @@ impl Inventory {
             .filter_map(|h| h.agent_id.as_deref())
             .collect();
         let mut refused = Vec::new();
-        let mut claimed_since = FastMap::default();
+        let mut claimed_since = FxHashMap::default();
         hosts.reserve(agents.len());
         for agent in agents {
             let reason = if !seen.insert(&agent.agent_id) {

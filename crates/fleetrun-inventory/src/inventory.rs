@@ -8,7 +8,6 @@ use crate::{
     hosts::{AddressConflict, HostTable},
     model::{Account, Business, BusinessSet, Host, Scope, TopoNode},
     problem::InventoryError,
-    script::{Script, ScriptEditError, ScriptError, ScriptLibrary, ScriptVersion},
     topology::Topology,
     validate::validate,
 };
@@ -28,7 +27,6 @@ pub struct InventoryParts {
     pub unlisted_agents: Placement,
     pub dynamic_groups: Vec<DynamicGroup>,
     pub accounts: Vec<Account>,
-    pub scripts: Vec<Script>,
 }
 
 /// A checked, indexed inventory. Build it with [`Inventory::build`] or
@@ -49,7 +47,6 @@ pub struct Inventory {
     groups: Vec<DynamicGroup>,
     group_index: HashMap<String, usize>,
     pub(crate) accounts: Vec<Account>,
-    scripts: ScriptLibrary,
 }
 
 impl Inventory {
@@ -84,7 +81,6 @@ impl Inventory {
             group_index: index(&parts.dynamic_groups, |g| g.id.clone()),
             groups: parts.dynamic_groups,
             accounts: parts.accounts,
-            scripts: ScriptLibrary::new(parts.scripts),
         })
     }
 
@@ -104,7 +100,6 @@ impl Inventory {
             groups: self.groups.clone(),
             group_index: self.group_index.clone(),
             accounts: self.accounts.clone(),
-            scripts: self.scripts.clone(),
         }
     }
 
@@ -199,57 +194,6 @@ impl Inventory {
 
     pub fn accounts(&self) -> &[Account] {
         &self.accounts
-    }
-
-    pub fn scripts(&self) -> &ScriptLibrary {
-        &self.scripts
-    }
-
-    /// The script version a job runs; see [`ScriptLibrary::runnable_version`].
-    pub fn runnable_version(
-        &self,
-        scope: &Scope,
-        script_version_id: Option<i64>,
-        script_id: Option<&str>,
-    ) -> Result<&ScriptVersion, ScriptError> {
-        self.scripts
-            .runnable_version(scope, script_version_id, script_id)
-    }
-
-    /// Adds a script without versions to a scope of the inventory.
-    pub fn create_script(
-        &mut self,
-        id: &str,
-        name: &str,
-        script_language: i32,
-        scope: Scope,
-    ) -> Result<&Script, ScriptEditError> {
-        if !self.has_scope(&scope) {
-            return Err(ScriptEditError::UnknownScope(scope));
-        }
-        self.scripts.create_script(id, name, script_language, scope)
-    }
-
-    /// Adds a draft version to a script; its id is the next free version id.
-    pub fn create_version(
-        &mut self,
-        script_id: &str,
-        version: &str,
-        content: Vec<u8>,
-        created_at: i64,
-    ) -> Result<&ScriptVersion, ScriptEditError> {
-        self.scripts
-            .create_version(script_id, version, content, created_at)
-    }
-
-    /// Makes a version online; the script's previously online version goes offline.
-    pub fn publish(&mut self, script_version_id: i64) -> Result<(), ScriptEditError> {
-        self.scripts.publish(script_version_id)
-    }
-
-    /// Disables a version for good: it can neither run nor be published again.
-    pub fn disable(&mut self, script_version_id: i64) -> Result<(), ScriptEditError> {
-        self.scripts.disable(script_version_id)
     }
 }
 

@@ -1,13 +1,13 @@
 //! The fleetrun inventory: what bk-job asks CMDB about, carried by fleetrun itself.
 //!
 //! An [`Inventory`] holds businesses and business sets, each business's topology (custom levels,
-//! sets, modules), the hosts in it, dynamic groups (saved host queries), execution accounts and
-//! the script library. It is built once from [`InventoryParts`] or from the declarative file
-//! ([`Inventory::from_toml`], format shown in `examples/inventory.toml`), checked as a whole, and
-//! indexed so that the questions a job asks are cheap:
+//! sets, modules), the hosts in it, dynamic groups (saved host queries) and execution accounts.
+//! Scripts live in the controller's store: a file that declares some is refused. It is built once
+//! from [`InventoryParts`] or from the declarative file ([`Inventory::from_toml`], format shown in
+//! `examples/inventory.toml`), checked as a whole, and indexed so that the questions a job asks
+//! are cheap:
 //! - [`Inventory::resolve`]: which hosts a `target_server` stands for in a scope;
-//! - [`Inventory::account_for`]: which account the job runs as;
-//! - [`Inventory::runnable_version`]: which script version it runs.
+//! - [`Inventory::account_for`]: which account the job runs as.
 //!
 //! Errors carry bk-job's error code in a `code()` method for the HTTP layer to report.
 //!
@@ -33,7 +33,6 @@
 
 mod account;
 mod agents;
-mod fast_hash;
 mod file;
 mod group;
 mod hosts;
@@ -41,7 +40,6 @@ mod inventory;
 mod model;
 mod problem;
 mod resolve;
-mod script;
 mod topology;
 mod validate;
 
@@ -63,6 +61,3 @@ pub use model::{
 };
 pub use problem::{Field, InventoryError, Item, Location, Problem};
 pub use resolve::{MAX_TARGET_HOSTS, ResolveError, Resolved, ResolvedHost, Targets, Via};
-pub use script::{
-    Script, ScriptEditError, ScriptError, ScriptLibrary, ScriptVersion, VersionStatus,
-};

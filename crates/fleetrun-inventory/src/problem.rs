@@ -94,21 +94,6 @@ pub enum Problem {
     /// Two accounts of one category share an alias in a scope both are allowed in.
     #[error("alias {alias:?} is already used by account {other} in an overlapping scope")]
     DuplicateAlias { alias: String, other: i64 },
-    /// Two scripts share an id.
-    #[error("script {0:?} is defined twice")]
-    DuplicateScript(String),
-    /// Two script versions share an id.
-    #[error("script version {0} is defined twice")]
-    DuplicateVersion(i64),
-    /// `script_language` outside 1 to 5.
-    #[error("script_language {0} is not 1 to 5")]
-    BadLanguage(i32),
-    /// A second online version of one script.
-    #[error("script {0:?} has more than one online version")]
-    SeveralOnline(String),
-    /// A version whose `script_id` names another script than the one holding it.
-    #[error("version {version} names script {named:?}")]
-    ForeignVersion { version: i64, named: String },
 }
 
 /// An entry of [`InventoryParts`](crate::InventoryParts) and the field of it a problem is about.
@@ -131,7 +116,6 @@ pub enum Item {
     UnlistedAgents,
     DynamicGroup,
     Account,
-    Script,
 }
 
 /// The field of an entry; list fields carry the position in the list.
@@ -149,8 +133,6 @@ pub enum Field {
     Condition(usize),
     Alias,
     Scope(usize),
-    Language,
-    Version(usize),
 }
 
 impl fmt::Display for Location {
@@ -164,7 +146,6 @@ impl fmt::Display for Location {
             Item::UnlistedAgents => return f.write_str("unlisted agents"),
             Item::DynamicGroup => "dynamic group",
             Item::Account => "account",
-            Item::Script => "script",
         };
         write!(f, "{item} #{}", self.index + 1)
     }

@@ -2,8 +2,9 @@
 
 use std::{borrow::Cow, collections::HashSet, net::IpAddr, sync::Arc};
 
+use rustc_hash::FxHashSet;
+
 use crate::{
-    fast_hash::FastSet,
     group::{DynamicGroup, HostTest, ObjectKind},
     inventory::Inventory,
     model::{BIZ, Scope},
@@ -133,7 +134,7 @@ impl Inventory {
         let businesses = self
             .businesses_in(scope)
             .ok_or(ResolveError::UnknownScope(*scope))?;
-        let businesses: FastSet<i64> = businesses.iter().copied().collect();
+        let businesses: FxHashSet<i64> = businesses.iter().copied().collect();
         let found = self.look_up(&businesses, targets)?;
         let hosts = self.expand(found);
         if hosts.is_empty() {
@@ -149,7 +150,7 @@ impl Inventory {
     /// costs no expansion.
     fn look_up<'r>(
         &'r self,
-        businesses: &FastSet<i64>,
+        businesses: &FxHashSet<i64>,
         targets: &'r Targets,
     ) -> Result<Found<'r>, ResolveError> {
         let in_scope = |biz: Option<i64>| biz.is_some_and(|b| businesses.contains(&b));

@@ -3,8 +3,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use rustc_hash::FxHashMap;
+
 use crate::{
-    fast_hash::FastMap,
     group::ObjectKind,
     inventory::InventoryParts,
     model::{BIZ, MODULE, Parent, SET, TopoNode},
@@ -17,7 +18,7 @@ use crate::{
 pub(crate) struct Topology {
     pub(crate) nodes: Vec<TopoNode>,
     /// Object id, then instance id, to position.
-    index: FastMap<String, FastMap<i64, u32>>,
+    index: FxHashMap<String, FxHashMap<i64, u32>>,
     /// The business each node belongs to.
     pub(crate) business: Vec<i64>,
     /// For every node, the modules at or below it.
@@ -25,13 +26,13 @@ pub(crate) struct Topology {
     /// For modules, the set they sit in.
     pub(crate) set_of: Vec<Option<u32>>,
     /// Business to its modules.
-    pub(crate) modules_of: FastMap<i64, Vec<u32>>,
+    pub(crate) modules_of: FxHashMap<i64, Vec<u32>>,
 }
 
 impl Topology {
     /// Indexes nodes that [`validate`] accepted.
     pub(crate) fn build(nodes: Vec<TopoNode>) -> Self {
-        let mut index: FastMap<String, FastMap<i64, u32>> = FastMap::default();
+        let mut index: FxHashMap<String, FxHashMap<i64, u32>> = FxHashMap::default();
         for (i, node) in nodes.iter().enumerate() {
             index
                 .entry(node.bk_obj_id.clone())
@@ -62,7 +63,7 @@ impl Topology {
             .collect();
         let mut modules_below = vec![Vec::new(); nodes.len()];
         let mut set_of = vec![None; nodes.len()];
-        let mut modules_of: FastMap<i64, Vec<u32>> = FastMap::default();
+        let mut modules_of: FxHashMap<i64, Vec<u32>> = FxHashMap::default();
         for (m, node) in nodes.iter().enumerate() {
             if !node.is_module() {
                 continue;

@@ -11,7 +11,6 @@ use crate::{
     inventory::InventoryParts,
     model::{BIZ, MODULE, SET, Scope, Value},
     problem::{Field, InventoryError, Item, Location, Problem},
-    script::VersionStatus,
 };
 
 fn at(item: Item, index: usize, field: Field) -> impl FnOnce(Problem) -> InventoryError {
@@ -140,43 +139,6 @@ pub(crate) fn validate(parts: &InventoryParts) -> Result<(), InventoryError> {
         }
     }
 
-    let mut scripts = HashSet::new();
-    let mut versions = HashSet::new();
-    for (i, script) in parts.scripts.iter().enumerate() {
-        let at = |field| at(Item::Script, i, field);
-        check(!script.id.is_empty(), || Problem::EmptyId)
-            .and_then(|()| {
-                check(scripts.insert(script.id.as_str()), || {
-                    Problem::DuplicateScript(script.id.clone())
-                })
-            })
-            .map_err(at(Field::Id))?;
-        known
-            .check_scope(&script.scope)
-            .map_err(at(Field::Scope(0)))?;
-        check((1..=5).contains(&script.script_language), || {
-            Problem::BadLanguage(script.script_language)
-        })
-        .map_err(at(Field::Language))?;
-        let mut online = false;
-        for (j, version) in script.versions.iter().enumerate() {
-            check(versions.insert(version.id), || {
-                Problem::DuplicateVersion(version.id)
-            })
-            .and_then(|()| {
-                check(version.script_id == script.id, || Problem::ForeignVersion {
-                    version: version.id,
-                    named: version.script_id.clone(),
-                })
-            })
-            .and_then(|()| {
-                let again = online && version.status == VersionStatus::Online;
-                online |= version.status == VersionStatus::Online;
-                check(!again, || Problem::SeveralOnline(script.id.clone()))
-            })
-            .map_err(at(Field::Version(j)))?;
-        }
-    }
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! The documented example file loads, and means what its comments say.
 
-use fleetrun_inventory::{AgentHost, Inventory, Scope, Targets, VersionStatus, Via};
+use fleetrun_inventory::{AgentHost, Inventory, Scope, Targets, Via};
 
 const EXAMPLE: &str = include_str!("../examples/inventory.toml");
 
@@ -27,10 +27,6 @@ fn example_loads() {
     assert_eq!(inventory.host(1003).unwrap().bk_biz_id, None);
     assert!(inventory.conflicts().is_empty());
     assert_eq!(inventory.accounts().len(), 2);
-    let script = inventory.scripts().script("3f2a0c").unwrap();
-    assert_eq!(script.versions.len(), 2);
-    assert_eq!(script.online_version().unwrap().id, 1);
-    assert_eq!(script.versions[1].status, VersionStatus::Draft);
 }
 
 #[test]
@@ -90,8 +86,4 @@ fn example_with_agents() {
             .code(),
         1244004
     );
-    let version = inventory
-        .runnable_version(&Scope::Biz(2), None, Some("3f2a0c"))
-        .unwrap();
-    assert_eq!(version.version, "v1");
 }

@@ -649,92 +649,14 @@ scopes = ["biz:2", "biz_set:9"]
         "line 23, column 20: business set 9 does not exist",
     ),
     (
-        "duplicate script",
+        "scripts belong to the store, not to the file",
         r#"
 [[script]]
 id = "s"
 name = "a"
 script_language = 1
 scope = "biz:2"
-
-[[script]]
-id = "s"
-name = "b"
-script_language = 1
-scope = "biz:2"
 "#,
-        "line 26, column 6: script \"s\" is defined twice",
-    ),
-    (
-        "script in an unknown scope",
-        r#"
-[[script]]
-id = "s"
-name = "a"
-script_language = 1
-scope = "biz:5"
-"#,
-        "line 23, column 9: business 5 does not exist",
-    ),
-    (
-        "script language",
-        r#"
-[[script]]
-id = "s"
-name = "a"
-script_language = 6
-scope = "biz:2"
-"#,
-        "line 22, column 19: script_language 6 is not 1 to 5",
-    ),
-    (
-        "duplicate version",
-        r#"
-[[script]]
-id = "s"
-name = "a"
-script_language = 1
-scope = "biz:2"
-
-[[script.version]]
-id = 1
-version = "a"
-content = ""
-
-[[script]]
-id = "t"
-name = "b"
-script_language = 1
-scope = "biz:2"
-
-[[script.version]]
-id = 1
-version = "a"
-content = ""
-"#,
-        "line 37, column 6: script version 1 is defined twice",
-    ),
-    (
-        "two online versions",
-        r#"
-[[script]]
-id = "s"
-name = "s"
-script_language = 1
-scope = "biz:2"
-
-[[script.version]]
-id = 1
-version = "a"
-content = ""
-status = "online"
-
-[[script.version]]
-id = 2
-version = "b"
-content = ""
-status = "online"
-"#,
-        "line 32, column 6: script \"s\" has more than one online version",
+        "line 19, column 1: scripts are managed with create_script and friends, not in the inventory file",
     ),
 ];

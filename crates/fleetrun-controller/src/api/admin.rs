@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     Shared,
-    inventory::{ChangeRefused, InventoryLoadError, Revision},
+    inventory::{ChangeRefused, InventoryLoadError, Reimport, Revision},
 };
 
 /// Revisions `get_inventory_history` returns at most.
@@ -215,15 +215,23 @@ pub async fn reload_inventory(
     require_admin(caller, "reload the inventory")?;
     let req: ReloadInventory = params.parse()?;
     let inventory = shared.inventory.clone();
-    let force = req.force.unwrap_or(false);
-    let (info, imported) = to_the_end(async move { inventory.reload(force).await })
+    let when = if req.force.unwrap_or(false) {
+        Reimport::Always
+    } else {
+        Reimport::IfChanged
+    };
+    let reloaded = to_the_end(async move { inventory.reload(when).await })
         .await?
         .map_err(|e| match e {
             InventoryLoadError::Store(e) => ApiError::internal("inventory reload", e),
             InventoryLoadError::Commit(e) => ApiError::internal("inventory reload", e),
             e => ApiError::invalid("inventory", e),
         })?;
-    Ok(json!({ "reloaded": true, "imported": imported, "revision": info.revision }))
+    Ok(json!({
+        "reloaded": true,
+        "imported": reloaded.imported,
+        "revision": reloaded.revision.revision,
+    }))
 }
 
 /// Longest revocation reason kept.

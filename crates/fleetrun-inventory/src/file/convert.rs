@@ -6,7 +6,7 @@ use toml::Spanned;
 
 use super::entries::{
     Attributes, CategoryName, ConditionEntry, ConditionValue, HostEntry, InventoryFile, ObjectName,
-    OpName, PlacementEntry, StatusName,
+    OpName, PlacementEntry,
 };
 use crate::{
     agents::{AgentPlacement, PinnedAddress, Placement},
@@ -17,7 +17,6 @@ use crate::{
         TopoNode, Value,
     },
     problem::{Field, Item, Location},
-    script::{Script, ScriptVersion, VersionStatus},
 };
 
 /// A value that makes no sense on its own: where, and why.
@@ -49,6 +48,13 @@ impl Spans {
 pub(super) fn convert(file: InventoryFile) -> Result<(InventoryParts, Spans), Shape> {
     let mut parts = InventoryParts::default();
     let mut spans = Spans::default();
+
+    if let Some(script) = file.script.first() {
+        return Err((
+            script.span(),
+            "scripts are managed with create_script and friends, not in the inventory file".into(),
+        ));
+    }
 
     for (i, entry) in file.business.into_iter().enumerate() {
         spans.note(Item::Business, i, Field::Id, entry.bk_biz_id.span());
@@ -201,42 +207,6 @@ pub(super) fn convert(file: InventoryFile) -> Result<(InventoryParts, Spans), Sh
         });
     }
 
-    for (i, entry) in file.script.into_iter().enumerate() {
-        spans.note(Item::Script, i, Field::Id, entry.id.span());
-        spans.note(Item::Script, i, Field::Scope(0), entry.scope.span());
-        spans.note(
-            Item::Script,
-            i,
-            Field::Language,
-            entry.script_language.span(),
-        );
-        let scope = parse_scope(&entry.scope)?;
-        let id = entry.id.into_inner();
-        let mut versions = Vec::new();
-        for (j, version) in entry.version.into_iter().enumerate() {
-            spans.note(Item::Script, i, Field::Version(j), version.id.span());
-            versions.push(ScriptVersion {
-                id: version.id.into_inner(),
-                script_id: id.clone(),
-                version: version.version,
-                content: version.content.into_bytes(),
-                status: match version.status {
-                    StatusName::Draft => VersionStatus::Draft,
-                    StatusName::Online => VersionStatus::Online,
-                    StatusName::Offline => VersionStatus::Offline,
-                    StatusName::Disabled => VersionStatus::Disabled,
-                },
-                created_at: version.created_at,
-            });
-        }
-        parts.scripts.push(Script {
-            id,
-            name: entry.name,
-            script_language: entry.script_language.into_inner(),
-            scope,
-            versions,
-        });
-    }
     Ok((parts, spans))
 }
 

@@ -1197,17 +1197,10 @@ mod tests {
         Ok(doc.text())
     }
 
-    fn without_scripts(text: &str) -> String {
-        text.split("# --- Script library")
-            .next()
-            .unwrap()
-            .to_owned()
-    }
-
     #[test]
     fn new_nodes_and_a_moved_host_resolve_and_comments_survive() {
         let text = apply(
-            &without_scripts(EXAMPLE),
+            EXAMPLE,
             &[
                 r#"{"op":"create_node","bk_obj_id":"set","bk_inst_id":12,"name":"cache","parent":"biz:2","attributes":{"env":"prod"}}"#,
                 r#"{"op":"create_node","bk_obj_id":"module","bk_inst_id":120,"name":"redis","parent":"set:12"}"#,
@@ -1315,7 +1308,7 @@ mod tests {
     #[test]
     fn an_agents_host_keeps_its_identity_but_takes_attributes() {
         let agents = |id: i64| (id == 5).then(|| "pay-9".to_owned());
-        let mut doc = InventoryDocument::parse(&without_scripts(EXAMPLE)).unwrap();
+        let mut doc = InventoryDocument::parse(EXAMPLE).unwrap();
         let err = doc
             .apply(
                 &change(r#"{"op":"update_host","bk_host_id":5,"hostname":"x"}"#),
@@ -1351,7 +1344,7 @@ mod tests {
     #[test]
     fn unlisted_agents_change_only_what_is_named() {
         let text = apply(
-            &without_scripts(EXAMPLE),
+            EXAMPLE,
             &[r#"{"op":"set_unlisted_agents","attributes":{"rack":"z9"}}"#],
         )
         .unwrap();
@@ -1380,7 +1373,7 @@ mod tests {
     #[test]
     fn attributes_merge_and_null_removes() {
         let text = apply(
-            &without_scripts(EXAMPLE),
+            EXAMPLE,
             &[r#"{"op":"update_host","bk_host_id":1001,"attributes":{"rack":null,"gpu":true}}"#],
         )
         .unwrap();

@@ -31,8 +31,9 @@ pub(super) struct InventoryFile {
     pub dynamic_group: Vec<GroupEntry>,
     #[serde(default)]
     pub account: Vec<AccountEntry>,
+    /// Only read to refuse it: scripts live in the controller's store, not in this file.
     #[serde(default)]
-    pub script: Vec<ScriptEntry>,
+    pub script: Vec<Spanned<de::IgnoredAny>>,
 }
 
 pub(super) type Attributes = BTreeMap<Spanned<String>, ScalarValue>;
@@ -181,40 +182,6 @@ pub(super) enum CategoryName {
     #[default]
     System,
     Database,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct ScriptEntry {
-    pub id: Spanned<String>,
-    pub name: String,
-    pub script_language: Spanned<i32>,
-    pub scope: Spanned<String>,
-    #[serde(default)]
-    pub version: Vec<VersionEntry>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct VersionEntry {
-    pub id: Spanned<i64>,
-    pub version: String,
-    pub content: String,
-    #[serde(default)]
-    pub status: StatusName,
-    /// Unix milliseconds.
-    #[serde(default)]
-    pub created_at: i64,
-}
-
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub(super) enum StatusName {
-    #[default]
-    Draft,
-    Online,
-    Offline,
-    Disabled,
 }
 
 /// A string, number or boolean.
