@@ -253,6 +253,50 @@ async fn an_address_pinned_by_the_inventory_wins_over_the_certificate() -> Resul
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_unpinned_agent_cannot_choose_its_cloud_area() -> Result<()> {
+    let mut cluster = start_cluster(2).await?;
+    let client = cluster.client();
+    let ip = cluster.agents[1].ip.to_string();
+
+    // agent-2 keeps its valid certificate (which names its address) and reports cloud area 3,
+    // where it would hold that address and receive the jobs sent there by ip_list.
+    cluster.kill_agent(1)?;
+    cluster
+        .wait_offline("agent-2", Duration::from_secs(30))
+        .await?;
+    set_agent_option(&cluster.agents[1].config, "bk_cloud_id", "3")?;
+    cluster.start_agent(1)?;
+    let log = cluster.agents[1].log.clone();
+    let refusal = eventually(Duration::from_secs(20), "agent-2 refused", || {
+        let text = read(&log);
+        async move { text.contains("reports cloud area 3").then_some(text) }
+    })
+    .await?;
+    assert!(
+        refusal.contains("pin it in the inventory") && refusal.contains("trust_reported_ip_in"),
+        "{refusal}"
+    );
+    let hosts = client.hosts().await?;
+    assert_eq!(host_of(&hosts, "agent-2")["online"], false, "{hosts:?}");
+
+    // The operator pins it there: the same report is now believed.
+    let current = client.call("get_inventory", json!({})).await?;
+    let text = format!(
+        "{}\n[[host]]\nagent_id = \"agent-2\"\nbk_cloud_id = 3\nips = [\"{ip}\"]\nbk_biz_id = 2\nmodules = [101]\n",
+        current["text"].as_str().unwrap()
+    );
+    client
+        .call("replace_inventory", json!({"text": text}))
+        .await?;
+    cluster
+        .wait_online(&["agent-2".to_owned()], Duration::from_secs(60))
+        .await?;
+    let hosts = client.hosts().await?;
+    assert_eq!(host_of(&hosts, "agent-2")["bk_cloud_id"], 3, "{hosts:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_revoked_agent_is_cut_off_within_a_second_and_stays_out() -> Result<()> {
     let cluster = start_cluster(2).await?;
     let client = cluster.client();

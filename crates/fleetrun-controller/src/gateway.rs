@@ -160,6 +160,17 @@ pub(crate) fn agent_address(
             pin.bk_cloud_id
         ));
     }
+    // Nothing an unpinned agent holds names its cloud area: the certificate and the connection back
+    // an address, not the area it sits in. Believing the area would let an agent take its own address
+    // in another area (and the jobs sent there by ip_list), so only the default area, or one the
+    // operator trusts reports from, is accepted.
+    if bk_cloud_id != 0 && !trusted_clouds.contains(&bk_cloud_id) {
+        return Err(format!(
+            "agent reports cloud area {bk_cloud_id}, which nothing backs for an agent the inventory \
+             does not pin: pin it in the inventory (bk_cloud_id and ips on its [[host]] agent_id \
+             entry), or trust reports from cloud area {bk_cloud_id} ([agents] trust_reported_ip_in)"
+        ));
+    }
     let observed = observed.to_canonical();
     if !certificate.is_empty() {
         if certificate.contains(&ip) {
@@ -505,36 +516,57 @@ mod tests {
 
     #[test]
     fn an_agents_address_is_one_it_cannot_make_up() {
-        let address = |reported: &str, cert: &[&str], observed: &str, trusted: &[i64]| {
-            let cert: Vec<IpAddr> = cert.iter().map(|a| ip(a)).collect();
-            agent_address(Some(ip(reported)), None, &cert, ip(observed), 1, trusted)
-        };
+        let address =
+            |reported: &str, cert: &[&str], observed: &str, cloud: i64, trusted: &[i64]| {
+                let cert: Vec<IpAddr> = cert.iter().map(|a| ip(a)).collect();
+                agent_address(
+                    Some(ip(reported)),
+                    None,
+                    &cert,
+                    ip(observed),
+                    cloud,
+                    trusted,
+                )
+            };
         let ok = |source| Ok((ip("10.0.0.5"), source));
         // Named by the certificate: wherever the agent connects from (a relay, NAT).
         assert_eq!(
-            address("10.0.0.5", &["10.0.0.4", "10.0.0.5"], "192.0.2.1", &[]),
+            address("10.0.0.5", &["10.0.0.4", "10.0.0.5"], "192.0.2.1", 0, &[]),
             ok(AddressSource::Certificate)
         );
         // A certificate with addresses binds the agent to them, even in a trusted cloud area.
-        let refused = address("10.0.0.5", &["10.0.0.4"], "10.0.0.5", &[1]).unwrap_err();
+        let refused = address("10.0.0.5", &["10.0.0.4"], "10.0.0.5", 1, &[1]).unwrap_err();
         assert!(
             refused.contains("does not name (it names 10.0.0.4)"),
             "{refused}"
         );
         // No address in the certificate: where it connects from.
         assert_eq!(
-            address("10.0.0.5", &[], "::ffff:10.0.0.5", &[]),
+            address("10.0.0.5", &[], "::ffff:10.0.0.5", 0, &[]),
             ok(AddressSource::Observed)
         );
-        let refused = address("10.0.0.5", &[], "10.0.0.6", &[]).unwrap_err();
+        let refused = address("10.0.0.5", &[], "10.0.0.6", 0, &[]).unwrap_err();
         assert!(refused.contains("connects from 10.0.0.6"), "{refused}");
         // Or what it says, where the operator trusts that.
         assert_eq!(
-            address("10.0.0.5", &[], "10.0.0.6", &[1]),
+            address("10.0.0.5", &[], "10.0.0.6", 1, &[1]),
             ok(AddressSource::TrustedReport)
         );
-        assert!(address("10.0.0.5", &[], "10.0.0.6", &[2]).is_err());
-        assert!(agent_address(None, None, &[], ip("10.0.0.6"), 1, &[]).is_err());
+        assert!(address("10.0.0.5", &[], "10.0.0.6", 1, &[2]).is_err());
+        assert!(agent_address(None, None, &[], ip("10.0.0.6"), 0, &[]).is_err());
+        // The cloud area is the agent's word alone: outside the default area, an unpinned agent
+        // is believed only where the operator trusts reports, however well its address is backed.
+        for (cert, observed) in [(&["10.0.0.5"][..], "192.0.2.1"), (&[][..], "10.0.0.5")] {
+            let refused = address("10.0.0.5", cert, observed, 3, &[1]).unwrap_err();
+            assert!(
+                refused.contains("reports cloud area 3") && refused.contains("pin it"),
+                "{refused}"
+            );
+        }
+        assert_eq!(
+            address("10.0.0.5", &["10.0.0.5"], "192.0.2.1", 3, &[3]),
+            ok(AddressSource::Certificate)
+        );
         // The operator's pin comes first: it admits an address nothing else backs, and refuses
         // any other, even one the certificate names.
         let pin = PinnedAddress {
@@ -558,6 +590,6 @@ mod tests {
             "{refused}"
         );
         assert!(pinned("10.0.0.5", 2, &[]).is_err());
-        assert!(address("0.0.0.0", &[], "0.0.0.0", &[1]).is_err());
+        assert!(address("0.0.0.0", &[], "0.0.0.0", 1, &[1]).is_err());
     }
 }
