@@ -375,8 +375,17 @@ impl Gateway {
     /// Logs a registration whose address another host claimed first: the newcomer is the one
     /// quarantined (`address_conflict` in `list_hosts`, not a target by that address).
     async fn report_contested_address(&self, host: &HostRecord) {
-        let earlier = match self.store.earlier_claims(host).await {
-            Ok(earlier) => earlier,
+        let Ok(ip) = host.ip.parse::<IpAddr>() else {
+            return;
+        };
+        // Most registrations have the address to themselves: look for any other claimant before
+        // merging the inventory to learn which claim holds.
+        let every_claim = HostRecord {
+            address_since: i64::MAX,
+            ..host.clone()
+        };
+        let others = match self.store.earlier_claims(&every_claim).await {
+            Ok(others) => others,
             Err(e) => {
                 tracing::error!(
                     agent_id = host.agent_id,
@@ -385,32 +394,42 @@ impl Gateway {
                 return;
             }
         };
-        let declared = host.ip.parse().ok().and_then(|ip| {
-            self.inventory
-                .base()
-                .host_by_address(host.bk_cloud_id, ip)
-                .map(|h| h.bk_host_id)
-        });
-        let holders: Vec<String> = declared
-            .map(|id| format!("host {id} of the inventory"))
-            .into_iter()
-            .chain(
-                earlier
-                    .iter()
-                    .map(|c| format!("host {} (agent {:?})", c.bk_host_id, c.agent_id)),
-            )
-            .collect();
-        if !holders.is_empty() {
-            tracing::warn!(
-                agent_id = host.agent_id,
-                bk_host_id = host.bk_host_id,
-                bk_cloud_id = host.bk_cloud_id,
-                ip = host.ip,
-                "address conflict: the address is held by {}; this host is quarantined (not a \
-                 target by that address) until an operator resolves it",
-                holders.join(", ")
-            );
+        let declared = self
+            .inventory
+            .base()
+            .host_by_address(host.bk_cloud_id, ip)
+            .is_some();
+        if others.is_empty() && !declared {
+            return;
         }
+        // The merged inventory's host table ranks the claims (hosts of the inventory file, then
+        // pinned agents, then the oldest claim, then the lowest id): ask it, so that the log
+        // names the host that jobs by this address actually reach.
+        let merged = match self.inventory.current().await {
+            Ok(merged) => merged,
+            Err(e) => {
+                tracing::error!(agent_id = host.agent_id, "cannot merge the inventory: {e}");
+                return;
+            }
+        };
+        let Some(holder) = merged.host_by_address(host.bk_cloud_id, ip) else {
+            return;
+        };
+        if holder.bk_host_id == host.bk_host_id {
+            return;
+        }
+        let held_by = match others.iter().find(|c| c.bk_host_id == holder.bk_host_id) {
+            Some(claim) => format!("host {} (agent {:?})", claim.bk_host_id, claim.agent_id),
+            None => format!("host {} of the inventory", holder.bk_host_id),
+        };
+        tracing::warn!(
+            agent_id = host.agent_id,
+            bk_host_id = host.bk_host_id,
+            bk_cloud_id = host.bk_cloud_id,
+            ip = host.ip,
+            "address conflict: the address is held by {held_by}; this host is quarantined (not a \
+             target by that address) until an operator resolves it"
+        );
     }
 
     async fn check_hello(
