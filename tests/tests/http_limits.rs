@@ -275,8 +275,10 @@ async fn slow_heads_and_huge_bodies_neither_starve_a_valid_request_nor_grow_memo
         growth >> 20,
         attempts.load(Ordering::Relaxed),
     );
+    // Starvation shows as seconds (the header timeout); a loaded CI machine can take a
+    // valid request past one second without any.
     assert!(
-        worst < Duration::from_secs(1),
+        worst < Duration::from_secs(2),
         "a valid request took {worst:?} under attack"
     );
     assert!(
@@ -467,7 +469,7 @@ async fn clients_without_credentials_cannot_take_the_turns_of_those_with() -> Re
         envelope["code"]
     );
     assert!(
-        worst < Duration::from_secs(1),
+        worst < Duration::from_secs(2),
         "a request with credentials in its head took {worst:?}"
     );
     assert!(waited < HEADER_TIMEOUT + SLACK, "{waited:?}");

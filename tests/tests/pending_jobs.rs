@@ -83,6 +83,53 @@ async fn a_pending_job_is_refused_at_start_as_a_fresh_submit_would_be() -> Resul
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restricted_app_starting_a_job_learns_nothing_of_where_its_host_went() -> Result<()> {
+    // An app `narrow` that may use business 2 only.
+    let mut cluster = start_cluster(2).await?;
+    cluster.kill_controller()?;
+    let mut config = std::fs::read_to_string(&cluster.controller_config)?;
+    config.push_str(
+        "\n[[apps]]\nbk_app_code = \"narrow\"\nbk_app_secret = \"narrow-secret\"\nscopes = [\"biz:2\"]\n",
+    );
+    std::fs::write(&cluster.controller_config, config)?;
+    cluster.start_controller().await?;
+    let ids: Vec<String> = cluster.agents.iter().map(|a| a.agent_id.clone()).collect();
+    cluster.wait_online(&ids, Duration::from_secs(30)).await?;
+    let narrow = ApiClient::new(&cluster.info.api_url, "narrow", "narrow-secret", "bob");
+    let scope = cluster.info.scope();
+    let a1 = cluster.host_id("agent-1");
+    let marker = cluster.dir().join("ran");
+    let script = format!("echo ran >> {}", marker.display());
+    let request = cluster.script_request(&script, &[a1], json!({"start_task": false}));
+    let job = narrow.call("fast_execute_script", request.clone()).await?["job_instance_id"]
+        .as_i64()
+        .context("job id")?;
+
+    // The operator moves the host to business 3, which narrow cannot see.
+    cluster
+        .client()
+        .call(
+            "change_inventory",
+            json!({"changes": [{"op": "move_hosts", "bk_host_ids": [a1], "bk_biz_id": 3, "modules": [200]}]}),
+        )
+        .await?;
+    let refused = narrow
+        .call_raw("operate_job_instance", start(&scope, job))
+        .await?;
+    let mut fresh = request;
+    fresh["start_task"] = json!(true);
+    let fresh = narrow.call_raw("fast_execute_script", fresh).await?;
+    assert_eq!(fresh["code"], 1_244_030, "{fresh}");
+    assert_eq!(
+        (&refused["code"], &refused["message"]),
+        (&fresh["code"], &fresh["message"]),
+        "the start told more than a fresh submit: {refused}"
+    );
+    assert_eq!(lines_in(&marker), 0, "a refused job ran");
+    Ok(())
+}
+
 /// Kills a process when dropped.
 struct Killed(std::process::Child);
 

@@ -196,6 +196,13 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The longest an HTTP timeout may be: a day.
+const MAX_HTTP_TIMEOUT_SECS: u64 = 24 * 60 * 60;
+/// The most HTTP connections, or requests served at once.
+const MAX_HTTP_CONNECTIONS: u64 = 1_000_000;
+/// The most bytes unauthenticated requests may hold together.
+const MAX_UNAUTHENTICATED_TOTAL_BYTES: u64 = 16 << 30;
+
 /// The configuration file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -467,26 +474,125 @@ impl Config {
             ));
         }
         let l = &self.limits;
-        if l.http_header_timeout_secs == 0 || l.http_body_timeout_secs == 0 {
+        // Upper bounds keep `Instant + Duration` and the semaphores from overflowing on every
+        // request; no sane deployment comes near them.
+        let bounded: [(&str, u64, u64, u64); 4] = [
+            (
+                "http_header_timeout_secs",
+                l.http_header_timeout_secs,
+                1,
+                MAX_HTTP_TIMEOUT_SECS,
+            ),
+            (
+                "http_body_timeout_secs",
+                l.http_body_timeout_secs,
+                1,
+                MAX_HTTP_TIMEOUT_SECS,
+            ),
+            (
+                "http_max_connections",
+                l.http_max_connections as u64,
+                1,
+                MAX_HTTP_CONNECTIONS,
+            ),
+            (
+                "http_max_requests",
+                l.http_max_requests as u64,
+                1,
+                MAX_HTTP_CONNECTIONS,
+            ),
+        ];
+        for (key, value, min, max) in bounded {
+            if !(min..=max).contains(&value) {
+                return Err(Invalid::new(
+                    &[Name("limits"), Name(key)],
+                    format!("limits.{key} must be between {min} and {max}, not {value}"),
+                ));
+            }
+        }
+        if !(1024..=crate::api::MAX_BODY).contains(&l.http_unauthenticated_body_bytes) {
             return Err(Invalid::new(
-                &[Name("limits")],
-                "limits.http_header_timeout_secs and http_body_timeout_secs must be at least 1",
+                &[Name("limits"), Name("http_unauthenticated_body_bytes")],
+                format!(
+                    "limits.http_unauthenticated_body_bytes must be between 1 KiB and 24 MiB, not {}",
+                    l.http_unauthenticated_body_bytes
+                ),
             ));
         }
-        if l.http_max_connections == 0 || l.http_max_requests == 0 {
-            return Err(Invalid::new(
-                &[Name("limits")],
-                "limits.http_max_connections and http_max_requests must be at least 1",
-            ));
-        }
-        if !(1024..=crate::api::MAX_BODY).contains(&l.http_unauthenticated_body_bytes)
-            || l.http_unauthenticated_total_bytes < l.http_unauthenticated_body_bytes
+        if !(l.http_unauthenticated_body_bytes as u64..=MAX_UNAUTHENTICATED_TOTAL_BYTES)
+            .contains(&(l.http_unauthenticated_total_bytes as u64))
         {
             return Err(Invalid::new(
-                &[Name("limits")],
-                "limits.http_unauthenticated_body_bytes must be between 1 KiB and 24 MiB, and http_unauthenticated_total_bytes at least that",
+                &[Name("limits"), Name("http_unauthenticated_total_bytes")],
+                format!(
+                    "limits.http_unauthenticated_total_bytes must be between \
+                     http_unauthenticated_body_bytes ({}) and 16 GiB, not {}",
+                    l.http_unauthenticated_body_bytes, l.http_unauthenticated_total_bytes
+                ),
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(limits: &str) -> Result<Config, ConfigError> {
+        // One test loads these, one at a time.
+        let path =
+            std::env::temp_dir().join(format!("fleetrun-config-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            format!(
+                "http_listen = \"127.0.0.1:0\"\nagent_listen = \"127.0.0.1:0\"\n\
+                 database = \"db.sqlite\"\n\
+                 [tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+                 [limits]\n{limits}\n"
+            ),
+        )
+        .unwrap();
+        let loaded = Config::load(&path);
+        let _ = std::fs::remove_file(&path);
+        loaded
+    }
+
+    #[test]
+    fn http_limits_out_of_range_are_refused_by_name() {
+        load("").unwrap();
+        load("http_header_timeout_secs = 86400\nhttp_max_connections = 1000000").unwrap();
+        for (line, key) in [
+            (
+                "http_header_timeout_secs = 86401",
+                "http_header_timeout_secs",
+            ),
+            ("http_header_timeout_secs = 0", "http_header_timeout_secs"),
+            (
+                "http_body_timeout_secs = 18446744073709551615",
+                "http_body_timeout_secs",
+            ),
+            ("http_max_connections = 1000001", "http_max_connections"),
+            ("http_max_requests = 0", "http_max_requests"),
+            (
+                "http_max_requests = 9223372036854775807",
+                "http_max_requests",
+            ),
+            (
+                "http_unauthenticated_body_bytes = 100000000",
+                "http_unauthenticated_body_bytes",
+            ),
+            (
+                "http_unauthenticated_total_bytes = 9223372036854775807",
+                "http_unauthenticated_total_bytes",
+            ),
+        ] {
+            match load(line) {
+                Err(ConfigError::Invalid { message, .. }) => {
+                    assert!(message.starts_with(&format!("limits.{key} ")), "{message}")
+                }
+                other => panic!("{line}: {other:?}"),
+            }
+        }
     }
 }

@@ -160,6 +160,17 @@ pub(crate) fn agent_address(
             pin.bk_cloud_id
         ));
     }
+    // Nothing an unpinned agent holds names its cloud area: the certificate and the connection back
+    // an address, not the area it sits in. Believing the area would let an agent take its own address
+    // in another area (and the jobs sent there by ip_list), so only the default area, or one the
+    // operator trusts reports from, is accepted.
+    if bk_cloud_id != 0 && !trusted_clouds.contains(&bk_cloud_id) {
+        return Err(format!(
+            "agent reports cloud area {bk_cloud_id}, which nothing backs for an agent the inventory \
+             does not pin: pin it in the inventory (bk_cloud_id and ips on its [[host]] agent_id \
+             entry), or trust reports from cloud area {bk_cloud_id} ([agents] trust_reported_ip_in)"
+        ));
+    }
     let observed = observed.to_canonical();
     if !certificate.is_empty() {
         if certificate.contains(&ip) {
@@ -364,8 +375,17 @@ impl Gateway {
     /// Logs a registration whose address another host claimed first: the newcomer is the one
     /// quarantined (`address_conflict` in `list_hosts`, not a target by that address).
     async fn report_contested_address(&self, host: &HostRecord) {
-        let earlier = match self.store.earlier_claims(host).await {
-            Ok(earlier) => earlier,
+        let Ok(ip) = host.ip.parse::<IpAddr>() else {
+            return;
+        };
+        // Most registrations have the address to themselves: look for any other claimant before
+        // merging the inventory to learn which claim holds.
+        let every_claim = HostRecord {
+            address_since: i64::MAX,
+            ..host.clone()
+        };
+        let others = match self.store.earlier_claims(&every_claim).await {
+            Ok(others) => others,
             Err(e) => {
                 tracing::error!(
                     agent_id = host.agent_id,
@@ -374,32 +394,42 @@ impl Gateway {
                 return;
             }
         };
-        let declared = host.ip.parse().ok().and_then(|ip| {
-            self.inventory
-                .base()
-                .host_by_address(host.bk_cloud_id, ip)
-                .map(|h| h.bk_host_id)
-        });
-        let holders: Vec<String> = declared
-            .map(|id| format!("host {id} of the inventory"))
-            .into_iter()
-            .chain(
-                earlier
-                    .iter()
-                    .map(|c| format!("host {} (agent {:?})", c.bk_host_id, c.agent_id)),
-            )
-            .collect();
-        if !holders.is_empty() {
-            tracing::warn!(
-                agent_id = host.agent_id,
-                bk_host_id = host.bk_host_id,
-                bk_cloud_id = host.bk_cloud_id,
-                ip = host.ip,
-                "address conflict: the address is held by {}; this host is quarantined (not a \
-                 target by that address) until an operator resolves it",
-                holders.join(", ")
-            );
+        let declared = self
+            .inventory
+            .base()
+            .host_by_address(host.bk_cloud_id, ip)
+            .is_some();
+        if others.is_empty() && !declared {
+            return;
         }
+        // The merged inventory's host table ranks the claims (hosts of the inventory file, then
+        // pinned agents, then the oldest claim, then the lowest id): ask it, so that the log
+        // names the host that jobs by this address actually reach.
+        let merged = match self.inventory.current().await {
+            Ok(merged) => merged,
+            Err(e) => {
+                tracing::error!(agent_id = host.agent_id, "cannot merge the inventory: {e}");
+                return;
+            }
+        };
+        let Some(holder) = merged.host_by_address(host.bk_cloud_id, ip) else {
+            return;
+        };
+        if holder.bk_host_id == host.bk_host_id {
+            return;
+        }
+        let held_by = match others.iter().find(|c| c.bk_host_id == holder.bk_host_id) {
+            Some(claim) => format!("host {} (agent {:?})", claim.bk_host_id, claim.agent_id),
+            None => format!("host {} of the inventory", holder.bk_host_id),
+        };
+        tracing::warn!(
+            agent_id = host.agent_id,
+            bk_host_id = host.bk_host_id,
+            bk_cloud_id = host.bk_cloud_id,
+            ip = host.ip,
+            "address conflict: the address is held by {held_by}; this host is quarantined (not a \
+             target by that address) until an operator resolves it"
+        );
     }
 
     async fn check_hello(
@@ -505,36 +535,57 @@ mod tests {
 
     #[test]
     fn an_agents_address_is_one_it_cannot_make_up() {
-        let address = |reported: &str, cert: &[&str], observed: &str, trusted: &[i64]| {
-            let cert: Vec<IpAddr> = cert.iter().map(|a| ip(a)).collect();
-            agent_address(Some(ip(reported)), None, &cert, ip(observed), 1, trusted)
-        };
+        let address =
+            |reported: &str, cert: &[&str], observed: &str, cloud: i64, trusted: &[i64]| {
+                let cert: Vec<IpAddr> = cert.iter().map(|a| ip(a)).collect();
+                agent_address(
+                    Some(ip(reported)),
+                    None,
+                    &cert,
+                    ip(observed),
+                    cloud,
+                    trusted,
+                )
+            };
         let ok = |source| Ok((ip("10.0.0.5"), source));
         // Named by the certificate: wherever the agent connects from (a relay, NAT).
         assert_eq!(
-            address("10.0.0.5", &["10.0.0.4", "10.0.0.5"], "192.0.2.1", &[]),
+            address("10.0.0.5", &["10.0.0.4", "10.0.0.5"], "192.0.2.1", 0, &[]),
             ok(AddressSource::Certificate)
         );
         // A certificate with addresses binds the agent to them, even in a trusted cloud area.
-        let refused = address("10.0.0.5", &["10.0.0.4"], "10.0.0.5", &[1]).unwrap_err();
+        let refused = address("10.0.0.5", &["10.0.0.4"], "10.0.0.5", 1, &[1]).unwrap_err();
         assert!(
             refused.contains("does not name (it names 10.0.0.4)"),
             "{refused}"
         );
         // No address in the certificate: where it connects from.
         assert_eq!(
-            address("10.0.0.5", &[], "::ffff:10.0.0.5", &[]),
+            address("10.0.0.5", &[], "::ffff:10.0.0.5", 0, &[]),
             ok(AddressSource::Observed)
         );
-        let refused = address("10.0.0.5", &[], "10.0.0.6", &[]).unwrap_err();
+        let refused = address("10.0.0.5", &[], "10.0.0.6", 0, &[]).unwrap_err();
         assert!(refused.contains("connects from 10.0.0.6"), "{refused}");
         // Or what it says, where the operator trusts that.
         assert_eq!(
-            address("10.0.0.5", &[], "10.0.0.6", &[1]),
+            address("10.0.0.5", &[], "10.0.0.6", 1, &[1]),
             ok(AddressSource::TrustedReport)
         );
-        assert!(address("10.0.0.5", &[], "10.0.0.6", &[2]).is_err());
-        assert!(agent_address(None, None, &[], ip("10.0.0.6"), 1, &[]).is_err());
+        assert!(address("10.0.0.5", &[], "10.0.0.6", 1, &[2]).is_err());
+        assert!(agent_address(None, None, &[], ip("10.0.0.6"), 0, &[]).is_err());
+        // The cloud area is the agent's word alone: outside the default area, an unpinned agent
+        // is believed only where the operator trusts reports, however well its address is backed.
+        for (cert, observed) in [(&["10.0.0.5"][..], "192.0.2.1"), (&[][..], "10.0.0.5")] {
+            let refused = address("10.0.0.5", cert, observed, 3, &[1]).unwrap_err();
+            assert!(
+                refused.contains("reports cloud area 3") && refused.contains("pin it"),
+                "{refused}"
+            );
+        }
+        assert_eq!(
+            address("10.0.0.5", &["10.0.0.5"], "192.0.2.1", 3, &[3]),
+            ok(AddressSource::Certificate)
+        );
         // The operator's pin comes first: it admits an address nothing else backs, and refuses
         // any other, even one the certificate names.
         let pin = PinnedAddress {
@@ -558,6 +609,6 @@ mod tests {
             "{refused}"
         );
         assert!(pinned("10.0.0.5", 2, &[]).is_err());
-        assert!(address("0.0.0.0", &[], "0.0.0.0", &[1]).is_err());
+        assert!(address("0.0.0.0", &[], "0.0.0.0", 1, &[1]).is_err());
     }
 }

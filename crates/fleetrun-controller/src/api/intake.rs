@@ -38,6 +38,8 @@ pub struct Gate {
     prefix_bytes: usize,
     /// One permit per byte held by a request not yet authenticated.
     budget: Arc<Semaphore>,
+    /// The permits `budget` was made with.
+    budget_bytes: usize,
     /// One permit per authenticated request being served. Taken only once the caller's
     /// credentials have checked out, so that clients without any cannot use them up.
     turns: Arc<Semaphore>,
@@ -54,6 +56,9 @@ impl Gate {
                     .http_unauthenticated_total_bytes
                     .min(Semaphore::MAX_PERMITS),
             )),
+            budget_bytes: limits
+                .http_unauthenticated_total_bytes
+                .min(Semaphore::MAX_PERMITS),
             turns: Arc::new(Semaphore::new(
                 limits.http_max_requests.min(Semaphore::MAX_PERMITS),
             )),
@@ -169,7 +174,12 @@ async fn read_body(
 
     // Only the body can tell who is calling: read its start, within the shared budget.
     let head_deadline = started + gate.head_timeout;
-    let wanted = declared.map_or(gate.prefix_bytes, |n| (n as usize).min(gate.prefix_bytes));
+    // Reading stops once more than the prefix has come, but the last read may overshoot it by up
+    // to one read buffer: the permits cover that too, so the budget bounds what is held.
+    let most = gate.prefix_bytes + super::serve::READ_BUFFER_BYTES;
+    let wanted = declared
+        .map_or(most, |n| (n as usize).min(most))
+        .min(gate.budget_bytes);
     let permit = timeout_at(
         head_deadline,
         gate.budget.clone().acquire_many_owned(wanted as u32),

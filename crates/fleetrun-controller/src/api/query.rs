@@ -444,7 +444,7 @@ pub async fn operate_job_instance(
                 ));
             }
         }
-        2 => start_created_job(shared, &job).await?,
+        2 => start_created_job(shared, caller, &job).await?,
         other => {
             return Err(ApiError::invalid(
                 "operation_code",
@@ -664,6 +664,7 @@ pub async fn get_account_list(
 /// so of concurrent starts, even from controllers sharing the database, exactly one runs it.
 async fn start_created_job(
     shared: &Shared,
+    caller: &Caller,
     job: &fleetrun_store::JobRecord,
 ) -> Result<(), ApiError> {
     let not_startable = || {
@@ -704,6 +705,9 @@ async fn start_created_job(
         host_ids: Some(hosts.iter().map(|h| h.bk_host_id).collect()),
         ..Default::default()
     };
+    // A host moved since to a business the caller cannot see is answered as a fresh submit
+    // answers it: as not in the inventory, saying nothing of where it went.
+    super::scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
     inventory
         .resolve(&scope, &wanted)
         .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?;

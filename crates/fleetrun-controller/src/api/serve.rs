@@ -17,6 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::LimitsConfig;
 
+/// The most one read from a connection holds (the request head must fit in it too), so the most
+/// a body chunk can take an unauthenticated request past its permitted prefix.
+pub(crate) const READ_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Serves `app` on `listener` until `shutdown`, then lets open requests finish.
 pub async fn serve(
     listener: TcpListener,
@@ -27,7 +31,10 @@ pub async fn serve(
     let connections = Arc::new(Semaphore::new(limits.http_max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(limits.http_header_timeout_secs));
+        .header_read_timeout(Duration::from_secs(limits.http_header_timeout_secs))
+        // A body chunk is a slice of one read: with hyper's default (about 400 KiB) a single
+        // chunk could take an unauthenticated request far past the bytes its budget permits.
+        .max_buf_size(READ_BUFFER_BYTES);
     let mut open = JoinSet::new();
     loop {
         let permit = tokio::select! {
