@@ -140,11 +140,19 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
+        // Migrations run alone, before the pool that serves queries opens: a connection opened
+        // before a migration altered a table can prepare a statement against the old columns, and
+        // sqlx then reads a row of the new shape with the old column list.
+        let migrating = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        schema::migrate(&migrating).await?;
+        migrating.close().await;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await?;
-        schema::migrate(&pool).await?;
         let watchers = watch::Watchers::default();
         let health = health::HealthState::new();
         let writes = writer::spawn(pool.clone(), watchers.clone(), health.clone());
