@@ -349,6 +349,17 @@ impl Config {
         Ok(config)
     }
 
+    /// The key file for sensitive parameters: `security.param_key_file`, else `param.key` beside
+    /// the database.
+    pub fn param_key_file(&self) -> std::path::PathBuf {
+        self.security.param_key_file.clone().unwrap_or_else(|| {
+            self.database
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("param.key")
+        })
+    }
+
     fn validate(&self) -> Result<(), Invalid> {
         let mut seen = std::collections::HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {
