@@ -224,7 +224,20 @@ async fn the_controller_check_names_each_problem_and_its_line() -> Result<()> {
     cases.push(Broken {
         name: "zero-heartbeat",
         text,
-        says: "limits.heartbeat_secs must be at least 1",
+        says: "limits.heartbeat_secs must be between 1 and",
+        line: Some(line),
+    });
+
+    // The daemon refuses a key file for sensitive parameters it cannot use; a missing one it
+    // creates.
+    let bad_key = dir.join("param.key");
+    std::fs::write(&bad_key, "not a key\n")?;
+    let text = good.clone() + &format!("\n[security]\nparam_key_file = {:?}\n", bad_key);
+    let line = line_of(&text, "param_key_file = ", 0);
+    cases.push(Broken {
+        name: "bad-param-key",
+        text,
+        says: "not base64",
         line: Some(line),
     });
 
@@ -239,6 +252,17 @@ async fn the_controller_check_names_each_problem_and_its_line() -> Result<()> {
     for broken in &cases {
         assert_refused(&bin, &dir, broken)?;
     }
+
+    let missing_key = good.clone()
+        + &format!(
+            "\n[security]\nparam_key_file = {:?}\n",
+            dir.join("created-at-start.key")
+        );
+    let path = dir.join("missing-param-key.toml");
+    std::fs::write(&path, missing_key)?;
+    let outcome = check(&bin, &path)?;
+    assert_eq!(outcome.code, Some(0), "{}", outcome.stderr);
+    assert!(!dir.join("created-at-start.key").exists());
 
     // The daemon refuses the same files at start, with the same location.
     let path = dir.join("empty-secret.toml");

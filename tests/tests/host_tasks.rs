@@ -293,3 +293,42 @@ async fn a_task_queued_on_a_busy_agent_gets_its_whole_timeout_once_started() -> 
     ensure!(log.contains("second"), "{log}");
     Ok(())
 }
+
+/// An agent that takes none of its task stream cannot hold a terminated job open: neither the
+/// request's write nor the termination waits on the agent's flow control past the grace period.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminated_task_ends_when_its_agent_reads_nothing() -> Result<()> {
+    let mut cluster = start_cluster(0).await?;
+    cluster.kill_controller()?;
+    let controller_config = cluster.controller_config.clone();
+    let mut text = std::fs::read_to_string(&controller_config)?;
+    text.push_str("\n[limits]\nagent_grace_secs = 1\n");
+    std::fs::write(&controller_config, text)?;
+    cluster.start_controller().await?;
+    // Registers and beats, but never accepts a task stream: no credit for more than a window.
+    let _agent = RogueAgent::connect(&cluster, "rogue-3", Ipv4Addr::new(127, 0, 0, 93)).await?;
+    let host = host_id_of(&cluster, "rogue-3").await?;
+    // Several times a stream's flow-control window.
+    let script = format!("#{}\necho never\n", "x".repeat(4 << 20));
+    let (job, _) = submit(&cluster, &script, host, 60).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mut operate = cluster.info.scope();
+    operate["job_instance_id"] = json!(job);
+    operate["operation_code"] = json!(1);
+    cluster
+        .client()
+        .call("operate_job_instance", operate)
+        .await?;
+    let status = cluster
+        .client()
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(20))
+        .await
+        .context("the terminated job never finished")?;
+    let results = host_results(&status);
+    ensure!(
+        results.len() == 1 && results[0]["status"] == json!(303),
+        "the host did not end as an agent timeout: {status}"
+    );
+    Ok(())
+}

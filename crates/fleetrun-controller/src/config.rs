@@ -349,6 +349,17 @@ impl Config {
         Ok(config)
     }
 
+    /// The key file for sensitive parameters: `security.param_key_file`, else `param.key` beside
+    /// the database.
+    pub fn param_key_file(&self) -> std::path::PathBuf {
+        self.security.param_key_file.clone().unwrap_or_else(|| {
+            self.database
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("param.key")
+        })
+    }
+
     fn validate(&self) -> Result<(), Invalid> {
         let mut seen = std::collections::HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {
@@ -461,10 +472,14 @@ impl Config {
                 "limits.output_limit must be at least 1024 bytes",
             ));
         }
-        if self.limits.heartbeat_secs == 0 {
+        // Three missed heartbeats end a connection: the product must stay a `Duration`.
+        if !(1..=MAX_HTTP_TIMEOUT_SECS).contains(&self.limits.heartbeat_secs) {
             return Err(Invalid::new(
                 &[Name("limits"), Name("heartbeat_secs")],
-                "limits.heartbeat_secs must be at least 1",
+                format!(
+                    "limits.heartbeat_secs must be between 1 and {MAX_HTTP_TIMEOUT_SECS}, not {}",
+                    self.limits.heartbeat_secs
+                ),
             ));
         }
         if !(1..=100).contains(&self.limits.callback_max_attempts) {
@@ -573,6 +588,7 @@ mod tests {
                 "http_body_timeout_secs",
             ),
             ("http_max_connections = 1000001", "http_max_connections"),
+            ("heartbeat_secs = 18446744073709551615", "heartbeat_secs"),
             ("http_max_requests = 0", "http_max_requests"),
             (
                 "http_max_requests = 9223372036854775807",

@@ -266,6 +266,18 @@ impl Engine {
     }
 }
 
+/// How long a cancel for a task that already has its final status may wait for room on the
+/// stream: the agent is told if it reads, and the host's result is not held up if it does not.
+const CANCEL_SEND_WAIT: Duration = Duration::from_secs(1);
+
+/// The time until the machine's deadline; a year, standing for never, when it has none.
+fn until_deadline(machine: &HostTask) -> Duration {
+    match machine.deadline() {
+        Some(deadline) => Duration::from_millis(u64::try_from(deadline - now_ms()).unwrap_or(0)),
+        None => Duration::from_secs(365 * 24 * 3600),
+    }
+}
+
 /// One host's part of a job: moves frames between the task stream and the host's [`HostTask`],
 /// and does what it says.
 struct HostRun {
@@ -316,7 +328,18 @@ impl HostRun {
         machine: &mut HostTask,
     ) -> Option<Outcome> {
         let request = self.request.take()?;
-        let (mut send, recv) = match connection.open_bi().await {
+        // Opening a stream waits while the agent has all the task streams it allows open, and
+        // writing the request waits while the agent reads none of it: a termination still ends
+        // the host within the grace period, so both steps follow the machine's events.
+        let mut cancel_seen = false;
+        let opened = match self
+            .until_done(machine, &mut cancel_seen, connection.open_bi())
+            .await
+        {
+            Ok(opened) => opened,
+            Err(outcome) => return Some(outcome),
+        };
+        let (mut send, recv) = match opened {
             Ok(streams) => streams,
             Err(e) => {
                 drop(request);
@@ -326,10 +349,17 @@ impl HostRun {
             }
         };
         let sent = match request.frame(Uuid::new_v4()) {
-            Ok(mut frame) => send
-                .write_all_chunks(&mut frame)
-                .await
-                .map_err(|e| e.to_string()),
+            Ok(mut frame) => {
+                let write = send.write_all_chunks(&mut frame);
+                match self.until_done(machine, &mut cancel_seen, write).await {
+                    Ok(written) => written.map_err(|e| e.to_string()),
+                    Err(outcome) => {
+                        // Whatever of the request quinn still holds goes nowhere now.
+                        let _ = send.reset(fleetrun_proto::close_code::SHUTDOWN.into());
+                        return Some(outcome);
+                    }
+                }
+            }
             Err(e) => Err(e.to_string()),
         };
         // quinn keeps what it still has to (re)transmit; this host needs the request no more.
@@ -339,16 +369,17 @@ impl HostRun {
             let actions = machine.handle(now_ms(), Event::Lost(why));
             return self.execute(machine, actions, Some(&mut send)).await;
         }
+        if cancel_seen {
+            // Terminated while the request was on its way: the agent hears of it now.
+            let actions = vec![Action::SendCancel];
+            if let Some(outcome) = self.execute(machine, actions, Some(&mut send)).await {
+                return Some(outcome);
+            }
+        }
         let mut recv = FramedRecv::new(recv);
         let mut cancel_seen = false;
         loop {
-            let wait = match machine.deadline() {
-                Some(deadline) => {
-                    Duration::from_millis(u64::try_from(deadline - now_ms()).unwrap_or(0))
-                }
-                // No deadline: a year stands for never.
-                None => Duration::from_secs(365 * 24 * 3600),
-            };
+            let wait = until_deadline(machine);
             let event = tokio::select! {
                 msg = recv.recv::<TaskUp>() => match msg {
                     Ok(Some(up)) => Event::Up(up),
@@ -369,6 +400,33 @@ impl HostRun {
             let actions = machine.handle(now_ms(), event);
             if let Some(outcome) = self.execute(machine, actions, Some(&mut send)).await {
                 return Some(outcome);
+            }
+        }
+    }
+
+    /// Runs `step` of the request's delivery while feeding the machine the termination and its
+    /// timer; the step's output, or the outcome if the machine finished first.
+    async fn until_done<T>(
+        &self,
+        machine: &mut HostTask,
+        cancel_seen: &mut bool,
+        step: impl Future<Output = T>,
+    ) -> Result<T, Outcome> {
+        let mut step = std::pin::pin!(step);
+        loop {
+            let wait = until_deadline(machine);
+            let event = tokio::select! {
+                done = &mut step => return Ok(done),
+                () = self.cancel.cancelled(), if !*cancel_seen => {
+                    *cancel_seen = true;
+                    Event::Cancel
+                }
+                () = tokio::time::sleep(wait) => Event::Timer,
+            };
+            let actions = machine.handle(now_ms(), event);
+            // No stream to send a cancel on yet: the caller sends it once the request is out.
+            if let Some(outcome) = self.execute(machine, actions, None).await {
+                return Err(outcome);
             }
         }
     }
@@ -407,9 +465,22 @@ impl HostRun {
                     let Some(send) = send.as_deref_mut() else {
                         continue;
                     };
-                    if let Err(e) = send_frame(send, &TaskDown::Cancel).await {
-                        let why = format!("cannot send the termination to the agent: {e}");
-                        actions.extend(machine.handle(now_ms(), Event::Lost(why)));
+                    // An agent that reads nothing of its stream leaves no room for the frame: the
+                    // wait ends at the machine's deadline, which then passes as it would have.
+                    let bound = match machine.deadline() {
+                        Some(_) => until_deadline(machine),
+                        None => CANCEL_SEND_WAIT,
+                    };
+                    match tokio::time::timeout(bound, send_frame(send, &TaskDown::Cancel)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            let why = format!("cannot send the termination to the agent: {e}");
+                            actions.extend(machine.handle(now_ms(), Event::Lost(why)));
+                        }
+                        Err(_) => {
+                            let at = machine.deadline().map_or(now_ms(), |d| d.max(now_ms()));
+                            actions.extend(machine.handle(at, Event::Timer));
+                        }
                     }
                 }
                 Action::Finish(outcome) => {

@@ -86,14 +86,7 @@ impl Controller {
             tracing::warn!(jobs = ?ended, "ended jobs left unfinished by the previous run");
         }
 
-        let key_file = config.security.param_key_file.clone().unwrap_or_else(|| {
-            config
-                .database
-                .parent()
-                .unwrap_or(std::path::Path::new("."))
-                .join("param.key")
-        });
-        let cipher = secrets::ParamCipher::load_or_create(&key_file)?;
+        let cipher = secrets::ParamCipher::load_or_create(&config.param_key_file())?;
         let inventory = Arc::new(inventory::InventoryState::load(&config, store.clone()).await?);
 
         let timing = Timing::default();

@@ -55,6 +55,17 @@ impl std::fmt::Debug for ParamCipher {
     }
 }
 
+fn decode_key(path: &Path, encoded: &str) -> Result<UnboundKey, SecretError> {
+    let fail = |reason: &str| SecretError::KeyFile {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let key = STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| fail("not base64"))?;
+    UnboundKey::new(&AES_256_GCM, &key).map_err(|_| fail("not a 32-byte key"))
+}
+
 impl ParamCipher {
     /// Loads the key from `path`, creating the file (0600) with a random key if it is missing.
     pub fn load_or_create(path: &Path) -> Result<Self, SecretError> {
@@ -83,15 +94,23 @@ impl ParamCipher {
             }
             Err(e) => return Err(fail(e.to_string())),
         };
-        let key = STANDARD
-            .decode(encoded.trim())
-            .map_err(|_| fail("not base64".into()))?;
-        let key =
-            UnboundKey::new(&AES_256_GCM, &key).map_err(|_| fail("not a 32-byte key".into()))?;
         Ok(Self {
-            key: LessSafeKey::new(key),
+            key: LessSafeKey::new(decode_key(path, &encoded)?),
             rng,
         })
+    }
+
+    /// What [`Self::load_or_create`] would refuse in the file at `path`, without creating it
+    /// (a missing file is created at start, so it is no problem).
+    pub fn check(path: &Path) -> Result<(), SecretError> {
+        match std::fs::read_to_string(path) {
+            Ok(encoded) => decode_key(path, &encoded).map(drop),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(SecretError::KeyFile {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }),
+        }
     }
 
     /// Seals the parameter of step `step_instance_id` of job `job_instance_id`; it opens only
