@@ -6,8 +6,8 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{Arc, LazyLock, Mutex},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -22,9 +22,18 @@ use crate::{
     callback::Callbacks,
     gateway::Agents,
     host_run::{Action, Event, HostTask, Limits, Outcome},
-    now_ms,
     status::{host, job},
 };
+
+/// The engine's clock, in milliseconds since the epoch: the system clock as it read when the
+/// engine first asked, advanced since by the monotonic clock. Deadlines are kept in these
+/// milliseconds, so a step of the system clock (an NTP correction, an operator's `date`) neither
+/// times tasks out early nor holds them past their deadline.
+fn now_ms() -> i64 {
+    static ANCHOR: LazyLock<(i64, Instant)> = LazyLock::new(|| (crate::now_ms(), Instant::now()));
+    let elapsed = i64::try_from(ANCHOR.1.elapsed().as_millis()).unwrap_or(i64::MAX);
+    ANCHOR.0.saturating_add(elapsed)
+}
 
 /// A script as the API holds it, lent to the task's encoding without a copy.
 struct SharedScript(Arc<Vec<u8>>);
