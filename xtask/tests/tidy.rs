@@ -68,6 +68,7 @@ const ALLOWED_INTERNAL: &[(&str, &[&str])] = &[
     ("fleetrun-exec", &[]),
     ("fleetrun-inventory", &[]),
     ("fleetrun-store", &[]),
+    ("fleetrun-daemon", &[]),
     (
         "fleetrun-controller",
         &[
@@ -75,11 +76,17 @@ const ALLOWED_INTERNAL: &[(&str, &[&str])] = &[
             "fleetrun-net",
             "fleetrun-store",
             "fleetrun-inventory",
+            "fleetrun-daemon",
         ],
     ),
     (
         "fleetrun-agent",
-        &["fleetrun-proto", "fleetrun-net", "fleetrun-exec"],
+        &[
+            "fleetrun-proto",
+            "fleetrun-net",
+            "fleetrun-exec",
+            "fleetrun-daemon",
+        ],
     ),
     ("fleetrun-cli", &[]),
     (
