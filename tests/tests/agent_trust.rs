@@ -40,6 +40,24 @@ fn set_agent_option(config: &Path, key: &str, value: &str) -> Result<()> {
 }
 
 /// A job by address with a sensitive parameter: what the forger is after.
+/// Stops agent `index`, waits until the controller has seen it go, sets `options` (key, TOML
+/// value) in its configuration and starts it again.
+async fn restart_agent_with(
+    cluster: &mut TestCluster,
+    index: usize,
+    options: &[(&str, String)],
+) -> Result<()> {
+    let agent_id = cluster.agents[index].agent_id.clone();
+    cluster.kill_agent(index)?;
+    cluster
+        .wait_offline(&agent_id, Duration::from_secs(30))
+        .await?;
+    for (key, value) in options {
+        set_agent_option(&cluster.agents[index].config, key, value)?;
+    }
+    cluster.start_agent(index)
+}
+
 fn by_ip_with_secret(cluster: &TestCluster, ip: &str) -> Value {
     cluster.script_request(
         "echo \"got $1\"",
@@ -81,16 +99,7 @@ async fn an_agent_reporting_another_hosts_address_is_refused() -> Result<()> {
 
     // The forger keeps its own valid certificate (which names its own address) and reports the
     // victim's address.
-    cluster.kill_agent(forger)?;
-    cluster
-        .wait_offline(&forger_id, Duration::from_secs(30))
-        .await?;
-    set_agent_option(
-        &cluster.agents[forger].config,
-        "ip",
-        &format!("\"{victim_ip}\""),
-    )?;
-    cluster.start_agent(forger)?;
+    restart_agent_with(&mut cluster, forger, &[("ip", format!("\"{victim_ip}\""))]).await?;
     let log = cluster.agents[forger].log.clone();
     let refusal = eventually(Duration::from_secs(20), "the forger is refused", || {
         let text = read(&log);
@@ -147,17 +156,18 @@ async fn a_newcomer_on_a_held_address_is_quarantined_not_the_holder() -> Result<
 
     // The forger gets a certificate naming no address (a CA that does not put them in) and
     // connects from the victim's address itself, as a machine moved onto it would.
-    cluster.kill_agent(forger)?;
-    cluster
-        .wait_offline(&forger_id, Duration::from_secs(30))
-        .await?;
     let ca = pki::Ca::open_or_create(&cluster.dir().join("certs"), "unused")?;
     let bare = ca.issue_agent(&forger_id)?;
-    let config = cluster.agents[forger].config.clone();
-    set_agent_option(&config, "bind", &format!("\"{victim_ip}:0\""))?;
-    set_agent_option(&config, "cert", &format!("\"{}\"", bare.cert.display()))?;
-    set_agent_option(&config, "key", &format!("\"{}\"", bare.key.display()))?;
-    cluster.start_agent(forger)?;
+    restart_agent_with(
+        &mut cluster,
+        forger,
+        &[
+            ("bind", format!("\"{victim_ip}:0\"")),
+            ("cert", format!("\"{}\"", bare.cert.display())),
+            ("key", format!("\"{}\"", bare.key.display())),
+        ],
+    )
+    .await?;
     let hosts = eventually(
         Duration::from_secs(30),
         "the forger online with the victim's address",
@@ -232,11 +242,7 @@ async fn an_address_pinned_by_the_inventory_wins_over_the_certificate() -> Resul
     assert_eq!(reached(&status), vec![a2], "{status}");
 
     // The agent reports the address its certificate names, not the pinned one: refused.
-    cluster.kill_agent(1)?;
-    cluster
-        .wait_offline("agent-2", Duration::from_secs(30))
-        .await?;
-    cluster.start_agent(1)?;
+    restart_agent_with(&mut cluster, 1, &[]).await?;
     let log = cluster.agents[1].log.clone();
     let text = eventually(Duration::from_secs(20), "agent-2 refused", || {
         let text = read(&log);
@@ -260,12 +266,7 @@ async fn an_unpinned_agent_cannot_choose_its_cloud_area() -> Result<()> {
 
     // agent-2 keeps its valid certificate (which names its address) and reports cloud area 3,
     // where it would hold that address and receive the jobs sent there by ip_list.
-    cluster.kill_agent(1)?;
-    cluster
-        .wait_offline("agent-2", Duration::from_secs(30))
-        .await?;
-    set_agent_option(&cluster.agents[1].config, "bk_cloud_id", "3")?;
-    cluster.start_agent(1)?;
+    restart_agent_with(&mut cluster, 1, &[("bk_cloud_id", "3".to_owned())]).await?;
     let log = cluster.agents[1].log.clone();
     let refusal = eventually(Duration::from_secs(20), "agent-2 refused", || {
         let text = read(&log);
@@ -311,12 +312,7 @@ async fn the_conflict_log_names_the_pinned_holder_not_the_oldest_claim() -> Resu
     client
         .call("replace_inventory", json!({"text": text}))
         .await?;
-    cluster.kill_agent(1)?;
-    cluster
-        .wait_offline("agent-2", Duration::from_secs(30))
-        .await?;
-    set_agent_option(&cluster.agents[1].config, "ip", &format!("\"{ip1}\""))?;
-    cluster.start_agent(1)?;
+    restart_agent_with(&mut cluster, 1, &[("ip", format!("\"{ip1}\""))]).await?;
     eventually(Duration::from_secs(30), "agent-2 online on its pin", || {
         let client = client.clone();
         let ip1 = ip1.clone();
@@ -338,11 +334,7 @@ async fn the_conflict_log_names_the_pinned_holder_not_the_oldest_claim() -> Resu
     assert!(logged.iter().all(|l| !l.contains("agent-2")), "{logged:?}");
 
     // agent-1, whose claim is older, comes back: the log names agent-2 as the holder.
-    cluster.kill_agent(0)?;
-    cluster
-        .wait_offline("agent-1", Duration::from_secs(30))
-        .await?;
-    cluster.start_agent(0)?;
+    restart_agent_with(&mut cluster, 0, &[]).await?;
     let controller_log = cluster.controller_log.clone();
     let line = eventually(Duration::from_secs(30), "agent-1's conflict logged", || {
         let logged = conflicts(&read(&controller_log));
