@@ -68,7 +68,6 @@ const ALLOWED_INTERNAL: &[(&str, &[&str])] = &[
     ("fleetrun-exec", &[]),
     ("fleetrun-inventory", &[]),
     ("fleetrun-store", &[]),
-    ("fleetrun-daemon", &[]),
     (
         "fleetrun-controller",
         &[
@@ -76,17 +75,11 @@ const ALLOWED_INTERNAL: &[(&str, &[&str])] = &[
             "fleetrun-net",
             "fleetrun-store",
             "fleetrun-inventory",
-            "fleetrun-daemon",
         ],
     ),
     (
         "fleetrun-agent",
-        &[
-            "fleetrun-proto",
-            "fleetrun-net",
-            "fleetrun-exec",
-            "fleetrun-daemon",
-        ],
+        &["fleetrun-proto", "fleetrun-net", "fleetrun-exec"],
     ),
     ("fleetrun-cli", &[]),
     (

@@ -2,7 +2,6 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use fleetrun_daemon::{Key, Location, from_toml};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,7 +67,9 @@ impl Config {
     /// and column of the key at fault.
     pub fn parse(path: &std::path::Path, text: &str) -> anyhow::Result<Self> {
         let config: Config = from_toml(text).map_err(|(span, message)| {
-            let at = Location::of_span(text, span);
+            let at = span
+                .map(|span| line_column(text, span.start))
+                .unwrap_or_default();
             anyhow::anyhow!("{}{at}: {message}", path.display())
         })?;
         if config.max_concurrent_tasks == 0 {
@@ -145,8 +146,51 @@ impl Config {
     }
 }
 
+/// Deserializes `text`; an error comes with where it is and a message that names the key at
+/// fault (toml's own names only the value's line).
+fn from_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> Result<T, (Option<std::ops::Range<usize>>, String)> {
+    let deserializer = toml::Deserializer::parse(text)
+        .map_err(|e| (e.span(), e.message().trim_end().to_owned()))?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.message().trim_end();
+        let message = if key == "." {
+            message.to_owned()
+        } else {
+            format!("{key}: {message}")
+        };
+        (inner.span(), message)
+    })
+}
+
+/// `:line:column` (from 1) of byte `offset` of `text`.
+fn line_column(text: &str, offset: usize) -> String {
+    let before = &text[..text.floor_char_boundary(offset.min(text.len()))];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!(":{line}:{column}")
+}
+
 /// `:line:column` of the value at `keys` (of the deepest table found on the way), or nothing.
-fn locate(text: &str, keys: &[&'static str]) -> Location {
-    let keys: Vec<Key> = keys.iter().map(|k| Key::Name(k)).collect();
-    Location::of_keys(text, &keys)
+fn locate(text: &str, keys: &[&str]) -> String {
+    let Ok(root) = toml::de::DeTable::parse(text) else {
+        return String::new();
+    };
+    let mut span = root.span();
+    let mut table = Some(root.get_ref());
+    for key in keys {
+        let Some((_, value)) = table.and_then(|t| t.iter().find(|(k, _)| k.get_ref() == key))
+        else {
+            break;
+        };
+        span = value.span();
+        table = match value.get_ref() {
+            toml::de::DeValue::Table(t) => Some(t),
+            _ => None,
+        };
+    }
+    line_column(text, span.start)
 }

@@ -227,7 +227,63 @@ pub enum ConfigError {
     },
 }
 
-pub use fleetrun_daemon::{Key, Location};
+/// Where in the file a problem is, when that is known: `:line:column`, both from 1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Location(pub Option<(usize, usize)>);
+
+impl Location {
+    /// The line and column of byte `offset` of `text`.
+    pub fn of_offset(text: &str, offset: usize) -> Self {
+        let before = &text[..text.floor_char_boundary(offset.min(text.len()))];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        Self(Some((line, column)))
+    }
+
+    /// Where the value at `keys` is written in `text` (the key's table when the key is absent).
+    pub fn of_keys(text: &str, keys: &[Key]) -> Self {
+        let Ok(root) = toml::de::DeTable::parse(text) else {
+            return Self::default();
+        };
+        let mut span = root.span();
+        let mut value: Option<&toml::de::DeValue<'_>> = None;
+        let mut table = Some(root.get_ref());
+        for key in keys {
+            let found = match (key, table, value) {
+                (Key::Name(name), Some(t), _) => t
+                    .iter()
+                    .find(|(k, _)| k.get_ref().as_ref() == *name)
+                    .map(|(_, v)| v),
+                (Key::Index(i), _, Some(toml::de::DeValue::Array(items))) => items.get(*i),
+                _ => None,
+            };
+            let Some(found) = found else { break };
+            span = found.span();
+            value = Some(found.get_ref());
+            table = match found.get_ref() {
+                toml::de::DeValue::Table(t) => Some(t),
+                _ => None,
+            };
+        }
+        Self::of_offset(text, span.start)
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some((line, column)) => write!(f, ":{line}:{column}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One step down into the file: a key of a table, or an element of an array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key {
+    Name(&'static str),
+    Index(usize),
+}
 
 /// A configuration that parses but cannot be run with: what is wrong, and at which key.
 #[derive(Debug)]
@@ -247,6 +303,26 @@ impl Invalid {
 
 use Key::{Index, Name};
 
+/// Deserializes `text`; an error comes with where it is and a message that names the key at
+/// fault (toml's own names only the value's line).
+pub fn from_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> Result<T, (Option<std::ops::Range<usize>>, String)> {
+    let deserializer = toml::Deserializer::parse(text)
+        .map_err(|e| (e.span(), e.message().trim_end().to_owned()))?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.message().trim_end();
+        let message = if key == "." {
+            message.to_owned()
+        } else {
+            format!("{key}: {message}")
+        };
+        (inner.span(), message)
+    })
+}
+
 impl Config {
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -258,12 +334,13 @@ impl Config {
 
     /// Parses and validates the text of the file at `path` (named in errors).
     pub fn parse(path: &std::path::Path, text: &str) -> Result<Self, ConfigError> {
-        let config: Config =
-            fleetrun_daemon::from_toml(text).map_err(|(span, message)| ConfigError::Parse {
-                path: path.to_owned(),
-                at: Location::of_span(text, span),
-                message,
-            })?;
+        let config: Config = from_toml(text).map_err(|(span, message)| ConfigError::Parse {
+            path: path.to_owned(),
+            at: span.map_or_else(Location::default, |span| {
+                Location::of_offset(text, span.start)
+            }),
+            message,
+        })?;
         config.validate().map_err(|e| ConfigError::Invalid {
             path: path.to_owned(),
             at: Location::of_keys(text, &e.at),
