@@ -5,7 +5,7 @@
 //! pending; and because queueing reads the committed job, a job whose end was committed but whose
 //! delivery was not (a crash in between) is found again by [`Store::unqueued_callbacks`].
 
-use sqlx::{Row, sqlite::SqliteRow};
+use sqlx::{Row, any::AnyRow};
 
 use crate::{JobRecord, Store, StoreError};
 
@@ -67,7 +67,7 @@ pub struct CallbackDelivery {
 }
 
 impl CallbackDelivery {
-    fn from_row(row: &SqliteRow) -> Self {
+    fn from_row(row: &AnyRow) -> Self {
         Self {
             id: row.get("id"),
             job_instance_id: row.get("job_instance_id"),
@@ -98,7 +98,7 @@ pub struct CallbackAttempt {
 }
 
 impl CallbackAttempt {
-    fn from_row(row: &SqliteRow) -> Self {
+    fn from_row(row: &AnyRow) -> Self {
         Self {
             delivery_id: row.get("delivery_id"),
             attempt: row.get("attempt"),
@@ -182,7 +182,7 @@ impl Store {
         for d in deliveries {
             queued += sqlx::query(
                 "INSERT INTO callback_delivery (job_instance_id, url, body, status, attempts, next_attempt_at, created_at, updated_at)
-                 VALUES (?, ?, ?, 'pending', 0, ?, ?, ?)
+                 VALUES ($1, $2, $3, 'pending', 0, $4, $5, $6)
                  ON CONFLICT (job_instance_id) DO NOTHING",
             )
             .bind(d.job_instance_id)
@@ -231,7 +231,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO callback_attempt (delivery_id, attempt, at, http_status, error, duration_ms)
-             VALUES (?, ?, ?, ?, ?, ?)
+             VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (delivery_id, attempt) DO UPDATE SET
                  at = excluded.at, http_status = excluded.http_status, error = excluded.error,
                  duration_ms = excluded.duration_ms",
@@ -245,10 +245,10 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE callback_delivery SET status = ?, attempts = ?,
-                 next_attempt_at = COALESCE(?, next_attempt_at),
-                 last_error = COALESCE(?, last_error), updated_at = ?
-             WHERE id = ?",
+            "UPDATE callback_delivery SET status = $1, attempts = $2,
+                 next_attempt_at = COALESCE($3, next_attempt_at),
+                 last_error = COALESCE($4, last_error), updated_at = $5
+             WHERE id = $6",
         )
         .bind(status.as_str())
         .bind(attempt.attempt)
@@ -276,7 +276,7 @@ impl Store {
         };
         let delivery = CallbackDelivery::from_row(&row);
         let attempts =
-            sqlx::query("SELECT * FROM callback_attempt WHERE delivery_id = ? ORDER BY attempt")
+            sqlx::query("SELECT * FROM callback_attempt WHERE delivery_id = $1 ORDER BY attempt")
                 .bind(delivery.id)
                 .fetch_all(&self.pool)
                 .await?

@@ -2,10 +2,10 @@
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{HostOutcome, health::HealthState, watch::Watchers};
+use crate::{Dialect, HostOutcome, Statement, health::HealthState, watch::Watchers};
 
 /// Queue depth before [`crate::Store::record`] makes the engine wait (while the database accepts
 /// writes; while it refuses them, the writer keeps taking writes into a bounded backlog). A log write holds at most
@@ -64,7 +64,8 @@ pub enum Write {
 }
 
 pub(crate) fn spawn(
-    pool: SqlitePool,
+    pool: AnyPool,
+    dialect: Dialect,
     watchers: Watchers,
     health: Arc<HealthState>,
 ) -> mpsc::Sender<Write> {
@@ -72,6 +73,7 @@ pub(crate) fn spawn(
     tokio::spawn(
         Writer {
             pool,
+            dialect,
             watchers,
             health,
             rx,
@@ -95,7 +97,8 @@ const MAX_PENDING_OUTPUT: usize = 256 * 1024 * 1024;
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 struct Writer {
-    pool: SqlitePool,
+    pool: AnyPool,
+    dialect: Dialect,
     watchers: Watchers,
     health: Arc<HealthState>,
     rx: mpsc::Receiver<Write>,
@@ -237,7 +240,7 @@ impl Writer {
         let n = self.pending.len().min(BATCH);
         let batch = &self.pending.make_contiguous()[..n];
         let mut connection = self.pool.acquire().await?;
-        let committed = commit(&mut connection, batch).await;
+        let committed = commit(&mut connection, batch, self.dialect).await;
         crate::health::discard_if_broken(&mut connection, &committed);
         committed?;
         self.watchers.committed(batch);
@@ -254,7 +257,10 @@ impl Writer {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let mut connection = self.pool.acquire().await?;
-        let probed = sqlx::query("INSERT OR REPLACE INTO write_probe (id, at) VALUES (1, ?)")
+        let probed = sqlx::query(
+            "INSERT INTO write_probe (id, at) VALUES (1, $1)
+             ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+        )
             .bind(at)
             .execute(&mut *connection)
             .await
@@ -286,8 +292,9 @@ fn output_bytes(write: &Write) -> usize {
 }
 
 async fn commit(
-    connection: &mut sqlx::SqliteConnection,
+    connection: &mut sqlx::AnyConnection,
     batch: &[Write],
+    dialect: Dialect,
 ) -> Result<(), sqlx::Error> {
     // A host whose task also ended in this batch needs no "running" update: its final row says
     // all. Log chunks go in multi-row inserts. Both matter when thousands of hosts report at once.
@@ -331,7 +338,7 @@ async fn commit(
                 at,
             } => {
                 sqlx::query(
-                    "UPDATE job_instance SET status = ?, start_time = ? WHERE job_instance_id = ?",
+                    "UPDATE job_instance SET status = $1, start_time = $2 WHERE job_instance_id = $3",
                 )
                 .bind(status)
                 .bind(at)
@@ -339,8 +346,8 @@ async fn commit(
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query(
-                    "UPDATE step_instance SET status = ?, start_time = ?, execute_count = execute_count + 1
-                     WHERE step_instance_id = ?",
+                    "UPDATE step_instance SET status = $1, start_time = $2, execute_count = execute_count + 1
+                     WHERE step_instance_id = $3",
                 )
                 .bind(status)
                 .bind(at)
@@ -352,12 +359,12 @@ async fn commit(
                 job_instance_id,
                 status,
             } => {
-                sqlx::query("UPDATE job_instance SET status = ? WHERE job_instance_id = ? AND end_time IS NULL")
+                sqlx::query("UPDATE job_instance SET status = $1 WHERE job_instance_id = $2 AND end_time IS NULL")
                     .bind(status)
                     .bind(job_instance_id)
                     .execute(&mut *tx)
                     .await?;
-                sqlx::query("UPDATE step_instance SET status = ? WHERE job_instance_id = ? AND end_time IS NULL")
+                sqlx::query("UPDATE step_instance SET status = $1 WHERE job_instance_id = $2 AND end_time IS NULL")
                     .bind(status)
                     .bind(job_instance_id)
                     .execute(&mut *tx)
@@ -380,7 +387,7 @@ async fn commit(
                 at,
             } => {
                 sqlx::query(
-                    "UPDATE step_instance SET status = ?, end_time = ? WHERE step_instance_id = ?",
+                    "UPDATE step_instance SET status = $1, end_time = $2 WHERE step_instance_id = $3",
                 )
                 .bind(status)
                 .bind(at)
@@ -394,7 +401,7 @@ async fn commit(
                 at,
             } => {
                 sqlx::query(
-                    "UPDATE job_instance SET status = ?, end_time = ? WHERE job_instance_id = ?",
+                    "UPDATE job_instance SET status = $1, end_time = $2 WHERE job_instance_id = $3",
                 )
                 .bind(status)
                 .bind(at)
@@ -407,14 +414,21 @@ async fn commit(
     }
     // "Running" host rows, then final ones, many per statement. Applying them after the loop
     // changes nothing: nothing else in a batch writes these rows, and a host's "running" update
-    // was skipped above when its final one is in the same batch.
-    for chunk in running.chunks(RUNNING_PER_UPDATE) {
-        let mut update = sqlx::QueryBuilder::new(
+    // was skipped above when its final one is in the same batch. A host that appears twice
+    // appears once, as its writes in order would have left it: a statement that changes one
+    // row twice is refused by PostgreSQL and undefined in SQLite.
+    let running = last_per_host(running, |(step, host, ..)| (*step, *host), |earlier, later| {
+        later.3 = later.3.or(earlier.3);
+    });
+    let results = last_per_host(results, |(step, host, _)| (*step, *host), |_, _| {});
+    let logs = last_per_host(logs, |(step, host, offset, _)| (*step, *host, *offset), |_, _| {});
+    for chunk in running.chunks(dialect.max_parameters() / 4) {
+        let mut update = Statement::new(
             "UPDATE host_result SET status = v.column3,
                  start_time = COALESCE(v.column4, host_result.start_time)
              FROM (",
         );
-        update.push_values(chunk, |mut row, (step, host, status, start_time)| {
+        update.push_values(chunk, |row, (step, host, status, start_time)| {
             row.push_bind(*step)
                 .push_bind(*host)
                 .push_bind(*status)
@@ -425,19 +439,19 @@ async fn commit(
         );
         update.build().execute(&mut *tx).await?;
     }
-    for chunk in results.chunks(RESULTS_PER_UPDATE) {
-        let mut update = sqlx::QueryBuilder::new(
+    for chunk in results.chunks(dialect.max_parameters() / 12) {
+        let mut update = Statement::new(
             "UPDATE host_result SET status = v.column3, tag = v.column4, exit_code = v.column5,
                  error_code = v.column6, start_time = COALESCE(v.column7, host_result.start_time),
                  end_time = v.column8, output_bytes = v.column9, dropped_bytes = v.column10,
                  dropped_lines = v.column11, survivors = v.column12
              FROM (",
         );
-        update.push_values(chunk, |mut row, (step, host, o)| {
+        update.push_values(chunk, |row, (step, host, o)| {
             row.push_bind(*step)
                 .push_bind(*host)
                 .push_bind(o.status)
-                .push_bind(&o.tag)
+                .push_bind(o.tag.as_str())
                 .push_bind(o.exit_code)
                 .push_bind(o.error_code)
                 .push_bind(
@@ -455,27 +469,47 @@ async fn commit(
         );
         update.build().execute(&mut *tx).await?;
     }
-    for chunk in logs.chunks(LOGS_PER_INSERT) {
-        let mut insert = sqlx::QueryBuilder::new(
-            "INSERT OR REPLACE INTO host_log (step_instance_id, bk_host_id, offset, data) ",
-        );
-        insert.push_values(chunk, |mut row, (step, host, offset, data)| {
+    for chunk in logs.chunks(dialect.max_parameters() / 4) {
+        let mut insert =
+            Statement::new("INSERT INTO host_log (step_instance_id, bk_host_id, \"offset\", data)");
+        insert.push_values(chunk, |row, (step, host, offset, data)| {
             row.push_bind(*step)
                 .push_bind(*host)
                 .push_bind(*offset)
                 .push_bind(*data);
         });
+        insert.push(
+            " ON CONFLICT (step_instance_id, bk_host_id, \"offset\") DO UPDATE SET data = excluded.data",
+        );
         insert.build().execute(&mut *tx).await?;
     }
     tx.commit().await
 }
 
-/// "Running" host rows per `UPDATE` (4 parameters each).
-const RUNNING_PER_UPDATE: usize = 1_000;
-/// Log rows per `INSERT` (4 parameters each, well within SQLite's limit).
-const LOGS_PER_INSERT: usize = 1_000;
-/// Host results per `UPDATE` (12 parameters each, within SQLite's 32,766).
-const RESULTS_PER_UPDATE: usize = 1_000;
+/// `items` with one item per key, where the last one stands and `merge(earlier, later)` carries
+/// into it what an earlier one said that it does not; in the order the keys first appeared.
+fn last_per_host<T, K: std::hash::Hash + Eq>(
+    items: Vec<T>,
+    key: impl Fn(&T) -> K,
+    merge: impl Fn(&T, &mut T),
+) -> Vec<T> {
+    let mut at: std::collections::HashMap<K, usize> = std::collections::HashMap::new();
+    let mut kept: Vec<T> = Vec::with_capacity(items.len());
+    for mut item in items {
+        match at.entry(key(&item)) {
+            std::collections::hash_map::Entry::Occupied(slot) => {
+                let earlier = &mut kept[*slot.get()];
+                merge(earlier, &mut item);
+                *earlier = item;
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(kept.len());
+                kept.push(item);
+            }
+        }
+    }
+    kept
+}
 
 #[cfg(test)]
 mod tests {
