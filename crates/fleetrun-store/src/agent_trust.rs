@@ -121,8 +121,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_revocation_stays_until_lifted_and_the_first_one_counts() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let (_db, store) = crate::test_store().await;
         assert_eq!(
             store.revoke_agent(&revoke("a", 10)).await.unwrap(),
             (revoke("a", 10), true)
@@ -167,8 +166,7 @@ mod address_tests {
 
     #[tokio::test]
     async fn a_host_keeps_its_claim_time_until_its_address_changes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let (_db, store) = crate::test_store().await;
         let first = store
             .register_agent(&registration("10.0.0.1", 100))
             .await

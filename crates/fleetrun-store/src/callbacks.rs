@@ -206,7 +206,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<CallbackDelivery>, StoreError> {
         let rows = sqlx::query(&format!(
-            "{DELIVERY_SELECT} WHERE d.status = 'pending' ORDER BY d.next_attempt_at, d.id LIMIT ?"
+            "{DELIVERY_SELECT} WHERE d.status = 'pending' ORDER BY d.next_attempt_at, d.id LIMIT $1"
         ))
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
@@ -267,7 +267,7 @@ impl Store {
         &self,
         job_instance_id: i64,
     ) -> Result<Option<(CallbackDelivery, Vec<CallbackAttempt>)>, StoreError> {
-        let Some(row) = sqlx::query(&format!("{DELIVERY_SELECT} WHERE d.job_instance_id = ?"))
+        let Some(row) = sqlx::query(&format!("{DELIVERY_SELECT} WHERE d.job_instance_id = $1"))
             .bind(job_instance_id)
             .fetch_optional(&self.pool)
             .await?
@@ -351,8 +351,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_ended_jobs_with_a_callback_are_queued_and_only_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let (_db, store) = crate::test_store().await;
         let with = store
             .create_job(&new_job(Some("http://x/hook")))
             .await
@@ -396,9 +395,7 @@ mod tests {
 
     #[tokio::test]
     async fn attempts_are_recorded_and_survive_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        let store = Store::open(&path).await.unwrap();
+        let (db, store) = crate::test_store().await;
         let job = store
             .create_job(&new_job(Some("http://x/hook")))
             .await
@@ -429,7 +426,7 @@ mod tests {
             .unwrap();
         drop(store);
 
-        let store = Store::open(&path).await.unwrap();
+        let store = Store::open_database(db.database()).await.unwrap();
         let pending = store.pending_callbacks(10).await.unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].attempts, 1);
@@ -461,8 +458,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_last_failed_attempt_ends_the_delivery() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let (_db, store) = crate::test_store().await;
         let job = store
             .create_job(&new_job(Some("http://x/hook")))
             .await

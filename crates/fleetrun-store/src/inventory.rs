@@ -207,8 +207,7 @@ mod tests {
 
     #[tokio::test]
     async fn revisions_follow_each_other_and_stale_ones_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let (_db, store) = crate::test_store().await;
         assert!(store.latest_inventory().await.unwrap().is_none());
         assert_eq!(
             store.commit_inventory(&revision(None, "a")).await.unwrap(),
@@ -247,8 +246,7 @@ mod tests {
 
     #[tokio::test]
     async fn old_revisions_are_pruned() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let (_db, store) = crate::test_store().await;
         let mut based_on = None;
         for i in 0..KEPT_INVENTORY_REVISIONS + 5 {
             based_on = Some(

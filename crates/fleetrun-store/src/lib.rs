@@ -694,13 +694,23 @@ impl Store {
     }
 }
 
+/// A store on a fresh database of the backend the tests run against (`FLEETRUN_TEST_DATABASE`);
+/// the database goes with the first value.
+#[cfg(test)]
+pub(crate) async fn test_store() -> (scratch::TestDatabase, Store) {
+    let db = scratch::TestDatabase::create("fleetrun_store_unit")
+        .await
+        .unwrap();
+    let store = Store::open_database(db.database()).await.unwrap();
+    (db, store)
+}
+
 #[cfg(test)]
 mod log_chunk_tests {
     use super::*;
 
-    async fn store_with_logs() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+    async fn store_with_logs() -> (scratch::TestDatabase, Store) {
+        let (db, store) = crate::test_store().await;
         for (host, offset, data) in [(1, 0, "hello "), (1, 6, "world\n"), (2, 0, "abc")] {
             store
                 .record(Write::HostLog {
@@ -713,7 +723,7 @@ mod log_chunk_tests {
                 .unwrap();
         }
         store.flush().await.unwrap();
-        (dir, store)
+        (db, store)
     }
 
     fn offsets(chunks: &[LogChunk]) -> Vec<(i64, i64)> {
@@ -775,8 +785,7 @@ mod host_tests {
 
     #[tokio::test]
     async fn an_old_connections_end_does_not_mark_a_reconnected_agent_offline() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let (_db, store) = crate::test_store().await;
         let first = store.register_agent(&registration(100)).await.unwrap();
         let again = store.register_agent(&registration(200)).await.unwrap();
         assert_eq!(first.bk_host_id, again.bk_host_id);

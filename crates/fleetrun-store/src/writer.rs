@@ -93,6 +93,9 @@ pub(crate) fn spawn(
 const MAX_PENDING: usize = 200_000;
 /// Bytes of host output kept in memory while the database refuses writes, at most.
 const MAX_PENDING_OUTPUT: usize = 256 * 1024 * 1024;
+/// How long the writer stays idle before it writes the probe row to learn whether the database
+/// still takes writes.
+pub(crate) const IDLE_PROBE: Duration = Duration::from_secs(5);
 /// Longest wait between two attempts at a failing database.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
@@ -121,11 +124,15 @@ impl Writer {
         let mut open = true;
         while open || !self.pending.is_empty() {
             let failing = !self.health.get().is_writable();
+            let mut probe_due = false;
             if !failing && self.pending.is_empty() {
-                // Healthy and idle: wait for writes, or for news that another path failed.
+                // Healthy and idle: wait for writes, for news that another path failed, or for
+                // the time to check that the database still takes writes (a server that went
+                // away shows in readiness without waiting for a job).
                 tokio::select! {
                     n = self.rx.recv_many(&mut incoming, BATCH) => open = n > 0,
                     () = self.health.failed_elsewhere.notified() => {}
+                    () = tokio::time::sleep(IDLE_PROBE) => probe_due = true,
                 }
                 self.take(&mut incoming);
             } else if failing {
@@ -159,7 +166,7 @@ impl Writer {
             // Only a write that was made says whether the database takes writes.
             let result = if !self.pending.is_empty() {
                 self.commit_front().await
-            } else if !self.health.get().is_writable() {
+            } else if probe_due || !self.health.get().is_writable() {
                 self.probe().await
             } else {
                 self.answer_flushes();
@@ -517,8 +524,7 @@ mod tests {
 
     #[tokio::test]
     async fn running_and_final_rows_land_whatever_the_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let (_db, store) = crate::test_store().await;
         let hosts: Vec<NewHostResult> = (1..=2_500)
             .map(|id| NewHostResult {
                 bk_host_id: id,
