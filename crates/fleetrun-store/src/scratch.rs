@@ -95,6 +95,30 @@ impl ScratchDatabase {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Makes the database refuse writes, or take them again, for every session: new sessions
+    /// read the setting, and those open (a controller's pool) are ended, so that they reconnect
+    /// and read it too. What a server that turns read-only (a standby after a failover) does to
+    /// a controller.
+    pub async fn set_read_only(&self, read_only: bool) -> Result<(), StoreError> {
+        let name = &self.name;
+        let mut admin = self.server.connect().await?;
+        sqlx::raw_sql(&format!(
+            "ALTER DATABASE \"{name}\" SET default_transaction_read_only = {}",
+            if read_only { "on" } else { "off" }
+        ))
+        .execute(&mut admin)
+        .await?;
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(name)
+        .execute(&mut admin)
+        .await?;
+        admin.close().await?;
+        Ok(())
+    }
 }
 
 impl Drop for ScratchDatabase {

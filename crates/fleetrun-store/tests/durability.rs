@@ -258,35 +258,6 @@ async fn the_database_and_its_directory_are_readable_by_their_owner_only() {
     assert_eq!(mode(&old), 0o600);
 }
 
-/// Runs one statement on the server of a PostgreSQL test database, as its administrator.
-async fn on_server(db: &fleetrun_store::scratch::ScratchDatabase, sql: &str) {
-    use sqlx::{ConnectOptions as _, Connection as _};
-    let options: sqlx::postgres::PgConnectOptions = db.url().parse().unwrap();
-    let mut admin = options.database("postgres").connect().await.unwrap();
-    sqlx::raw_sql(sql).execute(&mut admin).await.unwrap();
-    admin.close().await.unwrap();
-}
-
-/// Makes the database refuse writes (or take them again) for every session, the pool's
-/// included: new sessions read the setting, and the ones open are ended.
-async fn set_read_only(db: &fleetrun_store::scratch::ScratchDatabase, read_only: bool) {
-    let name = db.name();
-    let setting = if read_only { "on" } else { "off" };
-    on_server(
-        db,
-        &format!("ALTER DATABASE \"{name}\" SET default_transaction_read_only = {setting}"),
-    )
-    .await;
-    on_server(
-        db,
-        &format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = '{name}' AND pid <> pg_backend_pid()"
-        ),
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_postgres_database_that_refuses_writes_is_reported_while_idle_and_recovers() {
     let db = TestDatabase::create("read_only").await.unwrap();
@@ -302,7 +273,7 @@ async fn a_postgres_database_that_refuses_writes_is_reported_while_idle_and_reco
     let step = job.step_instance_id;
     store.flush().await.unwrap();
 
-    set_read_only(scratch, true).await;
+    scratch.set_read_only(true).await.unwrap();
     // Nothing is written meanwhile: the writer's idle probe must find it.
     until(Duration::from_secs(20), "the failure reported", || {
         !store.health().is_writable()
@@ -328,7 +299,7 @@ async fn a_postgres_database_that_refuses_writes_is_reported_while_idle_and_reco
         "a flush answered while the database refused writes"
     );
 
-    set_read_only(scratch, false).await;
+    scratch.set_read_only(false).await.unwrap();
     tokio::time::timeout(Duration::from_secs(30), store.flush())
         .await
         .unwrap_or_else(|_| panic!("not flushed after recovery: {:?}", store.health()))
