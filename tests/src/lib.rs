@@ -1,5 +1,9 @@
 //! Shared pieces of the end-to-end tests: a cluster per test in its own directory, whose logs
 //! are printed when the test fails.
+//!
+//! The controller's database is a SQLite file in the cluster's directory, or, when
+//! `FLEETRUN_TEST_DATABASE` names a PostgreSQL server (`postgres://postgres@127.0.0.1:5432`), a
+//! database of the cluster's own on it, dropped with the cluster.
 
 use std::{
     ops::{Deref, DerefMut},
@@ -10,6 +14,7 @@ use std::{
 use anyhow::{Context, Result};
 use base64::Engine as _;
 use serde_json::{Value, json};
+use fleetrun_store::scratch::{ScratchDatabase, test_postgres_server};
 use xtask::cluster::{Cluster, ClusterOptions, workspace_root};
 
 pub use xtask::{client::ApiClient, cluster, pki};
@@ -17,8 +22,10 @@ pub use xtask::{client::ApiClient, cluster, pki};
 /// A cluster for one test.
 #[derive(Debug)]
 pub struct TestCluster {
+    // Dropped in this order: the processes stop before their database goes.
     cluster: Cluster,
     dir: tempfile::TempDir,
+    database: Option<ScratchDatabase>,
 }
 
 impl Deref for TestCluster {
@@ -41,19 +48,47 @@ pub async fn start_cluster(agents: usize) -> Result<TestCluster> {
     let dir = tempfile::Builder::new()
         .prefix("cluster-")
         .tempdir_in(&parent)?;
+    let database = match test_postgres_server() {
+        Some(server) => Some(
+            ScratchDatabase::create(&server, "fleetrun_it")
+                .await
+                .with_context(|| format!("creating a database on {server}"))?,
+        ),
+        None => None,
+    };
     let cluster = Cluster::start(&ClusterOptions {
         agents,
         dir: dir.path().to_owned(),
         release: false,
+        database: database.as_ref().map(|db| db.url().to_owned()),
         ..Default::default()
     })
     .await?;
-    Ok(TestCluster { cluster, dir })
+    Ok(TestCluster {
+        cluster,
+        dir,
+        database,
+    })
+}
+
+/// Whether the tests' controllers keep their database in a SQLite file; when not, says that
+/// `test` is skipped, for tests of what only such a file has (its modes, an immutable file).
+pub fn sqlite_only(test: &str) -> bool {
+    if test_postgres_server().is_some() {
+        println!("{test}: skipped on PostgreSQL: it tests the controller's SQLite file");
+        return false;
+    }
+    true
 }
 
 impl TestCluster {
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The cluster's PostgreSQL database, when the tests run on PostgreSQL.
+    pub fn database(&self) -> Option<&ScratchDatabase> {
+        self.database.as_ref()
     }
 
     pub fn client(&self) -> ApiClient {

@@ -185,6 +185,9 @@ pub struct ClusterOptions {
     /// Cloud areas whose agents' reported addresses the controller believes without proof
     /// (`[agents] trust_reported_ip_in`): a swarm's virtual agents report made-up ones.
     pub trust_reported_ip_in: Vec<i64>,
+    /// The controller's database: a `postgres://` URL of an existing database, or `None` for a
+    /// SQLite file in the cluster's directory.
+    pub database: Option<String>,
 }
 
 /// One agent process and the files it runs from.
@@ -400,7 +403,7 @@ impl Cluster {
 agent_listen = "{agent_host}:{agent_port}"
 database = "{db}"
 inventory = "{inventory}"
-
+{security}
 [tls]
 ca = "{ca}"
 cert = "{cert}"
@@ -428,7 +431,19 @@ allow_networks = {allow_networks:?}
                 .callback_allow_networks
                 .clone()
                 .unwrap_or_else(|| vec!["127.0.0.0/8".to_owned()]),
-            db = dir.join("controller.db").display(),
+            db = opts
+                .database
+                .clone()
+                .unwrap_or_else(|| dir.join("controller.db").display().to_string()),
+            // Beside a SQLite database by default; a PostgreSQL one has no directory to share.
+            security = if opts.database.is_some() {
+                format!(
+                    "\n[security]\nparam_key_file = \"{}\"\n",
+                    dir.join("param.key").display()
+                )
+            } else {
+                String::new()
+            },
             ca = ca.cert_path().display(),
             cert = controller_cert.cert.display(),
             key = controller_cert.key.display(),

@@ -74,7 +74,7 @@ pub fn check_config(path: &Path) -> Result<String, Vec<String>> {
         path.display(),
         config.http_listen,
         config.agent_listen,
-        config.database.display(),
+        config.database,
         config.apps.len(),
         config
             .inventory

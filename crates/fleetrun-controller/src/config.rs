@@ -11,8 +11,10 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// Where agents reach the QUIC gateway.
     pub agent_listen: SocketAddr,
-    /// The SQLite database file.
-    pub database: PathBuf,
+    /// The database: a SQLite file (`sqlite:///var/lib/fleetrun/db.sqlite`, or a bare path) or
+    /// a PostgreSQL database (`postgres://user:password@host:5432/name`).
+    #[serde(deserialize_with = "database")]
+    pub database: fleetrun_store::Database,
     pub tls: TlsConfig,
     /// Applications allowed to call the API.
     #[serde(default)]
@@ -70,8 +72,8 @@ pub enum UnlistedAgents {
 #[serde(deny_unknown_fields)]
 pub struct SecurityConfig {
     /// File holding the key (32 bytes, base64) that encrypts sensitive script parameters at rest.
-    /// Created with a random key at first start when missing; by default `param.key` beside the
-    /// database.
+    /// Created with a random key at first start when missing; by default `param.key` beside a
+    /// SQLite database. Required with PostgreSQL (controllers sharing a database share this key).
     pub param_key_file: Option<PathBuf>,
 }
 
@@ -305,6 +307,15 @@ use Key::{Index, Name};
 
 /// Deserializes `text`; an error comes with where it is and a message that names the key at
 /// fault (toml's own names only the value's line).
+/// Reads the `database` setting, naming what is wrong with it.
+fn database<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<fleetrun_store::Database, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.parse()
+        .map_err(|e| serde::de::Error::custom(format!("database: {e}")))
+}
+
 pub fn from_toml<T: serde::de::DeserializeOwned>(
     text: &str,
 ) -> Result<T, (Option<std::ops::Range<usize>>, String)> {
@@ -353,14 +364,26 @@ impl Config {
     /// the database.
     pub fn param_key_file(&self) -> std::path::PathBuf {
         self.security.param_key_file.clone().unwrap_or_else(|| {
-            self.database
-                .parent()
-                .unwrap_or(std::path::Path::new("."))
-                .join("param.key")
+            match &self.database {
+                fleetrun_store::Database::Sqlite(path) => path.parent(),
+                // Refused by `validate`: there is no directory to put it in.
+                fleetrun_store::Database::Postgres(_) => None,
+            }
+            .unwrap_or(std::path::Path::new("."))
+            .join("param.key")
         })
     }
 
     fn validate(&self) -> Result<(), Invalid> {
+        if matches!(self.database, fleetrun_store::Database::Postgres(_))
+            && self.security.param_key_file.is_none()
+        {
+            return Err(Invalid::new(
+                &[Name("database")],
+                "database: with PostgreSQL, set [security] param_key_file (the key that seals \
+                 sensitive parameters, which lives outside the database)",
+            ));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {
             let at = |key| [Name("apps"), Index(i), Name(key)];
@@ -608,6 +631,62 @@ mod tests {
                     assert!(message.starts_with(&format!("limits.{key} ")), "{message}")
                 }
                 other => panic!("{line}: {other:?}"),
+            }
+        }
+    }
+
+    fn parse_database(database: &str, security: &str) -> Result<Config, ConfigError> {
+        Config::parse(
+            std::path::Path::new("controller.toml"),
+            &format!(
+                "http_listen = \"127.0.0.1:0\"\nagent_listen = \"127.0.0.1:0\"\n\
+                 database = \"{database}\"\n\
+                 [tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n{security}\n"
+            ),
+        )
+    }
+
+    #[test]
+    fn the_database_is_a_sqlite_file_or_a_postgres_url() {
+        let config = parse_database("/var/lib/fleetrun/db.sqlite", "").unwrap();
+        assert_eq!(
+            config.database,
+            fleetrun_store::Database::Sqlite("/var/lib/fleetrun/db.sqlite".into())
+        );
+        assert_eq!(
+            config.param_key_file(),
+            std::path::Path::new("/var/lib/fleetrun/param.key")
+        );
+        let config = parse_database("sqlite:///srv/f/db", "").unwrap();
+        assert_eq!(
+            config.database,
+            fleetrun_store::Database::Sqlite("/srv/f/db".into())
+        );
+        let config = parse_database(
+            "postgres://fleet:pw@db:5432/fleet",
+            "[security]\nparam_key_file = \"/etc/fleetrun/param.key\"",
+        )
+        .unwrap();
+        assert!(matches!(
+            config.database,
+            fleetrun_store::Database::Postgres(_)
+        ));
+        for (database, security, wanted) in [
+            ("mysql://db/fleet", "", "unknown database kind"),
+            ("postgres://fleet@db:notaport/fleet", "", "PostgreSQL"),
+            ("postgres://fleet@db/fleet", "", "param_key_file"),
+        ] {
+            match parse_database(database, security) {
+                Err(ConfigError::Parse { message, at, .. }) => {
+                    assert!(message.contains(wanted), "{database}: {message}");
+                    assert_eq!(at.0.map(|(line, _)| line), Some(3), "{database}");
+                }
+                Err(ConfigError::Invalid { message, at, .. }) => {
+                    assert!(message.starts_with("database: "), "{message}");
+                    assert!(message.contains(wanted), "{database}: {message}");
+                    assert_eq!(at.0.map(|(line, _)| line), Some(3), "{database}");
+                }
+                other => panic!("{database}: {other:?}"),
             }
         }
     }

@@ -68,9 +68,9 @@ impl Controller {
     /// Opens the store, ends jobs a previous run left unfinished, and starts serving.
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
         // The store creates the database's directory, readable by this user only.
-        let store = Store::open(&config.database)
+        let store = Store::open_database(&config.database)
             .await
-            .with_context(|| format!("opening database {}", config.database.display()))?;
+            .with_context(|| format!("opening database {}", config.database))?;
         store.set_all_offline().await?;
         let ended = store
             .end_interrupted_jobs(

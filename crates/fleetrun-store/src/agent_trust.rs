@@ -1,6 +1,6 @@
 //! What the controller holds against agents: revoked identities, and who claimed an address first.
 
-use sqlx::{Row, sqlite::SqliteRow};
+use sqlx::{Row, any::AnyRow};
 
 use crate::{HostRecord, Store, StoreError};
 
@@ -14,7 +14,7 @@ pub struct Revocation {
     pub revoked_at: i64,
 }
 
-fn revocation(row: &SqliteRow) -> Revocation {
+fn revocation(row: &AnyRow) -> Revocation {
     Revocation {
         agent_id: row.get("agent_id"),
         reason: row.get("reason"),
@@ -34,7 +34,7 @@ pub struct AddressClaim {
 impl Store {
     /// The host an agent registered, if it has one.
     pub async fn host_of_agent(&self, agent_id: &str) -> Result<Option<HostRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM host WHERE agent_id = ?")
+        let row = sqlx::query("SELECT * FROM host WHERE agent_id = $1")
             .bind(agent_id)
             .fetch_optional(&self.pool)
             .await?;
@@ -46,8 +46,8 @@ impl Store {
     pub async fn earlier_claims(&self, host: &HostRecord) -> Result<Vec<AddressClaim>, StoreError> {
         let rows = sqlx::query(
             "SELECT bk_host_id, agent_id, address_since FROM host
-             WHERE bk_cloud_id = ?1 AND ip = ?2 AND bk_host_id != ?3
-               AND (address_since < ?4 OR (address_since = ?4 AND bk_host_id < ?3))
+             WHERE bk_cloud_id = $1 AND ip = $2 AND bk_host_id != $3
+               AND (address_since < $4 OR (address_since = $4 AND bk_host_id < $3))
              ORDER BY address_since, bk_host_id",
         )
         .bind(host.bk_cloud_id)
@@ -71,7 +71,7 @@ impl Store {
     pub async fn revoke_agent(&self, new: &Revocation) -> Result<(Revocation, bool), StoreError> {
         let made = sqlx::query(
             "INSERT INTO agent_revocation (agent_id, reason, operator, revoked_at)
-             VALUES (?, ?, ?, ?) ON CONFLICT (agent_id) DO NOTHING",
+             VALUES ($1, $2, $3, $4) ON CONFLICT (agent_id) DO NOTHING",
         )
         .bind(&new.agent_id)
         .bind(&new.reason)
@@ -81,7 +81,7 @@ impl Store {
         .await?
         .rows_affected()
             == 1;
-        let row = sqlx::query("SELECT * FROM agent_revocation WHERE agent_id = ?")
+        let row = sqlx::query("SELECT * FROM agent_revocation WHERE agent_id = $1")
             .bind(&new.agent_id)
             .fetch_one(&self.pool)
             .await?;
@@ -90,7 +90,7 @@ impl Store {
 
     /// Lifts an agent's revocation; returns it, or `None` if the agent was not revoked.
     pub async fn unrevoke_agent(&self, agent_id: &str) -> Result<Option<Revocation>, StoreError> {
-        let row = sqlx::query("DELETE FROM agent_revocation WHERE agent_id = ? RETURNING *")
+        let row = sqlx::query("DELETE FROM agent_revocation WHERE agent_id = $1 RETURNING *")
             .bind(agent_id)
             .fetch_optional(&self.pool)
             .await?;
@@ -121,8 +121,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_revocation_stays_until_lifted_and_the_first_one_counts() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let (_db, store) = crate::test_store().await;
         assert_eq!(
             store.revoke_agent(&revoke("a", 10)).await.unwrap(),
             (revoke("a", 10), true)
@@ -167,8 +166,7 @@ mod address_tests {
 
     #[tokio::test]
     async fn a_host_keeps_its_claim_time_until_its_address_changes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let (_db, store) = crate::test_store().await;
         let first = store
             .register_agent(&registration("10.0.0.1", 100))
             .await

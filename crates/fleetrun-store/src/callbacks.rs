@@ -5,7 +5,7 @@
 //! pending; and because queueing reads the committed job, a job whose end was committed but whose
 //! delivery was not (a crash in between) is found again by [`Store::unqueued_callbacks`].
 
-use sqlx::{Row, sqlite::SqliteRow};
+use sqlx::{Row, any::AnyRow};
 
 use crate::{JobRecord, Store, StoreError};
 
@@ -67,7 +67,7 @@ pub struct CallbackDelivery {
 }
 
 impl CallbackDelivery {
-    fn from_row(row: &SqliteRow) -> Self {
+    fn from_row(row: &AnyRow) -> Self {
         Self {
             id: row.get("id"),
             job_instance_id: row.get("job_instance_id"),
@@ -98,7 +98,7 @@ pub struct CallbackAttempt {
 }
 
 impl CallbackAttempt {
-    fn from_row(row: &SqliteRow) -> Self {
+    fn from_row(row: &AnyRow) -> Self {
         Self {
             delivery_id: row.get("delivery_id"),
             attempt: row.get("attempt"),
@@ -182,7 +182,7 @@ impl Store {
         for d in deliveries {
             queued += sqlx::query(
                 "INSERT INTO callback_delivery (job_instance_id, url, body, status, attempts, next_attempt_at, created_at, updated_at)
-                 VALUES (?, ?, ?, 'pending', 0, ?, ?, ?)
+                 VALUES ($1, $2, $3, 'pending', 0, $4, $5, $6)
                  ON CONFLICT (job_instance_id) DO NOTHING",
             )
             .bind(d.job_instance_id)
@@ -206,7 +206,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<CallbackDelivery>, StoreError> {
         let rows = sqlx::query(&format!(
-            "{DELIVERY_SELECT} WHERE d.status = 'pending' ORDER BY d.next_attempt_at, d.id LIMIT ?"
+            "{DELIVERY_SELECT} WHERE d.status = 'pending' ORDER BY d.next_attempt_at, d.id LIMIT $1"
         ))
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
@@ -231,7 +231,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO callback_attempt (delivery_id, attempt, at, http_status, error, duration_ms)
-             VALUES (?, ?, ?, ?, ?, ?)
+             VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (delivery_id, attempt) DO UPDATE SET
                  at = excluded.at, http_status = excluded.http_status, error = excluded.error,
                  duration_ms = excluded.duration_ms",
@@ -245,10 +245,10 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE callback_delivery SET status = ?, attempts = ?,
-                 next_attempt_at = COALESCE(?, next_attempt_at),
-                 last_error = COALESCE(?, last_error), updated_at = ?
-             WHERE id = ?",
+            "UPDATE callback_delivery SET status = $1, attempts = $2,
+                 next_attempt_at = COALESCE($3, next_attempt_at),
+                 last_error = COALESCE($4, last_error), updated_at = $5
+             WHERE id = $6",
         )
         .bind(status.as_str())
         .bind(attempt.attempt)
@@ -267,7 +267,7 @@ impl Store {
         &self,
         job_instance_id: i64,
     ) -> Result<Option<(CallbackDelivery, Vec<CallbackAttempt>)>, StoreError> {
-        let Some(row) = sqlx::query(&format!("{DELIVERY_SELECT} WHERE d.job_instance_id = ?"))
+        let Some(row) = sqlx::query(&format!("{DELIVERY_SELECT} WHERE d.job_instance_id = $1"))
             .bind(job_instance_id)
             .fetch_optional(&self.pool)
             .await?
@@ -276,7 +276,7 @@ impl Store {
         };
         let delivery = CallbackDelivery::from_row(&row);
         let attempts =
-            sqlx::query("SELECT * FROM callback_attempt WHERE delivery_id = ? ORDER BY attempt")
+            sqlx::query("SELECT * FROM callback_attempt WHERE delivery_id = $1 ORDER BY attempt")
                 .bind(delivery.id)
                 .fetch_all(&self.pool)
                 .await?
@@ -351,8 +351,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_ended_jobs_with_a_callback_are_queued_and_only_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let (_db, store) = crate::test_store().await;
         let with = store
             .create_job(&new_job(Some("http://x/hook")))
             .await
@@ -396,9 +395,7 @@ mod tests {
 
     #[tokio::test]
     async fn attempts_are_recorded_and_survive_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        let store = Store::open(&path).await.unwrap();
+        let (db, store) = crate::test_store().await;
         let job = store
             .create_job(&new_job(Some("http://x/hook")))
             .await
@@ -429,7 +426,7 @@ mod tests {
             .unwrap();
         drop(store);
 
-        let store = Store::open(&path).await.unwrap();
+        let store = Store::open_database(db.database()).await.unwrap();
         let pending = store.pending_callbacks(10).await.unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].attempts, 1);
@@ -461,8 +458,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_last_failed_attempt_ends_the_delivery() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let (_db, store) = crate::test_store().await;
         let job = store
             .create_job(&new_job(Some("http://x/hook")))
             .await

@@ -84,11 +84,15 @@ impl HealthState {
 }
 
 /// Whether an error means the database cannot be written (a full disk, a read-only or failing
-/// file), as opposed to a bad statement or a busy database.
+/// file, a PostgreSQL server that is down, full or read-only), as opposed to a bad statement or
+/// a busy database.
 pub(crate) fn is_write_failure(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::Io(_) => true,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
         sqlx::Error::Database(e) => {
+            if let Some(e) = e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                return is_postgres_write_failure(e.code());
+            }
             // SQLite's primary result codes: PERM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN,
             // NOTADB. The extended code sqlx reports carries the primary one in its low byte.
             let primary = e
@@ -101,11 +105,22 @@ pub(crate) fn is_write_failure(error: &sqlx::Error) -> bool {
     }
 }
 
+/// PostgreSQL's SQLSTATEs for a server that cannot take writes: connection exceptions (08),
+/// a read-only transaction (25006, a standby), missing privileges (42501), insufficient
+/// resources such as a full disk (53), operator intervention such as a shutdown (57P), system
+/// errors such as an I/O error (58) and internal errors such as corrupt data (XX).
+fn is_postgres_write_failure(sqlstate: &str) -> bool {
+    ["08", "53", "57P", "58", "XX"]
+        .iter()
+        .any(|class| sqlstate.starts_with(class))
+        || matches!(sqlstate, "25006" | "42501")
+}
+
 /// Closes a connection whose write failed for want of a writable database instead of returning
 /// it to the pool: SQLite can keep the failed transaction's lock on it, which would then block
 /// every later write, even once the database is writable again.
 pub(crate) fn discard_if_broken<T>(
-    connection: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
+    connection: &mut sqlx::pool::PoolConnection<sqlx::Any>,
     result: &Result<T, sqlx::Error>,
 ) {
     if let Err(error) = result

@@ -2,9 +2,9 @@
 //! transaction with the host registrations it forgets, and only on top of the revision it was
 //! made from.
 
-use sqlx::{Row, sqlite::SqliteRow};
+use sqlx::{Row, any::AnyRow};
 
-use crate::{Store, StoreError};
+use crate::{Dialect, Store, StoreError};
 
 /// Revisions kept; older ones are pruned when a new one is stored.
 pub const KEPT_INVENTORY_REVISIONS: i64 = 100;
@@ -69,7 +69,7 @@ impl From<sqlx::Error> for InventoryCommitError {
 
 const INFO_COLUMNS: &str = "revision, source, source_digest, operator, summary, created_at";
 
-fn info(row: &SqliteRow) -> RevisionInfo {
+fn info(row: &AnyRow) -> RevisionInfo {
     RevisionInfo {
         revision: row.get("revision"),
         source: row.get("source"),
@@ -100,7 +100,7 @@ impl Store {
         revision: i64,
     ) -> Result<Option<InventoryRevision>, StoreError> {
         let row = sqlx::query(&format!(
-            "SELECT {INFO_COLUMNS}, text FROM inventory_revision WHERE revision = ?"
+            "SELECT {INFO_COLUMNS}, text FROM inventory_revision WHERE revision = $1"
         ))
         .bind(revision)
         .fetch_optional(&self.pool)
@@ -114,7 +114,7 @@ impl Store {
     /// The latest `limit` revisions, newest first.
     pub async fn inventory_history(&self, limit: i64) -> Result<Vec<RevisionInfo>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {INFO_COLUMNS} FROM inventory_revision ORDER BY revision DESC LIMIT ?"
+            "SELECT {INFO_COLUMNS} FROM inventory_revision ORDER BY revision DESC LIMIT $1"
         ))
         .bind(limit)
         .fetch_all(&self.pool)
@@ -128,9 +128,18 @@ impl Store {
         &self,
         new: &NewInventoryRevision,
     ) -> Result<i64, InventoryCommitError> {
-        // IMMEDIATE: take the write lock before reading the current revision, so no other
-        // writer can slip in between.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // Take the write lock before reading the current revision, so no other writer (in this
+        // process or another sharing the database) can slip in between.
+        let mut tx = match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("LOCK TABLE inventory_revision IN EXCLUSIVE MODE")
+                    .execute(&mut *tx)
+                    .await?;
+                tx
+            }
+        };
         let current: Option<i64> = sqlx::query("SELECT MAX(revision) FROM inventory_revision")
             .fetch_one(&mut *tx)
             .await?
@@ -142,15 +151,15 @@ impl Store {
             });
         }
         for &bk_host_id in &new.forget_hosts {
-            let online: Option<bool> = sqlx::query("SELECT online FROM host WHERE bk_host_id = ?")
+            let online: Option<i64> = sqlx::query("SELECT online FROM host WHERE bk_host_id = $1")
                 .bind(bk_host_id)
                 .fetch_optional(&mut *tx)
                 .await?
                 .map(|row| row.get(0));
-            if online == Some(true) {
+            if online.is_some_and(|online| online != 0) {
                 return Err(InventoryCommitError::HostOnline(bk_host_id));
             }
-            sqlx::query("DELETE FROM host WHERE bk_host_id = ?")
+            sqlx::query("DELETE FROM host WHERE bk_host_id = $1")
                 .bind(bk_host_id)
                 .execute(&mut *tx)
                 .await?;
@@ -159,7 +168,7 @@ impl Store {
         sqlx::query(
             "INSERT INTO inventory_revision
                  (revision, text, source, source_digest, operator, summary, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(revision)
         .bind(&new.text)
@@ -170,7 +179,7 @@ impl Store {
         .bind(new.created_at)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM inventory_revision WHERE revision <= ?")
+        sqlx::query("DELETE FROM inventory_revision WHERE revision <= $1")
             .bind(revision - KEPT_INVENTORY_REVISIONS)
             .execute(&mut *tx)
             .await?;
@@ -198,8 +207,7 @@ mod tests {
 
     #[tokio::test]
     async fn revisions_follow_each_other_and_stale_ones_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let (_db, store) = crate::test_store().await;
         assert!(store.latest_inventory().await.unwrap().is_none());
         assert_eq!(
             store.commit_inventory(&revision(None, "a")).await.unwrap(),
@@ -238,8 +246,7 @@ mod tests {
 
     #[tokio::test]
     async fn old_revisions_are_pruned() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let (_db, store) = crate::test_store().await;
         let mut based_on = None;
         for i in 0..KEPT_INVENTORY_REVISIONS + 5 {
             based_on = Some(

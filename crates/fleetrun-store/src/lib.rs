@@ -1,4 +1,8 @@
-//! fleetrun's durable state in SQLite: hosts, jobs, steps, per-host results and logs.
+//! fleetrun's durable state in SQLite or PostgreSQL: hosts, jobs, steps, per-host results and
+//! logs.
+//!
+//! One API over both: queries are written once in SQL both dialects read and run through sqlx's
+//! `Any` driver (see [`Database`] and `backend.rs`).
 //!
 //! Reads go through a small connection pool. Writes from the job engine go through one writer
 //! task ([`Store::record`]) that commits whatever has queued up in a single transaction (group
@@ -8,24 +12,26 @@
 //! **Architecture invariant:** only this crate speaks SQL.
 
 mod agent_trust;
+mod backend;
 mod callbacks;
 mod health;
 mod inventory;
 mod model;
+pub mod scratch;
 mod schema;
 mod scripts;
 mod watch;
 mod writer;
 
-use std::{path::Path, str::FromStr, time::Duration};
+use std::path::Path;
 
-use sqlx::{
-    Row, SqlitePool,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-};
+use sqlx::{AnyPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
+use backend::{Dialect, Statement};
+
 pub use agent_trust::{AddressClaim, Revocation};
+pub use backend::{Database, DatabaseParseError};
 pub use callbacks::{
     CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
 };
@@ -48,6 +54,9 @@ pub enum StoreError {
     /// The database refused or failed the operation.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// The database's schema could not be brought up to date.
+    #[error("migrating the database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
     /// The writer task is gone (the store is shutting down).
     #[error("store writer stopped")]
     WriterStopped,
@@ -67,14 +76,14 @@ impl StoreError {
     }
 }
 
-/// Rows per `INSERT` when a job's hosts are stored: 5 parameters each, within SQLite's limit of
-/// 32,766 parameters per statement.
-const HOSTS_PER_INSERT: usize = 1_000;
+/// Values bound per host when a job's hosts are stored.
+const HOST_COLUMNS: usize = 5;
 
 /// Handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    dialect: Dialect,
     writes: mpsc::Sender<Write>,
     watchers: watch::Watchers,
     health: std::sync::Arc<health::HealthState>,
@@ -129,35 +138,25 @@ fn prepare_files(path: &Path) -> Result<(), StoreError> {
 type ParamSeal<'a> = dyn FnOnce(&str, CreatedJob) -> String + Send + 'a;
 
 impl Store {
-    /// Opens (creating if needed, readable by its owner only) the database at `path` and brings
-    /// its schema up to date.
+    /// Opens (creating if needed, readable by its owner only) the SQLite database at `path` and
+    /// brings its schema up to date.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        prepare_files(path)?;
-        let options = SqliteConnectOptions::from_str("sqlite://")?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        // Migrations run alone, before the pool that serves queries opens: a connection opened
-        // before a migration altered a table can prepare a statement against the old columns, and
-        // sqlx then reads a row of the new shape with the old column list.
-        let migrating = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.clone())
-            .await?;
-        schema::migrate(&migrating).await?;
-        migrating.close().await;
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?;
+        Self::open_database(&Database::Sqlite(path.to_owned())).await
+    }
+
+    /// Opens a database and brings its schema up to date: a SQLite file is created if needed,
+    /// readable by its owner only; a PostgreSQL database must exist.
+    pub async fn open_database(database: &Database) -> Result<Self, StoreError> {
+        if let Database::Sqlite(path) = database {
+            prepare_files(path)?;
+        }
+        let (pool, dialect) = backend::connect(database).await?;
         let watchers = watch::Watchers::default();
         let health = health::HealthState::new();
-        let writes = writer::spawn(pool.clone(), watchers.clone(), health.clone());
+        let writes = writer::spawn(pool.clone(), dialect, watchers.clone(), health.clone());
         Ok(Self {
             pool,
+            dialect,
             writes,
             watchers,
             health,
@@ -207,7 +206,7 @@ impl Store {
     pub async fn register_agent(&self, reg: &AgentRegistration) -> Result<HostRecord, StoreError> {
         let row = sqlx::query(
             "INSERT INTO host (agent_id, bk_cloud_id, ip, hostname, os_type, agent_version, online, last_seen, address_since)
-             VALUES (?, ?, ?, ?, ?, ?, 1, ?7, ?7)
+             VALUES ($1, $2, $3, $4, $5, $6, 1, $7, $7)
              ON CONFLICT (agent_id) DO UPDATE SET
                  address_since = CASE WHEN host.bk_cloud_id = excluded.bk_cloud_id AND host.ip = excluded.ip
                                       THEN host.address_since ELSE excluded.address_since END,
@@ -238,7 +237,7 @@ impl Store {
         now: i64,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE host SET online = 0, last_seen = ? WHERE bk_host_id = ? AND last_seen <= ?",
+            "UPDATE host SET online = 0, last_seen = $1 WHERE bk_host_id = $2 AND last_seen <= $3",
         )
         .bind(now)
         .bind(bk_host_id)
@@ -290,7 +289,7 @@ impl Store {
     ) -> Result<CreatedJob, StoreError> {
         let created = async {
             let mut connection = self.pool.acquire().await?;
-            let created = insert_job(&mut connection, job, seal).await;
+            let created = insert_job(&mut connection, job, seal, self.dialect).await;
             health::discard_if_broken(&mut connection, &created);
             created
         }
@@ -321,7 +320,7 @@ impl Store {
     /// A job's status alone, or `None` if there is no such job: what a follower reads often.
     pub async fn job_status(&self, job_instance_id: i64) -> Result<Option<i32>, StoreError> {
         Ok(
-            sqlx::query("SELECT status FROM job_instance WHERE job_instance_id = ?")
+            sqlx::query("SELECT status FROM job_instance WHERE job_instance_id = $1")
                 .bind(job_instance_id)
                 .fetch_optional(&self.pool)
                 .await?
@@ -331,7 +330,7 @@ impl Store {
 
     /// A job with its steps, or `None` if there is no such job.
     pub async fn job(&self, job_instance_id: i64) -> Result<Option<JobRecord>, StoreError> {
-        let Some(row) = sqlx::query("SELECT * FROM job_instance WHERE job_instance_id = ?")
+        let Some(row) = sqlx::query("SELECT * FROM job_instance WHERE job_instance_id = $1")
             .bind(job_instance_id)
             .fetch_optional(&self.pool)
             .await?
@@ -342,7 +341,7 @@ impl Store {
             // Not the script (up to 16 MiB) nor its parameter: status reads are frequent.
             "SELECT step_instance_id, name, type, status, execute_count, script_language,
                     is_param_sensitive, timeout, account_id, account, create_time, start_time, end_time
-             FROM step_instance WHERE job_instance_id = ? ORDER BY step_instance_id",
+             FROM step_instance WHERE job_instance_id = $1 ORDER BY step_instance_id",
         )
         .bind(job_instance_id)
         .fetch_all(&self.pool)
@@ -352,7 +351,7 @@ impl Store {
 
     /// Jobs matching `filter`, newest first, with the total count before paging. Steps are not loaded.
     pub async fn list_jobs(&self, filter: &JobFilter) -> Result<(i64, Vec<JobRecord>), StoreError> {
-        fn conditions<'a>(q: &mut sqlx::QueryBuilder<'a, sqlx::Sqlite>, f: &'a JobFilter) {
+        fn conditions<'a>(q: &mut Statement<'a>, f: &'a JobFilter, dialect: Dialect) {
             q.push(" WHERE bk_scope_type = ")
                 .push_bind(&f.bk_scope_type);
             q.push(" AND bk_scope_id = ").push_bind(&f.bk_scope_id);
@@ -366,7 +365,9 @@ impl Store {
                 q.push(" AND operator = ").push_bind(operator);
             }
             if let Some(name) = &f.name {
-                q.push(" AND instr(name, ").push_bind(name).push(") > 0");
+                q.push(" AND ");
+                let at = q.bind(name);
+                q.push(&dialect.contains("name", &at));
             }
             if let Some(mode) = f.launch_mode {
                 q.push(" AND launch_mode = ").push_bind(mode);
@@ -386,11 +387,11 @@ impl Store {
                 .push(")");
             }
         }
-        let mut count = sqlx::QueryBuilder::new("SELECT COUNT(*) FROM job_instance");
-        conditions(&mut count, filter);
+        let mut count = Statement::new("SELECT COUNT(*) FROM job_instance");
+        conditions(&mut count, filter, self.dialect);
         let total: i64 = count.build().fetch_one(&self.pool).await?.get(0);
-        let mut page = sqlx::QueryBuilder::new("SELECT * FROM job_instance");
-        conditions(&mut page, filter);
+        let mut page = Statement::new("SELECT * FROM job_instance");
+        conditions(&mut page, filter, self.dialect);
         page.push(" ORDER BY job_instance_id DESC LIMIT ")
             .push_bind(filter.length)
             .push(" OFFSET ")
@@ -408,7 +409,7 @@ impl Store {
         step_instance_id: i64,
     ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
         let row = sqlx::query(
-            "SELECT script_content, script_param FROM step_instance WHERE step_instance_id = ?",
+            "SELECT script_content, script_param FROM step_instance WHERE step_instance_id = $1",
         )
         .bind(step_instance_id)
         .fetch_optional(&self.pool)
@@ -422,7 +423,7 @@ impl Store {
         step_instance_id: i64,
     ) -> Result<Vec<HostResultRecord>, StoreError> {
         let rows =
-            sqlx::query("SELECT * FROM host_result WHERE step_instance_id = ? ORDER BY bk_host_id")
+            sqlx::query("SELECT * FROM host_result WHERE step_instance_id = $1 ORDER BY bk_host_id")
                 .bind(step_instance_id)
                 .fetch_all(&self.pool)
                 .await?;
@@ -436,7 +437,7 @@ impl Store {
         bk_host_id: i64,
     ) -> Result<Vec<u8>, StoreError> {
         let rows = sqlx::query(
-            "SELECT data FROM host_log WHERE step_instance_id = ? AND bk_host_id = ? ORDER BY offset",
+            "SELECT data FROM host_log WHERE step_instance_id = $1 AND bk_host_id = $2 ORDER BY \"offset\"",
         )
         .bind(step_instance_id)
         .bind(bk_host_id)
@@ -474,9 +475,9 @@ impl Store {
         .collect();
         for job in &jobs {
             sqlx::query(&format!(
-                "UPDATE host_result SET status = ?, tag = ?, end_time = ?
+                "UPDATE host_result SET status = $1, tag = $2, end_time = $3
                  WHERE status IN ({host_list}) AND step_instance_id IN
-                     (SELECT step_instance_id FROM step_instance WHERE job_instance_id = ?)"
+                     (SELECT step_instance_id FROM step_instance WHERE job_instance_id = $4)"
             ))
             .bind(host_status)
             .bind(tag)
@@ -485,7 +486,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             sqlx::query(&format!(
-                "UPDATE step_instance SET status = ?, end_time = ? WHERE job_instance_id = ? AND status IN ({job_list})"
+                "UPDATE step_instance SET status = $1, end_time = $2 WHERE job_instance_id = $3 AND status IN ({job_list})"
             ))
             .bind(job_status)
             .bind(now)
@@ -493,7 +494,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             sqlx::query(
-                "UPDATE job_instance SET status = ?, end_time = ? WHERE job_instance_id = ?",
+                "UPDATE job_instance SET status = $1, end_time = $2 WHERE job_instance_id = $3",
             )
             .bind(job_status)
             .bind(now)
@@ -508,14 +509,15 @@ impl Store {
 
 /// Inserts a job, its step and a pending result per host, in one transaction.
 async fn insert_job(
-    connection: &mut sqlx::SqliteConnection,
+    connection: &mut sqlx::AnyConnection,
     job: &NewJob,
     seal: Option<Box<ParamSeal<'_>>>,
+    dialect: Dialect,
 ) -> Result<CreatedJob, sqlx::Error> {
     let mut tx = sqlx::Connection::begin(connection).await?;
     let job_instance_id: i64 = sqlx::query(
         "INSERT INTO job_instance (name, operator, app_code, bk_scope_type, bk_scope_id, status, type, launch_mode, callback_url, create_time)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING job_instance_id",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING job_instance_id",
     )
     .bind(&job.name)
     .bind(&job.operator)
@@ -534,7 +536,7 @@ async fn insert_job(
     let step_instance_id: i64 = sqlx::query(
         "INSERT INTO step_instance (job_instance_id, name, type, status, script_language, script_content, script_param,
              is_param_sensitive, timeout, account_id, account, create_time)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING step_instance_id",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING step_instance_id",
     )
     .bind(job_instance_id)
     .bind(&step.name)
@@ -543,7 +545,7 @@ async fn insert_job(
     .bind(step.script_language)
     .bind(&step.script_content)
     .bind(if seal.is_some() { "" } else { step.script_param.as_str() })
-    .bind(step.is_param_sensitive)
+    .bind(i32::from(step.is_param_sensitive))
     .bind(step.timeout)
     .bind(step.account_id)
     .bind(&step.account)
@@ -556,19 +558,20 @@ async fn insert_job(
             job_instance_id,
             step_instance_id,
         };
-        sqlx::query("UPDATE step_instance SET script_param = ? WHERE step_instance_id = ?")
+        sqlx::query("UPDATE step_instance SET script_param = $1 WHERE step_instance_id = $2")
             .bind(seal(&step.script_param, ids))
             .bind(step_instance_id)
             .execute(&mut *tx)
             .await?;
     }
-    // Many rows per statement: one statement per host costs a round trip each, which is
-    // most of the time a job on thousands of hosts takes to be accepted.
-    for chunk in job.hosts.chunks(HOSTS_PER_INSERT) {
-        let mut insert = sqlx::QueryBuilder::new(
-            "INSERT INTO host_result (step_instance_id, bk_host_id, bk_cloud_id, ip, status) ",
+    // Many rows per statement, as many as the dialect's parameter limit allows: one statement
+    // per host costs a round trip each, which is most of the time a job on thousands of hosts
+    // takes to be accepted.
+    for chunk in job.hosts.chunks(dialect.max_parameters() / HOST_COLUMNS) {
+        let mut insert = Statement::new(
+            "INSERT INTO host_result (step_instance_id, bk_host_id, bk_cloud_id, ip, status)",
         );
-        insert.push_values(chunk, |mut row, host| {
+        insert.push_values(chunk, |row, host| {
             row.push_bind(step_instance_id)
                 .push_bind(host.bk_host_id)
                 .push_bind(host.bk_cloud_id)
@@ -586,7 +589,7 @@ async fn insert_job(
 
 /// Moves a pending job and its step to running, if it is still pending; whether it did.
 async fn claim(
-    connection: &mut sqlx::SqliteConnection,
+    connection: &mut sqlx::AnyConnection,
     job_instance_id: i64,
     pending: i32,
     running: i32,
@@ -594,8 +597,8 @@ async fn claim(
 ) -> Result<bool, sqlx::Error> {
     let mut tx = sqlx::Connection::begin(connection).await?;
     let claimed = sqlx::query(
-        "UPDATE job_instance SET status = ?, start_time = ?
-         WHERE job_instance_id = ? AND status = ? AND start_time IS NULL",
+        "UPDATE job_instance SET status = $1, start_time = $2
+         WHERE job_instance_id = $3 AND status = $4 AND start_time IS NULL",
     )
     .bind(running)
     .bind(now)
@@ -606,7 +609,7 @@ async fn claim(
     .rows_affected()
         == 1;
     if claimed {
-        sqlx::query("UPDATE step_instance SET status = ? WHERE job_instance_id = ? AND status = ?")
+        sqlx::query("UPDATE step_instance SET status = $1 WHERE job_instance_id = $2 AND status = $3")
             .bind(running)
             .bind(job_instance_id)
             .bind(pending)
@@ -650,29 +653,34 @@ impl Store {
         if positions.is_empty() {
             return Ok(Vec::new());
         }
-        let wanted = positions
-            .iter()
-            .map(|(host, offset)| format!("[{host},{offset}]"))
-            .collect::<Vec<_>>()
-            .join(",");
-        // No ORDER BY: it would make SQLite read every pending chunk before applying the limit.
-        // The join walks each host's primary-key range in offset order anyway.
-        let rows = sqlx::query(
-            "WITH wanted (bk_host_id, position) AS (
-                 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?2))
-             SELECT l.bk_host_id, l.offset, l.data FROM wanted w
-             JOIN host_log l ON l.step_instance_id = ?1 AND l.bk_host_id = w.bk_host_id
-                 AND l.offset >= COALESCE((SELECT MAX(p.offset) FROM host_log p
-                     WHERE p.step_instance_id = ?1 AND p.bk_host_id = w.bk_host_id
-                       AND p.offset <= w.position), 0)
-                 AND l.offset + length(l.data) > w.position
-             LIMIT ?3",
-        )
-        .bind(step_instance_id)
-        .bind(format!("[{wanted}]"))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        // Each host's position is two bound values; a follower of more hosts than one statement
+        // can carry asks in several.
+        let per_statement = self.dialect.max_parameters() / 2 - 2;
+        let mut rows = Vec::new();
+        for wanted in positions.chunks(per_statement) {
+            let remaining = limit - rows.len() as i64;
+            if remaining <= 0 {
+                break;
+            }
+            let mut query = Statement::new("WITH wanted (bk_host_id, position) AS (");
+            query.push_values(wanted, |row, (host, offset)| {
+                row.push_bind(*host).push_bind(*offset);
+            });
+            // No ORDER BY: it would make SQLite read every pending chunk before applying the
+            // limit. The join walks each host's primary-key range in offset order anyway.
+            query.push(") SELECT l.bk_host_id, l.\"offset\", l.data FROM wanted w JOIN host_log l ON l.step_instance_id = ");
+            query.push_bind(step_instance_id);
+            query.push(
+                " AND l.bk_host_id = w.bk_host_id
+                 AND l.\"offset\" >= COALESCE((SELECT MAX(p.\"offset\") FROM host_log p
+                     WHERE p.step_instance_id = l.step_instance_id AND p.bk_host_id = w.bk_host_id
+                       AND p.\"offset\" <= w.position), 0)
+                 AND l.\"offset\" + length(l.data) > w.position
+             LIMIT ",
+            );
+            query.push_bind(remaining);
+            rows.extend(query.build().fetch_all(&self.pool).await?);
+        }
         let mut chunks: Vec<LogChunk> = rows
             .iter()
             .map(|row| LogChunk {
@@ -686,13 +694,23 @@ impl Store {
     }
 }
 
+/// A store on a fresh database of the backend the tests run against (`FLEETRUN_TEST_DATABASE`);
+/// the database goes with the first value.
+#[cfg(test)]
+pub(crate) async fn test_store() -> (scratch::TestDatabase, Store) {
+    let db = scratch::TestDatabase::create("fleetrun_store_unit")
+        .await
+        .unwrap();
+    let store = Store::open_database(db.database()).await.unwrap();
+    (db, store)
+}
+
 #[cfg(test)]
 mod log_chunk_tests {
     use super::*;
 
-    async fn store_with_logs() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+    async fn store_with_logs() -> (scratch::TestDatabase, Store) {
+        let (db, store) = crate::test_store().await;
         for (host, offset, data) in [(1, 0, "hello "), (1, 6, "world\n"), (2, 0, "abc")] {
             store
                 .record(Write::HostLog {
@@ -705,7 +723,7 @@ mod log_chunk_tests {
                 .unwrap();
         }
         store.flush().await.unwrap();
-        (dir, store)
+        (db, store)
     }
 
     fn offsets(chunks: &[LogChunk]) -> Vec<(i64, i64)> {
@@ -767,8 +785,7 @@ mod host_tests {
 
     #[tokio::test]
     async fn an_old_connections_end_does_not_mark_a_reconnected_agent_offline() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let (_db, store) = crate::test_store().await;
         let first = store.register_agent(&registration(100)).await.unwrap();
         let again = store.register_agent(&registration(200)).await.unwrap();
         assert_eq!(first.bk_host_id, again.bk_host_id);

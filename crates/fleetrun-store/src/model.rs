@@ -1,7 +1,7 @@
 //! Rows as the rest of the controller sees them. Status values are bk-job's integers; their
 //! meaning belongs to the controller.
 
-use sqlx::{Row, sqlite::SqliteRow};
+use sqlx::{Row, any::AnyRow};
 
 /// What an agent says about itself when it registers.
 #[derive(Debug, Clone)]
@@ -31,7 +31,7 @@ pub struct HostRecord {
 }
 
 impl HostRecord {
-    pub(crate) fn from_row(row: &SqliteRow) -> Self {
+    pub(crate) fn from_row(row: &AnyRow) -> Self {
         Self {
             bk_host_id: row.get("bk_host_id"),
             agent_id: row.get("agent_id"),
@@ -40,7 +40,7 @@ impl HostRecord {
             hostname: row.get("hostname"),
             os_type: row.get("os_type"),
             agent_version: row.get("agent_version"),
-            online: row.get("online"),
+            online: row.get::<i64, _>("online") != 0,
             last_seen: row.get("last_seen"),
             address_since: row.get("address_since"),
         }
@@ -127,7 +127,7 @@ pub struct StepRecord {
 }
 
 impl JobRecord {
-    pub(crate) fn from_rows(job: &SqliteRow, steps: &[SqliteRow]) -> Self {
+    pub(crate) fn from_rows(job: &AnyRow, steps: &[AnyRow]) -> Self {
         Self {
             job_instance_id: job.get("job_instance_id"),
             name: job.get("name"),
@@ -151,7 +151,7 @@ impl JobRecord {
                     status: s.get("status"),
                     execute_count: s.get("execute_count"),
                     script_language: s.get("script_language"),
-                    is_param_sensitive: s.get("is_param_sensitive"),
+                    is_param_sensitive: s.get::<i64, _>("is_param_sensitive") != 0,
                     timeout: s.get("timeout"),
                     account_id: s.get("account_id"),
                     account: s.get("account"),
@@ -182,7 +182,7 @@ pub struct HostResultRecord {
 }
 
 impl HostResultRecord {
-    pub(crate) fn from_row(row: &SqliteRow) -> Self {
+    pub(crate) fn from_row(row: &AnyRow) -> Self {
         Self {
             bk_host_id: row.get("bk_host_id"),
             bk_cloud_id: row.get("bk_cloud_id"),

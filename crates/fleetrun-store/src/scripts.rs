@@ -1,9 +1,9 @@
 //! The script library: scripts and their versions, with bk-job's status rules
 //! (0 draft, 1 online, 2 offline, 3 disabled; one online version per script).
 
-use sqlx::{Row, sqlite::SqliteRow};
+use sqlx::{Row, any::AnyRow};
 
-use crate::{Store, StoreError};
+use crate::{Dialect, Statement, Store, StoreError};
 
 /// A script library operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +103,7 @@ pub struct ScriptFilter {
 const SCRIPT_COLUMNS: &str = "s.*, (SELECT v.id FROM script_version v WHERE v.script_id = s.script_id AND v.status = 1) AS online_script_version_id";
 const VERSION_COLUMNS: &str = "v.*, s.script_language, s.name, s.bk_scope_type, s.bk_scope_id";
 
-fn script_row(r: &SqliteRow) -> ScriptRecord {
+fn script_row(r: &AnyRow) -> ScriptRecord {
     ScriptRecord {
         script_id: r.get("script_id"),
         bk_scope_type: r.get("bk_scope_type"),
@@ -119,7 +119,7 @@ fn script_row(r: &SqliteRow) -> ScriptRecord {
     }
 }
 
-fn version_row(r: &SqliteRow) -> ScriptVersionRecord {
+fn version_row(r: &AnyRow) -> ScriptVersionRecord {
     ScriptVersionRecord {
         id: r.get("id"),
         script_id: r.get("script_id"),
@@ -148,7 +148,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO script (script_id, bk_scope_type, bk_scope_id, name, description, script_language, creator, create_time, last_modify_user, last_modify_time)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(script_id)
         .bind(&new.bk_scope_type)
@@ -179,7 +179,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let id = insert_version(&mut tx, &script.script_id, new).await?;
         sqlx::query(
-            "UPDATE script SET last_modify_user = ?, last_modify_time = ? WHERE script_id = ?",
+            "UPDATE script SET last_modify_user = $1, last_modify_time = $2 WHERE script_id = $3",
         )
         .bind(&new.operator)
         .bind(new.now)
@@ -235,7 +235,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         if status == 1 {
             sqlx::query(
-                "UPDATE script_version SET status = 2, last_modify_user = ?, last_modify_time = ? WHERE script_id = ? AND status = 1",
+                "UPDATE script_version SET status = 2, last_modify_user = $1, last_modify_time = $2 WHERE script_id = $3 AND status = 1",
             )
             .bind(operator)
             .bind(now)
@@ -243,7 +243,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query("UPDATE script_version SET status = ?, last_modify_user = ?, last_modify_time = ? WHERE id = ?")
+        sqlx::query("UPDATE script_version SET status = $1, last_modify_user = $2, last_modify_time = $3 WHERE id = $4")
             .bind(status)
             .bind(operator)
             .bind(now)
@@ -262,7 +262,7 @@ impl Store {
         script_id: &str,
     ) -> Result<ScriptRecord, ScriptsError> {
         let row = sqlx::query(&format!(
-            "SELECT {SCRIPT_COLUMNS} FROM script s WHERE s.script_id = ? AND s.bk_scope_type = ? AND s.bk_scope_id = ?"
+            "SELECT {SCRIPT_COLUMNS} FROM script s WHERE s.script_id = $1 AND s.bk_scope_type = $2 AND s.bk_scope_id = $3"
         ))
         .bind(script_id)
         .bind(scope_type)
@@ -282,7 +282,7 @@ impl Store {
     ) -> Result<ScriptVersionRecord, ScriptsError> {
         let row = sqlx::query(&format!(
             "SELECT {VERSION_COLUMNS} FROM script_version v JOIN script s ON s.script_id = v.script_id
-             WHERE v.id = ? AND s.bk_scope_type = ? AND s.bk_scope_id = ?"
+             WHERE v.id = $1 AND s.bk_scope_type = $2 AND s.bk_scope_id = $3"
         ))
         .bind(id)
         .bind(scope_type)
@@ -302,7 +302,7 @@ impl Store {
     ) -> Result<ScriptVersionRecord, ScriptsError> {
         let row = sqlx::query(&format!(
             "SELECT {VERSION_COLUMNS} FROM script_version v JOIN script s ON s.script_id = v.script_id
-             WHERE v.script_id = ? AND v.version = ? AND s.bk_scope_type = ? AND s.bk_scope_id = ?"
+             WHERE v.script_id = $1 AND v.version = $2 AND s.bk_scope_type = $3 AND s.bk_scope_id = $4"
         ))
         .bind(script_id)
         .bind(version)
@@ -332,22 +332,24 @@ impl Store {
         &self,
         f: &ScriptFilter,
     ) -> Result<(i64, Vec<ScriptRecord>), ScriptsError> {
-        fn conditions<'a>(q: &mut sqlx::QueryBuilder<'a, sqlx::Sqlite>, f: &'a ScriptFilter) {
+        fn conditions<'a>(q: &mut Statement<'a>, f: &'a ScriptFilter, dialect: Dialect) {
             q.push(" WHERE s.bk_scope_type = ")
                 .push_bind(&f.bk_scope_type);
             q.push(" AND s.bk_scope_id = ").push_bind(&f.bk_scope_id);
             if let Some(name) = &f.name {
-                q.push(" AND instr(s.name, ").push_bind(name).push(") > 0");
+                q.push(" AND ");
+                let at = q.bind(name);
+                q.push(&dialect.contains("s.name", &at));
             }
             if let Some(language) = f.script_language.filter(|l| *l != 0) {
                 q.push(" AND s.script_language = ").push_bind(language);
             }
         }
-        let mut count = sqlx::QueryBuilder::new("SELECT COUNT(*) FROM script s");
-        conditions(&mut count, f);
+        let mut count = Statement::new("SELECT COUNT(*) FROM script s");
+        conditions(&mut count, f, self.dialect);
         let total: i64 = count.build().fetch_one(&self.pool).await?.get(0);
-        let mut page = sqlx::QueryBuilder::new(format!("SELECT {SCRIPT_COLUMNS} FROM script s"));
-        conditions(&mut page, f);
+        let mut page = Statement::new(format!("SELECT {SCRIPT_COLUMNS} FROM script s"));
+        conditions(&mut page, f, self.dialect);
         page.push(" ORDER BY s.create_time DESC, s.script_id LIMIT ")
             .push_bind(f.length)
             .push(" OFFSET ")
@@ -365,14 +367,14 @@ impl Store {
         length: i64,
     ) -> Result<(i64, Vec<ScriptVersionRecord>), ScriptsError> {
         self.script(scope.0, scope.1, script_id).await?;
-        let total: i64 = sqlx::query("SELECT COUNT(*) FROM script_version WHERE script_id = ?")
+        let total: i64 = sqlx::query("SELECT COUNT(*) FROM script_version WHERE script_id = $1")
             .bind(script_id)
             .fetch_one(&self.pool)
             .await?
             .get(0);
         let rows = sqlx::query(&format!(
             "SELECT {VERSION_COLUMNS} FROM script_version v JOIN script s ON s.script_id = v.script_id
-             WHERE v.script_id = ? ORDER BY v.id DESC LIMIT ? OFFSET ?"
+             WHERE v.script_id = $1 ORDER BY v.id DESC LIMIT $2 OFFSET $3"
         ))
         .bind(script_id)
         .bind(length)
@@ -384,13 +386,13 @@ impl Store {
 }
 
 async fn insert_version(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     script_id: &str,
     new: &NewScript,
 ) -> Result<i64, ScriptsError> {
     let inserted = sqlx::query(
         "INSERT INTO script_version (script_id, version, content, status, version_desc, creator, create_time, last_modify_user, last_modify_time)
-         VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?) RETURNING id",
+         VALUES ($1, $2, $3, 0, $4, $5, $6, $7, $8) RETURNING id",
     )
     .bind(script_id)
     .bind(&new.version)

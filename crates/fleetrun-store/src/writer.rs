@@ -2,10 +2,10 @@
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
-use sqlx::SqlitePool;
+use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{HostOutcome, health::HealthState, watch::Watchers};
+use crate::{Dialect, HostOutcome, Statement, health::HealthState, watch::Watchers};
 
 /// Queue depth before [`crate::Store::record`] makes the engine wait (while the database accepts
 /// writes; while it refuses them, the writer keeps taking writes into a bounded backlog). A log write holds at most
@@ -64,7 +64,8 @@ pub enum Write {
 }
 
 pub(crate) fn spawn(
-    pool: SqlitePool,
+    pool: AnyPool,
+    dialect: Dialect,
     watchers: Watchers,
     health: Arc<HealthState>,
 ) -> mpsc::Sender<Write> {
@@ -72,6 +73,7 @@ pub(crate) fn spawn(
     tokio::spawn(
         Writer {
             pool,
+            dialect,
             watchers,
             health,
             rx,
@@ -91,11 +93,15 @@ pub(crate) fn spawn(
 const MAX_PENDING: usize = 200_000;
 /// Bytes of host output kept in memory while the database refuses writes, at most.
 const MAX_PENDING_OUTPUT: usize = 256 * 1024 * 1024;
+/// How long the writer stays idle before it writes the probe row to learn whether the database
+/// still takes writes.
+pub(crate) const IDLE_PROBE: Duration = Duration::from_secs(5);
 /// Longest wait between two attempts at a failing database.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 struct Writer {
-    pool: SqlitePool,
+    pool: AnyPool,
+    dialect: Dialect,
     watchers: Watchers,
     health: Arc<HealthState>,
     rx: mpsc::Receiver<Write>,
@@ -118,11 +124,15 @@ impl Writer {
         let mut open = true;
         while open || !self.pending.is_empty() {
             let failing = !self.health.get().is_writable();
+            let mut probe_due = false;
             if !failing && self.pending.is_empty() {
-                // Healthy and idle: wait for writes, or for news that another path failed.
+                // Healthy and idle: wait for writes, for news that another path failed, or for
+                // the time to check that the database still takes writes (a server that went
+                // away shows in readiness without waiting for a job).
                 tokio::select! {
                     n = self.rx.recv_many(&mut incoming, BATCH) => open = n > 0,
                     () = self.health.failed_elsewhere.notified() => {}
+                    () = tokio::time::sleep(IDLE_PROBE) => probe_due = true,
                 }
                 self.take(&mut incoming);
             } else if failing {
@@ -156,7 +166,7 @@ impl Writer {
             // Only a write that was made says whether the database takes writes.
             let result = if !self.pending.is_empty() {
                 self.commit_front().await
-            } else if !self.health.get().is_writable() {
+            } else if probe_due || !self.health.get().is_writable() {
                 self.probe().await
             } else {
                 self.answer_flushes();
@@ -237,7 +247,7 @@ impl Writer {
         let n = self.pending.len().min(BATCH);
         let batch = &self.pending.make_contiguous()[..n];
         let mut connection = self.pool.acquire().await?;
-        let committed = commit(&mut connection, batch).await;
+        let committed = commit(&mut connection, batch, self.dialect).await;
         crate::health::discard_if_broken(&mut connection, &committed);
         committed?;
         self.watchers.committed(batch);
@@ -254,7 +264,10 @@ impl Writer {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let mut connection = self.pool.acquire().await?;
-        let probed = sqlx::query("INSERT OR REPLACE INTO write_probe (id, at) VALUES (1, ?)")
+        let probed = sqlx::query(
+            "INSERT INTO write_probe (id, at) VALUES (1, $1)
+             ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+        )
             .bind(at)
             .execute(&mut *connection)
             .await
@@ -286,8 +299,9 @@ fn output_bytes(write: &Write) -> usize {
 }
 
 async fn commit(
-    connection: &mut sqlx::SqliteConnection,
+    connection: &mut sqlx::AnyConnection,
     batch: &[Write],
+    dialect: Dialect,
 ) -> Result<(), sqlx::Error> {
     // A host whose task also ended in this batch needs no "running" update: its final row says
     // all. Log chunks go in multi-row inserts. Both matter when thousands of hosts report at once.
@@ -331,7 +345,7 @@ async fn commit(
                 at,
             } => {
                 sqlx::query(
-                    "UPDATE job_instance SET status = ?, start_time = ? WHERE job_instance_id = ?",
+                    "UPDATE job_instance SET status = $1, start_time = $2 WHERE job_instance_id = $3",
                 )
                 .bind(status)
                 .bind(at)
@@ -339,8 +353,8 @@ async fn commit(
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query(
-                    "UPDATE step_instance SET status = ?, start_time = ?, execute_count = execute_count + 1
-                     WHERE step_instance_id = ?",
+                    "UPDATE step_instance SET status = $1, start_time = $2, execute_count = execute_count + 1
+                     WHERE step_instance_id = $3",
                 )
                 .bind(status)
                 .bind(at)
@@ -352,12 +366,12 @@ async fn commit(
                 job_instance_id,
                 status,
             } => {
-                sqlx::query("UPDATE job_instance SET status = ? WHERE job_instance_id = ? AND end_time IS NULL")
+                sqlx::query("UPDATE job_instance SET status = $1 WHERE job_instance_id = $2 AND end_time IS NULL")
                     .bind(status)
                     .bind(job_instance_id)
                     .execute(&mut *tx)
                     .await?;
-                sqlx::query("UPDATE step_instance SET status = ? WHERE job_instance_id = ? AND end_time IS NULL")
+                sqlx::query("UPDATE step_instance SET status = $1 WHERE job_instance_id = $2 AND end_time IS NULL")
                     .bind(status)
                     .bind(job_instance_id)
                     .execute(&mut *tx)
@@ -380,7 +394,7 @@ async fn commit(
                 at,
             } => {
                 sqlx::query(
-                    "UPDATE step_instance SET status = ?, end_time = ? WHERE step_instance_id = ?",
+                    "UPDATE step_instance SET status = $1, end_time = $2 WHERE step_instance_id = $3",
                 )
                 .bind(status)
                 .bind(at)
@@ -394,7 +408,7 @@ async fn commit(
                 at,
             } => {
                 sqlx::query(
-                    "UPDATE job_instance SET status = ?, end_time = ? WHERE job_instance_id = ?",
+                    "UPDATE job_instance SET status = $1, end_time = $2 WHERE job_instance_id = $3",
                 )
                 .bind(status)
                 .bind(at)
@@ -407,14 +421,21 @@ async fn commit(
     }
     // "Running" host rows, then final ones, many per statement. Applying them after the loop
     // changes nothing: nothing else in a batch writes these rows, and a host's "running" update
-    // was skipped above when its final one is in the same batch.
-    for chunk in running.chunks(RUNNING_PER_UPDATE) {
-        let mut update = sqlx::QueryBuilder::new(
+    // was skipped above when its final one is in the same batch. A host that appears twice
+    // appears once, as its writes in order would have left it: a statement that changes one
+    // row twice is refused by PostgreSQL and undefined in SQLite.
+    let running = last_per_host(running, |(step, host, ..)| (*step, *host), |earlier, later| {
+        later.3 = later.3.or(earlier.3);
+    });
+    let results = last_per_host(results, |(step, host, _)| (*step, *host), |_, _| {});
+    let logs = last_per_host(logs, |(step, host, offset, _)| (*step, *host, *offset), |_, _| {});
+    for chunk in running.chunks(dialect.max_parameters() / 4) {
+        let mut update = Statement::new(
             "UPDATE host_result SET status = v.column3,
                  start_time = COALESCE(v.column4, host_result.start_time)
              FROM (",
         );
-        update.push_values(chunk, |mut row, (step, host, status, start_time)| {
+        update.push_values(chunk, |row, (step, host, status, start_time)| {
             row.push_bind(*step)
                 .push_bind(*host)
                 .push_bind(*status)
@@ -425,19 +446,19 @@ async fn commit(
         );
         update.build().execute(&mut *tx).await?;
     }
-    for chunk in results.chunks(RESULTS_PER_UPDATE) {
-        let mut update = sqlx::QueryBuilder::new(
+    for chunk in results.chunks(dialect.max_parameters() / 12) {
+        let mut update = Statement::new(
             "UPDATE host_result SET status = v.column3, tag = v.column4, exit_code = v.column5,
                  error_code = v.column6, start_time = COALESCE(v.column7, host_result.start_time),
                  end_time = v.column8, output_bytes = v.column9, dropped_bytes = v.column10,
                  dropped_lines = v.column11, survivors = v.column12
              FROM (",
         );
-        update.push_values(chunk, |mut row, (step, host, o)| {
+        update.push_values(chunk, |row, (step, host, o)| {
             row.push_bind(*step)
                 .push_bind(*host)
                 .push_bind(o.status)
-                .push_bind(&o.tag)
+                .push_bind(o.tag.as_str())
                 .push_bind(o.exit_code)
                 .push_bind(o.error_code)
                 .push_bind(
@@ -455,27 +476,47 @@ async fn commit(
         );
         update.build().execute(&mut *tx).await?;
     }
-    for chunk in logs.chunks(LOGS_PER_INSERT) {
-        let mut insert = sqlx::QueryBuilder::new(
-            "INSERT OR REPLACE INTO host_log (step_instance_id, bk_host_id, offset, data) ",
-        );
-        insert.push_values(chunk, |mut row, (step, host, offset, data)| {
+    for chunk in logs.chunks(dialect.max_parameters() / 4) {
+        let mut insert =
+            Statement::new("INSERT INTO host_log (step_instance_id, bk_host_id, \"offset\", data)");
+        insert.push_values(chunk, |row, (step, host, offset, data)| {
             row.push_bind(*step)
                 .push_bind(*host)
                 .push_bind(*offset)
                 .push_bind(*data);
         });
+        insert.push(
+            " ON CONFLICT (step_instance_id, bk_host_id, \"offset\") DO UPDATE SET data = excluded.data",
+        );
         insert.build().execute(&mut *tx).await?;
     }
     tx.commit().await
 }
 
-/// "Running" host rows per `UPDATE` (4 parameters each).
-const RUNNING_PER_UPDATE: usize = 1_000;
-/// Log rows per `INSERT` (4 parameters each, well within SQLite's limit).
-const LOGS_PER_INSERT: usize = 1_000;
-/// Host results per `UPDATE` (12 parameters each, within SQLite's 32,766).
-const RESULTS_PER_UPDATE: usize = 1_000;
+/// `items` with one item per key, where the last one stands and `merge(earlier, later)` carries
+/// into it what an earlier one said that it does not; in the order the keys first appeared.
+fn last_per_host<T, K: std::hash::Hash + Eq>(
+    items: Vec<T>,
+    key: impl Fn(&T) -> K,
+    merge: impl Fn(&T, &mut T),
+) -> Vec<T> {
+    let mut at: std::collections::HashMap<K, usize> = std::collections::HashMap::new();
+    let mut kept: Vec<T> = Vec::with_capacity(items.len());
+    for mut item in items {
+        match at.entry(key(&item)) {
+            std::collections::hash_map::Entry::Occupied(slot) => {
+                let earlier = &mut kept[*slot.get()];
+                merge(earlier, &mut item);
+                *earlier = item;
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(kept.len());
+                kept.push(item);
+            }
+        }
+    }
+    kept
+}
 
 #[cfg(test)]
 mod tests {
@@ -483,8 +524,7 @@ mod tests {
 
     #[tokio::test]
     async fn running_and_final_rows_land_whatever_the_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let (_db, store) = crate::test_store().await;
         let hosts: Vec<NewHostResult> = (1..=2_500)
             .map(|id| NewHostResult {
                 bk_host_id: id,

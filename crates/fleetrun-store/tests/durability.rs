@@ -1,6 +1,7 @@
 //! The store against a database that stops accepting writes, against concurrent starts from
-//! two handles on one file (two controllers sharing a database), and the modes of its files.
-//! Run as root: the database is made unwritable with `chattr +i`, which stops root too.
+//! two handles on one database (two controllers sharing it), and the modes of its files.
+//! Run as root: a SQLite database is made unwritable with `chattr +i`, which stops root too; a
+//! PostgreSQL one (with `FLEETRUN_TEST_DATABASE`) is made read-only by the server.
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -9,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use fleetrun_store::{HostOutcome, NewHostResult, NewJob, NewStep, Store, Write};
+use fleetrun_store::{
+    Database, HostOutcome, NewHostResult, NewJob, NewStep, Store, Write, scratch::TestDatabase,
+};
 
 const PENDING: i32 = 1;
 const RUNNING: i32 = 2;
@@ -74,6 +77,18 @@ impl Drop for Immutable {
     }
 }
 
+/// The SQLite file of a test database, or `None` (with the reason printed) when the tests run
+/// against PostgreSQL, for tests of what only a file has.
+fn sqlite_only(db: &TestDatabase, test: &str) -> Option<PathBuf> {
+    match db.database() {
+        Database::Sqlite(path) => Some(path.clone()),
+        Database::Postgres(_) => {
+            println!("{test}: skipped on PostgreSQL: it tests a SQLite file's modes and attributes");
+            None
+        }
+    }
+}
+
 async fn until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !check() {
@@ -91,8 +106,10 @@ async fn an_unwritable_database_is_reported_and_what_was_accepted_is_written_onc
         .with_env_filter("fleetrun_store=info")
         .with_test_writer()
         .try_init();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db.sqlite");
+    let db = TestDatabase::create("unwritable").await.unwrap();
+    let Some(path) = sqlite_only(&db, "an_unwritable_database_is_reported") else {
+        return;
+    };
     let store = Store::open(&path).await.unwrap();
     let job = store.create_job(&new_job(RUNNING)).await.unwrap();
     let step = job.step_instance_id;
@@ -151,8 +168,10 @@ async fn an_unwritable_database_is_reported_and_what_was_accepted_is_written_onc
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failure_found_while_creating_a_job_clears_once_the_database_recovers() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db.sqlite");
+    let db = TestDatabase::create("failure_found").await.unwrap();
+    let Some(path) = sqlite_only(&db, "a_failure_found_while_creating_a_job") else {
+        return;
+    };
     let store = Store::open(&path).await.unwrap();
     store.create_job(&new_job(RUNNING)).await.unwrap();
     let frozen = Immutable::set(vec![path.clone(), sibling(&path, "-wal")]);
@@ -170,10 +189,9 @@ async fn a_failure_found_while_creating_a_job_clears_once_the_database_recovers(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pending_job_is_claimed_once_by_concurrent_starts_from_two_handles() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db.sqlite");
-    let one = Store::open(&path).await.unwrap();
-    let two = Store::open(&path).await.unwrap();
+    let db = TestDatabase::create("claimed_once").await.unwrap();
+    let one = Store::open_database(db.database()).await.unwrap();
+    let two = Store::open_database(db.database()).await.unwrap();
     let job = one.create_job(&new_job(PENDING)).await.unwrap();
     let mut claims = tokio::task::JoinSet::new();
     for i in 0..20 {
@@ -210,6 +228,10 @@ fn mode(path: &Path) -> u32 {
 
 #[tokio::test]
 async fn the_database_and_its_directory_are_readable_by_their_owner_only() {
+    let db = TestDatabase::create("modes").await.unwrap();
+    if sqlite_only(&db, "the_database_and_its_directory_are_readable_by_their_owner_only").is_none() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state/db.sqlite");
     let store = Store::open(&path).await.unwrap();
@@ -234,4 +256,56 @@ async fn the_database_and_its_directory_are_readable_by_their_owner_only() {
     std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
     let _store = Store::open(&old).await.unwrap();
     assert_eq!(mode(&old), 0o600);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_database_that_refuses_writes_is_reported_while_idle_and_recovers() {
+    let db = TestDatabase::create("read_only").await.unwrap();
+    let TestDatabase::Postgres(scratch) = &db else {
+        println!(
+            "a_postgres_database_that_refuses_writes: skipped on SQLite: \
+             an_unwritable_database_is_reported covers the file"
+        );
+        return;
+    };
+    let store = Store::open_database(db.database()).await.unwrap();
+    let job = store.create_job(&new_job(RUNNING)).await.unwrap();
+    let step = job.step_instance_id;
+    store.flush().await.unwrap();
+
+    scratch.set_read_only(true).await.unwrap();
+    // Nothing is written meanwhile: the writer's idle probe must find it.
+    until(Duration::from_secs(20), "the failure reported", || {
+        !store.health().is_writable()
+    })
+    .await;
+    let refused = store.create_job(&new_job(RUNNING)).await.unwrap_err();
+    assert!(refused.is_write_failure(), "{refused}");
+    for offset in 0..100 {
+        store
+            .record(Write::HostLog {
+                step_instance_id: step,
+                bk_host_id: 1,
+                offset: offset * 10,
+                data: vec![b'y'; 10],
+            })
+            .await
+            .unwrap();
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), store.flush())
+            .await
+            .is_err(),
+        "a flush answered while the database refused writes"
+    );
+
+    scratch.set_read_only(false).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), store.flush())
+        .await
+        .unwrap_or_else(|_| panic!("not flushed after recovery: {:?}", store.health()))
+        .unwrap();
+    let health = store.health();
+    assert!(health.is_writable(), "{health:?}");
+    assert_eq!((health.pending, health.lost), (0, 0), "{health:?}");
+    assert_eq!(store.host_log(step, 1).await.unwrap(), vec![b'y'; 1_000]);
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use fleetrun_tests::{TestCluster, eventually, start_cluster};
+use fleetrun_tests::{TestCluster, eventually, sqlite_only, start_cluster};
 use serde_json::{Value, json};
 
 fn files(cluster: &TestCluster) -> [PathBuf; 3] {
@@ -30,6 +30,9 @@ fn mode(path: &Path) -> u32 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_database_files_are_readable_by_the_controller_only() -> Result<()> {
+    if !sqlite_only("the_database_files_are_readable_by_the_controller_only") {
+        return Ok(());
+    }
     let cluster = start_cluster(1).await?;
     let host = cluster.host_id("agent-1");
     cluster
@@ -113,6 +116,9 @@ fn assert_refused_for_the_database(reply: &Value) {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unwritable_database_refuses_new_jobs_keeps_accepted_output_and_does_not_hold_a_stop()
 -> Result<()> {
+    if !sqlite_only("an_unwritable_database_refuses_new_jobs_keeps_accepted_output_and_does_not_hold_a_stop") {
+        return Ok(());
+    }
     let mut cluster = start_cluster(1).await?;
     let host = cluster.host_id("agent-1");
 
@@ -180,6 +186,9 @@ async fn an_unwritable_database_refuses_new_jobs_keeps_accepted_output_and_does_
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_revoked_while_the_database_refuses_writes_is_cut_off_all_the_same() -> Result<()>
 {
+    if !sqlite_only("an_agent_revoked_while_the_database_refuses_writes_is_cut_off_all_the_same") {
+        return Ok(());
+    }
     let cluster = start_cluster(1).await?;
     let client = cluster.client();
     let host = cluster.host_id("agent-1");

@@ -1,10 +1,12 @@
 //! `/healthz` and `/readyz`: answered without credentials, and `/readyz` says the controller is
 //! not ready, naming the store, while its database refuses writes. With the real binaries; as
-//! root, the database is made unwritable with `chattr +i` (which stops root too).
+//! root, a SQLite database is made unwritable with `chattr +i` (which stops root too), a
+//! PostgreSQL one read-only.
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Result, ensure};
+use fleetrun_store::scratch::ScratchDatabase;
 use fleetrun_tests::{TestCluster, eventually, start_cluster};
 use serde_json::{Value, json};
 
@@ -27,14 +29,19 @@ async fn health_and_readiness_answer_without_credentials() -> Result<()> {
     Ok(())
 }
 
-/// The database and its log made immutable until dropped.
-struct Frozen(Vec<PathBuf>);
+/// The database made to refuse writes until dropped: a SQLite file and its log made immutable,
+/// or a PostgreSQL database made read-only.
+struct Frozen<'a>(Vec<PathBuf>, Option<&'a ScratchDatabase>);
 
-impl Frozen {
-    fn freeze(cluster: &TestCluster) -> Result<Self> {
+impl<'a> Frozen<'a> {
+    async fn freeze(cluster: &'a TestCluster) -> Result<Self> {
+        if let Some(database) = cluster.database() {
+            database.set_read_only(true).await?;
+            return Ok(Self(Vec::new(), Some(database)));
+        }
         let db = cluster.dir().join("controller.db");
         let wal = cluster.dir().join("controller.db-wal");
-        let frozen = Self(vec![db, wal]);
+        let frozen = Self(vec![db, wal], None);
         for file in &frozen.0 {
             let status = Command::new("chattr").arg("+i").arg(file).status()?;
             ensure!(status.success(), "chattr +i {}", file.display());
@@ -43,8 +50,19 @@ impl Frozen {
     }
 }
 
-impl Drop for Frozen {
+impl Drop for Frozen<'_> {
     fn drop(&mut self) {
+        if let Some(database) = self.1 {
+            // Drop runs inside the test's runtime: the server is asked from a thread of its own.
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map(|runtime| runtime.block_on(database.set_read_only(false)))
+                });
+            });
+        }
         for file in &self.0 {
             let _ = Command::new("chattr").arg("-i").arg(file).status();
         }
@@ -55,7 +73,7 @@ impl Drop for Frozen {
 async fn readiness_fails_naming_the_store_while_the_database_refuses_writes() -> Result<()> {
     let cluster = start_cluster(1).await?;
     let host = cluster.host_id("agent-1");
-    let frozen = Frozen::freeze(&cluster)?;
+    let frozen = Frozen::freeze(&cluster).await?;
     // A write the database refuses: the store learns it is unwritable.
     let refused = cluster
         .client()
@@ -78,6 +96,26 @@ async fn readiness_fails_naming_the_store_while_the_database_refuses_writes() ->
     // Alive all the same: restarting it would not help.
     assert_eq!(probe(&cluster, "/healthz").await?.0, 200);
 
+    drop(frozen);
+    eventually(Duration::from_secs(30), "ready again", || async {
+        let (status, _) = probe(&cluster, "/readyz").await.ok()?;
+        (status == 200).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_follows_a_database_that_stops_taking_writes_while_nothing_is_written()
+-> Result<()> {
+    let cluster = start_cluster(1).await?;
+    let frozen = Frozen::freeze(&cluster).await?;
+    // No job, no write: the store's idle probe finds it.
+    eventually(Duration::from_secs(30), "not ready", || async {
+        let (status, body) = probe(&cluster, "/readyz").await.ok()?;
+        (status == 503).then_some(body)
+    })
+    .await?;
     drop(frozen);
     eventually(Duration::from_secs(30), "ready again", || async {
         let (status, _) = probe(&cluster, "/readyz").await.ok()?;

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use fleetrun_tests::{TestCluster, b64, start_cluster};
 use serde_json::{Value, json};
-use sqlx::{Connection as _, sqlite::SqliteConnectOptions};
+use sqlx::Connection as _;
 use std::time::Duration;
 
 /// Creates a job (not started) whose sensitive parameter is `param`; returns its job and step
@@ -49,18 +49,20 @@ async fn output(cluster: &TestCluster, job: i64, step: i64) -> Result<String> {
     Ok(cluster.logs(job, step).await?.remove(0).1)
 }
 
-/// Sets a step's stored parameter, as someone with write access to the database file would.
+/// Sets a step's stored parameter, as someone with write access to the database would.
 async fn overwrite_param(cluster: &TestCluster, step: i64, value: SqlValue<'_>) -> Result<()> {
-    let options = SqliteConnectOptions::new()
-        .filename(cluster.dir().join("controller.db"))
-        .busy_timeout(Duration::from_secs(10));
-    let mut db = sqlx::SqliteConnection::connect_with(&options).await?;
+    sqlx::any::install_default_drivers();
+    let url = match cluster.database() {
+        Some(database) => database.url().to_owned(),
+        None => format!("sqlite://{}", cluster.dir().join("controller.db").display()),
+    };
+    let mut db = sqlx::AnyConnection::connect(&url).await?;
     let changed = match value {
         SqlValue::ParamOf(source) => {
             sqlx::query(
                 "UPDATE step_instance SET script_param =
-                     (SELECT script_param FROM step_instance WHERE step_instance_id = ?)
-                 WHERE step_instance_id = ?",
+                     (SELECT script_param FROM step_instance WHERE step_instance_id = $1)
+                 WHERE step_instance_id = $2",
             )
             .bind(source)
             .bind(step)
@@ -68,7 +70,7 @@ async fn overwrite_param(cluster: &TestCluster, step: i64, value: SqlValue<'_>) 
             .await?
         }
         SqlValue::Text(text) => {
-            sqlx::query("UPDATE step_instance SET script_param = ? WHERE step_instance_id = ?")
+            sqlx::query("UPDATE step_instance SET script_param = $1 WHERE step_instance_id = $2")
                 .bind(text)
                 .bind(step)
                 .execute(&mut db)

@@ -1,0 +1,6 @@
+-- One row the writer rewrites to learn whether the database accepts writes, when it has nothing
+-- else to write.
+CREATE TABLE write_probe (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at BIGINT  NOT NULL
+);

@@ -1,0 +1,319 @@
+//! Where the store keeps its data: a SQLite file or a PostgreSQL database, named by the
+//! controller's `database` setting, and what differs between the two.
+//!
+//! Queries are written once, in SQL both read (`$1` placeholders, `ON CONFLICT`), and run
+//! through sqlx's `Any` driver; the few statements that must differ ask [`Dialect`].
+
+use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
+
+use sqlx::{
+    Any, Arguments as _, ConnectOptions as _, Connection as _, Encode, Type,
+    any::{AnyArguments, AnyPoolOptions},
+    postgres::PgConnectOptions,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous},
+};
+
+use crate::StoreError;
+
+/// A database the store can open.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Database {
+    /// A SQLite file, created if missing (`sqlite:///var/lib/fleetrun/db.sqlite`, or a bare
+    /// path).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (`postgres://user@host:5432/name`), which must exist.
+    Postgres(String),
+}
+
+/// The `database` setting could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DatabaseParseError(String);
+
+impl FromStr for Database {
+    type Err = DatabaseParseError;
+
+    /// `sqlite://PATH` (so `sqlite:///abs/path`), `sqlite:PATH`, `postgres://…` or
+    /// `postgresql://…`; anything without a scheme is a SQLite file's path.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.is_empty() {
+            return Err(DatabaseParseError("the database must not be empty".into()));
+        }
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            PgConnectOptions::from_str(text).map_err(|e| {
+                DatabaseParseError(format!("not a PostgreSQL connection URL: {e}"))
+            })?;
+            return Ok(Self::Postgres(text.to_owned()));
+        }
+        if let Some(path) = text
+            .strip_prefix("sqlite://")
+            .or_else(|| text.strip_prefix("sqlite:"))
+        {
+            if path.is_empty() || path.contains('?') {
+                return Err(DatabaseParseError(
+                    "a SQLite database is `sqlite://` followed by the file's path, without options"
+                        .into(),
+                ));
+            }
+            return Ok(Self::Sqlite(PathBuf::from(path)));
+        }
+        if let Some((scheme, _)) = text.split_once("://") {
+            return Err(DatabaseParseError(format!(
+                "unknown database kind {scheme:?}: use sqlite:// or postgres://"
+            )));
+        }
+        Ok(Self::Sqlite(PathBuf::from(text)))
+    }
+}
+
+impl fmt::Display for Database {
+    /// The database without its password, fit for logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+            Self::Postgres(url) => f.write_str(&redact_password(url)),
+        }
+    }
+}
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Database({self})")
+    }
+}
+
+/// `postgres://user:secret@host/db` as `postgres://user:***@host/db`.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) => match user_info.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Which SQL a statement that cannot be written once must be written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// Whether `haystack` contains `needle` (both SQL expressions), case-sensitively.
+    pub(crate) fn contains(self, haystack: &str, needle: &str) -> String {
+        match self {
+            Self::Sqlite => format!("instr({haystack}, {needle}) > 0"),
+            Self::Postgres => format!("strpos({haystack}, {needle}) > 0"),
+        }
+    }
+
+    /// Most bound values one statement may carry (SQLite's default limit is 32,766,
+    /// PostgreSQL's 65,535).
+    pub(crate) fn max_parameters(self) -> usize {
+        match self {
+            Self::Sqlite => 32_766,
+            Self::Postgres => 65_535,
+        }
+    }
+}
+
+/// Connections that serve queries, per backend.
+const SQLITE_CONNECTIONS: u32 = 4;
+const POSTGRES_CONNECTIONS: u32 = 8;
+/// How long a query waits for a connection before it fails (and the store reports the database
+/// as refusing writes).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens the pool that serves queries, after bringing the schema up to date on a connection of
+/// its own: a connection opened before a migration altered a table can prepare a statement
+/// against the old columns, and sqlx then reads a row of the new shape with the old column list.
+pub(crate) async fn connect(database: &Database) -> Result<(sqlx::AnyPool, Dialect), StoreError> {
+    sqlx::any::install_default_drivers();
+    match database {
+        Database::Sqlite(path) => {
+            let options = SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .foreign_keys(true)
+                .busy_timeout(Duration::from_secs(10));
+            let mut migrating = options.connect().await?;
+            crate::schema::migrate_sqlite(&mut migrating).await?;
+            migrating.close().await?;
+            // The `Any` driver takes a URL, which carries the file but not these settings: each
+            // connection sets them itself (WAL is the file's, kept from the migration).
+            let url = options.to_url_lossy();
+            let pool = AnyPoolOptions::new()
+                .max_connections(SQLITE_CONNECTIONS)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .after_connect(|connection, _| {
+                    Box::pin(async move {
+                        for pragma in [
+                            "PRAGMA busy_timeout = 10000",
+                            "PRAGMA synchronous = NORMAL",
+                            "PRAGMA foreign_keys = ON",
+                        ] {
+                            sqlx::query(pragma).execute(&mut *connection).await?;
+                        }
+                        Ok(())
+                    })
+                })
+                .connect(url.as_str())
+                .await?;
+            Ok((pool, Dialect::Sqlite))
+        }
+        Database::Postgres(url) => {
+            let options = PgConnectOptions::from_str(url)?;
+            let mut migrating = options.connect().await?;
+            crate::schema::migrate_postgres(&mut migrating).await?;
+            migrating.close().await?;
+            let pool = AnyPoolOptions::new()
+                .max_connections(POSTGRES_CONNECTIONS)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect(url)
+                .await?;
+            Ok((pool, Dialect::Postgres))
+        }
+    }
+}
+
+/// A statement built piece by piece, whose bound values are numbered `$1, $2, …` (the
+/// placeholders both dialects read; sqlx's `QueryBuilder` writes `?` for the `Any` driver, which
+/// PostgreSQL does not take).
+pub(crate) struct Statement<'q> {
+    sql: String,
+    arguments: AnyArguments<'q>,
+}
+
+impl<'q> Statement<'q> {
+    pub(crate) fn new(sql: impl Into<String>) -> Self {
+        Self {
+            sql: sql.into(),
+            arguments: AnyArguments::default(),
+        }
+    }
+
+    pub(crate) fn push(&mut self, sql: &str) -> &mut Self {
+        self.sql.push_str(sql);
+        self
+    }
+
+    /// Binds a value and writes its placeholder.
+    pub(crate) fn push_bind<T>(&mut self, value: T) -> &mut Self
+    where
+        T: 'q + Encode<'q, Any> + Type<Any>,
+    {
+        let placeholder = self.bind(value);
+        self.sql.push_str(&placeholder);
+        self
+    }
+
+    /// Binds a value and returns its placeholder, to be written where it belongs.
+    pub(crate) fn bind<T>(&mut self, value: T) -> String
+    where
+        T: 'q + Encode<'q, Any> + Type<Any>,
+    {
+        // The `Any` driver's encoders do not fail (as with sqlx's own builder).
+        self.arguments
+            .add(value)
+            .expect("encoding a value for the Any driver");
+        format!("${}", self.arguments.len())
+    }
+
+    /// Writes ` VALUES (…), (…)`: one parenthesised row per item, its values bound by `row`.
+    pub(crate) fn push_values<I>(&mut self, items: I, mut row: impl FnMut(&mut Row<'_, 'q>, I::Item))
+    where
+        I: IntoIterator,
+    {
+        self.sql.push_str(" VALUES ");
+        for (i, item) in items.into_iter().enumerate() {
+            if i > 0 {
+                self.sql.push_str(", ");
+            }
+            self.sql.push('(');
+            row(
+                &mut Row {
+                    statement: self,
+                    first: true,
+                },
+                item,
+            );
+            self.sql.push(')');
+        }
+    }
+
+    pub(crate) fn build(&mut self) -> sqlx::query::Query<'_, Any, AnyArguments<'_>> {
+        let arguments: AnyArguments<'_> = std::mem::take(&mut self.arguments);
+        sqlx::query_with(&self.sql, arguments)
+    }
+}
+
+/// One row of a [`Statement::push_values`].
+pub(crate) struct Row<'s, 'q> {
+    statement: &'s mut Statement<'q>,
+    first: bool,
+}
+
+impl<'q> Row<'_, 'q> {
+    pub(crate) fn push_bind<T>(&mut self, value: T) -> &mut Self
+    where
+        T: 'q + Encode<'q, Any> + Type<Any>,
+    {
+        if !self.first {
+            self.statement.sql.push_str(", ");
+        }
+        self.first = false;
+        self.statement.push_bind(value);
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_setting_names_a_file_or_a_server() {
+        assert_eq!(
+            "sqlite:///var/lib/f/db".parse::<Database>().unwrap(),
+            Database::Sqlite("/var/lib/f/db".into())
+        );
+        assert_eq!(
+            "sqlite:db.sqlite".parse::<Database>().unwrap(),
+            Database::Sqlite("db.sqlite".into())
+        );
+        assert_eq!(
+            "/var/lib/f/db".parse::<Database>().unwrap(),
+            Database::Sqlite("/var/lib/f/db".into())
+        );
+        assert_eq!(
+            "postgres://u:pw@db:5432/fleet".parse::<Database>().unwrap(),
+            Database::Postgres("postgres://u:pw@db:5432/fleet".into())
+        );
+        for bad in ["", "mysql://x/y", "sqlite://", "sqlite:///x?mode=ro", "postgres://a:b:c:d"] {
+            assert!(bad.parse::<Database>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_password_never_shows() {
+        let db: Database = "postgres://fleet:s3cret@db:5432/fleet?sslmode=require"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            db.to_string(),
+            "postgres://fleet:***@db:5432/fleet?sslmode=require"
+        );
+        assert!(!format!("{db:?}").contains("s3cret"));
+        let db: Database = "postgres://fleet@db/fleet".parse().unwrap();
+        assert_eq!(db.to_string(), "postgres://fleet@db/fleet");
+    }
+}
