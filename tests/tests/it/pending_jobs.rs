@@ -211,7 +211,7 @@ async fn concurrent_starts_through_two_controllers_start_a_pending_job_once() ->
     let started = replies.iter().filter(|r| r["code"] == 0).count();
     assert_eq!(started, 1, "{replies:#?}");
     for refused in replies.iter().filter(|r| r["code"] != 0) {
-        assert_eq!(refused["code"], 1_240_003, "{refused}");
+        assert_eq!(refused["code"], 1_241_015, "{refused}");
         assert!(
             refused["message"]
                 .as_str()

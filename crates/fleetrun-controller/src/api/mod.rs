@@ -17,6 +17,7 @@ mod intake;
 #[doc(hidden)]
 pub mod params;
 mod query;
+mod reply;
 mod scope;
 mod scripts;
 mod serve;
@@ -32,7 +33,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::any,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 use tracing::Instrument;
 
 pub use error::ApiError;
@@ -40,6 +41,9 @@ pub use params::MAX_BODY;
 pub use serve::serve;
 
 use crate::Shared;
+
+/// The envelope's code of a success.
+const SUCCESS: i64 = 0;
 
 /// Builds the router for all bk-job path styles.
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -75,13 +79,6 @@ const APIS: &[&str] = &[
     "operate_job_instance",
     "get_job_instance_list",
     "get_account_list",
-    "create_script",
-    "create_script_version",
-    "publish_script_version",
-    "disable_script_version",
-    "get_script_list",
-    "get_script_version_list",
-    "get_script_version_detail",
     "list_hosts",
     "get_topology",
     "reload_inventory",
@@ -95,11 +92,16 @@ const APIS: &[&str] = &[
     "get_callback_status",
 ];
 
+/// Whether `api` names an API [`dispatch`] serves.
+fn is_served(api: &str) -> bool {
+    APIS.contains(&api) || scripts::APIS.contains(&api) || scripts::business_name(api).is_some()
+}
+
 /// A path that names no API: HTTP 404 (a client or proxy retrying on 5xx, or treating 200 as
 /// served, must not mistake it for a reply), in bk-job's envelope so bk-job clients read the
 /// code.
 fn unknown_api(message: String) -> ApiError {
-    ApiError::new(error::code::API_UNSUPPORTED, message).with_http_status(StatusCode::NOT_FOUND)
+    ApiError::new(error::code::GATEWAY_API_NOT_FOUND, message).with_http_status(StatusCode::NOT_FOUND)
 }
 
 async fn not_found() -> Response {
@@ -126,7 +128,7 @@ async fn dispatch(
         app = tracing::field::Empty,
         operator = tracing::field::Empty,
     );
-    if !APIS.contains(&api.as_str()) {
+    if !is_served(&api) {
         let result = Err(unknown_api(format!(
             "unsupported API: {}",
             api.escape_debug()
@@ -158,23 +160,6 @@ async fn dispatch(
                 query::get_job_instance_list(&shared, &caller, &params).await
             }
             "get_account_list" => query::get_account_list(&shared, &caller, &params).await,
-            "create_script" => scripts::create_script(&shared, &caller, &params).await,
-            "create_script_version" => {
-                scripts::create_script_version(&shared, &caller, &params).await
-            }
-            "publish_script_version" => {
-                scripts::publish_script_version(&shared, &caller, &params).await
-            }
-            "disable_script_version" => {
-                scripts::disable_script_version(&shared, &caller, &params).await
-            }
-            "get_script_list" => scripts::get_script_list(&shared, &caller, &params).await,
-            "get_script_version_list" => {
-                scripts::get_script_version_list(&shared, &caller, &params).await
-            }
-            "get_script_version_detail" => {
-                scripts::get_script_version_detail(&shared, &caller, &params).await
-            }
             "list_hosts" => query::list_hosts(&shared, &caller).await,
             "get_topology" => query::get_topology(&shared, &caller).await,
             "reload_inventory" => admin::reload_inventory(&shared, &caller, &params).await,
@@ -188,10 +173,16 @@ async fn dispatch(
             "unrevoke_agent" => admin::unrevoke_agent(&shared, &caller, &params).await,
             "list_revoked_agents" => admin::list_revoked_agents(&shared, &caller).await,
             "get_callback_status" => query::get_callback_status(&shared, &caller, &params).await,
-            _ => Err(unknown_api(format!(
+            name if scripts::APIS.contains(&name) => {
+                scripts::call(name, false, &shared, &caller, &params).await
+            }
+            name => match scripts::business_name(name) {
+                Some(business) => scripts::call(&business, true, &shared, &caller, &params).await,
+                None => Err(unknown_api(format!(
                 "unsupported API: {}",
-                api.escape_debug()
-            ))),
+                    api.escape_debug()
+                ))),
+            },
         }
     }
     .instrument(span.clone())
@@ -216,29 +207,44 @@ fn new_request_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
+/// bk-job's reply envelope. The gateway names the request `job_request_id`; `request_id` is
+/// the name ESB-era clients read, so both carry it.
+#[derive(serde::Serialize)]
+struct Envelope<'a> {
+    result: bool,
+    code: i64,
+    message: &'a str,
+    data: Value,
+    permission: Option<&'a Value>,
+    request_id: &'a str,
+    job_request_id: &'a str,
+}
+
 fn envelope(request_id: &str, result: Result<Value, ApiError>) -> Response {
-    let (status, body) = match result {
+    let (status, body) = match &result {
         Ok(data) => (
             StatusCode::OK,
-            json!({
-                "result": true,
-                "code": 0,
-                "message": "success",
-                "data": data,
-                "permission": null,
-                "request_id": request_id,
-            }),
+            Envelope {
+                result: true,
+                code: SUCCESS,
+                message: "success",
+                data: data.clone(),
+                permission: None,
+                request_id,
+                job_request_id: request_id,
+            },
         ),
         Err(e) => (
             e.http_status,
-            json!({
-                "result": false,
-                "code": e.code,
-                "message": e.message,
-                "data": null,
-                "permission": e.permission,
-                "request_id": request_id,
-            }),
+            Envelope {
+                result: false,
+                code: e.code,
+                message: &e.message,
+                data: Value::Null,
+                permission: e.permission.as_ref(),
+                request_id,
+                job_request_id: request_id,
+            },
         ),
     };
     let mut response = (status, axum::Json(body)).into_response();

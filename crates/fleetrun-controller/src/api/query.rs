@@ -1,6 +1,6 @@
 //! Job status and log queries.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{
@@ -8,7 +8,7 @@ use super::{
     auth::Caller,
     error::code,
     params::{Params, lenient},
-    scope,
+    reply, scope,
 };
 use crate::{Shared, status};
 
@@ -46,12 +46,6 @@ async fn load_job(
         })
 }
 
-/// Saturating: times come from agents and, however they are checked on the way in, a read must
-/// never fail on them.
-fn total_time(start: Option<i64>, end: Option<i64>) -> Option<i64> {
-    Some(end?.saturating_sub(start?))
-}
-
 pub async fn get_job_instance_status(
     shared: &Shared,
     caller: &Caller,
@@ -61,55 +55,19 @@ pub async fn get_job_instance_status(
     let job = load_job(shared, caller, params, req.job_instance_id).await?;
     let mut steps = Vec::with_capacity(job.steps.len());
     for step in &job.steps {
-        let mut entry = json!({
-            "step_instance_id": step.step_instance_id,
-            "type": step.step_type,
-            "name": step.name,
-            "status": step.status,
-            "execute_count": step.execute_count,
-            "create_time": step.create_time,
-            "start_time": step.start_time,
-            "end_time": step.end_time,
-            "total_time": total_time(step.start_time, step.end_time),
-        });
-        if req.return_ip_result.unwrap_or(false) {
+        let hosts = if req.return_ip_result.unwrap_or(false) {
             let results = shared.store.host_results(step.step_instance_id).await?;
-            entry["step_ip_result_list"] = results
-                .iter()
-                .map(|r| {
-                    json!({
-                        "bk_host_id": r.bk_host_id,
-                        "ip": r.ip,
-                        "bk_cloud_id": r.bk_cloud_id,
-                        "status": r.status,
-                        "tag": r.tag,
-                        "exit_code": r.exit_code.unwrap_or(0),
-                        "error_code": r.error_code,
-                        "start_time": r.start_time,
-                        "end_time": r.end_time,
-                        "total_time": total_time(r.start_time, r.end_time),
-                    })
-                })
-                .collect();
-        }
-        steps.push(entry);
+            Some(results.iter().map(reply::HostResult::from).collect())
+        } else {
+            None
+        };
+        steps.push(reply::StepStatus::new(step, hosts));
     }
-    Ok(json!({
-        "finished": status::job::is_finished(job.status),
-        "job_instance": {
-            "job_instance_id": job.job_instance_id,
-            "bk_scope_type": job.bk_scope_type,
-            "bk_scope_id": job.bk_scope_id,
-            "bk_biz_id": job.bk_scope_id.parse::<i64>().ok(),
-            "name": job.name,
-            "status": job.status,
-            "create_time": job.create_time,
-            "start_time": job.start_time,
-            "end_time": job.end_time,
-            "total_time": total_time(job.start_time, job.end_time),
-        },
-        "step_instance_list": steps,
-    }))
+    reply::data(reply::JobInstanceStatus {
+        finished: status::job::is_finished(job.status),
+        job_instance: reply::JobStatus::from(&job),
+        step_instance_list: steps,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,7 +101,8 @@ struct BatchLogRequest {
     ip_list: Option<Vec<IpTarget>>,
 }
 
-/// The step's per-host results, after checking that the step belongs to the job.
+/// The step's per-host results, after checking that the step belongs to the job (bk-job answers
+/// a step of another job as it answers an unknown job).
 async fn step_results(
     shared: &Shared,
     caller: &Caller,
@@ -172,12 +131,26 @@ fn same_ip(a: &str, b: &str) -> bool {
     }
 }
 
+/// A missing or malformed host parameter of a log API, named as bk-job names it.
+fn missing_host(field: &str) -> ApiError {
+    ApiError::new(
+        code::MISSING_OR_ILLEGAL_PARAM,
+        format!("{field} is required (missing or invalid)"),
+    )
+}
+
 pub async fn get_job_instance_ip_log(
     shared: &Shared,
     caller: &Caller,
     params: &Params,
 ) -> Result<Value, ApiError> {
     let req: LogRequest = params.parse()?;
+    // bk-job checks the host parameters before it looks for the job.
+    let wanted = match (req.bk_host_id, req.bk_cloud_id, req.ip.as_deref()) {
+        (Some(id), _, _) => HostKey::Id(id),
+        (None, Some(cloud), Some(ip)) if !ip.is_empty() => HostKey::Address(cloud, ip.to_owned()),
+        _ => return Err(missing_host("bk_host_id (or bk_cloud_id and ip)")),
+    };
     let results = step_results(
         shared,
         caller,
@@ -186,26 +159,48 @@ pub async fn get_job_instance_ip_log(
         req.step_instance_id,
     )
     .await?;
-    let result = match (req.bk_host_id, req.bk_cloud_id, req.ip.as_deref()) {
-        (Some(id), _, _) => results.iter().find(|r| r.bk_host_id == id),
-        (None, Some(cloud), Some(ip)) => results
-            .iter()
-            .find(|r| r.bk_cloud_id == cloud && same_ip(&r.ip, ip)),
-        _ => return Err(ApiError::missing("bk_host_id (or bk_cloud_id and ip)")),
-    }
-    .ok_or_else(|| ApiError::new(code::HOST_NOT_FOUND, "the step has no such host"))?;
+    let found = results.iter().find(|r| match &wanted {
+        HostKey::Id(id) => r.bk_host_id == *id,
+        HostKey::Address(cloud, ip) => r.bk_cloud_id == *cloud && same_ip(&r.ip, ip),
+    });
+    // A host the step did not target has no log: bk-job answers it with an empty one, naming the
+    // host as asked.
+    let Some(result) = found else {
+        let (bk_host_id, bk_cloud_id, ip) = match wanted {
+            HostKey::Id(id) => (id, req.bk_cloud_id.unwrap_or_default(), req.ip.unwrap_or_default()),
+            HostKey::Address(cloud, ip) => (req.bk_host_id.unwrap_or_default(), cloud, ip),
+        };
+        let (ip, ipv6) = reply::split_address(&ip);
+        return reply::data(reply::HostLog {
+            bk_host_id,
+            bk_cloud_id,
+            ip,
+            ipv6,
+            log_type: reply::LOG_TYPE_SCRIPT,
+            log_content: String::new(),
+            file_logs: None,
+        });
+    };
     let log = shared
         .store
         .host_log(req.step_instance_id, result.bk_host_id)
         .await?;
-    Ok(json!({
-        "bk_host_id": result.bk_host_id,
-        "bk_cloud_id": result.bk_cloud_id,
-        "ip": result.ip,
-        "log_type": 1,
-        "log_content": String::from_utf8_lossy(&log),
-        "file_logs": null,
-    }))
+    let (ip, ipv6) = reply::split_address(&result.ip);
+    reply::data(reply::HostLog {
+        bk_host_id: result.bk_host_id,
+        bk_cloud_id: result.bk_cloud_id,
+        ip,
+        ipv6,
+        log_type: reply::LOG_TYPE_SCRIPT,
+        log_content: String::from_utf8_lossy(&log).into_owned(),
+        file_logs: None,
+    })
+}
+
+/// How a log request names a host.
+enum HostKey {
+    Id(i64),
+    Address(i64, String),
 }
 
 pub async fn batch_get_job_instance_ip_log(
@@ -214,6 +209,24 @@ pub async fn batch_get_job_instance_ip_log(
     params: &Params,
 ) -> Result<Value, ApiError> {
     let req: BatchLogRequest = params.parse()?;
+    let ids = req.host_id_list.filter(|ids| !ids.is_empty());
+    let ips = req.ip_list.filter(|ips| !ips.is_empty());
+    match (&ids, &ips) {
+        (Some(ids), _) if ids.len() > MAX_LOG_HOSTS => {
+            return Err(ApiError::new(
+                code::TOO_MANY_LOG_HOSTS,
+                format!("host_id_list: {} hosts, at most {MAX_LOG_HOSTS}", ids.len()),
+            ));
+        }
+        (None, Some(ips)) if ips.len() > MAX_LOG_HOSTS => {
+            return Err(ApiError::new(
+                code::TOO_MANY_LOG_HOSTS,
+                format!("ip_list: {} hosts, at most {MAX_LOG_HOSTS}", ips.len()),
+            ));
+        }
+        (None, None) => return Err(missing_host("host_id_list (or ip_list)")),
+        _ => {}
+    }
     let results = step_results(
         shared,
         caller,
@@ -222,36 +235,21 @@ pub async fn batch_get_job_instance_ip_log(
         req.step_instance_id,
     )
     .await?;
-    // host_id_list wins; ip_list is the deprecated alternative.
-    let wanted: Vec<&fleetrun_store::HostResultRecord> = match (&req.host_id_list, &req.ip_list) {
-        (Some(ids), _) if !ids.is_empty() => {
-            if ids.len() > MAX_LOG_HOSTS {
-                return Err(ApiError::new(
-                    code::TOO_MANY_LOG_HOSTS,
-                    format!("host_id_list: {} hosts, at most {MAX_LOG_HOSTS}", ids.len()),
-                ));
-            }
-            results
-                .iter()
-                .filter(|r| ids.contains(&r.bk_host_id))
-                .collect()
-        }
-        (_, Some(ips)) if !ips.is_empty() => {
-            if ips.len() > MAX_LOG_HOSTS {
-                return Err(ApiError::new(
-                    code::TOO_MANY_LOG_HOSTS,
-                    format!("ip_list: {} hosts, at most {MAX_LOG_HOSTS}", ips.len()),
-                ));
-            }
-            results
-                .iter()
-                .filter(|r| {
-                    ips.iter()
-                        .any(|t| t.bk_cloud_id == r.bk_cloud_id && same_ip(&r.ip, &t.ip))
-                })
-                .collect()
-        }
-        _ => return Err(ApiError::missing("host_id_list (or ip_list)")),
+    // host_id_list wins; ip_list is the deprecated alternative. Hosts the step did not target
+    // are left out, as bk-job leaves them out.
+    let wanted: Vec<&fleetrun_store::HostResultRecord> = match (&ids, &ips) {
+        (Some(ids), _) => results
+            .iter()
+            .filter(|r| ids.contains(&r.bk_host_id))
+            .collect(),
+        (None, Some(ips)) => results
+            .iter()
+            .filter(|r| {
+                ips.iter()
+                    .any(|t| t.bk_cloud_id == r.bk_cloud_id && same_ip(&r.ip, &t.ip))
+            })
+            .collect(),
+        (None, None) => Vec::new(),
     };
     let mut logs = Vec::with_capacity(wanted.len());
     for result in wanted {
@@ -259,20 +257,22 @@ pub async fn batch_get_job_instance_ip_log(
             .store
             .host_log(req.step_instance_id, result.bk_host_id)
             .await?;
-        logs.push(json!({
-            "bk_host_id": result.bk_host_id,
-            "bk_cloud_id": result.bk_cloud_id,
-            "ip": result.ip,
-            "log_content": String::from_utf8_lossy(&log),
-        }));
+        let (ip, ipv6) = reply::split_address(&result.ip);
+        logs.push(reply::ScriptTaskLog {
+            bk_host_id: result.bk_host_id,
+            bk_cloud_id: result.bk_cloud_id,
+            ip,
+            ipv6,
+            log_content: String::from_utf8_lossy(&log).into_owned(),
+        });
     }
-    Ok(json!({
-        "job_instance_id": req.job_instance_id,
-        "step_instance_id": req.step_instance_id,
-        "log_type": 1,
-        "script_task_logs": logs,
-        "file_task_logs": null,
-    }))
+    reply::data(reply::BatchLogs {
+        job_instance_id: req.job_instance_id,
+        step_instance_id: req.step_instance_id,
+        log_type: reply::LOG_TYPE_SCRIPT,
+        script_task_logs: logs,
+        file_task_logs: None,
+    })
 }
 
 /// fleetrun's host list: the hosts of the businesses the app may use (every host, unassigned
@@ -431,28 +431,41 @@ pub async fn operate_job_instance(
     let req: OperateJobRequest = params.parse()?;
     let job = load_job(shared, caller, params, req.job_instance_id).await?;
     match req.operation_code {
-        1 => {
-            if status::job::is_finished(job.status)
-                || !shared.engine.terminate(job.job_instance_id).await
-            {
-                return Err(ApiError::invalid(
-                    "job_instance_id",
+        OPERATION_TERMINATE => {
+            // bk-job terminates a running job, or one waiting for a user's confirmation.
+            let terminable = matches!(job.status, status::job::RUNNING | status::job::WAITING_USER);
+            if !terminable || !shared.engine.terminate(job.job_instance_id).await {
+                return Err(ApiError::new(
+                    code::UNSUPPORTED_OPERATION,
                     format!(
-                        "job {} is not running (status {})",
+                        "job_instance_id: job {} is not running (status {}): only a running job can be terminated",
                         job.job_instance_id, job.status
                     ),
                 ));
             }
         }
-        2 => start_created_job(shared, caller, &job).await?,
+        OPERATION_START => start_created_job(shared, caller, &job).await?,
         other => {
-            return Err(ApiError::invalid(
-                "operation_code",
-                format!("{other} is not 1 (terminate) or 2 (start)"),
+            return Err(ApiError::new(
+                code::ILLEGAL_PARAM,
+                format!(
+                    "operation_code: {other} is not {OPERATION_TERMINATE} (terminate) or {OPERATION_START} (start)"
+                ),
             ));
         }
     }
-    Ok(json!({ "job_instance_id": job.job_instance_id }))
+    reply::data(OperateReply {
+        job_instance_id: job.job_instance_id,
+    })
+}
+
+/// `operate_job_instance`'s operation codes.
+const OPERATION_TERMINATE: i64 = 1;
+const OPERATION_START: i64 = 2;
+
+#[derive(Debug, Serialize)]
+struct OperateReply {
+    job_instance_id: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -472,6 +485,8 @@ struct JobListRequest {
     #[serde(default, deserialize_with = "lenient::opt_int")]
     status: Option<i64>,
     ip: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    job_cron_id: Option<i64>,
     #[serde(default, deserialize_with = "lenient::opt_int")]
     start: Option<i64>,
     #[serde(default, deserialize_with = "lenient::opt_int")]
@@ -515,79 +530,93 @@ pub async fn get_job_instance_list(
 ) -> Result<Value, ApiError> {
     let scope = scope::resolve(shared, caller, params)?;
     let req: JobListRequest = params.parse()?;
-    let begin = req
-        .create_time_start
-        .ok_or_else(|| ApiError::missing("create_time_start"))?;
-    let end = req
-        .create_time_end
-        .ok_or_else(|| ApiError::missing("create_time_end"))?;
-    for (field, time) in [("create_time_start", begin), ("create_time_end", end)] {
-        if time < 0 {
-            return Err(ApiError::invalid(
-                field,
-                format!("{time} is negative (a time is milliseconds since 1970)"),
-            ));
-        }
-    }
-    if end < begin {
-        return Err(ApiError::invalid(
-            "create_time_end",
-            "is before create_time_start",
+    // bk-job's checks, in its order and with its codes: each time present and after 1970, the
+    // end after the start, the window at most 30 days.
+    let time = |field: &str, value: Option<i64>| match value {
+        Some(t) if t >= 1 => Ok(t),
+        Some(t) => Err(ApiError::new(
+            code::MISSING_OR_ILLEGAL_PARAM,
+            format!("{field}: {t} is not a time (milliseconds since 1970, at least 1)"),
+        )),
+        None => Err(ApiError::new(
+            code::MISSING_OR_ILLEGAL_PARAM,
+            format!("{field} is required"),
+        )),
+    };
+    let begin = time("create_time_start", req.create_time_start)?;
+    let end = time("create_time_end", req.create_time_end)?;
+    // Both are at least 1, so the difference cannot overflow.
+    let period = end - begin;
+    if period <= 0 {
+        return Err(ApiError::new(
+            code::MISSING_OR_ILLEGAL_PARAM,
+            "create_time_start|create_time_end: the end must be after the start",
         ));
     }
-    // With both at least 0 the difference cannot overflow; checked_sub keeps that true should
-    // the rule above ever change.
-    if end
-        .checked_sub(begin)
-        .is_none_or(|range| range > THIRTY_DAYS_MS)
-    {
-        return Err(ApiError::invalid(
-            "create_time_end",
-            "the time range is longer than 30 days",
+    if period > THIRTY_DAYS_MS {
+        return Err(ApiError::new(
+            code::ILLEGAL_PARAM,
+            "create_time_start|create_time_end: the time range is longer than 30 days",
         ));
     }
     let (start, length) = paging(req.start, req.length)?;
+    let launch_mode = small_enum("launch_mode", req.launch_mode, &[1, 2, 3])?;
+    let job_type = small_enum("type", req.job_type, &[0, 1, 2])?;
+    let job_status = small_enum(
+        "status",
+        req.status,
+        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15],
+    )?;
+    // A job instance id names one job: bk-job then ignores every other filter.
+    if let Some(id) = req.job_instance_id {
+        let found: Vec<reply::JobListItem> = shared
+            .store
+            .job(id)
+            .await?
+            .filter(|job| scope.owns(&job.bk_scope_type, &job.bk_scope_id))
+            .iter()
+            .map(reply::JobListItem::from)
+            .collect();
+        let total = found.len() as i64;
+        let data = found.into_iter().skip(start as usize).collect();
+        return reply::data(reply::Page {
+            start,
+            length,
+            total,
+            data,
+        });
+    }
+    // Jobs of a cron job: fleetrun has no cron jobs, so none match.
+    if req.job_cron_id.is_some() {
+        return reply::data(reply::Page::<reply::JobListItem> {
+            start,
+            length,
+            total: 0,
+            data: Vec::new(),
+        });
+    }
     let filter = fleetrun_store::JobFilter {
         bk_scope_type: scope.scope_type.clone(),
         bk_scope_id: scope.scope_id.clone(),
         create_time_start: begin,
         create_time_end: end,
-        job_instance_id: req.job_instance_id,
+        job_instance_id: None,
         operator: req.operator.filter(|o| !o.is_empty()),
         name: req.name.filter(|n| !n.is_empty()),
-        launch_mode: small_enum("launch_mode", req.launch_mode, &[1, 2, 3])?,
-        job_type: small_enum("type", req.job_type, &[0, 1, 2])?,
-        status: small_enum(
-            "status",
-            req.status,
-            &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15],
-        )?,
+        launch_mode,
+        job_type,
+        status: job_status,
         ip: req.ip.filter(|ip| !ip.is_empty()),
         start,
         length,
     };
     let (total, jobs) = shared.store.list_jobs(&filter).await?;
-    let data: Vec<Value> = jobs
-        .iter()
-        .map(|job| {
-            json!({
-                "id": job.job_instance_id,
-                "job_instance_id": job.job_instance_id,
-                "name": job.name,
-                "operator": job.operator,
-                "status": job.status,
-                "type": job.job_type,
-                "launch_mode": job.launch_mode,
-                "create_time": job.create_time,
-                "start_time": job.start_time,
-                "end_time": job.end_time,
-                "total_time": total_time(job.start_time, job.end_time),
-                "bk_scope_type": job.bk_scope_type,
-                "bk_scope_id": job.bk_scope_id,
-            })
-        })
-        .collect();
-    Ok(json!({ "start": start, "length": length, "total": total, "data": data }))
+    reply::data(reply::Page {
+        start,
+        length,
+        total,
+        data: jobs.iter().map(reply::JobListItem::from).collect(),
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -668,10 +697,10 @@ async fn start_created_job(
     job: &fleetrun_store::JobRecord,
 ) -> Result<(), ApiError> {
     let not_startable = || {
-        ApiError::invalid(
-            "job_instance_id",
+        ApiError::new(
+            code::REPEAT_START_JOB,
             format!(
-                "job {} was already started (status {})",
+                "job_instance_id: job {} was already started (status {})",
                 job.job_instance_id, job.status
             ),
         )
