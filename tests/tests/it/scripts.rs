@@ -30,7 +30,10 @@ async fn versions_follow_bk_jobs_status_rules_and_jobs_run_them() -> Result<()> 
     );
     let script_id = v1["script_id"].as_str().unwrap().to_owned();
     let v1_id = v1["id"].as_i64().unwrap();
-    assert_eq!(v1["content"], "echo v1 \"$1\"", "bk-job returns the text: {v1}");
+    assert_eq!(
+        v1["content"], "echo v1 \"$1\"",
+        "bk-job returns the text: {v1}"
+    );
 
     let job = |extra: Value| {
         let mut request = cluster.script_request("unused", &hosts, extra);

@@ -236,7 +236,11 @@ pub async fn fast_execute_script(
                 .to_string(),
         ),
     };
-    if req.windows_interpreter.as_deref().is_some_and(|i| !i.trim().is_empty()) {
+    if req
+        .windows_interpreter
+        .as_deref()
+        .is_some_and(|i| !i.trim().is_empty())
+    {
         return Err(ApiError::new(
             code::NOT_SUPPORTED,
             "windows_interpreter: fleetrun's agents run on Linux and choose the interpreter by script_language; submit without windows_interpreter",

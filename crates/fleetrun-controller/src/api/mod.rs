@@ -8,6 +8,7 @@
 //!
 //! **Architecture invariant:** bk-job codes and messages are made here and nowhere else.
 
+mod accounts;
 mod admin;
 mod auth;
 mod error;
@@ -79,6 +80,9 @@ const APIS: &[&str] = &[
     "operate_job_instance",
     "get_job_instance_list",
     "get_account_list",
+    "create_account",
+    "update_account",
+    "delete_account",
     "list_hosts",
     "get_topology",
     "reload_inventory",
@@ -101,7 +105,8 @@ fn is_served(api: &str) -> bool {
 /// served, must not mistake it for a reply), in bk-job's envelope so bk-job clients read the
 /// code.
 fn unknown_api(message: String) -> ApiError {
-    ApiError::new(error::code::GATEWAY_API_NOT_FOUND, message).with_http_status(StatusCode::NOT_FOUND)
+    ApiError::new(error::code::GATEWAY_API_NOT_FOUND, message)
+        .with_http_status(StatusCode::NOT_FOUND)
 }
 
 async fn not_found() -> Response {
@@ -159,7 +164,10 @@ async fn dispatch(
             "get_job_instance_list" => {
                 query::get_job_instance_list(&shared, &caller, &params).await
             }
-            "get_account_list" => query::get_account_list(&shared, &caller, &params).await,
+            "get_account_list" => accounts::get_account_list(&shared, &caller, &params).await,
+            "create_account" => accounts::create_account(&shared, &caller, &params).await,
+            "update_account" => accounts::update_account(&shared, &caller, &params).await,
+            "delete_account" => accounts::delete_account(&shared, &caller, &params).await,
             "list_hosts" => query::list_hosts(&shared, &caller).await,
             "get_topology" => query::get_topology(&shared, &caller).await,
             "reload_inventory" => admin::reload_inventory(&shared, &caller, &params).await,
@@ -179,7 +187,7 @@ async fn dispatch(
             name => match scripts::business_name(name) {
                 Some(business) => scripts::call(&business, true, &shared, &caller, &params).await,
                 None => Err(unknown_api(format!(
-                "unsupported API: {}",
+                    "unsupported API: {}",
                     api.escape_debug()
                 ))),
             },

@@ -167,7 +167,11 @@ pub async fn get_job_instance_ip_log(
     // host as asked.
     let Some(result) = found else {
         let (bk_host_id, bk_cloud_id, ip) = match wanted {
-            HostKey::Id(id) => (id, req.bk_cloud_id.unwrap_or_default(), req.ip.unwrap_or_default()),
+            HostKey::Id(id) => (
+                id,
+                req.bk_cloud_id.unwrap_or_default(),
+                req.ip.unwrap_or_default(),
+            ),
             HostKey::Address(cloud, ip) => (req.bk_host_id.unwrap_or_default(), cloud, ip),
         };
         let (ip, ipv6) = reply::split_address(&ip);
@@ -522,6 +526,12 @@ fn small_enum(field: &str, value: Option<i64>, allowed: &[i64]) -> Result<Option
     }
 }
 
+/// A job's type as `get_job_instance_list` filters it: bk-job refuses an unknown one with
+/// ILLEGAL_PARAM.
+fn job_type_filter(value: Option<i64>) -> Result<Option<i32>, ApiError> {
+    small_enum("type", value, &[0, 1, 2]).map_err(|e| ApiError::new(code::ILLEGAL_PARAM, e.message))
+}
+
 /// `get_job_instance_list`: the scope's jobs created in a window of at most 30 days.
 pub async fn get_job_instance_list(
     shared: &Shared,
@@ -561,7 +571,7 @@ pub async fn get_job_instance_list(
     }
     let (start, length) = paging(req.start, req.length)?;
     let launch_mode = small_enum("launch_mode", req.launch_mode, &[1, 2, 3])?;
-    let job_type = small_enum("type", req.job_type, &[0, 1, 2])?;
+    let job_type = job_type_filter(req.job_type)?;
     let job_status = small_enum(
         "status",
         req.status,
@@ -617,73 +627,6 @@ pub async fn get_job_instance_list(
         total,
         data: jobs.iter().map(reply::JobListItem::from).collect(),
     })
-}
-
-#[derive(Debug, Deserialize)]
-struct AccountListRequest {
-    #[serde(default, deserialize_with = "lenient::opt_int")]
-    category: Option<i64>,
-    account: Option<String>,
-    alias: Option<String>,
-    #[serde(default, deserialize_with = "lenient::opt_int")]
-    start: Option<i64>,
-    #[serde(default, deserialize_with = "lenient::opt_int")]
-    length: Option<i64>,
-}
-
-/// `get_account_list`: the execution accounts (all system accounts, category 1).
-pub async fn get_account_list(
-    shared: &Shared,
-    caller: &Caller,
-    params: &Params,
-) -> Result<Value, ApiError> {
-    let scope = scope::resolve(shared, caller, params)?;
-    let req: AccountListRequest = params.parse()?;
-    let category = small_enum("category", req.category, &[1, 2])?;
-    let (start, length) = paging(req.start, req.length)?;
-    let inventory = shared.inventory.base();
-    let matching: Vec<&fleetrun_inventory::Account> = inventory
-        .accounts()
-        .iter()
-        .filter(|a| a.allowed_in(&scope.inventory))
-        .filter(|a| {
-            category.is_none_or(|c| {
-                c == match a.category {
-                    fleetrun_inventory::AccountCategory::System => 1,
-                    fleetrun_inventory::AccountCategory::Database => 2,
-                }
-            })
-        })
-        .filter(|a| {
-            req.account
-                .as_deref()
-                .is_none_or(|x| x.is_empty() || a.account.contains(x))
-        })
-        .filter(|a| {
-            req.alias
-                .as_deref()
-                .is_none_or(|x| x.is_empty() || a.alias.contains(x))
-        })
-        .collect();
-    let data: Vec<Value> = matching
-        .iter()
-        .skip(start as usize)
-        .take(length as usize)
-        .map(|a| {
-            json!({
-                "id": a.id,
-                "account": a.account,
-                "alias": a.alias,
-                "category": if a.category == fleetrun_inventory::AccountCategory::System { 1 } else { 2 },
-                "type": if a.os_type == "windows" { 2 } else { 1 },
-                "os": if a.os_type == "windows" { "Windows" } else { "Linux" },
-                "bk_scope_type": scope.scope_type,
-                "bk_scope_id": scope.scope_id,
-                "description": "",
-            })
-        })
-        .collect();
-    Ok(json!({ "start": start, "length": length, "total": matching.len(), "data": data }))
 }
 
 /// Starts a job created with `start_task=false`, as it would be submitted now: its hosts must

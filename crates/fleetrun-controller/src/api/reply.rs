@@ -277,15 +277,15 @@ mod tests {
             split_address("fd00::1"),
             (String::new(), Some("fd00::1".into()))
         );
-        assert_eq!(
-            split_address("::ffff:10.0.0.1"),
-            ("10.0.0.1".into(), None)
-        );
+        assert_eq!(split_address("::ffff:10.0.0.1"), ("10.0.0.1".into(), None));
     }
 
     #[test]
     fn error_codes_follow_the_status() {
-        assert_eq!(agent_error_code(status::host::SUCCESS, 0), agent_error::NONE);
+        assert_eq!(
+            agent_error_code(status::host::SUCCESS, 0),
+            agent_error::NONE
+        );
         assert_eq!(
             agent_error_code(status::host::NON_ZERO_EXIT, 0),
             agent_error::NONE

@@ -62,7 +62,12 @@ impl Library {
     }
 
     /// Reading: a scope's scripts need its permission; public ones are open to every app.
-    fn read(shared: &Shared, caller: &Caller, params: &Params, public: bool) -> Result<Self, ApiError> {
+    fn read(
+        shared: &Shared,
+        caller: &Caller,
+        params: &Params,
+        public: bool,
+    ) -> Result<Self, ApiError> {
         if public {
             Ok(Library::Public)
         } else {
@@ -71,7 +76,12 @@ impl Library {
     }
 
     /// Changing: public scripts need the app's `public_scripts` grant.
-    fn write(shared: &Shared, caller: &Caller, params: &Params, public: bool) -> Result<Self, ApiError> {
+    fn write(
+        shared: &Shared,
+        caller: &Caller,
+        params: &Params,
+        public: bool,
+    ) -> Result<Self, ApiError> {
         if public && !caller.may_manage_public_scripts() {
             return Err(ApiError::new(
                 code::NO_PERMISSION,
@@ -291,7 +301,10 @@ pub async fn call(
         "get_script_version_detail" => {
             get_script_version_detail(shared, caller, params, public).await
         }
-        other => Err(ApiError::internal("script API", format!("{other} is not one"))),
+        other => Err(ApiError::internal(
+            "script API",
+            format!("{other} is not one"),
+        )),
     }
 }
 
@@ -504,7 +517,10 @@ async fn delete_script(
     let script_id = req
         .script_id
         .ok_or_else(|| ApiError::missing("script_id"))?;
-    shared.store.delete_script(library.key(), &script_id).await?;
+    shared
+        .store
+        .delete_script(library.key(), &script_id)
+        .await?;
     deleted()
 }
 
@@ -650,7 +666,9 @@ pub async fn runnable_version(
             found.map_err(|e| match e {
                 ScriptsError::NotFound => ApiError::new(
                     code::SCRIPT_NOT_FOUND,
-                    format!("script_version_id: no version {id} in this scope or the public scripts"),
+                    format!(
+                        "script_version_id: no version {id} in this scope or the public scripts"
+                    ),
                 ),
                 other => other.into(),
             })?
@@ -666,7 +684,9 @@ pub async fn runnable_version(
                 .map_err(|e| match e {
                     ScriptsError::NotFound => ApiError::new(
                         code::SCRIPT_NOT_FOUND,
-                        format!("script_id: no script {script_id:?} in this scope or the public scripts"),
+                        format!(
+                            "script_id: no script {script_id:?} in this scope or the public scripts"
+                        ),
                     ),
                     other => other.into(),
                 })?
@@ -679,7 +699,10 @@ pub async fn runnable_version(
         }
         (None, None) => return Ok(None),
     };
-    if !matches!(version.status, version_status::ONLINE | version_status::OFFLINE) {
+    if !matches!(
+        version.status,
+        version_status::ONLINE | version_status::OFFLINE
+    ) {
         return Err(ApiError::new(
             code::SCRIPT_NOT_RUNNABLE,
             format!(
