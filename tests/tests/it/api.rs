@@ -620,7 +620,7 @@ async fn a_job_created_without_start_runs_when_started_and_sensitive_params_stay
     assert_eq!(logs[0].1, format!("got {} chars\n", secret.len()));
     // Starting it again is refused.
     let again = client.call_raw("operate_job_instance", operate).await?;
-    assert_eq!(again["code"], 1_240_003, "{again}");
+    assert_eq!(again["code"], 1_241_015, "{again}");
 
     // The secret is nowhere in clear: replies above, logs, the database files.
     let replies = format!("{pending}{done}{logs:?}");

@@ -497,7 +497,7 @@ async fn fields_fleetrun_cannot_honour_are_refused_not_dropped() -> Result<()> {
     let list = client
         .call(
             "get_job_instance_list",
-            with(&cluster.info.scope(), json!({"create_time_start": 1, "create_time_end": now_ms() + 1000, "job_instance_id": 1})),
+            with(&cluster.info.scope(), json!({"create_time_start": now_ms() - 3_600_000, "create_time_end": now_ms() + 1000})),
         )
         .await?;
     assert_eq!(list["total"], 0, "{list}");
@@ -975,5 +975,240 @@ async fn accounts_are_listed_created_changed_and_deleted_as_in_bk_job() -> Resul
         )
         .await?;
     assert_eq!(refused["code"], 1_244_003, "{refused}");
+    Ok(())
+}
+
+/// One v4 call: its HTTP status and body, credentials in the gateway's header.
+async fn v4(
+    client: &ApiClient,
+    method: reqwest::Method,
+    api: &str,
+    params: Value,
+) -> Result<(u16, Value)> {
+    let url = format!("{}/api/v4/{api}", client.base);
+    let auth = json!({"bk_app_code": client.app_code, "bk_app_secret": client.app_secret, "bk_username": client.username});
+    let http = reqwest::Client::new();
+    let request = http
+        .request(method.clone(), &url)
+        .header("X-Bkapi-Authorization", auth.to_string());
+    let request = if method == reqwest::Method::GET {
+        let pairs: Vec<(String, String)> = params
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Array(items) => items
+                        .iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    other => other.to_string(),
+                };
+                (k.clone(), text)
+            })
+            .collect();
+        request.query(&pairs)
+    } else {
+        request.json(&params)
+    };
+    let reply = request.send().await?;
+    let status = reply.status().as_u16();
+    Ok((status, reply.json().await?))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn v4_runs_scripts_on_hosts_and_reports_execute_objects() -> Result<()> {
+    use reqwest::Method;
+    let (_cluster, client, scope, host) = one_agent().await?;
+    let (status, accepted) = v4(
+        &client,
+        Method::POST,
+        "fast_execute_script",
+        with(
+            &scope,
+            json!({"script_content": b64("echo v4 \"$1\""), "script_language": 1, "script_param": b64("ok"),
+                   "param_sensitive": false, "account_alias": "root",
+                   "execute_target": {"host_list": [{"bk_host_id": host}]}}),
+        ),
+    )
+    .await?;
+    assert_eq!(status, 200, "{accepted}");
+    assert!(
+        accepted.get("code").is_none(),
+        "v4 has no v3 envelope: {accepted}"
+    );
+    let job = accepted["data"]["job_instance_id"].as_i64().unwrap();
+    let step = accepted["data"]["step_instance_id"].as_i64().unwrap();
+
+    let params = with(
+        &scope,
+        json!({"job_instance_id": job, "return_execute_object_result": true}),
+    );
+    let finished = fleetrun_tests::eventually(
+        std::time::Duration::from_secs(30),
+        "the v4 job ends",
+        || {
+            let client = client.clone();
+            let params = params.clone();
+            async move {
+                let (status, body) = v4(&client, Method::GET, "get_job_instance_status", params)
+                    .await
+                    .ok()?;
+                assert_eq!(status, 200, "{body}");
+                (body["data"]["finished"] == true).then_some(body["data"].clone())
+            }
+        },
+    )
+    .await?;
+    assert_eq!(finished["job_instance"]["status"], 3, "{finished}");
+    let step_status = &finished["step_instance_list"][0];
+    assert_eq!(step_status["execute_count"], 0);
+    let result = &step_status["step_execute_object_result_list"][0];
+    assert_eq!(result["execute_object"]["type"], 1, "{result}");
+    assert_eq!(
+        result["execute_object"]["resource_id"],
+        host.to_string(),
+        "{result}"
+    );
+    assert_eq!(
+        result["execute_object"]["host"]["bk_host_id"], host,
+        "{result}"
+    );
+    assert_eq!(result["status"], 9);
+    assert_eq!(result["exit_code"], 0);
+
+    let window =
+        json!({"create_time_start": now_ms() - 60_000, "create_time_end": now_ms() + 60_000});
+    let (status, list) = v4(
+        &client,
+        Method::GET,
+        "get_job_instance_list",
+        with(&scope, window.clone()),
+    )
+    .await?;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(
+        list["data"]["job_instance_list"][0]["job_instance_id"], job,
+        "{list}"
+    );
+    assert_eq!(
+        list["data"]["job_instance_list"][0]["job_plan_id"], -1,
+        "{list}"
+    );
+
+    for method in [Method::POST, Method::GET] {
+        let (status, logs) = v4(
+            &client,
+            method.clone(),
+            "batch_get_job_instance_execute_object_log",
+            with(
+                &scope,
+                json!({"job_instance_id": job, "step_instance_id": step, "host_id_list": [host]}),
+            ),
+        )
+        .await?;
+        assert_eq!(status, 200, "{method}: {logs}");
+        let log = &logs["data"]["script_step_execute_object_logs"][0];
+        assert_eq!(log["log_content"], "v4 ok\n", "{logs}");
+        assert_eq!(log["execute_object"]["host"]["bk_host_id"], host);
+    }
+
+    // Failures: HTTP status and v4's error object.
+    let refusals: Vec<(Method, &str, Value, u16, &str, &str)> = vec![
+        (
+            Method::GET,
+            "get_job_instance_status",
+            json!({"job_instance_id": 999_999}),
+            404,
+            "NOT_FOUND",
+            "job_instance_id",
+        ),
+        (
+            Method::GET,
+            "get_job_instance_status",
+            json!({}),
+            400,
+            "INVALID_ARGUMENT",
+            "job_instance_id",
+        ),
+        (
+            Method::POST,
+            "fast_execute_script",
+            json!({"script_content": b64("true"), "script_language": 1, "account_alias": "root"}),
+            400,
+            "INVALID_ARGUMENT",
+            "execute_target",
+        ),
+        (
+            Method::POST,
+            "fast_execute_script",
+            json!({"script_content": b64("true"), "script_language": 1, "account_alias": "root", "execute_target": {"kube_container_filters": [{"kube_cluster_filter": {"cluster_uid_list": ["c"]}}]}}),
+            400,
+            "INVALID_ARGUMENT",
+            "kube_container_filters",
+        ),
+        (
+            Method::POST,
+            "fast_execute_script",
+            json!({"script_content": b64("true"), "script_language": 1, "account_alias": "root", "execute_target": {"host_list": [{"bk_host_id": 424_242}]}}),
+            400,
+            "INVALID_ARGUMENT",
+            "execute_target",
+        ),
+        (
+            Method::POST,
+            "batch_get_job_instance_execute_object_log",
+            json!({"job_instance_id": job, "step_instance_id": step, "host_id_list": (0..51).collect::<Vec<i64>>()}),
+            400,
+            "INVALID_ARGUMENT",
+            "host_id_list",
+        ),
+        (
+            Method::GET,
+            "get_job_instance_list",
+            with(&window, json!({"length": 201})),
+            400,
+            "INVALID_ARGUMENT",
+            "length",
+        ),
+        (
+            Method::GET,
+            "get_job_instance_list",
+            with(&window, json!({"offset": 10_001})),
+            400,
+            "INVALID_ARGUMENT",
+            "offset",
+        ),
+    ];
+    for (method, api, params, http, name, field) in refusals {
+        let (status, body) = v4(&client, method.clone(), api, with(&scope, params)).await?;
+        assert_eq!(status, http, "{method} {api}: {body}");
+        assert_eq!(body["error"]["code"], name, "{method} {api}: {body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(field),
+            "{api}: {body}"
+        );
+        assert!(body.get("data").is_none(), "{body}");
+    }
+    let stranger = ApiClient::new(&client.base, &client.app_code, "wrong", "eve");
+    let (status, body) = v4(
+        &stranger,
+        Method::GET,
+        "get_job_instance_status",
+        with(&scope, json!({"job_instance_id": job})),
+    )
+    .await?;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "UNAUTHENTICATED");
+    let (status, body) = v4(
+        &client,
+        Method::GET,
+        "get_job_instance_status",
+        json!({"bk_scope_type": "biz", "bk_scope_id": "99", "job_instance_id": job}),
+    )
+    .await?;
+    assert_eq!(status, 400, "a business that does not exist: {body}");
     Ok(())
 }

@@ -40,6 +40,8 @@ pub mod code {
     pub const SCRIPT_VERSION_EXISTS: i64 = 1_243_036;
     /// SCRIPT_NOT_EXECUTABLE_STATUS.
     pub const SCRIPT_NOT_RUNNABLE: i64 = 1_244_018;
+    /// ACCOUNT_NO_PERMISSION: the account may not be used in the scope.
+    pub const ACCOUNT_NOT_ALLOWED: i64 = 1_244_004;
     /// ACCOUNT_NOT_EXIST.
     pub const ACCOUNT_NOT_FOUND: i64 = 1_244_003;
     /// TASK_INSTANCE_NOT_EXIST.

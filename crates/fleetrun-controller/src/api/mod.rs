@@ -23,6 +23,7 @@ mod scope;
 mod scripts;
 mod serve;
 mod stream;
+mod v4;
 
 use std::sync::Arc;
 
@@ -63,6 +64,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
             .route(&format!("{prefix}/stream_job"), any(stream::stream_job))
             .route(&format!("{prefix}/stream_job/"), any(stream::stream_job));
     }
+    router = router
+        .route("/api/v4/{api}", any(v4::dispatch))
+        .route("/api/v4/{api}/", any(v4::dispatch));
     router
         .route("/healthz", axum::routing::get(health::healthz))
         .route("/readyz", axum::routing::get(health::readyz))
@@ -109,7 +113,7 @@ fn unknown_api(message: String) -> ApiError {
         .with_http_status(StatusCode::NOT_FOUND)
 }
 
-async fn not_found() -> Response {
+pub(super) async fn not_found() -> Response {
     let request_id = new_request_id();
     envelope(&request_id, Err(unknown_api("no such API path".to_owned())))
 }
@@ -201,7 +205,7 @@ async fn dispatch(
 
 /// Logs how a request ended. Messages quote what clients sent, so they are escaped: a line in
 /// the log is one line the controller wrote.
-fn log_result<T>(result: &Result<T, ApiError>) {
+pub(super) fn log_result<T>(result: &Result<T, ApiError>) {
     match result {
         Ok(_) => tracing::info!("ok"),
         Err(e) if e.code == error::code::INTERNAL && e.http_status.is_success() => {
@@ -211,7 +215,7 @@ fn log_result<T>(result: &Result<T, ApiError>) {
     }
 }
 
-fn new_request_id() -> String {
+pub(super) fn new_request_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 

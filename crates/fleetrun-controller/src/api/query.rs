@@ -52,10 +52,31 @@ pub async fn get_job_instance_status(
     params: &Params,
 ) -> Result<Value, ApiError> {
     let req: StatusRequest = params.parse()?;
-    let job = load_job(shared, caller, params, req.job_instance_id).await?;
+    reply::data(
+        job_instance_status(
+            shared,
+            caller,
+            params,
+            req.job_instance_id,
+            req.return_ip_result.unwrap_or(false),
+        )
+        .await?,
+    )
+}
+
+/// A job's status, with each host's result when `with_hosts`: `get_job_instance_status` in v3
+/// and v4 alike.
+pub(super) async fn job_instance_status(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+    job_instance_id: i64,
+    with_hosts: bool,
+) -> Result<reply::JobInstanceStatus, ApiError> {
+    let job = load_job(shared, caller, params, job_instance_id).await?;
     let mut steps = Vec::with_capacity(job.steps.len());
     for step in &job.steps {
-        let hosts = if req.return_ip_result.unwrap_or(false) {
+        let hosts = if with_hosts {
             let results = shared.store.host_results(step.step_instance_id).await?;
             Some(results.iter().map(reply::HostResult::from).collect())
         } else {
@@ -63,7 +84,7 @@ pub async fn get_job_instance_status(
         };
         steps.push(reply::StepStatus::new(step, hosts));
     }
-    reply::data(reply::JobInstanceStatus {
+    Ok(reply::JobInstanceStatus {
         finished: status::job::is_finished(job.status),
         job_instance: reply::JobStatus::from(&job),
         step_instance_list: steps,
@@ -213,70 +234,111 @@ pub async fn batch_get_job_instance_ip_log(
     params: &Params,
 ) -> Result<Value, ApiError> {
     let req: BatchLogRequest = params.parse()?;
-    let ids = req.host_id_list.filter(|ids| !ids.is_empty());
-    let ips = req.ip_list.filter(|ips| !ips.is_empty());
-    match (&ids, &ips) {
-        (Some(ids), _) if ids.len() > MAX_LOG_HOSTS => {
-            return Err(ApiError::new(
-                code::TOO_MANY_LOG_HOSTS,
-                format!("host_id_list: {} hosts, at most {MAX_LOG_HOSTS}", ids.len()),
-            ));
-        }
-        (None, Some(ips)) if ips.len() > MAX_LOG_HOSTS => {
-            return Err(ApiError::new(
-                code::TOO_MANY_LOG_HOSTS,
-                format!("ip_list: {} hosts, at most {MAX_LOG_HOSTS}", ips.len()),
-            ));
-        }
-        (None, None) => return Err(missing_host("host_id_list (or ip_list)")),
-        _ => {}
-    }
-    let results = step_results(
+    let hosts = LogHosts::of(req.host_id_list, req.ip_list, MAX_LOG_HOSTS)?;
+    let logs = step_logs(
         shared,
         caller,
         params,
         req.job_instance_id,
         req.step_instance_id,
+        &hosts,
     )
     .await?;
-    // host_id_list wins; ip_list is the deprecated alternative. Hosts the step did not target
-    // are left out, as bk-job leaves them out.
-    let wanted: Vec<&fleetrun_store::HostResultRecord> = match (&ids, &ips) {
-        (Some(ids), _) => results
-            .iter()
-            .filter(|r| ids.contains(&r.bk_host_id))
-            .collect(),
-        (None, Some(ips)) => results
-            .iter()
-            .filter(|r| {
-                ips.iter()
-                    .any(|t| t.bk_cloud_id == r.bk_cloud_id && same_ip(&r.ip, &t.ip))
-            })
-            .collect(),
-        (None, None) => Vec::new(),
-    };
-    let mut logs = Vec::with_capacity(wanted.len());
-    for result in wanted {
-        let log = shared
-            .store
-            .host_log(req.step_instance_id, result.bk_host_id)
-            .await?;
-        let (ip, ipv6) = reply::split_address(&result.ip);
-        logs.push(reply::ScriptTaskLog {
-            bk_host_id: result.bk_host_id,
-            bk_cloud_id: result.bk_cloud_id,
-            ip,
-            ipv6,
-            log_content: String::from_utf8_lossy(&log).into_owned(),
-        });
-    }
     reply::data(reply::BatchLogs {
         job_instance_id: req.job_instance_id,
         step_instance_id: req.step_instance_id,
         log_type: reply::LOG_TYPE_SCRIPT,
-        script_task_logs: logs,
+        script_task_logs: logs
+            .into_iter()
+            .map(|(result, log_content)| {
+                let (ip, ipv6) = reply::split_address(&result.ip);
+                reply::ScriptTaskLog {
+                    bk_host_id: result.bk_host_id,
+                    bk_cloud_id: result.bk_cloud_id,
+                    ip,
+                    ipv6,
+                    log_content,
+                }
+            })
+            .collect(),
         file_task_logs: None,
     })
+}
+
+/// The hosts a batch log request names: by id (which wins), else by address.
+pub(super) enum LogHosts {
+    Ids(Vec<i64>),
+    Addresses(Vec<(i64, String)>),
+}
+
+impl LogHosts {
+    /// Reads the request's lists, at most `max` hosts; one of them is required.
+    fn of(ids: Option<Vec<i64>>, ips: Option<Vec<IpTarget>>, max: usize) -> Result<Self, ApiError> {
+        let ids = ids.filter(|ids| !ids.is_empty());
+        let ips = ips.filter(|ips| !ips.is_empty());
+        let (field, count, hosts) = match (ids, ips) {
+            (Some(ids), _) => ("host_id_list", ids.len(), LogHosts::Ids(ids)),
+            (None, Some(ips)) => (
+                "ip_list",
+                ips.len(),
+                LogHosts::Addresses(ips.into_iter().map(|t| (t.bk_cloud_id, t.ip)).collect()),
+            ),
+            (None, None) => return Err(missing_host("host_id_list (or ip_list)")),
+        };
+        if count > max {
+            return Err(ApiError::new(
+                code::TOO_MANY_LOG_HOSTS,
+                format!("{field}: {count} hosts, at most {max}"),
+            ));
+        }
+        Ok(hosts)
+    }
+
+    /// Reads a v4 request's lists: the same, with v4's limit.
+    pub(super) fn of_v4(
+        ids: Option<Vec<i64>>,
+        ips: Option<Vec<(i64, String)>>,
+        max: usize,
+    ) -> Result<Self, ApiError> {
+        let ips = ips.map(|ips| {
+            ips.into_iter()
+                .map(|(bk_cloud_id, ip)| IpTarget { bk_cloud_id, ip })
+                .collect()
+        });
+        Self::of(ids, ips, max)
+    }
+}
+
+/// Each named host's result and log in the step, in the step's order. Hosts the step did not
+/// target are left out, as bk-job leaves them out.
+pub(super) async fn step_logs(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+    job_instance_id: i64,
+    step_instance_id: i64,
+    hosts: &LogHosts,
+) -> Result<Vec<(fleetrun_store::HostResultRecord, String)>, ApiError> {
+    let results = step_results(shared, caller, params, job_instance_id, step_instance_id).await?;
+    let mut logs = Vec::new();
+    for result in results {
+        let wanted = match hosts {
+            LogHosts::Ids(ids) => ids.contains(&result.bk_host_id),
+            LogHosts::Addresses(ips) => ips
+                .iter()
+                .any(|(cloud, ip)| *cloud == result.bk_cloud_id && same_ip(&result.ip, ip)),
+        };
+        if !wanted {
+            continue;
+        }
+        let log = shared
+            .store
+            .host_log(step_instance_id, result.bk_host_id)
+            .await?;
+        let text = String::from_utf8_lossy(&log).into_owned();
+        logs.push((result, text));
+    }
+    Ok(logs)
 }
 
 /// fleetrun's host list: the hosts of the businesses the app may use (every host, unassigned
@@ -491,6 +553,9 @@ struct JobListRequest {
     ip: Option<String>,
     #[serde(default, deserialize_with = "lenient::opt_int")]
     job_cron_id: Option<i64>,
+    /// v4's name for `start`.
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    offset: Option<i64>,
     #[serde(default, deserialize_with = "lenient::opt_int")]
     start: Option<i64>,
     #[serde(default, deserialize_with = "lenient::opt_int")]
@@ -540,8 +605,20 @@ pub async fn get_job_instance_list(
 ) -> Result<Value, ApiError> {
     let scope = scope::resolve(shared, caller, params)?;
     let req: JobListRequest = params.parse()?;
-    // bk-job's checks, in its order and with its codes: each time present and after 1970, the
-    // end after the start, the window at most 30 days.
+    let window = job_list_window(req.create_time_start, req.create_time_end)?;
+    let (start, length) = paging(req.start, req.length)?;
+    let (total, data) = job_list(shared, &scope, &req, window, start, length).await?;
+    reply::data(reply::Page {
+        start,
+        length,
+        total,
+        data,
+    })
+}
+
+/// bk-job's checks of the job list's window, in its order and with its codes: each time present
+/// and after 1970, the end after the start, the window at most 30 days.
+fn job_list_window(start: Option<i64>, end: Option<i64>) -> Result<(i64, i64), ApiError> {
     let time = |field: &str, value: Option<i64>| match value {
         Some(t) if t >= 1 => Ok(t),
         Some(t) => Err(ApiError::new(
@@ -553,8 +630,8 @@ pub async fn get_job_instance_list(
             format!("{field} is required"),
         )),
     };
-    let begin = time("create_time_start", req.create_time_start)?;
-    let end = time("create_time_end", req.create_time_end)?;
+    let begin = time("create_time_start", start)?;
+    let end = time("create_time_end", end)?;
     // Both are at least 1, so the difference cannot overflow.
     let period = end - begin;
     if period <= 0 {
@@ -569,7 +646,18 @@ pub async fn get_job_instance_list(
             "create_time_start|create_time_end: the time range is longer than 30 days",
         ));
     }
-    let (start, length) = paging(req.start, req.length)?;
+    Ok((begin, end))
+}
+
+/// The scope's jobs a list request asks for, newest first, and how many there are.
+async fn job_list(
+    shared: &Shared,
+    scope: &scope::Scope,
+    req: &JobListRequest,
+    (begin, end): (i64, i64),
+    start: i64,
+    length: i64,
+) -> Result<(i64, Vec<reply::JobListItem>), ApiError> {
     let launch_mode = small_enum("launch_mode", req.launch_mode, &[1, 2, 3])?;
     let job_type = job_type_filter(req.job_type)?;
     let job_status = small_enum(
@@ -588,22 +676,11 @@ pub async fn get_job_instance_list(
             .map(reply::JobListItem::from)
             .collect();
         let total = found.len() as i64;
-        let data = found.into_iter().skip(start as usize).collect();
-        return reply::data(reply::Page {
-            start,
-            length,
-            total,
-            data,
-        });
+        return Ok((total, found.into_iter().skip(start as usize).collect()));
     }
     // Jobs of a cron job: fleetrun has no cron jobs, so none match.
     if req.job_cron_id.is_some() {
-        return reply::data(reply::Page::<reply::JobListItem> {
-            start,
-            length,
-            total: 0,
-            data: Vec::new(),
-        });
+        return Ok((0, Vec::new()));
     }
     let filter = fleetrun_store::JobFilter {
         bk_scope_type: scope.scope_type.clone(),
@@ -611,23 +688,51 @@ pub async fn get_job_instance_list(
         create_time_start: begin,
         create_time_end: end,
         job_instance_id: None,
-        operator: req.operator.filter(|o| !o.is_empty()),
-        name: req.name.filter(|n| !n.is_empty()),
+        operator: req.operator.clone().filter(|o| !o.is_empty()),
+        name: req.name.clone().filter(|n| !n.is_empty()),
         launch_mode,
         job_type,
         status: job_status,
-        ip: req.ip.filter(|ip| !ip.is_empty()),
+        ip: req.ip.clone().filter(|ip| !ip.is_empty()),
         start,
         length,
     };
     let (total, jobs) = shared.store.list_jobs(&filter).await?;
-    reply::data(reply::Page {
-        start,
-        length,
-        total,
-        data: jobs.iter().map(reply::JobListItem::from).collect(),
-    })
+    Ok((total, jobs.iter().map(reply::JobListItem::from).collect()))
 }
+
+/// `get_job_instance_list` in v4: `offset` (at most 10,000) and `length` (1–200, default 10)
+/// in place of `start`, and the items under `job_instance_list`.
+pub(super) async fn job_list_v4(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Vec<reply::JobListItem>, ApiError> {
+    let scope = scope::resolve(shared, caller, params)?;
+    let req: JobListRequest = params.parse()?;
+    let window = job_list_window(req.create_time_start, req.create_time_end)?;
+    let offset = req.offset.unwrap_or(0);
+    if !(0..=V4_MAX_OFFSET).contains(&offset) {
+        return Err(ApiError::invalid(
+            "offset",
+            format!("{offset} is outside [0, {V4_MAX_OFFSET}]"),
+        ));
+    }
+    let length = req.length.unwrap_or(V4_DEFAULT_LENGTH);
+    if !(1..=V4_MAX_LENGTH).contains(&length) {
+        return Err(ApiError::invalid(
+            "length",
+            format!("{length} is outside [1, {V4_MAX_LENGTH}]"),
+        ));
+    }
+    Ok(job_list(shared, &scope, &req, window, offset, length)
+        .await?
+        .1)
+}
+
+const V4_MAX_OFFSET: i64 = 10_000;
+const V4_MAX_LENGTH: i64 = 200;
+const V4_DEFAULT_LENGTH: i64 = 10;
 
 /// Starts a job created with `start_task=false`, as it would be submitted now: its hosts must
 /// still be in its scope and its account still allowed there (the caller's permission on the
