@@ -1212,3 +1212,98 @@ async fn v4_runs_scripts_on_hosts_and_reports_execute_objects() -> Result<()> {
     assert_eq!(status, 400, "a business that does not exist: {body}");
     Ok(())
 }
+
+/// A callback receiver answering 201 to JSON and 200 to anything else; records each request's
+/// content type.
+async fn picky_receiver() -> Result<(String, std::sync::Arc<std::sync::Mutex<Vec<String>>>)> {
+    use axum::{extract::State, http::HeaderMap, http::StatusCode, routing::post};
+    type Seen = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+    async fn receive(State(seen): State<Seen>, headers: HeaderMap) -> StatusCode {
+        let content_type = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let json = content_type == "application/json";
+        seen.lock().unwrap().push(content_type);
+        if json {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        }
+    }
+    let seen: Seen = Default::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let app = axum::Router::new()
+        .route("/hook", post(receive))
+        .with_state(seen.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((url, seen))
+}
+
+async fn settled(client: &ApiClient, scope: &Value, job: i64) -> Result<Value> {
+    fleetrun_tests::eventually(
+        std::time::Duration::from_secs(30),
+        "the callback settles",
+        || {
+            let client = client.clone();
+            let body = with(scope, json!({"job_instance_id": job}));
+            async move {
+                let status = client.call("get_callback_status", body).await.ok()?;
+                matches!(status["status"].as_str(), Some("delivered" | "failed")).then_some(status)
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn callbacks_can_be_delivered_as_bk_job_delivers_them() -> Result<()> {
+    let mut cluster = start_cluster(1).await?;
+    let client = cluster.client();
+    let scope = cluster.info.scope();
+    let host = cluster.host_ids()[0];
+
+    // fleetrun's default: any 2xx to the JSON post is delivered.
+    let (url, seen) = picky_receiver().await?;
+    let (job, _, _) = cluster
+        .run_job(cluster.script_request("true", &[host], json!({"callback_url": url})))
+        .await?;
+    let status = settled(&client, &scope, job).await?;
+    assert_eq!(status["status"], "delivered", "{status}");
+    assert_eq!(status["attempts"][0]["http_status"], 201, "{status}");
+    assert_eq!(*seen.lock().unwrap(), vec!["application/json".to_owned()]);
+
+    // bk-job's: only 200 is delivered; a 201 to the JSON post is followed at once by the form post.
+    cluster.kill_controller()?;
+    let config = std::fs::read_to_string(&cluster.controller_config)?;
+    assert!(config.contains("[callbacks]\n"), "{config}");
+    std::fs::write(
+        &cluster.controller_config,
+        config.replace("[callbacks]\n", "[callbacks]\ncompatibility = \"bk-job\"\n"),
+    )?;
+    cluster.start_controller().await?;
+    let agents: Vec<String> = cluster.agents.iter().map(|a| a.agent_id.clone()).collect();
+    cluster
+        .wait_online(&agents, std::time::Duration::from_secs(30))
+        .await?;
+    let (url, seen) = picky_receiver().await?;
+    let (job, _, _) = cluster
+        .run_job(cluster.script_request("true", &[host], json!({"callback_url": url})))
+        .await?;
+    let status = settled(&client, &scope, job).await?;
+    assert_eq!(status["status"], "delivered", "{status}");
+    assert_eq!(status["attempts"].as_array().unwrap().len(), 1, "{status}");
+    assert_eq!(status["attempts"][0]["http_status"], 200, "{status}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            "application/json".to_owned(),
+            "application/x-www-form-urlencoded".to_owned()
+        ]
+    );
+    Ok(())
+}
