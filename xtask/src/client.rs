@@ -58,6 +58,80 @@ impl ApiClient {
         Ok(envelope)
     }
 
+    /// GETs `/api/v3/<api>/` (or `path` under the base, when `api` starts with `/`) with
+    /// `params` (plus credentials) as a query string, as bk-job's GET form carries them: every
+    /// value as text, a list as a comma-separated value. Nested objects cannot be sent so.
+    pub async fn get_raw(&self, api: &str, params: Value) -> Result<Value> {
+        let mut pairs: Vec<(String, String)> = vec![
+            ("bk_app_code".into(), self.app_code.clone()),
+            ("bk_app_secret".into(), self.app_secret.clone()),
+            ("bk_username".into(), self.username.clone()),
+        ];
+        for (key, value) in params.as_object().into_iter().flatten() {
+            let text = match value {
+                Value::Null => continue,
+                Value::String(s) => s.clone(),
+                Value::Array(items) => items
+                    .iter()
+                    .map(|v| match v {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+                Value::Object(_) => bail!("{key}: a GET query cannot carry an object"),
+                other => other.to_string(),
+            };
+            pairs.retain(|(k, _)| k != key);
+            pairs.push((key.clone(), text));
+        }
+        let url = if api.starts_with('/') {
+            format!("{}{api}", self.base)
+        } else {
+            format!("{}/api/v3/{api}/", self.base)
+        };
+        let response = self
+            .http
+            .get(&url)
+            .query(&pairs)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = response.status();
+        let envelope: Value = response
+            .json()
+            .await
+            .with_context(|| format!("GET {url}: reply is not JSON"))?;
+        if !status.is_success() {
+            bail!("GET {url}: HTTP {status}: {envelope}");
+        }
+        Ok(envelope)
+    }
+
+    /// POSTs a JSON body to `path` under the base (`/api/v4/...`) with the credentials in the
+    /// `X-Bkapi-Authorization` header, as the API gateway's clients send them.
+    pub async fn post_path_raw(&self, path: &str, body: Value) -> Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let auth = json!({"bk_app_code": self.app_code, "bk_app_secret": self.app_secret, "bk_username": self.username});
+        let response = self
+            .http
+            .post(&url)
+            .header("X-Bkapi-Authorization", auth.to_string())
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let status = response.status();
+        let envelope: Value = response
+            .json()
+            .await
+            .with_context(|| format!("POST {url}: reply is not JSON"))?;
+        if !status.is_success() {
+            bail!("POST {url}: HTTP {status}: {envelope}");
+        }
+        Ok(envelope)
+    }
+
     /// Like [`Self::call_raw`], but an error envelope is an error; returns `data`.
     pub async fn call(&self, api: &str, body: Value) -> Result<Value> {
         let envelope = self.call_raw(api, body).await?;

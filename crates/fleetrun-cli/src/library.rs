@@ -7,7 +7,6 @@ use serde_json::{Value, json};
 
 use crate::{
     args::{Lang, Output, ScriptsCommand},
-    client::redact_url,
     commands::{Ctx, now_ms, print, print_json, read_script},
     display,
     error::{CliError, exit},
@@ -252,14 +251,10 @@ async fn show(ctx: &Ctx, version_id: i64) -> Result<u8, CliError> {
             ctx.client.scoped(json!({"id": version_id}))?,
         )
         .await?;
-    let content = base64::engine::general_purpose::STANDARD
-        .decode(text_of(&data, "content").trim())
-        .map_err(|e| CliError::Unreachable {
-            url: redact_url(&ctx.client.settings().url),
-            why: format!("get_script_version_detail: the content is not base64: {e}"),
-        })?;
+    // bk-job returns a version's content as its text.
+    let content = text_of(&data, "content").to_owned();
     if ctx.output != Output::Text {
-        data["content_text"] = json!(String::from_utf8_lossy(&content));
+        data["content_text"] = json!(content);
         print_doc(ctx, &data)?;
         return Ok(exit::OK);
     }
@@ -278,7 +273,7 @@ async fn show(ctx: &Ctx, version_id: i64) -> Result<u8, CliError> {
         );
     }
     let mut out = std::io::stdout().lock();
-    out.write_all(&content)
+    out.write_all(content.as_bytes())
         .and_then(|()| out.flush())
         .map_err(CliError::output)?;
     Ok(exit::OK)

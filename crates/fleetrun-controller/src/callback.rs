@@ -45,7 +45,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use url::{Host, Url};
 
-pub use self::address::{CallbacksConfig, Forbidden};
+pub use self::address::{CallbackCompatibility, CallbacksConfig, Forbidden};
 use crate::{Config, now_ms, status};
 
 /// Longest callback URL accepted, in characters.
@@ -284,6 +284,11 @@ pub enum NoAnswer {
     Unreachable,
 }
 
+const HTTP_OK: u16 = 200;
+const JSON: &str = "application/json";
+/// What bk-job's second try sends: its JSON body under a form post's content type.
+const FORM: &str = "application/x-www-form-urlencoded";
+
 /// An attempt without an HTTP answer: what the submitter sees, and what the log says.
 #[derive(Debug)]
 struct Failure {
@@ -428,7 +433,7 @@ impl Dispatcher {
         let duration_ms = started.elapsed().as_millis() as i64;
         let mut detail = None;
         let (http_status, error, last_error) = match result {
-            Ok(code) if (200..300).contains(&code) => (Some(i32::from(code)), None, None),
+            Ok(code) if self.delivered(code) => (Some(i32::from(code)), None, None),
             Ok(code) => (Some(i32::from(code)), None, Some(format!("HTTP {code}"))),
             Err(failure) => {
                 let shown = failure.shown.to_string();
@@ -483,8 +488,37 @@ impl Dispatcher {
         }
     }
 
-    /// POSTs the body; the HTTP status, or why there is none.
+    /// Whether an HTTP answer counts as delivered.
+    fn delivered(&self, status: u16) -> bool {
+        match self.callbacks.compatibility {
+            CallbackCompatibility::Fleetrun => (200..300).contains(&status),
+            CallbackCompatibility::BkJob => status == HTTP_OK,
+        }
+    }
+
+    /// POSTs the body as JSON and, in bk-job compatibility when that is not answered 200, once
+    /// more as bk-job's form post; the last HTTP status, or why there is none.
     async fn post(&self, delivery: &CallbackDelivery, at: i64) -> Result<u16, Failure> {
+        let status = self.post_as(delivery, at, JSON).await?;
+        if self.callbacks.compatibility == CallbackCompatibility::BkJob && status != HTTP_OK {
+            tracing::info!(
+                job = delivery.job_instance_id,
+                delivery = delivery.id,
+                status,
+                "callback answered {status} to JSON; sending it as a form post, as bk-job does"
+            );
+            return self.post_as(delivery, at, FORM).await;
+        }
+        Ok(status)
+    }
+
+    /// POSTs the body with `content_type`; the HTTP status, or why there is none.
+    async fn post_as(
+        &self,
+        delivery: &CallbackDelivery,
+        at: i64,
+        content_type: &'static str,
+    ) -> Result<u16, Failure> {
         let url = Url::parse(&delivery.url).map_err(|e| Failure {
             shown: NoAnswer::Unreachable,
             detail: format!("bad URL: {e}"),
@@ -501,7 +535,7 @@ impl Dispatcher {
         let mut request = self
             .http
             .post(url)
-            .header(CONTENT_TYPE, "application/json")
+            .header(CONTENT_TYPE, content_type)
             .header("X-Fleetrun-Delivery", delivery.id.to_string())
             .header("X-Fleetrun-Timestamp", &timestamp)
             .body(delivery.body.clone());
@@ -574,6 +608,7 @@ mod tests {
     fn allowing(networks: &[&str]) -> CallbacksConfig {
         CallbacksConfig {
             allow_networks: networks.iter().map(|n| n.parse().unwrap()).collect(),
+            ..CallbacksConfig::default()
         }
     }
 

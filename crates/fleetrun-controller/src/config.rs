@@ -102,6 +102,10 @@ pub struct AppConfig {
     /// inventory). A grant of its own: `scopes = ["*"]` does not imply it.
     #[serde(default)]
     pub admin: bool,
+    /// Whether the app may change the public scripts (the `*_public_script_*` APIs that
+    /// write). Every app may read and run them.
+    #[serde(default)]
+    pub public_scripts: bool,
 }
 
 impl AppConfig {

@@ -6,6 +6,8 @@ pub mod job {
     pub const RUNNING: i32 = 2;
     pub const SUCCESS: i32 = 3;
     pub const FAILED: i32 = 4;
+    /// Waiting for a user's confirmation (bk-job's confirm steps; fleetrun has none).
+    pub const WAITING_USER: i32 = 7;
     pub const TERMINATED: i32 = 8;
     pub const ABNORMAL: i32 = 9;
     pub const TERMINATING: i32 = 10;
@@ -18,7 +20,7 @@ pub mod job {
 
     /// Statuses of a job the engine was following. A pending job (created with
     /// `start_task=false`) is not among them: it waits for its start, also across restarts.
-    pub const UNFINISHED: &[i32] = &[RUNNING, 7, 10, 15];
+    pub const UNFINISHED: &[i32] = &[RUNNING, WAITING_USER, 10, 15];
 }
 
 /// Per-host status (`step_ip_result.status`).
@@ -29,7 +31,9 @@ pub mod host {
     pub const SCRIPT_FAILED: i32 = 101;
     pub const SCRIPT_TIMEOUT: i32 = 102;
     pub const NON_ZERO_EXIT: i32 = 104;
-    pub const AGENT_TIMEOUT: i32 = 303;
+    /// bk-job's GSE_SCRIPT_TIMEOUT: the agent layer gave no result of a script task in time.
+    /// (bk-job's 303 is a file task's timeout.)
+    pub const AGENT_TIMEOUT: i32 = 16;
     pub const AGENT_ABNORMAL: i32 = 310;
     pub const USER_NOT_EXIST: i32 = 311;
     pub const AGENT_TASK_ERROR: i32 = 399;

@@ -56,8 +56,8 @@ pub use group::{Condition, DynamicGroup, ObjectKind, Op, builtin_fields};
 pub use hosts::AddressConflict;
 pub use inventory::{Inventory, InventoryParts};
 pub use model::{
-    Account, AccountCategory, BIZ, Business, BusinessSet, Host, MODULE, Parent, SET, Scope,
-    ScopeSyntaxError, TopoNode, Value,
+    Account, AccountCategory, AccountRecord, BIZ, Business, BusinessSet, Host, MODULE, Parent, SET,
+    Scope, ScopeSyntaxError, TopoNode, Value,
 };
 pub use problem::{Field, InventoryError, Item, Location, Problem};
 pub use resolve::{MAX_TARGET_HOSTS, ResolveError, Resolved, ResolvedHost, Targets, Via};

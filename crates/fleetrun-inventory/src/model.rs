@@ -199,6 +199,19 @@ pub struct Account {
     /// Scopes that may use the account; none means no scope may (an account belongs to the
     /// businesses that use it, as in bk-job).
     pub scopes: Vec<Scope>,
+    pub description: String,
+    /// Who created and last changed the account, when the document records it (accounts made
+    /// through bk-job's account APIs do).
+    pub record: AccountRecord,
+}
+
+/// Who created and last changed an account, and when (Unix milliseconds).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountRecord {
+    pub creator: Option<String>,
+    pub create_time: Option<i64>,
+    pub last_modify_user: Option<String>,
+    pub last_modify_time: Option<i64>,
 }
 
 impl Account {

@@ -42,8 +42,8 @@ pub use inventory::{
 };
 pub use model::*;
 pub use scripts::{
-    NewScript, ScriptFilter, ScriptRecord, ScriptVersionRecord, ScriptsError,
-    status_name as script_status_name,
+    DRAFT as SCRIPT_DRAFT, NewScript, ScriptBasics, ScriptFilter, ScriptRecord,
+    ScriptVersionRecord, ScriptsError, status_name as script_status_name,
 };
 pub use watch::JobWatch;
 pub use writer::Write;

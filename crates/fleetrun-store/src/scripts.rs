@@ -27,6 +27,9 @@ impl From<sqlx::Error> for ScriptsError {
     }
 }
 
+/// A version's status: a draft, the only one whose content may change.
+pub const DRAFT: i32 = 0;
+
 /// bk-job's name for a version status.
 pub fn status_name(status: i32) -> &'static str {
     match status {
@@ -83,6 +86,8 @@ pub struct ScriptVersionRecord {
     /// From the script.
     pub script_language: i32,
     pub name: String,
+    /// The script's description.
+    pub description: String,
     pub bk_scope_type: String,
     pub bk_scope_id: String,
 }
@@ -101,7 +106,8 @@ pub struct ScriptFilter {
 }
 
 const SCRIPT_COLUMNS: &str = "s.*, (SELECT v.id FROM script_version v WHERE v.script_id = s.script_id AND v.status = 1) AS online_script_version_id";
-const VERSION_COLUMNS: &str = "v.*, s.script_language, s.name, s.bk_scope_type, s.bk_scope_id";
+const VERSION_COLUMNS: &str =
+    "v.*, s.script_language, s.name, s.description, s.bk_scope_type, s.bk_scope_id";
 
 fn script_row(r: &AnyRow) -> ScriptRecord {
     ScriptRecord {
@@ -133,9 +139,19 @@ fn version_row(r: &AnyRow) -> ScriptVersionRecord {
         last_modify_time: r.get("last_modify_time"),
         script_language: r.get("script_language"),
         name: r.get("name"),
+        description: r.get("description"),
         bk_scope_type: r.get("bk_scope_type"),
         bk_scope_id: r.get("bk_scope_id"),
     }
+}
+
+/// What [`Store::update_script_basic`] changes: `None` leaves a field as it is.
+#[derive(Debug, Clone)]
+pub struct ScriptBasics {
+    pub name: String,
+    pub description: Option<String>,
+    pub operator: String,
+    pub now: i64,
 }
 
 impl Store {
@@ -229,7 +245,14 @@ impl Store {
         if version.script_id != script_id {
             return Err(ScriptsError::NotFound);
         }
-        if status == 1 && version.status == 3 {
+        // bk-job publishes anything but a disabled version, and disables only versions that
+        // have been online.
+        let allowed = match status {
+            1 => version.status != 3,
+            3 => matches!(version.status, 1 | 2),
+            _ => true,
+        };
+        if !allowed {
             return Err(ScriptsError::WrongStatus(status_name(version.status)));
         }
         let mut tx = self.pool.begin().await?;
@@ -382,6 +405,120 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         Ok((total, rows.iter().map(version_row).collect()))
+    }
+
+    /// Renames a script of the scope or changes its description.
+    pub async fn update_script_basic(
+        &self,
+        scope: (&str, &str),
+        script_id: &str,
+        basics: &ScriptBasics,
+    ) -> Result<ScriptRecord, ScriptsError> {
+        let script = self.script(scope.0, scope.1, script_id).await?;
+        let description = basics
+            .description
+            .clone()
+            .unwrap_or_else(|| script.description.clone());
+        sqlx::query(
+            "UPDATE script SET name = $1, description = $2, last_modify_user = $3, last_modify_time = $4
+             WHERE script_id = $5",
+        )
+        .bind(&basics.name)
+        .bind(&description)
+        .bind(&basics.operator)
+        .bind(basics.now)
+        .bind(&script.script_id)
+        .execute(&self.pool)
+        .await?;
+        self.script(scope.0, scope.1, script_id).await
+    }
+
+    /// Changes a draft version's content and description; other versions are fixed.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn update_script_version(
+        &self,
+        scope: (&str, &str),
+        script_id: &str,
+        version_id: i64,
+        content: &[u8],
+        version_desc: Option<&str>,
+        operator: &str,
+        now: i64,
+    ) -> Result<ScriptVersionRecord, ScriptsError> {
+        let version = self.script_version(scope.0, scope.1, version_id).await?;
+        if version.script_id != script_id {
+            return Err(ScriptsError::NotFound);
+        }
+        // Conditional on the status, so a version published meanwhile is never rewritten.
+        let updated = sqlx::query(
+            "UPDATE script_version SET content = $1, version_desc = $2, last_modify_user = $3, last_modify_time = $4
+             WHERE id = $5 AND status = $6",
+        )
+        .bind(content)
+        .bind(version_desc.unwrap_or(&version.version_desc))
+        .bind(operator)
+        .bind(now)
+        .bind(version_id)
+        .bind(DRAFT)
+        .execute(&self.pool)
+        .await?;
+        if updated.rows_affected() == 0 {
+            let now_status = self.script_version(scope.0, scope.1, version_id).await?;
+            return Err(ScriptsError::WrongStatus(status_name(now_status.status)));
+        }
+        self.script_version(scope.0, scope.1, version_id).await
+    }
+
+    /// Deletes a script of the scope with all its versions.
+    pub async fn delete_script(
+        &self,
+        scope: (&str, &str),
+        script_id: &str,
+    ) -> Result<(), ScriptsError> {
+        let script = self.script(scope.0, scope.1, script_id).await?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM script_version WHERE script_id = $1")
+            .bind(&script.script_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM script WHERE script_id = $1")
+            .bind(&script.script_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Deletes a version of a script of the scope; deleting its last version deletes the
+    /// script, as bk-job does.
+    pub async fn delete_script_version(
+        &self,
+        scope: (&str, &str),
+        script_id: &str,
+        version_id: i64,
+    ) -> Result<(), ScriptsError> {
+        let version = self.script_version(scope.0, scope.1, version_id).await?;
+        if version.script_id != script_id {
+            return Err(ScriptsError::NotFound);
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM script_version WHERE id = $1")
+            .bind(version_id)
+            .execute(&mut *tx)
+            .await?;
+        let left: i64 = sqlx::query("SELECT COUNT(*) FROM script_version WHERE script_id = $1")
+            .bind(script_id)
+            .fetch_one(&mut *tx)
+            .await?
+            .get(0);
+        if left == 0 {
+            sqlx::query("DELETE FROM script WHERE script_id = $1")
+                .bind(script_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 }
 

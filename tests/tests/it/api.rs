@@ -243,14 +243,14 @@ async fn bad_requests_get_bk_job_codes_naming_the_field() -> Result<()> {
         ),
         (
             "windows interpreter",
-            json!({"windows_interpreter": "cmd"}),
-            1_240_003,
+            json!({"windows_interpreter": "cmd.exe"}),
+            1_241_011,
             "windows_interpreter",
         ),
         (
             "rolling",
             json!({"rolling_config": {"expression": "10%", "mode": 1}}),
-            1_240_003,
+            1_241_011,
             "rolling_config",
         ),
         (
@@ -296,7 +296,7 @@ async fn bad_requests_get_bk_job_codes_naming_the_field() -> Result<()> {
     for (body, code) in [
         ("{not json", 1_240_003),
         ("[1,2]", 1_240_003),
-        ("", 1_239_002),
+        ("", 1_640_001),
     ] {
         let reply = http
             .post(format!(
@@ -319,7 +319,7 @@ async fn bad_requests_get_bk_job_codes_naming_the_field() -> Result<()> {
         .await?;
     assert_eq!(reply.status(), 404);
     let envelope: Value = reply.json().await?;
-    assert_eq!(envelope["code"], 1_239_003, "{envelope}");
+    assert_eq!(envelope["code"], 1_640_401, "{envelope}");
 
     // Not one of the refused requests created a job.
     let now = std::time::SystemTime::now()
@@ -391,15 +391,15 @@ async fn query_apis_validate_and_page() -> Result<()> {
     let bad: Vec<(Value, i64, &str)> = vec![
         (
             patched(&scope, json!({"create_time_end": started})),
-            1_241_004,
+            1_241_007,
             "create_time_start",
         ),
         (
             patched(
                 &scope,
-                json!({"create_time_start": 0, "create_time_end": 31i64 * 86_400_000}),
+                json!({"create_time_start": 1, "create_time_end": 31i64 * 86_400_000}),
             ),
-            1_240_003,
+            1_241_002,
             "30 days",
         ),
         (
@@ -438,7 +438,7 @@ async fn query_apis_validate_and_page() -> Result<()> {
         (
             "batch_get_job_instance_ip_log",
             json!({"job_instance_id": job, "step_instance_id": 999_999, "host_id_list": hosts}),
-            1_244_007,
+            1_244_006,
         ),
         (
             "batch_get_job_instance_ip_log",
@@ -448,22 +448,22 @@ async fn query_apis_validate_and_page() -> Result<()> {
         (
             "batch_get_job_instance_ip_log",
             json!({"job_instance_id": job, "step_instance_id": step}),
-            1_241_004,
+            1_241_007,
         ),
         (
             "get_job_instance_ip_log",
             json!({"job_instance_id": job, "step_instance_id": step}),
-            1_241_004,
+            1_241_007,
         ),
         (
             "operate_job_instance",
             json!({"job_instance_id": job, "operation_code": 7}),
-            1_240_003,
+            1_241_002,
         ),
         (
             "operate_job_instance",
             json!({"job_instance_id": job, "operation_code": 1}),
-            1_240_003,
+            1_241_003,
         ),
         ("get_account_list", json!({"category": 3}), 1_240_003),
     ];
@@ -620,7 +620,7 @@ async fn a_job_created_without_start_runs_when_started_and_sensitive_params_stay
     assert_eq!(logs[0].1, format!("got {} chars\n", secret.len()));
     // Starting it again is refused.
     let again = client.call_raw("operate_job_instance", operate).await?;
-    assert_eq!(again["code"], 1_240_003, "{again}");
+    assert_eq!(again["code"], 1_241_015, "{again}");
 
     // The secret is nowhere in clear: replies above, logs, the database files.
     let replies = format!("{pending}{done}{logs:?}");

@@ -417,7 +417,7 @@ async fn the_stream_resumes_from_offsets_without_repeats() -> Result<()> {
         |_| false,
     )
     .await?;
-    assert_eq!(wrong[0]["code"], 1_239_002, "{wrong:?}");
+    assert_eq!(wrong[0]["code"], 1_640_001, "{wrong:?}");
     Ok(())
 }
 

@@ -327,7 +327,7 @@ async fn a_terminated_task_ends_when_its_agent_reads_nothing() -> Result<()> {
         .context("the terminated job never finished")?;
     let results = host_results(&status);
     ensure!(
-        results.len() == 1 && results[0]["status"] == json!(303),
+        results.len() == 1 && results[0]["status"] == json!(16),
         "the host did not end as an agent timeout: {status}"
     );
     Ok(())

@@ -262,7 +262,7 @@ async fn slow_heads_and_huge_bodies_neither_starve_a_valid_request_nor_grow_memo
         .iter()
         .filter_map(|r| envelope(r))
         .filter(|e| {
-            (e["code"] == 1_239_002 && e["message"].as_str().unwrap().contains("65536"))
+            (e["code"] == 1_640_001 && e["message"].as_str().unwrap().contains("65536"))
                 || (e["code"] == 1_240_003 && e["message"].as_str().unwrap().starts_with("body"))
         })
         .count();
@@ -338,7 +338,7 @@ async fn credentials_decide_how_much_body_is_read() -> Result<()> {
         info.bk_scope_id, info.bk_app_code, info.bk_app_secret
     );
     let refused = raw_post(addr, path, "", late.as_bytes()).await?;
-    assert_eq!(refused["code"], 1_239_002, "{refused}");
+    assert_eq!(refused["code"], 1_640_001, "{refused}");
     let message = refused["message"].as_str().unwrap();
     assert!(
         message.contains("65536") && message.contains("X-Bkapi-Authorization"),
@@ -369,7 +369,7 @@ async fn credentials_decide_how_much_body_is_read() -> Result<()> {
         json!({"bk_app_code": info.bk_app_code, "bk_app_secret": "wrong", "bk_username": "admin"})
     );
     let refused = raw_post(addr, path, &wrong, early.as_bytes()).await?;
-    assert_eq!(refused["code"], 1_239_002, "{refused}");
+    assert_eq!(refused["code"], 1_640_001, "{refused}");
 
     // A declared body over the limit is refused by its length alone (413).
     let stream = TcpStream::connect(addr).await?;

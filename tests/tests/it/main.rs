@@ -19,6 +19,7 @@ mod http_limits;
 mod inventory;
 mod inventory_admin;
 mod observability;
+mod parity;
 mod pending_jobs;
 mod scope_leaks;
 mod scripts;

@@ -45,7 +45,7 @@ async fn paths_that_name_no_api_answer_404_in_the_envelope() -> Result<()> {
             assert_eq!(reply.status(), 404, "POST {path}");
             let envelope: Value = reply.json().await?;
             assert_eq!(envelope["result"], false, "{path}: {envelope}");
-            assert_eq!(envelope["code"], 1_239_003, "{path}: {envelope}");
+            assert_eq!(envelope["code"], 1_640_401, "{path}: {envelope}");
             assert!(
                 envelope["request_id"]
                     .as_str()

@@ -30,7 +30,10 @@ async fn versions_follow_bk_jobs_status_rules_and_jobs_run_them() -> Result<()> 
     );
     let script_id = v1["script_id"].as_str().unwrap().to_owned();
     let v1_id = v1["id"].as_i64().unwrap();
-    assert_eq!(v1["content"], b64("echo v1 \"$1\""));
+    assert_eq!(
+        v1["content"], "echo v1 \"$1\"",
+        "bk-job returns the text: {v1}"
+    );
 
     let job = |extra: Value| {
         let mut request = cluster.script_request("unused", &hosts, extra);
@@ -85,7 +88,7 @@ async fn versions_follow_bk_jobs_status_rules_and_jobs_run_them() -> Result<()> 
             ),
         )
         .await?;
-    assert_eq!(duplicate["code"], 1_240_003, "{duplicate}");
+    assert_eq!(duplicate["code"], 1_243_036, "{duplicate}");
     client
         .call(
             "publish_script_version",
@@ -158,7 +161,7 @@ async fn versions_follow_bk_jobs_status_rules_and_jobs_run_them() -> Result<()> 
         )
         .await?;
     assert_eq!(by_label["id"], v2_id);
-    assert_eq!(by_label["content"], b64("echo v2"));
+    assert_eq!(by_label["content"], "echo v2");
 
     // Bad requests.
     for (api, body, code) in [

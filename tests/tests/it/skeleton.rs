@@ -94,7 +94,7 @@ async fn a_wrong_app_secret_gets_an_error_envelope() -> Result<()> {
         assert_eq!(reply.status(), 200);
         let envelope: Value = reply.json().await?;
         assert_eq!(envelope["result"], false, "{path}: {envelope}");
-        assert_eq!(envelope["code"], 1_239_002, "{path}: {envelope}");
+        assert_eq!(envelope["code"], 1_640_001, "{path}: {envelope}");
         assert!(
             envelope["request_id"]
                 .as_str()

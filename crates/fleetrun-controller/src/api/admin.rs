@@ -36,7 +36,7 @@ impl From<ChangeRefused> for ApiError {
 
 /// Runs a change of the inventory to its end even if the client goes away meanwhile, so that a
 /// revision the store has committed is always the one in force.
-async fn to_the_end<T: Send + 'static>(
+pub(super) async fn to_the_end<T: Send + 'static>(
     work: impl std::future::Future<Output = T> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::spawn(work)
@@ -44,7 +44,7 @@ async fn to_the_end<T: Send + 'static>(
         .map_err(|e| ApiError::internal("inventory change", e))
 }
 
-fn require_admin(caller: &Caller, what: &str) -> Result<(), ApiError> {
+pub(super) fn require_admin(caller: &Caller, what: &str) -> Result<(), ApiError> {
     if caller.is_admin() {
         return Ok(());
     }

@@ -34,6 +34,11 @@ impl Caller {
         self.scopes.admin
     }
 
+    /// Whether the app was granted changing the public scripts (`public_scripts = true`).
+    pub fn may_manage_public_scripts(&self) -> bool {
+        self.scopes.public_scripts
+    }
+
     /// Whether the app may see a host of business `bk_biz_id` (directly, or through a business
     /// set it may use).
     pub fn may_see_business(
@@ -65,7 +70,7 @@ fn header_credentials(headers: &HeaderMap) -> Result<Credentials, ApiError> {
     match headers.get("x-bkapi-authorization") {
         Some(header) => serde_json::from_slice::<Credentials>(header.as_bytes()).map_err(|e| {
             ApiError::new(
-                code::API_USER_NO_ACCESS,
+                code::GATEWAY_INVALID_ARGS,
                 format!("X-Bkapi-Authorization: not a JSON object of credentials: {e}"),
             )
         }),
@@ -107,7 +112,7 @@ pub fn check_app<'a>(
     }
     matched.ok_or_else(|| {
         ApiError::new(
-            code::API_USER_NO_ACCESS,
+            code::GATEWAY_INVALID_ARGS,
             "app authentication failed: unknown bk_app_code or wrong bk_app_secret",
         )
     })
@@ -126,7 +131,7 @@ pub fn authenticate(
 
     let (Some(app_code), Some(secret)) = (creds.bk_app_code, creds.bk_app_secret) else {
         return Err(ApiError::new(
-            code::API_USER_NO_ACCESS,
+            code::GATEWAY_INVALID_ARGS,
             "app authentication failed: bk_app_code and bk_app_secret are required",
         ));
     };

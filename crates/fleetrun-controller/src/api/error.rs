@@ -3,21 +3,51 @@
 use axum::http::StatusCode;
 use serde_json::Value;
 
-/// bk-job's codes, named.
+/// bk-job's codes, named: the backend's from `ErrorCode.java`, the API gateway's (16xxxxx) where
+/// bk-job leaves a check to the gateway.
 pub mod code {
+    /// PERMISSION_DENIED: the app may not act on the scope (or resource).
     pub const NO_PERMISSION: i64 = 1_238_001;
-    pub const API_USER_NO_ACCESS: i64 = 1_239_002;
-    pub const API_UNSUPPORTED: i64 = 1_239_003;
+    /// The gateway's INVALID_ARGS, which it answers for missing or wrong app or user credentials.
+    pub const GATEWAY_INVALID_ARGS: i64 = 1_640_001;
+    /// The gateway's API_NOT_FOUND: no API at this method and path.
+    pub const GATEWAY_API_NOT_FOUND: i64 = 1_640_401;
+    /// INTERNAL_ERROR.
     pub const INTERNAL: i64 = 1_240_002;
+    /// BAD_REQUEST: a field failed validation.
     pub const BAD_REQUEST: i64 = 1_240_003;
+    /// ILLEGAL_PARAM: the request is invalid as a whole (an unknown operation, a time range too long).
+    pub const ILLEGAL_PARAM: i64 = 1_241_002;
+    /// UNSUPPORTED_OPERATION: the operation does not fit the resource's state.
+    pub const UNSUPPORTED_OPERATION: i64 = 1_241_003;
+    /// MISSING_PARAM_WITH_PARAM_NAME.
     pub const MISSING_PARAM: i64 = 1_241_004;
+    /// ILLEGAL_PARAM_WITH_PARAM_NAME: bk-job's code for an unknown `script_language`.
     pub const BAD_SCRIPT_LANGUAGE: i64 = 1_241_005;
-    pub const TOO_MANY_LOG_HOSTS: i64 = 1_241_007;
+    /// MISSING_OR_ILLEGAL_PARAM_WITH_PARAM_NAME.
+    pub const MISSING_OR_ILLEGAL_PARAM: i64 = 1_241_007;
+    /// MISSING_OR_ILLEGAL_PARAM_WITH_PARAM_NAME, as the log APIs answer too many hosts.
+    pub const TOO_MANY_LOG_HOSTS: i64 = MISSING_OR_ILLEGAL_PARAM;
+    /// NOT_SUPPORT_FEATURE: a bk-job feature fleetrun does not carry out.
+    pub const NOT_SUPPORTED: i64 = 1_241_011;
+    /// UNSUPPORTED_OPERATION_REPEAT_START_JOB.
+    pub const REPEAT_START_JOB: i64 = 1_241_015;
+    /// SCRIPT_NOT_EXIST.
     pub const SCRIPT_NOT_FOUND: i64 = 1_243_001;
+    /// ACCOUNT_ALIAS_EXIST.
+    pub const ACCOUNT_ALIAS_EXISTS: i64 = 1_243_007;
+    /// SCRIPT_VERSION_NAME_EXIST.
+    pub const SCRIPT_VERSION_EXISTS: i64 = 1_243_036;
+    /// SCRIPT_NOT_EXECUTABLE_STATUS.
     pub const SCRIPT_NOT_RUNNABLE: i64 = 1_244_018;
+    /// ACCOUNT_NO_PERMISSION: the account may not be used in the scope.
+    pub const ACCOUNT_NOT_ALLOWED: i64 = 1_244_004;
+    /// ACCOUNT_NOT_EXIST.
+    pub const ACCOUNT_NOT_FOUND: i64 = 1_244_003;
+    /// TASK_INSTANCE_NOT_EXIST.
     pub const JOB_NOT_FOUND: i64 = 1_244_006;
-    pub const STEP_NOT_FOUND: i64 = 1_244_007;
-    pub const HOST_NOT_FOUND: i64 = 1_244_030;
+    /// TASK_INSTANCE_NOT_EXIST, also what bk-job answers for a step of another job.
+    pub const STEP_NOT_FOUND: i64 = JOB_NOT_FOUND;
     /// bk-job's DB_ERROR: the database is unusable.
     pub const DATABASE_UNWRITABLE: i64 = 1_252_001;
 }

@@ -4,14 +4,14 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{
     ApiError,
     auth::Caller,
     error::code,
     params::{Params, lenient},
-    scope, scripts,
+    reply, scope, scripts,
 };
 use crate::{
     Shared,
@@ -50,6 +50,7 @@ struct Request {
     #[serde(default, deserialize_with = "lenient::opt_bool")]
     start_task: Option<bool>,
     windows_interpreter: Option<String>,
+    host_password_list: Option<Value>,
     rolling_config: Option<Value>,
 }
 
@@ -149,7 +150,9 @@ pub async fn fast_execute_script(
             let language = req
                 .script_language
                 .ok_or_else(|| ApiError::missing("script_language"))?;
-            if !(1..=5).contains(&language) {
+            if !(i64::from(scripts::language::SHELL)..=i64::from(scripts::language::POWERSHELL))
+                .contains(&language)
+            {
                 return Err(ApiError::new(
                     code::BAD_SCRIPT_LANGUAGE,
                     format!(
@@ -208,9 +211,21 @@ pub async fn fast_execute_script(
     }
     if let Some(rolling) = req.rolling_config.as_ref().filter(|v| !v.is_null()) {
         check_rolling_config(rolling)?;
-        return Err(ApiError::invalid(
-            "rolling_config",
-            "rolling execution is not supported yet; submit without rolling_config",
+        return Err(ApiError::new(
+            code::NOT_SUPPORTED,
+            "rolling_config: rolling execution is not supported yet; submit without rolling_config",
+        ));
+    }
+    // Fields fleetrun cannot honour are refused, never accepted and dropped: a client that
+    // sends them expects them to take effect.
+    if req
+        .host_password_list
+        .as_ref()
+        .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+    {
+        return Err(ApiError::new(
+            code::NOT_SUPPORTED,
+            "host_password_list: fleetrun's agents run scripts as the account without its password; submit without host_password_list",
         ));
     }
     let callback_url = match req.callback_url.as_deref().filter(|u| !u.is_empty()) {
@@ -221,12 +236,14 @@ pub async fn fast_execute_script(
                 .to_string(),
         ),
     };
-    if let Some(interpreter) = &req.windows_interpreter
-        && (!interpreter.ends_with(".exe") || interpreter.chars().count() > 260)
+    if req
+        .windows_interpreter
+        .as_deref()
+        .is_some_and(|i| !i.trim().is_empty())
     {
-        return Err(ApiError::invalid(
-            "windows_interpreter",
-            "must end in .exe and be at most 260 characters",
+        return Err(ApiError::new(
+            code::NOT_SUPPORTED,
+            "windows_interpreter: fleetrun's agents run on Linux and choose the interpreter by script_language; submit without windows_interpreter",
         ));
     }
 
@@ -361,11 +378,19 @@ pub async fn fast_execute_script(
         started = start,
         "job accepted"
     );
-    Ok(json!({
-        "job_instance_id": created.job_instance_id,
-        "job_instance_name": name,
-        "step_instance_id": created.step_instance_id,
-    }))
+    reply::data(Submitted {
+        job_instance_id: created.job_instance_id,
+        job_instance_name: name,
+        step_instance_id: created.step_instance_id,
+    })
+}
+
+/// `fast_execute_script`'s `data`.
+#[derive(Debug, serde::Serialize)]
+struct Submitted {
+    job_instance_id: i64,
+    job_instance_name: String,
+    step_instance_id: i64,
 }
 
 /// bk-job's rolling configuration: `expression` (batch sizes such as `10%` or `1 5 +10%`) and

@@ -204,7 +204,7 @@ async fn read_body(
     let prefix = reader.prefix(gate.prefix_bytes);
     let (app_code, secret) = credentials_in(&prefix).ok_or_else(|| {
         ApiError::new(
-            code::API_USER_NO_ACCESS,
+            code::GATEWAY_INVALID_ARGS,
             format!(
                 "app authentication failed: for a body larger than {} bytes, bk_app_code and \
                  bk_app_secret must be in the X-Bkapi-Authorization header, the query string, \

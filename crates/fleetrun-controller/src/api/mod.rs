@@ -8,6 +8,7 @@
 //!
 //! **Architecture invariant:** bk-job codes and messages are made here and nowhere else.
 
+mod accounts;
 mod admin;
 mod auth;
 mod error;
@@ -17,10 +18,12 @@ mod intake;
 #[doc(hidden)]
 pub mod params;
 mod query;
+mod reply;
 mod scope;
 mod scripts;
 mod serve;
 mod stream;
+mod v4;
 
 use std::sync::Arc;
 
@@ -32,7 +35,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::any,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 use tracing::Instrument;
 
 pub use error::ApiError;
@@ -40,6 +43,9 @@ pub use params::MAX_BODY;
 pub use serve::serve;
 
 use crate::Shared;
+
+/// The envelope's code of a success.
+const SUCCESS: i64 = 0;
 
 /// Builds the router for all bk-job path styles.
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -58,6 +64,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
             .route(&format!("{prefix}/stream_job"), any(stream::stream_job))
             .route(&format!("{prefix}/stream_job/"), any(stream::stream_job));
     }
+    router = router
+        .route("/api/v4/{api}", any(v4::dispatch))
+        .route("/api/v4/{api}/", any(v4::dispatch));
     router
         .route("/healthz", axum::routing::get(health::healthz))
         .route("/readyz", axum::routing::get(health::readyz))
@@ -75,13 +84,9 @@ const APIS: &[&str] = &[
     "operate_job_instance",
     "get_job_instance_list",
     "get_account_list",
-    "create_script",
-    "create_script_version",
-    "publish_script_version",
-    "disable_script_version",
-    "get_script_list",
-    "get_script_version_list",
-    "get_script_version_detail",
+    "create_account",
+    "update_account",
+    "delete_account",
     "list_hosts",
     "get_topology",
     "reload_inventory",
@@ -95,14 +100,20 @@ const APIS: &[&str] = &[
     "get_callback_status",
 ];
 
+/// Whether `api` names an API [`dispatch`] serves.
+fn is_served(api: &str) -> bool {
+    APIS.contains(&api) || scripts::APIS.contains(&api) || scripts::business_name(api).is_some()
+}
+
 /// A path that names no API: HTTP 404 (a client or proxy retrying on 5xx, or treating 200 as
 /// served, must not mistake it for a reply), in bk-job's envelope so bk-job clients read the
 /// code.
 fn unknown_api(message: String) -> ApiError {
-    ApiError::new(error::code::API_UNSUPPORTED, message).with_http_status(StatusCode::NOT_FOUND)
+    ApiError::new(error::code::GATEWAY_API_NOT_FOUND, message)
+        .with_http_status(StatusCode::NOT_FOUND)
 }
 
-async fn not_found() -> Response {
+pub(super) async fn not_found() -> Response {
     let request_id = new_request_id();
     envelope(&request_id, Err(unknown_api("no such API path".to_owned())))
 }
@@ -126,7 +137,7 @@ async fn dispatch(
         app = tracing::field::Empty,
         operator = tracing::field::Empty,
     );
-    if !APIS.contains(&api.as_str()) {
+    if !is_served(&api) {
         let result = Err(unknown_api(format!(
             "unsupported API: {}",
             api.escape_debug()
@@ -157,24 +168,10 @@ async fn dispatch(
             "get_job_instance_list" => {
                 query::get_job_instance_list(&shared, &caller, &params).await
             }
-            "get_account_list" => query::get_account_list(&shared, &caller, &params).await,
-            "create_script" => scripts::create_script(&shared, &caller, &params).await,
-            "create_script_version" => {
-                scripts::create_script_version(&shared, &caller, &params).await
-            }
-            "publish_script_version" => {
-                scripts::publish_script_version(&shared, &caller, &params).await
-            }
-            "disable_script_version" => {
-                scripts::disable_script_version(&shared, &caller, &params).await
-            }
-            "get_script_list" => scripts::get_script_list(&shared, &caller, &params).await,
-            "get_script_version_list" => {
-                scripts::get_script_version_list(&shared, &caller, &params).await
-            }
-            "get_script_version_detail" => {
-                scripts::get_script_version_detail(&shared, &caller, &params).await
-            }
+            "get_account_list" => accounts::get_account_list(&shared, &caller, &params).await,
+            "create_account" => accounts::create_account(&shared, &caller, &params).await,
+            "update_account" => accounts::update_account(&shared, &caller, &params).await,
+            "delete_account" => accounts::delete_account(&shared, &caller, &params).await,
             "list_hosts" => query::list_hosts(&shared, &caller).await,
             "get_topology" => query::get_topology(&shared, &caller).await,
             "reload_inventory" => admin::reload_inventory(&shared, &caller, &params).await,
@@ -188,10 +185,16 @@ async fn dispatch(
             "unrevoke_agent" => admin::unrevoke_agent(&shared, &caller, &params).await,
             "list_revoked_agents" => admin::list_revoked_agents(&shared, &caller).await,
             "get_callback_status" => query::get_callback_status(&shared, &caller, &params).await,
-            _ => Err(unknown_api(format!(
-                "unsupported API: {}",
-                api.escape_debug()
-            ))),
+            name if scripts::APIS.contains(&name) => {
+                scripts::call(name, false, &shared, &caller, &params).await
+            }
+            name => match scripts::business_name(name) {
+                Some(business) => scripts::call(&business, true, &shared, &caller, &params).await,
+                None => Err(unknown_api(format!(
+                    "unsupported API: {}",
+                    api.escape_debug()
+                ))),
+            },
         }
     }
     .instrument(span.clone())
@@ -202,7 +205,7 @@ async fn dispatch(
 
 /// Logs how a request ended. Messages quote what clients sent, so they are escaped: a line in
 /// the log is one line the controller wrote.
-fn log_result<T>(result: &Result<T, ApiError>) {
+pub(super) fn log_result<T>(result: &Result<T, ApiError>) {
     match result {
         Ok(_) => tracing::info!("ok"),
         Err(e) if e.code == error::code::INTERNAL && e.http_status.is_success() => {
@@ -212,33 +215,48 @@ fn log_result<T>(result: &Result<T, ApiError>) {
     }
 }
 
-fn new_request_id() -> String {
+pub(super) fn new_request_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
+/// bk-job's reply envelope. The gateway names the request `job_request_id`; `request_id` is
+/// the name ESB-era clients read, so both carry it.
+#[derive(serde::Serialize)]
+struct Envelope<'a> {
+    result: bool,
+    code: i64,
+    message: &'a str,
+    data: Value,
+    permission: Option<&'a Value>,
+    request_id: &'a str,
+    job_request_id: &'a str,
+}
+
 fn envelope(request_id: &str, result: Result<Value, ApiError>) -> Response {
-    let (status, body) = match result {
+    let (status, body) = match &result {
         Ok(data) => (
             StatusCode::OK,
-            json!({
-                "result": true,
-                "code": 0,
-                "message": "success",
-                "data": data,
-                "permission": null,
-                "request_id": request_id,
-            }),
+            Envelope {
+                result: true,
+                code: SUCCESS,
+                message: "success",
+                data: data.clone(),
+                permission: None,
+                request_id,
+                job_request_id: request_id,
+            },
         ),
         Err(e) => (
             e.http_status,
-            json!({
-                "result": false,
-                "code": e.code,
-                "message": e.message,
-                "data": null,
-                "permission": e.permission,
-                "request_id": request_id,
-            }),
+            Envelope {
+                result: false,
+                code: e.code,
+                message: &e.message,
+                data: Value::Null,
+                permission: e.permission.as_ref(),
+                request_id,
+                job_request_id: request_id,
+            },
         ),
     };
     let mut response = (status, axum::Json(body)).into_response();

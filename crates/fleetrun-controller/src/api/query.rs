@@ -1,6 +1,6 @@
 //! Job status and log queries.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{
@@ -8,7 +8,7 @@ use super::{
     auth::Caller,
     error::code,
     params::{Params, lenient},
-    scope,
+    reply, scope,
 };
 use crate::{Shared, status};
 
@@ -46,70 +46,49 @@ async fn load_job(
         })
 }
 
-/// Saturating: times come from agents and, however they are checked on the way in, a read must
-/// never fail on them.
-fn total_time(start: Option<i64>, end: Option<i64>) -> Option<i64> {
-    Some(end?.saturating_sub(start?))
-}
-
 pub async fn get_job_instance_status(
     shared: &Shared,
     caller: &Caller,
     params: &Params,
 ) -> Result<Value, ApiError> {
     let req: StatusRequest = params.parse()?;
-    let job = load_job(shared, caller, params, req.job_instance_id).await?;
+    reply::data(
+        job_instance_status(
+            shared,
+            caller,
+            params,
+            req.job_instance_id,
+            req.return_ip_result.unwrap_or(false),
+        )
+        .await?,
+    )
+}
+
+/// A job's status, with each host's result when `with_hosts`: `get_job_instance_status` in v3
+/// and v4 alike.
+pub(super) async fn job_instance_status(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+    job_instance_id: i64,
+    with_hosts: bool,
+) -> Result<reply::JobInstanceStatus, ApiError> {
+    let job = load_job(shared, caller, params, job_instance_id).await?;
     let mut steps = Vec::with_capacity(job.steps.len());
     for step in &job.steps {
-        let mut entry = json!({
-            "step_instance_id": step.step_instance_id,
-            "type": step.step_type,
-            "name": step.name,
-            "status": step.status,
-            "execute_count": step.execute_count,
-            "create_time": step.create_time,
-            "start_time": step.start_time,
-            "end_time": step.end_time,
-            "total_time": total_time(step.start_time, step.end_time),
-        });
-        if req.return_ip_result.unwrap_or(false) {
+        let hosts = if with_hosts {
             let results = shared.store.host_results(step.step_instance_id).await?;
-            entry["step_ip_result_list"] = results
-                .iter()
-                .map(|r| {
-                    json!({
-                        "bk_host_id": r.bk_host_id,
-                        "ip": r.ip,
-                        "bk_cloud_id": r.bk_cloud_id,
-                        "status": r.status,
-                        "tag": r.tag,
-                        "exit_code": r.exit_code.unwrap_or(0),
-                        "error_code": r.error_code,
-                        "start_time": r.start_time,
-                        "end_time": r.end_time,
-                        "total_time": total_time(r.start_time, r.end_time),
-                    })
-                })
-                .collect();
-        }
-        steps.push(entry);
+            Some(results.iter().map(reply::HostResult::from).collect())
+        } else {
+            None
+        };
+        steps.push(reply::StepStatus::new(step, hosts));
     }
-    Ok(json!({
-        "finished": status::job::is_finished(job.status),
-        "job_instance": {
-            "job_instance_id": job.job_instance_id,
-            "bk_scope_type": job.bk_scope_type,
-            "bk_scope_id": job.bk_scope_id,
-            "bk_biz_id": job.bk_scope_id.parse::<i64>().ok(),
-            "name": job.name,
-            "status": job.status,
-            "create_time": job.create_time,
-            "start_time": job.start_time,
-            "end_time": job.end_time,
-            "total_time": total_time(job.start_time, job.end_time),
-        },
-        "step_instance_list": steps,
-    }))
+    Ok(reply::JobInstanceStatus {
+        finished: status::job::is_finished(job.status),
+        job_instance: reply::JobStatus::from(&job),
+        step_instance_list: steps,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,7 +122,8 @@ struct BatchLogRequest {
     ip_list: Option<Vec<IpTarget>>,
 }
 
-/// The step's per-host results, after checking that the step belongs to the job.
+/// The step's per-host results, after checking that the step belongs to the job (bk-job answers
+/// a step of another job as it answers an unknown job).
 async fn step_results(
     shared: &Shared,
     caller: &Caller,
@@ -172,12 +152,26 @@ fn same_ip(a: &str, b: &str) -> bool {
     }
 }
 
+/// A missing or malformed host parameter of a log API, named as bk-job names it.
+fn missing_host(field: &str) -> ApiError {
+    ApiError::new(
+        code::MISSING_OR_ILLEGAL_PARAM,
+        format!("{field} is required (missing or invalid)"),
+    )
+}
+
 pub async fn get_job_instance_ip_log(
     shared: &Shared,
     caller: &Caller,
     params: &Params,
 ) -> Result<Value, ApiError> {
     let req: LogRequest = params.parse()?;
+    // bk-job checks the host parameters before it looks for the job.
+    let wanted = match (req.bk_host_id, req.bk_cloud_id, req.ip.as_deref()) {
+        (Some(id), _, _) => HostKey::Id(id),
+        (None, Some(cloud), Some(ip)) if !ip.is_empty() => HostKey::Address(cloud, ip.to_owned()),
+        _ => return Err(missing_host("bk_host_id (or bk_cloud_id and ip)")),
+    };
     let results = step_results(
         shared,
         caller,
@@ -186,26 +180,52 @@ pub async fn get_job_instance_ip_log(
         req.step_instance_id,
     )
     .await?;
-    let result = match (req.bk_host_id, req.bk_cloud_id, req.ip.as_deref()) {
-        (Some(id), _, _) => results.iter().find(|r| r.bk_host_id == id),
-        (None, Some(cloud), Some(ip)) => results
-            .iter()
-            .find(|r| r.bk_cloud_id == cloud && same_ip(&r.ip, ip)),
-        _ => return Err(ApiError::missing("bk_host_id (or bk_cloud_id and ip)")),
-    }
-    .ok_or_else(|| ApiError::new(code::HOST_NOT_FOUND, "the step has no such host"))?;
+    let found = results.iter().find(|r| match &wanted {
+        HostKey::Id(id) => r.bk_host_id == *id,
+        HostKey::Address(cloud, ip) => r.bk_cloud_id == *cloud && same_ip(&r.ip, ip),
+    });
+    // A host the step did not target has no log: bk-job answers it with an empty one, naming the
+    // host as asked.
+    let Some(result) = found else {
+        let (bk_host_id, bk_cloud_id, ip) = match wanted {
+            HostKey::Id(id) => (
+                id,
+                req.bk_cloud_id.unwrap_or_default(),
+                req.ip.unwrap_or_default(),
+            ),
+            HostKey::Address(cloud, ip) => (req.bk_host_id.unwrap_or_default(), cloud, ip),
+        };
+        let (ip, ipv6) = reply::split_address(&ip);
+        return reply::data(reply::HostLog {
+            bk_host_id,
+            bk_cloud_id,
+            ip,
+            ipv6,
+            log_type: reply::LOG_TYPE_SCRIPT,
+            log_content: String::new(),
+            file_logs: None,
+        });
+    };
     let log = shared
         .store
         .host_log(req.step_instance_id, result.bk_host_id)
         .await?;
-    Ok(json!({
-        "bk_host_id": result.bk_host_id,
-        "bk_cloud_id": result.bk_cloud_id,
-        "ip": result.ip,
-        "log_type": 1,
-        "log_content": String::from_utf8_lossy(&log),
-        "file_logs": null,
-    }))
+    let (ip, ipv6) = reply::split_address(&result.ip);
+    reply::data(reply::HostLog {
+        bk_host_id: result.bk_host_id,
+        bk_cloud_id: result.bk_cloud_id,
+        ip,
+        ipv6,
+        log_type: reply::LOG_TYPE_SCRIPT,
+        log_content: String::from_utf8_lossy(&log).into_owned(),
+        file_logs: None,
+    })
+}
+
+/// How a log request names a host.
+enum HostKey {
+    Id(i64),
+    Address(i64, String),
 }
 
 pub async fn batch_get_job_instance_ip_log(
@@ -214,65 +234,111 @@ pub async fn batch_get_job_instance_ip_log(
     params: &Params,
 ) -> Result<Value, ApiError> {
     let req: BatchLogRequest = params.parse()?;
-    let results = step_results(
+    let hosts = LogHosts::of(req.host_id_list, req.ip_list, MAX_LOG_HOSTS)?;
+    let logs = step_logs(
         shared,
         caller,
         params,
         req.job_instance_id,
         req.step_instance_id,
+        &hosts,
     )
     .await?;
-    // host_id_list wins; ip_list is the deprecated alternative.
-    let wanted: Vec<&fleetrun_store::HostResultRecord> = match (&req.host_id_list, &req.ip_list) {
-        (Some(ids), _) if !ids.is_empty() => {
-            if ids.len() > MAX_LOG_HOSTS {
-                return Err(ApiError::new(
-                    code::TOO_MANY_LOG_HOSTS,
-                    format!("host_id_list: {} hosts, at most {MAX_LOG_HOSTS}", ids.len()),
-                ));
-            }
-            results
-                .iter()
-                .filter(|r| ids.contains(&r.bk_host_id))
-                .collect()
+    reply::data(reply::BatchLogs {
+        job_instance_id: req.job_instance_id,
+        step_instance_id: req.step_instance_id,
+        log_type: reply::LOG_TYPE_SCRIPT,
+        script_task_logs: logs
+            .into_iter()
+            .map(|(result, log_content)| {
+                let (ip, ipv6) = reply::split_address(&result.ip);
+                reply::ScriptTaskLog {
+                    bk_host_id: result.bk_host_id,
+                    bk_cloud_id: result.bk_cloud_id,
+                    ip,
+                    ipv6,
+                    log_content,
+                }
+            })
+            .collect(),
+        file_task_logs: None,
+    })
+}
+
+/// The hosts a batch log request names: by id (which wins), else by address.
+pub(super) enum LogHosts {
+    Ids(Vec<i64>),
+    Addresses(Vec<(i64, String)>),
+}
+
+impl LogHosts {
+    /// Reads the request's lists, at most `max` hosts; one of them is required.
+    fn of(ids: Option<Vec<i64>>, ips: Option<Vec<IpTarget>>, max: usize) -> Result<Self, ApiError> {
+        let ids = ids.filter(|ids| !ids.is_empty());
+        let ips = ips.filter(|ips| !ips.is_empty());
+        let (field, count, hosts) = match (ids, ips) {
+            (Some(ids), _) => ("host_id_list", ids.len(), LogHosts::Ids(ids)),
+            (None, Some(ips)) => (
+                "ip_list",
+                ips.len(),
+                LogHosts::Addresses(ips.into_iter().map(|t| (t.bk_cloud_id, t.ip)).collect()),
+            ),
+            (None, None) => return Err(missing_host("host_id_list (or ip_list)")),
+        };
+        if count > max {
+            return Err(ApiError::new(
+                code::TOO_MANY_LOG_HOSTS,
+                format!("{field}: {count} hosts, at most {max}"),
+            ));
         }
-        (_, Some(ips)) if !ips.is_empty() => {
-            if ips.len() > MAX_LOG_HOSTS {
-                return Err(ApiError::new(
-                    code::TOO_MANY_LOG_HOSTS,
-                    format!("ip_list: {} hosts, at most {MAX_LOG_HOSTS}", ips.len()),
-                ));
-            }
-            results
-                .iter()
-                .filter(|r| {
-                    ips.iter()
-                        .any(|t| t.bk_cloud_id == r.bk_cloud_id && same_ip(&r.ip, &t.ip))
-                })
+        Ok(hosts)
+    }
+
+    /// Reads a v4 request's lists: the same, with v4's limit.
+    pub(super) fn of_v4(
+        ids: Option<Vec<i64>>,
+        ips: Option<Vec<(i64, String)>>,
+        max: usize,
+    ) -> Result<Self, ApiError> {
+        let ips = ips.map(|ips| {
+            ips.into_iter()
+                .map(|(bk_cloud_id, ip)| IpTarget { bk_cloud_id, ip })
                 .collect()
+        });
+        Self::of(ids, ips, max)
+    }
+}
+
+/// Each named host's result and log in the step, in the step's order. Hosts the step did not
+/// target are left out, as bk-job leaves them out.
+pub(super) async fn step_logs(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+    job_instance_id: i64,
+    step_instance_id: i64,
+    hosts: &LogHosts,
+) -> Result<Vec<(fleetrun_store::HostResultRecord, String)>, ApiError> {
+    let results = step_results(shared, caller, params, job_instance_id, step_instance_id).await?;
+    let mut logs = Vec::new();
+    for result in results {
+        let wanted = match hosts {
+            LogHosts::Ids(ids) => ids.contains(&result.bk_host_id),
+            LogHosts::Addresses(ips) => ips
+                .iter()
+                .any(|(cloud, ip)| *cloud == result.bk_cloud_id && same_ip(&result.ip, ip)),
+        };
+        if !wanted {
+            continue;
         }
-        _ => return Err(ApiError::missing("host_id_list (or ip_list)")),
-    };
-    let mut logs = Vec::with_capacity(wanted.len());
-    for result in wanted {
         let log = shared
             .store
-            .host_log(req.step_instance_id, result.bk_host_id)
+            .host_log(step_instance_id, result.bk_host_id)
             .await?;
-        logs.push(json!({
-            "bk_host_id": result.bk_host_id,
-            "bk_cloud_id": result.bk_cloud_id,
-            "ip": result.ip,
-            "log_content": String::from_utf8_lossy(&log),
-        }));
+        let text = String::from_utf8_lossy(&log).into_owned();
+        logs.push((result, text));
     }
-    Ok(json!({
-        "job_instance_id": req.job_instance_id,
-        "step_instance_id": req.step_instance_id,
-        "log_type": 1,
-        "script_task_logs": logs,
-        "file_task_logs": null,
-    }))
+    Ok(logs)
 }
 
 /// fleetrun's host list: the hosts of the businesses the app may use (every host, unassigned
@@ -431,28 +497,41 @@ pub async fn operate_job_instance(
     let req: OperateJobRequest = params.parse()?;
     let job = load_job(shared, caller, params, req.job_instance_id).await?;
     match req.operation_code {
-        1 => {
-            if status::job::is_finished(job.status)
-                || !shared.engine.terminate(job.job_instance_id).await
-            {
-                return Err(ApiError::invalid(
-                    "job_instance_id",
+        OPERATION_TERMINATE => {
+            // bk-job terminates a running job, or one waiting for a user's confirmation.
+            let terminable = matches!(job.status, status::job::RUNNING | status::job::WAITING_USER);
+            if !terminable || !shared.engine.terminate(job.job_instance_id).await {
+                return Err(ApiError::new(
+                    code::UNSUPPORTED_OPERATION,
                     format!(
-                        "job {} is not running (status {})",
+                        "job_instance_id: job {} is not running (status {}): only a running job can be terminated",
                         job.job_instance_id, job.status
                     ),
                 ));
             }
         }
-        2 => start_created_job(shared, caller, &job).await?,
+        OPERATION_START => start_created_job(shared, caller, &job).await?,
         other => {
-            return Err(ApiError::invalid(
-                "operation_code",
-                format!("{other} is not 1 (terminate) or 2 (start)"),
+            return Err(ApiError::new(
+                code::ILLEGAL_PARAM,
+                format!(
+                    "operation_code: {other} is not {OPERATION_TERMINATE} (terminate) or {OPERATION_START} (start)"
+                ),
             ));
         }
     }
-    Ok(json!({ "job_instance_id": job.job_instance_id }))
+    reply::data(OperateReply {
+        job_instance_id: job.job_instance_id,
+    })
+}
+
+/// `operate_job_instance`'s operation codes.
+const OPERATION_TERMINATE: i64 = 1;
+const OPERATION_START: i64 = 2;
+
+#[derive(Debug, Serialize)]
+struct OperateReply {
+    job_instance_id: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -472,6 +551,11 @@ struct JobListRequest {
     #[serde(default, deserialize_with = "lenient::opt_int")]
     status: Option<i64>,
     ip: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    job_cron_id: Option<i64>,
+    /// v4's name for `start`.
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    offset: Option<i64>,
     #[serde(default, deserialize_with = "lenient::opt_int")]
     start: Option<i64>,
     #[serde(default, deserialize_with = "lenient::opt_int")]
@@ -507,6 +591,12 @@ fn small_enum(field: &str, value: Option<i64>, allowed: &[i64]) -> Result<Option
     }
 }
 
+/// A job's type as `get_job_instance_list` filters it: bk-job refuses an unknown one with
+/// ILLEGAL_PARAM.
+fn job_type_filter(value: Option<i64>) -> Result<Option<i32>, ApiError> {
+    small_enum("type", value, &[0, 1, 2]).map_err(|e| ApiError::new(code::ILLEGAL_PARAM, e.message))
+}
+
 /// `get_job_instance_list`: the scope's jobs created in a window of at most 30 days.
 pub async fn get_job_instance_list(
     shared: &Shared,
@@ -515,147 +605,134 @@ pub async fn get_job_instance_list(
 ) -> Result<Value, ApiError> {
     let scope = scope::resolve(shared, caller, params)?;
     let req: JobListRequest = params.parse()?;
-    let begin = req
-        .create_time_start
-        .ok_or_else(|| ApiError::missing("create_time_start"))?;
-    let end = req
-        .create_time_end
-        .ok_or_else(|| ApiError::missing("create_time_end"))?;
-    for (field, time) in [("create_time_start", begin), ("create_time_end", end)] {
-        if time < 0 {
-            return Err(ApiError::invalid(
-                field,
-                format!("{time} is negative (a time is milliseconds since 1970)"),
-            ));
-        }
-    }
-    if end < begin {
-        return Err(ApiError::invalid(
-            "create_time_end",
-            "is before create_time_start",
-        ));
-    }
-    // With both at least 0 the difference cannot overflow; checked_sub keeps that true should
-    // the rule above ever change.
-    if end
-        .checked_sub(begin)
-        .is_none_or(|range| range > THIRTY_DAYS_MS)
-    {
-        return Err(ApiError::invalid(
-            "create_time_end",
-            "the time range is longer than 30 days",
-        ));
-    }
+    let window = job_list_window(req.create_time_start, req.create_time_end)?;
     let (start, length) = paging(req.start, req.length)?;
+    let (total, data) = job_list(shared, &scope, &req, window, start, length).await?;
+    reply::data(reply::Page {
+        start,
+        length,
+        total,
+        data,
+    })
+}
+
+/// bk-job's checks of the job list's window, in its order and with its codes: each time present
+/// and after 1970, the end after the start, the window at most 30 days.
+fn job_list_window(start: Option<i64>, end: Option<i64>) -> Result<(i64, i64), ApiError> {
+    let time = |field: &str, value: Option<i64>| match value {
+        Some(t) if t >= 1 => Ok(t),
+        Some(t) => Err(ApiError::new(
+            code::MISSING_OR_ILLEGAL_PARAM,
+            format!("{field}: {t} is not a time (milliseconds since 1970, at least 1)"),
+        )),
+        None => Err(ApiError::new(
+            code::MISSING_OR_ILLEGAL_PARAM,
+            format!("{field} is required"),
+        )),
+    };
+    let begin = time("create_time_start", start)?;
+    let end = time("create_time_end", end)?;
+    // Both are at least 1, so the difference cannot overflow.
+    let period = end - begin;
+    if period <= 0 {
+        return Err(ApiError::new(
+            code::MISSING_OR_ILLEGAL_PARAM,
+            "create_time_start|create_time_end: the end must be after the start",
+        ));
+    }
+    if period > THIRTY_DAYS_MS {
+        return Err(ApiError::new(
+            code::ILLEGAL_PARAM,
+            "create_time_start|create_time_end: the time range is longer than 30 days",
+        ));
+    }
+    Ok((begin, end))
+}
+
+/// The scope's jobs a list request asks for, newest first, and how many there are.
+async fn job_list(
+    shared: &Shared,
+    scope: &scope::Scope,
+    req: &JobListRequest,
+    (begin, end): (i64, i64),
+    start: i64,
+    length: i64,
+) -> Result<(i64, Vec<reply::JobListItem>), ApiError> {
+    let launch_mode = small_enum("launch_mode", req.launch_mode, &[1, 2, 3])?;
+    let job_type = job_type_filter(req.job_type)?;
+    let job_status = small_enum(
+        "status",
+        req.status,
+        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15],
+    )?;
+    // A job instance id names one job: bk-job then ignores every other filter.
+    if let Some(id) = req.job_instance_id {
+        let found: Vec<reply::JobListItem> = shared
+            .store
+            .job(id)
+            .await?
+            .filter(|job| scope.owns(&job.bk_scope_type, &job.bk_scope_id))
+            .iter()
+            .map(reply::JobListItem::from)
+            .collect();
+        let total = found.len() as i64;
+        return Ok((total, found.into_iter().skip(start as usize).collect()));
+    }
+    // Jobs of a cron job: fleetrun has no cron jobs, so none match.
+    if req.job_cron_id.is_some() {
+        return Ok((0, Vec::new()));
+    }
     let filter = fleetrun_store::JobFilter {
         bk_scope_type: scope.scope_type.clone(),
         bk_scope_id: scope.scope_id.clone(),
         create_time_start: begin,
         create_time_end: end,
-        job_instance_id: req.job_instance_id,
-        operator: req.operator.filter(|o| !o.is_empty()),
-        name: req.name.filter(|n| !n.is_empty()),
-        launch_mode: small_enum("launch_mode", req.launch_mode, &[1, 2, 3])?,
-        job_type: small_enum("type", req.job_type, &[0, 1, 2])?,
-        status: small_enum(
-            "status",
-            req.status,
-            &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15],
-        )?,
-        ip: req.ip.filter(|ip| !ip.is_empty()),
+        job_instance_id: None,
+        operator: req.operator.clone().filter(|o| !o.is_empty()),
+        name: req.name.clone().filter(|n| !n.is_empty()),
+        launch_mode,
+        job_type,
+        status: job_status,
+        ip: req.ip.clone().filter(|ip| !ip.is_empty()),
         start,
         length,
     };
     let (total, jobs) = shared.store.list_jobs(&filter).await?;
-    let data: Vec<Value> = jobs
-        .iter()
-        .map(|job| {
-            json!({
-                "id": job.job_instance_id,
-                "job_instance_id": job.job_instance_id,
-                "name": job.name,
-                "operator": job.operator,
-                "status": job.status,
-                "type": job.job_type,
-                "launch_mode": job.launch_mode,
-                "create_time": job.create_time,
-                "start_time": job.start_time,
-                "end_time": job.end_time,
-                "total_time": total_time(job.start_time, job.end_time),
-                "bk_scope_type": job.bk_scope_type,
-                "bk_scope_id": job.bk_scope_id,
-            })
-        })
-        .collect();
-    Ok(json!({ "start": start, "length": length, "total": total, "data": data }))
+    Ok((total, jobs.iter().map(reply::JobListItem::from).collect()))
 }
 
-#[derive(Debug, Deserialize)]
-struct AccountListRequest {
-    #[serde(default, deserialize_with = "lenient::opt_int")]
-    category: Option<i64>,
-    account: Option<String>,
-    alias: Option<String>,
-    #[serde(default, deserialize_with = "lenient::opt_int")]
-    start: Option<i64>,
-    #[serde(default, deserialize_with = "lenient::opt_int")]
-    length: Option<i64>,
-}
-
-/// `get_account_list`: the execution accounts (all system accounts, category 1).
-pub async fn get_account_list(
+/// `get_job_instance_list` in v4: `offset` (at most 10,000) and `length` (1–200, default 10)
+/// in place of `start`, and the items under `job_instance_list`.
+pub(super) async fn job_list_v4(
     shared: &Shared,
     caller: &Caller,
     params: &Params,
-) -> Result<Value, ApiError> {
+) -> Result<Vec<reply::JobListItem>, ApiError> {
     let scope = scope::resolve(shared, caller, params)?;
-    let req: AccountListRequest = params.parse()?;
-    let category = small_enum("category", req.category, &[1, 2])?;
-    let (start, length) = paging(req.start, req.length)?;
-    let inventory = shared.inventory.base();
-    let matching: Vec<&fleetrun_inventory::Account> = inventory
-        .accounts()
-        .iter()
-        .filter(|a| a.allowed_in(&scope.inventory))
-        .filter(|a| {
-            category.is_none_or(|c| {
-                c == match a.category {
-                    fleetrun_inventory::AccountCategory::System => 1,
-                    fleetrun_inventory::AccountCategory::Database => 2,
-                }
-            })
-        })
-        .filter(|a| {
-            req.account
-                .as_deref()
-                .is_none_or(|x| x.is_empty() || a.account.contains(x))
-        })
-        .filter(|a| {
-            req.alias
-                .as_deref()
-                .is_none_or(|x| x.is_empty() || a.alias.contains(x))
-        })
-        .collect();
-    let data: Vec<Value> = matching
-        .iter()
-        .skip(start as usize)
-        .take(length as usize)
-        .map(|a| {
-            json!({
-                "id": a.id,
-                "account": a.account,
-                "alias": a.alias,
-                "category": if a.category == fleetrun_inventory::AccountCategory::System { 1 } else { 2 },
-                "type": if a.os_type == "windows" { 2 } else { 1 },
-                "os": if a.os_type == "windows" { "Windows" } else { "Linux" },
-                "bk_scope_type": scope.scope_type,
-                "bk_scope_id": scope.scope_id,
-                "description": "",
-            })
-        })
-        .collect();
-    Ok(json!({ "start": start, "length": length, "total": matching.len(), "data": data }))
+    let req: JobListRequest = params.parse()?;
+    let window = job_list_window(req.create_time_start, req.create_time_end)?;
+    let offset = req.offset.unwrap_or(0);
+    if !(0..=V4_MAX_OFFSET).contains(&offset) {
+        return Err(ApiError::invalid(
+            "offset",
+            format!("{offset} is outside [0, {V4_MAX_OFFSET}]"),
+        ));
+    }
+    let length = req.length.unwrap_or(V4_DEFAULT_LENGTH);
+    if !(1..=V4_MAX_LENGTH).contains(&length) {
+        return Err(ApiError::invalid(
+            "length",
+            format!("{length} is outside [1, {V4_MAX_LENGTH}]"),
+        ));
+    }
+    Ok(job_list(shared, &scope, &req, window, offset, length)
+        .await?
+        .1)
 }
+
+const V4_MAX_OFFSET: i64 = 10_000;
+const V4_MAX_LENGTH: i64 = 200;
+const V4_DEFAULT_LENGTH: i64 = 10;
 
 /// Starts a job created with `start_task=false`, as it would be submitted now: its hosts must
 /// still be in its scope and its account still allowed there (the caller's permission on the
@@ -668,10 +745,10 @@ async fn start_created_job(
     job: &fleetrun_store::JobRecord,
 ) -> Result<(), ApiError> {
     let not_startable = || {
-        ApiError::invalid(
-            "job_instance_id",
+        ApiError::new(
+            code::REPEAT_START_JOB,
             format!(
-                "job {} was already started (status {})",
+                "job_instance_id: job {} was already started (status {})",
                 job.job_instance_id, job.status
             ),
         )

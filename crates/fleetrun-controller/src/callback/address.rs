@@ -30,6 +30,21 @@ pub struct CallbacksConfig {
     /// callbacks reach public unicast addresses only.
     #[serde(default)]
     pub allow_networks: Vec<IpNet>,
+    /// How a callback counts as delivered. `fleetrun` (the default): any 2xx answer to the
+    /// signed JSON POST. `bk-job`, for receivers written for bk-job: only HTTP 200, and an
+    /// attempt answered otherwise is sent once more at once with bk-job's
+    /// `Content-Type: application/x-www-form-urlencoded` (the same body and headers).
+    #[serde(default)]
+    pub compatibility: CallbackCompatibility,
+}
+
+/// See [`CallbacksConfig::compatibility`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CallbackCompatibility {
+    #[default]
+    Fleetrun,
+    BkJob,
 }
 
 /// A callback address outside the networks callbacks may reach.
@@ -280,6 +295,7 @@ mod tests {
         let closed = CallbacksConfig::default();
         let open = CallbacksConfig {
             allow_networks: vec!["127.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
+            ..CallbacksConfig::default()
         };
         for text in ["127.0.0.1", "127.9.9.9", "::ffff:127.0.0.1", "fd00::5"] {
             let e = closed.check(ip(text)).unwrap_err();

@@ -13,8 +13,8 @@ use crate::{
     group::{Condition, DynamicGroup, ObjectKind, Op},
     inventory::InventoryParts,
     model::{
-        Account, AccountCategory, BIZ, Business, BusinessSet, Host, MODULE, Parent, SET, Scope,
-        TopoNode, Value,
+        Account, AccountCategory, AccountRecord, BIZ, Business, BusinessSet, Host, MODULE, Parent,
+        SET, Scope, TopoNode, Value,
     },
     problem::{Field, Item, Location},
 };
@@ -204,6 +204,13 @@ pub(super) fn convert(file: InventoryFile) -> Result<(InventoryParts, Spans), Sh
                 CategoryName::Database => AccountCategory::Database,
             },
             scopes,
+            description: entry.description,
+            record: AccountRecord {
+                creator: entry.creator,
+                create_time: entry.create_time,
+                last_modify_user: entry.last_modify_user,
+                last_modify_time: entry.last_modify_time,
+            },
         });
     }
 

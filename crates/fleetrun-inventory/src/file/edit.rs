@@ -210,6 +210,21 @@ pub enum Change {
     DeleteAccount {
         id: i64,
     },
+    /// Sets an account's description and who created and last changed it, as bk-job's account
+    /// APIs report them; fields left out stay as they are.
+    DescribeAccount {
+        id: i64,
+        #[serde(default)]
+        description: Option<String>,
+        #[serde(default)]
+        creator: Option<String>,
+        #[serde(default)]
+        create_time: Option<i64>,
+        #[serde(default)]
+        last_modify_user: Option<String>,
+        #[serde(default)]
+        last_modify_time: Option<i64>,
+    },
 }
 
 impl Change {
@@ -285,6 +300,7 @@ impl Change {
             Change::CreateAccount { id, .. } => format!("create_account {id}"),
             Change::UpdateAccount { id, .. } => format!("update_account {id}"),
             Change::DeleteAccount { id } => format!("delete_account {id}"),
+            Change::DescribeAccount { id, .. } => format!("describe_account {id}"),
         }
     }
 }
@@ -700,6 +716,26 @@ impl InventoryDocument {
             Change::DeleteAccount { id } => {
                 let i = self.existing(Id::Account(*id))?;
                 self.remove("account", i);
+            }
+            Change::DescribeAccount {
+                id,
+                description,
+                creator,
+                create_time,
+                last_modify_user,
+                last_modify_time,
+            } => {
+                if create_time.is_some_and(|t| t < 0) || last_modify_time.is_some_and(|t| t < 0) {
+                    return refuse(format!(
+                        "account {id}: a time is milliseconds since 1970, not negative"
+                    ));
+                }
+                let t = self.existing_entry(Id::Account(*id))?;
+                put(t, "description", description.as_deref());
+                put(t, "creator", creator.as_deref());
+                put(t, "create_time", *create_time);
+                put(t, "last_modify_user", last_modify_user.as_deref());
+                put(t, "last_modify_time", *last_modify_time);
             }
         }
         Ok(())

@@ -170,6 +170,16 @@ pub(super) struct AccountEntry {
     pub category: CategoryName,
     #[serde(default)]
     pub scopes: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub creator: Option<String>,
+    #[serde(default)]
+    pub create_time: Option<i64>,
+    #[serde(default)]
+    pub last_modify_user: Option<String>,
+    #[serde(default)]
+    pub last_modify_time: Option<i64>,
 }
 
 fn linux() -> String {
