@@ -8,6 +8,7 @@
 //! ```
 
 pub mod api;
+pub mod audit;
 pub mod callback;
 pub mod check;
 pub mod config;
@@ -15,6 +16,9 @@ pub mod engine;
 pub mod gateway;
 pub mod host_run;
 pub mod inventory;
+pub mod metrics;
+pub mod retention;
+pub mod secret_source;
 pub mod secrets;
 pub mod status;
 
@@ -43,6 +47,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Whether the QUIC listener agents connect to is accepting (for `/readyz`).
     pub agent_listener_up: Arc<std::sync::atomic::AtomicBool>,
+    /// Where state-changing API calls are recorded.
+    pub audit: audit::AuditLog,
 }
 
 /// A started controller.
@@ -68,6 +74,7 @@ impl Controller {
     /// Opens the store, ends jobs a previous run left unfinished, and starts serving.
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
         // The store creates the database's directory, readable by this user only.
+        metrics::install();
         let store = Store::open(&config.database)
             .await
             .with_context(|| format!("opening database {}", config.database.display()))?;
@@ -154,7 +161,13 @@ impl Controller {
             cipher,
             shutdown: shutdown.clone(),
             agent_listener_up,
+            audit: audit::AuditLog::start(store.clone()).await?,
         });
+        tasks.spawn(retention::run(
+            store.clone(),
+            shared.config.retention.clone(),
+            shutdown.clone(),
+        ));
         let limits = shared.config.limits.clone();
         let app = api::router(shared);
         tasks.spawn(api::serve(listener, app, limits, shutdown.clone()));

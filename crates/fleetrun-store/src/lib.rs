@@ -8,12 +8,15 @@
 //! **Architecture invariant:** only this crate speaks SQL.
 
 mod agent_trust;
+mod audit;
 mod callbacks;
 mod health;
 mod inventory;
 mod model;
+mod retention;
 mod schema;
 mod scripts;
+mod stats;
 mod watch;
 mod writer;
 
@@ -26,6 +29,7 @@ use sqlx::{
 use tokio::sync::{mpsc, oneshot};
 
 pub use agent_trust::{AddressClaim, Revocation};
+pub use audit::{AuditFilter, AuditHasher, AuditRecord, NewAuditEntry};
 pub use callbacks::{
     CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
 };
@@ -39,6 +43,7 @@ pub use scripts::{
     NewScript, ScriptFilter, ScriptRecord, ScriptVersionRecord, ScriptsError,
     status_name as script_status_name,
 };
+pub use stats::AgentCount;
 pub use watch::JobWatch;
 pub use writer::Write;
 

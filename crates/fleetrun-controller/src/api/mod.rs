@@ -9,6 +9,7 @@
 //! **Architecture invariant:** bk-job codes and messages are made here and nowhere else.
 
 mod admin;
+mod audit_log;
 mod auth;
 mod error;
 mod execute;
@@ -37,7 +38,7 @@ use tracing::Instrument;
 
 pub use error::ApiError;
 pub use params::MAX_BODY;
-pub use serve::serve;
+pub use serve::{PeerAddr, serve};
 
 use crate::Shared;
 
@@ -61,6 +62,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     router
         .route("/healthz", axum::routing::get(health::healthz))
         .route("/readyz", axum::routing::get(health::readyz))
+        .route("/metrics", axum::routing::get(crate::metrics::serve_metrics))
         .fallback(not_found)
         .layer(Extension(gate))
         .with_state(shared)
@@ -93,6 +95,8 @@ const APIS: &[&str] = &[
     "unrevoke_agent",
     "list_revoked_agents",
     "get_callback_status",
+    "get_audit_log",
+    "verify_audit_log",
 ];
 
 /// A path that names no API: HTTP 404 (a client or proxy retrying on 5xx, or treating 200 as
@@ -114,9 +118,11 @@ async fn dispatch(
     method: Method,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
+    peer: Option<Extension<PeerAddr>>,
     body: Body,
 ) -> Response {
     let request_id = new_request_id();
+    let started = std::time::Instant::now();
     // The path is the client's text, logged before it is authenticated: `?` escapes it, so a
     // newline in it cannot start a forged log line.
     let span = tracing::info_span!(
@@ -126,14 +132,17 @@ async fn dispatch(
         app = tracing::field::Empty,
         operator = tracing::field::Empty,
     );
-    if !APIS.contains(&api.as_str()) {
+    let Some(api_name) = APIS.iter().copied().find(|name| *name == api) else {
         let result = Err(unknown_api(format!(
             "unsupported API: {}",
             api.escape_debug()
         )));
         span.in_scope(|| log_result(&result));
+        crate::metrics::api_request("unknown", error::code::API_UNSUPPORTED, started.elapsed());
         return envelope(&request_id, result);
-    }
+    };
+    // Who asked for a change, and what: filled once the caller is authenticated.
+    let mut audited = None;
     let result = async {
         // The turn is held until the reply is made.
         let intake::Admitted {
@@ -142,6 +151,13 @@ async fn dispatch(
             turn: _turn,
         } = intake::read(&shared, &gate, &method, &headers, query.as_deref(), body).await?;
         tracing::debug!("request");
+        if crate::audit::is_state_changing(api_name) {
+            audited = Some((
+                caller.app_code.clone(),
+                caller.username.clone(),
+                crate::audit::summarize(&params.0),
+            ));
+        }
         match api.as_str() {
             "fast_execute_script" => execute::fast_execute_script(&shared, &caller, &params).await,
             "get_job_instance_status" => {
@@ -188,6 +204,8 @@ async fn dispatch(
             "unrevoke_agent" => admin::unrevoke_agent(&shared, &caller, &params).await,
             "list_revoked_agents" => admin::list_revoked_agents(&shared, &caller).await,
             "get_callback_status" => query::get_callback_status(&shared, &caller, &params).await,
+            "get_audit_log" => audit_log::get_audit_log(&shared, &caller, &params).await,
+            "verify_audit_log" => audit_log::verify_audit_log(&shared, &caller).await,
             _ => Err(unknown_api(format!(
                 "unsupported API: {}",
                 api.escape_debug()
@@ -197,6 +215,25 @@ async fn dispatch(
     .instrument(span.clone())
     .await;
     span.in_scope(|| log_result(&result));
+    let code = result.as_ref().map_or_else(|e| e.code, |_| 0);
+    if let Some((app_code, operator, change)) = audited {
+        let entry = fleetrun_store::NewAuditEntry {
+            at: crate::now_ms(),
+            app_code,
+            operator,
+            source: peer.map_or_else(String::new, |Extension(PeerAddr(a))| a.to_string()),
+            request_id: request_id.clone(),
+            api: api_name.to_owned(),
+            change,
+            outcome_code: code,
+            outcome: result
+                .as_ref()
+                .map_or_else(|e| e.message.clone(), |_| "ok".to_owned()),
+        };
+        // The reply waits for its entry; a trail that cannot take it is logged with the entry.
+        let _ = shared.audit.append(entry).await;
+    }
+    crate::metrics::api_request(api_name, code, started.elapsed());
     envelope(&request_id, result)
 }
 

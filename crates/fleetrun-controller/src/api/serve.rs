@@ -17,6 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::LimitsConfig;
 
+/// The address of the client a request came from (the TCP peer), in the request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// The most one read from a connection holds (the request head must fit in it too), so the most
 /// a body chunk can take an unauthenticated request past its permitted prefix.
 pub(crate) const READ_BUFFER_BYTES: usize = 64 * 1024;
@@ -57,8 +61,15 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
+        let tagged = tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(PeerAddr(peer));
+                request
+            },
+        );
         let connection =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(tagged));
         let shutdown = shutdown.clone();
         open.spawn(async move {
             let _permit = permit;
