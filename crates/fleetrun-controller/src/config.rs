@@ -44,6 +44,25 @@ pub struct Config {
     /// How long finished jobs are kept.
     #[serde(default)]
     pub retention: crate::retention::RetentionConfig,
+    /// The HTTP API's own settings.
+    #[serde(default)]
+    pub api: ApiConfig,
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// HTTPS for the API; plain HTTP without it.
+    pub tls: Option<ApiTlsConfig>,
+}
+
+/// The API's certificate chain and key (PEM), read again on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Who may scrape `/metrics`.

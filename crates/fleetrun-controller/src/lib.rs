@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod backup;
 pub mod callback;
 pub mod check;
 pub mod config;

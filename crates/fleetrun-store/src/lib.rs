@@ -9,6 +9,7 @@
 
 mod agent_trust;
 mod audit;
+mod backup;
 mod callbacks;
 mod health;
 mod inventory;
@@ -29,6 +30,7 @@ use sqlx::{
 use tokio::sync::{mpsc, oneshot};
 
 pub use agent_trust::{AddressClaim, Revocation};
+pub use backup::{backup_database, check_database, restore_database};
 pub use audit::{AuditFilter, AuditHasher, AuditRecord, NewAuditEntry};
 pub use callbacks::{
     CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
