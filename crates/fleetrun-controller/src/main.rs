@@ -140,6 +140,11 @@ fn main() -> ExitCode {
                         if let Err(e) = controller.reload_inventory().await {
                             tracing::error!("inventory not reloaded, the previous one stays: {e}");
                         }
+                        match controller.reload_api_tls() {
+                            Ok(true) => tracing::info!("API TLS certificate reloaded: a new certificate is in force"),
+                            Ok(false) => {}
+                            Err(e) => tracing::error!("API TLS not reloaded, the certificate in force stays: {e}"),
+                        }
                     }
                 }
             }
