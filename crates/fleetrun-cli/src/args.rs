@@ -205,6 +205,8 @@ Examples:
     /// Revoke an agent, lift a revocation, list the revoked agents
     #[command(subcommand, after_help = AGENTS_HELP)]
     Agents(AgentsCommand),
+    /// Read the controller's audit trail, or verify its hash chain
+    Audit(crate::audit::AuditArgs),
 }
 
 #[derive(Debug, Subcommand)]

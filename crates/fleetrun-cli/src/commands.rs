@@ -70,6 +70,7 @@ pub async fn dispatch(cli: &Cli) -> Result<u8, CliError> {
             Some(command) => admin::run(&ctx, Ok(admin::account_change(command))).await,
         },
         Command::Agents(command) => admin::agents(&ctx, command).await,
+        Command::Audit(args) => crate::audit::run(&ctx, args).await,
     }
 }
 

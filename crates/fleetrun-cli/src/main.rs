@@ -11,6 +11,7 @@
 
 mod admin;
 mod args;
+mod audit;
 mod client;
 mod commands;
 mod display;

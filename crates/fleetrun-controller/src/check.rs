@@ -53,6 +53,14 @@ pub fn check_config(path: &Path) -> Result<String, Vec<String>> {
         problems.push(format!("{}{location}: {e}", path.display()));
     }
 
+    if let Some(files) = &config.api.tls
+        && let Err(e) = crate::tls_api::server_config(files)
+    {
+        let key = if e.starts_with("api.tls.key") { "key" } else { "cert" };
+        let location = at(&[Key::Name("api"), Key::Name("tls"), Key::Name(key)]);
+        problems.push(format!("{}{location}: {e}", path.display()));
+    }
+
     let inventory = match crate::inventory::check(&config) {
         Ok(inventory) => Some(inventory),
         Err(e) => {

@@ -40,6 +40,74 @@ pub struct Config {
     pub callbacks: crate::callback::CallbacksConfig,
     #[serde(default)]
     pub agents: AgentsConfig,
+    /// `/metrics`; not served without this section.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+    /// How long finished jobs are kept.
+    #[serde(default)]
+    pub retention: crate::retention::RetentionConfig,
+    /// The HTTP API's own settings.
+    #[serde(default)]
+    pub api: ApiConfig,
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// HTTPS for the API; plain HTTP without it.
+    pub tls: Option<ApiTlsConfig>,
+}
+
+/// The API's certificate chain and key (PEM), read again on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Who may scrape `/metrics`.
+#[derive(Clone, Deserialize)]
+#[serde(try_from = "MetricsConfigFile")]
+pub struct MetricsConfig {
+    /// The token scrapers send as `Authorization: Bearer <token>`.
+    pub bearer_token: String,
+}
+
+impl std::fmt::Debug for MetricsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsConfig").finish_non_exhaustive()
+    }
+}
+
+/// `[metrics]` as written: the token as text, or where to find it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsConfigFile {
+    bearer_token: Option<String>,
+    bearer_token_env: Option<String>,
+    bearer_token_file: Option<PathBuf>,
+}
+
+impl TryFrom<MetricsConfigFile> for MetricsConfig {
+    type Error = String;
+    fn try_from(file: MetricsConfigFile) -> Result<Self, String> {
+        let token = crate::secret_source::SecretSource {
+            key: "bearer_token",
+            text: file.bearer_token.as_deref(),
+            env: file.bearer_token_env.as_deref(),
+            file: file.bearer_token_file.as_deref(),
+        }
+        .resolve()?
+        .ok_or("bearer_token (or bearer_token_env, bearer_token_file) is required")?;
+        if token.len() < 16 {
+            return Err("bearer_token must be at least 16 characters".to_owned());
+        }
+        Ok(Self {
+            bearer_token: token,
+        })
+    }
 }
 
 /// Which agents may register, and what their claims about themselves are worth.
@@ -572,6 +640,9 @@ impl Config {
                     l.http_unauthenticated_body_bytes, l.http_unauthenticated_total_bytes
                 ),
             ));
+        }
+        if let Some((key, message)) = self.retention.problem() {
+            return Err(Invalid::new(&[Name("retention"), Name(key)], message));
         }
         Ok(())
     }

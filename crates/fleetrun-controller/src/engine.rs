@@ -256,6 +256,7 @@ impl Engine {
             at,
         })
         .await;
+        crate::metrics::job_finished(status, at - started);
         if let Some(callbacks) = &self.callbacks {
             callbacks.job_ended(job_instance_id);
         }
@@ -321,6 +322,7 @@ impl HostRun {
             ..Outcome::default()
         });
         let status = outcome.status;
+        crate::metrics::host_finished(status);
         self.engine
             .write(Write::HostFinished {
                 step_instance_id: self.step_instance_id,
@@ -337,6 +339,7 @@ impl HostRun {
         machine: &mut HostTask,
     ) -> Option<Outcome> {
         let request = self.request.take()?;
+        let dispatch_started = std::time::Instant::now();
         // Opening a stream waits while the agent has all the task streams it allows open, and
         // writing the request waits while the agent reads none of it: a termination still ends
         // the host within the grace period, so both steps follow the machine's events.
@@ -378,6 +381,7 @@ impl HostRun {
             let actions = machine.handle(now_ms(), Event::Lost(why));
             return self.execute(machine, actions, Some(&mut send)).await;
         }
+        metrics::histogram!("fleetrun_dispatch_seconds").record(dispatch_started.elapsed());
         if cancel_seen {
             // Terminated while the request was on its way: the agent hears of it now.
             let actions = vec![Action::SendCancel];
@@ -451,6 +455,7 @@ impl HostRun {
         while let Some(action) = actions.pop_front() {
             match action {
                 Action::Log { offset, data } => {
+                    metrics::counter!("fleetrun_output_bytes_total").increment(data.len() as u64);
                     self.engine
                         .write(Write::HostLog {
                             step_instance_id: self.step_instance_id,

@@ -8,6 +8,8 @@
 //! ```
 
 pub mod api;
+pub mod audit;
+pub mod backup;
 pub mod callback;
 pub mod check;
 pub mod config;
@@ -15,8 +17,12 @@ pub mod engine;
 pub mod gateway;
 pub mod host_run;
 pub mod inventory;
+pub mod metrics;
+pub mod retention;
+pub mod secret_source;
 pub mod secrets;
 pub mod status;
+pub mod tls_api;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -43,6 +49,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Whether the QUIC listener agents connect to is accepting (for `/readyz`).
     pub agent_listener_up: Arc<std::sync::atomic::AtomicBool>,
+    /// Where state-changing API calls are recorded.
+    pub audit: audit::AuditLog,
 }
 
 /// A started controller.
@@ -54,6 +62,8 @@ pub struct Controller {
     tasks: tokio::task::JoinSet<()>,
     store: Store,
     inventory: Arc<inventory::InventoryState>,
+    /// The API's TLS configuration, read again on reload.
+    api_tls: Option<Arc<tls_api::ApiTls>>,
 }
 
 /// Unix time in milliseconds, as bk-job reports times.
@@ -68,6 +78,7 @@ impl Controller {
     /// Opens the store, ends jobs a previous run left unfinished, and starts serving.
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
         // The store creates the database's directory, readable by this user only.
+        metrics::install();
         let store = Store::open_database(&config.database)
             .await
             .with_context(|| format!("opening database {}", config.database))?;
@@ -100,6 +111,21 @@ impl Controller {
             timing,
         )?;
         let agent_addr = endpoint.local_addr()?;
+        let api_tls = match &config.api.tls {
+            Some(files) => Some(Arc::new(
+                tls_api::ApiTls::load(files).map_err(|e| anyhow::anyhow!(e))?,
+            )),
+            None => {
+                if !config.http_listen.ip().is_loopback() {
+                    tracing::warn!(
+                        http_listen = %config.http_listen,
+                        "the API listens on a non-loopback address without TLS: credentials and \
+                         scripts cross the network in clear; configure [api] tls"
+                    );
+                }
+                None
+            }
+        };
         let listener = tokio::net::TcpListener::bind(config.http_listen)
             .await
             .with_context(|| format!("binding HTTP {}", config.http_listen))?;
@@ -154,10 +180,22 @@ impl Controller {
             cipher,
             shutdown: shutdown.clone(),
             agent_listener_up,
+            audit: audit::AuditLog::start(store.clone()).await?,
         });
+        tasks.spawn(retention::run(
+            store.clone(),
+            shared.config.retention.clone(),
+            shutdown.clone(),
+        ));
         let limits = shared.config.limits.clone();
         let app = api::router(shared);
-        tasks.spawn(api::serve(listener, app, limits, shutdown.clone()));
+        tasks.spawn(api::serve(
+            listener,
+            app,
+            limits,
+            api_tls.clone(),
+            shutdown.clone(),
+        ));
         tracing::info!(%http_addr, %agent_addr, "controller started");
         Ok(Self {
             http_addr,
@@ -166,7 +204,17 @@ impl Controller {
             tasks,
             store,
             inventory,
+            api_tls,
         })
+    }
+
+    /// Reads the API's certificate and key again (on SIGHUP); whether the certificate changed.
+    /// Files that do not load leave the ones in force.
+    pub fn reload_api_tls(&self) -> Result<bool, String> {
+        match &self.api_tls {
+            Some(tls) => tls.reload(),
+            None => Ok(false),
+        }
     }
 
     /// Imports the inventory file again (on SIGHUP) if it changed since it was last imported; an

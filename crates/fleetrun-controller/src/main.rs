@@ -23,6 +23,19 @@ enum Command {
     /// exits 0 with a summary when the controller would start with it, 78 with every problem
     /// found otherwise.
     CheckConfig,
+    /// Writes a consistent copy of the database (taken while the controller runs), the
+    /// parameter key, the configuration, TLS and inventory files into the new directory PATH,
+    /// with a manifest of their SHA-256 digests. For PostgreSQL, prints the pg_dump procedure.
+    Backup {
+        /// A directory that does not exist yet (or is empty)
+        path: PathBuf,
+    },
+    /// Puts the database and parameter key of the backup in PATH in place; the controller must
+    /// be stopped. Every file's digest is checked first.
+    Restore {
+        /// A directory written by `backup`
+        path: PathBuf,
+    },
 }
 
 /// sysexits' EX_CONFIG: the configuration is unusable.
@@ -49,6 +62,36 @@ fn main() -> ExitCode {
                     eprintln!("{problem}");
                 }
                 ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
+    if let Some(Command::Backup { path } | Command::Restore { path }) = &args.command {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let done = runtime.block_on(async {
+            match &args.command {
+                Some(Command::Backup { .. }) => {
+                    fleetrun_controller::backup::backup(&config_path, path).await
+                }
+                _ => fleetrun_controller::backup::restore(&config_path, path).await,
+            }
+        });
+        return match done {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fleetrun-controller: {e:#}");
+                ExitCode::FAILURE
             }
         };
     }
@@ -96,6 +139,11 @@ fn main() -> ExitCode {
                     _ = hangup.recv() => {
                         if let Err(e) = controller.reload_inventory().await {
                             tracing::error!("inventory not reloaded, the previous one stays: {e}");
+                        }
+                        match controller.reload_api_tls() {
+                            Ok(true) => tracing::info!("API TLS certificate reloaded: a new certificate is in force"),
+                            Ok(false) => {}
+                            Err(e) => tracing::error!("API TLS not reloaded, the certificate in force stays: {e}"),
                         }
                     }
                 }

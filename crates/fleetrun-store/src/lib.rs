@@ -12,14 +12,18 @@
 //! **Architecture invariant:** only this crate speaks SQL.
 
 mod agent_trust;
+mod audit;
 mod backend;
+mod backup;
 mod callbacks;
 mod health;
 mod inventory;
 mod model;
+mod retention;
 pub mod scratch;
 mod schema;
 mod scripts;
+mod stats;
 mod watch;
 mod writer;
 
@@ -31,7 +35,9 @@ use tokio::sync::{mpsc, oneshot};
 use backend::{Dialect, Statement};
 
 pub use agent_trust::{AddressClaim, Revocation};
+pub use audit::{AuditFilter, AuditHasher, AuditRecord, NewAuditEntry};
 pub use backend::{Database, DatabaseParseError};
+pub use backup::{backup_database, check_database, restore_database};
 pub use callbacks::{
     CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
 };
@@ -45,6 +51,7 @@ pub use scripts::{
     DRAFT as SCRIPT_DRAFT, NewScript, ScriptBasics, ScriptFilter, ScriptRecord,
     ScriptVersionRecord, ScriptsError, status_name as script_status_name,
 };
+pub use stats::AgentCount;
 pub use watch::JobWatch;
 pub use writer::Write;
 

@@ -58,6 +58,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0006_write_probe.sql"),
         include_str!("../migrations/postgres/0006_write_probe.sql"),
     ),
+    (
+        8,
+        "audit",
+        include_str!("../migrations/sqlite/0008_audit.sql"),
+        include_str!("../migrations/postgres/0008_audit.sql"),
+    ),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them.

@@ -247,7 +247,9 @@ impl Writer {
         let n = self.pending.len().min(BATCH);
         let batch = &self.pending.make_contiguous()[..n];
         let mut connection = self.pool.acquire().await?;
+        let started = std::time::Instant::now();
         let committed = commit(&mut connection, batch, self.dialect).await;
+        metrics::histogram!("fleetrun_store_commit_seconds").record(started.elapsed());
         crate::health::discard_if_broken(&mut connection, &committed);
         committed?;
         self.watchers.committed(batch);

@@ -10,6 +10,7 @@
 
 mod accounts;
 mod admin;
+mod audit_log;
 mod auth;
 mod error;
 mod execute;
@@ -40,7 +41,7 @@ use tracing::Instrument;
 
 pub use error::ApiError;
 pub use params::MAX_BODY;
-pub use serve::serve;
+pub use serve::{PeerAddr, serve};
 
 use crate::Shared;
 
@@ -70,6 +71,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     router
         .route("/healthz", axum::routing::get(health::healthz))
         .route("/readyz", axum::routing::get(health::readyz))
+        .route("/metrics", axum::routing::get(crate::metrics::serve_metrics))
         .fallback(not_found)
         .layer(Extension(gate))
         .with_state(shared)
@@ -98,11 +100,34 @@ const APIS: &[&str] = &[
     "unrevoke_agent",
     "list_revoked_agents",
     "get_callback_status",
+    "get_audit_log",
+    "verify_audit_log",
 ];
 
-/// Whether `api` names an API [`dispatch`] serves.
-fn is_served(api: &str) -> bool {
-    APIS.contains(&api) || scripts::APIS.contains(&api) || scripts::business_name(api).is_some()
+/// bk-job's public-script APIs: the business ones' twins, served by [`scripts::call`] with the
+/// public-script permission.
+const PUBLIC_SCRIPT_APIS: &[&str] = &[
+    "get_public_script_list",
+    "get_public_script_version_list",
+    "get_public_script_version_detail",
+    "create_public_script",
+    "create_public_script_version",
+    "update_public_script_basic",
+    "update_public_script_version",
+    "delete_public_script",
+    "delete_public_script_version",
+    "publish_public_script_version",
+    "disable_public_script_version",
+];
+
+/// The API [`dispatch`] serves under the name `api`, as the static name metrics and the audit
+/// trail label it with; `None` for a name it does not serve.
+fn served_name(api: &str) -> Option<&'static str> {
+    APIS.iter()
+        .chain(scripts::APIS)
+        .chain(PUBLIC_SCRIPT_APIS)
+        .copied()
+        .find(|name| *name == api)
 }
 
 /// A path that names no API: HTTP 404 (a client or proxy retrying on 5xx, or treating 200 as
@@ -125,9 +150,11 @@ async fn dispatch(
     method: Method,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
+    peer: Option<Extension<PeerAddr>>,
     body: Body,
 ) -> Response {
     let request_id = new_request_id();
+    let started = std::time::Instant::now();
     // The path is the client's text, logged before it is authenticated: `?` escapes it, so a
     // newline in it cannot start a forged log line.
     let span = tracing::info_span!(
@@ -137,14 +164,17 @@ async fn dispatch(
         app = tracing::field::Empty,
         operator = tracing::field::Empty,
     );
-    if !is_served(&api) {
+    let Some(api_name) = served_name(&api) else {
         let result = Err(unknown_api(format!(
             "unsupported API: {}",
             api.escape_debug()
         )));
         span.in_scope(|| log_result(&result));
+        crate::metrics::api_request("unknown", error::code::GATEWAY_API_NOT_FOUND, started.elapsed());
         return envelope(&request_id, result);
-    }
+    };
+    // Who asked for a change, and what: filled once the caller is authenticated.
+    let mut audited = None;
     let result = async {
         // The turn is held until the reply is made.
         let intake::Admitted {
@@ -153,6 +183,13 @@ async fn dispatch(
             turn: _turn,
         } = intake::read(&shared, &gate, &method, &headers, query.as_deref(), body).await?;
         tracing::debug!("request");
+        if crate::audit::is_state_changing(api_name) {
+            audited = Some((
+                caller.app_code.clone(),
+                caller.username.clone(),
+                crate::audit::summarize(&params.0),
+            ));
+        }
         match api.as_str() {
             "fast_execute_script" => execute::fast_execute_script(&shared, &caller, &params).await,
             "get_job_instance_status" => {
@@ -185,6 +222,8 @@ async fn dispatch(
             "unrevoke_agent" => admin::unrevoke_agent(&shared, &caller, &params).await,
             "list_revoked_agents" => admin::list_revoked_agents(&shared, &caller).await,
             "get_callback_status" => query::get_callback_status(&shared, &caller, &params).await,
+            "get_audit_log" => audit_log::get_audit_log(&shared, &caller, &params).await,
+            "verify_audit_log" => audit_log::verify_audit_log(&shared, &caller).await,
             name if scripts::APIS.contains(&name) => {
                 scripts::call(name, false, &shared, &caller, &params).await
             }
@@ -200,6 +239,25 @@ async fn dispatch(
     .instrument(span.clone())
     .await;
     span.in_scope(|| log_result(&result));
+    let code = result.as_ref().map_or_else(|e| e.code, |_| 0);
+    if let Some((app_code, operator, change)) = audited {
+        let entry = fleetrun_store::NewAuditEntry {
+            at: crate::now_ms(),
+            app_code,
+            operator,
+            source: peer.map_or_else(String::new, |Extension(PeerAddr(a))| a.to_string()),
+            request_id: request_id.clone(),
+            api: api_name.to_owned(),
+            change,
+            outcome_code: code,
+            outcome: result
+                .as_ref()
+                .map_or_else(|e| e.message.clone(), |_| "ok".to_owned()),
+        };
+        // The reply waits for its entry; a trail that cannot take it is logged with the entry.
+        let _ = shared.audit.append(entry).await;
+    }
+    crate::metrics::api_request(api_name, code, started.elapsed());
     envelope(&request_id, result)
 }
 
@@ -264,4 +322,23 @@ fn envelope(request_id: &str, result: Result<Value, ApiError>) -> Response {
         response.headers_mut().insert("x-request-id", value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_business_script_api_has_its_public_twin_served() {
+        let public: Vec<String> = scripts::APIS
+            .iter()
+            .map(|api| api.replacen("script", "public_script", 1))
+            .collect();
+        assert_eq!(public, PUBLIC_SCRIPT_APIS);
+        for api in PUBLIC_SCRIPT_APIS {
+            assert!(scripts::business_name(api).is_some(), "{api}");
+            assert_eq!(served_name(api), Some(*api));
+        }
+        assert_eq!(served_name("get_public_script_listx"), None);
+    }
 }
