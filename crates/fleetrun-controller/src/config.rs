@@ -38,6 +38,9 @@ pub struct Config {
     pub callbacks: crate::callback::CallbacksConfig,
     #[serde(default)]
     pub agents: AgentsConfig,
+    /// The web console: its users, their scopes and roles.
+    #[serde(default)]
+    pub console: crate::console::ConsoleConfig,
 }
 
 /// Which agents may register, and what their claims about themselves are worth.
@@ -546,6 +549,7 @@ impl Config {
                 ),
             ));
         }
+        self.console.validate(&self.apps)?;
         Ok(())
     }
 }

@@ -11,6 +11,7 @@ pub mod api;
 pub mod callback;
 pub mod check;
 pub mod config;
+pub mod console;
 pub mod engine;
 pub mod gateway;
 pub mod host_run;

@@ -9,6 +9,7 @@
 
 mod agent_trust;
 mod callbacks;
+mod console;
 mod health;
 mod inventory;
 mod model;
@@ -29,6 +30,7 @@ pub use agent_trust::{AddressClaim, Revocation};
 pub use callbacks::{
     CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
 };
+pub use console::LogHead;
 pub use health::Health;
 pub use inventory::{
     InventoryCommitError, InventoryRevision, KEPT_INVENTORY_REVISIONS, NewInventoryRevision,

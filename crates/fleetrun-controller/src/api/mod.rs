@@ -61,6 +61,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     router
         .route("/healthz", axum::routing::get(health::healthz))
         .route("/readyz", axum::routing::get(health::readyz))
+        .merge(crate::console::router(shared.clone()))
         .fallback(not_found)
         .layer(Extension(gate))
         .with_state(shared)

@@ -1,0 +1,396 @@
+//! The web console over plain HTTP: signing in and out, sessions, CSRF tokens, and what a user
+//! limited to one business can reach by typing URLs.
+
+use std::{io::Write as _, process::Stdio, time::Duration};
+
+use anyhow::{Context, Result, ensure};
+use fleetrun_tests::{TestCluster, start_cluster};
+use reqwest::{StatusCode, header};
+use serde_json::json;
+
+/// Passwords of the console users [`with_console`] configures.
+pub const ALICE: (&str, &str) = ("alice", "alice-password-1");
+pub const CAROL: (&str, &str) = ("carol", "carol-password-2");
+pub const VICTOR: (&str, &str) = ("victor", "victor-password-3");
+
+/// An argon2 hash made by `fleetrun-controller hash-password`.
+fn hash(cluster: &TestCluster, password: &str) -> Result<String> {
+    let mut child = std::process::Command::new(cluster.bin_dir.join("fleetrun-controller"))
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    writeln!(child.stdin.take().context("stdin")?, "{password}")?;
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "hash-password failed");
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+/// A cluster whose controller serves the console to alice (operator, every scope), carol
+/// (operator of business 3 only; every agent's host is in business 2) and victor (viewer).
+pub async fn with_console(agents: usize) -> Result<TestCluster> {
+    let mut cluster = start_cluster(agents).await?;
+    let users = [
+        (ALICE, "[\"*\"]", "operator"),
+        (CAROL, "[\"biz:3\"]", "operator"),
+        (VICTOR, "[\"*\"]", "viewer"),
+    ];
+    let mut section = format!("\n[console]\napp = \"{}\"\n", cluster.info.bk_app_code);
+    for ((name, password), scopes, role) in users {
+        section.push_str(&format!(
+            "\n[[console.users]]\nname = \"{name}\"\npassword_hash = \"{}\"\nscopes = {scopes}\nrole = \"{role}\"\n",
+            hash(&cluster, password)?
+        ));
+    }
+    cluster.kill_controller()?;
+    let mut config = std::fs::read_to_string(&cluster.controller_config)?;
+    config.push_str(&section);
+    std::fs::write(&cluster.controller_config, config)?;
+    cluster.start_controller().await?;
+    let ids: Vec<String> = cluster.agents.iter().map(|a| a.agent_id.clone()).collect();
+    cluster.wait_online(&ids, Duration::from_secs(30)).await?;
+    Ok(cluster)
+}
+
+/// A console client that keeps its cookies by hand and does not follow redirects.
+struct ConsoleClient {
+    http: reqwest::Client,
+    base: String,
+    cookies: Vec<(String, String)>,
+}
+
+impl ConsoleClient {
+    fn new(cluster: &TestCluster) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            base: cluster.info.api_url.trim_end_matches('/').to_owned(),
+            cookies: Vec::new(),
+        }
+    }
+
+    fn keep_cookies(&mut self, response: &reqwest::Response) {
+        for value in response.headers().get_all(header::SET_COOKIE) {
+            let text = value.to_str().unwrap_or("");
+            let pair = text.split(';').next().unwrap_or("");
+            if let Some((k, v)) = pair.split_once('=') {
+                self.cookies.retain(|(name, _)| name != k);
+                if !v.is_empty() {
+                    self.cookies.push((k.to_owned(), v.to_owned()));
+                }
+            }
+        }
+    }
+
+    fn cookie_header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    async fn get(&mut self, path: &str) -> Result<(StatusCode, String)> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header(header::COOKIE, self.cookie_header())
+            .send()
+            .await?;
+        self.keep_cookies(&response);
+        let status = response.status();
+        Ok((status, response.text().await?))
+    }
+
+    async fn post(
+        &mut self,
+        path: &str,
+        form: &[(&str, &str)],
+    ) -> Result<(StatusCode, String, Option<String>)> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header(header::COOKIE, self.cookie_header())
+            .form(form)
+            .send()
+            .await?;
+        self.keep_cookies(&response);
+        let status = response.status();
+        let location = response
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Ok((status, response.text().await?, location))
+    }
+
+    /// Signs in; returns the session's CSRF token (from a page's forms).
+    async fn sign_in(&mut self, (user, password): (&str, &str)) -> Result<String> {
+        let (status, page) = self.get("/console/login").await?;
+        ensure!(status == StatusCode::OK, "login page: {status}");
+        let token = hidden(&page, "csrf").context("the sign-in form has no token")?;
+        let (status, body, location) = self
+            .post(
+                "/console/login",
+                &[("csrf", &token), ("user", user), ("password", password)],
+            )
+            .await?;
+        ensure!(status == StatusCode::SEE_OTHER, "sign-in: {status} {body}");
+        ensure!(location.as_deref() == Some("/console/jobs"), "{location:?}");
+        let (status, page) = self.get("/console/jobs").await?;
+        ensure!(
+            status == StatusCode::OK,
+            "jobs page after sign-in: {status}"
+        );
+        hidden(&page, "csrf").context("no csrf token on the jobs page")
+    }
+}
+
+/// From a day ago to a day ahead, in ms: what `get_job_instance_list` accepts.
+fn today() -> (i64, i64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    (now - 86_400_000, now + 86_400_000)
+}
+
+async fn job_count(cluster: &TestCluster) -> Result<i64> {
+    let mut body = cluster.info.scope();
+    let (start, end) = today();
+    body["create_time_start"] = json!(start);
+    body["create_time_end"] = json!(end);
+    let listed = cluster.client().call("get_job_instance_list", body).await?;
+    listed["total"].as_i64().context("total")
+}
+
+/// The value of the first hidden input named `name`.
+fn hidden(page: &str, name: &str) -> Option<String> {
+    let at = page.find(&format!(r#"name="{name}" value=""#))?;
+    let rest = &page[at + name.len() + 15..];
+    Some(rest[..rest.find('"')?].to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forms_without_the_csrf_token_are_refused_and_do_nothing() -> Result<()> {
+    let cluster = with_console(1).await?;
+    let (job, _, _) = cluster
+        .run_job(cluster.script_request("echo hi", &cluster.host_ids(), json!({})))
+        .await?;
+
+    // Signing in needs the token of the form's cookie.
+    let mut anonymous = ConsoleClient::new(&cluster);
+    let (status, _, _) = anonymous
+        .post(
+            "/console/login",
+            &[("user", ALICE.0), ("password", ALICE.1)],
+        )
+        .await?;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = anonymous.get("/console/jobs").await?;
+    assert_eq!(status, StatusCode::SEE_OTHER, "still signed out");
+
+    let mut alice = ConsoleClient::new(&cluster);
+    let csrf = alice.sign_in(ALICE).await?;
+    let hosts = cluster.host_ids()[0].to_string();
+    let scope = format!(
+        "{}:{}",
+        cluster.info.bk_scope_type, cluster.info.bk_scope_id
+    );
+    let run = [
+        ("scope", scope.as_str()),
+        ("script", "echo should not run"),
+        ("language", "1"),
+        ("account", "1"),
+        ("host_ids", hosts.as_str()),
+        ("action", "run"),
+    ];
+    let before = job_count(&cluster).await?;
+    for token in [None, Some("forged-token"), Some("")] {
+        let mut form: Vec<(&str, &str)> = run.to_vec();
+        if let Some(token) = token {
+            form.push(("csrf", token));
+        }
+        let (status, body, _) = alice.post("/console/execute", &form).await?;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{token:?}: {body}");
+        assert!(body.contains("csrf"), "{body}");
+        let (status, _, _) = alice
+            .post(
+                &format!("/console/jobs/{job}/retry"),
+                &[("csrf", token.unwrap_or("x"))],
+            )
+            .await?;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let (status, _, _) = alice.post("/console/logout", &[]).await?;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+    assert_eq!(job_count(&cluster).await?, before, "no job was created");
+    // The session survived the refused logouts; with the token the same form runs.
+    let mut form: Vec<(&str, &str)> = run.to_vec();
+    form.push(("csrf", &csrf));
+    let (status, body, location) = alice.post("/console/execute", &form).await?;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
+    let location = location.context("redirect to the new job")?;
+    let new_job: i64 = location.trim_start_matches("/console/jobs/").parse()?;
+    let status = cluster
+        .client()
+        .wait_job(&cluster.info.scope(), new_job, Duration::from_secs(60))
+        .await?;
+    assert_eq!(status["job_instance"]["status"], 3, "{status}");
+    // Recorded as run by the console user.
+    let mut body = cluster.info.scope();
+    let (start, end) = today();
+    body["create_time_start"] = json!(start);
+    body["create_time_end"] = json!(end);
+    body["job_instance_id"] = json!(new_job);
+    let listed = cluster.client().call("get_job_instance_list", body).await?;
+    assert_eq!(listed["data"][0]["operator"], "alice", "{listed}");
+
+    // Logout with the token ends the session: its cookie no longer opens pages.
+    let session = alice.cookies.clone();
+    let (status, _, _) = alice.post("/console/logout", &[("csrf", &csrf)]).await?;
+    assert_eq!(status, StatusCode::OK);
+    alice.cookies = session;
+    let (status, _) = alice.get("/console/jobs").await?;
+    assert_eq!(
+        status,
+        StatusCode::SEE_OTHER,
+        "the old session cookie is dead"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sign_in_refuses_wrong_passwords_and_viewers_cannot_act() -> Result<()> {
+    let cluster = with_console(1).await?;
+    let mut client = ConsoleClient::new(&cluster);
+    let (_, page) = client.get("/console/login").await?;
+    let token = hidden(&page, "csrf").context("token")?;
+    for (user, password) in [(ALICE.0, "wrong"), ("mallory", "anything"), (ALICE.0, "")] {
+        let (status, body, _) = client
+            .post(
+                "/console/login",
+                &[("csrf", &token), ("user", user), ("password", password)],
+            )
+            .await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{user}");
+        assert!(body.contains("Wrong user name or password"), "{body}");
+    }
+    // A forged session cookie opens nothing.
+    client.cookies = vec![("fleetrun_session".to_owned(), "forged".to_owned())];
+    let (status, _) = client.get("/console/jobs").await?;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+
+    let mut victor = ConsoleClient::new(&cluster);
+    let csrf = victor.sign_in(VICTOR).await?;
+    let hosts = cluster.host_ids()[0].to_string();
+    let scope = format!(
+        "{}:{}",
+        cluster.info.bk_scope_type, cluster.info.bk_scope_id
+    );
+    let (status, body, _) = victor
+        .post(
+            "/console/execute",
+            &[
+                ("csrf", &csrf),
+                ("scope", &scope),
+                ("script", "echo hi"),
+                ("language", "1"),
+                ("account", "1"),
+                ("host_ids", &hosts),
+                ("action", "run"),
+            ],
+        )
+        .await?;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("viewer"), "{body}");
+    // A preview is allowed.
+    let (status, body, _) = victor
+        .post(
+            "/console/execute",
+            &[
+                ("csrf", &csrf),
+                ("scope", &scope),
+                ("script", "echo hi"),
+                ("host_ids", &hosts),
+                ("action", "preview"),
+            ],
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("1 host<"), "{body}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_of_one_business_reaches_nothing_of_another_by_url() -> Result<()> {
+    let cluster = with_console(1).await?;
+    let (job, _, _) = cluster
+        .run_job(cluster.script_request("echo secret-output", &cluster.host_ids(), json!({})))
+        .await?;
+    let host = cluster.host_ids()[0];
+    let mut carol = ConsoleClient::new(&cluster);
+    let csrf = carol.sign_in(CAROL).await?;
+    for path in [
+        format!("/console/jobs/{job}"),
+        format!("/console/jobs/{job}?fragment=1"),
+        format!("/console/jobs/{job}/events"),
+        format!("/console/jobs/{job}/hosts/{host}"),
+        format!("/console/jobs/{job}/hosts/{host}/log?download=1"),
+        "/console/jobs?scope=biz:2".to_owned(),
+        "/console/scripts?scope=biz:2".to_owned(),
+        "/console/topology?scope=biz:2".to_owned(),
+        "/console/execute?scope=biz:2".to_owned(),
+    ] {
+        let (status, body) = carol.get(&path).await?;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+        assert!(!body.contains("secret-output"), "{path}");
+    }
+    // An unknown job reads the same as one of another business.
+    let (_, unknown) = carol.get("/console/jobs/999999").await?;
+    let (_, other) = carol.get(&format!("/console/jobs/{job}")).await?;
+    assert_eq!(
+        unknown.replace("999999", "N"),
+        other.replace(&job.to_string(), "N")
+    );
+
+    // Her own business lists none of business 2's jobs or hosts.
+    let (status, jobs) = carol.get("/console/jobs").await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(jobs.contains("No jobs match"), "{jobs}");
+    let (_, hosts) = carol.get("/console/hosts").await?;
+    for h in &cluster.info.hosts {
+        assert!(
+            !hosts.contains(&format!(">{}:{}<", h.bk_cloud_id, h.ip)),
+            "{hosts}"
+        );
+    }
+    // Nor can she act on them.
+    for path in [
+        format!("/console/jobs/{job}/retry"),
+        format!("/console/jobs/{job}/terminate"),
+    ] {
+        let (status, _, _) = carol.post(&path, &[("csrf", &csrf)]).await?;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+    // Targeting a host of business 2 from her business: the host is not there for her.
+    let (status, body, _) = carol
+        .post(
+            "/console/execute",
+            &[
+                ("csrf", &csrf),
+                ("scope", "biz:3"),
+                ("script", "echo hi"),
+                ("language", "1"),
+                ("host_ids", &host.to_string()),
+                ("action", "preview"),
+            ],
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("hosts not in the inventory"), "{body}");
+    assert!(!body.contains("outside the scope"), "{body}");
+    Ok(())
+}
