@@ -398,3 +398,127 @@ async fn a_user_of_one_business_reaches_nothing_of_another_by_url() -> Result<()
     assert!(!body.contains("outside the scope"), "{body}");
     Ok(())
 }
+
+/// Hosts of the large job below.
+const LARGE_JOB_HOSTS: i64 = 10_000;
+
+/// Stores a finished job of [`LARGE_JOB_HOSTS`] hosts (one in ten failed, three different
+/// outputs) as the engine would have left it; returns its id.
+async fn store_large_job(cluster: &mut TestCluster) -> Result<i64> {
+    use sqlx::{Connection as _, Row as _};
+    cluster.kill_controller()?;
+    let options =
+        sqlx::sqlite::SqliteConnectOptions::new().filename(cluster.dir().join("controller.db"));
+    let mut db = sqlx::SqliteConnection::connect_with(&options).await?;
+    let mut tx = db.begin().await?;
+    let (now, _) = today();
+    let now = now + 86_400_000;
+    let job: i64 = sqlx::query(
+        "INSERT INTO job_instance (name, operator, app_code, bk_scope_type, bk_scope_id, status, type, launch_mode, create_time, start_time, end_time)
+         VALUES ('ten thousand hosts', 'alice', 'fleetrun-demo', 'biz', '2', 4, 1, 2, $1, $1, $2) RETURNING job_instance_id",
+    )
+    .bind(now)
+    .bind(now + 42_000)
+    .fetch_one(&mut *tx)
+    .await?
+    .get(0);
+    let step: i64 = sqlx::query(
+        "INSERT INTO step_instance (job_instance_id, name, type, status, script_language, script_content, script_param, is_param_sensitive, timeout, account_id, account, create_time, start_time, end_time)
+         VALUES ($1, 'step', 1, 4, 1, X'6563686f2068690a', '', 0, 60, 1, 'root', $2, $2, $3) RETURNING step_instance_id",
+    )
+    .bind(job)
+    .bind(now)
+    .bind(now + 42_000)
+    .fetch_one(&mut *tx)
+    .await?
+    .get(0);
+    for chunk in (0..LARGE_JOB_HOSTS).collect::<Vec<_>>().chunks(500) {
+        let mut results = sqlx::QueryBuilder::new(
+            "INSERT INTO host_result (step_instance_id, bk_host_id, bk_cloud_id, ip, status, exit_code, start_time, end_time, output_bytes) ",
+        );
+        results.push_values(chunk, |mut row, &i| {
+            let failed = i % 10 == 0;
+            row.push_bind(step)
+                .push_bind(100_000 + i)
+                .push_bind(0)
+                .push_bind(format!("10.{}.{}.{}", i / 65536, i / 256 % 256, i % 256))
+                .push_bind(if failed { 104 } else { 9 })
+                .push_bind(i64::from(failed))
+                .push_bind(now)
+                .push_bind(now + 1000 + i)
+                .push_bind(output(i).len() as i64);
+        });
+        results.build().execute(&mut *tx).await?;
+        let mut logs = sqlx::QueryBuilder::new(
+            "INSERT INTO host_log (step_instance_id, bk_host_id, offset, data) ",
+        );
+        logs.push_values(chunk, |mut row, &i| {
+            row.push_bind(step)
+                .push_bind(100_000 + i)
+                .push_bind(0)
+                .push_bind(output(i).into_bytes());
+        });
+        logs.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    db.close().await?;
+    cluster.start_controller().await?;
+    Ok(job)
+}
+
+fn output(i: i64) -> String {
+    match (i % 10, i % 3) {
+        (0, _) => "error: disk /data is full\n".to_owned(),
+        (_, 0) => "kernel 6.1.0-18\nuptime 12 days\n".to_owned(),
+        _ => "kernel 6.1.0-21\nuptime 3 days\n".to_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ten_thousand_host_job_page_loads_within_a_second() -> Result<()> {
+    let mut cluster = with_console(1).await?;
+    let job = store_large_job(&mut cluster).await?;
+    let mut alice = ConsoleClient::new(&cluster);
+    alice.sign_in(ALICE).await?;
+    let mut timings = Vec::new();
+    for path in [
+        format!("/console/jobs/{job}"),
+        format!("/console/jobs/{job}?fragment=1"),
+        format!("/console/jobs/{job}?q=disk%20%2Fdata&page=3"),
+        format!("/console/jobs/{job}?q=10.0.3."),
+    ] {
+        let started = std::time::Instant::now();
+        let (status, page) = alice.get(&path).await?;
+        let took = started.elapsed();
+        assert_eq!(status, StatusCode::OK, "{path}");
+        timings.push((path.clone(), took, page.len()));
+        assert!(took < Duration::from_secs(1), "{path} took {took:?}");
+        // One page of hosts, whatever the job's size.
+        assert!(page.matches(r#"class="host-log""#).count() <= 100, "{path}");
+        if !path.contains('?') {
+            assert!(page.contains("10000 hosts:"), "{page}");
+            assert!(page.contains("non-zero exit 1000"));
+            // Three groups: the failure first, then the two outputs, larger first.
+            let groups: Vec<&str> = page
+                .match_indices("<strong>")
+                .map(|(i, _)| &page[i + 8..i + 20])
+                .collect();
+            assert_eq!(
+                groups,
+                ["1000 hosts</", "6000 hosts</", "3000 hosts</"],
+                "{groups:?}"
+            );
+        }
+        if path.contains("q=10.0.3.") {
+            assert_eq!(
+                page.matches(r#"class="host-log""#).count(),
+                100,
+                "every 10.0.3.x host"
+            );
+        }
+    }
+    for (path, took, bytes) in &timings {
+        eprintln!("console page {path}: {took:?}, {bytes} bytes");
+    }
+    Ok(())
+}

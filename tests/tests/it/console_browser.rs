@@ -71,6 +71,13 @@ async fn an_operator_runs_watches_investigates_and_retries_in_the_browser() -> R
     browser.click("#preview-button").await?;
     let preview = browser.text("#preview h2").await?;
     ensure!(preview == "3 hosts", "preview: {preview:?}");
+    browser
+        .client
+        .execute(
+            "document.getElementById('preview').scrollIntoView()",
+            vec![],
+        )
+        .await?;
     browser.screenshot("quick-execute").await?;
     browser.click("#run").await?;
 
