@@ -12,6 +12,8 @@ use serde_json::json;
 pub const ALICE: (&str, &str) = ("alice", "alice-password-1");
 pub const CAROL: (&str, &str) = ("carol", "carol-password-2");
 pub const VICTOR: (&str, &str) = ("victor", "victor-password-3");
+/// What the trusted proxy sends in `X-Fleetrun-Proxy-Secret`.
+const PROXY_SECRET: &str = "proxy-secret-0123456789";
 
 /// An argon2 hash made by `fleetrun-controller hash-password`.
 fn hash(cluster: &TestCluster, password: &str) -> Result<String> {
@@ -35,7 +37,10 @@ pub async fn with_console(agents: usize) -> Result<TestCluster> {
         (CAROL, "[\"biz:3\"]", "operator"),
         (VICTOR, "[\"*\"]", "viewer"),
     ];
-    let mut section = format!("\n[console]\napp = \"{}\"\n", cluster.info.bk_app_code);
+    let mut section = format!(
+        "\n[console]\napp = \"{}\"\ntrusted_proxy_header = \"X-Forwarded-User\"\ntrusted_proxy_secret = \"{PROXY_SECRET}\"\n",
+        cluster.info.bk_app_code
+    );
     for ((name, password), scopes, role) in users {
         section.push_str(&format!(
             "\n[[console.users]]\nname = \"{name}\"\npassword_hash = \"{}\"\nscopes = {scopes}\nrole = \"{role}\"\n",
@@ -520,5 +525,115 @@ async fn a_ten_thousand_host_job_page_loads_within_a_second() -> Result<()> {
     for (path, took, bytes) in &timings {
         eprintln!("console page {path}: {took:?}, {bytes} bytes");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proxy_names_the_user_only_with_its_secret() -> Result<()> {
+    let cluster = with_console(1).await?;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let url = format!(
+        "{}/console/jobs",
+        cluster.info.api_url.trim_end_matches('/')
+    );
+    let get = |user: &'static str, secret: Option<&'static str>| {
+        let mut request = http.get(&url).header("X-Forwarded-User", user);
+        if let Some(secret) = secret {
+            request = request.header("X-Fleetrun-Proxy-Secret", secret);
+        }
+        async move {
+            let response = request.send().await?;
+            let status = response.status();
+            anyhow::Ok((status, response.text().await?))
+        }
+    };
+    // A client that names itself is not believed without the proxy's secret.
+    for (user, secret) in [
+        (ALICE.0, None),
+        (ALICE.0, Some("proxy-secret-012345678")),
+        (ALICE.0, Some("")),
+        ("mallory", Some(PROXY_SECRET)),
+    ] {
+        let (status, _) = get(user, secret).await?;
+        assert_eq!(status, StatusCode::SEE_OTHER, "{user} {secret:?}");
+    }
+    let (status, page) = get(ALICE.0, Some(PROXY_SECRET)).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.contains(r#"<span id="who">alice (operator)</span>"#),
+        "{page}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pages_escape_what_hosts_print_and_mask_sensitive_parameters() -> Result<()> {
+    let cluster = with_console(1).await?;
+    let host = cluster.host_ids()[0];
+    // The script prints markup, and fails so that it can be retried with its sealed parameter.
+    let request = cluster.script_request(
+        "echo '<img src=x onerror=alert(1)>'; echo \"got ${#1} chars\"; exit 1",
+        &[host],
+        json!({"script_param": fleetrun_tests::b64("hunter2-secret"), "is_param_sensitive": 1}),
+    );
+    let (job, _, status) = cluster.run_job(request).await?;
+    assert_eq!(status["job_instance"]["status"], 4, "{status}");
+    let mut alice = ConsoleClient::new(&cluster);
+    let csrf = alice.sign_in(ALICE).await?;
+    for path in [
+        format!("/console/jobs/{job}"),
+        format!("/console/jobs/{job}/hosts/{host}"),
+    ] {
+        let (status, page) = alice.get(&path).await?;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert!(
+            !page.contains("<img"),
+            "{path}: markup from a host reached the page"
+        );
+        assert!(
+            page.contains("&lt;img src=x onerror=alert(1)&gt;"),
+            "{path}: {page}"
+        );
+        assert!(
+            !page.contains("hunter2"),
+            "{path}: the sensitive parameter is shown"
+        );
+    }
+    let (_, page) = alice.get(&format!("/console/jobs/{job}")).await?;
+    assert!(page.contains("sensitive: not shown"), "{page}");
+    let (status, log) = alice
+        .get(&format!("/console/jobs/{job}/hosts/{host}/log?download=1"))
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        log.starts_with("<img src=x onerror=alert(1)>\ngot 14 chars"),
+        "{log}"
+    );
+
+    // The retry runs with the same sealed parameter, as the console user.
+    let (status, body, location) = alice
+        .post(&format!("/console/jobs/{job}/retry"), &[("csrf", &csrf)])
+        .await?;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
+    let retry: i64 = location
+        .context("the new job")?
+        .trim_start_matches("/console/jobs/")
+        .parse()?;
+    assert_ne!(retry, job);
+    cluster
+        .client()
+        .wait_job(&cluster.info.scope(), retry, Duration::from_secs(60))
+        .await?;
+    let (_, log) = alice
+        .get(&format!(
+            "/console/jobs/{retry}/hosts/{host}/log?download=1"
+        ))
+        .await?;
+    assert!(log.contains("got 14 chars"), "{log}");
+    let (_, page) = alice.get(&format!("/console/jobs/{retry}")).await?;
+    assert!(page.contains(r#"<dd id="operator">alice</dd>"#), "{page}");
+    assert!(page.contains("sensitive: not shown"), "{page}");
     Ok(())
 }

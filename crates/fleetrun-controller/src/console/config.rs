@@ -228,3 +228,86 @@ impl ConsoleConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apps() -> Vec<AppConfig> {
+        toml::from_str::<std::collections::BTreeMap<String, Vec<AppConfig>>>(
+            "apps = [{ bk_app_code = \"ops\", bk_app_secret = \"s\", scopes = [\"*\"] }]",
+        )
+        .unwrap()
+        .remove("apps")
+        .unwrap()
+    }
+
+    fn check(text: &str) -> Result<(), String> {
+        let config: ConsoleConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate(&apps()).map_err(|e| e.message)
+    }
+
+    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$2nP5a3D7K1bQ0m7ZzvA1GQ5C5Gk1m0L3pYk8q9rT2sE";
+
+    #[test]
+    fn a_console_without_users_needs_nothing_else() {
+        assert_eq!(check(""), Ok(()));
+        assert!(!ConsoleConfig::default().enabled());
+    }
+
+    #[test]
+    fn bad_console_settings_are_refused_by_name() {
+        let user = |extra: &str| {
+            format!(
+                "app = \"ops\"\n{extra}\n[[users]]\nname = \"alice\"\npassword_hash = \"{HASH}\"\nscopes = [\"biz:2\"]\n"
+            )
+        };
+        assert_eq!(check(&user("")), Ok(()));
+        for (text, field) in [
+            (
+                user("").replace("app = \"ops\"\n", ""),
+                "console.app is required",
+            ),
+            (
+                user("").replace("\"ops\"", "\"nobody\""),
+                "console.app: no app",
+            ),
+            (user("session_secs = 10"), "console.session_secs"),
+            (user("idle_secs = 99999999"), "console.idle_secs"),
+            (user("trusted_proxy_header = \"X-User\""), "go together"),
+            (
+                user("trusted_proxy_header = \"X-User\"\ntrusted_proxy_secret = \"short\""),
+                "at least 16",
+            ),
+            (
+                user(
+                    "trusted_proxy_header = \"bad header\"\ntrusted_proxy_secret = \"0123456789abcdef\"",
+                ),
+                "not a header name",
+            ),
+            (
+                user("").replace(HASH, "plain-text-password"),
+                "not an argon2 PHC string",
+            ),
+            (user("").replace("[\"biz:2\"]", "[]"), "needs scopes"),
+            (
+                user("").replace("biz:2", "business 2"),
+                "is not \"biz:<id>\"",
+            ),
+            (user("").replace("alice", ""), "name must be non-empty"),
+            (
+                format!(
+                    "{}[[users]]\nname = \"alice\"\nscopes = [\"*\"]\n",
+                    user("")
+                ),
+                "named twice",
+            ),
+        ] {
+            let refused = check(&text).expect_err(&text);
+            assert!(refused.contains(field), "{refused:?} should name {field:?}");
+        }
+        let role: Result<ConsoleConfig, _> =
+            toml::from_str(&format!("{}role = \"admin\"\n", user("")));
+        assert!(role.is_err(), "an unknown role");
+    }
+}
