@@ -637,3 +637,53 @@ async fn pages_escape_what_hosts_print_and_mask_sensitive_parameters() -> Result
     assert!(page.contains("sensitive: not shown"), "{page}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_terminates_a_running_job_and_a_viewer_cannot() -> Result<()> {
+    let cluster = with_console(1).await?;
+    let client = cluster.client();
+    let accepted = client
+        .call(
+            "fast_execute_script",
+            cluster.script_request("echo started; sleep 60", &cluster.host_ids(), json!({})),
+        )
+        .await?;
+    let job = accepted["job_instance_id"].as_i64().context("job id")?;
+    let mut victor = ConsoleClient::new(&cluster);
+    let csrf = victor.sign_in(VICTOR).await?;
+    let (_, page) = victor.get(&format!("/console/jobs/{job}")).await?;
+    assert!(
+        !page.contains(r#"id="terminate""#),
+        "no button for a viewer"
+    );
+    let (status, _, _) = victor
+        .post(
+            &format!("/console/jobs/{job}/terminate"),
+            &[("csrf", &csrf)],
+        )
+        .await?;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let mut alice = ConsoleClient::new(&cluster);
+    let csrf = alice.sign_in(ALICE).await?;
+    let (_, page) = alice.get(&format!("/console/jobs/{job}")).await?;
+    assert!(page.contains(r#"id="terminate""#), "{page}");
+    let (status, body, location) = alice
+        .post(
+            &format!("/console/jobs/{job}/terminate"),
+            &[("csrf", &csrf)],
+        )
+        .await?;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
+    assert_eq!(
+        location.as_deref(),
+        Some(format!("/console/jobs/{job}").as_str())
+    );
+    let done = client
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(30))
+        .await?;
+    assert_eq!(done["job_instance"]["status"], 11, "{done}");
+    let (_, page) = alice.get(&format!("/console/jobs/{job}")).await?;
+    assert!(page.contains("terminated 1"), "{page}");
+    Ok(())
+}
