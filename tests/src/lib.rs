@@ -19,6 +19,8 @@ use xtask::cluster::{Cluster, ClusterOptions, workspace_root};
 
 pub use xtask::{client::ApiClient, cluster, pki};
 
+pub mod browser;
+
 /// A cluster for one test.
 #[derive(Debug)]
 pub struct TestCluster {

@@ -49,6 +49,9 @@ pub struct Config {
     /// The HTTP API's own settings.
     #[serde(default)]
     pub api: ApiConfig,
+    /// The web console: its users, their scopes and roles.
+    #[serde(default)]
+    pub console: crate::console::ConsoleConfig,
 }
 
 /// `[api]`.
@@ -644,6 +647,7 @@ impl Config {
         if let Some((key, message)) = self.retention.problem() {
             return Err(Invalid::new(&[Name("retention"), Name(key)], message));
         }
+        self.console.validate(&self.apps)?;
         Ok(())
     }
 }

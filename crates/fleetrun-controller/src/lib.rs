@@ -13,6 +13,7 @@ pub mod backup;
 pub mod callback;
 pub mod check;
 pub mod config;
+pub mod console;
 pub mod engine;
 pub mod gateway;
 pub mod host_run;

@@ -1,5 +1,6 @@
 //! `fleetrun-controller --config FILE`: the daemon; `fleetrun-controller check-config --config
-//! FILE`: the same file checked without starting anything.
+//! FILE`: the same file checked without starting anything; `fleetrun-controller hash-password`:
+//! a console user's password hash, from a password read on standard input.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -36,6 +37,9 @@ enum Command {
         /// A directory written by `backup`
         path: PathBuf,
     },
+    /// Reads a password from standard input (one line) and prints its argon2 hash, for a
+    /// console user's `password_hash`.
+    HashPassword,
 }
 
 /// sysexits' EX_CONFIG: the configuration is unusable.
@@ -43,6 +47,20 @@ const EXIT_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::HashPassword) = args.command {
+        let mut password = String::new();
+        if let Err(e) = std::io::stdin().read_line(&mut password) {
+            eprintln!("reading the password: {e}");
+            return ExitCode::FAILURE;
+        }
+        let password = password.trim_end_matches(['\r', '\n']);
+        if password.is_empty() {
+            eprintln!("an empty password: type one on standard input");
+            return ExitCode::FAILURE;
+        }
+        println!("{}", fleetrun_controller::console::hash_password(password));
+        return ExitCode::SUCCESS;
+    }
     let Some(config_path) = args.config else {
         Args::command()
             .error(

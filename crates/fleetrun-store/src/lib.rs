@@ -16,6 +16,7 @@ mod audit;
 mod backend;
 mod backup;
 mod callbacks;
+mod console;
 mod health;
 mod inventory;
 mod model;
@@ -41,6 +42,7 @@ pub use backup::{backup_database, check_database, restore_database};
 pub use callbacks::{
     CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
 };
+pub use console::LogHead;
 pub use health::Health;
 pub use inventory::{
     InventoryCommitError, InventoryRevision, KEPT_INVENTORY_REVISIONS, NewInventoryRevision,

@@ -12,6 +12,8 @@ mod callbacks;
 mod check_config;
 mod cli;
 mod cli_admin;
+mod console;
+mod console_browser;
 mod database;
 mod execution;
 mod grants;

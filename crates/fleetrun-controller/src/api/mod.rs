@@ -72,6 +72,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", axum::routing::get(health::healthz))
         .route("/readyz", axum::routing::get(health::readyz))
         .route("/metrics", axum::routing::get(crate::metrics::serve_metrics))
+        .merge(crate::console::router(shared.clone()))
         .fallback(not_found)
         .layer(Extension(gate))
         .with_state(shared)

@@ -1,0 +1,171 @@
+//! A headless Chromium for the console's tests, driven through chromedriver (WebDriver) with
+//! fantoccini: Debian's `chromium` and `chromium-driver` packages, started per test on a free
+//! port and stopped when the browser is dropped.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+pub use fantoccini::{Client, Locator};
+use serde_json::json;
+use xtask::cluster::{free_port, workspace_root};
+
+/// Where Debian installs them.
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// A browser session and the chromedriver serving it.
+#[derive(Debug)]
+pub struct Browser {
+    pub client: Client,
+    driver: Child,
+}
+
+impl Browser {
+    /// Starts chromedriver and a headless Chromium with a 1280×800 window.
+    pub async fn start() -> Result<Self> {
+        for path in [CHROMEDRIVER, CHROMIUM] {
+            if !Path::new(path).exists() {
+                bail!("{path} is missing: apt-get install chromium chromium-driver");
+            }
+        }
+        let port = free_port()?;
+        let mut driver = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting chromedriver")?;
+        let url = format!("http://127.0.0.1:{port}");
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".to_owned(),
+            json!({
+                "binary": CHROMIUM,
+                // Tests run as root in CI, where Chromium's sandbox cannot start.
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--window-size=1280,800",
+                         "--force-prefers-reduced-motion", "--lang=en-US"],
+            }),
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let client = loop {
+            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            match fantoccini::ClientBuilder::new(connector)
+                .capabilities(caps.clone())
+                .connect(&url)
+                .await
+            {
+                Ok(client) => break client,
+                Err(e) => {
+                    if let Some(status) = driver.try_wait()? {
+                        bail!("chromedriver exited with {status}");
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        let _ = driver.kill();
+                        bail!("no browser session within 30 s: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        Ok(Self { client, driver })
+    }
+
+    /// The text of the first element matching `css`, waiting up to 10 s for it to appear.
+    pub async fn text(&self, css: &str) -> Result<String> {
+        let element = self
+            .client
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Css(css))
+            .await
+            .with_context(|| format!("no element {css}"))?;
+        Ok(element.text().await?)
+    }
+
+    /// Clicks the element matching `css`.
+    pub async fn click(&self, css: &str) -> Result<()> {
+        self.client
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Css(css))
+            .await
+            .with_context(|| format!("no element {css}"))?
+            .click()
+            .await
+            .with_context(|| format!("clicking {css}"))?;
+        Ok(())
+    }
+
+    /// Types into the element matching `css`, replacing what it held.
+    pub async fn fill(&self, css: &str, text: &str) -> Result<()> {
+        let element = self
+            .client
+            .find(Locator::Css(css))
+            .await
+            .with_context(|| format!("no element {css}"))?;
+        element.clear().await?;
+        element.send_keys(text).await?;
+        Ok(())
+    }
+
+    /// Polls until the text of `css` satisfies `done`, for up to `limit`; returns that text.
+    pub async fn wait_text(
+        &self,
+        css: &str,
+        limit: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> Result<String> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut last = String::new();
+        loop {
+            if let Ok(element) = self.client.find(Locator::Css(css)).await
+                && let Ok(text) = element.text().await
+            {
+                if done(&text) {
+                    return Ok(text);
+                }
+                last = text;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("{css} still reads {last:?} after {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// With `FLEETRUN_SCREENSHOTS=1`, saves the page as `docs/console/<name>.png`.
+    pub async fn screenshot(&self, name: &str) -> Result<Option<PathBuf>> {
+        if std::env::var("FLEETRUN_SCREENSHOTS").as_deref() != Ok("1") {
+            return Ok(None);
+        }
+        let png = self.client.screenshot().await?;
+        let dir = workspace_root().join("docs/console");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, png)?;
+        Ok(Some(path))
+    }
+
+    /// Ends the browser session and chromedriver.
+    pub async fn close(mut self) -> Result<()> {
+        let result = self.client.clone().close().await;
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+        result?;
+        Ok(())
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // chromedriver takes its browsers down with it.
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
