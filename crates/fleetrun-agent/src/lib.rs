@@ -5,6 +5,7 @@
 
 pub mod config;
 mod session;
+mod spool;
 mod task;
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
@@ -62,6 +63,24 @@ pub(crate) struct AgentContext {
     pub executor: Executor,
     pub slots: Arc<tokio::sync::Semaphore>,
     pub hostname: String,
+    /// Where tasks keep their output and result; `None` when it cannot be made (then output
+    /// reaches the controller only while it is connected, and is counted as lost otherwise).
+    pub spool: Option<spool::Spool>,
+    /// The tasks this agent holds, whatever the connection.
+    pub tasks: task::Tasks,
+    /// The host id the controller last welcomed this agent with.
+    bk_host_id: std::sync::atomic::AtomicI64,
+}
+
+impl AgentContext {
+    pub(crate) fn bk_host_id(&self) -> i64 {
+        self.bk_host_id.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_bk_host_id(&self, bk_host_id: i64) {
+        self.bk_host_id
+            .store(bk_host_id, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Runs the agent until `shutdown` fires.
@@ -88,7 +107,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Timing::default(),
     )?;
     let hostname = config.hostname.clone().unwrap_or_else(system_hostname);
+    // After the executor killed what a previous run left: a task found in the spool without a
+    // result has no process any more.
+    let tasks = task::Tasks::default();
+    let spool = match spool::Spool::open(&config.work_dir) {
+        Ok(spool) => {
+            tasks.recover(&spool);
+            Some(spool)
+        }
+        Err(e) => {
+            tracing::error!(
+                "cannot use the spool under {}: output of tasks that outlive their connection \
+                 is lost: {e}",
+                config.work_dir.display()
+            );
+            None
+        }
+    };
     let ctx = Arc::new(AgentContext {
+        spool,
+        tasks,
+        bk_host_id: std::sync::atomic::AtomicI64::new(0),
         slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_tasks)),
         agent_id,
         config,
