@@ -20,6 +20,7 @@ mod inventory;
 mod inventory_admin;
 mod observability;
 mod pending_jobs;
+mod reattach;
 mod scope_leaks;
 mod scripts;
 mod sealed_params;
