@@ -8,7 +8,11 @@ mod session;
 mod spool;
 mod task;
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -142,9 +146,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
 
     let mut backoff = Backoff::new();
+    let controllers = ctx.config.controller.entries();
+    let mut next = 0;
     loop {
+        let target = &controllers[next % controllers.len()];
         let ended = tokio::select! {
-            ended = session::connect_and_serve(&ctx, &endpoint) => ended,
+            ended = session::connect_and_serve(&ctx, &endpoint, target) => ended,
             () = shutdown.cancelled() => break,
         };
         match ended {
@@ -155,7 +162,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
             }
             session::Ended::BeforeWelcome(reason) => {
-                tracing::warn!("cannot connect to the controller: {reason}");
+                tracing::warn!(controller = target, "cannot connect to the controller: {reason}");
+                // The next one in the list, if there are several.
+                next = next.wrapping_add(1);
             }
         }
         let delay = backoff.next_delay();
@@ -181,20 +190,20 @@ fn system_hostname() -> String {
 }
 
 /// The address this host is targeted by: configured, else the one it reaches the controller from.
-pub(crate) fn host_ip(config: &Config) -> anyhow::Result<IpAddr> {
+pub(crate) fn host_ip(config: &Config, controller: SocketAddr) -> anyhow::Result<IpAddr> {
     if let Some(ip) = config.ip {
         return Ok(ip);
     }
     if !config.bind.ip().is_unspecified() {
         return Ok(config.bind.ip());
     }
-    let any = if config.controller.is_ipv4() {
+    let any = if controller.is_ipv4() {
         "0.0.0.0:0"
     } else {
         "[::]:0"
     };
     let probe = std::net::UdpSocket::bind(any)?;
-    probe.connect(config.controller)?;
+    probe.connect(controller)?;
     Ok(probe.local_addr()?.ip())
 }
 

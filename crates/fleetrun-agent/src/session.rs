@@ -19,12 +19,22 @@ pub(crate) enum Ended {
     AfterWelcome { lasted: Duration, reason: String },
 }
 
+/// Connects to the controller at `target` (`host:port` from the configuration, looked up now)
+/// and serves it until the connection ends.
 pub(crate) async fn connect_and_serve(
     ctx: &Arc<AgentContext>,
     endpoint: &quinn::Endpoint,
+    target: &str,
 ) -> Ended {
     let config = &ctx.config;
-    let connecting = match endpoint.connect(config.controller, &config.server_name) {
+    let controller = match tokio::net::lookup_host(target).await {
+        Ok(mut addresses) => match addresses.next() {
+            Some(address) => address,
+            None => return Ended::BeforeWelcome(format!("{target} has no address")),
+        },
+        Err(e) => return Ended::BeforeWelcome(format!("cannot look up {target}: {e}")),
+    };
+    let connecting = match endpoint.connect(controller, &config.server_name) {
         Ok(c) => c,
         Err(e) => return Ended::BeforeWelcome(format!("cannot start a connection: {e}")),
     };
@@ -32,7 +42,7 @@ pub(crate) async fn connect_and_serve(
         Ok(c) => c,
         Err(e) => return Ended::BeforeWelcome(describe_connection_error(&e)),
     };
-    let ip = match host_ip(config) {
+    let ip = match host_ip(config, controller) {
         Ok(ip) => ip,
         Err(e) => return Ended::BeforeWelcome(format!("cannot tell this host's address: {e}")),
     };
