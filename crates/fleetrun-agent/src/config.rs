@@ -50,9 +50,9 @@ impl<'de> Deserialize<'de> for Controllers {
             One(String),
             Many(Vec<String>),
         }
-        let list = match OneOrMany::deserialize(deserializer).map_err(|_| {
-            serde::de::Error::custom("expected \"host:port\" or a list of them")
-        })? {
+        let list = match OneOrMany::deserialize(deserializer)
+            .map_err(|_| serde::de::Error::custom("expected \"host:port\" or a list of them"))?
+        {
             OneOrMany::One(one) => vec![one],
             OneOrMany::Many(many) => many,
         };
@@ -79,7 +79,10 @@ impl Controllers {
             if host.is_empty() {
                 return Err(format!("{entry:?} has no host"));
             }
-            if host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified()) {
+            if host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_unspecified())
+            {
                 return Err(format!(
                     "{entry:?} is not an address an agent can connect to"
                 ));
@@ -270,7 +273,8 @@ mod tests {
         assert_eq!(one.controller.entries(), ["10.0.0.1:7000"]);
         let named = parse("\"controller.example:7000\"").unwrap();
         assert_eq!(named.controller.entries(), ["controller.example:7000"]);
-        let list = parse("[\"c1.example:7000\", \"[2001:db8::1]:7000\", \"10.0.0.2:7000\"]").unwrap();
+        let list =
+            parse("[\"c1.example:7000\", \"[2001:db8::1]:7000\", \"10.0.0.2:7000\"]").unwrap();
         assert_eq!(list.controller.entries().len(), 3);
         assert_eq!(
             list.controller.to_string(),
@@ -287,7 +291,10 @@ mod tests {
             ("\"c1.example:http\"", "no valid port"),
             ("\":7000\"", "has no host"),
             ("\"0.0.0.0:7000\"", "an agent can connect to"),
-            ("[\"c1.example:7000\", \"[::]:7000\"]", "an agent can connect to"),
+            (
+                "[\"c1.example:7000\", \"[::]:7000\"]",
+                "an agent can connect to",
+            ),
             ("7000", "host:port"),
         ] {
             let err = format!("{:#}", parse(bad).unwrap_err());

@@ -162,7 +162,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
             }
             session::Ended::BeforeWelcome(reason) => {
-                tracing::warn!(controller = target, "cannot connect to the controller: {reason}");
+                tracing::warn!(
+                    controller = target,
+                    "cannot connect to the controller: {reason}"
+                );
                 // The next one in the list, if there are several.
                 next = next.wrapping_add(1);
             }

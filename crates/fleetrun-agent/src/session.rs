@@ -163,9 +163,7 @@ async fn accept_tasks(
             Ok((send, recv)) => {
                 let ctx = ctx.clone();
                 let session = session.clone();
-                tokio::spawn(
-                    async move { task::serve(ctx, send, recv, ownership, session).await },
-                );
+                tokio::spawn(async move { task::serve(ctx, send, recv, ownership, session).await });
             }
             Err(e) => return describe_connection_error(&e),
         }

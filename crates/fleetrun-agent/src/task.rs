@@ -285,11 +285,7 @@ fn start(
         ownership,
         discarded: Default::default(),
     });
-    ctx.tasks
-        .held
-        .lock()
-        .unwrap()
-        .insert(task_id, held.clone());
+    ctx.tasks.held.lock().unwrap().insert(task_id, held.clone());
     let runner = held.clone();
     let ctx = ctx.clone();
     tokio::spawn(async move {
@@ -589,7 +585,14 @@ async fn deliver(
                         tracing::warn!("cannot read the spooled output: {e}");
                     }
                     let bytes = until - sent;
-                    send_frame(send, &TaskUp::SpoolLost { offset: sent, bytes }).await?;
+                    send_frame(
+                        send,
+                        &TaskUp::SpoolLost {
+                            offset: sent,
+                            bytes,
+                        },
+                    )
+                    .await?;
                     sent = until;
                 }
             }

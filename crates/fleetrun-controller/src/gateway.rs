@@ -421,7 +421,10 @@ impl Gateway {
                 Err(format!("bad report of the tasks held: {e}"))
             }
             Err(_) => {
-                connection.close(close_code::PROTOCOL.into(), b"no report of tasks held within 10 s");
+                connection.close(
+                    close_code::PROTOCOL.into(),
+                    b"no report of tasks held within 10 s",
+                );
                 Err("no report of the tasks held within 10 s".into())
             }
         }

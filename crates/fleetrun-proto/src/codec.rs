@@ -233,7 +233,10 @@ mod tests {
                 .to_vec(),
             [0, 0, 0, 2, 0, 2]
         );
-        assert_eq!(encode_frame(&TaskDown::Cancel).unwrap().to_vec(), [0, 0, 0, 1, 1]);
+        assert_eq!(
+            encode_frame(&TaskDown::Cancel).unwrap().to_vec(),
+            [0, 0, 0, 1, 1]
+        );
         assert_eq!(
             encode_frame(&TaskUp::Started { started_at_ms: 5 })
                 .unwrap()

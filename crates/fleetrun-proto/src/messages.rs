@@ -53,10 +53,14 @@ pub enum HelloReply {
 /// Control stream, agent to controller, after the hello.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlUp {
-    Heartbeat { running_tasks: u32 },
+    Heartbeat {
+        running_tasks: u32,
+    },
     /// Version 2: the tasks the agent holds (running, or finished with a result the controller
     /// has not acknowledged), sent once, right after [`HelloReply::Negotiated`].
-    Holding { tasks: Vec<HeldTask> },
+    Holding {
+        tasks: Vec<HeldTask>,
+    },
 }
 
 /// A task an agent holds across connections, as it reports it when it reconnects.
@@ -87,10 +91,15 @@ pub enum TaskDown {
     Cancel,
     /// Version 2, first frame of a stream: continue a task the agent holds on this new stream,
     /// sending its output from `from_offset` (what the controller has), then its result.
-    Resume { task_id: Uuid, from_offset: u64 },
+    Resume {
+        task_id: Uuid,
+        from_offset: u64,
+    },
     /// Version 2, first frame of a stream: the controller does not want this task (terminated,
     /// job gone, never sent to this agent): kill it if it runs and forget it. Nothing answers.
-    Discard { task_id: Uuid },
+    Discard {
+        task_id: Uuid,
+    },
     /// Version 2, after [`TaskUp::Finished`]: the result and the output are stored; the agent
     /// forgets the task.
     ResultStored,

@@ -68,7 +68,9 @@ async fn a_script_outlives_a_cut_connection_and_every_line_is_stored_once() -> R
     client
         .call("unrevoke_agent", json!({"agent_id": "agent-1"}))
         .await?;
-    let status = client.wait_job(&cluster.info.scope(), job, Duration::from_secs(60)).await?;
+    let status = client
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(60))
+        .await?;
     let results = host_results(&status);
     assert_eq!(results[0]["status"], 9, "{status}");
     let logs = cluster.logs(job, step).await?;

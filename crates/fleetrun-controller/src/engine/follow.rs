@@ -182,9 +182,11 @@ impl HostRun {
             let store = self.engine.store.clone();
             tokio::spawn(async move {
                 if store.flush().await.is_ok() {
-                    let sent =
-                        tokio::time::timeout(ACK_WAIT, send_frame(&mut send, &TaskDown::ResultStored))
-                            .await;
+                    let sent = tokio::time::timeout(
+                        ACK_WAIT,
+                        send_frame(&mut send, &TaskDown::ResultStored),
+                    )
+                    .await;
                     if matches!(sent, Ok(Ok(()))) {
                         let _ = send.finish();
                     }
@@ -309,7 +311,12 @@ impl HostRun {
             };
             let actions = machine.handle(now_ms(), event);
             if let Some(outcome) = self
-                .execute(machine, actions, &mut stream, claiming.as_ref().map(|c| (c, task_id)))
+                .execute(
+                    machine,
+                    actions,
+                    &mut stream,
+                    claiming.as_ref().map(|c| (c, task_id)),
+                )
                 .await
             {
                 *last_stream = if owns_tasks { stream } else { None };

@@ -453,7 +453,10 @@ fn a_detached_task_resumes_where_the_controller_is_and_stores_every_byte_once() 
         // The agent resends from the offset asked; a repeat of what arrived is dropped.
         (T0 + 6_010, output(2, b"2\n3\n4\n")),
         (T0 + 6_020, output(4, b"3\n4\n5\n")),
-        (T0 + 7_000, finished(Ending::Exited { code: 0 }, T0, T0 + 7_000)),
+        (
+            T0 + 7_000,
+            finished(Ending::Exited { code: 0 }, T0, T0 + 7_000),
+        ),
     ]);
     assert_eq!(actions[2], vec![], "a detach ends nothing");
     assert_eq!(actions[3], vec![]);
@@ -488,7 +491,9 @@ fn an_agent_that_does_not_come_back_ends_310_at_the_tasks_deadline() {
         (T0 + 13_000, Event::Timer),
     ]);
     assert_eq!(actions[1], vec![]);
-    assert!(matches!(actions[2].last(), Some(Action::Finish(o)) if o.status == host::AGENT_ABNORMAL));
+    assert!(
+        matches!(actions[2].last(), Some(Action::Finish(o)) if o.status == host::AGENT_ABNORMAL)
+    );
 }
 
 #[test]
@@ -499,9 +504,21 @@ fn claims_that_disagree_with_the_controllers_record_are_refused_and_store_nothin
     };
     let cases: Vec<(&str, Claim, &str)> = vec![
         ("another job's task", other_job, "names job 99"),
-        ("acknowledged beyond produced", claim(20, 10, Some(T0)), "acknowledged of 10 produced"),
-        ("acknowledged beyond received", claim(8, 10, Some(T0)), "the controller received 4"),
-        ("produced less than received", claim(0, 3, Some(T0)), "received 4 already"),
+        (
+            "acknowledged beyond produced",
+            claim(20, 10, Some(T0)),
+            "acknowledged of 10 produced",
+        ),
+        (
+            "acknowledged beyond received",
+            claim(8, 10, Some(T0)),
+            "the controller received 4",
+        ),
+        (
+            "produced less than received",
+            claim(0, 3, Some(T0)),
+            "received 4 already",
+        ),
     ];
     for (name, bad, reason) in cases {
         let (machine, actions) = feed(vec![
@@ -520,7 +537,12 @@ fn claims_that_disagree_with_the_controllers_record_are_refused_and_store_nothin
             panic!("{name}: {:?}", actions[4]);
         };
         assert_eq!(outcome.status, host::AGENT_ABNORMAL, "{name}");
-        assert!(outcome.tag.contains("1 claims of the task by the agent were refused"), "{name}");
+        assert!(
+            outcome
+                .tag
+                .contains("1 claims of the task by the agent were refused"),
+            "{name}"
+        );
         assert_eq!(machine.received(), 4, "{name}");
     }
 }
@@ -539,7 +561,9 @@ fn a_termination_while_detached_reaches_the_agent_when_it_comes_back() {
         actions[3],
         vec![Action::Resume { from_offset: 0 }, Action::SendCancel]
     );
-    assert!(matches!(actions[4].last(), Some(Action::Finish(o)) if o.status == host::TERMINATE_SUCCESS));
+    assert!(
+        matches!(actions[4].last(), Some(Action::Finish(o)) if o.status == host::TERMINATE_SUCCESS)
+    );
     // Not back within the grace period: ended at the grace period's end.
     let (_, actions) = feed(vec![
         (T0, started(T0)),
@@ -579,18 +603,45 @@ fn spool_losses_are_counted_and_marked_once() {
     let (_, actions) = feed(vec![
         (T0, started(T0)),
         (T0 + 1, output(0, b"ab")),
-        (T0 + 2, Event::Up(TaskUp::SpoolLost { offset: 2, bytes: 100 })),
+        (
+            T0 + 2,
+            Event::Up(TaskUp::SpoolLost {
+                offset: 2,
+                bytes: 100,
+            }),
+        ),
         // Resent after a reattach: nothing new.
-        (T0 + 3, Event::Up(TaskUp::SpoolLost { offset: 2, bytes: 100 })),
+        (
+            T0 + 3,
+            Event::Up(TaskUp::SpoolLost {
+                offset: 2,
+                bytes: 100,
+            }),
+        ),
         (T0 + 4, output(102, b"cd")),
-        (T0 + 5, Event::Up(TaskUp::Truncated { dropped_bytes: 7, dropped_lines: 1 })),
-        (T0 + 6, Event::Up(TaskUp::Truncated { dropped_bytes: 7, dropped_lines: 1 })),
+        (
+            T0 + 5,
+            Event::Up(TaskUp::Truncated {
+                dropped_bytes: 7,
+                dropped_lines: 1,
+            }),
+        ),
+        (
+            T0 + 6,
+            Event::Up(TaskUp::Truncated {
+                dropped_bytes: 7,
+                dropped_lines: 1,
+            }),
+        ),
         (T0 + 7, finished(Ending::Exited { code: 0 }, T0, T0 + 7)),
     ]);
     let log = logged(&actions);
     assert_eq!(log.matches("could not spool").count(), 1, "{log}");
     assert_eq!(log.matches("output truncated here").count(), 1, "{log}");
-    assert!(log.starts_with("ab\n[fleetrun] output lost here: 100 bytes"), "{log}");
+    assert!(
+        log.starts_with("ab\n[fleetrun] output lost here: 100 bytes"),
+        "{log}"
+    );
     assert!(log.contains("cd"), "{log}");
     let Some(Action::Finish(outcome)) = actions[7].last() else {
         panic!()
