@@ -5,7 +5,7 @@
 
 #![no_main]
 
-use fleetrun_controller::host_run::{Action, Event, HostTask, Limits, MAX_CLOCK_SKEW_MS};
+use fleetrun_controller::host_run::{Action, Claim, Event, HostTask, Limits, MAX_CLOCK_SKEW_MS};
 use fleetrun_proto::{Ending, FrameDecoder, TaskResult, TaskUp};
 use libfuzzer_sys::{
     arbitrary::{Result, Unstructured},
@@ -43,7 +43,7 @@ fn offset(u: &mut Unstructured, received: u64) -> Result<u64> {
 }
 
 fn event(u: &mut Unstructured, received: &mut u64) -> Result<Event> {
-    Ok(match u.int_in_range(0..=9)? {
+    Ok(match u.int_in_range(0..=12)? {
         0 => Event::Up(TaskUp::Started {
             started_at_ms: u.arbitrary()?,
         }),
@@ -70,6 +70,21 @@ fn event(u: &mut Unstructured, received: &mut u64) -> Result<Event> {
         })),
         7 => Event::Timer,
         8 => Event::Cancel,
+        9 => {
+            let bytes = u.arbitrary()?;
+            let offset = offset(u, *received)?;
+            *received = offset.saturating_add(bytes);
+            Event::Up(TaskUp::SpoolLost { offset, bytes })
+        }
+        10 => Event::Detached("the connection was lost".into()),
+        11 => Event::Reattach(Claim {
+            job_instance_id: u.arbitrary()?,
+            step_instance_id: u.arbitrary()?,
+            execute_count: u.arbitrary()?,
+            acked_offset: u.arbitrary()?,
+            produced: u.arbitrary()?,
+            started_at_ms: u.arbitrary()?,
+        }),
         _ => {
             // Some reports come as the agent's bytes, through the codec.
             let bytes: &[u8] = u.arbitrary()?;
@@ -110,7 +125,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
                     assert!(start_time >= T0 - MAX_CLOCK_SKEW_MS);
                     assert!(start_time <= now + MAX_CLOCK_SKEW_MS);
                 }
-                Action::SendCancel => {}
+                Action::SendCancel | Action::Resume { .. } | Action::Discard { .. } => {}
                 Action::Finish(outcome) => {
                     finished = true;
                     let start = outcome.start_time.unwrap_or(T0);

@@ -7,8 +7,9 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// The controller's QUIC address.
-    pub controller: SocketAddr,
+    /// The controller's QUIC address (`host:port`, the host a name or an IP address), or a list
+    /// of them tried in turn.
+    pub controller: Controllers,
     /// The name in the controller's certificate.
     #[serde(default = "default_server_name")]
     pub server_name: String,
@@ -34,6 +35,72 @@ pub struct Config {
     pub max_concurrent_tasks: usize,
     /// Name of this agent's cgroup under the cgroup v2 mount; by default `fleetrun-<agent id>`.
     pub cgroup_name: Option<String>,
+}
+
+/// The controllers an agent connects to, tried in turn: each `host:port`, the host a DNS name
+/// or an IP address, looked up at every attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Controllers(Vec<String>);
+
+impl<'de> Deserialize<'de> for Controllers {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        let list = match OneOrMany::deserialize(deserializer)
+            .map_err(|_| serde::de::Error::custom("expected \"host:port\" or a list of them"))?
+        {
+            OneOrMany::One(one) => vec![one],
+            OneOrMany::Many(many) => many,
+        };
+        Controllers::new(list).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Controllers {
+    /// Checks each entry is `host:port` with a port other than 0 and a host that is not empty
+    /// or the unspecified address.
+    pub fn new(list: Vec<String>) -> Result<Self, String> {
+        if list.is_empty() {
+            return Err("the list of controllers is empty".into());
+        }
+        for entry in &list {
+            let Some((host, port)) = entry.rsplit_once(':') else {
+                return Err(format!("{entry:?} has no port: write host:port"));
+            };
+            match port.parse::<u16>() {
+                Ok(0) | Err(_) => return Err(format!("{entry:?} has no valid port")),
+                Ok(_) => {}
+            }
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if host.is_empty() {
+                return Err(format!("{entry:?} has no host"));
+            }
+            if host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_unspecified())
+            {
+                return Err(format!(
+                    "{entry:?} is not an address an agent can connect to"
+                ));
+            }
+        }
+        Ok(Self(list))
+    }
+
+    /// The entries, in the order they are tried.
+    pub fn entries(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Controllers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -124,14 +191,6 @@ impl Config {
                 config.work_dir.display()
             ));
         }
-        if config.controller.port() == 0 || config.controller.ip().is_unspecified() {
-            problems.push(format!(
-                "{}{}: controller {} is not an address an agent can connect to",
-                path.display(),
-                locate(&text, &["controller"]),
-                config.controller
-            ));
-        }
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -193,4 +252,56 @@ fn locate(text: &str, keys: &[&str]) -> String {
         };
     }
     line_column(text, span.start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(controller: &str) -> anyhow::Result<Config> {
+        let text = format!(
+            "controller = {controller}\nwork_dir = \"/var/lib/fleetrun\"\n\
+             [tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n"
+        );
+        Config::parse(std::path::Path::new("agent.toml"), &text)
+    }
+
+    #[test]
+    fn the_controller_is_one_address_a_name_or_a_list_tried_in_turn() {
+        // An older configuration's single address stays valid.
+        let one = parse("\"10.0.0.1:7000\"").unwrap();
+        assert_eq!(one.controller.entries(), ["10.0.0.1:7000"]);
+        let named = parse("\"controller.example:7000\"").unwrap();
+        assert_eq!(named.controller.entries(), ["controller.example:7000"]);
+        let list =
+            parse("[\"c1.example:7000\", \"[2001:db8::1]:7000\", \"10.0.0.2:7000\"]").unwrap();
+        assert_eq!(list.controller.entries().len(), 3);
+        assert_eq!(
+            list.controller.to_string(),
+            "c1.example:7000, [2001:db8::1]:7000, 10.0.0.2:7000"
+        );
+    }
+
+    #[test]
+    fn a_controller_entry_without_a_usable_address_is_refused_naming_it() {
+        for (bad, says) in [
+            ("[]", "empty"),
+            ("\"c1.example\"", "has no port"),
+            ("\"c1.example:0\"", "no valid port"),
+            ("\"c1.example:http\"", "no valid port"),
+            ("\":7000\"", "has no host"),
+            ("\"0.0.0.0:7000\"", "an agent can connect to"),
+            (
+                "[\"c1.example:7000\", \"[::]:7000\"]",
+                "an agent can connect to",
+            ),
+            ("7000", "host:port"),
+        ] {
+            let err = format!("{:#}", parse(bad).unwrap_err());
+            assert!(
+                err.contains("controller") && err.contains(says),
+                "{bad}: {err}"
+            );
+        }
+    }
 }

@@ -5,9 +5,14 @@
 
 pub mod config;
 mod session;
+mod spool;
 mod task;
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -62,6 +67,24 @@ pub(crate) struct AgentContext {
     pub executor: Executor,
     pub slots: Arc<tokio::sync::Semaphore>,
     pub hostname: String,
+    /// Where tasks keep their output and result; `None` when it cannot be made (then output
+    /// reaches the controller only while it is connected, and is counted as lost otherwise).
+    pub spool: Option<spool::Spool>,
+    /// The tasks this agent holds, whatever the connection.
+    pub tasks: task::Tasks,
+    /// The host id the controller last welcomed this agent with.
+    bk_host_id: std::sync::atomic::AtomicI64,
+}
+
+impl AgentContext {
+    pub(crate) fn bk_host_id(&self) -> i64 {
+        self.bk_host_id.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_bk_host_id(&self, bk_host_id: i64) {
+        self.bk_host_id
+            .store(bk_host_id, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Runs the agent until `shutdown` fires.
@@ -88,7 +111,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Timing::default(),
     )?;
     let hostname = config.hostname.clone().unwrap_or_else(system_hostname);
+    // After the executor killed what a previous run left: a task found in the spool without a
+    // result has no process any more.
+    let tasks = task::Tasks::default();
+    let spool = match spool::Spool::open(&config.work_dir) {
+        Ok(spool) => {
+            tasks.recover(&spool);
+            Some(spool)
+        }
+        Err(e) => {
+            tracing::error!(
+                "cannot use the spool under {}: output of tasks that outlive their connection \
+                 is lost: {e}",
+                config.work_dir.display()
+            );
+            None
+        }
+    };
     let ctx = Arc::new(AgentContext {
+        spool,
+        tasks,
+        bk_host_id: std::sync::atomic::AtomicI64::new(0),
         slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_tasks)),
         agent_id,
         config,
@@ -103,9 +146,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
 
     let mut backoff = Backoff::new();
+    let controllers = ctx.config.controller.entries();
+    let mut next = 0;
     loop {
+        let target = &controllers[next % controllers.len()];
         let ended = tokio::select! {
-            ended = session::connect_and_serve(&ctx, &endpoint) => ended,
+            ended = session::connect_and_serve(&ctx, &endpoint, target) => ended,
             () = shutdown.cancelled() => break,
         };
         match ended {
@@ -116,7 +162,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
             }
             session::Ended::BeforeWelcome(reason) => {
-                tracing::warn!("cannot connect to the controller: {reason}");
+                tracing::warn!(
+                    controller = target,
+                    "cannot connect to the controller: {reason}"
+                );
+                // The next one in the list, if there are several.
+                next = next.wrapping_add(1);
             }
         }
         let delay = backoff.next_delay();
@@ -142,20 +193,20 @@ fn system_hostname() -> String {
 }
 
 /// The address this host is targeted by: configured, else the one it reaches the controller from.
-pub(crate) fn host_ip(config: &Config) -> anyhow::Result<IpAddr> {
+pub(crate) fn host_ip(config: &Config, controller: SocketAddr) -> anyhow::Result<IpAddr> {
     if let Some(ip) = config.ip {
         return Ok(ip);
     }
     if !config.bind.ip().is_unspecified() {
         return Ok(config.bind.ip());
     }
-    let any = if config.controller.is_ipv4() {
+    let any = if controller.is_ipv4() {
         "0.0.0.0:0"
     } else {
         "[::]:0"
     };
     let probe = std::net::UdpSocket::bind(any)?;
-    probe.connect(config.controller)?;
+    probe.connect(controller)?;
     Ok(probe.local_addr()?.ip())
 }
 

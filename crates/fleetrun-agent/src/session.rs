@@ -4,6 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use fleetrun_net::{FramedRecv, describe_connection_error, send_frame};
 use fleetrun_proto::{ControlUp, Hello, HelloReply, OsType, PROTOCOL_VERSION};
+use task::Ownership;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -18,12 +19,22 @@ pub(crate) enum Ended {
     AfterWelcome { lasted: Duration, reason: String },
 }
 
+/// Connects to the controller at `target` (`host:port` from the configuration, looked up now)
+/// and serves it until the connection ends.
 pub(crate) async fn connect_and_serve(
     ctx: &Arc<AgentContext>,
     endpoint: &quinn::Endpoint,
+    target: &str,
 ) -> Ended {
     let config = &ctx.config;
-    let connecting = match endpoint.connect(config.controller, &config.server_name) {
+    let controller = match tokio::net::lookup_host(target).await {
+        Ok(mut addresses) => match addresses.next() {
+            Some(address) => address,
+            None => return Ended::BeforeWelcome(format!("{target} has no address")),
+        },
+        Err(e) => return Ended::BeforeWelcome(format!("cannot look up {target}: {e}")),
+    };
+    let connecting = match endpoint.connect(controller, &config.server_name) {
         Ok(c) => c,
         Err(e) => return Ended::BeforeWelcome(format!("cannot start a connection: {e}")),
     };
@@ -31,7 +42,7 @@ pub(crate) async fn connect_and_serve(
         Ok(c) => c,
         Err(e) => return Ended::BeforeWelcome(describe_connection_error(&e)),
     };
-    let ip = match host_ip(config) {
+    let ip = match host_ip(config, controller) {
         Ok(ip) => ip,
         Err(e) => return Ended::BeforeWelcome(format!("cannot tell this host's address: {e}")),
     };
@@ -66,7 +77,7 @@ pub(crate) async fn connect_and_serve(
         Ok(Ok(None)) => return Ended::BeforeWelcome("controller closed the hello stream".into()),
         Ok(Ok(Some(reply))) => reply,
     };
-    let heartbeat = match reply {
+    let (heartbeat, ownership) = match reply {
         HelloReply::Refused { reason } => {
             return Ended::BeforeWelcome(format!("controller refused this agent: {reason}"));
         }
@@ -74,17 +85,44 @@ pub(crate) async fn connect_and_serve(
             bk_host_id,
             heartbeat_interval_ms,
         } => {
-            tracing::info!(bk_host_id, %ip, "connected to the controller");
-            Duration::from_millis(heartbeat_interval_ms.max(100))
+            tracing::warn!(
+                bk_host_id,
+                %ip,
+                "connected to a controller of protocol version 1: its tasks end with the \
+                 connection; upgrade the controller"
+            );
+            ctx.set_bk_host_id(bk_host_id);
+            let every = Duration::from_millis(heartbeat_interval_ms.max(100));
+            (every, Ownership::Connection)
+        }
+        HelloReply::Negotiated {
+            protocol_version,
+            bk_host_id,
+            heartbeat_interval_ms,
+        } => {
+            ctx.set_bk_host_id(bk_host_id);
+            let every = Duration::from_millis(heartbeat_interval_ms.max(100));
+            let holding = ctx.tasks.reports();
+            tracing::info!(
+                bk_host_id,
+                %ip,
+                protocol_version,
+                held_tasks = holding.len(),
+                "connected to the controller"
+            );
+            if let Err(e) = send_frame(&mut send, &ControlUp::Holding { tasks: holding }).await {
+                return Ended::BeforeWelcome(format!("cannot report the tasks held: {e}"));
+            }
+            (every, Ownership::Agent)
         }
     };
     let since = Instant::now();
-    // Tasks of this connection die with it: nobody could receive their output.
+    // Under protocol version 1 the tasks of this connection die with it.
     let session = CancellationToken::new();
     let _cancel_on_exit = session.clone().drop_guard();
     let reason = tokio::select! {
         reason = heartbeats(ctx, &mut send, heartbeat) => reason,
-        reason = accept_tasks(ctx, &connection, &session) => reason,
+        reason = accept_tasks(ctx, &connection, ownership, &session) => reason,
     };
     Ended::AfterWelcome {
         lasted: since.elapsed(),
@@ -117,14 +155,15 @@ async fn heartbeats(ctx: &AgentContext, send: &mut quinn::SendStream, every: Dur
 async fn accept_tasks(
     ctx: &Arc<AgentContext>,
     connection: &quinn::Connection,
+    ownership: Ownership,
     session: &CancellationToken,
 ) -> String {
     loop {
         match connection.accept_bi().await {
             Ok((send, recv)) => {
                 let ctx = ctx.clone();
-                let cancel = session.child_token();
-                tokio::spawn(async move { task::serve(ctx, send, recv, cancel).await });
+                let session = session.clone();
+                tokio::spawn(async move { task::serve(ctx, send, recv, ownership, session).await });
             }
             Err(e) => return describe_connection_error(&e),
         }

@@ -4,6 +4,8 @@
 //! a result from the agent, or 310 when the agent is offline or its connection is lost, or 303
 //! when the agent stays silent past the task's timeout plus a grace period.
 
+mod follow;
+
 use std::{
     collections::HashMap,
     sync::{Arc, LazyLock, Mutex},
@@ -11,19 +13,34 @@ use std::{
 };
 
 use bytes::Bytes;
-use fleetrun_net::{FramedRecv, describe_connection_error, send_frame};
-use fleetrun_proto::{SharedTaskRequest, TaskDown, TaskRequest, TaskUp};
+use fleetrun_proto::{HeldTask, SharedTaskRequest, TaskRequest};
 use fleetrun_store::{HostOutcome, Store, Write};
-use tokio::task::JoinSet;
+use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
     callback::Callbacks,
     gateway::Agents,
-    host_run::{Action, Event, HostTask, Limits, Outcome},
+    host_run::{Claim, Limits},
     status::{host, job},
 };
+use follow::HostRun;
+
+/// A reconnected agent's claim to a task, on its way to the host's run.
+#[derive(Debug)]
+struct Reattach {
+    connection: quinn::Connection,
+    claim: Claim,
+}
+
+/// Who may claim a task that is out on an agent, and where the claim goes.
+#[derive(Debug)]
+struct Claimant {
+    bk_host_id: i64,
+    agent_id: String,
+    tx: mpsc::UnboundedSender<Reattach>,
+}
 
 /// The engine's clock, in milliseconds since the epoch: the system clock as it read when the
 /// engine first asked, advanced since by the monotonic clock. Deadlines are kept in these
@@ -83,6 +100,8 @@ pub struct Engine {
     running: Arc<Mutex<HashMap<i64, CancellationToken>>>,
     /// Told of every job's end, for its callback.
     callbacks: Option<Callbacks>,
+    /// Tasks out on agents that own them, by task id, while their host's run follows them.
+    claims: Arc<Mutex<HashMap<Uuid, Claimant>>>,
 }
 
 impl Engine {
@@ -94,6 +113,7 @@ impl Engine {
             agent_grace,
             running: Arc::default(),
             callbacks: None,
+            claims: Arc::default(),
         }
     }
 
@@ -141,6 +161,53 @@ impl Engine {
             .await;
         }
         true
+    }
+
+    /// An agent reconnected on `connection` as host `bk_host_id` and claims `held`: the claim
+    /// goes to the run following the task, if it follows one sent to that host and agent. Any
+    /// other is refused (logged, nothing stored) and the agent told to kill and forget the task.
+    pub fn claim(
+        &self,
+        bk_host_id: i64,
+        agent_id: &str,
+        connection: &quinn::Connection,
+        held: &HeldTask,
+    ) {
+        let task_id = held.task_id;
+        let refusal = {
+            let claims = self.claims.lock().unwrap();
+            match claims.get(&task_id) {
+                None => Some(
+                    "no run follows it here (it ended, its job is gone, or it was never sent to \
+                     this agent)"
+                        .to_owned(),
+                ),
+                Some(c) if c.bk_host_id != bk_host_id || c.agent_id != agent_id => Some(format!(
+                    "it was sent to host {} (agent {:?}), not to this one",
+                    c.bk_host_id, c.agent_id
+                )),
+                Some(c) => {
+                    let reattach = Reattach {
+                        connection: connection.clone(),
+                        claim: Claim::from(held),
+                    };
+                    match c.tx.send(reattach) {
+                        Ok(()) => None,
+                        Err(_) => Some("its run has just ended".to_owned()),
+                    }
+                }
+            }
+        };
+        if let Some(reason) = refusal {
+            tracing::warn!(
+                bk_host_id,
+                agent_id,
+                %task_id,
+                job = held.job_instance_id,
+                "refused the agent's claim to a task, it is discarded there: {reason}"
+            );
+            follow::discard(connection.clone(), task_id);
+        }
     }
 
     async fn run_job(&self, spec: JobSpec, cancel: CancellationToken) {
@@ -201,6 +268,7 @@ impl Engine {
         for bk_host_id in targets.iter().copied() {
             let run = HostRun {
                 engine: self.clone(),
+                job_instance_id,
                 step_instance_id,
                 bk_host_id,
                 request: request.clone(),
@@ -273,253 +341,5 @@ impl Engine {
         if let Err(e) = self.store.record(write).await {
             tracing::error!("cannot record job progress: {e}");
         }
-    }
-}
-
-/// How long a cancel for a task that already has its final status may wait for room on the
-/// stream: the agent is told if it reads, and the host's result is not held up if it does not.
-const CANCEL_SEND_WAIT: Duration = Duration::from_secs(1);
-
-/// The time until the machine's deadline; a year, standing for never, when it has none.
-fn until_deadline(machine: &HostTask) -> Duration {
-    match machine.deadline() {
-        Some(deadline) => Duration::from_millis(u64::try_from(deadline - now_ms()).unwrap_or(0)),
-        None => Duration::from_secs(365 * 24 * 3600),
-    }
-}
-
-/// One host's part of a job: moves frames between the task stream and the host's [`HostTask`],
-/// and does what it says.
-struct HostRun {
-    engine: Engine,
-    step_instance_id: i64,
-    bk_host_id: i64,
-    /// The step's request; taken once sent, so the script lives only while hosts still need it.
-    request: Option<SharedTaskRequest>,
-    limits: Limits,
-    cancel: CancellationToken,
-}
-
-impl HostRun {
-    /// Runs the host's task to a final status and returns it.
-    async fn run(mut self) -> i32 {
-        let mut machine = HostTask::new(self.limits, now_ms());
-        let link = self.engine.agents.get(self.bk_host_id);
-        let outcome = match link {
-            None => {
-                self.request = None;
-                let event = Event::Lost("agent offline when the task was dispatched".into());
-                let actions = machine.handle(now_ms(), event);
-                self.execute(&mut machine, actions, None).await
-            }
-            Some(link) => self.exchange(&link.connection, &mut machine).await,
-        };
-        // The machine always finishes on a lost agent; a missing outcome would be a bug in it.
-        let outcome = outcome.unwrap_or_else(|| Outcome {
-            status: host::AGENT_TASK_ERROR,
-            tag: "internal error in the controller while following this host".into(),
-            end_time: now_ms(),
-            ..Outcome::default()
-        });
-        let status = outcome.status;
-        crate::metrics::host_finished(status);
-        self.engine
-            .write(Write::HostFinished {
-                step_instance_id: self.step_instance_id,
-                bk_host_id: self.bk_host_id,
-                outcome: outcome.into(),
-            })
-            .await;
-        status
-    }
-
-    async fn exchange(
-        &mut self,
-        connection: &quinn::Connection,
-        machine: &mut HostTask,
-    ) -> Option<Outcome> {
-        let request = self.request.take()?;
-        let dispatch_started = std::time::Instant::now();
-        // Opening a stream waits while the agent has all the task streams it allows open, and
-        // writing the request waits while the agent reads none of it: a termination still ends
-        // the host within the grace period, so both steps follow the machine's events.
-        let mut cancel_seen = false;
-        let opened = match self
-            .until_done(machine, &mut cancel_seen, connection.open_bi())
-            .await
-        {
-            Ok(opened) => opened,
-            Err(outcome) => return Some(outcome),
-        };
-        let (mut send, recv) = match opened {
-            Ok(streams) => streams,
-            Err(e) => {
-                drop(request);
-                let why = format!("agent unreachable: {}", describe_connection_error(&e));
-                let actions = machine.handle(now_ms(), Event::Lost(why));
-                return self.execute(machine, actions, None).await;
-            }
-        };
-        let sent = match request.frame(Uuid::new_v4()) {
-            Ok(mut frame) => {
-                let write = send.write_all_chunks(&mut frame);
-                match self.until_done(machine, &mut cancel_seen, write).await {
-                    Ok(written) => written.map_err(|e| e.to_string()),
-                    Err(outcome) => {
-                        // Whatever of the request quinn still holds goes nowhere now.
-                        let _ = send.reset(fleetrun_proto::close_code::SHUTDOWN.into());
-                        return Some(outcome);
-                    }
-                }
-            }
-            Err(e) => Err(e.to_string()),
-        };
-        // quinn keeps what it still has to (re)transmit; this host needs the request no more.
-        drop(request);
-        if let Err(e) = sent {
-            let why = format!("cannot send the task to the agent: {e}");
-            let actions = machine.handle(now_ms(), Event::Lost(why));
-            return self.execute(machine, actions, Some(&mut send)).await;
-        }
-        metrics::histogram!("fleetrun_dispatch_seconds").record(dispatch_started.elapsed());
-        if cancel_seen {
-            // Terminated while the request was on its way: the agent hears of it now.
-            let actions = vec![Action::SendCancel];
-            if let Some(outcome) = self.execute(machine, actions, Some(&mut send)).await {
-                return Some(outcome);
-            }
-        }
-        let mut recv = FramedRecv::new(recv);
-        let mut cancel_seen = false;
-        loop {
-            let wait = until_deadline(machine);
-            let event = tokio::select! {
-                msg = recv.recv::<TaskUp>() => match msg {
-                    Ok(Some(up)) => Event::Up(up),
-                    Ok(None) => Event::Lost("the agent closed the task stream without a result".into()),
-                    Err(e) => Event::Lost(match e.connection_error() {
-                        Some(conn) => {
-                            format!("agent connection lost: {}", describe_connection_error(conn))
-                        }
-                        None => format!("agent task stream failed: {e}"),
-                    }),
-                },
-                () = self.cancel.cancelled(), if !cancel_seen => {
-                    cancel_seen = true;
-                    Event::Cancel
-                }
-                () = tokio::time::sleep(wait) => Event::Timer,
-            };
-            let actions = machine.handle(now_ms(), event);
-            if let Some(outcome) = self.execute(machine, actions, Some(&mut send)).await {
-                return Some(outcome);
-            }
-        }
-    }
-
-    /// Runs `step` of the request's delivery while feeding the machine the termination and its
-    /// timer; the step's output, or the outcome if the machine finished first.
-    async fn until_done<T>(
-        &self,
-        machine: &mut HostTask,
-        cancel_seen: &mut bool,
-        step: impl Future<Output = T>,
-    ) -> Result<T, Outcome> {
-        let mut step = std::pin::pin!(step);
-        loop {
-            let wait = until_deadline(machine);
-            let event = tokio::select! {
-                done = &mut step => return Ok(done),
-                () = self.cancel.cancelled(), if !*cancel_seen => {
-                    *cancel_seen = true;
-                    Event::Cancel
-                }
-                () = tokio::time::sleep(wait) => Event::Timer,
-            };
-            let actions = machine.handle(now_ms(), event);
-            // No stream to send a cancel on yet: the caller sends it once the request is out.
-            if let Some(outcome) = self.execute(machine, actions, None).await {
-                return Err(outcome);
-            }
-        }
-    }
-
-    /// Does what the machine asked, in order; the outcome once it finished.
-    async fn execute(
-        &self,
-        machine: &mut HostTask,
-        actions: Vec<Action>,
-        mut send: Option<&mut quinn::SendStream>,
-    ) -> Option<Outcome> {
-        let mut actions = std::collections::VecDeque::from(actions);
-        while let Some(action) = actions.pop_front() {
-            match action {
-                Action::Log { offset, data } => {
-                    metrics::counter!("fleetrun_output_bytes_total").increment(data.len() as u64);
-                    self.engine
-                        .write(Write::HostLog {
-                            step_instance_id: self.step_instance_id,
-                            bk_host_id: self.bk_host_id,
-                            offset,
-                            data,
-                        })
-                        .await;
-                }
-                Action::Running { start_time } => {
-                    self.engine
-                        .write(Write::HostStatus {
-                            step_instance_id: self.step_instance_id,
-                            bk_host_id: self.bk_host_id,
-                            status: host::RUNNING,
-                            start_time: Some(start_time),
-                        })
-                        .await;
-                }
-                Action::SendCancel => {
-                    let Some(send) = send.as_deref_mut() else {
-                        continue;
-                    };
-                    // An agent that reads nothing of its stream leaves no room for the frame: the
-                    // wait ends at the machine's deadline, which then passes as it would have.
-                    let bound = match machine.deadline() {
-                        Some(_) => until_deadline(machine),
-                        None => CANCEL_SEND_WAIT,
-                    };
-                    match tokio::time::timeout(bound, send_frame(send, &TaskDown::Cancel)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            let why = format!("cannot send the termination to the agent: {e}");
-                            actions.extend(machine.handle(now_ms(), Event::Lost(why)));
-                        }
-                        Err(_) => {
-                            let at = machine.deadline().map_or(now_ms(), |d| d.max(now_ms()));
-                            actions.extend(machine.handle(at, Event::Timer));
-                        }
-                    }
-                }
-                Action::Finish(outcome) => {
-                    if matches!(outcome.status, host::AGENT_TIMEOUT | host::AGENT_ABNORMAL) {
-                        tracing::warn!(
-                            step = self.step_instance_id,
-                            bk_host_id = self.bk_host_id,
-                            status = outcome.status,
-                            "{}",
-                            outcome.tag
-                        );
-                    }
-                    if machine.over_limit() > 0 {
-                        tracing::warn!(
-                            step = self.step_instance_id,
-                            bk_host_id = self.bk_host_id,
-                            dropped = machine.over_limit(),
-                            output_limit = self.limits.output_limit,
-                            "the agent sent more output than the limit; the excess was dropped"
-                        );
-                    }
-                    return Some(outcome);
-                }
-            }
-        }
-        None
     }
 }

@@ -23,7 +23,8 @@ use fleetrun_net::{
     AgentCertificate, FramedRecv, describe_connection_error, peer_agent, send_frame,
 };
 use fleetrun_proto::{
-    ControlUp, Hello, HelloReply, MIN_PROTOCOL_VERSION, OsType, PROTOCOL_VERSION, close_code,
+    ControlUp, HeldTask, Hello, HelloReply, MIN_PROTOCOL_VERSION, OsType, PROTOCOL_VERSION,
+    close_code,
 };
 use fleetrun_store::{AgentRegistration, HostRecord, Store};
 use tokio_util::sync::CancellationToken;
@@ -33,6 +34,10 @@ use crate::{
     now_ms,
 };
 
+/// Most tasks an agent may report holding when it connects (far above any agent's
+/// `max_concurrent_tasks` plus the results it keeps).
+const MAX_HELD_TASKS: usize = 100_000;
+
 /// The close reason a revoked agent's connections get.
 const REVOKED_REASON: &[u8] = b"this agent is revoked by an operator";
 
@@ -41,6 +46,15 @@ const REVOKED_REASON: &[u8] = b"this agent is revoked by an operator";
 pub struct AgentLink {
     pub agent_id: String,
     pub connection: quinn::Connection,
+    /// The protocol version spoken on the connection.
+    pub protocol_version: u32,
+}
+
+impl AgentLink {
+    /// Whether the agent keeps its tasks when the connection is lost and reattaches to them.
+    pub fn owns_tasks(&self) -> bool {
+        self.protocol_version >= 2
+    }
 }
 
 /// The agents connected now, by host id, and the agents that may not connect.
@@ -202,6 +216,8 @@ pub(crate) struct Gateway {
     pub heartbeat: Duration,
     pub inventory: Arc<crate::inventory::InventoryState>,
     pub policy: AgentsConfig,
+    /// Takes the claims of reconnecting agents to the tasks they hold.
+    pub engine: crate::engine::Engine,
 }
 
 impl Gateway {
@@ -297,17 +313,46 @@ impl Gateway {
         // The host may be new, or report new addresses: the merged inventory is stale.
         self.inventory.invalidate();
         self.report_contested_address(&host).await;
-        let welcome = HelloReply::Welcome {
-            bk_host_id: host.bk_host_id,
-            heartbeat_interval_ms: self.heartbeat.as_millis() as u64,
+        let protocol_version = hello.protocol_version.min(PROTOCOL_VERSION);
+        let heartbeat_interval_ms = self.heartbeat.as_millis() as u64;
+        let welcome = if protocol_version >= 2 {
+            HelloReply::Negotiated {
+                protocol_version,
+                bk_host_id: host.bk_host_id,
+                heartbeat_interval_ms,
+            }
+        } else {
+            tracing::warn!(
+                agent_id,
+                agent_version = hello.agent_version,
+                "agent speaks protocol version {}: its tasks end with their connection; upgrade \
+                 it to protocol version {PROTOCOL_VERSION}",
+                hello.protocol_version
+            );
+            HelloReply::Welcome {
+                bk_host_id: host.bk_host_id,
+                heartbeat_interval_ms,
+            }
         };
         if let Err(e) = send_frame(&mut send, &welcome).await {
             tracing::warn!(agent_id, "agent left during hello: {e}");
             return;
         }
+        let held = if protocol_version >= 2 {
+            match self.read_holding(&mut recv, &connection).await {
+                Ok(held) => held,
+                Err(reason) => {
+                    tracing::warn!(%remote, agent_id, "{reason}");
+                    return;
+                }
+            }
+        } else {
+            Vec::new()
+        };
         let link = AgentLink {
             agent_id: agent_id.clone(),
             connection: connection.clone(),
+            protocol_version,
         };
         match self.agents.insert(host.bk_host_id, link) {
             Ok(Some(old)) => old.connection.close(
@@ -325,7 +370,11 @@ impl Gateway {
                 return;
             }
         }
-        tracing::info!(agent_id, bk_host_id = host.bk_host_id, %remote, ip = host.ip, "agent online");
+        tracing::info!(agent_id, bk_host_id = host.bk_host_id, %remote, ip = host.ip, protocol_version, held_tasks = held.len(), "agent online");
+        for task in &held {
+            self.engine
+                .claim(host.bk_host_id, &agent_id, &connection, task);
+        }
 
         let reason = self.watch(&mut recv, &connection).await;
 
@@ -345,6 +394,42 @@ impl Gateway {
         }
     }
 
+    /// Reads the tasks a version 2 agent holds, its first control message after the welcome.
+    async fn read_holding(
+        &self,
+        recv: &mut FramedRecv,
+        connection: &quinn::Connection,
+    ) -> Result<Vec<HeldTask>, String> {
+        match tokio::time::timeout(Duration::from_secs(10), recv.recv::<ControlUp>()).await {
+            Ok(Ok(Some(ControlUp::Holding { tasks }))) if tasks.len() <= MAX_HELD_TASKS => {
+                Ok(tasks)
+            }
+            Ok(Ok(Some(ControlUp::Holding { tasks }))) => {
+                connection.close(close_code::PROTOCOL.into(), b"too many tasks reported");
+                Err(format!(
+                    "refusing agent: it reports {} tasks held, more than {MAX_HELD_TASKS}",
+                    tasks.len()
+                ))
+            }
+            Ok(Ok(Some(ControlUp::Heartbeat { .. }))) => {
+                connection.close(close_code::PROTOCOL.into(), b"expected the tasks held");
+                Err("refusing agent: it sent a heartbeat before the tasks it holds".into())
+            }
+            Ok(Ok(None)) => Err("agent left before reporting the tasks it holds".into()),
+            Ok(Err(e)) => {
+                connection.close(close_code::PROTOCOL.into(), b"bad report of tasks held");
+                Err(format!("bad report of the tasks held: {e}"))
+            }
+            Err(_) => {
+                connection.close(
+                    close_code::PROTOCOL.into(),
+                    b"no report of tasks held within 10 s",
+                );
+                Err("no report of the tasks held within 10 s".into())
+            }
+        }
+    }
+
     /// Reads heartbeats until the connection ends; returns why it ended.
     async fn watch(&self, recv: &mut FramedRecv, connection: &quinn::Connection) -> String {
         // Heartbeats arrive every `heartbeat`; three missed mean the agent is stuck even if
@@ -353,6 +438,10 @@ impl Gateway {
         loop {
             match tokio::time::timeout(patience, recv.recv::<ControlUp>()).await {
                 Ok(Ok(Some(ControlUp::Heartbeat { .. }))) => {}
+                Ok(Ok(Some(ControlUp::Holding { .. }))) => {
+                    connection.close(close_code::PROTOCOL.into(), b"tasks reported twice");
+                    return "the agent reported its tasks a second time".into();
+                }
                 Ok(Ok(None)) => {
                     return "control stream finished".into();
                 }

@@ -13,8 +13,16 @@
 //! Deadlines: a task waits on its agent, unbounded while the connection lives, until the agent
 //! says it started (a busy agent queues it behind `max_concurrent_tasks`); from then on it has
 //! its timeout plus the grace period. A termination gives the agent the grace period to confirm.
+//!
+//! Reattach (agents of protocol version 2 own their tasks): a lost connection *detaches* the task
+//! instead of ending it. It waits for the agent to come back until the task's deadline (its
+//! timeout plus the grace period from its start, or from the loss for a task that had not started)
+//! and then ends 310 with the reason. The agent's claim to the task when it reconnects is checked
+//! against what the controller has ([`Claim`]): a consistent one *reattaches* the task, which
+//! resumes from the controller's offset ([`Action::Resume`]), so every byte is stored once; any
+//! other is refused ([`Action::Discard`]) and nothing of it is stored.
 
-use fleetrun_proto::{Ending, TaskResult, TaskUp};
+use fleetrun_proto::{Ending, HeldTask, TaskResult, TaskUp};
 use fleetrun_store::HostOutcome;
 
 use crate::status::host;
@@ -55,6 +63,42 @@ pub enum Event {
     Cancel,
     /// The agent cannot be reached or the task stream ended without a result; says why.
     Lost(String),
+    /// The connection to an agent that owns its tasks was lost; says why. The task goes on there.
+    Detached(String),
+    /// The agent reconnected and claims the task.
+    Reattach(Claim),
+}
+
+/// What an agent reports of a task it holds, as the controller checks it against its own record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub job_instance_id: i64,
+    pub step_instance_id: i64,
+    pub execute_count: u32,
+    pub acked_offset: u64,
+    pub produced: u64,
+    pub started_at_ms: Option<i64>,
+}
+
+impl From<&HeldTask> for Claim {
+    fn from(held: &HeldTask) -> Self {
+        Self {
+            job_instance_id: held.job_instance_id,
+            step_instance_id: held.step_instance_id,
+            execute_count: held.execute_count,
+            acked_offset: held.acked_offset,
+            produced: held.produced,
+            started_at_ms: held.started_at_ms,
+        }
+    }
+}
+
+/// Who the task is, to check a claim against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskIdentity {
+    pub job_instance_id: i64,
+    pub step_instance_id: i64,
+    pub execute_count: u32,
 }
 
 /// What the engine must do, in order.
@@ -66,6 +110,11 @@ pub enum Action {
     Running { start_time: i64 },
     /// Send the agent a cancel on the task stream.
     SendCancel,
+    /// Open a new task stream on the claiming connection and resume the task there from this
+    /// offset of the agent's output.
+    Resume { from_offset: u64 },
+    /// Refuse the claim (the reason is logged): tell the agent to kill and forget the task.
+    Discard { reason: String },
     /// The task reached its final status; nothing follows.
     Finish(Outcome),
 }
@@ -115,6 +164,12 @@ enum Phase {
 #[derive(Debug)]
 pub struct HostTask {
     limits: Limits,
+    identity: TaskIdentity,
+    /// Why the connection was lost, while the task waits for its agent to come back.
+    detached: Option<String>,
+    /// Claims refused so far, for the final line should the agent never come back properly.
+    refused_claims: u64,
+    truncated_seen: bool,
     dispatched_at: i64,
     phase: Phase,
     /// When the controller gives up waiting, in its clock.
@@ -136,8 +191,25 @@ pub struct HostTask {
 impl HostTask {
     /// A task sent to its agent at `now`.
     pub fn new(limits: Limits, now: i64) -> Self {
+        Self::for_task(
+            limits,
+            TaskIdentity {
+                job_instance_id: 0,
+                step_instance_id: 0,
+                execute_count: 0,
+            },
+            now,
+        )
+    }
+
+    /// A task of `identity` sent to its agent at `now`; claims are checked against `identity`.
+    pub fn for_task(limits: Limits, identity: TaskIdentity, now: i64) -> Self {
         Self {
             limits,
+            identity,
+            detached: None,
+            refused_claims: 0,
+            truncated_seen: false,
             dispatched_at: now,
             phase: Phase::Waiting,
             deadline: None,
@@ -159,6 +231,16 @@ impl HostTask {
 
     pub fn is_done(&self) -> bool {
         self.phase == Phase::Done
+    }
+
+    /// Whether the task waits for its agent to come back.
+    pub fn is_detached(&self) -> bool {
+        self.detached.is_some() && self.phase != Phase::Done
+    }
+
+    /// End of the agent's output received so far (its offsets).
+    pub fn received(&self) -> u64 {
+        self.received
     }
 
     /// Bytes in the host's log so far.
@@ -198,10 +280,13 @@ impl HostTask {
                 }
             }
             Event::Up(TaskUp::Output { offset, data }) => self.output(offset, data, &mut actions),
+            // At most one truncation per task: a repeat is the agent resending it after a reattach.
+            Event::Up(TaskUp::Truncated { .. }) if self.truncated_seen => {}
             Event::Up(TaskUp::Truncated {
                 dropped_bytes,
                 dropped_lines,
             }) => {
+                self.truncated_seen = true;
                 self.dropped_bytes = self.dropped_bytes.saturating_add(dropped_bytes);
                 self.dropped_lines = self.dropped_lines.saturating_add(dropped_lines);
                 let marker = format!(
@@ -209,11 +294,29 @@ impl HostTask {
                 );
                 self.append_output(marker.into_bytes(), &mut actions);
             }
+            Event::Up(TaskUp::SpoolLost { offset, bytes }) => {
+                self.spool_lost(offset, bytes, &mut actions)
+            }
             Event::Up(TaskUp::Finished(result)) => {
                 let outcome = self.result_outcome(result, now);
                 self.finish(outcome, &mut actions);
             }
             Event::Timer => match self.deadline {
+                Some(deadline) if now >= deadline && self.detached.is_some() => {
+                    let why = self.detached.take().unwrap_or_default();
+                    let mut tag = format!(
+                        "the agent did not come back before the task's deadline (its timeout plus \
+                         the grace period); the connection was lost: {why}"
+                    );
+                    if self.refused_claims > 0 {
+                        tag.push_str(&format!(
+                            "; {} claims of the task by the agent were refused",
+                            self.refused_claims
+                        ));
+                    }
+                    let outcome = self.controller_outcome(host::AGENT_ABNORMAL, tag, now);
+                    self.finish(outcome, &mut actions);
+                }
                 Some(deadline) if now >= deadline => {
                     let tag = if self.cancelled {
                         "the agent did not confirm the termination within the grace period"
@@ -229,7 +332,10 @@ impl HostTask {
             Event::Cancel => {
                 if !self.cancelled {
                     self.cancelled = true;
-                    actions.push(Action::SendCancel);
+                    // A detached task hears of it when its agent comes back.
+                    if self.detached.is_none() {
+                        actions.push(Action::SendCancel);
+                    }
                     let deadline = now.saturating_add(self.limits.grace_ms);
                     self.deadline = Some(self.deadline.map_or(deadline, |d| d.min(deadline)));
                 }
@@ -238,8 +344,108 @@ impl HostTask {
                 let outcome = self.controller_outcome(host::AGENT_ABNORMAL, why, now);
                 self.finish(outcome, &mut actions);
             }
+            Event::Detached(why) => {
+                if self.detached.is_none() {
+                    // A task that had not started gets its whole time from now.
+                    let deadline = now
+                        .saturating_add(self.limits.timeout_ms)
+                        .saturating_add(self.limits.grace_ms);
+                    self.deadline = Some(self.deadline.unwrap_or(deadline));
+                    self.detached = Some(why);
+                }
+            }
+            Event::Reattach(claim) => self.reattach(claim, now, &mut actions),
         }
         actions
+    }
+
+    /// Checks an agent's claim to the task; resumes it if the claim agrees with what the
+    /// controller has, else refuses it.
+    fn reattach(&mut self, claim: Claim, now: i64, actions: &mut Vec<Action>) {
+        let refusal = if claim.job_instance_id != self.identity.job_instance_id
+            || claim.step_instance_id != self.identity.step_instance_id
+            || claim.execute_count != self.identity.execute_count
+        {
+            Some(format!(
+                "the claim names job {} step {} run {}, the task is job {} step {} run {}",
+                claim.job_instance_id,
+                claim.step_instance_id,
+                claim.execute_count,
+                self.identity.job_instance_id,
+                self.identity.step_instance_id,
+                self.identity.execute_count
+            ))
+        } else if claim.acked_offset > claim.produced {
+            Some(format!(
+                "the claim says {} bytes were acknowledged of {} produced",
+                claim.acked_offset, claim.produced
+            ))
+        } else if claim.acked_offset > self.received {
+            Some(format!(
+                "the claim says {} bytes were acknowledged, the controller received {}",
+                claim.acked_offset, self.received
+            ))
+        } else if claim.produced < self.received {
+            Some(format!(
+                "the claim says {} bytes were produced, the controller received {} already",
+                claim.produced, self.received
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            self.refused_claims = self.refused_claims.saturating_add(1);
+            actions.push(Action::Discard { reason });
+            return;
+        }
+        self.detached = None;
+        if self.phase == Phase::Waiting && !self.cancelled {
+            // Back on a live connection, a task not started yet waits unbounded again.
+            self.deadline = None;
+        }
+        if let (Phase::Waiting, Some(at)) = (self.phase, claim.started_at_ms) {
+            // Started while the controller could not hear it: its time runs from the agent's
+            // start, as far as the controller can believe the agent's clock.
+            self.phase = Phase::Running;
+            let start = self.agent_time(at, self.dispatched_at, now, now);
+            self.started_at = Some(start);
+            let deadline = start
+                .saturating_add(self.limits.timeout_ms)
+                .saturating_add(self.limits.grace_ms);
+            self.deadline = Some(self.deadline.map_or(deadline, |d| d.min(deadline)));
+            actions.push(Action::Running { start_time: start });
+        }
+        actions.push(Action::Resume {
+            from_offset: self.received,
+        });
+        if self.cancelled {
+            actions.push(Action::SendCancel);
+        }
+    }
+
+    /// Output the agent could not spool: counted as dropped, marked in the log.
+    fn spool_lost(&mut self, offset: u64, bytes: u64, actions: &mut Vec<Action>) {
+        let Some(end) = offset.checked_add(bytes) else {
+            self.impossible_chunks = self.impossible_chunks.saturating_add(1);
+            return;
+        };
+        if end <= self.received {
+            return;
+        }
+        let lost = end - self.received.max(offset);
+        if offset > self.received {
+            let gap = format!(
+                "\n[fleetrun] {} bytes of output lost in transit\n",
+                offset - self.received
+            );
+            self.append_output(gap.into_bytes(), actions);
+        }
+        self.received = end;
+        self.dropped_bytes = self.dropped_bytes.saturating_add(lost);
+        let marker = format!(
+            "\n[fleetrun] output lost here: {lost} bytes the agent could not spool (its disk is full)\n"
+        );
+        self.append_output(marker.into_bytes(), actions);
     }
 
     /// Stores a chunk of output, dropping whatever the agent sends twice.

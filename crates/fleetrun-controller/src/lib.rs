@@ -163,6 +163,7 @@ impl Controller {
             heartbeat: Duration::from_secs(config.limits.heartbeat_secs),
             inventory: inventory.clone(),
             policy: config.agents.clone(),
+            engine: engine.clone(),
         };
         let agent_listener_up = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let listening = agent_listener_up.clone();

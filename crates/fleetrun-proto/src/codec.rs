@@ -216,6 +216,73 @@ mod tests {
     }
 
     #[test]
+    fn version_2_keeps_what_version_1_peers_send_and_read() {
+        // The frames a version 1 peer exchanges encode as they did: the hello, the welcome,
+        // heartbeats, a cancel and the first report.
+        let welcome = HelloReply::Welcome {
+            bk_host_id: 7,
+            heartbeat_interval_ms: 5000,
+        };
+        assert_eq!(
+            encode_frame(&welcome).unwrap().to_vec(),
+            [0, 0, 0, 5, 0, 14, 251, 136, 19]
+        );
+        assert_eq!(
+            encode_frame(&ControlUp::Heartbeat { running_tasks: 2 })
+                .unwrap()
+                .to_vec(),
+            [0, 0, 0, 2, 0, 2]
+        );
+        assert_eq!(
+            encode_frame(&TaskDown::Cancel).unwrap().to_vec(),
+            [0, 0, 0, 1, 1]
+        );
+        assert_eq!(
+            encode_frame(&TaskUp::Started { started_at_ms: 5 })
+                .unwrap()
+                .to_vec(),
+            [0, 0, 0, 2, 0, 10]
+        );
+        // What version 2 adds round-trips.
+        let held = ControlUp::Holding {
+            tasks: vec![crate::HeldTask {
+                task_id: uuid::Uuid::from_u128(9),
+                job_instance_id: 1,
+                step_instance_id: 2,
+                bk_host_id: 3,
+                execute_count: 0,
+                acked_offset: 4,
+                produced: 5,
+                started_at_ms: Some(6),
+                finished: true,
+            }],
+        };
+        let downs = [
+            TaskDown::Resume {
+                task_id: uuid::Uuid::from_u128(9),
+                from_offset: 4,
+            },
+            TaskDown::Discard {
+                task_id: uuid::Uuid::from_u128(9),
+            },
+            TaskDown::ResultStored,
+        ];
+        let mut dec = FrameDecoder::new();
+        dec.extend(&encode_frame(&held).unwrap());
+        assert_eq!(dec.decode::<ControlUp>().unwrap(), Some(held));
+        for down in downs {
+            dec.extend(&encode_frame(&down).unwrap());
+            assert_eq!(dec.decode::<TaskDown>().unwrap(), Some(down));
+        }
+        let lost = TaskUp::SpoolLost {
+            offset: 1,
+            bytes: 2,
+        };
+        dec.extend(&encode_frame(&lost).unwrap());
+        assert_eq!(dec.decode::<TaskUp>().unwrap(), Some(lost));
+    }
+
+    #[test]
     fn frames_split_anywhere_decode_whole() {
         let msgs = vec![
             TaskUp::Started { started_at_ms: 5 },
@@ -296,7 +363,7 @@ mod tests {
             let script: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let mut request = match sample_request(script.clone(), "a b 'c'".into()) {
                 TaskDown::Run(r) => r,
-                TaskDown::Cancel => unreachable!(),
+                _ => unreachable!(),
             };
             request.windows_interpreter = Some("pwsh".into());
             let shared = SharedTaskRequest::new(request.clone(), Bytes::from(script)).unwrap();
@@ -314,7 +381,7 @@ mod tests {
         let script = Bytes::from(vec![7u8; 4096]);
         let request = match sample_request(Vec::new(), String::new()) {
             TaskDown::Run(r) => r,
-            TaskDown::Cancel => unreachable!(),
+            _ => unreachable!(),
         };
         let shared = SharedTaskRequest::new(request, script.clone()).unwrap();
         let a = shared.frame(uuid::Uuid::new_v4()).unwrap();
@@ -328,7 +395,7 @@ mod tests {
     fn oversized_shared_request_is_refused() {
         let request = match sample_request(Vec::new(), String::new()) {
             TaskDown::Run(r) => r,
-            TaskDown::Cancel => unreachable!(),
+            _ => unreachable!(),
         };
         let script = Bytes::from(vec![0u8; MAX_FRAME_LEN]);
         assert!(matches!(

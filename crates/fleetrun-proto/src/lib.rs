@@ -19,24 +19,35 @@ pub use codec::{DecodeError, EncodeError, FrameDecoder, SharedTaskRequest, encod
 pub use identity::{AGENT_URI_PREFIX, agent_id_from_uri, agent_uri, is_valid_agent_id};
 pub use messages::*;
 
-/// The QUIC application protocol. A change that old peers would misread bumps the number, so
-/// mismatched peers fail the TLS handshake instead of misreading frames.
+/// The QUIC application protocol: the framing and the [`Hello`] exchange, which every revision
+/// of the messages keeps decodable. A change that old peers would misread there bumps the number,
+/// so mismatched peers fail the TLS handshake instead of misreading frames.
 pub const ALPN: &[u8] = b"fleetrun/1";
 
-/// The revision of the messages inside [`ALPN`]; carried in [`Hello`] so the controller can refuse
-/// an agent that is too old with a message naming both versions.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The newest revision of the messages inside [`ALPN`]. The agent sends the newest it speaks in
+/// [`Hello`]; a controller answers an agent of version 2 or later with
+/// [`HelloReply::Negotiated`] naming the lower of both, and an agent of version 1 with
+/// [`HelloReply::Welcome`]; both then speak that version. Version 2 adds reattaching to tasks
+/// that outlived their connection.
+pub const PROTOCOL_VERSION: u32 = 2;
 
-/// The oldest agent protocol revision the controller accepts.
+/// The oldest agent protocol revision the controller accepts (and the first that has no
+/// reattach: its tasks end with their connection).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
 /// The SHA-256 of `messages.rs`'s code (comments and blank lines left out) for each protocol
 /// version, oldest first. xtask's tidy test recomputes it, so a change to what goes on the wire
 /// fails the tests until it comes with a new [`PROTOCOL_VERSION`] and its line here.
-pub const WIRE_DIGESTS: &[(u32, &str)] = &[(
-    1,
-    "4baf1af85599ff46787af7f1de8907b8368c5a7c90c27f586c4270327c9f3681",
-)];
+pub const WIRE_DIGESTS: &[(u32, &str)] = &[
+    (
+        1,
+        "4baf1af85599ff46787af7f1de8907b8368c5a7c90c27f586c4270327c9f3681",
+    ),
+    (
+        2,
+        "174ae701312b48dd5a257bb5760472fe82f8afef223f73970ee89f5dfebefa6f",
+    ),
+];
 
 /// Largest frame either side accepts, header excluded. Output arrives in chunks of at most
 /// [`MAX_OUTPUT_CHUNK`]; only a task request carrying a large script comes close.

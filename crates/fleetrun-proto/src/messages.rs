@@ -39,12 +39,48 @@ pub enum HelloReply {
     },
     /// The connection is closed right after; `reason` says why, for the agent's log.
     Refused { reason: String },
+    /// The answer to an agent of protocol version 2 or later: the version both sides speak from
+    /// now on (the lower of the two), then what [`HelloReply::Welcome`] says. The agent answers
+    /// with [`ControlUp::Holding`] before its first heartbeat. An agent of version 1 gets
+    /// [`HelloReply::Welcome`] instead, and the old behaviour.
+    Negotiated {
+        protocol_version: u32,
+        bk_host_id: i64,
+        heartbeat_interval_ms: u64,
+    },
 }
 
 /// Control stream, agent to controller, after the hello.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlUp {
-    Heartbeat { running_tasks: u32 },
+    Heartbeat {
+        running_tasks: u32,
+    },
+    /// Version 2: the tasks the agent holds (running, or finished with a result the controller
+    /// has not acknowledged), sent once, right after [`HelloReply::Negotiated`].
+    Holding {
+        tasks: Vec<HeldTask>,
+    },
+}
+
+/// A task an agent holds across connections, as it reports it when it reconnects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldTask {
+    pub task_id: Uuid,
+    pub job_instance_id: i64,
+    pub step_instance_id: i64,
+    /// The host the controller sent the task to (its `bk_host_id` at the time).
+    pub bk_host_id: i64,
+    /// Which run of the step this is; 0 for the first.
+    pub execute_count: u32,
+    /// The offset the controller last said it holds the output up to ([`TaskDown::Resume`]).
+    pub acked_offset: u64,
+    /// Bytes of output the agent has for the task (its next offset).
+    pub produced: u64,
+    /// When the process started, on the agent's clock; `None` while it waits for a slot.
+    pub started_at_ms: Option<i64>,
+    /// Whether the task has its result.
+    pub finished: bool,
 }
 
 /// Task stream, controller to agent.
@@ -53,6 +89,20 @@ pub enum TaskDown {
     Run(TaskRequest),
     /// Stop the task: kill its whole process tree. The agent still answers with a result.
     Cancel,
+    /// Version 2, first frame of a stream: continue a task the agent holds on this new stream,
+    /// sending its output from `from_offset` (what the controller has), then its result.
+    Resume {
+        task_id: Uuid,
+        from_offset: u64,
+    },
+    /// Version 2, first frame of a stream: the controller does not want this task (terminated,
+    /// job gone, never sent to this agent): kill it if it runs and forget it. Nothing answers.
+    Discard {
+        task_id: Uuid,
+    },
+    /// Version 2, after [`TaskUp::Finished`]: the result and the output are stored; the agent
+    /// forgets the task.
+    ResultStored,
 }
 
 /// One script to run on one host.
@@ -111,6 +161,9 @@ pub enum TaskUp {
     },
     /// The last message on the stream.
     Finished(TaskResult),
+    /// Version 2: `bytes` of output from `offset` on were lost on the agent (its spool could not
+    /// be written: disk full). The next output continues at `offset + bytes`.
+    SpoolLost { offset: u64, bytes: u64 },
 }
 
 /// How a task ended on the host.

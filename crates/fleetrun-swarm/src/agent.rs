@@ -4,7 +4,7 @@
 use std::{net::IpAddr, sync::Arc, sync::atomic::Ordering, time::Duration};
 
 use fleetrun_net::{FramedRecv, describe_connection_error, send_frame};
-use fleetrun_proto::{ControlUp, Hello, HelloReply, OsType, PROTOCOL_VERSION};
+use fleetrun_proto::{ControlUp, Hello, HelloReply, OsType};
 use tokio::sync::Semaphore;
 
 use crate::{Shared, task};
@@ -106,7 +106,7 @@ async fn session(
         Err(e) => return Ended::BeforeWelcome(describe_connection_error(&e)),
     };
     let hello = Hello {
-        protocol_version: PROTOCOL_VERSION,
+        protocol_version: shared.protocol_version,
         agent_id: agent.agent_id.clone(),
         agent_version: VERSION.to_owned(),
         hostname: agent.agent_id.clone(),
@@ -143,6 +143,17 @@ async fn session(
             heartbeat_interval_ms,
             ..
         } => Duration::from_millis(heartbeat_interval_ms.max(100)),
+        HelloReply::Negotiated {
+            heartbeat_interval_ms,
+            ..
+        } => {
+            // The emulated executor's tasks end with their connection: it holds nothing.
+            let holding = ControlUp::Holding { tasks: Vec::new() };
+            if let Err(e) = send_frame(&mut send, &holding).await {
+                return Ended::BeforeWelcome(format!("cannot report the tasks held: {e}"));
+            }
+            Duration::from_millis(heartbeat_interval_ms.max(100))
+        }
     };
     if !*welcomed_before {
         *welcomed_before = true;

@@ -90,6 +90,9 @@ pub struct SwarmConfig {
     pub reading_requests: usize,
     /// Per-stream receive window; `None` for quinn's default (the real agent's).
     pub stream_window: Option<u32>,
+    /// The protocol version the virtual agents speak: [`fleetrun_proto::PROTOCOL_VERSION`], or
+    /// an older one to check that a controller still serves agents not yet upgraded.
+    pub protocol_version: u32,
 }
 
 /// Counters the swarm reports.
@@ -109,6 +112,7 @@ pub(crate) struct Shared {
     controller: SocketAddr,
     server_name: String,
     bk_cloud_id: i64,
+    protocol_version: u32,
     max_tasks: usize,
     task_time: Duration,
     output: Vec<u8>,
@@ -269,6 +273,7 @@ impl Swarm {
             controller: config.controller,
             server_name: config.server_name.clone(),
             bk_cloud_id: config.bk_cloud_id,
+            protocol_version: config.protocol_version,
             max_tasks: config.max_concurrent_tasks,
             task_time: config.task_time,
             output: b"ok\n"

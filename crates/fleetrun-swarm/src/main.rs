@@ -57,6 +57,9 @@ struct Args {
     /// Agent i reports IP-BASE + i as its address.
     #[arg(long, default_value = "127.1.0.0")]
     ip_base: Ipv4Addr,
+    /// Protocol version the agents speak (1 emulates agents not yet upgraded).
+    #[arg(long, default_value_t = fleetrun_proto::PROTOCOL_VERSION)]
+    protocol_version: u32,
     /// Cloud area every agent reports.
     #[arg(long, default_value_t = 0)]
     bk_cloud_id: i64,
@@ -141,6 +144,7 @@ fn main() -> ExitCode {
         max_streams: args.max_streams,
         reading_requests: args.reading_requests,
         stream_window: args.stream_window,
+        protocol_version: args.protocol_version,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)

@@ -48,7 +48,14 @@ pub(crate) async fn serve(
             request.script = Vec::new();
             request
         }
-        Ok(Some(TaskDown::Cancel)) | Ok(None) => return,
+        // The emulated agent holds no task across connections: nothing to resume or discard.
+        Ok(Some(
+            TaskDown::Cancel
+            | TaskDown::Resume { .. }
+            | TaskDown::Discard { .. }
+            | TaskDown::ResultStored,
+        ))
+        | Ok(None) => return,
         Err(e) => {
             tracing::warn!("unreadable task request: {e}");
             recv.stop(fleetrun_proto::close_code::PROTOCOL);

@@ -59,13 +59,14 @@ impl RogueAgent {
             },
         )
         .await?;
-        let Some(HelloReply::Welcome {
+        let Some(HelloReply::Negotiated {
             heartbeat_interval_ms,
             ..
         }) = recv.recv::<HelloReply>().await?
         else {
             bail!("the controller did not welcome the agent");
         };
+        send_frame(&mut send, &ControlUp::Holding { tasks: Vec::new() }).await?;
         let heartbeats = tokio::spawn(async move {
             let _recv = recv;
             let mut tick = tokio::time::interval(Duration::from_millis(heartbeat_interval_ms));

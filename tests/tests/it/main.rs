@@ -28,6 +28,7 @@ mod observability;
 mod parity;
 mod pending_jobs;
 mod retention;
+mod reattach;
 mod scope_leaks;
 mod scripts;
 mod sealed_params;

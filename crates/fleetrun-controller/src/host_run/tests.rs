@@ -123,14 +123,14 @@ fn stored_output_never_exceeds_the_limit_plus_the_markers() {
                 .collect(),
         ),
         (
-            "a truncation marker per frame",
-            (0..1000)
-                .map(|_| {
+            "a spool-loss marker per frame",
+            (0..1000u64)
+                .map(|i| {
                     (
                         T0,
-                        Event::Up(TaskUp::Truncated {
-                            dropped_bytes: u64::MAX,
-                            dropped_lines: u64::MAX,
+                        Event::Up(TaskUp::SpoolLost {
+                            offset: i * 10 + 5,
+                            bytes: 1,
                         }),
                     )
                 })
@@ -401,4 +401,250 @@ fn a_lost_agent_ends_310_with_the_reason_in_the_log() {
         log_text(&run),
         "partial[fleetrun] agent connection lost: reset by peer\n"
     );
+}
+
+const IDENTITY: TaskIdentity = TaskIdentity {
+    job_instance_id: 11,
+    step_instance_id: 12,
+    execute_count: 0,
+};
+
+fn claim(acked_offset: u64, produced: u64, started_at_ms: Option<i64>) -> Claim {
+    Claim {
+        job_instance_id: 11,
+        step_instance_id: 12,
+        execute_count: 0,
+        acked_offset,
+        produced,
+        started_at_ms,
+    }
+}
+
+/// Feeds `events` to a task of [`IDENTITY`]; the actions of each event, in order.
+fn feed(events: Vec<(i64, Event)>) -> (HostTask, Vec<Vec<Action>>) {
+    let mut machine = HostTask::for_task(LIMITS, IDENTITY, T0);
+    let actions = events
+        .into_iter()
+        .map(|(now, event)| machine.handle(now, event))
+        .collect();
+    (machine, actions)
+}
+
+fn logged(actions: &[Vec<Action>]) -> String {
+    let mut log = Vec::new();
+    for action in actions.iter().flatten() {
+        if let Action::Log { offset, data } = action {
+            assert_eq!(*offset as usize, log.len());
+            log.extend_from_slice(data);
+        }
+    }
+    String::from_utf8_lossy(&log).into_owned()
+}
+
+#[test]
+fn a_detached_task_resumes_where_the_controller_is_and_stores_every_byte_once() {
+    let (machine, actions) = feed(vec![
+        (T0, started(T0)),
+        (T0 + 10, output(0, b"1\n2\n")),
+        (T0 + 20, Event::Detached("connection lost".into())),
+        // The timer firing before the deadline changes nothing.
+        (T0 + 5_000, Event::Timer),
+        (T0 + 6_000, Event::Reattach(claim(0, 10, Some(T0)))),
+        // The agent resends from the offset asked; a repeat of what arrived is dropped.
+        (T0 + 6_010, output(2, b"2\n3\n4\n")),
+        (T0 + 6_020, output(4, b"3\n4\n5\n")),
+        (
+            T0 + 7_000,
+            finished(Ending::Exited { code: 0 }, T0, T0 + 7_000),
+        ),
+    ]);
+    assert_eq!(actions[2], vec![], "a detach ends nothing");
+    assert_eq!(actions[3], vec![]);
+    assert_eq!(actions[4], vec![Action::Resume { from_offset: 4 }]);
+    assert_eq!(logged(&actions), "1\n2\n3\n4\n5\n");
+    let Some(Action::Finish(outcome)) = actions[7].last() else {
+        panic!("{:?}", actions[7]);
+    };
+    assert_eq!(outcome.status, host::SUCCESS);
+    assert!(machine.is_done());
+}
+
+#[test]
+fn an_agent_that_does_not_come_back_ends_310_at_the_tasks_deadline() {
+    // Started: the deadline runs from the start, not from the loss.
+    let (_, actions) = feed(vec![
+        (T0, started(T0)),
+        (T0 + 1_000, Event::Detached("idle timeout".into())),
+        (T0 + 11_999, Event::Timer),
+        (T0 + 12_000, Event::Timer),
+    ]);
+    assert_eq!(actions[2], vec![]);
+    let Some(Action::Finish(outcome)) = actions[3].last() else {
+        panic!("{:?}", actions[3]);
+    };
+    assert_eq!(outcome.status, host::AGENT_ABNORMAL);
+    assert!(outcome.tag.contains("did not come back") && outcome.tag.contains("idle timeout"));
+    // Not started: the whole time counts from the loss.
+    let (_, actions) = feed(vec![
+        (T0 + 1_000, Event::Detached("idle timeout".into())),
+        (T0 + 12_999, Event::Timer),
+        (T0 + 13_000, Event::Timer),
+    ]);
+    assert_eq!(actions[1], vec![]);
+    assert!(
+        matches!(actions[2].last(), Some(Action::Finish(o)) if o.status == host::AGENT_ABNORMAL)
+    );
+}
+
+#[test]
+fn claims_that_disagree_with_the_controllers_record_are_refused_and_store_nothing() {
+    let other_job = Claim {
+        job_instance_id: 99,
+        ..claim(0, 10, Some(T0))
+    };
+    let cases: Vec<(&str, Claim, &str)> = vec![
+        ("another job's task", other_job, "names job 99"),
+        (
+            "acknowledged beyond produced",
+            claim(20, 10, Some(T0)),
+            "acknowledged of 10 produced",
+        ),
+        (
+            "acknowledged beyond received",
+            claim(8, 10, Some(T0)),
+            "the controller received 4",
+        ),
+        (
+            "produced less than received",
+            claim(0, 3, Some(T0)),
+            "received 4 already",
+        ),
+    ];
+    for (name, bad, reason) in cases {
+        let (machine, actions) = feed(vec![
+            (T0, started(T0)),
+            (T0 + 10, output(0, b"1\n2\n")),
+            (T0 + 20, Event::Detached("connection lost".into())),
+            (T0 + 30, Event::Reattach(bad)),
+            (T0 + 12_000, Event::Timer),
+        ]);
+        match &actions[3][..] {
+            [Action::Discard { reason: got }] => assert!(got.contains(reason), "{name}: {got}"),
+            other => panic!("{name}: {other:?}"),
+        }
+        // Still detached, and the end says claims were refused.
+        let Some(Action::Finish(outcome)) = actions[4].last() else {
+            panic!("{name}: {:?}", actions[4]);
+        };
+        assert_eq!(outcome.status, host::AGENT_ABNORMAL, "{name}");
+        assert!(
+            outcome
+                .tag
+                .contains("1 claims of the task by the agent were refused"),
+            "{name}"
+        );
+        assert_eq!(machine.received(), 4, "{name}");
+    }
+}
+
+#[test]
+fn a_termination_while_detached_reaches_the_agent_when_it_comes_back() {
+    let (_, actions) = feed(vec![
+        (T0, started(T0)),
+        (T0 + 10, Event::Detached("connection lost".into())),
+        (T0 + 20, Event::Cancel),
+        (T0 + 500, Event::Reattach(claim(0, 0, Some(T0)))),
+        (T0 + 600, finished(Ending::Cancelled, T0, T0 + 600)),
+    ]);
+    assert_eq!(actions[2], vec![], "no stream to send the cancel on");
+    assert_eq!(
+        actions[3],
+        vec![Action::Resume { from_offset: 0 }, Action::SendCancel]
+    );
+    assert!(
+        matches!(actions[4].last(), Some(Action::Finish(o)) if o.status == host::TERMINATE_SUCCESS)
+    );
+    // Not back within the grace period: ended at the grace period's end.
+    let (_, actions) = feed(vec![
+        (T0, started(T0)),
+        (T0 + 10, Event::Detached("connection lost".into())),
+        (T0 + 20, Event::Cancel),
+        (T0 + 2_020, Event::Timer),
+    ]);
+    assert!(matches!(actions[3].last(), Some(Action::Finish(_))));
+}
+
+#[test]
+fn a_task_that_started_during_the_outage_runs_from_the_agents_start() {
+    let (machine, actions) = feed(vec![
+        (T0 + 10, Event::Detached("connection lost".into())),
+        (T0 + 3_000, Event::Reattach(claim(0, 0, Some(T0 + 1_000)))),
+    ]);
+    assert_eq!(
+        actions[1],
+        vec![
+            Action::Running {
+                start_time: T0 + 1_000
+            },
+            Action::Resume { from_offset: 0 }
+        ]
+    );
+    assert_eq!(machine.deadline(), Some(T0 + 1_000 + 12_000));
+    // One that has not started yet waits unbounded again on a live connection.
+    let (machine, _) = feed(vec![
+        (T0 + 10, Event::Detached("connection lost".into())),
+        (T0 + 3_000, Event::Reattach(claim(0, 0, None))),
+    ]);
+    assert_eq!(machine.deadline(), None);
+}
+
+#[test]
+fn spool_losses_are_counted_and_marked_once() {
+    let (_, actions) = feed(vec![
+        (T0, started(T0)),
+        (T0 + 1, output(0, b"ab")),
+        (
+            T0 + 2,
+            Event::Up(TaskUp::SpoolLost {
+                offset: 2,
+                bytes: 100,
+            }),
+        ),
+        // Resent after a reattach: nothing new.
+        (
+            T0 + 3,
+            Event::Up(TaskUp::SpoolLost {
+                offset: 2,
+                bytes: 100,
+            }),
+        ),
+        (T0 + 4, output(102, b"cd")),
+        (
+            T0 + 5,
+            Event::Up(TaskUp::Truncated {
+                dropped_bytes: 7,
+                dropped_lines: 1,
+            }),
+        ),
+        (
+            T0 + 6,
+            Event::Up(TaskUp::Truncated {
+                dropped_bytes: 7,
+                dropped_lines: 1,
+            }),
+        ),
+        (T0 + 7, finished(Ending::Exited { code: 0 }, T0, T0 + 7)),
+    ]);
+    let log = logged(&actions);
+    assert_eq!(log.matches("could not spool").count(), 1, "{log}");
+    assert_eq!(log.matches("output truncated here").count(), 1, "{log}");
+    assert!(
+        log.starts_with("ab\n[fleetrun] output lost here: 100 bytes"),
+        "{log}"
+    );
+    assert!(log.contains("cd"), "{log}");
+    let Some(Action::Finish(outcome)) = actions[7].last() else {
+        panic!()
+    };
+    assert_eq!(outcome.dropped_bytes, 107);
 }

@@ -1,0 +1,386 @@
+//! The agent's spool: each task's output and result on disk under `work_dir/spool`, so that a
+//! task outlives its connection (the output waits there for the controller to come back) and the
+//! agent's own restart (the next start finds what the task left and reports it).
+//!
+//! A task's directory `spool/<task id>/` holds `output` (the bytes at the offsets the controller
+//! sees: the executor already bounds them to the output limit's head and tail) and `meta` (who
+//! the task is, where the output was cut or lost, and the result once there is one). Everything
+//! is 0700/0600 and owned by the agent's account, made below a `work_dir` the executor checked.
+//! A write that fails (disk full) loses that piece of output, never the task: the loss is kept
+//! as a [`Mark::Lost`] and reported like a truncation.
+
+use std::{
+    fs::{self, DirBuilder, File, OpenOptions},
+    io::{self, Write as _},
+    os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use fleetrun_proto::TaskResult;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A point in a task's output where something other than output happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Mark {
+    /// The executor cut the middle of the output here (the output limit).
+    Truncated {
+        offset: u64,
+        dropped_bytes: u64,
+        dropped_lines: u64,
+    },
+    /// These bytes could not be spooled (disk full) and are gone.
+    Lost { offset: u64, bytes: u64 },
+}
+
+impl Mark {
+    pub(crate) fn offset(&self) -> u64 {
+        match self {
+            Mark::Truncated { offset, .. } | Mark::Lost { offset, .. } => *offset,
+        }
+    }
+}
+
+/// What the agent knows of a task besides its output bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Meta {
+    pub task_id: Uuid,
+    pub job_instance_id: i64,
+    pub step_instance_id: i64,
+    pub bk_host_id: i64,
+    pub execute_count: u32,
+    pub started_at_ms: Option<i64>,
+    /// Bytes of output so far, spooled or lost (the next offset).
+    pub produced: u64,
+    /// In offset order.
+    pub marks: Vec<Mark>,
+    pub acked_offset: u64,
+    pub result: Option<TaskResult>,
+}
+
+impl Meta {
+    /// Records `bytes` lost at `offset`, joined to a loss just before it.
+    pub(crate) fn lose(&mut self, offset: u64, bytes: u64) {
+        if let Some(Mark::Lost {
+            offset: last,
+            bytes: lost,
+        }) = self.marks.last_mut()
+            && *last + *lost == offset
+        {
+            *lost += bytes;
+            return;
+        }
+        self.marks.push(Mark::Lost { offset, bytes });
+    }
+
+    /// Bytes of output lost to the spool.
+    pub(crate) fn lost_bytes(&self) -> u64 {
+        self.marks
+            .iter()
+            .map(|m| match m {
+                Mark::Lost { bytes, .. } => *bytes,
+                Mark::Truncated { .. } => 0,
+            })
+            .sum()
+    }
+}
+
+/// The spool directory, `work_dir/spool`.
+#[derive(Debug)]
+pub(crate) struct Spool {
+    root: PathBuf,
+}
+
+/// One task's files.
+#[derive(Debug)]
+pub(crate) struct TaskSpool {
+    dir: PathBuf,
+    output: File,
+}
+
+const OUTPUT: &str = "output";
+const META: &str = "meta";
+
+/// Makes `path` a directory of this account at 0700, refusing anything else in its place.
+fn private_dir(path: &Path) -> io::Result<()> {
+    match DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = fs::symlink_metadata(path)?;
+    if !meta.file_type().is_dir() {
+        return Err(io::Error::other(format!(
+            "{} is not a directory",
+            path.display()
+        )));
+    }
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(io::Error::other(format!(
+            "{} is owned by uid {}, not by the agent",
+            path.display(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o777 != 0o700 {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+impl Spool {
+    /// Opens (creating) `work_dir/spool`. `work_dir` itself was checked by the executor.
+    pub(crate) fn open(work_dir: &Path) -> io::Result<Self> {
+        let root = work_dir.join("spool");
+        private_dir(&root)?;
+        Ok(Self { root })
+    }
+
+    /// The spool of a new task, with its first meta written.
+    pub(crate) fn create(&self, meta: &Meta) -> io::Result<TaskSpool> {
+        let dir = self.root.join(meta.task_id.to_string());
+        private_dir(&dir)?;
+        let output = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(dir.join(OUTPUT))?;
+        let spool = TaskSpool { dir, output };
+        spool.save(meta)?;
+        Ok(spool)
+    }
+
+    /// Every task a previous run of the agent left, with its spool; directories that cannot be
+    /// read are logged and removed.
+    pub(crate) fn load_all(&self) -> Vec<(Meta, TaskSpool)> {
+        let mut found = Vec::new();
+        let entries = match fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!("cannot read the spool {}: {e}", self.root.display());
+                return found;
+            }
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            match load(&dir) {
+                Ok(task) => found.push(task),
+                Err(e) => {
+                    tracing::warn!("dropping unreadable spool {}: {e}", dir.display());
+                    let _ = remove(&dir);
+                }
+            }
+        }
+        found
+    }
+}
+
+fn load(dir: &Path) -> io::Result<(Meta, TaskSpool)> {
+    let text = fs::read(dir.join(META))?;
+    let meta: Meta = serde_json::from_slice(&text).map_err(io::Error::other)?;
+    if dir.file_name().and_then(|n| n.to_str()) != Some(&meta.task_id.to_string()) {
+        return Err(io::Error::other("meta names another task"));
+    }
+    let output = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dir.join(OUTPUT))?;
+    Ok((
+        meta,
+        TaskSpool {
+            dir: dir.to_owned(),
+            output,
+        },
+    ))
+}
+
+fn remove(dir: &Path) -> io::Result<()> {
+    // Only plain files are ever made here; a symlink is removed, never followed.
+    for entry in fs::read_dir(dir)?.flatten() {
+        fs::remove_file(entry.path())?;
+    }
+    fs::remove_dir(dir)
+}
+
+impl TaskSpool {
+    /// Writes output at its offset.
+    pub(crate) fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.output.write_all_at(data, offset)
+    }
+
+    /// Reads output from `offset` into `buf`; the bytes read (fewer at the end of what is spooled).
+    pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match self
+                .output
+                .read_at(&mut buf[filled..], offset + filled as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(filled)
+    }
+
+    /// Bytes in the output file.
+    pub(crate) fn spooled(&self) -> u64 {
+        self.output.metadata().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Replaces the meta file whole (written aside, then renamed over it).
+    pub(crate) fn save(&self, meta: &Meta) -> io::Result<()> {
+        let text = serde_json::to_vec(meta).map_err(io::Error::other)?;
+        let aside = self.dir.join("meta.new");
+        let _ = fs::remove_file(&aside);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&aside)?;
+        file.write_all(&text)?;
+        file.sync_data()?;
+        fs::rename(&aside, self.dir.join(META))
+    }
+
+    /// Forgets the task on disk.
+    pub(crate) fn remove(&self) {
+        if let Err(e) = remove(&self.dir) {
+            tracing::warn!("cannot remove the spool {}: {e}", self.dir.display());
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn with_output(dir: PathBuf, output: File) -> Self {
+        Self { dir, output }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(task_id: Uuid) -> Meta {
+        Meta {
+            task_id,
+            job_instance_id: 1,
+            step_instance_id: 2,
+            bk_host_id: 3,
+            execute_count: 0,
+            started_at_ms: Some(5),
+            produced: 0,
+            marks: Vec::new(),
+            acked_offset: 0,
+            result: None,
+        }
+    }
+
+    #[test]
+    fn a_task_is_found_again_as_it_was_left() {
+        let work = tempfile::tempdir().unwrap();
+        let spool = Spool::open(work.path()).unwrap();
+        let root = fs::metadata(work.path().join("spool")).unwrap();
+        assert_eq!(root.mode() & 0o777, 0o700);
+        let mut m = meta(Uuid::new_v4());
+        let task = spool.create(&m).unwrap();
+        task.write_at(0, b"hello ").unwrap();
+        task.write_at(6, b"world").unwrap();
+        m.produced = 11;
+        m.marks.push(Mark::Truncated {
+            offset: 6,
+            dropped_bytes: 100,
+            dropped_lines: 3,
+        });
+        task.save(&m).unwrap();
+        let file = fs::metadata(work.path().join(format!("spool/{}/output", m.task_id))).unwrap();
+        assert_eq!(file.mode() & 0o777, 0o600);
+
+        let found = spool.load_all();
+        assert_eq!(found.len(), 1);
+        let (loaded, again) = &found[0];
+        assert_eq!(loaded, &m);
+        let mut buf = [0u8; 32];
+        let n = again.read_at(3, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"lo world");
+        assert_eq!(again.spooled(), 11);
+        again.remove();
+        assert!(spool.load_all().is_empty());
+    }
+
+    #[test]
+    fn garbage_in_the_spool_is_dropped_not_trusted() {
+        let work = tempfile::tempdir().unwrap();
+        let spool = Spool::open(work.path()).unwrap();
+        let bad = work.path().join("spool").join(Uuid::new_v4().to_string());
+        fs::create_dir(&bad).unwrap();
+        fs::write(bad.join(META), b"{not json").unwrap();
+        // A meta that names another task than its directory is not believed either.
+        let other = meta(Uuid::new_v4());
+        let named = work.path().join("spool").join(Uuid::new_v4().to_string());
+        fs::create_dir(&named).unwrap();
+        fs::write(named.join(META), serde_json::to_vec(&other).unwrap()).unwrap();
+        fs::write(named.join(OUTPUT), b"").unwrap();
+        assert!(spool.load_all().is_empty());
+        assert!(!bad.exists() && !named.exists());
+    }
+
+    #[test]
+    fn a_spool_root_someone_replaced_with_a_file_is_refused() {
+        let work = tempfile::tempdir().unwrap();
+        fs::write(work.path().join("spool"), b"").unwrap();
+        assert!(Spool::open(work.path()).is_err());
+    }
+
+    #[test]
+    fn losses_next_to_each_other_are_one_mark() {
+        let mut m = meta(Uuid::nil());
+        m.lose(10, 5);
+        m.lose(15, 5);
+        m.marks.push(Mark::Truncated {
+            offset: 20,
+            dropped_bytes: 1,
+            dropped_lines: 0,
+        });
+        m.lose(20, 1);
+        m.lose(30, 2);
+        assert_eq!(
+            m.marks,
+            vec![
+                Mark::Lost {
+                    offset: 10,
+                    bytes: 10
+                },
+                Mark::Truncated {
+                    offset: 20,
+                    dropped_bytes: 1,
+                    dropped_lines: 0
+                },
+                Mark::Lost {
+                    offset: 20,
+                    bytes: 1
+                },
+                Mark::Lost {
+                    offset: 30,
+                    bytes: 2
+                },
+            ]
+        );
+        assert_eq!(m.lost_bytes(), 13);
+    }
+
+    #[test]
+    fn a_full_disk_fails_the_write_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let task = TaskSpool::with_output(dir.path().to_owned(), full);
+        let err = task.write_at(0, b"x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+    }
+}
