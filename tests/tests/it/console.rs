@@ -328,6 +328,39 @@ async fn sign_in_refuses_wrong_passwords_and_viewers_cannot_act() -> Result<()> 
         .await?;
     assert_eq!(status, StatusCode::OK);
     assert!(body.contains("1 host<"), "{body}");
+
+    // Guessing: after five failures the name is refused, even with the right password, while
+    // other users sign in as usual.
+    let mut guesser = ConsoleClient::new(&cluster);
+    let (_, page) = guesser.get("/console/login").await?;
+    let mut token = hidden(&page, "csrf").context("token")?;
+    for guess in 0..6 {
+        let password = if guess == 5 {
+            VICTOR.1.to_owned()
+        } else {
+            format!("guess-{guess}")
+        };
+        let (status, body, _) = guesser
+            .post(
+                "/console/login",
+                &[
+                    ("csrf", &token),
+                    ("user", VICTOR.0),
+                    ("password", &password),
+                ],
+            )
+            .await?;
+        let expected = if guess == 5 {
+            StatusCode::TOO_MANY_REQUESTS
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        assert_eq!(status, expected, "attempt {guess}: {body}");
+        token = hidden(&body, "csrf").context("token")?;
+    }
+    let (status, _) = guesser.get("/console/jobs").await?;
+    assert_eq!(status, StatusCode::SEE_OTHER, "not signed in");
+    ConsoleClient::new(&cluster).sign_in(ALICE).await?;
     Ok(())
 }
 
