@@ -17,6 +17,13 @@ use xtask::cluster::{free_port, workspace_root};
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
 
+/// The colour scheme the browser asks pages for (`prefers-color-scheme`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColorScheme {
+    Light,
+    Dark,
+}
+
 /// A browser session and the chromedriver serving it.
 #[derive(Debug)]
 pub struct Browser {
@@ -26,7 +33,7 @@ pub struct Browser {
 
 impl Browser {
     /// Starts chromedriver and a headless Chromium with a 1280×800 window.
-    pub async fn start() -> Result<Self> {
+    pub async fn start(scheme: ColorScheme) -> Result<Self> {
         for path in [CHROMEDRIVER, CHROMIUM] {
             if !Path::new(path).exists() {
                 bail!("{path} is missing: apt-get install chromium chromium-driver");
@@ -41,16 +48,23 @@ impl Browser {
             .spawn()
             .context("starting chromedriver")?;
         let url = format!("http://127.0.0.1:{port}");
+        // Tests run as root in CI, where Chromium's sandbox cannot start.
+        let mut args = vec![
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--window-size=1280,800",
+            "--force-prefers-reduced-motion",
+            "--lang=en-US",
+        ];
+        if scheme == ColorScheme::Dark {
+            args.push("--force-dark-mode");
+        }
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".to_owned(),
-            json!({
-                "binary": CHROMIUM,
-                // Tests run as root in CI, where Chromium's sandbox cannot start.
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--disable-dev-shm-usage", "--window-size=1280,800",
-                         "--force-prefers-reduced-motion", "--lang=en-US"],
-            }),
+            json!({ "binary": CHROMIUM, "args": args }),
         );
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let client = loop {

@@ -328,6 +328,39 @@ async fn sign_in_refuses_wrong_passwords_and_viewers_cannot_act() -> Result<()> 
         .await?;
     assert_eq!(status, StatusCode::OK);
     assert!(body.contains("1 host<"), "{body}");
+
+    // Guessing: after five failures the name is refused, even with the right password, while
+    // other users sign in as usual.
+    let mut guesser = ConsoleClient::new(&cluster);
+    let (_, page) = guesser.get("/console/login").await?;
+    let mut token = hidden(&page, "csrf").context("token")?;
+    for guess in 0..6 {
+        let password = if guess == 5 {
+            VICTOR.1.to_owned()
+        } else {
+            format!("guess-{guess}")
+        };
+        let (status, body, _) = guesser
+            .post(
+                "/console/login",
+                &[
+                    ("csrf", &token),
+                    ("user", VICTOR.0),
+                    ("password", &password),
+                ],
+            )
+            .await?;
+        let expected = if guess == 5 {
+            StatusCode::TOO_MANY_REQUESTS
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        assert_eq!(status, expected, "attempt {guess}: {body}");
+        token = hidden(&body, "csrf").context("token")?;
+    }
+    let (status, _) = guesser.get("/console/jobs").await?;
+    assert_eq!(status, StatusCode::SEE_OTHER, "not signed in");
+    ConsoleClient::new(&cluster).sign_in(ALICE).await?;
     Ok(())
 }
 
@@ -685,5 +718,73 @@ async fn an_operator_terminates_a_running_job_and_a_viewer_cannot() -> Result<()
     assert_eq!(done["job_instance"]["status"], 11, "{done}");
     let (_, page) = alice.get(&format!("/console/jobs/{job}")).await?;
     assert!(page.contains("terminated 1"), "{page}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_publishes_and_disables_script_versions() -> Result<()> {
+    let cluster = with_console(1).await?;
+    let client = cluster.client();
+    let mut create = cluster.info.scope();
+    create["name"] = json!("rotate logs");
+    create["script_language"] = json!(1);
+    create["content"] = json!(fleetrun_tests::b64("logrotate -f /etc/logrotate.conf\n"));
+    create["version"] = json!("v1");
+    let created = client.call("create_script", create).await?;
+    let script = created["script_id"]
+        .as_str()
+        .context("script_id")?
+        .to_owned();
+    let version = created["id"].as_i64().context("id")?;
+    let scope = format!(
+        "{}:{}",
+        cluster.info.bk_scope_type, cluster.info.bk_scope_id
+    );
+    let status_of = || async {
+        let mut list = cluster.info.scope();
+        list["script_id"] = json!(script);
+        let listed = client.call("get_script_version_list", list).await?;
+        anyhow::Ok(listed["data"][0]["status"].clone())
+    };
+
+    let mut alice = ConsoleClient::new(&cluster);
+    let csrf = alice.sign_in(ALICE).await?;
+    let (status, page) = alice
+        .get(&format!("/console/scripts/{script}?scope={scope}"))
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("logrotate -f /etc/logrotate.conf"), "{page}");
+    let publish = format!("/console/scripts/{script}/versions/{version}/publish");
+    let (status, _, _) = alice.post(&publish, &[("scope", &scope)]).await?;
+    assert_eq!(status, StatusCode::FORBIDDEN, "without the token");
+    assert_eq!(status_of().await?, 0, "still a draft");
+    let (status, body, _) = alice
+        .post(&publish, &[("csrf", &csrf), ("scope", &scope)])
+        .await?;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
+    assert_eq!(status_of().await?, 1, "online");
+    let disable = format!("/console/scripts/{script}/versions/{version}/disable");
+    let (status, body, _) = alice
+        .post(&disable, &[("csrf", &csrf), ("scope", &scope)])
+        .await?;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
+    assert_eq!(status_of().await?, 3, "disabled");
+    // A disabled version cannot be published again: the API's refusal, shown with its code.
+    let (status, body, _) = alice
+        .post(&publish, &[("csrf", &csrf), ("scope", &scope)])
+        .await?;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body.contains("code 1244018"), "{body}");
+    // Carol, of business 3, cannot reach it.
+    let mut carol = ConsoleClient::new(&cluster);
+    let csrf = carol.sign_in(CAROL).await?;
+    let (status, _) = carol
+        .get(&format!("/console/scripts/{script}?scope={scope}"))
+        .await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = carol
+        .post(&publish, &[("csrf", &csrf), ("scope", &scope)])
+        .await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     Ok(())
 }

@@ -6,7 +6,10 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use fleetrun_tests::{b64, browser::Browser};
+use fleetrun_tests::{
+    b64,
+    browser::{Browser, ColorScheme},
+};
 use serde_json::json;
 
 use crate::console::{ALICE, CAROL, with_console};
@@ -52,7 +55,7 @@ async fn an_operator_runs_watches_investigates_and_retries_in_the_browser() -> R
         .call("create_script_version", version)
         .await?;
 
-    let browser = Browser::start().await?;
+    let browser = Browser::start(ColorScheme::Light).await?;
     browser.client.goto(&format!("{base}/console/jobs")).await?;
     // Not signed in: the sign-in page.
     browser.text("#sign-in").await?;
@@ -211,5 +214,23 @@ async fn an_operator_runs_watches_investigates_and_retries_in_the_browser() -> R
         .await?;
     ensure!(rows.is_empty(), "carol sees {} hosts", rows.len());
     browser.close().await?;
+
+    // Where the system is dark, so are the pages.
+    let dark = Browser::start(ColorScheme::Dark).await?;
+    sign_in(&dark, &base, ALICE).await?;
+    dark.client.goto(job_url.as_str()).await?;
+    dark.text("#groups").await?;
+    let background = dark
+        .client
+        .find(fantoccini::Locator::Css("body"))
+        .await?
+        .css_value("background-color")
+        .await?;
+    ensure!(
+        ["rgb(18, 21, 27)", "rgba(18, 21, 27, 1)"].contains(&background.as_str()),
+        "dark page background {background}"
+    );
+    dark.screenshot("job-dark").await?;
+    dark.close().await?;
     Ok(())
 }

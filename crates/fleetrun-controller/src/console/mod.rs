@@ -59,6 +59,9 @@ const MAX_FORM: usize = 2 * 1024 * 1024;
 pub struct Console {
     shared: Arc<Shared>,
     sessions: Sessions,
+    throttle: session::Throttle,
+    /// Password checks run at once: argon2 costs memory and CPU, and anyone can ask for one.
+    verifications: tokio::sync::Semaphore,
     /// The API, called in-process; made on first use (it contains this console's routes too).
     api: OnceLock<Router>,
 }
@@ -186,6 +189,8 @@ pub fn router<S: Clone + Send + Sync + 'static>(shared: Arc<Shared>) -> Router<S
             Duration::from_secs(shared.config.console.idle_secs),
         ),
         shared,
+        throttle: session::Throttle::default(),
+        verifications: tokio::sync::Semaphore::new(2),
         api: OnceLock::new(),
     });
     Router::new()
@@ -546,6 +551,19 @@ async fn login(State(console): State<Arc<Console>>, headers: HeaderMap, body: Bo
     }
     let name = form.get("user").unwrap_or("").to_owned();
     let password = form.get("password").unwrap_or("").to_owned();
+    if let Err(wait) = console.throttle.check(&name) {
+        tracing::warn!(user = ?name, "console sign-in refused: too many failures");
+        let mut response = login_page(
+            &console,
+            &headers,
+            Some(&format!(
+                "Too many failed sign-ins for this user: try again in {} s.",
+                wait.as_secs() + 1
+            )),
+        );
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        return response;
+    }
     let hash = console
         .user(&name)
         .and_then(|u| u.password_hash.clone())
@@ -553,14 +571,23 @@ async fn login(State(console): State<Arc<Console>>, headers: HeaderMap, body: Bo
     let known = console
         .user(&name)
         .is_some_and(|u| u.password_hash.is_some());
-    // argon2 takes tens of milliseconds of CPU: off the async workers.
-    let matched = tokio::task::spawn_blocking(move || session::verify_password(&hash, &password))
-        .await
-        .unwrap_or(false);
+    // argon2 takes tens of milliseconds of CPU: off the async workers, a few at a time.
+    let matched = {
+        let _turn = console
+            .verifications
+            .acquire()
+            .await
+            .expect("the verification semaphore is never closed");
+        tokio::task::spawn_blocking(move || session::verify_password(&hash, &password))
+            .await
+            .unwrap_or(false)
+    };
     if !(known && matched) {
+        console.throttle.failed(&name);
         tracing::info!(user = ?name, "console sign-in refused");
         return login_page(&console, &headers, Some("Wrong user name or password."));
     }
+    console.throttle.succeeded(&name);
     tracing::info!(user = ?name, "console sign-in");
     let token = console.sessions.start(&name);
     let mut response = Redirect::to("/console/jobs").into_response();

@@ -40,6 +40,59 @@ pub struct Sessions {
     idle: Duration,
 }
 
+/// Failed sign-ins a user name may have within [`FAILURE_WINDOW`] before it is refused
+/// until the window has passed: a password is not guessed at the speed of the network.
+pub const MAX_FAILURES: u32 = 5;
+const FAILURE_WINDOW: Duration = Duration::from_secs(300);
+/// User names whose failures are remembered at once.
+const MAX_REMEMBERED: usize = 10_000;
+
+/// Failed sign-ins per user name.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    failures: Mutex<HashMap<String, (u32, Instant)>>,
+}
+
+impl Throttle {
+    /// `Err(wait)` when `name` has failed too often lately.
+    pub fn check(&self, name: &str) -> Result<(), Duration> {
+        let failures = self.failures.lock().unwrap();
+        match failures.get(name) {
+            Some(&(count, first)) if count >= MAX_FAILURES && first.elapsed() < FAILURE_WINDOW => {
+                Err(FAILURE_WINDOW - first.elapsed())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn failed(&self, name: &str) {
+        let now = Instant::now();
+        let mut failures = self.failures.lock().unwrap();
+        if failures.len() >= MAX_REMEMBERED {
+            failures.retain(|_, (_, first)| now.duration_since(*first) < FAILURE_WINDOW);
+        }
+        if failures.len() >= MAX_REMEMBERED && !failures.contains_key(name) {
+            // Full of fresh entries: a flood of made-up names. Forget the oldest.
+            if let Some(oldest) = failures
+                .iter()
+                .min_by_key(|(_, (_, first))| *first)
+                .map(|(n, _)| n.clone())
+            {
+                failures.remove(&oldest);
+            }
+        }
+        let entry = failures.entry(name.to_owned()).or_insert((0, now));
+        if now.duration_since(entry.1) >= FAILURE_WINDOW {
+            *entry = (0, now);
+        }
+        entry.0 += 1;
+    }
+
+    pub fn succeeded(&self, name: &str) {
+        self.failures.lock().unwrap().remove(name);
+    }
+}
+
 /// 32 random bytes, URL-safe base64.
 pub fn random_token() -> String {
     let mut bytes = [0u8; 32];
@@ -192,6 +245,26 @@ mod tests {
         let short = Sessions::new(Duration::ZERO, Duration::from_secs(3600));
         let token = short.start("bob");
         assert!(short.touch(&token).is_none(), "past its lifetime");
+    }
+
+    #[test]
+    fn a_name_that_failed_too_often_is_refused_until_it_succeeds_or_waits() {
+        let throttle = Throttle::default();
+        for _ in 0..MAX_FAILURES {
+            assert!(throttle.check("alice").is_ok());
+            throttle.failed("alice");
+        }
+        let wait = throttle.check("alice").unwrap_err();
+        assert!(
+            wait > Duration::from_secs(290) && wait <= FAILURE_WINDOW,
+            "{wait:?}"
+        );
+        assert!(
+            throttle.check("bob").is_ok(),
+            "other names are not affected"
+        );
+        throttle.succeeded("alice");
+        assert!(throttle.check("alice").is_ok());
     }
 
     #[test]
