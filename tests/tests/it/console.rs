@@ -58,6 +58,7 @@ pub async fn with_console(agents: usize) -> Result<TestCluster> {
 }
 
 /// A console client that keeps its cookies by hand and does not follow redirects.
+#[derive(Clone)]
 struct ConsoleClient {
     http: reqwest::Client,
     base: String,
@@ -786,5 +787,66 @@ async fn an_operator_publishes_and_disables_script_versions() -> Result<()> {
         .post(&publish, &[("csrf", &csrf), ("scope", &scope)])
         .await?;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    Ok(())
+}
+
+/// Guesses sent side by side are counted as they arrive: no more of them reach the password
+/// check than the limit allows in sequence, and the name stays refused afterwards, even with
+/// its password.
+#[tokio::test(flavor = "multi_thread")]
+async fn guesses_sent_at_once_are_counted_before_they_are_checked() -> Result<()> {
+    let cluster = with_console(1).await?;
+    let mut guesser = ConsoleClient::new(&cluster);
+    let (_, page) = guesser.get("/console/login").await?;
+    let token = hidden(&page, "csrf").context("token")?;
+    let guesses = (0..20).map(|guess| {
+        let mut client = guesser.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            let password = format!("guess-{guess}");
+            let form = [
+                ("csrf", token.as_str()),
+                ("user", CAROL.0),
+                ("password", password.as_str()),
+            ];
+            client.post("/console/login", &form).await.map(|r| r.0)
+        })
+    });
+    let mut checked = 0;
+    for guess in guesses.collect::<Vec<_>>() {
+        match guess.await?? {
+            StatusCode::UNAUTHORIZED => checked += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => anyhow::bail!("a guess answered {other}"),
+        }
+    }
+    assert!(checked <= 5, "{checked} guesses reached the password check");
+    let (status, _, _) = guesser
+        .post(
+            "/console/login",
+            &[("csrf", &token), ("user", CAROL.0), ("password", CAROL.1)],
+        )
+        .await?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    Ok(())
+}
+
+/// The sign-in form is read before anyone is known: a body larger than a sign-in needs is
+/// refused without being held.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_sign_in_form_is_refused() -> Result<()> {
+    let cluster = with_console(1).await?;
+    let mut client = ConsoleClient::new(&cluster);
+    let (_, page) = client.get("/console/login").await?;
+    let token = hidden(&page, "csrf").context("token")?;
+    let padding = "x".repeat(64 * 1024);
+    let (status, body, _) = client
+        .post(
+            "/console/login",
+            &[("csrf", &token), ("user", ALICE.0), ("password", &padding)],
+        )
+        .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("larger than"), "{body}");
     Ok(())
 }

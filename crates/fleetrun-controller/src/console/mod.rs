@@ -53,6 +53,8 @@ const CSS: &str = include_str!("../../console/console.css");
 const JS: &str = include_str!("../../console/console.js");
 /// The largest form the console reads (a script of the quick execute page is the big part).
 const MAX_FORM: usize = 2 * 1024 * 1024;
+/// How long a sign-in waits for one of the password checks allowed at once.
+const VERIFICATION_WAIT: Duration = Duration::from_secs(5);
 
 /// The console's state.
 #[derive(Debug)]
@@ -388,13 +390,20 @@ impl Form {
     }
 }
 
-/// Reads a form POST (`application/x-www-form-urlencoded`), at most [`MAX_FORM`] bytes.
-async fn read_form(body: Body) -> Result<Form, Refusal> {
-    let limited = http_body_util::Limited::new(body, MAX_FORM);
-    let bytes: Bytes = limited
-        .collect()
+/// The sign-in form's limit: a name, a password and a token. Read before anyone is known, so
+/// an anonymous client may not make the controller hold more.
+const MAX_LOGIN_FORM: usize = 4 * 1024;
+
+/// Reads a form POST (`application/x-www-form-urlencoded`), at most `limit` bytes, within the
+/// API's body timeout (`limits.http_body_timeout_secs`), so a client trickling a body cannot
+/// hold a connection for ever.
+async fn read_form(console: &Console, body: Body, limit: usize) -> Result<Form, Refusal> {
+    let limited = http_body_util::Limited::new(body, limit);
+    let wait = Duration::from_secs(console.shared.config.limits.http_body_timeout_secs);
+    let bytes: Bytes = tokio::time::timeout(wait, limited.collect())
         .await
-        .map_err(|_| Refusal::BadInput(format!("the form is larger than {MAX_FORM} bytes")))?
+        .map_err(|_| Refusal::BadInput(format!("the form did not arrive within {wait:?}")))?
+        .map_err(|_| Refusal::BadInput(format!("the form is larger than {limit} bytes")))?
         .to_bytes();
     serde_urlencoded::from_bytes::<Vec<(String, String)>>(&bytes)
         .map(Form)
@@ -409,7 +418,7 @@ async fn checked_form(
     body: Body,
 ) -> Result<(Viewer, Form), Refusal> {
     let (viewer, _) = console.viewer(headers)?;
-    let form = read_form(body).await?;
+    let form = read_form(console, body, MAX_FORM).await?;
     let sent = form.get("csrf").unwrap_or("");
     if !session::same_token(sent, &viewer.csrf) {
         return Err(Refusal::Forbidden(
@@ -536,7 +545,7 @@ async fn login(State(console): State<Arc<Console>>, headers: HeaderMap, body: Bo
         return Refusal::NotFound("the console is not configured ([console] users)".to_owned())
             .into_response();
     }
-    let form = match read_form(body).await {
+    let form = match read_form(&console, body, MAX_LOGIN_FORM).await {
         Ok(form) => form,
         Err(refusal) => return refusal.into_response(),
     };
@@ -551,7 +560,7 @@ async fn login(State(console): State<Arc<Console>>, headers: HeaderMap, body: Bo
     }
     let name = form.get("user").unwrap_or("").to_owned();
     let password = form.get("password").unwrap_or("").to_owned();
-    if let Err(wait) = console.throttle.check(&name) {
+    if let Err(wait) = console.throttle.attempt(&name) {
         tracing::warn!(user = ?name, "console sign-in refused: too many failures");
         let mut response = login_page(
             &console,
@@ -573,17 +582,24 @@ async fn login(State(console): State<Arc<Console>>, headers: HeaderMap, body: Bo
         .is_some_and(|u| u.password_hash.is_some());
     // argon2 takes tens of milliseconds of CPU: off the async workers, a few at a time.
     let matched = {
-        let _turn = console
-            .verifications
-            .acquire()
-            .await
-            .expect("the verification semaphore is never closed");
+        // A queue of sign-ins behind the few checks allowed at once is refused, not left
+        // holding its connection.
+        let Ok(Ok(_turn)) =
+            tokio::time::timeout(VERIFICATION_WAIT, console.verifications.acquire()).await
+        else {
+            let mut response = login_page(
+                &console,
+                &headers,
+                Some("Too many sign-ins at once: try again shortly."),
+            );
+            *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            return response;
+        };
         tokio::task::spawn_blocking(move || session::verify_password(&hash, &password))
             .await
             .unwrap_or(false)
     };
     if !(known && matched) {
-        console.throttle.failed(&name);
         tracing::info!(user = ?name, "console sign-in refused");
         return login_page(&console, &headers, Some("Wrong user name or password."));
     }

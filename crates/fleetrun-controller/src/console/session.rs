@@ -54,20 +54,19 @@ pub struct Throttle {
 }
 
 impl Throttle {
-    /// `Err(wait)` when `name` has failed too often lately.
-    pub fn check(&self, name: &str) -> Result<(), Duration> {
-        let failures = self.failures.lock().unwrap();
-        match failures.get(name) {
-            Some(&(count, first)) if count >= MAX_FAILURES && first.elapsed() < FAILURE_WINDOW => {
-                Err(FAILURE_WINDOW - first.elapsed())
-            }
-            _ => Ok(()),
-        }
-    }
-
-    pub fn failed(&self, name: &str) {
+    /// Counts a sign-in attempt for `name` as a failure before its password is checked (a
+    /// success then clears it with [`Throttle::succeeded`]), so guesses sent side by side are
+    /// counted as they arrive, not once each has been verified; `Err(wait)` when `name` has
+    /// failed too often lately, and the attempt is not made.
+    pub fn attempt(&self, name: &str) -> Result<(), Duration> {
         let now = Instant::now();
         let mut failures = self.failures.lock().unwrap();
+        if let Some(&(count, first)) = failures.get(name) {
+            let age = now.duration_since(first);
+            if count >= MAX_FAILURES && age < FAILURE_WINDOW {
+                return Err(FAILURE_WINDOW - age);
+            }
+        }
         if failures.len() >= MAX_REMEMBERED {
             failures.retain(|_, (_, first)| now.duration_since(*first) < FAILURE_WINDOW);
         }
@@ -86,6 +85,7 @@ impl Throttle {
             *entry = (0, now);
         }
         entry.0 += 1;
+        Ok(())
     }
 
     pub fn succeeded(&self, name: &str) {
@@ -251,20 +251,19 @@ mod tests {
     fn a_name_that_failed_too_often_is_refused_until_it_succeeds_or_waits() {
         let throttle = Throttle::default();
         for _ in 0..MAX_FAILURES {
-            assert!(throttle.check("alice").is_ok());
-            throttle.failed("alice");
+            assert!(throttle.attempt("alice").is_ok());
         }
-        let wait = throttle.check("alice").unwrap_err();
+        let wait = throttle.attempt("alice").unwrap_err();
         assert!(
             wait > Duration::from_secs(290) && wait <= FAILURE_WINDOW,
             "{wait:?}"
         );
         assert!(
-            throttle.check("bob").is_ok(),
+            throttle.attempt("bob").is_ok(),
             "other names are not affected"
         );
         throttle.succeeded("alice");
-        assert!(throttle.check("alice").is_ok());
+        assert!(throttle.attempt("alice").is_ok());
     }
 
     #[test]
