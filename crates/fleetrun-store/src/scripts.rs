@@ -27,6 +27,20 @@ impl From<sqlx::Error> for ScriptsError {
     }
 }
 
+/// `%text%` for LIKE, with `%`, `_` and the escape character in `text` matched literally.
+fn like_pattern(text: &str) -> String {
+    let mut pattern = String::with_capacity(text.len() + 2);
+    pattern.push('%');
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
 /// A version's status: a draft, the only one whose content may change.
 pub const DRAFT: i32 = 0;
 
@@ -164,7 +178,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO script (script_id, bk_scope_type, bk_scope_id, name, description, script_language, creator, create_time, last_modify_user, last_modify_time)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(script_id)
         .bind(&new.bk_scope_type)
@@ -195,7 +209,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let id = insert_version(&mut tx, &script.script_id, new).await?;
         sqlx::query(
-            "UPDATE script SET last_modify_user = ?, last_modify_time = ? WHERE script_id = ?",
+            "UPDATE script SET last_modify_user = $1, last_modify_time = $2 WHERE script_id = $3",
         )
         .bind(&new.operator)
         .bind(new.now)
@@ -258,7 +272,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         if status == 1 {
             sqlx::query(
-                "UPDATE script_version SET status = 2, last_modify_user = ?, last_modify_time = ? WHERE script_id = ? AND status = 1",
+                "UPDATE script_version SET status = 2, last_modify_user = $1, last_modify_time = $2 WHERE script_id = $3 AND status = 1",
             )
             .bind(operator)
             .bind(now)
@@ -266,7 +280,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query("UPDATE script_version SET status = ?, last_modify_user = ?, last_modify_time = ? WHERE id = ?")
+        sqlx::query("UPDATE script_version SET status = $1, last_modify_user = $2, last_modify_time = $3 WHERE id = $4")
             .bind(status)
             .bind(operator)
             .bind(now)
@@ -285,7 +299,7 @@ impl Store {
         script_id: &str,
     ) -> Result<ScriptRecord, ScriptsError> {
         let row = sqlx::query(&format!(
-            "SELECT {SCRIPT_COLUMNS} FROM script s WHERE s.script_id = ? AND s.bk_scope_type = ? AND s.bk_scope_id = ?"
+            "SELECT {SCRIPT_COLUMNS} FROM script s WHERE s.script_id = $1 AND s.bk_scope_type = $2 AND s.bk_scope_id = $3"
         ))
         .bind(script_id)
         .bind(scope_type)
@@ -305,7 +319,7 @@ impl Store {
     ) -> Result<ScriptVersionRecord, ScriptsError> {
         let row = sqlx::query(&format!(
             "SELECT {VERSION_COLUMNS} FROM script_version v JOIN script s ON s.script_id = v.script_id
-             WHERE v.id = ? AND s.bk_scope_type = ? AND s.bk_scope_id = ?"
+             WHERE v.id = $1 AND s.bk_scope_type = $2 AND s.bk_scope_id = $3"
         ))
         .bind(id)
         .bind(scope_type)
@@ -325,7 +339,7 @@ impl Store {
     ) -> Result<ScriptVersionRecord, ScriptsError> {
         let row = sqlx::query(&format!(
             "SELECT {VERSION_COLUMNS} FROM script_version v JOIN script s ON s.script_id = v.script_id
-             WHERE v.script_id = ? AND v.version = ? AND s.bk_scope_type = ? AND s.bk_scope_id = ?"
+             WHERE v.script_id = $1 AND v.version = $2 AND s.bk_scope_type = $3 AND s.bk_scope_id = $4"
         ))
         .bind(script_id)
         .bind(version)
@@ -360,7 +374,11 @@ impl Store {
                 .push_bind(&f.bk_scope_type);
             q.push(" AND s.bk_scope_id = ").push_bind(&f.bk_scope_id);
             if let Some(name) = &f.name {
-                q.push(" AND instr(s.name, ").push_bind(name).push(") > 0");
+                // Portable substring match: LIKE with the pattern's own wildcards escaped,
+                // case-insensitive in both SQLite and PostgreSQL.
+                q.push(" AND LOWER(s.name) LIKE LOWER(")
+                    .push_bind(like_pattern(name))
+                    .push(") ESCAPE '\\'");
             }
             if let Some(language) = f.script_language.filter(|l| *l != 0) {
                 q.push(" AND s.script_language = ").push_bind(language);
@@ -388,14 +406,14 @@ impl Store {
         length: i64,
     ) -> Result<(i64, Vec<ScriptVersionRecord>), ScriptsError> {
         self.script(scope.0, scope.1, script_id).await?;
-        let total: i64 = sqlx::query("SELECT COUNT(*) FROM script_version WHERE script_id = ?")
+        let total: i64 = sqlx::query("SELECT COUNT(*) FROM script_version WHERE script_id = $1")
             .bind(script_id)
             .fetch_one(&self.pool)
             .await?
             .get(0);
         let rows = sqlx::query(&format!(
             "SELECT {VERSION_COLUMNS} FROM script_version v JOIN script s ON s.script_id = v.script_id
-             WHERE v.script_id = ? ORDER BY v.id DESC LIMIT ? OFFSET ?"
+             WHERE v.script_id = $1 ORDER BY v.id DESC LIMIT $2 OFFSET $3"
         ))
         .bind(script_id)
         .bind(length)
@@ -527,7 +545,7 @@ async fn insert_version(
 ) -> Result<i64, ScriptsError> {
     let inserted = sqlx::query(
         "INSERT INTO script_version (script_id, version, content, status, version_desc, creator, create_time, last_modify_user, last_modify_time)
-         VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?) RETURNING id",
+         VALUES ($1, $2, $3, 0, $4, $5, $6, $7, $8) RETURNING id",
     )
     .bind(script_id)
     .bind(&new.version)
@@ -545,5 +563,102 @@ async fn insert_version(
             Err(ScriptsError::DuplicateVersion(new.version.clone()))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn script(name: &str) -> NewScript {
+        NewScript {
+            bk_scope_type: "biz".into(),
+            bk_scope_id: "2".into(),
+            name: name.into(),
+            description: String::new(),
+            script_language: 1,
+            content: b"echo".to_vec(),
+            version: "1".into(),
+            version_desc: String::new(),
+            operator: "admin".into(),
+            now: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn names_match_as_substrings_with_wildcards_taken_literally() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+        for (i, name) in ["Deploy_web", "deployXweb", "100% clean", "1000 clean"]
+            .iter()
+            .enumerate()
+        {
+            store
+                .create_script(&script(name), &format!("s{i}"))
+                .await
+                .unwrap();
+        }
+        let names = |filter: &str| {
+            let store = store.clone();
+            let filter = filter.to_owned();
+            async move {
+                let (total, scripts) = store
+                    .list_scripts(&ScriptFilter {
+                        bk_scope_type: "biz".into(),
+                        bk_scope_id: "2".into(),
+                        name: Some(filter),
+                        script_language: None,
+                        start: 0,
+                        length: 10,
+                    })
+                    .await
+                    .unwrap();
+                let mut names: Vec<String> = scripts.into_iter().map(|s| s.name).collect();
+                names.sort();
+                assert_eq!(total as usize, names.len());
+                names
+            }
+        };
+        assert_eq!(names("deploy_").await, vec!["Deploy_web"]);
+        assert_eq!(names("DEPLOY").await, vec!["Deploy_web", "deployXweb"]);
+        assert_eq!(names("0%").await, vec!["100% clean"]);
+        assert_eq!(names("\\").await, Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn only_drafts_change_and_the_last_version_takes_its_script_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+        let scope = ("biz", "2");
+        let v1 = store.create_script(&script("s"), "s").await.unwrap();
+        let changed = store
+            .update_script_version(scope, "s", v1.id, b"echo 2", Some("two"), "bob", 2)
+            .await
+            .unwrap();
+        assert_eq!(changed.content, b"echo 2");
+        assert_eq!(changed.last_modify_user, "bob");
+        store
+            .publish_script_version(scope, "s", v1.id, "bob", 3)
+            .await
+            .unwrap();
+        assert!(matches!(
+            store
+                .update_script_version(scope, "s", v1.id, b"x", None, "bob", 4)
+                .await,
+            Err(ScriptsError::WrongStatus("online"))
+        ));
+        // Another scope's script is not there.
+        assert!(matches!(
+            store.delete_script(("biz", "3"), "s").await,
+            Err(ScriptsError::NotFound)
+        ));
+        store
+            .delete_script_version(scope, "s", v1.id)
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.script("biz", "2", "s").await,
+            Err(ScriptsError::NotFound)
+        ));
     }
 }
