@@ -43,6 +43,12 @@ fn like_pattern(text: &str) -> String {
 
 /// A version's status: a draft, the only one whose content may change.
 pub const DRAFT: i32 = 0;
+/// The version jobs run by the script's id; at most one per script.
+pub const ONLINE: i32 = 1;
+/// Was online; still runs by its version id.
+pub const OFFLINE: i32 = 2;
+/// Never runs again.
+pub const DISABLED: i32 = 3;
 
 /// bk-job's name for a version status.
 pub fn status_name(status: i32) -> &'static str {
@@ -229,7 +235,7 @@ impl Store {
         operator: &str,
         now: i64,
     ) -> Result<ScriptVersionRecord, ScriptsError> {
-        self.change_status(scope, script_id, version_id, 1, operator, now)
+        self.change_status(scope, script_id, version_id, ONLINE, operator, now)
             .await
     }
 
@@ -242,7 +248,7 @@ impl Store {
         operator: &str,
         now: i64,
     ) -> Result<ScriptVersionRecord, ScriptsError> {
-        self.change_status(scope, script_id, version_id, 3, operator, now)
+        self.change_status(scope, script_id, version_id, DISABLED, operator, now)
             .await
     }
 
@@ -262,8 +268,8 @@ impl Store {
         // bk-job publishes anything but a disabled version, and disables only versions that
         // have been online.
         let allowed = match status {
-            1 => version.status != 3,
-            3 => matches!(version.status, 1 | 2),
+            ONLINE => version.status != DISABLED,
+            DISABLED => matches!(version.status, ONLINE | OFFLINE),
             _ => true,
         };
         if !allowed {
