@@ -234,7 +234,7 @@ pub struct LimitsConfig {
     pub output_limit: u64,
     /// Seconds between agent heartbeats.
     pub heartbeat_secs: u64,
-    /// Seconds after a task's own timeout before the controller gives up on the agent (303).
+    /// Seconds after a task's own timeout before the controller gives up on the agent (16).
     pub agent_grace_secs: u64,
     /// Attempts at delivering a job's callback before it is given up as failed.
     pub callback_max_attempts: u32,

@@ -3,7 +3,7 @@
 
 use sqlx::{Row, any::AnyRow};
 
-use crate::{Dialect, Statement, Store, StoreError};
+use crate::{Statement, Store, StoreError};
 
 /// A script library operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -27,8 +27,28 @@ impl From<sqlx::Error> for ScriptsError {
     }
 }
 
+/// `%text%` for LIKE, with `%`, `_` and the escape character in `text` matched literally.
+fn like_pattern(text: &str) -> String {
+    let mut pattern = String::with_capacity(text.len() + 2);
+    pattern.push('%');
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
 /// A version's status: a draft, the only one whose content may change.
 pub const DRAFT: i32 = 0;
+/// The version jobs run by the script's id; at most one per script.
+pub const ONLINE: i32 = 1;
+/// Was online; still runs by its version id.
+pub const OFFLINE: i32 = 2;
+/// Never runs again.
+pub const DISABLED: i32 = 3;
 
 /// bk-job's name for a version status.
 pub fn status_name(status: i32) -> &'static str {
@@ -215,7 +235,7 @@ impl Store {
         operator: &str,
         now: i64,
     ) -> Result<ScriptVersionRecord, ScriptsError> {
-        self.change_status(scope, script_id, version_id, 1, operator, now)
+        self.change_status(scope, script_id, version_id, ONLINE, operator, now)
             .await
     }
 
@@ -228,7 +248,7 @@ impl Store {
         operator: &str,
         now: i64,
     ) -> Result<ScriptVersionRecord, ScriptsError> {
-        self.change_status(scope, script_id, version_id, 3, operator, now)
+        self.change_status(scope, script_id, version_id, DISABLED, operator, now)
             .await
     }
 
@@ -248,8 +268,8 @@ impl Store {
         // bk-job publishes anything but a disabled version, and disables only versions that
         // have been online.
         let allowed = match status {
-            1 => version.status != 3,
-            3 => matches!(version.status, 1 | 2),
+            ONLINE => version.status != DISABLED,
+            DISABLED => matches!(version.status, ONLINE | OFFLINE),
             _ => true,
         };
         if !allowed {
@@ -355,24 +375,26 @@ impl Store {
         &self,
         f: &ScriptFilter,
     ) -> Result<(i64, Vec<ScriptRecord>), ScriptsError> {
-        fn conditions<'a>(q: &mut Statement<'a>, f: &'a ScriptFilter, dialect: Dialect) {
+        fn conditions<'a>(q: &mut Statement<'a>, f: &'a ScriptFilter) {
             q.push(" WHERE s.bk_scope_type = ")
                 .push_bind(&f.bk_scope_type);
             q.push(" AND s.bk_scope_id = ").push_bind(&f.bk_scope_id);
             if let Some(name) = &f.name {
-                q.push(" AND ");
-                let at = q.bind(name);
-                q.push(&dialect.contains("s.name", &at));
+                // Portable substring match: LIKE with the pattern's own wildcards escaped,
+                // case-insensitive in both SQLite and PostgreSQL.
+                q.push(" AND LOWER(s.name) LIKE LOWER(")
+                    .push_bind(like_pattern(name))
+                    .push(") ESCAPE '\\'");
             }
             if let Some(language) = f.script_language.filter(|l| *l != 0) {
                 q.push(" AND s.script_language = ").push_bind(language);
             }
         }
         let mut count = Statement::new("SELECT COUNT(*) FROM script s");
-        conditions(&mut count, f, self.dialect);
+        conditions(&mut count, f);
         let total: i64 = count.build().fetch_one(&self.pool).await?.get(0);
         let mut page = Statement::new(format!("SELECT {SCRIPT_COLUMNS} FROM script s"));
-        conditions(&mut page, f, self.dialect);
+        conditions(&mut page, f);
         page.push(" ORDER BY s.create_time DESC, s.script_id LIMIT ")
             .push_bind(f.length)
             .push(" OFFSET ")
@@ -547,5 +569,102 @@ async fn insert_version(
             Err(ScriptsError::DuplicateVersion(new.version.clone()))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn script(name: &str) -> NewScript {
+        NewScript {
+            bk_scope_type: "biz".into(),
+            bk_scope_id: "2".into(),
+            name: name.into(),
+            description: String::new(),
+            script_language: 1,
+            content: b"echo".to_vec(),
+            version: "1".into(),
+            version_desc: String::new(),
+            operator: "admin".into(),
+            now: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn names_match_as_substrings_with_wildcards_taken_literally() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+        for (i, name) in ["Deploy_web", "deployXweb", "100% clean", "1000 clean"]
+            .iter()
+            .enumerate()
+        {
+            store
+                .create_script(&script(name), &format!("s{i}"))
+                .await
+                .unwrap();
+        }
+        let names = |filter: &str| {
+            let store = store.clone();
+            let filter = filter.to_owned();
+            async move {
+                let (total, scripts) = store
+                    .list_scripts(&ScriptFilter {
+                        bk_scope_type: "biz".into(),
+                        bk_scope_id: "2".into(),
+                        name: Some(filter),
+                        script_language: None,
+                        start: 0,
+                        length: 10,
+                    })
+                    .await
+                    .unwrap();
+                let mut names: Vec<String> = scripts.into_iter().map(|s| s.name).collect();
+                names.sort();
+                assert_eq!(total as usize, names.len());
+                names
+            }
+        };
+        assert_eq!(names("deploy_").await, vec!["Deploy_web"]);
+        assert_eq!(names("DEPLOY").await, vec!["Deploy_web", "deployXweb"]);
+        assert_eq!(names("0%").await, vec!["100% clean"]);
+        assert_eq!(names("\\").await, Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn only_drafts_change_and_the_last_version_takes_its_script_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+        let scope = ("biz", "2");
+        let v1 = store.create_script(&script("s"), "s").await.unwrap();
+        let changed = store
+            .update_script_version(scope, "s", v1.id, b"echo 2", Some("two"), "bob", 2)
+            .await
+            .unwrap();
+        assert_eq!(changed.content, b"echo 2");
+        assert_eq!(changed.last_modify_user, "bob");
+        store
+            .publish_script_version(scope, "s", v1.id, "bob", 3)
+            .await
+            .unwrap();
+        assert!(matches!(
+            store
+                .update_script_version(scope, "s", v1.id, b"x", None, "bob", 4)
+                .await,
+            Err(ScriptsError::WrongStatus("online"))
+        ));
+        // Another scope's script is not there.
+        assert!(matches!(
+            store.delete_script(("biz", "3"), "s").await,
+            Err(ScriptsError::NotFound)
+        ));
+        store
+            .delete_script_version(scope, "s", v1.id)
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.script("biz", "2", "s").await,
+            Err(ScriptsError::NotFound)
+        ));
     }
 }

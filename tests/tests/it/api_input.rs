@@ -88,21 +88,41 @@ async fn job_list_times_at_the_ends_of_their_range_are_refused_by_name() -> Resu
         client.call_raw("get_job_instance_list", request)
     };
     let day = 24 * 3600 * 1000_i64;
+    // bk-job's rules and codes: each time at least 1 (1241007), the end after the start
+    // (1241007), at most 30 days (1241002); the message names the field first.
+    let missing_or_illegal = 1_241_007;
+    let illegal = 1_241_002;
     let refused = [
         // Would overflow end - start (a panic, or a wrapped window past 30 days).
-        (i64::MIN, i64::MAX, "create_time_start"),
-        (i64::MIN, 0, "create_time_start"),
-        (i64::MIN, 1, "create_time_start"),
-        (-1, i64::MAX, "create_time_start"),
-        (0, -1, "create_time_end"),
-        (i64::MIN, i64::MIN + 1, "create_time_start"),
-        (0, i64::MAX, "create_time_end"),
-        (i64::MAX, 0, "create_time_end"),
-        (1, 31 * day + 2, "create_time_end"),
+        (i64::MIN, i64::MAX, missing_or_illegal, "create_time_start"),
+        (i64::MIN, 0, missing_or_illegal, "create_time_start"),
+        (i64::MIN, 1, missing_or_illegal, "create_time_start"),
+        (-1, i64::MAX, missing_or_illegal, "create_time_start"),
+        (0, -1, missing_or_illegal, "create_time_start"),
+        (
+            i64::MIN,
+            i64::MIN + 1,
+            missing_or_illegal,
+            "create_time_start",
+        ),
+        (1, i64::MAX, illegal, "create_time_start|create_time_end"),
+        (i64::MAX, 0, missing_or_illegal, "create_time_end"),
+        (
+            i64::MAX,
+            1,
+            missing_or_illegal,
+            "create_time_start|create_time_end",
+        ),
+        (
+            1,
+            31 * day + 2,
+            illegal,
+            "create_time_start|create_time_end",
+        ),
     ];
-    for (start, end, field) in refused {
+    for (start, end, code, field) in refused {
         let envelope = list(start, end).await?;
-        assert_eq!(envelope["code"], 1_240_003, "{start}..{end}: {envelope}");
+        assert_eq!(envelope["code"], code, "{start}..{end}: {envelope}");
         assert!(
             envelope["message"].as_str().unwrap().starts_with(field),
             "{start}..{end}: {envelope}"
@@ -124,12 +144,12 @@ async fn job_list_times_at_the_ends_of_their_range_are_refused_by_name() -> Resu
         .await?
         .json()
         .await?;
-    assert_eq!(reply["code"], 1_240_003, "{reply}");
+    assert_eq!(reply["code"], 1_241_007, "{reply}");
 
     // Windows at the far end of the range, or exactly 30 days long, are fine.
     for (start, end) in [
         (i64::MAX - 1, i64::MAX),
-        (0, 30 * day),
+        (1, 30 * day + 1),
         (i64::MAX - 30 * day, i64::MAX),
     ] {
         let envelope = list(start, end).await?;
