@@ -1,7 +1,7 @@
 //! The job engine: sends each host its task, follows it to a final state, and records everything.
 //!
 //! **Architecture invariant:** every (job, host) the engine starts reaches a final host status:
-//! a result from the agent, or 310 when the agent is offline or its connection is lost, or 303
+//! a result from the agent, or 310 when the agent is offline or its connection is lost, or 16
 //! when the agent stays silent past the task's timeout plus a grace period.
 
 mod follow;

@@ -64,6 +64,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0008_audit.sql"),
         include_str!("../migrations/postgres/0008_audit.sql"),
     ),
+    (
+        9,
+        "agent timeout status",
+        include_str!("../migrations/sqlite/0009_agent_timeout_status.sql"),
+        include_str!("../migrations/postgres/0009_agent_timeout_status.sql"),
+    ),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them.

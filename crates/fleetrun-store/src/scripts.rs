@@ -17,6 +17,10 @@ pub enum ScriptsError {
     /// The version's status does not allow the operation.
     #[error("version is {0}, which does not allow this")]
     WrongStatus(&'static str),
+    /// The version is the script's online one, which jobs run by `script_id`: it is disabled
+    /// (or replaced by publishing another) before it can be deleted, as in bk-job.
+    #[error("the online version cannot be deleted")]
+    DeleteOnline,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -524,10 +528,15 @@ impl Store {
             return Err(ScriptsError::NotFound);
         }
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM script_version WHERE id = $1")
+        // Checked in the statement, so a publish that lands meanwhile is not undone.
+        let deleted = sqlx::query("DELETE FROM script_version WHERE id = $1 AND status <> $2")
             .bind(version_id)
+            .bind(ONLINE)
             .execute(&mut *tx)
             .await?;
+        if deleted.rows_affected() == 0 {
+            return Err(ScriptsError::DeleteOnline);
+        }
         let left: i64 = sqlx::query("SELECT COUNT(*) FROM script_version WHERE script_id = $1")
             .bind(script_id)
             .fetch_one(&mut *tx)
@@ -658,6 +667,15 @@ mod tests {
             store.delete_script(("biz", "3"), "s").await,
             Err(ScriptsError::NotFound)
         ));
+        // The online version, which jobs run, is not deleted; once disabled it is.
+        assert!(matches!(
+            store.delete_script_version(scope, "s", v1.id).await,
+            Err(ScriptsError::DeleteOnline)
+        ));
+        store
+            .disable_script_version(scope, "s", v1.id, "bob", 5)
+            .await
+            .unwrap();
         store
             .delete_script_version(scope, "s", v1.id)
             .await

@@ -775,7 +775,7 @@ async fn an_operator_publishes_and_disables_script_versions() -> Result<()> {
         .post(&publish, &[("csrf", &csrf), ("scope", &scope)])
         .await?;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(body.contains("code 1244018"), "{body}");
+    assert!(body.contains("code 1241003"), "{body}");
     // Carol, of business 3, cannot reach it.
     let mut carol = ConsoleClient::new(&cluster);
     let csrf = carol.sign_in(CAROL).await?;

@@ -603,6 +603,20 @@ async fn scripts_are_updated_and_deleted_as_in_bk_job() -> Result<()> {
         .await?;
     assert_eq!(cluster.logs(job, step).await?[0].1, "2\n");
 
+    // The online version, which that job ran by script_id, is not deleted
+    // (DELETE_ONLINE_SCRIPT_FAIL).
+    both_refused(
+        &client,
+        "delete_script_version",
+        with(
+            &scope,
+            json!({"script_id": script_id, "script_version_id": v1_id}),
+        ),
+        1_243_005,
+        "online",
+    )
+    .await?;
+
     // Deleting a version, then the script with the rest.
     let deleted = client
         .call_raw(
@@ -1044,7 +1058,7 @@ async fn v4_runs_scripts_on_hosts_and_reports_execute_objects() -> Result<()> {
 
     let params = with(
         &scope,
-        json!({"job_instance_id": job, "return_execute_object_result": true}),
+        json!({"job_instance_id": job, "return_ip_result": true}),
     );
     let finished = fleetrun_tests::eventually(
         std::time::Duration::from_secs(30),
@@ -1065,17 +1079,11 @@ async fn v4_runs_scripts_on_hosts_and_reports_execute_objects() -> Result<()> {
     assert_eq!(finished["job_instance"]["status"], 3, "{finished}");
     let step_status = &finished["step_instance_list"][0];
     assert_eq!(step_status["execute_count"], 0);
-    let result = &step_status["step_execute_object_result_list"][0];
-    assert_eq!(result["execute_object"]["type"], 1, "{result}");
-    assert_eq!(
-        result["execute_object"]["resource_id"],
-        host.to_string(),
-        "{result}"
-    );
-    assert_eq!(
-        result["execute_object"]["host"]["bk_host_id"], host,
-        "{result}"
-    );
+    // bk-job's v4 gateway document names these `step_ip_result_list` with v3's host fields.
+    let result = &step_status["step_ip_result_list"][0];
+    assert_eq!(result["bk_host_id"], host, "{result}");
+    assert_eq!(result["bk_cloud_id"], 0, "{result}");
+    assert!(result["ip"].is_string(), "{result}");
     assert_eq!(result["status"], 9);
     assert_eq!(result["exit_code"], 0);
 

@@ -34,6 +34,8 @@ pub mod code {
     pub const REPEAT_START_JOB: i64 = 1_241_015;
     /// SCRIPT_NOT_EXIST.
     pub const SCRIPT_NOT_FOUND: i64 = 1_243_001;
+    /// DELETE_ONLINE_SCRIPT_FAIL: an online script version cannot be deleted.
+    pub const DELETE_ONLINE_SCRIPT: i64 = 1_243_005;
     /// ACCOUNT_ALIAS_EXIST.
     pub const ACCOUNT_ALIAS_EXISTS: i64 = 1_243_007;
     /// SCRIPT_VERSION_NAME_EXIST.

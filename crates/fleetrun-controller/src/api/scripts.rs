@@ -110,6 +110,10 @@ impl From<ScriptsError> for ApiError {
                 code::UNSUPPORTED_OPERATION,
                 format!("script_version_id: the version is {s}, which does not allow this"),
             ),
+            ScriptsError::DeleteOnline => ApiError::new(
+                code::DELETE_ONLINE_SCRIPT,
+                "script_version_id: the version is online; disable it (or publish another) before deleting it",
+            ),
             ScriptsError::Store(e) => e.into(),
         }
     }

@@ -36,8 +36,8 @@ pub const APIS: &[&str] = &[
 /// bk-job's execute-object type of a host (2 is a container, which fleetrun does not run in).
 const EXECUTE_OBJECT_HOST: i32 = 1;
 
-/// Hosts one v4 batch log request may name.
-const MAX_V4_LOG_HOSTS: usize = 50;
+/// Hosts one v4 batch log request may name (100 in bk-job's v4 document).
+const MAX_V4_LOG_HOSTS: usize = 100;
 
 /// A v4 failure: bk-job's `V4ErrorCodeEnum` name and its HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,8 +269,14 @@ async fn fast_execute_script(
 struct StatusRequest {
     #[serde(deserialize_with = "lenient::int")]
     job_instance_id: i64,
-    #[serde(default, deserialize_with = "lenient::opt_bool")]
-    return_execute_object_result: Option<bool>,
+    /// bk-job's v4 gateway name (`v4_get_job_instance_status.md`); the execute-object name of
+    /// its design notes is taken too.
+    #[serde(
+        default,
+        alias = "return_execute_object_result",
+        deserialize_with = "lenient::opt_bool"
+    )]
+    return_ip_result: Option<bool>,
 }
 
 /// A host as an execute object.
@@ -307,18 +313,6 @@ impl ExecuteObject {
 }
 
 #[derive(Debug, Serialize)]
-struct ObjectResult {
-    execute_object: ExecuteObject,
-    status: i32,
-    tag: String,
-    exit_code: Option<i32>,
-    error_code: i32,
-    start_time: Option<i64>,
-    end_time: Option<i64>,
-    total_time: Option<i64>,
-}
-
-#[derive(Debug, Serialize)]
 struct StepStatusV4 {
     step_instance_id: i64,
     #[serde(rename = "type")]
@@ -330,8 +324,9 @@ struct StepStatusV4 {
     start_time: Option<i64>,
     end_time: Option<i64>,
     total_time: Option<i64>,
+    /// Each host's result, as v3 reports it, when `return_ip_result` is true.
     #[serde(skip_serializing_if = "Option::is_none")]
-    step_execute_object_result_list: Option<Vec<ObjectResult>>,
+    step_ip_result_list: Option<Vec<reply::HostResult>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -352,7 +347,7 @@ async fn get_job_instance_status(
         caller,
         params,
         req.job_instance_id,
-        req.return_execute_object_result.unwrap_or(false),
+        req.return_ip_result.unwrap_or(false),
     )
     .await?;
     let steps = status
@@ -368,26 +363,7 @@ async fn get_job_instance_status(
             start_time: step.start_time,
             end_time: step.end_time,
             total_time: step.total_time,
-            step_execute_object_result_list: step.step_ip_result_list.map(|hosts| {
-                hosts
-                    .into_iter()
-                    .map(|h| ObjectResult {
-                        execute_object: ExecuteObject::host(
-                            h.bk_host_id,
-                            h.bk_cloud_id,
-                            h.ip,
-                            h.ipv6,
-                        ),
-                        status: h.status,
-                        tag: h.tag,
-                        exit_code: h.exit_code,
-                        error_code: h.error_code,
-                        start_time: h.start_time,
-                        end_time: h.end_time,
-                        total_time: h.total_time,
-                    })
-                    .collect()
-            }),
+            step_ip_result_list: step.step_ip_result_list,
         })
         .collect();
     reply::data(JobInstanceStatusV4 {

@@ -133,7 +133,8 @@ pub async fn script(
         if viewer.role == super::Role::Operator {
             for (action, label, allowed) in [
                 ("publish", "Publish", v.status != 1 && v.status != 3),
-                ("disable", "Disable", v.status != 3),
+                // Only a published version (online or offline) can be disabled.
+                ("disable", "Disable", v.status == 1 || v.status == 2),
             ] {
                 if allowed {
                     let _ = write!(
