@@ -513,6 +513,23 @@ async fn scripts_are_updated_and_deleted_as_in_bk_job() -> Result<()> {
     let script_id = v1["script_id"].as_str().unwrap().to_owned();
     let v1_id = v1["id"].as_i64().unwrap();
 
+    // Content comes back as text: bytes that are not UTF-8 (GBK here) would come back altered.
+    {
+        use base64::Engine as _;
+        let gbk = base64::engine::general_purpose::STANDARD.encode(b"echo \xc4\xe3\xba\xc3");
+        both_refused(
+            &client,
+            "create_script_version",
+            with(
+                &scope,
+                json!({"script_id": script_id, "content": gbk, "version": "gbk"}),
+            ),
+            1_240_003,
+            "UTF-8",
+        )
+        .await?;
+    }
+
     // Basics: name and description.
     for script in both_ok(
         &client,

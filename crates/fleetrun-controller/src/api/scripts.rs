@@ -221,6 +221,14 @@ fn content(field: &str, text: Option<&str>) -> Result<Vec<u8>, ApiError> {
             format!("larger than {MAX_SCRIPT_BYTES} bytes decoded"),
         ));
     }
+    // The library hands content back as text, as bk-job does: bytes that are not UTF-8 would
+    // come back altered, and a client saving what it read would change the script.
+    if std::str::from_utf8(&bytes).is_err() {
+        return Err(ApiError::invalid(
+            field,
+            "decodes to text that is not UTF-8; the script library keeps UTF-8 text",
+        ));
+    }
     Ok(bytes)
 }
 
