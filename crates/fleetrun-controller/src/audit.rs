@@ -231,14 +231,17 @@ impl AuditLog {
 
     /// Appends `entry`; returns once it is committed, or why it could not be.
     pub async fn append(&self, entry: NewAuditEntry) -> Result<(), String> {
+        let started = std::time::Instant::now();
         let (done, committed) = oneshot::channel();
         self.queue
             .send(Pending { entry, done })
             .await
             .map_err(|_| "the audit log is closed".to_owned())?;
-        committed
+        let result = committed
             .await
-            .map_err(|_| "the audit log is closed".to_owned())?
+            .map_err(|_| "the audit log is closed".to_owned())?;
+        metrics::histogram!("fleetrun_audit_append_seconds").record(started.elapsed());
+        result
     }
 
     /// The last entry this controller knows was written.

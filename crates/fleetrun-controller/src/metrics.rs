@@ -97,6 +97,11 @@ fn describe() {
         "fleetrun_audit_entries_total",
         "Entries appended to the audit log, by outcome (ok, refused)"
     );
+    describe_histogram!(
+        "fleetrun_audit_append_seconds",
+        Unit::Seconds,
+        "Time a state-changing request waits for its audit entry to be committed"
+    );
     describe_counter!(
         "fleetrun_retention_pruned_jobs_total",
         "Finished jobs removed by retention"

@@ -24,6 +24,7 @@ mod inventory_admin;
 mod metrics;
 mod observability;
 mod pending_jobs;
+mod reload;
 mod retention;
 mod scope_leaks;
 mod scripts;

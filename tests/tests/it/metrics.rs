@@ -188,3 +188,83 @@ async fn metrics_parse_and_move_with_a_job_and_need_the_token() -> Result<()> {
     assert!(!last_text.contains("no_such_api_xyz"));
     Ok(())
 }
+
+/// Every series `/metrics` shows is documented in docs/metrics.md.
+#[test]
+fn every_series_is_documented() -> Result<()> {
+    let docs = std::fs::read_to_string(
+        fleetrun_tests::cluster::workspace_root().join("docs/metrics.md"),
+    )?;
+    let source = std::fs::read_to_string(
+        fleetrun_tests::cluster::workspace_root()
+            .join("crates/fleetrun-controller/src/metrics.rs"),
+    )?;
+    let mut names: Vec<&str> = source
+        .split('"')
+        .filter(|s| s.starts_with("fleetrun_") && !s.contains(' '))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    ensure!(names.len() >= 15, "{names:?}");
+    for name in names {
+        ensure!(docs.contains(&format!("`{name}`")), "{name} is not in docs/metrics.md");
+    }
+    Ok(())
+}
+
+/// Single-host throughput with the audit trail on: jobs per second, and the share of the
+/// submissions' time spent waiting for their audit entry. On demand:
+/// `cargo test -p fleetrun-tests --test it -- metrics::audit_cost --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn audit_cost_on_single_host_throughput() -> Result<()> {
+    const JOBS: usize = 200;
+    const CONCURRENCY: usize = 8;
+    let mut cluster = start_cluster(1).await?;
+    restart_with(
+        &mut cluster,
+        &format!("\n[metrics]\nbearer_token = \"{TOKEN}\"\n"),
+    )
+    .await?;
+    let host = cluster.host_id("agent-1");
+    let request = cluster.script_request("true", &[host], json!({}));
+    let started = std::time::Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..CONCURRENCY {
+        let client = cluster.client();
+        let request = request.clone();
+        let scope = cluster.info.scope();
+        workers.spawn(async move {
+            for _ in 0..JOBS / CONCURRENCY {
+                let job = client.call("fast_execute_script", request.clone()).await?;
+                let id = job["job_instance_id"].as_i64().context("id")?;
+                client.wait_job(&scope, id, Duration::from_secs(60)).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (_, text) = scrape(&cluster, Some(TOKEN)).await?;
+    let sum_of = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let audit = sum_of("fleetrun_audit_append_seconds_sum");
+    let submit = sum_of("fleetrun_http_request_duration_seconds_sum{api=\"fast_execute_script\"}");
+    println!(
+        "{JOBS} single-host jobs, {CONCURRENCY} at a time: {:.1} jobs/s; submissions took {:.3} s \
+         in all, of which {:.3} s ({:.1}%) waiting for audit entries ({:.2} ms per job)",
+        JOBS as f64 / elapsed,
+        submit,
+        audit,
+        100.0 * audit / submit.max(1e-9),
+        1000.0 * audit / JOBS as f64
+    );
+    Ok(())
+}
