@@ -10,9 +10,11 @@ use crate::{args::Cli, error::exit};
 
 pub fn completions(shell: clap_complete::Shell) -> ExitCode {
     let mut command = Cli::command();
+    // Generated in memory: clap_complete panics on a failed write (`| head` closing the pipe).
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "fleetrun", &mut script);
     let mut out = std::io::stdout().lock();
-    clap_complete::generate(shell, &mut command, "fleetrun", &mut out);
-    finish(out.flush())
+    finish(out.write_all(&script).and_then(|()| out.flush()))
 }
 
 pub fn man(dir: Option<&Path>) -> ExitCode {
