@@ -187,7 +187,7 @@ impl Controller {
             cipher,
             shutdown: shutdown.clone(),
             agent_listener_up,
-            audit: audit::AuditLog::start(store.clone()).await?,
+            audit: audit::AuditLog::start(store.clone(), &mut tasks).await?,
         });
         tasks.spawn(retention::run(
             store.clone(),

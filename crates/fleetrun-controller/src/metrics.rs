@@ -100,7 +100,7 @@ fn describe() {
     describe_histogram!(
         "fleetrun_audit_append_seconds",
         Unit::Seconds,
-        "Time a state-changing request waits for its audit entry to be committed"
+        "Time to commit one batch of audit entries"
     );
     describe_counter!(
         "fleetrun_retention_pruned_jobs_total",
