@@ -20,8 +20,9 @@ pub fn completions(shell: clap_complete::Shell) -> ExitCode {
 pub fn man(dir: Option<&Path>) -> ExitCode {
     let command = Cli::command();
     let written = match dir {
-        Some(dir) => std::fs::create_dir_all(dir)
-            .and_then(|()| clap_mangen::generate_to(command, dir)),
+        Some(dir) => {
+            std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(command, dir))
+        }
         None => {
             let mut out = std::io::stdout().lock();
             clap_mangen::Man::new(command)
@@ -67,7 +68,12 @@ mod tests {
     fn man_pages_are_written_for_each_command() {
         let dir = tempfile::tempdir().unwrap();
         clap_mangen::generate_to(Cli::command(), dir.path()).unwrap();
-        for page in ["fleetrun.1", "fleetrun-run.1", "fleetrun-audit.1", "fleetrun-audit-verify.1"] {
+        for page in [
+            "fleetrun.1",
+            "fleetrun-run.1",
+            "fleetrun-audit.1",
+            "fleetrun-audit-verify.1",
+        ] {
             let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
             assert!(text.starts_with(".ie") || text.contains(".TH"), "{page}");
         }

@@ -98,10 +98,7 @@ fn shown(value: &Value, depth: usize) -> Value {
                 .map(|v| shown(v, depth + 1))
                 .collect();
             if items.len() > MAX_SHOWN_ITEMS {
-                out.push(json!(format!(
-                    "<{} more>",
-                    items.len() - MAX_SHOWN_ITEMS
-                )));
+                out.push(json!(format!("<{} more>", items.len() - MAX_SHOWN_ITEMS)));
             }
             Value::Array(out)
         }
@@ -117,9 +114,10 @@ fn masked(map: &Map<String, Value>, depth: usize) -> Map<String, Value> {
             let value = if is_secret_key(key) || (key == "script_param" && sensitive_param) {
                 json!("***")
             } else if key == "callback_url" {
-                value
-                    .as_str()
-                    .map_or_else(|| shown(value, depth), |u| json!(crate::callback::redact(u)))
+                value.as_str().map_or_else(
+                    || shown(value, depth),
+                    |u| json!(crate::callback::redact(u)),
+                )
             } else {
                 shown(value, depth)
             };
@@ -258,7 +256,11 @@ async fn commit(store: &Store, entries: &[NewAuditEntry], head: &Mutex<Option<(i
                 *head.lock().unwrap() = Some(new_head);
                 metrics::histogram!("fleetrun_audit_append_seconds").record(started.elapsed());
                 for entry in entries {
-                    let outcome = if entry.outcome_code == 0 { "ok" } else { "refused" };
+                    let outcome = if entry.outcome_code == 0 {
+                        "ok"
+                    } else {
+                        "refused"
+                    };
                     metrics::counter!("fleetrun_audit_entries_total", "outcome" => outcome)
                         .increment(1);
                 }
@@ -417,7 +419,12 @@ mod tests {
         assert_eq!(parsed["bk_app_code"], "app");
         assert_eq!(parsed["nested"]["api_token"], "***");
         assert_eq!(parsed["nested"]["private_key"], "***");
-        assert!(parsed["script_content"].as_str().unwrap().starts_with("<1000 bytes, sha256:"));
+        assert!(
+            parsed["script_content"]
+                .as_str()
+                .unwrap()
+                .starts_with("<1000 bytes, sha256:")
+        );
         let hosts = parsed["target_server"]["host_id_list"].as_array().unwrap();
         assert_eq!(hosts.len(), MAX_SHOWN_ITEMS + 1);
         assert_eq!(hosts.last().unwrap(), "<10 more>");
@@ -426,8 +433,7 @@ mod tests {
     #[test]
     fn a_parameter_not_marked_sensitive_is_kept() {
         let params = json!({"script_param": "-v", "is_param_sensitive": "0"});
-        let parsed: Value =
-            serde_json::from_str(&summarize(params.as_object().unwrap())).unwrap();
+        let parsed: Value = serde_json::from_str(&summarize(params.as_object().unwrap())).unwrap();
         assert_eq!(parsed["script_param"], "-v");
     }
 

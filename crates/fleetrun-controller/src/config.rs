@@ -427,10 +427,10 @@ impl Config {
             .resolve_secrets()
             .and_then(|()| config.validate())
             .map_err(|e| ConfigError::Invalid {
-            path: path.to_owned(),
-            at: Location::of_keys(text, &e.at),
-            message: e.message,
-        })?;
+                path: path.to_owned(),
+                at: Location::of_keys(text, &e.at),
+                message: e.message,
+            })?;
         Ok(config)
     }
 
@@ -780,7 +780,10 @@ mod secret_tests {
         ))
         .unwrap();
         assert_eq!(config.apps[0].bk_app_secret, "from-file");
-        assert_eq!(config.apps[0].callback_secret.as_deref(), Some("callback-key"));
+        assert_eq!(
+            config.apps[0].callback_secret.as_deref(),
+            Some("callback-key")
+        );
     }
 
     #[test]
@@ -804,7 +807,10 @@ mod secret_tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(error.contains("FLEETRUN_TEST_NO_SUCH_VAR is not set"), "{error}");
+        assert!(
+            error.contains("FLEETRUN_TEST_NO_SUCH_VAR is not set"),
+            "{error}"
+        );
         let error = parse(
             "[[apps]]\nbk_app_code = \"a\"\nbk_app_secret = \"x\"\nbk_app_secret_env = \"HOME\"\nscopes = [\"*\"]\n",
         )

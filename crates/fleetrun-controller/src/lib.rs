@@ -220,7 +220,10 @@ impl Controller {
     /// Reads the configuration file again (on SIGHUP): the apps are replaced for the next
     /// request, and what else changed is logged as waiting for a restart. A file that does not
     /// load changes nothing.
-    pub fn reload_config(&self, path: &std::path::Path) -> Result<Vec<String>, config::ConfigError> {
+    pub fn reload_config(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<Vec<String>, config::ConfigError> {
         let new = Config::load(path)?;
         Ok(reload::apply(&self.apps, &self.config, &new))
     }

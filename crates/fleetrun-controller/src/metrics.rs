@@ -186,7 +186,10 @@ pub async fn serve_metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap
     match render(&shared).await {
         Ok(text) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             text,
         )
             .into_response(),

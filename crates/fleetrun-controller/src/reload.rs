@@ -72,15 +72,47 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
             keys.push(key);
         }
     };
-    check("http_listen", format!("{:?}", old.http_listen), format!("{:?}", new.http_listen));
-    check("agent_listen", format!("{:?}", old.agent_listen), format!("{:?}", new.agent_listen));
-    check("database", format!("{:?}", old.database), format!("{:?}", new.database));
+    check(
+        "http_listen",
+        format!("{:?}", old.http_listen),
+        format!("{:?}", new.http_listen),
+    );
+    check(
+        "agent_listen",
+        format!("{:?}", old.agent_listen),
+        format!("{:?}", new.agent_listen),
+    );
+    check(
+        "database",
+        format!("{:?}", old.database),
+        format!("{:?}", new.database),
+    );
     check("tls", format!("{:?}", old.tls), format!("{:?}", new.tls));
-    check("limits", format!("{:?}", old.limits), format!("{:?}", new.limits));
-    check("security", format!("{:?}", old.security), format!("{:?}", new.security));
-    check("callbacks", format!("{:?}", old.callbacks), format!("{:?}", new.callbacks));
-    check("agents", format!("{:?}", old.agents), format!("{:?}", new.agents));
-    check("retention", format!("{:?}", old.retention), format!("{:?}", new.retention));
+    check(
+        "limits",
+        format!("{:?}", old.limits),
+        format!("{:?}", new.limits),
+    );
+    check(
+        "security",
+        format!("{:?}", old.security),
+        format!("{:?}", new.security),
+    );
+    check(
+        "callbacks",
+        format!("{:?}", old.callbacks),
+        format!("{:?}", new.callbacks),
+    );
+    check(
+        "agents",
+        format!("{:?}", old.agents),
+        format!("{:?}", new.agents),
+    );
+    check(
+        "retention",
+        format!("{:?}", old.retention),
+        format!("{:?}", new.retention),
+    );
     check("api", format!("{:?}", old.api), format!("{:?}", new.api));
     check(
         "metrics",
@@ -115,9 +147,8 @@ mod tests {
     use super::*;
 
     fn app(code: &str, secret: &str, scopes: &[&str]) -> AppConfig {
-        let text = format!(
-            "bk_app_code = {code:?}\nbk_app_secret = {secret:?}\nscopes = {scopes:?}\n"
-        );
+        let text =
+            format!("bk_app_code = {code:?}\nbk_app_secret = {secret:?}\nscopes = {scopes:?}\n");
         toml::from_str(&text).unwrap()
     }
 

@@ -30,8 +30,8 @@ use sqlx::{
 use tokio::sync::{mpsc, oneshot};
 
 pub use agent_trust::{AddressClaim, Revocation};
-pub use backup::{backup_database, check_database, restore_database};
 pub use audit::{AuditFilter, AuditHasher, AuditRecord, NewAuditEntry};
+pub use backup::{backup_database, check_database, restore_database};
 pub use callbacks::{
     CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
 };

@@ -115,7 +115,10 @@ async fn metrics_parse_and_move_with_a_job_and_need_the_token() -> Result<()> {
     )
     .await?;
     assert_eq!(scrape(&cluster, None).await?.0, 401);
-    assert_eq!(scrape(&cluster, Some("wrong-token-0123456789")).await?.0, 401);
+    assert_eq!(
+        scrape(&cluster, Some("wrong-token-0123456789")).await?.0,
+        401
+    );
 
     let (status, before_text) = scrape(&cluster, Some(TOKEN)).await?;
     assert_eq!(status, 200, "{before_text}");
@@ -184,7 +187,12 @@ async fn metrics_parse_and_move_with_a_job_and_need_the_token() -> Result<()> {
         ) >= 1.0,
         "{last_text}"
     );
-    assert!(value(&last, "fleetrun_http_requests_total{api=unknown,code=1239003}") >= 1.0);
+    assert!(
+        value(
+            &last,
+            "fleetrun_http_requests_total{api=unknown,code=1239003}"
+        ) >= 1.0
+    );
     assert!(!last_text.contains("no_such_api_xyz"));
     Ok(())
 }
@@ -192,12 +200,10 @@ async fn metrics_parse_and_move_with_a_job_and_need_the_token() -> Result<()> {
 /// Every series `/metrics` shows is documented in docs/metrics.md.
 #[test]
 fn every_series_is_documented() -> Result<()> {
-    let docs = std::fs::read_to_string(
-        fleetrun_tests::cluster::workspace_root().join("docs/metrics.md"),
-    )?;
+    let docs =
+        std::fs::read_to_string(fleetrun_tests::cluster::workspace_root().join("docs/metrics.md"))?;
     let source = std::fs::read_to_string(
-        fleetrun_tests::cluster::workspace_root()
-            .join("crates/fleetrun-controller/src/metrics.rs"),
+        fleetrun_tests::cluster::workspace_root().join("crates/fleetrun-controller/src/metrics.rs"),
     )?;
     let mut names: Vec<&str> = source
         .split('"')
@@ -213,7 +219,10 @@ fn every_series_is_documented() -> Result<()> {
     names.dedup();
     ensure!(names.len() >= 15, "{names:?}");
     for name in names {
-        ensure!(docs.contains(&format!("`{name}`")), "{name} is not in docs/metrics.md");
+        ensure!(
+            docs.contains(&format!("`{name}`")),
+            "{name} is not in docs/metrics.md"
+        );
     }
     Ok(())
 }

@@ -93,7 +93,11 @@ async fn sighup_reloads_apps_and_names_what_needs_a_restart() -> Result<()> {
     let _ = child.kill();
     let _ = child.wait();
     if result.is_err() {
-        eprintln!("--- {}\n{}", log.display(), std::fs::read_to_string(&log).unwrap_or_default());
+        eprintln!(
+            "--- {}\n{}",
+            log.display(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
     result
 }

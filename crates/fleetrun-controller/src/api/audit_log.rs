@@ -75,7 +75,10 @@ pub async fn get_audit_log(
         Some(other) => {
             return Err(ApiError::invalid(
                 "outcome",
-                format!("{:?} is neither \"ok\" nor \"refused\"", other.escape_debug()),
+                format!(
+                    "{:?} is neither \"ok\" nor \"refused\"",
+                    other.escape_debug()
+                ),
             ));
         }
     };

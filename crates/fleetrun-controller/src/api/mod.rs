@@ -62,7 +62,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
     router
         .route("/healthz", axum::routing::get(health::healthz))
         .route("/readyz", axum::routing::get(health::readyz))
-        .route("/metrics", axum::routing::get(crate::metrics::serve_metrics))
+        .route(
+            "/metrics",
+            axum::routing::get(crate::metrics::serve_metrics),
+        )
         .fallback(not_found)
         .layer(Extension(gate))
         .with_state(shared)
@@ -111,6 +114,8 @@ async fn not_found() -> Response {
     envelope(&request_id, Err(unknown_api("no such API path".to_owned())))
 }
 
+// An axum handler receives each part of the request it uses as an extractor.
+#[allow(clippy::too_many_arguments)]
 async fn dispatch(
     State(shared): State<Arc<Shared>>,
     Extension(gate): Extension<Arc<intake::Gate>>,
