@@ -207,6 +207,17 @@ Examples:
     Agents(AgentsCommand),
     /// Read the controller's audit trail, or verify its hash chain
     Audit(crate::audit::AuditArgs),
+    /// Print a shell completion script: fleetrun completions bash > /etc/bash_completion.d/fleetrun
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one per command into --dir
+    Man {
+        /// Write fleetrun.1 and fleetrun-<command>.1 into this directory
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -60,7 +60,11 @@ pub enum AuditCommand {
 
 /// Milliseconds in an age such as `30m`, `12h` or `7d`.
 fn age_ms(text: &str) -> Result<i64, CliError> {
-    let bad = || CliError::usage(format!("--since {text:?}: expected a number and s, m, h or d"));
+    let bad = || {
+        CliError::usage(format!(
+            "--since {text:?}: expected a number and s, m, h or d"
+        ))
+    };
     let (number, unit) = text.split_at(text.len().saturating_sub(1));
     let number: i64 = number.parse().map_err(|_| bad())?;
     let unit = match unit {
@@ -144,13 +148,12 @@ async fn verify(ctx: &Ctx) -> Result<u8, CliError> {
     } else if intact {
         print(&format!(
             "audit log intact: {} entries, last {} (sha256 {})\n",
-            report["entries"], report["last_seq"], text_of(&report, "last_hash")
+            report["entries"],
+            report["last_seq"],
+            text_of(&report, "last_hash")
         ))?;
     } else {
-        let mut text = format!(
-            "audit log BROKEN ({} entries read):\n",
-            report["entries"]
-        );
+        let mut text = format!("audit log BROKEN ({} entries read):\n", report["entries"]);
         for problem in report["problems"].as_array().into_iter().flatten() {
             text.push_str(&format!("  {}\n", problem.as_str().unwrap_or("?")));
         }

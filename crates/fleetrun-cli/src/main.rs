@@ -14,6 +14,7 @@ mod args;
 mod audit;
 mod client;
 mod commands;
+mod completions;
 mod display;
 mod error;
 mod follow;
@@ -33,6 +34,12 @@ use crate::error::exit;
 fn main() -> ExitCode {
     // clap exits by itself: 0 for --help and --version, 2 for a usage error.
     let cli = args::Cli::parse();
+    // Generated from the command line's own definition: no settings, no controller.
+    match &cli.command {
+        args::Command::Completions { shell } => return completions::completions(*shell),
+        args::Command::Man { dir } => return completions::man(dir.as_deref()),
+        _ => {}
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -7,8 +7,9 @@
 //! one breaks the link or the numbering. [`verify`] walks the chain; the controller also keeps
 //! the head it last wrote, so removing entries from the end is noticed while it runs.
 //!
-//! Appends go through one task that commits whatever has queued in one transaction: concurrent
-//! calls share a commit instead of queueing for one each. A call's reply waits for its entry.
+//! Appends go through one task that commits whatever has queued in one transaction, so the
+//! trail costs a request a channel send, not a commit of its own: concurrent calls share one.
+//! Reading the trail (`get_audit_log`, `verify_audit_log`) first waits for what is queued.
 
 use std::sync::{Arc, Mutex};
 
@@ -97,10 +98,7 @@ fn shown(value: &Value, depth: usize) -> Value {
                 .map(|v| shown(v, depth + 1))
                 .collect();
             if items.len() > MAX_SHOWN_ITEMS {
-                out.push(json!(format!(
-                    "<{} more>",
-                    items.len() - MAX_SHOWN_ITEMS
-                )));
+                out.push(json!(format!("<{} more>", items.len() - MAX_SHOWN_ITEMS)));
             }
             Value::Array(out)
         }
@@ -116,9 +114,10 @@ fn masked(map: &Map<String, Value>, depth: usize) -> Map<String, Value> {
             let value = if is_secret_key(key) || (key == "script_param" && sensitive_param) {
                 json!("***")
             } else if key == "callback_url" {
-                value
-                    .as_str()
-                    .map_or_else(|| shown(value, depth), |u| json!(crate::callback::redact(u)))
+                value.as_str().map_or_else(
+                    || shown(value, depth),
+                    |u| json!(crate::callback::redact(u)),
+                )
             } else {
                 shown(value, depth)
             };
@@ -165,15 +164,16 @@ pub fn entry_hash(seq: i64, entry: &NewAuditEntry, prev_hash: &str) -> String {
     hex(digest(&SHA256, &bytes).as_ref())
 }
 
-struct Pending {
-    entry: NewAuditEntry,
-    done: oneshot::Sender<Result<(), String>>,
+enum Queued {
+    Entry(NewAuditEntry),
+    /// Answered once every entry queued before it is committed (or given up).
+    Flush(oneshot::Sender<()>),
 }
 
 /// Appends entries; cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    queue: mpsc::Sender<Pending>,
+    queue: mpsc::Sender<Queued>,
     /// The last entry this controller wrote (or found at start): number and hash.
     head: Arc<Mutex<Option<(i64, String)>>>,
 }
@@ -184,66 +184,110 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
+/// Entries waiting for the appender; a request waits for room only past this many.
+const QUEUE: usize = 64 * 1024;
+/// Attempts at committing a batch before its entries are given up (and logged in full).
+const ATTEMPTS: u32 = 5;
+
 impl AuditLog {
-    /// Starts the appending task; it ends once every handle is dropped.
-    pub async fn start(store: Store) -> Result<Self, fleetrun_store::StoreError> {
+    /// Starts the appending task in `tasks`; it commits what is queued and ends once every
+    /// handle is dropped (the API server stopped).
+    pub async fn start(
+        store: Store,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) -> Result<Self, fleetrun_store::StoreError> {
         let head = Arc::new(Mutex::new(store.audit_head().await?));
-        let (queue, mut incoming) = mpsc::channel::<Pending>(4 * BATCH);
+        let (queue, mut incoming) = mpsc::channel::<Queued>(QUEUE);
         let task_head = head.clone();
-        tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(BATCH);
-            while incoming.recv_many(&mut batch, BATCH).await > 0 {
-                let entries: Vec<NewAuditEntry> = batch.iter().map(|p| p.entry.clone()).collect();
-                let result = store.append_audit(&entries, &entry_hash).await;
-                let answer = match result {
-                    Ok(new_head) => {
-                        *task_head.lock().unwrap() = Some(new_head);
-                        for entry in &entries {
-                            let outcome = if entry.outcome_code == 0 { "ok" } else { "refused" };
-                            metrics::counter!("fleetrun_audit_entries_total", "outcome" => outcome)
-                                .increment(1);
-                        }
-                        Ok(())
+        tasks.spawn(async move {
+            let mut received = Vec::with_capacity(BATCH);
+            while incoming.recv_many(&mut received, BATCH).await > 0 {
+                let mut entries = Vec::with_capacity(received.len());
+                let mut flushes = Vec::new();
+                for queued in received.drain(..) {
+                    match queued {
+                        Queued::Entry(entry) => entries.push(entry),
+                        Queued::Flush(done) => flushes.push(done),
                     }
-                    Err(e) => {
-                        for entry in &entries {
-                            // The trail could not take it: the log keeps what it would have said.
-                            tracing::error!(
-                                request_id = %entry.request_id,
-                                app = %entry.app_code,
-                                operator = %entry.operator,
-                                api = %entry.api,
-                                change = %entry.change.escape_debug(),
-                                outcome_code = entry.outcome_code,
-                                "audit entry not stored: {e}"
-                            );
-                        }
-                        Err(e.to_string())
-                    }
-                };
-                for pending in batch.drain(..) {
-                    let _ = pending.done.send(answer.clone());
+                }
+                if !entries.is_empty() {
+                    commit(&store, &entries, &task_head).await;
+                }
+                for done in flushes {
+                    let _ = done.send(());
                 }
             }
         });
         Ok(Self { queue, head })
     }
 
-    /// Appends `entry`; returns once it is committed, or why it could not be.
-    pub async fn append(&self, entry: NewAuditEntry) -> Result<(), String> {
-        let (done, committed) = oneshot::channel();
-        self.queue
-            .send(Pending { entry, done })
-            .await
-            .map_err(|_| "the audit log is closed".to_owned())?;
-        committed
-            .await
-            .map_err(|_| "the audit log is closed".to_owned())?
+    /// Queues `entry` for the next commit; waits only while the queue is full. The request's
+    /// reply does not wait for the database: an entry reaches it within one commit (a few
+    /// milliseconds), and a controller that stops commits what is queued first.
+    pub async fn append(&self, entry: NewAuditEntry) {
+        if self.queue.send(Queued::Entry(entry)).await.is_err() {
+            tracing::error!("the audit log is closed: an entry was not recorded");
+        }
+    }
+
+    /// Returns once every entry queued before this call is committed or given up.
+    pub async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.queue.send(Queued::Flush(done)).await.is_ok() {
+            let _ = flushed.await;
+        }
     }
 
     /// The last entry this controller knows was written.
     pub fn head(&self) -> Option<(i64, String)> {
         self.head.lock().unwrap().clone()
+    }
+}
+
+/// Commits one batch, retrying a refusing database a few times; entries it cannot store are
+/// written to the log in full, so the record survives there.
+async fn commit(store: &Store, entries: &[NewAuditEntry], head: &Mutex<Option<(i64, String)>>) {
+    let started = std::time::Instant::now();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match store.append_audit(entries, &entry_hash).await {
+            Ok(new_head) => {
+                *head.lock().unwrap() = Some(new_head);
+                metrics::histogram!("fleetrun_audit_append_seconds").record(started.elapsed());
+                for entry in entries {
+                    let outcome = if entry.outcome_code == 0 {
+                        "ok"
+                    } else {
+                        "refused"
+                    };
+                    metrics::counter!("fleetrun_audit_entries_total", "outcome" => outcome)
+                        .increment(1);
+                }
+                return;
+            }
+            Err(e) if attempt < ATTEMPTS => {
+                tracing::warn!(attempt, "audit entries not committed yet, retrying: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt)))
+                    .await;
+            }
+            Err(e) => {
+                for entry in entries {
+                    tracing::error!(
+                        request_id = %entry.request_id,
+                        app = %entry.app_code,
+                        operator = %entry.operator,
+                        source = %entry.source,
+                        api = %entry.api,
+                        change = %entry.change.escape_debug(),
+                        outcome_code = entry.outcome_code,
+                        at = entry.at,
+                        "audit entry not stored: {e}"
+                    );
+                }
+                return;
+            }
+        }
     }
 }
 
@@ -375,7 +419,12 @@ mod tests {
         assert_eq!(parsed["bk_app_code"], "app");
         assert_eq!(parsed["nested"]["api_token"], "***");
         assert_eq!(parsed["nested"]["private_key"], "***");
-        assert!(parsed["script_content"].as_str().unwrap().starts_with("<1000 bytes, sha256:"));
+        assert!(
+            parsed["script_content"]
+                .as_str()
+                .unwrap()
+                .starts_with("<1000 bytes, sha256:")
+        );
         let hosts = parsed["target_server"]["host_id_list"].as_array().unwrap();
         assert_eq!(hosts.len(), MAX_SHOWN_ITEMS + 1);
         assert_eq!(hosts.last().unwrap(), "<10 more>");
@@ -384,8 +433,7 @@ mod tests {
     #[test]
     fn a_parameter_not_marked_sensitive_is_kept() {
         let params = json!({"script_param": "-v", "is_param_sensitive": "0"});
-        let parsed: Value =
-            serde_json::from_str(&summarize(params.as_object().unwrap())).unwrap();
+        let parsed: Value = serde_json::from_str(&summarize(params.as_object().unwrap())).unwrap();
         assert_eq!(parsed["script_param"], "-v");
     }
 

@@ -454,15 +454,18 @@ impl Dispatcher {
         let job = delivery.job_instance_id;
         match next {
             CallbackNext::Delivered => {
-                metrics::counter!("fleetrun_callback_attempts_total", "outcome" => "delivered").increment(1);
+                metrics::counter!("fleetrun_callback_attempts_total", "outcome" => "delivered")
+                    .increment(1);
                 tracing::info!(job, delivery = delivery.id, attempt = number, %url, duration_ms, "callback delivered");
             }
             CallbackNext::RetryAt(when) => {
-                metrics::counter!("fleetrun_callback_attempts_total", "outcome" => "retry").increment(1);
+                metrics::counter!("fleetrun_callback_attempts_total", "outcome" => "retry")
+                    .increment(1);
                 tracing::warn!(job, delivery = delivery.id, attempt = number, %url, retry_in_ms = when - now_ms(), "callback attempt failed: {why}");
             }
             CallbackNext::Failed => {
-                metrics::counter!("fleetrun_callback_attempts_total", "outcome" => "failed").increment(1);
+                metrics::counter!("fleetrun_callback_attempts_total", "outcome" => "failed")
+                    .increment(1);
                 tracing::error!(job, delivery = delivery.id, attempts = number, %url, "callback given up: {why}");
             }
         }

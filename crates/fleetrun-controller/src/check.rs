@@ -56,7 +56,11 @@ pub fn check_config(path: &Path) -> Result<String, Vec<String>> {
     if let Some(files) = &config.api.tls
         && let Err(e) = crate::tls_api::server_config(files)
     {
-        let key = if e.starts_with("api.tls.key") { "key" } else { "cert" };
+        let key = if e.starts_with("api.tls.key") {
+            "key"
+        } else {
+            "cert"
+        };
         let location = at(&[Key::Name("api"), Key::Name("tls"), Key::Name(key)]);
         problems.push(format!("{}{location}: {e}", path.display()));
     }

@@ -160,7 +160,21 @@ pub struct TlsConfig {
 #[serde(deny_unknown_fields)]
 pub struct AppConfig {
     pub bk_app_code: String,
+    /// The secret as text; or `bk_app_secret_env` / `bk_app_secret_file` (read at load).
+    #[serde(default)]
     pub bk_app_secret: String,
+    /// The environment variable holding `bk_app_secret`.
+    #[serde(default)]
+    pub bk_app_secret_env: Option<String>,
+    /// The file (owner-only) holding `bk_app_secret`.
+    #[serde(default)]
+    pub bk_app_secret_file: Option<PathBuf>,
+    /// The environment variable holding `callback_secret`.
+    #[serde(default)]
+    pub callback_secret_env: Option<String>,
+    /// The file (owner-only) holding `callback_secret`.
+    #[serde(default)]
+    pub callback_secret_file: Option<PathBuf>,
     /// Key for the HMAC-SHA256 signature (`X-Fleetrun-Signature`) on this app's job callbacks;
     /// without one its callbacks are sent unsigned.
     #[serde(default)]
@@ -420,18 +434,21 @@ impl Config {
 
     /// Parses and validates the text of the file at `path` (named in errors).
     pub fn parse(path: &std::path::Path, text: &str) -> Result<Self, ConfigError> {
-        let config: Config = from_toml(text).map_err(|(span, message)| ConfigError::Parse {
+        let mut config: Config = from_toml(text).map_err(|(span, message)| ConfigError::Parse {
             path: path.to_owned(),
             at: span.map_or_else(Location::default, |span| {
                 Location::of_offset(text, span.start)
             }),
             message,
         })?;
-        config.validate().map_err(|e| ConfigError::Invalid {
-            path: path.to_owned(),
-            at: Location::of_keys(text, &e.at),
-            message: e.message,
-        })?;
+        config
+            .resolve_secrets()
+            .and_then(|()| config.validate())
+            .map_err(|e| ConfigError::Invalid {
+                path: path.to_owned(),
+                at: Location::of_keys(text, &e.at),
+                message: e.message,
+            })?;
         Ok(config)
     }
 
@@ -447,6 +464,53 @@ impl Config {
             .unwrap_or(std::path::Path::new("."))
             .join("param.key")
         })
+    }
+
+    /// Reads the secrets given as `*_env` or `*_file` into their keys.
+    fn resolve_secrets(&mut self) -> Result<(), Invalid> {
+        use crate::secret_source::SecretSource;
+        for (i, app) in self.apps.iter_mut().enumerate() {
+            for key in ["bk_app_secret", "callback_secret"] {
+                let (text, env, file) = match key {
+                    "bk_app_secret" => (
+                        Some(app.bk_app_secret.as_str()).filter(|s| !s.is_empty()),
+                        app.bk_app_secret_env.as_deref(),
+                        app.bk_app_secret_file.as_deref(),
+                    ),
+                    _ => (
+                        app.callback_secret.as_deref(),
+                        app.callback_secret_env.as_deref(),
+                        app.callback_secret_file.as_deref(),
+                    ),
+                };
+                let at_key = match (env, file) {
+                    (Some(_), _) if key == "bk_app_secret" => "bk_app_secret_env",
+                    (Some(_), _) => "callback_secret_env",
+                    (None, Some(_)) if key == "bk_app_secret" => "bk_app_secret_file",
+                    (None, Some(_)) => "callback_secret_file",
+                    (None, None) => key,
+                };
+                let resolved = SecretSource {
+                    key,
+                    text,
+                    env,
+                    file,
+                }
+                .resolve()
+                .map_err(|message| {
+                    Invalid::new(
+                        &[Name("apps"), Index(i), Name(at_key)],
+                        format!("apps: {:?}: {message}", app.bk_app_code),
+                    )
+                })?;
+                match (key, resolved) {
+                    ("bk_app_secret", Some(secret)) => app.bk_app_secret = secret,
+                    (_, Some(secret)) => app.callback_secret = Some(secret),
+                    (_, None) => {}
+                }
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), Invalid> {
@@ -768,5 +832,104 @@ mod tests {
                 other => panic!("{database}: {other:?}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    const BASE: &str = "http_listen = \"127.0.0.1:0\"\nagent_listen = \"127.0.0.1:0\"\n\
+        database = \"db.sqlite\"\n[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+
+    fn parse(extra: &str) -> Result<Config, ConfigError> {
+        Config::parse(std::path::Path::new("c.toml"), &format!("{BASE}{extra}"))
+    }
+
+    fn secret_file(mode: u32, text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        file
+    }
+
+    #[test]
+    fn app_secrets_come_from_owner_only_files() {
+        let secret = secret_file(0o600, "from-file\n");
+        let callback = secret_file(0o400, "callback-key");
+        let config = parse(&format!(
+            "[[apps]]\nbk_app_code = \"a\"\nbk_app_secret_file = \"{}\"\n\
+             callback_secret_file = \"{}\"\nscopes = [\"*\"]\n",
+            secret.path().display(),
+            callback.path().display()
+        ))
+        .unwrap();
+        assert_eq!(config.apps[0].bk_app_secret, "from-file");
+        assert_eq!(
+            config.apps[0].callback_secret.as_deref(),
+            Some("callback-key")
+        );
+    }
+
+    #[test]
+    fn a_secret_file_others_can_read_is_refused_with_its_line() {
+        let secret = secret_file(0o644, "from-file\n");
+        let error = parse(&format!(
+            "[[apps]]\nbk_app_code = \"a\"\nscopes = [\"*\"]\nbk_app_secret_file = \"{}\"\n",
+            secret.path().display()
+        ))
+        .unwrap_err();
+        let text = error.to_string();
+        assert!(text.starts_with("c.toml:11:"), "{text}");
+        assert!(text.contains("bk_app_secret_file"), "{text}");
+        assert!(text.contains("mode 644"), "{text}");
+    }
+
+    #[test]
+    fn an_unset_variable_and_doubled_sources_are_refused() {
+        let error = parse(
+            "[[apps]]\nbk_app_code = \"a\"\nbk_app_secret_env = \"FLEETRUN_TEST_NO_SUCH_VAR\"\nscopes = [\"*\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("FLEETRUN_TEST_NO_SUCH_VAR is not set"),
+            "{error}"
+        );
+        let error = parse(
+            "[[apps]]\nbk_app_code = \"a\"\nbk_app_secret = \"x\"\nbk_app_secret_env = \"HOME\"\nscopes = [\"*\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("not several"), "{error}");
+        // Neither given: the secret is missing, as before.
+        let error = parse("[[apps]]\nbk_app_code = \"a\"\nscopes = [\"*\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("bk_app_secret"), "{error}");
+    }
+
+    #[test]
+    fn metrics_need_a_long_enough_token() {
+        let config = parse("[metrics]\nbearer_token = \"0123456789abcdef\"\n").unwrap();
+        assert_eq!(config.metrics.unwrap().bearer_token, "0123456789abcdef");
+        let error = parse("[metrics]\nbearer_token = \"short\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("c.toml:8:"), "{error}");
+        assert!(error.contains("at least 16"), "{error}");
+        assert!(parse("[metrics]\n").is_err());
+    }
+
+    #[test]
+    fn retention_settings_are_checked_by_name() {
+        assert_eq!(parse("").unwrap().retention.finished_jobs_days, 30);
+        let error = parse("[retention]\nbatch_jobs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("retention.batch_jobs"), "{error}");
+        assert!(error.starts_with("c.toml:9:"), "{error}");
     }
 }

@@ -19,6 +19,7 @@ pub mod gateway;
 pub mod host_run;
 pub mod inventory;
 pub mod metrics;
+pub mod reload;
 pub mod retention;
 pub mod secret_source;
 pub mod secrets;
@@ -38,7 +39,8 @@ pub use config::Config;
 #[derive(Debug)]
 pub struct Shared {
     pub config: Config,
-    pub apps: Vec<config::AppConfig>,
+    /// The apps allowed to call the API; replaced on reload.
+    pub apps: Arc<reload::Apps>,
     pub store: Store,
     pub engine: engine::Engine,
     pub agents: gateway::Agents,
@@ -65,6 +67,9 @@ pub struct Controller {
     inventory: Arc<inventory::InventoryState>,
     /// The API's TLS configuration, read again on reload.
     api_tls: Option<Arc<tls_api::ApiTls>>,
+    apps: Arc<reload::Apps>,
+    /// The configuration the controller started with, to name what a reload could not apply.
+    config: Config,
 }
 
 /// Unix time in milliseconds, as bk-job reports times.
@@ -172,8 +177,10 @@ impl Controller {
             listening.store(false, std::sync::atomic::Ordering::Relaxed);
         });
 
+        let apps = Arc::new(reload::Apps::new(config.apps.clone()));
+        let config_in_force = config.clone();
         let shared = Arc::new(Shared {
-            apps: config.apps.clone(),
+            apps: apps.clone(),
             config,
             store: store.clone(),
             engine,
@@ -182,7 +189,7 @@ impl Controller {
             cipher,
             shutdown: shutdown.clone(),
             agent_listener_up,
-            audit: audit::AuditLog::start(store.clone()).await?,
+            audit: audit::AuditLog::start(store.clone(), &mut tasks).await?,
         });
         tasks.spawn(retention::run(
             store.clone(),
@@ -207,7 +214,20 @@ impl Controller {
             store,
             inventory,
             api_tls,
+            apps,
+            config: config_in_force,
         })
+    }
+
+    /// Reads the configuration file again (on SIGHUP): the apps are replaced for the next
+    /// request, and what else changed is logged as waiting for a restart. A file that does not
+    /// load changes nothing.
+    pub fn reload_config(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<Vec<String>, config::ConfigError> {
+        let new = Config::load(path)?;
+        Ok(reload::apply(&self.apps, &self.config, &new))
     }
 
     /// Reads the API's certificate and key again (on SIGHUP); whether the certificate changed.

@@ -155,6 +155,11 @@ fn main() -> ExitCode {
                 tokio::select! {
                     () = &mut stop => break,
                     _ = hangup.recv() => {
+                        match controller.reload_config(&config_path) {
+                            Ok(changes) if changes.is_empty() => tracing::info!("configuration reloaded: apps unchanged"),
+                            Ok(_) => {}
+                            Err(e) => tracing::error!("configuration not reloaded, the one in force stays: {e}"),
+                        }
                         if let Err(e) = controller.reload_inventory().await {
                             tracing::error!("inventory not reloaded, the previous one stays: {e}");
                         }

@@ -97,6 +97,11 @@ fn describe() {
         "fleetrun_audit_entries_total",
         "Entries appended to the audit log, by outcome (ok, refused)"
     );
+    describe_histogram!(
+        "fleetrun_audit_append_seconds",
+        Unit::Seconds,
+        "Time to commit one batch of audit entries"
+    );
     describe_counter!(
         "fleetrun_retention_pruned_jobs_total",
         "Finished jobs removed by retention"
@@ -181,7 +186,10 @@ pub async fn serve_metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap
     match render(&shared).await {
         Ok(text) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             text,
         )
             .into_response(),

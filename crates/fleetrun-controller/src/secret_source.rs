@@ -23,11 +23,7 @@ impl SecretSource<'_> {
     /// is, or when the one given cannot be used.
     pub fn resolve(&self) -> Result<Option<String>, String> {
         let key = self.key;
-        let given = [
-            self.text.is_some(),
-            self.env.is_some(),
-            self.file.is_some(),
-        ];
+        let given = [self.text.is_some(), self.env.is_some(), self.file.is_some()];
         if given.iter().filter(|g| **g).count() > 1 {
             return Err(format!(
                 "{key}: give one of {key}, {key}_env and {key}_file, not several"
@@ -120,7 +116,12 @@ mod tests {
     #[test]
     fn empty_missing_and_doubled_sources_are_refused() {
         let file = file_with(0o600, "\n");
-        assert!(source(file.path()).resolve().unwrap_err().ends_with("empty"));
+        assert!(
+            source(file.path())
+                .resolve()
+                .unwrap_err()
+                .ends_with("empty")
+        );
         let missing = Path::new("/nonexistent/fleetrun-secret");
         assert!(source(missing).resolve().is_err());
         let both = SecretSource {

@@ -85,8 +85,7 @@ impl Store {
     ) -> Result<(i64, String), StoreError> {
         // IMMEDIATE: the write lock is taken before the chain's head is read, so two appenders
         // (a second controller on the same file, an administrator's tool) cannot fork it.
-        let mut tx = self
-            .noting_write_failure(self.pool.begin_with("BEGIN IMMEDIATE").await)?;
+        let mut tx = self.noting_write_failure(self.pool.begin_with("BEGIN IMMEDIATE").await)?;
         let head = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut *tx)
             .await?;
@@ -123,7 +122,10 @@ impl Store {
     }
 
     /// Entries matching `filter`, by number.
-    pub async fn audit_entries(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+    pub async fn audit_entries(
+        &self,
+        filter: &AuditFilter,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT * FROM audit_log \
              WHERE seq > $1 AND at >= $2 AND at < $3 \

@@ -136,7 +136,10 @@ mod tests {
         store.set_all_offline().await.unwrap();
         let copy = dir.path().join("copy.sqlite");
         backup_database(&db, &copy).await.unwrap();
-        assert!(backup_database(&db, &copy).await.is_err(), "never overwrites");
+        assert!(
+            backup_database(&db, &copy).await.is_err(),
+            "never overwrites"
+        );
         drop(store);
         std::fs::write(&db, b"not a database any more").unwrap();
         restore_database(&copy, &db).await.unwrap();

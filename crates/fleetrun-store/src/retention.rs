@@ -48,7 +48,8 @@ impl Store {
             return Ok(0);
         }
         let ids = placeholders(0, jobs.len());
-        let steps = format!("SELECT step_instance_id FROM step_instance WHERE job_instance_id IN ({ids})");
+        let steps =
+            format!("SELECT step_instance_id FROM step_instance WHERE job_instance_id IN ({ids})");
         let statements = [
             format!("DELETE FROM host_log WHERE step_instance_id IN ({steps})"),
             format!("DELETE FROM host_result WHERE step_instance_id IN ({steps})"),

@@ -71,7 +71,10 @@ async fn changes_are_recorded_masked_and_tampering_is_detected() -> Result<()> {
     }
     client.call("create_script", script).await?;
     client
-        .call("revoke_agent", json!({"agent_id": "agent-9", "reason": "lost"}))
+        .call(
+            "revoke_agent",
+            json!({"agent_id": "agent-9", "reason": "lost"}),
+        )
         .await?;
     client
         .call("unrevoke_agent", json!({"agent_id": "agent-9"}))
@@ -152,7 +155,11 @@ async fn changes_are_recorded_masked_and_tampering_is_detected() -> Result<()> {
     );
 
     // An edited row: its hash no longer matches.
-    tamper(&cluster, "UPDATE audit_log SET operator = 'mallory' WHERE seq = 2").await?;
+    tamper(
+        &cluster,
+        "UPDATE audit_log SET operator = 'mallory' WHERE seq = 2",
+    )
+    .await?;
     let report = verify(&cluster).await?;
     assert_eq!(report["intact"], false, "{report}");
     assert_eq!(
@@ -172,7 +179,11 @@ async fn changes_are_recorded_masked_and_tampering_is_detected() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&cli.stdout)
     );
-    tamper(&cluster, "UPDATE audit_log SET operator = 'admin' WHERE seq = 2").await?;
+    tamper(
+        &cluster,
+        "UPDATE audit_log SET operator = 'admin' WHERE seq = 2",
+    )
+    .await?;
     assert_eq!(verify(&cluster).await?["intact"], true);
 
     // A deleted row in the middle: the numbering and the link break.

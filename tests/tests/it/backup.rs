@@ -8,7 +8,11 @@ use anyhow::{Context, Result};
 use fleetrun_tests::{TestCluster, b64, start_cluster};
 use serde_json::json;
 
-fn controller_command(cluster: &TestCluster, args: &[&str], path: &Path) -> Result<std::process::Output> {
+fn controller_command(
+    cluster: &TestCluster,
+    args: &[&str],
+    path: &Path,
+) -> Result<std::process::Output> {
     Command::new(cluster.bin_dir.join("fleetrun-controller"))
         .arg("--config")
         .arg(&cluster.controller_config)
@@ -37,8 +41,18 @@ async fn backup_wipe_restore_reads_the_old_logs_back_identical() -> Result<()> {
     // Online: the controller keeps running (and answering) while the copy is taken.
     let backup_dir = cluster.dir().join("backup-1");
     let out = controller_command(&cluster, &["backup"], &backup_dir)?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for name in ["controller.db", "param.key", "controller.toml", "MANIFEST.json", "tls-key.pem"] {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in [
+        "controller.db",
+        "param.key",
+        "controller.toml",
+        "MANIFEST.json",
+        "tls-key.pem",
+    ] {
         let meta = std::fs::metadata(backup_dir.join(name)).with_context(|| name.to_owned())?;
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077,
@@ -65,7 +79,12 @@ async fn backup_wipe_restore_reads_the_old_logs_back_identical() -> Result<()> {
         .await?;
 
     cluster.stop_controller(Duration::from_secs(10))?;
-    for name in ["controller.db", "controller.db-wal", "controller.db-shm", "param.key"] {
+    for name in [
+        "controller.db",
+        "controller.db-wal",
+        "controller.db-shm",
+        "param.key",
+    ] {
         let _ = std::fs::remove_file(cluster.dir().join(name));
     }
 
@@ -90,7 +109,11 @@ async fn backup_wipe_restore_reads_the_old_logs_back_identical() -> Result<()> {
     assert!(!cluster.dir().join("controller.db").exists());
 
     let restored = controller_command(&cluster, &["restore"], &backup_dir)?;
-    assert!(restored.status.success(), "{}", String::from_utf8_lossy(&restored.stderr));
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
 
     cluster.start_controller().await?;
     cluster

@@ -111,7 +111,9 @@ async fn the_api_over_https_with_certificate_reload_on_sighup() -> Result<()> {
             "bk_username": cluster.info.bk_username,
         });
         let reply: Value = client(&ca_pem)?
-            .get(format!("{https}/api/v3/get_account_list/?bk_scope_type=biz&bk_scope_id=2"))
+            .get(format!(
+                "{https}/api/v3/get_account_list/?bk_scope_type=biz&bk_scope_id=2"
+            ))
             .header("X-Bkapi-Authorization", auth.to_string())
             .send()
             .await?
@@ -142,12 +144,16 @@ async fn the_api_over_https_with_certificate_reload_on_sighup() -> Result<()> {
         // A broken certificate on SIGHUP: refused, the one in force stays.
         std::fs::write(&cert_path, "not a certificate")?;
         hangup(child.id())?;
-        eventually(Duration::from_secs(10), "reload refused in the log", || async {
-            std::fs::read_to_string(&log)
-                .ok()?
-                .contains("API TLS not reloaded")
-                .then_some(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            "reload refused in the log",
+            || async {
+                std::fs::read_to_string(&log)
+                    .ok()?
+                    .contains("API TLS not reloaded")
+                    .then_some(())
+            },
+        )
         .await?;
         let (cert, _) = get(&ca_pem, &format!("{https}/healthz")).await?;
         assert_eq!(cert, der_of(&first.cert)?);
@@ -158,10 +164,14 @@ async fn the_api_over_https_with_certificate_reload_on_sighup() -> Result<()> {
         std::fs::copy(&second.key, &key_path)?;
         hangup(child.id())?;
         let wanted = der_of(&second.cert)?;
-        eventually(Duration::from_secs(10), "the new certificate served", || async {
-            let (cert, _) = get(&ca_pem, &format!("{https}/healthz")).await.ok()?;
-            (cert == wanted).then_some(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            "the new certificate served",
+            || async {
+                let (cert, _) = get(&ca_pem, &format!("{https}/healthz")).await.ok()?;
+                (cert == wanted).then_some(())
+            },
+        )
         .await?;
         anyhow::Ok(())
     }

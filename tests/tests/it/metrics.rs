@@ -115,7 +115,10 @@ async fn metrics_parse_and_move_with_a_job_and_need_the_token() -> Result<()> {
     )
     .await?;
     assert_eq!(scrape(&cluster, None).await?.0, 401);
-    assert_eq!(scrape(&cluster, Some("wrong-token-0123456789")).await?.0, 401);
+    assert_eq!(
+        scrape(&cluster, Some("wrong-token-0123456789")).await?.0,
+        401
+    );
 
     let (status, before_text) = scrape(&cluster, Some(TOKEN)).await?;
     assert_eq!(status, 200, "{before_text}");
@@ -184,7 +187,136 @@ async fn metrics_parse_and_move_with_a_job_and_need_the_token() -> Result<()> {
         ) >= 1.0,
         "{last_text}"
     );
-    assert!(value(&last, "fleetrun_http_requests_total{api=unknown,code=1239003}") >= 1.0);
+    assert!(
+        value(
+            &last,
+            "fleetrun_http_requests_total{api=unknown,code=1239003}"
+        ) >= 1.0
+    );
     assert!(!last_text.contains("no_such_api_xyz"));
+    Ok(())
+}
+
+/// Every series `/metrics` shows is documented in docs/metrics.md.
+#[test]
+fn every_series_is_documented() -> Result<()> {
+    let docs =
+        std::fs::read_to_string(fleetrun_tests::cluster::workspace_root().join("docs/metrics.md"))?;
+    let source = std::fs::read_to_string(
+        fleetrun_tests::cluster::workspace_root().join("crates/fleetrun-controller/src/metrics.rs"),
+    )?;
+    let mut names: Vec<&str> = source
+        .split('"')
+        .filter(|s| s.starts_with("fleetrun_"))
+        .map(|s| {
+            let end = s
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(s.len());
+            &s[..end]
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    ensure!(names.len() >= 15, "{names:?}");
+    for name in names {
+        ensure!(
+            docs.contains(&format!("`{name}`")),
+            "{name} is not in docs/metrics.md"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `JOBS` single-host jobs, `CONCURRENCY` at a time; jobs per second.
+async fn jobs_per_second(cluster: &TestCluster) -> Result<f64> {
+    const CONCURRENCY: usize = 8;
+    let host = cluster.host_id("agent-1");
+    let request = cluster.script_request("true", &[host], json!({}));
+    let started = std::time::Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..CONCURRENCY {
+        let client = cluster.client();
+        let request = request.clone();
+        let scope = cluster.info.scope();
+        workers.spawn(async move {
+            for _ in 0..BENCH_JOBS / CONCURRENCY {
+                let job = client.call("fast_execute_script", request.clone()).await?;
+                let id = job["job_instance_id"].as_i64().context("id")?;
+                client.wait_job(&scope, id, Duration::from_secs(60)).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done??;
+    }
+    Ok(BENCH_JOBS as f64 / started.elapsed().as_secs_f64())
+}
+
+const BENCH_JOBS: usize = 200;
+
+/// Single-host throughput with metrics and the audit trail on, and the time spent committing
+/// audit batches (off the requests' path). With `FLEETRUN_BENCH_CONTROLLER` naming another
+/// controller binary (one built without them), the same run against it, for comparison. On
+/// demand: `cargo test -p fleetrun-tests --test it -- metrics::audit_cost --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn audit_cost_on_single_host_throughput() -> Result<()> {
+    let mut cluster = start_cluster(1).await?;
+    let plain_config = std::fs::read_to_string(&cluster.controller_config)?;
+    restart_with(
+        &mut cluster,
+        &format!("\n[metrics]\nbearer_token = \"{TOKEN}\"\n"),
+    )
+    .await?;
+    // A first round warms up the connection and the database.
+    jobs_per_second(&cluster).await?;
+    let (_, before) = scrape(&cluster, Some(TOKEN)).await?;
+    let rate = jobs_per_second(&cluster).await?;
+    let (_, after) = scrape(&cluster, Some(TOKEN)).await?;
+    let value_of = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let moved = |name: &str| value_of(&after, name) - value_of(&before, name);
+    let audit = moved("fleetrun_audit_append_seconds_sum");
+    let batches = moved("fleetrun_audit_append_seconds_count");
+    let submit = moved("fleetrun_http_request_duration_seconds_sum{api=\"fast_execute_script\"}");
+    println!(
+        "with metrics and audit: {BENCH_JOBS} single-host jobs, 8 at a time: {rate:.1} jobs/s; \
+         submissions {:.2} ms each on average; {batches} audit batches committed in {audit:.3} s \
+         ({:.2} ms per job, off the request path)",
+        1000.0 * submit / BENCH_JOBS as f64,
+        1000.0 * audit / BENCH_JOBS as f64
+    );
+    if let Ok(other) = std::env::var("FLEETRUN_BENCH_CONTROLLER") {
+        cluster.stop_controller(Duration::from_secs(10))?;
+        let config = cluster.dir().join("controller-plain.toml");
+        std::fs::write(&config, plain_config)?;
+        let log = cluster.dir().join("controller-other.log");
+        let mut child = std::process::Command::new(&other)
+            .arg("--config")
+            .arg(&config)
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let measured = async {
+            cluster
+                .wait_online(&["agent-1".to_owned()], Duration::from_secs(30))
+                .await?;
+            jobs_per_second(&cluster).await?;
+            jobs_per_second(&cluster).await
+        }
+        .await;
+        let _ = child.kill();
+        let _ = child.wait();
+        let base = measured?;
+        println!(
+            "{other}: {base:.1} jobs/s; with metrics and audit {:+.1}%",
+            100.0 * (rate - base) / base
+        );
+    }
     Ok(())
 }

@@ -44,8 +44,7 @@ fn now_ms() -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_old_finished_job_is_pruned_and_a_fresh_one_kept_while_jobs_are_written() -> Result<()>
-{
+async fn an_old_finished_job_is_pruned_and_a_fresh_one_kept_while_jobs_are_written() -> Result<()> {
     let mut cluster = start_cluster(1).await?;
     restart_with(
         &mut cluster,
@@ -59,7 +58,10 @@ async fn an_old_finished_job_is_pruned_and_a_fresh_one_kept_while_jobs_are_writt
     let (fresh, fresh_step, _) = cluster
         .run_job(cluster.script_request("echo fresh", &[host], json!({})))
         .await?;
-    ensure!(rows_of(&cluster, old).await? >= 4, "the old job has its rows");
+    ensure!(
+        rows_of(&cluster, old).await? >= 4,
+        "the old job has its rows"
+    );
 
     // Jobs keep being submitted and run while pruning goes on.
     let writer = {
@@ -120,7 +122,10 @@ async fn an_old_finished_job_is_pruned_and_a_fresh_one_kept_while_jobs_are_writt
     // The audit log is not pruned with the jobs.
     let audit = cluster
         .client()
-        .call("get_audit_log", json!({"api": "fast_execute_script", "limit": 2}))
+        .call(
+            "get_audit_log",
+            json!({"api": "fast_execute_script", "limit": 2}),
+        )
         .await?;
     assert_eq!(audit["entries"][0]["seq"], 1, "{audit}");
     Ok(())

@@ -75,10 +75,15 @@ pub async fn get_audit_log(
         Some(other) => {
             return Err(ApiError::invalid(
                 "outcome",
-                format!("{:?} is neither \"ok\" nor \"refused\"", other.escape_debug()),
+                format!(
+                    "{:?} is neither \"ok\" nor \"refused\"",
+                    other.escape_debug()
+                ),
             ));
         }
     };
+    // Read your writes: what was queued before this call is in the database first.
+    shared.audit.flush().await;
     let entries = shared
         .store
         .audit_entries(&fleetrun_store::AuditFilter {
@@ -121,6 +126,7 @@ pub async fn get_audit_log(
 
 pub async fn verify_audit_log(shared: &Shared, caller: &Caller) -> Result<Value, ApiError> {
     require_admin(caller, "verify the audit log")?;
+    shared.audit.flush().await;
     let report = crate::audit::verify(&shared.store, shared.audit.head())
         .await
         .map_err(|e| ApiError::internal("reading the audit log", e))?;

@@ -112,7 +112,7 @@ pub async fn read(
         read_body(shared, gate, headers, query, body, started).await?
     };
     let params = Params::from_request(method, query, &bytes)?;
-    let caller = auth::authenticate(&shared.apps, headers, &params)?;
+    let caller = auth::authenticate(&shared.apps.current(), headers, &params)?;
     // The request's span declares these empty: from here on every line of the request names its
     // caller. The operator is the client's text, hence escaped.
     let span = tracing::Span::current();
@@ -158,7 +158,7 @@ async fn read_body(
         len: 0,
     };
     if let Some((app_code, secret)) = auth::head_credentials(headers, query)? {
-        auth::check_app(&shared.apps, &app_code, &secret)?;
+        auth::check_app(&shared.apps.current(), &app_code, &secret)?;
         let turn = gate.take_turn().await;
         // The body's time starts once the request is served: waiting for a turn is the
         // server's doing, not the client's.
@@ -213,7 +213,7 @@ async fn read_body(
             ),
         )
     })?;
-    auth::check_app(&shared.apps, &app_code, &secret)?;
+    auth::check_app(&shared.apps.current(), &app_code, &secret)?;
     drop(permit);
     let turn = gate.take_turn().await;
     reader

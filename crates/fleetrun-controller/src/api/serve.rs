@@ -77,8 +77,8 @@ pub async fn serve(
         open.spawn(async move {
             let _permit = permit;
             let Some(acceptor) = acceptor else {
-                let connection = http
-                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(tagged));
+                let connection =
+                    http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(tagged));
                 serve_connection(connection, shutdown, peer).await;
                 return;
             };

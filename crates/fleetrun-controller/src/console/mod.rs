@@ -318,9 +318,8 @@ impl Console {
     async fn call(&self, viewer: &Viewer, api: &str, mut body: Value) -> Result<Value, Refusal> {
         let config = &self.shared.config.console;
         let app_code = config.app.as_deref().unwrap_or_default();
-        let app = self
-            .shared
-            .apps
+        let apps = self.shared.apps.current();
+        let app = apps
             .iter()
             .find(|a| a.bk_app_code == app_code)
             .ok_or_else(|| Refusal::Internal(format!("console.app {app_code:?} is not an app")))?;
