@@ -12,6 +12,7 @@ mod callbacks;
 mod health;
 mod inventory;
 mod model;
+mod reattach;
 mod schema;
 mod scripts;
 mod watch;
@@ -35,6 +36,7 @@ pub use inventory::{
     RevisionInfo,
 };
 pub use model::*;
+pub use reattach::{HostCheckpoint, ResumableHost, ResumableJob};
 pub use scripts::{
     NewScript, ScriptFilter, ScriptRecord, ScriptVersionRecord, ScriptsError,
     status_name as script_status_name,

@@ -9,6 +9,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../migrations/0004_inventory.sql")),
     (5, include_str!("../migrations/0005_agent_trust.sql")),
     (6, include_str!("../migrations/0006_write_probe.sql")),
+    (7, include_str!("../migrations/0007_host_task.sql")),
 ];
 
 pub(crate) async fn migrate(pool: &SqlitePool) -> Result<(), sqlx::Error> {
