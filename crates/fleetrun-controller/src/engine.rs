@@ -1,8 +1,10 @@
 //! The job engine: sends each host its task, follows it to a final state, and records everything.
 //!
 //! **Architecture invariant:** every (job, host) the engine starts reaches a final host status:
-//! a result from the agent, or 310 when the agent is offline or its connection is lost, or 303
-//! when the agent stays silent past the task's timeout plus a grace period.
+//! a result from the agent, or 310 when the agent is offline, its connection is lost (an agent
+//! of protocol version 1), or it does not come back before the task's deadline (an agent that
+//! owns its tasks), or 303 when the agent stays silent past the task's timeout plus a grace
+//! period.
 
 mod follow;
 
@@ -26,6 +28,9 @@ use crate::{
     status::{host, job},
 };
 use follow::HostRun;
+
+/// Each task's checkpoint by (step, host), and whether it changed since it was last saved.
+type Checkpoints = Mutex<HashMap<(i64, i64), (HostCheckpoint, bool)>>;
 
 /// What the end of a job needs to know.
 struct Finishing {
@@ -114,7 +119,7 @@ pub struct Engine {
     claims: Arc<Mutex<HashMap<Uuid, Claimant>>>,
     /// Where each such task stands, by (step, host), and whether that changed since it was
     /// last saved.
-    checkpoints: Arc<Mutex<HashMap<(i64, i64), (HostCheckpoint, bool)>>>,
+    checkpoints: Arc<Checkpoints>,
 }
 
 impl Engine {

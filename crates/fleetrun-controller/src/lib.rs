@@ -65,7 +65,8 @@ pub fn now_ms() -> i64 {
 }
 
 impl Controller {
-    /// Opens the store, ends jobs a previous run left unfinished, and starts serving.
+    /// Opens the store, takes up the jobs a previous run left running on agents that own their
+    /// tasks, ends the other unfinished ones, and starts serving.
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
         // The store creates the database's directory, readable by this user only.
         let store = Store::open(&config.database)
