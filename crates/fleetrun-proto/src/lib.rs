@@ -45,7 +45,7 @@ pub const WIRE_DIGESTS: &[(u32, &str)] = &[
     ),
     (
         2,
-        "174ae701312b48dd5a257bb5760472fe82f8afef223f73970ee89f5dfebefa6f",
+        "66d6b458d97293fec69fcb6ab658bc85b7ab33ae5b1634f836b233cb77eed7a3",
     ),
 ];
 
