@@ -9,7 +9,9 @@
 //!   [`HelloReply`] down, then [`ControlUp`] heartbeats for as long as the connection lives;
 //! - one **task stream** per task, opened by the controller: a [`TaskDown::Run`] down, then
 //!   [`TaskUp`] events (output chunks while the script runs, a final [`TaskResult`]) up, and an
-//!   optional [`TaskDown::Cancel`] down.
+//!   optional [`TaskDown::Cancel`] down; from version 2, [`TaskDown::ResultStored`] once the
+//!   controller has stored the result, and streams that resume ([`TaskDown::Resume`]) or discard
+//!   ([`TaskDown::Discard`]) a task the agent reported holding ([`ControlUp::Holding`]).
 
 mod codec;
 mod identity;
