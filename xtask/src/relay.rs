@@ -132,8 +132,16 @@ async fn backward(
     impairment: Arc<Mutex<Impairment>>,
 ) {
     let mut buf = vec![0u8; 65_536];
-    while let Ok(len) = upstream.recv(&mut buf).await {
-        let now = *impairment.lock().unwrap();
-        now.forward(front.clone(), buf[..len].to_vec(), Some(client));
+    loop {
+        match upstream.recv(&mut buf).await {
+            Ok(len) => {
+                let now = *impairment.lock().unwrap();
+                now.forward(front.clone(), buf[..len].to_vec(), Some(client));
+            }
+            // The controller is down (an ICMP port unreachable came back): it may be started
+            // again on the same port, and the agent's packets must then reach it both ways.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(_) => return,
+        }
     }
 }

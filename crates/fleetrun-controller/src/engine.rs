@@ -1,8 +1,10 @@
 //! The job engine: sends each host its task, follows it to a final state, and records everything.
 //!
 //! **Architecture invariant:** every (job, host) the engine starts reaches a final host status:
-//! a result from the agent, or 310 when the agent is offline or its connection is lost, or 16
-//! when the agent stays silent past the task's timeout plus a grace period.
+//! a result from the agent, or 310 when the agent is offline, its connection is lost (an agent
+//! of protocol version 1), or it does not come back before the task's deadline (an agent that
+//! owns its tasks), or 16 when the agent stays silent past the task's timeout plus a grace
+//! period.
 
 mod follow;
 
@@ -14,7 +16,7 @@ use std::{
 
 use bytes::Bytes;
 use fleetrun_proto::{HeldTask, SharedTaskRequest, TaskRequest};
-use fleetrun_store::{HostOutcome, Store, Write};
+use fleetrun_store::{HostCheckpoint, HostOutcome, ResumableJob, Store, Write};
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -26,6 +28,19 @@ use crate::{
     status::{host, job},
 };
 use follow::HostRun;
+
+/// Each task's checkpoint by (step, host), and whether it changed since it was last saved.
+type Checkpoints = Mutex<HashMap<(i64, i64), (HostCheckpoint, bool)>>;
+
+/// What the end of a job needs to know.
+struct Finishing {
+    job_instance_id: i64,
+    step_instance_id: i64,
+    hosts: usize,
+    started: i64,
+    /// Whether every host final before these runs succeeded.
+    all_succeeded: bool,
+}
 
 /// A reconnected agent's claim to a task, on its way to the host's run.
 #[derive(Debug)]
@@ -102,6 +117,9 @@ pub struct Engine {
     callbacks: Option<Callbacks>,
     /// Tasks out on agents that own them, by task id, while their host's run follows them.
     claims: Arc<Mutex<HashMap<Uuid, Claimant>>>,
+    /// Where each such task stands, by (step, host), and whether that changed since it was
+    /// last saved.
+    checkpoints: Arc<Checkpoints>,
 }
 
 impl Engine {
@@ -114,6 +132,7 @@ impl Engine {
             running: Arc::default(),
             callbacks: None,
             claims: Arc::default(),
+            checkpoints: Arc::default(),
         }
     }
 
@@ -161,6 +180,149 @@ impl Engine {
             .await;
         }
         true
+    }
+
+    /// Saves, every second, where each task out on an agent that owns it stands, once the log
+    /// that describes is committed; a last time when `shutdown` fires.
+    pub fn save_checkpoints(
+        &self,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let engine = self.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let stopping = tokio::select! {
+                    _ = tick.tick() => false,
+                    () = shutdown.cancelled() => true,
+                };
+                let batch: Vec<HostCheckpoint> = {
+                    let mut checkpoints = engine.checkpoints.lock().unwrap();
+                    checkpoints
+                        .values_mut()
+                        .filter(|(_, dirty)| *dirty)
+                        .map(|(checkpoint, dirty)| {
+                            *dirty = false;
+                            checkpoint.clone()
+                        })
+                        .collect()
+                };
+                if !batch.is_empty() {
+                    // The log the checkpoints describe was queued before they were taken.
+                    let saved = match engine.store.flush().await {
+                        Ok(()) => engine.store.save_checkpoints(&batch).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = saved {
+                        tracing::warn!("cannot save where running tasks stand: {e}");
+                    }
+                }
+                if stopping {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn note_checkpoint(&self, checkpoint: HostCheckpoint) {
+        let key = (checkpoint.step_instance_id, checkpoint.bk_host_id);
+        let mut checkpoints = self.checkpoints.lock().unwrap();
+        match checkpoints.get_mut(&key) {
+            Some((old, _)) if *old == checkpoint => {}
+            _ => {
+                checkpoints.insert(key, (checkpoint, true));
+            }
+        }
+    }
+
+    fn forget_checkpoint(&self, step_instance_id: i64, bk_host_id: i64) {
+        self.checkpoints
+            .lock()
+            .unwrap()
+            .remove(&(step_instance_id, bk_host_id));
+    }
+
+    /// Takes up a job that was running when the controller stopped: each host whose task is out
+    /// on an agent that owns it waits for that agent to come back and claim it; any other ends
+    /// 310, its result unknown. False if the job is running already.
+    pub fn resume(&self, job: ResumableJob) -> bool {
+        let cancel = CancellationToken::new();
+        let job_instance_id = job.job_instance_id;
+        {
+            let mut running = self.running.lock().unwrap();
+            if running.contains_key(&job_instance_id) {
+                return false;
+            }
+            running.insert(job_instance_id, cancel.clone());
+        }
+        if job.status == job::TERMINATING {
+            cancel.cancel();
+        }
+        let engine = self.clone();
+        tokio::spawn(async move {
+            engine.resume_job(job, cancel).await;
+            if let Err(e) = engine.store.flush().await {
+                tracing::error!(job = job_instance_id, "cannot commit the job's end: {e}");
+            }
+            engine.running.lock().unwrap().remove(&job_instance_id);
+        });
+        true
+    }
+
+    async fn resume_job(&self, job: ResumableJob, cancel: CancellationToken) {
+        let limits = Limits {
+            output_limit: self.output_limit,
+            timeout_ms: job.timeout_secs.saturating_mul(1000),
+            grace_ms: i64::try_from(self.agent_grace.as_millis()).unwrap_or(i64::MAX),
+        };
+        let mut hosts = JoinSet::new();
+        let mut host_of_task = HashMap::with_capacity(job.hosts.len());
+        let host_count = job.hosts.len();
+        for host in job.hosts {
+            let Some(checkpoint) = host.checkpoint else {
+                self.write(Write::HostFinished {
+                    step_instance_id: job.step_instance_id,
+                    bk_host_id: host.bk_host_id,
+                    outcome: HostOutcome {
+                        status: host::AGENT_ABNORMAL,
+                        tag: "the controller stopped while this task ran; its result is unknown"
+                            .into(),
+                        end_time: now_ms(),
+                        ..HostOutcome::default()
+                    },
+                })
+                .await;
+                continue;
+            };
+            tracing::info!(
+                job = job.job_instance_id,
+                bk_host_id = host.bk_host_id,
+                agent_id = checkpoint.agent_id,
+                "waiting for the agent to come back with its task"
+            );
+            let run = HostRun {
+                engine: self.clone(),
+                job_instance_id: job.job_instance_id,
+                step_instance_id: job.step_instance_id,
+                bk_host_id: host.bk_host_id,
+                request: None,
+                resume: Some(checkpoint),
+                limits,
+                cancel: cancel.clone(),
+            };
+            let handle = hosts.spawn(run.run());
+            host_of_task.insert(handle.id(), host.bk_host_id);
+        }
+        let finishing = Finishing {
+            job_instance_id: job.job_instance_id,
+            step_instance_id: job.step_instance_id,
+            hosts: host_count,
+            started: job.start_time.unwrap_or_else(now_ms),
+            all_succeeded: job.finished_hosts_succeeded && host_count == host_of_task.len(),
+        };
+        self.finish_job(finishing, hosts, host_of_task, &cancel)
+            .await;
     }
 
     /// An agent reconnected on `connection` as host `bk_host_id` and claims `held`: the claim
@@ -272,6 +434,7 @@ impl Engine {
                 step_instance_id,
                 bk_host_id,
                 request: request.clone(),
+                resume: None,
                 limits,
                 cancel: cancel.clone(),
             };
@@ -279,7 +442,32 @@ impl Engine {
             host_of_task.insert(handle.id(), bk_host_id);
         }
         drop(request);
-        let mut all_succeeded = true;
+        let finishing = Finishing {
+            job_instance_id,
+            step_instance_id,
+            hosts: targets.len(),
+            started,
+            all_succeeded: true,
+        };
+        self.finish_job(finishing, hosts, host_of_task, &cancel)
+            .await;
+    }
+
+    /// Waits for every host's run, then records the step's and the job's end and reports it.
+    async fn finish_job(
+        &self,
+        finishing: Finishing,
+        mut hosts: JoinSet<i32>,
+        host_of_task: HashMap<tokio::task::Id, i64>,
+        cancel: &CancellationToken,
+    ) {
+        let Finishing {
+            job_instance_id,
+            step_instance_id,
+            hosts: host_count,
+            started,
+            mut all_succeeded,
+        } = finishing;
         while let Some(joined) = hosts.join_next_with_id().await {
             match joined {
                 Ok((_, status)) => all_succeeded &= host::is_success(status),
@@ -330,7 +518,7 @@ impl Engine {
         }
         tracing::info!(
             job = job_instance_id,
-            hosts = targets.len(),
+            hosts = host_count,
             status,
             elapsed_ms = at - started,
             "job finished"

@@ -81,7 +81,8 @@ pub fn now_ms() -> i64 {
 }
 
 impl Controller {
-    /// Opens the store, ends jobs a previous run left unfinished, and starts serving.
+    /// Opens the store, takes up the jobs a previous run left running on agents that own their
+    /// tasks, ends the other unfinished ones, and starts serving.
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
         // The store creates the database's directory, readable by this user only.
         metrics::install();
@@ -89,8 +90,22 @@ impl Controller {
             .await
             .with_context(|| format!("opening database {}", config.database))?;
         store.set_all_offline().await?;
+        // Jobs with a task out on an agent that owns it are taken up again once the engine runs;
+        // the others end here, their results unknown.
+        let resumable: Vec<fleetrun_store::ResumableJob> = store
+            .resumable_jobs(
+                status::job::UNFINISHED,
+                status::host::UNFINISHED,
+                status::host::SUCCESS,
+            )
+            .await?
+            .into_iter()
+            .filter(|job| job.hosts.iter().any(|h| h.checkpoint.is_some()))
+            .collect();
+        let keep: Vec<i64> = resumable.iter().map(|j| j.job_instance_id).collect();
         let ended = store
-            .end_interrupted_jobs(
+            .end_interrupted_jobs_except(
+                &keep,
                 status::host::AGENT_ABNORMAL,
                 "the controller stopped while this task ran; its result is unknown",
                 status::job::FAILED,
@@ -161,6 +176,15 @@ impl Controller {
             shutdown.clone(),
             &mut tasks,
         )?);
+        tasks.spawn(engine.save_checkpoints(shutdown.clone()));
+        for job in resumable {
+            tracing::info!(
+                job = job.job_instance_id,
+                hosts = job.hosts.len(),
+                "taking up a job that ran when the controller stopped"
+            );
+            engine.resume(job);
+        }
         let shutdown_gateway = shutdown.clone();
         let gateway = gateway::Gateway {
             agents: agents.clone(),

@@ -9,7 +9,9 @@
 //!   [`HelloReply`] down, then [`ControlUp`] heartbeats for as long as the connection lives;
 //! - one **task stream** per task, opened by the controller: a [`TaskDown::Run`] down, then
 //!   [`TaskUp`] events (output chunks while the script runs, a final [`TaskResult`]) up, and an
-//!   optional [`TaskDown::Cancel`] down.
+//!   optional [`TaskDown::Cancel`] down; from version 2, [`TaskDown::ResultStored`] once the
+//!   controller has stored the result, and streams that resume ([`TaskDown::Resume`]) or discard
+//!   ([`TaskDown::Discard`]) a task the agent reported holding ([`ControlUp::Holding`]).
 
 mod codec;
 mod identity;
@@ -45,7 +47,7 @@ pub const WIRE_DIGESTS: &[(u32, &str)] = &[
     ),
     (
         2,
-        "174ae701312b48dd5a257bb5760472fe82f8afef223f73970ee89f5dfebefa6f",
+        "66d6b458d97293fec69fcb6ab658bc85b7ab33ae5b1634f836b233cb77eed7a3",
     ),
 ];
 

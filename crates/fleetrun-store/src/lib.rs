@@ -20,6 +20,7 @@ mod console;
 mod health;
 mod inventory;
 mod model;
+mod reattach;
 mod retention;
 pub mod scratch;
 mod schema;
@@ -49,6 +50,7 @@ pub use inventory::{
     RevisionInfo,
 };
 pub use model::*;
+pub use reattach::{HostCheckpoint, ResumableHost, ResumableJob};
 pub use scripts::{
     DRAFT as SCRIPT_DRAFT, NewScript, ScriptBasics, ScriptFilter, ScriptRecord,
     ScriptVersionRecord, ScriptsError, status_name as script_status_name,

@@ -59,6 +59,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/postgres/0006_write_probe.sql"),
     ),
     (
+        7,
+        "host task",
+        include_str!("../migrations/sqlite/0007_host_task.sql"),
+        include_str!("../migrations/postgres/0007_host_task.sql"),
+    ),
+    (
         8,
         "audit",
         include_str!("../migrations/sqlite/0008_audit.sql"),

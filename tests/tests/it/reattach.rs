@@ -276,3 +276,72 @@ async fn claims_to_tasks_never_sent_to_the_agent_are_refused_and_discarded() -> 
     assert!(log.contains("refused the agent's claim to a task"), "{log}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_outlives_a_killed_controller_and_every_line_is_stored_once() -> Result<()> {
+    let mut cluster = start_cluster(2).await?;
+    let hosts = cluster.host_ids();
+    let (job, step) = submit(&cluster, &numbered(60), &hosts).await?;
+    eventually(Duration::from_secs(10), "line 15 on every host", || async {
+        let logs = cluster.logs(job, step).await.ok()?;
+        (logs.len() == 2 && logs.iter().all(|(_, l)| l.contains("line 15\n"))).then_some(())
+    })
+    .await?;
+    cluster.kill_controller()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.start_controller().await?;
+    let status = cluster
+        .client()
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(60))
+        .await?;
+    assert_eq!(status["job_instance"]["status"], 3, "{status}");
+    for result in host_results(&status) {
+        assert_eq!(result["status"], 9, "{result}");
+    }
+    for (host, log) in cluster.logs(job, step).await? {
+        assert_eq!(
+            log,
+            expected_lines(60),
+            "host {host}: every line once, in order"
+        );
+    }
+    let log = read(&cluster.controller_log);
+    assert!(
+        log.contains("taking up a job that ran when the controller stopped"),
+        "{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_taken_up_after_a_restart_can_be_terminated() -> Result<()> {
+    let mut cluster = start_cluster(1).await?;
+    let hosts = cluster.host_ids();
+    let (job, step) = submit(&cluster, &numbered(600), &hosts).await?;
+    wait_for_log(&cluster, job, step, "line 12\n").await?;
+    cluster.kill_controller()?;
+    cluster.start_controller().await?;
+    let agent_log = cluster.agents[0].log.clone();
+    eventually(Duration::from_secs(20), "the task resumed", || {
+        let text = read(&agent_log);
+        async move {
+            text.contains("resuming the task for the controller")
+                .then_some(())
+        }
+    })
+    .await?;
+    let mut body = cluster.info.scope();
+    body["job_instance_id"] = json!(job);
+    body["operation_code"] = json!(1);
+    let at = tokio::time::Instant::now();
+    cluster.client().call("operate_job_instance", body).await?;
+    let status = cluster
+        .client()
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(10))
+        .await?;
+    assert!(at.elapsed() < Duration::from_secs(3), "{:?}", at.elapsed());
+    assert_eq!(host_results(&status)[0]["status"], 403, "{status}");
+    let log = &cluster.logs(job, step).await?[0].1;
+    assert!(!log.contains("line 100\n"), "the script was stopped: {log}");
+    Ok(())
+}

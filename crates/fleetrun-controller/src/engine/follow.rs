@@ -7,14 +7,14 @@ use std::{collections::VecDeque, time::Duration};
 
 use fleetrun_net::{FramedRecv, StreamError, describe_connection_error, send_frame};
 use fleetrun_proto::{SharedTaskRequest, TaskDown, TaskUp};
-use fleetrun_store::Write;
+use fleetrun_store::{HostCheckpoint, Write};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Claimant, Engine, Reattach, now_ms};
 use crate::{
-    host_run::{Action, Event, HostTask, Limits, Outcome, TaskIdentity},
+    host_run::{Action, Checkpoint, Event, HostTask, Limits, Outcome, TaskIdentity},
     status::host,
 };
 
@@ -104,6 +104,8 @@ pub(super) struct HostRun {
     pub bk_host_id: i64,
     /// The step's request; taken once sent, so the script lives only while hosts still need it.
     pub request: Option<SharedTaskRequest>,
+    /// Where the task stood when the controller stopped, for a run that takes it up again.
+    pub resume: Option<HostCheckpoint>,
     pub limits: Limits,
     pub cancel: CancellationToken,
 }
@@ -119,48 +121,58 @@ impl HostRun {
         let mut machine = HostTask::for_task(self.limits, identity, now_ms());
         let link = self.engine.agents.get(self.bk_host_id);
         let mut last_stream = None;
-        let outcome = match link {
-            None => {
-                self.request = None;
-                let event = Event::Lost("agent offline when the task was dispatched".into());
-                let actions = machine.handle(now_ms(), event);
-                self.execute(&mut machine, actions, &mut None, None).await
+        let resume = self.resume.take();
+        let outcome = match (resume, link) {
+            (Some(checkpoint), _) => {
+                self.take_up(identity, checkpoint, &mut machine, &mut last_stream)
+                    .await
             }
-            Some(link) => {
-                let task_id = Uuid::new_v4();
-                let (claims, _registered) = if link.owns_tasks() {
-                    let (tx, rx) = mpsc::unbounded_channel();
-                    self.engine.claims.lock().unwrap().insert(
-                        task_id,
-                        Claimant {
-                            bk_host_id: self.bk_host_id,
-                            agent_id: link.agent_id.clone(),
-                            tx,
-                        },
-                    );
-                    let registered = Registered {
-                        engine: self.engine.clone(),
-                        task_id,
+            (None, link) => match link {
+                None => {
+                    self.request = None;
+                    let event = Event::Lost("agent offline when the task was dispatched".into());
+                    let actions = machine.handle(now_ms(), event);
+                    self.execute(&mut machine, actions, &mut None, None).await
+                }
+                Some(link) => {
+                    let task_id = Uuid::new_v4();
+                    let (claims, _registered) = if link.owns_tasks() {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        self.engine.claims.lock().unwrap().insert(
+                            task_id,
+                            Claimant {
+                                bk_host_id: self.bk_host_id,
+                                agent_id: link.agent_id.clone(),
+                                tx,
+                            },
+                        );
+                        let registered = Registered {
+                            engine: self.engine.clone(),
+                            task_id,
+                        };
+                        (Some(rx), Some(registered))
+                    } else {
+                        (None, None)
                     };
-                    (Some(rx), Some(registered))
-                } else {
-                    (None, None)
-                };
-                let mut claims = claims;
-                let outcome = self
-                    .exchange(
-                        &link.connection,
-                        task_id,
-                        &mut machine,
-                        &mut claims,
-                        &mut last_stream,
-                    )
-                    .await;
-                // Taken before the registration ends, so that a late claim is discarded.
-                drop(claims);
-                outcome
-            }
+                    let mut claims = claims;
+                    let outcome = self
+                        .exchange(
+                            &link.connection,
+                            &link.agent_id,
+                            task_id,
+                            &mut machine,
+                            &mut claims,
+                            &mut last_stream,
+                        )
+                        .await;
+                    // Taken before the registration ends, so that a late claim is discarded.
+                    drop(claims);
+                    outcome
+                }
+            },
         };
+        self.engine
+            .forget_checkpoint(self.step_instance_id, self.bk_host_id);
         // The machine always finishes on a lost agent; a missing outcome would be a bug in it.
         let outcome = outcome.unwrap_or_else(|| Outcome {
             status: host::AGENT_TASK_ERROR,
@@ -197,9 +209,71 @@ impl HostRun {
         status
     }
 
+    /// Takes up a task a previous run of the controller sent: waits, detached, for its agent to
+    /// claim it.
+    async fn take_up(
+        &mut self,
+        identity: TaskIdentity,
+        checkpoint: HostCheckpoint,
+        machine: &mut HostTask,
+        last_stream: &mut Option<Attached>,
+    ) -> Option<Outcome> {
+        let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);
+        let restored = Checkpoint {
+            received: unsigned(checkpoint.received),
+            stored: unsigned(checkpoint.stored),
+            dropped_bytes: unsigned(checkpoint.dropped_bytes),
+            dropped_lines: unsigned(checkpoint.dropped_lines),
+            truncated: checkpoint.truncated,
+            started_at: checkpoint.started_at,
+            deadline: checkpoint.deadline,
+        };
+        let now = now_ms();
+        *machine = HostTask::restore(
+            self.limits,
+            identity,
+            &restored,
+            checkpoint.started_at.unwrap_or(now),
+            now,
+        );
+        let Ok(task_id) = checkpoint.task_id.parse::<Uuid>() else {
+            let why = format!("the stored task id {:?} is unreadable", checkpoint.task_id);
+            let actions = machine.handle(now_ms(), Event::Lost(why));
+            return self.execute(machine, actions, &mut None, None).await;
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.engine.claims.lock().unwrap().insert(
+            task_id,
+            Claimant {
+                bk_host_id: self.bk_host_id,
+                agent_id: checkpoint.agent_id.clone(),
+                tx,
+            },
+        );
+        let _registered = Registered {
+            engine: self.engine.clone(),
+            task_id,
+        };
+        let mut claims = Some(rx);
+        let outcome = self
+            .follow(
+                &checkpoint.agent_id,
+                task_id,
+                machine,
+                &mut claims,
+                None,
+                false,
+                last_stream,
+            )
+            .await;
+        drop(claims);
+        outcome
+    }
+
     async fn exchange(
         &mut self,
         connection: &quinn::Connection,
+        agent_id: &str,
         task_id: Uuid,
         machine: &mut HostTask,
         claims: &mut Option<mpsc::UnboundedReceiver<Reattach>>,
@@ -272,7 +346,35 @@ impl HostRun {
                 return Some(outcome);
             }
         }
-        let mut cancel_seen = cancel_seen;
+        self.follow(
+            agent_id,
+            task_id,
+            machine,
+            claims,
+            stream,
+            cancel_seen,
+            last_stream,
+        )
+        .await
+    }
+
+    /// Follows the task to its end: reports from the attached stream, claims of the agent when
+    /// it comes back, the termination and the timer.
+    #[allow(clippy::too_many_arguments)]
+    async fn follow(
+        &mut self,
+        agent_id: &str,
+        task_id: Uuid,
+        machine: &mut HostTask,
+        claims: &mut Option<mpsc::UnboundedReceiver<Reattach>>,
+        mut stream: Option<Attached>,
+        mut cancel_seen: bool,
+        last_stream: &mut Option<Attached>,
+    ) -> Option<Outcome> {
+        let owns_tasks = claims.is_some();
+        if owns_tasks {
+            self.note_checkpoint(agent_id, task_id, machine);
+        }
         loop {
             let wait = until_deadline(machine);
             enum Next {
@@ -327,7 +429,28 @@ impl HostRun {
                 *last_stream = if owns_tasks { stream } else { None };
                 return Some(outcome);
             }
+            if owns_tasks {
+                self.note_checkpoint(agent_id, task_id, machine);
+            }
         }
+    }
+
+    fn note_checkpoint(&self, agent_id: &str, task_id: Uuid, machine: &HostTask) {
+        let checkpoint = machine.checkpoint();
+        let signed = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.engine.note_checkpoint(HostCheckpoint {
+            step_instance_id: self.step_instance_id,
+            bk_host_id: self.bk_host_id,
+            task_id: task_id.to_string(),
+            agent_id: agent_id.to_owned(),
+            received: signed(checkpoint.received),
+            stored: signed(checkpoint.stored),
+            dropped_bytes: signed(checkpoint.dropped_bytes),
+            dropped_lines: signed(checkpoint.dropped_lines),
+            truncated: checkpoint.truncated,
+            started_at: checkpoint.started_at,
+            deadline: checkpoint.deadline,
+        });
     }
 
     /// Runs `step` of the request's delivery while feeding the machine the termination and its

@@ -510,11 +510,6 @@ fn claims_that_disagree_with_the_controllers_record_are_refused_and_store_nothin
             "acknowledged of 10 produced",
         ),
         (
-            "acknowledged beyond received",
-            claim(8, 10, Some(T0)),
-            "the controller received 4",
-        ),
-        (
             "produced less than received",
             claim(0, 3, Some(T0)),
             "received 4 already",
@@ -545,6 +540,32 @@ fn claims_that_disagree_with_the_controllers_record_are_refused_and_store_nothin
         );
         assert_eq!(machine.received(), 4, "{name}");
     }
+}
+
+#[test]
+fn a_restarted_controller_takes_the_task_up_from_its_checkpoint() {
+    let (machine, _) = feed(vec![(T0, started(T0)), (T0 + 10, output(0, b"1\n2\n"))]);
+    let checkpoint = machine.checkpoint();
+    assert_eq!(checkpoint.received, 4);
+    assert_eq!(checkpoint.deadline, Some(T0 + 12_000));
+    let mut taken_up = HostTask::restore(LIMITS, IDENTITY, &checkpoint, T0, T0 + 5_000);
+    assert!(taken_up.is_detached());
+    assert_eq!(
+        taken_up.deadline(),
+        Some(T0 + 12_000),
+        "the deadline it had"
+    );
+    // The agent heard more acknowledged before the restart than was saved: no contradiction.
+    let actions = taken_up.handle(T0 + 6_000, Event::Reattach(claim(6, 8, Some(T0))));
+    assert_eq!(actions, vec![Action::Resume { from_offset: 4 }]);
+    let actions = taken_up.handle(T0 + 6_010, output(4, b"3\n4\n"));
+    assert_eq!(
+        actions,
+        vec![Action::Log {
+            offset: 4,
+            data: b"3\n4\n".to_vec()
+        }]
+    );
 }
 
 #[test]

@@ -1,0 +1,252 @@
+//! What a restarted controller needs to take up tasks that outlived it on their agents: a
+//! checkpoint per (step, host) (`host_task`, migration 0007), the running jobs to resume, and the
+//! end of jobs that cannot be.
+//!
+//! A checkpoint is written only after the log it describes was committed (the engine flushes
+//! first), so it never runs ahead of the log; log chunks past it are removed when the task is
+//! taken up, and the agent sends that output again from the checkpoint's offset.
+
+use sqlx::Row;
+
+use crate::{Store, StoreError};
+
+/// Where one (step, host) stands with the agent that owns its task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCheckpoint {
+    pub step_instance_id: i64,
+    pub bk_host_id: i64,
+    pub task_id: String,
+    pub agent_id: String,
+    /// The agent's output offset the log holds.
+    pub received: i64,
+    /// Bytes in the host's log.
+    pub stored: i64,
+    pub dropped_bytes: i64,
+    pub dropped_lines: i64,
+    /// Whether the agent's truncation marker is in the log.
+    pub truncated: bool,
+    pub started_at: Option<i64>,
+    pub deadline: Option<i64>,
+}
+
+/// A host of a job being resumed: its checkpoint, if its task is out on an agent that owns it.
+#[derive(Debug, Clone)]
+pub struct ResumableHost {
+    pub bk_host_id: i64,
+    pub checkpoint: Option<HostCheckpoint>,
+}
+
+/// A job that was running when the controller stopped.
+#[derive(Debug, Clone)]
+pub struct ResumableJob {
+    pub job_instance_id: i64,
+    pub step_instance_id: i64,
+    pub status: i32,
+    pub start_time: Option<i64>,
+    pub timeout_secs: i64,
+    /// Hosts without a final status.
+    pub hosts: Vec<ResumableHost>,
+    /// Whether every host already final ended with the success status asked about.
+    pub finished_hosts_succeeded: bool,
+}
+
+impl Store {
+    /// Saves checkpoints, in one transaction.
+    pub async fn save_checkpoints(&self, checkpoints: &[HostCheckpoint]) -> Result<(), StoreError> {
+        if checkpoints.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for c in checkpoints {
+            sqlx::query(
+                "INSERT INTO host_task (step_instance_id, bk_host_id, task_id, agent_id, received,
+                     stored, dropped_bytes, dropped_lines, truncated, started_at, deadline)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 ON CONFLICT (step_instance_id, bk_host_id) DO UPDATE SET
+                     task_id = excluded.task_id, agent_id = excluded.agent_id,
+                     received = excluded.received, stored = excluded.stored,
+                     dropped_bytes = excluded.dropped_bytes, dropped_lines = excluded.dropped_lines,
+                     truncated = excluded.truncated, started_at = excluded.started_at,
+                     deadline = excluded.deadline",
+            )
+            .bind(c.step_instance_id)
+            .bind(c.bk_host_id)
+            .bind(&c.task_id)
+            .bind(&c.agent_id)
+            .bind(c.received)
+            .bind(c.stored)
+            .bind(c.dropped_bytes)
+            .bind(c.dropped_lines)
+            .bind(i64::from(c.truncated))
+            .bind(c.started_at)
+            .bind(c.deadline)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The jobs in `unfinished_job_statuses`, each with its hosts in `unfinished_host_statuses`
+    /// and their checkpoints; the log past each checkpoint is removed (it was committed after
+    /// the checkpoint and the agent sends it again).
+    pub async fn resumable_jobs(
+        &self,
+        unfinished_job_statuses: &[i32],
+        unfinished_host_statuses: &[i32],
+        success_host_status: i32,
+    ) -> Result<Vec<ResumableJob>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let job_list = join(unfinished_job_statuses);
+        let host_list = join(unfinished_host_statuses);
+        let rows = sqlx::query(&format!(
+            "SELECT j.job_instance_id, s.step_instance_id, j.status, j.start_time, s.timeout
+             FROM job_instance j JOIN step_instance s ON s.job_instance_id = j.job_instance_id
+             WHERE j.status IN ({job_list}) ORDER BY j.job_instance_id"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for row in rows {
+            let step_instance_id: i64 = row.get(1);
+            let hosts = sqlx::query(&format!(
+                "SELECT r.bk_host_id, t.task_id, t.agent_id, t.received, t.stored, t.dropped_bytes,
+                        t.dropped_lines, t.truncated, t.started_at, t.deadline
+                 FROM host_result r LEFT JOIN host_task t
+                     ON t.step_instance_id = r.step_instance_id AND t.bk_host_id = r.bk_host_id
+                 WHERE r.step_instance_id = $1 AND r.status IN ({host_list})
+                 ORDER BY r.bk_host_id"
+            ))
+            .bind(step_instance_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            let failed: i64 = sqlx::query(&format!(
+                "SELECT COUNT(*) FROM host_result
+                 WHERE step_instance_id = $1 AND status NOT IN ({host_list}) AND status <> $2"
+            ))
+            .bind(step_instance_id)
+            .bind(success_host_status)
+            .fetch_one(&mut *tx)
+            .await?
+            .get(0);
+            let mut resumable = Vec::with_capacity(hosts.len());
+            for h in hosts {
+                let bk_host_id: i64 = h.get(0);
+                let task_id: Option<String> = h.get(1);
+                let checkpoint = match task_id {
+                    None => None,
+                    Some(task_id) => {
+                        let checkpoint = HostCheckpoint {
+                            step_instance_id,
+                            bk_host_id,
+                            task_id,
+                            agent_id: h.get(2),
+                            received: h.get(3),
+                            stored: h.get(4),
+                            dropped_bytes: h.get(5),
+                            dropped_lines: h.get(6),
+                            truncated: h.get::<i64, _>(7) != 0,
+                            started_at: h.get(8),
+                            deadline: h.get(9),
+                        };
+                        sqlx::query(
+                            "DELETE FROM host_log
+                             WHERE step_instance_id = $1 AND bk_host_id = $2 AND \"offset\" >= $3",
+                        )
+                        .bind(step_instance_id)
+                        .bind(bk_host_id)
+                        .bind(checkpoint.stored)
+                        .execute(&mut *tx)
+                        .await?;
+                        Some(checkpoint)
+                    }
+                };
+                resumable.push(ResumableHost {
+                    bk_host_id,
+                    checkpoint,
+                });
+            }
+            jobs.push(ResumableJob {
+                job_instance_id: row.get(0),
+                step_instance_id,
+                status: row.get(2),
+                start_time: row.get(3),
+                timeout_secs: row.get(4),
+                hosts: resumable,
+                finished_hosts_succeeded: failed == 0,
+            });
+        }
+        tx.commit().await?;
+        Ok(jobs)
+    }
+}
+
+fn join(values: &[i32]) -> String {
+    values
+        .iter()
+        .map(i32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Store {
+    /// Ends the unfinished jobs, as `end_interrupted_jobs` does, except those in `keep` (resumed
+    /// by the engine): their unfinished hosts get `host_status` with `tag`, the job and its step
+    /// `job_status`. Returns the jobs ended.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn end_interrupted_jobs_except(
+        &self,
+        keep: &[i64],
+        host_status: i32,
+        tag: &str,
+        job_status: i32,
+        unfinished_host_statuses: &[i32],
+        unfinished_job_statuses: &[i32],
+        now: i64,
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let job_list = join(unfinished_job_statuses);
+        let host_list = join(unfinished_host_statuses);
+        let jobs: Vec<i64> = sqlx::query(&format!(
+            "SELECT job_instance_id FROM job_instance WHERE status IN ({job_list})"
+        ))
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.get::<i64, _>(0))
+        .filter(|job| !keep.contains(job))
+        .collect();
+        for job in &jobs {
+            sqlx::query(&format!(
+                "UPDATE host_result SET status = $1, tag = $2, end_time = $3
+                 WHERE status IN ({host_list}) AND step_instance_id IN
+                     (SELECT step_instance_id FROM step_instance WHERE job_instance_id = $4)"
+            ))
+            .bind(host_status)
+            .bind(tag)
+            .bind(now)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "UPDATE step_instance SET status = $1, end_time = $2
+                 WHERE job_instance_id = $3 AND status IN ({job_list})"
+            ))
+            .bind(job_status)
+            .bind(now)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE job_instance SET status = $1, end_time = $2 WHERE job_instance_id = $3",
+            )
+            .bind(job_status)
+            .bind(now)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(jobs)
+    }
+}
