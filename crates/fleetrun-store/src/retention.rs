@@ -53,6 +53,7 @@ impl Store {
         let statements = [
             format!("DELETE FROM host_log WHERE step_instance_id IN ({steps})"),
             format!("DELETE FROM host_result WHERE step_instance_id IN ({steps})"),
+            format!("DELETE FROM host_task WHERE step_instance_id IN ({steps})"),
             format!(
                 "DELETE FROM callback_attempt WHERE delivery_id IN \
                  (SELECT id FROM callback_delivery WHERE job_instance_id IN ({ids}))"
