@@ -40,9 +40,8 @@ impl FromStr for Database {
             return Err(DatabaseParseError("the database must not be empty".into()));
         }
         if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-            PgConnectOptions::from_str(text).map_err(|e| {
-                DatabaseParseError(format!("not a PostgreSQL connection URL: {e}"))
-            })?;
+            PgConnectOptions::from_str(text)
+                .map_err(|e| DatabaseParseError(format!("not a PostgreSQL connection URL: {e}")))?;
             return Ok(Self::Postgres(text.to_owned()));
         }
         if let Some(path) = text
@@ -229,8 +228,11 @@ impl<'q> Statement<'q> {
     }
 
     /// Writes ` VALUES (…), (…)`: one parenthesised row per item, its values bound by `row`.
-    pub(crate) fn push_values<I>(&mut self, items: I, mut row: impl FnMut(&mut Row<'_, 'q>, I::Item))
-    where
+    pub(crate) fn push_values<I>(
+        &mut self,
+        items: I,
+        mut row: impl FnMut(&mut Row<'_, 'q>, I::Item),
+    ) where
         I: IntoIterator,
     {
         self.sql.push_str(" VALUES ");
@@ -298,7 +300,13 @@ mod tests {
             "postgres://u:pw@db:5432/fleet".parse::<Database>().unwrap(),
             Database::Postgres("postgres://u:pw@db:5432/fleet".into())
         );
-        for bad in ["", "mysql://x/y", "sqlite://", "sqlite:///x?mode=ro", "postgres://a:b:c:d"] {
+        for bad in [
+            "",
+            "mysql://x/y",
+            "sqlite://",
+            "sqlite:///x?mode=ro",
+            "postgres://a:b:c:d",
+        ] {
             assert!(bad.parse::<Database>().is_err(), "{bad:?}");
         }
     }

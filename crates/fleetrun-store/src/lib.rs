@@ -22,8 +22,8 @@ mod inventory;
 mod model;
 mod reattach;
 mod retention;
-pub mod scratch;
 mod schema;
+pub mod scratch;
 mod scripts;
 mod stats;
 mod watch;
@@ -433,11 +433,12 @@ impl Store {
         &self,
         step_instance_id: i64,
     ) -> Result<Vec<HostResultRecord>, StoreError> {
-        let rows =
-            sqlx::query("SELECT * FROM host_result WHERE step_instance_id = $1 ORDER BY bk_host_id")
-                .bind(step_instance_id)
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(
+            "SELECT * FROM host_result WHERE step_instance_id = $1 ORDER BY bk_host_id",
+        )
+        .bind(step_instance_id)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.iter().map(HostResultRecord::from_row).collect())
     }
 
@@ -620,12 +621,14 @@ async fn claim(
     .rows_affected()
         == 1;
     if claimed {
-        sqlx::query("UPDATE step_instance SET status = $1 WHERE job_instance_id = $2 AND status = $3")
-            .bind(running)
-            .bind(job_instance_id)
-            .bind(pending)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE step_instance SET status = $1 WHERE job_instance_id = $2 AND status = $3",
+        )
+        .bind(running)
+        .bind(job_instance_id)
+        .bind(pending)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(claimed)

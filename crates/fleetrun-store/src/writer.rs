@@ -270,10 +270,10 @@ impl Writer {
             "INSERT INTO write_probe (id, at) VALUES (1, $1)
              ON CONFLICT (id) DO UPDATE SET at = excluded.at",
         )
-            .bind(at)
-            .execute(&mut *connection)
-            .await
-            .map(drop);
+        .bind(at)
+        .execute(&mut *connection)
+        .await
+        .map(drop);
         crate::health::discard_if_broken(&mut connection, &probed);
         probed
     }
@@ -426,11 +426,19 @@ async fn commit(
     // was skipped above when its final one is in the same batch. A host that appears twice
     // appears once, as its writes in order would have left it: a statement that changes one
     // row twice is refused by PostgreSQL and undefined in SQLite.
-    let running = last_per_host(running, |(step, host, ..)| (*step, *host), |earlier, later| {
-        later.3 = later.3.or(earlier.3);
-    });
+    let running = last_per_host(
+        running,
+        |(step, host, ..)| (*step, *host),
+        |earlier, later| {
+            later.3 = later.3.or(earlier.3);
+        },
+    );
     let results = last_per_host(results, |(step, host, _)| (*step, *host), |_, _| {});
-    let logs = last_per_host(logs, |(step, host, offset, _)| (*step, *host, *offset), |_, _| {});
+    let logs = last_per_host(
+        logs,
+        |(step, host, offset, _)| (*step, *host, *offset),
+        |_, _| {},
+    );
     for chunk in running.chunks(dialect.max_parameters() / 4) {
         let mut update = Statement::new(
             "UPDATE host_result SET status = v.column3,

@@ -71,7 +71,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
     router
         .route("/healthz", axum::routing::get(health::healthz))
         .route("/readyz", axum::routing::get(health::readyz))
-        .route("/metrics", axum::routing::get(crate::metrics::serve_metrics))
+        .route(
+            "/metrics",
+            axum::routing::get(crate::metrics::serve_metrics),
+        )
         .merge(crate::console::router(shared.clone()))
         .fallback(not_found)
         .layer(Extension(gate))
@@ -173,7 +176,11 @@ async fn dispatch(
             api.escape_debug()
         )));
         span.in_scope(|| log_result(&result));
-        crate::metrics::api_request("unknown", error::code::GATEWAY_API_NOT_FOUND, started.elapsed());
+        crate::metrics::api_request(
+            "unknown",
+            error::code::GATEWAY_API_NOT_FOUND,
+            started.elapsed(),
+        );
         return envelope(&request_id, result);
     };
     // Who asked for a change, and what: filled once the caller is authenticated.
