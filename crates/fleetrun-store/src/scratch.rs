@@ -29,7 +29,9 @@ pub fn test_postgres_server() -> Option<String> {
         url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
             Some(url.to_owned())
         }
-        other => panic!("{TEST_DATABASE_VARIABLE}={other:?}: expected `sqlite` or a postgres:// URL"),
+        other => {
+            panic!("{TEST_DATABASE_VARIABLE}={other:?}: expected `sqlite` or a postgres:// URL")
+        }
     }
 }
 
@@ -53,7 +55,13 @@ impl ScratchDatabase {
             .map_or(0, |d| d.subsec_nanos());
         let prefix: String = prefix
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
             .take(30)
             .collect();
         let name = format!(
@@ -66,11 +74,7 @@ impl ScratchDatabase {
             .execute(&mut admin)
             .await?;
         admin.close().await?;
-        let url = server
-            .clone()
-            .database(&name)
-            .to_url_lossy()
-            .to_string();
+        let url = server.clone().database(&name).to_url_lossy().to_string();
         Ok(Self {
             server,
             name,
@@ -147,7 +151,9 @@ impl Drop for ScratchDatabase {
             Ok(Err(error)) => {
                 tracing::warn!(database = %self.database, %error, "could not drop a scratch database");
             }
-            Err(_) => tracing::warn!(database = %self.database, "dropping a scratch database panicked"),
+            Err(_) => {
+                tracing::warn!(database = %self.database, "dropping a scratch database panicked")
+            }
         }
     }
 }

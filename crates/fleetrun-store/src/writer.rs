@@ -268,10 +268,10 @@ impl Writer {
             "INSERT INTO write_probe (id, at) VALUES (1, $1)
              ON CONFLICT (id) DO UPDATE SET at = excluded.at",
         )
-            .bind(at)
-            .execute(&mut *connection)
-            .await
-            .map(drop);
+        .bind(at)
+        .execute(&mut *connection)
+        .await
+        .map(drop);
         crate::health::discard_if_broken(&mut connection, &probed);
         probed
     }
@@ -424,13 +424,22 @@ async fn commit(
     // was skipped above when its final one is in the same batch. A host that appears twice
     // appears once, as its writes in order would have left it: a statement that changes one
     // row twice is refused by PostgreSQL and undefined in SQLite.
-    let running = last_per_host(running, |(step, host, ..)| (*step, *host), |earlier, later| {
-        later.3 = later.3.or(earlier.3);
-    });
+    let running = last_per_host(
+        running,
+        |(step, host, ..)| (*step, *host),
+        |earlier, later| {
+            later.3 = later.3.or(earlier.3);
+        },
+    );
     let results = last_per_host(results, |(step, host, _)| (*step, *host), |_, _| {});
-    let logs = last_per_host(logs, |(step, host, offset, _)| (*step, *host, *offset), |_, _| {});
+    let logs = last_per_host(
+        logs,
+        |(step, host, offset, _)| (*step, *host, *offset),
+        |_, _| {},
+    );
     for chunk in running.chunks(dialect.max_parameters() / 4) {
         let mut update = Statement::new(
+            dialect,
             "UPDATE host_result SET status = v.column3,
                  start_time = COALESCE(v.column4, host_result.start_time)
              FROM (",
@@ -448,6 +457,7 @@ async fn commit(
     }
     for chunk in results.chunks(dialect.max_parameters() / 12) {
         let mut update = Statement::new(
+            dialect,
             "UPDATE host_result SET status = v.column3, tag = v.column4, exit_code = v.column5,
                  error_code = v.column6, start_time = COALESCE(v.column7, host_result.start_time),
                  end_time = v.column8, output_bytes = v.column9, dropped_bytes = v.column10,
@@ -477,8 +487,10 @@ async fn commit(
         update.build().execute(&mut *tx).await?;
     }
     for chunk in logs.chunks(dialect.max_parameters() / 4) {
-        let mut insert =
-            Statement::new("INSERT INTO host_log (step_instance_id, bk_host_id, \"offset\", data)");
+        let mut insert = Statement::new(
+            dialect,
+            "INSERT INTO host_log (step_instance_id, bk_host_id, \"offset\", data)",
+        );
         insert.push_values(chunk, |row, (step, host, offset, data)| {
             row.push_bind(*step)
                 .push_bind(*host)
@@ -520,7 +532,7 @@ fn last_per_host<T, K: std::hash::Hash + Eq>(
 
 #[cfg(test)]
 mod tests {
-    use crate::{HostOutcome, NewHostResult, NewJob, NewStep, Store, Write};
+    use crate::{HostOutcome, NewHostResult, NewJob, NewStep, Write};
 
     #[tokio::test]
     async fn running_and_final_rows_land_whatever_the_batches() {

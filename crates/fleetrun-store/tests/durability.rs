@@ -83,7 +83,9 @@ fn sqlite_only(db: &TestDatabase, test: &str) -> Option<PathBuf> {
     match db.database() {
         Database::Sqlite(path) => Some(path.clone()),
         Database::Postgres(_) => {
-            println!("{test}: skipped on PostgreSQL: it tests a SQLite file's modes and attributes");
+            println!(
+                "{test}: skipped on PostgreSQL: it tests a SQLite file's modes and attributes"
+            );
             None
         }
     }
@@ -229,7 +231,12 @@ fn mode(path: &Path) -> u32 {
 #[tokio::test]
 async fn the_database_and_its_directory_are_readable_by_their_owner_only() {
     let db = TestDatabase::create("modes").await.unwrap();
-    if sqlite_only(&db, "the_database_and_its_directory_are_readable_by_their_owner_only").is_none() {
+    if sqlite_only(
+        &db,
+        "the_database_and_its_directory_are_readable_by_their_owner_only",
+    )
+    .is_none()
+    {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -54,13 +54,14 @@ async fn old_database(path: &std::path::Path, applied: usize) {
 
 async fn recorded(path: &std::path::Path) -> (Vec<i64>, bool) {
     let mut db = connect(path).await;
-    let versions = sqlx::query("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
-        .fetch_all(&mut db)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let versions =
+        sqlx::query("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&mut db)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
     let old_table = sqlx::query("SELECT 1 FROM sqlite_master WHERE name = 'schema_migration'")
         .fetch_optional(&mut db)
         .await
@@ -88,7 +89,11 @@ async fn a_database_of_the_old_runner_is_adopted_and_keeps_its_data() {
         assert!(store.health().is_writable());
         store.flush().await.unwrap();
         drop(store);
-        assert_eq!(recorded(&path).await, ((1..=6).collect(), false), "{applied}");
+        assert_eq!(
+            recorded(&path).await,
+            ((1..=6).collect(), false),
+            "{applied}"
+        );
         // A second open finds everything recorded, with matching checksums.
         let store = Store::open(&path).await.unwrap();
         assert_eq!(store.hosts().await.unwrap().len(), 1);
@@ -139,7 +144,9 @@ async fn a_migration_changed_after_it_ran_is_refused() {
     }
     let refused = Store::open_database(db.database()).await.unwrap_err();
     assert!(
-        refused.to_string().contains("previously applied but has been modified"),
+        refused
+            .to_string()
+            .contains("previously applied but has been modified"),
         "{refused}"
     );
 }
