@@ -17,8 +17,8 @@ mod callbacks;
 mod health;
 mod inventory;
 mod model;
-pub mod scratch;
 mod schema;
+pub mod scratch;
 mod scripts;
 mod watch;
 mod writer;
@@ -387,10 +387,10 @@ impl Store {
                 .push(")");
             }
         }
-        let mut count = Statement::new("SELECT COUNT(*) FROM job_instance");
+        let mut count = Statement::new(self.dialect, "SELECT COUNT(*) FROM job_instance");
         conditions(&mut count, filter, self.dialect);
         let total: i64 = count.build().fetch_one(&self.pool).await?.get(0);
-        let mut page = Statement::new("SELECT * FROM job_instance");
+        let mut page = Statement::new(self.dialect, "SELECT * FROM job_instance");
         conditions(&mut page, filter, self.dialect);
         page.push(" ORDER BY job_instance_id DESC LIMIT ")
             .push_bind(filter.length)
@@ -422,11 +422,12 @@ impl Store {
         &self,
         step_instance_id: i64,
     ) -> Result<Vec<HostResultRecord>, StoreError> {
-        let rows =
-            sqlx::query("SELECT * FROM host_result WHERE step_instance_id = $1 ORDER BY bk_host_id")
-                .bind(step_instance_id)
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(
+            "SELECT * FROM host_result WHERE step_instance_id = $1 ORDER BY bk_host_id",
+        )
+        .bind(step_instance_id)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.iter().map(HostResultRecord::from_row).collect())
     }
 
@@ -569,6 +570,7 @@ async fn insert_job(
     // takes to be accepted.
     for chunk in job.hosts.chunks(dialect.max_parameters() / HOST_COLUMNS) {
         let mut insert = Statement::new(
+            dialect,
             "INSERT INTO host_result (step_instance_id, bk_host_id, bk_cloud_id, ip, status)",
         );
         insert.push_values(chunk, |row, host| {
@@ -609,12 +611,14 @@ async fn claim(
     .rows_affected()
         == 1;
     if claimed {
-        sqlx::query("UPDATE step_instance SET status = $1 WHERE job_instance_id = $2 AND status = $3")
-            .bind(running)
-            .bind(job_instance_id)
-            .bind(pending)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE step_instance SET status = $1 WHERE job_instance_id = $2 AND status = $3",
+        )
+        .bind(running)
+        .bind(job_instance_id)
+        .bind(pending)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(claimed)
@@ -662,7 +666,7 @@ impl Store {
             if remaining <= 0 {
                 break;
             }
-            let mut query = Statement::new("WITH wanted (bk_host_id, position) AS (");
+            let mut query = Statement::new(self.dialect, "WITH wanted (bk_host_id, position) AS (");
             query.push_values(wanted, |row, (host, offset)| {
                 row.push_bind(*host).push_bind(*offset);
             });
