@@ -13,8 +13,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use base64::Engine as _;
-use serde_json::{Value, json};
 use fleetrun_store::scratch::{ScratchDatabase, test_postgres_server};
+use serde_json::{Value, json};
 use xtask::cluster::{Cluster, ClusterOptions, workspace_root};
 
 pub use xtask::{client::ApiClient, cluster, pki};

@@ -166,16 +166,16 @@ pub enum TestDatabase {
         dir: std::path::PathBuf,
         database: Database,
     },
-    Postgres(ScratchDatabase),
+    Postgres(Box<ScratchDatabase>),
 }
 
 impl TestDatabase {
     /// A fresh database of the backend the tests run against; `prefix` names it (the test).
     pub async fn create(prefix: &str) -> Result<Self, StoreError> {
         match test_postgres_server() {
-            Some(server) => Ok(Self::Postgres(
+            Some(server) => Ok(Self::Postgres(Box::new(
                 ScratchDatabase::create(&server, prefix).await?,
-            )),
+            ))),
             None => {
                 let dir = std::env::temp_dir().join(format!(
                     "fleetrun-store-{}-{}-{}",

@@ -116,7 +116,9 @@ fn assert_refused_for_the_database(reply: &Value) {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unwritable_database_refuses_new_jobs_keeps_accepted_output_and_does_not_hold_a_stop()
 -> Result<()> {
-    if !sqlite_only("an_unwritable_database_refuses_new_jobs_keeps_accepted_output_and_does_not_hold_a_stop") {
+    if !sqlite_only(
+        "an_unwritable_database_refuses_new_jobs_keeps_accepted_output_and_does_not_hold_a_stop",
+    ) {
         return Ok(());
     }
     let mut cluster = start_cluster(1).await?;
