@@ -261,7 +261,9 @@ impl<'q> Statement<'q> {
 
     pub(crate) fn build(&mut self) -> sqlx::query::Query<'_, Any, AnyArguments<'_>> {
         let arguments: AnyArguments<'_> = std::mem::take(&mut self.arguments);
-        sqlx::query_with(&self.sql, arguments)
+        // Not kept prepared: the text changes with the number of rows, so each shape would take
+        // a place in the connection's statement cache (and on the server) for one use.
+        sqlx::query_with(&self.sql, arguments).persistent(false)
     }
 }
 
