@@ -40,6 +40,7 @@ pub fn test_postgres_server() -> Option<String> {
 pub struct ScratchDatabase {
     server: PgConnectOptions,
     name: String,
+    url: String,
     database: Database,
 }
 
@@ -78,7 +79,8 @@ impl ScratchDatabase {
         Ok(Self {
             server,
             name,
-            database: Database::Postgres(url),
+            database: Database::Postgres(url.clone()),
+            url,
         })
     }
 
@@ -89,10 +91,7 @@ impl ScratchDatabase {
 
     /// Its URL.
     pub fn url(&self) -> &str {
-        match &self.database {
-            Database::Postgres(url) => url,
-            Database::Sqlite(_) => unreachable!("a scratch database is a PostgreSQL one"),
-        }
+        &self.url
     }
 
     /// The database's name on its server.
