@@ -150,7 +150,7 @@ mod tests {
 
 #[cfg(test)]
 mod address_tests {
-    use crate::{AgentRegistration, Store};
+    use crate::AgentRegistration;
 
     fn registration(ip: &str, now: i64) -> AgentRegistration {
         AgentRegistration {

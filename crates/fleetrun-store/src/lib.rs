@@ -398,10 +398,10 @@ impl Store {
                 .push(")");
             }
         }
-        let mut count = Statement::new("SELECT COUNT(*) FROM job_instance");
+        let mut count = Statement::new(self.dialect, "SELECT COUNT(*) FROM job_instance");
         conditions(&mut count, filter, self.dialect);
         let total: i64 = count.build().fetch_one(&self.pool).await?.get(0);
-        let mut page = Statement::new("SELECT * FROM job_instance");
+        let mut page = Statement::new(self.dialect, "SELECT * FROM job_instance");
         conditions(&mut page, filter, self.dialect);
         page.push(" ORDER BY job_instance_id DESC LIMIT ")
             .push_bind(filter.length)
@@ -581,6 +581,7 @@ async fn insert_job(
     // takes to be accepted.
     for chunk in job.hosts.chunks(dialect.max_parameters() / HOST_COLUMNS) {
         let mut insert = Statement::new(
+            dialect,
             "INSERT INTO host_result (step_instance_id, bk_host_id, bk_cloud_id, ip, status)",
         );
         insert.push_values(chunk, |row, host| {
@@ -676,7 +677,7 @@ impl Store {
             if remaining <= 0 {
                 break;
             }
-            let mut query = Statement::new("WITH wanted (bk_host_id, position) AS (");
+            let mut query = Statement::new(self.dialect, "WITH wanted (bk_host_id, position) AS (");
             query.push_values(wanted, |row, (host, offset)| {
                 row.push_bind(*host).push_bind(*offset);
             });

@@ -40,6 +40,7 @@ pub fn test_postgres_server() -> Option<String> {
 pub struct ScratchDatabase {
     server: PgConnectOptions,
     name: String,
+    url: String,
     database: Database,
 }
 
@@ -78,7 +79,8 @@ impl ScratchDatabase {
         Ok(Self {
             server,
             name,
-            database: Database::Postgres(url),
+            database: Database::Postgres(url.clone()),
+            url,
         })
     }
 
@@ -89,10 +91,7 @@ impl ScratchDatabase {
 
     /// Its URL.
     pub fn url(&self) -> &str {
-        match &self.database {
-            Database::Postgres(url) => url,
-            Database::Sqlite(_) => unreachable!("a scratch database is a PostgreSQL one"),
-        }
+        &self.url
     }
 
     /// The database's name on its server.
@@ -166,16 +165,16 @@ pub enum TestDatabase {
         dir: std::path::PathBuf,
         database: Database,
     },
-    Postgres(ScratchDatabase),
+    Postgres(Box<ScratchDatabase>),
 }
 
 impl TestDatabase {
     /// A fresh database of the backend the tests run against; `prefix` names it (the test).
     pub async fn create(prefix: &str) -> Result<Self, StoreError> {
         match test_postgres_server() {
-            Some(server) => Ok(Self::Postgres(
+            Some(server) => Ok(Self::Postgres(Box::new(
                 ScratchDatabase::create(&server, prefix).await?,
-            )),
+            ))),
             None => {
                 let dir = std::env::temp_dir().join(format!(
                     "fleetrun-store-{}-{}-{}",

@@ -394,10 +394,13 @@ impl Store {
                 q.push(" AND s.script_language = ").push_bind(language);
             }
         }
-        let mut count = Statement::new("SELECT COUNT(*) FROM script s");
+        let mut count = Statement::new(self.dialect, "SELECT COUNT(*) FROM script s");
         conditions(&mut count, f);
         let total: i64 = count.build().fetch_one(&self.pool).await?.get(0);
-        let mut page = Statement::new(format!("SELECT {SCRIPT_COLUMNS} FROM script s"));
+        let mut page = Statement::new(
+            self.dialect,
+            format!("SELECT {SCRIPT_COLUMNS} FROM script s"),
+        );
         conditions(&mut page, f);
         page.push(" ORDER BY s.create_time DESC, s.script_id LIMIT ")
             .push_bind(f.length)

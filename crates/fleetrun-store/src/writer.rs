@@ -441,6 +441,7 @@ async fn commit(
     );
     for chunk in running.chunks(dialect.max_parameters() / 4) {
         let mut update = Statement::new(
+            dialect,
             "UPDATE host_result SET status = v.column3,
                  start_time = COALESCE(v.column4, host_result.start_time)
              FROM (",
@@ -458,6 +459,7 @@ async fn commit(
     }
     for chunk in results.chunks(dialect.max_parameters() / 12) {
         let mut update = Statement::new(
+            dialect,
             "UPDATE host_result SET status = v.column3, tag = v.column4, exit_code = v.column5,
                  error_code = v.column6, start_time = COALESCE(v.column7, host_result.start_time),
                  end_time = v.column8, output_bytes = v.column9, dropped_bytes = v.column10,
@@ -487,8 +489,10 @@ async fn commit(
         update.build().execute(&mut *tx).await?;
     }
     for chunk in logs.chunks(dialect.max_parameters() / 4) {
-        let mut insert =
-            Statement::new("INSERT INTO host_log (step_instance_id, bk_host_id, \"offset\", data)");
+        let mut insert = Statement::new(
+            dialect,
+            "INSERT INTO host_log (step_instance_id, bk_host_id, \"offset\", data)",
+        );
         insert.push_values(chunk, |row, (step, host, offset, data)| {
             row.push_bind(*step)
                 .push_bind(*host)
@@ -530,7 +534,7 @@ fn last_per_host<T, K: std::hash::Hash + Eq>(
 
 #[cfg(test)]
 mod tests {
-    use crate::{HostOutcome, NewHostResult, NewJob, NewStep, Store, Write};
+    use crate::{HostOutcome, NewHostResult, NewJob, NewStep, Write};
 
     #[tokio::test]
     async fn running_and_final_rows_land_whatever_the_batches() {

@@ -31,6 +31,17 @@ fn check(bin: &Path, config: &Path) -> Result<Outcome> {
 }
 
 /// `text` with its first line starting with `prefix` replaced by `new` (several lines allowed).
+/// The configuration with `[security] param_key_file` set to `file` (a cluster on PostgreSQL has
+/// the section already).
+fn with_param_key_file(config: &str, file: &Path) -> String {
+    let setting = format!("param_key_file = {file:?}");
+    if config.contains("\n[security]\n") {
+        replace_line(config, "param_key_file = ", &setting)
+    } else {
+        format!("{config}\n[security]\n{setting}\n")
+    }
+}
+
 fn replace_line(text: &str, prefix: &str, new: &str) -> String {
     let mut done = false;
     let lines: Vec<String> = text
@@ -232,7 +243,7 @@ async fn the_controller_check_names_each_problem_and_its_line() -> Result<()> {
     // creates.
     let bad_key = dir.join("param.key");
     std::fs::write(&bad_key, "not a key\n")?;
-    let text = good.clone() + &format!("\n[security]\nparam_key_file = {:?}\n", bad_key);
+    let text = with_param_key_file(&good, &bad_key);
     let line = line_of(&text, "param_key_file = ", 0);
     cases.push(Broken {
         name: "bad-param-key",
@@ -253,11 +264,7 @@ async fn the_controller_check_names_each_problem_and_its_line() -> Result<()> {
         assert_refused(&bin, &dir, broken)?;
     }
 
-    let missing_key = good.clone()
-        + &format!(
-            "\n[security]\nparam_key_file = {:?}\n",
-            dir.join("created-at-start.key")
-        );
+    let missing_key = with_param_key_file(&good, &dir.join("created-at-start.key"));
     let path = dir.join("missing-param-key.toml");
     std::fs::write(&path, missing_key)?;
     let outcome = check(&bin, &path)?;
