@@ -121,6 +121,16 @@ impl Agents {
         Ok(links.by_host.insert(bk_host_id, link))
     }
 
+    /// Whether the host's live link is this connection.
+    fn is_current(&self, bk_host_id: i64, connection: &quinn::Connection) -> bool {
+        self.links
+            .read()
+            .unwrap()
+            .by_host
+            .get(&bk_host_id)
+            .is_some_and(|link| link.connection.stable_id() == connection.stable_id())
+    }
+
     /// Removes the link only if it is still this connection (a newer one may have replaced it).
     fn remove(&self, bk_host_id: i64, connection: &quinn::Connection) -> bool {
         let mut links = self.links.write().unwrap();
@@ -378,7 +388,10 @@ impl Gateway {
 
         let reason = self.watch(&mut recv, &connection).await;
 
-        if self.agents.remove(host.bk_host_id, &connection) {
+        // The store hears first: until the link is gone from memory the host still counts as
+        // connected, so an operator's change that forgets the host waits for both to agree
+        // instead of finding it offline in memory and online in the store.
+        if self.agents.is_current(host.bk_host_id, &connection) {
             if let Err(e) = self
                 .store
                 .set_offline(host.bk_host_id, registration.now, now_ms())
@@ -386,6 +399,8 @@ impl Gateway {
             {
                 tracing::error!(agent_id, "cannot mark host offline: {e}");
             }
+        }
+        if self.agents.remove(host.bk_host_id, &connection) {
             tracing::info!(
                 agent_id,
                 bk_host_id = host.bk_host_id,
