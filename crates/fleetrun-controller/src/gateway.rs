@@ -391,14 +391,13 @@ impl Gateway {
         // The store hears first: until the link is gone from memory the host still counts as
         // connected, so an operator's change that forgets the host waits for both to agree
         // instead of finding it offline in memory and online in the store.
-        if self.agents.is_current(host.bk_host_id, &connection) {
-            if let Err(e) = self
+        if self.agents.is_current(host.bk_host_id, &connection)
+            && let Err(e) = self
                 .store
                 .set_offline(host.bk_host_id, registration.now, now_ms())
                 .await
-            {
-                tracing::error!(agent_id, "cannot mark host offline: {e}");
-            }
+        {
+            tracing::error!(agent_id, "cannot mark host offline: {e}");
         }
         if self.agents.remove(host.bk_host_id, &connection) {
             tracing::info!(
