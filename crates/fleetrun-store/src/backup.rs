@@ -117,7 +117,7 @@ pub async fn restore_database(backup: &Path, database: &Path) -> Result<(), Stor
     std::fs::rename(&staging, database).map_err(file_error(database))?;
     // The restored file opens and has a schema.
     let mut db = connect(database, false).await?;
-    sqlx::query("SELECT COUNT(*) FROM schema_migration")
+    sqlx::query("SELECT COUNT(*) FROM _sqlx_migrations")
         .fetch_one(&mut db)
         .await?;
     db.close().await?;

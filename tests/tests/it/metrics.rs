@@ -190,7 +190,7 @@ async fn metrics_parse_and_move_with_a_job_and_need_the_token() -> Result<()> {
     assert!(
         value(
             &last,
-            "fleetrun_http_requests_total{api=unknown,code=1239003}"
+            "fleetrun_http_requests_total{api=unknown,code=1640401}"
         ) >= 1.0
     );
     assert!(!last_text.contains("no_such_api_xyz"));

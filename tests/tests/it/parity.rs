@@ -1185,7 +1185,7 @@ async fn v4_runs_scripts_on_hosts_and_reports_execute_objects() -> Result<()> {
         (
             Method::POST,
             "batch_get_job_instance_execute_object_log",
-            json!({"job_instance_id": job, "step_instance_id": step, "host_id_list": (0..51).collect::<Vec<i64>>()}),
+            json!({"job_instance_id": job, "step_instance_id": step, "host_id_list": (0..101).collect::<Vec<i64>>()}),
             400,
             "INVALID_ARGUMENT",
             "host_id_list",

@@ -43,7 +43,7 @@ async fn sighup_reloads_apps_and_names_what_needs_a_restart() -> Result<()> {
             (answers(&admin).await.ok()? == 0).then_some(())
         })
         .await?;
-        assert_eq!(answers(&newcomer).await?, 1_239_002);
+        assert_eq!(answers(&newcomer).await?, 1_640_001);
 
         let secret = cluster.dir().join("newcomer.secret");
         std::fs::write(&secret, "newcomer-secret-123\n")?;
@@ -83,7 +83,7 @@ async fn sighup_reloads_apps_and_names_what_needs_a_restart() -> Result<()> {
         std::fs::write(&config_path, &original)?;
         hangup(child.id())?;
         eventually(Duration::from_secs(10), "the removed app refused", || async {
-            (answers(&newcomer).await.ok()? == 1_239_002).then_some(())
+            (answers(&newcomer).await.ok()? == 1_640_001).then_some(())
         })
         .await?;
         assert_eq!(answers(&admin).await?, 0);

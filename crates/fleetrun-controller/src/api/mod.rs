@@ -3,7 +3,7 @@
 //! Every API is reachable through bk-job's path styles (API gateway `/api/v3/<name>/`, ESB
 //! `/api/c/compapi/v2/jobv3/<name>/` and `/api/c/compapi/jobv3/<name>/`, each with or without the
 //! trailing slash), by GET with query parameters or POST with a JSON body. Every reply is bk-job's
-//! envelope with HTTP 200, except a path that names no API (HTTP 404, code 1239003); errors carry
+//! envelope with HTTP 200, except a path that names no API (HTTP 404, code 1640401); errors carry
 //! bk-job's codes. `/healthz` and `/readyz` answer probes, without credentials.
 //!
 //! **Architecture invariant:** bk-job codes and messages are made here and nowhere else.
