@@ -549,15 +549,18 @@ async fn terminate_after_restart(ctx: &mut Ctx) -> Result<()> {
         .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     ctx.cluster.kill_controller()?;
+    // The log is kept across restarts: only what the restarted controller writes counts.
+    let log = ctx.cluster.controller_log.clone();
+    let before = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
     tokio::time::sleep(Duration::from_secs(2)).await;
     ctx.cluster.start_controller().await?;
     // Every agent back with its task before the termination is asked for.
     let hosts = ctx.hosts().len();
-    let log = ctx.cluster.controller_log.clone();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.matches("task reattached").count() >= hosts {
+        let text = std::fs::read(&log).unwrap_or_default();
+        let new = String::from_utf8_lossy(text.get(before..).unwrap_or_default());
+        if new.matches(&format!("task reattached job={job} ")).count() >= hosts {
             break;
         }
         ensure!(
