@@ -120,6 +120,10 @@ pub struct Engine {
     /// Where each such task stands, by (step, host), and whether that changed since it was
     /// last saved.
     checkpoints: Arc<Checkpoints>,
+    /// Claims to the tasks of jobs taken up at start, registered before the gateway accepts an
+    /// agent and kept here until the host's run picks them up: an agent that reconnects first
+    /// finds its claim waiting, not refused.
+    prepared: Arc<Mutex<HashMap<Uuid, mpsc::UnboundedReceiver<Reattach>>>>,
 }
 
 impl Engine {
@@ -133,6 +137,7 @@ impl Engine {
             callbacks: None,
             claims: Arc::default(),
             checkpoints: Arc::default(),
+            prepared: Arc::default(),
         }
     }
 
@@ -258,6 +263,26 @@ impl Engine {
         }
         if job.status == job::TERMINATING {
             cancel.cancel();
+        }
+        for checkpoint in job.hosts.iter().filter_map(|h| {
+            h.checkpoint
+                .as_ref()
+                .map(|checkpoint| (h.bk_host_id, checkpoint))
+        }) {
+            let (bk_host_id, checkpoint) = checkpoint;
+            let Ok(task_id) = checkpoint.task_id.parse::<Uuid>() else {
+                continue;
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.claims.lock().unwrap().insert(
+                task_id,
+                Claimant {
+                    bk_host_id,
+                    agent_id: checkpoint.agent_id.clone(),
+                    tx,
+                },
+            );
+            self.prepared.lock().unwrap().insert(task_id, rx);
         }
         let engine = self.clone();
         tokio::spawn(async move {

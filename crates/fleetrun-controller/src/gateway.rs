@@ -416,6 +416,16 @@ impl Gateway {
     ) -> Result<Vec<HeldTask>, String> {
         match tokio::time::timeout(Duration::from_secs(10), recv.recv::<ControlUp>()).await {
             Ok(Ok(Some(ControlUp::Holding { tasks }))) if tasks.len() <= MAX_HELD_TASKS => {
+                // A task held twice would be resumed twice: a report that repeats one is not an
+                // agent's own.
+                let mut seen = std::collections::HashSet::with_capacity(tasks.len());
+                if let Some(repeated) = tasks.iter().find(|t| !seen.insert(t.task_id)) {
+                    connection.close(close_code::PROTOCOL.into(), b"a task reported twice");
+                    return Err(format!(
+                        "refusing agent: it reports task {} held twice",
+                        repeated.task_id
+                    ));
+                }
                 Ok(tasks)
             }
             Ok(Ok(Some(ControlUp::Holding { tasks }))) => {

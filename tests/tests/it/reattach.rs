@@ -233,19 +233,23 @@ async fn claims_to_tasks_never_sent_to_the_agent_are_refused_and_discarded() -> 
         }) => assert_eq!(protocol_version, 2),
         other => panic!("expected the version 2 welcome, got {other:?}"),
     }
+    let claim = HeldTask {
+        task_id: uuid::Uuid::new_v4(),
+        job_instance_id: job,
+        step_instance_id: step,
+        bk_host_id: victim,
+        execute_count: 0,
+        acked_offset: 0,
+        produced: 1 << 40,
+        started_at_ms: Some(1),
+        finished: true,
+    };
     let claims = vec![
+        claim.clone(),
         HeldTask {
             task_id: uuid::Uuid::new_v4(),
-            job_instance_id: job,
-            step_instance_id: step,
-            bk_host_id: victim,
-            execute_count: 0,
-            acked_offset: 0,
-            produced: 1 << 40,
-            started_at_ms: Some(1),
-            finished: true,
-        };
-        2
+            ..claim.clone()
+        },
     ];
     let claimed: Vec<uuid::Uuid> = claims.iter().map(|c| c.task_id).collect();
     send_frame(&mut control, &ControlUp::Holding { tasks: claims }).await?;
@@ -274,6 +278,33 @@ async fn claims_to_tasks_never_sent_to_the_agent_are_refused_and_discarded() -> 
     assert_eq!(logs[0].1, expected_lines(30));
     let log = read(&cluster.controller_log);
     assert!(log.contains("refused the agent's claim to a task"), "{log}");
+
+    // A report that names one task twice (which would resume it twice) is refused whole.
+    let (ip, agent_id) = ("127.0.0.97", "rogue-2");
+    let (_endpoint, connection) = raw_peer(&cluster, agent_id, ip).await?;
+    let (mut control, recv) = connection.open_bi().await?;
+    send_frame(&mut control, &hello(agent_id, ip, 2)?).await?;
+    let mut control_recv = FramedRecv::new(recv);
+    assert!(matches!(
+        control_recv.recv::<HelloReply>().await?,
+        Some(HelloReply::Negotiated { .. })
+    ));
+    send_frame(
+        &mut control,
+        &ControlUp::Holding {
+            tasks: vec![claim.clone(), claim],
+        },
+    )
+    .await?;
+    let closed = tokio::time::timeout(Duration::from_secs(5), connection.closed())
+        .await
+        .context("the connection is closed")?;
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(&close.reason[..], b"a task reported twice")
+        }
+        other => panic!("expected the controller to close the connection, got {other}"),
+    }
     Ok(())
 }
 

@@ -241,15 +241,23 @@ impl HostRun {
             let actions = machine.handle(now_ms(), Event::Lost(why));
             return self.execute(machine, actions, &mut None, None).await;
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.engine.claims.lock().unwrap().insert(
-            task_id,
-            Claimant {
-                bk_host_id: self.bk_host_id,
-                agent_id: checkpoint.agent_id.clone(),
-                tx,
-            },
-        );
+        // Registered when the job was taken up, before any agent could reconnect.
+        let prepared = self.engine.prepared.lock().unwrap().remove(&task_id);
+        let rx = match prepared {
+            Some(rx) => rx,
+            None => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.engine.claims.lock().unwrap().insert(
+                    task_id,
+                    Claimant {
+                        bk_host_id: self.bk_host_id,
+                        agent_id: checkpoint.agent_id.clone(),
+                        tx,
+                    },
+                );
+                rx
+            }
+        };
         let _registered = Registered {
             engine: self.engine.clone(),
             task_id,
