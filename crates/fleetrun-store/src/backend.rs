@@ -184,6 +184,31 @@ pub(crate) async fn connect(database: &Database) -> Result<(sqlx::AnyPool, Diale
     }
 }
 
+/// The advisory lock a controller holds on its PostgreSQL database ("fleetrun" in ASCII).
+/// PostgreSQL scopes advisory locks to the database, so databases on one server do not contend.
+const SOLE_USE_LOCK: i64 = 0x666c_6565_7472_756e;
+
+/// Takes the database's controller lock on a session of its own and returns that session, which
+/// keeps the lock until it closes (when the controller stops or dies). Until controllers share
+/// one database's jobs, a second controller is refused here: at start it would end the first
+/// one's running jobs as interrupted and deliver their callbacks a second time.
+pub(crate) async fn claim_sole_use(url: &str) -> Result<sqlx::PgConnection, StoreError> {
+    let options = PgConnectOptions::from_str(url)?;
+    let mut session = options.connect().await?;
+    let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(SOLE_USE_LOCK)
+        .fetch_one(&mut session)
+        .await?;
+    if !held {
+        return Err(StoreError::InUse(
+            "another controller is using this PostgreSQL database; one controller per database \
+             (stop the other, or give this one a database of its own)"
+                .to_owned(),
+        ));
+    }
+    Ok(session)
+}
+
 /// A statement built piece by piece, its values bound in the order their placeholders appear:
 /// `$1, $2, …` for PostgreSQL (sqlx's `QueryBuilder` writes `?` for the `Any` driver, which
 /// PostgreSQL does not take), `?` for SQLite, where binding a numbered or named placeholder

@@ -71,6 +71,9 @@ pub enum StoreError {
     /// The writer task is gone (the store is shutting down).
     #[error("store writer stopped")]
     WriterStopped,
+    /// Another controller uses the database.
+    #[error("{0}")]
+    InUse(String),
     /// The database file or its directory could not be prepared.
     #[error("{path}: {source}")]
     File {
@@ -98,6 +101,9 @@ pub struct Store {
     writes: mpsc::Sender<Write>,
     watchers: watch::Watchers,
     health: std::sync::Arc<health::HealthState>,
+    /// On PostgreSQL, the session that holds the database's controller lock for as long as the
+    /// store lives (see [`backend::claim_sole_use`]).
+    _sole_use: Option<std::sync::Arc<tokio::sync::Mutex<sqlx::PgConnection>>>,
 }
 
 /// The database holds scripts, their output and callback URLs with their tokens: only the
@@ -161,6 +167,12 @@ impl Store {
         if let Database::Sqlite(path) = database {
             prepare_files(path)?;
         }
+        let sole_use = match database {
+            Database::Postgres(url) => Some(std::sync::Arc::new(tokio::sync::Mutex::new(
+                backend::claim_sole_use(url).await?,
+            ))),
+            Database::Sqlite(_) => None,
+        };
         let (pool, dialect) = backend::connect(database).await?;
         let watchers = watch::Watchers::default();
         let health = health::HealthState::new();
@@ -171,6 +183,7 @@ impl Store {
             writes,
             watchers,
             health,
+            _sole_use: sole_use,
         })
     }
 

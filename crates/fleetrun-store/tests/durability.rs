@@ -11,7 +11,8 @@ use std::{
 };
 
 use fleetrun_store::{
-    Database, HostOutcome, NewHostResult, NewJob, NewStep, Store, Write, scratch::TestDatabase,
+    Database, HostOutcome, NewHostResult, NewJob, NewStep, Store, StoreError, Write,
+    scratch::TestDatabase,
 };
 
 const PENDING: i32 = 1;
@@ -193,7 +194,13 @@ async fn a_failure_found_while_creating_a_job_clears_once_the_database_recovers(
 async fn a_pending_job_is_claimed_once_by_concurrent_starts_from_two_handles() {
     let db = TestDatabase::create("claimed_once").await.unwrap();
     let one = Store::open_database(db.database()).await.unwrap();
-    let two = Store::open_database(db.database()).await.unwrap();
+    // A second controller's handle on SQLite; PostgreSQL refuses a second one (one controller
+    // per database), so there the claims race through one pool's connections.
+    let two = if db.is_postgres() {
+        one.clone()
+    } else {
+        Store::open_database(db.database()).await.unwrap()
+    };
     let job = one.create_job(&new_job(PENDING)).await.unwrap();
     let mut claims = tokio::task::JoinSet::new();
     for i in 0..20 {
@@ -315,4 +322,41 @@ async fn a_postgres_database_that_refuses_writes_is_reported_while_idle_and_reco
     assert!(health.is_writable(), "{health:?}");
     assert_eq!((health.pending, health.lost), (0, 0), "{health:?}");
     assert_eq!(store.host_log(step, 1).await.unwrap(), vec![b'y'; 1_000]);
+}
+
+/// Two controllers on one PostgreSQL database would end each other's running jobs at start: the
+/// second store is refused while the first holds the database, and opens once it is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_store_on_one_postgres_database_is_refused_while_the_first_lives() {
+    let db = TestDatabase::create("sole_use").await.unwrap();
+    if !db.is_postgres() {
+        println!(
+            "a_second_store_on_one_postgres_database: skipped on SQLite (one file, one controller)"
+        );
+        return;
+    }
+    let first = Store::open_database(db.database()).await.unwrap();
+    let refused = Store::open_database(db.database()).await.unwrap_err();
+    assert!(matches!(refused, StoreError::InUse(_)), "{refused}");
+    assert!(
+        refused.to_string().contains("another controller"),
+        "{refused}"
+    );
+    drop(first);
+    // The first store's session ends when its socket closes, which the server notices at once.
+    let mut opened = None;
+    for _ in 0..50 {
+        match Store::open_database(db.database()).await {
+            Ok(store) => {
+                opened = Some(store);
+                break;
+            }
+            Err(StoreError::InUse(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        opened.is_some(),
+        "the database stayed locked after the first store was dropped"
+    );
 }
