@@ -637,6 +637,11 @@ fn saturate(n: u64) -> i64 {
 
 /// `text` cut to at most `max` bytes, on a character boundary.
 fn cut(mut text: String, max: usize) -> String {
+    // An agent's text goes into TEXT columns, which PostgreSQL refuses with a NUL in them: the
+    // whole group commit would fail with it.
+    if text.contains('\0') {
+        text = text.replace('\0', "\u{FFFD}");
+    }
     if text.len() > max {
         let mut at = max;
         while !text.is_char_boundary(at) {

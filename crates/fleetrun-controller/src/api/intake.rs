@@ -112,6 +112,14 @@ pub async fn read(
         read_body(shared, gate, headers, query, body, started).await?
     };
     let params = Params::from_request(method, query, &bytes)?;
+    for (key, value) in params.0.iter() {
+        if let Some(at) = nul_in(value, key.clone()) {
+            return Err(ApiError::invalid(
+                &at,
+                "contains a NUL character, which no field may hold",
+            ));
+        }
+    }
     let caller = auth::authenticate(&shared.apps.current(), headers, &params)?;
     // The request's span declares these empty: from here on every line of the request names its
     // caller. The operator is the client's text, hence escaped.
@@ -134,6 +142,23 @@ pub async fn read(
         caller,
         turn,
     })
+}
+
+/// Where in `value` (named `at`) a string holds a NUL: no field may, and PostgreSQL's text
+/// columns refuse one, so it is turned away here with the field's name rather than failing deep
+/// in the store.
+fn nul_in(value: &serde_json::Value, at: String) -> Option<String> {
+    match value {
+        serde_json::Value::String(text) => text.contains('\0').then_some(at),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| nul_in(item, format!("{at}[{i}]"))),
+        serde_json::Value::Object(fields) => fields
+            .iter()
+            .find_map(|(key, item)| nul_in(item, format!("{at}.{key}"))),
+        _ => None,
+    }
 }
 
 async fn read_body(

@@ -669,3 +669,12 @@ fn spool_losses_are_counted_and_marked_once() {
     };
     assert_eq!(outcome.dropped_bytes, 107);
 }
+
+#[test]
+fn a_nul_in_the_agents_message_never_reaches_the_store() {
+    let mut ending = result(Ending::Exited { code: 1 }, T0, T0 + 1);
+    ending.message = Some("bad\0news\0".to_owned());
+    let run = run(vec![(T0 + 1, Event::Up(TaskUp::Finished(ending)))]);
+    let outcome = run.outcome.as_ref().expect("finished");
+    assert_eq!(outcome.tag, "bad\u{FFFD}news\u{FFFD}");
+}
