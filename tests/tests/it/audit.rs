@@ -208,3 +208,75 @@ async fn changes_are_recorded_masked_and_tampering_is_detected() -> Result<()> {
     );
     Ok(())
 }
+
+/// A client that sends a change and hangs up at once cannot leave it unrecorded: every job such
+/// clients created has its entry in the audit trail.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_whose_client_hangs_up_is_still_recorded() -> Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    let cluster = start_cluster(1).await?;
+    let host = cluster.host_id("agent-1");
+    let address = cluster
+        .info
+        .api_url
+        .trim_start_matches("http://")
+        .to_owned();
+    for attempt in 0..5 {
+        let mut request = cluster.script_request(
+            "echo hung-up",
+            &[host],
+            json!({"task_name": format!("hung-up-{attempt}")}),
+        );
+        request["bk_app_code"] = json!(cluster.info.bk_app_code);
+        request["bk_app_secret"] = json!(cluster.info.bk_app_secret);
+        request["bk_username"] = json!("admin");
+        let body = request.to_string();
+        let mut stream = tokio::net::TcpStream::connect(&address).await?;
+        stream
+            .write_all(
+                format!(
+                    "POST /api/v3/fast_execute_script/ HTTP/1.1\r\nHost: {address}\r\n\
+                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await?;
+        // Gone before the reply.
+        drop(stream);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    let jobs = || async {
+        let mut filter = cluster.info.scope();
+        filter["create_time_start"] = json!(now - 600_000);
+        filter["create_time_end"] = json!(now + 600_000);
+        filter["length"] = json!(100);
+        let list = cluster
+            .client()
+            .call("get_job_instance_list", filter)
+            .await?;
+        anyhow::Ok(list["data"].as_array().map_or(0, Vec::len))
+    };
+    // Let whatever the controller took in settle.
+    let mut created = jobs().await?;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let again = jobs().await?;
+        if again == created {
+            break;
+        }
+        created = again;
+    }
+    let recorded = fleetrun_tests::eventually(Duration::from_secs(10), "entries", || async {
+        let entries = audit_log(&cluster, json!({"api": "fast_execute_script"}))
+            .await
+            .ok()?;
+        (entries.len() >= created).then_some(entries.len())
+    })
+    .await?;
+    assert!(created > 0, "the controller took in none of the changes");
+    assert_eq!(recorded, created, "every job created has its entry");
+    Ok(())
+}

@@ -159,6 +159,49 @@ async fn dispatch(
     peer: Option<Extension<PeerAddr>>,
     body: Body,
 ) -> Response {
+    // The request is served by a task of its own: the server drops this future when the client
+    // goes away, and a change that was made must still be recorded in the audit trail, so a
+    // client cannot make one unrecorded by closing its connection early.
+    let request = Request {
+        shared,
+        gate,
+        api,
+        method,
+        headers,
+        query,
+        peer,
+        body,
+    };
+    match tokio::spawn(answer(request)).await {
+        Ok(response) => response,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
+}
+
+/// What [`dispatch`] takes from a request.
+struct Request {
+    shared: Arc<Shared>,
+    gate: Arc<intake::Gate>,
+    api: String,
+    method: Method,
+    headers: HeaderMap,
+    query: Option<String>,
+    peer: Option<Extension<PeerAddr>>,
+    body: Body,
+}
+
+async fn answer(request: Request) -> Response {
+    let Request {
+        shared,
+        gate,
+        api,
+        method,
+        headers,
+        query,
+        peer,
+        body,
+    } = request;
     let request_id = new_request_id();
     let started = std::time::Instant::now();
     // The path is the client's text, logged before it is authenticated: `?` escapes it, so a
