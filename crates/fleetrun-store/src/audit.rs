@@ -5,6 +5,7 @@
 
 use sqlx::Row;
 
+use crate::backend::Dialect;
 use crate::{Store, StoreError};
 
 /// An entry to append: who did what, from where, and how it ended.
@@ -83,9 +84,21 @@ impl Store {
         entries: &[NewAuditEntry],
         hasher: &AuditHasher,
     ) -> Result<(i64, String), StoreError> {
-        // IMMEDIATE: the write lock is taken before the chain's head is read, so two appenders
-        // (a second controller on the same file, an administrator's tool) cannot fork it.
-        let mut tx = self.noting_write_failure(self.pool.begin_with("BEGIN IMMEDIATE").await)?;
+        // The write lock is taken before the chain's head is read, so two appenders (another
+        // process on the same database, an administrator's tool) cannot fork it: SQLite's
+        // IMMEDIATE transaction, PostgreSQL's exclusive table lock.
+        let mut tx = match self.dialect {
+            Dialect::Sqlite => {
+                self.noting_write_failure(self.pool.begin_with("BEGIN IMMEDIATE").await)?
+            }
+            Dialect::Postgres => {
+                let mut tx = self.noting_write_failure(self.pool.begin().await)?;
+                sqlx::query("LOCK TABLE audit_log IN EXCLUSIVE MODE")
+                    .execute(&mut *tx)
+                    .await?;
+                tx
+            }
+        };
         let head = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut *tx)
             .await?;

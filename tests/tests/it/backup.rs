@@ -24,6 +24,10 @@ fn controller_command(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn backup_wipe_restore_reads_the_old_logs_back_identical() -> Result<()> {
+    // The database is edited (or copied) as a file: PostgreSQL is backed up with its own tools.
+    if !fleetrun_tests::sqlite_only("backup_wipe_restore_reads_the_old_logs_back_identical") {
+        return Ok(());
+    }
     let mut cluster = start_cluster(1).await?;
     let host = cluster.host_id("agent-1");
     let script = "printf 'line one\\n'; printf 'arg=%s\\n' \"$1\"; head -c 3000 /dev/zero | tr '\\0' x; echo";
