@@ -474,62 +474,6 @@ impl Store {
         }
         Ok(log)
     }
-
-    /// Ends every job that was still pending or running when the controller last stopped: its
-    /// unfinished hosts end with `host_status` and `tag`, its steps and the job with `job_status`.
-    /// Returns the ids of the jobs it ended.
-    pub async fn end_interrupted_jobs(
-        &self,
-        host_status: i32,
-        tag: &str,
-        job_status: i32,
-        unfinished_host_statuses: &[i32],
-        unfinished_job_statuses: &[i32],
-        now: i64,
-    ) -> Result<Vec<i64>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let job_list = join_ints(unfinished_job_statuses);
-        let host_list = join_ints(unfinished_host_statuses);
-        let jobs: Vec<i64> = sqlx::query(&format!(
-            "SELECT job_instance_id FROM job_instance WHERE status IN ({job_list})"
-        ))
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-        for job in &jobs {
-            sqlx::query(&format!(
-                "UPDATE host_result SET status = $1, tag = $2, end_time = $3
-                 WHERE status IN ({host_list}) AND step_instance_id IN
-                     (SELECT step_instance_id FROM step_instance WHERE job_instance_id = $4)"
-            ))
-            .bind(host_status)
-            .bind(tag)
-            .bind(now)
-            .bind(job)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(&format!(
-                "UPDATE step_instance SET status = $1, end_time = $2 WHERE job_instance_id = $3 AND status IN ({job_list})"
-            ))
-            .bind(job_status)
-            .bind(now)
-            .bind(job)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "UPDATE job_instance SET status = $1, end_time = $2 WHERE job_instance_id = $3",
-            )
-            .bind(job_status)
-            .bind(now)
-            .bind(job)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(jobs)
-    }
 }
 
 /// Inserts a job, its step and a pending result per host, in one transaction.

@@ -97,8 +97,8 @@ impl Store {
         success_host_status: i32,
     ) -> Result<Vec<ResumableJob>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let job_list = join(unfinished_job_statuses);
-        let host_list = join(unfinished_host_statuses);
+        let job_list = crate::join_ints(unfinished_job_statuses);
+        let host_list = crate::join_ints(unfinished_host_statuses);
         let rows = sqlx::query(&format!(
             "SELECT j.job_instance_id, s.step_instance_id, j.status, j.start_time, s.timeout
              FROM job_instance j JOIN step_instance s ON s.job_instance_id = j.job_instance_id
@@ -181,18 +181,10 @@ impl Store {
     }
 }
 
-fn join(values: &[i32]) -> String {
-    values
-        .iter()
-        .map(i32::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 impl Store {
-    /// Ends the unfinished jobs, as `end_interrupted_jobs` does, except those in `keep` (resumed
-    /// by the engine): their unfinished hosts get `host_status` with `tag`, the job and its step
-    /// `job_status`. Returns the jobs ended.
+    /// Ends every job left pending or running when the controller last stopped, except those in
+    /// `keep` (taken up again by the engine): their unfinished hosts get `host_status` with
+    /// `tag`, the job and its unfinished steps `job_status`. Returns the jobs ended.
     #[allow(clippy::too_many_arguments)]
     pub async fn end_interrupted_jobs_except(
         &self,
@@ -205,8 +197,8 @@ impl Store {
         now: i64,
     ) -> Result<Vec<i64>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let job_list = join(unfinished_job_statuses);
-        let host_list = join(unfinished_host_statuses);
+        let job_list = crate::join_ints(unfinished_job_statuses);
+        let host_list = crate::join_ints(unfinished_host_statuses);
         let jobs: Vec<i64> = sqlx::query(&format!(
             "SELECT job_instance_id FROM job_instance WHERE status IN ({job_list})"
         ))
