@@ -42,6 +42,8 @@ pub async fn run(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
         agents: 0,
         dir: dir.clone(),
         release: true,
+        // The swarm's virtual agents report made-up addresses from one loopback source.
+        trust_reported_ip_in: vec![0],
         ..Default::default()
     })
     .await?;
