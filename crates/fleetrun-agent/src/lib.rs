@@ -59,6 +59,57 @@ impl Backoff {
     }
 }
 
+/// Which controller of the configured list to try next, and after how long.
+#[derive(Debug)]
+struct Failover {
+    controllers: usize,
+    next: usize,
+    backoff: Backoff,
+}
+
+impl Failover {
+    /// A session that lasted this long had a working controller: the waits start over.
+    const HEALTHY: Duration = Duration::from_secs(10);
+
+    fn new(controllers: usize) -> Self {
+        Self {
+            controllers: controllers.max(1),
+            next: 0,
+            backoff: Backoff::new(),
+        }
+    }
+
+    /// The index of the controller to connect to.
+    fn current(&self) -> usize {
+        self.next % self.controllers
+    }
+
+    /// Decides after a session: the next controller to try (`current`), and the wait first.
+    fn after(&mut self, ended: &session::Ended) -> Duration {
+        match ended {
+            // A controller going away on purpose (an upgrade, a stop) will not take the agent
+            // back soon: the next one in the list does, at once; the waits start over, as the
+            // agent is not failing, it is being sent elsewhere.
+            session::Ended::AfterWelcome {
+                shutting_down: true,
+                ..
+            } => {
+                self.next = self.next.wrapping_add(1);
+                self.backoff.reset();
+            }
+            session::Ended::AfterWelcome { lasted, .. } => {
+                if *lasted > Self::HEALTHY {
+                    self.backoff.reset();
+                }
+            }
+            session::Ended::BeforeWelcome(_) => {
+                self.next = self.next.wrapping_add(1);
+            }
+        }
+        self.backoff.next_delay()
+    }
+}
+
 /// Everything a connection needs; built once at start.
 #[derive(Debug)]
 pub(crate) struct AgentContext {
@@ -113,21 +164,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let hostname = config.hostname.clone().unwrap_or_else(system_hostname);
     // After the executor killed what a previous run left: a task found in the spool without a
     // result has no process any more.
-    let tasks = task::Tasks::default();
-    let spool = match spool::Spool::open(&config.work_dir) {
-        Ok(spool) => {
-            tasks.recover(&spool);
-            Some(spool)
-        }
-        Err(e) => {
-            tracing::error!(
-                "cannot use the spool under {}: output of tasks that outlive their connection \
-                 is lost: {e}",
-                config.work_dir.display()
-            );
-            None
-        }
-    };
+    let work_dir = config.work_dir.clone();
+    let (spool, tasks) = tokio::task::spawn_blocking(move || {
+        let tasks = task::Tasks::default();
+        let spool = match spool::Spool::open(&work_dir) {
+            Ok(spool) => {
+                tasks.recover(&spool);
+                Some(spool)
+            }
+            Err(e) => {
+                tracing::error!(
+                    "cannot use the spool under {}: tasks keep their output in memory, and \
+                     lose it if the agent restarts: {e}",
+                    work_dir.display()
+                );
+                None
+            }
+        };
+        (spool, tasks)
+    })
+    .await
+    .context("opening the spool")?;
     let ctx = Arc::new(AgentContext {
         spool,
         tasks,
@@ -145,33 +202,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         "agent starting"
     );
 
-    let mut backoff = Backoff::new();
     let controllers = ctx.config.controller.entries();
-    let mut next = 0;
+    let mut failover = Failover::new(controllers.len());
     loop {
-        let target = &controllers[next % controllers.len()];
+        let target = &controllers[failover.current()];
         let ended = tokio::select! {
             ended = session::connect_and_serve(&ctx, &endpoint, target) => ended,
             () = shutdown.cancelled() => break,
         };
-        match ended {
-            session::Ended::AfterWelcome { lasted, reason } => {
-                tracing::warn!("lost the controller after {lasted:?}: {reason}");
-                if lasted > Duration::from_secs(10) {
-                    backoff.reset();
-                }
+        match &ended {
+            session::Ended::AfterWelcome {
+                lasted,
+                reason,
+                shutting_down,
+            } => {
+                tracing::warn!(
+                    controller = target,
+                    shutting_down,
+                    "lost the controller after {lasted:?}: {reason}"
+                );
             }
             session::Ended::BeforeWelcome(reason) => {
                 tracing::warn!(
                     controller = target,
                     "cannot connect to the controller: {reason}"
                 );
-                // The next one in the list, if there are several.
-                next = next.wrapping_add(1);
             }
         }
-        let delay = backoff.next_delay();
-        tracing::info!("reconnecting in {delay:?}");
+        let delay = failover.after(&ended);
+        tracing::info!(
+            controller = %controllers[failover.current()],
+            "reconnecting in {delay:?}"
+        );
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = shutdown.cancelled() => break,
@@ -213,6 +275,51 @@ pub(crate) fn host_ip(config: &Config, controller: SocketAddr) -> anyhow::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ended(lasted_secs: u64, shutting_down: bool) -> session::Ended {
+        session::Ended::AfterWelcome {
+            lasted: Duration::from_secs(lasted_secs),
+            reason: "closed".into(),
+            shutting_down,
+        }
+    }
+
+    #[test]
+    fn a_controller_shutting_down_sends_the_agent_to_the_next_one_at_once() {
+        let mut failover = Failover::new(3);
+        // Some failures first: the waits have grown.
+        for _ in 0..6 {
+            failover.after(&session::Ended::BeforeWelcome("refused".into()));
+        }
+        assert_eq!(failover.current(), 0);
+        let grown = failover.after(&ended(1, false));
+        assert!(grown > Backoff::FIRST, "{grown:?}");
+        assert_eq!(failover.current(), 0, "a lost connection retries the same");
+        let delay = failover.after(&ended(1, true));
+        assert_eq!(failover.current(), 1, "shutdown moves to the next controller");
+        assert!(delay <= Backoff::FIRST, "{delay:?}");
+        // The next one refuses: the one after it, with a growing wait.
+        let first = failover.after(&session::Ended::BeforeWelcome("refused".into()));
+        assert_eq!(failover.current(), 2);
+        let mut last = first;
+        for _ in 0..5 {
+            last = failover.after(&session::Ended::BeforeWelcome("refused".into()));
+        }
+        assert!(last > first, "{first:?} then {last:?}");
+        // Around the list.
+        assert_eq!(failover.current(), 1);
+    }
+
+    #[test]
+    fn a_single_controller_shutting_down_is_retried_soon() {
+        let mut failover = Failover::new(1);
+        for _ in 0..8 {
+            failover.after(&ended(1, false));
+        }
+        let delay = failover.after(&ended(1, true));
+        assert_eq!(failover.current(), 0);
+        assert!(delay <= Backoff::FIRST, "{delay:?}");
+    }
 
     #[test]
     fn backoff_grows_to_the_cap_with_jitter() {

@@ -16,7 +16,13 @@ pub(crate) enum Ended {
     /// The controller never welcomed the agent.
     BeforeWelcome(String),
     /// The connection was lost after a welcome.
-    AfterWelcome { lasted: Duration, reason: String },
+    AfterWelcome {
+        lasted: Duration,
+        reason: String,
+        /// The controller closed the connection saying it shuts down
+        /// ([`fleetrun_proto::close_code::SHUTDOWN`]): another controller should take over.
+        shutting_down: bool,
+    },
 }
 
 /// Connects to the controller at `target` (`host:port` from the configuration, looked up now)
@@ -124,9 +130,15 @@ pub(crate) async fn connect_and_serve(
         reason = heartbeats(ctx, &mut send, heartbeat) => reason,
         reason = accept_tasks(ctx, &connection, ownership, &session) => reason,
     };
+    let shutting_down = matches!(
+        connection.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(close))
+            if close.error_code == quinn::VarInt::from_u32(fleetrun_proto::close_code::SHUTDOWN)
+    );
     Ended::AfterWelcome {
         lasted: since.elapsed(),
         reason,
+        shutting_down,
     }
 }
 

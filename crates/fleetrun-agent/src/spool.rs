@@ -7,11 +7,14 @@
 //! the task is, where the output was cut or lost, and the result once there is one). Everything
 //! is 0700/0600 and owned by the agent's account, made below a `work_dir` the executor checked.
 //! A write that fails (disk full) loses that piece of output, never the task: the loss is kept
-//! as a [`Mark::Lost`] and reported like a truncation.
+//! as a [`Mark::Lost`] and reported like a truncation. Nothing here follows a symbolic link:
+//! files are opened with `O_NOFOLLOW`, an entry of the spool that is not a plain directory is
+//! not loaded, and removal goes through the executor's descriptor-relative
+//! [`fleetrun_exec::remove_without_following`].
 
 use std::{
     fs::{self, DirBuilder, File, OpenOptions},
-    io::{self, Write as _},
+    io::{self, Read as _, Write as _},
     os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
@@ -94,7 +97,9 @@ pub(crate) struct Spool {
 /// One task's files.
 #[derive(Debug)]
 pub(crate) struct TaskSpool {
-    dir: PathBuf,
+    /// The spool directory, and the task's directory in it.
+    root: PathBuf,
+    name: String,
     output: File,
 }
 
@@ -138,7 +143,8 @@ impl Spool {
 
     /// The spool of a new task, with its first meta written.
     pub(crate) fn create(&self, meta: &Meta) -> io::Result<TaskSpool> {
-        let dir = self.root.join(meta.task_id.to_string());
+        let name = meta.task_id.to_string();
+        let dir = self.root.join(&name);
         private_dir(&dir)?;
         let output = OpenOptions::new()
             .read(true)
@@ -148,7 +154,11 @@ impl Spool {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(dir.join(OUTPUT))?;
-        let spool = TaskSpool { dir, output };
+        let spool = TaskSpool {
+            root: self.root.clone(),
+            name,
+            output,
+        };
         spool.save(meta)?;
         Ok(spool)
     }
@@ -166,11 +176,20 @@ impl Spool {
         };
         for entry in entries.flatten() {
             let dir = entry.path();
-            match load(&dir) {
+            let name = entry.file_name();
+            // `file_type` does not follow a link: only a real directory is read.
+            let loaded = match entry.file_type() {
+                Ok(kind) if kind.is_dir() => load(&self.root, &name),
+                Ok(_) => Err(io::Error::other("not a directory")),
+                Err(e) => Err(e),
+            };
+            match loaded {
                 Ok(task) => found.push(task),
                 Err(e) => {
                     tracing::warn!("dropping unreadable spool {}: {e}", dir.display());
-                    let _ = remove(&dir);
+                    if let Err(e) = fleetrun_exec::remove_without_following(&self.root, &name) {
+                        tracing::warn!("cannot remove {}: {e}", dir.display());
+                    }
                 }
             }
         }
@@ -178,10 +197,17 @@ impl Spool {
     }
 }
 
-fn load(dir: &Path) -> io::Result<(Meta, TaskSpool)> {
-    let text = fs::read(dir.join(META))?;
+fn load(root: &Path, name: &std::ffi::OsStr) -> io::Result<(Meta, TaskSpool)> {
+    let dir = root.join(name);
+    let mut text = Vec::new();
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dir.join(META))?
+        .read_to_end(&mut text)?;
     let meta: Meta = serde_json::from_slice(&text).map_err(io::Error::other)?;
-    if dir.file_name().and_then(|n| n.to_str()) != Some(&meta.task_id.to_string()) {
+    let name = meta.task_id.to_string();
+    if dir.file_name().and_then(|n| n.to_str()) != Some(name.as_str()) {
         return Err(io::Error::other("meta names another task"));
     }
     let output = OpenOptions::new()
@@ -192,18 +218,11 @@ fn load(dir: &Path) -> io::Result<(Meta, TaskSpool)> {
     Ok((
         meta,
         TaskSpool {
-            dir: dir.to_owned(),
+            root: root.to_owned(),
+            name,
             output,
         },
     ))
-}
-
-fn remove(dir: &Path) -> io::Result<()> {
-    // Only plain files are ever made here; a symlink is removed, never followed.
-    for entry in fs::read_dir(dir)?.flatten() {
-        fs::remove_file(entry.path())?;
-    }
-    fs::remove_dir(dir)
 }
 
 impl TaskSpool {
@@ -234,10 +253,15 @@ impl TaskSpool {
         self.output.metadata().map(|m| m.len()).unwrap_or(0)
     }
 
+    fn dir(&self) -> PathBuf {
+        self.root.join(&self.name)
+    }
+
     /// Replaces the meta file whole (written aside, then renamed over it).
     pub(crate) fn save(&self, meta: &Meta) -> io::Result<()> {
         let text = serde_json::to_vec(meta).map_err(io::Error::other)?;
-        let aside = self.dir.join("meta.new");
+        let dir = self.dir();
+        let aside = dir.join("meta.new");
         let _ = fs::remove_file(&aside);
         let mut file = OpenOptions::new()
             .write(true)
@@ -247,19 +271,26 @@ impl TaskSpool {
             .open(&aside)?;
         file.write_all(&text)?;
         file.sync_data()?;
-        fs::rename(&aside, self.dir.join(META))
+        fs::rename(&aside, dir.join(META))
     }
 
     /// Forgets the task on disk.
     pub(crate) fn remove(&self) {
-        if let Err(e) = remove(&self.dir) {
-            tracing::warn!("cannot remove the spool {}: {e}", self.dir.display());
+        if let Err(e) =
+            fleetrun_exec::remove_without_following(&self.root, std::ffi::OsStr::new(&self.name))
+        {
+            tracing::warn!("cannot remove the spool {}: {e}", self.dir().display());
         }
     }
 
     #[cfg(test)]
     pub(crate) fn with_output(dir: PathBuf, output: File) -> Self {
-        Self { dir, output }
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let root = dir.parent().map(Path::to_owned).unwrap_or_default();
+        Self { root, name, output }
     }
 }
 
@@ -329,6 +360,37 @@ mod tests {
         fs::write(named.join(OUTPUT), b"").unwrap();
         assert!(spool.load_all().is_empty());
         assert!(!bad.exists() && !named.exists());
+    }
+
+    #[test]
+    fn links_planted_in_the_spool_are_removed_never_followed() {
+        let work = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join(META), b"precious").unwrap();
+        fs::write(outside.path().join("other"), b"precious").unwrap();
+        let spool = Spool::open(work.path()).unwrap();
+        // A link in place of a task's directory, pointing at a directory of files.
+        let planted = work.path().join("spool").join(Uuid::new_v4().to_string());
+        std::os::unix::fs::symlink(outside.path(), &planted).unwrap();
+        // A task whose directory holds a link to a directory, and a meta that is a link.
+        let m = meta(Uuid::new_v4());
+        let task = spool.create(&m).unwrap();
+        let dir = work.path().join("spool").join(m.task_id.to_string());
+        std::os::unix::fs::symlink(outside.path(), dir.join("sub")).unwrap();
+        let linked = meta(Uuid::new_v4());
+        let linked_dir = work.path().join("spool").join(linked.task_id.to_string());
+        fs::create_dir(&linked_dir).unwrap();
+        std::os::unix::fs::symlink(outside.path().join(META), linked_dir.join(META)).unwrap();
+
+        let found = spool.load_all();
+        assert_eq!(found.len(), 1, "only the real task is loaded");
+        assert!(fs::symlink_metadata(&planted).is_err(), "the link is gone");
+        assert!(!linked_dir.exists());
+        task.remove();
+        assert!(!dir.exists());
+        // Nothing the links pointed at was touched.
+        assert_eq!(fs::read(outside.path().join(META)).unwrap(), b"precious");
+        assert_eq!(fs::read(outside.path().join("other")).unwrap(), b"precious");
     }
 
     #[test]

@@ -3,7 +3,16 @@
 //! *attaches* to a task, sending what the controller does not have yet.
 //!
 //! With a controller of protocol version 1 the old rules hold: a task is tied to the connection
-//! it came on and cancelled when it ends, and forgotten once its result is sent.
+//! it came on and cancelled when it ends, and forgotten once its result is sent; nothing of
+//! version 2 is ever sent on its streams (output the spool lost shows there as a gap in the
+//! offsets, which the controller marks in the log, and in the result's message).
+//!
+//! Without a usable spool a task keeps its output in memory (bounded, like the spool, by the
+//! executor's output limit): it survives a lost connection, not a restart of the agent.
+//!
+//! File I/O never runs on the async workers, nor under the lock of a task's state: output is
+//! written by the task's own runner, one chunk after the other, on the blocking pool, and only
+//! then counted as produced; a stream reads it there too.
 
 use std::{
     collections::HashMap,
@@ -41,6 +50,70 @@ pub(crate) enum Ownership {
     Connection,
 }
 
+/// Finished tasks the agent keeps waiting for the controller's acknowledgement, at most; past
+/// it the oldest are forgotten (and logged), so an agent whose controller never acknowledges
+/// does not fill its disk nor report more than the controller accepts.
+pub(crate) const MAX_FINISHED_HELD: usize = 10_000;
+
+/// Where a task's output bytes are kept.
+#[derive(Debug)]
+pub(crate) enum Output {
+    Spooled(TaskSpool),
+    /// No usable spool: in memory, at the same offsets.
+    Memory(Mutex<Vec<u8>>),
+}
+
+impl Output {
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Output::Spooled(spool) => spool.write_at(offset, data),
+            Output::Memory(bytes) => {
+                let mut bytes = bytes.lock().unwrap();
+                let at = usize::try_from(offset).map_err(std::io::Error::other)?;
+                bytes.resize(at, 0);
+                bytes.extend_from_slice(data);
+                Ok(())
+            }
+        }
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Output::Spooled(spool) => spool.read_at(offset, buf),
+            Output::Memory(bytes) => {
+                let bytes = bytes.lock().unwrap();
+                let at = usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len());
+                let n = buf.len().min(bytes.len() - at);
+                buf[..n].copy_from_slice(&bytes[at..at + n]);
+                Ok(n)
+            }
+        }
+    }
+
+    fn save(&self, meta: &Meta) -> std::io::Result<()> {
+        match self {
+            Output::Spooled(spool) => spool.save(meta),
+            Output::Memory(_) => Ok(()),
+        }
+    }
+
+    fn remove(&self) {
+        if let Output::Spooled(spool) = self {
+            spool.remove();
+        }
+    }
+}
+
+/// Runs blocking file work off the async workers when there is a runtime.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 /// One task the agent holds.
 #[derive(Debug)]
 pub(crate) struct Held {
@@ -48,13 +121,25 @@ pub(crate) struct Held {
     state: Mutex<Meta>,
     /// Bumped on every change of `state`.
     changed: watch::Sender<u64>,
-    spool: Option<TaskSpool>,
+    output: Output,
     ownership: Ownership,
     /// Nobody wants the task any more: it is forgotten as soon as it has ended.
     discarded: std::sync::atomic::AtomicBool,
 }
 
 impl Held {
+    fn new(meta: Meta, output: Output, ownership: Ownership, cancel: CancellationToken) -> Self {
+        let (changed, _) = watch::channel(0);
+        Self {
+            cancel,
+            state: Mutex::new(meta),
+            changed,
+            output,
+            ownership,
+            discarded: Default::default(),
+        }
+    }
+
     fn bump(&self) {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -75,11 +160,17 @@ impl Held {
     }
 
     fn save(&self, meta: &Meta) {
-        if let Some(spool) = &self.spool
-            && let Err(e) = spool.save(meta)
-        {
+        if let Err(e) = self.output.save(meta) {
             tracing::warn!(task_id = %meta.task_id, "cannot save the task's state to the spool: {e}");
         }
+    }
+
+    /// Saves the task's state as it is now, on the blocking pool; the lock is held only to copy
+    /// it. Only the task's runner calls this, one save after the other.
+    async fn persist(self: &Arc<Self>) {
+        let meta = self.state.lock().unwrap().clone();
+        let held = self.clone();
+        blocking(move || held.save(&meta)).await;
     }
 }
 
@@ -122,11 +213,40 @@ impl Tasks {
         self.remove(task_id, &held);
     }
 
-    fn remove(&self, task_id: &Uuid, held: &Held) {
-        if self.held.lock().unwrap().remove(task_id).is_some()
-            && let Some(spool) = &held.spool
-        {
-            spool.remove();
+    fn remove(&self, task_id: &Uuid, held: &Arc<Held>) {
+        if self.held.lock().unwrap().remove(task_id).is_none() {
+            return;
+        }
+        let held = held.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || held.output.remove())),
+            Err(_) => held.output.remove(),
+        }
+    }
+
+    /// Forgets the oldest finished tasks past `keep`: a controller that never acknowledges
+    /// their results (it lost them, or the agent's acknowledgement went missing for good) does
+    /// not make the agent hold them without end.
+    pub(crate) fn bound_finished(&self, keep: usize) {
+        let mut finished: Vec<(i64, Uuid, Arc<Held>)> = {
+            let held = self.held.lock().unwrap();
+            held.iter()
+                .filter_map(|(id, h)| {
+                    let meta = h.state.lock().unwrap();
+                    meta.result
+                        .as_ref()
+                        .map(|r| (r.finished_at_ms, *id, h.clone()))
+                })
+                .collect()
+        };
+        if finished.len() <= keep {
+            return;
+        }
+        finished.sort_by_key(|(at, id, _)| (*at, *id));
+        let excess = finished.len() - keep;
+        for (_, task_id, held) in finished.into_iter().take(excess) {
+            tracing::warn!(%task_id, "forgetting the result of a finished task the controller never acknowledged: the agent holds {keep} at most");
+            self.remove(&task_id, &held);
         }
     }
 
@@ -155,18 +275,16 @@ impl Tasks {
                 }
             }
             tracing::info!(task_id = %meta.task_id, job = meta.job_instance_id, produced = meta.produced, "holding a task from before the restart");
-            let (changed, _) = watch::channel(0);
-            let held = Arc::new(Held {
-                cancel: CancellationToken::new(),
-                state: Mutex::new(meta),
-                changed,
-                spool: Some(task_spool),
-                ownership: Ownership::Agent,
-                discarded: Default::default(),
-            });
-            let task_id = held.state.lock().unwrap().task_id;
+            let task_id = meta.task_id;
+            let held = Arc::new(Held::new(
+                meta,
+                Output::Spooled(task_spool),
+                Ownership::Agent,
+                CancellationToken::new(),
+            ));
             self.held.lock().unwrap().insert(task_id, held);
         }
+        self.bound_finished(MAX_FINISHED_HELD);
     }
 }
 
@@ -183,7 +301,7 @@ pub(crate) async fn serve(
         Ok(Some(TaskDown::Run(request))) => match ctx.tasks.get(&request.task_id) {
             // A repeat of a task already held: the controller gets it from the start.
             Some(held) => (held, 0),
-            None => (start(&ctx, request, ownership, &session), 0),
+            None => (start(&ctx, request, ownership, &session).await, 0),
         },
         Ok(Some(TaskDown::Resume {
             task_id,
@@ -225,7 +343,7 @@ pub(crate) async fn serve(
 }
 
 /// Registers and starts a new task.
-fn start(
+async fn start(
     ctx: &Arc<AgentContext>,
     request: TaskRequest,
     ownership: Ownership,
@@ -262,42 +380,36 @@ fn start(
         acked_offset: 0,
         result: None,
     };
-    let spool = match &ctx.spool {
-        Some(spool) => match spool.create(&meta) {
-            Ok(spool) => Some(spool),
-            Err(e) => {
-                tracing::error!(%task_id, "cannot spool the task's output, it is lost if it is not delivered at once: {e}");
-                None
-            }
-        },
-        None => None,
-    };
     let cancel = match ownership {
         Ownership::Agent => CancellationToken::new(),
         Ownership::Connection => session.child_token(),
     };
-    let (changed, _) = watch::channel(0);
-    let held = Arc::new(Held {
-        cancel,
-        state: Mutex::new(meta),
-        changed,
-        spool,
-        ownership,
-        discarded: Default::default(),
-    });
+    let spool_ctx = ctx.clone();
+    let first = meta.clone();
+    let output = blocking(move || match &spool_ctx.spool {
+        Some(spool) => match spool.create(&first) {
+            Ok(spool) => Output::Spooled(spool),
+            Err(e) => {
+                tracing::error!(%task_id, "cannot spool the task's output, it is kept in memory and lost if the agent restarts: {e}");
+                Output::Memory(Mutex::default())
+            }
+        },
+        None => Output::Memory(Mutex::default()),
+    })
+    .await;
+    let held = Arc::new(Held::new(meta, output, ownership, cancel));
     ctx.tasks.held.lock().unwrap().insert(task_id, held.clone());
     let runner = held.clone();
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let result = run(&ctx, &runner, request).await;
-        {
-            let mut meta = runner.state.lock().unwrap();
-            meta.result = Some(result);
-            runner.save(&meta);
-        }
+        runner.state.lock().unwrap().result = Some(result);
+        runner.persist().await;
         // The flag is set before the cancel that ended the task, so it is seen here.
         if runner.discarded.load(std::sync::atomic::Ordering::SeqCst) {
             ctx.tasks.remove(&task_id, &runner);
+        } else if ownership == Ownership::Agent {
+            ctx.tasks.bound_finished(MAX_FINISHED_HELD);
         }
         runner.bump();
     });
@@ -317,7 +429,7 @@ fn refused(ending: Ending, message: String) -> TaskResult {
 }
 
 /// Runs the task to its result, spooling the output.
-async fn run(ctx: &AgentContext, held: &Held, request: TaskRequest) -> TaskResult {
+async fn run(ctx: &AgentContext, held: &Arc<Held>, request: TaskRequest) -> TaskResult {
     let cancel = &held.cancel;
     let permit = tokio::select! {
         permit = ctx.slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
@@ -350,44 +462,49 @@ async fn run(ctx: &AgentContext, held: &Held, request: TaskRequest) -> TaskResul
         windows_interpreter: request.windows_interpreter,
     };
     let mut running = ctx.executor.start(task, cancel.clone());
-    {
-        let mut meta = held.state.lock().unwrap();
-        meta.started_at_ms = Some(ms(SystemTime::now()));
-        held.save(&meta);
-    }
+    held.state.lock().unwrap().started_at_ms = Some(ms(SystemTime::now()));
+    held.persist().await;
     held.bump();
     while let Some(event) = running.output.next().await {
-        let mut meta = held.state.lock().unwrap();
         match event {
             OutputEvent::Data(data) => {
-                let offset = meta.produced;
-                let written = match &held.spool {
-                    Some(spool) => spool.write_at(offset, &data),
-                    None => Err(std::io::Error::other("no spool")),
-                };
-                if let Err(e) = written {
-                    if meta.lost_bytes() == 0 {
-                        tracing::error!(task_id = %meta.task_id, offset, "cannot spool output, it is lost and counted: {e}");
+                // Only this loop moves `produced`: the bytes are written first, then counted, so
+                // a stream never reads past what is written.
+                let offset = held.state.lock().unwrap().produced;
+                let len = data.len() as u64;
+                let writer = held.clone();
+                let written = blocking(move || writer.output.write_at(offset, &data)).await;
+                let lost = {
+                    let mut meta = held.state.lock().unwrap();
+                    if let Err(e) = &written {
+                        if meta.lost_bytes() == 0 {
+                            tracing::error!(task_id = %meta.task_id, offset, "cannot spool output, it is lost and counted: {e}");
+                        }
+                        meta.lose(offset, len);
                     }
-                    meta.lose(offset, data.len() as u64);
-                    held.save(&meta);
+                    meta.produced += len;
+                    written.is_err()
+                };
+                if lost {
+                    held.persist().await;
                 }
-                meta.produced += data.len() as u64;
             }
             OutputEvent::Truncated {
                 dropped_bytes,
                 dropped_lines,
             } => {
-                let offset = meta.produced;
-                meta.marks.push(Mark::Truncated {
-                    offset,
-                    dropped_bytes,
-                    dropped_lines,
-                });
-                held.save(&meta);
+                {
+                    let mut meta = held.state.lock().unwrap();
+                    let offset = meta.produced;
+                    meta.marks.push(Mark::Truncated {
+                        offset,
+                        dropped_bytes,
+                        dropped_lines,
+                    });
+                }
+                held.persist().await;
             }
         }
-        drop(meta);
         held.bump();
     }
     let outcome = match running.outcome.await {
@@ -453,6 +570,20 @@ async fn read_down(mut recv: FramedRecv, tx: mpsc::UnboundedSender<Down>) {
     }
 }
 
+/// Where the task's reports go: the task stream, or a list in tests.
+pub(crate) trait Frames {
+    fn send(
+        &mut self,
+        up: TaskUp,
+    ) -> impl std::future::Future<Output = Result<(), StreamError>> + Send;
+}
+
+impl Frames for quinn::SendStream {
+    async fn send(&mut self, up: TaskUp) -> Result<(), StreamError> {
+        send_frame(self, &up).await
+    }
+}
+
 /// Sends the task's output from `from` on, then its result, as they become available; with
 /// protocol version 2, waits for the controller to say it stored them and forgets the task.
 async fn attach(
@@ -492,66 +623,85 @@ async fn attach(
     }
 }
 
+#[derive(Debug, PartialEq, Eq)]
 enum Delivered {
-    /// The controller stored the result.
+    /// The controller stored the host's final status: the agent forgets the task (killing it
+    /// first if it still runs, when the controller ended the host on its own account).
     Stored,
     /// The result was sent; no acknowledgement comes (version 1) or the controller closed.
     Sent,
 }
 
+/// Reads up to `want` bytes of output at `offset`, on the blocking pool.
+async fn read_output(held: &Arc<Held>, offset: u64, want: usize) -> std::io::Result<Vec<u8>> {
+    let held = held.clone();
+    blocking(move || {
+        let mut buf = vec![0u8; want];
+        let n = held.output.read_at(offset, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    })
+    .await
+}
+
 async fn deliver(
-    held: &Held,
-    send: &mut quinn::SendStream,
+    held: &Arc<Held>,
+    send: &mut impl Frames,
     down: &mut mpsc::UnboundedReceiver<Down>,
     from: u64,
 ) -> Result<Delivered, StreamError> {
+    // A controller of version 1 cannot read a `SpoolLost`: it sees the lost bytes as a gap in
+    // the offsets instead, and the count in the result's message.
+    let says_lost = held.ownership == Ownership::Agent;
     let mut down_open = true;
     let mut changed = held.changed.subscribe();
     let mut sent = from;
     let mut started_sent = false;
-    let mut buf = vec![0u8; MAX_OUTPUT_CHUNK];
+    // Marks are appended in offset order and never change: each is sent once, from the first
+    // at or past where the controller resumes.
+    let mut next_mark = {
+        let meta = held.state.lock().unwrap();
+        meta.marks
+            .iter()
+            .position(|m| m.offset() >= from)
+            .unwrap_or(meta.marks.len())
+    };
     loop {
         let (produced, marks, started_at, result) = {
             let meta = held.state.lock().unwrap();
             changed.mark_unchanged();
-            let marks: Vec<Mark> = meta
-                .marks
-                .iter()
-                .filter(|m| m.offset() >= sent)
-                .cloned()
-                .collect();
             (
                 meta.produced,
-                marks,
+                meta.marks.get(next_mark..).unwrap_or_default().to_vec(),
                 meta.started_at_ms,
                 meta.result.clone(),
             )
         };
         if !started_sent && let Some(started_at_ms) = started_at {
-            send_frame(send, &TaskUp::Started { started_at_ms }).await?;
+            send.send(TaskUp::Started { started_at_ms }).await?;
             started_sent = true;
         }
         let mut marks = marks.into_iter().peekable();
         loop {
             // Marks at this offset go before the output that follows them.
             while let Some(mark) = marks.next_if(|m| m.offset() <= sent) {
+                next_mark += 1;
                 match mark {
                     Mark::Truncated {
                         dropped_bytes,
                         dropped_lines,
                         ..
                     } => {
-                        send_frame(
-                            send,
-                            &TaskUp::Truncated {
-                                dropped_bytes,
-                                dropped_lines,
-                            },
-                        )
+                        send.send(TaskUp::Truncated {
+                            dropped_bytes,
+                            dropped_lines,
+                        })
                         .await?
                     }
                     Mark::Lost { offset, bytes } => {
-                        send_frame(send, &TaskUp::SpoolLost { offset, bytes }).await?;
+                        if says_lost {
+                            send.send(TaskUp::SpoolLost { offset, bytes }).await?;
+                        }
                         sent = sent.max(offset + bytes);
                     }
                 }
@@ -563,21 +713,11 @@ async fn deliver(
             let want = usize::try_from(until - sent)
                 .unwrap_or(usize::MAX)
                 .min(MAX_OUTPUT_CHUNK);
-            let read = match &held.spool {
-                Some(spool) => spool.read_at(sent, &mut buf[..want]),
-                None => Ok(0),
-            };
-            match read {
-                Ok(n) if n > 0 => {
-                    send_frame(
-                        send,
-                        &TaskUp::Output {
-                            offset: sent,
-                            data: buf[..n].to_vec(),
-                        },
-                    )
-                    .await?;
-                    sent += n as u64;
+            match read_output(held, sent, want).await {
+                Ok(data) if !data.is_empty() => {
+                    let n = data.len() as u64;
+                    send.send(TaskUp::Output { offset: sent, data }).await?;
+                    sent += n;
                 }
                 // Written but unreadable: say so rather than stall.
                 other => {
@@ -585,14 +725,13 @@ async fn deliver(
                         tracing::warn!("cannot read the spooled output: {e}");
                     }
                     let bytes = until - sent;
-                    send_frame(
-                        send,
-                        &TaskUp::SpoolLost {
+                    if says_lost {
+                        send.send(TaskUp::SpoolLost {
                             offset: sent,
                             bytes,
-                        },
-                    )
-                    .await?;
+                        })
+                        .await?;
+                    }
                     sent = until;
                 }
             }
@@ -603,7 +742,7 @@ async fn deliver(
         if let Some(result) = result
             && sent >= produced
         {
-            send_frame(send, &TaskUp::Finished(result)).await?;
+            send.send(TaskUp::Finished(result)).await?;
             if held.ownership == Ownership::Connection {
                 return Ok(Delivered::Sent);
             }
@@ -623,6 +762,11 @@ async fn deliver(
                     tracing::info!("the controller cancelled the task");
                     held.cancel.cancel();
                 }
+                // The controller stored the host's final status before the result came (it
+                // ended the host on its own account): it wants nothing more of the task.
+                Some(Down::ResultStored) if held.ownership == Ownership::Agent => {
+                    return Ok(Delivered::Stored);
+                }
                 Some(Down::ResultStored) => {}
                 Some(Down::Gone) => {
                     // A broken stream stops a task of version 1, as it always did.
@@ -636,3 +780,6 @@ async fn deliver(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -39,6 +39,27 @@ pub use outcome::{Ending, Outcome};
 pub use output::{OutputEvent, OutputReceiver};
 pub use params::{ParamError, split_params};
 
+/// Removes `name` from the directory `parent` (a file or link itself, a directory with
+/// everything below it) without ever following a symbolic link: `parent` is opened with
+/// `O_NOFOLLOW`, and each directory below it relative to its parent's descriptor. Gone already
+/// is fine. For trees under the agent's work directory that something else may have changed.
+pub fn remove_without_following(
+    parent: &std::path::Path,
+    name: &std::ffi::OsStr,
+) -> std::io::Result<()> {
+    use std::os::fd::AsFd as _;
+    let dir = nix::fcntl::openat(
+        nix::fcntl::AT_FDCWD,
+        parent,
+        nix::fcntl::OFlag::O_RDONLY
+            | nix::fcntl::OFlag::O_DIRECTORY
+            | nix::fcntl::OFlag::O_NOFOLLOW
+            | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    dirs::remove_at(dir.as_fd(), name)
+}
+
 /// How long a script's process tree gets between SIGTERM and SIGKILL unless
 /// configured otherwise.
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);

@@ -1,0 +1,219 @@
+//! The delivery of a held task to a stream, fed by hand: what goes up, and when the task is
+//! forgotten.
+
+use super::*;
+
+impl Frames for Vec<TaskUp> {
+    async fn send(&mut self, up: TaskUp) -> Result<(), StreamError> {
+        self.push(up);
+        Ok(())
+    }
+}
+
+fn meta(produced: u64, marks: Vec<Mark>) -> Meta {
+    Meta {
+        task_id: Uuid::new_v4(),
+        job_instance_id: 1,
+        step_instance_id: 2,
+        bk_host_id: 3,
+        execute_count: 0,
+        started_at_ms: Some(1_000),
+        produced,
+        marks,
+        acked_offset: 0,
+        result: None,
+    }
+}
+
+fn result(finished_at_ms: i64) -> TaskResult {
+    TaskResult {
+        ending: Ending::Exited { code: 0 },
+        started_at_ms: 1_000,
+        finished_at_ms,
+        output_bytes: 0,
+        survivors: 0,
+        message: None,
+    }
+}
+
+fn held(meta: Meta, ownership: Ownership, output: &[u8]) -> Arc<Held> {
+    let held = Held::new(
+        meta,
+        Output::Memory(Mutex::default()),
+        ownership,
+        CancellationToken::new(),
+    );
+    held.output.write_at(0, output).unwrap();
+    Arc::new(held)
+}
+
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+fn count(frames: &[TaskUp], what: impl Fn(&TaskUp) -> bool) -> usize {
+    frames.iter().filter(|f| what(f)).count()
+}
+
+#[tokio::test]
+async fn a_truncation_is_sent_once_however_often_the_task_wakes_the_stream() {
+    let marks = vec![Mark::Truncated {
+        offset: 3,
+        dropped_bytes: 100,
+        dropped_lines: 4,
+    }];
+    let held = held(meta(3, marks), Ownership::Agent, b"abc");
+    let (tx, mut down) = mpsc::unbounded_channel();
+    let delivering = held.clone();
+    let stream = tokio::spawn(async move {
+        let mut frames = Vec::new();
+        let delivered = deliver(&delivering, &mut frames, &mut down, 0).await;
+        (delivered, frames)
+    });
+    // Changes that bring no new output nor mark (a save, an acknowledged offset).
+    for _ in 0..3 {
+        settle().await;
+        held.bump();
+    }
+    settle().await;
+    held.state.lock().unwrap().result = Some(result(2_000));
+    held.bump();
+    settle().await;
+    tx.send(Down::ResultStored).unwrap();
+    let (delivered, frames) = stream.await.unwrap();
+    assert_eq!(delivered.unwrap(), Delivered::Stored);
+    assert_eq!(
+        count(&frames, |f| matches!(f, TaskUp::Truncated { .. })),
+        1,
+        "{frames:?}"
+    );
+    assert!(matches!(frames.last(), Some(TaskUp::Finished(_))));
+}
+
+#[tokio::test]
+async fn a_resume_past_the_truncation_does_not_send_it_again() {
+    let marks = vec![Mark::Truncated {
+        offset: 2,
+        dropped_bytes: 100,
+        dropped_lines: 4,
+    }];
+    let held = held(meta(5, marks), Ownership::Agent, b"abcde");
+    held.state.lock().unwrap().result = Some(result(2_000));
+    let (tx, mut down) = mpsc::unbounded_channel();
+    tx.send(Down::ResultStored).unwrap();
+    let mut frames = Vec::new();
+    let delivered = deliver(&held, &mut frames, &mut down, 3).await.unwrap();
+    assert_eq!(delivered, Delivered::Stored);
+    assert_eq!(count(&frames, |f| matches!(f, TaskUp::Truncated { .. })), 0);
+    assert!(frames.contains(&TaskUp::Output {
+        offset: 3,
+        data: b"de".to_vec()
+    }));
+}
+
+#[tokio::test]
+async fn an_acknowledgement_before_the_result_releases_the_task() {
+    // The controller ended the host on its own account (its deadline) and stored that: the
+    // task, still running, is not held for a result nobody will read.
+    let held = held(meta(2, Vec::new()), Ownership::Agent, b"ab");
+    let (tx, mut down) = mpsc::unbounded_channel();
+    tx.send(Down::ResultStored).unwrap();
+    let mut frames = Vec::new();
+    let delivered = tokio::time::timeout(
+        Duration::from_secs(10),
+        deliver(&held, &mut frames, &mut down, 0),
+    )
+    .await
+    .expect("the acknowledgement was not taken");
+    assert_eq!(delivered.unwrap(), Delivered::Stored);
+}
+
+#[tokio::test]
+async fn a_controller_of_version_1_is_never_sent_a_spool_loss() {
+    let marks = vec![Mark::Lost {
+        offset: 0,
+        bytes: 4,
+    }];
+    let held = held(meta(10, marks), Ownership::Connection, b"\0\0\0\0efghij");
+    held.state.lock().unwrap().result = Some(result(2_000));
+    let (_tx, mut down) = mpsc::unbounded_channel();
+    let mut frames = Vec::new();
+    let delivered = deliver(&held, &mut frames, &mut down, 0).await.unwrap();
+    assert_eq!(delivered, Delivered::Sent);
+    assert_eq!(
+        count(&frames, |f| matches!(f, TaskUp::SpoolLost { .. })),
+        0
+    );
+    // The gap in the offsets is what tells a controller of version 1.
+    assert!(frames.contains(&TaskUp::Output {
+        offset: 4,
+        data: b"efghij".to_vec()
+    }));
+}
+
+#[tokio::test]
+async fn a_controller_of_version_2_is_told_of_the_loss() {
+    let marks = vec![Mark::Lost {
+        offset: 0,
+        bytes: 4,
+    }];
+    let held = held(meta(6, marks), Ownership::Agent, b"\0\0\0\0ef");
+    held.state.lock().unwrap().result = Some(result(2_000));
+    let (tx, mut down) = mpsc::unbounded_channel();
+    tx.send(Down::ResultStored).unwrap();
+    let mut frames = Vec::new();
+    deliver(&held, &mut frames, &mut down, 0).await.unwrap();
+    assert!(frames.contains(&TaskUp::SpoolLost {
+        offset: 0,
+        bytes: 4
+    }));
+}
+
+#[tokio::test]
+async fn output_without_a_spool_is_kept_in_memory_and_delivered() {
+    let held = held(meta(0, Vec::new()), Ownership::Agent, b"");
+    held.output.write_at(0, b"first ").unwrap();
+    held.output.write_at(6, b"second").unwrap();
+    {
+        let mut meta = held.state.lock().unwrap();
+        meta.produced = 12;
+        meta.result = Some(result(2_000));
+    }
+    let (tx, mut down) = mpsc::unbounded_channel();
+    tx.send(Down::ResultStored).unwrap();
+    let mut frames = Vec::new();
+    deliver(&held, &mut frames, &mut down, 6).await.unwrap();
+    assert!(frames.contains(&TaskUp::Output {
+        offset: 6,
+        data: b"second".to_vec()
+    }));
+}
+
+#[tokio::test]
+async fn finished_tasks_past_the_bound_are_forgotten_oldest_first() {
+    let tasks = Tasks::default();
+    let mut ids = Vec::new();
+    for finished_at in [3_000, 1_000, 2_000] {
+        let held = held(meta(0, Vec::new()), Ownership::Agent, b"");
+        held.state.lock().unwrap().result = Some(result(finished_at));
+        let id = held.state.lock().unwrap().task_id;
+        tasks.held.lock().unwrap().insert(id, held);
+        ids.push(id);
+    }
+    let running = held(meta(0, Vec::new()), Ownership::Agent, b"");
+    let running_id = running.state.lock().unwrap().task_id;
+    tasks.held.lock().unwrap().insert(running_id, running);
+
+    tasks.bound_finished(2);
+    let left: std::collections::HashSet<Uuid> =
+        tasks.reports().iter().map(|t| t.task_id).collect();
+    assert_eq!(
+        left,
+        [ids[0], ids[2], running_id].into_iter().collect(),
+        "the one finished first is forgotten, the running one kept"
+    );
+    tasks.bound_finished(2);
+    assert_eq!(tasks.reports().len(), 3);
+}
