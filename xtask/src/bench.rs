@@ -15,11 +15,16 @@
 //! - `footprint`: controller RSS per connected agent (swarm), a real agent's idle RSS and CPU.
 //! - `script`: controller peak RSS while one 16 MiB script goes to 1,000 swarm hosts.
 //! - `inventory`: `fleetrun-inventory`'s `resolve_bench` example, when it exists.
+//! - `overhead`: single-host job throughput with metrics and the audit trail off, then on
+//!   (swarm, emulated), and the share they cost against the 5% target.
+//! - `console`: the web console's page of a 10,000-host job (swarm) and its data, served.
 //!
 //! Writes `target/bench/<timestamp>.json` and `target/bench/latest.json`.
 
+mod console;
 mod inventory;
 mod jobs;
+mod overhead;
 mod real;
 mod report;
 mod script;
@@ -48,6 +53,8 @@ pub const GROUPS: &[&str] = &[
     "output",
     "script",
     "inventory",
+    "overhead",
+    "console",
 ];
 
 #[derive(Debug, Clone, Default)]
@@ -136,6 +143,8 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
             "swarm" => swarm::run(&ctx, figures).await,
             "real" => real::run(&ctx, figures).await,
             "script" => script::run(&ctx, figures).await,
+            "overhead" => overhead::run(&ctx, figures).await,
+            "console" => console::run(&ctx, figures).await,
             _ => inventory::run(&ctx, figures).await,
         };
         if let Err(e) = result {
@@ -159,6 +168,8 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
     .await;
     scenario("script", ctx.wants("script"), &mut figures).await;
     scenario("inventory", ctx.wants("inventory"), &mut figures).await;
+    scenario("overhead", ctx.wants("overhead"), &mut figures).await;
+    scenario("console", ctx.wants("console"), &mut figures).await;
     let took = started.elapsed();
 
     figures.retain(|f| ctx.wants(f.group));

@@ -207,6 +207,11 @@ Examples:
     Agents(AgentsCommand),
     /// Read the controller's audit trail, or verify its hash chain
     Audit(crate::audit::AuditArgs),
+    /// Dangerous-command rules: list, create, update, delete, enable, disable
+    #[command(subcommand, after_help = crate::rules::RULES_HELP)]
+    Rules(crate::rules::RulesCommand),
+    /// Check a script against the enabled dangerous-command rules (exit 1 if it would be refused)
+    CheckScript(crate::rules::CheckScriptArgs),
     /// Print a shell completion script: fleetrun completions bash > /etc/bash_completion.d/fleetrun
     Completions {
         /// bash, zsh, fish, elvish or powershell

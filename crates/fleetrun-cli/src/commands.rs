@@ -71,6 +71,8 @@ pub async fn dispatch(cli: &Cli) -> Result<u8, CliError> {
         },
         Command::Agents(command) => admin::agents(&ctx, command).await,
         Command::Audit(args) => crate::audit::run(&ctx, args).await,
+        Command::Rules(command) => crate::rules::rules(&ctx, command).await,
+        Command::CheckScript(args) => crate::rules::check_script(&ctx, args).await,
         // Answered in main, before any setting is read.
         Command::Completions { .. } | Command::Man { .. } => Ok(exit::OK),
     }

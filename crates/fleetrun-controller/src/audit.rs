@@ -7,14 +7,27 @@
 //! one breaks the link or the numbering. [`verify`] walks the chain; the controller also keeps
 //! the head it last wrote, so removing entries from the end is noticed while it runs.
 //!
+//! The hash is an HMAC-SHA256 under the audit key ([`AuditKey`], a file outside the database:
+//! `[security] audit_key_file`), so someone who can write the database but not read the key
+//! cannot recompute the chain after an edit. Entries written before the key existed (plain
+//! SHA-256, `fleetrun-audit-v1`) are accepted only up to the number the key file recorded when it
+//! was made (`unkeyed_until`), and counted apart ([`Verification::unkeyed`]): a chain rewritten
+//! with plain hashes does not pass for an old one.
+//!
 //! Appends go through one task that commits whatever has queued in one transaction, so the
 //! trail costs a request a channel send, not a commit of its own: concurrent calls share one.
 //! Reading the trail (`get_audit_log`, `verify_audit_log`) first waits for what is queued.
 
 use std::sync::{Arc, Mutex};
 
+use base64::Engine as _;
+
 use fleetrun_store::{AuditFilter, AuditRecord, NewAuditEntry, Store};
-use ring::digest::{SHA256, digest};
+use ring::{
+    digest::{SHA256, digest},
+    hmac,
+    rand::{SecureRandom, SystemRandom},
+};
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
 
@@ -42,6 +55,7 @@ pub fn is_state_changing(api: &str) -> bool {
         "delete_",
         "publish_",
         "disable_",
+        "enable_",
         "change_",
         "replace_",
         "reload_",
@@ -137,15 +151,142 @@ pub fn summarize(params: &Map<String, Value>) -> String {
     text
 }
 
-/// The entry's hash: SHA-256 over a version tag, its number, every field and the previous
-/// hash, each length-prefixed so that no two entries encode alike.
-pub fn entry_hash(seq: i64, entry: &NewAuditEntry, prev_hash: &str) -> String {
+/// The key the chain's hashes are made with: 32 random bytes, base64 in a file of its own, and
+/// the last entry written before it existed.
+#[derive(Clone)]
+pub struct AuditKey {
+    key: hmac::Key,
+    /// Entries up to this number may carry the plain hash of entries written before the key.
+    unkeyed_until: i64,
+}
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditKey")
+    }
+}
+
+/// The audit key file cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("audit key file {path}: {reason}")]
+pub struct AuditKeyError {
+    pub path: std::path::PathBuf,
+    pub reason: String,
+}
+
+impl AuditKey {
+    /// Loads the key from `path`, creating the file (0600, owner only) with a random key if it
+    /// is missing; `head` is then the last entry already in the trail, the last one that may
+    /// keep its plain hash.
+    pub fn load_or_create(path: &std::path::Path, head: i64) -> Result<Self, AuditKeyError> {
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        let fail = |reason: String| AuditKeyError {
+            path: path.to_owned(),
+            reason,
+        };
+        let encoded = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = [0u8; 32];
+                SystemRandom::new()
+                    .fill(&mut key)
+                    .map_err(|_| fail("no randomness".into()))?;
+                let encoded = format!(
+                    "{}\nunkeyed_until = {head}\n",
+                    base64::engine::general_purpose::STANDARD.encode(key)
+                );
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(|e| fail(e.to_string()))?;
+                file.write_all(encoded.as_bytes())
+                    .map_err(|e| fail(e.to_string()))?;
+                tracing::info!(path = %path.display(), "created a new key for the audit trail");
+                encoded
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        Self::decode(&encoded).map_err(|reason| fail(reason.to_owned()))
+    }
+
+    /// What [`Self::load_or_create`] would refuse in the file at `path`, without creating it.
+    pub fn check(path: &std::path::Path) -> Result<(), AuditKeyError> {
+        match std::fs::read_to_string(path) {
+            Ok(encoded) => Self::decode(&encoded)
+                .map(drop)
+                .map_err(|reason| AuditKeyError {
+                    path: path.to_owned(),
+                    reason: reason.to_owned(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(AuditKeyError {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn decode(text: &str) -> Result<Self, &'static str> {
+        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(lines.next().unwrap_or_default())
+            .map_err(|_| "not base64")?;
+        if key.len() != 32 {
+            return Err("not a 32-byte key");
+        }
+        let unkeyed_until = match lines.next() {
+            None => 0,
+            Some(line) => line
+                .strip_prefix("unkeyed_until")
+                .and_then(|rest| rest.trim_start().strip_prefix('='))
+                .and_then(|n| n.trim().parse().ok())
+                .filter(|n: &i64| *n >= 0)
+                .ok_or("the second line is not `unkeyed_until = N`")?,
+        };
+        if lines.next().is_some() {
+            return Err("more than a key and `unkeyed_until = N`");
+        }
+        Ok(Self::from_bytes(&key).with_unkeyed_until(unkeyed_until))
+    }
+
+    /// A key from its bytes, for a trail that has no entry written before it.
+    pub fn from_bytes(key: &[u8]) -> Self {
+        Self {
+            key: hmac::Key::new(hmac::HMAC_SHA256, key),
+            unkeyed_until: 0,
+        }
+    }
+
+    /// The same key, accepting plain hashes on entries up to `seq`.
+    pub fn with_unkeyed_until(mut self, seq: i64) -> Self {
+        self.unkeyed_until = seq;
+        self
+    }
+}
+
+/// The entry's hash: HMAC-SHA256 under `key` over a version tag, its number, every field and
+/// the previous hash, each length-prefixed so that no two entries encode alike.
+pub fn entry_hash(key: &AuditKey, seq: i64, entry: &NewAuditEntry, prev_hash: &str) -> String {
+    hex(hmac::sign(&key.key, &entry_bytes(KEYED, seq, entry, prev_hash)).as_ref())
+}
+
+/// The hash of an entry written before the audit key existed: plain SHA-256.
+fn unkeyed_hash(seq: i64, entry: &NewAuditEntry, prev_hash: &str) -> String {
+    hex(digest(&SHA256, &entry_bytes(UNKEYED, seq, entry, prev_hash)).as_ref())
+}
+
+const KEYED: &str = "fleetrun-audit-v2";
+const UNKEYED: &str = "fleetrun-audit-v1";
+
+fn entry_bytes(tag: &str, seq: i64, entry: &NewAuditEntry, prev_hash: &str) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(256 + entry.change.len());
     let seq = seq.to_string();
     let at = entry.at.to_string();
     let code = entry.outcome_code.to_string();
     for field in [
-        "fleetrun-audit-v1",
+        tag,
         &seq,
         &at,
         &entry.app_code,
@@ -161,7 +302,7 @@ pub fn entry_hash(seq: i64, entry: &NewAuditEntry, prev_hash: &str) -> String {
         bytes.extend_from_slice(&(field.len() as u64).to_be_bytes());
         bytes.extend_from_slice(field.as_bytes());
     }
-    hex(digest(&SHA256, &bytes).as_ref())
+    bytes
 }
 
 enum Queued {
@@ -176,6 +317,21 @@ pub struct AuditLog {
     queue: mpsc::Sender<Queued>,
     /// The last entry this controller wrote (or found at start): number and hash.
     head: Arc<Mutex<Option<(i64, String)>>>,
+    key: AuditKey,
+    refusals: Arc<Mutex<RefusalBudget>>,
+}
+
+/// Refused authentications recorded one by one per minute at most: a client hammering the API
+/// with bad credentials must not flood the trail (or the disk); past the budget they are
+/// counted, and the next one recorded after the minute is preceded by an entry saying how many
+/// went unrecorded.
+pub const REFUSED_AUTH_PER_MINUTE: u32 = 60;
+
+#[derive(Debug)]
+struct RefusalBudget {
+    window_start: std::time::Instant,
+    recorded: u32,
+    unrecorded: u64,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -194,11 +350,13 @@ impl AuditLog {
     /// handle is dropped (the API server stopped).
     pub async fn start(
         store: Store,
+        key: AuditKey,
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Result<Self, fleetrun_store::StoreError> {
         let head = Arc::new(Mutex::new(store.audit_head().await?));
         let (queue, mut incoming) = mpsc::channel::<Queued>(QUEUE);
         let task_head = head.clone();
+        let task_key = key.clone();
         tasks.spawn(async move {
             let mut received = Vec::with_capacity(BATCH);
             while incoming.recv_many(&mut received, BATCH).await > 0 {
@@ -211,14 +369,23 @@ impl AuditLog {
                     }
                 }
                 if !entries.is_empty() {
-                    commit(&store, &entries, &task_head).await;
+                    commit(&store, &task_key, &entries, &task_head).await;
                 }
                 for done in flushes {
                     let _ = done.send(());
                 }
             }
         });
-        Ok(Self { queue, head })
+        Ok(Self {
+            queue,
+            head,
+            key,
+            refusals: Arc::new(Mutex::new(RefusalBudget {
+                window_start: std::time::Instant::now(),
+                recorded: 0,
+                unrecorded: 0,
+            })),
+        })
     }
 
     /// Queues `entry` for the next commit; waits only while the queue is full. The request's
@@ -230,12 +397,61 @@ impl AuditLog {
         }
     }
 
+    /// Records a refused authentication within the budget ([`REFUSED_AUTH_PER_MINUTE`]).
+    pub async fn append_refused_auth(&self, entry: NewAuditEntry) {
+        let (record, unrecorded) = {
+            let mut budget = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+            if budget.window_start.elapsed() >= std::time::Duration::from_secs(60) {
+                let unrecorded = budget.unrecorded;
+                *budget = RefusalBudget {
+                    window_start: std::time::Instant::now(),
+                    recorded: 1,
+                    unrecorded: 0,
+                };
+                (true, unrecorded)
+            } else if budget.recorded < REFUSED_AUTH_PER_MINUTE {
+                budget.recorded += 1;
+                (true, 0)
+            } else {
+                budget.unrecorded += 1;
+                (false, 0)
+            }
+        };
+        if unrecorded > 0 {
+            self.append(NewAuditEntry {
+                at: entry.at,
+                app_code: String::new(),
+                operator: String::new(),
+                source: String::new(),
+                request_id: String::new(),
+                api: "refused_authentication".to_owned(),
+                change: json!({ "unrecorded_refusals": unrecorded }).to_string(),
+                outcome_code: entry.outcome_code,
+                outcome: format!(
+                    "{unrecorded} more refused authentications in the minute before, past \
+                     {REFUSED_AUTH_PER_MINUTE} a minute, were not recorded one by one"
+                ),
+            })
+            .await;
+        }
+        if record {
+            self.append(entry).await;
+        } else {
+            metrics::counter!("fleetrun_audit_unrecorded_refusals_total").increment(1);
+        }
+    }
+
     /// Returns once every entry queued before this call is committed or given up.
     pub async fn flush(&self) {
         let (done, flushed) = oneshot::channel();
         if self.queue.send(Queued::Flush(done)).await.is_ok() {
             let _ = flushed.await;
         }
+    }
+
+    /// The key the chain is made with.
+    pub fn key(&self) -> &AuditKey {
+        &self.key
     }
 
     /// The last entry this controller knows was written.
@@ -246,12 +462,21 @@ impl AuditLog {
 
 /// Commits one batch, retrying a refusing database a few times; entries it cannot store are
 /// written to the log in full, so the record survives there.
-async fn commit(store: &Store, entries: &[NewAuditEntry], head: &Mutex<Option<(i64, String)>>) {
+async fn commit(
+    store: &Store,
+    key: &AuditKey,
+    entries: &[NewAuditEntry],
+    head: &Mutex<Option<(i64, String)>>,
+) {
+    // The store takes a `'static` hasher: it holds its own handle on the key.
+    let key = key.clone();
+    let hasher =
+        move |seq: i64, entry: &NewAuditEntry, prev: &str| entry_hash(&key, seq, entry, prev);
     let started = std::time::Instant::now();
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match store.append_audit(entries, &entry_hash).await {
+        match store.append_audit(entries, &hasher).await {
             Ok(new_head) => {
                 *head.lock().unwrap() = Some(new_head);
                 metrics::histogram!("fleetrun_audit_append_seconds").record(started.elapsed());
@@ -300,6 +525,8 @@ pub struct Verification {
     pub last_hash: String,
     /// Every break found (at most [`MAX_PROBLEMS`]), each naming the entry.
     pub problems: Vec<String>,
+    /// Entries at the start of the chain written before the audit key existed (plain SHA-256).
+    pub unkeyed: i64,
 }
 
 impl Verification {
@@ -315,6 +542,7 @@ pub const MAX_PROBLEMS: usize = 100;
 /// been written) is checked to still be there.
 pub async fn verify(
     store: &Store,
+    key: &AuditKey,
     known_head: Option<(i64, String)>,
 ) -> Result<Verification, fleetrun_store::StoreError> {
     let mut report = Verification::default();
@@ -326,6 +554,7 @@ pub async fn verify(
     let mut expected_seq = 1;
     let mut prev_hash = String::new();
     let mut known_seen = false;
+    let mut keyed_seen = false;
     loop {
         let page = store
             .audit_entries(&AuditFilter {
@@ -358,7 +587,15 @@ pub async fn verify(
                     format!("entry {seq}: does not link to the entry before it"),
                 );
             }
-            if entry_hash(seq, &entry, &stored_prev) != hash {
+            if entry_hash(key, seq, &entry, &stored_prev) == hash {
+                keyed_seen = true;
+            } else if !keyed_seen
+                && seq <= key.unkeyed_until
+                && unkeyed_hash(seq, &entry, &stored_prev) == hash
+            {
+                // Written before the key existed.
+                report.unkeyed += 1;
+            } else {
                 problem(
                     &mut report,
                     format!("entry {seq}: its content does not match its hash (edited)"),
@@ -459,18 +696,71 @@ mod tests {
             outcome_code: 0,
             outcome: "ok".into(),
         };
-        let base = entry_hash(1, &entry, "");
+        let key = AuditKey::from_bytes(&[7; 32]);
+        let base = entry_hash(&key, 1, &entry, "");
         assert_eq!(base.len(), 64);
-        assert_ne!(entry_hash(2, &entry, ""), base);
-        assert_ne!(entry_hash(1, &entry, "00"), base);
+        assert_ne!(entry_hash(&key, 2, &entry, ""), base);
+        assert_ne!(entry_hash(&key, 1, &entry, "00"), base);
         let mut edited = entry.clone();
         edited.operator = "someone-else".into();
-        assert_ne!(entry_hash(1, &edited, ""), base);
+        assert_ne!(entry_hash(&key, 1, &edited, ""), base);
         // Moving text between fields changes the hash too.
         let mut shifted = entry.clone();
         shifted.app_code = "ao".into();
         shifted.operator = String::new();
-        assert_ne!(entry_hash(1, &shifted, ""), base);
+        assert_ne!(entry_hash(&key, 1, &shifted, ""), base);
+        // Without the key, the hash cannot be made: neither another key's nor the plain digest
+        // matches.
+        assert_ne!(
+            entry_hash(&AuditKey::from_bytes(&[8; 32]), 1, &entry, ""),
+            base
+        );
+        assert_ne!(unkeyed_hash(1, &entry, ""), base);
+    }
+
+    #[test]
+    fn the_key_file_reads_back_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.key");
+        let made = AuditKey::load_or_create(&path, 12).unwrap();
+        assert_eq!(made.unkeyed_until, 12);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.ends_with("\nunkeyed_until = 12\n"), "{text}");
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // Loaded again, whatever the trail's head is now.
+        let again = AuditKey::load_or_create(&path, 99).unwrap();
+        assert_eq!(again.unkeyed_until, 12);
+        let entry = NewAuditEntry {
+            at: 1,
+            app_code: "a".into(),
+            operator: "o".into(),
+            source: String::new(),
+            request_id: "r".into(),
+            api: "x".into(),
+            change: "{}".into(),
+            outcome_code: 0,
+            outcome: "ok".into(),
+        };
+        assert_eq!(
+            entry_hash(&made, 1, &entry, ""),
+            entry_hash(&again, 1, &entry, "")
+        );
+        for (bad, why) in [
+            ("no!pe", "not base64"),
+            ("AAAA", "not a 32-byte key"),
+            (
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\nunkeyed = 3",
+                "the second line",
+            ),
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let e = AuditKey::check(&path).unwrap_err();
+            assert!(e.reason.starts_with(why), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -484,10 +774,20 @@ mod tests {
             "revoke_agent",
             "unrevoke_agent",
             "reload_inventory",
+            "create_dangerous_rule",
+            "enable_dangerous_rule",
+            "disable_dangerous_rule",
+            "delete_dangerous_rule",
         ] {
             assert!(is_state_changing(api), "{api}");
         }
-        for api in ["get_job_instance_status", "list_hosts", "get_audit_log"] {
+        for api in [
+            "get_job_instance_status",
+            "list_hosts",
+            "get_audit_log",
+            "check_script",
+            "get_dangerous_rule_list",
+        ] {
             assert!(!is_state_changing(api), "{api}");
         }
     }

@@ -38,7 +38,7 @@ struct Manifest {
 struct ManifestFile {
     /// Name inside the backup.
     name: String,
-    /// What it is: database, param_key, config, tls_ca, tls_cert, tls_key, inventory.
+    /// What it is: database, param_key, audit_key, config, tls_ca, tls_cert, tls_key, inventory.
     role: String,
     /// Where it was taken from.
     original: PathBuf,
@@ -71,7 +71,8 @@ The database is PostgreSQL: back it up with PostgreSQL's tools, online and consi
 and restore into an empty database with the controller stopped:
   pg_restore --clean --if-exists --no-owner --dbname=\"$DATABASE_URL\" fleetrun.dump
 Keep the parameter key file (security.param_key_file) with the dump: sealed script parameters
-cannot be read without it.";
+cannot be read without it; and the audit key file (security.audit_key_file): the audit trail
+cannot be verified without it.";
 
 /// Copies `from` to `to` (a new file, 0600) and syncs it.
 fn copy_private(from: &Path, to: &Path) -> anyhow::Result<()> {
@@ -127,6 +128,7 @@ pub async fn backup(config_path: &Path, dest: &Path) -> anyhow::Result<String> {
     });
     let mut others = vec![
         ("param.key", "param_key", config.param_key_file()),
+        ("audit.key", "audit_key", config.audit_key_file()),
         ("controller.toml", "config", config_path.to_owned()),
         ("tls-ca.pem", "tls_ca", config.tls.ca.clone()),
         ("tls-cert.pem", "tls_cert", config.tls.cert.clone()),
@@ -140,7 +142,7 @@ pub async fn backup(config_path: &Path, dest: &Path) -> anyhow::Result<String> {
         others.push(("api-tls-key.pem", "api_tls_key", api_tls.key.clone()));
     }
     for (name, role, original) in others {
-        if role == "param_key" && !original.exists() {
+        if matches!(role, "param_key" | "audit_key") && !original.exists() {
             // No sealed parameter was ever stored: the controller creates the key at start.
             continue;
         }
@@ -227,13 +229,18 @@ pub async fn restore(config_path: &Path, src: &Path) -> anyhow::Result<String> {
         .await
         .with_context(|| format!("restoring the database {}", database.display()))?;
     let mut restored = vec![database.display().to_string()];
-    if manifest.files.iter().any(|f| f.role == "param_key") {
-        let key = config.param_key_file();
+    for (role, name, key) in [
+        ("param_key", "param.key", config.param_key_file()),
+        ("audit_key", "audit.key", config.audit_key_file()),
+    ] {
+        if !manifest.files.iter().any(|f| f.role == role) {
+            continue;
+        }
         let mut staging = key.as_os_str().to_owned();
         staging.push(".restoring");
         let staging = PathBuf::from(staging);
         let _ = std::fs::remove_file(&staging);
-        copy_private(&src.join("param.key"), &staging)?;
+        copy_private(&src.join(name), &staging)?;
         std::fs::rename(&staging, &key)
             .with_context(|| format!("putting {} in place", key.display()))?;
         restored.push(key.display().to_string());

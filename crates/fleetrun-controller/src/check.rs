@@ -44,6 +44,15 @@ pub fn check_config(path: &Path) -> Result<String, Vec<String>> {
         problems.push(format!("{}{location}: tls: {e}", path.display()));
     }
 
+    if let Err(e) = crate::audit::AuditKey::check(&config.audit_key_file()) {
+        let location = if config.security.audit_key_file.is_some() {
+            at(&[Key::Name("security"), Key::Name("audit_key_file")])
+        } else {
+            Location::default()
+        };
+        problems.push(format!("{}{location}: {e}", path.display()));
+    }
+
     if let Err(e) = crate::secrets::ParamCipher::check(&config.param_key_file()) {
         let location = if config.security.param_key_file.is_some() {
             at(&[Key::Name("security"), Key::Name("param_key_file")])

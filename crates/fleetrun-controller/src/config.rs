@@ -52,6 +52,29 @@ pub struct Config {
     /// The web console: its users, their scopes and roles.
     #[serde(default)]
     pub console: crate::console::ConsoleConfig,
+    /// The audit trail.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Whether state-changing API calls are recorded (default true). Turning it off is for
+    /// measuring what the trail costs; a production controller keeps it on.
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+fn enabled() -> bool {
+    true
 }
 
 /// `[api]`.
@@ -60,6 +83,11 @@ pub struct Config {
 pub struct ApiConfig {
     /// HTTPS for the API; plain HTTP without it.
     pub tls: Option<ApiTlsConfig>,
+    /// Plain HTTP on an address other than loopback: refused at start unless this is true
+    /// (behind a TLS-terminating proxy on a private network, say). Credentials and scripts
+    /// would otherwise cross the network in clear by mistake.
+    #[serde(default)]
+    pub allow_plain_http: bool,
 }
 
 /// The API's certificate chain and key (PEM), read again on SIGHUP.
@@ -146,6 +174,11 @@ pub struct SecurityConfig {
     /// Created with a random key at first start when missing; by default `param.key` beside a
     /// SQLite database. Required with PostgreSQL (controllers sharing a database share this key).
     pub param_key_file: Option<PathBuf>,
+    /// File holding the key (32 bytes, base64) the audit trail's hash chain is made with
+    /// (HMAC-SHA256). Created with a random key at first start when missing; by default
+    /// `audit.key` beside the parameter key file. Keep it where the database's writers cannot
+    /// read it.
+    pub audit_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -466,6 +499,17 @@ impl Config {
         })
     }
 
+    /// The audit trail's key file: `security.audit_key_file`, else `audit.key` beside the
+    /// parameter key file.
+    pub fn audit_key_file(&self) -> std::path::PathBuf {
+        self.security.audit_key_file.clone().unwrap_or_else(|| {
+            self.param_key_file()
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("audit.key")
+        })
+    }
+
     /// Reads the secrets given as `*_env` or `*_file` into their keys.
     fn resolve_secrets(&mut self) -> Result<(), Invalid> {
         use crate::secret_source::SecretSource;
@@ -521,6 +565,20 @@ impl Config {
                 &[Name("database")],
                 "database: with PostgreSQL, set [security] param_key_file (the key that seals \
                  sensitive parameters, which lives outside the database)",
+            ));
+        }
+        if self.api.tls.is_none()
+            && !self.api.allow_plain_http
+            && !self.http_listen.ip().to_canonical().is_loopback()
+        {
+            return Err(Invalid::new(
+                &[Name("http_listen")],
+                format!(
+                    "http_listen: {} is not a loopback address and [api] tls is not set: \
+                     credentials and scripts would cross the network in clear; set [api] tls, or \
+                     [api] allow_plain_http = true behind a proxy that terminates TLS",
+                    self.http_listen
+                ),
             ));
         }
         let mut seen = std::collections::HashSet::new();
@@ -737,6 +795,37 @@ mod tests {
         let loaded = Config::load(&path);
         let _ = std::fs::remove_file(&path);
         loaded
+    }
+
+    #[test]
+    fn plain_http_off_loopback_needs_to_be_allowed() {
+        let config = |listen: &str, api: &str| {
+            Config::parse(
+                std::path::Path::new("controller.toml"),
+                &format!(
+                    "http_listen = \"{listen}\"\nagent_listen = \"127.0.0.1:0\"\n\
+                     database = \"/tmp/x/db\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n{api}"
+                ),
+            )
+        };
+        assert!(config("127.0.0.1:8080", "").is_ok());
+        assert!(config("[::1]:8080", "").is_ok());
+        match config("0.0.0.0:8080", "") {
+            Err(ConfigError::Invalid { message, at, .. }) => {
+                assert!(message.starts_with("http_listen: "), "{message}");
+                assert!(message.contains("allow_plain_http"), "{message}");
+                assert_eq!(at.0.map(|(line, _)| line), Some(1));
+            }
+            other => panic!("plain HTTP on every address was accepted: {other:?}"),
+        }
+        assert!(config("10.0.0.5:8080", "[api]\nallow_plain_http = true\n").is_ok());
+        assert!(
+            config(
+                "10.0.0.5:8080",
+                "[api]\ntls = { cert = \"c.pem\", key = \"k.pem\" }\n"
+            )
+            .is_ok()
+        );
     }
 
     #[test]

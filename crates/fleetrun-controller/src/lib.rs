@@ -14,6 +14,7 @@ pub mod callback;
 pub mod check;
 pub mod config;
 pub mod console;
+pub mod dangerous;
 pub mod engine;
 pub mod gateway;
 pub mod host_run;
@@ -54,6 +55,8 @@ pub struct Shared {
     pub agent_listener_up: Arc<std::sync::atomic::AtomicBool>,
     /// Where state-changing API calls are recorded.
     pub audit: audit::AuditLog,
+    /// The dangerous-command rules scripts are checked against.
+    pub dangerous_rules: dangerous::DangerousRules,
 }
 
 /// A started controller.
@@ -85,7 +88,10 @@ impl Controller {
     /// tasks, ends the other unfinished ones, and starts serving.
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
         // The store creates the database's directory, readable by this user only.
-        metrics::install();
+        // Without `[metrics]` nothing records: the facade's calls cost nothing.
+        if config.metrics.is_some() {
+            metrics::install();
+        }
         let store = Store::open_database(&config.database)
             .await
             .with_context(|| format!("opening database {}", config.database))?;
@@ -119,6 +125,7 @@ impl Controller {
         }
 
         let cipher = secrets::ParamCipher::load_or_create(&config.param_key_file())?;
+        let audit_key_file = config.audit_key_file();
         let inventory = Arc::new(inventory::InventoryState::load(&config, store.clone()).await?);
 
         let timing = Timing::default();
@@ -138,10 +145,18 @@ impl Controller {
             )),
             None => {
                 if !config.http_listen.ip().is_loopback() {
+                    anyhow::ensure!(
+                        config.api.allow_plain_http,
+                        "http_listen {} is not a loopback address and [api] tls is not set: \
+                         credentials and scripts would cross the network in clear; configure \
+                         [api] tls, or set [api] allow_plain_http = true behind a proxy that \
+                         terminates TLS",
+                        config.http_listen
+                    );
                     tracing::warn!(
                         http_listen = %config.http_listen,
-                        "the API listens on a non-loopback address without TLS: credentials and \
-                         scripts cross the network in clear; configure [api] tls"
+                        "the API serves plain HTTP on a non-loopback address ([api] \
+                         allow_plain_http): credentials and scripts cross the network in clear"
                     );
                 }
                 None
@@ -213,7 +228,16 @@ impl Controller {
             cipher,
             shutdown: shutdown.clone(),
             agent_listener_up,
-            audit: audit::AuditLog::start(store.clone(), &mut tasks).await?,
+            audit: audit::AuditLog::start(
+                store.clone(),
+                audit::AuditKey::load_or_create(
+                    &audit_key_file,
+                    store.audit_head().await?.map_or(0, |(seq, _)| seq),
+                )?,
+                &mut tasks,
+            )
+            .await?,
+            dangerous_rules: dangerous::DangerousRules::load(store.clone()).await?,
         });
         tasks.spawn(retention::run(
             store.clone(),

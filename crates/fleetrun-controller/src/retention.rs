@@ -21,6 +21,9 @@ pub struct RetentionConfig {
     pub interval_secs: u64,
     /// Jobs removed per transaction.
     pub batch_jobs: usize,
+    /// Rows of logs, host results and checkpoints deleted per transaction: a 10,000-host job's
+    /// rows go in several short transactions, not one long one that holds the writer.
+    pub batch_rows: usize,
 }
 
 impl Default for RetentionConfig {
@@ -29,6 +32,7 @@ impl Default for RetentionConfig {
             finished_jobs_days: 30,
             interval_secs: 3600,
             batch_jobs: 100,
+            batch_rows: 5_000,
         }
     }
 }
@@ -63,6 +67,15 @@ impl RetentionConfig {
                 ),
             ));
         }
+        if !(100..=1_000_000).contains(&self.batch_rows) {
+            return Some((
+                "batch_rows",
+                format!(
+                    "retention.batch_rows must be between 100 and 1000000, not {}",
+                    self.batch_rows
+                ),
+            ));
+        }
         None
     }
 }
@@ -81,10 +94,7 @@ pub async fn prune_once(store: &Store, config: &RetentionConfig) -> usize {
     let cutoff = now_ms() - i64::from(config.finished_jobs_days) * 86_400_000;
     let mut total = 0;
     loop {
-        match store
-            .prune_finished_jobs(cutoff, FINISHED, config.batch_jobs)
-            .await
-        {
+        match prune_batch(store, config, cutoff).await {
             Ok(0) => break,
             Ok(n) => {
                 total += n;
@@ -105,6 +115,25 @@ pub async fn prune_once(store: &Store, config: &RetentionConfig) -> usize {
         );
     }
     total
+}
+
+/// Removes one batch of due jobs: their per-host rows `batch_rows` at a time (a transaction
+/// each, with a pause between), then the jobs themselves; returns how many jobs went.
+async fn prune_batch(
+    store: &Store,
+    config: &RetentionConfig,
+    cutoff: i64,
+) -> Result<usize, fleetrun_store::StoreError> {
+    let jobs = store
+        .prunable_jobs(cutoff, FINISHED, config.batch_jobs)
+        .await?;
+    if jobs.is_empty() {
+        return Ok(0);
+    }
+    while store.prune_host_rows(&jobs, config.batch_rows).await? > 0 {
+        tokio::time::sleep(BETWEEN_BATCHES).await;
+    }
+    store.remove_jobs(&jobs, cutoff).await
 }
 
 /// Prunes every `interval_secs` until `shutdown`.
@@ -143,5 +172,10 @@ mod tests {
         };
         assert_eq!(bad.problem().unwrap().0, "interval_secs");
         assert!(RetentionConfig::default().problem().is_none());
+        let bad = RetentionConfig {
+            batch_rows: 10,
+            ..RetentionConfig::default()
+        };
+        assert_eq!(bad.problem().unwrap().0, "batch_rows");
     }
 }

@@ -2,7 +2,10 @@
 //! off them (steps, host results, logs, callback deliveries and attempts), a few at a time.
 //!
 //! Each batch is one short transaction, so the engine's writer and new jobs wait at most for one
-//! batch, never for the whole pruning. The audit log is not touched.
+//! batch, never for the whole pruning. A job's per-host rows (logs, results, checkpoints), which
+//! a 10,000-host job has tens of thousands of, go first in batches bounded by rows
+//! ([`Store::prune_host_rows`]); the job itself and its few other rows go last
+//! ([`Store::remove_jobs`]). The audit log is not touched.
 
 use sqlx::Row;
 
@@ -25,8 +28,20 @@ impl Store {
         finished: &[i32],
         batch: usize,
     ) -> Result<usize, StoreError> {
+        let jobs = self.prunable_jobs(ended_before, finished, batch).await?;
+        self.remove_jobs(&jobs, ended_before).await
+    }
+
+    /// Up to `batch` jobs whose status is one of `finished` and that ended before
+    /// `ended_before` (ms), the oldest first.
+    pub async fn prunable_jobs(
+        &self,
+        ended_before: i64,
+        finished: &[i32],
+        batch: usize,
+    ) -> Result<Vec<i64>, StoreError> {
         if finished.is_empty() || batch == 0 {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let select = format!(
             "SELECT job_instance_id FROM job_instance \
@@ -38,12 +53,52 @@ impl Store {
         for status in finished {
             query = query.bind(i64::from(*status));
         }
-        let jobs: Vec<i64> = query
+        Ok(query
             .fetch_all(&self.pool)
             .await?
             .iter()
             .map(|row| row.get(0))
-            .collect();
+            .collect())
+    }
+
+    /// Deletes at most `max_rows` per-host rows of `jobs` (their logs first, then results, then
+    /// task checkpoints) in one transaction; returns how many went, 0 once none is left. Only
+    /// for jobs [`Self::prunable_jobs`] returned: finished, so nothing writes these rows any more.
+    pub async fn prune_host_rows(
+        &self,
+        jobs: &[i64],
+        max_rows: usize,
+    ) -> Result<usize, StoreError> {
+        if jobs.is_empty() || max_rows == 0 {
+            return Ok(0);
+        }
+        let ids = placeholders(0, jobs.len());
+        let steps =
+            format!("SELECT step_instance_id FROM step_instance WHERE job_instance_id IN ({ids})");
+        for (table, key) in [
+            ("host_log", r#"step_instance_id, bk_host_id, "offset""#),
+            ("host_result", "step_instance_id, bk_host_id"),
+            ("host_task", "step_instance_id, bk_host_id"),
+        ] {
+            let sql = format!(
+                "DELETE FROM {table} WHERE ({key}) IN \
+                 (SELECT {key} FROM {table} WHERE step_instance_id IN ({steps}) LIMIT {max_rows})"
+            );
+            let mut query = sqlx::query(&sql);
+            for id in jobs {
+                query = query.bind(id);
+            }
+            let done = self.noting_write_failure(query.execute(&self.pool).await)?;
+            if done.rows_affected() > 0 {
+                return Ok(done.rows_affected() as usize);
+            }
+        }
+        Ok(0)
+    }
+
+    /// Removes `jobs` with whatever is left under them, in one transaction, each only if it is
+    /// still finished before `ended_before`; returns how many were removed.
+    pub async fn remove_jobs(&self, jobs: &[i64], ended_before: i64) -> Result<usize, StoreError> {
         if jobs.is_empty() {
             return Ok(0);
         }
@@ -71,7 +126,7 @@ impl Store {
         let mut removed = 0;
         for (i, sql) in statements.iter().enumerate() {
             let mut query = sqlx::query(sql);
-            for id in &jobs {
+            for id in jobs {
                 query = query.bind(id);
             }
             if i == statements.len() - 1 {
@@ -88,6 +143,103 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::placeholders;
+    use crate::{NewHostResult, NewJob, NewStep, Write};
+
+    fn job_on(hosts: i64) -> NewJob {
+        NewJob {
+            name: "job".into(),
+            operator: "admin".into(),
+            app_code: "app".into(),
+            bk_scope_type: "biz".into(),
+            bk_scope_id: "2".into(),
+            status: 2,
+            job_type: 1,
+            launch_mode: 2,
+            callback_url: None,
+            create_time: 1,
+            step: NewStep {
+                name: "job".into(),
+                step_type: 1,
+                script_language: 1,
+                script_content: b"true".to_vec(),
+                script_param: String::new(),
+                is_param_sensitive: false,
+                timeout: 60,
+                account_id: 1,
+                account: "root".into(),
+            },
+            hosts: (1..=hosts)
+                .map(|h| NewHostResult {
+                    bk_host_id: h,
+                    bk_cloud_id: 0,
+                    ip: format!("10.0.0.{h}"),
+                    status: 5,
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_job_goes_in_transactions_bounded_by_rows() {
+        let (_db, store) = crate::test_store().await;
+        let old = store.create_job(&job_on(30)).await.unwrap();
+        let running = store.create_job(&job_on(2)).await.unwrap();
+        for host in 1..=30 {
+            for chunk in 0..10 {
+                store
+                    .record(Write::HostLog {
+                        step_instance_id: old.step_instance_id,
+                        bk_host_id: host,
+                        offset: chunk * 4,
+                        data: b"abc\n".to_vec(),
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+        store
+            .record(Write::JobFinished {
+                job_instance_id: old.job_instance_id,
+                status: 3,
+                at: 10,
+            })
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+
+        let jobs = store.prunable_jobs(100, &[3], 10).await.unwrap();
+        assert_eq!(jobs, [old.job_instance_id], "only the finished job is due");
+        let mut batches = Vec::new();
+        loop {
+            let n = store.prune_host_rows(&jobs, 64).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            assert!(n <= 64, "a batch of {n} rows");
+            batches.push(n);
+        }
+        // 300 log chunks, then 30 host results.
+        assert_eq!(batches, [64, 64, 64, 64, 44, 30]);
+        assert!(
+            store
+                .host_results(old.step_instance_id)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(store.remove_jobs(&jobs, 100).await.unwrap(), 1);
+        assert!(store.job(old.job_instance_id).await.unwrap().is_none());
+        // The running job and its hosts are untouched.
+        assert!(store.job(running.job_instance_id).await.unwrap().is_some());
+        assert_eq!(
+            store
+                .host_results(running.step_instance_id)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+    }
 
     #[test]
     fn placeholders_are_numbered_after_the_offset() {

@@ -76,6 +76,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0009_agent_timeout_status.sql"),
         include_str!("../migrations/postgres/0009_agent_timeout_status.sql"),
     ),
+    (
+        11,
+        "dangerous rules",
+        include_str!("../migrations/sqlite/0011_dangerous_rules.sql"),
+        include_str!("../migrations/postgres/0011_dangerous_rules.sql"),
+    ),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them.

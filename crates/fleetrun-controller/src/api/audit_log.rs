@@ -127,7 +127,7 @@ pub async fn get_audit_log(
 pub async fn verify_audit_log(shared: &Shared, caller: &Caller) -> Result<Value, ApiError> {
     require_admin(caller, "verify the audit log")?;
     shared.audit.flush().await;
-    let report = crate::audit::verify(&shared.store, shared.audit.head())
+    let report = crate::audit::verify(&shared.store, shared.audit.key(), shared.audit.head())
         .await
         .map_err(|e| ApiError::internal("reading the audit log", e))?;
     Ok(json!({
@@ -136,5 +136,6 @@ pub async fn verify_audit_log(shared: &Shared, caller: &Caller) -> Result<Value,
         "last_seq": report.last_seq,
         "last_hash": report.last_hash,
         "problems": report.problems,
+        "unkeyed_entries": report.unkeyed,
     }))
 }

@@ -50,6 +50,12 @@ pub mod code {
     pub const JOB_NOT_FOUND: i64 = 1_244_006;
     /// TASK_INSTANCE_NOT_EXIST, also what bk-job answers for a step of another job.
     pub const STEP_NOT_FOUND: i64 = JOB_NOT_FOUND;
+    /// DANGEROUS_SCRIPT_FORBIDDEN_EXECUTION: an intercepting dangerous rule matched the script.
+    pub const DANGEROUS_SCRIPT: i64 = 1_244_019;
+    /// DANGEROUS_RUlE_EXIST: a rule with the expression and languages exists.
+    pub const DANGEROUS_RULE_EXISTS: i64 = 1_243_056;
+    /// No rule has the id (bk-job fails internally there): MISSING_OR_ILLEGAL_PARAM naming `id`.
+    pub const DANGEROUS_RULE_NOT_FOUND: i64 = MISSING_OR_ILLEGAL_PARAM;
     /// bk-job's DB_ERROR: the database is unusable.
     pub const DATABASE_UNWRITABLE: i64 = 1_252_001;
 }

@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::{
     ApiError,
     auth::Caller,
+    dangerous_rules,
     error::code,
     params::{Params, lenient},
     reply, scope, scripts,
@@ -310,6 +311,17 @@ pub async fn fast_execute_script(
         .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?
         .hosts;
 
+    // Dangerous-command rules, last: the check reads the whole script.
+    let script = Arc::new(script);
+    let step_name = req
+        .task_name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("API Quick execution script");
+    let scanned =
+        dangerous_rules::refuse_intercepted(shared, step_name, language as i32, script.clone())
+            .await?;
+
     let start = req.start_task.unwrap_or(true);
     let create_time = now_ms();
     let name = req
@@ -333,7 +345,7 @@ pub async fn fast_execute_script(
             name: name.clone(),
             step_type: 1,
             script_language: language as i32,
-            script_content: script.clone(),
+            script_content: script.to_vec(),
             // A sensitive parameter is stored sealed for its step (`create_job_sealing`); only
             // the dispatch below sees it in clear.
             script_param: param.clone(),
@@ -363,7 +375,7 @@ pub async fn fast_execute_script(
             hosts: chosen.iter().map(|h| h.bk_host_id).collect(),
             task: TaskTemplate {
                 script_language: language as i32,
-                script: Arc::new(script),
+                script: script.clone(),
                 script_param: param,
                 is_param_sensitive: sensitive,
                 account: account.account.clone(),
@@ -382,6 +394,7 @@ pub async fn fast_execute_script(
         job_instance_id: created.job_instance_id,
         job_instance_name: name,
         step_instance_id: created.step_instance_id,
+        dangerous_script_check: scanned,
     })
 }
 
@@ -391,6 +404,10 @@ struct Submitted {
     job_instance_id: i64,
     job_instance_name: String,
     step_instance_id: i64,
+    /// fleetrun's: what scanning dangerous rules found in the script (it runs nevertheless);
+    /// absent when nothing matched.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    dangerous_script_check: Vec<crate::dangerous::Finding>,
 }
 
 /// bk-job's rolling configuration: `expression` (batch sizes such as `10%` or `1 5 +10%`) and

@@ -12,6 +12,7 @@ mod accounts;
 mod admin;
 mod audit_log;
 mod auth;
+mod dangerous_rules;
 mod error;
 mod execute;
 mod health;
@@ -106,6 +107,13 @@ const APIS: &[&str] = &[
     "get_callback_status",
     "get_audit_log",
     "verify_audit_log",
+    "create_dangerous_rule",
+    "update_dangerous_rule",
+    "delete_dangerous_rule",
+    "enable_dangerous_rule",
+    "disable_dangerous_rule",
+    "get_dangerous_rule_list",
+    "check_script",
 ];
 
 /// bk-job's public-script APIs: the business ones' twins, served by [`scripts::call`] with the
@@ -228,15 +236,25 @@ async fn answer(request: Request) -> Response {
     };
     // Who asked for a change, and what: filled once the caller is authenticated.
     let mut audited = None;
+    // Who a caller whose credentials were refused said it was.
+    let mut refused_auth: Option<(String, String)> = None;
     let result = async {
         // The turn is held until the reply is made.
         let intake::Admitted {
             params,
             caller,
             turn: _turn,
-        } = intake::read(&shared, &gate, &method, &headers, query.as_deref(), body).await?;
+        } = match intake::read(&shared, &gate, &method, &headers, query.as_deref(), body).await {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                if e.code == error::code::GATEWAY_INVALID_ARGS {
+                    refused_auth = Some(claimed_caller(&headers, query.as_deref()));
+                }
+                return Err(e);
+            }
+        };
         tracing::debug!("request");
-        if crate::audit::is_state_changing(api_name) {
+        if shared.config.audit.enabled && crate::audit::is_state_changing(api_name) {
             audited = Some((
                 caller.app_code.clone(),
                 caller.username.clone(),
@@ -277,6 +295,25 @@ async fn answer(request: Request) -> Response {
             "get_callback_status" => query::get_callback_status(&shared, &caller, &params).await,
             "get_audit_log" => audit_log::get_audit_log(&shared, &caller, &params).await,
             "verify_audit_log" => audit_log::verify_audit_log(&shared, &caller).await,
+            "create_dangerous_rule" => {
+                dangerous_rules::create_dangerous_rule(&shared, &caller, &params).await
+            }
+            "update_dangerous_rule" => {
+                dangerous_rules::update_dangerous_rule(&shared, &caller, &params).await
+            }
+            "delete_dangerous_rule" => {
+                dangerous_rules::delete_dangerous_rule(&shared, &caller, &params).await
+            }
+            "enable_dangerous_rule" => {
+                dangerous_rules::set_dangerous_rule_status(&shared, &caller, &params, true).await
+            }
+            "disable_dangerous_rule" => {
+                dangerous_rules::set_dangerous_rule_status(&shared, &caller, &params, false).await
+            }
+            "get_dangerous_rule_list" => {
+                dangerous_rules::get_dangerous_rule_list(&shared, &caller, &params).await
+            }
+            "check_script" => dangerous_rules::check_script(&shared, &caller, &params).await,
             name if scripts::APIS.contains(&name) => {
                 scripts::call(name, false, &shared, &caller, &params).await
             }
@@ -309,8 +346,53 @@ async fn answer(request: Request) -> Response {
         };
         shared.audit.append(entry).await;
     }
+    if let Some((app_code, operator)) = refused_auth
+        && shared.config.audit.enabled
+    {
+        let entry = fleetrun_store::NewAuditEntry {
+            at: crate::now_ms(),
+            app_code,
+            operator,
+            source: peer.map_or_else(String::new, |Extension(PeerAddr(a))| a.to_string()),
+            request_id: request_id.clone(),
+            api: api_name.to_owned(),
+            change: "{}".to_owned(),
+            outcome_code: code,
+            outcome: result
+                .as_ref()
+                .map_or_else(|e| e.message.clone(), |_| "ok".to_owned()),
+        };
+        shared.audit.append_refused_auth(entry).await;
+    }
     crate::metrics::api_request(api_name, code, started.elapsed());
     envelope(&request_id, result)
+}
+
+/// The app code and user name a refused caller gave (`X-Bkapi-Authorization`, else the query
+/// string; a JSON body is not read again), cut to 64 characters each: they are the client's
+/// claims, recorded as such.
+fn claimed_caller(headers: &HeaderMap, query: Option<&str>) -> (String, String) {
+    let cut = |s: &str| s.chars().take(64).collect::<String>();
+    let from_header = headers
+        .get("x-bkapi-authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| serde_json::from_str::<serde_json::Map<String, Value>>(v).ok());
+    let from_query: serde_json::Map<String, Value> = query
+        .and_then(|q| serde_urlencoded::from_str::<Vec<(String, String)>>(q).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    let field = |key: &str| {
+        from_header
+            .as_ref()
+            .and_then(|m| m.get(key))
+            .or_else(|| from_query.get(key))
+            .and_then(Value::as_str)
+            .map(cut)
+            .unwrap_or_default()
+    };
+    (field("bk_app_code"), field("bk_username"))
 }
 
 /// Logs how a request ended. Messages quote what clients sent, so they are escaped: a line in

@@ -801,6 +801,15 @@ async fn start_created_job(
     } else {
         param
     };
+    // The rules in force now decide, as for a fresh submit.
+    let script = std::sync::Arc::new(script);
+    super::dangerous_rules::refuse_intercepted(
+        shared,
+        &step.name,
+        step.script_language,
+        script.clone(),
+    )
+    .await?;
     let claimed = shared
         .store
         .claim_pending_job(
@@ -819,7 +828,7 @@ async fn start_created_job(
         hosts: hosts.iter().map(|h| h.bk_host_id).collect(),
         task: crate::engine::TaskTemplate {
             script_language: step.script_language,
-            script: std::sync::Arc::new(script),
+            script,
             script_param: param,
             is_param_sensitive: step.is_param_sensitive,
             account: account.account.clone(),

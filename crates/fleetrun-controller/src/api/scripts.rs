@@ -291,6 +291,24 @@ fn new_version(
     })
 }
 
+/// A version the dangerous-command rules would refuse to run is refused before it is kept: it
+/// could never run. (Rules made later still stop a kept one at its run.)
+async fn refuse_dangerous(
+    shared: &Shared,
+    name: &str,
+    language: i32,
+    content: &[u8],
+) -> Result<(), ApiError> {
+    super::dangerous_rules::refuse_intercepted(
+        shared,
+        name,
+        language,
+        std::sync::Arc::new(content.to_vec()),
+    )
+    .await
+    .map(drop)
+}
+
 /// The script APIs, business and public: `name` is the business API's name.
 pub async fn call(
     name: &str,
@@ -357,6 +375,7 @@ async fn create_script(
         script_language,
         ..new_version(library.key(), caller, req)?
     };
+    refuse_dangerous(shared, &new.name, script_language, &new.content).await?;
     let script_id = uuid::Uuid::new_v4().simple().to_string();
     let version = shared.store.create_script(&new, &script_id).await?;
     reply::data(version_reply(&version, true))
@@ -390,6 +409,11 @@ async fn create_script_version(
         .clone()
         .ok_or_else(|| ApiError::missing("script_id"))?;
     let new = new_version(library.key(), caller, req.rest)?;
+    let script = shared
+        .store
+        .script(library.key().0, library.key().1, &script_id)
+        .await?;
+    refuse_dangerous(shared, &script.name, script.script_language, &new.content).await?;
     let version = shared
         .store
         .create_script_version(library.key(), &script_id, &new)
@@ -466,6 +490,11 @@ async fn update_script_version(
     let req: VersionOperation = params.parse()?;
     let (script_id, id) = req.ids()?;
     let text = content("content", req.content.as_deref())?;
+    let script = shared
+        .store
+        .script(library.key().0, library.key().1, &script_id)
+        .await?;
+    refuse_dangerous(shared, &script.name, script.script_language, &text).await?;
     let version = shared
         .store
         .update_script_version(

@@ -1,0 +1,486 @@
+//! Dangerous-command rules: which scripts are refused (intercept) or reported (scan) before they
+//! run, as bk-job's "high-risk statement" rules.
+//!
+//! A rule is a regular expression for some script languages. A script is checked line by line:
+//! blank lines and the language's comment lines are skipped, and each enabled rule of the
+//! script's language that finds a match in a line makes a [`Finding`] (bk-job's check item, level
+//! 3 "fatal"). The API refuses a script with any finding of an intercepting rule
+//! (`DANGEROUS_SCRIPT_FORBIDDEN_EXECUTION`) and lets one with scan findings only run, reporting
+//! them.
+//!
+//! Expressions come from administrators over the network, so compiling one is bounded
+//! ([`compile`]: length, nesting, compiled size); the `regex` crate matches in time linear in the
+//! text, and scripts are bounded by the API. The rules of a language are matched together
+//! through one `RegexSet`, so a line costs one pass whatever the number of rules.
+//!
+//! [`DangerousRules`] keeps the enabled rules compiled; every change through the API reloads
+//! them from the store (one controller per database, so the store and the copy agree).
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+};
+
+use fleetrun_store::{DangerousRule, Store, StoreError};
+use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+
+/// `action`: report the finding and let the script run.
+pub const SCAN: i32 = 1;
+/// `action`: refuse the script.
+pub const INTERCEPT: i32 = 2;
+/// `status` of a rule that is checked.
+pub const ENABLED: i32 = 1;
+/// `status` of a rule that is kept but not checked.
+pub const DISABLED: i32 = 0;
+/// bk-job's check item level of a rule's finding ("fatal").
+pub const LEVEL_FATAL: i32 = 3;
+
+/// Longest expression accepted, in characters.
+pub const MAX_EXPRESSION_CHARS: usize = 1024;
+/// Most rules kept: each is compiled and matched on every script of its languages.
+pub const MAX_RULES: usize = 500;
+/// The compiled program of one expression, in bytes: `(a{1000}){1000}` is refused here rather
+/// than built.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// The lazy DFA's cache per expression; past it matching falls back to a slower engine that is
+/// still linear in the text.
+const DFA_SIZE_LIMIT: usize = 2 << 20;
+/// Deepest nesting of groups and repetitions.
+const NEST_LIMIT: u32 = 64;
+/// Findings reported for one script at most: a rule matching every line of a large script
+/// must not make a reply of its size again.
+const MAX_FINDINGS: usize = 200;
+/// A finding's line and match are cut to this many characters.
+const MAX_SHOWN_CHARS: usize = 512;
+
+/// Compiles an expression within the limits, or says why not (for the field's error message).
+pub fn compile(expression: &str) -> Result<Regex, String> {
+    if expression.trim().is_empty() {
+        return Err("is empty".to_owned());
+    }
+    let chars = expression.chars().count();
+    if chars > MAX_EXPRESSION_CHARS {
+        return Err(format!(
+            "{chars} characters, more than {MAX_EXPRESSION_CHARS}"
+        ));
+    }
+    RegexBuilder::new(expression)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(DFA_SIZE_LIMIT)
+        .nest_limit(NEST_LIMIT)
+        .build()
+        .map_err(|e| match e {
+            regex::Error::CompiledTooBig(limit) => format!(
+                "compiles to more than {limit} bytes; write a smaller expression (fewer or smaller counted repetitions)"
+            ),
+            other => format!("not a valid regular expression: {other}"),
+        })
+}
+
+/// One match of a rule in a script: bk-job's check item, with the rule it came from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Finding {
+    /// 1-based line number.
+    pub line: usize,
+    pub line_content: String,
+    pub match_content: String,
+    /// Always [`LEVEL_FATAL`], as bk-job reports a rule's match.
+    pub level: i32,
+    /// The rule's description.
+    pub description: String,
+    pub rule_id: i64,
+    /// The rule's action: [`SCAN`] or [`INTERCEPT`].
+    pub action: i32,
+}
+
+/// What checking a script found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verdict {
+    pub findings: Vec<Finding>,
+    /// More findings than [`MAX_FINDINGS`] were made; the rest are left out.
+    pub truncated: bool,
+}
+
+impl Verdict {
+    /// Whether an intercepting rule matched.
+    pub fn intercepted(&self) -> bool {
+        self.findings.iter().any(|f| f.action == INTERCEPT)
+    }
+
+    /// bk-job's summary of why a script was refused: each intercepting finding as
+    /// `[step:NAME][line:N][content:LINE] - DESCRIPTION`, joined by `||`.
+    pub fn summary(&self, step: &str) -> String {
+        self.findings
+            .iter()
+            .filter(|f| f.action == INTERCEPT)
+            .map(|f| {
+                format!(
+                    "[step:{step}][line:{}][content:{}] - {}",
+                    f.line, f.line_content, f.description
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("||")
+    }
+}
+
+/// The enabled rules of one language.
+#[derive(Debug)]
+struct LanguageRules {
+    /// `None` when the rules would not compile together within the limits; then each is tried
+    /// on its own.
+    set: Option<RegexSet>,
+    rules: Vec<(Regex, Arc<DangerousRule>)>,
+}
+
+/// The enabled rules, compiled, by script language.
+#[derive(Debug, Default)]
+pub struct CompiledRules {
+    by_language: BTreeMap<i32, LanguageRules>,
+}
+
+impl CompiledRules {
+    /// Compiles the enabled rules. A stored expression that does not compile (one written by a
+    /// release with other limits) is left out with a warning rather than stop the controller.
+    pub fn build(rules: &[DangerousRule]) -> Self {
+        let mut by_language: BTreeMap<i32, Vec<(Regex, Arc<DangerousRule>)>> = BTreeMap::new();
+        for rule in rules.iter().filter(|r| r.status == ENABLED) {
+            let regex = match compile(&rule.expression) {
+                Ok(regex) => regex,
+                Err(why) => {
+                    tracing::warn!(rule = rule.id, "dangerous rule left out: expression {why}");
+                    continue;
+                }
+            };
+            let rule = Arc::new(rule.clone());
+            for language in &rule.script_languages {
+                by_language
+                    .entry(*language)
+                    .or_default()
+                    .push((regex.clone(), rule.clone()));
+            }
+        }
+        let by_language = by_language
+            .into_iter()
+            .map(|(language, rules)| {
+                let set = RegexSetBuilder::new(rules.iter().map(|(r, _)| r.as_str()))
+                    .size_limit(REGEX_SIZE_LIMIT.saturating_mul(rules.len()))
+                    .dfa_size_limit(DFA_SIZE_LIMIT.saturating_mul(4))
+                    .nest_limit(NEST_LIMIT)
+                    .build()
+                    .ok();
+                (language, LanguageRules { set, rules })
+            })
+            .collect();
+        Self { by_language }
+    }
+
+    /// Checks a script of `language` line by line.
+    pub fn check(&self, language: i32, script: &[u8]) -> Verdict {
+        let mut verdict = Verdict::default();
+        let Some(rules) = self.by_language.get(&language) else {
+            return verdict;
+        };
+        let text = String::from_utf8_lossy(script);
+        for (index, line) in text.split('\n').enumerate() {
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            if line.trim().is_empty() || is_comment(language, line) {
+                continue;
+            }
+            let matching: Vec<usize> = match &rules.set {
+                Some(set) => set.matches(line).into_iter().collect(),
+                None => (0..rules.rules.len())
+                    .filter(|&i| rules.rules[i].0.is_match(line))
+                    .collect(),
+            };
+            for i in matching {
+                let (regex, rule) = &rules.rules[i];
+                let Some(found) = regex.find(line) else {
+                    continue;
+                };
+                if verdict.findings.len() == MAX_FINDINGS {
+                    verdict.truncated = true;
+                    // An intercepting finding must not be lost to the cap: it decides.
+                    if rule.action == INTERCEPT && !verdict.intercepted() {
+                        verdict.findings.pop();
+                    } else {
+                        continue;
+                    }
+                }
+                verdict.findings.push(Finding {
+                    line: index + 1,
+                    line_content: cut(line),
+                    match_content: cut(found.as_str()),
+                    level: LEVEL_FATAL,
+                    description: rule.description.clone(),
+                    rule_id: rule.id,
+                    action: rule.action,
+                });
+            }
+        }
+        verdict
+    }
+}
+
+fn cut(text: &str) -> String {
+    match text.char_indices().nth(MAX_SHOWN_CHARS) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
+/// Whether a line is a comment in the language (bk-job skips them).
+fn is_comment(language: i32, line: &str) -> bool {
+    let line = line.trim_start();
+    match language {
+        // bat: `REM ...` or `:: ...`.
+        2 => {
+            let lower = line.get(..4).map(str::to_ascii_lowercase);
+            line.starts_with("::")
+                || lower.as_deref() == Some("rem ")
+                || line.eq_ignore_ascii_case("rem")
+        }
+        // SQL.
+        6 => line.starts_with("--"),
+        // shell, Perl, Python, PowerShell.
+        _ => line.starts_with('#'),
+    }
+}
+
+/// The rules in force, compiled, reloaded from the store after every change.
+#[derive(Debug)]
+pub struct DangerousRules {
+    store: Store,
+    current: RwLock<Arc<CompiledRules>>,
+    /// Changes one at a time, so the copy reloaded last reflects the last change.
+    changing: tokio::sync::Mutex<()>,
+}
+
+impl DangerousRules {
+    /// Loads and compiles the stored rules.
+    pub async fn load(store: Store) -> Result<Self, StoreError> {
+        let compiled = CompiledRules::build(&store.dangerous_rules().await?);
+        Ok(Self {
+            store,
+            current: RwLock::new(Arc::new(compiled)),
+            changing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The store, for the API's changes.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Makes a change of the rules and puts the result in force before returning.
+    pub async fn change<T, E: From<StoreError>>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let _one_at_a_time = self.changing.lock().await;
+        let result = work.await;
+        // Reloaded whatever the outcome: a failed change may still have been committed.
+        let rules = self.store.dangerous_rules().await?;
+        let compiled = Arc::new(CompiledRules::build(&rules));
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = compiled;
+        result
+    }
+
+    /// The rules in force.
+    pub fn current(&self) -> Arc<CompiledRules> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Checks a script on a blocking thread (a large script takes a while).
+    pub async fn check(&self, language: i32, script: Arc<Vec<u8>>) -> Verdict {
+        let rules = self.current();
+        match tokio::task::spawn_blocking(move || rules.check(language, &script)).await {
+            Ok(verdict) => verdict,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default rules as migration 0011 stores them.
+    const DEFAULTS: &[&str] = &[
+        r#"\brm\s+(?:-{1,2}[\w-]+\s+)*(?:-[a-zA-Z]*[rR][a-zA-Z]*|--recursive)\s+(?:-{1,2}[\w-]+\s+)*/\*?(?:[\s;&|"'`)]|$)"#,
+        r"\b(?:mkfs(?:\.\w+)?|mke2fs)\b[^;&|]*\s/dev/(?:sd|hd|vd|xvd|nvme|mmcblk|md|dm-|mapper/|disk/)",
+        r":\s*\(\s*\)\s*\{\s*:\s*\|\s*:\s*&\s*\}",
+        r"\bdd\b[^;&|]*\bof=/dev/(?:sd|hd|vd|xvd|nvme|mmcblk|md|dm-|mapper/|disk/)",
+    ];
+
+    fn rule(id: i64, expression: &str, languages: &[i32], action: i32) -> DangerousRule {
+        DangerousRule {
+            id,
+            expression: expression.into(),
+            script_languages: languages.to_vec(),
+            description: format!("rule {id}"),
+            action,
+            status: ENABLED,
+            creator: "t".into(),
+            create_time: 0,
+            last_modify_user: "t".into(),
+            last_modify_time: 0,
+        }
+    }
+
+    fn defaults() -> CompiledRules {
+        let rules: Vec<DangerousRule> = DEFAULTS
+            .iter()
+            .enumerate()
+            .map(|(i, e)| rule(i as i64 + 1, e, &[1, 3, 4], INTERCEPT))
+            .collect();
+        CompiledRules::build(&rules)
+    }
+
+    #[test]
+    fn the_default_rules_catch_what_destroys_a_host_and_let_the_rest_through() {
+        let rules = defaults();
+        for (script, rule) in [
+            ("rm -rf /", 1),
+            ("sudo rm -rf /*", 1),
+            ("rm -fr / ", 1),
+            ("rm -r -f /", 1),
+            ("rm -rf --no-preserve-root /", 1),
+            ("cd /tmp && rm --recursive --force /; echo", 1),
+            ("mkfs.ext4 /dev/sdb1", 2),
+            ("mkfs -t xfs -f /dev/nvme0n1", 2),
+            ("mke2fs /dev/vda", 2),
+            (":(){ :|:& };:", 3),
+            (": () { : | : & } ; :", 3),
+            ("dd if=/dev/zero of=/dev/sda bs=1M", 4),
+            ("dd if=image.iso of=/dev/disk/by-id/usb-x", 4),
+            ("python -c 'import os; os.system(\"rm -rf /\")'", 1),
+        ] {
+            let verdict = rules.check(1, script.as_bytes());
+            assert!(verdict.intercepted(), "{script:?} passed");
+            assert_eq!(verdict.findings[0].rule_id, rule, "{script:?}");
+        }
+        for script in [
+            "rm -rf /tmp/work",
+            "rm -rf ./build /var/tmp/x",
+            "rm /etc/motd",
+            "rm -f /",
+            "# rm -rf /",
+            "   # mkfs.ext4 /dev/sda",
+            "dd if=/dev/sda of=/tmp/mbr bs=512 count=1",
+            "dd if=/dev/zero of=/dev/null",
+            "mkfs.ext4 /tmp/disk.img",
+            "echo done > /dev/null",
+            "f() { g | h; }",
+            "ls /dev/sda",
+        ] {
+            let verdict = rules.check(1, script.as_bytes());
+            assert!(!verdict.intercepted(), "{script:?} refused: {verdict:?}");
+        }
+        // Languages the rule does not list are not checked.
+        assert!(rules.check(5, b"rm -rf /").findings.is_empty());
+    }
+
+    #[test]
+    fn a_finding_names_its_line_match_and_rule() {
+        let rules = CompiledRules::build(&[
+            rule(7, r"shutdown\s+-h", &[1], SCAN),
+            rule(8, "reboot", &[1, 4], INTERCEPT),
+        ]);
+        let verdict = rules.check(
+            1,
+            b"#!/bin/bash\n\necho hi\r\nsudo shutdown -h now\n# reboot\nreboot\n",
+        );
+        assert_eq!(
+            verdict.findings,
+            vec![
+                Finding {
+                    line: 4,
+                    line_content: "sudo shutdown -h now".into(),
+                    match_content: "shutdown -h".into(),
+                    level: LEVEL_FATAL,
+                    description: "rule 7".into(),
+                    rule_id: 7,
+                    action: SCAN,
+                },
+                Finding {
+                    line: 6,
+                    line_content: "reboot".into(),
+                    match_content: "reboot".into(),
+                    level: LEVEL_FATAL,
+                    description: "rule 8".into(),
+                    rule_id: 8,
+                    action: INTERCEPT,
+                },
+            ]
+        );
+        assert!(verdict.intercepted());
+        assert_eq!(
+            verdict.summary("deploy"),
+            "[step:deploy][line:6][content:reboot] - rule 8"
+        );
+        let scan_only = rules.check(1, b"shutdown -h now");
+        assert!(!scan_only.intercepted());
+        assert_eq!(scan_only.findings.len(), 1);
+    }
+
+    #[test]
+    fn disabled_rules_are_not_checked() {
+        let mut off = rule(1, "reboot", &[1], INTERCEPT);
+        off.status = DISABLED;
+        assert!(
+            CompiledRules::build(&[off])
+                .check(1, b"reboot")
+                .findings
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn hostile_expressions_are_refused_with_the_reason() {
+        let too_big = compile("(a{1000}){1000}").unwrap_err();
+        assert!(too_big.contains("compiles to more than"), "{too_big}");
+        let deep = format!("{}a{}", "(".repeat(200), ")".repeat(200));
+        assert!(
+            compile(&deep).unwrap_err().contains("not a valid"),
+            "nesting"
+        );
+        let long = "a".repeat(MAX_EXPRESSION_CHARS + 1);
+        assert!(compile(&long).unwrap_err().contains("more than 1024"));
+        assert!(compile("(unclosed").unwrap_err().contains("not a valid"));
+        assert!(compile(r"(a)\1").unwrap_err().contains("not a valid"));
+        assert_eq!(compile("  ").unwrap_err(), "is empty");
+    }
+
+    #[test]
+    fn a_large_script_is_checked_in_linear_time_and_findings_are_capped() {
+        // A pattern that backtracking engines take exponential time on.
+        let rules = CompiledRules::build(&[
+            rule(1, "(a+)+$", &[1], SCAN),
+            rule(2, "needle", &[1], INTERCEPT),
+        ]);
+        let mut script = "a".repeat(100_000).into_bytes();
+        script.push(b'!');
+        script.extend(b"\na\n".repeat(1000));
+        script.extend(b"needle\n");
+        let started = std::time::Instant::now();
+        let verdict = rules.check(1, &script);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(verdict.truncated);
+        assert_eq!(verdict.findings.len(), MAX_FINDINGS);
+        assert!(verdict.intercepted(), "the intercepting finding is kept");
+    }
+
+    #[test]
+    fn comments_are_skipped_per_language() {
+        assert!(is_comment(1, "  # x"));
+        assert!(is_comment(2, "REM x"));
+        assert!(is_comment(2, ":: x"));
+        assert!(!is_comment(2, "remove x"));
+        assert!(is_comment(6, "-- x"));
+        assert!(!is_comment(6, "# x"));
+    }
+}
