@@ -52,6 +52,8 @@ pub struct Config {
     /// The web console: its users, their scopes and roles.
     #[serde(default)]
     pub console: crate::console::ConsoleConfig,
+    /// The agent package and install script served to new hosts.
+    pub dist: Option<crate::dist::DistConfig>,
 }
 
 /// `[api]`.
@@ -712,6 +714,9 @@ impl Config {
             return Err(Invalid::new(&[Name("retention"), Name(key)], message));
         }
         self.console.validate(&self.apps)?;
+        if let Some((key, message)) = self.dist.as_ref().and_then(|d| d.problem()) {
+            return Err(Invalid::new(&[Name("dist"), Name(key)], message));
+        }
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ pub mod callback;
 pub mod check;
 pub mod config;
 pub mod console;
+pub mod dist;
 pub mod engine;
 pub mod gateway;
 pub mod host_run;
