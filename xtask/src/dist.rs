@@ -57,9 +57,7 @@ fn profile_dir(profile: &str) -> PathBuf {
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<String> {
-    let output = cmd
-        .output()
-        .with_context(|| format!("cannot run {what}"))?;
+    let output = cmd.output().with_context(|| format!("cannot run {what}"))?;
     if !output.status.success() {
         bail!(
             "{what} failed ({}):\n{}{}",
@@ -102,8 +100,7 @@ pub fn build(opts: &DistOptions) -> Result<Packages> {
     let out = dist_dir();
     // Stale packages of another version would be carried by the controller's package.
     if out.exists() {
-        std::fs::remove_dir_all(&out)
-            .with_context(|| format!("emptying {}", out.display()))?;
+        std::fs::remove_dir_all(&out).with_context(|| format!("emptying {}", out.display()))?;
     }
     std::fs::create_dir_all(out.join("cli/man"))?;
 
@@ -132,7 +129,10 @@ pub fn build(opts: &DistOptions) -> Result<Packages> {
             .arg(out.join("cli/man")),
         "fleetrun man",
     )?;
-    let bash = run(Command::new(&cli).args(["completions", "bash"]), "fleetrun completions")?;
+    let bash = run(
+        Command::new(&cli).args(["completions", "bash"]),
+        "fleetrun completions",
+    )?;
     std::fs::write(out.join("cli/fleetrun.bash"), bash)?;
 
     let agent = cargo_deb("fleetrun-agent", opts, &out)?;
@@ -174,6 +174,10 @@ fn cargo_deb(package: &str, opts: &DistOptions, out: &Path) -> Result<PathBuf> {
         .find(|line| line.ends_with(".deb"))
         .map(PathBuf::from)
         .with_context(|| format!("cargo deb -p {package} named no package: {stdout}"))?;
-    ensure!(path.is_file(), "cargo deb -p {package}: no {}", path.display());
+    ensure!(
+        path.is_file(),
+        "cargo deb -p {package}: no {}",
+        path.display()
+    );
     Ok(path)
 }

@@ -228,7 +228,10 @@ mod tests {
         let no_root = limits("allow_root = false");
         for account in ["root", "toor"] {
             let err = no_root.check(&request(account, 1), &Table).unwrap_err();
-            assert!(err.contains("uid 0") && err.contains("limits.allow_root"), "{err}");
+            assert!(
+                err.contains("uid 0") && err.contains("limits.allow_root"),
+                "{err}"
+            );
             assert!(err.contains(&format!("{account:?}")), "{err}");
         }
         assert_eq!(no_root.check(&request("deploy", 1), &Table), Ok(()));
@@ -243,7 +246,9 @@ mod tests {
         assert_eq!(strict.check(&request("deploy", 4), &Table), Ok(()));
         let err = strict.check(&request("app", 1), &Table).unwrap_err();
         assert!(
-            err.contains("\"app\"") && err.contains("only as deploy") && err.contains("limits.accounts"),
+            err.contains("\"app\"")
+                && err.contains("only as deploy")
+                && err.contains("limits.accounts"),
             "{err}"
         );
         let err = strict.check(&request("deploy", 3), &Table).unwrap_err();

@@ -98,7 +98,10 @@ fn is_host_port(entry: &str) -> bool {
         return false;
     };
     script_safe(entry)
-        && !host.trim_start_matches('[').trim_end_matches(']').is_empty()
+        && !host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .is_empty()
         && port.parse::<u16>().is_ok_and(|p| p != 0)
         && !entry.contains('/')
         && !entry.contains('%')
@@ -301,9 +304,7 @@ async fn package(
     if package_arch(&file).is_none() {
         return plain(
             StatusCode::NOT_FOUND,
-            format!(
-                "{file:?} is not an agent package name (fleetrun-agent_<version>_<arch>.deb)"
-            ),
+            format!("{file:?} is not an agent package name (fleetrun-agent_<version>_<arch>.deb)"),
         );
     }
     let path = dist.config.dir.join(&file);
@@ -327,7 +328,10 @@ async fn package(
     };
     (
         [
-            (header::CONTENT_TYPE, "application/vnd.debian.binary-package"),
+            (
+                header::CONTENT_TYPE,
+                "application/vnd.debian.binary-package",
+            ),
             (header::CONTENT_LENGTH, &meta.len().to_string()),
         ],
         Body::from_stream(tokio_util::io::ReaderStream::new(handle)),
@@ -360,8 +364,14 @@ mod tests {
 
     #[test]
     fn only_served_package_names_are_accepted() {
-        assert_eq!(package_arch("fleetrun-agent_0.1.0-1_amd64.deb"), Some("amd64"));
-        assert_eq!(package_arch("fleetrun-agent_1.2.3+b1~rc1_arm64.deb"), Some("arm64"));
+        assert_eq!(
+            package_arch("fleetrun-agent_0.1.0-1_amd64.deb"),
+            Some("amd64")
+        );
+        assert_eq!(
+            package_arch("fleetrun-agent_1.2.3+b1~rc1_arm64.deb"),
+            Some("arm64")
+        );
         for bad in [
             "fleetrun-controller_0.1.0-1_amd64.deb",
             "fleetrun-agent_0.1.0-1_amd64.deb.sha256",
@@ -384,8 +394,11 @@ mod tests {
             agent_controllers: controllers.iter().map(|s| s.to_string()).collect(),
         };
         assert_eq!(
-            config(Some("https://ctl.example:8443/fleetrun"), &["ctl.example:7000", "[2001:db8::1]:7000"])
-                .problem(),
+            config(
+                Some("https://ctl.example:8443/fleetrun"),
+                &["ctl.example:7000", "[2001:db8::1]:7000"]
+            )
+            .problem(),
             None
         );
         for (url, controllers, key) in [
@@ -428,7 +441,13 @@ mod tests {
             with_host("ctl.example:8443").unwrap(),
             "https://ctl.example:8443"
         );
-        for bad in ["ctl'$(reboot)'", "a b", "evil.example/x", "u@ctl", "ctl`id`"] {
+        for bad in [
+            "ctl'$(reboot)'",
+            "a b",
+            "evil.example/x",
+            "u@ctl",
+            "ctl`id`",
+        ] {
             assert!(with_host(bad).is_err(), "{bad}");
         }
         assert!(dist.base_url(&HeaderMap::new()).is_err());
@@ -446,7 +465,10 @@ mod tests {
             }],
         );
         assert!(script.contains("url='https://ctl.example'"), "{script}");
-        assert!(script.contains("controllers='ctl.example:7000'"), "{script}");
+        assert!(
+            script.contains("controllers='ctl.example:7000'"),
+            "{script}"
+        );
         assert!(script.contains(&format!(
             "    'amd64') pkg='fleetrun-agent_0.1.0-1_amd64.deb'; sum='{}' ;;\n",
             "ab".repeat(32)

@@ -63,7 +63,9 @@ impl Drop for Purge {
 
 fn sha256_hex(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path)?;
-    Ok(hex(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref()))
+    Ok(hex(
+        ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref()
+    ))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -110,7 +112,11 @@ fn packages_install_run_and_remove_cleanly() -> Result<()> {
                 found.push(dist.join(name));
             }
         }
-        ensure!(found.len() == 1, "{prefix}*.deb in {}: {found:?}", dist.display());
+        ensure!(
+            found.len() == 1,
+            "{prefix}*.deb in {}: {found:?}",
+            dist.display()
+        );
         Ok(found.remove(0))
     };
     let controller_deb = find("fleetrun-controller_")?;
@@ -166,17 +172,36 @@ fn packages_install_run_and_remove_cleanly() -> Result<()> {
     let uid: u32 = fields[2].parse()?;
     ensure!(uid < 1000, "fleetrun is not a system user: {passwd}");
     ensure!(fields[5] == "/var/lib/fleetrun", "home: {passwd}");
-    ensure!(fields[6].ends_with("nologin") || fields[6] == "/bin/false", "shell: {passwd}");
+    ensure!(
+        fields[6].ends_with("nologin") || fields[6] == "/bin/false",
+        "shell: {passwd}"
+    );
     let conf = std::fs::metadata("/etc/fleetrun/controller.toml")?;
-    ensure!(conf.permissions().mode() & 0o777 == 0o640, "mode {:o}", conf.permissions().mode());
+    ensure!(
+        conf.permissions().mode() & 0o777 == 0o640,
+        "mode {:o}",
+        conf.permissions().mode()
+    );
     ensure!(conf.uid() == 0, "owner {}", conf.uid());
     let group = succeed("getent", &["group", "fleetrun"])?;
     let gid: u32 = group.split(':').nth(2).context("gid")?.parse()?;
-    ensure!(conf.gid() == gid, "the configuration's group is not fleetrun");
-    let conffiles = succeed("dpkg-query", &["-W", "-f=${Conffiles}", "fleetrun-controller"])?;
-    ensure!(conffiles.contains("/etc/fleetrun/controller.toml"), "conffiles: {conffiles}");
+    ensure!(
+        conf.gid() == gid,
+        "the configuration's group is not fleetrun"
+    );
+    let conffiles = succeed(
+        "dpkg-query",
+        &["-W", "-f=${Conffiles}", "fleetrun-controller"],
+    )?;
+    ensure!(
+        conffiles.contains("/etc/fleetrun/controller.toml"),
+        "conffiles: {conffiles}"
+    );
     let agent_conffiles = succeed("dpkg-query", &["-W", "-f=${Conffiles}", "fleetrun-agent"])?;
-    ensure!(agent_conffiles.trim().is_empty(), "enrollment writes the agent's: {agent_conffiles}");
+    ensure!(
+        agent_conffiles.trim().is_empty(),
+        "enrollment writes the agent's: {agent_conffiles}"
+    );
 
     // The units, as systemd reads them: no error, no warning.
     let verify = run(
@@ -194,12 +219,26 @@ fn packages_install_run_and_remove_cleanly() -> Result<()> {
         verify.status
     );
     let unit = std::fs::read_to_string("/usr/lib/systemd/system/fleetrun-controller.service")?;
-    for line in ["Type=notify", "User=fleetrun", "ProtectSystem=strict", "NoNewPrivileges=yes"] {
-        ensure!(unit.lines().any(|l| l == line), "the controller's unit lacks {line}");
+    for line in [
+        "Type=notify",
+        "User=fleetrun",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+    ] {
+        ensure!(
+            unit.lines().any(|l| l == line),
+            "the controller's unit lacks {line}"
+        );
     }
     let unit = std::fs::read_to_string("/usr/lib/systemd/system/fleetrun-agent.service")?;
-    ensure!(unit.lines().any(|l| l == "Type=notify"), "the agent's unit is not Type=notify");
-    ensure!(!unit.lines().any(|l| l.starts_with("User=")), "the agent runs as root");
+    ensure!(
+        unit.lines().any(|l| l == "Type=notify"),
+        "the agent's unit is not Type=notify"
+    );
+    ensure!(
+        !unit.lines().any(|l| l.starts_with("User=")),
+        "the agent runs as root"
+    );
 
     installed_controller_serves_the_agent_package(&carried)?;
 
@@ -215,15 +254,28 @@ fn packages_install_run_and_remove_cleanly() -> Result<()> {
     ] {
         ensure!(!Path::new(path).exists(), "{path} is left after dpkg -r");
     }
-    ensure!(Path::new("/etc/fleetrun/controller.toml").exists(), "dpkg -r removed the conffile");
+    ensure!(
+        Path::new("/etc/fleetrun/controller.toml").exists(),
+        "dpkg -r removed the conffile"
+    );
     ensure!(user_exists("fleetrun"), "dpkg -r removed the user");
 
     // Purge: nothing is left.
     succeed("dpkg", &["--purge", PACKAGES[0], PACKAGES[1], PACKAGES[2]])?;
-    for path in ["/etc/fleetrun", "/var/lib/fleetrun", "/var/lib/fleetrun-agent"] {
-        ensure!(!Path::new(path).exists(), "{path} is left after dpkg --purge");
+    for path in [
+        "/etc/fleetrun",
+        "/var/lib/fleetrun",
+        "/var/lib/fleetrun-agent",
+    ] {
+        ensure!(
+            !Path::new(path).exists(),
+            "{path} is left after dpkg --purge"
+        );
     }
-    ensure!(!user_exists("fleetrun"), "the fleetrun user is left after dpkg --purge");
+    ensure!(
+        !user_exists("fleetrun"),
+        "the fleetrun user is left after dpkg --purge"
+    );
     ensure!(
         !run("getent", &["group", "fleetrun"])?.status.success(),
         "the fleetrun group is left after dpkg --purge"
@@ -246,27 +298,45 @@ fn installed_controller_serves_the_agent_package(carried: &Path) -> Result<()> {
     let agent_port = cluster::free_port()?;
     let mut config = std::fs::read_to_string("/etc/fleetrun/controller.toml")?;
     for (from, to) in [
-        ("127.0.0.1:8080".to_owned(), format!("127.0.0.1:{http_port}")),
+        (
+            "127.0.0.1:8080".to_owned(),
+            format!("127.0.0.1:{http_port}"),
+        ),
         ("0.0.0.0:7000".to_owned(), format!("127.0.0.1:{agent_port}")),
         (
             "sqlite:///var/lib/fleetrun/controller.db".to_owned(),
             format!("sqlite://{}/state/controller.db", dir.path().display()),
         ),
-        ("/etc/fleetrun/tls/ca.pem".to_owned(), ca.cert_path().display().to_string()),
-        ("/etc/fleetrun/tls/controller.pem".to_owned(), cert.cert.display().to_string()),
-        ("/etc/fleetrun/tls/controller.key".to_owned(), cert.key.display().to_string()),
+        (
+            "/etc/fleetrun/tls/ca.pem".to_owned(),
+            ca.cert_path().display().to_string(),
+        ),
+        (
+            "/etc/fleetrun/tls/controller.pem".to_owned(),
+            cert.cert.display().to_string(),
+        ),
+        (
+            "/etc/fleetrun/tls/controller.key".to_owned(),
+            cert.key.display().to_string(),
+        ),
         (
             "# agent_controllers = [\"controller.example:7000\"]".to_owned(),
             "agent_controllers = [\"ctl.example:7000\"]".to_owned(),
         ),
     ] {
-        ensure!(config.contains(&from), "the shipped configuration has no {from}");
+        ensure!(
+            config.contains(&from),
+            "the shipped configuration has no {from}"
+        );
         config = config.replace(&from, &to);
     }
     let config_path = dir.path().join("controller.toml");
     std::fs::write(&config_path, config)?;
     std::fs::create_dir(dir.path().join("state"))?;
-    succeed("chown", &["-R", "fleetrun:fleetrun", dir.path().to_str().unwrap()])?;
+    succeed(
+        "chown",
+        &["-R", "fleetrun:fleetrun", dir.path().to_str().unwrap()],
+    )?;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
 
     let log_path = dir.path().join("controller.log");
@@ -302,25 +372,39 @@ fn installed_controller_serves_the_agent_package(carried: &Path) -> Result<()> {
                 if let Some(status) = controller.try_wait()? {
                     bail!("the installed controller exited ({status})");
                 }
-                ensure!(Instant::now() < deadline, "the installed controller never answered");
+                ensure!(
+                    Instant::now() < deadline,
+                    "the installed controller never answered"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             };
             ensure!(script.starts_with("#!/bin/sh\n"), "{script}");
             ensure!(script.contains(&format!("url='{base}'")), "{script}");
-            ensure!(script.contains("controllers='ctl.example:7000'"), "{script}");
+            ensure!(
+                script.contains("controllers='ctl.example:7000'"),
+                "{script}"
+            );
             let arch = succeed("dpkg", &["--print-architecture"])?;
             let name = carried.file_name().unwrap().to_str().unwrap();
             let want = sha256_hex(carried)?;
             let line = format!("    '{}') pkg='{name}'; sum='{want}' ;;", arch.trim());
-            ensure!(script.lines().any(|l| l == line), "no line {line:?} in\n{script}");
+            ensure!(
+                script.lines().any(|l| l == line),
+                "no line {line:?} in\n{script}"
+            );
             let deb = http.get(format!("{base}/dist/{name}")).send().await?;
-            ensure!(deb.status().is_success(), "GET /dist/{name}: {}", deb.status());
+            ensure!(
+                deb.status().is_success(),
+                "GET /dist/{name}: {}",
+                deb.status()
+            );
             let body = deb.bytes().await?;
             ensure!(
                 hex(ring::digest::digest(&ring::digest::SHA256, &body).as_ref()) == want,
                 "the package served differs from the one installed"
             );
-            let script_file = std::env::temp_dir().join(format!("fleetrun-install-{}.sh", std::process::id()));
+            let script_file =
+                std::env::temp_dir().join(format!("fleetrun-install-{}.sh", std::process::id()));
             std::fs::write(&script_file, &script)?;
             let syntax = run("sh", &["-n", script_file.to_str().unwrap()]);
             let _ = std::fs::remove_file(&script_file);
@@ -378,14 +462,23 @@ async fn install_script_and_packages_are_served_and_nothing_else() -> Result<()>
 
     let script = http.get(format!("{base}/install.sh")).send().await?;
     assert_eq!(script.status(), 200);
-    assert_eq!(script.headers()["content-type"], "text/x-shellscript; charset=utf-8");
+    assert_eq!(
+        script.headers()["content-type"],
+        "text/x-shellscript; charset=utf-8"
+    );
     let script = script.text().await?;
     assert!(script.contains(&format!("url='{base}'")), "{script}");
-    assert!(script.contains("controllers='ctl.example:7000,10.0.0.2:7000'"), "{script}");
+    assert!(
+        script.contains("controllers='ctl.example:7000,10.0.0.2:7000'"),
+        "{script}"
+    );
     for (path, arch) in [(&new, "amd64"), (&arm, "arm64")] {
         let name = path.file_name().unwrap().to_str().unwrap();
         let line = format!("    '{arch}') pkg='{name}'; sum='{}' ;;", sha256_hex(path)?);
-        assert!(script.lines().any(|l| l == line), "no {line:?} in\n{script}");
+        assert!(
+            script.lines().any(|l| l == line),
+            "no {line:?} in\n{script}"
+        );
     }
     assert!(!script.contains("0.0.9"), "{script}");
 
@@ -394,7 +487,10 @@ async fn install_script_and_packages_are_served_and_nothing_else() -> Result<()>
         .send()
         .await?;
     assert_eq!(deb.status(), 200);
-    assert_eq!(deb.headers()["content-type"], "application/vnd.debian.binary-package");
+    assert_eq!(
+        deb.headers()["content-type"],
+        "application/vnd.debian.binary-package"
+    );
     assert_eq!(&deb.bytes().await?[..], b"the newer agent package");
     for attack in [
         "secret.txt",
@@ -406,7 +502,10 @@ async fn install_script_and_packages_are_served_and_nothing_else() -> Result<()>
         let reply = http.get(format!("{base}/dist/{attack}")).send().await?;
         assert_eq!(reply.status(), 404, "{attack}");
         let body = reply.text().await?;
-        assert!(!body.contains("outside the directory") && !body.contains("not a package"), "{attack}: {body}");
+        assert!(
+            !body.contains("outside the directory") && !body.contains("not a package"),
+            "{attack}: {body}"
+        );
     }
     let reply = http
         .get(format!("{base}/install.sh"))
@@ -423,10 +522,23 @@ async fn install_script_and_packages_are_served_and_nothing_else() -> Result<()>
     for (args, says) in [
         (vec!["--ca-pin", pin.as_str()], "--token is required"),
         (vec!["--token", "t0k3n"], "--ca-pin sha256:HEX is required"),
-        (vec!["--token", "t0k3n", "--ca-pin", "sha256:abc"], "64 hexadecimal digits"),
-        (vec!["--token", "t0k'$(id)", "--ca-pin", pin.as_str()], "not a join token"),
         (
-            vec!["--token", "t0k3n", "--ca-pin", pin.as_str(), "--controller", "c;reboot"],
+            vec!["--token", "t0k3n", "--ca-pin", "sha256:abc"],
+            "64 hexadecimal digits",
+        ),
+        (
+            vec!["--token", "t0k'$(id)", "--ca-pin", pin.as_str()],
+            "not a join token",
+        ),
+        (
+            vec![
+                "--token",
+                "t0k3n",
+                "--ca-pin",
+                pin.as_str(),
+                "--controller",
+                "c;reboot",
+            ],
             "must be HOST:PORT",
         ),
         (vec!["--token", "t0k3n", "--bogus"], "unknown argument"),

@@ -33,7 +33,9 @@ async fn an_agent_with_local_limits_refuses_root_and_other_languages_with_the_re
     let free = cluster.agents[1].agent_id.clone();
     // The host's owner sets limits and restarts the agent.
     cluster.kill_agent(0)?;
-    cluster.wait_offline(&limited, Duration::from_secs(20)).await?;
+    cluster
+        .wait_offline(&limited, Duration::from_secs(20))
+        .await?;
     let config = cluster.agents[0].config.clone();
     let mut text = std::fs::read_to_string(&config)?;
     text.push_str("\n[limits]\nallow_root = false\nlanguages = [\"shell\", \"perl\"]\n");
@@ -46,10 +48,17 @@ async fn an_agent_with_local_limits_refuses_root_and_other_languages_with_the_re
 
     // As root: refused on the limited host before anything runs, run on the other.
     let marker = cluster.dir().join("ran-as-root");
-    let script = format!("echo ran as $(id -un); echo \"$(hostname)\" >> {}", marker.display());
+    let script = format!(
+        "echo ran as $(id -un); echo \"$(hostname)\" >> {}",
+        marker.display()
+    );
     let request = cluster.script_request(&script, &[limited_host, free_host], json!({}));
     let (job, step, status) = cluster.run_job(request).await?;
-    assert_eq!(status_of(&status, limited_host), Some(AGENT_TASK_ERROR), "{status:#}");
+    assert_eq!(
+        status_of(&status, limited_host),
+        Some(AGENT_TASK_ERROR),
+        "{status:#}"
+    );
     assert_eq!(status_of(&status, free_host), Some(SUCCESS), "{status:#}");
     let logs = cluster.logs(job, step).await?;
     let log_of = |logs: &[(i64, String)], host: i64| -> Result<String> {
@@ -80,11 +89,17 @@ async fn an_agent_with_local_limits_refuses_root_and_other_languages_with_the_re
         )
     };
     let (_, _, status) = cluster.run_job(as_user(1, "id -un")).await?;
-    assert_eq!(status_of(&status, limited_host), Some(SUCCESS), "{status:#}");
-    let (job, step, status) = cluster
-        .run_job(as_user(4, "print('ran python')"))
-        .await?;
-    assert_eq!(status_of(&status, limited_host), Some(AGENT_TASK_ERROR), "{status:#}");
+    assert_eq!(
+        status_of(&status, limited_host),
+        Some(SUCCESS),
+        "{status:#}"
+    );
+    let (job, step, status) = cluster.run_job(as_user(4, "print('ran python')")).await?;
+    assert_eq!(
+        status_of(&status, limited_host),
+        Some(AGENT_TASK_ERROR),
+        "{status:#}"
+    );
     let refused = log_of(&cluster.logs(job, step).await?, limited_host)?;
     assert!(
         refused.contains("python (script_language 4) is not allowed here")
