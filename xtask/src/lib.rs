@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod client;
 pub mod cluster;
+pub mod dist;
 pub mod e2e;
 pub mod netns;
 pub mod pki;

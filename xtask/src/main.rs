@@ -62,6 +62,16 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// Build the Debian packages of the controller, the agent and the CLI into target/dist
+    /// (needs cargo-deb).
+    Dist {
+        /// The cargo profile to build with; `dev` reuses a debug build.
+        #[arg(long, default_value = "release")]
+        profile: String,
+        /// Lighter compression: quicker, larger packages.
+        #[arg(long)]
+        fast: bool,
+    },
     /// Run a script on a 3-agent local cluster through the bk-job API, print each host's result.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -94,6 +104,9 @@ fn main() -> Result<()> {
             inventory,
         )),
         Cmd::Demo { agents } => runtime.block_on(demo(agents)),
+        Cmd::Dist { profile, fast } => {
+            xtask::dist::build(&xtask::dist::DistOptions { profile, fast }).map(|_| ())
+        }
         Cmd::Bench { quick, only } => {
             runtime.block_on(xtask::bench::run(xtask::bench::BenchOptions {
                 quick,

@@ -35,6 +35,9 @@ pub struct Config {
     pub max_concurrent_tasks: usize,
     /// Name of this agent's cgroup under the cgroup v2 mount; by default `fleetrun-<agent id>`.
     pub cgroup_name: Option<String>,
+    /// What the host's owner lets any controller make this agent do.
+    #[serde(default)]
+    pub limits: crate::limits::LocalLimits,
 }
 
 /// The controllers an agent connects to, tried in turn: each `host:port`, the host a DNS name
@@ -144,6 +147,13 @@ impl Config {
                 "{}{}: max_concurrent_tasks must be at least 1",
                 path.display(),
                 locate(text, &["max_concurrent_tasks"])
+            );
+        }
+        if let Err((key, message)) = config.limits.validate() {
+            anyhow::bail!(
+                "{}{}: {message}",
+                path.display(),
+                locate(text, &["limits", key])
             );
         }
         Ok(config)

@@ -4,6 +4,7 @@
 //! **Architecture invariant:** the agent never listens on a port; every connection is one it made.
 
 pub mod config;
+pub mod limits;
 mod session;
 mod spool;
 mod task;
@@ -199,8 +200,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         agent_id = ctx.agent_id,
         controller = %ctx.config.controller,
         cgroups = ctx.executor.uses_cgroup(),
+        limits = ?ctx.config.limits,
         "agent starting"
     );
+    // Ready once it can run tasks: waiting for a controller that is down must not fail the
+    // service's start; the status line says whether it is connected.
+    tell_systemd(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("connecting to the controller"),
+    ]);
 
     let controllers = ctx.config.controller.entries();
     let mut failover = Failover::new(controllers.len());
@@ -221,12 +229,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     shutting_down,
                     "lost the controller after {lasted:?}: {reason}"
                 );
+                tell_systemd(&[sd_notify::NotifyState::Status(&format!(
+                    "lost the controller {target}: {reason}; reconnecting"
+                ))]);
             }
             session::Ended::BeforeWelcome(reason) => {
                 tracing::warn!(
                     controller = target,
                     "cannot connect to the controller: {reason}"
                 );
+                tell_systemd(&[sd_notify::NotifyState::Status(&format!(
+                    "cannot connect to the controller {target}: {reason}"
+                ))]);
             }
         }
         let delay = failover.after(&ended);
@@ -246,6 +260,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // Let the close reach the controller.
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     Ok(())
+}
+
+/// Tells systemd how the agent is doing (`Type=notify`); does nothing when systemd did not
+/// start the process (no `NOTIFY_SOCKET`).
+pub fn tell_systemd(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
 }
 
 fn system_hostname() -> String {

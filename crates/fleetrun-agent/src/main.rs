@@ -74,6 +74,7 @@ fn main() -> ExitCode {
         let joined = tokio::select! {
             () = shutdown_signal() => {
                 tracing::info!("shutting down");
+                fleetrun_agent::tell_systemd(&[sd_notify::NotifyState::Stopping]);
                 shutdown.cancel();
                 agent.await
             }

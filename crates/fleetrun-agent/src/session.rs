@@ -122,6 +122,9 @@ pub(crate) async fn connect_and_serve(
             (every, Ownership::Agent)
         }
     };
+    crate::tell_systemd(&[sd_notify::NotifyState::Status(&format!(
+        "connected to the controller {target}"
+    ))]);
     let since = Instant::now();
     // Under protocol version 1 the tasks of this connection die with it.
     let session = CancellationToken::new();

@@ -55,6 +55,8 @@ pub struct Config {
     /// The audit trail.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// The agent package and install script served to new hosts.
+    pub dist: Option<crate::dist::DistConfig>,
 }
 
 /// `[audit]`.
@@ -770,6 +772,9 @@ impl Config {
             return Err(Invalid::new(&[Name("retention"), Name(key)], message));
         }
         self.console.validate(&self.apps)?;
+        if let Some((key, message)) = self.dist.as_ref().and_then(|d| d.problem()) {
+            return Err(Invalid::new(&[Name("dist"), Name(key)], message));
+        }
         Ok(())
     }
 }

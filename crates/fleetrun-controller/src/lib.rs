@@ -15,6 +15,7 @@ pub mod check;
 pub mod config;
 pub mod console;
 pub mod dangerous;
+pub mod dist;
 pub mod engine;
 pub mod gateway;
 pub mod host_run;

@@ -149,6 +149,8 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
+            // Both listeners are bound: systemd may start what depends on the controller.
+            tell_systemd(&[sd_notify::NotifyState::Ready]);
             let stop = shutdown_signal();
             tokio::pin!(stop);
             loop {
@@ -172,6 +174,7 @@ fn main() -> ExitCode {
                 }
             }
             tracing::info!("shutting down");
+            tell_systemd(&[sd_notify::NotifyState::Stopping]);
             if controller.shutdown().await {
                 ExitCode::SUCCESS
             } else {
@@ -181,6 +184,14 @@ fn main() -> ExitCode {
     // Work still blocked on a failing disk must not hold the process.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     code
+}
+
+/// Tells systemd how the service is doing (`Type=notify`); does nothing when systemd did not
+/// start the process (no `NOTIFY_SOCKET`).
+fn tell_systemd(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
 }
 
 /// Logs to stderr, filtered by `FLEETRUN_LOG`; one JSON object per line when
