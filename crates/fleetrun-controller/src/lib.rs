@@ -21,6 +21,7 @@ pub mod inventory;
 pub mod metrics;
 pub mod reload;
 pub mod retention;
+pub mod rolling;
 pub mod secret_source;
 pub mod secrets;
 pub mod status;
