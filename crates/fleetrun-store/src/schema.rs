@@ -76,6 +76,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0009_agent_timeout_status.sql"),
         include_str!("../migrations/postgres/0009_agent_timeout_status.sql"),
     ),
+    (
+        10,
+        "rolling",
+        include_str!("../migrations/sqlite/0010_rolling.sql"),
+        include_str!("../migrations/postgres/0010_rolling.sql"),
+    ),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them.

@@ -30,6 +30,7 @@ mod pending_jobs;
 mod reattach;
 mod reload;
 mod retention;
+mod rolling;
 mod scope_leaks;
 mod scripts;
 mod sealed_params;
