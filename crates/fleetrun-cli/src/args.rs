@@ -175,6 +175,27 @@ pub enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Let a rolling job waiting for a confirmation run its next batch
+    Confirm {
+        /// The job instance id
+        job: i64,
+    },
+    /// Let a rolling job paused on a failed batch go on, its failures ignored
+    Ignore {
+        /// The job instance id
+        job: i64,
+    },
+    /// Run a step's failed hosts (--failed, the default) or all its hosts (--all) again
+    Retry {
+        /// The job instance id
+        job: i64,
+        /// Only the hosts that failed
+        #[arg(long, conflicts_with = "all")]
+        failed: bool,
+        /// Every host of the step
+        #[arg(long)]
+        all: bool,
+    },
     /// List the hosts (agents' and the inventory's); add, update, move or remove them
     Hosts(HostsArgs),
     /// The scope's script library: list, show, create, publish, disable
@@ -387,6 +408,47 @@ pub struct RunArgs {
     /// Print the job id and return at once instead of watching the job
     #[arg(long, short)]
     pub detach: bool,
+    /// Roll out in batches (bk-job's expression): e.g. '1 10% 30%', '5 *2', '10 +5'
+    #[arg(long = "batch", value_name = "EXPR")]
+    pub batch: Option<String>,
+    /// After a batch: pause when it failed, continue whatever happened, or confirm each next one
+    #[arg(
+        long,
+        value_enum,
+        value_name = "WHAT",
+        requires = "batch",
+        default_value = "pause"
+    )]
+    pub on_failure: OnFailure,
+    /// Stop rolling once this many hosts failed
+    #[arg(long, value_name = "N", requires = "batch",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_failures: Option<u32>,
+    /// Print the batches --batch would make of the targets, and run nothing
+    #[arg(long, requires = "batch")]
+    pub dry_run: bool,
+}
+
+/// `run --on-failure`: bk-job's rolling mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnFailure {
+    /// 1: a batch with a failed host pauses the rollout (`fleetrun ignore JOB` goes on)
+    Pause,
+    /// 2: every batch runs, failures or not
+    Continue,
+    /// 3: each next batch waits for `fleetrun confirm JOB`
+    Confirm,
+}
+
+impl OnFailure {
+    /// bk-job's `rolling_config.mode`.
+    pub fn mode(self) -> i64 {
+        match self {
+            Self::Pause => 1,
+            Self::Continue => 2,
+            Self::Confirm => 3,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -51,6 +51,20 @@ pub async fn dispatch(cli: &Cli) -> Result<u8, CliError> {
         Command::Logs { job, hosts, follow } => logs(&ctx, *job, hosts, *follow).await,
         Command::Jobs(args) => jobs(&ctx, args).await,
         Command::Kill { job, no_wait } => kill(&ctx, *job, *no_wait).await,
+        Command::Confirm { job } => {
+            crate::rolling::operate(&ctx, *job, crate::rolling::CONFIRM).await
+        }
+        Command::Ignore { job } => {
+            crate::rolling::operate(&ctx, *job, crate::rolling::IGNORE).await
+        }
+        Command::Retry { job, failed, all } => {
+            let code = if *all && !*failed {
+                crate::rolling::RETRY_ALL
+            } else {
+                crate::rolling::RETRY_FAILED
+            };
+            crate::rolling::operate(&ctx, *job, code).await
+        }
         Command::Hosts(args) => match &args.command {
             None => hosts(&ctx, args).await,
             Some(command) => admin::run(&ctx, admin::host_change(command)).await,
@@ -145,6 +159,9 @@ async fn run_job(ctx: &Ctx, run: &RunArgs) -> Result<u8, CliError> {
     let request = ctx
         .client
         .scoped(request::build(run, &host_ids, ip_list, &read_script)?)?;
+    if run.dry_run {
+        return crate::rolling::dry_run(ctx, &request).await;
+    }
     let accepted = ctx.client.call("fast_execute_script", request).await?;
     let job = accepted["job_instance_id"].as_i64().unwrap_or_default();
     STARTED_JOB.store(job, Ordering::Relaxed);

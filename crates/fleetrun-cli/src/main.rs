@@ -21,6 +21,7 @@ mod follow;
 mod inventory;
 mod library;
 mod request;
+mod rolling;
 mod rules;
 mod settings;
 mod syntax;

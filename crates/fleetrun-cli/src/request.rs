@@ -170,6 +170,13 @@ pub fn build(
         target["dynamic_group_list"] = run.groups.iter().map(|g| json!({"id": g})).collect();
     }
     request["target_server"] = target;
+    if let Some(expression) = &run.batch {
+        let mut rolling = json!({"expression": expression, "mode": run.on_failure.mode()});
+        if let Some(n) = run.max_failures {
+            rolling["max_failures"] = json!(n);
+        }
+        request["rolling_config"] = rolling;
+    }
     Ok(request)
 }
 

@@ -7,6 +7,9 @@
 //! period.
 
 mod follow;
+mod rolling;
+
+pub use rolling::RollingStart;
 
 use std::{
     collections::HashMap,
@@ -33,6 +36,7 @@ use follow::HostRun;
 type Checkpoints = Mutex<HashMap<(i64, i64), (HostCheckpoint, bool)>>;
 
 /// What the end of a job needs to know.
+#[derive(Debug, Clone, Copy)]
 struct Finishing {
     job_instance_id: i64,
     step_instance_id: i64,
@@ -145,6 +149,11 @@ impl Engine {
     pub fn with_callbacks(mut self, callbacks: Callbacks) -> Self {
         self.callbacks = Some(callbacks);
         self
+    }
+
+    /// Where job ends are reported, if anywhere.
+    pub(crate) fn callbacks(&self) -> Option<&Callbacks> {
+        self.callbacks.as_ref()
     }
 
     /// Starts the job in the background; false if it is running already.
@@ -295,7 +304,9 @@ impl Engine {
         true
     }
 
-    async fn resume_job(&self, job: ResumableJob, cancel: CancellationToken) {
+    async fn resume_job(&self, mut job: ResumableJob, cancel: CancellationToken) {
+        // A rolling job takes up the batch that was out; later batches wait for an operator.
+        let rolling = self.rolling_in_flight(&mut job).await;
         let limits = Limits {
             output_limit: self.output_limit,
             timeout_ms: job.timeout_secs.saturating_mul(1000),
@@ -346,6 +357,11 @@ impl Engine {
             started: job.start_time.unwrap_or_else(now_ms),
             all_succeeded: job.finished_hosts_succeeded && host_count == host_of_task.len(),
         };
+        if rolling {
+            self.finish_resumed_batch(finishing, hosts, host_of_task, &cancel)
+                .await;
+            return;
+        }
         self.finish_job(finishing, hosts, host_of_task, &cancel)
             .await;
     }
@@ -412,6 +428,50 @@ impl Engine {
             at: started,
         })
         .await;
+        let limits = self.limits(task.timeout_secs);
+        let request = self.encode_request(job_instance_id, step_instance_id, task);
+        let mut hosts = JoinSet::new();
+        let mut host_of_task = HashMap::with_capacity(targets.len());
+        self.spawn_hosts(
+            job_instance_id,
+            step_instance_id,
+            &targets,
+            request.as_ref(),
+            limits,
+            &cancel,
+            &mut hosts,
+            &mut host_of_task,
+        );
+        drop(request);
+        let finishing = Finishing {
+            job_instance_id,
+            step_instance_id,
+            hosts: targets.len(),
+            started,
+            all_succeeded: true,
+        };
+        self.finish_job(finishing, hosts, host_of_task, &cancel)
+            .await;
+    }
+
+    /// The limits every host's run of a step follows.
+    fn limits(&self, timeout_secs: u32) -> Limits {
+        Limits {
+            output_limit: self.output_limit,
+            timeout_ms: i64::from(timeout_secs) * 1000,
+            grace_ms: i64::try_from(self.agent_grace.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// The task request, encoded once for all the hosts: each host's run holds a reference to
+    /// it until its request is sent, so the script's memory does not grow with the number of
+    /// hosts. None if it cannot be encoded (each host's run then records the failure).
+    fn encode_request(
+        &self,
+        job_instance_id: i64,
+        step_instance_id: i64,
+        task: TaskTemplate,
+    ) -> Option<SharedTaskRequest> {
         let TaskTemplate {
             script_language,
             script,
@@ -420,13 +480,6 @@ impl Engine {
             account,
             timeout_secs,
         } = task;
-        let limits = Limits {
-            output_limit: self.output_limit,
-            timeout_ms: i64::from(timeout_secs) * 1000,
-            grace_ms: i64::try_from(self.agent_grace.as_millis()).unwrap_or(i64::MAX),
-        };
-        // Encoded once for all the hosts: each host's run holds a reference to it until its
-        // request is sent, so the script's memory does not grow with the number of hosts.
         let request = SharedTaskRequest::new(
             TaskRequest {
                 task_id: Uuid::nil(),
@@ -443,22 +496,35 @@ impl Engine {
             },
             Bytes::from_owner(SharedScript(script)),
         );
-        let request = match request {
+        match request {
             Ok(request) => Some(request),
             Err(e) => {
                 tracing::error!(job = job_instance_id, "cannot encode the task: {e}");
                 None
             }
-        };
-        let mut hosts = JoinSet::new();
-        let mut host_of_task = HashMap::with_capacity(targets.len());
+        }
+    }
+
+    /// Starts one host's run for each of `targets`.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_hosts(
+        &self,
+        job_instance_id: i64,
+        step_instance_id: i64,
+        targets: &[i64],
+        request: Option<&SharedTaskRequest>,
+        limits: Limits,
+        cancel: &CancellationToken,
+        hosts: &mut JoinSet<i32>,
+        host_of_task: &mut HashMap<tokio::task::Id, i64>,
+    ) {
         for bk_host_id in targets.iter().copied() {
             let run = HostRun {
                 engine: self.clone(),
                 job_instance_id,
                 step_instance_id,
                 bk_host_id,
-                request: request.clone(),
+                request: request.cloned(),
                 resume: None,
                 limits,
                 cancel: cancel.clone(),
@@ -466,16 +532,6 @@ impl Engine {
             let handle = hosts.spawn(run.run());
             host_of_task.insert(handle.id(), bk_host_id);
         }
-        drop(request);
-        let finishing = Finishing {
-            job_instance_id,
-            step_instance_id,
-            hosts: targets.len(),
-            started,
-            all_succeeded: true,
-        };
-        self.finish_job(finishing, hosts, host_of_task, &cancel)
-            .await;
     }
 
     /// Waits for every host's run, then records the step's and the job's end and reports it.
@@ -486,65 +542,105 @@ impl Engine {
         host_of_task: HashMap<tokio::task::Id, i64>,
         cancel: &CancellationToken,
     ) {
+        let failed = self
+            .join_hosts(
+                finishing.job_instance_id,
+                finishing.step_instance_id,
+                &mut hosts,
+                &host_of_task,
+            )
+            .await;
+        let status = if cancel.is_cancelled() {
+            job::TERMINATE_SUCCESS
+        } else if finishing.all_succeeded && failed == 0 {
+            job::SUCCESS
+        } else {
+            job::FAILED
+        };
+        self.end_job(&finishing, status, status).await;
+    }
+
+    /// Waits for every host's run in `hosts`; returns how many ended without success.
+    async fn join_hosts(
+        &self,
+        job_instance_id: i64,
+        step_instance_id: i64,
+        hosts: &mut JoinSet<i32>,
+        host_of_task: &HashMap<tokio::task::Id, i64>,
+    ) -> usize {
+        let mut failed = 0;
+        while let Some(joined) = hosts.join_next_with_id().await {
+            if self
+                .host_ended(job_instance_id, step_instance_id, joined, host_of_task)
+                .await
+            {
+                failed += 1;
+            }
+        }
+        failed
+    }
+
+    /// Takes note of one host's run that ended; true if the host did not succeed.
+    async fn host_ended(
+        &self,
+        job_instance_id: i64,
+        step_instance_id: i64,
+        joined: Result<(tokio::task::Id, i32), tokio::task::JoinError>,
+        host_of_task: &HashMap<tokio::task::Id, i64>,
+    ) -> bool {
+        match joined {
+            Ok((_, status)) => !host::is_success(status),
+            Err(e) => {
+                // The host's run died before recording a final status: record one for it, so
+                // no host stays waiting or running forever.
+                let bk_host_id = host_of_task.get(&e.id()).copied().unwrap_or_default();
+                tracing::error!(job = job_instance_id, bk_host_id, "host task failed: {e}");
+                self.write(Write::HostFinished {
+                    step_instance_id,
+                    bk_host_id,
+                    outcome: HostOutcome {
+                        status: host::AGENT_TASK_ERROR,
+                        tag: "internal error in the controller while following this host".into(),
+                        end_time: now_ms(),
+                        ..HostOutcome::default()
+                    },
+                })
+                .await;
+                true
+            }
+        }
+    }
+
+    /// Records the step's and the job's final statuses and reports the job's end.
+    async fn end_job(&self, finishing: &Finishing, step_status: i32, job_status: i32) {
         let Finishing {
             job_instance_id,
             step_instance_id,
             hosts: host_count,
             started,
-            mut all_succeeded,
-        } = finishing;
-        while let Some(joined) = hosts.join_next_with_id().await {
-            match joined {
-                Ok((_, status)) => all_succeeded &= host::is_success(status),
-                Err(e) => {
-                    // The host's run died before recording a final status: record one for it,
-                    // so no host stays waiting or running forever.
-                    all_succeeded = false;
-                    let bk_host_id = host_of_task.get(&e.id()).copied().unwrap_or_default();
-                    tracing::error!(job = job_instance_id, bk_host_id, "host task failed: {e}");
-                    self.write(Write::HostFinished {
-                        step_instance_id,
-                        bk_host_id,
-                        outcome: HostOutcome {
-                            status: host::AGENT_TASK_ERROR,
-                            tag: "internal error in the controller while following this host"
-                                .into(),
-                            end_time: now_ms(),
-                            ..HostOutcome::default()
-                        },
-                    })
-                    .await;
-                }
-            }
-        }
-        let status = if cancel.is_cancelled() {
-            job::TERMINATE_SUCCESS
-        } else if all_succeeded {
-            job::SUCCESS
-        } else {
-            job::FAILED
-        };
+            ..
+        } = *finishing;
         let at = now_ms();
         self.write(Write::StepFinished {
             step_instance_id,
-            status,
+            status: step_status,
             at,
         })
         .await;
         self.write(Write::JobFinished {
             job_instance_id,
-            status,
+            status: job_status,
             at,
         })
         .await;
-        crate::metrics::job_finished(status, at - started);
+        crate::metrics::job_finished(job_status, at - started);
         if let Some(callbacks) = &self.callbacks {
             callbacks.job_ended(job_instance_id);
         }
         tracing::info!(
             job = job_instance_id,
             hosts = host_count,
-            status,
+            status = job_status,
             elapsed_ms = at - started,
             "job finished"
         );

@@ -23,6 +23,7 @@ pub mod inventory;
 pub mod metrics;
 pub mod reload;
 pub mod retention;
+pub mod rolling;
 pub mod secret_source;
 pub mod secrets;
 pub mod status;
@@ -109,7 +110,15 @@ impl Controller {
             .into_iter()
             .filter(|job| job.hosts.iter().any(|h| h.checkpoint.is_some()))
             .collect();
-        let keep: Vec<i64> = resumable.iter().map(|j| j.job_instance_id).collect();
+        // A rolling job waiting for a confirmation has nothing out on an agent: it stays as it
+        // is, for an operator to go on with (engine/rolling.rs).
+        let paused = store.rolling_jobs_in(&[status::job::WAITING_USER]).await?;
+        let resumable: Vec<_> = resumable
+            .into_iter()
+            .filter(|job| !paused.contains(&job.job_instance_id))
+            .collect();
+        let mut keep: Vec<i64> = resumable.iter().map(|j| j.job_instance_id).collect();
+        keep.extend(&paused);
         let ended = store
             .end_interrupted_jobs_except(
                 &keep,

@@ -6,12 +6,16 @@ pub mod job {
     pub const RUNNING: i32 = 2;
     pub const SUCCESS: i32 = 3;
     pub const FAILED: i32 = 4;
+    /// A step whose failures an operator (or a rolling mode) chose to ignore.
+    pub const IGNORE_ERROR: i32 = 6;
     /// Waiting for a user's confirmation (bk-job's confirm steps; fleetrun has none).
     pub const WAITING_USER: i32 = 7;
     pub const TERMINATED: i32 = 8;
     pub const ABNORMAL: i32 = 9;
     pub const TERMINATING: i32 = 10;
     pub const TERMINATE_SUCCESS: i32 = 11;
+    /// An operator ended a job that waited for a confirmation.
+    pub const CONFIRM_TERMINATED: i32 = 13;
 
     /// Statuses after which nothing changes any more.
     pub fn is_finished(status: i32) -> bool {

@@ -23,6 +23,7 @@ mod inventory;
 mod model;
 mod reattach;
 mod retention;
+mod rolling;
 mod schema;
 pub mod scratch;
 mod scripts;
@@ -53,6 +54,7 @@ pub use inventory::{
 };
 pub use model::*;
 pub use reattach::{HostCheckpoint, ResumableHost, ResumableJob};
+pub use rolling::RollingRecord;
 pub use scripts::{
     DRAFT as SCRIPT_DRAFT, NewScript, ScriptBasics, ScriptFilter, ScriptRecord,
     ScriptVersionRecord, ScriptsError, status_name as script_status_name,

@@ -77,6 +77,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/postgres/0009_agent_timeout_status.sql"),
     ),
     (
+        10,
+        "rolling",
+        include_str!("../migrations/sqlite/0010_rolling.sql"),
+        include_str!("../migrations/postgres/0010_rolling.sql"),
+    ),
+    (
         11,
         "dangerous rules",
         include_str!("../migrations/sqlite/0011_dangerous_rules.sql"),

@@ -248,10 +248,10 @@ async fn bad_requests_get_bk_job_codes_naming_the_field() -> Result<()> {
             "windows_interpreter",
         ),
         (
-            "rolling",
-            json!({"rolling_config": {"expression": "10%", "mode": 1}}),
-            1_241_011,
-            "rolling_config",
+            "rolling staggered without waits",
+            json!({"rolling_config": {"expression": "10%", "execution_mode": 2}}),
+            1_240_003,
+            "rolling_config.batch_start_wait_fixed_ms",
         ),
         (
             "rolling mode 4",
@@ -262,7 +262,7 @@ async fn bad_requests_get_bk_job_codes_naming_the_field() -> Result<()> {
         (
             "rolling expression",
             json!({"rolling_config": {"expression": "ten", "mode": 1}}),
-            1_240_003,
+            1_244_026,
             "rolling_config.expression",
         ),
         (

@@ -35,6 +35,7 @@ mod plain_http;
 mod reattach;
 mod reload;
 mod retention;
+mod rolling;
 mod scope_leaks;
 mod scripts;
 mod sealed_params;

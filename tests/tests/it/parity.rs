@@ -472,10 +472,6 @@ async fn fields_fleetrun_cannot_honour_are_refused_not_dropped() -> Result<()> {
             "host_password_list",
             json!({"host_password_list": [{"bk_host_id": host, "password": "x"}]}),
         ),
-        (
-            "rolling_config",
-            json!({"rolling_config": {"expression": "50%", "mode": 1}}),
-        ),
     ];
     for (field, extra) in cases {
         let request = cluster.script_request("true", &[host], extra);

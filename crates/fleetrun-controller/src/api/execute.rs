@@ -210,13 +210,7 @@ pub async fn fast_execute_script(
             format!("longer than {MAX_TASK_NAME_CHARS} characters"),
         ));
     }
-    if let Some(rolling) = req.rolling_config.as_ref().filter(|v| !v.is_null()) {
-        check_rolling_config(rolling)?;
-        return Err(ApiError::new(
-            code::NOT_SUPPORTED,
-            "rolling_config: rolling execution is not supported yet; submit without rolling_config",
-        ));
-    }
+    super::steps::check(req.rolling_config.as_ref())?;
     // Fields fleetrun cannot honour are refused, never accepted and dropped: a client that
     // sends them expects them to take effect.
     if req
@@ -311,6 +305,9 @@ pub async fn fast_execute_script(
         .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?
         .hosts;
 
+    let host_ids: Vec<i64> = chosen.iter().map(|h| h.bk_host_id).collect();
+    let rolling = super::steps::plan(req.rolling_config.as_ref(), &host_ids)?;
+
     // Dangerous-command rules, last: the check reads the whole script.
     let script = Arc::new(script);
     let step_name = req
@@ -368,11 +365,13 @@ pub async fn fast_execute_script(
         .store
         .create_job_sealing(&new_job, shared.cipher.sealer())
         .await?;
-    if start {
-        shared.engine.start(JobSpec {
+    super::steps::save_and_start(
+        shared,
+        rolling,
+        JobSpec {
             job_instance_id: created.job_instance_id,
             step_instance_id: created.step_instance_id,
-            hosts: chosen.iter().map(|h| h.bk_host_id).collect(),
+            hosts: host_ids,
             task: TaskTemplate {
                 script_language: language as i32,
                 script: script.clone(),
@@ -381,8 +380,10 @@ pub async fn fast_execute_script(
                 account: account.account.clone(),
                 timeout_secs: timeout as u32,
             },
-        });
-    }
+        },
+        start,
+    )
+    .await?;
     tracing::info!(
         job = created.job_instance_id,
         hosts = chosen.len(),
@@ -408,38 +409,4 @@ struct Submitted {
     /// absent when nothing matched.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     dangerous_script_check: Vec<crate::dangerous::Finding>,
-}
-
-/// bk-job's rolling configuration: `expression` (batch sizes such as `10%` or `1 5 +10%`) and
-/// `mode` 1 (pause on failure), 2 (ignore failures) or 3 (confirm each batch).
-fn check_rolling_config(rolling: &Value) -> Result<(), ApiError> {
-    let Value::Object(fields) = rolling else {
-        return Err(ApiError::invalid("rolling_config", "must be an object"));
-    };
-    let expression = fields
-        .get("expression")
-        .and_then(Value::as_str)
-        .filter(|e| !e.trim().is_empty())
-        .ok_or_else(|| ApiError::missing("rolling_config.expression"))?;
-    let valid_part = |part: &str| {
-        let digits = part
-            .trim_start_matches('+')
-            .trim_start_matches('*')
-            .trim_end_matches('%');
-        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
-    };
-    if !expression.split_whitespace().all(valid_part) {
-        return Err(ApiError::invalid(
-            "rolling_config.expression",
-            format!("{expression:?} is not a batch expression such as \"10%\" or \"1 5 +10%\""),
-        ));
-    }
-    match fields.get("mode").and_then(Value::as_i64) {
-        Some(1..=3) => Ok(()),
-        Some(other) => Err(ApiError::invalid(
-            "rolling_config.mode",
-            format!("{other} is not 1, 2 or 3"),
-        )),
-        None => Err(ApiError::missing("rolling_config.mode")),
-    }
 }

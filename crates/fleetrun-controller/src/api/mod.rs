@@ -19,11 +19,14 @@ mod health;
 mod intake;
 #[doc(hidden)]
 pub mod params;
+mod preview;
 mod query;
 mod reply;
 mod scope;
 mod scripts;
 mod serve;
+mod step_status;
+mod steps;
 mod stream;
 mod v4;
 
@@ -93,6 +96,9 @@ const APIS: &[&str] = &[
     "get_job_instance_ip_log",
     "batch_get_job_instance_ip_log",
     "operate_job_instance",
+    "operate_step_instance",
+    "get_step_instance_status",
+    "preview_rolling",
     "get_job_instance_list",
     "get_account_list",
     "create_account",
@@ -277,6 +283,13 @@ async fn answer(request: Request) -> Response {
                 query::batch_get_job_instance_ip_log(&shared, &caller, &params).await
             }
             "operate_job_instance" => query::operate_job_instance(&shared, &caller, &params).await,
+            "operate_step_instance" => {
+                steps::operate_step_instance(&shared, &caller, &params).await
+            }
+            "get_step_instance_status" => {
+                step_status::get_step_instance_status(&shared, &caller, &params).await
+            }
+            "preview_rolling" => preview::preview_rolling(&shared, &caller, &params).await,
             "get_job_instance_list" => {
                 query::get_job_instance_list(&shared, &caller, &params).await
             }

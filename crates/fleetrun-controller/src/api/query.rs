@@ -23,7 +23,7 @@ struct StatusRequest {
 }
 
 /// The job, if it exists in the request's scope (a job of another scope is not found, as in bk-job).
-async fn load_job(
+pub(super) async fn load_job(
     shared: &Shared,
     caller: &Caller,
     params: &Params,
@@ -822,19 +822,23 @@ async fn start_created_job(
     if !claimed {
         return Err(not_startable());
     }
-    let started = shared.engine.start(crate::engine::JobSpec {
-        job_instance_id: job.job_instance_id,
-        step_instance_id: step.step_instance_id,
-        hosts: hosts.iter().map(|h| h.bk_host_id).collect(),
-        task: crate::engine::TaskTemplate {
-            script_language: step.script_language,
-            script,
-            script_param: param,
-            is_param_sensitive: step.is_param_sensitive,
-            account: account.account.clone(),
-            timeout_secs: step.timeout as u32,
+    let started = super::steps::start_created(
+        shared,
+        crate::engine::JobSpec {
+            job_instance_id: job.job_instance_id,
+            step_instance_id: step.step_instance_id,
+            hosts: hosts.iter().map(|h| h.bk_host_id).collect(),
+            task: crate::engine::TaskTemplate {
+                script_language: step.script_language,
+                script,
+                script_param: param,
+                is_param_sensitive: step.is_param_sensitive,
+                account: account.account.clone(),
+                timeout_secs: step.timeout as u32,
+            },
         },
-    });
+    )
+    .await?;
     if !started {
         return Err(not_startable());
     }

@@ -1,0 +1,348 @@
+//! Rolling steps: the hosts go out batch by batch, as the step's `rolling_config` says.
+//!
+//! Serial execution runs a batch, waits for all of its hosts, then looks at the mode: 2 goes
+//! on; 1 pauses when the batch had a failed host (step and job failed, 4, as bk-job reports it);
+//! 3 pauses after every batch but the last (waiting for the user, 7), and after a failed one as
+//! 1 does. A pause ends this run: what remains is in the store (the plan, the batch that went
+//! out last, the statuses), and an operator's decision starts a new run from the next batch
+//! (`operate_step_instance`), on this controller or on one restarted since.
+//!
+//! Staggered execution starts batch k `fixed + random(min, max)` ms after batch k-1 without
+//! waiting for it; the mode is ignored and any failed host fails the step.
+//!
+//! Either way, once as many hosts failed as `max_failures` / `max_failure_percent` allow, no
+//! further batch goes out and the job fails. Hosts of batches that never went out keep their
+//! waiting status (5), as bk-job leaves them.
+
+use std::{collections::HashMap, time::Duration};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{Engine, Finishing, JobSpec, now_ms};
+use crate::{
+    rolling::{Execution, Mode, RollingConfig},
+    status::job,
+};
+use fleetrun_store::ResumableJob;
+use fleetrun_store::Write;
+
+/// Where a rolling run starts.
+#[derive(Debug, Clone)]
+pub struct RollingStart {
+    pub config: RollingConfig,
+    /// Every batch's hosts; `batches[0]` is batch 1.
+    pub batches: Vec<Vec<i64>>,
+    /// The batch to dispatch first (from 1).
+    pub next_batch: usize,
+    /// Hosts of earlier batches that failed, less those an operator chose to ignore.
+    pub earlier_failures: usize,
+    /// When the job first started; None for a job that starts now.
+    pub started: Option<i64>,
+}
+
+/// How a run of batches ended.
+enum Ending {
+    /// Every batch went out (or the job was terminated).
+    Done,
+    /// The failure limit was reached; later batches stay out.
+    FailureLimit,
+    /// Waiting for an operator: `step` and `job` statuses to show meanwhile.
+    Paused { status: i32 },
+}
+
+impl Engine {
+    /// Starts (or goes on with) a rolling job in the background; false if it is running
+    /// already.
+    pub fn start_rolling(&self, spec: JobSpec, rolling: RollingStart) -> bool {
+        let cancel = CancellationToken::new();
+        let job_instance_id = spec.job_instance_id;
+        {
+            let mut running = self.running.lock().unwrap();
+            if running.contains_key(&job_instance_id) {
+                return false;
+            }
+            running.insert(job_instance_id, cancel.clone());
+        }
+        let engine = self.clone();
+        tokio::spawn(async move {
+            engine.run_rolling(spec, rolling, cancel).await;
+            if let Err(e) = engine.store.flush().await {
+                tracing::error!(
+                    job = job_instance_id,
+                    "cannot commit the job's progress: {e}"
+                );
+            }
+            engine.running.lock().unwrap().remove(&job_instance_id);
+        });
+        true
+    }
+
+    async fn run_rolling(&self, spec: JobSpec, rolling: RollingStart, cancel: CancellationToken) {
+        let JobSpec {
+            job_instance_id,
+            step_instance_id,
+            hosts: all_hosts,
+            task,
+        } = spec;
+        let RollingStart {
+            config,
+            batches,
+            next_batch,
+            earlier_failures,
+            started,
+        } = rolling;
+        let started = match started {
+            Some(started) => started,
+            None => {
+                let at = now_ms();
+                self.write(Write::JobStarted {
+                    job_instance_id,
+                    step_instance_id,
+                    status: job::RUNNING,
+                    at,
+                })
+                .await;
+                at
+            }
+        };
+        let limits = self.limits(task.timeout_secs);
+        let request = self.encode_request(job_instance_id, step_instance_id, task);
+        let failure_limit = config.failure_limit(all_hosts.len());
+        let total = batches.len();
+        // Failed hosts that count: against the limit, and for the job's status.
+        let mut failures = earlier_failures;
+        let mut hosts = JoinSet::new();
+        let mut host_of_task = HashMap::new();
+        let mut ending = Ending::Done;
+        for batch in next_batch.max(1)..=total {
+            if cancel.is_cancelled() {
+                break;
+            }
+            if failure_limit.is_some_and(|limit| failures >= limit) {
+                ending = Ending::FailureLimit;
+                break;
+            }
+            let batch_no = i32::try_from(batch).unwrap_or(i32::MAX);
+            if let Err(e) = self
+                .store
+                .set_rolling_batch(step_instance_id, batch_no)
+                .await
+            {
+                tracing::error!(job = job_instance_id, batch, "cannot record the batch: {e}");
+            }
+            tracing::info!(
+                job = job_instance_id,
+                batch,
+                of = total,
+                hosts = batches[batch - 1].len(),
+                "rolling batch out"
+            );
+            self.spawn_hosts(
+                job_instance_id,
+                step_instance_id,
+                &batches[batch - 1],
+                request.as_ref(),
+                limits,
+                &cancel,
+                &mut hosts,
+                &mut host_of_task,
+            );
+            let last = batch == total;
+            match config.execution {
+                Execution::Serial => {
+                    let failed = self
+                        .join_hosts(job_instance_id, step_instance_id, &mut hosts, &host_of_task)
+                        .await;
+                    host_of_task.clear();
+                    failures += failed;
+                    if last || cancel.is_cancelled() {
+                        break;
+                    }
+                    if failure_limit.is_some_and(|limit| failures >= limit) {
+                        ending = Ending::FailureLimit;
+                        break;
+                    }
+                    match config.mode {
+                        Mode::IgnoreFailure => {}
+                        Mode::PauseOnFailure | Mode::Confirm if failed > 0 => {
+                            ending = Ending::Paused {
+                                status: job::FAILED,
+                            };
+                            break;
+                        }
+                        Mode::PauseOnFailure => {}
+                        Mode::Confirm => {
+                            ending = Ending::Paused {
+                                status: job::WAITING_USER,
+                            };
+                            break;
+                        }
+                    }
+                }
+                Execution::Staggered {
+                    fixed_ms,
+                    random_min_ms,
+                    random_max_ms,
+                } => {
+                    if !last {
+                        let wait = fixed_ms + rand::random_range(random_min_ms..=random_max_ms);
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                            () = cancel.cancelled() => {}
+                        }
+                    }
+                    // Hosts of earlier batches that ended meanwhile count against the limit.
+                    while let Some(joined) = hosts.try_join_next_with_id() {
+                        if self
+                            .host_ended(job_instance_id, step_instance_id, joined, &host_of_task)
+                            .await
+                        {
+                            failures += 1;
+                        }
+                    }
+                }
+            }
+        }
+        // Staggered batches still out, or a serial batch cut short.
+        let failed = self
+            .join_hosts(job_instance_id, step_instance_id, &mut hosts, &host_of_task)
+            .await;
+        failures += failed;
+        drop(request);
+        let finishing = Finishing {
+            job_instance_id,
+            step_instance_id,
+            hosts: all_hosts.len(),
+            started,
+            all_succeeded: failures == 0,
+        };
+        match ending {
+            Ending::Paused { status } => self.pause(&finishing, status).await,
+            _ if cancel.is_cancelled() => {
+                self.end_job(&finishing, job::TERMINATE_SUCCESS, job::TERMINATE_SUCCESS)
+                    .await;
+            }
+            Ending::FailureLimit => {
+                tracing::warn!(
+                    job = job_instance_id,
+                    failures,
+                    "rolling stopped: the failure limit is reached"
+                );
+                self.end_job(&finishing, job::FAILED, job::FAILED).await;
+            }
+            Ending::Done if failures == 0 => {
+                self.end_job(&finishing, job::SUCCESS, job::SUCCESS).await;
+            }
+            Ending::Done => {
+                // bk-job: a step that rolls on over failures ends "ignore error" (6) and the job
+                // goes on to success; failures in any other rolling fail the job.
+                if config.execution == Execution::Serial && config.mode == Mode::IgnoreFailure {
+                    self.end_job(&finishing, job::IGNORE_ERROR, job::SUCCESS)
+                        .await;
+                } else {
+                    self.end_job(&finishing, job::FAILED, job::FAILED).await;
+                }
+            }
+        }
+    }
+
+    /// Leaves the job waiting for an operator: failed (4, with an end time, as bk-job shows a
+    /// batch that failed) or waiting for the user (7). Nothing is reported to the callback: the
+    /// job has not ended.
+    async fn pause(&self, finishing: &Finishing, status: i32) {
+        let at = now_ms();
+        if status == job::FAILED {
+            self.write(Write::StepFinished {
+                step_instance_id: finishing.step_instance_id,
+                status,
+                at,
+            })
+            .await;
+            self.write(Write::JobFinished {
+                job_instance_id: finishing.job_instance_id,
+                status,
+                at,
+            })
+            .await;
+        } else {
+            self.write(Write::JobStatus {
+                job_instance_id: finishing.job_instance_id,
+                status,
+            })
+            .await;
+        }
+        tracing::info!(
+            job = finishing.job_instance_id,
+            status,
+            "rolling paused, waiting for an operator"
+        );
+    }
+
+    /// For a job taken up after a restart: if it rolls with batches still to go, keeps only the
+    /// hosts of the batches that went out (the later ones keep waiting) and answers true.
+    pub(super) async fn rolling_in_flight(&self, job: &mut ResumableJob) -> bool {
+        let record = match self.store.rolling(job.step_instance_id).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::error!(
+                    job = job.job_instance_id,
+                    "cannot read the rolling plan: {e}"
+                );
+                return false;
+            }
+        };
+        if record.current_batch >= record.total_batches {
+            return false;
+        }
+        let batches = match self.store.host_batches(job.step_instance_id).await {
+            Ok(batches) => batches,
+            Err(e) => {
+                tracing::error!(
+                    job = job.job_instance_id,
+                    "cannot read the rolling plan: {e}"
+                );
+                return false;
+            }
+        };
+        job.hosts.retain(|h| {
+            batches
+                .get(&h.bk_host_id)
+                .is_none_or(|&batch| batch <= record.current_batch)
+        });
+        true
+    }
+
+    /// Waits for the batch a restarted controller took up, then pauses the job for an
+    /// operator: failed (4) if a host of the step failed and not ignored, else waiting for a
+    /// confirmation (7). The engine no longer holds the task to send later batches; the
+    /// operator's decision starts a new run with it.
+    pub(super) async fn finish_resumed_batch(
+        &self,
+        finishing: Finishing,
+        mut hosts: JoinSet<i32>,
+        host_of_task: HashMap<tokio::task::Id, i64>,
+        cancel: &CancellationToken,
+    ) {
+        let failed = self
+            .join_hosts(
+                finishing.job_instance_id,
+                finishing.step_instance_id,
+                &mut hosts,
+                &host_of_task,
+            )
+            .await;
+        if cancel.is_cancelled() {
+            self.end_job(&finishing, job::TERMINATE_SUCCESS, job::TERMINATE_SUCCESS)
+                .await;
+            return;
+        }
+        let status = if failed > 0 || !finishing.all_succeeded {
+            job::FAILED
+        } else {
+            job::WAITING_USER
+        };
+        self.pause(&finishing, status).await;
+    }
+}

@@ -1,0 +1,277 @@
+//! Rolling execution on real agents: batches one after another, the pause on a failed batch,
+//! confirmation before each batch, staggered batches, the failure limit, and a controller
+//! restart while a job waits for a confirmation.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use fleetrun_tests::{TestCluster, eventually, host_results, start_cluster};
+use serde_json::{Value, json};
+
+/// Submits a rolling job; returns (job, step).
+async fn submit(cluster: &TestCluster, script: &str, rolling: Value) -> Result<(i64, i64)> {
+    let request = cluster.script_request(
+        script,
+        &cluster.host_ids(),
+        json!({ "rolling_config": rolling }),
+    );
+    let accepted = cluster
+        .client()
+        .call("fast_execute_script", request)
+        .await?;
+    Ok((
+        accepted["job_instance_id"].as_i64().context("job id")?,
+        accepted["step_instance_id"].as_i64().context("step id")?,
+    ))
+}
+
+async fn status(cluster: &TestCluster, job: i64) -> Result<Value> {
+    let mut query = cluster.info.scope();
+    query["job_instance_id"] = json!(job);
+    query["return_ip_result"] = json!(true);
+    cluster
+        .client()
+        .call("get_job_instance_status", query)
+        .await
+}
+
+/// Waits until the job shows `job_status`; returns the status reply.
+async fn wait_for(cluster: &TestCluster, job: i64, job_status: i64) -> Result<Value> {
+    eventually(
+        Duration::from_secs(60),
+        &format!("job {job} in status {job_status}"),
+        || async move {
+            let status = status(cluster, job).await.ok()?;
+            (status["job_instance"]["status"] == job_status).then_some(status)
+        },
+    )
+    .await
+}
+
+/// Host statuses, sorted, so batches can be counted: how many hosts are in each status.
+fn host_statuses(status: &Value) -> Vec<i64> {
+    let mut statuses: Vec<i64> = host_results(status)
+        .iter()
+        .map(|h| h["status"].as_i64().unwrap_or(-1))
+        .collect();
+    statuses.sort_unstable();
+    statuses
+}
+
+async fn operate(cluster: &TestCluster, job: i64, step: i64, code: i64) -> Result<Value> {
+    let mut body = cluster.info.scope();
+    body["job_instance_id"] = json!(job);
+    body["step_instance_id"] = json!(step);
+    body["operation_code"] = json!(code);
+    cluster
+        .client()
+        .call_raw("operate_step_instance", body)
+        .await
+}
+
+/// A script that fails once, on whichever host runs it first (batches run one at a time).
+fn fail_first(cluster: &TestCluster) -> String {
+    let flag = cluster.dir().join("fail-once");
+    std::fs::write(&flag, "").unwrap();
+    format!(
+        "if rm {} 2>/dev/null; then echo failing; exit 3; fi; echo fine",
+        flag.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mode_1_pauses_after_a_failing_batch_and_goes_on_when_the_error_is_ignored() -> Result<()> {
+    let cluster = start_cluster(3).await?;
+    let script = fail_first(&cluster);
+    let (job, step) = submit(&cluster, &script, json!({"expression": "1", "mode": 1})).await?;
+    // Batch 1 failed: the job shows failed, as bk-job reports it, and no other host ran.
+    let paused = wait_for(&cluster, job, 4).await?;
+    assert_eq!(paused["finished"], true, "{paused}");
+    assert_eq!(paused["step_instance_list"][0]["status"], 4, "{paused}");
+    assert_eq!(host_statuses(&paused), [5, 5, 104], "{paused}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(host_statuses(&status(&cluster, job).await?), [5, 5, 104]);
+
+    // Confirming is for a job waiting for a confirmation, not a failed one.
+    let refused = operate(&cluster, job, step, 13).await?;
+    assert_eq!(refused["code"], 1_241_003, "{refused}");
+    let missing = operate(&cluster, job, step + 1000, 3).await?;
+    assert_eq!(missing["code"], 1_244_006, "{missing}");
+
+    let ignored = operate(&cluster, job, step, 3).await?;
+    assert_eq!(ignored["code"], 0, "{ignored}");
+    assert_eq!(ignored["data"]["step_instance_id"], step, "{ignored}");
+    // The failure is ignored: the remaining batches run and the job succeeds.
+    let done = wait_for(&cluster, job, 3).await?;
+    assert_eq!(host_statuses(&done), [9, 9, 104], "{done}");
+    // Ignoring again is refused: nothing is paused.
+    let again = operate(&cluster, job, step, 3).await?;
+    assert_eq!(again["code"], 1_241_003, "{again}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mode_2_runs_every_batch_one_after_another() -> Result<()> {
+    let cluster = start_cluster(3).await?;
+    let script = fail_first(&cluster);
+    let (job, _step) = submit(&cluster, &script, json!({"expression": "1 +1", "mode": 2})).await?;
+    // bk-job: the failures are ignored, the step ends "ignore error" and the job succeeds.
+    let done = wait_for(&cluster, job, 3).await?;
+    assert_eq!(done["step_instance_list"][0]["status"], 6, "{done}");
+    assert_eq!(host_statuses(&done), [9, 9, 104], "{done}");
+    // Batch 1 (one host) ended before batch 2 (two hosts) started.
+    let mut hosts = host_results(&done);
+    hosts.sort_by_key(|h| h["start_time"].as_i64());
+    let first_end = hosts[0]["end_time"].as_i64().context("end")?;
+    for later in &hosts[1..] {
+        assert!(
+            later["start_time"].as_i64().context("start")? >= first_end,
+            "a batch started before the one before it ended: {done}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mode_3_waits_for_a_confirmation_before_each_batch() -> Result<()> {
+    let cluster = start_cluster(3).await?;
+    let (job, step) = submit(&cluster, "echo ok", json!({"expression": "1", "mode": 3})).await?;
+    let first = wait_for(&cluster, job, 7).await?;
+    assert_eq!(first["finished"], false, "{first}");
+    assert_eq!(first["step_instance_list"][0]["status"], 7, "{first}");
+    assert_eq!(host_statuses(&first), [5, 5, 9], "{first}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(host_statuses(&status(&cluster, job).await?), [5, 5, 9]);
+
+    assert_eq!(operate(&cluster, job, step, 13).await?["code"], 0);
+    let second = eventually(Duration::from_secs(60), "batch 2", || async {
+        let s = status(&cluster, job).await.ok()?;
+        (s["job_instance"]["status"] == 7 && host_statuses(&s) == [5, 9, 9]).then_some(s)
+    })
+    .await?;
+    assert_eq!(second["step_instance_list"][0]["status"], 7);
+    // 6, bk-job's confirm continue, does the same.
+    assert_eq!(operate(&cluster, job, step, 6).await?["code"], 0);
+    let done = wait_for(&cluster, job, 3).await?;
+    assert_eq!(host_statuses(&done), [9, 9, 9], "{done}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_waiting_for_a_confirmation_can_be_ended() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    let (job, step) = submit(&cluster, "echo ok", json!({"expression": "1", "mode": 3})).await?;
+    wait_for(&cluster, job, 7).await?;
+    assert_eq!(operate(&cluster, job, step, 9).await?["code"], 0);
+    let ended = wait_for(&cluster, job, 13).await?;
+    assert_eq!(ended["finished"], true, "{ended}");
+    assert_eq!(host_statuses(&ended), [5, 9], "{ended}");
+    // Retrying is not carried out, and says so.
+    let retry = operate(&cluster, job, step, 2).await?;
+    assert_eq!(retry["code"], 1_241_011, "{retry}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn staggered_batches_start_with_the_requested_spacing() -> Result<()> {
+    let cluster = start_cluster(3).await?;
+    let (job, _step) = submit(
+        &cluster,
+        "sleep 2; echo ok",
+        json!({
+            "expression": "1", "execution_mode": 2,
+            "batch_start_wait_fixed_ms": 700,
+            "batch_start_wait_random_min_ms": 0,
+            "batch_start_wait_random_max_ms": 200,
+        }),
+    )
+    .await?;
+    let done = wait_for(&cluster, job, 3).await?;
+    let mut starts: Vec<i64> = host_results(&done)
+        .iter()
+        .map(|h| h["start_time"].as_i64().unwrap_or_default())
+        .collect();
+    starts.sort_unstable();
+    let ends: Vec<i64> = host_results(&done)
+        .iter()
+        .map(|h| h["end_time"].as_i64().unwrap_or_default())
+        .collect();
+    for pair in starts.windows(2) {
+        let gap = pair[1] - pair[0];
+        // At least the fixed wait (less the timer's and the dispatch's jitter), well under
+        // a batch's run time: the batches overlap.
+        assert!((600..1800).contains(&gap), "batches {gap} ms apart: {done}");
+    }
+    assert!(
+        starts[1] < *ends.iter().min().unwrap(),
+        "batch 2 waited for batch 1: {done}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_failure_limit_stops_the_rolling() -> Result<()> {
+    let cluster = start_cluster(3).await?;
+    let (job, _step) = submit(
+        &cluster,
+        "exit 1",
+        json!({"expression": "1", "mode": 2, "max_failures": 2}),
+    )
+    .await?;
+    let done = wait_for(&cluster, job, 4).await?;
+    assert_eq!(done["finished"], true, "{done}");
+    assert_eq!(host_statuses(&done), [5, 104, 104], "{done}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_rolling_config_is_refused_with_bk_jobs_code() -> Result<()> {
+    let cluster = start_cluster(1).await?;
+    for (rolling, code) in [
+        (json!({"expression": "0"}), 1_244_026),
+        (json!({"expression": "1  2"}), 1_244_026),
+        (json!({"expression": "1", "mode": 5}), 1_240_003),
+        (json!({"expression": "   "}), 1_240_003),
+        (
+            json!({"expression": "1", "max_failure_percent": 0}),
+            1_240_003,
+        ),
+    ] {
+        let request = cluster.script_request(
+            "echo ok",
+            &cluster.host_ids(),
+            json!({ "rolling_config": rolling }),
+        );
+        let refused = cluster
+            .client()
+            .call_raw("fast_execute_script", request)
+            .await?;
+        assert_eq!(refused["code"], code, "{rolling}: {refused}");
+        assert!(
+            refused["message"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("rolling_config"),
+            "{refused}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_keeps_a_job_waiting_for_a_confirmation_and_it_goes_on() -> Result<()> {
+    let mut cluster = start_cluster(2).await?;
+    let (job, step) = submit(&cluster, "echo ok", json!({"expression": "1", "mode": 3})).await?;
+    wait_for(&cluster, job, 7).await?;
+    cluster.kill_controller()?;
+    cluster.start_controller().await?;
+    let ids: Vec<String> = cluster.agents.iter().map(|a| a.agent_id.clone()).collect();
+    cluster.wait_online(&ids, Duration::from_secs(30)).await?;
+    let kept = status(&cluster, job).await?;
+    assert_eq!(kept["job_instance"]["status"], 7, "{kept}");
+    assert_eq!(host_statuses(&kept), [5, 9], "{kept}");
+    assert_eq!(operate(&cluster, job, step, 13).await?["code"], 0);
+    let done = wait_for(&cluster, job, 3).await?;
+    assert_eq!(host_statuses(&done), [9, 9], "{done}");
+    Ok(())
+}
