@@ -207,6 +207,9 @@ Examples:
     Agents(AgentsCommand),
     /// Read the controller's audit trail, or verify its hash chain
     Audit(crate::audit::AuditArgs),
+    /// Join tokens that let new hosts enroll: create (prints the install command), list, revoke
+    #[command(subcommand)]
+    Tokens(crate::tokens::TokensCommand),
     /// Print a shell completion script: fleetrun completions bash > /etc/bash_completion.d/fleetrun
     Completions {
         /// bash, zsh, fish, elvish or powershell

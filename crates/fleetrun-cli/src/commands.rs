@@ -71,6 +71,7 @@ pub async fn dispatch(cli: &Cli) -> Result<u8, CliError> {
         },
         Command::Agents(command) => admin::agents(&ctx, command).await,
         Command::Audit(args) => crate::audit::run(&ctx, args).await,
+        Command::Tokens(command) => crate::tokens::run(&ctx, command).await,
         // Answered in main, before any setting is read.
         Command::Completions { .. } | Command::Man { .. } => Ok(exit::OK),
     }

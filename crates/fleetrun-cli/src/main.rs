@@ -23,6 +23,7 @@ mod library;
 mod request;
 mod settings;
 mod syntax;
+mod tokens;
 mod view;
 
 use std::{process::ExitCode, sync::atomic::Ordering};

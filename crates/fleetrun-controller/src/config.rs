@@ -52,6 +52,9 @@ pub struct Config {
     /// The web console: its users, their scopes and roles.
     #[serde(default)]
     pub console: crate::console::ConsoleConfig,
+    /// Enrollment of new hosts with join tokens; not served without this section.
+    #[serde(default)]
+    pub enroll: Option<crate::enroll::EnrollConfig>,
 }
 
 /// `[api]`.
@@ -454,6 +457,15 @@ impl Config {
 
     /// The key file for sensitive parameters: `security.param_key_file`, else `param.key` beside
     /// the database.
+    /// The gateway's TLS files.
+    pub fn tls_files(&self) -> fleetrun_net::TlsFiles {
+        fleetrun_net::TlsFiles {
+            ca: self.tls.ca.clone(),
+            cert: self.tls.cert.clone(),
+            key: self.tls.key.clone(),
+        }
+    }
+
     pub fn param_key_file(&self) -> std::path::PathBuf {
         self.security.param_key_file.clone().unwrap_or_else(|| {
             match &self.database {
@@ -522,6 +534,12 @@ impl Config {
                 "database: with PostgreSQL, set [security] param_key_file (the key that seals \
                  sensitive parameters, which lives outside the database)",
             ));
+        }
+        if let Some(enroll) = &self.enroll {
+            enroll
+                .validate()
+                .and_then(|()| enroll.ca_files(&self.database).map(drop))
+                .map_err(|e| Invalid::new(&[Name("enroll")], e))?;
         }
         let mut seen = std::collections::HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {

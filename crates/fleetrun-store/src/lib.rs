@@ -17,6 +17,7 @@ mod backend;
 mod backup;
 mod callbacks;
 mod console;
+mod enroll;
 mod health;
 mod inventory;
 mod model;
@@ -44,6 +45,7 @@ pub use callbacks::{
     CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
 };
 pub use console::LogHead;
+pub use enroll::{Enrollment, JoinToken};
 pub use health::Health;
 pub use inventory::{
     InventoryCommitError, InventoryRevision, KEPT_INVENTORY_REVISIONS, NewInventoryRevision,

@@ -76,6 +76,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0009_agent_timeout_status.sql"),
         include_str!("../migrations/postgres/0009_agent_timeout_status.sql"),
     ),
+    (
+        12,
+        "enrollment",
+        include_str!("../migrations/sqlite/0012_enrollment.sql"),
+        include_str!("../migrations/postgres/0012_enrollment.sql"),
+    ),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them.

@@ -15,6 +15,7 @@ mod cli_admin;
 mod console;
 mod console_browser;
 mod database;
+mod enrollment;
 mod execution;
 mod grants;
 mod health;

@@ -24,6 +24,7 @@ mod scope;
 mod scripts;
 mod serve;
 mod stream;
+mod tokens;
 mod v4;
 
 use std::sync::Arc;
@@ -106,6 +107,9 @@ const APIS: &[&str] = &[
     "get_callback_status",
     "get_audit_log",
     "verify_audit_log",
+    "create_join_token",
+    "list_join_tokens",
+    "revoke_join_token",
 ];
 
 /// bk-job's public-script APIs: the business ones' twins, served by [`scripts::call`] with the
@@ -277,6 +281,9 @@ async fn answer(request: Request) -> Response {
             "get_callback_status" => query::get_callback_status(&shared, &caller, &params).await,
             "get_audit_log" => audit_log::get_audit_log(&shared, &caller, &params).await,
             "verify_audit_log" => audit_log::verify_audit_log(&shared, &caller).await,
+            "create_join_token" => tokens::create_join_token(&shared, &caller, &params).await,
+            "list_join_tokens" => tokens::list_join_tokens(&shared, &caller).await,
+            "revoke_join_token" => tokens::revoke_join_token(&shared, &caller, &params).await,
             name if scripts::APIS.contains(&name) => {
                 scripts::call(name, false, &shared, &caller, &params).await
             }
