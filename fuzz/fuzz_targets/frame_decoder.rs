@@ -4,7 +4,10 @@
 
 #![no_main]
 
-use fleetrun_proto::{ControlUp, FrameDecoder, Hello, HelloReply, TaskDown, TaskUp, encode_frame};
+use fleetrun_proto::{
+    ControlDown, ControlUp, EnrollReply, EnrollRequest, FrameDecoder, Hello, HelloReply, TaskDown,
+    TaskUp, encode_frame,
+};
 use libfuzzer_sys::fuzz_target;
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -31,11 +34,14 @@ fuzz_target!(|data: &[u8]| {
     let mut dec = FrameDecoder::new();
     for chunk in rest.chunks(piece) {
         dec.extend(chunk);
-        match selector % 5 {
+        match selector % 8 {
             0 => drain::<TaskUp>(&mut dec),
             1 => drain::<TaskDown>(&mut dec),
             2 => drain::<Hello>(&mut dec),
             3 => drain::<HelloReply>(&mut dec),
+            4 => drain::<ControlDown>(&mut dec),
+            5 => drain::<EnrollRequest>(&mut dec),
+            6 => drain::<EnrollReply>(&mut dec),
             _ => drain::<ControlUp>(&mut dec),
         }
     }

@@ -13,6 +13,8 @@ use anyhow::{Context, Result, bail, ensure};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
+mod enroll;
+
 use crate::{
     cluster::{Cluster, ClusterOptions, workspace_root},
     netns::Network,
@@ -48,6 +50,7 @@ const SCENARIOS: &[&str] = &[
     "lossy-links",
     "controller-killed",
     "terminate-after-restart",
+    "enroll",
 ];
 
 fn b64(text: &str) -> String {
@@ -610,12 +613,15 @@ async fn scenario(name: &str, ctx: &mut Ctx) -> Result<()> {
         "lossy-links" => lossy_links(ctx).await,
         "controller-killed" => controller_killed(ctx).await,
         "terminate-after-restart" => terminate_after_restart(ctx).await,
+        "enroll" => enroll::scenario(ctx).await,
         other => bail!("no scenario {other}"),
     }
 }
 
 pub async fn run(opts: &E2eOptions) -> Result<()> {
-    let network = Arc::new(Network::create(opts.hosts)?);
+    // One more host than agents: the `enroll` scenario's host, with nothing but what
+    // enrollment puts there.
+    let network = Arc::new(Network::create(opts.hosts + 1)?);
     let dir = workspace_root().join("target/e2e");
     let _ = std::fs::remove_dir_all(&dir);
     println!(

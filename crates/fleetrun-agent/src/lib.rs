@@ -5,6 +5,8 @@
 
 pub mod config;
 pub mod limits;
+pub mod enroll;
+mod renew;
 mod session;
 mod spool;
 mod task;
@@ -126,6 +128,8 @@ pub(crate) struct AgentContext {
     pub tasks: task::Tasks,
     /// The host id the controller last welcomed this agent with.
     bk_host_id: std::sync::atomic::AtomicI64,
+    /// What connections are made with; replaced when the certificate is renewed.
+    pub client_config: std::sync::Mutex<quinn::ClientConfig>,
 }
 
 impl AgentContext {
@@ -153,15 +157,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .clone()
         .unwrap_or_else(|| format!("fleetrun-{agent_id}"));
     let executor = Executor::new(exec_config).context("preparing to run scripts")?;
-    let endpoint = fleetrun_net::client_endpoint(
-        &TlsFiles {
-            ca: config.tls.ca.clone(),
-            cert: config.tls.cert.clone(),
-            key: config.tls.key.clone(),
-        },
-        config.bind,
-        Timing::default(),
-    )?;
+    let files = TlsFiles {
+        ca: config.tls.ca.clone(),
+        cert: config.tls.cert.clone(),
+        key: config.tls.key.clone(),
+    };
+    let endpoint = fleetrun_net::client_endpoint(&files, config.bind, Timing::default())?;
+    let client_config = fleetrun_net::quinn_client_config(&files, Timing::default())?;
     let hostname = config.hostname.clone().unwrap_or_else(system_hostname);
     // After the executor killed what a previous run left: a task found in the spool without a
     // result has no process any more.
@@ -190,6 +192,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         spool,
         tasks,
         bk_host_id: std::sync::atomic::AtomicI64::new(0),
+        client_config: std::sync::Mutex::new(client_config),
         slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_tasks)),
         agent_id,
         config,
@@ -241,6 +244,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 tell_systemd(&[sd_notify::NotifyState::Status(&format!(
                     "cannot connect to the controller {target}: {reason}"
                 ))]);
+                if let Ok((_, end)) = enroll::validity(&ctx.config.tls.cert)
+                    && end <= renew::now_secs()
+                {
+                    tracing::error!(
+                        ended_secs_ago = renew::now_secs() - end,
+                        "this agent's certificate has ended: the controller refuses it; enroll \
+                         again with a new token (fleetrun-agent enroll --token ...)"
+                    );
+                }
             }
         }
         let delay = failover.after(&ended);
@@ -270,7 +282,7 @@ pub fn tell_systemd(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-fn system_hostname() -> String {
+pub(crate) fn system_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "unknown".to_owned())

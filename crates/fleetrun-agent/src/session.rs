@@ -40,7 +40,9 @@ pub(crate) async fn connect_and_serve(
         },
         Err(e) => return Ended::BeforeWelcome(format!("cannot look up {target}: {e}")),
     };
-    let connecting = match endpoint.connect(controller, &config.server_name) {
+    // The configuration in force: a renewed certificate is presented from the next connection.
+    let client_config = ctx.client_config.lock().unwrap().clone();
+    let connecting = match endpoint.connect_with(client_config, controller, &config.server_name) {
         Ok(c) => c,
         Err(e) => return Ended::BeforeWelcome(format!("cannot start a connection: {e}")),
     };
@@ -83,7 +85,7 @@ pub(crate) async fn connect_and_serve(
         Ok(Ok(None)) => return Ended::BeforeWelcome("controller closed the hello stream".into()),
         Ok(Ok(Some(reply))) => reply,
     };
-    let (heartbeat, ownership) = match reply {
+    let (heartbeat, ownership, renews) = match reply {
         HelloReply::Refused { reason } => {
             return Ended::BeforeWelcome(format!("controller refused this agent: {reason}"));
         }
@@ -99,7 +101,7 @@ pub(crate) async fn connect_and_serve(
             );
             ctx.set_bk_host_id(bk_host_id);
             let every = Duration::from_millis(heartbeat_interval_ms.max(100));
-            (every, Ownership::Connection)
+            (every, Ownership::Connection, false)
         }
         HelloReply::Negotiated {
             protocol_version,
@@ -119,7 +121,7 @@ pub(crate) async fn connect_and_serve(
             if let Err(e) = send_frame(&mut send, &ControlUp::Holding { tasks: holding }).await {
                 return Ended::BeforeWelcome(format!("cannot report the tasks held: {e}"));
             }
-            (every, Ownership::Agent)
+            (every, Ownership::Agent, protocol_version >= 3)
         }
     };
     crate::tell_systemd(&[sd_notify::NotifyState::Status(&format!(
@@ -129,8 +131,15 @@ pub(crate) async fn connect_and_serve(
     // Under protocol version 1 the tasks of this connection die with it.
     let session = CancellationToken::new();
     let _cancel_on_exit = session.clone().drop_guard();
+    // From version 3 the certificate renews over this connection (`renew`).
+    let (due_at, due) = tokio::sync::watch::channel(if renews {
+        crate::renew::due(ctx)
+    } else {
+        None
+    });
     let reason = tokio::select! {
-        reason = heartbeats(ctx, &mut send, heartbeat) => reason,
+        reason = heartbeats(ctx, &mut send, heartbeat, due) => reason,
+        reason = crate::renew::answers(ctx, &mut recv, &due_at), if renews => reason,
         reason = accept_tasks(ctx, &connection, ownership, &session) => reason,
     };
     let shutting_down = matches!(
@@ -145,11 +154,45 @@ pub(crate) async fn connect_and_serve(
     }
 }
 
-async fn heartbeats(ctx: &AgentContext, send: &mut quinn::SendStream, every: Duration) -> String {
+/// Sends heartbeats, and a renewal request when `due` says the certificate is due (again after
+/// [`crate::renew::RETRY`] while unanswered).
+async fn heartbeats(
+    ctx: &AgentContext,
+    send: &mut quinn::SendStream,
+    every: Duration,
+    mut due: tokio::sync::watch::Receiver<Option<Instant>>,
+) -> String {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut asked_at: Option<Instant> = None;
+    let mut due_open = true;
     loop {
-        tick.tick().await;
+        let renew_at = (*due.borrow()).map(|at| match asked_at {
+            Some(asked) => at.max(asked + crate::renew::RETRY),
+            None => at,
+        });
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = sleep_until(renew_at) => {
+                asked_at = Some(Instant::now());
+                match crate::renew::request(ctx) {
+                    Ok(csr) => {
+                        tracing::info!("asking the controller to renew the certificate");
+                        if let Err(e) = send_frame(send, &ControlUp::Renew { csr }).await {
+                            return e.to_string();
+                        }
+                    }
+                    Err(e) => tracing::error!("cannot ask for a renewal: {e:#}"),
+                }
+                continue;
+            }
+            changed = due.changed(), if due_open => {
+                // A new deadline after an answer; a closed channel means no more renewals.
+                due_open = changed.is_ok();
+                asked_at = None;
+                continue;
+            }
+        }
         let running = (ctx.config.max_concurrent_tasks - ctx.slots.available_permits()) as u32;
         if let Err(e) = send_frame(
             send,
@@ -164,6 +207,14 @@ async fn heartbeats(ctx: &AgentContext, send: &mut quinn::SendStream, every: Dur
                 None => e.to_string(),
             };
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

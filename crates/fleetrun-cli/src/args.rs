@@ -233,6 +233,9 @@ Examples:
     Rules(crate::rules::RulesCommand),
     /// Check a script against the enabled dangerous-command rules (exit 1 if it would be refused)
     CheckScript(crate::rules::CheckScriptArgs),
+    /// Join tokens that let new hosts enroll: create (prints the install command), list, revoke
+    #[command(subcommand)]
+    Tokens(crate::tokens::TokensCommand),
     /// Print a shell completion script: fleetrun completions bash > /etc/bash_completion.d/fleetrun
     Completions {
         /// bash, zsh, fish, elvish or powershell

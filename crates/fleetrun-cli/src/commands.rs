@@ -87,6 +87,7 @@ pub async fn dispatch(cli: &Cli) -> Result<u8, CliError> {
         Command::Audit(args) => crate::audit::run(&ctx, args).await,
         Command::Rules(command) => crate::rules::rules(&ctx, command).await,
         Command::CheckScript(args) => crate::rules::check_script(&ctx, args).await,
+        Command::Tokens(command) => crate::tokens::run(&ctx, command).await,
         // Answered in main, before any setting is read.
         Command::Completions { .. } | Command::Man { .. } => Ok(exit::OK),
     }

@@ -25,6 +25,7 @@ mod rolling;
 mod rules;
 mod settings;
 mod syntax;
+mod tokens;
 mod view;
 
 use std::{process::ExitCode, sync::atomic::Ordering};

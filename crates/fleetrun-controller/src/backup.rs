@@ -141,6 +141,15 @@ pub async fn backup(config_path: &Path, dest: &Path) -> anyhow::Result<String> {
         others.push(("api-tls-cert.pem", "api_tls_cert", api_tls.cert.clone()));
         others.push(("api-tls-key.pem", "api_tls_key", api_tls.key.clone()));
     }
+    // The enrollment CA: without its key, no agent renews and none enrolls.
+    if let Some(ca) = config
+        .enroll
+        .as_ref()
+        .and_then(|e| e.ca_files(&config.database).ok())
+    {
+        others.push(("enroll-ca.pem", "enroll_ca_cert", ca.cert));
+        others.push(("enroll-ca.key.pem", "enroll_ca_key", ca.key));
+    }
     for (name, role, original) in others {
         if matches!(role, "param_key" | "audit_key") && !original.exists() {
             // No sealed parameter was ever stored: the controller creates the key at start.

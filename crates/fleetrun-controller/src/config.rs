@@ -57,6 +57,9 @@ pub struct Config {
     pub audit: AuditConfig,
     /// The agent package and install script served to new hosts.
     pub dist: Option<crate::dist::DistConfig>,
+    /// Enrollment of new hosts with join tokens; not served without this section.
+    #[serde(default)]
+    pub enroll: Option<crate::enroll::EnrollConfig>,
 }
 
 /// `[audit]`.
@@ -489,6 +492,15 @@ impl Config {
 
     /// The key file for sensitive parameters: `security.param_key_file`, else `param.key` beside
     /// the database.
+    /// The gateway's TLS files.
+    pub fn tls_files(&self) -> fleetrun_net::TlsFiles {
+        fleetrun_net::TlsFiles {
+            ca: self.tls.ca.clone(),
+            cert: self.tls.cert.clone(),
+            key: self.tls.key.clone(),
+        }
+    }
+
     pub fn param_key_file(&self) -> std::path::PathBuf {
         self.security.param_key_file.clone().unwrap_or_else(|| {
             match &self.database {
@@ -582,6 +594,12 @@ impl Config {
                     self.http_listen
                 ),
             ));
+        }
+        if let Some(enroll) = &self.enroll {
+            enroll
+                .validate()
+                .and_then(|()| enroll.ca_files(&self.database).map(drop))
+                .map_err(|e| Invalid::new(&[Name("enroll")], e))?;
         }
         let mut seen = std::collections::HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {

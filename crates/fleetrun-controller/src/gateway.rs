@@ -23,7 +23,7 @@ use fleetrun_net::{
     AgentCertificate, FramedRecv, describe_connection_error, peer_agent, send_frame,
 };
 use fleetrun_proto::{
-    ControlUp, HeldTask, Hello, HelloReply, MIN_PROTOCOL_VERSION, OsType, PROTOCOL_VERSION,
+    ControlDown, ControlUp, HeldTask, Hello, HelloReply, MIN_PROTOCOL_VERSION, OsType, PROTOCOL_VERSION,
     close_code,
 };
 use fleetrun_store::{AgentRegistration, HostRecord, Store};
@@ -37,6 +37,9 @@ use crate::{
 /// Most tasks an agent may report holding when it connects (far above any agent's
 /// `max_concurrent_tasks` plus the results it keeps).
 const MAX_HELD_TASKS: usize = 100_000;
+
+/// The shortest time between two renewals on one connection.
+const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The close reason a revoked agent's connections get.
 const REVOKED_REASON: &[u8] = b"this agent is revoked by an operator";
@@ -228,6 +231,8 @@ pub(crate) struct Gateway {
     pub policy: AgentsConfig,
     /// Takes the claims of reconnecting agents to the tasks they hold.
     pub engine: crate::engine::Engine,
+    /// Renews enrolled agents' certificates (protocol version 3), when `[enroll]` is set.
+    pub renewal: Option<crate::enroll::Renewal>,
 }
 
 impl Gateway {
@@ -386,7 +391,9 @@ impl Gateway {
                 .claim(host.bk_host_id, &agent_id, &connection, task);
         }
 
-        let reason = self.watch(&mut recv, &connection).await;
+        let reason = self
+            .watch(&mut recv, &mut send, &connection, &agent_id, protocol_version)
+            .await;
 
         // The store hears first: until the link is gone from memory the host still counts as
         // connected, so an operator's change that forgets the host waits for both to agree
@@ -439,6 +446,10 @@ impl Gateway {
                 connection.close(close_code::PROTOCOL.into(), b"expected the tasks held");
                 Err("refusing agent: it sent a heartbeat before the tasks it holds".into())
             }
+            Ok(Ok(Some(ControlUp::Renew { .. }))) => {
+                connection.close(close_code::PROTOCOL.into(), b"expected the tasks held");
+                Err("refusing agent: it asked for a renewal before reporting the tasks it holds".into())
+            }
             Ok(Ok(None)) => Err("agent left before reporting the tasks it holds".into()),
             Ok(Err(e)) => {
                 connection.close(close_code::PROTOCOL.into(), b"bad report of tasks held");
@@ -454,14 +465,65 @@ impl Gateway {
         }
     }
 
-    /// Reads heartbeats until the connection ends; returns why it ended.
-    async fn watch(&self, recv: &mut FramedRecv, connection: &quinn::Connection) -> String {
+    /// Reads heartbeats (and, from version 3, renewal requests) until the connection ends;
+    /// returns why it ended.
+    async fn watch(
+        &self,
+        recv: &mut FramedRecv,
+        send: &mut quinn::SendStream,
+        connection: &quinn::Connection,
+        agent_id: &str,
+        protocol_version: u32,
+    ) -> String {
         // Heartbeats arrive every `heartbeat`; three missed mean the agent is stuck even if
         // QUIC still answers pings.
         let patience = self.heartbeat * 3;
+        let mut last_renewal: Option<tokio::time::Instant> = None;
         loop {
             match tokio::time::timeout(patience, recv.recv::<ControlUp>()).await {
                 Ok(Ok(Some(ControlUp::Heartbeat { .. }))) => {}
+                Ok(Ok(Some(ControlUp::Renew { .. }))) if protocol_version < 3 => {
+                    connection.close(close_code::PROTOCOL.into(), b"renewal needs version 3");
+                    return "the agent asked for a renewal without protocol version 3".into();
+                }
+                Ok(Ok(Some(ControlUp::Renew { csr }))) => {
+                    // Signing costs: an agent asks once per certificate, not in a loop.
+                    let answer = if last_renewal
+                        .is_some_and(|at| at.elapsed() < MIN_RENEWAL_INTERVAL)
+                    {
+                        ControlDown::RenewRefused {
+                            reason: format!(
+                                "renewals come at most every {MIN_RENEWAL_INTERVAL:?}"
+                            ),
+                        }
+                    } else {
+                        last_renewal = Some(tokio::time::Instant::now());
+                        match &self.renewal {
+                            Some(renewal) => {
+                                renewal
+                                    .renew(
+                                        &self.store,
+                                        self.agents.is_revoked(agent_id),
+                                        agent_id,
+                                        &csr,
+                                    )
+                                    .await
+                            }
+                            None => ControlDown::RenewRefused {
+                                reason: "this controller issues no certificates (it has no \
+                                         [enroll] section): renew the certificate where it \
+                                         was issued"
+                                    .into(),
+                            },
+                        }
+                    };
+                    if let ControlDown::RenewRefused { reason } = &answer {
+                        tracing::warn!(agent_id, "renewal refused: {reason}");
+                    }
+                    if let Err(e) = send_frame(send, &answer).await {
+                        return format!("cannot answer the renewal: {e}");
+                    }
+                }
                 Ok(Ok(Some(ControlUp::Holding { .. }))) => {
                     connection.close(close_code::PROTOCOL.into(), b"tasks reported twice");
                     return "the agent reported its tasks a second time".into();

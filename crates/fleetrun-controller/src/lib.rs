@@ -17,6 +17,7 @@ pub mod console;
 pub mod dangerous;
 pub mod dist;
 pub mod engine;
+pub mod enroll;
 pub mod gateway;
 pub mod host_run;
 pub mod inventory;
@@ -59,6 +60,8 @@ pub struct Shared {
     pub audit: audit::AuditLog,
     /// The dangerous-command rules scripts are checked against.
     pub dangerous_rules: dangerous::DangerousRules,
+    /// Enrollment's pin and addresses, when `[enroll]` is configured.
+    pub enroll: Option<enroll::EnrollSettings>,
 }
 
 /// A started controller.
@@ -75,6 +78,9 @@ pub struct Controller {
     apps: Arc<reload::Apps>,
     /// The configuration the controller started with, to name what a reload could not apply.
     config: Config,
+    /// The gateway's endpoint, whose certificate a reload swaps.
+    endpoint: quinn::Endpoint,
+    enroller: Option<Arc<enroll::Enroller>>,
 }
 
 /// Unix time in milliseconds, as bk-job reports times.
@@ -149,6 +155,7 @@ impl Controller {
             timing,
         )?;
         let agent_addr = endpoint.local_addr()?;
+        let agent_endpoint = endpoint.clone();
         let api_tls = match &config.api.tls {
             Some(files) => Some(Arc::new(
                 tls_api::ApiTls::load(files).map_err(|e| anyhow::anyhow!(e))?,
@@ -210,6 +217,33 @@ impl Controller {
             );
             engine.resume(job);
         }
+        // The CA is loaded before anything is served: a controller configured to enroll hosts
+        // without its CA does not start.
+        let enrollment = match &config.enroll {
+            Some(enroll_config) => {
+                let files = enroll_config
+                    .ca_files(&config.database)
+                    .map_err(anyhow::Error::msg)?;
+                let ca = enroll::ControllerCa::load(&files).context(
+                    "loading the enrollment CA (make it with `fleetrun-controller ca init \
+                     --config FILE`, or import one with --import-cert and --import-key)",
+                )?;
+                // The same port number as the QUIC gateway, over TCP.
+                let listen = SocketAddr::new(config.agent_listen.ip(), agent_addr.port());
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("binding the enrollment listener on TCP {listen}"))?;
+                let settings = enroll::EnrollSettings::new(
+                    &config,
+                    enroll_config,
+                    ca.pin(),
+                    agent_addr,
+                    http_addr,
+                );
+                Some((settings, Arc::new(ca), listener))
+            }
+            None => None,
+        };
         let shutdown_gateway = shutdown.clone();
         let gateway = gateway::Gateway {
             agents: agents.clone(),
@@ -218,6 +252,13 @@ impl Controller {
             inventory: inventory.clone(),
             policy: config.agents.clone(),
             engine: engine.clone(),
+            renewal: match (&enrollment, &config.enroll) {
+                (Some((_, ca, _)), Some(enroll_config)) => Some(enroll::Renewal {
+                    ca: ca.clone(),
+                    lifetime: Duration::from_secs(enroll_config.cert_lifetime_secs),
+                }),
+                _ => None,
+            },
         };
         let agent_listener_up = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let listening = agent_listener_up.clone();
@@ -248,7 +289,21 @@ impl Controller {
             )
             .await?,
             dangerous_rules: dangerous::DangerousRules::load(store.clone()).await?,
+            enroll: enrollment.as_ref().map(|(settings, ..)| settings.clone()),
         });
+        let enroller = match enrollment {
+            Some((settings, ca, listener)) => {
+                let enroller = Arc::new(enroll::Enroller::new(
+                    shared.clone(),
+                    settings.config,
+                    ca,
+                )?);
+                tracing::info!(pin = %settings.pin, "enrollment open");
+                tasks.spawn(enroller.clone().serve(listener, shutdown.clone()));
+                Some(enroller)
+            }
+            None => None,
+        };
         tasks.spawn(retention::run(
             store.clone(),
             shared.config.retention.clone(),
@@ -274,6 +329,8 @@ impl Controller {
             api_tls,
             apps,
             config: config_in_force,
+            endpoint: agent_endpoint,
+            enroller,
         })
     }
 
@@ -295,6 +352,20 @@ impl Controller {
             Some(tls) => tls.reload(),
             None => Ok(false),
         }
+    }
+
+    /// Reads the gateway's certificate, key and CA bundle again (on SIGHUP): new connections and
+    /// enrollments take them, connected agents stay. Files that do not load leave the ones in
+    /// force.
+    pub fn reload_agent_tls(&self) -> Result<(), String> {
+        let files = self.config.tls_files();
+        let config =
+            fleetrun_net::quinn_server_config(&files, Timing::default()).map_err(|e| e.to_string())?;
+        if let Some(enroller) = &self.enroller {
+            enroller.reload_tls().map_err(|e| format!("{e:#}"))?;
+        }
+        self.endpoint.set_server_config(Some(config));
+        Ok(())
     }
 
     /// Imports the inventory file again (on SIGHUP) if it changed since it was last imported; an

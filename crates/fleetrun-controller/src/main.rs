@@ -1,6 +1,7 @@
 //! `fleetrun-controller --config FILE`: the daemon; `fleetrun-controller check-config --config
 //! FILE`: the same file checked without starting anything; `fleetrun-controller hash-password`:
-//! a console user's password hash, from a password read on standard input.
+//! a console user's password hash, from a password read on standard input; `fleetrun-controller
+//! ca init`: the enrollment CA.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -40,6 +41,29 @@ enum Command {
     /// Reads a password from standard input (one line) and prints its argon2 hash, for a
     /// console user's `password_hash`.
     HashPassword,
+    /// The enrollment CA: `ca init` makes it (or imports an operator's intermediate CA)
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Makes the CA that signs agents' certificates, 0600 beside the database (or where [enroll]
+    /// ca_cert and ca_key say), and prints its pin. When the gateway's [tls] files do not exist
+    /// yet, also writes the CA as [tls] ca and issues the gateway's certificate.
+    Init {
+        /// Import this CA certificate (PEM; an intermediate CA of the operator's) instead of
+        /// making one
+        #[arg(long, requires = "import_key", value_name = "PEM")]
+        import_cert: Option<PathBuf>,
+        /// The imported CA's key (PEM)
+        #[arg(long, requires = "import_cert", value_name = "PEM")]
+        import_key: Option<PathBuf>,
+        /// Names agents reach the controller by (DNS names or IP addresses), for the gateway's
+        /// certificate when it is issued here; fleetrun-controller is always one
+        #[arg(long = "server-name", value_name = "NAME")]
+        server_names: Vec<String>,
+    },
 }
 
 /// sysexits' EX_CONFIG: the configuration is unusable.
@@ -82,6 +106,14 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         };
+    }
+    if let Some(Command::Ca(CaCommand::Init {
+        import_cert,
+        import_key,
+        server_names,
+    })) = &args.command
+    {
+        return ca_init(&config_path, import_cert, import_key, server_names);
     }
     if let Some(Command::Backup { path } | Command::Restore { path }) = &args.command {
         let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -165,6 +197,10 @@ fn main() -> ExitCode {
                         if let Err(e) = controller.reload_inventory().await {
                             tracing::error!("inventory not reloaded, the previous one stays: {e}");
                         }
+                        match controller.reload_agent_tls() {
+                            Ok(()) => tracing::info!("gateway certificate reloaded: new agent connections and enrollments take it"),
+                            Err(e) => tracing::error!("gateway certificate not reloaded, the one in force stays: {e}"),
+                        }
                         match controller.reload_api_tls() {
                             Ok(true) => tracing::info!("API TLS certificate reloaded: a new certificate is in force"),
                             Ok(false) => {}
@@ -191,6 +227,64 @@ fn main() -> ExitCode {
 fn tell_systemd(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::warn!("cannot notify systemd: {e}");
+    }
+}
+
+/// `ca init`: makes or imports the enrollment CA where the configuration says.
+fn ca_init(
+    config_path: &std::path::Path,
+    import_cert: &Option<PathBuf>,
+    import_key: &Option<PathBuf>,
+    server_names: &[String],
+) -> ExitCode {
+    use fleetrun_controller::enroll::ca;
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(enroll) = &config.enroll else {
+        eprintln!(
+            "{}: add an [enroll] section first: the CA is for enrolling hosts",
+            config_path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let files = match enroll.ca_files(&config.database) {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let source = match (import_cert, import_key) {
+        (Some(cert), Some(key)) => ca::CaSource::Import {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => ca::CaSource::New,
+    };
+    match ca::init(&files, &source, &config.tls_files(), server_names) {
+        Ok(made) => {
+            println!("CA certificate: {}", files.cert.display());
+            println!("CA key:         {} (0600: back it up, keep it secret)", files.key.display());
+            for path in &made.also_written {
+                println!("also wrote:     {}", path.display());
+            }
+            println!("pin:            {}", made.pin);
+            println!(
+                "[tls] ca ({}) must hold this CA's certificate: the gateway checks agents' \
+                 certificates against it",
+                config.tls.ca.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleetrun-controller ca init: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

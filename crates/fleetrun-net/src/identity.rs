@@ -59,6 +59,11 @@ pub fn agent_id_of_cert_file(path: &std::path::Path) -> Result<String, IdentityE
     Ok(agent_certificate_in_der(&cert)?.agent_id)
 }
 
+/// The agent id in a DER certificate.
+pub fn agent_id_of_cert_der(der: &[u8]) -> Result<String, IdentityError> {
+    Ok(agent_certificate_in_der(der)?.agent_id)
+}
+
 fn agent_certificate_in_der(der: &[u8]) -> Result<AgentCertificate, IdentityError> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
         .map_err(|e| IdentityError::Unparsable(e.to_string()))?;

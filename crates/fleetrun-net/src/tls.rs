@@ -64,7 +64,7 @@ pub enum TlsError {
     },
 }
 
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -75,7 +75,7 @@ fn file_error(path: &std::path::Path, reason: impl ToString) -> TlsError {
     }
 }
 
-fn load_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn load_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| file_error(path, e))?
         .collect::<Result<Vec<_>, _>>()
@@ -86,7 +86,7 @@ fn load_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, Tl
     Ok(certs)
 }
 
-fn load_key(path: &std::path::Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn load_key(path: &std::path::Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, e))
 }
 
@@ -132,10 +132,7 @@ pub fn server_endpoint(
     listen: SocketAddr,
     timing: Timing,
 ) -> Result<quinn::Endpoint, TlsError> {
-    let tls = server_tls(files)?;
-    let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport(timing, AGENT_OPENED_STREAMS));
+    let config = quinn_server_config(files, timing)?;
     let bind_error = |source| TlsError::Bind {
         addr: listen,
         source,
@@ -161,6 +158,20 @@ pub fn server_endpoint(
         runtime,
     )
     .map_err(bind_error)
+}
+
+/// The controller's QUIC configuration from its files: what [`server_endpoint`] starts with, and
+/// what `quinn::Endpoint::set_server_config` takes to swap the certificate for new connections
+/// while the established ones go on.
+pub fn quinn_server_config(
+    files: &TlsFiles,
+    timing: Timing,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let tls = server_tls(files)?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport(timing, AGENT_OPENED_STREAMS));
+    Ok(config)
 }
 
 /// The controller's TLS configuration from its files: what [`server_endpoint`] serves with, built
@@ -210,14 +221,25 @@ pub fn client_endpoint(
     bind: SocketAddr,
     timing: Timing,
 ) -> Result<quinn::Endpoint, TlsError> {
-    let tls = client_tls(files)?;
-    let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport(timing, TASK_STREAMS_PER_AGENT));
+    let config = quinn_client_config(files, timing)?;
     let mut endpoint =
         quinn::Endpoint::client(bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
+}
+
+/// The agent's QUIC configuration from its files: what [`client_endpoint`] connects with, and
+/// what `quinn::Endpoint::set_default_client_config` takes when a renewed certificate is to be
+/// presented from the next connection on.
+pub fn quinn_client_config(
+    files: &TlsFiles,
+    timing: Timing,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let tls = client_tls(files)?;
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport(timing, TASK_STREAMS_PER_AGENT));
+    Ok(config)
 }
 
 /// The agent's TLS configuration from its files: what [`client_endpoint`] connects with, built

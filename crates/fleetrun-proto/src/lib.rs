@@ -6,7 +6,8 @@
 //!
 //! A connection carries two kinds of streams:
 //! - one **control stream**, opened by the agent right after the handshake: [`Hello`] up,
-//!   [`HelloReply`] down, then [`ControlUp`] heartbeats for as long as the connection lives;
+//!   [`HelloReply`] down, then [`ControlUp`] heartbeats for as long as the connection lives
+//!   (from version 3 also [`ControlUp::Renew`], answered by a [`ControlDown`]);
 //! - one **task stream** per task, opened by the controller: a [`TaskDown::Run`] down, then
 //!   [`TaskUp`] events (output chunks while the script runs, a final [`TaskResult`]) up, and an
 //!   optional [`TaskDown::Cancel`] down; from version 2, [`TaskDown::ResultStored`] once the
@@ -14,10 +15,14 @@
 //!   ([`TaskDown::Discard`]) a task the agent reported holding ([`ControlUp::Holding`]).
 
 mod codec;
+mod enroll;
 mod identity;
 mod messages;
 
 pub use codec::{DecodeError, EncodeError, FrameDecoder, SharedTaskRequest, encode_frame};
+pub use enroll::{
+    ENROLL_ALPN, EnrollReply, EnrollRequest, Enrolled, MAX_ENROLL_FRAME, MAX_ENROLL_IPS,
+};
 pub use identity::{AGENT_URI_PREFIX, agent_id_from_uri, agent_uri, is_valid_agent_id};
 pub use messages::*;
 
@@ -30,8 +35,9 @@ pub const ALPN: &[u8] = b"fleetrun/1";
 /// [`Hello`]; a controller answers an agent of version 2 or later with
 /// [`HelloReply::Negotiated`] naming the lower of both, and an agent of version 1 with
 /// [`HelloReply::Welcome`]; both then speak that version. Version 2 adds reattaching to tasks
-/// that outlived their connection.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// that outlived their connection; version 3, renewing the agent's certificate over the control
+/// stream ([`ControlUp::Renew`], [`ControlDown`]).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The oldest agent protocol revision the controller accepts (and the first that has no
 /// reattach: its tasks end with their connection).

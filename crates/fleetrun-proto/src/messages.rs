@@ -61,6 +61,26 @@ pub enum ControlUp {
     Holding {
         tasks: Vec<HeldTask>,
     },
+    /// Version 3: a certificate signing request (DER) over the agent's enrolled key, sent when
+    /// two thirds of its certificate's life have passed; answered with a [`ControlDown`].
+    Renew {
+        #[serde(with = "serde_bytes")]
+        csr: Vec<u8>,
+    },
+}
+
+/// Version 3: control stream, controller to agent, after the hello: answers to
+/// [`ControlUp::Renew`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlDown {
+    /// The renewed certificate chain (PEM) and its end (Unix milliseconds); the agent presents
+    /// it from its next connection on, the current one goes on.
+    Renewed {
+        certificate_pem: String,
+        not_after_ms: i64,
+    },
+    /// Nothing was issued; the agent keeps its certificate and says why in its log.
+    RenewRefused { reason: String },
 }
 
 /// A task an agent holds across connections, as it reports it when it reconnects.

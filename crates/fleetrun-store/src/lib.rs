@@ -18,6 +18,7 @@ mod backup;
 mod callbacks;
 mod console;
 mod dangerous_rules;
+mod enroll;
 mod health;
 mod inventory;
 mod model;
@@ -47,6 +48,7 @@ pub use callbacks::{
 };
 pub use console::LogHead;
 pub use dangerous_rules::{DangerousRule, DangerousRuleError, DangerousRuleFields};
+pub use enroll::{Enrollment, JoinToken};
 pub use health::Health;
 pub use inventory::{
     InventoryCommitError, InventoryRevision, KEPT_INVENTORY_REVISIONS, NewInventoryRevision,

@@ -88,6 +88,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0011_dangerous_rules.sql"),
         include_str!("../migrations/postgres/0011_dangerous_rules.sql"),
     ),
+    (
+        12,
+        "enrollment",
+        include_str!("../migrations/sqlite/0012_enrollment.sql"),
+        include_str!("../migrations/postgres/0012_enrollment.sql"),
+    ),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them.

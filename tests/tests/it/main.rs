@@ -18,6 +18,7 @@ mod console_browser;
 mod dangerous_rules;
 mod database;
 mod dist;
+mod enrollment;
 mod execution;
 mod grants;
 mod health;

@@ -28,6 +28,7 @@ mod serve;
 mod step_status;
 mod steps;
 mod stream;
+mod tokens;
 mod v4;
 
 use std::sync::Arc;
@@ -124,6 +125,9 @@ const APIS: &[&str] = &[
     "disable_dangerous_rule",
     "get_dangerous_rule_list",
     "check_script",
+    "create_join_token",
+    "list_join_tokens",
+    "revoke_join_token",
 ];
 
 /// bk-job's public-script APIs: the business ones' twins, served by [`scripts::call`] with the
@@ -331,6 +335,9 @@ async fn answer(request: Request) -> Response {
                 dangerous_rules::get_dangerous_rule_list(&shared, &caller, &params).await
             }
             "check_script" => dangerous_rules::check_script(&shared, &caller, &params).await,
+            "create_join_token" => tokens::create_join_token(&shared, &caller, &params).await,
+            "list_join_tokens" => tokens::list_join_tokens(&shared, &caller).await,
+            "revoke_join_token" => tokens::revoke_join_token(&shared, &caller, &params).await,
             name if scripts::APIS.contains(&name) => {
                 scripts::call(name, false, &shared, &caller, &params).await
             }

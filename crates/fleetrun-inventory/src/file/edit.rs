@@ -225,6 +225,16 @@ pub enum Change {
         #[serde(default)]
         last_modify_time: Option<i64>,
     },
+    /// Places an agent's host and pins its address: what an enrollment records. The agent's
+    /// entry is made if missing; its placement, cloud area and addresses are replaced.
+    PlaceAgent {
+        agent_id: String,
+        bk_cloud_id: i64,
+        ips: Vec<IpAddr>,
+        bk_biz_id: i64,
+        #[serde(default)]
+        modules: Vec<i64>,
+    },
 }
 
 impl Change {
@@ -289,6 +299,19 @@ impl Change {
                 s
             }
             Change::DeleteHost { bk_host_id } => format!("delete_host {bk_host_id}"),
+            Change::PlaceAgent {
+                agent_id,
+                bk_biz_id,
+                modules,
+                ..
+            } => {
+                let mut s = format!("place_agent {agent_id} in business {bk_biz_id}");
+                if !modules.is_empty() {
+                    let modules: Vec<String> = modules.iter().map(i64::to_string).collect();
+                    let _ = write!(s, " modules {}", modules.join(","));
+                }
+                s
+            }
             Change::SetUnlistedAgents { bk_biz_id, .. } => match bk_biz_id {
                 Some(Some(biz)) => format!("set_unlisted_agents business {biz}"),
                 Some(None) => "set_unlisted_agents unassigned".to_owned(),
@@ -579,6 +602,25 @@ impl InventoryDocument {
                     let t = entries.get_mut(i).expect("position found above");
                     set_placement(t, *bk_biz_id, modules);
                 }
+            }
+            Change::PlaceAgent {
+                agent_id,
+                bk_cloud_id,
+                ips,
+                bk_biz_id,
+                modules,
+            } => {
+                if agent_id.is_empty() {
+                    return refuse("agent_id must not be empty");
+                }
+                if ips.is_empty() {
+                    return refuse("ips is empty: an agent is pinned to at least one address");
+                }
+                let i = self.agent_entry(agent_id, false);
+                let t = self.entry("host", i);
+                set_placement(t, Some(*bk_biz_id), modules);
+                t["bk_cloud_id"] = value(*bk_cloud_id);
+                t["ips"] = value(ip_array(ips));
             }
             Change::DeleteHost { bk_host_id } => {
                 if let Some(i) = self.file_host(*bk_host_id) {
@@ -1375,6 +1417,38 @@ mod tests {
             placed.host.attributes.get("rack"),
             Some(&crate::Value::Text("c3".into()))
         );
+    }
+
+    #[test]
+    fn an_enrolled_agent_is_placed_and_pinned_and_placing_it_again_replaces_both() {
+        let place = |ips: &str, modules: &str| {
+            format!(
+                r#"{{"op":"place_agent","agent_id":"e-1","bk_cloud_id":0,"ips":{ips},"bk_biz_id":2,"modules":{modules}}}"#
+            )
+        };
+        let text = apply(
+            EXAMPLE,
+            &[
+                r#"{"op":"create_node","bk_obj_id":"set","bk_inst_id":12,"name":"cache","parent":"biz:2"}"#,
+                r#"{"op":"create_node","bk_obj_id":"module","bk_inst_id":120,"name":"redis","parent":"set:12"}"#,
+                &place(r#"["10.0.0.5","192.0.2.7"]"#, "[120]"),
+            ],
+        )
+        .unwrap();
+        let inventory = Inventory::from_toml(&text).unwrap();
+        assert!(inventory.lists_agent("e-1"));
+        let pin = inventory.pinned_address("e-1").unwrap();
+        assert_eq!(
+            pin.ips,
+            ["10.0.0.5".parse::<IpAddr>().unwrap(), "192.0.2.7".parse().unwrap()]
+        );
+        let text = apply(&text, &[&place(r#"["10.0.0.6"]"#, "[]")]).unwrap();
+        assert_eq!(text.matches("agent_id = \"e-1\"").count(), 1, "{text}");
+        let inventory = Inventory::from_toml(&text).unwrap();
+        let pin = inventory.pinned_address("e-1").unwrap();
+        assert_eq!(pin.ips, ["10.0.0.6".parse::<IpAddr>().unwrap()]);
+        let refused = apply(&text, &[&place("[]", "[]")]).unwrap_err();
+        assert!(refused.0.contains("ips is empty"), "{refused}");
     }
 
     #[test]
