@@ -28,6 +28,7 @@ mod observability;
 mod parity;
 mod pending_jobs;
 mod reattach;
+mod reattach_faults;
 mod reload;
 mod retention;
 mod scope_leaks;
