@@ -98,7 +98,13 @@ async fn a_task_the_agent_comes_back_without_ends_at_once_with_the_reason() -> R
     let (ip, agent_id) = ("127.0.0.95", "forgetful");
     let (endpoint, connection, bk_host_id) = raw_agent(&cluster, agent_id, ip).await?;
     // Ten minutes to run: the deadline is far away.
-    let (job, _) = submit(&cluster, "sleep 600", &[bk_host_id], json!({"timeout": 600})).await?;
+    let (job, _) = submit(
+        &cluster,
+        "sleep 600",
+        &[bk_host_id],
+        json!({"timeout": 600}),
+    )
+    .await?;
     let (_send, recv) = tokio::time::timeout(Duration::from_secs(10), connection.accept_bi())
         .await
         .context("the task")??;
@@ -173,7 +179,13 @@ async fn the_callback_fires_once_for_a_job_that_outlived_its_controller() -> Res
         }),
     );
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let (job, _) = submit(&cluster, &numbered(50), &hosts, json!({"callback_url": url})).await?;
+    let (job, _) = submit(
+        &cluster,
+        &numbered(50),
+        &hosts,
+        json!({"callback_url": url}),
+    )
+    .await?;
     let agent_log = cluster.agents[0].log.clone();
     eventually(Duration::from_secs(10), "the script runs", || {
         let text = std::fs::read_to_string(&agent_log).unwrap_or_default();
@@ -190,14 +202,18 @@ async fn the_callback_fires_once_for_a_job_that_outlived_its_controller() -> Res
     assert_eq!(status["job_instance"]["status"], 3, "{status}");
     let mut query = cluster.info.scope();
     query["job_instance_id"] = json!(job);
-    let callback = eventually(Duration::from_secs(20), "the callback delivered", || async {
-        let status = cluster
-            .client()
-            .call("get_callback_status", query.clone())
-            .await
-            .ok()?;
-        (status["status"] == "delivered").then_some(status)
-    })
+    let callback = eventually(
+        Duration::from_secs(20),
+        "the callback delivered",
+        || async {
+            let status = cluster
+                .client()
+                .call("get_callback_status", query.clone())
+                .await
+                .ok()?;
+            (status["status"] == "delivered").then_some(status)
+        },
+    )
     .await?;
     let attempts = callback["attempts"].as_array().context("attempts")?;
     assert_eq!(attempts.len(), 1, "{callback}");

@@ -112,7 +112,14 @@ pub(super) async fn old_agent(ctx: &mut Ctx) -> Result<()> {
         .arg(certs.join("ca.pem"))
         .arg("--ca-key")
         .arg(certs.join("ca.key.pem"))
-        .args(["--agents", "1", "--id-prefix", "legacy-", "--first-index", "1"])
+        .args([
+            "--agents",
+            "1",
+            "--id-prefix",
+            "legacy-",
+            "--first-index",
+            "1",
+        ])
         .args(["--protocol-version", "1", "--output-bytes", "9"])
         .args(["--bind", &gateway.to_string()])
         .args(["--ip-base", &ip_base.to_string()])
@@ -154,7 +161,9 @@ pub(super) async fn old_agent(ctx: &mut Ctx) -> Result<()> {
             new.contains("agent speaks protocol version 1") && new.contains("upgrade it"),
             "the controller did not tell the operator to upgrade the old agent"
         );
-        println!("    an agent of protocol version 1 ran a job; the controller asked for its upgrade");
+        println!(
+            "    an agent of protocol version 1 ran a job; the controller asked for its upgrade"
+        );
         Ok(())
     }
     .await;

@@ -770,5 +770,8 @@ fn a_task_taken_up_whose_agent_never_returns_ends_by_its_deadline() {
     assert_eq!(taken_up.handle(T0 + 6_000, Event::Cancel), vec![]);
     assert_eq!(taken_up.deadline(), Some(T0 + 8_000));
     let actions = taken_up.handle(T0 + 8_000, Event::Timer);
-    assert!(matches!(actions.last(), Some(Action::Finish(_))), "{actions:?}");
+    assert!(
+        matches!(actions.last(), Some(Action::Finish(_))),
+        "{actions:?}"
+    );
 }
