@@ -14,6 +14,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 mod enroll;
+mod reattach;
 
 use crate::{
     cluster::{Cluster, ClusterOptions, workspace_root},
@@ -51,6 +52,7 @@ const SCENARIOS: &[&str] = &[
     "controller-killed",
     "terminate-after-restart",
     "enroll",
+    "old-agent",
 ];
 
 fn b64(text: &str) -> String {
@@ -502,8 +504,9 @@ async fn controller_killed(ctx: &mut Ctx) -> Result<()> {
     let (before, _, _) = ctx.run(ctx.request("echo before", json!({}))).await?;
     // A 20 s script printing a numbered line every 100 ms; the controller SIGKILLed at 5 s and
     // started again at 8 s takes the job up: the agents kept the scripts running and their output.
+    let inbox = reattach::CallbackInbox::start().await?;
     let (job, step) = ctx
-        .submit(ctx.request(&counter(200, "0.1"), json!({})))
+        .submit(ctx.request(&counter(200, "0.1"), json!({"callback_url": inbox.url})))
         .await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     ctx.cluster.kill_controller()?;
@@ -517,6 +520,13 @@ async fn controller_killed(ctx: &mut Ctx) -> Result<()> {
             "host {host}: output not complete exactly once: {log:?}"
         );
     }
+    let callbacks = inbox
+        .for_job(job, Duration::from_secs(20), Duration::from_secs(3))
+        .await?;
+    ensure!(
+        callbacks.len() == 1 && callbacks[0]["status"] == json!(3),
+        "the job's callback, once: {callbacks:?}"
+    );
     let old = ctx.wait(before, Duration::from_secs(5)).await?;
     Ctx::expect(&old, 3, |_| 9)?;
     let (_, _, after) = ctx.run(ctx.request("echo after", json!({}))).await?;
@@ -614,6 +624,7 @@ async fn scenario(name: &str, ctx: &mut Ctx) -> Result<()> {
         "controller-killed" => controller_killed(ctx).await,
         "terminate-after-restart" => terminate_after_restart(ctx).await,
         "enroll" => enroll::scenario(ctx).await,
+        "old-agent" => reattach::old_agent(ctx).await,
         other => bail!("no scenario {other}"),
     }
 }

@@ -330,7 +330,11 @@ mod tests {
         assert!(grown > Backoff::FIRST, "{grown:?}");
         assert_eq!(failover.current(), 0, "a lost connection retries the same");
         let delay = failover.after(&ended(1, true));
-        assert_eq!(failover.current(), 1, "shutdown moves to the next controller");
+        assert_eq!(
+            failover.current(),
+            1,
+            "shutdown moves to the next controller"
+        );
         assert!(delay <= Backoff::FIRST, "{delay:?}");
         // The next one refuses: the one after it, with a growing wait.
         let first = failover.after(&session::Ended::BeforeWelcome("refused".into()));

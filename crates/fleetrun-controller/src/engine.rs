@@ -46,11 +46,16 @@ struct Finishing {
     all_succeeded: bool,
 }
 
-/// A reconnected agent's claim to a task, on its way to the host's run.
+/// What a reconnected agent said of a task, on its way to the host's run.
 #[derive(Debug)]
-struct Reattach {
-    connection: quinn::Connection,
-    claim: Claim,
+enum Reattach {
+    /// It holds the task and claims it.
+    Claim {
+        connection: quinn::Connection,
+        claim: Claim,
+    },
+    /// Its report of the tasks it holds leaves this one out: it never received it, or lost it.
+    NotHeld,
 }
 
 /// Who may claim a task that is out on an agent, and where the claim goes.
@@ -128,7 +133,20 @@ pub struct Engine {
     /// agent and kept here until the host's run picks them up: an agent that reconnects first
     /// finds its claim waiting, not refused.
     prepared: Arc<Mutex<HashMap<Uuid, mpsc::UnboundedReceiver<Reattach>>>>,
+    /// Runs waiting for their checkpoint to be saved now rather than at the next tick.
+    save_now: Arc<SaveNow>,
 }
+
+/// Asks the checkpoint saver for a save at once; each waiter hears when a save that includes
+/// what it noted before asking is done.
+#[derive(Debug, Default)]
+struct SaveNow {
+    wake: tokio::sync::Notify,
+    waiters: Mutex<Vec<tokio::sync::oneshot::Sender<()>>>,
+}
+
+/// How long a dispatch waits for its checkpoint to be saved before it goes ahead regardless.
+const CHECKPOINT_WAIT: Duration = Duration::from_secs(5);
 
 impl Engine {
     pub fn new(store: Store, agents: Agents, output_limit: u64, agent_grace: Duration) -> Self {
@@ -142,6 +160,7 @@ impl Engine {
             claims: Arc::default(),
             checkpoints: Arc::default(),
             prepared: Arc::default(),
+            save_now: Arc::default(),
         }
     }
 
@@ -209,8 +228,11 @@ impl Engine {
             loop {
                 let stopping = tokio::select! {
                     _ = tick.tick() => false,
+                    () = engine.save_now.wake.notified() => false,
                     () = shutdown.cancelled() => true,
                 };
+                // Taken before the batch: each of them noted its checkpoint before it asked.
+                let waiters = std::mem::take(&mut *engine.save_now.waiters.lock().unwrap());
                 let batch: Vec<HostCheckpoint> = {
                     let mut checkpoints = engine.checkpoints.lock().unwrap();
                     checkpoints
@@ -232,6 +254,9 @@ impl Engine {
                         tracing::warn!("cannot save where running tasks stand: {e}");
                     }
                 }
+                for waiter in waiters {
+                    let _ = waiter.send(());
+                }
                 if stopping {
                     return;
                 }
@@ -247,6 +272,21 @@ impl Engine {
             _ => {
                 checkpoints.insert(key, (checkpoint, true));
             }
+        }
+    }
+
+    /// Notes `checkpoint` and returns once it is saved (with the checkpoints of other runs that
+    /// asked meanwhile, in one transaction), or after [`CHECKPOINT_WAIT`] if the saver is slow.
+    async fn save_checkpoint_now(&self, checkpoint: HostCheckpoint) {
+        self.note_checkpoint(checkpoint);
+        let (done, saved) = tokio::sync::oneshot::channel();
+        self.save_now.waiters.lock().unwrap().push(done);
+        self.save_now.wake.notify_one();
+        if tokio::time::timeout(CHECKPOINT_WAIT, saved).await.is_err() {
+            tracing::warn!(
+                "the task's checkpoint was not saved within {CHECKPOINT_WAIT:?}; dispatching it \
+                 all the same"
+            );
         }
     }
 
@@ -366,6 +406,29 @@ impl Engine {
             .await;
     }
 
+    /// An agent of `bk_host_id` reconnected and reported it holds `held`: every task out on
+    /// that host and agent that the report leaves out is told so, and ends without waiting for
+    /// its deadline. Called before the new connection is in use, so a task sent on it cannot be
+    /// told it is missing.
+    pub fn not_held(&self, bk_host_id: i64, agent_id: &str, held: &[HeldTask]) {
+        let held: std::collections::HashSet<Uuid> = held.iter().map(|t| t.task_id).collect();
+        let claims = self.claims.lock().unwrap();
+        for (task_id, claimant) in claims.iter() {
+            if claimant.bk_host_id == bk_host_id
+                && claimant.agent_id == agent_id
+                && !held.contains(task_id)
+            {
+                tracing::warn!(
+                    bk_host_id,
+                    agent_id,
+                    %task_id,
+                    "the agent came back without a task it was sent"
+                );
+                let _ = claimant.tx.send(Reattach::NotHeld);
+            }
+        }
+    }
+
     /// An agent reconnected on `connection` as host `bk_host_id` and claims `held`: the claim
     /// goes to the run following the task, if it follows one sent to that host and agent. Any
     /// other is refused (logged, nothing stored) and the agent told to kill and forget the task.
@@ -390,7 +453,7 @@ impl Engine {
                     c.bk_host_id, c.agent_id
                 )),
                 Some(c) => {
-                    let reattach = Reattach {
+                    let reattach = Reattach::Claim {
                         connection: connection.clone(),
                         claim: Claim::from(held),
                     };

@@ -364,6 +364,10 @@ impl Gateway {
         } else {
             Vec::new()
         };
+        if protocol_version >= 2 {
+            // Before the link is in use: only tasks sent on an earlier connection can be missing.
+            self.engine.not_held(host.bk_host_id, &agent_id, &held);
+        }
         let link = AgentLink {
             agent_id: agent_id.clone(),
             connection: connection.clone(),

@@ -69,6 +69,9 @@ pub enum Event {
     Detached(String),
     /// The agent reconnected and claims the task.
     Reattach(Claim),
+    /// The agent reconnected and reported the tasks it holds, without this one: it never
+    /// received it (the connection was lost as it was sent) or lost it (its spool).
+    NotHeld,
 }
 
 /// What an agent reports of a task it holds, as the controller checks it against its own record.
@@ -407,6 +410,16 @@ impl HostTask {
                 }
             }
             Event::Reattach(claim) => self.reattach(claim, now, &mut actions),
+            Event::NotHeld => {
+                let mut tag = "the agent came back without the task: it never received it, or \
+                               lost it"
+                    .to_owned();
+                if let Some(why) = self.detached.take() {
+                    tag.push_str(&format!("; the connection was lost: {why}"));
+                }
+                let outcome = self.controller_outcome(host::AGENT_ABNORMAL, tag, now);
+                self.finish(outcome, &mut actions);
+            }
         }
         actions
     }

@@ -34,6 +34,7 @@ mod parity;
 mod pending_jobs;
 mod plain_http;
 mod reattach;
+mod reattach_faults;
 mod reload;
 mod retention;
 mod rolling;

@@ -142,10 +142,7 @@ async fn a_controller_of_version_1_is_never_sent_a_spool_loss() {
     let mut frames = Vec::new();
     let delivered = deliver(&held, &mut frames, &mut down, 0).await.unwrap();
     assert_eq!(delivered, Delivered::Sent);
-    assert_eq!(
-        count(&frames, |f| matches!(f, TaskUp::SpoolLost { .. })),
-        0
-    );
+    assert_eq!(count(&frames, |f| matches!(f, TaskUp::SpoolLost { .. })), 0);
     // The gap in the offsets is what tells a controller of version 1.
     assert!(frames.contains(&TaskUp::Output {
         offset: 4,
@@ -207,8 +204,7 @@ async fn finished_tasks_past_the_bound_are_forgotten_oldest_first() {
     tasks.held.lock().unwrap().insert(running_id, running);
 
     tasks.bound_finished(2);
-    let left: std::collections::HashSet<Uuid> =
-        tasks.reports().iter().map(|t| t.task_id).collect();
+    let left: std::collections::HashSet<Uuid> = tasks.reports().iter().map(|t| t.task_id).collect();
     assert_eq!(
         left,
         [ids[0], ids[2], running_id].into_iter().collect(),

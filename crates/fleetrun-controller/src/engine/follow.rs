@@ -25,6 +25,11 @@ const CANCEL_SEND_WAIT: Duration = Duration::from_secs(1);
 /// How long the acknowledgement of a stored result may take to leave.
 const ACK_WAIT: Duration = Duration::from_secs(5);
 
+/// How long resuming a task on a reconnected agent may take (opening the stream waits while
+/// the agent has all the streams it allows open) before the task counts as detached again; never
+/// past the task's deadline.
+const RESUME_WAIT: Duration = Duration::from_secs(30);
+
 /// The time until the machine's deadline; a year, standing for never, when it has none.
 fn until_deadline(machine: &HostTask) -> Duration {
     match machine.deadline() {
@@ -294,6 +299,15 @@ impl HostRun {
         // writing the request waits while the agent reads none of it: a termination still ends
         // the host within the grace period, so both steps follow the machine's events.
         let mut cancel_seen = false;
+        if owns_tasks {
+            // The task's record is stored before the agent can have it: a controller that stops
+            // right after the dispatch takes it up, and the agent's claim finds it.
+            let checkpoint = self.checkpoint_of(agent_id, task_id, machine);
+            let saved = self.engine.save_checkpoint_now(checkpoint);
+            if let Err(outcome) = self.until_done(machine, &mut cancel_seen, saved).await {
+                return Some(outcome);
+            }
+        }
         let opened = match self
             .until_done(machine, &mut cancel_seen, connection.open_bi())
             .await
@@ -414,9 +428,13 @@ impl HostRun {
                         Event::Lost(why)
                     }
                 }
-                Next::Claim(Reattach { connection, claim }) => {
+                Next::Claim(Reattach::Claim { connection, claim }) => {
                     claiming = Some(connection);
                     Event::Reattach(claim)
+                }
+                Next::Claim(Reattach::NotHeld) => {
+                    stream = None;
+                    Event::NotHeld
                 }
                 Next::Cancel => {
                     cancel_seen = true;
@@ -444,9 +462,14 @@ impl HostRun {
     }
 
     fn note_checkpoint(&self, agent_id: &str, task_id: Uuid, machine: &HostTask) {
+        self.engine
+            .note_checkpoint(self.checkpoint_of(agent_id, task_id, machine));
+    }
+
+    fn checkpoint_of(&self, agent_id: &str, task_id: Uuid, machine: &HostTask) -> HostCheckpoint {
         let checkpoint = machine.checkpoint();
         let signed = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        self.engine.note_checkpoint(HostCheckpoint {
+        HostCheckpoint {
             step_instance_id: self.step_instance_id,
             bk_host_id: self.bk_host_id,
             task_id: task_id.to_string(),
@@ -458,7 +481,7 @@ impl HostRun {
             truncated: checkpoint.truncated,
             started_at: checkpoint.started_at,
             deadline: checkpoint.deadline,
-        });
+        }
     }
 
     /// Runs `step` of the request's delivery while feeding the machine the termination and its
@@ -548,7 +571,15 @@ impl HostRun {
                     let Some((connection, task_id)) = claiming else {
                         continue;
                     };
-                    match resume(connection, task_id, from_offset).await {
+                    let bound = until_deadline(machine).min(RESUME_WAIT);
+                    let resumed =
+                        match tokio::time::timeout(bound, resume(connection, task_id, from_offset))
+                            .await
+                        {
+                            Ok(resumed) => resumed,
+                            Err(_) => Err(format!("the agent took no new stream within {bound:?}")),
+                        };
+                    match resumed {
                         Ok(attached) => {
                             tracing::info!(
                                 job = self.job_instance_id,

@@ -678,3 +678,100 @@ fn a_nul_in_the_agents_message_never_reaches_the_store() {
     let outcome = run.outcome.as_ref().expect("finished");
     assert_eq!(outcome.tag, "bad\u{FFFD}news\u{FFFD}");
 }
+
+#[test]
+fn a_task_the_agent_comes_back_without_ends_310_at_once() {
+    // Detached, then the agent's report leaves the task out: no wait for the deadline.
+    let (machine, actions) = feed(vec![
+        (T0, started(T0)),
+        (T0 + 10, output(0, b"1\n")),
+        (T0 + 20, Event::Detached("idle timeout".into())),
+        (T0 + 1_000, Event::NotHeld),
+    ]);
+    let Some(Action::Finish(outcome)) = actions[3].last() else {
+        panic!("{:?}", actions[3]);
+    };
+    assert_eq!(outcome.status, host::AGENT_ABNORMAL);
+    assert!(
+        outcome.tag.contains("came back without the task") && outcome.tag.contains("idle timeout"),
+        "{}",
+        outcome.tag
+    );
+    assert_eq!(outcome.end_time, T0 + 1_000);
+    assert!(machine.is_done());
+    assert!(logged(&actions).starts_with("1\n[fleetrun] the agent came back without the task"));
+    // Sent, never started, the connection not yet seen lost: the same.
+    let (_, actions) = feed(vec![(T0 + 5, Event::NotHeld)]);
+    assert!(
+        matches!(actions[0].last(), Some(Action::Finish(o)) if o.status == host::AGENT_ABNORMAL)
+    );
+    // A task already final stays as it ended.
+    let (_, actions) = feed(vec![
+        (T0, started(T0)),
+        (T0 + 10, finished(Ending::Exited { code: 0 }, T0, T0 + 10)),
+        (T0 + 20, Event::NotHeld),
+    ]);
+    assert_eq!(actions[2], vec![]);
+}
+
+#[test]
+fn a_truncation_sent_again_after_a_restart_is_stored_once() {
+    let truncated = || {
+        Event::Up(TaskUp::Truncated {
+            dropped_bytes: 50,
+            dropped_lines: 5,
+        })
+    };
+    let (machine, actions) = feed(vec![
+        (T0, started(T0)),
+        (T0 + 10, output(0, b"head\n")),
+        (T0 + 20, truncated()),
+        (T0 + 30, output(5, b"tail\n")),
+    ]);
+    let checkpoint = machine.checkpoint();
+    assert!(checkpoint.truncated);
+    let before = logged(&actions);
+    // Taken up after a restart, resumed from the offset of the truncation: the agent sends it
+    // again with the output after it.
+    let mut taken_up = HostTask::restore(LIMITS, IDENTITY, &checkpoint, T0, T0 + 5_000);
+    let mut again = vec![taken_up.handle(T0 + 6_000, Event::Reattach(claim(5, 10, Some(T0))))];
+    again.push(taken_up.handle(T0 + 6_010, truncated()));
+    again.push(taken_up.handle(T0 + 6_020, output(5, b"tail\nmore\n")));
+    let stored: Vec<u8> = again
+        .iter()
+        .flatten()
+        .filter_map(|a| match a {
+            Action::Log { data, .. } => Some(data.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&stored), "more\n");
+    assert_eq!(before.matches("output truncated here").count(), 1);
+    assert_eq!(taken_up.checkpoint().dropped_bytes, 50, "counted once");
+}
+
+#[test]
+fn a_task_taken_up_whose_agent_never_returns_ends_by_its_deadline() {
+    // Sent, not started, when the controller stopped: the whole time from the take-up.
+    let (machine, _) = feed(vec![]);
+    let checkpoint = machine.checkpoint();
+    assert_eq!(checkpoint.deadline, None);
+    let mut taken_up = HostTask::restore(LIMITS, IDENTITY, &checkpoint, T0, T0 + 5_000);
+    assert_eq!(taken_up.deadline(), Some(T0 + 5_000 + 12_000));
+    assert_eq!(taken_up.handle(T0 + 16_999, Event::Timer), vec![]);
+    let actions = taken_up.handle(T0 + 17_000, Event::Timer);
+    assert!(
+        matches!(actions.last(), Some(Action::Finish(o)) if o.status == host::AGENT_ABNORMAL && o.tag.contains("did not come back")),
+        "{actions:?}"
+    );
+    // Terminated while it waits: the grace period, not the whole deadline.
+    let mut taken_up = HostTask::restore(LIMITS, IDENTITY, &checkpoint, T0, T0 + 5_000);
+    assert_eq!(taken_up.handle(T0 + 6_000, Event::Cancel), vec![]);
+    assert_eq!(taken_up.deadline(), Some(T0 + 8_000));
+    let actions = taken_up.handle(T0 + 8_000, Event::Timer);
+    assert!(
+        matches!(actions.last(), Some(Action::Finish(_))),
+        "{actions:?}"
+    );
+}
