@@ -172,7 +172,8 @@ fn cargo_deb(package: &str, opts: &DistOptions, out: &Path) -> Result<PathBuf> {
         .rev()
         .map(str::trim)
         .find(|line| line.ends_with(".deb"))
-        .map(PathBuf::from)
+        // Relative to the workspace root, where cargo_command runs it.
+        .map(|line| workspace_root().join(line))
         .with_context(|| format!("cargo deb -p {package} named no package: {stdout}"))?;
     ensure!(
         path.is_file(),
