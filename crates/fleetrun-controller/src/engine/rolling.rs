@@ -115,7 +115,8 @@ impl Engine {
         let mut hosts = JoinSet::new();
         let mut host_of_task = HashMap::new();
         let mut ending = Ending::Done;
-        for batch in next_batch.max(1)..=total {
+        for (index, batch_hosts) in batches.iter().enumerate().skip(next_batch.max(1) - 1) {
+            let batch = index + 1;
             if cancel.is_cancelled() {
                 break;
             }
@@ -135,13 +136,13 @@ impl Engine {
                 job = job_instance_id,
                 batch,
                 of = total,
-                hosts = batches[batch - 1].len(),
+                hosts = batch_hosts.len(),
                 "rolling batch out"
             );
             self.spawn_hosts(
                 job_instance_id,
                 step_instance_id,
-                &batches[batch - 1],
+                batch_hosts,
                 request.as_ref(),
                 limits,
                 &cancel,
