@@ -335,16 +335,19 @@ impl Engine {
         }
         let engine = self.clone();
         tokio::spawn(async move {
-            engine.resume_job(job, cancel).await;
+            let registered = engine.resume_job(job, cancel).await;
             if let Err(e) = engine.store.flush().await {
                 tracing::error!(job = job_instance_id, "cannot commit the job's end: {e}");
             }
-            engine.running.lock().unwrap().remove(&job_instance_id);
+            if registered {
+                engine.running.lock().unwrap().remove(&job_instance_id);
+            }
         });
         true
     }
 
-    async fn resume_job(&self, mut job: ResumableJob, cancel: CancellationToken) {
+    /// False if the job paused (a rolling one) and so left the running set.
+    async fn resume_job(&self, mut job: ResumableJob, cancel: CancellationToken) -> bool {
         // A rolling job takes up the batch that was out; later batches wait for an operator.
         let rolling = self.rolling_in_flight(&mut job).await;
         let limits = Limits {
@@ -398,12 +401,13 @@ impl Engine {
             all_succeeded: job.finished_hosts_succeeded && host_count == host_of_task.len(),
         };
         if rolling {
-            self.finish_resumed_batch(finishing, hosts, host_of_task, &cancel)
+            return self
+                .finish_resumed_batch(finishing, hosts, host_of_task, &cancel)
                 .await;
-            return;
         }
         self.finish_job(finishing, hosts, host_of_task, &cancel)
             .await;
+        true
     }
 
     /// An agent of `bk_host_id` reconnected and reported it holds `held`: every task out on

@@ -275,3 +275,71 @@ async fn a_restart_keeps_a_job_waiting_for_a_confirmation_and_it_goes_on() -> Re
     assert_eq!(host_statuses(&done), [9, 9], "{done}");
     Ok(())
 }
+
+async fn operate_job(cluster: &TestCluster, job: i64, code: i64) -> Result<Value> {
+    let mut body = cluster.info.scope();
+    body["job_instance_id"] = json!(job);
+    body["operation_code"] = json!(code);
+    cluster
+        .client()
+        .call_raw("operate_job_instance", body)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_job_is_terminated_as_bk_job_terminates_it() -> Result<()> {
+    let cluster = start_cluster(3).await?;
+    // Waiting for a confirmation (7): terminating ends it 11, the later hosts never run.
+    let (job, _step) = submit(&cluster, "echo ok", json!({"expression": "1", "mode": 3})).await?;
+    wait_for(&cluster, job, 7).await?;
+    let stopped = operate_job(&cluster, job, 1).await?;
+    assert_eq!(stopped["code"], 0, "{stopped}");
+    let ended = wait_for(&cluster, job, 11).await?;
+    assert_eq!(ended["finished"], true, "{ended}");
+    assert_eq!(host_statuses(&ended), [5, 5, 9], "{ended}");
+    let again = operate_job(&cluster, job, 1).await?;
+    assert_eq!(again["code"], 1_241_003, "{again}");
+
+    // Paused on a failed batch (4): the same.
+    let script = fail_first(&cluster);
+    let (job, _step) = submit(&cluster, &script, json!({"expression": "1", "mode": 1})).await?;
+    wait_for(&cluster, job, 4).await?;
+    let stopped = operate_job(&cluster, job, 1).await?;
+    assert_eq!(stopped["code"], 0, "{stopped}");
+    let ended = wait_for(&cluster, job, 11).await?;
+    assert_eq!(host_statuses(&ended), [5, 5, 104], "{ended}");
+
+    // A job the failure limit ended is over: neither terminated nor revived by ignoring.
+    let (job, step) = submit(
+        &cluster,
+        "exit 1",
+        json!({"expression": "1", "mode": 1, "max_failures": 1}),
+    )
+    .await?;
+    wait_for(&cluster, job, 4).await?;
+    let refused = operate_job(&cluster, job, 1).await?;
+    assert_eq!(refused["code"], 1_241_003, "{refused}");
+    let refused = operate(&cluster, job, step, 3).await?;
+    assert_eq!(refused["code"], 1_241_003, "{refused}");
+    assert_eq!(status(&cluster, job).await?["job_instance"]["status"], 4);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_confirmation_sent_the_moment_the_pause_shows_is_carried_out() -> Result<()> {
+    let cluster = start_cluster(4).await?;
+    let (job, step) = submit(&cluster, "true", json!({"expression": "1", "mode": 3})).await?;
+    for batch in 1..4 {
+        // Poll as fast as the API answers, and confirm at once.
+        loop {
+            if status(&cluster, job).await?["job_instance"]["status"] == 7 {
+                break;
+            }
+        }
+        let confirmed = operate(&cluster, job, step, 13).await?;
+        assert_eq!(confirmed["code"], 0, "batch {batch}: {confirmed}");
+    }
+    let done = wait_for(&cluster, job, 3).await?;
+    assert_eq!(host_statuses(&done), [9, 9, 9, 9], "{done}");
+    Ok(())
+}

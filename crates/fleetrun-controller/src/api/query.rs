@@ -498,9 +498,16 @@ pub async fn operate_job_instance(
     let job = load_job(shared, caller, params, req.job_instance_id).await?;
     match req.operation_code {
         OPERATION_TERMINATE => {
-            // bk-job terminates a running job, or one waiting for a user's confirmation.
-            let terminable = matches!(job.status, status::job::RUNNING | status::job::WAITING_USER);
-            if !terminable || !shared.engine.terminate(job.job_instance_id).await {
+            // bk-job terminates a running job, or one waiting for a user's confirmation (a
+            // rolling job paused, at 7 or at 4 on a failed batch, ends 11).
+            let terminable = matches!(
+                job.status,
+                status::job::RUNNING | status::job::WAITING_USER | status::job::FAILED
+            );
+            if !terminable
+                || !(shared.engine.terminate(job.job_instance_id).await
+                    || super::steps::terminate_paused(shared, &job).await?)
+            {
                 return Err(ApiError::new(
                     code::UNSUPPORTED_OPERATION,
                     format!(

@@ -224,7 +224,9 @@ pub async fn operate_step_instance(
                     "applies to a rolling step paused on a failed batch; fleetrun's other steps end with the job",
                 ));
             };
-            if job.status != status::job::FAILED || record.current_batch >= record.total_batches {
+            if job.status != status::job::FAILED
+                || !paused_on_failure(shared, &step, &record).await?
+            {
                 return Err(refuse("applies to a rolling job paused on a failed batch"));
             }
             go_on(shared, &job, &step, record, true).await?;
@@ -272,6 +274,80 @@ pub async fn operate_step_instance(
         job_instance_id: job.job_instance_id,
         step_instance_id: step.step_instance_id,
     })
+}
+
+/// Whether a rolling job at 4 stopped on a failed batch to wait for an operator (not at its end,
+/// not stopped by its failure limit).
+async fn paused_on_failure(
+    shared: &Shared,
+    step: &fleetrun_store::StepRecord,
+    record: &fleetrun_store::RollingRecord,
+) -> Result<bool, ApiError> {
+    let config = stored_config(&record.config)?;
+    if record.current_batch >= record.total_batches {
+        return Ok(false);
+    }
+    let hosts = shared
+        .store
+        .rolling_batches(step.step_instance_id)
+        .await?
+        .concat()
+        .len();
+    let failed = shared
+        .store
+        .failed_hosts(
+            step.step_instance_id,
+            status::host::UNFINISHED,
+            &[3, status::host::SUCCESS],
+        )
+        .await?;
+    let counted = failed.saturating_sub(usize::try_from(record.failures_ignored).unwrap_or(0));
+    Ok(config
+        .failure_limit(hosts)
+        .is_none_or(|limit| counted < limit))
+}
+
+/// `operate_job_instance` 1 for a job with no run on this controller: a rolling job paused for
+/// an operator (7, or 4 on a failed batch) ends "terminated" (11), as bk-job ends it. False if
+/// the job is no such job.
+pub(super) async fn terminate_paused(
+    shared: &Shared,
+    job: &fleetrun_store::JobRecord,
+) -> Result<bool, ApiError> {
+    let Some(step) = job.steps.first() else {
+        return Ok(false);
+    };
+    let Some(record) = shared.store.rolling(step.step_instance_id).await? else {
+        return Ok(false);
+    };
+    // A run that just paused has its pause queued: let it reach the store first.
+    shared.store.flush().await?;
+    let job_instance_id = job.job_instance_id;
+    let paused = match load_paused(shared, job_instance_id).await? {
+        Some(status::job::WAITING_USER) => status::job::WAITING_USER,
+        Some(status::job::FAILED) if paused_on_failure(shared, step, &record).await? => {
+            status::job::FAILED
+        }
+        _ => return Ok(false),
+    };
+    let ended = shared
+        .store
+        .end_rolling_job(
+            job_instance_id,
+            step.step_instance_id,
+            paused,
+            status::job::TERMINATE_SUCCESS,
+            crate::now_ms(),
+        )
+        .await?;
+    if ended && let Some(callbacks) = shared.engine.callbacks() {
+        callbacks.job_ended(job_instance_id);
+    }
+    Ok(ended)
+}
+
+async fn load_paused(shared: &Shared, job_instance_id: i64) -> Result<Option<i32>, ApiError> {
+    Ok(shared.store.job(job_instance_id).await?.map(|j| j.status))
 }
 
 /// Dispatches a paused rolling job's next batch. With `ignore`, the failed hosts so far stop
@@ -326,17 +402,35 @@ async fn go_on(
         hosts: batches.concat(),
         task,
     };
-    let started = shared.engine.start_rolling(
-        spec,
-        RollingStart {
-            config,
-            batches,
-            next_batch: usize::try_from(record.current_batch).unwrap_or(0) + 1,
-            earlier_failures: usize::try_from(failed - ignored).unwrap_or(0),
-            started: job.start_time,
-        },
-    );
+    let rolling = RollingStart {
+        config,
+        batches,
+        next_batch: usize::try_from(record.current_batch).unwrap_or(0) + 1,
+        earlier_failures: usize::try_from(failed - ignored).unwrap_or(0),
+        started: job.start_time,
+    };
+    // The paused run leaves the running set just after its pause is queued: a confirmation
+    // that saw the pause committed may come a moment before that.
+    let mut started = false;
+    for _ in 0..100 {
+        if shared.engine.start_rolling(spec.clone(), rolling.clone()) {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     if !started {
+        // Give the pause back rather than leave the job running with no run.
+        let _ = shared
+            .store
+            .resume_rolling(
+                job.job_instance_id,
+                step.step_instance_id,
+                status::job::RUNNING,
+                job.status,
+                None,
+            )
+            .await;
         return Err(ApiError::new(
             code::UNSUPPORTED_OPERATION,
             format!("job_instance_id: job {} is running", job.job_instance_id),

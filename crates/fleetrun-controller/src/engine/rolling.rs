@@ -66,19 +66,28 @@ impl Engine {
         }
         let engine = self.clone();
         tokio::spawn(async move {
-            engine.run_rolling(spec, rolling, cancel).await;
+            let registered = engine.run_rolling(spec, rolling, cancel).await;
             if let Err(e) = engine.store.flush().await {
                 tracing::error!(
                     job = job_instance_id,
                     "cannot commit the job's progress: {e}"
                 );
             }
-            engine.running.lock().unwrap().remove(&job_instance_id);
+            // A pause left the set already; the job may be running again under a new run.
+            if registered {
+                engine.running.lock().unwrap().remove(&job_instance_id);
+            }
         });
         true
     }
 
-    async fn run_rolling(&self, spec: JobSpec, rolling: RollingStart, cancel: CancellationToken) {
+    /// Runs the batches; false if the run paused and so left the running set.
+    async fn run_rolling(
+        &self,
+        spec: JobSpec,
+        rolling: RollingStart,
+        cancel: CancellationToken,
+    ) -> bool {
         let JobSpec {
             job_instance_id,
             step_instance_id,
@@ -115,7 +124,8 @@ impl Engine {
         let mut hosts = JoinSet::new();
         let mut host_of_task = HashMap::new();
         let mut ending = Ending::Done;
-        for batch in next_batch.max(1)..=total {
+        for (index, batch_hosts) in batches.iter().enumerate().skip(next_batch.max(1) - 1) {
+            let batch = index + 1;
             if cancel.is_cancelled() {
                 break;
             }
@@ -135,13 +145,13 @@ impl Engine {
                 job = job_instance_id,
                 batch,
                 of = total,
-                hosts = batches[batch - 1].len(),
+                hosts = batch_hosts.len(),
                 "rolling batch out"
             );
             self.spawn_hosts(
                 job_instance_id,
                 step_instance_id,
-                &batches[batch - 1],
+                batch_hosts,
                 request.as_ref(),
                 limits,
                 &cancel,
@@ -218,7 +228,13 @@ impl Engine {
             all_succeeded: failures == 0,
         };
         match ending {
-            Ending::Paused { status } => self.pause(&finishing, status).await,
+            Ending::Paused { status } => {
+                if self.pause(&finishing, status, &cancel).await {
+                    return false;
+                }
+                self.end_job(&finishing, job::TERMINATE_SUCCESS, job::TERMINATE_SUCCESS)
+                    .await;
+            }
             _ if cancel.is_cancelled() => {
                 self.end_job(&finishing, job::TERMINATE_SUCCESS, job::TERMINATE_SUCCESS)
                     .await;
@@ -245,12 +261,22 @@ impl Engine {
                 }
             }
         }
+        true
     }
 
     /// Leaves the job waiting for an operator: failed (4, with an end time, as bk-job shows a
     /// batch that failed) or waiting for the user (7). Nothing is reported to the callback: the
     /// job has not ended.
-    async fn pause(&self, finishing: &Finishing, status: i32) {
+    ///
+    /// The run leaves the running set as soon as the pause is queued, in one step with a last
+    /// look at `cancel` under the set's lock: a terminate either cancelled the run before (false
+    /// is returned, and the caller ends the job terminated over the queued pause) or finds no
+    /// run and ends the paused job in the store; a confirmation that saw the pause committed
+    /// finds the run gone and can start the next one.
+    async fn pause(&self, finishing: &Finishing, status: i32, cancel: &CancellationToken) -> bool {
+        if cancel.is_cancelled() {
+            return false;
+        }
         let at = now_ms();
         if status == job::FAILED {
             self.write(Write::StepFinished {
@@ -272,11 +298,19 @@ impl Engine {
             })
             .await;
         }
+        {
+            let mut running = self.running.lock().unwrap();
+            if cancel.is_cancelled() {
+                return false;
+            }
+            running.remove(&finishing.job_instance_id);
+        }
         tracing::info!(
             job = finishing.job_instance_id,
             status,
             "rolling paused, waiting for an operator"
         );
+        true
     }
 
     /// For a job taken up after a restart: if it rolls with batches still to go, keeps only the
@@ -317,14 +351,15 @@ impl Engine {
     /// Waits for the batch a restarted controller took up, then pauses the job for an
     /// operator: failed (4) if a host of the step failed and not ignored, else waiting for a
     /// confirmation (7). The engine no longer holds the task to send later batches; the
-    /// operator's decision starts a new run with it.
+    /// operator's decision starts a new run with it. False if the job paused and so left the
+    /// running set.
     pub(super) async fn finish_resumed_batch(
         &self,
         finishing: Finishing,
         mut hosts: JoinSet<i32>,
         host_of_task: HashMap<tokio::task::Id, i64>,
         cancel: &CancellationToken,
-    ) {
+    ) -> bool {
         let failed = self
             .join_hosts(
                 finishing.job_instance_id,
@@ -336,13 +371,18 @@ impl Engine {
         if cancel.is_cancelled() {
             self.end_job(&finishing, job::TERMINATE_SUCCESS, job::TERMINATE_SUCCESS)
                 .await;
-            return;
+            return true;
         }
         let status = if failed > 0 || !finishing.all_succeeded {
             job::FAILED
         } else {
             job::WAITING_USER
         };
-        self.pause(&finishing, status).await;
+        if self.pause(&finishing, status, cancel).await {
+            return false;
+        }
+        self.end_job(&finishing, job::TERMINATE_SUCCESS, job::TERMINATE_SUCCESS)
+            .await;
+        true
     }
 }
