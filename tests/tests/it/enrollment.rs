@@ -277,7 +277,12 @@ async fn bad_tokens_and_a_wrong_pin_are_refused_with_what_to_do() -> Result<()> 
         "not the one pinned",
     );
     // The wrong pin spent nothing: the token still enrolls once, and no more.
-    enrolled_id(&enroll(&cluster, &host, "127.0.0.31", once_text, &pin))?;
+    let first = enrolled_id(&enroll(&cluster, &host, "127.0.0.31", once_text, &pin))?;
+    // The same host again is the same enrollment, even with its token used up.
+    assert_eq!(
+        enrolled_id(&enroll(&cluster, &host, "127.0.0.31", once_text, &pin))?,
+        first
+    );
     let other = host_dir(&cluster, "h2")?;
     refused(
         &enroll(&cluster, &other, "127.0.0.32", once_text, &pin),
@@ -391,7 +396,7 @@ async fn raw_enroll(addr: &str, pin: &str, request: &EnrollRequest) -> Result<En
 #[tokio::test(flavor = "multi_thread")]
 async fn a_csr_that_names_its_own_identity_gets_the_controllers() -> Result<()> {
     let (cluster, pin) = enrolling_cluster("").await?;
-    let made = token(&cluster, json!({})).await?;
+    let made = token(&cluster, json!({"max_uses": 2})).await?;
     let key = rcgen::KeyPair::generate()?;
     let mut params = rcgen::CertificateParams::new(vec!["controller.example".to_owned()])?;
     params.subject_alt_names.push(rcgen::SanType::URI(

@@ -403,7 +403,8 @@ impl Enroller {
             return Err(unknown());
         }
         let now = now_ms();
-        if let Some(reason) = dead(&token, now) {
+        // Used up is decided below: the same key enrolling again with its token spends nothing.
+        if let Some(reason) = revoked_or_expired(&token, now) {
             return Err(Refusal::of_token(&token_id, reason));
         }
         let key = ca::requested_key(&request.csr).map_err(|e| Refusal::of_token(&token_id, e))?;
@@ -549,8 +550,16 @@ impl Enroller {
     }
 }
 
-/// Why a token can no longer be used at `now`, beyond being used up.
+/// Why a token can no longer be used at `now`.
 fn dead(token: &JoinToken, now: i64) -> Option<String> {
+    if let Some(reason) = revoked_or_expired(token, now) {
+        return Some(reason);
+    }
+    (token.uses >= token.max_uses).then(|| used_up(token))
+}
+
+/// Why a token can no longer be used at `now`, used up or not.
+fn revoked_or_expired(token: &JoinToken, now: i64) -> Option<String> {
     if let Some(at) = token.revoked_at {
         return Some(format!(
             "the join token {} was revoked by {} at {}: ask an operator for a new one (fleetrun \
@@ -567,9 +576,6 @@ fn dead(token: &JoinToken, now: i64) -> Option<String> {
             token.token_id,
             rfc3339(token.expires_at)
         ));
-    }
-    if token.uses >= token.max_uses {
-        return Some(used_up(token));
     }
     None
 }
