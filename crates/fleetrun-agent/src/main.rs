@@ -27,7 +27,7 @@ enum Command {
     /// Enrolls this host with a join token: makes its key (0600, it never leaves the host), gets
     /// a certificate from the controller over TLS checked against the pinned CA, and writes the
     /// certificate, the CA and (unless --config names an existing file) the configuration
-    Enroll(EnrollArgs),
+    Enroll(Box<EnrollArgs>),
 }
 
 #[derive(Debug, clap::Args)]
