@@ -206,7 +206,7 @@ pub(super) async fn scenario(ctx: &mut Ctx) -> Result<()> {
     let mut bare = Bare(Some(child));
     let hosts = ctx
         .cluster
-        .wait_online(&[agent_id.clone()], Duration::from_secs(30))
+        .wait_online(std::slice::from_ref(&agent_id), Duration::from_secs(30))
         .await?;
     let placed = hosts
         .iter()
