@@ -256,7 +256,11 @@ fn write_files(
         cert_path(&options.dir).display().to_string(),
         key_path(&options.dir).display().to_string(),
     ));
-    if let Some(parent) = options.config.parent().filter(|p| !p.as_os_str().is_empty()) {
+    if let Some(parent) = options
+        .config
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
         std::fs::create_dir_all(parent)?;
     }
     write_new(&options.config, &text, 0o644)?;
@@ -271,7 +275,8 @@ fn check_issued(key: &rcgen::KeyPair, enrolled: &Enrolled) -> anyhow::Result<()>
 /// The start and end of the first certificate in a PEM file, Unix seconds.
 pub fn validity(path: &Path) -> anyhow::Result<(i64, i64)> {
     use x509_parser::prelude::FromDer as _;
-    let pem = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let pem =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let der = fleetrun_net::first_cert_der(&pem)
         .with_context(|| format!("{}: no certificate", path.display()))?;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&der)

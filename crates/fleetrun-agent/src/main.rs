@@ -27,7 +27,7 @@ enum Command {
     /// Enrolls this host with a join token: makes its key (0600, it never leaves the host), gets
     /// a certificate from the controller over TLS checked against the pinned CA, and writes the
     /// certificate, the CA and (unless --config names an existing file) the configuration
-    Enroll(EnrollArgs),
+    Enroll(Box<EnrollArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -39,7 +39,12 @@ Example:
 Enrolling again with the same key (same --dir) gives the same agent id back.")]
 struct EnrollArgs {
     /// The controller's gateway, HOST:PORT, or several separated by commas (tried in turn)
-    #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        value_name = "HOST:PORT,...",
+        value_delimiter = ',',
+        required = true
+    )]
     controller: Vec<String>,
     /// The join token `fleetrun tokens create` printed
     #[arg(long, env = "FLEETRUN_JOIN_TOKEN", hide_env_values = true)]
@@ -209,7 +214,10 @@ fn enroll_host(config: Option<PathBuf>, args: &EnrollArgs) -> ExitCode {
                     options.config.display()
                 );
             }
-            println!("start it: fleetrun-agent --config {}", options.config.display());
+            println!(
+                "start it: fleetrun-agent --config {}",
+                options.config.display()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -45,7 +45,8 @@ pub(crate) fn request(ctx: &AgentContext) -> anyhow::Result<Vec<u8>> {
 
 fn read_key(ctx: &AgentContext) -> anyhow::Result<rcgen::KeyPair> {
     let path = &ctx.config.tls.key;
-    let pem = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let pem =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     rcgen::KeyPair::from_pem(&pem).with_context(|| format!("{}: not a private key", path.display()))
 }
 

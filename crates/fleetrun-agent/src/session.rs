@@ -132,11 +132,8 @@ pub(crate) async fn connect_and_serve(
     let session = CancellationToken::new();
     let _cancel_on_exit = session.clone().drop_guard();
     // From version 3 the certificate renews over this connection (`renew`).
-    let (due_at, due) = tokio::sync::watch::channel(if renews {
-        crate::renew::due(ctx)
-    } else {
-        None
-    });
+    let (due_at, due) =
+        tokio::sync::watch::channel(if renews { crate::renew::due(ctx) } else { None });
     let reason = tokio::select! {
         reason = heartbeats(ctx, &mut send, heartbeat, due) => reason,
         reason = crate::renew::answers(ctx, &mut recv, &due_at), if renews => reason,

@@ -74,6 +74,19 @@ pub fn check_config(path: &Path) -> Result<String, Vec<String>> {
         problems.push(format!("{}{location}: {e}", path.display()));
     }
 
+    // A controller that enrolls hosts does not start without its CA.
+    if let Some(enroll) = &config.enroll
+        && let Err(e) = enroll
+            .ca_files(&config.database)
+            .and_then(|files| crate::enroll::ControllerCa::load(&files).map_err(|e| e.to_string()))
+    {
+        let location = at(&[Key::Name("enroll")]);
+        problems.push(format!(
+            "{}{location}: enroll: the CA: {e} (make it with `fleetrun-controller ca init`)",
+            path.display()
+        ));
+    }
+
     let inventory = match crate::inventory::check(&config) {
         Ok(inventory) => Some(inventory),
         Err(e) => {

@@ -23,8 +23,8 @@ use fleetrun_net::{
     AgentCertificate, FramedRecv, describe_connection_error, peer_agent, send_frame,
 };
 use fleetrun_proto::{
-    ControlDown, ControlUp, HeldTask, Hello, HelloReply, MIN_PROTOCOL_VERSION, OsType, PROTOCOL_VERSION,
-    close_code,
+    ControlDown, ControlUp, HeldTask, Hello, HelloReply, MIN_PROTOCOL_VERSION, OsType,
+    PROTOCOL_VERSION, close_code,
 };
 use fleetrun_store::{AgentRegistration, HostRecord, Store};
 use tokio_util::sync::CancellationToken;
@@ -396,7 +396,13 @@ impl Gateway {
         }
 
         let reason = self
-            .watch(&mut recv, &mut send, &connection, &agent_id, protocol_version)
+            .watch(
+                &mut recv,
+                &mut send,
+                &connection,
+                &agent_id,
+                protocol_version,
+            )
             .await;
 
         // The store hears first: until the link is gone from memory the host still counts as
@@ -452,7 +458,10 @@ impl Gateway {
             }
             Ok(Ok(Some(ControlUp::Renew { .. }))) => {
                 connection.close(close_code::PROTOCOL.into(), b"expected the tasks held");
-                Err("refusing agent: it asked for a renewal before reporting the tasks it holds".into())
+                Err(
+                    "refusing agent: it asked for a renewal before reporting the tasks it holds"
+                        .into(),
+                )
             }
             Ok(Ok(None)) => Err("agent left before reporting the tasks it holds".into()),
             Ok(Err(e)) => {
@@ -496,9 +505,7 @@ impl Gateway {
                         .is_some_and(|at| at.elapsed() < MIN_RENEWAL_INTERVAL)
                     {
                         ControlDown::RenewRefused {
-                            reason: format!(
-                                "renewals come at most every {MIN_RENEWAL_INTERVAL:?}"
-                            ),
+                            reason: format!("renewals come at most every {MIN_RENEWAL_INTERVAL:?}"),
                         }
                     } else {
                         last_renewal = Some(tokio::time::Instant::now());

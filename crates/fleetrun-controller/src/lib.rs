@@ -293,11 +293,8 @@ impl Controller {
         });
         let enroller = match enrollment {
             Some((settings, ca, listener)) => {
-                let enroller = Arc::new(enroll::Enroller::new(
-                    shared.clone(),
-                    settings.config,
-                    ca,
-                )?);
+                let enroller =
+                    Arc::new(enroll::Enroller::new(shared.clone(), settings.config, ca)?);
                 tracing::info!(pin = %settings.pin, "enrollment open");
                 tasks.spawn(enroller.clone().serve(listener, shutdown.clone()));
                 Some(enroller)
@@ -359,8 +356,8 @@ impl Controller {
     /// force.
     pub fn reload_agent_tls(&self) -> Result<(), String> {
         let files = self.config.tls_files();
-        let config =
-            fleetrun_net::quinn_server_config(&files, Timing::default()).map_err(|e| e.to_string())?;
+        let config = fleetrun_net::quinn_server_config(&files, Timing::default())
+            .map_err(|e| e.to_string())?;
         if let Some(enroller) = &self.enroller {
             enroller.reload_tls().map_err(|e| format!("{e:#}"))?;
         }

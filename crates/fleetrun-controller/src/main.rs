@@ -269,7 +269,10 @@ fn ca_init(
     match ca::init(&files, &source, &config.tls_files(), server_names) {
         Ok(made) => {
             println!("CA certificate: {}", files.cert.display());
-            println!("CA key:         {} (0600: back it up, keep it secret)", files.key.display());
+            println!(
+                "CA key:         {} (0600: back it up, keep it secret)",
+                files.key.display()
+            );
             for path in &made.also_written {
                 println!("also wrote:     {}", path.display());
             }

@@ -198,7 +198,14 @@ mod tests {
         let pin: CaPin = text.parse().unwrap();
         assert_eq!(pin.to_string(), text);
         let multibyte = format!("sha256:{}é", "a".repeat(62));
-        for bad in ["", "sha256:", "ab".repeat(32).as_str(), "sha256:zz", "md5:00", &multibyte] {
+        for bad in [
+            "",
+            "sha256:",
+            "ab".repeat(32).as_str(),
+            "sha256:zz",
+            "md5:00",
+            &multibyte,
+        ] {
             let refused = bad.parse::<CaPin>().unwrap_err();
             assert!(refused.contains("not a CA pin"), "{refused}");
         }

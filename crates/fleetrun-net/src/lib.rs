@@ -14,9 +14,10 @@ pub use enroll::{
 };
 pub use frame::{FramedRecv, StreamError, describe_connection_error, send_frame};
 pub use identity::{
-    AgentCertificate, IdentityError, agent_id_of_cert_der, agent_id_of_cert_file, peer_agent, peer_agent_id,
+    AgentCertificate, IdentityError, agent_id_of_cert_der, agent_id_of_cert_file, peer_agent,
+    peer_agent_id,
 };
 pub use tls::{
-    Timing, TlsError, TlsFiles, client_endpoint, client_tls, quinn_client_config, quinn_server_config, server_endpoint,
-    server_tls,
+    Timing, TlsError, TlsFiles, client_endpoint, client_tls, quinn_client_config,
+    quinn_server_config, server_endpoint, server_tls,
 };

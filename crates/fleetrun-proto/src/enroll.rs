@@ -101,7 +101,10 @@ mod tests {
         let frame = encode_frame(&request).unwrap();
         let mut decoder = FrameDecoder::new();
         decoder.extend(&frame);
-        assert_eq!(decoder.decode::<EnrollRequest>().unwrap(), Some(request.clone()));
+        assert_eq!(
+            decoder.decode::<EnrollRequest>().unwrap(),
+            Some(request.clone())
+        );
         assert!(!format!("{request:?}").contains("secret"));
         let reply = EnrollReply::Refused {
             reason: "token expired".into(),

@@ -55,6 +55,10 @@ pub const WIRE_DIGESTS: &[(u32, &str)] = &[
         2,
         "66d6b458d97293fec69fcb6ab658bc85b7ab33ae5b1634f836b233cb77eed7a3",
     ),
+    (
+        3,
+        "572f17433da40830bb6e1e215aa6231b8c61e78b2f01c086a862a24fb6ebd468",
+    ),
 ];
 
 /// Largest frame either side accepts, header excluded. Output arrives in chunks of at most

@@ -255,23 +255,62 @@ mod tests {
     #[tokio::test]
     async fn a_token_is_spent_once_per_use_and_never_after_its_end_or_revocation() {
         let (_db, store) = crate::test_store().await;
-        store.create_join_token(&token("a", 2, 1_000)).await.unwrap();
-        store.create_join_token(&token("b", 5, 1_000)).await.unwrap();
-        store.create_join_token(&token("c", 5, 1_000)).await.unwrap();
-        assert_eq!(store.spend_join_token("a", 100).await.unwrap().unwrap().uses, 1);
-        assert_eq!(store.spend_join_token("a", 100).await.unwrap().unwrap().uses, 2);
+        store
+            .create_join_token(&token("a", 2, 1_000))
+            .await
+            .unwrap();
+        store
+            .create_join_token(&token("b", 5, 1_000))
+            .await
+            .unwrap();
+        store
+            .create_join_token(&token("c", 5, 1_000))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .spend_join_token("a", 100)
+                .await
+                .unwrap()
+                .unwrap()
+                .uses,
+            1
+        );
+        assert_eq!(
+            store
+                .spend_join_token("a", 100)
+                .await
+                .unwrap()
+                .unwrap()
+                .uses,
+            2
+        );
         // Used up.
         assert_eq!(store.spend_join_token("a", 100).await.unwrap(), None);
         assert_eq!(store.join_token("a").await.unwrap().unwrap().uses, 2);
         // Expired: at its end and after.
         assert_eq!(store.spend_join_token("b", 1_000).await.unwrap(), None);
         // Revoked: the first revocation stays.
-        let revoked = store.revoke_join_token("c", "bob", 50).await.unwrap().unwrap();
-        assert_eq!((revoked.revoked_at, revoked.revoked_by.as_deref()), (Some(50), Some("bob")));
-        let again = store.revoke_join_token("c", "eve", 60).await.unwrap().unwrap();
+        let revoked = store
+            .revoke_join_token("c", "bob", 50)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (revoked.revoked_at, revoked.revoked_by.as_deref()),
+            (Some(50), Some("bob"))
+        );
+        let again = store
+            .revoke_join_token("c", "eve", 60)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(again.revoked_at, Some(50));
         assert_eq!(store.spend_join_token("c", 100).await.unwrap(), None);
-        assert_eq!(store.revoke_join_token("nope", "bob", 1).await.unwrap(), None);
+        assert_eq!(
+            store.revoke_join_token("nope", "bob", 1).await.unwrap(),
+            None
+        );
         assert_eq!(store.spend_join_token("nope", 1).await.unwrap(), None);
         let ids: Vec<String> = store
             .join_tokens()
@@ -297,15 +336,24 @@ mod tests {
             renewed_at: None,
         };
         store.record_enrollment(&e).await.unwrap();
-        assert_eq!(store.enrollment_by_key("k1").await.unwrap(), Some(e.clone()));
+        assert_eq!(
+            store.enrollment_by_key("k1").await.unwrap(),
+            Some(e.clone())
+        );
         e.token_id = "b".into();
         e.enrolled_at = 300;
         store.record_enrollment(&e).await.unwrap();
-        assert_eq!(store.enrollment_of_agent("host-k1").await.unwrap(), Some(e.clone()));
+        assert_eq!(
+            store.enrollment_of_agent("host-k1").await.unwrap(),
+            Some(e.clone())
+        );
         assert!(store.record_renewal("host-k1", 400, 900).await.unwrap());
         assert!(!store.record_renewal("host-other", 400, 900).await.unwrap());
         let renewed = store.enrollment_by_key("k1").await.unwrap().unwrap();
-        assert_eq!((renewed.renewed_at, renewed.cert_not_after), (Some(400), 900));
+        assert_eq!(
+            (renewed.renewed_at, renewed.cert_not_after),
+            (Some(400), 900)
+        );
         assert_eq!(store.enrollment_by_key("k2").await.unwrap(), None);
     }
 }

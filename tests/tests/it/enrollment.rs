@@ -14,9 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetrun_proto::{EnrollReply, EnrollRequest, FrameDecoder, OsType, encode_frame};
-use fleetrun_tests::{
-    TestCluster, eventually, fleetrun_bin, host_results, start_cluster,
-};
+use fleetrun_tests::{TestCluster, eventually, fleetrun_bin, host_results, start_cluster};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -176,7 +174,9 @@ async fn a_host_enrolls_with_a_token_lands_in_its_module_and_runs_a_job() -> Res
     let made = token(&cluster, json!({"max_uses": 2, "description": "web tier"})).await?;
     assert_eq!(made["ca_pin"], json!(pin), "{made}");
     let secret = made["token"].as_str().context("token")?.to_owned();
-    let install = made["install_command"].as_str().context("install_command")?;
+    let install = made["install_command"]
+        .as_str()
+        .context("install_command")?;
     assert!(
         install.contains("/install.sh")
             && install.contains(&secret)
@@ -239,8 +239,14 @@ async fn a_host_enrolls_with_a_token_lands_in_its_module_and_runs_a_job() -> Res
         .call("get_audit_log", json!({"api": "enroll_agent"}))
         .await?;
     let text = audit.to_string();
-    assert!(text.contains(&agent_id) && text.contains("127.0.0.30"), "{text}");
-    assert!(!text.contains(&secret), "the token reached the audit trail: {text}");
+    assert!(
+        text.contains(&agent_id) && text.contains("127.0.0.30"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&secret),
+        "the token reached the audit trail: {text}"
+    );
     let created = cluster
         .client()
         .call("get_audit_log", json!({"api": "create_join_token"}))
@@ -271,7 +277,12 @@ async fn bad_tokens_and_a_wrong_pin_are_refused_with_what_to_do() -> Result<()> 
         "not the one pinned",
     );
     // The wrong pin spent nothing: the token still enrolls once, and no more.
-    enrolled_id(&enroll(&cluster, &host, "127.0.0.31", once_text, &pin))?;
+    let first = enrolled_id(&enroll(&cluster, &host, "127.0.0.31", once_text, &pin))?;
+    // The same host again is the same enrollment, even with its token used up.
+    assert_eq!(
+        enrolled_id(&enroll(&cluster, &host, "127.0.0.31", once_text, &pin))?,
+        first
+    );
     let other = host_dir(&cluster, "h2")?;
     refused(
         &enroll(&cluster, &other, "127.0.0.32", once_text, &pin),
@@ -295,7 +306,13 @@ async fn bad_tokens_and_a_wrong_pin_are_refused_with_what_to_do() -> Result<()> 
     })
     .await?;
     refused(
-        &enroll(&cluster, &other, "127.0.0.32", short["token"].as_str().unwrap(), &pin),
+        &enroll(
+            &cluster,
+            &other,
+            "127.0.0.32",
+            short["token"].as_str().unwrap(),
+            &pin,
+        ),
         "expired at",
     );
 
@@ -312,29 +329,50 @@ async fn bad_tokens_and_a_wrong_pin_are_refused_with_what_to_do() -> Result<()> 
     let done = cli(&["tokens", "revoke", revoked["token_id"].as_str().unwrap()]);
     assert!(done.status.success(), "{}", text(&done));
     refused(
-        &enroll(&cluster, &other, "127.0.0.32", revoked["token"].as_str().unwrap(), &pin),
+        &enroll(
+            &cluster,
+            &other,
+            "127.0.0.32",
+            revoked["token"].as_str().unwrap(),
+            &pin,
+        ),
         "was revoked by",
     );
     let list = text(&cli(&["tokens", "list"]));
     for state in ["revoked", "expired", "used_up"] {
         assert!(list.contains(state), "{state} missing from: {list}");
     }
-    let created = cli(&["tokens", "create", "--biz", "2", "--module", "100", "--ttl", "30m", "--uses", "3"]);
+    let created = cli(&[
+        "tokens", "create", "--biz", "2", "--module", "100", "--ttl", "30m", "--uses", "3",
+    ]);
     let out = text(&created);
     assert!(created.status.success(), "{out}");
-    assert!(out.contains("curl -fsSL") && out.contains("--ca-pin sha256:"), "{out}");
+    assert!(
+        out.contains("curl -fsSL") && out.contains("--ca-pin sha256:"),
+        "{out}"
+    );
     // A module of another business, or none at all, is refused naming the field.
     let wrong = client
-        .call_raw("create_join_token", json!({"bk_biz_id": 3, "bk_module_id": MODULE}))
+        .call_raw(
+            "create_join_token",
+            json!({"bk_biz_id": 3, "bk_module_id": MODULE}),
+        )
         .await?;
     assert_eq!(wrong["code"], 1_240_003, "{wrong}");
-    assert!(wrong["message"].as_str().unwrap().starts_with("bk_module_id:"), "{wrong}");
+    assert!(
+        wrong["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("bk_module_id:"),
+        "{wrong}"
+    );
     let missing = client.call_raw("create_join_token", json!({})).await?;
-    assert!(missing["message"].as_str().unwrap().contains("bk_biz_id"), "{missing}");
+    assert!(
+        missing["message"].as_str().unwrap().contains("bk_biz_id"),
+        "{missing}"
+    );
     // And the API answers in GET form under another path style too.
-    let listed = client
-        .get_raw("list_join_tokens", json!({}))
-        .await?;
+    let listed = client.get_raw("list_join_tokens", json!({})).await?;
     assert_eq!(listed["result"], true, "{listed}");
     Ok(())
 }
@@ -358,7 +396,7 @@ async fn raw_enroll(addr: &str, pin: &str, request: &EnrollRequest) -> Result<En
 #[tokio::test(flavor = "multi_thread")]
 async fn a_csr_that_names_its_own_identity_gets_the_controllers() -> Result<()> {
     let (cluster, pin) = enrolling_cluster("").await?;
-    let made = token(&cluster, json!({})).await?;
+    let made = token(&cluster, json!({"max_uses": 2})).await?;
     let key = rcgen::KeyPair::generate()?;
     let mut params = rcgen::CertificateParams::new(vec!["controller.example".to_owned()])?;
     params.subject_alt_names.push(rcgen::SanType::URI(
@@ -378,7 +416,8 @@ async fn a_csr_that_names_its_own_identity_gets_the_controllers() -> Result<()> 
         os_type: OsType::Linux,
         agent_version: "test".into(),
     };
-    let EnrollReply::Enrolled(enrolled) = raw_enroll(&cluster.info.agent_addr, &pin, &request).await?
+    let EnrollReply::Enrolled(enrolled) =
+        raw_enroll(&cluster.info.agent_addr, &pin, &request).await?
     else {
         bail!("refused");
     };
@@ -400,19 +439,26 @@ async fn a_csr_that_names_its_own_identity_gets_the_controllers() -> Result<()> 
     if let Ok(dump) = dump {
         let dump = String::from_utf8_lossy(&dump.stdout);
         for chosen in ["agent-1", "controller.example", "10.9.9.9"] {
-            assert!(!dump.contains(chosen), "{chosen} in the certificate: {dump}");
+            assert!(
+                !dump.contains(chosen),
+                "{chosen} in the certificate: {dump}"
+            );
         }
         assert!(dump.contains("TLS Web Client Authentication"), "{dump}");
     }
     // Its addresses are the one it came from, whatever it claims.
     let inventory = cluster.client().call("get_inventory", json!({})).await?;
     let doc = inventory["text"].as_str().unwrap_or_default();
-    assert!(doc.contains(&enrolled.agent_id) && doc.contains("127.0.0.1"), "{doc}");
+    assert!(
+        doc.contains(&enrolled.agent_id) && doc.contains("127.0.0.1"),
+        "{doc}"
+    );
 
     // A request that is not one is refused, and an oversized one before its body is read.
     let mut garbage = request.clone();
     garbage.csr = b"not a csr".to_vec();
-    let EnrollReply::Refused { reason } = raw_enroll(&cluster.info.agent_addr, &pin, &garbage).await?
+    let EnrollReply::Refused { reason } =
+        raw_enroll(&cluster.info.agent_addr, &pin, &garbage).await?
     else {
         bail!("garbage accepted");
     };
@@ -499,7 +545,11 @@ async fn a_certificate_renews_over_the_connection_while_a_task_runs() -> Result<
         async move { text.contains("certificate renewed").then_some(()) }
     })
     .await?;
-    assert_ne!(std::fs::read(&cert)?, first, "the certificate file was not replaced");
+    assert_ne!(
+        std::fs::read(&cert)?,
+        first,
+        "the certificate file was not replaced"
+    );
     let status = client
         .wait_job(&cluster.info.scope(), job, Duration::from_secs(60))
         .await?;

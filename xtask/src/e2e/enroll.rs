@@ -122,14 +122,15 @@ async fn token(ctx: &Ctx, extra: Value) -> Result<(String, Value)> {
         .client()
         .call("create_join_token", body)
         .await?;
-    Ok((
-        made["token"].as_str().context("token")?.to_owned(),
-        made,
-    ))
+    Ok((made["token"].as_str().context("token")?.to_owned(), made))
 }
 
 /// Polls `check` every 100 ms until it answers or `limit` passes.
-async fn until<T>(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> Result<T> {
+async fn until<T>(
+    limit: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> Result<T> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(found) = check().await {
@@ -144,7 +145,10 @@ pub(super) async fn scenario(ctx: &mut Ctx) -> Result<()> {
     let pin = enable(ctx).await?;
     // The network's last host runs no cluster agent: nothing on it but what enrollment writes.
     let host = ctx.network.hosts.len() - 1;
-    ensure!(host >= ctx.cluster.agents.len(), "no bare host in the network");
+    ensure!(
+        host >= ctx.cluster.agents.len(),
+        "no bare host in the network"
+    );
     let base: PathBuf = ctx.cluster.dir.join("bare");
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base)?;
@@ -155,19 +159,29 @@ pub(super) async fn scenario(ctx: &mut Ctx) -> Result<()> {
     let spare = base.join("spare");
     let out = enroll(ctx, host, &spare, &once, &pin)?;
     ensure!(out.status.success(), "{}", text(&out));
-    refused(&enroll(ctx, host, &base.join("other"), &once, &pin)?, "used up")?;
+    refused(
+        &enroll(ctx, host, &base.join("other"), &once, &pin)?,
+        "used up",
+    )?;
     let (short, made) = token(ctx, json!({"ttl_secs": 1})).await?;
     let short_id = made["token_id"].clone();
-    until(Duration::from_secs(10), "the short token expired", async || {
-        let listed = client.call("list_join_tokens", json!({})).await.ok()?;
-        listed
-            .as_array()?
-            .iter()
-            .any(|t| t["token_id"] == short_id && t["state"] == "expired")
-            .then_some(())
-    })
+    until(
+        Duration::from_secs(10),
+        "the short token expired",
+        async || {
+            let listed = client.call("list_join_tokens", json!({})).await.ok()?;
+            listed
+                .as_array()?
+                .iter()
+                .any(|t| t["token_id"] == short_id && t["state"] == "expired")
+                .then_some(())
+        },
+    )
     .await?;
-    refused(&enroll(ctx, host, &base.join("other"), &short, &pin)?, "expired")?;
+    refused(
+        &enroll(ctx, host, &base.join("other"), &short, &pin)?,
+        "expired",
+    )?;
 
     // Enrolled, placed, and running a job.
     let (secret, _) = token(ctx, json!({"max_uses": 3})).await?;
@@ -192,7 +206,7 @@ pub(super) async fn scenario(ctx: &mut Ctx) -> Result<()> {
     let mut bare = Bare(Some(child));
     let hosts = ctx
         .cluster
-        .wait_online(&[agent_id.clone()], Duration::from_secs(30))
+        .wait_online(std::slice::from_ref(&agent_id), Duration::from_secs(30))
         .await?;
     let placed = hosts
         .iter()
@@ -258,12 +272,16 @@ pub(super) async fn scenario(ctx: &mut Ctx) -> Result<()> {
     ensure!(revoked["connections_closed"] == json!(1), "{revoked}");
     let took = asked.elapsed();
     ensure!(took <= Duration::from_secs(1), "revocation took {took:?}");
-    until(Duration::from_secs(5), "the agent told it is revoked", async || {
-        std::fs::read_to_string(&agent_log)
-            .ok()?
-            .contains("revoked by an operator")
-            .then_some(())
-    })
+    until(
+        Duration::from_secs(5),
+        "the agent told it is revoked",
+        async || {
+            std::fs::read_to_string(&agent_log)
+                .ok()?
+                .contains("revoked by an operator")
+                .then_some(())
+        },
+    )
     .await?;
     println!("    revoked and disconnected in {took:.0?}");
     refused(
@@ -271,12 +289,16 @@ pub(super) async fn scenario(ctx: &mut Ctx) -> Result<()> {
         "which an operator revoked",
     )?;
     let controller_log = ctx.cluster.controller_log.clone();
-    until(Duration::from_secs(20), "a reconnection refused", async || {
-        std::fs::read_to_string(&controller_log)
-            .ok()?
-            .contains("refusing a revoked agent")
-            .then_some(())
-    })
+    until(
+        Duration::from_secs(20),
+        "a reconnection refused",
+        async || {
+            std::fs::read_to_string(&controller_log)
+                .ok()?
+                .contains("refusing a revoked agent")
+                .then_some(())
+        },
+    )
     .await?;
     let hosts = client.hosts().await?;
     if hosts
@@ -285,9 +307,9 @@ pub(super) async fn scenario(ctx: &mut Ctx) -> Result<()> {
     {
         bail!("the revoked agent is online: {hosts:?}");
     }
-    drop(bare.0.take().map(|mut child| {
+    if let Some(mut child) = bare.0.take() {
         let _ = child.kill();
-        child.wait()
-    }));
+        let _ = child.wait();
+    }
     Ok(())
 }

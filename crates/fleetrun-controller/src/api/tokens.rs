@@ -90,7 +90,9 @@ pub async fn create_join_token(
     require_admin(caller, "create join tokens")?;
     let settings = settings(shared)?;
     let req: CreateToken = params.parse()?;
-    let bk_biz_id = req.bk_biz_id.ok_or_else(|| ApiError::missing("bk_biz_id"))?;
+    let bk_biz_id = req
+        .bk_biz_id
+        .ok_or_else(|| ApiError::missing("bk_biz_id"))?;
     let inventory = shared.inventory.base();
     if inventory.business(bk_biz_id).is_none() {
         return Err(ApiError::invalid(

@@ -114,10 +114,11 @@ impl ControllerCa {
     }
 
     fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
-        let key = KeyPair::from_pem(key_pem)
-            .map_err(|e| CaError::Invalid(format!("the CA key: {e}")))?;
-        let cert_der = fleetrun_net::first_cert_der(cert_pem)
-            .ok_or_else(|| CaError::Invalid("the CA certificate file holds no certificate".into()))?;
+        let key =
+            KeyPair::from_pem(key_pem).map_err(|e| CaError::Invalid(format!("the CA key: {e}")))?;
+        let cert_der = fleetrun_net::first_cert_der(cert_pem).ok_or_else(|| {
+            CaError::Invalid("the CA certificate file holds no certificate".into())
+        })?;
         check_is_ca(&cert_der, &key)?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)
             .map_err(|e| CaError::Invalid(format!("the CA certificate: {e}")))?;
@@ -330,9 +331,9 @@ mod tests {
 
     fn csr(key: &KeyPair, names: Vec<String>) -> Vec<u8> {
         let mut params = CertificateParams::new(names).unwrap();
-        params
-            .subject_alt_names
-            .push(SanType::URI("spiffe://fleetrun/agent/chosen".try_into().unwrap()));
+        params.subject_alt_names.push(SanType::URI(
+            "spiffe://fleetrun/agent/chosen".try_into().unwrap(),
+        ));
         params.serialize_request(key).unwrap().der().to_vec()
     }
 
@@ -371,18 +372,26 @@ mod tests {
         let leaf = fleetrun_net::first_cert_der(&issued.chain_pem).unwrap();
         use x509_parser::prelude::FromDer;
         let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&leaf).unwrap();
-        let sans = format!("{:?}", cert.subject_alternative_name().unwrap().unwrap().value);
+        let sans = format!(
+            "{:?}",
+            cert.subject_alternative_name().unwrap().unwrap().value
+        );
         assert!(sans.contains("spiffe://fleetrun/agent/host-abc"), "{sans}");
         assert!(!sans.contains("chosen") && !sans.contains("evil"), "{sans}");
         assert_eq!(cert.public_key().raw, agent_key.subject_public_key_info());
-        let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        let lifetime =
+            cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert_eq!(lifetime, 3600 + 60);
 
         let mut tampered = request.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
         assert!(requested_key(&tampered).is_err());
-        assert!(requested_key(b"garbage").unwrap_err().contains("not usable"));
+        assert!(
+            requested_key(b"garbage")
+                .unwrap_err()
+                .contains("not usable")
+        );
     }
 
     #[test]

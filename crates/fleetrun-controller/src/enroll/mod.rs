@@ -264,7 +264,9 @@ impl Enroller {
     }
 
     fn load_tls(config: &crate::Config) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-        Ok(Arc::new(fleetrun_net::enroll_server_tls(&config.tls_files())?))
+        Ok(Arc::new(fleetrun_net::enroll_server_tls(
+            &config.tls_files(),
+        )?))
     }
 
     /// Reads the gateway's certificate again (SIGHUP): enrollments after take it.
@@ -354,7 +356,14 @@ impl Enroller {
         }
     }
 
-    async fn audit(&self, peer: IpAddr, token_id: &str, change: String, code: i64, outcome: String) {
+    async fn audit(
+        &self,
+        peer: IpAddr,
+        token_id: &str,
+        change: String,
+        code: i64,
+        outcome: String,
+    ) {
         self.shared
             .audit
             .append(fleetrun_store::NewAuditEntry {
@@ -394,7 +403,8 @@ impl Enroller {
             return Err(unknown());
         }
         let now = now_ms();
-        if let Some(reason) = dead(&token, now) {
+        // Used up is decided below: the same key enrolling again with its token spends nothing.
+        if let Some(reason) = revoked_or_expired(&token, now) {
             return Err(Refusal::of_token(&token_id, reason));
         }
         let key = ca::requested_key(&request.csr).map_err(|e| Refusal::of_token(&token_id, e))?;
@@ -411,13 +421,25 @@ impl Enroller {
         }
         let ips = addresses(observed, &request.ips).map_err(|e| Refusal::of_token(&token_id, e))?;
         if request.hostname.len() > 255 {
-            return Err(Refusal::of_token(&token_id, "the hostname is longer than 255 bytes"));
+            return Err(Refusal::of_token(
+                &token_id,
+                "the hostname is longer than 255 bytes",
+            ));
         }
-        let earlier = store.enrollment_by_key(&key.sha256).await.map_err(internal)?;
+        let earlier = store
+            .enrollment_by_key(&key.sha256)
+            .await
+            .map_err(internal)?;
         // The same key enrolling again with the same token is the same enrollment: it does not
         // spend another use.
         let again = earlier.as_ref().is_some_and(|e| e.token_id == token_id);
-        if !again && store.spend_join_token(&token_id, now).await.map_err(internal)?.is_none() {
+        if !again
+            && store
+                .spend_join_token(&token_id, now)
+                .await
+                .map_err(internal)?
+                .is_none()
+        {
             let token = store
                 .join_token(&token_id)
                 .await
@@ -447,7 +469,10 @@ impl Enroller {
         .await
         .map_err(|e| {
             tracing::error!("enrollment placement: {e}");
-            Refusal::of_token(&token_id, "the controller could not place the host: try again")
+            Refusal::of_token(
+                &token_id,
+                "the controller could not place the host: try again",
+            )
         })?;
         if let Err(e) = placed {
             return Err(Refusal::of_token(
@@ -481,9 +506,15 @@ impl Enroller {
             cert_not_after: issued.not_after_ms,
             renewed_at: None,
         };
-        store.record_enrollment(&enrollment).await.map_err(internal)?;
+        store
+            .record_enrollment(&enrollment)
+            .await
+            .map_err(internal)?;
         let ca_pem = std::fs::read_to_string(&self.shared.config.tls.ca).map_err(|e| {
-            tracing::error!("enrollment: reading {}: {e}", self.shared.config.tls.ca.display());
+            tracing::error!(
+                "enrollment: reading {}: {e}",
+                self.shared.config.tls.ca.display()
+            );
             Refusal::of_token(&token_id, "the controller could not read its CA bundle")
         })?;
         tracing::info!(
@@ -519,8 +550,16 @@ impl Enroller {
     }
 }
 
-/// Why a token can no longer be used at `now`, beyond being used up.
+/// Why a token can no longer be used at `now`.
 fn dead(token: &JoinToken, now: i64) -> Option<String> {
+    if let Some(reason) = revoked_or_expired(token, now) {
+        return Some(reason);
+    }
+    (token.uses >= token.max_uses).then(|| used_up(token))
+}
+
+/// Why a token can no longer be used at `now`, used up or not.
+fn revoked_or_expired(token: &JoinToken, now: i64) -> Option<String> {
     if let Some(at) = token.revoked_at {
         return Some(format!(
             "the join token {} was revoked by {} at {}: ask an operator for a new one (fleetrun \
@@ -537,9 +576,6 @@ fn dead(token: &JoinToken, now: i64) -> Option<String> {
             token.token_id,
             rfc3339(token.expires_at)
         ));
-    }
-    if token.uses >= token.max_uses {
-        return Some(used_up(token));
     }
     None
 }
@@ -675,6 +711,10 @@ mod tests {
         assert!(addresses(ip("192.0.2.1"), &[ip("0.0.0.0")]).is_err());
         assert!(addresses(ip("192.0.2.1"), &[ip("224.0.0.1")]).is_err());
         let many = vec![ip("10.0.0.1"); MAX_ENROLL_IPS + 1];
-        assert!(addresses(ip("192.0.2.1"), &many).unwrap_err().contains("more than"));
+        assert!(
+            addresses(ip("192.0.2.1"), &many)
+                .unwrap_err()
+                .contains("more than")
+        );
     }
 }

@@ -18,7 +18,13 @@ pub struct Renewal {
 impl Renewal {
     /// Answers an agent's [`fleetrun_proto::ControlUp::Renew`]: a new certificate over the key
     /// it enrolled, or why not. `revoked` is whether the agent is revoked now.
-    pub async fn renew(&self, store: &Store, revoked: bool, agent_id: &str, csr: &[u8]) -> ControlDown {
+    pub async fn renew(
+        &self,
+        store: &Store,
+        revoked: bool,
+        agent_id: &str,
+        csr: &[u8],
+    ) -> ControlDown {
         let refuse = |reason: String| ControlDown::RenewRefused { reason };
         if revoked {
             return refuse(format!("agent {agent_id} is revoked by an operator"));
@@ -37,7 +43,9 @@ impl Renewal {
             }
             Err(e) => {
                 tracing::error!(agent_id, "renewal: {e}");
-                return refuse("the controller could not look up the enrollment; it retries".into());
+                return refuse(
+                    "the controller could not look up the enrollment; it retries".into(),
+                );
             }
         };
         if enrollment.key_sha256 != key.sha256 {

@@ -78,7 +78,10 @@ mod tests {
     fn a_token_parses_to_its_id_and_digest_and_nothing_else_does() {
         let token = generate().unwrap();
         assert!(token.text.starts_with("frt-"));
-        assert_eq!(parse(&token.text).unwrap(), (token.token_id.clone(), token.sha256.clone()));
+        assert_eq!(
+            parse(&token.text).unwrap(),
+            (token.token_id.clone(), token.sha256.clone())
+        );
         assert!(matches(&token.sha256, &digest(&token.text)));
         assert!(!matches(&token.sha256, &digest("frt-other")));
         assert!(!format!("{token:?}").contains(&token.text));

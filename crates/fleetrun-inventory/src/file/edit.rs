@@ -1440,7 +1440,10 @@ mod tests {
         let pin = inventory.pinned_address("e-1").unwrap();
         assert_eq!(
             pin.ips,
-            ["10.0.0.5".parse::<IpAddr>().unwrap(), "192.0.2.7".parse().unwrap()]
+            [
+                "10.0.0.5".parse::<IpAddr>().unwrap(),
+                "192.0.2.7".parse().unwrap()
+            ]
         );
         let text = apply(&text, &[&place(r#"["10.0.0.6"]"#, "[]")]).unwrap();
         assert_eq!(text.matches("agent_id = \"e-1\"").count(), 1, "{text}");
