@@ -88,7 +88,26 @@ impl Failover {
     }
 
     /// Decides after a session: the next controller to try (`current`), and the wait first.
-    fn after(&mut self, ended: &session::Ended) -> Duration {
+    /// `home` is the index of the controller that sent tasks the agent still holds and that
+    /// still waits for them ([`task::Tasks::home`]): the agent goes back to it whatever the
+    /// session's end (a controller shutting down is usually restarting), as another one may
+    /// not know those tasks and have them killed. Without one, a controller shutting down or
+    /// refusing sends the agent to the next of the list.
+    fn after(&mut self, ended: &session::Ended, home: Option<usize>) -> Duration {
+        if let Some(home) = home {
+            self.next = home;
+            match ended {
+                session::Ended::AfterWelcome {
+                    shutting_down: true,
+                    ..
+                } => self.backoff.reset(),
+                session::Ended::AfterWelcome { lasted, .. } if *lasted > Self::HEALTHY => {
+                    self.backoff.reset();
+                }
+                _ => {}
+            }
+            return self.backoff.next_delay();
+        }
         match ended {
             // A controller going away on purpose (an upgrade, a stop) will not take the agent
             // back soon: the next one in the list does, at once; the waits start over, as the
@@ -130,11 +149,21 @@ pub(crate) struct AgentContext {
     bk_host_id: std::sync::atomic::AtomicI64,
     /// What connections are made with; replaced when the certificate is renewed.
     pub client_config: std::sync::Mutex<quinn::ClientConfig>,
+    /// The controller (`host:port` as configured) of the current or last session.
+    controller: std::sync::Mutex<String>,
 }
 
 impl AgentContext {
     pub(crate) fn bk_host_id(&self) -> i64 {
         self.bk_host_id.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn controller(&self) -> String {
+        self.controller.lock().unwrap().clone()
+    }
+
+    fn set_controller(&self, controller: &str) {
+        controller.clone_into(&mut self.controller.lock().unwrap());
     }
 
     pub(crate) fn set_bk_host_id(&self, bk_host_id: i64) {
@@ -193,6 +222,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tasks,
         bk_host_id: std::sync::atomic::AtomicI64::new(0),
         client_config: std::sync::Mutex::new(client_config),
+        controller: std::sync::Mutex::default(),
         slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_tasks)),
         agent_id,
         config,
@@ -215,8 +245,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let controllers = ctx.config.controller.entries();
     let mut failover = Failover::new(controllers.len());
+    let home = || {
+        ctx.tasks
+            .home(task::now_ms())
+            .and_then(|home| controllers.iter().position(|c| *c == home))
+    };
+    // Tasks taken up from the spool go back to the controller that sent them.
+    if let Some(home) = home() {
+        failover.next = home;
+    }
     loop {
         let target = &controllers[failover.current()];
+        ctx.set_controller(target);
         let ended = tokio::select! {
             ended = session::connect_and_serve(&ctx, &endpoint, target) => ended,
             () = shutdown.cancelled() => break,
@@ -255,7 +295,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
             }
         }
-        let delay = failover.after(&ended);
+        let home = home();
+        if let Some(home) = home {
+            tracing::info!(
+                controller = %controllers[home],
+                "going back to the controller whose tasks this agent holds"
+            );
+        }
+        let delay = failover.after(&ended, home);
         tracing::info!(
             controller = %controllers[failover.current()],
             "reconnecting in {delay:?}"
@@ -323,13 +370,13 @@ mod tests {
         let mut failover = Failover::new(3);
         // Some failures first: the waits have grown.
         for _ in 0..6 {
-            failover.after(&session::Ended::BeforeWelcome("refused".into()));
+            failover.after(&session::Ended::BeforeWelcome("refused".into()), None);
         }
         assert_eq!(failover.current(), 0);
-        let grown = failover.after(&ended(1, false));
+        let grown = failover.after(&ended(1, false), None);
         assert!(grown > Backoff::FIRST, "{grown:?}");
         assert_eq!(failover.current(), 0, "a lost connection retries the same");
-        let delay = failover.after(&ended(1, true));
+        let delay = failover.after(&ended(1, true), None);
         assert_eq!(
             failover.current(),
             1,
@@ -337,11 +384,11 @@ mod tests {
         );
         assert!(delay <= Backoff::FIRST, "{delay:?}");
         // The next one refuses: the one after it, with a growing wait.
-        let first = failover.after(&session::Ended::BeforeWelcome("refused".into()));
+        let first = failover.after(&session::Ended::BeforeWelcome("refused".into()), None);
         assert_eq!(failover.current(), 2);
         let mut last = first;
         for _ in 0..5 {
-            last = failover.after(&session::Ended::BeforeWelcome("refused".into()));
+            last = failover.after(&session::Ended::BeforeWelcome("refused".into()), None);
         }
         assert!(last > first, "{first:?} then {last:?}");
         // Around the list.
@@ -349,12 +396,33 @@ mod tests {
     }
 
     #[test]
+    fn an_agent_holding_tasks_goes_back_to_their_controller_after_a_shutdown() {
+        let mut failover = Failover::new(3);
+        failover.after(&session::Ended::BeforeWelcome("refused".into()), None);
+        assert_eq!(failover.current(), 1);
+        // Controller 1 sent tasks the agent holds, then shuts down: back to it, soon.
+        let delay = failover.after(&ended(5, true), Some(1));
+        assert_eq!(failover.current(), 1, "the tasks' controller, not the next");
+        assert!(delay <= Backoff::FIRST, "{delay:?}");
+        // It is still down: the agent keeps trying it, waiting longer each time.
+        let mut last = delay;
+        for _ in 0..6 {
+            last = failover.after(&session::Ended::BeforeWelcome("refused".into()), Some(1));
+            assert_eq!(failover.current(), 1);
+        }
+        assert!(last > Backoff::FIRST, "{last:?}");
+        // The tasks' deadlines passed (no home any more): the next controller.
+        failover.after(&session::Ended::BeforeWelcome("refused".into()), None);
+        assert_eq!(failover.current(), 2);
+    }
+
+    #[test]
     fn a_single_controller_shutting_down_is_retried_soon() {
         let mut failover = Failover::new(1);
         for _ in 0..8 {
-            failover.after(&ended(1, false));
+            failover.after(&ended(1, false), None);
         }
-        let delay = failover.after(&ended(1, true));
+        let delay = failover.after(&ended(1, true), None);
         assert_eq!(failover.current(), 0);
         assert!(delay <= Backoff::FIRST, "{delay:?}");
     }

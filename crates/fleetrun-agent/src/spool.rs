@@ -59,6 +59,14 @@ pub(crate) struct Meta {
     pub marks: Vec<Mark>,
     pub acked_offset: u64,
     pub result: Option<TaskResult>,
+    /// The controller (`host:port` as configured) the task came from: the agent goes back to
+    /// it while it holds the task, as another controller may not know the task and discard it.
+    #[serde(default)]
+    pub controller: Option<String>,
+    /// Until when that controller waits for the task (received + timeout + its usual grace);
+    /// past it the task no longer keeps the agent on that controller.
+    #[serde(default)]
+    pub hold_until_ms: Option<i64>,
 }
 
 impl Meta {
@@ -310,6 +318,8 @@ mod tests {
             marks: Vec::new(),
             acked_offset: 0,
             result: None,
+            controller: None,
+            hold_until_ms: None,
         }
     }
 

@@ -40,6 +40,11 @@ fn ms(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
+/// Now, in milliseconds since the epoch.
+pub(crate) fn now_ms() -> i64 {
+    ms(SystemTime::now())
+}
+
 /// Which rules a task follows, from the protocol version of the connection it came on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Ownership {
@@ -54,6 +59,16 @@ pub(crate) enum Ownership {
 /// it the oldest are forgotten (and logged), so an agent whose controller never acknowledges
 /// does not fill its disk nor report more than the controller accepts.
 pub(crate) const MAX_FINISHED_HELD: usize = 10_000;
+
+/// How long past a task's timeout its controller still waits for the agent to come back (the
+/// controller's default `agent_grace_secs`): until then the agent returns to that controller.
+pub(crate) const CONTROLLER_GRACE: Duration = Duration::from_secs(60);
+
+/// When the controller stops waiting for a task that runs (or may run) `timeout` from `from_ms`.
+fn hold_until(from_ms: i64, timeout_secs: u32) -> i64 {
+    let wait = Duration::from_secs(u64::from(timeout_secs)).saturating_add(CONTROLLER_GRACE);
+    from_ms.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX))
+}
 
 /// Where a task's output bytes are kept.
 #[derive(Debug)]
@@ -114,6 +129,21 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
     }
 }
 
+/// How a task is reported in [`fleetrun_proto::ControlUp::Holding`].
+fn report_of(meta: &Meta) -> HeldTask {
+    HeldTask {
+        task_id: meta.task_id,
+        job_instance_id: meta.job_instance_id,
+        step_instance_id: meta.step_instance_id,
+        bk_host_id: meta.bk_host_id,
+        execute_count: meta.execute_count,
+        acked_offset: meta.acked_offset,
+        produced: meta.produced,
+        started_at_ms: meta.started_at_ms,
+        finished: meta.result.is_some(),
+    }
+}
+
 /// One task the agent holds.
 #[derive(Debug)]
 pub(crate) struct Held {
@@ -145,18 +175,7 @@ impl Held {
     }
 
     fn report(&self) -> HeldTask {
-        let meta = self.state.lock().unwrap();
-        HeldTask {
-            task_id: meta.task_id,
-            job_instance_id: meta.job_instance_id,
-            step_instance_id: meta.step_instance_id,
-            bk_host_id: meta.bk_host_id,
-            execute_count: meta.execute_count,
-            acked_offset: meta.acked_offset,
-            produced: meta.produced,
-            started_at_ms: meta.started_at_ms,
-            finished: meta.result.is_some(),
-        }
+        report_of(&self.state.lock().unwrap())
     }
 
     fn save(&self, meta: &Meta) {
@@ -178,16 +197,55 @@ impl Held {
 #[derive(Debug, Default)]
 pub(crate) struct Tasks {
     held: Mutex<HashMap<Uuid, Arc<Held>>>,
+    /// Tasks received whose spool is being made, not yet in `held`: reported all the same, so
+    /// a reconnect in that window does not tell the controller the task is not held. Locked
+    /// only while `held` is, so a task is always in one or the other.
+    receiving: Mutex<HashMap<Uuid, HeldTask>>,
 }
 
 impl Tasks {
     /// What the agent holds, for the controller it (re)connects to.
     pub(crate) fn reports(&self) -> Vec<HeldTask> {
-        let held: Vec<Arc<Held>> = self.held.lock().unwrap().values().cloned().collect();
+        let (held, receiving): (Vec<Arc<Held>>, Vec<HeldTask>) = {
+            let held = self.held.lock().unwrap();
+            let receiving = self.receiving.lock().unwrap();
+            (
+                held.values().cloned().collect(),
+                receiving.values().cloned().collect(),
+            )
+        };
         held.iter()
             .filter(|h| h.ownership == Ownership::Agent)
             .map(|h| h.report())
+            .chain(receiving)
             .collect()
+    }
+
+    /// Holds the task `held`, received as `task_id`, in place of its report while receiving.
+    fn hold(&self, task_id: Uuid, held: Arc<Held>) {
+        let mut all = self.held.lock().unwrap();
+        all.insert(task_id, held);
+        self.receiving.lock().unwrap().remove(&task_id);
+    }
+
+    /// The controller the agent must go back to: the one that sent a task the agent still
+    /// holds (running, or finished and not acknowledged) and still waits for it at `now_ms`.
+    /// Another controller may not know the task and would have it killed. With several, the
+    /// one waiting longest.
+    pub(crate) fn home(&self, now_ms: i64) -> Option<String> {
+        let held: Vec<Arc<Held>> = self.held.lock().unwrap().values().cloned().collect();
+        held.iter()
+            .filter(|h| {
+                h.ownership == Ownership::Agent
+                    && !h.discarded.load(std::sync::atomic::Ordering::SeqCst)
+            })
+            .filter_map(|h| {
+                let meta = h.state.lock().unwrap();
+                let until = meta.hold_until_ms.filter(|until| *until > now_ms)?;
+                Some((until, meta.controller.clone()?))
+            })
+            .max()
+            .map(|(_, controller)| controller)
     }
 
     fn get(&self, task_id: &Uuid) -> Option<Arc<Held>> {
@@ -379,11 +437,21 @@ async fn start(
         marks: Vec::new(),
         acked_offset: 0,
         result: None,
+        controller: Some(ctx.controller()),
+        hold_until_ms: Some(hold_until(ms(SystemTime::now()), request.timeout_secs)),
     };
     let cancel = match ownership {
         Ownership::Agent => CancellationToken::new(),
         Ownership::Connection => session.child_token(),
     };
+    if ownership == Ownership::Agent {
+        let _held = ctx.tasks.held.lock().unwrap();
+        ctx.tasks
+            .receiving
+            .lock()
+            .unwrap()
+            .insert(task_id, report_of(&meta));
+    }
     let spool_ctx = ctx.clone();
     let first = meta.clone();
     let output = blocking(move || match &spool_ctx.spool {
@@ -398,7 +466,7 @@ async fn start(
     })
     .await;
     let held = Arc::new(Held::new(meta, output, ownership, cancel));
-    ctx.tasks.held.lock().unwrap().insert(task_id, held.clone());
+    ctx.tasks.hold(task_id, held.clone());
     let runner = held.clone();
     let ctx = ctx.clone();
     tokio::spawn(async move {
@@ -466,7 +534,13 @@ async fn run(ctx: &AgentContext, held: &Arc<Held>, request: TaskRequest) -> Task
         windows_interpreter: request.windows_interpreter,
     };
     let mut running = ctx.executor.start(task, cancel.clone());
-    held.state.lock().unwrap().started_at_ms = Some(ms(SystemTime::now()));
+    {
+        let started = ms(SystemTime::now());
+        let mut meta = held.state.lock().unwrap();
+        meta.started_at_ms = Some(started);
+        // The controller's wait runs from the start it hears of, not from the dispatch.
+        meta.hold_until_ms = Some(hold_until(started, request.timeout_secs));
+    }
     held.persist().await;
     held.bump();
     while let Some(event) = running.output.next().await {

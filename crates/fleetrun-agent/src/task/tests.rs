@@ -22,6 +22,8 @@ fn meta(produced: u64, marks: Vec<Mark>) -> Meta {
         marks,
         acked_offset: 0,
         result: None,
+        controller: None,
+        hold_until_ms: None,
     }
 }
 
@@ -47,10 +49,12 @@ fn held(meta: Meta, ownership: Ownership, output: &[u8]) -> Arc<Held> {
     Arc::new(held)
 }
 
+/// Lets the stream catch up, its reads on the blocking pool included.
 async fn settle() {
     for _ in 0..20 {
         tokio::task::yield_now().await;
     }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
 }
 
 fn count(frames: &[TaskUp], what: impl Fn(&TaskUp) -> bool) -> usize {
@@ -89,7 +93,10 @@ async fn a_truncation_is_sent_once_however_often_the_task_wakes_the_stream() {
         1,
         "{frames:?}"
     );
-    assert!(matches!(frames.last(), Some(TaskUp::Finished(_))));
+    assert!(
+        matches!(frames.last(), Some(TaskUp::Finished(_))),
+        "{frames:?}"
+    );
 }
 
 #[tokio::test]
@@ -212,4 +219,56 @@ async fn finished_tasks_past_the_bound_are_forgotten_oldest_first() {
     );
     tasks.bound_finished(2);
     assert_eq!(tasks.reports().len(), 3);
+}
+
+#[test]
+fn the_agent_goes_home_to_the_controller_still_waiting_for_its_tasks() {
+    let tasks = Tasks::default();
+    assert_eq!(tasks.home(10_000), None, "nothing held: no home");
+    let add = |controller: &str, until: i64, ownership: Ownership| {
+        let mut meta = meta(0, Vec::new());
+        meta.controller = Some(controller.into());
+        meta.hold_until_ms = Some(until);
+        let held = held(meta, ownership, b"");
+        let id = held.state.lock().unwrap().task_id;
+        tasks.held.lock().unwrap().insert(id, held.clone());
+        held
+    };
+    let a = add("a:1", 20_000, Ownership::Agent);
+    add("b:1", 30_000, Ownership::Agent);
+    // A task of a version 1 controller dies with its connection: it ties the agent to nothing.
+    add("c:1", 90_000, Ownership::Connection);
+    assert_eq!(
+        tasks.home(10_000).as_deref(),
+        Some("b:1"),
+        "the one waiting longest"
+    );
+    assert_eq!(tasks.home(25_000).as_deref(), Some("b:1"));
+    assert_eq!(
+        tasks.home(30_000),
+        None,
+        "past every deadline: free to fail over"
+    );
+    a.state.lock().unwrap().hold_until_ms = Some(40_000);
+    assert_eq!(tasks.home(35_000).as_deref(), Some("a:1"));
+    // A task nobody wants any more ties the agent to nothing either.
+    a.discarded.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(tasks.home(35_000), None);
+}
+
+#[test]
+fn a_task_being_received_is_reported_as_held_exactly_once() {
+    let tasks = Tasks::default();
+    let meta = meta(0, Vec::new());
+    let task_id = meta.task_id;
+    tasks
+        .receiving
+        .lock()
+        .unwrap()
+        .insert(task_id, report_of(&meta));
+    let reported: Vec<Uuid> = tasks.reports().iter().map(|t| t.task_id).collect();
+    assert_eq!(reported, [task_id], "reported while its spool is made");
+    tasks.hold(task_id, held(meta, Ownership::Agent, b""));
+    let reported: Vec<Uuid> = tasks.reports().iter().map(|t| t.task_id).collect();
+    assert_eq!(reported, [task_id], "once held, reported once");
 }
