@@ -343,3 +343,37 @@ async fn a_confirmation_sent_the_moment_the_pause_shows_is_carried_out() -> Resu
     assert_eq!(host_statuses(&done), [9, 9, 9, 9], "{done}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_between_batches_keeps_the_later_batches_waiting() -> Result<()> {
+    let mut cluster = start_cluster(3).await?;
+    // Batch 1 ends at once; batch 2 would start a minute later: the controller stops between
+    // them, with nothing out on any agent.
+    let (job, step) = submit(
+        &cluster,
+        "echo ok",
+        json!({"expression": "1", "execution_mode": 2, "batch_start_wait_fixed_ms": 60_000,
+            "batch_start_wait_random_min_ms": 0, "batch_start_wait_random_max_ms": 0}),
+    )
+    .await?;
+    eventually(Duration::from_secs(60), "batch 1 done", || async {
+        let s = status(&cluster, job).await.ok()?;
+        (host_statuses(&s) == [5, 5, 9]).then_some(())
+    })
+    .await?;
+    cluster.kill_controller()?;
+    cluster.start_controller().await?;
+    let ids: Vec<String> = cluster.agents.iter().map(|a| a.agent_id.clone()).collect();
+    cluster.wait_online(&ids, Duration::from_secs(30)).await?;
+    // Not ended with its never-run hosts unknown (310): it waits for an operator.
+    let kept = wait_for(&cluster, job, 7).await?;
+    assert_eq!(host_statuses(&kept), [5, 5, 9], "{kept}");
+    assert_eq!(operate(&cluster, job, step, 13).await?["code"], 0);
+    // Staggered again from batch 2: the minute's wait precedes batch 3 only.
+    eventually(Duration::from_secs(60), "batch 2", || async {
+        let s = status(&cluster, job).await.ok()?;
+        (host_statuses(&s) == [5, 9, 9]).then_some(())
+    })
+    .await?;
+    Ok(())
+}
