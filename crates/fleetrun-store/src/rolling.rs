@@ -378,6 +378,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn retention_removes_a_pruned_jobs_plan() {
+        use sqlx::Row;
+        let (_db, store) = crate::test_store().await;
+        let plan = crate::NewRolling {
+            config: "{}".into(),
+            batches: vec![vec![1], vec![2]],
+        };
+        let mut kept = new_job(2);
+        kept.status = 3;
+        let old = store
+            .create_job_sealing(&kept, |p, _| p.to_owned(), Some(&plan))
+            .await
+            .unwrap();
+        let young = store
+            .create_job_sealing(&kept, |p, _| p.to_owned(), Some(&plan))
+            .await
+            .unwrap();
+        for (created, at) in [(&old, 10), (&young, 1_000)] {
+            store
+                .record(Write::JobFinished {
+                    job_instance_id: created.job_instance_id,
+                    status: 3,
+                    at,
+                })
+                .await
+                .unwrap();
+        }
+        store.flush().await.unwrap();
+        assert_eq!(store.prune_finished_jobs(100, &[3], 10).await.unwrap(), 1);
+        assert_eq!(store.rolling(old.step_instance_id).await.unwrap(), None);
+        assert!(
+            store
+                .rolling(young.step_instance_id)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let left: i64 = sqlx::query("SELECT COUNT(*) FROM rolling_host")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 2);
+    }
+
+    #[tokio::test]
     async fn a_plan_is_kept_and_a_pause_is_taken_up_once() {
         let (_db, store) = crate::test_store().await;
         let created = store.create_job(&new_job(700)).await.unwrap();
