@@ -236,6 +236,11 @@ async fn a_bad_rolling_config_is_refused_with_bk_jobs_code() -> Result<()> {
             json!({"expression": "1", "max_failure_percent": 0}),
             1_240_003,
         ),
+        (
+            json!({"expression": "1", "execution_mode": 2, "batch_start_wait_fixed_ms": 0,
+                   "batch_start_wait_random_min_ms": 5, "batch_start_wait_random_max_ms": 4}),
+            1_241_012,
+        ),
     ] {
         let request = cluster.script_request(
             "echo ok",
