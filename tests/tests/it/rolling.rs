@@ -115,9 +115,10 @@ async fn mode_2_runs_every_batch_one_after_another() -> Result<()> {
     let cluster = start_cluster(3).await?;
     let script = fail_first(&cluster);
     let (job, _step) = submit(&cluster, &script, json!({"expression": "1 +1", "mode": 2})).await?;
-    // bk-job: the failures are ignored, the step ends "ignore error" and the job succeeds.
+    // bk-job: the failures are ignored and the job succeeds; the step follows its last batch,
+    // which succeeded.
     let done = wait_for(&cluster, job, 3).await?;
-    assert_eq!(done["step_instance_list"][0]["status"], 6, "{done}");
+    assert_eq!(done["step_instance_list"][0]["status"], 3, "{done}");
     assert_eq!(host_statuses(&done), [9, 9, 104], "{done}");
     // Batch 1 (one host) ended before batch 2 (two hosts) started.
     let mut hosts = host_results(&done);
@@ -129,6 +130,11 @@ async fn mode_2_runs_every_batch_one_after_another() -> Result<()> {
             "a batch started before the one before it ended: {done}"
         );
     }
+    // A last batch that failed leaves the step "ignore error" (6); the job still succeeds.
+    let (job, _step) = submit(&cluster, "exit 1", json!({"expression": "2 +1", "mode": 2})).await?;
+    let done = wait_for(&cluster, job, 3).await?;
+    assert_eq!(done["step_instance_list"][0]["status"], 6, "{done}");
+    assert_eq!(host_statuses(&done), [104, 104, 104], "{done}");
     Ok(())
 }
 

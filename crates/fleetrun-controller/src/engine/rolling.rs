@@ -133,6 +133,8 @@ impl Engine {
         let mut hosts = JoinSet::new();
         let mut host_of_task = HashMap::new();
         let mut ending = Ending::Done;
+        // Whether the last batch to end had a failed host (serial).
+        let mut last_batch_failed = false;
         for (index, batch_hosts) in batches.iter().enumerate().skip(next_batch.max(1) - 1) {
             let batch = index + 1;
             if cancel.is_cancelled() {
@@ -175,6 +177,7 @@ impl Engine {
                         .await;
                     host_of_task.clear();
                     failures += failed;
+                    last_batch_failed = failed > 0;
                     if last || cancel.is_cancelled() {
                         break;
                     }
@@ -260,11 +263,16 @@ impl Engine {
                 self.end_job(&finishing, job::SUCCESS, job::SUCCESS).await;
             }
             Ending::Done => {
-                // bk-job: a step that rolls on over failures ends "ignore error" (6) and the job
-                // goes on to success; failures in any other rolling fail the job.
+                // bk-job: a step that rolls on over failures follows its last batch: "ignore
+                // error" (6) if that batch failed, success otherwise, and the job goes on to
+                // success; failures in any other rolling fail the job.
                 if config.execution == Execution::Serial && config.mode == Mode::IgnoreFailure {
-                    self.end_job(&finishing, job::IGNORE_ERROR, job::SUCCESS)
-                        .await;
+                    let step = if last_batch_failed {
+                        job::IGNORE_ERROR
+                    } else {
+                        job::SUCCESS
+                    };
+                    self.end_job(&finishing, step, job::SUCCESS).await;
                 } else {
                     self.end_job(&finishing, job::FAILED, job::FAILED).await;
                 }
