@@ -388,3 +388,60 @@ async fn a_restart_between_batches_keeps_the_later_batches_waiting() -> Result<(
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn step_status_and_preview_are_served_by_get_and_post_under_other_path_styles() -> Result<()>
+{
+    let cluster = start_cluster(2).await?;
+    let (job, step) = submit(&cluster, "echo ok", json!({"expression": "1", "mode": 3})).await?;
+    wait_for(&cluster, job, 7).await?;
+    let info = &cluster.info;
+    let scope = info.scope();
+    let http = reqwest::Client::new();
+    // GET, bk-job's API gateway style, batch 1 only.
+    let reply: Value = http
+        .get(format!(
+            "{}/api/c/compapi/v2/jobv3/get_step_instance_status/?bk_app_code={}&bk_app_secret={}&bk_username=admin&bk_scope_type={}&bk_scope_id={}&job_instance_id={job}&step_instance_id={step}&batch=1",
+            info.api_url,
+            info.bk_app_code,
+            info.bk_app_secret,
+            scope["bk_scope_type"].as_str().context("scope type")?,
+            scope["bk_scope_id"].as_str().context("scope id")?,
+        ))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(reply["code"], 0, "{reply}");
+    assert_eq!(reply["data"]["status"], 7, "{reply}");
+    let groups = reply["data"]["step_result_group_list"]
+        .as_array()
+        .context("groups")?;
+    let hosts: Vec<&Value> = groups
+        .iter()
+        .flat_map(|g| g["host_result_list"].as_array().into_iter().flatten())
+        .collect();
+    assert_eq!(hosts.len(), 1, "{reply}");
+    assert_eq!(hosts[0]["batch"], 1, "{reply}");
+    assert_eq!(hosts[0]["status"], 9, "{reply}");
+
+    // POST, fleetrun's own style.
+    let mut body = scope.clone();
+    body["bk_app_code"] = json!(info.bk_app_code);
+    body["bk_app_secret"] = json!(info.bk_app_secret);
+    body["bk_username"] = json!("admin");
+    body["target_server"] = json!({ "host_id_list": cluster.host_ids() });
+    body["rolling_config"] = json!({"expression": "1"});
+    let reply: Value = http
+        .post(format!("{}/fleetrun/v1/preview_rolling", info.api_url))
+        .json(&body)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(reply["code"], 0, "{reply}");
+    assert_eq!(reply["data"]["total_batch"], 2, "{reply}");
+    assert_eq!(reply["data"]["total_host_size"], 2, "{reply}");
+    assert_eq!(reply["data"]["batch_list"][0]["host_size"], 1, "{reply}");
+    Ok(())
+}
