@@ -185,17 +185,6 @@ pub enum Command {
         /// The job instance id
         job: i64,
     },
-    /// Run a step's failed hosts (--failed, the default) or all its hosts (--all) again
-    Retry {
-        /// The job instance id
-        job: i64,
-        /// Only the hosts that failed
-        #[arg(long, conflicts_with = "all")]
-        failed: bool,
-        /// Every host of the step
-        #[arg(long)]
-        all: bool,
-    },
     /// List the hosts (agents' and the inventory's); add, update, move or remove them
     Hosts(HostsArgs),
     /// The scope's script library: list, show, create, publish, disable

@@ -57,14 +57,6 @@ pub async fn dispatch(cli: &Cli) -> Result<u8, CliError> {
         Command::Ignore { job } => {
             crate::rolling::operate(&ctx, *job, crate::rolling::IGNORE).await
         }
-        Command::Retry { job, failed, all } => {
-            let code = if *all && !*failed {
-                crate::rolling::RETRY_ALL
-            } else {
-                crate::rolling::RETRY_FAILED
-            };
-            crate::rolling::operate(&ctx, *job, code).await
-        }
         Command::Hosts(args) => match &args.command {
             None => hosts(&ctx, args).await,
             Some(command) => admin::run(&ctx, admin::host_change(command)).await,

@@ -1,5 +1,5 @@
 //! Rolling jobs from the command line: `run --batch ... --dry-run` prints the batches the
-//! controller would make (`preview_rolling`); `confirm`, `ignore` and `retry` are
+//! controller would make (`preview_rolling`); `confirm` and `ignore` are
 //! `operate_step_instance` on the job's step.
 
 use serde_json::{Value, json};
@@ -11,9 +11,7 @@ use crate::{
 };
 
 /// bk-job's step operation codes.
-pub const RETRY_FAILED: i64 = 2;
 pub const IGNORE: i64 = 3;
-pub const RETRY_ALL: i64 = 8;
 pub const CONFIRM: i64 = 13;
 
 /// Prints the batches of a `run` request without submitting it.
@@ -72,7 +70,7 @@ pub async fn operate(ctx: &Ctx, job: i64, code: i64) -> Result<u8, CliError> {
             let what = match code {
                 CONFIRM => "confirmed: the next batch goes out",
                 IGNORE => "failures ignored: the next batch goes out",
-                _ => "retry requested",
+                _ => "done",
             };
             print(&format!("job {job}: {what}\n"))?;
         }

@@ -400,9 +400,9 @@ impl Engine {
             started: job.start_time.unwrap_or_else(now_ms),
             all_succeeded: job.finished_hosts_succeeded && host_count == host_of_task.len(),
         };
-        if rolling {
+        if let Some(rolling) = rolling {
             return self
-                .finish_resumed_batch(finishing, hosts, host_of_task, &cancel)
+                .finish_resumed_batch(finishing, hosts, host_of_task, &cancel, rolling)
                 .await;
         }
         self.finish_job(finishing, hosts, host_of_task, &cancel)

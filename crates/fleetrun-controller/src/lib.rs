@@ -105,7 +105,12 @@ impl Controller {
             .with_context(|| format!("opening database {}", config.database))?;
         store.set_all_offline().await?;
         // Jobs with a task out on an agent that owns it are taken up again once the engine runs;
-        // the others end here, their results unknown.
+        // so is every rolling job that was running (between batches, nothing may be out): its
+        // later batches have not run and must not end unknown. The others end here, their
+        // results unknown.
+        let rolling = store
+            .rolling_jobs_in(&[status::job::RUNNING, status::job::TERMINATING])
+            .await?;
         let resumable: Vec<fleetrun_store::ResumableJob> = store
             .resumable_jobs(
                 status::job::UNFINISHED,
@@ -114,7 +119,10 @@ impl Controller {
             )
             .await?
             .into_iter()
-            .filter(|job| job.hosts.iter().any(|h| h.checkpoint.is_some()))
+            .filter(|job| {
+                rolling.contains(&job.job_instance_id)
+                    || job.hosts.iter().any(|h| h.checkpoint.is_some())
+            })
             .collect();
         // A rolling job waiting for a confirmation has nothing out on an agent: it stays as it
         // is, for an operator to go on with (engine/rolling.rs).

@@ -56,7 +56,7 @@ pub use inventory::{
 };
 pub use model::*;
 pub use reattach::{HostCheckpoint, ResumableHost, ResumableJob};
-pub use rolling::RollingRecord;
+pub use rolling::{NewRolling, RollingRecord};
 pub use scripts::{
     DRAFT as SCRIPT_DRAFT, NewScript, ScriptBasics, ScriptFilter, ScriptRecord,
     ScriptVersionRecord, ScriptsError, status_name as script_status_name,
@@ -295,20 +295,23 @@ impl Store {
 
     /// Stores a new job with its step and a pending result per host, in one transaction.
     pub async fn create_job(&self, job: &NewJob) -> Result<CreatedJob, StoreError> {
-        self.insert_job(job, None).await
+        self.insert_job(job, None, None).await
     }
 
     /// [`Store::create_job`], with a sensitive step parameter stored as `seal` makes it from the
     /// clear `script_param` and the ids the job and step receive (to bind it to them). The step's
     /// row is written with an empty parameter first, then the sealed one, in the same
     /// transaction: the clear value never reaches the database.
+    /// A rolling step's plan (`rolling`) is written in the same transaction: a job is never
+    /// stored without the batches it must go out in.
     pub async fn create_job_sealing(
         &self,
         job: &NewJob,
         seal: impl FnOnce(&str, CreatedJob) -> String + Send,
+        rolling: Option<&rolling::NewRolling>,
     ) -> Result<CreatedJob, StoreError> {
         let seal: Box<ParamSeal<'_>> = Box::new(seal);
-        self.insert_job(job, job.step.is_param_sensitive.then_some(seal))
+        self.insert_job(job, job.step.is_param_sensitive.then_some(seal), rolling)
             .await
     }
 
@@ -316,10 +319,11 @@ impl Store {
         &self,
         job: &NewJob,
         seal: Option<Box<ParamSeal<'_>>>,
+        rolling: Option<&rolling::NewRolling>,
     ) -> Result<CreatedJob, StoreError> {
         let created = async {
             let mut connection = self.pool.acquire().await?;
-            let created = insert_job(&mut connection, job, seal, self.dialect).await;
+            let created = insert_job(&mut connection, job, seal, rolling, self.dialect).await;
             health::discard_if_broken(&mut connection, &created);
             created
         }
@@ -487,6 +491,7 @@ async fn insert_job(
     connection: &mut sqlx::AnyConnection,
     job: &NewJob,
     seal: Option<Box<ParamSeal<'_>>>,
+    rolling: Option<&rolling::NewRolling>,
     dialect: Dialect,
 ) -> Result<CreatedJob, sqlx::Error> {
     let mut tx = sqlx::Connection::begin(connection).await?;
@@ -555,6 +560,9 @@ async fn insert_job(
                 .push_bind(host.status);
         });
         insert.build().execute(&mut *tx).await?;
+    }
+    if let Some(plan) = rolling {
+        rolling::insert_rolling(&mut tx, step_instance_id, &plan.config, &plan.batches).await?;
     }
     tx.commit().await?;
     Ok(CreatedJob {

@@ -114,6 +114,8 @@ impl Store {
                  (SELECT id FROM callback_delivery WHERE job_instance_id IN ({ids}))"
             ),
             format!("DELETE FROM callback_delivery WHERE job_instance_id IN ({ids})"),
+            format!("DELETE FROM rolling_host WHERE step_instance_id IN ({steps})"),
+            format!("DELETE FROM step_rolling WHERE step_instance_id IN ({steps})"),
             format!("DELETE FROM step_instance WHERE job_instance_id IN ({ids})"),
             // Checked again inside the transaction: a job is never removed unless finished.
             format!(

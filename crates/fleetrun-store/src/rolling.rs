@@ -23,6 +23,55 @@ pub struct RollingRecord {
     pub failures_ignored: i64,
 }
 
+/// A new job's rolling plan, written with the job ([`Store::create_job_sealing`]).
+#[derive(Debug, Clone)]
+pub struct NewRolling {
+    /// The checked configuration, as the controller serialised it.
+    pub config: String,
+    /// Every batch's hosts; `batches[0]` is batch 1.
+    pub batches: Vec<Vec<i64>>,
+}
+
+/// Writes a step's plan within `tx`.
+pub(crate) async fn insert_rolling(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    step_instance_id: i64,
+    config: &str,
+    batches: &[Vec<i64>],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO step_rolling (step_instance_id, config, total_batches) VALUES ($1, $2, $3)",
+    )
+    .bind(step_instance_id)
+    .bind(config)
+    .bind(i32::try_from(batches.len()).unwrap_or(i32::MAX))
+    .execute(&mut **tx)
+    .await?;
+    let rows: Vec<(i64, i32)> = batches
+        .iter()
+        .enumerate()
+        .flat_map(|(i, hosts)| {
+            let batch = i32::try_from(i + 1).unwrap_or(i32::MAX);
+            hosts.iter().map(move |&h| (h, batch))
+        })
+        .collect();
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+            .collect();
+        let sql = format!(
+            "INSERT INTO rolling_host (step_instance_id, bk_host_id, batch) VALUES {}",
+            values.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for (host, batch) in chunk {
+            query = query.bind(step_instance_id).bind(*host).bind(*batch);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 /// Rows per multi-row insert: well under both backends' bound-parameter limits.
 const ROWS_PER_INSERT: usize = 300;
 
@@ -37,36 +86,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let saved = async {
             let mut tx = self.pool.begin().await?;
-            sqlx::query(
-                "INSERT INTO step_rolling (step_instance_id, config, total_batches) VALUES ($1, $2, $3)",
-            )
-            .bind(step_instance_id)
-            .bind(config)
-            .bind(i32::try_from(batches.len()).unwrap_or(i32::MAX))
-            .execute(&mut *tx)
-            .await?;
-            let rows: Vec<(i64, i32)> = batches
-                .iter()
-                .enumerate()
-                .flat_map(|(i, hosts)| {
-                    let batch = i32::try_from(i + 1).unwrap_or(i32::MAX);
-                    hosts.iter().map(move |&h| (h, batch))
-                })
-                .collect();
-            for chunk in rows.chunks(ROWS_PER_INSERT) {
-                let values: Vec<String> = (0..chunk.len())
-                    .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
-                    .collect();
-                let sql = format!(
-                    "INSERT INTO rolling_host (step_instance_id, bk_host_id, batch) VALUES {}",
-                    values.join(", ")
-                );
-                let mut query = sqlx::query(&sql);
-                for (host, batch) in chunk {
-                    query = query.bind(step_instance_id).bind(*host).bind(*batch);
-                }
-                query.execute(&mut *tx).await?;
-            }
+            insert_rolling(&mut tx, step_instance_id, config, batches).await?;
             tx.commit().await
         }
         .await;
@@ -311,6 +331,96 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_plan_is_written_with_its_job_or_neither_is() {
+        use sqlx::Row;
+        let (_db, store) = crate::test_store().await;
+        let plan = crate::NewRolling {
+            config: "{}".into(),
+            batches: vec![vec![2], vec![1, 3]],
+        };
+        let created = store
+            .create_job_sealing(&new_job(3), |p, _| p.to_owned(), Some(&plan))
+            .await
+            .unwrap();
+        let record = store
+            .rolling(created.step_instance_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.total_batches, 2);
+        assert_eq!(
+            store.host_batches(created.step_instance_id).await.unwrap()[&3],
+            2
+        );
+        // A plan that cannot be written (a host twice) leaves no job behind to start later on
+        // every host at once.
+        let bad = crate::NewRolling {
+            config: "{}".into(),
+            batches: vec![vec![1], vec![1]],
+        };
+        let mut pending = new_job(3);
+        pending.status = 1;
+        assert!(
+            store
+                .create_job_sealing(&pending, |p, _| p.to_owned(), Some(&bad))
+                .await
+                .is_err()
+        );
+        let jobs: i64 = sqlx::query("SELECT COUNT(*) FROM job_instance")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(jobs, 1);
+    }
+
+    #[tokio::test]
+    async fn retention_removes_a_pruned_jobs_plan() {
+        use sqlx::Row;
+        let (_db, store) = crate::test_store().await;
+        let plan = crate::NewRolling {
+            config: "{}".into(),
+            batches: vec![vec![1], vec![2]],
+        };
+        let mut kept = new_job(2);
+        kept.status = 3;
+        let old = store
+            .create_job_sealing(&kept, |p, _| p.to_owned(), Some(&plan))
+            .await
+            .unwrap();
+        let young = store
+            .create_job_sealing(&kept, |p, _| p.to_owned(), Some(&plan))
+            .await
+            .unwrap();
+        for (created, at) in [(&old, 10), (&young, 1_000)] {
+            store
+                .record(Write::JobFinished {
+                    job_instance_id: created.job_instance_id,
+                    status: 3,
+                    at,
+                })
+                .await
+                .unwrap();
+        }
+        store.flush().await.unwrap();
+        assert_eq!(store.prune_finished_jobs(100, &[3], 10).await.unwrap(), 1);
+        assert_eq!(store.rolling(old.step_instance_id).await.unwrap(), None);
+        assert!(
+            store
+                .rolling(young.step_instance_id)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let left: i64 = sqlx::query("SELECT COUNT(*) FROM rolling_host")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 2);
     }
 
     #[tokio::test]

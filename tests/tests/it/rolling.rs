@@ -115,9 +115,10 @@ async fn mode_2_runs_every_batch_one_after_another() -> Result<()> {
     let cluster = start_cluster(3).await?;
     let script = fail_first(&cluster);
     let (job, _step) = submit(&cluster, &script, json!({"expression": "1 +1", "mode": 2})).await?;
-    // bk-job: the failures are ignored, the step ends "ignore error" and the job succeeds.
+    // bk-job: the failures are ignored and the job succeeds; the step follows its last batch,
+    // which succeeded.
     let done = wait_for(&cluster, job, 3).await?;
-    assert_eq!(done["step_instance_list"][0]["status"], 6, "{done}");
+    assert_eq!(done["step_instance_list"][0]["status"], 3, "{done}");
     assert_eq!(host_statuses(&done), [9, 9, 104], "{done}");
     // Batch 1 (one host) ended before batch 2 (two hosts) started.
     let mut hosts = host_results(&done);
@@ -129,6 +130,11 @@ async fn mode_2_runs_every_batch_one_after_another() -> Result<()> {
             "a batch started before the one before it ended: {done}"
         );
     }
+    // A last batch that failed leaves the step "ignore error" (6); the job still succeeds.
+    let (job, _step) = submit(&cluster, "exit 1", json!({"expression": "2 +1", "mode": 2})).await?;
+    let done = wait_for(&cluster, job, 3).await?;
+    assert_eq!(done["step_instance_list"][0]["status"], 6, "{done}");
+    assert_eq!(host_statuses(&done), [104, 104, 104], "{done}");
     Ok(())
 }
 
@@ -236,6 +242,11 @@ async fn a_bad_rolling_config_is_refused_with_bk_jobs_code() -> Result<()> {
             json!({"expression": "1", "max_failure_percent": 0}),
             1_240_003,
         ),
+        (
+            json!({"expression": "1", "execution_mode": 2, "batch_start_wait_fixed_ms": 0,
+                   "batch_start_wait_random_min_ms": 5, "batch_start_wait_random_max_ms": 4}),
+            1_241_012,
+        ),
     ] {
         let request = cluster.script_request(
             "echo ok",
@@ -341,5 +352,96 @@ async fn a_confirmation_sent_the_moment_the_pause_shows_is_carried_out() -> Resu
     }
     let done = wait_for(&cluster, job, 3).await?;
     assert_eq!(host_statuses(&done), [9, 9, 9, 9], "{done}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_between_batches_keeps_the_later_batches_waiting() -> Result<()> {
+    let mut cluster = start_cluster(3).await?;
+    // Batch 1 ends at once; batch 2 would start a minute later: the controller stops between
+    // them, with nothing out on any agent.
+    let (job, step) = submit(
+        &cluster,
+        "echo ok",
+        json!({"expression": "1", "execution_mode": 2, "batch_start_wait_fixed_ms": 60_000,
+            "batch_start_wait_random_min_ms": 0, "batch_start_wait_random_max_ms": 0}),
+    )
+    .await?;
+    eventually(Duration::from_secs(60), "batch 1 done", || async {
+        let s = status(&cluster, job).await.ok()?;
+        (host_statuses(&s) == [5, 5, 9]).then_some(())
+    })
+    .await?;
+    cluster.kill_controller()?;
+    cluster.start_controller().await?;
+    let ids: Vec<String> = cluster.agents.iter().map(|a| a.agent_id.clone()).collect();
+    cluster.wait_online(&ids, Duration::from_secs(30)).await?;
+    // Not ended with its never-run hosts unknown (310): it waits for an operator.
+    let kept = wait_for(&cluster, job, 7).await?;
+    assert_eq!(host_statuses(&kept), [5, 5, 9], "{kept}");
+    assert_eq!(operate(&cluster, job, step, 13).await?["code"], 0);
+    // Staggered again from batch 2: the minute's wait precedes batch 3 only.
+    eventually(Duration::from_secs(60), "batch 2", || async {
+        let s = status(&cluster, job).await.ok()?;
+        (host_statuses(&s) == [5, 9, 9]).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn step_status_and_preview_are_served_by_get_and_post_under_other_path_styles() -> Result<()>
+{
+    let cluster = start_cluster(2).await?;
+    let (job, step) = submit(&cluster, "echo ok", json!({"expression": "1", "mode": 3})).await?;
+    wait_for(&cluster, job, 7).await?;
+    let info = &cluster.info;
+    let scope = info.scope();
+    let http = reqwest::Client::new();
+    // GET, bk-job's API gateway style, batch 1 only.
+    let reply: Value = http
+        .get(format!(
+            "{}/api/c/compapi/v2/jobv3/get_step_instance_status/?bk_app_code={}&bk_app_secret={}&bk_username=admin&bk_scope_type={}&bk_scope_id={}&job_instance_id={job}&step_instance_id={step}&batch=1",
+            info.api_url,
+            info.bk_app_code,
+            info.bk_app_secret,
+            scope["bk_scope_type"].as_str().context("scope type")?,
+            scope["bk_scope_id"].as_str().context("scope id")?,
+        ))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(reply["code"], 0, "{reply}");
+    assert_eq!(reply["data"]["status"], 7, "{reply}");
+    let groups = reply["data"]["step_result_group_list"]
+        .as_array()
+        .context("groups")?;
+    let hosts: Vec<&Value> = groups
+        .iter()
+        .flat_map(|g| g["host_result_list"].as_array().into_iter().flatten())
+        .collect();
+    assert_eq!(hosts.len(), 1, "{reply}");
+    assert_eq!(hosts[0]["batch"], 1, "{reply}");
+    assert_eq!(hosts[0]["status"], 9, "{reply}");
+
+    // POST, fleetrun's own style.
+    let mut body = scope.clone();
+    body["bk_app_code"] = json!(info.bk_app_code);
+    body["bk_app_secret"] = json!(info.bk_app_secret);
+    body["bk_username"] = json!("admin");
+    body["target_server"] = json!({ "host_id_list": cluster.host_ids() });
+    body["rolling_config"] = json!({"expression": "1"});
+    let reply: Value = http
+        .post(format!("{}/fleetrun/v1/preview_rolling", info.api_url))
+        .json(&body)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(reply["code"], 0, "{reply}");
+    assert_eq!(reply["data"]["total_batch"], 2, "{reply}");
+    assert_eq!(reply["data"]["total_host_size"], 2, "{reply}");
+    assert_eq!(reply["data"]["batch_list"][0]["host_size"], 1, "{reply}");
     Ok(())
 }

@@ -363,7 +363,15 @@ pub async fn fast_execute_script(
     };
     let created = shared
         .store
-        .create_job_sealing(&new_job, shared.cipher.sealer())
+        .create_job_sealing(
+            &new_job,
+            shared.cipher.sealer(),
+            rolling
+                .as_ref()
+                .map(super::steps::Plan::stored)
+                .transpose()?
+                .as_ref(),
+        )
         .await?;
     super::steps::save_and_start(
         shared,

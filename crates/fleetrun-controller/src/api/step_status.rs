@@ -21,6 +21,29 @@ use crate::Shared;
 /// than left to read without bound.
 const MAX_KEYWORD_HOSTS: usize = 5_000;
 
+/// Log bytes one `keyword` search reads, at most, over all its hosts.
+const MAX_KEYWORD_BYTES: usize = 64 << 20;
+
+/// Whether `log` holds `keyword`, counting its bytes into `scanned`: past `budget` the search
+/// is refused (it would read without bound, up to every host's whole log).
+fn log_matches(
+    scanned: &mut usize,
+    budget: usize,
+    log: &[u8],
+    keyword: &str,
+) -> Result<bool, ApiError> {
+    *scanned = scanned.saturating_add(log.len());
+    if *scanned > budget {
+        return Err(ApiError::invalid(
+            "keyword",
+            format!(
+                "a log search reads at most {budget} bytes of logs; narrow it with batch, status or search_ip"
+            ),
+        ));
+    }
+    Ok(String::from_utf8_lossy(log).contains(keyword))
+}
+
 #[derive(Debug, Deserialize)]
 struct StepStatusRequest {
     #[serde(deserialize_with = "lenient::int")]
@@ -165,12 +188,13 @@ pub async fn get_step_instance_status(
             ));
         }
         let mut kept = Vec::with_capacity(hosts.len());
+        let mut scanned = 0;
         for host in hosts {
             let log = shared
                 .store
                 .host_log(step.step_instance_id, host.bk_host_id)
                 .await?;
-            if String::from_utf8_lossy(&log).contains(keyword) {
+            if log_matches(&mut scanned, MAX_KEYWORD_BYTES, &log, keyword)? {
                 kept.push(host);
             }
         }
@@ -223,4 +247,31 @@ pub async fn get_step_instance_status(
         total_time: reply::total_time(step.start_time, step.end_time),
         step_result_group_list,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_keyword_search_stops_at_its_byte_budget() {
+        let log = vec![b'a'; 1000];
+        let mut scanned = 0;
+        // Many hosts' logs, none matching: the search reads until the budget, then refuses.
+        let mut read = 0;
+        let refused = loop {
+            match log_matches(&mut scanned, 4_500, &log, "needle") {
+                Ok(found) => {
+                    assert!(!found);
+                    read += 1;
+                }
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(read, 4);
+        assert_eq!(refused.code, 1_240_003, "{refused:?}");
+        assert!(refused.message.starts_with("keyword"), "{refused:?}");
+        let mut scanned = 0;
+        assert!(log_matches(&mut scanned, 4_500, b"a needle", "needle").unwrap());
+    }
 }

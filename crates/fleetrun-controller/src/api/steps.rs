@@ -57,54 +57,43 @@ pub(super) fn check(rolling_config: Option<&Value>) -> Result<(), ApiError> {
     }
 }
 
-/// Stores a new job's rolling plan, and starts the job if asked to; a plan that cannot be stored
-/// ends the job (it was accepted as running).
+impl Plan {
+    /// The plan as the store keeps it, written with the job.
+    pub(super) fn stored(&self) -> Result<fleetrun_store::NewRolling, ApiError> {
+        Ok(fleetrun_store::NewRolling {
+            config: serde_json::to_string(&self.config)
+                .map_err(|e| ApiError::internal("rolling", e))?,
+            batches: self.batches.clone(),
+        })
+    }
+}
+
+/// Starts a new job if asked to: by batches if it rolls (its plan was stored with it).
 pub(super) async fn save_and_start(
     shared: &Shared,
     plan: Option<Plan>,
     spec: JobSpec,
     start: bool,
 ) -> Result<(), ApiError> {
-    let Some(Plan { config, batches }) = plan else {
-        if start {
+    if !start {
+        return Ok(());
+    }
+    match plan {
+        None => {
             shared.engine.start(spec);
         }
-        return Ok(());
-    };
-    let stored = serde_json::to_string(&config).map_err(|e| ApiError::internal("rolling", e))?;
-    if let Err(e) = shared
-        .store
-        .save_rolling(spec.step_instance_id, &stored, &batches)
-        .await
-    {
-        let from = if start {
-            status::job::RUNNING
-        } else {
-            status::job::PENDING
-        };
-        let _ = shared
-            .store
-            .end_rolling_job(
-                spec.job_instance_id,
-                spec.step_instance_id,
-                from,
-                status::job::ABNORMAL,
-                crate::now_ms(),
-            )
-            .await;
-        return Err(e.into());
-    }
-    if start {
-        shared.engine.start_rolling(
-            spec,
-            RollingStart {
-                config,
-                batches,
-                next_batch: 1,
-                earlier_failures: 0,
-                started: None,
-            },
-        );
+        Some(Plan { config, batches }) => {
+            shared.engine.start_rolling(
+                spec,
+                RollingStart {
+                    config,
+                    batches,
+                    next_batch: 1,
+                    earlier_failures: 0,
+                    started: None,
+                },
+            );
+        }
     }
     Ok(())
 }

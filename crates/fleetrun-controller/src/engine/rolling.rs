@@ -41,6 +41,15 @@ pub struct RollingStart {
     pub started: Option<i64>,
 }
 
+/// A rolling job a restarted controller took up mid-way.
+pub(super) struct ResumedRolling {
+    config: RollingConfig,
+    /// Hosts in the plan.
+    hosts: usize,
+    /// Failed hosts operators chose to ignore.
+    failures_ignored: usize,
+}
+
 /// How a run of batches ended.
 enum Ending {
     /// Every batch went out (or the job was terminated).
@@ -124,6 +133,8 @@ impl Engine {
         let mut hosts = JoinSet::new();
         let mut host_of_task = HashMap::new();
         let mut ending = Ending::Done;
+        // Whether the last batch to end had a failed host (serial).
+        let mut last_batch_failed = false;
         for (index, batch_hosts) in batches.iter().enumerate().skip(next_batch.max(1) - 1) {
             let batch = index + 1;
             if cancel.is_cancelled() {
@@ -166,6 +177,7 @@ impl Engine {
                         .await;
                     host_of_task.clear();
                     failures += failed;
+                    last_batch_failed = failed > 0;
                     if last || cancel.is_cancelled() {
                         break;
                     }
@@ -251,11 +263,16 @@ impl Engine {
                 self.end_job(&finishing, job::SUCCESS, job::SUCCESS).await;
             }
             Ending::Done => {
-                // bk-job: a step that rolls on over failures ends "ignore error" (6) and the job
-                // goes on to success; failures in any other rolling fail the job.
+                // bk-job: a step that rolls on over failures follows its last batch: "ignore
+                // error" (6) if that batch failed, success otherwise, and the job goes on to
+                // success; failures in any other rolling fail the job.
                 if config.execution == Execution::Serial && config.mode == Mode::IgnoreFailure {
-                    self.end_job(&finishing, job::IGNORE_ERROR, job::SUCCESS)
-                        .await;
+                    let step = if last_batch_failed {
+                        job::IGNORE_ERROR
+                    } else {
+                        job::SUCCESS
+                    };
+                    self.end_job(&finishing, step, job::SUCCESS).await;
                 } else {
                     self.end_job(&finishing, job::FAILED, job::FAILED).await;
                 }
@@ -314,30 +331,40 @@ impl Engine {
     }
 
     /// For a job taken up after a restart: if it rolls with batches still to go, keeps only the
-    /// hosts of the batches that went out (the later ones keep waiting) and answers true.
-    pub(super) async fn rolling_in_flight(&self, job: &mut ResumableJob) -> bool {
+    /// hosts of the batches that went out (the later ones keep waiting) and answers its plan.
+    pub(super) async fn rolling_in_flight(&self, job: &mut ResumableJob) -> Option<ResumedRolling> {
         let record = match self.store.rolling(job.step_instance_id).await {
             Ok(Some(record)) => record,
-            Ok(None) => return false,
+            Ok(None) => return None,
             Err(e) => {
                 tracing::error!(
                     job = job.job_instance_id,
                     "cannot read the rolling plan: {e}"
                 );
-                return false;
+                return None;
             }
         };
         if record.current_batch >= record.total_batches {
-            return false;
+            return None;
         }
-        let batches = match self.store.host_batches(job.step_instance_id).await {
-            Ok(batches) => batches,
-            Err(e) => {
+        let (batches, config) = match (
+            self.store.host_batches(job.step_instance_id).await,
+            serde_json::from_str::<RollingConfig>(&record.config),
+        ) {
+            (Ok(batches), Ok(config)) => (batches, config),
+            (Err(e), _) => {
                 tracing::error!(
                     job = job.job_instance_id,
                     "cannot read the rolling plan: {e}"
                 );
-                return false;
+                return None;
+            }
+            (_, Err(e)) => {
+                tracing::error!(
+                    job = job.job_instance_id,
+                    "cannot read the rolling plan: {e}"
+                );
+                return None;
             }
         };
         job.hosts.retain(|h| {
@@ -345,11 +372,16 @@ impl Engine {
                 .get(&h.bk_host_id)
                 .is_none_or(|&batch| batch <= record.current_batch)
         });
-        true
+        Some(ResumedRolling {
+            config,
+            hosts: batches.len(),
+            failures_ignored: usize::try_from(record.failures_ignored).unwrap_or(0),
+        })
     }
 
-    /// Waits for the batch a restarted controller took up, then pauses the job for an
-    /// operator: failed (4) if a host of the step failed and not ignored, else waiting for a
+    /// Waits for the batch a restarted controller took up, then stops for an operator, as the
+    /// mode says: the failure limit reached ends the job failed (4); failures that count (not
+    /// ignored) pause it failed (4) unless the mode rolls on over them; otherwise it waits for a
     /// confirmation (7). The engine no longer holds the task to send later batches; the
     /// operator's decision starts a new run with it. False if the job paused and so left the
     /// running set.
@@ -359,21 +391,53 @@ impl Engine {
         mut hosts: JoinSet<i32>,
         host_of_task: HashMap<tokio::task::Id, i64>,
         cancel: &CancellationToken,
+        rolling: ResumedRolling,
     ) -> bool {
-        let failed = self
-            .join_hosts(
-                finishing.job_instance_id,
-                finishing.step_instance_id,
-                &mut hosts,
-                &host_of_task,
-            )
-            .await;
+        self.join_hosts(
+            finishing.job_instance_id,
+            finishing.step_instance_id,
+            &mut hosts,
+            &host_of_task,
+        )
+        .await;
         if cancel.is_cancelled() {
             self.end_job(&finishing, job::TERMINATE_SUCCESS, job::TERMINATE_SUCCESS)
                 .await;
             return true;
         }
-        let status = if failed > 0 || !finishing.all_succeeded {
+        // Every host of the batches out has its result in the store once it is committed.
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(job = finishing.job_instance_id, "cannot commit: {e}");
+        }
+        let failed = match self
+            .store
+            .failed_hosts(
+                finishing.step_instance_id,
+                crate::status::host::UNFINISHED,
+                &[3, crate::status::host::SUCCESS],
+            )
+            .await
+        {
+            Ok(failed) => failed.saturating_sub(rolling.failures_ignored),
+            Err(e) => {
+                tracing::error!(
+                    job = finishing.job_instance_id,
+                    "cannot count failures: {e}"
+                );
+                usize::from(!finishing.all_succeeded)
+            }
+        };
+        if rolling
+            .config
+            .failure_limit(rolling.hosts)
+            .is_some_and(|limit| failed >= limit)
+        {
+            self.end_job(&finishing, job::FAILED, job::FAILED).await;
+            return true;
+        }
+        let rolls_on = rolling.config.execution == Execution::Serial
+            && rolling.config.mode == Mode::IgnoreFailure;
+        let status = if failed > 0 && !rolls_on {
             job::FAILED
         } else {
             job::WAITING_USER

@@ -95,6 +95,16 @@ pub struct ConfigError {
 
 const BAD_REQUEST: i64 = 1_240_003;
 
+/// bk-job's ILLEGAL_PARAM_WITH_REASON: a value well-formed on its own that the rules refuse.
+const ILLEGAL_WITH_REASON: i64 = 1_241_012;
+
+fn illegal(field: &str, why: impl std::fmt::Display) -> ConfigError {
+    ConfigError {
+        code: ILLEGAL_WITH_REASON,
+        message: format!("rolling_config.{field}: {why}"),
+    }
+}
+
 fn invalid(field: &str, why: impl std::fmt::Display) -> ConfigError {
     ConfigError {
         code: BAD_REQUEST,
@@ -199,7 +209,7 @@ impl RollingConfig {
                     "batch start random wait max (ms)",
                 )?;
                 if random_max_ms < random_min_ms {
-                    return Err(invalid(
+                    return Err(illegal(
                         "batch_start_wait_random_max_ms",
                         format!(
                             "{random_max_ms} is less than batch_start_wait_random_min_ms {random_min_ms}"
@@ -265,7 +275,7 @@ impl RollingConfig {
         if matches!(self.execution, Execution::Staggered { .. })
             && batches.len() > MAX_STAGGERED_BATCHES
         {
-            return Err(invalid(
+            return Err(illegal(
                 "expression",
                 format!(
                     "{} batches: total parallel rolling batch count exceeds system limit ({MAX_STAGGERED_BATCHES}), please increase batch size to reduce the total batch count",
@@ -366,7 +376,7 @@ mod tests {
             (
                 json!({"expression": "1", "execution_mode": 2, "batch_start_wait_fixed_ms": 0,
                        "batch_start_wait_random_min_ms": 5, "batch_start_wait_random_max_ms": 4}),
-                1_240_003,
+                1_241_012,
                 "rolling_config.batch_start_wait_random_max_ms",
             ),
             (json!({"mode": 1}), 1_240_003, "rolling_config.expression"),
@@ -428,7 +438,7 @@ mod tests {
         assert_eq!(c.batches(&hosts).unwrap().len(), 200);
         let hosts: Vec<u32> = (0..201).collect();
         let e = c.batches(&hosts).unwrap_err();
-        assert_eq!(e.code, 1_240_003);
+        assert_eq!(e.code, 1_241_012);
         assert!(e.message.contains("(200)"), "{}", e.message);
         // Serial execution allows bk-job's 501.
         let serial = RollingConfig::from_json(&json!({"expression": "1"})).unwrap();
