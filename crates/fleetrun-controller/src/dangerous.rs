@@ -50,6 +50,10 @@ const NEST_LIMIT: u32 = 64;
 /// Findings reported for one script at most: a rule matching every line of a large script
 /// must not make a reply of its size again.
 const MAX_FINDINGS: usize = 200;
+/// Intercepting findings named in the refusal's message at most.
+const SUMMARY_FINDINGS: usize = 5;
+/// The refusal's summary of findings is cut to this many bytes.
+const SUMMARY_BYTES: usize = 2048;
 /// A finding's line and match are cut to this many characters.
 const MAX_SHOWN_CHARS: usize = 512;
 
@@ -107,12 +111,19 @@ impl Verdict {
         self.findings.iter().any(|f| f.action == INTERCEPT)
     }
 
-    /// bk-job's summary of why a script was refused: each intercepting finding as
-    /// `[step:NAME][line:N][content:LINE] - DESCRIPTION`, joined by `||`.
+    /// bk-job's summary of why a script was refused, for the caller: the first
+    /// [`SUMMARY_FINDINGS`] intercepting findings as
+    /// `[step:NAME][line:N][content:LINE] - DESCRIPTION`, joined by `||`, cut to
+    /// [`SUMMARY_BYTES`].
     pub fn summary(&self, step: &str) -> String {
-        self.findings
+        let intercepting: Vec<&Finding> = self
+            .findings
             .iter()
             .filter(|f| f.action == INTERCEPT)
+            .collect();
+        let mut summary = intercepting
+            .iter()
+            .take(SUMMARY_FINDINGS)
             .map(|f| {
                 format!(
                     "[step:{step}][line:{}][content:{}] - {}",
@@ -120,7 +131,33 @@ impl Verdict {
                 )
             })
             .collect::<Vec<_>>()
-            .join("||")
+            .join("||");
+        if summary.len() > SUMMARY_BYTES {
+            let mut at = SUMMARY_BYTES;
+            while !summary.is_char_boundary(at) {
+                at -= 1;
+            }
+            summary.truncate(at);
+            summary.push('…');
+        }
+        if intercepting.len() > SUMMARY_FINDINGS || self.truncated {
+            summary.push_str(" (and more)");
+        }
+        summary
+    }
+
+    /// What the log and the audit trail keep of a refusal: the rules and line numbers only,
+    /// never the script's lines (they may hold secrets).
+    pub fn recorded(&self) -> String {
+        let items = self
+            .findings
+            .iter()
+            .filter(|f| f.action == INTERCEPT)
+            .take(SUMMARY_FINDINGS)
+            .map(|f| format!("rule {} line {}", f.rule_id, f.line))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("dangerous script refused: {items}")
     }
 }
 
@@ -182,8 +219,7 @@ impl CompiledRules {
             return verdict;
         };
         let text = String::from_utf8_lossy(script);
-        for (index, line) in text.split('\n').enumerate() {
-            let line = line.strip_suffix('\r').unwrap_or(line);
+        for (index, line) in lines(&text).enumerate() {
             if line.trim().is_empty() || is_comment(language, line) {
                 continue;
             }
@@ -229,9 +265,35 @@ fn cut(text: &str) -> String {
     }
 }
 
-/// Whether a line is a comment in the language (bk-job skips them).
+/// The lines of a script, ended by `\r\n`, `\n` or a lone `\r`: Python and PowerShell end a
+/// line at a lone `\r`, so a line a shell would keep whole is checked in parts (more strictly).
+fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let text = rest?;
+        match text.find(['\r', '\n']) {
+            Some(at) => {
+                let end = if text[at..].starts_with("\r\n") {
+                    at + 2
+                } else {
+                    at + 1
+                };
+                rest = Some(&text[end..]);
+                Some(&text[..at])
+            }
+            None => {
+                rest = None;
+                Some(text)
+            }
+        }
+    })
+}
+
+/// Whether a line is a comment in the language (bk-job skips them). Only spaces and tabs may
+/// come before the comment mark: a shell runs `\x0b#x; rm -rf /` (the vertical tab is part of
+/// the first word), so other white space does not make a comment.
 fn is_comment(language: i32, line: &str) -> bool {
-    let line = line.trim_start();
+    let line = line.trim_start_matches([' ', '\t']);
     match language {
         // bat: `REM ...` or `:: ...`.
         2 => {
@@ -310,7 +372,7 @@ mod tests {
 
     /// The default rules as migration 0011 stores them.
     const DEFAULTS: &[&str] = &[
-        r#"\brm\s+(?:-{1,2}[\w-]+\s+)*(?:-[a-zA-Z]*[rR][a-zA-Z]*|--recursive)\s+(?:-{1,2}[\w-]+\s+)*/\*?(?:[\s;&|"'`)]|$)"#,
+        r#"\brm\s+(?:[^\s;&|]+\s+)*?(?:(?:-[a-zA-Z]*[rR][a-zA-Z]*|--recursive)\s+(?:[^\s;&|]+\s+)*?["']?/["']?\*?["']?(?:[\s;&|)`]|$)|["']?/["']?\*?["']?\s+(?:[^\s;&|]+\s+)*?(?:-[a-zA-Z]*[rR][a-zA-Z]*|--recursive)(?:[\s;&|)`"']|$))"#,
         r"\b(?:mkfs(?:\.\w+)?|mke2fs)\b[^;&|]*\s/dev/(?:sd|hd|vd|xvd|nvme|mmcblk|md|dm-|mapper/|disk/)",
         r":\s*\(\s*\)\s*\{\s*:\s*\|\s*:\s*&\s*\}",
         r"\bdd\b[^;&|]*\bof=/dev/(?:sd|hd|vd|xvd|nvme|mmcblk|md|dm-|mapper/|disk/)",
@@ -358,6 +420,12 @@ mod tests {
             ("dd if=/dev/zero of=/dev/sda bs=1M", 4),
             ("dd if=image.iso of=/dev/disk/by-id/usb-x", 4),
             ("python -c 'import os; os.system(\"rm -rf /\")'", 1),
+            ("rm -rf /tmp /*", 1),
+            ("rm -rf \"/\"*", 1),
+            ("rm -rf '/*'", 1),
+            ("rm -r -f -- \"/\"", 1),
+            ("rm / -rf", 1),
+            ("rm -v --one-file-system -R /", 1),
         ] {
             let verdict = rules.check(1, script.as_bytes());
             assert!(verdict.intercepted(), "{script:?} passed");
@@ -376,6 +444,8 @@ mod tests {
             "echo done > /dev/null",
             "f() { g | h; }",
             "ls /dev/sda",
+            "rm -rf /tmp/a /var/b",
+            "rm -rf \"/tmp\"",
         ] {
             let verdict = rules.check(1, script.as_bytes());
             assert!(!verdict.intercepted(), "{script:?} refused: {verdict:?}");
@@ -482,5 +552,50 @@ mod tests {
         assert!(!is_comment(2, "remove x"));
         assert!(is_comment(6, "-- x"));
         assert!(!is_comment(6, "# x"));
+        assert!(is_comment(1, "\t # x"));
+    }
+
+    #[test]
+    fn only_spaces_and_tabs_before_a_comment_mark_make_a_comment() {
+        let rules = CompiledRules::build(&[rule(1, r"rm\s+-rf\s+/", &[1, 4, 5], INTERCEPT)]);
+        // A shell runs the vertical tab, form feed or no-break space as part of the first word.
+        for script in ["\x0b#x; rm -rf /", "\x0c#x; rm -rf /", "\u{a0}#x; rm -rf /"] {
+            assert!(
+                rules.check(1, script.as_bytes()).intercepted(),
+                "{script:?} passed as a comment"
+            );
+        }
+    }
+
+    #[test]
+    fn a_lone_carriage_return_ends_a_line() {
+        let rules = CompiledRules::build(&[rule(1, r"os\.system", &[4, 5], INTERCEPT)]);
+        // Python and PowerShell end the comment at the `\r` and run the rest.
+        let verdict = rules.check(4, b"#\rimport os; os.system('x')\n");
+        assert!(verdict.intercepted());
+        assert_eq!(verdict.findings[0].line, 2);
+        assert!(rules.check(5, b"# c\ros.system('x')").intercepted());
+        // `\r\n` is one line end.
+        assert_eq!(
+            rules.check(4, b"a\r\nb\r\nos.system(1)").findings[0].line,
+            3
+        );
+    }
+
+    #[test]
+    fn a_refusal_names_few_findings_and_records_no_script_text() {
+        let rules = CompiledRules::build(&[rule(9, "secret", &[1], INTERCEPT)]);
+        let line = format!("echo secret={}", "x".repeat(400));
+        let script = format!("{line}\n").repeat(50);
+        let verdict = rules.check(1, script.as_bytes());
+        let summary = verdict.summary("s");
+        assert!(summary.len() <= SUMMARY_BYTES + 32, "{}", summary.len());
+        assert!(summary.ends_with("(and more)"), "{summary}");
+        let recorded = verdict.recorded();
+        assert!(!recorded.contains("secret="), "{recorded}");
+        assert_eq!(
+            recorded,
+            "dangerous script refused: rule 9 line 1, rule 9 line 2, rule 9 line 3, rule 9 line 4, rule 9 line 5"
+        );
     }
 }

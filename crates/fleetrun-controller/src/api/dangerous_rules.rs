@@ -385,7 +385,8 @@ pub async fn refuse_intercepted(
                 "Dangerous script, cannot be executed: {}",
                 verdict.summary(step)
             ),
-        ));
+        )
+        .recorded_as(verdict.recorded()));
     }
     if !verdict.findings.is_empty() {
         tracing::warn!(
