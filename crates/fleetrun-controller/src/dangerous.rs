@@ -40,11 +40,16 @@ pub const MAX_EXPRESSION_CHARS: usize = 1024;
 /// Most rules kept: each is compiled and matched on every script of its languages.
 pub const MAX_RULES: usize = 500;
 /// The compiled program of one expression, in bytes: `(a{1000}){1000}` is refused here rather
-/// than built.
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// than built. 500 rules of this size stay within [`SET_SIZE_LIMIT`]'s order of magnitude.
+const REGEX_SIZE_LIMIT: usize = 64 << 10;
 /// The lazy DFA's cache per expression; past it matching falls back to a slower engine that is
 /// still linear in the text.
-const DFA_SIZE_LIMIT: usize = 2 << 20;
+const DFA_SIZE_LIMIT: usize = 256 << 10;
+/// The compiled program of all the rules of one language together; past it each rule is
+/// matched on its own (still bounded by [`REGEX_SIZE_LIMIT`] each).
+const SET_SIZE_LIMIT: usize = 8 << 20;
+/// The lazy DFA's cache of the rules of one language together.
+const SET_DFA_SIZE_LIMIT: usize = 2 << 20;
 /// Deepest nesting of groups and repetitions.
 const NEST_LIMIT: u32 = 64;
 /// Findings reported for one script at most: a rule matching every line of a large script
@@ -201,8 +206,12 @@ impl CompiledRules {
             .into_iter()
             .map(|(language, rules)| {
                 let set = RegexSetBuilder::new(rules.iter().map(|(r, _)| r.as_str()))
-                    .size_limit(REGEX_SIZE_LIMIT.saturating_mul(rules.len()))
-                    .dfa_size_limit(DFA_SIZE_LIMIT.saturating_mul(4))
+                    .size_limit(
+                        REGEX_SIZE_LIMIT
+                            .saturating_mul(rules.len())
+                            .min(SET_SIZE_LIMIT),
+                    )
+                    .dfa_size_limit(SET_DFA_SIZE_LIMIT)
                     .nest_limit(NEST_LIMIT)
                     .build()
                     .ok();
@@ -309,6 +318,15 @@ fn is_comment(language: i32, line: &str) -> bool {
     }
 }
 
+/// Compiles rules on a blocking thread: 500 expressions take a while, and an async worker must
+/// not stall on them.
+async fn build(rules: Vec<DangerousRule>) -> CompiledRules {
+    match tokio::task::spawn_blocking(move || CompiledRules::build(&rules)).await {
+        Ok(compiled) => compiled,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 /// The rules in force, compiled, reloaded from the store after every change.
 #[derive(Debug)]
 pub struct DangerousRules {
@@ -321,7 +339,7 @@ pub struct DangerousRules {
 impl DangerousRules {
     /// Loads and compiles the stored rules.
     pub async fn load(store: Store) -> Result<Self, StoreError> {
-        let compiled = CompiledRules::build(&store.dangerous_rules().await?);
+        let compiled = build(store.dangerous_rules().await?).await;
         Ok(Self {
             store,
             current: RwLock::new(Arc::new(compiled)),
@@ -343,7 +361,7 @@ impl DangerousRules {
         let result = work.await;
         // Reloaded whatever the outcome: a failed change may still have been committed.
         let rules = self.store.dangerous_rules().await?;
-        let compiled = Arc::new(CompiledRules::build(&rules));
+        let compiled = Arc::new(build(rules).await);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = compiled;
         result
     }
@@ -513,6 +531,10 @@ mod tests {
     fn hostile_expressions_are_refused_with_the_reason() {
         let too_big = compile("(a{1000}){1000}").unwrap_err();
         assert!(too_big.contains("compiles to more than"), "{too_big}");
+        // Well under the regex crate's own limits, but 500 of them would take hundreds of MiB.
+        let large = compile("a{10000}").unwrap_err();
+        assert!(large.contains("compiles to more than"), "{large}");
+        compile("a{100}").unwrap();
         let deep = format!("{}a{}", "(".repeat(200), ")".repeat(200));
         assert!(
             compile(&deep).unwrap_err().contains("not a valid"),
