@@ -37,6 +37,9 @@ pub const LEVEL_FATAL: i32 = 3;
 
 /// Longest expression accepted, in characters.
 pub const MAX_EXPRESSION_CHARS: usize = 1024;
+/// Longest expression accepted, in bytes: PostgreSQL's unique index on (expression, languages)
+/// takes at most ~2,700 bytes an entry, which 1,024 CJK characters (3 bytes each) pass.
+pub const MAX_EXPRESSION_BYTES: usize = 2000;
 /// Most rules kept: each is compiled and matched on every script of its languages.
 pub const MAX_RULES: usize = 500;
 /// The compiled program of one expression, in bytes: `(a{1000}){1000}` is refused here rather
@@ -71,6 +74,12 @@ pub fn compile(expression: &str) -> Result<Regex, String> {
     if chars > MAX_EXPRESSION_CHARS {
         return Err(format!(
             "{chars} characters, more than {MAX_EXPRESSION_CHARS}"
+        ));
+    }
+    if expression.len() > MAX_EXPRESSION_BYTES {
+        return Err(format!(
+            "{} bytes in UTF-8, more than {MAX_EXPRESSION_BYTES}",
+            expression.len()
         ));
     }
     RegexBuilder::new(expression)
@@ -542,6 +551,8 @@ mod tests {
         );
         let long = "a".repeat(MAX_EXPRESSION_CHARS + 1);
         assert!(compile(&long).unwrap_err().contains("more than 1024"));
+        let wide = "字".repeat(MAX_EXPRESSION_CHARS);
+        assert!(compile(&wide).unwrap_err().contains("more than 2000"));
         assert!(compile("(unclosed").unwrap_err().contains("not a valid"));
         assert!(compile(r"(a)\1").unwrap_err().contains("not a valid"));
         assert_eq!(compile("  ").unwrap_err(), "is empty");
