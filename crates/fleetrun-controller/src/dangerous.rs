@@ -368,10 +368,30 @@ impl DangerousRules {
     ) -> Result<T, E> {
         let _one_at_a_time = self.changing.lock().await;
         let result = work.await;
-        // Reloaded whatever the outcome: a failed change may still have been committed.
-        let rules = self.store.dangerous_rules().await?;
-        let compiled = Arc::new(build(rules).await);
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = compiled;
+        // Reloaded whatever the outcome: a failed change may still have been committed. A
+        // committed change is reported as made even when the reload fails (retried first): the
+        // caller would otherwise repeat a change that is already in the store.
+        let mut attempt = 0;
+        loop {
+            match self.store.dangerous_rules().await {
+                Ok(rules) => {
+                    let compiled = Arc::new(build(rules).await);
+                    *self.current.write().unwrap_or_else(|e| e.into_inner()) = compiled;
+                    break;
+                }
+                Err(e) if attempt < 3 => {
+                    attempt += 1;
+                    tracing::warn!("reloading the dangerous rules after a change: {e}; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "reloading the dangerous rules after a change failed: {e}; the rules in force are those before it until the next change or restart"
+                    );
+                    break;
+                }
+            }
+        }
         result
     }
 
