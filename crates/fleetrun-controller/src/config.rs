@@ -462,6 +462,12 @@ pub fn from_toml<T: serde::de::DeserializeOwned>(
 }
 
 impl Config {
+    /// Whether the HTTP API listens on a loopback address only (`::ffff:127.0.0.1` included):
+    /// the one test of whether plain HTTP may be served without `[api] allow_plain_http`.
+    pub fn http_listen_is_loopback(&self) -> bool {
+        self.http_listen.ip().to_canonical().is_loopback()
+    }
+
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -581,10 +587,7 @@ impl Config {
                  sensitive parameters, which lives outside the database)",
             ));
         }
-        if self.api.tls.is_none()
-            && !self.api.allow_plain_http
-            && !self.http_listen.ip().to_canonical().is_loopback()
-        {
+        if self.api.tls.is_none() && !self.api.allow_plain_http && !self.http_listen_is_loopback() {
             return Err(Invalid::new(
                 &[Name("http_listen")],
                 format!(
@@ -833,6 +836,10 @@ mod tests {
         };
         assert!(config("127.0.0.1:8080", "").is_ok());
         assert!(config("[::1]:8080", "").is_ok());
+        // The start-up check and this one agree on a v4-mapped loopback address.
+        let mapped = config("[::ffff:127.0.0.1]:8080", "").unwrap();
+        assert!(mapped.http_listen_is_loopback());
+        assert!(config("[::ffff:10.0.0.5]:8080", "").is_err());
         match config("0.0.0.0:8080", "") {
             Err(ConfigError::Invalid { message, at, .. }) => {
                 assert!(message.starts_with("http_listen: "), "{message}");

@@ -37,19 +37,31 @@ pub const LEVEL_FATAL: i32 = 3;
 
 /// Longest expression accepted, in characters.
 pub const MAX_EXPRESSION_CHARS: usize = 1024;
+/// Longest expression accepted, in bytes: PostgreSQL's unique index on (expression, languages)
+/// takes at most ~2,700 bytes an entry, which 1,024 CJK characters (3 bytes each) pass.
+pub const MAX_EXPRESSION_BYTES: usize = 2000;
 /// Most rules kept: each is compiled and matched on every script of its languages.
 pub const MAX_RULES: usize = 500;
 /// The compiled program of one expression, in bytes: `(a{1000}){1000}` is refused here rather
-/// than built.
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// than built. 500 rules of this size stay within [`SET_SIZE_LIMIT`]'s order of magnitude.
+const REGEX_SIZE_LIMIT: usize = 64 << 10;
 /// The lazy DFA's cache per expression; past it matching falls back to a slower engine that is
 /// still linear in the text.
-const DFA_SIZE_LIMIT: usize = 2 << 20;
+const DFA_SIZE_LIMIT: usize = 256 << 10;
+/// The compiled program of all the rules of one language together; past it each rule is
+/// matched on its own (still bounded by [`REGEX_SIZE_LIMIT`] each).
+const SET_SIZE_LIMIT: usize = 8 << 20;
+/// The lazy DFA's cache of the rules of one language together.
+const SET_DFA_SIZE_LIMIT: usize = 2 << 20;
 /// Deepest nesting of groups and repetitions.
 const NEST_LIMIT: u32 = 64;
 /// Findings reported for one script at most: a rule matching every line of a large script
 /// must not make a reply of its size again.
 const MAX_FINDINGS: usize = 200;
+/// Intercepting findings named in the refusal's message at most.
+const SUMMARY_FINDINGS: usize = 5;
+/// The refusal's summary of findings is cut to this many bytes.
+const SUMMARY_BYTES: usize = 2048;
 /// A finding's line and match are cut to this many characters.
 const MAX_SHOWN_CHARS: usize = 512;
 
@@ -62,6 +74,12 @@ pub fn compile(expression: &str) -> Result<Regex, String> {
     if chars > MAX_EXPRESSION_CHARS {
         return Err(format!(
             "{chars} characters, more than {MAX_EXPRESSION_CHARS}"
+        ));
+    }
+    if expression.len() > MAX_EXPRESSION_BYTES {
+        return Err(format!(
+            "{} bytes in UTF-8, more than {MAX_EXPRESSION_BYTES}",
+            expression.len()
         ));
     }
     RegexBuilder::new(expression)
@@ -107,12 +125,19 @@ impl Verdict {
         self.findings.iter().any(|f| f.action == INTERCEPT)
     }
 
-    /// bk-job's summary of why a script was refused: each intercepting finding as
-    /// `[step:NAME][line:N][content:LINE] - DESCRIPTION`, joined by `||`.
+    /// bk-job's summary of why a script was refused, for the caller: the first
+    /// [`SUMMARY_FINDINGS`] intercepting findings as
+    /// `[step:NAME][line:N][content:LINE] - DESCRIPTION`, joined by `||`, cut to
+    /// [`SUMMARY_BYTES`].
     pub fn summary(&self, step: &str) -> String {
-        self.findings
+        let intercepting: Vec<&Finding> = self
+            .findings
             .iter()
             .filter(|f| f.action == INTERCEPT)
+            .collect();
+        let mut summary = intercepting
+            .iter()
+            .take(SUMMARY_FINDINGS)
             .map(|f| {
                 format!(
                     "[step:{step}][line:{}][content:{}] - {}",
@@ -120,7 +145,33 @@ impl Verdict {
                 )
             })
             .collect::<Vec<_>>()
-            .join("||")
+            .join("||");
+        if summary.len() > SUMMARY_BYTES {
+            let mut at = SUMMARY_BYTES;
+            while !summary.is_char_boundary(at) {
+                at -= 1;
+            }
+            summary.truncate(at);
+            summary.push('…');
+        }
+        if intercepting.len() > SUMMARY_FINDINGS || self.truncated {
+            summary.push_str(" (and more)");
+        }
+        summary
+    }
+
+    /// What the log and the audit trail keep of a refusal: the rules and line numbers only,
+    /// never the script's lines (they may hold secrets).
+    pub fn recorded(&self) -> String {
+        let items = self
+            .findings
+            .iter()
+            .filter(|f| f.action == INTERCEPT)
+            .take(SUMMARY_FINDINGS)
+            .map(|f| format!("rule {} line {}", f.rule_id, f.line))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("dangerous script refused: {items}")
     }
 }
 
@@ -164,8 +215,12 @@ impl CompiledRules {
             .into_iter()
             .map(|(language, rules)| {
                 let set = RegexSetBuilder::new(rules.iter().map(|(r, _)| r.as_str()))
-                    .size_limit(REGEX_SIZE_LIMIT.saturating_mul(rules.len()))
-                    .dfa_size_limit(DFA_SIZE_LIMIT.saturating_mul(4))
+                    .size_limit(
+                        REGEX_SIZE_LIMIT
+                            .saturating_mul(rules.len())
+                            .min(SET_SIZE_LIMIT),
+                    )
+                    .dfa_size_limit(SET_DFA_SIZE_LIMIT)
                     .nest_limit(NEST_LIMIT)
                     .build()
                     .ok();
@@ -182,8 +237,7 @@ impl CompiledRules {
             return verdict;
         };
         let text = String::from_utf8_lossy(script);
-        for (index, line) in text.split('\n').enumerate() {
-            let line = line.strip_suffix('\r').unwrap_or(line);
+        for (index, line) in lines(&text).enumerate() {
             if line.trim().is_empty() || is_comment(language, line) {
                 continue;
             }
@@ -229,9 +283,35 @@ fn cut(text: &str) -> String {
     }
 }
 
-/// Whether a line is a comment in the language (bk-job skips them).
+/// The lines of a script, ended by `\r\n`, `\n` or a lone `\r`: Python and PowerShell end a
+/// line at a lone `\r`, so a line a shell would keep whole is checked in parts (more strictly).
+fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let text = rest?;
+        match text.find(['\r', '\n']) {
+            Some(at) => {
+                let end = if text[at..].starts_with("\r\n") {
+                    at + 2
+                } else {
+                    at + 1
+                };
+                rest = Some(&text[end..]);
+                Some(&text[..at])
+            }
+            None => {
+                rest = None;
+                Some(text)
+            }
+        }
+    })
+}
+
+/// Whether a line is a comment in the language (bk-job skips them). Only spaces and tabs may
+/// come before the comment mark: a shell runs `\x0b#x; rm -rf /` (the vertical tab is part of
+/// the first word), so other white space does not make a comment.
 fn is_comment(language: i32, line: &str) -> bool {
-    let line = line.trim_start();
+    let line = line.trim_start_matches([' ', '\t']);
     match language {
         // bat: `REM ...` or `:: ...`.
         2 => {
@@ -247,6 +327,15 @@ fn is_comment(language: i32, line: &str) -> bool {
     }
 }
 
+/// Compiles rules on a blocking thread: 500 expressions take a while, and an async worker must
+/// not stall on them.
+async fn build(rules: Vec<DangerousRule>) -> CompiledRules {
+    match tokio::task::spawn_blocking(move || CompiledRules::build(&rules)).await {
+        Ok(compiled) => compiled,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 /// The rules in force, compiled, reloaded from the store after every change.
 #[derive(Debug)]
 pub struct DangerousRules {
@@ -259,7 +348,7 @@ pub struct DangerousRules {
 impl DangerousRules {
     /// Loads and compiles the stored rules.
     pub async fn load(store: Store) -> Result<Self, StoreError> {
-        let compiled = CompiledRules::build(&store.dangerous_rules().await?);
+        let compiled = build(store.dangerous_rules().await?).await;
         Ok(Self {
             store,
             current: RwLock::new(Arc::new(compiled)),
@@ -279,10 +368,30 @@ impl DangerousRules {
     ) -> Result<T, E> {
         let _one_at_a_time = self.changing.lock().await;
         let result = work.await;
-        // Reloaded whatever the outcome: a failed change may still have been committed.
-        let rules = self.store.dangerous_rules().await?;
-        let compiled = Arc::new(CompiledRules::build(&rules));
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = compiled;
+        // Reloaded whatever the outcome: a failed change may still have been committed. A
+        // committed change is reported as made even when the reload fails (retried first): the
+        // caller would otherwise repeat a change that is already in the store.
+        let mut attempt = 0;
+        loop {
+            match self.store.dangerous_rules().await {
+                Ok(rules) => {
+                    let compiled = Arc::new(build(rules).await);
+                    *self.current.write().unwrap_or_else(|e| e.into_inner()) = compiled;
+                    break;
+                }
+                Err(e) if attempt < 3 => {
+                    attempt += 1;
+                    tracing::warn!("reloading the dangerous rules after a change: {e}; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "reloading the dangerous rules after a change failed: {e}; the rules in force are those before it until the next change or restart"
+                    );
+                    break;
+                }
+            }
+        }
         result
     }
 
@@ -310,7 +419,7 @@ mod tests {
 
     /// The default rules as migration 0011 stores them.
     const DEFAULTS: &[&str] = &[
-        r#"\brm\s+(?:-{1,2}[\w-]+\s+)*(?:-[a-zA-Z]*[rR][a-zA-Z]*|--recursive)\s+(?:-{1,2}[\w-]+\s+)*/\*?(?:[\s;&|"'`)]|$)"#,
+        r#"\brm\s+(?:[^\s;&|]+\s+)*?(?:(?:-[a-zA-Z]*[rR][a-zA-Z]*|--recursive)\s+(?:[^\s;&|]+\s+)*?["']?/["']?\*?["']?(?:[\s;&|)`]|$)|["']?/["']?\*?["']?\s+(?:[^\s;&|]+\s+)*?(?:-[a-zA-Z]*[rR][a-zA-Z]*|--recursive)(?:[\s;&|)`"']|$))"#,
         r"\b(?:mkfs(?:\.\w+)?|mke2fs)\b[^;&|]*\s/dev/(?:sd|hd|vd|xvd|nvme|mmcblk|md|dm-|mapper/|disk/)",
         r":\s*\(\s*\)\s*\{\s*:\s*\|\s*:\s*&\s*\}",
         r"\bdd\b[^;&|]*\bof=/dev/(?:sd|hd|vd|xvd|nvme|mmcblk|md|dm-|mapper/|disk/)",
@@ -358,6 +467,12 @@ mod tests {
             ("dd if=/dev/zero of=/dev/sda bs=1M", 4),
             ("dd if=image.iso of=/dev/disk/by-id/usb-x", 4),
             ("python -c 'import os; os.system(\"rm -rf /\")'", 1),
+            ("rm -rf /tmp /*", 1),
+            ("rm -rf \"/\"*", 1),
+            ("rm -rf '/*'", 1),
+            ("rm -r -f -- \"/\"", 1),
+            ("rm / -rf", 1),
+            ("rm -v --one-file-system -R /", 1),
         ] {
             let verdict = rules.check(1, script.as_bytes());
             assert!(verdict.intercepted(), "{script:?} passed");
@@ -376,6 +491,8 @@ mod tests {
             "echo done > /dev/null",
             "f() { g | h; }",
             "ls /dev/sda",
+            "rm -rf /tmp/a /var/b",
+            "rm -rf \"/tmp\"",
         ] {
             let verdict = rules.check(1, script.as_bytes());
             assert!(!verdict.intercepted(), "{script:?} refused: {verdict:?}");
@@ -443,6 +560,10 @@ mod tests {
     fn hostile_expressions_are_refused_with_the_reason() {
         let too_big = compile("(a{1000}){1000}").unwrap_err();
         assert!(too_big.contains("compiles to more than"), "{too_big}");
+        // Well under the regex crate's own limits, but 500 of them would take hundreds of MiB.
+        let large = compile("a{10000}").unwrap_err();
+        assert!(large.contains("compiles to more than"), "{large}");
+        compile("a{100}").unwrap();
         let deep = format!("{}a{}", "(".repeat(200), ")".repeat(200));
         assert!(
             compile(&deep).unwrap_err().contains("not a valid"),
@@ -450,6 +571,8 @@ mod tests {
         );
         let long = "a".repeat(MAX_EXPRESSION_CHARS + 1);
         assert!(compile(&long).unwrap_err().contains("more than 1024"));
+        let wide = "字".repeat(MAX_EXPRESSION_CHARS);
+        assert!(compile(&wide).unwrap_err().contains("more than 2000"));
         assert!(compile("(unclosed").unwrap_err().contains("not a valid"));
         assert!(compile(r"(a)\1").unwrap_err().contains("not a valid"));
         assert_eq!(compile("  ").unwrap_err(), "is empty");
@@ -482,5 +605,50 @@ mod tests {
         assert!(!is_comment(2, "remove x"));
         assert!(is_comment(6, "-- x"));
         assert!(!is_comment(6, "# x"));
+        assert!(is_comment(1, "\t # x"));
+    }
+
+    #[test]
+    fn only_spaces_and_tabs_before_a_comment_mark_make_a_comment() {
+        let rules = CompiledRules::build(&[rule(1, r"rm\s+-rf\s+/", &[1, 4, 5], INTERCEPT)]);
+        // A shell runs the vertical tab, form feed or no-break space as part of the first word.
+        for script in ["\x0b#x; rm -rf /", "\x0c#x; rm -rf /", "\u{a0}#x; rm -rf /"] {
+            assert!(
+                rules.check(1, script.as_bytes()).intercepted(),
+                "{script:?} passed as a comment"
+            );
+        }
+    }
+
+    #[test]
+    fn a_lone_carriage_return_ends_a_line() {
+        let rules = CompiledRules::build(&[rule(1, r"os\.system", &[4, 5], INTERCEPT)]);
+        // Python and PowerShell end the comment at the `\r` and run the rest.
+        let verdict = rules.check(4, b"#\rimport os; os.system('x')\n");
+        assert!(verdict.intercepted());
+        assert_eq!(verdict.findings[0].line, 2);
+        assert!(rules.check(5, b"# c\ros.system('x')").intercepted());
+        // `\r\n` is one line end.
+        assert_eq!(
+            rules.check(4, b"a\r\nb\r\nos.system(1)").findings[0].line,
+            3
+        );
+    }
+
+    #[test]
+    fn a_refusal_names_few_findings_and_records_no_script_text() {
+        let rules = CompiledRules::build(&[rule(9, "secret", &[1], INTERCEPT)]);
+        let line = format!("echo secret={}", "x".repeat(400));
+        let script = format!("{line}\n").repeat(50);
+        let verdict = rules.check(1, script.as_bytes());
+        let summary = verdict.summary("s");
+        assert!(summary.len() <= SUMMARY_BYTES + 32, "{}", summary.len());
+        assert!(summary.ends_with("(and more)"), "{summary}");
+        let recorded = verdict.recorded();
+        assert!(!recorded.contains("secret="), "{recorded}");
+        assert_eq!(
+            recorded,
+            "dangerous script refused: rule 9 line 1, rule 9 line 2, rule 9 line 3, rule 9 line 4, rule 9 line 5"
+        );
     }
 }

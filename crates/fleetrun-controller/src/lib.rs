@@ -169,7 +169,7 @@ impl Controller {
                 tls_api::ApiTls::load(files).map_err(|e| anyhow::anyhow!(e))?,
             )),
             None => {
-                if !config.http_listen.ip().is_loopback() {
+                if !config.http_listen_is_loopback() {
                     anyhow::ensure!(
                         config.api.allow_plain_http,
                         "http_listen {} is not a loopback address and [api] tls is not set: \

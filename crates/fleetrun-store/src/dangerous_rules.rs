@@ -255,7 +255,27 @@ mod tests {
             assert!(rule.create_time > 1_600_000_000_000, "{rule:?}");
         }
         assert!(rules[0].expression.starts_with(r"\brm\s+"));
-        assert!(rules[0].expression.ends_with(r#"/\*?(?:[\s;&|"'`)]|$)"#));
+        assert!(rules[0].expression.ends_with(r#"(?:[\s;&|)`"']|$))"#));
+    }
+
+    #[tokio::test]
+    async fn the_longest_expression_the_api_accepts_fits_the_unique_index() {
+        let (_db, store) = crate::test_store().await;
+        // 2,000 bytes that do not compress: what the controller's byte limit lets through.
+        let mut seed: u32 = 7;
+        let expression: String = (0..666)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                char::from_u32(0x4e00 + (seed >> 8) % 0x5000).unwrap()
+            })
+            .chain("ab".chars())
+            .collect();
+        assert_eq!(expression.len(), 2000);
+        let made = store
+            .create_dangerous_rule(&fields(&expression, &[1, 2, 3, 4, 5, 6], 2), "a", 1)
+            .await
+            .unwrap();
+        assert_eq!(made.expression, expression);
     }
 
     #[tokio::test]

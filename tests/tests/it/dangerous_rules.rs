@@ -79,6 +79,40 @@ async fn an_intercepted_script_never_reaches_an_agent_and_a_scanned_one_runs_and
     );
     assert_eq!(refused["data"], Value::Null);
 
+    // What only looks like a comment: a shell runs the first (the vertical tab is part of a
+    // word), Python runs what follows a lone carriage return.
+    for (language, script) in [
+        (1, format!("{write}\n\x0b#x; : rm -rf /\n")),
+        (1, format!("{write}\n\u{a0}# ; : rm -rf /tmp /*\n")),
+        (4, "#\rimport os; os.system(\"rm -rf /\")\n".to_owned()),
+    ] {
+        let mut request = cluster.script_request(
+            &script,
+            &[host],
+            json!({"script_param": b64("comment-bypass")}),
+        );
+        request["script_language"] = json!(language);
+        let refused = client.call_raw("fast_execute_script", request).await?;
+        assert_eq!(refused["code"], DANGEROUS_SCRIPT, "{script:?}: {refused}");
+    }
+
+    // The audit trail keeps which rule refused which line, never the script's text.
+    let entries = client.call("get_audit_log", json!({"limit": 100})).await?;
+    let outcomes: Vec<&str> = entries["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["code"] == DANGEROUS_SCRIPT)
+        .map(|e| e["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes.len(), 4, "{entries}");
+    for outcome in outcomes {
+        assert!(
+            outcome.starts_with("dangerous script refused: rule ") && !outcome.contains("rm -rf"),
+            "{outcome}"
+        );
+    }
+
     // A rule of the administrator's: created disabled (nothing happens), then enabled.
     let forbidden = create_rule(&client, r"forbidden-\w+", 2).await?;
     let script = format!("{write}\necho forbidden-word\n");

@@ -179,21 +179,23 @@ pub async fn create_dangerous_rule(
     require_admin(caller, "manage dangerous rules")?;
     let fields = fields(params.parse()?, false)?;
     let rules = &shared.dangerous_rules;
-    let count = rules.store().dangerous_rules().await?.len();
-    if count >= dangerous::MAX_RULES {
-        return Err(ApiError::new(
-            code::BAD_REQUEST,
-            format!(
-                "expression: there are {count} rules, the most kept; delete one before adding another"
-            ),
-        ));
-    }
+    // Counted under the change lock, so concurrent creates cannot pass the cap together.
     let made = rules
-        .change(
-            rules
+        .change(async {
+            let count = rules.store().dangerous_rules().await?.len();
+            if count >= dangerous::MAX_RULES {
+                return Err(ApiError::new(
+                    code::BAD_REQUEST,
+                    format!(
+                        "expression: there are {count} rules, the most kept; delete one before adding another"
+                    ),
+                ));
+            }
+            Ok(rules
                 .store()
-                .create_dangerous_rule(&fields, &caller.username, now_ms()),
-        )
+                .create_dangerous_rule(&fields, &caller.username, now_ms())
+                .await?)
+        })
         .await?;
     tracing::info!(rule = made.id, "dangerous rule created");
     reply::data(rule_reply(made))
@@ -385,7 +387,8 @@ pub async fn refuse_intercepted(
                 "Dangerous script, cannot be executed: {}",
                 verdict.summary(step)
             ),
-        ));
+        )
+        .recorded_as(verdict.recorded()));
     }
     if !verdict.findings.is_empty() {
         tracing::warn!(

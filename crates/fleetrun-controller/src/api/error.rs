@@ -69,6 +69,9 @@ pub struct ApiError {
     pub permission: Option<Value>,
     /// 200 like every bk-job reply, except where the HTTP layer refuses the request itself.
     pub http_status: StatusCode,
+    /// What the log and the audit trail record instead of `message`, when the message carries
+    /// what the caller sent (a refused script's lines) and must not be kept.
+    pub recorded: Option<String>,
 }
 
 impl ApiError {
@@ -78,7 +81,19 @@ impl ApiError {
             message: message.into(),
             permission: None,
             http_status: StatusCode::OK,
+            recorded: None,
         }
+    }
+
+    /// Records `recorded` in the log and the audit trail instead of the message.
+    pub fn recorded_as(mut self, recorded: impl Into<String>) -> Self {
+        self.recorded = Some(recorded.into());
+        self
+    }
+
+    /// What the log and the audit trail keep of the refusal.
+    pub fn recorded_message(&self) -> &str {
+        self.recorded.as_deref().unwrap_or(&self.message)
     }
 
     pub fn with_http_status(mut self, status: StatusCode) -> Self {

@@ -366,7 +366,7 @@ async fn answer(request: Request) -> Response {
             outcome_code: code,
             outcome: result
                 .as_ref()
-                .map_or_else(|e| e.message.clone(), |_| "ok".to_owned()),
+                .map_or_else(|e| e.recorded_message().to_owned(), |_| "ok".to_owned()),
         };
         shared.audit.append(entry).await;
     }
@@ -384,7 +384,7 @@ async fn answer(request: Request) -> Response {
             outcome_code: code,
             outcome: result
                 .as_ref()
-                .map_or_else(|e| e.message.clone(), |_| "ok".to_owned()),
+                .map_or_else(|e| e.recorded_message().to_owned(), |_| "ok".to_owned()),
         };
         shared.audit.append_refused_auth(entry).await;
     }
@@ -425,9 +425,13 @@ pub(super) fn log_result<T>(result: &Result<T, ApiError>) {
     match result {
         Ok(_) => tracing::info!("ok"),
         Err(e) if e.code == error::code::INTERNAL && e.http_status.is_success() => {
-            tracing::error!(code = e.code, "{}", e.message.escape_debug())
+            tracing::error!(code = e.code, "{}", e.recorded_message().escape_debug())
         }
-        Err(e) => tracing::info!(code = e.code, "refused: {}", e.message.escape_debug()),
+        Err(e) => tracing::info!(
+            code = e.code,
+            "refused: {}",
+            e.recorded_message().escape_debug()
+        ),
     }
 }
 

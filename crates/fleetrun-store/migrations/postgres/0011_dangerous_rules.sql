@@ -23,7 +23,7 @@ INSERT INTO dangerous_rule
     (expression, script_languages, description, action, status, creator, create_time,
      last_modify_user, last_modify_time)
 VALUES
-    ('\brm\s+(?:-{1,2}[\w-]+\s+)*(?:-[a-zA-Z]*[rR][a-zA-Z]*|--recursive)\s+(?:-{1,2}[\w-]+\s+)*/\*?(?:[\s;&|"''`)]|$)',
+    ('\brm\s+(?:[^\s;&|]+\s+)*?(?:(?:-[a-zA-Z]*[rR][a-zA-Z]*|--recursive)\s+(?:[^\s;&|]+\s+)*?["'']?/["'']?\*?["'']?(?:[\s;&|)`]|$)|["'']?/["'']?\*?["'']?\s+(?:[^\s;&|]+\s+)*?(?:-[a-zA-Z]*[rR][a-zA-Z]*|--recursive)(?:[\s;&|)`"'']|$))',
      '1,3,4', 'rm -rf /: removes the whole file system', 2, 1, 'fleetrun', CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT), 'fleetrun', CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT)),
     ('\b(?:mkfs(?:\.\w+)?|mke2fs)\b[^;&|]*\s/dev/(?:sd|hd|vd|xvd|nvme|mmcblk|md|dm-|mapper/|disk/)',
      '1,3,4', 'mkfs on a disk: formats a block device', 2, 1, 'fleetrun', CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT), 'fleetrun', CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT)),
