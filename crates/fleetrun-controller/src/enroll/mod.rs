@@ -642,13 +642,14 @@ impl Enroller {
             })
         }
         .await;
-        if outcome.is_err() && !again {
-            if let Err(e) = store.refund_join_token(&token_id).await {
-                tracing::error!(
-                    token_id,
-                    "enrollment failed, and its use could not be given back: {e}"
-                );
-            }
+        if outcome.is_err()
+            && !again
+            && let Err(e) = store.refund_join_token(&token_id).await
+        {
+            tracing::error!(
+                token_id,
+                "enrollment failed, and its use could not be given back: {e}"
+            );
         }
         outcome
     }
