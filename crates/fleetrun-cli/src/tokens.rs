@@ -92,11 +92,18 @@ pub async fn run(ctx: &Ctx, command: &TokensCommand) -> Result<u8, CliError> {
                 print_json(&made)?;
                 return Ok(exit::OK);
             }
+            let indent = |command: &str| command.replace('\n', "\n  ");
+            let install = match made["install_command"].as_str() {
+                Some(command) => format!("Install and enroll on a host:\n  {}", indent(command)),
+                None => "No install command: the API is not served over HTTPS (set [enroll] \
+                         api_url to its https:// URL)"
+                    .to_owned(),
+            };
             print(&format!(
                 "token {} (shown once: it is kept only as a digest)\n  {}\n\n\
                  {} use(s), expires {}; hosts land in business {}{}, cloud area {}\n\
-                 CA pin: {}\n\nInstall and enroll on a host:\n  {}\n\n\
-                 Or, where fleetrun-agent is installed:\n  {}\n",
+                 CA pin: {}\n\n{}\n\n\
+                 Where fleetrun-agent is installed:\n  {}\n",
                 text_of(&made, "token_id"),
                 text_of(&made, "token"),
                 made["max_uses"],
@@ -108,8 +115,8 @@ pub async fn run(ctx: &Ctx, command: &TokensCommand) -> Result<u8, CliError> {
                     .unwrap_or_default(),
                 made["bk_cloud_id"],
                 text_of(&made, "ca_pin"),
-                text_of(&made, "install_command"),
-                text_of(&made, "enroll_command"),
+                install,
+                indent(text_of(&made, "enroll_command")),
             ))?;
             Ok(exit::OK)
         }

@@ -163,6 +163,15 @@ impl Store {
         Ok(row.as_ref().map(join_token))
     }
 
+    /// Gives back a use spent by an enrollment that then failed.
+    pub async fn refund_join_token(&self, token_id: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE join_token SET uses = uses - 1 WHERE token_id = $1 AND uses > 0")
+            .bind(token_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// The enrollment of an agent key, if it enrolled before.
     pub async fn enrollment_by_key(
         &self,
@@ -185,6 +194,17 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.as_ref().map(enrollment))
+    }
+
+    /// The agents that enrolled with a token.
+    pub async fn agents_enrolled_with(&self, token_id: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT agent_id FROM agent_enrollment WHERE token_id = $1")
+            .bind(token_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get::<String, _>("agent_id").map_err(Into::into))
+            .collect()
     }
 
     /// Records an enrollment, replacing the key's earlier one (same key, same agent).
@@ -250,6 +270,40 @@ mod tests {
             revoked_at: None,
             revoked_by: None,
         }
+    }
+
+    #[tokio::test]
+    async fn concurrent_spends_take_exactly_the_uses_there_are_and_a_refund_gives_one_back() {
+        let (_db, store) = crate::test_store().await;
+        store
+            .create_join_token(&token("k", 3, 1_000))
+            .await
+            .unwrap();
+        let spends: Vec<_> = (0..12)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.spend_join_token("k", 100).await })
+            })
+            .collect();
+        let mut spent = 0;
+        for spend in spends {
+            if spend.await.unwrap().unwrap().is_some() {
+                spent += 1;
+            }
+        }
+        assert_eq!(spent, 3);
+        assert_eq!(store.join_token("k").await.unwrap().unwrap().uses, 3);
+        store.refund_join_token("k").await.unwrap();
+        assert_eq!(store.join_token("k").await.unwrap().unwrap().uses, 2);
+        assert!(store.spend_join_token("k", 100).await.unwrap().is_some());
+        assert_eq!(store.spend_join_token("k", 100).await.unwrap(), None);
+        // Never below nothing spent.
+        store
+            .create_join_token(&token("z", 1, 1_000))
+            .await
+            .unwrap();
+        store.refund_join_token("z").await.unwrap();
+        assert_eq!(store.join_token("z").await.unwrap().unwrap().uses, 0);
     }
 
     #[tokio::test]

@@ -174,15 +174,14 @@ async fn a_host_enrolls_with_a_token_lands_in_its_module_and_runs_a_job() -> Res
     let made = token(&cluster, json!({"max_uses": 2, "description": "web tier"})).await?;
     assert_eq!(made["ca_pin"], json!(pin), "{made}");
     let secret = made["token"].as_str().context("token")?.to_owned();
-    let install = made["install_command"]
-        .as_str()
-        .context("install_command")?;
+    // The API is plain HTTP here: no script piped to sudo over it.
+    assert_eq!(made["install_command"], Value::Null, "{made}");
+    let command = made["enroll_command"].as_str().context("enroll_command")?;
+    let (export, run) = command.split_once('\n').context("two lines")?;
+    assert_eq!(export, format!("export FLEETRUN_JOIN_TOKEN='{secret}'"));
     assert!(
-        install.contains("/install.sh")
-            && install.contains(&secret)
-            && install.contains(&pin)
-            && install.contains(&cluster.info.agent_addr),
-        "{install}"
+        !run.contains(&secret) && run.contains(&pin) && run.contains(&cluster.info.agent_addr),
+        "{command}"
     );
     // The token is shown once: the list has its id and state, never the token.
     let listed = cluster.client().call("list_join_tokens", json!({})).await?;
@@ -347,8 +346,18 @@ async fn bad_tokens_and_a_wrong_pin_are_refused_with_what_to_do() -> Result<()> 
     ]);
     let out = text(&created);
     assert!(created.status.success(), "{out}");
+    // The token is in the environment of the printed command, not on its command line; over
+    // plain HTTP no install script is offered.
     assert!(
-        out.contains("curl -fsSL") && out.contains("--ca-pin sha256:"),
+        out.contains("export FLEETRUN_JOIN_TOKEN='frt-")
+            && out.contains("fleetrun-agent enroll --controller")
+            && out.contains("--ca-pin sha256:")
+            && out.contains("No install command"),
+        "{out}"
+    );
+    assert!(
+        !out.lines()
+            .any(|l| l.contains("enroll") && l.contains("frt-")),
         "{out}"
     );
     // A module of another business, or none at all, is refused naming the field.
@@ -412,7 +421,8 @@ async fn a_csr_that_names_its_own_identity_gets_the_controllers() -> Result<()> 
         token: made["token"].as_str().unwrap().to_owned(),
         csr: params.serialize_request(&key)?.der().to_vec(),
         hostname: "h".into(),
-        ips: vec![],
+        // Another host's address: pinned, it would outrank that host's own claim.
+        ips: vec!["198.51.100.77".parse()?],
         os_type: OsType::Linux,
         agent_version: "test".into(),
     };
@@ -453,6 +463,10 @@ async fn a_csr_that_names_its_own_identity_gets_the_controllers() -> Result<()> 
         doc.contains(&enrolled.agent_id) && doc.contains("127.0.0.1"),
         "{doc}"
     );
+    assert!(
+        !doc.contains("198.51.100.77"),
+        "a reported address was pinned: {doc}"
+    );
 
     // A request that is not one is refused, and an oversized one before its body is read.
     let mut garbage = request.clone();
@@ -485,6 +499,23 @@ async fn enrollment_floods_are_refused_per_source_address() -> Result<()> {
         &enroll(&cluster, &host, "127.0.0.34", "frt-x", &pin),
         "malformed",
     );
+    // Slow connections that never send anything hold nothing up for others either.
+    let mut slow = Vec::new();
+    for _ in 0..40 {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind("127.0.0.37:0".parse()?)?;
+        slow.push(socket.connect(cluster.info.agent_addr.parse()?).await?);
+    }
+    let made = token(&cluster, json!({})).await?;
+    let legit = host_dir(&cluster, "legit")?;
+    enrolled_id(&enroll(
+        &cluster,
+        &legit,
+        "127.0.0.38",
+        made["token"].as_str().context("token")?,
+        &pin,
+    ))?;
+    drop(slow);
     Ok(())
 }
 
@@ -505,6 +536,12 @@ async fn a_revoked_agents_key_cannot_enroll_back() -> Result<()> {
     refused(
         &enroll(&cluster, &host, "127.0.0.35", secret, &pin),
         "which an operator revoked",
+    );
+    // A new key with the same token: the revoked host coming back re-keyed.
+    let rekeyed = host_dir(&cluster, "h-rekeyed")?;
+    refused(
+        &enroll(&cluster, &rekeyed, "127.0.0.35", secret, &pin),
+        "enrolls no host while that revocation stands",
     );
     Ok(())
 }
@@ -565,5 +602,45 @@ async fn a_certificate_renews_over_the_connection_while_a_task_runs() -> Result<
         .filter(|l| l.contains("agent online") && l.contains(&agent_id))
         .count();
     assert_eq!(online, 1, "{controller_log}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_key_enrolling_at_once_and_again_spends_one_use() -> Result<()> {
+    let (cluster, pin) = enrolling_cluster("").await?;
+    let made = token(&cluster, json!({"max_uses": 1})).await?;
+    let key = rcgen::KeyPair::generate()?;
+    let params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    let request = EnrollRequest {
+        token: made["token"].as_str().context("token")?.to_owned(),
+        csr: params.serialize_request(&key)?.der().to_vec(),
+        hostname: "h".into(),
+        ips: vec![],
+        os_type: OsType::Linux,
+        agent_version: "test".into(),
+    };
+    let addr = cluster.info.agent_addr.clone();
+    let attempts: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, pin, request) = (addr.clone(), pin.clone(), request.clone());
+            tokio::spawn(async move { raw_enroll(&addr, &pin, &request).await })
+        })
+        .collect();
+    let mut enrolled = 0;
+    for attempt in attempts {
+        match attempt.await?? {
+            EnrollReply::Enrolled(_) => enrolled += 1,
+            EnrollReply::Refused { reason } => {
+                assert!(reason.contains("under way"), "{reason}")
+            }
+        }
+    }
+    assert!(enrolled >= 1);
+    // Once more, after: the same enrollment, although the token's one use is spent.
+    let EnrollReply::Enrolled(_) = raw_enroll(&addr, &pin, &request).await? else {
+        bail!("the same key was refused enrolling again");
+    };
+    let listed = cluster.client().call("list_join_tokens", json!({})).await?;
+    assert_eq!(listed[0]["uses"], 1, "{listed}");
     Ok(())
 }

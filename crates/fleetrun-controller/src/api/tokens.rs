@@ -166,9 +166,10 @@ pub async fn create_join_token(
     out["token"] = json!(made.text);
     out["ca_pin"] = json!(settings.pin);
     out["agent_address"] = json!(settings.agent_address);
-    out["enroll_command"] = json!(format!(
-        "fleetrun-agent enroll --controller {} --token {} --ca-pin {}",
-        settings.agent_address, made.text, settings.pin
+    out["enroll_command"] = json!(crate::enroll::enroll_command(
+        &settings.agent_address,
+        &made.text,
+        &settings.pin
     ));
     out["install_command"] = json!(crate::enroll::install_command(
         &settings.api_url,

@@ -109,7 +109,9 @@ impl ControllerCa {
     /// Loads the CA from its files.
     pub fn load(files: &CaFiles) -> Result<Self, CaError> {
         let cert_pem = std::fs::read_to_string(&files.cert).map_err(file_error(&files.cert))?;
-        let key_pem = std::fs::read_to_string(&files.key).map_err(file_error(&files.key))?;
+        // The key signs every agent's certificate: refused unless only its owner can read it.
+        let key_pem = crate::secret_source::read_secret_file(&files.key)
+            .map_err(|e| CaError::Invalid(format!("the CA key {}: {e}", files.key.display())))?;
         Self::from_pem(&cert_pem, &key_pem)
     }
 
@@ -360,6 +362,11 @@ mod tests {
         assert!(again.to_string().contains("exists already"), "{again}");
         let ca = ControllerCa::load(&files).unwrap();
         assert_eq!(ca.pin(), made.pin);
+        // A key others can read is refused.
+        std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let loose = ControllerCa::load(&files).unwrap_err().to_string();
+        assert!(loose.contains("mode 644"), "{loose}");
+        std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o600)).unwrap();
         // The gateway's files are usable as they are.
         fleetrun_net::server_tls(&tls).unwrap();
 

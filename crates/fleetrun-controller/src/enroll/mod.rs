@@ -9,15 +9,15 @@
 //! **Architecture invariant:** the controller chooses everything an issued certificate says:
 //! the identity derives from the agent key's fingerprint (so the same key enrolls as the same
 //! agent), the only name is its agent URI, and nothing of the request but its public key is used.
-//! The host's addresses (the one the connection came from, then those the agent reports) pin the
-//! agent in the inventory, with the token's cloud area and placement.
+//! The address the connection came from (and, in a cloud area whose reports are trusted, those the
+//! agent reports) pins the agent in the inventory, with the token's cloud area and placement.
 
 pub mod ca;
 mod renew;
 pub mod token;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex, RwLock},
@@ -134,6 +134,23 @@ enum Admit {
     Drop,
 }
 
+/// Most source addresses counted in one minute: beyond them a new address is dropped until the
+/// minute ends (the count must not grow with an attacker's addresses).
+const MAX_COUNTED_ADDRESSES: usize = 16_384;
+
+/// Most enrollment connections served at once, before any authentication: beyond them a new
+/// connection is closed at once.
+const MAX_IN_FLIGHT: usize = 256;
+
+/// What attempts are counted under: the address, or for IPv6 its /64 (one host commonly holds a
+/// whole /64, and would otherwise get a fresh count per address).
+fn counted_as(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        v4 => v4,
+    }
+}
+
 impl Attempts {
     fn admit(&mut self, ip: IpAddr, limit: u32, now: Instant) -> Admit {
         if self
@@ -143,7 +160,11 @@ impl Attempts {
             self.window = Some(now);
             self.by_address.clear();
         }
-        let count = self.by_address.entry(ip.to_canonical()).or_default();
+        let key = counted_as(ip);
+        if self.by_address.len() >= MAX_COUNTED_ADDRESSES && !self.by_address.contains_key(&key) {
+            return Admit::Drop;
+        }
+        let count = self.by_address.entry(key).or_default();
         *count = count.saturating_add(1);
         match *count {
             n if n <= limit => Admit::Serve,
@@ -234,6 +255,31 @@ pub struct Enroller {
     config: EnrollConfig,
     tls: RwLock<Arc<rustls::ServerConfig>>,
     attempts: Mutex<Attempts>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+    /// Keys whose enrollment is under way: one at a time per key, so that the same key
+    /// enrolling twice at once cannot spend two uses.
+    keys_in_flight: Mutex<HashSet<String>>,
+}
+
+/// A key's enrollment under way; dropped, the key may enroll again.
+struct KeyInFlight<'a> {
+    keys: &'a Mutex<HashSet<String>>,
+    key: String,
+}
+
+impl<'a> KeyInFlight<'a> {
+    fn take(keys: &'a Mutex<HashSet<String>>, key: &str) -> Option<Self> {
+        keys.lock().unwrap().insert(key.to_owned()).then(|| Self {
+            keys,
+            key: key.to_owned(),
+        })
+    }
+}
+
+impl Drop for KeyInFlight<'_> {
+    fn drop(&mut self) {
+        self.keys.lock().unwrap().remove(&self.key);
+    }
 }
 
 impl std::fmt::Debug for Enroller {
@@ -260,6 +306,8 @@ impl Enroller {
             config,
             tls: RwLock::new(tls),
             attempts: Mutex::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            keys_in_flight: Mutex::default(),
         })
     }
 
@@ -302,14 +350,23 @@ impl Enroller {
             if admit == Admit::Drop {
                 continue;
             }
+            let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "enrollment connection closed: {MAX_IN_FLIGHT} are served already");
+                continue;
+            };
             let enroller = self.clone();
-            tokio::spawn(async move { enroller.serve_one(stream, peer, admit).await });
+            tokio::spawn(async move {
+                enroller.serve_one(stream, peer, admit).await;
+                drop(permit);
+            });
         }
     }
 
     async fn serve_one(&self, stream: tokio::net::TcpStream, peer: SocketAddr, admit: Admit) {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.read().unwrap().clone());
-        let mut tls = match tokio::time::timeout(CLIENT_DEADLINE, acceptor.accept(stream)).await {
+        // One deadline for the handshake and the request together.
+        let deadline = tokio::time::Instant::now() + CLIENT_DEADLINE;
+        let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 tracing::info!(%peer, "enrollment handshake failed: {e}");
@@ -317,9 +374,12 @@ impl Enroller {
             }
             Err(_) => return,
         };
-        let request = tokio::time::timeout(CLIENT_DEADLINE, read_request(&mut tls)).await;
+        let request = tokio::time::timeout_at(deadline, read_request(&mut tls)).await;
         let reply = match (admit, request) {
-            (_, Err(_)) => Err(Refusal::new("no enrollment request within 10 s")),
+            (_, Err(_)) => Err(Refusal::new(format!(
+                "no enrollment request within {} s of connecting",
+                CLIENT_DEADLINE.as_secs()
+            ))),
             (Admit::Serve, Ok(Ok(request))) => self.enroll(request, peer.ip()).await,
             (Admit::Serve, Ok(Err(reason))) => Err(Refusal::new(reason)),
             (_, Ok(_)) => Err(Refusal::new(format!(
@@ -409,17 +469,48 @@ impl Enroller {
         }
         let key = ca::requested_key(&request.csr).map_err(|e| Refusal::of_token(&token_id, e))?;
         let agent_id = format!("host-{}", &key.sha256[..24]);
+        let _in_flight = KeyInFlight::take(&self.keys_in_flight, &key.sha256).ok_or_else(|| {
+            Refusal::of_token(
+                &token_id,
+                "another enrollment with this host's key is under way: wait for it to finish",
+            )
+        })?;
         if self.shared.agents.is_revoked(&agent_id) {
             return Err(Refusal::of_token(
                 &token_id,
                 format!(
-                    "this host's key belongs to agent {agent_id}, which an operator revoked: \
-                     enroll with a new key (remove the agent's key file), or ask an operator to \
-                     lift the revocation (fleetrun agents unrevoke {agent_id})"
+                    "this host's key belongs to agent {agent_id}, which an operator revoked: ask \
+                     an operator whether to lift the revocation (fleetrun agents unrevoke \
+                     {agent_id})"
                 ),
             ));
         }
-        let ips = addresses(observed, &request.ips).map_err(|e| Refusal::of_token(&token_id, e))?;
+        // A revoked host must not come back under a new key with the token it came in by: while
+        // an agent that enrolled with a token is revoked, the token enrolls no new key.
+        if let Some(revoked) = store
+            .agents_enrolled_with(&token_id)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .find(|id| *id != agent_id && self.shared.agents.is_revoked(id))
+        {
+            return Err(Refusal::of_token(
+                &token_id,
+                format!(
+                    "the join token {token_id} enrolled agent {revoked}, which an operator \
+                     revoked: the token enrolls no host while that revocation stands; ask an \
+                     operator for a new token"
+                ),
+            ));
+        }
+        let trusted = self
+            .shared
+            .config
+            .agents
+            .trust_reported_ip_in
+            .contains(&token.bk_cloud_id);
+        let ips = addresses(observed, &request.ips, trusted)
+            .map_err(|e| Refusal::of_token(&token_id, e))?;
         if request.hostname.len() > 255 {
             return Err(Refusal::of_token(
                 &token_id,
@@ -448,105 +539,119 @@ impl Enroller {
             let reason = dead(&token, now_ms()).unwrap_or_else(|| used_up(&token));
             return Err(Refusal::of_token(&token_id, reason));
         }
-        let modules: Vec<i64> = token.bk_module_id.into_iter().collect();
-        let place = Change::PlaceAgent {
-            agent_id: agent_id.clone(),
-            bk_cloud_id: token.bk_cloud_id,
-            ips: ips.clone(),
-            bk_biz_id: token.bk_biz_id,
-            modules: modules.clone(),
-        };
-        let inventory = self.shared.inventory.clone();
-        let agents = self.shared.agents.clone();
-        let operator = format!("enroll token {token_id}");
-        // Run to the end whatever happens to the connection: what the store committed is what
-        // is in force.
-        let placed = tokio::spawn(async move {
-            inventory
-                .change(vec![place], None, &operator, |id| agents.get(id).is_some())
-                .await
-        })
-        .await
-        .map_err(|e| {
-            tracing::error!("enrollment placement: {e}");
-            Refusal::of_token(
-                &token_id,
-                "the controller could not place the host: try again",
-            )
-        })?;
-        if let Err(e) = placed {
-            return Err(Refusal::of_token(
-                &token_id,
-                format!(
-                    "the token places hosts in business {}{}, which the inventory refuses now \
-                     ({e}): ask an operator for a token with a placement that exists",
-                    token.bk_biz_id,
-                    token
-                        .bk_module_id
-                        .map(|m| format!(" module {m}"))
-                        .unwrap_or_default()
-                ),
-            ));
-        }
-        let lifetime = Duration::from_secs(self.config.cert_lifetime_secs);
-        let issued = self
-            .ca
-            .issue_agent(&key, &agent_id, lifetime)
-            .map_err(|e| {
-                tracing::error!("enrollment: issuing a certificate: {e}");
-                Refusal::of_token(&token_id, "the controller could not sign the certificate")
-            })?;
-        let enrollment = Enrollment {
-            key_sha256: key.sha256.clone(),
-            agent_id: agent_id.clone(),
-            token_id: token_id.clone(),
-            bk_cloud_id: token.bk_cloud_id,
-            ips: ips.iter().map(IpAddr::to_string).collect(),
-            enrolled_at: earlier.as_ref().map_or(now, |e| e.enrolled_at),
-            cert_not_after: issued.not_after_ms,
-            renewed_at: None,
-        };
-        store
-            .record_enrollment(&enrollment)
+        // A use spent is given back if the enrollment fails after it.
+        let outcome: Result<Enrolled, Refusal> = async {
+            let modules: Vec<i64> = token.bk_module_id.into_iter().collect();
+            let place = Change::PlaceAgent {
+                agent_id: agent_id.clone(),
+                bk_cloud_id: token.bk_cloud_id,
+                ips: ips.clone(),
+                bk_biz_id: token.bk_biz_id,
+                modules: modules.clone(),
+            };
+            let inventory = self.shared.inventory.clone();
+            let agents = self.shared.agents.clone();
+            let operator = format!("enroll token {token_id}");
+            // Run to the end whatever happens to the connection: what the store committed is what
+            // is in force.
+            let placed = tokio::spawn(async move {
+                inventory
+                    .change(vec![place], None, &operator, |id| agents.get(id).is_some())
+                    .await
+            })
             .await
-            .map_err(internal)?;
-        let ca_pem = std::fs::read_to_string(&self.shared.config.tls.ca).map_err(|e| {
-            tracing::error!(
-                "enrollment: reading {}: {e}",
-                self.shared.config.tls.ca.display()
+            .map_err(|e| {
+                tracing::error!("enrollment placement: {e}");
+                Refusal::of_token(
+                    &token_id,
+                    "the controller could not place the host: try again",
+                )
+            })?;
+            if let Err(e) = placed {
+                return Err(Refusal::of_token(
+                    &token_id,
+                    format!(
+                        "the token places hosts in business {}{}, which the inventory refuses now \
+                         ({e}): ask an operator for a token with a placement that exists",
+                        token.bk_biz_id,
+                        token
+                            .bk_module_id
+                            .map(|m| format!(" module {m}"))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+            let lifetime = Duration::from_secs(self.config.cert_lifetime_secs);
+            let issued = self
+                .ca
+                .issue_agent(&key, &agent_id, lifetime)
+                .map_err(|e| {
+                    tracing::error!("enrollment: issuing a certificate: {e}");
+                    Refusal::of_token(&token_id, "the controller could not sign the certificate")
+                })?;
+            let enrollment = Enrollment {
+                key_sha256: key.sha256.clone(),
+                agent_id: agent_id.clone(),
+                token_id: token_id.clone(),
+                bk_cloud_id: token.bk_cloud_id,
+                ips: ips.iter().map(IpAddr::to_string).collect(),
+                enrolled_at: earlier.as_ref().map_or(now, |e| e.enrolled_at),
+                cert_not_after: issued.not_after_ms,
+                renewed_at: None,
+            };
+            store
+                .record_enrollment(&enrollment)
+                .await
+                .map_err(internal)?;
+            let ca_pem = std::fs::read_to_string(&self.shared.config.tls.ca).map_err(|e| {
+                tracing::error!(
+                    "enrollment: reading {}: {e}",
+                    self.shared.config.tls.ca.display()
+                );
+                Refusal::of_token(&token_id, "the controller could not read its CA bundle")
+            })?;
+            tracing::info!(
+                agent_id,
+                token_id,
+                %observed,
+                ips = ?enrollment.ips,
+                again,
+                "agent enrolled"
             );
-            Refusal::of_token(&token_id, "the controller could not read its CA bundle")
-        })?;
-        tracing::info!(
-            agent_id,
-            token_id,
-            %observed,
-            ips = ?enrollment.ips,
-            again,
-            "agent enrolled"
-        );
-        let change = serde_json::json!({
-            "agent_id": agent_id,
-            "token_id": token_id,
-            "ips": enrollment.ips,
-            "bk_cloud_id": token.bk_cloud_id,
-            "bk_biz_id": token.bk_biz_id,
-            "bk_module_id": token.bk_module_id,
-            "hostname": request.hostname,
-            "again": again,
-        });
-        self.audit(observed, &token_id, change.to_string(), 0, "ok".into())
-            .await;
-        Ok(Enrolled {
-            agent_id,
-            certificate_pem: issued.chain_pem,
-            ca_pem,
-            bk_cloud_id: token.bk_cloud_id,
-            bk_biz_id: token.bk_biz_id,
-            bk_module_id: token.bk_module_id,
-            not_after_ms: issued.not_after_ms,
-            server_name: self.config.server_name.clone(),
-        })
+            let change = serde_json::json!({
+                "agent_id": agent_id,
+                "token_id": token_id,
+                "ips": enrollment.ips,
+                "bk_cloud_id": token.bk_cloud_id,
+                "bk_biz_id": token.bk_biz_id,
+                "bk_module_id": token.bk_module_id,
+                "hostname": request.hostname,
+                "again": again,
+            });
+            self.audit(observed, &token_id, change.to_string(), 0, "ok".into())
+                .await;
+            Ok(Enrolled {
+                agent_id,
+                certificate_pem: issued.chain_pem,
+                ca_pem,
+                bk_cloud_id: token.bk_cloud_id,
+                bk_biz_id: token.bk_biz_id,
+                bk_module_id: token.bk_module_id,
+                not_after_ms: issued.not_after_ms,
+                server_name: self.config.server_name.clone(),
+            })
+        }
+        .await;
+        if outcome.is_err()
+            && !again
+            && let Err(e) = store.refund_join_token(&token_id).await
+        {
+            tracing::error!(
+                token_id,
+                "enrollment failed, and its use could not be given back: {e}"
+            );
+        }
+        outcome
     }
 }
 
@@ -604,8 +709,11 @@ pub fn rfc3339(ms: i64) -> String {
     }
 }
 
-/// The host's addresses: the one the controller saw first, then the ones the agent reports.
-fn addresses(observed: IpAddr, reported: &[IpAddr]) -> Result<Vec<IpAddr>, String> {
+/// The addresses the enrollment pins the host to: the one the controller saw, then, only in a
+/// cloud area whose reports the operator trusts (`[agents] trust_reported_ip_in`), the ones the
+/// agent reports. A pin outranks every other claim on an address, so pinning a reported address
+/// elsewhere would let a token holder take over another host's address.
+fn addresses(observed: IpAddr, reported: &[IpAddr], trusted: bool) -> Result<Vec<IpAddr>, String> {
     if reported.len() > MAX_ENROLL_IPS {
         return Err(format!(
             "the agent reports {} addresses, more than {MAX_ENROLL_IPS}",
@@ -619,7 +727,7 @@ fn addresses(observed: IpAddr, reported: &[IpAddr]) -> Result<Vec<IpAddr>, Strin
                 "the agent reports {ip}, which is no host's address"
             ));
         }
-        if !ips.contains(&ip) {
+        if trusted && !ips.contains(&ip) {
             ips.push(ip);
         }
     }
@@ -642,11 +750,16 @@ async fn read_request(
             "the enrollment request is {len} bytes, more than {MAX_ENROLL_FRAME}"
         ));
     }
-    let mut body = vec![0u8; len];
+    // Grown as bytes arrive: a header alone reserves nothing.
+    let mut body = Vec::new();
     stream
-        .read_exact(&mut body)
+        .take(len as u64)
+        .read_to_end(&mut body)
         .await
         .map_err(|e| format!("the enrollment request could not be read: {e}"))?;
+    if body.len() != len {
+        return Err("the enrollment request ended early".into());
+    }
     let mut decoder = FrameDecoder::new();
     decoder.extend(&header);
     decoder.extend(&body);
@@ -659,12 +772,32 @@ async fn read_request(
     }
 }
 
-/// The install command `tokens create` prints: fetches the controller's install script and
-/// enrolls with the token.
-pub fn install_command(api_url: &str, agent_address: &str, token: &str, pin: &str) -> String {
+/// The install command `tokens create` prints: fetches the controller's install script over
+/// HTTPS and enrolls with the token. The token never goes on a command line (where any local
+/// user reads it in `/proc`): `export` is a shell builtin, and the script hands the token to
+/// `fleetrun-agent enroll` in `FLEETRUN_JOIN_TOKEN` too. `None` when the API is not HTTPS: a
+/// script piped to `sudo sh` is fetched over nothing else.
+pub fn install_command(
+    api_url: &str,
+    agent_address: &str,
+    token: &str,
+    pin: &str,
+) -> Option<String> {
+    api_url.starts_with("https://").then(|| {
+        format!(
+            "export FLEETRUN_JOIN_TOKEN='{token}'\ncurl --proto '=https' --tlsv1.2 -fsSL \
+             {api_url}/install.sh | sudo --preserve-env=FLEETRUN_JOIN_TOKEN sh -s -- \
+             --controller {agent_address} --ca-pin {pin}"
+        )
+    })
+}
+
+/// The enroll command `tokens create` prints, for a host that has `fleetrun-agent`: the token
+/// goes in the environment, not on the command line.
+pub fn enroll_command(agent_address: &str, token: &str, pin: &str) -> String {
     format!(
-        "curl -fsSL {api_url}/install.sh | sudo sh -s -- --controller {agent_address} --token \
-         {token} --ca-pin {pin}"
+        "export FLEETRUN_JOIN_TOKEN='{token}'\nsudo --preserve-env=FLEETRUN_JOIN_TOKEN \
+         fleetrun-agent enroll --controller {agent_address} --ca-pin {pin}"
     )
 }
 
@@ -702,19 +835,82 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_slash_64_counts_as_one_address_and_the_count_is_bounded() {
+        let mut attempts = Attempts::default();
+        let start = Instant::now();
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(attempts.admit(v6("2001:db8::1"), 1, start), Admit::Serve);
+        assert_eq!(attempts.admit(v6("2001:db8::2"), 1, start), Admit::Refuse);
+        assert_eq!(
+            attempts.admit(v6("2001:db8:0:1::1"), 1, start),
+            Admit::Serve
+        );
+        let mut attempts = Attempts::default();
+        for n in 0..MAX_COUNTED_ADDRESSES as u32 {
+            let ip = IpAddr::V4(n.into());
+            assert_eq!(attempts.admit(ip, 5, start), Admit::Serve);
+        }
+        let newcomer = IpAddr::V4(u32::MAX.into());
+        assert_eq!(attempts.admit(newcomer, 5, start), Admit::Drop);
+        assert_eq!(attempts.admit(IpAddr::V4(7.into()), 5, start), Admit::Serve);
+        assert_eq!(
+            attempts.admit(newcomer, 5, start + Duration::from_secs(60)),
+            Admit::Serve
+        );
+    }
+
+    #[test]
     fn the_observed_address_comes_first_and_nonsense_is_refused() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
-            addresses(ip("192.0.2.1"), &[ip("10.0.0.5"), ip("192.0.2.1")]).unwrap(),
+            addresses(ip("192.0.2.1"), &[ip("10.0.0.5"), ip("192.0.2.1")], true).unwrap(),
             [ip("192.0.2.1"), ip("10.0.0.5")]
         );
-        assert!(addresses(ip("192.0.2.1"), &[ip("0.0.0.0")]).is_err());
-        assert!(addresses(ip("192.0.2.1"), &[ip("224.0.0.1")]).is_err());
+        assert!(addresses(ip("192.0.2.1"), &[ip("0.0.0.0")], true).is_err());
+        assert!(addresses(ip("192.0.2.1"), &[ip("224.0.0.1")], false).is_err());
         let many = vec![ip("10.0.0.1"); MAX_ENROLL_IPS + 1];
         assert!(
-            addresses(ip("192.0.2.1"), &many)
+            addresses(ip("192.0.2.1"), &many, false)
                 .unwrap_err()
                 .contains("more than")
+        );
+    }
+
+    #[test]
+    fn printed_commands_keep_the_token_off_every_command_line() {
+        let token = "frt-0123456789ab-0123456789abcdef0123456789abcdef";
+        let pin = "sha256:00";
+        let install = install_command("https://c.example:8443", "c.example:7443", token, pin)
+            .expect("https API");
+        let enroll = enroll_command("c.example:7443", token, pin);
+        for command in [&install, &enroll] {
+            let (export, rest) = command.split_once('\n').expect("two lines");
+            assert_eq!(export, format!("export FLEETRUN_JOIN_TOKEN='{token}'"));
+            assert!(!rest.contains(token), "{rest}");
+            assert!(
+                rest.contains("--preserve-env=FLEETRUN_JOIN_TOKEN"),
+                "{rest}"
+            );
+            assert!(
+                rest.contains("--controller c.example:7443 --ca-pin sha256:00"),
+                "{rest}"
+            );
+        }
+        assert!(install.contains(
+            "curl --proto '=https' --tlsv1.2 -fsSL https://c.example:8443/install.sh | sudo"
+        ));
+        assert_eq!(
+            install_command("http://c.example:8080", "c:1", token, pin),
+            None
+        );
+    }
+
+    #[test]
+    fn reported_addresses_are_pinned_only_where_reports_are_trusted() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            addresses(ip("192.0.2.1"), &[ip("10.0.0.5"), ip("10.0.0.6")], false).unwrap(),
+            [ip("192.0.2.1")]
         );
     }
 }
