@@ -239,6 +239,11 @@ fn packages_install_run_and_remove_cleanly() -> Result<()> {
         !unit.lines().any(|l| l.starts_with("User=")),
         "the agent runs as root"
     );
+    // A task running as another account reaches its staged script through work_dir.
+    ensure!(
+        unit.lines().any(|l| l == "StateDirectoryMode=0711"),
+        "the agent's work directory does not let task accounts through"
+    );
 
     installed_controller_serves_the_agent_package(&carried)?;
 
