@@ -147,12 +147,21 @@ fn packages_install_run_and_remove_cleanly() -> Result<()> {
         "/usr/lib/systemd/system/fleetrun-agent.service",
         "/usr/lib/sysctl.d/60-fleetrun-controller.conf",
         "/usr/share/doc/fleetrun-agent/agent.toml.example",
-        "/usr/share/man/man1/fleetrun.1",
         "/usr/share/bash-completion/completions/fleetrun",
         carried.to_str().unwrap(),
     ] {
         ensure!(Path::new(path).is_file(), "{path} is not installed");
     }
+    // cargo-deb compresses man pages (newer versions), or ships them as they are.
+    ensure!(
+        [
+            "/usr/share/man/man1/fleetrun.1.gz",
+            "/usr/share/man/man1/fleetrun.1"
+        ]
+        .iter()
+        .any(|p| Path::new(p).is_file()),
+        "the fleetrun man page is not installed"
+    );
     ensure!(
         sha256_hex(&carried)? == sha256_hex(&agent_deb)?,
         "the controller carries another agent package than the one built"
