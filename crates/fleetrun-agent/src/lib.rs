@@ -185,6 +185,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .cgroup_name
         .clone()
         .unwrap_or_else(|| format!("fleetrun-{agent_id}"));
+    exec_config.refuse_root = config.limits.root_refusal();
     let executor = Executor::new(exec_config).context("preparing to run scripts")?;
     let files = TlsFiles {
         ca: config.tls.ca.clone(),

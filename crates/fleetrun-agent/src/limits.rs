@@ -1,6 +1,11 @@
 //! Local limits: what the host's owner lets any controller make this agent do, whatever the
 //! controller asks. A task outside them is refused before anything is staged or started, and
 //! ends with a result that names the limit, so the controller shows why.
+//!
+//! Accounts and languages are checked here, on the request. `allow_root = false` is enforced by
+//! the executor ([`fleetrun_exec::ExecConfig::refuse_root`]) on the uid of the account it has
+//! resolved to run the task as: one lookup, so no second lookup (NSS failing, or answering
+//! differently a moment later) can let root through.
 
 use fleetrun_proto::TaskRequest;
 use serde::Deserialize;
@@ -79,25 +84,6 @@ impl LanguageName {
     }
 }
 
-/// How an account name resolves to a uid; the passwd database in the agent, a table in tests.
-pub(crate) trait Accounts {
-    /// The account's uid, `None` when there is no such account.
-    fn uid(&self, account: &str) -> Option<u32>;
-}
-
-/// The host's passwd database (and whatever NSS adds to it).
-#[derive(Debug)]
-pub(crate) struct Passwd;
-
-impl Accounts for Passwd {
-    fn uid(&self, account: &str) -> Option<u32> {
-        nix::unistd::User::from_name(account)
-            .ok()
-            .flatten()
-            .map(|user| user.uid.as_raw())
-    }
-}
-
 impl LocalLimits {
     /// What a configuration cannot mean: an empty list would refuse every task.
     pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
@@ -130,13 +116,20 @@ impl LocalLimits {
         Ok(())
     }
 
-    /// Whether this host runs `request`: `Err` says which limit refuses it, for the host's log on
-    /// the controller.
-    pub(crate) fn check(
-        &self,
-        request: &TaskRequest,
-        accounts: &impl Accounts,
-    ) -> Result<(), String> {
+    /// What the executor is told when `allow_root` is false: the end of the reason a task whose
+    /// account is uid 0 is refused with.
+    pub(crate) fn root_refusal(&self) -> Option<String> {
+        (!self.allow_root).then(|| {
+            "refused by this host's local limits: this agent does not run tasks as root \
+             (limits.allow_root = false)"
+                .to_owned()
+        })
+    }
+
+    /// Whether this host runs `request` as far as the account's name and the language go (root
+    /// is the executor's check): `Err` says which limit refuses it, for the host's log on the
+    /// controller.
+    pub(crate) fn check(&self, request: &TaskRequest) -> Result<(), String> {
         if let Some(languages) = &self.languages {
             let asked = LanguageName::of_code(request.script_language);
             if !asked.is_some_and(|l| languages.contains(&l)) {
@@ -156,22 +149,13 @@ impl LocalLimits {
             }
         }
         if let Some(allowed) = &self.accounts
-            && !allowed.iter().any(|a| *a == request.account)
+            && !allowed.contains(&request.account)
         {
             return Err(format!(
                 "refused by this host's local limits: account {:?} is not allowed here; the \
                  agent runs tasks only as {} (limits.accounts)",
                 request.account,
                 allowed.join(", ")
-            ));
-        }
-        // By uid, not by name: another name for uid 0 is root all the same. An account that does
-        // not exist is left to the executor, which reports it as such.
-        if !self.allow_root && accounts.uid(&request.account) == Some(0) {
-            return Err(format!(
-                "refused by this host's local limits: account {:?} is root (uid 0), and this \
-                 agent does not run tasks as root (limits.allow_root = false)",
-                request.account
             ));
         }
         Ok(())
@@ -181,19 +165,6 @@ impl LocalLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Table;
-
-    impl Accounts for Table {
-        fn uid(&self, account: &str) -> Option<u32> {
-            match account {
-                "root" | "toor" => Some(0),
-                "deploy" => Some(1000),
-                "app" => Some(1001),
-                _ => None,
-            }
-        }
-    }
 
     fn request(account: &str, language: i32) -> TaskRequest {
         TaskRequest {
@@ -219,44 +190,41 @@ mod tests {
     fn without_limits_everything_runs() {
         let none = LocalLimits::default();
         for (account, language) in [("root", 1), ("toor", 4), ("deploy", 3), ("nobody-here", 9)] {
-            assert_eq!(none.check(&request(account, language), &Table), Ok(()));
+            assert_eq!(none.check(&request(account, language)), Ok(()));
         }
     }
 
     #[test]
-    fn root_is_refused_by_uid_under_any_name() {
+    fn root_is_left_to_the_executor_with_the_reason() {
         let no_root = limits("allow_root = false");
-        for account in ["root", "toor"] {
-            let err = no_root.check(&request(account, 1), &Table).unwrap_err();
-            assert!(
-                err.contains("uid 0") && err.contains("limits.allow_root"),
-                "{err}"
-            );
-            assert!(err.contains(&format!("{account:?}")), "{err}");
-        }
-        assert_eq!(no_root.check(&request("deploy", 1), &Table), Ok(()));
-        // The executor says "does not exist" better than a limit would.
-        assert_eq!(no_root.check(&request("ghost", 1), &Table), Ok(()));
+        let why = no_root.root_refusal().unwrap();
+        assert!(
+            why.starts_with("refused by this host's local limits")
+                && why.contains("limits.allow_root = false"),
+            "{why}"
+        );
+        assert_eq!(LocalLimits::default().root_refusal(), None);
+        assert_eq!(limits("allow_root = true").root_refusal(), None);
     }
 
     #[test]
     fn only_listed_accounts_and_languages_run() {
         let strict = limits("accounts = [\"deploy\"]\nlanguages = [\"shell\", \"python\"]");
-        assert_eq!(strict.check(&request("deploy", 1), &Table), Ok(()));
-        assert_eq!(strict.check(&request("deploy", 4), &Table), Ok(()));
-        let err = strict.check(&request("app", 1), &Table).unwrap_err();
+        assert_eq!(strict.check(&request("deploy", 1)), Ok(()));
+        assert_eq!(strict.check(&request("deploy", 4)), Ok(()));
+        let err = strict.check(&request("app", 1)).unwrap_err();
         assert!(
             err.contains("\"app\"")
                 && err.contains("only as deploy")
                 && err.contains("limits.accounts"),
             "{err}"
         );
-        let err = strict.check(&request("deploy", 3), &Table).unwrap_err();
+        let err = strict.check(&request("deploy", 3)).unwrap_err();
         assert!(
             err.contains("perl (script_language 3)") && err.contains("only shell, python"),
             "{err}"
         );
-        let err = strict.check(&request("deploy", 77), &Table).unwrap_err();
+        let err = strict.check(&request("deploy", 77)).unwrap_err();
         assert!(err.contains("script_language 77"), "{err}");
     }
 

@@ -498,7 +498,7 @@ fn refused(ending: Ending, message: String) -> TaskResult {
 
 /// Runs the task to its result, spooling the output.
 async fn run(ctx: &AgentContext, held: &Arc<Held>, request: TaskRequest) -> TaskResult {
-    if let Err(reason) = ctx.config.limits.check(&request, &crate::limits::Passwd) {
+    if let Err(reason) = ctx.config.limits.check(&request) {
         tracing::warn!(task_id = %request.task_id, account = request.account, language = request.script_language, "{reason}");
         return refused(Ending::Failed, reason);
     }

@@ -8,6 +8,7 @@
 
 use std::{
     collections::HashMap,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::SystemTime,
@@ -33,8 +34,10 @@ pub struct DistConfig {
     /// agent's packages it was built with in `/usr/share/fleetrun/dist`.
     pub dir: PathBuf,
     /// Where hosts reach this controller's HTTP API (`https://controller.example:8443`, a path
-    /// allowed), written into the script as where to download the package from. By default
-    /// the scheme and `Host` of the request for the script.
+    /// allowed; https only), written into the script as where to download the package from.
+    /// By default the `Host` of the request for the script, when the API itself serves TLS;
+    /// without either, `/install.sh` refuses: the script and the package run as root before
+    /// enrollment's CA pin is checked, so they travel only over https.
     pub url: Option<String>,
     /// The agent gateway's addresses (`host:port`) the script enrolls with when it is not given
     /// `--controller`.
@@ -77,8 +80,10 @@ fn script_safe(text: &str) -> bool {
 
 fn check_url(url: &str) -> Result<(), String> {
     let parsed = url::Url::parse(url).map_err(|e| e.to_string())?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err("must be http:// or https://".into());
+    if parsed.scheme() != "https" {
+        return Err(
+            "must be https://: hosts run the script and the package it downloads as root".into(),
+        );
     }
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err("has no host".into());
@@ -200,8 +205,13 @@ impl Dist {
                 "the Host header {host:?} is not a host name and port; set [dist] url"
             ));
         }
-        let scheme = if self.https { "https" } else { "http" };
-        Ok(format!("{scheme}://{host}"))
+        if !self.https {
+            return Err(format!(
+                "{PLAIN_HTTP}: serve the API over TLS ([api] tls) or set [dist] url to the \
+                 https:// address hosts reach it at"
+            ));
+        }
+        Ok(format!("https://{host}"))
     }
 }
 
@@ -224,6 +234,10 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
         .map(|b| format!("{b:02x}"))
         .collect())
 }
+
+/// The start of the refusal when neither the API nor `[dist] url` is https.
+const PLAIN_HTTP: &str = "this controller serves its API over plain http, and hosts must not \
+                          run as root what came over it";
 
 /// The routes, for the API's router; each answers 404 naming `[dist]` when it is not configured.
 pub fn router<S>(config: Option<&DistConfig>, https: bool) -> Router<S> {
@@ -249,6 +263,18 @@ fn plain(status: StatusCode, text: String) -> Response {
         .into_response()
 }
 
+/// A refusal that is also a script: `curl -f` reports the status, and a `curl | sh` without
+/// `-f` prints the reason and fails instead of running nothing successfully.
+fn refusal_script(why: String) -> Response {
+    let quoted = why.replace('\'', "'\\''");
+    (
+        StatusCode::FORBIDDEN,
+        [(header::CONTENT_TYPE, "text/x-shellscript; charset=utf-8")],
+        format!("#!/bin/sh\necho 'fleetrun install: {quoted}' >&2\nexit 1\n"),
+    )
+        .into_response()
+}
+
 fn not_configured() -> Response {
     plain(
         StatusCode::NOT_FOUND,
@@ -262,6 +288,7 @@ async fn install_script(State(dist): State<Option<Arc<Dist>>>, headers: HeaderMa
     };
     let base = match dist.base_url(&headers) {
         Ok(base) => base,
+        Err(why) if why.starts_with(PLAIN_HTTP) => return refusal_script(why),
         Err(why) => return plain(StatusCode::BAD_REQUEST, why),
     };
     let listing = {
@@ -308,12 +335,23 @@ async fn package(
         );
     }
     let path = dist.config.dir.join(&file);
-    let opened = match tokio::fs::File::open(&path).await {
-        Ok(file) => file.metadata().await.map(|meta| (file, meta)),
-        Err(e) => Err(e),
-    };
+    // As the listing does: a regular file of the directory itself, never what a symlink there
+    // points to (the inode opened is the one looked at without following links).
+    let opened = async {
+        let link = tokio::fs::symlink_metadata(&path).await?;
+        let file = tokio::fs::File::open(&path).await?;
+        let meta = file.metadata().await?;
+        Ok::<_, std::io::Error>((file, meta, link))
+    }
+    .await;
     let (handle, meta) = match opened {
-        Ok((handle, meta)) if meta.is_file() => (handle, meta),
+        Ok((handle, meta, link))
+            if link.is_file()
+                && meta.is_file()
+                && (meta.dev(), meta.ino()) == (link.dev(), link.ino()) =>
+        {
+            (handle, meta)
+        }
         Ok(_) => return plain(StatusCode::NOT_FOUND, format!("no package {file}")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return plain(StatusCode::NOT_FOUND, format!("no package {file}"));
@@ -404,6 +442,7 @@ mod tests {
         for (url, controllers, key) in [
             (Some("https://ctl.example/'; reboot; '"), &[][..], "url"),
             (Some("ftp://ctl.example"), &[], "url"),
+            (Some("http://ctl.example:8080"), &[], "url"),
             (Some("https://u:p@ctl.example"), &[], "url"),
             (Some("https://ctl.example/?a=b"), &[], "url"),
             (None, &["ctl.example"], "agent_controllers"),
@@ -451,6 +490,14 @@ mod tests {
             assert!(with_host(bad).is_err(), "{bad}");
         }
         assert!(dist.base_url(&HeaderMap::new()).is_err());
+        let plain_http = Dist {
+            https: false,
+            ..dist
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, "ctl.example:8080".parse().unwrap());
+        let refused = plain_http.base_url(&headers).unwrap_err();
+        assert!(refused.starts_with(PLAIN_HTTP), "{refused}");
     }
 
     #[test]

@@ -86,6 +86,11 @@ pub struct ExecConfig {
     /// ([`DEFAULT_CGROUP_NAME`]). Two executors on one host must not share
     /// it: `Executor::new` kills whatever it finds there.
     pub cgroup_name: String,
+    /// `Some(why)`: a task whose account resolves to uid 0, under whatever name, is refused
+    /// (ending [`Ending::Failed`] with `account "<name>" is root (uid 0): <why>`) before
+    /// anything is staged. Checked on the account the task would run as, from the one lookup
+    /// that resolves it; a lookup that fails refuses the task as well.
+    pub refuse_root: Option<String>,
 }
 
 impl ExecConfig {
@@ -97,6 +102,7 @@ impl ExecConfig {
             kill_grace: DEFAULT_KILL_GRACE,
             use_cgroup: true,
             cgroup_name: DEFAULT_CGROUP_NAME.to_owned(),
+            refuse_root: None,
         }
     }
 }

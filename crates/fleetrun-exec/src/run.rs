@@ -68,6 +68,14 @@ pub(crate) async fn run(
         Err(AccountError::NotFound(name)) => return refused(Ending::UserNotFound(name)),
         Err(err) => return refused(Ending::Failed(err.to_string())),
     };
+    if let Some(why) = &inner.config.refuse_root
+        && account.uid.is_root()
+    {
+        return refused(Ending::Failed(format!(
+            "account {:?} is root (uid 0): {why}",
+            task.account
+        )));
+    }
     let script_path = inner
         .staging_path(&task.id)
         .join(task.language.script_file_name());

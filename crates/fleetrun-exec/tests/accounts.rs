@@ -130,3 +130,78 @@ async fn a_missing_home_means_working_in_the_root_directory() {
         .await;
     assert_eq!(run.text(), format!("nobody\n/\n{}\n", home.display()));
 }
+
+/// An account that is another name for uid 0, made once on this machine.
+fn uid0_alias() -> &'static str {
+    const ALIAS: &str = "fleetrun-toor";
+    let exists = Command::new("getent")
+        .args(["passwd", ALIAS])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !exists {
+        let made = Command::new("useradd")
+            .args([
+                "-o",
+                "-u",
+                "0",
+                "-g",
+                "0",
+                "-M",
+                "-N",
+                "-s",
+                "/usr/sbin/nologin",
+            ])
+            .arg(ALIAS)
+            .status()
+            .unwrap();
+        // Another test may have made it meanwhile.
+        assert!(
+            made.success()
+                || Command::new("getent")
+                    .args(["passwd", ALIAS])
+                    .status()
+                    .unwrap()
+                    .success()
+        );
+    }
+    ALIAS
+}
+
+#[tokio::test]
+async fn refuse_root_refuses_uid_0_under_any_name_and_runs_other_accounts() {
+    test_user();
+    let alias = uid0_alias();
+    let work_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work_dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let mut config = fleetrun_exec::ExecConfig::new(work_dir.path());
+    config.use_cgroup = false;
+    config.cgroup_name = format!("fleetrun-{}", common::task_id());
+    config.refuse_root = Some("no root here (limits.allow_root = false)".to_owned());
+    let executor = fleetrun_exec::Executor::new(config).unwrap();
+    let marker = work_dir.path().join("ran");
+    for account in ["root", alias] {
+        let script = format!("touch {}", marker.display());
+        let run = collect(executor.start(
+            task(Language::Shell, &script, account),
+            CancellationToken::new(),
+        ))
+        .await;
+        match &run.outcome.ending {
+            Ending::Failed(why) => assert_eq!(
+                why,
+                &format!(
+                    "account {account:?} is root (uid 0): no root here (limits.allow_root = false)"
+                )
+            ),
+            other => panic!("{account}: {other:?}, {}", run.text()),
+        }
+        assert!(!marker.exists(), "{account}: the script ran");
+    }
+    let run = collect(executor.start(
+        task(Language::Shell, "id -un", TEST_USER),
+        CancellationToken::new(),
+    ))
+    .await;
+    assert_eq!(run.outcome.ending, Ending::Exited(0), "{}", run.text());
+    assert_eq!(run.text().trim(), TEST_USER);
+}

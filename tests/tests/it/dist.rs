@@ -147,12 +147,21 @@ fn packages_install_run_and_remove_cleanly() -> Result<()> {
         "/usr/lib/systemd/system/fleetrun-agent.service",
         "/usr/lib/sysctl.d/60-fleetrun-controller.conf",
         "/usr/share/doc/fleetrun-agent/agent.toml.example",
-        "/usr/share/man/man1/fleetrun.1",
         "/usr/share/bash-completion/completions/fleetrun",
         carried.to_str().unwrap(),
     ] {
         ensure!(Path::new(path).is_file(), "{path} is not installed");
     }
+    // cargo-deb compresses man pages (newer versions), or ships them as they are.
+    ensure!(
+        [
+            "/usr/share/man/man1/fleetrun.1.gz",
+            "/usr/share/man/man1/fleetrun.1"
+        ]
+        .iter()
+        .any(|p| Path::new(p).is_file()),
+        "the fleetrun man page is not installed"
+    );
     ensure!(
         sha256_hex(&carried)? == sha256_hex(&agent_deb)?,
         "the controller carries another agent package than the one built"
@@ -239,11 +248,32 @@ fn packages_install_run_and_remove_cleanly() -> Result<()> {
         !unit.lines().any(|l| l.starts_with("User=")),
         "the agent runs as root"
     );
+    // A task running as another account reaches its staged script through work_dir.
+    ensure!(
+        unit.lines().any(|l| l == "StateDirectoryMode=0711"),
+        "the agent's work directory does not let task accounts through"
+    );
 
     installed_controller_serves_the_agent_package(&carried)?;
 
-    // Removal: the programs and units go, the configuration and the user stay.
+    // What the running services and enrollment leave: kept by dpkg -r, gone after --purge.
+    let state = [
+        "/var/lib/fleetrun/controller.db",
+        "/etc/fleetrun/tls/ca.pem",
+        "/var/lib/fleetrun-agent/tasks/.kept",
+        "/etc/fleetrun/agent.toml",
+        "/etc/fleetrun/agent/agent.key.pem",
+    ];
+    for path in state {
+        std::fs::create_dir_all(Path::new(path).parent().unwrap())?;
+        std::fs::write(path, b"state")?;
+    }
+
+    // Removal: the programs and units go, the configuration, the state and the user stay.
     succeed("dpkg", &["-r", PACKAGES[0], PACKAGES[1], PACKAGES[2]])?;
+    for path in state {
+        ensure!(Path::new(path).is_file(), "dpkg -r removed {path}");
+    }
     for path in [
         "/usr/bin/fleetrun-controller",
         "/usr/bin/fleetrun-agent",
@@ -320,6 +350,10 @@ fn installed_controller_serves_the_agent_package(carried: &Path) -> Result<()> {
             cert.key.display().to_string(),
         ),
         (
+            "# url = \"https://controller.example:8443\"".to_owned(),
+            "url = \"https://ctl.example:8443\"".to_owned(),
+        ),
+        (
             "# agent_controllers = [\"controller.example:7000\"]".to_owned(),
             "agent_controllers = [\"ctl.example:7000\"]".to_owned(),
         ),
@@ -379,7 +413,10 @@ fn installed_controller_serves_the_agent_package(carried: &Path) -> Result<()> {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             };
             ensure!(script.starts_with("#!/bin/sh\n"), "{script}");
-            ensure!(script.contains(&format!("url='{base}'")), "{script}");
+            ensure!(
+                script.contains("url='https://ctl.example:8443'"),
+                "{script}"
+            );
             ensure!(
                 script.contains("controllers='ctl.example:7000'"),
                 "{script}"
@@ -447,6 +484,11 @@ async fn install_script_and_packages_are_served_and_nothing_else() -> Result<()>
     let arm = packages.join("fleetrun-agent_0.1.0-1_arm64.deb");
     std::fs::write(&arm, b"an arm64 agent package")?;
     std::fs::write(packages.join("secret.txt"), b"not a package")?;
+    // A link in the directory is neither listed nor served, whatever it points to.
+    std::os::unix::fs::symlink(
+        cluster.dir().join("fleetrun-agent_0.1.0-1_amd64.deb"),
+        packages.join("fleetrun-agent_0.1.0-1_riscv64.deb"),
+    )?;
     std::fs::write(
         cluster.dir().join("fleetrun-agent_0.1.0-1_amd64.deb"),
         b"outside the directory",
@@ -460,6 +502,34 @@ async fn install_script_and_packages_are_served_and_nothing_else() -> Result<()>
     std::fs::write(&cluster.controller_config, config)?;
     cluster.start_controller().await?;
 
+    // The API is plain http and [dist] names no https address: the script would come over
+    // plain http and run as root, so it is refused, as a script that fails saying why.
+    let reply = http.get(format!("{base}/install.sh")).send().await?;
+    assert_eq!(reply.status(), 403);
+    let refusal = reply.text().await?;
+    let file = cluster.dir().join("refusal.sh");
+    std::fs::write(&file, &refusal)?;
+    let out = Command::new("sh").arg(&file).output()?;
+    assert_eq!(out.status.code(), Some(1), "{refusal}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("plain http"), "{stderr}");
+    assert!(stderr.contains("[dist] url"), "{stderr}");
+    let reply = http
+        .get(format!("{base}/install.sh"))
+        .header("host", "ctl.example'$(reboot)'")
+        .send()
+        .await?;
+    assert_eq!(reply.status(), 400);
+    assert!(reply.text().await?.contains("set [dist] url"));
+
+    // With the https address hosts reach the API at (a TLS-terminating proxy in front).
+    cluster.stop_controller(Duration::from_secs(10))?;
+    let mut config = std::fs::read_to_string(&cluster.controller_config)?;
+    config.push_str("url = \"https://ctl.example:8443\"\n");
+    std::fs::write(&cluster.controller_config, config)?;
+    cluster.start_controller().await?;
+    let public = "https://ctl.example:8443";
+
     let script = http.get(format!("{base}/install.sh")).send().await?;
     assert_eq!(script.status(), 200);
     assert_eq!(
@@ -467,7 +537,7 @@ async fn install_script_and_packages_are_served_and_nothing_else() -> Result<()>
         "text/x-shellscript; charset=utf-8"
     );
     let script = script.text().await?;
-    assert!(script.contains(&format!("url='{base}'")), "{script}");
+    assert!(script.contains(&format!("url='{public}'")), "{script}");
     assert!(
         script.contains("controllers='ctl.example:7000,10.0.0.2:7000'"),
         "{script}"
@@ -481,6 +551,7 @@ async fn install_script_and_packages_are_served_and_nothing_else() -> Result<()>
         );
     }
     assert!(!script.contains("0.0.9"), "{script}");
+    assert!(!script.contains("riscv64"), "{script}");
 
     let deb = http
         .get(format!("{base}/dist/fleetrun-agent_0.1.0-1_amd64.deb"))
@@ -498,6 +569,7 @@ async fn install_script_and_packages_are_served_and_nothing_else() -> Result<()>
         "..%2F..%2Fcontroller.toml",
         "fleetrun-agent_0.2.0-1_amd64.deb",
         "fleetrun-agent_0.1.0-1_amd64.deb%00.txt",
+        "fleetrun-agent_0.1.0-1_riscv64.deb",
     ] {
         let reply = http.get(format!("{base}/dist/{attack}")).send().await?;
         assert_eq!(reply.status(), 404, "{attack}");
@@ -507,49 +579,194 @@ async fn install_script_and_packages_are_served_and_nothing_else() -> Result<()>
             "{attack}: {body}"
         );
     }
-    let reply = http
-        .get(format!("{base}/install.sh"))
-        .header("host", "ctl.example'$(reboot)'")
-        .send()
-        .await?;
-    assert_eq!(reply.status(), 400);
-    assert!(reply.text().await?.contains("set [dist] url"));
-
     // The script refuses what it cannot use before touching anything.
     let file = cluster.dir().join("install.sh");
     std::fs::write(&file, &script)?;
     let pin = format!("sha256:{}", "ab".repeat(32));
-    for (args, says) in [
-        (vec!["--ca-pin", pin.as_str()], "--token is required"),
-        (vec!["--token", "t0k3n"], "--ca-pin sha256:HEX is required"),
+    // The token comes from the environment only; on the command line any user could read it.
+    for (token, args, says) in [
         (
-            vec!["--token", "t0k3n", "--ca-pin", "sha256:abc"],
+            None,
+            vec!["--ca-pin", pin.as_str()],
+            "FLEETRUN_JOIN_TOKEN is not set",
+        ),
+        (
+            None,
+            vec!["--token", "t0k3n", "--ca-pin", pin.as_str()],
+            "not taken on the command line",
+        ),
+        (
+            Some("t0k3n"),
+            vec!["--token=t0k3n", "--ca-pin", pin.as_str()],
+            "not taken on the command line",
+        ),
+        (Some("t0k3n"), vec![], "--ca-pin sha256:HEX is required"),
+        (
+            Some("t0k3n"),
+            vec!["--ca-pin", "sha256:abc"],
             "64 hexadecimal digits",
         ),
         (
-            vec!["--token", "t0k'$(id)", "--ca-pin", pin.as_str()],
+            Some("t0k'$(id)"),
+            vec!["--ca-pin", pin.as_str()],
             "not a join token",
         ),
         (
-            vec![
-                "--token",
-                "t0k3n",
-                "--ca-pin",
-                pin.as_str(),
-                "--controller",
-                "c;reboot",
-            ],
+            Some("t0k3n"),
+            vec!["--ca-pin", pin.as_str(), "--controller", "c;reboot"],
             "must be HOST:PORT",
         ),
-        (vec!["--token", "t0k3n", "--bogus"], "unknown argument"),
+        (Some("t0k3n"), vec!["--bogus"], "unknown argument"),
     ] {
         let mut cmd = Command::new("sh");
-        cmd.arg(&file).args(&args);
+        cmd.arg(&file).args(&args).env_remove("FLEETRUN_JOIN_TOKEN");
+        if let Some(token) = token {
+            cmd.env("FLEETRUN_JOIN_TOKEN", token);
+        }
         let out = cmd.output()?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
         assert!(out.stdout.is_empty(), "{args:?} did something");
     }
+
+    // A download cut short, piped into sh as `curl | sh` does, runs nothing of it.
+    for eighth in 1..8 {
+        let cut = &script.as_bytes()[..script.len() * eighth / 8];
+        let mut child = Command::new("sh")
+            .args(["-s", "--", "--ca-pin", pin.as_str()])
+            .env("FLEETRUN_JOIN_TOKEN", "t0k3n")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().context("stdin")?;
+            stdin.write_all(cut)?;
+        }
+        let out = child.wait_with_output()?;
+        assert!(
+            out.stdout.is_empty()
+                && !String::from_utf8_lossy(&out.stderr).contains("fleetrun install"),
+            "the first {eighth}/8 of the script ran: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     Ok(())
+}
+
+/// The served script run for real, as root, over https from a controller with `[api] tls`: it
+/// gets past its checks and downloads the package, and when the package is not the one whose
+/// digest the script carries (changed on the controller, or on the way), it stops before
+/// installing anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn served_script_installs_nothing_from_a_tampered_package() -> Result<()> {
+    if !nix_is_root() {
+        println!("skipped: the install script runs only as root");
+        return Ok(());
+    }
+    let agent_was_installed = installed("fleetrun-agent");
+    let mut cluster = fleetrun_tests::start_cluster(0).await?;
+    let arch = succeed("dpkg", &["--print-architecture"])?;
+    let packages = cluster.dir().join("packages");
+    std::fs::create_dir(&packages)?;
+    let name = format!("fleetrun-agent_0.1.0-1_{}.deb", arch.trim());
+    let deb = packages.join(&name);
+    std::fs::write(&deb, b"the agent package as built")?;
+
+    let certs = cluster.dir().join("certs");
+    let ca = pki::Ca::open_or_create(&certs, "fleetrun local cluster CA")?;
+    let api_cert = ca.issue_controller()?;
+    cluster.stop_controller(Duration::from_secs(10))?;
+    let mut config = std::fs::read_to_string(&cluster.controller_config)?;
+    config.push_str(&format!(
+        "\n[api]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n\n[dist]\ndir = \"{}\"\n",
+        api_cert.cert.display(),
+        api_cert.key.display(),
+        packages.display()
+    ));
+    let config_path = cluster.dir().join("controller-dist-https.toml");
+    std::fs::write(&config_path, config)?;
+    let log = cluster.dir().join("controller-dist-https.log");
+    let mut child = cluster.spawn("fleetrun-controller", &config_path, &log)?;
+    let https = cluster.info.api_url.replacen("http://", "https://", 1);
+    let https = https.trim_end_matches('/').to_owned();
+    let ca_pem = ca.cert_path();
+
+    let result = async {
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca_pem)?)?)
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let script = fleetrun_tests::eventually(Duration::from_secs(30), "HTTPS up", || async {
+            let reply = client
+                .get(format!("{https}/install.sh"))
+                .send()
+                .await
+                .ok()?;
+            if !reply.status().is_success() {
+                return None;
+            }
+            reply.text().await.ok()
+        })
+        .await?;
+        ensure!(script.contains(&format!("url='{https}'")), "{script}");
+        ensure!(
+            script.contains(&sha256_hex(&deb)?),
+            "the script lacks the package's digest:\n{script}"
+        );
+
+        // The package changes after the script was served.
+        std::fs::write(&deb, b"a package with something else in it")?;
+        let file = cluster.dir().join("install.sh");
+        std::fs::write(&file, &script)?;
+        let pin = format!("sha256:{}", "ab".repeat(32));
+        let out = Command::new("sh")
+            .arg(&file)
+            .args(["--ca-pin", pin.as_str(), "--controller", "127.0.0.1:7000"])
+            .arg("--cacert")
+            .arg(&ca_pem)
+            .env("FLEETRUN_JOIN_TOKEN", "t0k3n")
+            .stdin(Stdio::null())
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(1),
+            "the script ({}): {stdout}{stderr}",
+            out.status
+        );
+        ensure!(
+            stdout.contains(&format!("downloading {name}")),
+            "the script stopped before downloading: {stdout}{stderr}"
+        );
+        ensure!(
+            stderr.contains("not installed") && !stdout.contains("installing"),
+            "{stdout}{stderr}"
+        );
+        if !agent_was_installed {
+            ensure!(
+                !installed("fleetrun-agent"),
+                "the tampered package was installed"
+            );
+        }
+        Ok(())
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result.with_context(|| {
+        format!(
+            "controller log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    })
+}
+
+fn nix_is_root() -> bool {
+    run("id", &["-u"]).is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
