@@ -4,8 +4,8 @@
 //! **Architecture invariant:** the agent never listens on a port; every connection is one it made.
 
 pub mod config;
-pub mod limits;
 pub mod enroll;
+pub mod limits;
 mod renew;
 mod session;
 mod spool;
