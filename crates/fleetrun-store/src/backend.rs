@@ -188,6 +188,9 @@ pub(crate) async fn connect(database: &Database) -> Result<(sqlx::AnyPool, Diale
 /// PostgreSQL scopes advisory locks to the database, so databases on one server do not contend.
 const SOLE_USE_LOCK: i64 = 0x666c_6565_7472_756e;
 
+/// How long a starting controller waits for the database's lock before it is refused.
+const SOLE_USE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Takes the database's controller lock on a session of its own and returns that session, which
 /// keeps the lock until it closes (when the controller stops or dies). Until controllers share
 /// one database's jobs, a second controller is refused here: at start it would end the first
@@ -195,10 +198,20 @@ const SOLE_USE_LOCK: i64 = 0x666c_6565_7472_756e;
 pub(crate) async fn claim_sole_use(url: &str) -> Result<sqlx::PgConnection, StoreError> {
     let options = PgConnectOptions::from_str(url)?;
     let mut session = options.connect().await?;
-    let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(SOLE_USE_LOCK)
-        .fetch_one(&mut session)
-        .await?;
+    // A controller that was just killed holds the lock until PostgreSQL notices its session is
+    // gone (its backend may still be finishing a statement): a restart waits for that a little
+    // while; a controller that is alive keeps it, and this one is refused after the wait.
+    let deadline = std::time::Instant::now() + SOLE_USE_WAIT;
+    let held = loop {
+        let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(SOLE_USE_LOCK)
+            .fetch_one(&mut session)
+            .await?;
+        if held || std::time::Instant::now() >= deadline {
+            break held;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
     if !held {
         return Err(StoreError::InUse(
             "another controller is using this PostgreSQL database; one controller per database \
