@@ -67,7 +67,7 @@ async fn measure(ctx: &Ctx, cluster: &mut Cluster, figures: &mut Vec<Figure>) ->
     cluster.kill_controller()?;
     let mut config = std::fs::read_to_string(&cluster.controller_config)?;
     config.push_str(&format!(
-        "\n[console]\ntrusted_proxy_header = \"X-Forwarded-User\"\n\
+        "\n[console]\napp = \"fleetrun-demo\"\ntrusted_proxy_header = \"X-Forwarded-User\"\n\
          trusted_proxy_secret = \"{PROXY_SECRET}\"\nsecure_cookies = false\n\n\
          [[console.users]]\nname = \"{USER}\"\nscopes = [\"*\"]\nrole = \"viewer\"\n"
     ));
