@@ -153,6 +153,37 @@ impl Browser {
         }
     }
 
+    /// Polls until `css` matches exactly `count` elements, for up to `limit`: a page a form
+    /// submitted replaces the current one some time after the click returns.
+    pub async fn wait_count(&self, css: &str, limit: Duration, count: usize) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let found = self.client.find_all(Locator::Css(css)).await?.len();
+            if found == count {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("{css} matches {found} elements, not {count}, after {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Polls until the path of the page's URL satisfies `done`, for up to `limit`.
+    pub async fn wait_path(&self, limit: Duration, done: impl Fn(&str) -> bool) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let url = self.client.current_url().await?;
+            if done(url.path()) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("the page is still {url} after {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// With `FLEETRUN_SCREENSHOTS=1`, saves the page as `docs/console/<name>.png`.
     pub async fn screenshot(&self, name: &str) -> Result<Option<PathBuf>> {
         if std::env::var("FLEETRUN_SCREENSHOTS").as_deref() != Ok("1") {

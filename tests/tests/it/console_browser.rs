@@ -126,11 +126,10 @@ async fn an_operator_runs_watches_investigates_and_retries_in_the_browser() -> R
     // Search by output text.
     browser.fill("#q", "disk /data").await?;
     browser.click("main form[role=search] button").await?;
-    let rows = browser
-        .client
-        .find_all(fantoccini::Locator::Css("#host-table tbody tr"))
-        .await?;
-    ensure!(rows.len() == 1, "{} hosts match", rows.len());
+    browser
+        .wait_count("#host-table tbody tr", Duration::from_secs(10), 1)
+        .await
+        .context("hosts matching the search")?;
 
     // The failed host's log.
     browser.click("#host-table a.host-log").await?;
@@ -142,6 +141,10 @@ async fn an_operator_runs_watches_investigates_and_retries_in_the_browser() -> R
     // Retry the failed host: a new job on that host alone.
     browser.client.goto(job_url.as_str()).await?;
     browser.click("#retry").await?;
+    browser
+        .wait_path(Duration::from_secs(10), |path| path != job_url.path())
+        .await
+        .context("the retry's job page")?;
     browser
         .wait_text("#job-status", Duration::from_secs(60), |s| s == "failed")
         .await?;
