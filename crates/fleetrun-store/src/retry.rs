@@ -320,3 +320,279 @@ async fn forget_callback(
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{HostOutcome, NewHostResult, NewJob, NewStep, Write};
+
+    fn new_job(hosts: i64) -> NewJob {
+        NewJob {
+            name: "retry".into(),
+            operator: "admin".into(),
+            app_code: "app".into(),
+            bk_scope_type: "biz".into(),
+            bk_scope_id: "2".into(),
+            status: 2,
+            job_type: 1,
+            launch_mode: 2,
+            callback_url: None,
+            create_time: 1,
+            step: NewStep {
+                name: "retry".into(),
+                step_type: 1,
+                script_language: 1,
+                script_content: b"true".to_vec(),
+                script_param: String::new(),
+                is_param_sensitive: false,
+                timeout: 60,
+                account_id: 1,
+                account: "root".into(),
+            },
+            hosts: (1..=hosts)
+                .map(|h| NewHostResult {
+                    bk_host_id: h,
+                    bk_cloud_id: 0,
+                    ip: format!("10.0.0.{h}"),
+                    status: 5,
+                })
+                .collect(),
+        }
+    }
+
+    /// Runs every host to `statuses[i]` with the log `logs[i]`, and ends the job `job_status`.
+    async fn run(
+        store: &crate::Store,
+        created: &crate::CreatedJob,
+        outcomes: &[(i64, i32, &str)],
+        job_status: i32,
+    ) {
+        let step = created.step_instance_id;
+        store
+            .record(Write::JobStarted {
+                job_instance_id: created.job_instance_id,
+                step_instance_id: step,
+                status: 2,
+                at: 2,
+            })
+            .await
+            .unwrap();
+        for &(host, status, log) in outcomes {
+            store
+                .record(Write::HostLog {
+                    step_instance_id: step,
+                    bk_host_id: host,
+                    offset: 0,
+                    data: log.as_bytes().to_vec(),
+                })
+                .await
+                .unwrap();
+            store
+                .record(Write::HostFinished {
+                    step_instance_id: step,
+                    bk_host_id: host,
+                    outcome: HostOutcome {
+                        status,
+                        end_time: 3,
+                        ..Default::default()
+                    },
+                })
+                .await
+                .unwrap();
+        }
+        for write in [
+            Write::StepFinished {
+                step_instance_id: step,
+                status: job_status,
+                at: 4,
+            },
+            Write::JobFinished {
+                job_instance_id: created.job_instance_id,
+                status: job_status,
+                at: 4,
+            },
+        ] {
+            store.record(write).await.unwrap();
+        }
+        store.flush().await.unwrap();
+    }
+
+    fn statuses(results: &[crate::HostResultRecord]) -> Vec<(i64, i32)> {
+        results.iter().map(|r| (r.bk_host_id, r.status)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_retry_keeps_each_execute_counts_results_and_logs() {
+        let (_db, store) = crate::test_store().await;
+        let created = store.create_job(&new_job(3)).await.unwrap();
+        let (job, step) = (created.job_instance_id, created.step_instance_id);
+        run(
+            &store,
+            &created,
+            &[(1, 9, "one ok"), (2, 104, "two failed"), (3, 9, "three ok")],
+            4,
+        )
+        .await;
+        let failed_only = super::RetryScope {
+            keep: vec![3, 9],
+            batches: None,
+        };
+        // Only from the status the job is in.
+        assert_eq!(
+            store
+                .retry_step(job, step, 3, 2, &failed_only)
+                .await
+                .unwrap(),
+            None
+        );
+        let retried = store
+            .retry_step(job, step, 4, 2, &failed_only)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(retried.execute_count, 1);
+        assert_eq!(retried.hosts, [2]);
+        let record = store.job(job).await.unwrap().unwrap();
+        assert_eq!((record.status, record.end_time), (2, None));
+        assert_eq!(record.steps[0].execute_count, 2, "the store counts runs");
+        assert_eq!(
+            statuses(&store.host_results(step).await.unwrap()),
+            [(1, 9), (2, 5), (3, 9)]
+        );
+        assert!(store.host_log(step, 2).await.unwrap().is_empty());
+        // Count 0 as it ended.
+        assert_eq!(
+            statuses(&store.host_results_at(step, 0).await.unwrap()),
+            [(1, 9), (2, 104), (3, 9)]
+        );
+        assert_eq!(
+            store.host_log_at(step, 2, Some(0)).await.unwrap(),
+            b"two failed"
+        );
+        assert_eq!(
+            store.host_log_at(step, 1, Some(0)).await.unwrap(),
+            b"one ok"
+        );
+
+        // Count 1: host 2 runs again and fails again; retry all.
+        store
+            .record(Write::HostLog {
+                step_instance_id: step,
+                bk_host_id: 2,
+                offset: 0,
+                data: b"two again".to_vec(),
+            })
+            .await
+            .unwrap();
+        store
+            .record(Write::HostFinished {
+                step_instance_id: step,
+                bk_host_id: 2,
+                outcome: HostOutcome {
+                    status: 104,
+                    end_time: 5,
+                    ..Default::default()
+                },
+            })
+            .await
+            .unwrap();
+        store
+            .record(Write::JobFinished {
+                job_instance_id: job,
+                status: 4,
+                at: 6,
+            })
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        let all = store
+            .retry_step(job, step, 4, 2, &super::RetryScope::default())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((all.execute_count, all.hosts), (2, vec![1, 2, 3]));
+        // Every count's log is where it was written: host 1 ran in count 0 only, so its log at
+        // count 1 is that one; host 2 has one per count.
+        for (count, host, log) in [
+            (0, 2, &b"two failed"[..]),
+            (1, 2, b"two again"),
+            (0, 1, b"one ok"),
+            (1, 1, b"one ok"),
+            (1, 3, b"three ok"),
+        ] {
+            assert_eq!(
+                store.host_log_at(step, host, Some(count)).await.unwrap(),
+                log,
+                "count {count} host {host}"
+            );
+        }
+        assert_eq!(
+            statuses(&store.host_results_at(step, 1).await.unwrap()),
+            [(1, 9), (2, 104), (3, 9)]
+        );
+        assert_eq!(
+            statuses(&store.host_results_at(step, 2).await.unwrap()),
+            [(1, 5), (2, 5), (3, 5)]
+        );
+
+        // Retention removes every count's rows with the job.
+        store
+            .record(Write::JobFinished {
+                job_instance_id: job,
+                status: 3,
+                at: 10,
+            })
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        assert_eq!(store.prune_finished_jobs(100, &[3], 10).await.unwrap(), 1);
+        use sqlx::Row;
+        for table in ["host_result_history", "host_log_history"] {
+            let left: i64 = sqlx::query(&format!("SELECT COUNT(*) FROM {table}"))
+                .fetch_one(&store.pool)
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(left, 0, "{table}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retry_with_no_host_in_its_scope_changes_nothing() {
+        let (_db, store) = crate::test_store().await;
+        let created = store.create_job(&new_job(2)).await.unwrap();
+        let (job, step) = (created.job_instance_id, created.step_instance_id);
+        run(&store, &created, &[(1, 9, "a"), (2, 9, "b")], 11).await;
+        let failed_only = super::RetryScope {
+            keep: vec![3, 9],
+            batches: None,
+        };
+        let retried = store
+            .retry_step(job, step, 11, 2, &failed_only)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(retried.hosts.is_empty());
+        let record = store.job(job).await.unwrap().unwrap();
+        assert_eq!(record.status, 11);
+        assert_eq!(record.steps[0].execute_count, 1);
+        // A rolling batch scope: only that batch's hosts.
+        store
+            .save_rolling(step, "{}", &[vec![1], vec![2]])
+            .await
+            .unwrap();
+        let batch_2 = super::RetryScope {
+            keep: Vec::new(),
+            batches: Some(2..=2),
+        };
+        let retried = store
+            .retry_step(job, step, 11, 2, &batch_2)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(retried.hosts, [2]);
+        assert_eq!(
+            statuses(&store.host_results(step).await.unwrap()),
+            [(1, 9), (2, 5)]
+        );
+    }
+}
