@@ -288,7 +288,7 @@ async fn step_detail_shows_the_step_as_submitted_with_a_sensitive_parameter_mask
     let (job, step) = submit(
         &cluster,
         "echo detail",
-        json!({"script_param": "hunter2", "is_param_sensitive": 1,
+        json!({"script_param": b64("hunter2"), "is_param_sensitive": 1,
             "rolling_config": {"expression": "1", "mode": 3}}),
     )
     .await?;
