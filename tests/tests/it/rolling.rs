@@ -172,9 +172,10 @@ async fn a_job_waiting_for_a_confirmation_can_be_ended() -> Result<()> {
     let ended = wait_for(&cluster, job, 13).await?;
     assert_eq!(ended["finished"], true, "{ended}");
     assert_eq!(host_statuses(&ended), [5, 9], "{ended}");
-    // Retrying is not carried out, and says so.
+    // A job whose termination was confirmed is not retried (bk-job retries failed, abnormal
+    // and terminated steps only).
     let retry = operate(&cluster, job, step, 2).await?;
-    assert_eq!(retry["code"], 1_241_011, "{retry}");
+    assert_eq!(retry["code"], 1_241_003, "{retry}");
     Ok(())
 }
 
