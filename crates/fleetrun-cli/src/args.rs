@@ -185,6 +185,15 @@ pub enum Command {
         /// The job instance id
         job: i64,
     },
+    /// Run a failed or terminated job's failed hosts again (or all of them), under the next
+    /// execute_count
+    Retry {
+        /// The job instance id
+        job: i64,
+        /// Run every host again, not only the failed ones
+        #[arg(long)]
+        all: bool,
+    },
     /// List the hosts (agents' and the inventory's); add, update, move or remove them
     Hosts(HostsArgs),
     /// The scope's script library: list, show, create, publish, disable

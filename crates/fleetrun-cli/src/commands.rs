@@ -57,6 +57,14 @@ pub async fn dispatch(cli: &Cli) -> Result<u8, CliError> {
         Command::Ignore { job } => {
             crate::rolling::operate(&ctx, *job, crate::rolling::IGNORE).await
         }
+        Command::Retry { job, all } => {
+            let code = if *all {
+                crate::rolling::RETRY_ALL
+            } else {
+                crate::rolling::RETRY_FAILED
+            };
+            crate::rolling::operate(&ctx, *job, code).await
+        }
         Command::Hosts(args) => match &args.command {
             None => hosts(&ctx, args).await,
             Some(command) => admin::run(&ctx, admin::host_change(command)).await,

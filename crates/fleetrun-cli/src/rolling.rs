@@ -1,5 +1,5 @@
 //! Rolling jobs from the command line: `run --batch ... --dry-run` prints the batches the
-//! controller would make (`preview_rolling`); `confirm` and `ignore` are
+//! controller would make (`preview_rolling`); `confirm`, `ignore` and `retry` are
 //! `operate_step_instance` on the job's step.
 
 use serde_json::{Value, json};
@@ -13,6 +13,8 @@ use crate::{
 /// bk-job's step operation codes.
 pub const IGNORE: i64 = 3;
 pub const CONFIRM: i64 = 13;
+pub const RETRY_FAILED: i64 = 2;
+pub const RETRY_ALL: i64 = 8;
 
 /// Prints the batches of a `run` request without submitting it.
 pub async fn dry_run(ctx: &Ctx, request: &Value) -> Result<u8, CliError> {
@@ -69,7 +71,9 @@ pub async fn operate(ctx: &Ctx, job: i64, code: i64) -> Result<u8, CliError> {
         Output::Text => {
             let what = match code {
                 CONFIRM => "confirmed: the next batch goes out",
-                IGNORE => "failures ignored: the next batch goes out",
+                IGNORE => "failures ignored",
+                RETRY_FAILED => "the failed hosts run again",
+                RETRY_ALL => "every host runs again",
                 _ => "done",
             };
             print(&format!("job {job}: {what}\n"))?;

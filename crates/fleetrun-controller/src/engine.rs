@@ -177,6 +177,16 @@ impl Engine {
 
     /// Starts the job in the background; false if it is running already.
     pub fn start(&self, spec: JobSpec) -> bool {
+        self.start_run(spec, true)
+    }
+
+    /// Runs a retried step's hosts in the background (the store moved the step to its next
+    /// execute_count and the job to running already); false if the job is running.
+    pub fn start_retry(&self, spec: JobSpec) -> bool {
+        self.start_run(spec, false)
+    }
+
+    fn start_run(&self, spec: JobSpec, first: bool) -> bool {
         let cancel = CancellationToken::new();
         let job_instance_id = spec.job_instance_id;
         {
@@ -188,7 +198,7 @@ impl Engine {
         }
         let engine = self.clone();
         tokio::spawn(async move {
-            engine.run_job(spec, cancel).await;
+            engine.run_job(spec, cancel, first).await;
             // The job leaves the running set only once its final state is committed, so nobody
             // sees it neither running nor finished.
             if let Err(e) = engine.store.flush().await {
@@ -480,7 +490,8 @@ impl Engine {
         }
     }
 
-    async fn run_job(&self, spec: JobSpec, cancel: CancellationToken) {
+    /// Runs a job's hosts to their ends; `first` for its first run, which records its start.
+    async fn run_job(&self, spec: JobSpec, cancel: CancellationToken, first: bool) {
         let JobSpec {
             job_instance_id,
             step_instance_id,
@@ -488,13 +499,15 @@ impl Engine {
             task,
         } = spec;
         let started = now_ms();
-        self.write(Write::JobStarted {
-            job_instance_id,
-            step_instance_id,
-            status: job::RUNNING,
-            at: started,
-        })
-        .await;
+        if first {
+            self.write(Write::JobStarted {
+                job_instance_id,
+                step_instance_id,
+                status: job::RUNNING,
+                at: started,
+            })
+            .await;
+        }
         let limits = self.limits(task.timeout_secs);
         let request = self.encode_request(job_instance_id, step_instance_id, task);
         let mut hosts = JoinSet::new();

@@ -24,6 +24,7 @@ mod inventory;
 mod model;
 mod reattach;
 mod retention;
+mod retry;
 mod rolling;
 mod schema;
 pub mod scratch;
@@ -56,6 +57,7 @@ pub use inventory::{
 };
 pub use model::*;
 pub use reattach::{HostCheckpoint, ResumableHost, ResumableJob};
+pub use retry::{Retried, RetryScope};
 pub use rolling::{NewRolling, RollingRecord};
 pub use scripts::{
     DRAFT as SCRIPT_DRAFT, NewScript, ScriptBasics, ScriptFilter, ScriptRecord,

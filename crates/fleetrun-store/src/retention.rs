@@ -79,6 +79,14 @@ impl Store {
             ("host_log", r#"step_instance_id, bk_host_id, "offset""#),
             ("host_result", "step_instance_id, bk_host_id"),
             ("host_task", "step_instance_id, bk_host_id"),
+            (
+                "host_log_history",
+                r#"step_instance_id, execute_count, bk_host_id, "offset""#,
+            ),
+            (
+                "host_result_history",
+                "step_instance_id, execute_count, bk_host_id",
+            ),
         ] {
             let sql = format!(
                 "DELETE FROM {table} WHERE ({key}) IN \
@@ -109,6 +117,8 @@ impl Store {
             format!("DELETE FROM host_log WHERE step_instance_id IN ({steps})"),
             format!("DELETE FROM host_result WHERE step_instance_id IN ({steps})"),
             format!("DELETE FROM host_task WHERE step_instance_id IN ({steps})"),
+            format!("DELETE FROM host_log_history WHERE step_instance_id IN ({steps})"),
+            format!("DELETE FROM host_result_history WHERE step_instance_id IN ({steps})"),
             format!(
                 "DELETE FROM callback_attempt WHERE delivery_id IN \
                  (SELECT id FROM callback_delivery WHERE job_instance_id IN ({ids}))"

@@ -93,6 +93,17 @@ impl Store {
         self.noting_write_failure(saved)
     }
 
+    /// The job a step belongs to, or None if there is no such step.
+    pub async fn step_job(&self, step_instance_id: i64) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query("SELECT job_instance_id FROM step_instance WHERE step_instance_id = $1")
+                .bind(step_instance_id)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|r| r.get(0)),
+        )
+    }
+
     /// A step's rolling plan, or None for a step that does not roll.
     pub async fn rolling(
         &self,

@@ -94,6 +94,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0012_enrollment.sql"),
         include_str!("../migrations/postgres/0012_enrollment.sql"),
     ),
+    (
+        14,
+        "execute count",
+        include_str!("../migrations/sqlite/0014_execute_count.sql"),
+        include_str!("../migrations/postgres/0014_execute_count.sql"),
+    ),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them.

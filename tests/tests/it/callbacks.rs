@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 /// One POST the receiver got.
 #[derive(Debug, Clone)]
-struct Received {
+pub(super) struct Received {
     at_ms: i64,
     headers: HeaderMap,
     body: Bytes,
@@ -42,15 +42,15 @@ struct Inbox {
 
 /// A callback receiver on 127.0.0.1, stopped when dropped.
 #[derive(Debug)]
-struct Receiver {
-    url: String,
+pub(super) struct Receiver {
+    pub(super) url: String,
     inbox: Arc<Inbox>,
     server: tokio::task::JoinHandle<()>,
 }
 
 impl Receiver {
     /// Listens on `port` (0 for any) and answers 500 to the first `failures` POSTs, 200 after.
-    async fn start(port: u16, failures: usize) -> Result<Self> {
+    pub(super) async fn start(port: u16, failures: usize) -> Result<Self> {
         Self::with_inbox(
             port,
             Inbox {
@@ -86,7 +86,7 @@ impl Receiver {
         Ok(Self { url, inbox, server })
     }
 
-    fn received(&self) -> Vec<Received> {
+    pub(super) fn received(&self) -> Vec<Received> {
         self.inbox.received.lock().unwrap().clone()
     }
 }

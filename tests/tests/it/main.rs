@@ -37,6 +37,7 @@ mod reattach;
 mod reattach_faults;
 mod reload;
 mod retention;
+mod retry;
 mod rolling;
 mod scope_leaks;
 mod scripts;

@@ -172,9 +172,10 @@ async fn a_job_waiting_for_a_confirmation_can_be_ended() -> Result<()> {
     let ended = wait_for(&cluster, job, 13).await?;
     assert_eq!(ended["finished"], true, "{ended}");
     assert_eq!(host_statuses(&ended), [5, 9], "{ended}");
-    // Retrying is not carried out, and says so.
+    // A job whose termination was confirmed is not retried (bk-job retries failed, abnormal
+    // and terminated steps only).
     let retry = operate(&cluster, job, step, 2).await?;
-    assert_eq!(retry["code"], 1_241_011, "{retry}");
+    assert_eq!(retry["code"], 1_241_003, "{retry}");
     Ok(())
 }
 
@@ -443,5 +444,65 @@ async fn step_status_and_preview_are_served_by_get_and_post_under_other_path_sty
     assert_eq!(reply["data"]["total_batch"], 2, "{reply}");
     assert_eq!(reply["data"]["total_host_size"], 2, "{reply}");
     assert_eq!(reply["data"]["batch_list"][0]["host_size"], 1, "{reply}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ignoring_the_error_of_a_failed_last_batch_ends_the_job_as_bk_job_does() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    // The second host to run fails: batch 2 of 2, the last one.
+    let runs = cluster.dir().join("runs");
+    let script = format!(
+        "echo run >> {runs}; if [ $(wc -l < {runs}) -ge 2 ]; then echo failing; exit 3; fi; echo fine",
+        runs = runs.display()
+    );
+    let (job, step) = submit(&cluster, &script, json!({"expression": "1", "mode": 1})).await?;
+    let failed = wait_for(&cluster, job, 4).await?;
+    assert_eq!(host_statuses(&failed), [9, 104], "{failed}");
+    let ignored = operate(&cluster, job, step, 3).await?;
+    assert_eq!(ignored["code"], 0, "{ignored}");
+    // Nothing is left to dispatch: the step shows "ignore error" and the job succeeded.
+    let done = wait_for(&cluster, job, 3).await?;
+    assert_eq!(done["step_instance_list"][0]["status"], 6, "{done}");
+    assert_eq!(host_statuses(&done), [9, 104], "{done}");
+    assert!(
+        done["job_instance"]["end_time"].as_i64().is_some(),
+        "{done}"
+    );
+    // Once is all: the job is no longer failed.
+    let again = operate(&cluster, job, step, 3).await?;
+    assert_eq!(again["code"], 1_241_003, "{again}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_in_the_middle_of_a_batch_finishes_it_then_waits_for_a_confirmation() -> Result<()>
+{
+    let mut cluster = start_cluster(2).await?;
+    let hold = cluster.dir().join("hold");
+    std::fs::write(&hold, "")?;
+    let script = format!(
+        "while [ -f {hold} ]; do sleep 0.1; done; echo released",
+        hold = hold.display()
+    );
+    // Mode 2 would roll on by itself; batch 1 is out when the controller stops.
+    let (job, step) = submit(&cluster, &script, json!({"expression": "1", "mode": 2})).await?;
+    eventually(Duration::from_secs(60), "batch 1 running", || async {
+        let s = status(&cluster, job).await.ok()?;
+        (host_statuses(&s) == [5, 7]).then_some(())
+    })
+    .await?;
+    cluster.kill_controller()?;
+    cluster.start_controller().await?;
+    let ids: Vec<String> = cluster.agents.iter().map(|a| a.agent_id.clone()).collect();
+    cluster.wait_online(&ids, Duration::from_secs(30)).await?;
+    std::fs::remove_file(&hold)?;
+    // The agent kept running batch 1's task; the restarted controller takes it up, waits for
+    // it, and then stops for an operator rather than send batch 2 on its own.
+    let kept = wait_for(&cluster, job, 7).await?;
+    assert_eq!(host_statuses(&kept), [5, 9], "{kept}");
+    assert_eq!(operate(&cluster, job, step, 13).await?["code"], 0);
+    let done = wait_for(&cluster, job, 3).await?;
+    assert_eq!(host_statuses(&done), [9, 9], "{done}");
     Ok(())
 }

@@ -358,7 +358,21 @@ pub async fn check_script(
         .dangerous_rules
         .check(language as i32, Arc::new(script))
         .await;
+    if verdict.unfinished {
+        return Err(unfinished());
+    }
     reply::data(verdict.findings)
+}
+
+/// The refusal of a script whose check reached [`dangerous::CHECK_BUDGET`].
+fn unfinished() -> ApiError {
+    ApiError::new(
+        code::DANGEROUS_SCRIPT,
+        format!(
+            "Dangerous script, cannot be executed: the dangerous-command check did not finish within {} s; shorten the script or the rules",
+            dangerous::CHECK_BUDGET.as_secs()
+        ),
+    )
 }
 
 /// Checks a script against the enabled rules before it is run or kept: refuses it with bk-job's
@@ -371,6 +385,11 @@ pub async fn refuse_intercepted(
     script: Arc<Vec<u8>>,
 ) -> Result<Vec<Finding>, ApiError> {
     let verdict: Verdict = shared.dangerous_rules.check(language, script).await;
+    // A script the rules could not be checked against in time does not run unchecked.
+    if verdict.unfinished {
+        tracing::warn!("script refused: the dangerous-command check ran out of time");
+        return Err(unfinished());
+    }
     if verdict.intercepted() {
         tracing::warn!(
             rules = ?verdict

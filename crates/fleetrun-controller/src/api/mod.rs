@@ -25,6 +25,7 @@ mod reply;
 mod scope;
 mod scripts;
 mod serve;
+mod step_detail;
 mod step_status;
 mod steps;
 mod stream;
@@ -128,6 +129,7 @@ const APIS: &[&str] = &[
     "create_join_token",
     "list_join_tokens",
     "revoke_join_token",
+    "get_step_instance_detail",
 ];
 
 /// bk-job's public-script APIs: the business ones' twins, served by [`scripts::call`] with the
@@ -338,6 +340,9 @@ async fn answer(request: Request) -> Response {
             "create_join_token" => tokens::create_join_token(&shared, &caller, &params).await,
             "list_join_tokens" => tokens::list_join_tokens(&shared, &caller).await,
             "revoke_join_token" => tokens::revoke_join_token(&shared, &caller, &params).await,
+            "get_step_instance_detail" => {
+                step_detail::get_step_instance_detail(&shared, &caller, &params).await
+            }
             name if scripts::APIS.contains(&name) => {
                 scripts::call(name, false, &shared, &caller, &params).await
             }

@@ -20,6 +20,8 @@ struct StatusRequest {
     job_instance_id: i64,
     #[serde(default, deserialize_with = "lenient::opt_bool")]
     return_ip_result: Option<bool>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    execute_count: Option<i64>,
 }
 
 /// The job, if it exists in the request's scope (a job of another scope is not found, as in bk-job).
@@ -46,22 +48,93 @@ pub(super) async fn load_job(
         })
 }
 
+/// The job and its step `step_instance_id`, if the job exists in the request's scope (bk-job
+/// answers a step of another job as it answers an unknown job).
+pub(super) async fn load_step(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+    job_instance_id: i64,
+    step_instance_id: i64,
+) -> Result<(fleetrun_store::JobRecord, fleetrun_store::StepRecord), ApiError> {
+    let job = load_job(shared, caller, params, job_instance_id).await?;
+    let step = job
+        .steps
+        .iter()
+        .find(|s| s.step_instance_id == step_instance_id)
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::new(
+                code::STEP_NOT_FOUND,
+                format!("step_instance_id: job {job_instance_id} has no step {step_instance_id}"),
+            )
+        })?;
+    Ok((job, step))
+}
+
+/// The execute_count a query asks for, checked against the step's: None for the latest (not
+/// given, or the step's current count), else an earlier one.
+pub(super) fn asked_count(
+    step: &fleetrun_store::StepRecord,
+    asked: Option<i64>,
+) -> Result<Option<i64>, ApiError> {
+    let latest = reply::retries(step.execute_count);
+    match asked {
+        None => Ok(None),
+        Some(n) if n == latest => Ok(None),
+        Some(n) if (0..latest).contains(&n) => Ok(Some(n)),
+        Some(n) => Err(ApiError::invalid(
+            "execute_count",
+            format!(
+                "step {} has execute_count 0 to {latest}, not {n}",
+                step.step_instance_id
+            ),
+        )),
+    }
+}
+
+/// A step's host results at `execute_count` (None: the latest).
+pub(super) async fn results_at(
+    shared: &Shared,
+    step_instance_id: i64,
+    execute_count: Option<i64>,
+) -> Result<Vec<fleetrun_store::HostResultRecord>, ApiError> {
+    Ok(match execute_count {
+        None => shared.store.host_results(step_instance_id).await?,
+        Some(n) => shared.store.host_results_at(step_instance_id, n).await?,
+    })
+}
+
 pub async fn get_job_instance_status(
     shared: &Shared,
     caller: &Caller,
     params: &Params,
 ) -> Result<Value, ApiError> {
     let req: StatusRequest = params.parse()?;
-    reply::data(
-        job_instance_status(
-            shared,
-            caller,
-            params,
-            req.job_instance_id,
-            req.return_ip_result.unwrap_or(false),
-        )
-        .await?,
+    let mut status = job_instance_status(
+        shared,
+        caller,
+        params,
+        req.job_instance_id,
+        req.return_ip_result.unwrap_or(false),
     )
+    .await?;
+    // An earlier execute_count: its results replace the latest ones.
+    if let Some(asked) = req.execute_count {
+        let job = load_job(shared, caller, params, req.job_instance_id).await?;
+        for (reply_step, step) in status.step_instance_list.iter_mut().zip(&job.steps) {
+            let Some(n) = asked_count(step, Some(asked))? else {
+                continue;
+            };
+            reply_step.execute_count = n;
+            if reply_step.step_ip_result_list.is_some() {
+                let results = results_at(shared, step.step_instance_id, Some(n)).await?;
+                reply_step.step_ip_result_list =
+                    Some(results.iter().map(reply::HostResult::from).collect());
+            }
+        }
+    }
+    reply::data(status)
 }
 
 /// A job's status, with each host's result when `with_hosts`: `get_job_instance_status` in v3
@@ -109,6 +182,8 @@ struct LogRequest {
     #[serde(default, deserialize_with = "lenient::opt_int")]
     bk_cloud_id: Option<i64>,
     ip: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    execute_count: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,29 +195,26 @@ struct BatchLogRequest {
     #[serde(default, deserialize_with = "lenient::opt_int_list")]
     host_id_list: Option<Vec<i64>>,
     ip_list: Option<Vec<IpTarget>>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    execute_count: Option<i64>,
 }
 
-/// The step's per-host results, after checking that the step belongs to the job (bk-job answers
-/// a step of another job as it answers an unknown job).
+/// The step's per-host results at `execute_count` (None: the latest), after checking that the
+/// step belongs to the job; with the checked count.
 async fn step_results(
     shared: &Shared,
     caller: &Caller,
     params: &Params,
     job_instance_id: i64,
     step_instance_id: i64,
-) -> Result<Vec<fleetrun_store::HostResultRecord>, ApiError> {
-    let job = load_job(shared, caller, params, job_instance_id).await?;
-    if !job
-        .steps
-        .iter()
-        .any(|s| s.step_instance_id == step_instance_id)
-    {
-        return Err(ApiError::new(
-            code::STEP_NOT_FOUND,
-            format!("step_instance_id: job {job_instance_id} has no step {step_instance_id}"),
-        ));
-    }
-    Ok(shared.store.host_results(step_instance_id).await?)
+    execute_count: Option<i64>,
+) -> Result<(Vec<fleetrun_store::HostResultRecord>, Option<i64>), ApiError> {
+    let (_, step) = load_step(shared, caller, params, job_instance_id, step_instance_id).await?;
+    let execute_count = asked_count(&step, execute_count)?;
+    Ok((
+        results_at(shared, step_instance_id, execute_count).await?,
+        execute_count,
+    ))
 }
 
 fn same_ip(a: &str, b: &str) -> bool {
@@ -172,12 +244,13 @@ pub async fn get_job_instance_ip_log(
         (None, Some(cloud), Some(ip)) if !ip.is_empty() => HostKey::Address(cloud, ip.to_owned()),
         _ => return Err(missing_host("bk_host_id (or bk_cloud_id and ip)")),
     };
-    let results = step_results(
+    let (results, execute_count) = step_results(
         shared,
         caller,
         params,
         req.job_instance_id,
         req.step_instance_id,
+        req.execute_count,
     )
     .await?;
     let found = results.iter().find(|r| match &wanted {
@@ -208,7 +281,7 @@ pub async fn get_job_instance_ip_log(
     };
     let log = shared
         .store
-        .host_log(req.step_instance_id, result.bk_host_id)
+        .host_log_at(req.step_instance_id, result.bk_host_id, execute_count)
         .await?;
     let (ip, ipv6) = reply::split_address(&result.ip);
     reply::data(reply::HostLog {
@@ -242,6 +315,7 @@ pub async fn batch_get_job_instance_ip_log(
         req.job_instance_id,
         req.step_instance_id,
         &hosts,
+        req.execute_count,
     )
     .await?;
     reply::data(reply::BatchLogs {
@@ -318,8 +392,17 @@ pub(super) async fn step_logs(
     job_instance_id: i64,
     step_instance_id: i64,
     hosts: &LogHosts,
+    execute_count: Option<i64>,
 ) -> Result<Vec<(fleetrun_store::HostResultRecord, String)>, ApiError> {
-    let results = step_results(shared, caller, params, job_instance_id, step_instance_id).await?;
+    let (results, execute_count) = step_results(
+        shared,
+        caller,
+        params,
+        job_instance_id,
+        step_instance_id,
+        execute_count,
+    )
+    .await?;
     let mut logs = Vec::new();
     for result in results {
         let wanted = match hosts {
@@ -333,7 +416,7 @@ pub(super) async fn step_logs(
         }
         let log = shared
             .store
-            .host_log(step_instance_id, result.bk_host_id)
+            .host_log_at(step_instance_id, result.bk_host_id, execute_count)
             .await?;
         let text = String::from_utf8_lossy(&log).into_owned();
         logs.push((result, text));
@@ -772,18 +855,6 @@ async fn start_created_job(
         .parse()
         .map_err(|e| ApiError::internal("start job", format!("stored scope: {e}")))?;
     let inventory = shared.inventory.current().await?;
-    let account = inventory
-        .account_for(&scope, Some(step.account_id), None)
-        .map_err(|e| ApiError::new(i64::from(e.code()), format!("account_id: {e}")))?;
-    if account.account != step.account {
-        return Err(ApiError::invalid(
-            "job_instance_id",
-            format!(
-                "account {} now runs as {:?}, not {:?} as when job {} was created; submit it again",
-                step.account_id, account.account, step.account, job.job_instance_id
-            ),
-        ));
-    }
     let hosts = shared.store.host_results(step.step_instance_id).await?;
     let wanted = fleetrun_inventory::Targets {
         host_ids: Some(hosts.iter().map(|h| h.bk_host_id).collect()),
@@ -795,28 +866,8 @@ async fn start_created_job(
     inventory
         .resolve(&scope, &wanted)
         .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?;
-    let (script, param) = shared
-        .store
-        .step_payload(step.step_instance_id)
-        .await?
-        .ok_or_else(|| ApiError::internal("start job", "step vanished"))?;
-    let param = if step.is_param_sensitive {
-        shared
-            .cipher
-            .open(&param, job.job_instance_id, step.step_instance_id)
-            .map_err(|e| ApiError::internal("start job", e))?
-    } else {
-        param
-    };
-    // The rules in force now decide, as for a fresh submit.
-    let script = std::sync::Arc::new(script);
-    super::dangerous_rules::refuse_intercepted(
-        shared,
-        &step.name,
-        step.script_language,
-        script.clone(),
-    )
-    .await?;
+    // The account and the rules in force now decide, as for a fresh submit.
+    let task = super::steps::stored_task(shared, job, step).await?;
     let claimed = shared
         .store
         .claim_pending_job(
@@ -835,14 +886,7 @@ async fn start_created_job(
             job_instance_id: job.job_instance_id,
             step_instance_id: step.step_instance_id,
             hosts: hosts.iter().map(|h| h.bk_host_id).collect(),
-            task: crate::engine::TaskTemplate {
-                script_language: step.script_language,
-                script,
-                script_param: param,
-                is_param_sensitive: step.is_param_sensitive,
-                account: account.account.clone(),
-                timeout_secs: step.timeout as u32,
-            },
+            task,
         },
     )
     .await?;

@@ -10,9 +10,8 @@ use serde_json::Value;
 use super::{
     ApiError,
     auth::Caller,
-    error::code,
     params::{Params, lenient},
-    query::load_job,
+    query::{asked_count, load_step, results_at},
     reply::{self, HostResult},
 };
 use crate::Shared;
@@ -131,32 +130,17 @@ pub async fn get_step_instance_status(
     params: &Params,
 ) -> Result<Value, ApiError> {
     let req: StepStatusRequest = params.parse()?;
-    let job = load_job(shared, caller, params, req.job_instance_id).await?;
-    let step = job
-        .steps
-        .iter()
-        .find(|s| s.step_instance_id == req.step_instance_id)
-        .ok_or_else(|| {
-            ApiError::new(
-                code::STEP_NOT_FOUND,
-                format!(
-                    "step_instance_id: job {} has no step {}",
-                    job.job_instance_id, req.step_instance_id
-                ),
-            )
-        })?;
-    let execute_count = reply::retries(step.execute_count);
-    if let Some(asked) = req.execute_count
-        && asked != execute_count
-    {
-        return Err(ApiError::invalid(
-            "execute_count",
-            format!(
-                "step {} has run {execute_count} times retried; only execute_count {execute_count} exists",
-                step.step_instance_id
-            ),
-        ));
-    }
+    let (_, step) = load_step(
+        shared,
+        caller,
+        params,
+        req.job_instance_id,
+        req.step_instance_id,
+    )
+    .await?;
+    // bk-job: the latest execute_count unless one is asked for.
+    let asked = asked_count(&step, req.execute_count)?;
+    let execute_count = asked.unwrap_or(reply::retries(step.execute_count));
     if let Some(n) = req.max_host_num_per_group
         && n < 0
     {
@@ -166,7 +150,7 @@ pub async fn get_step_instance_status(
         ));
     }
     let batches = shared.store.host_batches(step.step_instance_id).await?;
-    let mut hosts = shared.store.host_results(step.step_instance_id).await?;
+    let mut hosts = results_at(shared, step.step_instance_id, asked).await?;
     // bk-job: no batch (or 0) is every batch.
     if let Some(batch) = req.batch.filter(|b| *b > 0) {
         hosts.retain(|h| {
@@ -192,7 +176,7 @@ pub async fn get_step_instance_status(
         for host in hosts {
             let log = shared
                 .store
-                .host_log(step.step_instance_id, host.bk_host_id)
+                .host_log_at(step.step_instance_id, host.bk_host_id, asked)
                 .await?;
             if log_matches(&mut scanned, MAX_KEYWORD_BYTES, &log, keyword)? {
                 kept.push(host);

@@ -1,6 +1,7 @@
 //! Rolling steps through the API: the `rolling_config` hook of `fast_execute_script`, starting a
 //! step (rolling or not), and `operate_step_instance` (go on with the next batch, ignore the
-//! failures so far, end a job waiting for a confirmation).
+//! failures so far, end a job waiting for a confirmation, retry failed or all hosts under a new
+//! execute_count).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -10,7 +11,7 @@ use super::{
     auth::Caller,
     error::code,
     params::{Params, lenient},
-    query::load_job,
+    query::load_step,
     reply,
 };
 use crate::{
@@ -153,12 +154,26 @@ pub mod operation {
     pub const ROLLING_CONTINUE: i64 = 13;
 }
 
+/// Step statuses a retry applies to, as bk-job's `isStepSupportRetry`: failed, abnormal,
+/// terminated.
+const RETRYABLE: [i32; 3] = [
+    status::job::FAILED,
+    status::job::ABNORMAL,
+    status::job::TERMINATE_SUCCESS,
+];
+
 /// `operate_step_instance`.
 ///
+/// - 2 (retry failed) and 8 (retry all): a step that failed (4), ended abnormally (9) or was
+///   terminated (11) runs its failed hosts (or all of them) again under the next execute_count;
+///   a rolling step, those of the batch it stopped at (of every batch that went out, when
+///   staggered), then rolls on from there.
 /// - 6 (confirm continue) and 13 (continue rolling): a rolling job waiting for the user (7)
 ///   dispatches its next batch.
 /// - 3 (ignore error): a rolling job paused on a failed batch (4) dispatches its next batch;
-///   the failures so far no longer count against it.
+///   the failures so far no longer count against it. A failed step with nothing left to
+///   dispatch (not rolling, or its last batch failed) ends "ignore error" (6), its job
+///   successful (3), as bk-job ends a job whose last step's error is ignored.
 /// - 9 (confirm terminate): a job waiting for the user ends "termination confirmed" (13).
 pub async fn operate_step_instance(
     shared: &Shared,
@@ -166,21 +181,14 @@ pub async fn operate_step_instance(
     params: &Params,
 ) -> Result<Value, ApiError> {
     let req: OperateStepRequest = params.parse()?;
-    let job = load_job(shared, caller, params, req.job_instance_id).await?;
-    let step = job
-        .steps
-        .iter()
-        .find(|s| s.step_instance_id == req.step_instance_id)
-        .ok_or_else(|| {
-            ApiError::new(
-                code::STEP_NOT_FOUND,
-                format!(
-                    "step_instance_id: job {} has no step {}",
-                    job.job_instance_id, req.step_instance_id
-                ),
-            )
-        })?
-        .clone();
+    let (job, step) = load_step(
+        shared,
+        caller,
+        params,
+        req.job_instance_id,
+        req.step_instance_id,
+    )
+    .await?;
     let rolling = shared.store.rolling(step.step_instance_id).await?;
     let refuse = |what: &str| {
         ApiError::new(
@@ -208,17 +216,40 @@ pub async fn operate_step_instance(
             go_on(shared, &job, &step, record, false).await?;
         }
         operation::IGNORE_ERROR => {
-            let Some(record) = rolling else {
-                return Err(refuse(
-                    "applies to a rolling step paused on a failed batch; fleetrun's other steps end with the job",
-                ));
-            };
-            if job.status != status::job::FAILED
-                || !paused_on_failure(shared, &step, &record).await?
-            {
-                return Err(refuse("applies to a rolling job paused on a failed batch"));
+            if job.status != status::job::FAILED || step.status != status::job::FAILED {
+                return Err(refuse("applies to a failed step (4)"));
             }
-            go_on(shared, &job, &step, record, true).await?;
+            match rolling {
+                Some(record) if record.current_batch < record.total_batches => {
+                    if !paused_on_failure(shared, &step, &record).await? {
+                        return Err(refuse(
+                            "applies to a rolling job paused on a failed batch, not one stopped by its failure limit (retry it instead)",
+                        ));
+                    }
+                    go_on(shared, &job, &step, record, true).await?;
+                }
+                // A step with nothing left to dispatch: bk-job marks it "ignore error" (6) and
+                // the job, with no step after it, ends successful.
+                _ => {
+                    if !shared
+                        .store
+                        .ignore_step_error(
+                            job.job_instance_id,
+                            step.step_instance_id,
+                            status::job::FAILED,
+                            status::job::IGNORE_ERROR,
+                            status::job::SUCCESS,
+                            crate::now_ms(),
+                        )
+                        .await?
+                    {
+                        return Err(refuse("applies to a failed step (4)"));
+                    }
+                    if let Some(callbacks) = shared.engine.callbacks() {
+                        callbacks.job_ended(job.job_instance_id);
+                    }
+                }
+            }
         }
         operation::CONFIRM_TERMINATE => {
             if job.status != status::job::WAITING_USER
@@ -239,15 +270,26 @@ pub async fn operate_step_instance(
                 callbacks.job_ended(job.job_instance_id);
             }
         }
-        operation::RETRY_FAILED
-        | operation::RETRY_ALL
-        | operation::CONFIRM_RESTART
-        | operation::NEXT_STEP
-        | operation::SKIP => {
+        operation::RETRY_FAILED | operation::RETRY_ALL => {
+            if !RETRYABLE.contains(&job.status) || !RETRYABLE.contains(&step.status) {
+                return Err(refuse(
+                    "applies to a step that failed (4), ended abnormally (9) or was terminated (11)",
+                ));
+            }
+            retry(
+                shared,
+                &job,
+                &step,
+                rolling,
+                req.operation_code == operation::RETRY_ALL,
+            )
+            .await?;
+        }
+        operation::CONFIRM_RESTART | operation::NEXT_STEP | operation::SKIP => {
             return Err(ApiError::new(
                 code::NOT_SUPPORTED,
                 format!(
-                    "operation_code: {} is not carried out by fleetrun (it serves 3 ignore error, 6 confirm continue, 9 confirm terminate and 13 continue rolling)",
+                    "operation_code: {} is not carried out by fleetrun (it serves 2 retry failed, 3 ignore error, 6 confirm continue, 8 retry all, 9 confirm terminate and 13 continue rolling)",
                     req.operation_code
                 ),
             ));
@@ -435,8 +477,11 @@ async fn go_on(
 }
 
 /// What the step's hosts run, from the store: the script, the parameter (opened if sealed) and
-/// the account, which must still run as it did when the job was created.
-async fn stored_task(
+/// the account, which must still run as it did when the job was created. The dangerous-command
+/// rules in force now decide whether it may go out again, as for a fresh submit. Every path that
+/// dispatches a stored step (a start of a created job, a rolling job going on, a retry) takes its
+/// task from here.
+pub(super) async fn stored_task(
     shared: &Shared,
     job: &fleetrun_store::JobRecord,
     step: &fleetrun_store::StepRecord,
@@ -470,12 +515,181 @@ async fn stored_task(
     } else {
         param
     };
+    let script = std::sync::Arc::new(script);
+    super::dangerous_rules::refuse_intercepted(
+        shared,
+        &step.name,
+        step.script_language,
+        script.clone(),
+    )
+    .await?;
     Ok(TaskTemplate {
         script_language: step.script_language,
-        script: std::sync::Arc::new(script),
+        script,
         script_param: param,
         is_param_sensitive: step.is_param_sensitive,
         account: account.account.clone(),
         timeout_secs: u32::try_from(step.timeout).unwrap_or(u32::MAX),
     })
+}
+
+/// Runs a finished step's hosts again (operations 2 and 8) under the next execute_count: the
+/// store moves the count on and resets the hosts in one transaction, then the engine dispatches
+/// them as it dispatches a created job; its end is reported to the callback again.
+async fn retry(
+    shared: &Shared,
+    job: &fleetrun_store::JobRecord,
+    step: &fleetrun_store::StepRecord,
+    rolling: Option<fleetrun_store::RollingRecord>,
+    all: bool,
+) -> Result<(), ApiError> {
+    super::execute::refuse_while_unwritable(shared)?;
+    // Everything that can refuse comes before anything changes.
+    let task = stored_task(shared, job, step).await?;
+    let plan = match &rolling {
+        None => None,
+        Some(record) => Some((
+            stored_config(&record.config)?,
+            shared.store.rolling_batches(step.step_instance_id).await?,
+            record,
+        )),
+    };
+    let scope = fleetrun_store::RetryScope {
+        keep: if all {
+            Vec::new()
+        } else {
+            vec![3, status::host::SUCCESS]
+        },
+        batches: plan.as_ref().map(|(config, _, record)| {
+            let last = record.current_batch.max(1);
+            match config.execution {
+                crate::rolling::Execution::Serial => last..=last,
+                crate::rolling::Execution::Staggered { .. } => 1..=last,
+            }
+        }),
+    };
+    let retried = shared
+        .store
+        .retry_step(
+            job.job_instance_id,
+            step.step_instance_id,
+            job.status,
+            status::job::RUNNING,
+            &scope,
+        )
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                code::UNSUPPORTED_OPERATION,
+                format!(
+                    "job_instance_id: job {} changed status meanwhile",
+                    job.job_instance_id
+                ),
+            )
+        })?;
+    if retried.hosts.is_empty() {
+        return Err(ApiError::new(
+            code::UNSUPPORTED_OPERATION,
+            format!(
+                "operation_code: step {} has no failed host to run again",
+                step.step_instance_id
+            ),
+        ));
+    }
+    tracing::info!(
+        job = job.job_instance_id,
+        execute_count = retried.execute_count,
+        hosts = retried.hosts.len(),
+        all,
+        "retry"
+    );
+    let spec = JobSpec {
+        job_instance_id: job.job_instance_id,
+        step_instance_id: step.step_instance_id,
+        hosts: retried.hosts.clone(),
+        task,
+    };
+    let rolling = match plan {
+        None => None,
+        Some((config, batches, record)) => {
+            // The retried hosts go out in their own batches, and the step rolls on after them.
+            let first = match config.execution {
+                crate::rolling::Execution::Serial => record.current_batch.max(1),
+                crate::rolling::Execution::Staggered { .. } => 1,
+            };
+            let first = usize::try_from(first).unwrap_or(1);
+            let last = usize::try_from(record.current_batch.max(1)).unwrap_or(1);
+            let all_hosts = batches.concat();
+            let batches: Vec<Vec<i64>> = batches
+                .into_iter()
+                .enumerate()
+                .map(|(i, hosts)| {
+                    if (first..=last).contains(&(i + 1)) {
+                        hosts
+                            .into_iter()
+                            .filter(|h| retried.hosts.contains(h))
+                            .collect()
+                    } else {
+                        hosts
+                    }
+                })
+                .collect();
+            let failed = shared
+                .store
+                .failed_hosts(
+                    step.step_instance_id,
+                    status::host::UNFINISHED,
+                    &[3, status::host::SUCCESS],
+                )
+                .await?;
+            let ignored = usize::try_from(record.failures_ignored).unwrap_or(0);
+            Some((
+                RollingStart {
+                    config,
+                    next_batch: first,
+                    earlier_failures: failed.saturating_sub(ignored),
+                    started: job.start_time,
+                    batches,
+                },
+                all_hosts,
+            ))
+        }
+    };
+    // A run that just ended leaves the running set a moment after its end is committed.
+    let mut started = false;
+    for _ in 0..100 {
+        started = match &rolling {
+            None => shared.engine.start_retry(spec.clone()),
+            // The whole plan's hosts: the failure limit counts against all of them.
+            Some((rolling, all_hosts)) => shared.engine.start_rolling(
+                JobSpec {
+                    hosts: all_hosts.clone(),
+                    ..spec.clone()
+                },
+                rolling.clone(),
+            ),
+        };
+        if started {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if !started {
+        // No run: end the job failed rather than leave it running; a later retry may go on.
+        shared
+            .store
+            .end_rolling_job(
+                job.job_instance_id,
+                step.step_instance_id,
+                status::job::RUNNING,
+                status::job::FAILED,
+                crate::now_ms(),
+            )
+            .await?;
+        return Err(ApiError::new(
+            code::UNSUPPORTED_OPERATION,
+            format!("job_instance_id: job {} is running", job.job_instance_id),
+        ));
+    }
+    Ok(())
 }

@@ -454,6 +454,7 @@ async fn batch_get_job_instance_execute_object_log(
         req.job_instance_id,
         req.step_instance_id,
         &hosts,
+        None,
     )
     .await?;
     reply::data(BatchLogsV4 {

@@ -140,6 +140,10 @@ impl Engine {
             if cancel.is_cancelled() {
                 break;
             }
+            // A retry of a staggered step leaves the batches without a retried host empty.
+            if batch_hosts.is_empty() {
+                continue;
+            }
             if failure_limit.is_some_and(|limit| failures >= limit) {
                 ending = Ending::FailureLimit;
                 break;
