@@ -79,6 +79,7 @@ impl Store {
             ("host_log", r#"step_instance_id, bk_host_id, "offset""#),
             ("host_result", "step_instance_id, bk_host_id"),
             ("host_task", "step_instance_id, bk_host_id"),
+            ("file_log", "step_instance_id, bk_host_id, mode, seq"),
         ] {
             let sql = format!(
                 "DELETE FROM {table} WHERE ({key}) IN \
@@ -109,6 +110,7 @@ impl Store {
             format!("DELETE FROM host_log WHERE step_instance_id IN ({steps})"),
             format!("DELETE FROM host_result WHERE step_instance_id IN ({steps})"),
             format!("DELETE FROM host_task WHERE step_instance_id IN ({steps})"),
+            format!("DELETE FROM file_log WHERE step_instance_id IN ({steps})"),
             format!(
                 "DELETE FROM callback_attempt WHERE delivery_id IN \
                  (SELECT id FROM callback_delivery WHERE job_instance_id IN ({ids}))"

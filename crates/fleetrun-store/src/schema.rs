@@ -94,6 +94,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0012_enrollment.sql"),
         include_str!("../migrations/postgres/0012_enrollment.sql"),
     ),
+    (
+        13,
+        "file log",
+        include_str!("../migrations/sqlite/0013_file_log.sql"),
+        include_str!("../migrations/postgres/0013_file_log.sql"),
+    ),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them.
