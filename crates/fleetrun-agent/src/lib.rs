@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod enroll;
+mod files;
 pub mod limits;
 mod renew;
 mod session;

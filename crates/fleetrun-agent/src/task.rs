@@ -390,6 +390,10 @@ pub(crate) async fn serve(
             ctx.tasks.forget(&task_id);
             return;
         }
+        Ok(Some(TaskDown::Place(request))) => {
+            crate::files::serve(ctx, send, recv, request).await;
+            return;
+        }
         Ok(Some(TaskDown::Cancel | TaskDown::ResultStored)) | Ok(None) => return,
         Err(e) => {
             tracing::warn!("unreadable task request: {e}");

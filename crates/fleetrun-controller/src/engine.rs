@@ -6,9 +6,11 @@
 //! owns its tasks), or 16 when the agent stays silent past the task's timeout plus a grace
 //! period.
 
+mod files;
 mod follow;
 mod rolling;
 
+pub use files::{FileJobSpec, FileTarget, MODE_DOWNLOAD, StepFile, human_size, human_speed};
 pub use rolling::RollingStart;
 
 use std::{

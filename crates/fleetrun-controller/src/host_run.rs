@@ -352,6 +352,8 @@ impl HostTask {
             Event::Up(TaskUp::SpoolLost { offset, bytes }) => {
                 self.spool_lost(offset, bytes, &mut actions)
             }
+            // Only file tasks report files; from a script's agent it means nothing.
+            Event::Up(TaskUp::FilePlaced(_)) => {}
             Event::Up(TaskUp::Finished(result)) => {
                 let outcome = self.result_outcome(result, now);
                 self.finish(outcome, &mut actions);

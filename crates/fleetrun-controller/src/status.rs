@@ -38,7 +38,11 @@ pub mod host {
     /// bk-job's GSE_SCRIPT_TIMEOUT: the agent layer gave no result of a script task in time.
     /// (bk-job's 303 is a file task's timeout.)
     pub const AGENT_TIMEOUT: i32 = 16;
+    /// bk-job's GSE_TIMEOUT: a file task gave no result in time.
+    pub const FILE_TIMEOUT: i32 = 303;
     pub const AGENT_ABNORMAL: i32 = 310;
+    /// bk-job's GSE_FILE_TASK_ERROR: a file could not be written on the host.
+    pub const FILE_TASK_ERROR: i32 = 329;
     pub const USER_NOT_EXIST: i32 = 311;
     pub const AGENT_TASK_ERROR: i32 = 399;
     pub const TERMINATE_SUCCESS: i32 = 403;

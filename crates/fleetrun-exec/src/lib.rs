@@ -22,6 +22,7 @@ mod language;
 mod outcome;
 mod output;
 mod params;
+pub mod place;
 mod run;
 mod stage;
 mod sys;

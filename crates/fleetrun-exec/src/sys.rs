@@ -128,3 +128,27 @@ pub(crate) fn reap(pid: i32) {
 pub(crate) fn agent_pid() -> i32 {
     std::process::id() as i32
 }
+
+/// Makes the calling thread, and only it, the account: its supplementary groups, then its group,
+/// then its user, all three ids (real, effective, saved), so the thread can never take root's
+/// rights back. The raw system calls are used on purpose: glibc's `setuid` and friends change
+/// every thread of the process. The thread must end after its work (never go back to a pool).
+pub(crate) fn become_on_this_thread(credentials: &Credentials) -> io::Result<()> {
+    let groups: Vec<libc::gid_t> = credentials.groups.iter().map(|g| g.as_raw()).collect();
+    let gid = credentials.gid.as_raw();
+    let uid = credentials.uid.as_raw();
+    // SAFETY: plain system calls on integers and on a pointer to `groups`, which lives across
+    // the call and holds `groups.len()` elements. They change only this thread's credentials
+    // (the kernel keeps credentials per thread; the raw calls skip glibc's broadcast to the
+    // other threads), which is what the caller asks for.
+    let failed = unsafe {
+        libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) == -1
+            || libc::syscall(libc::SYS_setresgid, gid, gid, gid) == -1
+            || libc::syscall(libc::SYS_setresuid, uid, uid, uid) == -1
+    };
+    if failed {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

@@ -12,7 +12,9 @@
 //!   [`TaskUp`] events (output chunks while the script runs, a final [`TaskResult`]) up, and an
 //!   optional [`TaskDown::Cancel`] down; from version 2, [`TaskDown::ResultStored`] once the
 //!   controller has stored the result, and streams that resume ([`TaskDown::Resume`]) or discard
-//!   ([`TaskDown::Discard`]) a task the agent reported holding ([`ControlUp::Holding`]).
+//!   ([`TaskDown::Discard`]) a task the agent reported holding ([`ControlUp::Holding`]);
+//!   from version 4, a stream may instead start with [`TaskDown::Place`] (a file task), answered
+//!   by [`TaskUp::Started`], one [`TaskUp::FilePlaced`] per file and the result.
 
 mod codec;
 mod enroll;
@@ -36,8 +38,9 @@ pub const ALPN: &[u8] = b"fleetrun/1";
 /// [`HelloReply::Negotiated`] naming the lower of both, and an agent of version 1 with
 /// [`HelloReply::Welcome`]; both then speak that version. Version 2 adds reattaching to tasks
 /// that outlived their connection; version 3, renewing the agent's certificate over the control
-/// stream ([`ControlUp::Renew`], [`ControlDown`]).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// stream ([`ControlUp::Renew`], [`ControlDown`]); version 4, file tasks ([`TaskDown::Place`],
+/// [`TaskUp::FilePlaced`]), which a controller sends only on a connection that negotiated 4.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The oldest agent protocol revision the controller accepts (and the first that has no
 /// reattach: its tasks end with their connection).
@@ -58,6 +61,10 @@ pub const WIRE_DIGESTS: &[(u32, &str)] = &[
     (
         3,
         "572f17433da40830bb6e1e215aa6231b8c61e78b2f01c086a862a24fb6ebd468",
+    ),
+    (
+        4,
+        "dd9a54b6ac91a405515e4d6373f961643ad64a7697e29df845b72c08c82ce63a",
     ),
 ];
 

@@ -123,6 +123,99 @@ pub enum TaskDown {
     /// Version 2, after [`TaskUp::Finished`]: the result and the output are stored; the agent
     /// forgets the task.
     ResultStored,
+    /// Version 4, first frame of a stream: write files on the host as an account. Answered with
+    /// [`TaskUp::Started`], one [`TaskUp::FilePlaced`] per file, then [`TaskUp::Finished`]. The
+    /// agent does not hold it across connections: a lost stream loses its reports, and files
+    /// already renamed into place stay.
+    Place(PlaceRequest),
+}
+
+/// Version 4: files to write into one directory on one host.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaceRequest {
+    pub task_id: Uuid,
+    pub job_instance_id: i64,
+    pub step_instance_id: i64,
+    /// The OS user the files are written as (and owned by).
+    pub account: String,
+    /// Absolute directory the files land in; created as the account where missing.
+    pub target_dir: String,
+    /// Strict: the first file that fails ends the task, the rest are not written. Force: every
+    /// file is tried.
+    pub strict: bool,
+    pub timeout_secs: u32,
+    pub files: Vec<PlaceFile>,
+}
+
+/// Version 4: one file of a [`PlaceRequest`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaceFile {
+    /// A single path component: no `/`, not `.` or `..`, no NUL.
+    pub name: String,
+    /// Permission bits (at most `0o777`) the file gets.
+    pub mode: u32,
+    /// SHA-256 of `content`; checked against what was written before the rename.
+    pub sha256: [u8; 32],
+    #[serde(with = "serde_bytes")]
+    pub content: Vec<u8>,
+}
+
+impl std::fmt::Debug for PlaceRequest {
+    // Contents stay out of debug output: configuration files hold secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlaceRequest")
+            .field("task_id", &self.task_id)
+            .field("job_instance_id", &self.job_instance_id)
+            .field("step_instance_id", &self.step_instance_id)
+            .field("account", &self.account)
+            .field("target_dir", &self.target_dir)
+            .field("strict", &self.strict)
+            .field("files", &self.files.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for PlaceFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlaceFile")
+            .field("name", &self.name)
+            .field("mode", &self.mode)
+            .field("len", &self.content.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Version 4: how one file of a [`PlaceRequest`] ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileReport {
+    /// Its index in [`PlaceRequest::files`].
+    pub index: u32,
+    pub ending: FileEnding,
+    /// Bytes written.
+    pub bytes: u64,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+    /// What happened, for the file's log.
+    pub message: String,
+}
+
+/// Version 4: the end of one file's placement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileEnding {
+    /// Written, verified and renamed into place.
+    Placed,
+    /// The account may not write there.
+    Denied,
+    /// The file system is full (or the account's quota).
+    NoSpace,
+    /// The path is refused: a symbolic link or a non-directory in the way, a bad name.
+    BadPath,
+    /// What was written does not hash to the request's SHA-256.
+    HashMismatch,
+    /// Not tried: an earlier file failed in strict mode, or the task was cancelled or timed out.
+    Skipped,
+    /// Any other failure; the message says which.
+    Failed,
 }
 
 /// One script to run on one host.
@@ -184,6 +277,8 @@ pub enum TaskUp {
     /// Version 2: `bytes` of output from `offset` on were lost on the agent (its spool could not
     /// be written: disk full). The next output continues at `offset + bytes`.
     SpoolLost { offset: u64, bytes: u64 },
+    /// Version 4: one file of a [`TaskDown::Place`] ended.
+    FilePlaced(FileReport),
 }
 
 /// How a task ended on the host.

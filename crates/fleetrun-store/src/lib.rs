@@ -19,6 +19,7 @@ mod callbacks;
 mod console;
 mod dangerous_rules;
 mod enroll;
+mod files;
 mod health;
 mod inventory;
 mod model;
@@ -50,6 +51,7 @@ pub use callbacks::{
 pub use console::LogHead;
 pub use dangerous_rules::{DangerousRule, DangerousRuleError, DangerousRuleFields};
 pub use enroll::{Enrollment, JoinToken};
+pub use files::FileLog;
 pub use health::Health;
 pub use inventory::{
     InventoryCommitError, InventoryRevision, KEPT_INVENTORY_REVISIONS, NewInventoryRevision,

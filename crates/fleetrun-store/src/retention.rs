@@ -87,6 +87,7 @@ impl Store {
                 "host_result_history",
                 "step_instance_id, execute_count, bk_host_id",
             ),
+            ("file_log", "step_instance_id, bk_host_id, mode, seq"),
         ] {
             let sql = format!(
                 "DELETE FROM {table} WHERE ({key}) IN \
@@ -119,6 +120,7 @@ impl Store {
             format!("DELETE FROM host_task WHERE step_instance_id IN ({steps})"),
             format!("DELETE FROM host_log_history WHERE step_instance_id IN ({steps})"),
             format!("DELETE FROM host_result_history WHERE step_instance_id IN ({steps})"),
+            format!("DELETE FROM file_log WHERE step_instance_id IN ({steps})"),
             format!(
                 "DELETE FROM callback_attempt WHERE delivery_id IN \
                  (SELECT id FROM callback_delivery WHERE job_instance_id IN ({ids}))"

@@ -95,6 +95,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/postgres/0012_enrollment.sql"),
     ),
     (
+        13,
+        "file log",
+        include_str!("../migrations/sqlite/0013_file_log.sql"),
+        include_str!("../migrations/postgres/0013_file_log.sql"),
+    ),
+    (
         14,
         "execute count",
         include_str!("../migrations/sqlite/0014_execute_count.sql"),

@@ -48,12 +48,14 @@ pub(crate) async fn serve(
             request.script = Vec::new();
             request
         }
-        // The emulated agent holds no task across connections: nothing to resume or discard.
+        // The emulated agent holds no task across connections: nothing to resume or discard;
+        // it has no files to write either.
         Ok(Some(
             TaskDown::Cancel
             | TaskDown::Resume { .. }
             | TaskDown::Discard { .. }
-            | TaskDown::ResultStored,
+            | TaskDown::ResultStored
+            | TaskDown::Place(_),
         ))
         | Ok(None) => return,
         Err(e) => {

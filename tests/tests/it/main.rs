@@ -20,6 +20,7 @@ mod database;
 mod dist;
 mod enrollment;
 mod execution;
+mod files;
 mod grants;
 mod health;
 mod host_tasks;

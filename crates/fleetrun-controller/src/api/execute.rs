@@ -56,32 +56,32 @@ struct Request {
 }
 
 #[derive(Debug, Deserialize, Default)]
-struct TargetServer {
+pub(super) struct TargetServer {
     #[serde(default, deserialize_with = "lenient::opt_int_list")]
-    host_id_list: Option<Vec<i64>>,
-    ip_list: Option<Vec<IpTarget>>,
-    dynamic_group_list: Option<Vec<GroupTarget>>,
-    topo_node_list: Option<Vec<TopoTarget>>,
+    pub(super) host_id_list: Option<Vec<i64>>,
+    pub(super) ip_list: Option<Vec<IpTarget>>,
+    pub(super) dynamic_group_list: Option<Vec<GroupTarget>>,
+    pub(super) topo_node_list: Option<Vec<TopoTarget>>,
 }
 
 #[derive(Debug, Deserialize)]
-struct GroupTarget {
+pub(super) struct GroupTarget {
     #[serde(deserialize_with = "lenient::text")]
-    id: String,
+    pub(super) id: String,
 }
 
 #[derive(Debug, Deserialize)]
-struct TopoTarget {
+pub(super) struct TopoTarget {
     #[serde(deserialize_with = "lenient::int")]
-    id: i64,
-    node_type: String,
+    pub(super) id: i64,
+    pub(super) node_type: String,
 }
 
 #[derive(Debug, Deserialize)]
-struct IpTarget {
+pub(super) struct IpTarget {
     #[serde(deserialize_with = "lenient::int")]
-    bk_cloud_id: i64,
-    ip: String,
+    pub(super) bk_cloud_id: i64,
+    pub(super) ip: String,
 }
 
 fn opt_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {

@@ -15,6 +15,7 @@ mod auth;
 mod dangerous_rules;
 mod error;
 mod execute;
+mod files;
 mod health;
 mod intake;
 #[doc(hidden)]
@@ -130,6 +131,7 @@ const APIS: &[&str] = &[
     "list_join_tokens",
     "revoke_join_token",
     "get_step_instance_detail",
+    "push_config_file",
 ];
 
 /// bk-job's public-script APIs: the business ones' twins, served by [`scripts::call`] with the
@@ -279,6 +281,7 @@ async fn answer(request: Request) -> Response {
         }
         match api.as_str() {
             "fast_execute_script" => execute::fast_execute_script(&shared, &caller, &params).await,
+            "push_config_file" => files::push_config_file(&shared, &caller, &params).await,
             "get_job_instance_status" => {
                 query::get_job_instance_status(&shared, &caller, &params).await
             }

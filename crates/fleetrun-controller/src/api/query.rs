@@ -279,6 +279,19 @@ pub async fn get_job_instance_ip_log(
             file_logs: None,
         });
     };
+    if super::files::is_file_step(shared, req.job_instance_id, req.step_instance_id).await? {
+        let file_logs = super::files::file_logs(shared, req.step_instance_id, result).await?;
+        let (ip, ipv6) = reply::split_address(&result.ip);
+        return reply::data(reply::HostLog {
+            bk_host_id: result.bk_host_id,
+            bk_cloud_id: result.bk_cloud_id,
+            ip,
+            ipv6,
+            log_type: reply::LOG_TYPE_FILE,
+            log_content: String::new(),
+            file_logs: Some(file_logs),
+        });
+    }
     let log = shared
         .store
         .host_log_at(req.step_instance_id, result.bk_host_id, execute_count)
@@ -318,6 +331,26 @@ pub async fn batch_get_job_instance_ip_log(
         req.execute_count,
     )
     .await?;
+    if super::files::is_file_step(shared, req.job_instance_id, req.step_instance_id).await? {
+        let mut file_task_logs = Vec::with_capacity(logs.len());
+        for (result, _) in &logs {
+            let (ip, ipv6) = reply::split_address(&result.ip);
+            file_task_logs.push(reply::FileTaskLog {
+                bk_host_id: result.bk_host_id,
+                bk_cloud_id: result.bk_cloud_id,
+                ip,
+                ipv6,
+                file_logs: super::files::file_logs(shared, req.step_instance_id, result).await?,
+            });
+        }
+        return reply::data(reply::BatchLogs {
+            job_instance_id: req.job_instance_id,
+            step_instance_id: req.step_instance_id,
+            log_type: reply::LOG_TYPE_FILE,
+            script_task_logs: Vec::new(),
+            file_task_logs: Some(file_task_logs),
+        });
+    }
     reply::data(reply::BatchLogs {
         job_instance_id: req.job_instance_id,
         step_instance_id: req.step_instance_id,

@@ -188,7 +188,48 @@ pub struct HostLog {
     pub ipv6: Option<String>,
     pub log_type: i32,
     pub log_content: String,
-    pub file_logs: Option<()>,
+    pub file_logs: Option<Vec<FileLog>>,
+}
+
+/// bk-job's log type of a file step's log.
+pub const LOG_TYPE_FILE: i32 = 2;
+
+/// A host as a file log names it.
+#[derive(Debug, Serialize)]
+pub struct FileLogHost {
+    pub bk_host_id: i64,
+    pub bk_cloud_id: i64,
+    pub ip: String,
+}
+
+/// One file's log on one host (`file_logs`).
+#[derive(Debug, Serialize)]
+pub struct FileLog {
+    /// 0 upload (source side), 1 download (target side).
+    pub mode: i32,
+    pub src_ip: FileLogHost,
+    pub src_path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dest_ip: Option<FileLogHost>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dest_path: Option<String>,
+    /// 1 waiting, 2 uploading, 3 downloading, 4 success, 5 failure.
+    pub status: i32,
+    pub log_content: String,
+    pub size: String,
+    pub speed: String,
+    pub process: String,
+}
+
+/// One host's file logs in `batch_get_job_instance_ip_log`.
+#[derive(Debug, Serialize)]
+pub struct FileTaskLog {
+    pub bk_host_id: i64,
+    pub bk_cloud_id: i64,
+    pub ip: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<String>,
+    pub file_logs: Vec<FileLog>,
 }
 
 /// One host's log in `batch_get_job_instance_ip_log`.
@@ -209,7 +250,7 @@ pub struct BatchLogs {
     pub step_instance_id: i64,
     pub log_type: i32,
     pub script_task_logs: Vec<ScriptTaskLog>,
-    pub file_task_logs: Option<()>,
+    pub file_task_logs: Option<Vec<FileTaskLog>>,
 }
 
 /// bk-job's plan and template id of a job not made from a plan: a fast job.

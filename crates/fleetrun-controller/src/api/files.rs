@@ -1,0 +1,445 @@
+//! `push_config_file`: files given inline (base64) written as the account into
+//! `file_target_path` on every target host, by the engine's file task.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{
+    ApiError,
+    auth::Caller,
+    error::code,
+    execute::{TargetServer, refuse_while_unwritable},
+    params::{Params, lenient},
+    reply, scope,
+};
+use crate::{
+    Shared,
+    engine::{FileJobSpec, FileTarget, StepFile},
+    now_ms,
+    status::{host, job},
+};
+
+/// Most files in one request.
+const MAX_FILES: usize = 100;
+/// Most bytes of all files of one request, decoded: they travel in one frame to each host.
+pub const MAX_CONFIG_BYTES: usize = 8 * 1024 * 1024;
+const MAX_TASK_NAME_CHARS: usize = 512;
+const DEFAULT_TIMEOUT: i64 = 7200;
+const MAX_TIMEOUT: i64 = 86_400;
+/// The mode a configuration file gets unless the request says otherwise.
+const DEFAULT_MODE: u32 = 0o644;
+
+#[derive(Debug, Deserialize)]
+struct Request {
+    task_name: Option<String>,
+    account_alias: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    account_id: Option<i64>,
+    file_target_path: Option<String>,
+    file_list: Option<Vec<ConfigFile>>,
+    target_server: Option<TargetServer>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    timeout: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    transfer_mode: Option<i64>,
+    callback_url: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
+    start_task: Option<bool>,
+    rolling_config: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ConfigFile {
+    file_name: Option<String>,
+    content: Option<String>,
+    /// fleetrun's: the permission bits, as an octal string (`"0600"`) or a number.
+    mode: Option<Value>,
+}
+
+/// Reads `mode` as octal text or a number, at most `0o777`.
+fn file_mode(field: &str, value: Option<&Value>) -> Result<u32, ApiError> {
+    let mode = match value {
+        None | Some(Value::Null) => return Ok(DEFAULT_MODE),
+        Some(Value::String(text)) => u32::from_str_radix(text.trim(), 8)
+            .map_err(|_| ApiError::invalid(field, format!("{text:?} is not an octal mode")))?,
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| ApiError::invalid(field, format!("{n} is not a mode")))?,
+        Some(other) => {
+            return Err(ApiError::invalid(field, format!("{other} is not a mode")));
+        }
+    };
+    if mode > 0o777 {
+        return Err(ApiError::invalid(
+            field,
+            format!("{mode:o} has bits above 0777 (setuid, setgid and sticky are not set)"),
+        ));
+    }
+    Ok(mode)
+}
+
+/// Checks a target directory as the agent will: absolute, no `.`/`..`, no NUL.
+pub(super) fn target_dir(field: &str, path: Option<&str>) -> Result<String, ApiError> {
+    let path = path
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| ApiError::missing(field))?;
+    if !path.starts_with('/') {
+        return Err(ApiError::invalid(
+            field,
+            format!("{path:?} is not an absolute path"),
+        ));
+    }
+    if path.contains('\0') || path.len() > 4096 {
+        return Err(ApiError::invalid(
+            field,
+            "contains a NUL byte or is longer than 4096 bytes",
+        ));
+    }
+    if path.split('/').any(|part| part == "." || part == "..") {
+        return Err(ApiError::invalid(
+            field,
+            format!("{path:?} contains . or .. components"),
+        ));
+    }
+    if path.split('/').filter(|p| !p.is_empty()).count() > 64 {
+        return Err(ApiError::invalid(field, "more than 64 directories deep"));
+    }
+    Ok(path.to_owned())
+}
+
+/// Whether `name` is a plain file name, as the agent requires.
+fn file_name(field: &str, name: Option<&str>) -> Result<String, ApiError> {
+    let name = name.ok_or_else(|| ApiError::missing(field))?;
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains('/')
+        || name.contains('\0')
+        || name.len() > 255
+    {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "{name:?} is not a plain file name (one path component, no /, not . or .., at most 255 bytes)"
+            ),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+pub async fn push_config_file(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
+    let req: Request = params.parse()?;
+    let scope = scope::resolve(shared, caller, params)?;
+    refuse_while_unwritable(shared)?;
+
+    let dir = target_dir("file_target_path", req.file_target_path.as_deref())?;
+    let list = req
+        .file_list
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| ApiError::missing("file_list"))?;
+    if list.len() > MAX_FILES {
+        return Err(ApiError::invalid(
+            "file_list",
+            format!("{} files, at most {MAX_FILES}", list.len()),
+        ));
+    }
+    let mut files = Vec::with_capacity(list.len());
+    let mut total = 0usize;
+    for (i, file) in list.into_iter().enumerate() {
+        let name = file_name(
+            &format!("file_list[{i}].file_name"),
+            file.file_name.as_deref(),
+        )?;
+        if files.iter().any(|f: &StepFile| f.name == name) {
+            return Err(ApiError::invalid(
+                &format!("file_list[{i}].file_name"),
+                format!("{name:?} appears twice"),
+            ));
+        }
+        let field = format!("file_list[{i}].content");
+        let content = file.content.ok_or_else(|| ApiError::missing(&field))?;
+        // Refused before decoding: base64 is 4/3 of the bytes it carries.
+        if content.len() / 4 * 3 > MAX_CONFIG_BYTES + 3 {
+            return Err(ApiError::invalid(
+                &field,
+                format!("the files are larger than {MAX_CONFIG_BYTES} bytes decoded in all"),
+            ));
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(content.trim())
+            .map_err(|e| ApiError::invalid(&field, format!("not valid base64: {e}")))?;
+        total = total.saturating_add(bytes.len());
+        if total > MAX_CONFIG_BYTES {
+            return Err(ApiError::invalid(
+                &field,
+                format!("the files are larger than {MAX_CONFIG_BYTES} bytes decoded in all"),
+            ));
+        }
+        let mode = file_mode(&format!("file_list[{i}].mode"), file.mode.as_ref())?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(digest.as_ref());
+        files.push(StepFile {
+            src_path: name.clone(),
+            name,
+            mode,
+            sha256,
+            content: Arc::new(bytes),
+        });
+    }
+    let strict = match req.transfer_mode.unwrap_or(2) {
+        1 => true,
+        2 => false,
+        other => {
+            return Err(ApiError::invalid(
+                "transfer_mode",
+                format!("{other} is not 1 (strict) or 2 (force)"),
+            ));
+        }
+    };
+    let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT);
+    if !(1..=MAX_TIMEOUT).contains(&timeout) {
+        return Err(ApiError::invalid(
+            "timeout",
+            format!("{timeout} is outside [1, {MAX_TIMEOUT}]"),
+        ));
+    }
+    if let Some(name) = &req.task_name
+        && name.chars().count() > MAX_TASK_NAME_CHARS
+    {
+        return Err(ApiError::invalid(
+            "task_name",
+            format!("longer than {MAX_TASK_NAME_CHARS} characters"),
+        ));
+    }
+    if req.rolling_config.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::new(
+            code::NOT_SUPPORTED,
+            "rolling_config: file steps do not roll yet; submit without rolling_config",
+        ));
+    }
+    if req.start_task == Some(false) {
+        return Err(ApiError::new(
+            code::NOT_SUPPORTED,
+            "start_task: file steps start when they are accepted; submit without start_task=false",
+        ));
+    }
+    let callback_url = match req.callback_url.as_deref().filter(|u| !u.is_empty()) {
+        None => None,
+        Some(url) => Some(
+            crate::callback::check_url(url, shared.config.http_listen, &shared.config.callbacks)
+                .map_err(|e| ApiError::invalid("callback_url", e))?
+                .to_string(),
+        ),
+    };
+
+    let inventory = shared.inventory.current().await?;
+    let account = inventory
+        .account_for(
+            &scope.inventory,
+            req.account_id,
+            req.account_alias.as_deref(),
+        )
+        .map_err(|e| {
+            let field = if req.account_id.is_some() {
+                "account_id"
+            } else {
+                "account_alias"
+            };
+            match e {
+                fleetrun_inventory::AccountError::Missing => {
+                    ApiError::missing("account_id or account_alias")
+                }
+                other => ApiError::new(i64::from(other.code()), format!("{field}: {other}")),
+            }
+        })?;
+
+    let targets = req
+        .target_server
+        .ok_or_else(|| ApiError::missing("target_server"))?;
+    let host_ids = targets.host_id_list.filter(|l| !l.is_empty());
+    let ips = match (&host_ids, targets.ip_list.filter(|l| !l.is_empty())) {
+        (None, Some(ips)) => {
+            for target in &ips {
+                if target.ip.parse::<std::net::IpAddr>().is_err() {
+                    return Err(ApiError::invalid(
+                        "target_server.ip_list",
+                        format!("{:?} is not an IP address", target.ip),
+                    ));
+                }
+            }
+            Some(ips.into_iter().map(|t| (t.bk_cloud_id, t.ip)).collect())
+        }
+        _ => None,
+    };
+    let wanted = fleetrun_inventory::Targets {
+        host_ids,
+        ips,
+        topo_nodes: targets
+            .topo_node_list
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| (n.node_type, n.id))
+            .collect(),
+        dynamic_groups: targets
+            .dynamic_group_list
+            .unwrap_or_default()
+            .into_iter()
+            .map(|g| g.id)
+            .collect(),
+    };
+    scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
+    let chosen = inventory
+        .resolve(&scope.inventory, &wanted)
+        .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?
+        .hosts;
+
+    let create_time = now_ms();
+    let name = req
+        .task_name
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| format!("API_PUSH_CONFIG_FILE_{create_time}"));
+    // The step keeps the list of files (names and sizes), never their contents.
+    let described = serde_json::json!({
+        "file_target_path": dir,
+        "files": files.iter().map(|f| serde_json::json!({
+            "file_name": f.name,
+            "size": f.content.len(),
+            "mode": format!("{:04o}", f.mode),
+        })).collect::<Vec<_>>(),
+    })
+    .to_string();
+    let new_job = fleetrun_store::NewJob {
+        name: name.clone(),
+        operator: caller.username.clone(),
+        app_code: caller.app_code.clone(),
+        bk_scope_type: scope.scope_type.clone(),
+        bk_scope_id: scope.scope_id.clone(),
+        status: job::RUNNING,
+        job_type: 1,
+        launch_mode: 2,
+        callback_url,
+        create_time,
+        step: fleetrun_store::NewStep {
+            name: name.clone(),
+            step_type: STEP_TYPE_FILE,
+            script_language: 0,
+            script_content: described.into_bytes(),
+            script_param: String::new(),
+            is_param_sensitive: false,
+            timeout,
+            account_id: account.id,
+            account: account.account.clone(),
+        },
+        hosts: chosen
+            .iter()
+            .map(|h| fleetrun_store::NewHostResult {
+                bk_host_id: h.bk_host_id,
+                bk_cloud_id: h.bk_cloud_id,
+                ip: h.ip.to_canonical().to_string(),
+                status: host::WAITING,
+            })
+            .collect(),
+    };
+    let created = shared
+        .store
+        .create_job_sealing(&new_job, shared.cipher.sealer(), None)
+        .await?;
+    let spec = FileJobSpec {
+        job_instance_id: created.job_instance_id,
+        step_instance_id: created.step_instance_id,
+        hosts: chosen
+            .iter()
+            .map(|h| FileTarget {
+                bk_host_id: h.bk_host_id,
+                bk_cloud_id: h.bk_cloud_id,
+                ip: h.ip.to_canonical().to_string(),
+            })
+            .collect(),
+        account: account.account.clone(),
+        target_dir: dir,
+        strict,
+        timeout_secs: timeout as u32,
+        files,
+    };
+    shared.engine.start_files(spec);
+    tracing::info!(
+        job = created.job_instance_id,
+        hosts = chosen.len(),
+        operator = %caller.username,
+        "file job accepted"
+    );
+    reply::data(Submitted {
+        job_instance_id: created.job_instance_id,
+        job_instance_name: name,
+        step_instance_id: created.step_instance_id,
+    })
+}
+
+/// bk-job's step type of a file step.
+pub const STEP_TYPE_FILE: i32 = 2;
+
+/// `push_config_file`'s `data`.
+#[derive(Debug, serde::Serialize)]
+struct Submitted {
+    job_instance_id: i64,
+    job_instance_name: String,
+    step_instance_id: i64,
+}
+
+/// Whether the step is a file step (its logs are file logs, `log_type` 2).
+pub(super) async fn is_file_step(
+    shared: &Shared,
+    job_instance_id: i64,
+    step_instance_id: i64,
+) -> Result<bool, ApiError> {
+    Ok(shared.store.job(job_instance_id).await?.is_some_and(|job| {
+        job.steps
+            .iter()
+            .any(|s| s.step_instance_id == step_instance_id && s.step_type == STEP_TYPE_FILE)
+    }))
+}
+
+/// A host's file logs in a step, as bk-job returns them.
+pub(super) async fn file_logs(
+    shared: &Shared,
+    step_instance_id: i64,
+    result: &fleetrun_store::HostResultRecord,
+) -> Result<Vec<reply::FileLog>, ApiError> {
+    let logs = shared
+        .store
+        .file_logs(step_instance_id, result.bk_host_id)
+        .await?;
+    Ok(logs
+        .into_iter()
+        .map(|log| reply::FileLog {
+            mode: log.mode,
+            src_ip: reply::FileLogHost {
+                bk_host_id: log.src_host_id,
+                bk_cloud_id: log.src_cloud_id,
+                ip: log.src_ip,
+            },
+            src_path: log.src_path,
+            dest_ip: (log.mode == crate::engine::MODE_DOWNLOAD).then(|| reply::FileLogHost {
+                bk_host_id: result.bk_host_id,
+                bk_cloud_id: result.bk_cloud_id,
+                ip: result.ip.clone(),
+            }),
+            dest_path: (log.mode == crate::engine::MODE_DOWNLOAD).then_some(log.dest_path),
+            status: log.status,
+            log_content: log.log_content,
+            size: crate::engine::human_size(log.size),
+            speed: crate::engine::human_speed(log.speed),
+            process: format!("{}%", log.progress),
+        })
+        .collect())
+}

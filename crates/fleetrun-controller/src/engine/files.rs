@@ -1,0 +1,562 @@
+//! File steps: each target host's agent gets one [`TaskDown::Place`] with the files, writes them
+//! as the account and reports each file; the engine stores a file log per (host, file) and the
+//! host's status as bk-job reports file tasks.
+//!
+//! The request is encoded once for the whole step and every host's stream is handed the same
+//! buffer. A file task is not held by the agent across connections: a lost connection ends the
+//! host 310 (files already renamed into place stay, none is half-written under its name). Agents
+//! of a protocol version below 4 do not know the request: such a host ends 399 with a message,
+//! and nothing is sent to it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetrun_net::{FramedRecv, describe_connection_error, send_frame};
+use fleetrun_proto::{
+    Ending, FileEnding, FileReport, PlaceFile, PlaceRequest, TaskDown, TaskResult, TaskUp,
+    encode_frame,
+};
+use fleetrun_store::{FileLog, HostOutcome, Write};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Engine, Finishing, now_ms};
+use crate::status::{host, job};
+
+/// The first protocol version that carries file tasks.
+pub const FILE_PROTOCOL_VERSION: u32 = 4;
+
+/// bk-job's file log statuses.
+pub mod file_status {
+    pub const WAITING: i32 = 1;
+    pub const SUCCESS: i32 = 4;
+    pub const FAILED: i32 = 5;
+}
+
+/// bk-job's file log mode of the target side.
+pub const MODE_DOWNLOAD: i32 = 1;
+
+/// One file of a file step.
+#[derive(Clone)]
+pub struct StepFile {
+    pub name: String,
+    pub mode: u32,
+    pub sha256: [u8; 32],
+    pub content: Arc<Vec<u8>>,
+    /// What the file log names as its source.
+    pub src_path: String,
+}
+
+impl std::fmt::Debug for StepFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepFile")
+            .field("name", &self.name)
+            .field("mode", &self.mode)
+            .field("len", &self.content.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A host a file step targets.
+#[derive(Debug, Clone)]
+pub struct FileTarget {
+    pub bk_host_id: i64,
+    pub bk_cloud_id: i64,
+    pub ip: String,
+}
+
+/// A file step ready to run, as created by the API.
+#[derive(Clone)]
+pub struct FileJobSpec {
+    pub job_instance_id: i64,
+    pub step_instance_id: i64,
+    pub hosts: Vec<FileTarget>,
+    pub account: String,
+    /// Absolute, checked by the API.
+    pub target_dir: String,
+    pub strict: bool,
+    pub timeout_secs: u32,
+    pub files: Vec<StepFile>,
+}
+
+impl std::fmt::Debug for FileJobSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileJobSpec")
+            .field("job_instance_id", &self.job_instance_id)
+            .field("hosts", &self.hosts.len())
+            .field("target_dir", &self.target_dir)
+            .field("files", &self.files.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What every host's run of the step shares.
+struct Step {
+    step_instance_id: i64,
+    target_dir: String,
+    timeout_secs: u32,
+    files: Vec<(String, String, u64)>,
+    /// The encoded request, or why it could not be encoded.
+    frame: Result<Bytes, String>,
+}
+
+impl Engine {
+    /// Starts a file step in the background; false if the job is running already.
+    pub fn start_files(&self, spec: FileJobSpec) -> bool {
+        let cancel = CancellationToken::new();
+        let job_instance_id = spec.job_instance_id;
+        {
+            let mut running = self.running.lock().unwrap();
+            if running.contains_key(&job_instance_id) {
+                return false;
+            }
+            running.insert(job_instance_id, cancel.clone());
+        }
+        let engine = self.clone();
+        tokio::spawn(async move {
+            engine.run_files(spec, cancel).await;
+            if let Err(e) = engine.store.flush().await {
+                tracing::error!(job = job_instance_id, "cannot commit the job's end: {e}");
+            }
+            engine.running.lock().unwrap().remove(&job_instance_id);
+        });
+        true
+    }
+
+    async fn run_files(&self, spec: FileJobSpec, cancel: CancellationToken) {
+        let started = now_ms();
+        self.write(Write::JobStarted {
+            job_instance_id: spec.job_instance_id,
+            step_instance_id: spec.step_instance_id,
+            status: job::RUNNING,
+            at: started,
+        })
+        .await;
+        let request = TaskDown::Place(PlaceRequest {
+            // One frame for every host: the agent names its temporary files itself.
+            task_id: Uuid::nil(),
+            job_instance_id: spec.job_instance_id,
+            step_instance_id: spec.step_instance_id,
+            account: spec.account.clone(),
+            target_dir: spec.target_dir.clone(),
+            strict: spec.strict,
+            timeout_secs: spec.timeout_secs,
+            files: spec
+                .files
+                .iter()
+                .map(|f| PlaceFile {
+                    name: f.name.clone(),
+                    mode: f.mode,
+                    sha256: f.sha256,
+                    content: f.content.to_vec(),
+                })
+                .collect(),
+        });
+        let frame = encode_frame(&request).map_err(|e| e.to_string());
+        drop(request);
+        let step = Arc::new(Step {
+            step_instance_id: spec.step_instance_id,
+            target_dir: spec.target_dir.clone(),
+            timeout_secs: spec.timeout_secs,
+            files: spec
+                .files
+                .iter()
+                .map(|f| (f.name.clone(), f.src_path.clone(), f.content.len() as u64))
+                .collect(),
+            frame,
+        });
+        let mut hosts = JoinSet::new();
+        let mut host_of_task = std::collections::HashMap::with_capacity(spec.hosts.len());
+        for target in spec.hosts.iter().cloned() {
+            let engine = self.clone();
+            let step = step.clone();
+            let cancel = cancel.clone();
+            let bk_host_id = target.bk_host_id;
+            let handle = hosts.spawn(async move { engine.file_host(&step, target, cancel).await });
+            host_of_task.insert(handle.id(), bk_host_id);
+        }
+        drop(step);
+        let finishing = Finishing {
+            job_instance_id: spec.job_instance_id,
+            step_instance_id: spec.step_instance_id,
+            hosts: spec.hosts.len(),
+            started,
+            all_succeeded: true,
+        };
+        self.finish_job(finishing, hosts, host_of_task, &cancel)
+            .await;
+    }
+
+    /// One host of a file step, to its final status.
+    async fn file_host(&self, step: &Step, target: FileTarget, cancel: CancellationToken) -> i32 {
+        let mut run = FileHostRun::new(step, &target);
+        let ended = self.exchange_files(step, &target, &mut run, &cancel).await;
+        let (status, tag) = ended;
+        run.close_unreported(&tag);
+        if let Err(e) = self.store.record_file_logs(&run.logs).await {
+            tracing::error!(
+                step = step.step_instance_id,
+                bk_host_id = target.bk_host_id,
+                "cannot store the file logs: {e}"
+            );
+        }
+        crate::metrics::host_finished(status);
+        self.write(Write::HostFinished {
+            step_instance_id: step.step_instance_id,
+            bk_host_id: target.bk_host_id,
+            outcome: HostOutcome {
+                status,
+                tag,
+                start_time: run.started_at,
+                end_time: now_ms(),
+                ..HostOutcome::default()
+            },
+        })
+        .await;
+        status
+    }
+
+    async fn exchange_files(
+        &self,
+        step: &Step,
+        target: &FileTarget,
+        run: &mut FileHostRun,
+        cancel: &CancellationToken,
+    ) -> (i32, String) {
+        let frame = match &step.frame {
+            Ok(frame) => frame.clone(),
+            Err(e) => {
+                return (
+                    host::AGENT_TASK_ERROR,
+                    format!("cannot encode the file task: {e}"),
+                );
+            }
+        };
+        let Some(link) = self.agents.get(target.bk_host_id) else {
+            return (
+                host::AGENT_ABNORMAL,
+                "agent offline when the task was dispatched".into(),
+            );
+        };
+        if link.protocol_version < FILE_PROTOCOL_VERSION {
+            return (
+                host::AGENT_TASK_ERROR,
+                format!(
+                    "the agent speaks protocol version {}; file tasks need version \
+                     {FILE_PROTOCOL_VERSION}: upgrade the agent (nothing was sent to it)",
+                    link.protocol_version
+                ),
+            );
+        }
+        let (mut send, recv) = match link.connection.open_bi().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                return (
+                    host::AGENT_ABNORMAL,
+                    format!("cannot reach the agent: {}", describe_connection_error(&e)),
+                );
+            }
+        };
+        if let Err(e) = send.write_chunk(frame).await {
+            return (
+                host::AGENT_ABNORMAL,
+                format!("cannot send the file task to the agent: {e}"),
+            );
+        }
+        let mut recv = FramedRecv::new(recv);
+        let grace = self.agent_grace;
+        // Until the agent reports its start, the connection's liveness is the bound (a lost
+        // connection fails the read); from then on, its timeout plus the grace period.
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut cancel_sent = false;
+        loop {
+            let sleep_until = deadline.unwrap_or_else(|| {
+                tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
+            });
+            let up = tokio::select! {
+                up = recv.recv::<TaskUp>() => up,
+                () = tokio::time::sleep_until(sleep_until) => {
+                    if !cancel_sent {
+                        let _ = send_frame(&mut send, &TaskDown::Cancel).await;
+                    }
+                    return (
+                        host::FILE_TIMEOUT,
+                        format!(
+                            "the agent sent no result within the task's timeout ({} s) plus the grace period",
+                            step.timeout_secs
+                        ),
+                    );
+                }
+                () = cancel.cancelled(), if !cancel_sent => {
+                    cancel_sent = true;
+                    let _ = send_frame(&mut send, &TaskDown::Cancel).await;
+                    let bound = tokio::time::Instant::now() + grace;
+                    deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
+                    continue;
+                }
+            };
+            match up {
+                Ok(Some(TaskUp::Started { started_at_ms })) => {
+                    if run.started_at.is_none() {
+                        let now = now_ms();
+                        // The agent's clock only names the start when it is plausible.
+                        let start = if (started_at_ms - now).abs() <= 300_000 {
+                            started_at_ms
+                        } else {
+                            now
+                        };
+                        run.started_at = Some(start);
+                        self.write(Write::HostStatus {
+                            step_instance_id: step.step_instance_id,
+                            bk_host_id: target.bk_host_id,
+                            status: host::RUNNING,
+                            start_time: Some(start),
+                        })
+                        .await;
+                        let bound = tokio::time::Instant::now()
+                            + Duration::from_secs(u64::from(step.timeout_secs))
+                            + grace;
+                        deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
+                    }
+                }
+                Ok(Some(TaskUp::FilePlaced(report))) => run.report(report),
+                Ok(Some(TaskUp::Finished(result))) => {
+                    let ended = run.result(result);
+                    // The agent holds nothing; this only lets it end the stream early.
+                    let _ = send_frame(&mut send, &TaskDown::ResultStored).await;
+                    let _ = send.finish();
+                    return ended;
+                }
+                Ok(Some(other)) => {
+                    tracing::debug!(
+                        bk_host_id = target.bk_host_id,
+                        "ignored in a file task: {other:?}"
+                    );
+                }
+                Ok(None) => {
+                    return (
+                        host::AGENT_ABNORMAL,
+                        "the agent closed the file task's stream without a result".into(),
+                    );
+                }
+                Err(e) => {
+                    return (
+                        host::AGENT_ABNORMAL,
+                        format!("the connection to the agent was lost during the file task: {e}"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// What one host's file task has reported so far.
+struct FileHostRun {
+    step_instance_id: i64,
+    bk_host_id: i64,
+    started_at: Option<i64>,
+    /// One per file of the step, in order; `reported` says which the agent reported.
+    logs: Vec<FileLog>,
+    reported: Vec<bool>,
+}
+
+impl FileHostRun {
+    fn new(step: &Step, target: &FileTarget) -> Self {
+        let logs = step
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, (name, src_path, _))| FileLog {
+                step_instance_id: step.step_instance_id,
+                bk_host_id: target.bk_host_id,
+                mode: MODE_DOWNLOAD,
+                seq: i32::try_from(i).unwrap_or(i32::MAX),
+                src_host_id: 0,
+                src_cloud_id: 0,
+                src_ip: String::new(),
+                src_path: src_path.clone(),
+                dest_path: join(&step.target_dir, name),
+                status: file_status::WAITING,
+                size: 0,
+                speed: 0,
+                progress: 0,
+                log_content: String::new(),
+                start_time: None,
+                end_time: None,
+            })
+            .collect::<Vec<_>>();
+        let reported = vec![false; logs.len()];
+        Self {
+            step_instance_id: step.step_instance_id,
+            bk_host_id: target.bk_host_id,
+            started_at: None,
+            logs,
+            reported,
+        }
+    }
+
+    /// Takes one file's report; numbers from the agent are checked, a report for a file the
+    /// step does not have, or one repeated, is dropped.
+    fn report(&mut self, report: FileReport) {
+        let Ok(index) = usize::try_from(report.index) else {
+            return;
+        };
+        let (Some(log), Some(seen)) = (self.logs.get_mut(index), self.reported.get_mut(index))
+        else {
+            tracing::warn!(
+                step = self.step_instance_id,
+                bk_host_id = self.bk_host_id,
+                index,
+                "the agent reported a file the task does not have"
+            );
+            return;
+        };
+        if *seen {
+            return;
+        }
+        *seen = true;
+        let now = now_ms();
+        let plausible = |t: i64| if (t - now).abs() <= 300_000 { t } else { now };
+        let start = plausible(report.started_at_ms);
+        let end = plausible(report.finished_at_ms).max(start);
+        let size = i64::try_from(report.bytes).unwrap_or(i64::MAX);
+        let elapsed_ms = (end - start).max(1);
+        let speed = size.saturating_mul(1000) / elapsed_ms;
+        let placed = report.ending == FileEnding::Placed;
+        log.status = if placed {
+            file_status::SUCCESS
+        } else {
+            file_status::FAILED
+        };
+        log.size = size;
+        log.speed = speed;
+        log.progress = if placed { 100 } else { 0 };
+        log.start_time = Some(start);
+        log.end_time = Some(end);
+        let message: String = report.message.chars().take(4096).collect();
+        log.log_content = file_line(log, &describe(report.ending), &message);
+    }
+
+    /// The host's status and tag from the agent's result.
+    fn result(&mut self, result: TaskResult) -> (i32, String) {
+        let message = result
+            .message
+            .map(|m| m.chars().take(4096).collect::<String>())
+            .unwrap_or_default();
+        let status = match result.ending {
+            Ending::Exited { code: 0 } if self.reported.iter().all(|r| *r) => host::SUCCESS,
+            Ending::Exited { .. } => host::FILE_TASK_ERROR,
+            Ending::UserNotFound => host::USER_NOT_EXIST,
+            Ending::TimedOut => host::FILE_TIMEOUT,
+            Ending::Cancelled => host::TERMINATE_SUCCESS,
+            Ending::Signaled { .. } | Ending::InterpreterMissing | Ending::Failed => {
+                host::AGENT_TASK_ERROR
+            }
+        };
+        let failed = self
+            .logs
+            .iter()
+            .filter(|l| l.status == file_status::FAILED)
+            .map(|l| l.log_content.clone())
+            .next();
+        let tag = match (status, failed) {
+            (s, Some(first)) if s != host::SUCCESS => {
+                format!("{message}; first failure: {first}")
+            }
+            _ => message,
+        };
+        (status, tag)
+    }
+
+    /// Every file the agent did not report ends failed, with the host's reason.
+    fn close_unreported(&mut self, why: &str) {
+        let now = now_ms();
+        for (log, seen) in self.logs.iter_mut().zip(&self.reported) {
+            if !*seen {
+                log.status = file_status::FAILED;
+                log.end_time = Some(now);
+                log.log_content = file_line(log, "not written", why);
+            }
+        }
+    }
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir.ends_with('/') {
+        format!("{dir}{name}")
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+fn describe(ending: FileEnding) -> String {
+    match ending {
+        FileEnding::Placed => "dest agent success download file",
+        FileEnding::Denied => "permission denied",
+        FileEnding::NoSpace => "no space left on the target",
+        FileEnding::BadPath => "target path refused",
+        FileEnding::HashMismatch => "SHA-256 mismatch",
+        FileEnding::Skipped => "not written",
+        FileEnding::Failed => "download failed",
+    }
+    .to_owned()
+}
+
+/// A file log's text, in bk-job's layout.
+fn file_line(log: &FileLog, state: &str, detail: &str) -> String {
+    let at = log.end_time.unwrap_or_else(now_ms);
+    let when = time::OffsetDateTime::from_unix_timestamp(at.div_euclid(1000))
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "[{when}] FileName: {} FileSize: {} State: {state} Speed: {} Progress: {}% StatusDesc: {state} Detail: {detail}",
+        log.dest_path,
+        human_size(log.size),
+        human_speed(log.speed),
+        log.progress,
+    )
+}
+
+/// A size as bk-job writes it: `9.0 Bytes`, `1.5 KB`, `3.2 MB`.
+pub fn human_size(bytes: i64) -> String {
+    let units = ["Bytes", "KB", "MB", "GB", "TB"];
+    let mut value = bytes.max(0) as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", units[unit])
+}
+
+/// A speed as bk-job writes it, in KB/s.
+pub fn human_speed(bytes_per_second: i64) -> String {
+    format!("{} KB/s", bytes_per_second.max(0) / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_as_bk_job_writes_them() {
+        assert_eq!(human_size(9), "9.0 Bytes");
+        assert_eq!(human_size(1536), "1.5 KB");
+        assert_eq!(human_size(-1), "0.0 Bytes");
+        assert_eq!(human_speed(4096), "4 KB/s");
+        assert_eq!(join("/tmp/", "a"), "/tmp/a");
+        assert_eq!(join("/tmp", "a"), "/tmp/a");
+    }
+}

@@ -1,0 +1,463 @@
+//! Writes files into a directory as an OS account: the file task's half on the host.
+//!
+//! The work runs on a thread of its own that has become the account (`sys::become_on_this_thread`,
+//! all three user ids, so nothing it does has root's rights) and ends afterwards. The target
+//! directory is reached from `/` one component at a time with `O_NOFOLLOW` and each descriptor
+//! checked to be a directory, so a symbolic link planted anywhere in the path is refused rather
+//! than followed; a missing directory is created by the account. Each file is written to a fresh
+//! temporary name in the target directory (`O_CREAT | O_EXCL | O_NOFOLLOW`, 0600), synced, read
+//! back and hashed; only a file whose SHA-256 matches gets its mode and is renamed over the final
+//! name (`rename` replaces a link planted there, it never writes through it). Whatever fails
+//! leaves nothing under the final name and removes the temporary file.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Write as _};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, openat, renameat};
+use nix::sys::stat::{FileStat, Mode, SFlag, fchmod, fstat, mkdirat};
+use nix::unistd::{UnlinkatFlags, unlinkat};
+
+use crate::account::{self, AccountError, AgentIdentity};
+use crate::sys::{self, Credentials};
+
+/// The deepest target directory accepted, in components.
+pub const MAX_DEPTH: usize = 64;
+
+/// Files to write into one directory.
+#[derive(Clone)]
+pub struct Placement {
+    /// Makes the temporary names unique to the task.
+    pub task_tag: String,
+    /// The account the files are written as and owned by.
+    pub account: String,
+    /// Absolute, without `.` or `..`.
+    pub target_dir: PathBuf,
+    /// The first file that fails ends the placement; the rest are [`PlaceEnding::Skipped`].
+    pub strict: bool,
+    pub files: Vec<FileToPlace>,
+    /// As [`crate::ExecConfig::refuse_root`]: `Some(why)` refuses an account that is uid 0.
+    pub refuse_root: Option<String>,
+}
+
+impl std::fmt::Debug for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Placement")
+            .field("account", &self.account)
+            .field("target_dir", &self.target_dir)
+            .field("strict", &self.strict)
+            .field("files", &self.files.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One file of a [`Placement`].
+#[derive(Clone)]
+pub struct FileToPlace {
+    /// One path component.
+    pub name: String,
+    /// Permission bits; anything above `0o777` is dropped.
+    pub mode: u32,
+    pub sha256: [u8; 32],
+    pub content: Arc<Vec<u8>>,
+}
+
+impl std::fmt::Debug for FileToPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileToPlace")
+            .field("name", &self.name)
+            .field("mode", &self.mode)
+            .field("len", &self.content.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How one file ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlaceEnding {
+    Placed,
+    Denied,
+    NoSpace,
+    BadPath,
+    HashMismatch,
+    Skipped,
+    Failed,
+}
+
+/// The report of one file.
+#[derive(Debug, Clone)]
+pub struct PlacedFile {
+    pub index: usize,
+    pub ending: PlaceEnding,
+    pub bytes: u64,
+    pub started: SystemTime,
+    pub finished: SystemTime,
+    pub message: String,
+}
+
+/// Why nothing could be placed at all.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    /// The account does not exist on this host.
+    #[error("the account {0} does not exist on this host")]
+    UserNotFound(String),
+    /// The account exists but may not be used (lookup failure, unprivileged agent, root refused).
+    #[error("{0}")]
+    Account(String),
+    /// The worker thread could not be started or died.
+    #[error("cannot run the file task: {0}")]
+    Thread(String),
+}
+
+/// Whether `name` is one plain path component a file may be given.
+pub fn valid_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\0')
+}
+
+/// Whether `dir` is an absolute path without `.`, `..` or NUL, of at most [`MAX_DEPTH`]
+/// components.
+pub fn valid_target_dir(dir: &str) -> bool {
+    let path = Path::new(dir);
+    dir.starts_with('/')
+        && !dir.contains('\0')
+        && dir.len() <= 4096
+        && path.components().count() <= MAX_DEPTH + 1
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+        // `components` folds away `/./`; refuse it as written.
+        && !dir.split('/').any(|part| part == "." || part == "..")
+}
+
+/// Writes `placement`'s files, calling `report` once per file in order. Blocks (account lookup
+/// through NSS, file I/O): call it from a blocking thread. `cancel` stops it between files and
+/// between writes; files not yet placed are then reported [`PlaceEnding::Skipped`].
+pub fn place(
+    placement: Placement,
+    cancel: Arc<AtomicBool>,
+    report: impl FnMut(PlacedFile) + Send + 'static,
+) -> Result<(), PlaceError> {
+    let agent = AgentIdentity::current();
+    let account = match account::resolve(&placement.account, &agent) {
+        Ok(account) => account,
+        Err(AccountError::NotFound(name)) => return Err(PlaceError::UserNotFound(name)),
+        Err(e) => return Err(PlaceError::Account(e.to_string())),
+    };
+    if let Some(why) = &placement.refuse_root
+        && account.uid.is_root()
+    {
+        return Err(PlaceError::Account(format!(
+            "account {:?} is root (uid 0): {why}",
+            placement.account
+        )));
+    }
+    let credentials = account.switch.then(|| Credentials {
+        uid: account.uid,
+        gid: account.gid,
+        groups: account.groups.clone(),
+    });
+    let worker = std::thread::Builder::new()
+        .name("fleetrun-place".into())
+        .spawn(move || -> Result<(), PlaceError> {
+            if let Some(credentials) = &credentials {
+                sys::become_on_this_thread(credentials).map_err(|e| {
+                    PlaceError::Account(format!(
+                        "cannot act as the account {}: {e}",
+                        placement.account
+                    ))
+                })?;
+            }
+            write_all(&placement, &cancel, report);
+            Ok(())
+        })
+        .map_err(|e| PlaceError::Thread(e.to_string()))?;
+    worker
+        .join()
+        .map_err(|_| PlaceError::Thread("the worker thread panicked".into()))?
+}
+
+fn write_all(placement: &Placement, cancel: &AtomicBool, mut report: impl FnMut(PlacedFile)) {
+    let started = SystemTime::now();
+    let dir = open_target(&placement.target_dir);
+    let mut stop: Option<String> = None;
+    for (index, file) in placement.files.iter().enumerate() {
+        if stop.is_none() && cancel.load(Ordering::Relaxed) {
+            stop = Some("the task was cancelled or timed out before this file".into());
+        }
+        if let Some(why) = &stop {
+            let now = SystemTime::now();
+            report(PlacedFile {
+                index,
+                ending: PlaceEnding::Skipped,
+                bytes: 0,
+                started: now,
+                finished: now,
+                message: why.clone(),
+            });
+            continue;
+        }
+        let file_started = SystemTime::now();
+        let (ending, bytes, message) = match &dir {
+            Err((ending, message)) => (*ending, 0, message.clone()),
+            Ok(dir) => match place_one(dir.as_fd(), placement, index, file, cancel) {
+                Ok(bytes) => (
+                    PlaceEnding::Placed,
+                    bytes,
+                    format!(
+                        "written to {} ({bytes} bytes, SHA-256 verified, mode {:o})",
+                        placement.target_dir.join(&file.name).display(),
+                        file.mode & 0o777
+                    ),
+                ),
+                Err((ending, message)) => (ending, 0, message),
+            },
+        };
+        if placement.strict && ending != PlaceEnding::Placed {
+            stop = Some(format!(
+                "not written: {:?} failed before it in strict mode",
+                file.name
+            ));
+        }
+        report(PlacedFile {
+            index,
+            ending,
+            bytes,
+            started: file_started.max(started),
+            finished: SystemTime::now(),
+            message,
+        });
+    }
+}
+
+type Failure = (PlaceEnding, String);
+
+fn errno_failure(what: &str, errno: Errno) -> Failure {
+    let ending = match errno {
+        Errno::EACCES | Errno::EPERM | Errno::EROFS => PlaceEnding::Denied,
+        Errno::ENOSPC | Errno::EDQUOT => PlaceEnding::NoSpace,
+        Errno::ELOOP | Errno::ENOTDIR | Errno::EISDIR => PlaceEnding::BadPath,
+        _ => PlaceEnding::Failed,
+    };
+    let why = match ending {
+        PlaceEnding::Denied => "permission denied for the account".to_owned(),
+        PlaceEnding::NoSpace => "no space left on the file system".to_owned(),
+        _ => errno.desc().to_owned(),
+    };
+    (ending, format!("{what}: {why}"))
+}
+
+fn is_dir(stat: &FileStat) -> bool {
+    SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR
+}
+
+/// Opens the target directory from `/`, never following a link, creating what is missing.
+fn open_target(dir: &Path) -> Result<OwnedFd, Failure> {
+    let path_flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut current = openat(nix::fcntl::AT_FDCWD, "/", path_flags, Mode::empty())
+        .map_err(|e| errno_failure("cannot open /", e))?;
+    let mut walked = PathBuf::from("/");
+    for component in dir.components() {
+        let Component::Normal(name) = component else {
+            continue;
+        };
+        walked.push(name);
+        let next = match openat(current.as_fd(), name, path_flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => create_dir(current.as_fd(), name, &walked)?,
+            Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                return Err((
+                    PlaceEnding::BadPath,
+                    format!(
+                        "{} is a symbolic link or not a directory; the target path must name real directories",
+                        walked.display()
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Err(errno_failure(
+                    &format!("cannot open {}", walked.display()),
+                    e,
+                ));
+            }
+        };
+        // O_PATH with O_NOFOLLOW opens a link itself; only a real directory goes on.
+        let stat = fstat(next.as_fd())
+            .map_err(|e| errno_failure(&format!("cannot inspect {}", walked.display()), e))?;
+        if !is_dir(&stat) {
+            return Err((
+                PlaceEnding::BadPath,
+                format!(
+                    "{} is a symbolic link or not a directory; the target path must name real directories",
+                    walked.display()
+                ),
+            ));
+        }
+        current = next;
+    }
+    Ok(current)
+}
+
+fn create_dir(parent: BorrowedFd<'_>, name: &OsStr, walked: &Path) -> Result<OwnedFd, Failure> {
+    match mkdirat(parent, name, Mode::from_bits_truncate(0o755)) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(e) => {
+            return Err(errno_failure(
+                &format!("cannot create the directory {}", walked.display()),
+                e,
+            ));
+        }
+    }
+    let dir = openat(
+        parent,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| errno_failure(&format!("cannot open {}", walked.display()), e))?;
+    // The agent's umask is no business of the account's directory.
+    let _ = fchmod(dir.as_fd(), Mode::from_bits_truncate(0o755));
+    Ok(dir)
+}
+
+fn place_one(
+    dir: BorrowedFd<'_>,
+    placement: &Placement,
+    index: usize,
+    file: &FileToPlace,
+    cancel: &AtomicBool,
+) -> Result<u64, Failure> {
+    if !valid_file_name(&file.name) {
+        return Err((
+            PlaceEnding::BadPath,
+            format!("{:?} is not a plain file name", file.name),
+        ));
+    }
+    let temp = format!(".fleetrun-{}-{index}.tmp", placement.task_tag);
+    let fd = openat(
+        dir,
+        temp.as_str(),
+        OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| {
+        errno_failure(
+            &format!("cannot create a file in {}", placement.target_dir.display()),
+            e,
+        )
+    })?;
+    let result = fill_and_check(File::from(fd), file, cancel, &placement.target_dir);
+    let result = result.and_then(|bytes| {
+        renameat(
+            dir,
+            temp.as_str(),
+            dir,
+            OsStr::from_bytes(file.name.as_bytes()),
+        )
+        .map(|()| bytes)
+        .map_err(|e| {
+            let target = placement.target_dir.join(&file.name);
+            if e == Errno::EISDIR || e == Errno::ENOTEMPTY || e == Errno::EEXIST {
+                (
+                    PlaceEnding::BadPath,
+                    format!("{} is a directory", target.display()),
+                )
+            } else {
+                errno_failure(&format!("cannot rename into {}", target.display()), e)
+            }
+        })
+    });
+    if result.is_err() {
+        let _ = unlinkat(dir, temp.as_str(), UnlinkatFlags::NoRemoveDir);
+    }
+    result
+}
+
+const CHUNK: usize = 1 << 20;
+
+fn fill_and_check(
+    mut out: File,
+    file: &FileToPlace,
+    cancel: &AtomicBool,
+    dir: &Path,
+) -> Result<u64, Failure> {
+    let io_failure = |what: &str, e: io::Error| match e.raw_os_error() {
+        Some(errno) => errno_failure(what, Errno::from_raw(errno)),
+        None => (PlaceEnding::Failed, format!("{what}: {e}")),
+    };
+    let what = format!("cannot write {}", dir.join(&file.name).display());
+    for chunk in file.content.chunks(CHUNK) {
+        if cancel.load(Ordering::Relaxed) {
+            return Err((
+                PlaceEnding::Skipped,
+                "the task was cancelled or timed out while the file was written".into(),
+            ));
+        }
+        out.write_all(chunk).map_err(|e| io_failure(&what, e))?;
+    }
+    out.sync_all().map_err(|e| io_failure(&what, e))?;
+    // Read back what the file system holds, and hash that.
+    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut offset = 0u64;
+    loop {
+        let n = out
+            .read_at(&mut buffer, offset)
+            .map_err(|e| io_failure(&what, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        offset += n as u64;
+    }
+    if offset != file.content.len() as u64 || hasher.finish().as_ref() != file.sha256 {
+        return Err((
+            PlaceEnding::HashMismatch,
+            format!(
+                "{} does not hash to the expected SHA-256 after writing",
+                dir.join(&file.name).display()
+            ),
+        ));
+    }
+    fchmod(out.as_fd(), Mode::from_bits_truncate(file.mode & 0o777))
+        .map_err(|e| errno_failure(&what, e))?;
+    Ok(offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_single_components() {
+        for good in ["a.txt", ".hidden", "x..y", "名"] {
+            assert!(valid_file_name(good), "{good}");
+        }
+        for bad in ["", ".", "..", "a/b", "../x", "/etc/passwd", "a\0b"] {
+            assert!(!valid_file_name(bad), "{bad:?}");
+        }
+        assert!(!valid_file_name(&"x".repeat(256)));
+    }
+
+    #[test]
+    fn target_dirs_are_absolute_and_plain() {
+        for good in ["/", "/tmp", "/tmp/a/", "/data//x"] {
+            assert!(valid_target_dir(good), "{good}");
+        }
+        for bad in ["tmp", "", "/tmp/../etc", "/tmp/./a", "/a/..", "./x", "/a\0"] {
+            assert!(!valid_target_dir(bad), "{bad:?}");
+        }
+    }
+}
