@@ -94,6 +94,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0012_enrollment.sql"),
         include_str!("../migrations/postgres/0012_enrollment.sql"),
     ),
+    (
+        15,
+        "audit key marker",
+        include_str!("../migrations/sqlite/0015_audit_key_marker.sql"),
+        include_str!("../migrations/postgres/0015_audit_key_marker.sql"),
+    ),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them.
