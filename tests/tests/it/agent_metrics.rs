@@ -61,8 +61,12 @@ async fn an_agent_serves_its_own_metrics_on_loopback_and_they_move_with_tasks() 
     cluster.wait_online(&ids, Duration::from_secs(30)).await?;
     let url = format!("http://127.0.0.1:{port}/metrics");
 
-    // The token is asked for.
-    assert_eq!(scrape(&url, None).await?.0, 401);
+    // The token is asked for (once the restarted agent listens).
+    let status = eventually(Duration::from_secs(30), "the agent listening", || async {
+        scrape(&url, None).await.ok().map(|(status, _)| status)
+    })
+    .await?;
+    assert_eq!(status, 401);
     assert_eq!(scrape(&url, Some("wrong-token-0123456789")).await?.0, 401);
     let (status, _) = scrape(&format!("http://127.0.0.1:{port}/other"), Some(TOKEN)).await?;
     assert_eq!(status, 404);

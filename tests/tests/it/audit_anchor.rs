@@ -73,6 +73,8 @@ async fn cut_tail(cluster: &TestCluster, n: i64) -> Result<()> {
 async fn a_deleted_audit_key_stops_the_controller_until_an_operator_rekeys() -> Result<()> {
     let mut cluster = start_cluster(0).await?;
     record(&cluster, 3).await?;
+    // Reading the trail waits for what is queued: all three are in the database.
+    assert_eq!(verify(&cluster).await?["entries"], 3);
     let key = cluster.dir().join("audit.key");
     cluster.kill_controller()?;
     std::fs::remove_file(&key)?;
