@@ -38,6 +38,9 @@ pub struct Config {
     /// What the host's owner lets any controller make this agent do.
     #[serde(default)]
     pub limits: crate::limits::LocalLimits,
+    /// The agent's own Prometheus metrics, served on a local address when set.
+    #[serde(default)]
+    pub metrics: Option<crate::metrics::MetricsConfig>,
 }
 
 /// The controllers an agent connects to, tried in turn: each `host:port`, the host a DNS name
@@ -154,6 +157,13 @@ impl Config {
                 "{}{}: {message}",
                 path.display(),
                 locate(text, &["limits", key])
+            );
+        }
+        if let Some(Err((key, message))) = config.metrics.as_ref().map(|m| m.validate()) {
+            anyhow::bail!(
+                "{}{}: metrics.{key}: {message}",
+                path.display(),
+                locate(text, &["metrics", key])
             );
         }
         Ok(config)

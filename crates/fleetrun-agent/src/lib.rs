@@ -1,12 +1,15 @@
 //! The fleetrun agent: connects out to the controller (so hosts behind NAT work), proves who it
 //! is with its certificate, and runs the tasks the controller sends, one QUIC stream each.
 //!
-//! **Architecture invariant:** the agent never listens on a port; every connection is one it made.
+//! **Architecture invariant:** the agent never listens on a port for work; every connection that
+//! carries tasks is one it made. The only listener is the optional, read-only metrics one
+//! (`[metrics] listen`, loopback unless explicitly allowed).
 
 pub mod config;
 pub mod enroll;
 mod files;
 pub mod limits;
+mod metrics;
 mod renew;
 mod session;
 mod spool;
@@ -25,6 +28,7 @@ use fleetrun_net::{Timing, TlsFiles};
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+pub use metrics::MetricsConfig;
 
 /// The agent's version, reported in its hello.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -152,6 +156,8 @@ pub(crate) struct AgentContext {
     pub client_config: std::sync::Mutex<quinn::ClientConfig>,
     /// The controller (`host:port` as configured) of the current or last session.
     controller: std::sync::Mutex<String>,
+    /// What `[metrics]` serves.
+    pub metrics: metrics::AgentMetrics,
 }
 
 impl AgentContext {
@@ -225,6 +231,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         bk_host_id: std::sync::atomic::AtomicI64::new(0),
         client_config: std::sync::Mutex::new(client_config),
         controller: std::sync::Mutex::default(),
+        metrics: metrics::AgentMetrics::default(),
         slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_tasks)),
         agent_id,
         config,
@@ -245,6 +252,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         sd_notify::NotifyState::Status("connecting to the controller"),
     ]);
 
+    if let Some(config) = ctx.config.metrics.clone() {
+        let listener = metrics::bind(&config).await?;
+        let serving = ctx.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(serving, config, listener, stop).await {
+                tracing::error!("metrics not served: {e:#}");
+            }
+        });
+    }
+
     let controllers = ctx.config.controller.entries();
     let mut failover = Failover::new(controllers.len());
     let home = || {
@@ -259,6 +277,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     loop {
         let target = &controllers[failover.current()];
         ctx.set_controller(target);
+        ctx.metrics.set_connection(metrics::Connection::Connecting);
         let ended = tokio::select! {
             ended = session::connect_and_serve(&ctx, &endpoint, target) => ended,
             () = shutdown.cancelled() => break,
@@ -305,6 +324,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             );
         }
         let delay = failover.after(&ended, home);
+        ctx.metrics.set_connection(metrics::Connection::Waiting);
+        ctx.metrics.reconnecting();
         tracing::info!(
             controller = %controllers[failover.current()],
             "reconnecting in {delay:?}"

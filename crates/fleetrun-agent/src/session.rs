@@ -124,6 +124,7 @@ pub(crate) async fn connect_and_serve(
             (every, Ownership::Agent, protocol_version >= 3)
         }
     };
+    ctx.metrics.welcomed();
     crate::tell_systemd(&[sd_notify::NotifyState::Status(&format!(
         "connected to the controller {target}"
     ))]);

@@ -205,6 +205,25 @@ impl Spool {
     }
 }
 
+impl Spool {
+    /// Bytes of the regular files one level down in the task directories (output and state),
+    /// for the metrics; links and anything else are not followed or counted.
+    pub(crate) fn bytes(&self) -> u64 {
+        let Ok(tasks) = fs::read_dir(&self.root) else {
+            return 0;
+        };
+        tasks
+            .flatten()
+            .filter(|task| task.file_type().is_ok_and(|kind| kind.is_dir()))
+            .filter_map(|task| fs::read_dir(task.path()).ok())
+            .flat_map(|files| files.flatten())
+            .filter_map(|file| file.metadata().ok())
+            .filter(|meta| meta.file_type().is_file())
+            .map(|meta| meta.len())
+            .sum()
+    }
+}
+
 fn load(root: &Path, name: &std::ffi::OsStr) -> io::Result<(Meta, TaskSpool)> {
     let dir = root.join(name);
     let mut text = Vec::new();

@@ -475,6 +475,7 @@ async fn start(
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let result = run(&ctx, &runner, request).await;
+        ctx.metrics.task_finished(&result);
         runner.state.lock().unwrap().result = Some(result);
         runner.persist().await;
         // The flag is set before the cancel that ended the task, so it is seen here.

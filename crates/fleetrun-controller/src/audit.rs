@@ -156,8 +156,13 @@ pub fn summarize(params: &Map<String, Value>) -> String {
 #[derive(Clone)]
 pub struct AuditKey {
     key: hmac::Key,
+    /// Names the key without revealing it; recorded in the store.
+    fingerprint: String,
     /// Entries up to this number may carry the plain hash of entries written before the key.
     unkeyed_until: i64,
+    /// Entries up to this number were made under a key that was lost and replaced
+    /// (`fleetrun-controller audit rekey`): only their links can be checked.
+    lost_until: i64,
 }
 
 impl std::fmt::Debug for AuditKey {
@@ -236,27 +241,76 @@ impl AuditKey {
         if key.len() != 32 {
             return Err("not a 32-byte key");
         }
-        let unkeyed_until = match lines.next() {
-            None => 0,
-            Some(line) => line
-                .strip_prefix("unkeyed_until")
+        let number = |line: &str, name: &str| {
+            line.strip_prefix(name)
                 .and_then(|rest| rest.trim_start().strip_prefix('='))
                 .and_then(|n| n.trim().parse().ok())
                 .filter(|n: &i64| *n >= 0)
-                .ok_or("the second line is not `unkeyed_until = N`")?,
+        };
+        let unkeyed_until = match lines.next() {
+            None => 0,
+            Some(line) => {
+                number(line, "unkeyed_until").ok_or("the second line is not `unkeyed_until = N`")?
+            }
+        };
+        let lost_until = match lines.next() {
+            None => 0,
+            Some(line) => {
+                number(line, "lost_until").ok_or("the third line is not `lost_until = N`")?
+            }
         };
         if lines.next().is_some() {
-            return Err("more than a key and `unkeyed_until = N`");
+            return Err("more than a key, `unkeyed_until = N` and `lost_until = N`");
         }
-        Ok(Self::from_bytes(&key).with_unkeyed_until(unkeyed_until))
+        let mut made = Self::from_bytes(&key).with_unkeyed_until(unkeyed_until);
+        made.lost_until = lost_until;
+        Ok(made)
     }
 
     /// A key from its bytes, for a trail that has no entry written before it.
     pub fn from_bytes(key: &[u8]) -> Self {
+        let mut tagged = b"fleetrun-audit-key-fingerprint-v1".to_vec();
+        tagged.extend_from_slice(key);
         Self {
             key: hmac::Key::new(hmac::HMAC_SHA256, key),
+            fingerprint: format!("sha256:{}", &hex(digest(&SHA256, &tagged).as_ref())[..32]),
             unkeyed_until: 0,
+            lost_until: 0,
         }
+    }
+
+    /// What names this key in the store and in messages: a digest of it, which does not reveal
+    /// it.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Writes a new random key to `path` (which must not exist), 0600; entries up to
+    /// `lost_until` were made under a key that is gone.
+    fn create(path: &std::path::Path, lost_until: i64) -> Result<Self, AuditKeyError> {
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        let fail = |reason: String| AuditKeyError {
+            path: path.to_owned(),
+            reason,
+        };
+        let mut key = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut key)
+            .map_err(|_| fail("no randomness".into()))?;
+        let encoded = format!(
+            "{}\nunkeyed_until = 0\nlost_until = {lost_until}\n",
+            base64::engine::general_purpose::STANDARD.encode(key)
+        );
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| fail(e.to_string()))?;
+        file.write_all(encoded.as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|e| fail(e.to_string()))?;
+        Self::decode(&encoded).map_err(|reason| fail(reason.to_owned()))
     }
 
     /// The same key, accepting plain hashes on entries up to `seq`.
@@ -323,15 +377,63 @@ pub struct AuditLog {
 
 /// Refused authentications recorded one by one per minute at most: a client hammering the API
 /// with bad credentials must not flood the trail (or the disk); past the budget they are
-/// counted, and the next one recorded after the minute is preceded by an entry saying how many
-/// went unrecorded.
+/// counted, and once the minute is over (at the next refusal, on the appender's timer, or when
+/// the controller stops) an entry says how many went unrecorded.
 pub const REFUSED_AUTH_PER_MINUTE: u32 = 60;
+/// bk-job's code for refused credentials, which refused authentications are recorded with.
+const REFUSED_CODE: i64 = 1_640_001;
+/// The budget's window.
+const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often the appender looks for a count of unrecorded refusals to write.
+const REFUSAL_TICK: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long the appender waits for more entries to share a commit once one has arrived: one
+/// transaction (and one anchor write) for the entries of many requests instead of one each.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 
 #[derive(Debug)]
 struct RefusalBudget {
-    window_start: std::time::Instant,
+    window_start: tokio::time::Instant,
     recorded: u32,
     unrecorded: u64,
+}
+
+impl RefusalBudget {
+    fn new() -> Self {
+        Self {
+            window_start: tokio::time::Instant::now(),
+            recorded: 0,
+            unrecorded: 0,
+        }
+    }
+
+    /// The count of unrecorded refusals to write now: when the window is over (or `closing`),
+    /// the count is taken and the window starts again.
+    fn take_due(&mut self, closing: bool) -> u64 {
+        if self.unrecorded > 0 && (closing || self.window_start.elapsed() >= REFUSAL_WINDOW) {
+            let unrecorded = self.unrecorded;
+            *self = Self::new();
+            return unrecorded;
+        }
+        0
+    }
+}
+
+/// The entry saying how many refused authentications went unrecorded one by one.
+fn unrecorded_refusals(unrecorded: u64, at: i64) -> NewAuditEntry {
+    NewAuditEntry {
+        at,
+        app_code: String::new(),
+        operator: String::new(),
+        source: String::new(),
+        request_id: String::new(),
+        api: "refused_authentication".to_owned(),
+        change: json!({ "unrecorded_refusals": unrecorded }).to_string(),
+        outcome_code: REFUSED_CODE,
+        outcome: format!(
+            "{unrecorded} more refused authentications in the minute before, past \
+             {REFUSED_AUTH_PER_MINUTE} a minute, were not recorded one by one"
+        ),
+    }
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -345,46 +447,39 @@ const QUEUE: usize = 64 * 1024;
 /// Attempts at committing a batch before its entries are given up (and logged in full).
 const ATTEMPTS: u32 = 5;
 
+/// What the appender writes to: the store, and the head anchor file after each commit.
+struct Sink {
+    store: Store,
+    key: AuditKey,
+    anchor: Option<Anchor>,
+    head: Arc<Mutex<Option<(i64, String)>>>,
+}
+
 impl AuditLog {
     /// Starts the appending task in `tasks`; it commits what is queued and ends once every
-    /// handle is dropped (the API server stopped).
+    /// handle is dropped (the API server stopped). Without `anchor`, the head is kept in memory
+    /// only.
     pub async fn start(
         store: Store,
         key: AuditKey,
+        anchor: Option<Anchor>,
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Result<Self, fleetrun_store::StoreError> {
         let head = Arc::new(Mutex::new(store.audit_head().await?));
-        let (queue, mut incoming) = mpsc::channel::<Queued>(QUEUE);
-        let task_head = head.clone();
-        let task_key = key.clone();
-        tasks.spawn(async move {
-            let mut received = Vec::with_capacity(BATCH);
-            while incoming.recv_many(&mut received, BATCH).await > 0 {
-                let mut entries = Vec::with_capacity(received.len());
-                let mut flushes = Vec::new();
-                for queued in received.drain(..) {
-                    match queued {
-                        Queued::Entry(entry) => entries.push(entry),
-                        Queued::Flush(done) => flushes.push(done),
-                    }
-                }
-                if !entries.is_empty() {
-                    commit(&store, &task_key, &entries, &task_head).await;
-                }
-                for done in flushes {
-                    let _ = done.send(());
-                }
-            }
-        });
+        let (queue, incoming) = mpsc::channel::<Queued>(QUEUE);
+        let refusals = Arc::new(Mutex::new(RefusalBudget::new()));
+        let sink = Sink {
+            store,
+            key: key.clone(),
+            anchor,
+            head: head.clone(),
+        };
+        tasks.spawn(append_loop(sink, incoming, refusals.clone()));
         Ok(Self {
             queue,
             head,
             key,
-            refusals: Arc::new(Mutex::new(RefusalBudget {
-                window_start: std::time::Instant::now(),
-                recorded: 0,
-                unrecorded: 0,
-            })),
+            refusals,
         })
     }
 
@@ -401,38 +496,20 @@ impl AuditLog {
     pub async fn append_refused_auth(&self, entry: NewAuditEntry) {
         let (record, unrecorded) = {
             let mut budget = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
-            if budget.window_start.elapsed() >= std::time::Duration::from_secs(60) {
-                let unrecorded = budget.unrecorded;
-                *budget = RefusalBudget {
-                    window_start: std::time::Instant::now(),
-                    recorded: 1,
-                    unrecorded: 0,
-                };
-                (true, unrecorded)
-            } else if budget.recorded < REFUSED_AUTH_PER_MINUTE {
+            let unrecorded = budget.take_due(false);
+            if budget.window_start.elapsed() >= REFUSAL_WINDOW {
+                *budget = RefusalBudget::new();
+            }
+            if budget.recorded < REFUSED_AUTH_PER_MINUTE {
                 budget.recorded += 1;
-                (true, 0)
+                (true, unrecorded)
             } else {
                 budget.unrecorded += 1;
-                (false, 0)
+                (false, unrecorded)
             }
         };
         if unrecorded > 0 {
-            self.append(NewAuditEntry {
-                at: entry.at,
-                app_code: String::new(),
-                operator: String::new(),
-                source: String::new(),
-                request_id: String::new(),
-                api: "refused_authentication".to_owned(),
-                change: json!({ "unrecorded_refusals": unrecorded }).to_string(),
-                outcome_code: entry.outcome_code,
-                outcome: format!(
-                    "{unrecorded} more refused authentications in the minute before, past \
-                     {REFUSED_AUTH_PER_MINUTE} a minute, were not recorded one by one"
-                ),
-            })
-            .await;
+            self.append(unrecorded_refusals(unrecorded, entry.at)).await;
         }
         if record {
             self.append(entry).await;
@@ -460,25 +537,86 @@ impl AuditLog {
     }
 }
 
+/// The appender: commits what has queued (waiting up to [`LINGER`] for more to share the
+/// transaction), writes the count of unrecorded refusals once their minute is over, and, when
+/// every handle is gone, commits what is left, that count included.
+async fn append_loop(
+    sink: Sink,
+    mut incoming: mpsc::Receiver<Queued>,
+    refusals: Arc<Mutex<RefusalBudget>>,
+) {
+    let mut received = Vec::with_capacity(BATCH);
+    let mut tick = tokio::time::interval(REFUSAL_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let due = |closing: bool| {
+        let unrecorded = refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_due(closing);
+        (unrecorded > 0).then(|| unrecorded_refusals(unrecorded, crate::now_ms()))
+    };
+    loop {
+        tokio::select! {
+            n = incoming.recv_many(&mut received, BATCH) => {
+                if n == 0 {
+                    break;
+                }
+            }
+            _ = tick.tick() => {
+                if let Some(entry) = due(false) {
+                    commit(&sink, &[entry]).await;
+                }
+                continue;
+            }
+        }
+        // More requests' entries share this commit unless someone waits for it already.
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while received.len() < BATCH && !received.iter().any(|q| matches!(q, Queued::Flush(_))) {
+            let room = BATCH - received.len();
+            match tokio::time::timeout_at(deadline, incoming.recv_many(&mut received, room)).await {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+        let mut entries = Vec::with_capacity(received.len());
+        let mut flushes = Vec::new();
+        for queued in received.drain(..) {
+            match queued {
+                Queued::Entry(entry) => entries.push(entry),
+                Queued::Flush(done) => flushes.push(done),
+            }
+        }
+        if !entries.is_empty() {
+            commit(&sink, &entries).await;
+        }
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+    if let Some(entry) = due(true) {
+        commit(&sink, &[entry]).await;
+    }
+}
+
 /// Commits one batch, retrying a refusing database a few times; entries it cannot store are
 /// written to the log in full, so the record survives there.
-async fn commit(
-    store: &Store,
-    key: &AuditKey,
-    entries: &[NewAuditEntry],
-    head: &Mutex<Option<(i64, String)>>,
-) {
+async fn commit(sink: &Sink, entries: &[NewAuditEntry]) {
     // The store takes a `'static` hasher: it holds its own handle on the key.
-    let key = key.clone();
+    let key = sink.key.clone();
     let hasher =
         move |seq: i64, entry: &NewAuditEntry, prev: &str| entry_hash(&key, seq, entry, prev);
     let started = std::time::Instant::now();
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match store.append_audit(entries, &hasher).await {
+        match sink.store.append_audit(entries, &hasher).await {
             Ok(new_head) => {
-                *head.lock().unwrap() = Some(new_head);
+                if let Some(anchor) = &sink.anchor
+                    && let Err(e) = anchor.write(new_head.0, &new_head.1)
+                {
+                    tracing::error!("{e}");
+                }
+                *sink.head.lock().unwrap() = Some(new_head);
                 metrics::histogram!("fleetrun_audit_append_seconds").record(started.elapsed());
                 for entry in entries {
                     let outcome = if entry.outcome_code == 0 {
@@ -516,6 +654,285 @@ async fn commit(
     }
 }
 
+/// The head anchor: the chain's last entry (number and hash), kept outside the database in a
+/// file beside the key (0600), HMAC'd with the key, rewritten after each commit. Rows cut from
+/// the end of the chain while the controller is stopped leave a valid shorter chain; the anchor
+/// still names the entry that was last, so the cut is found at the next start.
+#[derive(Debug, Clone)]
+pub struct Anchor {
+    path: std::path::PathBuf,
+    key: AuditKey,
+}
+
+const ANCHOR_TAG: &str = "fleetrun-audit-head-v1";
+
+impl Anchor {
+    /// The anchor of the key file at `key_path`: `<key file without extension>.head`.
+    pub fn beside(key_path: &std::path::Path, key: AuditKey) -> Self {
+        Self {
+            path: key_path.with_extension("head"),
+            key,
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn mac(&self, seq: i64, hash: &str) -> String {
+        let mut bytes = Vec::with_capacity(128);
+        for field in [ANCHOR_TAG, &seq.to_string(), hash] {
+            bytes.extend_from_slice(&(field.len() as u64).to_be_bytes());
+            bytes.extend_from_slice(field.as_bytes());
+        }
+        hex(hmac::sign(&self.key.key, &bytes).as_ref())
+    }
+
+    /// Replaces the file (a new file renamed over it, so a reader never sees half of one).
+    pub fn write(&self, seq: i64, hash: &str) -> Result<(), AuditKeyError> {
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        let fail = |e: std::io::Error| AuditKeyError {
+            path: self.path.clone(),
+            reason: format!("the audit head anchor could not be written: {e}"),
+        };
+        let text = format!("{seq} {hash} {}\n", self.mac(seq, hash));
+        let staged = self.path.with_extension("head.new");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&staged)
+            .map_err(fail)?;
+        file.write_all(text.as_bytes()).map_err(fail)?;
+        std::fs::rename(&staged, &self.path).map_err(fail)
+    }
+
+    /// The entry the file names; `Ok(None)` without a file, `Err` with the reason when it does
+    /// not verify.
+    pub fn read(&self) -> Result<Option<(i64, String)>, String> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        let mut fields = text.split_ascii_whitespace();
+        let (Some(seq), Some(hash), Some(mac), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            return Err("not `SEQ HASH MAC`".to_owned());
+        };
+        let seq: i64 = seq
+            .parse()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or("its number is not a number")?;
+        let expected = self.mac(seq, hash);
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            expected.as_bytes(),
+            mac.as_bytes(),
+        )) {
+            return Err("its MAC does not match the audit key".to_owned());
+        }
+        Ok(Some((seq, hash.to_owned())))
+    }
+}
+
+/// The API name of an entry recording a break in the chain the controller found at start.
+pub const BREAK_API: &str = "audit_chain_break";
+/// The API name of the entry recording a replaced key.
+pub const REKEY_API: &str = "audit_rekey";
+
+/// Opens the audit trail at start: loads the key (made on first start, when the store has
+/// recorded none), refuses a missing or different key when the store says the chain is keyed,
+/// checks the head anchor against the chain and records what it finds broken as an entry, then
+/// starts the appender.
+pub async fn open(
+    store: Store,
+    key_path: &std::path::Path,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> anyhow::Result<AuditLog> {
+    let fail = |reason: String| AuditKeyError {
+        path: key_path.to_owned(),
+        reason,
+    };
+    let marker = store.audit_key_marker().await?;
+    let head = store.audit_head().await?;
+    let head_seq = head.as_ref().map_or(0, |(seq, _)| *seq);
+    let key = match (&marker, key_path.exists()) {
+        (Some(marker), false) => {
+            return Err(fail(format!(
+                "missing, but the audit trail in the database is keyed with key {} (from entry \
+                 {}): put the key file back (it is in every backup), or run `fleetrun-controller \
+                 audit rekey` to start a new key, recorded in the trail as a break",
+                marker.key_fingerprint, marker.since_seq
+            ))
+            .into());
+        }
+        _ => AuditKey::load_or_create(key_path, head_seq)?,
+    };
+    match &marker {
+        Some(marker) if marker.key_fingerprint != key.fingerprint() => {
+            return Err(fail(format!(
+                "holds key {}, but the audit trail in the database is keyed with key {} (from \
+                 entry {}): put the right key file back, or move this one aside and run \
+                 `fleetrun-controller audit rekey`",
+                key.fingerprint(),
+                marker.key_fingerprint,
+                marker.since_seq
+            ))
+            .into());
+        }
+        Some(_) => {}
+        None => {
+            store
+                .record_audit_key(key.fingerprint(), key.unkeyed_until + 1, crate::now_ms())
+                .await?;
+        }
+    }
+    let anchor = Anchor::beside(key_path, key.clone());
+    let mut breaks = Vec::new();
+    match anchor.read() {
+        Ok(None) if marker.as_ref().is_some_and(|m| m.anchored) => breaks.push(format!(
+            "the head anchor {} was missing at start: entries removed from the end of the trail \
+             while the controller was stopped cannot be ruled out",
+            anchor.path().display()
+        )),
+        Ok(None) => {}
+        Ok(Some((seq, _))) if seq > head_seq => breaks.push(format!(
+            "entries {} to {seq} were removed from the end of the trail while the controller \
+             was stopped (the head anchor {} names entry {seq}; the database ends at {head_seq})",
+            head_seq + 1,
+            anchor.path().display()
+        )),
+        Ok(Some((seq, hash))) if seq > 0 => {
+            if store.audit_entry(seq).await?.is_none_or(|r| r.hash != hash) {
+                breaks.push(format!(
+                    "entry {seq} is not the entry the head anchor {} names: the end of the \
+                     trail was replaced while the controller was stopped",
+                    anchor.path().display()
+                ));
+            }
+        }
+        Ok(Some(_)) => {}
+        Err(reason) => breaks.push(format!(
+            "the head anchor {} does not verify ({reason}): entries removed from the end of the \
+             trail while the controller was stopped cannot be ruled out",
+            anchor.path().display()
+        )),
+    }
+    let log = AuditLog::start(store.clone(), key, Some(anchor.clone()), tasks).await?;
+    for problem in &breaks {
+        tracing::error!("audit trail: {problem}");
+        log.append(NewAuditEntry {
+            at: crate::now_ms(),
+            app_code: String::new(),
+            operator: String::new(),
+            source: String::new(),
+            request_id: String::new(),
+            api: BREAK_API.to_owned(),
+            change: json!({ "problem": problem }).to_string(),
+            outcome_code: 0,
+            outcome: problem.clone(),
+        })
+        .await;
+    }
+    log.flush().await;
+    let (seq, hash) = log.head().unwrap_or_default();
+    anchor.write(seq, &hash)?;
+    if !marker.is_some_and(|m| m.anchored) {
+        store.mark_audit_anchored().await?;
+    }
+    Ok(log)
+}
+
+/// `fleetrun-controller audit rekey`: starts a new audit key after the old one was lost. The
+/// chain goes on (numbers and links unbroken) with an entry, signed by the new key, recording
+/// the replacement, the old key's fingerprint and the hash of the last entry it signed; the
+/// entries before it can from then on be checked for their links only (`lost_until` in the new
+/// key file). A key file in place is never overwritten.
+pub async fn rekey(config: &crate::Config, operator: &str) -> anyhow::Result<String> {
+    let key_path = config.audit_key_file();
+    let store = Store::open_database(&config.database).await?;
+    let Some(marker) = store.audit_key_marker().await? else {
+        anyhow::bail!(
+            "the audit trail has no key recorded yet: start the controller, which makes one"
+        );
+    };
+    if key_path.exists() {
+        let reason = match std::fs::read_to_string(&key_path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| AuditKey::decode(&text).map_err(str::to_owned))
+        {
+            Ok(key) if key.fingerprint() == marker.key_fingerprint => {
+                "holds the key the trail is made with: nothing to replace".to_owned()
+            }
+            _ => "exists: move it aside first (it is never overwritten)".to_owned(),
+        };
+        return Err(AuditKeyError {
+            path: key_path,
+            reason,
+        }
+        .into());
+    }
+    let (head_seq, head_hash) = store.audit_head().await?.unwrap_or_default();
+    let key = AuditKey::create(&key_path, head_seq)?;
+    let change = json!({
+        "previous_key": marker.key_fingerprint,
+        "new_key": key.fingerprint(),
+        "entries_under_previous_key": head_seq,
+        "previous_head_hash": head_hash,
+    });
+    let outcome = format!(
+        "the audit key {} was replaced by {}: entries 1 to {head_seq} can from now on be checked \
+         for their links only",
+        marker.key_fingerprint,
+        key.fingerprint()
+    );
+    let entry = NewAuditEntry {
+        at: crate::now_ms(),
+        app_code: String::new(),
+        operator: operator.to_owned(),
+        source: "fleetrun-controller audit rekey".to_owned(),
+        request_id: String::new(),
+        api: REKEY_API.to_owned(),
+        change: change.to_string(),
+        outcome_code: 0,
+        outcome: outcome.clone(),
+    };
+    let hasher_key = key.clone();
+    let hasher = move |seq: i64, entry: &NewAuditEntry, prev: &str| {
+        entry_hash(&hasher_key, seq, entry, prev)
+    };
+    let (seq, hash) = store
+        .rekey_audit(&entry, &hasher, key.fingerprint(), crate::now_ms())
+        .await?;
+    Anchor::beside(&key_path, key.clone()).write(seq, &hash)?;
+    Ok(format!(
+        "{outcome}; recorded as entry {seq}; new key file {}",
+        key_path.display()
+    ))
+}
+
+/// After a restore: points the head anchor at the restored chain's last entry (when the key
+/// file is there to sign it).
+pub async fn reanchor(config: &crate::Config) -> anyhow::Result<()> {
+    let key_path = config.audit_key_file();
+    let text = match std::fs::read_to_string(&key_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => anyhow::bail!("{}: {e}", key_path.display()),
+    };
+    let key = AuditKey::decode(&text).map_err(|reason| AuditKeyError {
+        path: key_path.clone(),
+        reason: reason.to_owned(),
+    })?;
+    let store = Store::open_database(&config.database).await?;
+    let (seq, hash) = store.audit_head().await?.unwrap_or_default();
+    Anchor::beside(&key_path, key).write(seq, &hash)?;
+    Ok(())
+}
+
 /// What a walk of the chain found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Verification {
@@ -527,6 +944,9 @@ pub struct Verification {
     pub problems: Vec<String>,
     /// Entries at the start of the chain written before the audit key existed (plain SHA-256).
     pub unkeyed: i64,
+    /// Entries made under a key that was lost and replaced: their links are checked, their
+    /// content cannot be.
+    pub unverifiable: i64,
 }
 
 impl Verification {
@@ -587,8 +1007,15 @@ pub async fn verify(
                     format!("entry {seq}: does not link to the entry before it"),
                 );
             }
-            if entry_hash(key, seq, &entry, &stored_prev) == hash {
+            if seq <= key.lost_until {
+                // Made under the lost key: the entry recording its replacement pins the last
+                // one's hash, and the links pin the rest.
+                report.unverifiable += 1;
+            } else if entry_hash(key, seq, &entry, &stored_prev) == hash {
                 keyed_seen = true;
+                if entry.api == BREAK_API {
+                    problem(&mut report, format!("entry {seq}: {}", entry.outcome));
+                }
             } else if !keyed_seen
                 && seq <= key.unkeyed_until
                 && unkeyed_hash(seq, &entry, &stored_prev) == hash

@@ -254,6 +254,11 @@ pub async fn restore(config_path: &Path, src: &Path) -> anyhow::Result<String> {
             .with_context(|| format!("putting {} in place", key.display()))?;
         restored.push(key.display().to_string());
     }
+    // The restored trail ends where the backup was taken: the head anchor names that end now,
+    // so that the rewind is not mistaken for a cut at the next start.
+    crate::audit::reanchor(&config)
+        .await
+        .context("anchoring the restored audit trail")?;
     Ok(format!(
         "restored {} from the backup of {} (ms since epoch); the configuration, TLS and inventory \
          copies in {} are left for you to compare or put back",

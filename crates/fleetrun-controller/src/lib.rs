@@ -287,15 +287,7 @@ impl Controller {
             cipher,
             shutdown: shutdown.clone(),
             agent_listener_up,
-            audit: audit::AuditLog::start(
-                store.clone(),
-                audit::AuditKey::load_or_create(
-                    &audit_key_file,
-                    store.audit_head().await?.map_or(0, |(seq, _)| seq),
-                )?,
-                &mut tasks,
-            )
-            .await?,
+            audit: audit::open(store.clone(), &audit_key_file, &mut tasks).await?,
             dangerous_rules: dangerous::DangerousRules::load(store.clone()).await?,
             enroll: enrollment.as_ref().map(|(settings, ..)| settings.clone()),
         });

@@ -44,6 +44,18 @@ enum Command {
     /// The enrollment CA: `ca init` makes it (or imports an operator's intermediate CA)
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The audit trail: `audit rekey` starts a new key after the old one was lost
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Starts a new audit key when the old key file is lost (the controller refuses to start
+    /// without it): the controller must be stopped and no key file may be in place. The
+    /// replacement is recorded in the trail as an entry signed by the new key; the entries
+    /// before it can from then on be checked for their links only.
+    Rekey,
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,6 +126,9 @@ fn main() -> ExitCode {
     })) = &args.command
     {
         return ca_init(&config_path, import_cert, import_key, server_names);
+    }
+    if let Some(Command::Audit(AuditCommand::Rekey)) = &args.command {
+        return audit_rekey(&config_path);
     }
     if let Some(Command::Backup { path } | Command::Restore { path }) = &args.command {
         let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -323,5 +338,39 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// `audit rekey`: the operator is the user running it.
+fn audit_rekey(config_path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("fleetrun-controller: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let operator = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_default();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fleetrun_controller::audit::rekey(&config, &operator)) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleetrun-controller: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

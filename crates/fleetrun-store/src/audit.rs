@@ -76,6 +76,20 @@ fn record(row: &sqlx::any::AnyRow) -> AuditRecord {
     }
 }
 
+/// What the store records about the audit trail's key (migration 0015): never the key itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditKeyMarker {
+    /// A fingerprint of the key the chain is made with.
+    pub key_fingerprint: String,
+    /// The first entry that key signs (1, or the entry recording a replaced key).
+    pub since_seq: i64,
+    /// Whether the head anchor file beside the key has been written.
+    pub anchored: bool,
+}
+
+/// Rows per `INSERT`: 12 parameters each, well under SQLite's limit of 32,766.
+const ROWS_PER_INSERT: usize = 128;
+
 impl Store {
     /// Appends `entries` in order in one transaction, each chained to the last stored one;
     /// returns the last entry's number and hash.
@@ -84,10 +98,36 @@ impl Store {
         entries: &[NewAuditEntry],
         hasher: &AuditHasher,
     ) -> Result<(i64, String), StoreError> {
-        // The write lock is taken before the chain's head is read, so two appenders (another
-        // process on the same database, an administrator's tool) cannot fork it: SQLite's
-        // IMMEDIATE transaction, PostgreSQL's exclusive table lock.
-        let mut tx = match self.dialect {
+        let mut tx = self.begin_audit().await?;
+        let head = Self::append_in(&mut tx, entries, hasher).await;
+        let head = self.noting_write_failure(head)?;
+        self.noting_write_failure(tx.commit().await)?;
+        Ok(head)
+    }
+
+    /// Appends `entry` (the record of a replaced key) and makes `key_fingerprint` the chain's
+    /// key from that entry on, in one transaction; returns the entry's number and hash.
+    pub async fn rekey_audit(
+        &self,
+        entry: &NewAuditEntry,
+        hasher: &AuditHasher,
+        key_fingerprint: &str,
+        at: i64,
+    ) -> Result<(i64, String), StoreError> {
+        let mut tx = self.begin_audit().await?;
+        let head = Self::append_in(&mut tx, std::slice::from_ref(entry), hasher).await;
+        let head = self.noting_write_failure(head)?;
+        let marked = Self::upsert_marker(&mut tx, key_fingerprint, head.0, at).await;
+        self.noting_write_failure(marked)?;
+        self.noting_write_failure(tx.commit().await)?;
+        Ok(head)
+    }
+
+    /// Takes the audit trail's write lock before its head is read, so two appenders (another
+    /// process on the same database, an administrator's tool) cannot fork the chain: SQLite's
+    /// IMMEDIATE transaction, PostgreSQL's exclusive table lock.
+    async fn begin_audit(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        Ok(match self.dialect {
             Dialect::Sqlite => {
                 self.noting_write_failure(self.pool.begin_with("BEGIN IMMEDIATE").await)?
             }
@@ -98,40 +138,129 @@ impl Store {
                     .await?;
                 tx
             }
-        };
+        })
+    }
+
+    /// Numbers, hashes and inserts `entries` after the chain's head, a multi-row `INSERT` per
+    /// [`ROWS_PER_INSERT`] entries.
+    async fn append_in(
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        entries: &[NewAuditEntry],
+        hasher: &AuditHasher,
+    ) -> Result<(i64, String), sqlx::Error> {
         let head = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut **tx)
             .await?;
         let (mut seq, mut prev) = head.map_or((0, String::new()), |row| {
             (row.get::<i64, _>(0), row.get::<String, _>(1))
         });
-        for entry in entries {
-            seq += 1;
-            let hash = hasher(seq, entry, &prev);
-            let inserted = sqlx::query(
+        for chunk in entries.chunks(ROWS_PER_INSERT) {
+            let mut sql = String::from(
                 "INSERT INTO audit_log (seq, at, app_code, operator, source, request_id, api, \
-                 change, outcome_code, outcome, prev_hash, hash) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            )
-            .bind(seq)
-            .bind(entry.at)
-            .bind(&entry.app_code)
-            .bind(&entry.operator)
-            .bind(&entry.source)
-            .bind(&entry.request_id)
-            .bind(&entry.api)
-            .bind(&entry.change)
-            .bind(entry.outcome_code)
-            .bind(&entry.outcome)
-            .bind(&prev)
-            .bind(&hash)
-            .execute(&mut *tx)
-            .await;
-            self.noting_write_failure(inserted)?;
-            prev = hash;
+                 change, outcome_code, outcome, prev_hash, hash) VALUES ",
+            );
+            let mut rows = Vec::with_capacity(chunk.len());
+            for (i, entry) in chunk.iter().enumerate() {
+                seq += 1;
+                let hash = hasher(seq, entry, &prev);
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                let p = i * 12;
+                sql.push('(');
+                for n in 1..=12 {
+                    if n > 1 {
+                        sql.push_str(", ");
+                    }
+                    sql.push('$');
+                    sql.push_str(&(p + n).to_string());
+                }
+                sql.push(')');
+                rows.push((seq, entry, std::mem::replace(&mut prev, hash.clone()), hash));
+            }
+            let mut query = sqlx::query(&sql);
+            for (seq, entry, prev_hash, hash) in rows {
+                query = query
+                    .bind(seq)
+                    .bind(entry.at)
+                    .bind(entry.app_code.as_str())
+                    .bind(entry.operator.as_str())
+                    .bind(entry.source.as_str())
+                    .bind(entry.request_id.as_str())
+                    .bind(entry.api.as_str())
+                    .bind(entry.change.as_str())
+                    .bind(entry.outcome_code)
+                    .bind(entry.outcome.as_str())
+                    .bind(prev_hash)
+                    .bind(hash);
+            }
+            query.execute(&mut **tx).await?;
         }
-        self.noting_write_failure(tx.commit().await)?;
         Ok((seq, prev))
+    }
+
+    async fn upsert_marker(
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        key_fingerprint: &str,
+        since_seq: i64,
+        at: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO audit_key_marker (id, key_fingerprint, since_seq, anchored, recorded_at) \
+             VALUES (1, $1, $2, 0, $3) \
+             ON CONFLICT (id) DO UPDATE SET key_fingerprint = $1, since_seq = $2, recorded_at = $3",
+        )
+        .bind(key_fingerprint)
+        .bind(since_seq)
+        .bind(at)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// What the store records about the chain's key; `None` before a key was recorded.
+    pub async fn audit_key_marker(&self) -> Result<Option<AuditKeyMarker>, StoreError> {
+        let row = sqlx::query(
+            "SELECT key_fingerprint, since_seq, anchored FROM audit_key_marker WHERE id = 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|row| AuditKeyMarker {
+            key_fingerprint: row.get(0),
+            since_seq: row.get(1),
+            anchored: row.get::<i64, _>(2) != 0,
+        }))
+    }
+
+    /// Records the key a chain without a marker is made with (first start with a key).
+    pub async fn record_audit_key(
+        &self,
+        key_fingerprint: &str,
+        since_seq: i64,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.noting_write_failure(self.pool.begin().await)?;
+        let marked = Self::upsert_marker(&mut tx, key_fingerprint, since_seq, at).await;
+        self.noting_write_failure(marked)?;
+        self.noting_write_failure(tx.commit().await)
+    }
+
+    /// Records that the head anchor file has been written: from then on, a missing one is a
+    /// break.
+    pub async fn mark_audit_anchored(&self) -> Result<(), StoreError> {
+        let marked = sqlx::query("UPDATE audit_key_marker SET anchored = 1 WHERE id = 1")
+            .execute(&self.pool)
+            .await;
+        self.noting_write_failure(marked).map(drop)
+    }
+
+    /// The entry numbered `seq`.
+    pub async fn audit_entry(&self, seq: i64) -> Result<Option<AuditRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM audit_log WHERE seq = $1")
+            .bind(seq)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(record))
     }
 
     /// Entries matching `filter`, by number.

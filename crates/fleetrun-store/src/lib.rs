@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, oneshot};
 use backend::{Dialect, Statement};
 
 pub use agent_trust::{AddressClaim, Revocation};
-pub use audit::{AuditFilter, AuditHasher, AuditRecord, NewAuditEntry};
+pub use audit::{AuditFilter, AuditHasher, AuditKeyMarker, AuditRecord, NewAuditEntry};
 pub use backend::{Database, DatabaseParseError};
 pub use backup::{backup_database, check_database, restore_database};
 pub use callbacks::{

@@ -106,6 +106,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0014_execute_count.sql"),
         include_str!("../migrations/postgres/0014_execute_count.sql"),
     ),
+    (
+        15,
+        "audit key marker",
+        include_str!("../migrations/sqlite/0015_audit_key_marker.sql"),
+        include_str!("../migrations/postgres/0015_audit_key_marker.sql"),
+    ),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them.

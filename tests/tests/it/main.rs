@@ -1,12 +1,14 @@
 //! fleetrun's integration tests, linked into one binary: each module starts the real controller and
 //! agent binaries through `fleetrun_tests` and attacks or exercises one area.
 
+mod agent_metrics;
 mod agent_secrets;
 mod agent_trust;
 mod agent_workdir;
 mod api;
 mod api_input;
 mod audit;
+mod audit_anchor;
 mod audit_key;
 mod backup;
 mod callbacks;

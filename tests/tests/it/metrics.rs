@@ -31,7 +31,7 @@ async fn scrape(cluster: &TestCluster, token: Option<&str>) -> Result<(u16, Stri
 }
 
 /// Every sample by name and sorted labels; the text must parse whole.
-fn samples(text: &str) -> Result<HashMap<String, f64>> {
+pub(crate) fn samples(text: &str) -> Result<HashMap<String, f64>> {
     let lines = text.lines().map(|l| Ok(l.to_owned()));
     let scrape = prometheus_parse::Scrape::parse(lines).context("parsing /metrics")?;
     let mut out = HashMap::new();
@@ -59,7 +59,7 @@ fn samples(text: &str) -> Result<HashMap<String, f64>> {
 
 /// Checks the text strictly where the parser is lenient: every sample line is `name{labels}
 /// value`, every series has its TYPE line before its samples.
-fn check_exposition(text: &str) -> Result<()> {
+pub(crate) fn check_exposition(text: &str) -> Result<()> {
     let mut typed = std::collections::HashSet::new();
     for line in text.lines() {
         if line.is_empty() {

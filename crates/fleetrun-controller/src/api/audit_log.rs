@@ -137,5 +137,6 @@ pub async fn verify_audit_log(shared: &Shared, caller: &Caller) -> Result<Value,
         "last_hash": report.last_hash,
         "problems": report.problems,
         "unkeyed_entries": report.unkeyed,
+        "unverifiable_entries": report.unverifiable,
     }))
 }
