@@ -12,7 +12,7 @@ mod rolling;
 pub use rolling::RollingStart;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, LazyLock, Mutex},
     time::{Duration, Instant},
 };
@@ -64,6 +64,52 @@ struct Claimant {
     bk_host_id: i64,
     agent_id: String,
     tx: mpsc::UnboundedSender<Reattach>,
+}
+
+/// Tasks out on agents that own them, by task id, and the same tasks by host: an agent that
+/// reconnects has its own tasks looked up, not every task of every host.
+#[derive(Debug, Default)]
+struct Claims {
+    by_task: HashMap<Uuid, Claimant>,
+    by_host: HashMap<i64, HashSet<Uuid>>,
+}
+
+impl Claims {
+    fn insert(&mut self, task_id: Uuid, claimant: Claimant) {
+        let host = claimant.bk_host_id;
+        if let Some(old) = self.by_task.insert(task_id, claimant) {
+            self.unindex(old.bk_host_id, task_id);
+        }
+        self.by_host.entry(host).or_default().insert(task_id);
+    }
+
+    fn remove(&mut self, task_id: &Uuid) -> Option<Claimant> {
+        let claimant = self.by_task.remove(task_id)?;
+        self.unindex(claimant.bk_host_id, *task_id);
+        Some(claimant)
+    }
+
+    fn unindex(&mut self, bk_host_id: i64, task_id: Uuid) {
+        if let Some(tasks) = self.by_host.get_mut(&bk_host_id) {
+            tasks.remove(&task_id);
+            if tasks.is_empty() {
+                self.by_host.remove(&bk_host_id);
+            }
+        }
+    }
+
+    fn get(&self, task_id: &Uuid) -> Option<&Claimant> {
+        self.by_task.get(task_id)
+    }
+
+    /// The tasks out on `bk_host_id`, whichever agent they were sent to.
+    fn of_host(&self, bk_host_id: i64) -> impl Iterator<Item = (&Uuid, &Claimant)> {
+        self.by_host
+            .get(&bk_host_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|task_id| Some((task_id, self.by_task.get(task_id)?)))
+    }
 }
 
 /// The engine's clock, in milliseconds since the epoch: the system clock as it read when the
@@ -125,7 +171,7 @@ pub struct Engine {
     /// Told of every job's end, for its callback.
     callbacks: Option<Callbacks>,
     /// Tasks out on agents that own them, by task id, while their host's run follows them.
-    claims: Arc<Mutex<HashMap<Uuid, Claimant>>>,
+    claims: Arc<Mutex<Claims>>,
     /// Where each such task stands, by (step, host), and whether that changed since it was
     /// last saved.
     checkpoints: Arc<Checkpoints>,
@@ -135,6 +181,10 @@ pub struct Engine {
     prepared: Arc<Mutex<HashMap<Uuid, mpsc::UnboundedReceiver<Reattach>>>>,
     /// Runs waiting for their checkpoint to be saved now rather than at the next tick.
     save_now: Arc<SaveNow>,
+    /// Held while a job is looked up in the store to be taken up for an agent's claim, so
+    /// that two claims to one job take it up once (taking it up cuts its logs back to their
+    /// checkpoints, which must happen before any of its runs writes).
+    taking_up: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Asks the checkpoint saver for a save at once; each waiter hears when a save that includes
@@ -145,7 +195,8 @@ struct SaveNow {
     waiters: Mutex<Vec<tokio::sync::oneshot::Sender<()>>>,
 }
 
-/// How long a dispatch waits for its checkpoint to be saved before it goes ahead regardless.
+/// How long a dispatch waits for its checkpoint to be saved; a task whose checkpoint is not
+/// saved by then is not sent (a controller restarted after it could not take it up).
 const CHECKPOINT_WAIT: Duration = Duration::from_secs(5);
 
 impl Engine {
@@ -161,6 +212,7 @@ impl Engine {
             checkpoints: Arc::default(),
             prepared: Arc::default(),
             save_now: Arc::default(),
+            taking_up: Arc::default(),
         }
     }
 
@@ -215,8 +267,11 @@ impl Engine {
         true
     }
 
-    /// Saves, every second, where each task out on an agent that owns it stands, once the log
-    /// that describes is committed; a last time when `shutdown` fires.
+    /// Saves, every second, where each task out on an agent that owns it stands; at once when a
+    /// dispatch asks; a last time when `shutdown` fires (queued for the store's last flush). The checkpoints go through the store's
+    /// writer, after the log they describe (queued before they were noted), so they commit with
+    /// it or after it and never run ahead of it, and they take no database lock of their own
+    /// beside the writer's.
     pub fn save_checkpoints(
         &self,
         shutdown: CancellationToken,
@@ -231,7 +286,8 @@ impl Engine {
                     () = engine.save_now.wake.notified() => false,
                     () = shutdown.cancelled() => true,
                 };
-                // Taken before the batch: each of them noted its checkpoint before it asked.
+                // Taken before the batch: each of them noted its checkpoint before it asked, so
+                // it is in this batch or in one queued before it.
                 let waiters = std::mem::take(&mut *engine.save_now.waiters.lock().unwrap());
                 let batch: Vec<HostCheckpoint> = {
                     let mut checkpoints = engine.checkpoints.lock().unwrap();
@@ -244,20 +300,29 @@ impl Engine {
                         })
                         .collect()
                 };
-                if !batch.is_empty() {
-                    // The log the checkpoints describe was queued before they were taken.
-                    let saved = match engine.store.flush().await {
-                        Ok(()) => engine.store.save_checkpoints(&batch).await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = saved {
-                        tracing::warn!("cannot save where running tasks stand: {e}");
+                if batch.is_empty() && waiters.is_empty() && !stopping {
+                    continue;
+                }
+                let (saved_tx, saved) = tokio::sync::oneshot::channel();
+                let write = Write::Checkpoints {
+                    checkpoints: batch,
+                    saved: Some(saved_tx),
+                };
+                if let Err(e) = engine.store.record(write).await {
+                    tracing::warn!("cannot save where running tasks stand: {e}");
+                }
+                // Answered once committed; dropped unanswered (the waiters hear it was not
+                // saved) if the writes were lost.
+                let answer = async move {
+                    if saved.await.is_ok() {
+                        for waiter in waiters {
+                            let _ = waiter.send(());
+                        }
                     }
-                }
-                for waiter in waiters {
-                    let _ = waiter.send(());
-                }
+                };
+                tokio::spawn(answer);
                 if stopping {
+                    // Committed by the store's last flush, with what else the stop leaves.
                     return;
                 }
             }
@@ -275,19 +340,18 @@ impl Engine {
         }
     }
 
-    /// Notes `checkpoint` and returns once it is saved (with the checkpoints of other runs that
-    /// asked meanwhile, in one transaction), or after [`CHECKPOINT_WAIT`] if the saver is slow.
-    async fn save_checkpoint_now(&self, checkpoint: HostCheckpoint) {
+    /// Notes `checkpoint` and waits until it is saved (with the checkpoints of other runs that
+    /// asked meanwhile, in one group commit): true once it is, false if it was lost or not
+    /// saved within [`CHECKPOINT_WAIT`] (the database refuses writes).
+    async fn save_checkpoint_now(&self, checkpoint: HostCheckpoint) -> bool {
         self.note_checkpoint(checkpoint);
         let (done, saved) = tokio::sync::oneshot::channel();
         self.save_now.waiters.lock().unwrap().push(done);
         self.save_now.wake.notify_one();
-        if tokio::time::timeout(CHECKPOINT_WAIT, saved).await.is_err() {
-            tracing::warn!(
-                "the task's checkpoint was not saved within {CHECKPOINT_WAIT:?}; dispatching it \
-                 all the same"
-            );
-        }
+        matches!(
+            tokio::time::timeout(CHECKPOINT_WAIT, saved).await,
+            Ok(Ok(()))
+        )
     }
 
     fn forget_checkpoint(&self, step_instance_id: i64, bk_host_id: i64) {
@@ -415,13 +479,10 @@ impl Engine {
     /// its deadline. Called before the new connection is in use, so a task sent on it cannot be
     /// told it is missing.
     pub fn not_held(&self, bk_host_id: i64, agent_id: &str, held: &[HeldTask]) {
-        let held: std::collections::HashSet<Uuid> = held.iter().map(|t| t.task_id).collect();
+        let held: HashSet<Uuid> = held.iter().map(|t| t.task_id).collect();
         let claims = self.claims.lock().unwrap();
-        for (task_id, claimant) in claims.iter() {
-            if claimant.bk_host_id == bk_host_id
-                && claimant.agent_id == agent_id
-                && !held.contains(task_id)
-            {
+        for (task_id, claimant) in claims.of_host(bk_host_id) {
+            if claimant.agent_id == agent_id && !held.contains(task_id) {
                 tracing::warn!(
                     bk_host_id,
                     agent_id,
@@ -434,8 +495,10 @@ impl Engine {
     }
 
     /// An agent reconnected on `connection` as host `bk_host_id` and claims `held`: the claim
-    /// goes to the run following the task, if it follows one sent to that host and agent. Any
-    /// other is refused (logged, nothing stored) and the agent told to kill and forget the task.
+    /// goes to the run following the task, if it follows one sent to that host and agent. A task
+    /// no run follows here is looked up in the store ([`Engine::claim_from_store`]): its job may
+    /// be running there without this controller following it. Any other claim is refused
+    /// (logged, nothing stored) and the agent told to kill and forget the task.
     pub fn claim(
         &self,
         bk_host_id: i64,
@@ -443,10 +506,33 @@ impl Engine {
         connection: &quinn::Connection,
         held: &HeldTask,
     ) {
+        if self.route_claim(bk_host_id, agent_id, connection, held, true) {
+            let engine = self.clone();
+            let (agent_id, connection, held) =
+                (agent_id.to_owned(), connection.clone(), held.clone());
+            tokio::spawn(async move {
+                engine
+                    .claim_from_store(bk_host_id, &agent_id, &connection, &held)
+                    .await;
+            });
+        }
+    }
+
+    /// Routes a claim to the run that follows its task, or refuses it; with `ask_store`, true
+    /// (and nothing refused yet) when no run follows the task here.
+    fn route_claim(
+        &self,
+        bk_host_id: i64,
+        agent_id: &str,
+        connection: &quinn::Connection,
+        held: &HeldTask,
+        ask_store: bool,
+    ) -> bool {
         let task_id = held.task_id;
         let refusal = {
             let claims = self.claims.lock().unwrap();
             match claims.get(&task_id) {
+                None if ask_store => return true,
                 None => Some(
                     "no run follows it here (it ended, its job is gone, or it was never sent to \
                      this agent)"
@@ -478,6 +564,110 @@ impl Engine {
             );
             follow::discard(connection.clone(), task_id);
         }
+        false
+    }
+
+    /// A claim to a task no run follows here: taken up if the store says its (job, host) is
+    /// running with this very task out on this host and agent, and the job is followed nowhere
+    /// here (a job this controller did not dispatch: restored, or handed over); refused and
+    /// discarded on the agent otherwise.
+    async fn claim_from_store(
+        &self,
+        bk_host_id: i64,
+        agent_id: &str,
+        connection: &quinn::Connection,
+        held: &HeldTask,
+    ) {
+        let taking_up = self.taking_up.lock().await;
+        let refusal = match self.store_wants(bk_host_id, agent_id, held).await {
+            Ok(Some(job)) => {
+                tracing::info!(
+                    job = held.job_instance_id,
+                    bk_host_id,
+                    agent_id,
+                    task_id = %held.task_id,
+                    "an agent claims a task of a job running in the store that no run follows \
+                     here: taking the job up"
+                );
+                // Registers the job's claims before its runs start; false if the job is taken
+                // up (or started) here meanwhile, whose claims are then registered too.
+                self.resume(job);
+                None
+            }
+            Ok(None) => None,
+            Err(reason) => Some(reason),
+        };
+        drop(taking_up);
+        match refusal {
+            None => {
+                self.route_claim(bk_host_id, agent_id, connection, held, false);
+            }
+            Some(reason) => {
+                tracing::warn!(
+                    bk_host_id,
+                    agent_id,
+                    task_id = %held.task_id,
+                    job = held.job_instance_id,
+                    "refused the agent's claim to a task, it is discarded there: {reason}"
+                );
+                follow::discard(connection.clone(), held.task_id);
+            }
+        }
+    }
+
+    /// Whether the store wants the task `held` claimed by `agent_id` on `bk_host_id`: the job
+    /// to take up if so (`None` if it is followed here already), why not otherwise.
+    async fn store_wants(
+        &self,
+        bk_host_id: i64,
+        agent_id: &str,
+        held: &HeldTask,
+    ) -> Result<Option<ResumableJob>, String> {
+        let stored = self
+            .store
+            .stored_task(held.step_instance_id, bk_host_id)
+            .await
+            .map_err(|e| format!("the store cannot say whether it wants it: {e}"))?
+            .ok_or("no run follows it here and the store has no such task out on this host")?;
+        let checkpoint = &stored.checkpoint;
+        if checkpoint.task_id != held.task_id.to_string()
+            || checkpoint.agent_id != agent_id
+            || stored.job_instance_id != held.job_instance_id
+        {
+            return Err(format!(
+                "the store has task {} of agent {:?} out on this host for step {}, not this one",
+                checkpoint.task_id, checkpoint.agent_id, held.step_instance_id
+            ));
+        }
+        if ![job::RUNNING, job::TERMINATING].contains(&stored.job_status)
+            || !host::UNFINISHED.contains(&stored.host_status)
+        {
+            return Err(format!(
+                "the store has its job at status {} and its host at status {}: it wants nothing \
+                 more of it",
+                stored.job_status, stored.host_status
+            ));
+        }
+        if self
+            .running
+            .lock()
+            .unwrap()
+            .contains_key(&held.job_instance_id)
+        {
+            return Ok(None);
+        }
+        let job = self
+            .store
+            .resumable_job(
+                held.job_instance_id,
+                &[job::RUNNING, job::TERMINATING],
+                host::UNFINISHED,
+                host::SUCCESS,
+            )
+            .await
+            .map_err(|e| format!("the store cannot give its job: {e}"))?
+            .ok_or("its job ended meanwhile")?;
+        Ok(Some(job))
     }
 
     async fn run_job(&self, spec: JobSpec, cancel: CancellationToken) {
@@ -717,5 +907,50 @@ impl Engine {
         if let Err(e) = self.store.record(write).await {
             tracing::error!("cannot record job progress: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claimant(bk_host_id: i64, agent_id: &str) -> (Claimant, mpsc::UnboundedReceiver<Reattach>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let claimant = Claimant {
+            bk_host_id,
+            agent_id: agent_id.into(),
+            tx,
+        };
+        (claimant, rx)
+    }
+
+    fn of_host(claims: &Claims, bk_host_id: i64) -> HashSet<Uuid> {
+        claims.of_host(bk_host_id).map(|(id, _)| *id).collect()
+    }
+
+    #[test]
+    fn claims_are_found_by_host_and_leave_the_index_with_their_task() {
+        let mut claims = Claims::default();
+        let ids: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+        let mut receivers = Vec::new();
+        for (id, host) in ids.iter().zip([1, 1, 2, 3]) {
+            let (claimant, rx) = claimant(host, "a");
+            claims.insert(*id, claimant);
+            receivers.push(rx);
+        }
+        assert_eq!(of_host(&claims, 1), [ids[0], ids[1]].into());
+        assert_eq!(of_host(&claims, 2), [ids[2]].into());
+        // A task registered again for another host moves there.
+        let (claimant, _rx) = claimant(2, "b");
+        claims.insert(ids[3], claimant);
+        assert!(of_host(&claims, 3).is_empty());
+        assert_eq!(of_host(&claims, 2), [ids[2], ids[3]].into());
+        assert!(!claims.by_host.contains_key(&3), "an empty host is dropped");
+        assert_eq!(claims.remove(&ids[0]).map(|c| c.bk_host_id), Some(1));
+        assert!(claims.remove(&ids[0]).is_none());
+        assert_eq!(of_host(&claims, 1), [ids[1]].into());
+        claims.remove(&ids[1]);
+        assert!(!claims.by_host.contains_key(&1));
+        assert_eq!(claims.get(&ids[2]).map(|c| c.bk_host_id), Some(2));
     }
 }

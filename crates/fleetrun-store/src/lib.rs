@@ -55,7 +55,7 @@ pub use inventory::{
     RevisionInfo,
 };
 pub use model::*;
-pub use reattach::{HostCheckpoint, ResumableHost, ResumableJob};
+pub use reattach::{HostCheckpoint, ResumableHost, ResumableJob, StoredTask};
 pub use rolling::{NewRolling, RollingRecord};
 pub use scripts::{
     DRAFT as SCRIPT_DRAFT, NewScript, ScriptBasics, ScriptFilter, ScriptRecord,

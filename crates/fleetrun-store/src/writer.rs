@@ -5,7 +5,9 @@ use std::{collections::VecDeque, sync::Arc, time::Duration};
 use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Dialect, HostOutcome, Statement, health::HealthState, watch::Watchers};
+use crate::{
+    Dialect, HostCheckpoint, HostOutcome, Statement, health::HealthState, watch::Watchers,
+};
 
 /// Queue depth before [`crate::Store::record`] makes the engine wait (while the database accepts
 /// writes; while it refuses them, the writer keeps taking writes into a bounded backlog). A log write holds at most
@@ -61,6 +63,14 @@ pub enum Write {
     },
     /// Answered once everything queued before it is committed.
     Flush(oneshot::Sender<()>),
+    /// Where tasks out on agents that own them stand (`reattach`), upserted in the same group
+    /// commit as the log they describe, which was queued before them. `saved` is answered once
+    /// they are committed, and dropped unanswered if they are lost (see
+    /// [`crate::Health::lost`]), so nobody takes a lost checkpoint for a saved one.
+    Checkpoints {
+        checkpoints: Vec<HostCheckpoint>,
+        saved: Option<oneshot::Sender<()>>,
+    },
 }
 
 pub(crate) fn spawn(
@@ -255,6 +265,12 @@ impl Writer {
         self.watchers.committed(batch);
         for write in self.pending.drain(..n) {
             self.pending_bytes -= output_bytes(&write);
+            if let Write::Checkpoints {
+                saved: Some(saved), ..
+            } = write
+            {
+                let _ = saved.send(());
+            }
         }
         self.publish();
         Ok(())
@@ -322,6 +338,7 @@ async fn commit(
     let mut logs = Vec::new();
     let mut running = Vec::new();
     let mut results = Vec::new();
+    let mut checkpoints = Vec::new();
     let mut tx = sqlx::Connection::begin(connection).await?;
     for write in batch {
         match write {
@@ -418,6 +435,9 @@ async fn commit(
                 .execute(&mut *tx)
                 .await?;
             }
+            Write::Checkpoints {
+                checkpoints: batch, ..
+            } => checkpoints.extend(batch.iter()),
             Write::Flush(_) => {}
         }
     }
@@ -503,6 +523,14 @@ async fn commit(
             " ON CONFLICT (step_instance_id, bk_host_id, \"offset\") DO UPDATE SET data = excluded.data",
         );
         insert.build().execute(&mut *tx).await?;
+    }
+    let checkpoints = last_per_host(
+        checkpoints,
+        |c| (c.step_instance_id, c.bk_host_id),
+        |_, _| {},
+    );
+    for chunk in checkpoints.chunks(dialect.max_parameters() / 11) {
+        crate::reattach::upsert_checkpoints(&mut tx, dialect, chunk).await?;
     }
     tx.commit().await
 }
