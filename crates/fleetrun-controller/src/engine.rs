@@ -192,11 +192,12 @@ pub struct Engine {
 #[derive(Debug, Default)]
 struct SaveNow {
     wake: tokio::sync::Notify,
-    waiters: Mutex<Vec<tokio::sync::oneshot::Sender<()>>>,
+    waiters: Mutex<Vec<((i64, i64), tokio::sync::oneshot::Sender<()>)>>,
 }
 
-/// How long a dispatch waits for its checkpoint to be saved; a task whose checkpoint is not
-/// saved by then is not sent (a controller restarted after it could not take it up).
+/// How often a dispatch waiting for its checkpoint to be saved looks whether the database still
+/// takes writes; a task whose checkpoint was lost, or is unsaved while the database refuses
+/// writes, is not sent (a controller restarted after it could not take it up).
 const CHECKPOINT_WAIT: Duration = Duration::from_secs(5);
 
 impl Engine {
@@ -286,15 +287,17 @@ impl Engine {
                     () = engine.save_now.wake.notified() => false,
                     () = shutdown.cancelled() => true,
                 };
-                // Taken before the batch: each of them noted its checkpoint before it asked, so
-                // it is in this batch or in one queued before it.
+                // Taken before the batch: each of them noted its checkpoint before it asked, and
+                // its own checkpoint goes in this batch whether or not it is marked changed, so
+                // the batch that answers it is the one that holds it.
                 let waiters = std::mem::take(&mut *engine.save_now.waiters.lock().unwrap());
                 let batch: Vec<HostCheckpoint> = {
+                    let own: HashSet<(i64, i64)> = waiters.iter().map(|(key, _)| *key).collect();
                     let mut checkpoints = engine.checkpoints.lock().unwrap();
                     checkpoints
-                        .values_mut()
-                        .filter(|(_, dirty)| *dirty)
-                        .map(|(checkpoint, dirty)| {
+                        .iter_mut()
+                        .filter(|(key, (_, dirty))| *dirty || own.contains(key))
+                        .map(|(_, (checkpoint, dirty))| {
                             *dirty = false;
                             checkpoint.clone()
                         })
@@ -305,24 +308,59 @@ impl Engine {
                 }
                 let (saved_tx, saved) = tokio::sync::oneshot::channel();
                 let write = Write::Checkpoints {
-                    checkpoints: batch,
+                    checkpoints: batch.clone(),
                     saved: Some(saved_tx),
                 };
                 if let Err(e) = engine.store.record(write).await {
                     tracing::warn!("cannot save where running tasks stand: {e}");
                 }
-                // Answered once committed; dropped unanswered (the waiters hear it was not
-                // saved) if the writes were lost.
-                let answer = async move {
-                    if saved.await.is_ok() {
-                        for waiter in waiters {
-                            let _ = waiter.send(());
-                        }
-                    }
-                };
-                tokio::spawn(answer);
                 if stopping {
                     // Committed by the store's last flush, with what else the stop leaves.
+                    return;
+                }
+                // No new batch while this one is unanswered: what changes meanwhile waits in
+                // the map, one entry per host, so a database that refuses writes holds one
+                // batch of checkpoints in the writer's backlog, not one a second.
+                let answered = tokio::select! {
+                    answered = saved => Some(answered.is_ok()),
+                    () = shutdown.cancelled() => None,
+                };
+                if answered == Some(true) {
+                    for (_, waiter) in waiters {
+                        let _ = waiter.send(());
+                    }
+                    continue;
+                }
+                // Lost (or the stop came first): what the batch held is marked changed again
+                // where nothing newer replaced it, for the next batch; its waiters hear that it
+                // was not saved (their senders drop).
+                {
+                    let mut checkpoints = engine.checkpoints.lock().unwrap();
+                    for checkpoint in batch {
+                        let key = (checkpoint.step_instance_id, checkpoint.bk_host_id);
+                        if let Some((current, dirty)) = checkpoints.get_mut(&key)
+                            && *current == checkpoint
+                        {
+                            *dirty = true;
+                        }
+                    }
+                }
+                if answered.is_none() {
+                    let last: Vec<HostCheckpoint> = engine
+                        .checkpoints
+                        .lock()
+                        .unwrap()
+                        .values()
+                        .filter(|(_, dirty)| *dirty)
+                        .map(|(checkpoint, _)| checkpoint.clone())
+                        .collect();
+                    let write = Write::Checkpoints {
+                        checkpoints: last,
+                        saved: None,
+                    };
+                    if let Err(e) = engine.store.record(write).await {
+                        tracing::warn!("cannot save where running tasks stand: {e}");
+                    }
                     return;
                 }
             }
@@ -342,16 +380,23 @@ impl Engine {
 
     /// Notes `checkpoint` and waits until it is saved (with the checkpoints of other runs that
     /// asked meanwhile, in one group commit): true once it is, false if it was lost or not
-    /// saved within [`CHECKPOINT_WAIT`] (the database refuses writes).
+    /// while the database refuses writes (looked at every [`CHECKPOINT_WAIT`]).
     async fn save_checkpoint_now(&self, checkpoint: HostCheckpoint) -> bool {
+        let key = (checkpoint.step_instance_id, checkpoint.bk_host_id);
         self.note_checkpoint(checkpoint);
         let (done, saved) = tokio::sync::oneshot::channel();
-        self.save_now.waiters.lock().unwrap().push(done);
+        self.save_now.waiters.lock().unwrap().push((key, done));
         self.save_now.wake.notify_one();
-        matches!(
-            tokio::time::timeout(CHECKPOINT_WAIT, saved).await,
-            Ok(Ok(()))
-        )
+        tokio::pin!(saved);
+        // A busy database that still commits is waited for (the caller follows termination
+        // and the deadline meanwhile); one that refuses writes is not.
+        loop {
+            match tokio::time::timeout(CHECKPOINT_WAIT, &mut saved).await {
+                Ok(answer) => return answer.is_ok(),
+                Err(_) if !self.store.health().is_writable() => return false,
+                Err(_) => {}
+            }
+        }
     }
 
     fn forget_checkpoint(&self, step_instance_id: i64, bk_host_id: i64) {

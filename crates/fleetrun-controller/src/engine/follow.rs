@@ -311,13 +311,11 @@ impl HostRun {
                     drop(request);
                     let cause = match self.engine.store.health().write_error {
                         Some(error) => format!("the database refuses writes: {error}"),
-                        None => "the database did not commit it in time".to_owned(),
+                        None => "its record was lost in the store's backlog".to_owned(),
                     };
                     let why = format!(
-                        "the task was not sent: the controller could not record it within {:?} \
-                         ({cause}), and a task it has not recorded could not be taken up after a \
-                         restart",
-                        super::CHECKPOINT_WAIT,
+                        "the task was not sent: the controller could not record it ({cause}), \
+                         and a task it has not recorded could not be taken up after a restart"
                     );
                     tracing::error!(
                         job = self.job_instance_id,
