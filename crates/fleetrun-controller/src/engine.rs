@@ -185,7 +185,46 @@ pub struct Engine {
     /// that two claims to one job take it up once (taking it up cuts its logs back to their
     /// checkpoints, which must happen before any of its runs writes).
     taking_up: Arc<tokio::sync::Mutex<()>>,
+    /// Jobs whose run here ended or paused lately: an agent's claim never takes one of them up
+    /// again from the store (their last writes may be lost or not read yet).
+    left_here: Arc<Mutex<LeftHere>>,
+    /// Claims being looked up in the store, by task id and per connection.
+    looking_up: Arc<Mutex<LookUps>>,
 }
+
+/// The last [`LeftHere::KEPT`] jobs whose run here ended or paused.
+#[derive(Debug, Default)]
+struct LeftHere {
+    order: std::collections::VecDeque<i64>,
+    jobs: HashSet<i64>,
+}
+
+impl LeftHere {
+    const KEPT: usize = 4_096;
+
+    fn note(&mut self, job_instance_id: i64) {
+        if self.jobs.insert(job_instance_id) {
+            self.order.push_back(job_instance_id);
+            if self.order.len() > Self::KEPT
+                && let Some(oldest) = self.order.pop_front()
+            {
+                self.jobs.remove(&oldest);
+            }
+        }
+    }
+}
+
+/// Claims looked up in the store now: each task once, at most [`MAX_LOOKUPS_PER_CONNECTION`]
+/// per agent connection.
+#[derive(Debug, Default)]
+struct LookUps {
+    tasks: HashSet<Uuid>,
+    per_connection: HashMap<usize, usize>,
+}
+
+/// Claims of one connection looked up in the store at once, at most; the rest are left on the
+/// agent (neither followed nor discarded) until it reconnects.
+const MAX_LOOKUPS_PER_CONNECTION: usize = 64;
 
 /// Asks the checkpoint saver for a save at once; each waiter hears when a save that includes
 /// what it noted before asking is done.
@@ -214,6 +253,8 @@ impl Engine {
             prepared: Arc::default(),
             save_now: Arc::default(),
             taking_up: Arc::default(),
+            left_here: Arc::default(),
+            looking_up: Arc::default(),
         }
     }
 
@@ -248,6 +289,7 @@ impl Engine {
                 tracing::error!(job = job_instance_id, "cannot commit the job's end: {e}");
             }
             engine.running.lock().unwrap().remove(&job_instance_id);
+            engine.left_here.lock().unwrap().note(job_instance_id);
         });
         true
     }
@@ -411,14 +453,21 @@ impl Engine {
     /// 310, its result unknown. False if the job is running already.
     pub fn resume(&self, job: ResumableJob) -> bool {
         let cancel = CancellationToken::new();
-        let job_instance_id = job.job_instance_id;
         {
             let mut running = self.running.lock().unwrap();
-            if running.contains_key(&job_instance_id) {
+            if running.contains_key(&job.job_instance_id) {
                 return false;
             }
-            running.insert(job_instance_id, cancel.clone());
+            running.insert(job.job_instance_id, cancel.clone());
         }
+        self.resume_reserved(job, cancel);
+        true
+    }
+
+    /// [`Engine::resume`] for a job whose place in the running set is taken already, by
+    /// `cancel`.
+    fn resume_reserved(&self, job: ResumableJob, cancel: CancellationToken) {
+        let job_instance_id = job.job_instance_id;
         if job.status == job::TERMINATING {
             cancel.cancel();
         }
@@ -451,8 +500,8 @@ impl Engine {
             if registered {
                 engine.running.lock().unwrap().remove(&job_instance_id);
             }
+            engine.left_here.lock().unwrap().note(job_instance_id);
         });
-        true
     }
 
     /// False if the job paused (a rolling one) and so left the running set.
@@ -551,16 +600,48 @@ impl Engine {
         connection: &quinn::Connection,
         held: &HeldTask,
     ) {
-        if self.route_claim(bk_host_id, agent_id, connection, held, true) {
-            let engine = self.clone();
-            let (agent_id, connection, held) =
-                (agent_id.to_owned(), connection.clone(), held.clone());
-            tokio::spawn(async move {
-                engine
-                    .claim_from_store(bk_host_id, &agent_id, &connection, &held)
-                    .await;
-            });
+        if !self.route_claim(bk_host_id, agent_id, connection, held, true) {
+            return;
         }
+        let task_id = held.task_id;
+        let connection_id = connection.stable_id();
+        {
+            let mut looking_up = self.looking_up.lock().unwrap();
+            if looking_up.tasks.contains(&task_id) {
+                tracing::debug!(bk_host_id, %task_id, "a claim to this task is looked up already");
+                return;
+            }
+            let of_connection = looking_up.per_connection.entry(connection_id).or_default();
+            if *of_connection >= MAX_LOOKUPS_PER_CONNECTION {
+                // Not discarded: the store may want it, and the agent claims it again when it
+                // reconnects.
+                tracing::warn!(
+                    bk_host_id,
+                    agent_id,
+                    %task_id,
+                    "too many claims of this connection are looked up in the store: this one is \
+                     left on the agent for now"
+                );
+                return;
+            }
+            *of_connection += 1;
+            looking_up.tasks.insert(task_id);
+        }
+        let engine = self.clone();
+        let (agent_id, connection, held) = (agent_id.to_owned(), connection.clone(), held.clone());
+        tokio::spawn(async move {
+            engine
+                .claim_from_store(bk_host_id, &agent_id, &connection, &held)
+                .await;
+            let mut looking_up = engine.looking_up.lock().unwrap();
+            looking_up.tasks.remove(&task_id);
+            if let Some(n) = looking_up.per_connection.get_mut(&connection_id) {
+                *n -= 1;
+                if *n == 0 {
+                    looking_up.per_connection.remove(&connection_id);
+                }
+            }
+        });
     }
 
     /// Routes a claim to the run that follows its task, or refuses it; with `ask_store`, true
@@ -623,31 +704,16 @@ impl Engine {
         connection: &quinn::Connection,
         held: &HeldTask,
     ) {
-        let taking_up = self.taking_up.lock().await;
-        let refusal = match self.store_wants(bk_host_id, agent_id, held).await {
-            Ok(Some(job)) => {
-                tracing::info!(
-                    job = held.job_instance_id,
-                    bk_host_id,
-                    agent_id,
-                    task_id = %held.task_id,
-                    "an agent claims a task of a job running in the store that no run follows \
-                     here: taking the job up"
-                );
-                // Registers the job's claims before its runs start; false if the job is taken
-                // up (or started) here meanwhile, whose claims are then registered too.
-                self.resume(job);
-                None
-            }
-            Ok(None) => None,
-            Err(reason) => Some(reason),
-        };
-        drop(taking_up);
-        match refusal {
-            None => {
+        match self
+            .take_up_for(bk_host_id, agent_id, connection, held)
+            .await
+        {
+            Ok(true) => {
                 self.route_claim(bk_host_id, agent_id, connection, held, false);
             }
-            Some(reason) => {
+            // The connection closed while the store was asked: nobody to answer.
+            Ok(false) => {}
+            Err(reason) => {
                 tracing::warn!(
                     bk_host_id,
                     agent_id,
@@ -660,14 +726,107 @@ impl Engine {
         }
     }
 
-    /// Whether the store wants the task `held` claimed by `agent_id` on `bk_host_id`: the job
-    /// to take up if so (`None` if it is followed here already), why not otherwise.
+    /// Takes up the job of the claimed task `held` if the store wants the task and the job may
+    /// be taken up here ([`Engine::may_take_up`]): true once the claim can be routed (the job
+    /// is followed here), false if `connection` closed while the store was asked (nothing done),
+    /// why not otherwise.
+    ///
+    /// The store is read only after the running set was looked at and everything queued before
+    /// committed: a run that left the set (ended, or paused) queued its last writes before, so
+    /// the store shows them. The job's place in the running set is taken before its logs are
+    /// cut back to their checkpoints, so that never happens to a job followed here.
+    async fn take_up_for(
+        &self,
+        bk_host_id: i64,
+        agent_id: &str,
+        connection: &quinn::Connection,
+        held: &HeldTask,
+    ) -> Result<bool, String> {
+        let job_instance_id = held.job_instance_id;
+        if self.running.lock().unwrap().contains_key(&job_instance_id) {
+            return Ok(true);
+        }
+        let looked_up = async {
+            self.store
+                .flush()
+                .await
+                .map_err(|e| format!("the store cannot say whether it wants it: {e}"))?;
+            self.store_wants(bk_host_id, agent_id, held).await
+        };
+        tokio::select! {
+            wanted = looked_up => wanted?,
+            _ = connection.closed() => return Ok(false),
+        }
+        if !self.may_take_up(job_instance_id) {
+            return Err(format!(
+                "its job {job_instance_id} ended or paused here, or may not be taken up by this \
+                 controller"
+            ));
+        }
+        // One take-up at a time: a second claim to the job waits here until the first has
+        // registered the job's claims, then finds the job running.
+        let _taking_up = self.taking_up.lock().await;
+        let cancel = CancellationToken::new();
+        {
+            let mut running = self.running.lock().unwrap();
+            if running.contains_key(&job_instance_id) {
+                return Ok(true);
+            }
+            running.insert(job_instance_id, cancel.clone());
+        }
+        let job = self
+            .store
+            .resumable_job(
+                job_instance_id,
+                &[job::RUNNING, job::TERMINATING],
+                host::UNFINISHED,
+                host::SUCCESS,
+            )
+            .await;
+        let job = match job {
+            Ok(Some(job)) => job,
+            failed => {
+                self.running.lock().unwrap().remove(&job_instance_id);
+                return Err(match failed {
+                    Err(e) => format!("the store cannot give its job: {e}"),
+                    _ => "its job ended meanwhile".to_owned(),
+                });
+            }
+        };
+        tracing::info!(
+            job = job_instance_id,
+            bk_host_id,
+            agent_id,
+            task_id = %held.task_id,
+            "an agent claims a task of a job running in the store that no run follows here: \
+             taking the job up"
+        );
+        // Registers the job's claims before its runs start.
+        self.resume_reserved(job, cancel);
+        Ok(true)
+    }
+
+    /// Whether an agent's claim may take up `job_instance_id` from the store, its job running
+    /// there and followed nowhere here: not if its run here ended or paused lately. The one
+    /// place where whether another controller holds the job is to be asked.
+    fn may_take_up(&self, job_instance_id: i64) -> bool {
+        !self
+            .left_here
+            .lock()
+            .unwrap()
+            .jobs
+            .contains(&job_instance_id)
+    }
+
+    /// Whether the store wants the task `held` claimed by `agent_id` on `bk_host_id`: its job
+    /// running (2) or terminating (10), its host unfinished, with this very task out on this
+    /// host and agent; why not otherwise.
     async fn store_wants(
         &self,
         bk_host_id: i64,
         agent_id: &str,
         held: &HeldTask,
-    ) -> Result<Option<ResumableJob>, String> {
+    ) -> Result<(), String> {
         let stored = self
             .store
             .stored_task(held.step_instance_id, bk_host_id)
@@ -693,26 +852,7 @@ impl Engine {
                 stored.job_status, stored.host_status
             ));
         }
-        if self
-            .running
-            .lock()
-            .unwrap()
-            .contains_key(&held.job_instance_id)
-        {
-            return Ok(None);
-        }
-        let job = self
-            .store
-            .resumable_job(
-                held.job_instance_id,
-                &[job::RUNNING, job::TERMINATING],
-                host::UNFINISHED,
-                host::SUCCESS,
-            )
-            .await
-            .map_err(|e| format!("the store cannot give its job: {e}"))?
-            .ok_or("its job ended meanwhile")?;
-        Ok(Some(job))
+        Ok(())
     }
 
     async fn run_job(&self, spec: JobSpec, cancel: CancellationToken) {

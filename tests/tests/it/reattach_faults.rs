@@ -574,3 +574,78 @@ async fn a_claim_to_a_task_only_the_store_knows_is_taken_up_and_others_discarded
     assert_eq!(logs, vec![(bk_host_id, "adopted\n".to_owned())]);
     Ok(())
 }
+
+/// Claims to tasks the store holds but does not want taken up are discarded, and none of their
+/// jobs is taken up: the right task claimed by another agent, a task of a host that finished, a
+/// task of a paused rolling job (7, waiting for an operator's confirmation).
+#[tokio::test(flavor = "multi_thread")]
+async fn claims_the_store_does_not_want_take_nothing_up() -> Result<()> {
+    let cluster = start_cluster(0).await?;
+    let (ip, agent_id) = ("127.0.0.99", "claimant");
+    let (endpoint, connection, bk_host_id) = raw_agent(&cluster, agent_id, ip).await?;
+    let mut held = Vec::new();
+    let mut statements = Vec::new();
+    // (job status, host status, agent the store sent the task to)
+    let cases = [(2, 7, "someone-else"), (2, 9, agent_id), (7, 7, agent_id)];
+    let mut jobs = Vec::new();
+    for (job_status, host_status, sent_to) in cases {
+        let (job, step) = submit(
+            &cluster,
+            "echo unwanted",
+            &[bk_host_id],
+            json!({"start_task": false}),
+        )
+        .await?;
+        jobs.push(job);
+        let task_id = uuid::Uuid::new_v4();
+        statements.extend([
+            format!("UPDATE job_instance SET status = {job_status}, start_time = 1 WHERE job_instance_id = {job}"),
+            format!("UPDATE step_instance SET status = {job_status}, start_time = 1 WHERE step_instance_id = {step}"),
+            format!("UPDATE host_result SET status = {host_status} WHERE step_instance_id = {step}"),
+            format!(
+                "INSERT INTO host_task (step_instance_id, bk_host_id, task_id, agent_id, received,
+                     stored, dropped_bytes, dropped_lines, truncated, started_at, deadline)
+                 VALUES ({step}, {bk_host_id}, '{task_id}', '{sent_to}', 0, 0, 0, 0, 0, NULL, NULL)"
+            ),
+        ]);
+        held.push(HeldTask {
+            task_id,
+            job_instance_id: job,
+            step_instance_id: step,
+            bk_host_id,
+            execute_count: 0,
+            acked_offset: 0,
+            produced: 0,
+            started_at_ms: None,
+            finished: false,
+        });
+    }
+    edit_database(&cluster, &statements).await?;
+    connection.close(0u32.into(), b"lost");
+    endpoint.wait_idle().await;
+    let (_endpoint, connection, _) =
+        raw_agent_holding(&cluster, agent_id, ip, held.clone(), None).await?;
+    let mut discarded = std::collections::HashSet::new();
+    while discarded.len() < held.len() {
+        let (_send, recv) = tokio::time::timeout(Duration::from_secs(20), connection.accept_bi())
+            .await
+            .context("the controller's answers to the claims")??;
+        match FramedRecv::new(recv).recv::<TaskDown>().await? {
+            Some(TaskDown::Discard { task_id }) => {
+                assert!(held.iter().any(|h| h.task_id == task_id), "{task_id}");
+                discarded.insert(task_id);
+            }
+            other => anyhow::bail!("only discards are expected, got {other:?}"),
+        }
+    }
+    for (job, (job_status, ..)) in jobs.into_iter().zip(cases) {
+        let mut query = cluster.info.scope();
+        query["job_instance_id"] = json!(job);
+        let status = cluster
+            .client()
+            .call("get_job_instance_status", query)
+            .await?;
+        assert_eq!(status["job_instance"]["status"], job_status, "{status}");
+    }
+    Ok(())
+}
