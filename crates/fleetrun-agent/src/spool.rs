@@ -84,6 +84,22 @@ impl Meta {
         self.marks.push(Mark::Lost { offset, bytes });
     }
 
+    /// Bytes of output kept for the controller beyond what it acknowledged: produced, not
+    /// acknowledged, not lost.
+    pub(crate) fn unacknowledged(&self) -> u64 {
+        let lost: u64 = self
+            .marks
+            .iter()
+            .map(|m| match m {
+                Mark::Lost { offset, bytes } if *offset >= self.acked_offset => *bytes,
+                _ => 0,
+            })
+            .sum();
+        self.produced
+            .saturating_sub(self.acked_offset)
+            .saturating_sub(lost)
+    }
+
     /// Bytes of output lost to the spool.
     pub(crate) fn lost_bytes(&self) -> u64 {
         self.marks
@@ -109,6 +125,10 @@ pub(crate) struct TaskSpool {
     root: PathBuf,
     name: String,
     output: File,
+    /// Whether the task's directory was removed; held by every save of the meta and by the
+    /// removal, so that a save never runs beside the removal (its file would keep the
+    /// directory) nor after it (it would find no directory).
+    removed: std::sync::Mutex<bool>,
 }
 
 const OUTPUT: &str = "output";
@@ -166,6 +186,7 @@ impl Spool {
             root: self.root.clone(),
             name,
             output,
+            removed: Default::default(),
         };
         spool.save(meta)?;
         Ok(spool)
@@ -248,6 +269,7 @@ fn load(root: &Path, name: &std::ffi::OsStr) -> io::Result<(Meta, TaskSpool)> {
             root: root.to_owned(),
             name,
             output,
+            removed: Default::default(),
         },
     ))
 }
@@ -275,6 +297,15 @@ impl TaskSpool {
         Ok(filled)
     }
 
+    /// Drops the output from `offset` on.
+    pub(crate) fn truncate(&self, offset: u64) -> io::Result<()> {
+        let len = self.spooled();
+        if offset < len {
+            self.output.set_len(offset)?;
+        }
+        Ok(())
+    }
+
     /// Bytes in the output file.
     pub(crate) fn spooled(&self) -> u64 {
         self.output.metadata().map(|m| m.len()).unwrap_or(0)
@@ -284,9 +315,14 @@ impl TaskSpool {
         self.root.join(&self.name)
     }
 
-    /// Replaces the meta file whole (written aside, then renamed over it).
+    /// Replaces the meta file whole (written aside, then renamed over it); nothing once the
+    /// task's directory is removed.
     pub(crate) fn save(&self, meta: &Meta) -> io::Result<()> {
         let text = serde_json::to_vec(meta).map_err(io::Error::other)?;
+        let removed = self.removed.lock().unwrap_or_else(|e| e.into_inner());
+        if *removed {
+            return Ok(());
+        }
         let dir = self.dir();
         let aside = dir.join("meta.new");
         let _ = fs::remove_file(&aside);
@@ -301,8 +337,10 @@ impl TaskSpool {
         fs::rename(&aside, dir.join(META))
     }
 
-    /// Forgets the task on disk.
+    /// Forgets the task on disk, once a save under way is done; no save writes after it.
     pub(crate) fn remove(&self) {
+        let mut removed = self.removed.lock().unwrap_or_else(|e| e.into_inner());
+        *removed = true;
         if let Err(e) =
             fleetrun_exec::remove_without_following(&self.root, std::ffi::OsStr::new(&self.name))
         {
@@ -317,7 +355,12 @@ impl TaskSpool {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let root = dir.parent().map(Path::to_owned).unwrap_or_default();
-        Self { root, name, output }
+        Self {
+            root,
+            name,
+            output,
+            removed: Default::default(),
+        }
     }
 }
 
@@ -464,6 +507,29 @@ mod tests {
             ]
         );
         assert_eq!(m.lost_bytes(), 13);
+    }
+
+    #[test]
+    fn a_removal_racing_the_last_saves_leaves_no_directory() {
+        let work = tempfile::tempdir().unwrap();
+        let spool = Spool::open(work.path()).unwrap();
+        for _ in 0..200 {
+            let mut m = meta(Uuid::new_v4());
+            let task = std::sync::Arc::new(spool.create(&m).unwrap());
+            let dir = work.path().join("spool").join(m.task_id.to_string());
+            let saver = task.clone();
+            let saves = std::thread::spawn(move || {
+                for produced in 0..50 {
+                    m.produced = produced;
+                    // A save after the removal finds nothing to write to, and says nothing.
+                    saver.save(&m).unwrap();
+                }
+            });
+            task.remove();
+            saves.join().unwrap();
+            assert!(!dir.exists(), "{} was left behind", dir.display());
+        }
+        assert!(spool.load_all().is_empty());
     }
 
     #[test]

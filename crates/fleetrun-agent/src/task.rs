@@ -60,6 +60,15 @@ pub(crate) enum Ownership {
 /// does not fill its disk nor report more than the controller accepts.
 pub(crate) const MAX_FINISHED_HELD: usize = 10_000;
 
+/// Bytes of output not acknowledged that finished tasks keep, at most (in the spool or in
+/// memory); past it the oldest tasks' output is dropped, as a full disk drops it: their results
+/// stay, with the loss marked where the output was ([`Tasks::bound_finished`]).
+pub(crate) const MAX_FINISHED_OUTPUT: u64 = 1024 * 1024 * 1024;
+
+/// Bytes of output kept in memory (tasks without a usable spool) across all tasks, at most;
+/// past it a task's output is lost and marked, as a full disk's in the spool.
+pub(crate) const MAX_MEMORY_OUTPUT: u64 = 256 * 1024 * 1024;
+
 /// How long past a task's timeout its controller still waits for the agent to come back (the
 /// controller's default `agent_grace_secs`): until then the agent returns to that controller.
 pub(crate) const CONTROLLER_GRACE: Duration = Duration::from_secs(60);
@@ -70,23 +79,156 @@ fn hold_until(from_ms: i64, timeout_secs: u32) -> i64 {
     from_ms.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// The bytes of output all tasks kept in memory hold, against their bound.
+#[derive(Debug)]
+pub(crate) struct MemoryBudget {
+    used: std::sync::atomic::AtomicU64,
+    limit: u64,
+}
+
+impl Default for MemoryBudget {
+    fn default() -> Self {
+        Self::new(MAX_MEMORY_OUTPUT)
+    }
+}
+
+impl MemoryBudget {
+    pub(crate) fn new(limit: u64) -> Self {
+        Self {
+            used: Default::default(),
+            limit,
+        }
+    }
+
+    /// Takes `n` bytes of the budget; false (nothing taken) if they do not fit.
+    fn take(&self, n: u64) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.used
+            .fetch_update(SeqCst, SeqCst, |used| {
+                used.checked_add(n).filter(|total| *total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: u64) {
+        self.used.fetch_sub(n, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A task's output kept in memory, at the offsets the spool would keep it, within the budget
+/// all such tasks share. Kept as runs of contiguous bytes: output lost (refused by the budget)
+/// takes no room, and is marked in the task's state.
+#[derive(Debug)]
+pub(crate) struct MemoryOutput {
+    /// `(offset, bytes)`, in offset order, not overlapping.
+    runs: Mutex<Vec<(u64, Vec<u8>)>>,
+    budget: Arc<MemoryBudget>,
+}
+
+impl MemoryOutput {
+    pub(crate) fn new(budget: Arc<MemoryBudget>) -> Self {
+        Self {
+            runs: Mutex::default(),
+            budget,
+        }
+    }
+
+    /// Appends output at `offset`, at or past the end of what is kept (the runner writes in
+    /// order).
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut runs = self.runs.lock().unwrap();
+        let end = runs.last().map_or(0, |(at, bytes)| at + bytes.len() as u64);
+        if offset < end || offset.checked_add(data.len() as u64).is_none() {
+            return Err(std::io::Error::other(format!(
+                "output at {offset} is not past the {end} bytes kept"
+            )));
+        }
+        if !self.budget.take(data.len() as u64) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                format!(
+                    "the output kept in memory reached its bound of {} bytes",
+                    self.budget.limit
+                ),
+            ));
+        }
+        match runs.last_mut() {
+            Some((_, bytes)) if offset == end => bytes.extend_from_slice(data),
+            _ => runs.push((offset, data.to_vec())),
+        }
+        Ok(())
+    }
+
+    /// Copies what is kept from `offset` into `buf`, up to the end of its run.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> usize {
+        let runs = self.runs.lock().unwrap();
+        let after = runs.partition_point(|(at, _)| *at <= offset);
+        let Some((at, bytes)) = after.checked_sub(1).map(|i| &runs[i]) else {
+            return 0;
+        };
+        let from = usize::try_from(offset - at)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        let n = buf.len().min(bytes.len() - from);
+        buf[..n].copy_from_slice(&bytes[from..from + n]);
+        n
+    }
+
+    /// Drops the bytes from `offset` on.
+    fn truncate(&self, offset: u64) {
+        let mut runs = self.runs.lock().unwrap();
+        let mut freed = 0u64;
+        while let Some((at, bytes)) = runs.last_mut() {
+            if *at >= offset {
+                freed += bytes.len() as u64;
+                runs.pop();
+                continue;
+            }
+            let keep = usize::try_from(offset - *at).unwrap_or(usize::MAX);
+            if keep < bytes.len() {
+                freed += (bytes.len() - keep) as u64;
+                bytes.truncate(keep);
+                bytes.shrink_to_fit();
+            }
+            break;
+        }
+        self.budget.give(freed);
+    }
+
+    fn held(runs: &[(u64, Vec<u8>)]) -> u64 {
+        runs.iter().map(|(_, bytes)| bytes.len() as u64).sum()
+    }
+}
+
+impl Drop for MemoryOutput {
+    fn drop(&mut self) {
+        let held = self.runs.get_mut().map_or(0, |runs| Self::held(runs));
+        self.budget.give(held);
+    }
+}
+
 /// Where a task's output bytes are kept.
 #[derive(Debug)]
 pub(crate) enum Output {
     Spooled(TaskSpool),
     /// No usable spool: in memory, at the same offsets.
-    Memory(Mutex<Vec<u8>>),
+    Memory(MemoryOutput),
 }
 
 impl Output {
     fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         match self {
             Output::Spooled(spool) => spool.write_at(offset, data),
-            Output::Memory(bytes) => {
-                let mut bytes = bytes.lock().unwrap();
-                let at = usize::try_from(offset).map_err(std::io::Error::other)?;
-                bytes.resize(at, 0);
-                bytes.extend_from_slice(data);
+            Output::Memory(memory) => memory.write_at(offset, data),
+        }
+    }
+
+    /// Drops the output from `offset` on.
+    fn truncate(&self, offset: u64) -> std::io::Result<()> {
+        match self {
+            Output::Spooled(spool) => spool.truncate(offset),
+            Output::Memory(memory) => {
+                memory.truncate(offset);
                 Ok(())
             }
         }
@@ -95,15 +237,7 @@ impl Output {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Output::Spooled(spool) => spool.read_at(offset, buf),
-            Output::Memory(bytes) => {
-                let bytes = bytes.lock().unwrap();
-                let at = usize::try_from(offset)
-                    .unwrap_or(usize::MAX)
-                    .min(bytes.len());
-                let n = buf.len().min(bytes.len() - at);
-                buf[..n].copy_from_slice(&bytes[at..at + n]);
-                Ok(n)
-            }
+            Output::Memory(memory) => Ok(memory.read_at(offset, buf)),
         }
     }
 
@@ -184,6 +318,44 @@ impl Held {
         }
     }
 
+    /// Drops the output the controller has not acknowledged, marking it lost, and saves the
+    /// state; the bytes dropped. For a finished task only: its runner saves no more. Blocking.
+    fn drop_unacknowledged(&self) -> u64 {
+        let (meta, from, dropped) = {
+            let mut meta = self.state.lock().unwrap();
+            let dropped = meta.unacknowledged();
+            if dropped == 0 {
+                return 0;
+            }
+            let from = meta.acked_offset;
+            let bytes = meta.produced - from;
+            // One loss from the acknowledged offset to the end, in place of those within it;
+            // truncations stay, in offset order.
+            meta.marks
+                .retain(|m| !matches!(m, Mark::Lost { offset, .. } if *offset >= from));
+            let at = meta
+                .marks
+                .iter()
+                .position(|m| m.offset() > from)
+                .unwrap_or(meta.marks.len());
+            meta.marks.insert(
+                at,
+                Mark::Lost {
+                    offset: from,
+                    bytes,
+                },
+            );
+            (meta.clone(), from, dropped)
+        };
+        // The mark is saved before the bytes go: a restart in between finds them lost.
+        self.save(&meta);
+        if let Err(e) = self.output.truncate(from) {
+            tracing::warn!(task_id = %meta.task_id, "cannot drop the task's spooled output: {e}");
+        }
+        self.bump();
+        dropped
+    }
+
     /// Saves the task's state as it is now, on the blocking pool; the lock is held only to copy
     /// it. Only the task's runner calls this, one save after the other.
     async fn persist(self: &Arc<Self>) {
@@ -201,6 +373,8 @@ pub(crate) struct Tasks {
     /// a reconnect in that window does not tell the controller the task is not held. Locked
     /// only while `held` is, so a task is always in one or the other.
     receiving: Mutex<HashMap<Uuid, HeldTask>>,
+    /// What the tasks without a spool hold in memory.
+    memory: Arc<MemoryBudget>,
 }
 
 impl Tasks {
@@ -282,10 +456,12 @@ impl Tasks {
         }
     }
 
-    /// Forgets the oldest finished tasks past `keep`: a controller that never acknowledges
-    /// their results (it lost them, or the agent's acknowledgement went missing for good) does
-    /// not make the agent hold them without end.
-    pub(crate) fn bound_finished(&self, keep: usize) {
+    /// Bounds what finished tasks waiting for an acknowledgement hold: a controller that never
+    /// acknowledges their results (it lost them, or the agent's acknowledgement went missing for
+    /// good) does not make the agent hold them without end. Past `keep_bytes` of output not
+    /// acknowledged, the oldest tasks' output is dropped (their results stay, a loss is marked
+    /// where the output was, as for a full disk); past `keep` tasks, the oldest are forgotten.
+    pub(crate) fn bound_finished(&self, keep: usize, keep_bytes: u64) {
         let mut finished: Vec<(i64, Uuid, Arc<Held>)> = {
             let held = self.held.lock().unwrap();
             held.iter()
@@ -297,10 +473,24 @@ impl Tasks {
                 })
                 .collect()
         };
+        finished.sort_by_key(|(at, id, _)| (*at, *id));
+        let mut kept: u64 = finished
+            .iter()
+            .map(|(.., h)| h.state.lock().unwrap().unacknowledged())
+            .fold(0, u64::saturating_add);
+        for (_, task_id, held) in &finished {
+            if kept <= keep_bytes {
+                break;
+            }
+            let dropped = held.drop_unacknowledged();
+            if dropped > 0 {
+                tracing::warn!(%task_id, bytes = dropped, "dropping the output of a finished task the controller never acknowledged: finished tasks keep {keep_bytes} bytes at most; its result is kept");
+            }
+            kept = kept.saturating_sub(dropped);
+        }
         if finished.len() <= keep {
             return;
         }
-        finished.sort_by_key(|(at, id, _)| (*at, *id));
         let excess = finished.len() - keep;
         for (_, task_id, held) in finished.into_iter().take(excess) {
             tracing::warn!(%task_id, "forgetting the result of a finished task the controller never acknowledged: the agent holds {keep} at most");
@@ -342,7 +532,7 @@ impl Tasks {
             ));
             self.held.lock().unwrap().insert(task_id, held);
         }
-        self.bound_finished(MAX_FINISHED_HELD);
+        self.bound_finished(MAX_FINISHED_HELD, MAX_FINISHED_OUTPUT);
     }
 }
 
@@ -463,10 +653,10 @@ async fn start(
             Ok(spool) => Output::Spooled(spool),
             Err(e) => {
                 tracing::error!(%task_id, "cannot spool the task's output, it is kept in memory and lost if the agent restarts: {e}");
-                Output::Memory(Mutex::default())
+                Output::Memory(MemoryOutput::new(spool_ctx.tasks.memory.clone()))
             }
         },
-        None => Output::Memory(Mutex::default()),
+        None => Output::Memory(MemoryOutput::new(spool_ctx.tasks.memory.clone())),
     })
     .await;
     let held = Arc::new(Held::new(meta, output, ownership, cancel));
@@ -482,7 +672,13 @@ async fn start(
         if runner.discarded.load(std::sync::atomic::Ordering::SeqCst) {
             ctx.tasks.remove(&task_id, &runner);
         } else if ownership == Ownership::Agent {
-            ctx.tasks.bound_finished(MAX_FINISHED_HELD);
+            let tasks = ctx.clone();
+            blocking(move || {
+                tasks
+                    .tasks
+                    .bound_finished(MAX_FINISHED_HELD, MAX_FINISHED_OUTPUT)
+            })
+            .await;
         }
         runner.bump();
     });

@@ -14,7 +14,7 @@ pub use files::{FileJobSpec, FileTarget, MODE_DOWNLOAD, StepFile, human_size, hu
 pub use rolling::RollingStart;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, LazyLock, Mutex},
     time::{Duration, Instant},
 };
@@ -66,6 +66,52 @@ struct Claimant {
     bk_host_id: i64,
     agent_id: String,
     tx: mpsc::UnboundedSender<Reattach>,
+}
+
+/// Tasks out on agents that own them, by task id, and the same tasks by host: an agent that
+/// reconnects has its own tasks looked up, not every task of every host.
+#[derive(Debug, Default)]
+struct Claims {
+    by_task: HashMap<Uuid, Claimant>,
+    by_host: HashMap<i64, HashSet<Uuid>>,
+}
+
+impl Claims {
+    fn insert(&mut self, task_id: Uuid, claimant: Claimant) {
+        let host = claimant.bk_host_id;
+        if let Some(old) = self.by_task.insert(task_id, claimant) {
+            self.unindex(old.bk_host_id, task_id);
+        }
+        self.by_host.entry(host).or_default().insert(task_id);
+    }
+
+    fn remove(&mut self, task_id: &Uuid) -> Option<Claimant> {
+        let claimant = self.by_task.remove(task_id)?;
+        self.unindex(claimant.bk_host_id, *task_id);
+        Some(claimant)
+    }
+
+    fn unindex(&mut self, bk_host_id: i64, task_id: Uuid) {
+        if let Some(tasks) = self.by_host.get_mut(&bk_host_id) {
+            tasks.remove(&task_id);
+            if tasks.is_empty() {
+                self.by_host.remove(&bk_host_id);
+            }
+        }
+    }
+
+    fn get(&self, task_id: &Uuid) -> Option<&Claimant> {
+        self.by_task.get(task_id)
+    }
+
+    /// The tasks out on `bk_host_id`, whichever agent they were sent to.
+    fn of_host(&self, bk_host_id: i64) -> impl Iterator<Item = (&Uuid, &Claimant)> {
+        self.by_host
+            .get(&bk_host_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|task_id| Some((task_id, self.by_task.get(task_id)?)))
+    }
 }
 
 /// The engine's clock, in milliseconds since the epoch: the system clock as it read when the
@@ -127,7 +173,7 @@ pub struct Engine {
     /// Told of every job's end, for its callback.
     callbacks: Option<Callbacks>,
     /// Tasks out on agents that own them, by task id, while their host's run follows them.
-    claims: Arc<Mutex<HashMap<Uuid, Claimant>>>,
+    claims: Arc<Mutex<Claims>>,
     /// Where each such task stands, by (step, host), and whether that changed since it was
     /// last saved.
     checkpoints: Arc<Checkpoints>,
@@ -137,17 +183,62 @@ pub struct Engine {
     prepared: Arc<Mutex<HashMap<Uuid, mpsc::UnboundedReceiver<Reattach>>>>,
     /// Runs waiting for their checkpoint to be saved now rather than at the next tick.
     save_now: Arc<SaveNow>,
+    /// Held while a job is looked up in the store to be taken up for an agent's claim, so
+    /// that two claims to one job take it up once (taking it up cuts its logs back to their
+    /// checkpoints, which must happen before any of its runs writes).
+    taking_up: Arc<tokio::sync::Mutex<()>>,
+    /// Jobs whose run here ended or paused lately: an agent's claim never takes one of them up
+    /// again from the store (their last writes may be lost or not read yet).
+    left_here: Arc<Mutex<LeftHere>>,
+    /// Claims being looked up in the store, by task id and per connection.
+    looking_up: Arc<Mutex<LookUps>>,
 }
+
+/// The last [`LeftHere::KEPT`] jobs whose run here ended or paused.
+#[derive(Debug, Default)]
+struct LeftHere {
+    order: std::collections::VecDeque<i64>,
+    jobs: HashSet<i64>,
+}
+
+impl LeftHere {
+    const KEPT: usize = 4_096;
+
+    fn note(&mut self, job_instance_id: i64) {
+        if self.jobs.insert(job_instance_id) {
+            self.order.push_back(job_instance_id);
+            if self.order.len() > Self::KEPT
+                && let Some(oldest) = self.order.pop_front()
+            {
+                self.jobs.remove(&oldest);
+            }
+        }
+    }
+}
+
+/// Claims looked up in the store now: each task once, at most [`MAX_LOOKUPS_PER_CONNECTION`]
+/// per agent connection.
+#[derive(Debug, Default)]
+struct LookUps {
+    tasks: HashSet<Uuid>,
+    per_connection: HashMap<usize, usize>,
+}
+
+/// Claims of one connection looked up in the store at once, at most; the rest are left on the
+/// agent (neither followed nor discarded) until it reconnects.
+const MAX_LOOKUPS_PER_CONNECTION: usize = 64;
 
 /// Asks the checkpoint saver for a save at once; each waiter hears when a save that includes
 /// what it noted before asking is done.
 #[derive(Debug, Default)]
 struct SaveNow {
     wake: tokio::sync::Notify,
-    waiters: Mutex<Vec<tokio::sync::oneshot::Sender<()>>>,
+    waiters: Mutex<Vec<((i64, i64), tokio::sync::oneshot::Sender<()>)>>,
 }
 
-/// How long a dispatch waits for its checkpoint to be saved before it goes ahead regardless.
+/// How often a dispatch waiting for its checkpoint to be saved looks whether the database still
+/// takes writes; a task whose checkpoint was lost, or is unsaved while the database refuses
+/// writes, is not sent (a controller restarted after it could not take it up).
 const CHECKPOINT_WAIT: Duration = Duration::from_secs(5);
 
 impl Engine {
@@ -163,6 +254,9 @@ impl Engine {
             checkpoints: Arc::default(),
             prepared: Arc::default(),
             save_now: Arc::default(),
+            taking_up: Arc::default(),
+            left_here: Arc::default(),
+            looking_up: Arc::default(),
         }
     }
 
@@ -207,6 +301,7 @@ impl Engine {
                 tracing::error!(job = job_instance_id, "cannot commit the job's end: {e}");
             }
             engine.running.lock().unwrap().remove(&job_instance_id);
+            engine.left_here.lock().unwrap().note(job_instance_id);
         });
         true
     }
@@ -227,8 +322,11 @@ impl Engine {
         true
     }
 
-    /// Saves, every second, where each task out on an agent that owns it stands, once the log
-    /// that describes is committed; a last time when `shutdown` fires.
+    /// Saves, every second, where each task out on an agent that owns it stands; at once when a
+    /// dispatch asks; a last time when `shutdown` fires (queued for the store's last flush). The checkpoints go through the store's
+    /// writer, after the log they describe (queued before they were noted), so they commit with
+    /// it or after it and never run ahead of it, and they take no database lock of their own
+    /// beside the writer's.
     pub fn save_checkpoints(
         &self,
         shutdown: CancellationToken,
@@ -243,33 +341,80 @@ impl Engine {
                     () = engine.save_now.wake.notified() => false,
                     () = shutdown.cancelled() => true,
                 };
-                // Taken before the batch: each of them noted its checkpoint before it asked.
+                // Taken before the batch: each of them noted its checkpoint before it asked, and
+                // its own checkpoint goes in this batch whether or not it is marked changed, so
+                // the batch that answers it is the one that holds it.
                 let waiters = std::mem::take(&mut *engine.save_now.waiters.lock().unwrap());
                 let batch: Vec<HostCheckpoint> = {
+                    let own: HashSet<(i64, i64)> = waiters.iter().map(|(key, _)| *key).collect();
                     let mut checkpoints = engine.checkpoints.lock().unwrap();
                     checkpoints
-                        .values_mut()
-                        .filter(|(_, dirty)| *dirty)
-                        .map(|(checkpoint, dirty)| {
+                        .iter_mut()
+                        .filter(|(key, (_, dirty))| *dirty || own.contains(key))
+                        .map(|(_, (checkpoint, dirty))| {
                             *dirty = false;
                             checkpoint.clone()
                         })
                         .collect()
                 };
-                if !batch.is_empty() {
-                    // The log the checkpoints describe was queued before they were taken.
-                    let saved = match engine.store.flush().await {
-                        Ok(()) => engine.store.save_checkpoints(&batch).await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = saved {
-                        tracing::warn!("cannot save where running tasks stand: {e}");
-                    }
+                if batch.is_empty() && waiters.is_empty() && !stopping {
+                    continue;
                 }
-                for waiter in waiters {
-                    let _ = waiter.send(());
+                let (saved_tx, saved) = tokio::sync::oneshot::channel();
+                let write = Write::Checkpoints {
+                    checkpoints: batch.clone(),
+                    saved: Some(saved_tx),
+                };
+                if let Err(e) = engine.store.record(write).await {
+                    tracing::warn!("cannot save where running tasks stand: {e}");
                 }
                 if stopping {
+                    // Committed by the store's last flush, with what else the stop leaves.
+                    return;
+                }
+                // No new batch while this one is unanswered: what changes meanwhile waits in
+                // the map, one entry per host, so a database that refuses writes holds one
+                // batch of checkpoints in the writer's backlog, not one a second.
+                let answered = tokio::select! {
+                    answered = saved => Some(answered.is_ok()),
+                    () = shutdown.cancelled() => None,
+                };
+                if answered == Some(true) {
+                    for (_, waiter) in waiters {
+                        let _ = waiter.send(());
+                    }
+                    continue;
+                }
+                // Lost (or the stop came first): what the batch held is marked changed again
+                // where nothing newer replaced it, for the next batch; its waiters hear that it
+                // was not saved (their senders drop).
+                {
+                    let mut checkpoints = engine.checkpoints.lock().unwrap();
+                    for checkpoint in batch {
+                        let key = (checkpoint.step_instance_id, checkpoint.bk_host_id);
+                        if let Some((current, dirty)) = checkpoints.get_mut(&key)
+                            && *current == checkpoint
+                        {
+                            *dirty = true;
+                        }
+                    }
+                }
+                if answered.is_none() {
+                    let last: Vec<HostCheckpoint> = engine
+                        .checkpoints
+                        .lock()
+                        .unwrap()
+                        .values()
+                        .filter(|(_, dirty)| *dirty)
+                        .map(|(checkpoint, _)| checkpoint.clone())
+                        .collect();
+                    let write = Write::Checkpoints {
+                        checkpoints: last,
+                        saved: None,
+                    };
+                    if let Err(e) = engine.store.record(write).await {
+                        tracing::warn!("cannot save where running tasks stand: {e}");
+                    }
                     return;
                 }
             }
@@ -287,18 +432,24 @@ impl Engine {
         }
     }
 
-    /// Notes `checkpoint` and returns once it is saved (with the checkpoints of other runs that
-    /// asked meanwhile, in one transaction), or after [`CHECKPOINT_WAIT`] if the saver is slow.
-    async fn save_checkpoint_now(&self, checkpoint: HostCheckpoint) {
+    /// Notes `checkpoint` and waits until it is saved (with the checkpoints of other runs that
+    /// asked meanwhile, in one group commit): true once it is, false if it was lost or not
+    /// while the database refuses writes (looked at every [`CHECKPOINT_WAIT`]).
+    async fn save_checkpoint_now(&self, checkpoint: HostCheckpoint) -> bool {
+        let key = (checkpoint.step_instance_id, checkpoint.bk_host_id);
         self.note_checkpoint(checkpoint);
         let (done, saved) = tokio::sync::oneshot::channel();
-        self.save_now.waiters.lock().unwrap().push(done);
+        self.save_now.waiters.lock().unwrap().push((key, done));
         self.save_now.wake.notify_one();
-        if tokio::time::timeout(CHECKPOINT_WAIT, saved).await.is_err() {
-            tracing::warn!(
-                "the task's checkpoint was not saved within {CHECKPOINT_WAIT:?}; dispatching it \
-                 all the same"
-            );
+        tokio::pin!(saved);
+        // A busy database that still commits is waited for (the caller follows termination
+        // and the deadline meanwhile); one that refuses writes is not.
+        loop {
+            match tokio::time::timeout(CHECKPOINT_WAIT, &mut saved).await {
+                Ok(answer) => return answer.is_ok(),
+                Err(_) if !self.store.health().is_writable() => return false,
+                Err(_) => {}
+            }
         }
     }
 
@@ -314,14 +465,21 @@ impl Engine {
     /// 310, its result unknown. False if the job is running already.
     pub fn resume(&self, job: ResumableJob) -> bool {
         let cancel = CancellationToken::new();
-        let job_instance_id = job.job_instance_id;
         {
             let mut running = self.running.lock().unwrap();
-            if running.contains_key(&job_instance_id) {
+            if running.contains_key(&job.job_instance_id) {
                 return false;
             }
-            running.insert(job_instance_id, cancel.clone());
+            running.insert(job.job_instance_id, cancel.clone());
         }
+        self.resume_reserved(job, cancel);
+        true
+    }
+
+    /// [`Engine::resume`] for a job whose place in the running set is taken already, by
+    /// `cancel`.
+    fn resume_reserved(&self, job: ResumableJob, cancel: CancellationToken) {
+        let job_instance_id = job.job_instance_id;
         if job.status == job::TERMINATING {
             cancel.cancel();
         }
@@ -354,8 +512,8 @@ impl Engine {
             if registered {
                 engine.running.lock().unwrap().remove(&job_instance_id);
             }
+            engine.left_here.lock().unwrap().note(job_instance_id);
         });
-        true
     }
 
     /// False if the job paused (a rolling one) and so left the running set.
@@ -427,13 +585,10 @@ impl Engine {
     /// its deadline. Called before the new connection is in use, so a task sent on it cannot be
     /// told it is missing.
     pub fn not_held(&self, bk_host_id: i64, agent_id: &str, held: &[HeldTask]) {
-        let held: std::collections::HashSet<Uuid> = held.iter().map(|t| t.task_id).collect();
+        let held: HashSet<Uuid> = held.iter().map(|t| t.task_id).collect();
         let claims = self.claims.lock().unwrap();
-        for (task_id, claimant) in claims.iter() {
-            if claimant.bk_host_id == bk_host_id
-                && claimant.agent_id == agent_id
-                && !held.contains(task_id)
-            {
+        for (task_id, claimant) in claims.of_host(bk_host_id) {
+            if claimant.agent_id == agent_id && !held.contains(task_id) {
                 tracing::warn!(
                     bk_host_id,
                     agent_id,
@@ -446,8 +601,10 @@ impl Engine {
     }
 
     /// An agent reconnected on `connection` as host `bk_host_id` and claims `held`: the claim
-    /// goes to the run following the task, if it follows one sent to that host and agent. Any
-    /// other is refused (logged, nothing stored) and the agent told to kill and forget the task.
+    /// goes to the run following the task, if it follows one sent to that host and agent. A task
+    /// no run follows here is looked up in the store ([`Engine::claim_from_store`]): its job may
+    /// be running there without this controller following it. Any other claim is refused
+    /// (logged, nothing stored) and the agent told to kill and forget the task.
     pub fn claim(
         &self,
         bk_host_id: i64,
@@ -455,10 +612,65 @@ impl Engine {
         connection: &quinn::Connection,
         held: &HeldTask,
     ) {
+        if !self.route_claim(bk_host_id, agent_id, connection, held, true) {
+            return;
+        }
+        let task_id = held.task_id;
+        let connection_id = connection.stable_id();
+        {
+            let mut looking_up = self.looking_up.lock().unwrap();
+            if looking_up.tasks.contains(&task_id) {
+                tracing::debug!(bk_host_id, %task_id, "a claim to this task is looked up already");
+                return;
+            }
+            let of_connection = looking_up.per_connection.entry(connection_id).or_default();
+            if *of_connection >= MAX_LOOKUPS_PER_CONNECTION {
+                // Not discarded: the store may want it, and the agent claims it again when it
+                // reconnects.
+                tracing::warn!(
+                    bk_host_id,
+                    agent_id,
+                    %task_id,
+                    "too many claims of this connection are looked up in the store: this one is \
+                     left on the agent for now"
+                );
+                return;
+            }
+            *of_connection += 1;
+            looking_up.tasks.insert(task_id);
+        }
+        let engine = self.clone();
+        let (agent_id, connection, held) = (agent_id.to_owned(), connection.clone(), held.clone());
+        tokio::spawn(async move {
+            engine
+                .claim_from_store(bk_host_id, &agent_id, &connection, &held)
+                .await;
+            let mut looking_up = engine.looking_up.lock().unwrap();
+            looking_up.tasks.remove(&task_id);
+            if let Some(n) = looking_up.per_connection.get_mut(&connection_id) {
+                *n -= 1;
+                if *n == 0 {
+                    looking_up.per_connection.remove(&connection_id);
+                }
+            }
+        });
+    }
+
+    /// Routes a claim to the run that follows its task, or refuses it; with `ask_store`, true
+    /// (and nothing refused yet) when no run follows the task here.
+    fn route_claim(
+        &self,
+        bk_host_id: i64,
+        agent_id: &str,
+        connection: &quinn::Connection,
+        held: &HeldTask,
+        ask_store: bool,
+    ) -> bool {
         let task_id = held.task_id;
         let refusal = {
             let claims = self.claims.lock().unwrap();
             match claims.get(&task_id) {
+                None if ask_store => return true,
                 None => Some(
                     "no run follows it here (it ended, its job is gone, or it was never sent to \
                      this agent)"
@@ -490,6 +702,169 @@ impl Engine {
             );
             follow::discard(connection.clone(), task_id);
         }
+        false
+    }
+
+    /// A claim to a task no run follows here: taken up if the store says its (job, host) is
+    /// running with this very task out on this host and agent, and the job is followed nowhere
+    /// here (a job this controller did not dispatch: restored, or handed over); refused and
+    /// discarded on the agent otherwise.
+    async fn claim_from_store(
+        &self,
+        bk_host_id: i64,
+        agent_id: &str,
+        connection: &quinn::Connection,
+        held: &HeldTask,
+    ) {
+        match self
+            .take_up_for(bk_host_id, agent_id, connection, held)
+            .await
+        {
+            Ok(true) => {
+                self.route_claim(bk_host_id, agent_id, connection, held, false);
+            }
+            // The connection closed while the store was asked: nobody to answer.
+            Ok(false) => {}
+            Err(reason) => {
+                tracing::warn!(
+                    bk_host_id,
+                    agent_id,
+                    task_id = %held.task_id,
+                    job = held.job_instance_id,
+                    "refused the agent's claim to a task, it is discarded there: {reason}"
+                );
+                follow::discard(connection.clone(), held.task_id);
+            }
+        }
+    }
+
+    /// Takes up the job of the claimed task `held` if the store wants the task and the job may
+    /// be taken up here ([`Engine::may_take_up`]): true once the claim can be routed (the job
+    /// is followed here), false if `connection` closed while the store was asked (nothing done),
+    /// why not otherwise.
+    ///
+    /// The store is read only after the running set was looked at and everything queued before
+    /// committed: a run that left the set (ended, or paused) queued its last writes before, so
+    /// the store shows them. The job's place in the running set is taken before its logs are
+    /// cut back to their checkpoints, so that never happens to a job followed here.
+    async fn take_up_for(
+        &self,
+        bk_host_id: i64,
+        agent_id: &str,
+        connection: &quinn::Connection,
+        held: &HeldTask,
+    ) -> Result<bool, String> {
+        let job_instance_id = held.job_instance_id;
+        if self.running.lock().unwrap().contains_key(&job_instance_id) {
+            return Ok(true);
+        }
+        let looked_up = async {
+            self.store
+                .flush()
+                .await
+                .map_err(|e| format!("the store cannot say whether it wants it: {e}"))?;
+            self.store_wants(bk_host_id, agent_id, held).await
+        };
+        tokio::select! {
+            wanted = looked_up => wanted?,
+            _ = connection.closed() => return Ok(false),
+        }
+        if !self.may_take_up(job_instance_id) {
+            return Err(format!(
+                "its job {job_instance_id} ended or paused here, or may not be taken up by this \
+                 controller"
+            ));
+        }
+        // One take-up at a time: a second claim to the job waits here until the first has
+        // registered the job's claims, then finds the job running.
+        let _taking_up = self.taking_up.lock().await;
+        let cancel = CancellationToken::new();
+        {
+            let mut running = self.running.lock().unwrap();
+            if running.contains_key(&job_instance_id) {
+                return Ok(true);
+            }
+            running.insert(job_instance_id, cancel.clone());
+        }
+        let job = self
+            .store
+            .resumable_job(
+                job_instance_id,
+                &[job::RUNNING, job::TERMINATING],
+                host::UNFINISHED,
+                host::SUCCESS,
+            )
+            .await;
+        let job = match job {
+            Ok(Some(job)) => job,
+            failed => {
+                self.running.lock().unwrap().remove(&job_instance_id);
+                return Err(match failed {
+                    Err(e) => format!("the store cannot give its job: {e}"),
+                    _ => "its job ended meanwhile".to_owned(),
+                });
+            }
+        };
+        tracing::info!(
+            job = job_instance_id,
+            bk_host_id,
+            agent_id,
+            task_id = %held.task_id,
+            "an agent claims a task of a job running in the store that no run follows here: \
+             taking the job up"
+        );
+        // Registers the job's claims before its runs start.
+        self.resume_reserved(job, cancel);
+        Ok(true)
+    }
+
+    /// Whether an agent's claim may take up `job_instance_id` from the store, its job running
+    /// there and followed nowhere here: not if its run here ended or paused lately. The one
+    /// place where whether another controller holds the job is to be asked.
+    fn may_take_up(&self, job_instance_id: i64) -> bool {
+        !self
+            .left_here
+            .lock()
+            .unwrap()
+            .jobs
+            .contains(&job_instance_id)
+    }
+
+    /// Whether the store wants the task `held` claimed by `agent_id` on `bk_host_id`: its job
+    /// running (2) or terminating (10), its host unfinished, with this very task out on this
+    /// host and agent; why not otherwise.
+    async fn store_wants(
+        &self,
+        bk_host_id: i64,
+        agent_id: &str,
+        held: &HeldTask,
+    ) -> Result<(), String> {
+        let stored = self
+            .store
+            .stored_task(held.step_instance_id, bk_host_id)
+            .await
+            .map_err(|e| format!("the store cannot say whether it wants it: {e}"))?
+            .ok_or("no run follows it here and the store has no such task out on this host")?;
+        let checkpoint = &stored.checkpoint;
+        if checkpoint.task_id != held.task_id.to_string()
+            || checkpoint.agent_id != agent_id
+            || stored.job_instance_id != held.job_instance_id
+        {
+            return Err(format!(
+                "the store has task {} of agent {:?} out on this host for step {}, not this one",
+                checkpoint.task_id, checkpoint.agent_id, held.step_instance_id
+            ));
+        }
+        if ![job::RUNNING, job::TERMINATING].contains(&stored.job_status)
+            || !host::UNFINISHED.contains(&stored.host_status)
+        {
+            return Err(format!(
+                "the store has its job at status {} and its host at status {}: it wants nothing \
+                 more of it",
+                stored.job_status, stored.host_status
+            ));
+        }
+        Ok(())
     }
 
     /// Runs a job's hosts to their ends; `first` for its first run, which records its start.
@@ -732,5 +1107,50 @@ impl Engine {
         if let Err(e) = self.store.record(write).await {
             tracing::error!("cannot record job progress: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claimant(bk_host_id: i64, agent_id: &str) -> (Claimant, mpsc::UnboundedReceiver<Reattach>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let claimant = Claimant {
+            bk_host_id,
+            agent_id: agent_id.into(),
+            tx,
+        };
+        (claimant, rx)
+    }
+
+    fn of_host(claims: &Claims, bk_host_id: i64) -> HashSet<Uuid> {
+        claims.of_host(bk_host_id).map(|(id, _)| *id).collect()
+    }
+
+    #[test]
+    fn claims_are_found_by_host_and_leave_the_index_with_their_task() {
+        let mut claims = Claims::default();
+        let ids: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+        let mut receivers = Vec::new();
+        for (id, host) in ids.iter().zip([1, 1, 2, 3]) {
+            let (claimant, rx) = claimant(host, "a");
+            claims.insert(*id, claimant);
+            receivers.push(rx);
+        }
+        assert_eq!(of_host(&claims, 1), [ids[0], ids[1]].into());
+        assert_eq!(of_host(&claims, 2), [ids[2]].into());
+        // A task registered again for another host moves there.
+        let (claimant, _rx) = claimant(2, "b");
+        claims.insert(ids[3], claimant);
+        assert!(of_host(&claims, 3).is_empty());
+        assert_eq!(of_host(&claims, 2), [ids[2], ids[3]].into());
+        assert!(!claims.by_host.contains_key(&3), "an empty host is dropped");
+        assert_eq!(claims.remove(&ids[0]).map(|c| c.bk_host_id), Some(1));
+        assert!(claims.remove(&ids[0]).is_none());
+        assert_eq!(of_host(&claims, 1), [ids[1]].into());
+        claims.remove(&ids[1]);
+        assert!(!claims.by_host.contains_key(&1));
+        assert_eq!(claims.get(&ids[2]).map(|c| c.bk_host_id), Some(2));
     }
 }

@@ -72,6 +72,9 @@ pub enum Event {
     /// The agent reconnected and reported the tasks it holds, without this one: it never
     /// received it (the connection was lost as it was sent) or lost it (its spool).
     NotHeld,
+    /// The controller did not send the task, for the reason given (it could not record it, so
+    /// a restart could not have taken it up): the host ends with an error of the controller.
+    Unsent(String),
 }
 
 /// What an agent reports of a task it holds, as the controller checks it against its own record.
@@ -251,6 +254,11 @@ impl HostTask {
         self.phase == Phase::Done
     }
 
+    /// Whether the operator's termination reached the task.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled
+    }
+
     /// What a restarted controller needs to take the task up again.
     pub fn checkpoint(&self) -> Checkpoint {
         Checkpoint {
@@ -399,6 +407,10 @@ impl HostTask {
             }
             Event::Lost(why) => {
                 let outcome = self.controller_outcome(host::AGENT_ABNORMAL, why, now);
+                self.finish(outcome, &mut actions);
+            }
+            Event::Unsent(why) => {
+                let outcome = self.controller_outcome(host::AGENT_TASK_ERROR, why, now);
                 self.finish(outcome, &mut actions);
             }
             Event::Detached(why) => {

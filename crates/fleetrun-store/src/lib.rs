@@ -58,7 +58,7 @@ pub use inventory::{
     RevisionInfo,
 };
 pub use model::*;
-pub use reattach::{HostCheckpoint, ResumableHost, ResumableJob};
+pub use reattach::{HostCheckpoint, ResumableHost, ResumableJob, StoredTask};
 pub use retry::{Retried, RetryScope};
 pub use rolling::{NewRolling, RollingRecord};
 pub use scripts::{

@@ -8,7 +8,7 @@
 
 use sqlx::Row;
 
-use crate::{Store, StoreError};
+use crate::{Dialect, Statement, Store, StoreError};
 
 /// Where one (step, host) stands with the agent that owns its task.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +36,15 @@ pub struct ResumableHost {
     pub checkpoint: Option<HostCheckpoint>,
 }
 
+/// What the store holds of a task by its id: its checkpoint, and where its job and host stand.
+#[derive(Debug, Clone)]
+pub struct StoredTask {
+    pub job_instance_id: i64,
+    pub job_status: i32,
+    pub host_status: i32,
+    pub checkpoint: HostCheckpoint,
+}
+
 /// A job that was running when the controller stopped.
 #[derive(Debug, Clone)]
 pub struct ResumableJob {
@@ -50,41 +59,88 @@ pub struct ResumableJob {
     pub finished_hosts_succeeded: bool,
 }
 
+/// Upserts `checkpoints` (one per (step, host), at most `max_parameters / 11` of them) in one
+/// statement. Checkpoints are written by the store's writer ([`crate::Write::Checkpoints`]), in
+/// the group commit that also holds the log they describe, or a later one.
+pub(crate) async fn upsert_checkpoints(
+    connection: &mut sqlx::AnyConnection,
+    dialect: Dialect,
+    checkpoints: &[&HostCheckpoint],
+) -> Result<(), sqlx::Error> {
+    if checkpoints.is_empty() {
+        return Ok(());
+    }
+    let mut insert = Statement::new(
+        dialect,
+        "INSERT INTO host_task (step_instance_id, bk_host_id, task_id, agent_id, received,
+             stored, dropped_bytes, dropped_lines, truncated, started_at, deadline)",
+    );
+    insert.push_values(checkpoints.iter().copied(), |row, c| {
+        row.push_bind(c.step_instance_id)
+            .push_bind(c.bk_host_id)
+            .push_bind(c.task_id.as_str())
+            .push_bind(c.agent_id.as_str())
+            .push_bind(c.received)
+            .push_bind(c.stored)
+            .push_bind(c.dropped_bytes)
+            .push_bind(c.dropped_lines)
+            .push_bind(i64::from(c.truncated))
+            .push_bind(c.started_at)
+            .push_bind(c.deadline);
+    });
+    insert.push(
+        " ON CONFLICT (step_instance_id, bk_host_id) DO UPDATE SET
+             task_id = excluded.task_id, agent_id = excluded.agent_id,
+             received = excluded.received, stored = excluded.stored,
+             dropped_bytes = excluded.dropped_bytes, dropped_lines = excluded.dropped_lines,
+             truncated = excluded.truncated, started_at = excluded.started_at,
+             deadline = excluded.deadline",
+    );
+    insert.build().execute(connection).await?;
+    Ok(())
+}
+
 impl Store {
-    /// Saves checkpoints, in one transaction.
-    pub async fn save_checkpoints(&self, checkpoints: &[HostCheckpoint]) -> Result<(), StoreError> {
-        if checkpoints.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        for c in checkpoints {
-            sqlx::query(
-                "INSERT INTO host_task (step_instance_id, bk_host_id, task_id, agent_id, received,
-                     stored, dropped_bytes, dropped_lines, truncated, started_at, deadline)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                 ON CONFLICT (step_instance_id, bk_host_id) DO UPDATE SET
-                     task_id = excluded.task_id, agent_id = excluded.agent_id,
-                     received = excluded.received, stored = excluded.stored,
-                     dropped_bytes = excluded.dropped_bytes, dropped_lines = excluded.dropped_lines,
-                     truncated = excluded.truncated, started_at = excluded.started_at,
-                     deadline = excluded.deadline",
-            )
-            .bind(c.step_instance_id)
-            .bind(c.bk_host_id)
-            .bind(&c.task_id)
-            .bind(&c.agent_id)
-            .bind(c.received)
-            .bind(c.stored)
-            .bind(c.dropped_bytes)
-            .bind(c.dropped_lines)
-            .bind(i64::from(c.truncated))
-            .bind(c.started_at)
-            .bind(c.deadline)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+    /// The task out on (step, host) as the store has it: its checkpoint (the last saved), its
+    /// job's and its host's status; `None` if the host has no checkpoint.
+    pub async fn stored_task(
+        &self,
+        step_instance_id: i64,
+        bk_host_id: i64,
+    ) -> Result<Option<StoredTask>, StoreError> {
+        let row = sqlx::query(
+            "SELECT t.step_instance_id, t.bk_host_id, t.task_id, t.agent_id, t.received, t.stored,
+                    t.dropped_bytes, t.dropped_lines, t.truncated, t.started_at, t.deadline,
+                    j.job_instance_id, j.status, r.status
+             FROM host_task t
+             JOIN step_instance s ON s.step_instance_id = t.step_instance_id
+             JOIN job_instance j ON j.job_instance_id = s.job_instance_id
+             JOIN host_result r
+                 ON r.step_instance_id = t.step_instance_id AND r.bk_host_id = t.bk_host_id
+             WHERE t.step_instance_id = $1 AND t.bk_host_id = $2",
+        )
+        .bind(step_instance_id)
+        .bind(bk_host_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|row| StoredTask {
+            job_instance_id: row.get(11),
+            job_status: row.get(12),
+            host_status: row.get(13),
+            checkpoint: HostCheckpoint {
+                step_instance_id: row.get(0),
+                bk_host_id: row.get(1),
+                task_id: row.get(2),
+                agent_id: row.get(3),
+                received: row.get(4),
+                stored: row.get(5),
+                dropped_bytes: row.get(6),
+                dropped_lines: row.get(7),
+                truncated: row.get::<i64, _>(8) != 0,
+                started_at: row.get(9),
+                deadline: row.get(10),
+            },
+        }))
     }
 
     /// The jobs in `unfinished_job_statuses`, each with its hosts in `unfinished_host_statuses`
@@ -96,13 +152,54 @@ impl Store {
         unfinished_host_statuses: &[i32],
         success_host_status: i32,
     ) -> Result<Vec<ResumableJob>, StoreError> {
+        self.resumable(
+            None,
+            unfinished_job_statuses,
+            unfinished_host_statuses,
+            success_host_status,
+        )
+        .await
+    }
+
+    /// [`Store::resumable_jobs`] for the one job `job_instance_id`: `None` unless it is
+    /// unfinished. For a job no run of the engine follows (its hosts' logs past their
+    /// checkpoints are removed).
+    pub async fn resumable_job(
+        &self,
+        job_instance_id: i64,
+        unfinished_job_statuses: &[i32],
+        unfinished_host_statuses: &[i32],
+        success_host_status: i32,
+    ) -> Result<Option<ResumableJob>, StoreError> {
+        let mut jobs = self
+            .resumable(
+                Some(job_instance_id),
+                unfinished_job_statuses,
+                unfinished_host_statuses,
+                success_host_status,
+            )
+            .await?;
+        Ok(jobs.pop())
+    }
+
+    async fn resumable(
+        &self,
+        only: Option<i64>,
+        unfinished_job_statuses: &[i32],
+        unfinished_host_statuses: &[i32],
+        success_host_status: i32,
+    ) -> Result<Vec<ResumableJob>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let job_list = crate::join_ints(unfinished_job_statuses);
         let host_list = crate::join_ints(unfinished_host_statuses);
+        let only_job = match only {
+            Some(job) => format!(" AND j.job_instance_id = {job}"),
+            None => String::new(),
+        };
         let rows = sqlx::query(&format!(
             "SELECT j.job_instance_id, s.step_instance_id, j.status, j.start_time, s.timeout
              FROM job_instance j JOIN step_instance s ON s.job_instance_id = j.job_instance_id
-             WHERE j.status IN ({job_list}) ORDER BY j.job_instance_id"
+             WHERE j.status IN ({job_list}){only_job} ORDER BY j.job_instance_id"
         ))
         .fetch_all(&mut *tx)
         .await?;
@@ -240,5 +337,117 @@ impl Store {
         }
         tx.commit().await?;
         Ok(jobs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{NewHostResult, NewJob, NewStep, Write};
+
+    fn checkpoint(step: i64, host: i64, received: i64) -> HostCheckpoint {
+        HostCheckpoint {
+            step_instance_id: step,
+            bk_host_id: host,
+            task_id: format!("task-{host}"),
+            agent_id: format!("agent-{host}"),
+            received,
+            stored: received,
+            dropped_bytes: 0,
+            dropped_lines: 0,
+            truncated: false,
+            started_at: Some(1_000),
+            deadline: Some(2_000),
+        }
+    }
+
+    #[tokio::test]
+    async fn checkpoints_commit_with_the_writes_last_one_standing_and_say_so() {
+        let (_db, store) = crate::test_store().await;
+        let job = store
+            .create_job(&NewJob {
+                name: "t".into(),
+                operator: "o".into(),
+                app_code: "a".into(),
+                bk_scope_type: "biz".into(),
+                bk_scope_id: "2".into(),
+                status: 2,
+                job_type: 1,
+                launch_mode: 1,
+                callback_url: None,
+                create_time: 0,
+                step: NewStep {
+                    name: "s".into(),
+                    step_type: 1,
+                    script_language: 1,
+                    script_content: b"true".to_vec(),
+                    script_param: String::new(),
+                    is_param_sensitive: false,
+                    timeout: 60,
+                    account_id: 1,
+                    account: "root".into(),
+                },
+                hosts: (1..=3)
+                    .map(|id| NewHostResult {
+                        bk_host_id: id,
+                        bk_cloud_id: 0,
+                        ip: format!("10.0.0.{id}"),
+                        status: 5,
+                    })
+                    .collect(),
+            })
+            .await
+            .unwrap();
+        let step = job.step_instance_id;
+        // Host 1 twice in one batch (the last stands), host 2 in a later one.
+        let (saved_tx, saved) = tokio::sync::oneshot::channel();
+        store
+            .record(Write::Checkpoints {
+                checkpoints: vec![checkpoint(step, 1, 5), checkpoint(step, 1, 9)],
+                saved: Some(saved_tx),
+            })
+            .await
+            .unwrap();
+        store
+            .record(Write::Checkpoints {
+                checkpoints: vec![checkpoint(step, 2, 3)],
+                saved: None,
+            })
+            .await
+            .unwrap();
+        saved.await.expect("answered once committed");
+        store.flush().await.unwrap();
+
+        let stored = store.stored_task(step, 1).await.unwrap().unwrap();
+        assert_eq!(stored.checkpoint, checkpoint(step, 1, 9));
+        assert_eq!(
+            (
+                stored.job_instance_id,
+                stored.job_status,
+                stored.host_status
+            ),
+            (job.job_instance_id, 2, 5)
+        );
+        assert!(store.stored_task(step, 3).await.unwrap().is_none());
+
+        let resumable = store
+            .resumable_job(job.job_instance_id, &[2], &[5], 9)
+            .await
+            .unwrap()
+            .unwrap();
+        let with: Vec<(i64, Option<i64>)> = resumable
+            .hosts
+            .iter()
+            .map(|h| (h.bk_host_id, h.checkpoint.as_ref().map(|c| c.received)))
+            .collect();
+        assert_eq!(with, vec![(1, Some(9)), (2, Some(3)), (3, None)]);
+        assert!(
+            store
+                .resumable_job(job.job_instance_id, &[10], &[5], 9)
+                .await
+                .unwrap()
+                .is_none(),
+            "a job in no status asked about is not resumable"
+        );
     }
 }

@@ -41,7 +41,7 @@ impl Key {
             | Write::StepFinished {
                 step_instance_id, ..
             } => Some(Key::Step(*step_instance_id)),
-            Write::Flush(_) => None,
+            Write::Flush(_) | Write::Checkpoints { .. } => None,
         }
     }
 }

@@ -5,7 +5,9 @@ use std::{collections::VecDeque, sync::Arc, time::Duration};
 use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Dialect, HostOutcome, Statement, health::HealthState, watch::Watchers};
+use crate::{
+    Dialect, HostCheckpoint, HostOutcome, Statement, health::HealthState, watch::Watchers,
+};
 
 /// Queue depth before [`crate::Store::record`] makes the engine wait (while the database accepts
 /// writes; while it refuses them, the writer keeps taking writes into a bounded backlog). A log write holds at most
@@ -61,6 +63,14 @@ pub enum Write {
     },
     /// Answered once everything queued before it is committed.
     Flush(oneshot::Sender<()>),
+    /// Where tasks out on agents that own them stand (`reattach`), upserted in the same group
+    /// commit as the log they describe, which was queued before them. `saved` is answered once
+    /// they are committed, and dropped unanswered if they are lost (see
+    /// [`crate::Health::lost`]), so nobody takes a lost checkpoint for a saved one.
+    Checkpoints {
+        checkpoints: Vec<HostCheckpoint>,
+        saved: Option<oneshot::Sender<()>>,
+    },
 }
 
 pub(crate) fn spawn(
@@ -82,6 +92,7 @@ pub(crate) fn spawn(
             accepted: 0,
             flushes: VecDeque::new(),
             dropping: false,
+            holed: std::collections::HashSet::new(),
         }
         .run(),
     );
@@ -115,6 +126,10 @@ struct Writer {
     flushes: VecDeque<(u64, oneshot::Sender<()>)>,
     /// Whether writes are being given up (logged once per run of failures).
     dropping: bool,
+    /// Hosts (step, host) one of whose log writes was lost: their stored log has a hole, so
+    /// no later checkpoint of theirs is accepted (it would say the log holds what it lacks). A
+    /// host leaves the set when its final row is accepted.
+    holed: std::collections::HashSet<(i64, i64)>,
 }
 
 impl Writer {
@@ -196,11 +211,33 @@ impl Writer {
     fn accept(&mut self, write: Write) {
         match write {
             Write::Flush(done) => self.flushes.push_back((self.accepted, done)),
-            write => {
+            mut write => {
+                match &mut write {
+                    Write::Checkpoints { checkpoints, .. } if !self.holed.is_empty() => {
+                        checkpoints
+                            .retain(|c| !self.holed.contains(&(c.step_instance_id, c.bk_host_id)));
+                    }
+                    Write::HostFinished {
+                        step_instance_id,
+                        bk_host_id,
+                        ..
+                    } => {
+                        self.holed.remove(&(*step_instance_id, *bk_host_id));
+                    }
+                    _ => {}
+                }
                 let bytes = output_bytes(&write);
                 if self.pending.len() >= MAX_PENDING
                     || (bytes > 0 && self.pending_bytes + bytes > MAX_PENDING_OUTPUT)
                 {
+                    if let Write::HostLog {
+                        step_instance_id,
+                        bk_host_id,
+                        ..
+                    } = write
+                    {
+                        self.holed.insert((step_instance_id, bk_host_id));
+                    }
                     self.lose(1);
                     return;
                 }
@@ -255,6 +292,12 @@ impl Writer {
         self.watchers.committed(batch);
         for write in self.pending.drain(..n) {
             self.pending_bytes -= output_bytes(&write);
+            if let Write::Checkpoints {
+                saved: Some(saved), ..
+            } = write
+            {
+                let _ = saved.send(());
+            }
         }
         self.publish();
         Ok(())
@@ -293,9 +336,15 @@ impl Writer {
     }
 }
 
+/// The memory a pending write holds that counts against [`MAX_PENDING_OUTPUT`]: host output,
+/// and checkpoints (a batch can hold one per busy host).
 fn output_bytes(write: &Write) -> usize {
     match write {
         Write::HostLog { data, .. } => data.len(),
+        Write::Checkpoints { checkpoints, .. } => checkpoints
+            .iter()
+            .map(|c| std::mem::size_of::<HostCheckpoint>() + c.task_id.len() + c.agent_id.len())
+            .sum(),
         _ => 0,
     }
 }
@@ -322,6 +371,7 @@ async fn commit(
     let mut logs = Vec::new();
     let mut running = Vec::new();
     let mut results = Vec::new();
+    let mut checkpoints = Vec::new();
     let mut tx = sqlx::Connection::begin(connection).await?;
     for write in batch {
         match write {
@@ -418,6 +468,9 @@ async fn commit(
                 .execute(&mut *tx)
                 .await?;
             }
+            Write::Checkpoints {
+                checkpoints: batch, ..
+            } => checkpoints.extend(batch.iter()),
             Write::Flush(_) => {}
         }
     }
@@ -504,6 +557,14 @@ async fn commit(
         );
         insert.build().execute(&mut *tx).await?;
     }
+    let checkpoints = last_per_host(
+        checkpoints,
+        |c| (c.step_instance_id, c.bk_host_id),
+        |_, _| {},
+    );
+    for chunk in checkpoints.chunks(dialect.max_parameters() / 11) {
+        crate::reattach::upsert_checkpoints(&mut tx, dialect, chunk).await?;
+    }
     tx.commit().await
 }
 
@@ -534,7 +595,74 @@ fn last_per_host<T, K: std::hash::Hash + Eq>(
 
 #[cfg(test)]
 mod tests {
-    use crate::{HostOutcome, NewHostResult, NewJob, NewStep, Write};
+    use crate::{HostCheckpoint, HostOutcome, NewHostResult, NewJob, NewStep, Write};
+
+    fn checkpoint(bk_host_id: i64, received: i64) -> HostCheckpoint {
+        HostCheckpoint {
+            step_instance_id: 7,
+            bk_host_id,
+            task_id: "t".into(),
+            agent_id: "a".into(),
+            received,
+            stored: received,
+            dropped_bytes: 0,
+            dropped_lines: 0,
+            truncated: false,
+            started_at: None,
+            deadline: None,
+        }
+    }
+
+    /// A log write lost at the bound leaves a hole in the host's stored log: a later checkpoint
+    /// of that host, which says the log holds what it lacks, is lost with it, not committed
+    /// past the hole; other hosts' checkpoints are kept, and checkpoints count against the
+    /// bound on what the backlog holds.
+    #[tokio::test]
+    async fn a_checkpoint_after_a_lost_log_write_of_its_host_is_not_kept() {
+        let (_db, store) = crate::test_store().await;
+        let mut writer = super::Writer {
+            pool: store.pool.clone(),
+            dialect: store.dialect,
+            watchers: store.watchers.clone(),
+            health: super::HealthState::new(),
+            rx: tokio::sync::mpsc::channel(1).1,
+            pending: std::collections::VecDeque::new(),
+            pending_bytes: super::MAX_PENDING_OUTPUT - 10,
+            accepted: 0,
+            flushes: std::collections::VecDeque::new(),
+            dropping: false,
+            holed: std::collections::HashSet::new(),
+        };
+        writer.accept(Write::HostLog {
+            step_instance_id: 7,
+            bk_host_id: 1,
+            offset: 0,
+            data: vec![b'x'; 64],
+        });
+        assert_eq!(writer.health.get().lost, 1);
+        // Room again (the backlog drained), as when the database came back.
+        writer.pending_bytes = 0;
+        writer.accept(Write::Checkpoints {
+            checkpoints: vec![checkpoint(1, 64), checkpoint(2, 10)],
+            saved: None,
+        });
+        let kept = match writer.pending.back() {
+            Some(Write::Checkpoints { checkpoints, .. }) => checkpoints.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(kept, vec![checkpoint(2, 10)]);
+        assert!(
+            writer.pending_bytes > 0,
+            "checkpoints count against the bound"
+        );
+        // Its task ended: the host's final row stands, and its hole no longer matters.
+        writer.accept(Write::HostFinished {
+            step_instance_id: 7,
+            bk_host_id: 1,
+            outcome: HostOutcome::default(),
+        });
+        assert!(writer.holed.is_empty());
+    }
 
     #[tokio::test]
     async fn running_and_final_rows_land_whatever_the_batches() {

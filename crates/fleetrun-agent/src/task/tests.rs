@@ -41,7 +41,7 @@ fn result(finished_at_ms: i64) -> TaskResult {
 fn held(meta: Meta, ownership: Ownership, output: &[u8]) -> Arc<Held> {
     let held = Held::new(
         meta,
-        Output::Memory(Mutex::default()),
+        Output::Memory(MemoryOutput::new(Arc::default())),
         ownership,
         CancellationToken::new(),
     );
@@ -210,15 +210,156 @@ async fn finished_tasks_past_the_bound_are_forgotten_oldest_first() {
     let running_id = running.state.lock().unwrap().task_id;
     tasks.held.lock().unwrap().insert(running_id, running);
 
-    tasks.bound_finished(2);
+    tasks.bound_finished(2, u64::MAX);
     let left: std::collections::HashSet<Uuid> = tasks.reports().iter().map(|t| t.task_id).collect();
     assert_eq!(
         left,
         [ids[0], ids[2], running_id].into_iter().collect(),
         "the one finished first is forgotten, the running one kept"
     );
-    tasks.bound_finished(2);
+    tasks.bound_finished(2, u64::MAX);
     assert_eq!(tasks.reports().len(), 3);
+}
+
+#[test]
+fn output_kept_in_memory_is_bounded_across_tasks() {
+    let budget = Arc::new(MemoryBudget::new(10));
+    let first = Output::Memory(MemoryOutput::new(budget.clone()));
+    let second = Output::Memory(MemoryOutput::new(budget.clone()));
+    first.write_at(0, b"12345678").unwrap();
+    let refused = second.write_at(0, b"abcde").unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::OutOfMemory);
+    // What was refused took nothing: what still fits is kept.
+    second.write_at(0, b"ab").unwrap();
+    assert!(first.write_at(8, b"9").is_err());
+    // A task that is forgotten gives its bytes back.
+    drop(first);
+    second.write_at(2, b"cdefgh").unwrap();
+    let mut buf = [0u8; 16];
+    let n = second.read_at(0, &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"abcdefgh");
+    second.truncate(2).unwrap();
+    drop(second);
+    assert!(budget.take(10), "every byte was given back");
+}
+
+#[tokio::test]
+async fn a_task_past_the_memory_bound_loses_its_output_marked_as_a_spool_does() {
+    // The runner's path: a refused write is a loss, reported as one, never a silent gap.
+    let held = Arc::new(Held::new(
+        meta(0, Vec::new()),
+        Output::Memory(MemoryOutput::new(Arc::new(MemoryBudget::new(4)))),
+        Ownership::Agent,
+        CancellationToken::new(),
+    ));
+    for chunk in [&b"abc"[..], b"defg", b"h"] {
+        let offset = held.state.lock().unwrap().produced;
+        let written = held.output.write_at(offset, chunk);
+        let mut meta = held.state.lock().unwrap();
+        if written.is_err() {
+            meta.lose(offset, chunk.len() as u64);
+        }
+        meta.produced += chunk.len() as u64;
+    }
+    held.state.lock().unwrap().result = Some(result(2_000));
+    let (tx, mut down) = mpsc::unbounded_channel();
+    tx.send(Down::ResultStored).unwrap();
+    let mut frames = Vec::new();
+    deliver(&held, &mut frames, &mut down, 0).await.unwrap();
+    assert_eq!(
+        frames[1..frames.len() - 1],
+        [
+            TaskUp::Output {
+                offset: 0,
+                data: b"abc".to_vec()
+            },
+            TaskUp::SpoolLost {
+                offset: 3,
+                bytes: 4
+            },
+            TaskUp::Output {
+                offset: 7,
+                data: b"h".to_vec()
+            },
+        ],
+        "{frames:?}"
+    );
+}
+
+#[tokio::test]
+async fn finished_output_past_the_byte_bound_is_dropped_oldest_first_results_kept() {
+    let tasks = Tasks::default();
+    let mut ids = Vec::new();
+    for (finished_at, output) in [
+        (3_000, &b"newest"[..]),
+        (1_000, b"oldest"),
+        (2_000, b"middle"),
+    ] {
+        let held = held(meta(6, Vec::new()), Ownership::Agent, output);
+        held.state.lock().unwrap().result = Some(result(finished_at));
+        let id = held.state.lock().unwrap().task_id;
+        tasks.held.lock().unwrap().insert(id, held);
+        ids.push(id);
+    }
+    // Two of the oldest's bytes were acknowledged already.
+    tasks
+        .get(&ids[1])
+        .unwrap()
+        .state
+        .lock()
+        .unwrap()
+        .acked_offset = 2;
+    tasks.bound_finished(10, 12);
+    assert_eq!(tasks.reports().len(), 3, "every result is kept");
+    let oldest = tasks.get(&ids[1]).unwrap();
+    assert_eq!(
+        oldest.state.lock().unwrap().marks,
+        vec![Mark::Lost {
+            offset: 2,
+            bytes: 4
+        }]
+    );
+    for id in [ids[0], ids[2]] {
+        assert!(
+            tasks
+                .get(&id)
+                .unwrap()
+                .state
+                .lock()
+                .unwrap()
+                .marks
+                .is_empty()
+        );
+    }
+    // The controller resumes from what it acknowledged: told of the loss, then the result.
+    let (tx, mut down) = mpsc::unbounded_channel();
+    tx.send(Down::ResultStored).unwrap();
+    let mut frames = Vec::new();
+    deliver(&oldest, &mut frames, &mut down, 2).await.unwrap();
+    assert_eq!(
+        frames[1..],
+        [
+            TaskUp::SpoolLost {
+                offset: 2,
+                bytes: 4
+            },
+            TaskUp::Finished(result(1_000)),
+        ],
+        "{frames:?}"
+    );
+    // Within the bound now: nothing more is dropped.
+    tasks.bound_finished(10, 12);
+    assert_eq!(oldest.state.lock().unwrap().marks.len(), 1);
+    assert!(
+        tasks
+            .get(&ids[2])
+            .unwrap()
+            .state
+            .lock()
+            .unwrap()
+            .marks
+            .is_empty()
+    );
 }
 
 #[test]

@@ -301,11 +301,31 @@ impl HostRun {
         let mut cancel_seen = false;
         if owns_tasks {
             // The task's record is stored before the agent can have it: a controller that stops
-            // right after the dispatch takes it up, and the agent's claim finds it.
+            // right after the dispatch takes it up, and the agent's claim finds it. A task that
+            // cannot be recorded is not sent: nothing could take it up after a restart.
             let checkpoint = self.checkpoint_of(agent_id, task_id, machine);
             let saved = self.engine.save_checkpoint_now(checkpoint);
-            if let Err(outcome) = self.until_done(machine, &mut cancel_seen, saved).await {
-                return Some(outcome);
+            match self.until_done(machine, &mut cancel_seen, saved).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    drop(request);
+                    let cause = match self.engine.store.health().write_error {
+                        Some(error) => format!("the database refuses writes: {error}"),
+                        None => "its record was lost in the store's backlog".to_owned(),
+                    };
+                    let why = format!(
+                        "the task was not sent: the controller could not record it ({cause}), \
+                         and a task it has not recorded could not be taken up after a restart"
+                    );
+                    tracing::error!(
+                        job = self.job_instance_id,
+                        bk_host_id = self.bk_host_id,
+                        "{why}"
+                    );
+                    let actions = machine.handle(now_ms(), Event::Unsent(why));
+                    return self.execute(machine, actions, &mut None, None).await;
+                }
+                Err(outcome) => return Some(outcome),
             }
         }
         let opened = match self
@@ -394,8 +414,10 @@ impl HostRun {
         last_stream: &mut Option<Attached>,
     ) -> Option<Outcome> {
         let owns_tasks = claims.is_some();
+        // What was last noted: the engine hears only of changes.
+        let mut noted = None;
         if owns_tasks {
-            self.note_checkpoint(agent_id, task_id, machine);
+            self.note_checkpoint(agent_id, task_id, machine, &mut noted);
         }
         loop {
             let wait = until_deadline(machine);
@@ -456,12 +478,24 @@ impl HostRun {
                 return Some(outcome);
             }
             if owns_tasks {
-                self.note_checkpoint(agent_id, task_id, machine);
+                self.note_checkpoint(agent_id, task_id, machine, &mut noted);
             }
         }
     }
 
-    fn note_checkpoint(&self, agent_id: &str, task_id: Uuid, machine: &HostTask) {
+    /// Tells the engine where the task stands, if that changed since `noted`.
+    fn note_checkpoint(
+        &self,
+        agent_id: &str,
+        task_id: Uuid,
+        machine: &HostTask,
+        noted: &mut Option<Checkpoint>,
+    ) {
+        let now = machine.checkpoint();
+        if noted.as_ref() == Some(&now) {
+            return;
+        }
+        *noted = Some(now);
         self.engine
             .note_checkpoint(self.checkpoint_of(agent_id, task_id, machine));
     }
@@ -571,14 +605,15 @@ impl HostRun {
                     let Some((connection, task_id)) = claiming else {
                         continue;
                     };
-                    let bound = until_deadline(machine).min(RESUME_WAIT);
-                    let resumed =
-                        match tokio::time::timeout(bound, resume(connection, task_id, from_offset))
-                            .await
-                        {
-                            Ok(resumed) => resumed,
-                            Err(_) => Err(format!("the agent took no new stream within {bound:?}")),
-                        };
+                    // The termination and the machine's deadline are followed meanwhile: an
+                    // agent that takes no new stream holds up neither.
+                    let (resumed, later) = self
+                        .resume_until_done(machine, connection, task_id, from_offset)
+                        .await;
+                    if machine.is_done() {
+                        actions.extend(later);
+                        continue;
+                    }
                     match resumed {
                         Ok(attached) => {
                             tracing::info!(
@@ -595,6 +630,8 @@ impl HostRun {
                             actions.extend(machine.handle(now_ms(), Event::Detached(why)));
                         }
                     }
+                    // A termination seen while resuming goes on the new stream.
+                    actions.extend(later);
                 }
                 Action::Discard { reason } => {
                     tracing::warn!(
@@ -630,6 +667,41 @@ impl HostRun {
             }
         }
         None
+    }
+}
+
+impl HostRun {
+    /// Resumes the task on the reconnected agent (see [`resume`]) within [`RESUME_WAIT`], while
+    /// feeding the machine the termination and its timer: the resume's result (an error if the
+    /// machine finished first) and the actions those events asked for, to follow it.
+    async fn resume_until_done(
+        &self,
+        machine: &mut HostTask,
+        connection: &quinn::Connection,
+        task_id: Uuid,
+        from_offset: u64,
+    ) -> (Result<Attached, String>, Vec<Action>) {
+        let mut later = Vec::new();
+        let resuming = tokio::time::timeout(RESUME_WAIT, resume(connection, task_id, from_offset));
+        let mut resuming = std::pin::pin!(resuming);
+        loop {
+            let wait = until_deadline(machine);
+            let event = tokio::select! {
+                resumed = &mut resuming => {
+                    let resumed = resumed.unwrap_or_else(|_| {
+                        Err(format!("the agent took no new stream within {RESUME_WAIT:?}"))
+                    });
+                    return (resumed, later);
+                }
+                () = self.cancel.cancelled(), if !machine.is_cancelled() => Event::Cancel,
+                () = tokio::time::sleep(wait) => Event::Timer,
+            };
+            later.extend(machine.handle(now_ms(), event));
+            if machine.is_done() {
+                let why = "the task ended while it was being resumed".to_owned();
+                return (Err(why), later);
+            }
+        }
     }
 }
 

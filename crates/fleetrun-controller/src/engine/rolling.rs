@@ -86,6 +86,7 @@ impl Engine {
             if registered {
                 engine.running.lock().unwrap().remove(&job_instance_id);
             }
+            engine.left_here.lock().unwrap().note(job_instance_id);
         });
         true
     }
@@ -326,6 +327,10 @@ impl Engine {
             }
             running.remove(&finishing.job_instance_id);
         }
+        self.left_here
+            .lock()
+            .unwrap()
+            .note(finishing.job_instance_id);
         tracing::info!(
             job = finishing.job_instance_id,
             status,

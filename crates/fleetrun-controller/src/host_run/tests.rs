@@ -403,6 +403,27 @@ fn a_lost_agent_ends_310_with_the_reason_in_the_log() {
     );
 }
 
+#[test]
+fn a_task_the_controller_did_not_send_ends_399_with_the_reason() {
+    let run = run(vec![
+        (
+            T0 + 5,
+            Event::Unsent("the task was not sent: no record".into()),
+        ),
+        (T0 + 6, started(T0 + 6)),
+        (T0 + 7, finished(Ending::Exited { code: 0 }, T0, T0)),
+    ]);
+    let outcome = run.outcome.clone().unwrap();
+    assert_eq!(
+        (outcome.status, outcome.start_time, outcome.end_time),
+        (host::AGENT_TASK_ERROR, None, T0 + 5)
+    );
+    assert_eq!(
+        log_text(&run),
+        "[fleetrun] the task was not sent: no record\n"
+    );
+}
+
 const IDENTITY: TaskIdentity = TaskIdentity {
     job_instance_id: 11,
     step_instance_id: 12,
