@@ -36,6 +36,7 @@ mod plain_http;
 mod reattach;
 mod reattach_faults;
 mod reload;
+mod renewal;
 mod retention;
 mod rolling;
 mod scope_leaks;

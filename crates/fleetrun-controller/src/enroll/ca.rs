@@ -77,17 +77,36 @@ pub struct Issued {
     pub not_after_ms: i64,
 }
 
-/// The public key of a certificate signing request whose signature checks, and its
-/// fingerprint (hex SHA-256 of its SubjectPublicKeyInfo). Everything else the request says is
-/// ignored.
+/// The public key of a certificate signing request that asks for nothing the controller does
+/// not give (see [`super::csr`]) and whose signature checks, and its fingerprint (hex SHA-256
+/// of its SubjectPublicKeyInfo).
 #[derive(Debug)]
 pub struct RequestedKey {
     public_key: rcgen::PublicKey,
     pub sha256: String,
 }
 
-/// Reads a CSR; a message for the agent when it is not one.
+impl RequestedKey {
+    /// The agent this key is: its identity derives from the key's fingerprint, so the same key
+    /// is always the same agent.
+    pub fn agent_id(&self) -> String {
+        agent_id_of_key(&self.sha256)
+    }
+}
+
+fn agent_id_of_key(sha256_hex: &str) -> String {
+    format!("host-{}", &sha256_hex[..24])
+}
+
+pub(super) fn spki_sha256(spki: &[u8]) -> String {
+    fleetrun_net::hex(ring::digest::digest(&ring::digest::SHA256, spki).as_ref())
+}
+
+/// Reads a CSR; a message for the agent when it is not one the controller signs.
 pub fn requested_key(csr_der: &[u8]) -> Result<RequestedKey, String> {
+    let spki = super::csr::check(csr_der, |spki| {
+        fleetrun_proto::agent_uri(&agent_id_of_key(&spki_sha256(spki)))
+    })?;
     let params = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
         csr_der,
     ))
@@ -97,11 +116,9 @@ pub fn requested_key(csr_der: &[u8]) -> Result<RequestedKey, String> {
              enroll`"
         )
     })?;
-    let spki = params.public_key.subject_public_key_info();
-    let digest = ring::digest::digest(&ring::digest::SHA256, &spki);
     Ok(RequestedKey {
         public_key: params.public_key,
-        sha256: fleetrun_net::hex(digest.as_ref()),
+        sha256: spki_sha256(&spki),
     })
 }
 
@@ -174,6 +191,40 @@ impl ControllerCa {
         Ok(Issued {
             chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
             not_after_ms: (not_after.unix_timestamp_nanos() / 1_000_000) as i64,
+        })
+    }
+}
+
+impl ControllerCa {
+    /// Checks that the gateway, trusting the CA bundle `tls_ca` (`[tls] ca`), accepts the
+    /// certificates this CA issues: a sample agent certificate is issued and verified as the
+    /// gateway verifies agents. `ca_cert` is the CA's file, for the message.
+    pub fn check_gateway_trusts(&self, ca_cert: &Path, tls_ca: &Path) -> Result<(), String> {
+        let sample = (|| -> Result<Issued, String> {
+            let key = KeyPair::generate().map_err(|e| e.to_string())?;
+            let csr = CertificateParams::new(Vec::<String>::new())
+                .and_then(|params| params.serialize_request(&key))
+                .map_err(|e| e.to_string())?;
+            let requested = requested_key(csr.der())?;
+            self.issue_agent(&requested, &requested.agent_id(), Duration::from_secs(3600))
+                .map_err(|e| e.to_string())
+        })()
+        .map_err(|e| format!("the enrollment CA could not issue a sample certificate: {e}"))?;
+        use rustls_pki_types::pem::PemObject as _;
+        let chain = CertificateDer::pem_slice_iter(sample.chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        fleetrun_net::gateway_accepts(tls_ca, &chain).map_err(|e| {
+            format!(
+                "the enrollment CA {} is not trusted by the agent gateway: [tls] ca {} holds \
+                 neither it nor a CA it chains to, so every agent it enrolls would be refused \
+                 ({e}); add the CA to the bundle (cat {} >> {}) or import the gateway's CA with \
+                 `fleetrun-controller ca init --import-cert`",
+                ca_cert.display(),
+                tls_ca.display(),
+                ca_cert.display(),
+                tls_ca.display()
+            )
         })
     }
 }
@@ -371,7 +422,15 @@ mod tests {
         fleetrun_net::server_tls(&tls).unwrap();
 
         let agent_key = KeyPair::generate().unwrap();
-        let request = csr(&agent_key, vec!["evil.example".into()]);
+        // A request that names itself is refused, saying which name.
+        let named = requested_key(&csr(&agent_key, vec!["evil.example".into()])).unwrap_err();
+        assert!(named.contains("DNS \"evil.example\""), "{named}");
+        let request = CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&agent_key)
+            .unwrap()
+            .der()
+            .to_vec();
         let key = requested_key(&request).unwrap();
         let issued = ca
             .issue_agent(&key, "host-abc", Duration::from_secs(3600))
@@ -384,7 +443,6 @@ mod tests {
             cert.subject_alternative_name().unwrap().unwrap().value
         );
         assert!(sans.contains("spiffe://fleetrun/agent/host-abc"), "{sans}");
-        assert!(!sans.contains("chosen") && !sans.contains("evil"), "{sans}");
         assert_eq!(cert.public_key().raw, agent_key.subject_public_key_info());
         let lifetime =
             cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
