@@ -219,7 +219,7 @@ fn describe(name: &GeneralName<'_>) -> String {
 mod tests {
     use rcgen::{
         BasicConstraints, CertificateParams, CustomExtension, ExtendedKeyUsagePurpose, IsCa,
-        KeyPair, KeyUsagePurpose, SanType,
+        KeyPair, KeyUsagePurpose, PublicKeyData as _, SanType,
     };
 
     use super::*;
@@ -381,17 +381,23 @@ mod tests {
             "extension 1.3.6.1.4.1.99999.1",
         );
         let key = KeyPair::generate().unwrap();
-        let with_attribute = CertificateParams::new(Vec::<String>::new())
-            .unwrap()
-            .serialize_request_with_attributes(
-                &key,
-                vec![rcgen::Attribute {
-                    oid: &[1, 2, 840, 113549, 1, 9, 7],
-                    values: vec![0x0c, 3, b'p', b'w', b'd'],
-                }],
-            )
-            .unwrap();
-        refused(with_attribute.der(), "challenge password");
+        let params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        // challengePassword and unstructuredName, each a SET of one UTF8String.
+        for (oid, says) in [
+            (&[1, 2, 840, 113549, 1, 9, 7][..], "challenge password"),
+            (&[1, 2, 840, 113549, 1, 9, 2][..], "attribute 1.2.840.113549.1.9.2"),
+        ] {
+            let with_attribute = params
+                .serialize_request_with_attributes(
+                    &key,
+                    vec![rcgen::Attribute {
+                        oid,
+                        values: vec![0x31, 5, 0x0c, 3, b'p', b'w', b'd'],
+                    }],
+                )
+                .unwrap();
+            refused(with_attribute.der(), says);
+        }
     }
 
     #[test]
