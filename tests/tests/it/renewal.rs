@@ -267,6 +267,8 @@ async fn a_revoked_agent_gets_no_renewal_and_a_version_2_agent_is_told_it_has_no
     // Revoked while connected: the connection is cut, a renewal on it fails, and a new
     // connection to ask on is refused.
     let revoked = enroll_raw(&cluster, &pin, secret, "127.0.0.65").await?;
+    // Enrolled before the revocation: afterwards the token enrolls no new key.
+    let old = enroll_raw(&cluster, &pin, secret, "127.0.0.66").await?;
     let mut link = Connected::open(&cluster, &revoked, PROTOCOL_VERSION).await?;
     cluster
         .wait_online(
@@ -302,7 +304,6 @@ async fn a_revoked_agent_gets_no_renewal_and_a_version_2_agent_is_told_it_has_no
 
     // Protocol version 2 has no renewal: the controller says so in its log when the enrolled
     // agent connects, and a renewal request under version 2 closes the connection.
-    let old = enroll_raw(&cluster, &pin, secret, "127.0.0.66").await?;
     let mut link = Connected::open(&cluster, &old, 2).await?;
     let agent_id = old.enrolled.agent_id.clone();
     eventually(Duration::from_secs(10), "the warning about renewal", || {

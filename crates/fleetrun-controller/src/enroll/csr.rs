@@ -385,7 +385,10 @@ mod tests {
         // challengePassword and unstructuredName, each a SET of one UTF8String.
         for (oid, says) in [
             (&[1, 2, 840, 113549, 1, 9, 7][..], "challenge password"),
-            (&[1, 2, 840, 113549, 1, 9, 2][..], "attribute 1.2.840.113549.1.9.2"),
+            (
+                &[1, 2, 840, 113549, 1, 9, 2][..],
+                "attribute 1.2.840.113549.1.9.2",
+            ),
         ] {
             let with_attribute = params
                 .serialize_request_with_attributes(
