@@ -482,7 +482,8 @@ async fn a_csr_that_asks_for_names_or_a_ca_is_refused_saying_which() -> Result<(
             agent_version: "test".into(),
         })
     };
-    let refusals: [(&dyn Fn(&mut rcgen::CertificateParams), &str); 5] = [
+    type Edit<'a> = &'a dyn Fn(&mut rcgen::CertificateParams);
+    let refusals: [(Edit<'_>, &str); 5] = [
         (
             &|p| {
                 p.subject_alt_names.push(rcgen::SanType::URI(
