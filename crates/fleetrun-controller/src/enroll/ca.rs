@@ -116,6 +116,16 @@ pub fn requested_key(csr_der: &[u8]) -> Result<RequestedKey, String> {
              enroll`"
         )
     })?;
+    // rcgen rebuilds the key from the request's signature algorithm: the certificate must carry
+    // the very key the agent's identity is the fingerprint of, byte for byte.
+    if params.public_key.subject_public_key_info() != spki {
+        return Err(
+            "the certificate signing request's key would not be the certificate's as it is \
+             written (its encoding or type does not match its signature algorithm): make it with \
+             `fleetrun-agent enroll`"
+                .into(),
+        );
+    }
     Ok(RequestedKey {
         public_key: params.public_key,
         sha256: spki_sha256(&spki),

@@ -1,12 +1,19 @@
 //! What a certificate signing request may ask for. The controller chooses every name and
-//! extension of the certificates it issues, so a request that asks for anything else (a name
-//! other than the agent URI its key gets, a CA, a usage beyond client authentication, an
-//! attribute) is refused with the reason rather than silently signed without it: a client that
-//! asks for more than it gets is misconfigured, or probing.
+//! extension of the certificates it issues, so a request that asks for anything else (a
+//! subjectAltName other than the agent URI its key gets, a CA, a usage beyond client
+//! authentication, an attribute) is refused with the reason rather than silently signed without
+//! it: a client that asks for more than it gets is misconfigured, or probing. The request's
+//! subject DN is accepted and ignored: the certificate's subject is the controller's choice (the
+//! agent id as common name).
 //!
 //! The keys accepted are the ones rustls verifies and `fleetrun-agent` makes (ECDSA P-256):
 //! ECDSA on P-256 or P-384, Ed25519, and RSA of 2048 to 8192 bits; the request's signature must
-//! verify with its own key and use SHA-256 or stronger.
+//! verify with its own key and use SHA-256 or stronger. The key must be what its
+//! AlgorithmIdentifier says (an uncompressed point of the named curve, 32 bytes for Ed25519, NULL
+//! parameters for RSA) and be signed with the algorithm its certificate will name (P-256 with
+//! SHA-256, P-384 with SHA-384): the certificate carries the request's SubjectPublicKeyInfo byte
+//! for byte ([`super::ca::requested_key`] refuses otherwise), since the agent's identity is that
+//! SubjectPublicKeyInfo's fingerprint.
 
 use x509_parser::{
     certification_request::X509CertificationRequest,
@@ -42,7 +49,6 @@ pub fn check(der: &[u8], agent_uri: impl Fn(&[u8]) -> String) -> Result<Vec<u8>,
     }
     let info = &csr.certification_request_info;
     let spki = &info.subject_pki;
-    check_key(spki)?;
     let signed_with = &csr.signature_algorithm.algorithm;
     if ![
         OID_SIG_ECDSA_WITH_SHA256,
@@ -60,6 +66,7 @@ pub fn check(der: &[u8], agent_uri: impl Fn(&[u8]) -> String) -> Result<Vec<u8>,
              stronger): {MAKE_IT}"
         ));
     }
+    check_key(spki, signed_with)?;
     csr.verify_signature().map_err(|e| {
         format!(
             "the certificate signing request's signature does not verify with its key ({e}): \
@@ -92,30 +99,79 @@ pub fn check(der: &[u8], agent_uri: impl Fn(&[u8]) -> String) -> Result<Vec<u8>,
     Ok(spki.raw.to_vec())
 }
 
-fn check_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<(), String> {
+/// The key must be of an accepted type, be what its type says (an Ed25519 key of 32 bytes, an
+/// uncompressed point of its curve, an RSA key with the NULL parameters RFC 3279 requires), and
+/// be signed with the algorithm the certificate will name for it: the certificate is built from
+/// the key and that algorithm, and must carry the very SubjectPublicKeyInfo the agent's identity
+/// is the fingerprint of.
+fn check_key(
+    spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>,
+    signed_with: &x509_parser::oid_registry::Oid<'_>,
+) -> Result<(), String> {
     let algorithm = &spki.algorithm.algorithm;
+    let parameters = spki.algorithm.parameters.as_ref();
+    let key = &spki.subject_public_key.data;
     let accepted = "accepted: ECDSA P-256 (what fleetrun-agent makes) or P-384, Ed25519, RSA of \
                     2048 to 8192 bits";
+    let signed = |expected: &[&x509_parser::oid_registry::Oid<'_>], what: &str| {
+        if expected.contains(&signed_with) {
+            Ok(())
+        } else {
+            Err(format!(
+                "the request's key is {what} but the request is signed with algorithm \
+                 {signed_with}: {what} keys sign with {}; {MAKE_IT}",
+                expected
+                    .iter()
+                    .map(|oid| oid.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ))
+        }
+    };
     if *algorithm == OID_SIG_ED25519 {
-        return Ok(());
+        if parameters.is_some() || key.len() != 32 {
+            return Err(format!(
+                "the request's key says Ed25519 but is not an Ed25519 key (32 bytes, no \
+                 parameters): {MAKE_IT}"
+            ));
+        }
+        return signed(&[&OID_SIG_ED25519], "Ed25519");
     }
     if *algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY {
-        let curve = spki
-            .algorithm
-            .parameters
-            .as_ref()
-            .and_then(|p| p.as_oid().ok());
-        return match curve {
-            Some(curve) if curve == OID_EC_P256 || curve == OID_NIST_EC_P384 => Ok(()),
-            Some(curve) => Err(format!(
-                "the request's key is on elliptic curve {curve}, which is not accepted ({accepted})"
-            )),
-            None => Err(format!(
-                "the request's elliptic-curve key names no curve ({accepted})"
-            )),
+        let curve = parameters.and_then(|p| p.as_oid().ok());
+        // An uncompressed point: 4, then both coordinates.
+        let (point_len, hash, what) = match curve {
+            Some(curve) if curve == OID_EC_P256 => (65, OID_SIG_ECDSA_WITH_SHA256, "ECDSA P-256"),
+            Some(curve) if curve == OID_NIST_EC_P384 => {
+                (97, OID_SIG_ECDSA_WITH_SHA384, "ECDSA P-384")
+            }
+            Some(curve) => {
+                return Err(format!(
+                    "the request's key is on elliptic curve {curve}, which is not accepted \
+                     ({accepted})"
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "the request's elliptic-curve key names no curve ({accepted})"
+                ));
+            }
         };
+        if key.len() != point_len || key.first() != Some(&4) {
+            return Err(format!(
+                "the request's key says {what} but is not an uncompressed point of that curve \
+                 ({point_len} bytes beginning with 4): {MAKE_IT}"
+            ));
+        }
+        return signed(&[&hash], what);
     }
     if *algorithm == OID_PKCS1_RSAENCRYPTION {
+        if !parameters.is_some_and(|p| p.header.tag() == x509_parser::asn1_rs::Tag::Null) {
+            return Err(format!(
+                "the request's RSA key has no NULL parameters (RFC 3279 requires them): \
+                 {MAKE_IT}"
+            ));
+        }
         let Ok(PublicKey::RSA(rsa)) = spki.parsed() else {
             return Err("the request's RSA key does not parse".into());
         };
@@ -132,7 +188,14 @@ fn check_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<(), S
                 "the request's key is RSA of {bits} bits, which is not accepted ({accepted})"
             ));
         }
-        return Ok(());
+        return signed(
+            &[
+                &OID_PKCS1_SHA256WITHRSA,
+                &OID_PKCS1_SHA384WITHRSA,
+                &OID_PKCS1_SHA512WITHRSA,
+            ],
+            "RSA",
+        );
     }
     Err(format!(
         "the request's key is of type {algorithm}, which is not accepted ({accepted})"
@@ -441,5 +504,77 @@ mod tests {
         trailing.push(0);
         refused(&trailing, "after its end");
         refused(b"not a csr", "not usable");
+    }
+
+    /// Test keys and requests made once with openssl: a request whose key is P-384 but signed
+    /// with ecdsa-with-SHA256, one whose key is P-256 signed with ecdsa-with-SHA384, and an RSA
+    /// key (PKCS#1) that signs the requests below.
+    const P384_SIGNED_SHA256: &[u8] = include_bytes!("testdata/p384-signed-sha256.csr.der");
+    const P256_SIGNED_SHA384: &[u8] = include_bytes!("testdata/p256-signed-sha384.csr.der");
+    const RSA_2048: &[u8] = include_bytes!("testdata/rsa2048.pkcs1.der");
+    const ED25519: &[u8] = &[6, 3, 0x2b, 101, 112];
+
+    /// A request over `spki` signed with sha256WithRSAEncryption by the test RSA key, whatever
+    /// `spki` says it is.
+    fn signed_by_rsa(spki: &[u8]) -> Vec<u8> {
+        use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
+        let key = RsaKeyPair::from_der(RSA_2048).unwrap();
+        let info = seq(&[&[2, 1, 0], &seq(&[]), spki, &[0xa0, 0]]);
+        let mut signature = vec![0; key.public().modulus_len()];
+        key.sign(
+            &RSA_PKCS1_SHA256,
+            &ring::rand::SystemRandom::new(),
+            &info,
+            &mut signature,
+        )
+        .unwrap();
+        let mut bits = vec![0];
+        bits.extend(signature);
+        seq(&[&info, &seq(&[SHA256_WITH_RSA, NULL]), &tlv(3, &bits)])
+    }
+
+    /// The test RSA key's SubjectPublicKeyInfo with `algorithm` as its AlgorithmIdentifier.
+    fn rsa_key_as(algorithm: &[&[u8]]) -> Vec<u8> {
+        use ring::signature::{KeyPair as _, RsaKeyPair};
+        let key = RsaKeyPair::from_der(RSA_2048).unwrap();
+        let mut bits = vec![0];
+        bits.extend_from_slice(key.public_key().as_ref());
+        seq(&[&seq(algorithm), &tlv(3, &bits)])
+    }
+
+    fn key_refused(der: &[u8], says: &str) {
+        let reason = super::super::ca::requested_key(der).expect_err("accepted");
+        assert!(reason.contains(says), "expected {says:?} in: {reason}");
+    }
+
+    /// The certificate is made from the request's key and its signature algorithm; a request
+    /// whose key says another type than its signature (or is written otherwise than the
+    /// certificate would write it) would get a certificate over another SubjectPublicKeyInfo than
+    /// the one its agent id and enrolled fingerprint come from. Each such request verifies.
+    #[test]
+    fn a_key_the_certificate_would_not_carry_as_requested_is_refused() {
+        // A P-384 key signed with SHA-256: the certificate would claim P-256 over a P-384 point.
+        key_refused(
+            P384_SIGNED_SHA256,
+            "signed with algorithm 1.2.840.10045.4.3.2",
+        );
+        key_refused(
+            P256_SIGNED_SHA384,
+            "signed with algorithm 1.2.840.10045.4.3.3",
+        );
+        // An RSA key without the NULL parameters: the certificate's key would hash otherwise.
+        key_refused(
+            &signed_by_rsa(&rsa_key_as(&[RSA_ENCRYPTION])),
+            "no NULL parameters",
+        );
+        // An RSA key labelled Ed25519: the same RSA key would enroll as another agent.
+        key_refused(
+            &signed_by_rsa(&rsa_key_as(&[ED25519])),
+            "says Ed25519 but is not an Ed25519 key",
+        );
+        // The same key written as RFC 3279 says is accepted, and is the certificate's key.
+        let spki = rsa_key_as(&[RSA_ENCRYPTION, NULL]);
+        let key = super::super::ca::requested_key(&signed_by_rsa(&spki)).unwrap();
+        assert_eq!(key.sha256, super::super::ca::spki_sha256(&spki));
     }
 }
