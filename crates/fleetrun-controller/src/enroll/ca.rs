@@ -210,6 +210,9 @@ impl ControllerCa {
     /// certificates this CA issues: a sample agent certificate is issued and verified as the
     /// gateway verifies agents. `ca_cert` is the CA's file, for the message.
     pub fn check_gateway_trusts(&self, ca_cert: &Path, tls_ca: &Path) -> Result<(), String> {
+        // A CA out of its validity issues certificates no verifier accepts, whatever the bundle
+        // holds: said as such, since the cure is a new CA rather than the bundle.
+        self.check_valid_now(ca_cert)?;
         let sample = (|| -> Result<Issued, String> {
             let key = KeyPair::generate().map_err(|e| e.to_string())?;
             let csr = CertificateParams::new(Vec::<String>::new())
@@ -236,6 +239,34 @@ impl ControllerCa {
                 tls_ca.display()
             )
         })
+    }
+}
+
+impl ControllerCa {
+    fn check_valid_now(&self, ca_cert: &Path) -> Result<(), String> {
+        use x509_parser::prelude::FromDer;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&self.cert_der)
+            .map_err(|e| format!("the enrollment CA {}: {e}", ca_cert.display()))?;
+        let validity = cert.validity();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let when = |at: &x509_parser::time::ASN1Time| super::rfc3339(at.timestamp() * 1000);
+        let problem = if now > validity.not_after.timestamp() {
+            format!("expired at {}", when(&validity.not_after))
+        } else if now < validity.not_before.timestamp() {
+            format!(
+                "is not valid until {} (or this host's clock is behind)",
+                when(&validity.not_before)
+            )
+        } else {
+            return Ok(());
+        };
+        Err(format!(
+            "the enrollment CA {} {problem}: every certificate it issues would be refused; make \
+             a new CA (move {} and its key away, run `fleetrun-controller ca init`, and give \
+             [tls] ca the new CA; every agent then enrolls again with a new token)",
+            ca_cert.display(),
+            ca_cert.display()
+        ))
     }
 }
 
@@ -495,5 +526,40 @@ mod tests {
         let refused = init(&files, &source, &tls, &[]).unwrap_err();
         assert!(refused.to_string().contains("not a CA"), "{refused}");
         assert!(!files.key.exists());
+    }
+
+    #[test]
+    fn an_expired_or_future_ca_is_said_to_be_so_rather_than_missing_from_the_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        for (not_before, not_after, says) in [
+            (
+                now - time::Duration::days(30),
+                now - time::Duration::days(1),
+                "expired at",
+            ),
+            (
+                now + time::Duration::days(1),
+                now + time::Duration::days(30),
+                "is not valid until",
+            ),
+        ] {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.not_before = not_before;
+            params.not_after = not_after;
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            let ca = ControllerCa::from_pem(&cert.pem(), &key.serialize_pem()).unwrap();
+            // The bundle holds the CA: only its dates are wrong.
+            let bundle = dir.path().join("tls-ca.pem");
+            std::fs::write(&bundle, cert.pem()).unwrap();
+            let refused = ca
+                .check_gateway_trusts(Path::new("ca.pem"), &bundle)
+                .unwrap_err();
+            assert!(refused.contains(says), "{refused}");
+            assert!(refused.contains("ca init"), "{refused}");
+            assert!(!refused.contains("add the CA"), "{refused}");
+        }
     }
 }
