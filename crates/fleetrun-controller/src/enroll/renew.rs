@@ -6,11 +6,11 @@
 //! more than the controller gives ([`super::csr`]); a request over another key than the one the
 //! connection's certificate carries, or than the one the agent enrolled with; an agent that did
 //! not enroll. An agent of protocol version 2 or older sends no renewal at all: its certificate
-//! runs out and it enrolls again with a new token, which the controller says in its log when such
-//! an enrolled agent connects.
+//! runs out and it enrolls again with a new token, which the controller says in its log the first time
+//! (in the process) such an enrolled agent connects.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -35,6 +35,10 @@ pub struct Renewal {
     pub lifetime: Duration,
     /// When each agent last asked.
     asked: Arc<Mutex<HashMap<String, Instant>>>,
+    /// The agents of protocol version 2 or older looked at already: each is warned about (and
+    /// its enrollment looked up) once per process, not on every connection. Only agents that
+    /// authenticated are added, so the fleet bounds it.
+    looked_at: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Renewal {
@@ -43,12 +47,17 @@ impl Renewal {
             ca,
             lifetime,
             asked: Arc::default(),
+            looked_at: Arc::default(),
         }
     }
 
     /// Counts a request of `agent_id` now; whether it comes soon after its last one.
     fn too_soon(&self, agent_id: &str) -> Option<Duration> {
-        let now = Instant::now();
+        self.too_soon_at(agent_id, Instant::now())
+    }
+
+    /// [`Self::too_soon`] at `now`.
+    fn too_soon_at(&self, agent_id: &str, now: Instant) -> Option<Duration> {
         let mut asked = self.asked.lock().unwrap();
         if asked.len() >= REMEMBERED {
             asked.retain(|_, at| now.duration_since(*at) < MIN_INTERVAL);
@@ -146,7 +155,12 @@ impl Renewal {
         }
     }
 
-    /// Says in the log, for an enrolled agent that connected with protocol `version` (below 3,
+    /// Whether this is the first look at `agent_id` (counting it as looked at).
+    fn first_look(&self, agent_id: &str) -> bool {
+        self.looked_at.lock().unwrap().insert(agent_id.to_owned())
+    }
+
+    /// Says in the log, once per process, for an enrolled agent that connected with protocol `version` (below 3,
     /// which has no renewal), that its certificate will run out and what to do.
     pub async fn warn_cannot_renew(
         &self,
@@ -155,9 +169,21 @@ impl Renewal {
         version: u32,
         connection: &quinn::Connection,
     ) {
-        let Ok(Some(_)) = store.enrollment_of_agent(agent_id).await else {
+        if self.looked_at.lock().unwrap().contains(agent_id) {
             return;
-        };
+        }
+        match store.enrollment_of_agent(agent_id).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                self.first_look(agent_id);
+                return;
+            }
+            // Looked at again on its next connection.
+            Err(_) => return,
+        }
+        if !self.first_look(agent_id) {
+            return;
+        }
         let ends = presented_leaf(connection)
             .and_then(|leaf| {
                 use x509_parser::prelude::FromDer as _;
@@ -193,4 +219,81 @@ fn presented_key_sha256(connection: &quinn::Connection) -> Option<String> {
     let leaf = presented_leaf(connection)?;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&leaf).ok()?;
     Some(ca::spki_sha256(cert.public_key().raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn renewal() -> (Renewal, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let files = super::super::CaFiles {
+            cert: dir.path().join("ca.pem"),
+            key: dir.path().join("ca.key.pem"),
+        };
+        let tls = fleetrun_net::TlsFiles {
+            ca: dir.path().join("tls-ca.pem"),
+            cert: dir.path().join("controller.pem"),
+            key: dir.path().join("controller.key.pem"),
+        };
+        ca::init(&files, &ca::CaSource::New, &tls, &[]).unwrap();
+        let ca = ControllerCa::load(&files).unwrap();
+        (Renewal::new(Arc::new(ca), Duration::from_secs(3600)), dir)
+    }
+
+    #[test]
+    fn an_agent_renews_at_most_every_min_interval_counted_from_its_first_request() {
+        let (renewal, _dir) = renewal();
+        let start = Instant::now();
+        let at = |secs: f64| start + Duration::from_secs_f64(secs);
+        assert_eq!(renewal.too_soon_at("a", at(0.0)), None);
+        assert_eq!(
+            renewal.too_soon_at("a", at(1.0)),
+            Some(Duration::from_secs(1))
+        );
+        // Asking again and again does not move the start: 4.9 s after the first is too soon,
+        // 5 s after it is not.
+        assert_eq!(
+            renewal.too_soon_at("a", at(4.9)),
+            Some(Duration::from_secs_f64(4.9))
+        );
+        // Another agent counts on its own.
+        assert_eq!(renewal.too_soon_at("b", at(4.9)), None);
+        assert_eq!(renewal.too_soon_at("a", at(5.0)), None);
+        assert!(renewal.too_soon_at("a", at(9.9)).is_some());
+        assert_eq!(renewal.too_soon_at("a", at(10.0)), None);
+    }
+
+    #[test]
+    fn beyond_remembered_agents_only_the_stale_entries_go() {
+        let (renewal, _dir) = renewal();
+        let start = Instant::now();
+        // Half the agents asked long ago, half just now.
+        for n in 0..REMEMBERED / 2 {
+            assert_eq!(renewal.too_soon_at(&format!("old-{n}"), start), None);
+        }
+        let recent = start + MIN_INTERVAL * 2;
+        for n in 0..REMEMBERED / 2 {
+            assert_eq!(renewal.too_soon_at(&format!("new-{n}"), recent), None);
+        }
+        assert_eq!(renewal.asked.lock().unwrap().len(), REMEMBERED);
+        // The next request evicts the stale half; the recent ones are still counted.
+        let next = recent + Duration::from_secs(1);
+        assert_eq!(renewal.too_soon_at("another", next), None);
+        assert_eq!(renewal.asked.lock().unwrap().len(), REMEMBERED / 2 + 1);
+        assert_eq!(
+            renewal.too_soon_at("new-0", next),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(renewal.too_soon_at("old-0", next), None);
+    }
+
+    #[test]
+    fn an_agent_is_looked_at_once_per_process() {
+        let (renewal, _dir) = renewal();
+        assert!(renewal.first_look("host-a"));
+        assert!(!renewal.first_look("host-a"));
+        assert!(renewal.first_look("host-b"));
+        assert!(renewal.looked_at.lock().unwrap().contains("host-a"));
+    }
 }
