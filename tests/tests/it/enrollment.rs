@@ -904,7 +904,7 @@ async fn an_enrollment_ca_the_gateway_does_not_trust_stops_check_config_and_star
     assert!(!status.success(), "{out}");
     assert!(names_both(&out), "{out}");
 
-    // With the CA in the bundle, both pass.
+    // With the CA in the bundle, both pass: check-config, and start (its API answers).
     let mut bundle = std::fs::read_to_string(&tls_ca)?;
     bundle.push_str(&std::fs::read_to_string(&ca_cert)?);
     std::fs::write(&tls_ca, bundle)?;
@@ -914,5 +914,7 @@ async fn an_enrollment_ca_the_gateway_does_not_trust_stops_check_config_and_star
         .arg(&config_path)
         .output()?;
     assert!(check.status.success(), "{}", text(&check));
+    cluster.controller_config = config_path;
+    cluster.start_controller().await?;
     Ok(())
 }
