@@ -74,17 +74,26 @@ pub fn check_config(path: &Path) -> Result<String, Vec<String>> {
         problems.push(format!("{}{location}: {e}", path.display()));
     }
 
-    // A controller that enrolls hosts does not start without its CA.
-    if let Some(enroll) = &config.enroll
-        && let Err(e) = enroll
-            .ca_files(&config.database)
-            .and_then(|files| crate::enroll::ControllerCa::load(&files).map_err(|e| e.to_string()))
-    {
+    // A controller that enrolls hosts does not start without its CA, nor with a CA whose
+    // certificates the gateway would refuse.
+    if let Some(enroll) = &config.enroll {
         let location = at(&[Key::Name("enroll")]);
-        problems.push(format!(
-            "{}{location}: enroll: the CA: {e} (make it with `fleetrun-controller ca init`)",
-            path.display()
-        ));
+        let loaded = enroll.ca_files(&config.database).and_then(|files| {
+            crate::enroll::ControllerCa::load(&files)
+                .map(|ca| (ca, files))
+                .map_err(|e| e.to_string())
+        });
+        match loaded {
+            Err(e) => problems.push(format!(
+                "{}{location}: enroll: the CA: {e} (make it with `fleetrun-controller ca init`)",
+                path.display()
+            )),
+            Ok((ca, files)) => {
+                if let Err(e) = ca.check_gateway_trusts(&files.cert, &config.tls.ca) {
+                    problems.push(format!("{}{location}: enroll: {e}", path.display()));
+                }
+            }
+        }
     }
 
     let inventory = match crate::inventory::check(&config) {

@@ -353,6 +353,13 @@ impl Gateway {
             tracing::warn!(agent_id, "agent left during hello: {e}");
             return;
         }
+        if protocol_version < 3
+            && let Some(renewal) = &self.renewal
+        {
+            renewal
+                .warn_cannot_renew(&self.store, &agent_id, protocol_version, &connection)
+                .await;
+        }
         let held = if protocol_version >= 2 {
             match self.read_holding(&mut recv, &connection).await {
                 Ok(held) => held,
@@ -517,6 +524,7 @@ impl Gateway {
                                         self.agents.is_revoked(agent_id),
                                         agent_id,
                                         &csr,
+                                        connection,
                                     )
                                     .await
                             }

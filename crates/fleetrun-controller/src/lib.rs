@@ -236,6 +236,8 @@ impl Controller {
                     "loading the enrollment CA (make it with `fleetrun-controller ca init \
                      --config FILE`, or import one with --import-cert and --import-key)",
                 )?;
+                ca.check_gateway_trusts(&files.cert, &config.tls.ca)
+                    .map_err(anyhow::Error::msg)?;
                 // The same port number as the QUIC gateway, over TCP.
                 let listen = SocketAddr::new(config.agent_listen.ip(), agent_addr.port());
                 let listener = tokio::net::TcpListener::bind(listen)
@@ -261,10 +263,10 @@ impl Controller {
             policy: config.agents.clone(),
             engine: engine.clone(),
             renewal: match (&enrollment, &config.enroll) {
-                (Some((_, ca, _)), Some(enroll_config)) => Some(enroll::Renewal {
-                    ca: ca.clone(),
-                    lifetime: Duration::from_secs(enroll_config.cert_lifetime_secs),
-                }),
+                (Some((_, ca, _)), Some(enroll_config)) => Some(enroll::Renewal::new(
+                    ca.clone(),
+                    Duration::from_secs(enroll_config.cert_lifetime_secs),
+                )),
                 _ => None,
             },
         };

@@ -32,6 +32,19 @@ pub fn ca_pins_of_file(path: &Path) -> Result<Vec<String>, TlsError> {
     Ok(load_certs(path)?.iter().map(|c| ca_pin(c)).collect())
 }
 
+/// Whether the gateway, trusting the CAs in the file `ca`, accepts `chain` (the leaf first) as
+/// an agent's certificate now: how a controller checks that the certificates its enrollment CA
+/// issues will get agents in.
+pub fn gateway_accepts(ca: &Path, chain: &[CertificateDer<'static>]) -> Result<(), String> {
+    use rustls::server::danger::ClientCertVerifier as _;
+    let (leaf, intermediates) = chain.split_first().ok_or("no certificate")?;
+    let verifier = crate::tls::client_verifier(ca).map_err(|e| e.to_string())?;
+    verifier
+        .verify_client_cert(leaf, intermediates, UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

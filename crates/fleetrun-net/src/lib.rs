@@ -10,7 +10,8 @@ mod identity;
 mod tls;
 
 pub use enroll::{
-    CaPin, ca_pin, ca_pins_of_file, enroll_client_tls, enroll_server_tls, first_cert_der, hex,
+    CaPin, ca_pin, ca_pins_of_file, enroll_client_tls, enroll_server_tls, first_cert_der,
+    gateway_accepts, hex,
 };
 pub use frame::{FramedRecv, StreamError, describe_connection_error, send_frame};
 pub use identity::{

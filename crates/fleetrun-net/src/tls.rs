@@ -177,18 +177,24 @@ pub fn quinn_server_config(
 /// The controller's TLS configuration from its files: what [`server_endpoint`] serves with, built
 /// without binding anything (a configuration check calls it alone).
 pub fn server_tls(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
-    let roots = load_roots(&files.ca)?;
-    let verifier = Arc::new(ClientAuthOnly {
-        inner: WebPkiClientVerifier::builder_with_provider(roots, provider())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?,
-    });
+    let verifier = client_verifier(&files.ca)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)?;
     tls.alpn_protocols = vec![fleetrun_proto::ALPN.to_vec()];
     Ok(tls)
+}
+
+/// How the controller verifies agents' certificates: chained to a CA in `ca`, with the clientAuth
+/// extended key usage.
+pub(crate) fn client_verifier(ca: &std::path::Path) -> Result<Arc<ClientAuthOnly>, TlsError> {
+    let roots = load_roots(ca)?;
+    Ok(Arc::new(ClientAuthOnly {
+        inner: WebPkiClientVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?,
+    }))
 }
 
 /// Asks for [`SOCKET_BUFFER`]-sized socket buffers: beyond `net.core.rmem_max`/`wmem_max` when
@@ -259,7 +265,7 @@ pub fn client_tls(files: &TlsFiles) -> Result<rustls::ClientConfig, TlsError> {
 /// certificate issued for something else without any (a CA that signs more than agents) would
 /// otherwise pass as an agent's.
 #[derive(Debug)]
-struct ClientAuthOnly {
+pub(crate) struct ClientAuthOnly {
     inner: Arc<dyn ClientCertVerifier>,
 }
 

@@ -72,21 +72,13 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-#[test]
-#[ignore = "installs packages and a system user on this machine: run with --ignored (.ci/run does)"]
-fn packages_install_run_and_remove_cleanly() -> Result<()> {
-    for package in PACKAGES {
-        ensure!(
-            !installed(package),
-            "{package} is installed on this machine; the test installs and purges its own: \
-             dpkg --purge {package} first"
-        );
-    }
-    ensure!(
-        !user_exists("fleetrun"),
-        "a user named fleetrun exists; the test checks that the package makes it"
-    );
+/// The tests that install packages take turns: dpkg has one lock, and each checks what is
+/// installed.
+static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// `cargo xtask dist` from the debug build; the controller's, the agent's and the CLI's
+/// packages.
+fn build_packages() -> Result<[PathBuf; 3]> {
     let started = Instant::now();
     let out = cargo_command()
         .args(["xtask", "dist", "--profile", "dev", "--fast"])
@@ -119,9 +111,30 @@ fn packages_install_run_and_remove_cleanly() -> Result<()> {
         );
         Ok(found.remove(0))
     };
-    let controller_deb = find("fleetrun-controller_")?;
-    let agent_deb = find("fleetrun-agent_")?;
-    let cli_deb = find("fleetrun_")?;
+    Ok([
+        find("fleetrun-controller_")?,
+        find("fleetrun-agent_")?,
+        find("fleetrun_")?,
+    ])
+}
+
+#[test]
+#[ignore = "installs packages and a system user on this machine: run with --ignored (.ci/run does)"]
+fn packages_install_run_and_remove_cleanly() -> Result<()> {
+    let _turn = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
+    for package in PACKAGES {
+        ensure!(
+            !installed(package),
+            "{package} is installed on this machine; the test installs and purges its own: \
+             dpkg --purge {package} first"
+        );
+    }
+    ensure!(
+        !user_exists("fleetrun"),
+        "a user named fleetrun exists; the test checks that the package makes it"
+    );
+
+    let [controller_deb, agent_deb, cli_deb] = build_packages()?;
 
     let _purge = Purge;
     let started = Instant::now();
@@ -769,4 +782,221 @@ async fn served_script_installs_nothing_from_a_tampered_package() -> Result<()> 
 
 fn nix_is_root() -> bool {
     run("id", &["-u"]).is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+/// The install command's success path, as an operator runs it on a new host: the controller
+/// (`[api] tls` with a test CA, `[enroll]`, `[dist]` with the agent package `cargo xtask dist`
+/// built) serves `/install.sh` over https; the script, given the join token in the environment,
+/// downloads and checks the package, installs it with dpkg, enrolls, and, with no systemd
+/// running here, says how to start the agent; the agent started by its unit's `ExecStart` line
+/// comes online in the token's business and module and runs a job. The package is purged after.
+#[test]
+#[ignore = "installs the agent package on this machine: run with --ignored (.ci/run does)"]
+fn served_script_installs_enrolls_and_the_agent_runs_a_job() -> Result<()> {
+    let _turn = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
+    ensure!(nix_is_root(), "the install script runs only as root");
+    ensure!(
+        !installed("fleetrun-agent"),
+        "fleetrun-agent is installed on this machine; the test installs and purges its own: \
+         dpkg --purge fleetrun-agent first"
+    );
+    ensure!(
+        !Path::new("/etc/fleetrun/agent.toml").exists(),
+        "/etc/fleetrun/agent.toml exists: the test enrolls this machine as a new host"
+    );
+    let [_, agent_deb, _] = build_packages()?;
+    let _purge = PurgeAgent;
+    tokio::runtime::Runtime::new()?.block_on(install_and_run(&agent_deb))
+}
+
+/// Stops the agent the test started and purges its package, passed or not.
+struct PurgeAgent;
+
+impl Drop for PurgeAgent {
+    fn drop(&mut self) {
+        let _ = run("dpkg", &["--purge", "fleetrun-agent"]);
+        // What enrollment wrote beside the package's files.
+        let _ = std::fs::remove_file("/etc/fleetrun/agent.toml");
+        let _ = std::fs::remove_dir_all("/etc/fleetrun/agent");
+        let _ = std::fs::remove_dir("/etc/fleetrun");
+    }
+}
+
+/// A child process killed when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn install_and_run(agent_deb: &Path) -> Result<()> {
+    let (mut cluster, pin) = crate::enrollment::enrolling_cluster("").await?;
+    let made = crate::enrollment::token(&cluster, serde_json::json!({})).await?;
+    let secret = made["token"].as_str().context("token")?.to_owned();
+
+    // The same controller with its API on https and the agent package to serve.
+    let packages = cluster.dir().join("packages");
+    std::fs::create_dir(&packages)?;
+    let served = packages.join(agent_deb.file_name().context("package name")?);
+    std::fs::copy(agent_deb, &served)?;
+    let certs = cluster.dir().join("certs");
+    let ca = pki::Ca::open_or_create(&certs, "fleetrun local cluster CA")?;
+    let api_cert = ca.issue_controller()?;
+    cluster.stop_controller(Duration::from_secs(10))?;
+    let mut config = std::fs::read_to_string(&cluster.controller_config)?;
+    config.push_str(&format!(
+        "\n[api]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n\n[dist]\ndir = \"{}\"\n",
+        api_cert.cert.display(),
+        api_cert.key.display(),
+        packages.display()
+    ));
+    let config_path = cluster.dir().join("controller-install.toml");
+    std::fs::write(&config_path, config)?;
+    let log = cluster.dir().join("controller-install.log");
+    let _controller = Running(cluster.spawn("fleetrun-controller", &config_path, &log)?);
+    let https = cluster
+        .info
+        .api_url
+        .replacen("http://", "https://", 1)
+        .trim_end_matches('/')
+        .to_owned();
+    let ca_pem = ca.cert_path();
+    let agent_log = cluster.dir().join("installed-agent.log");
+
+    let outcome = async {
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca_pem)?)?)
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let plain = cluster.client();
+        let client = xtask::client::ApiClient::new(
+            &https,
+            &plain.app_code,
+            &plain.app_secret,
+            &plain.username,
+        )
+        .with_http(http.clone());
+        let script = fleetrun_tests::eventually(Duration::from_secs(30), "HTTPS up", || async {
+            let reply = http.get(format!("{https}/install.sh")).send().await.ok()?;
+            if !reply.status().is_success() {
+                return None;
+            }
+            reply.text().await.ok()
+        })
+        .await?;
+        let file = cluster.dir().join("install.sh");
+        std::fs::write(&file, &script)?;
+
+        // As the printed install command runs it: token in the environment, pin and controller
+        // as arguments; --cacert because the test CA is not the system's.
+        let out = Command::new("sh")
+            .arg(&file)
+            .args(["--ca-pin", pin.as_str(), "--controller"])
+            .arg(&cluster.info.agent_addr)
+            .arg("--cacert")
+            .arg(&ca_pem)
+            .env("FLEETRUN_JOIN_TOKEN", &secret)
+            .stdin(Stdio::null())
+            .output()?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            out.status.success(),
+            "the install script ({}): {said}",
+            out.status
+        );
+        ensure!(installed("fleetrun-agent"), "not installed: {said}");
+        ensure!(
+            !said.contains(&secret),
+            "the script printed the join token: {said}"
+        );
+        // No systemd here: the script says so and how to start the agent, and started nothing.
+        ensure!(
+            said.contains("systemd is not running") && said.contains("not started"),
+            "{said}"
+        );
+        let unit = std::fs::read_to_string("/usr/lib/systemd/system/fleetrun-agent.service")?;
+        let exec_start = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .context("the unit has no ExecStart")?;
+        ensure!(said.contains(exec_start), "{said}");
+        let agent_id = said
+            .split_whitespace()
+            .skip_while(|w| *w != "agent")
+            .nth(1)
+            .context("no agent id in what the script printed")?
+            .to_owned();
+
+        // Started as systemd would start it.
+        let mut words = exec_start.split_whitespace();
+        let program = words.next().context("empty ExecStart")?;
+        let agent_out = std::fs::File::create(&agent_log)?;
+        let _agent = Running(
+            Command::new(program)
+                .args(words)
+                .stdin(Stdio::null())
+                .stdout(agent_out.try_clone()?)
+                .stderr(agent_out)
+                .spawn()?,
+        );
+        let host = fleetrun_tests::eventually(Duration::from_secs(60), "the agent online", || {
+            let client = client.clone();
+            let agent_id = agent_id.clone();
+            async move {
+                client
+                    .hosts()
+                    .await
+                    .ok()?
+                    .into_iter()
+                    .find(|h| h["agent_id"] == agent_id.as_str() && h["online"] == true)
+            }
+        })
+        .await?;
+        ensure!(
+            host["bk_biz_id"] == crate::enrollment::BIZ,
+            "placed in another business: {host}"
+        );
+        let bk_host_id = host["bk_host_id"].as_i64().context("bk_host_id")?;
+        let accepted = client
+            .call(
+                "fast_execute_script",
+                cluster.script_request(
+                    "echo installed-and-running",
+                    &[bk_host_id],
+                    serde_json::json!({}),
+                ),
+            )
+            .await?;
+        let job = accepted["job_instance_id"].as_i64().context("job")?;
+        let step = accepted["step_instance_id"].as_i64().context("step")?;
+        let status = client
+            .wait_job(&cluster.info.scope(), job, Duration::from_secs(60))
+            .await?;
+        ensure!(
+            fleetrun_tests::host_results(&status)[0]["status"] == 9,
+            "{status}"
+        );
+        let logs = client
+            .logs(&cluster.info.scope(), job, step, &[bk_host_id])
+            .await?;
+        ensure!(logs[0].1 == "installed-and-running\n", "{logs:?}");
+        Ok(())
+    }
+    .await;
+    outcome.with_context(|| {
+        format!(
+            "controller log:\n{}\nagent log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            std::fs::read_to_string(&agent_log).unwrap_or_default()
+        )
+    })
 }

@@ -1,8 +1,11 @@
 //! Enrollment with the real binaries: a host with nothing but `fleetrun-agent` enrolls with a
 //! join token, lands in the token's business and module and runs a job; bad tokens (malformed,
 //! unknown, used up, expired, revoked), a wrong CA pin and a flood are refused with what to do; a
-//! CSR that names its own identity gets the controller's; a revoked agent's key cannot enroll
-//! back; a certificate renews over the connection while a task runs, leaving it untouched.
+//! CSR asking for names or a CA is refused saying which; the 257th connection at once is closed
+//! and an oversized request refused before its body, and hosts enroll after both; a revoked
+//! agent's key cannot enroll back; a certificate renews over the connection while a task runs,
+//! leaving it untouched; an enrollment CA the gateway does not trust stops `check-config` and
+//! start. Renewal under attack is in `renewal`.
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -19,7 +22,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The business and module the tests' tokens place hosts in (the cluster's inventory has them).
-const BIZ: i64 = 2;
+pub(crate) const BIZ: i64 = 2;
 const MODULE: i64 = 100;
 
 /// Agent processes started here, killed with the test.
@@ -37,7 +40,7 @@ impl Drop for Agents {
 
 /// A cluster without agents whose controller enrolls hosts, with the cluster's CA imported by
 /// `ca init`; returns it and the CA's pin.
-async fn enrolling_cluster(extra: &str) -> Result<(TestCluster, String)> {
+pub(crate) async fn enrolling_cluster(extra: &str) -> Result<(TestCluster, String)> {
     let mut cluster = start_cluster(0).await?;
     let ca_cert = cluster.dir().join("enroll-ca.pem");
     let ca_key = cluster.dir().join("enroll-ca.key.pem");
@@ -90,7 +93,7 @@ async fn enrolling_cluster(extra: &str) -> Result<(TestCluster, String)> {
 }
 
 /// A token from the API.
-async fn token(cluster: &TestCluster, extra: Value) -> Result<Value> {
+pub(crate) async fn token(cluster: &TestCluster, extra: Value) -> Result<Value> {
     let mut body = json!({"bk_biz_id": BIZ, "bk_module_id": MODULE});
     if let Value::Object(extra) = extra {
         for (k, v) in extra {
@@ -388,9 +391,25 @@ async fn bad_tokens_and_a_wrong_pin_are_refused_with_what_to_do() -> Result<()> 
 
 /// Sends one enrollment request the way a hostile client would: its own CSR, over TLS checked
 /// against the pin.
-async fn raw_enroll(addr: &str, pin: &str, request: &EnrollRequest) -> Result<EnrollReply> {
+pub(crate) async fn raw_enroll(
+    addr: &str,
+    pin: &str,
+    request: &EnrollRequest,
+) -> Result<EnrollReply> {
+    raw_enroll_from("127.0.0.1".parse()?, addr, pin, request).await
+}
+
+/// [`raw_enroll`] from the local address `bind`.
+pub(crate) async fn raw_enroll_from(
+    bind: std::net::IpAddr,
+    addr: &str,
+    pin: &str,
+    request: &EnrollRequest,
+) -> Result<EnrollReply> {
     let tls = fleetrun_net::enroll_client_tls(pin.parse().map_err(anyhow::Error::msg)?)?;
-    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(bind, 0))?;
+    let stream = socket.connect(addr.parse()?).await?;
     let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
         .connect("fleetrun-controller".try_into()?, stream)
         .await?;
@@ -402,60 +421,133 @@ async fn raw_enroll(addr: &str, pin: &str, request: &EnrollRequest) -> Result<En
     decoder.decode()?.context("no reply")
 }
 
+/// The names and extended key usages of a certificate, read with x509-parser.
+fn names_and_usages(der: &[u8]) -> Result<(Vec<String>, Vec<&'static str>)> {
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let names = cert
+        .subject_alternative_name()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .map(|name| name.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut usages = Vec::new();
+    if let Some(eku) = cert
+        .extended_key_usage()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+    {
+        let eku = eku.value;
+        for (on, name) in [
+            (eku.client_auth, "clientAuth"),
+            (eku.server_auth, "serverAuth"),
+            (eku.any, "any"),
+            (eku.code_signing, "codeSigning"),
+            (eku.email_protection, "emailProtection"),
+            (eku.time_stamping, "timeStamping"),
+            (eku.ocsp_signing, "ocspSigning"),
+            (!eku.other.is_empty(), "other"),
+        ] {
+            if on {
+                usages.push(name);
+            }
+        }
+    }
+    ensure!(!cert.is_ca(), "an agent's certificate is a CA");
+    Ok((names, usages))
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn a_csr_that_names_its_own_identity_gets_the_controllers() -> Result<()> {
+async fn a_csr_that_asks_for_names_or_a_ca_is_refused_saying_which() -> Result<()> {
     let (cluster, pin) = enrolling_cluster("").await?;
     let made = token(&cluster, json!({"max_uses": 2})).await?;
     let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(vec!["controller.example".to_owned()])?;
-    params.subject_alt_names.push(rcgen::SanType::URI(
-        "spiffe://fleetrun/agent/agent-1".try_into()?,
-    ));
-    params
-        .subject_alt_names
-        .push(rcgen::SanType::IpAddress("10.9.9.9".parse()?));
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "agent-1");
-    let request = EnrollRequest {
-        token: made["token"].as_str().unwrap().to_owned(),
-        csr: params.serialize_request(&key)?.der().to_vec(),
-        hostname: "h".into(),
-        // Another host's address: pinned, it would outrank that host's own claim.
-        ips: vec!["198.51.100.77".parse()?],
-        os_type: OsType::Linux,
-        agent_version: "test".into(),
+    let request_with = |edit: &dyn Fn(&mut rcgen::CertificateParams)| -> Result<EnrollRequest> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "agent-1");
+        edit(&mut params);
+        Ok(EnrollRequest {
+            token: made["token"].as_str().context("token")?.to_owned(),
+            csr: params.serialize_request(&key)?.der().to_vec(),
+            hostname: "h".into(),
+            // Another host's address: pinned, it would outrank that host's own claim.
+            ips: vec!["198.51.100.77".parse()?],
+            os_type: OsType::Linux,
+            agent_version: "test".into(),
+        })
     };
+    type Edit<'a> = &'a dyn Fn(&mut rcgen::CertificateParams);
+    let refusals: [(Edit<'_>, &str); 5] = [
+        (
+            &|p| {
+                p.subject_alt_names.push(rcgen::SanType::URI(
+                    "spiffe://fleetrun/agent/agent-1".try_into().unwrap(),
+                ))
+            },
+            "the name URI \"spiffe://fleetrun/agent/agent-1\"",
+        ),
+        (
+            &|p| {
+                p.subject_alt_names
+                    .push(rcgen::SanType::IpAddress("10.9.9.9".parse().unwrap()))
+            },
+            "the name IP 10.9.9.9",
+        ),
+        (
+            &|p| {
+                p.subject_alt_names.push(rcgen::SanType::DnsName(
+                    "controller.example".try_into().unwrap(),
+                ))
+            },
+            "the name DNS \"controller.example\"",
+        ),
+        (
+            &|p| p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained),
+            "asks to be a CA",
+        ),
+        (
+            &|p| p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth],
+            "beyond client authentication",
+        ),
+    ];
+    for (edit, says) in refusals {
+        let EnrollReply::Refused { reason } =
+            raw_enroll(&cluster.info.agent_addr, &pin, &request_with(edit)?).await?
+        else {
+            bail!("a request asking for {says} was signed");
+        };
+        assert!(reason.contains(says), "expected {says:?} in: {reason}");
+    }
+    // Refused before anything was spent.
+    let listed = cluster.client().call("list_join_tokens", json!({})).await?;
+    assert_eq!(listed[0]["uses"], 0, "{listed}");
+
+    // The same key asking for nothing: its subject is its own business, the names are the
+    // controller's.
     let EnrollReply::Enrolled(enrolled) =
-        raw_enroll(&cluster.info.agent_addr, &pin, &request).await?
+        raw_enroll(&cluster.info.agent_addr, &pin, &request_with(&|_| {})?).await?
     else {
         bail!("refused");
     };
     assert!(enrolled.agent_id.starts_with("host-"), "{enrolled:?}");
     let der = fleetrun_net::first_cert_der(&enrolled.certificate_pem).context("certificate")?;
     assert_eq!(fleetrun_net::agent_id_of_cert_der(&der)?, enrolled.agent_id);
-    // Nothing the request named made it into the certificate.
-    let pem = enrolled.certificate_pem.clone();
-    let dump = Command::new("openssl")
-        .args(["x509", "-noout", "-text"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write as _;
-            child.stdin.take().unwrap().write_all(pem.as_bytes())?;
-            child.wait_with_output()
-        });
-    if let Ok(dump) = dump {
-        let dump = String::from_utf8_lossy(&dump.stdout);
-        for chosen in ["agent-1", "controller.example", "10.9.9.9"] {
-            assert!(
-                !dump.contains(chosen),
-                "{chosen} in the certificate: {dump}"
-            );
-        }
-        assert!(dump.contains("TLS Web Client Authentication"), "{dump}");
-    }
+    let (names, usages) = names_and_usages(&der)?;
+    assert_eq!(
+        names,
+        [format!(
+            "URI({})",
+            fleetrun_proto::agent_uri(&enrolled.agent_id)
+        )],
+        "the certificate's names"
+    );
+    assert_eq!(usages, ["clientAuth"]);
     // Its addresses are the one it came from, whatever it claims.
     let inventory = cluster.client().call("get_inventory", json!({})).await?;
     let doc = inventory["text"].as_str().unwrap_or_default();
@@ -468,8 +560,8 @@ async fn a_csr_that_names_its_own_identity_gets_the_controllers() -> Result<()> 
         "a reported address was pinned: {doc}"
     );
 
-    // A request that is not one is refused, and an oversized one before its body is read.
-    let mut garbage = request.clone();
+    // A request that is not one is refused.
+    let mut garbage = request_with(&|_| {})?;
     garbage.csr = b"not a csr".to_vec();
     let EnrollReply::Refused { reason } =
         raw_enroll(&cluster.info.agent_addr, &pin, &garbage).await?
@@ -642,5 +734,187 @@ async fn the_same_key_enrolling_at_once_and_again_spends_one_use() -> Result<()>
     };
     let listed = cluster.client().call("list_join_tokens", json!({})).await?;
     assert_eq!(listed[0]["uses"], 1, "{listed}");
+    Ok(())
+}
+
+/// Connects and completes the enrollment TLS handshake from `bind`; whether the listener served it
+/// (a connection closed before any TLS work fails the handshake).
+async fn tls_handshake(
+    bind: &str,
+    addr: &str,
+    pin: &str,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tls = fleetrun_net::enroll_client_tls(pin.parse().map_err(anyhow::Error::msg)?)?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(bind.parse()?, 0))?;
+    let stream = socket.connect(addr.parse()?).await?;
+    let tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect("fleetrun-controller".try_into()?, stream),
+    )
+    .await
+    .context("no TLS handshake within 10 s")??;
+    Ok(tls)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_257th_unauthenticated_connection_is_closed_and_a_host_enrolls_after() -> Result<()> {
+    // The per-address limit high enough that only the cap on connections at once applies.
+    let (cluster, pin) = enrolling_cluster("attempts_per_minute = 1000").await?;
+    let addr = cluster.info.agent_addr.clone();
+    // 256 connections that say nothing hold every place; the listener takes them in order.
+    let mut silent = Vec::new();
+    for _ in 0..256 {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind("127.0.0.39:0".parse()?)?;
+        silent.push(socket.connect(addr.parse()?).await?);
+    }
+    // One that completes its handshake shows the listener has taken them all (it comes after
+    // them) — or is itself the one refused, which is what the next check looks for.
+    let refused = tls_handshake("127.0.0.40", &addr, &pin).await;
+    let error = refused.err().context("a 257th connection was served")?;
+    let log = cluster.controller_log.clone();
+    eventually(Duration::from_secs(10), "the refusal in the log", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move {
+            text.contains("enrollment connection closed: 256 are served already")
+                .then_some(())
+        }
+    })
+    .await
+    .with_context(|| format!("the 257th connection failed with: {error:#}"))?;
+
+    // Once they go, the places come back: a host enrolls.
+    drop(silent);
+    let made = token(&cluster, json!({})).await?;
+    let secret = made["token"].as_str().context("token")?.to_owned();
+    let host = host_dir(&cluster, "after-the-cap")?;
+    let agent_id = eventually(
+        Duration::from_secs(30),
+        "an enrollment after the cap",
+        || {
+            let output = enroll(&cluster, &host, "127.0.0.41", &secret, &pin);
+            async move { enrolled_id(&output).ok() }
+        },
+    )
+    .await?;
+    assert!(agent_id.starts_with("host-"), "{agent_id}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_enrollment_frame_is_refused_before_its_body_is_read() -> Result<()> {
+    let (cluster, pin) = enrolling_cluster("").await?;
+    let addr = cluster.info.agent_addr.clone();
+    for len in [fleetrun_proto::MAX_ENROLL_FRAME + 1, u32::MAX as usize] {
+        let mut tls = tls_handshake("127.0.0.42", &addr, &pin).await?;
+        // The header alone: the body never comes, the answer must not wait for it.
+        tls.write_all(&(len as u32).to_be_bytes()).await?;
+        tls.flush().await?;
+        let mut bytes = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut bytes))
+            .await
+            .context("the controller waited for the body")??;
+        let mut decoder = FrameDecoder::new();
+        decoder.extend(&bytes);
+        let Some(EnrollReply::Refused { reason }) = decoder.decode()? else {
+            bail!("an oversized request was not refused");
+        };
+        assert!(
+            reason.contains(&format!(
+                "is {len} bytes, more than {}",
+                fleetrun_proto::MAX_ENROLL_FRAME
+            )),
+            "{reason}"
+        );
+    }
+    // The listener goes on serving: a host enrolls.
+    let made = token(&cluster, json!({})).await?;
+    let host = host_dir(&cluster, "after-the-big-one")?;
+    enrolled_id(&enroll(
+        &cluster,
+        &host,
+        "127.0.0.43",
+        made["token"].as_str().context("token")?,
+        &pin,
+    ))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_enrollment_ca_the_gateway_does_not_trust_stops_check_config_and_start() -> Result<()> {
+    let mut cluster = start_cluster(0).await?;
+    let ca_cert = cluster.dir().join("other-ca.pem");
+    let ca_key = cluster.dir().join("other-ca.key.pem");
+    let mut config = std::fs::read_to_string(&cluster.controller_config)?;
+    config.push_str(&format!(
+        "\n[enroll]\nca_cert = {:?}\nca_key = {:?}\n",
+        ca_cert.display().to_string(),
+        ca_key.display().to_string()
+    ));
+    let config_path = cluster.dir().join("controller-other-ca.toml");
+    std::fs::write(&config_path, config)?;
+    let controller = cluster.bin_dir.join("fleetrun-controller");
+    // A new CA, while [tls] ca (which exists) holds only the cluster's: init leaves it alone.
+    let init = Command::new(&controller)
+        .arg("--config")
+        .arg(&config_path)
+        .args(["ca", "init"])
+        .output()?;
+    ensure!(init.status.success(), "ca init: {}", text(&init));
+    let tls_ca = cluster.dir().join("certs").join("ca.pem");
+    let names_both = |out: &str| {
+        out.contains(&ca_cert.display().to_string())
+            && out.contains(&tls_ca.display().to_string())
+            && out.contains("not trusted by the agent gateway")
+    };
+    let check = Command::new(&controller)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&config_path)
+        .output()?;
+    assert!(
+        !check.status.success(),
+        "check-config passed: {}",
+        text(&check)
+    );
+    assert!(names_both(&text(&check)), "{}", text(&check));
+
+    // Start refuses it too (the cluster's controller is stopped: its ports are free).
+    cluster.stop_controller(Duration::from_secs(10))?;
+    let mut start = Command::new(&controller)
+        .arg("--config")
+        .arg(&config_path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = start.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = start.kill();
+            bail!("the controller started with a CA its gateway does not trust");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let out = text(&start.wait_with_output()?);
+    assert!(!status.success(), "{out}");
+    assert!(names_both(&out), "{out}");
+
+    // With the CA in the bundle, both pass: check-config, and start (its API answers).
+    let mut bundle = std::fs::read_to_string(&tls_ca)?;
+    bundle.push_str(&std::fs::read_to_string(&ca_cert)?);
+    std::fs::write(&tls_ca, bundle)?;
+    let check = Command::new(&controller)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&config_path)
+        .output()?;
+    assert!(check.status.success(), "{}", text(&check));
+    cluster.controller_config = config_path;
+    cluster.start_controller().await?;
     Ok(())
 }

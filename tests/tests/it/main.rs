@@ -39,6 +39,7 @@ mod plain_http;
 mod reattach;
 mod reattach_faults;
 mod reload;
+mod renewal;
 mod retention;
 mod retry;
 mod rolling;

@@ -118,13 +118,15 @@ main() {
     fleetrun-agent --config "$config" enroll --controller "$controllers" --ca-pin "$pin" \
         --dir /etc/fleetrun/agent --work-dir /var/lib/fleetrun-agent
 
-    if [ -d /run/systemd/system ]; then
+    # /run/systemd/system exists only while systemd is the running init (sd_booted(3)).
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
         systemctl enable fleetrun-agent.service
         systemctl restart fleetrun-agent.service
         echo "fleetrun install: the agent runs (systemctl status fleetrun-agent)"
     else
-        echo "fleetrun install: systemd is not running here: start the agent with" \
-            "fleetrun-agent --config $config"
+        echo "fleetrun install: the agent is installed and enrolled, but systemd is not running" \
+            "here, so it was not started: start it as root, under this host's service manager," \
+            "with: /usr/bin/fleetrun-agent --config $config"
     fi
 }
 

@@ -77,17 +77,36 @@ pub struct Issued {
     pub not_after_ms: i64,
 }
 
-/// The public key of a certificate signing request whose signature checks, and its
-/// fingerprint (hex SHA-256 of its SubjectPublicKeyInfo). Everything else the request says is
-/// ignored.
+/// The public key of a certificate signing request that asks for nothing the controller does
+/// not give (see [`super::csr`]) and whose signature checks, and its fingerprint (hex SHA-256
+/// of its SubjectPublicKeyInfo).
 #[derive(Debug)]
 pub struct RequestedKey {
     public_key: rcgen::PublicKey,
     pub sha256: String,
 }
 
-/// Reads a CSR; a message for the agent when it is not one.
+impl RequestedKey {
+    /// The agent this key is: its identity derives from the key's fingerprint, so the same key
+    /// is always the same agent.
+    pub fn agent_id(&self) -> String {
+        agent_id_of_key(&self.sha256)
+    }
+}
+
+fn agent_id_of_key(sha256_hex: &str) -> String {
+    format!("host-{}", &sha256_hex[..24])
+}
+
+pub(super) fn spki_sha256(spki: &[u8]) -> String {
+    fleetrun_net::hex(ring::digest::digest(&ring::digest::SHA256, spki).as_ref())
+}
+
+/// Reads a CSR; a message for the agent when it is not one the controller signs.
 pub fn requested_key(csr_der: &[u8]) -> Result<RequestedKey, String> {
+    let spki = super::csr::check(csr_der, |spki| {
+        fleetrun_proto::agent_uri(&agent_id_of_key(&spki_sha256(spki)))
+    })?;
     let params = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
         csr_der,
     ))
@@ -97,11 +116,19 @@ pub fn requested_key(csr_der: &[u8]) -> Result<RequestedKey, String> {
              enroll`"
         )
     })?;
-    let spki = params.public_key.subject_public_key_info();
-    let digest = ring::digest::digest(&ring::digest::SHA256, &spki);
+    // rcgen rebuilds the key from the request's signature algorithm: the certificate must carry
+    // the very key the agent's identity is the fingerprint of, byte for byte.
+    if params.public_key.subject_public_key_info() != spki {
+        return Err(
+            "the certificate signing request's key would not be the certificate's as it is \
+             written (its encoding or type does not match its signature algorithm): make it with \
+             `fleetrun-agent enroll`"
+                .into(),
+        );
+    }
     Ok(RequestedKey {
         public_key: params.public_key,
-        sha256: fleetrun_net::hex(digest.as_ref()),
+        sha256: spki_sha256(&spki),
     })
 }
 
@@ -175,6 +202,71 @@ impl ControllerCa {
             chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
             not_after_ms: (not_after.unix_timestamp_nanos() / 1_000_000) as i64,
         })
+    }
+}
+
+impl ControllerCa {
+    /// Checks that the gateway, trusting the CA bundle `tls_ca` (`[tls] ca`), accepts the
+    /// certificates this CA issues: a sample agent certificate is issued and verified as the
+    /// gateway verifies agents. `ca_cert` is the CA's file, for the message.
+    pub fn check_gateway_trusts(&self, ca_cert: &Path, tls_ca: &Path) -> Result<(), String> {
+        // A CA out of its validity issues certificates no verifier accepts, whatever the bundle
+        // holds: said as such, since the cure is a new CA rather than the bundle.
+        self.check_valid_now(ca_cert)?;
+        let sample = (|| -> Result<Issued, String> {
+            let key = KeyPair::generate().map_err(|e| e.to_string())?;
+            let csr = CertificateParams::new(Vec::<String>::new())
+                .and_then(|params| params.serialize_request(&key))
+                .map_err(|e| e.to_string())?;
+            let requested = requested_key(csr.der())?;
+            self.issue_agent(&requested, &requested.agent_id(), Duration::from_secs(3600))
+                .map_err(|e| e.to_string())
+        })()
+        .map_err(|e| format!("the enrollment CA could not issue a sample certificate: {e}"))?;
+        use rustls_pki_types::pem::PemObject as _;
+        let chain = CertificateDer::pem_slice_iter(sample.chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        fleetrun_net::gateway_accepts(tls_ca, &chain).map_err(|e| {
+            format!(
+                "the enrollment CA {} is not trusted by the agent gateway: [tls] ca {} holds \
+                 neither it nor a CA it chains to, so every agent it enrolls would be refused \
+                 ({e}); add the CA to the bundle (cat {} >> {}) or import the gateway's CA with \
+                 `fleetrun-controller ca init --import-cert`",
+                ca_cert.display(),
+                tls_ca.display(),
+                ca_cert.display(),
+                tls_ca.display()
+            )
+        })
+    }
+}
+
+impl ControllerCa {
+    fn check_valid_now(&self, ca_cert: &Path) -> Result<(), String> {
+        use x509_parser::prelude::FromDer;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&self.cert_der)
+            .map_err(|e| format!("the enrollment CA {}: {e}", ca_cert.display()))?;
+        let validity = cert.validity();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let when = |at: &x509_parser::time::ASN1Time| super::rfc3339(at.timestamp() * 1000);
+        let problem = if now > validity.not_after.timestamp() {
+            format!("expired at {}", when(&validity.not_after))
+        } else if now < validity.not_before.timestamp() {
+            format!(
+                "is not valid until {} (or this host's clock is behind)",
+                when(&validity.not_before)
+            )
+        } else {
+            return Ok(());
+        };
+        Err(format!(
+            "the enrollment CA {} {problem}: every certificate it issues would be refused; make \
+             a new CA (move {} and its key away, run `fleetrun-controller ca init`, and give \
+             [tls] ca the new CA; every agent then enrolls again with a new token)",
+            ca_cert.display(),
+            ca_cert.display()
+        ))
     }
 }
 
@@ -371,7 +463,15 @@ mod tests {
         fleetrun_net::server_tls(&tls).unwrap();
 
         let agent_key = KeyPair::generate().unwrap();
-        let request = csr(&agent_key, vec!["evil.example".into()]);
+        // A request that names itself is refused, saying which name.
+        let named = requested_key(&csr(&agent_key, vec!["evil.example".into()])).unwrap_err();
+        assert!(named.contains("DNS \"evil.example\""), "{named}");
+        let request = CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&agent_key)
+            .unwrap()
+            .der()
+            .to_vec();
         let key = requested_key(&request).unwrap();
         let issued = ca
             .issue_agent(&key, "host-abc", Duration::from_secs(3600))
@@ -384,7 +484,6 @@ mod tests {
             cert.subject_alternative_name().unwrap().unwrap().value
         );
         assert!(sans.contains("spiffe://fleetrun/agent/host-abc"), "{sans}");
-        assert!(!sans.contains("chosen") && !sans.contains("evil"), "{sans}");
         assert_eq!(cert.public_key().raw, agent_key.subject_public_key_info());
         let lifetime =
             cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
@@ -427,5 +526,40 @@ mod tests {
         let refused = init(&files, &source, &tls, &[]).unwrap_err();
         assert!(refused.to_string().contains("not a CA"), "{refused}");
         assert!(!files.key.exists());
+    }
+
+    #[test]
+    fn an_expired_or_future_ca_is_said_to_be_so_rather_than_missing_from_the_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        for (not_before, not_after, says) in [
+            (
+                now - time::Duration::days(30),
+                now - time::Duration::days(1),
+                "expired at",
+            ),
+            (
+                now + time::Duration::days(1),
+                now + time::Duration::days(30),
+                "is not valid until",
+            ),
+        ] {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.not_before = not_before;
+            params.not_after = not_after;
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            let ca = ControllerCa::from_pem(&cert.pem(), &key.serialize_pem()).unwrap();
+            // The bundle holds the CA: only its dates are wrong.
+            let bundle = dir.path().join("tls-ca.pem");
+            std::fs::write(&bundle, cert.pem()).unwrap();
+            let refused = ca
+                .check_gateway_trusts(Path::new("ca.pem"), &bundle)
+                .unwrap_err();
+            assert!(refused.contains(says), "{refused}");
+            assert!(refused.contains("ca init"), "{refused}");
+            assert!(!refused.contains("add the CA"), "{refused}");
+        }
     }
 }

@@ -13,6 +13,7 @@
 //! agent reports) pins the agent in the inventory, with the token's cloud area and placement.
 
 pub mod ca;
+mod csr;
 mod renew;
 pub mod token;
 
@@ -468,7 +469,7 @@ impl Enroller {
             return Err(Refusal::of_token(&token_id, reason));
         }
         let key = ca::requested_key(&request.csr).map_err(|e| Refusal::of_token(&token_id, e))?;
-        let agent_id = format!("host-{}", &key.sha256[..24]);
+        let agent_id = key.agent_id();
         let _in_flight = KeyInFlight::take(&self.keys_in_flight, &key.sha256).ok_or_else(|| {
             Refusal::of_token(
                 &token_id,
