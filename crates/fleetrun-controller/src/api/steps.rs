@@ -545,6 +545,21 @@ async fn retry(
 ) -> Result<(), ApiError> {
     super::execute::refuse_while_unwritable(shared)?;
     // Everything that can refuse comes before anything changes.
+    let days = shared.config.retention.finished_jobs_days;
+    if days > 0
+        && job
+            .end_time
+            .is_some_and(|end| end < crate::now_ms() - i64::from(days) * 86_400_000)
+    {
+        // Retention may be removing its rows right now.
+        return Err(ApiError::new(
+            code::UNSUPPORTED_OPERATION,
+            format!(
+                "job_instance_id: job {} ended more than {days} days ago (retention.finished_jobs_days) and is not run again",
+                job.job_instance_id
+            ),
+        ));
+    }
     let task = stored_task(shared, job, step).await?;
     let plan = match &rolling {
         None => None,
