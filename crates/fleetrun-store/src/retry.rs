@@ -178,6 +178,60 @@ impl Store {
         self.noting_write_failure(retried)
     }
 
+    /// Ends a retried job in `running` whose run could not be started: the job and step get
+    /// `status` and an end time, and the hosts still waiting `host_status`. False if the job is
+    /// not in `running` any more.
+    pub async fn end_unstarted_retry(
+        &self,
+        job_instance_id: i64,
+        step_instance_id: i64,
+        running: i32,
+        status: i32,
+        host_status: i32,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let ended = async {
+            let mut tx = self.pool.begin().await?;
+            let ended = sqlx::query(
+                "UPDATE job_instance SET status = $1, end_time = $2
+                 WHERE job_instance_id = $3 AND status = $4",
+            )
+            .bind(status)
+            .bind(now)
+            .bind(job_instance_id)
+            .bind(running)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if !ended {
+                return Ok(false);
+            }
+            sqlx::query(
+                "UPDATE step_instance SET status = $1, end_time = $2 WHERE step_instance_id = $3",
+            )
+            .bind(status)
+            .bind(now)
+            .bind(step_instance_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE host_result SET status = $1, end_time = $2
+                 WHERE step_instance_id = $3 AND status = $4",
+            )
+            .bind(host_status)
+            .bind(now)
+            .bind(step_instance_id)
+            .bind(WAITING)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(true)
+        }
+        .await;
+        self.noting_write_failure(ended)
+    }
+
     /// Ends a job in `failed` whose step's error an operator ignored: the step gets
     /// `step_status`, the job `job_status`, both a new end time, and the job's callback delivery
     /// is forgotten so the new end is reported. False if the job is not in `failed` any more.

@@ -583,6 +583,26 @@ async fn retry(
             }
         }),
     };
+    // The job's place in the running set is held before the retry commits: a run that just
+    // ended leaves the set a moment after its end is committed, and a terminate in between must
+    // not find that run's token and end the retried job with it.
+    let mut reservation = None;
+    for _ in 0..100 {
+        reservation = shared.engine.reserve(job.job_instance_id);
+        if reservation.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let Some(reservation) = reservation else {
+        return Err(ApiError::new(
+            code::UNSUPPORTED_OPERATION,
+            format!(
+                "job_instance_id: job {} is still ending its previous run; try again",
+                job.job_instance_id
+            ),
+        ));
+    };
     let retried = shared
         .store
         .retry_step(
@@ -627,84 +647,109 @@ async fn retry(
     let rolling = match plan {
         None => None,
         Some((config, batches, record)) => {
-            // The retried hosts go out in their own batches, and the step rolls on after them.
-            let first = match config.execution {
-                crate::rolling::Execution::Serial => record.current_batch.max(1),
-                crate::rolling::Execution::Staggered { .. } => 1,
-            };
-            let first = usize::try_from(first).unwrap_or(1);
-            let last = usize::try_from(record.current_batch.max(1)).unwrap_or(1);
-            let all_hosts = batches.concat();
-            let batches: Vec<Vec<i64>> = batches
-                .into_iter()
-                .enumerate()
-                .map(|(i, hosts)| {
-                    if (first..=last).contains(&(i + 1)) {
-                        hosts
-                            .into_iter()
-                            .filter(|h| retried.hosts.contains(h))
-                            .collect()
-                    } else {
-                        hosts
-                    }
-                })
-                .collect();
-            let failed = shared
-                .store
-                .failed_hosts(
-                    step.step_instance_id,
-                    status::host::UNFINISHED,
-                    &[3, status::host::SUCCESS],
-                )
-                .await?;
-            let ignored = usize::try_from(record.failures_ignored).unwrap_or(0);
-            Some((
-                RollingStart {
-                    config,
-                    next_batch: first,
-                    earlier_failures: failed.saturating_sub(ignored),
-                    started: job.start_time,
-                    batches,
-                },
-                all_hosts,
-            ))
+            match retried_plan(shared, job, step, &retried.hosts, config, batches, record).await {
+                Ok(plan) => Some(plan),
+                Err(e) => {
+                    // Committed already: the job ends rather than stay running with no run.
+                    end_unstarted(shared, job, step).await;
+                    return Err(e);
+                }
+            }
         }
     };
-    // A run that just ended leaves the running set a moment after its end is committed.
-    let mut started = false;
-    for _ in 0..100 {
-        started = match &rolling {
-            None => shared.engine.start_retry(spec.clone()),
-            // The whole plan's hosts: the failure limit counts against all of them.
-            Some((rolling, all_hosts)) => shared.engine.start_rolling(
-                JobSpec {
-                    hosts: all_hosts.clone(),
-                    ..spec.clone()
-                },
-                rolling.clone(),
-            ),
-        };
-        if started {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    if !started {
-        // No run: end the job failed rather than leave it running; a later retry may go on.
-        shared
-            .store
-            .end_rolling_job(
-                job.job_instance_id,
-                step.step_instance_id,
-                status::job::RUNNING,
-                status::job::FAILED,
-                crate::now_ms(),
-            )
-            .await?;
-        return Err(ApiError::new(
-            code::UNSUPPORTED_OPERATION,
-            format!("job_instance_id: job {} is running", job.job_instance_id),
-        ));
+    match rolling {
+        None => shared.engine.start_retry(reservation, spec),
+        // The whole plan's hosts: the failure limit counts against all of them.
+        Some((rolling, all_hosts)) => shared.engine.start_rolling_reserved(
+            reservation,
+            JobSpec {
+                hosts: all_hosts,
+                ..spec
+            },
+            rolling,
+        ),
     }
     Ok(())
+}
+
+/// Ends a retried job whose run could not start: failed, its waiting hosts with a task error,
+/// its end reported to the callback.
+async fn end_unstarted(
+    shared: &Shared,
+    job: &fleetrun_store::JobRecord,
+    step: &fleetrun_store::StepRecord,
+) {
+    let ended = shared
+        .store
+        .end_unstarted_retry(
+            job.job_instance_id,
+            step.step_instance_id,
+            status::job::RUNNING,
+            status::job::FAILED,
+            status::host::AGENT_TASK_ERROR,
+            crate::now_ms(),
+        )
+        .await;
+    match ended {
+        Ok(true) => {
+            if let Some(callbacks) = shared.engine.callbacks() {
+                callbacks.job_ended(job.job_instance_id);
+            }
+        }
+        Ok(false) => {}
+        Err(e) => tracing::error!(
+            job = job.job_instance_id,
+            "a retry that could not start cannot be ended: {e}"
+        ),
+    }
+}
+
+/// The rolling plan a retry goes on with: the retried hosts in their own batches, then the
+/// step's later batches, with the whole plan's hosts.
+async fn retried_plan(
+    shared: &Shared,
+    job: &fleetrun_store::JobRecord,
+    step: &fleetrun_store::StepRecord,
+    retried: &[i64],
+    config: RollingConfig,
+    batches: Vec<Vec<i64>>,
+    record: &fleetrun_store::RollingRecord,
+) -> Result<(RollingStart, Vec<i64>), ApiError> {
+    let first = match config.execution {
+        crate::rolling::Execution::Serial => record.current_batch.max(1),
+        crate::rolling::Execution::Staggered { .. } => 1,
+    };
+    let first = usize::try_from(first).unwrap_or(1);
+    let last = usize::try_from(record.current_batch.max(1)).unwrap_or(1);
+    let all_hosts = batches.concat();
+    let batches: Vec<Vec<i64>> = batches
+        .into_iter()
+        .enumerate()
+        .map(|(i, hosts)| {
+            if (first..=last).contains(&(i + 1)) {
+                hosts.into_iter().filter(|h| retried.contains(h)).collect()
+            } else {
+                hosts
+            }
+        })
+        .collect();
+    let failed = shared
+        .store
+        .failed_hosts(
+            step.step_instance_id,
+            status::host::UNFINISHED,
+            &[3, status::host::SUCCESS],
+        )
+        .await?;
+    let ignored = usize::try_from(record.failures_ignored).unwrap_or(0);
+    Ok((
+        RollingStart {
+            config,
+            next_batch: first,
+            earlier_failures: failed.saturating_sub(ignored),
+            started: job.start_time,
+            batches,
+        },
+        all_hosts,
+    ))
 }
