@@ -272,6 +272,25 @@ impl Engine {
         });
     }
 
+    /// Tells each agent still connected that was given one of `tasks` (host, task id, agent id)
+    /// to kill and forget it: a retry sends a new task id, and a task whose end was never
+    /// confirmed (no result within its timeout, a termination not confirmed) would otherwise
+    /// run beside it. An agent not connected now has its claim to the task refused, and the
+    /// task discarded, when it comes back.
+    pub fn discard_earlier(&self, tasks: &[(i64, String, String)]) {
+        for (bk_host_id, task_id, agent_id) in tasks {
+            let Ok(task_id) = task_id.parse::<Uuid>() else {
+                continue;
+            };
+            if let Some(link) = self.agents.get(*bk_host_id)
+                && link.agent_id == *agent_id
+            {
+                tracing::info!(bk_host_id, %task_id, "discarding the host's earlier task before a retry");
+                follow::discard(link.connection, task_id);
+            }
+        }
+    }
+
     /// Asks a running job to stop: every host's process tree is killed. The job shows
     /// "terminating" until every host has reported. False if the job is not running here.
     pub async fn terminate(&self, job_instance_id: i64) -> bool {

@@ -488,7 +488,7 @@ pub(super) async fn stored_task(
 ) -> Result<TaskTemplate, ApiError> {
     let scope: fleetrun_inventory::Scope = format!("{}:{}", job.bk_scope_type, job.bk_scope_id)
         .parse()
-        .map_err(|e| ApiError::internal("rolling", format!("stored scope: {e}")))?;
+        .map_err(|e| ApiError::internal("stored step", format!("stored scope: {e}")))?;
     let inventory = shared.inventory.current().await?;
     let account = inventory
         .account_for(&scope, Some(step.account_id), None)
@@ -506,12 +506,12 @@ pub(super) async fn stored_task(
         .store
         .step_payload(step.step_instance_id)
         .await?
-        .ok_or_else(|| ApiError::internal("rolling", "step vanished"))?;
+        .ok_or_else(|| ApiError::internal("stored step", "step vanished"))?;
     let param = if step.is_param_sensitive {
         shared
             .cipher
             .open(&param, job.job_instance_id, step.step_instance_id)
-            .map_err(|e| ApiError::internal("rolling", e))?
+            .map_err(|e| ApiError::internal("stored step", e))?
     } else {
         param
     };
@@ -638,6 +638,8 @@ async fn retry(
         all,
         "retry"
     );
+    // Before the new task goes out: an earlier one may still be running there.
+    shared.engine.discard_earlier(&retried.earlier_tasks);
     let spec = JobSpec {
         job_instance_id: job.job_instance_id,
         step_instance_id: step.step_instance_id,
