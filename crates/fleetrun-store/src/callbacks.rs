@@ -282,6 +282,19 @@ impl Store {
         &self,
         job_instance_id: i64,
     ) -> Result<Option<(CallbackDelivery, Vec<CallbackAttempt>)>, StoreError> {
+        // The attempts first: the delivery read after them is at least as new, so it never
+        // shows an older state than its attempts (an attempt and its delivery's update are
+        // committed together).
+        let attempts: Vec<CallbackAttempt> = sqlx::query(
+            "SELECT a.* FROM callback_attempt a JOIN callback_delivery d ON d.id = a.delivery_id
+             WHERE d.job_instance_id = $1 ORDER BY a.attempt",
+        )
+        .bind(job_instance_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(CallbackAttempt::from_row)
+        .collect();
         let Some(row) = sqlx::query(&format!("{DELIVERY_SELECT} WHERE d.job_instance_id = $1"))
             .bind(job_instance_id)
             .fetch_optional(&self.pool)
@@ -290,14 +303,11 @@ impl Store {
             return Ok(None);
         };
         let delivery = CallbackDelivery::from_row(&row);
-        let attempts =
-            sqlx::query("SELECT * FROM callback_attempt WHERE delivery_id = $1 ORDER BY attempt")
-                .bind(delivery.id)
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(CallbackAttempt::from_row)
-                .collect();
+        // A retry forgot the delivery the attempts were of, and another was queued since.
+        let attempts = attempts
+            .into_iter()
+            .filter(|a| a.delivery_id == delivery.id)
+            .collect();
         Ok(Some((delivery, attempts)))
     }
 }
