@@ -278,6 +278,7 @@ pub async fn operate_step_instance(
             }
             retry(
                 shared,
+                caller,
                 &job,
                 &step,
                 rolling,
@@ -538,6 +539,7 @@ pub(super) async fn stored_task(
 /// them as it dispatches a created job; its end is reported to the callback again.
 async fn retry(
     shared: &Shared,
+    caller: &Caller,
     job: &fleetrun_store::JobRecord,
     step: &fleetrun_store::StepRecord,
     rolling: Option<fleetrun_store::RollingRecord>,
@@ -583,6 +585,49 @@ async fn retry(
             }
         }),
     };
+    // The hosts to run again must still be in the job's business, as for a created job's start:
+    // a host moved out since is not given the script again.
+    let in_batches: Option<Vec<i64>> =
+        plan.as_ref()
+            .zip(scope.batches.as_ref())
+            .map(|((_, batches, _), range)| {
+                batches
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| {
+                        i32::try_from(*i + 1).is_ok_and(|batch| range.contains(&batch))
+                    })
+                    .flat_map(|(_, hosts)| hosts.iter().copied())
+                    .collect()
+            });
+    let to_retry: Vec<i64> = shared
+        .store
+        .host_results(step.step_instance_id)
+        .await?
+        .iter()
+        .filter(|h| !scope.keep.contains(&h.status))
+        .filter(|h| {
+            in_batches
+                .as_ref()
+                .is_none_or(|hosts| hosts.contains(&h.bk_host_id))
+        })
+        .map(|h| h.bk_host_id)
+        .collect();
+    if !to_retry.is_empty() {
+        let job_scope: fleetrun_inventory::Scope =
+            format!("{}:{}", job.bk_scope_type, job.bk_scope_id)
+                .parse()
+                .map_err(|e| ApiError::internal("retry", format!("stored scope: {e}")))?;
+        let inventory = shared.inventory.current().await?;
+        let wanted = fleetrun_inventory::Targets {
+            host_ids: Some(to_retry),
+            ..Default::default()
+        };
+        super::scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
+        inventory
+            .resolve(&job_scope, &wanted)
+            .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?;
+    }
     // The job's place in the running set is held before the retry commits: a run that just
     // ended leaves the set a moment after its end is committed, and a terminate in between must
     // not find that run's token and end the retried job with it.
