@@ -354,6 +354,8 @@ impl Dispatcher {
                     body: body(job.job_instance_id, job.status, &steps),
                     url,
                     now,
+                    end_time: job.end_time?,
+                    status: job.status,
                 })
             })
             .collect();

@@ -170,6 +170,8 @@ pub struct Engine {
     output_limit: u64,
     agent_grace: Duration,
     running: Arc<Mutex<HashMap<i64, CancellationToken>>>,
+    /// Jobs in `running` held by a [`Reservation`]: a run is about to start, none is under way.
+    reserved: Arc<Mutex<HashSet<i64>>>,
     /// Told of every job's end, for its callback.
     callbacks: Option<Callbacks>,
     /// Tasks out on agents that own them, by task id, while their host's run follows them.
@@ -241,6 +243,41 @@ struct SaveNow {
 /// writes, is not sent (a controller restarted after it could not take it up).
 const CHECKPOINT_WAIT: Duration = Duration::from_secs(5);
 
+/// A job's place in the running set, held from before a retry commits until its run starts
+/// ([`Engine::reserve`]).
+#[derive(Debug)]
+pub struct Reservation {
+    engine: Engine,
+    job_instance_id: i64,
+    cancel: Option<CancellationToken>,
+}
+
+impl Reservation {
+    /// The run's cancel token; the place is the run's from now on.
+    fn take(mut self) -> CancellationToken {
+        self.engine
+            .reserved
+            .lock()
+            .unwrap()
+            .remove(&self.job_instance_id);
+        self.cancel.take().expect("taken once")
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.cancel.is_some() {
+            let mut running = self.engine.running.lock().unwrap();
+            running.remove(&self.job_instance_id);
+            self.engine
+                .reserved
+                .lock()
+                .unwrap()
+                .remove(&self.job_instance_id);
+        }
+    }
+}
+
 impl Engine {
     pub fn new(store: Store, agents: Agents, output_limit: u64, agent_grace: Duration) -> Self {
         Self {
@@ -249,6 +286,7 @@ impl Engine {
             output_limit,
             agent_grace,
             running: Arc::default(),
+            reserved: Arc::default(),
             callbacks: None,
             claims: Arc::default(),
             checkpoints: Arc::default(),
@@ -276,10 +314,30 @@ impl Engine {
         self.start_run(spec, true)
     }
 
+    /// Holds the job's place in the running set for a run about to start, before the store is
+    /// told it runs again; None while a run of it is under way (or still committing its end).
+    /// While held, [`Self::terminate`] finds no run to cancel, so it cannot end the previous
+    /// run a second time over the new one. Dropped unused, the place is given back.
+    pub fn reserve(&self, job_instance_id: i64) -> Option<Reservation> {
+        let mut running = self.running.lock().unwrap();
+        if running.contains_key(&job_instance_id) {
+            return None;
+        }
+        let cancel = CancellationToken::new();
+        running.insert(job_instance_id, cancel.clone());
+        self.reserved.lock().unwrap().insert(job_instance_id);
+        Some(Reservation {
+            engine: self.clone(),
+            job_instance_id,
+            cancel: Some(cancel),
+        })
+    }
+
     /// Runs a retried step's hosts in the background (the store moved the step to its next
-    /// execute_count and the job to running already); false if the job is running.
-    pub fn start_retry(&self, spec: JobSpec) -> bool {
-        self.start_run(spec, false)
+    /// execute_count and the job to running already) in the place `reservation` holds.
+    pub fn start_retry(&self, reservation: Reservation, spec: JobSpec) {
+        debug_assert_eq!(reservation.job_instance_id, spec.job_instance_id);
+        self.spawn_run(spec, reservation.take(), false);
     }
 
     fn start_run(&self, spec: JobSpec, first: bool) -> bool {
@@ -292,6 +350,12 @@ impl Engine {
             }
             running.insert(job_instance_id, cancel.clone());
         }
+        self.spawn_run(spec, cancel, first);
+        true
+    }
+
+    fn spawn_run(&self, spec: JobSpec, cancel: CancellationToken, first: bool) {
+        let job_instance_id = spec.job_instance_id;
         let engine = self.clone();
         tokio::spawn(async move {
             engine.run_job(spec, cancel, first).await;
@@ -303,13 +367,37 @@ impl Engine {
             engine.running.lock().unwrap().remove(&job_instance_id);
             engine.left_here.lock().unwrap().note(job_instance_id);
         });
-        true
+    }
+
+    /// Tells each agent still connected that was given one of `tasks` (host, task id, agent id)
+    /// to kill and forget it: a retry sends a new task id, and a task whose end was never
+    /// confirmed (no result within its timeout, a termination not confirmed) would otherwise
+    /// run beside it. An agent not connected now has its claim to the task refused, and the
+    /// task discarded, when it comes back.
+    pub fn discard_earlier(&self, tasks: &[(i64, String, String)]) {
+        for (bk_host_id, task_id, agent_id) in tasks {
+            let Ok(task_id) = task_id.parse::<Uuid>() else {
+                continue;
+            };
+            if let Some(link) = self.agents.get(*bk_host_id)
+                && link.agent_id == *agent_id
+            {
+                tracing::info!(bk_host_id, %task_id, "discarding the host's earlier task before a retry");
+                follow::discard(link.connection, task_id);
+            }
+        }
     }
 
     /// Asks a running job to stop: every host's process tree is killed. The job shows
     /// "terminating" until every host has reported. False if the job is not running here.
     pub async fn terminate(&self, job_instance_id: i64) -> bool {
-        let cancel = self.running.lock().unwrap().get(&job_instance_id).cloned();
+        let cancel = {
+            let running = self.running.lock().unwrap();
+            if self.reserved.lock().unwrap().contains(&job_instance_id) {
+                return false;
+            }
+            running.get(&job_instance_id).cloned()
+        };
         let Some(cancel) = cancel else { return false };
         if !cancel.is_cancelled() {
             cancel.cancel();

@@ -130,7 +130,11 @@ async fn prune_batch(
     if jobs.is_empty() {
         return Ok(0);
     }
-    while store.prune_host_rows(&jobs, config.batch_rows).await? > 0 {
+    while store
+        .prune_host_rows(&jobs, cutoff, config.batch_rows)
+        .await?
+        > 0
+    {
         tokio::time::sleep(BETWEEN_BATCHES).await;
     }
     store.remove_jobs(&jobs, cutoff).await

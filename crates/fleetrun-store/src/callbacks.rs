@@ -47,6 +47,11 @@ pub struct NewCallbackDelivery {
     pub body: String,
     /// When it is queued; the first attempt is due at once.
     pub now: i64,
+    /// The job's end time and status the body describes: queued only while the job still
+    /// shows them (a retry committed since the job was read makes the body stale, and the
+    /// retried run's end is queued instead).
+    pub end_time: i64,
+    pub status: i32,
 }
 
 /// A queued delivery, with the app that submitted its job (whose secret signs it).
@@ -171,8 +176,8 @@ impl Store {
         Ok(jobs)
     }
 
-    /// Queues deliveries in one transaction; a job that already has one keeps it. Returns how
-    /// many were queued.
+    /// Queues deliveries in one transaction; a job that already has one keeps it, and one whose
+    /// job no longer shows the end it describes is left out. Returns how many were queued.
     pub async fn queue_callbacks(
         &self,
         deliveries: &[NewCallbackDelivery],
@@ -182,7 +187,8 @@ impl Store {
         for d in deliveries {
             queued += sqlx::query(
                 "INSERT INTO callback_delivery (job_instance_id, url, body, status, attempts, next_attempt_at, created_at, updated_at)
-                 VALUES ($1, $2, $3, 'pending', 0, $4, $5, $6)
+                 SELECT $1, $2, $3, 'pending', 0, $4, $5, $6 WHERE EXISTS
+                     (SELECT 1 FROM job_instance WHERE job_instance_id = $7 AND end_time = $8 AND status = $9)
                  ON CONFLICT (job_instance_id) DO NOTHING",
             )
             .bind(d.job_instance_id)
@@ -191,6 +197,9 @@ impl Store {
             .bind(d.now)
             .bind(d.now)
             .bind(d.now)
+            .bind(d.job_instance_id)
+            .bind(d.end_time)
+            .bind(i64::from(d.status))
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -229,6 +238,26 @@ impl Store {
             CallbackNext::Failed => (CallbackStatus::Failed, None),
         };
         let mut tx = self.pool.begin().await?;
+        // The delivery first: its row is locked for the attempt's insert.
+        let found = sqlx::query(
+            "UPDATE callback_delivery SET status = $1, attempts = $2,
+                 next_attempt_at = COALESCE($3, next_attempt_at),
+                 last_error = COALESCE($4, last_error), updated_at = $5
+             WHERE id = $6",
+        )
+        .bind(status.as_str())
+        .bind(attempt.attempt)
+        .bind(next_attempt_at)
+        .bind(last_error)
+        .bind(now)
+        .bind(attempt.delivery_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if found == 0 {
+            // Forgotten by a retry meanwhile: the attempt was for an end that is no more.
+            return Ok(());
+        }
         sqlx::query(
             "INSERT INTO callback_attempt (delivery_id, attempt, at, http_status, error, duration_ms)
              VALUES ($1, $2, $3, $4, $5, $6)
@@ -244,20 +273,6 @@ impl Store {
         .bind(attempt.duration_ms)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "UPDATE callback_delivery SET status = $1, attempts = $2,
-                 next_attempt_at = COALESCE($3, next_attempt_at),
-                 last_error = COALESCE($4, last_error), updated_at = $5
-             WHERE id = $6",
-        )
-        .bind(status.as_str())
-        .bind(attempt.attempt)
-        .bind(next_attempt_at)
-        .bind(last_error)
-        .bind(now)
-        .bind(attempt.delivery_id)
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -267,6 +282,19 @@ impl Store {
         &self,
         job_instance_id: i64,
     ) -> Result<Option<(CallbackDelivery, Vec<CallbackAttempt>)>, StoreError> {
+        // The attempts first: the delivery read after them is at least as new, so it never
+        // shows an older state than its attempts (an attempt and its delivery's update are
+        // committed together).
+        let attempts: Vec<CallbackAttempt> = sqlx::query(
+            "SELECT a.* FROM callback_attempt a JOIN callback_delivery d ON d.id = a.delivery_id
+             WHERE d.job_instance_id = $1 ORDER BY a.attempt",
+        )
+        .bind(job_instance_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(CallbackAttempt::from_row)
+        .collect();
         let Some(row) = sqlx::query(&format!("{DELIVERY_SELECT} WHERE d.job_instance_id = $1"))
             .bind(job_instance_id)
             .fetch_optional(&self.pool)
@@ -275,14 +303,11 @@ impl Store {
             return Ok(None);
         };
         let delivery = CallbackDelivery::from_row(&row);
-        let attempts =
-            sqlx::query("SELECT * FROM callback_attempt WHERE delivery_id = $1 ORDER BY attempt")
-                .bind(delivery.id)
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(CallbackAttempt::from_row)
-                .collect();
+        // A retry forgot the delivery the attempts were of, and another was queued since.
+        let attempts = attempts
+            .into_iter()
+            .filter(|a| a.delivery_id == delivery.id)
+            .collect();
         Ok(Some((delivery, attempts)))
     }
 }
@@ -381,6 +406,8 @@ mod tests {
             url: "http://x/hook".into(),
             body: "{}".into(),
             now: 50,
+            end_time: 10,
+            status: 3,
         };
         assert_eq!(
             store
@@ -391,6 +418,88 @@ mod tests {
         );
         assert_eq!(store.queue_callbacks(&[delivery]).await.unwrap(), 0);
         assert!(store.unqueued_callbacks(None).await.unwrap().is_empty());
+    }
+
+    /// The callback queue read a job's first end, then a retry committed: that stale end is
+    /// not queued (it would block the retried end's delivery), and an attempt of a delivery the
+    /// retry forgot is dropped, not failed.
+    #[tokio::test]
+    async fn a_retry_between_read_and_queue_leaves_no_stale_delivery() {
+        let (_db, store) = crate::test_store().await;
+        let job = store
+            .create_job(&new_job(Some("http://x/hook")))
+            .await
+            .unwrap();
+        finish(&store, job.job_instance_id).await;
+        let stale = NewCallbackDelivery {
+            job_instance_id: job.job_instance_id,
+            url: "http://x/hook".into(),
+            body: "{\"status\":3}".into(),
+            now: 50,
+            end_time: 10,
+            status: 3,
+        };
+        store
+            .queue_callbacks(std::slice::from_ref(&stale))
+            .await
+            .unwrap();
+        let id = store.pending_callbacks(1).await.unwrap()[0].id;
+        let retried = store
+            .retry_step(
+                job.job_instance_id,
+                job.step_instance_id,
+                3,
+                2,
+                &crate::RetryScope::default(),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!retried.hosts.is_empty());
+        // The attempt that was in flight when the retry forgot its delivery.
+        store
+            .record_callback_attempt(
+                &attempt(id, 1, Some(200)),
+                CallbackNext::Delivered,
+                None,
+                101,
+            )
+            .await
+            .unwrap();
+        assert!(
+            store
+                .callback_delivery(job.job_instance_id)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // The end read before the retry is not queued.
+        assert_eq!(store.queue_callbacks(&[stale]).await.unwrap(), 0);
+        store
+            .record(Write::JobFinished {
+                job_instance_id: job.job_instance_id,
+                status: 3,
+                at: 20,
+            })
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        let again = NewCallbackDelivery {
+            job_instance_id: job.job_instance_id,
+            url: "http://x/hook".into(),
+            body: "{\"again\":1}".into(),
+            now: 60,
+            end_time: 20,
+            status: 3,
+        };
+        assert_eq!(store.queue_callbacks(&[again]).await.unwrap(), 1);
+        let (delivery, attempts) = store
+            .callback_delivery(job.job_instance_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(delivery.body, "{\"again\":1}");
+        assert!(attempts.is_empty());
     }
 
     #[tokio::test]
@@ -407,6 +516,8 @@ mod tests {
                 url: "http://x/hook".into(),
                 body: "{\"a\":1}".into(),
                 now: 50,
+                end_time: 10,
+                status: 3,
             }])
             .await
             .unwrap();
@@ -470,6 +581,8 @@ mod tests {
                 url: "http://x/hook".into(),
                 body: "{}".into(),
                 now: 50,
+                end_time: 10,
+                status: 3,
             }])
             .await
             .unwrap();

@@ -63,58 +63,73 @@ impl Store {
 
     /// Deletes at most `max_rows` per-host rows of `jobs` (their logs first, then results, then
     /// task checkpoints) in one transaction; returns how many went, 0 once none is left. Only
-    /// for jobs [`Self::prunable_jobs`] returned: finished, so nothing writes these rows any more.
+    /// rows of jobs still finished before `ended_before` go: a job retried since
+    /// [`Self::prunable_jobs`] picked it is running again, and its rows are left alone. The
+    /// transaction first takes the write lock on the due jobs' rows, so a retry either committed
+    /// before (and the job is not due) or waits for this chunk.
     pub async fn prune_host_rows(
         &self,
         jobs: &[i64],
+        ended_before: i64,
         max_rows: usize,
     ) -> Result<usize, StoreError> {
         if jobs.is_empty() || max_rows == 0 {
             return Ok(0);
         }
-        let ids = placeholders(0, jobs.len());
+        let (lock, due) = due_jobs(jobs.len());
         let steps =
-            format!("SELECT step_instance_id FROM step_instance WHERE job_instance_id IN ({ids})");
-        for (table, key) in [
-            ("host_log", r#"step_instance_id, bk_host_id, "offset""#),
-            ("host_result", "step_instance_id, bk_host_id"),
-            ("host_task", "step_instance_id, bk_host_id"),
-            (
-                "host_log_history",
-                r#"step_instance_id, execute_count, bk_host_id, "offset""#,
-            ),
-            (
-                "host_result_history",
-                "step_instance_id, execute_count, bk_host_id",
-            ),
-            ("file_log", "step_instance_id, bk_host_id, mode, seq"),
-        ] {
-            let sql = format!(
-                "DELETE FROM {table} WHERE ({key}) IN \
-                 (SELECT {key} FROM {table} WHERE step_instance_id IN ({steps}) LIMIT {max_rows})"
-            );
-            let mut query = sqlx::query(&sql);
-            for id in jobs {
-                query = query.bind(id);
+            format!("SELECT step_instance_id FROM step_instance WHERE job_instance_id IN ({due})");
+        let pruned = async {
+            let mut tx = self.pool.begin().await?;
+            bind_due(sqlx::query(&lock), jobs, ended_before)
+                .execute(&mut *tx)
+                .await?;
+            for (table, key) in [
+                ("host_log", r#"step_instance_id, bk_host_id, "offset""#),
+                ("host_result", "step_instance_id, bk_host_id"),
+                ("host_task", "step_instance_id, bk_host_id"),
+                (
+                    "host_log_history",
+                    r#"step_instance_id, execute_count, bk_host_id, "offset""#,
+                ),
+                (
+                    "host_result_history",
+                    "step_instance_id, execute_count, bk_host_id",
+                ),
+                ("file_log", "step_instance_id, bk_host_id, mode, seq"),
+            ] {
+                let sql = format!(
+                    "DELETE FROM {table} WHERE ({key}) IN \
+                     (SELECT {key} FROM {table} WHERE step_instance_id IN ({steps}) LIMIT {max_rows})"
+                );
+                let done = bind_due(sqlx::query(&sql), jobs, ended_before)
+                    .execute(&mut *tx)
+                    .await?;
+                if done.rows_affected() > 0 {
+                    tx.commit().await?;
+                    return Ok(done.rows_affected() as usize);
+                }
             }
-            let done = self.noting_write_failure(query.execute(&self.pool).await)?;
-            if done.rows_affected() > 0 {
-                return Ok(done.rows_affected() as usize);
-            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(0)
         }
-        Ok(0)
+        .await;
+        self.noting_write_failure(pruned)
     }
 
     /// Removes `jobs` with whatever is left under them, in one transaction, each only if it is
-    /// still finished before `ended_before`; returns how many were removed.
+    /// still finished before `ended_before`; returns how many were removed. Every statement,
+    /// not only the last, looks at that again: a job retried meanwhile keeps its steps and rows.
     pub async fn remove_jobs(&self, jobs: &[i64], ended_before: i64) -> Result<usize, StoreError> {
         if jobs.is_empty() {
             return Ok(0);
         }
-        let ids = placeholders(0, jobs.len());
+        let (lock, due) = due_jobs(jobs.len());
         let steps =
-            format!("SELECT step_instance_id FROM step_instance WHERE job_instance_id IN ({ids})");
+            format!("SELECT step_instance_id FROM step_instance WHERE job_instance_id IN ({due})");
         let statements = [
+            // The write lock on the due jobs first: a retry waits for this transaction.
+            lock,
             format!("DELETE FROM host_log WHERE step_instance_id IN ({steps})"),
             format!("DELETE FROM host_result WHERE step_instance_id IN ({steps})"),
             format!("DELETE FROM host_task WHERE step_instance_id IN ({steps})"),
@@ -123,35 +138,52 @@ impl Store {
             format!("DELETE FROM file_log WHERE step_instance_id IN ({steps})"),
             format!(
                 "DELETE FROM callback_attempt WHERE delivery_id IN \
-                 (SELECT id FROM callback_delivery WHERE job_instance_id IN ({ids}))"
+                 (SELECT id FROM callback_delivery WHERE job_instance_id IN ({due}))"
             ),
-            format!("DELETE FROM callback_delivery WHERE job_instance_id IN ({ids})"),
+            format!("DELETE FROM callback_delivery WHERE job_instance_id IN ({due})"),
             format!("DELETE FROM rolling_host WHERE step_instance_id IN ({steps})"),
             format!("DELETE FROM step_rolling WHERE step_instance_id IN ({steps})"),
-            format!("DELETE FROM step_instance WHERE job_instance_id IN ({ids})"),
-            // Checked again inside the transaction: a job is never removed unless finished.
-            format!(
-                "DELETE FROM job_instance WHERE job_instance_id IN ({ids}) \
-                 AND end_time IS NOT NULL AND end_time < ${}",
-                jobs.len() + 1
-            ),
+            format!("DELETE FROM step_instance WHERE job_instance_id IN ({due})"),
+            format!("DELETE FROM job_instance WHERE job_instance_id IN ({due})"),
         ];
         let mut tx = self.noting_write_failure(self.pool.begin().await)?;
         let mut removed = 0;
-        for (i, sql) in statements.iter().enumerate() {
-            let mut query = sqlx::query(sql);
-            for id in jobs {
-                query = query.bind(id);
-            }
-            if i == statements.len() - 1 {
-                query = query.bind(ended_before);
-            }
-            let done = self.noting_write_failure(query.execute(&mut *tx).await)?;
+        for sql in &statements {
+            let done = self.noting_write_failure(
+                bind_due(sqlx::query(sql), jobs, ended_before)
+                    .execute(&mut *tx)
+                    .await,
+            )?;
             removed = done.rows_affected() as usize;
         }
         self.noting_write_failure(tx.commit().await)?;
         Ok(removed)
     }
+}
+
+/// For `n` job ids bound at `$1..=$n` and the cutoff at `$n+1`: a statement that takes the
+/// write lock on those still finished before the cutoff, and the query that selects them.
+fn due_jobs(n: usize) -> (String, String) {
+    let ids = placeholders(0, n);
+    let condition = format!(
+        "job_instance_id IN ({ids}) AND end_time IS NOT NULL AND end_time < ${}",
+        n + 1
+    );
+    (
+        format!("UPDATE job_instance SET end_time = end_time WHERE {condition}"),
+        format!("SELECT job_instance_id FROM job_instance WHERE {condition}"),
+    )
+}
+
+fn bind_due<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    jobs: &[i64],
+    ended_before: i64,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for id in jobs {
+        query = query.bind(*id);
+    }
+    query.bind(ended_before)
 }
 
 #[cfg(test)]
@@ -225,7 +257,7 @@ mod tests {
         assert_eq!(jobs, [old.job_instance_id], "only the finished job is due");
         let mut batches = Vec::new();
         loop {
-            let n = store.prune_host_rows(&jobs, 64).await.unwrap();
+            let n = store.prune_host_rows(&jobs, 100, 64).await.unwrap();
             if n == 0 {
                 break;
             }
@@ -253,6 +285,64 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    /// A job retried after retention picked it is running again: neither its host rows nor
+    /// its step nor the job go, though it was due when it was picked.
+    #[tokio::test]
+    async fn a_job_retried_after_it_was_picked_keeps_everything() {
+        let (_db, store) = crate::test_store().await;
+        let job = store.create_job(&job_on(3)).await.unwrap();
+        for host in 1..=3 {
+            store
+                .record(Write::HostLog {
+                    step_instance_id: job.step_instance_id,
+                    bk_host_id: host,
+                    offset: 0,
+                    data: b"abc\n".to_vec(),
+                })
+                .await
+                .unwrap();
+        }
+        store
+            .record(Write::JobFinished {
+                job_instance_id: job.job_instance_id,
+                status: 4,
+                at: 10,
+            })
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        let jobs = store.prunable_jobs(100, &[4], 10).await.unwrap();
+        assert_eq!(jobs, [job.job_instance_id]);
+
+        let retried = store
+            .retry_step(
+                job.job_instance_id,
+                job.step_instance_id,
+                4,
+                2,
+                &crate::RetryScope::default(),
+            )
+            .await
+            .unwrap()
+            .expect("the failed job is retried");
+        assert_eq!(retried.hosts, [1, 2, 3]);
+
+        assert_eq!(store.prune_host_rows(&jobs, 100, 64).await.unwrap(), 0);
+        assert_eq!(store.remove_jobs(&jobs, 100).await.unwrap(), 0);
+        let kept = store.job(job.job_instance_id).await.unwrap().unwrap();
+        assert_eq!(kept.status, 2);
+        assert_eq!(
+            store
+                .host_results(job.step_instance_id)
+                .await
+                .unwrap()
+                .len(),
+            3,
+            "the retried hosts still have their rows"
+        );
+        assert_eq!(kept.steps.len(), 1, "the retried job keeps its step");
     }
 
     #[test]

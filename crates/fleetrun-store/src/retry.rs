@@ -33,6 +33,9 @@ pub struct Retried {
     pub execute_count: i64,
     /// The hosts to run again, by id; empty if the scope held none (nothing was changed).
     pub hosts: Vec<i64>,
+    /// The tasks the retried hosts' agents were last given, as their checkpoints saved them:
+    /// (host, task id, agent id). One whose end was not confirmed may still run there.
+    pub earlier_tasks: Vec<(i64, String, String)>,
 }
 
 /// The columns `host_result` and `host_result_history` share.
@@ -112,6 +115,7 @@ impl Store {
                 return Ok(Some(Retried {
                     execute_count: ended,
                     hosts,
+                    earlier_tasks: Vec::new(),
                 }));
             }
             sqlx::query(&format!(
@@ -137,6 +141,17 @@ impl Store {
             .bind(step_instance_id)
             .execute(&mut *tx)
             .await?;
+            let earlier_tasks: Vec<(i64, String, String)> = sqlx::query(&format!(
+                "SELECT bk_host_id, task_id, agent_id FROM host_task
+                 WHERE step_instance_id = $1 AND bk_host_id IN ({retried}) ORDER BY bk_host_id"
+            ))
+            .bind(step_instance_id)
+            .bind(step_instance_id)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
             for table in ["host_log", "host_task"] {
                 sqlx::query(&format!(
                     "DELETE FROM {table} WHERE step_instance_id = $1 AND bk_host_id IN ({retried})"
@@ -172,10 +187,65 @@ impl Store {
             Ok::<_, sqlx::Error>(Some(Retried {
                 execute_count: next,
                 hosts,
+                earlier_tasks,
             }))
         }
         .await;
         self.noting_write_failure(retried)
+    }
+
+    /// Ends a retried job in `running` whose run could not be started: the job and step get
+    /// `status` and an end time, and the hosts still waiting `host_status`. False if the job is
+    /// not in `running` any more.
+    pub async fn end_unstarted_retry(
+        &self,
+        job_instance_id: i64,
+        step_instance_id: i64,
+        running: i32,
+        status: i32,
+        host_status: i32,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let ended = async {
+            let mut tx = self.pool.begin().await?;
+            let ended = sqlx::query(
+                "UPDATE job_instance SET status = $1, end_time = $2
+                 WHERE job_instance_id = $3 AND status = $4",
+            )
+            .bind(status)
+            .bind(now)
+            .bind(job_instance_id)
+            .bind(running)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if !ended {
+                return Ok(false);
+            }
+            sqlx::query(
+                "UPDATE step_instance SET status = $1, end_time = $2 WHERE step_instance_id = $3",
+            )
+            .bind(status)
+            .bind(now)
+            .bind(step_instance_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE host_result SET status = $1, end_time = $2
+                 WHERE step_instance_id = $3 AND status = $4",
+            )
+            .bind(host_status)
+            .bind(now)
+            .bind(step_instance_id)
+            .bind(WAITING)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(true)
+        }
+        .await;
+        self.noting_write_failure(ended)
     }
 
     /// Ends a job in `failed` whose step's error an operator ignored: the step gets
@@ -432,6 +502,24 @@ mod tests {
             4,
         )
         .await;
+        // The tasks the agents were given, as their checkpoints saved them.
+        let checkpoints: Vec<crate::HostCheckpoint> = [1, 2]
+            .into_iter()
+            .map(|host| crate::HostCheckpoint {
+                step_instance_id: step,
+                bk_host_id: host,
+                task_id: format!("task-{host}"),
+                agent_id: format!("agent-{host}"),
+                received: 0,
+                stored: 0,
+                dropped_bytes: 0,
+                dropped_lines: 0,
+                truncated: false,
+                started_at: None,
+                deadline: None,
+            })
+            .collect();
+        store.save_checkpoints(&checkpoints).await.unwrap();
         let failed_only = super::RetryScope {
             keep: vec![3, 9],
             batches: None,
@@ -451,6 +539,11 @@ mod tests {
             .unwrap();
         assert_eq!(retried.execute_count, 1);
         assert_eq!(retried.hosts, [2]);
+        // The retried host's earlier task, to discard before the new one goes out.
+        assert_eq!(
+            retried.earlier_tasks,
+            [(2, "task-2".to_owned(), "agent-2".to_owned())]
+        );
         let record = store.job(job).await.unwrap().unwrap();
         assert_eq!((record.status, record.end_time), (2, None));
         assert_eq!(record.steps[0].execute_count, 2, "the store counts runs");

@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 pub(super) struct Received {
     at_ms: i64,
     headers: HeaderMap,
-    body: Bytes,
+    pub(super) body: Bytes,
 }
 
 #[derive(Debug, Default)]

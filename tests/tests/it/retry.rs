@@ -150,11 +150,14 @@ async fn retry_failed_runs_only_the_failed_host_again_and_keeps_the_first_runs_l
     assert_eq!(runs(&cluster), 4);
     assert_eq!(done["step_instance_list"][0]["execute_count"], 1, "{done}");
     assert!(statuses(&done).iter().all(|(_, s)| *s == 9), "{done}");
-    // The end is reported again.
+    // The end is reported again, with the retried run's status.
     eventually(Duration::from_secs(20), "the second callback", || async {
         (receiver.received().len() == 2).then_some(())
     })
     .await?;
+    let second: Value = serde_json::from_slice(&receiver.received()[1].body)?;
+    assert_eq!(second["job_instance_id"], job, "{second}");
+    assert_eq!(second["status"], 3, "{second}");
 
     // execute_count 0 is still there: the host that failed, and its log.
     let before = status_at(&cluster, job, Some(0)).await?;
@@ -197,6 +200,30 @@ async fn retry_failed_runs_only_the_failed_host_again_and_keeps_the_first_runs_l
         )
         .await?;
     assert_eq!(latest["execute_count"], 1, "{latest}");
+    // A count that is no count, or one the step never had, is refused by every API that
+    // takes it, naming the field.
+    for bad in [json!(-1), json!(i64::MAX), json!("1.5"), json!("x")] {
+        for api in [
+            "get_job_instance_status",
+            "get_job_instance_ip_log",
+            "batch_get_job_instance_ip_log",
+            "get_step_instance_status",
+        ] {
+            let mut query = body.clone();
+            query["bk_host_id"] = json!(failed_host);
+            query["return_ip_result"] = json!(true);
+            query["execute_count"] = bad.clone();
+            let refused = cluster.client().call_raw(api, query).await?;
+            assert_eq!(refused["code"], 1_240_003, "{api} {bad}: {refused}");
+            assert!(
+                refused["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("execute_count"),
+                "{api} {bad}: {refused}"
+            );
+        }
+    }
     // A count the step never had is refused, naming the field.
     body["execute_count"] = json!(2);
     let refused = cluster
@@ -387,8 +414,101 @@ async fn an_app_of_another_business_cannot_read_a_step_detail() -> Result<()> {
             json!({"bk_scope_type": "biz", "bk_scope_id": cluster.info.scope()["bk_scope_id"], "step_instance_id": step}),
         )
         .await?;
-    assert_ne!(theirs["code"], 0, "{theirs}");
+    assert_eq!(theirs["code"], 1_238_001, "{theirs}");
     assert!(!theirs.to_string().contains("echo mine"), "{theirs}");
     assert!(theirs["data"].is_null(), "{theirs}");
+    Ok(())
+}
+
+/// A failed host moved to another business after the run is not given the script again: the
+/// retry is refused as a fresh submit to it would be, and nothing runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_refuses_a_host_moved_out_of_the_business() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    let script = fail_first(&cluster);
+    let (job, step) = submit(&cluster, &script, json!({})).await?;
+    let failed = wait_for(&cluster, job, 4).await?;
+    let failed_host = statuses(&failed)
+        .iter()
+        .find(|(_, s)| *s == 104)
+        .map(|(h, _)| *h)
+        .context("a failed host")?;
+    assert_eq!(runs(&cluster), 2);
+    cluster
+        .client()
+        .call(
+            "change_inventory",
+            json!({"changes": [{"op": "move_hosts", "bk_host_ids": [failed_host], "bk_biz_id": 3, "modules": [200]}]}),
+        )
+        .await?;
+    let refused = operate(&cluster, job, step, 2).await?;
+    assert_eq!(refused["code"], 1_244_002, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("target_server"),
+        "{refused}"
+    );
+    // Nothing changed: the job is still failed under execute_count 0, and nothing ran.
+    let after = status_at(&cluster, job, None).await?;
+    assert_eq!(after["job_instance"]["status"], 4, "{after}");
+    assert_eq!(
+        after["step_instance_list"][0]["execute_count"], 0,
+        "{after}"
+    );
+    assert_eq!(runs(&cluster), 2);
+    Ok(())
+}
+
+/// A dangerous-command rule enabled after the job ran refuses its retry, as it refuses a fresh
+/// submit: nothing changes and nothing runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_is_refused_by_a_dangerous_rule_enabled_after_the_submit() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    let client = cluster.client();
+    let script = format!("{}\necho retried-word\n", fail_first(&cluster));
+    let (job, step) = submit(&cluster, &script, json!({})).await?;
+    wait_for(&cluster, job, 4).await?;
+    assert_eq!(runs(&cluster), 2);
+    let rule = client
+        .call(
+            "create_dangerous_rule",
+            json!({"expression": r"retried-\w+", "script_language_list": [1], "description": "no retried words", "action": 2}),
+        )
+        .await?;
+    let rule = rule["id"].as_i64().context("rule id")?;
+    client
+        .call("enable_dangerous_rule", json!({"id": rule}))
+        .await?;
+    let refused = operate(&cluster, job, step, 2).await?;
+    assert_eq!(refused["code"], 1_244_019, "{refused}");
+    let after = status_at(&cluster, job, None).await?;
+    assert_eq!(after["job_instance"]["status"], 4, "{after}");
+    assert_eq!(
+        after["step_instance_list"][0]["execute_count"], 0,
+        "{after}"
+    );
+    assert_eq!(runs(&cluster), 2);
+    Ok(())
+}
+
+/// Ignoring the error of a failed step that is not rolling ends it "ignore error" (6) and the
+/// job successful (3), as bk-job does for a job whose last step's error is ignored; nothing runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn ignoring_a_failed_steps_error_ends_the_job_successful() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    let script = fail_first(&cluster);
+    let (job, step) = submit(&cluster, &script, json!({})).await?;
+    wait_for(&cluster, job, 4).await?;
+    let ignored = operate(&cluster, job, step, 3).await?;
+    assert_eq!(ignored["code"], 0, "{ignored}");
+    let done = status_at(&cluster, job, None).await?;
+    assert_eq!(done["job_instance"]["status"], 3, "{done}");
+    assert_eq!(done["step_instance_list"][0]["status"], 6, "{done}");
+    assert_eq!(runs(&cluster), 2);
+    // Once is all: the job is no longer failed.
+    let again = operate(&cluster, job, step, 3).await?;
+    assert_eq!(again["code"], 1_241_003, "{again}");
     Ok(())
 }

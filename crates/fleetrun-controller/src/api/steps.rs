@@ -278,6 +278,7 @@ pub async fn operate_step_instance(
             }
             retry(
                 shared,
+                caller,
                 &job,
                 &step,
                 rolling,
@@ -488,7 +489,7 @@ pub(super) async fn stored_task(
 ) -> Result<TaskTemplate, ApiError> {
     let scope: fleetrun_inventory::Scope = format!("{}:{}", job.bk_scope_type, job.bk_scope_id)
         .parse()
-        .map_err(|e| ApiError::internal("rolling", format!("stored scope: {e}")))?;
+        .map_err(|e| ApiError::internal("stored step", format!("stored scope: {e}")))?;
     let inventory = shared.inventory.current().await?;
     let account = inventory
         .account_for(&scope, Some(step.account_id), None)
@@ -506,12 +507,12 @@ pub(super) async fn stored_task(
         .store
         .step_payload(step.step_instance_id)
         .await?
-        .ok_or_else(|| ApiError::internal("rolling", "step vanished"))?;
+        .ok_or_else(|| ApiError::internal("stored step", "step vanished"))?;
     let param = if step.is_param_sensitive {
         shared
             .cipher
             .open(&param, job.job_instance_id, step.step_instance_id)
-            .map_err(|e| ApiError::internal("rolling", e))?
+            .map_err(|e| ApiError::internal("stored step", e))?
     } else {
         param
     };
@@ -538,6 +539,7 @@ pub(super) async fn stored_task(
 /// them as it dispatches a created job; its end is reported to the callback again.
 async fn retry(
     shared: &Shared,
+    caller: &Caller,
     job: &fleetrun_store::JobRecord,
     step: &fleetrun_store::StepRecord,
     rolling: Option<fleetrun_store::RollingRecord>,
@@ -545,6 +547,21 @@ async fn retry(
 ) -> Result<(), ApiError> {
     super::execute::refuse_while_unwritable(shared)?;
     // Everything that can refuse comes before anything changes.
+    let days = shared.config.retention.finished_jobs_days;
+    if days > 0
+        && job
+            .end_time
+            .is_some_and(|end| end < crate::now_ms() - i64::from(days) * 86_400_000)
+    {
+        // Retention may be removing its rows right now.
+        return Err(ApiError::new(
+            code::UNSUPPORTED_OPERATION,
+            format!(
+                "job_instance_id: job {} ended more than {days} days ago (retention.finished_jobs_days) and is not run again",
+                job.job_instance_id
+            ),
+        ));
+    }
     let task = stored_task(shared, job, step).await?;
     let plan = match &rolling {
         None => None,
@@ -567,6 +584,69 @@ async fn retry(
                 crate::rolling::Execution::Staggered { .. } => 1..=last,
             }
         }),
+    };
+    // The hosts to run again must still be in the job's business, as for a created job's start:
+    // a host moved out since is not given the script again.
+    let in_batches: Option<Vec<i64>> =
+        plan.as_ref()
+            .zip(scope.batches.as_ref())
+            .map(|((_, batches, _), range)| {
+                batches
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| {
+                        i32::try_from(*i + 1).is_ok_and(|batch| range.contains(&batch))
+                    })
+                    .flat_map(|(_, hosts)| hosts.iter().copied())
+                    .collect()
+            });
+    let to_retry: Vec<i64> = shared
+        .store
+        .host_results(step.step_instance_id)
+        .await?
+        .iter()
+        .filter(|h| !scope.keep.contains(&h.status))
+        .filter(|h| {
+            in_batches
+                .as_ref()
+                .is_none_or(|hosts| hosts.contains(&h.bk_host_id))
+        })
+        .map(|h| h.bk_host_id)
+        .collect();
+    if !to_retry.is_empty() {
+        let job_scope: fleetrun_inventory::Scope =
+            format!("{}:{}", job.bk_scope_type, job.bk_scope_id)
+                .parse()
+                .map_err(|e| ApiError::internal("retry", format!("stored scope: {e}")))?;
+        let inventory = shared.inventory.current().await?;
+        let wanted = fleetrun_inventory::Targets {
+            host_ids: Some(to_retry),
+            ..Default::default()
+        };
+        super::scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
+        inventory
+            .resolve(&job_scope, &wanted)
+            .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?;
+    }
+    // The job's place in the running set is held before the retry commits: a run that just
+    // ended leaves the set a moment after its end is committed, and a terminate in between must
+    // not find that run's token and end the retried job with it.
+    let mut reservation = None;
+    for _ in 0..100 {
+        reservation = shared.engine.reserve(job.job_instance_id);
+        if reservation.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let Some(reservation) = reservation else {
+        return Err(ApiError::new(
+            code::UNSUPPORTED_OPERATION,
+            format!(
+                "job_instance_id: job {} is still ending its previous run; try again",
+                job.job_instance_id
+            ),
+        ));
     };
     let retried = shared
         .store
@@ -603,6 +683,8 @@ async fn retry(
         all,
         "retry"
     );
+    // Before the new task goes out: an earlier one may still be running there.
+    shared.engine.discard_earlier(&retried.earlier_tasks);
     let spec = JobSpec {
         job_instance_id: job.job_instance_id,
         step_instance_id: step.step_instance_id,
@@ -612,84 +694,109 @@ async fn retry(
     let rolling = match plan {
         None => None,
         Some((config, batches, record)) => {
-            // The retried hosts go out in their own batches, and the step rolls on after them.
-            let first = match config.execution {
-                crate::rolling::Execution::Serial => record.current_batch.max(1),
-                crate::rolling::Execution::Staggered { .. } => 1,
-            };
-            let first = usize::try_from(first).unwrap_or(1);
-            let last = usize::try_from(record.current_batch.max(1)).unwrap_or(1);
-            let all_hosts = batches.concat();
-            let batches: Vec<Vec<i64>> = batches
-                .into_iter()
-                .enumerate()
-                .map(|(i, hosts)| {
-                    if (first..=last).contains(&(i + 1)) {
-                        hosts
-                            .into_iter()
-                            .filter(|h| retried.hosts.contains(h))
-                            .collect()
-                    } else {
-                        hosts
-                    }
-                })
-                .collect();
-            let failed = shared
-                .store
-                .failed_hosts(
-                    step.step_instance_id,
-                    status::host::UNFINISHED,
-                    &[3, status::host::SUCCESS],
-                )
-                .await?;
-            let ignored = usize::try_from(record.failures_ignored).unwrap_or(0);
-            Some((
-                RollingStart {
-                    config,
-                    next_batch: first,
-                    earlier_failures: failed.saturating_sub(ignored),
-                    started: job.start_time,
-                    batches,
-                },
-                all_hosts,
-            ))
+            match retried_plan(shared, job, step, &retried.hosts, config, batches, record).await {
+                Ok(plan) => Some(plan),
+                Err(e) => {
+                    // Committed already: the job ends rather than stay running with no run.
+                    end_unstarted(shared, job, step).await;
+                    return Err(e);
+                }
+            }
         }
     };
-    // A run that just ended leaves the running set a moment after its end is committed.
-    let mut started = false;
-    for _ in 0..100 {
-        started = match &rolling {
-            None => shared.engine.start_retry(spec.clone()),
-            // The whole plan's hosts: the failure limit counts against all of them.
-            Some((rolling, all_hosts)) => shared.engine.start_rolling(
-                JobSpec {
-                    hosts: all_hosts.clone(),
-                    ..spec.clone()
-                },
-                rolling.clone(),
-            ),
-        };
-        if started {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    if !started {
-        // No run: end the job failed rather than leave it running; a later retry may go on.
-        shared
-            .store
-            .end_rolling_job(
-                job.job_instance_id,
-                step.step_instance_id,
-                status::job::RUNNING,
-                status::job::FAILED,
-                crate::now_ms(),
-            )
-            .await?;
-        return Err(ApiError::new(
-            code::UNSUPPORTED_OPERATION,
-            format!("job_instance_id: job {} is running", job.job_instance_id),
-        ));
+    match rolling {
+        None => shared.engine.start_retry(reservation, spec),
+        // The whole plan's hosts: the failure limit counts against all of them.
+        Some((rolling, all_hosts)) => shared.engine.start_rolling_reserved(
+            reservation,
+            JobSpec {
+                hosts: all_hosts,
+                ..spec
+            },
+            rolling,
+        ),
     }
     Ok(())
+}
+
+/// Ends a retried job whose run could not start: failed, its waiting hosts with a task error,
+/// its end reported to the callback.
+async fn end_unstarted(
+    shared: &Shared,
+    job: &fleetrun_store::JobRecord,
+    step: &fleetrun_store::StepRecord,
+) {
+    let ended = shared
+        .store
+        .end_unstarted_retry(
+            job.job_instance_id,
+            step.step_instance_id,
+            status::job::RUNNING,
+            status::job::FAILED,
+            status::host::AGENT_TASK_ERROR,
+            crate::now_ms(),
+        )
+        .await;
+    match ended {
+        Ok(true) => {
+            if let Some(callbacks) = shared.engine.callbacks() {
+                callbacks.job_ended(job.job_instance_id);
+            }
+        }
+        Ok(false) => {}
+        Err(e) => tracing::error!(
+            job = job.job_instance_id,
+            "a retry that could not start cannot be ended: {e}"
+        ),
+    }
+}
+
+/// The rolling plan a retry goes on with: the retried hosts in their own batches, then the
+/// step's later batches, with the whole plan's hosts.
+async fn retried_plan(
+    shared: &Shared,
+    job: &fleetrun_store::JobRecord,
+    step: &fleetrun_store::StepRecord,
+    retried: &[i64],
+    config: RollingConfig,
+    batches: Vec<Vec<i64>>,
+    record: &fleetrun_store::RollingRecord,
+) -> Result<(RollingStart, Vec<i64>), ApiError> {
+    let first = match config.execution {
+        crate::rolling::Execution::Serial => record.current_batch.max(1),
+        crate::rolling::Execution::Staggered { .. } => 1,
+    };
+    let first = usize::try_from(first).unwrap_or(1);
+    let last = usize::try_from(record.current_batch.max(1)).unwrap_or(1);
+    let all_hosts = batches.concat();
+    let batches: Vec<Vec<i64>> = batches
+        .into_iter()
+        .enumerate()
+        .map(|(i, hosts)| {
+            if (first..=last).contains(&(i + 1)) {
+                hosts.into_iter().filter(|h| retried.contains(h)).collect()
+            } else {
+                hosts
+            }
+        })
+        .collect();
+    let failed = shared
+        .store
+        .failed_hosts(
+            step.step_instance_id,
+            status::host::UNFINISHED,
+            &[3, status::host::SUCCESS],
+        )
+        .await?;
+    let ignored = usize::try_from(record.failures_ignored).unwrap_or(0);
+    Ok((
+        RollingStart {
+            config,
+            next_batch: first,
+            earlier_failures: failed.saturating_sub(ignored),
+            started: job.start_time,
+            batches,
+        },
+        all_hosts,
+    ))
 }

@@ -398,6 +398,8 @@ struct LogRequest {
     host_id_list: Option<Vec<i64>>,
     ip_list: Option<Vec<CloudIp>>,
     container_id_list: Option<Vec<Value>>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    execute_count: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -454,7 +456,7 @@ async fn batch_get_job_instance_execute_object_log(
         req.job_instance_id,
         req.step_instance_id,
         &hosts,
-        None,
+        req.execute_count,
     )
     .await?;
     reply::data(BatchLogsV4 {

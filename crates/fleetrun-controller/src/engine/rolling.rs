@@ -73,6 +73,22 @@ impl Engine {
             }
             running.insert(job_instance_id, cancel.clone());
         }
+        self.spawn_rolling(spec, rolling, cancel);
+        true
+    }
+
+    /// Rolls a retried step on in the place `reservation` holds (see [`Engine::reserve`]).
+    pub fn start_rolling_reserved(
+        &self,
+        reservation: super::Reservation,
+        spec: JobSpec,
+        rolling: RollingStart,
+    ) {
+        self.spawn_rolling(spec, rolling, reservation.take());
+    }
+
+    fn spawn_rolling(&self, spec: JobSpec, rolling: RollingStart, cancel: CancellationToken) {
+        let job_instance_id = spec.job_instance_id;
         let engine = self.clone();
         tokio::spawn(async move {
             let registered = engine.run_rolling(spec, rolling, cancel).await;
@@ -88,7 +104,6 @@ impl Engine {
             }
             engine.left_here.lock().unwrap().note(job_instance_id);
         });
-        true
     }
 
     /// Runs the batches; false if the run paused and so left the running set.
