@@ -737,3 +737,87 @@ async fn a_lying_agent_cannot_break_the_file_logs_or_the_store() -> Result<()> {
     // PostgreSQL from then on): a script on the real agent is recorded to its end.
     assert_agents_still_root(&cluster).await
 }
+
+/// A host's own limits hold for file tasks as for scripts: an account outside `limits.accounts`
+/// is refused before anything is written, and a push waits for one of the agent's
+/// `max_concurrent_tasks` slots; it times out (303) while a script holds the only one, writing
+/// nothing, and runs once the slot is free.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_limits_and_task_slots_bind_file_tasks() -> Result<()> {
+    ensure_test_user();
+    let mut cluster = start_cluster(1).await?;
+    let agent_id = cluster.agents[0].agent_id.clone();
+    cluster.kill_agent(0)?;
+    cluster
+        .wait_offline(&agent_id, Duration::from_secs(20))
+        .await?;
+    let config = cluster.agents[0].config.clone();
+    let text = std::fs::read_to_string(&config)?;
+    std::fs::write(
+        &config,
+        format!(
+            "max_concurrent_tasks = 1\n{text}\n[limits]\nallow_root = false\naccounts = [\"{TEST_USER}\"]\n"
+        ),
+    )?;
+    cluster.start_agent(0)?;
+    cluster
+        .wait_online(&[agent_id.clone()], Duration::from_secs(30))
+        .await?;
+    let base_dir = scratch("limits");
+    let base = base_dir.path().to_owned();
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777))?;
+    let files = json!([{"file_name": "x.conf", "content": b64("x")}]);
+
+    let request = push_request(&cluster, base.to_str().unwrap(), files.clone(), "root");
+    let (job, step, status) = push(&cluster, request).await?;
+    assert_eq!(host_results(&status)[0]["status"], 399, "{status}");
+    assert!(!base.join("x.conf").exists(), "nothing written as root");
+    let logs = file_logs(&cluster, job, step, cluster.host_ids()[0]).await?;
+    assert!(
+        logs[0]["log_content"]
+            .as_str()
+            .unwrap()
+            .contains("limits.accounts"),
+        "{logs}"
+    );
+
+    // A script as the account holds the one slot until told to stop.
+    let started = base.join("started");
+    let stop = base.join("stop");
+    let script = format!(
+        "touch {}; while [ ! -e {} ]; do sleep 0.1; done",
+        started.display(),
+        stop.display()
+    );
+    let mut request = cluster.script_request(&script, &cluster.host_ids(), json!({}));
+    request["account_alias"] = json!("user");
+    let client = cluster.client();
+    let accepted = client.call("fast_execute_script", request).await?;
+    let holder = accepted["job_instance_id"].as_i64().context("job id")?;
+    fleetrun_tests::eventually(Duration::from_secs(30), "the script to start", || async {
+        started.exists().then_some(())
+    })
+    .await?;
+    let mut request = push_request(&cluster, base.to_str().unwrap(), files.clone(), "user");
+    request["timeout"] = json!(1);
+    let (_, _, status) = push(&cluster, request).await?;
+    assert_eq!(
+        host_results(&status)[0]["status"],
+        303,
+        "the push waits for the slot and times out: {status}"
+    );
+    assert!(
+        !base.join("x.conf").exists(),
+        "nothing written without a slot"
+    );
+    std::fs::write(&stop, b"")?;
+    let status = client
+        .wait_job(&cluster.info.scope(), holder, Duration::from_secs(60))
+        .await?;
+    assert_eq!(host_results(&status)[0]["status"], 9, "{status}");
+    let request = push_request(&cluster, base.to_str().unwrap(), files, "user");
+    let (_, _, status) = push(&cluster, request).await?;
+    assert_eq!(host_results(&status)[0]["status"], 9, "{status}");
+    assert_eq!(std::fs::read_to_string(base.join("x.conf"))?, "x");
+    Ok(())
+}
