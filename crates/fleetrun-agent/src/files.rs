@@ -140,18 +140,39 @@ async fn run(
             .collect(),
         refuse_root: ctx.config.limits.root_refusal(),
     };
+    let deadline = tokio::time::sleep(Duration::from_secs(u64::from(timeout_secs.max(1))));
+    tokio::pin!(deadline);
+    // A file task is a task: it waits for one of the host's `max_concurrent_tasks` slots, its
+    // timeout and a cancel counting meanwhile.
+    let permit = loop {
+        let not_placed =
+            |why: &str| format!("{why} before a task slot was free: 0 of {count} files placed");
+        tokio::select! {
+            permit = ctx.slots.clone().acquire_owned() => {
+                break permit.expect("the semaphore is never closed");
+            }
+            () = &mut deadline => {
+                return ended(Ending::TimedOut, started_at_ms, not_placed(&format!("timed out after {timeout_secs} s")));
+            }
+            down = downs.recv() => match down {
+                Some(TaskDown::Cancel) | None => {
+                    return ended(Ending::Cancelled, started_at_ms, not_placed("cancelled"));
+                }
+                Some(_) => {}
+            },
+        }
+    };
     let cancel = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = mpsc::unbounded_channel::<PlacedFile>();
     let worker = {
         let cancel = cancel.clone();
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             place::place(placement, cancel, move |file| {
                 let _ = tx.send(file);
             })
         })
     };
-    let deadline = tokio::time::sleep(Duration::from_secs(u64::from(timeout_secs.max(1))));
-    tokio::pin!(deadline);
     let mut timed_out = false;
     let mut cancelled = false;
     let mut placed = 0usize;
@@ -227,6 +248,18 @@ async fn run(
         ending,
         started_at_ms,
         finished_at_ms,
+        output_bytes: 0,
+        survivors: 0,
+        message: Some(message),
+    }
+}
+
+/// A result with nothing placed.
+fn ended(ending: Ending, started_at_ms: i64, message: String) -> TaskResult {
+    TaskResult {
+        ending,
+        started_at_ms,
+        finished_at_ms: ms(SystemTime::now()),
         output_bytes: 0,
         survivors: 0,
         message: Some(message),

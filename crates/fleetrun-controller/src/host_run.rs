@@ -663,7 +663,7 @@ fn saturate(n: u64) -> i64 {
 }
 
 /// `text` cut to at most `max` bytes, on a character boundary.
-fn cut(mut text: String, max: usize) -> String {
+pub(crate) fn cut(mut text: String, max: usize) -> String {
     // An agent's text goes into TEXT columns, which PostgreSQL refuses with a NUL in them: the
     // whole group commit would fail with it.
     if text.contains('\0') {

@@ -139,6 +139,8 @@ pub fn host_status_name(status: i32) -> &'static str {
         USER_NOT_EXIST => "user_not_exist",
         AGENT_TASK_ERROR => "agent_task_error",
         TERMINATE_SUCCESS => "terminate_success",
+        FILE_TIMEOUT => "file_timeout",
+        FILE_TASK_ERROR => "file_task_error",
         _ => "other",
     }
 }

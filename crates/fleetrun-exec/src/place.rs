@@ -1,7 +1,9 @@
 //! Writes files into a directory as an OS account: the file task's half on the host.
 //!
-//! The work runs on a thread of its own that has become the account (`sys::become_on_this_thread`,
-//! all three user ids, so nothing it does has root's rights) and ends afterwards. The target
+//! The work runs on a thread of its own that acts as the account towards the file systems
+//! (`sys::become_on_this_thread`: the account's groups and file-system ids, no capabilities, so
+//! nothing it does has root's rights over files; its real, effective and saved ids stay root's,
+//! so the account cannot signal, limit or trace the agent meanwhile) and ends afterwards. The target
 //! directory is reached from `/` one component at a time with `O_NOFOLLOW` and each descriptor
 //! checked to be a directory, so a symbolic link planted anywhere in the path is refused rather
 //! than followed; a missing directory is created by the account. Each file is written to a fresh
@@ -124,15 +126,21 @@ pub fn valid_file_name(name: &str) -> bool {
         && name != "."
         && name != ".."
         && !name.contains('/')
-        && !name.contains('\0')
+        && !name.chars().any(is_control)
 }
 
-/// Whether `dir` is an absolute path without `.`, `..` or NUL, of at most [`MAX_DEPTH`]
-/// components.
+/// C0 controls (NUL, newline, escape, ...) and DEL: in a name they would forge lines in the
+/// file logs and the agent's log.
+fn is_control(c: char) -> bool {
+    c < ' ' || c == '\u{7f}'
+}
+
+/// Whether `dir` is an absolute path without `.`, `..`, NUL or another control character, of at
+/// most [`MAX_DEPTH`] components.
 pub fn valid_target_dir(dir: &str) -> bool {
     let path = Path::new(dir);
     dir.starts_with('/')
-        && !dir.contains('\0')
+        && !dir.chars().any(is_control)
         && dir.len() <= 4096
         && path.components().count() <= MAX_DEPTH + 1
         && path
@@ -169,6 +177,7 @@ pub fn place(
         gid: account.gid,
         groups: account.groups.clone(),
     });
+    let was_dumpable = sys::dumpable();
     let worker = std::thread::Builder::new()
         .name("fleetrun-place".into())
         .spawn(move || -> Result<(), PlaceError> {
@@ -184,9 +193,15 @@ pub fn place(
             Ok(())
         })
         .map_err(|e| PlaceError::Thread(e.to_string()))?;
-    worker
+    let ended = worker
         .join()
-        .map_err(|_| PlaceError::Thread("the worker thread panicked".into()))?
+        .map_err(|_| PlaceError::Thread("the worker thread panicked".into()));
+    // The thread's change of file-system ids cleared the process's dumpable flag; the thread is
+    // gone, the agent is what it was.
+    if was_dumpable && !sys::dumpable() {
+        sys::restore_dumpable();
+    }
+    ended?
 }
 
 fn write_all(placement: &Placement, cancel: &AtomicBool, mut report: impl FnMut(PlacedFile)) {
@@ -311,15 +326,17 @@ fn open_target(dir: &Path) -> Result<OwnedFd, Failure> {
 }
 
 fn create_dir(parent: BorrowedFd<'_>, name: &OsStr, walked: &Path) -> Result<OwnedFd, Failure> {
-    match mkdirat(parent, name, Mode::from_bits_truncate(0o755)) {
-        Ok(()) | Err(Errno::EEXIST) => {}
+    let created = match mkdirat(parent, name, Mode::from_bits_truncate(0o755)) {
+        Ok(()) => true,
+        // Made meanwhile by someone else: theirs, its mode stays as it is.
+        Err(Errno::EEXIST) => false,
         Err(e) => {
             return Err(errno_failure(
                 &format!("cannot create the directory {}", walked.display()),
                 e,
             ));
         }
-    }
+    };
     let dir = openat(
         parent,
         name,
@@ -328,7 +345,9 @@ fn create_dir(parent: BorrowedFd<'_>, name: &OsStr, walked: &Path) -> Result<Own
     )
     .map_err(|e| errno_failure(&format!("cannot open {}", walked.display()), e))?;
     // The agent's umask is no business of the account's directory.
-    let _ = fchmod(dir.as_fd(), Mode::from_bits_truncate(0o755));
+    if created {
+        let _ = fchmod(dir.as_fd(), Mode::from_bits_truncate(0o755));
+    }
     Ok(dir)
 }
 
@@ -381,8 +400,24 @@ fn place_one(
     });
     if result.is_err() {
         let _ = unlinkat(dir, temp.as_str(), UnlinkatFlags::NoRemoveDir);
+    } else {
+        sync_dir(dir);
     }
     result
+}
+
+/// Makes the rename durable: the directory's entry is synced, not only the file. The descriptor
+/// the walk holds may be `O_PATH`, which cannot be synced, so the directory is opened again. A
+/// failure is not reported: the file is already in place under its name.
+fn sync_dir(dir: BorrowedFd<'_>) {
+    if let Ok(fd) = openat(
+        dir,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        let _ = nix::unistd::fsync(fd);
+    }
 }
 
 const CHUNK: usize = 1 << 20;
@@ -445,7 +480,19 @@ mod tests {
         for good in ["a.txt", ".hidden", "x..y", "名"] {
             assert!(valid_file_name(good), "{good}");
         }
-        for bad in ["", ".", "..", "a/b", "../x", "/etc/passwd", "a\0b"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "../x",
+            "/etc/passwd",
+            "a\0b",
+            "a\nb",
+            "a\rb",
+            "\x1b[2J",
+            "a\x7f",
+        ] {
             assert!(!valid_file_name(bad), "{bad:?}");
         }
         assert!(!valid_file_name(&"x".repeat(256)));
@@ -456,7 +503,17 @@ mod tests {
         for good in ["/", "/tmp", "/tmp/a/", "/data//x"] {
             assert!(valid_target_dir(good), "{good}");
         }
-        for bad in ["tmp", "", "/tmp/../etc", "/tmp/./a", "/a/..", "./x", "/a\0"] {
+        for bad in [
+            "tmp",
+            "",
+            "/tmp/../etc",
+            "/tmp/./a",
+            "/a/..",
+            "./x",
+            "/a\0",
+            "/a\nb",
+            "/a\x7f",
+        ] {
             assert!(!valid_target_dir(bad), "{bad:?}");
         }
     }

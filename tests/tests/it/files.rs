@@ -13,7 +13,12 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use fleetrun_tests::{TestCluster, b64, host_results, start_cluster};
+use fleetrun_net::{FramedRecv, send_frame};
+use fleetrun_proto::{
+    ControlUp, Ending, FileEnding, FileReport, Hello, HelloReply, OsType, TaskDown, TaskResult,
+    TaskUp,
+};
+use fleetrun_tests::{TestCluster, b64, host_results, pki, start_cluster};
 use serde_json::{Value, json};
 
 const TEST_USER: &str = "fleetrun-user";
@@ -190,14 +195,25 @@ async fn push_config_file_writes_as_the_account_with_modes_and_bk_job_file_logs(
             "{task}"
         );
     }
-    Ok(())
+    assert_agents_still_root(&cluster).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn names_and_paths_that_climb_out_and_oversized_contents_are_refused_naming_the_field()
 -> Result<()> {
     let cluster = start_cluster(1).await?;
-    for name in ["../escape", "a/b", "..", ".", ""] {
+    // Control characters would forge lines in the file logs.
+    for name in [
+        "../escape",
+        "a/b",
+        "..",
+        ".",
+        "",
+        "a\nb",
+        "a\rb",
+        "\u{1b}[2J",
+        "a\u{7f}",
+    ] {
         let request = push_request(
             &cluster,
             "/tmp",
@@ -208,7 +224,14 @@ async fn names_and_paths_that_climb_out_and_oversized_contents_are_refused_namin
         assert_eq!(code, 1_240_003, "{name:?}: {message}");
         assert!(message.contains("file_list[0].file_name"), "{message}");
     }
-    for dir in ["tmp/x", "/tmp/../etc", "/tmp/./x", ""] {
+    for dir in [
+        "tmp/x",
+        "/tmp/../etc",
+        "/tmp/./x",
+        "",
+        "/tmp/a\nb",
+        "/tmp/\u{7f}",
+    ] {
         let request = push_request(
             &cluster,
             dir,
@@ -380,12 +403,12 @@ async fn a_full_disk_fails_the_file_and_leaves_no_partial_file() -> Result<()> {
         .arg(&dir)
         .status()
         .is_ok_and(|s| s.success());
-    if !mounted {
-        println!(
-            "a_full_disk_fails_the_file_and_leaves_no_partial_file: skipped, cannot mount a tmpfs here"
-        );
-        return Ok(());
-    }
+    // No silent pass: the tests run as root (they create accounts), which can mount.
+    assert!(
+        mounted,
+        "cannot mount a 64 KiB tmpfs on {}: this test needs root and mount(8)",
+        dir.display()
+    );
     struct Unmount(PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
@@ -439,5 +462,362 @@ async fn an_account_missing_on_the_host_ends_311() -> Result<()> {
     let result = &host_results(&status)[0];
     assert_eq!(result["status"], 311, "{result}");
     assert_eq!(std::fs::read_dir(&dir)?.count(), 0);
+    Ok(())
+}
+
+/// After pushes as the account, the agent is still root, alive and serving: a root script on
+/// every host prints uid 0.
+async fn assert_agents_still_root(cluster: &TestCluster) -> Result<()> {
+    let request = cluster.script_request("id -u", &cluster.host_ids(), json!({}));
+    let (job, step, status) = cluster.run_job(request).await?;
+    for result in host_results(&status) {
+        assert_eq!(result["status"], 9, "{result}");
+    }
+    for (host, log) in cluster.logs(job, step).await? {
+        assert_eq!(log, "0\n", "host {host}");
+    }
+    Ok(())
+}
+
+/// The attack: while the agent writes files as the account, a process of the account tries to
+/// signal every thread of the agent (`kill -0`, the bare permission check; with the right to it,
+/// SIGSTOP or SIGKILL would freeze or kill the agent). The thread that writes keeps root's
+/// user ids, so every try is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_account_cannot_signal_the_agent_while_a_push_writes_as_it() -> Result<()> {
+    ensure_test_user();
+    let cluster = start_cluster(1).await?;
+    let base_dir = scratch("signal");
+    let base = base_dir.path().to_owned();
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777))?;
+    let stop = base.join("stop");
+    let started = base.join("started");
+    // The script's parent is the agent.
+    let probe = format!(
+        "agent=$PPID; cat /proc/$agent/comm; touch {started}; tries=0; \
+         while [ ! -e {stop} ]; do \
+           for t in /proc/$agent/task/*; do \
+             tid=${{t##*/}}; tries=$((tries+1)); \
+             if kill -0 \"$tid\" 2>/dev/null; then echo \"signalled thread $tid\"; fi; \
+           done; \
+         done; echo \"tries $tries\"",
+        started = started.display(),
+        stop = stop.display()
+    );
+    let mut request = cluster.script_request(&probe, &cluster.host_ids(), json!({}));
+    request["account_alias"] = json!("user");
+    let client = cluster.client();
+    let accepted = client.call("fast_execute_script", request).await?;
+    let probe_job = accepted["job_instance_id"].as_i64().context("job id")?;
+    let probe_step = accepted["step_instance_id"].as_i64().context("step id")?;
+    fleetrun_tests::eventually(Duration::from_secs(30), "the probe to start", || async {
+        started.exists().then_some(())
+    })
+    .await?;
+    let target = base.join("out");
+    std::fs::create_dir(&target)?;
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o777))?;
+    let content = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        vec![b'q'; 1024 * 1024],
+    );
+    for round in 0..3 {
+        let files: Vec<Value> = (0..7)
+            .map(|i| json!({"file_name": format!("f{round}-{i}"), "content": content}))
+            .collect();
+        let request = push_request(&cluster, target.to_str().unwrap(), json!(files), "user");
+        let (_, _, status) = push(&cluster, request).await?;
+        assert_eq!(host_results(&status)[0]["status"], 9, "{status}");
+    }
+    std::fs::write(&stop, b"")?;
+    let status = client
+        .wait_job(&cluster.info.scope(), probe_job, Duration::from_secs(60))
+        .await?;
+    assert_eq!(host_results(&status)[0]["status"], 9, "{status}");
+    let log = &cluster.logs(probe_job, probe_step).await?[0].1;
+    assert!(
+        log.starts_with("fleetrun-agent\n") && log.contains("tries "),
+        "{log}"
+    );
+    assert!(
+        !log.contains("signalled"),
+        "the account could signal the agent: {log}"
+    );
+    assert_agents_still_root(&cluster).await
+}
+
+/// A raw agent with its own certificate, connected from `ip`, welcomed at `protocol_version`,
+/// heartbeating; returns its connection and host id.
+async fn raw_agent(
+    cluster: &TestCluster,
+    agent_id: &str,
+    ip: &str,
+    protocol_version: u32,
+) -> Result<(
+    quinn::Endpoint,
+    quinn::Connection,
+    i64,
+    tokio::task::JoinHandle<()>,
+)> {
+    let ca = pki::Ca::open_or_create(&cluster.dir().join("certs"), "unused")?;
+    let cert = ca.issue_agent(agent_id)?;
+    let endpoint = fleetrun_net::client_endpoint(
+        &fleetrun_net::TlsFiles {
+            ca: ca.cert_path(),
+            cert: cert.cert.clone(),
+            key: cert.key.clone(),
+        },
+        format!("{ip}:0").parse()?,
+        fleetrun_net::Timing::default(),
+    )?;
+    let connection = endpoint
+        .connect(cluster.info.agent_addr.parse()?, "fleetrun-controller")?
+        .await?;
+    let (mut control, recv) = connection.open_bi().await?;
+    let hello = Hello {
+        protocol_version,
+        agent_id: agent_id.into(),
+        agent_version: "0.1.0".into(),
+        hostname: agent_id.into(),
+        os_type: OsType::Linux,
+        bk_cloud_id: 0,
+        ips: vec![ip.parse()?],
+    };
+    send_frame(&mut control, &hello).await?;
+    let mut control_recv = FramedRecv::new(recv);
+    let bk_host_id = match control_recv.recv::<HelloReply>().await? {
+        Some(HelloReply::Negotiated {
+            protocol_version: negotiated,
+            bk_host_id,
+            ..
+        }) => {
+            assert_eq!(negotiated, protocol_version);
+            bk_host_id
+        }
+        other => panic!("expected a negotiated welcome, got {other:?}"),
+    };
+    // Version 2 on: the held tasks first, none.
+    send_frame(&mut control, &ControlUp::Holding { tasks: Vec::new() }).await?;
+    let beat = tokio::spawn(async move {
+        let _control_recv = control_recv;
+        loop {
+            let beat = ControlUp::Heartbeat { running_tasks: 0 };
+            if send_frame(&mut control, &beat).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    Ok((endpoint, connection, bk_host_id, beat))
+}
+
+async fn push_to(cluster: &TestCluster, host: i64, files: Value) -> Result<(i64, i64)> {
+    let mut request = push_request(cluster, "/tmp/fleetrun-raw-agent", files, "root");
+    request["target_server"] = json!({ "host_id_list": [host] });
+    let accepted = cluster.client().call("push_config_file", request).await?;
+    Ok((
+        accepted["job_instance_id"].as_i64().context("job id")?,
+        accepted["step_instance_id"].as_i64().context("step id")?,
+    ))
+}
+
+/// An agent of protocol version 3 knows no file task: it is sent nothing and its host ends 399.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_of_protocol_version_3_is_sent_nothing_and_ends_399() -> Result<()> {
+    let cluster = start_cluster(0).await?;
+    let (_endpoint, connection, host, beat) =
+        raw_agent(&cluster, "legacy-v3", "127.0.0.93", 3).await?;
+    let (job, _) = push_to(
+        &cluster,
+        host,
+        json!([{"file_name": "a", "content": b64("x")}]),
+    )
+    .await?;
+    let status = cluster
+        .client()
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(30))
+        .await?;
+    let result = &host_results(&status)[0];
+    assert_eq!(result["status"], 399, "{result}");
+    let opened = tokio::time::timeout(Duration::from_secs(1), connection.accept_bi()).await;
+    assert!(opened.is_err(), "a version 3 agent is sent no stream");
+    beat.abort();
+    Ok(())
+}
+
+/// The attack: an agent reports a file the step does not have, one file twice, times at
+/// `i64::MIN` and `i64::MAX`, more bytes than the file holds, and NUL bytes in its messages
+/// (which PostgreSQL refuses in text). The controller neither panics nor stalls its store: the
+/// host ends, the logs are stored with checked numbers, and the next job is recorded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lying_agent_cannot_break_the_file_logs_or_the_store() -> Result<()> {
+    let cluster = start_cluster(1).await?;
+    let (_endpoint, connection, host, beat) = raw_agent(&cluster, "liar", "127.0.0.94", 4).await?;
+    let (job, step) = push_to(
+        &cluster,
+        host,
+        json!([
+            {"file_name": "a", "content": b64("four")},
+            {"file_name": "b", "content": b64("xy")},
+        ]),
+    )
+    .await?;
+    let (mut send, recv) = connection.accept_bi().await?;
+    let mut recv = FramedRecv::new(recv);
+    let Some(TaskDown::Place(request)) = recv.recv::<TaskDown>().await? else {
+        panic!("expected a file task");
+    };
+    assert_eq!(request.files.len(), 2);
+    send_frame(
+        &mut send,
+        &TaskUp::Started {
+            started_at_ms: i64::MIN,
+        },
+    )
+    .await?;
+    let report = |index, bytes, started_at_ms, finished_at_ms, message: &str| {
+        TaskUp::FilePlaced(FileReport {
+            index,
+            ending: FileEnding::Placed,
+            bytes,
+            started_at_ms,
+            finished_at_ms,
+            message: message.into(),
+        })
+    };
+    for up in [
+        report(7, 1, 0, 0, "no such file"),
+        report(u32::MAX, 1, 0, 0, "no such file"),
+        report(0, u64::MAX, i64::MIN, i64::MAX, "bad\0bytes"),
+        report(0, 3, 0, 0, "repeated"),
+        report(1, 1 << 62, i64::MAX, i64::MIN, "\0"),
+    ] {
+        send_frame(&mut send, &up).await?;
+    }
+    let result = TaskResult {
+        ending: Ending::Exited { code: 0 },
+        started_at_ms: i64::MIN,
+        finished_at_ms: i64::MAX,
+        output_bytes: u64::MAX,
+        survivors: u32::MAX,
+        message: Some("done\0with a NUL".into()),
+    };
+    send_frame(&mut send, &TaskUp::Finished(result)).await?;
+    let status = cluster
+        .client()
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(30))
+        .await?;
+    assert_eq!(host_results(&status)[0]["status"], 9, "{status}");
+    let logs = file_logs(&cluster, job, step, host).await?;
+    let logs = logs.as_array().context("file_logs")?;
+    assert_eq!(logs.len(), 2, "{logs:?}");
+    assert_eq!(
+        logs[0]["size"], "4.0 Bytes",
+        "bounded by the file: {}",
+        logs[0]
+    );
+    assert_eq!(
+        logs[1]["size"], "2.0 Bytes",
+        "bounded by the file: {}",
+        logs[1]
+    );
+    for log in logs {
+        let text = log["log_content"].as_str().unwrap();
+        assert!(!text.contains('\0'), "{text:?}");
+        assert!(!text.contains("repeated"), "a repeat is dropped: {text:?}");
+    }
+    assert!(
+        logs[0]["log_content"]
+            .as_str()
+            .unwrap()
+            .contains("bad\u{FFFD}bytes")
+    );
+    beat.abort();
+    // The store still takes writes (a NUL in a text column would fail every group commit on
+    // PostgreSQL from then on): a script on the real agent is recorded to its end.
+    assert_agents_still_root(&cluster).await
+}
+
+/// A host's own limits hold for file tasks as for scripts: an account outside `limits.accounts`
+/// is refused before anything is written, and a push waits for one of the agent's
+/// `max_concurrent_tasks` slots; it times out (303) while a script holds the only one, writing
+/// nothing, and runs once the slot is free.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_limits_and_task_slots_bind_file_tasks() -> Result<()> {
+    ensure_test_user();
+    let mut cluster = start_cluster(1).await?;
+    let agent_id = cluster.agents[0].agent_id.clone();
+    cluster.kill_agent(0)?;
+    cluster
+        .wait_offline(&agent_id, Duration::from_secs(20))
+        .await?;
+    let config = cluster.agents[0].config.clone();
+    let text = std::fs::read_to_string(&config)?;
+    std::fs::write(
+        &config,
+        format!(
+            "max_concurrent_tasks = 1\n{text}\n[limits]\nallow_root = false\naccounts = [\"{TEST_USER}\"]\n"
+        ),
+    )?;
+    cluster.start_agent(0)?;
+    cluster
+        .wait_online(&[agent_id.clone()], Duration::from_secs(30))
+        .await?;
+    let base_dir = scratch("limits");
+    let base = base_dir.path().to_owned();
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777))?;
+    let files = json!([{"file_name": "x.conf", "content": b64("x")}]);
+
+    let request = push_request(&cluster, base.to_str().unwrap(), files.clone(), "root");
+    let (job, step, status) = push(&cluster, request).await?;
+    assert_eq!(host_results(&status)[0]["status"], 399, "{status}");
+    assert!(!base.join("x.conf").exists(), "nothing written as root");
+    let logs = file_logs(&cluster, job, step, cluster.host_ids()[0]).await?;
+    assert!(
+        logs[0]["log_content"]
+            .as_str()
+            .unwrap()
+            .contains("limits.accounts"),
+        "{logs}"
+    );
+
+    // A script as the account holds the one slot until told to stop.
+    let started = base.join("started");
+    let stop = base.join("stop");
+    let script = format!(
+        "touch {}; while [ ! -e {} ]; do sleep 0.1; done",
+        started.display(),
+        stop.display()
+    );
+    let mut request = cluster.script_request(&script, &cluster.host_ids(), json!({}));
+    request["account_alias"] = json!("user");
+    let client = cluster.client();
+    let accepted = client.call("fast_execute_script", request).await?;
+    let holder = accepted["job_instance_id"].as_i64().context("job id")?;
+    fleetrun_tests::eventually(Duration::from_secs(30), "the script to start", || async {
+        started.exists().then_some(())
+    })
+    .await?;
+    let mut request = push_request(&cluster, base.to_str().unwrap(), files.clone(), "user");
+    request["timeout"] = json!(1);
+    let (_, _, status) = push(&cluster, request).await?;
+    assert_eq!(
+        host_results(&status)[0]["status"],
+        303,
+        "the push waits for the slot and times out: {status}"
+    );
+    assert!(
+        !base.join("x.conf").exists(),
+        "nothing written without a slot"
+    );
+    std::fs::write(&stop, b"")?;
+    let status = client
+        .wait_job(&cluster.info.scope(), holder, Duration::from_secs(60))
+        .await?;
+    assert_eq!(host_results(&status)[0]["status"], 9, "{status}");
+    let request = push_request(&cluster, base.to_str().unwrap(), files, "user");
+    let (_, _, status) = push(&cluster, request).await?;
+    assert_eq!(host_results(&status)[0]["status"], 9, "{status}");
+    assert_eq!(std::fs::read_to_string(base.join("x.conf"))?, "x");
     Ok(())
 }

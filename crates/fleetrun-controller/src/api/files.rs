@@ -82,7 +82,7 @@ fn file_mode(field: &str, value: Option<&Value>) -> Result<u32, ApiError> {
     Ok(mode)
 }
 
-/// Checks a target directory as the agent will: absolute, no `.`/`..`, no NUL.
+/// Checks a target directory as the agent will: absolute, no `.`/`..`, no control character.
 pub(super) fn target_dir(field: &str, path: Option<&str>) -> Result<String, ApiError> {
     let path = path
         .map(str::trim)
@@ -94,10 +94,10 @@ pub(super) fn target_dir(field: &str, path: Option<&str>) -> Result<String, ApiE
             format!("{path:?} is not an absolute path"),
         ));
     }
-    if path.contains('\0') || path.len() > 4096 {
+    if path.chars().any(is_control) || path.len() > 4096 {
         return Err(ApiError::invalid(
             field,
-            "contains a NUL byte or is longer than 4096 bytes",
+            "contains a control character (NUL, newline, ...) or is longer than 4096 bytes",
         ));
     }
     if path.split('/').any(|part| part == "." || part == "..") {
@@ -112,6 +112,11 @@ pub(super) fn target_dir(field: &str, path: Option<&str>) -> Result<String, ApiE
     Ok(path.to_owned())
 }
 
+/// C0 controls and DEL: in a file name or a directory they would forge lines in the file logs.
+fn is_control(c: char) -> bool {
+    c < ' ' || c == '\u{7f}'
+}
+
 /// Whether `name` is a plain file name, as the agent requires.
 fn file_name(field: &str, name: Option<&str>) -> Result<String, ApiError> {
     let name = name.ok_or_else(|| ApiError::missing(field))?;
@@ -119,13 +124,13 @@ fn file_name(field: &str, name: Option<&str>) -> Result<String, ApiError> {
         || name == "."
         || name == ".."
         || name.contains('/')
-        || name.contains('\0')
+        || name.chars().any(is_control)
         || name.len() > 255
     {
         return Err(ApiError::invalid(
             field,
             format!(
-                "{name:?} is not a plain file name (one path component, no /, not . or .., at most 255 bytes)"
+                "{name:?} is not a plain file name (one path component, no /, no control character, not . or .., at most 255 bytes)"
             ),
         ));
     }
@@ -168,7 +173,9 @@ pub async fn push_config_file(
         let field = format!("file_list[{i}].content");
         let content = file.content.ok_or_else(|| ApiError::missing(&field))?;
         // Refused before decoding: base64 is 4/3 of the bytes it carries.
-        if content.len() / 4 * 3 > MAX_CONFIG_BYTES + 3 {
+        // The running total counts: each file alone under the limit could still decode to many
+        // times it together.
+        if total.saturating_add(content.len() / 4 * 3) > MAX_CONFIG_BYTES + 3 {
             return Err(ApiError::invalid(
                 &field,
                 format!("the files are larger than {MAX_CONFIG_BYTES} bytes decoded in all"),

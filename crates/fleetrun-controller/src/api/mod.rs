@@ -15,7 +15,7 @@ mod auth;
 mod dangerous_rules;
 mod error;
 mod execute;
-mod files;
+pub(crate) mod files;
 mod health;
 mod intake;
 #[doc(hidden)]

@@ -312,7 +312,9 @@ pub async fn job(
                 csrf = esc(&viewer.csrf)
             );
         }
-        if status::job::is_finished(job.status) && failed > 0 {
+        // A file job's stored step is no script: the console has no retry for it.
+        let is_script = step.step_type != crate::api::files::STEP_TYPE_FILE;
+        if status::job::is_finished(job.status) && failed > 0 && is_script {
             let _ = write!(
                 actions,
                 r#"<form method="post" action="/console/jobs/{id}/retry"><input type="hidden" name="csrf" value="{csrf}"><button type="submit" id="retry">Retry the {failed} failed host{s}</button></form>"#,
@@ -748,6 +750,11 @@ pub async fn retry(
         )));
     }
     let step = step_of(&job)?;
+    if step.step_type == crate::api::files::STEP_TYPE_FILE {
+        return Err(Refusal::BadInput(format!(
+            "job {id} is a file push: the console retries scripts only; push the files again"
+        )));
+    }
     let failed: Vec<i64> = console
         .shared
         .store

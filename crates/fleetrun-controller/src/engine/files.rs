@@ -302,7 +302,9 @@ impl Engine {
                     if run.started_at.is_none() {
                         let now = now_ms();
                         // The agent's clock only names the start when it is plausible.
-                        let start = if (started_at_ms - now).abs() <= 300_000 {
+                        let start = if started_at_ms.abs_diff(now)
+                            <= crate::host_run::MAX_CLOCK_SKEW_MS.unsigned_abs()
+                        {
                             started_at_ms
                         } else {
                             now
@@ -360,6 +362,8 @@ struct FileHostRun {
     /// One per file of the step, in order; `reported` says which the agent reported.
     logs: Vec<FileLog>,
     reported: Vec<bool>,
+    /// Each file's size in bytes, which bounds what the agent may report.
+    sizes: Vec<u64>,
 }
 
 impl FileHostRun {
@@ -394,6 +398,7 @@ impl FileHostRun {
             started_at: None,
             logs,
             reported,
+            sizes: step.files.iter().map(|(_, _, size)| *size).collect(),
         }
     }
 
@@ -418,10 +423,14 @@ impl FileHostRun {
         }
         *seen = true;
         let now = now_ms();
-        let plausible = |t: i64| if (t - now).abs() <= 300_000 { t } else { now };
+        // `abs_diff`: an agent may send any i64, `i64::MIN` included.
+        let skew = crate::host_run::MAX_CLOCK_SKEW_MS.unsigned_abs();
+        let plausible = |t: i64| if t.abs_diff(now) <= skew { t } else { now };
         let start = plausible(report.started_at_ms);
         let end = plausible(report.finished_at_ms).max(start);
-        let size = i64::try_from(report.bytes).unwrap_or(i64::MAX);
+        // No more than the file holds, whatever the agent says.
+        let known = self.sizes.get(index).copied().unwrap_or(0);
+        let size = i64::try_from(report.bytes.min(known)).unwrap_or(i64::MAX);
         let elapsed_ms = (end - start).max(1);
         let speed = size.saturating_mul(1000) / elapsed_ms;
         let placed = report.ending == FileEnding::Placed;
@@ -435,7 +444,7 @@ impl FileHostRun {
         log.progress = if placed { 100 } else { 0 };
         log.start_time = Some(start);
         log.end_time = Some(end);
-        let message: String = report.message.chars().take(4096).collect();
+        let message = crate::host_run::cut(report.message, 4096);
         log.log_content = file_line(log, &describe(report.ending), &message);
     }
 
@@ -443,7 +452,7 @@ impl FileHostRun {
     fn result(&mut self, result: TaskResult) -> (i32, String) {
         let message = result
             .message
-            .map(|m| m.chars().take(4096).collect::<String>())
+            .map(|m| crate::host_run::cut(m, 4096))
             .unwrap_or_default();
         let status = match result.ending {
             Ending::Exited { code: 0 } if self.reported.iter().all(|r| *r) => host::SUCCESS,
