@@ -696,7 +696,8 @@ async fn commit(sink: &Sink, entries: &[NewAuditEntry]) {
 }
 
 /// The head anchor: the chain's last entry (number and hash), kept outside the database in a
-/// file beside the key (0600), HMAC'd with the key, rewritten after each commit. Rows cut from
+/// file of the state directory (`[security] audit_anchor_file`, 0600), HMAC'd with the key,
+/// rewritten after each commit. Rows cut from
 /// the end of the chain while the controller is stopped leave a valid shorter chain; the anchor
 /// still names the entry that was last, so the cut is found at the next start.
 #[derive(Debug, Clone)]
