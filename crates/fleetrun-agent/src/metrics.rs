@@ -65,6 +65,19 @@ impl MetricsConfig {
         if self.bearer_token.as_deref().is_some_and(str::is_empty) {
             return Err(("bearer_token", "the token is empty".to_owned()));
         }
+        // The file is read now, so an unusable one fails the start (and check-config) instead
+        // of leaving the agent without its metrics.
+        if self.bearer_token_file.is_some()
+            && let Err(e) = self.token()
+        {
+            return Err(("bearer_token_file", format!("{e:#}")));
+        }
+        if self.allow_remote && self.bearer_token.is_none() && self.bearer_token_file.is_none() {
+            return Err((
+                "allow_remote",
+                "metrics served to other hosts need a bearer_token or bearer_token_file".to_owned(),
+            ));
+        }
         Ok(())
     }
 
@@ -72,21 +85,19 @@ impl MetricsConfig {
     fn token(&self) -> anyhow::Result<Option<String>> {
         if let Some(path) = &self.bearer_token_file {
             use std::os::unix::fs::MetadataExt as _;
-            let meta = std::fs::metadata(path).map_err(|e| {
-                anyhow::anyhow!("metrics.bearer_token_file {}: {e}", path.display())
-            })?;
+            let meta =
+                std::fs::metadata(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             anyhow::ensure!(
                 meta.mode() & 0o077 == 0,
-                "metrics.bearer_token_file {}: readable by others (mode {:o}): make it 0600",
+                "{}: readable by others (mode {:o}): make it 0600",
                 path.display(),
                 meta.mode() & 0o777
             );
-            let token = std::fs::read_to_string(path)?.trim().to_owned();
-            anyhow::ensure!(
-                !token.is_empty(),
-                "metrics.bearer_token_file {}: empty",
-                path.display()
-            );
+            let token = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                .trim()
+                .to_owned();
+            anyhow::ensure!(!token.is_empty(), "{}: empty", path.display());
             return Ok(Some(token));
         }
         Ok(self.bearer_token.clone())
@@ -431,6 +442,33 @@ mod tests {
             survivors: 0,
             message: None,
         }
+    }
+
+    #[test]
+    fn an_unusable_token_file_or_a_remote_listener_without_token_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        let config = |allow_remote: bool, file: Option<&std::path::Path>| MetricsConfig {
+            listen: "0.0.0.0:9464".parse().unwrap(),
+            allow_remote,
+            bearer_token: None,
+            bearer_token_file: file.map(ToOwned::to_owned),
+        };
+        let refused = config(true, None).validate().unwrap_err();
+        assert_eq!(refused.0, "allow_remote", "{refused:?}");
+        let refused = config(true, Some(&file)).validate().unwrap_err();
+        assert_eq!(refused.0, "bearer_token_file", "{refused:?}");
+        std::fs::write(&file, "\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let refused = config(true, Some(&file)).validate().unwrap_err();
+        assert!(refused.1.contains("empty"), "{refused:?}");
+        std::fs::write(&file, "a-long-enough-token\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let refused = config(true, Some(&file)).validate().unwrap_err();
+        assert!(refused.1.contains("readable by others"), "{refused:?}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(config(true, Some(&file)).validate(), Ok(()));
     }
 
     #[test]

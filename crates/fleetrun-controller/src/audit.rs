@@ -179,6 +179,14 @@ pub struct AuditKeyError {
     pub reason: String,
 }
 
+/// The audit head anchor file cannot be used (`[security] audit_anchor_file`).
+#[derive(Debug, thiserror::Error)]
+#[error("audit head anchor {path}: {reason}")]
+pub struct AuditAnchorError {
+    pub path: std::path::PathBuf,
+    pub reason: String,
+}
+
 impl AuditKey {
     /// Loads the key from `path`, creating the file (0600, owner only) with a random key if it
     /// is missing; `head` is then the last entry already in the trail, the last one that may
@@ -363,6 +371,9 @@ enum Queued {
     Entry(NewAuditEntry),
     /// Answered once every entry queued before it is committed (or given up).
     Flush(oneshot::Sender<()>),
+    /// Commits what is queued and the count of unrecorded refusals, answers, and ends the
+    /// appender.
+    Close(oneshot::Sender<()>),
 }
 
 /// Appends entries; cheap to clone.
@@ -526,6 +537,16 @@ impl AuditLog {
         }
     }
 
+    /// Commits what is queued and the count of refusals not yet recorded, then ends the
+    /// appender: the controller's last word in the trail when it stops. Entries appended after
+    /// it are not recorded (and logged as such).
+    pub async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.queue.send(Queued::Close(done)).await.is_ok() {
+            let _ = closed.await;
+        }
+    }
+
     /// The key the chain is made with.
     pub fn key(&self) -> &AuditKey {
         &self.key
@@ -571,7 +592,11 @@ async fn append_loop(
         }
         // More requests' entries share this commit unless someone waits for it already.
         let deadline = tokio::time::Instant::now() + LINGER;
-        while received.len() < BATCH && !received.iter().any(|q| matches!(q, Queued::Flush(_))) {
+        while received.len() < BATCH
+            && !received
+                .iter()
+                .any(|q| matches!(q, Queued::Flush(_) | Queued::Close(_)))
+        {
             let room = BATCH - received.len();
             match tokio::time::timeout_at(deadline, incoming.recv_many(&mut received, room)).await {
                 Ok(n) if n > 0 => {}
@@ -580,17 +605,28 @@ async fn append_loop(
         }
         let mut entries = Vec::with_capacity(received.len());
         let mut flushes = Vec::new();
+        let mut closes = Vec::new();
         for queued in received.drain(..) {
             match queued {
                 Queued::Entry(entry) => entries.push(entry),
                 Queued::Flush(done) => flushes.push(done),
+                Queued::Close(done) => closes.push(done),
             }
+        }
+        if !closes.is_empty() {
+            entries.extend(due(true));
         }
         if !entries.is_empty() {
             commit(&sink, &entries).await;
         }
         for done in flushes {
             let _ = done.send(());
+        }
+        if !closes.is_empty() {
+            for done in closes {
+                let _ = done.send(());
+            }
+            return;
         }
     }
     if let Some(entry) = due(true) {
@@ -611,10 +647,15 @@ async fn commit(sink: &Sink, entries: &[NewAuditEntry]) {
         attempt += 1;
         match sink.store.append_audit(entries, &hasher).await {
             Ok(new_head) => {
-                if let Some(anchor) = &sink.anchor
-                    && let Err(e) = anchor.write(new_head.0, &new_head.1)
-                {
-                    tracing::error!("{e}");
+                if let Some(anchor) = sink.anchor.clone() {
+                    let (seq, hash) = new_head.clone();
+                    let written =
+                        tokio::task::spawn_blocking(move || anchor.write(seq, &hash)).await;
+                    match written {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::error!("{e}"),
+                        Err(e) => tracing::error!("the audit head anchor was not written: {e}"),
+                    }
                 }
                 *sink.head.lock().unwrap() = Some(new_head);
                 metrics::histogram!("fleetrun_audit_append_seconds").record(started.elapsed());
@@ -655,7 +696,8 @@ async fn commit(sink: &Sink, entries: &[NewAuditEntry]) {
 }
 
 /// The head anchor: the chain's last entry (number and hash), kept outside the database in a
-/// file beside the key (0600), HMAC'd with the key, rewritten after each commit. Rows cut from
+/// file of the state directory (`[security] audit_anchor_file`, 0600), HMAC'd with the key,
+/// rewritten after each commit. Rows cut from
 /// the end of the chain while the controller is stopped leave a valid shorter chain; the anchor
 /// still names the entry that was last, so the cut is found at the next start.
 #[derive(Debug, Clone)]
@@ -667,12 +709,35 @@ pub struct Anchor {
 const ANCHOR_TAG: &str = "fleetrun-audit-head-v1";
 
 impl Anchor {
-    /// The anchor of the key file at `key_path`: `<key file without extension>.head`.
-    pub fn beside(key_path: &std::path::Path, key: AuditKey) -> Self {
-        Self {
-            path: key_path.with_extension("head"),
+    /// The anchor at `path` (`[security] audit_anchor_file`), signed with `key`; refused when it
+    /// is the key file itself (writing it would destroy the key).
+    pub fn at(
+        path: &std::path::Path,
+        key_path: &std::path::Path,
+        key: AuditKey,
+    ) -> Result<Self, AuditAnchorError> {
+        let anchor = Self {
+            path: path.to_owned(),
             key,
+        };
+        let same = |a: &std::path::Path, b: &std::path::Path| {
+            a == b
+                || matches!(
+                    (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                    (Ok(a), Ok(b)) if a == b
+                )
+        };
+        if same(path, key_path) || same(&anchor.staged_path(), key_path) {
+            return Err(AuditAnchorError {
+                path: path.to_owned(),
+                reason: format!(
+                    "is the audit key file {} (or its staging name): writing it would destroy \
+                     the key; set [security] audit_anchor_file to another file",
+                    key_path.display()
+                ),
+            });
         }
+        Ok(anchor)
     }
 
     pub fn path(&self) -> &std::path::Path {
@@ -688,24 +753,74 @@ impl Anchor {
         hex(hmac::sign(&self.key.key, &bytes).as_ref())
     }
 
-    /// Replaces the file (a new file renamed over it, so a reader never sees half of one).
-    pub fn write(&self, seq: i64, hash: &str) -> Result<(), AuditKeyError> {
+    /// Replaces the file: a new file (made afresh, 0600, never through a link planted in its
+    /// place) is written, synced and renamed over it, and the directory synced, so a reader never
+    /// sees half of one and a commit the anchor names is not lost with the power.
+    pub fn write(&self, seq: i64, hash: &str) -> Result<(), AuditAnchorError> {
         use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-        let fail = |e: std::io::Error| AuditKeyError {
+        let fail = |e: std::io::Error| AuditAnchorError {
             path: self.path.clone(),
-            reason: format!("the audit head anchor could not be written: {e}"),
+            reason: format!("cannot be written: {e}"),
         };
-        let text = format!("{seq} {hash} {}\n", self.mac(seq, hash));
-        let staged = self.path.with_extension("head.new");
+        // An empty hash (an empty trail) is written as `-`: the line keeps its three fields.
+        let shown = if hash.is_empty() { "-" } else { hash };
+        let text = format!("{seq} {shown} {}\n", self.mac(seq, hash));
+        let staged = self.staged_path();
+        match std::fs::remove_file(&staged) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(e)),
+        }
         let mut file = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(0o600)
             .open(&staged)
             .map_err(fail)?;
-        file.write_all(text.as_bytes()).map_err(fail)?;
-        std::fs::rename(&staged, &self.path).map_err(fail)
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(fail)?;
+        drop(file);
+        std::fs::rename(&staged, &self.path).map_err(fail)?;
+        let dir = match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => std::path::Path::new("."),
+        };
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(fail)
+    }
+
+    /// Whether a new anchor can be written where this one goes (the directory exists and is
+    /// writable), without touching the anchor.
+    pub fn probe(&self) -> Result<(), AuditAnchorError> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let staged = self.staged_path();
+        let fail = |e: std::io::Error| AuditAnchorError {
+            path: self.path.clone(),
+            reason: format!("cannot be written (set [security] audit_anchor_file): {e}"),
+        };
+        match std::fs::remove_file(&staged) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(e)),
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&staged)
+            .map_err(fail)?;
+        std::fs::remove_file(&staged).map_err(fail)
+    }
+
+    /// Where a new anchor is written before it is renamed into place.
+    fn staged_path(&self) -> std::path::PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".new");
+        std::path::PathBuf::from(name)
     }
 
     /// The entry the file names; `Ok(None)` without a file, `Err` with the reason when it does
@@ -722,6 +837,7 @@ impl Anchor {
         else {
             return Err("not `SEQ HASH MAC`".to_owned());
         };
+        let hash = if hash == "-" { "" } else { hash };
         let seq: i64 = seq
             .parse()
             .ok()
@@ -745,11 +861,12 @@ pub const REKEY_API: &str = "audit_rekey";
 
 /// Opens the audit trail at start: loads the key (made on first start, when the store has
 /// recorded none), refuses a missing or different key when the store says the chain is keyed,
-/// checks the head anchor against the chain and records what it finds broken as an entry, then
-/// starts the appender.
+/// checks the head anchor at `anchor_path` against the chain and records what it finds broken as
+/// an entry, then starts the appender in `tasks` (which ends at [`AuditLog::close`]).
 pub async fn open(
     store: Store,
     key_path: &std::path::Path,
+    anchor_path: &std::path::Path,
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> anyhow::Result<AuditLog> {
     let fail = |reason: String| AuditKeyError {
@@ -771,17 +888,41 @@ pub async fn open(
         }
         _ => AuditKey::load_or_create(key_path, head_seq)?,
     };
+    let anchor = Anchor::at(anchor_path, key_path, key.clone())?;
+    anchor.probe()?;
+    let mut breaks = Vec::new();
     match &marker {
         Some(marker) if marker.key_fingerprint != key.fingerprint() => {
-            return Err(fail(format!(
-                "holds key {}, but the audit trail in the database is keyed with key {} (from \
-                 entry {}): put the right key file back, or move this one aside and run \
-                 `fleetrun-controller audit rekey`",
-                key.fingerprint(),
+            // The key signs the chain's last entry: it is the chain's key, and the marker is
+            // what was changed. A rekey would cut the chain's proof for nothing.
+            let signs_head = match store.audit_entry(head_seq).await? {
+                Some(record) if head_seq > key.unkeyed_until.max(key.lost_until) => {
+                    entry_hash(&key, record.seq, &record.entry, &record.prev_hash) == record.hash
+                }
+                _ => false,
+            };
+            if !signs_head {
+                return Err(fail(format!(
+                    "holds key {}, but the audit trail in the database is keyed with key {} \
+                     (from entry {}): put the right key file back, or move this one aside and \
+                     run `fleetrun-controller audit rekey`",
+                    key.fingerprint(),
+                    marker.key_fingerprint,
+                    marker.since_seq
+                ))
+                .into());
+            }
+            breaks.push(format!(
+                "the database's record of the audit key was changed to {} while the trail's last \
+                 entry {head_seq} is signed with key {} (the key file {}): the record was \
+                 tampered with, and is put back",
                 marker.key_fingerprint,
-                marker.since_seq
-            ))
-            .into());
+                key.fingerprint(),
+                key_path.display()
+            ));
+            store
+                .record_audit_key(key.fingerprint(), marker.since_seq, crate::now_ms())
+                .await?;
         }
         Some(_) => {}
         None => {
@@ -790,8 +931,7 @@ pub async fn open(
                 .await?;
         }
     }
-    let anchor = Anchor::beside(key_path, key.clone());
-    let mut breaks = Vec::new();
+    let cause = "(a power loss can also lose the last commits before the anchor's)";
     match anchor.read() {
         Ok(None) if marker.as_ref().is_some_and(|m| m.anchored) => breaks.push(format!(
             "the head anchor {} was missing at start: entries removed from the end of the trail \
@@ -801,7 +941,8 @@ pub async fn open(
         Ok(None) => {}
         Ok(Some((seq, _))) if seq > head_seq => breaks.push(format!(
             "entries {} to {seq} were removed from the end of the trail while the controller \
-             was stopped (the head anchor {} names entry {seq}; the database ends at {head_seq})",
+             was stopped (the head anchor {} names entry {seq}; the database ends at {head_seq}) \
+             {cause}",
             head_seq + 1,
             anchor.path().display()
         )),
@@ -809,7 +950,7 @@ pub async fn open(
             if store.audit_entry(seq).await?.is_none_or(|r| r.hash != hash) {
                 breaks.push(format!(
                     "entry {seq} is not the entry the head anchor {} names: the end of the \
-                     trail was replaced while the controller was stopped",
+                     trail was replaced while the controller was stopped {cause}",
                     anchor.path().display()
                 ));
             }
@@ -839,6 +980,14 @@ pub async fn open(
     }
     log.flush().await;
     let (seq, hash) = log.head().unwrap_or_default();
+    // Moving the anchor on past a break that is not in the trail would hide it.
+    if seq < head_seq + breaks.len() as i64 {
+        anyhow::bail!(
+            "the audit trail's breaks found at start could not be recorded in the database: \
+             not starting (the head anchor {} is left as it was)",
+            anchor.path().display()
+        );
+    }
     anchor.write(seq, &hash)?;
     if !marker.is_some_and(|m| m.anchored) {
         store.mark_audit_anchored().await?;
@@ -846,24 +995,42 @@ pub async fn open(
     Ok(log)
 }
 
+/// Refuses to go on while a controller runs on this configuration: it holds its HTTP address.
+fn ensure_stopped(config: &crate::Config, what: &str) -> anyhow::Result<()> {
+    if let Err(e) = std::net::TcpListener::bind(config.http_listen)
+        && e.kind() == std::io::ErrorKind::AddrInUse
+    {
+        anyhow::bail!(
+            "{} is in use: stop the controller before {what}",
+            config.http_listen
+        );
+    }
+    Ok(())
+}
+
 /// `fleetrun-controller audit rekey`: starts a new audit key after the old one was lost. The
 /// chain goes on (numbers and links unbroken) with an entry, signed by the new key, recording
 /// the replacement, the old key's fingerprint and the hash of the last entry it signed; the
 /// entries before it can from then on be checked for their links only (`lost_until` in the new
-/// key file). A key file in place is never overwritten.
+/// key file). A key file in place is never overwritten. The new key is written under
+/// `<key file>.new` and renamed into place once the database has recorded it, so a crash in
+/// between leaves no key file that the database does not know (a rerun finishes the rename).
 pub async fn rekey(config: &crate::Config, operator: &str) -> anyhow::Result<String> {
     let key_path = config.audit_key_file();
+    ensure_stopped(config, "replacing the audit key")?;
     let store = Store::open_database(&config.database).await?;
     let Some(marker) = store.audit_key_marker().await? else {
         anyhow::bail!(
             "the audit trail has no key recorded yet: start the controller, which makes one"
         );
     };
-    if key_path.exists() {
-        let reason = match std::fs::read_to_string(&key_path)
+    let read_key = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
             .map_err(|e| e.to_string())
             .and_then(|text| AuditKey::decode(&text).map_err(str::to_owned))
-        {
+    };
+    if key_path.exists() {
+        let reason = match read_key(&key_path) {
             Ok(key) if key.fingerprint() == marker.key_fingerprint => {
                 "holds the key the trail is made with: nothing to replace".to_owned()
             }
@@ -875,8 +1042,37 @@ pub async fn rekey(config: &crate::Config, operator: &str) -> anyhow::Result<Str
         }
         .into());
     }
+    let mut staged = key_path.as_os_str().to_owned();
+    staged.push(".new");
+    let staged = std::path::PathBuf::from(staged);
+    let anchor_path = config.audit_anchor_file();
+    if staged.exists() {
+        match read_key(&staged) {
+            // A rekey that stopped after its commit: its key is the chain's, put it in place.
+            Ok(key) if key.fingerprint() == marker.key_fingerprint => {
+                std::fs::rename(&staged, &key_path).map_err(|e| AuditKeyError {
+                    path: staged.clone(),
+                    reason: format!("cannot be renamed to {}: {e}", key_path.display()),
+                })?;
+                let (seq, hash) = store.audit_head().await?.unwrap_or_default();
+                Anchor::at(&anchor_path, &key_path, key)?.write(seq, &hash)?;
+                return Ok(format!(
+                    "the key an earlier rekey recorded ({}) was left at {}: moved to {}",
+                    marker.key_fingerprint,
+                    staged.display(),
+                    key_path.display()
+                ));
+            }
+            // Never recorded: nothing was signed with it.
+            _ => std::fs::remove_file(&staged).map_err(|e| AuditKeyError {
+                path: staged.clone(),
+                reason: format!("left by an unfinished rekey, cannot be removed: {e}"),
+            })?,
+        }
+    }
     let (head_seq, head_hash) = store.audit_head().await?.unwrap_or_default();
-    let key = AuditKey::create(&key_path, head_seq)?;
+    let key = AuditKey::create(&staged, head_seq)?;
+    let anchor = Anchor::at(&anchor_path, &key_path, key.clone())?;
     let change = json!({
         "previous_key": marker.key_fingerprint,
         "new_key": key.fingerprint(),
@@ -904,33 +1100,51 @@ pub async fn rekey(config: &crate::Config, operator: &str) -> anyhow::Result<Str
     let hasher = move |seq: i64, entry: &NewAuditEntry, prev: &str| {
         entry_hash(&hasher_key, seq, entry, prev)
     };
-    let (seq, hash) = store
+    let recorded = store
         .rekey_audit(&entry, &hasher, key.fingerprint(), crate::now_ms())
-        .await?;
-    Anchor::beside(&key_path, key.clone()).write(seq, &hash)?;
+        .await;
+    let (seq, hash) = match recorded {
+        Ok(head) => head,
+        Err(e) => {
+            let _ = std::fs::remove_file(&staged);
+            return Err(e.into());
+        }
+    };
+    std::fs::rename(&staged, &key_path).map_err(|e| AuditKeyError {
+        path: staged.clone(),
+        reason: format!(
+            "holds the new key the database now records, but cannot be renamed to {}: {e}; \
+             rename it by hand",
+            key_path.display()
+        ),
+    })?;
+    anchor.write(seq, &hash)?;
     Ok(format!(
         "{outcome}; recorded as entry {seq}; new key file {}",
         key_path.display()
     ))
 }
 
-/// After a restore: points the head anchor at the restored chain's last entry (when the key
-/// file is there to sign it).
-pub async fn reanchor(config: &crate::Config) -> anyhow::Result<()> {
+/// After a restore (`fleetrun-controller audit reanchor`, run by `restore` itself on SQLite):
+/// points the head anchor at the restored chain's last entry (when the key file is there to sign
+/// it); returns the entry it names.
+pub async fn reanchor(config: &crate::Config) -> anyhow::Result<Option<i64>> {
     let key_path = config.audit_key_file();
     let text = match std::fs::read_to_string(&key_path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => anyhow::bail!("{}: {e}", key_path.display()),
     };
     let key = AuditKey::decode(&text).map_err(|reason| AuditKeyError {
         path: key_path.clone(),
         reason: reason.to_owned(),
     })?;
+    let anchor = Anchor::at(&config.audit_anchor_file(), &key_path, key)?;
+    ensure_stopped(config, "anchoring the audit trail")?;
     let store = Store::open_database(&config.database).await?;
     let (seq, hash) = store.audit_head().await?.unwrap_or_default();
-    Anchor::beside(&key_path, key).write(seq, &hash)?;
-    Ok(())
+    anchor.write(seq, &hash)?;
+    Ok(Some(seq))
 }
 
 /// What a walk of the chain found.
@@ -1188,6 +1402,49 @@ mod tests {
             let e = AuditKey::check(&path).unwrap_err();
             assert!(e.reason.starts_with(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_anchor_never_follows_a_planted_link_nor_takes_the_key_files_place() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let key_path = dir.path().join("audit.key");
+        let key = AuditKey::load_or_create(&key_path, 0).unwrap();
+        let key_text = std::fs::read(&key_path).unwrap();
+        // An anchor named like the key (or whose staging name is the key) is refused.
+        assert!(Anchor::at(&key_path, &key_path, key.clone()).is_err());
+        let odd_key = dir.path().join("x.head");
+        std::fs::copy(&key_path, &odd_key).unwrap();
+        assert!(Anchor::at(&dir.path().join("x"), &odd_key, key.clone()).is_ok());
+        assert!(Anchor::at(&dir.path().join("x.head"), &odd_key, key.clone()).is_err());
+
+        // Someone plants the staging name as a link to a file of the controller's.
+        let anchor_path = dir.path().join("audit.head");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join("audit.head.new")).unwrap();
+        let anchor = Anchor::at(&anchor_path, &key_path, key.clone()).unwrap();
+        anchor.write(0, "").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(
+            !std::fs::symlink_metadata(&anchor_path)
+                .unwrap()
+                .is_symlink()
+        );
+        assert_eq!(
+            std::fs::metadata(&anchor_path)
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        // The empty trail's anchor reads back.
+        assert_eq!(anchor.read().unwrap(), Some((0, String::new())));
+        anchor.write(7, "abc").unwrap();
+        assert_eq!(anchor.read().unwrap(), Some((7, "abc".to_owned())));
+        assert_eq!(std::fs::read(&key_path).unwrap(), key_text);
     }
 
     #[test]

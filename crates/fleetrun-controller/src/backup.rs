@@ -72,7 +72,9 @@ and restore into an empty database with the controller stopped:
   pg_restore --clean --if-exists --no-owner --dbname=\"$DATABASE_URL\" fleetrun.dump
 Keep the parameter key file (security.param_key_file) with the dump: sealed script parameters
 cannot be read without it; and the audit key file (security.audit_key_file): the audit trail
-cannot be verified without it.";
+cannot be verified without it. After pg_restore, run `fleetrun-controller --config FILE audit
+reanchor` before starting the controller: the audit head anchor still names the end of the trail
+before the restore, and the start would record the rewind as entries removed.";
 
 /// Copies `from` to `to` (a new file, 0600) and syncs it.
 fn copy_private(from: &Path, to: &Path) -> anyhow::Result<()> {

@@ -53,6 +53,15 @@ pub fn check_config(path: &Path) -> Result<String, Vec<String>> {
         problems.push(format!("{}{location}: {e}", path.display()));
     }
 
+    if config.audit_anchor_file() == config.audit_key_file() {
+        problems.push(format!(
+            "{}{}: security.audit_anchor_file: is the audit key file: writing it would destroy \
+             the key",
+            path.display(),
+            at(&[Key::Name("security"), Key::Name("audit_anchor_file")])
+        ));
+    }
+
     if let Err(e) = crate::secrets::ParamCipher::check(&config.param_key_file()) {
         let location = if config.security.param_key_file.is_some() {
             at(&[Key::Name("security"), Key::Name("param_key_file")])

@@ -184,6 +184,10 @@ pub struct SecurityConfig {
     /// `audit.key` beside the parameter key file. Keep it where the database's writers cannot
     /// read it.
     pub audit_key_file: Option<PathBuf>,
+    /// File naming the audit trail's last entry (its head anchor), rewritten after each commit:
+    /// it must be in a directory the controller can write. By default `audit.head` beside a
+    /// SQLite database, or beside the parameter key file with PostgreSQL.
+    pub audit_anchor_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -527,6 +531,22 @@ impl Config {
                 .parent()
                 .unwrap_or(std::path::Path::new("."))
                 .join("audit.key")
+        })
+    }
+
+    /// The audit trail's head anchor: `security.audit_anchor_file`, else `audit.head` in the
+    /// state directory (beside a SQLite database; beside the parameter key file with
+    /// PostgreSQL).
+    pub fn audit_anchor_file(&self) -> std::path::PathBuf {
+        self.security.audit_anchor_file.clone().unwrap_or_else(|| {
+            match &self.database {
+                fleetrun_store::Database::Sqlite(path) => path.parent().map(ToOwned::to_owned),
+                fleetrun_store::Database::Postgres(_) => {
+                    self.param_key_file().parent().map(ToOwned::to_owned)
+                }
+            }
+            .unwrap_or_else(|| std::path::PathBuf::from("."))
+            .join("audit.head")
         })
     }
 

@@ -81,6 +81,10 @@ pub struct Controller {
     /// The gateway's endpoint, whose certificate a reload swaps.
     endpoint: quinn::Endpoint,
     enroller: Option<Arc<enroll::Enroller>>,
+    /// The audit trail, closed once the API has stopped.
+    audit: audit::AuditLog,
+    /// Its appender.
+    audit_tasks: tokio::task::JoinSet<()>,
 }
 
 /// Unix time in milliseconds, as bk-job reports times.
@@ -150,6 +154,9 @@ impl Controller {
 
         let cipher = secrets::ParamCipher::load_or_create(&config.param_key_file())?;
         let audit_key_file = config.audit_key_file();
+        let audit_anchor_file = config.audit_anchor_file();
+        // The appender ends at `AuditLog::close`, after the API: it is not among the servers.
+        let mut audit_tasks = tokio::task::JoinSet::new();
         let inventory = Arc::new(inventory::InventoryState::load(&config, store.clone()).await?);
 
         let timing = Timing::default();
@@ -289,7 +296,13 @@ impl Controller {
             cipher,
             shutdown: shutdown.clone(),
             agent_listener_up,
-            audit: audit::open(store.clone(), &audit_key_file, &mut tasks).await?,
+            audit: audit::open(
+                store.clone(),
+                &audit_key_file,
+                &audit_anchor_file,
+                &mut audit_tasks,
+            )
+            .await?,
             dangerous_rules: dangerous::DangerousRules::load(store.clone()).await?,
             enroll: enrollment.as_ref().map(|(settings, ..)| settings.clone()),
         });
@@ -309,6 +322,7 @@ impl Controller {
             shutdown.clone(),
         ));
         let limits = shared.config.limits.clone();
+        let audit = shared.audit.clone();
         let app = api::router(shared);
         tasks.spawn(api::serve(
             listener,
@@ -330,6 +344,8 @@ impl Controller {
             config: config_in_force,
             endpoint: agent_endpoint,
             enroller,
+            audit,
+            audit_tasks,
         })
     }
 
@@ -394,6 +410,20 @@ impl Controller {
                 "the API and the gateway did not stop within {STOP_DEADLINE:?}; stopping them"
             );
             self.tasks.shutdown().await;
+        }
+        // The API has stopped: what it queued, and the count of refusals not yet recorded, is
+        // committed before the appender ends (handles held elsewhere, by the enroller, do not
+        // keep it waiting).
+        let closed = tokio::time::timeout(STOP_DEADLINE, async {
+            self.audit.close().await;
+            while self.audit_tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if closed.is_err() {
+            tracing::error!(
+                "the audit trail did not commit its last entries within {STOP_DEADLINE:?}"
+            );
+            self.audit_tasks.shutdown().await;
         }
         match tokio::time::timeout(STOP_DEADLINE, self.store.flush()).await {
             // A flush counts writes given up during an outage as done (nothing will commit

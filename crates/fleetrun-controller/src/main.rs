@@ -44,7 +44,8 @@ enum Command {
     /// The enrollment CA: `ca init` makes it (or imports an operator's intermediate CA)
     #[command(subcommand)]
     Ca(CaCommand),
-    /// The audit trail: `audit rekey` starts a new key after the old one was lost
+    /// The audit trail: `audit rekey` starts a new key after the old one was lost; `audit
+    /// reanchor` points the head anchor at the trail's end after a PostgreSQL restore
     #[command(subcommand)]
     Audit(AuditCommand),
 }
@@ -56,6 +57,10 @@ enum AuditCommand {
     /// replacement is recorded in the trail as an entry signed by the new key; the entries
     /// before it can from then on be checked for their links only.
     Rekey,
+    /// Points the audit head anchor at the trail's last entry, with the controller stopped:
+    /// after restoring a PostgreSQL dump (a SQLite `restore` does it itself), else the next
+    /// start records the rewound trail as entries removed.
+    Reanchor,
 }
 
 #[derive(Debug, Subcommand)]
@@ -127,8 +132,8 @@ fn main() -> ExitCode {
     {
         return ca_init(&config_path, import_cert, import_key, server_names);
     }
-    if let Some(Command::Audit(AuditCommand::Rekey)) = &args.command {
-        return audit_rekey(&config_path);
+    if let Some(Command::Audit(command)) = &args.command {
+        return audit_command(&config_path, command);
     }
     if let Some(Command::Backup { path } | Command::Restore { path }) = &args.command {
         let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -183,6 +188,14 @@ fn main() -> ExitCode {
                     tracing::error!("{e:#}");
                     // An inventory that does not load is a bad configuration like any other.
                     if e.is::<fleetrun_controller::inventory::InventoryLoadError>() {
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                    // So is an audit key or head anchor that cannot be read or written: a
+                    // restart would fail alike.
+                    if e.chain().any(|c| {
+                        c.is::<fleetrun_controller::audit::AuditKeyError>()
+                            || c.is::<fleetrun_controller::audit::AuditAnchorError>()
+                    }) {
                         return ExitCode::from(EXIT_CONFIG);
                     }
                     return ExitCode::FAILURE;
@@ -341,8 +354,8 @@ async fn shutdown_signal() {
     }
 }
 
-/// `audit rekey`: the operator is the user running it.
-fn audit_rekey(config_path: &std::path::Path) -> ExitCode {
+/// `audit rekey` (the operator is the user running it) and `audit reanchor`.
+fn audit_command(config_path: &std::path::Path, command: &AuditCommand) -> ExitCode {
     let config = match Config::load(config_path) {
         Ok(config) => config,
         Err(e) => {
@@ -363,7 +376,26 @@ fn audit_rekey(config_path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(fleetrun_controller::audit::rekey(&config, &operator)) {
+    let done = runtime.block_on(async {
+        match command {
+            AuditCommand::Rekey => fleetrun_controller::audit::rekey(&config, &operator).await,
+            AuditCommand::Reanchor => {
+                fleetrun_controller::audit::reanchor(&config)
+                    .await
+                    .map(|seq| match seq {
+                        Some(seq) => format!(
+                            "the audit head anchor {} names entry {seq}, the trail's last",
+                            config.audit_anchor_file().display()
+                        ),
+                        None => format!(
+                            "no audit key file at {}: nothing to anchor",
+                            config.audit_key_file().display()
+                        ),
+                    })
+            }
+        }
+    });
+    match done {
         Ok(summary) => {
             println!("{summary}");
             ExitCode::SUCCESS

@@ -5,7 +5,7 @@
 
 use sqlx::Row;
 
-use crate::backend::Dialect;
+use crate::backend::{Dialect, Statement};
 use crate::{Store, StoreError};
 
 /// An entry to append: who did what, from where, and how it ended.
@@ -99,7 +99,7 @@ impl Store {
         hasher: &AuditHasher,
     ) -> Result<(i64, String), StoreError> {
         let mut tx = self.begin_audit().await?;
-        let head = Self::append_in(&mut tx, entries, hasher).await;
+        let head = Self::append_in(self.dialect, &mut tx, entries, hasher).await;
         let head = self.noting_write_failure(head)?;
         self.noting_write_failure(tx.commit().await)?;
         Ok(head)
@@ -115,7 +115,8 @@ impl Store {
         at: i64,
     ) -> Result<(i64, String), StoreError> {
         let mut tx = self.begin_audit().await?;
-        let head = Self::append_in(&mut tx, std::slice::from_ref(entry), hasher).await;
+        let head =
+            Self::append_in(self.dialect, &mut tx, std::slice::from_ref(entry), hasher).await;
         let head = self.noting_write_failure(head)?;
         let marked = Self::upsert_marker(&mut tx, key_fingerprint, head.0, at).await;
         self.noting_write_failure(marked)?;
@@ -144,6 +145,7 @@ impl Store {
     /// Numbers, hashes and inserts `entries` after the chain's head, a multi-row `INSERT` per
     /// [`ROWS_PER_INSERT`] entries.
     async fn append_in(
+        dialect: Dialect,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
         entries: &[NewAuditEntry],
         hasher: &AuditHasher,
@@ -155,46 +157,32 @@ impl Store {
             (row.get::<i64, _>(0), row.get::<String, _>(1))
         });
         for chunk in entries.chunks(ROWS_PER_INSERT) {
-            let mut sql = String::from(
-                "INSERT INTO audit_log (seq, at, app_code, operator, source, request_id, api, \
-                 change, outcome_code, outcome, prev_hash, hash) VALUES ",
-            );
             let mut rows = Vec::with_capacity(chunk.len());
-            for (i, entry) in chunk.iter().enumerate() {
+            for entry in chunk {
                 seq += 1;
                 let hash = hasher(seq, entry, &prev);
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                let p = i * 12;
-                sql.push('(');
-                for n in 1..=12 {
-                    if n > 1 {
-                        sql.push_str(", ");
-                    }
-                    sql.push('$');
-                    sql.push_str(&(p + n).to_string());
-                }
-                sql.push(')');
                 rows.push((seq, entry, std::mem::replace(&mut prev, hash.clone()), hash));
             }
-            let mut query = sqlx::query(&sql);
-            for (seq, entry, prev_hash, hash) in rows {
-                query = query
-                    .bind(seq)
-                    .bind(entry.at)
-                    .bind(entry.app_code.as_str())
-                    .bind(entry.operator.as_str())
-                    .bind(entry.source.as_str())
-                    .bind(entry.request_id.as_str())
-                    .bind(entry.api.as_str())
-                    .bind(entry.change.as_str())
-                    .bind(entry.outcome_code)
-                    .bind(entry.outcome.as_str())
-                    .bind(prev_hash)
-                    .bind(hash);
-            }
-            query.execute(&mut **tx).await?;
+            let mut insert = Statement::new(
+                dialect,
+                "INSERT INTO audit_log (seq, at, app_code, operator, source, request_id, api, \
+                 change, outcome_code, outcome, prev_hash, hash)",
+            );
+            insert.push_values(rows, |row, (seq, entry, prev_hash, hash)| {
+                row.push_bind(seq)
+                    .push_bind(entry.at)
+                    .push_bind(entry.app_code.as_str())
+                    .push_bind(entry.operator.as_str())
+                    .push_bind(entry.source.as_str())
+                    .push_bind(entry.request_id.as_str())
+                    .push_bind(entry.api.as_str())
+                    .push_bind(entry.change.as_str())
+                    .push_bind(entry.outcome_code)
+                    .push_bind(entry.outcome.as_str())
+                    .push_bind(prev_hash)
+                    .push_bind(hash);
+            });
+            insert.build().execute(&mut **tx).await?;
         }
         Ok((seq, prev))
     }

@@ -70,6 +70,47 @@ async fn an_agent_serves_its_own_metrics_on_loopback_and_they_move_with_tasks() 
     assert_eq!(scrape(&url, Some("wrong-token-0123456789")).await?.0, 401);
     let (status, _) = scrape(&format!("http://127.0.0.1:{port}/other"), Some(TOKEN)).await?;
     assert_eq!(status, 404);
+    let posted = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .send()
+        .await?;
+    assert_eq!(posted.status().as_u16(), 405);
+
+    // Sixteen connections that never send their headers (a slow client, or a local user
+    // holding the listener) fill it: a seventeenth is answered only once the header deadline
+    // has closed them, and it is answered.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut idle = Vec::new();
+    for _ in 0..16 {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        idle.push(tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            let _ = stream.read(&mut buf).await;
+            std::time::Instant::now()
+        }));
+    }
+    let mut late = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    late.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), late.read_to_end(&mut answer))
+        .await
+        .context("the listener stayed held by connections that sent nothing")??;
+    let answered = std::time::Instant::now();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let mut closed = Vec::new();
+    for reader in idle {
+        closed.push(reader.await?);
+    }
+    assert!(
+        closed.iter().any(|at| *at <= answered),
+        "the seventeenth connection was served while sixteen held the listener"
+    );
 
     let m = until(&url, "the agent connected", |m| {
         get(m, "fleetrun_agent_connection_state{state=connected}") == 1.0

@@ -69,6 +69,154 @@ async fn cut_tail(cluster: &TestCluster, n: i64) -> Result<()> {
     Ok(())
 }
 
+/// Adds an [enroll] section to the (stopped) controller's configuration, with the cluster's CA
+/// imported by `ca init`.
+fn enable_enrollment(cluster: &TestCluster) -> Result<()> {
+    let mut config = std::fs::read_to_string(&cluster.controller_config)?;
+    config.push_str(&format!(
+        "\n[enroll]\nca_cert = {:?}\nca_key = {:?}\n",
+        cluster.dir().join("enroll-ca.pem"),
+        cluster.dir().join("enroll-ca.key.pem"),
+    ));
+    std::fs::write(&cluster.controller_config, config)?;
+    let certs = cluster.dir().join("certs");
+    let init = Command::new(cluster.bin_dir.join("fleetrun-controller"))
+        .arg("--config")
+        .arg(&cluster.controller_config)
+        .args(["ca", "init", "--import-cert"])
+        .arg(certs.join("ca.pem"))
+        .arg("--import-key")
+        .arg(certs.join("ca.key.pem"))
+        .output()?;
+    ensure!(
+        init.status.success(),
+        "ca init: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    Ok(())
+}
+
+/// The (stopped) controller's configuration with `settings` added to its [security] section (a
+/// cluster on PostgreSQL has one already).
+fn add_security(cluster: &TestCluster, settings: &str) -> Result<()> {
+    let config = std::fs::read_to_string(&cluster.controller_config)?;
+    let config = if config.contains("\n[security]\n") {
+        config.replacen("\n[security]\n", &format!("\n[security]\n{settings}\n"), 1)
+    } else {
+        format!("{config}\n[security]\n{settings}\n")
+    };
+    std::fs::write(&cluster.controller_config, config)?;
+    Ok(())
+}
+
+async fn restart(cluster: &mut TestCluster) -> Result<()> {
+    cluster
+        .stop_controller(Duration::from_secs(30))?
+        .context("the controller did not stop")?;
+    cluster.start_controller().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_trail_restarted_stays_intact() -> Result<()> {
+    let mut cluster = start_cluster(0).await?;
+    // The first start anchored the empty trail; the next ones read that anchor back.
+    restart(&mut cluster).await?;
+    restart(&mut cluster).await?;
+    let report = verify(&cluster).await?;
+    assert_eq!(
+        (&report["intact"], &report["entries"]),
+        (&json!(true), &json!(0)),
+        "{report}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_anchor_is_a_break_and_an_anchor_behind_is_not() -> Result<()> {
+    let mut cluster = start_cluster(0).await?;
+    record(&cluster, 2).await?;
+    assert_eq!(verify(&cluster).await?["entries"], 2);
+    let anchor = cluster.dir().join("audit.head");
+    // An older anchor (a copy put back, a power loss after the commit): the trail goes on
+    // past the entry it names, which is still there. No break.
+    let older = std::fs::read(&anchor)?;
+    record(&cluster, 2).await?;
+    assert_eq!(verify(&cluster).await?["entries"], 4);
+    cluster
+        .stop_controller(Duration::from_secs(30))?
+        .context("the controller did not stop")?;
+    std::fs::write(&anchor, older)?;
+    cluster.start_controller().await?;
+    let report = verify(&cluster).await?;
+    assert_eq!(
+        (&report["intact"], &report["entries"]),
+        (&json!(true), &json!(4)),
+        "{report}"
+    );
+
+    cluster
+        .stop_controller(Duration::from_secs(30))?
+        .context("the controller did not stop")?;
+    std::fs::remove_file(&anchor)?;
+    cluster.start_controller().await?;
+    let report = verify(&cluster).await?;
+    assert_eq!(report["intact"], false, "{report}");
+    assert!(
+        report["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("was missing at start"),
+        "{report}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_anchor_lives_in_the_state_directory_and_an_unusable_one_is_a_configuration_error()
+-> Result<()> {
+    let mut cluster = start_cluster(0).await?;
+    cluster.kill_controller()?;
+    // The key elsewhere (a directory the service may not write, in production): the anchor
+    // stays in the state directory.
+    let keys = cluster.dir().join("keys");
+    std::fs::create_dir(&keys)?;
+    let key = keys.join("audit.key");
+    std::fs::rename(cluster.dir().join("audit.key"), &key)?;
+    let config = std::fs::read_to_string(&cluster.controller_config)?;
+    add_security(&cluster, &format!("audit_key_file = {key:?}"))?;
+    cluster.start_controller().await?;
+    record(&cluster, 1).await?;
+    assert_eq!(verify(&cluster).await?["intact"], true);
+    assert!(!keys.join("audit.head").exists());
+    assert!(cluster.dir().join("audit.head").exists());
+
+    // An anchor that is the key file itself is refused before anything is written, as a
+    // configuration error (78: systemd does not restart it in a loop).
+    cluster.kill_controller()?;
+    let key_text = std::fs::read(&key)?;
+    std::fs::write(&cluster.controller_config, &config)?;
+    add_security(
+        &cluster,
+        &format!("audit_key_file = {key:?}\naudit_anchor_file = {key:?}"),
+    )?;
+    let refused = cluster.start_controller().await.unwrap_err().to_string();
+    assert!(refused.contains("78"), "{refused}");
+    let log = std::fs::read_to_string(&cluster.controller_log)?;
+    assert!(log.contains("is the audit key file"), "{log}");
+    assert_eq!(std::fs::read(&key)?, key_text, "the key was overwritten");
+
+    // So is an anchor that cannot be written.
+    std::fs::write(&cluster.controller_config, &config)?;
+    let nowhere = cluster.dir().join("no-such-directory").join("audit.head");
+    add_security(
+        &cluster,
+        &format!("audit_key_file = {key:?}\naudit_anchor_file = {nowhere:?}"),
+    )?;
+    let refused = cluster.start_controller().await.unwrap_err().to_string();
+    assert!(refused.contains("78"), "{refused}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deleted_audit_key_stops_the_controller_until_an_operator_rekeys() -> Result<()> {
     let mut cluster = start_cluster(0).await?;
@@ -212,6 +360,11 @@ async fn rows_cut_from_the_end_while_stopped_are_found_at_start_and_by_verify() 
 async fn refusals_past_the_budget_are_counted_in_the_trail_when_the_controller_stops() -> Result<()>
 {
     let mut cluster = start_cluster(0).await?;
+    // With [enroll], the enroller holds a handle on the trail for as long as the controller
+    // runs: the stop must not wait for that handle to go to write the count.
+    cluster.kill_controller()?;
+    enable_enrollment(&cluster)?;
+    cluster.start_controller().await?;
     let intruder = fleetrun_tests::ApiClient::new(
         &cluster.info.api_url,
         &cluster.info.bk_app_code,
@@ -226,9 +379,12 @@ async fn refusals_past_the_budget_are_counted_in_the_trail_when_the_controller_s
         assert_eq!(refused["code"], 1_640_001, "{refused}");
     }
     // No later refusal comes: the count is written on the way down.
-    cluster
+    let stopped = cluster
         .stop_controller(Duration::from_secs(30))?
         .context("the controller did not stop")?;
+    assert!(stopped.success(), "{stopped}");
+    let log = std::fs::read_to_string(&cluster.controller_log)?;
+    assert!(!log.contains("did not stop within"), "{log}");
     cluster.start_controller().await?;
     let data = cluster
         .client()
