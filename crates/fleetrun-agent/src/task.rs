@@ -289,6 +289,21 @@ pub(crate) struct Held {
     ownership: Ownership,
     /// Nobody wants the task any more: it is forgotten as soon as it has ended.
     discarded: std::sync::atomic::AtomicBool,
+    /// Streams delivering the task's output now; changed under `state`'s lock. Its marks are
+    /// not rewritten while one is (a stream keeps its place among them).
+    delivering: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a stream in [`Held::delivering`] while it lives.
+struct Delivering<'a>(&'a Held);
+
+impl Drop for Delivering<'_> {
+    fn drop(&mut self) {
+        let _meta = self.0.state.lock().unwrap();
+        self.0
+            .delivering
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Held {
@@ -301,6 +316,7 @@ impl Held {
             output,
             ownership,
             discarded: Default::default(),
+            delivering: Default::default(),
         }
     }
 
@@ -319,12 +335,13 @@ impl Held {
     }
 
     /// Drops the output the controller has not acknowledged, marking it lost, and saves the
-    /// state; the bytes dropped. For a finished task only: its runner saves no more. Blocking.
+    /// state; the bytes dropped. For a finished task only: its runner saves no more. Nothing
+    /// while a stream delivers it (the controller is taking it). Blocking.
     fn drop_unacknowledged(&self) -> u64 {
         let (meta, from, dropped) = {
             let mut meta = self.state.lock().unwrap();
             let dropped = meta.unacknowledged();
-            if dropped == 0 {
+            if dropped == 0 || self.delivering.load(std::sync::atomic::Ordering::Relaxed) > 0 {
                 return 0;
             }
             let from = meta.acked_offset;
@@ -936,10 +953,15 @@ async fn deliver(
     let mut changed = held.changed.subscribe();
     let mut sent = from;
     let mut started_sent = false;
-    // Marks are appended in offset order and never change: each is sent once, from the first
-    // at or past where the controller resumes.
+    // Marks are appended in offset order and never change while a stream delivers (see
+    // `Held::drop_unacknowledged`): each is sent once, from the first at or past where the
+    // controller resumes.
+    let _delivering;
     let mut next_mark = {
         let meta = held.state.lock().unwrap();
+        held.delivering
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        _delivering = Delivering(held);
         meta.marks
             .iter()
             .position(|m| m.offset() >= from)

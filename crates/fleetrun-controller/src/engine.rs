@@ -235,8 +235,11 @@ const MAX_LOOKUPS_PER_CONNECTION: usize = 64;
 #[derive(Debug, Default)]
 struct SaveNow {
     wake: tokio::sync::Notify,
-    waiters: Mutex<Vec<((i64, i64), tokio::sync::oneshot::Sender<()>)>>,
+    waiters: Mutex<Vec<SaveWaiter>>,
 }
+
+/// A run waiting for a save that includes its (step, host) checkpoint.
+type SaveWaiter = ((i64, i64), tokio::sync::oneshot::Sender<()>);
 
 /// How often a dispatch waiting for its checkpoint to be saved looks whether the database still
 /// takes writes; a task whose checkpoint was lost, or is unsaved while the database refuses

@@ -413,3 +413,43 @@ fn a_task_being_received_is_reported_as_held_exactly_once() {
     let reported: Vec<Uuid> = tasks.reports().iter().map(|t| t.task_id).collect();
     assert_eq!(reported, [task_id], "once held, reported once");
 }
+
+/// A stream delivering a finished task keeps its place among the task's marks: the bound on
+/// finished output leaves the task alone while the stream lives, and applies once it is gone.
+#[tokio::test]
+async fn finished_output_being_delivered_is_not_dropped_under_the_stream() {
+    let tasks = Tasks::default();
+    let held = held(meta(6, Vec::new()), Ownership::Agent, b"output");
+    held.state.lock().unwrap().result = Some(result(1_000));
+    let id = held.state.lock().unwrap().task_id;
+    tasks.held.lock().unwrap().insert(id, held.clone());
+    let (tx, mut down) = mpsc::unbounded_channel();
+    let stream = tokio::spawn({
+        let held = held.clone();
+        async move {
+            let mut frames = Vec::new();
+            let _ = deliver(&held, &mut frames, &mut down, 0).await;
+            frames
+        }
+    });
+    settle().await;
+    tasks.bound_finished(10, 0);
+    assert!(held.state.lock().unwrap().marks.is_empty());
+    tx.send(Down::ResultStored).unwrap();
+    let frames = stream.await.unwrap();
+    assert!(
+        frames.contains(&TaskUp::Output {
+            offset: 0,
+            data: b"output".to_vec()
+        }),
+        "{frames:?}"
+    );
+    tasks.bound_finished(10, 0);
+    assert_eq!(
+        held.state.lock().unwrap().marks,
+        vec![Mark::Lost {
+            offset: 0,
+            bytes: 6
+        }]
+    );
+}
