@@ -184,18 +184,36 @@ pub(crate) async fn connect(database: &Database) -> Result<(sqlx::AnyPool, Diale
     }
 }
 
-/// The advisory lock a controller holds on its PostgreSQL database ("fleetrun" in ASCII).
+/// The advisory lock a controller holds on its PostgreSQL database ("fleetrun" in ASCII), for
+/// the default name; another name's lock is this mixed with the name's hash.
 /// PostgreSQL scopes advisory locks to the database, so databases on one server do not contend.
 const SOLE_USE_LOCK: i64 = 0x666c_6565_7472_756e;
+
+/// The advisory lock of the controller called `name`: FNV-1a of the name, mixed into
+/// [`SOLE_USE_LOCK`] (the default name keeps the lock controllers held before names).
+fn name_lock(name: &str) -> i64 {
+    if name == crate::DEFAULT_CONTROLLER {
+        return SOLE_USE_LOCK;
+    }
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    SOLE_USE_LOCK ^ i64::from_ne_bytes(hash.to_ne_bytes())
+}
 
 /// How long a starting controller waits for the database's lock before it is refused.
 const SOLE_USE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Takes the database's controller lock on a session of its own and returns that session, which
-/// keeps the lock until it closes (when the controller stops or dies). Until controllers share
-/// one database's jobs, a second controller is refused here: at start it would end the first
-/// one's running jobs as interrupted and deliver their callbacks a second time.
-pub(crate) async fn claim_sole_use(url: &str) -> Result<sqlx::PgConnection, StoreError> {
+/// Takes the lock of the controller called `name` on the database, on a session of its own, and
+/// returns that session, which keeps the lock until it closes (when the controller stops or
+/// dies). A second live controller of the same name is refused here: at start it would take up
+/// the first one's jobs (their leases carry the name) while it still runs them. Controllers
+/// sharing a database each have a name of their own and share its jobs through leases
+/// (`cluster.rs`).
+pub(crate) async fn claim_sole_use(
+    url: &str,
+    name: &str,
+) -> Result<sqlx::PgConnection, StoreError> {
     let options = PgConnectOptions::from_str(url)?;
     let mut session = options.connect().await?;
     // A controller that was just killed holds the lock until PostgreSQL notices its session is
@@ -204,7 +222,7 @@ pub(crate) async fn claim_sole_use(url: &str) -> Result<sqlx::PgConnection, Stor
     let deadline = std::time::Instant::now() + SOLE_USE_WAIT;
     let held = loop {
         let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(SOLE_USE_LOCK)
+            .bind(name_lock(name))
             .fetch_one(&mut session)
             .await?;
         if held || std::time::Instant::now() >= deadline {
@@ -213,11 +231,11 @@ pub(crate) async fn claim_sole_use(url: &str) -> Result<sqlx::PgConnection, Stor
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
     if !held {
-        return Err(StoreError::InUse(
-            "another controller is using this PostgreSQL database; one controller per database \
-             (stop the other, or give this one a database of its own)"
-                .to_owned(),
-        ));
+        return Err(StoreError::InUse(format!(
+            "another controller named {name:?} is using this PostgreSQL database; one live \
+             controller per name (stop the other, or give each controller sharing the database \
+             its own [cluster] name)"
+        )));
     }
     Ok(session)
 }

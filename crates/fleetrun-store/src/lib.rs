@@ -16,6 +16,7 @@ mod audit;
 mod backend;
 mod backup;
 mod callbacks;
+mod cluster;
 mod console;
 mod dangerous_rules;
 mod enroll;
@@ -46,6 +47,7 @@ pub use backup::{backup_database, check_database, restore_database};
 pub use callbacks::{
     CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
 };
+pub use cluster::ControllerRecord;
 pub use console::LogHead;
 pub use dangerous_rules::{DangerousRule, DangerousRuleError, DangerousRuleFields};
 pub use enroll::{Enrollment, JoinToken};
@@ -96,6 +98,9 @@ impl StoreError {
     }
 }
 
+/// The name of a controller that was given none.
+pub const DEFAULT_CONTROLLER: &str = "default";
+
 /// Values bound per host when a job's hosts are stored.
 const HOST_COLUMNS: usize = 5;
 
@@ -107,9 +112,12 @@ pub struct Store {
     writes: mpsc::Sender<Write>,
     watchers: watch::Watchers,
     health: std::sync::Arc<health::HealthState>,
-    /// On PostgreSQL, the session that holds the database's controller lock for as long as the
-    /// store lives (see [`backend::claim_sole_use`]).
+    /// On PostgreSQL, the session that holds the lock on the controller's name in the database
+    /// for as long as the store lives (see [`backend::claim_sole_use`]).
     _sole_use: Option<std::sync::Arc<tokio::sync::Mutex<sqlx::PgConnection>>>,
+    /// On PostgreSQL, the task waking followers on other controllers' commits
+    /// ([`watch::listen`]).
+    _listening: Option<std::sync::Arc<watch::Listening>>,
 }
 
 /// The database holds scripts, their output and callback URLs with their tokens: only the
@@ -170,12 +178,19 @@ impl Store {
     /// Opens a database and brings its schema up to date: a SQLite file is created if needed,
     /// readable by its owner only; a PostgreSQL database must exist.
     pub async fn open_database(database: &Database) -> Result<Self, StoreError> {
+        Self::open_as(database, DEFAULT_CONTROLLER).await
+    }
+
+    /// [`Store::open_database`] for the controller called `controller`: on PostgreSQL, one
+    /// live store per name and database (a second is refused while the first lives), so that
+    /// controllers sharing a database each need a name of their own.
+    pub async fn open_as(database: &Database, controller: &str) -> Result<Self, StoreError> {
         if let Database::Sqlite(path) = database {
             prepare_files(path)?;
         }
         let sole_use = match database {
             Database::Postgres(url) => Some(std::sync::Arc::new(tokio::sync::Mutex::new(
-                backend::claim_sole_use(url).await?,
+                backend::claim_sole_use(url, controller).await?,
             ))),
             Database::Sqlite(_) => None,
         };
@@ -183,6 +198,13 @@ impl Store {
         let watchers = watch::Watchers::default();
         let health = health::HealthState::new();
         let writes = writer::spawn(pool.clone(), dialect, watchers.clone(), health.clone());
+        let listening = match database {
+            Database::Postgres(url) => Some(std::sync::Arc::new(watch::Listening(watch::listen(
+                url.clone(),
+                watchers.clone(),
+            )))),
+            Database::Sqlite(_) => None,
+        };
         Ok(Self {
             pool,
             dialect,
@@ -190,6 +212,7 @@ impl Store {
             watchers,
             health,
             _sole_use: sole_use,
+            _listening: listening,
         })
     }
 
@@ -604,6 +627,14 @@ async fn claim(
     }
     tx.commit().await?;
     Ok(claimed)
+}
+
+fn join_ids(values: &[i64]) -> String {
+    values
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn join_ints(values: &[i32]) -> String {

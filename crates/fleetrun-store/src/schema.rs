@@ -94,6 +94,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0012_enrollment.sql"),
         include_str!("../migrations/postgres/0012_enrollment.sql"),
     ),
+    (
+        16,
+        "cluster",
+        include_str!("../migrations/sqlite/0016_cluster.sql"),
+        include_str!("../migrations/postgres/0016_cluster.sql"),
+    ),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them.

@@ -253,6 +253,17 @@ impl Writer {
         crate::health::discard_if_broken(&mut connection, &committed);
         committed?;
         self.watchers.committed(batch);
+        if self.dialect == Dialect::Postgres
+            && let Some(text) = crate::watch::announcement(batch)
+        {
+            // Off the writer's path: other controllers' followers only read sooner for it.
+            let pool = self.pool.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::watch::announce(&pool, &text).await {
+                    tracing::debug!("cannot announce a commit: {e}");
+                }
+            });
+        }
         for write in self.pending.drain(..n) {
             self.pending_bytes -= output_bytes(&write);
         }
