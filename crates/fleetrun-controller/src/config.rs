@@ -60,6 +60,9 @@ pub struct Config {
     /// Enrollment of new hosts with join tokens; not served without this section.
     #[serde(default)]
     pub enroll: Option<crate::enroll::EnrollConfig>,
+    /// This controller among others sharing its PostgreSQL database.
+    #[serde(default)]
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 /// `[audit]`.
@@ -578,6 +581,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), Invalid> {
+        if let Err(e) = self.cluster.validate() {
+            return Err(Invalid::new(&[Name("cluster")], format!("cluster: {e}")));
+        }
         if matches!(self.database, fleetrun_store::Database::Postgres(_))
             && self.security.param_key_file.is_none()
         {

@@ -135,6 +135,8 @@ pub struct Engine {
     prepared: Arc<Mutex<HashMap<Uuid, mpsc::UnboundedReceiver<Reattach>>>>,
     /// Runs waiting for their checkpoint to be saved now rather than at the next tick.
     save_now: Arc<SaveNow>,
+    /// With controllers sharing the database: the leases on jobs' bookkeeping.
+    membership: Option<crate::cluster::Membership>,
 }
 
 /// Asks the checkpoint saver for a save at once; each waiter hears when a save that includes
@@ -161,6 +163,44 @@ impl Engine {
             checkpoints: Arc::default(),
             prepared: Arc::default(),
             save_now: Arc::default(),
+            membership: None,
+        }
+    }
+
+    /// Holds a lease on the bookkeeping of each job it runs (controllers sharing a database).
+    pub fn with_membership(mut self, membership: Option<crate::cluster::Membership>) -> Self {
+        self.membership = membership;
+        self
+    }
+
+    /// Whether a run of the job is in this engine.
+    pub fn is_running(&self, job_instance_id: i64) -> bool {
+        self.running.lock().unwrap().contains_key(&job_instance_id)
+    }
+
+    /// Takes the job's lease for a run starting here; false (and the run is not made) if
+    /// another controller holds it.
+    async fn take_lease(&self, job_instance_id: i64) -> bool {
+        let Some(membership) = &self.membership else {
+            return true;
+        };
+        if membership.take(job_instance_id).await {
+            return true;
+        }
+        tracing::warn!(
+            job = job_instance_id,
+            "another controller holds this job's lease: not run here"
+        );
+        false
+    }
+
+    /// Gives the job's lease up once its run here left the running set (its end or pause
+    /// committed).
+    async fn release_lease(&self, job_instance_id: i64) {
+        if let Some(membership) = &self.membership {
+            membership
+                .release(job_instance_id, || self.is_running(job_instance_id))
+                .await;
         }
     }
 
@@ -188,6 +228,10 @@ impl Engine {
         }
         let engine = self.clone();
         tokio::spawn(async move {
+            if !engine.take_lease(job_instance_id).await {
+                engine.running.lock().unwrap().remove(&job_instance_id);
+                return;
+            }
             engine.run_job(spec, cancel).await;
             // The job leaves the running set only once its final state is committed, so nobody
             // sees it neither running nor finished.
@@ -195,6 +239,7 @@ impl Engine {
                 tracing::error!(job = job_instance_id, "cannot commit the job's end: {e}");
             }
             engine.running.lock().unwrap().remove(&job_instance_id);
+            engine.release_lease(job_instance_id).await;
         });
         true
     }
@@ -342,6 +387,7 @@ impl Engine {
             if registered {
                 engine.running.lock().unwrap().remove(&job_instance_id);
             }
+            engine.release_lease(job_instance_id).await;
         });
         true
     }
@@ -687,6 +733,17 @@ impl Engine {
             started,
             ..
         } = *finishing;
+        if let Some(membership) = &self.membership
+            && !membership.holds(job_instance_id).await
+        {
+            // Another controller took the job up (this one could not renew its lease): the end
+            // and the callback are that one's.
+            tracing::warn!(
+                job = job_instance_id,
+                "this controller lost the job's lease: its end is left to the holder"
+            );
+            return;
+        }
         let at = now_ms();
         self.write(Write::StepFinished {
             step_instance_id,

@@ -75,6 +75,10 @@ impl Engine {
         }
         let engine = self.clone();
         tokio::spawn(async move {
+            if !engine.take_lease(job_instance_id).await {
+                engine.running.lock().unwrap().remove(&job_instance_id);
+                return;
+            }
             let registered = engine.run_rolling(spec, rolling, cancel).await;
             if let Err(e) = engine.store.flush().await {
                 tracing::error!(
@@ -86,6 +90,7 @@ impl Engine {
             if registered {
                 engine.running.lock().unwrap().remove(&job_instance_id);
             }
+            engine.release_lease(job_instance_id).await;
         });
         true
     }
