@@ -219,8 +219,8 @@ struct Dispatcher {
     max_attempts: i64,
     /// Poked when a delivery was queued.
     queued: Notify,
-    /// Whether other controllers may deliver from the same queue (a shared PostgreSQL
-    /// database): each attempt is then claimed in the store first.
+    /// Whether other controllers may deliver from the same queue (a `[cluster]` member on
+    /// PostgreSQL): each attempt is then claimed in the store first.
     shared_queue: bool,
 }
 
@@ -255,7 +255,8 @@ pub fn start(
         callbacks,
         max_attempts: i64::from(config.limits.callback_max_attempts),
         queued: Notify::new(),
-        shared_queue: matches!(config.database, fleetrun_store::Database::Postgres(_)),
+        shared_queue: config.cluster.is_some()
+            && matches!(config.database, fleetrun_store::Database::Postgres(_)),
     });
     let (ended, ended_rx) = mpsc::unbounded_channel();
     tasks.spawn(dispatcher.clone().intake(ended_rx, shutdown.clone()));

@@ -11,7 +11,8 @@
 //! (`crate::take_up_unfinished`): hosts whose task is out on an agent that owns it wait for it
 //! to come back and claim it, the others end 310.
 //!
-//! On SQLite there is one controller and no leases.
+//! Only with a `[cluster]` section (PostgreSQL only): without one, a controller is alone on its
+//! database, holds it exclusively and takes no leases, as on SQLite.
 
 use std::time::Duration;
 
@@ -88,8 +89,10 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// The membership of a controller configured with `config`, if its database is shared.
-    pub fn new(store: Store, database: &Database, config: &ClusterConfig) -> Option<Self> {
+    /// The membership of a controller configured with `config`: only with a `[cluster]`
+    /// section on PostgreSQL; without one the controller is alone on its database.
+    pub fn new(store: Store, database: &Database, config: Option<&ClusterConfig>) -> Option<Self> {
+        let config = config?;
         match database {
             Database::Postgres(_) => Some(Self {
                 store,

@@ -101,10 +101,13 @@ impl Controller {
         if config.metrics.is_some() {
             metrics::install();
         }
-        let store = Store::open_as(&config.database, &config.cluster.name)
-            .await
-            .with_context(|| format!("opening database {}", config.database))?;
-        let membership = cluster::Membership::new(store.clone(), &config.database, &config.cluster);
+        let store = match &config.cluster {
+            Some(cluster) => Store::open_as(&config.database, &cluster.name).await,
+            None => Store::open_database(&config.database).await,
+        }
+        .with_context(|| format!("opening database {}", config.database))?;
+        let membership =
+            cluster::Membership::new(store.clone(), &config.database, config.cluster.as_ref());
         // Nobody is connected yet; with other controllers alive, their agents are.
         let others_alive = match &membership {
             Some(membership) => membership.others_alive().await?,

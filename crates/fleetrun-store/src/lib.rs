@@ -176,34 +176,46 @@ impl Store {
     }
 
     /// Opens a database and brings its schema up to date: a SQLite file is created if needed,
-    /// readable by its owner only; a PostgreSQL database must exist.
+    /// readable by its owner only; a PostgreSQL database must exist. The controller is alone on
+    /// it: a second store is refused while this one lives, and no commit is announced.
     pub async fn open_database(database: &Database) -> Result<Self, StoreError> {
-        Self::open_as(database, DEFAULT_CONTROLLER).await
+        Self::open_with(database, None).await
     }
 
-    /// [`Store::open_database`] for the controller called `controller`: on PostgreSQL, one
-    /// live store per name and database (a second is refused while the first lives), so that
-    /// controllers sharing a database each need a name of their own.
+    /// [`Store::open_database`] for the cluster member called `controller` (a controller with a
+    /// `[cluster]` section): on PostgreSQL, one live store per name and database (a second is
+    /// refused while the first lives), none while a store opened alone lives, and commits are
+    /// announced to the other members' followers.
     pub async fn open_as(database: &Database, controller: &str) -> Result<Self, StoreError> {
+        Self::open_with(database, Some(controller)).await
+    }
+
+    async fn open_with(database: &Database, member: Option<&str>) -> Result<Self, StoreError> {
         if let Database::Sqlite(path) = database {
             prepare_files(path)?;
         }
         let sole_use = match database {
             Database::Postgres(url) => Some(std::sync::Arc::new(tokio::sync::Mutex::new(
-                backend::claim_sole_use(url, controller).await?,
+                backend::claim_sole_use(url, member).await?,
             ))),
             Database::Sqlite(_) => None,
         };
         let (pool, dialect) = backend::connect(database).await?;
         let watchers = watch::Watchers::default();
         let health = health::HealthState::new();
-        let writes = writer::spawn(pool.clone(), dialect, watchers.clone(), health.clone());
+        let shared = member.is_some() && dialect == Dialect::Postgres;
+        let writes = writer::spawn(
+            pool.clone(),
+            dialect,
+            watchers.clone(),
+            health.clone(),
+            shared,
+        );
         let listening = match database {
-            Database::Postgres(url) => Some(std::sync::Arc::new(watch::Listening(watch::listen(
-                url.clone(),
-                watchers.clone(),
-            )))),
-            Database::Sqlite(_) => None,
+            Database::Postgres(url) if shared => Some(std::sync::Arc::new(watch::Listening(
+                watch::listen(url.clone(), watchers.clone()),
+            ))),
+            _ => None,
         };
         Ok(Self {
             pool,

@@ -68,6 +68,7 @@ pub(crate) fn spawn(
     dialect: Dialect,
     watchers: Watchers,
     health: Arc<HealthState>,
+    announce: bool,
 ) -> mpsc::Sender<Write> {
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(
@@ -76,6 +77,7 @@ pub(crate) fn spawn(
             dialect,
             watchers,
             health,
+            announce,
             rx,
             pending: VecDeque::new(),
             pending_bytes: 0,
@@ -104,6 +106,8 @@ struct Writer {
     dialect: Dialect,
     watchers: Watchers,
     health: Arc<HealthState>,
+    /// Whether commits are announced to other controllers sharing the database.
+    announce: bool,
     rx: mpsc::Receiver<Write>,
     /// Accepted writes not committed yet, in order.
     pending: VecDeque<Write>,
@@ -253,7 +257,7 @@ impl Writer {
         crate::health::discard_if_broken(&mut connection, &committed);
         committed?;
         self.watchers.committed(batch);
-        if self.dialect == Dialect::Postgres
+        if self.announce
             && let Some(text) = crate::watch::announcement(batch)
         {
             // Off the writer's path: other controllers' followers only read sooner for it.

@@ -14,10 +14,33 @@ async fn controllers_of_other_names_share_a_database_one_of_each_name_lives() {
         );
         return;
     }
-    let a = Store::open_as(db.database(), "a").await.unwrap();
+    // A controller alone on the database (no [cluster]) keeps it to itself: no member starts
+    // beside it, and it does not start beside members.
+    let alone = Store::open_database(db.database()).await.unwrap();
+    let refused = Store::open_as(db.database(), "a").await.unwrap_err();
+    assert!(matches!(refused, StoreError::InUse(_)), "{refused}");
+    assert!(
+        refused.to_string().contains("without a [cluster]"),
+        "{refused}"
+    );
+    drop(alone);
+    let mut a = None;
+    for _ in 0..50 {
+        match Store::open_as(db.database(), "a").await {
+            Ok(store) => {
+                a = Some(store);
+                break;
+            }
+            Err(StoreError::InUse(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let a = a.expect("the database stayed locked after the lone store was dropped");
     let b = Store::open_as(db.database(), "b").await.unwrap();
     // The default name is a name like the others.
-    let default = Store::open_database(db.database()).await.unwrap();
+    let default = Store::open_as(db.database(), "default").await.unwrap();
+    let refused = Store::open_database(db.database()).await.unwrap_err();
+    assert!(matches!(refused, StoreError::InUse(_)), "{refused}");
     let refused = tokio::time::timeout(Duration::from_secs(30), Store::open_as(db.database(), "a"))
         .await
         .expect("refused within the wait")
