@@ -86,6 +86,9 @@ pub struct Membership {
     /// Serialises taking and giving up leases: a release checks that no new run of the job
     /// started here before it deletes the row that run may have just taken.
     ops: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The jobs whose lease this controller took and has not given up: one missing from a
+    /// renewal was taken by another controller.
+    held: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
 }
 
 impl Membership {
@@ -99,6 +102,7 @@ impl Membership {
                 name: config.name.clone(),
                 lease: Duration::from_secs(config.lease_secs),
                 ops: Default::default(),
+                held: Default::default(),
             }),
             Database::Sqlite(_) => None,
         }
@@ -131,39 +135,43 @@ impl Membership {
             .any(|c| c.name != self.name && c.heartbeat_at + self.lease_ms() >= now))
     }
 
-    /// Takes the job's lease for a run starting here; false if another controller holds it. A
-    /// database that fails is retried a few times, then the run goes ahead unleased (as on one
-    /// controller); an unleased job is taken up by a controller that finds it so later.
-    pub async fn take(&self, job_instance_id: i64) -> bool {
+    /// Takes the job's lease (free, expired, or this controller's already: then renewed); false
+    /// if another controller holds it. A database that fails is retried a few times, then the
+    /// error is returned: the caller decides (a run is not started unleased).
+    pub async fn take(&self, job_instance_id: i64) -> anyhow::Result<bool> {
         let _ops = self.ops.lock().await;
-        for attempt in 0..5u64 {
+        let mut attempt = 0u64;
+        loop {
             let now = now_ms();
             match self
                 .store
                 .take_job_lease(job_instance_id, &self.name, now, now + self.lease_ms())
                 .await
             {
-                Ok(taken) => return taken,
-                Err(e) => {
-                    tracing::warn!(job = job_instance_id, "cannot take the job's lease: {e}");
-                    tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+                Ok(taken) => {
+                    if taken {
+                        self.held.lock().unwrap().insert(job_instance_id);
+                    }
+                    return Ok(taken);
                 }
+                Err(e) if attempt < 4 => {
+                    tracing::warn!(job = job_instance_id, "cannot take the job's lease: {e}");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
             }
         }
-        true
     }
 
-    /// Whether this controller still holds the job's lease, before it ends the job. A database
-    /// that cannot say counts as yes: the end is queued to the writer like every other write.
-    pub async fn holds(&self, job_instance_id: i64) -> bool {
-        match self
-            .store
-            .holds_job_lease(job_instance_id, &self.name, now_ms())
-            .await
-        {
-            Ok(held) => held,
+    /// Whether this controller may end the job: its lease is taken again (ours, even expired
+    /// unrenewed, or free, is kept; false only if another controller took it). A database that
+    /// cannot say counts as yes: the end is queued to the writer like every other write.
+    pub async fn keeps(&self, job_instance_id: i64) -> bool {
+        match self.take(job_instance_id).await {
+            Ok(kept) => kept,
             Err(e) => {
-                tracing::warn!(job = job_instance_id, "cannot read the job's lease: {e}");
+                tracing::warn!(job = job_instance_id, "cannot take the job's lease: {e:#}");
                 true
             }
         }
@@ -176,6 +184,7 @@ impl Membership {
         if running_here() {
             return;
         }
+        self.held.lock().unwrap().remove(&job_instance_id);
         if let Err(e) = self
             .store
             .release_job_lease(job_instance_id, &self.name)
@@ -191,7 +200,7 @@ impl Membership {
     pub async fn take_orphans(&self, own: bool) -> anyhow::Result<Vec<i64>> {
         let now = now_ms();
         let _ops = self.ops.lock().await;
-        Ok(self
+        let taken = self
             .store
             .take_orphaned_jobs(
                 &self.name,
@@ -201,7 +210,32 @@ impl Membership {
                 now - self.lease_ms(),
                 own,
             )
-            .await?)
+            .await?;
+        self.held.lock().unwrap().extend(taken.iter().copied());
+        Ok(taken)
+    }
+
+    /// Renews the heartbeat and the leases; returns the jobs whose lease this controller took
+    /// and no longer holds (another controller took them after they expired).
+    async fn renew(&self) -> Result<Vec<i64>, fleetrun_store::StoreError> {
+        let _ops = self.ops.lock().await;
+        let now = now_ms();
+        let renewed: std::collections::HashSet<i64> = self
+            .store
+            .renew_controller(&self.name, now, now + self.lease_ms())
+            .await?
+            .into_iter()
+            .collect();
+        let mut held = self.held.lock().unwrap();
+        let lost: Vec<i64> = held
+            .iter()
+            .copied()
+            .filter(|job| !renewed.contains(job))
+            .collect();
+        for job in &lost {
+            held.remove(job);
+        }
+        Ok(lost)
     }
 
     /// Renews the heartbeat and the leases, and takes up the jobs of controllers that stopped
@@ -214,14 +248,17 @@ impl Membership {
                 () = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let now = now_ms();
-            if let Err(e) = self
-                .store
-                .renew_controller(&self.name, now, now + self.lease_ms())
-                .await
-            {
-                tracing::warn!("cannot renew this controller's leases: {e}");
-                continue;
+            let lost = match self.renew().await {
+                Ok(lost) => lost,
+                Err(e) => {
+                    tracing::warn!("cannot renew this controller's leases: {e}");
+                    continue;
+                }
+            };
+            for job in lost {
+                // Another controller took the job up: this one stops recording its run (and
+                // leaves the agents' tasks alone, the other controller's now).
+                engine.abandon(job);
             }
             let orphans = match self.take_orphans(false).await {
                 Ok(orphans) => orphans,
@@ -230,7 +267,7 @@ impl Membership {
                     continue;
                 }
             };
-            // A job running here whose lease went missing is this controller's still.
+            // A job running here whose lease expired unrenewed is this controller's still.
             let orphans: Vec<i64> = orphans
                 .into_iter()
                 .filter(|job| !engine.is_running(*job))

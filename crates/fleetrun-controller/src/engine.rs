@@ -12,7 +12,7 @@ mod rolling;
 pub use rolling::RollingStart;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, LazyLock, Mutex},
     time::{Duration, Instant},
 };
@@ -137,6 +137,12 @@ pub struct Engine {
     save_now: Arc<SaveNow>,
     /// With controllers sharing the database: the leases on jobs' bookkeeping.
     membership: Option<crate::cluster::Membership>,
+    /// Jobs whose lease a handler took for a run about to start here (before the job's status
+    /// says it runs): the lease is not given up meanwhile.
+    starting: Arc<Mutex<HashSet<i64>>>,
+    /// Runs here whose job another controller took up (this one lost the lease): they go on
+    /// following the agents' tasks but record nothing and end nothing.
+    abandoned: Arc<Mutex<HashSet<i64>>>,
 }
 
 /// Asks the checkpoint saver for a save at once; each waiter hears when a save that includes
@@ -164,6 +170,8 @@ impl Engine {
             prepared: Arc::default(),
             save_now: Arc::default(),
             membership: None,
+            starting: Arc::default(),
+            abandoned: Arc::default(),
         }
     }
 
@@ -179,19 +187,66 @@ impl Engine {
     }
 
     /// Takes the job's lease for a run starting here; false (and the run is not made) if
-    /// another controller holds it.
+    /// another controller holds it or the database cannot say.
     async fn take_lease(&self, job_instance_id: i64) -> bool {
         let Some(membership) = &self.membership else {
             return true;
         };
-        if membership.take(job_instance_id).await {
+        match membership.take(job_instance_id).await {
+            Ok(true) => return true,
+            Ok(false) => tracing::warn!(
+                job = job_instance_id,
+                "another controller holds this job's lease: not run here"
+            ),
+            Err(e) => tracing::error!(
+                job = job_instance_id,
+                "cannot take this job's lease, not run here: {e:#}"
+            ),
+        }
+        false
+    }
+
+    /// Takes the job's lease before a handler marks the job running and starts it, so that no
+    /// controller takes a job up in between; false if another controller holds it. Followed by
+    /// [`Engine::start`] / [`Engine::start_rolling`], or by [`Engine::lease_unused`].
+    pub async fn lease_for_start(&self, job_instance_id: i64) -> bool {
+        self.starting.lock().unwrap().insert(job_instance_id);
+        if self.take_lease(job_instance_id).await {
             return true;
         }
-        tracing::warn!(
-            job = job_instance_id,
-            "another controller holds this job's lease: not run here"
-        );
+        self.starting.lock().unwrap().remove(&job_instance_id);
         false
+    }
+
+    /// Gives up a lease taken by [`Engine::lease_for_start`] for a start that did not happen.
+    pub async fn lease_unused(&self, job_instance_id: i64) {
+        self.starting.lock().unwrap().remove(&job_instance_id);
+        self.release_lease(job_instance_id).await;
+    }
+
+    /// Whether the run of the job here was abandoned to another controller.
+    fn is_abandoned(&self, job_instance_id: i64) -> bool {
+        self.abandoned.lock().unwrap().contains(&job_instance_id)
+    }
+
+    /// Abandons the run of the job here, if any, to the controller that took its lease: the
+    /// run records nothing more, ends nothing, and starts no further batch. Its hosts' runs go
+    /// on following the agents' tasks without cancelling them (the tasks are the other
+    /// controller's now) until they end.
+    pub(crate) fn abandon(&self, job_instance_id: i64) {
+        let running = self.running.lock().unwrap();
+        if running.contains_key(&job_instance_id) {
+            self.abandoned.lock().unwrap().insert(job_instance_id);
+            tracing::warn!(
+                job = job_instance_id,
+                "another controller took this job's lease: its run here records nothing more"
+            );
+        }
+    }
+
+    /// Called once a run of the job left the running set.
+    fn run_left(&self, job_instance_id: i64) {
+        self.abandoned.lock().unwrap().remove(&job_instance_id);
     }
 
     /// Gives the job's lease up once its run here left the running set (its end or pause
@@ -199,7 +254,10 @@ impl Engine {
     async fn release_lease(&self, job_instance_id: i64) {
         if let Some(membership) = &self.membership {
             membership
-                .release(job_instance_id, || self.is_running(job_instance_id))
+                .release(job_instance_id, || {
+                    self.is_running(job_instance_id)
+                        || self.starting.lock().unwrap().contains(&job_instance_id)
+                })
                 .await;
         }
     }
@@ -228,8 +286,12 @@ impl Engine {
         }
         let engine = self.clone();
         tokio::spawn(async move {
-            if !engine.take_lease(job_instance_id).await {
+            let leased = engine.take_lease(job_instance_id).await;
+            engine.starting.lock().unwrap().remove(&job_instance_id);
+            if !leased {
                 engine.running.lock().unwrap().remove(&job_instance_id);
+                engine.run_left(job_instance_id);
+                engine.release_lease(job_instance_id).await;
                 return;
             }
             engine.run_job(spec, cancel).await;
@@ -239,6 +301,7 @@ impl Engine {
                 tracing::error!(job = job_instance_id, "cannot commit the job's end: {e}");
             }
             engine.running.lock().unwrap().remove(&job_instance_id);
+            engine.run_left(job_instance_id);
             engine.release_lease(job_instance_id).await;
         });
         true
@@ -251,10 +314,13 @@ impl Engine {
         let Some(cancel) = cancel else { return false };
         if !cancel.is_cancelled() {
             cancel.cancel();
-            self.write(Write::JobStatus {
+            self.write_for(
                 job_instance_id,
-                status: job::TERMINATING,
-            })
+                Write::JobStatus {
+                    job_instance_id,
+                    status: job::TERMINATING,
+                },
+            )
             .await;
         }
         true
@@ -386,6 +452,7 @@ impl Engine {
             }
             if registered {
                 engine.running.lock().unwrap().remove(&job_instance_id);
+                engine.run_left(job_instance_id);
             }
             engine.release_lease(job_instance_id).await;
         });
@@ -406,17 +473,21 @@ impl Engine {
         let host_count = job.hosts.len();
         for host in job.hosts {
             let Some(checkpoint) = host.checkpoint else {
-                self.write(Write::HostFinished {
-                    step_instance_id: job.step_instance_id,
-                    bk_host_id: host.bk_host_id,
-                    outcome: HostOutcome {
-                        status: host::AGENT_ABNORMAL,
-                        tag: "the controller stopped while this task ran; its result is unknown"
-                            .into(),
-                        end_time: now_ms(),
-                        ..HostOutcome::default()
+                self.write_for(
+                    job.job_instance_id,
+                    Write::HostFinished {
+                        step_instance_id: job.step_instance_id,
+                        bk_host_id: host.bk_host_id,
+                        outcome: HostOutcome {
+                            status: host::AGENT_ABNORMAL,
+                            tag:
+                                "the controller stopped while this task ran; its result is unknown"
+                                    .into(),
+                            end_time: now_ms(),
+                            ..HostOutcome::default()
+                        },
                     },
-                })
+                )
                 .await;
                 continue;
             };
@@ -534,12 +605,15 @@ impl Engine {
             task,
         } = spec;
         let started = now_ms();
-        self.write(Write::JobStarted {
+        self.write_for(
             job_instance_id,
-            step_instance_id,
-            status: job::RUNNING,
-            at: started,
-        })
+            Write::JobStarted {
+                job_instance_id,
+                step_instance_id,
+                status: job::RUNNING,
+                at: started,
+            },
+        )
         .await;
         let limits = self.limits(task.timeout_secs);
         let request = self.encode_request(job_instance_id, step_instance_id, task);
@@ -708,16 +782,20 @@ impl Engine {
                 // no host stays waiting or running forever.
                 let bk_host_id = host_of_task.get(&e.id()).copied().unwrap_or_default();
                 tracing::error!(job = job_instance_id, bk_host_id, "host task failed: {e}");
-                self.write(Write::HostFinished {
-                    step_instance_id,
-                    bk_host_id,
-                    outcome: HostOutcome {
-                        status: host::AGENT_TASK_ERROR,
-                        tag: "internal error in the controller while following this host".into(),
-                        end_time: now_ms(),
-                        ..HostOutcome::default()
+                self.write_for(
+                    job_instance_id,
+                    Write::HostFinished {
+                        step_instance_id,
+                        bk_host_id,
+                        outcome: HostOutcome {
+                            status: host::AGENT_TASK_ERROR,
+                            tag: "internal error in the controller while following this host"
+                                .into(),
+                            end_time: now_ms(),
+                            ..HostOutcome::default()
+                        },
                     },
-                })
+                )
                 .await;
                 true
             }
@@ -733,8 +811,11 @@ impl Engine {
             started,
             ..
         } = *finishing;
+        if self.is_abandoned(job_instance_id) {
+            return;
+        }
         if let Some(membership) = &self.membership
-            && !membership.holds(job_instance_id).await
+            && !membership.keeps(job_instance_id).await
         {
             // Another controller took the job up (this one could not renew its lease): the end
             // and the callback are that one's.
@@ -745,17 +826,23 @@ impl Engine {
             return;
         }
         let at = now_ms();
-        self.write(Write::StepFinished {
-            step_instance_id,
-            status: step_status,
-            at,
-        })
-        .await;
-        self.write(Write::JobFinished {
+        self.write_for(
             job_instance_id,
-            status: job_status,
-            at,
-        })
+            Write::StepFinished {
+                step_instance_id,
+                status: step_status,
+                at,
+            },
+        )
+        .await;
+        self.write_for(
+            job_instance_id,
+            Write::JobFinished {
+                job_instance_id,
+                status: job_status,
+                at,
+            },
+        )
         .await;
         crate::metrics::job_finished(job_status, at - started);
         if let Some(callbacks) = &self.callbacks {
@@ -770,7 +857,12 @@ impl Engine {
         );
     }
 
-    async fn write(&self, write: Write) {
+    /// Records a write of the job's run, unless the run was abandoned (another controller took
+    /// the job's lease: its progress is that one's to record).
+    async fn write_for(&self, job_instance_id: i64, write: Write) {
+        if self.is_abandoned(job_instance_id) {
+            return;
+        }
         if let Err(e) = self.store.record(write).await {
             tracing::error!("cannot record job progress: {e}");
         }

@@ -817,6 +817,11 @@ async fn start_created_job(
         script.clone(),
     )
     .await?;
+    // The lease first: once the job shows running, a controller looking for jobs nobody holds
+    // must find this one held.
+    if !shared.engine.lease_for_start(job.job_instance_id).await {
+        return Err(not_startable());
+    }
     let claimed = shared
         .store
         .claim_pending_job(
@@ -825,8 +830,10 @@ async fn start_created_job(
             status::job::RUNNING,
             crate::now_ms(),
         )
-        .await?;
-    if !claimed {
+        .await;
+    if !matches!(claimed, Ok(true)) {
+        shared.engine.lease_unused(job.job_instance_id).await;
+        claimed?;
         return Err(not_startable());
     }
     let started = super::steps::start_created(
@@ -845,8 +852,10 @@ async fn start_created_job(
             },
         },
     )
-    .await?;
-    if !started {
+    .await;
+    if !matches!(started, Ok(true)) {
+        shared.engine.lease_unused(job.job_instance_id).await;
+        started?;
         return Err(not_startable());
     }
     Ok(())
