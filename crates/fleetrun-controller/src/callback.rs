@@ -434,10 +434,12 @@ impl Dispatcher {
 
     /// Makes the delivery's next attempt and records it.
     async fn attempt(self: Arc<Self>, delivery: CallbackDelivery) {
+        let mut claimed_until = None;
         if self.shared_queue {
             // Of the controllers that see it due, one makes the attempt; should it die during
             // the attempt, another makes it once the claim runs out.
             let until = now_ms() + CLAIM_FOR.as_millis() as i64;
+            claimed_until = Some(until);
             match self
                 .store
                 .claim_callback_attempt(delivery.id, delivery.next_attempt_at, until)
@@ -509,10 +511,25 @@ impl Dispatcher {
         for retry in 0..5u64 {
             match self
                 .store
-                .record_callback_attempt(&record, next, last_error.as_deref(), now_ms())
+                .record_claimed_callback_attempt(
+                    &record,
+                    next,
+                    last_error.as_deref(),
+                    now_ms(),
+                    claimed_until,
+                )
                 .await
             {
-                Ok(()) => return,
+                Ok(true) => return,
+                Ok(false) => {
+                    // The claim ran out and another controller made the attempt again: its
+                    // record stands.
+                    tracing::warn!(
+                        delivery = delivery.id,
+                        "a callback attempt outlived its claim: not recorded"
+                    );
+                    return;
+                }
                 Err(e) => tracing::error!(
                     delivery = delivery.id,
                     "cannot record a callback attempt: {e}"
