@@ -203,17 +203,17 @@ impl Store {
         let (pool, dialect) = backend::connect(database).await?;
         let watchers = watch::Watchers::default();
         let health = health::HealthState::new();
-        let shared = member.is_some() && dialect == Dialect::Postgres;
+        let shared = (member.is_some() && dialect == Dialect::Postgres).then(watch::store_id);
         let writes = writer::spawn(
             pool.clone(),
             dialect,
             watchers.clone(),
             health.clone(),
-            shared,
+            shared.clone(),
         );
-        let listening = match database {
-            Database::Postgres(url) if shared => Some(std::sync::Arc::new(watch::Listening(
-                watch::listen(url.clone(), watchers.clone()),
+        let listening = match (database, shared) {
+            (Database::Postgres(url), Some(own)) => Some(std::sync::Arc::new(watch::Listening(
+                watch::listen(url.clone(), watchers.clone(), own),
             ))),
             _ => None,
         };

@@ -2,7 +2,8 @@
 //! there is news instead of polling it.
 //!
 //! On PostgreSQL the commits of other controllers sharing the database count too: after each
-//! commit the writer announces what it touched on the `fleetrun_commit` channel (`NOTIFY`), and
+//! commit the writer announces what it touched on the `fleetrun_commit` channel (`pg_notify` in
+//! the committing transaction, with the store's id, so that a store skips its own), and
 //! every store listens there (`PgListener`, a connection of its own) and wakes its followers of
 //! what was announced. A notification lost while the listener reconnects costs its followers
 //! no more than their own fallback poll.
@@ -47,46 +48,73 @@ pub(crate) fn announcement(writes: &[Write]) -> Option<String> {
     Some(text)
 }
 
-/// Announces a commit to every store listening on the database. The text is made of digits,
-/// letters and spaces only ([`announcement`]), so it is written into the statement, which
-/// `NOTIFY` requires.
-pub(crate) async fn announce(pool: &sqlx::AnyPool, text: &str) -> Result<(), sqlx::Error> {
-    debug_assert!(
-        text.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b' ' || b == b'*')
-    );
-    sqlx::raw_sql(&format!("NOTIFY {CHANNEL}, '{text}'"))
-        .execute(pool)
+/// A name for one store among those listening on a database, put before its announcements so
+/// that it skips its own (its followers were woken at the commit already).
+pub(crate) fn store_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!(
+        "c{:x}{:x}{:x}",
+        std::process::id(),
+        nanos,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Announces a commit to every store listening on the database, in the committing
+/// transaction (`pg_notify` is delivered at its commit, and takes no connection of its own):
+/// `store` then what it touched ([`announcement`]).
+pub(crate) async fn announce(
+    tx: &mut sqlx::AnyConnection,
+    store: &str,
+    text: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!("SELECT 1 FROM pg_notify('{CHANNEL}', $1) AS n"))
+        .bind(format!("{store} {text}"))
+        .execute(tx)
         .await?;
     Ok(())
 }
 
-/// Listens for announced commits on the PostgreSQL database at `url` and wakes `watchers`' followers
-/// of what they touched, until aborted (when the store goes).
-pub(crate) fn listen(url: String, watchers: Watchers) -> tokio::task::JoinHandle<()> {
+/// Listens for announced commits on the PostgreSQL database at `url` and wakes `watchers`'
+/// followers of what they touched, skipping the store `own`'s, until aborted (when the store
+/// goes).
+pub(crate) fn listen(url: String, watchers: Watchers, own: String) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut wait = std::time::Duration::from_millis(200);
+        const FIRST_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+        const LAST_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+        let mut wait = FIRST_WAIT;
         loop {
             let mut listener = match sqlx::postgres::PgListener::connect(&url).await {
                 Ok(listener) => listener,
                 Err(e) => {
                     tracing::warn!("cannot listen for other controllers' commits: {e}");
                     tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(std::time::Duration::from_secs(10));
+                    wait = (wait * 2).min(LAST_WAIT);
                     continue;
                 }
             };
             if let Err(e) = listener.listen(CHANNEL).await {
                 tracing::warn!("cannot listen for other controllers' commits: {e}");
                 tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(LAST_WAIT);
                 continue;
             }
-            wait = std::time::Duration::from_millis(200);
+            wait = FIRST_WAIT;
             // `recv` reconnects by itself after a lost connection; what was announced
             // meanwhile is lost, and followers poll.
             loop {
                 match listener.recv().await {
-                    Ok(notification) => watchers.announced(notification.payload()),
+                    Ok(notification) => {
+                        let (store, text) =
+                            notification.payload().split_once(' ').unwrap_or(("", ""));
+                        if store != own {
+                            watchers.announced(text);
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!("listening for other controllers' commits: {e}");
                         watchers.announced(EVERYTHING);

@@ -68,7 +68,7 @@ pub(crate) fn spawn(
     dialect: Dialect,
     watchers: Watchers,
     health: Arc<HealthState>,
-    announce: bool,
+    announce: Option<String>,
 ) -> mpsc::Sender<Write> {
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(
@@ -106,8 +106,9 @@ struct Writer {
     dialect: Dialect,
     watchers: Watchers,
     health: Arc<HealthState>,
-    /// Whether commits are announced to other controllers sharing the database.
-    announce: bool,
+    /// With controllers sharing the database, this store's id: each commit is announced to the
+    /// others' followers under it.
+    announce: Option<String>,
     rx: mpsc::Receiver<Write>,
     /// Accepted writes not committed yet, in order.
     pending: VecDeque<Write>,
@@ -252,22 +253,23 @@ impl Writer {
         let batch = &self.pending.make_contiguous()[..n];
         let mut connection = self.pool.acquire().await?;
         let started = std::time::Instant::now();
-        let committed = commit(&mut connection, batch, self.dialect).await;
+        let announcement = self
+            .announce
+            .as_deref()
+            .and_then(|store| Some((store, crate::watch::announcement(batch)?)));
+        let committed = commit(
+            &mut connection,
+            batch,
+            self.dialect,
+            announcement
+                .as_ref()
+                .map(|(store, text)| (*store, text.as_str())),
+        )
+        .await;
         metrics::histogram!("fleetrun_store_commit_seconds").record(started.elapsed());
         crate::health::discard_if_broken(&mut connection, &committed);
         committed?;
         self.watchers.committed(batch);
-        if self.announce
-            && let Some(text) = crate::watch::announcement(batch)
-        {
-            // Off the writer's path: other controllers' followers only read sooner for it.
-            let pool = self.pool.clone();
-            tokio::spawn(async move {
-                if let Err(e) = crate::watch::announce(&pool, &text).await {
-                    tracing::debug!("cannot announce a commit: {e}");
-                }
-            });
-        }
         for write in self.pending.drain(..n) {
             self.pending_bytes -= output_bytes(&write);
         }
@@ -319,6 +321,7 @@ async fn commit(
     connection: &mut sqlx::AnyConnection,
     batch: &[Write],
     dialect: Dialect,
+    announcement: Option<(&str, &str)>,
 ) -> Result<(), sqlx::Error> {
     // A host whose task also ended in this batch needs no "running" update: its final row says
     // all. Log chunks go in multi-row inserts. Both matter when thousands of hosts report at once.
@@ -518,6 +521,9 @@ async fn commit(
             " ON CONFLICT (step_instance_id, bk_host_id, \"offset\") DO UPDATE SET data = excluded.data",
         );
         insert.build().execute(&mut *tx).await?;
+    }
+    if let Some((store, text)) = announcement {
+        crate::watch::announce(&mut tx, store, text).await?;
     }
     tx.commit().await
 }
