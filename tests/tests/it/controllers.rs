@@ -157,6 +157,19 @@ async fn a_dead_controllers_job_is_taken_up_by_another_and_ends_once() -> Result
     );
     assert_eq!(status["job_instance"]["status"], 4, "{status}");
     assert_eq!(host_results(&status)[0]["status"], 310, "{status}");
+    // It waited: the host ended no earlier than the task's deadline (sent after the job
+    // started, its timeout 5 s plus the 3 s grace), not when c2 took the job up.
+    let job_start = status["job_instance"]["start_time"]
+        .as_i64()
+        .context("job start_time")?;
+    let host_end = host_results(&status)[0]["end_time"]
+        .as_i64()
+        .context("host end_time")?;
+    assert!(
+        host_end >= job_start + 8_000,
+        "the host ended {} ms after the job started, before the task's deadline: {status}",
+        host_end - job_start
+    );
     let mut query = cluster.info.scope();
     query["job_instance_id"] = json!(job);
     let callback = eventually(
