@@ -73,6 +73,42 @@ pub async fn start_cluster(agents: usize) -> Result<TestCluster> {
     })
 }
 
+/// Starts `controllers` controllers sharing the test's PostgreSQL database, with `agents`
+/// agents, `options` adding to the cluster's options; `None` (saying that `test` is skipped)
+/// when the tests run on SQLite, where one controller holds the file.
+pub async fn start_shared_cluster(
+    test: &str,
+    agents: usize,
+    controllers: usize,
+    options: ClusterOptions,
+) -> Result<Option<TestCluster>> {
+    let Some(server) = test_postgres_server() else {
+        println!("{test}: skipped on SQLite: controllers share only a PostgreSQL database");
+        return Ok(None);
+    };
+    let parent = workspace_root().join("target/test-clusters");
+    std::fs::create_dir_all(&parent)?;
+    let dir = tempfile::Builder::new()
+        .prefix("cluster-")
+        .tempdir_in(&parent)?;
+    let database = ScratchDatabase::create(&server, "fleetrun_it")
+        .await
+        .with_context(|| format!("creating a database on {server}"))?;
+    let cluster = Cluster::start(&ClusterOptions {
+        agents,
+        controllers,
+        dir: dir.path().to_owned(),
+        database: Some(database.url().to_owned()),
+        ..options
+    })
+    .await?;
+    Ok(Some(TestCluster {
+        cluster,
+        dir,
+        database: Some(database),
+    }))
+}
+
 /// Whether the tests' controllers keep their database in a SQLite file; when not, says that
 /// `test` is skipped, for tests of what only such a file has (its modes, an immutable file).
 pub fn sqlite_only(test: &str) -> bool {

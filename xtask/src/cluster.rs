@@ -115,6 +115,10 @@ value = "web"
 pub struct ClusterInfo {
     pub api_url: String,
     pub agent_addr: String,
+    /// Every controller's API URL, the first being `api_url` (several controllers share a
+    /// PostgreSQL database).
+    #[serde(default)]
+    pub api_urls: Vec<String>,
     pub bk_app_code: String,
     pub bk_app_secret: String,
     pub bk_username: String,
@@ -188,6 +192,22 @@ pub struct ClusterOptions {
     /// The controller's database: a `postgres://` URL of an existing database, or `None` for a
     /// SQLite file in the cluster's directory.
     pub database: Option<String>,
+    /// Controllers sharing `database` (which must then be PostgreSQL), named c1, c2, …; 0 is
+    /// one, as is 1. Agent `i` tries controller `i mod N` first, then the others in turn.
+    pub controllers: usize,
+    /// Appended to every controller's configuration (a `[limits]` section, say).
+    pub controller_extra: Option<String>,
+    /// `[cluster] lease_secs` of several controllers; the controller's default when `None`.
+    pub lease_secs: Option<u64>,
+}
+
+/// A controller of the cluster beyond the first.
+#[derive(Debug)]
+pub struct ControllerProcess {
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub api_url: String,
+    child: Option<Child>,
 }
 
 /// One agent process and the files it runs from.
@@ -221,6 +241,8 @@ pub struct Cluster {
     /// `FLEETRUN_LOG_FORMAT` for the processes started from now on; by default this process's.
     pub log_format: Option<String>,
     controller: Option<Child>,
+    /// Controllers 2, 3, … when several share the database.
+    pub others: Vec<ControllerProcess>,
 }
 
 /// The workspace's root directory.
@@ -368,6 +390,15 @@ impl Cluster {
             Some(port) => port,
             None => free_port()?,
         };
+        let controllers = opts.controllers.max(1);
+        ensure!(
+            controllers == 1 || opts.database.is_some(),
+            "several controllers share a PostgreSQL database: give one"
+        );
+        let mut ports = vec![(http_port, agent_port)];
+        for _ in 1..controllers {
+            ports.push((free_port()?, free_port()?));
+        }
         let agent_host = match &opts.network {
             Some(network) => {
                 ensure!(
@@ -398,8 +429,9 @@ impl Cluster {
             }
         }
         let controller_config = dir.join("controller.toml");
-        let toml = format!(
-            r#"http_listen = "127.0.0.1:{http_port}"
+        let controller_toml = |i: usize, (http_port, agent_port): (u16, u16)| {
+            let mut toml = format!(
+                r#"http_listen = "127.0.0.1:{http_port}"
 agent_listen = "{agent_host}:{agent_port}"
 database = "{db}"
 inventory = "{inventory}"
@@ -425,30 +457,53 @@ admin = true
 [callbacks]
 allow_networks = {allow_networks:?}
 "#,
-            trusted = opts.trust_reported_ip_in,
-            inventory = inventory_path.display(),
-            allow_networks = opts
-                .callback_allow_networks
-                .clone()
-                .unwrap_or_else(|| vec!["127.0.0.0/8".to_owned()]),
-            db = opts
-                .database
-                .clone()
-                .unwrap_or_else(|| dir.join("controller.db").display().to_string()),
-            // Beside a SQLite database by default; a PostgreSQL one has no directory to share.
-            security = if opts.database.is_some() {
-                format!(
-                    "\n[security]\nparam_key_file = \"{}\"\n",
-                    dir.join("param.key").display()
-                )
-            } else {
-                String::new()
-            },
-            ca = ca.cert_path().display(),
-            cert = controller_cert.cert.display(),
-            key = controller_cert.key.display(),
-        );
-        fs::write(&controller_config, toml)?;
+                trusted = opts.trust_reported_ip_in,
+                inventory = inventory_path.display(),
+                allow_networks = opts
+                    .callback_allow_networks
+                    .clone()
+                    .unwrap_or_else(|| vec!["127.0.0.0/8".to_owned()]),
+                db = opts
+                    .database
+                    .clone()
+                    .unwrap_or_else(|| dir.join("controller.db").display().to_string()),
+                // Beside a SQLite database by default; a PostgreSQL one has no directory to share.
+                security = if opts.database.is_some() {
+                    format!(
+                        "\n[security]\nparam_key_file = \"{}\"\n",
+                        dir.join("param.key").display()
+                    )
+                } else {
+                    String::new()
+                },
+                ca = ca.cert_path().display(),
+                cert = controller_cert.cert.display(),
+                key = controller_cert.key.display(),
+            );
+            if controllers > 1 {
+                toml.push_str(&format!("\n[cluster]\nname = \"c{}\"\n", i + 1));
+                if let Some(lease) = opts.lease_secs {
+                    toml.push_str(&format!("lease_secs = {lease}\n"));
+                }
+            }
+            if let Some(extra) = &opts.controller_extra {
+                toml.push('\n');
+                toml.push_str(extra);
+            }
+            toml
+        };
+        fs::write(&controller_config, controller_toml(0, ports[0]))?;
+        let mut others = Vec::new();
+        for (i, &(http_port, agent_port)) in ports.iter().enumerate().skip(1) {
+            let config = dir.join(format!("controller-c{}.toml", i + 1));
+            fs::write(&config, controller_toml(i, (http_port, agent_port)))?;
+            others.push(ControllerProcess {
+                config,
+                log: dir.join(format!("controller-c{}.log", i + 1)),
+                api_url: format!("http://127.0.0.1:{http_port}"),
+                child: None,
+            });
+        }
 
         let mut agents = Vec::new();
         for i in 0..opts.agents {
@@ -469,7 +524,7 @@ allow_networks = {allow_networks:?}
             fs::write(
                 &config,
                 format!(
-                    r#"controller = "{connect_to}"
+                    r#"controller = {connect_to}
 bind = "{ip}:0"
 bk_cloud_id = 0
 hostname = "{agent_id}"
@@ -482,9 +537,17 @@ cert = "{cert}"
 key = "{key}"
 "#,
                     work = agent_dir.join("work").display(),
-                    connect_to = opts
-                        .agents_connect_to
-                        .map_or_else(|| format!("{agent_host}:{agent_port}"), |a| a.to_string()),
+                    connect_to = match opts.agents_connect_to {
+                        Some(address) => format!("{:?}", address.to_string()),
+                        // Agent i tries controller i mod N first, then the next ones.
+                        None if controllers > 1 => format!(
+                            "{:?}",
+                            (0..controllers)
+                                .map(|k| format!("{agent_host}:{}", ports[(i + k) % controllers].1))
+                                .collect::<Vec<_>>()
+                        ),
+                        None => format!("{:?}", format!("{agent_host}:{agent_port}")),
+                    },
                     ca = ca.cert_path().display(),
                     cert = cert.cert.display(),
                     key = cert.key.display(),
@@ -504,6 +567,9 @@ key = "{key}"
             info: ClusterInfo {
                 api_url: format!("http://127.0.0.1:{http_port}"),
                 agent_addr: format!("{agent_host}:{agent_port}"),
+                api_urls: std::iter::once(format!("http://127.0.0.1:{http_port}"))
+                    .chain(others.iter().map(|c| c.api_url.clone()))
+                    .collect(),
                 bk_app_code: APP_CODE.into(),
                 bk_app_secret: secret,
                 bk_username: "admin".into(),
@@ -522,8 +588,12 @@ key = "{key}"
             bin_dir,
             log_format: std::env::var("FLEETRUN_LOG_FORMAT").ok(),
             controller: None,
+            others,
         };
         cluster.start_controller().await?;
+        for i in 1..controllers {
+            cluster.start_controller_at(i).await?;
+        }
         for i in 0..cluster.agents.len() {
             cluster.start_agent(i)?;
         }
@@ -618,6 +688,69 @@ key = "{key}"
             .stderr(log_file)
             .spawn()
             .with_context(|| format!("starting {binary}"))
+    }
+
+    /// Starts (or restarts) controller `index` (0 the first, as [`Self::start_controller`])
+    /// and waits until its API answers.
+    pub async fn start_controller_at(&mut self, index: usize) -> Result<()> {
+        if index == 0 {
+            return self.start_controller().await;
+        }
+        let other = &self.others[index - 1];
+        ensure!(
+            other.child.is_none(),
+            "controller c{} is running",
+            index + 1
+        );
+        let child = self.spawn("fleetrun-controller", &other.config, &other.log)?;
+        self.others[index - 1].child = Some(child);
+        let mut info = self.info.clone();
+        info.api_url = self.others[index - 1].api_url.clone();
+        let client = info.client();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if client.hosts().await.is_ok() {
+                return Ok(());
+            }
+            let other = &mut self.others[index - 1];
+            if let Some(child) = other.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                other.child = None;
+                bail!(
+                    "controller c{} exited with {status}; see {}",
+                    index + 1,
+                    other.log.display()
+                );
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "controller c{} did not answer within 30 s",
+                index + 1
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills controller `index` with SIGKILL (as a crash would).
+    pub fn kill_controller_at(&mut self, index: usize) -> Result<()> {
+        if index == 0 {
+            return self.kill_controller();
+        }
+        if let Some(mut child) = self.others[index - 1].child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// A client of controller `index`'s API.
+    pub fn client_at(&self, index: usize) -> crate::client::ApiClient {
+        let mut info = self.info.clone();
+        if let Some(url) = self.info.api_urls.get(index) {
+            info.api_url = url.clone();
+        }
+        info.client()
     }
 
     /// Starts (or restarts) the controller and waits until its API answers.
@@ -773,6 +906,7 @@ key = "{key}"
             .filter_map(|a| a.child.take())
             .collect();
         children.extend(self.controller.take());
+        children.extend(self.others.iter_mut().filter_map(|c| c.child.take()));
         for child in &children {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.id() as i32),

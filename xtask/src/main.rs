@@ -39,6 +39,14 @@ enum Cmd {
         /// The inventory file; by default a small example topology (see xtask/src/cluster.rs).
         #[arg(long)]
         inventory: Option<PathBuf>,
+        /// Controllers sharing the database (named c1, c2, …); more than one needs
+        /// `--database postgres://…`.
+        #[arg(long, default_value_t = 1)]
+        controllers: usize,
+        /// A PostgreSQL server (`postgres://user@host:port`): the cluster gets a database of its
+        /// own there, dropped at teardown. By default a SQLite file in DIR.
+        #[arg(long)]
+        database: Option<String>,
     },
     /// Run the end-to-end scenarios on hosts in network namespaces (needs root).
     E2e {
@@ -97,11 +105,15 @@ fn main() -> Result<()> {
             dir,
             release,
             inventory,
+            controllers,
+            database,
         } => runtime.block_on(cluster(
             agents,
             workspace_root().join(dir),
             release,
             inventory,
+            controllers,
+            database,
         )),
         Cmd::Demo { agents } => runtime.block_on(demo(agents)),
         Cmd::Dist { profile, fast } => {
@@ -130,20 +142,37 @@ async fn cluster(
     dir: PathBuf,
     release: bool,
     inventory: Option<PathBuf>,
+    controllers: usize,
+    database: Option<String>,
 ) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
+    anyhow::ensure!(
+        controllers <= 1 || database.is_some(),
+        "several controllers share a PostgreSQL database: give --database postgres://…"
+    );
+    // Dropped after the cluster: the processes stop before their database goes.
+    let scratch = match &database {
+        Some(server) => Some(
+            fleetrun_store::scratch::ScratchDatabase::create(server, "fleetrun_cluster")
+                .await
+                .map_err(|e| anyhow::anyhow!("creating the cluster's database on {server}: {e}"))?,
+        ),
+        None => None,
+    };
     let cluster = Cluster::start(&ClusterOptions {
         agents,
         dir: dir.clone(),
         release,
         inventory: inventory.map(|f| workspace_root().join(f)),
+        database: scratch.as_ref().map(|db| db.url().to_owned()),
+        controllers,
         ..Default::default()
     })
     .await?;
     println!(
         "cluster up: {} agents, API {}",
         cluster.agents.len(),
-        cluster.info.api_url
+        cluster.info.api_urls.join(", ")
     );
     println!("details in {}", dir.join("cluster.json").display());
     println!("logs in {}; Ctrl-C stops everything", dir.display());
@@ -154,6 +183,7 @@ async fn cluster(
     }
     println!("stopping");
     drop(cluster);
+    drop(scratch);
     Ok(())
 }
 

@@ -54,6 +54,9 @@ pub const MAX_URL_CHARS: usize = 512;
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Deliveries in flight at once.
 const MAX_IN_FLIGHT: usize = 32;
+/// How long a claimed attempt is kept from other controllers sharing the queue: past both of an
+/// attempt's requests (bk-job's second try) and its recording.
+const CLAIM_FOR: Duration = Duration::from_secs(60);
 /// The wait after the first failed attempt; it doubles after each one, up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -216,6 +219,9 @@ struct Dispatcher {
     max_attempts: i64,
     /// Poked when a delivery was queued.
     queued: Notify,
+    /// Whether other controllers may deliver from the same queue (a `[cluster]` member on
+    /// PostgreSQL): each attempt is then claimed in the store first.
+    shared_queue: bool,
 }
 
 /// Starts the dispatcher's tasks in `tasks`; they stop when `shutdown` is cancelled.
@@ -249,6 +255,8 @@ pub fn start(
         callbacks,
         max_attempts: i64::from(config.limits.callback_max_attempts),
         queued: Notify::new(),
+        shared_queue: config.cluster.is_some()
+            && matches!(config.database, fleetrun_store::Database::Postgres(_)),
     });
     let (ended, ended_rx) = mpsc::unbounded_channel();
     tasks.spawn(dispatcher.clone().intake(ended_rx, shutdown.clone()));
@@ -428,6 +436,28 @@ impl Dispatcher {
 
     /// Makes the delivery's next attempt and records it.
     async fn attempt(self: Arc<Self>, delivery: CallbackDelivery) {
+        let mut claimed_until = None;
+        if self.shared_queue {
+            // Of the controllers that see it due, one makes the attempt; should it die during
+            // the attempt, another makes it once the claim runs out.
+            let until = now_ms() + CLAIM_FOR.as_millis() as i64;
+            claimed_until = Some(until);
+            match self
+                .store
+                .claim_callback_attempt(delivery.id, delivery.next_attempt_at, until)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::error!(
+                        delivery = delivery.id,
+                        "cannot claim a callback attempt: {e}"
+                    );
+                    return;
+                }
+            }
+        }
         let number = delivery.attempts + 1;
         let at = now_ms();
         let started = Instant::now();
@@ -483,10 +513,25 @@ impl Dispatcher {
         for retry in 0..5u64 {
             match self
                 .store
-                .record_callback_attempt(&record, next, last_error.as_deref(), now_ms())
+                .record_claimed_callback_attempt(
+                    &record,
+                    next,
+                    last_error.as_deref(),
+                    now_ms(),
+                    claimed_until,
+                )
                 .await
             {
-                Ok(()) => return,
+                Ok(true) => return,
+                Ok(false) => {
+                    // The claim ran out and another controller made the attempt again: its
+                    // record stands.
+                    tracing::warn!(
+                        delivery = delivery.id,
+                        "a callback attempt outlived its claim: not recorded"
+                    );
+                    return;
+                }
                 Err(e) => tracing::error!(
                     delivery = delivery.id,
                     "cannot record a callback attempt: {e}"

@@ -60,6 +60,10 @@ pub struct Config {
     /// Enrollment of new hosts with join tokens; not served without this section.
     #[serde(default)]
     pub enroll: Option<crate::enroll::EnrollConfig>,
+    /// This controller among others sharing its PostgreSQL database. Without this section the
+    /// controller is alone on its database (as ever): it holds it exclusively and takes no leases.
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// `[audit]`.
@@ -598,6 +602,19 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), Invalid> {
+        if let Some(cluster) = &self.cluster {
+            if let Err(e) = cluster.validate() {
+                return Err(Invalid::new(&[Name("cluster")], format!("cluster: {e}")));
+            }
+            if !matches!(self.database, fleetrun_store::Database::Postgres(_)) {
+                return Err(Invalid::new(
+                    &[Name("cluster")],
+                    "cluster: controllers share only a PostgreSQL database; a SQLite file has \
+                     one controller (remove [cluster])"
+                        .to_owned(),
+                ));
+            }
+        }
         if matches!(self.database, fleetrun_store::Database::Postgres(_))
             && self.security.param_key_file.is_none()
         {

@@ -194,6 +194,14 @@ pub struct Engine {
     left_here: Arc<Mutex<LeftHere>>,
     /// Claims being looked up in the store, by task id and per connection.
     looking_up: Arc<Mutex<LookUps>>,
+    /// With controllers sharing the database: the leases on jobs' bookkeeping.
+    membership: Option<crate::cluster::Membership>,
+    /// Jobs whose lease a handler took for a run about to start here (before the job's status
+    /// says it runs): the lease is not given up meanwhile.
+    starting: Arc<Mutex<HashSet<i64>>>,
+    /// Runs here whose job another controller took up (this one lost the lease): they go on
+    /// following the agents' tasks but record nothing and end nothing.
+    abandoned: Arc<Mutex<HashSet<i64>>>,
 }
 
 /// The last [`LeftHere::KEPT`] jobs whose run here ended or paused.
@@ -298,6 +306,96 @@ impl Engine {
             taking_up: Arc::default(),
             left_here: Arc::default(),
             looking_up: Arc::default(),
+            membership: None,
+            starting: Arc::default(),
+            abandoned: Arc::default(),
+        }
+    }
+
+    /// Holds a lease on the bookkeeping of each job it runs (controllers sharing a database).
+    pub fn with_membership(mut self, membership: Option<crate::cluster::Membership>) -> Self {
+        self.membership = membership;
+        self
+    }
+
+    /// Whether a run of the job is in this engine.
+    pub fn is_running(&self, job_instance_id: i64) -> bool {
+        self.running.lock().unwrap().contains_key(&job_instance_id)
+    }
+
+    /// Takes the job's lease for a run starting here; false (and the run is not made) if
+    /// another controller holds it or the database cannot say.
+    async fn take_lease(&self, job_instance_id: i64) -> bool {
+        let Some(membership) = &self.membership else {
+            return true;
+        };
+        match membership.take(job_instance_id).await {
+            Ok(true) => return true,
+            Ok(false) => tracing::warn!(
+                job = job_instance_id,
+                "another controller holds this job's lease: not run here"
+            ),
+            Err(e) => tracing::error!(
+                job = job_instance_id,
+                "cannot take this job's lease, not run here: {e:#}"
+            ),
+        }
+        false
+    }
+
+    /// Takes the job's lease before a handler marks the job running and starts it, so that no
+    /// controller takes a job up in between; false if another controller holds it. Followed by
+    /// [`Engine::start`] / [`Engine::start_rolling`], or by [`Engine::lease_unused`].
+    pub async fn lease_for_start(&self, job_instance_id: i64) -> bool {
+        self.starting.lock().unwrap().insert(job_instance_id);
+        if self.take_lease(job_instance_id).await {
+            return true;
+        }
+        self.starting.lock().unwrap().remove(&job_instance_id);
+        false
+    }
+
+    /// Gives up a lease taken by [`Engine::lease_for_start`] for a start that did not happen.
+    pub async fn lease_unused(&self, job_instance_id: i64) {
+        self.starting.lock().unwrap().remove(&job_instance_id);
+        self.release_lease(job_instance_id).await;
+    }
+
+    /// Whether the run of the job here was abandoned to another controller.
+    fn is_abandoned(&self, job_instance_id: i64) -> bool {
+        self.abandoned.lock().unwrap().contains(&job_instance_id)
+    }
+
+    /// Abandons the run of the job here, if any, to the controller that took its lease: the
+    /// run records nothing more, ends nothing, and starts no further batch. Its hosts' runs go
+    /// on following the agents' tasks without cancelling them (the tasks are the other
+    /// controller's now) until they end.
+    pub(crate) fn abandon(&self, job_instance_id: i64) {
+        let running = self.running.lock().unwrap();
+        if running.contains_key(&job_instance_id) {
+            self.abandoned.lock().unwrap().insert(job_instance_id);
+            tracing::warn!(
+                job = job_instance_id,
+                "another controller took this job's lease: its run here records nothing more"
+            );
+        }
+    }
+
+    /// Called once a run of the job left the running set.
+    fn run_left(&self, job_instance_id: i64) {
+        self.abandoned.lock().unwrap().remove(&job_instance_id);
+    }
+
+    /// Gives the job's lease up once its run here left the running set (its end or pause
+    /// committed).
+    async fn release_lease(&self, job_instance_id: i64) {
+        if let Some(membership) = &self.membership {
+            membership
+                .release(job_instance_id, || {
+                    self.is_running(job_instance_id)
+                        || self.starting.lock().unwrap().contains(&job_instance_id)
+                })
+                .await;
         }
     }
 
@@ -361,6 +459,14 @@ impl Engine {
         let job_instance_id = spec.job_instance_id;
         let engine = self.clone();
         tokio::spawn(async move {
+            let leased = engine.take_lease(job_instance_id).await;
+            engine.starting.lock().unwrap().remove(&job_instance_id);
+            if !leased {
+                engine.running.lock().unwrap().remove(&job_instance_id);
+                engine.run_left(job_instance_id);
+                engine.release_lease(job_instance_id).await;
+                return;
+            }
             engine.run_job(spec, cancel, first).await;
             // The job leaves the running set only once its final state is committed, so nobody
             // sees it neither running nor finished.
@@ -369,6 +475,8 @@ impl Engine {
             }
             engine.running.lock().unwrap().remove(&job_instance_id);
             engine.left_here.lock().unwrap().note(job_instance_id);
+            engine.run_left(job_instance_id);
+            engine.release_lease(job_instance_id).await;
         });
     }
 
@@ -404,10 +512,13 @@ impl Engine {
         let Some(cancel) = cancel else { return false };
         if !cancel.is_cancelled() {
             cancel.cancel();
-            self.write(Write::JobStatus {
+            self.write_for(
                 job_instance_id,
-                status: job::TERMINATING,
-            })
+                Write::JobStatus {
+                    job_instance_id,
+                    status: job::TERMINATING,
+                },
+            )
             .await;
         }
         true
@@ -602,8 +713,10 @@ impl Engine {
             }
             if registered {
                 engine.running.lock().unwrap().remove(&job_instance_id);
+                engine.run_left(job_instance_id);
             }
             engine.left_here.lock().unwrap().note(job_instance_id);
+            engine.release_lease(job_instance_id).await;
         });
     }
 
@@ -621,17 +734,21 @@ impl Engine {
         let host_count = job.hosts.len();
         for host in job.hosts {
             let Some(checkpoint) = host.checkpoint else {
-                self.write(Write::HostFinished {
-                    step_instance_id: job.step_instance_id,
-                    bk_host_id: host.bk_host_id,
-                    outcome: HostOutcome {
-                        status: host::AGENT_ABNORMAL,
-                        tag: "the controller stopped while this task ran; its result is unknown"
-                            .into(),
-                        end_time: now_ms(),
-                        ..HostOutcome::default()
+                self.write_for(
+                    job.job_instance_id,
+                    Write::HostFinished {
+                        step_instance_id: job.step_instance_id,
+                        bk_host_id: host.bk_host_id,
+                        outcome: HostOutcome {
+                            status: host::AGENT_ABNORMAL,
+                            tag:
+                                "the controller stopped while this task ran; its result is unknown"
+                                    .into(),
+                            end_time: now_ms(),
+                            ..HostOutcome::default()
+                        },
                     },
-                })
+                )
                 .await;
                 continue;
             };
@@ -877,6 +994,14 @@ impl Engine {
             }
             running.insert(job_instance_id, cancel.clone());
         }
+        // With controllers sharing the database, only the holder of the job's lease may cut
+        // its logs back and follow it.
+        if !self.take_lease(job_instance_id).await {
+            self.running.lock().unwrap().remove(&job_instance_id);
+            return Err(format!(
+                "another controller holds the lease of its job {job_instance_id}"
+            ));
+        }
         let job = self
             .store
             .resumable_job(
@@ -910,8 +1035,8 @@ impl Engine {
     }
 
     /// Whether an agent's claim may take up `job_instance_id` from the store, its job running
-    /// there and followed nowhere here: not if its run here ended or paused lately. The one
-    /// place where whether another controller holds the job is to be asked.
+    /// there and followed nowhere here: not if its run here ended or paused lately. Whether
+    /// another controller holds the job is asked after, by taking its lease.
     fn may_take_up(&self, job_instance_id: i64) -> bool {
         !self
             .left_here
@@ -968,12 +1093,15 @@ impl Engine {
         } = spec;
         let started = now_ms();
         if first {
-            self.write(Write::JobStarted {
+            self.write_for(
+                job_instance_id,
+                Write::JobStarted {
                 job_instance_id,
                 step_instance_id,
                 status: job::RUNNING,
                 at: started,
-            })
+                },
+            )
             .await;
         }
         let limits = self.limits(task.timeout_secs);
@@ -1143,16 +1271,20 @@ impl Engine {
                 // no host stays waiting or running forever.
                 let bk_host_id = host_of_task.get(&e.id()).copied().unwrap_or_default();
                 tracing::error!(job = job_instance_id, bk_host_id, "host task failed: {e}");
-                self.write(Write::HostFinished {
-                    step_instance_id,
-                    bk_host_id,
-                    outcome: HostOutcome {
-                        status: host::AGENT_TASK_ERROR,
-                        tag: "internal error in the controller while following this host".into(),
-                        end_time: now_ms(),
-                        ..HostOutcome::default()
+                self.write_for(
+                    job_instance_id,
+                    Write::HostFinished {
+                        step_instance_id,
+                        bk_host_id,
+                        outcome: HostOutcome {
+                            status: host::AGENT_TASK_ERROR,
+                            tag: "internal error in the controller while following this host"
+                                .into(),
+                            end_time: now_ms(),
+                            ..HostOutcome::default()
+                        },
                     },
-                })
+                )
                 .await;
                 true
             }
@@ -1168,18 +1300,38 @@ impl Engine {
             started,
             ..
         } = *finishing;
+        if self.is_abandoned(job_instance_id) {
+            return;
+        }
+        if let Some(membership) = &self.membership
+            && !membership.keeps(job_instance_id).await
+        {
+            // Another controller took the job up (this one could not renew its lease): the end
+            // and the callback are that one's.
+            tracing::warn!(
+                job = job_instance_id,
+                "this controller lost the job's lease: its end is left to the holder"
+            );
+            return;
+        }
         let at = now_ms();
-        self.write(Write::StepFinished {
-            step_instance_id,
-            status: step_status,
-            at,
-        })
-        .await;
-        self.write(Write::JobFinished {
+        self.write_for(
             job_instance_id,
-            status: job_status,
-            at,
-        })
+            Write::StepFinished {
+                step_instance_id,
+                status: step_status,
+                at,
+            },
+        )
+        .await;
+        self.write_for(
+            job_instance_id,
+            Write::JobFinished {
+                job_instance_id,
+                status: job_status,
+                at,
+            },
+        )
         .await;
         crate::metrics::job_finished(job_status, at - started);
         if let Some(callbacks) = &self.callbacks {
@@ -1194,7 +1346,12 @@ impl Engine {
         );
     }
 
-    async fn write(&self, write: Write) {
+    /// Records a write of the job's run, unless the run was abandoned (another controller took
+    /// the job's lease: its progress is that one's to record).
+    async fn write_for(&self, job_instance_id: i64, write: Write) {
+        if self.is_abandoned(job_instance_id) {
+            return;
+        }
         if let Err(e) = self.store.record(write).await {
             tracing::error!("cannot record job progress: {e}");
         }

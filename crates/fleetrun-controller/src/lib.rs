@@ -12,6 +12,7 @@ pub mod audit;
 pub mod backup;
 pub mod callback;
 pub mod check;
+pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod dangerous;
@@ -104,52 +105,32 @@ impl Controller {
         if config.metrics.is_some() {
             metrics::install();
         }
-        let store = Store::open_database(&config.database)
-            .await
-            .with_context(|| format!("opening database {}", config.database))?;
-        store.set_all_offline().await?;
-        // Jobs with a task out on an agent that owns it are taken up again once the engine runs;
-        // so is every rolling job that was running (between batches, nothing may be out): its
-        // later batches have not run and must not end unknown. The others end here, their
-        // results unknown.
-        let rolling = store
-            .rolling_jobs_in(&[status::job::RUNNING, status::job::TERMINATING])
-            .await?;
-        let resumable: Vec<fleetrun_store::ResumableJob> = store
-            .resumable_jobs(
-                status::job::UNFINISHED,
-                status::host::UNFINISHED,
-                status::host::SUCCESS,
-            )
-            .await?
-            .into_iter()
-            .filter(|job| {
-                rolling.contains(&job.job_instance_id)
-                    || job.hosts.iter().any(|h| h.checkpoint.is_some())
-            })
-            .collect();
-        // A rolling job waiting for a confirmation has nothing out on an agent: it stays as it
-        // is, for an operator to go on with (engine/rolling.rs).
-        let paused = store.rolling_jobs_in(&[status::job::WAITING_USER]).await?;
-        let resumable: Vec<_> = resumable
-            .into_iter()
-            .filter(|job| !paused.contains(&job.job_instance_id))
-            .collect();
-        let mut keep: Vec<i64> = resumable.iter().map(|j| j.job_instance_id).collect();
-        keep.extend(&paused);
-        let ended = store
-            .end_interrupted_jobs_except(
-                &keep,
-                status::host::AGENT_ABNORMAL,
-                "the controller stopped while this task ran; its result is unknown",
-                status::job::FAILED,
-                status::host::UNFINISHED,
-                status::job::UNFINISHED,
-                now_ms(),
-            )
-            .await?;
-        if !ended.is_empty() {
-            tracing::warn!(jobs = ?ended, "ended jobs left unfinished by the previous run");
+        let store = match &config.cluster {
+            Some(cluster) => Store::open_as(&config.database, &cluster.name).await,
+            None => Store::open_database(&config.database).await,
+        }
+        .with_context(|| format!("opening database {}", config.database))?;
+        let membership =
+            cluster::Membership::new(store.clone(), &config.database, config.cluster.as_ref());
+        // Nobody is connected yet; with other controllers alive, their agents are.
+        let others_alive = match &membership {
+            Some(membership) => membership.others_alive().await?,
+            None => false,
+        };
+        if !others_alive {
+            store.set_all_offline().await?;
+        }
+        // Sharing the database, the jobs taken up are those whose lease this controller takes:
+        // its own from before a restart, and those of controllers that stopped renewing.
+        let taken = match &membership {
+            Some(membership) => Some(membership.take_orphans(true).await?),
+            None => None,
+        };
+        let (resumable, ended) = take_up_unfinished(&store, taken.as_deref()).await?;
+        if let Some(membership) = &membership {
+            for job in &ended {
+                membership.release(*job, || false).await;
+            }
         }
 
         let cipher = secrets::ParamCipher::load_or_create(&config.param_key_file())?;
@@ -214,7 +195,8 @@ impl Controller {
             agents.clone(),
             config.limits.output_limit,
             Duration::from_secs(config.limits.agent_grace_secs),
-        );
+        )
+        .with_membership(membership.clone());
         let shutdown = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         let engine = engine.with_callbacks(callback::start(
@@ -224,6 +206,17 @@ impl Controller {
             &mut tasks,
         )?);
         tasks.spawn(engine.save_checkpoints(shutdown.clone()));
+        if let Some(membership) = &membership {
+            let scheme = if config.api.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            membership
+                .register(&format!("{scheme}://{http_addr}"), &agent_addr.to_string())
+                .await?;
+            tasks.spawn(membership.clone().run(engine.clone(), shutdown.clone()));
+        }
         for job in resumable {
             tracing::info!(
                 job = job.job_instance_id,
@@ -458,6 +451,63 @@ impl Controller {
             }
         }
     }
+}
+
+/// Takes up the unfinished jobs (among `only`, when given: the jobs whose lease this controller
+/// took), as a controller does at start: jobs with a task out on an agent that owns it, and
+/// rolling jobs that were running, are returned for the engine to resume; a rolling job waiting
+/// for a confirmation stays as it is; the others end here, their results unknown (returned
+/// second).
+pub(crate) async fn take_up_unfinished(
+    store: &Store,
+    only: Option<&[i64]>,
+) -> anyhow::Result<(Vec<fleetrun_store::ResumableJob>, Vec<i64>)> {
+    // Jobs with a task out on an agent that owns it are taken up again once the engine runs;
+    // so is every rolling job that was running (between batches, nothing may be out): its
+    // later batches have not run and must not end unknown. The others end here, their
+    // results unknown.
+    let rolling = store
+        .rolling_jobs_in(&[status::job::RUNNING, status::job::TERMINATING])
+        .await?;
+    let resumable: Vec<fleetrun_store::ResumableJob> = store
+        .resumable_jobs_among(
+            only,
+            status::job::UNFINISHED,
+            status::host::UNFINISHED,
+            status::host::SUCCESS,
+        )
+        .await?
+        .into_iter()
+        .filter(|job| {
+            rolling.contains(&job.job_instance_id)
+                || job.hosts.iter().any(|h| h.checkpoint.is_some())
+        })
+        .collect();
+    // A rolling job waiting for a confirmation has nothing out on an agent: it stays as it
+    // is, for an operator to go on with (engine/rolling.rs).
+    let paused = store.rolling_jobs_in(&[status::job::WAITING_USER]).await?;
+    let resumable: Vec<_> = resumable
+        .into_iter()
+        .filter(|job| !paused.contains(&job.job_instance_id))
+        .collect();
+    let mut keep: Vec<i64> = resumable.iter().map(|j| j.job_instance_id).collect();
+    keep.extend(&paused);
+    let ended = store
+        .end_interrupted_jobs_among(
+            only,
+            &keep,
+            status::host::AGENT_ABNORMAL,
+            "the controller stopped while this task ran; its result is unknown",
+            status::job::FAILED,
+            status::host::UNFINISHED,
+            status::job::UNFINISHED,
+            now_ms(),
+        )
+        .await?;
+    if !ended.is_empty() {
+        tracing::warn!(jobs = ?ended, "ended jobs left unfinished by the previous run");
+    }
+    Ok((resumable, ended))
 }
 
 /// How long a stop waits for the servers to end, then for the store to commit what is queued.

@@ -184,42 +184,91 @@ pub(crate) async fn connect(database: &Database) -> Result<(sqlx::AnyPool, Diale
     }
 }
 
-/// The advisory lock a controller holds on its PostgreSQL database ("fleetrun" in ASCII).
+/// The advisory lock a controller holds on its PostgreSQL database ("fleetrun" in ASCII): a
+/// controller alone on it (no `[cluster]`) holds it exclusively; controllers sharing the database
+/// hold it shared, so that neither kind starts beside the other.
 /// PostgreSQL scopes advisory locks to the database, so databases on one server do not contend.
 const SOLE_USE_LOCK: i64 = 0x666c_6565_7472_756e;
+
+/// The advisory lock of the cluster member called `name`: FNV-1a of the name, mixed into
+/// [`SOLE_USE_LOCK`].
+fn name_lock(name: &str) -> i64 {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    SOLE_USE_LOCK ^ i64::from_ne_bytes(hash.to_ne_bytes())
+}
 
 /// How long a starting controller waits for the database's lock before it is refused.
 const SOLE_USE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Takes the database's controller lock on a session of its own and returns that session, which
-/// keeps the lock until it closes (when the controller stops or dies). Until controllers share
-/// one database's jobs, a second controller is refused here: at start it would end the first
-/// one's running jobs as interrupted and deliver their callbacks a second time.
-pub(crate) async fn claim_sole_use(url: &str) -> Result<sqlx::PgConnection, StoreError> {
+/// keeps the lock until it closes (when the controller stops or dies).
+///
+/// Without `member` (a controller alone on the database), the lock is exclusive: a second
+/// controller is refused here, since at start it would end the first one's running jobs as
+/// interrupted and deliver their callbacks a second time. With `member` (the name of a controller
+/// sharing the database through leases, `cluster.rs`), the lock is shared with the other members
+/// and the name's own lock is taken exclusively: a second live controller of the same name is
+/// refused, since at start it would take up the first one's jobs (their leases carry the name)
+/// while it still runs them.
+pub(crate) async fn claim_sole_use(
+    url: &str,
+    member: Option<&str>,
+) -> Result<sqlx::PgConnection, StoreError> {
     let options = PgConnectOptions::from_str(url)?;
     let mut session = options.connect().await?;
     // A controller that was just killed holds the lock until PostgreSQL notices its session is
     // gone (its backend may still be finishing a statement): a restart waits for that a little
     // while; a controller that is alive keeps it, and this one is refused after the wait.
     let deadline = std::time::Instant::now() + SOLE_USE_WAIT;
+    let (database_lock, name_lock) = match member {
+        None => ("SELECT pg_try_advisory_lock($1)", None),
+        Some(name) => (
+            "SELECT pg_try_advisory_lock_shared($1)",
+            Some(name_lock(name)),
+        ),
+    };
+    let mut database_held = false;
     let held = loop {
-        let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(SOLE_USE_LOCK)
-            .fetch_one(&mut session)
-            .await?;
+        if !database_held {
+            database_held = sqlx::query_scalar(database_lock)
+                .bind(SOLE_USE_LOCK)
+                .fetch_one(&mut session)
+                .await?;
+        }
+        let held = database_held
+            && match name_lock {
+                None => true,
+                Some(lock) => {
+                    sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                        .bind(lock)
+                        .fetch_one(&mut session)
+                        .await?
+                }
+            };
         if held || std::time::Instant::now() >= deadline {
             break held;
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
-    if !held {
-        return Err(StoreError::InUse(
-            "another controller is using this PostgreSQL database; one controller per database \
-             (stop the other, or give this one a database of its own)"
-                .to_owned(),
-        ));
+    if held {
+        return Ok(session);
     }
-    Ok(session)
+    Err(StoreError::InUse(match member {
+        None => "another controller is using this PostgreSQL database; one controller per \
+                 database (stop the other, or give this one a database of its own; controllers \
+                 sharing a database each need a [cluster] section)"
+            .to_owned(),
+        Some(name) if database_held => format!(
+            "another controller named {name:?} is using this PostgreSQL database; one live \
+             controller per name (stop the other, or give each controller sharing the database \
+             its own [cluster] name)"
+        ),
+        Some(_) => "a controller without a [cluster] section is using this PostgreSQL \
+                    database alone; controllers sharing a database each need a [cluster] section"
+            .to_owned(),
+    }))
 }
 
 /// A statement built piece by piece, its values bound in the order their placeholders appear:

@@ -232,31 +232,56 @@ impl Store {
         last_error: Option<&str>,
         now: i64,
     ) -> Result<(), StoreError> {
+        self.record_claimed_callback_attempt(attempt, next, last_error, now, None)
+            .await
+            .map(drop)
+    }
+
+    /// [`Store::record_callback_attempt`] fenced by a claim
+    /// ([`Store::claim_callback_attempt`]): with `claimed_until`, recorded only if the delivery's
+    /// next attempt is still the claim's time, so an attempt whose claim ran out and was made
+    /// again by another controller does not overwrite that one's record. False if not recorded.
+    pub async fn record_claimed_callback_attempt(
+        &self,
+        attempt: &CallbackAttempt,
+        next: CallbackNext,
+        last_error: Option<&str>,
+        now: i64,
+        claimed_until: Option<i64>,
+    ) -> Result<bool, StoreError> {
         let (status, next_attempt_at) = match next {
             CallbackNext::Delivered => (CallbackStatus::Delivered, None),
             CallbackNext::RetryAt(at) => (CallbackStatus::Pending, Some(at)),
             CallbackNext::Failed => (CallbackStatus::Failed, None),
         };
         let mut tx = self.pool.begin().await?;
-        // The delivery first: its row is locked for the attempt's insert.
-        let found = sqlx::query(
+        let fence = if claimed_until.is_some() {
+            " AND status = 'pending' AND next_attempt_at = $7"
+        } else {
+            ""
+        };
+        let statement = format!(
             "UPDATE callback_delivery SET status = $1, attempts = $2,
                  next_attempt_at = COALESCE($3, next_attempt_at),
                  last_error = COALESCE($4, last_error), updated_at = $5
-             WHERE id = $6",
-        )
-        .bind(status.as_str())
-        .bind(attempt.attempt)
-        .bind(next_attempt_at)
-        .bind(last_error)
-        .bind(now)
-        .bind(attempt.delivery_id)
+             WHERE id = $6{fence}"
+        );
+        let updated = sqlx::query(&statement)
+            .bind(status.as_str())
+            .bind(attempt.attempt)
+            .bind(next_attempt_at)
+            .bind(last_error)
+            .bind(now)
+            .bind(attempt.delivery_id);
+        let updated = match claimed_until {
+            Some(until) => updated.bind(until),
+            None => updated,
+        }
         .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if found == 0 {
-            // Forgotten by a retry meanwhile: the attempt was for an end that is no more.
-            return Ok(());
+        .await?;
+        if updated.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
         }
         sqlx::query(
             "INSERT INTO callback_attempt (delivery_id, attempt, at, http_status, error, duration_ms)
@@ -274,7 +299,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// A job's delivery and its attempts in order, or `None` while none is queued.
@@ -282,32 +307,32 @@ impl Store {
         &self,
         job_instance_id: i64,
     ) -> Result<Option<(CallbackDelivery, Vec<CallbackAttempt>)>, StoreError> {
-        // The attempts first: the delivery read after them is at least as new, so it never
-        // shows an older state than its attempts (an attempt and its delivery's update are
-        // committed together).
-        let attempts: Vec<CallbackAttempt> = sqlx::query(
-            "SELECT a.* FROM callback_attempt a JOIN callback_delivery d ON d.id = a.delivery_id
-             WHERE d.job_instance_id = $1 ORDER BY a.attempt",
-        )
-        .bind(job_instance_id)
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(CallbackAttempt::from_row)
-        .collect();
+        // Both reads in one snapshot: an attempt recorded between them would otherwise show a
+        // delivery and attempts that disagree (PostgreSQL's default isolation takes a snapshot
+        // per statement; a SQLite read transaction keeps one).
+        let mut tx = self.pool.begin().await?;
+        if self.dialect == crate::backend::Dialect::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *tx)
+                .await?;
+        }
         let Some(row) = sqlx::query(&format!("{DELIVERY_SELECT} WHERE d.job_instance_id = $1"))
             .bind(job_instance_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?
         else {
             return Ok(None);
         };
         let delivery = CallbackDelivery::from_row(&row);
-        // A retry forgot the delivery the attempts were of, and another was queued since.
-        let attempts = attempts
-            .into_iter()
-            .filter(|a| a.delivery_id == delivery.id)
-            .collect();
+        let attempts =
+            sqlx::query("SELECT * FROM callback_attempt WHERE delivery_id = $1 ORDER BY attempt")
+                .bind(delivery.id)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(CallbackAttempt::from_row)
+                .collect();
+        tx.commit().await?;
         Ok(Some((delivery, attempts)))
     }
 }
@@ -565,6 +590,82 @@ mod tests {
         assert_eq!(attempts[0].http_status, None);
         assert_eq!(attempts[1].http_status, Some(200));
         assert!(store.callback_delivery(999).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn one_of_concurrent_claimers_makes_an_attempt_and_a_stale_claim_records_nothing() {
+        let (_db, store) = crate::test_store().await;
+        let job = store
+            .create_job(&new_job(Some("http://x/hook")))
+            .await
+            .unwrap();
+        finish(&store, job.job_instance_id).await;
+        store
+            .queue_callbacks(&[NewCallbackDelivery {
+                job_instance_id: job.job_instance_id,
+                url: "http://x/hook".into(),
+                body: "{}".into(),
+                now: 50,
+            }])
+            .await
+            .unwrap();
+        let due = store.pending_callbacks(1).await.unwrap()[0].clone();
+        let claimers = (0..8).map(|i| {
+            let store = store.clone();
+            let due_at = due.next_attempt_at;
+            tokio::spawn(async move {
+                store
+                    .claim_callback_attempt(due.id, due_at, 1_000 + i)
+                    .await
+                    .unwrap()
+                    .then_some(1_000 + i)
+            })
+        });
+        let mut won = Vec::new();
+        for claimer in claimers {
+            won.extend(claimer.await.unwrap());
+        }
+        assert_eq!(won.len(), 1, "claimed by {won:?}");
+        let first_claim = won[0];
+        // The first claimer stalls past its claim; another claims the attempt again and makes
+        // it, then the first one's late record must not count.
+        assert!(
+            store
+                .claim_callback_attempt(due.id, first_claim, 5_000)
+                .await
+                .unwrap()
+        );
+        let recorded = store
+            .record_claimed_callback_attempt(
+                &attempt(due.id, 1, Some(200)),
+                CallbackNext::Delivered,
+                None,
+                5_001,
+                Some(5_000),
+            )
+            .await
+            .unwrap();
+        assert!(recorded);
+        let stale = store
+            .record_claimed_callback_attempt(
+                &attempt(due.id, 1, None),
+                CallbackNext::RetryAt(9_000),
+                Some("connection refused"),
+                5_002,
+                Some(first_claim),
+            )
+            .await
+            .unwrap();
+        assert!(!stale, "a stale claim recorded its attempt");
+        let (delivery, attempts) = store
+            .callback_delivery(job.job_instance_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(delivery.status, CallbackStatus::Delivered);
+        assert_eq!(delivery.attempts, 1);
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(attempts[0].http_status, Some(200));
     }
 
     #[tokio::test]

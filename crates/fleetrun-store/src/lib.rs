@@ -16,6 +16,7 @@ mod audit;
 mod backend;
 mod backup;
 mod callbacks;
+mod cluster;
 mod console;
 mod dangerous_rules;
 mod enroll;
@@ -48,6 +49,7 @@ pub use backup::{backup_database, check_database, restore_database};
 pub use callbacks::{
     CallbackAttempt, CallbackDelivery, CallbackNext, CallbackStatus, NewCallbackDelivery,
 };
+pub use cluster::ControllerRecord;
 pub use console::LogHead;
 pub use dangerous_rules::{DangerousRule, DangerousRuleError, DangerousRuleFields};
 pub use enroll::{Enrollment, JoinToken};
@@ -100,6 +102,9 @@ impl StoreError {
     }
 }
 
+/// The name of a controller that was given none.
+pub const DEFAULT_CONTROLLER: &str = "default";
+
 /// Values bound per host when a job's hosts are stored.
 const HOST_COLUMNS: usize = 5;
 
@@ -111,9 +116,12 @@ pub struct Store {
     writes: mpsc::Sender<Write>,
     watchers: watch::Watchers,
     health: std::sync::Arc<health::HealthState>,
-    /// On PostgreSQL, the session that holds the database's controller lock for as long as the
-    /// store lives (see [`backend::claim_sole_use`]).
+    /// On PostgreSQL, the session that holds the lock on the controller's name in the database
+    /// for as long as the store lives (see [`backend::claim_sole_use`]).
     _sole_use: Option<std::sync::Arc<tokio::sync::Mutex<sqlx::PgConnection>>>,
+    /// On PostgreSQL, the task waking followers on other controllers' commits
+    /// ([`watch::listen`]).
+    _listening: Option<std::sync::Arc<watch::Listening>>,
 }
 
 /// The database holds scripts, their output and callback URLs with their tokens: only the
@@ -172,21 +180,47 @@ impl Store {
     }
 
     /// Opens a database and brings its schema up to date: a SQLite file is created if needed,
-    /// readable by its owner only; a PostgreSQL database must exist.
+    /// readable by its owner only; a PostgreSQL database must exist. The controller is alone on
+    /// it: a second store is refused while this one lives, and no commit is announced.
     pub async fn open_database(database: &Database) -> Result<Self, StoreError> {
+        Self::open_with(database, None).await
+    }
+
+    /// [`Store::open_database`] for the cluster member called `controller` (a controller with a
+    /// `[cluster]` section): on PostgreSQL, one live store per name and database (a second is
+    /// refused while the first lives), none while a store opened alone lives, and commits are
+    /// announced to the other members' followers.
+    pub async fn open_as(database: &Database, controller: &str) -> Result<Self, StoreError> {
+        Self::open_with(database, Some(controller)).await
+    }
+
+    async fn open_with(database: &Database, member: Option<&str>) -> Result<Self, StoreError> {
         if let Database::Sqlite(path) = database {
             prepare_files(path)?;
         }
         let sole_use = match database {
             Database::Postgres(url) => Some(std::sync::Arc::new(tokio::sync::Mutex::new(
-                backend::claim_sole_use(url).await?,
+                backend::claim_sole_use(url, member).await?,
             ))),
             Database::Sqlite(_) => None,
         };
         let (pool, dialect) = backend::connect(database).await?;
         let watchers = watch::Watchers::default();
         let health = health::HealthState::new();
-        let writes = writer::spawn(pool.clone(), dialect, watchers.clone(), health.clone());
+        let shared = (member.is_some() && dialect == Dialect::Postgres).then(watch::store_id);
+        let writes = writer::spawn(
+            pool.clone(),
+            dialect,
+            watchers.clone(),
+            health.clone(),
+            shared.clone(),
+        );
+        let listening = match (database, shared) {
+            (Database::Postgres(url), Some(own)) => Some(std::sync::Arc::new(watch::Listening(
+                watch::listen(url.clone(), watchers.clone(), own),
+            ))),
+            _ => None,
+        };
         Ok(Self {
             pool,
             dialect,
@@ -194,6 +228,7 @@ impl Store {
             watchers,
             health,
             _sole_use: sole_use,
+            _listening: listening,
         })
     }
 
@@ -608,6 +643,14 @@ async fn claim(
     }
     tx.commit().await?;
     Ok(claimed)
+}
+
+fn join_ids(values: &[i64]) -> String {
+    values
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn join_ints(values: &[i32]) -> String {

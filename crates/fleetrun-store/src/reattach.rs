@@ -152,7 +152,7 @@ impl Store {
         unfinished_host_statuses: &[i32],
         success_host_status: i32,
     ) -> Result<Vec<ResumableJob>, StoreError> {
-        self.resumable(
+        self.resumable_jobs_among(
             None,
             unfinished_job_statuses,
             unfinished_host_statuses,
@@ -172,8 +172,8 @@ impl Store {
         success_host_status: i32,
     ) -> Result<Option<ResumableJob>, StoreError> {
         let mut jobs = self
-            .resumable(
-                Some(job_instance_id),
+            .resumable_jobs_among(
+                Some(&[job_instance_id]),
                 unfinished_job_statuses,
                 unfinished_host_statuses,
                 success_host_status,
@@ -182,24 +182,28 @@ impl Store {
         Ok(jobs.pop())
     }
 
-    async fn resumable(
+    /// [`Store::resumable_jobs`], among the jobs `only` lists when given (those whose lease a
+    /// controller took: the log of another controller's job is left alone).
+    pub async fn resumable_jobs_among(
         &self,
-        only: Option<i64>,
+        only: Option<&[i64]>,
         unfinished_job_statuses: &[i32],
         unfinished_host_statuses: &[i32],
         success_host_status: i32,
     ) -> Result<Vec<ResumableJob>, StoreError> {
+        if only.is_some_and(<[i64]>::is_empty) {
+            return Ok(Vec::new());
+        }
         let mut tx = self.pool.begin().await?;
         let job_list = crate::join_ints(unfinished_job_statuses);
         let host_list = crate::join_ints(unfinished_host_statuses);
-        let only_job = match only {
-            Some(job) => format!(" AND j.job_instance_id = {job}"),
-            None => String::new(),
-        };
+        let among = only.map_or_else(String::new, |ids| {
+            format!(" AND j.job_instance_id IN ({})", crate::join_ids(ids))
+        });
         let rows = sqlx::query(&format!(
             "SELECT j.job_instance_id, s.step_instance_id, j.status, j.start_time, s.timeout
              FROM job_instance j JOIN step_instance s ON s.job_instance_id = j.job_instance_id
-             WHERE j.status IN ({job_list}){only_job} ORDER BY j.job_instance_id"
+             WHERE j.status IN ({job_list}){among} ORDER BY j.job_instance_id"
         ))
         .fetch_all(&mut *tx)
         .await?;
@@ -293,6 +297,33 @@ impl Store {
         unfinished_job_statuses: &[i32],
         now: i64,
     ) -> Result<Vec<i64>, StoreError> {
+        self.end_interrupted_jobs_among(
+            None,
+            keep,
+            host_status,
+            tag,
+            job_status,
+            unfinished_host_statuses,
+            unfinished_job_statuses,
+            now,
+        )
+        .await
+    }
+
+    /// [`Store::end_interrupted_jobs_except`], among the jobs `only` lists when given (those
+    /// whose lease a controller took: another controller's jobs are left alone).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn end_interrupted_jobs_among(
+        &self,
+        only: Option<&[i64]>,
+        keep: &[i64],
+        host_status: i32,
+        tag: &str,
+        job_status: i32,
+        unfinished_host_statuses: &[i32],
+        unfinished_job_statuses: &[i32],
+        now: i64,
+    ) -> Result<Vec<i64>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let job_list = crate::join_ints(unfinished_job_statuses);
         let host_list = crate::join_ints(unfinished_host_statuses);
@@ -303,7 +334,7 @@ impl Store {
         .await?
         .iter()
         .map(|r| r.get::<i64, _>(0))
-        .filter(|job| !keep.contains(job))
+        .filter(|job| !keep.contains(job) && only.is_none_or(|only| only.contains(job)))
         .collect();
         for job in &jobs {
             sqlx::query(&format!(

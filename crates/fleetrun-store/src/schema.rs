@@ -112,6 +112,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0015_audit_key_marker.sql"),
         include_str!("../migrations/postgres/0015_audit_key_marker.sql"),
     ),
+    (
+        16,
+        "cluster",
+        include_str!("../migrations/sqlite/0016_cluster.sql"),
+        include_str!("../migrations/postgres/0016_cluster.sql"),
+    ),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them.

@@ -78,6 +78,7 @@ pub(crate) fn spawn(
     dialect: Dialect,
     watchers: Watchers,
     health: Arc<HealthState>,
+    announce: Option<String>,
 ) -> mpsc::Sender<Write> {
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(
@@ -86,6 +87,7 @@ pub(crate) fn spawn(
             dialect,
             watchers,
             health,
+            announce,
             rx,
             pending: VecDeque::new(),
             pending_bytes: 0,
@@ -115,6 +117,9 @@ struct Writer {
     dialect: Dialect,
     watchers: Watchers,
     health: Arc<HealthState>,
+    /// With controllers sharing the database, this store's id: each commit is announced to the
+    /// others' followers under it.
+    announce: Option<String>,
     rx: mpsc::Receiver<Write>,
     /// Accepted writes not committed yet, in order.
     pending: VecDeque<Write>,
@@ -285,7 +290,19 @@ impl Writer {
         let batch = &self.pending.make_contiguous()[..n];
         let mut connection = self.pool.acquire().await?;
         let started = std::time::Instant::now();
-        let committed = commit(&mut connection, batch, self.dialect).await;
+        let announcement = self
+            .announce
+            .as_deref()
+            .and_then(|store| Some((store, crate::watch::announcement(batch)?)));
+        let committed = commit(
+            &mut connection,
+            batch,
+            self.dialect,
+            announcement
+                .as_ref()
+                .map(|(store, text)| (*store, text.as_str())),
+        )
+        .await;
         metrics::histogram!("fleetrun_store_commit_seconds").record(started.elapsed());
         crate::health::discard_if_broken(&mut connection, &committed);
         committed?;
@@ -353,6 +370,7 @@ async fn commit(
     connection: &mut sqlx::AnyConnection,
     batch: &[Write],
     dialect: Dialect,
+    announcement: Option<(&str, &str)>,
 ) -> Result<(), sqlx::Error> {
     // A host whose task also ended in this batch needs no "running" update: its final row says
     // all. Log chunks go in multi-row inserts. Both matter when thousands of hosts report at once.
@@ -564,6 +582,9 @@ async fn commit(
     );
     for chunk in checkpoints.chunks(dialect.max_parameters() / 11) {
         crate::reattach::upsert_checkpoints(&mut tx, dialect, chunk).await?;
+    }
+    if let Some((store, text)) = announcement {
+        crate::watch::announce(&mut tx, store, text).await?;
     }
     tx.commit().await
 }

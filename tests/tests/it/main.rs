@@ -17,6 +17,7 @@ mod cli;
 mod cli_admin;
 mod console;
 mod console_browser;
+mod controllers;
 mod dangerous_rules;
 mod database;
 mod dist;

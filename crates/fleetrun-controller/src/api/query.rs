@@ -901,6 +901,11 @@ async fn start_created_job(
         .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?;
     // The account and the rules in force now decide, as for a fresh submit.
     let task = super::steps::stored_task(shared, job, step).await?;
+    // The lease first: once the job shows running, a controller looking for jobs nobody holds
+    // must find this one held.
+    if !shared.engine.lease_for_start(job.job_instance_id).await {
+        return Err(not_startable());
+    }
     let claimed = shared
         .store
         .claim_pending_job(
@@ -909,8 +914,10 @@ async fn start_created_job(
             status::job::RUNNING,
             crate::now_ms(),
         )
-        .await?;
-    if !claimed {
+        .await;
+    if !matches!(claimed, Ok(true)) {
+        shared.engine.lease_unused(job.job_instance_id).await;
+        claimed?;
         return Err(not_startable());
     }
     let started = super::steps::start_created(
@@ -922,8 +929,10 @@ async fn start_created_job(
             task,
         },
     )
-    .await?;
-    if !started {
+    .await;
+    if !matches!(started, Ok(true)) {
+        shared.engine.lease_unused(job.job_instance_id).await;
+        started?;
         return Err(not_startable());
     }
     Ok(())

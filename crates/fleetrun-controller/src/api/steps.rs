@@ -409,6 +409,17 @@ async fn go_on(
     } else {
         record.failures_ignored
     };
+    // The lease first: once the job shows running, a controller looking for jobs nobody holds
+    // must find this one held.
+    if !shared.engine.lease_for_start(job.job_instance_id).await {
+        return Err(ApiError::new(
+            code::UNSUPPORTED_OPERATION,
+            format!(
+                "job_instance_id: job {} is running on another controller",
+                job.job_instance_id
+            ),
+        ));
+    }
     let claimed = shared
         .store
         .resume_rolling(
@@ -418,8 +429,10 @@ async fn go_on(
             status::job::RUNNING,
             ignore.then_some(ignored),
         )
-        .await?;
-    if !claimed {
+        .await;
+    if !matches!(claimed, Ok(true)) {
+        shared.engine.lease_unused(job.job_instance_id).await;
+        claimed?;
         return Err(ApiError::new(
             code::UNSUPPORTED_OPERATION,
             format!(
@@ -463,6 +476,7 @@ async fn go_on(
                 None,
             )
             .await;
+        shared.engine.lease_unused(job.job_instance_id).await;
         return Err(ApiError::new(
             code::UNSUPPORTED_OPERATION,
             format!("job_instance_id: job {} is running", job.job_instance_id),

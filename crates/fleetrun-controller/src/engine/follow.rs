@@ -188,11 +188,14 @@ impl HostRun {
         let status = outcome.status;
         crate::metrics::host_finished(status);
         self.engine
-            .write(Write::HostFinished {
-                step_instance_id: self.step_instance_id,
-                bk_host_id: self.bk_host_id,
-                outcome: outcome.into(),
-            })
+            .write_for(
+                self.job_instance_id,
+                Write::HostFinished {
+                    step_instance_id: self.step_instance_id,
+                    bk_host_id: self.bk_host_id,
+                    outcome: outcome.into(),
+                },
+            )
             .await;
         if let Some(Attached { mut send, .. }) = last_stream {
             // The agent forgets the task once the result is committed: until then it keeps it,
@@ -560,22 +563,28 @@ impl HostRun {
                 Action::Log { offset, data } => {
                     metrics::counter!("fleetrun_output_bytes_total").increment(data.len() as u64);
                     self.engine
-                        .write(Write::HostLog {
-                            step_instance_id: self.step_instance_id,
-                            bk_host_id: self.bk_host_id,
-                            offset,
-                            data,
-                        })
+                        .write_for(
+                            self.job_instance_id,
+                            Write::HostLog {
+                                step_instance_id: self.step_instance_id,
+                                bk_host_id: self.bk_host_id,
+                                offset,
+                                data,
+                            },
+                        )
                         .await;
                 }
                 Action::Running { start_time } => {
                     self.engine
-                        .write(Write::HostStatus {
-                            step_instance_id: self.step_instance_id,
-                            bk_host_id: self.bk_host_id,
-                            status: host::RUNNING,
-                            start_time: Some(start_time),
-                        })
+                        .write_for(
+                            self.job_instance_id,
+                            Write::HostStatus {
+                                step_instance_id: self.step_instance_id,
+                                bk_host_id: self.bk_host_id,
+                                status: host::RUNNING,
+                                start_time: Some(start_time),
+                            },
+                        )
                         .await;
                 }
                 Action::SendCancel => {

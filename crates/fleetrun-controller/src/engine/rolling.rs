@@ -91,6 +91,14 @@ impl Engine {
         let job_instance_id = spec.job_instance_id;
         let engine = self.clone();
         tokio::spawn(async move {
+            let leased = engine.take_lease(job_instance_id).await;
+            engine.starting.lock().unwrap().remove(&job_instance_id);
+            if !leased {
+                engine.running.lock().unwrap().remove(&job_instance_id);
+                engine.run_left(job_instance_id);
+                engine.release_lease(job_instance_id).await;
+                return;
+            }
             let registered = engine.run_rolling(spec, rolling, cancel).await;
             if let Err(e) = engine.store.flush().await {
                 tracing::error!(
@@ -101,8 +109,10 @@ impl Engine {
             // A pause left the set already; the job may be running again under a new run.
             if registered {
                 engine.running.lock().unwrap().remove(&job_instance_id);
+                engine.run_left(job_instance_id);
             }
             engine.left_here.lock().unwrap().note(job_instance_id);
+            engine.release_lease(job_instance_id).await;
         });
     }
 
@@ -130,12 +140,15 @@ impl Engine {
             Some(started) => started,
             None => {
                 let at = now_ms();
-                self.write(Write::JobStarted {
+                self.write_for(
                     job_instance_id,
-                    step_instance_id,
-                    status: job::RUNNING,
-                    at,
-                })
+                    Write::JobStarted {
+                        job_instance_id,
+                        step_instance_id,
+                        status: job::RUNNING,
+                        at,
+                    },
+                )
                 .await;
                 at
             }
@@ -155,6 +168,10 @@ impl Engine {
             let batch = index + 1;
             if cancel.is_cancelled() {
                 break;
+            }
+            if self.is_abandoned(job_instance_id) {
+                // Another controller took the job up: the batches are that one's to roll.
+                return true;
             }
             // A retry of a staggered step leaves the batches without a retried host empty.
             if batch_hosts.is_empty() {
@@ -316,23 +333,32 @@ impl Engine {
         }
         let at = now_ms();
         if status == job::FAILED {
-            self.write(Write::StepFinished {
-                step_instance_id: finishing.step_instance_id,
-                status,
-                at,
-            })
+            self.write_for(
+                finishing.job_instance_id,
+                Write::StepFinished {
+                    step_instance_id: finishing.step_instance_id,
+                    status,
+                    at,
+                },
+            )
             .await;
-            self.write(Write::JobFinished {
-                job_instance_id: finishing.job_instance_id,
-                status,
-                at,
-            })
+            self.write_for(
+                finishing.job_instance_id,
+                Write::JobFinished {
+                    job_instance_id: finishing.job_instance_id,
+                    status,
+                    at,
+                },
+            )
             .await;
         } else {
-            self.write(Write::JobStatus {
-                job_instance_id: finishing.job_instance_id,
-                status,
-            })
+            self.write_for(
+                finishing.job_instance_id,
+                Write::JobStatus {
+                    job_instance_id: finishing.job_instance_id,
+                    status,
+                },
+            )
             .await;
         }
         {
@@ -341,6 +367,10 @@ impl Engine {
                 return false;
             }
             running.remove(&finishing.job_instance_id);
+            self.abandoned
+                .lock()
+                .unwrap()
+                .remove(&finishing.job_instance_id);
         }
         self.left_here
             .lock()
