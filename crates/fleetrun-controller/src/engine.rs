@@ -1096,10 +1096,10 @@ impl Engine {
             self.write_for(
                 job_instance_id,
                 Write::JobStarted {
-                job_instance_id,
-                step_instance_id,
-                status: job::RUNNING,
-                at: started,
+                    job_instance_id,
+                    step_instance_id,
+                    status: job::RUNNING,
+                    at: started,
                 },
             )
             .await;

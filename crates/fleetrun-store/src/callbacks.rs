@@ -606,6 +606,8 @@ mod tests {
                 url: "http://x/hook".into(),
                 body: "{}".into(),
                 now: 50,
+                end_time: 10,
+                status: 3,
             }])
             .await
             .unwrap();

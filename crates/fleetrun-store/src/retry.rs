@@ -519,7 +519,14 @@ mod tests {
                 deadline: None,
             })
             .collect();
-        store.save_checkpoints(&checkpoints).await.unwrap();
+        store
+            .record(crate::Write::Checkpoints {
+                checkpoints,
+                saved: None,
+            })
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
         let failed_only = super::RetryScope {
             keep: vec![3, 9],
             batches: None,

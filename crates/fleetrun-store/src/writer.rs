@@ -653,6 +653,7 @@ mod tests {
             flushes: std::collections::VecDeque::new(),
             dropping: false,
             holed: std::collections::HashSet::new(),
+            announce: None,
         };
         writer.accept(Write::HostLog {
             step_instance_id: 7,

@@ -244,8 +244,14 @@ async fn rows_and_bytes_per_host_run() {
             deadline: Some(100),
         });
     }
+    store
+        .record(fleetrun_store::Write::Checkpoints {
+            checkpoints,
+            saved: None,
+        })
+        .await
+        .unwrap();
     store.flush().await.unwrap();
-    store.save_checkpoints(&checkpoints).await.unwrap();
     let after = sizes(&mut admin).await;
     println!("| table | bytes per host-run |");
     println!("|---|---|");

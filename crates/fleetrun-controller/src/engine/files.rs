@@ -94,6 +94,7 @@ impl std::fmt::Debug for FileJobSpec {
 
 /// What every host's run of the step shares.
 struct Step {
+    job_instance_id: i64,
     step_instance_id: i64,
     target_dir: String,
     timeout_secs: u32,
@@ -116,23 +117,32 @@ impl Engine {
         }
         let engine = self.clone();
         tokio::spawn(async move {
+            if !engine.take_lease(job_instance_id).await {
+                engine.running.lock().unwrap().remove(&job_instance_id);
+                return;
+            }
             engine.run_files(spec, cancel).await;
             if let Err(e) = engine.store.flush().await {
                 tracing::error!(job = job_instance_id, "cannot commit the job's end: {e}");
             }
             engine.running.lock().unwrap().remove(&job_instance_id);
+            engine.run_left(job_instance_id);
+            engine.release_lease(job_instance_id).await;
         });
         true
     }
 
     async fn run_files(&self, spec: FileJobSpec, cancel: CancellationToken) {
         let started = now_ms();
-        self.write(Write::JobStarted {
-            job_instance_id: spec.job_instance_id,
-            step_instance_id: spec.step_instance_id,
-            status: job::RUNNING,
-            at: started,
-        })
+        self.write_for(
+            spec.job_instance_id,
+            Write::JobStarted {
+                job_instance_id: spec.job_instance_id,
+                step_instance_id: spec.step_instance_id,
+                status: job::RUNNING,
+                at: started,
+            },
+        )
         .await;
         let request = TaskDown::Place(PlaceRequest {
             // One frame for every host: the agent names its temporary files itself.
@@ -157,6 +167,7 @@ impl Engine {
         let frame = encode_frame(&request).map_err(|e| e.to_string());
         drop(request);
         let step = Arc::new(Step {
+            job_instance_id: spec.job_instance_id,
             step_instance_id: spec.step_instance_id,
             target_dir: spec.target_dir.clone(),
             timeout_secs: spec.timeout_secs,
@@ -203,17 +214,20 @@ impl Engine {
             );
         }
         crate::metrics::host_finished(status);
-        self.write(Write::HostFinished {
-            step_instance_id: step.step_instance_id,
-            bk_host_id: target.bk_host_id,
-            outcome: HostOutcome {
-                status,
-                tag,
-                start_time: run.started_at,
-                end_time: now_ms(),
-                ..HostOutcome::default()
+        self.write_for(
+            step.job_instance_id,
+            Write::HostFinished {
+                step_instance_id: step.step_instance_id,
+                bk_host_id: target.bk_host_id,
+                outcome: HostOutcome {
+                    status,
+                    tag,
+                    start_time: run.started_at,
+                    end_time: now_ms(),
+                    ..HostOutcome::default()
+                },
             },
-        })
+        )
         .await;
         status
     }
@@ -310,12 +324,15 @@ impl Engine {
                             now
                         };
                         run.started_at = Some(start);
-                        self.write(Write::HostStatus {
-                            step_instance_id: step.step_instance_id,
-                            bk_host_id: target.bk_host_id,
-                            status: host::RUNNING,
-                            start_time: Some(start),
-                        })
+                        self.write_for(
+                            step.job_instance_id,
+                            Write::HostStatus {
+                                step_instance_id: step.step_instance_id,
+                                bk_host_id: target.bk_host_id,
+                                status: host::RUNNING,
+                                start_time: Some(start),
+                            },
+                        )
                         .await;
                         let bound = tokio::time::Instant::now()
                             + Duration::from_secs(u64::from(step.timeout_secs))
