@@ -213,7 +213,7 @@ pub async fn operate_step_instance(
                     "applies to a rolling job waiting for a confirmation (7)",
                 ));
             }
-            go_on(shared, &job, &step, record, false).await?;
+            go_on(shared, caller, &job, &step, record, false).await?;
         }
         operation::IGNORE_ERROR => {
             if job.status != status::job::FAILED || step.status != status::job::FAILED {
@@ -226,7 +226,7 @@ pub async fn operate_step_instance(
                             "applies to a rolling job paused on a failed batch, not one stopped by its failure limit (retry it instead)",
                         ));
                     }
-                    go_on(shared, &job, &step, record, true).await?;
+                    go_on(shared, caller, &job, &step, record, true).await?;
                 }
                 // A step with nothing left to dispatch: bk-job marks it "ignore error" (6) and
                 // the job, with no step after it, ends successful.
@@ -382,10 +382,37 @@ async fn load_paused(shared: &Shared, job_instance_id: i64) -> Result<Option<i32
     Ok(shared.store.job(job_instance_id).await?.map(|j| j.status))
 }
 
+/// Refuses, as a fresh submit to them would be, `hosts` of `job` that are no longer in its
+/// business: a stored step's hosts are checked again before they are given its script again.
+async fn refuse_hosts_out_of_scope(
+    shared: &Shared,
+    caller: &Caller,
+    job: &fleetrun_store::JobRecord,
+    hosts: Vec<i64>,
+) -> Result<(), ApiError> {
+    if hosts.is_empty() {
+        return Ok(());
+    }
+    let job_scope: fleetrun_inventory::Scope = format!("{}:{}", job.bk_scope_type, job.bk_scope_id)
+        .parse()
+        .map_err(|e| ApiError::internal("stored step", format!("stored scope: {e}")))?;
+    let inventory = shared.inventory.current().await?;
+    let wanted = fleetrun_inventory::Targets {
+        host_ids: Some(hosts),
+        ..Default::default()
+    };
+    super::scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
+    inventory
+        .resolve(&job_scope, &wanted)
+        .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?;
+    Ok(())
+}
+
 /// Dispatches a paused rolling job's next batch. With `ignore`, the failed hosts so far stop
 /// counting against the job.
 async fn go_on(
     shared: &Shared,
+    caller: &Caller,
     job: &fleetrun_store::JobRecord,
     step: &fleetrun_store::StepRecord,
     record: fleetrun_store::RollingRecord,
@@ -395,6 +422,14 @@ async fn go_on(
     let config = stored_config(&record.config)?;
     let batches = shared.store.rolling_batches(step.step_instance_id).await?;
     let task = stored_task(shared, job, step).await?;
+    // The batches still to go out.
+    let later: Vec<i64> = batches
+        .iter()
+        .skip(usize::try_from(record.current_batch).unwrap_or(0))
+        .flatten()
+        .copied()
+        .collect();
+    refuse_hosts_out_of_scope(shared, caller, job, later).await?;
     let failed = shared
         .store
         .failed_hosts(
@@ -627,21 +662,7 @@ async fn retry(
         })
         .map(|h| h.bk_host_id)
         .collect();
-    if !to_retry.is_empty() {
-        let job_scope: fleetrun_inventory::Scope =
-            format!("{}:{}", job.bk_scope_type, job.bk_scope_id)
-                .parse()
-                .map_err(|e| ApiError::internal("retry", format!("stored scope: {e}")))?;
-        let inventory = shared.inventory.current().await?;
-        let wanted = fleetrun_inventory::Targets {
-            host_ids: Some(to_retry),
-            ..Default::default()
-        };
-        super::scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
-        inventory
-            .resolve(&job_scope, &wanted)
-            .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?;
-    }
+    refuse_hosts_out_of_scope(shared, caller, job, to_retry).await?;
     // The job's place in the running set is held before the retry commits: a run that just
     // ended leaves the set a moment after its end is committed, and a terminate in between must
     // not find that run's token and end the retried job with it.
