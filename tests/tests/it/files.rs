@@ -761,7 +761,7 @@ async fn local_limits_and_task_slots_bind_file_tasks() -> Result<()> {
     )?;
     cluster.start_agent(0)?;
     cluster
-        .wait_online(&[agent_id.clone()], Duration::from_secs(30))
+        .wait_online(std::slice::from_ref(&agent_id), Duration::from_secs(30))
         .await?;
     let base_dir = scratch("limits");
     let base = base_dir.path().to_owned();
