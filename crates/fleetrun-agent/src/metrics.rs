@@ -513,7 +513,14 @@ mod tests {
         let (key, message) = config("0.0.0.0:9100", false).validate().unwrap_err();
         assert_eq!(key, "listen");
         assert!(message.contains("allow_remote"), "{message}");
-        assert!(config("0.0.0.0:9100", true).validate().is_ok());
+        // Other hosts reach it: a token is required too.
+        assert_eq!(
+            config("0.0.0.0:9100", true).validate().unwrap_err().0,
+            "allow_remote"
+        );
+        let mut with_token = config("0.0.0.0:9100", true);
+        with_token.bearer_token = Some("a-long-enough-token".to_owned());
+        assert!(with_token.validate().is_ok());
     }
 
     #[test]
@@ -532,7 +539,9 @@ mod tests {
         );
         let config = crate::Config::parse(
             path,
-            &format!("{base}listen = \"0.0.0.0:9100\"\nallow_remote = true\n"),
+            &format!(
+                "{base}listen = \"0.0.0.0:9100\"\nallow_remote = true\nbearer_token = \"t0123456789\"\n"
+            ),
         )
         .unwrap();
         assert!(config.metrics.unwrap().allow_remote);
