@@ -226,11 +226,12 @@ impl LeftHere {
     }
 }
 
-/// Claims looked up in the store now: each task once, at most [`MAX_LOOKUPS_PER_CONNECTION`]
-/// per agent connection.
+/// Claims looked up in the store now: each task once per connection (a connection that closes
+/// drops its lookups, so a reconnected agent's claim is not held up behind a dead one's), at
+/// most [`MAX_LOOKUPS_PER_CONNECTION`] per connection.
 #[derive(Debug, Default)]
 struct LookUps {
-    tasks: HashSet<Uuid>,
+    tasks: HashSet<(Uuid, usize)>,
     per_connection: HashMap<usize, usize>,
 }
 
@@ -827,12 +828,13 @@ impl Engine {
         let connection_id = connection.stable_id();
         {
             let mut looking_up = self.looking_up.lock().unwrap();
-            if looking_up.tasks.contains(&task_id) {
+            if !looking_up.tasks.insert((task_id, connection_id)) {
                 tracing::debug!(bk_host_id, %task_id, "a claim to this task is looked up already");
                 return;
             }
             let of_connection = looking_up.per_connection.entry(connection_id).or_default();
             if *of_connection >= MAX_LOOKUPS_PER_CONNECTION {
+                looking_up.tasks.remove(&(task_id, connection_id));
                 // Not discarded: the store may want it, and the agent claims it again when it
                 // reconnects.
                 tracing::warn!(
@@ -845,7 +847,6 @@ impl Engine {
                 return;
             }
             *of_connection += 1;
-            looking_up.tasks.insert(task_id);
         }
         let engine = self.clone();
         let (agent_id, connection, held) = (agent_id.to_owned(), connection.clone(), held.clone());
@@ -854,7 +855,7 @@ impl Engine {
                 .claim_from_store(bk_host_id, &agent_id, &connection, &held)
                 .await;
             let mut looking_up = engine.looking_up.lock().unwrap();
-            looking_up.tasks.remove(&task_id);
+            looking_up.tasks.remove(&(task_id, connection_id));
             if let Some(n) = looking_up.per_connection.get_mut(&connection_id) {
                 *n -= 1;
                 if *n == 0 {
@@ -964,6 +965,8 @@ impl Engine {
     ) -> Result<bool, String> {
         let job_instance_id = held.job_instance_id;
         if self.running.lock().unwrap().contains_key(&job_instance_id) {
+            // A take-up under way holds the lock until it has registered the job's claims.
+            drop(self.taking_up.lock().await);
             return Ok(true);
         }
         let looked_up = async {
