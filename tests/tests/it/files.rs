@@ -608,6 +608,28 @@ async fn raw_agent(
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
+    // The controller takes the agent in after its hello and held tasks: a job sent before
+    // that would find the host offline.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let hosts = cluster
+            .client()
+            .call("list_hosts", cluster.info.scope())
+            .await?;
+        let online = hosts.as_array().is_some_and(|hosts| {
+            hosts
+                .iter()
+                .any(|h| h["bk_host_id"] == bk_host_id && h["online"] == true)
+        });
+        if online {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "agent {agent_id} is not online"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Ok((endpoint, connection, bk_host_id, beat))
 }
 
@@ -662,7 +684,9 @@ async fn a_lying_agent_cannot_break_the_file_logs_or_the_store() -> Result<()> {
         ]),
     )
     .await?;
-    let (mut send, recv) = connection.accept_bi().await?;
+    let (mut send, recv) = tokio::time::timeout(Duration::from_secs(30), connection.accept_bi())
+        .await
+        .context("no file task within 30 s")??;
     let mut recv = FramedRecv::new(recv);
     let Some(TaskDown::Place(request)) = recv.recv::<TaskDown>().await? else {
         panic!("expected a file task");
