@@ -264,41 +264,7 @@ pub async fn fast_execute_script(
             }
         })?;
 
-    // Targets: host ids (or addresses), topology nodes and dynamic groups, merged.
-    let targets = req
-        .target_server
-        .ok_or_else(|| ApiError::missing("target_server"))?;
-    let host_ids = targets.host_id_list.filter(|l| !l.is_empty());
-    let ips = match (&host_ids, targets.ip_list.filter(|l| !l.is_empty())) {
-        (None, Some(ips)) => {
-            for target in &ips {
-                if target.ip.parse::<std::net::IpAddr>().is_err() {
-                    return Err(ApiError::invalid(
-                        "target_server.ip_list",
-                        format!("{:?} is not an IP address", target.ip),
-                    ));
-                }
-            }
-            Some(ips.into_iter().map(|t| (t.bk_cloud_id, t.ip)).collect())
-        }
-        _ => None,
-    };
-    let wanted = fleetrun_inventory::Targets {
-        host_ids,
-        ips,
-        topo_nodes: targets
-            .topo_node_list
-            .unwrap_or_default()
-            .into_iter()
-            .map(|n| (n.node_type, n.id))
-            .collect(),
-        dynamic_groups: targets
-            .dynamic_group_list
-            .unwrap_or_default()
-            .into_iter()
-            .map(|g| g.id)
-            .collect(),
-    };
+    let wanted = wanted_targets(req.target_server)?;
     scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
     let chosen = inventory
         .resolve(&scope.inventory, &wanted)
@@ -417,4 +383,44 @@ struct Submitted {
     /// absent when nothing matched.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     dangerous_script_check: Vec<crate::dangerous::Finding>,
+}
+
+/// What a request's `target_server` asks for: host ids (or, without them, addresses, each
+/// checked to be one), topology nodes and dynamic groups, merged. Submits, previews and file
+/// pushes all read it here, so a preview never resolves differently from the submit it previews.
+pub(super) fn wanted_targets(
+    target_server: Option<TargetServer>,
+) -> Result<fleetrun_inventory::Targets, ApiError> {
+    let targets = target_server.ok_or_else(|| ApiError::missing("target_server"))?;
+    let host_ids = targets.host_id_list.filter(|l| !l.is_empty());
+    let ips = match (&host_ids, targets.ip_list.filter(|l| !l.is_empty())) {
+        (None, Some(ips)) => {
+            for target in &ips {
+                if target.ip.parse::<std::net::IpAddr>().is_err() {
+                    return Err(ApiError::invalid(
+                        "target_server.ip_list",
+                        format!("{:?} is not an IP address", target.ip),
+                    ));
+                }
+            }
+            Some(ips.into_iter().map(|t| (t.bk_cloud_id, t.ip)).collect())
+        }
+        _ => None,
+    };
+    Ok(fleetrun_inventory::Targets {
+        host_ids,
+        ips,
+        topo_nodes: targets
+            .topo_node_list
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| (n.node_type, n.id))
+            .collect(),
+        dynamic_groups: targets
+            .dynamic_group_list
+            .unwrap_or_default()
+            .into_iter()
+            .map(|g| g.id)
+            .collect(),
+    })
 }

@@ -4,47 +4,13 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{
-    ApiError,
-    auth::Caller,
-    params::{Params, lenient},
-    reply, scope,
-};
+use super::{ApiError, auth::Caller, params::Params, reply, scope};
 use crate::{Shared, rolling::RollingConfig};
 
 #[derive(Debug, Deserialize)]
 struct PreviewRequest {
-    target_server: Option<TargetServer>,
+    target_server: Option<super::execute::TargetServer>,
     rolling_config: Option<Value>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-struct TargetServer {
-    #[serde(default, deserialize_with = "lenient::opt_int_list")]
-    host_id_list: Option<Vec<i64>>,
-    ip_list: Option<Vec<IpTarget>>,
-    dynamic_group_list: Option<Vec<GroupTarget>>,
-    topo_node_list: Option<Vec<TopoTarget>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct GroupTarget {
-    #[serde(deserialize_with = "lenient::text")]
-    id: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct TopoTarget {
-    #[serde(deserialize_with = "lenient::int")]
-    id: i64,
-    node_type: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct IpTarget {
-    #[serde(deserialize_with = "lenient::int")]
-    bk_cloud_id: i64,
-    ip: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -82,40 +48,7 @@ pub async fn preview_rolling(
             .filter(|v| !v.is_null())
             .ok_or_else(|| ApiError::missing("rolling_config"))?,
     )?;
-    let targets = req
-        .target_server
-        .ok_or_else(|| ApiError::missing("target_server"))?;
-    let host_ids = targets.host_id_list.filter(|l| !l.is_empty());
-    let ips = match (&host_ids, targets.ip_list.filter(|l| !l.is_empty())) {
-        (None, Some(ips)) => {
-            for target in &ips {
-                if target.ip.parse::<std::net::IpAddr>().is_err() {
-                    return Err(ApiError::invalid(
-                        "target_server.ip_list",
-                        format!("{:?} is not an IP address", target.ip),
-                    ));
-                }
-            }
-            Some(ips.into_iter().map(|t| (t.bk_cloud_id, t.ip)).collect())
-        }
-        _ => None,
-    };
-    let wanted = fleetrun_inventory::Targets {
-        host_ids,
-        ips,
-        topo_nodes: targets
-            .topo_node_list
-            .unwrap_or_default()
-            .into_iter()
-            .map(|n| (n.node_type, n.id))
-            .collect(),
-        dynamic_groups: targets
-            .dynamic_group_list
-            .unwrap_or_default()
-            .into_iter()
-            .map(|g| g.id)
-            .collect(),
-    };
+    let wanted = super::execute::wanted_targets(req.target_server)?;
     let inventory = shared.inventory.current().await?;
     scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
     let chosen = inventory
