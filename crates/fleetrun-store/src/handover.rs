@@ -592,6 +592,7 @@ mod tests {
     async fn connections_count_only_while_their_controller_lives_and_until_replaced() {
         let (_db, store) = crate::test_store().await;
         let now = alive(&store, "a").await;
+        alive(&store, "b").await;
         store
             .register_controller("dead", "http://d", "d:1", now - 60_000)
             .await
