@@ -541,7 +541,10 @@ impl Engine {
             }
         }
         if let Err(e) = self.store.request_cancel(job_instance_id).await {
-            tracing::error!(job = job_instance_id, "cannot ask the other controllers to terminate the job: {e}");
+            tracing::error!(
+                job = job_instance_id,
+                "cannot ask the other controllers to terminate the job: {e}"
+            );
             if !here {
                 return false;
             }
@@ -562,7 +565,10 @@ impl Engine {
             return;
         }
         if let Err(e) = self.store.forget_handovers(job_instance_id).await {
-            tracing::warn!(job = job_instance_id, "cannot forget the job's handovers: {e}");
+            tracing::warn!(
+                job = job_instance_id,
+                "cannot forget the job's handovers: {e}"
+            );
         }
     }
 

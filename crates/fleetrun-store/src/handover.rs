@@ -159,7 +159,10 @@ impl Store {
             .bind(alive_since)
             .fetch_all(&self.pool)
             .await?;
-            found.extend(rows.iter().map(|r| (r.get::<i64, _>(0), r.get::<String, _>(1))));
+            found.extend(
+                rows.iter()
+                    .map(|r| (r.get::<i64, _>(0), r.get::<String, _>(1))),
+            );
         }
         Ok(found)
     }
@@ -450,7 +453,10 @@ impl Store {
             .bind(step_instance_id)
             .fetch_all(&self.pool)
             .await?;
-            found.extend(rows.iter().map(|r| (r.get::<i64, _>(0), r.get::<i32, _>(1))));
+            found.extend(
+                rows.iter()
+                    .map(|r| (r.get::<i64, _>(0), r.get::<i32, _>(1))),
+            );
         }
         Ok(found)
     }
@@ -606,7 +612,10 @@ mod tests {
             .await
             .unwrap();
         let since = now - 1_000;
-        let found = store.connected_elsewhere(&[1, 2, 3], "b", since).await.unwrap();
+        let found = store
+            .connected_elsewhere(&[1, 2, 3], "b", since)
+            .await
+            .unwrap();
         assert_eq!(found, HashMap::from([(1, "a".to_owned())]));
         assert!(
             store
@@ -652,7 +661,10 @@ mod tests {
         );
         assert!(store.take_handovers("b").await.unwrap().is_empty());
         let one = store.handover(70, 1, now - 1_000).await.unwrap().unwrap();
-        assert_eq!((one.controller.as_str(), one.taken, one.alive), ("b", true, true));
+        assert_eq!(
+            (one.controller.as_str(), one.taken, one.alive),
+            ("b", true, true)
+        );
         assert!(
             !store
                 .handover(70, 1, now + 60_000)
@@ -683,24 +695,14 @@ mod tests {
             [2, 3]
         );
         // Taken over from whoever held it (an agent's claim), or conditionally.
-        assert!(
-            store
-                .take_over_handover(7, 70, 1, "c", None)
-                .await
-                .unwrap()
-        );
+        assert!(store.take_over_handover(7, 70, 1, "c", None).await.unwrap());
         assert!(
             !store
                 .take_over_handover(7, 70, 1, "a", Some("b"))
                 .await
                 .unwrap()
         );
-        assert!(
-            store
-                .take_over_handover(7, 70, 9, "a", None)
-                .await
-                .unwrap()
-        );
+        assert!(store.take_over_handover(7, 70, 9, "a", None).await.unwrap());
         assert_eq!(
             store.handover(70, 9, 0).await.unwrap().unwrap().controller,
             "a"

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use fleetrun_tests::{TestCluster, cluster::ClusterOptions, eventually, host_results, start_shared_cluster};
+use fleetrun_tests::{
+    TestCluster, cluster::ClusterOptions, eventually, host_results, start_shared_cluster,
+};
 use serde_json::{Value, json};
 
 fn numbered(n: u32, pause: &str) -> String {
@@ -57,13 +59,17 @@ async fn agents_split(cluster: &TestCluster) -> Result<()> {
     for (i, agent) in cluster.agents.iter().enumerate() {
         let log = cluster.controller_log_at(i);
         let agent_id = agent.agent_id.clone();
-        eventually(Duration::from_secs(30), "the agent on its controller", || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let online = text
-                .lines()
-                .any(|l| l.contains("agent online") && l.contains(&agent_id));
-            async move { online.then_some(()) }
-        })
+        eventually(
+            Duration::from_secs(30),
+            "the agent on its controller",
+            || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let online = text
+                    .lines()
+                    .any(|l| l.contains("agent online") && l.contains(&agent_id));
+                async move { online.then_some(()) }
+            },
+        )
         .await?;
     }
     Ok(())

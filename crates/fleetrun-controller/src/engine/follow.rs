@@ -183,7 +183,10 @@ impl HostRun {
             .forget_checkpoint(self.step_instance_id, self.bk_host_id);
         if !self.moved
             && matches!(&outcome, Some(o) if o.status == host::AGENT_ABNORMAL)
-            && self.engine.taken_elsewhere(self.step_instance_id, self.bk_host_id).await
+            && self
+                .engine
+                .taken_elsewhere(self.step_instance_id, self.bk_host_id)
+                .await
         {
             // Lost here, while its agent took it to another controller (news of which may not
             // have come yet): the end is that controller's to record.

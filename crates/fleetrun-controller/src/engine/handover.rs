@@ -233,15 +233,18 @@ impl Engine {
             let delivered = handover.taken && stored.is_some();
             if !delivered {
                 // Never delivered: where is its agent now?
-                if let Ok(Some(holder)) = self
-                    .store
-                    .connection_holder(*bk_host_id, alive_since)
-                    .await
+                if let Ok(Some(holder)) =
+                    self.store.connection_holder(*bk_host_id, alive_since).await
                     && (holder != handover.controller)
                 {
                     match self
                         .store
-                        .hand_over_again(step_instance_id, *bk_host_id, &handover.controller, &holder)
+                        .hand_over_again(
+                            step_instance_id,
+                            *bk_host_id,
+                            &handover.controller,
+                            &holder,
+                        )
                         .await
                     {
                         Ok(true) => {
@@ -325,7 +328,8 @@ impl Engine {
         bk_host_id: i64,
         limits: Limits,
     ) -> i32 {
-        let mut followed = self.follow_handed(job_instance_id, step_instance_id, &[bk_host_id], limits);
+        let mut followed =
+            self.follow_handed(job_instance_id, step_instance_id, &[bk_host_id], limits);
         match followed.pop() {
             Some((_, rx)) => rx.await.unwrap_or(host::AGENT_ABNORMAL),
             None => host::AGENT_ABNORMAL,
@@ -389,6 +393,9 @@ impl Engine {
                 return;
             }
         };
+        if handed.is_empty() {
+            return;
+        }
         let mut by_step: HashMap<(i64, i64), Vec<i64>> = HashMap::new();
         for handover in handed {
             by_step
@@ -409,7 +416,10 @@ impl Engine {
                 hosts = hosts.len(),
                 "running hosts handed over by the controller holding the job"
             );
-            let task = match self.stored_template(job_instance_id, step_instance_id).await {
+            let task = match self
+                .stored_template(job_instance_id, step_instance_id)
+                .await
+            {
                 Ok(task) => task,
                 Err(why) => {
                     for bk_host_id in hosts {
@@ -523,7 +533,14 @@ impl Engine {
         let Some(membership) = &self.membership else {
             return;
         };
-        let hosts: Vec<i64> = self.claims.lock().unwrap().by_host.keys().copied().collect();
+        let hosts: Vec<i64> = self
+            .claims
+            .lock()
+            .unwrap()
+            .by_host
+            .keys()
+            .copied()
+            .collect();
         if hosts.is_empty() {
             return;
         }
@@ -672,7 +689,14 @@ impl Engine {
         }
         let mut handed: Vec<i64> = handed.into_iter().collect();
         handed.sort_unstable();
-        self.spawn_followers(job_instance_id, step_instance_id, &handed, limits, hosts, host_of_task);
+        self.spawn_followers(
+            job_instance_id,
+            step_instance_id,
+            &handed,
+            limits,
+            hosts,
+            host_of_task,
+        );
     }
 
     /// Follows `handed` through the store, one joinable entry per host.
@@ -685,7 +709,8 @@ impl Engine {
         hosts: &mut tokio::task::JoinSet<i32>,
         host_of_task: &mut HashMap<tokio::task::Id, i64>,
     ) {
-        for (bk_host_id, rx) in self.follow_handed(job_instance_id, step_instance_id, handed, limits)
+        for (bk_host_id, rx) in
+            self.follow_handed(job_instance_id, step_instance_id, handed, limits)
         {
             // A follower that stops (the run was abandoned) leaves the host to the new holder.
             let handle = hosts.spawn(async move { rx.await.unwrap_or(host::AGENT_ABNORMAL) });
