@@ -31,6 +31,9 @@ pub fn server(database: &str) -> String {
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432".to_owned())
 }
 
+/// The controllers' `[cluster] lease_secs`: a killed controller is taken for dead after it.
+const LEASE_SECS: u64 = 3;
+
 struct ClusterCtx {
     cluster: Cluster,
     controllers: usize,
@@ -113,7 +116,10 @@ impl ClusterCtx {
             .count()
     }
 
+    /// Waits until every agent is online, after a controller's connections have had time to
+    /// count for nothing (a killed controller's count until its lease runs out).
     async fn all_online(&self) -> Result<()> {
+        tokio::time::sleep(Duration::from_secs(LEASE_SECS + 1)).await;
         let ids: Vec<String> = self
             .cluster
             .agents
@@ -253,7 +259,7 @@ pub async fn run(opts: &super::E2eOptions, controllers: usize, database: &str) -
         network: Some(network.clone()),
         controllers,
         database: Some(scratch.url().to_owned()),
-        lease_secs: Some(3),
+        lease_secs: Some(LEASE_SECS),
         ..Default::default()
     })
     .await?;

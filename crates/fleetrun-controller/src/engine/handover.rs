@@ -605,12 +605,18 @@ impl Engine {
             )
             .await
             .map_err(|e| format!("cannot take the host over: {e}"))?;
-        let checkpoint = self
+        let mut checkpoint = self
             .store
             .take_up_host(step_instance_id, bk_host_id, host::UNFINISHED)
             .await
             .map_err(|e| format!("the store cannot give the task: {e}"))?
             .ok_or("its host ended meanwhile")?;
+        let limits = self.limits(u32::try_from(step.timeout).unwrap_or(u32::MAX));
+        // The agent went back to the controller that sent the task until the task's deadline,
+        // and only then came here: it has a grace from now to deliver what it holds.
+        if let Some(deadline) = &mut checkpoint.deadline {
+            *deadline = (*deadline).max(now_ms().saturating_add(limits.grace_ms));
+        }
         if checkpoint.task_id != held.task_id.to_string() || checkpoint.agent_id != agent_id {
             return Err("the store has another task out on this host".to_owned());
         }
@@ -642,7 +648,7 @@ impl Engine {
             bk_host_id,
             request: None,
             resume: Some(checkpoint),
-            limits: self.limits(u32::try_from(step.timeout).unwrap_or(u32::MAX)),
+            limits,
             cancel,
             moved: false,
         });
