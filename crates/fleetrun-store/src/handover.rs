@@ -717,4 +717,147 @@ mod tests {
         assert!(store.cancel_requests().await.unwrap().is_empty());
         assert_eq!(store.handover(70, 1, 0).await.unwrap(), None);
     }
+
+    /// A job running on hosts 1 and 2, each with two 3-byte chunks of log and a checkpoint
+    /// after the first.
+    async fn running_job(store: &Store) -> (i64, i64) {
+        use crate::{HostCheckpoint, NewHostResult, NewJob, NewStep, Write};
+        let created = store
+            .create_job(&NewJob {
+                name: "j".into(),
+                operator: "op".into(),
+                app_code: "app".into(),
+                bk_scope_type: "biz".into(),
+                bk_scope_id: "1".into(),
+                status: 2,
+                job_type: 1,
+                launch_mode: 1,
+                callback_url: None,
+                create_time: 0,
+                step: NewStep {
+                    name: "s".into(),
+                    step_type: 1,
+                    script_language: 1,
+                    script_content: b"true".to_vec(),
+                    script_param: String::new(),
+                    is_param_sensitive: false,
+                    timeout: 10,
+                    account_id: 1,
+                    account: "root".into(),
+                },
+                hosts: [1, 2]
+                    .map(|bk_host_id| NewHostResult {
+                        bk_host_id,
+                        bk_cloud_id: 0,
+                        ip: format!("10.0.0.{bk_host_id}"),
+                        status: 7,
+                    })
+                    .to_vec(),
+            })
+            .await
+            .unwrap();
+        let step = created.step_instance_id;
+        for bk_host_id in [1, 2] {
+            for (offset, data) in [(0, b"abc"), (3, b"def")] {
+                store
+                    .record(Write::HostLog {
+                        step_instance_id: step,
+                        bk_host_id,
+                        offset,
+                        data: data.to_vec(),
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+        let checkpoints = [1, 2]
+            .map(|bk_host_id| HostCheckpoint {
+                step_instance_id: step,
+                bk_host_id,
+                task_id: format!("task-{bk_host_id}"),
+                agent_id: format!("agent-{bk_host_id}"),
+                received: 3,
+                stored: 3,
+                dropped_bytes: 0,
+                dropped_lines: 0,
+                truncated: false,
+                started_at: Some(0),
+                deadline: Some(10_000),
+            })
+            .to_vec();
+        store
+            .record(Write::Checkpoints {
+                checkpoints,
+                saved: None,
+            })
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        (created.job_instance_id, step)
+    }
+
+    #[tokio::test]
+    async fn a_handed_host_is_left_to_its_controller_by_a_take_up_and_taken_over_alone() {
+        let (_db, store) = crate::test_store().await;
+        alive(&store, "a").await;
+        alive(&store, "b").await;
+        let (job, step) = running_job(&store).await;
+        // Host 2's agent claimed its task at b.
+        assert!(
+            store
+                .take_over_handover(job, step, 2, "b", None)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store.tasks_taken_elsewhere(&[1, 2], "a").await.unwrap(),
+            ["task-2"]
+        );
+        assert!(
+            store
+                .tasks_taken_elsewhere(&[1, 2], "b")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // A controller taking the job up cuts back and follows host 1 only; host 2's log is
+        // b's to write.
+        let jobs = store
+            .resumable_jobs_among(Some(&[job]), &[2], &[0, 5, 7], 9)
+            .await
+            .unwrap();
+        let hosts = &jobs[0].hosts;
+        assert_eq!(hosts.len(), 2);
+        assert!(hosts[0].checkpoint.is_some() && hosts[0].handed_to.is_none());
+        assert!(hosts[1].checkpoint.is_none());
+        assert_eq!(hosts[1].handed_to.as_deref(), Some("b"));
+        assert_eq!(store.host_log(step, 1).await.unwrap(), b"abc");
+        assert_eq!(store.host_log(step, 2).await.unwrap(), b"abcdef");
+        // b takes host 2 up: its log is cut back to its checkpoint, the others' left alone.
+        let checkpoint = store
+            .take_up_host(step, 2, &[0, 5, 7])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (checkpoint.task_id.as_str(), checkpoint.stored),
+            ("task-2", 3)
+        );
+        assert_eq!(store.host_log(step, 2).await.unwrap(), b"abc");
+        // A finished host is not taken up.
+        assert!(
+            store
+                .take_up_host(step, 2, &[0, 5])
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            store.host_statuses(step, &[1, 2, 3]).await.unwrap(),
+            HashMap::from([(1, 7), (2, 7)])
+        );
+        let of_step = store.handovers_of_step(step, 0).await.unwrap();
+        assert_eq!(of_step.len(), 1);
+        assert_eq!(of_step[&2].controller, "b");
+    }
 }
