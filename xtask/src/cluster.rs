@@ -744,6 +744,14 @@ key = "{key}"
         Ok(())
     }
 
+    /// The log of controller `index` (0 the first).
+    pub fn controller_log_at(&self, index: usize) -> PathBuf {
+        match index {
+            0 => self.controller_log.clone(),
+            i => self.others[i - 1].log.clone(),
+        }
+    }
+
     /// A client of controller `index`'s API.
     pub fn client_at(&self, index: usize) -> crate::client::ApiClient {
         let mut info = self.info.clone();

@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
+pub mod cluster;
 mod enroll;
 mod reattach;
 
@@ -29,6 +30,9 @@ pub struct E2eOptions {
     pub release: bool,
     /// Run only scenarios whose name contains this.
     pub only: Option<String>,
+    /// Several controllers sharing a PostgreSQL database (`cluster.rs`'s scenarios): their
+    /// number and the database (`postgres` or a server URL).
+    pub controllers: Option<(usize, String)>,
 }
 
 struct Ctx {
@@ -630,6 +634,9 @@ async fn scenario(name: &str, ctx: &mut Ctx) -> Result<()> {
 }
 
 pub async fn run(opts: &E2eOptions) -> Result<()> {
+    if let Some((controllers, database)) = &opts.controllers {
+        return cluster::run(opts, *controllers, database).await;
+    }
     // One more host than agents: the `enroll` scenario's host, with nothing but what
     // enrollment puts there.
     let network = Arc::new(Network::create(opts.hosts + 1)?);

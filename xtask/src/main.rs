@@ -59,6 +59,14 @@ enum Cmd {
         /// Run only the scenarios whose name contains this.
         #[arg(long)]
         only: Option<String>,
+        /// Several controllers sharing a PostgreSQL database, with their own scenarios (jobs
+        /// round-robin, a controller killed mid-job, one restarted while idle).
+        #[arg(long, default_value_t = 1)]
+        controllers: usize,
+        /// With `--controllers`: `postgres` (FLEETRUN_TEST_DATABASE's server, else
+        /// 127.0.0.1:5432) or a server URL; the run gets a database of its own there.
+        #[arg(long)]
+        database: Option<String>,
     },
     /// Run the benchmark suite (release builds): prints a table, writes target/bench/*.json.
     Bench {
@@ -129,11 +137,20 @@ fn main() -> Result<()> {
             hosts,
             release,
             only,
-        } => runtime.block_on(xtask::e2e::run(&xtask::e2e::E2eOptions {
-            hosts,
-            release,
-            only,
-        })),
+            controllers,
+            database,
+        } => {
+            anyhow::ensure!(
+                controllers <= 1 || database.is_some(),
+                "several controllers share a PostgreSQL database: give --database postgres"
+            );
+            runtime.block_on(xtask::e2e::run(&xtask::e2e::E2eOptions {
+                hosts,
+                release,
+                only,
+                controllers: (controllers > 1).then(|| (controllers, database.unwrap_or_default())),
+            }))
+        }
     }
 }
 

@@ -11,6 +11,13 @@
 //! (`crate::take_up_unfinished`): hosts whose task is out on an agent that owns it wait for it
 //! to come back and claim it, the others end 310.
 //!
+//! A job reaches every target host whichever controller holds its agent's connection: the
+//! gateway records each connection in the store (`agent_connection`, counted only while its
+//! controller renews), the lease holder hands the hosts connected elsewhere to their
+//! controllers (`engine/handover.rs`), which run them and record them; news of handovers and
+//! terminations wakes [`Membership::run`], news of revocations and rule changes wakes
+//! [`follow_trust`]. Heartbeats, leases and handovers read the database's clock.
+//!
 //! Only with a `[cluster]` section (PostgreSQL only): without one, a controller is alone on its
 //! database, holds it exclusively and takes no leases, as on SQLite.
 
@@ -20,7 +27,7 @@ use fleetrun_store::{Database, Store};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::{engine::Engine, now_ms, status};
+use crate::{engine::Engine, status};
 
 /// `[cluster]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -116,17 +123,37 @@ impl Membership {
         i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)
     }
 
+    /// The database's clock: every controller reads the same one, so heartbeats, leases and
+    /// handovers compare across machines whatever their own clocks say. This machine's clock
+    /// only while the database cannot say (the statement that follows fails too, most likely).
+    pub(crate) async fn now(&self) -> i64 {
+        match self.store.database_now_ms().await {
+            Ok(now) => now,
+            Err(e) => {
+                tracing::warn!("cannot read the database's clock: {e}");
+                crate::now_ms()
+            }
+        }
+    }
+
+    /// A controller that renewed at or after this (the database's clock) is alive.
+    pub(crate) async fn alive_since(&self) -> i64 {
+        self.now().await - self.lease_ms()
+    }
+
     /// Registers this controller with its addresses.
     pub async fn register(&self, api_url: &str, agent_addr: &str) -> anyhow::Result<()> {
         self.store
-            .register_controller(&self.name, api_url, agent_addr, now_ms())
+            .register_controller(&self.name, api_url, agent_addr, self.now().await)
             .await?;
+        // Nothing is connected to this controller yet, whatever an earlier run recorded.
+        self.store.forget_agent_connections_of(&self.name).await?;
         Ok(())
     }
 
     /// Whether another controller renewed within a lease's length.
     pub async fn others_alive(&self) -> anyhow::Result<bool> {
-        let now = now_ms();
+        let now = self.now().await;
         Ok(self
             .store
             .controllers()
@@ -142,7 +169,7 @@ impl Membership {
         let _ops = self.ops.lock().await;
         let mut attempt = 0u64;
         loop {
-            let now = now_ms();
+            let now = self.now().await;
             match self
                 .store
                 .take_job_lease(job_instance_id, &self.name, now, now + self.lease_ms())
@@ -198,7 +225,7 @@ impl Membership {
     /// Takes the leases of the jobs nobody holds (with `own`, at start, this name's too);
     /// returns them.
     pub async fn take_orphans(&self, own: bool) -> anyhow::Result<Vec<i64>> {
-        let now = now_ms();
+        let now = self.now().await;
         let _ops = self.ops.lock().await;
         let taken = self
             .store
@@ -219,7 +246,7 @@ impl Membership {
     /// and no longer holds (another controller took them after they expired).
     async fn renew(&self) -> Result<Vec<i64>, fleetrun_store::StoreError> {
         let _ops = self.ops.lock().await;
-        let now = now_ms();
+        let now = self.now().await;
         let renewed: std::collections::HashSet<i64> = self
             .store
             .renew_controller(&self.name, now, now + self.lease_ms())
@@ -244,9 +271,18 @@ impl Membership {
         let mut tick = tokio::time::interval(self.lease / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
+            let news = tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
+                _ = tick.tick() => false,
+                () = self.store.cluster_news() => true,
+            };
+            // Hosts handed here, terminations asked elsewhere, tasks taken over elsewhere: at
+            // once on news, and at every tick for news lost while the listener reconnected.
+            engine.take_handed().await;
+            engine.act_on_cancels().await;
+            engine.release_moved().await;
+            if news {
+                continue;
             }
             let lost = match self.renew().await {
                 Ok(lost) => lost,
@@ -294,6 +330,43 @@ impl Membership {
                 Err(e) => tracing::error!("cannot take up jobs: {e:#}"),
             }
         }
+    }
+}
+
+/// How often revocations and the dangerous-command rules are read again without news.
+const TRUST_POLL: Duration = Duration::from_secs(5);
+
+/// Keeps the revocations and the dangerous-command rules in force here equal to the store's,
+/// which other controllers change: read again at their news, and every [`TRUST_POLL`] for news
+/// lost. A newly revoked agent connected here is cut off.
+pub async fn follow_trust(shared: std::sync::Arc<crate::Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(TRUST_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+            () = shared.store.trust_news() => {}
+        }
+        match shared.store.revoked_agents().await {
+            Ok(revoked) => {
+                let revoked: std::collections::HashSet<String> =
+                    revoked.into_iter().map(|r| r.agent_id).collect();
+                for agent_id in &revoked {
+                    if !shared.agents.is_revoked(agent_id) {
+                        let closed = shared.agents.revoke(agent_id);
+                        tracing::warn!(
+                            agent_id,
+                            closed,
+                            "agent revoked through another controller"
+                        );
+                    }
+                }
+                shared.agents.set_revoked(revoked);
+            }
+            Err(e) => tracing::warn!("cannot read the revoked agents again: {e}"),
+        }
+        shared.dangerous_rules.reload().await;
     }
 }
 

@@ -390,6 +390,10 @@ impl DangerousRules {
     ) -> Result<T, E> {
         let _one_at_a_time = self.changing.lock().await;
         let result = work.await;
+        // The other controllers sharing the database reload the rules too, at once.
+        if let Err(e) = self.store.announce_cluster_news().await {
+            tracing::warn!("cannot tell the other controllers of the rule change: {e}");
+        }
         // Reloaded whatever the outcome: a failed change may still have been committed. A
         // committed change is reported as made even when the reload fails (retried first): the
         // caller would otherwise repeat a change that is already in the store.
@@ -415,6 +419,19 @@ impl DangerousRules {
             }
         }
         result
+    }
+
+    /// Reads the stored rules again (a change made through another controller); the rules in
+    /// force stay if the store cannot give them.
+    pub async fn reload(&self) {
+        let _one_at_a_time = self.changing.lock().await;
+        match self.store.dangerous_rules().await {
+            Ok(rules) => {
+                let compiled = Arc::new(build(rules).await);
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = compiled;
+            }
+            Err(e) => tracing::warn!("cannot read the dangerous rules again: {e}"),
+        }
     }
 
     /// The rules in force.

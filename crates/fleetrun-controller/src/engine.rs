@@ -8,6 +8,7 @@
 
 mod files;
 mod follow;
+mod handover;
 mod rolling;
 
 pub use files::{FileJobSpec, FileTarget, MODE_DOWNLOAD, StepFile, human_size, human_speed};
@@ -58,6 +59,9 @@ enum Reattach {
     },
     /// Its report of the tasks it holds leaves this one out: it never received it, or lost it.
     NotHeld,
+    /// It reconnected to another controller, which took the task over: the run here records
+    /// nothing more and waits for the store to show the host's end.
+    Moved,
 }
 
 /// Who may claim a task that is out on an agent, and where the claim goes.
@@ -202,6 +206,11 @@ pub struct Engine {
     /// Runs here whose job another controller took up (this one lost the lease): they go on
     /// following the agents' tasks but record nothing and end nothing.
     abandoned: Arc<Mutex<HashSet<i64>>>,
+    /// Hosts run here for jobs whose lease another controller holds (handed over, or claimed
+    /// here by their agent), by job.
+    parts: Arc<handover::Parts>,
+    /// Opens the sealed parameters of handed-over steps (the key shared by the controllers).
+    cipher: Option<Arc<crate::secrets::ParamCipher>>,
 }
 
 /// The last [`LeftHere::KEPT`] jobs whose run here ended or paused.
@@ -310,7 +319,15 @@ impl Engine {
             membership: None,
             starting: Arc::default(),
             abandoned: Arc::default(),
+            parts: Arc::default(),
+            cipher: None,
         }
+    }
+
+    /// Opens the sealed parameters of steps handed over by other controllers.
+    pub fn with_cipher(mut self, cipher: Arc<crate::secrets::ParamCipher>) -> Self {
+        self.cipher = Some(cipher);
+        self
     }
 
     /// Holds a lease on the bookkeeping of each job it runs (controllers sharing a database).
@@ -474,6 +491,7 @@ impl Engine {
             if let Err(e) = engine.store.flush().await {
                 tracing::error!(job = job_instance_id, "cannot commit the job's end: {e}");
             }
+            engine.forget_handovers(job_instance_id).await;
             engine.running.lock().unwrap().remove(&job_instance_id);
             engine.left_here.lock().unwrap().note(job_instance_id);
             engine.run_left(job_instance_id);
@@ -501,8 +519,61 @@ impl Engine {
     }
 
     /// Asks a running job to stop: every host's process tree is killed. The job shows
-    /// "terminating" until every host has reported. False if the job is not running here.
+    /// "terminating" until every host has reported. False if the job is not running here, nor
+    /// (with controllers sharing the database) running in the store, run by another controller:
+    /// then every controller running a part of it is asked through the store.
     pub async fn terminate(&self, job_instance_id: i64) -> bool {
+        if self.membership.is_none() {
+            return self.terminate_here(job_instance_id).await;
+        }
+        if self.reserved.lock().unwrap().contains(&job_instance_id) {
+            return false;
+        }
+        let here = self.is_running(job_instance_id);
+        if !here {
+            match self.store.job_status(job_instance_id).await {
+                Ok(Some(job::RUNNING | job::TERMINATING)) => {}
+                Ok(_) => return false,
+                Err(e) => {
+                    tracing::error!(job = job_instance_id, "cannot read the job: {e}");
+                    return false;
+                }
+            }
+        }
+        if let Err(e) = self.store.request_cancel(job_instance_id).await {
+            tracing::error!(
+                job = job_instance_id,
+                "cannot ask the other controllers to terminate the job: {e}"
+            );
+            if !here {
+                return false;
+            }
+        }
+        if let Some((cancel, _)) = self.parts.lock().unwrap().get(&job_instance_id) {
+            cancel.cancel();
+        }
+        if here {
+            return self.terminate_here(job_instance_id).await;
+        }
+        true
+    }
+
+    /// Forgets the job's handovers and termination request once its run here ended (unless
+    /// another controller took it up meanwhile: they are that one's now).
+    async fn forget_handovers(&self, job_instance_id: i64) {
+        if self.membership.is_none() || self.is_abandoned(job_instance_id) {
+            return;
+        }
+        if let Err(e) = self.store.forget_handovers(job_instance_id).await {
+            tracing::warn!(
+                job = job_instance_id,
+                "cannot forget the job's handovers: {e}"
+            );
+        }
+    }
+
+    /// [`Engine::terminate`] for a run of the job in this engine.
+    async fn terminate_here(&self, job_instance_id: i64) -> bool {
         let cancel = {
             let running = self.running.lock().unwrap();
             if self.reserved.lock().unwrap().contains(&job_instance_id) {
@@ -713,6 +784,7 @@ impl Engine {
                 tracing::error!(job = job_instance_id, "cannot commit the job's end: {e}");
             }
             if registered {
+                engine.forget_handovers(job_instance_id).await;
                 engine.running.lock().unwrap().remove(&job_instance_id);
                 engine.run_left(job_instance_id);
             }
@@ -733,7 +805,14 @@ impl Engine {
         let mut hosts = JoinSet::new();
         let mut host_of_task = HashMap::with_capacity(job.hosts.len());
         let host_count = job.hosts.len();
+        let mut handed = Vec::new();
         for host in job.hosts {
+            if host.handed_to.is_some() {
+                // Recorded by the controller it was handed to (or by whichever its agent
+                // reconnects to): followed through the store.
+                handed.push(host.bk_host_id);
+                continue;
+            }
             let Some(checkpoint) = host.checkpoint else {
                 self.write_for(
                     job.job_instance_id,
@@ -768,9 +847,20 @@ impl Engine {
                 resume: Some(checkpoint),
                 limits,
                 cancel: cancel.clone(),
+                moved: false,
             };
             let handle = hosts.spawn(run.run());
             host_of_task.insert(handle.id(), host.bk_host_id);
+        }
+        if !handed.is_empty() {
+            self.spawn_followers(
+                job.job_instance_id,
+                job.step_instance_id,
+                &handed,
+                limits,
+                &mut hosts,
+                &mut host_of_task,
+            );
         }
         let finishing = Finishing {
             job_instance_id: job.job_instance_id,
@@ -967,7 +1057,14 @@ impl Engine {
         if self.running.lock().unwrap().contains_key(&job_instance_id) {
             // A take-up under way holds the lock until it has registered the job's claims.
             drop(self.taking_up.lock().await);
-            return Ok(true);
+            if self.membership.is_none() || self.claims.lock().unwrap().get(&held.task_id).is_some()
+            {
+                return Ok(true);
+            }
+            // A task of a job run here that no run here follows: a host handed to a controller
+            // that stopped, whose agent came here.
+            self.store_wants(bk_host_id, agent_id, held).await?;
+            return self.take_up_handed(bk_host_id, agent_id, held).await;
         }
         let looked_up = async {
             self.store
@@ -998,12 +1095,11 @@ impl Engine {
             running.insert(job_instance_id, cancel.clone());
         }
         // With controllers sharing the database, only the holder of the job's lease may cut
-        // its logs back and follow it.
+        // its logs back and follow it; another controller's agent that came here has its host
+        // taken over, and run here as a part of the job.
         if !self.take_lease(job_instance_id).await {
             self.running.lock().unwrap().remove(&job_instance_id);
-            return Err(format!(
-                "another controller holds the lease of its job {job_instance_id}"
-            ));
+            return self.take_up_handed(bk_host_id, agent_id, held).await;
         }
         let job = self
             .store
@@ -1120,7 +1216,8 @@ impl Engine {
             &cancel,
             &mut hosts,
             &mut host_of_task,
-        );
+        )
+        .await;
         drop(request);
         let finishing = Finishing {
             job_instance_id,
@@ -1181,35 +1278,6 @@ impl Engine {
                 tracing::error!(job = job_instance_id, "cannot encode the task: {e}");
                 None
             }
-        }
-    }
-
-    /// Starts one host's run for each of `targets`.
-    #[allow(clippy::too_many_arguments)]
-    fn spawn_hosts(
-        &self,
-        job_instance_id: i64,
-        step_instance_id: i64,
-        targets: &[i64],
-        request: Option<&SharedTaskRequest>,
-        limits: Limits,
-        cancel: &CancellationToken,
-        hosts: &mut JoinSet<i32>,
-        host_of_task: &mut HashMap<tokio::task::Id, i64>,
-    ) {
-        for bk_host_id in targets.iter().copied() {
-            let run = HostRun {
-                engine: self.clone(),
-                job_instance_id,
-                step_instance_id,
-                bk_host_id,
-                request: request.cloned(),
-                resume: None,
-                limits,
-                cancel: cancel.clone(),
-            };
-            let handle = hosts.spawn(run.run());
-            host_of_task.insert(handle.id(), bk_host_id);
         }
     }
 

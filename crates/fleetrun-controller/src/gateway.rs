@@ -147,6 +147,13 @@ impl Agents {
     }
 }
 
+/// A name for one connection of this controller, unique across its restarts: a record of it
+/// is removed only by the end of that very connection.
+fn connection_key(controller: &str, connection: &quinn::Connection) -> String {
+    static RUN: std::sync::LazyLock<uuid::Uuid> = std::sync::LazyLock::new(uuid::Uuid::new_v4);
+    format!("{controller}/{}/{}", *RUN, connection.stable_id())
+}
+
 /// Where an agent's address came from, most trusted first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AddressSource {
@@ -396,6 +403,25 @@ impl Gateway {
                 return;
             }
         }
+        // With controllers sharing the database: which one holds this agent, for the others
+        // to hand it their jobs' tasks.
+        let recorded = match self.engine.membership() {
+            Some(membership) => {
+                let key = connection_key(membership.name(), &connection);
+                match self
+                    .store
+                    .record_agent_connection(host.bk_host_id, &agent_id, membership.name(), &key)
+                    .await
+                {
+                    Ok(()) => Some(key),
+                    Err(e) => {
+                        tracing::error!(agent_id, "cannot record the agent's connection: {e}");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         tracing::info!(agent_id, bk_host_id = host.bk_host_id, %remote, ip = host.ip, protocol_version, held_tasks = held.len(), "agent online");
         for task in &held {
             self.engine
@@ -422,6 +448,14 @@ impl Gateway {
                 .await
         {
             tracing::error!(agent_id, "cannot mark host offline: {e}");
+        }
+        if let Some(key) = recorded
+            && let Err(e) = self
+                .store
+                .forget_agent_connection(host.bk_host_id, &key)
+                .await
+        {
+            tracing::warn!(agent_id, "cannot forget the agent's connection: {e}");
         }
         if self.agents.remove(host.bk_host_id, &connection) {
             tracing::info!(

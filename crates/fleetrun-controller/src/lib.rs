@@ -196,7 +196,10 @@ impl Controller {
             config.limits.output_limit,
             Duration::from_secs(config.limits.agent_grace_secs),
         )
-        .with_membership(membership.clone());
+        .with_membership(membership.clone())
+        .with_cipher(Arc::new(secrets::ParamCipher::load_or_create(
+            &config.param_key_file(),
+        )?));
         let shutdown = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         let engine = engine.with_callbacks(callback::start(
@@ -314,6 +317,9 @@ impl Controller {
             shared.config.retention.clone(),
             shutdown.clone(),
         ));
+        if shared.engine.membership().is_some() {
+            tasks.spawn(cluster::follow_trust(shared.clone(), shutdown.clone()));
+        }
         let limits = shared.config.limits.clone();
         let audit = shared.audit.clone();
         let app = api::router(shared);
@@ -480,7 +486,10 @@ pub(crate) async fn take_up_unfinished(
         .into_iter()
         .filter(|job| {
             rolling.contains(&job.job_instance_id)
-                || job.hosts.iter().any(|h| h.checkpoint.is_some())
+                || job
+                    .hosts
+                    .iter()
+                    .any(|h| h.checkpoint.is_some() || h.handed_to.is_some())
         })
         .collect();
     // A rolling job waiting for a confirmation has nothing out on an agent: it stays as it

@@ -372,6 +372,16 @@ impl<'q> Row<'_, 'q> {
         self.statement.push_bind(value);
         self
     }
+
+    /// Writes an SQL expression as the row's next value (a constant, or the database's clock).
+    pub(crate) fn push_sql(&mut self, sql: &str) -> &mut Self {
+        if !self.first {
+            self.statement.sql.push_str(", ");
+        }
+        self.first = false;
+        self.statement.sql.push_str(sql);
+        self
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ mod console;
 mod dangerous_rules;
 mod enroll;
 mod files;
+mod handover;
 mod health;
 mod inventory;
 mod model;
@@ -54,6 +55,7 @@ pub use console::LogHead;
 pub use dangerous_rules::{DangerousRule, DangerousRuleError, DangerousRuleFields};
 pub use enroll::{Enrollment, JoinToken};
 pub use files::FileLog;
+pub use handover::Handover;
 pub use health::Health;
 pub use inventory::{
     InventoryCommitError, InventoryRevision, KEPT_INVENTORY_REVISIONS, NewInventoryRevision,
@@ -122,6 +124,9 @@ pub struct Store {
     /// On PostgreSQL, the task waking followers on other controllers' commits
     /// ([`watch::listen`]).
     _listening: Option<std::sync::Arc<watch::Listening>>,
+    /// On PostgreSQL with a `[cluster]` section, this store's name among those listening (its
+    /// announcements carry it).
+    member_id: Option<String>,
 }
 
 /// The database holds scripts, their output and callback URLs with their tokens: only the
@@ -215,7 +220,7 @@ impl Store {
             health.clone(),
             shared.clone(),
         );
-        let listening = match (database, shared) {
+        let listening = match (database, shared.clone()) {
             (Database::Postgres(url), Some(own)) => Some(std::sync::Arc::new(watch::Listening(
                 watch::listen(url.clone(), watchers.clone(), own),
             ))),
@@ -229,6 +234,7 @@ impl Store {
             health,
             _sole_use: sole_use,
             _listening: listening,
+            member_id: shared,
         })
     }
 

@@ -34,6 +34,9 @@ pub struct HostCheckpoint {
 pub struct ResumableHost {
     pub bk_host_id: i64,
     pub checkpoint: Option<HostCheckpoint>,
+    /// The controller the host was handed to (`task_handover`): that one records it, so its
+    /// log is left as it is and no checkpoint is given.
+    pub handed_to: Option<String>,
 }
 
 /// What the store holds of a task by its id: its checkpoint, and where its job and host stand.
@@ -212,9 +215,11 @@ impl Store {
             let step_instance_id: i64 = row.get(1);
             let hosts = sqlx::query(&format!(
                 "SELECT r.bk_host_id, t.task_id, t.agent_id, t.received, t.stored, t.dropped_bytes,
-                        t.dropped_lines, t.truncated, t.started_at, t.deadline
+                        t.dropped_lines, t.truncated, t.started_at, t.deadline, h.controller
                  FROM host_result r LEFT JOIN host_task t
                      ON t.step_instance_id = r.step_instance_id AND t.bk_host_id = r.bk_host_id
+                 LEFT JOIN task_handover h
+                     ON h.step_instance_id = r.step_instance_id AND h.bk_host_id = r.bk_host_id
                  WHERE r.step_instance_id = $1 AND r.status IN ({host_list})
                  ORDER BY r.bk_host_id"
             ))
@@ -233,7 +238,10 @@ impl Store {
             let mut resumable = Vec::with_capacity(hosts.len());
             for h in hosts {
                 let bk_host_id: i64 = h.get(0);
-                let task_id: Option<String> = h.get(1);
+                let handed_to: Option<String> = h.get(10);
+                let task_id = h
+                    .get::<Option<String>, _>(1)
+                    .filter(|_| handed_to.is_none());
                 let checkpoint = match task_id {
                     None => None,
                     Some(task_id) => {
@@ -265,6 +273,7 @@ impl Store {
                 resumable.push(ResumableHost {
                     bk_host_id,
                     checkpoint,
+                    handed_to,
                 });
             }
             jobs.push(ResumableJob {

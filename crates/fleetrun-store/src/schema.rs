@@ -118,6 +118,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0016_cluster.sql"),
         include_str!("../migrations/postgres/0016_cluster.sql"),
     ),
+    (
+        18,
+        "handover",
+        include_str!("../migrations/sqlite/0018_handover.sql"),
+        include_str!("../migrations/postgres/0018_handover.sql"),
+    ),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them.

@@ -24,6 +24,11 @@ const CHANNEL: &str = "fleetrun_commit";
 const MAX_ANNOUNCEMENT: usize = 7_000;
 /// Wakes every follower.
 const EVERYTHING: &str = "*";
+/// News for the controllers themselves of a handover or a termination (`handover.rs`), as its
+/// own announcement.
+pub(crate) const NEWS: &str = "c";
+/// News of a revocation or a dangerous-rule change, as its own announcement.
+pub(crate) const TRUST_NEWS: &str = "t";
 
 /// What a commit touched, as announced to other controllers: `j<id>` and `s<id>` separated by
 /// spaces, or [`EVERYTHING`]; `None` when it touched no job.
@@ -172,9 +177,10 @@ impl Key {
     }
 }
 
-/// The followers of each job and step, by subscription id.
+/// The followers of each job and step, by subscription id, and the controller's own listener
+/// of [`NEWS`].
 #[derive(Debug, Default, Clone)]
-pub(crate) struct Watchers(Arc<Mutex<Registry>>);
+pub(crate) struct Watchers(Arc<Mutex<Registry>>, Arc<[Notify; 2]>);
 
 #[derive(Debug, Default)]
 struct Registry {
@@ -202,8 +208,24 @@ impl Watchers {
         }
     }
 
+    /// Woken by [`NEWS`] (and by a lost listening connection, which may have lost some).
+    pub(crate) fn news(&self) -> &Notify {
+        &self.1[0]
+    }
+
+    /// Woken by [`TRUST_NEWS`] (and by a lost listening connection).
+    pub(crate) fn trust_news(&self) -> &Notify {
+        &self.1[1]
+    }
+
     /// Wakes the followers of what an announcement (another store's commit) names.
     pub(crate) fn announced(&self, text: &str) {
+        if text == NEWS || text == EVERYTHING {
+            self.news().notify_one();
+        }
+        if text == TRUST_NEWS || text == EVERYTHING {
+            self.trust_news().notify_one();
+        }
         let registry = self.0.lock().unwrap();
         if text == EVERYTHING {
             for notify in registry.by_key.values().flat_map(HashMap::values) {

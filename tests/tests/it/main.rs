@@ -15,6 +15,7 @@ mod callbacks;
 mod check_config;
 mod cli;
 mod cli_admin;
+mod cluster_dispatch;
 mod console;
 mod console_browser;
 mod controllers;

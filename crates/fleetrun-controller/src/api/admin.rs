@@ -307,6 +307,10 @@ pub async fn revoke_agent(
             );
             error
         })?;
+        // The other controllers sharing the database cut it off too, at once.
+        if let Err(e) = store.announce_cluster_news().await {
+            tracing::warn!("cannot tell the other controllers of the revocation: {e}");
+        }
         let revision = if made {
             let summary = match revocation.reason.as_str() {
                 "" => format!("revoke_agent {}", revocation.agent_id),
@@ -343,6 +347,9 @@ pub async fn unrevoke_agent(
     let (lifted, revision) = to_the_end(async move {
         let lifted = store.unrevoke_agent(&agent_id).await?;
         agents.unrevoke(&agent_id);
+        if let Err(e) = store.announce_cluster_news().await {
+            tracing::warn!("cannot tell the other controllers of the lifted revocation: {e}");
+        }
         let revision = match &lifted {
             Some(_) => Some(
                 inventory

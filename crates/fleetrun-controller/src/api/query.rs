@@ -471,6 +471,20 @@ pub async fn list_hosts(shared: &Shared, caller: &Caller) -> Result<Value, ApiEr
         .iter()
         .map(|r| (r.agent_id.as_str(), r))
         .collect();
+    // With controllers sharing the database, a host connected to any live one is online.
+    let elsewhere = match shared.engine.membership() {
+        Some(membership) => {
+            let ids: Vec<i64> = registered.iter().map(|r| r.bk_host_id).collect();
+            shared
+                .store
+                .connected_elsewhere(&ids, membership.name(), membership.alive_since().await)
+                .await?
+        }
+        None => Default::default(),
+    };
+    let online = |bk_host_id: i64| {
+        shared.agents.get(bk_host_id).is_some() || elsewhere.contains_key(&bk_host_id)
+    };
     let mut hosts: Vec<Value> = inventory
         .hosts()
         .iter()
@@ -492,7 +506,7 @@ pub async fn list_hosts(shared: &Shared, caller: &Caller) -> Result<Value, ApiEr
                 "bk_biz_id": h.bk_biz_id,
                 "modules": h.modules,
                 "address_conflict": conflicted.contains(&h.bk_host_id),
-                "online": shared.agents.get(h.bk_host_id).is_some(),
+                "online": online(h.bk_host_id),
                 "last_seen": agent.map(|a| a.last_seen),
             })
         })
@@ -512,7 +526,7 @@ pub async fn list_hosts(shared: &Shared, caller: &Caller) -> Result<Value, ApiEr
                 "bk_biz_id": null,
                 "modules": [],
                 "address_conflict": false,
-                "online": shared.agents.get(r.bk_host_id).is_some(),
+                "online": online(r.bk_host_id),
                 "last_seen": r.last_seen,
             }));
         }

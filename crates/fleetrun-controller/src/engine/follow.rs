@@ -113,6 +113,9 @@ pub(super) struct HostRun {
     pub resume: Option<HostCheckpoint>,
     pub limits: Limits,
     pub cancel: CancellationToken,
+    /// Set once another controller took the task over (its agent claimed it there): the host's
+    /// end is that controller's to record.
+    pub moved: bool,
 }
 
 impl HostRun {
@@ -178,6 +181,28 @@ impl HostRun {
         };
         self.engine
             .forget_checkpoint(self.step_instance_id, self.bk_host_id);
+        if !self.moved
+            && matches!(&outcome, Some(o) if o.status == host::AGENT_ABNORMAL)
+            && self
+                .engine
+                .taken_elsewhere(self.step_instance_id, self.bk_host_id)
+                .await
+        {
+            // Lost here, while its agent took it to another controller (news of which may not
+            // have come yet): the end is that controller's to record.
+            self.moved = true;
+        }
+        if self.moved {
+            return self
+                .engine
+                .moved_host_end(
+                    self.job_instance_id,
+                    self.step_instance_id,
+                    self.bk_host_id,
+                    self.limits,
+                )
+                .await;
+        }
         // The machine always finishes on a lost agent; a missing outcome would be a bug in it.
         let outcome = outcome.unwrap_or_else(|| Outcome {
             status: host::AGENT_TASK_ERROR,
@@ -460,6 +485,19 @@ impl HostRun {
                 Next::Claim(Reattach::NotHeld) => {
                     stream = None;
                     Event::NotHeld
+                }
+                Next::Claim(Reattach::Moved) => {
+                    if stream.is_some() {
+                        // Attached here: the agent is still this controller's.
+                        continue;
+                    }
+                    tracing::info!(
+                        job = self.job_instance_id,
+                        bk_host_id = self.bk_host_id,
+                        "the agent took the task to another controller: followed there"
+                    );
+                    self.moved = true;
+                    return None;
                 }
                 Next::Cancel => {
                     cancel_seen = true;

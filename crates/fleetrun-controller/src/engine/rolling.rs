@@ -108,6 +108,7 @@ impl Engine {
             }
             // A pause left the set already; the job may be running again under a new run.
             if registered {
+                engine.forget_handovers(job_instance_id).await;
                 engine.running.lock().unwrap().remove(&job_instance_id);
                 engine.run_left(job_instance_id);
             }
@@ -205,7 +206,8 @@ impl Engine {
                 &cancel,
                 &mut hosts,
                 &mut host_of_task,
-            );
+            )
+            .await;
             let last = batch == total;
             match config.execution {
                 Execution::Serial => {
