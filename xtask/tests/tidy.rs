@@ -1,7 +1,11 @@
 //! The architecture invariants that a machine can check, checked on every test run: which crate
-//! may depend on which, where `unsafe` may stand, that every module says what it is, that bincode
-//! stays behind the one codec module, and that the wire messages cannot change without a new
-//! protocol version.
+//! may depend on which, where `unsafe` may stand, that every module says what it is, that no
+//! `todo!` or `dbg!` is left in, that bincode stays behind the one codec module, and that the
+//! wire messages cannot change without a new protocol version.
+//!
+//! The wire check digests `fleetrun-proto/src/messages.rs` and compares it with the entry pinned
+//! for the current `PROTOCOL_VERSION` in `fleetrun_proto::WIRE_DIGESTS`: the pinned digests live
+//! there, next to the version, and nowhere else.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -63,14 +67,16 @@ fn crate_dependencies() -> BTreeMap<String, BTreeSet<String>> {
 /// Which workspace crates each crate may use. A crate missing here is a new crate: it gets its
 /// line (and its section in docs/ARCHITECTURE.md) before it lands.
 const ALLOWED_INTERNAL: &[(&str, &[&str])] = &[
+    ("fleetrun-api", &[]),
     ("fleetrun-proto", &[]),
     ("fleetrun-net", &["fleetrun-proto"]),
     ("fleetrun-exec", &[]),
     ("fleetrun-inventory", &[]),
-    ("fleetrun-store", &[]),
+    ("fleetrun-store", &["fleetrun-api"]),
     (
         "fleetrun-controller",
         &[
+            "fleetrun-api",
             "fleetrun-proto",
             "fleetrun-net",
             "fleetrun-store",
@@ -81,7 +87,7 @@ const ALLOWED_INTERNAL: &[(&str, &[&str])] = &[
         "fleetrun-agent",
         &["fleetrun-proto", "fleetrun-net", "fleetrun-exec"],
     ),
-    ("fleetrun-cli", &[]),
+    ("fleetrun-cli", &["fleetrun-api"]),
     (
         "fleetrun-swarm",
         &["fleetrun-proto", "fleetrun-net", "fleetrun-exec"],
@@ -102,6 +108,9 @@ const FORBIDDEN_EXTERNAL: &[(&str, &[&str])] = &[
     ("fleetrun-exec", &["quinn", "sqlx", "reqwest", "axum"]),
     ("fleetrun-net", &["sqlx", "axum"]),
 ];
+
+/// What the API's vocabulary crate may use: serde, so that every client can afford it.
+const API_CRATE_DEPENDENCIES: &[&str] = &["serde", "serde_json"];
 
 #[test]
 fn crates_depend_only_on_what_the_architecture_allows() {
@@ -126,6 +135,13 @@ fn crates_depend_only_on_what_the_architecture_allows() {
             if crates[*name].contains(*dep) {
                 problems.push(format!("{name} must not depend on {dep}"));
             }
+        }
+    }
+    for dep in &crates["fleetrun-api"] {
+        if !API_CRATE_DEPENDENCIES.contains(&dep.as_str()) {
+            problems.push(format!(
+                "fleetrun-api depends on serde alone (serde_json in its tests), not on {dep}"
+            ));
         }
     }
     for (name, deps) in &crates {
@@ -287,6 +303,30 @@ fn every_module_starts_with_a_doc_comment() {
         missing.is_empty(),
         "these files do not start with a `//!` comment saying what they are:\n{}",
         missing.join("\n")
+    );
+}
+
+#[test]
+fn no_todo_or_dbg_left_in() {
+    let root = workspace_root();
+    let mut offenders = Vec::new();
+    for dir in ["crates", "xtask", "tests"] {
+        for file in rust_files(&root.join(dir)) {
+            let code = code_only(&fs::read_to_string(&file).unwrap());
+            for (n, line) in code.lines().enumerate() {
+                let words: Vec<&str> = line
+                    .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '!'))
+                    .collect();
+                if words.iter().any(|w| matches!(*w, "todo!" | "dbg!")) {
+                    offenders.push(format!("{}:{}", file.display(), n + 1));
+                }
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "`todo!` or `dbg!` left in:\n{}",
+        offenders.join("\n")
     );
 }
 

@@ -9,7 +9,8 @@ use axum::{
     http::HeaderMap,
     response::{IntoResponse, Redirect},
 };
-use fleetrun_store::{ScriptFilter, ScriptsError, script_status_name};
+use fleetrun_api::VersionStatus;
+use fleetrun_store::{ScriptFilter, ScriptsError};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -154,7 +155,9 @@ pub async fn script(
             id = v.id,
             version = esc(&v.version),
             class = if v.status == 1 { "ok" } else { "wait" },
-            status = script_status_name(v.status),
+            status = VersionStatus::from_code(v.status)
+                .name()
+                .unwrap_or("unknown"),
             desc = esc(&v.version_desc),
             user = esc(&v.last_modify_user),
             time = html::time(Some(v.last_modify_time)),
