@@ -9,6 +9,15 @@ use fleetrun_api::{
 };
 use serde_json::{Value, json};
 
+/// `get_job_instance_status`'s parameters for a job in `scope` (its `bk_scope_type` and
+/// `bk_scope_id`, or `bk_biz_id`).
+fn status_request(scope: &Value, job_instance_id: i64, with_hosts: bool) -> Value {
+    let mut body = scope.clone();
+    body["job_instance_id"] = json!(job_instance_id);
+    body["return_ip_result"] = json!(with_hosts);
+    body
+}
+
 /// Calls the API with one app's credentials (ESB style, in the body).
 #[derive(Debug, Clone)]
 pub struct ApiClient {
@@ -168,9 +177,7 @@ impl ApiClient {
         job_instance_id: i64,
         with_hosts: bool,
     ) -> Result<JobInstanceStatus> {
-        let mut body = scope.clone();
-        body["job_instance_id"] = json!(job_instance_id);
-        body["return_ip_result"] = json!(with_hosts);
+        let body = status_request(scope, job_instance_id, with_hosts);
         let data = self.call("get_job_instance_status", body).await?;
         serde_json::from_value(data).context("get_job_instance_status's reply")
     }
@@ -184,9 +191,7 @@ impl ApiClient {
         limit: Duration,
     ) -> Result<Value> {
         let deadline = tokio::time::Instant::now() + limit;
-        let mut body = scope.clone();
-        body["job_instance_id"] = json!(job_instance_id);
-        body["return_ip_result"] = json!(true);
+        let body = status_request(scope, job_instance_id, true);
         loop {
             let status = self.call("get_job_instance_status", body.clone()).await?;
             let typed: JobInstanceStatus = serde_json::from_value(status.clone())
