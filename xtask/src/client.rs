@@ -7,6 +7,7 @@ use fleetrun_api::{
     StreamEvent,
     job::{BatchLogs, FastExecuteScriptReply, JobInstanceStatus},
 };
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 /// `get_job_instance_status`'s parameters for a job in `scope` (its `bk_scope_type` and
@@ -164,10 +165,15 @@ impl ApiClient {
         Ok(envelope["data"].clone())
     }
 
+    /// Like [`Self::call`], with `data` read as `T`.
+    pub async fn call_as<T: DeserializeOwned>(&self, api: &str, body: Value) -> Result<T> {
+        let data = self.call(api, body).await?;
+        serde_json::from_value(data).with_context(|| format!("{api}'s reply"))
+    }
+
     /// Submits a `fast_execute_script` request (plus credentials); returns the accepted job.
     pub async fn submit(&self, request: Value) -> Result<FastExecuteScriptReply> {
-        let data = self.call("fast_execute_script", request).await?;
-        serde_json::from_value(data).context("fast_execute_script's reply")
+        self.call_as("fast_execute_script", request).await
     }
 
     /// `get_job_instance_status` of a job in `scope`, with each host's result when `with_hosts`.
@@ -178,8 +184,7 @@ impl ApiClient {
         with_hosts: bool,
     ) -> Result<JobInstanceStatus> {
         let body = status_request(scope, job_instance_id, with_hosts);
-        let data = self.call("get_job_instance_status", body).await?;
-        serde_json::from_value(data).context("get_job_instance_status's reply")
+        self.call_as("get_job_instance_status", body).await
     }
 
     /// Polls `get_job_instance_status` until the job is finished; returns its data (read as
@@ -218,9 +223,7 @@ impl ApiClient {
         body["job_instance_id"] = json!(job_instance_id);
         body["step_instance_id"] = json!(step_instance_id);
         body["host_id_list"] = json!(hosts);
-        let data = self.call("batch_get_job_instance_ip_log", body).await?;
-        let logs: BatchLogs =
-            serde_json::from_value(data).context("batch_get_job_instance_ip_log's reply")?;
+        let logs: BatchLogs = self.call_as("batch_get_job_instance_ip_log", body).await?;
         Ok(logs
             .script_task_logs
             .into_iter()
