@@ -1,7 +1,31 @@
 //! The one shape every bk-job number takes: an enum of the numbers fleetrun names, plus the
 //! numbers it does not, serialized as the bare number.
 
-/// Declares a bk-job code enum: one variant per named number, and `Other(i32)` for any number
+/// A number no named variant has, as an enum's `Other` variant carries it.
+///
+/// Only `from_code` (and so reading a number) makes one, so `Other` never holds a number that
+/// has a name: every value has one form, and `matches!` on a named variant sees it.
+///
+/// ```compile_fail
+/// // Not from outside the crate: `Other(9)` would be `Success` in disguise.
+/// let _ = fleetrun_api::HostStatus::Other(fleetrun_api::UnnamedCode(9));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UnnamedCode(i32);
+
+impl UnnamedCode {
+    /// Made by the enums' `from_code` only, for a number none of their variants has.
+    pub(crate) const fn new(code: i32) -> Self {
+        Self(code)
+    }
+
+    /// The number.
+    pub const fn get(self) -> i32 {
+        self.0
+    }
+}
+
+/// Declares a bk-job code enum: one variant per named number, and `Other` for any number
 /// fleetrun gives no name, so that reading a stored or received number never fails and writing
 /// it back gives the same number. Equality, hashing and order go by the number.
 macro_rules! codes {
@@ -22,8 +46,8 @@ macro_rules! codes {
                 $variant,
             )+
             /// A number fleetrun gives no name, kept as it was read. Made by
-            /// [`Self::from_code`] only for numbers no named variant has.
-            Other(i32),
+            /// [`Self::from_code`] only, for numbers no named variant has.
+            Other($crate::codes::UnnamedCode),
         }
 
         impl $name {
@@ -34,7 +58,7 @@ macro_rules! codes {
             pub const fn from_code(code: i32) -> Self {
                 match code {
                     $($code => Self::$variant,)+
-                    other => Self::Other(other),
+                    other => Self::Other($crate::codes::UnnamedCode::new(other)),
                 }
             }
 
@@ -42,7 +66,7 @@ macro_rules! codes {
             pub const fn code(self) -> i32 {
                 match self {
                     $(Self::$variant => $code,)+
-                    Self::Other(code) => code,
+                    Self::Other(code) => code.get(),
                 }
             }
 

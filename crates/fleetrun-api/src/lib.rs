@@ -17,6 +17,7 @@ pub mod script;
 pub mod status;
 pub mod stream;
 
+pub use codes::UnnamedCode;
 pub use script::{ScriptCheckItem, ScriptLanguage, VersionStatus};
 pub use status::{HostStatus, JobStatus, StepStatus};
 pub use stream::StreamEvent;

@@ -265,12 +265,41 @@ mod tests {
     #[test]
     fn unnamed_numbers_survive_a_round_trip() {
         let odd = HostStatus::from_code(12345);
-        assert_eq!(odd, HostStatus::Other(12345));
+        assert!(matches!(odd, HostStatus::Other(code) if code.get() == 12345));
         assert_eq!(odd.name(), None);
         assert_eq!(serde_json::to_string(&odd).unwrap(), "12345");
         assert_eq!(serde_json::from_str::<JobStatus>("-7").unwrap().code(), -7);
         assert!(serde_json::from_str::<JobStatus>("\"3\"").is_err());
         assert!(serde_json::from_str::<JobStatus>("3000000000").is_err());
+    }
+
+    /// `Other` never holds a named number, so a value equal to `Success` answers as `Success`
+    /// does, whichever way it was made.
+    #[test]
+    fn other_holds_only_unnamed_numbers() {
+        for code in -5..500 {
+            let status = HostStatus::from_code(code);
+            let named = HostStatus::NAMED.iter().find(|s| s.code() == code);
+            assert_eq!(status.is_named(), named.is_some(), "{code}");
+            match status {
+                HostStatus::Other(unnamed) => {
+                    assert_eq!(unnamed.get(), code);
+                    assert!(named.is_none(), "{code} has a name but read as Other");
+                }
+                _ => assert_eq!(Some(&status), named),
+            }
+            let read: HostStatus = serde_json::from_str(&code.to_string()).unwrap();
+            for other in [status, read] {
+                assert_eq!(other.is_success(), status.is_success());
+                assert_eq!(other.is_finished(), status.is_finished());
+                assert_eq!(other.name(), status.name());
+                assert_eq!(other.description(), status.description());
+            }
+        }
+        assert!(HostStatus::from_code(9).is_success());
+        assert!(!matches!(HostStatus::from_code(9), HostStatus::Other(_)));
+        let job = JobStatus::from_code(3);
+        assert!(job.is_finished() && job.is_named());
     }
 
     #[test]
