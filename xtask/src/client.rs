@@ -3,7 +3,21 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use fleetrun_api::{
+    StreamEvent,
+    job::{BatchLogs, FastExecuteScriptReply, JobInstanceStatus},
+};
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+
+/// `get_job_instance_status`'s parameters for a job in `scope` (its `bk_scope_type` and
+/// `bk_scope_id`, or `bk_biz_id`).
+fn status_request(scope: &Value, job_instance_id: i64, with_hosts: bool) -> Value {
+    let mut body = scope.clone();
+    body["job_instance_id"] = json!(job_instance_id);
+    body["return_ip_result"] = json!(with_hosts);
+    body
+}
 
 /// Calls the API with one app's credentials (ESB style, in the body).
 #[derive(Debug, Clone)]
@@ -151,7 +165,30 @@ impl ApiClient {
         Ok(envelope["data"].clone())
     }
 
-    /// Polls `get_job_instance_status` until the job is finished; returns its data.
+    /// Like [`Self::call`], with `data` read as `T`.
+    pub async fn call_as<T: DeserializeOwned>(&self, api: &str, body: Value) -> Result<T> {
+        let data = self.call(api, body).await?;
+        serde_json::from_value(data).with_context(|| format!("{api}'s reply"))
+    }
+
+    /// Submits a `fast_execute_script` request (plus credentials); returns the accepted job.
+    pub async fn submit(&self, request: Value) -> Result<FastExecuteScriptReply> {
+        self.call_as("fast_execute_script", request).await
+    }
+
+    /// `get_job_instance_status` of a job in `scope`, with each host's result when `with_hosts`.
+    pub async fn job_status(
+        &self,
+        scope: &Value,
+        job_instance_id: i64,
+        with_hosts: bool,
+    ) -> Result<JobInstanceStatus> {
+        let body = status_request(scope, job_instance_id, with_hosts);
+        self.call_as("get_job_instance_status", body).await
+    }
+
+    /// Polls `get_job_instance_status` until the job is finished; returns its data (read as
+    /// [`JobInstanceStatus`] on every poll, so a reply that drifts from the shape fails here).
     pub async fn wait_job(
         &self,
         scope: &Value,
@@ -159,12 +196,12 @@ impl ApiClient {
         limit: Duration,
     ) -> Result<Value> {
         let deadline = tokio::time::Instant::now() + limit;
-        let mut body = scope.clone();
-        body["job_instance_id"] = json!(job_instance_id);
-        body["return_ip_result"] = json!(true);
+        let body = status_request(scope, job_instance_id, true);
         loop {
             let status = self.call("get_job_instance_status", body.clone()).await?;
-            if status["finished"] == json!(true) {
+            let typed: JobInstanceStatus = serde_json::from_value(status.clone())
+                .with_context(|| format!("get_job_instance_status's reply: {status}"))?;
+            if typed.finished {
                 return Ok(status);
             }
             if tokio::time::Instant::now() > deadline {
@@ -186,17 +223,11 @@ impl ApiClient {
         body["job_instance_id"] = json!(job_instance_id);
         body["step_instance_id"] = json!(step_instance_id);
         body["host_id_list"] = json!(hosts);
-        let data = self.call("batch_get_job_instance_ip_log", body).await?;
-        Ok(data["script_task_logs"]
-            .as_array()
+        let logs: BatchLogs = self.call_as("batch_get_job_instance_ip_log", body).await?;
+        Ok(logs
+            .script_task_logs
             .into_iter()
-            .flatten()
-            .map(|l| {
-                (
-                    l["bk_host_id"].as_i64().unwrap_or(0),
-                    l["log_content"].as_str().unwrap_or("").to_owned(),
-                )
-            })
+            .map(|l| (l.bk_host_id, l.log_content))
             .collect())
     }
 
@@ -232,7 +263,9 @@ impl ApiClient {
         let last = text.lines().last().context("empty stream")?;
         let event: Value =
             serde_json::from_str(last).with_context(|| format!("not JSON: {last}"))?;
-        if event["type"] != "job" || event["finished"] != json!(true) {
+        let typed: StreamEvent = serde_json::from_value(event.clone())
+            .with_context(|| format!("not a stream_job event: {last}"))?;
+        if !matches!(typed, StreamEvent::Job { finished: true, .. }) {
             bail!("stream_job ended without the job's end: {last}");
         }
         Ok(event)

@@ -96,16 +96,8 @@ impl Ctx {
     }
 
     async fn submit(&self, request: Value) -> Result<(i64, i64)> {
-        let accepted = self
-            .cluster
-            .info
-            .client()
-            .call("fast_execute_script", request)
-            .await?;
-        Ok((
-            accepted["job_instance_id"].as_i64().context("job id")?,
-            accepted["step_instance_id"].as_i64().context("step id")?,
-        ))
+        let accepted = self.cluster.info.client().submit(request).await?;
+        Ok((accepted.job_instance_id, accepted.step_instance_id))
     }
 
     async fn wait(&self, job: i64, limit: Duration) -> Result<Value> {

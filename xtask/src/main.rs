@@ -244,31 +244,32 @@ async fn demo(agents: usize) -> Result<()> {
         info.api_url, account.account
     );
     let submitted = std::time::Instant::now();
-    let accepted = client.call("fast_execute_script", request).await?;
-    let job = accepted["job_instance_id"].as_i64().context("no job id")?;
-    let step = accepted["step_instance_id"]
-        .as_i64()
-        .context("no step id")?;
-    let status = client
+    let accepted = client.submit(request).await?;
+    let (job, step) = (accepted.job_instance_id, accepted.step_instance_id);
+    client
         .wait_job(&info.scope(), job, Duration::from_secs(60))
         .await?;
     let took = submitted.elapsed();
+    let status = client.job_status(&info.scope(), job, true).await?;
     let logs = client.logs(&info.scope(), job, step, &hosts).await?;
     println!(
         "\njob {job} finished with status {} in {took:.2?}",
-        status["job_instance"]["status"]
+        status.job_instance.status.code()
     );
-    for result in status["step_instance_list"][0]["step_ip_result_list"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
-        let id = result["bk_host_id"].as_i64().unwrap_or_default();
+    let results = status
+        .step_instance_list
+        .first()
+        .and_then(|step| step.step_ip_result_list.clone())
+        .unwrap_or_default();
+    for result in &results {
+        let id = result.bk_host_id;
+        let exit = result
+            .exit_code
+            .map_or_else(|| "null".to_owned(), |c| c.to_string());
         println!(
-            "\n== host {id} ({}) status {} exit {}",
-            result["ip"].as_str().unwrap_or("?"),
-            result["status"],
-            result["exit_code"]
+            "\n== host {id} ({}) status {} exit {exit}",
+            result.ip,
+            result.status.code(),
         );
         if let Some((_, log)) = logs.iter().find(|(h, _)| *h == id) {
             for line in log.lines() {
@@ -282,7 +283,7 @@ async fn demo(agents: usize) -> Result<()> {
         started.elapsed()
     );
     anyhow::ensure!(
-        status["job_instance"]["status"] == json!(3),
+        status.job_instance.status == fleetrun_api::JobStatus::Success,
         "the demo job did not succeed"
     );
     Ok(())

@@ -1,7 +1,11 @@
 //! The architecture invariants that a machine can check, checked on every test run: which crate
-//! may depend on which, where `unsafe` may stand, that every module says what it is, that bincode
-//! stays behind the one codec module, and that the wire messages cannot change without a new
-//! protocol version.
+//! may depend on which, where `unsafe` may stand, that every module says what it is, that no
+//! `todo!` or `dbg!` is left in, that bincode stays behind the one codec module, and that the
+//! wire messages cannot change without a new protocol version.
+//!
+//! The wire check digests `fleetrun-proto/src/messages.rs` and compares it with the entry pinned
+//! for the current `PROTOCOL_VERSION` in `fleetrun_proto::WIRE_DIGESTS`: the pinned digests live
+//! there, next to the version, and nowhere else.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -63,14 +67,16 @@ fn crate_dependencies() -> BTreeMap<String, BTreeSet<String>> {
 /// Which workspace crates each crate may use. A crate missing here is a new crate: it gets its
 /// line (and its section in docs/ARCHITECTURE.md) before it lands.
 const ALLOWED_INTERNAL: &[(&str, &[&str])] = &[
+    ("fleetrun-api", &[]),
     ("fleetrun-proto", &[]),
     ("fleetrun-net", &["fleetrun-proto"]),
     ("fleetrun-exec", &[]),
     ("fleetrun-inventory", &[]),
-    ("fleetrun-store", &[]),
+    ("fleetrun-store", &["fleetrun-api"]),
     (
         "fleetrun-controller",
         &[
+            "fleetrun-api",
             "fleetrun-proto",
             "fleetrun-net",
             "fleetrun-store",
@@ -81,7 +87,7 @@ const ALLOWED_INTERNAL: &[(&str, &[&str])] = &[
         "fleetrun-agent",
         &["fleetrun-proto", "fleetrun-net", "fleetrun-exec"],
     ),
-    ("fleetrun-cli", &[]),
+    ("fleetrun-cli", &["fleetrun-api"]),
     (
         "fleetrun-swarm",
         &["fleetrun-proto", "fleetrun-net", "fleetrun-exec"],
@@ -102,6 +108,9 @@ const FORBIDDEN_EXTERNAL: &[(&str, &[&str])] = &[
     ("fleetrun-exec", &["quinn", "sqlx", "reqwest", "axum"]),
     ("fleetrun-net", &["sqlx", "axum"]),
 ];
+
+/// What the API's vocabulary crate may use: serde, so that every client can afford it.
+const API_CRATE_DEPENDENCIES: &[&str] = &["serde", "serde_json"];
 
 #[test]
 fn crates_depend_only_on_what_the_architecture_allows() {
@@ -126,6 +135,13 @@ fn crates_depend_only_on_what_the_architecture_allows() {
             if crates[*name].contains(*dep) {
                 problems.push(format!("{name} must not depend on {dep}"));
             }
+        }
+    }
+    for dep in &crates["fleetrun-api"] {
+        if !API_CRATE_DEPENDENCIES.contains(&dep.as_str()) {
+            problems.push(format!(
+                "fleetrun-api depends on serde alone (serde_json in its tests), not on {dep}"
+            ));
         }
     }
     for (name, deps) in &crates {
@@ -234,28 +250,39 @@ fn code_only(source: &str) -> String {
     out
 }
 
-#[test]
-fn unsafe_code_only_in_the_exec_sys_module() {
+/// Every `.rs` file of the workspace's crates, xtask and the integration tests.
+fn workspace_rust_files() -> Vec<PathBuf> {
     let root = workspace_root();
-    let allowed = root.join("crates/fleetrun-exec/src/sys.rs");
-    let mut offenders = Vec::new();
-    for dir in ["crates", "xtask", "tests"] {
-        for file in rust_files(&root.join(dir)) {
-            if file == allowed {
-                continue;
-            }
-            let code = code_only(&fs::read_to_string(&file).unwrap());
-            for (n, line) in code.lines().enumerate() {
-                let words: Vec<&str> = line
-                    .split(|c: char| !(c.is_alphanumeric() || c == '_'))
-                    .collect();
-                // `unsafe_code` in a lint attribute is a single word and does not match.
-                if words.contains(&"unsafe") {
-                    offenders.push(format!("{}:{}", file.display(), n + 1));
-                }
+    ["crates", "xtask", "tests"]
+        .iter()
+        .flat_map(|dir| rust_files(&root.join(dir)))
+        .collect()
+}
+
+/// `file:line` of each line of code (comments and strings left out) in `files` holding a word
+/// `wanted` picks. A word is letters, digits, `_` and `!`: `unsafe_code` is one word, `todo!`
+/// another.
+fn lines_with_word(files: &[PathBuf], wanted: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut found = Vec::new();
+    for file in files {
+        let code = code_only(&fs::read_to_string(file).unwrap());
+        for (n, line) in code.lines().enumerate() {
+            let mut words = line.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '!'));
+            if words.any(&wanted) {
+                found.push(format!("{}:{}", file.display(), n + 1));
             }
         }
     }
+    found
+}
+
+#[test]
+fn unsafe_code_only_in_the_exec_sys_module() {
+    let allowed = workspace_root().join("crates/fleetrun-exec/src/sys.rs");
+    let mut files = workspace_rust_files();
+    files.retain(|f| *f != allowed);
+    // `unsafe_code` in a lint attribute is a single word and does not match.
+    let offenders = lines_with_word(&files, |w| w == "unsafe");
     assert!(
         offenders.is_empty(),
         "`unsafe` outside crates/fleetrun-exec/src/sys.rs:\n{}",
@@ -269,18 +296,15 @@ fn unsafe_code_only_in_the_exec_sys_module() {
 
 #[test]
 fn every_module_starts_with_a_doc_comment() {
-    let root = workspace_root();
     let mut missing = Vec::new();
-    for dir in ["crates", "xtask", "tests"] {
-        for file in rust_files(&root.join(dir)) {
-            let text = fs::read_to_string(&file).unwrap();
-            let first = text
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or_default();
-            if !first.starts_with("//!") {
-                missing.push(file.display().to_string());
-            }
+    for file in workspace_rust_files() {
+        let text = fs::read_to_string(&file).unwrap();
+        let first = text
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_default();
+        if !first.starts_with("//!") {
+            missing.push(file.display().to_string());
         }
     }
     assert!(
@@ -291,20 +315,27 @@ fn every_module_starts_with_a_doc_comment() {
 }
 
 #[test]
+fn no_todo_or_dbg_left_in() {
+    let offenders = lines_with_word(&workspace_rust_files(), |w| matches!(w, "todo!" | "dbg!"));
+    assert!(
+        offenders.is_empty(),
+        "`todo!` or `dbg!` left in:\n{}",
+        offenders.join("\n")
+    );
+}
+
+#[test]
 fn bincode_only_in_the_codec_module() {
-    let root = workspace_root();
-    let codec = root.join("crates/fleetrun-proto/src/codec.rs");
+    let codec = workspace_root().join("crates/fleetrun-proto/src/codec.rs");
     let mut offenders = Vec::new();
-    for dir in ["crates", "xtask", "tests"] {
-        for file in rust_files(&root.join(dir)) {
-            if file == codec {
-                continue;
-            }
-            let code = code_only(&fs::read_to_string(&file).unwrap());
-            // A path through the crate (`bincode::`, `use bincode`) is a use; a word is not.
-            if code.contains("bincode::") || code.contains("use bincode") {
-                offenders.push(file.display().to_string());
-            }
+    for file in workspace_rust_files() {
+        if file == codec {
+            continue;
+        }
+        let code = code_only(&fs::read_to_string(&file).unwrap());
+        // A path through the crate (`bincode::`, `use bincode`) is a use; a word is not.
+        if code.contains("bincode::") || code.contains("use bincode") {
+            offenders.push(file.display().to_string());
         }
     }
     assert!(

@@ -5,6 +5,7 @@ mod admin;
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use fleetrun_api::ScriptLanguage;
 
 pub use self::admin::*;
 
@@ -467,27 +468,30 @@ pub enum Lang {
 }
 
 impl Lang {
-    /// The name of bk-job's `script_language` code.
+    /// The name of bk-job's `script_language` code; "unknown" for one no job runs.
     pub fn name_of(code: i64) -> &'static str {
-        match code {
-            1 => "shell",
-            2 => "bat",
-            3 => "perl",
-            4 => "python",
-            5 => "powershell",
-            _ => "unknown",
+        i32::try_from(code)
+            .ok()
+            .map(ScriptLanguage::from_code)
+            .filter(|language| language.runs_on_hosts())
+            .and_then(ScriptLanguage::name)
+            .unwrap_or("unknown")
+    }
+
+    /// The language in bk-job's terms.
+    pub fn language(self) -> ScriptLanguage {
+        match self {
+            Self::Shell => ScriptLanguage::Shell,
+            Self::Bat => ScriptLanguage::Bat,
+            Self::Perl => ScriptLanguage::Perl,
+            Self::Python => ScriptLanguage::Python,
+            Self::Powershell => ScriptLanguage::PowerShell,
         }
     }
 
     /// bk-job's `script_language`.
     pub fn code(self) -> i64 {
-        match self {
-            Self::Shell => 1,
-            Self::Bat => 2,
-            Self::Perl => 3,
-            Self::Python => 4,
-            Self::Powershell => 5,
-        }
+        i64::from(self.language().code())
     }
 }
 

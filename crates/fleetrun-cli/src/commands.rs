@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use fleetrun_api::HostStatus;
 use serde_json::{Value, json};
 
 use crate::{
@@ -260,7 +261,13 @@ async fn load(ctx: &Ctx, job: i64, hosts: &[i64]) -> Result<(JobView, Value), Cl
         if hosts.is_empty() || hosts.contains(&id) {
             let mut result = result.clone();
             // bk-job reports 0 for a host without an exit code; only a 104 has a real one.
-            if result["status"] != 104 && result["exit_code"] == 0 && result["status"] != 9 {
+            let status = result["status"]
+                .as_i64()
+                .and_then(|s| i32::try_from(s).ok());
+            let has_exit_code = status
+                .map(HostStatus::from_code)
+                .is_some_and(|s| matches!(s, HostStatus::NonZeroExit | HostStatus::Success));
+            if !has_exit_code && result["exit_code"] == 0 {
                 result["exit_code"] = Value::Null;
             }
             view.update_host(&result);

@@ -3,6 +3,7 @@
 use std::{collections::HashSet, io::Write, path::Path};
 
 use base64::Engine as _;
+use fleetrun_api::VersionStatus;
 use serde_json::{Value, json};
 
 use crate::{
@@ -18,13 +19,10 @@ const LISTED_HOST_IDS: usize = 20;
 
 /// A script version's status, by bk-job's number.
 pub fn version_status_name(status: i64) -> &'static str {
-    match status {
-        0 => "draft",
-        1 => "online",
-        2 => "offline",
-        3 => "disabled",
-        _ => "unknown",
-    }
+    i32::try_from(status)
+        .ok()
+        .and_then(|code| VersionStatus::from_code(code).name())
+        .unwrap_or("unknown")
 }
 
 fn b64(bytes: &[u8]) -> String {

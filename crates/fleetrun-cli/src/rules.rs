@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use base64::Engine as _;
 use clap::{Args, Subcommand, ValueEnum};
+use fleetrun_api::ScriptLanguage;
 use serde_json::{Value, json};
 
 use crate::{
@@ -139,7 +140,7 @@ fn languages_text(rule: &Value) -> String {
         .into_iter()
         .flatten()
         .map(|l| match l.as_i64() {
-            Some(6) => "sql",
+            Some(code) if code == i64::from(ScriptLanguage::Sql.code()) => "sql",
             Some(code) => Lang::name_of(code),
             None => "?",
         })

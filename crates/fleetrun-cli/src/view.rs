@@ -6,6 +6,7 @@ use std::{
     hash::{DefaultHasher, Hasher},
 };
 
+use fleetrun_api::{HostStatus, JobStatus};
 use serde_json::{Value, json};
 use unicode_width::UnicodeWidthStr;
 
@@ -229,7 +230,8 @@ impl JobView {
 
     /// Whether the job ended with every host succeeded.
     pub fn succeeded(&self) -> bool {
-        self.status == Some(3) && self.hosts.iter().all(|h| h.outcome() == Outcome::Succeeded)
+        self.status == Some(JobStatus::Success.code())
+            && self.hosts.iter().all(|h| h.outcome() == Outcome::Succeeded)
     }
 
     /// The label hosts are prefixed with: the IP, or the host id when no IP is known.
@@ -304,21 +306,26 @@ pub enum Outcome {
 
 impl Outcome {
     pub fn of(status: i32, exit_code: Option<i32>) -> Self {
-        match status {
-            0 | 5 => Self::Waiting,
-            7 => Self::Running,
-            3 | 9 => Self::Succeeded,
-            104 => Self::ExitCode(exit_code.unwrap_or(-1)),
-            13 | 16 | 17 | 102 | 303 => Self::TimedOut,
-            1 | 18 | 310 => Self::Offline,
-            103 | 403 => Self::Terminated,
-            101 => match exit_code {
+        use HostStatus as H;
+        match HostStatus::from_code(status) {
+            H::Unknown | H::Waiting => Self::Waiting,
+            H::Running => Self::Running,
+            H::LastSuccess | H::Success => Self::Succeeded,
+            H::NonZeroExit => Self::ExitCode(exit_code.unwrap_or(-1)),
+            H::TaskTimeout
+            | H::AgentTimeout
+            | H::FileLogTimeout
+            | H::ScriptTimeout
+            | H::FileTimeout => Self::TimedOut,
+            H::AgentError | H::AgentNotInstalled | H::AgentAbnormal => Self::Offline,
+            H::ScriptTerminated | H::TerminateSuccess => Self::Terminated,
+            H::ScriptFailed => match exit_code {
                 Some(code) if code > 128 => {
                     Self::Failed(format!("killed by signal {}", code - 128))
                 }
                 _ => Self::Failed("script failed".into()),
             },
-            other => Self::Failed(host_status_name(other).to_owned()),
+            other => Self::Failed(host_status_name(other.code()).to_owned()),
         }
     }
 
@@ -340,69 +347,23 @@ impl Outcome {
     }
 }
 
+/// A job status's name; "unknown" for a number bk-job does not define.
 pub fn job_status_name(status: i32) -> &'static str {
-    match status {
-        1 => "pending",
-        2 => "running",
-        3 => "success",
-        4 => "failed",
-        5 => "skipped",
-        6 => "ignore error",
-        7 => "waiting for user",
-        8 => "terminated",
-        9 => "abnormal",
-        10 => "terminating",
-        11 => "terminate success",
-        13 => "termination confirmed",
-        14 => "abandoned",
-        15 => "rolling waiting",
-        _ => "unknown",
-    }
+    JobStatus::from_code(status).name().unwrap_or("unknown")
 }
 
 /// A job status from its name (`failed`, `terminate-success`) or its number.
 pub fn job_status_code(text: &str) -> Option<i32> {
-    if let Ok(n) = text.parse() {
-        return Some(n);
-    }
-    let wanted = text.to_ascii_lowercase().replace(['-', '_'], " ");
-    (1..=15).find(|s| job_status_name(*s) == wanted)
+    JobStatus::parse(text).map(JobStatus::code)
 }
 
 pub fn job_finished(status: i32) -> bool {
-    matches!(status, 3 | 4 | 5 | 6 | 8 | 9 | 11 | 13 | 14)
+    JobStatus::from_code(status).is_finished()
 }
 
+/// A host status's name; "other" for a number fleetrun does not name.
 pub fn host_status_name(status: i32) -> &'static str {
-    match status {
-        0 => "unknown",
-        1 => "agent error",
-        2 => "invalid host",
-        3 => "last success",
-        5 => "waiting",
-        7 => "running",
-        9 => "success",
-        11 => "failed",
-        12 => "submit failed",
-        13 => "task timeout",
-        15 => "log error",
-        16 => "agent timeout",
-        17 => "file log timeout",
-        18 => "agent not installed",
-        101 => "script failed",
-        102 => "script timeout",
-        103 => "script terminated",
-        104 => "non-zero exit code",
-        202 | 203 => "file error",
-        303 => "file task timeout",
-        310 => "agent abnormal",
-        311 => "user does not exist",
-        312 => "bad password",
-        399 => "agent task error",
-        403 => "terminated",
-        404 => "terminate failed",
-        _ => "other",
-    }
+    HostStatus::from_code(status).name().unwrap_or("other")
 }
 
 #[cfg(test)]

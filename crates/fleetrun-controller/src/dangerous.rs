@@ -96,21 +96,9 @@ pub fn compile(expression: &str) -> Result<Regex, String> {
         })
 }
 
-/// One match of a rule in a script: bk-job's check item, with the rule it came from.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Finding {
-    /// 1-based line number.
-    pub line: usize,
-    pub line_content: String,
-    pub match_content: String,
-    /// Always [`LEVEL_FATAL`], as bk-job reports a rule's match.
-    pub level: i32,
-    /// The rule's description.
-    pub description: String,
-    pub rule_id: i64,
-    /// The rule's action: [`SCAN`] or [`INTERCEPT`].
-    pub action: i32,
-}
+/// One match of a rule in a script: bk-job's check item, with the rule it came from. Its
+/// `level` is always [`LEVEL_FATAL`], its `action` the rule's ([`SCAN`] or [`INTERCEPT`]).
+pub type Finding = fleetrun_api::ScriptCheckItem;
 
 /// How long one check of a script may take. The check looks at the clock before each line and
 /// stops once it is past: the script is then refused, never run unchecked. The regex crate

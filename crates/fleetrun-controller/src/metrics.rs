@@ -20,7 +20,9 @@ use axum::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use subtle::ConstantTimeEq;
 
-use crate::{Shared, status};
+use fleetrun_api::{HostStatus, JobStatus};
+
+use crate::Shared;
 
 /// Bucket bounds (seconds) for the latency histograms: from a millisecond to ten minutes.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -110,37 +112,35 @@ fn describe() {
 
 /// The name a bk-job job status goes by in labels.
 pub fn job_status_name(status: i32) -> &'static str {
-    use status::job::*;
-    match status {
-        PENDING => "pending",
-        RUNNING => "running",
-        SUCCESS => "success",
-        FAILED => "failed",
-        TERMINATED => "terminated",
-        ABNORMAL => "abnormal",
-        TERMINATING => "terminating",
-        TERMINATE_SUCCESS => "terminate_success",
+    match JobStatus::from_code(status) {
+        JobStatus::Pending => "pending",
+        JobStatus::Running => "running",
+        JobStatus::Success => "success",
+        JobStatus::Failed => "failed",
+        JobStatus::Terminated => "terminated",
+        JobStatus::Abnormal => "abnormal",
+        JobStatus::Terminating => "terminating",
+        JobStatus::TerminateSuccess => "terminate_success",
         _ => "other",
     }
 }
 
 /// The name a bk-job host status goes by in labels.
 pub fn host_status_name(status: i32) -> &'static str {
-    use status::host::*;
-    match status {
-        WAITING => "waiting",
-        RUNNING => "running",
-        SUCCESS => "success",
-        SCRIPT_FAILED => "script_failed",
-        SCRIPT_TIMEOUT => "script_timeout",
-        NON_ZERO_EXIT => "non_zero_exit",
-        AGENT_TIMEOUT => "agent_timeout",
-        AGENT_ABNORMAL => "agent_abnormal",
-        USER_NOT_EXIST => "user_not_exist",
-        AGENT_TASK_ERROR => "agent_task_error",
-        TERMINATE_SUCCESS => "terminate_success",
-        FILE_TIMEOUT => "file_timeout",
-        FILE_TASK_ERROR => "file_task_error",
+    match HostStatus::from_code(status) {
+        HostStatus::Waiting => "waiting",
+        HostStatus::Running => "running",
+        HostStatus::Success => "success",
+        HostStatus::ScriptFailed => "script_failed",
+        HostStatus::ScriptTimeout => "script_timeout",
+        HostStatus::NonZeroExit => "non_zero_exit",
+        HostStatus::AgentTimeout => "agent_timeout",
+        HostStatus::AgentAbnormal => "agent_abnormal",
+        HostStatus::UserNotExist => "user_not_exist",
+        HostStatus::AgentTaskError => "agent_task_error",
+        HostStatus::TerminateSuccess => "terminate_success",
+        HostStatus::FileTimeout => "file_timeout",
+        HostStatus::FileTaskError => "file_task_error",
         _ => "other",
     }
 }

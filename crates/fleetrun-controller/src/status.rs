@@ -1,57 +1,91 @@
-//! bk-job's status numbers, named.
+//! bk-job's status numbers as the store keeps them (`i32` columns), named after
+//! [`fleetrun_api`]'s enums, which own the numbers and what they mean.
 
-/// Job and step status.
+/// Job and step status ([`fleetrun_api::JobStatus`]).
 pub mod job {
-    pub const PENDING: i32 = 1;
-    pub const RUNNING: i32 = 2;
-    pub const SUCCESS: i32 = 3;
-    pub const FAILED: i32 = 4;
+    use fleetrun_api::JobStatus;
+
+    pub const PENDING: i32 = JobStatus::Pending.code();
+    pub const RUNNING: i32 = JobStatus::Running.code();
+    pub const SUCCESS: i32 = JobStatus::Success.code();
+    pub const FAILED: i32 = JobStatus::Failed.code();
     /// A step whose failures an operator (or a rolling mode) chose to ignore.
-    pub const IGNORE_ERROR: i32 = 6;
-    /// Waiting for a user's confirmation (bk-job's confirm steps; fleetrun has none).
-    pub const WAITING_USER: i32 = 7;
-    pub const TERMINATED: i32 = 8;
-    pub const ABNORMAL: i32 = 9;
-    pub const TERMINATING: i32 = 10;
-    pub const TERMINATE_SUCCESS: i32 = 11;
+    pub const IGNORE_ERROR: i32 = JobStatus::IgnoreError.code();
+    /// Waiting for a user's decision (a paused rolling job).
+    pub const WAITING_USER: i32 = JobStatus::WaitingUser.code();
+    pub const TERMINATED: i32 = JobStatus::Terminated.code();
+    pub const ABNORMAL: i32 = JobStatus::Abnormal.code();
+    pub const TERMINATING: i32 = JobStatus::Terminating.code();
+    pub const TERMINATE_SUCCESS: i32 = JobStatus::TerminateSuccess.code();
     /// An operator ended a job that waited for a confirmation.
-    pub const CONFIRM_TERMINATED: i32 = 13;
+    pub const CONFIRM_TERMINATED: i32 = JobStatus::ConfirmTerminated.code();
 
     /// Statuses after which nothing changes any more.
     pub fn is_finished(status: i32) -> bool {
-        matches!(status, 3 | 4 | 5 | 6 | 8 | 9 | 11 | 13 | 14)
+        JobStatus::from_code(status).is_finished()
     }
 
-    /// Statuses of a job the engine was following. A pending job (created with
-    /// `start_task=false`) is not among them: it waits for its start, also across restarts.
-    pub const UNFINISHED: &[i32] = &[RUNNING, WAITING_USER, 10, 15];
+    /// Statuses of a job the engine was following ([`JobStatus::UNFINISHED`]).
+    pub const UNFINISHED: &[i32] = &[
+        JobStatus::UNFINISHED[0].code(),
+        JobStatus::UNFINISHED[1].code(),
+        JobStatus::UNFINISHED[2].code(),
+        JobStatus::UNFINISHED[3].code(),
+    ];
 }
 
-/// Per-host status (`step_ip_result.status`).
+/// Per-host status (`step_ip_result.status`, [`fleetrun_api::HostStatus`]).
 pub mod host {
-    pub const WAITING: i32 = 5;
-    pub const RUNNING: i32 = 7;
-    pub const SUCCESS: i32 = 9;
-    pub const SCRIPT_FAILED: i32 = 101;
-    pub const SCRIPT_TIMEOUT: i32 = 102;
-    pub const NON_ZERO_EXIT: i32 = 104;
+    use fleetrun_api::HostStatus;
+
+    /// Succeeded in an earlier run of the step; counts as success.
+    pub const LAST_SUCCESS: i32 = HostStatus::LastSuccess.code();
+    pub const WAITING: i32 = HostStatus::Waiting.code();
+    pub const RUNNING: i32 = HostStatus::Running.code();
+    pub const SUCCESS: i32 = HostStatus::Success.code();
+    pub const SCRIPT_FAILED: i32 = HostStatus::ScriptFailed.code();
+    pub const SCRIPT_TIMEOUT: i32 = HostStatus::ScriptTimeout.code();
+    pub const NON_ZERO_EXIT: i32 = HostStatus::NonZeroExit.code();
     /// bk-job's GSE_SCRIPT_TIMEOUT: the agent layer gave no result of a script task in time.
     /// (bk-job's 303 is a file task's timeout.)
-    pub const AGENT_TIMEOUT: i32 = 16;
+    pub const AGENT_TIMEOUT: i32 = HostStatus::AgentTimeout.code();
     /// bk-job's GSE_TIMEOUT: a file task gave no result in time.
-    pub const FILE_TIMEOUT: i32 = 303;
-    pub const AGENT_ABNORMAL: i32 = 310;
+    pub const FILE_TIMEOUT: i32 = HostStatus::FileTimeout.code();
+    pub const AGENT_ABNORMAL: i32 = HostStatus::AgentAbnormal.code();
     /// bk-job's GSE_FILE_TASK_ERROR: a file could not be written on the host.
-    pub const FILE_TASK_ERROR: i32 = 329;
-    pub const USER_NOT_EXIST: i32 = 311;
-    pub const AGENT_TASK_ERROR: i32 = 399;
-    pub const TERMINATE_SUCCESS: i32 = 403;
+    pub const FILE_TASK_ERROR: i32 = HostStatus::FileTaskError.code();
+    pub const USER_NOT_EXIST: i32 = HostStatus::UserNotExist.code();
+    pub const AGENT_TASK_ERROR: i32 = HostStatus::AgentTaskError.code();
+    pub const TERMINATE_SUCCESS: i32 = HostStatus::TerminateSuccess.code();
 
-    /// 3 (last success) and 9 count as success.
+    /// This run's and an earlier run's success ([`HostStatus::is_success`]).
     pub fn is_success(status: i32) -> bool {
-        matches!(status, 3 | 9)
+        HostStatus::from_code(status).is_success()
     }
 
-    /// Statuses a host result has before its task ended.
-    pub const UNFINISHED: &[i32] = &[0, WAITING, RUNNING];
+    /// The statuses that count as success, as the store's queries take them.
+    pub const SUCCEEDED: &[i32] = &[LAST_SUCCESS, SUCCESS];
+
+    /// Statuses a host result has before its task ended ([`HostStatus::UNFINISHED`]).
+    pub const UNFINISHED: &[i32] = &[
+        HostStatus::UNFINISHED[0].code(),
+        HostStatus::UNFINISHED[1].code(),
+        HostStatus::UNFINISHED[2].code(),
+    ];
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetrun_api::{HostStatus, JobStatus};
+
+    #[test]
+    fn the_store_lists_follow_the_enums() {
+        assert_eq!(super::job::UNFINISHED.len(), JobStatus::UNFINISHED.len());
+        assert_eq!(super::host::UNFINISHED.len(), HostStatus::UNFINISHED.len());
+        assert!(
+            super::host::SUCCEEDED
+                .iter()
+                .all(|s| super::host::is_success(*s))
+        );
+    }
 }

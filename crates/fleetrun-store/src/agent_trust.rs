@@ -14,6 +14,24 @@ pub struct Revocation {
     pub revoked_at: i64,
 }
 
+/// What revoking an agent found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revoked {
+    /// This call revoked it.
+    Now(Revocation),
+    /// It was revoked already; the first revocation stays.
+    Already(Revocation),
+}
+
+impl Revoked {
+    /// The revocation in force.
+    pub fn revocation(&self) -> &Revocation {
+        match self {
+            Self::Now(r) | Self::Already(r) => r,
+        }
+    }
+}
+
 fn revocation(row: &AnyRow) -> Revocation {
     Revocation {
         agent_id: row.get("agent_id"),
@@ -66,9 +84,9 @@ impl Store {
             .collect())
     }
 
-    /// Revokes an agent. Returns the revocation in force and whether this call made it (an
+    /// Revokes an agent. Returns the revocation in force, saying whether this call made it (an
     /// agent revoked already keeps its first revocation).
-    pub async fn revoke_agent(&self, new: &Revocation) -> Result<(Revocation, bool), StoreError> {
+    pub async fn revoke_agent(&self, new: &Revocation) -> Result<Revoked, StoreError> {
         let made = sqlx::query(
             "INSERT INTO agent_revocation (agent_id, reason, operator, revoked_at)
              VALUES ($1, $2, $3, $4) ON CONFLICT (agent_id) DO NOTHING",
@@ -85,7 +103,12 @@ impl Store {
             .bind(&new.agent_id)
             .fetch_one(&self.pool)
             .await?;
-        Ok((revocation(&row), made))
+        let revocation = revocation(&row);
+        Ok(if made {
+            Revoked::Now(revocation)
+        } else {
+            Revoked::Already(revocation)
+        })
     }
 
     /// Lifts an agent's revocation; returns it, or `None` if the agent was not revoked.
@@ -124,11 +147,11 @@ mod tests {
         let (_db, store) = crate::test_store().await;
         assert_eq!(
             store.revoke_agent(&revoke("a", 10)).await.unwrap(),
-            (revoke("a", 10), true)
+            Revoked::Now(revoke("a", 10))
         );
         assert_eq!(
             store.revoke_agent(&revoke("a", 20)).await.unwrap(),
-            (revoke("a", 10), false)
+            Revoked::Already(revoke("a", 10))
         );
         store.revoke_agent(&revoke("b", 5)).await.unwrap();
         let ids: Vec<String> = store

@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use backend::{Dialect, Statement};
 
-pub use agent_trust::{AddressClaim, Revocation};
+pub use agent_trust::{AddressClaim, Revocation, Revoked};
 pub use audit::{AuditFilter, AuditHasher, AuditKeyMarker, AuditRecord, NewAuditEntry};
 pub use backend::{Database, DatabaseParseError};
 pub use backup::{backup_database, check_database, restore_database};
@@ -66,8 +66,7 @@ pub use reattach::{HostCheckpoint, ResumableHost, ResumableJob, StoredTask};
 pub use retry::{Retried, RetryScope};
 pub use rolling::{NewRolling, RollingRecord};
 pub use scripts::{
-    DRAFT as SCRIPT_DRAFT, NewScript, ScriptBasics, ScriptFilter, ScriptRecord,
-    ScriptVersionRecord, ScriptsError, status_name as script_status_name,
+    NewScript, ScriptBasics, ScriptFilter, ScriptRecord, ScriptVersionRecord, ScriptsError,
 };
 pub use stats::AgentCount;
 pub use watch::JobWatch;

@@ -1,6 +1,7 @@
 //! The script library: scripts and their versions, with bk-job's status rules
 //! (0 draft, 1 online, 2 offline, 3 disabled; one online version per script).
 
+use fleetrun_api::VersionStatus;
 use sqlx::{Row, any::AnyRow};
 
 use crate::{Statement, Store, StoreError};
@@ -45,24 +46,15 @@ fn like_pattern(text: &str) -> String {
     pattern
 }
 
-/// A version's status: a draft, the only one whose content may change.
-pub const DRAFT: i32 = 0;
-/// The version jobs run by the script's id; at most one per script.
-pub const ONLINE: i32 = 1;
-/// Was online; still runs by its version id.
-pub const OFFLINE: i32 = 2;
-/// Never runs again.
-pub const DISABLED: i32 = 3;
+// Version statuses as the `status` column holds them.
+const DRAFT: i32 = VersionStatus::Draft.code();
+const ONLINE: i32 = VersionStatus::Online.code();
+const OFFLINE: i32 = VersionStatus::Offline.code();
+const DISABLED: i32 = VersionStatus::Disabled.code();
 
 /// bk-job's name for a version status.
-pub fn status_name(status: i32) -> &'static str {
-    match status {
-        0 => "draft",
-        1 => "online",
-        2 => "offline",
-        3 => "disabled",
-        _ => "unknown",
-    }
+fn status_name(status: i32) -> &'static str {
+    VersionStatus::from_code(status).name().unwrap_or("unknown")
 }
 
 #[derive(Debug, Clone)]
@@ -280,13 +272,15 @@ impl Store {
             return Err(ScriptsError::WrongStatus(status_name(version.status)));
         }
         let mut tx = self.pool.begin().await?;
-        if status == 1 {
+        if status == ONLINE {
             sqlx::query(
-                "UPDATE script_version SET status = 2, last_modify_user = $1, last_modify_time = $2 WHERE script_id = $3 AND status = 1",
+                "UPDATE script_version SET status = $1, last_modify_user = $2, last_modify_time = $3 WHERE script_id = $4 AND status = $5",
             )
+            .bind(OFFLINE)
             .bind(operator)
             .bind(now)
             .bind(script_id)
+            .bind(ONLINE)
             .execute(&mut *tx)
             .await?;
         }

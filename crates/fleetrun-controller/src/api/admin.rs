@@ -298,7 +298,7 @@ pub async fn revoke_agent(
     // leave it connected (only a restart before the write succeeds would let it back).
     let (revocation, made, closed, revision) = to_the_end(async move {
         let closed = agents.revoke(&new.agent_id);
-        let (revocation, made) = store.revoke_agent(&new).await.map_err(|e| {
+        let revoked = store.revoke_agent(&new).await.map_err(|e| {
             let mut error = ApiError::from(e);
             error.message = format!(
                 "{}: agent {} is cut off, and refused until this controller restarts; revoke it \
@@ -311,6 +311,8 @@ pub async fn revoke_agent(
         if let Err(e) = store.announce_cluster_news().await {
             tracing::warn!("cannot tell the other controllers of the revocation: {e}");
         }
+        let made = matches!(revoked, fleetrun_store::Revoked::Now(_));
+        let revocation = revoked.revocation().clone();
         let revision = if made {
             let summary = match revocation.reason.as_str() {
                 "" => format!("revoke_agent {}", revocation.agent_id),

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use base64::Engine as _;
+use fleetrun_api::ScriptLanguage;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -151,9 +152,9 @@ pub async fn fast_execute_script(
             let language = req
                 .script_language
                 .ok_or_else(|| ApiError::missing("script_language"))?;
-            if !(i64::from(scripts::language::SHELL)..=i64::from(scripts::language::POWERSHELL))
-                .contains(&language)
-            {
+            let runs = i32::try_from(language)
+                .is_ok_and(|code| ScriptLanguage::from_code(code).runs_on_hosts());
+            if !runs {
                 return Err(ApiError::new(
                     code::BAD_SCRIPT_LANGUAGE,
                     format!(
@@ -365,24 +366,12 @@ pub async fn fast_execute_script(
         started = start,
         "job accepted"
     );
-    reply::data(Submitted {
+    reply::data(fleetrun_api::job::FastExecuteScriptReply {
         job_instance_id: created.job_instance_id,
         job_instance_name: name,
         step_instance_id: created.step_instance_id,
         dangerous_script_check: scanned,
     })
-}
-
-/// `fast_execute_script`'s `data`.
-#[derive(Debug, serde::Serialize)]
-struct Submitted {
-    job_instance_id: i64,
-    job_instance_name: String,
-    step_instance_id: i64,
-    /// fleetrun's: what scanning dangerous rules found in the script (it runs nevertheless);
-    /// absent when nothing matched.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    dangerous_script_check: Vec<crate::dangerous::Finding>,
 }
 
 /// What a request's `target_server` asks for: host ids (or, without them, addresses, each

@@ -130,7 +130,7 @@ pub async fn get_job_instance_status(
             if reply_step.step_ip_result_list.is_some() {
                 let results = results_at(shared, step.step_instance_id, Some(n)).await?;
                 reply_step.step_ip_result_list =
-                    Some(results.iter().map(reply::HostResult::from).collect());
+                    Some(results.iter().map(reply::host_result).collect());
             }
         }
     }
@@ -151,15 +151,15 @@ pub(super) async fn job_instance_status(
     for step in &job.steps {
         let hosts = if with_hosts {
             let results = shared.store.host_results(step.step_instance_id).await?;
-            Some(results.iter().map(reply::HostResult::from).collect())
+            Some(results.iter().map(reply::host_result).collect())
         } else {
             None
         };
-        steps.push(reply::StepStatus::new(step, hosts));
+        steps.push(reply::step_instance(step, hosts));
     }
     Ok(reply::JobInstanceStatus {
         finished: status::job::is_finished(job.status),
-        job_instance: reply::JobStatus::from(&job),
+        job_instance: reply::job_instance(&job),
         step_instance_list: steps,
     })
 }
@@ -810,7 +810,7 @@ async fn job_list(
             .await?
             .filter(|job| scope.owns(&job.bk_scope_type, &job.bk_scope_id))
             .iter()
-            .map(reply::JobListItem::from)
+            .map(reply::job_list_item)
             .collect();
         let total = found.len() as i64;
         return Ok((total, found.into_iter().skip(start as usize).collect()));
@@ -835,7 +835,7 @@ async fn job_list(
         length,
     };
     let (total, jobs) = shared.store.list_jobs(&filter).await?;
-    Ok((total, jobs.iter().map(reply::JobListItem::from).collect()))
+    Ok((total, jobs.iter().map(reply::job_list_item).collect()))
 }
 
 /// `get_job_instance_list` in v4: `offset` (at most 10,000) and `length` (1–200, default 10)

@@ -6,6 +6,7 @@
 //! and picking the version a job runs.
 
 use base64::Engine as _;
+use fleetrun_api::{ScriptLanguage, VersionStatus};
 use fleetrun_store::{
     NewScript, ScriptBasics, ScriptFilter, ScriptRecord, ScriptVersionRecord, ScriptsError,
 };
@@ -26,20 +27,6 @@ use crate::{Shared, now_ms};
 const MAX_SCRIPT_BYTES: usize = 16 * 1024 * 1024;
 const MAX_NAME_CHARS: usize = 60;
 const MAX_VERSION_CHARS: usize = 60;
-
-/// bk-job's script languages.
-pub mod language {
-    pub const SHELL: i32 = 1;
-    pub const POWERSHELL: i32 = 5;
-    /// SQL: kept in the library; it runs with `fast_execute_sql`, which fleetrun does not serve.
-    pub const SQL: i32 = 6;
-}
-
-/// Version statuses.
-mod version_status {
-    pub const ONLINE: i32 = 1;
-    pub const OFFLINE: i32 = 2;
-}
 
 /// The scope key public scripts are kept under: no business or business set has it.
 const PUBLIC: (&str, &str) = ("public", "0");
@@ -261,7 +248,9 @@ struct CreateScript {
 /// A library script's language: 1–5 as for `fast_execute_script`, or 6 (SQL).
 fn library_language(value: Option<i64>) -> Result<i32, ApiError> {
     let language = value.ok_or_else(|| ApiError::missing("script_language"))?;
-    if !(i64::from(language::SHELL)..=i64::from(language::SQL)).contains(&language) {
+    let known =
+        i32::try_from(language).is_ok_and(|code| ScriptLanguage::from_code(code).is_named());
+    if !known {
         return Err(ApiError::new(
             code::BAD_SCRIPT_LANGUAGE,
             format!(
@@ -740,20 +729,18 @@ pub async fn runnable_version(
         }
         (None, None) => return Ok(None),
     };
-    if !matches!(
-        version.status,
-        version_status::ONLINE | version_status::OFFLINE
-    ) {
+    let status = VersionStatus::from_code(version.status);
+    if !status.is_runnable() {
         return Err(ApiError::new(
             code::SCRIPT_NOT_RUNNABLE,
             format!(
                 "script_version_id: version {} is {}; only online and offline versions run",
                 version.id,
-                fleetrun_store::script_status_name(version.status)
+                status.name().unwrap_or("unknown")
             ),
         ));
     }
-    if version.script_language == language::SQL {
+    if ScriptLanguage::from_code(version.script_language) == ScriptLanguage::Sql {
         return Err(ApiError::new(
             code::BAD_SCRIPT_LANGUAGE,
             format!(

@@ -97,31 +97,7 @@ struct StepStatusReply {
 
 /// bk-job's description of a host status (`ExecuteObjectTaskStatusEnum`, English).
 pub fn host_status_desc(status: i32) -> &'static str {
-    match status {
-        0 => "Unknown error",
-        1 => "Agent exception",
-        2 => "Invalid host",
-        3 => "Last successful",
-        5 => "Waiting for execution",
-        7 => "Executing",
-        9 => "Execution successful",
-        11 => "Execution failed",
-        12 => "Task issuance failed",
-        13 => "Task timeout",
-        15 => "Task log error",
-        16 => "GSE script log timeout",
-        101 => "Script execution failed",
-        102 => "Script execution timeout",
-        103 => "Script execution terminated",
-        104 => "Script return code non-zero",
-        310 => "Agent exception",
-        311 => "Username does not exist",
-        312 => "User password error",
-        399 => "Task execution error",
-        403 => "Task forced termination successful",
-        404 => "Task forced termination failed",
-        _ => "Unknown status",
-    }
+    fleetrun_api::HostStatus::from_code(status).description()
 }
 
 pub async fn get_step_instance_status(
@@ -190,7 +166,7 @@ pub async fn get_step_instance_status(
             .entry((host.status, host.tag.clone()))
             .or_default()
             .push(GroupHost {
-                result: HostResult::from(host),
+                result: reply::host_result(host),
                 status_desc: host_status_desc(host.status),
                 batch: batches.get(&host.bk_host_id).copied().unwrap_or(0),
             });

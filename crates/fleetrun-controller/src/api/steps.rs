@@ -330,7 +330,7 @@ async fn paused_on_failure(
         .failed_hosts(
             step.step_instance_id,
             status::host::UNFINISHED,
-            &[3, status::host::SUCCESS],
+            status::host::SUCCEEDED,
         )
         .await?;
     let counted = failed.saturating_sub(usize::try_from(record.failures_ignored).unwrap_or(0));
@@ -435,7 +435,7 @@ async fn go_on(
         .failed_hosts(
             step.step_instance_id,
             status::host::UNFINISHED,
-            &[3, status::host::SUCCESS],
+            status::host::SUCCEEDED,
         )
         .await?;
     let failed = i64::try_from(failed).unwrap_or(i64::MAX);
@@ -624,7 +624,7 @@ async fn retry(
         keep: if all {
             Vec::new()
         } else {
-            vec![3, status::host::SUCCESS]
+            status::host::SUCCEEDED.to_vec()
         },
         batches: plan.as_ref().map(|(config, _, record)| {
             let last = record.current_batch.max(1);
@@ -820,7 +820,7 @@ async fn retried_plan(
         .failed_hosts(
             step.step_instance_id,
             status::host::UNFINISHED,
-            &[3, status::host::SUCCESS],
+            status::host::SUCCEEDED,
         )
         .await?;
     let ignored = usize::try_from(record.failures_ignored).unwrap_or(0);

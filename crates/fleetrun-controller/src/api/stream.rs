@@ -22,14 +22,15 @@ use axum::{
     http::{HeaderMap, HeaderValue, Method, header},
     response::Response,
 };
+use fleetrun_api::{HostStatus, JobStatus, StreamEvent};
 use fleetrun_store::{HostResultRecord, LogChunk};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::{ApiError, error::code, intake, params::lenient, scope};
-use crate::{Shared, status};
+use crate::Shared;
 
 /// The store is read again when the writer commits something of the job; large steps, whose
 /// every read is costly, are read at most this often.
@@ -242,7 +243,7 @@ struct HostFollow {
 
 impl HostFollow {
     /// Takes a chunk of the host's log; returns the output event for its new bytes, if any.
-    fn take(&mut self, chunk: &LogChunk) -> Option<Value> {
+    fn take(&mut self, chunk: &LogChunk) -> Option<StreamEvent> {
         let end = chunk.offset + chunk.data.len() as i64;
         if end <= self.read || chunk.offset > self.read {
             return None;
@@ -258,35 +259,32 @@ impl HostFollow {
     }
 
     /// Sends what is held back once nothing more can complete it.
-    fn release(&mut self) -> Option<Value> {
+    fn release(&mut self) -> Option<StreamEvent> {
         let bytes = std::mem::take(&mut self.held);
         self.output_event(self.read - bytes.len() as i64, &bytes)
     }
 
-    fn output_event(&self, offset: i64, bytes: &[u8]) -> Option<Value> {
-        (!bytes.is_empty()).then(|| {
-            json!({
-                "type": "output",
-                "bk_host_id": self.result.bk_host_id,
-                "offset": offset,
-                "next_offset": offset + bytes.len() as i64,
-                "data": String::from_utf8_lossy(bytes),
-            })
+    fn output_event(&self, offset: i64, bytes: &[u8]) -> Option<StreamEvent> {
+        (!bytes.is_empty()).then(|| StreamEvent::Output {
+            bk_host_id: self.result.bk_host_id,
+            offset,
+            next_offset: offset + bytes.len() as i64,
+            data: String::from_utf8_lossy(bytes).into_owned(),
         })
     }
 
-    fn host_event(&self) -> Value {
+    fn host_event(&self) -> StreamEvent {
         let r = &self.result;
-        json!({
-            "type": "host",
-            "bk_host_id": r.bk_host_id,
-            "bk_cloud_id": r.bk_cloud_id,
-            "ip": r.ip,
-            "status": r.status,
-            "exit_code": r.exit_code,
-            "tag": r.tag,
-            "finished": !status::host::UNFINISHED.contains(&r.status),
-        })
+        let status = HostStatus::from_code(r.status);
+        StreamEvent::Host {
+            bk_host_id: r.bk_host_id,
+            bk_cloud_id: r.bk_cloud_id,
+            ip: r.ip.clone(),
+            status,
+            exit_code: r.exit_code,
+            tag: r.tag.clone(),
+            finished: status.is_finished(),
+        }
     }
 }
 
@@ -319,9 +317,19 @@ struct Follower {
     offsets: HashMap<i64, i64>,
     hosts: Vec<HostFollow>,
     /// The job's status at the last poll.
-    seen_status: Option<i32>,
+    seen_status: Option<JobStatus>,
     /// The status in the last job event sent.
-    sent_status: Option<i32>,
+    sent_status: Option<JobStatus>,
+}
+
+/// What one look at the store found.
+struct Polled {
+    /// The events to send.
+    events: Vec<StreamEvent>,
+    /// More log is waiting right now: look again without waiting.
+    more_now: bool,
+    /// The job has ended and everything of it has been sent.
+    done: bool,
 }
 
 /// Why a stream stopped early.
@@ -341,15 +349,15 @@ impl Follower {
             Err(Stop::Gone) => tracing::info!(job = self.job_instance_id, "client left"),
             Err(Stop::Failed(why)) => {
                 tracing::error!(job = self.job_instance_id, "stream failed: {why}");
-                let event =
-                    json!({"type": "error", "message": "internal error; reconnect to resume"});
+                let event = StreamEvent::Error {
+                    message: "internal error; reconnect to resume".into(),
+                };
                 let _ = lines.send(encode(&[event])).await;
             }
             Err(Stop::Shutdown) => {
-                let event = json!({
-                    "type": "error",
-                    "message": "the controller is stopping; reconnect to resume",
-                });
+                let event = StreamEvent::Error {
+                    message: "the controller is stopping; reconnect to resume".into(),
+                };
                 let _ = lines.send(encode(&[event])).await;
             }
         }
@@ -367,7 +375,11 @@ impl Follower {
             .store
             .watch_job(self.job_instance_id, self.step_instance_id);
         loop {
-            let (events, more_now, done) = self.poll(poll).await?;
+            let Polled {
+                events,
+                more_now,
+                done,
+            } = self.poll(poll).await?;
             poll += 1;
             if !events.is_empty() {
                 lines.send(encode(&events)).await.map_err(|_| Stop::Gone)?;
@@ -380,7 +392,7 @@ impl Follower {
                 continue;
             }
             if idle_since.elapsed() >= PING {
-                let ping = encode(&[json!({"type": "ping"})]);
+                let ping = encode(&[StreamEvent::Ping]);
                 lines.send(ping).await.map_err(|_| Stop::Gone)?;
                 idle_since = tokio::time::Instant::now();
             }
@@ -398,7 +410,7 @@ impl Follower {
 
     /// One look at the store: the events to send, whether more log is waiting right now, and
     /// whether the stream is complete.
-    async fn poll(&mut self, poll: u64) -> Result<(Vec<Value>, bool, bool), Stop> {
+    async fn poll(&mut self, poll: u64) -> Result<Polled, Stop> {
         let shared = self.shared.clone();
         let store = &shared.store;
         let failed = |e: fleetrun_store::StoreError| Stop::Failed(e.to_string());
@@ -408,8 +420,9 @@ impl Follower {
             .job_status(self.job_instance_id)
             .await
             .map_err(failed)?
+            .map(JobStatus::from_code)
             .ok_or_else(|| Stop::Failed("the job vanished".into()))?;
-        let finished = status::job::is_finished(job_status);
+        let finished = job_status.is_finished();
         let first = self.seen_status.is_none();
         let job_changed = self.seen_status != Some(job_status);
         self.seen_status = Some(job_status);
@@ -441,7 +454,10 @@ impl Follower {
         let positions: Vec<(i64, i64)> = self
             .hosts
             .iter()
-            .filter(|h| !h.drained && (finished || h.result.status != status::host::WAITING))
+            .filter(|h| {
+                !h.drained
+                    && (finished || HostStatus::from_code(h.result.status) != HostStatus::Waiting)
+            })
             .map(|h| (h.result.bk_host_id, h.read))
             .collect();
         let chunks = store
@@ -464,7 +480,7 @@ impl Follower {
             // Everything these hosts had stored is sent; a host whose task had ended before the
             // reads above writes no more.
             for host in &mut self.hosts {
-                let ended = !status::host::UNFINISHED.contains(&host.result.status);
+                let ended = HostStatus::from_code(host.result.status).is_finished();
                 if !host.drained && (ended || finished) {
                     host.drained = true;
                     events.extend(host.release());
@@ -480,10 +496,19 @@ impl Follower {
         if done {
             events.push(self.job_event(job_status, true));
         }
-        Ok((events, !complete, done))
+        Ok(Polled {
+            events,
+            more_now: !complete,
+            done,
+        })
     }
 
-    fn update_hosts(&mut self, results: Vec<HostResultRecord>, first: bool, out: &mut Vec<Value>) {
+    fn update_hosts(
+        &mut self,
+        results: Vec<HostResultRecord>,
+        first: bool,
+        out: &mut Vec<StreamEvent>,
+    ) {
         if first {
             self.hosts = results
                 .into_iter()
@@ -517,30 +542,48 @@ impl Follower {
         }
     }
 
-    fn job_event(&self, status: i32, finished: bool) -> Value {
-        json!({
-            "type": "job",
-            "job_instance_id": self.job_instance_id,
-            "step_instance_id": self.step_instance_id,
-            "status": status,
-            "finished": finished,
-        })
+    fn job_event(&self, status: JobStatus, finished: bool) -> StreamEvent {
+        StreamEvent::Job {
+            job_instance_id: self.job_instance_id,
+            step_instance_id: self.step_instance_id,
+            status,
+            finished,
+        }
     }
 }
 
-fn encode(events: &[Value]) -> Bytes {
+/// One line per event. Each goes through a `Value`, whose keys are sorted: the lines stay what
+/// they were when the events were built as JSON objects.
+fn encode(events: &[StreamEvent]) -> Bytes {
     let mut out = Vec::new();
     for event in events {
-        // Serializing a `Value` cannot fail.
-        let _ = serde_json::to_writer(&mut out, event);
-        out.push(b'\n');
+        // Serializing an event or a `Value` cannot fail: every key is a string.
+        if let Ok(value) = serde_json::to_value(event) {
+            let _ = serde_json::to_writer(&mut out, &value);
+            out.push(b'\n');
+        }
     }
     Bytes::from(out)
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+
+    /// An output event's offset, next offset and text.
+    fn output(event: StreamEvent) -> (i64, i64, String) {
+        match event {
+            StreamEvent::Output {
+                offset,
+                next_offset,
+                data,
+                ..
+            } => (offset, next_offset, data),
+            other => panic!("not an output event: {other:?}"),
+        }
+    }
 
     #[test]
     fn offsets_are_read_from_text_or_an_object() {
@@ -602,19 +645,11 @@ mod tests {
         let mut h = host();
         let euro = "€".as_bytes();
         let first = h.take(&chunk(0, &[b"ab", &euro[..1]].concat())).unwrap();
-        assert_eq!(first["data"], "ab");
-        assert_eq!(
-            (first["offset"].clone(), first["next_offset"].clone()),
-            (json!(0), json!(2))
-        );
+        assert_eq!(output(first), (0, 2, "ab".into()));
         // The same chunk again (a re-read) gives nothing.
         assert!(h.take(&chunk(0, &[b"ab", &euro[..1]].concat())).is_none());
         let second = h.take(&chunk(3, &[&euro[1..], b"c"].concat())).unwrap();
-        assert_eq!(second["data"], "€c");
-        assert_eq!(
-            (second["offset"].clone(), second["next_offset"].clone()),
-            (json!(2), json!(6))
-        );
+        assert_eq!(output(second), (2, 6, "€c".into()));
         // A gap is not skipped over.
         assert!(h.take(&chunk(9, b"zz")).is_none());
         assert_eq!(h.read, 6);
@@ -625,12 +660,28 @@ mod tests {
         let mut h = host();
         h.read = 3;
         let event = h.take(&chunk(0, b"line1\n")).unwrap();
-        assert_eq!(event["data"], "e1\n");
-        assert_eq!(event["offset"], 3);
+        assert_eq!(output(event), (3, 6, "e1\n".into()));
         let mut h = host();
         h.take(&chunk(0, &"é".as_bytes()[..1]));
         let released = h.release().unwrap();
-        assert_eq!(released["data"], "\u{fffd}");
+        assert_eq!(output(released).2, "\u{fffd}");
         assert!(h.release().is_none());
+    }
+
+    #[test]
+    fn lines_are_the_sorted_json_objects_they_always_were() {
+        let event = StreamEvent::Host {
+            bk_host_id: 1,
+            bk_cloud_id: 0,
+            ip: "10.0.0.1".into(),
+            status: HostStatus::Running,
+            exit_code: None,
+            tag: String::new(),
+            finished: false,
+        };
+        assert_eq!(
+            &encode(&[event, StreamEvent::Ping])[..],
+            b"{\"bk_cloud_id\":0,\"bk_host_id\":1,\"exit_code\":null,\"finished\":false,\"ip\":\"10.0.0.1\",\"status\":7,\"tag\":\"\",\"type\":\"host\"}\n{\"type\":\"ping\"}\n"
+        );
     }
 }

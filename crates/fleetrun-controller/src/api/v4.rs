@@ -318,7 +318,7 @@ struct StepStatusV4 {
     #[serde(rename = "type")]
     step_type: i32,
     name: String,
-    status: i32,
+    status: fleetrun_api::StepStatus,
     execute_count: i64,
     create_time: i64,
     start_time: Option<i64>,
@@ -332,7 +332,7 @@ struct StepStatusV4 {
 #[derive(Debug, Serialize)]
 struct JobInstanceStatusV4 {
     finished: bool,
-    job_instance: reply::JobStatus,
+    job_instance: reply::JobInstance,
     step_instance_list: Vec<StepStatusV4>,
 }
 

@@ -8,6 +8,8 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
+use fleetrun_api::{HostStatus, JobStatus, ScriptLanguage};
+
 use super::{ASSET_VERSION, Viewer};
 
 /// `text` with `& < > " '` escaped, safe inside element content and quoted attributes.
@@ -202,68 +204,64 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 
 /// A job or step status in words.
 pub fn job_status(status: i32) -> &'static str {
-    match status {
-        1 => "pending",
-        2 => "running",
-        3 => "success",
-        4 => "failed",
-        5 => "skipped",
-        6 => "ignored error",
-        7 => "waiting for user",
-        8 => "terminated",
-        9 => "abnormal",
-        10 => "terminating",
-        11 => "terminated",
+    match JobStatus::from_code(status) {
+        JobStatus::Pending => "pending",
+        JobStatus::Running => "running",
+        JobStatus::Success => "success",
+        JobStatus::Failed => "failed",
+        JobStatus::Skipped => "skipped",
+        JobStatus::IgnoreError => "ignored error",
+        JobStatus::WaitingUser => "waiting for user",
+        JobStatus::Terminated | JobStatus::TerminateSuccess => "terminated",
+        JobStatus::Abnormal => "abnormal",
+        JobStatus::Terminating => "terminating",
         _ => "other",
     }
 }
 
 /// A host status in words.
 pub fn host_status(status: i32) -> &'static str {
-    match status {
-        0 | 5 => "waiting",
-        7 => "running",
-        3 | 9 => "success",
-        101 => "script failed",
-        102 => "script timeout",
-        104 => "non-zero exit",
-        16 => "agent timeout",
-        17 => "file log timeout",
-        303 => "file task timeout",
-        310 => "agent abnormal",
-        311 => "user does not exist",
-        399 => "agent task error",
-        403 => "terminated",
+    match HostStatus::from_code(status) {
+        HostStatus::Unknown | HostStatus::Waiting => "waiting",
+        HostStatus::Running => "running",
+        HostStatus::LastSuccess | HostStatus::Success => "success",
+        HostStatus::ScriptFailed => "script failed",
+        HostStatus::ScriptTimeout => "script timeout",
+        HostStatus::NonZeroExit => "non-zero exit",
+        HostStatus::AgentTimeout => "agent timeout",
+        HostStatus::FileLogTimeout => "file log timeout",
+        HostStatus::FileTimeout => "file task timeout",
+        HostStatus::AgentAbnormal => "agent abnormal",
+        HostStatus::UserNotExist => "user does not exist",
+        HostStatus::AgentTaskError => "agent task error",
+        HostStatus::TerminateSuccess => "terminated",
         _ => "other",
     }
 }
 
 /// The CSS class of a status badge: ok, bad, run or wait.
 pub fn job_class(status: i32) -> &'static str {
-    match status {
-        3 => "ok",
-        1 | 7 => "wait",
-        2 | 10 => "run",
+    match JobStatus::from_code(status) {
+        JobStatus::Success => "ok",
+        JobStatus::Pending | JobStatus::WaitingUser => "wait",
+        JobStatus::Running | JobStatus::Terminating => "run",
         _ => "bad",
     }
 }
 
 pub fn host_class(status: i32) -> &'static str {
-    match status {
-        3 | 9 => "ok",
-        0 | 5 => "wait",
-        7 => "run",
+    match HostStatus::from_code(status) {
+        HostStatus::LastSuccess | HostStatus::Success => "ok",
+        HostStatus::Unknown | HostStatus::Waiting => "wait",
+        HostStatus::Running => "run",
         _ => "bad",
     }
 }
 
+/// A script language's name; SQL and unknown numbers are "other", as no job runs them.
 pub fn language(code: i32) -> &'static str {
-    match code {
-        1 => "shell",
-        2 => "bat",
-        3 => "perl",
-        4 => "python",
-        5 => "powershell",
+    match ScriptLanguage::from_code(code) {
+        language if language.runs_on_hosts() => language.name().unwrap_or("other"),
         _ => "other",
     }
 }

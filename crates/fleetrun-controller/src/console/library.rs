@@ -9,7 +9,8 @@ use axum::{
     http::HeaderMap,
     response::{IntoResponse, Redirect},
 };
-use fleetrun_store::{ScriptFilter, ScriptsError, script_status_name};
+use fleetrun_api::VersionStatus;
+use fleetrun_store::{ScriptFilter, ScriptsError};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -129,12 +130,17 @@ pub async fn script(
         options_b = version_options(&versions, versions.first().map(|v| v.id)),
     );
     for v in &versions {
+        let status = VersionStatus::from_code(v.status);
         let mut actions = String::new();
         if viewer.role == super::Role::Operator {
             for (action, label, allowed) in [
-                ("publish", "Publish", v.status != 1 && v.status != 3),
+                (
+                    "publish",
+                    "Publish",
+                    !matches!(status, VersionStatus::Online | VersionStatus::Disabled),
+                ),
                 // Only a published version (online or offline) can be disabled.
-                ("disable", "Disable", v.status == 1 || v.status == 2),
+                ("disable", "Disable", status.is_runnable()),
             ] {
                 if allowed {
                     let _ = write!(
@@ -153,8 +159,12 @@ pub async fn script(
             r#"<tr><td>{id}</td><td>{version}</td><td><span class="badge {class}">{status}</span></td><td>{desc}</td><td>{user}</td><td>{time}</td><td>{actions}</td></tr>"#,
             id = v.id,
             version = esc(&v.version),
-            class = if v.status == 1 { "ok" } else { "wait" },
-            status = script_status_name(v.status),
+            class = if status == VersionStatus::Online {
+                "ok"
+            } else {
+                "wait"
+            },
+            status = status.name().unwrap_or("unknown"),
             desc = esc(&v.version_desc),
             user = esc(&v.last_modify_user),
             time = html::time(Some(v.last_modify_time)),

@@ -470,7 +470,7 @@ impl Engine {
             .failed_hosts(
                 finishing.step_instance_id,
                 crate::status::host::UNFINISHED,
-                &[3, crate::status::host::SUCCESS],
+                crate::status::host::SUCCEEDED,
             )
             .await
         {
