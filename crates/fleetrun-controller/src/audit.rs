@@ -398,8 +398,16 @@ const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 /// How often the appender looks for a count of unrecorded refusals to write.
 const REFUSAL_TICK: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long the appender waits for more entries to share a commit once one has arrived: one
-/// transaction (and one anchor write) for the entries of many requests instead of one each.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+/// transaction for the entries of many requests instead of one each. Each transaction takes the
+/// database's write lock apart from the job engine's group commit (SQLite has one writer), so
+/// fewer of them is what keeps the trail's cost on job throughput small. A request's reply does
+/// not wait for its entry; reads of the trail flush it first.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(50);
+/// Least time between two anchor writes (each a file sync and a directory sync) while entries
+/// keep coming; the anchor is also written at once when the trail is flushed (read, verified)
+/// and when the appender closes, so after a clean stop it names the last entry, and after a
+/// crash it lags the chain by at most this long.
+const ANCHOR_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug)]
 struct RefusalBudget {
@@ -458,7 +466,7 @@ const QUEUE: usize = 64 * 1024;
 /// Attempts at committing a batch before its entries are given up (and logged in full).
 const ATTEMPTS: u32 = 5;
 
-/// What the appender writes to: the store, and the head anchor file after each commit.
+/// What the appender writes to: the store, and the head anchor file.
 struct Sink {
     store: Store,
     key: AuditKey,
@@ -567,6 +575,7 @@ async fn append_loop(
     refusals: Arc<Mutex<RefusalBudget>>,
 ) {
     let mut received = Vec::with_capacity(BATCH);
+    let mut anchoring = Anchoring::default();
     let mut tick = tokio::time::interval(REFUSAL_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let due = |closing: bool| {
@@ -585,8 +594,12 @@ async fn append_loop(
             }
             _ = tick.tick() => {
                 if let Some(entry) = due(false) {
-                    commit(&sink, &[entry]).await;
+                    anchoring.committed(commit(&sink, &[entry]).await);
                 }
+                continue;
+            }
+            () = anchoring.due_at(), if anchoring.pending.is_some() => {
+                anchoring.write(&sink).await;
                 continue;
             }
         }
@@ -617,7 +630,10 @@ async fn append_loop(
             entries.extend(due(true));
         }
         if !entries.is_empty() {
-            commit(&sink, &entries).await;
+            anchoring.committed(commit(&sink, &entries).await);
+        }
+        if !flushes.is_empty() || !closes.is_empty() || anchoring.is_due() {
+            anchoring.write(&sink).await;
         }
         for done in flushes {
             let _ = done.send(());
@@ -630,13 +646,59 @@ async fn append_loop(
         }
     }
     if let Some(entry) = due(true) {
-        commit(&sink, &[entry]).await;
+        anchoring.committed(commit(&sink, &[entry]).await);
+    }
+    anchoring.write(&sink).await;
+}
+
+/// The head the anchor file has yet to name, and when it was last written.
+#[derive(Debug, Default)]
+struct Anchoring {
+    pending: Option<(i64, String)>,
+    last_written: Option<tokio::time::Instant>,
+}
+
+impl Anchoring {
+    fn committed(&mut self, head: Option<(i64, String)>) {
+        if head.is_some() {
+            self.pending = head;
+        }
+    }
+
+    fn is_due(&self) -> bool {
+        self.pending.is_some()
+            && self
+                .last_written
+                .is_none_or(|at| at.elapsed() >= ANCHOR_EVERY)
+    }
+
+    async fn due_at(&self) {
+        if let Some(at) = self.last_written {
+            tokio::time::sleep_until(at + ANCHOR_EVERY).await;
+        }
+    }
+
+    /// Writes the pending head to the anchor file, if there is one to write.
+    async fn write(&mut self, sink: &Sink) {
+        let Some((seq, hash)) = self.pending.take() else {
+            return;
+        };
+        self.last_written = Some(tokio::time::Instant::now());
+        let Some(anchor) = sink.anchor.clone() else {
+            return;
+        };
+        match tokio::task::spawn_blocking(move || anchor.write(seq, &hash)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("{e}"),
+            Err(e) => tracing::error!("the audit head anchor was not written: {e}"),
+        }
     }
 }
 
 /// Commits one batch, retrying a refusing database a few times; entries it cannot store are
-/// written to the log in full, so the record survives there.
-async fn commit(sink: &Sink, entries: &[NewAuditEntry]) {
+/// written to the log in full, so the record survives there. Returns the new head when the
+/// batch was stored.
+async fn commit(sink: &Sink, entries: &[NewAuditEntry]) -> Option<(i64, String)> {
     // The store takes a `'static` hasher: it holds its own handle on the key.
     let key = sink.key.clone();
     let hasher =
@@ -647,17 +709,7 @@ async fn commit(sink: &Sink, entries: &[NewAuditEntry]) {
         attempt += 1;
         match sink.store.append_audit(entries, &hasher).await {
             Ok(new_head) => {
-                if let Some(anchor) = sink.anchor.clone() {
-                    let (seq, hash) = new_head.clone();
-                    let written =
-                        tokio::task::spawn_blocking(move || anchor.write(seq, &hash)).await;
-                    match written {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::error!("{e}"),
-                        Err(e) => tracing::error!("the audit head anchor was not written: {e}"),
-                    }
-                }
-                *sink.head.lock().unwrap() = Some(new_head);
+                *sink.head.lock().unwrap() = Some(new_head.clone());
                 metrics::histogram!("fleetrun_audit_append_seconds").record(started.elapsed());
                 for entry in entries {
                     let outcome = if entry.outcome_code == 0 {
@@ -668,7 +720,7 @@ async fn commit(sink: &Sink, entries: &[NewAuditEntry]) {
                     metrics::counter!("fleetrun_audit_entries_total", "outcome" => outcome)
                         .increment(1);
                 }
-                return;
+                return Some(new_head);
             }
             Err(e) if attempt < ATTEMPTS => {
                 tracing::warn!(attempt, "audit entries not committed yet, retrying: {e}");
@@ -689,7 +741,7 @@ async fn commit(sink: &Sink, entries: &[NewAuditEntry]) {
                         "audit entry not stored: {e}"
                     );
                 }
-                return;
+                return None;
             }
         }
     }
@@ -697,8 +749,8 @@ async fn commit(sink: &Sink, entries: &[NewAuditEntry]) {
 
 /// The head anchor: the chain's last entry (number and hash), kept outside the database in a
 /// file of the state directory (`[security] audit_anchor_file`, 0600), HMAC'd with the key,
-/// rewritten after each commit. Rows cut from
-/// the end of the chain while the controller is stopped leave a valid shorter chain; the anchor
+/// rewritten after commits (at most once a second, and at once on a flush and at close). Rows
+/// cut from the end of the chain while the controller is stopped leave a valid shorter chain; the anchor
 /// still names the entry that was last, so the cut is found at the next start.
 #[derive(Debug, Clone)]
 pub struct Anchor {
