@@ -1,6 +1,6 @@
-//! The requests and replies of the job APIs: `fast_execute_script`'s reply,
-//! `get_job_instance_status`, `get_job_instance_ip_log`, `batch_get_job_instance_ip_log` and
-//! `get_job_instance_list`, field for field as bk-job names them.
+//! The replies of the job APIs: `fast_execute_script`, `get_job_instance_status`,
+//! `get_job_instance_ip_log`, `batch_get_job_instance_ip_log` and `get_job_instance_list`, field
+//! for field as bk-job names them.
 //!
 //! Every reply derives both directions: the controller serializes it, the clients read it back.
 //! A field bk-job leaves out when empty is left out here too, and read as absent.
@@ -8,14 +8,6 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{HostStatus, JobStatus, ScriptCheckItem, StepStatus};
-
-/// Which business or business set a request is about.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Scope {
-    /// `biz` or `biz_set`.
-    pub bk_scope_type: String,
-    pub bk_scope_id: String,
-}
 
 /// bk-job's page of a list API: `{start, length, total, data}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,17 +28,6 @@ pub struct FastExecuteScriptReply {
     /// absent when nothing matched.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dangerous_script_check: Vec<ScriptCheckItem>,
-}
-
-/// `get_job_instance_status`'s request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GetJobInstanceStatus {
-    #[serde(flatten)]
-    pub scope: Scope,
-    pub job_instance_id: i64,
-    /// Whether each step lists its hosts' results (`step_ip_result_list`).
-    #[serde(default)]
-    pub return_ip_result: bool,
 }
 
 /// `get_job_instance_status`'s `data`.
@@ -145,21 +126,6 @@ pub const LOG_TYPE_SCRIPT: i32 = 1;
 /// bk-job's log type of a file step's log.
 pub const LOG_TYPE_FILE: i32 = 2;
 
-/// `get_job_instance_ip_log`'s request: one host, by id or by cloud area and address.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GetJobInstanceIpLog {
-    #[serde(flatten)]
-    pub scope: Scope,
-    pub job_instance_id: i64,
-    pub step_instance_id: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bk_host_id: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bk_cloud_id: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip: Option<String>,
-}
-
 /// `get_job_instance_ip_log`'s `data`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostLog {
@@ -200,17 +166,6 @@ pub struct FileLog {
     pub size: String,
     pub speed: String,
     pub process: String,
-}
-
-/// `batch_get_job_instance_ip_log`'s request: the hosts by id, or by cloud area and address.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BatchGetJobInstanceIpLog {
-    #[serde(flatten)]
-    pub scope: Scope,
-    pub job_instance_id: i64,
-    pub step_instance_id: i64,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub host_id_list: Vec<i64>,
 }
 
 /// One host's file logs in `batch_get_job_instance_ip_log`.
@@ -303,21 +258,5 @@ mod tests {
         let mut v4 = host.clone();
         v4.ipv6 = None;
         assert!(serde_json::to_value(&v4).unwrap().get("ipv6").is_none());
-    }
-
-    #[test]
-    fn requests_carry_the_scope_beside_their_fields() {
-        let request = GetJobInstanceStatus {
-            scope: Scope {
-                bk_scope_type: "biz".into(),
-                bk_scope_id: "2".into(),
-            },
-            job_instance_id: 9,
-            return_ip_result: true,
-        };
-        assert_eq!(
-            serde_json::to_value(&request).unwrap(),
-            json!({"bk_scope_type": "biz", "bk_scope_id": "2", "job_instance_id": 9, "return_ip_result": true})
-        );
     }
 }
