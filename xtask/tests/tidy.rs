@@ -323,21 +323,61 @@ fn workspace_rust_files() -> Vec<PathBuf> {
         .collect()
 }
 
-/// `file:line` of each line of code (comments and strings left out) in `files` holding a word
-/// `wanted` picks. A word is letters, digits, `_` and `!`: `unsafe_code` is one word, `todo!`
-/// another.
+/// The 1-based numbers of the lines of code (comments and strings left out) in `source`
+/// holding a word `wanted` picks. A word is letters, digits, `_` and `!`: `unsafe_code` is one
+/// word, `todo!` another.
+fn code_lines_with_word(source: &str, wanted: impl Fn(&str) -> bool) -> Vec<usize> {
+    code_only(source)
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| {
+            line.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '!'))
+                .any(&wanted)
+        })
+        .map(|(n, _)| n + 1)
+        .collect()
+}
+
+/// `file:line` of each line of code in `files` holding a word `wanted` picks
+/// ([`code_lines_with_word`]).
 fn lines_with_word(files: &[PathBuf], wanted: impl Fn(&str) -> bool) -> Vec<String> {
     let mut found = Vec::new();
     for file in files {
-        let code = code_only(&fs::read_to_string(file).unwrap());
-        for (n, line) in code.lines().enumerate() {
-            let mut words = line.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '!'));
-            if words.any(&wanted) {
-                found.push(format!("{}:{}", file.display(), n + 1));
-            }
+        let source = fs::read_to_string(file).unwrap();
+        for n in code_lines_with_word(&source, &wanted) {
+            found.push(format!("{}:{n}", file.display()));
         }
     }
     found
+}
+
+#[test]
+fn words_are_found_in_code_only() {
+    let forbidden = |w: &str| matches!(w, "todo!" | "dbg!" | "unsafe");
+    let found = |line: &str| !code_lines_with_word(line, forbidden).is_empty();
+    for line in [
+        "todo!()",
+        "let x = std::dbg!(x);",
+        "unsafe {",
+        "f(dbg!(x), 1)",
+    ] {
+        assert!(found(line), "{line:?} holds a forbidden word");
+    }
+    for line in [
+        "let s = \"todo!\";",
+        "// dbg!",
+        "#![forbid(unsafe_code)]",
+        "/* unsafe { */ let a = 1;",
+        "r#\"todo!()\"#",
+        "let todo = 1;",
+        "is_unsafe()",
+    ] {
+        assert!(!found(line), "{line:?} holds no forbidden word in code");
+    }
+    assert_eq!(
+        code_lines_with_word("let a = 1;\n// todo!\ntodo!();\n", forbidden),
+        [3]
+    );
 }
 
 #[test]
