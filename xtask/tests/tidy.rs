@@ -44,24 +44,51 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// The workspace's crates under `crates/`, each with the dependencies its manifest lists
-/// (normal, dev and build).
-fn crate_dependencies() -> BTreeMap<String, BTreeSet<String>> {
+/// The kinds of dependency a manifest lists.
+const DEPENDENCY_SECTIONS: [&str; 3] = ["dependencies", "dev-dependencies", "build-dependencies"];
+
+/// The workspace's crates under `crates/`, each with its manifest.
+fn crate_manifests() -> BTreeMap<String, toml::Table> {
     let mut crates = BTreeMap::new();
     for entry in fs::read_dir(workspace_root().join("crates")).unwrap() {
         let manifest = entry.unwrap().path().join("Cargo.toml");
         let text = fs::read_to_string(&manifest).unwrap();
         let doc: toml::Table = text.parse().unwrap();
         let name = doc["package"]["name"].as_str().unwrap().to_owned();
-        let mut deps = BTreeSet::new();
-        for section in ["dependencies", "dev-dependencies", "build-dependencies"] {
-            if let Some(table) = doc.get(section).and_then(|s| s.as_table()) {
-                deps.extend(table.keys().cloned());
-            }
-        }
-        crates.insert(name, deps);
+        crates.insert(name, doc);
     }
     crates
+}
+
+/// The dependencies a manifest lists in `section`, also under `[target.'cfg(..)'.<section>]`.
+fn section_dependencies(manifest: &toml::Table, section: &str) -> BTreeSet<String> {
+    let targets = manifest.get("target").and_then(|t| t.as_table());
+    let per_target = targets
+        .into_iter()
+        .flat_map(|t| t.values())
+        .filter_map(|t| t.get(section));
+    manifest
+        .get(section)
+        .into_iter()
+        .chain(per_target)
+        .filter_map(|table| table.as_table())
+        .flat_map(|table| table.keys().cloned())
+        .collect()
+}
+
+/// The workspace's crates under `crates/`, each with the dependencies its manifest lists
+/// (normal, dev and build, merged).
+fn crate_dependencies() -> BTreeMap<String, BTreeSet<String>> {
+    crate_manifests()
+        .into_iter()
+        .map(|(name, manifest)| {
+            let deps = DEPENDENCY_SECTIONS
+                .iter()
+                .flat_map(|section| section_dependencies(&manifest, section))
+                .collect();
+            (name, deps)
+        })
+        .collect()
 }
 
 /// Which workspace crates each crate may use. A crate missing here is a new crate: it gets its
@@ -109,8 +136,13 @@ const FORBIDDEN_EXTERNAL: &[(&str, &[&str])] = &[
     ("fleetrun-net", &["sqlx", "axum"]),
 ];
 
-/// What the API's vocabulary crate may use: serde, so that every client can afford it.
-const API_CRATE_DEPENDENCIES: &[&str] = &["serde", "serde_json"];
+/// What the API's vocabulary crate may use, per manifest section: serde, so that every client
+/// can afford it, and serde_json in its tests.
+const API_CRATE_DEPENDENCIES: [(&str, &[&str]); 3] = [
+    ("dependencies", &["serde"]),
+    ("dev-dependencies", &["serde_json"]),
+    ("build-dependencies", &[]),
+];
 
 #[test]
 fn crates_depend_only_on_what_the_architecture_allows() {
@@ -137,13 +169,7 @@ fn crates_depend_only_on_what_the_architecture_allows() {
             }
         }
     }
-    for dep in &crates["fleetrun-api"] {
-        if !API_CRATE_DEPENDENCIES.contains(&dep.as_str()) {
-            problems.push(format!(
-                "fleetrun-api depends on serde alone (serde_json in its tests), not on {dep}"
-            ));
-        }
-    }
+    problems.extend(api_crate_problems(&crate_manifests()["fleetrun-api"]));
     for (name, deps) in &crates {
         if deps.contains("sqlx") && name != "fleetrun-store" {
             problems.push(format!(
@@ -157,6 +183,44 @@ fn crates_depend_only_on_what_the_architecture_allows() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// What fleetrun-api's manifest lists beyond [`API_CRATE_DEPENDENCIES`], section by section:
+/// serde_json among its dev-dependencies is fine, among its dependencies it is not.
+fn api_crate_problems(manifest: &toml::Table) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (section, allowed) in API_CRATE_DEPENDENCIES {
+        for dep in section_dependencies(manifest, section) {
+            if !allowed.contains(&dep.as_str()) {
+                problems.push(format!(
+                    "fleetrun-api depends on serde alone (serde_json in its tests), \
+                     but its [{section}] lists {dep}"
+                ));
+            }
+        }
+    }
+    problems
+}
+
+#[test]
+fn the_api_crate_is_checked_section_by_section() {
+    let manifest = |text: &str| -> toml::Table { text.parse().unwrap() };
+    let clean = manifest("[dependencies]\nserde = 1\n[dev-dependencies]\nserde_json = 1\n");
+    assert_eq!(api_crate_problems(&clean), Vec::<String>::new());
+    let json_in_normal = manifest("[dependencies]\nserde = 1\nserde_json = 1\n");
+    assert_eq!(
+        api_crate_problems(&json_in_normal),
+        [
+            "fleetrun-api depends on serde alone (serde_json in its tests), but its \
+          [dependencies] lists serde_json"
+        ]
+    );
+    let json_for_a_target = manifest("[target.'cfg(unix)'.dependencies]\nserde_json = 1\n");
+    assert_eq!(api_crate_problems(&json_for_a_target).len(), 1);
+    let json_in_build = manifest("[build-dependencies]\nserde_json = 1\n");
+    assert_eq!(api_crate_problems(&json_in_build).len(), 1);
+    let other_in_dev = manifest("[dev-dependencies]\nserde_json = 1\nproptest = 1\n");
+    assert_eq!(api_crate_problems(&other_in_dev).len(), 1);
 }
 
 /// Code with comments, string literals (raw ones too) and character literals blanked, so
@@ -259,21 +323,61 @@ fn workspace_rust_files() -> Vec<PathBuf> {
         .collect()
 }
 
-/// `file:line` of each line of code (comments and strings left out) in `files` holding a word
-/// `wanted` picks. A word is letters, digits, `_` and `!`: `unsafe_code` is one word, `todo!`
-/// another.
+/// The 1-based numbers of the lines of code (comments and strings left out) in `source`
+/// holding a word `wanted` picks. A word is letters, digits, `_` and `!`: `unsafe_code` is one
+/// word, `todo!` another.
+fn code_lines_with_word(source: &str, wanted: impl Fn(&str) -> bool) -> Vec<usize> {
+    code_only(source)
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| {
+            line.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '!'))
+                .any(&wanted)
+        })
+        .map(|(n, _)| n + 1)
+        .collect()
+}
+
+/// `file:line` of each line of code in `files` holding a word `wanted` picks
+/// ([`code_lines_with_word`]).
 fn lines_with_word(files: &[PathBuf], wanted: impl Fn(&str) -> bool) -> Vec<String> {
     let mut found = Vec::new();
     for file in files {
-        let code = code_only(&fs::read_to_string(file).unwrap());
-        for (n, line) in code.lines().enumerate() {
-            let mut words = line.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '!'));
-            if words.any(&wanted) {
-                found.push(format!("{}:{}", file.display(), n + 1));
-            }
+        let source = fs::read_to_string(file).unwrap();
+        for n in code_lines_with_word(&source, &wanted) {
+            found.push(format!("{}:{n}", file.display()));
         }
     }
     found
+}
+
+#[test]
+fn words_are_found_in_code_only() {
+    let forbidden = |w: &str| matches!(w, "todo!" | "dbg!" | "unsafe");
+    let found = |line: &str| !code_lines_with_word(line, forbidden).is_empty();
+    for line in [
+        "todo!()",
+        "let x = std::dbg!(x);",
+        "unsafe {",
+        "f(dbg!(x), 1)",
+    ] {
+        assert!(found(line), "{line:?} holds a forbidden word");
+    }
+    for line in [
+        "let s = \"todo!\";",
+        "// dbg!",
+        "#![forbid(unsafe_code)]",
+        "/* unsafe { */ let a = 1;",
+        "r#\"todo!()\"#",
+        "let todo = 1;",
+        "is_unsafe()",
+    ] {
+        assert!(!found(line), "{line:?} holds no forbidden word in code");
+    }
+    assert_eq!(
+        code_lines_with_word("let a = 1;\n// todo!\ntodo!();\n", forbidden),
+        [3]
+    );
 }
 
 #[test]

@@ -1,6 +1,6 @@
-//! The requests and replies of the job APIs: `fast_execute_script`'s reply,
-//! `get_job_instance_status`, `get_job_instance_ip_log`, `batch_get_job_instance_ip_log` and
-//! `get_job_instance_list`, field for field as bk-job names them.
+//! The replies of the job APIs: `fast_execute_script`, `get_job_instance_status`,
+//! `get_job_instance_ip_log`, `batch_get_job_instance_ip_log` and `get_job_instance_list`, field
+//! for field as bk-job names them.
 //!
 //! Every reply derives both directions: the controller serializes it, the clients read it back.
 //! A field bk-job leaves out when empty is left out here too, and read as absent.
@@ -8,14 +8,6 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{HostStatus, JobStatus, ScriptCheckItem, StepStatus};
-
-/// Which business or business set a request is about.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Scope {
-    /// `biz` or `biz_set`.
-    pub bk_scope_type: String,
-    pub bk_scope_id: String,
-}
 
 /// bk-job's page of a list API: `{start, length, total, data}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,17 +28,6 @@ pub struct FastExecuteScriptReply {
     /// absent when nothing matched.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dangerous_script_check: Vec<ScriptCheckItem>,
-}
-
-/// `get_job_instance_status`'s request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GetJobInstanceStatus {
-    #[serde(flatten)]
-    pub scope: Scope,
-    pub job_instance_id: i64,
-    /// Whether each step lists its hosts' results (`step_ip_result_list`).
-    #[serde(default)]
-    pub return_ip_result: bool,
 }
 
 /// `get_job_instance_status`'s `data`.
@@ -145,21 +126,6 @@ pub const LOG_TYPE_SCRIPT: i32 = 1;
 /// bk-job's log type of a file step's log.
 pub const LOG_TYPE_FILE: i32 = 2;
 
-/// `get_job_instance_ip_log`'s request: one host, by id or by cloud area and address.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GetJobInstanceIpLog {
-    #[serde(flatten)]
-    pub scope: Scope,
-    pub job_instance_id: i64,
-    pub step_instance_id: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bk_host_id: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bk_cloud_id: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip: Option<String>,
-}
-
 /// `get_job_instance_ip_log`'s `data`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostLog {
@@ -200,17 +166,6 @@ pub struct FileLog {
     pub size: String,
     pub speed: String,
     pub process: String,
-}
-
-/// `batch_get_job_instance_ip_log`'s request: the hosts by id, or by cloud area and address.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BatchGetJobInstanceIpLog {
-    #[serde(flatten)]
-    pub scope: Scope,
-    pub job_instance_id: i64,
-    pub step_instance_id: i64,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub host_id_list: Vec<i64>,
 }
 
 /// One host's file logs in `batch_get_job_instance_ip_log`.
@@ -305,19 +260,123 @@ mod tests {
         assert!(serde_json::to_value(&v4).unwrap().get("ipv6").is_none());
     }
 
+    /// The text a reply is written as, through a `Value` (whose keys serde_json sorts, without
+    /// its `preserve_order` feature), so the expected text pins every field, its name, and
+    /// whether it is null or absent.
+    fn written<T: Serialize>(reply: &T) -> String {
+        serde_json::to_string(&serde_json::to_value(reply).unwrap()).unwrap()
+    }
+
     #[test]
-    fn requests_carry_the_scope_beside_their_fields() {
-        let request = GetJobInstanceStatus {
-            scope: Scope {
-                bk_scope_type: "biz".into(),
-                bk_scope_id: "2".into(),
-            },
-            job_instance_id: 9,
-            return_ip_result: true,
+    fn a_step_without_host_results_leaves_the_list_out() {
+        let step = StepInstance {
+            step_instance_id: 5,
+            step_type: 1,
+            name: "run".into(),
+            status: StepStatus::Running,
+            execute_count: 0,
+            create_time: 10,
+            start_time: Some(11),
+            end_time: None,
+            total_time: None,
+            step_ip_result_list: None,
         };
         assert_eq!(
-            serde_json::to_value(&request).unwrap(),
-            json!({"bk_scope_type": "biz", "bk_scope_id": "2", "job_instance_id": 9, "return_ip_result": true})
+            written(&step),
+            r#"{"create_time":10,"end_time":null,"execute_count":0,"name":"run","start_time":11,"status":2,"step_instance_id":5,"total_time":null,"type":1}"#
         );
+        let read: StepInstance = serde_json::from_str(&written(&step)).unwrap();
+        assert_eq!(read, step);
+        let with_hosts = StepInstance {
+            step_ip_result_list: Some(Vec::new()),
+            ..step
+        };
+        assert!(written(&with_hosts).contains(r#""step_ip_result_list":[]"#));
+    }
+
+    #[test]
+    fn a_job_list_item_names_its_type_type() {
+        let item = JobListItem {
+            id: 8,
+            job_instance_id: 8,
+            job_plan_id: NO_PLAN,
+            job_template_id: NO_PLAN,
+            name: "fast".into(),
+            operator: "admin".into(),
+            status: JobStatus::Success,
+            job_type: 2,
+            launch_mode: 2,
+            create_time: 1,
+            start_time: Some(2),
+            end_time: Some(3),
+            total_time: Some(1),
+            bk_scope_type: "biz".into(),
+            bk_scope_id: "2".into(),
+            bk_biz_id: Some(2),
+        };
+        assert_eq!(
+            written(&item),
+            r#"{"bk_biz_id":2,"bk_scope_id":"2","bk_scope_type":"biz","create_time":1,"end_time":3,"id":8,"job_instance_id":8,"job_plan_id":-1,"job_template_id":-1,"launch_mode":2,"name":"fast","operator":"admin","start_time":2,"status":3,"total_time":1,"type":2}"#
+        );
+        let read: JobListItem = serde_json::from_str(&written(&item)).unwrap();
+        assert_eq!(read, item);
+    }
+
+    #[test]
+    fn a_script_steps_host_log_has_null_file_logs() {
+        let log = HostLog {
+            bk_host_id: 7,
+            bk_cloud_id: 0,
+            ip: "10.0.0.7".into(),
+            ipv6: None,
+            log_type: LOG_TYPE_SCRIPT,
+            log_content: "hi\n".into(),
+            file_logs: None,
+        };
+        assert_eq!(
+            written(&log),
+            r#"{"bk_cloud_id":0,"bk_host_id":7,"file_logs":null,"ip":"10.0.0.7","log_content":"hi\n","log_type":1}"#
+        );
+        let read: HostLog = serde_json::from_str(&written(&log)).unwrap();
+        assert_eq!(read, log);
+    }
+
+    #[test]
+    fn a_script_steps_batch_logs_have_null_file_task_logs() {
+        let logs = BatchLogs {
+            job_instance_id: 8,
+            step_instance_id: 5,
+            log_type: LOG_TYPE_SCRIPT,
+            script_task_logs: vec![ScriptTaskLog {
+                bk_host_id: 7,
+                bk_cloud_id: 0,
+                ip: "10.0.0.7".into(),
+                ipv6: None,
+                log_content: "hi".into(),
+            }],
+            file_task_logs: None,
+        };
+        assert_eq!(
+            written(&logs),
+            r#"{"file_task_logs":null,"job_instance_id":8,"log_type":1,"script_task_logs":[{"bk_cloud_id":0,"bk_host_id":7,"ip":"10.0.0.7","log_content":"hi"}],"step_instance_id":5}"#
+        );
+        let read: BatchLogs = serde_json::from_str(&written(&logs)).unwrap();
+        assert_eq!(read, logs);
+    }
+
+    #[test]
+    fn a_clean_scripts_reply_leaves_the_check_out() {
+        let reply = FastExecuteScriptReply {
+            job_instance_id: 8,
+            job_instance_name: "fast".into(),
+            step_instance_id: 5,
+            dangerous_script_check: Vec::new(),
+        };
+        assert_eq!(
+            written(&reply),
+            r#"{"job_instance_id":8,"job_instance_name":"fast","step_instance_id":5}"#
+        );
+        let read: FastExecuteScriptReply = serde_json::from_str(&written(&reply)).unwrap();
+        assert_eq!(read, reply);
     }
 }

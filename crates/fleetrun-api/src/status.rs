@@ -122,14 +122,27 @@ impl HostStatus {
     /// Statuses that count as success: this run's, and an earlier run's.
     pub const SUCCEEDED: &'static [Self] = &[Self::LastSuccess, Self::Success];
 
-    /// Whether the host's task ended.
+    /// Whether the host's task ended: not one of [`Self::UNFINISHED`].
     pub const fn is_finished(self) -> bool {
-        !matches!(self, Self::Unknown | Self::Waiting | Self::Running)
+        !self.is_in(Self::UNFINISHED)
     }
 
-    /// Whether the host succeeded, in this run of the step or an earlier one.
+    /// Whether the host succeeded, in this run of the step or an earlier one: one of
+    /// [`Self::SUCCEEDED`].
     pub const fn is_success(self) -> bool {
-        matches!(self, Self::LastSuccess | Self::Success)
+        self.is_in(Self::SUCCEEDED)
+    }
+
+    /// Whether `set` holds it, by number.
+    const fn is_in(self, set: &[Self]) -> bool {
+        let mut i = 0;
+        while i < set.len() {
+            if set[i].code() == self.code() {
+                return true;
+            }
+            i += 1;
+        }
+        false
     }
 
     /// bk-job's English description (`ExecuteObjectTaskStatusEnum`), as `status_desc` and
@@ -256,10 +269,14 @@ mod tests {
             .filter(|c| HostStatus::from_code(*c).is_success())
             .collect();
         assert_eq!(success, [3, 9]);
+        let succeeded: Vec<i32> = HostStatus::SUCCEEDED.iter().map(|s| s.code()).collect();
+        assert_eq!(succeeded, success);
         let unfinished: Vec<i32> = (0..500)
             .filter(|c| !HostStatus::from_code(*c).is_finished())
             .collect();
         assert_eq!(unfinished, [0, 5, 7]);
+        let listed: Vec<i32> = HostStatus::UNFINISHED.iter().map(|s| s.code()).collect();
+        assert_eq!(listed, unfinished);
     }
 
     #[test]

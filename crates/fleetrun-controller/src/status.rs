@@ -1,6 +1,22 @@
 //! bk-job's status numbers as the store keeps them (`i32` columns), named after
 //! [`fleetrun_api`]'s enums, which own the numbers and what they mean.
 
+/// The numbers of a list of statuses. A length other than the one given fails the build, so
+/// the store's list cannot lose or gain a status the enum's list has not.
+macro_rules! codes {
+    ($n:literal, $set:expr) => {{
+        let set = $set;
+        assert!(set.len() == $n, "the enum's list changed length");
+        let mut out = [0; $n];
+        let mut i = 0;
+        while i < $n {
+            out[i] = set[i].code();
+            i += 1;
+        }
+        out
+    }};
+}
+
 /// Job and step status ([`fleetrun_api::JobStatus`]).
 pub mod job {
     use fleetrun_api::JobStatus;
@@ -26,12 +42,7 @@ pub mod job {
     }
 
     /// Statuses of a job the engine was following ([`JobStatus::UNFINISHED`]).
-    pub const UNFINISHED: &[i32] = &[
-        JobStatus::UNFINISHED[0].code(),
-        JobStatus::UNFINISHED[1].code(),
-        JobStatus::UNFINISHED[2].code(),
-        JobStatus::UNFINISHED[3].code(),
-    ];
+    pub const UNFINISHED: &[i32] = &codes!(4, JobStatus::UNFINISHED);
 }
 
 /// Per-host status (`step_ip_result.status`, [`fleetrun_api::HostStatus`]).
@@ -63,29 +74,28 @@ pub mod host {
         HostStatus::from_code(status).is_success()
     }
 
-    /// The statuses that count as success, as the store's queries take them.
-    pub const SUCCEEDED: &[i32] = &[LAST_SUCCESS, SUCCESS];
+    /// The statuses that count as success, as the store's queries take them
+    /// ([`HostStatus::SUCCEEDED`]).
+    pub const SUCCEEDED: &[i32] = &codes!(2, HostStatus::SUCCEEDED);
 
     /// Statuses a host result has before its task ended ([`HostStatus::UNFINISHED`]).
-    pub const UNFINISHED: &[i32] = &[
-        HostStatus::UNFINISHED[0].code(),
-        HostStatus::UNFINISHED[1].code(),
-        HostStatus::UNFINISHED[2].code(),
-    ];
+    pub const UNFINISHED: &[i32] = &codes!(3, HostStatus::UNFINISHED);
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use fleetrun_api::{HostStatus, JobStatus};
 
     #[test]
     fn the_store_lists_follow_the_enums() {
-        assert_eq!(super::job::UNFINISHED.len(), JobStatus::UNFINISHED.len());
-        assert_eq!(super::host::UNFINISHED.len(), HostStatus::UNFINISHED.len());
-        assert!(
-            super::host::SUCCEEDED
-                .iter()
-                .all(|s| super::host::is_success(*s))
-        );
+        let set = |codes: &[i32]| codes.iter().copied().collect::<BTreeSet<i32>>();
+        let unfinished_jobs: Vec<i32> = JobStatus::UNFINISHED.iter().map(|s| s.code()).collect();
+        assert_eq!(super::job::UNFINISHED, unfinished_jobs);
+        let succeeded = (0..500).filter(|c| super::host::is_success(*c));
+        assert_eq!(set(super::host::SUCCEEDED), succeeded.collect());
+        let unfinished = (0..500).filter(|c| !HostStatus::from_code(*c).is_finished());
+        assert_eq!(set(super::host::UNFINISHED), unfinished.collect());
     }
 }

@@ -557,10 +557,18 @@ impl Follower {
 fn encode(events: &[StreamEvent]) -> Bytes {
     let mut out = Vec::new();
     for event in events {
-        // Serializing an event or a `Value` cannot fail: every key is a string.
-        if let Ok(value) = serde_json::to_value(event) {
-            let _ = serde_json::to_writer(&mut out, &value);
-            out.push(b'\n');
+        // Serializing an event or a `Value` cannot fail today: every key is a string. Should a
+        // change make it fail, the event is left out of the stream, and said so loudly.
+        let line = serde_json::to_value(event).and_then(|value| serde_json::to_vec(&value));
+        match line {
+            Ok(line) => {
+                out.extend_from_slice(&line);
+                out.push(b'\n');
+            }
+            Err(error) => tracing::error!(
+                %error,
+                "a stream_job event could not be written as JSON and is left out of the stream"
+            ),
         }
     }
     Bytes::from(out)
