@@ -38,7 +38,7 @@ fn scratch(name: &str) -> tempfile::TempDir {
 
 /// Bytes that do not repeat in chunk-sized runs.
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    let mut state = u64::from(seed) * 0x9E37_79B9_7F4A_7C15 + 1;
+    let mut state = u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {
             state ^= state << 13;
