@@ -10,9 +10,10 @@
 //! ([`TaskDown::Chunk`]), paced by `download_speed_limit`. One chunk per target is in the
 //! controller's memory at a time, and QUIC's flow control bounds what is in flight.
 //!
-//! Upload logs (mode 0) are written per source file under the source host; download logs (mode
-//! 1) per (target, file) under the target. A source file that is missing ends its targets 203, one
-//! that could not be read 202 (in strict mode nothing is sent then); the rest as file tasks end.
+//! Upload logs (mode 0) are written per source file under the source host; download logs
+//! (mode 1) per (target, file) under the target. A source file that is missing ends its targets
+//! 203, one that could not be read 202 (in strict mode nothing is sent then); the rest as file
+//! tasks end.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
