@@ -737,3 +737,180 @@ async fn the_command_line_pushes_local_files_and_copies_between_hosts() -> Resul
     assert!(stdout.contains("FAILED"), "{stdout}");
     Ok(())
 }
+
+/// An agent of protocol version 4 is neither sent a transfer nor asked to read one: as a
+/// target it ends 399, as a source its paths fail 202, both saying to upgrade it; push_config_file
+/// still reaches it (tested in `files`).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_of_protocol_version_4_is_sent_no_transfer_and_told_to_upgrade() -> Result<()> {
+    let cluster = start_cluster(1).await?;
+    let real = cluster.host_ids()[0];
+    let (_endpoint, connection, old, beat) =
+        crate::files::raw_agent(&cluster, "legacy-v4", "127.0.0.95", 4).await?;
+    let src_dir = scratch("v4");
+    write_file(&src_dir.path().join("f"), b"f", 0o644, None);
+    let path = src_dir.path().join("f");
+    let out = scratch("v4-out");
+    let req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(&[path.to_str().unwrap()], &[real], "root")]),
+        &[old],
+        "root",
+    );
+    let (_, _, status) = transfer(&cluster, req).await?;
+    let result = &host_results(&status)[0];
+    assert_eq!(result["status"], 399, "{result}");
+    let opened = tokio::time::timeout(Duration::from_secs(1), connection.accept_bi()).await;
+    assert!(opened.is_err(), "a version 4 agent is sent no stream");
+    let req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(&[path.to_str().unwrap()], &[old], "root")]),
+        &[real],
+        "root",
+    );
+    let (job, step, status) = transfer(&cluster, req).await?;
+    assert_eq!(statuses(&status), vec![202], "{status}");
+    let logs = file_logs(&cluster, job, step, real).await?;
+    assert!(
+        logs.iter().any(|l| l["mode"] == 0
+            && l["log_content"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("upgrade")),
+        "{logs:?}"
+    );
+    beat.abort();
+    Ok(())
+}
+
+/// The attack: a source agent lies. It announces a file of 4 bytes and sends more, sends a chunk
+/// whose SHA-256 is not its bytes', claims a whole-file SHA-256 that is not what it sent, and
+/// names a file `../escape`. None of it lands on the target; each fails 202 with its reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lying_source_lands_nothing_forged() -> Result<()> {
+    use fleetrun_net::{FramedRecv, send_frame};
+    use fleetrun_proto::{
+        Ending, SourceEnd, SourceEnding, SourceFile, TaskDown, TaskResult, TaskUp,
+    };
+    let cluster = start_cluster(1).await?;
+    let target = cluster.host_ids()[0];
+    let (_endpoint, connection, liar, beat) =
+        crate::files::raw_agent(&cluster, "liar-source", "127.0.0.96", 5).await?;
+    let out = scratch("lies");
+    let req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(
+            &["/srv/a", "/srv/b", "/srv/c", "/srv/d"],
+            &[liar],
+            "root"
+        )]),
+        &[target],
+        "root",
+    );
+    let accepted = cluster.client().call("fast_transfer_file", req).await?;
+    let job = accepted["job_instance_id"].as_i64().context("job")?;
+    let step = accepted["step_instance_id"].as_i64().context("step")?;
+    let (mut send, recv) = tokio::time::timeout(Duration::from_secs(30), connection.accept_bi())
+        .await
+        .context("no source task within 30 s")??;
+    let mut recv = FramedRecv::new(recv);
+    let Some(TaskDown::Collect(request)) = recv.recv::<TaskDown>().await? else {
+        panic!("expected a source task");
+    };
+    assert_eq!(request.paths.len(), 4);
+    let sha = |data: &[u8]| {
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, data).as_ref());
+        hash
+    };
+    let file = |index: u32, relative: &str, size: u64| {
+        TaskUp::SourceFile(SourceFile {
+            index,
+            path_index: index,
+            path: format!("/srv/{index}"),
+            relative: relative.into(),
+            size,
+            mode: 0o644,
+        })
+    };
+    let end = |index: u32, sha256: [u8; 32], bytes: u64| {
+        TaskUp::SourceFileEnd(SourceEnd {
+            index: Some(index),
+            path_index: index,
+            ending: SourceEnding::Read,
+            sha256,
+            bytes,
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            message: "read".into(),
+        })
+    };
+    let chunk = |data: &[u8], sha256: [u8; 32]| TaskUp::SourceChunk {
+        sha256,
+        data: data.to_vec(),
+    };
+    let frames = [
+        TaskUp::Started { started_at_ms: 0 },
+        // More than announced.
+        file(0, "long", 4),
+        chunk(b"12345678", sha(b"12345678")),
+        end(0, sha(b"12345678"), 4),
+        // A chunk named by another chunk's hash.
+        file(1, "forged", 4),
+        chunk(b"evil", sha(b"good")),
+        end(1, sha(b"good"), 4),
+        // A whole-file hash that is not the bytes'.
+        file(2, "claimed", 4),
+        chunk(b"abcd", sha(b"abcd")),
+        end(2, sha(b"wxyz"), 4),
+        // A name that climbs out.
+        file(3, "../escape", 1),
+        chunk(b"x", sha(b"x")),
+        end(3, sha(b"x"), 1),
+        TaskUp::Finished(TaskResult {
+            ending: Ending::Exited { code: 0 },
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            output_bytes: 0,
+            survivors: 0,
+            message: None,
+        }),
+    ];
+    for frame in frames {
+        send_frame(&mut send, &frame).await?;
+    }
+    let status = cluster
+        .client()
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(60))
+        .await?;
+    assert_eq!(statuses(&status), vec![202], "{status}");
+    assert_eq!(
+        std::fs::read_dir(out.path())?.count(),
+        0,
+        "something landed"
+    );
+    assert!(!out.path().parent().unwrap().join("escape").exists());
+    let logs = file_logs(&cluster, job, step, target).await?;
+    let uploads: Vec<String> = logs
+        .iter()
+        .filter(|l| l["mode"] == 0)
+        .map(|l| l["log_content"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(uploads.len(), 4, "{uploads:?}");
+    for reason in [
+        "more than the file's size",
+        "does not hash",
+        "SHA-256 the source reported",
+        "not a plain relative name",
+    ] {
+        assert!(
+            uploads.iter().any(|l| l.contains(reason)),
+            "{reason}: {uploads:?}"
+        );
+    }
+    beat.abort();
+    Ok(())
+}

@@ -138,6 +138,8 @@ struct FetchStep {
     timeout_secs: u32,
     download_bytes_per_sec: u64,
     files: Vec<FetchFile>,
+    /// Each file's chunk hashes, shared by every target's sender.
+    chunks: Arc<Vec<Vec<Hash>>>,
     /// Each file's source, for its log.
     sources: Vec<(Option<FileTarget>, String)>,
     failures: Vec<SourceFailure>,
@@ -331,6 +333,7 @@ impl Engine {
             step_instance_id: spec.step_instance_id,
             timeout_secs,
             download_bytes_per_sec: spec.download_bytes_per_sec,
+            chunks: Arc::new(files.iter().map(|f| f.chunks.clone()).collect()),
             files,
             sources: file_sources,
             failures,
@@ -697,12 +700,10 @@ impl Engine {
             );
         }
         let (commands, command_rx) = mpsc::unbounded_channel();
-        let chunks: Arc<Vec<Vec<Hash>>> =
-            Arc::new(step.files.iter().map(|f| f.chunks.clone()).collect());
         let sender = tokio::spawn(send_chunks(
             send,
             command_rx,
-            chunks,
+            step.chunks.clone(),
             step.content.clone(),
             step.download_bytes_per_sec,
         ));
