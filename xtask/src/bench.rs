@@ -18,10 +18,14 @@
 //! - `overhead`: single-host job throughput with metrics and the audit trail off, then on
 //!   (swarm, emulated), and the share they cost against the 5% target.
 //! - `console`: the web console's page of a 10,000-host job (swarm) and its data, served.
+//! - `files`: 256 MiB (64 quick) from one real agent to 10 through `fast_transfer_file`: wall
+//!   time, source bytes read, controller bytes relayed, peak RSS, and the aggregate rate beside
+//!   one QUIC stream on loopback measured in the same run.
 //!
 //! Writes `target/bench/<timestamp>.json` and `target/bench/latest.json`.
 
 mod console;
+mod files;
 mod inventory;
 mod jobs;
 mod overhead;
@@ -55,6 +59,7 @@ pub const GROUPS: &[&str] = &[
     "inventory",
     "overhead",
     "console",
+    "files",
 ];
 
 #[derive(Debug, Clone, Default)]
@@ -145,6 +150,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
             "script" => script::run(&ctx, figures).await,
             "overhead" => overhead::run(&ctx, figures).await,
             "console" => console::run(&ctx, figures).await,
+            "files" => files::run(&ctx, figures).await,
             _ => inventory::run(&ctx, figures).await,
         };
         if let Err(e) = result {
@@ -170,6 +176,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
     scenario("inventory", ctx.wants("inventory"), &mut figures).await;
     scenario("overhead", ctx.wants("overhead"), &mut figures).await;
     scenario("console", ctx.wants("console"), &mut figures).await;
+    scenario("files", ctx.wants("files"), &mut figures).await;
     let took = started.elapsed();
 
     figures.retain(|f| ctx.wants(f.group));

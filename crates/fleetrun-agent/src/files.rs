@@ -9,14 +9,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fleetrun_exec::place::{self, FileToPlace, PlaceEnding, PlaceError, PlacedFile, Placement};
+use fleetrun_exec::place::{
+    self, Content, FileToPlace, PlaceEnding, PlaceError, PlacedFile, Placement, Pull,
+};
 use fleetrun_net::{FramedRecv, send_frame};
 use fleetrun_proto::{Ending, FileEnding, FileReport, PlaceRequest, TaskDown, TaskResult, TaskUp};
 use tokio::sync::mpsc;
 
 use crate::AgentContext;
 
-fn ms(at: SystemTime) -> i64 {
+pub(crate) fn ms(at: SystemTime) -> i64 {
     at.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
@@ -122,7 +124,6 @@ async fn run(
         files,
         ..
     } = request;
-    let count = files.len();
     let placement = Placement {
         // Its own name for the temporary files: the request is shared by every host and step.
         task_tag: uuid::Uuid::new_v4().simple().to_string(),
@@ -133,13 +134,44 @@ async fn run(
             .into_iter()
             .map(|f| FileToPlace {
                 name: f.name,
+                dir: None,
                 mode: f.mode,
                 sha256: f.sha256,
-                content: Arc::new(f.content),
+                content: Content::Inline(Arc::new(f.content)),
             })
             .collect(),
         refuse_root: ctx.config.limits.root_refusal(),
     };
+    run_placement(
+        ctx,
+        send,
+        downs,
+        placement,
+        None,
+        timeout_secs,
+        started_at_ms,
+    )
+    .await
+}
+
+/// Where a placement's pulled files come from: the chunks the stream brings, and the wants
+/// the loop sends up.
+pub(crate) struct Pulling {
+    pub pull: Box<dyn Pull>,
+    pub wants: mpsc::UnboundedReceiver<u32>,
+}
+
+/// Runs a placement on a blocking thread, reporting each file on the stream as it ends.
+pub(crate) async fn run_placement(
+    ctx: &AgentContext,
+    send: &mut quinn::SendStream,
+    downs: &mut mpsc::UnboundedReceiver<TaskDown>,
+    placement: Placement,
+    pulling: Option<Pulling>,
+    timeout_secs: u32,
+    started_at_ms: i64,
+) -> TaskResult {
+    let count = placement.files.len();
     let deadline = tokio::time::sleep(Duration::from_secs(u64::from(timeout_secs.max(1))));
     tokio::pin!(deadline);
     // A file task is a task: it waits for one of the host's `max_concurrent_tasks` slots, its
@@ -164,11 +196,15 @@ async fn run(
     };
     let cancel = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = mpsc::unbounded_channel::<PlacedFile>();
+    let (pull, mut wants) = match pulling {
+        Some(Pulling { pull, wants }) => (Some(pull), Some(wants)),
+        None => (None, None),
+    };
     let worker = {
         let cancel = cancel.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            place::place(placement, cancel, move |file| {
+            place::place_pulling(placement, pull, cancel, move |file| {
                 let _ = tx.send(file);
             })
         })
@@ -200,6 +236,16 @@ async fn run(
                 if send_frame(send, &TaskUp::FilePlaced(report)).await.is_err() {
                     // Nobody listens any more: stop writing what nobody will hear of.
                     cancel.store(true, Ordering::Relaxed);
+                }
+            }
+            want = async { wants.as_mut().expect("guarded").recv().await }, if wants.is_some() => {
+                match want {
+                    Some(index) => {
+                        if send_frame(send, &TaskUp::Want { index }).await.is_err() {
+                            cancel.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    None => wants = None,
                 }
             }
             () = &mut deadline, if !timed_out => {
@@ -255,7 +301,7 @@ async fn run(
 }
 
 /// A result with nothing placed.
-fn ended(ending: Ending, started_at_ms: i64, message: String) -> TaskResult {
+pub(crate) fn ended(ending: Ending, started_at_ms: i64, message: String) -> TaskResult {
     TaskResult {
         ending,
         started_at_ms,

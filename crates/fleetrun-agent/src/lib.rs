@@ -14,6 +14,7 @@ mod renew;
 mod session;
 mod spool;
 mod task;
+mod transfer;
 
 use std::{
     net::{IpAddr, SocketAddr},

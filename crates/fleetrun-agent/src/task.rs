@@ -601,7 +601,17 @@ pub(crate) async fn serve(
             crate::files::serve(ctx, send, recv, request).await;
             return;
         }
-        Ok(Some(TaskDown::Cancel | TaskDown::ResultStored)) | Ok(None) => return,
+        Ok(Some(TaskDown::Collect(request))) => {
+            crate::transfer::collect(ctx, send, recv, request).await;
+            return;
+        }
+        Ok(Some(TaskDown::Fetch(request))) => {
+            crate::transfer::fetch(ctx, send, recv, request).await;
+            return;
+        }
+        Ok(Some(TaskDown::Cancel | TaskDown::ResultStored | TaskDown::Chunk { .. })) | Ok(None) => {
+            return;
+        }
         Err(e) => {
             tracing::warn!("unreadable task request: {e}");
             recv.stop(fleetrun_proto::close_code::PROTOCOL);

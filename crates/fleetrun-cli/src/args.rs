@@ -150,6 +150,12 @@ pub enum Command {
     /// Run a script on hosts and watch it until it ends
     #[command(after_help = RUN_EXAMPLES)]
     Run(Box<RunArgs>),
+    /// Upload local files and send them to hosts (fast_transfer_file), watching each host
+    #[command(after_help = crate::transfer::PUSH_EXAMPLES)]
+    Push(Box<crate::transfer::PushArgs>),
+    /// Copy files from hosts to hosts (fast_transfer_file), watching each host
+    #[command(after_help = crate::transfer::CP_EXAMPLES)]
+    Cp(Box<crate::transfer::CpArgs>),
     /// Show a job's status and each host's result
     Status {
         /// The job instance id

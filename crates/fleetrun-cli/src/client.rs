@@ -100,6 +100,34 @@ impl Client {
             .json(body)
     }
 
+    /// PUTs `body` to one of the controller's own paths (`/fleetrun/v1/...`) with the app's
+    /// credentials; returns the envelope's `data`.
+    pub async fn put(&self, path: &str, body: reqwest::Body) -> Result<Value, CliError> {
+        let url = format!("{}{path}", self.settings.url);
+        if self.verbose {
+            eprintln!("> PUT {}", redact_url(&url));
+        }
+        let credentials = json!({
+            "bk_app_code": self.settings.app_code,
+            "bk_app_secret": self.settings.app_secret,
+            "bk_username": self.settings.username,
+        });
+        let response = self
+            .http
+            .put(url)
+            .header("X-Bkapi-Authorization", credentials.to_string())
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(describe(&e)))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| self.unreachable(describe(&e)))?;
+        self.open_envelope("local_file_upload", status, &bytes)
+    }
+
     fn unreachable(&self, why: impl std::fmt::Display) -> CliError {
         CliError::Unreachable {
             url: redact_url(&self.settings.url),

@@ -48,6 +48,8 @@ pub async fn dispatch(cli: &Cli) -> Result<u8, CliError> {
     };
     match &cli.command {
         Command::Run(run) => run_job(&ctx, run).await,
+        Command::Push(args) => crate::transfer::push(&ctx, args).await,
+        Command::Cp(args) => crate::transfer::cp(&ctx, args).await,
         Command::Status { job } => status(&ctx, *job).await,
         Command::Logs { job, hosts, follow } => logs(&ctx, *job, hosts, *follow).await,
         Command::Jobs(args) => jobs(&ctx, args).await,
@@ -121,7 +123,7 @@ pub(crate) fn read_script(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// `--ip` targets as host ids, through `list_hosts`: bk-job ignores `ip_list` when
 /// `host_id_list` is given, and `run` lets the two mix.
-async fn host_ids_of(client: &Client, ips: &[IpTarget]) -> Result<Vec<i64>, CliError> {
+pub(crate) async fn host_ids_of(client: &Client, ips: &[IpTarget]) -> Result<Vec<i64>, CliError> {
     let hosts = client.call("list_hosts", json!({})).await?;
     let same =
         |a: &str, b: &str| match (a.parse::<std::net::IpAddr>(), b.parse::<std::net::IpAddr>()) {
@@ -187,7 +189,12 @@ async fn run_job(ctx: &Ctx, run: &RunArgs) -> Result<u8, CliError> {
 
 /// Follows a job to its end, printing as `--output` asks; `run` adds the progress line and
 /// the summary.
-async fn watch(ctx: &Ctx, view: &mut JobView, hosts: &[i64], run: bool) -> Result<u8, CliError> {
+pub(crate) async fn watch(
+    ctx: &Ctx,
+    view: &mut JobView,
+    hosts: &[i64],
+    run: bool,
+) -> Result<u8, CliError> {
     let started = Instant::now();
     let mut live = (ctx.output == Output::Text).then(|| {
         Live::new(

@@ -26,6 +26,7 @@ mod rules;
 mod settings;
 mod syntax;
 mod tokens;
+mod transfer;
 mod view;
 
 use std::{process::ExitCode, sync::atomic::Ordering};

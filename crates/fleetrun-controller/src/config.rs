@@ -64,6 +64,39 @@ pub struct Config {
     /// controller is alone on its database (as ever): it holds it exclusively and takes no leases.
     #[serde(default)]
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// File transfers: the content store and local uploads.
+    #[serde(default)]
+    pub files: FilesConfig,
+}
+
+/// `[files]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesConfig {
+    /// The content store's directory: `content` in the state directory (beside a SQLite
+    /// database; beside the parameter key file with PostgreSQL) unless set.
+    pub content_dir: Option<PathBuf>,
+    /// Most bytes the content store holds.
+    pub max_bytes: u64,
+    /// Most bytes of one local file upload.
+    pub max_upload_bytes: u64,
+    /// Seconds an upload URL and the upload stay usable.
+    pub upload_ttl_secs: u64,
+    /// The base URL upload URLs are made of (`https://job.example.com`); without it, the API's
+    /// own listening address.
+    pub public_url: Option<String>,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        Self {
+            content_dir: None,
+            max_bytes: 16 << 30,
+            max_upload_bytes: 4 << 30,
+            upload_ttl_secs: 24 * 3600,
+            public_url: None,
+        }
+    }
 }
 
 /// `[audit]`.
@@ -551,6 +584,16 @@ impl Config {
             }
             .unwrap_or_else(|| std::path::PathBuf::from("."))
             .join("audit.head")
+        })
+    }
+
+    /// The content store's directory: `files.content_dir`, else `content` in the state directory.
+    pub fn content_dir(&self) -> std::path::PathBuf {
+        self.files.content_dir.clone().unwrap_or_else(|| {
+            self.audit_anchor_file()
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("content")
         })
     }
 

@@ -10,9 +10,15 @@ mod files;
 mod follow;
 mod handover;
 mod rolling;
+pub mod target_path;
+mod transfer;
 
-pub use files::{FileJobSpec, FileTarget, MODE_DOWNLOAD, StepFile, human_size, human_speed};
+pub use files::{
+    FileJobSpec, FileTarget, MODE_DOWNLOAD, MODE_UPLOAD, StepFile, file_status, human_size,
+    human_speed,
+};
 pub use rolling::RollingStart;
+pub use transfer::{LocalFile, SourceSpec, TransferSpec};
 
 use std::{
     collections::{HashMap, HashSet},

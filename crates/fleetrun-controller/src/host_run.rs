@@ -361,7 +361,13 @@ impl HostTask {
                 self.spool_lost(offset, bytes, &mut actions)
             }
             // Only file tasks report files; from a script's agent it means nothing.
-            Event::Up(TaskUp::FilePlaced(_)) => {}
+            Event::Up(
+                TaskUp::FilePlaced(_)
+                | TaskUp::Want { .. }
+                | TaskUp::SourceFile(_)
+                | TaskUp::SourceChunk { .. }
+                | TaskUp::SourceFileEnd(_),
+            ) => {}
             Event::Up(TaskUp::Finished(result)) => {
                 let outcome = self.result_outcome(result, now);
                 self.finish(outcome, &mut actions);

@@ -15,6 +15,7 @@ pub mod check;
 pub mod cluster;
 pub mod config;
 pub mod console;
+pub mod content;
 pub mod dangerous;
 pub mod dist;
 pub mod engine;
@@ -63,6 +64,8 @@ pub struct Shared {
     pub dangerous_rules: dangerous::DangerousRules,
     /// Enrollment's pin and addresses, when `[enroll]` is configured.
     pub enroll: Option<enroll::EnrollSettings>,
+    /// File chunks and local uploads for file transfers.
+    pub content: Arc<content::ContentStore>,
 }
 
 /// A started controller.
@@ -280,6 +283,19 @@ impl Controller {
             listening.store(false, std::sync::atomic::Ordering::Relaxed);
         });
 
+        let content_dir = config.content_dir();
+        let content = Arc::new(
+            content::ContentStore::open(&content_dir, config.files.max_bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open the content store {}: {e}",
+                    content_dir.display()
+                )
+            })?,
+        );
+        tasks.spawn(content::sweep_periodically(
+            content.clone(),
+            shutdown.clone(),
+        ));
         let apps = Arc::new(reload::Apps::new(config.apps.clone()));
         let config_in_force = config.clone();
         let shared = Arc::new(Shared {
@@ -301,6 +317,7 @@ impl Controller {
             .await?,
             dangerous_rules: dangerous::DangerousRules::load(store.clone()).await?,
             enroll: enrollment.as_ref().map(|(settings, ..)| settings.clone()),
+            content,
         });
         let enroller = match enrollment {
             Some((settings, ca, listener)) => {

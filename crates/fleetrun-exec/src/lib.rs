@@ -16,6 +16,7 @@
 
 mod account;
 mod cgroup;
+pub mod collect;
 mod dirs;
 mod kill;
 mod language;

@@ -64,12 +64,51 @@ impl std::fmt::Debug for Placement {
 /// One file of a [`Placement`].
 #[derive(Clone)]
 pub struct FileToPlace {
-    /// One path component.
+    /// One path component; for [`Content::Pulled`], plain components separated by `/`, the
+    /// directories among them created as the account.
     pub name: String,
+    /// Where it lands instead of [`Placement::target_dir`] (absolute, checked as it is).
+    pub dir: Option<PathBuf>,
     /// Permission bits; anything above `0o777` is dropped.
     pub mode: u32,
     pub sha256: [u8; 32],
-    pub content: Arc<Vec<u8>>,
+    pub content: Content,
+}
+
+/// Where a file's bytes come from.
+#[derive(Clone)]
+pub enum Content {
+    /// Given whole.
+    Inline(Arc<Vec<u8>>),
+    /// Pulled chunk by chunk through the [`Pull`] given to [`place_pulling`]; this many bytes.
+    Pulled { size: u64 },
+}
+
+impl std::fmt::Debug for Content {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Content::Inline(bytes) => write!(f, "Inline({} bytes)", bytes.len()),
+            Content::Pulled { size } => write!(f, "Pulled({size} bytes)"),
+        }
+    }
+}
+
+impl Content {
+    fn len(&self) -> u64 {
+        match self {
+            Content::Inline(bytes) => bytes.len() as u64,
+            Content::Pulled { size } => *size,
+        }
+    }
+}
+
+/// Brings pulled files' chunks to the writing thread. Blocking calls: the thread waits.
+pub trait Pull: Send {
+    /// Asks for the chunks of file `index` of the placement, from its start.
+    fn want(&mut self, index: usize) -> Result<(), String>;
+    /// The next chunk of the file last wanted, already checked against its hash; `None` after
+    /// its last.
+    fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, String>;
 }
 
 impl std::fmt::Debug for FileToPlace {
@@ -135,6 +174,15 @@ fn is_control(c: char) -> bool {
     c < ' ' || c == '\u{7f}'
 }
 
+/// Whether `name` is a relative path of plain components (each a [`valid_file_name`]) separated
+/// by single `/`, at most [`MAX_DEPTH`] of them.
+pub fn valid_relative_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 4096
+        && name.split('/').count() <= MAX_DEPTH
+        && name.split('/').all(valid_file_name)
+}
+
 /// Whether `dir` is an absolute path without `.`, `..`, NUL or another control character, of at
 /// most [`MAX_DEPTH`] components.
 pub fn valid_target_dir(dir: &str) -> bool {
@@ -158,18 +206,42 @@ pub fn place(
     cancel: Arc<AtomicBool>,
     report: impl FnMut(PlacedFile) + Send + 'static,
 ) -> Result<(), PlaceError> {
+    place_pulling(placement, None, cancel, report)
+}
+
+/// As [`place`], with `pull` bringing the bytes of [`Content::Pulled`] files (a pulled file
+/// without one fails).
+pub fn place_pulling(
+    placement: Placement,
+    mut pull: Option<Box<dyn Pull>>,
+    cancel: Arc<AtomicBool>,
+    report: impl FnMut(PlacedFile) + Send + 'static,
+) -> Result<(), PlaceError> {
+    let account = placement.account.clone();
+    let refuse_root = placement.refuse_root.clone();
+    as_account(&account, refuse_root.as_deref(), move || {
+        write_all(&placement, &mut pull, &cancel, report);
+    })
+}
+
+/// Runs `work` on a thread of its own that acts as `account` towards the file systems (its
+/// groups and file-system ids, no capabilities), and waits for it. The thread ends with the work.
+pub(crate) fn as_account(
+    account_name: &str,
+    refuse_root: Option<&str>,
+    work: impl FnOnce() + Send + 'static,
+) -> Result<(), PlaceError> {
     let agent = AgentIdentity::current();
-    let account = match account::resolve(&placement.account, &agent) {
+    let account = match account::resolve(account_name, &agent) {
         Ok(account) => account,
         Err(AccountError::NotFound(name)) => return Err(PlaceError::UserNotFound(name)),
         Err(e) => return Err(PlaceError::Account(e.to_string())),
     };
-    if let Some(why) = &placement.refuse_root
+    if let Some(why) = refuse_root
         && account.uid.is_root()
     {
         return Err(PlaceError::Account(format!(
-            "account {:?} is root (uid 0): {why}",
-            placement.account
+            "account {account_name:?} is root (uid 0): {why}"
         )));
     }
     let credentials = account.switch.then(|| Credentials {
@@ -178,18 +250,16 @@ pub fn place(
         groups: account.groups.clone(),
     });
     let was_dumpable = sys::dumpable();
+    let name = account_name.to_owned();
     let worker = std::thread::Builder::new()
-        .name("fleetrun-place".into())
+        .name("fleetrun-files".into())
         .spawn(move || -> Result<(), PlaceError> {
             if let Some(credentials) = &credentials {
                 sys::become_on_this_thread(credentials).map_err(|e| {
-                    PlaceError::Account(format!(
-                        "cannot act as the account {}: {e}",
-                        placement.account
-                    ))
+                    PlaceError::Account(format!("cannot act as the account {name}: {e}"))
                 })?;
             }
-            write_all(&placement, &cancel, report);
+            work();
             Ok(())
         })
         .map_err(|e| PlaceError::Thread(e.to_string()))?;
@@ -204,9 +274,15 @@ pub fn place(
     ended?
 }
 
-fn write_all(placement: &Placement, cancel: &AtomicBool, mut report: impl FnMut(PlacedFile)) {
+fn write_all(
+    placement: &Placement,
+    pull: &mut Option<Box<dyn Pull>>,
+    cancel: &AtomicBool,
+    mut report: impl FnMut(PlacedFile),
+) {
     let started = SystemTime::now();
-    let dir = open_target(&placement.target_dir);
+    let mut dirs: std::collections::HashMap<PathBuf, Result<OwnedFd, Failure>> =
+        std::collections::HashMap::new();
     let mut stop: Option<String> = None;
     for (index, file) in placement.files.iter().enumerate() {
         if stop.is_none() && cancel.load(Ordering::Relaxed) {
@@ -225,15 +301,37 @@ fn write_all(placement: &Placement, cancel: &AtomicBool, mut report: impl FnMut(
             continue;
         }
         let file_started = SystemTime::now();
-        let (ending, bytes, message) = match &dir {
+        let target_dir = file.dir.as_ref().unwrap_or(&placement.target_dir);
+        let dir = dirs.entry(target_dir.clone()).or_insert_with(|| {
+            if valid_target_dir(&target_dir.to_string_lossy()) {
+                open_target(target_dir)
+            } else {
+                Err((
+                    PlaceEnding::BadPath,
+                    format!(
+                        "{} is not an absolute path without . or ..",
+                        target_dir.display()
+                    ),
+                ))
+            }
+        });
+        let (ending, bytes, message) = match dir {
             Err((ending, message)) => (*ending, 0, message.clone()),
-            Ok(dir) => match place_one(dir.as_fd(), placement, index, file, cancel) {
+            Ok(dir) => match place_one(
+                dir.as_fd(),
+                target_dir,
+                placement,
+                index,
+                file,
+                pull,
+                cancel,
+            ) {
                 Ok(bytes) => (
                     PlaceEnding::Placed,
                     bytes,
                     format!(
                         "written to {} ({bytes} bytes, SHA-256 verified, mode {:o})",
-                        placement.target_dir.join(&file.name).display(),
+                        target_dir.join(&file.name).display(),
                         file.mode & 0o777
                     ),
                 ),
@@ -352,18 +450,36 @@ fn create_dir(parent: BorrowedFd<'_>, name: &OsStr, walked: &Path) -> Result<Own
 }
 
 fn place_one(
-    dir: BorrowedFd<'_>,
+    top: BorrowedFd<'_>,
+    target_dir: &Path,
     placement: &Placement,
     index: usize,
     file: &FileToPlace,
+    pull: &mut Option<Box<dyn Pull>>,
     cancel: &AtomicBool,
 ) -> Result<u64, Failure> {
-    if !valid_file_name(&file.name) {
+    let pulled = matches!(file.content, Content::Pulled { .. });
+    let valid = if pulled {
+        valid_relative_name(&file.name)
+    } else {
+        valid_file_name(&file.name)
+    };
+    if !valid {
         return Err((
             PlaceEnding::BadPath,
             format!("{:?} is not a plain file name", file.name),
         ));
     }
+    // A name with directories: they are walked (and made) below the target as the target was.
+    let (parents, leaf) = match file.name.rsplit_once('/') {
+        Some((parents, leaf)) => (Some(parents), leaf),
+        None => (None, file.name.as_str()),
+    };
+    let sub = match parents {
+        None => None,
+        Some(parents) => Some(open_below(top, target_dir, parents)?),
+    };
+    let dir = sub.as_ref().map_or(top, |fd| fd.as_fd());
     let temp = format!(".fleetrun-{}-{index}.tmp", placement.task_tag);
     let fd = openat(
         dir,
@@ -373,30 +489,25 @@ fn place_one(
     )
     .map_err(|e| {
         errno_failure(
-            &format!("cannot create a file in {}", placement.target_dir.display()),
+            &format!("cannot create a file in {}", target_dir.display()),
             e,
         )
     })?;
-    let result = fill_and_check(File::from(fd), file, cancel, &placement.target_dir);
+    let result = fill_and_check(File::from(fd), index, file, pull, cancel, target_dir);
     let result = result.and_then(|bytes| {
-        renameat(
-            dir,
-            temp.as_str(),
-            dir,
-            OsStr::from_bytes(file.name.as_bytes()),
-        )
-        .map(|()| bytes)
-        .map_err(|e| {
-            let target = placement.target_dir.join(&file.name);
-            if e == Errno::EISDIR || e == Errno::ENOTEMPTY || e == Errno::EEXIST {
-                (
-                    PlaceEnding::BadPath,
-                    format!("{} is a directory", target.display()),
-                )
-            } else {
-                errno_failure(&format!("cannot rename into {}", target.display()), e)
-            }
-        })
+        renameat(dir, temp.as_str(), dir, OsStr::from_bytes(leaf.as_bytes()))
+            .map(|()| bytes)
+            .map_err(|e| {
+                let target = target_dir.join(&file.name);
+                if e == Errno::EISDIR || e == Errno::ENOTEMPTY || e == Errno::EEXIST {
+                    (
+                        PlaceEnding::BadPath,
+                        format!("{} is a directory", target.display()),
+                    )
+                } else {
+                    errno_failure(&format!("cannot rename into {}", target.display()), e)
+                }
+            })
     });
     if result.is_err() {
         let _ = unlinkat(dir, temp.as_str(), UnlinkatFlags::NoRemoveDir);
@@ -404,6 +515,43 @@ fn place_one(
         sync_dir(dir);
     }
     result
+}
+
+/// Opens (creating what is missing) the directories `parents` below `top`, never following a link.
+fn open_below(top: BorrowedFd<'_>, target_dir: &Path, parents: &str) -> Result<OwnedFd, Failure> {
+    let path_flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut current = openat(top, ".", path_flags, Mode::empty())
+        .map_err(|e| errno_failure(&format!("cannot open {}", target_dir.display()), e))?;
+    let mut walked = target_dir.to_path_buf();
+    for name in parents.split('/') {
+        walked.push(name);
+        let next = match openat(current.as_fd(), name, path_flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => create_dir(current.as_fd(), OsStr::new(name), &walked)?,
+            Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                return Err((
+                    PlaceEnding::BadPath,
+                    format!("{} is a symbolic link or not a directory", walked.display()),
+                ));
+            }
+            Err(e) => {
+                return Err(errno_failure(
+                    &format!("cannot open {}", walked.display()),
+                    e,
+                ));
+            }
+        };
+        let stat = fstat(next.as_fd())
+            .map_err(|e| errno_failure(&format!("cannot inspect {}", walked.display()), e))?;
+        if !is_dir(&stat) {
+            return Err((
+                PlaceEnding::BadPath,
+                format!("{} is a symbolic link or not a directory", walked.display()),
+            ));
+        }
+        current = next;
+    }
+    Ok(current)
 }
 
 /// Makes the rename durable: the directory's entry is synced, not only the file. The descriptor
@@ -424,7 +572,9 @@ const CHUNK: usize = 1 << 20;
 
 fn fill_and_check(
     mut out: File,
+    index: usize,
     file: &FileToPlace,
+    pull: &mut Option<Box<dyn Pull>>,
     cancel: &AtomicBool,
     dir: &Path,
 ) -> Result<u64, Failure> {
@@ -433,14 +583,43 @@ fn fill_and_check(
         None => (PlaceEnding::Failed, format!("{what}: {e}")),
     };
     let what = format!("cannot write {}", dir.join(&file.name).display());
-    for chunk in file.content.chunks(CHUNK) {
-        if cancel.load(Ordering::Relaxed) {
-            return Err((
-                PlaceEnding::Skipped,
-                "the task was cancelled or timed out while the file was written".into(),
-            ));
+    let cancelled = || {
+        (
+            PlaceEnding::Skipped,
+            "the task was cancelled or timed out while the file was written".to_owned(),
+        )
+    };
+    match &file.content {
+        Content::Inline(content) => {
+            for chunk in content.chunks(CHUNK) {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(cancelled());
+                }
+                out.write_all(chunk).map_err(|e| io_failure(&what, e))?;
+            }
         }
-        out.write_all(chunk).map_err(|e| io_failure(&what, e))?;
+        Content::Pulled { size } => {
+            let Some(pull) = pull else {
+                return Err((PlaceEnding::Failed, "nothing to pull the file from".into()));
+            };
+            let pull_failure =
+                |e: String| (PlaceEnding::Failed, format!("cannot receive the file: {e}"));
+            pull.want(index).map_err(pull_failure)?;
+            let mut written = 0u64;
+            while let Some(chunk) = pull.next_chunk().map_err(pull_failure)? {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(cancelled());
+                }
+                written = written.saturating_add(chunk.len() as u64);
+                if written > *size {
+                    return Err((
+                        PlaceEnding::HashMismatch,
+                        format!("more than the file's {size} bytes arrived"),
+                    ));
+                }
+                out.write_all(&chunk).map_err(|e| io_failure(&what, e))?;
+            }
+        }
     }
     out.sync_all().map_err(|e| io_failure(&what, e))?;
     // Read back what the file system holds, and hash that.
@@ -457,7 +636,7 @@ fn fill_and_check(
         hasher.update(&buffer[..n]);
         offset += n as u64;
     }
-    if offset != file.content.len() as u64 || hasher.finish().as_ref() != file.sha256 {
+    if offset != file.content.len() || hasher.finish().as_ref() != file.sha256 {
         return Err((
             PlaceEnding::HashMismatch,
             format!(

@@ -7,6 +7,7 @@
 mod enroll;
 mod frame;
 mod identity;
+pub mod rate;
 mod tls;
 
 pub use enroll::{

@@ -14,7 +14,9 @@
 //!   controller has stored the result, and streams that resume ([`TaskDown::Resume`]) or discard
 //!   ([`TaskDown::Discard`]) a task the agent reported holding ([`ControlUp::Holding`]);
 //!   from version 4, a stream may instead start with [`TaskDown::Place`] (a file task), answered
-//!   by [`TaskUp::Started`], one [`TaskUp::FilePlaced`] per file and the result.
+//!   by [`TaskUp::Started`], one [`TaskUp::FilePlaced`] per file and the result; from version 5,
+//!   [`TaskDown::Collect`] (read files on a source host and send them in chunks) or
+//!   [`TaskDown::Fetch`] (write files on a target host, pulling each one's chunks).
 
 mod codec;
 mod enroll;
@@ -39,8 +41,10 @@ pub const ALPN: &[u8] = b"fleetrun/1";
 /// [`HelloReply::Welcome`]; both then speak that version. Version 2 adds reattaching to tasks
 /// that outlived their connection; version 3, renewing the agent's certificate over the control
 /// stream ([`ControlUp::Renew`], [`ControlDown`]); version 4, file tasks ([`TaskDown::Place`],
-/// [`TaskUp::FilePlaced`]), which a controller sends only on a connection that negotiated 4.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// [`TaskUp::FilePlaced`]), which a controller sends only on a connection that negotiated 4;
+/// version 5, files pulled between hosts through the controller ([`TaskDown::Collect`] on a
+/// source host, [`TaskDown::Fetch`] on a target), sent only on a connection that negotiated 5.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The oldest agent protocol revision the controller accepts (and the first that has no
 /// reattach: its tasks end with their connection).
@@ -66,11 +70,19 @@ pub const WIRE_DIGESTS: &[(u32, &str)] = &[
         4,
         "dd9a54b6ac91a405515e4d6373f961643ad64a7697e29df845b72c08c82ce63a",
     ),
+    (
+        5,
+        "3e29887be1883aba8f8d441f5586fb30b242c36c8e8b1b46d69990330faa8212",
+    ),
 ];
 
 /// Largest frame either side accepts, header excluded. Output arrives in chunks of at most
 /// [`MAX_OUTPUT_CHUNK`]; only a task request carrying a large script comes close.
 pub const MAX_FRAME_LEN: usize = 24 * 1024 * 1024;
+
+/// Bytes of a file in one [`TaskUp::SourceChunk`] or [`TaskDown::Chunk`] (the last of a file
+/// may be shorter). Content-addressed: each chunk is stored and checked by its SHA-256.
+pub const FILE_CHUNK: usize = 1024 * 1024;
 
 /// Largest piece of output an agent puts in one [`TaskUp::Output`] frame.
 pub const MAX_OUTPUT_CHUNK: usize = 64 * 1024;

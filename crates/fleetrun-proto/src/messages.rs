@@ -128,6 +128,118 @@ pub enum TaskDown {
     /// agent does not hold it across connections: a lost stream loses its reports, and files
     /// already renamed into place stay.
     Place(PlaceRequest),
+    /// Version 5, first frame of a stream to a source host: list the files matching the
+    /// request's paths as its account and send each one's contents in chunks
+    /// ([`TaskUp::SourceFile`], [`TaskUp::SourceChunk`], [`TaskUp::SourceFileEnd`]), then the
+    /// result. Not held across connections.
+    Collect(CollectRequest),
+    /// Version 5, first frame of a stream to a target host: write the request's files as its
+    /// account, each pulled from the controller ([`TaskUp::Want`], answered by
+    /// [`TaskDown::Chunk`]s), reported as [`TaskUp::FilePlaced`], then the result.
+    Fetch(FetchRequest),
+    /// Version 5, on a [`TaskDown::Fetch`] stream: the next chunk of file `index` (the one last
+    /// wanted), in order. Its SHA-256 is the request's for that place in the file; chunks of a
+    /// file wanted before are dropped.
+    Chunk {
+        index: u32,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+}
+
+/// Version 5: files to read on a source host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectRequest {
+    pub task_id: Uuid,
+    pub job_instance_id: i64,
+    pub step_instance_id: i64,
+    /// The OS user the files are read as.
+    pub account: String,
+    /// Absolute paths as bk-job writes them: a file, a directory (ending in `/`, sent whole),
+    /// a last component with `*` and `?` wildcards, or a last component `REGEX:<pattern>`.
+    pub paths: Vec<String>,
+    /// Bytes a second the host may send, 0 for no limit.
+    pub upload_bytes_per_sec: u64,
+    pub timeout_secs: u32,
+}
+
+/// Version 5: one file of a [`TaskDown::Collect`] found on the source host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFile {
+    /// Numbers the host's files from 0, in the order they are sent.
+    pub index: u32,
+    /// Which of [`CollectRequest::paths`] it matched.
+    pub path_index: u32,
+    /// Its absolute path on the source host.
+    pub path: String,
+    /// Where it lands below the target directory: its name, or for a directory sent whole the
+    /// directory's name and the path inside it.
+    pub relative: String,
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+}
+
+/// Version 5: how reading one source file, or one requested path, ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceEnd {
+    /// The file's [`SourceFile::index`], or for a path that gave no file, `None`.
+    pub index: Option<u32>,
+    pub path_index: u32,
+    pub ending: SourceEnding,
+    /// SHA-256 of all the file's chunks, in order.
+    pub sha256: [u8; 32],
+    pub bytes: u64,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+    pub message: String,
+}
+
+/// Version 5: the end of one source file's (or path's) reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SourceEnding {
+    /// Read whole and unchanged.
+    Read,
+    /// Nothing matches the path.
+    NotFound,
+    /// The account may not read it.
+    Denied,
+    /// A symbolic link or something other than a regular file or directory is in the way.
+    BadPath,
+    /// The file changed while it was read.
+    Changed,
+    /// Not read: the task was cancelled or timed out.
+    Skipped,
+    Failed,
+}
+
+/// Version 5: files to write on a target host, pulled from the controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchRequest {
+    pub task_id: Uuid,
+    pub job_instance_id: i64,
+    pub step_instance_id: i64,
+    /// The OS user the files are written as (and owned by).
+    pub account: String,
+    /// As [`PlaceRequest::strict`].
+    pub strict: bool,
+    pub timeout_secs: u32,
+    pub files: Vec<FetchFile>,
+}
+
+/// Version 5: one file of a [`FetchRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchFile {
+    /// Absolute directory it lands in, created as the account where missing.
+    pub dir: String,
+    /// Its path below `dir`: plain components separated by `/`.
+    pub name: String,
+    pub mode: u32,
+    pub size: u64,
+    /// SHA-256 of the whole file, checked on what was written before the rename.
+    pub sha256: [u8; 32],
+    /// SHA-256 of each chunk, in order; each chunk is checked as it arrives.
+    pub chunks: Vec<[u8; 32]>,
 }
 
 /// Version 4: files to write into one directory on one host.
@@ -277,8 +389,21 @@ pub enum TaskUp {
     /// Version 2: `bytes` of output from `offset` on were lost on the agent (its spool could not
     /// be written: disk full). The next output continues at `offset + bytes`.
     SpoolLost { offset: u64, bytes: u64 },
-    /// Version 4: one file of a [`TaskDown::Place`] ended.
+    /// Version 4: one file of a [`TaskDown::Place`] ended; version 5, also of a
+    /// [`TaskDown::Fetch`].
     FilePlaced(FileReport),
+    /// Version 5, on a [`TaskDown::Fetch`] stream: send the chunks of this file, in order.
+    Want { index: u32 },
+    /// Version 5, on a [`TaskDown::Collect`] stream: a file found; its chunks follow.
+    SourceFile(SourceFile),
+    /// Version 5: the next chunk of the file last announced.
+    SourceChunk {
+        sha256: [u8; 32],
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Version 5: a file (or a path that gave none) ended.
+    SourceFileEnd(SourceEnd),
 }
 
 /// How a task ended on the host.

@@ -115,6 +115,18 @@ impl Store {
         .await?;
         Ok(rows.iter().map(file_log).collect())
     }
+
+    /// A step's upload logs (mode 0, the source side), of every source host.
+    pub async fn upload_logs(&self, step_instance_id: i64) -> Result<Vec<FileLog>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM file_log WHERE step_instance_id = $1 AND mode = 0
+             ORDER BY bk_host_id, seq",
+        )
+        .bind(step_instance_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(file_log).collect())
+    }
 }
 
 #[cfg(test)]

@@ -49,13 +49,16 @@ pub(crate) async fn serve(
             request
         }
         // The emulated agent holds no task across connections: nothing to resume or discard;
-        // it has no files to write either.
+        // it has no files to write or read either.
         Ok(Some(
             TaskDown::Cancel
             | TaskDown::Resume { .. }
             | TaskDown::Discard { .. }
             | TaskDown::ResultStored
-            | TaskDown::Place(_),
+            | TaskDown::Place(_)
+            | TaskDown::Collect(_)
+            | TaskDown::Fetch(_)
+            | TaskDown::Chunk { .. },
         ))
         | Ok(None) => return,
         Err(e) => {

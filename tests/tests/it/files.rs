@@ -548,7 +548,7 @@ async fn the_account_cannot_signal_the_agent_while_a_push_writes_as_it() -> Resu
 
 /// A raw agent with its own certificate, connected from `ip`, welcomed at `protocol_version`,
 /// heartbeating; returns its connection and host id.
-async fn raw_agent(
+pub(crate) async fn raw_agent(
     cluster: &TestCluster,
     agent_id: &str,
     ip: &str,

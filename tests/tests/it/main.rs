@@ -49,3 +49,4 @@ mod scope_leaks;
 mod scripts;
 mod sealed_params;
 mod skeleton;
+mod transfer;

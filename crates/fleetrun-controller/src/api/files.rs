@@ -389,10 +389,16 @@ pub(super) async fn file_logs(
     step_instance_id: i64,
     result: &fleetrun_store::HostResultRecord,
 ) -> Result<Vec<reply::FileLog>, ApiError> {
-    let logs = shared
-        .store
-        .file_logs(step_instance_id, result.bk_host_id)
-        .await?;
+    // The sources' upload logs come first, as bk-job lists them beside each target's downloads.
+    let mut logs = shared.store.upload_logs(step_instance_id).await?;
+    logs.extend(
+        shared
+            .store
+            .file_logs(step_instance_id, result.bk_host_id)
+            .await?
+            .into_iter()
+            .filter(|log| log.mode != crate::engine::MODE_UPLOAD),
+    );
     Ok(logs
         .into_iter()
         .map(|log| reply::FileLog {

@@ -31,6 +31,7 @@ mod step_status;
 mod steps;
 mod stream;
 mod tokens;
+mod transfer;
 mod v4;
 
 use std::sync::Arc;
@@ -72,6 +73,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
             .route(&format!("{prefix}/stream_job"), any(stream::stream_job))
             .route(&format!("{prefix}/stream_job/"), any(stream::stream_job));
     }
+    router = router.route(
+        "/fleetrun/v1/local_file_upload/{id}",
+        any(transfer::upload_local_file),
+    );
     router = router
         .route("/api/v4/{api}", any(v4::dispatch))
         .route("/api/v4/{api}/", any(v4::dispatch));
@@ -132,6 +137,8 @@ const APIS: &[&str] = &[
     "revoke_join_token",
     "get_step_instance_detail",
     "push_config_file",
+    "fast_transfer_file",
+    "generate_local_file_upload_url",
 ];
 
 /// bk-job's public-script APIs: the business ones' twins, served by [`scripts::call`] with the
@@ -282,6 +289,10 @@ async fn answer(request: Request) -> Response {
         match api.as_str() {
             "fast_execute_script" => execute::fast_execute_script(&shared, &caller, &params).await,
             "push_config_file" => files::push_config_file(&shared, &caller, &params).await,
+            "fast_transfer_file" => transfer::fast_transfer_file(&shared, &caller, &params).await,
+            "generate_local_file_upload_url" => {
+                transfer::generate_local_file_upload_url(&shared, &caller, &params).await
+            }
             "get_job_instance_status" => {
                 query::get_job_instance_status(&shared, &caller, &params).await
             }

@@ -31,10 +31,14 @@ pub const FILE_PROTOCOL_VERSION: u32 = 4;
 /// bk-job's file log statuses.
 pub mod file_status {
     pub const WAITING: i32 = 1;
+    pub const UPLOADING: i32 = 2;
+    pub const DOWNLOADING: i32 = 3;
     pub const SUCCESS: i32 = 4;
     pub const FAILED: i32 = 5;
 }
 
+/// bk-job's file log mode of the source side.
+pub const MODE_UPLOAD: i32 = 0;
 /// bk-job's file log mode of the target side.
 pub const MODE_DOWNLOAD: i32 = 1;
 
@@ -372,18 +376,36 @@ impl Engine {
 }
 
 /// What one host's file task has reported so far.
-struct FileHostRun {
-    step_instance_id: i64,
-    bk_host_id: i64,
-    started_at: Option<i64>,
+pub(super) struct FileHostRun {
+    pub(super) step_instance_id: i64,
+    pub(super) bk_host_id: i64,
+    pub(super) started_at: Option<i64>,
     /// One per file of the step, in order; `reported` says which the agent reported.
-    logs: Vec<FileLog>,
-    reported: Vec<bool>,
+    pub(super) logs: Vec<FileLog>,
+    pub(super) reported: Vec<bool>,
     /// Each file's size in bytes, which bounds what the agent may report.
-    sizes: Vec<u64>,
+    pub(super) sizes: Vec<u64>,
 }
 
 impl FileHostRun {
+    /// A run whose files' logs are made already (waiting), each with its size.
+    pub(super) fn with_logs(
+        step_instance_id: i64,
+        bk_host_id: i64,
+        logs: Vec<FileLog>,
+        sizes: Vec<u64>,
+    ) -> Self {
+        let reported = vec![false; logs.len()];
+        Self {
+            step_instance_id,
+            bk_host_id,
+            started_at: None,
+            logs,
+            reported,
+            sizes,
+        }
+    }
+
     fn new(step: &Step, target: &FileTarget) -> Self {
         let logs = step
             .files
@@ -421,7 +443,7 @@ impl FileHostRun {
 
     /// Takes one file's report; numbers from the agent are checked, a report for a file the
     /// step does not have, or one repeated, is dropped.
-    fn report(&mut self, report: FileReport) {
+    pub(super) fn report(&mut self, report: FileReport) {
         let Ok(index) = usize::try_from(report.index) else {
             return;
         };
@@ -466,7 +488,7 @@ impl FileHostRun {
     }
 
     /// The host's status and tag from the agent's result.
-    fn result(&mut self, result: TaskResult) -> (i32, String) {
+    pub(super) fn result(&mut self, result: TaskResult) -> (i32, String) {
         let message = result
             .message
             .map(|m| crate::host_run::cut(m, 4096))
@@ -497,7 +519,7 @@ impl FileHostRun {
     }
 
     /// Every file the agent did not report ends failed, with the host's reason.
-    fn close_unreported(&mut self, why: &str) {
+    pub(super) fn close_unreported(&mut self, why: &str) {
         let now = now_ms();
         for (log, seen) in self.logs.iter_mut().zip(&self.reported) {
             if !*seen {
@@ -509,7 +531,7 @@ impl FileHostRun {
     }
 }
 
-fn join(dir: &str, name: &str) -> String {
+pub(super) fn join(dir: &str, name: &str) -> String {
     if dir.ends_with('/') {
         format!("{dir}{name}")
     } else {
@@ -531,7 +553,7 @@ fn describe(ending: FileEnding) -> String {
 }
 
 /// A file log's text, in bk-job's layout.
-fn file_line(log: &FileLog, state: &str, detail: &str) -> String {
+pub(super) fn file_line(log: &FileLog, state: &str, detail: &str) -> String {
     let at = log.end_time.unwrap_or_else(now_ms);
     let when = time::OffsetDateTime::from_unix_timestamp(at.div_euclid(1000))
         .map(|t| {

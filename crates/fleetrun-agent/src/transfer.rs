@@ -1,0 +1,398 @@
+//! File transfers between hosts (protocol version 5): a [`TaskDown::Collect`] stream reads
+//! files on this host as an account and sends them in content-addressed chunks; a
+//! [`TaskDown::Fetch`] stream writes files here as an account, pulling each one's chunks from
+//! the controller.
+//!
+//! Memory is bounded on both sides: the reading thread hands chunks through a channel of
+//! [`IN_FLIGHT`] chunks to the stream, and the stream hands received chunks to the writing
+//! thread through one of the same size; QUIC's flow control pushes back beyond that. Neither
+//! side ever holds a whole file. Like file tasks, transfers are not held across connections.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use fleetrun_exec::collect::{self, CollectEnding, Collected, Collection};
+use fleetrun_exec::place::{Content, FileToPlace, PlaceError, Placement, Pull};
+use fleetrun_net::rate::{TokenBucket, pace};
+use fleetrun_net::{FramedRecv, send_frame};
+use fleetrun_proto::{
+    CollectRequest, Ending, FILE_CHUNK, FetchRequest, SourceEnd, SourceEnding, SourceFile,
+    TaskDown, TaskResult, TaskUp,
+};
+use tokio::sync::mpsc;
+
+use crate::AgentContext;
+use crate::files::{Pulling, ended, ms, run_placement};
+
+/// Chunks waiting between a stream and the thread reading or writing files.
+pub const IN_FLIGHT: usize = 4;
+
+/// Why a request is refused before anything is read or written.
+fn refused_account(ctx: &AgentContext, account: &str) -> Option<String> {
+    let allowed = ctx.config.limits.accounts.as_ref()?;
+    (!allowed.iter().any(|a| a == account)).then(|| {
+        format!(
+            "refused by this host's local limits: account {account:?} is not allowed here; the \
+             agent runs tasks only as {} (limits.accounts)",
+            allowed.join(", ")
+        )
+    })
+}
+
+/// Reads the stream on a task of its own (a frame read is not cancellation-safe), routing file
+/// chunks to `chunks` and everything else to the returned receiver.
+fn read_downs(
+    mut recv: FramedRecv,
+    chunks: Option<mpsc::Sender<(u32, Vec<u8>)>>,
+) -> mpsc::UnboundedReceiver<TaskDown> {
+    let (down_tx, downs) = mpsc::unbounded_channel::<TaskDown>();
+    tokio::spawn(async move {
+        let mut chunks = chunks;
+        while let Ok(Some(down)) = recv.recv::<TaskDown>().await {
+            match down {
+                TaskDown::Chunk { index, data } => {
+                    // Waiting here is the back-pressure: the stream is not read meanwhile. Once
+                    // the writer is gone, chunks are dropped.
+                    if let Some(tx) = &chunks
+                        && tx.send((index, data)).await.is_err()
+                    {
+                        chunks = None;
+                    }
+                }
+                other => {
+                    // A cancel also ends a wait for chunks that may never come.
+                    if other == TaskDown::Cancel {
+                        chunks = None;
+                    }
+                    if down_tx.send(other).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    downs
+}
+
+/// Ends a stream: the result, then a short wait for the controller's acknowledgement.
+async fn finish(
+    mut send: quinn::SendStream,
+    downs: &mut mpsc::UnboundedReceiver<TaskDown>,
+    result: TaskResult,
+) {
+    if send_frame(&mut send, &TaskUp::Finished(result))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), downs.recv()).await;
+    let _ = send.finish();
+}
+
+fn source_ending(ending: CollectEnding) -> SourceEnding {
+    match ending {
+        CollectEnding::Read => SourceEnding::Read,
+        CollectEnding::NotFound => SourceEnding::NotFound,
+        CollectEnding::Denied => SourceEnding::Denied,
+        CollectEnding::BadPath => SourceEnding::BadPath,
+        CollectEnding::Changed => SourceEnding::Changed,
+        CollectEnding::Skipped => SourceEnding::Skipped,
+        CollectEnding::Failed => SourceEnding::Failed,
+    }
+}
+
+fn index32(index: usize) -> u32 {
+    u32::try_from(index).unwrap_or(u32::MAX)
+}
+
+/// Serves one [`TaskDown::Collect`] to the end.
+pub(crate) async fn collect(
+    ctx: Arc<AgentContext>,
+    mut send: quinn::SendStream,
+    recv: FramedRecv,
+    request: CollectRequest,
+) {
+    let mut downs = read_downs(recv, None);
+    let started_at_ms = ms(SystemTime::now());
+    tracing::info!(
+        job = request.job_instance_id,
+        step = request.step_instance_id,
+        paths = request.paths.len(),
+        "file source task"
+    );
+    if send_frame(&mut send, &TaskUp::Started { started_at_ms })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let result = match refused_account(&ctx, &request.account) {
+        Some(reason) => ended(Ending::Failed, started_at_ms, reason),
+        None => read_files(&ctx, &mut send, &mut downs, request, started_at_ms).await,
+    };
+    finish(send, &mut downs, result).await;
+}
+
+async fn read_files(
+    ctx: &AgentContext,
+    send: &mut quinn::SendStream,
+    downs: &mut mpsc::UnboundedReceiver<TaskDown>,
+    request: CollectRequest,
+    started_at_ms: i64,
+) -> TaskResult {
+    let timeout_secs = request.timeout_secs;
+    let deadline = tokio::time::sleep(Duration::from_secs(u64::from(timeout_secs.max(1))));
+    tokio::pin!(deadline);
+    let permit = tokio::select! {
+        permit = ctx.slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        () = &mut deadline => {
+            return ended(Ending::TimedOut, started_at_ms, format!("timed out after {timeout_secs} s before a task slot was free"));
+        }
+        down = downs.recv() => match down {
+            Some(TaskDown::Cancel) | None => {
+                return ended(Ending::Cancelled, started_at_ms, "cancelled before a task slot was free".into());
+            }
+            Some(_) => return ended(Ending::Failed, started_at_ms, "unexpected message before the files were read".into()),
+        },
+    };
+    let collection = Collection {
+        account: request.account,
+        paths: request.paths,
+        refuse_root: ctx.config.limits.root_refusal(),
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = mpsc::channel::<Collected>(IN_FLIGHT);
+    let worker = {
+        let cancel = cancel.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            collect::collect(collection, cancel, move |event| {
+                tx.blocking_send(event).is_ok()
+            })
+        })
+    };
+    let mut bucket = TokenBucket::new(
+        request.upload_bytes_per_sec,
+        FILE_CHUNK as u64,
+        tokio::time::Instant::now(),
+    );
+    let (mut timed_out, mut cancelled, mut listening) = (false, false, true);
+    let (mut read, mut failed, mut bytes) = (0usize, 0usize, 0u64);
+    // A file's log times are those of its sending (paced), not of its reading: the reading
+    // thread runs ahead by what the channel holds.
+    let mut sending_since: Option<i64> = None;
+    loop {
+        tokio::select! {
+            event = rx.recv() => {
+                let Some(event) = event else { break };
+                let up = match event {
+                    Collected::File(found) => {
+                        sending_since = Some(ms(SystemTime::now()));
+                        TaskUp::SourceFile(SourceFile {
+                        index: index32(found.index),
+                        path_index: index32(found.path_index),
+                        path: found.path.to_string_lossy().into_owned(),
+                        relative: found.relative,
+                        size: found.size,
+                        mode: found.mode,
+                    })
+                    }
+                    Collected::Chunk { sha256, data } => {
+                        pace(&mut bucket, data.len() as u64).await;
+                        TaskUp::SourceChunk { sha256, data }
+                    }
+                    Collected::End(end) => {
+                        if end.ending == CollectEnding::Read {
+                            read += 1;
+                            bytes = bytes.saturating_add(end.bytes);
+                        } else {
+                            failed += 1;
+                        }
+                        let started_at_ms = match (end.index, sending_since.take()) {
+                            (Some(_), Some(since)) => since,
+                            _ => ms(end.started),
+                        };
+                        TaskUp::SourceFileEnd(SourceEnd {
+                            index: end.index.map(index32),
+                            path_index: index32(end.path_index),
+                            ending: source_ending(end.ending),
+                            sha256: end.sha256,
+                            bytes: end.bytes,
+                            started_at_ms,
+                            finished_at_ms: ms(SystemTime::now()).max(ms(end.finished)),
+                            message: end.message,
+                        })
+                    }
+                };
+                if send_frame(send, &up).await.is_err() {
+                    cancel.store(true, Ordering::Relaxed);
+                    rx.close();
+                }
+            }
+            () = &mut deadline, if !timed_out => {
+                timed_out = true;
+                cancel.store(true, Ordering::Relaxed);
+            }
+            down = downs.recv(), if listening => match down {
+                Some(TaskDown::Cancel) => {
+                    cancelled = true;
+                    cancel.store(true, Ordering::Relaxed);
+                }
+                Some(_) => {}
+                None => {
+                    listening = false;
+                    cancel.store(true, Ordering::Relaxed);
+                }
+            },
+        }
+    }
+    let outcome = worker
+        .await
+        .unwrap_or_else(|e| Err(PlaceError::Thread(e.to_string())));
+    let (ending, message) = match outcome {
+        Err(PlaceError::UserNotFound(name)) => (
+            Ending::UserNotFound,
+            format!("the account {name} does not exist on this host"),
+        ),
+        Err(e) => (Ending::Failed, e.to_string()),
+        Ok(()) if timed_out => (
+            Ending::TimedOut,
+            format!("timed out after {timeout_secs} s: {read} files read"),
+        ),
+        Ok(()) if cancelled => (Ending::Cancelled, format!("cancelled: {read} files read")),
+        Ok(()) => (
+            Ending::Exited {
+                code: i32::from(failed > 0),
+            },
+            format!("{read} files read, {bytes} bytes; {failed} failed"),
+        ),
+    };
+    TaskResult {
+        ending,
+        started_at_ms,
+        finished_at_ms: ms(SystemTime::now()),
+        output_bytes: 0,
+        survivors: 0,
+        message: Some(message),
+    }
+}
+
+/// Pulls a fetch's files chunk by chunk off the stream, each checked against its hash.
+struct StreamPull {
+    wants: mpsc::UnboundedSender<u32>,
+    chunks: mpsc::Receiver<(u32, Vec<u8>)>,
+    /// Each file's chunk hashes.
+    expected: Vec<Vec<[u8; 32]>>,
+    /// The file wanted and how many of its chunks arrived.
+    current: Option<(usize, usize)>,
+}
+
+impl Pull for StreamPull {
+    fn want(&mut self, index: usize) -> Result<(), String> {
+        if index >= self.expected.len() {
+            return Err(format!("no file {index} in the task"));
+        }
+        self.current = Some((index, 0));
+        self.wants
+            .send(index32(index))
+            .map_err(|_| "the task's stream is gone".to_owned())
+    }
+
+    fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
+        let Some((file, seen)) = self.current else {
+            return Err("no file wanted".into());
+        };
+        let hashes = &self.expected[file];
+        if seen == hashes.len() {
+            return Ok(None);
+        }
+        loop {
+            let Some((index, data)) = self.chunks.blocking_recv() else {
+                return Err("the connection to the controller was lost".into());
+            };
+            // Chunks of a file wanted before, still in flight when it ended.
+            if index as usize != file {
+                continue;
+            }
+            if collect::sha256(&data) != hashes[seen] {
+                return Err(format!(
+                    "chunk {seen} of the file does not hash to its SHA-256"
+                ));
+            }
+            self.current = Some((file, seen + 1));
+            return Ok(Some(data));
+        }
+    }
+}
+
+/// Serves one [`TaskDown::Fetch`] to the end.
+pub(crate) async fn fetch(
+    ctx: Arc<AgentContext>,
+    mut send: quinn::SendStream,
+    recv: FramedRecv,
+    request: FetchRequest,
+) {
+    let (chunk_tx, chunk_rx) = mpsc::channel(IN_FLIGHT);
+    let mut downs = read_downs(recv, Some(chunk_tx));
+    let started_at_ms = ms(SystemTime::now());
+    tracing::info!(
+        job = request.job_instance_id,
+        step = request.step_instance_id,
+        files = request.files.len(),
+        "file transfer task"
+    );
+    if send_frame(&mut send, &TaskUp::Started { started_at_ms })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if let Some(reason) = refused_account(&ctx, &request.account) {
+        let result = ended(Ending::Failed, started_at_ms, reason);
+        finish(send, &mut downs, result).await;
+        return;
+    }
+    let (want_tx, want_rx) = mpsc::unbounded_channel();
+    let pull = StreamPull {
+        wants: want_tx,
+        chunks: chunk_rx,
+        expected: request.files.iter().map(|f| f.chunks.clone()).collect(),
+        current: None,
+    };
+    let placement = Placement {
+        task_tag: uuid::Uuid::new_v4().simple().to_string(),
+        account: request.account,
+        // Each file names its directory.
+        target_dir: "/".into(),
+        strict: request.strict,
+        files: request
+            .files
+            .into_iter()
+            .map(|f| FileToPlace {
+                name: f.name,
+                dir: Some(f.dir.into()),
+                mode: f.mode,
+                sha256: f.sha256,
+                content: Content::Pulled { size: f.size },
+            })
+            .collect(),
+        refuse_root: ctx.config.limits.root_refusal(),
+    };
+    let pulling = Pulling {
+        pull: Box::new(pull),
+        wants: want_rx,
+    };
+    let result = run_placement(
+        &ctx,
+        &mut send,
+        &mut downs,
+        placement,
+        Some(pulling),
+        request.timeout_secs,
+        started_at_ms,
+    )
+    .await;
+    finish(send, &mut downs, result).await;
+}

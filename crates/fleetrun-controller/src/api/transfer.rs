@@ -1,0 +1,764 @@
+//! `fast_transfer_file` and the local uploads it can send: `generate_local_file_upload_url`
+//! hands out one upload URL per file name, the caller PUTs the bytes there with the same app's
+//! credentials ([`upload_local_file`]), and names the upload's `path` in a `file_source_list`
+//! entry of `file_type` 2. Files on source hosts are `file_type` 1; third-party file sources
+//! (`file_type` 3) are refused.
+
+use std::sync::Arc;
+
+use axum::{
+    body::Body,
+    extract::{Path, RawQuery, State},
+    http::{HeaderMap, Method},
+    response::Response,
+};
+use http_body_util::BodyExt as _;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{
+    ApiError,
+    auth::Caller,
+    error::code,
+    execute::{TargetServer, refuse_while_unwritable},
+    files::{STEP_TYPE_FILE, target_dir},
+    params::{Params, lenient},
+    reply, scope,
+};
+use crate::{
+    Shared,
+    content::{self, StoredFile, Upload},
+    engine::{FileTarget, LocalFile, SourceSpec, TransferSpec},
+    now_ms,
+    status::{host, job},
+};
+
+const MAX_SOURCES: usize = 100;
+const MAX_PATHS: usize = 500;
+const MAX_UPLOAD_NAMES: usize = 100;
+const DEFAULT_TIMEOUT: i64 = 7200;
+const MAX_TIMEOUT: i64 = 86_400;
+const MAX_TASK_NAME_CHARS: usize = 512;
+/// The speed limits' largest value, in MB/s.
+const MAX_SPEED_MB: i64 = 100_000;
+
+/// bk-job's `file_type`s.
+mod file_type {
+    pub const SERVER: i64 = 1;
+    pub const LOCAL: i64 = 2;
+    pub const THIRD_PARTY: i64 = 3;
+}
+
+#[derive(Debug, Deserialize)]
+struct Request {
+    task_name: Option<String>,
+    account_alias: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    account_id: Option<i64>,
+    file_target_path: Option<String>,
+    file_target_name: Option<String>,
+    file_source_list: Option<Vec<FileSource>>,
+    target_server: Option<TargetServer>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    timeout: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    download_speed_limit: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    upload_speed_limit: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    transfer_mode: Option<i64>,
+    callback_url: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
+    start_task: Option<bool>,
+    rolling_config: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FileSource {
+    file_list: Option<Vec<String>>,
+    account: Option<SourceAccount>,
+    server: Option<TargetServer>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    file_type: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    file_source_id: Option<i64>,
+    file_source_code: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SourceAccount {
+    #[serde(default, deserialize_with = "lenient::opt_int")]
+    id: Option<i64>,
+    alias: Option<String>,
+}
+
+fn speed_limit(field: &str, value: Option<i64>) -> Result<u64, ApiError> {
+    match value {
+        None | Some(0) => Ok(0),
+        Some(mb) if (1..=MAX_SPEED_MB).contains(&mb) => Ok(mb as u64 * 1024 * 1024),
+        Some(other) => Err(ApiError::invalid(
+            field,
+            format!("{other} is not a speed in MB/s within [1, {MAX_SPEED_MB}]"),
+        )),
+    }
+}
+
+/// Checks a source path as bk-job writes it: absolute, no `.`/`..`, wildcards or `REGEX:` only
+/// in the last component, a regular expression that compiles.
+fn source_path(field: &str, path: &str) -> Result<String, ApiError> {
+    let path = path.trim();
+    let refuse = |why: String| Err(ApiError::invalid(field, why));
+    if !path.starts_with('/') {
+        return refuse(format!("{path:?} is not an absolute path"));
+    }
+    if path.len() > 4096 || path.chars().any(|c| c < ' ' || c == '\u{7f}') {
+        return refuse("contains a control character or is longer than 4096 bytes".into());
+    }
+    let trimmed = path.trim_end_matches('/');
+    let (dir, last) = trimmed.rsplit_once('/').unwrap_or(("", trimmed));
+    if last.is_empty() {
+        return refuse(format!(
+            "{path:?} names no file (the root directory is not sent)"
+        ));
+    }
+    if dir.split('/').any(|c| c == "." || c == "..") || last == "." || last == ".." {
+        return refuse(format!("{path:?} contains . or .. components"));
+    }
+    if dir.contains(['*', '?']) || dir.contains("REGEX:") {
+        return refuse(format!(
+            "{path:?}: wildcards and REGEX: are allowed only in the last component"
+        ));
+    }
+    if let Some(pattern) = last.strip_prefix("REGEX:") {
+        regex::RegexBuilder::new(pattern)
+            .size_limit(1 << 20)
+            .nest_limit(64)
+            .build()
+            .map_err(|e| {
+                ApiError::invalid(
+                    field,
+                    format!("the regular expression does not compile: {e}"),
+                )
+            })?;
+    }
+    Ok(path.to_owned())
+}
+
+/// Checks `file_target_path` with its variables: absolute, and absolute with no `.`/`..` once
+/// they are replaced (by a sample address and time; the real ones are checked when known).
+fn target_path(path: Option<&str>) -> Result<String, ApiError> {
+    let field = "file_target_path";
+    let path = target_dir(field, path)?;
+    let sample = crate::engine::target_path::resolve(&path, "10.0.0.1", now_ms());
+    target_dir(field, Some(&sample)).map_err(|e| {
+        ApiError::invalid(
+            field,
+            format!("once its variables are replaced: {}", e.message),
+        )
+    })?;
+    Ok(path)
+}
+
+fn file_name_field(field: &str, name: &str) -> Result<String, ApiError> {
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains('/')
+        || name.len() > 255
+        || name.chars().any(|c| c < ' ' || c == '\u{7f}')
+    {
+        return Err(ApiError::invalid(
+            field,
+            format!("{name:?} is not a plain file name"),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+pub async fn fast_transfer_file(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
+    let req: Request = params.parse()?;
+    let scope = scope::resolve(shared, caller, params)?;
+    refuse_while_unwritable(shared)?;
+
+    let template = target_path(req.file_target_path.as_deref())?;
+    let target_name = match req.file_target_name.as_deref().filter(|n| !n.is_empty()) {
+        None => None,
+        Some(name) => Some(file_name_field("file_target_name", name)?),
+    };
+    let list = req
+        .file_source_list
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| ApiError::missing("file_source_list"))?;
+    if list.len() > MAX_SOURCES {
+        return Err(ApiError::invalid(
+            "file_source_list",
+            format!("{} sources, at most {MAX_SOURCES}", list.len()),
+        ));
+    }
+    let strict = match req.transfer_mode.unwrap_or(2) {
+        1 => true,
+        2 => false,
+        other => {
+            return Err(ApiError::invalid(
+                "transfer_mode",
+                format!("{other} is not 1 (strict) or 2 (force)"),
+            ));
+        }
+    };
+    let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT);
+    if !(1..=MAX_TIMEOUT).contains(&timeout) {
+        return Err(ApiError::invalid(
+            "timeout",
+            format!("{timeout} is outside [1, {MAX_TIMEOUT}]"),
+        ));
+    }
+    let download = speed_limit("download_speed_limit", req.download_speed_limit)?;
+    let upload = speed_limit("upload_speed_limit", req.upload_speed_limit)?;
+    if let Some(name) = &req.task_name
+        && name.chars().count() > MAX_TASK_NAME_CHARS
+    {
+        return Err(ApiError::invalid(
+            "task_name",
+            format!("longer than {MAX_TASK_NAME_CHARS} characters"),
+        ));
+    }
+    if req.rolling_config.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::new(
+            code::NOT_SUPPORTED,
+            "rolling_config: file steps do not roll yet; submit without rolling_config",
+        ));
+    }
+    if req.start_task == Some(false) {
+        return Err(ApiError::new(
+            code::NOT_SUPPORTED,
+            "start_task: file steps start when they are accepted; submit without start_task=false",
+        ));
+    }
+    let callback_url = match req.callback_url.as_deref().filter(|u| !u.is_empty()) {
+        None => None,
+        Some(url) => Some(
+            crate::callback::check_url(url, shared.config.http_listen, &shared.config.callbacks)
+                .map_err(|e| ApiError::invalid("callback_url", e))?
+                .to_string(),
+        ),
+    };
+
+    let inventory = shared.inventory.current().await?;
+    let account_of = |field: &str, id: Option<i64>, alias: Option<&str>| {
+        inventory
+            .account_for(&scope.inventory, id, alias)
+            .map_err(|e| match e {
+                fleetrun_inventory::AccountError::Missing => ApiError::missing(field),
+                other => ApiError::new(i64::from(other.code()), format!("{field}: {other}")),
+            })
+    };
+    let account = account_of(
+        "account_id or account_alias",
+        req.account_id,
+        req.account_alias.as_deref(),
+    )?;
+
+    // The sources, each checked and resolved.
+    let mut sources = Vec::new();
+    let mut locals = Vec::new();
+    let mut described = Vec::new();
+    let mut paths = 0usize;
+    for (i, source) in list.into_iter().enumerate() {
+        let field = |name: &str| format!("file_source_list[{i}].{name}");
+        let files = source
+            .file_list
+            .filter(|l| !l.is_empty())
+            .ok_or_else(|| ApiError::missing(&field("file_list")))?;
+        paths += files.len();
+        if paths > MAX_PATHS {
+            return Err(ApiError::invalid(
+                &field("file_list"),
+                format!("more than {MAX_PATHS} paths in all"),
+            ));
+        }
+        match source.file_type.unwrap_or(file_type::SERVER) {
+            file_type::SERVER => {
+                let mut checked = Vec::with_capacity(files.len());
+                for (j, path) in files.iter().enumerate() {
+                    checked.push(source_path(&field(&format!("file_list[{j}]")), path)?);
+                }
+                let wanted = super::execute::wanted_targets(source.server).map_err(|e| {
+                    ApiError::new(e.code, format!("{}: {}", field("server"), e.message))
+                })?;
+                scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
+                let hosts = inventory
+                    .resolve(&scope.inventory, &wanted)
+                    .map_err(|e| {
+                        ApiError::new(i64::from(e.code()), format!("{}: {e}", field("server")))
+                    })?
+                    .hosts;
+                let source_account = source
+                    .account
+                    .ok_or_else(|| ApiError::missing(&field("account")))?;
+                let source_account = account_of(
+                    &field("account"),
+                    source_account.id,
+                    source_account.alias.as_deref(),
+                )?;
+                described.push(serde_json::json!({
+                    "file_type": file_type::SERVER,
+                    "file_list": checked,
+                    "account": source_account.account,
+                    "hosts": hosts.iter().map(|h| h.bk_host_id).collect::<Vec<_>>(),
+                }));
+                for h in &hosts {
+                    sources.push(SourceSpec {
+                        host: FileTarget {
+                            bk_host_id: h.bk_host_id,
+                            bk_cloud_id: h.bk_cloud_id,
+                            ip: h.ip.to_canonical().to_string(),
+                        },
+                        account: source_account.account.clone(),
+                        paths: checked.clone(),
+                    });
+                }
+            }
+            file_type::LOCAL => {
+                let content = shared.content.clone();
+                for (j, path) in files.iter().enumerate() {
+                    let field = field(&format!("file_list[{j}]"));
+                    let local = local_file(&content, caller, &scope, &field, path).await?;
+                    described.push(serde_json::json!({
+                        "file_type": file_type::LOCAL,
+                        "file_list": [path],
+                        "size": local.size,
+                    }));
+                    locals.push(local);
+                }
+            }
+            file_type::THIRD_PARTY => {
+                let named = source
+                    .file_source_id
+                    .map(|id| id.to_string())
+                    .or(source.file_source_code)
+                    .unwrap_or_default();
+                return Err(ApiError::new(
+                    code::NOT_SUPPORTED,
+                    format!(
+                        "{}: third-party file sources (file_type 3{}) are not supported by fleetrun; \
+                         send files from hosts (file_type 1) or upload them (file_type 2)",
+                        field("file_type"),
+                        if named.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", source {named}")
+                        }
+                    ),
+                ));
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    &field("file_type"),
+                    format!("{other} is not 1 (server file), 2 (local file) or 3 (third-party)"),
+                ));
+            }
+        }
+    }
+
+    let wanted = super::execute::wanted_targets(req.target_server)?;
+    scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
+    let chosen = inventory
+        .resolve(&scope.inventory, &wanted)
+        .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?
+        .hosts;
+
+    let create_time = now_ms();
+    let name = req
+        .task_name
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| format!("API_FAST_TRANSFER_FILE_{create_time}"));
+    let step_described = serde_json::json!({
+        "file_target_path": template,
+        "file_target_name": target_name,
+        "transfer_mode": if strict { 1 } else { 2 },
+        "file_source_list": described,
+    })
+    .to_string();
+    let new_job = fleetrun_store::NewJob {
+        name: name.clone(),
+        operator: caller.username.clone(),
+        app_code: caller.app_code.clone(),
+        bk_scope_type: scope.scope_type.clone(),
+        bk_scope_id: scope.scope_id.clone(),
+        status: job::RUNNING,
+        job_type: 1,
+        launch_mode: 2,
+        callback_url,
+        create_time,
+        step: fleetrun_store::NewStep {
+            name: name.clone(),
+            step_type: STEP_TYPE_FILE,
+            script_language: 0,
+            script_content: step_described.into_bytes(),
+            script_param: String::new(),
+            is_param_sensitive: false,
+            timeout,
+            account_id: account.id,
+            account: account.account.clone(),
+        },
+        hosts: chosen
+            .iter()
+            .map(|h| fleetrun_store::NewHostResult {
+                bk_host_id: h.bk_host_id,
+                bk_cloud_id: h.bk_cloud_id,
+                ip: h.ip.to_canonical().to_string(),
+                status: host::WAITING,
+            })
+            .collect(),
+    };
+    let created = shared
+        .store
+        .create_job_sealing(&new_job, shared.cipher.sealer(), None)
+        .await?;
+    let spec = TransferSpec {
+        job_instance_id: created.job_instance_id,
+        step_instance_id: created.step_instance_id,
+        sources,
+        locals,
+        targets: chosen
+            .iter()
+            .map(|h| FileTarget {
+                bk_host_id: h.bk_host_id,
+                bk_cloud_id: h.bk_cloud_id,
+                ip: h.ip.to_canonical().to_string(),
+            })
+            .collect(),
+        account: account.account.clone(),
+        target_path: template,
+        target_name,
+        strict,
+        timeout_secs: timeout as u32,
+        upload_bytes_per_sec: upload,
+        download_bytes_per_sec: download,
+        create_time,
+        content: shared.content.clone(),
+    };
+    tracing::info!(
+        job = created.job_instance_id,
+        sources = spec.sources.len(),
+        locals = spec.locals.len(),
+        hosts = chosen.len(),
+        operator = %caller.username,
+        "transfer job accepted"
+    );
+    shared.engine.start_transfer(spec);
+    reply::data(Submitted {
+        job_instance_id: created.job_instance_id,
+        job_instance_name: name,
+        step_instance_id: created.step_instance_id,
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct Submitted {
+    job_instance_id: i64,
+    job_instance_name: String,
+    step_instance_id: i64,
+}
+
+/// A `file_type` 2 path: an upload of this app, in this scope, whose bytes arrived.
+async fn local_file(
+    content: &Arc<content::ContentStore>,
+    caller: &Caller,
+    scope: &scope::Scope,
+    field: &str,
+    path: &str,
+) -> Result<LocalFile, ApiError> {
+    let not_found = || {
+        ApiError::invalid(
+            field,
+            format!(
+                "{path:?} is not an upload of this app in this scope (or it expired): \
+                 use the path generate_local_file_upload_url returned"
+            ),
+        )
+    };
+    let id = path.split('/').nth(1).ok_or_else(not_found)?.to_owned();
+    let store = content.clone();
+    let upload = tokio::task::spawn_blocking(move || store.upload(&id))
+        .await
+        .map_err(|e| ApiError::internal("content store", e))?
+        .ok_or_else(not_found)?;
+    if upload.app_code != caller.app_code
+        || !scope.owns(&upload.scope_type, &upload.scope_id)
+        || upload.path() != path
+    {
+        return Err(not_found());
+    }
+    let file = upload.file.as_ref().ok_or_else(|| {
+        ApiError::invalid(
+            field,
+            format!(
+                "{path:?}: nothing was uploaded there yet; PUT the file to its upload_url first"
+            ),
+        )
+    })?;
+    let parse = |hex: &str| {
+        content::parse_hex(hex).ok_or_else(|| ApiError::internal("upload record", "bad hash"))
+    };
+    Ok(LocalFile {
+        name: upload.file_name.clone(),
+        path: path.to_owned(),
+        size: file.size,
+        sha256: parse(&file.sha256)?,
+        chunks: file
+            .chunks
+            .iter()
+            .map(|c| parse(c))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct UploadUrlRequest {
+    file_name_list: Option<Vec<String>>,
+}
+
+#[derive(Debug, Serialize)]
+struct UploadUrl {
+    upload_url: String,
+    path: String,
+}
+
+#[derive(Debug, Serialize)]
+struct UploadUrls {
+    url_map: std::collections::BTreeMap<String, UploadUrl>,
+}
+
+/// `generate_local_file_upload_url`: one upload per file name, bound to the app and scope.
+pub async fn generate_local_file_upload_url(
+    shared: &Shared,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Value, ApiError> {
+    let req: UploadUrlRequest = params.parse()?;
+    let scope = scope::resolve(shared, caller, params)?;
+    let names = req
+        .file_name_list
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| ApiError::missing("file_name_list"))?;
+    if names.len() > MAX_UPLOAD_NAMES {
+        return Err(ApiError::invalid(
+            "file_name_list",
+            format!("{} names, at most {MAX_UPLOAD_NAMES}", names.len()),
+        ));
+    }
+    let mut checked = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        checked.push(file_name_field(&format!("file_name_list[{i}]"), name)?);
+    }
+    let base = match &shared.config.files.public_url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => format!(
+            "{}://{}",
+            if shared.config.api.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
+            shared.config.http_listen
+        ),
+    };
+    let created_ms = now_ms();
+    let ttl_ms =
+        i64::try_from(shared.config.files.upload_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let mut url_map = std::collections::BTreeMap::new();
+    for name in checked {
+        let upload = Upload {
+            id: uuid::Uuid::new_v4().to_string(),
+            app_code: caller.app_code.clone(),
+            scope_type: scope.scope_type.clone(),
+            scope_id: scope.scope_id.clone(),
+            username: caller.username.clone(),
+            file_name: name.clone(),
+            created_ms,
+            expires_ms: created_ms.saturating_add(ttl_ms),
+            file: None,
+        };
+        let store = shared.content.clone();
+        let saved = upload.clone();
+        tokio::task::spawn_blocking(move || store.save_upload(&saved))
+            .await
+            .map_err(|e| ApiError::internal("content store", e))?
+            .map_err(|e| ApiError::internal("content store", e))?;
+        url_map.insert(
+            name,
+            UploadUrl {
+                upload_url: format!("{base}/fleetrun/v1/local_file_upload/{}", upload.id),
+                path: upload.path(),
+            },
+        );
+    }
+    reply::data(UploadUrls { url_map })
+}
+
+/// `PUT /fleetrun/v1/local_file_upload/{id}`: the bytes of an upload, with the credentials of
+/// the app it was handed to (in the header or the query string; the body is the file). The
+/// file is cut into chunks as it arrives, each stored once by its SHA-256; the body is never
+/// held whole. A second PUT replaces the first.
+pub async fn upload_local_file(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Response {
+    let request_id = super::new_request_id();
+    let result = receive_upload(&shared, &id, &method, &headers, query.as_deref(), body).await;
+    super::log_result(&result);
+    super::envelope(&request_id, result)
+}
+
+async fn receive_upload(
+    shared: &Arc<Shared>,
+    id: &str,
+    method: &Method,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    body: Body,
+) -> Result<Value, ApiError> {
+    if method != Method::PUT && method != Method::POST {
+        return Err(ApiError::invalid("method", "PUT the file's bytes"));
+    }
+    let params = Params::from_request(&Method::GET, query, &[])?;
+    let caller = super::auth::authenticate(&shared.apps.current(), headers, &params)?;
+    refuse_while_unwritable(shared)?;
+    let not_found = || {
+        ApiError::invalid(
+            "upload_url",
+            "no such upload for this app (or it expired): ask generate_local_file_upload_url for one",
+        )
+    };
+    let store = shared.content.clone();
+    let wanted = id.to_owned();
+    let mut upload = tokio::task::spawn_blocking(move || store.upload(&wanted))
+        .await
+        .map_err(|e| ApiError::internal("content store", e))?
+        .ok_or_else(not_found)?;
+    // Bound to the app it was handed to: another app's credentials find nothing.
+    if upload.app_code != caller.app_code {
+        return Err(not_found());
+    }
+    let max = shared.config.files.max_upload_bytes;
+    let mut body = body;
+    let mut buffer: Vec<u8> = Vec::with_capacity(fleetrun_proto::FILE_CHUNK);
+    let mut whole = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut chunks = Vec::new();
+    let mut size = 0u64;
+    loop {
+        let frame = body.frame().await;
+        let data = match frame {
+            None => None,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => Some(data),
+                Err(_) => continue,
+            },
+            Some(Err(e)) => {
+                return Err(ApiError::invalid(
+                    "body",
+                    format!("the upload broke off: {e}"),
+                ));
+            }
+        };
+        let last = data.is_none();
+        if let Some(data) = data {
+            size = size.saturating_add(data.len() as u64);
+            if size > max {
+                return Err(ApiError::invalid(
+                    "body",
+                    format!("the file is larger than {max} bytes ([files] max_upload_bytes)"),
+                ));
+            }
+            whole.update(&data);
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                let room = fleetrun_proto::FILE_CHUNK - buffer.len();
+                let (now, later) = rest.split_at(room.min(rest.len()));
+                buffer.extend_from_slice(now);
+                rest = later;
+                if buffer.len() == fleetrun_proto::FILE_CHUNK {
+                    chunks.push(store_chunk(shared, std::mem::take(&mut buffer)).await?);
+                }
+            }
+        }
+        if last {
+            break;
+        }
+    }
+    if !buffer.is_empty() {
+        chunks.push(store_chunk(shared, buffer).await?);
+    }
+    let mut sha256 = [0u8; 32];
+    sha256.copy_from_slice(whole.finish().as_ref());
+    upload.file = Some(StoredFile {
+        size,
+        sha256: content::hex(&sha256),
+        chunks: chunks.iter().map(content::hex).collect(),
+    });
+    let store = shared.content.clone();
+    let saved = upload.clone();
+    tokio::task::spawn_blocking(move || store.save_upload(&saved))
+        .await
+        .map_err(|e| ApiError::internal("content store", e))?
+        .map_err(|e| ApiError::internal("content store", e))?;
+    tracing::info!(app = %caller.app_code, upload = %upload.id, size, "local file uploaded");
+    Ok(serde_json::json!({
+        "path": upload.path(),
+        "size": size,
+        "sha256": content::hex(&sha256),
+    }))
+}
+
+async fn store_chunk(shared: &Arc<Shared>, data: Vec<u8>) -> Result<content::Hash, ApiError> {
+    let hash = content::sha256(&data);
+    let store = shared.content.clone();
+    tokio::task::spawn_blocking(move || store.put_chunk(&hash, &data))
+        .await
+        .map_err(|e| ApiError::internal("content store", e))?
+        .map_err(|e| match e {
+            content::ContentError::Full { .. } => ApiError::new(code::INTERNAL, e.to_string()),
+            other => ApiError::internal("content store", other),
+        })?;
+    Ok(hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_paths_are_checked_as_bk_job_defines_them() {
+        for good in [
+            "/tmp/a.txt",
+            "/data/logs/",
+            "/tmp/*.log",
+            "/tmp/REGEX:[a-z]+\\.txt",
+        ] {
+            assert!(source_path("f", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "tmp/a",
+            "/tmp/../etc/passwd",
+            "/",
+            "/tmp/*/a",
+            "/tmp/REGEX:(",
+            "/tmp/a\0",
+        ] {
+            assert!(source_path("f", bad).is_err(), "{bad:?}");
+        }
+        assert!(speed_limit("s", Some(-1)).is_err());
+        assert_eq!(speed_limit("s", Some(2)).unwrap(), 2 << 20);
+        assert!(target_path(Some("/data/[DATE:..]/x")).is_err());
+        assert!(target_path(Some("relative")).is_err());
+    }
+}

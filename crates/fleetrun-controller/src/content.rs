@@ -1,0 +1,458 @@
+//! The content store: file chunks on the controller's disk, beside the database, by SHA-256.
+//!
+//! A file transfer reads each source file once into chunks here ([`ContentStore::put_chunk`])
+//! and every target pulls them from here, so a source's bytes cross its link once however many
+//! targets there are. Local files uploaded through `generate_local_file_upload_url` land here
+//! too, as chunks, with a record of the upload (`uploads/<id>.json`: the app and scope it is
+//! bound to, its name, its chunks, when it expires).
+//!
+//! Each chunk is written to a fresh temporary name (`O_EXCL`, 0600), synced and renamed into
+//! place under its hash, after the hash was checked, so a chunk under its name is always whole
+//! and right; directories are 0700. The store is bounded ([`ContentStore::new`]'s `max_bytes`):
+//! a chunk that would pass the bound is refused. Chunks used by running transfers are pinned;
+//! [`ContentStore::sweep`] removes expired uploads and every chunk neither pinned nor used by a
+//! live upload.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read as _, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fleetrun_proto::FILE_CHUNK;
+use serde::{Deserialize, Serialize};
+
+/// A SHA-256.
+pub type Hash = [u8; 32];
+
+/// Why the store refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ContentError {
+    /// The bytes do not hash to the name they were given.
+    #[error("the chunk does not hash to its SHA-256")]
+    HashMismatch,
+    /// Storing it would pass the store's bound.
+    #[error("the controller's content store is full ({max} bytes)")]
+    Full { max: u64 },
+    /// A chunk larger than a chunk may be.
+    #[error("a chunk of {0} bytes is larger than {FILE_CHUNK}")]
+    TooLarge(usize),
+    #[error("no such chunk in the content store")]
+    Missing,
+    #[error("content store: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Lower-case hexadecimal.
+pub fn hex(hash: &Hash) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads 64 hexadecimal digits.
+pub fn parse_hex(text: &str) -> Option<Hash> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    for (i, byte) in hash.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(hash)
+}
+
+pub fn sha256(data: &[u8]) -> Hash {
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, data).as_ref());
+    hash
+}
+
+/// A local file's upload, as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Upload {
+    pub id: String,
+    pub app_code: String,
+    pub scope_type: String,
+    pub scope_id: String,
+    pub username: String,
+    pub file_name: String,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    /// Set once the bytes arrived.
+    pub file: Option<StoredFile>,
+}
+
+impl Upload {
+    /// The `path` bk-job's clients give in `file_source_list` to use the upload.
+    pub fn path(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.scope_id, self.id, self.username, self.file_name
+        )
+    }
+}
+
+/// A whole file in the store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredFile {
+    pub size: u64,
+    /// Hexadecimal SHA-256 of the file.
+    pub sha256: String,
+    /// Hexadecimal SHA-256 of each chunk, in order.
+    pub chunks: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct ContentStore {
+    root: PathBuf,
+    max_bytes: u64,
+    used: AtomicU64,
+    /// Chunks running transfers use, with how many use each.
+    pins: Mutex<HashMap<Hash, usize>>,
+}
+
+fn private_dir(path: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+}
+
+fn now_ms() -> i64 {
+    crate::now_ms()
+}
+
+impl ContentStore {
+    /// Opens (creating) the store at `root`, at most `max_bytes` of chunks. Leftover temporary
+    /// files of a crash are removed; the chunks there are counted.
+    pub fn open(root: &Path, max_bytes: u64) -> io::Result<Self> {
+        private_dir(root)?;
+        for sub in ["objects", "tmp", "uploads"] {
+            private_dir(&root.join(sub))?;
+        }
+        for entry in fs::read_dir(root.join("tmp"))? {
+            let _ = fs::remove_file(entry?.path());
+        }
+        let mut used = 0u64;
+        for shard in fs::read_dir(root.join("objects"))? {
+            let shard = shard?;
+            if shard.file_type()?.is_dir() {
+                for object in fs::read_dir(shard.path())? {
+                    used += object?.metadata()?.len();
+                }
+            }
+        }
+        Ok(Self {
+            root: root.to_owned(),
+            max_bytes,
+            used: AtomicU64::new(used),
+            pins: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Bytes of chunks held.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn object(&self, hash: &Hash) -> PathBuf {
+        let name = hex(hash);
+        self.root.join("objects").join(&name[..2]).join(name)
+    }
+
+    /// Writes `data` to a temporary file, synced; returns its path.
+    fn write_temp(&self, data: &[u8]) -> io::Result<PathBuf> {
+        let temp = self
+            .root
+            .join("tmp")
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&temp)?;
+        let written = file.write_all(data).and_then(|()| file.sync_all());
+        if let Err(e) = written {
+            let _ = fs::remove_file(&temp);
+            return Err(e);
+        }
+        Ok(temp)
+    }
+
+    /// Stores one chunk under its hash (checked), once: a chunk already there is not written
+    /// again. Blocking: call from a blocking thread.
+    pub fn put_chunk(&self, hash: &Hash, data: &[u8]) -> Result<(), ContentError> {
+        if data.len() > FILE_CHUNK {
+            return Err(ContentError::TooLarge(data.len()));
+        }
+        if sha256(data) != *hash {
+            return Err(ContentError::HashMismatch);
+        }
+        let object = self.object(hash);
+        if object.exists() {
+            return Ok(());
+        }
+        let len = data.len() as u64;
+        let reserved = self
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                used.checked_add(len).filter(|n| *n <= self.max_bytes)
+            });
+        if reserved.is_err() {
+            return Err(ContentError::Full {
+                max: self.max_bytes,
+            });
+        }
+        let stored = (|| {
+            let temp = self.write_temp(data)?;
+            if let Some(shard) = object.parent() {
+                private_dir(shard)?;
+            }
+            fs::rename(&temp, &object).inspect_err(|_| {
+                let _ = fs::remove_file(&temp);
+            })?;
+            if let Some(shard) = object.parent() {
+                File::open(shard)?.sync_all()?;
+            }
+            Ok::<(), io::Error>(())
+        })();
+        if let Err(e) = stored {
+            self.used.fetch_sub(len, Ordering::SeqCst);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Reads one chunk, checked against its hash. Blocking.
+    pub fn read_chunk(&self, hash: &Hash) -> Result<Vec<u8>, ContentError> {
+        let file = match File::open(self.object(hash)) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ContentError::Missing),
+            Err(e) => return Err(e.into()),
+        };
+        let mut data = Vec::with_capacity(FILE_CHUNK);
+        file.take(FILE_CHUNK as u64 + 1).read_to_end(&mut data)?;
+        if data.len() > FILE_CHUNK {
+            return Err(ContentError::TooLarge(data.len()));
+        }
+        if sha256(&data) != *hash {
+            return Err(ContentError::HashMismatch);
+        }
+        Ok(data)
+    }
+
+    /// Keeps `hashes` from [`ContentStore::sweep`] until unpinned.
+    pub fn pin<'a>(&self, hashes: impl IntoIterator<Item = &'a Hash>) {
+        let mut pins = self.pins.lock().unwrap();
+        for hash in hashes {
+            *pins.entry(*hash).or_default() += 1;
+        }
+    }
+
+    pub fn unpin<'a>(&self, hashes: impl IntoIterator<Item = &'a Hash>) {
+        let mut pins = self.pins.lock().unwrap();
+        for hash in hashes {
+            if let Some(count) = pins.get_mut(hash) {
+                *count -= 1;
+                if *count == 0 {
+                    pins.remove(hash);
+                }
+            }
+        }
+    }
+
+    fn upload_path(&self, id: &str) -> Option<PathBuf> {
+        // Ids are the store's own UUIDs; anything else names no upload.
+        uuid::Uuid::parse_str(id).ok().map(|u| {
+            self.root
+                .join("uploads")
+                .join(format!("{}.json", u.simple()))
+        })
+    }
+
+    /// Records an upload (its bytes to come). Blocking.
+    pub fn save_upload(&self, upload: &Upload) -> Result<(), ContentError> {
+        let path = self.upload_path(&upload.id).ok_or(ContentError::Missing)?;
+        let text = serde_json::to_vec(upload).map_err(io::Error::other)?;
+        let temp = self.write_temp(&text)?;
+        fs::rename(&temp, &path).inspect_err(|_| {
+            let _ = fs::remove_file(&temp);
+        })?;
+        Ok(())
+    }
+
+    /// The upload `id`, if it is recorded and not expired. Blocking.
+    pub fn upload(&self, id: &str) -> Option<Upload> {
+        let path = self.upload_path(id)?;
+        let text = fs::read(path).ok()?;
+        let upload: Upload = serde_json::from_slice(&text).ok()?;
+        (upload.expires_ms > now_ms()).then_some(upload)
+    }
+
+    /// Removes expired uploads, then every chunk not pinned and not used by an upload left, if
+    /// it is older than `grace_ms` (a chunk being stored by a transfer that has not pinned it
+    /// yet). Blocking. Returns the chunks removed.
+    pub fn sweep(&self, grace_ms: i64) -> io::Result<usize> {
+        let now = now_ms();
+        let mut live: HashSet<Hash> = self.pins.lock().unwrap().keys().copied().collect();
+        for entry in fs::read_dir(self.root.join("uploads"))? {
+            let path = entry?.path();
+            let upload = fs::read(&path)
+                .ok()
+                .and_then(|text| serde_json::from_slice::<Upload>(&text).ok());
+            match upload {
+                Some(upload) if upload.expires_ms > now => {
+                    if let Some(file) = &upload.file {
+                        live.extend(file.chunks.iter().filter_map(|c| parse_hex(c)));
+                    }
+                }
+                _ => {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        let pinned_now: HashSet<Hash> = self.pins.lock().unwrap().keys().copied().collect();
+        live.extend(pinned_now);
+        let mut removed = 0;
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(std::time::Duration::from_millis(grace_ms.max(0) as u64))
+            .unwrap_or(std::time::UNIX_EPOCH);
+        for shard in fs::read_dir(self.root.join("objects"))? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for object in fs::read_dir(shard.path())? {
+                let object = object?;
+                let name = object.file_name();
+                let Some(hash) = name.to_str().and_then(parse_hex) else {
+                    continue;
+                };
+                let meta = object.metadata()?;
+                if live.contains(&hash) || meta.modified().is_ok_and(|m| m > cutoff) {
+                    continue;
+                }
+                // Pinned meanwhile: kept.
+                if self.pins.lock().unwrap().contains_key(&hash) {
+                    continue;
+                }
+                if fs::remove_file(object.path()).is_ok() {
+                    self.used.fetch_sub(meta.len(), Ordering::SeqCst);
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Sweeps the store every ten minutes until `shutdown`; chunks younger than an hour stay.
+pub async fn sweep_periodically(
+    store: std::sync::Arc<ContentStore>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(600)) => {}
+        }
+        let swept = store.clone();
+        match tokio::task::spawn_blocking(move || swept.sweep(3_600_000)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(removed)) => tracing::info!(removed, "content store swept"),
+            Ok(Err(e)) => tracing::warn!("cannot sweep the content store: {e}"),
+            Err(e) => tracing::warn!("content store sweep failed: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_stored_once_checked_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(&dir.path().join("content"), 10).unwrap();
+        let mode = fs::metadata(dir.path().join("content"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let data = b"hello";
+        let hash = sha256(data);
+        store.put_chunk(&hash, data).unwrap();
+        store.put_chunk(&hash, data).unwrap();
+        assert_eq!(store.used(), 5);
+        let object = store.object(&hash);
+        assert_eq!(
+            fs::metadata(&object).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(store.read_chunk(&hash).unwrap(), data);
+        // A lie about the hash is refused.
+        assert!(matches!(
+            store.put_chunk(&sha256(b"other"), b"forged"),
+            Err(ContentError::HashMismatch)
+        ));
+        // The bound holds.
+        assert!(matches!(
+            store.put_chunk(&sha256(b"123456"), b"123456"),
+            Err(ContentError::Full { .. })
+        ));
+        // A chunk changed on disk is not served.
+        fs::write(&object, b"jello").unwrap();
+        assert!(matches!(
+            store.read_chunk(&hash),
+            Err(ContentError::HashMismatch)
+        ));
+    }
+
+    #[test]
+    fn sweep_keeps_pinned_and_uploaded_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path(), 1 << 20).unwrap();
+        let (a, b, c) = (sha256(b"a"), sha256(b"b"), sha256(b"c"));
+        for (hash, data) in [(a, b"a"), (b, b"b"), (c, b"c")] {
+            store.put_chunk(&hash, data).unwrap();
+        }
+        store.pin([&a]);
+        let id = uuid::Uuid::new_v4().to_string();
+        store
+            .save_upload(&Upload {
+                id: id.clone(),
+                app_code: "app".into(),
+                scope_type: "biz".into(),
+                scope_id: "1".into(),
+                username: "admin".into(),
+                file_name: "f".into(),
+                created_ms: now_ms(),
+                expires_ms: now_ms() + 60_000,
+                file: Some(StoredFile {
+                    size: 1,
+                    sha256: hex(&b),
+                    chunks: vec![hex(&b)],
+                }),
+            })
+            .unwrap();
+        assert_eq!(store.sweep(0).unwrap(), 1);
+        assert!(store.read_chunk(&a).is_ok());
+        assert!(store.read_chunk(&b).is_ok());
+        assert!(matches!(store.read_chunk(&c), Err(ContentError::Missing)));
+        assert!(store.upload(&id).is_some());
+        assert!(store.upload("../../etc/passwd").is_none());
+        store.unpin([&a]);
+        assert_eq!(store.sweep(0).unwrap(), 1);
+        assert_eq!(store.used(), 1);
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        let hash = sha256(b"x");
+        assert_eq!(parse_hex(&hex(&hash)), Some(hash));
+        assert_eq!(parse_hex("zz"), None);
+    }
+}

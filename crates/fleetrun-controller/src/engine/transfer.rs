@@ -1,0 +1,1178 @@
+//! File transfers (`fast_transfer_file`): files read on source hosts, or uploaded to the
+//! controller, written on every target host.
+//!
+//! A step runs in two phases. First each source host gets one [`TaskDown::Collect`]: its agent
+//! reads the matching files as the source account and streams them in content-addressed chunks,
+//! which the controller checks (each chunk's SHA-256, the whole file's) and keeps once in the
+//! content store, so a source is read once however many targets there are. Then each target gets
+//! one [`TaskDown::Fetch`] naming every file with its chunks' hashes; its agent pulls each file
+//! ([`TaskUp::Want`]) and the controller streams that file's chunks from the store
+//! ([`TaskDown::Chunk`]), paced by `download_speed_limit`. One chunk per target is in the
+//! controller's memory at a time, and QUIC's flow control bounds what is in flight.
+//!
+//! Upload logs (mode 0) are written per source file under the source host; download logs
+//! (mode 1) per (target, file) under the target. A source file that is missing ends its targets
+//! 203, one that could not be read 202 (in strict mode nothing is sent then); the rest as file
+//! tasks end.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetrun_net::rate::{TokenBucket, pace};
+use fleetrun_net::{FramedRecv, describe_connection_error, send_frame};
+use fleetrun_proto::{
+    CollectRequest, FILE_CHUNK, FetchFile, FetchRequest, SourceEnding, TaskDown, TaskUp,
+    encode_frame,
+};
+use fleetrun_store::{FileLog, HostOutcome, Write};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::files::{FileHostRun, file_line, file_status, join};
+use super::{Engine, FileTarget, Finishing, MODE_DOWNLOAD, MODE_UPLOAD, now_ms, target_path};
+use crate::content::{ContentStore, Hash};
+use crate::status::{host, job};
+
+/// The first protocol version that carries transfers.
+pub const TRANSFER_PROTOCOL_VERSION: u32 = 5;
+
+/// bk-job's host statuses a transfer adds.
+pub mod transfer_status {
+    /// COPYFILE_FAILED: a source file could not be read.
+    pub const COPY_FAILED: i32 = 202;
+    /// COPYFILE_SOURCE_FILE_NOT_EXIST.
+    pub const SOURCE_NOT_FOUND: i32 = 203;
+}
+
+/// A source host and what to read there.
+#[derive(Debug, Clone)]
+pub struct SourceSpec {
+    pub host: FileTarget,
+    pub account: String,
+    pub paths: Vec<String>,
+}
+
+/// A file uploaded to the controller's content store.
+#[derive(Debug, Clone)]
+pub struct LocalFile {
+    pub name: String,
+    /// The path the request named it by.
+    pub path: String,
+    pub size: u64,
+    pub sha256: Hash,
+    pub chunks: Vec<Hash>,
+}
+
+/// A transfer step ready to run, as created by the API.
+#[derive(Clone)]
+pub struct TransferSpec {
+    pub job_instance_id: i64,
+    pub step_instance_id: i64,
+    pub sources: Vec<SourceSpec>,
+    pub locals: Vec<LocalFile>,
+    pub targets: Vec<FileTarget>,
+    /// The target account.
+    pub account: String,
+    /// `file_target_path` as given, variables unresolved.
+    pub target_path: String,
+    pub target_name: Option<String>,
+    pub strict: bool,
+    pub timeout_secs: u32,
+    pub upload_bytes_per_sec: u64,
+    pub download_bytes_per_sec: u64,
+    /// When the job was created (the time `[DATE:…]` names).
+    pub create_time: i64,
+    pub content: Arc<ContentStore>,
+}
+
+impl std::fmt::Debug for TransferSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransferSpec")
+            .field("job_instance_id", &self.job_instance_id)
+            .field("sources", &self.sources.len())
+            .field("locals", &self.locals.len())
+            .field("targets", &self.targets.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A file ready in the content store.
+#[derive(Debug, Clone)]
+struct Gathered {
+    src: Option<FileTarget>,
+    src_path: String,
+    relative: String,
+    size: u64,
+    mode: u32,
+    sha256: Hash,
+    chunks: Vec<Hash>,
+}
+
+/// A source path or file that gave nothing to send.
+#[derive(Debug, Clone)]
+struct SourceFailure {
+    src: Option<FileTarget>,
+    src_path: String,
+    status: i32,
+    reason: String,
+}
+
+/// What one source host gave.
+#[derive(Debug, Default)]
+struct Collected {
+    files: Vec<Gathered>,
+    failures: Vec<SourceFailure>,
+    uploads: Vec<FileLog>,
+    bytes_read: u64,
+}
+
+/// What every target's run shares.
+struct FetchStep {
+    job_instance_id: i64,
+    step_instance_id: i64,
+    timeout_secs: u32,
+    download_bytes_per_sec: u64,
+    files: Vec<FetchFile>,
+    /// Each file's chunk hashes, shared by every target's sender.
+    chunks: Arc<Vec<Vec<Hash>>>,
+    /// Each file's source, for its log.
+    sources: Vec<(Option<FileTarget>, String)>,
+    failures: Vec<SourceFailure>,
+    frame: Result<Bytes, String>,
+    content: Arc<ContentStore>,
+    relayed: AtomicU64,
+}
+
+fn source_of(src: &Option<FileTarget>) -> (i64, i64, String) {
+    src.as_ref().map_or((0, 0, String::new()), |h| {
+        (h.bk_host_id, h.bk_cloud_id, h.ip.clone())
+    })
+}
+
+/// Whether a resolved target directory is one an agent accepts.
+fn valid_dir(dir: &str) -> bool {
+    dir.starts_with('/')
+        && dir.len() <= 4096
+        && !dir.chars().any(|c| c < ' ' || c == '\u{7f}')
+        && !dir.split('/').any(|p| p == "." || p == "..")
+}
+
+/// Whether a relative name from a source is plain components.
+fn valid_relative(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 4096
+        && name.split('/').count() <= 64
+        && name.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.len() <= 255
+                && !c.chars().any(|ch| ch < ' ' || ch == '\u{7f}')
+        })
+}
+
+impl Engine {
+    /// Starts a transfer step in the background; false if the job is running already.
+    pub fn start_transfer(&self, spec: TransferSpec) -> bool {
+        let cancel = CancellationToken::new();
+        let job_instance_id = spec.job_instance_id;
+        {
+            let mut running = self.running.lock().unwrap();
+            if running.contains_key(&job_instance_id) {
+                return false;
+            }
+            running.insert(job_instance_id, cancel.clone());
+        }
+        let engine = self.clone();
+        tokio::spawn(async move {
+            if !engine.take_lease(job_instance_id).await {
+                engine.running.lock().unwrap().remove(&job_instance_id);
+                return;
+            }
+            engine.run_transfer(spec, cancel).await;
+            if let Err(e) = engine.store.flush().await {
+                tracing::error!(job = job_instance_id, "cannot commit the job's end: {e}");
+            }
+            engine.running.lock().unwrap().remove(&job_instance_id);
+            engine.run_left(job_instance_id);
+            engine.release_lease(job_instance_id).await;
+        });
+        true
+    }
+
+    async fn run_transfer(&self, spec: TransferSpec, cancel: CancellationToken) {
+        let spec = Arc::new(spec);
+        let started = now_ms();
+        self.write_for(
+            spec.job_instance_id,
+            Write::JobStarted {
+                job_instance_id: spec.job_instance_id,
+                step_instance_id: spec.step_instance_id,
+                status: job::RUNNING,
+                at: started,
+            },
+        )
+        .await;
+        let clock = tokio::time::Instant::now();
+        let pinned: Arc<std::sync::Mutex<Vec<Hash>>> = Arc::default();
+        // Phase 1: every source read once, into the content store.
+        let mut sources = JoinSet::new();
+        for source in spec.sources.iter().cloned() {
+            let engine = self.clone();
+            let spec = spec.clone();
+            let cancel = cancel.clone();
+            let pinned = pinned.clone();
+            sources
+                .spawn(async move { engine.collect_from(&spec, source, &cancel, &pinned).await });
+        }
+        let mut gathered: Vec<Gathered> = Vec::new();
+        let mut failures: Vec<SourceFailure> = Vec::new();
+        let mut uploads: Vec<FileLog> = Vec::new();
+        let mut bytes_read = 0u64;
+        while let Some(joined) = sources.join_next().await {
+            match joined {
+                Ok(collected) => {
+                    gathered.extend(collected.files);
+                    failures.extend(collected.failures);
+                    uploads.extend(collected.uploads);
+                    bytes_read += collected.bytes_read;
+                }
+                Err(e) => tracing::error!(job = spec.job_instance_id, "source task failed: {e}"),
+            }
+        }
+        for (seq, log) in uploads.iter_mut().enumerate() {
+            log.seq = i32::try_from(seq).unwrap_or(i32::MAX);
+        }
+        if let Err(e) = self.store.record_file_logs(&uploads).await {
+            tracing::error!(
+                job = spec.job_instance_id,
+                "cannot store the upload logs: {e}"
+            );
+        }
+        for local in &spec.locals {
+            spec.content.pin(&local.chunks);
+            pinned.lock().unwrap().extend(local.chunks.iter().copied());
+            gathered.push(Gathered {
+                src: None,
+                src_path: local.path.clone(),
+                relative: local.name.clone(),
+                size: local.size,
+                mode: 0o644,
+                sha256: local.sha256,
+                chunks: local.chunks.clone(),
+            });
+        }
+        // Where each file lands.
+        let mut files = Vec::with_capacity(gathered.len());
+        let mut file_sources = Vec::with_capacity(gathered.len());
+        let mut landing = HashSet::new();
+        for file in gathered {
+            let (_, _, ip) = source_of(&file.src);
+            let source_ip = if ip.is_empty() { "local" } else { &ip };
+            let dir = target_path::resolve(&spec.target_path, source_ip, spec.create_time);
+            let name = match &spec.target_name {
+                Some(renamed) => match file.relative.split_once('/') {
+                    Some((_, inner)) => format!("{renamed}/{inner}"),
+                    None => renamed.clone(),
+                },
+                None => file.relative.clone(),
+            };
+            let refuse = |reason: String| SourceFailure {
+                src: file.src.clone(),
+                src_path: file.src_path.clone(),
+                status: transfer_status::COPY_FAILED,
+                reason,
+            };
+            if !valid_dir(&dir) {
+                failures.push(refuse(format!(
+                    "the target path resolves to {dir:?}, not an absolute path without . or .."
+                )));
+                continue;
+            }
+            if !valid_relative(&name) {
+                failures.push(refuse(format!("{name:?} is not a plain relative name")));
+                continue;
+            }
+            if !landing.insert((dir.clone(), name.clone())) {
+                failures.push(refuse(format!(
+                    "another source file lands at {} too; sent once",
+                    join(&dir, &name)
+                )));
+                continue;
+            }
+            file_sources.push((file.src.clone(), file.src_path.clone()));
+            files.push(FetchFile {
+                dir,
+                name,
+                mode: file.mode,
+                size: file.size,
+                sha256: file.sha256,
+                chunks: file.chunks,
+            });
+        }
+        let remaining = u64::from(spec.timeout_secs).saturating_sub(clock.elapsed().as_secs());
+        let timeout_secs = u32::try_from(remaining.max(1)).unwrap_or(u32::MAX);
+        let request = TaskDown::Fetch(FetchRequest {
+            task_id: Uuid::nil(),
+            job_instance_id: spec.job_instance_id,
+            step_instance_id: spec.step_instance_id,
+            account: spec.account.clone(),
+            strict: spec.strict,
+            timeout_secs,
+            files: files.clone(),
+        });
+        let frame = encode_frame(&request).map_err(|e| e.to_string());
+        drop(request);
+        let step = Arc::new(FetchStep {
+            job_instance_id: spec.job_instance_id,
+            step_instance_id: spec.step_instance_id,
+            timeout_secs,
+            download_bytes_per_sec: spec.download_bytes_per_sec,
+            chunks: Arc::new(files.iter().map(|f| f.chunks.clone()).collect()),
+            files,
+            sources: file_sources,
+            failures,
+            frame,
+            content: spec.content.clone(),
+            relayed: AtomicU64::new(0),
+        });
+        // Phase 2: every target pulls the files.
+        let mut hosts = JoinSet::new();
+        let mut host_of_task = HashMap::with_capacity(spec.targets.len());
+        for target in spec.targets.iter().cloned() {
+            let engine = self.clone();
+            let step = step.clone();
+            let cancel = cancel.clone();
+            let strict = spec.strict;
+            let bk_host_id = target.bk_host_id;
+            let handle = hosts
+                .spawn(async move { engine.transfer_host(&step, target, strict, cancel).await });
+            host_of_task.insert(handle.id(), bk_host_id);
+        }
+        let finishing = Finishing {
+            job_instance_id: spec.job_instance_id,
+            step_instance_id: spec.step_instance_id,
+            hosts: spec.targets.len(),
+            started,
+            all_succeeded: true,
+        };
+        self.finish_job(finishing, hosts, host_of_task, &cancel)
+            .await;
+        tracing::info!(
+            job = spec.job_instance_id,
+            targets = spec.targets.len(),
+            source_bytes_read = bytes_read,
+            controller_bytes_relayed = step.relayed.load(Ordering::Relaxed),
+            "transfer ended"
+        );
+        spec.content.unpin(pinned.lock().unwrap().iter());
+    }
+
+    /// Phase 1 on one source host.
+    async fn collect_from(
+        &self,
+        spec: &TransferSpec,
+        source: SourceSpec,
+        cancel: &CancellationToken,
+        pinned: &std::sync::Mutex<Vec<Hash>>,
+    ) -> Collected {
+        let mut collected = Collected::default();
+        let fail_all = |collected: &mut Collected, status: i32, reason: String| {
+            for path in &source.paths {
+                collected.failures.push(SourceFailure {
+                    src: Some(source.host.clone()),
+                    src_path: path.clone(),
+                    status,
+                    reason: reason.clone(),
+                });
+                collected.uploads.push(upload_log(
+                    spec,
+                    &source.host,
+                    path,
+                    0,
+                    None,
+                    &reason,
+                    false,
+                ));
+            }
+        };
+        let Some(link) = self.agents.get(source.host.bk_host_id) else {
+            fail_all(
+                &mut collected,
+                transfer_status::COPY_FAILED,
+                format!(
+                    "source host {} is offline: its agent is not connected",
+                    source.host.ip
+                ),
+            );
+            return collected;
+        };
+        if link.protocol_version < TRANSFER_PROTOCOL_VERSION {
+            fail_all(
+                &mut collected,
+                transfer_status::COPY_FAILED,
+                format!(
+                    "the source host's agent speaks protocol version {}; transfers need version \
+                     {TRANSFER_PROTOCOL_VERSION}: upgrade the agent",
+                    link.protocol_version
+                ),
+            );
+            return collected;
+        }
+        let request = TaskDown::Collect(CollectRequest {
+            task_id: Uuid::new_v4(),
+            job_instance_id: spec.job_instance_id,
+            step_instance_id: spec.step_instance_id,
+            account: source.account.clone(),
+            paths: source.paths.clone(),
+            upload_bytes_per_sec: spec.upload_bytes_per_sec,
+            timeout_secs: spec.timeout_secs,
+        });
+        let (mut send, recv) = match link.connection.open_bi().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                fail_all(
+                    &mut collected,
+                    transfer_status::COPY_FAILED,
+                    format!(
+                        "cannot reach the source host's agent: {}",
+                        describe_connection_error(&e)
+                    ),
+                );
+                return collected;
+            }
+        };
+        if let Err(e) = send_frame(&mut send, &request).await {
+            fail_all(
+                &mut collected,
+                transfer_status::COPY_FAILED,
+                format!("cannot send the source task: {e}"),
+            );
+            return collected;
+        }
+        let mut recv = FramedRecv::new(recv);
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_secs(u64::from(spec.timeout_secs))
+            + self.agent_grace;
+        let mut reading = SourceReading::new(spec, &source);
+        let mut cancel_sent = false;
+        let ended: Option<String> = loop {
+            let up = tokio::select! {
+                up = recv.recv::<TaskUp>() => up,
+                () = tokio::time::sleep_until(deadline) => {
+                    let _ = send_frame(&mut send, &TaskDown::Cancel).await;
+                    break Some(format!("the source sent no result within the timeout ({} s)", spec.timeout_secs));
+                }
+                () = cancel.cancelled(), if !cancel_sent => {
+                    cancel_sent = true;
+                    let _ = send_frame(&mut send, &TaskDown::Cancel).await;
+                    continue;
+                }
+            };
+            match up {
+                Ok(Some(TaskUp::Started { .. })) => {}
+                Ok(Some(TaskUp::SourceFile(file))) => reading.file(file),
+                Ok(Some(TaskUp::SourceChunk { sha256, data })) => {
+                    if let Some(hash) = reading.chunk(sha256, &data) {
+                        let store = spec.content.clone();
+                        let stored =
+                            tokio::task::spawn_blocking(move || store.put_chunk(&hash, &data))
+                                .await;
+                        match stored {
+                            Ok(Ok(())) => {
+                                spec.content.pin([&hash]);
+                                pinned.lock().unwrap().push(hash);
+                                reading.stored(hash);
+                            }
+                            Ok(Err(e)) => reading.refuse(e.to_string()),
+                            Err(e) => reading.refuse(e.to_string()),
+                        }
+                    }
+                }
+                Ok(Some(TaskUp::SourceFileEnd(end))) => reading.end(end),
+                Ok(Some(TaskUp::Finished(result))) => {
+                    let _ = send_frame(&mut send, &TaskDown::ResultStored).await;
+                    let _ = send.finish();
+                    break match result.ending {
+                        fleetrun_proto::Ending::Exited { .. } => None,
+                        fleetrun_proto::Ending::UserNotFound => Some(format!(
+                            "the account {} does not exist on the source host",
+                            source.account
+                        )),
+                        _ => Some(crate::host_run::cut(
+                            result
+                                .message
+                                .unwrap_or_else(|| "the source task failed".into()),
+                            1024,
+                        )),
+                    };
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break Some("the source closed its stream without a result".into()),
+                Err(e) => {
+                    break Some(format!("the connection to the source host was lost: {e}"));
+                }
+            }
+        };
+        reading.finish(ended, &mut collected);
+        collected
+    }
+
+    /// Phase 2 on one target host, to its final status.
+    async fn transfer_host(
+        &self,
+        step: &FetchStep,
+        target: FileTarget,
+        strict: bool,
+        cancel: CancellationToken,
+    ) -> i32 {
+        let mut logs: Vec<FileLog> = step
+            .files
+            .iter()
+            .zip(&step.sources)
+            .map(|(file, (src, src_path))| {
+                let (src_host_id, src_cloud_id, src_ip) = source_of(src);
+                FileLog {
+                    step_instance_id: step.step_instance_id,
+                    bk_host_id: target.bk_host_id,
+                    mode: MODE_DOWNLOAD,
+                    seq: 0,
+                    src_host_id,
+                    src_cloud_id,
+                    src_ip,
+                    src_path: src_path.clone(),
+                    dest_path: join(&file.dir, &file.name),
+                    status: file_status::WAITING,
+                    size: 0,
+                    speed: 0,
+                    progress: 0,
+                    log_content: String::new(),
+                    start_time: None,
+                    end_time: None,
+                }
+            })
+            .collect();
+        let fetched = logs.len();
+        let now = now_ms();
+        for failure in &step.failures {
+            let (src_host_id, src_cloud_id, src_ip) = source_of(&failure.src);
+            let mut log = FileLog {
+                step_instance_id: step.step_instance_id,
+                bk_host_id: target.bk_host_id,
+                mode: MODE_DOWNLOAD,
+                seq: 0,
+                src_host_id,
+                src_cloud_id,
+                src_ip,
+                src_path: failure.src_path.clone(),
+                dest_path: String::new(),
+                status: file_status::FAILED,
+                size: 0,
+                speed: 0,
+                progress: 0,
+                log_content: String::new(),
+                start_time: Some(now),
+                end_time: Some(now),
+            };
+            log.log_content = file_line(&log, "source file unavailable", &failure.reason);
+            logs.push(log);
+        }
+        for (seq, log) in logs.iter_mut().enumerate() {
+            log.seq = i32::try_from(seq).unwrap_or(i32::MAX);
+        }
+        let sizes = step.files.iter().map(|f| f.size).collect();
+        let mut run = FileHostRun::with_logs(step.step_instance_id, target.bk_host_id, logs, sizes);
+        for seen in run.reported.iter_mut().skip(fetched) {
+            *seen = true;
+        }
+        // The worst source failure decides the status of a host that got everything else.
+        let source_status = step
+            .failures
+            .iter()
+            .map(|f| f.status)
+            .max_by_key(|s| i32::from(*s == transfer_status::SOURCE_NOT_FOUND));
+        let (mut status, mut tag) = if strict && let Some(status) = source_status {
+            let first = &step.failures[0];
+            (
+                status,
+                format!(
+                    "nothing sent in strict mode: {} on {}: {}",
+                    first.src_path,
+                    source_of(&first.src).2,
+                    first.reason
+                ),
+            )
+        } else if step.files.is_empty() {
+            (
+                source_status.unwrap_or(transfer_status::SOURCE_NOT_FOUND),
+                "no source file to send".into(),
+            )
+        } else {
+            self.fetch(step, &target, &mut run, &cancel).await
+        };
+        if status == host::SUCCESS
+            && let Some(source_status) = source_status
+        {
+            status = source_status;
+            tag = format!(
+                "{tag}; {} source file(s) could not be sent, first: {}",
+                step.failures.len(),
+                step.failures[0].reason
+            );
+        }
+        run.close_unreported(&tag);
+        if let Err(e) = self.store.record_file_logs(&run.logs).await {
+            tracing::error!(
+                step = step.step_instance_id,
+                bk_host_id = target.bk_host_id,
+                "cannot store the file logs: {e}"
+            );
+        }
+        crate::metrics::host_finished(status);
+        self.write_for(
+            step.job_instance_id,
+            Write::HostFinished {
+                step_instance_id: step.step_instance_id,
+                bk_host_id: target.bk_host_id,
+                outcome: HostOutcome {
+                    status,
+                    tag,
+                    start_time: run.started_at,
+                    end_time: now_ms(),
+                    ..HostOutcome::default()
+                },
+            },
+        )
+        .await;
+        status
+    }
+
+    async fn fetch(
+        &self,
+        step: &FetchStep,
+        target: &FileTarget,
+        run: &mut FileHostRun,
+        cancel: &CancellationToken,
+    ) -> (i32, String) {
+        let frame = match &step.frame {
+            Ok(frame) => frame.clone(),
+            Err(e) => {
+                return (
+                    host::AGENT_TASK_ERROR,
+                    format!("cannot encode the transfer task: {e}"),
+                );
+            }
+        };
+        let Some(link) = self.agents.get(target.bk_host_id) else {
+            return (
+                host::AGENT_ABNORMAL,
+                "agent offline when the task was dispatched".into(),
+            );
+        };
+        if link.protocol_version < TRANSFER_PROTOCOL_VERSION {
+            return (
+                host::AGENT_TASK_ERROR,
+                format!(
+                    "the agent speaks protocol version {}; file transfers need version \
+                     {TRANSFER_PROTOCOL_VERSION}: upgrade the agent (nothing was sent to it)",
+                    link.protocol_version
+                ),
+            );
+        }
+        let (mut send, recv) = match link.connection.open_bi().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                return (
+                    host::AGENT_ABNORMAL,
+                    format!("cannot reach the agent: {}", describe_connection_error(&e)),
+                );
+            }
+        };
+        if let Err(e) = send.write_chunk(frame).await {
+            return (
+                host::AGENT_ABNORMAL,
+                format!("cannot send the transfer task to the agent: {e}"),
+            );
+        }
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let sender = tokio::spawn(send_chunks(
+            send,
+            command_rx,
+            step.chunks.clone(),
+            step.content.clone(),
+            step.download_bytes_per_sec,
+        ));
+        let mut recv = FramedRecv::new(recv);
+        let grace = self.agent_grace;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut cancel_sent = false;
+        let ended = loop {
+            let sleep_until = deadline.unwrap_or_else(|| {
+                tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
+            });
+            let up = tokio::select! {
+                up = recv.recv::<TaskUp>() => up,
+                () = tokio::time::sleep_until(sleep_until) => {
+                    let _ = commands.send(Command::Cancel);
+                    break (
+                        host::FILE_TIMEOUT,
+                        format!(
+                            "the agent sent no result within the task's timeout ({} s) plus the grace period",
+                            step.timeout_secs
+                        ),
+                    );
+                }
+                () = cancel.cancelled(), if !cancel_sent => {
+                    cancel_sent = true;
+                    let _ = commands.send(Command::Cancel);
+                    let bound = tokio::time::Instant::now() + grace;
+                    deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
+                    continue;
+                }
+            };
+            match up {
+                Ok(Some(TaskUp::Started { started_at_ms })) => {
+                    if run.started_at.is_none() {
+                        let now = now_ms();
+                        let start = if started_at_ms.abs_diff(now)
+                            <= crate::host_run::MAX_CLOCK_SKEW_MS.unsigned_abs()
+                        {
+                            started_at_ms
+                        } else {
+                            now
+                        };
+                        run.started_at = Some(start);
+                        self.write_for(
+                            step.job_instance_id,
+                            Write::HostStatus {
+                                step_instance_id: step.step_instance_id,
+                                bk_host_id: target.bk_host_id,
+                                status: host::RUNNING,
+                                start_time: Some(start),
+                            },
+                        )
+                        .await;
+                        let bound = tokio::time::Instant::now()
+                            + Duration::from_secs(u64::from(step.timeout_secs))
+                            + grace;
+                        deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
+                    }
+                }
+                Ok(Some(TaskUp::Want { index })) => {
+                    if (index as usize) < step.files.len() {
+                        let _ = commands.send(Command::Want(index));
+                    } else {
+                        tracing::warn!(
+                            bk_host_id = target.bk_host_id,
+                            index,
+                            "the agent wants a file the transfer does not have"
+                        );
+                    }
+                }
+                Ok(Some(TaskUp::FilePlaced(report))) => {
+                    // Only the files sent; the rows after them are the sources' failures.
+                    if (report.index as usize) < step.files.len() {
+                        run.report(report);
+                    }
+                }
+                Ok(Some(TaskUp::Finished(result))) => {
+                    let ended = run.result(result);
+                    let _ = commands.send(Command::ResultStored);
+                    break ended;
+                }
+                Ok(Some(other)) => {
+                    tracing::debug!(
+                        bk_host_id = target.bk_host_id,
+                        "ignored in a transfer: {other:?}"
+                    );
+                }
+                Ok(None) => {
+                    break (
+                        host::AGENT_ABNORMAL,
+                        "the agent closed the transfer's stream without a result".into(),
+                    );
+                }
+                Err(e) => {
+                    break (
+                        host::AGENT_ABNORMAL,
+                        format!("the connection to the agent was lost during the transfer: {e}"),
+                    );
+                }
+            }
+        };
+        drop(commands);
+        if let Ok(relayed) = sender.await {
+            step.relayed.fetch_add(relayed, Ordering::Relaxed);
+        }
+        ended
+    }
+}
+
+/// What a target's stream is told besides chunks.
+#[derive(Debug)]
+enum Command {
+    Want(u32),
+    Cancel,
+    ResultStored,
+}
+
+/// Sends the chunks of each file the agent wants, from the store, paced; a newer want stops the
+/// file being sent. Returns the bytes sent.
+async fn send_chunks(
+    mut send: quinn::SendStream,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    files: Arc<Vec<Vec<Hash>>>,
+    content: Arc<ContentStore>,
+    rate: u64,
+) -> u64 {
+    let mut bucket = TokenBucket::new(rate, FILE_CHUNK as u64, tokio::time::Instant::now());
+    let mut pending: Option<Command> = None;
+    let mut sent = 0u64;
+    loop {
+        let command = match pending.take() {
+            Some(command) => command,
+            None => match commands.recv().await {
+                Some(command) => command,
+                None => break,
+            },
+        };
+        match command {
+            Command::Want(index) => {
+                let Some(hashes) = files.get(index as usize) else {
+                    continue;
+                };
+                for hash in hashes {
+                    if let Ok(next) = commands.try_recv() {
+                        pending = Some(next);
+                        break;
+                    }
+                    let store = content.clone();
+                    let hash = *hash;
+                    let data =
+                        match tokio::task::spawn_blocking(move || store.read_chunk(&hash)).await {
+                            Ok(Ok(data)) => data,
+                            Ok(Err(e)) => {
+                                tracing::error!("cannot read a chunk for a transfer: {e}");
+                                // The agent would wait for it: the task is cancelled instead.
+                                let _ = send_frame(&mut send, &TaskDown::Cancel).await;
+                                break;
+                            }
+                            Err(_) => break,
+                        };
+                    pace(&mut bucket, data.len() as u64).await;
+                    let len = data.len() as u64;
+                    if send_frame(&mut send, &TaskDown::Chunk { index, data })
+                        .await
+                        .is_err()
+                    {
+                        return sent;
+                    }
+                    sent += len;
+                }
+            }
+            Command::Cancel => {
+                let _ = send_frame(&mut send, &TaskDown::Cancel).await;
+            }
+            Command::ResultStored => {
+                let _ = send_frame(&mut send, &TaskDown::ResultStored).await;
+                let _ = send.finish();
+                break;
+            }
+        }
+    }
+    sent
+}
+
+/// A source stream's files as they arrive, each checked: sizes, the chunks' hashes (checked
+/// again by the store), and the whole file's hash against what the agent claims.
+struct SourceReading<'a> {
+    spec: &'a TransferSpec,
+    source: &'a SourceSpec,
+    /// Files announced, by index.
+    files: Vec<Arrived>,
+    /// The one whose chunks are arriving.
+    current: Option<usize>,
+    /// Paths that gave nothing, with why.
+    path_failures: Vec<(usize, SourceEnding, String, i64, i64)>,
+}
+
+struct Arrived {
+    path: String,
+    relative: String,
+    size: u64,
+    mode: u32,
+    received: u64,
+    hasher: ring::digest::Context,
+    chunks: Vec<Hash>,
+    /// Why the controller refuses the file, if it does.
+    refused: Option<String>,
+    end: Option<fleetrun_proto::SourceEnd>,
+}
+
+impl<'a> SourceReading<'a> {
+    fn new(spec: &'a TransferSpec, source: &'a SourceSpec) -> Self {
+        Self {
+            spec,
+            source,
+            files: Vec::new(),
+            current: None,
+            path_failures: Vec::new(),
+        }
+    }
+
+    fn file(&mut self, file: fleetrun_proto::SourceFile) {
+        // Files come numbered in order; anything else is not a file of this task.
+        if file.index as usize != self.files.len()
+            || file.path_index as usize >= self.source.paths.len()
+            || self.files.len() >= 100_000
+        {
+            self.current = None;
+            return;
+        }
+        let refused = (!valid_relative(&file.relative))
+            .then(|| format!("{:?} is not a plain relative name", file.relative));
+        self.files.push(Arrived {
+            path: crate::host_run::cut(file.path, 4096),
+            relative: file.relative,
+            size: file.size,
+            mode: file.mode & 0o777,
+            received: 0,
+            hasher: ring::digest::Context::new(&ring::digest::SHA256),
+            chunks: Vec::new(),
+            refused,
+            end: None,
+        });
+        self.current = Some(self.files.len() - 1);
+    }
+
+    /// A chunk of the current file: the hash to store it under, unless the file is refused.
+    fn chunk(&mut self, sha256: Hash, data: &[u8]) -> Option<Hash> {
+        let file = self.files.get_mut(self.current?)?;
+        if file.refused.is_some() || file.end.is_some() {
+            return None;
+        }
+        file.received = file.received.saturating_add(data.len() as u64);
+        if data.len() > FILE_CHUNK || file.received > file.size {
+            file.refused = Some("the source sent more than the file's size".into());
+            return None;
+        }
+        file.hasher.update(data);
+        Some(sha256)
+    }
+
+    fn stored(&mut self, hash: Hash) {
+        if let Some(file) = self.current.and_then(|i| self.files.get_mut(i)) {
+            file.chunks.push(hash);
+        }
+    }
+
+    fn refuse(&mut self, why: String) {
+        if let Some(file) = self.current.and_then(|i| self.files.get_mut(i))
+            && file.refused.is_none()
+        {
+            file.refused = Some(format!("not kept on the controller: {why}"));
+        }
+    }
+
+    fn end(&mut self, end: fleetrun_proto::SourceEnd) {
+        match end.index {
+            None => {
+                if (end.path_index as usize) < self.source.paths.len()
+                    && self.path_failures.len() < 10_000
+                {
+                    self.path_failures.push((
+                        end.path_index as usize,
+                        end.ending,
+                        crate::host_run::cut(end.message, 4096),
+                        end.started_at_ms,
+                        end.finished_at_ms,
+                    ));
+                }
+            }
+            Some(index) => {
+                if let Some(file) = self.files.get_mut(index as usize)
+                    && file.end.is_none()
+                {
+                    file.end = Some(end);
+                }
+                self.current = None;
+            }
+        }
+    }
+
+    /// The files, failures and upload logs, once the stream ended (`ended` says why, when it
+    /// ended early).
+    fn finish(self, ended: Option<String>, collected: &mut Collected) {
+        let host = &self.source.host;
+        for (path_index, ending, message, _, _) in self.path_failures {
+            let status = match ending {
+                SourceEnding::NotFound => transfer_status::SOURCE_NOT_FOUND,
+                _ => transfer_status::COPY_FAILED,
+            };
+            let path = self.source.paths[path_index].clone();
+            collected
+                .uploads
+                .push(upload_log(self.spec, host, &path, 0, None, &message, false));
+            collected.failures.push(SourceFailure {
+                src: Some(host.clone()),
+                src_path: path,
+                status,
+                reason: message,
+            });
+        }
+        for file in self.files {
+            let digest = file.hasher.finish();
+            let failure = match (&file.refused, &file.end) {
+                (Some(why), _) => Some((transfer_status::COPY_FAILED, why.clone())),
+                (None, None) => Some((
+                    transfer_status::COPY_FAILED,
+                    ended
+                        .clone()
+                        .unwrap_or_else(|| "the source did not finish the file".into()),
+                )),
+                (None, Some(end)) if end.ending != SourceEnding::Read => {
+                    let status = match end.ending {
+                        SourceEnding::NotFound => transfer_status::SOURCE_NOT_FOUND,
+                        _ => transfer_status::COPY_FAILED,
+                    };
+                    Some((status, crate::host_run::cut(end.message.clone(), 4096)))
+                }
+                (None, Some(end)) => {
+                    if file.received != file.size || end.bytes != file.size {
+                        Some((
+                            transfer_status::COPY_FAILED,
+                            format!(
+                                "{} bytes arrived of the {} announced",
+                                file.received, file.size
+                            ),
+                        ))
+                    } else if digest.as_ref() != end.sha256 {
+                        Some((
+                            transfer_status::COPY_FAILED,
+                            "what arrived does not hash to the SHA-256 the source reported".into(),
+                        ))
+                    } else {
+                        None
+                    }
+                }
+            };
+            let timing = file
+                .end
+                .as_ref()
+                .map(|e| (e.started_at_ms, e.finished_at_ms));
+            match failure {
+                Some((status, reason)) => {
+                    collected.uploads.push(upload_log(
+                        self.spec, host, &file.path, 0, timing, &reason, false,
+                    ));
+                    collected.failures.push(SourceFailure {
+                        src: Some(host.clone()),
+                        src_path: file.path,
+                        status,
+                        reason,
+                    });
+                }
+                None => {
+                    let mut sha256 = [0u8; 32];
+                    sha256.copy_from_slice(digest.as_ref());
+                    collected.bytes_read += file.size;
+                    collected.uploads.push(upload_log(
+                        self.spec,
+                        host,
+                        &file.path,
+                        file.size,
+                        timing,
+                        "source agent success upload file",
+                        true,
+                    ));
+                    collected.files.push(Gathered {
+                        src: Some(host.clone()),
+                        src_path: file.path,
+                        relative: file.relative,
+                        size: file.size,
+                        mode: file.mode,
+                        sha256,
+                        chunks: file.chunks,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// One upload log row (its `seq` is set when the step's rows are together).
+fn upload_log(
+    spec: &TransferSpec,
+    host: &FileTarget,
+    path: &str,
+    size: u64,
+    timing: Option<(i64, i64)>,
+    detail: &str,
+    success: bool,
+) -> FileLog {
+    let now = now_ms();
+    let skew = crate::host_run::MAX_CLOCK_SKEW_MS.unsigned_abs();
+    let plausible = |t: i64| if t.abs_diff(now) <= skew { t } else { now };
+    let (start, end) = timing.map_or((now, now), |(s, e)| (plausible(s), plausible(e)));
+    let end = end.max(start);
+    let size = i64::try_from(size).unwrap_or(i64::MAX);
+    let mut log = FileLog {
+        step_instance_id: spec.step_instance_id,
+        bk_host_id: host.bk_host_id,
+        mode: MODE_UPLOAD,
+        seq: 0,
+        src_host_id: host.bk_host_id,
+        src_cloud_id: host.bk_cloud_id,
+        src_ip: host.ip.clone(),
+        src_path: path.to_owned(),
+        dest_path: String::new(),
+        status: if success {
+            file_status::SUCCESS
+        } else {
+            file_status::FAILED
+        },
+        size,
+        speed: size.saturating_mul(1000) / (end - start).max(1),
+        progress: if success { 100 } else { 0 },
+        log_content: String::new(),
+        start_time: Some(start),
+        end_time: Some(end),
+    };
+    let state = if success {
+        "upload success"
+    } else {
+        "upload failed"
+    };
+    log.log_content = crate::host_run::cut(file_line_upload(&log, state, detail), 8192);
+    log
+}
+
+fn file_line_upload(log: &FileLog, state: &str, detail: &str) -> String {
+    // The same layout as a download's line, naming the source path.
+    let mut named = log.clone();
+    named.dest_path = log.src_path.clone();
+    file_line(&named, state, detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_names_are_plain() {
+        for good in ["a", "dir/a", "dir/sub/a.txt"] {
+            assert!(valid_relative(good), "{good}");
+        }
+        for bad in ["", "/a", "a/", "a//b", "../a", "a/../b", "a/./b", "a\nb"] {
+            assert!(!valid_relative(bad), "{bad:?}");
+        }
+        assert!(valid_dir("/data/10.0.0.1/"));
+        assert!(!valid_dir("/data/../etc"));
+        assert!(!valid_dir("data"));
+    }
+}

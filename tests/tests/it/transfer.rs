@@ -1,0 +1,916 @@
+//! `fast_transfer_file` on real agents: files read on source hosts as their account, relayed
+//! through the controller's content store, written on target hosts as the target account, with
+//! bk-job's upload and download logs and statuses; local files uploaded first; speed limits.
+//! The attacks: source paths climbing out with `..` or through symbolic links, another app's
+//! upload, a third-party source, a source host offline, sources missing or unreadable.
+//!
+//! All agents of a test cluster share this machine's file system: sources and targets are
+//! directories of the test's own, and `[FILESRCIP]` keeps sources' files apart.
+
+use std::{
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use fleetrun_tests::{TestCluster, host_results, start_cluster};
+use serde_json::{Value, json};
+
+const TEST_USER: &str = "fleetrun-user";
+
+fn user_uid() -> u32 {
+    let _ = xtask::cluster::ensure_test_user();
+    let out = Command::new("id").args(["-u", TEST_USER]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// A fresh directory (0777 so the account writes there), removed at the end.
+fn scratch(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("fleetrun-transfer-{name}-"))
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    dir
+}
+
+/// Bytes that do not repeat in chunk-sized runs.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    let mut state = u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+fn write_file(path: &Path, content: &[u8], mode: u32, uid: Option<u32>) {
+    std::fs::write(path, content).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    if let Some(uid) = uid {
+        std::os::unix::fs::chown(path, Some(uid), None).unwrap();
+    }
+}
+
+fn ip_of(cluster: &TestCluster, bk_host_id: i64) -> String {
+    cluster
+        .info
+        .hosts
+        .iter()
+        .find(|h| h.bk_host_id == bk_host_id)
+        .map(|h| h.ip.clone())
+        .unwrap()
+}
+
+fn request(
+    cluster: &TestCluster,
+    target: &str,
+    sources: Value,
+    targets: &[i64],
+    account: &str,
+) -> Value {
+    let mut request = cluster.info.scope();
+    request["account_alias"] = json!(account);
+    request["file_target_path"] = json!(target);
+    request["file_source_list"] = sources;
+    request["timeout"] = json!(120);
+    request["target_server"] = json!({ "host_id_list": targets });
+    request
+}
+
+fn server_source(files: &[&str], hosts: &[i64], account: &str) -> Value {
+    json!({
+        "file_type": 1,
+        "file_list": files,
+        "account": {"alias": account},
+        "server": {"host_id_list": hosts},
+    })
+}
+
+/// Submits a transfer and waits for its end: (job, step, status data).
+async fn transfer(cluster: &TestCluster, request: Value) -> Result<(i64, i64, Value)> {
+    let client = cluster.client();
+    let accepted = client.call("fast_transfer_file", request).await?;
+    let job = accepted["job_instance_id"].as_i64().context("job id")?;
+    let step = accepted["step_instance_id"].as_i64().context("step id")?;
+    let status = client
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(120))
+        .await?;
+    Ok((job, step, status))
+}
+
+async fn refused(cluster: &TestCluster, request: Value) -> Result<(i64, String)> {
+    let reply = cluster
+        .client()
+        .call_raw("fast_transfer_file", request)
+        .await?;
+    assert_eq!(reply["result"], false, "must be refused: {reply}");
+    Ok((
+        reply["code"].as_i64().unwrap_or_default(),
+        reply["message"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+async fn file_logs(cluster: &TestCluster, job: i64, step: i64, host: i64) -> Result<Vec<Value>> {
+    let mut body = cluster.info.scope();
+    body["job_instance_id"] = json!(job);
+    body["step_instance_id"] = json!(step);
+    body["bk_host_id"] = json!(host);
+    let data = cluster
+        .client()
+        .call("get_job_instance_ip_log", body)
+        .await?;
+    assert_eq!(data["log_type"], 2, "{data}");
+    Ok(data["file_logs"].as_array().cloned().unwrap_or_default())
+}
+
+fn statuses(status: &Value) -> Vec<i64> {
+    host_results(status)
+        .iter()
+        .map(|r| r["status"].as_i64().unwrap_or_default())
+        .collect()
+}
+
+fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".fleetrun-")
+        {
+            found.push(path.clone());
+        }
+        if path.is_dir() {
+            found.extend(leftovers(&path));
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_source_to_three_targets_as_the_accounts_with_modes_and_bk_job_logs() -> Result<()> {
+    let uid = user_uid();
+    let cluster = start_cluster(4).await?;
+    let hosts = cluster.host_ids();
+    let (source, targets) = (hosts[0], &hosts[1..]);
+    let src_dir = scratch("src");
+    let content = pattern(3 * 1024 * 1024 + 123, 1);
+    let src = src_dir.path().join("app.tar");
+    write_file(&src, &content, 0o640, Some(uid));
+    // A directory sent whole, with a subdirectory.
+    let tree = src_dir.path().join("conf");
+    std::fs::create_dir_all(tree.join("sub"))?;
+    write_file(&tree.join("a.conf"), b"a\n", 0o600, Some(uid));
+    write_file(&tree.join("sub/b.conf"), b"b\n", 0o644, Some(uid));
+    std::os::unix::fs::chown(&tree, Some(uid), None)?;
+    std::os::unix::fs::chown(tree.join("sub"), Some(uid), None)?;
+
+    let out_dir = scratch("out");
+    let target = format!("{}/[FILESRCIP]/", out_dir.path().display());
+    let sources = json!([server_source(
+        &[src.to_str().unwrap(), &format!("{}/", tree.display())],
+        &[source],
+        "user"
+    )]);
+    let (job, step, status) = transfer(
+        &cluster,
+        request(&cluster, &target, sources, targets, "user"),
+    )
+    .await?;
+    assert_eq!(status["job_instance"]["status"], 3, "{status}");
+    assert_eq!(statuses(&status), vec![9, 9, 9], "{status}");
+    let landed = out_dir.path().join(ip_of(&cluster, source));
+    let placed = landed.join("app.tar");
+    assert!(std::fs::read(&placed)? == content, "content differs");
+    let meta = std::fs::symlink_metadata(&placed)?;
+    assert_eq!(meta.uid(), uid, "owned by the target account");
+    assert_eq!(meta.mode() & 0o7777, 0o640, "mode preserved");
+    assert_eq!(std::fs::read(landed.join("conf/a.conf"))?, b"a\n");
+    assert_eq!(std::fs::read(landed.join("conf/sub/b.conf"))?, b"b\n");
+    assert_eq!(
+        std::fs::metadata(landed.join("conf/a.conf"))?.mode() & 0o777,
+        0o600
+    );
+    assert!(
+        leftovers(out_dir.path()).is_empty(),
+        "{:?}",
+        leftovers(out_dir.path())
+    );
+
+    // bk-job's logs: the source's uploads, then the target's downloads.
+    let logs = file_logs(&cluster, job, step, targets[0]).await?;
+    let uploads: Vec<&Value> = logs.iter().filter(|l| l["mode"] == 0).collect();
+    let downloads: Vec<&Value> = logs.iter().filter(|l| l["mode"] == 1).collect();
+    assert_eq!(uploads.len(), 3, "{logs:?}");
+    assert_eq!(downloads.len(), 3, "{logs:?}");
+    let tar_up = uploads
+        .iter()
+        .find(|l| l["src_path"] == src.to_str().unwrap())
+        .context("upload of app.tar")?;
+    assert_eq!(tar_up["status"], 4, "{tar_up}");
+    assert_eq!(tar_up["src_ip"]["bk_host_id"], source);
+    assert_eq!(tar_up["size"], "3.0 MB");
+    assert_eq!(tar_up["process"], "100%");
+    assert!(tar_up["dest_ip"].is_null());
+    let tar_down = downloads
+        .iter()
+        .find(|l| l["dest_path"] == placed.to_str().unwrap())
+        .context("download of app.tar")?;
+    assert_eq!(tar_down["status"], 4, "{tar_down}");
+    assert_eq!(tar_down["src_ip"]["ip"], ip_of(&cluster, source));
+    assert_eq!(tar_down["dest_ip"]["bk_host_id"], targets[0]);
+    assert!(
+        tar_down["log_content"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("FileName: "),
+        "{tar_down}"
+    );
+    let mut body = cluster.info.scope();
+    body["job_instance_id"] = json!(job);
+    body["step_instance_id"] = json!(step);
+    body["host_id_list"] = json!(targets);
+    let batch = cluster
+        .client()
+        .call("batch_get_job_instance_ip_log", body)
+        .await?;
+    assert_eq!(batch["log_type"], 2, "{batch}");
+    assert_eq!(batch["file_task_logs"].as_array().map(Vec::len), Some(3));
+
+    // The source was read once: the controller says so when the step ends.
+    let log = std::fs::read_to_string(&cluster.controller_log)?;
+    let line = log
+        .lines()
+        .find(|l| l.contains("transfer ended") && l.contains(&format!("job={job}")))
+        .context("the transfer's end in the controller's log")?;
+    let total = content.len() + 4;
+    assert!(
+        line.contains(&format!("source_bytes_read={total}")),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("controller_bytes_relayed={}", total * 3)),
+        "{line}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_sources_with_a_regex_land_apart_by_source_address() -> Result<()> {
+    let cluster = start_cluster(3).await?;
+    let hosts = cluster.host_ids();
+    let src_dir = scratch("regex");
+    for (name, text) in [
+        ("app-1.log", "one"),
+        ("app-22.log", "two"),
+        ("other.txt", "no"),
+    ] {
+        write_file(&src_dir.path().join(name), text.as_bytes(), 0o644, None);
+    }
+    let out_dir = scratch("regex-out");
+    let target = format!("{}/[FILESRCIP]", out_dir.path().display());
+    let regex = format!("{}/REGEX:app-[0-9]+\\.log", src_dir.path().display());
+    let sources = json!([server_source(&[&regex], &hosts[..2], "root")]);
+    let (_, _, status) = transfer(
+        &cluster,
+        request(&cluster, &target, sources, &hosts[2..], "root"),
+    )
+    .await?;
+    assert_eq!(statuses(&status), vec![9], "{status}");
+    for source in &hosts[..2] {
+        let landed = out_dir.path().join(ip_of(&cluster, *source));
+        assert_eq!(std::fs::read_to_string(landed.join("app-1.log"))?, "one");
+        assert_eq!(std::fs::read_to_string(landed.join("app-22.log"))?, "two");
+        assert!(!landed.join("other.txt").exists());
+    }
+    // A wildcard picks the same way; file_target_name renames the one file.
+    let wildcard = format!("{}/other.*", src_dir.path().display());
+    let mut req = request(
+        &cluster,
+        out_dir.path().join("w").to_str().unwrap(),
+        json!([server_source(&[&wildcard], &hosts[..1], "root")]),
+        &hosts[2..],
+        "root",
+    );
+    req["file_target_name"] = json!("renamed.txt");
+    let (_, _, status) = transfer(&cluster, req).await?;
+    assert_eq!(statuses(&status), vec![9], "{status}");
+    assert_eq!(
+        std::fs::read_to_string(out_dir.path().join("w/renamed.txt"))?,
+        "no"
+    );
+    Ok(())
+}
+
+/// Uploads `content` as `file_name` for `client`'s app; returns the upload's path and URL.
+async fn upload(
+    cluster: &TestCluster,
+    app: (&str, &str),
+    file_name: &str,
+    content: Vec<u8>,
+) -> Result<(String, String, Value)> {
+    let client = fleetrun_tests::ApiClient::new(&cluster.info.api_url, app.0, app.1, "alice");
+    let mut body = cluster.info.scope();
+    body["file_name_list"] = json!([file_name]);
+    let data = client.call("generate_local_file_upload_url", body).await?;
+    let entry = &data["url_map"][file_name];
+    let url = entry["upload_url"]
+        .as_str()
+        .context("upload_url")?
+        .to_owned();
+    let path = entry["path"].as_str().context("path")?.to_owned();
+    let put = put_upload(&url, app, content).await?;
+    Ok((path, url, put))
+}
+
+async fn put_upload(url: &str, app: (&str, &str), content: Vec<u8>) -> Result<Value> {
+    let auth = json!({"bk_app_code": app.0, "bk_app_secret": app.1, "bk_username": "alice"});
+    Ok(reqwest::Client::new()
+        .put(url)
+        .header("X-Bkapi-Authorization", auth.to_string())
+        .body(content)
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_local_upload_reaches_every_target_and_is_the_uploading_apps_alone() -> Result<()> {
+    let uid = user_uid();
+    let mut cluster = start_cluster(2).await?;
+    cluster.kill_controller()?;
+    let mut config = std::fs::read_to_string(&cluster.controller_config)?;
+    config.push_str(
+        "\n[[apps]]\nbk_app_code = \"other\"\nbk_app_secret = \"other-secret\"\nscopes = [\"*\"]\n",
+    );
+    std::fs::write(&cluster.controller_config, config)?;
+    cluster.start_controller().await?;
+    let ids: Vec<String> = cluster.agents.iter().map(|a| a.agent_id.clone()).collect();
+    cluster.wait_online(&ids, Duration::from_secs(30)).await?;
+    let app = (
+        cluster.info.bk_app_code.clone(),
+        cluster.info.bk_app_secret.clone(),
+    );
+    let app = (app.0.as_str(), app.1.as_str());
+    let content = pattern(2 * 1024 * 1024 + 7, 3);
+    let (path, url, put) = upload(&cluster, app, "pkg.bin", content.clone()).await?;
+    assert_eq!(put["result"], true, "{put}");
+    assert_eq!(put["data"]["size"], content.len());
+
+    // Another app can neither write that upload nor send it.
+    let other = ("other", "other-secret");
+    let put = put_upload(&url, other, b"forged".to_vec()).await?;
+    assert_eq!(put["result"], false, "{put}");
+    let out_dir = scratch("local");
+    let sources = json!([{"file_type": 2, "file_list": [path]}]);
+    let mut req = request(
+        &cluster,
+        out_dir.path().to_str().unwrap(),
+        sources.clone(),
+        &cluster.host_ids(),
+        "user",
+    );
+    let other_client =
+        fleetrun_tests::ApiClient::new(&cluster.info.api_url, other.0, other.1, "mallory");
+    let reply = other_client
+        .call_raw("fast_transfer_file", req.clone())
+        .await?;
+    assert_eq!(reply["result"], false, "{reply}");
+    assert_eq!(reply["code"], 1_240_003, "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("file_source_list[0].file_list[0]"),
+        "{reply}"
+    );
+    // Missing credentials get nothing.
+    let bare = reqwest::Client::new()
+        .put(&url)
+        .body("x")
+        .send()
+        .await?
+        .json::<Value>()
+        .await?;
+    assert_eq!(bare["result"], false, "{bare}");
+
+    let (_, _, status) = transfer(&cluster, req.clone()).await?;
+    assert_eq!(statuses(&status), vec![9, 9], "{status}");
+    let placed = out_dir.path().join("pkg.bin");
+    assert!(std::fs::read(&placed)? == content);
+    assert_eq!(std::fs::metadata(&placed)?.uid(), uid);
+
+    // A third-party source is refused with bk-job's code and says what to use instead.
+    req["file_source_list"] =
+        json!([{"file_type": 3, "file_list": ["bucket/x"], "file_source_code": "cos"}]);
+    let (code, message) = refused(&cluster, req).await?;
+    assert_eq!(code, 1_241_011, "{message}");
+    assert!(
+        message.contains("file_source_list[0].file_type"),
+        "{message}"
+    );
+    assert!(message.contains("third-party"), "{message}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn strict_mode_sends_nothing_on_a_name_clash_force_sends_the_rest() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    let hosts = cluster.host_ids();
+    let a = scratch("clash-a");
+    let b = scratch("clash-b");
+    write_file(&a.path().join("same.txt"), b"from a", 0o644, None);
+    write_file(&b.path().join("same.txt"), b"from b", 0o644, None);
+    write_file(&b.path().join("extra.txt"), b"extra", 0o644, None);
+    let files = [
+        a.path().join("same.txt"),
+        b.path().join("same.txt"),
+        b.path().join("extra.txt"),
+    ];
+    let files: Vec<&str> = files.iter().map(|p| p.to_str().unwrap()).collect();
+    for (mode, out_name) in [(1, "strict"), (2, "force")] {
+        let out = scratch(out_name);
+        let mut req = request(
+            &cluster,
+            out.path().to_str().unwrap(),
+            json!([server_source(&files, &hosts[..1], "root")]),
+            &hosts[1..],
+            "root",
+        );
+        req["transfer_mode"] = json!(mode);
+        let (job, step, status) = transfer(&cluster, req).await?;
+        assert_eq!(status["job_instance"]["status"], 4, "{status}");
+        assert_eq!(statuses(&status), vec![202], "{status}");
+        let logs = file_logs(&cluster, job, step, hosts[1]).await?;
+        let clash = logs
+            .iter()
+            .find(|l| l["mode"] == 1 && l["status"] == 5)
+            .context("the clash's log")?;
+        assert!(
+            clash["log_content"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("lands at"),
+            "{clash}"
+        );
+        if mode == 1 {
+            assert_eq!(
+                std::fs::read_dir(out.path())?.count(),
+                0,
+                "strict sent something"
+            );
+        } else {
+            assert_eq!(
+                std::fs::read_to_string(out.path().join("same.txt"))?,
+                "from a"
+            );
+            assert_eq!(
+                std::fs::read_to_string(out.path().join("extra.txt"))?,
+                "extra"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn download_and_upload_speed_limits_are_honoured_within_20_percent() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    let hosts = cluster.host_ids();
+    let src_dir = scratch("speed");
+    let size = 4 * 1024 * 1024;
+    write_file(&src_dir.path().join("big"), &pattern(size, 9), 0o644, None);
+    let src = src_dir.path().join("big");
+    for limit_field in ["download_speed_limit", "upload_speed_limit"] {
+        let out = scratch("speed-out");
+        let mut req = request(
+            &cluster,
+            out.path().to_str().unwrap(),
+            json!([server_source(&[src.to_str().unwrap()], &hosts[..1], "root")]),
+            &hosts[1..],
+            "root",
+        );
+        req[limit_field] = json!(1);
+        let started = Instant::now();
+        let (job, step, status) = transfer(&cluster, req).await?;
+        let elapsed = started.elapsed().as_secs_f64();
+        assert_eq!(statuses(&status), vec![9], "{status}");
+        // 4 MiB at 1 MiB/s: 4 s of pacing; the job around it adds little.
+        let expected = (size as f64) / (1024.0 * 1024.0);
+        assert!(
+            elapsed >= expected * 0.8 && elapsed <= expected * 1.2 + 1.5,
+            "{limit_field}: {elapsed:.2} s for {expected} s of pacing"
+        );
+        let logs = file_logs(&cluster, job, step, hosts[1]).await?;
+        let mode = if limit_field == "download_speed_limit" {
+            1
+        } else {
+            0
+        };
+        let row = logs
+            .iter()
+            .find(|l| l["mode"] == mode)
+            .context("the paced side's log")?;
+        let speed: f64 = row["speed"]
+            .as_str()
+            .and_then(|s| s.trim_end_matches(" KB/s").parse().ok())
+            .context("speed")?;
+        assert!(
+            (1024.0 * 0.8..=1024.0 * 1.2).contains(&speed),
+            "{limit_field}: measured {speed} KB/s against 1024"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_sources_end_their_targets_with_bk_job_statuses_and_reasons() -> Result<()> {
+    let uid = user_uid();
+    let mut cluster = start_cluster(3).await?;
+    let hosts = cluster.host_ids();
+    let src_dir = scratch("bad");
+    // Readable by root only: the account may not read it.
+    write_file(&src_dir.path().join("secret"), b"root's", 0o600, None);
+    write_file(&src_dir.path().join("fine"), b"fine", 0o644, Some(uid));
+    // A link out of the directory, to a file the account could read.
+    let outside = scratch("outside");
+    write_file(&outside.path().join("target"), b"outside", 0o644, Some(uid));
+    std::os::unix::fs::symlink(outside.path().join("target"), src_dir.path().join("link"))?;
+    let dir = |name: &str| src_dir.path().join(name).to_str().unwrap().to_owned();
+
+    // Refused before anything runs: `..`, relative paths, patterns in directories.
+    for bad in [
+        format!("{}/../etc/passwd", src_dir.path().display()),
+        "relative/path".to_owned(),
+        "/tmp/*/x".to_owned(),
+    ] {
+        let req = request(
+            &cluster,
+            "/tmp/x",
+            json!([server_source(&[&bad], &hosts[..1], "user")]),
+            &hosts[1..2],
+            "user",
+        );
+        let (code, message) = refused(&cluster, req).await?;
+        assert_eq!(code, 1_240_003, "{bad}: {message}");
+        assert!(
+            message.contains("file_source_list[0].file_list[0]"),
+            "{message}"
+        );
+    }
+    let req = request(
+        &cluster,
+        "relative",
+        json!([server_source(&[&dir("fine")], &hosts[..1], "user")]),
+        &hosts[1..2],
+        "user",
+    );
+    let (_, message) = refused(&cluster, req).await?;
+    assert!(message.contains("file_target_path"), "{message}");
+
+    // Missing: 203. Unreadable, or a link: 202, the reason in the logs; nothing followed.
+    for (path, want, reason) in [
+        (dir("missing"), 203, "no such file"),
+        (dir("secret"), 202, "permission denied"),
+        (dir("link"), 202, "symbolic link"),
+    ] {
+        let out = scratch("bad-out");
+        let req = request(
+            &cluster,
+            out.path().to_str().unwrap(),
+            json!([server_source(&[&path, &dir("fine")], &hosts[..1], "user")]),
+            &hosts[1..2],
+            "user",
+        );
+        let (job, step, status) = transfer(&cluster, req).await?;
+        assert_eq!(statuses(&status), vec![want], "{path}: {status}");
+        // Force mode: the readable file still lands.
+        assert_eq!(std::fs::read_to_string(out.path().join("fine"))?, "fine");
+        assert!(!out.path().join("secret").exists() && !out.path().join("link").exists());
+        let logs = file_logs(&cluster, job, step, hosts[1]).await?;
+        let upload = logs
+            .iter()
+            .find(|l| l["mode"] == 0 && l["status"] == 5)
+            .context("the failed upload")?;
+        assert!(
+            upload["log_content"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(reason),
+            "{path}: {upload}"
+        );
+    }
+
+    // A target path that is a file: the target fails 329, nothing written under it.
+    let out = scratch("file-target");
+    write_file(&out.path().join("plain"), b"x", 0o644, None);
+    let req = request(
+        &cluster,
+        out.path().join("plain").to_str().unwrap(),
+        json!([server_source(&[&dir("fine")], &hosts[..1], "root")]),
+        &hosts[1..2],
+        "root",
+    );
+    let (_, _, status) = transfer(&cluster, req).await?;
+    assert_eq!(statuses(&status), vec![329], "{status}");
+
+    // A source host offline: its targets end 202, the upload log says why.
+    cluster.kill_agent(2)?;
+    cluster
+        .wait_offline(&cluster.agents[2].agent_id.clone(), Duration::from_secs(30))
+        .await?;
+    let out = scratch("offline");
+    let req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(&[&dir("fine")], &hosts[2..3], "root")]),
+        &hosts[1..2],
+        "root",
+    );
+    let (job, step, status) = transfer(&cluster, req).await?;
+    assert_eq!(statuses(&status), vec![202], "{status}");
+    let logs = file_logs(&cluster, job, step, hosts[1]).await?;
+    assert!(
+        logs.iter().any(|l| l["mode"] == 0
+            && l["log_content"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("offline")),
+        "{logs:?}"
+    );
+    Ok(())
+}
+
+/// `fleetrun ARGS` against the cluster, nothing from the caller's environment.
+async fn fleetrun(cluster: &TestCluster, args: &[&str]) -> Result<(i32, String, String)> {
+    let mut cmd = tokio::process::Command::new(fleetrun_tests::fleetrun_bin());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("FLEETRUN_") {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.env("FLEETRUN_CLUSTER", cluster.dir().join("cluster.json"))
+        .env("XDG_CONFIG_HOME", cluster.dir())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .context("fleetrun did not finish")??;
+    Ok((
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_command_line_pushes_local_files_and_copies_between_hosts() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    let hosts = cluster.host_ids();
+    let local = scratch("cli-local");
+    let file = local.path().join("pkg.bin");
+    let content = pattern(1024 * 1024 + 5, 5);
+    write_file(&file, &content, 0o644, None);
+    let out = scratch("cli-out");
+    let ids = format!("{},{}", hosts[0], hosts[1]);
+    let (code, stdout, stderr) = fleetrun(
+        &cluster,
+        &[
+            "push",
+            file.to_str().unwrap(),
+            "--to",
+            out.path().to_str().unwrap(),
+            "--host",
+            &ids,
+            "--limit",
+            "50MB",
+        ],
+    )
+    .await?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(std::fs::read(out.path().join("pkg.bin"))? == content);
+    assert!(stdout.contains("ok"), "per-host lines: {stdout}");
+
+    // Host to host: a missing file fails with exit status 1 and says why per host.
+    let copied = scratch("cli-cp");
+    let source = format!("{}:{}", hosts[0], file.display());
+    let missing = format!("{}:{}/nothing", hosts[0], local.path().display());
+    let (code, stdout, stderr) = fleetrun(
+        &cluster,
+        &[
+            "cp",
+            &source,
+            "--to",
+            copied.path().to_str().unwrap(),
+            "--host",
+            &hosts[1].to_string(),
+        ],
+    )
+    .await?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(std::fs::read(copied.path().join("pkg.bin"))? == content);
+    let (code, stdout, stderr) = fleetrun(
+        &cluster,
+        &[
+            "cp",
+            &missing,
+            "--to",
+            copied.path().to_str().unwrap(),
+            "--host",
+            &hosts[1].to_string(),
+        ],
+    )
+    .await?;
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stdout.contains("FAILED"), "{stdout}");
+    Ok(())
+}
+
+/// An agent of protocol version 4 is neither sent a transfer nor asked to read one: as a
+/// target it ends 399, as a source its paths fail 202, both saying to upgrade it; push_config_file
+/// still reaches it (tested in `files`).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_of_protocol_version_4_is_sent_no_transfer_and_told_to_upgrade() -> Result<()> {
+    let cluster = start_cluster(1).await?;
+    let real = cluster.host_ids()[0];
+    let (_endpoint, connection, old, beat) =
+        crate::files::raw_agent(&cluster, "legacy-v4", "127.0.0.95", 4).await?;
+    let src_dir = scratch("v4");
+    write_file(&src_dir.path().join("f"), b"f", 0o644, None);
+    let path = src_dir.path().join("f");
+    let out = scratch("v4-out");
+    let req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(&[path.to_str().unwrap()], &[real], "root")]),
+        &[old],
+        "root",
+    );
+    let (_, _, status) = transfer(&cluster, req).await?;
+    let result = &host_results(&status)[0];
+    assert_eq!(result["status"], 399, "{result}");
+    let opened = tokio::time::timeout(Duration::from_secs(1), connection.accept_bi()).await;
+    assert!(opened.is_err(), "a version 4 agent is sent no stream");
+    let req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(&[path.to_str().unwrap()], &[old], "root")]),
+        &[real],
+        "root",
+    );
+    let (job, step, status) = transfer(&cluster, req).await?;
+    assert_eq!(statuses(&status), vec![202], "{status}");
+    let logs = file_logs(&cluster, job, step, real).await?;
+    assert!(
+        logs.iter().any(|l| l["mode"] == 0
+            && l["log_content"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("upgrade")),
+        "{logs:?}"
+    );
+    beat.abort();
+    Ok(())
+}
+
+/// The attack: a source agent lies. It announces a file of 4 bytes and sends more, sends a chunk
+/// whose SHA-256 is not its bytes', claims a whole-file SHA-256 that is not what it sent, and
+/// names a file `../escape`. None of it lands on the target; each fails 202 with its reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lying_source_lands_nothing_forged() -> Result<()> {
+    use fleetrun_net::{FramedRecv, send_frame};
+    use fleetrun_proto::{
+        Ending, SourceEnd, SourceEnding, SourceFile, TaskDown, TaskResult, TaskUp,
+    };
+    let cluster = start_cluster(1).await?;
+    let target = cluster.host_ids()[0];
+    let (_endpoint, connection, liar, beat) =
+        crate::files::raw_agent(&cluster, "liar-source", "127.0.0.96", 5).await?;
+    let out = scratch("lies");
+    let req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(
+            &["/srv/a", "/srv/b", "/srv/c", "/srv/d"],
+            &[liar],
+            "root"
+        )]),
+        &[target],
+        "root",
+    );
+    let accepted = cluster.client().call("fast_transfer_file", req).await?;
+    let job = accepted["job_instance_id"].as_i64().context("job")?;
+    let step = accepted["step_instance_id"].as_i64().context("step")?;
+    let (mut send, recv) = tokio::time::timeout(Duration::from_secs(30), connection.accept_bi())
+        .await
+        .context("no source task within 30 s")??;
+    let mut recv = FramedRecv::new(recv);
+    let Some(TaskDown::Collect(request)) = recv.recv::<TaskDown>().await? else {
+        panic!("expected a source task");
+    };
+    assert_eq!(request.paths.len(), 4);
+    let sha = |data: &[u8]| {
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, data).as_ref());
+        hash
+    };
+    let file = |index: u32, relative: &str, size: u64| {
+        TaskUp::SourceFile(SourceFile {
+            index,
+            path_index: index,
+            path: format!("/srv/{index}"),
+            relative: relative.into(),
+            size,
+            mode: 0o644,
+        })
+    };
+    let end = |index: u32, sha256: [u8; 32], bytes: u64| {
+        TaskUp::SourceFileEnd(SourceEnd {
+            index: Some(index),
+            path_index: index,
+            ending: SourceEnding::Read,
+            sha256,
+            bytes,
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            message: "read".into(),
+        })
+    };
+    let chunk = |data: &[u8], sha256: [u8; 32]| TaskUp::SourceChunk {
+        sha256,
+        data: data.to_vec(),
+    };
+    let frames = [
+        TaskUp::Started { started_at_ms: 0 },
+        // More than announced.
+        file(0, "long", 4),
+        chunk(b"12345678", sha(b"12345678")),
+        end(0, sha(b"12345678"), 4),
+        // A chunk named by another chunk's hash.
+        file(1, "forged", 4),
+        chunk(b"evil", sha(b"good")),
+        end(1, sha(b"good"), 4),
+        // A whole-file hash that is not the bytes'.
+        file(2, "claimed", 4),
+        chunk(b"abcd", sha(b"abcd")),
+        end(2, sha(b"wxyz"), 4),
+        // A name that climbs out.
+        file(3, "../escape", 1),
+        chunk(b"x", sha(b"x")),
+        end(3, sha(b"x"), 1),
+        TaskUp::Finished(TaskResult {
+            ending: Ending::Exited { code: 0 },
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            output_bytes: 0,
+            survivors: 0,
+            message: None,
+        }),
+    ];
+    for frame in frames {
+        send_frame(&mut send, &frame).await?;
+    }
+    let status = cluster
+        .client()
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(60))
+        .await?;
+    assert_eq!(statuses(&status), vec![202], "{status}");
+    assert_eq!(
+        std::fs::read_dir(out.path())?.count(),
+        0,
+        "something landed"
+    );
+    assert!(!out.path().parent().unwrap().join("escape").exists());
+    let logs = file_logs(&cluster, job, step, target).await?;
+    let uploads: Vec<String> = logs
+        .iter()
+        .filter(|l| l["mode"] == 0)
+        .map(|l| l["log_content"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(uploads.len(), 4, "{uploads:?}");
+    for reason in [
+        "more than the file's size",
+        "does not hash",
+        "SHA-256 the source reported",
+        "not a plain relative name",
+    ] {
+        assert!(
+            uploads.iter().any(|l| l.contains(reason)),
+            "{reason}: {uploads:?}"
+        );
+    }
+    beat.abort();
+    Ok(())
+}
