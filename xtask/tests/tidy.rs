@@ -84,7 +84,12 @@ const ALLOWED_INTERNAL: &[(&str, &[&str])] = &[
     ("fleetrun-cli", &[]),
     (
         "fleetrun-swarm",
-        &["fleetrun-proto", "fleetrun-net", "fleetrun-exec"],
+        &[
+            "fleetrun-proto",
+            "fleetrun-net",
+            "fleetrun-exec",
+            "fleetrun-agent",
+        ],
     ),
 ];
 

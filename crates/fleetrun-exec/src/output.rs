@@ -47,7 +47,9 @@ impl OutputReceiver {
     }
 }
 
-pub(crate) type OutputSender = mpsc::UnboundedSender<OutputEvent>;
+/// Where a task's output events are sent: the pipe's reader for the executor, the emulation
+/// itself for a task run by [`crate::Running::spawn`].
+pub type OutputSender = mpsc::UnboundedSender<OutputEvent>;
 
 pub(crate) fn channel() -> (OutputSender, OutputReceiver) {
     let (tx, rx) = mpsc::unbounded_channel();
