@@ -18,9 +18,12 @@
 //! - `overhead`: single-host job throughput with metrics and the audit trail off, then on
 //!   (swarm, emulated), and the share they cost against the 5% target.
 //! - `console`: the web console's page of a 10,000-host job (swarm) and its data, served.
+//! - `agents50k`: 50,000 swarm agents on one controller: connect, idle CPU, KiB per agent,
+//!   one job to all.
 //!
 //! Writes `target/bench/<timestamp>.json` and `target/bench/latest.json`.
 
+mod agents50k;
 mod console;
 mod inventory;
 mod jobs;
@@ -55,6 +58,7 @@ pub const GROUPS: &[&str] = &[
     "inventory",
     "overhead",
     "console",
+    "agents50k",
 ];
 
 #[derive(Debug, Clone, Default)]
@@ -145,6 +149,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
             "script" => script::run(&ctx, figures).await,
             "overhead" => overhead::run(&ctx, figures).await,
             "console" => console::run(&ctx, figures).await,
+            "agents50k" => agents50k::run(&ctx, figures).await,
             _ => inventory::run(&ctx, figures).await,
         };
         if let Err(e) = result {
@@ -170,9 +175,20 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
     scenario("inventory", ctx.wants("inventory"), &mut figures).await;
     scenario("overhead", ctx.wants("overhead"), &mut figures).await;
     scenario("console", ctx.wants("console"), &mut figures).await;
+    // Only when asked for: it takes minutes and most of the machine.
+    scenario(
+        "agents50k",
+        ctx.only.iter().any(|g| g == "agents50k"),
+        &mut figures,
+    )
+    .await;
     let took = started.elapsed();
 
     figures.retain(|f| ctx.wants(f.group));
+    let previous = report::previous_values(&out_dir);
+    for figure in &mut figures {
+        figure.previous = previous.get(&figure.name).copied();
+    }
     // Group the table as GROUPS orders it, keeping each group's own order.
     figures.sort_by_key(|f| GROUPS.iter().position(|g| *g == f.group));
     let table = report::table(&figures);
