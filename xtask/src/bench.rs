@@ -21,9 +21,12 @@
 //! - `files`: 256 MiB (64 quick) from one real agent to 10 through `fast_transfer_file`: wall
 //!   time, source bytes read, controller bytes relayed, peak RSS, and the aggregate rate beside
 //!   one QUIC stream on loopback measured in the same run.
+//! - `agents50k`: 50,000 swarm agents on one controller: connect, idle CPU, KiB per agent,
+//!   one job to all.
 //!
 //! Writes `target/bench/<timestamp>.json` and `target/bench/latest.json`.
 
+mod agents50k;
 mod console;
 mod files;
 mod inventory;
@@ -60,6 +63,7 @@ pub const GROUPS: &[&str] = &[
     "overhead",
     "console",
     "files",
+    "agents50k",
 ];
 
 #[derive(Debug, Clone, Default)]
@@ -151,6 +155,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
             "overhead" => overhead::run(&ctx, figures).await,
             "console" => console::run(&ctx, figures).await,
             "files" => files::run(&ctx, figures).await,
+            "agents50k" => agents50k::run(&ctx, figures).await,
             _ => inventory::run(&ctx, figures).await,
         };
         if let Err(e) = result {
@@ -177,9 +182,20 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
     scenario("overhead", ctx.wants("overhead"), &mut figures).await;
     scenario("console", ctx.wants("console"), &mut figures).await;
     scenario("files", ctx.wants("files"), &mut figures).await;
+    // Only when asked for: it takes minutes and most of the machine.
+    scenario(
+        "agents50k",
+        ctx.only.iter().any(|g| g == "agents50k"),
+        &mut figures,
+    )
+    .await;
     let took = started.elapsed();
 
     figures.retain(|f| ctx.wants(f.group));
+    let previous = report::previous_values(&out_dir);
+    for figure in &mut figures {
+        figure.previous = previous.get(&figure.name).copied();
+    }
     // Group the table as GROUPS orders it, keeping each group's own order.
     figures.sort_by_key(|f| GROUPS.iter().position(|g| *g == f.group));
     let table = report::table(&figures);

@@ -117,7 +117,12 @@ const ALLOWED_INTERNAL: &[(&str, &[&str])] = &[
     ("fleetrun-cli", &["fleetrun-api"]),
     (
         "fleetrun-swarm",
-        &["fleetrun-proto", "fleetrun-net", "fleetrun-exec"],
+        &[
+            "fleetrun-proto",
+            "fleetrun-net",
+            "fleetrun-exec",
+            "fleetrun-agent",
+        ],
     ),
 ];
 

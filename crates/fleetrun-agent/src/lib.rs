@@ -11,6 +11,7 @@ mod files;
 pub mod limits;
 mod metrics;
 mod renew;
+mod runner;
 mod session;
 mod spool;
 mod task;
@@ -26,10 +27,12 @@ use anyhow::Context as _;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use fleetrun_exec::{ExecConfig, Executor};
 use fleetrun_net::{Timing, TlsFiles};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 pub use metrics::MetricsConfig;
+pub use runner::Runner;
 
 /// The agent's version, reported in its hello.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -138,14 +141,38 @@ impl Failover {
     }
 }
 
+/// Whether the agent is its host's, or one of the many a process emulates
+/// ([`EmulatedAgent`]).
+#[derive(Debug)]
+pub(crate) enum Presence {
+    /// The host's agent: its certificate in files it renews, systemd told how it does, its
+    /// address configured or found from the route to the controller.
+    Host,
+    /// One of many agents in one process: certificate in memory (not renewed), nothing told
+    /// to systemd, the address it was given; the gates bound the handshakes in flight and the
+    /// task requests being read across all of them.
+    Emulated {
+        ip: IpAddr,
+        connect_gate: Arc<Semaphore>,
+        /// Held while a task request is read: a request holds its script in full, and the
+        /// process holds many agents.
+        reading_gate: Arc<Semaphore>,
+    },
+}
+
 /// Everything a connection needs; built once at start.
 #[derive(Debug)]
 pub(crate) struct AgentContext {
     pub agent_id: String,
-    pub config: Config,
-    pub executor: Executor,
+    pub config: Arc<Config>,
+    /// Runs the tasks' scripts: the executor, or an emulation.
+    pub runner: Arc<dyn Runner>,
     pub slots: Arc<tokio::sync::Semaphore>,
     pub hostname: String,
+    /// What the hello says: the agent's version and the protocol version it speaks.
+    pub agent_version: String,
+    pub protocol_version: u32,
+    pub presence: Presence,
     /// Where tasks keep their output and result; `None` when it cannot be made (then output
     /// reaches the controller only while it is connected, and is counted as lost otherwise).
     pub spool: Option<spool::Spool>,
@@ -178,6 +205,91 @@ impl AgentContext {
         self.bk_host_id
             .store(bk_host_id, std::sync::atomic::Ordering::Relaxed);
     }
+
+    /// Sets the status line systemd shows for the host's agent; an emulated one has none.
+    pub(crate) fn tell_systemd(&self, status: impl FnOnce() -> String) {
+        if matches!(self.presence, Presence::Host) {
+            tell_systemd(&[sd_notify::NotifyState::Status(&status())]);
+        }
+    }
+}
+
+/// An agent that shares its process with many others, as `fleetrun-swarm` runs them: its
+/// certificate in memory (never renewed), no spool (its tasks keep their output in memory), no
+/// metrics listener, its scripts run by `runner`. Everything else, from the hello to the
+/// delivery of results and the reconnects, is the agent's own session code.
+#[derive(Debug)]
+pub struct EmulatedAgent {
+    pub agent_id: String,
+    /// Reported in the hello.
+    pub agent_version: String,
+    /// The protocol version the hello asks for: [`fleetrun_proto::PROTOCOL_VERSION`], or an
+    /// older one to emulate agents not yet upgraded.
+    pub protocol_version: u32,
+    /// What all the agents share: the controllers, server name, cloud area, task slots, limits.
+    pub config: Arc<Config>,
+    /// The address the agent reports.
+    pub ip: IpAddr,
+    pub client_config: quinn::ClientConfig,
+    pub runner: Arc<dyn Runner>,
+    /// Held from the start of a connection to the controller's answer to the hello.
+    pub connect_gate: Arc<Semaphore>,
+    /// Held while a task request is read.
+    pub reading_gate: Arc<Semaphore>,
+}
+
+/// Tells how an [`EmulatedAgent`] does.
+#[derive(Debug, Clone)]
+pub struct AgentHandle(Arc<AgentContext>);
+
+impl AgentHandle {
+    /// Whether a controller welcomed the agent at least once.
+    pub fn ever_welcomed(&self) -> bool {
+        self.0.metrics.sessions() > 0
+    }
+
+    /// Whether the agent is connected and welcomed now.
+    pub fn connected(&self) -> bool {
+        self.0.metrics.connected()
+    }
+
+    /// Tasks that ended with a result.
+    pub fn tasks_finished(&self) -> u64 {
+        self.0.metrics.tasks_finished()
+    }
+}
+
+impl EmulatedAgent {
+    /// Starts the agent connecting through `endpoint`; it serves until `shutdown` fires.
+    pub fn spawn(
+        self,
+        endpoint: quinn::Endpoint,
+        shutdown: CancellationToken,
+    ) -> (AgentHandle, tokio::task::JoinHandle<()>) {
+        let ctx = Arc::new(AgentContext {
+            spool: None,
+            tasks: task::Tasks::default(),
+            bk_host_id: std::sync::atomic::AtomicI64::new(0),
+            client_config: std::sync::Mutex::new(self.client_config),
+            controller: std::sync::Mutex::default(),
+            metrics: metrics::AgentMetrics::default(),
+            slots: Arc::new(Semaphore::new(self.config.max_concurrent_tasks)),
+            hostname: self.agent_id.clone(),
+            agent_id: self.agent_id,
+            config: self.config,
+            runner: self.runner,
+            agent_version: self.agent_version,
+            protocol_version: self.protocol_version,
+            presence: Presence::Emulated {
+                ip: self.ip,
+                connect_gate: self.connect_gate,
+                reading_gate: self.reading_gate,
+            },
+        });
+        let serving = ctx.clone();
+        let task = tokio::spawn(async move { serve(&serving, &endpoint, &shutdown).await });
+        (AgentHandle(ctx), task)
+    }
 }
 
 /// Runs the agent until `shutdown` fires.
@@ -194,6 +306,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .clone()
         .unwrap_or_else(|| format!("fleetrun-{agent_id}"));
     exec_config.refuse_root = config.limits.root_refusal();
+    // Staging on a memory file system spares each task its disk writes.
+    exec_config.staging = fleetrun_exec::Staging::Memory {
+        bases: fleetrun_exec::Staging::memory_bases(),
+    };
     let executor = Executor::new(exec_config).context("preparing to run scripts")?;
     let files = TlsFiles {
         ca: config.tls.ca.clone(),
@@ -226,6 +342,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     })
     .await
     .context("opening the spool")?;
+    let cgroups = executor.uses_cgroup();
     let ctx = Arc::new(AgentContext {
         spool,
         tasks,
@@ -235,14 +352,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics: metrics::AgentMetrics::default(),
         slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_tasks)),
         agent_id,
-        config,
-        executor,
+        config: Arc::new(config),
+        runner: Arc::new(executor),
         hostname,
+        agent_version: VERSION.to_owned(),
+        protocol_version: fleetrun_proto::PROTOCOL_VERSION,
+        presence: Presence::Host,
     });
     tracing::info!(
         agent_id = ctx.agent_id,
         controller = %ctx.config.controller,
-        cgroups = ctx.executor.uses_cgroup(),
+        cgroups,
         limits = ?ctx.config.limits,
         "agent starting"
     );
@@ -264,6 +384,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         });
     }
 
+    serve(&ctx, &endpoint, &shutdown).await;
+    endpoint.close(
+        fleetrun_proto::close_code::SHUTDOWN.into(),
+        b"agent shutting down",
+    );
+    // Let the close reach the controller.
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    Ok(())
+}
+
+/// Connects to the configured controllers, one after the other as [`Failover`] decides, and
+/// serves them until `shutdown` fires.
+async fn serve(ctx: &Arc<AgentContext>, endpoint: &quinn::Endpoint, shutdown: &CancellationToken) {
     let controllers = ctx.config.controller.entries();
     let mut failover = Failover::new(controllers.len());
     let home = || {
@@ -280,7 +413,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ctx.set_controller(target);
         ctx.metrics.set_connection(metrics::Connection::Connecting);
         let ended = tokio::select! {
-            ended = session::connect_and_serve(&ctx, &endpoint, target) => ended,
+            ended = session::connect_and_serve(ctx, endpoint, target) => ended,
             () = shutdown.cancelled() => break,
         };
         match &ended {
@@ -294,19 +427,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     shutting_down,
                     "lost the controller after {lasted:?}: {reason}"
                 );
-                tell_systemd(&[sd_notify::NotifyState::Status(&format!(
-                    "lost the controller {target}: {reason}; reconnecting"
-                ))]);
+                ctx.tell_systemd(|| {
+                    format!("lost the controller {target}: {reason}; reconnecting")
+                });
             }
             session::Ended::BeforeWelcome(reason) => {
                 tracing::warn!(
                     controller = target,
                     "cannot connect to the controller: {reason}"
                 );
-                tell_systemd(&[sd_notify::NotifyState::Status(&format!(
-                    "cannot connect to the controller {target}: {reason}"
-                ))]);
-                if let Ok((_, end)) = enroll::validity(&ctx.config.tls.cert)
+                ctx.tell_systemd(|| format!("cannot connect to the controller {target}: {reason}"));
+                if matches!(ctx.presence, Presence::Host)
+                    && let Ok((_, end)) = enroll::validity(&ctx.config.tls.cert)
                     && end <= renew::now_secs()
                 {
                     tracing::error!(
@@ -336,13 +468,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             () = shutdown.cancelled() => break,
         }
     }
-    endpoint.close(
-        fleetrun_proto::close_code::SHUTDOWN.into(),
-        b"agent shutting down",
-    );
-    // Let the close reach the controller.
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-    Ok(())
 }
 
 /// Tells systemd how the agent is doing (`Type=notify`); does nothing when systemd did not
@@ -359,8 +484,13 @@ pub(crate) fn system_hostname() -> String {
         .unwrap_or_else(|_| "unknown".to_owned())
 }
 
-/// The address this host is targeted by: configured, else the one it reaches the controller from.
-pub(crate) fn host_ip(config: &Config, controller: SocketAddr) -> anyhow::Result<IpAddr> {
+/// The address this host is targeted by: configured (or given, for an emulated agent), else
+/// the one it reaches the controller from.
+pub(crate) fn host_ip(ctx: &AgentContext, controller: SocketAddr) -> anyhow::Result<IpAddr> {
+    let config = &ctx.config;
+    if let Presence::Emulated { ip, .. } = ctx.presence {
+        return Ok(ip);
+    }
     if let Some(ip) = config.ip {
         return Ok(ip);
     }

@@ -167,6 +167,24 @@ impl AgentMetrics {
         self.set_connection(Connection::Connected);
     }
 
+    /// Sessions that were welcomed so far.
+    pub(crate) fn sessions(&self) -> u64 {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Whether the agent is connected and welcomed now.
+    pub(crate) fn connected(&self) -> bool {
+        self.connection.load(Ordering::Relaxed) == Connection::Connected as u8
+    }
+
+    /// Tasks that ended, whatever their ending.
+    pub(crate) fn tasks_finished(&self) -> u64 {
+        self.finished
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum()
+    }
+
     pub(crate) fn reconnecting(&self) {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
     }

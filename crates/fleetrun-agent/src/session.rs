@@ -3,12 +3,12 @@
 use std::{sync::Arc, time::Duration};
 
 use fleetrun_net::{FramedRecv, describe_connection_error, send_frame};
-use fleetrun_proto::{ControlUp, Hello, HelloReply, OsType, PROTOCOL_VERSION};
+use fleetrun_proto::{ControlUp, Hello, HelloReply, OsType};
 use task::Ownership;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::{AgentContext, VERSION, host_ip, task};
+use crate::{AgentContext, Presence, host_ip, task};
 
 /// How a session ended.
 #[derive(Debug)]
@@ -40,6 +40,12 @@ pub(crate) async fn connect_and_serve(
         },
         Err(e) => return Ended::BeforeWelcome(format!("cannot look up {target}: {e}")),
     };
+    // Emulated agents take their turn: handshakes are where a swarm's CPU goes while it comes
+    // up, and a bounded number at once keeps each inside the controller's hello deadline.
+    let gate = match &ctx.presence {
+        Presence::Emulated { connect_gate, .. } => Some(connect_gate.acquire().await),
+        Presence::Host => None,
+    };
     // The configuration in force: a renewed certificate is presented from the next connection.
     let client_config = ctx.client_config.lock().unwrap().clone();
     let connecting = match endpoint.connect_with(client_config, controller, &config.server_name) {
@@ -50,14 +56,14 @@ pub(crate) async fn connect_and_serve(
         Ok(c) => c,
         Err(e) => return Ended::BeforeWelcome(describe_connection_error(&e)),
     };
-    let ip = match host_ip(config, controller) {
+    let ip = match host_ip(ctx, controller) {
         Ok(ip) => ip,
         Err(e) => return Ended::BeforeWelcome(format!("cannot tell this host's address: {e}")),
     };
     let hello = Hello {
-        protocol_version: PROTOCOL_VERSION,
+        protocol_version: ctx.protocol_version,
         agent_id: ctx.agent_id.clone(),
-        agent_version: VERSION.to_owned(),
+        agent_version: ctx.agent_version.clone(),
         hostname: ctx.hostname.clone(),
         os_type: OsType::Linux,
         bk_cloud_id: config.bk_cloud_id,
@@ -85,6 +91,7 @@ pub(crate) async fn connect_and_serve(
         Ok(Ok(None)) => return Ended::BeforeWelcome("controller closed the hello stream".into()),
         Ok(Ok(Some(reply))) => reply,
     };
+    drop(gate);
     let (heartbeat, ownership, renews) = match reply {
         HelloReply::Refused { reason } => {
             return Ended::BeforeWelcome(format!("controller refused this agent: {reason}"));
@@ -93,12 +100,15 @@ pub(crate) async fn connect_and_serve(
             bk_host_id,
             heartbeat_interval_ms,
         } => {
-            tracing::warn!(
-                bk_host_id,
-                %ip,
-                "connected to a controller of protocol version 1: its tasks end with the \
-                 connection; upgrade the controller"
-            );
+            // An agent asking for version 1 (an emulated one, not yet upgraded) expects this.
+            if ctx.protocol_version > 1 {
+                tracing::warn!(
+                    bk_host_id,
+                    %ip,
+                    "connected to a controller of protocol version 1: its tasks end with the \
+                     connection; upgrade the controller"
+                );
+            }
             ctx.set_bk_host_id(bk_host_id);
             let every = Duration::from_millis(heartbeat_interval_ms.max(100));
             (every, Ownership::Connection, false)
@@ -121,13 +131,12 @@ pub(crate) async fn connect_and_serve(
             if let Err(e) = send_frame(&mut send, &ControlUp::Holding { tasks: holding }).await {
                 return Ended::BeforeWelcome(format!("cannot report the tasks held: {e}"));
             }
-            (every, Ownership::Agent, protocol_version >= 3)
+            let renews = protocol_version >= 3 && matches!(ctx.presence, Presence::Host);
+            (every, Ownership::Agent, renews)
         }
     };
     ctx.metrics.welcomed();
-    crate::tell_systemd(&[sd_notify::NotifyState::Status(&format!(
-        "connected to the controller {target}"
-    ))]);
+    ctx.tell_systemd(|| format!("connected to the controller {target}"));
     let since = Instant::now();
     // Under protocol version 1 the tasks of this connection die with it.
     let session = CancellationToken::new();

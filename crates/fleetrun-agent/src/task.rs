@@ -263,6 +263,23 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
     }
 }
 
+impl Held {
+    /// Does `work` on the task's output: on the blocking pool when the output is in the spool's
+    /// files, at once when it is in memory (a copy, no I/O).
+    async fn on_output<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Self) -> T + Send + 'static,
+    ) -> T {
+        match self.output {
+            Output::Memory(_) => work(self),
+            Output::Spooled(_) => {
+                let held = self.clone();
+                blocking(move || work(&held)).await
+            }
+        }
+    }
+}
+
 /// How a task is reported in [`fleetrun_proto::ControlUp::Holding`].
 fn report_of(meta: &Meta) -> HeldTask {
     HeldTask {
@@ -376,6 +393,10 @@ impl Held {
     /// Saves the task's state as it is now, on the blocking pool; the lock is held only to copy
     /// it. Only the task's runner calls this, one save after the other.
     async fn persist(self: &Arc<Self>) {
+        if let Output::Memory(_) = self.output {
+            // Nothing is saved for a task kept in memory.
+            return;
+        }
         let meta = self.state.lock().unwrap().clone();
         let held = self.clone();
         blocking(move || held.save(&meta)).await;
@@ -464,6 +485,9 @@ impl Tasks {
 
     fn remove(&self, task_id: &Uuid, held: &Arc<Held>) {
         if self.held.lock().unwrap().remove(task_id).is_none() {
+            return;
+        }
+        if let Output::Memory(_) = held.output {
             return;
         }
         let held = held.clone();
@@ -562,7 +586,13 @@ pub(crate) async fn serve(
     session: CancellationToken,
 ) {
     let mut recv = FramedRecv::new(recv);
-    let (held, from) = match recv.recv::<TaskDown>().await {
+    let reading = match &ctx.presence {
+        crate::Presence::Emulated { reading_gate, .. } => Some(reading_gate.acquire().await),
+        crate::Presence::Host => None,
+    };
+    let first = recv.recv::<TaskDown>().await;
+    drop(reading);
+    let (held, from) = match first {
         Ok(Some(TaskDown::Run(request))) => match ctx.tasks.get(&request.task_id) {
             // A repeat of a task already held: the controller gets it from the start.
             Some(held) => (held, 0),
@@ -598,7 +628,13 @@ pub(crate) async fn serve(
             return;
         }
         Ok(Some(TaskDown::Place(request))) => {
-            crate::files::serve(ctx, send, recv, request).await;
+            match ctx.runner.refuses_files() {
+                None => crate::files::serve(ctx, send, recv, request).await,
+                Some(why) => {
+                    tracing::debug!("file task not served: {why}");
+                    recv.stop(fleetrun_proto::close_code::PROTOCOL);
+                }
+            }
             return;
         }
         Ok(Some(TaskDown::Collect(request))) => {
@@ -673,19 +709,21 @@ async fn start(
             .unwrap()
             .insert(task_id, report_of(&meta));
     }
-    let spool_ctx = ctx.clone();
-    let first = meta.clone();
-    let output = blocking(move || match &spool_ctx.spool {
-        Some(spool) => match spool.create(&first) {
-            Ok(spool) => Output::Spooled(spool),
-            Err(e) => {
+    let output = if ctx.spool.is_some() {
+        let spool_ctx = ctx.clone();
+        let first = meta.clone();
+        blocking(move || match spool_ctx.spool.as_ref().map(|spool| spool.create(&first)) {
+            Some(Ok(spool)) => Output::Spooled(spool),
+            Some(Err(e)) => {
                 tracing::error!(%task_id, "cannot spool the task's output, it is kept in memory and lost if the agent restarts: {e}");
                 Output::Memory(MemoryOutput::new(spool_ctx.tasks.memory.clone()))
             }
-        },
-        None => Output::Memory(MemoryOutput::new(spool_ctx.tasks.memory.clone())),
-    })
-    .await;
+            None => Output::Memory(MemoryOutput::new(spool_ctx.tasks.memory.clone())),
+        })
+        .await
+    } else {
+        Output::Memory(MemoryOutput::new(ctx.tasks.memory.clone()))
+    };
     let held = Arc::new(Held::new(meta, output, ownership, cancel));
     ctx.tasks.hold(task_id, held.clone());
     let runner = held.clone();
@@ -699,13 +737,17 @@ async fn start(
         if runner.discarded.load(std::sync::atomic::Ordering::SeqCst) {
             ctx.tasks.remove(&task_id, &runner);
         } else if ownership == Ownership::Agent {
-            let tasks = ctx.clone();
-            blocking(move || {
-                tasks
-                    .tasks
-                    .bound_finished(MAX_FINISHED_HELD, MAX_FINISHED_OUTPUT)
-            })
-            .await;
+            let bound = |ctx: &AgentContext| {
+                ctx.tasks
+                    .bound_finished(MAX_FINISHED_HELD, MAX_FINISHED_OUTPUT);
+            };
+            if ctx.spool.is_some() {
+                // It may rewrite spooled files.
+                let tasks = ctx.clone();
+                blocking(move || bound(&tasks)).await;
+            } else {
+                bound(&ctx);
+            }
         }
         runner.bump();
     });
@@ -761,7 +803,7 @@ async fn run(ctx: &AgentContext, held: &Arc<Held>, request: TaskRequest) -> Task
         output_limit: usize::try_from(request.output_limit).unwrap_or(usize::MAX),
         windows_interpreter: request.windows_interpreter,
     };
-    let mut running = ctx.executor.start(task, cancel.clone());
+    let mut running = ctx.runner.start(task, cancel.clone());
     {
         let started = ms(SystemTime::now());
         let mut meta = held.state.lock().unwrap();
@@ -778,8 +820,9 @@ async fn run(ctx: &AgentContext, held: &Arc<Held>, request: TaskRequest) -> Task
                 // a stream never reads past what is written.
                 let offset = held.state.lock().unwrap().produced;
                 let len = data.len() as u64;
-                let writer = held.clone();
-                let written = blocking(move || writer.output.write_at(offset, &data)).await;
+                let written = held
+                    .on_output(move |held| held.output.write_at(offset, &data))
+                    .await;
                 let lost = {
                     let mut meta = held.state.lock().unwrap();
                     if let Err(e) = &written {
@@ -940,8 +983,7 @@ enum Delivered {
 
 /// Reads up to `want` bytes of output at `offset`, on the blocking pool.
 async fn read_output(held: &Arc<Held>, offset: u64, want: usize) -> std::io::Result<Vec<u8>> {
-    let held = held.clone();
-    blocking(move || {
+    held.on_output(move |held| {
         let mut buf = vec![0u8; want];
         let n = held.output.read_at(offset, &mut buf)?;
         buf.truncate(n);

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use language::Language;
 pub use outcome::{Ending, Outcome};
-pub use output::{OutputEvent, OutputReceiver};
+pub use output::{OutputEvent, OutputReceiver, OutputSender};
 pub use params::{ParamError, split_params};
 
 /// Removes `name` from the directory `parent` (a file or link itself, a directory with
@@ -93,6 +93,31 @@ pub struct ExecConfig {
     /// anything is staged. Checked on the account the task would run as, from the one lookup
     /// that resolves it; a lookup that fails refuses the task as well.
     pub refuse_root: Option<String>,
+    /// Where scripts are staged ([`Staging::WorkDir`] unless set).
+    pub staging: Staging,
+}
+
+/// Where an executor stages scripts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Staging {
+    /// In `work_dir/tasks` only.
+    WorkDir,
+    /// Scripts up to 1 MiB on the first memory file system (tmpfs) of `bases` where the agent
+    /// has, or can make, a directory checked as the work directory is (see
+    /// [`Staging::memory_bases`]); larger ones, every one when there is none, and any the
+    /// memory file system has no room for, in `work_dir/tasks`. A script staged there is
+    /// never written to a disk.
+    Memory {
+        /// Directories that may be on a memory file system, in order of preference.
+        bases: Vec<PathBuf>,
+    },
+}
+
+impl Staging {
+    /// `/run` for root, `$XDG_RUNTIME_DIR` for another account, then `/dev/shm`.
+    pub fn memory_bases() -> Vec<PathBuf> {
+        stage::memory_bases()
+    }
 }
 
 impl ExecConfig {
@@ -105,6 +130,7 @@ impl ExecConfig {
             use_cgroup: true,
             cgroup_name: DEFAULT_CGROUP_NAME.to_owned(),
             refuse_root: None,
+            staging: Staging::WorkDir,
         }
     }
 }
@@ -193,6 +219,9 @@ struct Inner {
     config: ExecConfig,
     /// `work_dir/tasks`, held open.
     staging_root: Arc<stage::StagingRoot>,
+    /// A staging root on a memory file system, for scripts up to
+    /// [`stage::MEMORY_SCRIPT_MAX`].
+    memory_root: Option<Arc<stage::StagingRoot>>,
     /// `<cgroup2 mount>/<cgroup_name>` when cgroups are usable.
     cgroups: Option<cgroup::CgroupRoot>,
     /// Who the agent runs as, to decide whether it may switch accounts.
@@ -209,6 +238,12 @@ impl Executor {
     pub fn new(config: ExecConfig) -> Result<Self, SetupError> {
         sys::become_subreaper().map_err(SetupError::Subreaper)?;
         let staging_root = Arc::new(stage::prepare_root(&config.work_dir)?);
+        let memory_root = match &config.staging {
+            Staging::WorkDir => None,
+            Staging::Memory { bases } => {
+                stage::prepare_memory_root(bases, &config.work_dir).map(Arc::new)
+            }
+        };
         let cgroups = if config.use_cgroup {
             cgroup::CgroupRoot::open(&config.cgroup_name)
         } else {
@@ -222,6 +257,7 @@ impl Executor {
             inner: Arc::new(Inner {
                 config,
                 staging_root,
+                memory_root,
                 cgroups,
                 agent,
             }),
@@ -234,9 +270,18 @@ impl Executor {
         self.inner.cgroups.is_some()
     }
 
-    /// The directory a task is staged in while it runs.
+    /// The directory under `work_dir` a task is staged in while it runs (with
+    /// [`Staging::Memory`], that of a script too large for the memory file system).
     pub fn staging_dir(&self, task_id: &str) -> PathBuf {
-        self.inner.staging_path(task_id)
+        self.inner.staging_root.path().join(task_id)
+    }
+
+    /// The staging root on a memory file system, when the executor has one.
+    pub fn memory_staging_root(&self) -> Option<&std::path::Path> {
+        self.inner
+            .memory_root
+            .as_deref()
+            .map(stage::StagingRoot::path)
     }
 
     /// Starts the task and returns at once; the work happens on the current
@@ -261,9 +306,28 @@ pub struct Running {
     pub outcome: JoinHandle<Outcome>,
 }
 
+impl Running {
+    /// A task that something else than an [`Executor`] runs (an emulated executor): `run` gets
+    /// the sender of the task's output events and returns its outcome; it runs on the current
+    /// tokio runtime, and the output ends when it returns.
+    pub fn spawn<F, Fut>(run: F) -> Self
+    where
+        F: FnOnce(OutputSender) -> Fut,
+        Fut: std::future::Future<Output = Outcome> + Send + 'static,
+    {
+        let (tx, output) = output::channel();
+        let outcome = tokio::spawn(run(tx));
+        Self { output, outcome }
+    }
+}
+
 impl Inner {
-    fn staging_path(&self, task_id: &str) -> PathBuf {
-        self.staging_root.path().join(task_id)
+    /// Where a script of `len` bytes is staged first.
+    fn staging_root_for(&self, len: usize) -> &Arc<stage::StagingRoot> {
+        match &self.memory_root {
+            Some(memory) if len <= stage::MEMORY_SCRIPT_MAX => memory,
+            _ => &self.staging_root,
+        }
     }
 }
 
@@ -273,6 +337,14 @@ impl Drop for Inner {
     fn drop(&mut self) {
         if let Some(root) = &self.cgroups {
             root.remove_if_empty();
+        }
+        // Nor a directory on the memory file system, which only this executor would use.
+        if let Some(root) = &self.memory_root
+            && let Some(dir) = root.path().parent()
+            && let (Some(base), Some(name)) = (dir.parent(), dir.file_name())
+            && let Err(err) = remove_without_following(base, name)
+        {
+            tracing::warn!(dir = %dir.display(), %err, "cannot remove the staging directory");
         }
     }
 }

@@ -47,7 +47,9 @@ impl OutputReceiver {
     }
 }
 
-pub(crate) type OutputSender = mpsc::UnboundedSender<OutputEvent>;
+/// Where a task's output events are sent: the pipe's reader for the executor, the emulation
+/// itself for a task run by [`crate::Running::spawn`].
+pub type OutputSender = mpsc::UnboundedSender<OutputEvent>;
 
 pub(crate) fn channel() -> (OutputSender, OutputReceiver) {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -73,11 +75,13 @@ pub(crate) fn spawn_reader(
 ) -> JoinHandle<Totals> {
     tokio::spawn(async move {
         let mut capture = Capture::new(limit, tx);
-        let mut buf = vec![0u8; CHUNK];
+        // Filled without being zeroed first: most scripts print a few bytes.
+        let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
         loop {
+            buf.clear();
             tokio::select! {
                 biased;
-                read = pipe.read(&mut buf) => match read {
+                read = pipe.read_buf(&mut buf) => match read {
                     Ok(0) => break,
                     Ok(n) => capture.push(&buf[..n]),
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
@@ -89,8 +93,10 @@ pub(crate) fn spawn_reader(
                 () = stop.cancelled() => {
                     // Someone outside the tree still holds the pipe; keep
                     // what was written before giving up on it.
-                    while let Ok(n @ 1..) = pipe.try_read(&mut buf) {
+                    buf.clear();
+                    while let Ok(n @ 1..) = pipe.try_read_buf(&mut buf) {
                         capture.push(&buf[..n]);
+                        buf.clear();
                     }
                     break;
                 }

@@ -1,16 +1,16 @@
 //! One task from start to finish: account, interpreter, staging, spawn,
 //! supervision, kill, cleanup.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use nix::fcntl::OFlag;
 use tokio::net::unix::pipe;
-use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use crate::account::{self, Account, AccountError};
@@ -18,8 +18,8 @@ use crate::cgroup::TaskCgroup;
 use crate::kill::{self, Tree};
 use crate::language::{self, CommandLine, SANE_PATH};
 use crate::output::{self, OutputSender, Totals};
-use crate::stage::{self, Staging};
-use crate::sys::{self, ChildSetup, Credentials};
+use crate::stage::{self, StageError, Staging, StagingRoot};
+use crate::sys::{self, Child, ChildSetup, Credentials, SpawnPlan};
 use crate::tree::ProcessTree;
 use crate::{Ending, Inner, Outcome, Task};
 
@@ -76,9 +76,6 @@ pub(crate) async fn run(
             task.account
         )));
     }
-    let script_path = inner
-        .staging_path(&task.id)
-        .join(task.language.script_file_name());
     // Hidden arguments are NUL-separated. As arguments, such a word would
     // make the spawn fail.
     if task.sensitive_args && task.args.iter().any(|arg| arg.contains('\0')) {
@@ -86,26 +83,32 @@ pub(crate) async fn run(
             "a parameter contains a nul byte, which no script can receive".to_owned(),
         ));
     }
-    let line = match language::command_line(
-        task.language,
-        &script_path,
-        &task.args,
-        task.sensitive_args,
-    ) {
+    let script = std::mem::take(&mut task.script);
+    let mut root = inner.staging_root_for(script.len()).clone();
+    let mut line = match command_line(&task, &root) {
         Ok(line) => line,
         Err(name) => return refused(Ending::InterpreterMissing(name.to_owned())),
     };
-    let staging = blocking({
-        let (root, id, language) = (inner.staging_root.clone(), task.id.clone(), task.language);
-        let (script, account) = (std::mem::take(&mut task.script), account.clone());
-        move || Staging::create(&root, &id, language, &script, &account)
-    })
-    .await;
+    let script = Arc::new(script);
+    let mut staging = stage_script(&root, &task, &script, &account).await;
+    if let Err(err) = &staging
+        && err.is_out_of_space()
+        && !Arc::ptr_eq(&root, &inner.staging_root)
+    {
+        // The memory file system is full: the work directory may have room.
+        tracing::warn!(task = %task.id, %err, "staging the script under the work directory");
+        root = inner.staging_root.clone();
+        line = match command_line(&task, &root) {
+            Ok(line) => line,
+            Err(name) => return refused(Ending::InterpreterMissing(name.to_owned())),
+        };
+        staging = stage_script(&root, &task, &script, &account).await;
+    }
+    drop(script);
     let staging = match staging {
         Ok(staging) => staging,
         Err(err) => return refused(Ending::Failed(err.to_string())),
     };
-    debug_assert_eq!(staging.script(), script_path);
     if cancel.is_cancelled() {
         blocking(move || drop(staging)).await;
         return refused(Ending::Cancelled);
@@ -114,6 +117,28 @@ pub(crate) async fn run(
     blocking(move || drop(staging)).await;
     outcome.finished_at = SystemTime::now();
     outcome
+}
+
+/// The interpreter's command line for the task's script staged under `root`; `Err` names the
+/// interpreter when it is missing.
+fn command_line(task: &Task, root: &StagingRoot) -> Result<CommandLine, &'static str> {
+    let script = root
+        .path()
+        .join(&task.id)
+        .join(task.language.script_file_name());
+    language::command_line(task.language, &script, &task.args, task.sensitive_args)
+}
+
+/// Writes the script under `root`, on the blocking pool.
+async fn stage_script(
+    root: &Arc<StagingRoot>,
+    task: &Task,
+    script: &Arc<Vec<u8>>,
+    account: &Account,
+) -> Result<Staging, StageError> {
+    let (root, id, language) = (root.clone(), task.id.clone(), task.language);
+    let (script, account) = (script.clone(), account.clone());
+    blocking(move || Staging::create(&root, &id, language, &script, &account)).await
 }
 
 /// Spawns the staged script, supervises it and kills what is left of it.
@@ -146,7 +171,7 @@ async fn execute(
             };
         }
     };
-    let leader = child.id().map_or(0, |pid| pid as i32);
+    let leader = child.id();
     let eof = CancellationToken::new();
     let stop = CancellationToken::new();
     let reader = output::spawn_reader(pipe, task.output_limit, tx, eof.clone(), stop.clone());
@@ -168,7 +193,7 @@ async fn execute(
     })
     .await;
     if survivors == 0 {
-        // Reaped by now unless it survived; leave it to tokio if so.
+        // Collected by now unless it survived; if so, dropping it collects it when it ends.
         let _ = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
     }
     let totals = finish_reading(reader, &stop).await;
@@ -216,10 +241,7 @@ async fn spawn(
         ),
         None => None,
     };
-    let mut command = command(line, account, pipe_write)
-        .map_err(|err| format!("cannot share the output pipe: {err}"))?;
-    // Created last: nothing below can fail before the spawn, whose failure
-    // removes it.
+    // Created last: a failure below removes it.
     let (cgroup, cgroup_procs) = match inner.cgroups.as_ref().map(|root| root.create(&task.id)) {
         Some(Ok((cgroup, procs))) => (Some(cgroup), Some(procs)),
         Some(Err(err)) => {
@@ -233,19 +255,15 @@ async fn spawn(
         gid: account.gid,
         groups: account.groups.clone(),
     });
-    sys::prepare_child(
-        &mut command,
-        ChildSetup {
-            credentials,
-            cgroup_procs,
-            args_pipe,
-        },
-    );
+    let setup = ChildSetup {
+        credentials,
+        cgroup_procs,
+        args_pipe,
+    };
     let started_at = SystemTime::now();
-    let spawned = command.spawn();
-    // The command holds the parent's copies of the pipe's write end and of
-    // cgroup.procs: without closing them the pipe would never reach EOF.
-    drop(command);
+    // The plan holds the parent's copies of the pipe's write end and of
+    // cgroup.procs: dropped after the spawn, or the pipe would never reach EOF.
+    let spawned = plan(line, account, pipe_write, setup).and_then(|plan| sys::spawn(&plan));
     match spawned {
         Ok(child) => Ok(Spawned {
             child,
@@ -325,30 +343,26 @@ async fn finish_reading(
 /// `interpreter args...` as the account: clean environment, the account's
 /// home as working directory, stdin from /dev/null, stdout and stderr on
 /// the same pipe so the log keeps the order of writes.
-fn command(line: &CommandLine, account: &Account, pipe_write: OwnedFd) -> std::io::Result<Command> {
+fn plan(
+    line: &CommandLine,
+    account: &Account,
+    pipe_write: OwnedFd,
+    setup: ChildSetup,
+) -> std::io::Result<SpawnPlan> {
     let cwd = if account.home.is_dir() {
         account.home.as_path()
     } else {
         Path::new("/")
     };
-    let stderr = pipe_write.try_clone()?;
-    let mut command = Command::new(&line.program);
-    command
-        .args(&line.args)
-        .env_clear()
-        .env("HOME", &account.home)
-        .env("USER", &account.name)
-        .env("LOGNAME", &account.name)
-        .env("SHELL", &account.shell)
-        .env("PATH", SANE_PATH)
-        .env("LANG", "C.UTF-8")
-        .envs(line.env.iter().map(|(key, value)| (key, value)))
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(pipe_write))
-        .stderr(Stdio::from(stderr))
-        .kill_on_drop(false);
-    Ok(command)
+    let mut env: BTreeMap<OsString, OsString> = BTreeMap::new();
+    env.insert("HOME".into(), account.home.clone().into());
+    env.insert("USER".into(), account.name.clone().into());
+    env.insert("LOGNAME".into(), account.name.clone().into());
+    env.insert("SHELL".into(), account.shell.clone().into());
+    env.insert("PATH".into(), SANE_PATH.into());
+    env.insert("LANG".into(), "C.UTF-8".into());
+    env.extend(line.env.iter().cloned());
+    SpawnPlan::new(&line.program, &line.args, &env, cwd, pipe_write, setup)
 }
 
 /// A pipe already holding `content` and closed for writing; the read end

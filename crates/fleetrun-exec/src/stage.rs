@@ -67,6 +67,18 @@ pub(crate) enum StageError {
     },
 }
 
+impl StageError {
+    /// Whether the file system was full (or the agent's quota on it spent): another place may
+    /// still take the script.
+    pub(crate) fn is_out_of_space(&self) -> bool {
+        let source = match self {
+            Self::CreateDir { source, .. } | Self::WriteScript { source, .. } => source,
+            Self::InvalidId(_) | Self::AlreadyRunning(_) | Self::Chown { .. } => return false,
+        };
+        matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+    }
+}
+
 /// Rejects ids that could escape the staging root or the cgroup parent.
 pub(crate) fn validate_task_id(id: &str) -> Result<(), StageError> {
     let safe_chars = id
@@ -165,6 +177,52 @@ pub(crate) fn prepare_root(work_dir: &Path) -> Result<StagingRoot, SetupError> {
         id: (stat.st_dev, stat.st_ino),
         dir,
     })
+}
+
+/// Scripts up to this size are staged on a memory file system when the agent has one; larger
+/// ones, which would hold that much of the host's memory while they run, under `work_dir`.
+pub(crate) const MEMORY_SCRIPT_MAX: usize = 1024 * 1024;
+
+/// Where the agent may stage on a memory file system (tmpfs): `/run` (root's) for root,
+/// `$XDG_RUNTIME_DIR` (the account's own) for an agent of another account, and `/dev/shm`
+/// (sticky, like `/tmp`) for either.
+pub(crate) fn memory_bases() -> Vec<PathBuf> {
+    let mut bases = Vec::new();
+    if nix::unistd::geteuid().is_root() {
+        bases.push(PathBuf::from("/run"));
+    } else if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        bases.push(PathBuf::from(dir));
+    }
+    bases.push(PathBuf::from("/dev/shm"));
+    bases
+}
+
+/// A staging root on the first of `bases` that is a memory file system and holds a directory
+/// of this agent's, `fleetrun-stage-<digest of work_dir>` (one per work directory, so agents
+/// sharing a host keep apart, and a restarted agent finds its leftovers), checked and prepared
+/// exactly as `work_dir/tasks` is ([`prepare_root`]: walked from `/` without following links
+/// it does not trust, owned by the agent, 0711, emptied). `None` when none is; why is logged.
+pub(crate) fn prepare_memory_root(bases: &[PathBuf], work_dir: &Path) -> Option<StagingRoot> {
+    let work = std::path::absolute(work_dir).unwrap_or_else(|_| work_dir.to_owned());
+    let digest = ring::digest::digest(&ring::digest::SHA256, work.as_os_str().as_encoded_bytes());
+    let name: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    for base in bases {
+        match nix::sys::statfs::statfs(base) {
+            Ok(fs) if fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC => {}
+            _ => continue,
+        }
+        let dir = base.join(format!("fleetrun-stage-{name}"));
+        match prepare_root(&dir) {
+            Ok(root) => return Some(root),
+            Err(err) => {
+                tracing::warn!(dir = %dir.display(), %err, "not staging scripts on this memory file system");
+            }
+        }
+    }
+    None
 }
 
 fn untrusted_work_dir(untrusted: dirs::Untrusted) -> SetupError {
@@ -286,10 +344,6 @@ impl Staging {
             })?;
         }
         Ok(())
-    }
-
-    pub(crate) fn script(&self) -> &Path {
-        &self.script
     }
 }
 

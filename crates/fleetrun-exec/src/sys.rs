@@ -1,13 +1,23 @@
-//! The process-level system calls: what the child does between fork and exec
-//! (the crate's only `unsafe`), the subreaper bit, signals and reaping.
+//! The process-level system calls: starting a script (a child that shares the agent's memory
+//! until it executes, and a pidfd to wait for it; the crate's only `unsafe`), the subreaper
+//! bit, signals and reaping.
 #![allow(unsafe_code)]
 
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::sys::wait::{WaitPidFlag, waitpid};
-use nix::unistd::{Gid, Pid, Uid, setgid, setgroups, setsid, setuid, write};
+use nix::unistd::{Gid, Pid, Uid};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 /// The identity the child takes on.
 #[derive(Debug)]
@@ -19,8 +29,8 @@ pub(crate) struct Credentials {
 }
 
 /// What the child does to itself before it executes the interpreter. Built
-/// entirely in the parent: after fork only async-signal-safe calls are
-/// allowed, so nothing here allocates, locks or looks anything up.
+/// entirely in the parent: the child only makes system calls, so nothing here
+/// allocates, locks or looks anything up.
 #[derive(Debug)]
 pub(crate) struct ChildSetup {
     /// `None` when the agent already is the account.
@@ -36,63 +46,381 @@ pub(crate) struct ChildSetup {
 /// The descriptor the interpreter reads hidden arguments from.
 pub(crate) const ARGS_FD: i32 = 3;
 
-impl ChildSetup {
-    fn apply(&self) -> io::Result<()> {
-        // Its own session and process group, so the tree can be signalled
-        // as one and never shares the agent's terminal.
-        setsid()?;
-        if let Some(procs) = &self.cgroup_procs {
-            // "0" is the writing process. Joining before exec means
-            // everything the script forks is born inside.
-            write(procs, b"0")?;
+/// The raw system calls that change ids: glibc's `setgid`/`setuid` wrappers ask every other
+/// thread of the process to change too, which a child sharing the agent's memory must never do
+/// (see [`spawn`]). The `*32` calls take full ids on 32-bit x86 and ARM.
+#[cfg(not(any(target_arch = "x86", target_arch = "arm")))]
+use libc::{SYS_setresgid as SYS_SETRESGID, SYS_setresuid as SYS_SETRESUID};
+#[cfg(any(target_arch = "x86", target_arch = "arm"))]
+use libc::{SYS_setresgid32 as SYS_SETRESGID, SYS_setresuid32 as SYS_SETRESUID};
+
+/// What the child needs to become the script: every string, descriptor and id prepared in the
+/// parent, so that the child, which shares the agent's memory until it executes, only makes
+/// system calls (no allocation, no lock, no lookup).
+#[derive(Debug)]
+pub(crate) struct SpawnPlan {
+    program: CString,
+    /// `argv` and `envp` point into these.
+    _strings: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    cwd: CString,
+    /// `/dev/null`, for stdin.
+    stdin: OwnedFd,
+    /// Write end of the output pipe, for stdout and stderr.
+    output: OwnedFd,
+    setup: ChildSetup,
+    groups: Vec<libc::gid_t>,
+}
+
+// SAFETY: the raw pointers point into `_strings`, which the plan owns and never changes; they are
+// only read, by the child, while the parent thread that holds the plan waits.
+unsafe impl Send for SpawnPlan {}
+// SAFETY: as above; nothing mutates through a shared plan.
+unsafe impl Sync for SpawnPlan {}
+
+impl SpawnPlan {
+    /// `program` run with `argv[0]` its own path, then `args`; exactly `env` as environment;
+    /// working directory `cwd`; stdin `/dev/null`; stdout and stderr on `output`. Fails on a
+    /// NUL byte in any of them, as `execve` could not take it.
+    pub(crate) fn new(
+        program: &Path,
+        args: &[OsString],
+        env: &BTreeMap<OsString, OsString>,
+        cwd: &Path,
+        output: OwnedFd,
+        setup: ChildSetup,
+    ) -> io::Result<Self> {
+        let c = |bytes: &[u8]| {
+            CString::new(bytes).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "nul byte found in provided data",
+                )
+            })
+        };
+        let program_c = c(program.as_os_str().as_bytes())?;
+        let mut strings = Vec::with_capacity(1 + args.len() + env.len());
+        strings.push(program_c.clone());
+        for arg in args {
+            strings.push(c(arg.as_bytes())?);
         }
-        if let Some(credentials) = &self.credentials {
-            // std's Command::uid would drop the supplementary groups; this
-            // order is the only one that works: groups and gid need root.
-            setgroups(&credentials.groups)?;
-            setgid(credentials.gid)?;
-            setuid(credentials.uid)?;
+        let argc = strings.len();
+        for (key, value) in env {
+            let mut pair = Vec::with_capacity(key.len() + 1 + value.len());
+            pair.extend_from_slice(key.as_bytes());
+            pair.push(b'=');
+            pair.extend_from_slice(value.as_bytes());
+            strings.push(c(&pair)?);
         }
-        if let Some(pipe) = &self.args_pipe {
-            // After the cgroup write: ARGS_FD may have been cgroup.procs.
-            give_as(pipe, ARGS_FD)?;
+        let pointers = |range: std::ops::Range<usize>| {
+            let mut list: Vec<*const libc::c_char> =
+                strings[range].iter().map(|s| s.as_ptr()).collect();
+            list.push(std::ptr::null());
+            list
+        };
+        let argv = pointers(0..argc);
+        let envp = pointers(argc..strings.len());
+        let stdin = nix::fcntl::open(
+            "/dev/null",
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        let groups = setup
+            .credentials
+            .as_ref()
+            .map(|c| c.groups.iter().map(|g| g.as_raw()).collect())
+            .unwrap_or_default();
+        Ok(Self {
+            program: program_c,
+            _strings: strings,
+            argv,
+            envp,
+            cwd: c(cwd.as_os_str().as_bytes())?,
+            stdin,
+            output,
+            setup,
+            groups,
+        })
+    }
+
+    /// In the child: becomes the script. Returns only on failure, with the errno.
+    fn exec(&self) -> libc::c_int {
+        macro_rules! check {
+            ($call:expr) => {
+                if $call == -1 {
+                    return errno();
+                }
+            };
         }
-        Ok(())
+        // SAFETY: every call below is a system call (or glibc's thin wrapper over one, which
+        // neither allocates nor locks) on descriptors the plan owns, on integers, or on
+        // NUL-terminated strings and NULL-terminated pointer arrays the plan owns.
+        unsafe {
+            // The agent's handlers live in the memory the child shares: none may run here, and
+            // the script starts with default dispositions; SIGPIPE, which Rust ignores, too.
+            // Other ignored signals stay ignored, as across any exec.
+            for signal in 1..=64 {
+                if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+                    continue;
+                }
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+                    && old.sa_sigaction != libc::SIG_DFL
+                    && (old.sa_sigaction != libc::SIG_IGN || signal == libc::SIGPIPE)
+                {
+                    let mut default: libc::sigaction = std::mem::zeroed();
+                    default.sa_sigaction = libc::SIG_DFL;
+                    libc::sigaction(signal, &default, std::ptr::null_mut());
+                }
+            }
+            check!(give_raw(self.stdin.as_raw_fd(), 0));
+            check!(give_raw(self.output.as_raw_fd(), 1));
+            check!(give_raw(self.output.as_raw_fd(), 2));
+            check!(libc::chdir(self.cwd.as_ptr()));
+            // Its own session and process group, so the tree can be signalled as one and never
+            // shares the agent's terminal.
+            check!(libc::setsid());
+            if let Some(procs) = &self.setup.cgroup_procs {
+                // "0" is the writing process. Joining before exec means everything the
+                // script forks is born inside.
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return errno();
+                }
+            }
+            if let Some(credentials) = &self.setup.credentials {
+                // This order is the only one that works: groups and gid need root.
+                let (gid, uid) = (credentials.gid.as_raw(), credentials.uid.as_raw());
+                check!(libc::syscall(
+                    SYS_SETGROUPS,
+                    self.groups.len(),
+                    self.groups.as_ptr()
+                ));
+                check!(libc::syscall(SYS_SETRESGID, gid, gid, gid));
+                check!(libc::syscall(SYS_SETRESUID, uid, uid, uid));
+            }
+            if let Some(pipe) = &self.setup.args_pipe {
+                // After the cgroup write: ARGS_FD may have been cgroup.procs.
+                check!(give_raw(pipe.as_raw_fd(), ARGS_FD));
+            }
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            libc::execve(
+                self.program.as_ptr(),
+                self.argv.as_ptr(),
+                self.envp.as_ptr(),
+            );
+            errno()
+        }
     }
 }
 
-/// Makes `fd` available as `target` across exec (std opened it, like every
-/// descriptor, close-on-exec).
-fn give_as(fd: &OwnedFd, target: i32) -> io::Result<()> {
-    let raw = fd.as_raw_fd();
-    // SAFETY: dup2 and fcntl only act on the descriptor table, are
-    // async-signal-safe, and `raw` is open (owned by `fd`). Whatever
-    // `target` held before (a close-on-exec descriptor of the agent's) is
-    // closed by dup2, which is what the child wants.
-    let result = unsafe {
+fn errno() -> libc::c_int {
+    // SAFETY: reads the calling thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Makes `raw` available as `target` across exec (everything the agent opens is
+/// close-on-exec). Whatever `target` held before is closed by dup2, as the child wants.
+fn give_raw(raw: RawFd, target: RawFd) -> libc::c_int {
+    // SAFETY: dup2 and fcntl only act on the descriptor table and are async-signal-safe.
+    unsafe {
         if raw == target {
             libc::fcntl(raw, libc::F_SETFD, 0)
         } else {
             libc::dup2(raw, target)
         }
-    };
-    if result == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }
 
-/// Arranges for `setup` to run in the child right before exec. std has by
-/// then redirected stdio and changed directory, as root.
-pub(crate) fn prepare_child(command: &mut tokio::process::Command, setup: ChildSetup) {
-    // SAFETY: the closure runs in the forked child of a multi-threaded
-    // process, where only async-signal-safe functions may be called. It only
-    // calls setsid, write, setgroups, setgid, setuid, dup2 and fcntl (thin
-    // wrappers over the system calls) on data prepared before the fork, allocates nothing
-    // (errors are raw errno values), and touches no lock.
-    unsafe {
-        command.pre_exec(move || setup.apply());
+/// The child's stack, while it shares the agent's memory: `exec` needs a few frames.
+const CHILD_STACK: usize = 64 * 1024;
+
+/// What the parent and the child share during the spawn.
+struct Shared<'a> {
+    plan: &'a SpawnPlan,
+    /// The errno of the step that failed in the child; 0 when it reached the script.
+    error: AtomicI32,
+}
+
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `Shared` that `spawn` keeps alive, and its thread suspended, until
+    // this child executes or exits (CLONE_VFORK).
+    let shared = unsafe { &*(arg as *const Shared<'_>) };
+    let error = shared.plan.exec();
+    shared.error.store(error.max(1), Ordering::Relaxed);
+    // SAFETY: ends the child without running anything of the parent's (no atexit, no flush).
+    unsafe { libc::_exit(127) }
+}
+
+/// A started script: its pid, and how to wait for it.
+#[derive(Debug)]
+pub(crate) struct Child {
+    pid: i32,
+    /// `None` once its status is collected.
+    exit: Option<Exit>,
+}
+
+/// How the exit of a child is waited for.
+#[derive(Debug)]
+enum Exit {
+    /// Its pidfd becomes readable when it exits (Linux 5.3 and later).
+    Pidfd(AsyncFd<OwnedFd>),
+    /// Older kernels: a blocking thread waits for it.
+    Thread(tokio::sync::oneshot::Receiver<io::Result<ExitStatus>>),
+}
+
+/// Starts the script as `plan` says: `clone(CLONE_VM | CLONE_VFORK)`, so nothing of the agent's
+/// memory is copied (a fork of the multi-threaded agent costs page-table copies and
+/// copy-on-write faults), with a pidfd to wait on. The calling thread waits until the child has
+/// executed the script or failed; every signal is blocked meanwhile, so no handler of the agent
+/// runs in the child. Must run on a tokio runtime (the wait is registered with it).
+pub(crate) fn spawn(plan: &SpawnPlan) -> io::Result<Child> {
+    // Not zeroed: the child writes its frames before it reads them (zeroing 64 KiB was the
+    // spawn's largest cost).
+    let words = CHILD_STACK / std::mem::size_of::<u128>();
+    let mut stack: Vec<std::mem::MaybeUninit<u128>> = Vec::with_capacity(words);
+    let top = stack
+        .as_mut_ptr()
+        .wrapping_add(words)
+        .cast::<libc::c_void>();
+    let shared = Shared {
+        plan,
+        error: AtomicI32::new(0),
+    };
+    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+    let clone = |flags: libc::c_int, pidfd: &mut libc::c_int| {
+        // SAFETY: `child_main` runs on `stack`, which outlives the child's use of it (this
+        // thread is suspended until the child executes or exits), with `shared`, likewise
+        // alive; with CLONE_PIDFD the kernel writes the pidfd into `pidfd`. All signals are
+        // blocked around the call and restored after.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            let pid = libc::clone(
+                child_main,
+                top,
+                flags,
+                (&raw const shared).cast_mut().cast(),
+                std::ptr::from_mut(pidfd),
+            );
+            let error = io::Error::last_os_error();
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            if pid == -1 { Err(error) } else { Ok(pid) }
+        }
+    };
+    let mut raw_pidfd: libc::c_int = -1;
+    let (pid, pidfd) = match clone(flags | libc::CLONE_PIDFD, &mut raw_pidfd) {
+        // SAFETY: the kernel just made this descriptor for us.
+        Ok(pid) => (pid, Some(unsafe { OwnedFd::from_raw_fd(raw_pidfd) })),
+        // A kernel before 5.2 knows no CLONE_PIDFD.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let pid = clone(flags, &mut raw_pidfd)?;
+            (pid, pidfd_open(pid))
+        }
+        Err(e) => return Err(e),
+    };
+    drop(stack);
+    let error = shared.error.load(Ordering::Relaxed);
+    if error != 0 {
+        // The child ended without becoming the script: collect it now.
+        let _ = wait_blocking(pid);
+        return Err(io::Error::from_raw_os_error(error));
+    }
+    // SAFETY: an `OwnedFd` is open and stays the same descriptor until the `AsyncFd` that owns
+    // it is dropped.
+    let registered =
+        pidfd.map(|fd| unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) });
+    let exit = match registered {
+        Some(Ok(fd)) => Exit::Pidfd(fd),
+        _ => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::task::spawn_blocking(move || {
+                let _ = tx.send(wait_blocking(pid));
+            });
+            Exit::Thread(rx)
+        }
+    };
+    Ok(Child {
+        pid,
+        exit: Some(exit),
+    })
+}
+
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: a system call on integers; a descriptor it returns is ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: as above.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Collects the exit status of our child `pid`; `None` while it runs (with `WNOHANG`).
+fn try_reap(pid: i32, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+    let mut status = 0;
+    // SAFETY: waits for our own child; `status` lives across the call.
+    match unsafe { libc::waitpid(pid, &mut status, flags) } {
+        0 => Ok(None),
+        -1 => Err(io::Error::last_os_error()),
+        _ => Ok(Some(ExitStatus::from_raw(status))),
+    }
+}
+
+fn wait_blocking(pid: i32) -> io::Result<ExitStatus> {
+    loop {
+        match try_reap(pid, 0) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+            Ok(status) => return status.ok_or_else(|| io::Error::other("no status")),
+        }
+    }
+}
+
+impl Child {
+    pub(crate) fn id(&self) -> i32 {
+        self.pid
+    }
+
+    /// Waits for the script's main process to exit and collects its status. Cancel-safe: a
+    /// wait dropped before the exit can be started again.
+    pub(crate) async fn wait(&mut self) -> io::Result<ExitStatus> {
+        let status = match self.exit.as_mut() {
+            None => return Err(io::Error::other("already waited for")),
+            Some(Exit::Pidfd(fd)) => loop {
+                let mut ready = fd.readable().await?;
+                match try_reap(self.pid, libc::WNOHANG)? {
+                    Some(status) => break status,
+                    None => ready.clear_ready(),
+                }
+            },
+            Some(Exit::Thread(rx)) => rx
+                .await
+                .unwrap_or_else(|_| Err(io::Error::other("the waiting thread ended")))?,
+        };
+        self.exit = None;
+        Ok(status)
+    }
+}
+
+impl Drop for Child {
+    /// A script whose main process outlived the kill is still collected when it ends, so the
+    /// agent keeps no zombie.
+    fn drop(&mut self) {
+        let Some(exit) = self.exit.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut child = Child {
+            pid: self.pid,
+            exit: Some(exit),
+        };
+        runtime.spawn(async move {
+            let _ = child.wait().await;
+        });
     }
 }
 
@@ -118,8 +446,9 @@ pub(crate) fn signal_group(pgid: i32, signal: Signal) {
 }
 
 /// Collects the exit status of a zombie that was re-parented to the agent.
-/// Only called for pids known to belong to a task and not spawned by tokio,
-/// so no other part of the agent loses a child's status.
+/// Only called for pids known to belong to a task and never for a script's main
+/// process, which [`Child::wait`] collects, so no other part of the agent loses a
+/// child's status.
 pub(crate) fn reap(pid: i32) {
     let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
 }
@@ -237,6 +566,118 @@ mod tests {
     use super::*;
 
     const NOBODY: u32 = 65534;
+
+    /// Starts `sh -c script` with `env` in `/`, returns its exit status and output.
+    async fn spawn_shell(script: &str, env: &[(&str, &str)]) -> (ExitStatus, String) {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let env: BTreeMap<OsString, OsString> = env
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        let setup = ChildSetup {
+            credentials: None,
+            cgroup_procs: None,
+            args_pipe: None,
+        };
+        let args = [OsString::from("-c"), OsString::from(script)];
+        let plan = SpawnPlan::new(
+            Path::new("/bin/sh"),
+            &args,
+            &env,
+            Path::new("/"),
+            write,
+            setup,
+        )
+        .unwrap();
+        let mut child = spawn(&plan).unwrap();
+        drop(plan);
+        let status = child.wait().await.unwrap();
+        let mut output = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(read), &mut output).unwrap();
+        (status, output)
+    }
+
+    /// What the script sees of the agent: exactly the environment, directory and descriptors
+    /// it is given (an agent descriptor, close-on-exec, is not among them), every signal
+    /// unblocked and SIGPIPE not ignored, as `std::process::Command` leaves them.
+    #[tokio::test]
+    async fn the_script_gets_only_what_the_plan_gives() {
+        let agent_file = std::fs::File::open("/proc/self/status").unwrap();
+        let agent_fd = agent_file.as_raw_fd();
+        let script = format!(
+            "echo \"env=$(env | grep -v '^PWD=\\|^SHLVL=\\|^_=' | sort | tr '\\n' ' ')\"; \
+             echo \"cwd=$(pwd)\"; \
+             for fd in 0 1 2 {agent_fd}; do [ -e /proc/$$/fd/$fd ] && echo \"open=$fd\"; done; \
+             grep -E '^Sig(Blk|Ign)' /proc/$$/status; exit 7"
+        );
+        let (status, output) =
+            spawn_shell(&script, &[("FOO", "bar baz"), ("PATH", "/usr/bin:/bin")]).await;
+        drop(agent_file);
+        assert_eq!(status.code(), Some(7), "{output}");
+        assert!(
+            output.contains("env=FOO=bar baz PATH=/usr/bin:/bin \n"),
+            "{output}"
+        );
+        assert!(output.contains("cwd=/\n"), "{output}");
+        assert!(output.contains("open=0\nopen=1\nopen=2\n"), "{output}");
+        assert!(!output.contains(&format!("open={agent_fd}\n")), "{output}");
+        assert!(output.contains("SigBlk:\t0000000000000000\n"), "{output}");
+        let ignored = output
+            .lines()
+            .find_map(|l| l.strip_prefix("SigIgn:\t"))
+            .and_then(|mask| u64::from_str_radix(mask, 16).ok())
+            .unwrap();
+        assert_eq!(ignored & (1 << (libc::SIGPIPE - 1)), 0, "{output}");
+    }
+
+    #[tokio::test]
+    async fn a_signalled_script_and_a_missing_program_are_reported() {
+        let (status, _) = spawn_shell("kill -TERM $$", &[]).await;
+        assert_eq!(status.signal(), Some(libc::SIGTERM));
+        let (_, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let setup = ChildSetup {
+            credentials: None,
+            cgroup_procs: None,
+            args_pipe: None,
+        };
+        let plan = SpawnPlan::new(
+            Path::new("/nonexistent/interpreter"),
+            &[],
+            &BTreeMap::new(),
+            Path::new("/"),
+            write,
+            setup,
+        )
+        .unwrap();
+        let err = spawn(&plan).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+    }
+
+    /// The wait is cancel-safe: a wait dropped before the exit, then started again, still gets
+    /// the status.
+    #[tokio::test]
+    async fn a_dropped_wait_can_be_started_again() {
+        let (_read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let setup = ChildSetup {
+            credentials: None,
+            cgroup_procs: None,
+            args_pipe: None,
+        };
+        let args = [OsString::from("-c"), OsString::from("sleep 0.3; exit 3")];
+        let plan = SpawnPlan::new(
+            Path::new("/bin/sh"),
+            &args,
+            &BTreeMap::new(),
+            Path::new("/"),
+            write,
+            setup,
+        )
+        .unwrap();
+        let mut child = spawn(&plan).unwrap();
+        let early = tokio::time::timeout(std::time::Duration::from_millis(50), child.wait()).await;
+        assert!(early.is_err(), "{early:?}");
+        assert_eq!(child.wait().await.unwrap().code(), Some(3));
+    }
 
     /// The attack: a process of the account sends a signal (0, the bare permission check) to the
     /// thread that acts as the account. It must be refused, or the account could SIGKILL or

@@ -1,11 +1,12 @@
 //! A swarm of virtual fleetrun agents in one process, for benchmarks (Salt's minionswarm idea).
 //!
-//! Every virtual agent has its own QUIC connection and its own certificate identity, and speaks
-//! the real agent's protocol: `Hello` on a control stream, heartbeats every
-//! `heartbeat_interval_ms`, one task per stream the controller opens, `Started`, `Output`,
-//! `Finished`. Only the executor is emulated: **no process is forked**; every "script" exits 0
-//! with `--output-bytes` of output (`ok\n` by default). Figures taken with the swarm measure the
-//! controller and the protocol, not script execution, and must be labelled as emulated.
+//! Every virtual agent has its own QUIC connection and its own certificate identity, and runs the
+//! real agent's session code ([`fleetrun_agent::EmulatedAgent`]): hello, heartbeats, one task
+//! per stream the controller opens, output kept and delivered, results held until stored,
+//! reconnects with the agent's backoff. Only the executor is emulated ([`task`]): **no process
+//! is forked**; every "script" exits 0 with `--output-bytes` of output (`ok\n` by default).
+//! Figures taken with the swarm measure the controller and the agent's protocol code, not script
+//! execution, and must be labelled as emulated.
 //!
 //! Scaling on a small machine: connections are spread over a few quinn endpoints (one UDP socket
 //! each, on distinct loopback addresses `127.2.0.1`, `127.2.0.2`, … when the controller is on
@@ -15,27 +16,28 @@
 //! One key pair signs under all the certificates (see [`identity`]); handshakes run a bounded
 //! number at a time.
 
-mod agent;
 pub mod identity;
 mod task;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
+use fleetrun_agent::{AgentHandle, EmulatedAgent, Runner};
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::{RootCertStore, client::Resumption, crypto::CryptoProvider};
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 use tokio::{sync::Semaphore, task::JoinSet};
+use tokio_util::sync::CancellationToken;
 
-use crate::{agent::VirtualAgent, identity::Identity};
+use crate::{identity::Identity, task::EmulatedRunner};
+
+/// The agent version the virtual agents report: the swarm's, marked as such.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "-swarm");
 
 /// Where the virtual agents' certificates come from.
 #[derive(Debug, Clone)]
@@ -95,55 +97,13 @@ pub struct SwarmConfig {
     pub protocol_version: u32,
 }
 
-/// Counters the swarm reports.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Agents welcomed at least once.
-    pub welcomed: AtomicUsize,
-    /// Agents with a welcomed connection now.
-    pub online: AtomicUsize,
-    /// Tasks answered with a result.
-    pub tasks: AtomicU64,
-}
-
-/// What every virtual agent shares.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    controller: SocketAddr,
-    server_name: String,
-    bk_cloud_id: i64,
-    protocol_version: u32,
-    max_tasks: usize,
-    task_time: Duration,
-    output: Vec<u8>,
-    connect_slots: Semaphore,
-    /// Held while a task request is read.
-    reading_slots: Semaphore,
-    stopping: AtomicBool,
-    stats: Stats,
-    expected: usize,
-    started: Instant,
-}
-
-impl Shared {
-    /// An agent was welcomed for the first time.
-    fn welcomed(&self) {
-        let n = self.stats.welcomed.fetch_add(1, Ordering::Relaxed) + 1;
-        if n == self.expected {
-            println!(
-                "swarm: all {n} virtual agents welcomed in {:.2} s (emulated executor: no process is forked)",
-                self.started.elapsed().as_secs_f64()
-            );
-        }
-    }
-}
-
 /// A running swarm.
 #[derive(Debug)]
 pub struct Swarm {
-    shared: Arc<Shared>,
+    agents: Arc<Vec<AgentHandle>>,
     endpoints: Vec<quinn::Endpoint>,
-    agents: JoinSet<()>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
 }
 
 /// The real agent's QUIC transport settings (`fleetrun-net`'s), so the controller sees the same
@@ -269,63 +229,104 @@ impl Swarm {
             })
             .collect::<Result<Vec<_>>>()?;
 
-        let shared = Arc::new(Shared {
-            controller: config.controller,
+        let controllers =
+            fleetrun_agent::config::Controllers::new(vec![config.controller.to_string()])
+                .map_err(|e| anyhow!("controller address: {e}"))?;
+        // What all the agents share; they use no file of it: their certificates are in memory,
+        // they have no spool, and their runner stages nothing.
+        let shared = Arc::new(fleetrun_agent::Config {
+            controller: controllers,
             server_name: config.server_name.clone(),
+            bind: SocketAddr::new(bind_address(&config, 0), 0),
             bk_cloud_id: config.bk_cloud_id,
-            protocol_version: config.protocol_version,
-            max_tasks: config.max_concurrent_tasks,
-            task_time: config.task_time,
+            ip: None,
+            hostname: None,
+            work_dir: PathBuf::from("/nonexistent/fleetrun-swarm"),
+            tls: fleetrun_agent::config::TlsConfig {
+                ca: config.ca.clone(),
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            },
+            max_concurrent_tasks: config.max_concurrent_tasks,
+            cgroup_name: None,
+            limits: fleetrun_agent::limits::LocalLimits::default(),
+            metrics: None,
+        });
+        let runner: Arc<dyn Runner> = Arc::new(EmulatedRunner {
             output: b"ok\n"
                 .iter()
                 .copied()
                 .cycle()
                 .take(config.output_bytes)
-                .collect(),
-            connect_slots: Semaphore::new(config.connect_concurrency),
-            reading_slots: Semaphore::new(config.reading_requests),
-            stopping: AtomicBool::new(false),
-            stats: Stats::default(),
-            expected: identities.len(),
-            started: Instant::now(),
+                .collect::<Vec<u8>>()
+                .into(),
+            task_time: config.task_time,
         });
-        let mut agents = JoinSet::new();
+        let connect_gate = Arc::new(Semaphore::new(config.connect_concurrency));
+        let reading_gate = Arc::new(Semaphore::new(config.reading_requests));
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let mut agents = Vec::with_capacity(identities.len());
         for (i, identity) in identities.iter().enumerate() {
             let index = first_index + i as u32;
-            let agent = VirtualAgent {
+            let agent = EmulatedAgent {
                 agent_id: identity.agent_id.clone(),
+                agent_version: VERSION.to_owned(),
+                protocol_version: config.protocol_version,
+                config: shared.clone(),
                 ip: IpAddr::V4(Ipv4Addr::from(
                     u32::from(config.ip_base).wrapping_add(index),
                 )),
                 client_config: client_config(&provider, &roots, &transport, identity)?,
-                endpoint: endpoints[i % endpoints.len()].clone(),
+                runner: runner.clone(),
+                connect_gate: connect_gate.clone(),
+                reading_gate: reading_gate.clone(),
             };
-            agents.spawn(agent::run(shared.clone(), agent));
+            let (handle, task) =
+                agent.spawn(endpoints[i % endpoints.len()].clone(), shutdown.clone());
+            tasks.spawn(async move {
+                let _ = task.await;
+            });
+            agents.push(handle);
         }
+        let agents = Arc::new(agents);
+        tasks.spawn(report_welcomed(agents.clone(), Instant::now()));
         Ok(Self {
-            shared,
-            endpoints,
             agents,
+            endpoints,
+            shutdown,
+            tasks,
         })
     }
 
     /// Agents in the swarm.
     pub fn len(&self) -> usize {
-        self.shared.expected
+        self.agents.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.shared.expected == 0
+        self.agents.is_empty()
     }
 
-    pub fn stats(&self) -> &Stats {
-        &self.shared.stats
+    /// Agents welcomed at least once.
+    pub fn welcomed(&self) -> usize {
+        self.agents.iter().filter(|a| a.ever_welcomed()).count()
+    }
+
+    /// Agents with a welcomed connection now.
+    pub fn online(&self) -> usize {
+        self.agents.iter().filter(|a| a.connected()).count()
+    }
+
+    /// Tasks answered with a result.
+    pub fn tasks(&self) -> u64 {
+        self.agents.iter().map(AgentHandle::tasks_finished).sum()
     }
 
     /// Closes every connection (as a shutting-down agent does) and waits briefly for the closes
     /// to reach the controller.
     pub async fn shutdown(mut self) {
-        self.shared.stopping.store(true, Ordering::Relaxed);
+        self.shutdown.cancel();
         for endpoint in &self.endpoints {
             endpoint.close(
                 fleetrun_proto::close_code::SHUTDOWN.into(),
@@ -335,7 +336,28 @@ impl Swarm {
         for endpoint in &self.endpoints {
             let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         }
-        self.agents.abort_all();
-        while self.agents.join_next().await.is_some() {}
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Says once when every agent has been welcomed, and how long after `since` (benchmarks wait
+/// for this line). Agents are welcomed in any order; those before the first not yet welcomed are
+/// not looked at again.
+async fn report_welcomed(agents: Arc<Vec<AgentHandle>>, since: Instant) {
+    let mut next = 0;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        poll.tick().await;
+        while agents.get(next).is_some_and(AgentHandle::ever_welcomed) {
+            next += 1;
+        }
+        if next == agents.len() {
+            println!(
+                "swarm: all {next} virtual agents welcomed in {:.2} s (emulated executor: no process is forked)",
+                since.elapsed().as_secs_f64()
+            );
+            return;
+        }
     }
 }

@@ -1,11 +1,11 @@
 //! `fleetrun-swarm`: N virtual agents in one process, each with its own QUIC connection and
-//! certificate, answering tasks with an emulated executor (no fork). For benchmarks only.
+//! certificate, running the agent's session code with an emulated executor (no fork). For
+//! benchmarks only.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::ExitCode,
-    sync::atomic::Ordering,
     time::Duration,
 };
 
@@ -178,16 +178,15 @@ fn main() -> ExitCode {
             tokio::select! {
                 () = &mut signal => break,
                 _ = progress.tick() => {
-                    let stats = swarm.stats();
-                    let welcomed = stats.welcomed.load(Ordering::Relaxed);
-                    let online = stats.online.load(Ordering::Relaxed);
+                    let welcomed = swarm.welcomed();
+                    let online = swarm.online();
                     if welcomed < swarm.len() || online < swarm.len() {
                         println!("swarm: {welcomed} of {} welcomed, {online} online", swarm.len());
                     }
                 }
             }
         }
-        let tasks = swarm.stats().tasks.load(Ordering::Relaxed);
+        let tasks = swarm.tasks();
         swarm.shutdown().await;
         println!("swarm: stopped; {tasks} tasks answered by the emulated executor");
         ExitCode::SUCCESS

@@ -1,188 +1,84 @@
-//! One task stream, answered by the emulated executor: the same frames, in the same order, as
-//! `fleetrun-agent`'s `task::serve`, but no process is forked. The "script" exits 0 after
-//! `--task-ms`, having printed the configured output.
+//! The emulated executor: the agent's [`Runner`] that forks nothing. The "script" runs for
+//! `--task-ms`, then prints the configured output and exits 0; the agent's own task code
+//! around it (stream, output kept in memory, delivery, acknowledgement) is the real one.
 
-use std::{
-    future::pending,
-    sync::{Arc, atomic::Ordering},
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::time::{Duration, SystemTime};
 
-use fleetrun_exec::{Language, split_params};
-use fleetrun_net::{FramedRecv, StreamError, send_frame};
-use fleetrun_proto::{Ending, MAX_OUTPUT_CHUNK, TaskDown, TaskRequest, TaskResult, TaskUp};
-use tokio::sync::Semaphore;
+use bytes::Bytes;
+use fleetrun_agent::Runner;
+use fleetrun_exec::{Ending, Outcome, OutputEvent, Running, Task};
+use tokio_util::sync::CancellationToken;
 
-use crate::Shared;
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+#[derive(Debug)]
+pub(crate) struct EmulatedRunner {
+    /// What every script prints.
+    pub output: Bytes,
+    /// How long every script runs.
+    pub task_time: Duration,
 }
 
-fn refused(ending: Ending, message: String) -> TaskResult {
-    let now = now_ms();
-    TaskResult {
-        ending,
-        started_at_ms: now,
-        finished_at_ms: now,
-        output_bytes: 0,
-        survivors: 0,
-        message: Some(message),
-    }
-}
-
-pub(crate) async fn serve(
-    shared: Arc<Shared>,
-    slots: Arc<Semaphore>,
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
-) {
-    let mut recv = FramedRecv::new(recv);
-    let reading = shared.reading_slots.acquire().await;
-    let request = match recv.recv::<TaskDown>().await {
-        Ok(Some(TaskDown::Run(mut request))) => {
-            // The emulated executor never runs the script: it need not outlive the read.
-            request.script = Vec::new();
-            request
-        }
-        // The emulated agent holds no task across connections: nothing to resume or discard;
-        // it has no files to write or read either.
-        Ok(Some(
-            TaskDown::Cancel
-            | TaskDown::Resume { .. }
-            | TaskDown::Discard { .. }
-            | TaskDown::ResultStored
-            | TaskDown::Place(_)
-            | TaskDown::Collect(_)
-            | TaskDown::Fetch(_)
-            | TaskDown::Chunk { .. },
-        ))
-        | Ok(None) => return,
-        Err(e) => {
-            tracing::warn!("unreadable task request: {e}");
-            recv.stop(fleetrun_proto::close_code::PROTOCOL);
-            return;
-        }
-    };
-    drop(reading);
-    tracing::debug!(task_id = %request.task_id, job = request.job_instance_id, "task received");
-    match run(&shared, &slots, &mut send, &mut recv, request).await {
-        Ok(()) => {
-            shared.stats.tasks.fetch_add(1, Ordering::Relaxed);
-            let _ = send.finish();
-        }
-        Err(e) => tracing::debug!("task stream failed: {e}"),
-    }
-}
-
-/// Resolves when the task must stop, as the real agent's cancel watcher decides: on a
-/// `Cancel`, a second `Run` or a broken stream; never once the controller finished its side.
-async fn cancelled(recv: &mut FramedRecv) {
-    if let Ok(None) = recv.recv::<TaskDown>().await {
-        pending::<()>().await;
-    }
-}
-
-async fn run(
-    shared: &Shared,
-    slots: &Arc<Semaphore>,
-    send: &mut quinn::SendStream,
-    recv: &mut FramedRecv,
-    request: TaskRequest,
-) -> Result<(), StreamError> {
-    let cancel = cancelled(recv);
-    tokio::pin!(cancel);
-    // Held for the task's life: the heartbeat's `running_tasks` counts the taken slots.
-    let _permit = tokio::select! {
-        permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-        () = &mut cancel => {
-            let result = refused(Ending::Cancelled, "terminated before it started".into());
-            return send_frame(send, &TaskUp::Finished(result)).await;
-        }
-    };
-    if let Err(e) = split_params(&request.script_param) {
-        let result = refused(Ending::Failed, format!("script_param: {e}"));
-        return send_frame(send, &TaskUp::Finished(result)).await;
-    }
-    if Language::from_code(request.script_language).is_none() {
-        let result = refused(
-            Ending::Failed,
-            format!(
-                "script_language {} is unknown to this agent",
-                request.script_language
-            ),
-        );
-        return send_frame(send, &TaskUp::Finished(result)).await;
-    }
-    let started_at_ms = now_ms();
-    send_frame(send, &TaskUp::Started { started_at_ms }).await?;
-
-    if !shared.task_time.is_zero() {
-        let stopped = tokio::select! {
-            () = tokio::time::sleep(shared.task_time) => false,
-            () = &mut cancel => true,
-        };
-        if stopped {
-            let result = TaskResult {
-                ending: Ending::Cancelled,
-                started_at_ms,
-                finished_at_ms: now_ms(),
-                output_bytes: 0,
-                survivors: 0,
-                message: None,
-            };
-            return send_frame(send, &TaskUp::Finished(result)).await;
-        }
-    }
-
-    // Output as the real executor delivers it: whole when within the limit, else the first half
-    // of the limit, one `Truncated`, and the last half. `offset` counts bytes sent.
-    let output = shared.output.as_slice();
-    let limit = usize::try_from(request.output_limit).unwrap_or(usize::MAX);
-    let mut offset = 0u64;
-    if output.len() <= limit {
-        send_output(send, &mut offset, output).await?;
-    } else {
-        let head = limit / 2;
-        let tail = limit - head;
-        let dropped = &output[head..output.len() - tail];
-        send_output(send, &mut offset, &output[..head]).await?;
-        send_frame(
-            send,
-            &TaskUp::Truncated {
+impl Runner for EmulatedRunner {
+    fn start(&self, task: Task, cancel: CancellationToken) -> Running {
+        let output = self.output.clone();
+        let task_time = self.task_time;
+        let limit = task.output_limit;
+        // The script is never run: it need not be held while the task lasts.
+        drop(task);
+        Running::spawn(move |tx| async move {
+            let started_at = SystemTime::now();
+            if !task_time.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(task_time) => {}
+                    () = cancel.cancelled() => return outcome(Ending::Cancelled, started_at, 0, 0, 0),
+                }
+            }
+            // As the executor delivers it: whole within the limit, else the first half of the
+            // limit, then once ended one `Truncated` and the last half.
+            if output.len() <= limit {
+                if !output.is_empty() {
+                    let _ = tx.send(OutputEvent::Data(output.clone()));
+                }
+                return outcome(Ending::Exited(0), started_at, output.len(), 0, 0);
+            }
+            let head = limit / 2;
+            let tail = limit - head;
+            let dropped = output.slice(head..output.len() - tail);
+            let dropped_lines = dropped.iter().filter(|b| **b == b'\n').count() as u64;
+            let _ = tx.send(OutputEvent::Data(output.slice(..head)));
+            let _ = tx.send(OutputEvent::Truncated {
                 dropped_bytes: dropped.len() as u64,
-                dropped_lines: dropped.iter().filter(|b| **b == b'\n').count() as u64,
-            },
-        )
-        .await?;
-        send_output(send, &mut offset, &output[output.len() - tail..]).await?;
+                dropped_lines,
+            });
+            let _ = tx.send(OutputEvent::Data(output.slice(output.len() - tail..)));
+            outcome(
+                Ending::Exited(0),
+                started_at,
+                output.len(),
+                dropped.len() as u64,
+                dropped_lines,
+            )
+        })
     }
-    let result = TaskResult {
-        ending: Ending::Exited { code: 0 },
-        started_at_ms,
-        finished_at_ms: now_ms(),
-        output_bytes: output.len() as u64,
-        survivors: 0,
-        message: None,
-    };
-    send_frame(send, &TaskUp::Finished(result)).await
+
+    fn refuses_files(&self) -> Option<&'static str> {
+        Some("the emulated executor writes no files")
+    }
 }
 
-async fn send_output(
-    send: &mut quinn::SendStream,
-    offset: &mut u64,
-    data: &[u8],
-) -> Result<(), StreamError> {
-    for chunk in data.chunks(MAX_OUTPUT_CHUNK) {
-        let msg = TaskUp::Output {
-            offset: *offset,
-            data: chunk.to_vec(),
-        };
-        *offset += chunk.len() as u64;
-        send_frame(send, &msg).await?;
+fn outcome(
+    ending: Ending,
+    started_at: SystemTime,
+    output_bytes: usize,
+    dropped_bytes: u64,
+    dropped_lines: u64,
+) -> Outcome {
+    Outcome {
+        ending,
+        started_at,
+        finished_at: SystemTime::now(),
+        output_bytes: output_bytes as u64,
+        dropped_bytes,
+        dropped_lines,
+        survivors: 0,
     }
-    Ok(())
 }

@@ -32,6 +32,8 @@ pub struct Figure {
     /// Published or measured figures printed beside it.
     pub baseline: String,
     pub note: String,
+    /// Its value in the last earlier run that measured it (from `target/bench/*.json`).
+    pub previous: Option<f64>,
 }
 
 impl Figure {
@@ -45,6 +47,7 @@ impl Figure {
             target: None,
             baseline: String::new(),
             note: String::new(),
+            previous: None,
         }
     }
 
@@ -114,6 +117,7 @@ impl Figure {
             })),
             "baseline": self.baseline,
             "pass": self.pass(),
+            "previous": self.previous,
             "note": self.note,
         })
     }
@@ -135,7 +139,7 @@ pub fn number(v: f64) -> String {
 
 /// The table, one figure per line (long baselines and notes on lines of their own).
 pub fn table(figures: &[Figure]) -> String {
-    let rows: Vec<[String; 4]> = figures
+    let rows: Vec<[String; 5]> = figures
         .iter()
         .map(|f| {
             [
@@ -144,6 +148,7 @@ pub fn table(figures: &[Figure]) -> String {
                     Some(v) => format!("{} {}", number(v), f.unit),
                     None => "not available".into(),
                 },
+                f.previous.map(number).unwrap_or_else(|| "-".into()),
                 f.target_text(),
                 match f.pass() {
                     Some(true) => "PASS".into(),
@@ -153,7 +158,7 @@ pub fn table(figures: &[Figure]) -> String {
             ]
         })
         .collect();
-    let headers = ["figure", "value", "target", "verdict"];
+    let headers = ["figure", "value", "previous", "target", "verdict"];
     let width = |i: usize| {
         rows.iter()
             .map(|r| r[i].chars().count())
@@ -161,18 +166,20 @@ pub fn table(figures: &[Figure]) -> String {
             .max()
             .unwrap_or(0)
     };
-    let widths = [width(0), width(1), width(2), width(3)];
-    let line = |cells: [&str; 4]| {
+    let widths = [width(0), width(1), width(2), width(3), width(4)];
+    let line = |cells: [&str; 5]| {
         format!(
-            "{:<w0$}  {:>w1$}  {:<w2$}  {:<w3$}",
+            "{:<w0$}  {:>w1$}  {:>w2$}  {:<w3$}  {:<w4$}",
             cells[0],
             cells[1],
             cells[2],
             cells[3],
+            cells[4],
             w0 = widths[0],
             w1 = widths[1],
             w2 = widths[2],
-            w3 = widths[3]
+            w3 = widths[3],
+            w4 = widths[4]
         )
         .trim_end()
         .to_owned()
@@ -180,7 +187,7 @@ pub fn table(figures: &[Figure]) -> String {
     let mut out = String::new();
     out.push_str(&line(headers));
     out.push('\n');
-    out.push_str(&"-".repeat(widths.iter().sum::<usize>() + 6));
+    out.push_str(&"-".repeat(widths.iter().sum::<usize>() + 8));
     out.push('\n');
     let mut group = "";
     for (figure, row) in figures.iter().zip(&rows) {
@@ -188,7 +195,7 @@ pub fn table(figures: &[Figure]) -> String {
             group = figure.group;
             out.push_str(&format!("[{group}]\n"));
         }
-        out.push_str(&line([&row[0], &row[1], &row[2], &row[3]]));
+        out.push_str(&line([&row[0], &row[1], &row[2], &row[3], &row[4]]));
         out.push('\n');
         if !figure.baseline.is_empty() {
             out.push_str(&format!("    beside: {}\n", figure.baseline));
@@ -198,6 +205,38 @@ pub fn table(figures: &[Figure]) -> String {
         }
     }
     out
+}
+
+/// The value of every figure in the newest of the earlier reports in `dir` that has it: a run
+/// of some groups only leaves the others' last values where they were.
+pub fn previous_values(dir: &std::path::Path) -> std::collections::HashMap<String, f64> {
+    let mut reports: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "json")
+                && p.file_stem().is_some_and(|s| s != "latest")
+        })
+        .collect();
+    // Timestamped names: newest last.
+    reports.sort();
+    let mut values = std::collections::HashMap::new();
+    for path in reports.iter().rev() {
+        let Ok(report) = std::fs::read_to_string(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|text| Ok(serde_json::from_str::<Value>(&text)?))
+        else {
+            continue;
+        };
+        for figure in report["figures"].as_array().into_iter().flatten() {
+            if let (Some(name), Some(value)) = (figure["name"].as_str(), figure["value"].as_f64()) {
+                values.entry(name.to_owned()).or_insert(value);
+            }
+        }
+    }
+    values
 }
 
 #[cfg(test)]
@@ -214,5 +253,31 @@ mod tests {
         assert_eq!(f.pass(), Some(false));
         assert_eq!(Figure::new("g", "n", "l").at_most(1.0).pass(), None);
         assert!(table(&[f]).contains("FAIL"));
+    }
+
+    #[test]
+    fn previous_values_come_from_the_newest_run_that_has_them() {
+        let dir =
+            std::env::temp_dir().join(format!("fleetrun-bench-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let report = |name: &str, figures: Value| {
+            std::fs::write(dir.join(name), json!({ "figures": figures }).to_string()).unwrap();
+        };
+        report(
+            "20260101T000000Z.json",
+            json!([{"name": "a", "value": 1.0}, {"name": "b", "value": 2.0}]),
+        );
+        report(
+            "20260102T000000Z.json",
+            json!([{"name": "a", "value": 3.0}]),
+        );
+        report("latest.json", json!([{"name": "a", "value": 9.0}]));
+        let values = previous_values(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(values.get("a"), Some(&3.0));
+        assert_eq!(values.get("b"), Some(&2.0));
+        let mut f = Figure::new("g", "a", "l").value(2.5, "s");
+        f.previous = values.get("a").copied();
+        assert!(table(&[f]).contains("  3  "), "{}", table(&[]));
     }
 }

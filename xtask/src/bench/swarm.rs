@@ -182,7 +182,7 @@ async fn measure(
                 "controller RSS per connected idle agent (1,000 swarm agents)",
             )
             .value(per_agent, "KiB")
-            .at_most(64.0)
+            .at_most(48.0)
             .baseline("GSE: 10,000 agent connections on one 24-core / 64 GB server")
             .note(format!(
                 "VmRSS {rss_empty} KiB with no agent, {rss} KiB with 1,000 (virtual agents: real QUIC + TLS + protocol)"
@@ -359,8 +359,9 @@ fn push_fanout(
     )
     .value(quantile(&to_final, 0.99), "s");
     if n == 10_000 {
-        p50 = p50.at_most(1.0);
-        p99 = p99.at_most(1.0);
+        // Issue #21: 10,000 hosts within half a second.
+        p50 = p50.at_most(0.5);
+        p99 = p99.at_most(0.5);
     }
     if failed > 0 {
         p50.note = format!(
