@@ -627,14 +627,18 @@ pub(crate) async fn serve(
             ctx.tasks.forget(&task_id);
             return;
         }
+        Ok(Some(TaskDown::Place(_) | TaskDown::Collect(_) | TaskDown::Fetch(_)))
+            if ctx.runner.refuses_files().is_some() =>
+        {
+            // A runner that writes no files reads none either: an emulated agent in a
+            // benchmark is never a transfer's source or target.
+            let why = ctx.runner.refuses_files().unwrap_or_default();
+            tracing::debug!("file task not served: {why}");
+            recv.stop(fleetrun_proto::close_code::PROTOCOL);
+            return;
+        }
         Ok(Some(TaskDown::Place(request))) => {
-            match ctx.runner.refuses_files() {
-                None => crate::files::serve(ctx, send, recv, request).await,
-                Some(why) => {
-                    tracing::debug!("file task not served: {why}");
-                    recv.stop(fleetrun_proto::close_code::PROTOCOL);
-                }
-            }
+            crate::files::serve(ctx, send, recv, request).await;
             return;
         }
         Ok(Some(TaskDown::Collect(request))) => {
