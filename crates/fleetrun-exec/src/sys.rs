@@ -346,7 +346,9 @@ fn spawn_with(plan: &SpawnPlan, source: PidfdSource) -> io::Result<Child> {
     let shared = Shared {
         plan,
         error: AtomicI32::new(0),
-        error_pipe: error_pipe.as_ref().map_or(-1, |(_, write)| write.as_raw_fd()),
+        error_pipe: error_pipe
+            .as_ref()
+            .map_or(-1, |(_, write)| write.as_raw_fd()),
     };
     let flags = match memory {
         Memory::Shared => libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,

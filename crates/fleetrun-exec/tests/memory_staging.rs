@@ -6,34 +6,15 @@ mod common;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use common::{TEST_USER, collect, shell, task, task_id, test_user, wait_for};
+use common::{MemoryBase, TEST_USER, collect, shell, task, task_id, test_user, wait_for};
 use fleetrun_exec::{DEFAULT_MEMORY_STAGING_BUDGET, ExecConfig, Executor, Language, Staging};
 
-/// A base directory of its own on /dev/shm (a tmpfs), root's and 0755 as /run is.
-struct Base(PathBuf);
-
-impl Base {
-    fn new() -> Option<Self> {
-        let fs = nix::sys::statfs::statfs("/dev/shm").ok()?;
-        if fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
-            eprintln!("skipped: /dev/shm is not a tmpfs here");
-            return None;
-        }
-        let dir = PathBuf::from(format!("/dev/shm/fleetrun-test-{}", task_id()));
-        std::fs::create_dir(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Some(Self(dir))
-    }
-}
-
-impl Drop for Base {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn executor(work_dir: &Path, base: &Base) -> Executor {
-    executor_on(work_dir, vec![base.0.clone()], DEFAULT_MEMORY_STAGING_BUDGET)
+fn executor(work_dir: &Path, base: &MemoryBase) -> Executor {
+    executor_on(
+        work_dir,
+        vec![base.0.clone()],
+        DEFAULT_MEMORY_STAGING_BUDGET,
+    )
 }
 
 fn executor_on(work_dir: &Path, bases: Vec<PathBuf>, budget: u64) -> Executor {
@@ -57,7 +38,9 @@ fn work_dir() -> tempfile::TempDir {
 
 #[tokio::test]
 async fn small_scripts_run_from_the_memory_file_system_and_large_ones_from_the_work_dir() {
-    let Some(base) = Base::new() else { return };
+    let Some(base) = MemoryBase::new(0o755) else {
+        return;
+    };
     test_user();
     let work = work_dir();
     let executor = executor(work.path(), &base);
@@ -104,7 +87,9 @@ async fn small_scripts_run_from_the_memory_file_system_and_large_ones_from_the_w
 /// first, to swap the scripts staged in it. The agent stages under its work directory instead.
 #[tokio::test]
 async fn a_directory_another_account_planted_on_the_memory_file_system_is_not_used() {
-    let Some(base) = Base::new() else { return };
+    let Some(base) = MemoryBase::new(0o755) else {
+        return;
+    };
     test_user();
     let work = work_dir();
     let first = executor(work.path(), &base);
@@ -141,7 +126,9 @@ async fn a_directory_another_account_planted_on_the_memory_file_system_is_not_us
 /// What a crashed agent left on the memory file system is removed at the next start.
 #[tokio::test]
 async fn leftovers_on_the_memory_file_system_are_removed() {
-    let Some(base) = Base::new() else { return };
+    let Some(base) = MemoryBase::new(0o755) else {
+        return;
+    };
     let work = work_dir();
     let first = executor(work.path(), &base);
     let root = first.memory_staging_root().unwrap().to_owned();
@@ -157,7 +144,9 @@ async fn leftovers_on_the_memory_file_system_are_removed() {
 /// `/dev/shm`): every later task still runs, from the work directory.
 #[tokio::test]
 async fn a_vanished_memory_root_falls_back_to_the_work_dir() {
-    let Some(base) = Base::new() else { return };
+    let Some(base) = MemoryBase::new(0o755) else {
+        return;
+    };
     let work = work_dir();
     let executor = executor(work.path(), &base);
     let root = executor.memory_staging_root().unwrap().to_owned();
@@ -177,15 +166,19 @@ async fn a_vanished_memory_root_falls_back_to_the_work_dir() {
 /// directory, and a finished task's share is given back.
 #[tokio::test]
 async fn scripts_beyond_the_memory_budget_are_staged_under_the_work_dir() {
-    let Some(base) = Base::new() else { return };
+    let Some(base) = MemoryBase::new(0o755) else {
+        return;
+    };
     let work = work_dir();
     // One page: one small script at a time.
     let executor = executor_on(work.path(), vec![base.0.clone()], 4096);
     let root = executor.memory_staging_root().unwrap().to_owned();
     let holding = executor.start(shell("echo \"$0\"; sleep 1"), Default::default());
-    wait_for("the first script staged", std::time::Duration::from_secs(10), || {
-        std::fs::read_dir(&root).is_ok_and(|d| d.count() == 1)
-    })
+    wait_for(
+        "the first script staged",
+        std::time::Duration::from_secs(10),
+        || std::fs::read_dir(&root).is_ok_and(|d| d.count() == 1),
+    )
     .await;
     let beyond = collect(executor.start(shell("echo \"$0\""), Default::default())).await;
     assert!(
@@ -211,7 +204,9 @@ async fn scripts_beyond_the_memory_budget_are_staged_under_the_work_dir() {
 /// A tmpfs mounted `noexec` is passed over for the next base.
 #[tokio::test]
 async fn a_base_mounted_noexec_is_passed_over() {
-    let Some(base) = Base::new() else { return };
+    let Some(base) = MemoryBase::new(0o755) else {
+        return;
+    };
     let noexec = tempfile::tempdir().unwrap();
     let mounted = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", "noexec,size=1m", "tmpfs"])
