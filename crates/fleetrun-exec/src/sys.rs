@@ -158,8 +158,9 @@ impl SpawnPlan {
         // neither allocates nor locks) on descriptors the plan owns, on integers, or on
         // NUL-terminated strings and NULL-terminated pointer arrays the plan owns.
         unsafe {
-            // The agent's handlers live in the memory the child shares: none may run here, and
-            // the script starts with default dispositions; SIGPIPE, which Rust ignores, too.
+            // The agent's handlers live in the memory the child shares (or a copy of it): none
+            // may run here, and the script starts with default dispositions; SIGPIPE, which
+            // Rust ignores, too.
             // Other ignored signals stay ignored, as across any exec.
             for signal in 1..=64 {
                 if signal == libc::SIGKILL || signal == libc::SIGSTOP {
