@@ -41,6 +41,57 @@ pub struct Config {
     /// The agent's own Prometheus metrics, served on a local address when set.
     #[serde(default)]
     pub metrics: Option<crate::metrics::MetricsConfig>,
+    /// Where scripts are written before they run.
+    #[serde(default)]
+    pub staging: StagingConfig,
+}
+
+/// `[staging]`: scripts are written under `work_dir` unless the operator chooses a memory file
+/// system, which spares the disk a write per task but holds the host's memory (up to
+/// `memory_budget`) while scripts run; tmpfs pages may still be swapped out to a disk.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StagingConfig {
+    /// `"work_dir"` (the default) or `"memory"`.
+    #[serde(default)]
+    pub place: StagingPlace,
+    /// With `"memory"`: directories that may be on a tmpfs, in order of preference (by default
+    /// `$XDG_RUNTIME_DIR` for an agent that is not root, then `/dev/shm`). A task's directory
+    /// there belongs to its account, which may fill that file system: list root's `/run` only
+    /// if that is acceptable.
+    pub memory_bases: Option<Vec<PathBuf>>,
+    /// With `"memory"`: bytes the scripts staged there may take at once (64 MiB by default);
+    /// scripts beyond it are staged under `work_dir`.
+    pub memory_budget: Option<u64>,
+}
+
+/// Where scripts are staged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StagingPlace {
+    /// `work_dir/tasks`.
+    #[default]
+    WorkDir,
+    /// A memory file system, falling back to `work_dir/tasks`.
+    Memory,
+}
+
+impl StagingConfig {
+    /// The executor's setting.
+    pub fn exec_staging(&self) -> fleetrun_exec::Staging {
+        match self.place {
+            StagingPlace::WorkDir => fleetrun_exec::Staging::WorkDir,
+            StagingPlace::Memory => fleetrun_exec::Staging::Memory {
+                bases: self
+                    .memory_bases
+                    .clone()
+                    .unwrap_or_else(fleetrun_exec::Staging::memory_bases),
+                budget: self
+                    .memory_budget
+                    .unwrap_or(fleetrun_exec::DEFAULT_MEMORY_STAGING_BUDGET),
+            },
+        }
+    }
 }
 
 /// The controllers an agent connects to, tried in turn: each `host:port`, the host a DNS name
@@ -211,6 +262,16 @@ impl Config {
                 config.work_dir.display()
             ));
         }
+        if let Some(bases) = &config.staging.memory_bases
+            && let Some(base) = bases.iter().find(|base| !base.is_absolute())
+        {
+            problems.push(format!(
+                "{}{}: staging.memory_bases: {} is not an absolute path",
+                path.display(),
+                locate(&text, &["staging", "memory_bases"]),
+                base.display()
+            ));
+        }
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -284,6 +345,31 @@ mod tests {
              [tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n"
         );
         Config::parse(std::path::Path::new("agent.toml"), &text)
+    }
+
+    #[test]
+    fn scripts_are_staged_in_memory_only_when_the_operator_says_so() {
+        let default = parse("\"10.0.0.1:7000\"").unwrap();
+        assert_eq!(
+            default.staging.exec_staging(),
+            fleetrun_exec::Staging::WorkDir
+        );
+        let text = "controller = \"10.0.0.1:7000\"\nwork_dir = \"/var/lib/fleetrun\"\n\
+                    [tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n\
+                    [staging]\nplace = \"memory\"\nmemory_bases = [\"/run\"]\nmemory_budget = 4096\n";
+        let memory = Config::parse(std::path::Path::new("agent.toml"), text).unwrap();
+        assert_eq!(
+            memory.staging.exec_staging(),
+            fleetrun_exec::Staging::Memory {
+                bases: vec!["/run".into()],
+                budget: 4096
+            }
+        );
+        let bad = text.replace("place = \"memory\"", "place = \"disk\"");
+        let err = Config::parse(std::path::Path::new("agent.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("staging.place"), "{err}");
     }
 
     #[test]

@@ -306,10 +306,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .clone()
         .unwrap_or_else(|| format!("fleetrun-{agent_id}"));
     exec_config.refuse_root = config.limits.root_refusal();
-    // Staging on a memory file system spares each task its disk writes.
-    exec_config.staging = fleetrun_exec::Staging::Memory {
-        bases: fleetrun_exec::Staging::memory_bases(),
-    };
+    exec_config.staging = config.staging.exec_staging();
     let executor = Executor::new(exec_config).context("preparing to run scripts")?;
     let files = TlsFiles {
         ca: config.tls.ca.clone(),

@@ -31,6 +31,7 @@ mod tree;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -102,19 +103,31 @@ pub struct ExecConfig {
 pub enum Staging {
     /// In `work_dir/tasks` only.
     WorkDir,
-    /// Scripts up to 1 MiB on the first memory file system (tmpfs) of `bases` where the agent
-    /// has, or can make, a directory checked as the work directory is (see
-    /// [`Staging::memory_bases`]); larger ones, every one when there is none, and any the
-    /// memory file system has no room for, in `work_dir/tasks`. A script staged there is
-    /// never written to a disk.
+    /// Scripts up to 1 MiB on the first of `bases` that is a memory file system (tmpfs) mounted
+    /// without `noexec` and where the agent has, or can make, a directory checked as the work
+    /// directory is (see [`Staging::memory_bases`]), as long as the scripts staged there at once
+    /// stay within `budget`; larger ones, every one when there is no such base, those beyond
+    /// the budget and any that fails to stage there, in `work_dir/tasks`. A script staged there
+    /// spares the disk its writes, but holds the host's memory while it runs, and tmpfs pages
+    /// may still reach a swap device. The task's directory there is the account's, so an
+    /// account may fill that file system up to its size: choose bases whose filling harms
+    /// nothing else (`/dev/shm`, writable by every account anyway, rather than `/run`).
     Memory {
         /// Directories that may be on a memory file system, in order of preference.
         bases: Vec<PathBuf>,
+        /// Bytes (counted in whole 4 KiB pages per script) the scripts staged on the memory file
+        /// system may take at once, across the executor's tasks.
+        budget: u64,
     },
 }
 
+/// The default of [`Staging::Memory`]'s `budget`: 64 MiB.
+pub const DEFAULT_MEMORY_STAGING_BUDGET: u64 = 64 * 1024 * 1024;
+
 impl Staging {
-    /// `/run` for root, `$XDG_RUNTIME_DIR` for another account, then `/dev/shm`.
+    /// `$XDG_RUNTIME_DIR` for an agent that is not root, then `/dev/shm`. Never root's `/run`,
+    /// whose filling by an account would harm the host's services; an operator may still
+    /// choose it.
     pub fn memory_bases() -> Vec<PathBuf> {
         stage::memory_bases()
     }
@@ -222,6 +235,9 @@ struct Inner {
     /// A staging root on a memory file system, for scripts up to
     /// [`stage::MEMORY_SCRIPT_MAX`].
     memory_root: Option<Arc<stage::StagingRoot>>,
+    /// [`Staging::Memory`]'s budget, and the bytes of it the running tasks' scripts take.
+    memory_budget: u64,
+    memory_in_use: AtomicU64,
     /// `<cgroup2 mount>/<cgroup_name>` when cgroups are usable.
     cgroups: Option<cgroup::CgroupRoot>,
     /// Who the agent runs as, to decide whether it may switch accounts.
@@ -238,11 +254,12 @@ impl Executor {
     pub fn new(config: ExecConfig) -> Result<Self, SetupError> {
         sys::become_subreaper().map_err(SetupError::Subreaper)?;
         let staging_root = Arc::new(stage::prepare_root(&config.work_dir)?);
-        let memory_root = match &config.staging {
-            Staging::WorkDir => None,
-            Staging::Memory { bases } => {
-                stage::prepare_memory_root(bases, &config.work_dir).map(Arc::new)
-            }
+        let (memory_root, memory_budget) = match &config.staging {
+            Staging::WorkDir => (None, 0),
+            Staging::Memory { bases, budget } => (
+                stage::prepare_memory_root(bases, &config.work_dir).map(Arc::new),
+                *budget,
+            ),
         };
         let cgroups = if config.use_cgroup {
             cgroup::CgroupRoot::open(&config.cgroup_name)
@@ -258,6 +275,8 @@ impl Executor {
                 config,
                 staging_root,
                 memory_root,
+                memory_budget,
+                memory_in_use: AtomicU64::new(0),
                 cgroups,
                 agent,
             }),
@@ -322,12 +341,52 @@ impl Running {
 }
 
 impl Inner {
-    /// Where a script of `len` bytes is staged first.
-    fn staging_root_for(&self, len: usize) -> &Arc<stage::StagingRoot> {
-        match &self.memory_root {
-            Some(memory) if len <= stage::MEMORY_SCRIPT_MAX => memory,
-            _ => &self.staging_root,
+    /// Where a script of `len` bytes is staged first: the memory file system, with the share of
+    /// its budget the script takes, when there is one, the script is small enough and the
+    /// budget has room; `work_dir/tasks` otherwise.
+    fn staging_root_for(
+        self: &Arc<Self>,
+        len: usize,
+    ) -> (Arc<stage::StagingRoot>, Option<MemoryReservation>) {
+        if let Some(memory) = &self.memory_root
+            && len <= stage::MEMORY_SCRIPT_MAX
+        {
+            let bytes = (len as u64).div_ceil(PAGE) * PAGE;
+            let reserved = self
+                .memory_in_use
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |in_use| {
+                    in_use
+                        .checked_add(bytes)
+                        .filter(|total| *total <= self.memory_budget)
+                })
+                .is_ok();
+            if reserved {
+                let reservation = MemoryReservation {
+                    inner: self.clone(),
+                    bytes,
+                };
+                return (memory.clone(), Some(reservation));
+            }
         }
+        (self.staging_root.clone(), None)
+    }
+}
+
+/// What a tmpfs allocates a file's content in.
+const PAGE: u64 = 4096;
+
+/// A script's share of the memory staging budget, given back when dropped.
+#[derive(Debug)]
+struct MemoryReservation {
+    inner: Arc<Inner>,
+    bytes: u64,
+}
+
+impl Drop for MemoryReservation {
+    fn drop(&mut self) {
+        self.inner
+            .memory_in_use
+            .fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 

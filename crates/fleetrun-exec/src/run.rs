@@ -84,7 +84,7 @@ pub(crate) async fn run(
         ));
     }
     let script = std::mem::take(&mut task.script);
-    let mut root = inner.staging_root_for(script.len()).clone();
+    let (mut root, mut reservation) = inner.staging_root_for(script.len());
     let mut line = match command_line(&task, &root) {
         Ok(line) => line,
         Err(name) => return refused(Ending::InterpreterMissing(name.to_owned())),
@@ -92,11 +92,13 @@ pub(crate) async fn run(
     let script = Arc::new(script);
     let mut staging = stage_script(&root, &task, &script, &account).await;
     if let Err(err) = &staging
-        && err.is_out_of_space()
-        && !Arc::ptr_eq(&root, &inner.staging_root)
+        && err.is_about_the_place()
+        && reservation.is_some()
     {
-        // The memory file system is full: the work directory may have room.
+        // The memory file system is full, gone or otherwise unusable: the work directory
+        // may still serve.
         tracing::warn!(task = %task.id, %err, "staging the script under the work directory");
+        reservation = None;
         root = inner.staging_root.clone();
         line = match command_line(&task, &root) {
             Ok(line) => line,
@@ -115,6 +117,7 @@ pub(crate) async fn run(
     }
     let mut outcome = execute(&inner, &task, &account, line, cancel, tx).await;
     blocking(move || drop(staging)).await;
+    drop(reservation);
     outcome.finished_at = SystemTime::now();
     outcome
 }

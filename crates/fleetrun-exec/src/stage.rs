@@ -68,14 +68,13 @@ pub(crate) enum StageError {
 }
 
 impl StageError {
-    /// Whether the file system was full (or the agent's quota on it spent): another place may
-    /// still take the script.
-    pub(crate) fn is_out_of_space(&self) -> bool {
-        let source = match self {
-            Self::CreateDir { source, .. } | Self::WriteScript { source, .. } => source,
-            Self::InvalidId(_) | Self::AlreadyRunning(_) | Self::Chown { .. } => return false,
-        };
-        matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+    /// Whether the failure is the place's (full, vanished, unwritable), not the task's: another
+    /// place may still take the script. A bad or duplicate id would fail anywhere.
+    pub(crate) fn is_about_the_place(&self) -> bool {
+        match self {
+            Self::InvalidId(_) | Self::AlreadyRunning(_) => false,
+            Self::CreateDir { .. } | Self::WriteScript { .. } | Self::Chown { .. } => true,
+        }
     }
 }
 
@@ -183,14 +182,15 @@ pub(crate) fn prepare_root(work_dir: &Path) -> Result<StagingRoot, SetupError> {
 /// ones, which would hold that much of the host's memory while they run, under `work_dir`.
 pub(crate) const MEMORY_SCRIPT_MAX: usize = 1024 * 1024;
 
-/// Where the agent may stage on a memory file system (tmpfs): `/run` (root's) for root,
+/// Where the agent may stage on a memory file system (tmpfs) unless told otherwise:
 /// `$XDG_RUNTIME_DIR` (the account's own) for an agent of another account, and `/dev/shm`
-/// (sticky, like `/tmp`) for either.
+/// (sticky, like `/tmp`) for either. Not root's `/run`: a task's directory is its account's,
+/// and an account filling `/run` would starve the host's services of it.
 pub(crate) fn memory_bases() -> Vec<PathBuf> {
     let mut bases = Vec::new();
-    if nix::unistd::geteuid().is_root() {
-        bases.push(PathBuf::from("/run"));
-    } else if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+    if !nix::unistd::geteuid().is_root()
+        && let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty())
+    {
         bases.push(PathBuf::from(dir));
     }
     bases.push(PathBuf::from("/dev/shm"));
@@ -201,7 +201,8 @@ pub(crate) fn memory_bases() -> Vec<PathBuf> {
 /// of this agent's, `fleetrun-stage-<digest of work_dir>` (one per work directory, so agents
 /// sharing a host keep apart, and a restarted agent finds its leftovers), checked and prepared
 /// exactly as `work_dir/tasks` is ([`prepare_root`]: walked from `/` without following links
-/// it does not trust, owned by the agent, 0711, emptied). `None` when none is; why is logged.
+/// it does not trust, owned by the agent, 0711, emptied). Bases mounted `noexec` are passed
+/// over. `None` when none is; why is logged.
 pub(crate) fn prepare_memory_root(bases: &[PathBuf], work_dir: &Path) -> Option<StagingRoot> {
     let work = std::path::absolute(work_dir).unwrap_or_else(|_| work_dir.to_owned());
     let digest = ring::digest::digest(&ring::digest::SHA256, work.as_os_str().as_encoded_bytes());
@@ -213,6 +214,16 @@ pub(crate) fn prepare_memory_root(bases: &[PathBuf], work_dir: &Path) -> Option<
         match nix::sys::statfs::statfs(base) {
             Ok(fs) if fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC => {}
             _ => continue,
+        }
+        // Interpreters that execute what they are given, and scripts that run files beside
+        // themselves, would fail there.
+        match nix::sys::statvfs::statvfs(base) {
+            Ok(vfs) if !vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC) => {}
+            Ok(_) => {
+                tracing::info!(base = %base.display(), "not staging scripts on a file system mounted noexec");
+                continue;
+            }
+            Err(_) => continue,
         }
         let dir = base.join(format!("fleetrun-stage-{name}"));
         match prepare_root(&dir) {

@@ -1,5 +1,6 @@
 //! The process-level system calls: starting a script (a child that shares the agent's memory
-//! until it executes, and a pidfd to wait for it; the crate's only `unsafe`), the subreaper
+//! until it executes when it runs as the agent's user, a copy of it when it switches account,
+//! and a pidfd to wait for it; the crate's only `unsafe`), the subreaper
 //! bit, signals and reaping.
 #![allow(unsafe_code)]
 
@@ -55,7 +56,7 @@ use libc::{SYS_setresgid as SYS_SETRESGID, SYS_setresuid as SYS_SETRESUID};
 use libc::{SYS_setresgid32 as SYS_SETRESGID, SYS_setresuid32 as SYS_SETRESUID};
 
 /// What the child needs to become the script: every string, descriptor and id prepared in the
-/// parent, so that the child, which shares the agent's memory until it executes, only makes
+/// parent, so that the child, which may share the agent's memory until it executes, only makes
 /// system calls (no allocation, no lock, no lookup).
 #[derive(Debug)]
 pub(crate) struct SpawnPlan {
@@ -157,8 +158,9 @@ impl SpawnPlan {
         // neither allocates nor locks) on descriptors the plan owns, on integers, or on
         // NUL-terminated strings and NULL-terminated pointer arrays the plan owns.
         unsafe {
-            // The agent's handlers live in the memory the child shares: none may run here, and
-            // the script starts with default dispositions; SIGPIPE, which Rust ignores, too.
+            // The agent's handlers live in the memory the child shares (or a copy of it): none
+            // may run here, and the script starts with default dispositions; SIGPIPE, which
+            // Rust ignores, too.
             // Other ignored signals stay ignored, as across any exec.
             for signal in 1..=64 {
                 if signal == libc::SIGKILL || signal == libc::SIGSTOP {
@@ -234,22 +236,67 @@ fn give_raw(raw: RawFd, target: RawFd) -> libc::c_int {
     }
 }
 
-/// The child's stack, while it shares the agent's memory: `exec` needs a few frames.
+/// The child's stack: `exec` needs a few frames.
 const CHILD_STACK: usize = 64 * 1024;
 
-/// What the parent and the child share during the spawn.
+/// Whether the child shares the agent's memory until it executes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Memory {
+    /// `CLONE_VM`: nothing is copied. Only for a script that runs as the agent's own user.
+    Shared,
+    /// A copy, as `fork` makes: for a script that switches account. Once the child has taken the
+    /// account's ids, a process of that account may write into the child's memory
+    /// (`process_vm_writev`, or `ptrace` where `suid_dumpable` and `ptrace_scope` allow); with
+    /// shared memory that is the live root agent's. The change of ids would also clear the
+    /// dumpable flag of the shared memory, the agent's. std spawns this way whenever a uid is
+    /// set, for the same reasons.
+    Copied,
+}
+
+impl Memory {
+    fn for_plan(plan: &SpawnPlan) -> Self {
+        if plan.setup.credentials.is_some() {
+            Self::Copied
+        } else {
+            Self::Shared
+        }
+    }
+}
+
+/// How the child's exit is to be waited for; the later sources are what an older kernel leaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PidfdSource {
+    /// `CLONE_PIDFD` (Linux 5.2), else `pidfd_open` (5.3), else a waiting thread.
+    Clone,
+    /// As a kernel that ignores `CLONE_PIDFD`: `pidfd_open`, else a waiting thread.
+    #[cfg(test)]
+    Open,
+    /// As a kernel without pidfds: a waiting thread.
+    #[cfg(test)]
+    Thread,
+}
+
+/// What the parent and the child share during the spawn (with [`Memory::Shared`]; a child with
+/// copied memory reports through `error_pipe` instead).
 struct Shared<'a> {
     plan: &'a SpawnPlan,
     /// The errno of the step that failed in the child; 0 when it reached the script.
     error: AtomicI32,
+    /// Write end (close-on-exec) of the pipe a child with copied memory reports its errno on.
+    error_pipe: RawFd,
 }
 
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `Shared` that `spawn` keeps alive, and its thread suspended, until
-    // this child executes or exits (CLONE_VFORK).
+    // this child executes or exits (CLONE_VFORK); with copied memory, the child's own copy.
     let shared = unsafe { &*(arg as *const Shared<'_>) };
-    let error = shared.plan.exec();
-    shared.error.store(error.max(1), Ordering::Relaxed);
+    let error = shared.plan.exec().max(1);
+    shared.error.store(error, Ordering::Relaxed);
+    if shared.error_pipe >= 0 {
+        let bytes = error.to_ne_bytes();
+        // SAFETY: writes 4 bytes the child owns to a descriptor it holds.
+        unsafe { libc::write(shared.error_pipe, bytes.as_ptr().cast(), bytes.len()) };
+    }
     // SAFETY: ends the child without running anything of the parent's (no atexit, no flush).
     unsafe { libc::_exit(127) }
 }
@@ -271,12 +318,24 @@ enum Exit {
     Thread(tokio::sync::oneshot::Receiver<io::Result<ExitStatus>>),
 }
 
-/// Starts the script as `plan` says: `clone(CLONE_VM | CLONE_VFORK)`, so nothing of the agent's
-/// memory is copied (a fork of the multi-threaded agent costs page-table copies and
-/// copy-on-write faults), with a pidfd to wait on. The calling thread waits until the child has
-/// executed the script or failed; every signal is blocked meanwhile, so no handler of the agent
-/// runs in the child. Must run on a tokio runtime (the wait is registered with it).
+/// Starts the script as `plan` says, with a pidfd to wait on. A script that runs as the agent's
+/// own user starts with `clone(CLONE_VM | CLONE_VFORK)`, so nothing of the agent's memory is
+/// copied (a fork of the multi-threaded agent costs page-table copies and copy-on-write
+/// faults); one that switches account starts in a copy of the agent's memory, never in the
+/// agent's own (see [`Memory::Copied`]). The calling thread waits until the child has executed
+/// the script or failed; every signal is blocked meanwhile, so no handler of the agent runs in
+/// the child. Must run on a tokio runtime (the wait is registered with it).
 pub(crate) fn spawn(plan: &SpawnPlan) -> io::Result<Child> {
+    spawn_with(plan, PidfdSource::Clone)
+}
+
+fn spawn_with(plan: &SpawnPlan, source: PidfdSource) -> io::Result<Child> {
+    let memory = Memory::for_plan(plan);
+    // A child with its own memory reports a failure before exec on a pipe; exec closes it.
+    let error_pipe = match memory {
+        Memory::Shared => None,
+        Memory::Copied => Some(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?),
+    };
     // Not zeroed: the child writes its frames before it reads them (zeroing 64 KiB was the
     // spawn's largest cost).
     let words = CHILD_STACK / std::mem::size_of::<u128>();
@@ -288,13 +347,21 @@ pub(crate) fn spawn(plan: &SpawnPlan) -> io::Result<Child> {
     let shared = Shared {
         plan,
         error: AtomicI32::new(0),
+        error_pipe: error_pipe
+            .as_ref()
+            .map_or(-1, |(_, write)| write.as_raw_fd()),
     };
-    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+    let flags = match memory {
+        Memory::Shared => libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+        // Still CLONE_VFORK: the parent resumes once the child has executed or failed, so its
+        // report is in the pipe by then.
+        Memory::Copied => libc::CLONE_VFORK | libc::SIGCHLD,
+    };
     let clone = |flags: libc::c_int, pidfd: &mut libc::c_int| {
         // SAFETY: `child_main` runs on `stack`, which outlives the child's use of it (this
         // thread is suspended until the child executes or exits), with `shared`, likewise
-        // alive; with CLONE_PIDFD the kernel writes the pidfd into `pidfd`. All signals are
-        // blocked around the call and restored after.
+        // alive (or, without CLONE_VM, copies of both); with CLONE_PIDFD the kernel writes the
+        // pidfd into `pidfd`. All signals are blocked around the call and restored after.
         unsafe {
             let mut all: libc::sigset_t = std::mem::zeroed();
             let mut old: libc::sigset_t = std::mem::zeroed();
@@ -313,18 +380,39 @@ pub(crate) fn spawn(plan: &SpawnPlan) -> io::Result<Child> {
         }
     };
     let mut raw_pidfd: libc::c_int = -1;
-    let (pid, pidfd) = match clone(flags | libc::CLONE_PIDFD, &mut raw_pidfd) {
-        // SAFETY: the kernel just made this descriptor for us.
-        Ok(pid) => (pid, Some(unsafe { OwnedFd::from_raw_fd(raw_pidfd) })),
-        // A kernel before 5.2 knows no CLONE_PIDFD.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            let pid = clone(flags, &mut raw_pidfd)?;
-            (pid, pidfd_open(pid))
+    let clone_flags = match source {
+        PidfdSource::Clone => flags | libc::CLONE_PIDFD,
+        #[cfg(test)]
+        PidfdSource::Open | PidfdSource::Thread => flags,
+    };
+    let pid = match clone(clone_flags, &mut raw_pidfd) {
+        Ok(pid) => pid,
+        // A kernel that knows CLONE_PIDFD but refuses it here.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && clone_flags != flags => {
+            raw_pidfd = -1;
+            clone(flags, &mut raw_pidfd)?
         }
         Err(e) => return Err(e),
     };
     drop(stack);
-    let error = shared.error.load(Ordering::Relaxed);
+    let pidfd = if raw_pidfd >= 0 {
+        // SAFETY: the kernel just made this descriptor for us.
+        Some(unsafe { OwnedFd::from_raw_fd(raw_pidfd) })
+    } else {
+        // A kernel before 5.2 ignores CLONE_PIDFD and leaves `raw_pidfd` as it was.
+        match source {
+            PidfdSource::Clone => pidfd_open(pid),
+            #[cfg(test)]
+            PidfdSource::Open => pidfd_open(pid),
+            #[cfg(test)]
+            PidfdSource::Thread => None,
+        }
+    };
+    let mut error = shared.error.load(Ordering::Relaxed);
+    if let Some((read, write)) = error_pipe {
+        drop(write);
+        error = read_child_error(&read);
+    }
     if error != 0 {
         // The child ended without becoming the script: collect it now.
         let _ = wait_blocking(pid);
@@ -348,6 +436,21 @@ pub(crate) fn spawn(plan: &SpawnPlan) -> io::Result<Child> {
         pid,
         exit: Some(exit),
     })
+}
+
+/// The errno a child with copied memory reported, 0 when it executed the script (exec closed
+/// its end of the pipe unwritten). The child has executed or exited when this runs
+/// (CLONE_VFORK), so the read does not wait.
+fn read_child_error(read: &OwnedFd) -> libc::c_int {
+    let mut bytes = [0u8; 4];
+    loop {
+        match nix::unistd::read(read, &mut bytes) {
+            Ok(4) => return libc::c_int::from_ne_bytes(bytes),
+            Ok(_) => return 0,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return e as libc::c_int,
+        }
+    }
 }
 
 fn pidfd_open(pid: i32) -> Option<OwnedFd> {
@@ -677,6 +780,92 @@ mod tests {
         let early = tokio::time::timeout(std::time::Duration::from_millis(50), child.wait()).await;
         assert!(early.is_err(), "{early:?}");
         assert_eq!(child.wait().await.unwrap().code(), Some(3));
+    }
+
+    fn shell_plan(script: &str, credentials: Option<Credentials>) -> (OwnedFd, SpawnPlan) {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let setup = ChildSetup {
+            credentials,
+            cgroup_procs: None,
+            args_pipe: None,
+        };
+        let args = [OsString::from("-c"), OsString::from(script)];
+        let plan = SpawnPlan::new(
+            Path::new("/bin/sh"),
+            &args,
+            &BTreeMap::new(),
+            Path::new("/"),
+            write,
+            setup,
+        )
+        .unwrap();
+        (read, plan)
+    }
+
+    /// A kernel before 5.2 ignores CLONE_PIDFD and leaves the descriptor at -1; one before 5.3
+    /// has no pidfd_open either. The script still starts and its exit is still collected.
+    #[tokio::test]
+    async fn the_exit_is_collected_without_a_pidfd_from_clone() {
+        for source in [PidfdSource::Open, PidfdSource::Thread] {
+            let (_read, plan) = shell_plan("exit 5", None);
+            let mut child = spawn_with(&plan, source).unwrap();
+            let waiting = match child.exit.as_ref().unwrap() {
+                Exit::Pidfd(_) => "pidfd",
+                Exit::Thread(_) => "thread",
+            };
+            let expected = match source {
+                PidfdSource::Open if pidfd_open(std::process::id() as i32).is_some() => "pidfd",
+                PidfdSource::Clone | PidfdSource::Open | PidfdSource::Thread => "thread",
+            };
+            assert_eq!(waiting, expected, "{source:?}");
+            assert_eq!(child.wait().await.unwrap().code(), Some(5), "{source:?}");
+        }
+    }
+
+    /// A script that switches account never runs in the agent's memory: once it has the
+    /// account's ids, a process of the account could write into it. Its failure before exec
+    /// still reaches the agent (through the pipe, as nothing is shared), and its exit is
+    /// collected as any other.
+    #[tokio::test]
+    async fn a_script_of_another_account_starts_in_a_copy_of_the_agents_memory() {
+        let nobody = || {
+            Some(Credentials {
+                uid: Uid::from_raw(NOBODY),
+                gid: Gid::from_raw(NOBODY),
+                groups: vec![Gid::from_raw(NOBODY)],
+            })
+        };
+        let (_read, own) = shell_plan("exit 0", None);
+        assert_eq!(Memory::for_plan(&own), Memory::Shared);
+        let (read, plan) = shell_plan("id -u; exit 4", nobody());
+        assert_eq!(Memory::for_plan(&plan), Memory::Copied);
+        if !Uid::effective().is_root() {
+            eprintln!("skipped: switching identities needs root");
+            return;
+        }
+        let mut child = spawn(&plan).unwrap();
+        drop(plan);
+        assert_eq!(child.wait().await.unwrap().code(), Some(4));
+        let mut output = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(read), &mut output).unwrap();
+        assert_eq!(output, format!("{NOBODY}\n"));
+        let (_, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let setup = ChildSetup {
+            credentials: nobody(),
+            cgroup_procs: None,
+            args_pipe: None,
+        };
+        let missing = SpawnPlan::new(
+            Path::new("/nonexistent/interpreter"),
+            &[],
+            &BTreeMap::new(),
+            Path::new("/"),
+            write,
+            setup,
+        )
+        .unwrap();
+        let err = spawn(&missing).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
     }
 
     /// The attack: a process of the account sends a signal (0, the bare permission check) to the

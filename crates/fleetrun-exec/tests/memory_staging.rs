@@ -6,40 +6,28 @@ mod common;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use common::{TEST_USER, collect, shell, task, task_id, test_user};
-use fleetrun_exec::{ExecConfig, Executor, Language, Staging};
+use common::{MemoryBase, TEST_USER, collect, shell, task, task_id, test_user, wait_for};
+use fleetrun_exec::{DEFAULT_MEMORY_STAGING_BUDGET, ExecConfig, Executor, Language, Staging};
 
-/// A base directory of its own on /dev/shm (a tmpfs), root's and 0755 as /run is.
-struct Base(PathBuf);
-
-impl Base {
-    fn new() -> Option<Self> {
-        let fs = nix::sys::statfs::statfs("/dev/shm").ok()?;
-        if fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
-            eprintln!("skipped: /dev/shm is not a tmpfs here");
-            return None;
-        }
-        let dir = PathBuf::from(format!("/dev/shm/fleetrun-test-{}", task_id()));
-        std::fs::create_dir(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Some(Self(dir))
-    }
+fn executor(work_dir: &Path, base: &MemoryBase) -> Executor {
+    executor_on(
+        work_dir,
+        vec![base.0.clone()],
+        DEFAULT_MEMORY_STAGING_BUDGET,
+    )
 }
 
-impl Drop for Base {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn executor(work_dir: &Path, base: &Base) -> Executor {
+fn executor_on(work_dir: &Path, bases: Vec<PathBuf>, budget: u64) -> Executor {
     let mut config = ExecConfig::new(work_dir);
     config.use_cgroup = false;
     config.cgroup_name = format!("fleetrun-{}", task_id());
-    config.staging = Staging::Memory {
-        bases: vec![base.0.clone()],
-    };
+    config.staging = Staging::Memory { bases, budget };
     Executor::new(config).unwrap()
+}
+
+/// Whether `text` (a script's `$0`) is below `dir`.
+fn staged_in(text: &str, dir: &Path) -> bool {
+    text.starts_with(&format!("{}/", dir.display()))
 }
 
 fn work_dir() -> tempfile::TempDir {
@@ -50,7 +38,9 @@ fn work_dir() -> tempfile::TempDir {
 
 #[tokio::test]
 async fn small_scripts_run_from_the_memory_file_system_and_large_ones_from_the_work_dir() {
-    let Some(base) = Base::new() else { return };
+    let Some(base) = MemoryBase::new(0o755) else {
+        return;
+    };
     test_user();
     let work = work_dir();
     let executor = executor(work.path(), &base);
@@ -97,7 +87,9 @@ async fn small_scripts_run_from_the_memory_file_system_and_large_ones_from_the_w
 /// first, to swap the scripts staged in it. The agent stages under its work directory instead.
 #[tokio::test]
 async fn a_directory_another_account_planted_on_the_memory_file_system_is_not_used() {
-    let Some(base) = Base::new() else { return };
+    let Some(base) = MemoryBase::new(0o755) else {
+        return;
+    };
     test_user();
     let work = work_dir();
     let first = executor(work.path(), &base);
@@ -134,7 +126,9 @@ async fn a_directory_another_account_planted_on_the_memory_file_system_is_not_us
 /// What a crashed agent left on the memory file system is removed at the next start.
 #[tokio::test]
 async fn leftovers_on_the_memory_file_system_are_removed() {
-    let Some(base) = Base::new() else { return };
+    let Some(base) = MemoryBase::new(0o755) else {
+        return;
+    };
     let work = work_dir();
     let first = executor(work.path(), &base);
     let root = first.memory_staging_root().unwrap().to_owned();
@@ -144,4 +138,96 @@ async fn leftovers_on_the_memory_file_system_are_removed() {
     assert_eq!(second.memory_staging_root(), Some(root.as_path()));
     assert!(!root.join("crashed-task").exists());
     drop((first, second));
+}
+
+/// The memory file system's directory removed under a running agent (by hand, or a cleaner of
+/// `/dev/shm`): every later task still runs, from the work directory.
+#[tokio::test]
+async fn a_vanished_memory_root_falls_back_to_the_work_dir() {
+    let Some(base) = MemoryBase::new(0o755) else {
+        return;
+    };
+    let work = work_dir();
+    let executor = executor(work.path(), &base);
+    let root = executor.memory_staging_root().unwrap().to_owned();
+    std::fs::remove_dir_all(root.parent().unwrap()).unwrap();
+    for _ in 0..2 {
+        let collected = collect(executor.start(shell("echo \"$0\""), Default::default())).await;
+        assert!(
+            staged_in(&collected.text(), &work.path().join("tasks")),
+            "{} {:?}",
+            collected.text(),
+            collected.outcome
+        );
+    }
+}
+
+/// The scripts staged in memory at once stay within the budget; the others go to the work
+/// directory, and a finished task's share is given back.
+#[tokio::test]
+async fn scripts_beyond_the_memory_budget_are_staged_under_the_work_dir() {
+    let Some(base) = MemoryBase::new(0o755) else {
+        return;
+    };
+    let work = work_dir();
+    // One page: one small script at a time.
+    let executor = executor_on(work.path(), vec![base.0.clone()], 4096);
+    let root = executor.memory_staging_root().unwrap().to_owned();
+    let holding = executor.start(shell("echo \"$0\"; sleep 1"), Default::default());
+    wait_for(
+        "the first script staged",
+        std::time::Duration::from_secs(10),
+        || std::fs::read_dir(&root).is_ok_and(|d| d.count() == 1),
+    )
+    .await;
+    let beyond = collect(executor.start(shell("echo \"$0\""), Default::default())).await;
+    assert!(
+        staged_in(&beyond.text(), &work.path().join("tasks")),
+        "{}",
+        beyond.text()
+    );
+    let first = collect(holding).await;
+    assert!(staged_in(&first.text(), &root), "{}", first.text());
+    let after = collect(executor.start(shell("echo \"$0\""), Default::default())).await;
+    assert!(staged_in(&after.text(), &root), "{}", after.text());
+    // A budget smaller than a page takes nothing.
+    drop(executor);
+    let none = executor_on(work.path(), vec![base.0.clone()], 100);
+    let collected = collect(none.start(shell("echo \"$0\""), Default::default())).await;
+    assert!(
+        staged_in(&collected.text(), &work.path().join("tasks")),
+        "{}",
+        collected.text()
+    );
+}
+
+/// A tmpfs mounted `noexec` is passed over for the next base.
+#[tokio::test]
+async fn a_base_mounted_noexec_is_passed_over() {
+    let Some(base) = MemoryBase::new(0o755) else {
+        return;
+    };
+    let noexec = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "noexec,size=1m", "tmpfs"])
+        .arg(noexec.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    let work = work_dir();
+    let executor = executor_on(
+        work.path(),
+        vec![noexec.path().to_owned(), base.0.clone()],
+        DEFAULT_MEMORY_STAGING_BUDGET,
+    );
+    let root = executor.memory_staging_root().map(Path::to_owned);
+    drop(executor);
+    let _ = std::process::Command::new("umount")
+        .arg(noexec.path())
+        .status();
+    let root = root.expect("a staging root on the other base");
+    assert!(root.starts_with(&base.0), "{}", root.display());
 }

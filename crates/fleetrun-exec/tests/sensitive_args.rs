@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Fixture, TEST_USER, installed, task, task_id, test_user};
+use common::{Fixture, PLACES, Place, TEST_USER, installed, task, task_id, test_user};
 use fleetrun_exec::{Ending, Language, OutputEvent};
 use tokio_util::sync::CancellationToken;
 
@@ -77,10 +77,15 @@ fn ps_as_another_account() -> String {
 }
 
 /// Starts the script with a secret among its arguments, waits until it is
-/// running, and returns what `ps` showed then and the script's output.
-async fn run_with_secret(language: Language, sensitive: bool) -> (String, String, String) {
+/// running, and returns what `ps` showed then and the script's output; `None` when the host
+/// has no memory file system for `place`.
+async fn run_with_secret(
+    language: Language,
+    sensitive: bool,
+    place: Place,
+) -> Option<(String, String, String)> {
     test_user();
-    let fixture = Fixture::new(true);
+    let fixture = Fixture::staging_in(true, place)?;
     let secret = format!("s3cret-{}", task_id());
     let mut t = task(language, script(language), TEST_USER);
     t.args = vec![
@@ -91,8 +96,8 @@ async fn run_with_secret(language: Language, sensitive: bool) -> (String, String
     ];
     t.sensitive_args = sensitive;
     let staged = fixture
-        .executor
-        .staging_dir(&t.id)
+        .tasks_dir()
+        .join(&t.id)
         .join(match language {
             Language::Shell => "script.sh",
             Language::Perl => "script.pl",
@@ -120,8 +125,8 @@ async fn run_with_secret(language: Language, sensitive: bool) -> (String, String
         expected.push_str("BASH_ENV=unset\n");
     }
     expected.push_str("ready\n");
-    assert_eq!(output, expected);
-    (secret, seen, output)
+    assert_eq!(output, expected, "{place:?}");
+    Some((secret, seen, output))
 }
 
 async fn check(language: Language) {
@@ -134,15 +139,19 @@ async fn check(language: Language) {
         eprintln!("{interpreter} is not installed: skipped");
         return;
     }
-    let (secret, seen, _) = run_with_secret(language, true).await;
-    assert!(
-        !seen.contains(&secret),
-        "the secret is visible to other accounts:\n{}",
-        seen.lines()
-            .filter(|l| l.contains(&secret))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    for place in PLACES {
+        let Some((secret, seen, _)) = run_with_secret(language, true, place).await else {
+            continue;
+        };
+        assert!(
+            !seen.contains(&secret),
+            "{place:?}: the secret is visible to other accounts:\n{}",
+            seen.lines()
+                .filter(|l| l.contains(&secret))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -164,7 +173,9 @@ async fn python_parameters_stay_out_of_ps() {
 /// checks above would see a leak.
 #[tokio::test(flavor = "multi_thread")]
 async fn ordinary_parameters_are_still_arguments() {
-    let (secret, seen, _) = run_with_secret(Language::Shell, false).await;
+    let (secret, seen, _) = run_with_secret(Language::Shell, false, Place::WorkDir)
+        .await
+        .unwrap();
     assert!(
         seen.contains(&format!("{secret} with spaces it's")),
         "{seen}"

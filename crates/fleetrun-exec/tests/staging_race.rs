@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{TEST_USER, collect, task, task_id, test_user};
+use common::{MemoryBase, PLACES, Place, TEST_USER, collect, task, task_id, test_user};
 use fleetrun_exec::{Ending, ExecConfig, Executor, Language, SetupError};
 use tokio_util::sync::CancellationToken;
 
@@ -219,20 +219,45 @@ async fn a_work_dir_planted_in_a_sticky_directory_is_refused() {
 }
 
 /// The accepted layout closest to the attacker: the work directory is
-/// root's, in a sticky directory the attacker can write to. While tasks are
+/// root's, in a sticky directory the attacker can write to (or, staging in
+/// memory, the agent's directory is in one, as on /dev/shm). While tasks are
 /// staged it tries to take over, swap and plant links, and fails at every
 /// step; every task runs its own script.
 #[tokio::test(flavor = "multi_thread")]
 async fn racing_the_staging_of_root_tasks_gets_nowhere() {
     test_user();
-    let (scratch, victim) = scratch();
-    let tmp = scratch.path().join("tmp");
-    std::fs::create_dir(&tmp).unwrap();
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let work = tmp.join("fleetrun");
-    let executor = Executor::new(config(&work)).unwrap();
-    stage_under_attack(&executor, scratch.path(), &work, &victim).await;
-    assert_eq!(std::fs::read_dir(work.join("tasks")).unwrap().count(), 0);
+    for place in PLACES {
+        let (scratch, victim) = scratch();
+        let tmp = scratch.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let work = tmp.join("fleetrun");
+        let mut config = config(&work);
+        let memory = match place {
+            Place::WorkDir => None,
+            Place::Memory => match MemoryBase::new(0o1777) {
+                Some(base) => Some(base),
+                None => continue,
+            },
+        };
+        if let Some(base) = &memory {
+            base.stage_on(&mut config);
+        }
+        let executor = Executor::new(config).unwrap();
+        // The directory that holds `tasks`, where the attacker goes to work.
+        let attacked = match executor.memory_staging_root() {
+            Some(root) => root.parent().unwrap().to_owned(),
+            None => work.clone(),
+        };
+        assert_eq!(memory.is_some(), attacked != work, "{place:?}");
+        stage_under_attack(&executor, scratch.path(), &attacked, &victim).await;
+        assert_eq!(
+            std::fs::read_dir(attacked.join("tasks")).unwrap().count(),
+            0,
+            "{place:?}"
+        );
+        drop(executor);
+    }
 }
 
 /// A script leaves links to root's files in its staging directory and in a
@@ -241,33 +266,53 @@ async fn racing_the_staging_of_root_tasks_gets_nowhere() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cleanup_never_follows_links_a_script_planted() {
     test_user();
-    let (scratch, victim) = scratch();
-    std::fs::write(victim.join("precious"), "keep").unwrap();
-    let work = scratch.path().join("work");
-    std::fs::create_dir(&work).unwrap();
-    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let executor = Executor::new(config(&work)).unwrap();
-    let plant = format!(
-        "d=$(dirname \"$0\"); ln -s {v} \"$d/dir-link\"; ln -s {v}/precious \"$d/file-link\"; mkdir \"$d/sub\"; ln -s {v} \"$d/sub/deeper\"; echo planted",
-        v = victim.display()
-    );
-    let run = collect(executor.start(
-        task(Language::Shell, &plant, TEST_USER),
-        CancellationToken::new(),
-    ))
-    .await;
-    assert_eq!(run.text(), "planted\n");
-    assert_eq!(std::fs::read(victim.join("precious")).unwrap(), b"keep");
+    for place in PLACES {
+        let (scratch, victim) = scratch();
+        std::fs::write(victim.join("precious"), "keep").unwrap();
+        let work = scratch.path().join("work");
+        std::fs::create_dir(&work).unwrap();
+        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let memory = match place {
+            Place::WorkDir => None,
+            Place::Memory => match MemoryBase::new(0o755) {
+                Some(base) => Some(base),
+                None => continue,
+            },
+        };
+        let config = || {
+            let mut config = config(&work);
+            if let Some(base) = &memory {
+                base.stage_on(&mut config);
+            }
+            config
+        };
+        let executor = Executor::new(config()).unwrap();
+        let tasks = match executor.memory_staging_root() {
+            Some(root) => root.to_owned(),
+            None => work.join("tasks"),
+        };
+        let plant = format!(
+            "d=$(dirname \"$0\"); ln -s {v} \"$d/dir-link\"; ln -s {v}/precious \"$d/file-link\"; mkdir \"$d/sub\"; ln -s {v} \"$d/sub/deeper\"; echo planted",
+            v = victim.display()
+        );
+        let run = collect(executor.start(
+            task(Language::Shell, &plant, TEST_USER),
+            CancellationToken::new(),
+        ))
+        .await;
+        assert_eq!(run.text(), "planted\n", "{place:?}");
+        assert_eq!(std::fs::read(victim.join("precious")).unwrap(), b"keep");
 
-    // A crashed agent's leftover, links and all.
-    let leftover = work.join("tasks/crashed-task");
-    std::fs::create_dir_all(leftover.join("sub")).unwrap();
-    std::os::unix::fs::symlink(&victim, leftover.join("dir-link")).unwrap();
-    std::os::unix::fs::symlink(&victim, leftover.join("sub/deeper")).unwrap();
-    drop(executor);
-    let executor = Executor::new(config(&work)).unwrap();
-    assert!(!leftover.exists());
-    assert_eq!(std::fs::read(victim.join("precious")).unwrap(), b"keep");
-    assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 1);
-    drop(executor);
+        // A crashed agent's leftover, links and all: the next executor starts while the first
+        // still holds the directory on the memory file system, as a restarted agent finds it.
+        let leftover = tasks.join("crashed-task");
+        std::fs::create_dir_all(leftover.join("sub")).unwrap();
+        std::os::unix::fs::symlink(&victim, leftover.join("dir-link")).unwrap();
+        std::os::unix::fs::symlink(&victim, leftover.join("sub/deeper")).unwrap();
+        let again = Executor::new(config()).unwrap();
+        assert!(!leftover.exists(), "{place:?}");
+        assert_eq!(std::fs::read(victim.join("precious")).unwrap(), b"keep");
+        assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 1);
+        drop((executor, again));
+    }
 }

@@ -251,6 +251,7 @@ impl Swarm {
             cgroup_name: None,
             limits: fleetrun_agent::limits::LocalLimits::default(),
             metrics: None,
+            staging: fleetrun_agent::config::StagingConfig::default(),
         });
         let runner: Arc<dyn Runner> = Arc::new(EmulatedRunner {
             output: b"ok\n"

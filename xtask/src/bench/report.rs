@@ -34,6 +34,9 @@ pub struct Figure {
     pub note: String,
     /// Its value in the last earlier run that measured it (from `target/bench/*.json`).
     pub previous: Option<f64>,
+    /// Why the value does not count, whatever it is (the run it measures went wrong): the
+    /// figure fails.
+    pub invalid: Option<String>,
 }
 
 impl Figure {
@@ -48,7 +51,21 @@ impl Figure {
             baseline: String::new(),
             note: String::new(),
             previous: None,
+            invalid: None,
         }
+    }
+
+    /// Fails the figure when `why` is `Some`, and says why in its note.
+    pub fn invalid_if(mut self, why: Option<String>) -> Self {
+        if let Some(why) = why {
+            self.note = if self.note.is_empty() {
+                format!("FAILED: {why}")
+            } else {
+                format!("FAILED: {why}; {}", self.note)
+            };
+            self.invalid = Some(why);
+        }
+        self
     }
 
     pub fn value(mut self, value: f64, unit: &'static str) -> Self {
@@ -85,6 +102,9 @@ impl Figure {
 
     /// `None` when there is no target or no value.
     pub fn pass(&self) -> Option<bool> {
+        if self.invalid.is_some() {
+            return Some(false);
+        }
         let (value, target) = (self.value?, self.target.as_ref()?);
         Some(match target.goal {
             Goal::AtMost => value <= target.value,
@@ -253,6 +273,12 @@ mod tests {
         assert_eq!(f.pass(), Some(false));
         assert_eq!(Figure::new("g", "n", "l").at_most(1.0).pass(), None);
         assert!(table(&[f]).contains("FAIL"));
+        let fast_but_failed = Figure::new("g", "n", "l")
+            .value(0.8, "s")
+            .at_most(1.0)
+            .invalid_if(Some("3 hosts failed".into()));
+        assert_eq!(fast_but_failed.pass(), Some(false));
+        assert!(fast_but_failed.note.contains("3 hosts failed"));
     }
 
     #[test]

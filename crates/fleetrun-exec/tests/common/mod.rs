@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use fleetrun_exec::{
-    DEFAULT_OUTPUT_LIMIT, ExecConfig, Executor, Language, Outcome, OutputEvent, Running, Task,
+    DEFAULT_MEMORY_STAGING_BUDGET, DEFAULT_OUTPUT_LIMIT, ExecConfig, Executor, Language, Outcome,
+    OutputEvent, Running, Staging, Task,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -61,31 +62,96 @@ pub fn task_id() -> String {
     )
 }
 
+/// Where a test's executor stages scripts: the attacks on staging run against both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    WorkDir,
+    /// A directory of the test's own on `/dev/shm`.
+    Memory,
+}
+
+pub const PLACES: [Place; 2] = [Place::WorkDir, Place::Memory];
+
+/// A base directory of its own on /dev/shm (a tmpfs), root's and with `mode`: 0755 as /run
+/// is, 1777 as /dev/shm is.
+pub struct MemoryBase(pub PathBuf);
+
+impl MemoryBase {
+    pub fn new(mode: u32) -> Option<Self> {
+        let fs = nix::sys::statfs::statfs("/dev/shm").ok()?;
+        if fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
+            eprintln!("skipped: /dev/shm is not a tmpfs here");
+            return None;
+        }
+        let dir = PathBuf::from(format!("/dev/shm/fleetrun-test-{}", task_id()));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        Some(Self(dir))
+    }
+
+    /// `config` staging on this base.
+    pub fn stage_on(&self, config: &mut ExecConfig) {
+        config.staging = Staging::Memory {
+            bases: vec![self.0.clone()],
+            budget: DEFAULT_MEMORY_STAGING_BUDGET,
+        };
+    }
+}
+
+impl Drop for MemoryBase {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// An executor over its own work dir and its own parent cgroup, so tests
 /// running at the same time never clean up each other's tasks.
 pub struct Fixture {
     pub executor: Executor,
     pub work_dir: tempfile::TempDir,
+    /// Dropped after the executor, which removes its directory there first.
+    pub memory: Option<MemoryBase>,
 }
 
 impl Fixture {
     pub fn new(use_cgroup: bool) -> Self {
+        Self::staging_in(use_cgroup, Place::WorkDir).unwrap()
+    }
+
+    /// `None` when the host has no memory file system to stage on.
+    pub fn staging_in(use_cgroup: bool, place: Place) -> Option<Self> {
         let work_dir = tempfile::tempdir().unwrap();
         // Other accounts must be able to walk to their staging directory.
         std::fs::set_permissions(work_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let mut config = ExecConfig::new(work_dir.path());
         config.use_cgroup = use_cgroup;
         config.cgroup_name = format!("fleetrun-{}", task_id());
+        let memory = match place {
+            Place::WorkDir => None,
+            Place::Memory => Some(MemoryBase::new(0o755)?),
+        };
+        if let Some(base) = &memory {
+            base.stage_on(&mut config);
+        }
         let executor = Executor::new(config).unwrap();
         assert_eq!(
             executor.uses_cgroup(),
             use_cgroup && cgroup2_mount().is_some()
         );
-        Self { executor, work_dir }
+        assert_eq!(executor.memory_staging_root().is_some(), memory.is_some());
+        Some(Self {
+            executor,
+            work_dir,
+            memory,
+        })
     }
 
+    /// Where small scripts are staged.
     pub fn tasks_dir(&self) -> PathBuf {
-        self.work_dir.path().join("tasks")
+        match self.executor.memory_staging_root() {
+            Some(root) => root.to_owned(),
+            None => self.work_dir.path().join("tasks"),
+        }
     }
 
     /// Asserts that no staging directory is left.
