@@ -702,7 +702,9 @@ mod tests {
 
     /// What the script sees of the agent: exactly the environment, directory and descriptors
     /// it is given (an agent descriptor, close-on-exec, is not among them), every signal
-    /// unblocked and SIGPIPE not ignored, as `std::process::Command` leaves them.
+    /// unblocked and SIGPIPE not ignored, as `std::process::Command` leaves them. The masks are
+    /// read by a command the shell started, of itself: read from the shell's own status, they
+    /// could show the shell inside its fork of that command, every signal blocked for a moment.
     #[tokio::test]
     async fn the_script_gets_only_what_the_plan_gives() {
         let agent_file = std::fs::File::open("/proc/self/status").unwrap();
@@ -711,7 +713,7 @@ mod tests {
             "echo \"env=$(env | grep -v '^PWD=\\|^SHLVL=\\|^_=' | sort | tr '\\n' ' ')\"; \
              echo \"cwd=$(pwd)\"; \
              for fd in 0 1 2 {agent_fd}; do [ -e /proc/$$/fd/$fd ] && echo \"open=$fd\"; done; \
-             grep -E '^Sig(Blk|Ign)' /proc/$$/status; exit 7"
+             grep -E '^Sig(Blk|Ign)' /proc/self/status; exit 7"
         );
         let (status, output) =
             spawn_shell(&script, &[("FOO", "bar baz"), ("PATH", "/usr/bin:/bin")]).await;
