@@ -204,6 +204,19 @@ impl Membership {
         }
     }
 
+    /// Gives up the lease of a job taken up here that ended at its take-up (nothing left to
+    /// run): its handovers and termination request are forgotten first, so that none outlives
+    /// the job into a retry of it.
+    pub async fn release_ended(&self, job_instance_id: i64) {
+        if let Err(e) = self.store.forget_handovers(job_instance_id).await {
+            tracing::warn!(
+                job = job_instance_id,
+                "cannot forget the job's handovers: {e}"
+            );
+        }
+        self.release(job_instance_id, || false).await;
+    }
+
     /// Gives the job's lease up once its end (or pause) is committed, unless a new run of it
     /// started here meanwhile (`running_here`, asked under the lease lock).
     pub async fn release(&self, job_instance_id: i64, running_here: impl Fn() -> bool) {
@@ -324,7 +337,7 @@ impl Membership {
                         if let Some(callbacks) = engine.callbacks() {
                             callbacks.job_ended(job);
                         }
-                        self.release(job, || false).await;
+                        self.release_ended(job).await;
                     }
                 }
                 Err(e) => tracing::error!("cannot take up jobs: {e:#}"),

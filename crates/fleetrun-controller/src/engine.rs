@@ -558,6 +558,20 @@ impl Engine {
         true
     }
 
+    /// Forgets whatever handovers and termination request an earlier run of the job left (an
+    /// end that could not forget them, or was another controller's): before a retry commits,
+    /// so a new run of the step is neither terminated by an old request nor has its hosts
+    /// taken for the old run's.
+    pub(crate) async fn forget_earlier_run(
+        &self,
+        job_instance_id: i64,
+    ) -> Result<(), fleetrun_store::StoreError> {
+        if self.membership.is_none() {
+            return Ok(());
+        }
+        self.store.forget_handovers(job_instance_id).await
+    }
+
     /// Forgets the job's handovers and termination request once its run here ended (unless
     /// another controller took it up meanwhile: they are that one's now).
     async fn forget_handovers(&self, job_instance_id: i64) {
