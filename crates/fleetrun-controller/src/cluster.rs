@@ -124,27 +124,21 @@ impl Membership {
     }
 
     /// The database's clock: every controller reads the same one, so heartbeats, leases and
-    /// handovers compare across machines whatever their own clocks say. This machine's clock
-    /// only while the database cannot say (the statement that follows fails too, most likely).
-    pub(crate) async fn now(&self) -> i64 {
-        match self.store.database_now_ms().await {
-            Ok(now) => now,
-            Err(e) => {
-                tracing::warn!("cannot read the database's clock: {e}");
-                crate::now_ms()
-            }
-        }
+    /// handovers compare across machines whatever their own clocks say. A database that cannot
+    /// say fails the caller: this machine's clock is never put in its place.
+    pub(crate) async fn now(&self) -> Result<i64, fleetrun_store::StoreError> {
+        self.store.database_now_ms().await
     }
 
     /// A controller that renewed at or after this (the database's clock) is alive.
-    pub(crate) async fn alive_since(&self) -> i64 {
-        self.now().await - self.lease_ms()
+    pub(crate) async fn alive_since(&self) -> Result<i64, fleetrun_store::StoreError> {
+        Ok(self.now().await? - self.lease_ms())
     }
 
     /// Registers this controller with its addresses.
     pub async fn register(&self, api_url: &str, agent_addr: &str) -> anyhow::Result<()> {
         self.store
-            .register_controller(&self.name, api_url, agent_addr, self.now().await)
+            .register_controller(&self.name, api_url, agent_addr, self.now().await?)
             .await?;
         // Nothing is connected to this controller yet, whatever an earlier run recorded.
         self.store.forget_agent_connections_of(&self.name).await?;
@@ -153,7 +147,7 @@ impl Membership {
 
     /// Whether another controller renewed within a lease's length.
     pub async fn others_alive(&self) -> anyhow::Result<bool> {
-        let now = self.now().await;
+        let now = self.now().await?;
         Ok(self
             .store
             .controllers()
@@ -169,12 +163,13 @@ impl Membership {
         let _ops = self.ops.lock().await;
         let mut attempt = 0u64;
         loop {
-            let now = self.now().await;
-            match self
-                .store
-                .take_job_lease(job_instance_id, &self.name, now, now + self.lease_ms())
-                .await
-            {
+            let taken = async {
+                let now = self.now().await?;
+                self.store
+                    .take_job_lease(job_instance_id, &self.name, now, now + self.lease_ms())
+                    .await
+            };
+            match taken.await {
                 Ok(taken) => {
                     if taken {
                         self.held.lock().unwrap().insert(job_instance_id);
@@ -238,7 +233,7 @@ impl Membership {
     /// Takes the leases of the jobs nobody holds (with `own`, at start, this name's too);
     /// returns them.
     pub async fn take_orphans(&self, own: bool) -> anyhow::Result<Vec<i64>> {
-        let now = self.now().await;
+        let now = self.now().await?;
         let _ops = self.ops.lock().await;
         let taken = self
             .store
@@ -259,7 +254,7 @@ impl Membership {
     /// and no longer holds (another controller took them after they expired).
     async fn renew(&self) -> Result<Vec<i64>, fleetrun_store::StoreError> {
         let _ops = self.ops.lock().await;
-        let now = self.now().await;
+        let now = self.now().await?;
         let renewed: std::collections::HashSet<i64> = self
             .store
             .renew_controller(&self.name, now, now + self.lease_ms())
@@ -279,23 +274,48 @@ impl Membership {
     }
 
     /// Renews the heartbeat and the leases, and takes up the jobs of controllers that stopped
-    /// renewing, every third of a lease, until `shutdown`.
+    /// renewing, every third of a lease, until `shutdown`. News is acted on in a task of its
+    /// own ([`Membership::follow_news`]): however slow that work, renewal does not wait behind
+    /// it and lets no lease expire.
     pub async fn run(self, engine: Engine, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(self.lease / 3);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let period = self.lease / 3;
+        let news = tokio::spawn(Self::follow_news(
+            self.store.clone(),
+            engine.clone(),
+            period,
+            shutdown.clone(),
+        ));
+        self.renew_until(engine, period, shutdown).await;
+        let _ = news.await;
+    }
+
+    /// Hosts handed here, terminations asked elsewhere, tasks taken over elsewhere: acted on at
+    /// once on news, and every `period` for news lost while the listener reconnected.
+    async fn follow_news(
+        store: Store,
+        engine: Engine,
+        period: Duration,
+        shutdown: CancellationToken,
+    ) {
         loop {
-            let news = tokio::select! {
+            tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = tick.tick() => false,
-                () = self.store.cluster_news() => true,
-            };
-            // Hosts handed here, terminations asked elsewhere, tasks taken over elsewhere: at
-            // once on news, and at every tick for news lost while the listener reconnected.
+                () = tokio::time::sleep(period) => {}
+                () = store.cluster_news() => {}
+            }
             engine.take_handed().await;
             engine.act_on_cancels().await;
             engine.release_moved().await;
-            if news {
-                continue;
+        }
+    }
+
+    async fn renew_until(&self, engine: Engine, period: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
             }
             let lost = match self.renew().await {
                 Ok(lost) => lost,

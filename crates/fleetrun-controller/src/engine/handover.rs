@@ -61,7 +61,17 @@ impl Engine {
         if away.is_empty() {
             return HashSet::new();
         }
-        let alive_since = membership.alive_since().await;
+        let alive_since = match membership.alive_since().await {
+            Ok(alive_since) => alive_since,
+            Err(e) => {
+                // Not handed: followed here, they end 310 (offline here), as without a cluster.
+                tracing::error!(
+                    job = job_instance_id,
+                    "cannot read the database's clock: {e}"
+                );
+                return HashSet::new();
+            }
+        };
         let elsewhere = match self
             .store
             .connected_elsewhere(&away, membership.name(), alive_since)
@@ -195,7 +205,16 @@ impl Engine {
         let Some(membership) = &self.membership else {
             return;
         };
-        let alive_since = membership.alive_since().await;
+        let alive_since = match membership.alive_since().await {
+            Ok(alive_since) => alive_since,
+            Err(e) => {
+                tracing::warn!(
+                    job = job_instance_id,
+                    "cannot read the database's clock: {e}"
+                );
+                return;
+            }
+        };
         let handovers = match self
             .store
             .handovers_of_step(step_instance_id, alive_since)
