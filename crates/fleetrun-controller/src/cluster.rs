@@ -381,21 +381,15 @@ pub async fn follow_trust(shared: std::sync::Arc<crate::Shared>, shutdown: Cance
             _ = tick.tick() => {}
             () = shared.store.trust_news() => {}
         }
+        // Changes here after this are kept whatever the copy read next says.
+        let seen = shared.agents.revocations_seen();
         match shared.store.revoked_agents().await {
             Ok(revoked) => {
                 let revoked: std::collections::HashSet<String> =
                     revoked.into_iter().map(|r| r.agent_id).collect();
-                for agent_id in &revoked {
-                    if !shared.agents.is_revoked(agent_id) {
-                        let closed = shared.agents.revoke(agent_id);
-                        tracing::warn!(
-                            agent_id,
-                            closed,
-                            "agent revoked through another controller"
-                        );
-                    }
+                for (agent_id, closed) in shared.agents.merge_revoked(&revoked, seen) {
+                    tracing::warn!(agent_id, closed, "agent revoked through another controller");
                 }
-                shared.agents.set_revoked(revoked);
             }
             Err(e) => tracing::warn!("cannot read the revoked agents again: {e}"),
         }
