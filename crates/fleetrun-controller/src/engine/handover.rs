@@ -242,7 +242,8 @@ impl Engine {
             if alive {
                 orphaned.remove(bk_host_id);
                 // A live holder ends the host by its deadline itself; one that does not (stalled,
-                // or its run lost) has it ended here a grace later, whatever its heartbeat says.
+                // or its run lost) has it ended here later, whatever its heartbeat says. The task
+                // started after it was handed: nothing to read before this.
                 let backstop = handover
                     .handed_at
                     .saturating_add(limits.timeout_ms)
@@ -256,12 +257,12 @@ impl Engine {
                     .await
                     .ok()
                     .flatten();
-                let deadline = stored
-                    .and_then(|s| s.checkpoint.deadline)
-                    .map_or(backstop, |d| {
-                        backstop.max(d.saturating_add(limits.grace_ms.saturating_mul(2)))
-                    });
-                if now < deadline {
+                // A task not started (queued behind the agent's other tasks) has no deadline:
+                // no bound on its wait while its holder lives, as for a host run here.
+                let Some(deadline) = stored.and_then(|s| s.checkpoint.deadline) else {
+                    continue;
+                };
+                if now < deadline.saturating_add(limits.grace_ms.saturating_mul(2)) {
                     continue;
                 }
                 let tag = format!(
