@@ -15,8 +15,9 @@
 //! gateway records each connection in the store (`agent_connection`, counted only while its
 //! controller renews), the lease holder hands the hosts connected elsewhere to their
 //! controllers (`engine/handover.rs`), which run them and record them; news of handovers and
-//! terminations wakes [`Membership::run`], news of revocations and rule changes wakes
-//! [`follow_trust`]. Heartbeats, leases and handovers read the database's clock.
+//! terminations wakes the task [`Membership::run`] follows it in (apart from the renewals, which
+//! never wait behind it), news of revocations and rule changes wakes [`follow_trust`].
+//! Heartbeats, leases and handovers read the database's clock, never a controller's own.
 //!
 //! Only with a `[cluster]` section (PostgreSQL only): without one, a controller is alone on its
 //! database, holds it exclusively and takes no leases, as on SQLite.
