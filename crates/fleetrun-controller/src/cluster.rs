@@ -276,7 +276,7 @@ impl Membership {
 
     /// Renews the heartbeat and the leases, and takes up the jobs of controllers that stopped
     /// renewing, every third of a lease, until `shutdown`. News is acted on in a task of its
-    /// own ([`Membership::follow_news`]): however slow that work, renewal does not wait behind
+    /// own (`Membership::follow_news`): however slow that work, renewal does not wait behind
     /// it and lets no lease expire.
     pub async fn run(self, engine: Engine, shutdown: CancellationToken) {
         let period = self.lease / 3;
