@@ -144,6 +144,12 @@ fn main() -> Result<()> {
                 controllers <= 1 || database.is_some(),
                 "several controllers share a PostgreSQL database: give --database postgres"
             );
+            // The single-controller scenarios run on SQLite: a database given would be ignored.
+            anyhow::ensure!(
+                controllers > 1 || database.is_none(),
+                "--database is for several controllers: give --controllers 2 or more, or no \
+                 --database (one controller runs on SQLite)"
+            );
             runtime.block_on(xtask::e2e::run(&xtask::e2e::E2eOptions {
                 hosts,
                 release,

@@ -15,8 +15,9 @@
 //! gateway records each connection in the store (`agent_connection`, counted only while its
 //! controller renews), the lease holder hands the hosts connected elsewhere to their
 //! controllers (`engine/handover.rs`), which run them and record them; news of handovers and
-//! terminations wakes [`Membership::run`], news of revocations and rule changes wakes
-//! [`follow_trust`]. Heartbeats, leases and handovers read the database's clock.
+//! terminations wakes the task [`Membership::run`] follows it in (apart from the renewals, which
+//! never wait behind it), news of revocations and rule changes wakes [`follow_trust`].
+//! Heartbeats, leases and handovers read the database's clock, never a controller's own.
 //!
 //! Only with a `[cluster]` section (PostgreSQL only): without one, a controller is alone on its
 //! database, holds it exclusively and takes no leases, as on SQLite.
@@ -124,27 +125,21 @@ impl Membership {
     }
 
     /// The database's clock: every controller reads the same one, so heartbeats, leases and
-    /// handovers compare across machines whatever their own clocks say. This machine's clock
-    /// only while the database cannot say (the statement that follows fails too, most likely).
-    pub(crate) async fn now(&self) -> i64 {
-        match self.store.database_now_ms().await {
-            Ok(now) => now,
-            Err(e) => {
-                tracing::warn!("cannot read the database's clock: {e}");
-                crate::now_ms()
-            }
-        }
+    /// handovers compare across machines whatever their own clocks say. A database that cannot
+    /// say fails the caller: this machine's clock is never put in its place.
+    pub(crate) async fn now(&self) -> Result<i64, fleetrun_store::StoreError> {
+        self.store.database_now_ms().await
     }
 
     /// A controller that renewed at or after this (the database's clock) is alive.
-    pub(crate) async fn alive_since(&self) -> i64 {
-        self.now().await - self.lease_ms()
+    pub(crate) async fn alive_since(&self) -> Result<i64, fleetrun_store::StoreError> {
+        Ok(self.now().await? - self.lease_ms())
     }
 
     /// Registers this controller with its addresses.
     pub async fn register(&self, api_url: &str, agent_addr: &str) -> anyhow::Result<()> {
         self.store
-            .register_controller(&self.name, api_url, agent_addr, self.now().await)
+            .register_controller(&self.name, api_url, agent_addr, self.now().await?)
             .await?;
         // Nothing is connected to this controller yet, whatever an earlier run recorded.
         self.store.forget_agent_connections_of(&self.name).await?;
@@ -153,7 +148,7 @@ impl Membership {
 
     /// Whether another controller renewed within a lease's length.
     pub async fn others_alive(&self) -> anyhow::Result<bool> {
-        let now = self.now().await;
+        let now = self.now().await?;
         Ok(self
             .store
             .controllers()
@@ -169,12 +164,13 @@ impl Membership {
         let _ops = self.ops.lock().await;
         let mut attempt = 0u64;
         loop {
-            let now = self.now().await;
-            match self
-                .store
-                .take_job_lease(job_instance_id, &self.name, now, now + self.lease_ms())
-                .await
-            {
+            let taken = async {
+                let now = self.now().await?;
+                self.store
+                    .take_job_lease(job_instance_id, &self.name, now, now + self.lease_ms())
+                    .await
+            };
+            match taken.await {
                 Ok(taken) => {
                     if taken {
                         self.held.lock().unwrap().insert(job_instance_id);
@@ -204,6 +200,19 @@ impl Membership {
         }
     }
 
+    /// Gives up the lease of a job taken up here that ended at its take-up (nothing left to
+    /// run): its handovers and termination request are forgotten first, so that none outlives
+    /// the job into a retry of it.
+    pub async fn release_ended(&self, job_instance_id: i64) {
+        if let Err(e) = self.store.forget_handovers(job_instance_id).await {
+            tracing::warn!(
+                job = job_instance_id,
+                "cannot forget the job's handovers: {e}"
+            );
+        }
+        self.release(job_instance_id, || false).await;
+    }
+
     /// Gives the job's lease up once its end (or pause) is committed, unless a new run of it
     /// started here meanwhile (`running_here`, asked under the lease lock).
     pub async fn release(&self, job_instance_id: i64, running_here: impl Fn() -> bool) {
@@ -225,7 +234,7 @@ impl Membership {
     /// Takes the leases of the jobs nobody holds (with `own`, at start, this name's too);
     /// returns them.
     pub async fn take_orphans(&self, own: bool) -> anyhow::Result<Vec<i64>> {
-        let now = self.now().await;
+        let now = self.now().await?;
         let _ops = self.ops.lock().await;
         let taken = self
             .store
@@ -246,7 +255,7 @@ impl Membership {
     /// and no longer holds (another controller took them after they expired).
     async fn renew(&self) -> Result<Vec<i64>, fleetrun_store::StoreError> {
         let _ops = self.ops.lock().await;
-        let now = self.now().await;
+        let now = self.now().await?;
         let renewed: std::collections::HashSet<i64> = self
             .store
             .renew_controller(&self.name, now, now + self.lease_ms())
@@ -266,23 +275,48 @@ impl Membership {
     }
 
     /// Renews the heartbeat and the leases, and takes up the jobs of controllers that stopped
-    /// renewing, every third of a lease, until `shutdown`.
+    /// renewing, every third of a lease, until `shutdown`. News is acted on in a task of its
+    /// own (`Membership::follow_news`): however slow that work, renewal does not wait behind
+    /// it and lets no lease expire.
     pub async fn run(self, engine: Engine, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(self.lease / 3);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let period = self.lease / 3;
+        let news = tokio::spawn(Self::follow_news(
+            self.store.clone(),
+            engine.clone(),
+            period,
+            shutdown.clone(),
+        ));
+        self.renew_until(engine, period, shutdown).await;
+        let _ = news.await;
+    }
+
+    /// Hosts handed here, terminations asked elsewhere, tasks taken over elsewhere: acted on at
+    /// once on news, and every `period` for news lost while the listener reconnected.
+    async fn follow_news(
+        store: Store,
+        engine: Engine,
+        period: Duration,
+        shutdown: CancellationToken,
+    ) {
         loop {
-            let news = tokio::select! {
+            tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = tick.tick() => false,
-                () = self.store.cluster_news() => true,
-            };
-            // Hosts handed here, terminations asked elsewhere, tasks taken over elsewhere: at
-            // once on news, and at every tick for news lost while the listener reconnected.
+                () = tokio::time::sleep(period) => {}
+                () = store.cluster_news() => {}
+            }
             engine.take_handed().await;
             engine.act_on_cancels().await;
             engine.release_moved().await;
-            if news {
-                continue;
+        }
+    }
+
+    async fn renew_until(&self, engine: Engine, period: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
             }
             let lost = match self.renew().await {
                 Ok(lost) => lost,
@@ -324,7 +358,7 @@ impl Membership {
                         if let Some(callbacks) = engine.callbacks() {
                             callbacks.job_ended(job);
                         }
-                        self.release(job, || false).await;
+                        self.release_ended(job).await;
                     }
                 }
                 Err(e) => tracing::error!("cannot take up jobs: {e:#}"),
@@ -348,21 +382,15 @@ pub async fn follow_trust(shared: std::sync::Arc<crate::Shared>, shutdown: Cance
             _ = tick.tick() => {}
             () = shared.store.trust_news() => {}
         }
+        // Changes here after this are kept whatever the copy read next says.
+        let seen = shared.agents.revocations_seen();
         match shared.store.revoked_agents().await {
             Ok(revoked) => {
                 let revoked: std::collections::HashSet<String> =
                     revoked.into_iter().map(|r| r.agent_id).collect();
-                for agent_id in &revoked {
-                    if !shared.agents.is_revoked(agent_id) {
-                        let closed = shared.agents.revoke(agent_id);
-                        tracing::warn!(
-                            agent_id,
-                            closed,
-                            "agent revoked through another controller"
-                        );
-                    }
+                for (agent_id, closed) in shared.agents.merge_revoked(&revoked, seen) {
+                    tracing::warn!(agent_id, closed, "agent revoked through another controller");
                 }
-                shared.agents.set_revoked(revoked);
             }
             Err(e) => tracing::warn!("cannot read the revoked agents again: {e}"),
         }

@@ -564,6 +564,20 @@ impl Engine {
         true
     }
 
+    /// Forgets whatever handovers and termination request an earlier run of the job left (an
+    /// end that could not forget them, or was another controller's): before a retry commits,
+    /// so a new run of the step is neither terminated by an old request nor has its hosts
+    /// taken for the old run's.
+    pub(crate) async fn forget_earlier_run(
+        &self,
+        job_instance_id: i64,
+    ) -> Result<(), fleetrun_store::StoreError> {
+        if self.membership.is_none() {
+            return Ok(());
+        }
+        self.store.forget_handovers(job_instance_id).await
+    }
+
     /// Forgets the job's handovers and termination request once its run here ended (unless
     /// another controller took it up meanwhile: they are that one's now).
     async fn forget_handovers(&self, job_instance_id: i64) {
@@ -1061,16 +1075,32 @@ impl Engine {
     ) -> Result<bool, String> {
         let job_instance_id = held.job_instance_id;
         if self.running.lock().unwrap().contains_key(&job_instance_id) {
-            // A take-up under way holds the lock until it has registered the job's claims.
-            drop(self.taking_up.lock().await);
-            if self.membership.is_none() || self.claims.lock().unwrap().get(&held.task_id).is_some()
+            // A take-up under way holds the lock until it has registered the job's claims; held
+            // across a host's take-up, so two claims to one task run it once.
+            let taking_up = self.taking_up.lock().await;
+            let Some(membership) = &self.membership else {
+                return Ok(true);
+            };
+            if self.claims.lock().unwrap().get(&held.task_id).is_some() {
+                return Ok(true);
+            }
+            // A task of a job run here that no run here follows. Only a host handed to another
+            // controller (alive or not) whose agent came here is taken up; a host this
+            // controller runs lets its claim go before its end is recorded, and a claim in
+            // between is refused, not run a second time.
+            let handover = self.current_handover(bk_host_id, held).await?;
+            if handover
+                .as_ref()
+                .is_none_or(|h| h.controller == membership.name())
             {
                 return Ok(true);
             }
-            // A task of a job run here that no run here follows: a host handed to a controller
-            // that stopped, whose agent came here.
             self.store_wants(bk_host_id, agent_id, held).await?;
-            return self.take_up_handed(bk_host_id, agent_id, held).await;
+            let taken = self
+                .take_up_handed(bk_host_id, agent_id, held, handover)
+                .await;
+            drop(taking_up);
+            return taken;
         }
         let looked_up = async {
             self.store
@@ -1092,6 +1122,10 @@ impl Engine {
         // One take-up at a time: a second claim to the job waits here until the first has
         // registered the job's claims, then finds the job running.
         let _taking_up = self.taking_up.lock().await;
+        // A claim to the same task taken up as a part while this one waited.
+        if self.claims.lock().unwrap().get(&held.task_id).is_some() {
+            return Ok(true);
+        }
         let cancel = CancellationToken::new();
         {
             let mut running = self.running.lock().unwrap();
@@ -1105,7 +1139,10 @@ impl Engine {
         // taken over, and run here as a part of the job.
         if !self.take_lease(job_instance_id).await {
             self.running.lock().unwrap().remove(&job_instance_id);
-            return self.take_up_handed(bk_host_id, agent_id, held).await;
+            let handover = self.current_handover(bk_host_id, held).await?;
+            return self
+                .take_up_handed(bk_host_id, agent_id, held, handover)
+                .await;
         }
         let job = self
             .store
@@ -1429,8 +1466,13 @@ impl Engine {
         if self.is_abandoned(job_instance_id) {
             return;
         }
+        self.record_part(job_instance_id, write).await;
+    }
+
+    /// Records a write of a host run here as a part of the job, whoever holds its lease.
+    async fn record_part(&self, job_instance_id: i64, write: Write) {
         if let Err(e) = self.store.record(write).await {
-            tracing::error!("cannot record job progress: {e}");
+            tracing::error!(job = job_instance_id, "cannot record job progress: {e}");
         }
     }
 }

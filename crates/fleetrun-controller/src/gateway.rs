@@ -72,11 +72,39 @@ struct Links {
     /// Kept under the same lock as the links, so that an agent revoked while it registers
     /// either never gets a link or has it closed by the revocation.
     revoked: HashSet<String>,
+    /// Counts revocations changed here, so that a copy of the store's read meanwhile does not
+    /// undo them ([`Agents::merge_revoked`]).
+    generation: u64,
+    /// The agents whose revocation changed here: at which generation it was stored
+    /// ([`PENDING`] until then, and for good if the store refused it).
+    changed: HashMap<String, u64>,
 }
+
+/// A revocation changed here and not yet stored: no copy of the store's undoes it.
+const PENDING: u64 = u64::MAX;
 
 /// The agent is revoked.
 #[derive(Debug)]
 struct Revoked;
+
+impl Links {
+    /// Refuses the agent and closes its connections; returns how many it closed.
+    fn revoke(&mut self, agent_id: &str) -> usize {
+        self.revoked.insert(agent_id.to_owned());
+        let mut closed = 0;
+        for link in self.by_host.values().filter(|l| l.agent_id == agent_id) {
+            link.connection
+                .close(close_code::REVOKED.into(), REVOKED_REASON);
+            closed += 1;
+        }
+        closed
+    }
+
+    fn note_change(&mut self, agent_id: &str) {
+        self.generation += 1;
+        self.changed.insert(agent_id.to_owned(), self.generation);
+    }
+}
 
 impl Agents {
     pub fn get(&self, bk_host_id: i64) -> Option<AgentLink> {
@@ -97,21 +125,62 @@ impl Agents {
     }
 
     /// Refuses the agent from now on and closes its connections; returns how many it closed.
+    /// Until [`Agents::revocation_stored`], no copy of the store's revocations lifts it.
     pub fn revoke(&self, agent_id: &str) -> usize {
         let mut links = self.links.write().unwrap();
-        links.revoked.insert(agent_id.to_owned());
-        let mut closed = 0;
-        for link in links.by_host.values().filter(|l| l.agent_id == agent_id) {
-            link.connection
-                .close(close_code::REVOKED.into(), REVOKED_REASON);
-            closed += 1;
-        }
-        closed
+        links.changed.insert(agent_id.to_owned(), PENDING);
+        links.revoke(agent_id)
     }
 
-    /// Lets the agent connect again.
+    /// The agent's revocation is stored: a copy of the store's read from now on shows it.
+    pub fn revocation_stored(&self, agent_id: &str) {
+        self.links.write().unwrap().note_change(agent_id);
+    }
+
+    /// Lets the agent connect again (its revocation lifted in the store already).
     pub fn unrevoke(&self, agent_id: &str) {
-        self.links.write().unwrap().revoked.remove(agent_id);
+        let mut links = self.links.write().unwrap();
+        links.revoked.remove(agent_id);
+        links.note_change(agent_id);
+    }
+
+    /// Where revocations changed here stand: given to [`Agents::merge_revoked`] with a copy of
+    /// the store's revocations read after this.
+    pub fn revocations_seen(&self) -> u64 {
+        self.links.read().unwrap().generation
+    }
+
+    /// Makes the revocations here the store's `stored` (read after `seen`, from
+    /// [`Agents::revocations_seen`]), except for the agents whose revocation changed here
+    /// since, or is not stored yet: the copy may predate them. Closes the connections of the
+    /// agents newly revoked; returns them, with how many connections each had.
+    pub fn merge_revoked(&self, stored: &HashSet<String>, seen: u64) -> Vec<(String, usize)> {
+        let mut links = self.links.write().unwrap();
+        let kept: HashSet<String> = links
+            .changed
+            .iter()
+            .filter(|(_, generation)| **generation > seen)
+            .map(|(agent_id, _)| agent_id.clone())
+            .collect();
+        let lifted: Vec<String> = links
+            .revoked
+            .iter()
+            .filter(|a| !stored.contains(*a) && !kept.contains(*a))
+            .cloned()
+            .collect();
+        for agent_id in &lifted {
+            links.revoked.remove(agent_id);
+        }
+        let mut added = Vec::new();
+        for agent_id in stored {
+            if !links.revoked.contains(agent_id) && !kept.contains(agent_id) {
+                let closed = links.revoke(agent_id);
+                added.push((agent_id.clone(), closed));
+            }
+        }
+        // Changes the store showed when the copy was read need no keeping any more.
+        links.changed.retain(|_, generation| *generation > seen);
+        added
     }
 
     /// Makes `link` the host's live connection, unless its agent is revoked; returns the link it
@@ -756,6 +825,44 @@ async fn refuse(send: &mut quinn::SendStream, connection: &quinn::Connection, re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn revoked(agents: &Agents, ids: &[&str]) -> bool {
+        ids.iter().all(|a| agents.is_revoked(a))
+    }
+
+    #[test]
+    fn a_copy_of_the_stores_revocations_read_before_a_change_here_does_not_undo_it() {
+        let agents = Agents::default();
+        let set = |ids: &[&str]| -> HashSet<String> { ids.iter().map(|a| a.to_string()).collect() };
+        agents.set_revoked(set(&["old", "lifted-elsewhere"]));
+        // A copy read before "new" was revoked here (not stored yet, then stored) and "old"
+        // lifted here: neither change is undone, the others' changes are taken.
+        let seen = agents.revocations_seen();
+        agents.revoke("new");
+        let stale = set(&["old", "elsewhere"]);
+        agents.unrevoke("old");
+        let added = agents.merge_revoked(&stale, seen);
+        assert_eq!(added, [("elsewhere".to_owned(), 0)]);
+        assert!(revoked(&agents, &["new", "elsewhere"]));
+        assert!(!agents.is_revoked("old") && !agents.is_revoked("lifted-elsewhere"));
+        // Still not stored: a copy read later does not lift it either.
+        let seen = agents.revocations_seen();
+        agents.merge_revoked(&set(&["elsewhere"]), seen);
+        assert!(agents.is_revoked("new"));
+        // Stored: a copy read before that still keeps it; one read after rules.
+        let seen = agents.revocations_seen();
+        agents.revocation_stored("new");
+        agents.merge_revoked(&set(&["elsewhere"]), seen);
+        assert!(agents.is_revoked("new"));
+        let seen = agents.revocations_seen();
+        agents.merge_revoked(&set(&["elsewhere", "new"]), seen);
+        assert!(revoked(&agents, &["new", "elsewhere"]));
+        // Lifted through another controller later: the next copy lifts it here.
+        let seen = agents.revocations_seen();
+        agents.merge_revoked(&set(&["elsewhere"]), seen);
+        assert!(!agents.is_revoked("new"));
+        assert!(agents.links.read().unwrap().changed.is_empty());
+    }
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()

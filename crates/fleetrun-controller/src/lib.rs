@@ -132,7 +132,7 @@ impl Controller {
         let (resumable, ended) = take_up_unfinished(&store, taken.as_deref()).await?;
         if let Some(membership) = &membership {
             for job in &ended {
-                membership.release(*job, || false).await;
+                membership.release_ended(*job).await;
             }
         }
 

@@ -289,31 +289,12 @@ impl Store {
         }))
     }
 
-    /// The hosts of the step handed to a controller other than `except` that renewed its
-    /// heartbeat at or after `alive_since`: a controller taking the job up leaves them to it.
-    pub async fn handed_elsewhere(
-        &self,
-        step_instance_id: i64,
-        except: &str,
-        alive_since: i64,
-    ) -> Result<Vec<i64>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT h.bk_host_id FROM task_handover h JOIN controller c ON c.name = h.controller
-             WHERE h.step_instance_id = $1 AND h.controller <> $2 AND c.heartbeat_at >= $3
-             ORDER BY h.bk_host_id",
-        )
-        .bind(step_instance_id)
-        .bind(except)
-        .bind(alive_since)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
-    }
-
     /// Makes (step, host) `controller`'s, taken: its agent claimed the task there, or its job's
-    /// lease holder redelivers or ends it. With `from`, only if the handover is still that
-    /// controller's (one of several controllers doing so wins); without, whoever held it.
-    /// Announced; false if `from` no longer held it.
+    /// lease holder redelivers or ends it. Only while the host's status is one of
+    /// `unfinished_host_statuses` and the handover is still `from`'s (`None`: the host was
+    /// never handed, its lease holder runs it): one conditional statement, so of several
+    /// controllers doing so one wins, and none takes a host that ended. Announced; false if
+    /// not taken.
     pub async fn take_over_handover(
         &self,
         job_instance_id: i64,
@@ -321,43 +302,44 @@ impl Store {
         bk_host_id: i64,
         controller: &str,
         from: Option<&str>,
+        unfinished_host_statuses: &[i32],
     ) -> Result<bool, StoreError> {
+        if unfinished_host_statuses.is_empty() {
+            return Ok(false);
+        }
         let now = self.dialect.now_ms();
+        let unfinished = format!(
+            "EXISTS (SELECT 1 FROM host_result r WHERE r.step_instance_id = $2
+                 AND r.bk_host_id = $3 AND r.status IN ({}))",
+            crate::join_ints(unfinished_host_statuses)
+        );
+        let statement = match from {
+            Some(_) => format!(
+                "UPDATE task_handover SET controller = $1, taken = 1, handed_at = {now}
+                 WHERE step_instance_id = $2 AND bk_host_id = $3 AND controller = $4
+                   AND {unfinished}"
+            ),
+            None => format!(
+                "INSERT INTO task_handover (controller, step_instance_id, bk_host_id,
+                     job_instance_id, taken, handed_at)
+                 SELECT $1, $2, $3, $4, 1, {now} WHERE {unfinished}
+                 ON CONFLICT (step_instance_id, bk_host_id) DO NOTHING"
+            ),
+        };
         let moved = async {
             let mut tx = self.pool.begin().await?;
+            let query = sqlx::query(&statement)
+                .bind(controller)
+                .bind(step_instance_id)
+                .bind(bk_host_id);
             let moved = match from {
-                Some(from) => {
-                    sqlx::query(&format!(
-                        "UPDATE task_handover SET controller = $1, taken = 1, handed_at = {now}
-                         WHERE step_instance_id = $2 AND bk_host_id = $3 AND controller = $4"
-                    ))
-                    .bind(controller)
-                    .bind(step_instance_id)
-                    .bind(bk_host_id)
-                    .bind(from)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected()
-                        == 1
-                }
-                None => {
-                    sqlx::query(&format!(
-                        "INSERT INTO task_handover (step_instance_id, bk_host_id,
-                             job_instance_id, controller, taken, handed_at)
-                         VALUES ($1, $2, $3, $4, 1, {now})
-                         ON CONFLICT (step_instance_id, bk_host_id) DO UPDATE SET
-                             controller = excluded.controller, taken = 1,
-                             handed_at = excluded.handed_at"
-                    ))
-                    .bind(step_instance_id)
-                    .bind(bk_host_id)
-                    .bind(job_instance_id)
-                    .bind(controller)
-                    .execute(&mut *tx)
-                    .await?;
-                    true
-                }
-            };
+                Some(from) => query.bind(from),
+                None => query.bind(job_instance_id),
+            }
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
             if moved {
                 self.announce_news(&mut tx).await?;
             }
@@ -370,6 +352,55 @@ impl Store {
             self.watchers.news().notify_one();
         }
         Ok(moved)
+    }
+
+    /// Undoes a [`Store::take_over_handover`] by `controller` whose take-up then failed: the
+    /// (step, host) goes back to `previous` as it was (or to no handover), if `controller`
+    /// still holds it. Announced.
+    pub async fn give_back_handover(
+        &self,
+        step_instance_id: i64,
+        bk_host_id: i64,
+        controller: &str,
+        previous: Option<&Handover>,
+    ) -> Result<(), StoreError> {
+        let given = async {
+            let mut tx = self.pool.begin().await?;
+            match previous {
+                Some(previous) => {
+                    sqlx::query(&format!(
+                        "UPDATE task_handover SET controller = $1, taken = {taken},
+                             handed_at = $2
+                         WHERE step_instance_id = $3 AND bk_host_id = $4 AND controller = $5",
+                        taken = u8::from(previous.taken)
+                    ))
+                    .bind(previous.controller.as_str())
+                    .bind(previous.handed_at)
+                    .bind(step_instance_id)
+                    .bind(bk_host_id)
+                    .bind(controller)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                None => {
+                    sqlx::query(
+                        "DELETE FROM task_handover
+                         WHERE step_instance_id = $1 AND bk_host_id = $2 AND controller = $3",
+                    )
+                    .bind(step_instance_id)
+                    .bind(bk_host_id)
+                    .bind(controller)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            self.announce_news(&mut tx).await?;
+            tx.commit().await
+        }
+        .await;
+        self.noting_write_failure(given)?;
+        self.watchers.news().notify_one();
+        Ok(())
     }
 
     /// Gives a handed-over (step, host) back to `to`, not taken, if `from` still holds it: its
@@ -673,14 +704,6 @@ mod tests {
                 .unwrap()
                 .alive
         );
-        assert_eq!(
-            store.handed_elsewhere(70, "a", now - 1_000).await.unwrap(),
-            [1, 2, 3]
-        );
-        assert_eq!(
-            store.handed_elsewhere(70, "c", now - 1_000).await.unwrap(),
-            [1, 2]
-        );
         // Redelivered from b to c: only while b holds it.
         assert!(store.hand_over_again(70, 2, "b", "c").await.unwrap());
         assert!(!store.hand_over_again(70, 2, "b", "c").await.unwrap());
@@ -693,19 +716,6 @@ mod tests {
                 .map(|h| h.bk_host_id)
                 .collect::<Vec<_>>(),
             [2, 3]
-        );
-        // Taken over from whoever held it (an agent's claim), or conditionally.
-        assert!(store.take_over_handover(7, 70, 1, "c", None).await.unwrap());
-        assert!(
-            !store
-                .take_over_handover(7, 70, 1, "a", Some("b"))
-                .await
-                .unwrap()
-        );
-        assert!(store.take_over_handover(7, 70, 9, "a", None).await.unwrap());
-        assert_eq!(
-            store.handover(70, 9, 0).await.unwrap().unwrap().controller,
-            "a"
         );
         // Handed again (a retry): not taken until its controller takes it.
         store.hand_over(7, 70, &[(1, "b".into())]).await.unwrap();
@@ -805,7 +815,7 @@ mod tests {
         // Host 2's agent claimed its task at b.
         assert!(
             store
-                .take_over_handover(job, step, 2, "b", None)
+                .take_over_handover(job, step, 2, "b", None, &[0, 5, 7])
                 .await
                 .unwrap()
         );
@@ -859,5 +869,88 @@ mod tests {
         let of_step = store.handovers_of_step(step, 0).await.unwrap();
         assert_eq!(of_step.len(), 1);
         assert_eq!(of_step[&2].controller, "b");
+    }
+
+    #[tokio::test]
+    async fn a_host_is_taken_over_only_from_its_expected_holder_and_only_while_unfinished() {
+        let (_db, store) = crate::test_store().await;
+        alive(&store, "a").await;
+        alive(&store, "b").await;
+        alive(&store, "c").await;
+        let (job, step) = running_job(&store).await;
+        let unfinished = [0, 5, 7];
+        // Never handed: taken over once, by whichever claim comes first.
+        assert!(
+            store
+                .take_over_handover(job, step, 2, "b", None, &unfinished)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .take_over_handover(job, step, 2, "c", None, &unfinished)
+                .await
+                .unwrap()
+        );
+        // From a holder it no longer has: nothing.
+        assert!(
+            !store
+                .take_over_handover(job, step, 2, "c", Some("a"), &unfinished)
+                .await
+                .unwrap()
+        );
+        let before = store.handover(step, 2, 0).await.unwrap().unwrap();
+        assert!(
+            store
+                .take_over_handover(job, step, 2, "c", Some("b"), &unfinished)
+                .await
+                .unwrap()
+        );
+        // c's take-up failed: the host goes back to b as it was, and only from c.
+        store
+            .give_back_handover(step, 2, "a", Some(&before))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .handover(step, 2, 0)
+                .await
+                .unwrap()
+                .unwrap()
+                .controller,
+            "c"
+        );
+        store
+            .give_back_handover(step, 2, "c", Some(&before))
+            .await
+            .unwrap();
+        let after = store.handover(step, 2, 0).await.unwrap().unwrap();
+        assert_eq!(
+            (after.controller.as_str(), after.taken, after.handed_at),
+            ("b", before.taken, before.handed_at)
+        );
+        // A take-over of a host never handed is undone by forgetting it.
+        assert!(
+            store
+                .take_over_handover(job, step, 1, "c", None, &unfinished)
+                .await
+                .unwrap()
+        );
+        store.give_back_handover(step, 1, "c", None).await.unwrap();
+        assert_eq!(store.handover(step, 1, 0).await.unwrap(), None);
+        // A host that ended is taken over by nobody, whoever holds it.
+        assert!(
+            !store
+                .take_over_handover(job, step, 2, "c", Some("b"), &[0, 5])
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .take_over_handover(job, step, 1, "c", None, &[0, 5])
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.handover(step, 1, 0).await.unwrap(), None);
     }
 }

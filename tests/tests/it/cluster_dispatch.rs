@@ -183,5 +183,36 @@ async fn a_revocation_through_one_controller_cuts_the_agent_off_the_other() -> R
         }
     })
     .await?;
+    // It was told why, and each controller it goes back to (it lists both) refuses it: neither
+    // gives it its place back, and it is online through neither.
+    let agent_log = cluster.agents[1].log.clone();
+    eventually(Duration::from_secs(10), "the agent told why", || {
+        let text = std::fs::read_to_string(&agent_log).unwrap_or_default();
+        async move { text.contains("revoked by an operator").then_some(()) }
+    })
+    .await?;
+    let logs = [cluster.controller_log_at(0), log];
+    eventually(Duration::from_secs(20), "its reconnections refused", || {
+        let refused: usize = logs
+            .iter()
+            .map(|log| {
+                std::fs::read_to_string(log)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("refusing a revoked agent") && l.contains(&agent_id))
+                    .count()
+            })
+            .sum();
+        async move { (refused >= 2).then_some(()) }
+    })
+    .await?;
+    for index in 0..2 {
+        let hosts = cluster.client_at(index).hosts().await?;
+        let host = hosts
+            .iter()
+            .find(|h| h["agent_id"] == agent_id.as_str())
+            .context("the revoked agent's host")?;
+        assert_eq!(host["online"], false, "{host}");
+    }
     Ok(())
 }

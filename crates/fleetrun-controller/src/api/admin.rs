@@ -307,6 +307,7 @@ pub async fn revoke_agent(
             );
             error
         })?;
+        agents.revocation_stored(&new.agent_id);
         // The other controllers sharing the database cut it off too, at once.
         if let Err(e) = store.announce_cluster_news().await {
             tracing::warn!("cannot tell the other controllers of the revocation: {e}");

@@ -475,9 +475,10 @@ pub async fn list_hosts(shared: &Shared, caller: &Caller) -> Result<Value, ApiEr
     let elsewhere = match shared.engine.membership() {
         Some(membership) => {
             let ids: Vec<i64> = registered.iter().map(|r| r.bk_host_id).collect();
+            let alive_since = membership.alive_since().await?;
             shared
                 .store
-                .connected_elsewhere(&ids, membership.name(), membership.alive_since().await)
+                .connected_elsewhere(&ids, membership.name(), alive_since)
                 .await?
         }
         None => Default::default(),

@@ -683,6 +683,10 @@ async fn retry(
             ),
         ));
     };
+    shared
+        .engine
+        .forget_earlier_run(job.job_instance_id)
+        .await?;
     let retried = shared
         .store
         .retry_step(

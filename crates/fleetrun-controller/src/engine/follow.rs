@@ -119,6 +119,20 @@ pub(super) struct HostRun {
 }
 
 impl HostRun {
+    /// Records one of the run's writes: a part's always (its lease holder follows the host
+    /// through the store, whoever holds the job's lease now), a lease's own run's only while
+    /// the job is not abandoned here.
+    async fn record(&self, write: Write) {
+        if self
+            .engine
+            .runs_part_host(self.job_instance_id, self.step_instance_id, self.bk_host_id)
+        {
+            self.engine.record_part(self.job_instance_id, write).await;
+        } else {
+            self.engine.write_for(self.job_instance_id, write).await;
+        }
+    }
+
     /// Runs the host's task to a final status and returns it.
     pub async fn run(mut self) -> i32 {
         let identity = TaskIdentity {
@@ -212,16 +226,12 @@ impl HostRun {
         });
         let status = outcome.status;
         crate::metrics::host_finished(status);
-        self.engine
-            .write_for(
-                self.job_instance_id,
-                Write::HostFinished {
-                    step_instance_id: self.step_instance_id,
-                    bk_host_id: self.bk_host_id,
-                    outcome: outcome.into(),
-                },
-            )
-            .await;
+        self.record(Write::HostFinished {
+            step_instance_id: self.step_instance_id,
+            bk_host_id: self.bk_host_id,
+            outcome: outcome.into(),
+        })
+        .await;
         if let Some(Attached { mut send, .. }) = last_stream {
             // The agent forgets the task once the result is committed: until then it keeps it,
             // and a restarted controller could still take it.
@@ -600,30 +610,22 @@ impl HostRun {
             match action {
                 Action::Log { offset, data } => {
                     metrics::counter!("fleetrun_output_bytes_total").increment(data.len() as u64);
-                    self.engine
-                        .write_for(
-                            self.job_instance_id,
-                            Write::HostLog {
-                                step_instance_id: self.step_instance_id,
-                                bk_host_id: self.bk_host_id,
-                                offset,
-                                data,
-                            },
-                        )
-                        .await;
+                    self.record(Write::HostLog {
+                        step_instance_id: self.step_instance_id,
+                        bk_host_id: self.bk_host_id,
+                        offset,
+                        data,
+                    })
+                    .await;
                 }
                 Action::Running { start_time } => {
-                    self.engine
-                        .write_for(
-                            self.job_instance_id,
-                            Write::HostStatus {
-                                step_instance_id: self.step_instance_id,
-                                bk_host_id: self.bk_host_id,
-                                status: host::RUNNING,
-                                start_time: Some(start_time),
-                            },
-                        )
-                        .await;
+                    self.record(Write::HostStatus {
+                        step_instance_id: self.step_instance_id,
+                        bk_host_id: self.bk_host_id,
+                        status: host::RUNNING,
+                        start_time: Some(start_time),
+                    })
+                    .await;
                 }
                 Action::SendCancel => {
                     let Some(attached) = stream.as_mut() else {

@@ -33,8 +33,8 @@ const HANDED_POLL: Duration = Duration::from_secs(1);
 const HANDED_MIN_READ: Duration = Duration::from_millis(100);
 
 /// The parts of jobs this controller runs for other controllers' leases: each job's cancel
-/// token and how many of its hosts run here.
-pub(super) type Parts = std::sync::Mutex<HashMap<i64, (CancellationToken, usize)>>;
+/// token and the (step, host) of each of its runs here, until its end is queued.
+pub(super) type Parts = std::sync::Mutex<HashMap<i64, (CancellationToken, Vec<(i64, i64)>)>>;
 
 impl Engine {
     /// The cluster membership, with controllers sharing the database.
@@ -61,7 +61,17 @@ impl Engine {
         if away.is_empty() {
             return HashSet::new();
         }
-        let alive_since = membership.alive_since().await;
+        let alive_since = match membership.alive_since().await {
+            Ok(alive_since) => alive_since,
+            Err(e) => {
+                // Not handed: followed here, they end 310 (offline here), as without a cluster.
+                tracing::error!(
+                    job = job_instance_id,
+                    "cannot read the database's clock: {e}"
+                );
+                return HashSet::new();
+            }
+        };
         let elsewhere = match self
             .store
             .connected_elsewhere(&away, membership.name(), alive_since)
@@ -195,7 +205,16 @@ impl Engine {
         let Some(membership) = &self.membership else {
             return;
         };
-        let alive_since = membership.alive_since().await;
+        let alive_since = match membership.alive_since().await {
+            Ok(alive_since) => alive_since,
+            Err(e) => {
+                tracing::warn!(
+                    job = job_instance_id,
+                    "cannot read the database's clock: {e}"
+                );
+                return;
+            }
+        };
         let handovers = match self
             .store
             .handovers_of_step(step_instance_id, alive_since)
@@ -214,15 +233,53 @@ impl Engine {
             }
             // This controller's own part is as alive as this controller, while it runs.
             let alive = if handover.controller == me {
-                !handover.taken || self.runs_part(job_instance_id)
+                !handover.taken
+                    || self.runs_part_host(job_instance_id, step_instance_id, *bk_host_id)
             } else {
                 handover.alive
             };
+            let now = now_ms();
             if alive {
                 orphaned.remove(bk_host_id);
+                // A live holder ends the host by its deadline itself; one that does not (stalled,
+                // or its run lost) has it ended here later, whatever its heartbeat says. The task
+                // started after it was handed: nothing to read before this.
+                let backstop = handover
+                    .handed_at
+                    .saturating_add(limits.timeout_ms)
+                    .saturating_add(limits.grace_ms.saturating_mul(2));
+                if now < backstop {
+                    continue;
+                }
+                let stored = self
+                    .store
+                    .stored_task(step_instance_id, *bk_host_id)
+                    .await
+                    .ok()
+                    .flatten();
+                // A task not started (queued behind the agent's other tasks) has no deadline:
+                // no bound on its wait while its holder lives, as for a host run here.
+                let Some(deadline) = stored.and_then(|s| s.checkpoint.deadline) else {
+                    continue;
+                };
+                if now < deadline.saturating_add(limits.grace_ms.saturating_mul(2)) {
+                    continue;
+                }
+                let tag = format!(
+                    "controller {} holding the host did not record its end by the task's deadline",
+                    handover.controller
+                );
+                self.end_handed_host(
+                    job_instance_id,
+                    step_instance_id,
+                    *bk_host_id,
+                    handover,
+                    tag,
+                    pending,
+                )
+                .await;
                 continue;
             }
-            let now = now_ms();
             let first_seen = *orphaned.entry(*bk_host_id).or_insert(now);
             let stored = self
                 .store
@@ -275,47 +332,74 @@ impl Engine {
                 continue;
             }
             // Its agent did not come back: the host ends here, once.
-            match self
-                .store
-                .take_over_handover(
-                    job_instance_id,
-                    step_instance_id,
-                    *bk_host_id,
-                    me,
-                    Some(&handover.controller),
-                )
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(e) => {
-                    tracing::warn!(job = job_instance_id, "cannot take the host over: {e}");
-                    continue;
-                }
-            }
             let tag = format!(
                 "controller {} holding the agent's connection stopped, and the agent did not come \
                  back before the task's deadline",
                 handover.controller
             );
-            tracing::warn!(job = job_instance_id, bk_host_id, "{tag}");
-            self.write_for(
+            self.end_handed_host(
                 job_instance_id,
-                Write::HostFinished {
-                    step_instance_id,
-                    bk_host_id: *bk_host_id,
-                    outcome: HostOutcome {
-                        status: host::AGENT_ABNORMAL,
-                        tag,
-                        end_time: now_ms(),
-                        ..HostOutcome::default()
-                    },
-                },
+                step_instance_id,
+                *bk_host_id,
+                handover,
+                tag,
+                pending,
             )
             .await;
-            if let Some(tx) = pending.remove(bk_host_id) {
-                let _ = tx.send(host::AGENT_ABNORMAL);
+        }
+    }
+
+    /// Ends a handed host 310 here, once: only if its holder still holds it and it is
+    /// unfinished (one conditional take-over, so neither another controller nor its holder's
+    /// late end is written over).
+    async fn end_handed_host(
+        &self,
+        job_instance_id: i64,
+        step_instance_id: i64,
+        bk_host_id: i64,
+        handover: &fleetrun_store::Handover,
+        tag: String,
+        pending: &mut HashMap<i64, oneshot::Sender<i32>>,
+    ) {
+        let Some(membership) = &self.membership else {
+            return;
+        };
+        match self
+            .store
+            .take_over_handover(
+                job_instance_id,
+                step_instance_id,
+                bk_host_id,
+                membership.name(),
+                Some(&handover.controller),
+                host::UNFINISHED,
+            )
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(job = job_instance_id, "cannot take the host over: {e}");
+                return;
             }
+        }
+        tracing::warn!(job = job_instance_id, bk_host_id, "{tag}");
+        self.write_for(
+            job_instance_id,
+            Write::HostFinished {
+                step_instance_id,
+                bk_host_id,
+                outcome: HostOutcome {
+                    status: host::AGENT_ABNORMAL,
+                    tag,
+                    end_time: now_ms(),
+                    ..HostOutcome::default()
+                },
+            },
+        )
+        .await;
+        if let Some(tx) = pending.remove(&bk_host_id) {
+            let _ = tx.send(host::AGENT_ABNORMAL);
         }
     }
 
@@ -347,36 +431,77 @@ impl Engine {
         )
     }
 
-    /// Whether a part of the job runs here.
-    fn runs_part(&self, job_instance_id: i64) -> bool {
-        self.parts.lock().unwrap().contains_key(&job_instance_id)
+    /// Whether a run of the (step, host) as a part of the job is under way here (its end not
+    /// queued yet, though it may have let its claim go).
+    pub(super) fn runs_part_host(
+        &self,
+        job_instance_id: i64,
+        step_instance_id: i64,
+        bk_host_id: i64,
+    ) -> bool {
+        self.parts
+            .lock()
+            .unwrap()
+            .get(&job_instance_id)
+            .is_some_and(|(_, hosts)| hosts.contains(&(step_instance_id, bk_host_id)))
     }
 
     /// A place among the job's parts here, for one host; its cancel token.
-    fn enter_part(&self, job_instance_id: i64) -> CancellationToken {
+    fn enter_part(
+        &self,
+        job_instance_id: i64,
+        step_instance_id: i64,
+        bk_host_id: i64,
+    ) -> CancellationToken {
         let mut parts = self.parts.lock().unwrap();
-        let (cancel, count) = parts.entry(job_instance_id).or_default();
-        *count += 1;
+        let (cancel, hosts) = parts.entry(job_instance_id).or_default();
+        hosts.push((step_instance_id, bk_host_id));
         cancel.clone()
     }
 
-    fn leave_part(&self, job_instance_id: i64) {
+    fn leave_part(&self, job_instance_id: i64, step_instance_id: i64, bk_host_id: i64) {
         let mut parts = self.parts.lock().unwrap();
-        if let Some((_, count)) = parts.get_mut(&job_instance_id) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some((_, hosts)) = parts.get_mut(&job_instance_id) {
+            if let Some(at) = hosts
+                .iter()
+                .position(|h| *h == (step_instance_id, bk_host_id))
+            {
+                hosts.swap_remove(at);
+            }
+            if hosts.is_empty() {
                 parts.remove(&job_instance_id);
             }
         }
     }
 
-    /// Runs one host of a part in the background, and gives its place up once it ended.
+    /// Runs one host of a part in the background, and gives its place up once it ended. A run
+    /// that dies before recording a final status has one recorded for it, so the lease holder
+    /// following the host through the store is not left waiting.
     fn spawn_part(&self, run: HostRun) {
         let engine = self.clone();
-        let job_instance_id = run.job_instance_id;
+        let (job_instance_id, step_instance_id, bk_host_id) =
+            (run.job_instance_id, run.step_instance_id, run.bk_host_id);
         tokio::spawn(async move {
-            run.run().await;
-            engine.leave_part(job_instance_id);
+            if let Err(e) = tokio::spawn(run.run()).await {
+                tracing::error!(job = job_instance_id, bk_host_id, "host task failed: {e}");
+                engine
+                    .record_part(
+                        job_instance_id,
+                        Write::HostFinished {
+                            step_instance_id,
+                            bk_host_id,
+                            outcome: HostOutcome {
+                                status: host::AGENT_TASK_ERROR,
+                                tag: "internal error in the controller while following this host"
+                                    .into(),
+                                end_time: now_ms(),
+                                ..HostOutcome::default()
+                            },
+                        },
+                    )
+                    .await;
+            }
+            engine.leave_part(job_instance_id, step_instance_id, bk_host_id);
         });
     }
 
@@ -444,7 +569,7 @@ impl Engine {
             let limits = self.limits(task.timeout_secs);
             let request = self.encode_request(job_instance_id, step_instance_id, task);
             for bk_host_id in hosts {
-                let cancel = self.enter_part(job_instance_id);
+                let cancel = self.enter_part(job_instance_id, step_instance_id, bk_host_id);
                 if cancelled.contains(&job_instance_id) {
                     cancel.cancel();
                 }
@@ -566,15 +691,32 @@ impl Engine {
         }
     }
 
+    /// The handover of the claimed task's step on the claiming agent's host, if it was handed
+    /// over.
+    pub(super) async fn current_handover(
+        &self,
+        bk_host_id: i64,
+        held: &HeldTask,
+    ) -> Result<Option<fleetrun_store::Handover>, String> {
+        self.store
+            .handover(held.step_instance_id, bk_host_id, 0)
+            .await
+            .map_err(|e| format!("the store cannot say who holds the host: {e}"))
+    }
+
     /// A claim to a task of a job whose lease another controller holds, or of a job run here
-    /// whose task this controller does not follow (handed to a controller that stopped): its
-    /// agent is connected here now, so the host is taken over from whoever held it and run here
-    /// as a part of the job. True once the claim can be routed.
+    /// whose task this controller does not follow (handed to another controller): its agent is
+    /// connected here now, so the host is taken over from `previous` (its handover as read, none
+    /// if never handed) and run here as a part of the job. The take-over is one conditional
+    /// statement: it fails if another controller took the host meanwhile or the host ended;
+    /// a take-up that fails after it gives the host back. True once the claim can be routed.
+    /// The caller holds `taking_up`, so that two claims to one task take it up once.
     pub(super) async fn take_up_handed(
         &self,
         bk_host_id: i64,
         agent_id: &str,
         held: &HeldTask,
+        previous: Option<fleetrun_store::Handover>,
     ) -> Result<bool, String> {
         let Some(membership) = &self.membership else {
             return Err(format!(
@@ -582,8 +724,18 @@ impl Engine {
                 held.job_instance_id
             ));
         };
+        let me = membership.name();
         let job_instance_id = held.job_instance_id;
         let step_instance_id = held.step_instance_id;
+        if self.claims.lock().unwrap().get(&held.task_id).is_some() {
+            return Ok(true);
+        }
+        if previous.as_ref().is_some_and(|h| h.controller == me)
+            && self.runs_part_host(job_instance_id, step_instance_id, bk_host_id)
+        {
+            // Its run here let its claim go and is recording its end: not run twice.
+            return Ok(true);
+        }
         let job = self
             .store
             .job(job_instance_id)
@@ -595,30 +747,56 @@ impl Engine {
             .iter()
             .find(|s| s.step_instance_id == step_instance_id)
             .ok_or("its step is gone")?;
-        self.store
+        let taken = self
+            .store
             .take_over_handover(
                 job_instance_id,
                 step_instance_id,
                 bk_host_id,
-                membership.name(),
-                None,
+                me,
+                previous.as_ref().map(|h| h.controller.as_str()),
+                host::UNFINISHED,
             )
             .await
             .map_err(|e| format!("cannot take the host over: {e}"))?;
-        let mut checkpoint = self
-            .store
-            .take_up_host(step_instance_id, bk_host_id, host::UNFINISHED)
-            .await
-            .map_err(|e| format!("the store cannot give the task: {e}"))?
-            .ok_or("its host ended meanwhile")?;
+        if !taken {
+            return Err("its host ended, or another controller took it over, meanwhile".to_owned());
+        }
+        let taken_up = async {
+            let checkpoint = self
+                .store
+                .take_up_host(step_instance_id, bk_host_id, host::UNFINISHED)
+                .await
+                .map_err(|e| format!("the store cannot give the task: {e}"))?
+                .ok_or("its host ended meanwhile")?;
+            if checkpoint.task_id != held.task_id.to_string() || checkpoint.agent_id != agent_id {
+                return Err("the store has another task out on this host".to_owned());
+            }
+            Ok(checkpoint)
+        }
+        .await;
+        let mut checkpoint = match taken_up {
+            Ok(checkpoint) => checkpoint,
+            Err(why) => {
+                if let Err(e) = self
+                    .store
+                    .give_back_handover(step_instance_id, bk_host_id, me, previous.as_ref())
+                    .await
+                {
+                    tracing::warn!(
+                        job = job_instance_id,
+                        bk_host_id,
+                        "cannot give back a host whose take-up failed: {e}"
+                    );
+                }
+                return Err(why);
+            }
+        };
         let limits = self.limits(u32::try_from(step.timeout).unwrap_or(u32::MAX));
         // The agent went back to the controller that sent the task until the task's deadline,
         // and only then came here: it has a grace from now to deliver what it holds.
         if let Some(deadline) = &mut checkpoint.deadline {
             *deadline = (*deadline).max(now_ms().saturating_add(limits.grace_ms));
-        }
-        if checkpoint.task_id != held.task_id.to_string() || checkpoint.agent_id != agent_id {
-            return Err("the store has another task out on this host".to_owned());
         }
         tracing::info!(
             job = job_instance_id,
@@ -637,7 +815,7 @@ impl Engine {
             },
         );
         self.prepared.lock().unwrap().insert(held.task_id, rx);
-        let cancel = self.enter_part(job_instance_id);
+        let cancel = self.enter_part(job_instance_id, step_instance_id, bk_host_id);
         if [crate::status::job::TERMINATING].contains(&job.status) {
             cancel.cancel();
         }
