@@ -575,26 +575,30 @@ impl Config {
     /// state directory (beside a SQLite database; beside the parameter key file with
     /// PostgreSQL).
     pub fn audit_anchor_file(&self) -> std::path::PathBuf {
-        self.security.audit_anchor_file.clone().unwrap_or_else(|| {
-            match &self.database {
-                fleetrun_store::Database::Sqlite(path) => path.parent().map(ToOwned::to_owned),
-                fleetrun_store::Database::Postgres(_) => {
-                    self.param_key_file().parent().map(ToOwned::to_owned)
-                }
-            }
-            .unwrap_or_else(|| std::path::PathBuf::from("."))
-            .join("audit.head")
-        })
+        self.security
+            .audit_anchor_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir().join("audit.head"))
     }
 
     /// The content store's directory: `files.content_dir`, else `content` in the state directory.
     pub fn content_dir(&self) -> std::path::PathBuf {
-        self.files.content_dir.clone().unwrap_or_else(|| {
-            self.audit_anchor_file()
-                .parent()
-                .unwrap_or(std::path::Path::new("."))
-                .join("content")
-        })
+        self.files
+            .content_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir().join("content"))
+    }
+
+    /// Where the controller keeps what it writes beside its database: the SQLite database's
+    /// directory, or the parameter key file's with PostgreSQL.
+    fn state_dir(&self) -> std::path::PathBuf {
+        match &self.database {
+            fleetrun_store::Database::Sqlite(path) => path.parent().map(ToOwned::to_owned),
+            fleetrun_store::Database::Postgres(_) => {
+                self.param_key_file().parent().map(ToOwned::to_owned)
+            }
+        }
+        .unwrap_or_else(|| std::path::PathBuf::from("."))
     }
 
     /// Reads the secrets given as `*_env` or `*_file` into their keys.
