@@ -803,7 +803,15 @@ async fn a_lying_source_lands_nothing_forged() -> Result<()> {
         &cluster,
         out.path().to_str().unwrap(),
         json!([server_source(
-            &["/srv/a", "/srv/b", "/srv/c", "/srv/d"],
+            &[
+                "/srv/a",
+                "/srv/b",
+                "/srv/c",
+                "/srv/d",
+                "/srv/app.conf",
+                "/srv/f",
+                "/srv/g"
+            ],
             &[liar],
             "root"
         )]),
@@ -820,7 +828,7 @@ async fn a_lying_source_lands_nothing_forged() -> Result<()> {
     let Some(TaskDown::Collect(request)) = recv.recv::<TaskDown>().await? else {
         panic!("expected a source task");
     };
-    assert_eq!(request.paths.len(), 4);
+    assert_eq!(request.paths.len(), 7);
     let sha = |data: &[u8]| {
         let mut hash = [0u8; 32];
         hash.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, data).as_ref());
@@ -855,21 +863,30 @@ async fn a_lying_source_lands_nothing_forged() -> Result<()> {
     let frames = [
         TaskUp::Started { started_at_ms: 0 },
         // More than announced.
-        file(0, "long", 4),
+        file(0, "a", 4),
         chunk(b"12345678", sha(b"12345678")),
         end(0, sha(b"12345678"), 4),
         // A chunk named by another chunk's hash.
-        file(1, "forged", 4),
+        file(1, "b", 4),
         chunk(b"evil", sha(b"good")),
         end(1, sha(b"good"), 4),
         // A whole-file hash that is not the bytes'.
-        file(2, "claimed", 4),
+        file(2, "c", 4),
         chunk(b"abcd", sha(b"abcd")),
         end(2, sha(b"wxyz"), 4),
         // A name that climbs out.
         file(3, "../escape", 1),
         chunk(b"x", sha(b"x")),
         end(3, sha(b"x"), 1),
+        // Asked for /srv/app.conf, it names a file that would land elsewhere under the target.
+        file(4, "cron.d/evil", 4),
+        chunk(b"evil", sha(b"evil")),
+        end(4, sha(b"evil"), 4),
+        // A name far past any path's length, for the controller to hold.
+        file(5, &"f".repeat(5000), 1),
+        chunk(b"f", sha(b"f")),
+        end(5, sha(b"f"), 1),
+        // Nothing at all for /srv/g.
         TaskUp::Finished(TaskResult {
             ending: Ending::Exited { code: 0 },
             started_at_ms: 0,
@@ -899,18 +916,72 @@ async fn a_lying_source_lands_nothing_forged() -> Result<()> {
         .filter(|l| l["mode"] == 0)
         .map(|l| l["log_content"].as_str().unwrap_or_default().to_owned())
         .collect();
-    assert_eq!(uploads.len(), 4, "{uploads:?}");
+    assert_eq!(uploads.len(), 7, "{uploads:?}");
     for reason in [
         "more than the file's size",
         "does not hash",
         "SHA-256 the source reported",
         "not a plain relative name",
+        "\"cron.d/evil\", which /srv/app.conf does not name",
+        "a name of 5000 bytes",
+        "reported nothing for this path",
     ] {
         assert!(
             uploads.iter().any(|l| l.contains(reason)),
             "{reason}: {uploads:?}"
         );
     }
+    // The paths logged are the ones asked for, never the ones the source claimed.
+    assert!(
+        !uploads
+            .iter()
+            .any(|l| l.contains("/srv/4") || l.contains("fffff")),
+        "{uploads:?}"
+    );
     beat.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_account_missing_on_its_host_fails_the_targets() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    let hosts = cluster.host_ids();
+    let inventory = cluster.dir().join("inventory.toml");
+    let mut text = std::fs::read_to_string(&inventory)?;
+    text.push_str(
+        "\n[[account]]\nid = 9\nalias = \"ghost\"\naccount = \"fleetrun-no-such-user\"\nscopes = [\"biz:2\"]\n",
+    );
+    std::fs::write(&inventory, text)?;
+    cluster.client().fleetrun("reload_inventory").await?;
+    let src = scratch("ghost-src");
+    let out = scratch("ghost-out");
+    let good = src.path().join("good.txt");
+    write_file(&good, b"good", 0o644, None);
+    let unread = src.path().join("unread.txt");
+    write_file(&unread, b"unread", 0o644, None);
+    let req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([
+            server_source(&[good.to_str().unwrap()], &[hosts[0]], "root"),
+            server_source(&[unread.to_str().unwrap()], &[hosts[0]], "ghost"),
+        ]),
+        &[hosts[1]],
+        "root",
+    );
+    let (job, step, status) = transfer(&cluster, req).await?;
+    assert_eq!(statuses(&status), vec![202], "{status}");
+    let logs = file_logs(&cluster, job, step, hosts[1]).await?;
+    let failed: Vec<String> = logs
+        .iter()
+        .filter(|l| l["mode"] == 0 && l["status"] != 4)
+        .map(|l| l["log_content"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|l| l.contains("unread.txt") && l.contains("does not exist")),
+        "{logs:?}"
+    );
     Ok(())
 }
