@@ -1005,3 +1005,70 @@ async fn a_source_account_missing_on_its_host_fails_the_targets() -> Result<()> 
     }
     Ok(())
 }
+
+/// Every chunk file under the cluster's content store.
+fn stored_chunks(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(stored_chunks(&path));
+        } else if path
+            .parent()
+            .and_then(Path::parent)
+            .is_some_and(|p| p.ends_with("content/objects"))
+        {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunk_the_controller_cannot_read_ends_the_target_as_a_task_error() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    let hosts = cluster.host_ids();
+    let src_dir = scratch("rotten");
+    let out = scratch("rotten-out");
+    let size = 4 * 1024 * 1024;
+    let src = src_dir.path().join("big");
+    write_file(&src, &pattern(size, 21), 0o644, None);
+    let mut req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(&[src.to_str().unwrap()], &hosts[..1], "root")]),
+        &hosts[1..],
+        "root",
+    );
+    req["download_speed_limit"] = json!(1);
+    let client = cluster.client();
+    let accepted = client.call("fast_transfer_file", req).await?;
+    let job = accepted["job_instance_id"].as_i64().context("job id")?;
+    // Once the source is in the store, its chunks rot: the paced sender meets them.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let chunks = stored_chunks(cluster.dir());
+        if chunks.len() >= 4 {
+            for chunk in chunks {
+                std::fs::write(&chunk, b"rotten")?;
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the source never reached the store"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = client
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(120))
+        .await?;
+    assert_eq!(statuses(&status), vec![399], "{status}");
+    let tag = host_results(&status)[0]["tag"].to_string();
+    assert!(tag.contains("content store"), "{status}");
+    assert!(!out.path().join("big").exists());
+    Ok(())
+}

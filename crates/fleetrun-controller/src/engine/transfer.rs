@@ -710,13 +710,17 @@ impl Engine {
             );
         }
         let (commands, command_rx) = mpsc::unbounded_channel();
+        let (failed, mut chunk_failure) = tokio::sync::oneshot::channel();
         let sender = tokio::spawn(send_chunks(
             send,
             command_rx,
             step.chunks.clone(),
             step.content.clone(),
             step.download_bytes_per_sec,
+            failed,
         ));
+        // Why the controller could not send a chunk: the host's task error, not a termination.
+        let mut send_failure: Option<String> = None;
         let mut recv = FramedRecv::new(recv);
         let grace = self.agent_grace;
         let mut deadline: Option<tokio::time::Instant> = None;
@@ -740,6 +744,13 @@ impl Engine {
                 () = cancel.cancelled(), if !cancel_sent => {
                     cancel_sent = true;
                     let _ = commands.send(Command::Cancel);
+                    let bound = tokio::time::Instant::now() + grace;
+                    deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
+                    continue;
+                }
+                why = &mut chunk_failure, if send_failure.is_none() => {
+                    // The sender has cancelled the agent's task; its result still comes.
+                    send_failure = Some(why.unwrap_or_else(|_| "the chunk sender stopped".into()));
                     let bound = tokio::time::Instant::now() + grace;
                     deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
                     continue;
@@ -819,7 +830,13 @@ impl Engine {
         if let Ok(relayed) = sender.await {
             step.relayed.fetch_add(relayed, Ordering::Relaxed);
         }
-        ended
+        match send_failure {
+            Some(why) if !cancel_sent => (
+                host::AGENT_TASK_ERROR,
+                format!("the controller could not send the files: {why}"),
+            ),
+            _ => ended,
+        }
     }
 }
 
@@ -839,7 +856,9 @@ async fn send_chunks(
     files: Arc<Vec<Vec<Hash>>>,
     content: Arc<ContentStore>,
     rate: u64,
+    failed: tokio::sync::oneshot::Sender<String>,
 ) -> u64 {
+    let mut failed = Some(failed);
     let mut bucket = TokenBucket::new(rate, FILE_CHUNK as u64, tokio::time::Instant::now());
     let mut pending: Option<Command> = None;
     let mut sent = 0u64;
@@ -863,17 +882,29 @@ async fn send_chunks(
                     }
                     let store = content.clone();
                     let hash = *hash;
-                    let data =
-                        match tokio::task::spawn_blocking(move || store.read_chunk(&hash)).await {
-                            Ok(Ok(data)) => data,
-                            Ok(Err(e)) => {
-                                tracing::error!("cannot read a chunk for a transfer: {e}");
-                                // The agent would wait for it: the task is cancelled instead.
-                                let _ = send_frame(&mut send, &TaskDown::Cancel).await;
-                                break;
+                    let read = tokio::task::spawn_blocking(move || store.read_chunk(&hash)).await;
+                    let why = match read {
+                        Ok(Ok(data)) => Ok(data),
+                        Ok(Err(e)) => {
+                            Err(format!("cannot read a chunk from the content store: {e}"))
+                        }
+                        Err(e) => Err(format!(
+                            "reading a chunk from the content store failed: {e}"
+                        )),
+                    };
+                    let data = match why {
+                        Ok(data) => data,
+                        Err(why) => {
+                            tracing::error!("{why}");
+                            // The agent would wait for it: its task is cancelled, and the host
+                            // ends with this reason rather than as terminated.
+                            if let Some(failed) = failed.take() {
+                                let _ = failed.send(why);
                             }
-                            Err(_) => break,
-                        };
+                            let _ = send_frame(&mut send, &TaskDown::Cancel).await;
+                            break;
+                        }
+                    };
                     pace(&mut bucket, data.len() as u64).await;
                     let len = data.len() as u64;
                     if send_frame(&mut send, &TaskDown::Chunk { index, data })
