@@ -1072,3 +1072,34 @@ async fn a_chunk_the_controller_cannot_read_ends_the_target_as_a_task_error() ->
     assert!(!out.path().join("big").exists());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn controllers_in_a_cluster_refuse_local_uploads() -> Result<()> {
+    let Some(cluster) = fleetrun_tests::start_shared_cluster(
+        "controllers_in_a_cluster_refuse_local_uploads",
+        1,
+        2,
+        xtask::cluster::ClusterOptions::default(),
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    for at in 0..2 {
+        let mut body = cluster.info.scope();
+        body["file_name_list"] = json!(["a.txt"]);
+        let reply = cluster
+            .client_at(at)
+            .call_raw("generate_local_file_upload_url", body)
+            .await?;
+        assert_eq!(reply["result"], false, "{reply}");
+        assert_eq!(reply["code"], 1_241_011, "{reply}");
+        assert!(
+            reply["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("[cluster]")),
+            "{reply}"
+        );
+    }
+    Ok(())
+}

@@ -542,6 +542,17 @@ pub async fn generate_local_file_upload_url(
 ) -> Result<Value, ApiError> {
     let req: UploadUrlRequest = params.parse()?;
     let scope = scope::resolve(shared, caller, params)?;
+    // An upload lands in the content store of the controller it is PUT to, and a transfer
+    // reads it from the store of the controller it is submitted to: among several controllers
+    // the two need not be the same one.
+    if shared.config.cluster.is_some() {
+        return Err(ApiError::new(
+            code::NOT_SUPPORTED,
+            "generate_local_file_upload_url: local files are not served by controllers in a \
+             [cluster] (each keeps its uploads on its own disk); send files from a source host \
+             (file_type 1)",
+        ));
+    }
     let names = req
         .file_name_list
         .filter(|l| !l.is_empty())
