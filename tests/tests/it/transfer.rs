@@ -1103,3 +1103,49 @@ async fn controllers_in_a_cluster_refuse_local_uploads() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_whose_bytes_stop_arriving_is_dropped() -> Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut cluster = start_cluster(1).await?;
+    cluster.kill_controller()?;
+    let mut config = std::fs::read_to_string(&cluster.controller_config)?;
+    config.push_str("\n[limits]\nhttp_body_timeout_secs = 2\n");
+    std::fs::write(&cluster.controller_config, config)?;
+    cluster.start_controller().await?;
+    let mut body = cluster.info.scope();
+    body["file_name_list"] = json!(["stalled.bin"]);
+    let data = cluster
+        .client()
+        .call("generate_local_file_upload_url", body)
+        .await?;
+    let url = data["url_map"]["stalled.bin"]["upload_url"]
+        .as_str()
+        .context("upload_url")?
+        .to_owned();
+    let rest = url.trim_start_matches("http://");
+    let (addr, path) = rest.split_at(rest.find('/').context("path")?);
+    let info = &cluster.info;
+    let auth = json!({"bk_app_code": info.bk_app_code, "bk_app_secret": info.bk_app_secret, "bk_username": "alice"});
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!(
+                "PUT {path} HTTP/1.1\r\nHost: fleetrun\r\nConnection: close\r\n\
+                 Content-Length: 1000000\r\nX-Bkapi-Authorization: {auth}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await?;
+    stream.write_all(&[7u8; 1000]).await?;
+    // Nothing more is sent: the controller gives up on the body, not on its own time.
+    let started = Instant::now();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut reply))
+        .await
+        .context("the stalled upload was held past 30 s")??;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.contains("no bytes of the upload arrived"), "{reply}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{reply}");
+    Ok(())
+}
