@@ -3,7 +3,8 @@
 //!
 //! A step runs in two phases. First each source host gets one [`TaskDown::Collect`]: its agent
 //! reads the matching files as the source account and streams them in content-addressed chunks,
-//! which the controller checks (each chunk's SHA-256, the whole file's) and keeps once in the
+//! which the controller checks (each file's name against the path asked for, each chunk's
+//! SHA-256, the whole file's) and keeps once in the
 //! content store, so a source is read once however many targets there are. Then each target gets
 //! one [`TaskDown::Fetch`] naming every file with its chunks' hashes; its agent pulls each file
 //! ([`TaskUp::Want`]) and the controller streams that file's chunks from the store
