@@ -6,9 +6,11 @@
 //! too, as chunks, with a record of the upload (`uploads/<id>.json`: the app and scope it is
 //! bound to, its name, its chunks, when it expires).
 //!
-//! Each chunk is written to a fresh temporary name (`O_EXCL`, 0600), synced and renamed into
+//! Each chunk is written to a fresh temporary name (`O_EXCL`, 0600), synced and linked into
 //! place under its hash, after the hash was checked, so a chunk under its name is always whole
-//! and right; directories are 0700. The store is bounded ([`ContentStore::new`]'s `max_bytes`):
+//! and right, and two stores of one chunk at once count its bytes once; directories are 0700.
+//! A chunk stored again is made young (its modification time now) under the lock the sweeper
+//! decides by, so a sweep does not remove a chunk a transfer has just found there. The store is bounded ([`ContentStore::new`]'s `max_bytes`):
 //! a chunk that would pass the bound is refused. Chunks used by running transfers are pinned;
 //! [`ContentStore::sweep`] removes expired uploads and every chunk neither pinned nor used by a
 //! live upload.
@@ -192,8 +194,13 @@ impl ContentStore {
             return Err(ContentError::HashMismatch);
         }
         let object = self.object(hash);
-        if object.exists() {
-            return Ok(());
+        {
+            // Under the lock the sweeper removes by: a chunk found here is made young again, so
+            // the sweep that may be deciding on it right now keeps it.
+            let _pins = self.pins.lock().unwrap();
+            if touch(&object).is_ok() {
+                return Ok(());
+            }
         }
         let len = data.len() as u64;
         let reserved = self
@@ -211,19 +218,33 @@ impl ContentStore {
             if let Some(shard) = object.parent() {
                 private_dir(shard)?;
             }
-            fs::rename(&temp, &object).inspect_err(|_| {
-                let _ = fs::remove_file(&temp);
-            })?;
+            // A link, not a rename: of two stores of the same chunk at once only one puts it
+            // in place, and the other gives its bytes back to the bound.
+            let linked = fs::hard_link(&temp, &object);
+            let _ = fs::remove_file(&temp);
+            match linked {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+                Err(e) => return Err(e),
+            }
             if let Some(shard) = object.parent() {
                 File::open(shard)?.sync_all()?;
             }
-            Ok::<(), io::Error>(())
+            Ok::<bool, io::Error>(true)
         })();
-        if let Err(e) = stored {
-            self.used.fetch_sub(len, Ordering::SeqCst);
-            return Err(e.into());
+        match stored {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                self.used.fetch_sub(len, Ordering::SeqCst);
+                let _pins = self.pins.lock().unwrap();
+                touch(&object)?;
+                Ok(())
+            }
+            Err(e) => {
+                self.used.fetch_sub(len, Ordering::SeqCst);
+                Err(e.into())
+            }
         }
-        Ok(())
     }
 
     /// Reads one chunk, checked against its hash. Blocking.
@@ -335,18 +356,33 @@ impl ContentStore {
                 if live.contains(&hash) || meta.modified().is_ok_and(|m| m > cutoff) {
                     continue;
                 }
-                // Pinned meanwhile: kept.
-                if self.pins.lock().unwrap().contains_key(&hash) {
+                // Decided again under the lock a store of the same chunk takes: pinned or
+                // stored again meanwhile, it is kept.
+                let pins = self.pins.lock().unwrap();
+                let young = fs::symlink_metadata(object.path())
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|m| m > cutoff);
+                if pins.contains_key(&hash) || young {
                     continue;
                 }
                 if fs::remove_file(object.path()).is_ok() {
                     self.used.fetch_sub(meta.len(), Ordering::SeqCst);
                     removed += 1;
                 }
+                drop(pins);
             }
         }
         Ok(removed)
     }
+}
+
+/// Makes an existing chunk young (its modification time now), without following a link.
+fn touch(object: &Path) -> io::Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(object)?
+        .set_modified(std::time::SystemTime::now())
 }
 
 /// Sweeps the store every ten minutes until `shutdown`; chunks younger than an hour stay.
@@ -447,6 +483,45 @@ mod tests {
         store.unpin([&a]);
         assert_eq!(store.sweep(0).unwrap(), 1);
         assert_eq!(store.used(), 1);
+    }
+
+    #[test]
+    fn a_chunk_stored_again_is_young_again_for_the_sweeper() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path(), 1 << 20).unwrap();
+        let hash = sha256(b"old");
+        store.put_chunk(&hash, b"old").unwrap();
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        File::options()
+            .write(true)
+            .open(store.object(&hash))
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        // A transfer reads the same bytes again, before it pins them.
+        store.put_chunk(&hash, b"old").unwrap();
+        assert_eq!(store.sweep(3_600_000).unwrap(), 0);
+        assert!(store.read_chunk(&hash).is_ok());
+    }
+
+    #[test]
+    fn the_same_chunk_stored_at_once_is_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(ContentStore::open(dir.path(), 1 << 30).unwrap());
+        let data = vec![7u8; 64 * 1024];
+        let hash = sha256(&data);
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (store, data) = (store.clone(), data.clone());
+                std::thread::spawn(move || store.put_chunk(&hash, &data).unwrap())
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(store.used(), data.len() as u64);
+        assert_eq!(store.read_chunk(&hash).unwrap(), data);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
     #[test]

@@ -407,8 +407,11 @@ impl<E: FnMut(Collected) -> bool> Reader<E> {
                         Ok(stat) if kind(&stat) == SFlag::S_IFREG => {}
                         _ => continue,
                     }
-                    if found == MAX_FILES_PER_PATH || self.cancelled() {
+                    if self.cancelled() {
                         break;
+                    }
+                    if found == MAX_FILES_PER_PATH {
+                        return self.too_many(path_index, path);
                     }
                     found += 1;
                     let shown = dir.join(text);
@@ -424,6 +427,20 @@ impl<E: FnMut(Collected) -> bool> Reader<E> {
                 }
             }
         }
+    }
+
+    /// A path that gives more than [`MAX_FILES_PER_PATH`] files: the rest are not read, and the
+    /// path fails rather than seeming whole.
+    fn too_many(&mut self, path_index: usize, path: &str) {
+        self.path_failed(
+            path_index,
+            (
+                CollectEnding::Skipped,
+                format!(
+                    "{path} gives more than {MAX_FILES_PER_PATH} files; the rest were not read"
+                ),
+            ),
+        );
     }
 
     /// A file that failed after it was listed: reported as a file of its own.
@@ -463,6 +480,7 @@ impl<E: FnMut(Collected) -> bool> Reader<E> {
                 ),
             );
         }
+        let shown_top = shown.display().to_string();
         let mut queue = VecDeque::from([(top, shown, name, 0usize)]);
         let mut found = 0usize;
         while let Some((fd, shown, relative, depth)) = queue.pop_front() {
@@ -507,7 +525,8 @@ impl<E: FnMut(Collected) -> bool> Reader<E> {
                     }
                     SFlag::S_IFREG => {
                         if found == MAX_FILES_PER_PATH {
-                            return;
+                            let path = shown_top.clone();
+                            return self.too_many(path_index, &path);
                         }
                         found += 1;
                         if name.contains(&b'\n') || std::str::from_utf8(&name).is_err() {
@@ -785,6 +804,43 @@ mod tests {
             ("app-*-*.tar", "app-1-2.tar", true),
         ] {
             assert_eq!(wildcard_matches(p, n), want, "{p} {n}");
+        }
+    }
+
+    #[test]
+    fn a_path_past_the_file_limit_fails_rather_than_seeming_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        for i in 0..=MAX_FILES_PER_PATH {
+            std::fs::write(tree.join(format!("f{i:05}.log")), b"").unwrap();
+        }
+        for path in [
+            format!("{}/*.log", tree.display()),
+            format!("{}/", tree.display()),
+        ] {
+            let (mut files, mut path_failures) = (0usize, Vec::new());
+            let mut reader = Reader {
+                emit: |event: Collected| {
+                    match event {
+                        Collected::File(_) => files += 1,
+                        Collected::End(end) if end.index.is_none() => path_failures.push(end),
+                        _ => {}
+                    }
+                    true
+                },
+                cancel: Arc::default(),
+                next_index: 0,
+                stopped: false,
+            };
+            reader.path(0, &path);
+            assert_eq!(files, MAX_FILES_PER_PATH, "{path}");
+            assert_eq!(path_failures.len(), 1, "{path}");
+            assert!(
+                path_failures[0].message.contains("more than"),
+                "{path}: {}",
+                path_failures[0].message
+            );
         }
     }
 }

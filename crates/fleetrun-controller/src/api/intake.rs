@@ -67,7 +67,13 @@ impl Gate {
         }
     }
 
-    async fn take_turn(&self) -> OwnedSemaphorePermit {
+    /// How long a body may go without a byte arriving: the whole body's bound, for a request
+    /// read whole; between frames, for an upload streamed into the content store.
+    pub(super) fn body_timeout(&self) -> Duration {
+        self.body_timeout
+    }
+
+    pub(super) async fn take_turn(&self) -> OwnedSemaphorePermit {
         self.turns
             .clone()
             .acquire_owned()

@@ -594,6 +594,18 @@ async fn retry(
     rolling: Option<fleetrun_store::RollingRecord>,
     all: bool,
 ) -> Result<(), ApiError> {
+    // A file step's stored payload is not a script: sending it as one would run the step's
+    // description on the hosts. Its files are sent again by submitting the step again.
+    if step.step_type == super::files::STEP_TYPE_FILE {
+        return Err(ApiError::new(
+            code::NOT_SUPPORTED,
+            format!(
+                "operation_code: step {} is a file step; fleetrun does not retry file steps: submit \
+                 push_config_file or fast_transfer_file again",
+                step.step_instance_id
+            ),
+        ));
+    }
     super::execute::refuse_while_unwritable(shared)?;
     // Everything that can refuse comes before anything changes.
     let days = shared.config.retention.finished_jobs_days;

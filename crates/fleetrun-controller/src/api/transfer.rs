@@ -542,6 +542,17 @@ pub async fn generate_local_file_upload_url(
 ) -> Result<Value, ApiError> {
     let req: UploadUrlRequest = params.parse()?;
     let scope = scope::resolve(shared, caller, params)?;
+    // An upload lands in the content store of the controller it is PUT to, and a transfer
+    // reads it from the store of the controller it is submitted to: among several controllers
+    // the two need not be the same one.
+    if shared.config.cluster.is_some() {
+        return Err(ApiError::new(
+            code::NOT_SUPPORTED,
+            "generate_local_file_upload_url: local files are not served by controllers in a \
+             [cluster] (each keeps its uploads on its own disk); send files from a source host \
+             (file_type 1)",
+        ));
+    }
     let names = req
         .file_name_list
         .filter(|l| !l.is_empty())
@@ -607,6 +618,7 @@ pub async fn generate_local_file_upload_url(
 /// held whole. A second PUT replaces the first.
 pub async fn upload_local_file(
     State(shared): State<Arc<Shared>>,
+    axum::Extension(gate): axum::Extension<Arc<super::intake::Gate>>,
     Path(id): Path<String>,
     method: Method,
     headers: HeaderMap,
@@ -614,13 +626,23 @@ pub async fn upload_local_file(
     body: Body,
 ) -> Response {
     let request_id = super::new_request_id();
-    let result = receive_upload(&shared, &id, &method, &headers, query.as_deref(), body).await;
+    let result = receive_upload(
+        &shared,
+        &gate,
+        &id,
+        &method,
+        &headers,
+        query.as_deref(),
+        body,
+    )
+    .await;
     super::log_result(&result);
     super::envelope(&request_id, result)
 }
 
 async fn receive_upload(
     shared: &Arc<Shared>,
+    gate: &super::intake::Gate,
     id: &str,
     method: &Method,
     headers: &HeaderMap,
@@ -633,6 +655,10 @@ async fn receive_upload(
     let params = Params::from_request(&Method::GET, query, &[])?;
     let caller = super::auth::authenticate(&shared.apps.current(), headers, &params)?;
     refuse_while_unwritable(shared)?;
+    // An upload is a request served like any other: it waits for one of the
+    // `http_max_requests` turns, and a body that stops arriving is dropped.
+    let _turn = gate.take_turn().await;
+    let idle = gate.body_timeout();
     let not_found = || {
         ApiError::invalid(
             "upload_url",
@@ -656,7 +682,15 @@ async fn receive_upload(
     let mut chunks = Vec::new();
     let mut size = 0u64;
     loop {
-        let frame = body.frame().await;
+        let Ok(frame) = tokio::time::timeout(idle, body.frame()).await else {
+            return Err(ApiError::invalid(
+                "body",
+                format!(
+                    "no bytes of the upload arrived for {} s (limits.http_body_timeout_secs)",
+                    idle.as_secs()
+                ),
+            ));
+        };
         let data = match frame {
             None => None,
             Some(Ok(frame)) => match frame.into_data() {

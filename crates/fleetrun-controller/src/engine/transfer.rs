@@ -3,7 +3,8 @@
 //!
 //! A step runs in two phases. First each source host gets one [`TaskDown::Collect`]: its agent
 //! reads the matching files as the source account and streams them in content-addressed chunks,
-//! which the controller checks (each chunk's SHA-256, the whole file's) and keeps once in the
+//! which the controller checks (each file's name against the path asked for, each chunk's
+//! SHA-256, the whole file's) and keeps once in the
 //! content store, so a source is read once however many targets there are. Then each target gets
 //! one [`TaskDown::Fetch`] naming every file with its chunks' hashes; its agent pulls each file
 //! ([`TaskUp::Want`]) and the controller streams that file's chunks from the store
@@ -37,6 +38,16 @@ use super::files::{FileHostRun, file_line, file_status, join};
 use super::{Engine, FileTarget, Finishing, MODE_DOWNLOAD, MODE_UPLOAD, now_ms, target_path};
 use crate::content::{ContentStore, Hash};
 use crate::status::{host, job};
+
+mod requested;
+use requested::{Fit, Requested};
+
+/// Most files one source stream may announce.
+const MAX_FILES_PER_SOURCE: usize = 100_000;
+/// Most bytes of names and messages one source stream may make the controller hold.
+const MAX_HELD_BYTES_PER_SOURCE: usize = 32 * 1024 * 1024;
+/// Longest name or message kept from a source.
+const MAX_NAME: usize = 4096;
 
 /// The first protocol version that carries transfers.
 pub const TRANSFER_PROTOCOL_VERSION: u32 = 5;
@@ -700,13 +711,17 @@ impl Engine {
             );
         }
         let (commands, command_rx) = mpsc::unbounded_channel();
+        let (failed, mut chunk_failure) = tokio::sync::oneshot::channel();
         let sender = tokio::spawn(send_chunks(
             send,
             command_rx,
             step.chunks.clone(),
             step.content.clone(),
             step.download_bytes_per_sec,
+            failed,
         ));
+        // Why the controller could not send a chunk: the host's task error, not a termination.
+        let mut send_failure: Option<String> = None;
         let mut recv = FramedRecv::new(recv);
         let grace = self.agent_grace;
         let mut deadline: Option<tokio::time::Instant> = None;
@@ -730,6 +745,13 @@ impl Engine {
                 () = cancel.cancelled(), if !cancel_sent => {
                     cancel_sent = true;
                     let _ = commands.send(Command::Cancel);
+                    let bound = tokio::time::Instant::now() + grace;
+                    deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
+                    continue;
+                }
+                why = &mut chunk_failure, if send_failure.is_none() => {
+                    // The sender has cancelled the agent's task; its result still comes.
+                    send_failure = Some(why.unwrap_or_else(|_| "the chunk sender stopped".into()));
                     let bound = tokio::time::Instant::now() + grace;
                     deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
                     continue;
@@ -809,7 +831,13 @@ impl Engine {
         if let Ok(relayed) = sender.await {
             step.relayed.fetch_add(relayed, Ordering::Relaxed);
         }
-        ended
+        match send_failure {
+            Some(why) if !cancel_sent => (
+                host::AGENT_TASK_ERROR,
+                format!("the controller could not send the files: {why}"),
+            ),
+            _ => ended,
+        }
     }
 }
 
@@ -829,7 +857,9 @@ async fn send_chunks(
     files: Arc<Vec<Vec<Hash>>>,
     content: Arc<ContentStore>,
     rate: u64,
+    failed: tokio::sync::oneshot::Sender<String>,
 ) -> u64 {
+    let mut failed = Some(failed);
     let mut bucket = TokenBucket::new(rate, FILE_CHUNK as u64, tokio::time::Instant::now());
     let mut pending: Option<Command> = None;
     let mut sent = 0u64;
@@ -853,17 +883,29 @@ async fn send_chunks(
                     }
                     let store = content.clone();
                     let hash = *hash;
-                    let data =
-                        match tokio::task::spawn_blocking(move || store.read_chunk(&hash)).await {
-                            Ok(Ok(data)) => data,
-                            Ok(Err(e)) => {
-                                tracing::error!("cannot read a chunk for a transfer: {e}");
-                                // The agent would wait for it: the task is cancelled instead.
-                                let _ = send_frame(&mut send, &TaskDown::Cancel).await;
-                                break;
+                    let read = tokio::task::spawn_blocking(move || store.read_chunk(&hash)).await;
+                    let why = match read {
+                        Ok(Ok(data)) => Ok(data),
+                        Ok(Err(e)) => {
+                            Err(format!("cannot read a chunk from the content store: {e}"))
+                        }
+                        Err(e) => Err(format!(
+                            "reading a chunk from the content store failed: {e}"
+                        )),
+                    };
+                    let data = match why {
+                        Ok(data) => data,
+                        Err(why) => {
+                            tracing::error!("{why}");
+                            // The agent would wait for it: its task is cancelled, and the host
+                            // ends with this reason rather than as terminated.
+                            if let Some(failed) = failed.take() {
+                                let _ = failed.send(why);
                             }
-                            Err(_) => break,
-                        };
+                            let _ = send_frame(&mut send, &TaskDown::Cancel).await;
+                            break;
+                        }
+                    };
                     pace(&mut bucket, data.len() as u64).await;
                     let len = data.len() as u64;
                     if send_frame(&mut send, &TaskDown::Chunk { index, data })
@@ -888,21 +930,30 @@ async fn send_chunks(
     sent
 }
 
-/// A source stream's files as they arrive, each checked: sizes, the chunks' hashes (checked
-/// again by the store), and the whole file's hash against what the agent claims.
+/// A source stream's files as they arrive, each checked: its name against the path asked for,
+/// sizes, the chunks' hashes (checked again by the store), and the whole file's hash against
+/// what the agent claims. What the stream makes the controller hold is bounded: names and
+/// messages are cut or refused past [`MAX_NAME`], and all of them together past
+/// [`MAX_HELD_BYTES_PER_SOURCE`] end the stream's files.
 struct SourceReading<'a> {
     spec: &'a TransferSpec,
     source: &'a SourceSpec,
+    /// Each path as asked for.
+    requested: Vec<Requested>,
     /// Files announced, by index.
     files: Vec<Arrived>,
     /// The one whose chunks are arriving.
     current: Option<usize>,
     /// Paths that gave nothing, with why.
     path_failures: Vec<(usize, SourceEnding, String, i64, i64)>,
+    /// Paths whose files the controller stopped taking, with why (one each).
+    cut_short: Vec<(usize, String)>,
+    /// Bytes of names and messages held.
+    held: usize,
 }
 
 struct Arrived {
-    path: String,
+    path_index: usize,
     relative: String,
     size: u64,
     mode: u32,
@@ -911,6 +962,8 @@ struct Arrived {
     chunks: Vec<Hash>,
     /// Why the controller refuses the file, if it does.
     refused: Option<String>,
+    /// The name is the directory asked for: only a failure may come under it.
+    dir_itself: bool,
     end: Option<fleetrun_proto::SourceEnd>,
 }
 
@@ -919,32 +972,90 @@ impl<'a> SourceReading<'a> {
         Self {
             spec,
             source,
+            requested: source.paths.iter().map(|p| Requested::parse(p)).collect(),
             files: Vec::new(),
             current: None,
             path_failures: Vec::new(),
+            cut_short: Vec::new(),
+            held: 0,
+        }
+    }
+
+    /// Stops taking files for a path, once.
+    fn cut_short(&mut self, path_index: usize, why: String) {
+        if !self.cut_short.iter().any(|(i, _)| *i == path_index) {
+            self.cut_short.push((path_index, why));
         }
     }
 
     fn file(&mut self, file: fleetrun_proto::SourceFile) {
+        self.current = None;
+        let path_index = file.path_index as usize;
         // Files come numbered in order; anything else is not a file of this task.
-        if file.index as usize != self.files.len()
-            || file.path_index as usize >= self.source.paths.len()
-            || self.files.len() >= 100_000
-        {
-            self.current = None;
+        if file.index as usize != self.files.len() || path_index >= self.source.paths.len() {
             return;
         }
-        let refused = (!valid_relative(&file.relative))
-            .then(|| format!("{:?} is not a plain relative name", file.relative));
+        if self.files.len() >= MAX_FILES_PER_SOURCE {
+            return self.cut_short(
+                path_index,
+                format!(
+                    "the source announced more than {MAX_FILES_PER_SOURCE} files; the rest were \
+                     not taken"
+                ),
+            );
+        }
+        let fleetrun_proto::SourceFile {
+            relative,
+            size,
+            mode,
+            ..
+        } = file;
+        let (relative, refused, dir_itself) = if relative.len() > MAX_NAME {
+            (
+                String::new(),
+                Some(format!(
+                    "the source announced a name of {} bytes; at most {MAX_NAME} are taken",
+                    relative.len()
+                )),
+                false,
+            )
+        } else if !valid_relative(&relative) {
+            let why = format!("{relative:?} is not a plain relative name");
+            (String::new(), Some(why), false)
+        } else {
+            match self.requested[path_index].fit(&relative) {
+                Fit::File => (relative, None, false),
+                Fit::DirItself => (relative, None, true),
+                Fit::No => {
+                    let why = format!(
+                        "the source announced {relative:?}, which {} does not name",
+                        self.source.paths[path_index]
+                    );
+                    (String::new(), Some(why), false)
+                }
+            }
+        };
+        let weight = relative.len() + refused.as_ref().map_or(0, String::len) + 256;
+        if self.held + weight > MAX_HELD_BYTES_PER_SOURCE {
+            return self.cut_short(
+                path_index,
+                format!(
+                    "the source's names and messages passed {MAX_HELD_BYTES_PER_SOURCE} bytes; \
+                     the rest were not taken"
+                ),
+            );
+        }
+        self.held += weight;
         self.files.push(Arrived {
-            path: crate::host_run::cut(file.path, 4096),
-            relative: file.relative,
-            size: file.size,
-            mode: file.mode & 0o777,
+            path_index,
+            relative,
+            size,
+            mode: mode & 0o777,
             received: 0,
             hasher: ring::digest::Context::new(&ring::digest::SHA256),
             chunks: Vec::new(),
             refused,
+            dir_itself,
             end: None,
         });
         self.current = Some(self.files.len() - 1);
@@ -979,25 +1090,32 @@ impl<'a> SourceReading<'a> {
         }
     }
 
-    fn end(&mut self, end: fleetrun_proto::SourceEnd) {
+    fn end(&mut self, mut end: fleetrun_proto::SourceEnd) {
+        end.message = crate::host_run::cut(end.message, MAX_NAME);
+        let weight = end.message.len() + 64;
         match end.index {
             None => {
-                if (end.path_index as usize) < self.source.paths.len()
-                    && self.path_failures.len() < 10_000
+                let path_index = end.path_index as usize;
+                if path_index < self.source.paths.len()
+                    && self.held + weight <= MAX_HELD_BYTES_PER_SOURCE
+                    && !self.path_failures.iter().any(|f| f.0 == path_index)
                 {
+                    self.held += weight;
                     self.path_failures.push((
-                        end.path_index as usize,
+                        path_index,
                         end.ending,
-                        crate::host_run::cut(end.message, 4096),
+                        end.message,
                         end.started_at_ms,
                         end.finished_at_ms,
                     ));
                 }
             }
             Some(index) => {
-                if let Some(file) = self.files.get_mut(index as usize)
+                if self.held + weight <= MAX_HELD_BYTES_PER_SOURCE
+                    && let Some(file) = self.files.get_mut(index as usize)
                     && file.end.is_none()
                 {
+                    self.held += weight;
                     file.end = Some(end);
                 }
                 self.current = None;
@@ -1006,26 +1124,42 @@ impl<'a> SourceReading<'a> {
     }
 
     /// The files, failures and upload logs, once the stream ended (`ended` says why, when it
-    /// ended early).
+    /// ended early). A path that gave no file and no failure (the source ended before it, or
+    /// said nothing of it) fails too, so no target ends well with files missing.
     fn finish(self, ended: Option<String>, collected: &mut Collected) {
         let host = &self.source.host;
+        let mut answered = vec![false; self.source.paths.len()];
+        let fail = |collected: &mut Collected,
+                    path: String,
+                    status: i32,
+                    reason: String,
+                    timing: Option<(i64, i64)>| {
+            collected.uploads.push(upload_log(
+                self.spec, host, &path, 0, timing, &reason, false,
+            ));
+            collected.failures.push(SourceFailure {
+                src: Some(host.clone()),
+                src_path: path,
+                status,
+                reason,
+            });
+        };
         for (path_index, ending, message, _, _) in self.path_failures {
             let status = match ending {
                 SourceEnding::NotFound => transfer_status::SOURCE_NOT_FOUND,
                 _ => transfer_status::COPY_FAILED,
             };
+            answered[path_index] = true;
             let path = self.source.paths[path_index].clone();
-            collected
-                .uploads
-                .push(upload_log(self.spec, host, &path, 0, None, &message, false));
-            collected.failures.push(SourceFailure {
-                src: Some(host.clone()),
-                src_path: path,
-                status,
-                reason: message,
-            });
+            fail(collected, path, status, message, None);
+        }
+        for (path_index, why) in self.cut_short {
+            answered[path_index] = true;
+            let path = self.source.paths[path_index].clone();
+            fail(collected, path, transfer_status::COPY_FAILED, why, None);
         }
         for file in self.files {
+            answered[file.path_index] = true;
             let digest = file.hasher.finish();
             let failure = match (&file.refused, &file.end) {
                 (Some(why), _) => Some((transfer_status::COPY_FAILED, why.clone())),
@@ -1040,8 +1174,12 @@ impl<'a> SourceReading<'a> {
                         SourceEnding::NotFound => transfer_status::SOURCE_NOT_FOUND,
                         _ => transfer_status::COPY_FAILED,
                     };
-                    Some((status, crate::host_run::cut(end.message.clone(), 4096)))
+                    Some((status, end.message.clone()))
                 }
+                (None, Some(_)) if file.dir_itself => Some((
+                    transfer_status::COPY_FAILED,
+                    "the source sent a file where a directory was asked for".into(),
+                )),
                 (None, Some(end)) => {
                     if file.received != file.size || end.bytes != file.size {
                         Some((
@@ -1065,18 +1203,13 @@ impl<'a> SourceReading<'a> {
                 .end
                 .as_ref()
                 .map(|e| (e.started_at_ms, e.finished_at_ms));
+            // The path a log shows comes from the request, never from the agent.
+            let path = self.requested[file.path_index]
+                .shown(&file.relative)
+                .filter(|_| !file.relative.is_empty())
+                .unwrap_or_else(|| self.source.paths[file.path_index].clone());
             match failure {
-                Some((status, reason)) => {
-                    collected.uploads.push(upload_log(
-                        self.spec, host, &file.path, 0, timing, &reason, false,
-                    ));
-                    collected.failures.push(SourceFailure {
-                        src: Some(host.clone()),
-                        src_path: file.path,
-                        status,
-                        reason,
-                    });
-                }
+                Some((status, reason)) => fail(collected, path, status, reason, timing),
                 None => {
                     let mut sha256 = [0u8; 32];
                     sha256.copy_from_slice(digest.as_ref());
@@ -1084,7 +1217,7 @@ impl<'a> SourceReading<'a> {
                     collected.uploads.push(upload_log(
                         self.spec,
                         host,
-                        &file.path,
+                        &path,
                         file.size,
                         timing,
                         "source agent success upload file",
@@ -1092,7 +1225,7 @@ impl<'a> SourceReading<'a> {
                     ));
                     collected.files.push(Gathered {
                         src: Some(host.clone()),
-                        src_path: file.path,
+                        src_path: path,
                         relative: file.relative,
                         size: file.size,
                         mode: file.mode,
@@ -1100,6 +1233,15 @@ impl<'a> SourceReading<'a> {
                         chunks: file.chunks,
                     });
                 }
+            }
+        }
+        for (path_index, answered) in answered.into_iter().enumerate() {
+            if !answered {
+                let reason = ended
+                    .clone()
+                    .unwrap_or_else(|| "the source reported nothing for this path".into());
+                let path = self.source.paths[path_index].clone();
+                fail(collected, path, transfer_status::COPY_FAILED, reason, None);
             }
         }
     }
