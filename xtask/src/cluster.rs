@@ -302,8 +302,21 @@ pub fn build_binaries(release: bool) -> Result<PathBuf> {
     Ok(target.join(if release { "release" } else { "debug" }))
 }
 
-/// A port free right now on 127.0.0.1 for both TCP and UDP.
+/// A port free right now on 127.0.0.1 for both TCP and UDP, picked below the kernel's
+/// ephemeral range (32768 and up by default): a port the kernel hands out (`bind` to port 0)
+/// is also what it gives the next outgoing connection, so a controller about to listen on it
+/// could find it taken by another test's client in the meantime.
 pub fn free_port() -> Result<u16> {
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    for _ in 0..200 {
+        let port = rng.random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return Ok(port);
+        }
+    }
     for _ in 0..50 {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
         let port = tcp.local_addr()?.port();
