@@ -103,7 +103,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    init_logging();
+    fleetrun_net::daemon::init_logging();
     let config = match Config::load(&config_path) {
         Ok(config) => config,
         Err(e) => {
@@ -122,7 +122,7 @@ fn main() -> ExitCode {
         let shutdown = CancellationToken::new();
         let mut agent = tokio::spawn(fleetrun_agent::run(config, shutdown.clone()));
         let joined = tokio::select! {
-            () = shutdown_signal() => {
+            () = fleetrun_net::daemon::shutdown_signal() => {
                 tracing::info!("shutting down");
                 fleetrun_agent::tell_systemd(&[sd_notify::NotifyState::Stopping]);
                 shutdown.cancel();
@@ -231,39 +231,4 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// Logs filtered by `FLEETRUN_LOG`; one JSON object per line when `FLEETRUN_LOG_FORMAT=json`
-/// (for log collectors), else text.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETRUN_LOG")
-        .unwrap_or_else(|_| "info".into());
-    let format = std::env::var("FLEETRUN_LOG_FORMAT").unwrap_or_default();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format.as_str() {
-        "json" => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-        "" | "text" => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        other => {
-            builder.with_ansi(false).init();
-            tracing::warn!(
-                format = other,
-                "FLEETRUN_LOG_FORMAT is neither \"text\" nor \"json\": logging text"
-            );
-        }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

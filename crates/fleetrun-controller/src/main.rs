@@ -165,7 +165,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    init_logging();
+    fleetrun_net::daemon::init_logging();
     let config = match Config::load(&config_path) {
         Ok(config) => config,
         Err(e) => {
@@ -211,7 +211,7 @@ fn main() -> ExitCode {
                 };
             // Both listeners are bound: systemd may start what depends on the controller.
             tell_systemd(&[sd_notify::NotifyState::Ready]);
-            let stop = shutdown_signal();
+            let stop = fleetrun_net::daemon::shutdown_signal();
             tokio::pin!(stop);
             loop {
                 tokio::select! {
@@ -316,41 +316,6 @@ fn ca_init(
             eprintln!("fleetrun-controller ca init: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Logs to stderr, filtered by `FLEETRUN_LOG`; one JSON object per line when
-/// `FLEETRUN_LOG_FORMAT=json` (for log collectors), else text.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETRUN_LOG")
-        .unwrap_or_else(|_| "info".into());
-    let format = std::env::var("FLEETRUN_LOG_FORMAT").unwrap_or_default();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format.as_str() {
-        "json" => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-        "" | "text" => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        other => {
-            builder.with_ansi(false).init();
-            tracing::warn!(
-                format = other,
-                "FLEETRUN_LOG_FORMAT is neither \"text\" nor \"json\": logging text"
-            );
-        }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }
 

@@ -83,6 +83,10 @@ fn parts_errors_name_the_entry() {
 }
 
 /// (what is wrong, text appended to `BASE` from line 18 on, the error).
+///
+/// Each case spells out its whole entry, even where cases share their first lines: the line and
+/// column in the expected message are the ones an operator reads in the file as written, and a
+/// case built from shared fragments would hide which line the error must name.
 const CASES: &[(&str, &str, &str)] = &[
     (
         "TOML syntax",

@@ -4,6 +4,7 @@
 //! ALPN [`fleetrun_proto::ALPN`]), reads an agent's identity out of its certificate, and moves
 //! [`fleetrun_proto`] frames over QUIC streams.
 
+pub mod daemon;
 mod enroll;
 mod frame;
 mod identity;

@@ -386,6 +386,27 @@ mod tests {
         store.flush().await.unwrap();
     }
 
+    /// A job with a callback URL, ended, with its delivery queued (due at 50).
+    async fn ended_job_with_delivery(store: &Store, body: &str) -> crate::CreatedJob {
+        let job = store
+            .create_job(&new_job(Some("http://x/hook")))
+            .await
+            .unwrap();
+        finish(store, job.job_instance_id).await;
+        store
+            .queue_callbacks(&[NewCallbackDelivery {
+                job_instance_id: job.job_instance_id,
+                url: "http://x/hook".into(),
+                body: body.into(),
+                now: 50,
+                end_time: 10,
+                status: 3,
+            }])
+            .await
+            .unwrap();
+        job
+    }
+
     fn attempt(delivery_id: i64, attempt: i64, http_status: Option<i32>) -> CallbackAttempt {
         CallbackAttempt {
             delivery_id,
@@ -530,22 +551,7 @@ mod tests {
     #[tokio::test]
     async fn attempts_are_recorded_and_survive_a_reopen() {
         let (db, store) = crate::test_store().await;
-        let job = store
-            .create_job(&new_job(Some("http://x/hook")))
-            .await
-            .unwrap();
-        finish(&store, job.job_instance_id).await;
-        store
-            .queue_callbacks(&[NewCallbackDelivery {
-                job_instance_id: job.job_instance_id,
-                url: "http://x/hook".into(),
-                body: "{\"a\":1}".into(),
-                now: 50,
-                end_time: 10,
-                status: 3,
-            }])
-            .await
-            .unwrap();
+        let job = ended_job_with_delivery(&store, "{\"a\":1}").await;
         let pending = store.pending_callbacks(10).await.unwrap();
         assert_eq!(pending.len(), 1);
         let id = pending[0].id;
@@ -595,22 +601,7 @@ mod tests {
     #[tokio::test]
     async fn one_of_concurrent_claimers_makes_an_attempt_and_a_stale_claim_records_nothing() {
         let (_db, store) = crate::test_store().await;
-        let job = store
-            .create_job(&new_job(Some("http://x/hook")))
-            .await
-            .unwrap();
-        finish(&store, job.job_instance_id).await;
-        store
-            .queue_callbacks(&[NewCallbackDelivery {
-                job_instance_id: job.job_instance_id,
-                url: "http://x/hook".into(),
-                body: "{}".into(),
-                now: 50,
-                end_time: 10,
-                status: 3,
-            }])
-            .await
-            .unwrap();
+        let job = ended_job_with_delivery(&store, "{}").await;
         let due = store.pending_callbacks(1).await.unwrap()[0].clone();
         let claimers = (0..8).map(|i| {
             let store = store.clone();
@@ -673,22 +664,7 @@ mod tests {
     #[tokio::test]
     async fn the_last_failed_attempt_ends_the_delivery() {
         let (_db, store) = crate::test_store().await;
-        let job = store
-            .create_job(&new_job(Some("http://x/hook")))
-            .await
-            .unwrap();
-        finish(&store, job.job_instance_id).await;
-        store
-            .queue_callbacks(&[NewCallbackDelivery {
-                job_instance_id: job.job_instance_id,
-                url: "http://x/hook".into(),
-                body: "{}".into(),
-                now: 50,
-                end_time: 10,
-                status: 3,
-            }])
-            .await
-            .unwrap();
+        let job = ended_job_with_delivery(&store, "{}").await;
         let id = store.pending_callbacks(1).await.unwrap()[0].id;
         store
             .record_callback_attempt(

@@ -393,10 +393,7 @@ async fn create_script_version(
 ) -> Result<Value, ApiError> {
     let library = Library::write(shared, caller, params, public)?;
     let req: CreateVersion = params.parse()?;
-    let script_id = req
-        .script_id
-        .clone()
-        .ok_or_else(|| ApiError::missing("script_id"))?;
+    let script_id = required_script_id(req.script_id.clone())?;
     let new = new_version(library.key(), caller, req.rest)?;
     let script = shared
         .store
@@ -408,6 +405,11 @@ async fn create_script_version(
         .create_script_version(library.key(), &script_id, &new)
         .await?;
     reply::data(version_reply(&version, true))
+}
+
+/// The `script_id` every call on one script names.
+fn required_script_id(script_id: Option<String>) -> Result<String, ApiError> {
+    script_id.ok_or_else(|| ApiError::missing("script_id"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -426,9 +428,7 @@ async fn update_script_basic(
 ) -> Result<Value, ApiError> {
     let library = Library::write(shared, caller, params, public)?;
     let req: UpdateBasic = params.parse()?;
-    let script_id = req
-        .script_id
-        .ok_or_else(|| ApiError::missing("script_id"))?;
+    let script_id = required_script_id(req.script_id)?;
     let name = label("name", req.name.as_deref(), MAX_NAME_CHARS)?;
     let script = shared
         .store
@@ -458,10 +458,7 @@ struct VersionOperation {
 
 impl VersionOperation {
     fn ids(&self) -> Result<(String, i64), ApiError> {
-        let script_id = self
-            .script_id
-            .clone()
-            .ok_or_else(|| ApiError::missing("script_id"))?;
+        let script_id = required_script_id(self.script_id.clone())?;
         let id = self
             .script_version_id
             .ok_or_else(|| ApiError::missing("script_version_id"))?;
@@ -544,9 +541,7 @@ async fn delete_script(
 ) -> Result<Value, ApiError> {
     let library = Library::write(shared, caller, params, public)?;
     let req: VersionOperation = params.parse()?;
-    let script_id = req
-        .script_id
-        .ok_or_else(|| ApiError::missing("script_id"))?;
+    let script_id = required_script_id(req.script_id)?;
     shared
         .store
         .delete_script(library.key(), &script_id)
@@ -624,9 +619,7 @@ async fn get_script_version_list(
 ) -> Result<Value, ApiError> {
     let library = Library::read(shared, caller, params, public)?;
     let req: ListRequest = params.parse()?;
-    let script_id = req
-        .script_id
-        .ok_or_else(|| ApiError::missing("script_id"))?;
+    let script_id = required_script_id(req.script_id)?;
     let (start, length) = paging(req.start, req.length)?;
     let (total, versions) = shared
         .store
