@@ -11,8 +11,8 @@ use super::{
     admin::{require_admin, to_the_end},
     auth::Caller,
     error::code,
+    job_list::paging,
     params::{Params, lenient},
-    query::paging,
     reply::{self, Page},
     scope::{self, Scope},
 };

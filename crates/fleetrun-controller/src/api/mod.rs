@@ -12,12 +12,15 @@ mod accounts;
 mod admin;
 mod audit_log;
 mod auth;
+mod callback_status;
 mod dangerous_rules;
 mod error;
 mod execute;
 pub(crate) mod files;
 mod health;
 mod intake;
+mod job_list;
+mod operate;
 #[doc(hidden)]
 pub mod params;
 mod preview;
@@ -31,6 +34,7 @@ mod step_status;
 mod steps;
 mod stream;
 mod tokens;
+mod topology;
 mod transfer;
 mod v4;
 
@@ -302,7 +306,9 @@ async fn answer(request: Request) -> Response {
             "batch_get_job_instance_ip_log" => {
                 query::batch_get_job_instance_ip_log(&shared, &caller, &params).await
             }
-            "operate_job_instance" => query::operate_job_instance(&shared, &caller, &params).await,
+            "operate_job_instance" => {
+                operate::operate_job_instance(&shared, &caller, &params).await
+            }
             "operate_step_instance" => {
                 steps::operate_step_instance(&shared, &caller, &params).await
             }
@@ -311,14 +317,14 @@ async fn answer(request: Request) -> Response {
             }
             "preview_rolling" => preview::preview_rolling(&shared, &caller, &params).await,
             "get_job_instance_list" => {
-                query::get_job_instance_list(&shared, &caller, &params).await
+                job_list::get_job_instance_list(&shared, &caller, &params).await
             }
             "get_account_list" => accounts::get_account_list(&shared, &caller, &params).await,
             "create_account" => accounts::create_account(&shared, &caller, &params).await,
             "update_account" => accounts::update_account(&shared, &caller, &params).await,
             "delete_account" => accounts::delete_account(&shared, &caller, &params).await,
-            "list_hosts" => query::list_hosts(&shared, &caller).await,
-            "get_topology" => query::get_topology(&shared, &caller).await,
+            "list_hosts" => topology::list_hosts(&shared, &caller).await,
+            "get_topology" => topology::get_topology(&shared, &caller).await,
             "reload_inventory" => admin::reload_inventory(&shared, &caller, &params).await,
             "get_inventory" => admin::get_inventory(&shared, &caller, &params).await,
             "get_inventory_history" => {
@@ -329,7 +335,9 @@ async fn answer(request: Request) -> Response {
             "revoke_agent" => admin::revoke_agent(&shared, &caller, &params).await,
             "unrevoke_agent" => admin::unrevoke_agent(&shared, &caller, &params).await,
             "list_revoked_agents" => admin::list_revoked_agents(&shared, &caller).await,
-            "get_callback_status" => query::get_callback_status(&shared, &caller, &params).await,
+            "get_callback_status" => {
+                callback_status::get_callback_status(&shared, &caller, &params).await
+            }
             "get_audit_log" => audit_log::get_audit_log(&shared, &caller, &params).await,
             "verify_audit_log" => audit_log::verify_audit_log(&shared, &caller).await,
             "create_dangerous_rule" => {

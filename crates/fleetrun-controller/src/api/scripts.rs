@@ -17,8 +17,8 @@ use super::{
     ApiError,
     auth::Caller,
     error::code,
+    job_list::paging,
     params::{Params, lenient},
-    query::paging,
     reply::{self, Page},
     scope::{self, Scope},
 };

@@ -20,8 +20,8 @@ use serde_json::{Map, Value, json};
 use tracing::Instrument;
 
 use super::{
-    ApiError, auth::Caller, error::code, execute, intake, params::Params, params::lenient, query,
-    reply,
+    ApiError, auth::Caller, error::code, execute, intake, job_list, params::Params,
+    params::lenient, query, reply,
 };
 use crate::Shared;
 
@@ -384,7 +384,7 @@ async fn get_job_instance_list(
     params: &Params,
 ) -> Result<Value, ApiError> {
     reply::data(JobListV4 {
-        job_instance_list: query::job_list_v4(shared, caller, params).await?,
+        job_instance_list: job_list::job_list_v4(shared, caller, params).await?,
     })
 }
 
