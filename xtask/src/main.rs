@@ -36,7 +36,7 @@ enum Cmd {
         /// Use release builds.
         #[arg(long)]
         release: bool,
-        /// The inventory file; by default a small example topology (see xtask/src/cluster.rs).
+        /// The inventory file; by default a small example topology (see crates/fleetrun-testkit/src/cluster.rs).
         #[arg(long)]
         inventory: Option<PathBuf>,
         /// Controllers sharing the database (named c1, c2, …); more than one needs

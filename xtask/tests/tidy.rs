@@ -124,7 +124,26 @@ const ALLOWED_INTERNAL: &[(&str, &[&str])] = &[
             "fleetrun-agent",
         ],
     ),
+    // The test kit drives the product from outside and may use any of it; it is listed under
+    // no other crate, so no product crate depends on it.
+    (
+        "fleetrun-testkit",
+        &[
+            "fleetrun-api",
+            "fleetrun-proto",
+            "fleetrun-net",
+            "fleetrun-exec",
+            "fleetrun-inventory",
+            "fleetrun-store",
+            "fleetrun-controller",
+            "fleetrun-agent",
+            "fleetrun-cli",
+        ],
+    ),
 ];
+
+/// The crate that only tests, benchmarks and xtask may use.
+const TEST_KIT: &str = "fleetrun-testkit";
 
 /// Outside crates that would break a crate's promise (no I/O in proto and inventory, SQL only
 /// in the store, no networking in exec).
@@ -149,12 +168,14 @@ const API_CRATE_DEPENDENCIES: [(&str, &[&str]); 3] = [
     ("build-dependencies", &[]),
 ];
 
-#[test]
-fn crates_depend_only_on_what_the_architecture_allows() {
-    let crates = crate_dependencies();
-    let allowed: BTreeMap<_, _> = ALLOWED_INTERNAL.iter().copied().collect();
+/// Which of `crates`' dependencies on one another `allowed` does not list.
+fn internal_dependency_problems(
+    crates: &BTreeMap<String, BTreeSet<String>>,
+    allowed: &[(&str, &[&str])],
+) -> Vec<String> {
+    let allowed: BTreeMap<_, _> = allowed.iter().copied().collect();
     let mut problems = Vec::new();
-    for (name, deps) in &crates {
+    for (name, deps) in crates {
         let Some(may_use) = allowed.get(name.as_str()) else {
             problems.push(format!(
                 "{name} is not in ALLOWED_INTERNAL: say what it may depend on"
@@ -167,6 +188,38 @@ fn crates_depend_only_on_what_the_architecture_allows() {
             }
         }
     }
+    problems
+}
+
+#[test]
+fn no_product_crate_may_depend_on_the_test_kit() {
+    let crates: BTreeMap<String, BTreeSet<String>> = [
+        ("fleetrun-controller", &["fleetrun-testkit"][..]),
+        ("fleetrun-testkit", &["fleetrun-controller"][..]),
+    ]
+    .into_iter()
+    .map(|(name, deps)| {
+        let deps = deps.iter().map(|d| d.to_string()).collect();
+        (name.to_owned(), deps)
+    })
+    .collect();
+    assert_eq!(
+        internal_dependency_problems(&crates, ALLOWED_INTERNAL),
+        ["fleetrun-controller must not depend on fleetrun-testkit"]
+    );
+    for (name, may_use) in ALLOWED_INTERNAL {
+        assert!(
+            !may_use.contains(&TEST_KIT),
+            "ALLOWED_INTERNAL lets {name} depend on {TEST_KIT}, which is for tests and \
+             developer tools only"
+        );
+    }
+}
+
+#[test]
+fn crates_depend_only_on_what_the_architecture_allows() {
+    let crates = crate_dependencies();
+    let mut problems = internal_dependency_problems(&crates, ALLOWED_INTERNAL);
     for (name, forbidden) in FORBIDDEN_EXTERNAL {
         for dep in *forbidden {
             if crates[*name].contains(*dep) {
