@@ -124,8 +124,8 @@ const ALLOWED_INTERNAL: &[(&str, &[&str])] = &[
             "fleetrun-agent",
         ],
     ),
-    // The test kit drives the product from outside and may use any of it; it is listed under
-    // no other crate, so no product crate depends on it.
+    // The test kit drives the product from outside and may use any of its libraries (the CLI
+    // is a binary only); it is listed under no other crate, so no product crate depends on it.
     (
         "fleetrun-testkit",
         &[
@@ -137,13 +137,18 @@ const ALLOWED_INTERNAL: &[(&str, &[&str])] = &[
             "fleetrun-store",
             "fleetrun-controller",
             "fleetrun-agent",
-            "fleetrun-cli",
+            "fleetrun-swarm",
         ],
     ),
 ];
 
 /// The crate that only tests, benchmarks and xtask may use.
 const TEST_KIT: &str = "fleetrun-testkit";
+
+/// The workspace members outside `crates/` that drive the product from outside (xtask, which
+/// uses the test kit, and the integration tests): no crate under `crates/` may depend on them,
+/// or it could reach the test kit through them.
+const OUTSIDE_DRIVERS: &[&str] = &["xtask", "fleetrun-tests"];
 
 /// Outside crates that would break a crate's promise (no I/O in proto and inventory, SQL only
 /// in the store, no networking in exec).
@@ -182,8 +187,13 @@ fn internal_dependency_problems(
             ));
             continue;
         };
-        for dep in deps.iter().filter(|d| crates.contains_key(*d)) {
-            if !may_use.contains(&dep.as_str()) {
+        for dep in deps {
+            let refused = if crates.contains_key(dep) {
+                !may_use.contains(&dep.as_str())
+            } else {
+                OUTSIDE_DRIVERS.contains(&dep.as_str())
+            };
+            if refused {
                 problems.push(format!("{name} must not depend on {dep}"));
             }
         }
@@ -194,7 +204,9 @@ fn internal_dependency_problems(
 #[test]
 fn no_product_crate_may_depend_on_the_test_kit() {
     let crates: BTreeMap<String, BTreeSet<String>> = [
-        ("fleetrun-controller", &["fleetrun-testkit"][..]),
+        // Directly, or through xtask (which uses the test kit) or the integration tests.
+        ("fleetrun-controller", &["fleetrun-testkit", "xtask"][..]),
+        ("fleetrun-cli", &["fleetrun-tests"][..]),
         ("fleetrun-testkit", &["fleetrun-controller"][..]),
     ]
     .into_iter()
@@ -205,7 +217,11 @@ fn no_product_crate_may_depend_on_the_test_kit() {
     .collect();
     assert_eq!(
         internal_dependency_problems(&crates, ALLOWED_INTERNAL),
-        ["fleetrun-controller must not depend on fleetrun-testkit"]
+        [
+            "fleetrun-cli must not depend on fleetrun-tests",
+            "fleetrun-controller must not depend on fleetrun-testkit",
+            "fleetrun-controller must not depend on xtask",
+        ]
     );
     for (name, may_use) in ALLOWED_INTERNAL {
         assert!(
