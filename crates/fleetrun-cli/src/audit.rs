@@ -81,7 +81,7 @@ pub async fn run(ctx: &Ctx, args: &AuditArgs) -> Result<u8, CliError> {
         body["after_seq"] = json!(after);
     }
     if let Some(since) = &args.since {
-        body["start_time"] = json!(now_ms() - crate::age::age_ms(since)?);
+        body["start_time"] = json!(now_ms() - crate::age::age_ms("--since", since)?);
     }
     let data = ctx.client.call("get_audit_log", body).await?;
     if ctx.output != Output::Text {

@@ -394,7 +394,7 @@ pub(crate) fn now_ms() -> i64 {
 async fn jobs(ctx: &Ctx, args: &JobsArgs) -> Result<u8, CliError> {
     let now = now_ms();
     let mut query = json!({
-        "create_time_start": now - age::age_ms(&args.since)?,
+        "create_time_start": now - age::age_ms("--since", &args.since)?,
         "create_time_end": now,
         "length": args.limit,
     });
