@@ -15,7 +15,11 @@ use std::ops::RangeInclusive;
 
 use sqlx::Row;
 
-use crate::{HostResultRecord, Store, StoreError, join_ints};
+use crate::{
+    HostResultRecord, Store, StoreError,
+    job_end::{JobEnd, end_job_and_step},
+    join_ints,
+};
 
 /// Which of a step's hosts a retry runs again.
 #[derive(Debug, Clone, Default)]
@@ -349,49 +353,6 @@ const WAITING: i32 = 5;
 
 /// Forgets a job's callback delivery and its attempts, so that the job's next end is queued
 /// and delivered again (a delivery is one per job).
-/// A job's end that holds only while the job is in `only_from`: what [`end_job_and_step`] writes.
-pub(crate) struct JobEnd {
-    pub job_instance_id: i64,
-    pub step_instance_id: i64,
-    /// The status the job must still be in.
-    pub only_from: i32,
-    pub job_status: i32,
-    pub step_status: i32,
-    pub at: i64,
-}
-
-/// In `tx`: if the job is still in `end.only_from`, gives it `end.job_status` and its step
-/// `end.step_status`, both ended at `end.at`. False, with nothing written, if the job is not in
-/// that status any more (another operator or controller moved it first).
-pub(crate) async fn end_job_and_step(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    end: &JobEnd,
-) -> Result<bool, sqlx::Error> {
-    let ended = sqlx::query(
-        "UPDATE job_instance SET status = $1, end_time = $2
-         WHERE job_instance_id = $3 AND status = $4",
-    )
-    .bind(end.job_status)
-    .bind(end.at)
-    .bind(end.job_instance_id)
-    .bind(end.only_from)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if ended {
-        sqlx::query(
-            "UPDATE step_instance SET status = $1, end_time = $2 WHERE step_instance_id = $3",
-        )
-        .bind(end.step_status)
-        .bind(end.at)
-        .bind(end.step_instance_id)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(ended)
-}
-
 async fn forget_callback(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     job_instance_id: i64,

@@ -7,7 +7,10 @@ use std::collections::HashMap;
 
 use sqlx::Row;
 
-use crate::{Store, StoreError};
+use crate::{
+    Store, StoreError,
+    job_end::{JobEnd, end_job_and_step},
+};
 
 /// A step's rolling plan and progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,7 +244,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let ended = async {
             let mut tx = self.pool.begin().await?;
-            let end = crate::retry::JobEnd {
+            let end = JobEnd {
                 job_instance_id,
                 step_instance_id,
                 only_from: paused,
@@ -249,7 +252,7 @@ impl Store {
                 step_status: status,
                 at: now,
             };
-            let ended = crate::retry::end_job_and_step(&mut tx, &end).await?;
+            let ended = end_job_and_step(&mut tx, &end).await?;
             tx.commit().await?;
             Ok::<bool, sqlx::Error>(ended)
         }
