@@ -193,8 +193,8 @@ pub async fn fast_execute_script(
                 .map_err(|_| ApiError::invalid("script_param", "decodes to invalid UTF-8"))?
         }
     };
-    let timeout = super::steps::step_timeout(req.timeout)?;
-    super::steps::check_task_name(req.task_name.as_deref())?;
+    let timeout = super::submit::step_timeout(req.timeout)?;
+    super::submit::check_task_name(req.task_name.as_deref())?;
     super::steps::check(req.rolling_config.as_ref())?;
     // Fields fleetrun cannot honour are refused, never accepted and dropped: a client that
     // sends them expects them to take effect.
@@ -208,7 +208,7 @@ pub async fn fast_execute_script(
             "host_password_list: fleetrun's agents run scripts as the account without its password; submit without host_password_list",
         ));
     }
-    let callback_url = super::steps::callback_url(shared, req.callback_url.as_deref())?;
+    let callback_url = super::submit::callback_url(shared, req.callback_url.as_deref())?;
     if req
         .windows_interpreter
         .as_deref()
@@ -222,12 +222,12 @@ pub async fn fast_execute_script(
 
     // Account: account_id wins over account_alias.
     let inventory = shared.inventory.current().await?;
-    let account = super::steps::requested_account(
+    let account = super::submit::requested_account(
         &inventory,
         &scope.inventory,
         req.account_id,
         req.account_alias.as_deref(),
-        super::steps::AccountFields::IdOrAlias,
+        super::submit::AccountFields::IdOrAlias,
     )?;
 
     let wanted = wanted_targets(req.target_server)?;

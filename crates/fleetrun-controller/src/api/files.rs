@@ -209,18 +209,18 @@ pub async fn push_config_file(
             ));
         }
     };
-    let timeout = super::steps::step_timeout(req.timeout)?;
-    super::steps::check_task_name(req.task_name.as_deref())?;
-    super::steps::refuse_file_step_options(req.rolling_config.as_ref(), req.start_task)?;
-    let callback_url = super::steps::callback_url(shared, req.callback_url.as_deref())?;
+    let timeout = super::submit::step_timeout(req.timeout)?;
+    super::submit::check_task_name(req.task_name.as_deref())?;
+    super::submit::refuse_file_step_options(req.rolling_config.as_ref(), req.start_task)?;
+    let callback_url = super::submit::callback_url(shared, req.callback_url.as_deref())?;
 
     let inventory = shared.inventory.current().await?;
-    let account = super::steps::requested_account(
+    let account = super::submit::requested_account(
         &inventory,
         &scope.inventory,
         req.account_id,
         req.account_alias.as_deref(),
-        super::steps::AccountFields::IdOrAlias,
+        super::submit::AccountFields::IdOrAlias,
     )?;
 
     let wanted = super::execute::wanted_targets(req.target_server)?;

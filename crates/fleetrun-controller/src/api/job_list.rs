@@ -7,7 +7,7 @@ use super::{
     ApiError,
     auth::Caller,
     error::code,
-    params::{Params, lenient},
+    params::{Params, lenient, paging},
     reply, scope,
 };
 use crate::Shared;
@@ -41,22 +41,6 @@ struct JobListRequest {
 }
 
 const THIRTY_DAYS_MS: i64 = 30 * 24 * 3600 * 1000;
-
-/// Reads paging fields: `start` from 0, `length` 1 to 1000 (default 20).
-pub(super) fn paging(start: Option<i64>, length: Option<i64>) -> Result<(i64, i64), ApiError> {
-    let start = start.unwrap_or(0);
-    if start < 0 {
-        return Err(ApiError::invalid("start", format!("{start} is negative")));
-    }
-    let length = length.unwrap_or(20);
-    if !(1..=1000).contains(&length) {
-        return Err(ApiError::invalid(
-            "length",
-            format!("{length} is outside [1, 1000]"),
-        ));
-    }
-    Ok((start, length))
-}
 
 fn small_enum(field: &str, value: Option<i64>, allowed: &[i64]) -> Result<Option<i32>, ApiError> {
     match value {

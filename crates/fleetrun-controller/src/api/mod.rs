@@ -33,6 +33,7 @@ mod step_detail;
 mod step_status;
 mod steps;
 mod stream;
+mod submit;
 mod tokens;
 mod topology;
 mod transfer;

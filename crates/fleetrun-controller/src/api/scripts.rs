@@ -17,8 +17,7 @@ use super::{
     ApiError,
     auth::Caller,
     error::code,
-    job_list::paging,
-    params::{Params, lenient},
+    params::{Params, lenient, paging},
     reply::{self, Page},
     scope::{self, Scope},
 };

@@ -206,21 +206,21 @@ pub async fn fast_transfer_file(
             ));
         }
     };
-    let timeout = super::steps::step_timeout(req.timeout)?;
+    let timeout = super::submit::step_timeout(req.timeout)?;
     let download = speed_limit("download_speed_limit", req.download_speed_limit)?;
     let upload = speed_limit("upload_speed_limit", req.upload_speed_limit)?;
-    super::steps::check_task_name(req.task_name.as_deref())?;
-    super::steps::refuse_file_step_options(req.rolling_config.as_ref(), req.start_task)?;
-    let callback_url = super::steps::callback_url(shared, req.callback_url.as_deref())?;
+    super::submit::check_task_name(req.task_name.as_deref())?;
+    super::submit::refuse_file_step_options(req.rolling_config.as_ref(), req.start_task)?;
+    let callback_url = super::submit::callback_url(shared, req.callback_url.as_deref())?;
 
     let inventory = shared.inventory.current().await?;
     let account_of = |field: &str, id: Option<i64>, alias: Option<&str>| {
-        super::steps::requested_account(
+        super::submit::requested_account(
             &inventory,
             &scope.inventory,
             id,
             alias,
-            super::steps::AccountFields::Named(field),
+            super::submit::AccountFields::Named(field),
         )
     };
     let account = account_of(
