@@ -23,7 +23,9 @@ use super::{
     execute::{TargetServer, refuse_while_unwritable},
     files::{STEP_TYPE_FILE, target_dir},
     params::{Params, lenient},
-    reply, scope,
+    reply,
+    request::ApiRequest,
+    scope,
 };
 use crate::{
     Shared,
@@ -592,19 +594,19 @@ pub async fn upload_local_file(
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Response {
-    let request_id = super::new_request_id();
-    let result = receive_upload(
-        &shared,
-        &gate,
-        &id,
-        &method,
-        &headers,
-        query.as_deref(),
-        body,
-    )
-    .await;
-    super::log_result(&result);
-    super::envelope(&request_id, result)
+    let api_request = ApiRequest::begin("local_file_upload");
+    let result = api_request
+        .run(receive_upload(
+            &shared,
+            &gate,
+            &id,
+            &method,
+            &headers,
+            query.as_deref(),
+            body,
+        ))
+        .await;
+    api_request.answer(result)
 }
 
 async fn receive_upload(
