@@ -10,8 +10,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 pub use fantoccini::{Client, Locator};
+use fleetrun_testkit::cluster::{free_port, workspace_root};
 use serde_json::json;
-use xtask::cluster::{free_port, workspace_root};
 
 /// Where Debian installs them.
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";

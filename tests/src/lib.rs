@@ -14,10 +14,10 @@ use std::{
 use anyhow::{Context, Result};
 use base64::Engine as _;
 use fleetrun_store::scratch::{ScratchDatabase, test_postgres_server};
+use fleetrun_testkit::cluster::{Cluster, ClusterOptions, workspace_root};
 use serde_json::{Value, json};
-use xtask::cluster::{Cluster, ClusterOptions, workspace_root};
 
-pub use xtask::{client::ApiClient, cluster, pki};
+pub use fleetrun_testkit::{client::ApiClient, cluster, pki};
 
 pub mod browser;
 
@@ -204,7 +204,7 @@ pub fn reached(status: &Value) -> Vec<i64> {
 pub fn fleetrun_bin() -> &'static Path {
     static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
-        let mut cmd = xtask::cluster::cargo_command();
+        let mut cmd = fleetrun_testkit::cluster::cargo_command();
         cmd.args(["build", "--locked", "--quiet", "-p", "fleetrun-cli"]);
         let status = cmd.status().expect("running cargo build -p fleetrun-cli");
         assert!(status.success(), "cargo build -p fleetrun-cli failed");

@@ -44,11 +44,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use fleetrun_testkit::cluster::workspace_root;
 use serde_json::json;
 
 pub use report::Figure;
-
-use crate::cluster::workspace_root;
 
 /// Every group, in the order they run.
 pub const GROUPS: &[&str] = &[
@@ -93,7 +92,7 @@ impl Ctx {
 
 /// Builds the controller, the agent and the swarm in release mode; returns their directory.
 fn build() -> Result<PathBuf> {
-    let mut cmd = crate::cluster::cargo_command();
+    let mut cmd = fleetrun_testkit::cluster::cargo_command();
     cmd.args([
         "build",
         "--release",

@@ -13,8 +13,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-
-use crate::cluster::{cargo_command, workspace_root};
+use fleetrun_testkit::cluster::{cargo_command, workspace_root};
 
 /// The cargo-deb release `.ci/run` installs (`cargo install cargo-deb --locked --version ...`);
 /// older ones may read `[package.metadata.deb]` differently.

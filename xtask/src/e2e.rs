@@ -17,11 +17,12 @@ pub mod cluster;
 mod enroll;
 mod reattach;
 
-use crate::{
+use fleetrun_testkit::{
     cluster::{Cluster, ClusterOptions, workspace_root},
     netns::Network,
-    relay::Relay,
 };
+
+use crate::relay::Relay;
 
 #[derive(Debug, Clone)]
 pub struct E2eOptions {
@@ -638,7 +639,7 @@ pub async fn run(opts: &E2eOptions) -> Result<()> {
         "{} hosts in network namespaces on bridge {} ({})",
         opts.hosts, network.bridge, network.gateway
     );
-    let agent_port = crate::cluster::free_port()?;
+    let agent_port = fleetrun_testkit::cluster::free_port()?;
     let relay = Relay::start(
         std::net::SocketAddr::new(network.gateway.into(), 0),
         std::net::SocketAddr::new(network.gateway.into(), agent_port),

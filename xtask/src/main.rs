@@ -5,8 +5,8 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context, Result};
 use base64::Engine as _;
 use clap::{Parser, Subcommand};
+use fleetrun_testkit::cluster::{Cluster, ClusterOptions, workspace_root};
 use serde_json::json;
-use xtask::cluster::{Cluster, ClusterOptions, workspace_root};
 
 #[derive(Debug, Parser)]
 #[command(about = "fleetrun's developer and integration commands")]
@@ -36,7 +36,7 @@ enum Cmd {
         /// Use release builds.
         #[arg(long)]
         release: bool,
-        /// The inventory file; by default a small example topology (see xtask/src/cluster.rs).
+        /// The inventory file; by default a small example topology (see crates/fleetrun-testkit/src/cluster.rs).
         #[arg(long)]
         inventory: Option<PathBuf>,
         /// Controllers sharing the database (named c1, c2, …); more than one needs
@@ -101,7 +101,7 @@ fn main() -> Result<()> {
     match args.command {
         Cmd::Certs { dir, agents } => {
             let dir = workspace_root().join(dir);
-            xtask::pki::generate(&dir, agents)?;
+            fleetrun_testkit::pki::generate(&dir, agents)?;
             println!(
                 "wrote a development PKI with {agents} agent certificates to {}",
                 dir.display()

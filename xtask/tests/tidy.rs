@@ -124,7 +124,31 @@ const ALLOWED_INTERNAL: &[(&str, &[&str])] = &[
             "fleetrun-agent",
         ],
     ),
+    // The test kit drives the product from outside and may use any of its libraries (the CLI
+    // is a binary only); it is listed under no other crate, so no product crate depends on it.
+    (
+        "fleetrun-testkit",
+        &[
+            "fleetrun-api",
+            "fleetrun-proto",
+            "fleetrun-net",
+            "fleetrun-exec",
+            "fleetrun-inventory",
+            "fleetrun-store",
+            "fleetrun-controller",
+            "fleetrun-agent",
+            "fleetrun-swarm",
+        ],
+    ),
 ];
+
+/// The crate that only tests, benchmarks and xtask may use.
+const TEST_KIT: &str = "fleetrun-testkit";
+
+/// The workspace members outside `crates/` that drive the product from outside (xtask, which
+/// uses the test kit, and the integration tests): no crate under `crates/` may depend on them,
+/// or it could reach the test kit through them.
+const OUTSIDE_DRIVERS: &[&str] = &["xtask", "fleetrun-tests"];
 
 /// Outside crates that would break a crate's promise (no I/O in proto and inventory, SQL only
 /// in the store, no networking in exec).
@@ -149,24 +173,69 @@ const API_CRATE_DEPENDENCIES: [(&str, &[&str]); 3] = [
     ("build-dependencies", &[]),
 ];
 
-#[test]
-fn crates_depend_only_on_what_the_architecture_allows() {
-    let crates = crate_dependencies();
-    let allowed: BTreeMap<_, _> = ALLOWED_INTERNAL.iter().copied().collect();
+/// Which of `crates`' dependencies on one another `allowed` does not list.
+fn internal_dependency_problems(
+    crates: &BTreeMap<String, BTreeSet<String>>,
+    allowed: &[(&str, &[&str])],
+) -> Vec<String> {
+    let allowed: BTreeMap<_, _> = allowed.iter().copied().collect();
     let mut problems = Vec::new();
-    for (name, deps) in &crates {
+    for (name, deps) in crates {
         let Some(may_use) = allowed.get(name.as_str()) else {
             problems.push(format!(
                 "{name} is not in ALLOWED_INTERNAL: say what it may depend on"
             ));
             continue;
         };
-        for dep in deps.iter().filter(|d| crates.contains_key(*d)) {
-            if !may_use.contains(&dep.as_str()) {
+        for dep in deps {
+            let refused = if crates.contains_key(dep) {
+                !may_use.contains(&dep.as_str())
+            } else {
+                OUTSIDE_DRIVERS.contains(&dep.as_str())
+            };
+            if refused {
                 problems.push(format!("{name} must not depend on {dep}"));
             }
         }
     }
+    problems
+}
+
+#[test]
+fn no_product_crate_may_depend_on_the_test_kit() {
+    let crates: BTreeMap<String, BTreeSet<String>> = [
+        // Directly, or through xtask (which uses the test kit) or the integration tests.
+        ("fleetrun-controller", &["fleetrun-testkit", "xtask"][..]),
+        ("fleetrun-cli", &["fleetrun-tests"][..]),
+        ("fleetrun-testkit", &["fleetrun-controller"][..]),
+    ]
+    .into_iter()
+    .map(|(name, deps)| {
+        let deps = deps.iter().map(|d| d.to_string()).collect();
+        (name.to_owned(), deps)
+    })
+    .collect();
+    assert_eq!(
+        internal_dependency_problems(&crates, ALLOWED_INTERNAL),
+        [
+            "fleetrun-cli must not depend on fleetrun-tests",
+            "fleetrun-controller must not depend on fleetrun-testkit",
+            "fleetrun-controller must not depend on xtask",
+        ]
+    );
+    for (name, may_use) in ALLOWED_INTERNAL {
+        assert!(
+            !may_use.contains(&TEST_KIT),
+            "ALLOWED_INTERNAL lets {name} depend on {TEST_KIT}, which is for tests and \
+             developer tools only"
+        );
+    }
+}
+
+#[test]
+fn crates_depend_only_on_what_the_architecture_allows() {
+    let crates = crate_dependencies();
+    let mut problems = internal_dependency_problems(&crates, ALLOWED_INTERNAL);
     for (name, forbidden) in FORBIDDEN_EXTERNAL {
         for dep in *forbidden {
             if crates[*name].contains(*dep) {

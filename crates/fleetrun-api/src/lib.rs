@@ -5,7 +5,7 @@
 //! [`VersionStatus`]), each serialized as its bare number, exactly as bk-job's clients expect.
 //! The replies of the most used APIs ([`job`]) and the events of `stream_job` ([`StreamEvent`])
 //! are structs, so that the controller that writes them and the clients that read them (the CLI,
-//! xtask's client, the tests) cannot drift apart.
+//! the test kit's client, the tests) cannot drift apart.
 //!
 //! The crate depends on serde alone: it knows nothing of HTTP, storage or the wire protocol
 //! between controller and agents.

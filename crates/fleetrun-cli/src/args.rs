@@ -503,7 +503,7 @@ impl Lang {
 
 #[derive(Debug, Args)]
 pub struct JobsArgs {
-    /// How far back: 30m, 24h, 7d (at most 30d)
+    /// How far back: 30m, 24h, 7d, 1h30m (at most 30d); a bare number is hours
     #[arg(long, value_name = "AGE", default_value = "24h")]
     pub since: String,
     /// Only jobs in this status: running, success, failed, terminated, ... or its number

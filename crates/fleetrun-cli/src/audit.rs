@@ -44,7 +44,7 @@ pub struct AuditArgs {
     /// Only entries numbered after this
     #[arg(long, value_name = "SEQ")]
     pub after: Option<i64>,
-    /// Only entries this recent: 30m, 12h, 7d
+    /// Only entries this recent: 30m, 12h, 7d, 1h30m; a bare number is hours
     #[arg(long, value_name = "AGE")]
     pub since: Option<String>,
     /// At most this many entries (1 to 1000)
@@ -56,25 +56,6 @@ pub struct AuditArgs {
 pub enum AuditCommand {
     /// Check the hash chain: every entry unedited, none missing
     Verify,
-}
-
-/// Milliseconds in an age such as `30m`, `12h` or `7d`.
-fn age_ms(text: &str) -> Result<i64, CliError> {
-    let bad = || {
-        CliError::usage(format!(
-            "--since {text:?}: expected a number and s, m, h or d"
-        ))
-    };
-    let (number, unit) = text.split_at(text.len().saturating_sub(1));
-    let number: i64 = number.parse().map_err(|_| bad())?;
-    let unit = match unit {
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(bad()),
-    };
-    number.checked_mul(unit).filter(|n| *n >= 0).ok_or_else(bad)
 }
 
 pub async fn run(ctx: &Ctx, args: &AuditArgs) -> Result<u8, CliError> {
@@ -100,7 +81,7 @@ pub async fn run(ctx: &Ctx, args: &AuditArgs) -> Result<u8, CliError> {
         body["after_seq"] = json!(after);
     }
     if let Some(since) = &args.since {
-        body["start_time"] = json!(now_ms() - age_ms(since)?);
+        body["start_time"] = json!(now_ms() - crate::age::age_ms("--since", since)?);
     }
     let data = ctx.client.call("get_audit_log", body).await?;
     if ctx.output != Output::Text {
@@ -160,18 +141,4 @@ async fn verify(ctx: &Ctx) -> Result<u8, CliError> {
         print(&text)?;
     }
     Ok(if intact { exit::OK } else { exit::HOSTS_FAILED })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ages_read_with_their_unit_and_nonsense_is_refused() {
-        assert_eq!(age_ms("30m").unwrap(), 1_800_000);
-        assert_eq!(age_ms("7d").unwrap(), 604_800_000);
-        for bad in ["", "d", "7w", "-1d", "99999999999999999d"] {
-            assert!(age_ms(bad).is_err(), "{bad}");
-        }
-    }
 }

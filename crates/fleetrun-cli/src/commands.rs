@@ -11,7 +11,7 @@ use fleetrun_api::HostStatus;
 use serde_json::{Value, json};
 
 use crate::{
-    admin,
+    admin, age,
     args::{Cli, Command, HostsArgs, JobsArgs, Output, RunArgs},
     client::Client,
     display::{self, Live, Style},
@@ -385,29 +385,6 @@ async fn logs(ctx: &Ctx, job: i64, hosts: &[i64], follow_it: bool) -> Result<u8,
     Ok(exit_for(&view))
 }
 
-/// `30m`, `24h`, `7d`, `90s` as milliseconds.
-fn parse_age(text: &str) -> Result<i64, CliError> {
-    let bad = || {
-        CliError::usage(format!(
-            "--since {text:?} is not an age like 30m, 24h or 7d"
-        ))
-    };
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: i64 = number.parse().map_err(|_| bad())?;
-    let unit_ms = match unit {
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" | "" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(bad()),
-    };
-    Ok(number.saturating_mul(unit_ms))
-}
-
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -417,7 +394,7 @@ pub(crate) fn now_ms() -> i64 {
 async fn jobs(ctx: &Ctx, args: &JobsArgs) -> Result<u8, CliError> {
     let now = now_ms();
     let mut query = json!({
-        "create_time_start": now - parse_age(&args.since)?,
+        "create_time_start": now - age::age_ms("--since", &args.since)?,
         "create_time_end": now,
         "length": args.limit,
     });
@@ -585,19 +562,4 @@ async fn hosts(ctx: &Ctx, args: &HostsArgs) -> Result<u8, CliError> {
         }
     }
     Ok(exit::OK)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ages_are_read_with_units() {
-        assert_eq!(parse_age("30m").unwrap(), 1_800_000);
-        assert_eq!(parse_age("24h").unwrap(), 86_400_000);
-        assert_eq!(parse_age("7d").unwrap(), 604_800_000);
-        assert_eq!(parse_age("2").unwrap(), 7_200_000);
-        assert!(parse_age("1w").is_err());
-        assert!(parse_age("h").is_err());
-    }
 }

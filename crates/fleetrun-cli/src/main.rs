@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod age;
 mod args;
 mod audit;
 mod client;

@@ -5,6 +5,7 @@ use clap::Subcommand;
 use serde_json::{Value, json};
 
 use crate::{
+    age,
     args::Output,
     commands::{Ctx, now_ms, print, print_json},
     display,
@@ -24,9 +25,9 @@ pub enum TokensCommand {
         /// The module the hosts land in (one of the business's)
         #[arg(long, value_name = "ID")]
         module: Option<i64>,
-        /// How long the token may be used: 90s, 30m, 1h, 7d
-        #[arg(long, value_name = "AGE", default_value = "1h", value_parser = ttl_secs)]
-        ttl: i64,
+        /// How long the token may be used: 90s, 30m, 1h, 7d, 1w, 1h30m; a bare number is hours
+        #[arg(long, value_name = "AGE", default_value = "1h")]
+        ttl: String,
         /// How many hosts may enroll with it
         #[arg(long, value_name = "N", default_value_t = 1)]
         uses: i64,
@@ -46,25 +47,6 @@ pub enum TokensCommand {
     },
 }
 
-/// `30m`, `1h`, `7d`, `90s` (a bare number is hours), as seconds.
-fn ttl_secs(text: &str) -> Result<i64, String> {
-    let bad = || format!("{text:?} is not an age like 90s, 30m, 1h or 7d");
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: i64 = number.parse().map_err(|_| bad())?;
-    let unit = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" | "" => 3600,
-        "d" => 86_400,
-        _ => return Err(bad()),
-    };
-    Ok(number.saturating_mul(unit))
-}
-
 pub async fn run(ctx: &Ctx, command: &TokensCommand) -> Result<u8, CliError> {
     match command {
         TokensCommand::Create {
@@ -78,7 +60,7 @@ pub async fn run(ctx: &Ctx, command: &TokensCommand) -> Result<u8, CliError> {
             let mut body = json!({
                 "bk_biz_id": biz,
                 "bk_cloud_id": cloud,
-                "ttl_secs": ttl,
+                "ttl_secs": age::age_secs("--ttl", ttl)?,
                 "max_uses": uses,
             });
             if let Some(module) = module {
@@ -185,19 +167,4 @@ fn line(t: &Value, now: i64) -> String {
         line.push_str(&format!("  {description}"));
     }
     line
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ttls_read_like_ages() {
-        assert_eq!(ttl_secs("90s"), Ok(90));
-        assert_eq!(ttl_secs("30m"), Ok(1800));
-        assert_eq!(ttl_secs("2"), Ok(7200));
-        assert_eq!(ttl_secs("7d"), Ok(604_800));
-        assert!(ttl_secs("1w").is_err());
-        assert!(ttl_secs("h").is_err());
-    }
 }

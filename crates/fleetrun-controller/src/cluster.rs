@@ -355,9 +355,7 @@ impl Membership {
                         engine.resume(job);
                     }
                     for job in ended {
-                        if let Some(callbacks) = engine.callbacks() {
-                            callbacks.job_ended(job);
-                        }
+                        engine.callbacks().job_ended(job);
                         self.release_ended(job).await;
                     }
                 }

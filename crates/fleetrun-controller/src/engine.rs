@@ -183,7 +183,7 @@ pub struct Engine {
     /// Jobs in `running` held by a [`Reservation`]: a run is about to start, none is under way.
     reserved: Arc<Mutex<HashSet<i64>>>,
     /// Told of every job's end, for its callback.
-    callbacks: Option<Callbacks>,
+    callbacks: Callbacks,
     /// Tasks out on agents that own them, by task id, while their host's run follows them.
     claims: Arc<Mutex<Claims>>,
     /// Where each such task stands, by (step, host), and whether that changed since it was
@@ -306,7 +306,14 @@ impl Drop for Reservation {
 }
 
 impl Engine {
-    pub fn new(store: Store, agents: Agents, output_limit: u64, agent_grace: Duration) -> Self {
+    /// An engine that reports every job's end to `callbacks`.
+    pub fn new(
+        store: Store,
+        agents: Agents,
+        output_limit: u64,
+        agent_grace: Duration,
+        callbacks: Callbacks,
+    ) -> Self {
         Self {
             store,
             agents,
@@ -314,7 +321,7 @@ impl Engine {
             agent_grace,
             running: Arc::default(),
             reserved: Arc::default(),
-            callbacks: None,
+            callbacks,
             claims: Arc::default(),
             checkpoints: Arc::default(),
             prepared: Arc::default(),
@@ -423,15 +430,9 @@ impl Engine {
         }
     }
 
-    /// Reports every job's end to the callback dispatcher.
-    pub fn with_callbacks(mut self, callbacks: Callbacks) -> Self {
-        self.callbacks = Some(callbacks);
-        self
-    }
-
-    /// Where job ends are reported, if anywhere.
-    pub(crate) fn callbacks(&self) -> Option<&Callbacks> {
-        self.callbacks.as_ref()
+    /// Where job ends are reported.
+    pub(crate) fn callbacks(&self) -> &Callbacks {
+        &self.callbacks
     }
 
     /// Starts the job in the background; false if it is running already.
@@ -1448,9 +1449,7 @@ impl Engine {
         )
         .await;
         crate::metrics::job_finished(job_status, at - started);
-        if let Some(callbacks) = &self.callbacks {
-            callbacks.job_ended(job_instance_id);
-        }
+        self.callbacks.job_ended(job_instance_id);
         tracing::info!(
             job = job_instance_id,
             hosts = host_count,

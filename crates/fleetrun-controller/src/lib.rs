@@ -193,24 +193,21 @@ impl Controller {
                 .into_iter()
                 .map(|r| r.agent_id),
         );
+        let param_cipher = Arc::new(secrets::ParamCipher::load_or_create(
+            &config.param_key_file(),
+        )?);
+        let shutdown = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let callbacks = callback::start(store.clone(), &config, shutdown.clone(), &mut tasks)?;
         let engine = engine::Engine::new(
             store.clone(),
             agents.clone(),
             config.limits.output_limit,
             Duration::from_secs(config.limits.agent_grace_secs),
+            callbacks,
         )
         .with_membership(membership.clone())
-        .with_cipher(Arc::new(secrets::ParamCipher::load_or_create(
-            &config.param_key_file(),
-        )?));
-        let shutdown = CancellationToken::new();
-        let mut tasks = tokio::task::JoinSet::new();
-        let engine = engine.with_callbacks(callback::start(
-            store.clone(),
-            &config,
-            shutdown.clone(),
-            &mut tasks,
-        )?);
+        .with_cipher(param_cipher);
         tasks.spawn(engine.save_checkpoints(shutdown.clone()));
         if let Some(membership) = &membership {
             let scheme = if config.api.tls.is_some() {

@@ -24,6 +24,7 @@ mod files;
 mod handover;
 mod health;
 mod inventory;
+mod job_end;
 mod model;
 mod reattach;
 mod retention;

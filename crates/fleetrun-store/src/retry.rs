@@ -15,7 +15,11 @@ use std::ops::RangeInclusive;
 
 use sqlx::Row;
 
-use crate::{HostResultRecord, Store, StoreError, join_ints};
+use crate::{
+    HostResultRecord, Store, StoreError,
+    job_end::{JobEnd, end_job_and_step},
+    join_ints,
+};
 
 /// Which of a step's hosts a retry runs again.
 #[derive(Debug, Clone, Default)]
@@ -208,29 +212,17 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let ended = async {
             let mut tx = self.pool.begin().await?;
-            let ended = sqlx::query(
-                "UPDATE job_instance SET status = $1, end_time = $2
-                 WHERE job_instance_id = $3 AND status = $4",
-            )
-            .bind(status)
-            .bind(now)
-            .bind(job_instance_id)
-            .bind(running)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if !ended {
+            let end = JobEnd {
+                job_instance_id,
+                step_instance_id,
+                only_from: running,
+                job_status: status,
+                step_status: status,
+                at: now,
+            };
+            if !end_job_and_step(&mut tx, &end).await? {
                 return Ok(false);
             }
-            sqlx::query(
-                "UPDATE step_instance SET status = $1, end_time = $2 WHERE step_instance_id = $3",
-            )
-            .bind(status)
-            .bind(now)
-            .bind(step_instance_id)
-            .execute(&mut *tx)
-            .await?;
             sqlx::query(
                 "UPDATE host_result SET status = $1, end_time = $2
                  WHERE step_instance_id = $3 AND status = $4",
@@ -262,29 +254,17 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let ended = async {
             let mut tx = self.pool.begin().await?;
-            let ended = sqlx::query(
-                "UPDATE job_instance SET status = $1, end_time = $2
-                 WHERE job_instance_id = $3 AND status = $4",
-            )
-            .bind(job_status)
-            .bind(now)
-            .bind(job_instance_id)
-            .bind(failed)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if !ended {
+            let end = JobEnd {
+                job_instance_id,
+                step_instance_id,
+                only_from: failed,
+                job_status,
+                step_status,
+                at: now,
+            };
+            if !end_job_and_step(&mut tx, &end).await? {
                 return Ok(false);
             }
-            sqlx::query(
-                "UPDATE step_instance SET status = $1, end_time = $2 WHERE step_instance_id = $3",
-            )
-            .bind(step_status)
-            .bind(now)
-            .bind(step_instance_id)
-            .execute(&mut *tx)
-            .await?;
             forget_callback(&mut tx, job_instance_id).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(true)
@@ -693,6 +673,77 @@ mod tests {
         assert_eq!(
             statuses(&store.host_results(step).await.unwrap()),
             [(1, 9), (2, 5)]
+        );
+    }
+
+    /// The job's and its step's (status, end time).
+    async fn ends(store: &crate::Store, job: i64) -> [(i32, Option<i64>); 2] {
+        let record = store.job(job).await.unwrap().unwrap();
+        [
+            (record.status, record.end_time),
+            (record.steps[0].status, record.steps[0].end_time),
+        ]
+    }
+
+    #[tokio::test]
+    async fn a_job_ends_only_from_the_status_it_is_expected_in() {
+        let (_db, store) = crate::test_store().await;
+        let created = store.create_job(&new_job(2)).await.unwrap();
+        let (job, step) = (created.job_instance_id, created.step_instance_id);
+        run(&store, &created, &[(1, 9, "a"), (2, 104, "b")], 11).await;
+
+        // Ignoring the error of a job that is not in `failed` changes nothing.
+        assert!(
+            !store
+                .ignore_step_error(job, step, 2, 12, 3, 20)
+                .await
+                .unwrap()
+        );
+        assert_eq!(ends(&store, job).await, [(11, Some(4)), (11, Some(4))]);
+        // From `failed`: the job and the step get their own statuses, one end time.
+        assert!(
+            store
+                .ignore_step_error(job, step, 11, 12, 3, 20)
+                .await
+                .unwrap()
+        );
+        assert_eq!(ends(&store, job).await, [(3, Some(20)), (12, Some(20))]);
+        assert!(
+            !store
+                .ignore_step_error(job, step, 11, 12, 3, 21)
+                .await
+                .unwrap()
+        );
+
+        // A retry that could not start ends from `running` only; the hosts still waiting get
+        // the host status, the others keep theirs.
+        let failed_only = super::RetryScope {
+            keep: vec![9],
+            batches: None,
+        };
+        let retried = store
+            .retry_step(job, step, 3, 2, &failed_only)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(retried.hosts, [2]);
+        assert!(
+            !store
+                .end_unstarted_retry(job, step, 7, 4, 403, 30)
+                .await
+                .unwrap()
+        );
+        assert_eq!(ends(&store, job).await, [(2, None), (2, None)]);
+        assert!(
+            store
+                .end_unstarted_retry(job, step, 2, 4, 403, 30)
+                .await
+                .unwrap()
+        );
+        assert_eq!(ends(&store, job).await, [(4, Some(30)), (4, Some(30))]);
+        assert_eq!(
+            statuses(&store.host_results(step).await.unwrap()),
+            [(1, 9), (2, 403)]
         );
     }
 }

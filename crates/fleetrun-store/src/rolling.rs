@@ -7,7 +7,10 @@ use std::collections::HashMap;
 
 use sqlx::Row;
 
-use crate::{Store, StoreError};
+use crate::{
+    Store, StoreError,
+    job_end::{JobEnd, end_job_and_step},
+};
 
 /// A step's rolling plan and progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,28 +244,15 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let ended = async {
             let mut tx = self.pool.begin().await?;
-            let ended = sqlx::query(
-                "UPDATE job_instance SET status = $1, end_time = $2
-                 WHERE job_instance_id = $3 AND status = $4",
-            )
-            .bind(status)
-            .bind(now)
-            .bind(job_instance_id)
-            .bind(paused)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if ended {
-                sqlx::query(
-                    "UPDATE step_instance SET status = $1, end_time = $2 WHERE step_instance_id = $3",
-                )
-                .bind(status)
-                .bind(now)
-                .bind(step_instance_id)
-                .execute(&mut *tx)
-                .await?;
-            }
+            let end = JobEnd {
+                job_instance_id,
+                step_instance_id,
+                only_from: paused,
+                job_status: status,
+                step_status: status,
+                at: now,
+            };
+            let ended = end_job_and_step(&mut tx, &end).await?;
             tx.commit().await?;
             Ok::<bool, sqlx::Error>(ended)
         }

@@ -86,7 +86,7 @@ pub fn issue(
     Ok(identities)
 }
 
-/// What `xtask::pki::Ca::issue_agent` puts in an agent certificate.
+/// What `fleetrun_testkit::pki::Ca::issue_agent` puts in an agent certificate.
 fn agent_params(agent_id: &str) -> Result<CertificateParams> {
     ensure!(
         fleetrun_proto::is_valid_agent_id(agent_id),

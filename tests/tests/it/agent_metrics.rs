@@ -48,7 +48,7 @@ fn get(m: &HashMap<String, f64>, key: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_serves_its_own_metrics_on_loopback_and_they_move_with_tasks() -> Result<()> {
     let mut cluster = start_cluster(1).await?;
-    let port = xtask::cluster::free_port()?;
+    let port = fleetrun_testkit::cluster::free_port()?;
     cluster.kill_agent(0)?;
     let config_path = cluster.agents[0].config.clone();
     let mut config = std::fs::read_to_string(&config_path)?;

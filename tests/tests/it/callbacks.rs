@@ -3,7 +3,7 @@
 //! reach loopback only while the controller's configuration allows it.
 //!
 //! Every receiver and every callback URL here is on loopback: the test clusters allow
-//! `127.0.0.0/8` ([`xtask::cluster::ClusterOptions::callback_allow_networks`]), and the tests
+//! `127.0.0.0/8` ([`fleetrun_testkit::cluster::ClusterOptions::callback_allow_networks`]), and the tests
 //! that need it refused take that away.
 
 use std::{

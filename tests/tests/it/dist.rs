@@ -18,8 +18,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use fleetrun_testkit::cluster::cargo_command;
 use fleetrun_tests::{cluster, pki};
-use xtask::cluster::cargo_command;
 
 const PACKAGES: [&str; 3] = ["fleetrun-controller", "fleetrun-agent", "fleetrun"];
 
@@ -874,7 +874,7 @@ async fn install_and_run(agent_deb: &Path) -> Result<()> {
             .timeout(Duration::from_secs(30))
             .build()?;
         let plain = cluster.client();
-        let client = xtask::client::ApiClient::new(
+        let client = fleetrun_testkit::client::ApiClient::new(
             &https,
             &plain.app_code,
             &plain.app_secret,

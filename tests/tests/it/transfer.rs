@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 const TEST_USER: &str = "fleetrun-user";
 
 fn user_uid() -> u32 {
-    let _ = xtask::cluster::ensure_test_user();
+    let _ = fleetrun_testkit::cluster::ensure_test_user();
     let out = Command::new("id").args(["-u", TEST_USER]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
@@ -1079,7 +1079,7 @@ async fn controllers_in_a_cluster_refuse_local_uploads() -> Result<()> {
         "controllers_in_a_cluster_refuse_local_uploads",
         1,
         2,
-        xtask::cluster::ClusterOptions::default(),
+        fleetrun_testkit::cluster::ClusterOptions::default(),
     )
     .await?
     else {

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use fleetrun_testkit::cluster::{Cluster, ClusterOptions};
 
 use super::{
     Ctx,
@@ -14,7 +15,6 @@ use super::{
     swarm::{PREFIX, SwarmProcess},
     sys,
 };
-use crate::cluster::{Cluster, ClusterOptions};
 
 const AGENTS: usize = 50_000;
 const PER_SWARM: usize = 10_000;

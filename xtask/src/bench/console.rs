@@ -13,6 +13,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
+use fleetrun_testkit::cluster::{Cluster, ClusterOptions};
 use serde_json::json;
 
 use super::{
@@ -21,7 +22,6 @@ use super::{
     report::Figure,
     swarm::{PREFIX, SwarmProcess},
 };
-use crate::cluster::{Cluster, ClusterOptions};
 
 const HOSTS: usize = 10_000;
 const PROXY_SECRET: &str = "bench-proxy-secret-0123456789";

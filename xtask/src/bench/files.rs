@@ -6,10 +6,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use fleetrun_testkit::cluster::{Cluster, ClusterOptions};
 use serde_json::json;
 
 use super::{Ctx, report::Figure, sys};
-use crate::cluster::{Cluster, ClusterOptions};
 
 const AGENTS: usize = 11;
 
@@ -179,7 +179,7 @@ async fn measure(
 /// MiB/s of `bytes` through one QUIC stream between two endpoints on loopback, with the
 /// cluster's CA and fleetrun's endpoint settings.
 async fn quic_ceiling(dir: &std::path::Path, bytes: usize) -> Result<f64> {
-    let ca = crate::pki::Ca::open_or_create(&dir.join("ceiling-certs"), "ceiling")?;
+    let ca = fleetrun_testkit::pki::Ca::open_or_create(&dir.join("ceiling-certs"), "ceiling")?;
     let server = ca.issue_controller()?;
     let client = ca.issue_agent("ceiling")?;
     let server_endpoint = fleetrun_net::server_endpoint(

@@ -25,7 +25,7 @@ pub async fn run(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
         figures.push(not_available(format!("{EXAMPLE} does not exist yet")));
         return Ok(());
     }
-    let mut cmd = Command::from(crate::cluster::cargo_command());
+    let mut cmd = Command::from(fleetrun_testkit::cluster::cargo_command());
     cmd.current_dir(&ctx.root)
         .args([
             "run",

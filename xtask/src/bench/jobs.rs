@@ -4,10 +4,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use base64::Engine as _;
+use fleetrun_testkit::{client::ApiClient, cluster::ClusterInfo};
 use serde_json::{Value, json};
 
 use super::sys::unix_ms;
-use crate::{client::ApiClient, cluster::ClusterInfo};
 
 /// The API as the benchmarks use it: one app, one scope, one account.
 #[derive(Debug, Clone)]

@@ -13,6 +13,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use fleetrun_testkit::cluster::{Cluster, ClusterOptions};
 
 use super::{
     Ctx,
@@ -20,7 +21,6 @@ use super::{
     report::Figure,
     swarm::{PREFIX, SwarmProcess},
 };
-use crate::cluster::{Cluster, ClusterOptions};
 
 /// Virtual hosts the jobs go to, one each.
 const HOSTS: usize = 4;

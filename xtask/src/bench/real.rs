@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
+use fleetrun_testkit::cluster::{Cluster, ClusterOptions};
 
 use super::{
     Ctx,
@@ -18,7 +19,6 @@ use super::{
     report::Figure,
     sys,
 };
-use crate::cluster::{Cluster, ClusterOptions};
 
 const AGENTS: usize = 100;
 const OUTPUT_BYTES: u64 = 50 * 1024 * 1024;

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use fleetrun_testkit::cluster::{Cluster, ClusterOptions};
 use serde_json::json;
 
 use super::{
@@ -15,7 +16,6 @@ use super::{
     swarm::{PREFIX, SwarmProcess},
     sys,
 };
-use crate::cluster::{Cluster, ClusterOptions};
 
 const HOSTS: usize = 1_000;
 /// The largest script the API accepts.

@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use fleetrun_testkit::cluster::{Cluster, ClusterOptions};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
@@ -20,7 +21,6 @@ use super::{
     report::Figure,
     sys,
 };
-use crate::cluster::{Cluster, ClusterOptions};
 
 pub(super) const PREFIX: &str = "swarm-";
 /// Polling interval while following a job: tight, so the figure is the controller's time.

@@ -13,11 +13,12 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 
-use super::{b64, counted, counter, reattach::CallbackInbox};
-use crate::{
+use fleetrun_testkit::{
     cluster::{Cluster, ClusterOptions, workspace_root},
     netns::Network,
 };
+
+use super::{b64, counted, counter, reattach::CallbackInbox};
 
 /// The PostgreSQL server `--database` names: a URL, or `postgres` for `FLEETRUN_TEST_DATABASE`
 /// (the tests' server) or else the local one.

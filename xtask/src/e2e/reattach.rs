@@ -9,10 +9,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
+use fleetrun_testkit::cluster::cargo_command;
 use serde_json::{Value, json};
 
 use super::Ctx;
-use crate::cluster::cargo_command;
 
 /// A callback receiver on 127.0.0.1 that keeps every POST it gets.
 pub(super) struct CallbackInbox {

@@ -11,8 +11,7 @@ use super::{
     admin::{require_admin, to_the_end},
     auth::Caller,
     error::code,
-    params::{Params, lenient},
-    query::paging,
+    params::{Params, lenient, paging},
     reply::{self, Page},
     scope::{self, Scope},
 };

@@ -25,9 +25,6 @@ use crate::{
 const MAX_SCRIPT_BYTES: usize = 16 * 1024 * 1024;
 const MAX_PARAM_BYTES: usize = 65_535;
 const MAX_SENSITIVE_PARAM_BYTES: usize = 48_128;
-const MAX_TASK_NAME_CHARS: usize = 512;
-const DEFAULT_TIMEOUT: i64 = 7200;
-const MAX_TIMEOUT: i64 = 86_400;
 
 #[derive(Debug, Deserialize)]
 struct Request {
@@ -196,21 +193,8 @@ pub async fn fast_execute_script(
                 .map_err(|_| ApiError::invalid("script_param", "decodes to invalid UTF-8"))?
         }
     };
-    let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT);
-    if !(1..=MAX_TIMEOUT).contains(&timeout) {
-        return Err(ApiError::invalid(
-            "timeout",
-            format!("{timeout} is outside [1, {MAX_TIMEOUT}]"),
-        ));
-    }
-    if let Some(name) = &req.task_name
-        && name.chars().count() > MAX_TASK_NAME_CHARS
-    {
-        return Err(ApiError::invalid(
-            "task_name",
-            format!("longer than {MAX_TASK_NAME_CHARS} characters"),
-        ));
-    }
+    let timeout = super::submit::step_timeout(req.timeout)?;
+    super::submit::check_task_name(req.task_name.as_deref())?;
     super::steps::check(req.rolling_config.as_ref())?;
     // Fields fleetrun cannot honour are refused, never accepted and dropped: a client that
     // sends them expects them to take effect.
@@ -224,14 +208,7 @@ pub async fn fast_execute_script(
             "host_password_list: fleetrun's agents run scripts as the account without its password; submit without host_password_list",
         ));
     }
-    let callback_url = match req.callback_url.as_deref().filter(|u| !u.is_empty()) {
-        None => None,
-        Some(url) => Some(
-            crate::callback::check_url(url, shared.config.http_listen, &shared.config.callbacks)
-                .map_err(|e| ApiError::invalid("callback_url", e))?
-                .to_string(),
-        ),
-    };
+    let callback_url = super::submit::callback_url(shared, req.callback_url.as_deref())?;
     if req
         .windows_interpreter
         .as_deref()
@@ -245,25 +222,13 @@ pub async fn fast_execute_script(
 
     // Account: account_id wins over account_alias.
     let inventory = shared.inventory.current().await?;
-    let account = inventory
-        .account_for(
-            &scope.inventory,
-            req.account_id,
-            req.account_alias.as_deref(),
-        )
-        .map_err(|e| {
-            let field = if req.account_id.is_some() {
-                "account_id"
-            } else {
-                "account_alias"
-            };
-            match e {
-                fleetrun_inventory::AccountError::Missing => {
-                    ApiError::missing("account_id or account_alias")
-                }
-                other => ApiError::new(i64::from(other.code()), format!("{field}: {other}")),
-            }
-        })?;
+    let account = super::submit::requested_account(
+        &inventory,
+        &scope.inventory,
+        req.account_id,
+        req.account_alias.as_deref(),
+        super::submit::AccountFields::IdOrAlias,
+    )?;
 
     let wanted = wanted_targets(req.target_server)?;
     scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;

@@ -10,7 +10,6 @@ use serde_json::Value;
 use super::{
     ApiError,
     auth::Caller,
-    error::code,
     execute::{TargetServer, refuse_while_unwritable},
     params::{Params, lenient},
     reply, scope,
@@ -26,9 +25,6 @@ use crate::{
 const MAX_FILES: usize = 100;
 /// Most bytes of all files of one request, decoded: they travel in one frame to each host.
 pub const MAX_CONFIG_BYTES: usize = 8 * 1024 * 1024;
-const MAX_TASK_NAME_CHARS: usize = 512;
-const DEFAULT_TIMEOUT: i64 = 7200;
-const MAX_TIMEOUT: i64 = 86_400;
 /// The mode a configuration file gets unless the request says otherwise.
 const DEFAULT_MODE: u32 = 0o644;
 
@@ -213,62 +209,19 @@ pub async fn push_config_file(
             ));
         }
     };
-    let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT);
-    if !(1..=MAX_TIMEOUT).contains(&timeout) {
-        return Err(ApiError::invalid(
-            "timeout",
-            format!("{timeout} is outside [1, {MAX_TIMEOUT}]"),
-        ));
-    }
-    if let Some(name) = &req.task_name
-        && name.chars().count() > MAX_TASK_NAME_CHARS
-    {
-        return Err(ApiError::invalid(
-            "task_name",
-            format!("longer than {MAX_TASK_NAME_CHARS} characters"),
-        ));
-    }
-    if req.rolling_config.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::new(
-            code::NOT_SUPPORTED,
-            "rolling_config: file steps do not roll yet; submit without rolling_config",
-        ));
-    }
-    if req.start_task == Some(false) {
-        return Err(ApiError::new(
-            code::NOT_SUPPORTED,
-            "start_task: file steps start when they are accepted; submit without start_task=false",
-        ));
-    }
-    let callback_url = match req.callback_url.as_deref().filter(|u| !u.is_empty()) {
-        None => None,
-        Some(url) => Some(
-            crate::callback::check_url(url, shared.config.http_listen, &shared.config.callbacks)
-                .map_err(|e| ApiError::invalid("callback_url", e))?
-                .to_string(),
-        ),
-    };
+    let timeout = super::submit::step_timeout(req.timeout)?;
+    super::submit::check_task_name(req.task_name.as_deref())?;
+    super::submit::refuse_file_step_options(req.rolling_config.as_ref(), req.start_task)?;
+    let callback_url = super::submit::callback_url(shared, req.callback_url.as_deref())?;
 
     let inventory = shared.inventory.current().await?;
-    let account = inventory
-        .account_for(
-            &scope.inventory,
-            req.account_id,
-            req.account_alias.as_deref(),
-        )
-        .map_err(|e| {
-            let field = if req.account_id.is_some() {
-                "account_id"
-            } else {
-                "account_alias"
-            };
-            match e {
-                fleetrun_inventory::AccountError::Missing => {
-                    ApiError::missing("account_id or account_alias")
-                }
-                other => ApiError::new(i64::from(other.code()), format!("{field}: {other}")),
-            }
-        })?;
+    let account = super::submit::requested_account(
+        &inventory,
+        &scope.inventory,
+        req.account_id,
+        req.account_alias.as_deref(),
+        super::submit::AccountFields::IdOrAlias,
+    )?;
 
     let wanted = super::execute::wanted_targets(req.target_server)?;
     scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;

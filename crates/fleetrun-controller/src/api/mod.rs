@@ -12,17 +12,21 @@ mod accounts;
 mod admin;
 mod audit_log;
 mod auth;
+mod callback_status;
 mod dangerous_rules;
 mod error;
 mod execute;
 pub(crate) mod files;
 mod health;
 mod intake;
+mod job_list;
+mod operate;
 #[doc(hidden)]
 pub mod params;
 mod preview;
 mod query;
 mod reply;
+mod request;
 mod scope;
 mod scripts;
 mod serve;
@@ -30,7 +34,9 @@ mod step_detail;
 mod step_status;
 mod steps;
 mod stream;
+mod submit;
 mod tokens;
+mod topology;
 mod transfer;
 mod v4;
 
@@ -40,21 +46,17 @@ use axum::{
     Extension, Router,
     body::Body,
     extract::{Path, RawQuery, State},
-    http::{HeaderMap, HeaderValue, Method, StatusCode},
+    http::{HeaderMap, Method, StatusCode},
     response::{IntoResponse, Response},
     routing::any,
 };
-use serde_json::Value;
-use tracing::Instrument;
-
 pub use error::ApiError;
 pub use params::MAX_BODY;
+use serde_json::Value;
 pub use serve::{PeerAddr, serve};
 
 use crate::Shared;
-
-/// The envelope's code of a success.
-const SUCCESS: i64 = 0;
+use request::ApiRequest;
 
 /// Builds the router for all bk-job path styles.
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -176,8 +178,8 @@ fn unknown_api(message: String) -> ApiError {
 }
 
 pub(super) async fn not_found() -> Response {
-    let request_id = new_request_id();
-    envelope(&request_id, Err(unknown_api("no such API path".to_owned())))
+    let request_id = request::new_request_id();
+    request::envelope(&request_id, Err(unknown_api("no such API path".to_owned())))
 }
 
 // An axum handler receives each part of the request it uses as an extractor.
@@ -235,143 +237,146 @@ async fn answer(request: Request) -> Response {
         peer,
         body,
     } = request;
-    let request_id = new_request_id();
     let started = std::time::Instant::now();
-    // The path is the client's text, logged before it is authenticated: `?` escapes it, so a
-    // newline in it cannot start a forged log line.
-    let span = tracing::info_span!(
-        "api",
-        request_id = %request_id,
-        api = ?api,
-        app = tracing::field::Empty,
-        operator = tracing::field::Empty,
-    );
+    let api_request = ApiRequest::begin(&api);
     let Some(api_name) = served_name(&api) else {
         let result = Err(unknown_api(format!(
             "unsupported API: {}",
             api.escape_debug()
         )));
-        span.in_scope(|| log_result(&result));
         crate::metrics::api_request(
             "unknown",
             error::code::GATEWAY_API_NOT_FOUND,
             started.elapsed(),
         );
-        return envelope(&request_id, result);
+        return api_request.answer(result);
     };
     // Who asked for a change, and what: filled once the caller is authenticated.
     let mut audited = None;
     // Who a caller whose credentials were refused said it was.
     let mut refused_auth: Option<(String, String)> = None;
-    let result = async {
-        // The turn is held until the reply is made.
-        let intake::Admitted {
-            params,
-            caller,
-            turn: _turn,
-        } = match intake::read(&shared, &gate, &method, &headers, query.as_deref(), body).await {
-            Ok(admitted) => admitted,
-            Err(e) => {
-                if e.code == error::code::GATEWAY_INVALID_ARGS {
-                    refused_auth = Some(claimed_caller(&headers, query.as_deref()));
+    let result = api_request
+        .run(async {
+            // The turn is held until the reply is made.
+            let intake::Admitted {
+                params,
+                caller,
+                turn: _turn,
+            } = match intake::read(&shared, &gate, &method, &headers, query.as_deref(), body).await
+            {
+                Ok(admitted) => admitted,
+                Err(e) => {
+                    if e.code == error::code::GATEWAY_INVALID_ARGS {
+                        refused_auth = Some(claimed_caller(&headers, query.as_deref()));
+                    }
+                    return Err(e);
                 }
-                return Err(e);
+            };
+            tracing::debug!("request");
+            if shared.config.audit.enabled && crate::audit::is_state_changing(api_name) {
+                audited = Some((
+                    caller.app_code.clone(),
+                    caller.username.clone(),
+                    crate::audit::summarize(&params.0),
+                ));
             }
-        };
-        tracing::debug!("request");
-        if shared.config.audit.enabled && crate::audit::is_state_changing(api_name) {
-            audited = Some((
-                caller.app_code.clone(),
-                caller.username.clone(),
-                crate::audit::summarize(&params.0),
-            ));
-        }
-        match api.as_str() {
-            "fast_execute_script" => execute::fast_execute_script(&shared, &caller, &params).await,
-            "push_config_file" => files::push_config_file(&shared, &caller, &params).await,
-            "fast_transfer_file" => transfer::fast_transfer_file(&shared, &caller, &params).await,
-            "generate_local_file_upload_url" => {
-                transfer::generate_local_file_upload_url(&shared, &caller, &params).await
+            match api.as_str() {
+                "fast_execute_script" => {
+                    execute::fast_execute_script(&shared, &caller, &params).await
+                }
+                "push_config_file" => files::push_config_file(&shared, &caller, &params).await,
+                "fast_transfer_file" => {
+                    transfer::fast_transfer_file(&shared, &caller, &params).await
+                }
+                "generate_local_file_upload_url" => {
+                    transfer::generate_local_file_upload_url(&shared, &caller, &params).await
+                }
+                "get_job_instance_status" => {
+                    query::get_job_instance_status(&shared, &caller, &params).await
+                }
+                "get_job_instance_ip_log" => {
+                    query::get_job_instance_ip_log(&shared, &caller, &params).await
+                }
+                "batch_get_job_instance_ip_log" => {
+                    query::batch_get_job_instance_ip_log(&shared, &caller, &params).await
+                }
+                "operate_job_instance" => {
+                    operate::operate_job_instance(&shared, &caller, &params).await
+                }
+                "operate_step_instance" => {
+                    steps::operate_step_instance(&shared, &caller, &params).await
+                }
+                "get_step_instance_status" => {
+                    step_status::get_step_instance_status(&shared, &caller, &params).await
+                }
+                "preview_rolling" => preview::preview_rolling(&shared, &caller, &params).await,
+                "get_job_instance_list" => {
+                    job_list::get_job_instance_list(&shared, &caller, &params).await
+                }
+                "get_account_list" => accounts::get_account_list(&shared, &caller, &params).await,
+                "create_account" => accounts::create_account(&shared, &caller, &params).await,
+                "update_account" => accounts::update_account(&shared, &caller, &params).await,
+                "delete_account" => accounts::delete_account(&shared, &caller, &params).await,
+                "list_hosts" => topology::list_hosts(&shared, &caller).await,
+                "get_topology" => topology::get_topology(&shared, &caller).await,
+                "reload_inventory" => admin::reload_inventory(&shared, &caller, &params).await,
+                "get_inventory" => admin::get_inventory(&shared, &caller, &params).await,
+                "get_inventory_history" => {
+                    admin::get_inventory_history(&shared, &caller, &params).await
+                }
+                "change_inventory" => admin::change_inventory(&shared, &caller, &params).await,
+                "replace_inventory" => admin::replace_inventory(&shared, &caller, &params).await,
+                "revoke_agent" => admin::revoke_agent(&shared, &caller, &params).await,
+                "unrevoke_agent" => admin::unrevoke_agent(&shared, &caller, &params).await,
+                "list_revoked_agents" => admin::list_revoked_agents(&shared, &caller).await,
+                "get_callback_status" => {
+                    callback_status::get_callback_status(&shared, &caller, &params).await
+                }
+                "get_audit_log" => audit_log::get_audit_log(&shared, &caller, &params).await,
+                "verify_audit_log" => audit_log::verify_audit_log(&shared, &caller).await,
+                "create_dangerous_rule" => {
+                    dangerous_rules::create_dangerous_rule(&shared, &caller, &params).await
+                }
+                "update_dangerous_rule" => {
+                    dangerous_rules::update_dangerous_rule(&shared, &caller, &params).await
+                }
+                "delete_dangerous_rule" => {
+                    dangerous_rules::delete_dangerous_rule(&shared, &caller, &params).await
+                }
+                "enable_dangerous_rule" => {
+                    dangerous_rules::set_dangerous_rule_status(&shared, &caller, &params, true)
+                        .await
+                }
+                "disable_dangerous_rule" => {
+                    dangerous_rules::set_dangerous_rule_status(&shared, &caller, &params, false)
+                        .await
+                }
+                "get_dangerous_rule_list" => {
+                    dangerous_rules::get_dangerous_rule_list(&shared, &caller, &params).await
+                }
+                "check_script" => dangerous_rules::check_script(&shared, &caller, &params).await,
+                "create_join_token" => tokens::create_join_token(&shared, &caller, &params).await,
+                "list_join_tokens" => tokens::list_join_tokens(&shared, &caller).await,
+                "revoke_join_token" => tokens::revoke_join_token(&shared, &caller, &params).await,
+                "get_step_instance_detail" => {
+                    step_detail::get_step_instance_detail(&shared, &caller, &params).await
+                }
+                name if scripts::APIS.contains(&name) => {
+                    scripts::call(name, false, &shared, &caller, &params).await
+                }
+                name => match scripts::business_name(name) {
+                    Some(business) => {
+                        scripts::call(&business, true, &shared, &caller, &params).await
+                    }
+                    None => Err(unknown_api(format!(
+                        "unsupported API: {}",
+                        api.escape_debug()
+                    ))),
+                },
             }
-            "get_job_instance_status" => {
-                query::get_job_instance_status(&shared, &caller, &params).await
-            }
-            "get_job_instance_ip_log" => {
-                query::get_job_instance_ip_log(&shared, &caller, &params).await
-            }
-            "batch_get_job_instance_ip_log" => {
-                query::batch_get_job_instance_ip_log(&shared, &caller, &params).await
-            }
-            "operate_job_instance" => query::operate_job_instance(&shared, &caller, &params).await,
-            "operate_step_instance" => {
-                steps::operate_step_instance(&shared, &caller, &params).await
-            }
-            "get_step_instance_status" => {
-                step_status::get_step_instance_status(&shared, &caller, &params).await
-            }
-            "preview_rolling" => preview::preview_rolling(&shared, &caller, &params).await,
-            "get_job_instance_list" => {
-                query::get_job_instance_list(&shared, &caller, &params).await
-            }
-            "get_account_list" => accounts::get_account_list(&shared, &caller, &params).await,
-            "create_account" => accounts::create_account(&shared, &caller, &params).await,
-            "update_account" => accounts::update_account(&shared, &caller, &params).await,
-            "delete_account" => accounts::delete_account(&shared, &caller, &params).await,
-            "list_hosts" => query::list_hosts(&shared, &caller).await,
-            "get_topology" => query::get_topology(&shared, &caller).await,
-            "reload_inventory" => admin::reload_inventory(&shared, &caller, &params).await,
-            "get_inventory" => admin::get_inventory(&shared, &caller, &params).await,
-            "get_inventory_history" => {
-                admin::get_inventory_history(&shared, &caller, &params).await
-            }
-            "change_inventory" => admin::change_inventory(&shared, &caller, &params).await,
-            "replace_inventory" => admin::replace_inventory(&shared, &caller, &params).await,
-            "revoke_agent" => admin::revoke_agent(&shared, &caller, &params).await,
-            "unrevoke_agent" => admin::unrevoke_agent(&shared, &caller, &params).await,
-            "list_revoked_agents" => admin::list_revoked_agents(&shared, &caller).await,
-            "get_callback_status" => query::get_callback_status(&shared, &caller, &params).await,
-            "get_audit_log" => audit_log::get_audit_log(&shared, &caller, &params).await,
-            "verify_audit_log" => audit_log::verify_audit_log(&shared, &caller).await,
-            "create_dangerous_rule" => {
-                dangerous_rules::create_dangerous_rule(&shared, &caller, &params).await
-            }
-            "update_dangerous_rule" => {
-                dangerous_rules::update_dangerous_rule(&shared, &caller, &params).await
-            }
-            "delete_dangerous_rule" => {
-                dangerous_rules::delete_dangerous_rule(&shared, &caller, &params).await
-            }
-            "enable_dangerous_rule" => {
-                dangerous_rules::set_dangerous_rule_status(&shared, &caller, &params, true).await
-            }
-            "disable_dangerous_rule" => {
-                dangerous_rules::set_dangerous_rule_status(&shared, &caller, &params, false).await
-            }
-            "get_dangerous_rule_list" => {
-                dangerous_rules::get_dangerous_rule_list(&shared, &caller, &params).await
-            }
-            "check_script" => dangerous_rules::check_script(&shared, &caller, &params).await,
-            "create_join_token" => tokens::create_join_token(&shared, &caller, &params).await,
-            "list_join_tokens" => tokens::list_join_tokens(&shared, &caller).await,
-            "revoke_join_token" => tokens::revoke_join_token(&shared, &caller, &params).await,
-            "get_step_instance_detail" => {
-                step_detail::get_step_instance_detail(&shared, &caller, &params).await
-            }
-            name if scripts::APIS.contains(&name) => {
-                scripts::call(name, false, &shared, &caller, &params).await
-            }
-            name => match scripts::business_name(name) {
-                Some(business) => scripts::call(&business, true, &shared, &caller, &params).await,
-                None => Err(unknown_api(format!(
-                    "unsupported API: {}",
-                    api.escape_debug()
-                ))),
-            },
-        }
-    }
-    .instrument(span.clone())
-    .await;
-    span.in_scope(|| log_result(&result));
+        })
+        .await;
+    api_request.log_outcome(&result);
     let code = result.as_ref().map_or_else(|e| e.code, |_| 0);
     if let Some((app_code, operator, change)) = audited {
         let entry = fleetrun_store::NewAuditEntry {
@@ -379,7 +384,7 @@ async fn answer(request: Request) -> Response {
             app_code,
             operator,
             source: peer.map_or_else(String::new, |Extension(PeerAddr(a))| a.to_string()),
-            request_id: request_id.clone(),
+            request_id: api_request.id().to_owned(),
             api: api_name.to_owned(),
             change,
             outcome_code: code,
@@ -397,7 +402,7 @@ async fn answer(request: Request) -> Response {
             app_code,
             operator,
             source: peer.map_or_else(String::new, |Extension(PeerAddr(a))| a.to_string()),
-            request_id: request_id.clone(),
+            request_id: api_request.id().to_owned(),
             api: api_name.to_owned(),
             change: "{}".to_owned(),
             outcome_code: code,
@@ -408,7 +413,7 @@ async fn answer(request: Request) -> Response {
         shared.audit.append_refused_auth(entry).await;
     }
     crate::metrics::api_request(api_name, code, started.elapsed());
-    envelope(&request_id, result)
+    request::envelope(api_request.id(), result)
 }
 
 /// The app code and user name a refused caller gave (`X-Bkapi-Authorization`, else the query
@@ -436,73 +441,6 @@ fn claimed_caller(headers: &HeaderMap, query: Option<&str>) -> (String, String) 
             .unwrap_or_default()
     };
     (field("bk_app_code"), field("bk_username"))
-}
-
-/// Logs how a request ended. Messages quote what clients sent, so they are escaped: a line in
-/// the log is one line the controller wrote.
-pub(super) fn log_result<T>(result: &Result<T, ApiError>) {
-    match result {
-        Ok(_) => tracing::info!("ok"),
-        Err(e) if e.code == error::code::INTERNAL && e.http_status.is_success() => {
-            tracing::error!(code = e.code, "{}", e.recorded_message().escape_debug())
-        }
-        Err(e) => tracing::info!(
-            code = e.code,
-            "refused: {}",
-            e.recorded_message().escape_debug()
-        ),
-    }
-}
-
-pub(super) fn new_request_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
-}
-
-/// bk-job's reply envelope. The gateway names the request `job_request_id`; `request_id` is
-/// the name ESB-era clients read, so both carry it.
-#[derive(serde::Serialize)]
-struct Envelope<'a> {
-    result: bool,
-    code: i64,
-    message: &'a str,
-    data: Value,
-    permission: Option<&'a Value>,
-    request_id: &'a str,
-    job_request_id: &'a str,
-}
-
-fn envelope(request_id: &str, result: Result<Value, ApiError>) -> Response {
-    let (status, body) = match &result {
-        Ok(data) => (
-            StatusCode::OK,
-            Envelope {
-                result: true,
-                code: SUCCESS,
-                message: "success",
-                data: data.clone(),
-                permission: None,
-                request_id,
-                job_request_id: request_id,
-            },
-        ),
-        Err(e) => (
-            e.http_status,
-            Envelope {
-                result: false,
-                code: e.code,
-                message: &e.message,
-                data: Value::Null,
-                permission: e.permission.as_ref(),
-                request_id,
-                job_request_id: request_id,
-            },
-        ),
-    };
-    let mut response = (status, axum::Json(body)).into_response();
-    if let Ok(value) = HeaderValue::from_str(request_id) {
-        response.headers_mut().insert("x-request-id", value);
-    }
-    response
 }
 
 #[cfg(test)]

@@ -87,6 +87,22 @@ impl Params {
     }
 }
 
+/// Reads paging fields: `start` from 0, `length` 1 to 1000 (default 20).
+pub(super) fn paging(start: Option<i64>, length: Option<i64>) -> Result<(i64, i64), ApiError> {
+    let start = start.unwrap_or(0);
+    if start < 0 {
+        return Err(ApiError::invalid("start", format!("{start} is negative")));
+    }
+    let length = length.unwrap_or(20);
+    if !(1..=1000).contains(&length) {
+        return Err(ApiError::invalid(
+            "length",
+            format!("{length} is outside [1, 1000]"),
+        ));
+    }
+    Ok((start, length))
+}
+
 /// Deserializers that accept a value as JSON or as the text a query string carries.
 pub mod lenient {
     use serde::{Deserialize, Deserializer, de::Error};

@@ -17,8 +17,7 @@ use super::{
     ApiError,
     auth::Caller,
     error::code,
-    params::{Params, lenient},
-    query::paging,
+    params::{Params, lenient, paging},
     reply::{self, Page},
     scope::{self, Scope},
 };

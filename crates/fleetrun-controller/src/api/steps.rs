@@ -245,9 +245,7 @@ pub async fn operate_step_instance(
                     {
                         return Err(refuse("applies to a failed step (4)"));
                     }
-                    if let Some(callbacks) = shared.engine.callbacks() {
-                        callbacks.job_ended(job.job_instance_id);
-                    }
+                    shared.engine.callbacks().job_ended(job.job_instance_id);
                 }
             }
         }
@@ -266,9 +264,7 @@ pub async fn operate_step_instance(
             {
                 return Err(refuse("applies to a job waiting for a confirmation (7)"));
             }
-            if let Some(callbacks) = shared.engine.callbacks() {
-                callbacks.job_ended(job.job_instance_id);
-            }
+            shared.engine.callbacks().job_ended(job.job_instance_id);
         }
         operation::RETRY_FAILED | operation::RETRY_ALL => {
             if !RETRYABLE.contains(&job.status) || !RETRYABLE.contains(&step.status) {
@@ -372,8 +368,8 @@ pub(super) async fn terminate_paused(
             crate::now_ms(),
         )
         .await?;
-    if ended && let Some(callbacks) = shared.engine.callbacks() {
-        callbacks.job_ended(job_instance_id);
+    if ended {
+        shared.engine.callbacks().job_ended(job_instance_id);
     }
     Ok(ended)
 }
@@ -790,9 +786,7 @@ async fn end_unstarted(
         .await;
     match ended {
         Ok(true) => {
-            if let Some(callbacks) = shared.engine.callbacks() {
-                callbacks.job_ended(job.job_instance_id);
-            }
+            shared.engine.callbacks().job_ended(job.job_instance_id);
         }
         Ok(false) => {}
         Err(e) => tracing::error!(

@@ -29,7 +29,14 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use super::{ApiError, error::code, intake, params::lenient, scope};
+use super::{
+    ApiError,
+    error::code,
+    intake,
+    params::lenient,
+    request::{self, ApiRequest},
+    scope,
+};
 use crate::Shared;
 
 /// The store is read again when the writer commits something of the job; large steps, whose
@@ -65,26 +72,22 @@ pub async fn stream_job(
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Response {
-    let request_id = super::new_request_id();
-    let span = tracing::info_span!(
-        "api",
-        request_id = %request_id,
-        api = "stream_job",
-        app = tracing::field::Empty,
-        operator = tracing::field::Empty,
-    );
-    let prepared = prepare(&shared, &gate, &method, &headers, query.as_deref(), body)
-        .instrument(span.clone())
+    let api_request = ApiRequest::begin("stream_job");
+    let prepared = api_request
+        .run(prepare(
+            &shared,
+            &gate,
+            &method,
+            &headers,
+            query.as_deref(),
+            body,
+        ))
         .await;
     let follower = match prepared {
         Ok(follower) => follower,
-        Err(e) => {
-            let result = Err(e);
-            span.in_scope(|| super::log_result(&result));
-            return super::envelope(&request_id, result);
-        }
+        Err(e) => return api_request.answer(Err(e)),
     };
-    span.in_scope(|| {
+    api_request.span().in_scope(|| {
         tracing::info!(
             job = follower.job_instance_id,
             step = follower.step_instance_id,
@@ -92,7 +95,7 @@ pub async fn stream_job(
         )
     });
     let (lines, receiver) = mpsc::channel(4);
-    tokio::spawn(follower.run(lines).instrument(span));
+    tokio::spawn(follower.run(lines).instrument(api_request.span().clone()));
     let mut response = Response::new(Body::from_stream(Lines(receiver)));
     let headers = response.headers_mut();
     headers.insert(
@@ -102,9 +105,7 @@ pub async fn stream_job(
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // nginx would otherwise buffer the stream.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        headers.insert("x-request-id", value);
-    }
+    request::tag(&mut response, api_request.id());
     response
 }
 

@@ -23,7 +23,9 @@ use super::{
     execute::{TargetServer, refuse_while_unwritable},
     files::{STEP_TYPE_FILE, target_dir},
     params::{Params, lenient},
-    reply, scope,
+    reply,
+    request::ApiRequest,
+    scope,
 };
 use crate::{
     Shared,
@@ -36,9 +38,6 @@ use crate::{
 const MAX_SOURCES: usize = 100;
 const MAX_PATHS: usize = 500;
 const MAX_UPLOAD_NAMES: usize = 100;
-const DEFAULT_TIMEOUT: i64 = 7200;
-const MAX_TIMEOUT: i64 = 86_400;
-const MAX_TASK_NAME_CHARS: usize = 512;
 /// The speed limits' largest value, in MB/s.
 const MAX_SPEED_MB: i64 = 100_000;
 
@@ -209,52 +208,22 @@ pub async fn fast_transfer_file(
             ));
         }
     };
-    let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT);
-    if !(1..=MAX_TIMEOUT).contains(&timeout) {
-        return Err(ApiError::invalid(
-            "timeout",
-            format!("{timeout} is outside [1, {MAX_TIMEOUT}]"),
-        ));
-    }
+    let timeout = super::submit::step_timeout(req.timeout)?;
     let download = speed_limit("download_speed_limit", req.download_speed_limit)?;
     let upload = speed_limit("upload_speed_limit", req.upload_speed_limit)?;
-    if let Some(name) = &req.task_name
-        && name.chars().count() > MAX_TASK_NAME_CHARS
-    {
-        return Err(ApiError::invalid(
-            "task_name",
-            format!("longer than {MAX_TASK_NAME_CHARS} characters"),
-        ));
-    }
-    if req.rolling_config.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::new(
-            code::NOT_SUPPORTED,
-            "rolling_config: file steps do not roll yet; submit without rolling_config",
-        ));
-    }
-    if req.start_task == Some(false) {
-        return Err(ApiError::new(
-            code::NOT_SUPPORTED,
-            "start_task: file steps start when they are accepted; submit without start_task=false",
-        ));
-    }
-    let callback_url = match req.callback_url.as_deref().filter(|u| !u.is_empty()) {
-        None => None,
-        Some(url) => Some(
-            crate::callback::check_url(url, shared.config.http_listen, &shared.config.callbacks)
-                .map_err(|e| ApiError::invalid("callback_url", e))?
-                .to_string(),
-        ),
-    };
+    super::submit::check_task_name(req.task_name.as_deref())?;
+    super::submit::refuse_file_step_options(req.rolling_config.as_ref(), req.start_task)?;
+    let callback_url = super::submit::callback_url(shared, req.callback_url.as_deref())?;
 
     let inventory = shared.inventory.current().await?;
     let account_of = |field: &str, id: Option<i64>, alias: Option<&str>| {
-        inventory
-            .account_for(&scope.inventory, id, alias)
-            .map_err(|e| match e {
-                fleetrun_inventory::AccountError::Missing => ApiError::missing(field),
-                other => ApiError::new(i64::from(other.code()), format!("{field}: {other}")),
-            })
+        super::submit::requested_account(
+            &inventory,
+            &scope.inventory,
+            id,
+            alias,
+            super::submit::AccountFields::Named(field),
+        )
     };
     let account = account_of(
         "account_id or account_alias",
@@ -625,19 +594,19 @@ pub async fn upload_local_file(
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Response {
-    let request_id = super::new_request_id();
-    let result = receive_upload(
-        &shared,
-        &gate,
-        &id,
-        &method,
-        &headers,
-        query.as_deref(),
-        body,
-    )
-    .await;
-    super::log_result(&result);
-    super::envelope(&request_id, result)
+    let api_request = ApiRequest::begin("local_file_upload");
+    let result = api_request
+        .run(receive_upload(
+            &shared,
+            &gate,
+            &id,
+            &method,
+            &headers,
+            query.as_deref(),
+            body,
+        ))
+        .await;
+    api_request.answer(result)
 }
 
 async fn receive_upload(

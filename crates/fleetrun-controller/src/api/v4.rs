@@ -12,16 +12,21 @@ use axum::{
     Extension,
     body::Body,
     extract::{Path, RawQuery, State},
-    http::{HeaderMap, HeaderValue, Method, StatusCode},
+    http::{HeaderMap, Method, StatusCode},
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use tracing::Instrument;
 
 use super::{
-    ApiError, auth::Caller, error::code, execute, intake, params::Params, params::lenient, query,
-    reply,
+    ApiError,
+    auth::Caller,
+    error::code,
+    execute, intake, job_list,
+    params::Params,
+    params::lenient,
+    query, reply,
+    request::{self, ApiRequest},
 };
 use crate::Shared;
 
@@ -130,9 +135,7 @@ fn respond(request_id: &str, result: Result<Value, ApiError>) -> Response {
             (status, axum::Json(body)).into_response()
         }
     };
-    if let Ok(value) = HeaderValue::from_str(request_id) {
-        response.headers_mut().insert("x-request-id", value);
-    }
+    request::tag(&mut response, request_id);
     response
 }
 
@@ -149,31 +152,26 @@ pub async fn dispatch(
     if !APIS.contains(&api.as_str()) {
         return super::not_found().await;
     }
-    let request_id = super::new_request_id();
-    let span = tracing::info_span!(
-        "api",
-        request_id = %request_id,
-        api = ?format!("v4/{api}"),
-        app = tracing::field::Empty,
-        operator = tracing::field::Empty,
-    );
-    let result = async {
-        let intake::Admitted {
-            params,
-            caller,
-            turn: _turn,
-        } = intake::read(&shared, &gate, &method, &headers, query.as_deref(), body).await?;
-        match api.as_str() {
-            "fast_execute_script" => fast_execute_script(&shared, &caller, &params).await,
-            "get_job_instance_status" => get_job_instance_status(&shared, &caller, &params).await,
-            "get_job_instance_list" => get_job_instance_list(&shared, &caller, &params).await,
-            _ => batch_get_job_instance_execute_object_log(&shared, &caller, &params).await,
-        }
-    }
-    .instrument(span.clone())
-    .await;
-    span.in_scope(|| super::log_result(&result));
-    respond(&request_id, result)
+    let api_request = ApiRequest::begin(&format!("v4/{api}"));
+    let result = api_request
+        .run(async {
+            let intake::Admitted {
+                params,
+                caller,
+                turn: _turn,
+            } = intake::read(&shared, &gate, &method, &headers, query.as_deref(), body).await?;
+            match api.as_str() {
+                "fast_execute_script" => fast_execute_script(&shared, &caller, &params).await,
+                "get_job_instance_status" => {
+                    get_job_instance_status(&shared, &caller, &params).await
+                }
+                "get_job_instance_list" => get_job_instance_list(&shared, &caller, &params).await,
+                _ => batch_get_job_instance_execute_object_log(&shared, &caller, &params).await,
+            }
+        })
+        .await;
+    api_request.log_outcome(&result);
+    respond(api_request.id(), result)
 }
 
 /// v4's execute target: hosts, dynamic groups and topology nodes; containers are refused.
@@ -384,7 +382,7 @@ async fn get_job_instance_list(
     params: &Params,
 ) -> Result<Value, ApiError> {
     reply::data(JobListV4 {
-        job_instance_list: query::job_list_v4(shared, caller, params).await?,
+        job_instance_list: job_list::job_list_v4(shared, caller, params).await?,
     })
 }
 

@@ -35,7 +35,7 @@ pub const BIZ_ID: i64 = 2;
 /// business set 9 "all demo" = {2, 3}
 /// dynamic group "web-servers" (business 2): hosts in the set named "web"
 /// ```
-pub const DEFAULT_INVENTORY: &str = r#"# The local cluster's inventory (see xtask/src/cluster.rs).
+pub const DEFAULT_INVENTORY: &str = r#"# The local cluster's inventory (see crates/fleetrun-testkit/src/cluster.rs).
 [[business]]
 bk_biz_id = 2
 name = "demo"
@@ -248,8 +248,9 @@ pub struct Cluster {
 /// The workspace's root directory.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
+        .ancestors()
+        .nth(2)
+        .expect("the test kit lives in the workspace's crates/")
         .to_owned()
 }
 

@@ -1,0 +1,46 @@
+//! A job's conditional end: the job and its step ended together, only while the job is still
+//! in the status the caller saw (retry's and rolling's operations end jobs this way, so that an
+//! operator or controller that moved the job first wins).
+
+/// A job's end that holds only while the job is in `only_from`: what [`end_job_and_step`] writes.
+pub(crate) struct JobEnd {
+    pub job_instance_id: i64,
+    pub step_instance_id: i64,
+    /// The status the job must still be in.
+    pub only_from: i32,
+    pub job_status: i32,
+    pub step_status: i32,
+    pub at: i64,
+}
+
+/// In `tx`: if the job is still in `end.only_from`, gives it `end.job_status` and its step
+/// `end.step_status`, both ended at `end.at`. False, with nothing written, if the job is not in
+/// that status any more (another operator or controller moved it first).
+pub(crate) async fn end_job_and_step(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    end: &JobEnd,
+) -> Result<bool, sqlx::Error> {
+    let ended = sqlx::query(
+        "UPDATE job_instance SET status = $1, end_time = $2
+         WHERE job_instance_id = $3 AND status = $4",
+    )
+    .bind(end.job_status)
+    .bind(end.at)
+    .bind(end.job_instance_id)
+    .bind(end.only_from)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if ended {
+        sqlx::query(
+            "UPDATE step_instance SET status = $1, end_time = $2 WHERE step_instance_id = $3",
+        )
+        .bind(end.step_status)
+        .bind(end.at)
+        .bind(end.step_instance_id)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(ended)
+}
