@@ -907,19 +907,45 @@ enum Down {
     Gone,
 }
 
-async fn read_down(mut recv: FramedRecv, tx: mpsc::UnboundedSender<Down>) {
-    loop {
-        let down = match recv.recv::<TaskDown>().await {
+/// Where what the controller says on an attached stream comes from: the task stream itself, or
+/// a channel in tests. `None` once nothing more will come.
+trait Downs {
+    fn next(&mut self) -> impl std::future::Future<Output = Option<Down>> + Send;
+}
+
+impl Downs for mpsc::UnboundedReceiver<Down> {
+    async fn next(&mut self) -> Option<Down> {
+        self.recv().await
+    }
+}
+
+/// The task stream's frames from the controller, read by the task delivering to it: no task of
+/// its own per stream. A frame read is cancel-safe ([`FramedRecv::recv`] keeps what it has read
+/// of a frame), so it can wait beside the task's own changes.
+struct StreamDowns {
+    recv: FramedRecv,
+    ended: bool,
+}
+
+impl Downs for StreamDowns {
+    async fn next(&mut self) -> Option<Down> {
+        if self.ended {
+            return None;
+        }
+        let down = match self.recv.recv::<TaskDown>().await {
             Ok(Some(TaskDown::Cancel)) => Down::Cancel,
             Ok(Some(TaskDown::ResultStored)) => Down::ResultStored,
             // The controller finished its side: nothing more will come.
-            Ok(None) => return,
+            Ok(None) => {
+                self.ended = true;
+                return None;
+            }
             Ok(Some(_)) | Err(_) => Down::Gone,
         };
-        let gone = matches!(down, Down::Gone);
-        if tx.send(down).is_err() || gone {
-            return;
+        if matches!(down, Down::Gone) {
+            self.ended = true;
         }
+        Some(down)
     }
 }
 
@@ -946,11 +972,9 @@ async fn attach(
     recv: FramedRecv,
     from: u64,
 ) {
-    let (tx, mut down) = mpsc::unbounded_channel();
-    let reader = tokio::spawn(read_down(recv, tx));
+    let mut down = StreamDowns { recv, ended: false };
     let task_id = held.state.lock().unwrap().task_id;
     let result = deliver(&held, &mut send, &mut down, from).await;
-    reader.abort();
     match result {
         Ok(Delivered::Stored) => {
             let _ = send.finish();
@@ -999,7 +1023,7 @@ async fn read_output(held: &Arc<Held>, offset: u64, want: usize) -> std::io::Res
 async fn deliver(
     held: &Arc<Held>,
     send: &mut impl Frames,
-    down: &mut mpsc::UnboundedReceiver<Down>,
+    down: &mut impl Downs,
     from: u64,
 ) -> Result<Delivered, StreamError> {
     // A controller of version 1 cannot read a `SpoolLost`: it sees the lost bytes as a gap in
@@ -1105,7 +1129,7 @@ async fn deliver(
             }
             // The result stays held until the controller has it stored.
             loop {
-                match down.recv().await {
+                match down.next().await {
                     Some(Down::ResultStored) => return Ok(Delivered::Stored),
                     Some(Down::Cancel) => {}
                     Some(Down::Gone) | None => return Ok(Delivered::Sent),
@@ -1114,7 +1138,7 @@ async fn deliver(
         }
         tokio::select! {
             _ = changed.changed() => {}
-            msg = down.recv(), if down_open => match msg {
+            msg = down.next(), if down_open => match msg {
                 Some(Down::Cancel) => {
                     tracing::info!("the controller cancelled the task");
                     held.cancel.cancel();

@@ -72,13 +72,14 @@ struct Args {
     /// Socket buffer size asked for each endpoint (capped by net.core.rmem_max / wmem_max).
     #[arg(long, default_value_t = 8 << 20)]
     socket_buffer: usize,
-    /// QUIC keep-alive interval in ms (default: the real agent's, 1000); 0 for none. For
+    /// QUIC keep-alive interval in ms (default: the real agent's, 2000); 0 for none. For
     /// experiments only: anything but the default is not what a real agent does.
     #[arg(long)]
     keep_alive_ms: Option<u64>,
-    /// Concurrent task streams the controller may open per connection (the real agent: 4096).
-    /// For experiments only.
-    #[arg(long, default_value_t = 4096)]
+    /// Concurrent task streams the controller may open per connection (default: the real
+    /// agent's, `fleetrun-net`'s 1024). quinn keeps an entry for each from the connection's
+    /// start, so this is most of a virtual agent's memory. For experiments only.
+    #[arg(long, default_value_t = 1024)]
     max_streams: u32,
     /// Task requests the whole swarm reads at once; the others wait in QUIC flow control. A
     /// large script is held in full while read, so this bounds the swarm's memory.
