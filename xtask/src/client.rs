@@ -271,6 +271,52 @@ impl ApiClient {
         Ok(event)
     }
 
+    /// Follows a job through `stream_job` until an output event carries `needle`; returns that
+    /// event's text and the wall-clock time it was read, as each chunk of the stream arrives.
+    pub async fn stream_until_output(
+        &self,
+        mut body: Value,
+        needle: &str,
+    ) -> Result<(String, std::time::SystemTime)> {
+        if let Value::Object(map) = &mut body {
+            map.insert("bk_app_code".into(), json!(self.app_code));
+            map.insert("bk_app_secret".into(), json!(self.app_secret));
+            map.insert("bk_username".into(), json!(self.username));
+        }
+        let url = format!("{}/fleetrun/v1/stream_job", self.base);
+        let mut response = self
+            .http
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let mut pending = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .with_context(|| format!("POST {url}: reading the stream"))?
+        {
+            let read_at = std::time::SystemTime::now();
+            pending.extend_from_slice(&chunk);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let event: StreamEvent = serde_json::from_slice(&line)
+                    .with_context(|| format!("not a stream_job event: {line:?}"))?;
+                match event {
+                    StreamEvent::Output { data, .. } if data.contains(needle) => {
+                        return Ok((data, read_at));
+                    }
+                    StreamEvent::Job { finished: true, .. } => {
+                        bail!("the job finished without output carrying {needle:?}")
+                    }
+                    _ => {}
+                }
+            }
+        }
+        bail!("stream_job ended without output carrying {needle:?}")
+    }
+
     /// Calls one of fleetrun's own APIs (`/fleetrun/v1/<api>`) that take no parameters.
     pub async fn fleetrun(&self, api: &str) -> Result<Value> {
         let url = format!("{}/fleetrun/v1/{api}", self.base);
