@@ -28,17 +28,20 @@ pub struct TlsFiles {
 
 /// How quickly a dead peer is noticed.
 ///
-/// The idle timeout alone decides when a silent peer is dead: each side restarts it on every
-/// packet it receives. The keep-alive only keeps a live, idle connection from reaching it; a
-/// PING every 2 s leaves three in every idle timeout (each lost one is retransmitted as QUIC
-/// retransmits any ack-eliciting packet). Each keep-alive costs both ends a packet and its
-/// acknowledgement, which at 10,000 agents per controller is most of what an idle fleet costs
-/// it and, in a burst of results, what fills its socket's buffer: every second was twice that.
+/// quinn restarts the idle timer on every packet received and on the first ack-eliciting packet
+/// sent after a receipt, and never arms it below three probe timeouts; a silent peer is therefore
+/// declared dead up to `keep_alive + idle_timeout` (8 s by default) after its last packet, since
+/// the keep-alive PING sent into the silence restarts the timer once. The keep-alive only keeps a
+/// live, idle connection from reaching the idle timeout: its timer restarts on every packet sent
+/// or received, so a connection carries one PING per 2 s from whichever side fires first, and a
+/// lost PING is recovered by probe-timeout probes that back off exponentially. Each keep-alive
+/// costs both ends a packet and its acknowledgement, which at 10,000 agents per controller is most
+/// of what an idle fleet costs it and, in a burst of results, what fills its socket's buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
     /// A connection with no packet for this long is dead.
     pub idle_timeout: Duration,
-    /// Send a QUIC PING when nothing was received for this long.
+    /// Send a QUIC PING when no packet was sent or received for this long.
     pub keep_alive: Duration,
 }
 
