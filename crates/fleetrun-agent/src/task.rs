@@ -25,7 +25,7 @@ use fleetrun_net::{FramedRecv, StreamError, send_frame};
 use fleetrun_proto::{
     Ending, HeldTask, MAX_OUTPUT_CHUNK, TaskDown, TaskRequest, TaskResult, TaskUp,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -913,7 +913,8 @@ trait Downs {
     fn next(&mut self) -> impl std::future::Future<Output = Option<Down>> + Send;
 }
 
-impl Downs for mpsc::UnboundedReceiver<Down> {
+#[cfg(test)]
+impl Downs for tokio::sync::mpsc::UnboundedReceiver<Down> {
     async fn next(&mut self) -> Option<Down> {
         self.recv().await
     }
@@ -1020,6 +1021,42 @@ async fn read_output(held: &Arc<Held>, offset: u64, want: usize) -> std::io::Res
     .await
 }
 
+/// What `fut` yields if it is ready at its first poll; otherwise it is dropped unfinished, which
+/// [`Downs::next`] allows (a frame read is cancel-safe).
+fn now_or_never<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Acts on what the controller said on the stream; `Some` when delivering is over.
+fn on_down(held: &Held, msg: Option<Down>, down_open: &mut bool) -> Option<Delivered> {
+    match msg {
+        Some(Down::Cancel) => {
+            tracing::info!("the controller cancelled the task");
+            held.cancel.cancel();
+        }
+        // The controller stored the host's final status before the result came (it ended the
+        // host on its own account): it wants nothing more of the task.
+        Some(Down::ResultStored) if held.ownership == Ownership::Agent => {
+            return Some(Delivered::Stored);
+        }
+        Some(Down::ResultStored) => {}
+        Some(Down::Gone) => {
+            // A broken stream stops a task of version 1, as it always did.
+            if held.ownership == Ownership::Connection {
+                held.cancel.cancel();
+            }
+        }
+        // Nothing more will come down; keep delivering.
+        None => *down_open = false,
+    }
+    None
+}
+
 async fn deliver(
     held: &Arc<Held>,
     send: &mut impl Frames,
@@ -1116,6 +1153,14 @@ async fn deliver(
                     sent = until;
                 }
             }
+            // A backlog (MiB after a reattach) takes a while to send: a cancel must not wait
+            // for it.
+            if down_open
+                && let Some(msg) = now_or_never(down.next())
+                && let Some(delivered) = on_down(held, msg, &mut down_open)
+            {
+                return Ok(delivered);
+            }
             if marks.peek().is_none() && sent >= produced {
                 break;
             }
@@ -1138,26 +1183,11 @@ async fn deliver(
         }
         tokio::select! {
             _ = changed.changed() => {}
-            msg = down.next(), if down_open => match msg {
-                Some(Down::Cancel) => {
-                    tracing::info!("the controller cancelled the task");
-                    held.cancel.cancel();
+            msg = down.next(), if down_open => {
+                if let Some(delivered) = on_down(held, msg, &mut down_open) {
+                    return Ok(delivered);
                 }
-                // The controller stored the host's final status before the result came (it
-                // ended the host on its own account): it wants nothing more of the task.
-                Some(Down::ResultStored) if held.ownership == Ownership::Agent => {
-                    return Ok(Delivered::Stored);
-                }
-                Some(Down::ResultStored) => {}
-                Some(Down::Gone) => {
-                    // A broken stream stops a task of version 1, as it always did.
-                    if held.ownership == Ownership::Connection {
-                        held.cancel.cancel();
-                    }
-                }
-                // Nothing more will come down; keep delivering.
-                None => down_open = false,
-            },
+            }
         }
     }
 }
