@@ -186,12 +186,12 @@ impl Api {
     }
 
     /// Follows the job through `stream_job` until a host's output carries `needle`; returns
-    /// that output's text and when it was read.
+    /// that output's text, when it was read and when the stream's first event was.
     pub async fn stream_output(
         &self,
         job: i64,
         needle: &str,
-    ) -> Result<(String, std::time::SystemTime)> {
+    ) -> Result<crate::client::StreamedOutput> {
         self.client
             .stream_until_output(self.body(json!({"job_instance_id": job})), needle)
             .await
