@@ -131,7 +131,7 @@ fn transport(timing: Timing, peer_streams: u32) -> Arc<quinn::TransportConfig> {
 /// control stream while an old one closes.
 const AGENT_OPENED_STREAMS: u32 = 4;
 /// Task streams the controller may have open to one agent at once; more wait for a stream.
-const TASK_STREAMS_PER_AGENT: u32 = 1024;
+pub const TASK_STREAMS_PER_AGENT: u32 = 1024;
 /// Socket buffers for the controller's UDP socket: a fan-out to thousands of agents answers in
 /// bursts the kernel's default (about 208 KiB) drops.
 const SOCKET_BUFFER: usize = 16 * 1024 * 1024;
