@@ -25,7 +25,7 @@ use fleetrun_net::{FramedRecv, StreamError, send_frame};
 use fleetrun_proto::{
     Ending, HeldTask, MAX_OUTPUT_CHUNK, TaskDown, TaskRequest, TaskResult, TaskUp,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -907,19 +907,46 @@ enum Down {
     Gone,
 }
 
-async fn read_down(mut recv: FramedRecv, tx: mpsc::UnboundedSender<Down>) {
-    loop {
-        let down = match recv.recv::<TaskDown>().await {
+/// Where what the controller says on an attached stream comes from: the task stream itself, or
+/// a channel in tests. `None` once nothing more will come.
+trait Downs {
+    fn next(&mut self) -> impl std::future::Future<Output = Option<Down>> + Send;
+}
+
+#[cfg(test)]
+impl Downs for tokio::sync::mpsc::UnboundedReceiver<Down> {
+    async fn next(&mut self) -> Option<Down> {
+        self.recv().await
+    }
+}
+
+/// The task stream's frames from the controller, read by the task delivering to it: no task of
+/// its own per stream. A frame read is cancel-safe ([`FramedRecv::recv`] keeps what it has read
+/// of a frame), so it can wait beside the task's own changes.
+struct StreamDowns {
+    recv: FramedRecv,
+    ended: bool,
+}
+
+impl Downs for StreamDowns {
+    async fn next(&mut self) -> Option<Down> {
+        if self.ended {
+            return None;
+        }
+        let down = match self.recv.recv::<TaskDown>().await {
             Ok(Some(TaskDown::Cancel)) => Down::Cancel,
             Ok(Some(TaskDown::ResultStored)) => Down::ResultStored,
             // The controller finished its side: nothing more will come.
-            Ok(None) => return,
+            Ok(None) => {
+                self.ended = true;
+                return None;
+            }
             Ok(Some(_)) | Err(_) => Down::Gone,
         };
-        let gone = matches!(down, Down::Gone);
-        if tx.send(down).is_err() || gone {
-            return;
+        if matches!(down, Down::Gone) {
+            self.ended = true;
         }
+        Some(down)
     }
 }
 
@@ -946,11 +973,9 @@ async fn attach(
     recv: FramedRecv,
     from: u64,
 ) {
-    let (tx, mut down) = mpsc::unbounded_channel();
-    let reader = tokio::spawn(read_down(recv, tx));
+    let mut down = StreamDowns { recv, ended: false };
     let task_id = held.state.lock().unwrap().task_id;
     let result = deliver(&held, &mut send, &mut down, from).await;
-    reader.abort();
     match result {
         Ok(Delivered::Stored) => {
             let _ = send.finish();
@@ -996,10 +1021,46 @@ async fn read_output(held: &Arc<Held>, offset: u64, want: usize) -> std::io::Res
     .await
 }
 
+/// What `fut` yields if it is ready at its first poll; otherwise it is dropped unfinished, which
+/// [`Downs::next`] allows (a frame read is cancel-safe).
+fn now_or_never<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Acts on what the controller said on the stream; `Some` when delivering is over.
+fn on_down(held: &Held, msg: Option<Down>, down_open: &mut bool) -> Option<Delivered> {
+    match msg {
+        Some(Down::Cancel) => {
+            tracing::info!("the controller cancelled the task");
+            held.cancel.cancel();
+        }
+        // The controller stored the host's final status before the result came (it ended the
+        // host on its own account): it wants nothing more of the task.
+        Some(Down::ResultStored) if held.ownership == Ownership::Agent => {
+            return Some(Delivered::Stored);
+        }
+        Some(Down::ResultStored) => {}
+        Some(Down::Gone) => {
+            // A broken stream stops a task of version 1, as it always did.
+            if held.ownership == Ownership::Connection {
+                held.cancel.cancel();
+            }
+        }
+        // Nothing more will come down; keep delivering.
+        None => *down_open = false,
+    }
+    None
+}
+
 async fn deliver(
     held: &Arc<Held>,
     send: &mut impl Frames,
-    down: &mut mpsc::UnboundedReceiver<Down>,
+    down: &mut impl Downs,
     from: u64,
 ) -> Result<Delivered, StreamError> {
     // A controller of version 1 cannot read a `SpoolLost`: it sees the lost bytes as a gap in
@@ -1092,6 +1153,14 @@ async fn deliver(
                     sent = until;
                 }
             }
+            // A backlog (MiB after a reattach) takes a while to send: a cancel must not wait
+            // for it.
+            if down_open
+                && let Some(msg) = now_or_never(down.next())
+                && let Some(delivered) = on_down(held, msg, &mut down_open)
+            {
+                return Ok(delivered);
+            }
             if marks.peek().is_none() && sent >= produced {
                 break;
             }
@@ -1105,7 +1174,7 @@ async fn deliver(
             }
             // The result stays held until the controller has it stored.
             loop {
-                match down.recv().await {
+                match down.next().await {
                     Some(Down::ResultStored) => return Ok(Delivered::Stored),
                     Some(Down::Cancel) => {}
                     Some(Down::Gone) | None => return Ok(Delivered::Sent),
@@ -1114,26 +1183,11 @@ async fn deliver(
         }
         tokio::select! {
             _ = changed.changed() => {}
-            msg = down.recv(), if down_open => match msg {
-                Some(Down::Cancel) => {
-                    tracing::info!("the controller cancelled the task");
-                    held.cancel.cancel();
+            msg = down.next(), if down_open => {
+                if let Some(delivered) = on_down(held, msg, &mut down_open) {
+                    return Ok(delivered);
                 }
-                // The controller stored the host's final status before the result came (it
-                // ended the host on its own account): it wants nothing more of the task.
-                Some(Down::ResultStored) if held.ownership == Ownership::Agent => {
-                    return Ok(Delivered::Stored);
-                }
-                Some(Down::ResultStored) => {}
-                Some(Down::Gone) => {
-                    // A broken stream stops a task of version 1, as it always did.
-                    if held.ownership == Ownership::Connection {
-                        held.cancel.cancel();
-                    }
-                }
-                // Nothing more will come down; keep delivering.
-                None => down_open = false,
-            },
+            }
         }
     }
 }

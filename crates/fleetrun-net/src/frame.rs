@@ -48,6 +48,11 @@ impl FramedRecv {
     }
 
     /// The next message; `Ok(None)` when the peer finished the stream cleanly.
+    ///
+    /// Cancel-safe: the future may be dropped at any await (in a `select!`, a timeout) without
+    /// losing data. Bytes read of a frame not yet whole stay in this receiver's decoder, and
+    /// quinn's `read_chunk` is itself cancel-safe, so the next call returns the whole frame.
+    /// The agent's task stream relies on this to wait for the controller beside its own work.
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, StreamError> {
         loop {
             if let Some(msg) = self.decoder.decode()? {

@@ -21,6 +21,6 @@ pub use identity::{
     peer_agent_id,
 };
 pub use tls::{
-    Timing, TlsError, TlsFiles, client_endpoint, client_tls, quinn_client_config,
-    quinn_server_config, server_endpoint, server_tls,
+    TASK_STREAMS_PER_AGENT, Timing, TlsError, TlsFiles, client_endpoint, client_tls,
+    quinn_client_config, quinn_server_config, server_endpoint, server_tls,
 };

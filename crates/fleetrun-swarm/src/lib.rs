@@ -83,9 +83,11 @@ pub struct SwarmConfig {
     pub socket_buffer: usize,
     /// Threads for certificate issuing.
     pub threads: usize,
-    /// QUIC keep-alive interval; `None` for the real agent's (1 s), zero for none.
+    /// QUIC keep-alive interval; `None` for the real agent's (`Timing::default()`), zero for
+    /// none.
     pub keep_alive: Option<Duration>,
-    /// Task streams the controller may open at once on a connection (the real agent: 1024).
+    /// Task streams the controller may open at once on a connection (the real agent:
+    /// [`fleetrun_net::TASK_STREAMS_PER_AGENT`]).
     /// quinn allocates state for every one of them when the connection is made.
     pub max_streams: u32,
     /// Task requests the swarm reads at once (each holds its script in full while read).

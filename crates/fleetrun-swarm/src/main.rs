@@ -72,13 +72,14 @@ struct Args {
     /// Socket buffer size asked for each endpoint (capped by net.core.rmem_max / wmem_max).
     #[arg(long, default_value_t = 8 << 20)]
     socket_buffer: usize,
-    /// QUIC keep-alive interval in ms (default: the real agent's, 1000); 0 for none. For
-    /// experiments only: anything but the default is not what a real agent does.
-    #[arg(long)]
-    keep_alive_ms: Option<u64>,
-    /// Concurrent task streams the controller may open per connection (the real agent: 4096).
-    /// For experiments only.
-    #[arg(long, default_value_t = 4096)]
+    /// QUIC keep-alive interval in ms (default: the real agent's, `Timing::default()`); 0 for
+    /// none. For experiments only: anything but the default is not what a real agent does.
+    #[arg(long, default_value_t = default_keep_alive_ms())]
+    keep_alive_ms: u64,
+    /// Concurrent task streams the controller may open per connection (default: the real
+    /// agent's, `fleetrun_net::TASK_STREAMS_PER_AGENT`). quinn keeps an entry for each from the
+    /// connection's start, so this is most of a virtual agent's memory. For experiments only.
+    #[arg(long, default_value_t = fleetrun_net::TASK_STREAMS_PER_AGENT)]
     max_streams: u32,
     /// Task requests the whole swarm reads at once; the others wait in QUIC flow control. A
     /// large script is held in full while read, so this bounds the swarm's memory.
@@ -91,6 +92,11 @@ struct Args {
     /// Runtime worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+}
+
+/// The real agent's keep-alive interval, in ms.
+fn default_keep_alive_ms() -> u64 {
+    u64::try_from(fleetrun_net::Timing::default().keep_alive.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn main() -> ExitCode {
@@ -140,7 +146,7 @@ fn main() -> ExitCode {
         max_concurrent_tasks: args.max_concurrent_tasks,
         socket_buffer: args.socket_buffer,
         threads,
-        keep_alive: args.keep_alive_ms.map(Duration::from_millis),
+        keep_alive: Some(Duration::from_millis(args.keep_alive_ms)),
         max_streams: args.max_streams,
         reading_requests: args.reading_requests,
         stream_window: args.stream_window,

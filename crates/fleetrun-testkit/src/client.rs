@@ -241,25 +241,50 @@ impl ApiClient {
             .unwrap_or_default())
     }
 
-    /// Follows a job through `stream_job` until the stream ends (the job finished and all its
-    /// output was sent); returns the last event, the job's final one.
-    pub async fn follow_job(&self, mut body: Value) -> Result<Value> {
+    /// Opens `stream_job` with this client's credentials added to `body`. A refusal (an HTTP
+    /// error, or the bk-job envelope sent instead of the stream) is an error with the reply's
+    /// code and message.
+    async fn open_stream(&self, mut body: Value) -> Result<reqwest::Response> {
         if let Value::Object(map) = &mut body {
             map.insert("bk_app_code".into(), json!(self.app_code));
             map.insert("bk_app_secret".into(), json!(self.app_secret));
             map.insert("bk_username".into(), json!(self.username));
         }
         let url = format!("{}/fleetrun/v1/stream_job", self.base);
-        let text = self
+        let response = self
             .http
             .post(&url)
             .json(&body)
             .send()
             .await
-            .with_context(|| format!("POST {url}"))?
+            .with_context(|| format!("POST {url}"))?;
+        let status = response.status();
+        let ndjson = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/x-ndjson"));
+        if status.is_success() && ndjson {
+            return Ok(response);
+        }
+        let text = response.text().await.unwrap_or_default();
+        let why = match serde_json::from_str::<Value>(&text) {
+            Ok(reply) if reply.get("message").is_some() => {
+                format!("code {}: {}", reply["code"], reply["message"])
+            }
+            _ => text,
+        };
+        bail!("POST {url}: HTTP {status}, no stream: {why}")
+    }
+
+    /// Follows a job through `stream_job` until the stream ends (the job finished and all its
+    /// output was sent); returns the last event, the job's final one.
+    pub async fn follow_job(&self, body: Value) -> Result<Value> {
+        let text = self
+            .open_stream(body)
+            .await?
             .text()
             .await
-            .with_context(|| format!("POST {url}: reading the stream"))?;
+            .context("stream_job: reading the stream")?;
         let last = text.lines().last().context("empty stream")?;
         let event: Value =
             serde_json::from_str(last).with_context(|| format!("not JSON: {last}"))?;
@@ -269,6 +294,44 @@ impl ApiClient {
             bail!("stream_job ended without the job's end: {last}");
         }
         Ok(event)
+    }
+
+    /// Follows a job through `stream_job` until an output event carries `needle`. Returns that
+    /// event's text, the wall-clock time it was read (as each chunk of the stream arrives), and
+    /// the time the stream's first event was read: output printed before that may have been
+    /// replayed from the store rather than followed live.
+    pub async fn stream_until_output(&self, body: Value, needle: &str) -> Result<StreamedOutput> {
+        let mut response = self.open_stream(body).await?;
+        let mut pending = Vec::new();
+        let mut first_event_at = None;
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .context("stream_job: reading the stream")?
+        {
+            let read_at = std::time::SystemTime::now();
+            pending.extend_from_slice(&chunk);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let event: StreamEvent = serde_json::from_slice(&line)
+                    .with_context(|| format!("not a stream_job event: {line:?}"))?;
+                let first_event_at = *first_event_at.get_or_insert(read_at);
+                match event {
+                    StreamEvent::Output { data, .. } if data.contains(needle) => {
+                        return Ok(StreamedOutput {
+                            data,
+                            read_at,
+                            first_event_at,
+                        });
+                    }
+                    StreamEvent::Job { finished: true, .. } => {
+                        bail!("the job finished without output carrying {needle:?}")
+                    }
+                    _ => {}
+                }
+            }
+        }
+        bail!("stream_job ended without output carrying {needle:?}")
     }
 
     /// Calls one of fleetrun's own APIs (`/fleetrun/v1/<api>`) that take no parameters.
@@ -288,4 +351,15 @@ impl ApiClient {
         }
         Ok(envelope["data"].clone())
     }
+}
+
+/// An output event a `stream_job` follower waited for.
+#[derive(Debug)]
+pub struct StreamedOutput {
+    /// The event's text.
+    pub data: String,
+    /// When it was read.
+    pub read_at: std::time::SystemTime,
+    /// When the stream's first event was read, the follower attached.
+    pub first_event_at: std::time::SystemTime,
 }

@@ -130,7 +130,7 @@ async fn measure(
         )
         .at_most(50.0)
         .baseline("Choria: 50,000 nodes on one broker")
-        .note("QUIC keep-alives every 1 s each way + heartbeats every 5 s"),
+        .note("one QUIC keep-alive per 2 s per connection + heartbeats every 5 s"),
     );
     figures.push(
         Figure::new(

@@ -185,6 +185,18 @@ impl Api {
         })
     }
 
+    /// Follows the job through `stream_job` until a host's output carries `needle`; returns
+    /// that output's text, when it was read and when the stream's first event was.
+    pub async fn stream_output(
+        &self,
+        job: i64,
+        needle: &str,
+    ) -> Result<crate::client::StreamedOutput> {
+        self.client
+            .stream_until_output(self.body(json!({"job_instance_id": job})), needle)
+            .await
+    }
+
     /// The log of one host, as `batch_get_job_instance_ip_log` returns it.
     pub async fn log(&self, job: i64, step: i64, host: i64) -> Result<String> {
         let body = self.body(json!({

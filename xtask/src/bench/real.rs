@@ -336,6 +336,45 @@ async fn latency(ctx: &Ctx, api: &Api, hosts: &[i64], figures: &mut Vec<Figure>)
         }
         jobs.push(job);
     }
+    // From the moment the script prints the line (bash's `$EPOCHREALTIME`, this machine's clock,
+    // read as the line is written) to the moment a `stream_job` follower reads it: the path
+    // agent -> controller -> store -> stream, without the job's start or a poll's interval. The
+    // script waits first so that the follower is attached before the line is printed; a sample
+    // whose stream's first event came after the print is dropped (the line may have been
+    // replayed from the store, not followed live).
+    let mut after_print = Vec::new();
+    let mut replayed = 0;
+    for &host in hosts.iter().skip(runs).take(runs) {
+        let script = "sleep 0.3\nprintf 'printed-at %s\\n' \"$EPOCHREALTIME\"\nsleep 2\n";
+        let (job, _) = api
+            .submit(&[host], script, "fleetrun bench latency after print")
+            .await?;
+        let streamed = tokio::time::timeout(
+            Duration::from_secs(30),
+            api.stream_output(job, "printed-at "),
+        )
+        .await
+        .context("no printed line within 30 s")??;
+        let printed: f64 = streamed
+            .data
+            .split_once("printed-at ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|t| t.parse().ok())
+            .with_context(|| format!("no time in the printed line {:?}", streamed.data))?;
+        let secs = |t: std::time::SystemTime| -> Result<f64> {
+            Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_secs_f64())
+        };
+        jobs.push(job);
+        if secs(streamed.first_event_at)? > printed {
+            replayed += 1;
+            continue;
+        }
+        after_print.push((secs(streamed.read_at)? - printed) * 1e3);
+    }
+    ensure!(
+        !after_print.is_empty(),
+        "in all {runs} runs the follower attached after the line was printed"
+    );
     for job in jobs {
         api.wait_final(job, Duration::from_millis(50), Duration::from_secs(30))
             .await?;
@@ -343,12 +382,27 @@ async fn latency(ctx: &Ctx, api: &Api, hosts: &[i64], figures: &mut Vec<Figure>)
     figures.push(
         Figure::new(
             "latency",
+            "latency.first_line_after_print",
+            "script prints a line -> a stream_job follower reads it, 1 real host",
+        )
+        .value(median(&after_print), "ms")
+        .at_most(5.0)
+        .baseline("target (issue #21): 5 ms after the script prints it")
+        .note(format!(
+            "median of {} (`printf` of bash's $EPOCHREALTIME, read through stream_job; {replayed} dropped: follower attached after the print); min {:.1} ms, max {:.1} ms",
+            after_print.len(),
+            quantile(&after_print, 0.0),
+            quantile(&after_print, 1.0)
+        )),
+    );
+    figures.push(
+        Figure::new(
+            "latency",
             "latency.first_line",
             "submit -> first output line readable (batch_get_job_instance_ip_log), 1 real host",
         )
         .value(median(&times), "ms")
-        .at_most(5.0)
-        .baseline("target (issue #21): 5 ms")
+        .baseline("reference: includes the job's start and a 2 ms poll; issue #21's 5 ms target is latency.first_line_after_print")
         .note(format!(
             "median of {runs} (`echo first; sleep 2`, each on its own agent, logs polled every 2 ms); min {:.1} ms, max {:.1} ms",
             quantile(&times, 0.0),

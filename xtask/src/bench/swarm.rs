@@ -289,7 +289,7 @@ async fn measure(
                 "% of a core",
             )
             .note(format!(
-                "QUIC keep-alives every 1 s each way + heartbeats every 5 s; VmRSS {} KiB",
+                "one QUIC keep-alive per 2 s per connection + heartbeats every 5 s; VmRSS {} KiB",
                 sys::status_kib(controller, "VmRSS")?
             )),
         );

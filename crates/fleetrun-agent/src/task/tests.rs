@@ -2,6 +2,7 @@
 //! forgotten.
 
 use super::*;
+use tokio::sync::mpsc;
 
 impl Frames for Vec<TaskUp> {
     async fn send(&mut self, up: TaskUp) -> Result<(), StreamError> {
@@ -262,10 +263,18 @@ async fn a_task_past_the_memory_bound_loses_its_output_marked_as_a_spool_does() 
         meta.produced += chunk.len() as u64;
     }
     held.state.lock().unwrap().result = Some(result(2_000));
+    // Stored once it has all: a `ResultStored` queued before would end the delivery at once.
     let (tx, mut down) = mpsc::unbounded_channel();
+    let delivering = held.clone();
+    let stream = tokio::spawn(async move {
+        let mut frames = Vec::new();
+        let delivered = deliver(&delivering, &mut frames, &mut down, 0).await;
+        (delivered, frames)
+    });
+    settle().await;
     tx.send(Down::ResultStored).unwrap();
-    let mut frames = Vec::new();
-    deliver(&held, &mut frames, &mut down, 0).await.unwrap();
+    let (delivered, frames) = stream.await.unwrap();
+    assert_eq!(delivered.unwrap(), Delivered::Stored);
     assert_eq!(
         frames[1..frames.len() - 1],
         [
@@ -451,5 +460,67 @@ async fn finished_output_being_delivered_is_not_dropped_under_the_stream() {
             offset: 0,
             bytes: 6
         }]
+    );
+}
+
+/// A stream whose peer reads one frame per permit: a send blocks until the gate lets it through.
+struct Gated {
+    gate: Arc<tokio::sync::Semaphore>,
+    frames: Arc<std::sync::Mutex<Vec<TaskUp>>>,
+}
+
+impl Frames for Gated {
+    async fn send(&mut self, up: TaskUp) -> Result<(), StreamError> {
+        self.gate.acquire().await.expect("gate open").forget();
+        self.frames.lock().unwrap().push(up);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_is_acted_on_while_a_backlog_is_still_being_sent() {
+    let backlog = vec![b'x'; 8 * MAX_OUTPUT_CHUNK];
+    let held = held(
+        meta(backlog.len() as u64, Vec::new()),
+        Ownership::Agent,
+        &backlog,
+    );
+    let (tx, mut down) = mpsc::unbounded_channel();
+    tx.send(Down::Cancel).unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let frames = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut send = Gated {
+        gate: gate.clone(),
+        frames: frames.clone(),
+    };
+    let delivering = held.clone();
+    let stream = tokio::spawn(async move { deliver(&delivering, &mut send, &mut down, 0).await });
+    settle().await;
+    assert!(!held.cancel.is_cancelled(), "nothing was sent yet");
+    // `Started`, then the first chunk of output: the peer reads nothing more.
+    gate.add_permits(2);
+    tokio::time::timeout(std::time::Duration::from_secs(10), held.cancel.cancelled())
+        .await
+        .expect("the cancel waited for the backlog");
+    {
+        let frames = frames.lock().unwrap();
+        assert_eq!(
+            count(&frames, |f| matches!(f, TaskUp::Output { .. })),
+            1,
+            "{frames:?}"
+        );
+    }
+    assert!(!stream.is_finished(), "the backlog is still to be sent");
+    // The controller, done with the task, stores its status: the rest of the backlog is not
+    // waited for either.
+    tx.send(Down::ResultStored).unwrap();
+    gate.add_permits(1);
+    assert_eq!(stream.await.unwrap().unwrap(), Delivered::Stored);
+    assert!(
+        count(&frames.lock().unwrap(), |f| matches!(
+            f,
+            TaskUp::Output { .. }
+        )) < 8,
+        "the whole backlog was sent"
     );
 }
