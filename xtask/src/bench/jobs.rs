@@ -191,7 +191,7 @@ impl Api {
         &self,
         job: i64,
         needle: &str,
-    ) -> Result<crate::client::StreamedOutput> {
+    ) -> Result<fleetrun_testkit::client::StreamedOutput> {
         self.client
             .stream_until_output(self.body(json!({"job_instance_id": job})), needle)
             .await
