@@ -6,10 +6,17 @@
 //! Memory is bounded on both sides: the reading thread hands chunks through a channel of
 //! [`IN_FLIGHT`] chunks to the stream, and the stream hands received chunks to the writing
 //! thread through one of the same size; QUIC's flow control pushes back beyond that. Neither
-//! side ever holds a whole file. Like file tasks, transfers are not held across connections.
+//! side ever holds a whole file.
+//!
+//! A fetch cut by a lost connection is not held in memory: the file being written stays on disk
+//! under its partial name (`place`'s `resume_tag`, made of the job and step), and when the
+//! controller sends the step's remaining files again over the next connection, the file's
+//! chunks found there are checked against their hashes and only the rest is wanted
+//! ([`TaskUp::WantFrom`]). A collect cut short is not resumed: the controller ends its paths.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use fleetrun_exec::collect::{self, CollectEnding, Collected, Collection};
@@ -42,14 +49,28 @@ fn refused_account(ctx: &AgentContext, account: &str) -> Option<String> {
 
 /// Reads the stream on a task of its own (a frame read is not cancellation-safe), routing file
 /// chunks to `chunks` and everything else to the returned receiver.
+/// `lost` is set, before anything else sees the stream end, when the connection broke.
 fn read_downs(
     mut recv: FramedRecv,
     chunks: Option<mpsc::Sender<(u32, Vec<u8>)>>,
+    lost: Option<Arc<AtomicBool>>,
 ) -> mpsc::UnboundedReceiver<TaskDown> {
     let (down_tx, downs) = mpsc::unbounded_channel::<TaskDown>();
     tokio::spawn(async move {
         let mut chunks = chunks;
-        while let Ok(Some(down)) = recv.recv::<TaskDown>().await {
+        loop {
+            let down = match recv.recv::<TaskDown>().await {
+                Ok(Some(down)) => down,
+                Ok(None) => break,
+                Err(e) => {
+                    if let Some(lost) = &lost
+                        && e.connection_error().is_some()
+                    {
+                        lost.store(true, Ordering::SeqCst);
+                    }
+                    break;
+                }
+            };
             match down {
                 TaskDown::Chunk { index, data } => {
                     // Waiting here is the back-pressure: the stream is not read meanwhile. Once
@@ -114,7 +135,7 @@ pub(crate) async fn collect(
     recv: FramedRecv,
     request: CollectRequest,
 ) {
-    let mut downs = read_downs(recv, None);
+    let mut downs = read_downs(recv, None, None);
     let started_at_ms = ms(SystemTime::now());
     tracing::info!(
         job = request.job_instance_id,
@@ -281,23 +302,56 @@ async fn read_files(
 
 /// Pulls a fetch's files chunk by chunk off the stream, each checked against its hash.
 struct StreamPull {
-    wants: mpsc::UnboundedSender<u32>,
+    wants: mpsc::UnboundedSender<TaskUp>,
     chunks: mpsc::Receiver<(u32, Vec<u8>)>,
     /// Each file's chunk hashes.
     expected: Vec<Vec<[u8; 32]>>,
     /// The file wanted and how many of its chunks arrived.
     current: Option<(usize, usize)>,
+    /// Set when the connection was lost under the stream.
+    lost: Arc<AtomicBool>,
 }
 
 impl Pull for StreamPull {
-    fn want(&mut self, index: usize) -> Result<(), String> {
-        if index >= self.expected.len() {
+    fn want(&mut self, index: usize, from: usize) -> Result<(), String> {
+        let Some(hashes) = self.expected.get(index) else {
             return Err(format!("no file {index} in the task"));
+        };
+        let from = from.min(hashes.len());
+        self.current = Some((index, from));
+        if from == hashes.len() && from > 0 {
+            // Every chunk is on disk already.
+            return Ok(());
         }
-        self.current = Some((index, 0));
+        if from > 0 {
+            tracing::info!(
+                file = index,
+                from_chunk = from,
+                chunks = hashes.len(),
+                "resuming a file from the chunks on disk that hash right"
+            );
+        }
+        let want = if from == 0 {
+            TaskUp::Want {
+                index: index32(index),
+            }
+        } else {
+            TaskUp::WantFrom {
+                index: index32(index),
+                chunk: index32(from),
+            }
+        };
         self.wants
-            .send(index32(index))
+            .send(want)
             .map_err(|_| "the task's stream is gone".to_owned())
+    }
+
+    fn chunk_hash(&self, index: usize, chunk: usize) -> Option<[u8; 32]> {
+        self.expected.get(index)?.get(chunk).copied()
+    }
+
+    fn interrupted(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
     }
 
     fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
@@ -327,6 +381,22 @@ impl Pull for StreamPull {
     }
 }
 
+/// Fetches of one step on this host run one after another: a try sent over a new connection
+/// waits until the cut one has let go of the partial files it shares with it.
+fn step_turn(job_instance_id: i64, step_instance_id: i64) -> Arc<tokio::sync::Mutex<()>> {
+    type Turns = HashMap<(i64, i64), Weak<tokio::sync::Mutex<()>>>;
+    static TURNS: LazyLock<std::sync::Mutex<Turns>> = LazyLock::new(Default::default);
+    let mut turns = TURNS.lock().unwrap();
+    turns.retain(|_, turn| turn.strong_count() > 0);
+    let key = (job_instance_id, step_instance_id);
+    if let Some(turn) = turns.get(&key).and_then(Weak::upgrade) {
+        return turn;
+    }
+    let turn = Arc::new(tokio::sync::Mutex::new(()));
+    turns.insert(key, Arc::downgrade(&turn));
+    turn
+}
+
 /// Serves one [`TaskDown::Fetch`] to the end.
 pub(crate) async fn fetch(
     ctx: Arc<AgentContext>,
@@ -334,8 +404,11 @@ pub(crate) async fn fetch(
     recv: FramedRecv,
     request: FetchRequest,
 ) {
+    let turn = step_turn(request.job_instance_id, request.step_instance_id);
+    let _turn = turn.lock().await;
     let (chunk_tx, chunk_rx) = mpsc::channel(IN_FLIGHT);
-    let mut downs = read_downs(recv, Some(chunk_tx));
+    let lost = Arc::new(AtomicBool::new(false));
+    let mut downs = read_downs(recv, Some(chunk_tx), Some(lost.clone()));
     let started_at_ms = ms(SystemTime::now());
     tracing::info!(
         job = request.job_instance_id,
@@ -360,9 +433,14 @@ pub(crate) async fn fetch(
         chunks: chunk_rx,
         expected: request.files.iter().map(|f| f.chunks.clone()).collect(),
         current: None,
+        lost,
     };
     let placement = Placement {
         task_tag: uuid::Uuid::new_v4().simple().to_string(),
+        resume_tag: Some(format!(
+            "{}-{}",
+            request.job_instance_id, request.step_instance_id
+        )),
         account: request.account,
         // Each file names its directory.
         target_dir: "/".into(),

@@ -1149,3 +1149,128 @@ async fn an_upload_whose_bytes_stop_arriving_is_dropped() -> Result<()> {
     assert!(started.elapsed() < Duration::from_secs(20), "{reply}");
     Ok(())
 }
+
+/// The size of the partial file a fetch is writing in `dir`, if there is one.
+fn partial_size(dir: &Path) -> Option<u64> {
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|entry| {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        (name.starts_with(".fleetrun-") && name.ends_with(".part"))
+            .then(|| entry.metadata().map(|m| m.len()).unwrap_or(0))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_cut_mid_transfer_goes_on_from_the_chunks_it_holds() -> Result<()> {
+    let uid = user_uid();
+    let cluster = start_cluster(2).await?;
+    let source = cluster.host_id("agent-1");
+    let target = cluster.host_id("agent-2");
+    let client = cluster.client();
+    let src_dir = scratch("cut-src");
+    let out = scratch("cut-out");
+    let size = 16 * 1024 * 1024;
+    let content = pattern(size, 21);
+    let src = src_dir.path().join("big.bin");
+    write_file(&src, &content, 0o640, None);
+    let mut req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(&[src.to_str().unwrap()], &[source], "root")]),
+        &[target],
+        "user",
+    );
+    // 2 MiB/s: eight seconds of sending, long enough to cut the link in the middle.
+    req["download_speed_limit"] = json!(2);
+    req["timeout"] = json!(120);
+    let accepted = client.call("fast_transfer_file", req).await?;
+    let job = accepted["job_instance_id"].as_i64().context("job id")?;
+    let step = accepted["step_instance_id"].as_i64().context("step id")?;
+
+    let held = fleetrun_tests::eventually(
+        Duration::from_secs(60),
+        "six chunks written on the target",
+        || {
+            let held = partial_size(out.path()).filter(|n| *n >= 6 * 1024 * 1024);
+            async move { held }
+        },
+    )
+    .await?;
+    // Revoking closes the agent's connection at once; it is refused until the revocation is
+    // lifted, then connects again.
+    let revoked = client
+        .call("revoke_agent", json!({"agent_id": "agent-2"}))
+        .await?;
+    assert_eq!(revoked["connections_closed"], 1, "{revoked}");
+    let agent_log = cluster.agents[1].log.clone();
+    fleetrun_tests::eventually(Duration::from_secs(10), "the agent refused", || {
+        let text = std::fs::read_to_string(&agent_log).unwrap_or_default();
+        async move { text.contains("revoked by an operator").then_some(()) }
+    })
+    .await?;
+    // What the cut try wrote stays, under its partial name, while the agent is away.
+    let kept = partial_size(out.path()).context("the partial file is kept after the cut")?;
+    assert!(kept >= held, "{kept} bytes kept of {held} written");
+    client
+        .call("unrevoke_agent", json!({"agent_id": "agent-2"}))
+        .await?;
+    let status = client
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(120))
+        .await?;
+    assert_eq!(statuses(&status), vec![9], "{status}");
+
+    let landed = out.path().join("big.bin");
+    let written = std::fs::read(&landed)?;
+    assert!(written == content, "the file landed whole and right");
+    let meta = std::fs::metadata(&landed)?;
+    assert_eq!(meta.uid(), uid, "owned by the target account");
+    assert_eq!(meta.mode() & 0o777, 0o640);
+    assert!(
+        leftovers(out.path()).is_empty(),
+        "{:?}",
+        leftovers(out.path())
+    );
+    let logs = file_logs(&cluster, job, step, target).await?;
+    let download = logs
+        .iter()
+        .find(|l| l["mode"] == 1)
+        .context("the download row")?;
+    assert_eq!(download["status"], 4, "{download}");
+
+    // The agent went on from what it held, checked on disk.
+    let agent_text = std::fs::read_to_string(&agent_log)?;
+    let resumed = agent_text
+        .lines()
+        .find(|l| l.contains("resuming a file from the chunks on disk"))
+        .context("the agent resumed the file")?;
+    let from: u64 = resumed
+        .split("from_chunk=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .context("the chunk it resumed from")?;
+    assert!(from >= 6, "resumed from chunk {from}: {resumed}");
+    let controller_log = std::fs::read_to_string(&cluster.controller_log)?;
+    assert!(
+        controller_log.contains("transfer resumed on the agent's new connection"),
+        "the controller sent the fetch again"
+    );
+    // Bytes were not sent twice beyond the chunks in flight at the cut (the agent's four
+    // waiting chunks and the one being written): a restart would have sent the six or more
+    // already on disk again.
+    let line = controller_log
+        .lines()
+        .find(|l| l.contains("transfer ended") && l.contains(&format!("job={job}")))
+        .context("the transfer's end in the controller's log")?;
+    let relayed: u64 = line
+        .split("controller_bytes_relayed=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .context("the bytes relayed")?;
+    let in_flight = 5 * 1024 * 1024;
+    assert!(
+        relayed >= size as u64 && relayed <= size as u64 + in_flight,
+        "{relayed} bytes relayed for a file of {size}"
+    );
+    Ok(())
+}
