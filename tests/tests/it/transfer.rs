@@ -1274,3 +1274,67 @@ async fn a_target_cut_mid_transfer_goes_on_from_the_chunks_it_holds() -> Result<
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_cut_that_never_comes_back_ends_at_the_steps_timeout() -> Result<()> {
+    let mut cluster = start_cluster(2).await?;
+    // A short grace period, so that the bound is the step's timeout plus 2 s.
+    cluster.kill_controller()?;
+    let controller_config = cluster.controller_config.clone();
+    let mut text = std::fs::read_to_string(&controller_config)?;
+    text.push_str("\n[limits]\nagent_grace_secs = 2\n");
+    std::fs::write(&controller_config, text)?;
+    cluster.start_controller().await?;
+    cluster
+        .wait_online(
+            &["agent-1".to_owned(), "agent-2".to_owned()],
+            Duration::from_secs(30),
+        )
+        .await?;
+    let source = cluster.host_id("agent-1");
+    let target = cluster.host_id("agent-2");
+    let client = cluster.client();
+    let src_dir = scratch("gone-src");
+    let out = scratch("gone-out");
+    let src = src_dir.path().join("big.bin");
+    write_file(&src, &pattern(16 * 1024 * 1024, 22), 0o644, None);
+    let mut req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(&[src.to_str().unwrap()], &[source], "root")]),
+        &[target],
+        "root",
+    );
+    req["download_speed_limit"] = json!(1);
+    req["timeout"] = json!(10);
+    let submitted = Instant::now();
+    let accepted = client.call("fast_transfer_file", req).await?;
+    let job = accepted["job_instance_id"].as_i64().context("job id")?;
+    fleetrun_tests::eventually(Duration::from_secs(30), "a chunk written", || {
+        let held = partial_size(out.path()).filter(|n| *n >= 1024 * 1024);
+        async move { held }
+    })
+    .await?;
+    let revoked = client
+        .call("revoke_agent", json!({"agent_id": "agent-2"}))
+        .await?;
+    assert_eq!(revoked["connections_closed"], 1, "{revoked}");
+    let status = client
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(60))
+        .await?;
+    let elapsed = submitted.elapsed();
+    let result = &host_results(&status)[0];
+    assert_eq!(result["status"], 310, "{status}");
+    let tag = result["tag"].to_string();
+    assert!(tag.contains("did not come back"), "{tag}");
+    // Not before the step's timeout, and not much after its bound (timeout plus grace).
+    assert!(
+        elapsed >= Duration::from_secs(10) && elapsed <= Duration::from_secs(35),
+        "{elapsed:?}"
+    );
+    assert!(
+        !out.path().join("big.bin").exists(),
+        "nothing under the final name"
+    );
+    Ok(())
+}
