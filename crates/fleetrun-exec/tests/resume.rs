@@ -18,6 +18,9 @@ use fleetrun_exec::place::{
 
 const CHUNK: usize = 1024 * 1024;
 
+/// Each want a pull was given: (file, first chunk).
+type Wanted = Arc<Mutex<Vec<(usize, usize)>>>;
+
 /// A file's bytes, served chunk by chunk; the link is "cut" after `cut_after` chunks.
 struct VecPull {
     content: Vec<u8>,
@@ -25,11 +28,11 @@ struct VecPull {
     cut_after: Option<usize>,
     served: usize,
     cut: bool,
-    wanted: Arc<Mutex<Vec<(usize, usize)>>>,
+    wanted: Wanted,
 }
 
 impl VecPull {
-    fn new(content: &[u8], cut_after: Option<usize>) -> (Self, Arc<Mutex<Vec<(usize, usize)>>>) {
+    fn new(content: &[u8], cut_after: Option<usize>) -> (Self, Wanted) {
         let wanted = Arc::new(Mutex::new(Vec::new()));
         let pull = Self {
             content: content.to_vec(),
