@@ -381,6 +381,17 @@ impl Pull for StreamPull {
     }
 }
 
+/// The partial files' tag of one step's fetch on this agent: the job, the step, and the agent
+/// (hashed), so that agents writing one step's files to a directory they share (a network file
+/// system, or several agents on one machine) never continue each other's.
+fn resume_tag(agent_id: &str, job_instance_id: i64, step_instance_id: i64) -> String {
+    let agent: String = collect::sha256(agent_id.as_bytes())[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{job_instance_id}-{step_instance_id}-{agent}")
+}
+
 /// Fetches of one step on this host run one after another: a try sent over a new connection
 /// waits until the cut one has let go of the partial files it shares with it.
 fn step_turn(job_instance_id: i64, step_instance_id: i64) -> Arc<tokio::sync::Mutex<()>> {
@@ -437,9 +448,10 @@ pub(crate) async fn fetch(
     };
     let placement = Placement {
         task_tag: uuid::Uuid::new_v4().simple().to_string(),
-        resume_tag: Some(format!(
-            "{}-{}",
-            request.job_instance_id, request.step_instance_id
+        resume_tag: Some(resume_tag(
+            &ctx.agent_id,
+            request.job_instance_id,
+            request.step_instance_id,
         )),
         account: request.account,
         // Each file names its directory.
