@@ -28,7 +28,7 @@ use fleetrun_proto::{
     CollectRequest, FILE_CHUNK, FetchFile, FetchRequest, SourceEnding, TaskDown, TaskUp,
     encode_frame,
 };
-use fleetrun_store::{FileLog, HostOutcome, Write};
+use fleetrun_store::{FileLog, Write};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -639,31 +639,7 @@ impl Engine {
                 step.failures[0].reason
             );
         }
-        run.close_unreported(&tag);
-        if let Err(e) = self.store.record_file_logs(&run.logs).await {
-            tracing::error!(
-                step = step.step_instance_id,
-                bk_host_id = target.bk_host_id,
-                "cannot store the file logs: {e}"
-            );
-        }
-        crate::metrics::host_finished(status);
-        self.write_for(
-            step.job_instance_id,
-            Write::HostFinished {
-                step_instance_id: step.step_instance_id,
-                bk_host_id: target.bk_host_id,
-                outcome: HostOutcome {
-                    status,
-                    tag,
-                    start_time: run.started_at,
-                    end_time: now_ms(),
-                    ..HostOutcome::default()
-                },
-            },
-        )
-        .await;
-        status
+        run.finish(self, step.job_instance_id, status, tag).await
     }
 
     /// Phase 2 on one target: the fetch, sent again over the agent's next connection each time
