@@ -24,6 +24,7 @@ mod codec;
 mod enroll;
 mod identity;
 mod messages;
+pub mod source_path;
 
 pub use codec::{DecodeError, EncodeError, FrameDecoder, SharedTaskRequest, encode_frame};
 pub use enroll::{
