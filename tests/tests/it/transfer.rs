@@ -1338,3 +1338,81 @@ async fn a_target_cut_that_never_comes_back_ends_at_the_steps_timeout() -> Resul
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_failed_before_a_cut_fails_the_host_after_the_resume() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    let source = cluster.host_id("agent-1");
+    let target = cluster.host_id("agent-2");
+    let client = cluster.client();
+    let src_dir = scratch("failcut-src");
+    let out = scratch("failcut-out");
+    let small = src_dir.path().join("a.txt");
+    write_file(&small, b"cannot land", 0o644, None);
+    let big = src_dir.path().join("big.bin");
+    let content = pattern(16 * 1024 * 1024, 23);
+    write_file(&big, &content, 0o644, None);
+    // The first file's final name is a directory that is not empty: it fails in the first try.
+    std::fs::create_dir_all(out.path().join("a.txt").join("held"))?;
+    let mut req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(
+            &[small.to_str().unwrap(), big.to_str().unwrap()],
+            &[source],
+            "root"
+        )]),
+        &[target],
+        "root",
+    );
+    req["transfer_mode"] = json!(2);
+    req["download_speed_limit"] = json!(2);
+    req["timeout"] = json!(120);
+    let accepted = client.call("fast_transfer_file", req).await?;
+    let job = accepted["job_instance_id"].as_i64().context("job id")?;
+    let step = accepted["step_instance_id"].as_i64().context("step id")?;
+    fleetrun_tests::eventually(
+        Duration::from_secs(60),
+        "four chunks of the second file written on the target",
+        || {
+            let held = partial_size(out.path()).filter(|n| *n >= 4 * 1024 * 1024);
+            async move { held }
+        },
+    )
+    .await?;
+    let revoked = client
+        .call("revoke_agent", json!({"agent_id": "agent-2"}))
+        .await?;
+    assert_eq!(revoked["connections_closed"], 1, "{revoked}");
+    let agent_log = cluster.agents[1].log.clone();
+    fleetrun_tests::eventually(Duration::from_secs(10), "the agent refused", || {
+        let text = std::fs::read_to_string(&agent_log).unwrap_or_default();
+        async move { text.contains("revoked by an operator").then_some(()) }
+    })
+    .await?;
+    client
+        .call("unrevoke_agent", json!({"agent_id": "agent-2"}))
+        .await?;
+    let status = client
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(120))
+        .await?;
+    // The resumed fetch held the second file alone and placed it; the first still failed.
+    assert_eq!(statuses(&status), vec![329], "{status}");
+    let tag = host_results(&status)[0]["tag"].to_string();
+    assert!(tag.contains("1 of 2 files placed"), "{tag}");
+    assert!(tag.contains("first failure"), "{tag}");
+    assert!(tag.contains("is a directory"), "{tag}");
+    assert!(std::fs::read(out.path().join("big.bin"))? == content);
+    let controller_log = std::fs::read_to_string(&cluster.controller_log)?;
+    assert!(
+        controller_log.contains("transfer resumed on the agent's new connection"),
+        "the controller sent the fetch again"
+    );
+    let logs = file_logs(&cluster, job, step, target).await?;
+    let downloads: Vec<&Value> = logs.iter().filter(|l| l["mode"] == 1).collect();
+    assert_eq!(downloads.len(), 2, "{logs:?}");
+    let failed = downloads.iter().filter(|l| l["status"] == 5).count();
+    let placed = downloads.iter().filter(|l| l["status"] == 4).count();
+    assert_eq!((failed, placed), (1, 1), "{downloads:?}");
+    Ok(())
+}

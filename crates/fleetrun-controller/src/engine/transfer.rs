@@ -685,6 +685,15 @@ impl Engine {
         let mut deadline: Option<tokio::time::Instant> = None;
         let mut frame = frame;
         let mut order: Vec<usize> = (0..step.files.len()).collect();
+        // The first file of the step the agent reported failed, in any try.
+        let failed = |run: &FileHostRun| {
+            run.logs
+                .iter()
+                .zip(&run.reported)
+                .take(step.files.len())
+                .find(|(log, seen)| **seen && log.status != file_status::SUCCESS)
+                .map(|(log, _)| log.log_content.clone())
+        };
         loop {
             let why = match self
                 .fetch_try(
@@ -699,7 +708,35 @@ impl Engine {
                 )
                 .await
             {
-                Try::Ended(status, tag) => return (status, tag),
+                Try::Ended(status, tag) if order.len() == step.files.len() => {
+                    return (status, tag);
+                }
+                Try::Ended(status, tag) => {
+                    // A resumed try's agent was sent only the files not yet reported, so its
+                    // result speaks of those alone: a file that failed in an earlier try still
+                    // fails the host, and the tag counts the step's files.
+                    let placed = run
+                        .logs
+                        .iter()
+                        .zip(&run.reported)
+                        .take(step.files.len())
+                        .filter(|(log, seen)| **seen && log.status == file_status::SUCCESS)
+                        .count();
+                    let count = step.files.len();
+                    return match failed(run) {
+                        Some(first) if status == host::SUCCESS => (
+                            host::FILE_TASK_ERROR,
+                            format!(
+                                "{placed} of {count} files placed after a resume; \
+                                 first failure: {first}"
+                            ),
+                        ),
+                        _ => (
+                            status,
+                            format!("{placed} of {count} files placed after a resume; {tag}"),
+                        ),
+                    };
+                }
                 Try::Lost(why) => why,
             };
             if link.protocol_version < RESUME_PROTOCOL_VERSION {
@@ -711,14 +748,6 @@ impl Engine {
                     format!("{why}; terminated before the agent came back"),
                 );
             }
-            let failed = |run: &FileHostRun| {
-                run.logs
-                    .iter()
-                    .zip(&run.reported)
-                    .take(step.files.len())
-                    .find(|(log, seen)| **seen && log.status != file_status::SUCCESS)
-                    .map(|(log, _)| log.log_content.clone())
-            };
             if strict && let Some(first) = failed(run) {
                 return (
                     host::FILE_TASK_ERROR,
@@ -746,6 +775,17 @@ impl Engine {
                 .agent_back(target.bk_host_id, &link, until, cancel)
                 .await
             {
+                Back::Linked(next) if next.protocol_version < TRANSFER_PROTOCOL_VERSION => {
+                    return (
+                        host::AGENT_ABNORMAL,
+                        format!(
+                            "{why}; the agent came back speaking protocol version {}, which \
+                             cannot take file transfers (version {TRANSFER_PROTOCOL_VERSION}): \
+                             upgrade the agent",
+                            next.protocol_version
+                        ),
+                    );
+                }
                 Back::Linked(next) => next,
                 Back::TimedOut => {
                     return (
@@ -764,6 +804,8 @@ impl Engine {
                     );
                 }
             };
+            // The resumed try ends by the same bound, whether or not the cut try had started.
+            deadline = Some(until);
             let left = until
                 .saturating_duration_since(tokio::time::Instant::now())
                 .saturating_sub(grace);
@@ -842,7 +884,14 @@ impl Engine {
             }
         };
         if let Err(e) = send.write_chunk(frame).await {
-            return Try::Lost(format!("cannot send the transfer task to the agent: {e}"));
+            let why = format!("cannot send the transfer task to the agent: {e}");
+            // Only a lost connection may be resumed over the next one; a stream the agent
+            // stopped while its connection lives would be stopped again.
+            return if matches!(e, quinn::WriteError::ConnectionLost(_)) {
+                Try::Lost(why)
+            } else {
+                Try::Ended(host::AGENT_ABNORMAL, why)
+            };
         }
         let chunks: Arc<Vec<Vec<Hash>>> = if order.len() == step.files.len() {
             step.chunks.clone()
