@@ -123,6 +123,24 @@ mod tests {
     }
 
     #[test]
+    fn a_path_the_agent_refuses_is_unreadable() {
+        let deep = format!("{}/a.txt", "/d".repeat(65));
+        for path in [
+            "/tmp/../x",
+            "/tmp/./x",
+            "/tmp/*/x",
+            "/tmp/REGEX:(",
+            deep.as_str(),
+        ] {
+            assert!(
+                matches!(Requested::parse(path), Requested::Unreadable),
+                "{path}"
+            );
+            assert_eq!(Requested::parse(path).fit("x"), Fit::No, "{path}");
+        }
+    }
+
+    #[test]
     fn the_shown_path_comes_from_the_request() {
         let shown = |path: &str, relative: &str| Requested::parse(path).shown(relative);
         assert_eq!(
