@@ -32,7 +32,7 @@ pub use fleetrun_proto::source_path::{
 use crate::place::{MAX_DEPTH, PlaceError, as_account};
 
 /// Bytes in one chunk (the last of a file may be shorter).
-pub const CHUNK: usize = 1024 * 1024;
+pub const CHUNK: usize = fleetrun_proto::FILE_CHUNK;
 /// Most files one path may give (a directory or a pattern).
 pub const MAX_FILES_PER_PATH: usize = 10_000;
 

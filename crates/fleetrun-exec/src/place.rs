@@ -34,6 +34,9 @@ use crate::sys::{self, Credentials};
 /// The deepest target directory accepted, in components.
 pub const MAX_DEPTH: usize = 64;
 
+// A source the agent reads as deep as the parser lets a path be asked for, no deeper.
+const _: () = assert!(fleetrun_proto::source_path::MAX_SOURCE_DEPTH == MAX_DEPTH);
+
 /// Files to write into one directory.
 #[derive(Clone)]
 pub struct Placement {
@@ -618,7 +621,7 @@ fn sync_dir(dir: BorrowedFd<'_>) {
     }
 }
 
-const CHUNK: usize = 1 << 20;
+const CHUNK: usize = fleetrun_proto::FILE_CHUNK;
 
 /// The name a resumable pulled file is written to: the same for every try of one placement's
 /// file (its name and content), distinct for another.
@@ -637,9 +640,10 @@ fn partial_name(tag: &str, file: &FileToPlace) -> String {
 
 /// Opens a partial file an earlier try left, if it is one this placement may continue: a plain
 /// file (never through a link), with no other name (a hard link to another file would make it
-/// written through), that the account owns (`fchmod` succeeds only for the owner: the writing
-/// thread has no capability that would bypass it). Anything else there is left alone and the
-/// file is not resumed.
+/// written through), owned by the account the thread writes as (the files it creates are; an
+/// agent placing as itself keeps its capabilities, and `CAP_FOWNER` would let `fchmod` pass on
+/// anyone's file), and whose mode it may set. Anything else there is left alone and the file
+/// is not resumed.
 fn open_partial(dir: BorrowedFd<'_>, name: &str) -> Option<OwnedFd> {
     let fd = openat(
         dir,
@@ -650,7 +654,7 @@ fn open_partial(dir: BorrowedFd<'_>, name: &str) -> Option<OwnedFd> {
     .ok()?;
     let stat = fstat(fd.as_fd()).ok()?;
     let regular = SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG;
-    if !regular || stat.st_nlink != 1 {
+    if !regular || stat.st_nlink != 1 || stat.st_uid != sys::fs_uid() {
         return None;
     }
     fchmod(fd.as_fd(), Mode::from_bits_truncate(0o600)).ok()?;
@@ -783,6 +787,25 @@ fn fill_and_check(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partial_another_account_owns_is_not_continued_by_a_writer_with_capabilities() {
+        // This thread keeps root's capabilities, as an agent writing as itself does: with
+        // `CAP_FOWNER` the mode of anyone's file may be set, so only ownership refuses it.
+        assert!(nix::unistd::geteuid().is_root(), "the tests run as root");
+        let dir = tempfile::tempdir().unwrap();
+        let top = File::open(dir.path()).unwrap();
+        let name = ".fleetrun-7-9-0000000000000000.part";
+        let planted = dir.path().join(name);
+        std::fs::write(&planted, b"someone else's").unwrap();
+        std::os::unix::fs::chown(&planted, Some(65_534), None).unwrap();
+        assert!(open_partial(top.as_fd(), name).is_none());
+        std::os::unix::fs::chown(&planted, Some(sys::fs_uid()), None).unwrap();
+        assert!(
+            open_partial(top.as_fd(), name).is_some(),
+            "the writer's own partial"
+        );
+    }
 
     #[test]
     fn names_are_single_components() {

@@ -106,10 +106,15 @@ static TRIES: AtomicUsize = AtomicUsize::new(0);
 
 /// One try of placing `data` as `f.bin` in `dir`, resumable under the tag `7-9`.
 fn place_once(dir: &Path, data: &[u8], pull: VecPull) -> PlacedFile {
+    place_once_as(TEST_USER, dir, data, pull)
+}
+
+/// As [`place_once`], writing as `account`.
+fn place_once_as(account: &str, dir: &Path, data: &[u8], pull: VecPull) -> PlacedFile {
     let placement = Placement {
         task_tag: format!("try{}", TRIES.fetch_add(1, Ordering::Relaxed)),
         resume_tag: Some("7-9".into()),
-        account: TEST_USER.into(),
+        account: account.into(),
         target_dir: dir.to_path_buf(),
         strict: false,
         files: vec![FileToPlace {
@@ -151,8 +156,13 @@ fn partials(dir: &Path) -> Vec<PathBuf> {
 
 /// A first try cut after three chunks; returns the partial file it left.
 fn cut_try(dir: &Path, data: &[u8]) -> PathBuf {
+    cut_try_as(TEST_USER, dir, data)
+}
+
+/// As [`cut_try`], writing as `account`.
+fn cut_try_as(account: &str, dir: &Path, data: &[u8]) -> PathBuf {
     let (pull, _) = VecPull::new(data, Some(3));
-    let report = place_once(dir, data, pull);
+    let report = place_once_as(account, dir, data, pull);
     assert_eq!(report.ending, PlaceEnding::Failed, "{}", report.message);
     assert!(!dir.join("f.bin").exists(), "nothing under the final name");
     let found = partials(dir);
@@ -240,4 +250,27 @@ fn a_partial_name_planted_as_a_link_or_someone_elses_file_is_neither_followed_no
         // What was planted is left where it was.
         assert!(std::fs::symlink_metadata(&partial).is_ok(), "{plant}");
     }
+}
+
+#[test]
+fn a_partial_of_roots_placement_handed_to_another_account_is_not_continued() {
+    // The partial name root's placement would continue, owned by another account that may
+    // have written into it.
+    let data = content(4 * CHUNK);
+    let dir = scratch();
+    let partial = cut_try_as("root", dir.path(), &data);
+    let other = nix::unistd::User::from_name(TEST_USER).unwrap().unwrap();
+    std::os::unix::fs::chown(&partial, Some(other.uid.as_raw()), None).unwrap();
+    let (pull, wanted) = VecPull::new(&data, None);
+    let report = place_once_as("root", dir.path(), &data, pull);
+    assert_eq!(report.ending, PlaceEnding::Placed, "{}", report.message);
+    assert_eq!(*wanted.lock().unwrap(), vec![(0, 0)], "from the start");
+    assert!(std::fs::read(dir.path().join("f.bin")).unwrap() == data);
+    let meta = std::fs::symlink_metadata(&partial).unwrap();
+    assert_eq!(
+        meta.uid(),
+        other.uid.as_raw(),
+        "the other account's file is left"
+    );
+    assert_eq!(meta.len(), 3 * CHUNK as u64, "and not written");
 }
