@@ -12,7 +12,12 @@
 //! under its partial name (`place`'s `resume_tag`, made of the job and step), and when the
 //! controller sends the step's remaining files again over the next connection, the file's
 //! chunks found there are checked against their hashes and only the rest is wanted
-//! ([`TaskUp::WantFrom`]). A collect cut short is not resumed: the controller ends its paths.
+//! ([`TaskUp::WantFrom`]). The partial tag names the job, the step and the agent. Only a
+//! connection that negotiated [`RESUME_PROTOCOL_VERSION`] keeps partials; each cut fetch's are
+//! removed, as the account, if no fetch of the same step comes within the cut fetch's timeout
+//! plus [`PARTIAL_MARGIN`] (the controller gave up: strict mode after a failure, the job
+//! terminated, the agent back too late, the controller restarted). A collect cut short is not
+//! resumed: the controller ends its paths.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,12 +25,12 @@ use std::sync::{Arc, LazyLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use fleetrun_exec::collect::{self, CollectEnding, Collected, Collection};
-use fleetrun_exec::place::{Content, FileToPlace, PlaceError, Placement, Pull};
+use fleetrun_exec::place::{Content, FileToPlace, PlaceError, Placement, Pull, remove_partials};
 use fleetrun_net::rate::{TokenBucket, pace};
 use fleetrun_net::{FramedRecv, send_frame};
 use fleetrun_proto::{
-    CollectRequest, Ending, FILE_CHUNK, FetchRequest, SourceEnd, SourceEnding, SourceFile,
-    TaskDown, TaskResult, TaskUp,
+    CollectRequest, Ending, FILE_CHUNK, FetchRequest, RESUME_PROTOCOL_VERSION, SourceEnd,
+    SourceEnding, SourceFile, TaskDown, TaskResult, TaskUp,
 };
 use tokio::sync::mpsc;
 
@@ -408,13 +413,73 @@ fn step_turn(job_instance_id: i64, step_instance_id: i64) -> Arc<tokio::sync::Mu
     turn
 }
 
-/// Serves one [`TaskDown::Fetch`] to the end.
+/// How long past a cut fetch's own timeout its kept partials wait for the next fetch of the step:
+/// the controller's wait for the agent is bounded by the step's timeout plus its grace period.
+pub const PARTIAL_MARGIN: Duration = Duration::from_secs(120);
+
+/// How many fetches of each step this agent was sent: a cut fetch's partials are removed only
+/// if none came after it.
+fn fetch_generation(key: (i64, i64), bump: bool) -> u64 {
+    static SEEN: LazyLock<std::sync::Mutex<HashMap<(i64, i64), u64>>> =
+        LazyLock::new(Default::default);
+    let mut seen = SEEN.lock().unwrap();
+    let generation = seen.entry(key).or_default();
+    if bump {
+        *generation += 1;
+    }
+    *generation
+}
+
+/// Removes what `placement` (of the step `key`, the fetch numbered `generation`) kept after a
+/// cut, after `delay`, unless another fetch of the step came meanwhile. Returns how many
+/// partials were removed.
+fn forget_partials_after(
+    placement: Placement,
+    key: (i64, i64),
+    generation: u64,
+    delay: Duration,
+) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        if fetch_generation(key, false) != generation {
+            return 0;
+        }
+        match tokio::task::spawn_blocking(move || remove_partials(placement)).await {
+            Ok(Ok(removed)) => {
+                if removed > 0 {
+                    tracing::info!(
+                        job = key.0,
+                        step = key.1,
+                        removed,
+                        "removed the partial files of a cut transfer that was not resumed"
+                    );
+                }
+                removed
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    job = key.0,
+                    step = key.1,
+                    "cannot remove the partial files of a cut transfer: {e}"
+                );
+                0
+            }
+            Err(_) => 0,
+        }
+    })
+}
+
+/// Serves one [`TaskDown::Fetch`] to the end. `protocol_version` is the one negotiated on its
+/// connection: below [`RESUME_PROTOCOL_VERSION`] no partial file is kept after a cut.
 pub(crate) async fn fetch(
     ctx: Arc<AgentContext>,
     mut send: quinn::SendStream,
     recv: FramedRecv,
     request: FetchRequest,
+    protocol_version: u32,
 ) {
+    let key = (request.job_instance_id, request.step_instance_id);
+    let generation = fetch_generation(key, true);
     let turn = step_turn(request.job_instance_id, request.step_instance_id);
     let _turn = turn.lock().await;
     let (chunk_tx, chunk_rx) = mpsc::channel(IN_FLIGHT);
@@ -444,15 +509,17 @@ pub(crate) async fn fetch(
         chunks: chunk_rx,
         expected: request.files.iter().map(|f| f.chunks.clone()).collect(),
         current: None,
-        lost,
+        lost: lost.clone(),
     };
     let placement = Placement {
         task_tag: uuid::Uuid::new_v4().simple().to_string(),
-        resume_tag: Some(resume_tag(
-            &ctx.agent_id,
-            request.job_instance_id,
-            request.step_instance_id,
-        )),
+        resume_tag: (protocol_version >= RESUME_PROTOCOL_VERSION).then(|| {
+            resume_tag(
+                &ctx.agent_id,
+                request.job_instance_id,
+                request.step_instance_id,
+            )
+        }),
         account: request.account,
         // Each file names its directory.
         target_dir: "/".into(),
@@ -474,6 +541,7 @@ pub(crate) async fn fetch(
         pull: Box::new(pull),
         wants: want_rx,
     };
+    let kept = placement.resume_tag.is_some().then(|| placement.clone());
     let result = run_placement(
         &ctx,
         &mut send,
@@ -485,4 +553,72 @@ pub(crate) async fn fetch(
     )
     .await;
     finish(send, &mut downs, result).await;
+    if let Some(kept) = kept
+        && lost.load(Ordering::Relaxed)
+    {
+        let delay = Duration::from_secs(u64::from(request.timeout_secs)) + PARTIAL_MARGIN;
+        drop(forget_partials_after(kept, key, generation, delay));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use fleetrun_exec::place::partial_name;
+
+    use super::*;
+
+    /// A placement of one pulled file into `dir` as root, resumable under `tag`, and the path
+    /// of its partial file, written there as a cut try would have left it.
+    fn kept(dir: &std::path::Path, tag: &str) -> (Placement, std::path::PathBuf) {
+        let file = FileToPlace {
+            name: "big.bin".into(),
+            dir: Some(dir.to_path_buf()),
+            mode: 0o644,
+            sha256: [7; 32],
+            content: Content::Pulled {
+                size: 4 * FILE_CHUNK as u64,
+            },
+        };
+        let partial = dir.join(partial_name(tag, &file));
+        std::fs::write(&partial, vec![1u8; FILE_CHUNK]).unwrap();
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let placement = Placement {
+            task_tag: "t".into(),
+            resume_tag: Some(tag.into()),
+            account: "root".into(),
+            target_dir: "/".into(),
+            strict: false,
+            files: vec![file],
+            refuse_root: None,
+        };
+        (placement, partial)
+    }
+
+    #[tokio::test]
+    async fn a_kept_partial_is_removed_after_its_deadline_unless_the_step_came_back() {
+        assert!(nix::unistd::geteuid().is_root(), "the tests run as root");
+        let dir = tempfile::tempdir().unwrap();
+        let deadline = Duration::from_millis(300);
+
+        // No fetch of the step after the cut one: the partial goes at its deadline, not before.
+        let key = (-101, -1);
+        let generation = fetch_generation(key, true);
+        let (placement, partial) = kept(dir.path(), "gone");
+        let removal = forget_partials_after(placement, key, generation, deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(partial.exists(), "kept until the deadline");
+        assert_eq!(removal.await.unwrap(), 1);
+        assert!(!partial.exists(), "removed after the deadline");
+
+        // The step's fetch came again: its partial is the new fetch's to continue.
+        let key = (-102, -1);
+        let generation = fetch_generation(key, true);
+        let (placement, partial) = kept(dir.path(), "back");
+        let removal = forget_partials_after(placement, key, generation, deadline);
+        fetch_generation(key, true);
+        assert_eq!(removal.await.unwrap(), 0);
+        assert!(partial.exists(), "left for the resumed fetch");
+    }
 }

@@ -395,6 +395,64 @@ fn is_dir(stat: &FileStat) -> bool {
     SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR
 }
 
+/// Removes the partial files a cut placement kept under its [`Placement::resume_tag`], as the
+/// account: for each pulled file, its partial name, if it holds a plain file with one name that
+/// the account owns, reached from `/` without following a link and without creating anything.
+/// Anything else under the name is left alone. Returns how many were removed; a placement
+/// without a resume tag kept none.
+pub fn remove_partials(placement: Placement) -> Result<usize, PlaceError> {
+    let Some(tag) = placement.resume_tag.clone() else {
+        return Ok(0);
+    };
+    let removed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = removed.clone();
+    let account = placement.account.clone();
+    let refuse_root = placement.refuse_root.clone();
+    as_account(&account, refuse_root.as_deref(), move || {
+        for file in &placement.files {
+            if !matches!(file.content, Content::Pulled { .. }) || !valid_relative_name(&file.name) {
+                continue;
+            }
+            let target_dir = file.dir.as_ref().unwrap_or(&placement.target_dir);
+            if !valid_target_dir(&target_dir.to_string_lossy()) {
+                continue;
+            }
+            let dir = match file.name.rsplit_once('/') {
+                Some((parents, _)) => target_dir.join(parents),
+                None => target_dir.clone(),
+            };
+            let Some(dir) = open_existing_dir(&dir) else {
+                continue;
+            };
+            let name = partial_name(&tag, file);
+            if open_partial(dir.as_fd(), &name).is_some()
+                && unlinkat(dir.as_fd(), name.as_str(), UnlinkatFlags::NoRemoveDir).is_ok()
+            {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    })?;
+    Ok(removed.load(Ordering::Relaxed))
+}
+
+/// Opens an existing directory from `/`, never following a link; `None` if any part of the
+/// path is missing, a link or not a directory.
+fn open_existing_dir(dir: &Path) -> Option<OwnedFd> {
+    let path_flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut current = openat(nix::fcntl::AT_FDCWD, "/", path_flags, Mode::empty()).ok()?;
+    for component in dir.components() {
+        let Component::Normal(name) = component else {
+            continue;
+        };
+        let next = openat(current.as_fd(), name, path_flags, Mode::empty()).ok()?;
+        if !is_dir(&fstat(next.as_fd()).ok()?) {
+            return None;
+        }
+        current = next;
+    }
+    Some(current)
+}
+
 /// Opens the target directory from `/`, never following a link, creating what is missing.
 fn open_target(dir: &Path) -> Result<OwnedFd, Failure> {
     let path_flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
@@ -625,7 +683,7 @@ const CHUNK: usize = fleetrun_proto::FILE_CHUNK;
 
 /// The name a resumable pulled file is written to: the same for every try of one placement's
 /// file (its name and content), distinct for another.
-fn partial_name(tag: &str, file: &FileToPlace) -> String {
+pub fn partial_name(tag: &str, file: &FileToPlace) -> String {
     let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
     hasher.update(file.name.as_bytes());
     hasher.update(&[0]);

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use common::TEST_USER;
 use fleetrun_exec::collect::sha256;
 use fleetrun_exec::place::{
-    Content, FileToPlace, PlaceEnding, PlacedFile, Placement, Pull, place_pulling,
+    Content, FileToPlace, PlaceEnding, PlacedFile, Placement, Pull, place_pulling, remove_partials,
 };
 
 const CHUNK: usize = 1024 * 1024;
@@ -109,9 +109,9 @@ fn place_once(dir: &Path, data: &[u8], pull: VecPull) -> PlacedFile {
     place_once_as(TEST_USER, dir, data, pull)
 }
 
-/// As [`place_once`], writing as `account`.
-fn place_once_as(account: &str, dir: &Path, data: &[u8], pull: VecPull) -> PlacedFile {
-    let placement = Placement {
+/// The placement of `data` as `f.bin` in `dir` as `account`, resumable under the tag `7-9`.
+fn placement_of(account: &str, dir: &Path, data: &[u8]) -> Placement {
+    Placement {
         task_tag: format!("try{}", TRIES.fetch_add(1, Ordering::Relaxed)),
         resume_tag: Some("7-9".into()),
         account: account.into(),
@@ -127,7 +127,12 @@ fn place_once_as(account: &str, dir: &Path, data: &[u8], pull: VecPull) -> Place
             },
         }],
         refuse_root: None,
-    };
+    }
+}
+
+/// As [`place_once`], writing as `account`.
+fn place_once_as(account: &str, dir: &Path, data: &[u8], pull: VecPull) -> PlacedFile {
+    let placement = placement_of(account, dir, data);
     let reports = Arc::new(Mutex::new(Vec::new()));
     let sink = reports.clone();
     place_pulling(
@@ -273,4 +278,35 @@ fn a_partial_of_roots_placement_handed_to_another_account_is_not_continued() {
         "the other account's file is left"
     );
     assert_eq!(meta.len(), 3 * CHUNK as u64, "and not written");
+}
+
+#[test]
+fn a_kept_partial_is_removed_as_the_account_and_anything_else_under_its_name_is_left() {
+    let data = content(4 * CHUNK);
+    let dir = scratch();
+    let partial = cut_try(dir.path(), &data);
+    assert_eq!(
+        remove_partials(placement_of(TEST_USER, dir.path(), &data)).unwrap(),
+        1
+    );
+    assert!(partials(dir.path()).is_empty(), "the kept partial is gone");
+    // Planted under the partial name: a link to a file of the account, and root's file.
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"kept").unwrap();
+    let account = nix::unistd::User::from_name(TEST_USER).unwrap().unwrap();
+    std::os::unix::fs::chown(&victim, Some(account.uid.as_raw()), None).unwrap();
+    std::os::unix::fs::symlink(&victim, &partial).unwrap();
+    assert_eq!(
+        remove_partials(placement_of(TEST_USER, dir.path(), &data)).unwrap(),
+        0
+    );
+    assert!(std::fs::symlink_metadata(&partial).unwrap().is_symlink());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"kept");
+    std::fs::remove_file(&partial).unwrap();
+    std::fs::write(&partial, b"root's").unwrap();
+    assert_eq!(
+        remove_partials(placement_of(TEST_USER, dir.path(), &data)).unwrap(),
+        0
+    );
+    assert_eq!(std::fs::read(&partial).unwrap(), b"root's");
 }

@@ -51,6 +51,10 @@ pub const ALPN: &[u8] = b"fleetrun/1";
 /// with an agent that negotiated 6.
 pub const PROTOCOL_VERSION: u32 = 6;
 
+/// The first protocol version whose fetches go on after a cut ([`TaskUp::WantFrom`]): an agent
+/// keeps a cut file's partial only on a connection that negotiated it.
+pub const RESUME_PROTOCOL_VERSION: u32 = 6;
+
 /// The oldest agent protocol revision the controller accepts (and the first that has no
 /// reattach: its tasks end with their connection).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;

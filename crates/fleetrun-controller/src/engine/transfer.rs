@@ -1052,8 +1052,7 @@ enum Back {
 /// How often a fetch waiting for its agent to reconnect looks for the new connection.
 const AGENT_BACK_POLL: Duration = Duration::from_millis(200);
 
-/// The first protocol version whose fetches go on after a cut ([`TaskUp::WantFrom`]).
-pub const RESUME_PROTOCOL_VERSION: u32 = 6;
+pub use fleetrun_proto::RESUME_PROTOCOL_VERSION;
 
 /// What a target's stream is told besides chunks.
 #[derive(Debug)]
