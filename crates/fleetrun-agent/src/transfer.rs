@@ -1,7 +1,7 @@
-//! File transfers between hosts (protocol version 5): a [`TaskDown::Collect`] stream reads
-//! files on this host as an account and sends them in content-addressed chunks; a
-//! [`TaskDown::Fetch`] stream writes files here as an account, pulling each one's chunks from
-//! the controller.
+//! File transfers between hosts (protocol version 5; resumed after a cut from version 6): a
+//! [`TaskDown::Collect`] stream reads files on this host as an account and sends them in
+//! content-addressed chunks; a [`TaskDown::Fetch`] stream writes files here as an account,
+//! pulling each one's chunks from the controller.
 //!
 //! Memory is bounded on both sides: the reading thread hands chunks through a channel of
 //! [`IN_FLIGHT`] chunks to the stream, and the stream hands received chunks to the writing
