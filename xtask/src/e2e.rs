@@ -567,6 +567,44 @@ async fn file_cut(ctx: &mut Ctx) -> Result<()> {
         log.contains("transfer resumed on the agent's new connection"),
         "the cut target's fetch was not resumed"
     );
+    // The cut host went on from the chunks on disk, not from the start.
+    let agent_log = std::fs::read_to_string(&ctx.cluster.agents[cut].log).unwrap_or_default();
+    let from: u64 = agent_log
+        .lines()
+        .filter(|l| l.contains("resuming a file from the chunks on disk"))
+        .filter_map(|l| l.split("from_chunk=").nth(1))
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .filter_map(|n| n.parse().ok())
+        .max()
+        .context("the cut host's agent did not resume the file from disk")?;
+    ensure!(from > 0, "the cut host resumed from chunk {from}");
+    // Every target's file relayed once, and no more sent twice than was in flight at the cut: a
+    // fetch started again would send the cut host's 48 MiB or more a second time.
+    let relayed: u64 = log
+        .lines()
+        .filter(|l| l.contains("transfer ended") && l.contains(&format!("job={job}")))
+        .filter_map(|l| l.split("controller_bytes_relayed=").nth(1))
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .filter_map(|n| n.parse().ok())
+        .next()
+        .context("the bytes relayed, from the controller's log")?;
+    let once = (SIZE * hosts.len()) as u64;
+    let in_flight = 16 * 1024 * 1024;
+    ensure!(
+        relayed >= once && relayed <= once + in_flight,
+        "{relayed} bytes relayed for {} targets of {SIZE}",
+        hosts.len()
+    );
+    println!(
+        "file-cut: resumed from chunk {from}; {} bytes sent twice of {relayed} relayed",
+        relayed - once
+    );
+    let left: Vec<String> = std::fs::read_dir(&out)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".fleetrun-"))
+        .collect();
+    ensure!(left.is_empty(), "partial or temporary files left: {left:?}");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -1416,3 +1416,71 @@ async fn a_file_failed_before_a_cut_fails_the_host_after_the_resume() -> Result<
     assert_eq!((failed, placed), (1, 1), "{downloads:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_terminated_while_its_agent_is_away_ends_403_without_waiting() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    let source = cluster.host_id("agent-1");
+    let target = cluster.host_id("agent-2");
+    let client = cluster.client();
+    let src_dir = scratch("away-src");
+    let out = scratch("away-out");
+    let src = src_dir.path().join("big.bin");
+    write_file(&src, &pattern(16 * 1024 * 1024, 24), 0o644, None);
+    let mut req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(&[src.to_str().unwrap()], &[source], "root")]),
+        &[target],
+        "root",
+    );
+    req["download_speed_limit"] = json!(1);
+    req["timeout"] = json!(600);
+    let accepted = client.call("fast_transfer_file", req).await?;
+    let job = accepted["job_instance_id"].as_i64().context("job id")?;
+    fleetrun_tests::eventually(Duration::from_secs(60), "a chunk written", || {
+        let held = partial_size(out.path()).filter(|n| *n >= 1024 * 1024);
+        async move { held }
+    })
+    .await?;
+    let revoked = client
+        .call("revoke_agent", json!({"agent_id": "agent-2"}))
+        .await?;
+    assert_eq!(revoked["connections_closed"], 1, "{revoked}");
+    let agent_log = cluster.agents[1].log.clone();
+    fleetrun_tests::eventually(Duration::from_secs(10), "the agent refused", || {
+        let text = std::fs::read_to_string(&agent_log).unwrap_or_default();
+        async move { text.contains("revoked by an operator").then_some(()) }
+    })
+    .await?;
+    let mut body = cluster.info.scope();
+    body["job_instance_id"] = json!(job);
+    body["operation_code"] = json!(1);
+    let asked = Instant::now();
+    let reply = client.call("operate_job_instance", body).await?;
+    assert_eq!(reply["job_instance_id"], job, "{reply}");
+    // Not the step's 600 s timeout: the wait for the agent ends with the termination.
+    let status = client
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(30))
+        .await?;
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        asked.elapsed()
+    );
+    let result = &host_results(&status)[0];
+    assert_eq!(result["status"], 403, "{status}");
+    let tag = result["tag"].to_string();
+    assert!(
+        tag.contains("terminated before the agent came back"),
+        "{tag}"
+    );
+    assert!(
+        !out.path().join("big.bin").exists(),
+        "nothing under the final name"
+    );
+    client
+        .call("unrevoke_agent", json!({"agent_id": "agent-2"}))
+        .await?;
+    Ok(())
+}
