@@ -417,17 +417,33 @@ fn step_turn(job_instance_id: i64, step_instance_id: i64) -> Arc<tokio::sync::Mu
 /// the controller's wait for the agent is bounded by the step's timeout plus its grace period.
 pub const PARTIAL_MARGIN: Duration = Duration::from_secs(120);
 
-/// How many fetches of each step this agent was sent: a cut fetch's partials are removed only
-/// if none came after it.
+/// How many fetches of each step this agent was sent, for the steps whose last fetch is running
+/// or was cut and not yet given up: a cut fetch's partials are removed only if none came after.
+static FETCHES: LazyLock<std::sync::Mutex<HashMap<(i64, i64), u64>>> =
+    LazyLock::new(Default::default);
+
+/// The number of the step's last fetch; with `bump`, a new one is numbered (numbers are never
+/// reused, even for a step forgotten and fetched again).
 fn fetch_generation(key: (i64, i64), bump: bool) -> u64 {
-    static SEEN: LazyLock<std::sync::Mutex<HashMap<(i64, i64), u64>>> =
-        LazyLock::new(Default::default);
-    let mut seen = SEEN.lock().unwrap();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let mut seen = FETCHES.lock().unwrap();
     let generation = seen.entry(key).or_default();
     if bump {
-        *generation += 1;
+        *generation = NEXT.fetch_add(1, Ordering::Relaxed);
     }
     *generation
+}
+
+/// Forgets the step's count if `generation` is still its last fetch: nothing of the step is
+/// left to wait for. Whether it was the last.
+fn fetch_done(key: (i64, i64), generation: u64) -> bool {
+    let mut seen = FETCHES.lock().unwrap();
+    if seen.get(&key) == Some(&generation) {
+        seen.remove(&key);
+        true
+    } else {
+        false
+    }
 }
 
 /// Removes what `placement` (of the step `key`, the fetch numbered `generation`) kept after a
@@ -441,7 +457,7 @@ fn forget_partials_after(
 ) -> tokio::task::JoinHandle<usize> {
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
-        if fetch_generation(key, false) != generation {
+        if !fetch_done(key, generation) {
             return 0;
         }
         match tokio::task::spawn_blocking(move || remove_partials(placement)).await {
@@ -553,11 +569,14 @@ pub(crate) async fn fetch(
     )
     .await;
     finish(send, &mut downs, result).await;
-    if let Some(kept) = kept
-        && lost.load(Ordering::Relaxed)
-    {
-        let delay = Duration::from_secs(u64::from(request.timeout_secs)) + PARTIAL_MARGIN;
-        drop(forget_partials_after(kept, key, generation, delay));
+    match kept {
+        Some(kept) if lost.load(Ordering::Relaxed) => {
+            let delay = Duration::from_secs(u64::from(request.timeout_secs)) + PARTIAL_MARGIN;
+            drop(forget_partials_after(kept, key, generation, delay));
+        }
+        _ => {
+            fetch_done(key, generation);
+        }
     }
 }
 
@@ -611,6 +630,10 @@ mod tests {
         assert!(partial.exists(), "kept until the deadline");
         assert_eq!(removal.await.unwrap(), 1);
         assert!(!partial.exists(), "removed after the deadline");
+        assert!(
+            !FETCHES.lock().unwrap().contains_key(&key),
+            "the step is forgotten"
+        );
 
         // The step's fetch came again: its partial is the new fetch's to continue.
         let key = (-102, -1);
