@@ -1484,3 +1484,55 @@ async fn a_target_terminated_while_its_agent_is_away_ends_403_without_waiting() 
         .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_back_from_a_cut_speaking_a_protocol_without_transfers_is_told_to_upgrade()
+-> Result<()> {
+    use fleetrun_net::FramedRecv;
+    use fleetrun_proto::TaskDown;
+    let cluster = start_cluster(1).await?;
+    let real = cluster.host_ids()[0];
+    let (_endpoint, connection, target, beat) =
+        crate::files::raw_agent(&cluster, "cut-then-v4", "127.0.0.96", 6).await?;
+    let src_dir = scratch("back-v4");
+    let path = src_dir.path().join("f");
+    write_file(&path, b"f", 0o644, None);
+    let out = scratch("back-v4-out");
+    let mut req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(&[path.to_str().unwrap()], &[real], "root")]),
+        &[target],
+        "root",
+    );
+    req["timeout"] = json!(60);
+    let accepted = cluster.client().call("fast_transfer_file", req).await?;
+    let job = accepted["job_instance_id"].as_i64().context("job id")?;
+    // The target is sent its fetch, and its connection is cut before it answers.
+    let (_send, recv) = tokio::time::timeout(Duration::from_secs(30), connection.accept_bi())
+        .await
+        .context("no fetch sent")??;
+    let first = FramedRecv::new(recv).recv::<TaskDown>().await?;
+    assert!(matches!(first, Some(TaskDown::Fetch(_))), "{first:?}");
+    beat.abort();
+    connection.close(0u32.into(), b"cut");
+    // It comes back speaking version 4, which has no transfers: no Fetch is sent to it.
+    let (_endpoint, again, back, beat) =
+        crate::files::raw_agent(&cluster, "cut-then-v4", "127.0.0.96", 4).await?;
+    assert_eq!(back, target);
+    let status = cluster
+        .client()
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(60))
+        .await?;
+    let result = &host_results(&status)[0];
+    assert_eq!(result["status"], 310, "{status}");
+    let tag = result["tag"].to_string();
+    assert!(
+        tag.contains("protocol version 4") && tag.contains("upgrade"),
+        "{tag}"
+    );
+    let opened = tokio::time::timeout(Duration::from_secs(1), again.accept_bi()).await;
+    assert!(opened.is_err(), "the version 4 agent is sent no stream");
+    beat.abort();
+    Ok(())
+}
