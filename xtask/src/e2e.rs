@@ -53,6 +53,7 @@ const SCENARIOS: &[&str] = &[
     "callback",
     "agent-killed",
     "link-cut",
+    "file-cut",
     "lossy-links",
     "controller-killed",
     "terminate-after-restart",
@@ -473,6 +474,142 @@ async fn link_cut(ctx: &mut Ctx) -> Result<()> {
     ctx.no_task_processes().await
 }
 
+/// A file's SHA-256, by `sha256sum`.
+fn sha256_of(path: &std::path::Path) -> Result<String> {
+    let out = std::process::Command::new("sha256sum").arg(path).output()?;
+    ensure!(out.status.success(), "sha256sum {}", path.display());
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// The largest partial file a fetch is writing in `dir`.
+fn largest_partial(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+        .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+        .max()
+        .unwrap_or(0)
+}
+
+async fn file_cut(ctx: &mut Ctx) -> Result<()> {
+    // A 256 MiB file from host 0 to every host, paced at 32 MB/s per target; host 1's link cut
+    // for 8 s mid-transfer, longer than the idle timeout, so its connection is lost and the
+    // fetch goes on over the next one from the chunks on disk. The hosts share this machine's
+    // file system: each lands the same file, verified by its own agent before the rename.
+    const SIZE: usize = 256 * 1024 * 1024;
+    let dir = workspace_root().join("target/e2e-files");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out)?;
+    let src = dir.join("big.bin");
+    {
+        use std::io::Write as _;
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&src)?);
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..SIZE / block.len() {
+            for word in block.chunks_exact_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                word.copy_from_slice(&state.to_le_bytes());
+            }
+            file.write_all(&block)?;
+        }
+        file.flush()?;
+    }
+    let expected = sha256_of(&src)?;
+    let hosts = ctx.hosts();
+    let mut request = ctx.cluster.info.scope();
+    request["account_alias"] = json!("root");
+    request["file_target_path"] = json!(out.to_string_lossy());
+    request["file_source_list"] = json!([{
+        "file_type": 1,
+        "file_list": [src.to_string_lossy()],
+        "account": {"alias": "root"},
+        "server": {"host_id_list": [hosts[0]]},
+    }]);
+    request["target_server"] = json!({ "host_id_list": hosts });
+    request["download_speed_limit"] = json!(32);
+    request["timeout"] = json!(240);
+    let accepted = ctx
+        .cluster
+        .info
+        .client()
+        .call("fast_transfer_file", request)
+        .await?;
+    let job = accepted["job_instance_id"]
+        .as_i64()
+        .context("the transfer's job id")?;
+    let started = Instant::now();
+    while largest_partial(&out) < 48 * 1024 * 1024 {
+        ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "no target got 48 MiB within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cut = 1.min(ctx.network.hosts.len() - 1);
+    ctx.network.cut(cut)?;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    ctx.network.restore(cut)?;
+    let status = ctx.wait(job, Duration::from_secs(240)).await?;
+    Ctx::expect(&status, 3, |_| 9)?;
+    let landed = sha256_of(&out.join("big.bin"))?;
+    ensure!(landed == expected, "landed {landed}, sent {expected}");
+    let log = std::fs::read_to_string(&ctx.cluster.controller_log).unwrap_or_default();
+    ensure!(
+        log.contains("transfer resumed on the agent's new connection"),
+        "the cut target's fetch was not resumed"
+    );
+    // The cut host went on from the chunks on disk, not from the start.
+    let agent_log = std::fs::read_to_string(&ctx.cluster.agents[cut].log).unwrap_or_default();
+    let from: u64 = agent_log
+        .lines()
+        .filter(|l| l.contains("resuming a file from the chunks on disk"))
+        .filter_map(|l| l.split("from_chunk=").nth(1))
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .filter_map(|n| n.parse().ok())
+        .max()
+        .context("the cut host's agent did not resume the file from disk")?;
+    ensure!(from > 0, "the cut host resumed from chunk {from}");
+    // Every target's file relayed once, and no more sent twice than was in flight at the cut: a
+    // fetch started again would send the cut host's 48 MiB or more a second time.
+    let relayed: u64 = log
+        .lines()
+        .filter(|l| l.contains("transfer ended") && l.contains(&format!("job={job}")))
+        .filter_map(|l| l.split("controller_bytes_relayed=").nth(1))
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .filter_map(|n| n.parse().ok())
+        .next()
+        .context("the bytes relayed, from the controller's log")?;
+    let once = (SIZE * hosts.len()) as u64;
+    let in_flight = 16 * 1024 * 1024;
+    ensure!(
+        relayed >= once && relayed <= once + in_flight,
+        "{relayed} bytes relayed for {} targets of {SIZE}",
+        hosts.len()
+    );
+    println!(
+        "file-cut: resumed from chunk {from}; {} bytes sent twice of {relayed} relayed",
+        relayed - once
+    );
+    let left: Vec<String> = std::fs::read_dir(&out)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".fleetrun-"))
+        .collect();
+    ensure!(left.is_empty(), "partial or temporary files left: {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 async fn lossy_links(ctx: &mut Ctx) -> Result<()> {
     // netem on every link when the kernel has it; the relay's loss and delay otherwise.
     if ctx.network.impair(10, 100).is_err() {
@@ -617,6 +754,7 @@ async fn scenario(name: &str, ctx: &mut Ctx) -> Result<()> {
         "callback" => callback(ctx).await,
         "agent-killed" => agent_killed(ctx).await,
         "link-cut" => link_cut(ctx).await,
+        "file-cut" => file_cut(ctx).await,
         "lossy-links" => lossy_links(ctx).await,
         "controller-killed" => controller_killed(ctx).await,
         "terminate-after-restart" => terminate_after_restart(ctx).await,

@@ -97,7 +97,9 @@ const ALLOWED_INTERNAL: &[(&str, &[&str])] = &[
     ("fleetrun-api", &[]),
     ("fleetrun-proto", &[]),
     ("fleetrun-net", &["fleetrun-proto"]),
-    ("fleetrun-exec", &[]),
+    // The source-path grammar (`fleetrun_proto::source_path`), which the controller checks
+    // a source's names with: one parser for both sides. Proto does no I/O.
+    ("fleetrun-exec", &["fleetrun-proto"]),
     ("fleetrun-inventory", &[]),
     ("fleetrun-store", &["fleetrun-api"]),
     (

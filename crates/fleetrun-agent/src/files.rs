@@ -127,6 +127,7 @@ async fn run(
     let placement = Placement {
         // Its own name for the temporary files: the request is shared by every host and step.
         task_tag: uuid::Uuid::new_v4().simple().to_string(),
+        resume_tag: None,
         account,
         target_dir: target_dir.into(),
         strict,
@@ -158,7 +159,8 @@ async fn run(
 /// the loop sends up.
 pub(crate) struct Pulling {
     pub pull: Box<dyn Pull>,
-    pub wants: mpsc::UnboundedReceiver<u32>,
+    /// [`TaskUp::Want`] or [`TaskUp::WantFrom`], sent as they come.
+    pub wants: mpsc::UnboundedReceiver<TaskUp>,
 }
 
 /// Runs a placement on a blocking thread, reporting each file on the stream as it ends.
@@ -240,8 +242,8 @@ pub(crate) async fn run_placement(
             }
             want = async { wants.as_mut().expect("guarded").recv().await }, if wants.is_some() => {
                 match want {
-                    Some(index) => {
-                        if send_frame(send, &TaskUp::Want { index }).await.is_err() {
+                    Some(want) => {
+                        if send_frame(send, &want).await.is_err() {
                             cancel.store(true, Ordering::Relaxed);
                         }
                     }

@@ -92,7 +92,7 @@ pub(crate) async fn connect_and_serve(
         Ok(Ok(Some(reply))) => reply,
     };
     drop(gate);
-    let (heartbeat, ownership, renews) = match reply {
+    let (heartbeat, ownership, renews, protocol) = match reply {
         HelloReply::Refused { reason } => {
             return Ended::BeforeWelcome(format!("controller refused this agent: {reason}"));
         }
@@ -111,7 +111,7 @@ pub(crate) async fn connect_and_serve(
             }
             ctx.set_bk_host_id(bk_host_id);
             let every = Duration::from_millis(heartbeat_interval_ms.max(100));
-            (every, Ownership::Connection, false)
+            (every, Ownership::Connection, false, 1)
         }
         HelloReply::Negotiated {
             protocol_version,
@@ -132,7 +132,7 @@ pub(crate) async fn connect_and_serve(
                 return Ended::BeforeWelcome(format!("cannot report the tasks held: {e}"));
             }
             let renews = protocol_version >= 3 && matches!(ctx.presence, Presence::Host);
-            (every, Ownership::Agent, renews)
+            (every, Ownership::Agent, renews, protocol_version)
         }
     };
     ctx.metrics.welcomed();
@@ -147,7 +147,7 @@ pub(crate) async fn connect_and_serve(
     let reason = tokio::select! {
         reason = heartbeats(ctx, &mut send, heartbeat, due) => reason,
         reason = crate::renew::answers(ctx, &mut recv, &due_at), if renews => reason,
-        reason = accept_tasks(ctx, &connection, ownership, &session) => reason,
+        reason = accept_tasks(ctx, &connection, ownership, protocol, &session) => reason,
     };
     let shutting_down = matches!(
         connection.close_reason(),
@@ -229,6 +229,7 @@ async fn accept_tasks(
     ctx: &Arc<AgentContext>,
     connection: &quinn::Connection,
     ownership: Ownership,
+    protocol_version: u32,
     session: &CancellationToken,
 ) -> String {
     loop {
@@ -236,7 +237,9 @@ async fn accept_tasks(
             Ok((send, recv)) => {
                 let ctx = ctx.clone();
                 let session = session.clone();
-                tokio::spawn(async move { task::serve(ctx, send, recv, ownership, session).await });
+                tokio::spawn(async move {
+                    task::serve(ctx, send, recv, ownership, protocol_version, session).await
+                });
             }
             Err(e) => return describe_connection_error(&e),
         }

@@ -578,11 +578,13 @@ impl Tasks {
 }
 
 /// Serves one stream the controller opened: a new task, a resumed one, or a discard.
+/// `protocol_version` is the one negotiated on its connection.
 pub(crate) async fn serve(
     ctx: Arc<AgentContext>,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     ownership: Ownership,
+    protocol_version: u32,
     session: CancellationToken,
 ) {
     let mut recv = FramedRecv::new(recv);
@@ -646,7 +648,7 @@ pub(crate) async fn serve(
             return;
         }
         Ok(Some(TaskDown::Fetch(request))) => {
-            crate::transfer::fetch(ctx, send, recv, request).await;
+            crate::transfer::fetch(ctx, send, recv, request, protocol_version).await;
             return;
         }
         Ok(Some(TaskDown::Cancel | TaskDown::ResultStored | TaskDown::Chunk { .. })) | Ok(None) => {

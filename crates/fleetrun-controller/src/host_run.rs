@@ -364,6 +364,7 @@ impl HostTask {
             Event::Up(
                 TaskUp::FilePlaced(_)
                 | TaskUp::Want { .. }
+                | TaskUp::WantFrom { .. }
                 | TaskUp::SourceFile(_)
                 | TaskUp::SourceChunk { .. }
                 | TaskUp::SourceFileEnd(_),

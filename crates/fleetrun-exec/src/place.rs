@@ -14,7 +14,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{self, Write as _};
+use std::io::{self, Seek as _, Write as _};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::FileExt as _;
@@ -34,11 +34,19 @@ use crate::sys::{self, Credentials};
 /// The deepest target directory accepted, in components.
 pub const MAX_DEPTH: usize = 64;
 
+// A source the agent reads as deep as the parser lets a path be asked for, no deeper.
+const _: () = assert!(fleetrun_proto::source_path::MAX_SOURCE_DEPTH == MAX_DEPTH);
+
 /// Files to write into one directory.
 #[derive(Clone)]
 pub struct Placement {
     /// Makes the temporary names unique to the task.
     pub task_tag: String,
+    /// Set for pulled files that may be resumed after a cut: each is written to a name made of
+    /// this tag, the file's name and its SHA-256 (`.fleetrun-<tag>-<16 hex>.part`), kept there
+    /// when the pull is interrupted ([`Pull::interrupted`]), and continued by a later placement
+    /// with the same tag from the chunks it holds that hash right (the rest is cut off).
+    pub resume_tag: Option<String>,
     /// The account the files are written as and owned by.
     pub account: String,
     /// Absolute, without `.` or `..`.
@@ -104,11 +112,19 @@ impl Content {
 
 /// Brings pulled files' chunks to the writing thread. Blocking calls: the thread waits.
 pub trait Pull: Send {
-    /// Asks for the chunks of file `index` of the placement, from its start.
-    fn want(&mut self, index: usize) -> Result<(), String>;
+    /// Asks for the chunks of file `index` of the placement, from chunk `from` (0: its start).
+    fn want(&mut self, index: usize, from: usize) -> Result<(), String>;
     /// The next chunk of the file last wanted, already checked against its hash; `None` after
     /// its last.
     fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, String>;
+    /// The SHA-256 of chunk `chunk` of file `index`: what a partial file's bytes are checked
+    /// against before a resume trusts them.
+    fn chunk_hash(&self, index: usize, chunk: usize) -> Option<[u8; 32]>;
+    /// Whether the chunks stopped coming because the link they come over was cut (not because
+    /// the task was cancelled): a resumable file is then kept for the next try.
+    fn interrupted(&self) -> bool {
+        false
+    }
 }
 
 impl std::fmt::Debug for FileToPlace {
@@ -285,6 +301,9 @@ fn write_all(
         std::collections::HashMap::new();
     let mut stop: Option<String> = None;
     for (index, file) in placement.files.iter().enumerate() {
+        if stop.is_none() && pull.as_ref().is_some_and(|p| p.interrupted()) {
+            stop = Some("the connection to the controller was lost before this file".into());
+        }
         if stop.is_none() && cancel.load(Ordering::Relaxed) {
             stop = Some("the task was cancelled or timed out before this file".into());
         }
@@ -374,6 +393,64 @@ fn errno_failure(what: &str, errno: Errno) -> Failure {
 
 fn is_dir(stat: &FileStat) -> bool {
     SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR
+}
+
+/// Removes the partial files a cut placement kept under its [`Placement::resume_tag`], as the
+/// account: for each pulled file, its partial name, if it holds a plain file with one name that
+/// the account owns, reached from `/` without following a link and without creating anything.
+/// Anything else under the name is left alone. Returns how many were removed; a placement
+/// without a resume tag kept none.
+pub fn remove_partials(placement: Placement) -> Result<usize, PlaceError> {
+    let Some(tag) = placement.resume_tag.clone() else {
+        return Ok(0);
+    };
+    let removed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = removed.clone();
+    let account = placement.account.clone();
+    let refuse_root = placement.refuse_root.clone();
+    as_account(&account, refuse_root.as_deref(), move || {
+        for file in &placement.files {
+            if !matches!(file.content, Content::Pulled { .. }) || !valid_relative_name(&file.name) {
+                continue;
+            }
+            let target_dir = file.dir.as_ref().unwrap_or(&placement.target_dir);
+            if !valid_target_dir(&target_dir.to_string_lossy()) {
+                continue;
+            }
+            let dir = match file.name.rsplit_once('/') {
+                Some((parents, _)) => target_dir.join(parents),
+                None => target_dir.clone(),
+            };
+            let Some(dir) = open_existing_dir(&dir) else {
+                continue;
+            };
+            let name = partial_name(&tag, file);
+            if open_partial(dir.as_fd(), &name).is_some()
+                && unlinkat(dir.as_fd(), name.as_str(), UnlinkatFlags::NoRemoveDir).is_ok()
+            {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    })?;
+    Ok(removed.load(Ordering::Relaxed))
+}
+
+/// Opens an existing directory from `/`, never following a link; `None` if any part of the
+/// path is missing, a link or not a directory.
+fn open_existing_dir(dir: &Path) -> Option<OwnedFd> {
+    let path_flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut current = openat(nix::fcntl::AT_FDCWD, "/", path_flags, Mode::empty()).ok()?;
+    for component in dir.components() {
+        let Component::Normal(name) = component else {
+            continue;
+        };
+        let next = openat(current.as_fd(), name, path_flags, Mode::empty()).ok()?;
+        if !is_dir(&fstat(next.as_fd()).ok()?) {
+            return None;
+        }
+        current = next;
+    }
+    Some(current)
 }
 
 /// Opens the target directory from `/`, never following a link, creating what is missing.
@@ -480,20 +557,53 @@ fn place_one(
         Some(parents) => Some(open_below(top, target_dir, parents)?),
     };
     let dir = sub.as_ref().map_or(top, |fd| fd.as_fd());
-    let temp = format!(".fleetrun-{}-{index}.tmp", placement.task_tag);
-    let fd = openat(
-        dir,
-        temp.as_str(),
-        OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::from_bits_truncate(0o600),
-    )
-    .map_err(|e| {
+    let create = |name: &str| {
+        openat(
+            dir,
+            name,
+            OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+    };
+    let create_failure = |e| {
         errno_failure(
             &format!("cannot create a file in {}", target_dir.display()),
             e,
         )
-    })?;
-    let result = fill_and_check(File::from(fd), index, file, pull, cancel, target_dir);
+    };
+    let fresh = format!(".fleetrun-{}-{index}.tmp", placement.task_tag);
+    // (temporary name, descriptor, whether it is kept after a cut, whether it holds an earlier try)
+    let (temp, fd, resumable, resumed) = match &placement.resume_tag {
+        Some(tag) if pulled => {
+            let name = partial_name(tag, file);
+            match open_partial(dir, &name) {
+                Some(fd) => (name, fd, true, true),
+                None => match create(&name) {
+                    Ok(fd) => (name, fd, true, false),
+                    // Something this placement may not continue holds the name: the file is
+                    // written under a fresh one, and not resumed.
+                    Err(Errno::EEXIST) => {
+                        let fd = create(&fresh).map_err(create_failure)?;
+                        (fresh, fd, false, false)
+                    }
+                    Err(e) => return Err(create_failure(e)),
+                },
+            }
+        }
+        _ => {
+            let fd = create(&fresh).map_err(create_failure)?;
+            (fresh, fd, false, false)
+        }
+    };
+    let result = fill_and_check(
+        File::from(fd),
+        index,
+        file,
+        pull,
+        cancel,
+        target_dir,
+        resumed,
+    );
     let result = result.and_then(|bytes| {
         renameat(dir, temp.as_str(), dir, OsStr::from_bytes(leaf.as_bytes()))
             .map(|()| bytes)
@@ -509,9 +619,10 @@ fn place_one(
                 }
             })
     });
-    if result.is_err() {
+    let keep = resumable && pull.as_ref().is_some_and(|p| p.interrupted());
+    if result.is_err() && !keep {
         let _ = unlinkat(dir, temp.as_str(), UnlinkatFlags::NoRemoveDir);
-    } else {
+    } else if result.is_ok() {
         sync_dir(dir);
     }
     result
@@ -568,7 +679,79 @@ fn sync_dir(dir: BorrowedFd<'_>) {
     }
 }
 
-const CHUNK: usize = 1 << 20;
+const CHUNK: usize = fleetrun_proto::FILE_CHUNK;
+
+/// The name a resumable pulled file is written to: the same for every try of one placement's
+/// file (its name and content), distinct for another.
+pub fn partial_name(tag: &str, file: &FileToPlace) -> String {
+    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+    hasher.update(file.name.as_bytes());
+    hasher.update(&[0]);
+    hasher.update(&file.sha256);
+    let digest = hasher.finish();
+    let hex: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!(".fleetrun-{tag}-{hex}.part")
+}
+
+/// Opens a partial file an earlier try left, if it is one this placement may continue: a plain
+/// file (never through a link), with no other name (a hard link to another file would make it
+/// written through), owned by the account the thread writes as (the files it creates are; an
+/// agent placing as itself keeps its capabilities, and `CAP_FOWNER` would let `fchmod` pass on
+/// anyone's file), and whose mode it may set. Anything else there is left alone and the file
+/// is not resumed.
+fn open_partial(dir: BorrowedFd<'_>, name: &str) -> Option<OwnedFd> {
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let stat = fstat(fd.as_fd()).ok()?;
+    let regular = SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG;
+    if !regular || stat.st_nlink != 1 || stat.st_uid != sys::fs_uid() {
+        return None;
+    }
+    fchmod(fd.as_fd(), Mode::from_bits_truncate(0o600)).ok()?;
+    // Back to blocking writes.
+    nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETFL(OFlag::empty())).ok()?;
+    Some(fd)
+}
+
+/// How many whole chunks at the start of `out` hash to the file's chunks: read and checked
+/// here, not trusted from whoever wrote them. The file is cut back to them.
+fn verified_prefix(out: &File, index: usize, file_len: u64, pull: &dyn Pull) -> io::Result<usize> {
+    let mut buffer = vec![0u8; CHUNK];
+    let mut good = 0usize;
+    loop {
+        let offset = (good as u64) * CHUNK as u64;
+        if offset >= file_len {
+            break;
+        }
+        let Some(expected) = pull.chunk_hash(index, good) else {
+            break;
+        };
+        let want = usize::try_from((file_len - offset).min(CHUNK as u64)).unwrap_or(CHUNK);
+        let mut filled = 0usize;
+        while filled < want {
+            let n = out.read_at(&mut buffer[filled..want], offset + filled as u64)?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled < want || crate::collect::sha256(&buffer[..want]) != expected {
+            break;
+        }
+        good += 1;
+    }
+    let kept = ((good as u64) * CHUNK as u64).min(file_len);
+    out.set_len(kept)?;
+    Ok(good)
+}
 
 fn fill_and_check(
     mut out: File,
@@ -577,6 +760,7 @@ fn fill_and_check(
     pull: &mut Option<Box<dyn Pull>>,
     cancel: &AtomicBool,
     dir: &Path,
+    resumed: bool,
 ) -> Result<u64, Failure> {
     let io_failure = |what: &str, e: io::Error| match e.raw_os_error() {
         Some(errno) => errno_failure(what, Errno::from_raw(errno)),
@@ -604,8 +788,16 @@ fn fill_and_check(
             };
             let pull_failure =
                 |e: String| (PlaceEnding::Failed, format!("cannot receive the file: {e}"));
-            pull.want(index).map_err(pull_failure)?;
-            let mut written = 0u64;
+            let from = if resumed {
+                verified_prefix(&out, index, *size, pull.as_ref())
+                    .map_err(|e| io_failure(&what, e))?
+            } else {
+                0
+            };
+            let mut written = ((from as u64) * CHUNK as u64).min(*size);
+            out.seek(io::SeekFrom::Start(written))
+                .map_err(|e| io_failure(&what, e))?;
+            pull.want(index, from).map_err(pull_failure)?;
             while let Some(chunk) = pull.next_chunk().map_err(pull_failure)? {
                 if cancel.load(Ordering::Relaxed) {
                     return Err(cancelled());
@@ -653,6 +845,25 @@ fn fill_and_check(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partial_another_account_owns_is_not_continued_by_a_writer_with_capabilities() {
+        // This thread keeps root's capabilities, as an agent writing as itself does: with
+        // `CAP_FOWNER` the mode of anyone's file may be set, so only ownership refuses it.
+        assert!(nix::unistd::geteuid().is_root(), "the tests run as root");
+        let dir = tempfile::tempdir().unwrap();
+        let top = File::open(dir.path()).unwrap();
+        let name = ".fleetrun-7-9-0000000000000000.part";
+        let planted = dir.path().join(name);
+        std::fs::write(&planted, b"someone else's").unwrap();
+        std::os::unix::fs::chown(&planted, Some(65_534), None).unwrap();
+        assert!(open_partial(top.as_fd(), name).is_none());
+        std::os::unix::fs::chown(&planted, Some(sys::fs_uid()), None).unwrap();
+        assert!(
+            open_partial(top.as_fd(), name).is_some(),
+            "the writer's own partial"
+        );
+    }
 
     #[test]
     fn names_are_single_components() {

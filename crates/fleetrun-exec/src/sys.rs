@@ -613,6 +613,14 @@ pub(crate) fn become_on_this_thread(credentials: &Credentials) -> io::Result<()>
     drop_capabilities()
 }
 
+/// The calling thread's file-system user id: the owner of the files it creates.
+pub(crate) fn fs_uid() -> u32 {
+    // SAFETY: an integer argument; -1 is an invalid id, so nothing changes and the id in force
+    // is returned.
+    let id = unsafe { libc::syscall(SYS_SETFSUID, u32::MAX) };
+    u32::try_from(id).unwrap_or(u32::MAX)
+}
+
 /// Empties the calling thread's effective, permitted and inheritable capability sets.
 fn drop_capabilities() -> io::Result<()> {
     #[repr(C)]

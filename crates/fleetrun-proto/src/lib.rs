@@ -16,12 +16,15 @@
 //!   from version 4, a stream may instead start with [`TaskDown::Place`] (a file task), answered
 //!   by [`TaskUp::Started`], one [`TaskUp::FilePlaced`] per file and the result; from version 5,
 //!   [`TaskDown::Collect`] (read files on a source host and send them in chunks) or
-//!   [`TaskDown::Fetch`] (write files on a target host, pulling each one's chunks).
+//!   [`TaskDown::Fetch`] (write files on a target host, pulling each one's chunks); from
+//!   version 6, a fetch's file may be wanted from a chunk on ([`TaskUp::WantFrom`]), when the
+//!   controller sends a fetch cut by a lost connection again over the next one.
 
 mod codec;
 mod enroll;
 mod identity;
 mod messages;
+pub mod source_path;
 
 pub use codec::{DecodeError, EncodeError, FrameDecoder, SharedTaskRequest, encode_frame};
 pub use enroll::{
@@ -43,8 +46,14 @@ pub const ALPN: &[u8] = b"fleetrun/1";
 /// stream ([`ControlUp::Renew`], [`ControlDown`]); version 4, file tasks ([`TaskDown::Place`],
 /// [`TaskUp::FilePlaced`]), which a controller sends only on a connection that negotiated 4;
 /// version 5, files pulled between hosts through the controller ([`TaskDown::Collect`] on a
-/// source host, [`TaskDown::Fetch`] on a target), sent only on a connection that negotiated 5.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// source host, [`TaskDown::Fetch`] on a target), sent only on a connection that negotiated 5;
+/// version 6, fetches resumed after a cut ([`TaskUp::WantFrom`]), which a controller does only
+/// with an agent that negotiated 6.
+pub const PROTOCOL_VERSION: u32 = 6;
+
+/// The first protocol version whose fetches go on after a cut ([`TaskUp::WantFrom`]): an agent
+/// keeps a cut file's partial only on a connection that negotiated it.
+pub const RESUME_PROTOCOL_VERSION: u32 = 6;
 
 /// The oldest agent protocol revision the controller accepts (and the first that has no
 /// reattach: its tasks end with their connection).
@@ -73,6 +82,10 @@ pub const WIRE_DIGESTS: &[(u32, &str)] = &[
     (
         5,
         "3e29887be1883aba8f8d441f5586fb30b242c36c8e8b1b46d69990330faa8212",
+    ),
+    (
+        6,
+        "4545859b52e9d98671a31b8ab2dbfdbc5b0f72a1356985ef46700c3c1394909a",
     ),
 ];
 

@@ -404,6 +404,10 @@ pub enum TaskUp {
     },
     /// Version 5: a file (or a path that gave none) ended.
     SourceFileEnd(SourceEnd),
+    /// Version 6, on a [`TaskDown::Fetch`] stream: send the chunks of this file from chunk
+    /// `chunk` on, in order: the agent holds (and has checked) the ones before, from a try cut
+    /// by a lost connection.
+    WantFrom { index: u32, chunk: u32 },
 }
 
 /// How a task ended on the host.

@@ -1149,3 +1149,390 @@ async fn an_upload_whose_bytes_stop_arriving_is_dropped() -> Result<()> {
     assert!(started.elapsed() < Duration::from_secs(20), "{reply}");
     Ok(())
 }
+
+/// The size of the partial file a fetch is writing in `dir`, if there is one.
+fn partial_size(dir: &Path) -> Option<u64> {
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|entry| {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        (name.starts_with(".fleetrun-") && name.ends_with(".part"))
+            .then(|| entry.metadata().map(|m| m.len()).unwrap_or(0))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_cut_mid_transfer_goes_on_from_the_chunks_it_holds() -> Result<()> {
+    let uid = user_uid();
+    let cluster = start_cluster(2).await?;
+    let source = cluster.host_id("agent-1");
+    let target = cluster.host_id("agent-2");
+    let client = cluster.client();
+    let src_dir = scratch("cut-src");
+    let out = scratch("cut-out");
+    let size = 16 * 1024 * 1024;
+    let content = pattern(size, 21);
+    let src = src_dir.path().join("big.bin");
+    write_file(&src, &content, 0o640, None);
+    let mut req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(&[src.to_str().unwrap()], &[source], "root")]),
+        &[target],
+        "user",
+    );
+    // 2 MiB/s: eight seconds of sending, long enough to cut the link in the middle.
+    req["download_speed_limit"] = json!(2);
+    req["timeout"] = json!(120);
+    let accepted = client.call("fast_transfer_file", req).await?;
+    let job = accepted["job_instance_id"].as_i64().context("job id")?;
+    let step = accepted["step_instance_id"].as_i64().context("step id")?;
+
+    let held = fleetrun_tests::eventually(
+        Duration::from_secs(60),
+        "six chunks written on the target",
+        || {
+            let held = partial_size(out.path()).filter(|n| *n >= 6 * 1024 * 1024);
+            async move { held }
+        },
+    )
+    .await?;
+    // Revoking closes the agent's connection at once; it is refused until the revocation is
+    // lifted, then connects again.
+    let revoked = client
+        .call("revoke_agent", json!({"agent_id": "agent-2"}))
+        .await?;
+    assert_eq!(revoked["connections_closed"], 1, "{revoked}");
+    let agent_log = cluster.agents[1].log.clone();
+    fleetrun_tests::eventually(Duration::from_secs(10), "the agent refused", || {
+        let text = std::fs::read_to_string(&agent_log).unwrap_or_default();
+        async move { text.contains("revoked by an operator").then_some(()) }
+    })
+    .await?;
+    // What the cut try wrote stays, under its partial name, while the agent is away.
+    let kept = partial_size(out.path()).context("the partial file is kept after the cut")?;
+    assert!(kept >= held, "{kept} bytes kept of {held} written");
+    client
+        .call("unrevoke_agent", json!({"agent_id": "agent-2"}))
+        .await?;
+    let status = client
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(120))
+        .await?;
+    assert_eq!(statuses(&status), vec![9], "{status}");
+
+    let landed = out.path().join("big.bin");
+    let written = std::fs::read(&landed)?;
+    assert!(written == content, "the file landed whole and right");
+    let meta = std::fs::metadata(&landed)?;
+    assert_eq!(meta.uid(), uid, "owned by the target account");
+    assert_eq!(meta.mode() & 0o777, 0o640);
+    assert!(
+        leftovers(out.path()).is_empty(),
+        "{:?}",
+        leftovers(out.path())
+    );
+    let logs = file_logs(&cluster, job, step, target).await?;
+    let download = logs
+        .iter()
+        .find(|l| l["mode"] == 1)
+        .context("the download row")?;
+    assert_eq!(download["status"], 4, "{download}");
+
+    // The agent went on from what it held, checked on disk.
+    let agent_text = std::fs::read_to_string(&agent_log)?;
+    let resumed = agent_text
+        .lines()
+        .find(|l| l.contains("resuming a file from the chunks on disk"))
+        .context("the agent resumed the file")?;
+    let from: u64 = resumed
+        .split("from_chunk=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .context("the chunk it resumed from")?;
+    assert!(from >= 6, "resumed from chunk {from}: {resumed}");
+    let controller_log = std::fs::read_to_string(&cluster.controller_log)?;
+    assert!(
+        controller_log.contains("transfer resumed on the agent's new connection"),
+        "the controller sent the fetch again"
+    );
+    // Bytes were not sent twice beyond the chunks in flight at the cut (the agent's four
+    // waiting chunks and the one being written): a restart would have sent the six or more
+    // already on disk again.
+    let line = controller_log
+        .lines()
+        .find(|l| l.contains("transfer ended") && l.contains(&format!("job={job}")))
+        .context("the transfer's end in the controller's log")?;
+    let relayed: u64 = line
+        .split("controller_bytes_relayed=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .context("the bytes relayed")?;
+    let in_flight = 5 * 1024 * 1024;
+    assert!(
+        relayed >= size as u64 && relayed <= size as u64 + in_flight,
+        "{relayed} bytes relayed for a file of {size}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_cut_that_never_comes_back_ends_at_the_steps_timeout() -> Result<()> {
+    let mut cluster = start_cluster(2).await?;
+    // A short grace period, so that the bound is the step's timeout plus 2 s.
+    cluster.kill_controller()?;
+    let controller_config = cluster.controller_config.clone();
+    let mut text = std::fs::read_to_string(&controller_config)?;
+    text.push_str("\n[limits]\nagent_grace_secs = 2\n");
+    std::fs::write(&controller_config, text)?;
+    cluster.start_controller().await?;
+    cluster
+        .wait_online(
+            &["agent-1".to_owned(), "agent-2".to_owned()],
+            Duration::from_secs(30),
+        )
+        .await?;
+    let source = cluster.host_id("agent-1");
+    let target = cluster.host_id("agent-2");
+    let client = cluster.client();
+    let src_dir = scratch("gone-src");
+    let out = scratch("gone-out");
+    let src = src_dir.path().join("big.bin");
+    write_file(&src, &pattern(16 * 1024 * 1024, 22), 0o644, None);
+    let mut req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(&[src.to_str().unwrap()], &[source], "root")]),
+        &[target],
+        "root",
+    );
+    req["download_speed_limit"] = json!(1);
+    req["timeout"] = json!(10);
+    let submitted = Instant::now();
+    let accepted = client.call("fast_transfer_file", req).await?;
+    let job = accepted["job_instance_id"].as_i64().context("job id")?;
+    fleetrun_tests::eventually(Duration::from_secs(30), "a chunk written", || {
+        let held = partial_size(out.path()).filter(|n| *n >= 1024 * 1024);
+        async move { held }
+    })
+    .await?;
+    let revoked = client
+        .call("revoke_agent", json!({"agent_id": "agent-2"}))
+        .await?;
+    assert_eq!(revoked["connections_closed"], 1, "{revoked}");
+    let status = client
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(60))
+        .await?;
+    let elapsed = submitted.elapsed();
+    let result = &host_results(&status)[0];
+    assert_eq!(result["status"], 310, "{status}");
+    let tag = result["tag"].to_string();
+    assert!(tag.contains("did not come back"), "{tag}");
+    // Not before the step's timeout, and not much after its bound (timeout plus grace).
+    assert!(
+        elapsed >= Duration::from_secs(10) && elapsed <= Duration::from_secs(35),
+        "{elapsed:?}"
+    );
+    assert!(
+        !out.path().join("big.bin").exists(),
+        "nothing under the final name"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_failed_before_a_cut_fails_the_host_after_the_resume() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    let source = cluster.host_id("agent-1");
+    let target = cluster.host_id("agent-2");
+    let client = cluster.client();
+    let src_dir = scratch("failcut-src");
+    let out = scratch("failcut-out");
+    let small = src_dir.path().join("a.txt");
+    write_file(&small, b"cannot land", 0o644, None);
+    let big = src_dir.path().join("big.bin");
+    let content = pattern(16 * 1024 * 1024, 23);
+    write_file(&big, &content, 0o644, None);
+    // The first file's final name is a directory that is not empty: it fails in the first try.
+    std::fs::create_dir_all(out.path().join("a.txt").join("held"))?;
+    let mut req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(
+            &[small.to_str().unwrap(), big.to_str().unwrap()],
+            &[source],
+            "root"
+        )]),
+        &[target],
+        "root",
+    );
+    req["transfer_mode"] = json!(2);
+    req["download_speed_limit"] = json!(2);
+    req["timeout"] = json!(120);
+    let accepted = client.call("fast_transfer_file", req).await?;
+    let job = accepted["job_instance_id"].as_i64().context("job id")?;
+    let step = accepted["step_instance_id"].as_i64().context("step id")?;
+    fleetrun_tests::eventually(
+        Duration::from_secs(60),
+        "four chunks of the second file written on the target",
+        || {
+            let held = partial_size(out.path()).filter(|n| *n >= 4 * 1024 * 1024);
+            async move { held }
+        },
+    )
+    .await?;
+    let revoked = client
+        .call("revoke_agent", json!({"agent_id": "agent-2"}))
+        .await?;
+    assert_eq!(revoked["connections_closed"], 1, "{revoked}");
+    let agent_log = cluster.agents[1].log.clone();
+    fleetrun_tests::eventually(Duration::from_secs(10), "the agent refused", || {
+        let text = std::fs::read_to_string(&agent_log).unwrap_or_default();
+        async move { text.contains("revoked by an operator").then_some(()) }
+    })
+    .await?;
+    client
+        .call("unrevoke_agent", json!({"agent_id": "agent-2"}))
+        .await?;
+    let status = client
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(120))
+        .await?;
+    // The resumed fetch held the second file alone and placed it; the first still failed.
+    assert_eq!(statuses(&status), vec![329], "{status}");
+    let tag = host_results(&status)[0]["tag"].to_string();
+    assert!(tag.contains("1 of 2 files placed"), "{tag}");
+    assert!(tag.contains("first failure"), "{tag}");
+    assert!(tag.contains("is a directory"), "{tag}");
+    assert!(std::fs::read(out.path().join("big.bin"))? == content);
+    let controller_log = std::fs::read_to_string(&cluster.controller_log)?;
+    assert!(
+        controller_log.contains("transfer resumed on the agent's new connection"),
+        "the controller sent the fetch again"
+    );
+    let logs = file_logs(&cluster, job, step, target).await?;
+    let downloads: Vec<&Value> = logs.iter().filter(|l| l["mode"] == 1).collect();
+    assert_eq!(downloads.len(), 2, "{logs:?}");
+    let failed = downloads.iter().filter(|l| l["status"] == 5).count();
+    let placed = downloads.iter().filter(|l| l["status"] == 4).count();
+    assert_eq!((failed, placed), (1, 1), "{downloads:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_terminated_while_its_agent_is_away_ends_403_without_waiting() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    let source = cluster.host_id("agent-1");
+    let target = cluster.host_id("agent-2");
+    let client = cluster.client();
+    let src_dir = scratch("away-src");
+    let out = scratch("away-out");
+    let src = src_dir.path().join("big.bin");
+    write_file(&src, &pattern(16 * 1024 * 1024, 24), 0o644, None);
+    let mut req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(&[src.to_str().unwrap()], &[source], "root")]),
+        &[target],
+        "root",
+    );
+    req["download_speed_limit"] = json!(1);
+    req["timeout"] = json!(600);
+    let accepted = client.call("fast_transfer_file", req).await?;
+    let job = accepted["job_instance_id"].as_i64().context("job id")?;
+    fleetrun_tests::eventually(Duration::from_secs(60), "a chunk written", || {
+        let held = partial_size(out.path()).filter(|n| *n >= 1024 * 1024);
+        async move { held }
+    })
+    .await?;
+    let revoked = client
+        .call("revoke_agent", json!({"agent_id": "agent-2"}))
+        .await?;
+    assert_eq!(revoked["connections_closed"], 1, "{revoked}");
+    let agent_log = cluster.agents[1].log.clone();
+    fleetrun_tests::eventually(Duration::from_secs(10), "the agent refused", || {
+        let text = std::fs::read_to_string(&agent_log).unwrap_or_default();
+        async move { text.contains("revoked by an operator").then_some(()) }
+    })
+    .await?;
+    let mut body = cluster.info.scope();
+    body["job_instance_id"] = json!(job);
+    body["operation_code"] = json!(1);
+    let asked = Instant::now();
+    let reply = client.call("operate_job_instance", body).await?;
+    assert_eq!(reply["job_instance_id"], job, "{reply}");
+    // Not the step's 600 s timeout: the wait for the agent ends with the termination.
+    let status = client
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(30))
+        .await?;
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        asked.elapsed()
+    );
+    let result = &host_results(&status)[0];
+    assert_eq!(result["status"], 403, "{status}");
+    let tag = result["tag"].to_string();
+    assert!(
+        tag.contains("terminated before the agent came back"),
+        "{tag}"
+    );
+    assert!(
+        !out.path().join("big.bin").exists(),
+        "nothing under the final name"
+    );
+    client
+        .call("unrevoke_agent", json!({"agent_id": "agent-2"}))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_back_from_a_cut_speaking_a_protocol_without_transfers_is_told_to_upgrade()
+-> Result<()> {
+    use fleetrun_net::FramedRecv;
+    use fleetrun_proto::TaskDown;
+    let cluster = start_cluster(1).await?;
+    let real = cluster.host_ids()[0];
+    let (_endpoint, connection, target, beat) =
+        crate::files::raw_agent(&cluster, "cut-then-v4", "127.0.0.96", 6).await?;
+    let src_dir = scratch("back-v4");
+    let path = src_dir.path().join("f");
+    write_file(&path, b"f", 0o644, None);
+    let out = scratch("back-v4-out");
+    let mut req = request(
+        &cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(&[path.to_str().unwrap()], &[real], "root")]),
+        &[target],
+        "root",
+    );
+    req["timeout"] = json!(60);
+    let accepted = cluster.client().call("fast_transfer_file", req).await?;
+    let job = accepted["job_instance_id"].as_i64().context("job id")?;
+    // The target is sent its fetch, and its connection is cut before it answers.
+    let (_send, recv) = tokio::time::timeout(Duration::from_secs(30), connection.accept_bi())
+        .await
+        .context("no fetch sent")??;
+    let first = FramedRecv::new(recv).recv::<TaskDown>().await?;
+    assert!(matches!(first, Some(TaskDown::Fetch(_))), "{first:?}");
+    beat.abort();
+    connection.close(0u32.into(), b"cut");
+    // It comes back speaking version 4, which has no transfers: no Fetch is sent to it.
+    let (_endpoint, again, back, beat) =
+        crate::files::raw_agent(&cluster, "cut-then-v4", "127.0.0.96", 4).await?;
+    assert_eq!(back, target);
+    let status = cluster
+        .client()
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(60))
+        .await?;
+    let result = &host_results(&status)[0];
+    assert_eq!(result["status"], 310, "{status}");
+    let tag = result["tag"].to_string();
+    assert!(
+        tag.contains("protocol version 4") && tag.contains("upgrade"),
+        "{tag}"
+    );
+    let opened = tokio::time::timeout(Duration::from_secs(1), again.accept_bi()).await;
+    assert!(opened.is_err(), "the version 4 agent is sent no stream");
+    beat.abort();
+    Ok(())
+}

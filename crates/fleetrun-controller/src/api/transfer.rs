@@ -12,6 +12,7 @@ use axum::{
     http::{HeaderMap, Method},
     response::Response,
 };
+use fleetrun_proto::source_path::{SourcePathError, parse_source_path};
 use http_body_util::BodyExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -102,45 +103,23 @@ fn speed_limit(field: &str, value: Option<i64>) -> Result<u64, ApiError> {
     }
 }
 
-/// Checks a source path as bk-job writes it: absolute, no `.`/`..`, wildcards or `REGEX:` only
-/// in the last component, a regular expression that compiles.
+/// Checks a source path as bk-job writes it, by the parser the source agent reads it with
+/// (`fleetrun_proto::source_path`): absolute, no `.`/`..`, at most 64 directories deep,
+/// wildcards or `REGEX:` only in the last component, a regular expression that compiles.
 fn source_path(field: &str, path: &str) -> Result<String, ApiError> {
     let path = path.trim();
-    let refuse = |why: String| Err(ApiError::invalid(field, why));
-    if !path.starts_with('/') {
-        return refuse(format!("{path:?} is not an absolute path"));
+    match parse_source_path(path) {
+        Ok(_) => Ok(path.to_owned()),
+        Err(SourcePathError::Unprintable(_)) => Err(ApiError::invalid(
+            field,
+            "contains a control character or is longer than 4096 bytes",
+        )),
+        Err(SourcePathError::BadRegex { why, .. }) => Err(ApiError::invalid(
+            field,
+            format!("the regular expression does not compile: {why}"),
+        )),
+        Err(other) => Err(ApiError::invalid(field, other.to_string())),
     }
-    if path.len() > 4096 || path.chars().any(|c| c < ' ' || c == '\u{7f}') {
-        return refuse("contains a control character or is longer than 4096 bytes".into());
-    }
-    let trimmed = path.trim_end_matches('/');
-    let (dir, last) = trimmed.rsplit_once('/').unwrap_or(("", trimmed));
-    if last.is_empty() {
-        return refuse(format!(
-            "{path:?} names no file (the root directory is not sent)"
-        ));
-    }
-    if dir.split('/').any(|c| c == "." || c == "..") || last == "." || last == ".." {
-        return refuse(format!("{path:?} contains . or .. components"));
-    }
-    if dir.contains(['*', '?']) || dir.contains("REGEX:") {
-        return refuse(format!(
-            "{path:?}: wildcards and REGEX: are allowed only in the last component"
-        ));
-    }
-    if let Some(pattern) = last.strip_prefix("REGEX:") {
-        regex::RegexBuilder::new(pattern)
-            .size_limit(1 << 20)
-            .nest_limit(64)
-            .build()
-            .map_err(|e| {
-                ApiError::invalid(
-                    field,
-                    format!("the regular expression does not compile: {e}"),
-                )
-            })?;
-    }
-    Ok(path.to_owned())
 }
 
 /// Checks `file_target_path` with its variables: absolute, and absolute with no `.`/`..` once
@@ -756,9 +735,28 @@ mod tests {
             "/tmp/*/a",
             "/tmp/REGEX:(",
             "/tmp/a\0",
+            "/tmp/..",
         ] {
             assert!(source_path("f", bad).is_err(), "{bad:?}");
         }
+        // The agent reads no path deeper than 64 directories: neither does the API accept one.
+        // The root is one of the 64 directories.
+        let deep = format!("{}/a.txt", "/d".repeat(64));
+        let refused = source_path("f", &deep).unwrap_err();
+        assert!(
+            refused.message.contains("64 directories"),
+            "{}",
+            refused.message
+        );
+        assert!(source_path("f", &format!("{}/a.txt", "/d".repeat(63))).is_ok());
+        let regex = source_path("f", "/tmp/REGEX:(").unwrap_err();
+        assert!(
+            regex
+                .message
+                .starts_with("f: the regular expression does not compile"),
+            "{}",
+            regex.message
+        );
         assert!(speed_limit("s", Some(-1)).is_err());
         assert_eq!(speed_limit("s", Some(2)).unwrap(), 2 << 20);
         assert!(target_path(Some("/data/[DATE:..]/x")).is_err());

@@ -207,33 +207,8 @@ impl Engine {
     /// One host of a file step, to its final status.
     async fn file_host(&self, step: &Step, target: FileTarget, cancel: CancellationToken) -> i32 {
         let mut run = FileHostRun::new(step, &target);
-        let ended = self.exchange_files(step, &target, &mut run, &cancel).await;
-        let (status, tag) = ended;
-        run.close_unreported(&tag);
-        if let Err(e) = self.store.record_file_logs(&run.logs).await {
-            tracing::error!(
-                step = step.step_instance_id,
-                bk_host_id = target.bk_host_id,
-                "cannot store the file logs: {e}"
-            );
-        }
-        crate::metrics::host_finished(status);
-        self.write_for(
-            step.job_instance_id,
-            Write::HostFinished {
-                step_instance_id: step.step_instance_id,
-                bk_host_id: target.bk_host_id,
-                outcome: HostOutcome {
-                    status,
-                    tag,
-                    start_time: run.started_at,
-                    end_time: now_ms(),
-                    ..HostOutcome::default()
-                },
-            },
-        )
-        .await;
-        status
+        let (status, tag) = self.exchange_files(step, &target, &mut run, &cancel).await;
+        run.finish(self, step.job_instance_id, status, tag).await
     }
 
     async fn exchange_files(
@@ -516,6 +491,43 @@ impl FileHostRun {
             _ => message,
         };
         (status, tag)
+    }
+
+    /// Ends the host: the files not reported fail with `tag`, every file's log is stored, and
+    /// the host's status is counted and written. Returns `status`.
+    pub(super) async fn finish(
+        mut self,
+        engine: &Engine,
+        job_instance_id: i64,
+        status: i32,
+        tag: String,
+    ) -> i32 {
+        self.close_unreported(&tag);
+        if let Err(e) = engine.store.record_file_logs(&self.logs).await {
+            tracing::error!(
+                step = self.step_instance_id,
+                bk_host_id = self.bk_host_id,
+                "cannot store the file logs: {e}"
+            );
+        }
+        crate::metrics::host_finished(status);
+        engine
+            .write_for(
+                job_instance_id,
+                Write::HostFinished {
+                    step_instance_id: self.step_instance_id,
+                    bk_host_id: self.bk_host_id,
+                    outcome: HostOutcome {
+                        status,
+                        tag,
+                        start_time: self.started_at,
+                        end_time: now_ms(),
+                        ..HostOutcome::default()
+                    },
+                },
+            )
+            .await;
+        status
     }
 
     /// Every file the agent did not report ends failed, with the host's reason.

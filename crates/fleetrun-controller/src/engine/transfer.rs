@@ -28,7 +28,7 @@ use fleetrun_proto::{
     CollectRequest, FILE_CHUNK, FetchFile, FetchRequest, SourceEnding, TaskDown, TaskUp,
     encode_frame,
 };
-use fleetrun_store::{FileLog, HostOutcome, Write};
+use fleetrun_store::{FileLog, Write};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +37,7 @@ use uuid::Uuid;
 use super::files::{FileHostRun, file_line, file_status, join};
 use super::{Engine, FileTarget, Finishing, MODE_DOWNLOAD, MODE_UPLOAD, now_ms, target_path};
 use crate::content::{ContentStore, Hash};
+use crate::gateway::AgentLink;
 use crate::status::{host, job};
 
 mod requested;
@@ -146,6 +147,7 @@ struct Collected {
 struct FetchStep {
     job_instance_id: i64,
     step_instance_id: i64,
+    account: String,
     timeout_secs: u32,
     download_bytes_per_sec: u64,
     files: Vec<FetchFile>,
@@ -342,6 +344,7 @@ impl Engine {
         let step = Arc::new(FetchStep {
             job_instance_id: spec.job_instance_id,
             step_instance_id: spec.step_instance_id,
+            account: spec.account.clone(),
             timeout_secs,
             download_bytes_per_sec: spec.download_bytes_per_sec,
             chunks: Arc::new(files.iter().map(|f| f.chunks.clone()).collect()),
@@ -624,7 +627,7 @@ impl Engine {
                 "no source file to send".into(),
             )
         } else {
-            self.fetch(step, &target, &mut run, &cancel).await
+            self.fetch(step, &target, &mut run, strict, &cancel).await
         };
         if status == host::SUCCESS
             && let Some(source_status) = source_status
@@ -636,38 +639,19 @@ impl Engine {
                 step.failures[0].reason
             );
         }
-        run.close_unreported(&tag);
-        if let Err(e) = self.store.record_file_logs(&run.logs).await {
-            tracing::error!(
-                step = step.step_instance_id,
-                bk_host_id = target.bk_host_id,
-                "cannot store the file logs: {e}"
-            );
-        }
-        crate::metrics::host_finished(status);
-        self.write_for(
-            step.job_instance_id,
-            Write::HostFinished {
-                step_instance_id: step.step_instance_id,
-                bk_host_id: target.bk_host_id,
-                outcome: HostOutcome {
-                    status,
-                    tag,
-                    start_time: run.started_at,
-                    end_time: now_ms(),
-                    ..HostOutcome::default()
-                },
-            },
-        )
-        .await;
-        status
+        run.finish(self, step.job_instance_id, status, tag).await
     }
 
+    /// Phase 2 on one target: the fetch, sent again over the agent's next connection each time
+    /// a cut ends a try (agents of [`RESUME_PROTOCOL_VERSION`]), with the files not yet
+    /// reported; the agent continues a file it was writing from the chunks it holds. A host
+    /// whose agent does not come back ends at the step's timeout plus the grace period.
     async fn fetch(
         &self,
         step: &FetchStep,
         target: &FileTarget,
         run: &mut FileHostRun,
+        strict: bool,
         cancel: &CancellationToken,
     ) -> (i32, String) {
         let frame = match &step.frame {
@@ -679,7 +663,7 @@ impl Engine {
                 );
             }
         };
-        let Some(link) = self.agents.get(target.bk_host_id) else {
+        let Some(mut link) = self.agents.get(target.bk_host_id) else {
             return (
                 host::AGENT_ABNORMAL,
                 "agent offline when the task was dispatched".into(),
@@ -695,27 +679,231 @@ impl Engine {
                 ),
             );
         }
+        let grace = self.agent_grace;
+        let bound =
+            tokio::time::Instant::now() + Duration::from_secs(u64::from(step.timeout_secs)) + grace;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut frame = frame;
+        let mut order: Vec<usize> = (0..step.files.len()).collect();
+        // The first file of the step the agent reported failed, in any try.
+        let failed = |run: &FileHostRun| {
+            run.logs
+                .iter()
+                .zip(&run.reported)
+                .take(step.files.len())
+                .find(|(log, seen)| **seen && log.status != file_status::SUCCESS)
+                .map(|(log, _)| log.log_content.clone())
+        };
+        loop {
+            let why = match self
+                .fetch_try(
+                    step,
+                    target,
+                    run,
+                    cancel,
+                    &link,
+                    frame,
+                    &order,
+                    &mut deadline,
+                )
+                .await
+            {
+                Try::Ended(status, tag) if order.len() == step.files.len() => {
+                    return (status, tag);
+                }
+                Try::Ended(status, tag) => {
+                    // A resumed try's agent was sent only the files not yet reported, so its
+                    // result speaks of those alone: a file that failed in an earlier try still
+                    // fails the host, and the tag counts the step's files.
+                    let placed = run
+                        .logs
+                        .iter()
+                        .zip(&run.reported)
+                        .take(step.files.len())
+                        .filter(|(log, seen)| **seen && log.status == file_status::SUCCESS)
+                        .count();
+                    let count = step.files.len();
+                    return match failed(run) {
+                        Some(first) if status == host::SUCCESS => (
+                            host::FILE_TASK_ERROR,
+                            format!(
+                                "{placed} of {count} files placed after a resume; \
+                                 first failure: {first}"
+                            ),
+                        ),
+                        _ => (
+                            status,
+                            format!("{placed} of {count} files placed after a resume; {tag}"),
+                        ),
+                    };
+                }
+                Try::Lost(why) => why,
+            };
+            if link.protocol_version < RESUME_PROTOCOL_VERSION {
+                return (host::AGENT_ABNORMAL, why);
+            }
+            if cancel.is_cancelled() {
+                return (
+                    host::TERMINATE_SUCCESS,
+                    format!("{why}; terminated before the agent came back"),
+                );
+            }
+            if strict && let Some(first) = failed(run) {
+                return (
+                    host::FILE_TASK_ERROR,
+                    format!("{why}; not resumed in strict mode after a failure: {first}"),
+                );
+            }
+            order = (0..step.files.len())
+                .filter(|i| !run.reported[*i])
+                .collect();
+            if order.is_empty() {
+                // Every file was reported; only the agent's result was lost with the link.
+                return match failed(run) {
+                    None => (
+                        host::SUCCESS,
+                        format!("every file placed; {why} before the agent's result"),
+                    ),
+                    Some(first) => (
+                        host::FILE_TASK_ERROR,
+                        format!("{why} before the agent's result; first failure: {first}"),
+                    ),
+                };
+            }
+            let until = deadline.map_or(bound, |d| d.min(bound));
+            link = match self
+                .agent_back(target.bk_host_id, &link, until, cancel)
+                .await
+            {
+                Back::Linked(next) if next.protocol_version < TRANSFER_PROTOCOL_VERSION => {
+                    return (
+                        host::AGENT_ABNORMAL,
+                        format!(
+                            "{why}; the agent came back speaking protocol version {}, which \
+                             cannot take file transfers (version {TRANSFER_PROTOCOL_VERSION}): \
+                             upgrade the agent",
+                            next.protocol_version
+                        ),
+                    );
+                }
+                Back::Linked(next) => next,
+                Back::TimedOut => {
+                    return (
+                        host::AGENT_ABNORMAL,
+                        format!(
+                            "{why}; the agent did not come back within the step's timeout ({} s) \
+                             plus the grace period",
+                            step.timeout_secs
+                        ),
+                    );
+                }
+                Back::Cancelled => {
+                    return (
+                        host::TERMINATE_SUCCESS,
+                        format!("{why}; terminated before the agent came back"),
+                    );
+                }
+            };
+            // The resumed try ends by the same bound, whether or not the cut try had started.
+            deadline = Some(until);
+            let left = until
+                .saturating_duration_since(tokio::time::Instant::now())
+                .saturating_sub(grace);
+            let request = TaskDown::Fetch(FetchRequest {
+                task_id: Uuid::nil(),
+                job_instance_id: step.job_instance_id,
+                step_instance_id: step.step_instance_id,
+                account: step.account.clone(),
+                strict,
+                timeout_secs: u32::try_from(left.as_secs().max(1)).unwrap_or(u32::MAX),
+                files: order.iter().map(|i| step.files[*i].clone()).collect(),
+            });
+            frame = match encode_frame(&request) {
+                Ok(frame) => frame,
+                Err(e) => {
+                    return (
+                        host::AGENT_TASK_ERROR,
+                        format!("{why}; cannot encode the resumed transfer task: {e}"),
+                    );
+                }
+            };
+            tracing::info!(
+                job = step.job_instance_id,
+                bk_host_id = target.bk_host_id,
+                files = order.len(),
+                "transfer resumed on the agent's new connection"
+            );
+        }
+    }
+
+    /// Waits until the agent is connected again over a connection other than `gone`'s.
+    async fn agent_back(
+        &self,
+        bk_host_id: i64,
+        gone: &AgentLink,
+        until: tokio::time::Instant,
+        cancel: &CancellationToken,
+    ) -> Back {
+        let gone_id = gone.connection.stable_id();
+        loop {
+            if let Some(link) = self.agents.get(bk_host_id)
+                && link.connection.stable_id() != gone_id
+                && link.connection.close_reason().is_none()
+            {
+                return Back::Linked(link);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(AGENT_BACK_POLL) => {}
+                () = tokio::time::sleep_until(until) => return Back::TimedOut,
+                () = cancel.cancelled() => return Back::Cancelled,
+            }
+        }
+    }
+
+    /// One try of a target's fetch, over `link`: `frame` holds the files `order` names, in
+    /// that order (the agent's indices are positions in it).
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_try(
+        &self,
+        step: &FetchStep,
+        target: &FileTarget,
+        run: &mut FileHostRun,
+        cancel: &CancellationToken,
+        link: &AgentLink,
+        frame: Bytes,
+        order: &[usize],
+        deadline: &mut Option<tokio::time::Instant>,
+    ) -> Try {
         let (mut send, recv) = match link.connection.open_bi().await {
             Ok(stream) => stream,
             Err(e) => {
-                return (
-                    host::AGENT_ABNORMAL,
-                    format!("cannot reach the agent: {}", describe_connection_error(&e)),
-                );
+                return Try::Lost(format!(
+                    "cannot reach the agent: {}",
+                    describe_connection_error(&e)
+                ));
             }
         };
         if let Err(e) = send.write_chunk(frame).await {
-            return (
-                host::AGENT_ABNORMAL,
-                format!("cannot send the transfer task to the agent: {e}"),
-            );
+            let why = format!("cannot send the transfer task to the agent: {e}");
+            // Only a lost connection may be resumed over the next one; a stream the agent
+            // stopped while its connection lives would be stopped again.
+            return if matches!(e, quinn::WriteError::ConnectionLost(_)) {
+                Try::Lost(why)
+            } else {
+                Try::Ended(host::AGENT_ABNORMAL, why)
+            };
         }
+        let chunks: Arc<Vec<Vec<Hash>>> = if order.len() == step.files.len() {
+            step.chunks.clone()
+        } else {
+            Arc::new(order.iter().map(|i| step.chunks[*i].clone()).collect())
+        };
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (failed, mut chunk_failure) = tokio::sync::oneshot::channel();
         let sender = tokio::spawn(send_chunks(
             send,
             command_rx,
-            step.chunks.clone(),
+            chunks,
             step.content.clone(),
             step.download_bytes_per_sec,
             failed,
@@ -724,7 +912,6 @@ impl Engine {
         let mut send_failure: Option<String> = None;
         let mut recv = FramedRecv::new(recv);
         let grace = self.agent_grace;
-        let mut deadline: Option<tokio::time::Instant> = None;
         let mut cancel_sent = false;
         let ended = loop {
             let sleep_until = deadline.unwrap_or_else(|| {
@@ -734,7 +921,7 @@ impl Engine {
                 up = recv.recv::<TaskUp>() => up,
                 () = tokio::time::sleep_until(sleep_until) => {
                     let _ = commands.send(Command::Cancel);
-                    break (
+                    break Try::Ended(
                         host::FILE_TIMEOUT,
                         format!(
                             "the agent sent no result within the task's timeout ({} s) plus the grace period",
@@ -746,15 +933,26 @@ impl Engine {
                     cancel_sent = true;
                     let _ = commands.send(Command::Cancel);
                     let bound = tokio::time::Instant::now() + grace;
-                    deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
+                    *deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
                     continue;
                 }
                 why = &mut chunk_failure, if send_failure.is_none() => {
                     // The sender has cancelled the agent's task; its result still comes.
                     send_failure = Some(why.unwrap_or_else(|_| "the chunk sender stopped".into()));
                     let bound = tokio::time::Instant::now() + grace;
-                    deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
+                    *deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
                     continue;
+                }
+            };
+            let want = |index: u32, from: u32| {
+                if (index as usize) < order.len() {
+                    let _ = commands.send(Command::Want { index, from });
+                } else {
+                    tracing::warn!(
+                        bk_host_id = target.bk_host_id,
+                        index,
+                        "the agent wants a file the transfer does not have"
+                    );
                 }
             };
             match up {
@@ -782,30 +980,22 @@ impl Engine {
                         let bound = tokio::time::Instant::now()
                             + Duration::from_secs(u64::from(step.timeout_secs))
                             + grace;
-                        deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
+                        *deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
                     }
                 }
-                Ok(Some(TaskUp::Want { index })) => {
-                    if (index as usize) < step.files.len() {
-                        let _ = commands.send(Command::Want(index));
-                    } else {
-                        tracing::warn!(
-                            bk_host_id = target.bk_host_id,
-                            index,
-                            "the agent wants a file the transfer does not have"
-                        );
-                    }
-                }
-                Ok(Some(TaskUp::FilePlaced(report))) => {
+                Ok(Some(TaskUp::Want { index })) => want(index, 0),
+                Ok(Some(TaskUp::WantFrom { index, chunk })) => want(index, chunk),
+                Ok(Some(TaskUp::FilePlaced(mut report))) => {
                     // Only the files sent; the rows after them are the sources' failures.
-                    if (report.index as usize) < step.files.len() {
+                    if let Some(file) = order.get(report.index as usize) {
+                        report.index = u32::try_from(*file).unwrap_or(u32::MAX);
                         run.report(report);
                     }
                 }
                 Ok(Some(TaskUp::Finished(result))) => {
-                    let ended = run.result(result);
+                    let (status, tag) = run.result(result);
                     let _ = commands.send(Command::ResultStored);
-                    break ended;
+                    break Try::Ended(status, tag);
                 }
                 Ok(Some(other)) => {
                     tracing::debug!(
@@ -814,16 +1004,19 @@ impl Engine {
                     );
                 }
                 Ok(None) => {
-                    break (
+                    break Try::Ended(
                         host::AGENT_ABNORMAL,
                         "the agent closed the transfer's stream without a result".into(),
                     );
                 }
                 Err(e) => {
-                    break (
-                        host::AGENT_ABNORMAL,
-                        format!("the connection to the agent was lost during the transfer: {e}"),
-                    );
+                    let why =
+                        format!("the connection to the agent was lost during the transfer: {e}");
+                    break if e.connection_error().is_some() && !cancel_sent {
+                        Try::Lost(why)
+                    } else {
+                        Try::Ended(host::AGENT_ABNORMAL, why)
+                    };
                 }
             }
         };
@@ -831,20 +1024,44 @@ impl Engine {
         if let Ok(relayed) = sender.await {
             step.relayed.fetch_add(relayed, Ordering::Relaxed);
         }
-        match send_failure {
-            Some(why) if !cancel_sent => (
+        match (send_failure, ended) {
+            (Some(why), _) if !cancel_sent => Try::Ended(
                 host::AGENT_TASK_ERROR,
                 format!("the controller could not send the files: {why}"),
             ),
-            _ => ended,
+            (_, ended) => ended,
         }
     }
 }
 
+/// How one try of a target's fetch ended.
+enum Try {
+    /// The host's status and tag.
+    Ended(i32, String),
+    /// The connection was cut: the fetch may go on over the next one.
+    Lost(String),
+}
+
+/// Whether an agent whose connection was cut came back.
+enum Back {
+    Linked(AgentLink),
+    TimedOut,
+    Cancelled,
+}
+
+/// How often a fetch waiting for its agent to reconnect looks for the new connection.
+const AGENT_BACK_POLL: Duration = Duration::from_millis(200);
+
+pub use fleetrun_proto::RESUME_PROTOCOL_VERSION;
+
 /// What a target's stream is told besides chunks.
 #[derive(Debug)]
 enum Command {
-    Want(u32),
+    /// File `index`'s chunks from chunk `from` on.
+    Want {
+        index: u32,
+        from: u32,
+    },
     Cancel,
     ResultStored,
 }
@@ -872,11 +1089,11 @@ async fn send_chunks(
             },
         };
         match command {
-            Command::Want(index) => {
+            Command::Want { index, from } => {
                 let Some(hashes) = files.get(index as usize) else {
                     continue;
                 };
-                for hash in hashes {
+                for hash in hashes.iter().skip(from as usize) {
                     if let Ok(next) = commands.try_recv() {
                         pending = Some(next);
                         break;

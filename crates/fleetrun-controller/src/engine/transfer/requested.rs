@@ -5,8 +5,11 @@
 //! asked for itself (bk-job's forms, as the agent reads them: a file, a directory ending in `/`,
 //! a last component with `*`/`?` or `REGEX:`) and accepts only names that path can give. The
 //! path a log shows is made from the request and the accepted name, never from what the agent
-//! says. (The agent's own parser lives in `fleetrun-exec`, which the controller does not link;
-//! the two follow the same rules and the API has already refused paths outside them.)
+//! says. The path is read by the parser the agent reads it with
+//! (`fleetrun_proto::source_path`), and names are matched by the same matcher, so the two
+//! sides cannot drift apart.
+
+use fleetrun_proto::source_path::{NamePattern, SourcePath, parse_source_path};
 
 /// A path a source was asked for.
 #[derive(Debug, Clone)]
@@ -16,16 +19,9 @@ pub(super) enum Requested {
     /// A directory sent whole: names start with `name/`.
     Dir { parent: String, name: String },
     /// Files of `dir` whose single-component names match.
-    Matching { dir: String, pattern: Pattern },
+    Matching { dir: String, pattern: NamePattern },
     /// A path the controller cannot read: nothing from it is accepted.
     Unreadable,
-}
-
-/// How a last component picks names.
-#[derive(Debug, Clone)]
-pub(super) enum Pattern {
-    Wildcard(String),
-    Regex(regex::Regex),
 }
 
 /// Whether a name announced for a path fits it.
@@ -40,44 +36,23 @@ pub(super) enum Fit {
 }
 
 impl Requested {
+    /// Reads `path` as the source agent does; a path the agent would refuse gives nothing.
     pub(super) fn parse(path: &str) -> Self {
-        let path = path.trim();
-        if !path.starts_with('/') || path.len() > 4096 {
-            return Requested::Unreadable;
-        }
-        let is_dir = path.ends_with('/');
-        let trimmed = path.trim_end_matches('/');
-        let Some((dir, last)) = trimmed.rsplit_once('/') else {
-            return Requested::Unreadable;
-        };
-        if last.is_empty() || last == "." || last == ".." {
-            return Requested::Unreadable;
-        }
-        let dir = if dir.is_empty() { "/" } else { dir }.to_owned();
-        if let Some(regex) = last.strip_prefix("REGEX:") {
-            return match regex::RegexBuilder::new(&format!("^(?:{regex})$"))
-                .size_limit(1 << 20)
-                .nest_limit(64)
-                .build()
-            {
-                Ok(regex) => Requested::Matching {
-                    dir,
-                    pattern: Pattern::Regex(regex),
-                },
-                Err(_) => Requested::Unreadable,
-            };
-        }
-        if last.contains(['*', '?']) {
-            return Requested::Matching {
-                dir,
-                pattern: Pattern::Wildcard(last.to_owned()),
-            };
-        }
-        let name = last.to_owned();
-        if is_dir {
-            Requested::Dir { parent: dir, name }
-        } else {
-            Requested::File { dir, name }
+        let shown = |dir: &std::path::Path| dir.to_string_lossy().into_owned();
+        match parse_source_path(path.trim()) {
+            Ok(SourcePath::File { dir, name }) => Requested::File {
+                dir: shown(&dir),
+                name,
+            },
+            Ok(SourcePath::Dir { parent, name }) => Requested::Dir {
+                parent: shown(&parent),
+                name,
+            },
+            Ok(SourcePath::Matching { dir, pattern }) => Requested::Matching {
+                dir: shown(&dir),
+                pattern,
+            },
+            Err(_) => Requested::Unreadable,
         }
     }
 
@@ -113,39 +88,6 @@ impl Requested {
     }
 }
 
-impl Pattern {
-    fn matches(&self, name: &str) -> bool {
-        match self {
-            Pattern::Wildcard(pattern) => wildcard_matches(pattern, name),
-            Pattern::Regex(regex) => regex.is_match(name),
-        }
-    }
-}
-
-/// `*` matches any run of characters, `?` exactly one; everything else itself.
-fn wildcard_matches(pattern: &str, name: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    let (mut pi, mut ni) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ni));
-            pi += 1;
-        } else if let Some((sp, sn)) = star {
-            pi = sp + 1;
-            ni = sn + 1;
-            star = Some((sp, sn + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +119,24 @@ mod tests {
                 *fit,
                 "{path} {relative}"
             );
+        }
+    }
+
+    #[test]
+    fn a_path_the_agent_refuses_is_unreadable() {
+        let deep = format!("{}/a.txt", "/d".repeat(65));
+        for path in [
+            "/tmp/../x",
+            "/tmp/./x",
+            "/tmp/*/x",
+            "/tmp/REGEX:(",
+            deep.as_str(),
+        ] {
+            assert!(
+                matches!(Requested::parse(path), Requested::Unreadable),
+                "{path}"
+            );
+            assert_eq!(Requested::parse(path).fit("x"), Fit::No, "{path}");
         }
     }
 
