@@ -71,7 +71,19 @@ pub enum Write {
         checkpoints: Vec<HostCheckpoint>,
         saved: Option<oneshot::Sender<()>>,
     },
+    /// An entry of the audit trail, numbered and chained to the trail's head (hashed with
+    /// `hasher`) in the group commit that stores it, under the trail's lock: the trail has no
+    /// transactions of its own competing with the job engine's for the database's write lock.
+    /// The new head is published once committed ([`crate::Store::committed_audit_head`]).
+    Audit {
+        entry: crate::NewAuditEntry,
+        hasher: crate::SharedAuditHasher,
+    },
 }
+
+/// The last audit entry this store's writer committed (number and hash); `None` before its
+/// first.
+pub(crate) type AuditHead = Option<(i64, String)>;
 
 pub(crate) fn spawn(
     pool: AnyPool,
@@ -79,6 +91,7 @@ pub(crate) fn spawn(
     watchers: Watchers,
     health: Arc<HealthState>,
     announce: Option<String>,
+    audit_head: tokio::sync::watch::Sender<AuditHead>,
 ) -> mpsc::Sender<Write> {
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(
@@ -88,6 +101,7 @@ pub(crate) fn spawn(
             watchers,
             health,
             announce,
+            audit_head,
             rx,
             pending: VecDeque::new(),
             pending_bytes: 0,
@@ -117,6 +131,8 @@ struct Writer {
     dialect: Dialect,
     watchers: Watchers,
     health: Arc<HealthState>,
+    /// Where the audit trail's head is published after a commit that appended to it.
+    audit_head: tokio::sync::watch::Sender<AuditHead>,
     /// With controllers sharing the database, this store's id: each commit is announced to the
     /// others' followers under it.
     announce: Option<String>,
@@ -243,6 +259,7 @@ impl Writer {
                     {
                         self.holed.insert((step_instance_id, bk_host_id));
                     }
+                    log_lost_audit(std::slice::from_ref(&write));
                     self.lose(1);
                     return;
                 }
@@ -273,6 +290,7 @@ impl Writer {
             output_bytes = self.pending_bytes,
             "the store closed while the database refused writes: these results are LOST"
         );
+        log_lost_audit(self.pending.make_contiguous());
         self.lose(self.pending.len() as u64);
         self.pending.clear();
         self.pending_bytes = 0;
@@ -303,9 +321,24 @@ impl Writer {
                 .map(|(store, text)| (*store, text.as_str())),
         )
         .await;
-        metrics::histogram!("fleetrun_store_commit_seconds").record(started.elapsed());
+        let took = started.elapsed();
+        metrics::histogram!("fleetrun_store_commit_seconds").record(took);
         crate::health::discard_if_broken(&mut connection, &committed);
-        committed?;
+        if let Some(head) = committed? {
+            metrics::histogram!("fleetrun_audit_append_seconds").record(took);
+            for write in batch {
+                if let Write::Audit { entry, .. } = write {
+                    let outcome = if entry.outcome_code == 0 {
+                        "ok"
+                    } else {
+                        "refused"
+                    };
+                    metrics::counter!("fleetrun_audit_entries_total", "outcome" => outcome)
+                        .increment(1);
+                }
+            }
+            self.audit_head.send_replace(Some(head));
+        }
         self.watchers.committed(batch);
         for write in self.pending.drain(..n) {
             self.pending_bytes -= output_bytes(&write);
@@ -353,6 +386,26 @@ impl Writer {
     }
 }
 
+/// Writes the audit entries among `writes`, which will never be committed, to the log in full:
+/// the record survives there.
+fn log_lost_audit(writes: &[Write]) {
+    for write in writes {
+        if let Write::Audit { entry, .. } = write {
+            tracing::error!(
+                request_id = %entry.request_id,
+                app = %entry.app_code,
+                operator = %entry.operator,
+                source = %entry.source,
+                api = %entry.api,
+                change = %entry.change.escape_debug(),
+                outcome_code = entry.outcome_code,
+                at = entry.at,
+                "audit entry not stored: the database refused writes for too long"
+            );
+        }
+    }
+}
+
 /// The memory a pending write holds that counts against [`MAX_PENDING_OUTPUT`]: host output,
 /// and checkpoints (a batch can hold one per busy host).
 fn output_bytes(write: &Write) -> usize {
@@ -366,12 +419,14 @@ fn output_bytes(write: &Write) -> usize {
     }
 }
 
+/// Commits `batch` in one transaction; returns the audit trail's new head when the batch
+/// appended to it.
 async fn commit(
     connection: &mut sqlx::AnyConnection,
     batch: &[Write],
     dialect: Dialect,
     announcement: Option<(&str, &str)>,
-) -> Result<(), sqlx::Error> {
+) -> Result<Option<(i64, String)>, sqlx::Error> {
     // A host whose task also ended in this batch needs no "running" update: its final row says
     // all. Log chunks go in multi-row inserts. Both matter when thousands of hosts report at once.
     let finished: std::collections::HashSet<(i64, i64)> = batch
@@ -390,7 +445,15 @@ async fn commit(
     let mut running = Vec::new();
     let mut results = Vec::new();
     let mut checkpoints = Vec::new();
-    let mut tx = sqlx::Connection::begin(connection).await?;
+    let mut audit = Vec::new();
+    let audited = batch.iter().any(|w| matches!(w, Write::Audit { .. }));
+    // The audit trail's head is read in this transaction: on SQLite it takes the database's
+    // write lock before it reads anything, so the head cannot move before the commit.
+    let mut tx = if audited && dialect == Dialect::Sqlite {
+        sqlx::Connection::begin_with(connection, "BEGIN IMMEDIATE").await?
+    } else {
+        sqlx::Connection::begin(connection).await?
+    };
     for write in batch {
         match write {
             Write::HostStatus {
@@ -489,6 +552,7 @@ async fn commit(
             Write::Checkpoints {
                 checkpoints: batch, ..
             } => checkpoints.extend(batch.iter()),
+            Write::Audit { entry, hasher } => audit.push((entry, &*hasher.0)),
             Write::Flush(_) => {}
         }
     }
@@ -586,7 +650,16 @@ async fn commit(
     if let Some((store, text)) = announcement {
         crate::watch::announce(&mut tx, store, text).await?;
     }
-    tx.commit().await
+    // Last: on PostgreSQL the trail's lock is then held only for the inserts and the commit,
+    // and never while this transaction waits for another lock.
+    let head = if audit.is_empty() {
+        None
+    } else {
+        crate::audit::lock_audit(dialect, &mut tx).await?;
+        Some(crate::audit::append_in(dialect, &mut tx, audit).await?)
+    };
+    tx.commit().await?;
+    Ok(head)
 }
 
 /// `items` with one item per key, where the last one stands and `merge(earlier, later)` carries
@@ -654,6 +727,7 @@ mod tests {
             dropping: false,
             holed: std::collections::HashSet::new(),
             announce: None,
+            audit_head: tokio::sync::watch::Sender::new(None),
         };
         writer.accept(Write::HostLog {
             step_instance_id: 7,
