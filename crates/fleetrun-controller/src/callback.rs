@@ -31,7 +31,7 @@ mod address;
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -194,15 +194,46 @@ pub fn body(job_instance_id: i64, status: i32, steps: &[(i64, i32)]) -> String {
     .to_string()
 }
 
+/// Most jobs [`Callbacks::without_url`] remembers: past it, jobs are looked up in the store at
+/// their end as any other (one whose end is recorded by another controller is never forgotten
+/// here, so the set must not grow without a bound).
+const MAX_WITHOUT_URL: usize = 65_536;
+
 /// The engine's handle: reports ended jobs to the dispatcher.
 #[derive(Debug, Clone)]
 pub struct Callbacks {
     ended: mpsc::UnboundedSender<i64>,
+    /// Jobs created here without a callback URL (which a job keeps for life): their end needs
+    /// no commit to wait for and no look-up in the store, the most common end of all.
+    without_url: Arc<Mutex<HashSet<i64>>>,
 }
 
 impl Callbacks {
+    fn new(ended: mpsc::UnboundedSender<i64>) -> Self {
+        Self {
+            ended,
+            without_url: Arc::default(),
+        }
+    }
+
+    /// Notes that the job was created without a callback URL, so that its end is not looked up.
+    pub fn job_without_url(&self, job_instance_id: i64) {
+        let mut without_url = self.without_url.lock().unwrap_or_else(|e| e.into_inner());
+        if without_url.len() < MAX_WITHOUT_URL {
+            without_url.insert(job_instance_id);
+        }
+    }
+
     /// Reports that the job's end has been handed to the store; never waits.
     pub fn job_ended(&self, job_instance_id: i64) {
+        if self
+            .without_url
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&job_instance_id)
+        {
+            return;
+        }
         // Gone only at shutdown; the next start finds the job again.
         let _ = self.ended.send(job_instance_id);
     }
@@ -261,7 +292,7 @@ pub fn start(
     let (ended, ended_rx) = mpsc::unbounded_channel();
     tasks.spawn(dispatcher.clone().intake(ended_rx, shutdown.clone()));
     tasks.spawn(dispatcher.deliver(shutdown));
-    Ok(Callbacks { ended })
+    Ok(Callbacks::new(ended))
 }
 
 /// The client callbacks are sent with: it connects only to addresses `callbacks` allows.
@@ -648,6 +679,30 @@ fn describe(error: reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The end of a job created without a callback URL is not looked up, once: a later end (a
+    /// retry) is, as is every other job's.
+    #[test]
+    fn a_job_without_a_url_is_not_looked_up_at_its_end() {
+        let (ended, mut reported) = mpsc::unbounded_channel();
+        let callbacks = Callbacks::new(ended);
+        callbacks.job_without_url(1);
+        callbacks.job_ended(1);
+        callbacks.job_ended(2);
+        callbacks.job_ended(1);
+        assert_eq!(reported.try_recv().ok(), Some(2));
+        assert_eq!(reported.try_recv().ok(), Some(1));
+        assert!(reported.try_recv().is_err());
+        // Past the bound, jobs are looked up as any other.
+        for id in 0..MAX_WITHOUT_URL as i64 + 10 {
+            callbacks.job_without_url(100 + id);
+        }
+        callbacks.job_ended(100 + MAX_WITHOUT_URL as i64 + 5);
+        assert_eq!(
+            reported.try_recv().ok(),
+            Some(100 + MAX_WITHOUT_URL as i64 + 5)
+        );
+    }
 
     fn listen() -> SocketAddr {
         "127.0.0.1:8080".parse().unwrap()

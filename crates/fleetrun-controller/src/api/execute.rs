@@ -340,6 +340,11 @@ pub async fn fast_execute_script(
                 .as_ref(),
         )
         .await?;
+    if new_job.callback_url.is_none()
+        && let Some(callbacks) = shared.engine.callbacks()
+    {
+        callbacks.job_without_url(created.job_instance_id);
+    }
     super::steps::save_and_start(
         shared,
         rolling,
