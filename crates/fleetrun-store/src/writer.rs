@@ -446,6 +446,8 @@ async fn commit(
     let mut results = Vec::new();
     let mut checkpoints = Vec::new();
     let mut audit = Vec::new();
+    let mut step_ends = Vec::new();
+    let mut job_ends = Vec::new();
     let audited = batch.iter().any(|w| matches!(w, Write::Audit { .. }));
     // The audit trail's head is read in this transaction: on SQLite it takes the database's
     // write lock before it reads anything, so the head cannot move before the commit.
@@ -525,36 +527,46 @@ async fn commit(
                 step_instance_id,
                 status,
                 at,
-            } => {
-                sqlx::query(
-                    "UPDATE step_instance SET status = $1, end_time = $2 WHERE step_instance_id = $3",
-                )
-                .bind(status)
-                .bind(at)
-                .bind(step_instance_id)
-                .execute(&mut *tx)
-                .await?;
-            }
+            } => step_ends.push((*step_instance_id, *status, *at)),
             Write::JobFinished {
                 job_instance_id,
                 status,
                 at,
-            } => {
-                sqlx::query(
-                    "UPDATE job_instance SET status = $1, end_time = $2 WHERE job_instance_id = $3",
-                )
-                .bind(status)
-                .bind(at)
-                .bind(job_instance_id)
-                .execute(&mut *tx)
-                .await?;
-            }
+            } => job_ends.push((*job_instance_id, *status, *at)),
             Write::Checkpoints {
                 checkpoints: batch, ..
             } => checkpoints.extend(batch.iter()),
             Write::Audit { entry, hasher } => audit.push((entry, &*hasher.0)),
             Write::Flush(_) => {}
         }
+    }
+    // Steps' and jobs' ends, many per statement: a group commit carries the ends of every job
+    // that finished meanwhile. Applying them after the loop changes nothing: a status change in
+    // the same batch (`JobStatus`) only touches rows without an end, and the end overrides it;
+    // a job's start comes before its first run's end.
+    let step_ends = last_per_host(step_ends, |(step, ..)| *step, |_, _| {});
+    for chunk in step_ends.chunks(dialect.max_parameters() / 3) {
+        let mut update = Statement::new(
+            dialect,
+            "UPDATE step_instance SET status = v.column2, end_time = v.column3 FROM (",
+        );
+        update.push_values(chunk, |row, (step, status, at)| {
+            row.push_bind(*step).push_bind(*status).push_bind(*at);
+        });
+        update.push(") AS v WHERE step_instance.step_instance_id = v.column1");
+        update.build().execute(&mut *tx).await?;
+    }
+    let job_ends = last_per_host(job_ends, |(job, ..)| *job, |_, _| {});
+    for chunk in job_ends.chunks(dialect.max_parameters() / 3) {
+        let mut update = Statement::new(
+            dialect,
+            "UPDATE job_instance SET status = v.column2, end_time = v.column3 FROM (",
+        );
+        update.push_values(chunk, |row, (job, status, at)| {
+            row.push_bind(*job).push_bind(*status).push_bind(*at);
+        });
+        update.push(") AS v WHERE job_instance.job_instance_id = v.column1");
+        update.build().execute(&mut *tx).await?;
     }
     // "Running" host rows, then final ones, many per statement. Applying them after the loop
     // changes nothing: nothing else in a batch writes these rows, and a host's "running" update
@@ -758,6 +770,88 @@ mod tests {
             outcome: HostOutcome::default(),
         });
         assert!(writer.holed.is_empty());
+    }
+
+    fn new_job(hosts: Vec<NewHostResult>) -> NewJob {
+        NewJob {
+            name: "t".into(),
+            operator: "o".into(),
+            app_code: "a".into(),
+            bk_scope_type: "biz".into(),
+            bk_scope_id: "2".into(),
+            status: 1,
+            job_type: 1,
+            launch_mode: 1,
+            callback_url: None,
+            create_time: 0,
+            step: NewStep {
+                name: "s".into(),
+                step_type: 1,
+                script_language: 1,
+                script_content: b"true".to_vec(),
+                script_param: String::new(),
+                is_param_sensitive: false,
+                timeout: 60,
+                account_id: 1,
+                account: "root".into(),
+            },
+            hosts,
+        }
+    }
+
+    /// Many jobs' starts, status changes and ends in one group commit (ends many per
+    /// statement) leave each job and step as its writes in order would: a status change
+    /// queued after a job's end does not reopen it, one queued before is overridden by the end.
+    #[tokio::test]
+    async fn jobs_ending_in_one_commit_end_as_their_writes_say() {
+        let (_db, store) = crate::test_store().await;
+        let mut jobs = Vec::new();
+        for _ in 0..300 {
+            jobs.push(store.create_job(&new_job(Vec::new())).await.unwrap());
+        }
+        for (i, job) in jobs.iter().enumerate() {
+            let (job_instance_id, step_instance_id) = (job.job_instance_id, job.step_instance_id);
+            let writes = [
+                Write::JobStarted {
+                    job_instance_id,
+                    step_instance_id,
+                    status: 2,
+                    at: 10,
+                },
+                Write::JobStatus {
+                    job_instance_id,
+                    status: 7,
+                },
+                Write::StepFinished {
+                    step_instance_id,
+                    status: 3,
+                    at: 20 + i as i64,
+                },
+                Write::JobFinished {
+                    job_instance_id,
+                    status: 3,
+                    at: 20 + i as i64,
+                },
+                Write::JobStatus {
+                    job_instance_id,
+                    status: 7,
+                },
+            ];
+            for write in writes {
+                store.record(write).await.unwrap();
+            }
+        }
+        store.flush().await.unwrap();
+        for (i, job) in jobs.iter().enumerate() {
+            let record = store.job(job.job_instance_id).await.unwrap().unwrap();
+            assert_eq!(
+                (record.status, record.end_time),
+                (3, Some(20 + i as i64)),
+                "job {i}"
+            );
+            let step = &record.steps[0];
+            assert_eq!((step.status, step.end_time), (3, Some(20 + i as i64)));
+        }
     }
 
     #[tokio::test]
