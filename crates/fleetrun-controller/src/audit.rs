@@ -466,6 +466,9 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
+/// Longest a read of the trail (or the close) waits for the entries queued before it: while
+/// the database refuses writes, they stay queued and the read answers with what is committed.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Requests to the anchoring task waiting for it; a caller waits for room only past this many.
 const CONTROL_QUEUE: usize = 64;
 
@@ -623,10 +626,16 @@ impl Sink {
         }
     }
 
-    /// Waits until what was appended is committed (or given up), then anchors the head.
+    /// Waits until what was appended is committed (or given up), at most [`SETTLE_WAIT`],
+    /// then anchors the head.
     async fn settle(&mut self, anchoring: &mut Anchoring) {
-        if let Err(e) = self.store.flush().await {
-            tracing::error!("the audit trail's entries were not committed: {e}");
+        match tokio::time::timeout(SETTLE_WAIT, self.store.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("the audit trail's entries were not committed: {e}"),
+            Err(_) => tracing::warn!(
+                "the audit trail's last entries are not committed yet (the database refuses \
+                 writes): they stay queued with the job engine's writes"
+            ),
         }
         if self.committed.has_changed().unwrap_or(false) {
             anchoring.committed(self.committed.borrow_and_update().clone());
