@@ -105,6 +105,24 @@ pub(crate) fn is_write_failure(error: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether the database is busy for a while rather than refusing the statement: SQLite's
+/// BUSY and LOCKED; PostgreSQL's transaction rollbacks (a deadlock, a serialization failure), a
+/// lock wait that timed out (`lock_timeout`) and a cancelled statement (`statement_timeout`).
+pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(e) = error else {
+        return false;
+    };
+    if let Some(e) = e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        let code = e.code();
+        return code.starts_with("40") || code == "55P03" || code == "57014";
+    }
+    let primary = e
+        .code()
+        .and_then(|c| c.parse::<i32>().ok())
+        .map(|c| c & 0xff);
+    matches!(primary, Some(5 | 6))
+}
+
 /// PostgreSQL's SQLSTATEs for a server that cannot take writes: connection exceptions (08),
 /// a read-only transaction (25006, a standby), missing privileges (42501), insufficient
 /// resources such as a full disk (53), operator intervention such as a shutdown (57P), system
