@@ -517,7 +517,11 @@ impl AuditLog {
     /// waits only while the writer's queue is full. The request's reply does not wait for the
     /// database: an entry reaches it within one commit (a few milliseconds), and a controller
     /// that stops commits what is queued first.
-    pub async fn append(&self, entry: NewAuditEntry) {
+    /// Every text field's NUL characters become U+FFFD first: a client chooses much of what an
+    /// entry says (its claimed app code and user, its request), PostgreSQL refuses NUL in text,
+    /// and the entry is hashed as stored.
+    pub async fn append(&self, mut entry: NewAuditEntry) {
+        without_nul(&mut entry);
         if self.closed.load(Ordering::Acquire) {
             log_unstored(&entry, "the audit log is closed");
             return;
@@ -588,6 +592,26 @@ impl AuditLog {
             .borrow()
             .clone()
             .or_else(|| self.start_head.clone())
+    }
+}
+
+/// Replaces the NUL characters of `entry`'s text fields with U+FFFD.
+fn without_nul(entry: &mut NewAuditEntry) {
+    let NewAuditEntry {
+        at: _,
+        app_code,
+        operator,
+        source,
+        request_id,
+        api,
+        change,
+        outcome_code: _,
+        outcome,
+    } = entry;
+    for text in [app_code, operator, source, request_id, api, change, outcome] {
+        if text.contains('\0') {
+            *text = text.replace('\0', "\u{FFFD}");
+        }
     }
 }
 
@@ -669,8 +693,27 @@ async fn anchor_loop(
         tokio::select! {
             request = requests.recv() => match request {
                 Some(Control::Flush(done)) => {
+                    // Every flush queued meanwhile is answered by the same settle: k readers
+                    // during an outage wait one `SETTLE_WAIT`, not k of them.
+                    let mut waiting = vec![done];
+                    let mut close = None;
+                    while let Ok(request) = requests.try_recv() {
+                        match request {
+                            Control::Flush(done) => waiting.push(done),
+                            Control::Close(done) => {
+                                close = Some(done);
+                                break;
+                            }
+                        }
+                    }
                     sink.settle(&mut anchoring).await;
-                    let _ = done.send(());
+                    for done in waiting {
+                        let _ = done.send(());
+                    }
+                    if let Some(done) = close {
+                        closes.push(done);
+                        break;
+                    }
                 }
                 Some(Control::Close(done)) => {
                     closes.push(done);
@@ -1036,6 +1079,9 @@ pub async fn open(
         })
         .await;
     }
+    // However long the commit takes: `flush` alone stops waiting after `SETTLE_WAIT`, and a
+    // slow commit must not make the controller refuse to start.
+    log.store.flush().await?;
     log.flush().await;
     let (seq, hash) = log.head().unwrap_or_default();
     // Moving the anchor on past a break that is not in the trail would hide it.
