@@ -16,8 +16,9 @@ pub struct Health {
     pub pending: usize,
     /// Bytes of host output among the pending writes.
     pub pending_output_bytes: usize,
-    /// Engine writes given up since the store opened: they arrived while writes failed and the
-    /// writes kept in memory had reached their bound.
+    /// Engine writes (audit entries included) given up since the store opened: they arrived
+    /// while writes failed and the writes kept in memory had reached their bound, or the
+    /// database refused the write itself as a statement.
     pub lost: u64,
 }
 
