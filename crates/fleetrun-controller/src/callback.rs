@@ -29,7 +29,7 @@
 mod address;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -194,10 +194,19 @@ pub fn body(job_instance_id: i64, status: i32, steps: &[(i64, i32)]) -> String {
     .to_string()
 }
 
-/// Most jobs [`Callbacks::without_url`] remembers: past it, jobs are looked up in the store at
-/// their end as any other (one whose end is recorded by another controller is never forgotten
-/// here, so the set must not grow without a bound).
+/// Most jobs [`Callbacks::without_url`] remembers: past it, the oldest is forgotten (and looked
+/// up in the store at its end as any other job). A job whose end is recorded elsewhere (taken
+/// over by another controller) is never removed at its end here, so the set must not grow
+/// without a bound, nor stop taking new jobs once full.
 const MAX_WITHOUT_URL: usize = 65_536;
+
+/// Jobs created here without a callback URL: `jobs` those not ended yet, `order` the latest
+/// [`MAX_WITHOUT_URL`] noted, oldest first (an ended one leaves it when it reaches the front).
+#[derive(Debug, Default)]
+struct WithoutUrl {
+    order: VecDeque<i64>,
+    jobs: HashSet<i64>,
+}
 
 /// The engine's handle: reports ended jobs to the dispatcher.
 #[derive(Debug, Clone)]
@@ -205,7 +214,7 @@ pub struct Callbacks {
     ended: mpsc::UnboundedSender<i64>,
     /// Jobs created here without a callback URL (which a job keeps for life): their end needs
     /// no commit to wait for and no look-up in the store, the most common end of all.
-    without_url: Arc<Mutex<HashSet<i64>>>,
+    without_url: Arc<Mutex<WithoutUrl>>,
 }
 
 impl Callbacks {
@@ -216,11 +225,24 @@ impl Callbacks {
         }
     }
 
-    /// Notes that the job was created without a callback URL, so that its end is not looked up.
+    /// Notes that the job, about to start here, was created without a callback URL, so that
+    /// its end is not looked up.
     pub fn job_without_url(&self, job_instance_id: i64) {
         let mut without_url = self.without_url.lock().unwrap_or_else(|e| e.into_inner());
-        if without_url.len() < MAX_WITHOUT_URL {
-            without_url.insert(job_instance_id);
+        if without_url.order.len() >= MAX_WITHOUT_URL
+            && let Some(oldest) = without_url.order.pop_front()
+        {
+            without_url.jobs.remove(&oldest);
+        }
+        without_url.order.push_back(job_instance_id);
+        without_url.jobs.insert(job_instance_id);
+    }
+
+    /// Forgets a job [`Self::job_without_url`] noted that did not start here after all.
+    pub fn forget_job_without_url(&self, job_instance_id: i64) {
+        let mut without_url = self.without_url.lock().unwrap_or_else(|e| e.into_inner());
+        if without_url.jobs.remove(&job_instance_id) {
+            without_url.order.retain(|id| *id != job_instance_id);
         }
     }
 
@@ -230,6 +252,7 @@ impl Callbacks {
             .without_url
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .jobs
             .remove(&job_instance_id)
         {
             return;
@@ -693,15 +716,25 @@ mod tests {
         assert_eq!(reported.try_recv().ok(), Some(2));
         assert_eq!(reported.try_recv().ok(), Some(1));
         assert!(reported.try_recv().is_err());
-        // Past the bound, jobs are looked up as any other.
+        // Past the bound, the oldest are forgotten (and looked up as any other job), the
+        // newest still remembered: jobs never ended here cannot fill the set for good.
         for id in 0..MAX_WITHOUT_URL as i64 + 10 {
             callbacks.job_without_url(100 + id);
         }
+        callbacks.job_ended(100);
+        callbacks.job_ended(109);
+        callbacks.job_ended(110);
         callbacks.job_ended(100 + MAX_WITHOUT_URL as i64 + 5);
-        assert_eq!(
-            reported.try_recv().ok(),
-            Some(100 + MAX_WITHOUT_URL as i64 + 5)
-        );
+        assert_eq!(reported.try_recv().ok(), Some(100));
+        assert_eq!(reported.try_recv().ok(), Some(109));
+        assert!(reported.try_recv().is_err());
+        // One that did not start here after all is forgotten at once.
+        callbacks.forget_job_without_url(111);
+        callbacks.job_ended(111);
+        assert_eq!(reported.try_recv().ok(), Some(111));
+        let remembered = callbacks.without_url.lock().unwrap();
+        assert!(remembered.order.len() <= MAX_WITHOUT_URL);
+        assert_eq!(remembered.jobs.len(), MAX_WITHOUT_URL - 3);
     }
 
     fn listen() -> SocketAddr {
