@@ -112,6 +112,7 @@ pub(crate) fn spawn(
             deferred_audit: 0,
             audit_tries: 0,
             cap: None,
+            uncertain: None,
         }
         .run(),
     );
@@ -168,6 +169,10 @@ pub(crate) struct Writer {
     /// While a batch the database refused as a statement (not as a failing database) is
     /// bisected: the most writes per commit, and how many writes from the front are under it.
     cap: Option<(usize, usize)>,
+    /// After a commit that appended to the audit trail failed at `COMMIT` itself (the answer
+    /// lost with the connection: it may have been made): how many writes from the front it
+    /// held, and the trail's head it would have left.
+    uncertain: Option<(usize, (i64, String))>,
 }
 
 /// What a group commit did besides committing its job writes.
@@ -370,6 +375,29 @@ impl Writer {
     /// refuses are kept at the front while the rest commits, and given up one by one after
     /// [`AUDIT_TRIES`].
     async fn commit_front(&mut self) -> Result<(), sqlx::Error> {
+        if let Some((n, head)) = self.uncertain.take() {
+            match self.in_trail(&head).await {
+                Err(error) => {
+                    self.uncertain = Some((n, head));
+                    return Err(error);
+                }
+                Ok(true) => {
+                    tracing::warn!(
+                        seq = head.0,
+                        "the commit whose answer was lost had been made: its writes are not made \
+                         again (its audit entries would be appended twice)"
+                    );
+                    let n = n.min(self.pending.len());
+                    let committed = Committed {
+                        audit_head: Some(head),
+                        audit_refused: None,
+                    };
+                    self.committed(n, committed, None);
+                    return Ok(());
+                }
+                Ok(false) => {}
+            }
+        }
         let isolating = self.deferred_audit > 0 && self.audit_tries >= AUDIT_TRIES;
         let n = match self.cap {
             Some((cap, _)) => cap,
@@ -384,6 +412,7 @@ impl Writer {
             .announce
             .as_deref()
             .and_then(|store| Some((store, crate::watch::announcement(batch)?)));
+        let mut appending = None;
         let committed = commit(
             &mut connection,
             batch,
@@ -391,6 +420,7 @@ impl Writer {
             announcement
                 .as_ref()
                 .map(|(store, text)| (*store, text.as_str())),
+            &mut appending,
         )
         .await;
         let took = started.elapsed();
@@ -402,10 +432,34 @@ impl Writer {
                 self.bisect(n, &error);
                 return Ok(());
             }
-            Err(error) => return Err(error),
+            Err(error) => {
+                self.uncertain = appending.map(|head| (n, head));
+                return Err(error);
+            }
         };
+        self.committed(n, committed, Some(took));
+        Ok(())
+    }
+
+    /// Whether the audit trail holds the entry numbered and hashed as `head`.
+    async fn in_trail(&self, head: &(i64, String)) -> Result<bool, sqlx::Error> {
+        let hash: Option<String> = sqlx::query_scalar("SELECT hash FROM audit_log WHERE seq = $1")
+            .bind(head.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(hash.as_deref() == Some(head.1.as_str()))
+    }
+
+    /// Takes the `n` writes at the front as committed (their audit entries as `committed`
+    /// says), in `took` when timed.
+    fn committed(&mut self, n: usize, committed: Committed, took: Option<Duration>) {
+        // The batch was the front entry alone, tried so after `AUDIT_TRIES` refusals.
+        let isolating = self.deferred_audit > 0 && self.audit_tries >= AUDIT_TRIES;
+        let batch = &self.pending.make_contiguous()[..n];
         if let Some(head) = committed.audit_head {
-            metrics::histogram!("fleetrun_audit_append_seconds").record(took);
+            if let Some(took) = took {
+                metrics::histogram!("fleetrun_audit_append_seconds").record(took);
+            }
             for write in batch {
                 if let Write::Audit { entry, .. } = write {
                     let outcome = if entry.outcome_code == 0 {
@@ -477,7 +531,6 @@ impl Writer {
             }
         }
         self.publish();
-        Ok(())
     }
 
     /// Puts audit entries the database refused back at the front of the backlog, in order.
@@ -616,6 +669,7 @@ async fn commit(
     batch: &[Write],
     dialect: Dialect,
     announcement: Option<(&str, &str)>,
+    appending: &mut Option<(i64, String)>,
 ) -> Result<Committed, sqlx::Error> {
     // A host whose task also ended in this batch needs no "running" update: its final row says
     // all. Log chunks go in multi-row inserts. Both matter when thousands of hosts report at once.
@@ -869,6 +923,9 @@ async fn commit(
             Err(error) => return Err(error),
         }
     }
+    // Should `COMMIT` fail with its answer lost, the writer looks for this head before trying
+    // the batch again.
+    appending.clone_from(&committed.audit_head);
     tx.commit().await?;
     Ok(committed)
 }
@@ -954,6 +1011,7 @@ pub(crate) mod tests {
             deferred_audit: 0,
             audit_tries: 0,
             cap: None,
+            uncertain: None,
         }
     }
 
@@ -1307,6 +1365,54 @@ pub(crate) mod tests {
         assert!(writer.pending.is_empty());
         assert_eq!(writer.pending_bytes, 0);
         assert_eq!(store.audit_head().await.unwrap().map(|h| h.0), Some(1));
+    }
+
+    /// A commit whose answer was lost (the connection broke during `COMMIT`) may have been
+    /// made: the writer looks for the head it would have left before trying the batch again,
+    /// and takes the batch as committed when the trail holds it, rather than append its
+    /// entries a second time; when it does not, the batch is committed as usual.
+    #[tokio::test]
+    async fn a_commit_whose_answer_was_lost_is_not_appended_twice() {
+        let (_db, store) = crate::test_store().await;
+        let job = store.create_job(&new_job(Vec::new())).await.unwrap();
+        let mut writer = harness(&store);
+        writer.accept(audit("one", "{}".into()));
+        writer.accept(audit("two", "{}".into()));
+        for write in finished(&job, 3) {
+            writer.accept(write);
+        }
+        // The commit is made, but the writer never hears so.
+        let mut appending = None;
+        let mut connection = store.pool.acquire().await.unwrap();
+        let batch = &writer.pending.make_contiguous()[..4];
+        super::commit(&mut connection, batch, store.dialect, None, &mut appending)
+            .await
+            .unwrap();
+        drop(connection);
+        let head = appending.unwrap();
+        assert_eq!(head.0, 2);
+        writer.uncertain = Some((4, head.clone()));
+        writer.commit_front().await.unwrap();
+        assert!(writer.pending.is_empty());
+        assert_eq!(writer.uncertain, None);
+        assert_eq!(store.audit_head().await.unwrap(), Some(head.clone()));
+        assert_eq!(writer.audit_head.borrow().clone(), Some(head));
+        // A head the trail does not hold: the batch was not committed, and is now.
+        writer.accept(audit("three", "{}".into()));
+        writer.uncertain = Some((1, (3, "not committed".into())));
+        writer.commit_front().await.unwrap();
+        assert!(writer.pending.is_empty());
+        let ids: Vec<String> = store
+            .audit_entries(&crate::AuditFilter {
+                limit: 100,
+                ..crate::AuditFilter::default()
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.entry.request_id)
+            .collect();
+        assert_eq!(ids, ["one", "two", "three"]);
     }
 
     #[tokio::test]
