@@ -496,8 +496,11 @@ impl Writer {
         }
         match committed.audit_refused {
             None => {
-                self.deferred_audit = 0;
-                self.audit_tries = 0;
+                // The deferred entries are the front ones; those the batch held are appended.
+                self.deferred_audit = self.deferred_audit.saturating_sub(n);
+                if self.deferred_audit == 0 {
+                    self.audit_tries = 0;
+                }
             }
             Some(error) if crate::health::is_transient(&error) => {
                 tracing::warn!(
@@ -507,7 +510,7 @@ impl Writer {
                      transaction holds it): the job writes were committed, the audit entries \
                      stay first in line"
                 );
-                self.defer_audit(refused_audit);
+                self.defer_audit(refused_audit, n);
             }
             Some(error) if isolating => {
                 self.pending_bytes -= refused_audit.iter().map(output_bytes).sum::<usize>();
@@ -527,15 +530,16 @@ impl Writer {
                     "the database refused the audit entries of a group commit: the job writes \
                      were committed, the audit entries are retried"
                 );
-                self.defer_audit(refused_audit);
+                self.defer_audit(refused_audit, n);
             }
         }
         self.publish();
     }
 
-    /// Puts audit entries the database refused back at the front of the backlog, in order.
-    fn defer_audit(&mut self, entries: Vec<Write>) {
-        self.deferred_audit = entries.len();
+    /// Puts back the audit entries of a batch of `n` writes the database refused, at the front
+    /// of the backlog, before the deferred entries the batch did not hold (a bisected batch).
+    fn defer_audit(&mut self, entries: Vec<Write>, n: usize) {
+        self.deferred_audit = entries.len() + self.deferred_audit.saturating_sub(n);
         for write in entries.into_iter().rev() {
             self.pending.push_front(write);
         }
@@ -605,9 +609,11 @@ impl Writer {
     }
 
     /// Answers the flushes whose writes are committed. A lost write counts as done: nothing
-    /// will ever commit it.
+    /// will ever commit it. So do audit entries deferred while the writes around them were
+    /// committed (they are older than every other pending write): whoever waits for the job
+    /// engine's writes does not wait for the trail's lock, held by another transaction.
     fn answer_flushes(&mut self) {
-        let done = self.accepted - self.pending.len() as u64;
+        let done = self.accepted - (self.pending.len() - self.deferred_audit) as u64;
         while let Some((needed, _)) = self.flushes.front() {
             if *needed > done {
                 break;
@@ -1360,6 +1366,11 @@ pub(crate) mod tests {
         assert!(matches!(writer.pending.front(), Some(Write::Audit { .. })));
         assert_eq!((writer.deferred_audit, writer.audit_tries), (1, 0));
         assert!(writer.pending_bytes > 17 * 1024);
+        // Whoever waits for the job's end is answered meanwhile.
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        writer.accept(Write::Flush(done));
+        writer.answer_flushes();
+        flushed.await.unwrap();
         holder.commit().await.unwrap();
         writer.commit_front().await.unwrap();
         assert!(writer.pending.is_empty());
