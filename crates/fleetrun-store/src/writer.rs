@@ -631,12 +631,13 @@ fn log_lost_audit(writes: &[Write], why: &str) {
     for write in writes {
         if let Write::Audit { entry, .. } = write {
             tracing::error!(
-                request_id = %entry.request_id,
-                app = %entry.app_code,
-                operator = %entry.operator,
-                source = %entry.source,
-                api = %entry.api,
+                request_id = %entry.request_id.escape_debug(),
+                app = %entry.app_code.escape_debug(),
+                operator = %entry.operator.escape_debug(),
+                source = %entry.source.escape_debug(),
+                api = %entry.api.escape_debug(),
                 change = %entry.change.escape_debug(),
+                outcome = %entry.outcome.escape_debug(),
                 outcome_code = entry.outcome_code,
                 at = entry.at,
                 "audit entry not stored: {why}"
