@@ -14,25 +14,28 @@
 //! was made (`unkeyed_until`), and counted apart ([`Verification::unkeyed`]): a chain rewritten
 //! with plain hashes does not pass for an old one.
 //!
-//! Appends go through one task that commits whatever has queued in one transaction, so the
-//! trail costs a request a channel send, not a commit of its own: concurrent calls share one.
-//! Reading the trail (`get_audit_log`, `verify_audit_log`) first waits for what is queued.
+//! Entries are appended by the store's writer, numbered and chained in the group commit that
+//! carries the job engine's writes ([`fleetrun_store::Write::Audit`]), so the trail costs a
+//! request a channel send, not a transaction of its own competing with the job engine's for the
+//! database's write lock. Reading the trail (`get_audit_log`, `verify_audit_log`) first waits
+//! for what is queued.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, Ordering},
+};
 
 use base64::Engine as _;
 
-use fleetrun_store::{AuditFilter, AuditRecord, NewAuditEntry, Store};
+use fleetrun_store::{AuditFilter, AuditRecord, NewAuditEntry, SharedAuditHasher, Store};
 use ring::{
     digest::{SHA256, digest},
     hmac,
     rand::{SecureRandom, SystemRandom},
 };
 use serde_json::{Map, Value, json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-/// Most entries committed in one transaction.
-const BATCH: usize = 256;
 /// A string longer than this is recorded as its length and digest.
 const MAX_SHOWN_STRING: usize = 256;
 /// An array longer than this is cut, saying how many items were left out.
@@ -367,46 +370,48 @@ fn entry_bytes(tag: &str, seq: i64, entry: &NewAuditEntry, prev_hash: &str) -> V
     bytes
 }
 
-enum Queued {
-    Entry(NewAuditEntry),
-    /// Answered once every entry queued before it is committed (or given up).
+/// What the anchoring task is asked to do.
+enum Control {
+    /// Answered once every entry appended before it is committed (or given up) and the anchor
+    /// names the head.
     Flush(oneshot::Sender<()>),
-    /// Commits what is queued and the count of unrecorded refusals, answers, and ends the
-    /// appender.
+    /// Commits what is queued and the count of unrecorded refusals, anchors the head, answers,
+    /// and ends the task.
     Close(oneshot::Sender<()>),
 }
 
 /// Appends entries; cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    queue: mpsc::Sender<Queued>,
-    /// The last entry this controller wrote (or found at start): number and hash.
-    head: Arc<Mutex<Option<(i64, String)>>>,
+    store: Store,
+    /// Hashes entries with the key, in the writer's group commit.
+    hasher: SharedAuditHasher,
+    control: mpsc::Sender<Control>,
+    /// The trail's head when the controller started.
+    start_head: Option<(i64, String)>,
+    /// The last entry this controller's writer committed.
+    committed: watch::Receiver<Option<(i64, String)>>,
+    /// Set once [`AuditLog::close`] began: later entries are not recorded (and logged as such).
+    closed: Arc<AtomicBool>,
     key: AuditKey,
     refusals: Arc<Mutex<RefusalBudget>>,
 }
 
 /// Refused authentications recorded one by one per minute at most: a client hammering the API
 /// with bad credentials must not flood the trail (or the disk); past the budget they are
-/// counted, and once the minute is over (at the next refusal, on the appender's timer, or when
-/// the controller stops) an entry says how many went unrecorded.
+/// counted, and once the minute is over (at the next refusal, on the anchoring task's timer, or
+/// when the controller stops) an entry says how many went unrecorded.
 pub const REFUSED_AUTH_PER_MINUTE: u32 = 60;
 /// bk-job's code for refused credentials, which refused authentications are recorded with.
 const REFUSED_CODE: i64 = 1_640_001;
 /// The budget's window.
 const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
-/// How often the appender looks for a count of unrecorded refusals to write.
+/// How often the anchoring task looks for a count of unrecorded refusals to write.
 const REFUSAL_TICK: std::time::Duration = std::time::Duration::from_secs(5);
-/// How long the appender waits for more entries to share a commit once one has arrived: one
-/// transaction for the entries of many requests instead of one each. Each transaction takes the
-/// database's write lock apart from the job engine's group commit (SQLite has one writer), so
-/// fewer of them is what keeps the trail's cost on job throughput small. A request's reply does
-/// not wait for its entry; reads of the trail flush it first.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(50);
 /// Least time between two anchor writes (each a file sync and a directory sync) while entries
 /// keep coming; the anchor is also written at once when the trail is flushed (read, verified)
-/// and when the appender closes, so after a clean stop it names the last entry, and after a
-/// crash it lags the chain by at most this long.
+/// and when the trail closes, so after a clean stop it names the last entry, and after a crash
+/// it lags the chain by at most this long.
 const ANCHOR_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug)]
@@ -461,53 +466,72 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
-/// Entries waiting for the appender; a request waits for room only past this many.
-const QUEUE: usize = 64 * 1024;
-/// Attempts at committing a batch before its entries are given up (and logged in full).
-const ATTEMPTS: u32 = 5;
-
-/// What the appender writes to: the store, and the head anchor file.
-struct Sink {
-    store: Store,
-    key: AuditKey,
-    anchor: Option<Anchor>,
-    head: Arc<Mutex<Option<(i64, String)>>>,
-}
+/// Longest a read of the trail (or the close) waits for the entries queued before it: while
+/// the database refuses writes, they stay queued and the read answers with what is committed.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Requests to the anchoring task waiting for it; a caller waits for room only past this many.
+const CONTROL_QUEUE: usize = 64;
 
 impl AuditLog {
-    /// Starts the appending task in `tasks`; it commits what is queued and ends once every
-    /// handle is dropped (the API server stopped). Without `anchor`, the head is kept in memory
-    /// only.
+    /// Starts the anchoring task in `tasks`: it writes the head anchor after the writer commits
+    /// entries (at most once every [`ANCHOR_EVERY`], at once on a flush and at close) and the
+    /// count of unrecorded refusals once their minute is over; it ends at [`AuditLog::close`]
+    /// or once every handle is dropped. Without `anchor`, the head is kept in memory only.
     pub async fn start(
         store: Store,
         key: AuditKey,
         anchor: Option<Anchor>,
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Result<Self, fleetrun_store::StoreError> {
-        let head = Arc::new(Mutex::new(store.audit_head().await?));
-        let (queue, incoming) = mpsc::channel::<Queued>(QUEUE);
-        let refusals = Arc::new(Mutex::new(RefusalBudget::new()));
-        let sink = Sink {
+        let start_head = store.audit_head().await?;
+        let hasher_key = key.clone();
+        let hasher = SharedAuditHasher(Arc::new(
+            move |seq: i64, entry: &NewAuditEntry, prev: &str| {
+                entry_hash(&hasher_key, seq, entry, prev)
+            },
+        ));
+        let (control, requests) = mpsc::channel(CONTROL_QUEUE);
+        let log = Self {
+            committed: store.committed_audit_head(),
             store,
-            key: key.clone(),
-            anchor,
-            head: head.clone(),
-        };
-        tasks.spawn(append_loop(sink, incoming, refusals.clone()));
-        Ok(Self {
-            queue,
-            head,
+            hasher,
+            control,
+            start_head,
+            closed: Arc::new(AtomicBool::new(false)),
             key,
-            refusals,
-        })
+            refusals: Arc::new(Mutex::new(RefusalBudget::new())),
+        };
+        // The task holds no sender of its own, so it sees every handle dropped.
+        let sink = Sink {
+            store: log.store.clone(),
+            hasher: log.hasher.clone(),
+            anchor,
+            committed: log.committed.clone(),
+            closed: log.closed.clone(),
+        };
+        tasks.spawn(anchor_loop(sink, requests, log.refusals.clone()));
+        Ok(log)
     }
 
-    /// Queues `entry` for the next commit; waits only while the queue is full. The request's
-    /// reply does not wait for the database: an entry reaches it within one commit (a few
-    /// milliseconds), and a controller that stops commits what is queued first.
-    pub async fn append(&self, entry: NewAuditEntry) {
-        if self.queue.send(Queued::Entry(entry)).await.is_err() {
-            tracing::error!("the audit log is closed: an entry was not recorded");
+    /// Queues `entry` for the store writer's next group commit, which numbers and chains it;
+    /// waits only while the writer's queue is full. The request's reply does not wait for the
+    /// database: an entry reaches it within one commit (a few milliseconds), and a controller
+    /// that stops commits what is queued first.
+    /// Every text field's NUL characters become U+FFFD first: a client chooses much of what an
+    /// entry says (its claimed app code and user, its request), PostgreSQL refuses NUL in text,
+    /// and the entry is hashed as stored.
+    pub async fn append(&self, mut entry: NewAuditEntry) {
+        without_nul(&mut entry);
+        if self.closed.load(Ordering::Acquire) {
+            log_unstored(&entry, "the audit log is closed");
+            return;
+        }
+        let write = fleetrun_store::Write::Audit {
+            entry,
+            hasher: self.hasher.clone(),
+        };
+        if let Err(e) = self.store.record(write).await {
+            tracing::error!("an audit entry was not recorded: {e}");
         }
     }
 
@@ -537,20 +561,21 @@ impl AuditLog {
         }
     }
 
-    /// Returns once every entry queued before this call is committed or given up.
+    /// Returns once every entry appended before this call is committed or given up, and the
+    /// head anchor names the head.
     pub async fn flush(&self) {
         let (done, flushed) = oneshot::channel();
-        if self.queue.send(Queued::Flush(done)).await.is_ok() {
+        if self.control.send(Control::Flush(done)).await.is_ok() {
             let _ = flushed.await;
         }
     }
 
     /// Commits what is queued and the count of refusals not yet recorded, then ends the
-    /// appender: the controller's last word in the trail when it stops. Entries appended after
-    /// it are not recorded (and logged as such).
+    /// anchoring task: the controller's last word in the trail when it stops. Entries appended
+    /// after it are not recorded (and logged as such).
     pub async fn close(&self) {
         let (done, closed) = oneshot::channel();
-        if self.queue.send(Queued::Close(done)).await.is_ok() {
+        if self.control.send(Control::Close(done)).await.is_ok() {
             let _ = closed.await;
         }
     }
@@ -560,21 +585,97 @@ impl AuditLog {
         &self.key
     }
 
-    /// The last entry this controller knows was written.
+    /// The last entry this controller knows was written: the last its writer committed, else
+    /// the head found at start.
     pub fn head(&self) -> Option<(i64, String)> {
-        self.head.lock().unwrap().clone()
+        self.committed
+            .borrow()
+            .clone()
+            .or_else(|| self.start_head.clone())
     }
 }
 
-/// The appender: commits what has queued (waiting up to [`LINGER`] for more to share the
-/// transaction), writes the count of unrecorded refusals once their minute is over, and, when
-/// every handle is gone, commits what is left, that count included.
-async fn append_loop(
-    sink: Sink,
-    mut incoming: mpsc::Receiver<Queued>,
+/// Replaces the NUL characters of `entry`'s text fields with U+FFFD.
+fn without_nul(entry: &mut NewAuditEntry) {
+    let NewAuditEntry {
+        at: _,
+        app_code,
+        operator,
+        source,
+        request_id,
+        api,
+        change,
+        outcome_code: _,
+        outcome,
+    } = entry;
+    for text in [app_code, operator, source, request_id, api, change, outcome] {
+        if text.contains('\0') {
+            *text = text.replace('\0', "\u{FFFD}");
+        }
+    }
+}
+
+/// Writes an entry that will never be stored to the log in full, so the record survives there.
+fn log_unstored(entry: &NewAuditEntry, why: &str) {
+    tracing::error!(
+        request_id = %entry.request_id,
+        app = %entry.app_code,
+        operator = %entry.operator,
+        source = %entry.source,
+        api = %entry.api,
+        change = %entry.change.escape_debug(),
+        outcome_code = entry.outcome_code,
+        at = entry.at,
+        "audit entry not stored: {why}"
+    );
+}
+
+/// What the anchoring task works with: the store, and the head anchor file.
+struct Sink {
+    store: Store,
+    hasher: SharedAuditHasher,
+    anchor: Option<Anchor>,
+    committed: watch::Receiver<Option<(i64, String)>>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Sink {
+    async fn append(&self, entry: NewAuditEntry) {
+        let write = fleetrun_store::Write::Audit {
+            entry,
+            hasher: self.hasher.clone(),
+        };
+        if let Err(e) = self.store.record(write).await {
+            tracing::error!("an audit entry was not recorded: {e}");
+        }
+    }
+
+    /// Waits until what was appended is committed (or given up), at most [`SETTLE_WAIT`],
+    /// then anchors the head.
+    async fn settle(&mut self, anchoring: &mut Anchoring) {
+        match tokio::time::timeout(SETTLE_WAIT, self.store.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("the audit trail's entries were not committed: {e}"),
+            Err(_) => tracing::warn!(
+                "the audit trail's last entries are not committed yet (the database refuses \
+                 writes): they stay queued with the job engine's writes"
+            ),
+        }
+        if self.committed.has_changed().unwrap_or(false) {
+            anchoring.committed(self.committed.borrow_and_update().clone());
+        }
+        anchoring.write(self).await;
+    }
+}
+
+/// The anchoring task: follows the heads the writer commits and writes them to the anchor
+/// file, writes the count of unrecorded refusals once their minute is over, and, at close or
+/// when every handle is gone, commits what is left, that count included.
+async fn anchor_loop(
+    mut sink: Sink,
+    mut requests: mpsc::Receiver<Control>,
     refusals: Arc<Mutex<RefusalBudget>>,
 ) {
-    let mut received = Vec::with_capacity(BATCH);
     let mut anchoring = Anchoring::default();
     let mut tick = tokio::time::interval(REFUSAL_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -585,70 +686,70 @@ async fn append_loop(
             .take_due(closing);
         (unrecorded > 0).then(|| unrecorded_refusals(unrecorded, crate::now_ms()))
     };
+    let mut following = true;
+    let mut closes = Vec::new();
     loop {
+        let mut committed = sink.committed.clone();
         tokio::select! {
-            n = incoming.recv_many(&mut received, BATCH) => {
-                if n == 0 {
+            request = requests.recv() => match request {
+                Some(Control::Flush(done)) => {
+                    // Every flush queued meanwhile is answered by the same settle: k readers
+                    // during an outage wait one `SETTLE_WAIT`, not k of them.
+                    let mut waiting = vec![done];
+                    let mut close = None;
+                    while let Ok(request) = requests.try_recv() {
+                        match request {
+                            Control::Flush(done) => waiting.push(done),
+                            Control::Close(done) => {
+                                close = Some(done);
+                                break;
+                            }
+                        }
+                    }
+                    sink.settle(&mut anchoring).await;
+                    for done in waiting {
+                        let _ = done.send(());
+                    }
+                    if let Some(done) = close {
+                        closes.push(done);
+                        break;
+                    }
+                }
+                Some(Control::Close(done)) => {
+                    closes.push(done);
                     break;
                 }
-            }
+                None => break,
+            },
             _ = tick.tick() => {
                 if let Some(entry) = due(false) {
-                    anchoring.committed(commit(&sink, &[entry]).await);
+                    sink.append(entry).await;
                 }
-                continue;
+            }
+            changed = committed.changed(), if following => {
+                if changed.is_err() {
+                    // The writer is gone: nothing more will be committed.
+                    following = false;
+                    continue;
+                }
+                anchoring.committed(sink.committed.borrow_and_update().clone());
+                if anchoring.is_due() {
+                    anchoring.write(&sink).await;
+                }
             }
             () = anchoring.due_at(), if anchoring.pending.is_some() => {
                 anchoring.write(&sink).await;
-                continue;
             }
-        }
-        // More requests' entries share this commit unless someone waits for it already.
-        let deadline = tokio::time::Instant::now() + LINGER;
-        while received.len() < BATCH
-            && !received
-                .iter()
-                .any(|q| matches!(q, Queued::Flush(_) | Queued::Close(_)))
-        {
-            let room = BATCH - received.len();
-            match tokio::time::timeout_at(deadline, incoming.recv_many(&mut received, room)).await {
-                Ok(n) if n > 0 => {}
-                _ => break,
-            }
-        }
-        let mut entries = Vec::with_capacity(received.len());
-        let mut flushes = Vec::new();
-        let mut closes = Vec::new();
-        for queued in received.drain(..) {
-            match queued {
-                Queued::Entry(entry) => entries.push(entry),
-                Queued::Flush(done) => flushes.push(done),
-                Queued::Close(done) => closes.push(done),
-            }
-        }
-        if !closes.is_empty() {
-            entries.extend(due(true));
-        }
-        if !entries.is_empty() {
-            anchoring.committed(commit(&sink, &entries).await);
-        }
-        if !flushes.is_empty() || !closes.is_empty() || anchoring.is_due() {
-            anchoring.write(&sink).await;
-        }
-        for done in flushes {
-            let _ = done.send(());
-        }
-        if !closes.is_empty() {
-            for done in closes {
-                let _ = done.send(());
-            }
-            return;
         }
     }
+    sink.closed.store(true, Ordering::Release);
     if let Some(entry) = due(true) {
-        anchoring.committed(commit(&sink, &[entry]).await);
+        sink.append(entry).await;
     }
-    anchoring.write(&sink).await;
+    sink.settle(&mut anchoring).await;
+    for done in closes {
+        let _ = done.send(());
+    }
 }
 
 /// The head the anchor file has yet to name, and when it was last written.
@@ -691,58 +792,6 @@ impl Anchoring {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!("{e}"),
             Err(e) => tracing::error!("the audit head anchor was not written: {e}"),
-        }
-    }
-}
-
-/// Commits one batch, retrying a refusing database a few times; entries it cannot store are
-/// written to the log in full, so the record survives there. Returns the new head when the
-/// batch was stored.
-async fn commit(sink: &Sink, entries: &[NewAuditEntry]) -> Option<(i64, String)> {
-    // The store takes a `'static` hasher: it holds its own handle on the key.
-    let key = sink.key.clone();
-    let hasher =
-        move |seq: i64, entry: &NewAuditEntry, prev: &str| entry_hash(&key, seq, entry, prev);
-    let started = std::time::Instant::now();
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match sink.store.append_audit(entries, &hasher).await {
-            Ok(new_head) => {
-                *sink.head.lock().unwrap() = Some(new_head.clone());
-                metrics::histogram!("fleetrun_audit_append_seconds").record(started.elapsed());
-                for entry in entries {
-                    let outcome = if entry.outcome_code == 0 {
-                        "ok"
-                    } else {
-                        "refused"
-                    };
-                    metrics::counter!("fleetrun_audit_entries_total", "outcome" => outcome)
-                        .increment(1);
-                }
-                return Some(new_head);
-            }
-            Err(e) if attempt < ATTEMPTS => {
-                tracing::warn!(attempt, "audit entries not committed yet, retrying: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt)))
-                    .await;
-            }
-            Err(e) => {
-                for entry in entries {
-                    tracing::error!(
-                        request_id = %entry.request_id,
-                        app = %entry.app_code,
-                        operator = %entry.operator,
-                        source = %entry.source,
-                        api = %entry.api,
-                        change = %entry.change.escape_debug(),
-                        outcome_code = entry.outcome_code,
-                        at = entry.at,
-                        "audit entry not stored: {e}"
-                    );
-                }
-                return None;
-            }
         }
     }
 }
@@ -914,7 +963,7 @@ pub const REKEY_API: &str = "audit_rekey";
 /// Opens the audit trail at start: loads the key (made on first start, when the store has
 /// recorded none), refuses a missing or different key when the store says the chain is keyed,
 /// checks the head anchor at `anchor_path` against the chain and records what it finds broken as
-/// an entry, then starts the appender in `tasks` (which ends at [`AuditLog::close`]).
+/// an entry, then starts the trail's task in `tasks` (which ends at [`AuditLog::close`]).
 pub async fn open(
     store: Store,
     key_path: &std::path::Path,
@@ -1030,6 +1079,9 @@ pub async fn open(
         })
         .await;
     }
+    // However long the commit takes: `flush` alone stops waiting after `SETTLE_WAIT`, and a
+    // slow commit must not make the controller refuse to start.
+    log.store.flush().await?;
     log.flush().await;
     let (seq, hash) = log.head().unwrap_or_default();
     // Moving the anchor on past a break that is not in the trail would hide it.

@@ -29,9 +29,9 @@
 mod address;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -194,15 +194,69 @@ pub fn body(job_instance_id: i64, status: i32, steps: &[(i64, i32)]) -> String {
     .to_string()
 }
 
+/// Most jobs [`Callbacks::without_url`] remembers: past it, the oldest is forgotten (and looked
+/// up in the store at its end as any other job). A job whose end is recorded elsewhere (taken
+/// over by another controller) is never removed at its end here, so the set must not grow
+/// without a bound, nor stop taking new jobs once full.
+const MAX_WITHOUT_URL: usize = 65_536;
+
+/// Jobs created here without a callback URL: `jobs` those not ended yet, `order` the latest
+/// [`MAX_WITHOUT_URL`] noted, oldest first (an ended one leaves it when it reaches the front).
+#[derive(Debug, Default)]
+struct WithoutUrl {
+    order: VecDeque<i64>,
+    jobs: HashSet<i64>,
+}
+
 /// The engine's handle: reports ended jobs to the dispatcher.
 #[derive(Debug, Clone)]
 pub struct Callbacks {
     ended: mpsc::UnboundedSender<i64>,
+    /// Jobs created here without a callback URL (which a job keeps for life): their end needs
+    /// no commit to wait for and no look-up in the store, the most common end of all.
+    without_url: Arc<Mutex<WithoutUrl>>,
 }
 
 impl Callbacks {
+    fn new(ended: mpsc::UnboundedSender<i64>) -> Self {
+        Self {
+            ended,
+            without_url: Arc::default(),
+        }
+    }
+
+    /// Notes that the job, about to start here, was created without a callback URL, so that
+    /// its end is not looked up.
+    pub fn job_without_url(&self, job_instance_id: i64) {
+        let mut without_url = self.without_url.lock().unwrap_or_else(|e| e.into_inner());
+        if without_url.order.len() >= MAX_WITHOUT_URL
+            && let Some(oldest) = without_url.order.pop_front()
+        {
+            without_url.jobs.remove(&oldest);
+        }
+        without_url.order.push_back(job_instance_id);
+        without_url.jobs.insert(job_instance_id);
+    }
+
+    /// Forgets a job [`Self::job_without_url`] noted that did not start here after all.
+    pub fn forget_job_without_url(&self, job_instance_id: i64) {
+        let mut without_url = self.without_url.lock().unwrap_or_else(|e| e.into_inner());
+        if without_url.jobs.remove(&job_instance_id) {
+            without_url.order.retain(|id| *id != job_instance_id);
+        }
+    }
+
     /// Reports that the job's end has been handed to the store; never waits.
     pub fn job_ended(&self, job_instance_id: i64) {
+        if self
+            .without_url
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .jobs
+            .remove(&job_instance_id)
+        {
+            return;
+        }
         // Gone only at shutdown; the next start finds the job again.
         let _ = self.ended.send(job_instance_id);
     }
@@ -261,7 +315,7 @@ pub fn start(
     let (ended, ended_rx) = mpsc::unbounded_channel();
     tasks.spawn(dispatcher.clone().intake(ended_rx, shutdown.clone()));
     tasks.spawn(dispatcher.deliver(shutdown));
-    Ok(Callbacks { ended })
+    Ok(Callbacks::new(ended))
 }
 
 /// The client callbacks are sent with: it connects only to addresses `callbacks` allows.
@@ -648,6 +702,40 @@ fn describe(error: reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The end of a job created without a callback URL is not looked up, once: a later end (a
+    /// retry) is, as is every other job's.
+    #[test]
+    fn a_job_without_a_url_is_not_looked_up_at_its_end() {
+        let (ended, mut reported) = mpsc::unbounded_channel();
+        let callbacks = Callbacks::new(ended);
+        callbacks.job_without_url(1);
+        callbacks.job_ended(1);
+        callbacks.job_ended(2);
+        callbacks.job_ended(1);
+        assert_eq!(reported.try_recv().ok(), Some(2));
+        assert_eq!(reported.try_recv().ok(), Some(1));
+        assert!(reported.try_recv().is_err());
+        // Past the bound, the oldest are forgotten (and looked up as any other job), the
+        // newest still remembered: jobs never ended here cannot fill the set for good.
+        for id in 0..MAX_WITHOUT_URL as i64 + 10 {
+            callbacks.job_without_url(100 + id);
+        }
+        callbacks.job_ended(100);
+        callbacks.job_ended(109);
+        callbacks.job_ended(110);
+        callbacks.job_ended(100 + MAX_WITHOUT_URL as i64 + 5);
+        assert_eq!(reported.try_recv().ok(), Some(100));
+        assert_eq!(reported.try_recv().ok(), Some(109));
+        assert!(reported.try_recv().is_err());
+        // One that did not start here after all is forgotten at once.
+        callbacks.forget_job_without_url(111);
+        callbacks.job_ended(111);
+        assert_eq!(reported.try_recv().ok(), Some(111));
+        let remembered = callbacks.without_url.lock().unwrap();
+        assert!(remembered.order.len() <= MAX_WITHOUT_URL);
+        assert_eq!(remembered.jobs.len(), MAX_WITHOUT_URL - 3);
+    }
 
     fn listen() -> SocketAddr {
         "127.0.0.1:8080".parse().unwrap()

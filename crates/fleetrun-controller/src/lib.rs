@@ -87,7 +87,7 @@ pub struct Controller {
     enroller: Option<Arc<enroll::Enroller>>,
     /// The audit trail, closed once the API has stopped.
     audit: audit::AuditLog,
-    /// Its appender.
+    /// The audit trail's task.
     audit_tasks: tokio::task::JoinSet<()>,
 }
 
@@ -139,7 +139,8 @@ impl Controller {
         let cipher = secrets::ParamCipher::load_or_create(&config.param_key_file())?;
         let audit_key_file = config.audit_key_file();
         let audit_anchor_file = config.audit_anchor_file();
-        // The appender ends at `AuditLog::close`, after the API: it is not among the servers.
+        // The audit trail's task ends at `AuditLog::close`, after the API: it is not among the
+        // servers.
         let mut audit_tasks = tokio::task::JoinSet::new();
         let inventory = Arc::new(inventory::InventoryState::load(&config, store.clone()).await?);
 
@@ -425,7 +426,7 @@ impl Controller {
             self.tasks.shutdown().await;
         }
         // The API has stopped: what it queued, and the count of refusals not yet recorded, is
-        // committed before the appender ends (handles held elsewhere, by the enroller, do not
+        // committed before the audit trail's task ends (handles held elsewhere, by the enroller, do not
         // keep it waiting).
         let closed = tokio::time::timeout(STOP_DEADLINE, async {
             self.audit.close().await;

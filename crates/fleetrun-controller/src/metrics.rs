@@ -102,7 +102,8 @@ fn describe() {
     describe_histogram!(
         "fleetrun_audit_append_seconds",
         Unit::Seconds,
-        "Time to commit one batch of audit entries"
+        "Time of one group commit of the store's writer that appended audit entries (its job \
+         writes included)"
     );
     describe_counter!(
         "fleetrun_retention_pruned_jobs_total",
@@ -275,7 +276,8 @@ pub async fn render(shared: &Shared) -> Result<String, fleetrun_store::StoreErro
     );
     let _ = writeln!(
         text,
-        "# HELP fleetrun_store_lost_writes_total Engine writes given up while the database refused writes\n\
+        "# HELP fleetrun_store_lost_writes_total Engine writes and audit entries given up: the \
+         database refused writes past the backlog's bound, or refused the write itself\n\
          # TYPE fleetrun_store_lost_writes_total counter\n\
          fleetrun_store_lost_writes_total {}",
         health.lost

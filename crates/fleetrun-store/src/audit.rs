@@ -2,6 +2,8 @@
 //!
 //! The store numbers the rows and keeps the chain; what the hash is made of is the caller's
 //! ([`AuditHasher`]), so that the digest lives with the rest of the controller's cryptography.
+//! Entries are appended by the writer ([`crate::Write::Audit`]), in the group commit that
+//! carries the job engine's writes: one writer for the database, one transaction for both.
 
 use sqlx::Row;
 
@@ -38,6 +40,16 @@ pub struct AuditRecord {
 
 /// Computes an entry's hash from its number, its fields and the previous entry's hash.
 pub type AuditHasher = dyn Fn(i64, &NewAuditEntry, &str) -> String + Send + Sync;
+
+/// An [`AuditHasher`] the writer holds while the entry it hashes waits for its group commit.
+#[derive(Clone)]
+pub struct SharedAuditHasher(pub std::sync::Arc<AuditHasher>);
+
+impl std::fmt::Debug for SharedAuditHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditHasher")
+    }
+}
 
 /// Which entries to read.
 #[derive(Debug, Clone, Default)]
@@ -90,21 +102,69 @@ pub struct AuditKeyMarker {
 /// Rows per `INSERT`: 12 parameters each, well under SQLite's limit of 32,766.
 const ROWS_PER_INSERT: usize = 128;
 
-impl Store {
-    /// Appends `entries` in order in one transaction, each chained to the last stored one;
-    /// returns the last entry's number and hash.
-    pub async fn append_audit(
-        &self,
-        entries: &[NewAuditEntry],
-        hasher: &AuditHasher,
-    ) -> Result<(i64, String), StoreError> {
-        let mut tx = self.begin_audit().await?;
-        let head = Self::append_in(self.dialect, &mut tx, entries, hasher).await;
-        let head = self.noting_write_failure(head)?;
-        self.noting_write_failure(tx.commit().await)?;
-        Ok(head)
+/// Takes the audit trail's write lock within `tx`, so that the head read next is the chain's
+/// head until the commit: PostgreSQL's exclusive table lock (SQLite's writers lock the whole
+/// database, with `BEGIN IMMEDIATE`, before they read it). Several controllers sharing a
+/// PostgreSQL database append to the one chain in turn.
+pub(crate) async fn lock_audit(
+    dialect: Dialect,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+) -> Result<(), sqlx::Error> {
+    if dialect == Dialect::Postgres {
+        sqlx::query("LOCK TABLE audit_log IN EXCLUSIVE MODE")
+            .execute(&mut **tx)
+            .await?;
     }
+    Ok(())
+}
 
+/// Numbers, hashes (each with its own hasher) and inserts `entries` after the chain's head, a
+/// multi-row `INSERT` per [`ROWS_PER_INSERT`] entries, under the lock [`lock_audit`] took;
+/// returns the last entry's number and hash.
+pub(crate) async fn append_in<'a>(
+    dialect: Dialect,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    entries: impl IntoIterator<Item = (&'a NewAuditEntry, &'a AuditHasher)>,
+) -> Result<(i64, String), sqlx::Error> {
+    let head = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+        .fetch_optional(&mut **tx)
+        .await?;
+    let (mut seq, mut prev) = head.map_or((0, String::new()), |row| {
+        (row.get::<i64, _>(0), row.get::<String, _>(1))
+    });
+    let mut entries = entries.into_iter().peekable();
+    while entries.peek().is_some() {
+        let mut rows = Vec::with_capacity(ROWS_PER_INSERT);
+        for (entry, hasher) in entries.by_ref().take(ROWS_PER_INSERT) {
+            seq += 1;
+            let hash = hasher(seq, entry, &prev);
+            rows.push((seq, entry, std::mem::replace(&mut prev, hash.clone()), hash));
+        }
+        let mut insert = Statement::new(
+            dialect,
+            "INSERT INTO audit_log (seq, at, app_code, operator, source, request_id, api, \
+             change, outcome_code, outcome, prev_hash, hash)",
+        );
+        insert.push_values(rows, |row, (seq, entry, prev_hash, hash)| {
+            row.push_bind(seq)
+                .push_bind(entry.at)
+                .push_bind(entry.app_code.as_str())
+                .push_bind(entry.operator.as_str())
+                .push_bind(entry.source.as_str())
+                .push_bind(entry.request_id.as_str())
+                .push_bind(entry.api.as_str())
+                .push_bind(entry.change.as_str())
+                .push_bind(entry.outcome_code)
+                .push_bind(entry.outcome.as_str())
+                .push_bind(prev_hash)
+                .push_bind(hash);
+        });
+        insert.build().execute(&mut **tx).await?;
+    }
+    Ok((seq, prev))
+}
+
+impl Store {
     /// Appends `entry` (the record of a replaced key) and makes `key_fingerprint` the chain's
     /// key from that entry on, in one transaction; returns the entry's number and hash.
     pub async fn rekey_audit(
@@ -115,8 +175,7 @@ impl Store {
         at: i64,
     ) -> Result<(i64, String), StoreError> {
         let mut tx = self.begin_audit().await?;
-        let head =
-            Self::append_in(self.dialect, &mut tx, std::slice::from_ref(entry), hasher).await;
+        let head = append_in(self.dialect, &mut tx, [(entry, hasher)]).await;
         let head = self.noting_write_failure(head)?;
         let marked = Self::upsert_marker(&mut tx, key_fingerprint, head.0, at).await;
         self.noting_write_failure(marked)?;
@@ -124,67 +183,18 @@ impl Store {
         Ok(head)
     }
 
-    /// Takes the audit trail's write lock before its head is read, so two appenders (another
-    /// process on the same database, an administrator's tool) cannot fork the chain: SQLite's
-    /// IMMEDIATE transaction, PostgreSQL's exclusive table lock.
+    /// Takes the audit trail's write lock before its head is read, so two appenders (the
+    /// writer's group commit, another process on the same database, an administrator's tool)
+    /// cannot fork the chain: SQLite's IMMEDIATE transaction, PostgreSQL's exclusive table lock.
     async fn begin_audit(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
-        Ok(match self.dialect {
+        let mut tx = match self.dialect {
             Dialect::Sqlite => {
                 self.noting_write_failure(self.pool.begin_with("BEGIN IMMEDIATE").await)?
             }
-            Dialect::Postgres => {
-                let mut tx = self.noting_write_failure(self.pool.begin().await)?;
-                sqlx::query("LOCK TABLE audit_log IN EXCLUSIVE MODE")
-                    .execute(&mut *tx)
-                    .await?;
-                tx
-            }
-        })
-    }
-
-    /// Numbers, hashes and inserts `entries` after the chain's head, a multi-row `INSERT` per
-    /// [`ROWS_PER_INSERT`] entries.
-    async fn append_in(
-        dialect: Dialect,
-        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-        entries: &[NewAuditEntry],
-        hasher: &AuditHasher,
-    ) -> Result<(i64, String), sqlx::Error> {
-        let head = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut **tx)
-            .await?;
-        let (mut seq, mut prev) = head.map_or((0, String::new()), |row| {
-            (row.get::<i64, _>(0), row.get::<String, _>(1))
-        });
-        for chunk in entries.chunks(ROWS_PER_INSERT) {
-            let mut rows = Vec::with_capacity(chunk.len());
-            for entry in chunk {
-                seq += 1;
-                let hash = hasher(seq, entry, &prev);
-                rows.push((seq, entry, std::mem::replace(&mut prev, hash.clone()), hash));
-            }
-            let mut insert = Statement::new(
-                dialect,
-                "INSERT INTO audit_log (seq, at, app_code, operator, source, request_id, api, \
-                 change, outcome_code, outcome, prev_hash, hash)",
-            );
-            insert.push_values(rows, |row, (seq, entry, prev_hash, hash)| {
-                row.push_bind(seq)
-                    .push_bind(entry.at)
-                    .push_bind(entry.app_code.as_str())
-                    .push_bind(entry.operator.as_str())
-                    .push_bind(entry.source.as_str())
-                    .push_bind(entry.request_id.as_str())
-                    .push_bind(entry.api.as_str())
-                    .push_bind(entry.change.as_str())
-                    .push_bind(entry.outcome_code)
-                    .push_bind(entry.outcome.as_str())
-                    .push_bind(prev_hash)
-                    .push_bind(hash);
-            });
-            insert.build().execute(&mut **tx).await?;
-        }
-        Ok((seq, prev))
+            Dialect::Postgres => self.noting_write_failure(self.pool.begin().await)?,
+        };
+        self.noting_write_failure(lock_audit(self.dialect, &mut tx).await)?;
+        Ok(tx)
     }
 
     async fn upsert_marker(
@@ -284,5 +294,171 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.map(|row| (row.get(0), row.get(1))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{Database, Write};
+
+    fn hasher() -> SharedAuditHasher {
+        SharedAuditHasher(Arc::new(|seq: i64, entry: &NewAuditEntry, prev: &str| {
+            format!("{seq}|{}|{}|{prev}", entry.api, entry.request_id)
+        }))
+    }
+
+    fn entry(api: &str, request_id: String) -> NewAuditEntry {
+        NewAuditEntry {
+            at: 1,
+            api: api.to_owned(),
+            request_id,
+            change: "{}".to_owned(),
+            outcome: "ok".to_owned(),
+            ..NewAuditEntry::default()
+        }
+    }
+
+    /// Every entry once, numbered from 1 without a gap, each linking to the one before it, and
+    /// its hash the hasher's.
+    async fn assert_chain(store: &Store, expected: usize) -> Vec<AuditRecord> {
+        let records = store
+            .audit_entries(&AuditFilter {
+                limit: 100_000,
+                ..AuditFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(records.len(), expected);
+        let hash = hasher();
+        let mut prev = String::new();
+        for (i, record) in records.iter().enumerate() {
+            assert_eq!(record.seq, i as i64 + 1);
+            assert_eq!(record.prev_hash, prev, "entry {}", record.seq);
+            assert_eq!(record.hash, (hash.0)(record.seq, &record.entry, &prev));
+            prev = record.hash.clone();
+        }
+        records
+    }
+
+    /// Entries queued among the job engine's writes are chained in the writer's group commit,
+    /// the head it publishes is the chain's, and a key change recorded outside the writer
+    /// (`rekey`) continues the same chain.
+    #[tokio::test]
+    async fn entries_are_chained_in_the_writers_group_commit() {
+        let (_db, store) = crate::test_store().await;
+        let mut head = store.committed_audit_head();
+        assert_eq!(*head.borrow_and_update(), None);
+        for i in 0..300 {
+            store
+                .record(Write::Audit {
+                    entry: entry("fast_execute_script", i.to_string()),
+                    hasher: hasher(),
+                })
+                .await
+                .unwrap();
+            store
+                .record(Write::HostLog {
+                    step_instance_id: 7,
+                    bk_host_id: 1,
+                    offset: i,
+                    data: b"x".to_vec(),
+                })
+                .await
+                .unwrap();
+        }
+        store.flush().await.unwrap();
+        let records = assert_chain(&store, 300).await;
+        let last = records.last().unwrap();
+        assert!(head.has_changed().unwrap());
+        assert_eq!(
+            *head.borrow_and_update(),
+            Some((last.seq, last.hash.clone()))
+        );
+        assert_eq!(
+            store.audit_head().await.unwrap(),
+            Some((last.seq, last.hash.clone()))
+        );
+        assert_eq!(
+            store.host_log(7, 1).await.unwrap().len(),
+            300,
+            "the job engine's writes of the same commits are stored"
+        );
+        let hash = hasher();
+        let (seq, _) = store
+            .rekey_audit(&entry("audit_rekey", "r".into()), &*hash.0, "fp", 2)
+            .await
+            .unwrap();
+        assert_eq!(seq, 301);
+        store
+            .record(Write::Audit {
+                entry: entry("create_script", "after".into()),
+                hasher: hasher(),
+            })
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        assert_chain(&store, 302).await;
+    }
+
+    /// Two stores on one database (two controllers sharing PostgreSQL, or a second process on a
+    /// SQLite file) append at once: their writers take turns on the trail's lock, so the chain
+    /// does not fork, no entry is lost, and no commit has its entries refused (without the
+    /// lock, the loser of a race for the next number would be refused and retried).
+    #[tokio::test]
+    async fn two_writers_on_one_database_keep_one_chain() {
+        use crate::writer::tests::{commit_unrefused, committed_head, harness};
+        let db = crate::scratch::TestDatabase::create("fleetrun_store_unit")
+            .await
+            .unwrap();
+        let (first, second) = match db.database() {
+            Database::Postgres(_) => (
+                Store::open_as(db.database(), "one").await.unwrap(),
+                Store::open_as(db.database(), "two").await.unwrap(),
+            ),
+            Database::Sqlite(_) => (
+                Store::open_database(db.database()).await.unwrap(),
+                Store::open_database(db.database()).await.unwrap(),
+            ),
+        };
+        let append = |store: Store, name: &'static str| async move {
+            let mut writer = harness(&store);
+            let mut writes = Vec::new();
+            for i in 0..200 {
+                writes.push(Write::Audit {
+                    entry: entry(name, i.to_string()),
+                    hasher: hasher(),
+                });
+                if i % 16 == 0 {
+                    commit_unrefused(&mut writer, std::mem::take(&mut writes)).await;
+                    tokio::task::yield_now().await;
+                }
+            }
+            commit_unrefused(&mut writer, writes).await;
+            committed_head(&writer)
+        };
+        let heads = tokio::join!(append(first.clone(), "one"), append(second.clone(), "two"));
+        let records = assert_chain(&first, 400).await;
+        for name in ["one", "two"] {
+            let mut ids: Vec<i64> = records
+                .iter()
+                .filter(|r| r.entry.api == name)
+                .map(|r| r.entry.request_id.parse().unwrap())
+                .collect();
+            assert_eq!(
+                ids,
+                (0..200).collect::<Vec<_>>(),
+                "{name}'s entries in order"
+            );
+            ids.dedup();
+            assert_eq!(ids.len(), 200);
+        }
+        // Each writer publishes the head it committed, which is in the chain.
+        for head in [heads.0, heads.1] {
+            let (seq, hash) = head.unwrap();
+            assert_eq!(records[seq as usize - 1].hash, hash);
+        }
     }
 }

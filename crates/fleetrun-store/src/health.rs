@@ -16,8 +16,9 @@ pub struct Health {
     pub pending: usize,
     /// Bytes of host output among the pending writes.
     pub pending_output_bytes: usize,
-    /// Engine writes given up since the store opened: they arrived while writes failed and the
-    /// writes kept in memory had reached their bound.
+    /// Engine writes (audit entries included) given up since the store opened: they arrived
+    /// while writes failed and the writes kept in memory had reached their bound, or the
+    /// database refused the write itself as a statement.
     pub lost: u64,
 }
 
@@ -103,6 +104,24 @@ pub(crate) fn is_write_failure(error: &sqlx::Error) -> bool {
         }
         _ => false,
     }
+}
+
+/// Whether the database is busy for a while rather than refusing the statement: SQLite's
+/// BUSY and LOCKED; PostgreSQL's transaction rollbacks (a deadlock, a serialization failure), a
+/// lock wait that timed out (`lock_timeout`) and a cancelled statement (`statement_timeout`).
+pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(e) = error else {
+        return false;
+    };
+    if let Some(e) = e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        let code = e.code();
+        return code.starts_with("40") || code == "55P03" || code == "57014";
+    }
+    let primary = e
+        .code()
+        .and_then(|c| c.parse::<i32>().ok())
+        .map(|c| c & 0xff);
+    matches!(primary, Some(5 | 6))
 }
 
 /// PostgreSQL's SQLSTATEs for a server that cannot take writes: connection exceptions (08),

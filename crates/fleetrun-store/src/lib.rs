@@ -45,7 +45,9 @@ use tokio::sync::{mpsc, oneshot};
 use backend::{Dialect, Statement};
 
 pub use agent_trust::{AddressClaim, Revocation, Revoked};
-pub use audit::{AuditFilter, AuditHasher, AuditKeyMarker, AuditRecord, NewAuditEntry};
+pub use audit::{
+    AuditFilter, AuditHasher, AuditKeyMarker, AuditRecord, NewAuditEntry, SharedAuditHasher,
+};
 pub use backend::{Database, DatabaseParseError};
 pub use backup::{backup_database, check_database, restore_database};
 pub use callbacks::{
@@ -127,6 +129,8 @@ pub struct Store {
     /// On PostgreSQL with a `[cluster]` section, this store's name among those listening (its
     /// announcements carry it).
     member_id: Option<String>,
+    /// The last audit entry the writer committed.
+    audit_head: tokio::sync::watch::Receiver<writer::AuditHead>,
 }
 
 /// The database holds scripts, their output and callback URLs with their tokens: only the
@@ -213,12 +217,14 @@ impl Store {
         let watchers = watch::Watchers::default();
         let health = health::HealthState::new();
         let shared = (member.is_some() && dialect == Dialect::Postgres).then(watch::store_id);
+        let (audit_head_sender, audit_head) = tokio::sync::watch::channel(None);
         let writes = writer::spawn(
             pool.clone(),
             dialect,
             watchers.clone(),
             health.clone(),
             shared.clone(),
+            audit_head_sender,
         );
         let listening = match (database, shared.clone()) {
             (Database::Postgres(url), Some(own)) => Some(std::sync::Arc::new(watch::Listening(
@@ -235,6 +241,7 @@ impl Store {
             _sole_use: sole_use,
             _listening: listening,
             member_id: shared,
+            audit_head,
         })
     }
 
@@ -268,6 +275,12 @@ impl Store {
         let (done, committed) = oneshot::channel();
         self.record(Write::Flush(done)).await?;
         committed.await.map_err(|_| StoreError::WriterStopped)
+    }
+
+    /// The last audit entry ([`Write::Audit`]) the writer committed, number and hash; changes
+    /// after each commit that appended to the trail. `None` until the first.
+    pub fn committed_audit_head(&self) -> tokio::sync::watch::Receiver<Option<(i64, String)>> {
+        self.audit_head.clone()
     }
 
     /// Follows a job: [`JobWatch::changed`] returns after the writer committed something of it.

@@ -172,7 +172,7 @@ impl Key {
             | Write::StepFinished {
                 step_instance_id, ..
             } => Some(Key::Step(*step_instance_id)),
-            Write::Flush(_) | Write::Checkpoints { .. } => None,
+            Write::Flush(_) | Write::Checkpoints { .. } | Write::Audit { .. } => None,
         }
     }
 }

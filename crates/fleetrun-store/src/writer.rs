@@ -71,7 +71,19 @@ pub enum Write {
         checkpoints: Vec<HostCheckpoint>,
         saved: Option<oneshot::Sender<()>>,
     },
+    /// An entry of the audit trail, numbered and chained to the trail's head (hashed with
+    /// `hasher`) in the group commit that stores it, under the trail's lock: the trail has no
+    /// transactions of its own competing with the job engine's for the database's write lock.
+    /// The new head is published once committed ([`crate::Store::committed_audit_head`]).
+    Audit {
+        entry: crate::NewAuditEntry,
+        hasher: crate::SharedAuditHasher,
+    },
 }
+
+/// The last audit entry this store's writer committed (number and hash); `None` before its
+/// first.
+pub(crate) type AuditHead = Option<(i64, String)>;
 
 pub(crate) fn spawn(
     pool: AnyPool,
@@ -79,6 +91,7 @@ pub(crate) fn spawn(
     watchers: Watchers,
     health: Arc<HealthState>,
     announce: Option<String>,
+    audit_head: tokio::sync::watch::Sender<AuditHead>,
 ) -> mpsc::Sender<Write> {
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(
@@ -88,6 +101,7 @@ pub(crate) fn spawn(
             watchers,
             health,
             announce,
+            audit_head,
             rx,
             pending: VecDeque::new(),
             pending_bytes: 0,
@@ -95,6 +109,10 @@ pub(crate) fn spawn(
             flushes: VecDeque::new(),
             dropping: false,
             holed: std::collections::HashSet::new(),
+            deferred_audit: 0,
+            audit_tries: 0,
+            cap: None,
+            uncertain: None,
         }
         .run(),
     );
@@ -111,12 +129,20 @@ const MAX_PENDING_OUTPUT: usize = 256 * 1024 * 1024;
 pub(crate) const IDLE_PROBE: Duration = Duration::from_secs(5);
 /// Longest wait between two attempts at a failing database.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// Commits in a row in which the database refused the front audit entries (other than by a
+/// lock wait that timed out) before each is tried alone, and one refused alone is given up.
+const AUDIT_TRIES: u32 = 3;
+/// Longest wait for the audit trail's lock in a group commit on PostgreSQL, while the
+/// transaction holds the rows its job writes changed.
+pub(crate) const AUDIT_LOCK_TIMEOUT: &str = "1s";
 
-struct Writer {
+pub(crate) struct Writer {
     pool: AnyPool,
     dialect: Dialect,
     watchers: Watchers,
     health: Arc<HealthState>,
+    /// Where the audit trail's head is published after a commit that appended to it.
+    audit_head: tokio::sync::watch::Sender<AuditHead>,
     /// With controllers sharing the database, this store's id: each commit is announced to the
     /// others' followers under it.
     announce: Option<String>,
@@ -135,6 +161,57 @@ struct Writer {
     /// no later checkpoint of theirs is accepted (it would say the log holds what it lacks). A
     /// host leaves the set when its final row is accepted.
     holed: std::collections::HashSet<(i64, i64)>,
+    /// Audit entries at the front of `pending` whose append the database refused in the last
+    /// commit while it committed the writes around them.
+    deferred_audit: usize,
+    /// Commits in a row that refused the front audit entries (lock timeouts excluded).
+    audit_tries: u32,
+    /// While a batch the database refused as a statement (not as a failing database) is
+    /// bisected: the most writes per commit, and how many writes from the front are under it.
+    cap: Option<(usize, usize)>,
+    /// After a commit that appended to the audit trail failed at `COMMIT` itself (the answer
+    /// lost with the connection: it may have been made): how many writes from the front it
+    /// held, and the trail's head it would have left.
+    uncertain: Option<(usize, (i64, String))>,
+}
+
+/// What a group commit did besides committing its job writes.
+#[derive(Debug, Default)]
+pub(crate) struct Committed {
+    /// The audit trail's new head, when the batch appended to it.
+    pub(crate) audit_head: Option<(i64, String)>,
+    /// Why the batch's audit entries were not appended (rolled back to their savepoint) while
+    /// the rest of the batch was committed.
+    pub(crate) audit_refused: Option<sqlx::Error>,
+}
+
+/// Whether the database refused a statement itself (bad data such as a NUL in text on
+/// PostgreSQL, a violated constraint), as opposed to failing to take writes at all or being
+/// busy for a while: retrying the same statement gets the same answer.
+fn is_refused_statement(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(_))
+        && !crate::health::is_write_failure(error)
+        && !crate::health::is_transient(error)
+}
+
+/// What a write is, for the log when it is given up (never the output it carries).
+fn describe(write: &Write) -> String {
+    match write {
+        Write::HostLog {
+            step_instance_id,
+            bk_host_id,
+            offset,
+            data,
+        } => format!(
+            "HostLog {{ step_instance_id: {step_instance_id}, bk_host_id: {bk_host_id}, \
+             offset: {offset}, bytes: {} }}",
+            data.len()
+        ),
+        Write::Checkpoints { checkpoints, .. } => {
+            format!("Checkpoints {{ hosts: {} }}", checkpoints.len())
+        }
+        other => format!("{other:?}"),
+    }
 }
 
 impl Writer {
@@ -243,6 +320,10 @@ impl Writer {
                     {
                         self.holed.insert((step_instance_id, bk_host_id));
                     }
+                    log_lost_audit(
+                        std::slice::from_ref(&write),
+                        "the database refused writes for too long",
+                    );
                     self.lose(1);
                     return;
                 }
@@ -273,6 +354,10 @@ impl Writer {
             output_bytes = self.pending_bytes,
             "the store closed while the database refused writes: these results are LOST"
         );
+        log_lost_audit(
+            self.pending.make_contiguous(),
+            "the database refused writes for too long",
+        );
         self.lose(self.pending.len() as u64);
         self.pending.clear();
         self.pending_bytes = 0;
@@ -284,9 +369,42 @@ impl Writer {
             .set_pending(self.pending.len(), self.pending_bytes);
     }
 
-    /// Commits up to [`BATCH`] writes from the front of the backlog, in one transaction.
+    /// Commits up to [`BATCH`] writes from the front of the backlog (and the audit entries
+    /// deferred before them), in one transaction. A batch the database refuses as a statement is
+    /// bisected until the one write it refuses is found, logged and given up; audit entries it
+    /// refuses are kept at the front while the rest commits, and given up one by one after
+    /// [`AUDIT_TRIES`].
     async fn commit_front(&mut self) -> Result<(), sqlx::Error> {
-        let n = self.pending.len().min(BATCH);
+        if let Some((n, head)) = self.uncertain.take() {
+            match self.in_trail(&head).await {
+                Err(error) => {
+                    self.uncertain = Some((n, head));
+                    return Err(error);
+                }
+                Ok(true) => {
+                    tracing::warn!(
+                        seq = head.0,
+                        "the commit whose answer was lost had been made: its writes are not made \
+                         again (its audit entries would be appended twice)"
+                    );
+                    let n = n.min(self.pending.len());
+                    let committed = Committed {
+                        audit_head: Some(head),
+                        audit_refused: None,
+                    };
+                    self.committed(n, committed, None);
+                    return Ok(());
+                }
+                Ok(false) => {}
+            }
+        }
+        let isolating = self.deferred_audit > 0 && self.audit_tries >= AUDIT_TRIES;
+        let n = match self.cap {
+            Some((cap, _)) => cap,
+            None if isolating => 1,
+            None => BATCH + self.deferred_audit,
+        }
+        .min(self.pending.len());
         let batch = &self.pending.make_contiguous()[..n];
         let mut connection = self.pool.acquire().await?;
         let started = std::time::Instant::now();
@@ -294,6 +412,7 @@ impl Writer {
             .announce
             .as_deref()
             .and_then(|store| Some((store, crate::watch::announcement(batch)?)));
+        let mut appending = None;
         let committed = commit(
             &mut connection,
             batch,
@@ -301,23 +420,174 @@ impl Writer {
             announcement
                 .as_ref()
                 .map(|(store, text)| (*store, text.as_str())),
+            &mut appending,
         )
         .await;
-        metrics::histogram!("fleetrun_store_commit_seconds").record(started.elapsed());
+        let took = started.elapsed();
+        metrics::histogram!("fleetrun_store_commit_seconds").record(took);
         crate::health::discard_if_broken(&mut connection, &committed);
-        committed?;
+        let committed = match committed {
+            Ok(committed) => committed,
+            Err(error) if is_refused_statement(&error) => {
+                self.bisect(n, &error);
+                return Ok(());
+            }
+            Err(error) => {
+                self.uncertain = appending.map(|head| (n, head));
+                return Err(error);
+            }
+        };
+        self.committed(n, committed, Some(took));
+        Ok(())
+    }
+
+    /// Whether the audit trail holds the entry numbered and hashed as `head`.
+    async fn in_trail(&self, head: &(i64, String)) -> Result<bool, sqlx::Error> {
+        let hash: Option<String> = sqlx::query_scalar("SELECT hash FROM audit_log WHERE seq = $1")
+            .bind(head.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(hash.as_deref() == Some(head.1.as_str()))
+    }
+
+    /// Takes the `n` writes at the front as committed (their audit entries as `committed`
+    /// says), in `took` when timed.
+    fn committed(&mut self, n: usize, committed: Committed, took: Option<Duration>) {
+        // The batch was the front entry alone, tried so after `AUDIT_TRIES` refusals.
+        let isolating = self.deferred_audit > 0 && self.audit_tries >= AUDIT_TRIES;
+        let batch = &self.pending.make_contiguous()[..n];
+        if let Some(head) = committed.audit_head {
+            if let Some(took) = took {
+                metrics::histogram!("fleetrun_audit_append_seconds").record(took);
+            }
+            for write in batch {
+                if let Write::Audit { entry, .. } = write {
+                    let outcome = if entry.outcome_code == 0 {
+                        "ok"
+                    } else {
+                        "refused"
+                    };
+                    metrics::counter!("fleetrun_audit_entries_total", "outcome" => outcome)
+                        .increment(1);
+                }
+            }
+            self.audit_head.send_replace(Some(head));
+        }
         self.watchers.committed(batch);
+        if let Some((cap, left)) = self.cap {
+            self.cap = (left > n).then_some((cap, left - n));
+        }
+        let mut refused_audit = Vec::new();
         for write in self.pending.drain(..n) {
-            self.pending_bytes -= output_bytes(&write);
-            if let Write::Checkpoints {
-                saved: Some(saved), ..
-            } = write
-            {
-                let _ = saved.send(());
+            match write {
+                write @ Write::Audit { .. } if committed.audit_refused.is_some() => {
+                    refused_audit.push(write);
+                }
+                write => {
+                    self.pending_bytes -= output_bytes(&write);
+                    if let Write::Checkpoints {
+                        saved: Some(saved), ..
+                    } = write
+                    {
+                        let _ = saved.send(());
+                    }
+                }
+            }
+        }
+        match committed.audit_refused {
+            None => {
+                // The deferred entries are the front ones; those the batch held are appended.
+                self.deferred_audit = self.deferred_audit.saturating_sub(n);
+                if self.deferred_audit == 0 {
+                    self.audit_tries = 0;
+                }
+            }
+            Some(error) if crate::health::is_transient(&error) => {
+                tracing::warn!(
+                    %error,
+                    entries = refused_audit.len(),
+                    "the audit trail's lock was not granted within {AUDIT_LOCK_TIMEOUT} (another \
+                     transaction holds it): the job writes were committed, the audit entries \
+                     stay first in line"
+                );
+                self.defer_audit(refused_audit, n);
+            }
+            Some(error) if isolating => {
+                self.pending_bytes -= refused_audit.iter().map(output_bytes).sum::<usize>();
+                log_lost_audit(&refused_audit, &format!("the database refuses it: {error}"));
+                self.health.lost(refused_audit.len() as u64);
+                self.deferred_audit = self.deferred_audit.saturating_sub(1);
+                if self.deferred_audit == 0 {
+                    self.audit_tries = 0;
+                }
+            }
+            Some(error) => {
+                self.audit_tries += 1;
+                tracing::warn!(
+                    %error,
+                    entries = refused_audit.len(),
+                    tries = self.audit_tries,
+                    "the database refused the audit entries of a group commit: the job writes \
+                     were committed, the audit entries are retried"
+                );
+                self.defer_audit(refused_audit, n);
             }
         }
         self.publish();
-        Ok(())
+    }
+
+    /// Puts back the audit entries of a batch of `n` writes the database refused, at the front
+    /// of the backlog, before the deferred entries the batch did not hold (a bisected batch).
+    fn defer_audit(&mut self, entries: Vec<Write>, n: usize) {
+        self.deferred_audit = entries.len() + self.deferred_audit.saturating_sub(n);
+        for write in entries.into_iter().rev() {
+            self.pending.push_front(write);
+        }
+    }
+
+    /// The database refused the `n` writes at the front as a statement: halve the batch until
+    /// the write it refuses is alone, then log it and give it up, so that one bad write cannot
+    /// hold back every result behind it.
+    fn bisect(&mut self, n: usize, error: &sqlx::Error) {
+        let left = self.cap.map_or(n, |(_, left)| left.max(n));
+        if n > 1 {
+            tracing::warn!(
+                %error,
+                writes = n,
+                "the database refused a group commit's statement: looking for the write it refuses"
+            );
+            self.cap = Some((n / 2, left));
+            return;
+        }
+        let Some(write) = self.pending.pop_front() else {
+            return;
+        };
+        tracing::error!(
+            %error,
+            write = %describe(&write),
+            "the database refuses this write: it is given up"
+        );
+        log_lost_audit(
+            std::slice::from_ref(&write),
+            &format!("the database refuses it: {error}"),
+        );
+        self.health.lost(1);
+        self.pending_bytes -= output_bytes(&write);
+        if matches!(write, Write::Audit { .. }) {
+            self.deferred_audit = self.deferred_audit.saturating_sub(1);
+        }
+        if let Write::HostLog {
+            step_instance_id,
+            bk_host_id,
+            ..
+        } = write
+        {
+            self.holed.insert((step_instance_id, bk_host_id));
+        }
+        // The write it refused is found: what follows goes in whole batches again (a second
+        // bad write among it is looked for the same way).
+        self.cap = None;
+        self.publish();
     }
 
     /// Writes the probe row: whether the database accepts writes again.
@@ -339,9 +609,11 @@ impl Writer {
     }
 
     /// Answers the flushes whose writes are committed. A lost write counts as done: nothing
-    /// will ever commit it.
+    /// will ever commit it. So do audit entries deferred while the writes around them were
+    /// committed (they are older than every other pending write): whoever waits for the job
+    /// engine's writes does not wait for the trail's lock, held by another transaction.
     fn answer_flushes(&mut self) {
-        let done = self.accepted - self.pending.len() as u64;
+        let done = self.accepted - (self.pending.len() - self.deferred_audit) as u64;
         while let Some((needed, _)) = self.flushes.front() {
             if *needed > done {
                 break;
@@ -353,10 +625,41 @@ impl Writer {
     }
 }
 
+/// Writes the audit entries among `writes`, which will never be committed, to the log in full:
+/// the record survives there.
+fn log_lost_audit(writes: &[Write], why: &str) {
+    for write in writes {
+        if let Write::Audit { entry, .. } = write {
+            tracing::error!(
+                request_id = %entry.request_id.escape_debug(),
+                app = %entry.app_code.escape_debug(),
+                operator = %entry.operator.escape_debug(),
+                source = %entry.source.escape_debug(),
+                api = %entry.api.escape_debug(),
+                change = %entry.change.escape_debug(),
+                outcome = %entry.outcome.escape_debug(),
+                outcome_code = entry.outcome_code,
+                at = entry.at,
+                "audit entry not stored: {why}"
+            );
+        }
+    }
+}
+
 /// The memory a pending write holds that counts against [`MAX_PENDING_OUTPUT`]: host output,
-/// and checkpoints (a batch can hold one per busy host).
+/// checkpoints (a batch can hold one per busy host) and audit entries (up to tens of KiB each).
 fn output_bytes(write: &Write) -> usize {
     match write {
+        Write::Audit { entry, .. } => {
+            std::mem::size_of::<crate::NewAuditEntry>()
+                + entry.app_code.len()
+                + entry.operator.len()
+                + entry.source.len()
+                + entry.request_id.len()
+                + entry.api.len()
+                + entry.change.len()
+                + entry.outcome.len()
+        }
         Write::HostLog { data, .. } => data.len(),
         Write::Checkpoints { checkpoints, .. } => checkpoints
             .iter()
@@ -366,12 +669,15 @@ fn output_bytes(write: &Write) -> usize {
     }
 }
 
+/// Commits `batch` in one transaction; says whether its audit entries were appended (and the
+/// trail's new head) or refused by the database while the rest was committed.
 async fn commit(
     connection: &mut sqlx::AnyConnection,
     batch: &[Write],
     dialect: Dialect,
     announcement: Option<(&str, &str)>,
-) -> Result<(), sqlx::Error> {
+    appending: &mut Option<(i64, String)>,
+) -> Result<Committed, sqlx::Error> {
     // A host whose task also ended in this batch needs no "running" update: its final row says
     // all. Log chunks go in multi-row inserts. Both matter when thousands of hosts report at once.
     let finished: std::collections::HashSet<(i64, i64)> = batch
@@ -390,7 +696,17 @@ async fn commit(
     let mut running = Vec::new();
     let mut results = Vec::new();
     let mut checkpoints = Vec::new();
-    let mut tx = sqlx::Connection::begin(connection).await?;
+    let mut audit = Vec::new();
+    let mut step_ends = Vec::new();
+    let mut job_ends = Vec::new();
+    let audited = batch.iter().any(|w| matches!(w, Write::Audit { .. }));
+    // The audit trail's head is read in this transaction: on SQLite it takes the database's
+    // write lock before it reads anything, so the head cannot move before the commit.
+    let mut tx = if audited && dialect == Dialect::Sqlite {
+        sqlx::Connection::begin_with(connection, "BEGIN IMMEDIATE").await?
+    } else {
+        sqlx::Connection::begin(connection).await?
+    };
     for write in batch {
         match write {
             Write::HostStatus {
@@ -462,35 +778,46 @@ async fn commit(
                 step_instance_id,
                 status,
                 at,
-            } => {
-                sqlx::query(
-                    "UPDATE step_instance SET status = $1, end_time = $2 WHERE step_instance_id = $3",
-                )
-                .bind(status)
-                .bind(at)
-                .bind(step_instance_id)
-                .execute(&mut *tx)
-                .await?;
-            }
+            } => step_ends.push((*step_instance_id, *status, *at)),
             Write::JobFinished {
                 job_instance_id,
                 status,
                 at,
-            } => {
-                sqlx::query(
-                    "UPDATE job_instance SET status = $1, end_time = $2 WHERE job_instance_id = $3",
-                )
-                .bind(status)
-                .bind(at)
-                .bind(job_instance_id)
-                .execute(&mut *tx)
-                .await?;
-            }
+            } => job_ends.push((*job_instance_id, *status, *at)),
             Write::Checkpoints {
                 checkpoints: batch, ..
             } => checkpoints.extend(batch.iter()),
+            Write::Audit { entry, hasher } => audit.push((entry, &*hasher.0)),
             Write::Flush(_) => {}
         }
+    }
+    // Steps' and jobs' ends, many per statement: a group commit carries the ends of every job
+    // that finished meanwhile. Applying them after the loop changes nothing: a status change in
+    // the same batch (`JobStatus`) only touches rows without an end, and the end overrides it;
+    // a job's start comes before its first run's end.
+    let step_ends = last_per_host(step_ends, |(step, ..)| *step, |_, _| {});
+    for chunk in step_ends.chunks(dialect.max_parameters() / 3) {
+        let mut update = Statement::new(
+            dialect,
+            "UPDATE step_instance SET status = v.column2, end_time = v.column3 FROM (",
+        );
+        update.push_values(chunk, |row, (step, status, at)| {
+            row.push_bind(*step).push_bind(*status).push_bind(*at);
+        });
+        update.push(") AS v WHERE step_instance.step_instance_id = v.column1");
+        update.build().execute(&mut *tx).await?;
+    }
+    let job_ends = last_per_host(job_ends, |(job, ..)| *job, |_, _| {});
+    for chunk in job_ends.chunks(dialect.max_parameters() / 3) {
+        let mut update = Statement::new(
+            dialect,
+            "UPDATE job_instance SET status = v.column2, end_time = v.column3 FROM (",
+        );
+        update.push_values(chunk, |row, (job, status, at)| {
+            row.push_bind(*job).push_bind(*status).push_bind(*at);
+        });
+        update.push(") AS v WHERE job_instance.job_instance_id = v.column1");
+        update.build().execute(&mut *tx).await?;
     }
     // "Running" host rows, then final ones, many per statement. Applying them after the loop
     // changes nothing: nothing else in a batch writes these rows, and a host's "running" update
@@ -586,7 +913,44 @@ async fn commit(
     if let Some((store, text)) = announcement {
         crate::watch::announce(&mut tx, store, text).await?;
     }
-    tx.commit().await
+    // Last: on PostgreSQL the trail's lock is then held only for the inserts and the commit.
+    // Under a savepoint, with a bounded wait for the lock: entries the database refuses (a
+    // lock held elsewhere, bad data) are rolled back alone and the job writes still commit.
+    let mut committed = Committed::default();
+    if !audit.is_empty() {
+        sqlx::query("SAVEPOINT audit").execute(&mut *tx).await?;
+        match append_audit(dialect, &mut tx, audit).await {
+            Ok(head) => committed.audit_head = Some(head),
+            Err(error) if is_refused_statement(&error) || crate::health::is_transient(&error) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT audit")
+                    .execute(&mut *tx)
+                    .await?;
+                committed.audit_refused = Some(error);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    // Should `COMMIT` fail with its answer lost, the writer looks for this head before trying
+    // the batch again.
+    appending.clone_from(&committed.audit_head);
+    tx.commit().await?;
+    Ok(committed)
+}
+
+/// Takes the audit trail's lock (waiting at most [`AUDIT_LOCK_TIMEOUT`] on PostgreSQL; the
+/// setting ends with the savepoint or the transaction) and appends `audit`.
+async fn append_audit(
+    dialect: Dialect,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    audit: Vec<(&crate::NewAuditEntry, &crate::AuditHasher)>,
+) -> Result<(i64, String), sqlx::Error> {
+    if dialect == Dialect::Postgres {
+        sqlx::query(&format!("SET LOCAL lock_timeout = '{AUDIT_LOCK_TIMEOUT}'"))
+            .execute(&mut **tx)
+            .await?;
+    }
+    crate::audit::lock_audit(dialect, tx).await?;
+    crate::audit::append_in(dialect, tx, audit).await
 }
 
 /// `items` with one item per key, where the last one stands and `merge(earlier, later)` carries
@@ -615,7 +979,7 @@ fn last_per_host<T, K: std::hash::Hash + Eq>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use crate::{HostCheckpoint, HostOutcome, NewHostResult, NewJob, NewStep, Write};
 
     fn checkpoint(bk_host_id: i64, received: i64) -> HostCheckpoint {
@@ -634,6 +998,62 @@ mod tests {
         }
     }
 
+    /// A writer on `store`'s database driven by the test itself: writes are taken with
+    /// `accept` and committed with `commit_front`, so what goes in one batch is known.
+    pub(crate) fn harness(store: &crate::Store) -> super::Writer {
+        super::Writer {
+            pool: store.pool.clone(),
+            dialect: store.dialect,
+            watchers: store.watchers.clone(),
+            health: super::HealthState::new(),
+            rx: tokio::sync::mpsc::channel(1).1,
+            pending: std::collections::VecDeque::new(),
+            pending_bytes: 0,
+            accepted: 0,
+            flushes: std::collections::VecDeque::new(),
+            dropping: false,
+            holed: std::collections::HashSet::new(),
+            announce: None,
+            audit_head: tokio::sync::watch::Sender::new(None),
+            deferred_audit: 0,
+            audit_tries: 0,
+            cap: None,
+            uncertain: None,
+        }
+    }
+
+    /// Takes `writes` and commits them (and what was taken before), asserting that the
+    /// database refused none of the audit entries as a statement (and on SQLite, whose
+    /// writers take the database's lock before reading the trail's head, that none waited).
+    pub(crate) async fn commit_unrefused(writer: &mut super::Writer, writes: Vec<Write>) {
+        for write in writes {
+            writer.accept(write);
+        }
+        while !writer.pending.is_empty() {
+            writer.commit_front().await.unwrap();
+            assert_eq!(writer.audit_tries, 0, "the database refused audit entries");
+            if writer.dialect == crate::Dialect::Sqlite {
+                assert_eq!(writer.deferred_audit, 0, "audit entries were deferred");
+            }
+        }
+    }
+
+    /// The audit trail's head `writer` last committed.
+    pub(crate) fn committed_head(writer: &super::Writer) -> super::AuditHead {
+        writer.audit_head.borrow().clone()
+    }
+
+    /// Commits until the backlog is empty; returns how many commits that took.
+    async fn drain(writer: &mut super::Writer) -> usize {
+        let mut commits = 0;
+        while !writer.pending.is_empty() {
+            writer.commit_front().await.unwrap();
+            commits += 1;
+            assert!(commits < 1_000, "the backlog does not drain");
+        }
+        commits
+    }
+
     /// A log write lost at the bound leaves a hole in the host's stored log: a later checkpoint
     /// of that host, which says the log holds what it lacks, is lost with it, not committed
     /// past the hole; other hosts' checkpoints are kept, and checkpoints count against the
@@ -641,20 +1061,8 @@ mod tests {
     #[tokio::test]
     async fn a_checkpoint_after_a_lost_log_write_of_its_host_is_not_kept() {
         let (_db, store) = crate::test_store().await;
-        let mut writer = super::Writer {
-            pool: store.pool.clone(),
-            dialect: store.dialect,
-            watchers: store.watchers.clone(),
-            health: super::HealthState::new(),
-            rx: tokio::sync::mpsc::channel(1).1,
-            pending: std::collections::VecDeque::new(),
-            pending_bytes: super::MAX_PENDING_OUTPUT - 10,
-            accepted: 0,
-            flushes: std::collections::VecDeque::new(),
-            dropping: false,
-            holed: std::collections::HashSet::new(),
-            announce: None,
-        };
+        let mut writer = harness(&store);
+        writer.pending_bytes = super::MAX_PENDING_OUTPUT - 10;
         writer.accept(Write::HostLog {
             step_instance_id: 7,
             bk_host_id: 1,
@@ -684,6 +1092,339 @@ mod tests {
             outcome: HostOutcome::default(),
         });
         assert!(writer.holed.is_empty());
+    }
+
+    fn new_job(hosts: Vec<NewHostResult>) -> NewJob {
+        NewJob {
+            name: "t".into(),
+            operator: "o".into(),
+            app_code: "a".into(),
+            bk_scope_type: "biz".into(),
+            bk_scope_id: "2".into(),
+            status: 1,
+            job_type: 1,
+            launch_mode: 1,
+            callback_url: None,
+            create_time: 0,
+            step: NewStep {
+                name: "s".into(),
+                step_type: 1,
+                script_language: 1,
+                script_content: b"true".to_vec(),
+                script_param: String::new(),
+                is_param_sensitive: false,
+                timeout: 60,
+                account_id: 1,
+                account: "root".into(),
+            },
+            hosts,
+        }
+    }
+
+    /// Many jobs' starts, status changes and ends in one group commit (ends many per
+    /// statement) leave each job and step as its writes in order would: a status change
+    /// queued after a job's end does not reopen it, one queued before is overridden by the end,
+    /// and of two ends of the same job or step the last stands.
+    #[tokio::test]
+    async fn jobs_ending_in_one_commit_end_as_their_writes_say() {
+        let (_db, store) = crate::test_store().await;
+        let mut jobs = Vec::new();
+        for _ in 0..300 {
+            jobs.push(store.create_job(&new_job(Vec::new())).await.unwrap());
+        }
+        let mut writer = harness(&store);
+        for (i, job) in jobs.iter().enumerate() {
+            let (job_instance_id, step_instance_id) = (job.job_instance_id, job.step_instance_id);
+            let writes = [
+                Write::JobStarted {
+                    job_instance_id,
+                    step_instance_id,
+                    status: 2,
+                    at: 10,
+                },
+                Write::JobStatus {
+                    job_instance_id,
+                    status: 7,
+                },
+                Write::StepFinished {
+                    step_instance_id,
+                    status: 4,
+                    at: 15,
+                },
+                Write::JobFinished {
+                    job_instance_id,
+                    status: 4,
+                    at: 15,
+                },
+                Write::StepFinished {
+                    step_instance_id,
+                    status: 3,
+                    at: 20 + i as i64,
+                },
+                Write::JobFinished {
+                    job_instance_id,
+                    status: 3,
+                    at: 20 + i as i64,
+                },
+                Write::JobStatus {
+                    job_instance_id,
+                    status: 7,
+                },
+            ];
+            for write in writes {
+                writer.accept(write);
+            }
+        }
+        assert!(writer.pending.len() <= super::BATCH);
+        assert_eq!(drain(&mut writer).await, 1, "one group commit");
+        for (i, job) in jobs.iter().enumerate() {
+            let record = store.job(job.job_instance_id).await.unwrap().unwrap();
+            assert_eq!(
+                (record.status, record.end_time),
+                (3, Some(20 + i as i64)),
+                "job {i}"
+            );
+            let step = &record.steps[0];
+            assert_eq!((step.status, step.end_time), (3, Some(20 + i as i64)));
+        }
+    }
+
+    fn audit(request_id: &str, change: String) -> Write {
+        Write::Audit {
+            entry: crate::NewAuditEntry {
+                at: 1,
+                app_code: "a".into(),
+                api: "fast_execute_script".into(),
+                request_id: request_id.into(),
+                change,
+                outcome: "ok".into(),
+                ..crate::NewAuditEntry::default()
+            },
+            hasher: crate::SharedAuditHasher(std::sync::Arc::new(
+                |seq: i64, entry: &crate::NewAuditEntry, prev: &str| {
+                    format!("{seq}|{}|{prev}", entry.request_id)
+                },
+            )),
+        }
+    }
+
+    fn finished(job: &crate::CreatedJob, status: i32) -> [Write; 2] {
+        [
+            Write::StepFinished {
+                step_instance_id: job.step_instance_id,
+                status,
+                at: 20,
+            },
+            Write::JobFinished {
+                job_instance_id: job.job_instance_id,
+                status,
+                at: 20,
+            },
+        ]
+    }
+
+    /// An audit entry the database refuses (a NUL in its text: PostgreSQL refuses it, SQLite
+    /// stores it) does not hold back the job writes of its commit nor the entries after it:
+    /// the job ends, the other entries are chained, and on PostgreSQL the refused entry is
+    /// tried a few times, then alone, then given up and counted lost.
+    #[tokio::test]
+    async fn an_audit_entry_the_database_refuses_does_not_stop_job_writes() {
+        let (_db, store) = crate::test_store().await;
+        let job = store.create_job(&new_job(Vec::new())).await.unwrap();
+        let mut writer = harness(&store);
+        writer.accept(audit("before", "{}".into()));
+        writer.accept(audit("nul", "{\"bk_app_code\":\"a\u{0}\"}".into()));
+        for write in finished(&job, 3) {
+            writer.accept(write);
+        }
+        writer.accept(audit("after", "{}".into()));
+        writer.commit_front().await.unwrap();
+        let record = store.job(job.job_instance_id).await.unwrap().unwrap();
+        assert_eq!(
+            (record.status, record.end_time),
+            (3, Some(20)),
+            "the job's end is committed by the first commit"
+        );
+        drain(&mut writer).await;
+        let records = store
+            .audit_entries(&crate::AuditFilter {
+                limit: 100,
+                ..crate::AuditFilter::default()
+            })
+            .await
+            .unwrap();
+        let ids: Vec<&str> = records
+            .iter()
+            .map(|r| r.entry.request_id.as_str())
+            .collect();
+        let mut prev = String::new();
+        for record in &records {
+            assert_eq!(record.prev_hash, prev);
+            assert_eq!(
+                record.hash,
+                format!("{}|{}|{prev}", record.seq, record.entry.request_id)
+            );
+            prev = record.hash.clone();
+        }
+        match store.dialect {
+            crate::Dialect::Postgres => {
+                assert_eq!(ids, ["before", "after"]);
+                assert_eq!(writer.health.get().lost, 1);
+            }
+            crate::Dialect::Sqlite => {
+                assert_eq!(ids, ["before", "nul", "after"]);
+                assert_eq!(writer.health.get().lost, 0);
+            }
+        }
+        assert!(writer.health.get().is_writable());
+        assert_eq!((writer.deferred_audit, writer.audit_tries), (0, 0));
+        assert_eq!(writer.pending_bytes, 0);
+    }
+
+    /// A job write the database refuses as a statement (PostgreSQL refuses a NUL in a host's
+    /// tag) is found by halving the batch and given up alone: the writes around it commit, and
+    /// the writer does not retry the same batch forever. SQLite stores it.
+    #[tokio::test]
+    async fn a_job_write_the_database_refuses_is_isolated() {
+        let (_db, store) = crate::test_store().await;
+        let hosts: Vec<NewHostResult> = (1..=200)
+            .map(|id| NewHostResult {
+                bk_host_id: id,
+                bk_cloud_id: 0,
+                ip: format!("10.0.0.{id}"),
+                status: 5,
+            })
+            .collect();
+        let job = store.create_job(&new_job(hosts)).await.unwrap();
+        let step = job.step_instance_id;
+        let mut writer = harness(&store);
+        for id in 1..=200 {
+            writer.accept(Write::HostFinished {
+                step_instance_id: step,
+                bk_host_id: id,
+                outcome: HostOutcome {
+                    status: 9,
+                    tag: if id == 77 {
+                        "bad\u{0}".into()
+                    } else {
+                        "ok".into()
+                    },
+                    end_time: 10,
+                    ..HostOutcome::default()
+                },
+            });
+        }
+        for write in finished(&job, 3) {
+            writer.accept(write);
+        }
+        let commits = drain(&mut writer).await;
+        assert!(commits <= 20, "{commits} commits");
+        let results = store.host_results(step).await.unwrap();
+        let postgres = store.dialect == crate::Dialect::Postgres;
+        for r in &results {
+            let expected = if r.bk_host_id == 77 && postgres { 5 } else { 9 };
+            assert_eq!(r.status, expected, "host {}", r.bk_host_id);
+        }
+        assert_eq!(writer.health.get().lost, u64::from(postgres));
+        let record = store.job(job.job_instance_id).await.unwrap().unwrap();
+        assert_eq!(record.status, 3);
+        assert_eq!(writer.cap, None);
+        assert!(writer.health.get().is_writable());
+    }
+
+    /// While another transaction holds the audit trail's lock (PostgreSQL: an administrator's
+    /// `LOCK TABLE`, a maintenance command), a group commit waits for it at most
+    /// `AUDIT_LOCK_TIMEOUT`, commits its job writes, and keeps its audit entries first in line
+    /// until the lock is free. An audit entry counts against the backlog's memory bound.
+    #[tokio::test]
+    async fn a_held_audit_lock_does_not_hold_back_job_writes() {
+        let (_db, store) = crate::test_store().await;
+        let job = store.create_job(&new_job(Vec::new())).await.unwrap();
+        let mut writer = harness(&store);
+        writer.accept(audit("big", "x".repeat(17 * 1024)));
+        assert!(writer.pending_bytes > 17 * 1024, "{}", writer.pending_bytes);
+        if store.dialect != crate::Dialect::Postgres {
+            return;
+        }
+        let mut holder = store.pool.begin().await.unwrap();
+        sqlx::query("LOCK TABLE audit_log IN EXCLUSIVE MODE")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        for write in finished(&job, 3) {
+            writer.accept(write);
+        }
+        let started = std::time::Instant::now();
+        writer.commit_front().await.unwrap();
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{:?}",
+            started.elapsed()
+        );
+        let record = store.job(job.job_instance_id).await.unwrap().unwrap();
+        assert_eq!((record.status, record.end_time), (3, Some(20)));
+        assert_eq!(writer.pending.len(), 1);
+        assert!(matches!(writer.pending.front(), Some(Write::Audit { .. })));
+        assert_eq!((writer.deferred_audit, writer.audit_tries), (1, 0));
+        assert!(writer.pending_bytes > 17 * 1024);
+        // Whoever waits for the job's end is answered meanwhile.
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        writer.accept(Write::Flush(done));
+        writer.answer_flushes();
+        flushed.await.unwrap();
+        holder.commit().await.unwrap();
+        writer.commit_front().await.unwrap();
+        assert!(writer.pending.is_empty());
+        assert_eq!(writer.pending_bytes, 0);
+        assert_eq!(store.audit_head().await.unwrap().map(|h| h.0), Some(1));
+    }
+
+    /// A commit whose answer was lost (the connection broke during `COMMIT`) may have been
+    /// made: the writer looks for the head it would have left before trying the batch again,
+    /// and takes the batch as committed when the trail holds it, rather than append its
+    /// entries a second time; when it does not, the batch is committed as usual.
+    #[tokio::test]
+    async fn a_commit_whose_answer_was_lost_is_not_appended_twice() {
+        let (_db, store) = crate::test_store().await;
+        let job = store.create_job(&new_job(Vec::new())).await.unwrap();
+        let mut writer = harness(&store);
+        writer.accept(audit("one", "{}".into()));
+        writer.accept(audit("two", "{}".into()));
+        for write in finished(&job, 3) {
+            writer.accept(write);
+        }
+        // The commit is made, but the writer never hears so.
+        let mut appending = None;
+        let mut connection = store.pool.acquire().await.unwrap();
+        let batch = &writer.pending.make_contiguous()[..4];
+        super::commit(&mut connection, batch, store.dialect, None, &mut appending)
+            .await
+            .unwrap();
+        drop(connection);
+        let head = appending.unwrap();
+        assert_eq!(head.0, 2);
+        writer.uncertain = Some((4, head.clone()));
+        writer.commit_front().await.unwrap();
+        assert!(writer.pending.is_empty());
+        assert_eq!(writer.uncertain, None);
+        assert_eq!(store.audit_head().await.unwrap(), Some(head.clone()));
+        assert_eq!(writer.audit_head.borrow().clone(), Some(head));
+        // A head the trail does not hold: the batch was not committed, and is now.
+        writer.accept(audit("three", "{}".into()));
+        writer.uncertain = Some((1, (3, "not committed".into())));
+        writer.commit_front().await.unwrap();
+        assert!(writer.pending.is_empty());
+        let ids: Vec<String> = store
+            .audit_entries(&crate::AuditFilter {
+                limit: 100,
+                ..crate::AuditFilter::default()
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.entry.request_id)
+            .collect();
+        assert_eq!(ids, ["one", "two", "three"]);
     }
 
     #[tokio::test]

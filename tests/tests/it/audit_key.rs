@@ -171,3 +171,91 @@ async fn refused_authentications_are_recorded_but_cannot_flood_the_trail() -> Re
     assert_eq!(report["intact"], true, "{report}");
     Ok(())
 }
+
+/// A refused authentication whose claimed app and user carry a NUL (JSON-escaped in the
+/// `X-Bkapi-Authorization` header), which PostgreSQL refuses in text, holds back neither the job
+/// engine's writes nor the trail: it is recorded with the NUL replaced, a job submitted after it
+/// completes, and the chain verifies.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nul_in_a_refused_authentication_holds_nothing_back() -> Result<()> {
+    let cluster = start_cluster(1).await?;
+    let host = cluster.host_id("agent-1");
+    let intruder = fleetrun_tests::ApiClient::new(
+        &cluster.info.api_url,
+        "a\u{0}",
+        "a-wrong-secret",
+        "mallory\u{0}",
+    );
+    // In the query string the NUL is refused before authentication, naming the field.
+    let refused = intruder
+        .get_raw("revoke_agent", json!({"agent_id": "agent-1"}))
+        .await?;
+    assert_eq!(refused["code"], 1_240_003, "{refused}");
+    assert!(
+        refused["message"].as_str().unwrap().contains("bk_app_code"),
+        "{refused}"
+    );
+    // In the header it reaches authentication, which refuses it and records who it claims.
+    let refused: Value = reqwest::Client::new()
+        .post(format!(
+            "{}/api/v3/fast_execute_script/",
+            cluster.info.api_url
+        ))
+        .header(
+            "X-Bkapi-Authorization",
+            r#"{"bk_app_code":"b\u0000","bk_app_secret":"wrong","bk_username":"eve\u0000"}"#,
+        )
+        .json(&cluster.script_request("echo never", &[host], json!({})))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(refused["code"], 1_640_001, "{refused}");
+
+    let client = cluster.client();
+    let accepted = client
+        .call(
+            "fast_execute_script",
+            cluster.script_request("echo after", &[host], json!({})),
+        )
+        .await?;
+    let job = accepted["job_instance_id"].as_i64().unwrap();
+    let status = client
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(60))
+        .await?;
+    assert_eq!(status["job_instance"]["status"], 3, "{status}");
+
+    let data = client
+        .call(
+            "get_audit_log",
+            json!({"outcome": "refused", "limit": 1000}),
+        )
+        .await?;
+    let claimed: Vec<(&str, &str)> = data["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["code"] == 1_640_001)
+        .map(|e| {
+            (
+                e["bk_app_code"].as_str().unwrap(),
+                e["operator"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(claimed, [("b\u{FFFD}", "eve\u{FFFD}")], "{data}");
+    let data = client
+        .call("get_audit_log", json!({"api": "fast_execute_script"}))
+        .await?;
+    assert!(
+        data["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["code"] == 0),
+        "{data}"
+    );
+    let report = client.call("verify_audit_log", json!({})).await?;
+    assert_eq!(report["intact"], true, "{report}");
+    Ok(())
+}

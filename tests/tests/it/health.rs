@@ -124,3 +124,60 @@ async fn readiness_follows_a_database_that_stops_taking_writes_while_nothing_is_
     .await?;
     Ok(())
 }
+
+/// While the database refuses writes, a read of the audit trail answers (with what is committed)
+/// instead of waiting for the outage to end; the entry of a call made meanwhile stays queued with
+/// the job engine's writes and is in the trail once the database takes writes again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_audit_trail_answers_during_an_outage_and_keeps_its_entries() -> Result<()> {
+    let cluster = start_cluster(1).await?;
+    let host = cluster.host_id("agent-1");
+    let client = cluster.client();
+    let entries = |data: Value| data["entries"].as_array().cloned().unwrap_or_default();
+    let before = entries(client.call("get_audit_log", json!({})).await?).len();
+    let frozen = Frozen::freeze(&cluster).await?;
+    let refused = client
+        .call_raw(
+            "fast_execute_script",
+            cluster.script_request("echo refused", &[host], json!({})),
+        )
+        .await?;
+    assert_eq!(refused["code"], 1_252_001, "{refused}");
+    // Several readers at once: each waits for one bounded settle of the queue, not for one
+    // per reader before it (6 readers would wait 30 s so).
+    let asked = std::time::Instant::now();
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let client = client.clone();
+        readers.spawn(async move { client.call_raw("get_audit_log", json!({})).await });
+    }
+    let reads = readers.join_all().await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "answered after {:?}",
+        asked.elapsed()
+    );
+    for read in reads {
+        let read = read?;
+        assert_eq!(read["code"], 0, "{read}");
+        assert_eq!(entries(read["data"].clone()).len(), before, "{read}");
+    }
+    drop(frozen);
+    let recorded = eventually(
+        Duration::from_secs(30),
+        "the refused call recorded",
+        || async {
+            let list = entries(client.call("get_audit_log", json!({})).await.ok()?);
+            list.into_iter()
+                .find(|e| e["api"] == "fast_execute_script" && e["code"] == 1_252_001)
+        },
+    )
+    .await?;
+    assert_eq!(
+        recorded["bk_app_code"], cluster.info.bk_app_code,
+        "{recorded}"
+    );
+    let verified = client.call("verify_audit_log", json!({})).await?;
+    assert_eq!(verified["intact"], true, "{verified}");
+    Ok(())
+}

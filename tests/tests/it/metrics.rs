@@ -255,8 +255,8 @@ async fn jobs_per_second(cluster: &TestCluster) -> Result<f64> {
 
 const BENCH_JOBS: usize = 200;
 
-/// Single-host throughput with metrics and the audit trail on, and the time spent committing
-/// audit batches (off the requests' path). With `FLEETRUN_BENCH_CONTROLLER` naming another
+/// Single-host throughput with metrics and the audit trail on, and the time of the group
+/// commits that carried audit entries (job writes included; off the requests' path). With `FLEETRUN_BENCH_CONTROLLER` naming another
 /// controller binary (one built without them), the same run against it, for comparison. On
 /// demand: `cargo test -p fleetrun-tests --test it -- metrics::audit_cost --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread")]
@@ -287,8 +287,8 @@ async fn audit_cost_on_single_host_throughput() -> Result<()> {
     let submit = moved("fleetrun_http_request_duration_seconds_sum{api=\"fast_execute_script\"}");
     println!(
         "with metrics and audit: {BENCH_JOBS} single-host jobs, 8 at a time: {rate:.1} jobs/s; \
-         submissions {:.2} ms each on average; {batches} audit batches committed in {audit:.3} s \
-         ({:.2} ms per job, off the request path)",
+         submissions {:.2} ms each on average; {batches} group commits carried audit entries, \
+         {audit:.3} s in all, job writes included ({:.2} ms per job, off the request path)",
         1000.0 * submit / BENCH_JOBS as f64,
         1000.0 * audit / BENCH_JOBS as f64
     );

@@ -305,7 +305,15 @@ pub async fn fast_execute_script(
                 .as_ref(),
         )
         .await?;
-    super::steps::save_and_start(
+    // Only a job started here ends here; one left to start later may be started elsewhere.
+    let callbacks = shared
+        .engine
+        .callbacks()
+        .filter(|_| start && new_job.callback_url.is_none());
+    if let Some(callbacks) = &callbacks {
+        callbacks.job_without_url(created.job_instance_id);
+    }
+    let started = super::steps::save_and_start(
         shared,
         rolling,
         JobSpec {
@@ -323,7 +331,13 @@ pub async fn fast_execute_script(
         },
         start,
     )
-    .await?;
+    .await;
+    if started.is_err()
+        && let Some(callbacks) = &callbacks
+    {
+        callbacks.forget_job_without_url(created.job_instance_id);
+    }
+    started?;
     tracing::info!(
         job = created.job_instance_id,
         hosts = chosen.len(),
