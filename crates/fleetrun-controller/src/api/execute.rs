@@ -306,12 +306,12 @@ pub async fn fast_execute_script(
         )
         .await?;
     // Only a job started here ends here; one left to start later may be started elsewhere.
-    let callbacks = shared
-        .engine
-        .callbacks()
-        .filter(|_| start && new_job.callback_url.is_none());
-    if let Some(callbacks) = &callbacks {
-        callbacks.job_without_url(created.job_instance_id);
+    let without_url = start && new_job.callback_url.is_none();
+    if without_url {
+        shared
+            .engine
+            .callbacks()
+            .job_without_url(created.job_instance_id);
     }
     let started = super::steps::save_and_start(
         shared,
@@ -332,10 +332,11 @@ pub async fn fast_execute_script(
         start,
     )
     .await;
-    if started.is_err()
-        && let Some(callbacks) = &callbacks
-    {
-        callbacks.forget_job_without_url(created.job_instance_id);
+    if started.is_err() && without_url {
+        shared
+            .engine
+            .callbacks()
+            .forget_job_without_url(created.job_instance_id);
     }
     started?;
     tracing::info!(
