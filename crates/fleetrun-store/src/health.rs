@@ -106,6 +106,25 @@ pub(crate) fn is_write_failure(error: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether the database refused a statement because of the data it carries: PostgreSQL's data
+/// exceptions (class 22, such as 22021 for a NUL in text), integrity constraint violations
+/// (class 23) and program limits (class 54, such as a value too large); SQLite's TOOBIG,
+/// CONSTRAINT, MISMATCH and RANGE.
+pub(crate) fn is_refused_data(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(e) = error else {
+        return false;
+    };
+    if let Some(e) = e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        let code = e.code();
+        return ["22", "23", "54"].iter().any(|class| code.starts_with(class));
+    }
+    let primary = e
+        .code()
+        .and_then(|c| c.parse::<i32>().ok())
+        .map(|c| c & 0xff);
+    matches!(primary, Some(18 | 19 | 20 | 25))
+}
+
 /// Whether the database is busy for a while rather than refusing the statement: SQLite's
 /// BUSY and LOCKED; PostgreSQL's transaction rollbacks (a deadlock, a serialization failure), a
 /// lock wait that timed out (`lock_timeout`) and a cancelled statement (`statement_timeout`).

@@ -185,13 +185,13 @@ pub(crate) struct Committed {
     pub(crate) audit_refused: Option<sqlx::Error>,
 }
 
-/// Whether the database refused a statement itself (bad data such as a NUL in text on
-/// PostgreSQL, a violated constraint), as opposed to failing to take writes at all or being
-/// busy for a while: retrying the same statement gets the same answer.
+/// Whether the database refused a statement for the data it carries (a NUL in text on
+/// PostgreSQL, a violated constraint, a value too large), so that retrying the same statement
+/// gets the same answer. Only these named classes count: any other error — a file made
+/// unwritable, a server going away, one this list does not know — is retried with every write
+/// kept, because giving a write up is only right when the write itself is what is refused.
 fn is_refused_statement(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(_))
-        && !crate::health::is_write_failure(error)
-        && !crate::health::is_transient(error)
+    crate::health::is_refused_data(error)
 }
 
 /// What a write is, for the log when it is given up (never the output it carries).
