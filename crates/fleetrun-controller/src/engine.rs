@@ -55,6 +55,14 @@ struct Finishing {
     all_succeeded: bool,
 }
 
+/// The host a joinable run follows, and the epoch it writes the host at: a run that dies has
+/// its host's end recorded at that epoch.
+#[derive(Debug, Clone, Copy)]
+struct RunOf {
+    bk_host_id: i64,
+    epoch: i64,
+}
+
 /// What a reconnected agent said of a task, on its way to the host's run.
 #[derive(Debug)]
 enum Reattach {
@@ -68,11 +76,16 @@ enum Reattach {
     /// It reconnected to another controller, which took the task over: the run here records
     /// nothing more and waits for the store to show the host's end.
     Moved,
+    /// Another controller took the host over while this one could not reach the store (its
+    /// writes of the host were refused, `fleetrun_store::Store::fenced_hosts`): as `Moved`, even
+    /// while a stream is attached.
+    Fenced,
 }
 
 /// Who may claim a task that is out on an agent, and where the claim goes.
 #[derive(Debug)]
 struct Claimant {
+    step_instance_id: i64,
     bk_host_id: i64,
     agent_id: String,
     tx: mpsc::UnboundedSender<Reattach>,
@@ -790,6 +803,7 @@ impl Engine {
             self.claims.lock().unwrap().insert(
                 task_id,
                 Claimant {
+                    step_instance_id: job.step_instance_id,
                     bk_host_id,
                     agent_id: checkpoint.agent_id.clone(),
                     tx,
@@ -830,7 +844,7 @@ impl Engine {
             if host.handed_to.is_some() {
                 // Recorded by the controller it was handed to (or by whichever its agent
                 // reconnects to): followed through the store.
-                handed.push(host.bk_host_id);
+                handed.push((host.bk_host_id, host.epoch));
                 continue;
             }
             let Some(checkpoint) = host.checkpoint else {
@@ -847,6 +861,7 @@ impl Engine {
                             end_time: now_ms(),
                             ..HostOutcome::default()
                         },
+                        epoch: host.epoch,
                     },
                 )
                 .await;
@@ -868,9 +883,16 @@ impl Engine {
                 limits,
                 cancel: cancel.clone(),
                 moved: false,
+                epoch: host.epoch,
             };
             let handle = hosts.spawn(run.run());
-            host_of_task.insert(handle.id(), host.bk_host_id);
+            host_of_task.insert(
+                handle.id(),
+                RunOf {
+                    bk_host_id: host.bk_host_id,
+                    epoch: host.epoch,
+                },
+            );
         }
         if !handed.is_empty() {
             self.spawn_followers(
@@ -1329,7 +1351,7 @@ impl Engine {
         &self,
         finishing: Finishing,
         mut hosts: JoinSet<i32>,
-        host_of_task: HashMap<tokio::task::Id, i64>,
+        host_of_task: HashMap<tokio::task::Id, RunOf>,
         cancel: &CancellationToken,
     ) {
         let failed = self
@@ -1356,7 +1378,7 @@ impl Engine {
         job_instance_id: i64,
         step_instance_id: i64,
         hosts: &mut JoinSet<i32>,
-        host_of_task: &HashMap<tokio::task::Id, i64>,
+        host_of_task: &HashMap<tokio::task::Id, RunOf>,
     ) -> usize {
         let mut failed = 0;
         while let Some(joined) = hosts.join_next_with_id().await {
@@ -1376,14 +1398,17 @@ impl Engine {
         job_instance_id: i64,
         step_instance_id: i64,
         joined: Result<(tokio::task::Id, i32), tokio::task::JoinError>,
-        host_of_task: &HashMap<tokio::task::Id, i64>,
+        host_of_task: &HashMap<tokio::task::Id, RunOf>,
     ) -> bool {
         match joined {
             Ok((_, status)) => !host::is_success(status),
             Err(e) => {
                 // The host's run died before recording a final status: record one for it, so
                 // no host stays waiting or running forever.
-                let bk_host_id = host_of_task.get(&e.id()).copied().unwrap_or_default();
+                let Some(RunOf { bk_host_id, epoch }) = host_of_task.get(&e.id()).copied() else {
+                    tracing::error!(job = job_instance_id, "a host task of no host failed: {e}");
+                    return true;
+                };
                 tracing::error!(job = job_instance_id, bk_host_id, "host task failed: {e}");
                 self.write_for(
                     job_instance_id,
@@ -1397,6 +1422,7 @@ impl Engine {
                             end_time: now_ms(),
                             ..HostOutcome::default()
                         },
+                        epoch,
                     },
                 )
                 .await;
@@ -1484,6 +1510,7 @@ mod tests {
     fn claimant(bk_host_id: i64, agent_id: &str) -> (Claimant, mpsc::UnboundedReceiver<Reattach>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let claimant = Claimant {
+            step_instance_id: 1,
             bk_host_id,
             agent_id: agent_id.into(),
             tx,

@@ -20,6 +20,7 @@ mod cluster;
 mod console;
 mod dangerous_rules;
 mod enroll;
+mod fence;
 mod files;
 mod handover;
 mod health;
@@ -54,6 +55,7 @@ pub use cluster::ControllerRecord;
 pub use console::LogHead;
 pub use dangerous_rules::{DangerousRule, DangerousRuleError, DangerousRuleFields};
 pub use enroll::{Enrollment, JoinToken};
+pub use fence::FIRST_EPOCH;
 pub use files::FileLog;
 pub use handover::Handover;
 pub use health::Health;
@@ -752,6 +754,7 @@ mod log_chunk_tests {
         for (host, offset, data) in [(1, 0, "hello "), (1, 6, "world\n"), (2, 0, "abc")] {
             store
                 .record(Write::HostLog {
+                    epoch: crate::FIRST_EPOCH,
                     step_instance_id: 7,
                     bk_host_id: host,
                     offset,

@@ -29,12 +29,14 @@ pub enum Write {
     },
     /// The job's status changed while it runs (e.g. terminating); steps follow the job.
     JobStatus { job_instance_id: i64, status: i32 },
-    /// A host's status changed while its task is under way.
+    /// A host's status changed while its task is under way. Applied only while the host is
+    /// still at `epoch` (see [`crate::fence`]), as are its log and its end.
     HostStatus {
         step_instance_id: i64,
         bk_host_id: i64,
         status: i32,
         start_time: Option<i64>,
+        epoch: i64,
     },
     /// A piece of a host's log, at `offset` in the stored log.
     HostLog {
@@ -42,12 +44,14 @@ pub enum Write {
         bk_host_id: i64,
         offset: i64,
         data: Vec<u8>,
+        epoch: i64,
     },
     /// A host's task ended.
     HostFinished {
         step_instance_id: i64,
         bk_host_id: i64,
         outcome: HostOutcome,
+        epoch: i64,
     },
     /// The step reached a final status.
     StepFinished {
@@ -305,8 +309,11 @@ impl Writer {
         .await;
         metrics::histogram!("fleetrun_store_commit_seconds").record(started.elapsed());
         crate::health::discard_if_broken(&mut connection, &committed);
-        committed?;
+        let refused = committed?;
         self.watchers.committed(batch);
+        if !refused.is_empty() {
+            self.watchers.fenced(refused);
+        }
         for write in self.pending.drain(..n) {
             self.pending_bytes -= output_bytes(&write);
             if let Write::Checkpoints {
@@ -366,12 +373,14 @@ fn output_bytes(write: &Write) -> usize {
     }
 }
 
+/// Commits `batch` in one transaction; returns the (step, host) pairs whose writes were refused
+/// because another controller took the host over since (their epoch is past).
 async fn commit(
     connection: &mut sqlx::AnyConnection,
     batch: &[Write],
     dialect: Dialect,
     announcement: Option<(&str, &str)>,
-) -> Result<(), sqlx::Error> {
+) -> Result<Vec<(i64, i64)>, sqlx::Error> {
     // A host whose task also ended in this batch needs no "running" update: its final row says
     // all. Log chunks go in multi-row inserts. Both matter when thousands of hosts report at once.
     let finished: std::collections::HashSet<(i64, i64)> = batch
@@ -407,7 +416,14 @@ async fn commit(
                 bk_host_id,
                 offset,
                 data,
-            } => logs.push((*step_instance_id, *bk_host_id, *offset, data.as_slice())),
+                epoch,
+            } => logs.push((
+                *step_instance_id,
+                *bk_host_id,
+                *offset,
+                data.as_slice(),
+                *epoch,
+            )),
             Write::JobStarted {
                 job_instance_id,
                 step_instance_id,
@@ -452,12 +468,14 @@ async fn commit(
                 bk_host_id,
                 status,
                 start_time,
-            } => running.push((*step_instance_id, *bk_host_id, *status, *start_time)),
+                epoch,
+            } => running.push((*step_instance_id, *bk_host_id, *status, *start_time, *epoch)),
             Write::HostFinished {
                 step_instance_id,
                 bk_host_id,
                 outcome,
-            } => results.push((*step_instance_id, *bk_host_id, outcome)),
+                epoch,
+            } => results.push((*step_instance_id, *bk_host_id, outcome, *epoch)),
             Write::StepFinished {
                 step_instance_id,
                 status,
@@ -496,7 +514,11 @@ async fn commit(
     // changes nothing: nothing else in a batch writes these rows, and a host's "running" update
     // was skipped above when its final one is in the same batch. A host that appears twice
     // appears once, as its writes in order would have left it: a statement that changes one
-    // row twice is refused by PostgreSQL and undefined in SQLite.
+    // row twice is refused by PostgreSQL and undefined in SQLite. Each statement applies a row
+    // only while its host is at the epoch the write carries (the fence is part of the bulk
+    // statement); a statement that applied fewer rows than it carried has the refused ones
+    // looked up once, at the end.
+    let mut fence = crate::fence::Check::default();
     let running = last_per_host(
         running,
         |(step, host, ..)| (*step, *host),
@@ -504,31 +526,34 @@ async fn commit(
             later.3 = later.3.or(earlier.3);
         },
     );
-    let results = last_per_host(results, |(step, host, _)| (*step, *host), |_, _| {});
+    let results = last_per_host(results, |(step, host, ..)| (*step, *host), |_, _| {});
     let logs = last_per_host(
         logs,
-        |(step, host, offset, _)| (*step, *host, *offset),
+        |(step, host, offset, ..)| (*step, *host, *offset),
         |_, _| {},
     );
-    for chunk in running.chunks(dialect.max_parameters() / 4) {
+    for chunk in running.chunks(dialect.max_parameters() / 5) {
         let mut update = Statement::new(
             dialect,
             "UPDATE host_result SET status = v.column3,
                  start_time = COALESCE(v.column4, host_result.start_time)
              FROM (",
         );
-        update.push_values(chunk, |row, (step, host, status, start_time)| {
+        update.push_values(chunk, |row, (step, host, status, start_time, epoch)| {
             row.push_bind(*step)
                 .push_bind(*host)
                 .push_bind(*status)
-                .push_bind(*start_time);
+                .push_bind(*start_time)
+                .push_bind(*epoch);
         });
         update.push(
-            ") AS v WHERE host_result.step_instance_id = v.column1 AND host_result.bk_host_id = v.column2",
+            ") AS v WHERE host_result.step_instance_id = v.column1 AND host_result.bk_host_id = v.column2
+                 AND host_result.epoch = v.column5",
         );
-        update.build().execute(&mut *tx).await?;
+        let applied = update.build().execute(&mut *tx).await?.rows_affected();
+        fence.carried(chunk.iter().map(|w| (w.0, w.1, w.4)), applied);
     }
-    for chunk in results.chunks(dialect.max_parameters() / 12) {
+    for chunk in results.chunks(dialect.max_parameters() / 13) {
         let mut update = Statement::new(
             dialect,
             "UPDATE host_result SET status = v.column3, tag = v.column4, exit_code = v.column5,
@@ -537,7 +562,7 @@ async fn commit(
                  dropped_lines = v.column11, survivors = v.column12
              FROM (",
         );
-        update.push_values(chunk, |row, (step, host, o)| {
+        update.push_values(chunk, |row, (step, host, o, epoch)| {
             row.push_bind(*step)
                 .push_bind(*host)
                 .push_bind(o.status)
@@ -552,41 +577,59 @@ async fn commit(
                 .push_bind(o.output_bytes)
                 .push_bind(o.dropped_bytes)
                 .push_bind(o.dropped_lines)
-                .push_bind(o.survivors);
+                .push_bind(o.survivors)
+                .push_bind(*epoch);
         });
         update.push(
-            ") AS v WHERE host_result.step_instance_id = v.column1 AND host_result.bk_host_id = v.column2",
+            ") AS v WHERE host_result.step_instance_id = v.column1 AND host_result.bk_host_id = v.column2
+                 AND host_result.epoch = v.column13",
         );
-        update.build().execute(&mut *tx).await?;
+        let applied = update.build().execute(&mut *tx).await?.rows_affected();
+        fence.carried(chunk.iter().map(|w| (w.0, w.1, w.3)), applied);
     }
-    for chunk in logs.chunks(dialect.max_parameters() / 4) {
+    for chunk in logs.chunks(dialect.max_parameters() / 5) {
+        // A chunk is refused when its host's row has another epoch; a chunk of a host without
+        // a row (no job holds it) is not fenced.
         let mut insert = Statement::new(
             dialect,
-            "INSERT INTO host_log (step_instance_id, bk_host_id, \"offset\", data)",
+            "INSERT INTO host_log (step_instance_id, bk_host_id, \"offset\", data)
+             SELECT v.column1, v.column2, v.column3, v.column4 FROM (",
         );
-        insert.push_values(chunk, |row, (step, host, offset, data)| {
+        insert.push_values(chunk, |row, (step, host, offset, data, epoch)| {
             row.push_bind(*step)
                 .push_bind(*host)
                 .push_bind(*offset)
-                .push_bind(*data);
+                .push_bind(*data)
+                .push_bind(*epoch);
         });
+        insert.push(") AS v WHERE ");
+        insert.push(crate::fence::NOT_FENCED_OUT_V5);
         insert.push(
             " ON CONFLICT (step_instance_id, bk_host_id, \"offset\") DO UPDATE SET data = excluded.data",
         );
-        insert.build().execute(&mut *tx).await?;
+        let applied = insert.build().execute(&mut *tx).await?.rows_affected();
+        fence.carried(chunk.iter().map(|w| (w.0, w.1, w.4)), applied);
     }
     let checkpoints = last_per_host(
         checkpoints,
         |c| (c.step_instance_id, c.bk_host_id),
         |_, _| {},
     );
-    for chunk in checkpoints.chunks(dialect.max_parameters() / 11) {
-        crate::reattach::upsert_checkpoints(&mut tx, dialect, chunk).await?;
+    for chunk in checkpoints.chunks(dialect.max_parameters() / 12) {
+        let applied = crate::reattach::upsert_checkpoints(&mut tx, dialect, chunk).await?;
+        fence.carried(
+            chunk
+                .iter()
+                .map(|c| (c.step_instance_id, c.bk_host_id, c.epoch)),
+            applied,
+        );
     }
+    let refused = fence.refused(&mut tx).await?;
     if let Some((store, text)) = announcement {
         crate::watch::announce(&mut tx, store, text).await?;
     }
-    tx.commit().await
+    tx.commit().await?;
+    Ok(refused)
 }
 
 /// `items` with one item per key, where the last one stands and `merge(earlier, later)` carries
@@ -620,6 +663,7 @@ mod tests {
 
     fn checkpoint(bk_host_id: i64, received: i64) -> HostCheckpoint {
         HostCheckpoint {
+            epoch: crate::FIRST_EPOCH,
             step_instance_id: 7,
             bk_host_id,
             task_id: "t".into(),
@@ -656,6 +700,7 @@ mod tests {
             announce: None,
         };
         writer.accept(Write::HostLog {
+            epoch: crate::FIRST_EPOCH,
             step_instance_id: 7,
             bk_host_id: 1,
             offset: 0,
@@ -679,6 +724,7 @@ mod tests {
         );
         // Its task ended: the host's final row stands, and its hole no longer matters.
         writer.accept(Write::HostFinished {
+            epoch: crate::FIRST_EPOCH,
             step_instance_id: 7,
             bk_host_id: 1,
             outcome: HostOutcome::default(),
@@ -730,6 +776,7 @@ mod tests {
         for id in 1..2_500 {
             store
                 .record(Write::HostStatus {
+                    epoch: crate::FIRST_EPOCH,
                     step_instance_id: step,
                     bk_host_id: id,
                     status: 7,
@@ -743,6 +790,7 @@ mod tests {
                 }
                 store
                     .record(Write::HostFinished {
+                        epoch: crate::FIRST_EPOCH,
                         step_instance_id: step,
                         bk_host_id: id,
                         outcome: HostOutcome {

@@ -116,6 +116,9 @@ pub(super) struct HostRun {
     /// Set once another controller took the task over (its agent claimed it there): the host's
     /// end is that controller's to record.
     pub moved: bool,
+    /// The host's epoch this run took it at, carried by every write of its output, status and
+    /// checkpoint: once another controller takes the host over, they are refused.
+    pub epoch: i64,
 }
 
 impl HostRun {
@@ -163,6 +166,7 @@ impl HostRun {
                         self.engine.claims.lock().unwrap().insert(
                             task_id,
                             Claimant {
+                                step_instance_id: self.step_instance_id,
                                 bk_host_id: self.bk_host_id,
                                 agent_id: link.agent_id.clone(),
                                 tx,
@@ -230,6 +234,7 @@ impl HostRun {
             step_instance_id: self.step_instance_id,
             bk_host_id: self.bk_host_id,
             outcome: outcome.into(),
+            epoch: self.epoch,
         })
         .await;
         if let Some(Attached { mut send, .. }) = last_stream {
@@ -293,6 +298,7 @@ impl HostRun {
                 self.engine.claims.lock().unwrap().insert(
                     task_id,
                     Claimant {
+                        step_instance_id: self.step_instance_id,
                         bk_host_id: self.bk_host_id,
                         agent_id: checkpoint.agent_id.clone(),
                         tx,
@@ -496,6 +502,16 @@ impl HostRun {
                     stream = None;
                     Event::NotHeld
                 }
+                Next::Claim(Reattach::Fenced) => {
+                    tracing::warn!(
+                        job = self.job_instance_id,
+                        bk_host_id = self.bk_host_id,
+                        "another controller took the host over while this one could not reach \
+                         the store: its writes are refused, and it stops following the task"
+                    );
+                    self.moved = true;
+                    return None;
+                }
                 Next::Claim(Reattach::Moved) => {
                     if stream.is_some() {
                         // Attached here: the agent is still this controller's.
@@ -566,6 +582,7 @@ impl HostRun {
             truncated: checkpoint.truncated,
             started_at: checkpoint.started_at,
             deadline: checkpoint.deadline,
+            epoch: self.epoch,
         }
     }
 
@@ -615,6 +632,7 @@ impl HostRun {
                         bk_host_id: self.bk_host_id,
                         offset,
                         data,
+                        epoch: self.epoch,
                     })
                     .await;
                 }
@@ -624,6 +642,7 @@ impl HostRun {
                         bk_host_id: self.bk_host_id,
                         status: host::RUNNING,
                         start_time: Some(start_time),
+                        epoch: self.epoch,
                     })
                     .await;
                 }
