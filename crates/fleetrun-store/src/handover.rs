@@ -94,14 +94,15 @@ impl Store {
         controller: &str,
         connection: &str,
     ) -> Result<(), StoreError> {
-        let result = sqlx::query(&format!(
-            "INSERT INTO agent_connection (bk_host_id, agent_id, controller, connection,
-                 connected_at)
-             VALUES ($1, $2, $3, $4, {now})
-             ON CONFLICT (bk_host_id) DO UPDATE SET agent_id = excluded.agent_id,
-                 controller = excluded.controller, connection = excluded.connection,
-                 connected_at = excluded.connected_at",
-            now = self.dialect.now_ms()
+        let result = sqlx::query(&crate::upsert_row(
+            "agent_connection",
+            &[
+                ("bk_host_id", "$1"),
+                ("agent_id", "$2"),
+                ("controller", "$3"),
+                ("connection", "$4"),
+                ("connected_at", self.dialect.now_ms()),
+            ],
         ))
         .bind(bk_host_id)
         .bind(agent_id)

@@ -660,6 +660,25 @@ fn join_ids(values: &[i64]) -> String {
         .join(",")
 }
 
+/// `INSERT INTO table (…) VALUES (…) ON CONFLICT (key) DO UPDATE SET` every other column to
+/// its new value: a row written whole, whether a row with its key stood or not. `columns` holds
+/// each column with the SQL of its value (a placeholder or an expression), the key first.
+fn upsert_row(table: &str, columns: &[(&str, &str)]) -> String {
+    let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+    let values: Vec<&str> = columns.iter().map(|(_, value)| *value).collect();
+    let updates: Vec<String> = names[1..]
+        .iter()
+        .map(|name| format!("{name} = excluded.{name}"))
+        .collect();
+    format!(
+        "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
+        names.join(", "),
+        values.join(", "),
+        names[0],
+        updates.join(", ")
+    )
+}
+
 fn join_ints(values: &[i32]) -> String {
     values
         .iter()
@@ -743,6 +762,18 @@ pub(crate) async fn test_store() -> (scratch::TestDatabase, Store) {
         .unwrap();
     let store = Store::open_database(db.database()).await.unwrap();
     (db, store)
+}
+
+#[cfg(test)]
+mod upsert_row_tests {
+    #[test]
+    fn every_column_but_the_key_takes_its_new_value() {
+        assert_eq!(
+            super::upsert_row("t", &[("k", "$1"), ("a", "$2"), ("b", "now()")]),
+            "INSERT INTO t (k, a, b) VALUES ($1, $2, now()) \
+             ON CONFLICT (k) DO UPDATE SET a = excluded.a, b = excluded.b"
+        );
+    }
 }
 
 #[cfg(test)]
