@@ -77,17 +77,30 @@ struct Failover {
     controllers: usize,
     next: usize,
     backoff: Backoff,
+    /// Since when, and in how many attempts in a row, the home controller could not be reached.
+    home_unreachable: Option<(std::time::Instant, u32)>,
+    /// The home controller the agent stopped waiting for, while it is still the tasks' home.
+    given_up: Option<usize>,
 }
 
 impl Failover {
     /// A session that lasted this long had a working controller: the waits start over.
     const HEALTHY: Duration = Duration::from_secs(10);
+    /// How long a home controller may stay unreachable, in at least [`Self::HOME_ATTEMPTS`]
+    /// attempts, before the agent takes its tasks to another controller of the list: long
+    /// enough for a restart, far shorter than the tasks' deadlines, so that a controller
+    /// sharing the database takes them over (their output included) while the lease holder
+    /// still waits for them, instead of their hosts ending 310.
+    const HOME_PATIENCE: Duration = Duration::from_secs(20);
+    const HOME_ATTEMPTS: u32 = 3;
 
     fn new(controllers: usize) -> Self {
         Self {
             controllers: controllers.max(1),
             next: 0,
             backoff: Backoff::new(),
+            home_unreachable: None,
+            given_up: None,
         }
     }
 
@@ -103,7 +116,47 @@ impl Failover {
     /// not know those tasks and have them killed. Without one, a controller shutting down or
     /// refusing sends the agent to the next of the list.
     fn after(&mut self, ended: &session::Ended, home: Option<usize>) -> Duration {
+        self.after_at(ended, home, std::time::Instant::now())
+    }
+
+    /// [`Self::after`] at `now`. A home that could not be reached for [`Self::HOME_PATIENCE`]
+    /// (and [`Self::HOME_ATTEMPTS`] attempts) is given up: the agent goes on as without one,
+    /// to the next controller, which takes the tasks over when the agent claims them there.
+    fn after_at(
+        &mut self,
+        ended: &session::Ended,
+        home: Option<usize>,
+        now: std::time::Instant,
+    ) -> Duration {
+        if home != self.given_up {
+            // The tasks were acknowledged, or taken over by another controller: a new home.
+            self.given_up = None;
+        }
+        let home = home.filter(|home| self.given_up != Some(*home));
         if let Some(home) = home {
+            let unreachable = matches!(ended, session::Ended::BeforeWelcome(_))
+                && (self.next % self.controllers) == home;
+            self.home_unreachable = match (unreachable, self.home_unreachable) {
+                (false, _) => None,
+                (true, None) => Some((now, 1)),
+                (true, Some((since, attempts))) => Some((since, attempts + 1)),
+            };
+            if self.controllers > 1
+                && let Some((since, attempts)) = self.home_unreachable
+                && attempts >= Self::HOME_ATTEMPTS
+                && now.duration_since(since) >= Self::HOME_PATIENCE
+            {
+                tracing::warn!(
+                    attempts,
+                    "the controller whose tasks this agent holds stays unreachable: taking them \
+                     to another controller"
+                );
+                self.given_up = Some(home);
+                self.home_unreachable = None;
+                self.next = home.wrapping_add(1);
+                return self.backoff.next_delay();
+            }
+
             self.next = home;
             match ended {
                 session::Ended::AfterWelcome {
@@ -117,6 +170,7 @@ impl Failover {
             }
             return self.backoff.next_delay();
         }
+        self.home_unreachable = None;
         match ended {
             // A controller going away on purpose (an upgrade, a stop) will not take the agent
             // back soon: the next one in the list does, at once; the waits start over, as the
@@ -447,13 +501,13 @@ async fn serve(ctx: &Arc<AgentContext>, endpoint: &quinn::Endpoint, shutdown: &C
             }
         }
         let home = home();
-        if let Some(home) = home {
+        let delay = failover.after(&ended, home);
+        if let Some(home) = home.filter(|home| *home == failover.current()) {
             tracing::info!(
                 controller = %controllers[home],
                 "going back to the controller whose tasks this agent holds"
             );
         }
-        let delay = failover.after(&ended, home);
         ctx.metrics.set_connection(metrics::Connection::Waiting);
         ctx.metrics.reconnecting();
         tracing::info!(
@@ -565,6 +619,53 @@ mod tests {
         // The tasks' deadlines passed (no home any more): the next controller.
         failover.after(&session::Ended::BeforeWelcome("refused".into()), None);
         assert_eq!(failover.current(), 2);
+    }
+
+    #[test]
+    fn an_agent_takes_its_tasks_elsewhere_when_their_controller_stays_unreachable() {
+        let refused = || session::Ended::BeforeWelcome("refused".into());
+        let start = std::time::Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let mut failover = Failover::new(3);
+        failover.after_at(&ended(30, false), Some(1), at(0));
+        assert_eq!(failover.current(), 1);
+        // Unreachable, but not for long yet, or not in enough attempts: still home.
+        failover.after_at(&refused(), Some(1), at(1));
+        failover.after_at(&refused(), Some(1), at(2));
+        assert_eq!(failover.current(), 1);
+        failover.after_at(&refused(), Some(1), at(30));
+        assert_eq!(failover.current(), 2, "home given up: the next controller");
+        // That one welcomes the agent and takes the tasks; when it is lost, the agent does
+        // not go back to the given-up home although the tasks still name it.
+        failover.after_at(&ended(5, false), Some(1), at(35));
+        assert_eq!(failover.current(), 2);
+        failover.after_at(&refused(), Some(1), at(36));
+        assert_eq!(
+            failover.current(),
+            0,
+            "as without a home: the next of the list"
+        );
+        // A welcome from home in between starts its patience over.
+        let mut failover = Failover::new(3);
+        failover.after_at(&refused(), Some(1), at(0));
+        failover.after_at(&refused(), Some(1), at(1));
+        failover.after_at(&ended(1, false), Some(1), at(2));
+        failover.after_at(&refused(), Some(1), at(30));
+        assert_eq!(failover.current(), 1);
+        // A task's new home (the controller that took it over) is followed at once.
+        let mut failover = Failover::new(3);
+        for secs in [0, 10, 20, 35] {
+            failover.after_at(&refused(), Some(1), at(secs));
+        }
+        assert_eq!(failover.current(), 2);
+        failover.after_at(&ended(1, false), Some(2), at(26));
+        assert_eq!(failover.current(), 2);
+        // With one controller there is nowhere else to go.
+        let mut failover = Failover::new(1);
+        for secs in [0, 10, 25, 60] {
+            failover.after_at(&refused(), Some(0), at(secs));
+            assert_eq!(failover.current(), 0);
+        }
     }
 
     #[test]
