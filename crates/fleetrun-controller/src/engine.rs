@@ -683,12 +683,28 @@ impl Engine {
                 // the map, one entry per host, so a database that refuses writes holds one
                 // batch of checkpoints in the writer's backlog, not one a second.
                 let answered = tokio::select! {
-                    answered = saved => Some(answered.is_ok()),
+                    answered = saved => Some(answered.ok()),
                     () = shutdown.cancelled() => None,
                 };
-                if answered == Some(true) {
-                    for (_, waiter) in waiters {
-                        let _ = waiter.send(());
+                if let Some(Some(refused)) = answered {
+                    // A refused checkpoint's host is another controller's now: its waiter hears
+                    // that it was not saved (its sender drops), and nothing retries it.
+                    let refused: HashSet<(i64, i64)> = refused.into_iter().collect();
+                    if !refused.is_empty() {
+                        let mut checkpoints = engine.checkpoints.lock().unwrap();
+                        for checkpoint in &batch {
+                            let key = (checkpoint.step_instance_id, checkpoint.bk_host_id);
+                            if refused.contains(&key)
+                                && checkpoints.get(&key).is_some_and(|(c, _)| c == checkpoint)
+                            {
+                                checkpoints.remove(&key);
+                            }
+                        }
+                    }
+                    for (key, waiter) in waiters {
+                        if !refused.contains(&key) {
+                            let _ = waiter.send(());
+                        }
                     }
                     continue;
                 }
@@ -851,6 +867,7 @@ impl Engine {
                 self.write_for(
                     job.job_instance_id,
                     Write::HostFinished {
+                        stored: None,
                         step_instance_id: job.step_instance_id,
                         bk_host_id: host.bk_host_id,
                         outcome: HostOutcome {
@@ -1413,6 +1430,7 @@ impl Engine {
                 self.write_for(
                     job_instance_id,
                     Write::HostFinished {
+                        stored: None,
                         step_instance_id,
                         bk_host_id,
                         outcome: HostOutcome {

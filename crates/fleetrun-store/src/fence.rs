@@ -11,7 +11,7 @@
 //! it stops them.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
 };
 
@@ -26,36 +26,72 @@ pub const FIRST_EPOCH: i64 = 0;
 pub(crate) const NOT_FENCED_OUT_V5: &str = "NOT EXISTS (SELECT 1 FROM host_result r
      WHERE r.step_instance_id = v.column1 AND r.bk_host_id = v.column2 AND r.epoch <> v.column5)";
 
-/// Hosts whose writes were refused, for the engine that wrote them to stop them.
+/// Hosts whose writes were refused, for the engine that wrote them to stop them: (step, host,
+/// the epoch the host's row is at).
 #[derive(Debug, Default)]
 pub(crate) struct Fenced {
-    hosts: Mutex<Vec<(i64, i64)>>,
+    hosts: Mutex<Vec<(i64, i64, i64)>>,
     news: Notify,
 }
 
 impl Fenced {
-    pub(crate) fn push(&self, refused: Vec<(i64, i64)>) {
+    pub(crate) fn push(&self, refused: Vec<(i64, i64, i64)>) {
         self.hosts.lock().unwrap().extend(refused);
         self.news.notify_one();
     }
 
-    /// Waits until some host's writes were refused, and returns every such (step, host) since
-    /// the last call.
-    pub(crate) async fn next(self: &Arc<Self>) -> Vec<(i64, i64)> {
+    /// Waits until some host's writes were refused, and returns every such (step, host, row
+    /// epoch) since the last call, one per host (its highest epoch), in order.
+    pub(crate) async fn next(self: &Arc<Self>) -> Vec<(i64, i64, i64)> {
         loop {
             let taken = std::mem::take(&mut *self.hosts.lock().unwrap());
             if !taken.is_empty() {
-                return taken;
+                let mut highest: BTreeMap<(i64, i64), i64> = BTreeMap::new();
+                for (step, host, epoch) in taken {
+                    let at = highest.entry((step, host)).or_insert(epoch);
+                    *at = (*at).max(epoch);
+                }
+                return highest
+                    .into_iter()
+                    .map(|((step, host), epoch)| (step, host, epoch))
+                    .collect();
             }
             self.news.notified().await;
         }
     }
 }
 
+/// The hosts whose writes one group commit refused, each with the epoch its row is at: a write
+/// of such a host at another epoch was not applied.
+#[derive(Debug, Default)]
+pub(crate) struct Refused(HashMap<(i64, i64), i64>);
+
+impl Refused {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether a write of the host at `epoch` was refused.
+    pub(crate) fn refuses(&self, step_instance_id: i64, bk_host_id: i64, epoch: i64) -> bool {
+        self.0
+            .get(&(step_instance_id, bk_host_id))
+            .is_some_and(|at| *at != epoch)
+    }
+
+    /// (step, host, row epoch) of every refused host, in order.
+    pub(crate) fn hosts(&self) -> Vec<(i64, i64, i64)> {
+        let mut hosts: Vec<(i64, i64, i64)> =
+            self.0.iter().map(|((s, h), e)| (*s, *h, *e)).collect();
+        hosts.sort_unstable();
+        hosts
+    }
+}
+
 /// What the fenced statements of one group commit carried and applied.
 #[derive(Debug, Default)]
 pub(crate) struct Check {
-    /// The (step, host, epoch) of every statement that applied fewer rows than it carried.
+    /// The (step, host, epoch) of every statement that applied fewer rows than it carried, and
+    /// of every write left out for a later epoch's write of its host in the same batch.
     suspects: Vec<(i64, i64, i64)>,
 }
 
@@ -71,12 +107,18 @@ impl Check {
         }
     }
 
-    /// The (step, host) pairs among the suspects whose row has another epoch than the write
-    /// carried: refused. One query per step, and none unless some statement fell short.
+    /// Notes a write left out of the batch's statements because a write of its host at a
+    /// later epoch is in the batch: it is refused as the statement would have refused it.
+    pub(crate) fn passed_over(&mut self, step_instance_id: i64, bk_host_id: i64, epoch: i64) {
+        self.suspects.push((step_instance_id, bk_host_id, epoch));
+    }
+
+    /// The hosts among the suspects whose row has another epoch than a write carried: refused.
+    /// One query per step, and none unless some statement fell short.
     pub(crate) async fn refused(
         self,
         tx: &mut sqlx::AnyConnection,
-    ) -> Result<Vec<(i64, i64)>, sqlx::Error> {
+    ) -> Result<Refused, sqlx::Error> {
         // By step, each host with the epochs its writes carried.
         let mut by_step: BTreeMap<i64, HashMap<i64, Vec<i64>>> = BTreeMap::new();
         for (step, host, epoch) in self.suspects {
@@ -87,40 +129,52 @@ impl Check {
                 .or_default()
                 .push(epoch);
         }
-        let mut refused = HashSet::new();
+        let mut refused = HashMap::new();
         for (step, carried) in by_step {
             let ids: Vec<i64> = carried.keys().copied().collect();
-            for chunk in ids.chunks(10_000) {
-                let rows = sqlx::query(&format!(
-                    "SELECT bk_host_id, epoch FROM host_result
-                     WHERE step_instance_id = $1 AND bk_host_id IN ({})",
-                    crate::join_ids(chunk)
-                ))
-                .bind(step)
-                .fetch_all(&mut *tx)
-                .await?;
-                for row in rows {
-                    let (host, epoch): (i64, i64) = (row.get(0), row.get(1));
-                    if carried
-                        .get(&host)
-                        .is_some_and(|carried| carried.iter().any(|e| *e != epoch))
-                    {
-                        refused.insert((step, host));
-                    }
+            for (host, epoch) in row_epochs(&mut *tx, step, &ids).await? {
+                if carried
+                    .get(&host)
+                    .is_some_and(|carried| carried.iter().any(|e| *e != epoch))
+                {
+                    refused.insert((step, host), epoch);
                 }
             }
         }
-        let mut refused: Vec<(i64, i64)> = refused.into_iter().collect();
-        refused.sort_unstable();
-        if !refused.is_empty() {
+        let refused = Refused(refused);
+        if let Some(first) = refused.hosts().first() {
             tracing::warn!(
-                hosts = refused.len(),
-                first = ?refused[0],
+                hosts = refused.0.len(),
+                first = ?first,
                 "writes of hosts another controller took over were refused"
             );
         }
         Ok(refused)
     }
+}
+
+/// The epoch of each of the step's `hosts` that has a row, read in `connection`.
+pub(crate) async fn row_epochs(
+    connection: &mut sqlx::AnyConnection,
+    step_instance_id: i64,
+    hosts: &[i64],
+) -> Result<HashMap<i64, i64>, sqlx::Error> {
+    let mut epochs = HashMap::with_capacity(hosts.len());
+    for chunk in hosts.chunks(10_000) {
+        let rows = sqlx::query(&format!(
+            "SELECT bk_host_id, epoch FROM host_result
+             WHERE step_instance_id = $1 AND bk_host_id IN ({})",
+            crate::join_ids(chunk)
+        ))
+        .bind(step_instance_id)
+        .fetch_all(&mut *connection)
+        .await?;
+        epochs.extend(
+            rows.iter()
+                .map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1))),
+        );
+    }
+    Ok(epochs)
 }
 
 /// `UPDATE host_result SET epoch = epoch + 1` for the step's `hosts`, in `tx`: they pass to
@@ -151,9 +205,9 @@ pub(crate) async fn advance(
 
 impl crate::Store {
     /// Waits until writes of hosts this controller ran were refused because another
-    /// controller took those hosts over, and returns them as (step, host): their runs here
-    /// must stop, recording nothing more.
-    pub async fn fenced_hosts(&self) -> Vec<(i64, i64)> {
+    /// controller took those hosts over, and returns them as (step, host, the epoch the host is
+    /// at now): its runs here below that epoch must stop, recording nothing more.
+    pub async fn fenced_hosts(&self) -> Vec<(i64, i64, i64)> {
         self.watchers.fenced_news().next().await
     }
 
@@ -273,6 +327,7 @@ mod tests {
                 saved: None,
             },
             Write::HostFinished {
+                stored: None,
                 step_instance_id: step,
                 bk_host_id: host,
                 outcome: HostOutcome {
@@ -381,7 +436,7 @@ mod tests {
         let fenced = tokio::time::timeout(std::time::Duration::from_secs(5), store.fenced_hosts())
             .await
             .expect("A is told of its refused writes");
-        assert_eq!(fenced, [(step, 1)]);
+        assert_eq!(fenced, [(step, 1, 1)]);
         assert_eq!(
             store.host_epochs(step).await.unwrap(),
             std::collections::HashMap::from([(1, 1)])
@@ -434,7 +489,74 @@ mod tests {
             tokio::time::timeout(std::time::Duration::from_secs(5), store.fenced_hosts())
                 .await
                 .unwrap(),
-            [(step, 1)]
+            [(step, 1, hosts[0].epoch)]
+        );
+    }
+
+    /// The end and the checkpoint a stalled holder sends after a take-over are not answered as
+    /// stored (the agent would forget the task, the script would go out): the end's `stored`
+    /// drops, the checkpoint batch names the refused host. A stale end queued behind the
+    /// taker's in the same batch does not win, and the holder is told the epoch the host is at.
+    #[tokio::test]
+    async fn refused_ends_and_checkpoints_are_not_answered_as_stored() {
+        let (_db, store) = crate::test_store().await;
+        let (job, step) = running_job(&store).await;
+        let taken = store
+            .take_over_handover(job, step, 1, "b", None, &UNFINISHED)
+            .await
+            .unwrap()
+            .expect("B takes host 1 over");
+        // In one batch: B's end of host 1, then A's stale end of it and A's end of host 2,
+        // A's checkpoints of both hosts in one write.
+        let ending = |host: i64, status: i32, epoch: i64| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let write = Write::HostFinished {
+                stored: Some(tx),
+                step_instance_id: step,
+                bk_host_id: host,
+                outcome: HostOutcome {
+                    status,
+                    tag: format!("ended at epoch {epoch}"),
+                    end_time: 5_000 + epoch,
+                    ..HostOutcome::default()
+                },
+                epoch,
+            };
+            (write, rx)
+        };
+        let (b_one, b_one_stored) = ending(1, 310, taken);
+        let (a_one, a_one_stored) = ending(1, 9, FIRST_EPOCH);
+        let (a_two, a_two_stored) = ending(2, 9, FIRST_EPOCH);
+        let (saved_tx, saved) = tokio::sync::oneshot::channel();
+        let checkpoints = Write::Checkpoints {
+            checkpoints: vec![
+                checkpoint(step, 1, "task@0", 0, FIRST_EPOCH),
+                checkpoint(step, 2, "task@0", 0, FIRST_EPOCH),
+            ],
+            saved: Some(saved_tx),
+        };
+        record_all(&store, vec![checkpoints, b_one, a_one, a_two]).await;
+        assert_eq!(
+            saved.await.expect("the batch is answered"),
+            [(step, 1)],
+            "host 1's checkpoint is refused, host 2's saved"
+        );
+        assert!(b_one_stored.await.is_ok(), "the taker's end is stored");
+        assert!(a_one_stored.await.is_err(), "the stale end is not answered");
+        assert!(
+            a_two_stored.await.is_ok(),
+            "A's end of its own host is stored"
+        );
+        let statuses = store.host_statuses(step, &[1, 2]).await.unwrap();
+        assert_eq!(
+            statuses,
+            std::collections::HashMap::from([(1, 310), (2, 9)])
+        );
+        assert_eq!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), store.fenced_hosts())
+                .await
+                .unwrap(),
+            [(step, 1, taken)]
         );
     }
 }

@@ -462,6 +462,7 @@ mod tests {
                 .unwrap();
             store
                 .record(Write::HostFinished {
+                    stored: None,
                     epoch: crate::FIRST_EPOCH,
                     step_instance_id: step,
                     bk_host_id: host,
@@ -595,6 +596,7 @@ mod tests {
             .unwrap();
         store
             .record(Write::HostFinished {
+                stored: None,
                 epoch,
                 step_instance_id: step,
                 bk_host_id: 2,

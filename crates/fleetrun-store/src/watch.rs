@@ -222,8 +222,8 @@ impl Watchers {
         &self.1[1]
     }
 
-    /// Tells the engine that writes of these (step, host) pairs were refused.
-    pub(crate) fn fenced(&self, refused: Vec<(i64, i64)>) {
+    /// Tells the engine that writes of these hosts (step, host, row epoch) were refused.
+    pub(crate) fn fenced(&self, refused: Vec<(i64, i64, i64)>) {
         self.2.push(refused);
     }
 

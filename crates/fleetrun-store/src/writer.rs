@@ -46,12 +46,15 @@ pub enum Write {
         data: Vec<u8>,
         epoch: i64,
     },
-    /// A host's task ended.
+    /// A host's task ended. `stored` is answered once the end is committed, and dropped
+    /// unanswered if it was refused (the host passed to another writer, see [`crate::fence`])
+    /// or lost: only an answered end may be acknowledged to the agent that ran the task.
     HostFinished {
         step_instance_id: i64,
         bk_host_id: i64,
         outcome: HostOutcome,
         epoch: i64,
+        stored: Option<oneshot::Sender<()>>,
     },
     /// The step reached a final status.
     StepFinished {
@@ -69,11 +72,13 @@ pub enum Write {
     Flush(oneshot::Sender<()>),
     /// Where tasks out on agents that own them stand (`reattach`), upserted in the same group
     /// commit as the log they describe, which was queued before them. `saved` is answered once
-    /// they are committed, and dropped unanswered if they are lost (see
-    /// [`crate::Health::lost`]), so nobody takes a lost checkpoint for a saved one.
+    /// they are committed, with the (step, host) pairs whose checkpoints the fence refused
+    /// (another writer holds the host now: those were not saved), and dropped unanswered if they
+    /// are lost (see [`crate::Health::lost`]), so nobody takes a lost or refused checkpoint for
+    /// a saved one.
     Checkpoints {
         checkpoints: Vec<HostCheckpoint>,
-        saved: Option<oneshot::Sender<()>>,
+        saved: Option<oneshot::Sender<Vec<(i64, i64)>>>,
     },
 }
 
@@ -312,15 +317,32 @@ impl Writer {
         let refused = committed?;
         self.watchers.committed(batch);
         if !refused.is_empty() {
-            self.watchers.fenced(refused);
+            self.watchers.fenced(refused.hosts());
         }
         for write in self.pending.drain(..n) {
             self.pending_bytes -= output_bytes(&write);
-            if let Write::Checkpoints {
-                saved: Some(saved), ..
-            } = write
-            {
-                let _ = saved.send(());
+            match write {
+                Write::Checkpoints {
+                    checkpoints,
+                    saved: Some(saved),
+                } => {
+                    let lost: Vec<(i64, i64)> = checkpoints
+                        .iter()
+                        .filter(|c| refused.refuses(c.step_instance_id, c.bk_host_id, c.epoch))
+                        .map(|c| (c.step_instance_id, c.bk_host_id))
+                        .collect();
+                    let _ = saved.send(lost);
+                }
+                Write::HostFinished {
+                    step_instance_id,
+                    bk_host_id,
+                    epoch,
+                    stored: Some(stored),
+                    ..
+                } if !refused.refuses(step_instance_id, bk_host_id, epoch) => {
+                    let _ = stored.send(());
+                }
+                _ => {}
             }
         }
         self.publish();
@@ -373,32 +395,38 @@ fn output_bytes(write: &Write) -> usize {
     }
 }
 
-/// Commits `batch` in one transaction; returns the (step, host) pairs whose writes were refused
-/// because another controller took the host over since (their epoch is past).
+/// Commits `batch` in one transaction; returns the hosts whose writes were refused because
+/// another writer took the host over since (their epoch is past).
 async fn commit(
     connection: &mut sqlx::AnyConnection,
     batch: &[Write],
     dialect: Dialect,
     announcement: Option<(&str, &str)>,
-) -> Result<Vec<(i64, i64)>, sqlx::Error> {
-    // A host whose task also ended in this batch needs no "running" update: its final row says
-    // all. Log chunks go in multi-row inserts. Both matter when thousands of hosts report at once.
-    let finished: std::collections::HashSet<(i64, i64)> = batch
-        .iter()
-        .filter_map(|w| match w {
-            Write::HostFinished {
-                step_instance_id,
-                bk_host_id,
-                ..
-            } => Some((*step_instance_id, *bk_host_id)),
-            _ => None,
-        })
-        .collect();
+) -> Result<crate::fence::Refused, sqlx::Error> {
+    // A host whose task also ended in this batch, at the same epoch or a later one, needs no
+    // "running" update: its final row says all. Log chunks go in multi-row inserts. Both matter
+    // when thousands of hosts report at once.
+    let mut finished: std::collections::HashMap<(i64, i64), i64> = std::collections::HashMap::new();
+    for write in batch {
+        if let Write::HostFinished {
+            step_instance_id,
+            bk_host_id,
+            epoch,
+            ..
+        } = write
+        {
+            let at = finished
+                .entry((*step_instance_id, *bk_host_id))
+                .or_insert(*epoch);
+            *at = (*at).max(*epoch);
+        }
+    }
     let mut skipped_starts = std::collections::HashMap::new();
     let mut logs = Vec::new();
     let mut running = Vec::new();
     let mut results = Vec::new();
     let mut checkpoints = Vec::new();
+    let mut fence = crate::fence::Check::default();
     let mut tx = sqlx::Connection::begin(connection).await?;
     for write in batch {
         match write {
@@ -406,10 +434,19 @@ async fn commit(
                 step_instance_id,
                 bk_host_id,
                 start_time,
+                epoch,
                 ..
-            } if finished.contains(&(*step_instance_id, *bk_host_id)) => {
-                // Its start time still counts, should the final row not carry one.
-                skipped_starts.insert((*step_instance_id, *bk_host_id), *start_time);
+            } if finished
+                .get(&(*step_instance_id, *bk_host_id))
+                .is_some_and(|ended| ended >= epoch) =>
+            {
+                if finished[&(*step_instance_id, *bk_host_id)] == *epoch {
+                    // Its start time still counts, should the final row not carry one.
+                    skipped_starts.insert((*step_instance_id, *bk_host_id), *start_time);
+                } else {
+                    // Written before the host passed on: refused, as its statement would.
+                    fence.passed_over(*step_instance_id, *bk_host_id, *epoch);
+                }
             }
             Write::HostLog {
                 step_instance_id,
@@ -475,6 +512,7 @@ async fn commit(
                 bk_host_id,
                 outcome,
                 epoch,
+                ..
             } => results.push((*step_instance_id, *bk_host_id, outcome, *epoch)),
             Write::StepFinished {
                 step_instance_id,
@@ -517,20 +555,30 @@ async fn commit(
     // row twice is refused by PostgreSQL and undefined in SQLite. Each statement applies a row
     // only while its host is at the epoch the write carries (the fence is part of the bulk
     // statement); a statement that applied fewer rows than it carried has the refused ones
-    // looked up once, at the end.
-    let mut fence = crate::fence::Check::default();
+    // looked up once, at the end. Of a host's writes at several epochs (a stale one queued
+    // behind the take-over's), those at the highest stand; the others are refused.
     let running = last_per_host(
         running,
         |(step, host, ..)| (*step, *host),
+        |w| w.4,
         |earlier, later| {
             later.3 = later.3.or(earlier.3);
         },
+        |(step, host, .., epoch)| fence.passed_over(*step, *host, *epoch),
     );
-    let results = last_per_host(results, |(step, host, ..)| (*step, *host), |_, _| {});
+    let results = last_per_host(
+        results,
+        |(step, host, ..)| (*step, *host),
+        |w| w.3,
+        |_, _| {},
+        |(step, host, _, epoch)| fence.passed_over(*step, *host, *epoch),
+    );
     let logs = last_per_host(
         logs,
         |(step, host, offset, ..)| (*step, *host, *offset),
+        |w| w.4,
         |_, _| {},
+        |(step, host, .., epoch)| fence.passed_over(*step, *host, *epoch),
     );
     for chunk in running.chunks(dialect.max_parameters() / 5) {
         let mut update = Statement::new(
@@ -613,7 +661,9 @@ async fn commit(
     let checkpoints = last_per_host(
         checkpoints,
         |c| (c.step_instance_id, c.bk_host_id),
+        |c| c.epoch,
         |_, _| {},
+        |c| fence.passed_over(c.step_instance_id, c.bk_host_id, c.epoch),
     );
     for chunk in checkpoints.chunks(dialect.max_parameters() / 12) {
         let applied = crate::reattach::upsert_checkpoints(&mut tx, dialect, chunk).await?;
@@ -632,12 +682,16 @@ async fn commit(
     Ok(refused)
 }
 
-/// `items` with one item per key, where the last one stands and `merge(earlier, later)` carries
-/// into it what an earlier one said that it does not; in the order the keys first appeared.
+/// `items` with one item per key, where the last one at the highest epoch stands and
+/// `merge(earlier, later)` carries into it what an earlier one at that epoch said that it does
+/// not; in the order the keys first appeared. Items at a lower epoch than another of their key
+/// go to `passed_over`: the fence refuses them.
 fn last_per_host<T, K: std::hash::Hash + Eq>(
     items: Vec<T>,
     key: impl Fn(&T) -> K,
+    epoch: impl Fn(&T) -> i64,
     merge: impl Fn(&T, &mut T),
+    mut passed_over: impl FnMut(&T),
 ) -> Vec<T> {
     let mut at: std::collections::HashMap<K, usize> = std::collections::HashMap::new();
     let mut kept: Vec<T> = Vec::with_capacity(items.len());
@@ -645,8 +699,17 @@ fn last_per_host<T, K: std::hash::Hash + Eq>(
         match at.entry(key(&item)) {
             std::collections::hash_map::Entry::Occupied(slot) => {
                 let earlier = &mut kept[*slot.get()];
-                merge(earlier, &mut item);
-                *earlier = item;
+                match epoch(earlier).cmp(&epoch(&item)) {
+                    std::cmp::Ordering::Greater => passed_over(&item),
+                    std::cmp::Ordering::Less => {
+                        passed_over(earlier);
+                        *earlier = item;
+                    }
+                    std::cmp::Ordering::Equal => {
+                        merge(earlier, &mut item);
+                        *earlier = item;
+                    }
+                }
             }
             std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert(kept.len());
@@ -724,6 +787,7 @@ mod tests {
         );
         // Its task ended: the host's final row stands, and its hole no longer matters.
         writer.accept(Write::HostFinished {
+            stored: None,
             epoch: crate::FIRST_EPOCH,
             step_instance_id: 7,
             bk_host_id: 1,
@@ -790,6 +854,7 @@ mod tests {
                 }
                 store
                     .record(Write::HostFinished {
+                        stored: None,
                         epoch: crate::FIRST_EPOCH,
                         step_instance_id: step,
                         bk_host_id: id,

@@ -219,6 +219,7 @@ async fn rows_and_bytes_per_host_run() {
             .unwrap();
         store
             .record(Write::HostFinished {
+                stored: None,
                 epoch: fleetrun_store::FIRST_EPOCH,
                 step_instance_id: step,
                 bk_host_id: host,

@@ -252,6 +252,7 @@ async fn the_database_and_its_directory_are_readable_by_their_owner_only() {
     let store = Store::open(&path).await.unwrap();
     store
         .record(Write::HostFinished {
+            stored: None,
             epoch: fleetrun_store::FIRST_EPOCH,
             step_instance_id: 1,
             bk_host_id: 1,

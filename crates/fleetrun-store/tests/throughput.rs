@@ -96,6 +96,7 @@ async fn bulk_paths() {
             .unwrap();
         store
             .record(Write::HostFinished {
+                stored: None,
                 epoch: fleetrun_store::FIRST_EPOCH,
                 step_instance_id: step,
                 bk_host_id: id,

@@ -42,6 +42,8 @@ fn until_deadline(machine: &HostTask) -> Duration {
 struct Attached {
     send: quinn::SendStream,
     recv: FramedRecv,
+    /// The agent's connection the stream is on.
+    connection: quinn::Connection,
 }
 
 /// Reads the next report of the attached stream; never, while detached.
@@ -230,19 +232,29 @@ impl HostRun {
         });
         let status = outcome.status;
         crate::metrics::host_finished(status);
+        let (stored_tx, stored) = tokio::sync::oneshot::channel();
         self.record(Write::HostFinished {
+            stored: Some(stored_tx),
             step_instance_id: self.step_instance_id,
             bk_host_id: self.bk_host_id,
             outcome: outcome.into(),
             epoch: self.epoch,
         })
         .await;
-        if let Some(Attached { mut send, .. }) = last_stream {
+        if let Some(Attached {
+            mut send,
+            connection,
+            ..
+        }) = last_stream
+        {
             // The agent forgets the task once the result is committed: until then it keeps it,
-            // and a restarted controller could still take it.
-            let store = self.engine.store.clone();
+            // and a restarted controller could still take it. A result the store refused
+            // (another controller took the host over meanwhile) or lost is not acknowledged:
+            // the connection closes, saying so, and the agent claims the task again where the
+            // host is held now, which records its result.
+            let (job, bk_host_id) = (self.job_instance_id, self.bk_host_id);
             tokio::spawn(async move {
-                if store.flush().await.is_ok() {
+                if stored.await.is_ok() {
                     let sent = tokio::time::timeout(
                         ACK_WAIT,
                         send_frame(&mut send, &TaskDown::ResultStored),
@@ -251,6 +263,17 @@ impl HostRun {
                     if matches!(sent, Ok(Ok(()))) {
                         let _ = send.finish();
                     }
+                } else {
+                    tracing::warn!(
+                        job,
+                        bk_host_id,
+                        "the host's end was not recorded (another controller holds it now, or \
+                         the store lost it): the agent keeps the result and takes it elsewhere"
+                    );
+                    connection.close(
+                        fleetrun_proto::close_code::SHUTDOWN.into(),
+                        b"a result was not recorded here: claim the task again",
+                    );
                 }
             });
         }
@@ -410,6 +433,7 @@ impl HostRun {
         let mut stream = Some(Attached {
             send,
             recv: FramedRecv::new(recv),
+            connection: connection.clone(),
         });
         if let Err(e) = sent {
             let why = format!("cannot send the task to the agent: {e}");
@@ -796,5 +820,6 @@ async fn resume(
     Ok(Attached {
         send,
         recv: FramedRecv::new(recv),
+        connection: connection.clone(),
     })
 }

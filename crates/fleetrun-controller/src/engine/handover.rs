@@ -417,6 +417,7 @@ impl Engine {
         self.write_for(
             job_instance_id,
             Write::HostFinished {
+                stored: None,
                 step_instance_id,
                 bk_host_id,
                 outcome: HostOutcome {
@@ -523,6 +524,7 @@ impl Engine {
                     .record_part(
                         job_instance_id,
                         Write::HostFinished {
+                            stored: None,
                             step_instance_id,
                             bk_host_id,
                             outcome: HostOutcome {
@@ -588,6 +590,7 @@ impl Engine {
                         self.write_for(
                             job_instance_id,
                             Write::HostFinished {
+                                stored: None,
                                 step_instance_id,
                                 bk_host_id,
                                 outcome: HostOutcome {
@@ -733,9 +736,9 @@ impl Engine {
     /// Runs here of (step, host) pairs whose writes the store refused because another
     /// controller took them over (this one stalled meanwhile): told so, they stop recording and
     /// wait for the store to show the host's end, which is the taker's.
-    pub(crate) fn stop_fenced(&self, fenced: &[(i64, i64)]) {
+    pub(crate) fn stop_fenced(&self, fenced: &[(i64, i64, i64)]) {
         let claims = self.claims.lock().unwrap();
-        for (step_instance_id, bk_host_id) in fenced {
+        for (step_instance_id, bk_host_id, _) in fenced {
             for (task_id, claimant) in claims.of_host(*bk_host_id) {
                 if claimant.step_instance_id == *step_instance_id {
                     tracing::warn!(

@@ -654,6 +654,7 @@ impl Engine {
         self.write_for(
             step.job_instance_id,
             Write::HostFinished {
+                stored: None,
                 step_instance_id: step.step_instance_id,
                 bk_host_id: target.bk_host_id,
                 outcome: HostOutcome {
