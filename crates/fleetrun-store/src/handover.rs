@@ -388,16 +388,29 @@ impl Store {
             .await?
             .rows_affected()
                 == 1;
-            let epoch = if moved {
-                let epochs =
-                    crate::fence::advance(&mut tx, step_instance_id, &[bk_host_id]).await?;
-                self.announce_news(&mut tx).await?;
-                epochs.get(&bk_host_id).copied()
-            } else {
-                None
+            if !moved {
+                return Ok(None);
+            }
+            // The epoch rises only while the host is still unfinished, in this statement: on
+            // PostgreSQL the check above read a snapshot, and a final status committed since
+            // (its writer at the current epoch) must not be fenced out after the fact; the
+            // row lock this takes serialises the two. Nothing moved: the transaction rolls back.
+            let raised = sqlx::query(&format!(
+                "UPDATE host_result SET epoch = epoch + 1
+                 WHERE step_instance_id = $1 AND bk_host_id = $2 AND status IN ({})
+                 RETURNING epoch",
+                crate::join_ints(unfinished_host_statuses)
+            ))
+            .bind(step_instance_id)
+            .bind(bk_host_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(raised) = raised else {
+                return Ok(None);
             };
+            self.announce_news(&mut tx).await?;
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(epoch)
+            Ok::<_, sqlx::Error>(Some(raised.get::<i64, _>(0)))
         }
         .await;
         let epoch = self.noting_write_failure(moved)?;
@@ -1043,5 +1056,60 @@ mod tests {
                 .is_none()
         );
         assert_eq!(store.handover(step, 1, 0).await.unwrap(), None);
+    }
+
+    /// On PostgreSQL a take-over's "still unfinished" check reads a snapshot: a final status
+    /// committed while it waits for the host's row must not be fenced out after the fact. The
+    /// end holds the row; the take-over, having seen the host running, waits for it; once the
+    /// end commits, the take-over moves nothing and leaves no handover behind.
+    #[tokio::test]
+    async fn a_take_over_does_not_fence_out_an_end_that_landed_while_it_waited() {
+        let (_db, store) = crate::test_store().await;
+        if store.dialect != crate::backend::Dialect::Postgres {
+            // SQLite runs one writer at a time: the two cannot interleave.
+            return;
+        }
+        alive(&store, "b").await;
+        let (job, step) = running_job(&store).await;
+        let mut ending = store.pool.begin().await.unwrap();
+        sqlx::query(
+            "UPDATE host_result SET status = 9 WHERE step_instance_id = $1 AND bk_host_id = 1",
+        )
+        .bind(step)
+        .execute(&mut *ending)
+        .await
+        .unwrap();
+        let taker = store.clone();
+        let taking = tokio::spawn(async move {
+            taker
+                .take_over_handover(job, step, 1, "b", None, &[0, 5, 7])
+                .await
+        });
+        // Until the take-over waits for the row the end holds.
+        let waited = async {
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pg_stat_activity
+                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                )
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+                if waiting > 0 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(20), waited)
+            .await
+            .expect("the take-over waits for the host's row");
+        ending.commit().await.unwrap();
+        let taken = taking.await.unwrap().unwrap();
+        assert_eq!(taken, None, "the host ended: nothing to take over");
+        assert!(store.handover(step, 1, 0).await.unwrap().is_none());
+        let statuses = store.host_statuses(step, &[1]).await.unwrap();
+        assert_eq!(statuses, HashMap::from([(1, 9)]));
+        assert!(store.host_epochs(step).await.unwrap().is_empty());
     }
 }
