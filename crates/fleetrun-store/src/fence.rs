@@ -22,9 +22,45 @@ use tokio::sync::Notify;
 pub const FIRST_EPOCH: i64 = 0;
 
 /// The condition of a fenced insert whose values are `v` with the step in `column1`, the host
-/// in `column2` and the epoch in `column5`: no row of that host stands at another epoch.
-pub(crate) const NOT_FENCED_OUT_V5: &str = "NOT EXISTS (SELECT 1 FROM host_result r
-     WHERE r.step_instance_id = v.column1 AND r.bk_host_id = v.column2 AND r.epoch <> v.column5)";
+/// in `column2` and the epoch in `epoch_column`: no row of that host stands at another epoch.
+pub(crate) fn not_fenced_out(epoch_column: &str) -> String {
+    format!(
+        "NOT EXISTS (SELECT 1 FROM host_result r
+             WHERE r.step_instance_id = v.column1 AND r.bk_host_id = v.column2
+               AND r.epoch <> v.{epoch_column})"
+    )
+}
+
+/// On PostgreSQL, takes a share lock on the host rows of `hosts` (step, host), in one
+/// statement per chunk and in order, before the fenced inserts of their log and checkpoints:
+/// their `NOT EXISTS` reads a snapshot and locks nothing, so without it an epoch raise that
+/// commits meanwhile would not be waited for. With it, a raise waits for this transaction, or
+/// this one for the raise (and then reads the raised epoch). SQLite runs one writer at a time.
+pub(crate) async fn lock_hosts(
+    tx: &mut sqlx::AnyConnection,
+    dialect: crate::backend::Dialect,
+    hosts: impl IntoIterator<Item = (i64, i64)>,
+) -> Result<(), sqlx::Error> {
+    if dialect != crate::backend::Dialect::Postgres {
+        return Ok(());
+    }
+    let hosts: std::collections::BTreeSet<(i64, i64)> = hosts.into_iter().collect();
+    let hosts: Vec<(i64, i64)> = hosts.into_iter().collect();
+    for chunk in hosts.chunks(10_000) {
+        let pairs: Vec<String> = chunk
+            .iter()
+            .map(|(step, host)| format!("({step}, {host})"))
+            .collect();
+        sqlx::query(&format!(
+            "SELECT 1 FROM host_result WHERE (step_instance_id, bk_host_id) IN ({})
+             ORDER BY step_instance_id, bk_host_id FOR SHARE",
+            pairs.join(", ")
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
 
 /// Hosts whose writes were refused, for the engine that wrote them to stop them: (step, host,
 /// the epoch the host's row is at).
@@ -557,6 +593,68 @@ mod tests {
                 .await
                 .unwrap(),
             [(step, 1, taken)]
+        );
+    }
+
+    /// On PostgreSQL a log chunk's fence reads a snapshot: an epoch raise that commits while
+    /// the chunk's transaction runs must still refuse it. The raise holds the host's row; the
+    /// group commit waits for it, then sees the raised epoch and refuses the stale chunk.
+    #[tokio::test]
+    async fn a_log_chunk_waits_for_an_epoch_raise_under_way_and_is_refused() {
+        let (_db, store) = crate::test_store().await;
+        if store.dialect != crate::backend::Dialect::Postgres {
+            // SQLite runs one writer at a time: the two cannot interleave.
+            return;
+        }
+        let (_, step) = running_job(&store).await;
+        let mut raising = store.pool.begin().await.unwrap();
+        sqlx::query(
+            "UPDATE host_result SET epoch = epoch + 1 WHERE step_instance_id = $1 AND bk_host_id = 1",
+        )
+        .bind(step)
+        .execute(&mut *raising)
+        .await
+        .unwrap();
+        let writer = store.clone();
+        let writing = tokio::spawn(async move {
+            record_all(
+                &writer,
+                vec![Write::HostLog {
+                    step_instance_id: step,
+                    bk_host_id: 1,
+                    offset: 0,
+                    data: b"stale".to_vec(),
+                    epoch: FIRST_EPOCH,
+                }],
+            )
+            .await;
+        });
+        let waited = async {
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pg_stat_activity
+                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                )
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+                if waiting > 0 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(20), waited)
+            .await
+            .expect("the group commit waits for the raise");
+        raising.commit().await.unwrap();
+        writing.await.unwrap();
+        assert_eq!(store.host_log(step, 1).await.unwrap(), b"");
+        assert_eq!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), store.fenced_hosts())
+                .await
+                .unwrap(),
+            [(step, 1, FIRST_EPOCH + 1)]
         );
     }
 }

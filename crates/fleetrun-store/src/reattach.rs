@@ -101,11 +101,10 @@ pub(crate) async fn upsert_checkpoints(
             .push_bind(c.deadline)
             .push_bind(c.epoch);
     });
+    insert.push(") AS v WHERE ");
+    insert.push(&crate::fence::not_fenced_out("column12"));
     insert.push(
-        ") AS v WHERE NOT EXISTS (SELECT 1 FROM host_result r
-             WHERE r.step_instance_id = v.column1 AND r.bk_host_id = v.column2
-               AND r.epoch <> v.column12)
-         ON CONFLICT (step_instance_id, bk_host_id) DO UPDATE SET
+        " ON CONFLICT (step_instance_id, bk_host_id) DO UPDATE SET
              task_id = excluded.task_id, agent_id = excluded.agent_id,
              received = excluded.received, stored = excluded.stored,
              dropped_bytes = excluded.dropped_bytes, dropped_lines = excluded.dropped_lines,

@@ -635,6 +635,23 @@ async fn commit(
         let applied = update.build().execute(&mut *tx).await?.rows_affected();
         fence.carried(chunk.iter().map(|w| (w.0, w.1, w.3)), applied);
     }
+    let checkpoints = last_per_host(
+        checkpoints,
+        |c| (c.step_instance_id, c.bk_host_id),
+        |c| c.epoch,
+        |_, _| {},
+        |c| fence.passed_over(c.step_instance_id, c.bk_host_id, c.epoch),
+    );
+    crate::fence::lock_hosts(
+        &mut tx,
+        dialect,
+        logs.iter().map(|(step, host, ..)| (*step, *host)).chain(
+            checkpoints
+                .iter()
+                .map(|c| (c.step_instance_id, c.bk_host_id)),
+        ),
+    )
+    .await?;
     for chunk in logs.chunks(dialect.max_parameters() / 5) {
         // A chunk is refused when its host's row has another epoch; a chunk of a host without
         // a row (no job holds it) is not fenced.
@@ -651,20 +668,13 @@ async fn commit(
                 .push_bind(*epoch);
         });
         insert.push(") AS v WHERE ");
-        insert.push(crate::fence::NOT_FENCED_OUT_V5);
+        insert.push(&crate::fence::not_fenced_out("column5"));
         insert.push(
             " ON CONFLICT (step_instance_id, bk_host_id, \"offset\") DO UPDATE SET data = excluded.data",
         );
         let applied = insert.build().execute(&mut *tx).await?.rows_affected();
         fence.carried(chunk.iter().map(|w| (w.0, w.1, w.4)), applied);
     }
-    let checkpoints = last_per_host(
-        checkpoints,
-        |c| (c.step_instance_id, c.bk_host_id),
-        |c| c.epoch,
-        |_, _| {},
-        |c| fence.passed_over(c.step_instance_id, c.bk_host_id, c.epoch),
-    );
     for chunk in checkpoints.chunks(dialect.max_parameters() / 12) {
         let applied = crate::reattach::upsert_checkpoints(&mut tx, dialect, chunk).await?;
         fence.carried(
