@@ -87,6 +87,8 @@ enum Reattach {
 struct Claimant {
     step_instance_id: i64,
     bk_host_id: i64,
+    /// The host's epoch the run that follows the task took it at.
+    epoch: i64,
     agent_id: String,
     tx: mpsc::UnboundedSender<Reattach>,
 }
@@ -134,6 +136,18 @@ impl Claims {
             .into_iter()
             .flatten()
             .filter_map(|task_id| Some((task_id, self.by_task.get(task_id)?)))
+    }
+
+    /// The tasks of (step, host) followed by runs that took the host below `epoch`: a write at
+    /// `epoch` refused theirs, so another writer holds the host. A run at `epoch` holds it.
+    fn fenced_out(
+        &self,
+        step_instance_id: i64,
+        bk_host_id: i64,
+        epoch: i64,
+    ) -> impl Iterator<Item = (&Uuid, &Claimant)> {
+        self.of_host(bk_host_id)
+            .filter(move |(_, c)| c.step_instance_id == step_instance_id && c.epoch < epoch)
     }
 }
 
@@ -809,9 +823,9 @@ impl Engine {
         for checkpoint in job.hosts.iter().filter_map(|h| {
             h.checkpoint
                 .as_ref()
-                .map(|checkpoint| (h.bk_host_id, checkpoint))
+                .map(|checkpoint| (h.bk_host_id, h.epoch, checkpoint))
         }) {
-            let (bk_host_id, checkpoint) = checkpoint;
+            let (bk_host_id, epoch, checkpoint) = checkpoint;
             let Ok(task_id) = checkpoint.task_id.parse::<Uuid>() else {
                 continue;
             };
@@ -821,6 +835,7 @@ impl Engine {
                 Claimant {
                     step_instance_id: job.step_instance_id,
                     bk_host_id,
+                    epoch,
                     agent_id: checkpoint.agent_id.clone(),
                     tx,
                 },
@@ -1530,6 +1545,7 @@ mod tests {
         let claimant = Claimant {
             step_instance_id: 1,
             bk_host_id,
+            epoch: fleetrun_store::FIRST_EPOCH,
             agent_id: agent_id.into(),
             tx,
         };
@@ -1564,5 +1580,24 @@ mod tests {
         claims.remove(&ids[1]);
         assert!(!claims.by_host.contains_key(&1));
         assert_eq!(claims.get(&ids[2]).map(|c| c.bk_host_id), Some(2));
+    }
+
+    /// A refusal at epoch 2 stops the run that took the host at 1, not the one at 2 (this
+    /// controller took the host back), nor a run of another step.
+    #[test]
+    fn a_refusal_stops_only_the_runs_below_the_hosts_epoch() {
+        let mut claims = Claims::default();
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        let mut receivers = Vec::new();
+        for (id, (step, epoch)) in ids.iter().zip([(1, 1), (1, 2), (9, 0)]) {
+            let (mut claimant, rx) = claimant(5, "a");
+            claimant.step_instance_id = step;
+            claimant.epoch = epoch;
+            claims.insert(*id, claimant);
+            receivers.push(rx);
+        }
+        let stopped: HashSet<Uuid> = claims.fenced_out(1, 5, 2).map(|(id, _)| *id).collect();
+        assert_eq!(stopped, [ids[0]].into());
+        assert_eq!(claims.fenced_out(1, 5, 1).count(), 0);
     }
 }

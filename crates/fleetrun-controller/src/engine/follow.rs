@@ -170,6 +170,7 @@ impl HostRun {
                             Claimant {
                                 step_instance_id: self.step_instance_id,
                                 bk_host_id: self.bk_host_id,
+                                epoch: self.epoch,
                                 agent_id: link.agent_id.clone(),
                                 tx,
                             },
@@ -323,6 +324,7 @@ impl HostRun {
                     Claimant {
                         step_instance_id: self.step_instance_id,
                         bk_host_id: self.bk_host_id,
+                        epoch: self.epoch,
                         agent_id: checkpoint.agent_id.clone(),
                         tx,
                     },

@@ -734,21 +734,20 @@ impl Engine {
     }
 
     /// Runs here of (step, host) pairs whose writes the store refused because another
-    /// controller took them over (this one stalled meanwhile): told so, they stop recording and
-    /// wait for the store to show the host's end, which is the taker's.
+    /// controller took them over (this one stalled meanwhile), each with the epoch the host is
+    /// at now: the runs below it are told so, stop recording and wait for the store to show the
+    /// host's end, which is the taker's.
     pub(crate) fn stop_fenced(&self, fenced: &[(i64, i64, i64)]) {
         let claims = self.claims.lock().unwrap();
-        for (step_instance_id, bk_host_id, _) in fenced {
-            for (task_id, claimant) in claims.of_host(*bk_host_id) {
-                if claimant.step_instance_id == *step_instance_id {
-                    tracing::warn!(
-                        step = step_instance_id,
-                        bk_host_id,
-                        %task_id,
-                        "another controller took this host over: its run here stops"
-                    );
-                    let _ = claimant.tx.send(super::Reattach::Fenced);
-                }
+        for (step_instance_id, bk_host_id, epoch) in fenced {
+            for (task_id, claimant) in claims.fenced_out(*step_instance_id, *bk_host_id, *epoch) {
+                tracing::warn!(
+                    step = step_instance_id,
+                    bk_host_id,
+                    %task_id,
+                    "another controller took this host over: its run here stops"
+                );
+                let _ = claimant.tx.send(super::Reattach::Fenced);
             }
         }
     }
@@ -871,6 +870,7 @@ impl Engine {
             Claimant {
                 step_instance_id,
                 bk_host_id,
+                epoch,
                 agent_id: agent_id.to_owned(),
                 tx,
             },
