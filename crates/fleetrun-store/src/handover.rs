@@ -275,20 +275,12 @@ impl Store {
             }
             let mut epochs = HashMap::new();
             for (step, hosts) in by_step {
-                for chunk in hosts.chunks(10_000) {
-                    let rows = sqlx::query(&format!(
-                        "SELECT bk_host_id, epoch FROM host_result
-                         WHERE step_instance_id = $1 AND bk_host_id IN ({})",
-                        crate::join_ids(chunk)
-                    ))
-                    .bind(step)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    epochs.extend(
-                        rows.iter()
-                            .map(|r| ((step, r.get::<i64, _>(0)), r.get::<i64, _>(1))),
-                    );
-                }
+                epochs.extend(
+                    crate::fence::row_epochs(&mut tx, step, &hosts)
+                        .await?
+                        .into_iter()
+                        .map(|(host, epoch)| ((step, host), epoch)),
+                );
             }
             for handover in &mut taken {
                 if let Some(epoch) = epochs.get(&(handover.step_instance_id, handover.bk_host_id)) {
