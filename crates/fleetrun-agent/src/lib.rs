@@ -81,6 +81,10 @@ struct Failover {
     home_unreachable: Option<(std::time::Instant, u32)>,
     /// The home controller the agent stopped waiting for, while it is still the tasks' home.
     given_up: Option<usize>,
+    /// By index, whether the controller said, the last time it welcomed the agent, that it is
+    /// one of a cluster ([`fleetrun_proto::HelloReply::Joined`]). Only such a home is given up:
+    /// a standalone controller's tasks are unknown to every other one, which would kill them.
+    clustered: Vec<bool>,
 }
 
 impl Failover {
@@ -101,6 +105,7 @@ impl Failover {
             backoff: Backoff::new(),
             home_unreachable: None,
             given_up: None,
+            clustered: vec![false; controllers.max(1)],
         }
     }
 
@@ -120,14 +125,20 @@ impl Failover {
     }
 
     /// [`Self::after`] at `now`. A home that could not be reached for [`Self::HOME_PATIENCE`]
-    /// (and [`Self::HOME_ATTEMPTS`] attempts) is given up: the agent goes on as without one,
-    /// to the next controller, which takes the tasks over when the agent claims them there.
+    /// (and [`Self::HOME_ATTEMPTS`] attempts) is given up if it said it is one of a cluster:
+    /// the agent goes on as without one, to the next controller, which takes the tasks over
+    /// when the agent claims them there. A standalone home is waited for until the tasks'
+    /// deadlines (a restart may take longer than the patience; no other controller knows them).
     fn after_at(
         &mut self,
         ended: &session::Ended,
         home: Option<usize>,
         now: std::time::Instant,
     ) -> Duration {
+        if let session::Ended::AfterWelcome { clustered, .. } = ended {
+            let at = self.current();
+            self.clustered[at] = *clustered;
+        }
         if home != self.given_up {
             // The tasks were acknowledged, or taken over by another controller: a new home.
             self.given_up = None;
@@ -142,6 +153,7 @@ impl Failover {
                 (true, Some((since, attempts))) => Some((since, attempts + 1)),
             };
             if self.controllers > 1
+                && self.clustered[home % self.controllers]
                 && let Some((since, attempts)) = self.home_unreachable
                 && attempts >= Self::HOME_ATTEMPTS
                 && now.duration_since(since) >= Self::HOME_PATIENCE
@@ -472,6 +484,7 @@ async fn serve(ctx: &Arc<AgentContext>, endpoint: &quinn::Endpoint, shutdown: &C
                 lasted,
                 reason,
                 shutting_down,
+                ..
             } => {
                 tracing::warn!(
                     controller = target,
@@ -567,7 +580,15 @@ mod tests {
             lasted: Duration::from_secs(lasted_secs),
             reason: "closed".into(),
             shutting_down,
+            clustered: false,
         }
+    }
+
+    /// A failover among `n` controllers that each said they are one of a cluster.
+    fn in_cluster(n: usize) -> Failover {
+        let mut failover = Failover::new(n);
+        failover.clustered = vec![true; n];
+        failover
     }
 
     #[test]
@@ -626,7 +647,7 @@ mod tests {
         let refused = || session::Ended::BeforeWelcome("refused".into());
         let start = std::time::Instant::now();
         let at = |secs: u64| start + Duration::from_secs(secs);
-        let mut failover = Failover::new(3);
+        let mut failover = in_cluster(3);
         failover.after_at(&ended(30, false), Some(1), at(0));
         assert_eq!(failover.current(), 1);
         // Unreachable, but not for long yet, or not in enough attempts: still home.
@@ -646,14 +667,14 @@ mod tests {
             "as without a home: the next of the list"
         );
         // A welcome from home in between starts its patience over.
-        let mut failover = Failover::new(3);
+        let mut failover = in_cluster(3);
         failover.after_at(&refused(), Some(1), at(0));
         failover.after_at(&refused(), Some(1), at(1));
         failover.after_at(&ended(1, false), Some(1), at(2));
         failover.after_at(&refused(), Some(1), at(30));
         assert_eq!(failover.current(), 1);
         // A task's new home (the controller that took it over) is followed at once.
-        let mut failover = Failover::new(3);
+        let mut failover = in_cluster(3);
         for secs in [0, 10, 20, 35] {
             failover.after_at(&refused(), Some(1), at(secs));
         }
@@ -661,11 +682,40 @@ mod tests {
         failover.after_at(&ended(1, false), Some(2), at(26));
         assert_eq!(failover.current(), 2);
         // With one controller there is nowhere else to go.
-        let mut failover = Failover::new(1);
+        let mut failover = in_cluster(1);
         for secs in [0, 10, 25, 60] {
             failover.after_at(&refused(), Some(0), at(secs));
             assert_eq!(failover.current(), 0);
         }
+    }
+
+    /// A standalone controller (no shared database) restarting for longer than the patience
+    /// keeps its agents: no other controller knows its tasks, and one would kill them.
+    #[test]
+    fn a_standalone_home_is_not_given_up_however_long_it_stays_unreachable() {
+        let refused = || session::Ended::BeforeWelcome("refused".into());
+        let start = std::time::Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let mut failover = Failover::new(3);
+        failover.next = 1;
+        // Controller 1 welcomed the agent as a standalone one and sent it tasks.
+        failover.after_at(&ended(30, false), Some(1), at(0));
+        for secs in [1, 10, 30, 60, 300] {
+            failover.after_at(&refused(), Some(1), at(secs));
+            assert_eq!(failover.current(), 1, "still home at {secs} s");
+        }
+        // The same controller restarted as one of a cluster: given up when it stays away.
+        let welcomed = session::Ended::AfterWelcome {
+            lasted: Duration::from_secs(30),
+            reason: "closed".into(),
+            shutting_down: false,
+            clustered: true,
+        };
+        failover.after_at(&welcomed, Some(1), at(400));
+        for secs in [401, 410, 430] {
+            failover.after_at(&refused(), Some(1), at(secs));
+        }
+        assert_eq!(failover.current(), 2);
     }
 
     #[test]

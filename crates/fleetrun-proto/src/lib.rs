@@ -43,8 +43,9 @@ pub const ALPN: &[u8] = b"fleetrun/1";
 /// stream ([`ControlUp::Renew`], [`ControlDown`]); version 4, file tasks ([`TaskDown::Place`],
 /// [`TaskUp::FilePlaced`]), which a controller sends only on a connection that negotiated 4;
 /// version 5, files pulled between hosts through the controller ([`TaskDown::Collect`] on a
-/// source host, [`TaskDown::Fetch`] on a target), sent only on a connection that negotiated 5.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// source host, [`TaskDown::Fetch`] on a target), sent only on a connection that negotiated 5;
+/// version 6, [`HelloReply::Joined`], which says whether the controller is one of a cluster.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The oldest agent protocol revision the controller accepts (and the first that has no
 /// reattach: its tasks end with their connection).
@@ -73,6 +74,10 @@ pub const WIRE_DIGESTS: &[(u32, &str)] = &[
     (
         5,
         "3e29887be1883aba8f8d441f5586fb30b242c36c8e8b1b46d69990330faa8212",
+    ),
+    (
+        6,
+        "72480f8a8c6ab2788f6ccca702d00f8e43b39d665e4de47448386b4025fde85d",
     ),
 ];
 
