@@ -116,13 +116,14 @@ impl Engine {
     }
 
     /// The epochs of the step's hosts, for the runs that take them here: read again after a
-    /// failure (the database is away; its writes wait too) until the run is cancelled, when
-    /// the hosts not taken over are at the first epoch as far as this run can tell.
+    /// failure (the database is away; its writes wait too) until it succeeds, a cancelled run
+    /// included. A host taken over before (a retried step's) is past the first epoch: a run
+    /// that assumed the first would have even its end refused, and the host would stay
+    /// unfinished.
     async fn dispatch_epochs(
         &self,
         job_instance_id: i64,
         step_instance_id: i64,
-        cancel: &CancellationToken,
     ) -> HashMap<i64, i64> {
         loop {
             match self.store.host_epochs(step_instance_id).await {
@@ -132,10 +133,7 @@ impl Engine {
                     "cannot read the hosts' epochs before dispatching them: {e}"
                 ),
             }
-            tokio::select! {
-                () = cancel.cancelled() => return HashMap::new(),
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 
@@ -913,7 +911,7 @@ impl Engine {
             .hand_over_remote(job_instance_id, step_instance_id, targets)
             .await;
         let epochs = self
-            .dispatch_epochs(job_instance_id, step_instance_id, cancel)
+            .dispatch_epochs(job_instance_id, step_instance_id)
             .await;
         for bk_host_id in targets.iter().copied() {
             if handed.contains_key(&bk_host_id) {
