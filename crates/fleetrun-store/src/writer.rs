@@ -642,14 +642,24 @@ async fn commit(
         |_, _| {},
         |c| fence.passed_over(c.step_instance_id, c.bk_host_id, c.epoch),
     );
+    // A host whose "running" or final row this batch updated is locked already (or its new
+    // epoch is committed, and the inserts read it): only the others need the share lock.
+    let updated: std::collections::HashSet<(i64, i64)> = running
+        .iter()
+        .map(|w| (w.0, w.1))
+        .chain(results.iter().map(|w| (w.0, w.1)))
+        .collect();
     crate::fence::lock_hosts(
         &mut tx,
         dialect,
-        logs.iter().map(|(step, host, ..)| (*step, *host)).chain(
-            checkpoints
-                .iter()
-                .map(|c| (c.step_instance_id, c.bk_host_id)),
-        ),
+        logs.iter()
+            .map(|(step, host, ..)| (*step, *host))
+            .chain(
+                checkpoints
+                    .iter()
+                    .map(|c| (c.step_instance_id, c.bk_host_id)),
+            )
+            .filter(|pair| !updated.contains(pair)),
     )
     .await?;
     for chunk in logs.chunks(dialect.max_parameters() / 5) {
