@@ -77,17 +77,35 @@ struct Failover {
     controllers: usize,
     next: usize,
     backoff: Backoff,
+    /// Since when, and in how many attempts in a row, the home controller could not be reached.
+    home_unreachable: Option<(std::time::Instant, u32)>,
+    /// The home controller the agent stopped waiting for, while it is still the tasks' home.
+    given_up: Option<usize>,
+    /// By index, whether the controller said, the last time it welcomed the agent, that it is
+    /// one of a cluster ([`fleetrun_proto::HelloReply::Joined`]). Only such a home is given up:
+    /// a standalone controller's tasks are unknown to every other one, which would kill them.
+    clustered: Vec<bool>,
 }
 
 impl Failover {
     /// A session that lasted this long had a working controller: the waits start over.
     const HEALTHY: Duration = Duration::from_secs(10);
+    /// How long a home controller may stay unreachable, in at least [`Self::HOME_ATTEMPTS`]
+    /// attempts, before the agent takes its tasks to another controller of the list: long
+    /// enough for a restart, far shorter than the tasks' deadlines, so that a controller
+    /// sharing the database takes them over (their output included) while the lease holder
+    /// still waits for them, instead of their hosts ending 310.
+    const HOME_PATIENCE: Duration = Duration::from_secs(20);
+    const HOME_ATTEMPTS: u32 = 3;
 
     fn new(controllers: usize) -> Self {
         Self {
             controllers: controllers.max(1),
             next: 0,
             backoff: Backoff::new(),
+            home_unreachable: None,
+            given_up: None,
+            clustered: vec![false; controllers.max(1)],
         }
     }
 
@@ -103,7 +121,54 @@ impl Failover {
     /// not know those tasks and have them killed. Without one, a controller shutting down or
     /// refusing sends the agent to the next of the list.
     fn after(&mut self, ended: &session::Ended, home: Option<usize>) -> Duration {
+        self.after_at(ended, home, std::time::Instant::now())
+    }
+
+    /// [`Self::after`] at `now`. A home that could not be reached for [`Self::HOME_PATIENCE`]
+    /// (and [`Self::HOME_ATTEMPTS`] attempts) is given up if it said it is one of a cluster:
+    /// the agent goes on as without one, to the next controller, which takes the tasks over
+    /// when the agent claims them there. A standalone home is waited for until the tasks'
+    /// deadlines (a restart may take longer than the patience; no other controller knows them).
+    fn after_at(
+        &mut self,
+        ended: &session::Ended,
+        home: Option<usize>,
+        now: std::time::Instant,
+    ) -> Duration {
+        if let session::Ended::AfterWelcome { clustered, .. } = ended {
+            let at = self.current();
+            self.clustered[at] = *clustered;
+        }
+        if home != self.given_up {
+            // The tasks were acknowledged, or taken over by another controller: a new home.
+            self.given_up = None;
+        }
+        let home = home.filter(|home| self.given_up != Some(*home));
         if let Some(home) = home {
+            let unreachable = matches!(ended, session::Ended::BeforeWelcome(_))
+                && (self.next % self.controllers) == home;
+            self.home_unreachable = match (unreachable, self.home_unreachable) {
+                (false, _) => None,
+                (true, None) => Some((now, 1)),
+                (true, Some((since, attempts))) => Some((since, attempts + 1)),
+            };
+            if self.controllers > 1
+                && self.clustered[home % self.controllers]
+                && let Some((since, attempts)) = self.home_unreachable
+                && attempts >= Self::HOME_ATTEMPTS
+                && now.duration_since(since) >= Self::HOME_PATIENCE
+            {
+                tracing::warn!(
+                    attempts,
+                    "the controller whose tasks this agent holds stays unreachable: taking them \
+                     to another controller"
+                );
+                self.given_up = Some(home);
+                self.home_unreachable = None;
+                self.next = home.wrapping_add(1);
+                return self.backoff.next_delay();
+            }
+
             self.next = home;
             match ended {
                 session::Ended::AfterWelcome {
@@ -117,6 +182,7 @@ impl Failover {
             }
             return self.backoff.next_delay();
         }
+        self.home_unreachable = None;
         match ended {
             // A controller going away on purpose (an upgrade, a stop) will not take the agent
             // back soon: the next one in the list does, at once; the waits start over, as the
@@ -418,6 +484,7 @@ async fn serve(ctx: &Arc<AgentContext>, endpoint: &quinn::Endpoint, shutdown: &C
                 lasted,
                 reason,
                 shutting_down,
+                ..
             } => {
                 tracing::warn!(
                     controller = target,
@@ -447,13 +514,13 @@ async fn serve(ctx: &Arc<AgentContext>, endpoint: &quinn::Endpoint, shutdown: &C
             }
         }
         let home = home();
-        if let Some(home) = home {
+        let delay = failover.after(&ended, home);
+        if let Some(home) = home.filter(|home| *home == failover.current()) {
             tracing::info!(
                 controller = %controllers[home],
                 "going back to the controller whose tasks this agent holds"
             );
         }
-        let delay = failover.after(&ended, home);
         ctx.metrics.set_connection(metrics::Connection::Waiting);
         ctx.metrics.reconnecting();
         tracing::info!(
@@ -513,7 +580,15 @@ mod tests {
             lasted: Duration::from_secs(lasted_secs),
             reason: "closed".into(),
             shutting_down,
+            clustered: false,
         }
+    }
+
+    /// A failover among `n` controllers that each said they are one of a cluster.
+    fn in_cluster(n: usize) -> Failover {
+        let mut failover = Failover::new(n);
+        failover.clustered = vec![true; n];
+        failover
     }
 
     #[test]
@@ -564,6 +639,82 @@ mod tests {
         assert!(last > Backoff::FIRST, "{last:?}");
         // The tasks' deadlines passed (no home any more): the next controller.
         failover.after(&session::Ended::BeforeWelcome("refused".into()), None);
+        assert_eq!(failover.current(), 2);
+    }
+
+    #[test]
+    fn an_agent_takes_its_tasks_elsewhere_when_their_controller_stays_unreachable() {
+        let refused = || session::Ended::BeforeWelcome("refused".into());
+        let start = std::time::Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let mut failover = in_cluster(3);
+        failover.after_at(&ended(30, false), Some(1), at(0));
+        assert_eq!(failover.current(), 1);
+        // Unreachable, but not for long yet, or not in enough attempts: still home.
+        failover.after_at(&refused(), Some(1), at(1));
+        failover.after_at(&refused(), Some(1), at(2));
+        assert_eq!(failover.current(), 1);
+        failover.after_at(&refused(), Some(1), at(30));
+        assert_eq!(failover.current(), 2, "home given up: the next controller");
+        // That one welcomes the agent and takes the tasks; when it is lost, the agent does
+        // not go back to the given-up home although the tasks still name it.
+        failover.after_at(&ended(5, false), Some(1), at(35));
+        assert_eq!(failover.current(), 2);
+        failover.after_at(&refused(), Some(1), at(36));
+        assert_eq!(
+            failover.current(),
+            0,
+            "as without a home: the next of the list"
+        );
+        // A welcome from home in between starts its patience over.
+        let mut failover = in_cluster(3);
+        failover.after_at(&refused(), Some(1), at(0));
+        failover.after_at(&refused(), Some(1), at(1));
+        failover.after_at(&ended(1, false), Some(1), at(2));
+        failover.after_at(&refused(), Some(1), at(30));
+        assert_eq!(failover.current(), 1);
+        // A task's new home (the controller that took it over) is followed at once.
+        let mut failover = in_cluster(3);
+        for secs in [0, 10, 20, 35] {
+            failover.after_at(&refused(), Some(1), at(secs));
+        }
+        assert_eq!(failover.current(), 2);
+        failover.after_at(&ended(1, false), Some(2), at(26));
+        assert_eq!(failover.current(), 2);
+        // With one controller there is nowhere else to go.
+        let mut failover = in_cluster(1);
+        for secs in [0, 10, 25, 60] {
+            failover.after_at(&refused(), Some(0), at(secs));
+            assert_eq!(failover.current(), 0);
+        }
+    }
+
+    /// A standalone controller (no shared database) restarting for longer than the patience
+    /// keeps its agents: no other controller knows its tasks, and one would kill them.
+    #[test]
+    fn a_standalone_home_is_not_given_up_however_long_it_stays_unreachable() {
+        let refused = || session::Ended::BeforeWelcome("refused".into());
+        let start = std::time::Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let mut failover = Failover::new(3);
+        failover.next = 1;
+        // Controller 1 welcomed the agent as a standalone one and sent it tasks.
+        failover.after_at(&ended(30, false), Some(1), at(0));
+        for secs in [1, 10, 30, 60, 300] {
+            failover.after_at(&refused(), Some(1), at(secs));
+            assert_eq!(failover.current(), 1, "still home at {secs} s");
+        }
+        // The same controller restarted as one of a cluster: given up when it stays away.
+        let welcomed = session::Ended::AfterWelcome {
+            lasted: Duration::from_secs(30),
+            reason: "closed".into(),
+            shutting_down: false,
+            clustered: true,
+        };
+        failover.after_at(&welcomed, Some(1), at(400));
+        for secs in [401, 410, 430] {
+            failover.after_at(&refused(), Some(1), at(secs));
+        }
         assert_eq!(failover.current(), 2);
     }
 

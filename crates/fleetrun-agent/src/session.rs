@@ -22,6 +22,9 @@ pub(crate) enum Ended {
         /// The controller closed the connection saying it shuts down
         /// ([`fleetrun_proto::close_code::SHUTDOWN`]): another controller should take over.
         shutting_down: bool,
+        /// The controller said it is one of a cluster ([`HelloReply::Joined`]): another
+        /// controller sharing its database can take its tasks over.
+        clustered: bool,
     },
 }
 
@@ -92,7 +95,7 @@ pub(crate) async fn connect_and_serve(
         Ok(Ok(Some(reply))) => reply,
     };
     drop(gate);
-    let (heartbeat, ownership, renews, protocol) = match reply {
+    let (heartbeat, ownership, renews, protocol, clustered) = match reply {
         HelloReply::Refused { reason } => {
             return Ended::BeforeWelcome(format!("controller refused this agent: {reason}"));
         }
@@ -111,12 +114,18 @@ pub(crate) async fn connect_and_serve(
             }
             ctx.set_bk_host_id(bk_host_id);
             let every = Duration::from_millis(heartbeat_interval_ms.max(100));
-            (every, Ownership::Connection, false, 1)
+            (every, Ownership::Connection, false, 1, false)
         }
         HelloReply::Negotiated {
             protocol_version,
             bk_host_id,
             heartbeat_interval_ms,
+        }
+        | HelloReply::Joined {
+            protocol_version,
+            bk_host_id,
+            heartbeat_interval_ms,
+            ..
         } => {
             ctx.set_bk_host_id(bk_host_id);
             let every = Duration::from_millis(heartbeat_interval_ms.max(100));
@@ -132,7 +141,14 @@ pub(crate) async fn connect_and_serve(
                 return Ended::BeforeWelcome(format!("cannot report the tasks held: {e}"));
             }
             let renews = protocol_version >= 3 && matches!(ctx.presence, Presence::Host);
-            (every, Ownership::Agent, renews, protocol_version)
+            let clustered = matches!(
+                reply,
+                HelloReply::Joined {
+                    clustered: true,
+                    ..
+                }
+            );
+            (every, Ownership::Agent, renews, protocol_version, clustered)
         }
     };
     ctx.metrics.welcomed();
@@ -158,6 +174,7 @@ pub(crate) async fn connect_and_serve(
         lasted: since.elapsed(),
         reason,
         shutting_down,
+        clustered,
     }
 }
 

@@ -614,6 +614,10 @@ pub(crate) async fn serve(
                 if from_offset <= meta.produced {
                     meta.acked_offset = from_offset;
                 }
+                // The controller resuming the task follows it now (it took the task over when
+                // its first one could not be reached): its home from here on. Saved with the
+                // task's next state.
+                meta.controller = Some(ctx.controller());
                 meta.produced
             };
             if from_offset > produced {

@@ -286,8 +286,25 @@ impl Membership {
             period,
             shutdown.clone(),
         ));
+        let fenced = tokio::spawn(Self::stop_fenced(
+            self.store.clone(),
+            engine.clone(),
+            shutdown.clone(),
+        ));
         self.renew_until(engine, period, shutdown).await;
         let _ = news.await;
+        let _ = fenced.await;
+    }
+
+    /// Stops the runs here of hosts another controller took over while this one could not
+    /// reach the store, as their refused writes show them, until `shutdown`.
+    async fn stop_fenced(store: Store, engine: Engine, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                fenced = store.fenced_hosts() => engine.stop_fenced(&fenced),
+            }
+        }
     }
 
     /// Hosts handed here, terminations asked elsewhere, tasks taken over elsewhere: acted on at

@@ -55,6 +55,14 @@ struct Finishing {
     all_succeeded: bool,
 }
 
+/// The host a joinable run follows, and the epoch it writes the host at: a run that dies has
+/// its host's end recorded at that epoch.
+#[derive(Debug, Clone, Copy)]
+struct RunOf {
+    bk_host_id: i64,
+    epoch: i64,
+}
+
 /// What a reconnected agent said of a task, on its way to the host's run.
 #[derive(Debug)]
 enum Reattach {
@@ -68,12 +76,19 @@ enum Reattach {
     /// It reconnected to another controller, which took the task over: the run here records
     /// nothing more and waits for the store to show the host's end.
     Moved,
+    /// Another controller took the host over while this one could not reach the store (its
+    /// writes of the host were refused, `fleetrun_store::Store::fenced_hosts`): as `Moved`, even
+    /// while a stream is attached.
+    Fenced,
 }
 
 /// Who may claim a task that is out on an agent, and where the claim goes.
 #[derive(Debug)]
 struct Claimant {
+    step_instance_id: i64,
     bk_host_id: i64,
+    /// The host's epoch the run that follows the task took it at.
+    epoch: i64,
     agent_id: String,
     tx: mpsc::UnboundedSender<Reattach>,
 }
@@ -121,6 +136,18 @@ impl Claims {
             .into_iter()
             .flatten()
             .filter_map(|task_id| Some((task_id, self.by_task.get(task_id)?)))
+    }
+
+    /// The tasks of (step, host) followed by runs that took the host below `epoch`: a write at
+    /// `epoch` refused theirs, so another writer holds the host. A run at `epoch` holds it.
+    fn fenced_out(
+        &self,
+        step_instance_id: i64,
+        bk_host_id: i64,
+        epoch: i64,
+    ) -> impl Iterator<Item = (&Uuid, &Claimant)> {
+        self.of_host(bk_host_id)
+            .filter(move |(_, c)| c.step_instance_id == step_instance_id && c.epoch < epoch)
     }
 }
 
@@ -671,12 +698,28 @@ impl Engine {
                 // the map, one entry per host, so a database that refuses writes holds one
                 // batch of checkpoints in the writer's backlog, not one a second.
                 let answered = tokio::select! {
-                    answered = saved => Some(answered.is_ok()),
+                    answered = saved => Some(answered.ok()),
                     () = shutdown.cancelled() => None,
                 };
-                if answered == Some(true) {
-                    for (_, waiter) in waiters {
-                        let _ = waiter.send(());
+                if let Some(Some(refused)) = answered {
+                    // A refused checkpoint's host is another controller's now: its waiter hears
+                    // that it was not saved (its sender drops), and nothing retries it.
+                    let refused: HashSet<(i64, i64)> = refused.into_iter().collect();
+                    if !refused.is_empty() {
+                        let mut checkpoints = engine.checkpoints.lock().unwrap();
+                        for checkpoint in &batch {
+                            let key = (checkpoint.step_instance_id, checkpoint.bk_host_id);
+                            if refused.contains(&key)
+                                && checkpoints.get(&key).is_some_and(|(c, _)| c == checkpoint)
+                            {
+                                checkpoints.remove(&key);
+                            }
+                        }
+                    }
+                    for (key, waiter) in waiters {
+                        if !refused.contains(&key) {
+                            let _ = waiter.send(());
+                        }
                     }
                     continue;
                 }
@@ -781,9 +824,9 @@ impl Engine {
         for checkpoint in job.hosts.iter().filter_map(|h| {
             h.checkpoint
                 .as_ref()
-                .map(|checkpoint| (h.bk_host_id, checkpoint))
+                .map(|checkpoint| (h.bk_host_id, h.epoch, checkpoint))
         }) {
-            let (bk_host_id, checkpoint) = checkpoint;
+            let (bk_host_id, epoch, checkpoint) = checkpoint;
             let Ok(task_id) = checkpoint.task_id.parse::<Uuid>() else {
                 continue;
             };
@@ -791,7 +834,9 @@ impl Engine {
             self.claims.lock().unwrap().insert(
                 task_id,
                 Claimant {
+                    step_instance_id: job.step_instance_id,
                     bk_host_id,
+                    epoch,
                     agent_id: checkpoint.agent_id.clone(),
                     tx,
                 },
@@ -831,13 +876,14 @@ impl Engine {
             if host.handed_to.is_some() {
                 // Recorded by the controller it was handed to (or by whichever its agent
                 // reconnects to): followed through the store.
-                handed.push(host.bk_host_id);
+                handed.push((host.bk_host_id, host.epoch));
                 continue;
             }
             let Some(checkpoint) = host.checkpoint else {
                 self.write_for(
                     job.job_instance_id,
                     Write::HostFinished {
+                        stored: None,
                         step_instance_id: job.step_instance_id,
                         bk_host_id: host.bk_host_id,
                         outcome: HostOutcome {
@@ -848,6 +894,7 @@ impl Engine {
                             end_time: now_ms(),
                             ..HostOutcome::default()
                         },
+                        epoch: host.epoch,
                     },
                 )
                 .await;
@@ -869,9 +916,16 @@ impl Engine {
                 limits,
                 cancel: cancel.clone(),
                 moved: false,
+                epoch: host.epoch,
             };
             let handle = hosts.spawn(run.run());
-            host_of_task.insert(handle.id(), host.bk_host_id);
+            host_of_task.insert(
+                handle.id(),
+                RunOf {
+                    bk_host_id: host.bk_host_id,
+                    epoch: host.epoch,
+                },
+            );
         }
         if !handed.is_empty() {
             self.spawn_followers(
@@ -1330,7 +1384,7 @@ impl Engine {
         &self,
         finishing: Finishing,
         mut hosts: JoinSet<i32>,
-        host_of_task: HashMap<tokio::task::Id, i64>,
+        host_of_task: HashMap<tokio::task::Id, RunOf>,
         cancel: &CancellationToken,
     ) {
         let failed = self
@@ -1357,7 +1411,7 @@ impl Engine {
         job_instance_id: i64,
         step_instance_id: i64,
         hosts: &mut JoinSet<i32>,
-        host_of_task: &HashMap<tokio::task::Id, i64>,
+        host_of_task: &HashMap<tokio::task::Id, RunOf>,
     ) -> usize {
         let mut failed = 0;
         while let Some(joined) = hosts.join_next_with_id().await {
@@ -1377,18 +1431,22 @@ impl Engine {
         job_instance_id: i64,
         step_instance_id: i64,
         joined: Result<(tokio::task::Id, i32), tokio::task::JoinError>,
-        host_of_task: &HashMap<tokio::task::Id, i64>,
+        host_of_task: &HashMap<tokio::task::Id, RunOf>,
     ) -> bool {
         match joined {
             Ok((_, status)) => !host::is_success(status),
             Err(e) => {
                 // The host's run died before recording a final status: record one for it, so
                 // no host stays waiting or running forever.
-                let bk_host_id = host_of_task.get(&e.id()).copied().unwrap_or_default();
+                let Some(RunOf { bk_host_id, epoch }) = host_of_task.get(&e.id()).copied() else {
+                    tracing::error!(job = job_instance_id, "a host task of no host failed: {e}");
+                    return true;
+                };
                 tracing::error!(job = job_instance_id, bk_host_id, "host task failed: {e}");
                 self.write_for(
                     job_instance_id,
                     Write::HostFinished {
+                        stored: None,
                         step_instance_id,
                         bk_host_id,
                         outcome: HostOutcome {
@@ -1398,6 +1456,7 @@ impl Engine {
                             end_time: now_ms(),
                             ..HostOutcome::default()
                         },
+                        epoch,
                     },
                 )
                 .await;
@@ -1483,7 +1542,9 @@ mod tests {
     fn claimant(bk_host_id: i64, agent_id: &str) -> (Claimant, mpsc::UnboundedReceiver<Reattach>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let claimant = Claimant {
+            step_instance_id: 1,
             bk_host_id,
+            epoch: fleetrun_store::FIRST_EPOCH,
             agent_id: agent_id.into(),
             tx,
         };
@@ -1518,5 +1579,24 @@ mod tests {
         claims.remove(&ids[1]);
         assert!(!claims.by_host.contains_key(&1));
         assert_eq!(claims.get(&ids[2]).map(|c| c.bk_host_id), Some(2));
+    }
+
+    /// A refusal at epoch 2 stops the run that took the host at 1, not the one at 2 (this
+    /// controller took the host back), nor a run of another step.
+    #[test]
+    fn a_refusal_stops_only_the_runs_below_the_hosts_epoch() {
+        let mut claims = Claims::default();
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        let mut receivers = Vec::new();
+        for (id, (step, epoch)) in ids.iter().zip([(1, 1), (1, 2), (9, 0)]) {
+            let (mut claimant, rx) = claimant(5, "a");
+            claimant.step_instance_id = step;
+            claimant.epoch = epoch;
+            claims.insert(*id, claimant);
+            receivers.push(rx);
+        }
+        let stopped: HashSet<Uuid> = claims.fenced_out(1, 5, 2).map(|(id, _)| *id).collect();
+        assert_eq!(stopped, [ids[0]].into());
+        assert_eq!(claims.fenced_out(1, 5, 1).count(), 0);
     }
 }

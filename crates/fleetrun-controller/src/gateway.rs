@@ -406,7 +406,14 @@ impl Gateway {
         self.report_contested_address(&host).await;
         let protocol_version = hello.protocol_version.min(PROTOCOL_VERSION);
         let heartbeat_interval_ms = self.heartbeat.as_millis() as u64;
-        let welcome = if protocol_version >= 2 {
+        let welcome = if protocol_version >= 6 {
+            HelloReply::Joined {
+                protocol_version,
+                bk_host_id: host.bk_host_id,
+                heartbeat_interval_ms,
+                clustered: self.engine.membership().is_some(),
+            }
+        } else if protocol_version >= 2 {
             HelloReply::Negotiated {
                 protocol_version,
                 bk_host_id: host.bk_host_id,

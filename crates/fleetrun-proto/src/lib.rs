@@ -48,7 +48,8 @@ pub const ALPN: &[u8] = b"fleetrun/1";
 /// version 5, files pulled between hosts through the controller ([`TaskDown::Collect`] on a
 /// source host, [`TaskDown::Fetch`] on a target), sent only on a connection that negotiated 5;
 /// version 6, fetches resumed after a cut ([`TaskUp::WantFrom`]), which a controller does only
-/// with an agent that negotiated 6.
+/// with an agent that negotiated 6, and [`HelloReply::Joined`], which says whether the
+/// controller is one of a cluster.
 pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The first protocol version whose fetches go on after a cut ([`TaskUp::WantFrom`]): an agent
@@ -85,7 +86,7 @@ pub const WIRE_DIGESTS: &[(u32, &str)] = &[
     ),
     (
         6,
-        "4545859b52e9d98671a31b8ab2dbfdbc5b0f72a1356985ef46700c3c1394909a",
+        "519b9c31b95f3661adb37367c14e4a7c02274ffced6460b6970de909822f9692",
     ),
 ];
 

@@ -48,6 +48,19 @@ pub enum HelloReply {
         bk_host_id: i64,
         heartbeat_interval_ms: u64,
     },
+    /// Version 6: the answer to an agent of version 6 or later instead of
+    /// [`HelloReply::Negotiated`], saying as much and whether the controller is one of a cluster
+    /// (`clustered`: it shares its database with other controllers). Only a clustered
+    /// controller's tasks may be taken to another controller of the agent's list while it stays
+    /// unreachable: another controller sharing its database takes them over, where a standalone
+    /// controller's would be unknown and killed. A controller that said `Negotiated` is taken
+    /// for a standalone one.
+    Joined {
+        protocol_version: u32,
+        bk_host_id: i64,
+        heartbeat_interval_ms: u64,
+        clustered: bool,
+    },
 }
 
 /// Control stream, agent to controller, after the hello.

@@ -361,6 +361,7 @@ mod tests {
                 .unwrap();
             store
                 .record(Write::HostLog {
+                    epoch: crate::FIRST_EPOCH,
                     step_instance_id: 7,
                     bk_host_id: 1,
                     offset: i,

@@ -33,13 +33,16 @@ impl Store {
         agent_addr: &str,
         now: i64,
     ) -> Result<(), StoreError> {
-        let result = sqlx::query(
-            "INSERT INTO controller (name, api_url, agent_addr, started_at, heartbeat_at)
-             VALUES ($1, $2, $3, $4, $4)
-             ON CONFLICT (name) DO UPDATE SET api_url = excluded.api_url,
-                 agent_addr = excluded.agent_addr, started_at = excluded.started_at,
-                 heartbeat_at = excluded.heartbeat_at",
-        )
+        let result = sqlx::query(&crate::upsert_row(
+            "controller",
+            &[
+                ("name", "$1"),
+                ("api_url", "$2"),
+                ("agent_addr", "$3"),
+                ("started_at", "$4"),
+                ("heartbeat_at", "$4"),
+            ],
+        ))
         .bind(name)
         .bind(api_url)
         .bind(agent_addr)

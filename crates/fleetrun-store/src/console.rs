@@ -101,6 +101,7 @@ mod tests {
         ] {
             store
                 .record(Write::HostLog {
+                    epoch: crate::FIRST_EPOCH,
                     step_instance_id: 7,
                     bk_host_id: host,
                     offset,

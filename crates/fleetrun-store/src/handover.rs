@@ -29,6 +29,8 @@ pub struct Handover {
     pub handed_at: i64,
     /// Whether that controller renewed its heartbeat since the `alive_since` asked about.
     pub alive: bool,
+    /// The host's epoch ([`crate::fence`]): the one its writer holds it at.
+    pub epoch: i64,
 }
 
 impl Dialect {
@@ -92,14 +94,15 @@ impl Store {
         controller: &str,
         connection: &str,
     ) -> Result<(), StoreError> {
-        let result = sqlx::query(&format!(
-            "INSERT INTO agent_connection (bk_host_id, agent_id, controller, connection,
-                 connected_at)
-             VALUES ($1, $2, $3, $4, {now})
-             ON CONFLICT (bk_host_id) DO UPDATE SET agent_id = excluded.agent_id,
-                 controller = excluded.controller, connection = excluded.connection,
-                 connected_at = excluded.connected_at",
-            now = self.dialect.now_ms()
+        let result = sqlx::query(&crate::upsert_row(
+            "agent_connection",
+            &[
+                ("bk_host_id", "$1"),
+                ("agent_id", "$2"),
+                ("controller", "$3"),
+                ("connection", "$4"),
+                ("connected_at", self.dialect.now_ms()),
+            ],
         ))
         .bind(bk_host_id)
         .bind(agent_id)
@@ -188,15 +191,16 @@ impl Store {
 
     /// Hands the step's `hosts` (each with the controller its agent is connected to) over, to
     /// be dispatched there; a host handed before (an earlier run, a retry) is handed again. One
-    /// transaction, announced.
+    /// transaction, announced. Each host's epoch advances (its receiver writes it now); returns
+    /// the new epochs.
     pub async fn hand_over(
         &self,
         job_instance_id: i64,
         step_instance_id: i64,
         hosts: &[(i64, String)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<HashMap<i64, i64>, StoreError> {
         if hosts.is_empty() {
-            return Ok(());
+            return Ok(HashMap::new());
         }
         let handed = async {
             let mut tx = self.pool.begin().await?;
@@ -224,38 +228,70 @@ impl Store {
                 );
                 insert.build().execute(&mut *tx).await?;
             }
+            // The hosts pass to their receivers, whoever wrote them before (an earlier run).
+            let ids: Vec<i64> = hosts.iter().map(|(h, _)| *h).collect();
+            let epochs = crate::fence::advance(&mut tx, step_instance_id, &ids).await?;
             self.announce_news(&mut tx).await?;
-            tx.commit().await
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(epochs)
         }
         .await;
-        self.noting_write_failure(handed)?;
+        let epochs = self.noting_write_failure(handed)?;
         self.watchers.news().notify_one();
-        Ok(())
+        Ok(epochs)
     }
 
     /// Takes the tasks handed to `controller` and not taken yet: one statement, so each is
-    /// taken once.
+    /// taken once; each with its host's epoch, read in the same transaction.
     pub async fn take_handovers(&self, controller: &str) -> Result<Vec<Handover>, StoreError> {
-        let taken = sqlx::query(
-            "UPDATE task_handover SET taken = 1 WHERE controller = $1 AND taken = 0
-             RETURNING job_instance_id, step_instance_id, bk_host_id, handed_at",
-        )
-        .bind(controller)
-        .fetch_all(&self.pool)
+        let taken = async {
+            let mut tx = self.pool.begin().await?;
+            let rows = sqlx::query(
+                "UPDATE task_handover SET taken = 1 WHERE controller = $1 AND taken = 0
+                 RETURNING job_instance_id, step_instance_id, bk_host_id, handed_at",
+            )
+            .bind(controller)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut taken: Vec<Handover> = rows
+                .iter()
+                .map(|r| Handover {
+                    job_instance_id: r.get(0),
+                    step_instance_id: r.get(1),
+                    bk_host_id: r.get(2),
+                    controller: controller.to_owned(),
+                    taken: true,
+                    handed_at: r.get(3),
+                    alive: true,
+                    epoch: crate::FIRST_EPOCH,
+                })
+                .collect();
+            let mut by_step: HashMap<i64, Vec<i64>> = HashMap::new();
+            for handover in &taken {
+                by_step
+                    .entry(handover.step_instance_id)
+                    .or_default()
+                    .push(handover.bk_host_id);
+            }
+            let mut epochs = HashMap::new();
+            for (step, hosts) in by_step {
+                epochs.extend(
+                    crate::fence::row_epochs(&mut tx, step, &hosts)
+                        .await?
+                        .into_iter()
+                        .map(|(host, epoch)| ((step, host), epoch)),
+                );
+            }
+            for handover in &mut taken {
+                if let Some(epoch) = epochs.get(&(handover.step_instance_id, handover.bk_host_id)) {
+                    handover.epoch = *epoch;
+                }
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(taken)
+        }
         .await;
-        let mut taken: Vec<Handover> = self
-            .noting_write_failure(taken)?
-            .iter()
-            .map(|r| Handover {
-                job_instance_id: r.get(0),
-                step_instance_id: r.get(1),
-                bk_host_id: r.get(2),
-                controller: controller.to_owned(),
-                taken: true,
-                handed_at: r.get(3),
-                alive: true,
-            })
-            .collect();
+        let mut taken = self.noting_write_failure(taken)?;
         taken.sort_by_key(|h| (h.job_instance_id, h.bk_host_id));
         Ok(taken)
     }
@@ -270,8 +306,10 @@ impl Store {
     ) -> Result<Option<Handover>, StoreError> {
         let row = sqlx::query(
             "SELECT h.job_instance_id, h.controller, h.taken, h.handed_at,
-                    COALESCE(c.heartbeat_at, 0)
+                    COALESCE(c.heartbeat_at, 0), COALESCE(r.epoch, 0)
              FROM task_handover h LEFT JOIN controller c ON c.name = h.controller
+             LEFT JOIN host_result r
+                 ON r.step_instance_id = h.step_instance_id AND r.bk_host_id = h.bk_host_id
              WHERE h.step_instance_id = $1 AND h.bk_host_id = $2",
         )
         .bind(step_instance_id)
@@ -286,6 +324,7 @@ impl Store {
             taken: r.get::<i64, _>(2) != 0,
             handed_at: r.get(3),
             alive: r.get::<i64, _>(4) >= alive_since,
+            epoch: r.get(5),
         }))
     }
 
@@ -293,8 +332,9 @@ impl Store {
     /// lease holder redelivers or ends it. Only while the host's status is one of
     /// `unfinished_host_statuses` and the handover is still `from`'s (`None`: the host was
     /// never handed, its lease holder runs it): one conditional statement, so of several
-    /// controllers doing so one wins, and none takes a host that ended. Announced; false if
-    /// not taken.
+    /// controllers doing so one wins, and none takes a host that ended. The host's epoch
+    /// advances with it, so whoever wrote it before is fenced out. Announced; the epoch
+    /// `controller` now holds the host at, `None` if not taken.
     pub async fn take_over_handover(
         &self,
         job_instance_id: i64,
@@ -303,9 +343,9 @@ impl Store {
         controller: &str,
         from: Option<&str>,
         unfinished_host_statuses: &[i32],
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
         if unfinished_host_statuses.is_empty() {
-            return Ok(false);
+            return Ok(None);
         }
         let now = self.dialect.now_ms();
         let unfinished = format!(
@@ -340,32 +380,66 @@ impl Store {
             .await?
             .rows_affected()
                 == 1;
-            if moved {
-                self.announce_news(&mut tx).await?;
+            if !moved {
+                return Ok(None);
             }
+            // The epoch rises only while the host is still unfinished, in this statement: on
+            // PostgreSQL the check above read a snapshot, and a final status committed since
+            // (its writer at the current epoch) must not be fenced out after the fact; the
+            // row lock this takes serialises the two. Nothing moved: the transaction rolls back.
+            let raised = sqlx::query(&format!(
+                "UPDATE host_result SET epoch = epoch + 1
+                 WHERE step_instance_id = $1 AND bk_host_id = $2 AND status IN ({})
+                 RETURNING epoch",
+                crate::join_ints(unfinished_host_statuses)
+            ))
+            .bind(step_instance_id)
+            .bind(bk_host_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(raised) = raised else {
+                return Ok(None);
+            };
+            self.announce_news(&mut tx).await?;
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(moved)
+            Ok::<_, sqlx::Error>(Some(raised.get::<i64, _>(0)))
         }
         .await;
-        let moved = self.noting_write_failure(moved)?;
-        if moved {
+        let epoch = self.noting_write_failure(moved)?;
+        if epoch.is_some() {
             self.watchers.news().notify_one();
         }
-        Ok(moved)
+        Ok(epoch)
     }
 
-    /// Undoes a [`Store::take_over_handover`] by `controller` whose take-up then failed: the
-    /// (step, host) goes back to `previous` as it was (or to no handover), if `controller`
-    /// still holds it. Announced.
+    /// Undoes a [`Store::take_over_handover`] by `controller` (which took the host at
+    /// `taken_epoch`) whose take-up then failed: the (step, host) goes back to `previous` as it
+    /// was (or to no handover), and to the epoch before, if `controller` still holds it.
+    /// Nothing was written at `taken_epoch`, so the host's previous writer goes on. Announced.
     pub async fn give_back_handover(
         &self,
         step_instance_id: i64,
         bk_host_id: i64,
         controller: &str,
         previous: Option<&Handover>,
+        taken_epoch: i64,
     ) -> Result<(), StoreError> {
         let given = async {
             let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "UPDATE host_result SET epoch = $1
+                 WHERE step_instance_id = $2 AND bk_host_id = $3 AND epoch = $4
+                   AND EXISTS (SELECT 1 FROM task_handover h
+                       WHERE h.step_instance_id = $2 AND h.bk_host_id = $3
+                         AND h.controller = $5)",
+            )
+            .bind(taken_epoch - 1)
+            .bind(step_instance_id)
+            .bind(bk_host_id)
+            .bind(taken_epoch)
+            .bind(controller)
+            .execute(&mut *tx)
+            .await?;
             match previous {
                 Some(previous) => {
                     sqlx::query(&format!(
@@ -404,7 +478,8 @@ impl Store {
     }
 
     /// Gives a handed-over (step, host) back to `to`, not taken, if `from` still holds it: its
-    /// task was never delivered and `from` stopped renewing. Announced.
+    /// task was never delivered and `from` stopped renewing. The host's epoch advances, so
+    /// `from`, should it only have stalled, is fenced out. Announced.
     pub async fn hand_over_again(
         &self,
         step_instance_id: i64,
@@ -428,6 +503,7 @@ impl Store {
             .rows_affected()
                 == 1;
             if moved {
+                crate::fence::advance(&mut tx, step_instance_id, &[bk_host_id]).await?;
                 self.announce_news(&mut tx).await?;
             }
             tx.commit().await?;
@@ -500,8 +576,10 @@ impl Store {
     ) -> Result<HashMap<i64, Handover>, StoreError> {
         let rows = sqlx::query(
             "SELECT h.job_instance_id, h.bk_host_id, h.controller, h.taken, h.handed_at,
-                    COALESCE(c.heartbeat_at, 0)
+                    COALESCE(c.heartbeat_at, 0), COALESCE(r.epoch, 0)
              FROM task_handover h LEFT JOIN controller c ON c.name = h.controller
+             LEFT JOIN host_result r
+                 ON r.step_instance_id = h.step_instance_id AND r.bk_host_id = h.bk_host_id
              WHERE h.step_instance_id = $1",
         )
         .bind(step_instance_id)
@@ -519,6 +597,7 @@ impl Store {
                     taken: r.get::<i64, _>(3) != 0,
                     handed_at: r.get(4),
                     alive: r.get::<i64, _>(5) >= alive_since,
+                    epoch: r.get(6),
                 };
                 (bk_host_id, handover)
             })
@@ -775,6 +854,7 @@ mod tests {
                         bk_host_id,
                         offset,
                         data: data.to_vec(),
+                        epoch: crate::FIRST_EPOCH,
                     })
                     .await
                     .unwrap();
@@ -793,6 +873,7 @@ mod tests {
                 truncated: false,
                 started_at: Some(0),
                 deadline: Some(10_000),
+                epoch: crate::FIRST_EPOCH,
             })
             .to_vec();
         store
@@ -818,6 +899,7 @@ mod tests {
                 .take_over_handover(job, step, 2, "b", None, &[0, 5, 7])
                 .await
                 .unwrap()
+                .is_some()
         );
         assert_eq!(
             store.tasks_taken_elsewhere(&[1, 2], "a").await.unwrap(),
@@ -885,30 +967,35 @@ mod tests {
                 .take_over_handover(job, step, 2, "b", None, &unfinished)
                 .await
                 .unwrap()
+                .is_some()
         );
         assert!(
-            !store
+            store
                 .take_over_handover(job, step, 2, "c", None, &unfinished)
                 .await
                 .unwrap()
+                .is_none()
         );
         // From a holder it no longer has: nothing.
         assert!(
-            !store
+            store
                 .take_over_handover(job, step, 2, "c", Some("a"), &unfinished)
                 .await
                 .unwrap()
+                .is_none()
         );
         let before = store.handover(step, 2, 0).await.unwrap().unwrap();
-        assert!(
-            store
-                .take_over_handover(job, step, 2, "c", Some("b"), &unfinished)
-                .await
-                .unwrap()
-        );
+        // Each take-over advances the host's epoch: b took it at 1, c at 2.
+        assert_eq!(before.epoch, 1);
+        let taken_at = store
+            .take_over_handover(job, step, 2, "c", Some("b"), &unfinished)
+            .await
+            .unwrap()
+            .expect("c takes the host over from b");
+        assert_eq!(taken_at, 2);
         // c's take-up failed: the host goes back to b as it was, and only from c.
         store
-            .give_back_handover(step, 2, "a", Some(&before))
+            .give_back_handover(step, 2, "a", Some(&before), taken_at)
             .await
             .unwrap();
         assert_eq!(
@@ -921,36 +1008,100 @@ mod tests {
             "c"
         );
         store
-            .give_back_handover(step, 2, "c", Some(&before))
+            .give_back_handover(step, 2, "c", Some(&before), taken_at)
             .await
             .unwrap();
         let after = store.handover(step, 2, 0).await.unwrap().unwrap();
         assert_eq!(
-            (after.controller.as_str(), after.taken, after.handed_at),
-            ("b", before.taken, before.handed_at)
+            (
+                after.controller.as_str(),
+                after.taken,
+                after.handed_at,
+                after.epoch
+            ),
+            ("b", before.taken, before.handed_at, before.epoch)
         );
         // A take-over of a host never handed is undone by forgetting it.
-        assert!(
-            store
-                .take_over_handover(job, step, 1, "c", None, &unfinished)
-                .await
-                .unwrap()
-        );
-        store.give_back_handover(step, 1, "c", None).await.unwrap();
+        let taken_at = store
+            .take_over_handover(job, step, 1, "c", None, &unfinished)
+            .await
+            .unwrap()
+            .expect("c takes host 1 over");
+        store
+            .give_back_handover(step, 1, "c", None, taken_at)
+            .await
+            .unwrap();
         assert_eq!(store.handover(step, 1, 0).await.unwrap(), None);
         // A host that ended is taken over by nobody, whoever holds it.
         assert!(
-            !store
+            store
                 .take_over_handover(job, step, 2, "c", Some("b"), &[0, 5])
                 .await
                 .unwrap()
+                .is_none()
         );
         assert!(
-            !store
+            store
                 .take_over_handover(job, step, 1, "c", None, &[0, 5])
                 .await
                 .unwrap()
+                .is_none()
         );
         assert_eq!(store.handover(step, 1, 0).await.unwrap(), None);
+    }
+
+    /// On PostgreSQL a take-over's "still unfinished" check reads a snapshot: a final status
+    /// committed while it waits for the host's row must not be fenced out after the fact. The
+    /// end holds the row; the take-over, having seen the host running, waits for it; once the
+    /// end commits, the take-over moves nothing and leaves no handover behind.
+    #[tokio::test]
+    async fn a_take_over_does_not_fence_out_an_end_that_landed_while_it_waited() {
+        let (_db, store) = crate::test_store().await;
+        if store.dialect != crate::backend::Dialect::Postgres {
+            // SQLite runs one writer at a time: the two cannot interleave.
+            return;
+        }
+        alive(&store, "b").await;
+        let (job, step) = running_job(&store).await;
+        let mut ending = store.pool.begin().await.unwrap();
+        sqlx::query(
+            "UPDATE host_result SET status = 9 WHERE step_instance_id = $1 AND bk_host_id = 1",
+        )
+        .bind(step)
+        .execute(&mut *ending)
+        .await
+        .unwrap();
+        let taker = store.clone();
+        let taking = tokio::spawn(async move {
+            taker
+                .take_over_handover(job, step, 1, "b", None, &[0, 5, 7])
+                .await
+        });
+        // Until the take-over waits for the row the end holds.
+        let waited = async {
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pg_stat_activity
+                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                )
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+                if waiting > 0 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(20), waited)
+            .await
+            .expect("the take-over waits for the host's row");
+        ending.commit().await.unwrap();
+        let taken = taking.await.unwrap().unwrap();
+        assert_eq!(taken, None, "the host ended: nothing to take over");
+        assert!(store.handover(step, 1, 0).await.unwrap().is_none());
+        let statuses = store.host_statuses(step, &[1]).await.unwrap();
+        assert_eq!(statuses, HashMap::from([(1, 9)]));
+        assert!(store.host_epochs(step).await.unwrap().is_empty());
     }
 }

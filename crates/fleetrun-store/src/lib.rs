@@ -20,6 +20,7 @@ mod cluster;
 mod console;
 mod dangerous_rules;
 mod enroll;
+mod fence;
 mod files;
 mod handover;
 mod health;
@@ -57,6 +58,7 @@ pub use cluster::ControllerRecord;
 pub use console::LogHead;
 pub use dangerous_rules::{DangerousRule, DangerousRuleError, DangerousRuleFields};
 pub use enroll::{Enrollment, JoinToken};
+pub use fence::FIRST_EPOCH;
 pub use files::FileLog;
 pub use handover::Handover;
 pub use health::Health;
@@ -672,6 +674,25 @@ fn join_ids(values: &[i64]) -> String {
         .join(",")
 }
 
+/// `INSERT INTO table (…) VALUES (…) ON CONFLICT (key) DO UPDATE SET` every other column to
+/// its new value: a row written whole, whether a row with its key stood or not. `columns` holds
+/// each column with the SQL of its value (a placeholder or an expression), the key first.
+fn upsert_row(table: &str, columns: &[(&str, &str)]) -> String {
+    let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+    let values: Vec<&str> = columns.iter().map(|(_, value)| *value).collect();
+    let updates: Vec<String> = names[1..]
+        .iter()
+        .map(|name| format!("{name} = excluded.{name}"))
+        .collect();
+    format!(
+        "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
+        names.join(", "),
+        values.join(", "),
+        names[0],
+        updates.join(", ")
+    )
+}
+
 fn join_ints(values: &[i32]) -> String {
     values
         .iter()
@@ -758,6 +779,18 @@ pub(crate) async fn test_store() -> (scratch::TestDatabase, Store) {
 }
 
 #[cfg(test)]
+mod upsert_row_tests {
+    #[test]
+    fn every_column_but_the_key_takes_its_new_value() {
+        assert_eq!(
+            super::upsert_row("t", &[("k", "$1"), ("a", "$2"), ("b", "now()")]),
+            "INSERT INTO t (k, a, b) VALUES ($1, $2, now()) \
+             ON CONFLICT (k) DO UPDATE SET a = excluded.a, b = excluded.b"
+        );
+    }
+}
+
+#[cfg(test)]
 mod log_chunk_tests {
     use super::*;
 
@@ -766,6 +799,7 @@ mod log_chunk_tests {
         for (host, offset, data) in [(1, 0, "hello "), (1, 6, "world\n"), (2, 0, "abc")] {
             store
                 .record(Write::HostLog {
+                    epoch: crate::FIRST_EPOCH,
                     step_instance_id: 7,
                     bk_host_id: host,
                     offset,

@@ -27,6 +27,9 @@ pub struct HostCheckpoint {
     pub truncated: bool,
     pub started_at: Option<i64>,
     pub deadline: Option<i64>,
+    /// The host's epoch its writer holds it at ([`crate::fence`]): saved only while the host is
+    /// still there; as read from the store, the host's epoch then.
+    pub epoch: i64,
 }
 
 /// A host of a job being resumed: its checkpoint, if its task is out on an agent that owns it.
@@ -37,6 +40,9 @@ pub struct ResumableHost {
     /// The controller the host was handed to (`task_handover`): that one records it, so its
     /// log is left as it is and no checkpoint is given.
     pub handed_to: Option<String>,
+    /// The host's epoch, advanced by the take-up for a host not handed (its writes are now
+    /// the taker's; those of whoever ran it before are refused).
+    pub epoch: i64,
 }
 
 /// What the store holds of a task by its id: its checkpoint, and where its job and host stand.
@@ -62,21 +68,24 @@ pub struct ResumableJob {
     pub finished_hosts_succeeded: bool,
 }
 
-/// Upserts `checkpoints` (one per (step, host), at most `max_parameters / 11` of them) in one
-/// statement. Checkpoints are written by the store's writer ([`crate::Write::Checkpoints`]), in
+/// Upserts `checkpoints` (one per (step, host), at most `max_parameters / 12` of them) in one
+/// statement, each only while its host is at the checkpoint's epoch; returns how many were
+/// applied. Checkpoints are written by the store's writer ([`crate::Write::Checkpoints`]), in
 /// the group commit that also holds the log they describe, or a later one.
 pub(crate) async fn upsert_checkpoints(
     connection: &mut sqlx::AnyConnection,
     dialect: Dialect,
     checkpoints: &[&HostCheckpoint],
-) -> Result<(), sqlx::Error> {
+) -> Result<u64, sqlx::Error> {
     if checkpoints.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let mut insert = Statement::new(
         dialect,
         "INSERT INTO host_task (step_instance_id, bk_host_id, task_id, agent_id, received,
-             stored, dropped_bytes, dropped_lines, truncated, started_at, deadline)",
+             stored, dropped_bytes, dropped_lines, truncated, started_at, deadline)
+         SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7,
+             v.column8, v.column9, v.column10, v.column11 FROM (",
     );
     insert.push_values(checkpoints.iter().copied(), |row, c| {
         row.push_bind(c.step_instance_id)
@@ -89,8 +98,11 @@ pub(crate) async fn upsert_checkpoints(
             .push_bind(c.dropped_lines)
             .push_bind(i64::from(c.truncated))
             .push_bind(c.started_at)
-            .push_bind(c.deadline);
+            .push_bind(c.deadline)
+            .push_bind(c.epoch);
     });
+    insert.push(") AS v WHERE ");
+    insert.push(&crate::fence::not_fenced_out("column12"));
     insert.push(
         " ON CONFLICT (step_instance_id, bk_host_id) DO UPDATE SET
              task_id = excluded.task_id, agent_id = excluded.agent_id,
@@ -99,8 +111,7 @@ pub(crate) async fn upsert_checkpoints(
              truncated = excluded.truncated, started_at = excluded.started_at,
              deadline = excluded.deadline",
     );
-    insert.build().execute(connection).await?;
-    Ok(())
+    Ok(insert.build().execute(connection).await?.rows_affected())
 }
 
 impl Store {
@@ -114,7 +125,7 @@ impl Store {
         let row = sqlx::query(
             "SELECT t.step_instance_id, t.bk_host_id, t.task_id, t.agent_id, t.received, t.stored,
                     t.dropped_bytes, t.dropped_lines, t.truncated, t.started_at, t.deadline,
-                    j.job_instance_id, j.status, r.status
+                    j.job_instance_id, j.status, r.status, r.epoch
              FROM host_task t
              JOIN step_instance s ON s.step_instance_id = t.step_instance_id
              JOIN job_instance j ON j.job_instance_id = s.job_instance_id
@@ -142,6 +153,7 @@ impl Store {
                 truncated: row.get::<i64, _>(8) != 0,
                 started_at: row.get(9),
                 deadline: row.get(10),
+                epoch: row.get(14),
             },
         }))
     }
@@ -213,9 +225,22 @@ impl Store {
         let mut jobs = Vec::with_capacity(rows.len());
         for row in rows {
             let step_instance_id: i64 = row.get(1);
+            // The hosts this take-up runs itself pass to it: whoever ran them before (a
+            // controller that stalled rather than died) has its late writes refused.
+            sqlx::query(&format!(
+                "UPDATE host_result SET epoch = epoch + 1
+                 WHERE step_instance_id = $1 AND status IN ({host_list})
+                   AND NOT EXISTS (SELECT 1 FROM task_handover h
+                       WHERE h.step_instance_id = host_result.step_instance_id
+                         AND h.bk_host_id = host_result.bk_host_id)"
+            ))
+            .bind(step_instance_id)
+            .execute(&mut *tx)
+            .await?;
             let hosts = sqlx::query(&format!(
                 "SELECT r.bk_host_id, t.task_id, t.agent_id, t.received, t.stored, t.dropped_bytes,
-                        t.dropped_lines, t.truncated, t.started_at, t.deadline, h.controller
+                        t.dropped_lines, t.truncated, t.started_at, t.deadline, h.controller,
+                        r.epoch
                  FROM host_result r LEFT JOIN host_task t
                      ON t.step_instance_id = r.step_instance_id AND t.bk_host_id = r.bk_host_id
                  LEFT JOIN task_handover h
@@ -239,6 +264,7 @@ impl Store {
             for h in hosts {
                 let bk_host_id: i64 = h.get(0);
                 let handed_to: Option<String> = h.get(10);
+                let epoch: i64 = h.get(11);
                 let task_id = h
                     .get::<Option<String>, _>(1)
                     .filter(|_| handed_to.is_none());
@@ -257,6 +283,7 @@ impl Store {
                             truncated: h.get::<i64, _>(7) != 0,
                             started_at: h.get(8),
                             deadline: h.get(9),
+                            epoch,
                         };
                         sqlx::query(
                             "DELETE FROM host_log
@@ -274,6 +301,7 @@ impl Store {
                     bk_host_id,
                     checkpoint,
                     handed_to,
+                    epoch,
                 });
             }
             jobs.push(ResumableJob {
@@ -347,7 +375,7 @@ impl Store {
         .collect();
         for job in &jobs {
             sqlx::query(&format!(
-                "UPDATE host_result SET status = $1, tag = $2, end_time = $3
+                "UPDATE host_result SET status = $1, tag = $2, end_time = $3, epoch = epoch + 1
                  WHERE status IN ({host_list}) AND step_instance_id IN
                      (SELECT step_instance_id FROM step_instance WHERE job_instance_id = $4)"
             ))
@@ -387,6 +415,7 @@ mod tests {
 
     fn checkpoint(step: i64, host: i64, received: i64) -> HostCheckpoint {
         HostCheckpoint {
+            epoch: crate::FIRST_EPOCH,
             step_instance_id: step,
             bk_host_id: host,
             task_id: format!("task-{host}"),

@@ -234,6 +234,7 @@ mod tests {
             for chunk in 0..10 {
                 store
                     .record(Write::HostLog {
+                        epoch: crate::FIRST_EPOCH,
                         step_instance_id: old.step_instance_id,
                         bk_host_id: host,
                         offset: chunk * 4,
@@ -296,6 +297,7 @@ mod tests {
         for host in 1..=3 {
             store
                 .record(Write::HostLog {
+                    epoch: crate::FIRST_EPOCH,
                     step_instance_id: job.step_instance_id,
                     bk_host_id: host,
                     offset: 0,

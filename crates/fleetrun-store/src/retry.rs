@@ -165,10 +165,13 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             }
+            // The retried hosts pass to the retry's run: a late write of the earlier run's is
+            // refused (their epoch advances, `fence`).
             sqlx::query(&format!(
                 "UPDATE host_result SET status = $1, tag = '', exit_code = NULL, error_code = 0,
                      start_time = NULL, end_time = NULL, output_bytes = 0, dropped_bytes = 0,
-                     dropped_lines = 0, survivors = 0, actual_execute_count = $2
+                     dropped_lines = 0, survivors = 0, actual_execute_count = $2,
+                     epoch = epoch + 1
                  WHERE {}",
                 scope.condition("$3")
             ))
@@ -429,6 +432,7 @@ mod tests {
         for &(host, status, log) in outcomes {
             store
                 .record(Write::HostLog {
+                    epoch: crate::FIRST_EPOCH,
                     step_instance_id: step,
                     bk_host_id: host,
                     offset: 0,
@@ -438,6 +442,8 @@ mod tests {
                 .unwrap();
             store
                 .record(Write::HostFinished {
+                    stored: None,
+                    epoch: crate::FIRST_EPOCH,
                     step_instance_id: step,
                     bk_host_id: host,
                     outcome: HostOutcome {
@@ -486,6 +492,7 @@ mod tests {
         let checkpoints: Vec<crate::HostCheckpoint> = [1, 2]
             .into_iter()
             .map(|host| crate::HostCheckpoint {
+                epoch: crate::FIRST_EPOCH,
                 step_instance_id: step,
                 bk_host_id: host,
                 task_id: format!("task-{host}"),
@@ -553,9 +560,13 @@ mod tests {
             b"one ok"
         );
 
-        // Count 1: host 2 runs again and fails again; retry all.
+        // Count 1: host 2 runs again and fails again, written at the epoch the retry gave it
+        // (the first run's late writes are refused); retry all.
+        let epoch = store.host_epochs(step).await.unwrap()[&2];
+        assert_eq!(epoch, crate::FIRST_EPOCH + 1);
         store
             .record(Write::HostLog {
+                epoch,
                 step_instance_id: step,
                 bk_host_id: 2,
                 offset: 0,
@@ -565,6 +576,8 @@ mod tests {
             .unwrap();
         store
             .record(Write::HostFinished {
+                stored: None,
+                epoch,
                 step_instance_id: step,
                 bk_host_id: 2,
                 outcome: HostOutcome {

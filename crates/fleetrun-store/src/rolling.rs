@@ -445,6 +445,8 @@ mod tests {
         // Host 1 fails, the job pauses as failed.
         store
             .record(Write::HostFinished {
+                stored: None,
+                epoch: crate::FIRST_EPOCH,
                 step_instance_id: step,
                 bk_host_id: 1,
                 outcome: crate::HostOutcome {

@@ -124,6 +124,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0018_handover.sql"),
         include_str!("../migrations/postgres/0018_handover.sql"),
     ),
+    (
+        20,
+        "host epoch",
+        include_str!("../migrations/sqlite/0020_host_epoch.sql"),
+        include_str!("../migrations/postgres/0020_host_epoch.sql"),
+    ),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them.

@@ -177,10 +177,14 @@ impl Key {
     }
 }
 
-/// The followers of each job and step, by subscription id, and the controller's own listener
-/// of [`NEWS`].
+/// The followers of each job and step, by subscription id, the controller's own listener
+/// of [`NEWS`], and the hosts whose writes were fenced out ([`crate::fence`]).
 #[derive(Debug, Default, Clone)]
-pub(crate) struct Watchers(Arc<Mutex<Registry>>, Arc<[Notify; 2]>);
+pub(crate) struct Watchers(
+    Arc<Mutex<Registry>>,
+    Arc<[Notify; 2]>,
+    Arc<crate::fence::Fenced>,
+);
 
 #[derive(Debug, Default)]
 struct Registry {
@@ -216,6 +220,15 @@ impl Watchers {
     /// Woken by [`TRUST_NEWS`] (and by a lost listening connection).
     pub(crate) fn trust_news(&self) -> &Notify {
         &self.1[1]
+    }
+
+    /// Tells the engine that writes of these hosts (step, host, row epoch) were refused.
+    pub(crate) fn fenced(&self, refused: Vec<(i64, i64, i64)>) {
+        self.2.push(refused);
+    }
+
+    pub(crate) fn fenced_news(&self) -> &Arc<crate::fence::Fenced> {
+        &self.2
     }
 
     /// Wakes the followers of what an announcement (another store's commit) names.

@@ -29,12 +29,14 @@ pub enum Write {
     },
     /// The job's status changed while it runs (e.g. terminating); steps follow the job.
     JobStatus { job_instance_id: i64, status: i32 },
-    /// A host's status changed while its task is under way.
+    /// A host's status changed while its task is under way. Applied only while the host is
+    /// still at `epoch` (see [`crate::fence`]), as are its log and its end.
     HostStatus {
         step_instance_id: i64,
         bk_host_id: i64,
         status: i32,
         start_time: Option<i64>,
+        epoch: i64,
     },
     /// A piece of a host's log, at `offset` in the stored log.
     HostLog {
@@ -42,12 +44,17 @@ pub enum Write {
         bk_host_id: i64,
         offset: i64,
         data: Vec<u8>,
+        epoch: i64,
     },
-    /// A host's task ended.
+    /// A host's task ended. `stored` is answered once the end is committed, and dropped
+    /// unanswered if it was refused (the host passed to another writer, see [`crate::fence`])
+    /// or lost: only an answered end may be acknowledged to the agent that ran the task.
     HostFinished {
         step_instance_id: i64,
         bk_host_id: i64,
         outcome: HostOutcome,
+        epoch: i64,
+        stored: Option<oneshot::Sender<()>>,
     },
     /// The step reached a final status.
     StepFinished {
@@ -65,11 +72,13 @@ pub enum Write {
     Flush(oneshot::Sender<()>),
     /// Where tasks out on agents that own them stand (`reattach`), upserted in the same group
     /// commit as the log they describe, which was queued before them. `saved` is answered once
-    /// they are committed, and dropped unanswered if they are lost (see
-    /// [`crate::Health::lost`]), so nobody takes a lost checkpoint for a saved one.
+    /// they are committed, with the (step, host) pairs whose checkpoints the fence refused
+    /// (another writer holds the host now: those were not saved), and dropped unanswered if they
+    /// are lost (see [`crate::Health::lost`]), so nobody takes a lost or refused checkpoint for
+    /// a saved one.
     Checkpoints {
         checkpoints: Vec<HostCheckpoint>,
-        saved: Option<oneshot::Sender<()>>,
+        saved: Option<oneshot::Sender<Vec<(i64, i64)>>>,
     },
     /// An entry of the audit trail, numbered and chained to the trail's head (hashed with
     /// `hasher`) in the group commit that stores it, under the trail's lock: the trail has no
@@ -183,6 +192,10 @@ pub(crate) struct Committed {
     /// Why the batch's audit entries were not appended (rolled back to their savepoint) while
     /// the rest of the batch was committed.
     pub(crate) audit_refused: Option<sqlx::Error>,
+    /// The hosts whose writes the fence refused (another writer took the host over since);
+    /// `None` when not known (a commit whose answer was lost, found made afterwards): then no
+    /// end or checkpoint of the batch is answered as stored.
+    pub(crate) fenced: Option<crate::fence::Refused>,
 }
 
 /// Whether the database refused a statement for the data it carries (a NUL in text on
@@ -202,9 +215,10 @@ fn describe(write: &Write) -> String {
             bk_host_id,
             offset,
             data,
+            epoch,
         } => format!(
             "HostLog {{ step_instance_id: {step_instance_id}, bk_host_id: {bk_host_id}, \
-             offset: {offset}, bytes: {} }}",
+             offset: {offset}, epoch: {epoch}, bytes: {} }}",
             data.len()
         ),
         Write::Checkpoints { checkpoints, .. } => {
@@ -391,6 +405,7 @@ impl Writer {
                     let committed = Committed {
                         audit_head: Some(head),
                         audit_refused: None,
+                        fenced: None,
                     };
                     self.committed(n, committed, None);
                     return Ok(());
@@ -474,6 +489,9 @@ impl Writer {
             self.audit_head.send_replace(Some(head));
         }
         self.watchers.committed(batch);
+        if let Some(fenced) = committed.fenced.as_ref().filter(|f| !f.is_empty()) {
+            self.watchers.fenced(fenced.hosts());
+        }
         if let Some((cap, left)) = self.cap {
             self.cap = (left > n).then_some((cap, left - n));
         }
@@ -485,11 +503,35 @@ impl Writer {
                 }
                 write => {
                     self.pending_bytes -= output_bytes(&write);
-                    if let Write::Checkpoints {
-                        saved: Some(saved), ..
-                    } = write
-                    {
-                        let _ = saved.send(());
+                    // Not known what the fence refused (the commit's answer was lost): nothing
+                    // is answered as stored or saved.
+                    let Some(fenced) = &committed.fenced else {
+                        continue;
+                    };
+                    match write {
+                        Write::Checkpoints {
+                            checkpoints,
+                            saved: Some(saved),
+                        } => {
+                            let lost: Vec<(i64, i64)> = checkpoints
+                                .iter()
+                                .filter(|c| {
+                                    fenced.refuses(c.step_instance_id, c.bk_host_id, c.epoch)
+                                })
+                                .map(|c| (c.step_instance_id, c.bk_host_id))
+                                .collect();
+                            let _ = saved.send(lost);
+                        }
+                        Write::HostFinished {
+                            step_instance_id,
+                            bk_host_id,
+                            epoch,
+                            stored: Some(stored),
+                            ..
+                        } if !fenced.refuses(step_instance_id, bk_host_id, epoch) => {
+                            let _ = stored.send(());
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -670,7 +712,9 @@ fn output_bytes(write: &Write) -> usize {
 }
 
 /// Commits `batch` in one transaction; says whether its audit entries were appended (and the
-/// trail's new head) or refused by the database while the rest was committed.
+/// trail's new head) or refused by the database while the rest was committed, and which hosts'
+/// writes the fence refused because another writer took the host over since (their epoch is
+/// past).
 async fn commit(
     connection: &mut sqlx::AnyConnection,
     batch: &[Write],
@@ -678,19 +722,24 @@ async fn commit(
     announcement: Option<(&str, &str)>,
     appending: &mut Option<(i64, String)>,
 ) -> Result<Committed, sqlx::Error> {
-    // A host whose task also ended in this batch needs no "running" update: its final row says
-    // all. Log chunks go in multi-row inserts. Both matter when thousands of hosts report at once.
-    let finished: std::collections::HashSet<(i64, i64)> = batch
-        .iter()
-        .filter_map(|w| match w {
-            Write::HostFinished {
-                step_instance_id,
-                bk_host_id,
-                ..
-            } => Some((*step_instance_id, *bk_host_id)),
-            _ => None,
-        })
-        .collect();
+    // A host whose task also ended in this batch, at the same epoch or a later one, needs no
+    // "running" update: its final row says all. Log chunks go in multi-row inserts. Both matter
+    // when thousands of hosts report at once.
+    let mut finished: std::collections::HashMap<(i64, i64), i64> = std::collections::HashMap::new();
+    for write in batch {
+        if let Write::HostFinished {
+            step_instance_id,
+            bk_host_id,
+            epoch,
+            ..
+        } = write
+        {
+            let at = finished
+                .entry((*step_instance_id, *bk_host_id))
+                .or_insert(*epoch);
+            *at = (*at).max(*epoch);
+        }
+    }
     let mut skipped_starts = std::collections::HashMap::new();
     let mut logs = Vec::new();
     let mut running = Vec::new();
@@ -699,6 +748,7 @@ async fn commit(
     let mut audit = Vec::new();
     let mut step_ends = Vec::new();
     let mut job_ends = Vec::new();
+    let mut fence = crate::fence::Check::default();
     let audited = batch.iter().any(|w| matches!(w, Write::Audit { .. }));
     // The audit trail's head is read in this transaction: on SQLite it takes the database's
     // write lock before it reads anything, so the head cannot move before the commit.
@@ -713,17 +763,33 @@ async fn commit(
                 step_instance_id,
                 bk_host_id,
                 start_time,
+                epoch,
                 ..
-            } if finished.contains(&(*step_instance_id, *bk_host_id)) => {
-                // Its start time still counts, should the final row not carry one.
-                skipped_starts.insert((*step_instance_id, *bk_host_id), *start_time);
+            } if finished
+                .get(&(*step_instance_id, *bk_host_id))
+                .is_some_and(|ended| ended >= epoch) =>
+            {
+                if finished[&(*step_instance_id, *bk_host_id)] == *epoch {
+                    // Its start time still counts, should the final row not carry one.
+                    skipped_starts.insert((*step_instance_id, *bk_host_id), *start_time);
+                } else {
+                    // Written before the host passed on: refused, as its statement would.
+                    fence.passed_over(*step_instance_id, *bk_host_id, *epoch);
+                }
             }
             Write::HostLog {
                 step_instance_id,
                 bk_host_id,
                 offset,
                 data,
-            } => logs.push((*step_instance_id, *bk_host_id, *offset, data.as_slice())),
+                epoch,
+            } => logs.push((
+                *step_instance_id,
+                *bk_host_id,
+                *offset,
+                data.as_slice(),
+                *epoch,
+            )),
             Write::JobStarted {
                 job_instance_id,
                 step_instance_id,
@@ -768,12 +834,15 @@ async fn commit(
                 bk_host_id,
                 status,
                 start_time,
-            } => running.push((*step_instance_id, *bk_host_id, *status, *start_time)),
+                epoch,
+            } => running.push((*step_instance_id, *bk_host_id, *status, *start_time, *epoch)),
             Write::HostFinished {
                 step_instance_id,
                 bk_host_id,
                 outcome,
-            } => results.push((*step_instance_id, *bk_host_id, outcome)),
+                epoch,
+                ..
+            } => results.push((*step_instance_id, *bk_host_id, outcome, *epoch)),
             Write::StepFinished {
                 step_instance_id,
                 status,
@@ -795,7 +864,13 @@ async fn commit(
     // that finished meanwhile. Applying them after the loop changes nothing: a status change in
     // the same batch (`JobStatus`) only touches rows without an end, and the end overrides it;
     // a job's start comes before its first run's end.
-    let step_ends = last_per_host(step_ends, |(step, ..)| *step, |_, _| {});
+    let step_ends = last_per_host(
+        step_ends,
+        |(step, ..)| *step,
+        |_| crate::FIRST_EPOCH,
+        |_, _| {},
+        |_| {},
+    );
     for chunk in step_ends.chunks(dialect.max_parameters() / 3) {
         let mut update = Statement::new(
             dialect,
@@ -807,7 +882,13 @@ async fn commit(
         update.push(") AS v WHERE step_instance.step_instance_id = v.column1");
         update.build().execute(&mut *tx).await?;
     }
-    let job_ends = last_per_host(job_ends, |(job, ..)| *job, |_, _| {});
+    let job_ends = last_per_host(
+        job_ends,
+        |(job, ..)| *job,
+        |_| crate::FIRST_EPOCH,
+        |_, _| {},
+        |_| {},
+    );
     for chunk in job_ends.chunks(dialect.max_parameters() / 3) {
         let mut update = Statement::new(
             dialect,
@@ -823,39 +904,56 @@ async fn commit(
     // changes nothing: nothing else in a batch writes these rows, and a host's "running" update
     // was skipped above when its final one is in the same batch. A host that appears twice
     // appears once, as its writes in order would have left it: a statement that changes one
-    // row twice is refused by PostgreSQL and undefined in SQLite.
+    // row twice is refused by PostgreSQL and undefined in SQLite. Each statement applies a row
+    // only while its host is at the epoch the write carries (the fence is part of the bulk
+    // statement); a statement that applied fewer rows than it carried has the refused ones
+    // looked up once, at the end. Of a host's writes at several epochs (a stale one queued
+    // behind the take-over's), those at the highest stand; the others are refused.
     let running = last_per_host(
         running,
         |(step, host, ..)| (*step, *host),
+        |w| w.4,
         |earlier, later| {
             later.3 = later.3.or(earlier.3);
         },
+        |(step, host, .., epoch)| fence.passed_over(*step, *host, *epoch),
     );
-    let results = last_per_host(results, |(step, host, _)| (*step, *host), |_, _| {});
+    let results = last_per_host(
+        results,
+        |(step, host, ..)| (*step, *host),
+        |w| w.3,
+        |_, _| {},
+        |(step, host, _, epoch)| fence.passed_over(*step, *host, *epoch),
+    );
     let logs = last_per_host(
         logs,
-        |(step, host, offset, _)| (*step, *host, *offset),
+        |(step, host, offset, ..)| (*step, *host, *offset),
+        |w| w.4,
         |_, _| {},
+        |(step, host, .., epoch)| fence.passed_over(*step, *host, *epoch),
     );
-    for chunk in running.chunks(dialect.max_parameters() / 4) {
+    for chunk in running.chunks(dialect.max_parameters() / 5) {
         let mut update = Statement::new(
             dialect,
             "UPDATE host_result SET status = v.column3,
                  start_time = COALESCE(v.column4, host_result.start_time)
              FROM (",
         );
-        update.push_values(chunk, |row, (step, host, status, start_time)| {
+        update.push_values(chunk, |row, (step, host, status, start_time, epoch)| {
             row.push_bind(*step)
                 .push_bind(*host)
                 .push_bind(*status)
-                .push_bind(*start_time);
+                .push_bind(*start_time)
+                .push_bind(*epoch);
         });
         update.push(
-            ") AS v WHERE host_result.step_instance_id = v.column1 AND host_result.bk_host_id = v.column2",
+            ") AS v WHERE host_result.step_instance_id = v.column1 AND host_result.bk_host_id = v.column2
+                 AND host_result.epoch = v.column5",
         );
-        update.build().execute(&mut *tx).await?;
+        let applied = update.build().execute(&mut *tx).await?.rows_affected();
+        fence.carried(chunk.iter().map(|w| (w.0, w.1, w.4)), applied);
     }
-    for chunk in results.chunks(dialect.max_parameters() / 12) {
+    for chunk in results.chunks(dialect.max_parameters() / 13) {
         let mut update = Statement::new(
             dialect,
             "UPDATE host_result SET status = v.column3, tag = v.column4, exit_code = v.column5,
@@ -864,7 +962,7 @@ async fn commit(
                  dropped_lines = v.column11, survivors = v.column12
              FROM (",
         );
-        update.push_values(chunk, |row, (step, host, o)| {
+        update.push_values(chunk, |row, (step, host, o, epoch)| {
             row.push_bind(*step)
                 .push_bind(*host)
                 .push_bind(o.status)
@@ -879,44 +977,86 @@ async fn commit(
                 .push_bind(o.output_bytes)
                 .push_bind(o.dropped_bytes)
                 .push_bind(o.dropped_lines)
-                .push_bind(o.survivors);
+                .push_bind(o.survivors)
+                .push_bind(*epoch);
         });
         update.push(
-            ") AS v WHERE host_result.step_instance_id = v.column1 AND host_result.bk_host_id = v.column2",
+            ") AS v WHERE host_result.step_instance_id = v.column1 AND host_result.bk_host_id = v.column2
+                 AND host_result.epoch = v.column13",
         );
-        update.build().execute(&mut *tx).await?;
-    }
-    for chunk in logs.chunks(dialect.max_parameters() / 4) {
-        let mut insert = Statement::new(
-            dialect,
-            "INSERT INTO host_log (step_instance_id, bk_host_id, \"offset\", data)",
-        );
-        insert.push_values(chunk, |row, (step, host, offset, data)| {
-            row.push_bind(*step)
-                .push_bind(*host)
-                .push_bind(*offset)
-                .push_bind(*data);
-        });
-        insert.push(
-            " ON CONFLICT (step_instance_id, bk_host_id, \"offset\") DO UPDATE SET data = excluded.data",
-        );
-        insert.build().execute(&mut *tx).await?;
+        let applied = update.build().execute(&mut *tx).await?.rows_affected();
+        fence.carried(chunk.iter().map(|w| (w.0, w.1, w.3)), applied);
     }
     let checkpoints = last_per_host(
         checkpoints,
         |c| (c.step_instance_id, c.bk_host_id),
+        |c| c.epoch,
         |_, _| {},
+        |c| fence.passed_over(c.step_instance_id, c.bk_host_id, c.epoch),
     );
-    for chunk in checkpoints.chunks(dialect.max_parameters() / 11) {
-        crate::reattach::upsert_checkpoints(&mut tx, dialect, chunk).await?;
+    // A host whose "running" or final row this batch updated is locked already (or its new
+    // epoch is committed, and the inserts read it): only the others need the share lock.
+    let updated: std::collections::HashSet<(i64, i64)> = running
+        .iter()
+        .map(|w| (w.0, w.1))
+        .chain(results.iter().map(|w| (w.0, w.1)))
+        .collect();
+    crate::fence::lock_hosts(
+        &mut tx,
+        dialect,
+        logs.iter()
+            .map(|(step, host, ..)| (*step, *host))
+            .chain(
+                checkpoints
+                    .iter()
+                    .map(|c| (c.step_instance_id, c.bk_host_id)),
+            )
+            .filter(|pair| !updated.contains(pair)),
+    )
+    .await?;
+    for chunk in logs.chunks(dialect.max_parameters() / 5) {
+        // A chunk is refused when its host's row has another epoch; a chunk of a host without
+        // a row (no job holds it) is not fenced.
+        let mut insert = Statement::new(
+            dialect,
+            "INSERT INTO host_log (step_instance_id, bk_host_id, \"offset\", data)
+             SELECT v.column1, v.column2, v.column3, v.column4 FROM (",
+        );
+        insert.push_values(chunk, |row, (step, host, offset, data, epoch)| {
+            row.push_bind(*step)
+                .push_bind(*host)
+                .push_bind(*offset)
+                .push_bind(*data)
+                .push_bind(*epoch);
+        });
+        insert.push(") AS v WHERE ");
+        insert.push(&crate::fence::not_fenced_out("column5"));
+        insert.push(
+            " ON CONFLICT (step_instance_id, bk_host_id, \"offset\") DO UPDATE SET data = excluded.data",
+        );
+        let applied = insert.build().execute(&mut *tx).await?.rows_affected();
+        fence.carried(chunk.iter().map(|w| (w.0, w.1, w.4)), applied);
     }
+    for chunk in checkpoints.chunks(dialect.max_parameters() / 12) {
+        let applied = crate::reattach::upsert_checkpoints(&mut tx, dialect, chunk).await?;
+        fence.carried(
+            chunk
+                .iter()
+                .map(|c| (c.step_instance_id, c.bk_host_id, c.epoch)),
+            applied,
+        );
+    }
+    let refused = fence.refused(&mut tx).await?;
     if let Some((store, text)) = announcement {
         crate::watch::announce(&mut tx, store, text).await?;
     }
     // Last: on PostgreSQL the trail's lock is then held only for the inserts and the commit.
     // Under a savepoint, with a bounded wait for the lock: entries the database refuses (a
     // lock held elsewhere, bad data) are rolled back alone and the job writes still commit.
-    let mut committed = Committed::default();
+    let mut committed = Committed {
+        fenced: Some(refused),
+        ..Committed::default()
+    };
     if !audit.is_empty() {
         sqlx::query("SAVEPOINT audit").execute(&mut *tx).await?;
         match append_audit(dialect, &mut tx, audit).await {
@@ -953,12 +1093,16 @@ async fn append_audit(
     crate::audit::append_in(dialect, tx, audit).await
 }
 
-/// `items` with one item per key, where the last one stands and `merge(earlier, later)` carries
-/// into it what an earlier one said that it does not; in the order the keys first appeared.
+/// `items` with one item per key, where the last one at the highest epoch stands and
+/// `merge(earlier, later)` carries into it what an earlier one at that epoch said that it does
+/// not; in the order the keys first appeared. Items at a lower epoch than another of their key
+/// go to `passed_over`: the fence refuses them.
 fn last_per_host<T, K: std::hash::Hash + Eq>(
     items: Vec<T>,
     key: impl Fn(&T) -> K,
+    epoch: impl Fn(&T) -> i64,
     merge: impl Fn(&T, &mut T),
+    mut passed_over: impl FnMut(&T),
 ) -> Vec<T> {
     let mut at: std::collections::HashMap<K, usize> = std::collections::HashMap::new();
     let mut kept: Vec<T> = Vec::with_capacity(items.len());
@@ -966,8 +1110,17 @@ fn last_per_host<T, K: std::hash::Hash + Eq>(
         match at.entry(key(&item)) {
             std::collections::hash_map::Entry::Occupied(slot) => {
                 let earlier = &mut kept[*slot.get()];
-                merge(earlier, &mut item);
-                *earlier = item;
+                match epoch(earlier).cmp(&epoch(&item)) {
+                    std::cmp::Ordering::Greater => passed_over(&item),
+                    std::cmp::Ordering::Less => {
+                        passed_over(earlier);
+                        *earlier = item;
+                    }
+                    std::cmp::Ordering::Equal => {
+                        merge(earlier, &mut item);
+                        *earlier = item;
+                    }
+                }
             }
             std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert(kept.len());
@@ -984,6 +1137,7 @@ pub(crate) mod tests {
 
     fn checkpoint(bk_host_id: i64, received: i64) -> HostCheckpoint {
         HostCheckpoint {
+            epoch: crate::FIRST_EPOCH,
             step_instance_id: 7,
             bk_host_id,
             task_id: "t".into(),
@@ -1064,6 +1218,7 @@ pub(crate) mod tests {
         let mut writer = harness(&store);
         writer.pending_bytes = super::MAX_PENDING_OUTPUT - 10;
         writer.accept(Write::HostLog {
+            epoch: crate::FIRST_EPOCH,
             step_instance_id: 7,
             bk_host_id: 1,
             offset: 0,
@@ -1087,6 +1242,8 @@ pub(crate) mod tests {
         );
         // Its task ended: the host's final row stands, and its hole no longer matters.
         writer.accept(Write::HostFinished {
+            stored: None,
+            epoch: crate::FIRST_EPOCH,
             step_instance_id: 7,
             bk_host_id: 1,
             outcome: HostOutcome::default(),
@@ -1300,6 +1457,8 @@ pub(crate) mod tests {
         let mut writer = harness(&store);
         for id in 1..=200 {
             writer.accept(Write::HostFinished {
+                stored: None,
+                epoch: crate::FIRST_EPOCH,
                 step_instance_id: step,
                 bk_host_id: id,
                 outcome: HostOutcome {
@@ -1471,6 +1630,7 @@ pub(crate) mod tests {
         for id in 1..2_500 {
             store
                 .record(Write::HostStatus {
+                    epoch: crate::FIRST_EPOCH,
                     step_instance_id: step,
                     bk_host_id: id,
                     status: 7,
@@ -1484,6 +1644,8 @@ pub(crate) mod tests {
                 }
                 store
                     .record(Write::HostFinished {
+                        stored: None,
+                        epoch: crate::FIRST_EPOCH,
                         step_instance_id: step,
                         bk_host_id: id,
                         outcome: HostOutcome {

@@ -90,6 +90,7 @@ async fn a_commit_through_one_store_wakes_the_followers_of_another() {
         let mut offset = 0;
         loop {
             a.record(fleetrun_store::Write::HostLog {
+                epoch: fleetrun_store::FIRST_EPOCH,
                 step_instance_id: 10,
                 bk_host_id: 1,
                 offset,
@@ -198,6 +199,7 @@ async fn rows_and_bytes_per_host_run() {
     for host in 1..=HOSTS {
         store
             .record(Write::HostStatus {
+                epoch: fleetrun_store::FIRST_EPOCH,
                 step_instance_id: step,
                 bk_host_id: host,
                 status: 7,
@@ -207,6 +209,7 @@ async fn rows_and_bytes_per_host_run() {
             .unwrap();
         store
             .record(Write::HostLog {
+                epoch: fleetrun_store::FIRST_EPOCH,
                 step_instance_id: step,
                 bk_host_id: host,
                 offset: 0,
@@ -216,6 +219,8 @@ async fn rows_and_bytes_per_host_run() {
             .unwrap();
         store
             .record(Write::HostFinished {
+                stored: None,
+                epoch: fleetrun_store::FIRST_EPOCH,
                 step_instance_id: step,
                 bk_host_id: host,
                 outcome: HostOutcome {
@@ -231,6 +236,7 @@ async fn rows_and_bytes_per_host_run() {
             .await
             .unwrap();
         checkpoints.push(HostCheckpoint {
+            epoch: fleetrun_store::FIRST_EPOCH,
             step_instance_id: step,
             bk_host_id: host,
             task_id: uuid_like(host),

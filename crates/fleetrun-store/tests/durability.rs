@@ -126,6 +126,7 @@ async fn an_unwritable_database_is_reported_and_what_was_accepted_is_written_onc
         for offset in 0..20_000 {
             store
                 .record(Write::HostLog {
+                    epoch: fleetrun_store::FIRST_EPOCH,
                     step_instance_id: step,
                     bk_host_id: 1,
                     offset: offset * 100,
@@ -251,6 +252,8 @@ async fn the_database_and_its_directory_are_readable_by_their_owner_only() {
     let store = Store::open(&path).await.unwrap();
     store
         .record(Write::HostFinished {
+            stored: None,
+            epoch: fleetrun_store::FIRST_EPOCH,
             step_instance_id: 1,
             bk_host_id: 1,
             outcome: HostOutcome::default(),
@@ -298,6 +301,7 @@ async fn a_postgres_database_that_refuses_writes_is_reported_while_idle_and_reco
     for offset in 0..100 {
         store
             .record(Write::HostLog {
+                epoch: fleetrun_store::FIRST_EPOCH,
                 step_instance_id: step,
                 bk_host_id: 1,
                 offset: offset * 10,

@@ -71,6 +71,7 @@ async fn bulk_paths() {
     for id in 1..=HOSTS {
         store
             .record(Write::HostStatus {
+                epoch: fleetrun_store::FIRST_EPOCH,
                 step_instance_id: step,
                 bk_host_id: id,
                 status: 7,
@@ -85,6 +86,7 @@ async fn bulk_paths() {
     for id in 1..=HOSTS {
         store
             .record(Write::HostLog {
+                epoch: fleetrun_store::FIRST_EPOCH,
                 step_instance_id: step,
                 bk_host_id: id,
                 offset: 0,
@@ -94,6 +96,8 @@ async fn bulk_paths() {
             .unwrap();
         store
             .record(Write::HostFinished {
+                stored: None,
+                epoch: fleetrun_store::FIRST_EPOCH,
                 step_instance_id: step,
                 bk_host_id: id,
                 outcome: HostOutcome {

@@ -59,10 +59,16 @@ impl RogueAgent {
             },
         )
         .await?;
-        let Some(HelloReply::Negotiated {
-            heartbeat_interval_ms,
-            ..
-        }) = recv.recv::<HelloReply>().await?
+        let Some(
+            HelloReply::Negotiated {
+                heartbeat_interval_ms,
+                ..
+            }
+            | HelloReply::Joined {
+                heartbeat_interval_ms,
+                ..
+            },
+        ) = recv.recv::<HelloReply>().await?
         else {
             bail!("the controller did not welcome the agent");
         };

@@ -111,9 +111,14 @@ impl Connected {
                 .await
                 .context("no answer to the hello")??;
             match reply {
-                Some(HelloReply::Negotiated {
-                    protocol_version, ..
-                }) => ensure!(protocol_version == version, "negotiated {protocol_version}"),
+                Some(
+                    HelloReply::Negotiated {
+                        protocol_version, ..
+                    }
+                    | HelloReply::Joined {
+                        protocol_version, ..
+                    },
+                ) => ensure!(protocol_version == version, "negotiated {protocol_version}"),
                 other => bail!("hello answered with {other:?}"),
             }
             fleetrun_net::send_frame(&mut send, &ControlUp::Holding { tasks: vec![] }).await?;

@@ -154,9 +154,9 @@ async fn round_robin(ctx: &mut ClusterCtx) -> Result<()> {
 }
 
 /// A 20 s numbered-line job submitted to c1; c2, holding agents that run it, is SIGKILLed
-/// midway. Its agents go back to it until their tasks' deadline, then to another controller,
-/// which takes their tasks over with their output: every host ends 9 with every line once, and
-/// c1 fires the callback once.
+/// midway. Its agents go back to it until it has been unreachable for a while, then to another
+/// controller, which takes their tasks over with their output: every host ends 9 with every
+/// line once, and c1 fires the callback once.
 async fn controller_killed(ctx: &mut ClusterCtx) -> Result<()> {
     let inbox = CallbackInbox::start().await?;
     let (job, step) = ctx
@@ -179,6 +179,44 @@ async fn controller_killed(ctx: &mut ClusterCtx) -> Result<()> {
         waited.elapsed()
     );
     ctx.cluster.start_controller_at(1).await?;
+    outcome?;
+    let callbacks = inbox
+        .for_job(job, Duration::from_secs(30), Duration::from_secs(3))
+        .await?;
+    ensure!(
+        callbacks.len() == 1 && callbacks[0]["status"] == json!(3),
+        "the job's callback, once: {callbacks:?}"
+    );
+    ctx.all_online().await
+}
+
+/// A 20 s numbered-line job submitted to c1, which holds its lease and some of its agents, and
+/// c1 is SIGKILLed midway. Another controller takes the job up once c1's lease runs out; c1's
+/// agents give c1 up and bring their tasks to another controller, which takes them over with
+/// their output: every host ends 9 (none 310) with every line once, and the callback fires once,
+/// from the controller that took the job up.
+async fn lease_holder_killed(ctx: &mut ClusterCtx) -> Result<()> {
+    let inbox = CallbackInbox::start().await?;
+    let (job, step) = ctx
+        .submit_to(
+            0,
+            ctx.request(
+                &counter(200, "0.1"),
+                json!({"callback_url": inbox.url, "timeout": 30}),
+            ),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    ctx.cluster.kill_controller_at(0)?;
+    let waited = Instant::now();
+    let outcome = ctx
+        .expect_success(1, job, step, &counted(200), Duration::from_secs(300))
+        .await;
+    println!(
+        "  the lease holder's job ended {:.1?} after its kill",
+        waited.elapsed()
+    );
+    ctx.cluster.start_controller_at(0).await?;
     outcome?;
     let callbacks = inbox
         .for_job(job, Duration::from_secs(30), Duration::from_secs(3))
@@ -234,7 +272,12 @@ async fn restarted_idle(ctx: &mut ClusterCtx) -> Result<()> {
         .await
 }
 
-const SCENARIOS: &[&str] = &["round-robin", "controller-killed", "restarted-idle"];
+const SCENARIOS: &[&str] = &[
+    "round-robin",
+    "controller-killed",
+    "lease-holder-killed",
+    "restarted-idle",
+];
 
 pub async fn run(opts: &super::E2eOptions, controllers: usize, database: &str) -> Result<()> {
     ensure!(
@@ -277,6 +320,7 @@ pub async fn run(opts: &super::E2eOptions, controllers: usize, database: &str) -
         let outcome = match *name {
             "round-robin" => round_robin(&mut ctx).await,
             "controller-killed" => controller_killed(&mut ctx).await,
+            "lease-holder-killed" => lease_holder_killed(&mut ctx).await,
             _ => restarted_idle(&mut ctx).await,
         };
         match outcome {

@@ -23,6 +23,10 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Engine, Finishing, now_ms};
+
+/// The epoch a file step's writes carry: a file step runs once, as its job's first run (it is
+/// not retried, and a take-up ends it), so its hosts are where every new job's start.
+pub(super) const FILE_STEP_EPOCH: i64 = fleetrun_store::FIRST_EPOCH;
 use crate::status::{host, job};
 
 /// The first protocol version that carries file tasks.
@@ -190,7 +194,13 @@ impl Engine {
             let cancel = cancel.clone();
             let bk_host_id = target.bk_host_id;
             let handle = hosts.spawn(async move { engine.file_host(&step, target, cancel).await });
-            host_of_task.insert(handle.id(), bk_host_id);
+            host_of_task.insert(
+                handle.id(),
+                super::RunOf {
+                    bk_host_id,
+                    epoch: FILE_STEP_EPOCH,
+                },
+            );
         }
         drop(step);
         let finishing = Finishing {
@@ -310,6 +320,7 @@ impl Engine {
                                 bk_host_id: target.bk_host_id,
                                 status: host::RUNNING,
                                 start_time: Some(start),
+                                epoch: FILE_STEP_EPOCH,
                             },
                         )
                         .await;
@@ -515,6 +526,7 @@ impl FileHostRun {
             .write_for(
                 job_instance_id,
                 Write::HostFinished {
+                    stored: None,
                     step_instance_id: self.step_instance_id,
                     bk_host_id: self.bk_host_id,
                     outcome: HostOutcome {
@@ -524,6 +536,7 @@ impl FileHostRun {
                         end_time: now_ms(),
                         ..HostOutcome::default()
                     },
+                    epoch: FILE_STEP_EPOCH,
                 },
             )
             .await;

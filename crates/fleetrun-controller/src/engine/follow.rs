@@ -42,6 +42,8 @@ fn until_deadline(machine: &HostTask) -> Duration {
 struct Attached {
     send: quinn::SendStream,
     recv: FramedRecv,
+    /// The agent's connection the stream is on.
+    connection: quinn::Connection,
 }
 
 /// Reads the next report of the attached stream; never, while detached.
@@ -116,6 +118,9 @@ pub(super) struct HostRun {
     /// Set once another controller took the task over (its agent claimed it there): the host's
     /// end is that controller's to record.
     pub moved: bool,
+    /// The host's epoch this run took it at, carried by every write of its output, status and
+    /// checkpoint: once another controller takes the host over, they are refused.
+    pub epoch: i64,
 }
 
 impl HostRun {
@@ -163,7 +168,9 @@ impl HostRun {
                         self.engine.claims.lock().unwrap().insert(
                             task_id,
                             Claimant {
+                                step_instance_id: self.step_instance_id,
                                 bk_host_id: self.bk_host_id,
+                                epoch: self.epoch,
                                 agent_id: link.agent_id.clone(),
                                 tx,
                             },
@@ -226,18 +233,29 @@ impl HostRun {
         });
         let status = outcome.status;
         crate::metrics::host_finished(status);
+        let (stored_tx, stored) = tokio::sync::oneshot::channel();
         self.record(Write::HostFinished {
+            stored: Some(stored_tx),
             step_instance_id: self.step_instance_id,
             bk_host_id: self.bk_host_id,
             outcome: outcome.into(),
+            epoch: self.epoch,
         })
         .await;
-        if let Some(Attached { mut send, .. }) = last_stream {
+        if let Some(Attached {
+            mut send,
+            connection,
+            ..
+        }) = last_stream
+        {
             // The agent forgets the task once the result is committed: until then it keeps it,
-            // and a restarted controller could still take it.
-            let store = self.engine.store.clone();
+            // and a restarted controller could still take it. A result the store refused
+            // (another controller took the host over meanwhile) or lost is not acknowledged:
+            // the connection closes, saying so, and the agent claims the task again where the
+            // host is held now, which records its result.
+            let (job, bk_host_id) = (self.job_instance_id, self.bk_host_id);
             tokio::spawn(async move {
-                if store.flush().await.is_ok() {
+                if stored.await.is_ok() {
                     let sent = tokio::time::timeout(
                         ACK_WAIT,
                         send_frame(&mut send, &TaskDown::ResultStored),
@@ -246,6 +264,17 @@ impl HostRun {
                     if matches!(sent, Ok(Ok(()))) {
                         let _ = send.finish();
                     }
+                } else {
+                    tracing::warn!(
+                        job,
+                        bk_host_id,
+                        "the host's end was not recorded (another controller holds it now, or \
+                         the store lost it): the agent keeps the result and takes it elsewhere"
+                    );
+                    connection.close(
+                        fleetrun_proto::close_code::SHUTDOWN.into(),
+                        b"a result was not recorded here: claim the task again",
+                    );
                 }
             });
         }
@@ -293,7 +322,9 @@ impl HostRun {
                 self.engine.claims.lock().unwrap().insert(
                     task_id,
                     Claimant {
+                        step_instance_id: self.step_instance_id,
                         bk_host_id: self.bk_host_id,
+                        epoch: self.epoch,
                         agent_id: checkpoint.agent_id.clone(),
                         tx,
                     },
@@ -404,6 +435,7 @@ impl HostRun {
         let mut stream = Some(Attached {
             send,
             recv: FramedRecv::new(recv),
+            connection: connection.clone(),
         });
         if let Err(e) = sent {
             let why = format!("cannot send the task to the agent: {e}");
@@ -496,6 +528,16 @@ impl HostRun {
                     stream = None;
                     Event::NotHeld
                 }
+                Next::Claim(Reattach::Fenced) => {
+                    tracing::warn!(
+                        job = self.job_instance_id,
+                        bk_host_id = self.bk_host_id,
+                        "another controller took the host over while this one could not reach \
+                         the store: its writes are refused, and it stops following the task"
+                    );
+                    self.moved = true;
+                    return None;
+                }
                 Next::Claim(Reattach::Moved) => {
                     if stream.is_some() {
                         // Attached here: the agent is still this controller's.
@@ -566,6 +608,7 @@ impl HostRun {
             truncated: checkpoint.truncated,
             started_at: checkpoint.started_at,
             deadline: checkpoint.deadline,
+            epoch: self.epoch,
         }
     }
 
@@ -615,6 +658,7 @@ impl HostRun {
                         bk_host_id: self.bk_host_id,
                         offset,
                         data,
+                        epoch: self.epoch,
                     })
                     .await;
                 }
@@ -624,6 +668,7 @@ impl HostRun {
                         bk_host_id: self.bk_host_id,
                         status: host::RUNNING,
                         start_time: Some(start_time),
+                        epoch: self.epoch,
                     })
                     .await;
                 }
@@ -777,5 +822,6 @@ async fn resume(
     Ok(Attached {
         send,
         recv: FramedRecv::new(recv),
+        connection: connection.clone(),
     })
 }

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Claimant, Engine, TaskTemplate, follow::HostRun, now_ms};
+use super::{Claimant, Engine, RunOf, TaskTemplate, follow::HostRun, now_ms};
 use crate::{host_run::Limits, status::host};
 
 /// How often a follower of handed hosts reads their statuses without news, and looks whether
@@ -43,15 +43,16 @@ impl Engine {
     }
 
     /// Hands the hosts of `targets` that are not connected here and whose agents are connected
-    /// to another live controller over to it; returns them. Nothing without a membership.
+    /// to another live controller over to it; returns them, each with the epoch it was handed
+    /// at. Nothing without a membership.
     pub(super) async fn hand_over_remote(
         &self,
         job_instance_id: i64,
         step_instance_id: i64,
         targets: &[i64],
-    ) -> HashSet<i64> {
+    ) -> HashMap<i64, i64> {
         let Some(membership) = &self.membership else {
-            return HashSet::new();
+            return HashMap::new();
         };
         let away: Vec<i64> = targets
             .iter()
@@ -59,7 +60,7 @@ impl Engine {
             .filter(|h| self.agents.get(*h).is_none())
             .collect();
         if away.is_empty() {
-            return HashSet::new();
+            return HashMap::new();
         }
         let alive_since = match membership.alive_since().await {
             Ok(alive_since) => alive_since,
@@ -69,7 +70,7 @@ impl Engine {
                     job = job_instance_id,
                     "cannot read the database's clock: {e}"
                 );
-                return HashSet::new();
+                return HashMap::new();
             }
         };
         let elsewhere = match self
@@ -83,32 +84,57 @@ impl Engine {
                     job = job_instance_id,
                     "cannot look up which controllers hold the agents: {e}"
                 );
-                return HashSet::new();
+                return HashMap::new();
             }
         };
         if elsewhere.is_empty() {
-            return HashSet::new();
+            return HashMap::new();
         }
         let mut handed: Vec<(i64, String)> = elsewhere.into_iter().collect();
         handed.sort_unstable();
-        if let Err(e) = self
+        let epochs = match self
             .store
             .hand_over(job_instance_id, step_instance_id, &handed)
             .await
         {
-            // Not handed: followed here, they end 310 (offline here), as without a cluster.
-            tracing::error!(
-                job = job_instance_id,
-                "cannot hand hosts over to the controllers holding their agents: {e}"
-            );
-            return HashSet::new();
-        }
+            Ok(epochs) => epochs,
+            Err(e) => {
+                // Not handed: followed here, they end 310 (offline here), as without a cluster.
+                tracing::error!(
+                    job = job_instance_id,
+                    "cannot hand hosts over to the controllers holding their agents: {e}"
+                );
+                return HashMap::new();
+            }
+        };
         tracing::info!(
             job = job_instance_id,
             hosts = handed.len(),
             "hosts handed to the controllers holding their agents"
         );
-        handed.into_iter().map(|(h, _)| h).collect()
+        epochs
+    }
+
+    /// The epochs of the step's hosts, for the runs that take them here: read again after a
+    /// failure (the database is away; its writes wait too) until it succeeds, a cancelled run
+    /// included. A host taken over before (a retried step's) is past the first epoch: a run
+    /// that assumed the first would have even its end refused, and the host would stay
+    /// unfinished.
+    async fn dispatch_epochs(
+        &self,
+        job_instance_id: i64,
+        step_instance_id: i64,
+    ) -> HashMap<i64, i64> {
+        loop {
+            match self.store.host_epochs(step_instance_id).await {
+                Ok(epochs) => return epochs,
+                Err(e) => tracing::warn!(
+                    job = job_instance_id,
+                    "cannot read the hosts' epochs before dispatching them: {e}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     /// Follows handed hosts through the store until each is final: their statuses, written by
@@ -364,7 +390,7 @@ impl Engine {
         let Some(membership) = &self.membership else {
             return;
         };
-        match self
+        let epoch = match self
             .store
             .take_over_handover(
                 job_instance_id,
@@ -376,17 +402,20 @@ impl Engine {
             )
             .await
         {
-            Ok(true) => {}
-            Ok(false) => return,
+            Ok(Some(epoch)) => epoch,
+            Ok(None) => return,
             Err(e) => {
                 tracing::warn!(job = job_instance_id, "cannot take the host over: {e}");
                 return;
             }
-        }
+        };
         tracing::warn!(job = job_instance_id, bk_host_id, "{tag}");
+        // At the epoch of the take-over: should the holder only have stalled, its late end is
+        // refused, and this one stands.
         self.write_for(
             job_instance_id,
             Write::HostFinished {
+                stored: None,
                 step_instance_id,
                 bk_host_id,
                 outcome: HostOutcome {
@@ -395,6 +424,7 @@ impl Engine {
                     end_time: now_ms(),
                     ..HostOutcome::default()
                 },
+                epoch,
             },
         )
         .await;
@@ -479,8 +509,12 @@ impl Engine {
     /// following the host through the store is not left waiting.
     fn spawn_part(&self, run: HostRun) {
         let engine = self.clone();
-        let (job_instance_id, step_instance_id, bk_host_id) =
-            (run.job_instance_id, run.step_instance_id, run.bk_host_id);
+        let (job_instance_id, step_instance_id, bk_host_id, epoch) = (
+            run.job_instance_id,
+            run.step_instance_id,
+            run.bk_host_id,
+            run.epoch,
+        );
         tokio::spawn(async move {
             if let Err(e) = tokio::spawn(run.run()).await {
                 tracing::error!(job = job_instance_id, bk_host_id, "host task failed: {e}");
@@ -488,6 +522,7 @@ impl Engine {
                     .record_part(
                         job_instance_id,
                         Write::HostFinished {
+                            stored: None,
                             step_instance_id,
                             bk_host_id,
                             outcome: HostOutcome {
@@ -497,6 +532,7 @@ impl Engine {
                                 end_time: now_ms(),
                                 ..HostOutcome::default()
                             },
+                            epoch,
                         },
                     )
                     .await;
@@ -521,12 +557,13 @@ impl Engine {
         if handed.is_empty() {
             return;
         }
-        let mut by_step: HashMap<(i64, i64), Vec<i64>> = HashMap::new();
+        // Each host with the epoch it was handed at, which its writes here carry.
+        let mut by_step: HashMap<(i64, i64), Vec<(i64, i64)>> = HashMap::new();
         for handover in handed {
             by_step
                 .entry((handover.job_instance_id, handover.step_instance_id))
                 .or_default()
-                .push(handover.bk_host_id);
+                .push((handover.bk_host_id, handover.epoch));
         }
         let cancelled: HashSet<i64> = self
             .store
@@ -547,10 +584,11 @@ impl Engine {
             {
                 Ok(task) => task,
                 Err(why) => {
-                    for bk_host_id in hosts {
+                    for (bk_host_id, epoch) in hosts {
                         self.write_for(
                             job_instance_id,
                             Write::HostFinished {
+                                stored: None,
                                 step_instance_id,
                                 bk_host_id,
                                 outcome: HostOutcome {
@@ -559,6 +597,7 @@ impl Engine {
                                     end_time: now_ms(),
                                     ..HostOutcome::default()
                                 },
+                                epoch,
                             },
                         )
                         .await;
@@ -568,7 +607,7 @@ impl Engine {
             };
             let limits = self.limits(task.timeout_secs);
             let request = self.encode_request(job_instance_id, step_instance_id, task);
-            for bk_host_id in hosts {
+            for (bk_host_id, epoch) in hosts {
                 let cancel = self.enter_part(job_instance_id, step_instance_id, bk_host_id);
                 if cancelled.contains(&job_instance_id) {
                     cancel.cancel();
@@ -583,6 +622,7 @@ impl Engine {
                     limits,
                     cancel,
                     moved: false,
+                    epoch,
                 });
             }
         }
@@ -691,6 +731,25 @@ impl Engine {
         }
     }
 
+    /// Runs here of (step, host) pairs whose writes the store refused because another
+    /// controller took them over (this one stalled meanwhile), each with the epoch the host is
+    /// at now: the runs below it are told so, stop recording and wait for the store to show the
+    /// host's end, which is the taker's.
+    pub(crate) fn stop_fenced(&self, fenced: &[(i64, i64, i64)]) {
+        let claims = self.claims.lock().unwrap();
+        for (step_instance_id, bk_host_id, epoch) in fenced {
+            for (task_id, claimant) in claims.fenced_out(*step_instance_id, *bk_host_id, *epoch) {
+                tracing::warn!(
+                    step = step_instance_id,
+                    bk_host_id,
+                    %task_id,
+                    "another controller took this host over: its run here stops"
+                );
+                let _ = claimant.tx.send(super::Reattach::Fenced);
+            }
+        }
+    }
+
     /// The handover of the claimed task's step on the claiming agent's host, if it was handed
     /// over.
     pub(super) async fn current_handover(
@@ -747,7 +806,7 @@ impl Engine {
             .iter()
             .find(|s| s.step_instance_id == step_instance_id)
             .ok_or("its step is gone")?;
-        let taken = self
+        let epoch = self
             .store
             .take_over_handover(
                 job_instance_id,
@@ -758,10 +817,8 @@ impl Engine {
                 host::UNFINISHED,
             )
             .await
-            .map_err(|e| format!("cannot take the host over: {e}"))?;
-        if !taken {
-            return Err("its host ended, or another controller took it over, meanwhile".to_owned());
-        }
+            .map_err(|e| format!("cannot take the host over: {e}"))?
+            .ok_or("its host ended, or another controller took it over, meanwhile")?;
         let taken_up = async {
             let checkpoint = self
                 .store
@@ -780,7 +837,7 @@ impl Engine {
             Err(why) => {
                 if let Err(e) = self
                     .store
-                    .give_back_handover(step_instance_id, bk_host_id, me, previous.as_ref())
+                    .give_back_handover(step_instance_id, bk_host_id, me, previous.as_ref(), epoch)
                     .await
                 {
                     tracing::warn!(
@@ -809,7 +866,9 @@ impl Engine {
         self.claims.lock().unwrap().insert(
             held.task_id,
             Claimant {
+                step_instance_id,
                 bk_host_id,
+                epoch,
                 agent_id: agent_id.to_owned(),
                 tx,
             },
@@ -829,6 +888,7 @@ impl Engine {
             limits,
             cancel,
             moved: false,
+            epoch,
         });
         Ok(true)
     }
@@ -845,15 +905,22 @@ impl Engine {
         limits: Limits,
         cancel: &CancellationToken,
         hosts: &mut tokio::task::JoinSet<i32>,
-        host_of_task: &mut HashMap<tokio::task::Id, i64>,
+        host_of_task: &mut HashMap<tokio::task::Id, RunOf>,
     ) {
         let handed = self
             .hand_over_remote(job_instance_id, step_instance_id, targets)
             .await;
+        let epochs = self
+            .dispatch_epochs(job_instance_id, step_instance_id)
+            .await;
         for bk_host_id in targets.iter().copied() {
-            if handed.contains(&bk_host_id) {
+            if handed.contains_key(&bk_host_id) {
                 continue;
             }
+            let epoch = epochs
+                .get(&bk_host_id)
+                .copied()
+                .unwrap_or(fleetrun_store::FIRST_EPOCH);
             let run = HostRun {
                 engine: self.clone(),
                 job_instance_id,
@@ -864,14 +931,15 @@ impl Engine {
                 limits,
                 cancel: cancel.clone(),
                 moved: false,
+                epoch,
             };
             let handle = hosts.spawn(run.run());
-            host_of_task.insert(handle.id(), bk_host_id);
+            host_of_task.insert(handle.id(), RunOf { bk_host_id, epoch });
         }
         if handed.is_empty() {
             return;
         }
-        let mut handed: Vec<i64> = handed.into_iter().collect();
+        let mut handed: Vec<(i64, i64)> = handed.into_iter().collect();
         handed.sort_unstable();
         self.spawn_followers(
             job_instance_id,
@@ -883,22 +951,25 @@ impl Engine {
         );
     }
 
-    /// Follows `handed` through the store, one joinable entry per host.
+    /// Follows `handed` (each host with the epoch it was handed at) through the store, one
+    /// joinable entry per host.
     pub(super) fn spawn_followers(
         &self,
         job_instance_id: i64,
         step_instance_id: i64,
-        handed: &[i64],
+        handed: &[(i64, i64)],
         limits: Limits,
         hosts: &mut tokio::task::JoinSet<i32>,
-        host_of_task: &mut HashMap<tokio::task::Id, i64>,
+        host_of_task: &mut HashMap<tokio::task::Id, RunOf>,
     ) {
-        for (bk_host_id, rx) in
-            self.follow_handed(job_instance_id, step_instance_id, handed, limits)
+        let epochs: HashMap<i64, i64> = handed.iter().copied().collect();
+        let ids: Vec<i64> = handed.iter().map(|(h, _)| *h).collect();
+        for (bk_host_id, rx) in self.follow_handed(job_instance_id, step_instance_id, &ids, limits)
         {
             // A follower that stops (the run was abandoned) leaves the host to the new holder.
             let handle = hosts.spawn(async move { rx.await.unwrap_or(host::AGENT_ABNORMAL) });
-            host_of_task.insert(handle.id(), bk_host_id);
+            let epoch = epochs[&bk_host_id];
+            host_of_task.insert(handle.id(), RunOf { bk_host_id, epoch });
         }
     }
 }

@@ -445,7 +445,7 @@ impl Engine {
         &self,
         finishing: Finishing,
         mut hosts: JoinSet<i32>,
-        host_of_task: HashMap<tokio::task::Id, i64>,
+        host_of_task: HashMap<tokio::task::Id, super::RunOf>,
         cancel: &CancellationToken,
         rolling: ResumedRolling,
     ) -> bool {

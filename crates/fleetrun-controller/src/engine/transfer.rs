@@ -34,7 +34,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::files::{FileHostRun, file_line, file_status, join};
+use super::files::{FILE_STEP_EPOCH, FileHostRun, file_line, file_status, join};
 use super::{Engine, FileTarget, Finishing, MODE_DOWNLOAD, MODE_UPLOAD, now_ms, target_path};
 use crate::content::{ContentStore, Hash};
 use crate::gateway::AgentLink;
@@ -366,7 +366,13 @@ impl Engine {
             let bk_host_id = target.bk_host_id;
             let handle = hosts
                 .spawn(async move { engine.transfer_host(&step, target, strict, cancel).await });
-            host_of_task.insert(handle.id(), bk_host_id);
+            host_of_task.insert(
+                handle.id(),
+                super::RunOf {
+                    bk_host_id,
+                    epoch: FILE_STEP_EPOCH,
+                },
+            );
         }
         let finishing = Finishing {
             job_instance_id: spec.job_instance_id,
@@ -974,6 +980,7 @@ impl Engine {
                                 bk_host_id: target.bk_host_id,
                                 status: host::RUNNING,
                                 start_time: Some(start),
+                                epoch: FILE_STEP_EPOCH,
                             },
                         )
                         .await;
