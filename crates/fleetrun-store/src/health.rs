@@ -116,7 +116,9 @@ pub(crate) fn is_refused_data(error: &sqlx::Error) -> bool {
     };
     if let Some(e) = e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
         let code = e.code();
-        return ["22", "23", "54"].iter().any(|class| code.starts_with(class));
+        return ["22", "23", "54"]
+            .iter()
+            .any(|class| code.starts_with(class));
     }
     let primary = e
         .code()
