@@ -586,11 +586,18 @@ pub(crate) async fn raw_agent(
     send_frame(&mut control, &hello).await?;
     let mut control_recv = FramedRecv::new(recv);
     let bk_host_id = match control_recv.recv::<HelloReply>().await? {
-        Some(HelloReply::Negotiated {
-            protocol_version: negotiated,
-            bk_host_id,
-            ..
-        }) => {
+        Some(
+            HelloReply::Negotiated {
+                protocol_version: negotiated,
+                bk_host_id,
+                ..
+            }
+            | HelloReply::Joined {
+                protocol_version: negotiated,
+                bk_host_id,
+                ..
+            },
+        ) => {
             assert_eq!(negotiated, protocol_version);
             bk_host_id
         }
