@@ -657,8 +657,8 @@ impl Sink {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!("the audit trail's entries were not committed: {e}"),
             Err(_) => tracing::warn!(
-                "the audit trail's last entries are not committed yet (the database refuses \
-                 writes): they stay queued with the job engine's writes"
+                "the audit trail's last entries are not committed yet (the store's writer has \
+                 not taken them): they stay queued with the job engine's writes"
             ),
         }
         if self.committed.has_changed().unwrap_or(false) {

@@ -415,7 +415,11 @@ impl Controller {
     /// Returns false when results were left unwritten (the log says which and why).
     pub async fn shutdown(mut self) -> bool {
         self.shutdown.cancel();
-        let drained = tokio::time::timeout(STOP_DEADLINE, async {
+        // One deadline for the whole stop: with the database refusing writes, the audit trail's
+        // close and the store's flush both wait on the same writer, and phases with a deadline
+        // each would add up.
+        let deadline = tokio::time::Instant::now() + STOP_DEADLINE;
+        let drained = tokio::time::timeout_at(deadline, async {
             while self.tasks.join_next().await.is_some() {}
         })
         .await;
@@ -428,7 +432,7 @@ impl Controller {
         // The API has stopped: what it queued, and the count of refusals not yet recorded, is
         // committed before the audit trail's task ends (handles held elsewhere, by the enroller, do not
         // keep it waiting).
-        let closed = tokio::time::timeout(STOP_DEADLINE, async {
+        let closed = tokio::time::timeout_at(deadline, async {
             self.audit.close().await;
             while self.audit_tasks.join_next().await.is_some() {}
         })
@@ -439,7 +443,7 @@ impl Controller {
             );
             self.audit_tasks.shutdown().await;
         }
-        match tokio::time::timeout(STOP_DEADLINE, self.store.flush()).await {
+        match tokio::time::timeout_at(deadline, self.store.flush()).await {
             // A flush counts writes given up during an outage as done (nothing will commit
             // them): they were left unwritten all the same, and the stop says so.
             Ok(Ok(())) => match self.store.health().lost {
@@ -534,5 +538,6 @@ pub(crate) async fn take_up_unfinished(
     Ok((resumable, ended))
 }
 
-/// How long a stop waits for the servers to end, then for the store to commit what is queued.
-const STOP_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a stop waits, all told, for the servers to end, then for the audit trail and the
+/// store to commit what is queued.
+const STOP_DEADLINE: Duration = Duration::from_secs(8);

@@ -517,11 +517,16 @@ impl Drop for Child {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let mut child = Child {
-            pid: self.pid,
-            exit: Some(exit),
-        };
+        let pid = self.pid;
+        // The `Child` is made inside the task, not before: a runtime that is shutting down drops
+        // a task it is given without polling it, and a `Child` dropped there would spawn again,
+        // without end. Dropped unpolled, the task drops only the exit handle (the agent is
+        // ending; its children are reaped with it).
         runtime.spawn(async move {
+            let mut child = Child {
+                pid,
+                exit: Some(exit),
+            };
             let _ = child.wait().await;
         });
     }
@@ -706,6 +711,49 @@ mod tests {
         let mut output = String::new();
         std::io::Read::read_to_string(&mut std::fs::File::from(read), &mut output).unwrap();
         (status, output)
+    }
+
+    /// A script still running when the agent's runtime shuts down is dropped there, mid-wait:
+    /// its reaper is handed to a runtime that no longer polls anything, and the drop ends
+    /// instead of spawning reapers without end until the stack overflows.
+    #[test]
+    fn a_child_dropped_while_the_runtime_shuts_down_does_not_recurse() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let pid = runtime.block_on(async {
+            let (_read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+            let setup = ChildSetup {
+                credentials: None,
+                cgroup_procs: None,
+                args_pipe: None,
+            };
+            let args = [OsString::from("-c"), OsString::from("sleep 30")];
+            let plan = SpawnPlan::new(
+                Path::new("/bin/sh"),
+                &args,
+                &BTreeMap::new(),
+                Path::new("/"),
+                write,
+                setup,
+            )
+            .unwrap();
+            let mut child = spawn(&plan).unwrap();
+            let pid = child.pid;
+            let (started, waiting) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let _ = started.send(());
+                let _ = child.wait().await;
+            });
+            waiting.await.unwrap();
+            pid
+        });
+        // The waiting task, and the `Child` in it, are dropped by the shutdown.
+        runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+        assert!(signal(pid, Signal::SIGKILL), "the script was already gone");
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
     }
 
     /// What the script sees of the agent: exactly the environment, directory and descriptors
