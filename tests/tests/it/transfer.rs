@@ -1159,6 +1159,46 @@ fn partial_size(dir: &Path) -> Option<u64> {
     })
 }
 
+/// Submits the transfer `req` and waits, up to `within`, until `mib` MiB of the file being
+/// fetched stand under its partial name in `out`: the job, its step, and the bytes written then.
+async fn submit_until_partial(
+    client: &fleetrun_tests::ApiClient,
+    req: Value,
+    out: &Path,
+    mib: u64,
+    within: Duration,
+) -> Result<(i64, i64, u64)> {
+    let accepted = client.call("fast_transfer_file", req).await?;
+    let job = accepted["job_instance_id"].as_i64().context("job id")?;
+    let step = accepted["step_instance_id"].as_i64().context("step id")?;
+    let held = fleetrun_tests::eventually(
+        within,
+        &format!("{mib} MiB of the fetch written on the target"),
+        || {
+            let held = partial_size(out).filter(|n| *n >= mib * 1024 * 1024);
+            async move { held }
+        },
+    )
+    .await?;
+    Ok((job, step, held))
+}
+
+/// Revokes agent-2, which closes its connection at once, and waits until the agent has been
+/// refused on coming back; the agent's log.
+async fn cut_agent_2(client: &fleetrun_tests::ApiClient, cluster: &TestCluster) -> Result<PathBuf> {
+    let revoked = client
+        .call("revoke_agent", json!({"agent_id": "agent-2"}))
+        .await?;
+    assert_eq!(revoked["connections_closed"], 1, "{revoked}");
+    let agent_log = cluster.agents[1].log.clone();
+    fleetrun_tests::eventually(Duration::from_secs(10), "the agent refused", || {
+        let text = std::fs::read_to_string(&agent_log).unwrap_or_default();
+        async move { text.contains("revoked by an operator").then_some(()) }
+    })
+    .await?;
+    Ok(agent_log)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_target_cut_mid_transfer_goes_on_from_the_chunks_it_holds() -> Result<()> {
     let uid = user_uid();
@@ -1182,31 +1222,11 @@ async fn a_target_cut_mid_transfer_goes_on_from_the_chunks_it_holds() -> Result<
     // 2 MiB/s: eight seconds of sending, long enough to cut the link in the middle.
     req["download_speed_limit"] = json!(2);
     req["timeout"] = json!(120);
-    let accepted = client.call("fast_transfer_file", req).await?;
-    let job = accepted["job_instance_id"].as_i64().context("job id")?;
-    let step = accepted["step_instance_id"].as_i64().context("step id")?;
-
-    let held = fleetrun_tests::eventually(
-        Duration::from_secs(60),
-        "six chunks written on the target",
-        || {
-            let held = partial_size(out.path()).filter(|n| *n >= 6 * 1024 * 1024);
-            async move { held }
-        },
-    )
-    .await?;
-    // Revoking closes the agent's connection at once; it is refused until the revocation is
-    // lifted, then connects again.
-    let revoked = client
-        .call("revoke_agent", json!({"agent_id": "agent-2"}))
-        .await?;
-    assert_eq!(revoked["connections_closed"], 1, "{revoked}");
-    let agent_log = cluster.agents[1].log.clone();
-    fleetrun_tests::eventually(Duration::from_secs(10), "the agent refused", || {
-        let text = std::fs::read_to_string(&agent_log).unwrap_or_default();
-        async move { text.contains("revoked by an operator").then_some(()) }
-    })
-    .await?;
+    // Six chunks written.
+    let (job, step, held) =
+        submit_until_partial(&client, req, out.path(), 6, Duration::from_secs(60)).await?;
+    // The agent is refused until the revocation is lifted, then connects again.
+    let agent_log = cut_agent_2(&client, &cluster).await?;
     // What the cut try wrote stays, under its partial name, while the agent is away.
     let kept = partial_size(out.path()).context("the partial file is kept after the cut")?;
     assert!(kept >= held, "{kept} bytes kept of {held} written");
@@ -1308,13 +1328,8 @@ async fn a_target_cut_that_never_comes_back_ends_at_the_steps_timeout() -> Resul
     req["download_speed_limit"] = json!(1);
     req["timeout"] = json!(10);
     let submitted = Instant::now();
-    let accepted = client.call("fast_transfer_file", req).await?;
-    let job = accepted["job_instance_id"].as_i64().context("job id")?;
-    fleetrun_tests::eventually(Duration::from_secs(30), "a chunk written", || {
-        let held = partial_size(out.path()).filter(|n| *n >= 1024 * 1024);
-        async move { held }
-    })
-    .await?;
+    let (job, _, _) =
+        submit_until_partial(&client, req, out.path(), 1, Duration::from_secs(30)).await?;
     let revoked = client
         .call("revoke_agent", json!({"agent_id": "agent-2"}))
         .await?;
@@ -1368,28 +1383,10 @@ async fn a_file_failed_before_a_cut_fails_the_host_after_the_resume() -> Result<
     req["transfer_mode"] = json!(2);
     req["download_speed_limit"] = json!(2);
     req["timeout"] = json!(120);
-    let accepted = client.call("fast_transfer_file", req).await?;
-    let job = accepted["job_instance_id"].as_i64().context("job id")?;
-    let step = accepted["step_instance_id"].as_i64().context("step id")?;
-    fleetrun_tests::eventually(
-        Duration::from_secs(60),
-        "four chunks of the second file written on the target",
-        || {
-            let held = partial_size(out.path()).filter(|n| *n >= 4 * 1024 * 1024);
-            async move { held }
-        },
-    )
-    .await?;
-    let revoked = client
-        .call("revoke_agent", json!({"agent_id": "agent-2"}))
-        .await?;
-    assert_eq!(revoked["connections_closed"], 1, "{revoked}");
-    let agent_log = cluster.agents[1].log.clone();
-    fleetrun_tests::eventually(Duration::from_secs(10), "the agent refused", || {
-        let text = std::fs::read_to_string(&agent_log).unwrap_or_default();
-        async move { text.contains("revoked by an operator").then_some(()) }
-    })
-    .await?;
+    // Four chunks of the second file written.
+    let (job, step, _) =
+        submit_until_partial(&client, req, out.path(), 4, Duration::from_secs(60)).await?;
+    cut_agent_2(&client, &cluster).await?;
     client
         .call("unrevoke_agent", json!({"agent_id": "agent-2"}))
         .await?;
@@ -1436,23 +1433,9 @@ async fn a_target_terminated_while_its_agent_is_away_ends_403_without_waiting() 
     );
     req["download_speed_limit"] = json!(1);
     req["timeout"] = json!(600);
-    let accepted = client.call("fast_transfer_file", req).await?;
-    let job = accepted["job_instance_id"].as_i64().context("job id")?;
-    fleetrun_tests::eventually(Duration::from_secs(60), "a chunk written", || {
-        let held = partial_size(out.path()).filter(|n| *n >= 1024 * 1024);
-        async move { held }
-    })
-    .await?;
-    let revoked = client
-        .call("revoke_agent", json!({"agent_id": "agent-2"}))
-        .await?;
-    assert_eq!(revoked["connections_closed"], 1, "{revoked}");
-    let agent_log = cluster.agents[1].log.clone();
-    fleetrun_tests::eventually(Duration::from_secs(10), "the agent refused", || {
-        let text = std::fs::read_to_string(&agent_log).unwrap_or_default();
-        async move { text.contains("revoked by an operator").then_some(()) }
-    })
-    .await?;
+    let (job, _, _) =
+        submit_until_partial(&client, req, out.path(), 1, Duration::from_secs(60)).await?;
+    cut_agent_2(&client, &cluster).await?;
     let mut body = cluster.info.scope();
     body["job_instance_id"] = json!(job);
     body["operation_code"] = json!(1);

@@ -56,7 +56,7 @@ pub fn resolve(shared: &Shared, caller: &Caller, params: &Params) -> Result<Scop
     };
     // Permission first: an app that may not use a scope learns nothing from asking about it,
     // not even whether it exists.
-    if !caller.may_use(&scope_type, &scope_id) {
+    if !caller.may_use(inventory) {
         let mut error = ApiError::new(
             code::NO_PERMISSION,
             format!(
