@@ -1159,6 +1159,38 @@ fn partial_size(dir: &Path) -> Option<u64> {
     })
 }
 
+/// A fetch of one 16 MiB file (`pattern(_, seed)`, mode 0640) from agent-1 to agent-2 as
+/// `account`, at `mib_per_sec` MiB/s with a step timeout of `timeout` seconds: the source and
+/// target directories (named after `name`), the file's content, and the request.
+fn throttled_fetch(
+    cluster: &TestCluster,
+    name: &str,
+    seed: u8,
+    account: &str,
+    mib_per_sec: i64,
+    timeout: i64,
+) -> (tempfile::TempDir, tempfile::TempDir, Vec<u8>, Value) {
+    let src_dir = scratch(&format!("{name}-src"));
+    let out = scratch(&format!("{name}-out"));
+    let content = pattern(16 * 1024 * 1024, seed);
+    let src = src_dir.path().join("big.bin");
+    write_file(&src, &content, 0o640, None);
+    let mut req = request(
+        cluster,
+        out.path().to_str().unwrap(),
+        json!([server_source(
+            &[src.to_str().unwrap()],
+            &[cluster.host_id("agent-1")],
+            "root"
+        )]),
+        &[cluster.host_id("agent-2")],
+        account,
+    );
+    req["download_speed_limit"] = json!(mib_per_sec);
+    req["timeout"] = json!(timeout);
+    (src_dir, out, content, req)
+}
+
 /// Submits the transfer `req` and waits, up to `within`, until `mib` MiB of the file being
 /// fetched stand under its partial name in `out`: the job, its step, and the bytes written then.
 async fn submit_until_partial(
@@ -1203,25 +1235,10 @@ async fn cut_agent_2(client: &fleetrun_tests::ApiClient, cluster: &TestCluster) 
 async fn a_target_cut_mid_transfer_goes_on_from_the_chunks_it_holds() -> Result<()> {
     let uid = user_uid();
     let cluster = start_cluster(2).await?;
-    let source = cluster.host_id("agent-1");
     let target = cluster.host_id("agent-2");
     let client = cluster.client();
-    let src_dir = scratch("cut-src");
-    let out = scratch("cut-out");
-    let size = 16 * 1024 * 1024;
-    let content = pattern(size, 21);
-    let src = src_dir.path().join("big.bin");
-    write_file(&src, &content, 0o640, None);
-    let mut req = request(
-        &cluster,
-        out.path().to_str().unwrap(),
-        json!([server_source(&[src.to_str().unwrap()], &[source], "root")]),
-        &[target],
-        "user",
-    );
     // 2 MiB/s: eight seconds of sending, long enough to cut the link in the middle.
-    req["download_speed_limit"] = json!(2);
-    req["timeout"] = json!(120);
+    let (_src_dir, out, content, req) = throttled_fetch(&cluster, "cut", 21, "user", 2, 120);
     // Six chunks written.
     let (job, step, held) =
         submit_until_partial(&client, req, out.path(), 6, Duration::from_secs(60)).await?;
@@ -1311,22 +1328,8 @@ async fn a_target_cut_that_never_comes_back_ends_at_the_steps_timeout() -> Resul
             Duration::from_secs(30),
         )
         .await?;
-    let source = cluster.host_id("agent-1");
-    let target = cluster.host_id("agent-2");
     let client = cluster.client();
-    let src_dir = scratch("gone-src");
-    let out = scratch("gone-out");
-    let src = src_dir.path().join("big.bin");
-    write_file(&src, &pattern(16 * 1024 * 1024, 22), 0o644, None);
-    let mut req = request(
-        &cluster,
-        out.path().to_str().unwrap(),
-        json!([server_source(&[src.to_str().unwrap()], &[source], "root")]),
-        &[target],
-        "root",
-    );
-    req["download_speed_limit"] = json!(1);
-    req["timeout"] = json!(10);
+    let (_src_dir, out, _, req) = throttled_fetch(&cluster, "gone", 22, "root", 1, 10);
     let submitted = Instant::now();
     let (job, _, _) =
         submit_until_partial(&client, req, out.path(), 1, Duration::from_secs(30)).await?;
@@ -1417,22 +1420,8 @@ async fn a_file_failed_before_a_cut_fails_the_host_after_the_resume() -> Result<
 #[tokio::test(flavor = "multi_thread")]
 async fn a_target_terminated_while_its_agent_is_away_ends_403_without_waiting() -> Result<()> {
     let cluster = start_cluster(2).await?;
-    let source = cluster.host_id("agent-1");
-    let target = cluster.host_id("agent-2");
     let client = cluster.client();
-    let src_dir = scratch("away-src");
-    let out = scratch("away-out");
-    let src = src_dir.path().join("big.bin");
-    write_file(&src, &pattern(16 * 1024 * 1024, 24), 0o644, None);
-    let mut req = request(
-        &cluster,
-        out.path().to_str().unwrap(),
-        json!([server_source(&[src.to_str().unwrap()], &[source], "root")]),
-        &[target],
-        "root",
-    );
-    req["download_speed_limit"] = json!(1);
-    req["timeout"] = json!(600);
+    let (_src_dir, out, _, req) = throttled_fetch(&cluster, "away", 24, "root", 1, 600);
     let (job, _, _) =
         submit_until_partial(&client, req, out.path(), 1, Duration::from_secs(60)).await?;
     cut_agent_2(&client, &cluster).await?;
