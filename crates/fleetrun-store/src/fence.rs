@@ -594,24 +594,7 @@ mod tests {
             )
             .await;
         });
-        let waited = async {
-            loop {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM pg_stat_activity
-                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
-                )
-                .fetch_one(&store.pool)
-                .await
-                .unwrap();
-                if waiting > 0 {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(20), waited)
-            .await
-            .expect("the group commit waits for the raise");
+        crate::until_a_lock_is_waited_for(&store, "the group commit waits for the raise").await;
         raising.commit().await.unwrap();
         writing.await.unwrap();
         assert_eq!(store.host_log(step, 1).await.unwrap(), b"");

@@ -1045,24 +1045,7 @@ mod tests {
                 .await
         });
         // Until the take-over waits for the row the end holds.
-        let waited = async {
-            loop {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM pg_stat_activity
-                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
-                )
-                .fetch_one(&store.pool)
-                .await
-                .unwrap();
-                if waiting > 0 {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(20), waited)
-            .await
-            .expect("the take-over waits for the host's row");
+        crate::until_a_lock_is_waited_for(&store, "the take-over waits for the host's row").await;
         ending.commit().await.unwrap();
         let taken = taking.await.unwrap().unwrap();
         assert_eq!(taken, None, "the host ended: nothing to take over");

@@ -816,6 +816,33 @@ pub(crate) fn test_job(hosts: impl IntoIterator<Item = i64>, status: i32) -> New
     }
 }
 
+/// Returns once a session of the test's PostgreSQL database waits for a lock (within 20 s, else
+/// the test fails saying `what` did not happen).
+#[cfg(test)]
+pub(crate) async fn until_a_lock_is_waited_for(store: &Store, what: &str) {
+    let waited = async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
+            )
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(20), waited)
+        .await
+        .is_err()
+    {
+        panic!("{what}: no session waited for a lock within 20 s");
+    }
+}
+
 #[cfg(test)]
 mod upsert_row_tests {
     #[test]

@@ -708,32 +708,20 @@ async fn the_command_line_pushes_local_files_and_copies_between_hosts() -> Resul
     let copied = scratch("cli-cp");
     let source = format!("{}:{}", hosts[0], file.display());
     let missing = format!("{}:{}/nothing", hosts[0], local.path().display());
-    let (code, stdout, stderr) = fleetrun(
-        &cluster,
-        &[
-            "cp",
-            &source,
-            "--to",
-            copied.path().to_str().unwrap(),
-            "--host",
-            &hosts[1].to_string(),
-        ],
-    )
-    .await?;
+    let to = copied.path().to_str().unwrap();
+    let host = hosts[1].to_string();
+    let cp = |from: &str| {
+        let args = ["cp", from, "--to", to, "--host", &host].map(str::to_owned);
+        let cluster = &cluster;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            fleetrun(cluster, &args).await
+        }
+    };
+    let (code, stdout, stderr) = cp(&source).await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(std::fs::read(copied.path().join("pkg.bin"))? == content);
-    let (code, stdout, stderr) = fleetrun(
-        &cluster,
-        &[
-            "cp",
-            &missing,
-            "--to",
-            copied.path().to_str().unwrap(),
-            "--host",
-            &hosts[1].to_string(),
-        ],
-    )
-    .await?;
+    let (code, stdout, stderr) = cp(&missing).await?;
     assert_eq!(code, 1, "{stdout}{stderr}");
     assert!(stdout.contains("FAILED"), "{stdout}");
     Ok(())
@@ -1239,6 +1227,7 @@ async fn a_target_cut_mid_transfer_goes_on_from_the_chunks_it_holds() -> Result<
     let client = cluster.client();
     // 2 MiB/s: eight seconds of sending, long enough to cut the link in the middle.
     let (_src_dir, out, content, req) = throttled_fetch(&cluster, "cut", 21, "user", 2, 120);
+    let size = content.len();
     // Six chunks written.
     let (job, step, held) =
         submit_until_partial(&client, req, out.path(), 6, Duration::from_secs(60)).await?;
