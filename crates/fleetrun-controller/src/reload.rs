@@ -1,5 +1,5 @@
-//! What SIGHUP changes besides the inventory: the apps (secrets, scopes, admin grant) are swapped
-//! in for the next request, and every other difference between the file and the configuration in
+//! What SIGHUP changes besides the inventory: the apps (secrets, scopes, admin and
+//! public_scripts grants) are swapped in for the next request, and every other difference between the file and the configuration in
 //! force is named in the log as waiting for a restart.
 
 use std::sync::{Arc, RwLock};
@@ -54,6 +54,9 @@ fn app_changes(old: &[AppConfig], new: &[AppConfig]) -> Vec<String> {
                 }
                 if before.admin != app.admin {
                     what.push("admin");
+                }
+                if before.public_scripts != app.public_scripts {
+                    what.push("public_scripts");
                 }
                 if before.callback_secret != app.callback_secret {
                     what.push("callback_secret (takes a restart)");
@@ -202,5 +205,20 @@ mod tests {
         let current = apps.current();
         assert!(current[0].scopes.allows(fleetrun_inventory::Scope::Biz(3)));
         assert!(!current[0].scopes.allows(fleetrun_inventory::Scope::Biz(2)));
+    }
+
+    #[test]
+    fn a_reload_that_only_revokes_public_scripts_is_seen_and_applied() {
+        let mut granted = (*config(&[("a", "s", &["biz:2"])])).clone();
+        granted.apps[0].public_scripts = true;
+        let granted = Arc::new(granted);
+        let apps = Apps::new(granted.clone());
+        let mut revoked = (*granted).clone();
+        revoked.apps[0].public_scripts = false;
+        assert_eq!(
+            apply(&apps, &granted, Arc::new(revoked)),
+            ["app \"a\": public_scripts changed"]
+        );
+        assert!(!apps.current()[0].public_scripts);
     }
 }
