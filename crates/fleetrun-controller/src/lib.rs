@@ -44,7 +44,8 @@ pub use config::Config;
 /// State shared by the API handlers.
 #[derive(Debug)]
 pub struct Shared {
-    /// The configuration the controller started with (its apps are [`Shared::apps`]'s).
+    /// The configuration the controller started with. Its `apps` are the start-up ones, which a
+    /// reload does not change: read the apps in force through [`Shared::apps`].
     pub config: Arc<Config>,
     /// The apps allowed to call the API; replaced on reload.
     pub apps: Arc<reload::Apps>,
@@ -179,6 +180,9 @@ impl Controller {
         config.http_listen = http_addr;
         // From here on one configuration is shared, never copied.
         let config = Arc::new(config);
+        // Loaded here, after both listeners are bound, because the shared Arc<Config> it keeps
+        // exists only from here. The cost: API clients that connect meanwhile wait in the listen
+        // backlog (and agents' handshakes queue) until a large import has loaded.
         let inventory = Arc::new(inventory::InventoryState::load(&config, store.clone()).await?);
 
         let agents = gateway::Agents::default();
