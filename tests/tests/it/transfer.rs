@@ -1147,9 +1147,10 @@ fn partial_size(dir: &Path) -> Option<u64> {
     })
 }
 
-/// A fetch of one 16 MiB file (`pattern(_, seed)`, mode 0640) from agent-1 to agent-2 as
-/// `account`, at `mib_per_sec` MiB/s with a step timeout of `timeout` seconds: the source and
-/// target directories (named after `name`), the file's content, and the request.
+/// A fetch of one 16 MiB file (`pattern(_, seed)`) from agent-1 to agent-2 as `account`, at
+/// `mib_per_sec` MiB/s with a step timeout of `timeout` seconds: the source and target
+/// directories (named after `name`), the file's content, and the request. The source is always
+/// written 0640, whatever `account`: it is read as root, so its mode never limits the fetch.
 fn throttled_fetch(
     cluster: &TestCluster,
     name: &str,
