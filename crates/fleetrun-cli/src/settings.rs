@@ -3,6 +3,11 @@
 //! `$XDG_CONFIG_HOME/fleetrun/config.toml` (`~/.config/fleetrun/config.toml`).
 //!
 //! The app secret is never printed: not in errors, not in `--verbose` lines, not in `Debug`.
+//!
+//! The layers are merged here rather than with `figment`: its TOML provider turns a parse error
+//! into toml_edit's full rendering, which quotes the offending line (`app_secret = "…` among
+//! them), so the promise above could not be kept; and clap already merges flags over the
+//! environment, which leaves one `Option::or` per setting for the file.
 
 use std::path::{Path, PathBuf};
 

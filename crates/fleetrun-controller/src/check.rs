@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use fleetrun_net::{TlsError, TlsFiles};
+use fleetrun_net::TlsError;
 
 use crate::config::{Config, ConfigError, Key, Location};
 
@@ -25,12 +25,7 @@ pub fn check_config(path: &Path) -> Result<String, Vec<String>> {
     let mut problems = Vec::new();
     let at = |keys: &[Key]| Location::of_keys(&text, keys);
 
-    let files = TlsFiles {
-        ca: config.tls.ca.clone(),
-        cert: config.tls.cert.clone(),
-        key: config.tls.key.clone(),
-    };
-    if let Err(e) = fleetrun_net::server_tls(&files) {
+    if let Err(e) = fleetrun_net::server_tls(&config.tls) {
         let key = match &e {
             TlsError::File { path, .. } if *path == config.tls.ca => Some("ca"),
             TlsError::File { path, .. } if *path == config.tls.cert => Some("cert"),

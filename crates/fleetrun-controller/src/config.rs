@@ -15,7 +15,8 @@ pub struct Config {
     /// a PostgreSQL database (`postgres://user:password@host:5432/name`).
     #[serde(deserialize_with = "database")]
     pub database: fleetrun_store::Database,
-    pub tls: TlsConfig,
+    /// The gateway's CA, certificate and key (PEM).
+    pub tls: fleetrun_net::TlsFiles,
     /// Applications allowed to call the API.
     #[serde(default)]
     pub apps: Vec<AppConfig>,
@@ -227,14 +228,6 @@ pub struct SecurityConfig {
     pub audit_anchor_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppConfig {
@@ -260,8 +253,11 @@ pub struct AppConfig {
     pub callback_secret: Option<String>,
     /// Scopes the app may act on, as `biz:<id>` or `biz_set:<id>`; `*` for every scope.
     /// Required: an app without it is a configuration error, never an app allowed everywhere.
-    #[serde(default)]
-    pub scopes: Vec<String>,
+    #[serde(default, rename = "scopes")]
+    scope_list: Vec<String>,
+    /// `scopes`, parsed when the configuration loads.
+    #[serde(skip)]
+    pub scopes: Scopes,
     /// Whether the app may administer the controller (change, replace, reload and read the
     /// inventory). A grant of its own: `scopes = ["*"]` does not imply it.
     #[serde(default)]
@@ -272,12 +268,70 @@ pub struct AppConfig {
     pub public_scripts: bool,
 }
 
-impl AppConfig {
-    /// Whether the app may act on this scope.
-    pub fn may_use(&self, scope_type: &str, scope_id: &str) -> bool {
-        self.scopes
-            .iter()
-            .any(|s| s == "*" || s.split_once(':') == Some((scope_type, scope_id)))
+/// The scopes an app, account or console user is granted: `*` (every scope), or a list of
+/// businesses and business sets. Parsed once, when the configuration loads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scopes {
+    /// `*` was listed.
+    every: bool,
+    listed: Vec<fleetrun_inventory::Scope>,
+}
+
+/// Why a `scopes` list is not one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ScopesError {
+    /// Nothing listed.
+    Empty,
+    /// This entry is not `biz:<id>`, `biz_set:<id>` (or `*`, where it is allowed).
+    Invalid(String),
+}
+
+impl Scopes {
+    /// Parses a `scopes` list; `*` is refused unless `every_allowed`.
+    pub(crate) fn parse(list: &[String], every_allowed: bool) -> Result<Self, ScopesError> {
+        if list.is_empty() {
+            return Err(ScopesError::Empty);
+        }
+        let mut scopes = Self::default();
+        for text in list {
+            if every_allowed && text == "*" {
+                scopes.every = true;
+                continue;
+            }
+            let scope = text
+                .parse()
+                .map_err(|_| ScopesError::Invalid(text.clone()))?;
+            scopes.listed.push(scope);
+        }
+        Ok(scopes)
+    }
+
+    /// Whether this grant covers `scope`.
+    pub fn allows(&self, scope: fleetrun_inventory::Scope) -> bool {
+        self.every || self.listed.contains(&scope)
+    }
+
+    /// Whether this grant covers the scope of a stored job or a request (`biz`, `2`); text that
+    /// names no scope is covered by nothing.
+    pub fn allows_text(&self, scope_type: &str, scope_id: &str) -> bool {
+        let Ok(id) = scope_id.parse() else {
+            return false;
+        };
+        match scope_type {
+            "biz" => self.allows(fleetrun_inventory::Scope::Biz(id)),
+            "biz_set" => self.allows(fleetrun_inventory::Scope::BizSet(id)),
+            _ => false,
+        }
+    }
+
+    /// Whether `*` was granted: every scope, and the hosts in none.
+    pub fn is_unrestricted(&self) -> bool {
+        self.every
+    }
+
+    /// The businesses and business sets listed (without `*`).
+    pub fn listed(&self) -> &[fleetrun_inventory::Scope] {
+        &self.listed
     }
 }
 
@@ -298,8 +352,11 @@ pub struct AccountConfig {
     pub account: String,
     /// Scopes whose jobs may run as it, as `biz:<id>` or `biz_set:<id>`. Required: as in bk-job,
     /// an account belongs to the businesses that use it, and one listing none is usable nowhere.
-    #[serde(default)]
-    pub scopes: Vec<String>,
+    #[serde(default, rename = "scopes")]
+    scope_list: Vec<String>,
+    /// `scopes`, parsed when the configuration loads.
+    #[serde(skip)]
+    pub scopes: Scopes,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -539,15 +596,6 @@ impl Config {
 
     /// The key file for sensitive parameters: `security.param_key_file`, else `param.key` beside
     /// the database.
-    /// The gateway's TLS files.
-    pub fn tls_files(&self) -> fleetrun_net::TlsFiles {
-        fleetrun_net::TlsFiles {
-            ca: self.tls.ca.clone(),
-            cert: self.tls.cert.clone(),
-            key: self.tls.key.clone(),
-        }
-    }
-
     pub fn param_key_file(&self) -> std::path::PathBuf {
         self.security.param_key_file.clone().unwrap_or_else(|| {
             match &self.database {
@@ -648,7 +696,8 @@ impl Config {
         Ok(())
     }
 
-    fn validate(&self) -> Result<(), Invalid> {
+    /// Checks what serde cannot, and parses the `scopes` lists.
+    fn validate(&mut self) -> Result<(), Invalid> {
         if let Some(cluster) = &self.cluster {
             if let Err(e) = cluster.validate() {
                 return Err(Invalid::new(&[Name("cluster")], format!("cluster: {e}")));
@@ -689,7 +738,7 @@ impl Config {
                 .map_err(|e| Invalid::new(&[Name("enroll")], e))?;
         }
         let mut seen = std::collections::HashSet::new();
-        for (i, app) in self.apps.iter().enumerate() {
+        for (i, app) in self.apps.iter_mut().enumerate() {
             let at = |key| [Name("apps"), Index(i), Name(key)];
             if app.bk_app_code.is_empty() {
                 return Err(Invalid::new(
@@ -715,29 +764,23 @@ impl Config {
                     ),
                 ));
             }
-            if app.scopes.is_empty() {
-                return Err(Invalid::new(
+            app.scopes = Scopes::parse(&app.scope_list, true).map_err(|e| match e {
+                ScopesError::Empty => Invalid::new(
                     &[Name("apps"), Index(i)],
                     format!(
                         "apps: {:?} has no scopes: list those it may act on (\"biz:<id>\", \"biz_set:<id>\", or \"*\" for every scope)",
                         app.bk_app_code
                     ),
-                ));
-            }
-            for scope in &app.scopes {
-                let valid = scope == "*"
-                    || matches!(scope.split_once(':'), Some(("biz" | "biz_set", id)) if id.parse::<i64>().is_ok());
-                if !valid {
-                    return Err(Invalid::new(
-                        &at("scopes"),
-                        format!(
-                            "apps: scope {scope:?} of {:?} is not \"*\", \"biz:<id>\" or \"biz_set:<id>\"",
-                            app.bk_app_code
-                        ),
-                    ));
-                }
-            }
-            if !seen.insert(&app.bk_app_code) {
+                ),
+                ScopesError::Invalid(scope) => Invalid::new(
+                    &at("scopes"),
+                    format!(
+                        "apps: scope {scope:?} of {:?} is not \"*\", \"biz:<id>\" or \"biz_set:<id>\"",
+                        app.bk_app_code
+                    ),
+                ),
+            })?;
+            if !seen.insert(app.bk_app_code.clone()) {
                 return Err(Invalid::new(
                     &at("bk_app_code"),
                     format!("apps: bk_app_code {:?} appears twice", app.bk_app_code),
@@ -746,7 +789,7 @@ impl Config {
         }
         let mut ids = std::collections::HashSet::new();
         let mut aliases = std::collections::HashSet::new();
-        for (i, account) in self.accounts.iter().enumerate() {
+        for (i, account) in self.accounts.iter_mut().enumerate() {
             let at = |key| [Name("accounts"), Index(i), Name(key)];
             if !ids.insert(account.id) {
                 return Err(Invalid::new(
@@ -754,33 +797,28 @@ impl Config {
                     format!("accounts: id {} appears twice", account.id),
                 ));
             }
-            if !aliases.insert(&account.alias) {
+            if !aliases.insert(account.alias.clone()) {
                 return Err(Invalid::new(
                     &at("alias"),
                     format!("accounts: alias {:?} appears twice", account.alias),
                 ));
             }
-            if account.scopes.is_empty() {
-                return Err(Invalid::new(
+            account.scopes = Scopes::parse(&account.scope_list, false).map_err(|e| match e {
+                ScopesError::Empty => Invalid::new(
                     &[Name("accounts"), Index(i)],
                     format!(
                         "accounts: {:?} has no scopes: list the \"biz:<id>\" and \"biz_set:<id>\" whose jobs may run as it",
                         account.alias
                     ),
-                ));
-            }
-            for scope in &account.scopes {
-                if !matches!(scope.split_once(':'), Some(("biz" | "biz_set", id)) if id.parse::<i64>().is_ok())
-                {
-                    return Err(Invalid::new(
-                        &at("scopes"),
-                        format!(
-                            "accounts: scope {scope:?} of {:?} is not \"biz:<id>\" or \"biz_set:<id>\"",
-                            account.alias
-                        ),
-                    ));
-                }
-            }
+                ),
+                ScopesError::Invalid(scope) => Invalid::new(
+                    &at("scopes"),
+                    format!(
+                        "accounts: scope {scope:?} of {:?} is not \"biz:<id>\" or \"biz_set:<id>\"",
+                        account.alias
+                    ),
+                ),
+            })?;
         }
         if self.inventory.is_some()
             && (!self.businesses.is_empty()
@@ -1124,6 +1162,40 @@ mod secret_tests {
         assert!(error.starts_with("c.toml:8:"), "{error}");
         assert!(error.contains("at least 16"), "{error}");
         assert!(parse("[metrics]\n").is_err());
+    }
+
+    #[test]
+    fn scopes_are_parsed_at_load_and_a_bad_one_is_named_with_its_line() {
+        use fleetrun_inventory::Scope::{Biz, BizSet};
+        let config = parse(
+            "[[apps]]\nbk_app_code = \"a\"\nbk_app_secret = \"s\"\nscopes = [\"biz:2\", \"biz_set:5\"]\n\
+             [[apps]]\nbk_app_code = \"b\"\nbk_app_secret = \"s\"\nscopes = [\"*\"]\n",
+        )
+        .unwrap();
+        let (a, b) = (&config.apps[0].scopes, &config.apps[1].scopes);
+        assert_eq!(a.listed(), [Biz(2), BizSet(5)]);
+        assert!(a.allows(Biz(2)) && a.allows(BizSet(5)));
+        assert!(!a.allows(Biz(5)) && !a.allows(BizSet(2)));
+        assert!(!a.is_unrestricted());
+        assert!(a.allows_text("biz", "2") && !a.allows_text("biz", "x"));
+        assert!(!a.allows_text("host", "2"));
+        assert!(b.is_unrestricted() && b.allows(Biz(99)));
+        let error = parse(
+            "[[apps]]\nbk_app_code = \"a\"\nbk_app_secret = \"s\"\nscopes = [\"biz:2\", \"biz:two\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.starts_with("c.toml:11:"), "{error}");
+        assert!(error.contains("scope \"biz:two\" of \"a\""), "{error}");
+        // An account is never granted every scope.
+        let error = parse(
+            "[[businesses]]\nbk_biz_id = 2\nname = \"d\"\n\
+             [[accounts]]\nid = 1\nalias = \"root\"\naccount = \"root\"\nscopes = [\"*\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("scope \"*\" of \"root\""), "{error}");
+        assert!(error.starts_with("c.toml:15:"), "{error}");
     }
 
     #[test]

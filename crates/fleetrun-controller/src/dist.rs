@@ -137,17 +137,26 @@ struct Package {
 /// time).
 #[derive(Debug)]
 struct Dist {
-    config: DistConfig,
+    /// The controller's configuration, whose `[dist]` is set.
+    config: Arc<crate::Config>,
     /// Whether the API is served over TLS (the scheme of a URL made from `Host`).
     https: bool,
     digests: Mutex<HashMap<String, (u64, SystemTime, String)>>,
 }
 
 impl Dist {
+    /// `[dist]`.
+    fn settings(&self) -> &DistConfig {
+        self.config
+            .dist
+            .as_ref()
+            .expect("a Dist is made only for a configuration with [dist]")
+    }
+
     /// The newest package of each architecture, by modification time.
     fn packages(&self) -> std::io::Result<Vec<Package>> {
         let mut newest: HashMap<String, (SystemTime, String, u64)> = HashMap::new();
-        for entry in std::fs::read_dir(&self.config.dir)? {
+        for entry in std::fs::read_dir(&self.settings().dir)? {
             let entry = entry?;
             let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
                 continue;
@@ -182,7 +191,7 @@ impl Dist {
         {
             return Ok(digest.clone());
         }
-        let digest = sha256_file(&self.config.dir.join(file))?;
+        let digest = sha256_file(&self.settings().dir.join(file))?;
         self.digests
             .lock()
             .unwrap()
@@ -192,7 +201,7 @@ impl Dist {
 
     /// Where the script downloads from: the configured URL, else the request's own origin.
     fn base_url(&self, headers: &HeaderMap) -> Result<String, String> {
-        if let Some(url) = &self.config.url {
+        if let Some(url) = &self.settings().url {
             return Ok(url.trim_end_matches('/').to_owned());
         }
         let host = headers
@@ -240,11 +249,11 @@ const PLAIN_HTTP: &str = "this controller serves its API over plain http, and ho
                           run as root what came over it";
 
 /// The routes, for the API's router; each answers 404 naming `[dist]` when it is not configured.
-pub fn router<S>(config: Option<&DistConfig>, https: bool) -> Router<S> {
-    let dist = config.map(|config| {
+pub fn router<S>(config: &Arc<crate::Config>) -> Router<S> {
+    let dist = config.dist.is_some().then(|| {
         Arc::new(Dist {
             config: config.clone(),
-            https,
+            https: config.api.tls.is_some(),
             digests: Mutex::default(),
         })
     });
@@ -298,7 +307,7 @@ async fn install_script(State(dist): State<Option<Arc<Dist>>>, headers: HeaderMa
     let packages = match listing {
         Ok(Ok(packages)) => packages,
         Ok(Err(e)) => {
-            tracing::error!(dir = %dist.config.dir.display(), "cannot list the agent packages: {e}");
+            tracing::error!(dir = %dist.settings().dir.display(), "cannot list the agent packages: {e}");
             return plain(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the controller cannot read its agent packages (its log says why)".into(),
@@ -309,7 +318,11 @@ async fn install_script(State(dist): State<Option<Arc<Dist>>>, headers: HeaderMa
             return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into());
         }
     };
-    let script = render_script(&base, &dist.config.agent_controllers.join(","), &packages);
+    let script = render_script(
+        &base,
+        &dist.settings().agent_controllers.join(","),
+        &packages,
+    );
     (
         [
             (header::CONTENT_TYPE, "text/x-shellscript; charset=utf-8"),
@@ -334,7 +347,7 @@ async fn package(
             format!("{file:?} is not an agent package name (fleetrun-agent_<version>_<arch>.deb)"),
         );
     }
-    let path = dist.config.dir.join(&file);
+    let path = dist.settings().dir.join(&file);
     // As the listing does: a regular file of the directory itself, never what a symlink there
     // points to (the inode opened is the one looked at without following links).
     let opened = async {
@@ -462,12 +475,15 @@ mod tests {
 
     #[test]
     fn a_host_header_that_is_not_a_host_is_not_written_into_the_script() {
+        let config = crate::Config::parse(
+            std::path::Path::new("controller.toml"),
+            "http_listen = \"127.0.0.1:0\"\nagent_listen = \"127.0.0.1:0\"\n\
+             database = \"/tmp/x/db\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n\
+             [dist]\ndir = \"/nowhere\"\n",
+        )
+        .unwrap();
         let dist = Dist {
-            config: DistConfig {
-                dir: "/nowhere".into(),
-                url: None,
-                agent_controllers: vec![],
-            },
+            config: Arc::new(config),
             https: true,
             digests: Mutex::default(),
         };

@@ -104,7 +104,7 @@ struct Current {
 
 #[derive(Debug)]
 pub struct InventoryState {
-    config: Config,
+    config: Arc<Config>,
     store: Store,
     current: RwLock<Arc<Current>>,
     /// The current inventory merged with the registered agents; `None` when stale.
@@ -127,7 +127,7 @@ pub struct Revision {
 impl InventoryState {
     /// Brings up the current revision: the store's latest, or the source imported when it changed
     /// since it was last imported (or nothing was ever stored).
-    pub async fn load(config: &Config, store: Store) -> Result<Self, InventoryLoadError> {
+    pub async fn load(config: &Arc<Config>, store: Store) -> Result<Self, InventoryLoadError> {
         let source = read_source(config)?;
         let digest = digest(&source);
         let latest = store.latest_inventory().await?;
@@ -165,7 +165,7 @@ impl InventoryState {
             "inventory loaded"
         );
         Ok(Self {
-            config: config.clone(),
+            config: Arc::clone(config),
             store,
             current: RwLock::new(Arc::new(current)),
             merged: RwLock::new(None),
@@ -598,7 +598,7 @@ fn document_from_config(config: &Config) -> Result<String, InventoryLoadError> {
             account: a.account.clone(),
             os_type: None,
             category: None,
-            scopes: a.scopes.clone(),
+            scopes: a.scopes.listed().iter().map(ToString::to_string).collect(),
         });
     }
     for (agent_id, biz) in &config.placement.agents {

@@ -35,7 +35,7 @@ pub mod tls_api;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use fleetrun_net::{Timing, TlsFiles};
+use fleetrun_net::Timing;
 use fleetrun_store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -44,7 +44,9 @@ pub use config::Config;
 /// State shared by the API handlers.
 #[derive(Debug)]
 pub struct Shared {
-    pub config: Config,
+    /// The configuration the controller started with. Its `apps` are the start-up ones, which a
+    /// reload does not change: read the apps in force through [`Shared::apps`].
+    pub config: Arc<Config>,
     /// The apps allowed to call the API; replaced on reload.
     pub apps: Arc<reload::Apps>,
     pub store: Store,
@@ -81,7 +83,7 @@ pub struct Controller {
     api_tls: Option<Arc<tls_api::ApiTls>>,
     apps: Arc<reload::Apps>,
     /// The configuration the controller started with, to name what a reload could not apply.
-    config: Config,
+    config: Arc<Config>,
     /// The gateway's endpoint, whose certificate a reload swaps.
     endpoint: quinn::Endpoint,
     enroller: Option<Arc<enroll::Enroller>>,
@@ -142,18 +144,9 @@ impl Controller {
         // The audit trail's task ends at `AuditLog::close`, after the API: it is not among the
         // servers.
         let mut audit_tasks = tokio::task::JoinSet::new();
-        let inventory = Arc::new(inventory::InventoryState::load(&config, store.clone()).await?);
 
         let timing = Timing::default();
-        let endpoint = fleetrun_net::server_endpoint(
-            &TlsFiles {
-                ca: config.tls.ca.clone(),
-                cert: config.tls.cert.clone(),
-                key: config.tls.key.clone(),
-            },
-            config.agent_listen,
-            timing,
-        )?;
+        let endpoint = fleetrun_net::server_endpoint(&config.tls, config.agent_listen, timing)?;
         let agent_addr = endpoint.local_addr()?;
         let agent_endpoint = endpoint.clone();
         let api_tls = match &config.api.tls {
@@ -185,6 +178,12 @@ impl Controller {
         let http_addr = listener.local_addr()?;
         // The address actually bound (port 0 picks one): callback URLs must not point at it.
         config.http_listen = http_addr;
+        // From here on one configuration is shared, never copied.
+        let config = Arc::new(config);
+        // Loaded here, after both listeners are bound, because the shared Arc<Config> it keeps
+        // exists only from here. The cost: API clients that connect meanwhile wait in the listen
+        // backlog (and agents' handshakes queue) until a large import has loaded.
+        let inventory = Arc::new(inventory::InventoryState::load(&config, store.clone()).await?);
 
         let agents = gateway::Agents::default();
         agents.set_revoked(
@@ -294,11 +293,10 @@ impl Controller {
             content.clone(),
             shutdown.clone(),
         ));
-        let apps = Arc::new(reload::Apps::new(config.apps.clone()));
-        let config_in_force = config.clone();
+        let apps = Arc::new(reload::Apps::new(config.clone()));
         let shared = Arc::new(Shared {
             apps: apps.clone(),
-            config,
+            config: config.clone(),
             store: store.clone(),
             engine,
             agents,
@@ -355,7 +353,7 @@ impl Controller {
             inventory,
             api_tls,
             apps,
-            config: config_in_force,
+            config,
             endpoint: agent_endpoint,
             enroller,
             audit,
@@ -370,8 +368,8 @@ impl Controller {
         &self,
         path: &std::path::Path,
     ) -> Result<Vec<String>, config::ConfigError> {
-        let new = Config::load(path)?;
-        Ok(reload::apply(&self.apps, &self.config, &new))
+        let new = Arc::new(Config::load(path)?);
+        Ok(reload::apply(&self.apps, &self.config, new))
     }
 
     /// Reads the API's certificate and key again (on SIGHUP); whether the certificate changed.
@@ -387,8 +385,7 @@ impl Controller {
     /// enrollments take them, connected agents stay. Files that do not load leave the ones in
     /// force.
     pub fn reload_agent_tls(&self) -> Result<(), String> {
-        let files = self.config.tls_files();
-        let config = fleetrun_net::quinn_server_config(&files, Timing::default())
+        let config = fleetrun_net::quinn_server_config(&self.config.tls, Timing::default())
             .map_err(|e| e.to_string())?;
         if let Some(enroller) = &self.enroller {
             enroller.reload_tls().map_err(|e| format!("{e:#}"))?;

@@ -294,7 +294,7 @@ fn ca_init(
         },
         _ => ca::CaSource::New,
     };
-    match ca::init(&files, &source, &config.tls_files(), server_names) {
+    match ca::init(&files, &source, &config.tls, server_names) {
         Ok(made) => {
             println!("CA certificate: {}", files.cert.display());
             println!(

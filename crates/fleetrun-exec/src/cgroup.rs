@@ -191,7 +191,10 @@ impl TaskCgroup {
     }
 
     /// Whether `/proc/<pid>/cgroup` places `pid` in this subtree; zombies
-    /// still show the cgroup they died in.
+    /// still show the cgroup they died in. One read of the file, not
+    /// `procfs`'s `Process::cgroups`, which first opens and checks a handle
+    /// on the process's directory: this runs for each dead child at every
+    /// reaping round of a kill.
     pub(crate) fn holds(&self, pid: i32) -> bool {
         let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
             return false;
@@ -237,7 +240,10 @@ impl TaskCgroup {
 }
 
 /// The first cgroup2 mount in a mountinfo text: where it is mounted, and
-/// which cgroup path it shows.
+/// which cgroup path it shows. Parsed here rather than with the `procfs`
+/// crate, whose `MountInfo` keeps the root and mount point with their octal
+/// escapes (`\040` for a space) undone by nothing: a cgroup2 mounted under a
+/// path with a space would not be found.
 fn find_cgroup2(mountinfo: &str) -> Option<(PathBuf, String)> {
     mountinfo.lines().find_map(|line| {
         let (mount, fs) = line.split_once(" - ")?;

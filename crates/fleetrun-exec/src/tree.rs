@@ -11,6 +11,13 @@
 //! was never seen and still writes to the log. What none of this can find is
 //! a process that left the session, was never seen by a scan, and closed
 //! the output: cgroups exist for that.
+//!
+//! `/proc` is read here directly rather than through the `procfs` crate:
+//! its `FDInfo` carries the link's permission bits but not `fdinfo`'s
+//! `flags`, so the close-on-exec test below needs our own read anyway, and
+//! its `Process` opens and checks a directory handle per process before
+//! reading `stat`, which a scan of every process on the host pays on the
+//! kill path for the five fields the tree uses.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;

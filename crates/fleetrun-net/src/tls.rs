@@ -15,8 +15,9 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject};
 use x509_parser::prelude::FromDer;
 
-/// The PEM files one side of a connection needs.
-#[derive(Debug, Clone)]
+/// The PEM files one side of a connection needs; a configuration's `[tls]` section as written.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     /// The CA that signs every certificate of this deployment.
     pub ca: PathBuf,

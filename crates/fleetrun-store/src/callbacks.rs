@@ -340,37 +340,14 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{NewHostResult, NewJob, NewStep, Write};
+    use crate::{NewJob, Write};
 
+    /// A job not started yet, on host 1, calling `callback_url` back when it ends.
     fn new_job(callback_url: Option<&str>) -> NewJob {
         NewJob {
-            name: "job".into(),
-            operator: "admin".into(),
-            app_code: "app".into(),
-            bk_scope_type: "biz".into(),
-            bk_scope_id: "2".into(),
             status: 1,
-            job_type: 1,
-            launch_mode: 2,
             callback_url: callback_url.map(str::to_owned),
-            create_time: 1,
-            step: NewStep {
-                name: "job".into(),
-                step_type: 1,
-                script_language: 1,
-                script_content: b"true".to_vec(),
-                script_param: String::new(),
-                is_param_sensitive: false,
-                timeout: 60,
-                account_id: 1,
-                account: "root".into(),
-            },
-            hosts: vec![NewHostResult {
-                bk_host_id: 1,
-                bk_cloud_id: 0,
-                ip: "127.0.0.1".into(),
-                status: 5,
-            }],
+            ..crate::test_job([1], 5)
         }
     }
 

@@ -253,40 +253,16 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use crate::{NewHostResult, NewJob, NewStep};
+    use crate::NewJob;
 
     use super::*;
 
     async fn job(store: &Store, create_time: i64, status: i32) -> i64 {
         store
             .create_job(&NewJob {
-                name: "j".into(),
-                operator: "op".into(),
-                app_code: "app".into(),
-                bk_scope_type: "biz".into(),
-                bk_scope_id: "1".into(),
                 status,
-                job_type: 1,
-                launch_mode: 1,
-                callback_url: None,
                 create_time,
-                step: NewStep {
-                    name: "s".into(),
-                    step_type: 1,
-                    script_language: 1,
-                    script_content: b"true".to_vec(),
-                    script_param: String::new(),
-                    is_param_sensitive: false,
-                    timeout: 10,
-                    account_id: 1,
-                    account: "root".into(),
-                },
-                hosts: vec![NewHostResult {
-                    bk_host_id: 1,
-                    bk_cloud_id: 0,
-                    ip: "10.0.0.1".into(),
-                    status: 5,
-                }],
+                ..crate::test_job([1], 5)
             })
             .await
             .unwrap()

@@ -270,48 +270,13 @@ impl crate::Store {
 
 #[cfg(test)]
 mod tests {
-    use crate::{
-        FIRST_EPOCH, HostCheckpoint, HostOutcome, NewHostResult, NewJob, NewStep, Store, Write,
-    };
+    use crate::{FIRST_EPOCH, HostCheckpoint, HostOutcome, Store, Write};
 
     const UNFINISHED: [i32; 3] = [0, 5, 7];
 
     /// A job running on hosts 1 and 2 (status 7, at the first epoch); its (job, step).
     async fn running_job(store: &Store) -> (i64, i64) {
-        let created = store
-            .create_job(&NewJob {
-                name: "j".into(),
-                operator: "op".into(),
-                app_code: "app".into(),
-                bk_scope_type: "biz".into(),
-                bk_scope_id: "1".into(),
-                status: 2,
-                job_type: 1,
-                launch_mode: 1,
-                callback_url: None,
-                create_time: 0,
-                step: NewStep {
-                    name: "s".into(),
-                    step_type: 1,
-                    script_language: 1,
-                    script_content: b"true".to_vec(),
-                    script_param: String::new(),
-                    is_param_sensitive: false,
-                    timeout: 10,
-                    account_id: 1,
-                    account: "root".into(),
-                },
-                hosts: [1, 2]
-                    .map(|bk_host_id| NewHostResult {
-                        bk_host_id,
-                        bk_cloud_id: 0,
-                        ip: format!("10.0.0.{bk_host_id}"),
-                        status: 7,
-                    })
-                    .to_vec(),
-            })
-            .await
-            .unwrap();
+        let created = store.create_job(&crate::test_job([1, 2], 7)).await.unwrap();
         (created.job_instance_id, created.step_instance_id)
     }
 
@@ -629,24 +594,7 @@ mod tests {
             )
             .await;
         });
-        let waited = async {
-            loop {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM pg_stat_activity
-                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
-                )
-                .fetch_one(&store.pool)
-                .await
-                .unwrap();
-                if waiting > 0 {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(20), waited)
-            .await
-            .expect("the group commit waits for the raise");
+        crate::until_a_lock_is_waited_for(&store, "the group commit waits for the raise").await;
         raising.commit().await.unwrap();
         writing.await.unwrap();
         assert_eq!(store.host_log(step, 1).await.unwrap(), b"");

@@ -810,41 +810,8 @@ mod tests {
     /// A job running on hosts 1 and 2, each with two 3-byte chunks of log and a checkpoint
     /// after the first.
     async fn running_job(store: &Store) -> (i64, i64) {
-        use crate::{HostCheckpoint, NewHostResult, NewJob, NewStep, Write};
-        let created = store
-            .create_job(&NewJob {
-                name: "j".into(),
-                operator: "op".into(),
-                app_code: "app".into(),
-                bk_scope_type: "biz".into(),
-                bk_scope_id: "1".into(),
-                status: 2,
-                job_type: 1,
-                launch_mode: 1,
-                callback_url: None,
-                create_time: 0,
-                step: NewStep {
-                    name: "s".into(),
-                    step_type: 1,
-                    script_language: 1,
-                    script_content: b"true".to_vec(),
-                    script_param: String::new(),
-                    is_param_sensitive: false,
-                    timeout: 10,
-                    account_id: 1,
-                    account: "root".into(),
-                },
-                hosts: [1, 2]
-                    .map(|bk_host_id| NewHostResult {
-                        bk_host_id,
-                        bk_cloud_id: 0,
-                        ip: format!("10.0.0.{bk_host_id}"),
-                        status: 7,
-                    })
-                    .to_vec(),
-            })
-            .await
-            .unwrap();
+        use crate::{HostCheckpoint, Write};
+        let created = store.create_job(&crate::test_job([1, 2], 7)).await.unwrap();
         let step = created.step_instance_id;
         for bk_host_id in [1, 2] {
             for (offset, data) in [(0, b"abc"), (3, b"def")] {
@@ -1078,24 +1045,7 @@ mod tests {
                 .await
         });
         // Until the take-over waits for the row the end holds.
-        let waited = async {
-            loop {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM pg_stat_activity
-                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
-                )
-                .fetch_one(&store.pool)
-                .await
-                .unwrap();
-                if waiting > 0 {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(20), waited)
-            .await
-            .expect("the take-over waits for the host's row");
+        crate::until_a_lock_is_waited_for(&store, "the take-over waits for the host's row").await;
         ending.commit().await.unwrap();
         let taken = taking.await.unwrap().unwrap();
         assert_eq!(taken, None, "the host ended: nothing to take over");

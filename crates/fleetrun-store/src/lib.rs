@@ -778,6 +778,71 @@ pub(crate) async fn test_store() -> (scratch::TestDatabase, Store) {
     (db, store)
 }
 
+/// The store tests' job: one script step on `hosts` (host `n` at `10.0.<n / 256>.<n % 256>`),
+/// each at host status `status`, the job running; a test sets what it is about on top.
+#[cfg(test)]
+pub(crate) fn test_job(hosts: impl IntoIterator<Item = i64>, status: i32) -> NewJob {
+    NewJob {
+        name: "job".into(),
+        operator: "admin".into(),
+        app_code: "app".into(),
+        bk_scope_type: "biz".into(),
+        bk_scope_id: "2".into(),
+        status: 2,
+        job_type: 1,
+        launch_mode: 1,
+        callback_url: None,
+        create_time: 0,
+        step: NewStep {
+            name: "job".into(),
+            step_type: 1,
+            script_language: 1,
+            script_content: b"true".to_vec(),
+            script_param: String::new(),
+            is_param_sensitive: false,
+            timeout: 60,
+            account_id: 1,
+            account: "root".into(),
+        },
+        hosts: hosts
+            .into_iter()
+            .map(|id| NewHostResult {
+                bk_host_id: id,
+                bk_cloud_id: 0,
+                ip: format!("10.0.{}.{}", id / 256, id % 256),
+                status,
+            })
+            .collect(),
+    }
+}
+
+/// Returns once a session of the test's PostgreSQL database waits for a lock (within 20 s, else
+/// the test fails saying `what` did not happen).
+#[cfg(test)]
+pub(crate) async fn until_a_lock_is_waited_for(store: &Store, what: &str) {
+    let waited = async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
+            )
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(20), waited)
+        .await
+        .is_err()
+    {
+        panic!("{what}: no session waited for a lock within 20 s");
+    }
+}
+
 #[cfg(test)]
 mod upsert_row_tests {
     #[test]

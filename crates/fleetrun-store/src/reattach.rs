@@ -411,7 +411,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{NewHostResult, NewJob, NewStep, Write};
+    use crate::Write;
 
     fn checkpoint(step: i64, host: i64, received: i64) -> HostCheckpoint {
         HostCheckpoint {
@@ -433,40 +433,7 @@ mod tests {
     #[tokio::test]
     async fn checkpoints_commit_with_the_writes_last_one_standing_and_say_so() {
         let (_db, store) = crate::test_store().await;
-        let job = store
-            .create_job(&NewJob {
-                name: "t".into(),
-                operator: "o".into(),
-                app_code: "a".into(),
-                bk_scope_type: "biz".into(),
-                bk_scope_id: "2".into(),
-                status: 2,
-                job_type: 1,
-                launch_mode: 1,
-                callback_url: None,
-                create_time: 0,
-                step: NewStep {
-                    name: "s".into(),
-                    step_type: 1,
-                    script_language: 1,
-                    script_content: b"true".to_vec(),
-                    script_param: String::new(),
-                    is_param_sensitive: false,
-                    timeout: 60,
-                    account_id: 1,
-                    account: "root".into(),
-                },
-                hosts: (1..=3)
-                    .map(|id| NewHostResult {
-                        bk_host_id: id,
-                        bk_cloud_id: 0,
-                        ip: format!("10.0.0.{id}"),
-                        status: 5,
-                    })
-                    .collect(),
-            })
-            .await
-            .unwrap();
+        let job = store.create_job(&crate::test_job(1..=3, 5)).await.unwrap();
         let step = job.step_instance_id;
         // Host 1 twice in one batch (the last stands), host 2 in a later one.
         let (saved_tx, saved) = tokio::sync::oneshot::channel();

@@ -189,47 +189,13 @@ fn bind_due<'q>(
 #[cfg(test)]
 mod tests {
     use super::placeholders;
-    use crate::{NewHostResult, NewJob, NewStep, Write};
-
-    fn job_on(hosts: i64) -> NewJob {
-        NewJob {
-            name: "job".into(),
-            operator: "admin".into(),
-            app_code: "app".into(),
-            bk_scope_type: "biz".into(),
-            bk_scope_id: "2".into(),
-            status: 2,
-            job_type: 1,
-            launch_mode: 2,
-            callback_url: None,
-            create_time: 1,
-            step: NewStep {
-                name: "job".into(),
-                step_type: 1,
-                script_language: 1,
-                script_content: b"true".to_vec(),
-                script_param: String::new(),
-                is_param_sensitive: false,
-                timeout: 60,
-                account_id: 1,
-                account: "root".into(),
-            },
-            hosts: (1..=hosts)
-                .map(|h| NewHostResult {
-                    bk_host_id: h,
-                    bk_cloud_id: 0,
-                    ip: format!("10.0.0.{h}"),
-                    status: 5,
-                })
-                .collect(),
-        }
-    }
+    use crate::Write;
 
     #[tokio::test]
     async fn a_large_job_goes_in_transactions_bounded_by_rows() {
         let (_db, store) = crate::test_store().await;
-        let old = store.create_job(&job_on(30)).await.unwrap();
-        let running = store.create_job(&job_on(2)).await.unwrap();
+        let old = store.create_job(&crate::test_job(1..=30, 5)).await.unwrap();
+        let running = store.create_job(&crate::test_job(1..=2, 5)).await.unwrap();
         for host in 1..=30 {
             for chunk in 0..10 {
                 store
@@ -293,7 +259,7 @@ mod tests {
     #[tokio::test]
     async fn a_job_retried_after_it_was_picked_keeps_everything() {
         let (_db, store) = crate::test_store().await;
-        let job = store.create_job(&job_on(3)).await.unwrap();
+        let job = store.create_job(&crate::test_job(1..=3, 5)).await.unwrap();
         for host in 1..=3 {
             store
                 .record(Write::HostLog {

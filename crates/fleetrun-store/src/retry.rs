@@ -376,41 +376,7 @@ async fn forget_callback(
 
 #[cfg(test)]
 mod tests {
-    use crate::{HostOutcome, NewHostResult, NewJob, NewStep, Write};
-
-    fn new_job(hosts: i64) -> NewJob {
-        NewJob {
-            name: "retry".into(),
-            operator: "admin".into(),
-            app_code: "app".into(),
-            bk_scope_type: "biz".into(),
-            bk_scope_id: "2".into(),
-            status: 2,
-            job_type: 1,
-            launch_mode: 2,
-            callback_url: None,
-            create_time: 1,
-            step: NewStep {
-                name: "retry".into(),
-                step_type: 1,
-                script_language: 1,
-                script_content: b"true".to_vec(),
-                script_param: String::new(),
-                is_param_sensitive: false,
-                timeout: 60,
-                account_id: 1,
-                account: "root".into(),
-            },
-            hosts: (1..=hosts)
-                .map(|h| NewHostResult {
-                    bk_host_id: h,
-                    bk_cloud_id: 0,
-                    ip: format!("10.0.0.{h}"),
-                    status: 5,
-                })
-                .collect(),
-        }
-    }
+    use crate::{HostOutcome, Write};
 
     /// Runs every host to `statuses[i]` with the log `logs[i]`, and ends the job `job_status`.
     async fn run(
@@ -479,7 +445,7 @@ mod tests {
     #[tokio::test]
     async fn a_retry_keeps_each_execute_counts_results_and_logs() {
         let (_db, store) = crate::test_store().await;
-        let created = store.create_job(&new_job(3)).await.unwrap();
+        let created = store.create_job(&crate::test_job(1..=3, 5)).await.unwrap();
         let (job, step) = (created.job_instance_id, created.step_instance_id);
         run(
             &store,
@@ -652,7 +618,7 @@ mod tests {
     #[tokio::test]
     async fn a_retry_with_no_host_in_its_scope_changes_nothing() {
         let (_db, store) = crate::test_store().await;
-        let created = store.create_job(&new_job(2)).await.unwrap();
+        let created = store.create_job(&crate::test_job(1..=2, 5)).await.unwrap();
         let (job, step) = (created.job_instance_id, created.step_instance_id);
         run(&store, &created, &[(1, 9, "a"), (2, 9, "b")], 11).await;
         let failed_only = super::RetryScope {
@@ -701,7 +667,7 @@ mod tests {
     #[tokio::test]
     async fn a_job_ends_only_from_the_status_it_is_expected_in() {
         let (_db, store) = crate::test_store().await;
-        let created = store.create_job(&new_job(2)).await.unwrap();
+        let created = store.create_job(&crate::test_job(1..=2, 5)).await.unwrap();
         let (job, step) = (created.job_instance_id, created.step_instance_id);
         run(&store, &created, &[(1, 9, "a"), (2, 104, "b")], 11).await;
 

@@ -298,41 +298,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use crate::{NewHostResult, NewJob, NewStep, Write};
-
-    fn new_job(hosts: i64) -> NewJob {
-        NewJob {
-            name: "rolling".into(),
-            operator: "admin".into(),
-            app_code: "app".into(),
-            bk_scope_type: "biz".into(),
-            bk_scope_id: "2".into(),
-            status: 2,
-            job_type: 1,
-            launch_mode: 2,
-            callback_url: None,
-            create_time: 1,
-            step: NewStep {
-                name: "rolling".into(),
-                step_type: 1,
-                script_language: 1,
-                script_content: b"true".to_vec(),
-                script_param: String::new(),
-                is_param_sensitive: false,
-                timeout: 60,
-                account_id: 1,
-                account: "root".into(),
-            },
-            hosts: (1..=hosts)
-                .map(|h| NewHostResult {
-                    bk_host_id: h,
-                    bk_cloud_id: 0,
-                    ip: format!("10.0.0.{h}"),
-                    status: 5,
-                })
-                .collect(),
-        }
-    }
+    use crate::Write;
 
     #[tokio::test]
     async fn a_plan_is_written_with_its_job_or_neither_is() {
@@ -343,7 +309,7 @@ mod tests {
             batches: vec![vec![2], vec![1, 3]],
         };
         let created = store
-            .create_job_sealing(&new_job(3), |p, _| p.to_owned(), Some(&plan))
+            .create_job_sealing(&crate::test_job(1..=3, 5), |p, _| p.to_owned(), Some(&plan))
             .await
             .unwrap();
         let record = store
@@ -362,7 +328,7 @@ mod tests {
             config: "{}".into(),
             batches: vec![vec![1], vec![1]],
         };
-        let mut pending = new_job(3);
+        let mut pending = crate::test_job(1..=3, 5);
         pending.status = 1;
         assert!(
             store
@@ -386,7 +352,7 @@ mod tests {
             config: "{}".into(),
             batches: vec![vec![1], vec![2]],
         };
-        let mut kept = new_job(2);
+        let mut kept = crate::test_job(1..=2, 5);
         kept.status = 3;
         let old = store
             .create_job_sealing(&kept, |p, _| p.to_owned(), Some(&plan))
@@ -427,7 +393,10 @@ mod tests {
     #[tokio::test]
     async fn a_plan_is_kept_and_a_pause_is_taken_up_once() {
         let (_db, store) = crate::test_store().await;
-        let created = store.create_job(&new_job(700)).await.unwrap();
+        let created = store
+            .create_job(&crate::test_job(1..=700, 5))
+            .await
+            .unwrap();
         let step = created.step_instance_id;
         assert_eq!(store.rolling(step).await.unwrap(), None);
         // More hosts than one insert takes.

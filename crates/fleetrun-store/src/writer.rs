@@ -1133,7 +1133,7 @@ fn last_per_host<T, K: std::hash::Hash + Eq>(
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use crate::{HostCheckpoint, HostOutcome, NewHostResult, NewJob, NewStep, Write};
+    use crate::{HostCheckpoint, HostOutcome, NewJob, Write};
 
     fn checkpoint(bk_host_id: i64, received: i64) -> HostCheckpoint {
         HostCheckpoint {
@@ -1251,30 +1251,11 @@ pub(crate) mod tests {
         assert!(writer.holed.is_empty());
     }
 
-    fn new_job(hosts: Vec<NewHostResult>) -> NewJob {
+    /// A job not started yet, on hosts `1..=hosts`.
+    fn new_job(hosts: i64) -> NewJob {
         NewJob {
-            name: "t".into(),
-            operator: "o".into(),
-            app_code: "a".into(),
-            bk_scope_type: "biz".into(),
-            bk_scope_id: "2".into(),
             status: 1,
-            job_type: 1,
-            launch_mode: 1,
-            callback_url: None,
-            create_time: 0,
-            step: NewStep {
-                name: "s".into(),
-                step_type: 1,
-                script_language: 1,
-                script_content: b"true".to_vec(),
-                script_param: String::new(),
-                is_param_sensitive: false,
-                timeout: 60,
-                account_id: 1,
-                account: "root".into(),
-            },
-            hosts,
+            ..crate::test_job(1..=hosts, 5)
         }
     }
 
@@ -1287,7 +1268,7 @@ pub(crate) mod tests {
         let (_db, store) = crate::test_store().await;
         let mut jobs = Vec::new();
         for _ in 0..300 {
-            jobs.push(store.create_job(&new_job(Vec::new())).await.unwrap());
+            jobs.push(store.create_job(&new_job(0)).await.unwrap());
         }
         let mut writer = harness(&store);
         for (i, job) in jobs.iter().enumerate() {
@@ -1387,7 +1368,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn an_audit_entry_the_database_refuses_does_not_stop_job_writes() {
         let (_db, store) = crate::test_store().await;
-        let job = store.create_job(&new_job(Vec::new())).await.unwrap();
+        let job = store.create_job(&new_job(0)).await.unwrap();
         let mut writer = harness(&store);
         writer.accept(audit("before", "{}".into()));
         writer.accept(audit("nul", "{\"bk_app_code\":\"a\u{0}\"}".into()));
@@ -1444,15 +1425,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_job_write_the_database_refuses_is_isolated() {
         let (_db, store) = crate::test_store().await;
-        let hosts: Vec<NewHostResult> = (1..=200)
-            .map(|id| NewHostResult {
-                bk_host_id: id,
-                bk_cloud_id: 0,
-                ip: format!("10.0.0.{id}"),
-                status: 5,
-            })
-            .collect();
-        let job = store.create_job(&new_job(hosts)).await.unwrap();
+        let job = store.create_job(&new_job(200)).await.unwrap();
         let step = job.step_instance_id;
         let mut writer = harness(&store);
         for id in 1..=200 {
@@ -1498,7 +1471,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_held_audit_lock_does_not_hold_back_job_writes() {
         let (_db, store) = crate::test_store().await;
-        let job = store.create_job(&new_job(Vec::new())).await.unwrap();
+        let job = store.create_job(&new_job(0)).await.unwrap();
         let mut writer = harness(&store);
         writer.accept(audit("big", "x".repeat(17 * 1024)));
         assert!(writer.pending_bytes > 17 * 1024, "{}", writer.pending_bytes);
@@ -1545,7 +1518,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_commit_whose_answer_was_lost_is_not_appended_twice() {
         let (_db, store) = crate::test_store().await;
-        let job = store.create_job(&new_job(Vec::new())).await.unwrap();
+        let job = store.create_job(&new_job(0)).await.unwrap();
         let mut writer = harness(&store);
         writer.accept(audit("one", "{}".into()));
         writer.accept(audit("two", "{}".into()));
@@ -1589,41 +1562,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn running_and_final_rows_land_whatever_the_batches() {
         let (_db, store) = crate::test_store().await;
-        let hosts: Vec<NewHostResult> = (1..=2_500)
-            .map(|id| NewHostResult {
-                bk_host_id: id,
-                bk_cloud_id: 0,
-                ip: format!("10.0.{}.{}", id / 256, id % 256),
-                status: 5,
-            })
-            .collect();
-        let job = store
-            .create_job(&NewJob {
-                name: "t".into(),
-                operator: "o".into(),
-                app_code: "a".into(),
-                bk_scope_type: "biz".into(),
-                bk_scope_id: "2".into(),
-                status: 1,
-                job_type: 1,
-                launch_mode: 1,
-                callback_url: None,
-                create_time: 0,
-                step: NewStep {
-                    name: "s".into(),
-                    step_type: 1,
-                    script_language: 1,
-                    script_content: b"true".to_vec(),
-                    script_param: String::new(),
-                    is_param_sensitive: false,
-                    timeout: 60,
-                    account_id: 1,
-                    account: "root".into(),
-                },
-                hosts,
-            })
-            .await
-            .unwrap();
+        let job = store.create_job(&new_job(2_500)).await.unwrap();
         let step = job.step_instance_id;
         // Every host but the last starts; even ones also finish, some in the same batch as
         // their start, some in a later one.

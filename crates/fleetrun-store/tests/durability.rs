@@ -18,6 +18,7 @@ use fleetrun_store::{
 const PENDING: i32 = 1;
 const RUNNING: i32 = 2;
 
+/// Like the crate's `test_job`, which is `#[cfg(test)]` and so out of an integration test's reach.
 fn new_job(status: i32) -> NewJob {
     NewJob {
         name: "t".into(),

@@ -60,22 +60,8 @@ impl ApiClient {
                 .or_insert_with(|| json!(self.username));
         }
         let url = format!("{}/api/v3/{api}/", self.base);
-        let response = self
-            .http
-            .post(&url)
-            .json(&body)
-            .send()
-            .await
-            .with_context(|| format!("POST {url}"))?;
-        let status = response.status();
-        let envelope: Value = response
-            .json()
-            .await
-            .with_context(|| format!("POST {url}: reply is not JSON"))?;
-        if !status.is_success() {
-            bail!("POST {url}: HTTP {status}: {envelope}");
-        }
-        Ok(envelope)
+        let sent = self.http.post(&url).json(&body).send().await;
+        envelope(sent, &format!("POST {url}")).await
     }
 
     /// GETs `/api/v3/<api>/` (or `path` under the base, when `api` starts with `/`) with
@@ -110,22 +96,8 @@ impl ApiClient {
         } else {
             format!("{}/api/v3/{api}/", self.base)
         };
-        let response = self
-            .http
-            .get(&url)
-            .query(&pairs)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?;
-        let status = response.status();
-        let envelope: Value = response
-            .json()
-            .await
-            .with_context(|| format!("GET {url}: reply is not JSON"))?;
-        if !status.is_success() {
-            bail!("GET {url}: HTTP {status}: {envelope}");
-        }
-        Ok(envelope)
+        let sent = self.http.get(&url).query(&pairs).send().await;
+        envelope(sent, &format!("GET {url}")).await
     }
 
     /// POSTs a JSON body to `path` under the base (`/api/v4/...`) with the credentials in the
@@ -133,23 +105,14 @@ impl ApiClient {
     pub async fn post_path_raw(&self, path: &str, body: Value) -> Result<Value> {
         let url = format!("{}{path}", self.base);
         let auth = json!({"bk_app_code": self.app_code, "bk_app_secret": self.app_secret, "bk_username": self.username});
-        let response = self
+        let sent = self
             .http
             .post(&url)
             .header("X-Bkapi-Authorization", auth.to_string())
             .json(&body)
             .send()
-            .await
-            .with_context(|| format!("POST {url}"))?;
-        let status = response.status();
-        let envelope: Value = response
-            .json()
-            .await
-            .with_context(|| format!("POST {url}: reply is not JSON"))?;
-        if !status.is_success() {
-            bail!("POST {url}: HTTP {status}: {envelope}");
-        }
-        Ok(envelope)
+            .await;
+        envelope(sent, &format!("POST {url}")).await
     }
 
     /// Like [`Self::call_raw`], but an error envelope is an error; returns `data`.
@@ -362,4 +325,19 @@ pub struct StreamedOutput {
     pub read_at: std::time::SystemTime,
     /// When the stream's first event was read, the follower attached.
     pub first_event_at: std::time::SystemTime,
+}
+
+/// The JSON envelope of the reply to `request` (`POST <url>`, say, which errors name): an error
+/// when it was not sent, is not JSON, or came with an HTTP status other than success.
+async fn envelope(sent: reqwest::Result<reqwest::Response>, request: &str) -> Result<Value> {
+    let response = sent.with_context(|| request.to_owned())?;
+    let status = response.status();
+    let envelope: Value = response
+        .json()
+        .await
+        .with_context(|| format!("{request}: reply is not JSON"))?;
+    if !status.is_success() {
+        bail!("{request}: HTTP {status}: {envelope}");
+    }
+    Ok(envelope)
 }

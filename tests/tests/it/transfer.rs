@@ -708,32 +708,20 @@ async fn the_command_line_pushes_local_files_and_copies_between_hosts() -> Resul
     let copied = scratch("cli-cp");
     let source = format!("{}:{}", hosts[0], file.display());
     let missing = format!("{}:{}/nothing", hosts[0], local.path().display());
-    let (code, stdout, stderr) = fleetrun(
-        &cluster,
-        &[
-            "cp",
-            &source,
-            "--to",
-            copied.path().to_str().unwrap(),
-            "--host",
-            &hosts[1].to_string(),
-        ],
-    )
-    .await?;
+    let to = copied.path().to_str().unwrap();
+    let host = hosts[1].to_string();
+    let cp = |from: &str| {
+        let args = ["cp", from, "--to", to, "--host", &host].map(str::to_owned);
+        let cluster = &cluster;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            fleetrun(cluster, &args).await
+        }
+    };
+    let (code, stdout, stderr) = cp(&source).await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(std::fs::read(copied.path().join("pkg.bin"))? == content);
-    let (code, stdout, stderr) = fleetrun(
-        &cluster,
-        &[
-            "cp",
-            &missing,
-            "--to",
-            copied.path().to_str().unwrap(),
-            "--host",
-            &hosts[1].to_string(),
-        ],
-    )
-    .await?;
+    let (code, stdout, stderr) = cp(&missing).await?;
     assert_eq!(code, 1, "{stdout}{stderr}");
     assert!(stdout.contains("FAILED"), "{stdout}");
     Ok(())
@@ -1159,44 +1147,66 @@ fn partial_size(dir: &Path) -> Option<u64> {
     })
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_target_cut_mid_transfer_goes_on_from_the_chunks_it_holds() -> Result<()> {
-    let uid = user_uid();
-    let cluster = start_cluster(2).await?;
-    let source = cluster.host_id("agent-1");
-    let target = cluster.host_id("agent-2");
-    let client = cluster.client();
-    let src_dir = scratch("cut-src");
-    let out = scratch("cut-out");
-    let size = 16 * 1024 * 1024;
-    let content = pattern(size, 21);
+/// A fetch of one 16 MiB file (`pattern(_, seed)`) from agent-1 to agent-2 as `account`, at
+/// `mib_per_sec` MiB/s with a step timeout of `timeout` seconds: the source and target
+/// directories (named after `name`), the file's content, and the request. The source is always
+/// written 0640, whatever `account`: it is read as root, so its mode never limits the fetch.
+fn throttled_fetch(
+    cluster: &TestCluster,
+    name: &str,
+    seed: u8,
+    account: &str,
+    mib_per_sec: i64,
+    timeout: i64,
+) -> (tempfile::TempDir, tempfile::TempDir, Vec<u8>, Value) {
+    let src_dir = scratch(&format!("{name}-src"));
+    let out = scratch(&format!("{name}-out"));
+    let content = pattern(16 * 1024 * 1024, seed);
     let src = src_dir.path().join("big.bin");
     write_file(&src, &content, 0o640, None);
     let mut req = request(
-        &cluster,
+        cluster,
         out.path().to_str().unwrap(),
-        json!([server_source(&[src.to_str().unwrap()], &[source], "root")]),
-        &[target],
-        "user",
+        json!([server_source(
+            &[src.to_str().unwrap()],
+            &[cluster.host_id("agent-1")],
+            "root"
+        )]),
+        &[cluster.host_id("agent-2")],
+        account,
     );
-    // 2 MiB/s: eight seconds of sending, long enough to cut the link in the middle.
-    req["download_speed_limit"] = json!(2);
-    req["timeout"] = json!(120);
+    req["download_speed_limit"] = json!(mib_per_sec);
+    req["timeout"] = json!(timeout);
+    (src_dir, out, content, req)
+}
+
+/// Submits the transfer `req` and waits, up to `within`, until `mib` MiB of the file being
+/// fetched stand under its partial name in `out`: the job, its step, and the bytes written then.
+async fn submit_until_partial(
+    client: &fleetrun_tests::ApiClient,
+    req: Value,
+    out: &Path,
+    mib: u64,
+    within: Duration,
+) -> Result<(i64, i64, u64)> {
     let accepted = client.call("fast_transfer_file", req).await?;
     let job = accepted["job_instance_id"].as_i64().context("job id")?;
     let step = accepted["step_instance_id"].as_i64().context("step id")?;
-
     let held = fleetrun_tests::eventually(
-        Duration::from_secs(60),
-        "six chunks written on the target",
+        within,
+        &format!("{mib} MiB of the fetch written on the target"),
         || {
-            let held = partial_size(out.path()).filter(|n| *n >= 6 * 1024 * 1024);
+            let held = partial_size(out).filter(|n| *n >= mib * 1024 * 1024);
             async move { held }
         },
     )
     .await?;
-    // Revoking closes the agent's connection at once; it is refused until the revocation is
-    // lifted, then connects again.
+    Ok((job, step, held))
+}
+
+/// Revokes agent-2, which closes its connection at once, and waits until the agent has been
+/// refused on coming back; the agent's log.
+async fn cut_agent_2(client: &fleetrun_tests::ApiClient, cluster: &TestCluster) -> Result<PathBuf> {
     let revoked = client
         .call("revoke_agent", json!({"agent_id": "agent-2"}))
         .await?;
@@ -1207,6 +1217,23 @@ async fn a_target_cut_mid_transfer_goes_on_from_the_chunks_it_holds() -> Result<
         async move { text.contains("revoked by an operator").then_some(()) }
     })
     .await?;
+    Ok(agent_log)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_cut_mid_transfer_goes_on_from_the_chunks_it_holds() -> Result<()> {
+    let uid = user_uid();
+    let cluster = start_cluster(2).await?;
+    let target = cluster.host_id("agent-2");
+    let client = cluster.client();
+    // 2 MiB/s: eight seconds of sending, long enough to cut the link in the middle.
+    let (_src_dir, out, content, req) = throttled_fetch(&cluster, "cut", 21, "user", 2, 120);
+    let size = content.len();
+    // Six chunks written.
+    let (job, step, held) =
+        submit_until_partial(&client, req, out.path(), 6, Duration::from_secs(60)).await?;
+    // The agent is refused until the revocation is lifted, then connects again.
+    let agent_log = cut_agent_2(&client, &cluster).await?;
     // What the cut try wrote stays, under its partial name, while the agent is away.
     let kept = partial_size(out.path()).context("the partial file is kept after the cut")?;
     assert!(kept >= held, "{kept} bytes kept of {held} written");
@@ -1291,30 +1318,11 @@ async fn a_target_cut_that_never_comes_back_ends_at_the_steps_timeout() -> Resul
             Duration::from_secs(30),
         )
         .await?;
-    let source = cluster.host_id("agent-1");
-    let target = cluster.host_id("agent-2");
     let client = cluster.client();
-    let src_dir = scratch("gone-src");
-    let out = scratch("gone-out");
-    let src = src_dir.path().join("big.bin");
-    write_file(&src, &pattern(16 * 1024 * 1024, 22), 0o644, None);
-    let mut req = request(
-        &cluster,
-        out.path().to_str().unwrap(),
-        json!([server_source(&[src.to_str().unwrap()], &[source], "root")]),
-        &[target],
-        "root",
-    );
-    req["download_speed_limit"] = json!(1);
-    req["timeout"] = json!(10);
+    let (_src_dir, out, _, req) = throttled_fetch(&cluster, "gone", 22, "root", 1, 10);
     let submitted = Instant::now();
-    let accepted = client.call("fast_transfer_file", req).await?;
-    let job = accepted["job_instance_id"].as_i64().context("job id")?;
-    fleetrun_tests::eventually(Duration::from_secs(30), "a chunk written", || {
-        let held = partial_size(out.path()).filter(|n| *n >= 1024 * 1024);
-        async move { held }
-    })
-    .await?;
+    let (job, _, _) =
+        submit_until_partial(&client, req, out.path(), 1, Duration::from_secs(30)).await?;
     let revoked = client
         .call("revoke_agent", json!({"agent_id": "agent-2"}))
         .await?;
@@ -1368,28 +1376,10 @@ async fn a_file_failed_before_a_cut_fails_the_host_after_the_resume() -> Result<
     req["transfer_mode"] = json!(2);
     req["download_speed_limit"] = json!(2);
     req["timeout"] = json!(120);
-    let accepted = client.call("fast_transfer_file", req).await?;
-    let job = accepted["job_instance_id"].as_i64().context("job id")?;
-    let step = accepted["step_instance_id"].as_i64().context("step id")?;
-    fleetrun_tests::eventually(
-        Duration::from_secs(60),
-        "four chunks of the second file written on the target",
-        || {
-            let held = partial_size(out.path()).filter(|n| *n >= 4 * 1024 * 1024);
-            async move { held }
-        },
-    )
-    .await?;
-    let revoked = client
-        .call("revoke_agent", json!({"agent_id": "agent-2"}))
-        .await?;
-    assert_eq!(revoked["connections_closed"], 1, "{revoked}");
-    let agent_log = cluster.agents[1].log.clone();
-    fleetrun_tests::eventually(Duration::from_secs(10), "the agent refused", || {
-        let text = std::fs::read_to_string(&agent_log).unwrap_or_default();
-        async move { text.contains("revoked by an operator").then_some(()) }
-    })
-    .await?;
+    // Four chunks of the second file written.
+    let (job, step, _) =
+        submit_until_partial(&client, req, out.path(), 4, Duration::from_secs(60)).await?;
+    cut_agent_2(&client, &cluster).await?;
     client
         .call("unrevoke_agent", json!({"agent_id": "agent-2"}))
         .await?;
@@ -1420,39 +1410,11 @@ async fn a_file_failed_before_a_cut_fails_the_host_after_the_resume() -> Result<
 #[tokio::test(flavor = "multi_thread")]
 async fn a_target_terminated_while_its_agent_is_away_ends_403_without_waiting() -> Result<()> {
     let cluster = start_cluster(2).await?;
-    let source = cluster.host_id("agent-1");
-    let target = cluster.host_id("agent-2");
     let client = cluster.client();
-    let src_dir = scratch("away-src");
-    let out = scratch("away-out");
-    let src = src_dir.path().join("big.bin");
-    write_file(&src, &pattern(16 * 1024 * 1024, 24), 0o644, None);
-    let mut req = request(
-        &cluster,
-        out.path().to_str().unwrap(),
-        json!([server_source(&[src.to_str().unwrap()], &[source], "root")]),
-        &[target],
-        "root",
-    );
-    req["download_speed_limit"] = json!(1);
-    req["timeout"] = json!(600);
-    let accepted = client.call("fast_transfer_file", req).await?;
-    let job = accepted["job_instance_id"].as_i64().context("job id")?;
-    fleetrun_tests::eventually(Duration::from_secs(60), "a chunk written", || {
-        let held = partial_size(out.path()).filter(|n| *n >= 1024 * 1024);
-        async move { held }
-    })
-    .await?;
-    let revoked = client
-        .call("revoke_agent", json!({"agent_id": "agent-2"}))
-        .await?;
-    assert_eq!(revoked["connections_closed"], 1, "{revoked}");
-    let agent_log = cluster.agents[1].log.clone();
-    fleetrun_tests::eventually(Duration::from_secs(10), "the agent refused", || {
-        let text = std::fs::read_to_string(&agent_log).unwrap_or_default();
-        async move { text.contains("revoked by an operator").then_some(()) }
-    })
-    .await?;
+    let (_src_dir, out, _, req) = throttled_fetch(&cluster, "away", 24, "root", 1, 600);
+    let (job, _, _) =
+        submit_until_partial(&client, req, out.path(), 1, Duration::from_secs(60)).await?;
+    cut_agent_2(&client, &cluster).await?;
     let mut body = cluster.info.scope();
     body["job_instance_id"] = json!(job);
     body["operation_code"] = json!(1);

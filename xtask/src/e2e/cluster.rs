@@ -158,36 +158,7 @@ async fn round_robin(ctx: &mut ClusterCtx) -> Result<()> {
 /// controller, which takes their tasks over with their output: every host ends 9 with every
 /// line once, and c1 fires the callback once.
 async fn controller_killed(ctx: &mut ClusterCtx) -> Result<()> {
-    let inbox = CallbackInbox::start().await?;
-    let (job, step) = ctx
-        .submit_to(
-            0,
-            ctx.request(
-                &counter(200, "0.1"),
-                json!({"callback_url": inbox.url, "timeout": 30}),
-            ),
-        )
-        .await?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    ctx.cluster.kill_controller_at(1)?;
-    let waited = Instant::now();
-    let outcome = ctx
-        .expect_success(0, job, step, &counted(200), Duration::from_secs(300))
-        .await;
-    println!(
-        "  the killed controller's hosts ended {:.1?} after the kill",
-        waited.elapsed()
-    );
-    ctx.cluster.start_controller_at(1).await?;
-    outcome?;
-    let callbacks = inbox
-        .for_job(job, Duration::from_secs(30), Duration::from_secs(3))
-        .await?;
-    ensure!(
-        callbacks.len() == 1 && callbacks[0]["status"] == json!(3),
-        "the job's callback, once: {callbacks:?}"
-    );
-    ctx.all_online().await
+    killed_midway(ctx, 1, 0, "the killed controller's hosts ended").await
 }
 
 /// A 20 s numbered-line job submitted to c1, which holds its lease and some of its agents, and
@@ -196,6 +167,19 @@ async fn controller_killed(ctx: &mut ClusterCtx) -> Result<()> {
 /// their output: every host ends 9 (none 310) with every line once, and the callback fires once,
 /// from the controller that took the job up.
 async fn lease_holder_killed(ctx: &mut ClusterCtx) -> Result<()> {
+    killed_midway(ctx, 0, 1, "the lease holder's job ended").await
+}
+
+/// Submits a 20 s numbered-line job with a callback to c1, SIGKILLs controller `killed` 5 s in,
+/// follows the job through controller `through` to success on every host with every line once,
+/// starts `killed` again, and expects one callback with the job's success. `ended` begins the
+/// line that says how long after the kill the job ended.
+async fn killed_midway(
+    ctx: &mut ClusterCtx,
+    killed: usize,
+    through: usize,
+    ended: &str,
+) -> Result<()> {
     let inbox = CallbackInbox::start().await?;
     let (job, step) = ctx
         .submit_to(
@@ -207,16 +191,13 @@ async fn lease_holder_killed(ctx: &mut ClusterCtx) -> Result<()> {
         )
         .await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    ctx.cluster.kill_controller_at(0)?;
+    ctx.cluster.kill_controller_at(killed)?;
     let waited = Instant::now();
     let outcome = ctx
-        .expect_success(1, job, step, &counted(200), Duration::from_secs(300))
+        .expect_success(through, job, step, &counted(200), Duration::from_secs(300))
         .await;
-    println!(
-        "  the lease holder's job ended {:.1?} after its kill",
-        waited.elapsed()
-    );
-    ctx.cluster.start_controller_at(0).await?;
+    println!("  {ended} {:.1?} after the kill", waited.elapsed());
+    ctx.cluster.start_controller_at(killed).await?;
     outcome?;
     let callbacks = inbox
         .for_job(job, Duration::from_secs(30), Duration::from_secs(3))

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, error::code, params::Params};
-use crate::config::AppConfig;
+use crate::config::{AppConfig, Scopes};
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
@@ -15,28 +15,32 @@ pub struct Caller {
     /// The operator recorded on jobs.
     pub username: String,
     /// The app's configured scopes.
-    scopes: AppConfig,
+    scopes: Scopes,
+    /// `admin = true`.
+    admin: bool,
+    /// `public_scripts = true`.
+    public_scripts: bool,
 }
 
 impl Caller {
     /// Whether the calling app may act on this scope.
-    pub fn may_use(&self, scope_type: &str, scope_id: &str) -> bool {
-        self.scopes.may_use(scope_type, scope_id)
+    pub fn may_use(&self, scope: fleetrun_inventory::Scope) -> bool {
+        self.scopes.allows(scope)
     }
 
     /// Whether the app may act on every scope: only such an app sees every host.
     pub fn is_unrestricted(&self) -> bool {
-        self.scopes.scopes.iter().any(|s| s == "*")
+        self.scopes.is_unrestricted()
     }
 
     /// Whether the app was granted administration (`admin = true`), which no scope implies.
     pub fn is_admin(&self) -> bool {
-        self.scopes.admin
+        self.admin
     }
 
     /// Whether the app was granted changing the public scripts (`public_scripts = true`).
     pub fn may_manage_public_scripts(&self) -> bool {
-        self.scopes.public_scripts
+        self.public_scripts
     }
 
     /// Whether the app may see a host of business `bk_biz_id` (directly, or through a business
@@ -50,10 +54,10 @@ impl Caller {
             return true;
         }
         let Some(biz) = bk_biz_id else { return false };
-        self.may_use("biz", &biz.to_string())
+        self.may_use(fleetrun_inventory::Scope::Biz(biz))
             || inventory.business_sets().iter().any(|set| {
                 set.members.contains(&biz)
-                    && self.may_use("biz_set", &set.bk_biz_set_id.to_string())
+                    && self.may_use(fleetrun_inventory::Scope::BizSet(set.bk_biz_set_id))
             })
     }
 }
@@ -151,6 +155,8 @@ pub fn authenticate(
     Ok(Caller {
         app_code,
         username,
-        scopes: app.clone(),
+        scopes: app.scopes.clone(),
+        admin: app.admin,
+        public_scripts: app.public_scripts,
     })
 }

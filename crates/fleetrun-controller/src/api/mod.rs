@@ -90,10 +90,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             axum::routing::get(crate::metrics::serve_metrics),
         )
         .merge(crate::console::router(shared.clone()))
-        .merge(crate::dist::router(
-            shared.config.dist.as_ref(),
-            shared.config.api.tls.is_some(),
-        ))
+        .merge(crate::dist::router(&shared.config))
         .fallback(not_found)
         .layer(Extension(gate))
         .with_state(shared)

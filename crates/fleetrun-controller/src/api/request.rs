@@ -3,6 +3,16 @@
 //! span in which every line of the request is logged (the caller's app and operator recorded in
 //! it once authenticated), the log line of how it ended, and the id in the reply's
 //! `x-request-id` header and envelope.
+//!
+//! `ApiRequest`, `Params` and `Caller` are not axum extractors, nor is this a tower layer: an
+//! extractor runs before the handler's span exists and answers its own rejections, so a refused
+//! credential or body would be logged outside the request's span and without bk-job's envelope;
+//! `Params` and `Caller` come out of `intake` in an order an extractor cannot hold (credentials
+//! from the head or the body's first bytes within a shared budget, then a turn among
+//! `http_max_requests` kept until the reply is made, then the rest of the body); and the request
+//! is served on a task of its own so that a client that goes away cannot leave a change out of
+//! the audit trail. Each form answers in its own way (v3's envelope, v4's HTTP statuses, a
+//! stream's headers), so the outcome is logged where the reply is made, with `log_outcome`.
 
 use std::future::Future;
 

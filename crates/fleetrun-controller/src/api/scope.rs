@@ -9,15 +9,20 @@ use crate::Shared;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scope {
     pub scope_type: String,
+    /// The id as a number writes it (`"02"` is `"2"`), so every row stored under it agrees.
     pub scope_id: String,
     /// The same scope as the inventory names it.
     pub inventory: fleetrun_inventory::Scope,
 }
 
 impl Scope {
-    /// Whether a stored job belongs to this scope.
+    /// Whether a stored job belongs to this scope. Ids compare as numbers: rows stored before
+    /// ids were written canonically may hold `"02"` for business 2, and stay reachable.
     pub fn owns(&self, scope_type: &str, scope_id: &str) -> bool {
-        self.scope_type == scope_type && self.scope_id == scope_id
+        let id = match self.inventory {
+            fleetrun_inventory::Scope::Biz(id) | fleetrun_inventory::Scope::BizSet(id) => id,
+        };
+        self.scope_type == scope_type && scope_id.parse::<i64>() == Ok(id)
     }
 }
 
@@ -31,6 +36,38 @@ fn text(params: &Params, key: &str) -> Option<String> {
 
 /// Reads and checks the request's scope. Older clients send only `bk_biz_id`.
 pub fn resolve(shared: &Shared, caller: &Caller, params: &Params) -> Result<Scope, ApiError> {
+    let scope = requested(params)?;
+    let (scope_type, scope_id, inventory) = (&scope.scope_type, &scope.scope_id, scope.inventory);
+    // Permission first: an app that may not use a scope learns nothing from asking about it,
+    // not even whether it exists.
+    if !caller.may_use(inventory) {
+        let mut error = ApiError::new(
+            code::NO_PERMISSION,
+            format!(
+                "app {:?} may not act on {scope_type} {scope_id}",
+                caller.app_code
+            ),
+        );
+        error.permission = Some(permission(scope_type, scope_id));
+        return Err(error);
+    }
+    if !shared.inventory.base().has_scope(&inventory) {
+        let what = if scope_type == "biz" {
+            "business"
+        } else {
+            "business set"
+        };
+        return Err(ApiError::invalid(
+            "bk_scope_id",
+            format!("{what} {scope_id} does not exist"),
+        ));
+    }
+    Ok(scope)
+}
+
+/// The scope the request names, its id made canonical (`"02"` is business `"2"`), not yet
+/// checked against the caller or the inventory.
+fn requested(params: &Params) -> Result<Scope, ApiError> {
     let (scope_type, scope_id) = match (
         text(params, "bk_scope_type"),
         text(params, "bk_scope_id"),
@@ -54,33 +91,9 @@ pub fn resolve(shared: &Shared, caller: &Caller, params: &Params) -> Result<Scop
             ));
         }
     };
-    // Permission first: an app that may not use a scope learns nothing from asking about it,
-    // not even whether it exists.
-    if !caller.may_use(&scope_type, &scope_id) {
-        let mut error = ApiError::new(
-            code::NO_PERMISSION,
-            format!(
-                "app {:?} may not act on {scope_type} {scope_id}",
-                caller.app_code
-            ),
-        );
-        error.permission = Some(permission(&scope_type, &scope_id));
-        return Err(error);
-    }
-    if !shared.inventory.base().has_scope(&inventory) {
-        let what = if scope_type == "biz" {
-            "business"
-        } else {
-            "business set"
-        };
-        return Err(ApiError::invalid(
-            "bk_scope_id",
-            format!("{what} {id} does not exist"),
-        ));
-    }
     Ok(Scope {
         scope_type,
-        scope_id,
+        scope_id: id.to_string(),
         inventory,
     })
 }
@@ -154,4 +167,44 @@ fn permission(scope_type: &str, scope_id: &str) -> Value {
             }],
         }],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(value: Value) -> Params {
+        Params(value.as_object().unwrap().clone())
+    }
+
+    #[test]
+    fn a_scope_id_with_leading_zeros_is_stored_canonically() {
+        let scope = requested(&params(
+            json!({"bk_scope_type": "biz", "bk_scope_id": "02"}),
+        ))
+        .unwrap();
+        assert_eq!(scope.scope_id, "2");
+        assert_eq!(scope.inventory, fleetrun_inventory::Scope::Biz(2));
+        let legacy = requested(&params(json!({"bk_biz_id": "007"}))).unwrap();
+        assert_eq!(
+            (legacy.scope_type.as_str(), legacy.scope_id.as_str()),
+            ("biz", "7")
+        );
+        let number = requested(&params(
+            json!({"bk_scope_type": "biz_set", "bk_scope_id": 9}),
+        ))
+        .unwrap();
+        assert_eq!(number.scope_id, "9");
+    }
+
+    #[test]
+    fn owns_compares_ids_as_numbers() {
+        let two = requested(&params(json!({"bk_scope_type": "biz", "bk_scope_id": "2"}))).unwrap();
+        // A row stored as sent before ids were made canonical stays reachable.
+        assert!(two.owns("biz", "02"));
+        assert!(two.owns("biz", "2"));
+        assert!(!two.owns("biz", "20"));
+        assert!(!two.owns("biz_set", "2"));
+        assert!(!two.owns("biz", "two"));
+    }
 }

@@ -133,9 +133,7 @@ pub async fn get_topology(shared: &Shared, caller: &Caller) -> Result<Value, Api
     let business_sets: Vec<Value> = inventory
         .business_sets()
         .iter()
-        .filter(|s| {
-            caller.is_unrestricted() || caller.may_use("biz_set", &s.bk_biz_set_id.to_string())
-        })
+        .filter(|s| caller.may_use(fleetrun_inventory::Scope::BizSet(s.bk_biz_set_id)))
         .map(|s| json!({"bk_biz_set_id": s.bk_biz_set_id, "name": s.name, "members": s.members}))
         .collect();
     let groups: Vec<Value> = inventory

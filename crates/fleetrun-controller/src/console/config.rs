@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::config::{AppConfig, Invalid, Key};
+use crate::config::{AppConfig, Invalid, Key, Scopes, ScopesError};
 
 /// `[console]`. Without users (and without a trusted proxy header) the console is not served.
 #[derive(Debug, Clone, Deserialize)]
@@ -73,7 +73,11 @@ pub struct ConsoleUser {
     #[serde(default)]
     pub password_hash: Option<String>,
     /// Scopes the user may see and act on, as `biz:<id>` or `biz_set:<id>`; `*` for every scope.
-    pub scopes: Vec<String>,
+    #[serde(rename = "scopes")]
+    scope_list: Vec<String>,
+    /// `scopes`, parsed when the configuration loads.
+    #[serde(skip)]
+    pub scopes: Scopes,
     #[serde(default)]
     pub role: Role,
 }
@@ -99,26 +103,14 @@ pub enum Role {
     Operator,
 }
 
-impl ConsoleUser {
-    /// Whether the user may see and act on this scope.
-    pub fn may_use(&self, scope_type: &str, scope_id: &str) -> bool {
-        self.scopes
-            .iter()
-            .any(|s| s == "*" || s.split_once(':') == Some((scope_type, scope_id)))
-    }
-
-    pub fn is_unrestricted(&self) -> bool {
-        self.scopes.iter().any(|s| s == "*")
-    }
-}
-
 impl ConsoleConfig {
     /// Whether anyone can sign in.
     pub fn enabled(&self) -> bool {
         !self.users.is_empty()
     }
 
-    pub(crate) fn validate(&self, apps: &[AppConfig]) -> Result<(), Invalid> {
+    /// Checks the section and parses its users' `scopes`.
+    pub(crate) fn validate(&mut self, apps: &[AppConfig]) -> Result<(), Invalid> {
         use Key::{Index, Name};
         let invalid = |at: Vec<Key>, message: String| Invalid { at, message };
         if !self.enabled() {
@@ -179,7 +171,7 @@ impl ConsoleConfig {
             }
         }
         let mut names = std::collections::HashSet::new();
-        for (i, user) in self.users.iter().enumerate() {
+        for (i, user) in self.users.iter_mut().enumerate() {
             let at = |key| vec![Name("console"), Name("users"), Index(i), Name(key)];
             if user.name.is_empty() || user.name.chars().any(char::is_control) {
                 return Err(invalid(
@@ -187,7 +179,7 @@ impl ConsoleConfig {
                     "console.users: name must be non-empty, without control characters".to_owned(),
                 ));
             }
-            if !names.insert(&user.name) {
+            if !names.insert(user.name.clone()) {
                 return Err(invalid(
                     at("name"),
                     format!("console.users: {:?} is named twice", user.name),
@@ -204,26 +196,22 @@ impl ConsoleConfig {
                     ),
                 ));
             }
-            if user.scopes.is_empty() {
-                return Err(invalid(
+            user.scopes = Scopes::parse(&user.scope_list, true).map_err(|e| match e {
+                ScopesError::Empty => invalid(
                     at("scopes"),
                     format!(
                         "console.users: {:?} needs scopes (\"biz:<id>\", \"biz_set:<id>\" or \"*\")",
                         user.name
                     ),
-                ));
-            }
-            for scope in &user.scopes {
-                if scope != "*" && scope.parse::<fleetrun_inventory::Scope>().is_err() {
-                    return Err(invalid(
-                        at("scopes"),
-                        format!(
-                            "console.users: scope {scope:?} of {:?} is not \"biz:<id>\", \"biz_set:<id>\" or \"*\"",
-                            user.name
-                        ),
-                    ));
-                }
-            }
+                ),
+                ScopesError::Invalid(scope) => invalid(
+                    at("scopes"),
+                    format!(
+                        "console.users: scope {scope:?} of {:?} is not \"biz:<id>\", \"biz_set:<id>\" or \"*\"",
+                        user.name
+                    ),
+                ),
+            })?;
         }
         Ok(())
     }
@@ -243,7 +231,7 @@ mod tests {
     }
 
     fn check(text: &str) -> Result<(), String> {
-        let config: ConsoleConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut config: ConsoleConfig = toml::from_str(text).map_err(|e| e.to_string())?;
         config.validate(&apps()).map_err(|e| e.message)
     }
 

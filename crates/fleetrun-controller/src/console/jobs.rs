@@ -173,7 +173,7 @@ fn job_duration(job: &JobRecord) -> Option<i64> {
 async fn visible_job(console: &Console, viewer: &Viewer, id: i64) -> Result<JobRecord, Refusal> {
     let not_found = || Refusal::NotFound(format!("job {id}: no such job"));
     let job = console.shared.store.job(id).await?.ok_or_else(not_found)?;
-    if !viewer.may_use(&job.bk_scope_type, &job.bk_scope_id) {
+    if !viewer.may_see_scope(&job.bk_scope_type, &job.bk_scope_id) {
         return Err(not_found());
     }
     Ok(job)

@@ -79,8 +79,13 @@ pub struct Viewer {
 
 impl Viewer {
     /// Whether the user may see and act on a scope.
-    pub fn may_use(&self, scope_type: &str, scope_id: &str) -> bool {
-        self.user.may_use(scope_type, scope_id)
+    pub fn may_use(&self, scope: fleetrun_inventory::Scope) -> bool {
+        self.user.scopes.allows(scope)
+    }
+
+    /// Whether the user may see a stored job's scope (as the job names it).
+    pub fn may_see_scope(&self, scope_type: &str, scope_id: &str) -> bool {
+        self.user.scopes.allows_text(scope_type, scope_id)
     }
 
     /// Whether the user may see a host of business `bk_biz_id` (directly, or through a business
@@ -90,14 +95,14 @@ impl Viewer {
         inventory: &fleetrun_inventory::Inventory,
         bk_biz_id: Option<i64>,
     ) -> bool {
-        if self.user.is_unrestricted() {
+        if self.user.scopes.is_unrestricted() {
             return true;
         }
         let Some(biz) = bk_biz_id else { return false };
-        self.may_use("biz", &biz.to_string())
+        self.may_use(fleetrun_inventory::Scope::Biz(biz))
             || inventory.business_sets().iter().any(|set| {
                 set.members.contains(&biz)
-                    && self.may_use("biz_set", &set.bk_biz_set_id.to_string())
+                    && self.may_use(fleetrun_inventory::Scope::BizSet(set.bk_biz_set_id))
             })
     }
 
@@ -105,12 +110,12 @@ impl Viewer {
     pub fn scopes(&self, inventory: &fleetrun_inventory::Inventory) -> Vec<(String, String)> {
         let mut scopes = Vec::new();
         for biz in inventory.businesses() {
-            if self.may_use("biz", &biz.bk_biz_id.to_string()) {
+            if self.may_use(fleetrun_inventory::Scope::Biz(biz.bk_biz_id)) {
                 scopes.push((format!("biz:{}", biz.bk_biz_id), biz.name.clone()));
             }
         }
         for set in inventory.business_sets() {
-            if self.may_use("biz_set", &set.bk_biz_set_id.to_string()) {
+            if self.may_use(fleetrun_inventory::Scope::BizSet(set.bk_biz_set_id)) {
                 scopes.push((format!("biz_set:{}", set.bk_biz_set_id), set.name.clone()));
             }
         }
@@ -452,7 +457,7 @@ fn checked_scope(
         fleetrun_inventory::Scope::Biz(id) => ("biz", id),
         fleetrun_inventory::Scope::BizSet(id) => ("biz_set", id),
     };
-    if !viewer.may_use(kind, &id.to_string()) || !shared.inventory.base().has_scope(&scope) {
+    if !viewer.may_use(scope) || !shared.inventory.base().has_scope(&scope) {
         return Err(Refusal::NotFound(format!("scope: no scope {text}")));
     }
     Ok((kind.to_owned(), id.to_string()))

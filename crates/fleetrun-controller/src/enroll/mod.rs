@@ -313,9 +313,7 @@ impl Enroller {
     }
 
     fn load_tls(config: &crate::Config) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-        Ok(Arc::new(fleetrun_net::enroll_server_tls(
-            &config.tls_files(),
-        )?))
+        Ok(Arc::new(fleetrun_net::enroll_server_tls(&config.tls)?))
     }
 
     /// Reads the gateway's certificate again (SIGHUP): enrollments after take it.
