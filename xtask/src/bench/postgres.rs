@@ -248,6 +248,19 @@ async fn measure(
     }
     let host_runs = (runs + 1) * HOSTS;
     let (costs, total) = per_host_run(&before, &after, host_runs);
+    // The figures print at the end of the whole run; these lines show them as they come.
+    let to_final: Vec<f64> = timed.iter().map(|t| t.to_final.as_secs_f64()).collect();
+    println!(
+        "  {}: accept -> all final p50 {:.3} s, p99 {:.3} s; {:.2} rows, {:.0} B per host-run \
+         ({}){}",
+        setup.words(),
+        quantile(&to_final, 0.5),
+        quantile(&to_final, 0.99),
+        total.rows,
+        total.bytes,
+        breakdown(&costs),
+        jobs_per_sec.map_or(String::new(), |r| format!("; {r:.0} single-host jobs/s")),
+    );
     Ok(Measured {
         setup,
         timed,
