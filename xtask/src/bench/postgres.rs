@@ -13,11 +13,7 @@
 //! The server is `FLEETRUN_BENCH_POSTGRES` (default `postgres://postgres@127.0.0.1:5432`); the
 //! databases made on it are dropped at the end.
 
-use std::{
-    collections::BTreeMap,
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use anyhow::{Context, Result, anyhow, bail};
 use fleetrun_store::scratch::ScratchDatabase;
