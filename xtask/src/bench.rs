@@ -23,6 +23,11 @@
 //!   one QUIC stream on loopback measured in the same run.
 //! - `agents50k`: 50,000 swarm agents on one controller: connect, idle CPU, KiB per agent,
 //!   one job to all.
+//! - `postgres`: PostgreSQL beside SQLite (swarm, emulated): a 10,000-host fan-out on one
+//!   controller with each, and on two controllers sharing PostgreSQL with the agents spread
+//!   over both; single-host job throughput on each; the database rows and bytes per host-run,
+//!   per table. The server is `FLEETRUN_BENCH_POSTGRES` (default the local one); its databases
+//!   are made for the run and dropped.
 //!
 //! Writes `target/bench/<timestamp>.json` and `target/bench/latest.json`.
 
@@ -32,6 +37,7 @@ mod files;
 mod inventory;
 mod jobs;
 mod overhead;
+mod postgres;
 mod real;
 mod report;
 mod script;
@@ -63,6 +69,7 @@ pub const GROUPS: &[&str] = &[
     "console",
     "files",
     "agents50k",
+    "postgres",
 ];
 
 #[derive(Debug, Clone, Default)]
@@ -155,6 +162,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
             "console" => console::run(&ctx, figures).await,
             "files" => files::run(&ctx, figures).await,
             "agents50k" => agents50k::run(&ctx, figures).await,
+            "postgres" => postgres::run(&ctx, figures).await,
             _ => inventory::run(&ctx, figures).await,
         };
         if let Err(e) = result {
@@ -181,6 +189,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
     scenario("overhead", ctx.wants("overhead"), &mut figures).await;
     scenario("console", ctx.wants("console"), &mut figures).await;
     scenario("files", ctx.wants("files"), &mut figures).await;
+    scenario("postgres", ctx.wants("postgres"), &mut figures).await;
     // Only when asked for: it takes minutes and most of the machine.
     scenario(
         "agents50k",

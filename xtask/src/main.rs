@@ -74,7 +74,7 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Only these groups (comma-separated): fanout, footprint, real, throughput, latency,
-        /// output, script, inventory.
+        /// output, script, inventory, overhead, console, files, agents50k, postgres.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

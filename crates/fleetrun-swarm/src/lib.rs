@@ -15,6 +15,10 @@
 //! its own address in its hello (`--ip-base` plus its index: `127.1.0.1`, `127.1.0.2`, …).
 //! One key pair signs under all the certificates (see [`identity`]); handshakes run a bounded
 //! number at a time.
+//!
+//! Several controllers sharing a database: agent `i` lists them all, starting from controller
+//! `i mod N` (as the local cluster's real agents do), so that a swarm's agents spread evenly
+//! over them and each fails over to the next.
 
 pub mod identity;
 mod task;
@@ -56,8 +60,9 @@ pub enum Identities {
 
 #[derive(Debug, Clone)]
 pub struct SwarmConfig {
-    /// The controller's QUIC address.
-    pub controller: SocketAddr,
+    /// The controllers' QUIC addresses (at least one): agent `i` tries `controllers[i mod N]`
+    /// first, then the following ones.
+    pub controllers: Vec<SocketAddr>,
     /// The name in the controller's certificate.
     pub server_name: String,
     /// The CA that signed the controller's certificate (and issues the agents').
@@ -160,11 +165,21 @@ fn endpoint(bind: SocketAddr, buffer: usize) -> Result<quinn::Endpoint> {
         .with_context(|| format!("QUIC endpoint on {bind}"))
 }
 
+/// The controllers agent `index` lists, the one it tries first first.
+pub fn controllers_of(controllers: &[SocketAddr], index: usize) -> Vec<SocketAddr> {
+    let n = controllers.len();
+    (0..n).map(|k| controllers[(index + k) % n]).collect()
+}
+
 fn bind_address(config: &SwarmConfig, index: usize) -> IpAddr {
     if let Some(ip) = config.bind {
         return ip;
     }
-    match config.controller.ip() {
+    // Every controller is on one host: the first says which kind of address to bind.
+    let Some(controller) = config.controllers.first() else {
+        return IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    };
+    match controller.ip() {
         IpAddr::V4(ip) if ip.is_loopback() => IpAddr::V4(Ipv4Addr::from(
             u32::from(Ipv4Addr::new(127, 2, 0, 1)) + index as u32,
         )),
@@ -178,6 +193,7 @@ impl Swarm {
     /// Makes the identities and endpoints and starts every virtual agent connecting.
     pub async fn start(config: SwarmConfig) -> Result<Self> {
         ensure!(config.endpoints >= 1, "at least one endpoint");
+        ensure!(!config.controllers.is_empty(), "at least one controller");
         ensure!(
             config.connect_concurrency >= 1,
             "at least one connection at a time"
@@ -231,30 +247,39 @@ impl Swarm {
             })
             .collect::<Result<Vec<_>>>()?;
 
-        let controllers =
-            fleetrun_agent::config::Controllers::new(vec![config.controller.to_string()])
+        // What all the agents share but the order of their controllers; they use no file of
+        // it: their certificates are in memory, they have no spool, and their runner stages
+        // nothing.
+        let shared = (0..config.controllers.len())
+            .map(|first| {
+                let controllers = fleetrun_agent::config::Controllers::new(
+                    controllers_of(&config.controllers, first)
+                        .iter()
+                        .map(SocketAddr::to_string)
+                        .collect(),
+                )
                 .map_err(|e| anyhow!("controller address: {e}"))?;
-        // What all the agents share; they use no file of it: their certificates are in memory,
-        // they have no spool, and their runner stages nothing.
-        let shared = Arc::new(fleetrun_agent::Config {
-            controller: controllers,
-            server_name: config.server_name.clone(),
-            bind: SocketAddr::new(bind_address(&config, 0), 0),
-            bk_cloud_id: config.bk_cloud_id,
-            ip: None,
-            hostname: None,
-            work_dir: PathBuf::from("/nonexistent/fleetrun-swarm"),
-            tls: fleetrun_agent::config::TlsConfig {
-                ca: config.ca.clone(),
-                cert: PathBuf::new(),
-                key: PathBuf::new(),
-            },
-            max_concurrent_tasks: config.max_concurrent_tasks,
-            cgroup_name: None,
-            limits: fleetrun_agent::limits::LocalLimits::default(),
-            metrics: None,
-            staging: fleetrun_agent::config::StagingConfig::default(),
-        });
+                Ok(Arc::new(fleetrun_agent::Config {
+                    controller: controllers,
+                    server_name: config.server_name.clone(),
+                    bind: SocketAddr::new(bind_address(&config, 0), 0),
+                    bk_cloud_id: config.bk_cloud_id,
+                    ip: None,
+                    hostname: None,
+                    work_dir: PathBuf::from("/nonexistent/fleetrun-swarm"),
+                    tls: fleetrun_agent::config::TlsConfig {
+                        ca: config.ca.clone(),
+                        cert: PathBuf::new(),
+                        key: PathBuf::new(),
+                    },
+                    max_concurrent_tasks: config.max_concurrent_tasks,
+                    cgroup_name: None,
+                    limits: fleetrun_agent::limits::LocalLimits::default(),
+                    metrics: None,
+                    staging: fleetrun_agent::config::StagingConfig::default(),
+                }))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let runner: Arc<dyn Runner> = Arc::new(EmulatedRunner {
             output: b"ok\n"
                 .iter()
@@ -276,7 +301,7 @@ impl Swarm {
                 agent_id: identity.agent_id.clone(),
                 agent_version: VERSION.to_owned(),
                 protocol_version: config.protocol_version,
-                config: shared.clone(),
+                config: shared[index as usize % shared.len()].clone(),
                 ip: IpAddr::V4(Ipv4Addr::from(
                     u32::from(config.ip_base).wrapping_add(index),
                 )),
@@ -362,5 +387,22 @@ async fn report_welcomed(agents: Arc<Vec<AgentHandle>>, since: Instant) {
             );
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agents_start_from_controllers_in_turn_and_list_them_all() {
+        let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let both = [addr(1), addr(2)];
+        assert_eq!(controllers_of(&both, 0), [addr(1), addr(2)]);
+        assert_eq!(controllers_of(&both, 1), [addr(2), addr(1)]);
+        assert_eq!(controllers_of(&both, 10_001), [addr(2), addr(1)]);
+        let firsts: Vec<SocketAddr> = (1..=10_000).map(|i| controllers_of(&both, i)[0]).collect();
+        assert_eq!(firsts.iter().filter(|a| **a == addr(1)).count(), 5_000);
+        assert_eq!(controllers_of(&[addr(7)], 3), [addr(7)]);
     }
 }

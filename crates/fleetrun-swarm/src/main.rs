@@ -17,9 +17,10 @@ use fleetrun_swarm::{Identities, Swarm, SwarmConfig};
 #[derive(Debug, Parser)]
 #[command(version, group(ArgGroup::new("certs").required(true).args(["ca_key", "certs_dir"])))]
 struct Args {
-    /// The controller's QUIC address.
-    #[arg(long)]
-    controller: SocketAddr,
+    /// The controller's QUIC address; repeated for several controllers sharing a database:
+    /// agent i tries the (i mod N)-th first, then the following ones.
+    #[arg(long, required = true)]
+    controller: Vec<SocketAddr>,
     /// The name in the controller's certificate.
     #[arg(long, default_value = "fleetrun-controller")]
     server_name: String,
@@ -132,7 +133,7 @@ fn main() -> ExitCode {
         (None, None) => unreachable!("clap requires one of them"),
     };
     let config = SwarmConfig {
-        controller: args.controller,
+        controllers: args.controller.clone(),
         server_name: args.server_name,
         ca: args.ca,
         identities,
@@ -175,6 +176,10 @@ fn main() -> ExitCode {
             "swarm: {} virtual agents connecting to {} (emulated executor)",
             swarm.len(),
             args.controller
+                .iter()
+                .map(SocketAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         let mut progress = tokio::time::interval(Duration::from_secs(5));
         progress.tick().await;

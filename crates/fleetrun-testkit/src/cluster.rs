@@ -207,6 +207,8 @@ pub struct ControllerProcess {
     pub config: PathBuf,
     pub log: PathBuf,
     pub api_url: String,
+    /// Where its agents connect (`host:port`).
+    pub agent_addr: String,
     child: Option<Child>,
 }
 
@@ -515,6 +517,7 @@ allow_networks = {allow_networks:?}
                 config,
                 log: dir.join(format!("controller-c{}.log", i + 1)),
                 api_url: format!("http://127.0.0.1:{http_port}"),
+                agent_addr: format!("{agent_host}:{agent_port}"),
                 child: None,
             });
         }

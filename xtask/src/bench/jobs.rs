@@ -239,6 +239,68 @@ impl Api {
         }
         Ok(found)
     }
+
+    /// The first `count` hosts named `prefix*`, by index, once that many are online.
+    pub async fn wait_online(
+        &self,
+        prefix: &str,
+        count: usize,
+        limit: Duration,
+    ) -> Result<Vec<i64>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let hosts: Vec<i64> = self
+                .online_hosts(prefix)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(_, id)| id)
+                .take(count)
+                .collect();
+            if hosts.len() >= count {
+                return Ok(hosts);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "only {} of {count} hosts named {prefix}* online after {limit:?}",
+                hosts.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Single-host jobs per second over `window`: `in_flight` clients, each submitting jobs to
+    /// one of `hosts` (in turn) and following each to its end through `stream_job`. One job
+    /// first, so that connections and caches are warm.
+    pub async fn single_host_rate(
+        &self,
+        hosts: &[i64],
+        in_flight: usize,
+        window: Duration,
+    ) -> Result<f64> {
+        ensure!(!hosts.is_empty(), "no host to run jobs on");
+        self.run_streamed(&hosts[..1], "echo ok\n").await?;
+        let started = Instant::now();
+        let deadline = started + window;
+        let mut workers = tokio::task::JoinSet::new();
+        for w in 0..in_flight {
+            let api = self.clone();
+            let host = hosts[w % hosts.len()];
+            workers.spawn(async move {
+                let mut done = 0u64;
+                while Instant::now() < deadline {
+                    api.run_streamed(&[host], "echo ok\n").await?;
+                    done += 1;
+                }
+                anyhow::Ok(done)
+            });
+        }
+        let mut jobs = 0;
+        while let Some(joined) = workers.join_next().await {
+            jobs += joined??;
+        }
+        Ok(jobs as f64 / started.elapsed().as_secs_f64())
+    }
 }
 
 /// The `p`-quantile (0..=1) by nearest rank.

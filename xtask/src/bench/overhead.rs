@@ -68,7 +68,9 @@ async fn measure(ctx: &Ctx, cluster: &mut Cluster, figures: &mut Vec<Figure>) ->
             std::fs::write(&cluster.controller_config, variant(&base, enabled))?;
             cluster.start_controller().await?;
             let api = Api::new(&cluster.info);
-            let hosts = wait_hosts(&api).await?;
+            let hosts = api
+                .wait_online(PREFIX, HOSTS, Duration::from_secs(60))
+                .await?;
             let rate = throughput(
                 &api,
                 &hosts,
@@ -140,29 +142,6 @@ async fn measure(ctx: &Ctx, cluster: &mut Cluster, figures: &mut Vec<Figure>) ->
     Ok(())
 }
 
-/// The swarm's hosts once they are back online after a controller restart.
-async fn wait_hosts(api: &Api) -> Result<Vec<i64>> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let hosts: Vec<i64> = api
-            .online_hosts(PREFIX)
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(_, id)| id)
-            .collect();
-        if hosts.len() >= HOSTS {
-            return Ok(hosts);
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "only {} of {HOSTS} swarm hosts came back online",
-            hosts.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Jobs per second over `window`, `IN_FLIGHT` clients each submitting a job to one host and
 /// following it to its end; `/metrics` at `scrape` is read every 5 s meanwhile.
 async fn throughput(
@@ -171,23 +150,7 @@ async fn throughput(
     window: Duration,
     scrape: Option<String>,
 ) -> Result<f64> {
-    // One job each way first, so that connections and caches are warm.
-    api.run_streamed(&hosts[..1], "echo ok\n").await?;
-    let started = Instant::now();
-    let deadline = started + window;
-    let mut workers = tokio::task::JoinSet::new();
-    for w in 0..IN_FLIGHT {
-        let api = api.clone();
-        let host = hosts[w % hosts.len()];
-        workers.spawn(async move {
-            let mut done = 0u64;
-            while Instant::now() < deadline {
-                api.run_streamed(&[host], "echo ok\n").await?;
-                done += 1;
-            }
-            anyhow::Ok(done)
-        });
-    }
+    let deadline = Instant::now() + window;
     let scraper = scrape.map(|url| {
         tokio::spawn(async move {
             let http = reqwest::Client::new();
@@ -210,11 +173,7 @@ async fn throughput(
             anyhow::Ok(scraped)
         })
     });
-    let mut jobs = 0;
-    while let Some(joined) = workers.join_next().await {
-        jobs += joined??;
-    }
-    let rate = jobs as f64 / started.elapsed().as_secs_f64();
+    let rate = api.single_host_rate(hosts, IN_FLIGHT, window).await?;
     if let Some(scraper) = scraper {
         scraper.await?.context("scraping /metrics")?;
     }

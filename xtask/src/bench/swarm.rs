@@ -34,6 +34,7 @@ pub(super) struct SwarmProcess {
 }
 
 impl SwarmProcess {
+    /// Agents `first_index` … connected to the cluster's (first) controller.
     pub(super) async fn start(
         ctx: &Ctx,
         cluster: &Cluster,
@@ -42,11 +43,38 @@ impl SwarmProcess {
         log: PathBuf,
         extra_args: &[&str],
     ) -> Result<Self> {
+        let controller = [cluster.info.agent_addr.clone()];
+        Self::start_spread(
+            ctx,
+            cluster,
+            &controller,
+            first_index,
+            agents,
+            log,
+            extra_args,
+        )
+        .await
+    }
+
+    /// Agents `first_index` … spread over `controllers` (agent addresses): agent `i` tries
+    /// controller `i mod N` first.
+    pub(super) async fn start_spread(
+        ctx: &Ctx,
+        cluster: &Cluster,
+        controllers: &[String],
+        first_index: usize,
+        agents: usize,
+        log: PathBuf,
+        extra_args: &[&str],
+    ) -> Result<Self> {
         let certs = cluster.dir.join("certs");
         let stderr = std::fs::File::create(&log)?;
         let mut child = Command::new(ctx.bin_dir.join("fleetrun-swarm"))
-            .arg("--controller")
-            .arg(&cluster.info.agent_addr)
+            .args(
+                controllers
+                    .iter()
+                    .flat_map(|c| ["--controller", c.as_str()]),
+            )
             .arg("--ca")
             .arg(certs.join("ca.pem"))
             .arg("--ca-key")
@@ -300,6 +328,22 @@ async fn measure(
     Ok(())
 }
 
+/// Where the time of the runs went, median ms from submit at each stage.
+pub(super) fn stage_profile(stages: &[Stages]) -> String {
+    let stage = |f: fn(&Stages) -> f64| median(&stages.iter().map(f).collect::<Vec<_>>());
+    format!(
+        "median ms from submit: handler resolved {:.0}, reply {:.0}, first host started {:.0}, \
+         last started {:.0}, last finished {:.0}, engine job end {:.0}, client saw final {:.0}",
+        stage(|s| s.resolved),
+        stage(|s| s.accepted),
+        stage(|s| s.first_started),
+        stage(|s| s.last_started),
+        stage(|s| s.last_finished),
+        stage(|s| s.job_end),
+        stage(|s| s.seen_final),
+    )
+}
+
 fn push_fanout(
     figures: &mut Vec<Figure>,
     n: usize,
@@ -328,19 +372,10 @@ fn push_fanout(
         1_000 => "GSE: 1,000 hosts < 1 s (24-core server)",
         _ => "GSE: 10,000 hosts < 2 s (24-core server); bk-job users: 40 s (issues #1697, #4371)",
     };
-    let stage = |f: fn(&Stages) -> f64| median(&stages.iter().map(f).collect::<Vec<_>>());
     let profile = format!(
-        "median ms from submit: handler resolved {:.0}, reply {:.0}, first host started {:.0}, \
-         last started {:.0}, last finished {:.0}, engine job end {:.0}, client saw final {:.0}; \
-         CPU-s per run: controller {:.2}, swarm {:.2}; datagrams dropped at the controller's UDP socket {drops}; \
-         hosts not successful {failed}",
-        stage(|s| s.resolved),
-        stage(|s| s.accepted),
-        stage(|s| s.first_started),
-        stage(|s| s.last_started),
-        stage(|s| s.last_finished),
-        stage(|s| s.job_end),
-        stage(|s| s.seen_final),
+        "{}; CPU-s per run: controller {:.2}, swarm {:.2}; datagrams dropped at the controller's \
+         UDP socket {drops}; hosts not successful {failed}",
+        stage_profile(stages),
         median(controller_cpu),
         median(swarm_cpu),
     );
