@@ -44,20 +44,26 @@ pub(crate) async fn lock_hosts(
     if dialect != crate::backend::Dialect::Postgres {
         return Ok(());
     }
-    let hosts: std::collections::BTreeSet<(i64, i64)> = hosts.into_iter().collect();
-    let hosts: Vec<(i64, i64)> = hosts.into_iter().collect();
-    for chunk in hosts.chunks(10_000) {
-        let pairs: Vec<String> = chunk
-            .iter()
-            .map(|(step, host)| format!("({step}, {host})"))
-            .collect();
-        sqlx::query(&format!(
-            "SELECT 1 FROM host_result WHERE (step_instance_id, bk_host_id) IN ({})
-             ORDER BY step_instance_id, bk_host_id FOR SHARE",
-            pairs.join(", ")
-        ))
-        .fetch_all(&mut *tx)
-        .await?;
+    // By step, in order: one list of host ids per statement. PostgreSQL turns a list of row
+    // constructors (`(step, host) IN ((…), …)`) into a chain of ORs nested one level per item,
+    // which past a few thousand items exceeds its stack depth limit and refuses the statement;
+    // a list of plain integers becomes one flat `= ANY(array)`.
+    let mut by_step: BTreeMap<i64, std::collections::BTreeSet<i64>> = BTreeMap::new();
+    for (step, host) in hosts {
+        by_step.entry(step).or_default().insert(host);
+    }
+    for (step, hosts) in by_step {
+        let hosts: Vec<i64> = hosts.into_iter().collect();
+        for chunk in hosts.chunks(10_000) {
+            let ids: Vec<String> = chunk.iter().map(i64::to_string).collect();
+            sqlx::query(&format!(
+                "SELECT 1 FROM host_result WHERE step_instance_id = {step}
+                   AND bk_host_id IN ({}) ORDER BY bk_host_id FOR SHARE",
+                ids.join(", ")
+            ))
+            .fetch_all(&mut *tx)
+            .await?;
+        }
     }
     Ok(())
 }
@@ -273,6 +279,43 @@ mod tests {
     use crate::{FIRST_EPOCH, HostCheckpoint, HostOutcome, Store, Write};
 
     const UNFINISHED: [i32; 3] = [0, 5, 7];
+
+    /// A checkpoint write of a fan-out to 12,000 hosts commits on PostgreSQL too: the share
+    /// lock taken on their rows before the fenced upsert used to list (step, host) pairs, a list
+    /// PostgreSQL nests one level per pair and refused past its stack depth limit, and the
+    /// whole write was given up (its tasks were never sent).
+    #[tokio::test]
+    async fn a_checkpoint_write_of_twelve_thousand_hosts_commits() {
+        let (_db, store) = crate::test_store().await;
+        let hosts = 1..=12_000;
+        let created = store
+            .create_job(&crate::test_job(hosts.clone(), 7))
+            .await
+            .unwrap();
+        let step = created.step_instance_id;
+        let (saved, answer) = tokio::sync::oneshot::channel();
+        store
+            .record(Write::Checkpoints {
+                checkpoints: hosts
+                    .clone()
+                    .map(|host| checkpoint(step, host, &format!("task-{host}"), 0, FIRST_EPOCH))
+                    .collect(),
+                saved: Some(saved),
+            })
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        assert_eq!(answer.await.unwrap(), Vec::<(i64, i64)>::new());
+        for host in [1, 6_000, 12_000] {
+            let task = store.stored_task(step, host).await.unwrap();
+            assert_eq!(
+                task.map(|t| t.checkpoint.task_id),
+                Some(format!("task-{host}")),
+                "host {host}"
+            );
+        }
+        assert_eq!(store.health().lost, 0);
+    }
 
     /// A job running on hosts 1 and 2 (status 7, at the first epoch); its (job, step).
     async fn running_job(store: &Store) -> (i64, i64) {
