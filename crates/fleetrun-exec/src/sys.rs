@@ -683,8 +683,9 @@ mod tests {
 
     const NOBODY: u32 = 65534;
 
-    /// Starts `sh -c script` with `env` in `/`, returns its exit status and output.
-    async fn spawn_shell(script: &str, env: &[(&str, &str)]) -> (ExitStatus, String) {
+    /// Starts `sh -c script` with `env` in `/`, as the agent's own user; returns the child and
+    /// the read end of its output.
+    fn start_shell(script: &str, env: &[(&str, &str)]) -> (Child, OwnedFd) {
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
         let env: BTreeMap<OsString, OsString> = env
             .iter()
@@ -705,8 +706,12 @@ mod tests {
             setup,
         )
         .unwrap();
-        let mut child = spawn(&plan).unwrap();
-        drop(plan);
+        (spawn(&plan).unwrap(), read)
+    }
+
+    /// Starts `sh -c script` with `env` in `/`, returns its exit status and output.
+    async fn spawn_shell(script: &str, env: &[(&str, &str)]) -> (ExitStatus, String) {
+        let (mut child, read) = start_shell(script, env);
         let status = child.wait().await.unwrap();
         let mut output = String::new();
         std::io::Read::read_to_string(&mut std::fs::File::from(read), &mut output).unwrap();
@@ -724,23 +729,7 @@ mod tests {
             .build()
             .unwrap();
         let pid = runtime.block_on(async {
-            let (_read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-            let setup = ChildSetup {
-                credentials: None,
-                cgroup_procs: None,
-                args_pipe: None,
-            };
-            let args = [OsString::from("-c"), OsString::from("sleep 30")];
-            let plan = SpawnPlan::new(
-                Path::new("/bin/sh"),
-                &args,
-                &BTreeMap::new(),
-                Path::new("/"),
-                write,
-                setup,
-            )
-            .unwrap();
-            let mut child = spawn(&plan).unwrap();
+            let (mut child, _read) = start_shell("sleep 30", &[]);
             let pid = child.pid;
             let (started, waiting) = tokio::sync::oneshot::channel();
             tokio::spawn(async move {

@@ -55,12 +55,12 @@ pub(crate) async fn lock_hosts(
     for (step, hosts) in by_step {
         let hosts: Vec<i64> = hosts.into_iter().collect();
         for chunk in hosts.chunks(10_000) {
-            let ids: Vec<String> = chunk.iter().map(i64::to_string).collect();
             sqlx::query(&format!(
-                "SELECT 1 FROM host_result WHERE step_instance_id = {step}
+                "SELECT 1 FROM host_result WHERE step_instance_id = $1
                    AND bk_host_id IN ({}) ORDER BY bk_host_id FOR SHARE",
-                ids.join(", ")
+                crate::join_ids(chunk)
             ))
+            .bind(step)
             .fetch_all(&mut *tx)
             .await?;
         }
