@@ -537,7 +537,7 @@ fn wire_digest() -> String {
         .filter(|l| !l.is_empty())
         .collect();
     let digest = ring::digest::digest(&ring::digest::SHA256, normalized.join("\n").as_bytes());
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(digest)
 }
 
 #[test]

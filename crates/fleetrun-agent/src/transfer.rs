@@ -390,10 +390,7 @@ impl Pull for StreamPull {
 /// (hashed), so that agents writing one step's files to a directory they share (a network file
 /// system, or several agents on one machine) never continue each other's.
 fn resume_tag(agent_id: &str, job_instance_id: i64, step_instance_id: i64) -> String {
-    let agent: String = collect::sha256(agent_id.as_bytes())[..4]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let agent = hex::encode(&collect::sha256(agent_id.as_bytes())[..4]);
     format!("{job_instance_id}-{step_instance_id}-{agent}")
 }
 

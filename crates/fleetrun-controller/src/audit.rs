@@ -33,6 +33,10 @@ use ring::{
     hmac,
     rand::{SecureRandom, SystemRandom},
 };
+use serde::{
+    Serialize, Serializer,
+    ser::{SerializeMap as _, SerializeSeq as _},
+};
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -72,14 +76,18 @@ pub fn is_state_changing(api: &str) -> bool {
     PREFIXES.iter().any(|p| api.starts_with(p))
 }
 
-/// Whether a parameter's value is a secret by its name.
+/// Whether a parameter's value is a secret by its name (compared without regard to case).
 fn is_secret_key(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    ["secret", "password", "passwd", "token", "credential"]
-        .iter()
-        .any(|s| key.contains(s))
-        || key.ends_with("_key")
-        || key == "key"
+    static WORDS: std::sync::LazyLock<aho_corasick::AhoCorasick> = std::sync::LazyLock::new(|| {
+        aho_corasick::AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(["secret", "password", "passwd", "token", "credential"])
+            .expect("five short literal words build an automaton")
+    });
+    let bytes = key.as_bytes();
+    WORDS.is_match(key)
+        || bytes.len() >= 4 && bytes[bytes.len() - 4..].eq_ignore_ascii_case(b"_key")
+        || bytes.eq_ignore_ascii_case(b"key")
 }
 
 fn truthy(value: Option<&Value>) -> bool {
@@ -91,63 +99,99 @@ fn truthy(value: Option<&Value>) -> bool {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn described(bytes: &[u8]) -> Value {
-    Value::String(format!(
+fn described(bytes: &[u8]) -> String {
+    format!(
         "<{} bytes, sha256:{}>",
         bytes.len(),
-        hex(digest(&SHA256, bytes).as_ref())
-    ))
+        hex::encode(digest(&SHA256, bytes))
+    )
 }
 
-fn shown(value: &Value, depth: usize) -> Value {
-    match value {
-        Value::String(s) if s.len() > MAX_SHOWN_STRING => described(s.as_bytes()),
-        Value::Array(items) if depth > 8 => json!(format!("<{} items>", items.len())),
-        Value::Object(map) if depth > 8 => json!(format!("<{} fields>", map.len())),
-        Value::Array(items) => {
-            let mut out: Vec<Value> = items
-                .iter()
-                .take(MAX_SHOWN_ITEMS)
-                .map(|v| shown(v, depth + 1))
-                .collect();
-            if items.len() > MAX_SHOWN_ITEMS {
-                out.push(json!(format!("<{} more>", items.len() - MAX_SHOWN_ITEMS)));
+/// A value as recorded: long strings as their size and digest, long arrays cut, objects
+/// masked ([`Masked`]), nothing deeper than 8 levels. Written straight to the summary's text,
+/// without a masked copy of the request (every audited call makes one).
+struct Shown<'a> {
+    value: &'a Value,
+    depth: usize,
+}
+
+impl Serialize for Shown<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let depth = self.depth;
+        match self.value {
+            Value::String(s) if s.len() > MAX_SHOWN_STRING => {
+                serializer.serialize_str(&described(s.as_bytes()))
             }
-            Value::Array(out)
+            Value::Array(items) if depth > 8 => {
+                serializer.collect_str(&format_args!("<{} items>", items.len()))
+            }
+            Value::Object(map) if depth > 8 => {
+                serializer.collect_str(&format_args!("<{} fields>", map.len()))
+            }
+            Value::Array(items) => {
+                let more = items.len().saturating_sub(MAX_SHOWN_ITEMS);
+                let shown = items.len() - more;
+                let mut seq = serializer.serialize_seq(Some(shown + usize::from(more > 0)))?;
+                for value in &items[..shown] {
+                    seq.serialize_element(&Shown {
+                        value,
+                        depth: depth + 1,
+                    })?;
+                }
+                if more > 0 {
+                    seq.serialize_element(&format!("<{more} more>"))?;
+                }
+                seq.end()
+            }
+            Value::Object(map) => Masked {
+                map,
+                depth: depth + 1,
+            }
+            .serialize(serializer),
+            other => other.serialize(serializer),
         }
-        Value::Object(map) => Value::Object(masked(map, depth + 1)),
-        other => other.clone(),
     }
 }
 
-fn masked(map: &Map<String, Value>, depth: usize) -> Map<String, Value> {
-    let sensitive_param = truthy(map.get("is_param_sensitive"));
-    map.iter()
-        .map(|(key, value)| {
-            let value = if is_secret_key(key) || (key == "script_param" && sensitive_param) {
-                json!("***")
-            } else if key == "callback_url" {
-                value.as_str().map_or_else(
-                    || shown(value, depth),
-                    |u| json!(crate::callback::redact(u)),
-                )
+/// An object as recorded: secrets by name, sensitive script parameters and callback URLs'
+/// queries masked, every other value [`Shown`].
+struct Masked<'a> {
+    map: &'a Map<String, Value>,
+    depth: usize,
+}
+
+impl Serialize for Masked<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let sensitive_param = truthy(self.map.get("is_param_sensitive"));
+        let mut out = serializer.serialize_map(Some(self.map.len()))?;
+        for (key, value) in self.map {
+            if is_secret_key(key) || (key == "script_param" && sensitive_param) {
+                out.serialize_entry(key, "***")?;
+            } else if let ("callback_url", Some(url)) = (key.as_str(), value.as_str()) {
+                out.serialize_entry(key, &crate::callback::redact(url))?;
             } else {
-                shown(value, depth)
-            };
-            (key.clone(), value)
-        })
-        .collect()
+                out.serialize_entry(
+                    key,
+                    &Shown {
+                        value,
+                        depth: self.depth,
+                    },
+                )?;
+            }
+        }
+        out.end()
+    }
 }
 
 /// What a call asked for, as recorded: its parameters with secrets masked (credentials,
 /// sensitive script parameters, callback URLs' queries) and long values replaced by their size
 /// and SHA-256.
 pub fn summarize(params: &Map<String, Value>) -> String {
-    let text = Value::Object(masked(params, 0)).to_string();
+    let text = serde_json::to_string(&Masked {
+        map: params,
+        depth: 0,
+    })
+    .expect("a JSON value serializes");
     if text.len() > MAX_CHANGE_BYTES {
         return json!({ "summary": described(text.as_bytes()) }).to_string();
     }
@@ -284,7 +328,7 @@ impl AuditKey {
         tagged.extend_from_slice(key);
         Self {
             key: hmac::Key::new(hmac::HMAC_SHA256, key),
-            fingerprint: format!("sha256:{}", &hex(digest(&SHA256, &tagged).as_ref())[..32]),
+            fingerprint: format!("sha256:{}", &hex::encode(digest(&SHA256, &tagged))[..32]),
             unkeyed_until: 0,
             lost_until: 0,
         }
@@ -334,12 +378,18 @@ impl AuditKey {
 /// The entry's hash: HMAC-SHA256 under `key` over a version tag, its number, every field and
 /// the previous hash, each length-prefixed so that no two entries encode alike.
 pub fn entry_hash(key: &AuditKey, seq: i64, entry: &NewAuditEntry, prev_hash: &str) -> String {
-    hex(hmac::sign(&key.key, &entry_bytes(KEYED, seq, entry, prev_hash)).as_ref())
+    hex::encode(hmac::sign(
+        &key.key,
+        &entry_bytes(KEYED, seq, entry, prev_hash),
+    ))
 }
 
 /// The hash of an entry written before the audit key existed: plain SHA-256.
 fn unkeyed_hash(seq: i64, entry: &NewAuditEntry, prev_hash: &str) -> String {
-    hex(digest(&SHA256, &entry_bytes(UNKEYED, seq, entry, prev_hash)).as_ref())
+    hex::encode(digest(
+        &SHA256,
+        &entry_bytes(UNKEYED, seq, entry, prev_hash),
+    ))
 }
 
 const KEYED: &str = "fleetrun-audit-v2";
@@ -851,7 +901,7 @@ impl Anchor {
             bytes.extend_from_slice(&(field.len() as u64).to_be_bytes());
             bytes.extend_from_slice(field.as_bytes());
         }
-        hex(hmac::sign(&self.key.key, &bytes).as_ref())
+        hex::encode(hmac::sign(&self.key.key, &bytes))
     }
 
     /// Replaces the file: a new file (made afresh, 0600, never through a link planted in its
@@ -1410,6 +1460,24 @@ mod tests {
         let hosts = parsed["target_server"]["host_id_list"].as_array().unwrap();
         assert_eq!(hosts.len(), MAX_SHOWN_ITEMS + 1);
         assert_eq!(hosts.last().unwrap(), "<10 more>");
+    }
+
+    #[test]
+    fn a_summary_is_the_requests_json_with_secrets_masked_whatever_their_case() {
+        let params = json!({
+            "task_name": "t",
+            "API_Token": "t0k",
+            "Ssh_Key": "k",
+            "KEY": "k2",
+            "keyboard": "kept",
+            "timeout": 60,
+            "callback_url": 7,
+            "deep": {"a": [1, {"Password": "p"}]},
+        });
+        assert_eq!(
+            summarize(params.as_object().unwrap()),
+            r#"{"API_Token":"***","KEY":"***","Ssh_Key":"***","callback_url":7,"deep":{"a":[1,{"Password":"***"}]},"keyboard":"kept","task_name":"t","timeout":60}"#
+        );
     }
 
     #[test]

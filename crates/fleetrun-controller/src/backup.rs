@@ -48,11 +48,7 @@ struct ManifestFile {
 
 fn sha256_of(path: &Path) -> anyhow::Result<(String, u64)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let hex = digest(&SHA256, &bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex = hex::encode(digest(&SHA256, &bytes));
     Ok((hex, bytes.len() as u64))
 }
 

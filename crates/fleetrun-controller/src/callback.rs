@@ -161,12 +161,7 @@ pub fn signature(key: &ring::hmac::Key, timestamp: &str, body: &[u8]) -> String 
     context.update(b".");
     context.update(body);
     let tag = context.sign();
-    let mut text = String::with_capacity(7 + 64);
-    text.push_str("sha256=");
-    for byte in tag.as_ref() {
-        text.push_str(&format!("{byte:02x}"));
-    }
-    text
+    format!("sha256={}", hex::encode(tag))
 }
 
 /// The wait after failed attempt number `attempt` (1-based): 1 s, 2 s, 4 s, … at most 60 s.

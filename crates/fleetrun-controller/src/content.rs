@@ -49,7 +49,7 @@ pub enum ContentError {
 
 /// Lower-case hexadecimal.
 pub fn hex(hash: &Hash) -> String {
-    hash.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(hash)
 }
 
 /// Reads 64 hexadecimal digits.
@@ -58,9 +58,7 @@ pub fn parse_hex(text: &str) -> Option<Hash> {
         return None;
     }
     let mut hash = [0u8; 32];
-    for (i, byte) in hash.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
+    hex::decode_to_slice(text, &mut hash).ok()?;
     Some(hash)
 }
 

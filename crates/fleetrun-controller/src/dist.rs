@@ -236,12 +236,7 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
         }
         context.update(&buffer[..n]);
     }
-    Ok(context
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hex::encode(context.finish()))
 }
 
 /// The start of the refusal when neither the API nor `[dist] url` is https.

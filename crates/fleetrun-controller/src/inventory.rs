@@ -628,11 +628,7 @@ fn document_from_config(config: &Config) -> Result<String, InventoryLoadError> {
 
 /// Hex SHA-256 of a source text.
 fn digest(text: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()))
 }
 
 #[cfg(test)]

@@ -689,10 +689,7 @@ pub fn partial_name(tag: &str, file: &FileToPlace) -> String {
     hasher.update(&[0]);
     hasher.update(&file.sha256);
     let digest = hasher.finish();
-    let hex: String = digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex = hex::encode(&digest.as_ref()[..8]);
     format!(".fleetrun-{tag}-{hex}.part")
 }
 

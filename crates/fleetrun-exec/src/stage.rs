@@ -206,10 +206,7 @@ pub(crate) fn memory_bases() -> Vec<PathBuf> {
 pub(crate) fn prepare_memory_root(bases: &[PathBuf], work_dir: &Path) -> Option<StagingRoot> {
     let work = std::path::absolute(work_dir).unwrap_or_else(|_| work_dir.to_owned());
     let digest = ring::digest::digest(&ring::digest::SHA256, work.as_os_str().as_encoded_bytes());
-    let name: String = digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let name = hex::encode(&digest.as_ref()[..8]);
     for base in bases {
         match nix::sys::statfs::statfs(base) {
             Ok(fs) if fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC => {}

@@ -47,7 +47,7 @@ pub fn gateway_accepts(ca: &Path, chain: &[CertificateDer<'static>]) -> Result<(
 
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }
 
 /// A pin as the operator wrote it, checked: `sha256:` and 64 hex digits.

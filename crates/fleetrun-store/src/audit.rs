@@ -99,7 +99,7 @@ pub struct AuditKeyMarker {
     pub anchored: bool,
 }
 
-/// Rows per `INSERT`: 12 parameters each, well under SQLite's limit of 32,766.
+/// Rows per `INSERT` on PostgreSQL: 12 parameters each, well under its limit of 65,535.
 const ROWS_PER_INSERT: usize = 128;
 
 /// Takes the audit trail's write lock within `tx`, so that the head read next is the chain's
@@ -118,9 +118,10 @@ pub(crate) async fn lock_audit(
     Ok(())
 }
 
-/// Numbers, hashes (each with its own hasher) and inserts `entries` after the chain's head, a
-/// multi-row `INSERT` per [`ROWS_PER_INSERT`] entries, under the lock [`lock_audit`] took;
-/// returns the last entry's number and hash.
+/// Numbers, hashes (each with its own hasher) and inserts `entries` after the chain's head
+/// (on PostgreSQL a multi-row `INSERT` per [`ROWS_PER_INSERT`] entries, on SQLite one prepared
+/// `INSERT` per entry), under the lock [`lock_audit`] took; returns the last entry's number and
+/// hash.
 pub(crate) async fn append_in<'a>(
     dialect: Dialect,
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -133,6 +134,36 @@ pub(crate) async fn append_in<'a>(
         (row.get::<i64, _>(0), row.get::<String, _>(1))
     });
     let mut entries = entries.into_iter().peekable();
+    if dialect == Dialect::Sqlite {
+        // One prepared statement, run once an entry: SQLite has no round trip to save, and a
+        // multi-row insert's text, new for each count of rows, costs more to parse than the
+        // rows cost to write.
+        for (entry, hasher) in entries {
+            seq += 1;
+            let hash = hasher(seq, entry, &prev);
+            sqlx::query(
+                "INSERT INTO audit_log (seq, at, app_code, operator, source, request_id, api, \
+                 change, outcome_code, outcome, prev_hash, hash) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(seq)
+            .bind(entry.at)
+            .bind(entry.app_code.as_str())
+            .bind(entry.operator.as_str())
+            .bind(entry.source.as_str())
+            .bind(entry.request_id.as_str())
+            .bind(entry.api.as_str())
+            .bind(entry.change.as_str())
+            .bind(entry.outcome_code)
+            .bind(entry.outcome.as_str())
+            .bind(prev.as_str())
+            .bind(hash.as_str())
+            .execute(&mut **tx)
+            .await?;
+            prev = hash;
+        }
+        return Ok((seq, prev));
+    }
     while entries.peek().is_some() {
         let mut rows = Vec::with_capacity(ROWS_PER_INSERT);
         for (entry, hasher) in entries.by_ref().take(ROWS_PER_INSERT) {

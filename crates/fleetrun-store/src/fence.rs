@@ -60,6 +60,7 @@ pub(crate) async fn lock_hosts(
                    AND bk_host_id IN ({}) ORDER BY bk_host_id FOR SHARE",
                 crate::join_ids(chunk)
             ))
+            .persistent(false)
             .bind(step)
             .fetch_all(&mut *tx)
             .await?;
@@ -208,6 +209,7 @@ pub(crate) async fn row_epochs(
              WHERE step_instance_id = $1 AND bk_host_id IN ({})",
             crate::join_ids(chunk)
         ))
+        .persistent(false)
         .bind(step_instance_id)
         .fetch_all(&mut *connection)
         .await?;
@@ -234,6 +236,7 @@ pub(crate) async fn advance(
              RETURNING bk_host_id, epoch",
             crate::join_ids(chunk)
         ))
+        .persistent(false)
         .bind(step_instance_id)
         .fetch_all(&mut *tx)
         .await?;

@@ -158,6 +158,7 @@ impl Store {
                    AND a.bk_host_id IN ({})",
                 crate::join_ids(chunk)
             ))
+            .persistent(false)
             .bind(except)
             .bind(alive_since)
             .fetch_all(&self.pool)
@@ -536,6 +537,7 @@ impl Store {
                  WHERE h.controller <> $1 AND h.taken = 1 AND h.bk_host_id IN ({})",
                 crate::join_ids(chunk)
             ))
+            .persistent(false)
             .bind(except)
             .fetch_all(&self.pool)
             .await?;
@@ -557,6 +559,7 @@ impl Store {
                  WHERE step_instance_id = $1 AND bk_host_id IN ({})",
                 crate::join_ids(chunk)
             ))
+            .persistent(false)
             .bind(step_instance_id)
             .fetch_all(&self.pool)
             .await?;

@@ -666,6 +666,9 @@ async fn claim(
     Ok(claimed)
 }
 
+/// Ids as SQL text for an `IN (…)` list of any length (thousands of bound parameters cost more
+/// than the text). A statement carrying them runs with `.persistent(false)`: its text serves
+/// once, and kept prepared it would push reused statements out of the connection's cache.
 fn join_ids(values: &[i64]) -> String {
     values
         .iter()

@@ -220,6 +220,7 @@ impl Store {
              FROM job_instance j JOIN step_instance s ON s.job_instance_id = j.job_instance_id
              WHERE j.status IN ({job_list}){among} ORDER BY j.job_instance_id"
         ))
+        .persistent(false)
         .fetch_all(&mut *tx)
         .await?;
         let mut jobs = Vec::with_capacity(rows.len());

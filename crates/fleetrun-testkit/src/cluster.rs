@@ -242,6 +242,10 @@ pub struct Cluster {
     pub bin_dir: PathBuf,
     /// `FLEETRUN_LOG_FORMAT` for the processes started from now on; by default this process's.
     pub log_format: Option<String>,
+    /// A program and its arguments that the controllers started from now on run under (a
+    /// profiler, say): `valgrind --tool=callgrind …` runs `valgrind … fleetrun-controller
+    /// --config …`. Empty: the controller runs directly.
+    pub controller_wrapper: Vec<std::ffi::OsString>,
     controller: Option<Child>,
     /// Controllers 2, 3, … when several share the database.
     pub others: Vec<ControllerProcess>,
@@ -604,6 +608,7 @@ key = "{key}"
             controller_config,
             bin_dir,
             log_format: std::env::var("FLEETRUN_LOG_FORMAT").ok(),
+            controller_wrapper: Vec::new(),
             controller: None,
             others,
         };
@@ -686,7 +691,14 @@ key = "{key}"
                 c.args(["netns", "exec", namespace]).arg(&program);
                 c
             }
-            None => Command::new(&program),
+            None => match self.controller_wrapper.split_first() {
+                Some((wrapper, args)) if binary == "fleetrun-controller" => {
+                    let mut c = Command::new(wrapper);
+                    c.args(args).arg(&program);
+                    c
+                }
+                _ => Command::new(&program),
+            },
         };
         command
             .arg("--config")
@@ -811,6 +823,11 @@ key = "{key}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The first controller's process id while it runs (the wrapper's, when there is one).
+    pub fn controller_pid(&self) -> Option<u32> {
+        self.controller.as_ref().map(Child::id)
     }
 
     /// Kills the controller with SIGKILL (as a crash would).

@@ -20,11 +20,7 @@ fn plain_hash(fields: &[&str]) -> String {
         bytes.extend_from_slice(&(field.len() as u64).to_be_bytes());
         bytes.extend_from_slice(field.as_bytes());
     }
-    digest(&SHA256, &bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(digest(&SHA256, &bytes))
 }
 
 /// Rewrites the whole chain with `operator` of entry 2 changed, every hash recomputed and

@@ -63,13 +63,10 @@ impl Drop for Purge {
 
 fn sha256_hex(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path)?;
-    Ok(hex(
-        ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref()
-    ))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Ok(hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        &bytes,
+    )))
 }
 
 /// The tests that install packages take turns: dpkg has one lock, and each checks what is
@@ -450,7 +447,7 @@ fn installed_controller_serves_the_agent_package(carried: &Path) -> Result<()> {
             );
             let body = deb.bytes().await?;
             ensure!(
-                hex(ring::digest::digest(&ring::digest::SHA256, &body).as_ref()) == want,
+                hex::encode(ring::digest::digest(&ring::digest::SHA256, &body)) == want,
                 "the package served differs from the one installed"
             );
             let script_file =

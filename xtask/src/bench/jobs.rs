@@ -70,7 +70,7 @@ impl Api {
         }
     }
 
-    fn body(&self, fields: Value) -> Value {
+    pub fn body(&self, fields: Value) -> Value {
         let mut body = self.scope.clone();
         if let (Value::Object(b), Value::Object(f)) = (&mut body, fields) {
             b.extend(f);

@@ -214,10 +214,7 @@ pub fn group_hosts(results: &[HostResultRecord], heads: &HashMap<i64, Vec<u8>>) 
         ctx.update(&r.exit_code.unwrap_or(i32::MIN).to_le_bytes());
         ctx.update(head);
         let digest = ctx.finish();
-        let hex: String = digest.as_ref()[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex = hex::encode(&digest.as_ref()[..8]);
         let key = format!("{}-{hex}", r.status);
         match by_key.get(&key) {
             Some(&g) => groups[g].hosts.push(i),
