@@ -40,7 +40,9 @@ const HOSTS: usize = 4;
 /// Jobs in flight at once.
 const IN_FLIGHT: usize = 16;
 const METRICS_TOKEN: &str = "bench-metrics-token";
-/// Jobs run while callgrind counts, per variant, after as many uncounted ones.
+/// Jobs run while callgrind counts, per variant, after as many uncounted ones: one at a time,
+/// so that every group commit carries one job's writes and the count does not depend on how
+/// the jobs happened to share commits (16 in flight, two runs of one variant differed by 5%).
 const COUNTED_JOBS: usize = 200;
 
 pub async fn run(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
@@ -189,7 +191,7 @@ async fn measure(ctx: &Ctx, cluster: &mut Cluster, figures: &mut Vec<Figure>) ->
         return Ok(());
     };
     let how = format!(
-        "callgrind, {jobs} jobs counted after {jobs} uncounted, {IN_FLIGHT} in flight; \
+        "callgrind, {jobs} jobs counted after {jobs} uncounted, one at a time; \
          /metrics not scraped while counting (one scrape per 5 s is ~1 per 1,000 jobs)"
     );
     figures.push(
@@ -233,8 +235,11 @@ async fn measure_real(ctx: &Ctx, cluster: &mut Cluster, figures: &mut Vec<Figure
     ensure!(agents.len() == HOSTS, "an agent is not running");
     let rounds = if ctx.quick { 2 } else { 3 };
     let window = Duration::from_secs(if ctx.quick { 5 } else { 10 });
-    // Per variant: jobs per second, and CPU ms per job.
-    let (mut off, mut on) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    // Per variant: jobs per second, CPU ms per job in all, and the controller's share.
+    let (mut off, mut on) = (
+        (Vec::new(), Vec::new(), Vec::new()),
+        (Vec::new(), Vec::new(), Vec::new()),
+    );
     for _ in 0..rounds {
         for enabled in [false, true] {
             cluster.kill_controller()?;
@@ -246,11 +251,13 @@ async fn measure_real(ctx: &Ctx, cluster: &mut Cluster, figures: &mut Vec<Figure
             let api = Api::new(&cluster.info);
             wait_reconnected(&api, &hosts).await?;
             let cpu = || {
-                sys::cpu_secs(controller).unwrap_or(0.0)
-                    + agents
+                (
+                    sys::cpu_secs(controller).unwrap_or(0.0),
+                    agents
                         .iter()
                         .map(|p| sys::cpu_secs_with_children(*p).unwrap_or(0.0))
-                        .sum::<f64>()
+                        .sum::<f64>(),
+                )
             };
             let cpu0 = cpu();
             let started = Instant::now();
@@ -262,10 +269,12 @@ async fn measure_real(ctx: &Ctx, cluster: &mut Cluster, figures: &mut Vec<Figure
             )
             .await?;
             let jobs = rate * started.elapsed().as_secs_f64();
-            let cpu_ms = (cpu() - cpu0) * 1e3 / jobs.max(1.0);
+            let cpu1 = cpu();
+            let per_job = |secs: f64| secs * 1e3 / jobs.max(1.0);
             let side = if enabled { &mut on } else { &mut off };
             side.0.push(rate);
-            side.1.push(cpu_ms);
+            side.1.push(per_job(cpu1.0 - cpu0.0 + cpu1.1 - cpu0.1));
+            side.2.push(per_job(cpu1.0 - cpu0.0));
         }
     }
     std::fs::write(&cluster.controller_config, &base)?;
@@ -288,8 +297,9 @@ async fn measure_real(ctx: &Ctx, cluster: &mut Cluster, figures: &mut Vec<Figure
         )
         .value(cpu_off, "ms/job")
         .note(format!(
-            "median of {rounds} windows of {window:?}: {}; jobs/s {}",
+            "median of {rounds} windows of {window:?}: {}; of which the controller {}; jobs/s {}",
             list(&off.1, 3),
+            list(&off.2, 3),
             list(&off.0, 0)
         )),
     );
@@ -301,8 +311,9 @@ async fn measure_real(ctx: &Ctx, cluster: &mut Cluster, figures: &mut Vec<Figure
         )
         .value(cpu_on, "ms/job")
         .note(format!(
-            "median of {rounds} windows: {}; jobs/s {}",
+            "median of {rounds} windows: {}; of which the controller {}; jobs/s {}",
             list(&on.1, 3),
+            list(&on.2, 3),
             list(&on.0, 0)
         )),
     );
@@ -389,7 +400,7 @@ async fn instructions_per_job(
     let hosts = api
         .wait_online(PREFIX, HOSTS, Duration::from_secs(120))
         .await?;
-    run_jobs(&api, &hosts, jobs).await?;
+    run_jobs(&api, hosts[0], jobs).await?;
     let counting = |on: bool| {
         let status = std::process::Command::new("callgrind_control")
             .arg(if on { "--instr=on" } else { "--instr=off" })
@@ -400,7 +411,7 @@ async fn instructions_per_job(
         anyhow::Ok(())
     };
     counting(true)?;
-    run_jobs(&api, &hosts, jobs).await?;
+    run_jobs(&api, hosts[0], jobs).await?;
     counting(false)?;
     let exit = cluster.stop_controller(Duration::from_secs(120))?;
     ensure!(
@@ -419,21 +430,10 @@ async fn instructions_per_job(
     Ok(total as f64 / jobs as f64)
 }
 
-/// Runs `count` single-host jobs, `IN_FLIGHT` at a time, each followed to its end.
-async fn run_jobs(api: &Api, hosts: &[i64], count: usize) -> Result<()> {
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut workers = tokio::task::JoinSet::new();
-    for w in 0..IN_FLIGHT {
-        let (api, next, host) = (api.clone(), next.clone(), hosts[w % hosts.len()]);
-        workers.spawn(async move {
-            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < count {
-                api.run_streamed(&[host], "echo ok\n").await?;
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(joined) = workers.join_next().await {
-        joined??;
+/// Runs `count` single-host jobs on `host`, one after another, each followed to its end.
+async fn run_jobs(api: &Api, host: i64, count: usize) -> Result<()> {
+    for _ in 0..count {
+        api.run_streamed(&[host], "echo ok\n").await?;
     }
     Ok(())
 }
