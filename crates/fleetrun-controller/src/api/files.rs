@@ -211,7 +211,11 @@ pub async fn push_config_file(
     };
     let timeout = super::submit::step_timeout(req.timeout)?;
     super::submit::check_task_name(req.task_name.as_deref())?;
-    super::submit::refuse_file_step_options(req.rolling_config.as_ref(), req.start_task)?;
+    super::submit::refuse_rolling_file_step(req.rolling_config.as_ref())?;
+    let start = req.start_task.unwrap_or(true);
+    if !start {
+        super::held::refuse_in_cluster(shared)?;
+    }
     let callback_url = super::submit::callback_url(shared, req.callback_url.as_deref())?;
 
     let inventory = shared.inventory.current().await?;
@@ -235,23 +239,58 @@ pub async fn push_config_file(
         .task_name
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| format!("API_PUSH_CONFIG_FILE_{create_time}"));
-    // The step keeps the list of files (names and sizes), never their contents.
-    let described = serde_json::json!({
-        "file_target_path": dir,
-        "files": files.iter().map(|f| serde_json::json!({
-            "file_name": f.name,
-            "size": f.content.len(),
-            "mode": format!("{:04o}", f.mode),
-        })).collect::<Vec<_>>(),
+    // The step keeps the list of files (names and sizes), never their contents: a job that
+    // starts later keeps those in the content store, and the step names where.
+    let mut stored_files = Vec::with_capacity(files.len());
+    for file in &files {
+        let held = if start {
+            None
+        } else {
+            let store = shared.content.clone();
+            let content = file.content.clone();
+            let kept = tokio::task::spawn_blocking(move || store.put_file(&content))
+                .await
+                .map_err(|e| ApiError::internal("content store", e))?
+                .map_err(|e| match e {
+                    crate::content::ContentError::Full { .. } => {
+                        ApiError::new(super::error::code::INTERNAL, e.to_string())
+                    }
+                    other => ApiError::internal("content store", other),
+                })?;
+            Some(
+                super::held::keep(
+                    shared,
+                    &caller.username,
+                    &caller.app_code,
+                    &scope,
+                    &file.name,
+                    kept,
+                    create_time,
+                )
+                .await?,
+            )
+        };
+        stored_files.push(StoredFile {
+            file_name: file.name.clone(),
+            size: file.content.len(),
+            mode: format!("{:04o}", file.mode),
+            held,
+        });
+    }
+    let described = serde_json::to_string(&StoredPush {
+        file_target_path: dir.clone(),
+        transfer_mode: if strict { 1 } else { 2 },
+        files: stored_files,
     })
-    .to_string();
+    .map_err(|e| ApiError::internal("file step", e))?;
     let new_job = fleetrun_store::NewJob {
         name: name.clone(),
         operator: caller.username.clone(),
         app_code: caller.app_code.clone(),
         bk_scope_type: scope.scope_type.clone(),
         bk_scope_id: scope.scope_id.clone(),
-        status: job::RUNNING,
+        // Created to start later, the job is pending (1) until `operate_job_instance` starts it.
+        status: if start { job::RUNNING } else { job::PENDING },
         job_type: 1,
         launch_mode: 2,
         callback_url,
@@ -298,17 +337,108 @@ pub async fn push_config_file(
         timeout_secs: timeout as u32,
         files,
     };
-    shared.engine.start_files(spec);
+    if start {
+        shared.engine.start_files(spec);
+    }
     tracing::info!(
         job = created.job_instance_id,
         hosts = chosen.len(),
         operator = %caller.username,
+        started = start,
         "file job accepted"
     );
     reply::data(Submitted {
         job_instance_id: created.job_instance_id,
         job_instance_name: name,
         step_instance_id: created.step_instance_id,
+    })
+}
+
+/// A `push_config_file` step as the store keeps it (the step's payload): names, sizes and modes,
+/// and for a job created with `start_task=false` the id of the record that keeps each file's
+/// contents for it ([`super::held`]).
+#[derive(Debug, serde::Serialize, Deserialize)]
+struct StoredPush {
+    file_target_path: String,
+    #[serde(default = "force_mode")]
+    transfer_mode: i64,
+    files: Vec<StoredFile>,
+}
+
+fn force_mode() -> i64 {
+    2
+}
+
+#[derive(Debug, serde::Serialize, Deserialize)]
+struct StoredFile {
+    file_name: String,
+    size: usize,
+    mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    held: Option<String>,
+}
+
+/// Whether a file step's stored payload is a `push_config_file` one (not a transfer).
+pub(super) fn is_push(payload: &[u8]) -> bool {
+    serde_json::from_slice::<StoredPush>(payload).is_ok()
+}
+
+/// A `push_config_file` job created with `start_task=false`, ready to start from what the store
+/// keeps: its account still running as the user it ran as, every file still kept, each read
+/// back checked against the SHA-256 it was kept under.
+pub(super) async fn created_push(
+    shared: &Shared,
+    job: &fleetrun_store::JobRecord,
+    step: &fleetrun_store::StepRecord,
+    payload: &[u8],
+    targets: &[fleetrun_store::HostResultRecord],
+) -> Result<FileJobSpec, ApiError> {
+    let stored: StoredPush =
+        serde_json::from_slice(payload).map_err(|e| ApiError::internal("stored file step", e))?;
+    let inventory = shared.inventory.current().await?;
+    let account = super::steps::stored_account(&inventory, job, step.account_id, &step.account)?;
+    let mut files = Vec::with_capacity(stored.files.len());
+    for (i, file) in stored.files.into_iter().enumerate() {
+        let field = format!("file_list[{i}].content");
+        let held = file
+            .held
+            .as_deref()
+            .ok_or_else(|| ApiError::internal("stored file step", "a file kept by nothing"))?;
+        let (_, kept) = super::held::kept(shared, job, &field, held).await?;
+        let store = shared.content.clone();
+        let content =
+            tokio::task::spawn_blocking(move || store.read_file(&kept, MAX_CONFIG_BYTES as u64))
+                .await
+                .map_err(|e| ApiError::internal("content store", e))?
+                .map_err(|e| ApiError::internal("kept file", e))?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, &content);
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(digest.as_ref());
+        files.push(StepFile {
+            src_path: file.file_name.clone(),
+            name: file.file_name,
+            mode: u32::from_str_radix(&file.mode, 8)
+                .map_err(|e| ApiError::internal("stored file step", e))?,
+            sha256,
+            content: Arc::new(content),
+        });
+    }
+    Ok(FileJobSpec {
+        job_instance_id: job.job_instance_id,
+        step_instance_id: step.step_instance_id,
+        hosts: targets
+            .iter()
+            .map(|h| FileTarget {
+                bk_host_id: h.bk_host_id,
+                bk_cloud_id: h.bk_cloud_id,
+                ip: h.ip.clone(),
+            })
+            .collect(),
+        account: account.account.clone(),
+        target_dir: stored.file_target_path,
+        strict: stored.transfer_mode == 1,
+        timeout_secs: u32::try_from(step.timeout).unwrap_or(u32::MAX),
+        files,
     })
 }
 

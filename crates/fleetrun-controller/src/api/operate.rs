@@ -75,6 +75,13 @@ struct OperateReply {
     job_instance_id: i64,
 }
 
+/// What a created job's step sends once it starts.
+enum Created {
+    Script(crate::engine::TaskTemplate),
+    Push(crate::engine::FileJobSpec),
+    Transfer(crate::engine::TransferSpec),
+}
+
 /// Starts a job created with `start_task=false`, as it would be submitted now: its hosts must
 /// still be in its scope and its account still allowed there (the caller's permission on the
 /// scope was checked when the job was looked up), else it is refused with the code a fresh
@@ -102,9 +109,7 @@ async fn start_created_job(
         .steps
         .first()
         .ok_or_else(|| ApiError::internal("start job", "job has no step"))?;
-    let scope: fleetrun_inventory::Scope = format!("{}:{}", job.bk_scope_type, job.bk_scope_id)
-        .parse()
-        .map_err(|e| ApiError::internal("start job", format!("stored scope: {e}")))?;
+    let scope = super::steps::stored_scope(job)?;
     let inventory = shared.inventory.current().await?;
     let hosts = shared.store.host_results(step.step_instance_id).await?;
     let wanted = fleetrun_inventory::Targets {
@@ -117,8 +122,25 @@ async fn start_created_job(
     inventory
         .resolve(&scope, &wanted)
         .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?;
-    // The account and the rules in force now decide, as for a fresh submit.
-    let task = super::steps::stored_task(shared, job, step).await?;
+    // The accounts, the rules in force and, for a file step, the files it kept decide, as for
+    // a fresh submit.
+    let created = if step.step_type == super::files::STEP_TYPE_FILE {
+        let (payload, _) = shared
+            .store
+            .step_payload(step.step_instance_id)
+            .await?
+            .ok_or_else(|| ApiError::internal("start job", "step vanished"))?;
+        if super::files::is_push(&payload) {
+            Created::Push(super::files::created_push(shared, job, step, &payload, &hosts).await?)
+        } else {
+            Created::Transfer(
+                super::transfer::created_transfer(shared, caller, job, step, &payload, &hosts)
+                    .await?,
+            )
+        }
+    } else {
+        Created::Script(super::steps::stored_task(shared, job, step).await?)
+    };
     // The lease first: once the job shows running, a controller looking for jobs nobody holds
     // must find this one held.
     if !shared.engine.lease_for_start(job.job_instance_id).await {
@@ -138,16 +160,22 @@ async fn start_created_job(
         claimed?;
         return Err(not_startable());
     }
-    let started = super::steps::start_created(
-        shared,
-        crate::engine::JobSpec {
-            job_instance_id: job.job_instance_id,
-            step_instance_id: step.step_instance_id,
-            hosts: hosts.iter().map(|h| h.bk_host_id).collect(),
-            task,
-        },
-    )
-    .await;
+    let started = match created {
+        Created::Script(task) => {
+            super::steps::start_created(
+                shared,
+                crate::engine::JobSpec {
+                    job_instance_id: job.job_instance_id,
+                    step_instance_id: step.step_instance_id,
+                    hosts: hosts.iter().map(|h| h.bk_host_id).collect(),
+                    task,
+                },
+            )
+            .await
+        }
+        Created::Push(spec) => Ok(shared.engine.start_files(spec)),
+        Created::Transfer(spec) => Ok(shared.engine.start_transfer(spec)),
+    };
     if !matches!(started, Ok(true)) {
         shared.engine.lease_unused(job.job_instance_id).await;
         started?;

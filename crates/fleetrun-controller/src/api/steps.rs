@@ -532,22 +532,8 @@ pub(super) async fn stored_task(
     job: &fleetrun_store::JobRecord,
     step: &fleetrun_store::StepRecord,
 ) -> Result<TaskTemplate, ApiError> {
-    let scope: fleetrun_inventory::Scope = format!("{}:{}", job.bk_scope_type, job.bk_scope_id)
-        .parse()
-        .map_err(|e| ApiError::internal("stored step", format!("stored scope: {e}")))?;
     let inventory = shared.inventory.current().await?;
-    let account = inventory
-        .account_for(&scope, Some(step.account_id), None)
-        .map_err(|e| ApiError::new(i64::from(e.code()), format!("account_id: {e}")))?;
-    if account.account != step.account {
-        return Err(ApiError::invalid(
-            "job_instance_id",
-            format!(
-                "account {} now runs as {:?}, not {:?} as when job {} was created; submit it again",
-                step.account_id, account.account, step.account, job.job_instance_id
-            ),
-        ));
-    }
+    let account = stored_account(&inventory, job, step.account_id, &step.account)?;
     let (script, param) = shared
         .store
         .step_payload(step.step_instance_id)
@@ -577,6 +563,39 @@ pub(super) async fn stored_task(
         account: account.account.clone(),
         timeout_secs: u32::try_from(step.timeout).unwrap_or(u32::MAX),
     })
+}
+
+/// The scope a stored job was submitted in.
+pub(super) fn stored_scope(
+    job: &fleetrun_store::JobRecord,
+) -> Result<fleetrun_inventory::Scope, ApiError> {
+    format!("{}:{}", job.bk_scope_type, job.bk_scope_id)
+        .parse()
+        .map_err(|e| ApiError::internal("stored step", format!("stored scope: {e}")))
+}
+
+/// The account `account_id` as the job's scope allows it now, refused unless it still runs as
+/// `user`, the user it ran as when the job was created.
+pub(super) fn stored_account<'i>(
+    inventory: &'i fleetrun_inventory::Inventory,
+    job: &fleetrun_store::JobRecord,
+    account_id: i64,
+    user: &str,
+) -> Result<&'i fleetrun_inventory::Account, ApiError> {
+    let account = inventory
+        .account_for(&stored_scope(job)?, Some(account_id), None)
+        .map_err(|e| ApiError::new(i64::from(e.code()), format!("account_id: {e}")))?;
+    if account.account != user {
+        return Err(ApiError::invalid(
+            "job_instance_id",
+            format!(
+                "account {account_id} now runs as {:?}, not {user:?} as when job {} was created; \
+                 submit it again",
+                account.account, job.job_instance_id
+            ),
+        ));
+    }
+    Ok(account)
 }
 
 /// Runs a finished step's hosts again (operations 2 and 8) under the next execute_count: the

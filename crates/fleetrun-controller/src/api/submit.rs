@@ -1,6 +1,6 @@
 //! What the submit APIs (`fast_execute_script`, `fast_transfer_file`, `push_config_file`) check
 //! the same way: a step's `timeout` and `task_name`, the `callback_url`, the account a step runs
-//! as, and the options a file step refuses.
+//! as, and the option a file step refuses.
 
 use serde_json::Value;
 
@@ -55,21 +55,12 @@ pub(super) fn callback_url(
     }
 }
 
-/// Refuses what a file step cannot do yet: roll, or wait for `operate_job_instance` to start.
-pub(super) fn refuse_file_step_options(
-    rolling_config: Option<&Value>,
-    start_task: Option<bool>,
-) -> Result<(), ApiError> {
+/// Refuses what a file step cannot do yet: roll.
+pub(super) fn refuse_rolling_file_step(rolling_config: Option<&Value>) -> Result<(), ApiError> {
     if rolling_config.is_some_and(|v| !v.is_null()) {
         return Err(ApiError::new(
             code::NOT_SUPPORTED,
             "rolling_config: file steps do not roll yet; submit without rolling_config",
-        ));
-    }
-    if start_task == Some(false) {
-        return Err(ApiError::new(
-            code::NOT_SUPPORTED,
-            "start_task: file steps start when they are accepted; submit without start_task=false",
         ));
     }
     Ok(())

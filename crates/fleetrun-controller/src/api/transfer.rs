@@ -73,6 +73,38 @@ struct Request {
     rolling_config: Option<Value>,
 }
 
+/// A transfer step as the store keeps it (the step's payload, shown by `get_step_instance_detail`):
+/// what a job created with `start_task=false` is started from. Sources keep their host ids and
+/// account ids, local files the id of the record that holds them for the job
+/// ([`super::held`]); speed limits are in MB/s as submitted.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredTransfer {
+    file_target_path: String,
+    file_target_name: Option<String>,
+    transfer_mode: i64,
+    #[serde(default)]
+    download_speed_limit: i64,
+    #[serde(default)]
+    upload_speed_limit: i64,
+    file_source_list: Vec<StoredSource>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSource {
+    file_type: i64,
+    file_list: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    account: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    account_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hosts: Option<Vec<i64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    held: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 struct FileSource {
     file_list: Option<Vec<String>>,
@@ -191,8 +223,10 @@ pub async fn fast_transfer_file(
     let download = speed_limit("download_speed_limit", req.download_speed_limit)?;
     let upload = speed_limit("upload_speed_limit", req.upload_speed_limit)?;
     super::submit::check_task_name(req.task_name.as_deref())?;
-    super::submit::refuse_file_step_options(req.rolling_config.as_ref(), req.start_task)?;
+    super::submit::refuse_rolling_file_step(req.rolling_config.as_ref())?;
+    let start = req.start_task.unwrap_or(true);
     let callback_url = super::submit::callback_url(shared, req.callback_url.as_deref())?;
+    let create_time = now_ms();
 
     let inventory = shared.inventory.current().await?;
     let account_of = |field: &str, id: Option<i64>, alias: Option<&str>| {
@@ -252,12 +286,15 @@ pub async fn fast_transfer_file(
                     source_account.id,
                     source_account.alias.as_deref(),
                 )?;
-                described.push(serde_json::json!({
-                    "file_type": file_type::SERVER,
-                    "file_list": checked,
-                    "account": source_account.account,
-                    "hosts": hosts.iter().map(|h| h.bk_host_id).collect::<Vec<_>>(),
-                }));
+                described.push(StoredSource {
+                    file_type: file_type::SERVER,
+                    file_list: checked.clone(),
+                    account: Some(source_account.account.clone()),
+                    account_id: Some(source_account.id),
+                    hosts: Some(hosts.iter().map(|h| h.bk_host_id).collect()),
+                    size: None,
+                    held: None,
+                });
                 for h in &hosts {
                     sources.push(SourceSpec {
                         host: FileTarget {
@@ -275,11 +312,32 @@ pub async fn fast_transfer_file(
                 for (j, path) in files.iter().enumerate() {
                     let field = field(&format!("file_list[{j}]"));
                     let local = local_file(&content, caller, &scope, &field, path).await?;
-                    described.push(serde_json::json!({
-                        "file_type": file_type::LOCAL,
-                        "file_list": [path],
-                        "size": local.size,
-                    }));
+                    // A job that starts later keeps the file as it is now, past the upload.
+                    let held = if start {
+                        None
+                    } else {
+                        Some(
+                            super::held::keep(
+                                shared,
+                                &caller.username,
+                                &caller.app_code,
+                                &scope,
+                                &local.name,
+                                local.stored(),
+                                create_time,
+                            )
+                            .await?,
+                        )
+                    };
+                    described.push(StoredSource {
+                        file_type: file_type::LOCAL,
+                        file_list: vec![path.clone()],
+                        account: None,
+                        account_id: None,
+                        hosts: None,
+                        size: Some(local.size),
+                        held,
+                    });
                     locals.push(local);
                 }
             }
@@ -319,25 +377,27 @@ pub async fn fast_transfer_file(
         .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?
         .hosts;
 
-    let create_time = now_ms();
     let name = req
         .task_name
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| format!("API_FAST_TRANSFER_FILE_{create_time}"));
-    let step_described = serde_json::json!({
-        "file_target_path": template,
-        "file_target_name": target_name,
-        "transfer_mode": if strict { 1 } else { 2 },
-        "file_source_list": described,
+    let step_described = serde_json::to_string(&StoredTransfer {
+        file_target_path: template.clone(),
+        file_target_name: target_name.clone(),
+        transfer_mode: if strict { 1 } else { 2 },
+        download_speed_limit: req.download_speed_limit.unwrap_or(0),
+        upload_speed_limit: req.upload_speed_limit.unwrap_or(0),
+        file_source_list: described,
     })
-    .to_string();
+    .map_err(|e| ApiError::internal("transfer step", e))?;
     let new_job = fleetrun_store::NewJob {
         name: name.clone(),
         operator: caller.username.clone(),
         app_code: caller.app_code.clone(),
         bk_scope_type: scope.scope_type.clone(),
         bk_scope_id: scope.scope_id.clone(),
-        status: job::RUNNING,
+        // Created to start later, the job is pending (1) until `operate_job_instance` starts it.
+        status: if start { job::RUNNING } else { job::PENDING },
         job_type: 1,
         launch_mode: 2,
         callback_url,
@@ -396,13 +456,121 @@ pub async fn fast_transfer_file(
         locals = spec.locals.len(),
         hosts = chosen.len(),
         operator = %caller.username,
+        started = start,
         "transfer job accepted"
     );
-    shared.engine.start_transfer(spec);
+    if start {
+        shared.engine.start_transfer(spec);
+    }
     reply::data(Submitted {
         job_instance_id: created.job_instance_id,
         job_instance_name: name,
         step_instance_id: created.step_instance_id,
+    })
+}
+
+/// A transfer job created with `start_task=false`, ready to start from what the store keeps, as
+/// it would be submitted now: every source host still in the job's scope and visible to the
+/// caller, every account still running as the user it ran as, every local file still kept.
+pub(super) async fn created_transfer(
+    shared: &Shared,
+    caller: &Caller,
+    job: &fleetrun_store::JobRecord,
+    step: &fleetrun_store::StepRecord,
+    payload: &[u8],
+    targets: &[fleetrun_store::HostResultRecord],
+) -> Result<TransferSpec, ApiError> {
+    let stored: StoredTransfer = serde_json::from_slice(payload)
+        .map_err(|e| ApiError::internal("stored transfer step", e))?;
+    let scope = super::steps::stored_scope(job)?;
+    let inventory = shared.inventory.current().await?;
+    let account = super::steps::stored_account(&inventory, job, step.account_id, &step.account)?;
+    let mut sources = Vec::new();
+    let mut locals = Vec::new();
+    for (i, source) in stored.file_source_list.into_iter().enumerate() {
+        let field = |name: &str| format!("file_source_list[{i}].{name}");
+        if source.file_type == file_type::LOCAL {
+            let (path, held) = source
+                .file_list
+                .first()
+                .zip(source.held.as_deref())
+                .ok_or_else(|| {
+                    ApiError::internal("stored transfer step", "a local file kept by nothing")
+                })?;
+            let (record, file) =
+                super::held::kept(shared, job, &field("file_list[0]"), held).await?;
+            let parse = |hex: &str| {
+                content::parse_hex(hex).ok_or_else(|| ApiError::internal("kept file", "bad hash"))
+            };
+            locals.push(LocalFile {
+                name: record.file_name,
+                path: path.clone(),
+                size: file.size,
+                sha256: parse(&file.sha256)?,
+                chunks: file
+                    .chunks
+                    .iter()
+                    .map(|c| parse(c))
+                    .collect::<Result<_, _>>()?,
+            });
+            continue;
+        }
+        let (Some(account_id), Some(user), Some(host_ids)) =
+            (source.account_id, source.account.as_deref(), source.hosts)
+        else {
+            return Err(ApiError::internal(
+                "stored transfer step",
+                "a server source without its account or hosts",
+            ));
+        };
+        let source_account = super::steps::stored_account(&inventory, job, account_id, user)
+            .map_err(|e| ApiError::new(e.code, format!("{}: {}", field("account"), e.message)))?;
+        let wanted = fleetrun_inventory::Targets {
+            host_ids: Some(host_ids),
+            ..Default::default()
+        };
+        scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
+        let hosts = inventory
+            .resolve(&scope, &wanted)
+            .map_err(|e| ApiError::new(i64::from(e.code()), format!("{}: {e}", field("server"))))?
+            .hosts;
+        for h in &hosts {
+            sources.push(SourceSpec {
+                host: FileTarget {
+                    bk_host_id: h.bk_host_id,
+                    bk_cloud_id: h.bk_cloud_id,
+                    ip: h.ip.to_canonical().to_string(),
+                },
+                account: source_account.account.clone(),
+                paths: source.file_list.clone(),
+            });
+        }
+    }
+    Ok(TransferSpec {
+        job_instance_id: job.job_instance_id,
+        step_instance_id: step.step_instance_id,
+        sources,
+        locals,
+        targets: targets
+            .iter()
+            .map(|h| FileTarget {
+                bk_host_id: h.bk_host_id,
+                bk_cloud_id: h.bk_cloud_id,
+                ip: h.ip.clone(),
+            })
+            .collect(),
+        account: account.account.clone(),
+        target_path: stored.file_target_path,
+        target_name: stored.file_target_name,
+        strict: stored.transfer_mode == 1,
+        timeout_secs: u32::try_from(step.timeout).unwrap_or(u32::MAX),
+        upload_bytes_per_sec: speed_limit("upload_speed_limit", Some(stored.upload_speed_limit))?,
+        download_bytes_per_sec: speed_limit(
+            "download_speed_limit",
+            Some(stored.download_speed_limit),
+        )?,
+        create_time: job.create_time,
+        content: shared.content.clone(),
     })
 }
 

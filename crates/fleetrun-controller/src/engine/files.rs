@@ -125,8 +125,12 @@ impl Engine {
         }
         let engine = self.clone();
         tokio::spawn(async move {
-            if !engine.take_lease(job_instance_id).await {
+            let leased = engine.take_lease(job_instance_id).await;
+            // A created job's start took the lease already (`lease_for_start`).
+            engine.starting.lock().unwrap().remove(&job_instance_id);
+            if !leased {
                 engine.running.lock().unwrap().remove(&job_instance_id);
+                engine.release_lease(job_instance_id).await;
                 return;
             }
             engine.run_files(spec, cancel).await;

@@ -80,6 +80,17 @@ pub struct LocalFile {
     pub chunks: Vec<Hash>,
 }
 
+impl LocalFile {
+    /// The file as the content store records it.
+    pub fn stored(&self) -> crate::content::StoredFile {
+        crate::content::StoredFile {
+            size: self.size,
+            sha256: crate::content::hex(&self.sha256),
+            chunks: self.chunks.iter().map(crate::content::hex).collect(),
+        }
+    }
+}
+
 /// A transfer step ready to run, as created by the API.
 #[derive(Clone)]
 pub struct TransferSpec {
@@ -203,8 +214,12 @@ impl Engine {
         }
         let engine = self.clone();
         tokio::spawn(async move {
-            if !engine.take_lease(job_instance_id).await {
+            let leased = engine.take_lease(job_instance_id).await;
+            // A created job's start took the lease already (`lease_for_start`).
+            engine.starting.lock().unwrap().remove(&job_instance_id);
+            if !leased {
                 engine.running.lock().unwrap().remove(&job_instance_id);
+                engine.release_lease(job_instance_id).await;
                 return;
             }
             engine.run_transfer(spec, cancel).await;
