@@ -17,7 +17,7 @@ pub use files::{
     FileJobSpec, FileTarget, MODE_DOWNLOAD, MODE_UPLOAD, StepFile, file_status, human_size,
     human_speed,
 };
-pub use rolling::RollingStart;
+pub use rolling::{FileStep, RollingStart, Work};
 pub use transfer::{LocalFile, SourceSpec, TransferSpec};
 
 use std::{

@@ -67,6 +67,12 @@ fn statuses(status: &Value) -> Vec<(i64, i64)> {
     all
 }
 
+/// `(host, status)` pairs sorted by host, as [`statuses`] gives them.
+fn by_host(mut pairs: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
+    pairs.sort_unstable();
+    pairs
+}
+
 /// Submits `api` with `request`; (job, step).
 async fn submit(cluster: &TestCluster, api: &str, request: Value) -> Result<(i64, i64)> {
     let accepted = cluster.client().call(api, request).await?;
@@ -291,5 +297,248 @@ async fn created_file_jobs_are_still_checked_at_submit_and_refused_once_their_fi
     }
     assert!(!out.path().join("x.bin").exists());
     assert!(!out.path().join("a.conf").exists());
+    Ok(())
+}
+
+/// Waits until the job shows `job_status`; returns the status reply.
+async fn wait_for(cluster: &TestCluster, job: i64, job_status: i64) -> Result<Value> {
+    fleetrun_tests::eventually(
+        Duration::from_secs(120),
+        &format!("job {job} in status {job_status}"),
+        || async move {
+            let status = status_of(cluster, job).await.ok()?;
+            (status["job_instance"]["status"] == job_status).then_some(status)
+        },
+    )
+    .await
+}
+
+async fn operate_step(cluster: &TestCluster, job: i64, step: i64, code: i64) -> Result<Value> {
+    let mut body = cluster.info.scope();
+    body["job_instance_id"] = json!(job);
+    body["step_instance_id"] = json!(step);
+    body["operation_code"] = json!(code);
+    cluster
+        .client()
+        .call_raw("operate_step_instance", body)
+        .await
+}
+
+/// Each host's (batch, status, start_time, end_time) from get_step_instance_status, by host id.
+async fn batches(
+    cluster: &TestCluster,
+    job: i64,
+    step: i64,
+) -> Result<std::collections::BTreeMap<i64, (i64, i64, i64, i64)>> {
+    let mut body = cluster.info.scope();
+    body["job_instance_id"] = json!(job);
+    body["step_instance_id"] = json!(step);
+    let data = cluster
+        .client()
+        .call("get_step_instance_status", body)
+        .await?;
+    let mut hosts = std::collections::BTreeMap::new();
+    for group in data["step_result_group_list"]
+        .as_array()
+        .context("groups")?
+    {
+        for host in group["host_result_list"].as_array().context("hosts")? {
+            hosts.insert(
+                host["bk_host_id"].as_i64().context("host id")?,
+                (
+                    host["batch"].as_i64().unwrap_or_default(),
+                    host["status"].as_i64().unwrap_or_default(),
+                    host["start_time"].as_i64().unwrap_or_default(),
+                    host["end_time"].as_i64().unwrap_or_default(),
+                ),
+            );
+        }
+    }
+    Ok(hosts)
+}
+
+/// The download logs (mode 1) one host's file logs hold: (status, size).
+async fn downloads(cluster: &TestCluster, job: i64, step: i64, host: i64) -> Result<Vec<Value>> {
+    let mut body = cluster.info.scope();
+    body["job_instance_id"] = json!(job);
+    body["step_instance_id"] = json!(step);
+    body["bk_host_id"] = json!(host);
+    let data = cluster
+        .client()
+        .call("get_job_instance_ip_log", body)
+        .await?;
+    assert_eq!(data["log_type"], 2, "{data}");
+    Ok(data["file_logs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|log| log["mode"] == 1)
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transfer_rolls_out_two_hosts_a_batch_one_batch_after_the_other() -> Result<()> {
+    let cluster = start_cluster(4).await?;
+    let hosts = cluster.host_ids();
+    let src = scratch("roll-src");
+    let out = scratch("roll-out");
+    let content: Vec<u8> = (0..3 * (1 << 20) + 11)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    std::fs::write(src.path().join("pkg.bin"), &content)?;
+    let sources = json!([{
+        "file_type": 1,
+        "file_list": [src.path().join("pkg.bin").to_str().unwrap()],
+        "account": {"alias": "root"},
+        "server": {"host_id_list": [hosts[0]]},
+    }]);
+    let mut request = transfer_request(&cluster, out.path().to_str().unwrap(), sources, &hosts);
+    request["rolling_config"] = json!({"expression": "2", "mode": 1});
+    let (job, step) = submit(&cluster, "fast_transfer_file", request).await?;
+    let done = wait_for(&cluster, job, 3).await?;
+    assert_eq!(done["step_instance_list"][0]["status"], 3, "{done}");
+
+    let hosts_of = batches(&cluster, job, step).await?;
+    assert_eq!(hosts_of.len(), 4, "{hosts_of:?}");
+    let batch_of = |batch: i64| -> Vec<&(i64, i64, i64, i64)> {
+        hosts_of.values().filter(|h| h.0 == batch).collect()
+    };
+    assert_eq!(batch_of(1).len(), 2, "{hosts_of:?}");
+    assert_eq!(batch_of(2).len(), 2, "{hosts_of:?}");
+    assert!(hosts_of.values().all(|h| h.1 == 9), "{hosts_of:?}");
+    // Batch 2 went out once every host of batch 1 had ended.
+    let first_ended = batch_of(1).iter().map(|h| h.3).max().unwrap_or_default();
+    let second_started = batch_of(2).iter().map(|h| h.2).min().unwrap_or_default();
+    assert!(first_ended > 0, "{hosts_of:?}");
+    assert!(
+        second_started >= first_ended,
+        "batch 2 started at {second_started}, before batch 1 ended at {first_ended}: {hosts_of:?}"
+    );
+    // Every host placed the file (checked against its SHA-256 before its rename).
+    for host in &hosts {
+        let logs = downloads(&cluster, job, step, *host).await?;
+        assert_eq!(logs.len(), 1, "{logs:?}");
+        assert_eq!(logs[0]["status"], 4, "{logs:?}");
+    }
+    assert_eq!(
+        sha256(&std::fs::read(out.path().join("pkg.bin"))?),
+        sha256(&content)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_batch_pauses_or_stops_the_transfer_as_the_mode_says() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    let hosts = cluster.host_ids();
+    // A directory only root may write: the account "user" fails there (329).
+    let out = tempfile::Builder::new()
+        .prefix("fleetrun-file-rolling-closed-")
+        .tempdir_in("/tmp")?;
+    std::fs::set_permissions(out.path(), std::fs::Permissions::from_mode(0o755))?;
+    let original = b"the bytes the job was accepted with".to_vec();
+    let (path, url) = upload(&cluster, "conf.tar", &original).await?;
+    let sources = json!([{"file_type": 2, "file_list": [path]}]);
+    let request = |rolling: Value| {
+        let mut request = transfer_request(
+            &cluster,
+            out.path().to_str().unwrap(),
+            sources.clone(),
+            &hosts,
+        );
+        request["account_alias"] = json!("user");
+        request["rolling_config"] = rolling;
+        request
+    };
+
+    // Mode 2 with a failure limit of 1: the failed batch stops the rolling, for good.
+    let (stopped, stopped_step) = submit(
+        &cluster,
+        "fast_transfer_file",
+        request(json!({"expression": "1", "mode": 2, "max_failures": 1})),
+    )
+    .await?;
+    let ended = wait_for(&cluster, stopped, 4).await?;
+    assert_eq!(
+        statuses(&ended),
+        by_host(vec![(hosts[0], 329), (hosts[1], 5)]),
+        "{ended}"
+    );
+    let refused = operate_step(&cluster, stopped, stopped_step, 3).await?;
+    assert_eq!(refused["code"], 1_241_003, "{refused}");
+
+    // Mode 1: the failed batch pauses the job (failed, 4), the next batch waits.
+    let (job, step) = submit(
+        &cluster,
+        "fast_transfer_file",
+        request(json!({"expression": "1", "mode": 1})),
+    )
+    .await?;
+    let paused = wait_for(&cluster, job, 4).await?;
+    assert_eq!(paused["step_instance_list"][0]["status"], 4, "{paused}");
+    assert_eq!(
+        statuses(&paused),
+        by_host(vec![(hosts[0], 329), (hosts[1], 5)]),
+        "{paused}"
+    );
+    // What the job sends was kept when it was accepted: a new upload changes nothing.
+    put(&cluster, &url, b"replaced during the pause").await?;
+    std::fs::set_permissions(out.path(), std::fs::Permissions::from_mode(0o777))?;
+    let ignored = operate_step(&cluster, job, step, 3).await?;
+    assert_eq!(ignored["code"], 0, "{ignored}");
+    let done = wait_for(&cluster, job, 3).await?;
+    assert_eq!(
+        statuses(&done),
+        by_host(vec![(hosts[0], 329), (hosts[1], 9)]),
+        "{done}"
+    );
+    let hosts_of = batches(&cluster, job, step).await?;
+    assert_eq!(hosts_of[&hosts[1]].0, 2, "{hosts_of:?}");
+    assert_eq!(std::fs::read(out.path().join("conf.tar"))?, original);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_push_waits_for_a_confirmation_before_each_batch() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    let hosts = cluster.host_ids();
+    let out = scratch("roll-push");
+    let files = json!([{"file_name": "app.conf", "content": b64(b"workers = 4\n")}]);
+
+    // The rolling_config is checked as fast_execute_script checks it, with bk-job's codes.
+    let mut bad = push_request(&cluster, out.path(), files.clone(), &hosts);
+    bad["rolling_config"] = json!({"expression": "ten", "mode": 1});
+    let (code, message) = refused(&cluster, "push_config_file", bad).await?;
+    assert_eq!(code, 1_244_026, "{message}");
+    assert!(message.contains("rolling_config.expression"), "{message}");
+
+    let mut request = push_request(&cluster, out.path(), files, &hosts);
+    request["rolling_config"] = json!({"expression": "1", "mode": 3});
+    let (job, step) = submit(&cluster, "push_config_file", request).await?;
+    let waiting = wait_for(&cluster, job, 7).await?;
+    assert_eq!(
+        statuses(&waiting),
+        by_host(vec![(hosts[0], 9), (hosts[1], 5)]),
+        "{waiting}"
+    );
+    let confirmed = operate_step(&cluster, job, step, 13).await?;
+    assert_eq!(confirmed["code"], 0, "{confirmed}");
+    let done = wait_for(&cluster, job, 3).await?;
+    assert_eq!(
+        statuses(&done),
+        by_host(vec![(hosts[0], 9), (hosts[1], 9)]),
+        "{done}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("app.conf"))?,
+        "workers = 4\n"
+    );
+    let hosts_of = batches(&cluster, job, step).await?;
+    assert_eq!(
+        (hosts_of[&hosts[0]].0, hosts_of[&hosts[1]].0),
+        (1, 2),
+        "{hosts_of:?}"
+    );
     Ok(())
 }

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     Shared,
-    engine::{FileJobSpec, FileTarget, StepFile},
+    engine::{FileJobSpec, FileStep, FileTarget, StepFile, Work},
     now_ms,
     status::{host, job},
 };
@@ -211,11 +211,18 @@ pub async fn push_config_file(
     };
     let timeout = super::submit::step_timeout(req.timeout)?;
     super::submit::check_task_name(req.task_name.as_deref())?;
-    super::submit::refuse_rolling_file_step(req.rolling_config.as_ref())?;
+    super::steps::check(req.rolling_config.as_ref())?;
     let start = req.start_task.unwrap_or(true);
-    if !start {
-        super::held::refuse_in_cluster(shared)?;
+    // A job created to start later, or rolling (a run after a pause starts from the store),
+    // keeps its files' contents for that run.
+    let rolls = req.rolling_config.as_ref().is_some_and(|v| !v.is_null());
+    if rolls {
+        super::held::refuse_in_cluster(shared, "rolling_config")?;
     }
+    if !start {
+        super::held::refuse_in_cluster(shared, "start_task")?;
+    }
+    let keep_files = !start || rolls;
     let callback_url = super::submit::callback_url(shared, req.callback_url.as_deref())?;
 
     let inventory = shared.inventory.current().await?;
@@ -233,6 +240,8 @@ pub async fn push_config_file(
         .resolve(&scope.inventory, &wanted)
         .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?
         .hosts;
+    let host_ids: Vec<i64> = chosen.iter().map(|h| h.bk_host_id).collect();
+    let plan = super::steps::plan(req.rolling_config.as_ref(), &host_ids)?;
 
     let create_time = now_ms();
     let name = req
@@ -240,10 +249,10 @@ pub async fn push_config_file(
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| format!("API_PUSH_CONFIG_FILE_{create_time}"));
     // The step keeps the list of files (names and sizes), never their contents: a job that
-    // starts later keeps those in the content store, and the step names where.
+    // starts later or rolls keeps those in the content store, and the step names where.
     let mut stored_files = Vec::with_capacity(files.len());
     for file in &files {
-        let held = if start {
+        let held = if !keep_files {
             None
         } else {
             let store = shared.content.clone();
@@ -318,7 +327,14 @@ pub async fn push_config_file(
     };
     let created = shared
         .store
-        .create_job_sealing(&new_job, shared.cipher.sealer(), None)
+        .create_job_sealing(
+            &new_job,
+            shared.cipher.sealer(),
+            plan.as_ref()
+                .map(super::steps::Plan::stored)
+                .transpose()?
+                .as_ref(),
+        )
         .await?;
     let spec = FileJobSpec {
         job_instance_id: created.job_instance_id,
@@ -337,9 +353,7 @@ pub async fn push_config_file(
         timeout_secs: timeout as u32,
         files,
     };
-    if start {
-        shared.engine.start_files(spec);
-    }
+    super::steps::save_and_start(shared, plan, Work::Files(FileStep::Push(spec)), start).await?;
     tracing::info!(
         job = created.job_instance_id,
         hosts = chosen.len(),

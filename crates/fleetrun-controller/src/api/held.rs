@@ -1,13 +1,14 @@
-//! Files a file job created with `start_task=false` keeps until it starts: a local upload
-//! (`fast_transfer_file`'s `file_type` 2) or an inline configuration file (`push_config_file`).
+//! Files a file job keeps for a run after its submit (a job created with `start_task=false`, or
+//! one that rolls and goes on after a pause): a local upload (`fast_transfer_file`'s
+//! `file_type` 2) or an inline configuration file (`push_config_file`).
 //!
 //! Each is kept as a record of its own in the content store (an [`Upload`] under a new id, bound
 //! to the job's app and scope), naming the chunks the file was made of when the job was
 //! accepted: the sweep keeps a live record's chunks, and a new PUT to the upload URL the job
 //! named does not change what the job sends. A record lives `[files] upload_ttl_secs` from the
-//! job's creation, as long as an upload does; a job started after that is refused, naming the
-//! field that gave the file, and must be submitted again. The step stores the record's id,
-//! never the file's bytes.
+//! job's creation, as long as an upload does; a job started (or a rolling job going on) after
+//! that is refused, naming the field that gave the file, and must be submitted again. The step
+//! stores the record's id, never the file's bytes.
 
 use crate::{
     Shared,
@@ -16,15 +17,18 @@ use crate::{
 
 use super::{ApiError, error::code, scope};
 
-/// Refuses `start_task=false` where files cannot be kept until the start: the controllers of a
-/// `[cluster]` each keep their own content store, and the start may come to another one.
-pub(super) fn refuse_in_cluster(shared: &Shared) -> Result<(), ApiError> {
+/// Refuses `field` (`start_task=false`, `rolling_config`) where files cannot be kept for a
+/// later run: the controllers of a `[cluster]` each keep their own content store, and the start
+/// (or the batch after a pause) may come to another one.
+pub(super) fn refuse_in_cluster(shared: &Shared, field: &str) -> Result<(), ApiError> {
     if shared.config.cluster.is_some() {
         return Err(ApiError::new(
             code::NOT_SUPPORTED,
-            "start_task: a file job created to start later keeps its files in the content store \
-             of the controller that accepted it, and controllers in a [cluster] each have their \
-             own; submit it with start_task=true",
+            format!(
+                "{field}: a push_config_file job that starts later or rolls keeps its files in \
+                 the content store of the controller that accepted it, and controllers in a \
+                 [cluster] each have their own; submit it without {field}"
+            ),
         ));
     }
     Ok(())

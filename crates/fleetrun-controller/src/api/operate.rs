@@ -75,13 +75,6 @@ struct OperateReply {
     job_instance_id: i64,
 }
 
-/// What a created job's step sends once it starts.
-enum Created {
-    Script(crate::engine::TaskTemplate),
-    Push(crate::engine::FileJobSpec),
-    Transfer(crate::engine::TransferSpec),
-}
-
 /// Starts a job created with `start_task=false`, as it would be submitted now: its hosts must
 /// still be in its scope and its account still allowed there (the caller's permission on the
 /// scope was checked when the job was looked up), else it is refused with the code a fresh
@@ -124,23 +117,14 @@ async fn start_created_job(
         .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?;
     // The accounts, the rules in force and, for a file step, the files it kept decide, as for
     // a fresh submit.
-    let created = if step.step_type == super::files::STEP_TYPE_FILE {
-        let (payload, _) = shared
-            .store
-            .step_payload(step.step_instance_id)
-            .await?
-            .ok_or_else(|| ApiError::internal("start job", "step vanished"))?;
-        if super::files::is_push(&payload) {
-            Created::Push(super::files::created_push(shared, job, step, &payload, &hosts).await?)
-        } else {
-            Created::Transfer(
-                super::transfer::created_transfer(shared, caller, job, step, &payload, &hosts)
-                    .await?,
-            )
-        }
-    } else {
-        Created::Script(super::steps::stored_task(shared, job, step).await?)
-    };
+    let work = super::steps::stored_work(
+        shared,
+        caller,
+        job,
+        step,
+        hosts.iter().map(|h| h.bk_host_id).collect(),
+    )
+    .await?;
     // The lease first: once the job shows running, a controller looking for jobs nobody holds
     // must find this one held.
     if !shared.engine.lease_for_start(job.job_instance_id).await {
@@ -160,22 +144,7 @@ async fn start_created_job(
         claimed?;
         return Err(not_startable());
     }
-    let started = match created {
-        Created::Script(task) => {
-            super::steps::start_created(
-                shared,
-                crate::engine::JobSpec {
-                    job_instance_id: job.job_instance_id,
-                    step_instance_id: step.step_instance_id,
-                    hosts: hosts.iter().map(|h| h.bk_host_id).collect(),
-                    task,
-                },
-            )
-            .await
-        }
-        Created::Push(spec) => Ok(shared.engine.start_files(spec)),
-        Created::Transfer(spec) => Ok(shared.engine.start_transfer(spec)),
-    };
+    let started = super::steps::start_created(shared, step.step_instance_id, work).await;
     if !matches!(started, Ok(true)) {
         shared.engine.lease_unused(job.job_instance_id).await;
         started?;

@@ -31,7 +31,7 @@ use super::{
 use crate::{
     Shared,
     content::{self, StoredFile, Upload},
-    engine::{FileTarget, LocalFile, SourceSpec, TransferSpec},
+    engine::{FileStep, FileTarget, LocalFile, SourceSpec, TransferSpec, Work},
     now_ms,
     status::{host, job},
 };
@@ -223,8 +223,11 @@ pub async fn fast_transfer_file(
     let download = speed_limit("download_speed_limit", req.download_speed_limit)?;
     let upload = speed_limit("upload_speed_limit", req.upload_speed_limit)?;
     super::submit::check_task_name(req.task_name.as_deref())?;
-    super::submit::refuse_rolling_file_step(req.rolling_config.as_ref())?;
+    super::steps::check(req.rolling_config.as_ref())?;
     let start = req.start_task.unwrap_or(true);
+    // A job created to start later, or rolling (a run after a pause starts from the store),
+    // keeps its local files past their uploads.
+    let keep_files = !start || req.rolling_config.as_ref().is_some_and(|v| !v.is_null());
     let callback_url = super::submit::callback_url(shared, req.callback_url.as_deref())?;
     let create_time = now_ms();
 
@@ -312,8 +315,8 @@ pub async fn fast_transfer_file(
                 for (j, path) in files.iter().enumerate() {
                     let field = field(&format!("file_list[{j}]"));
                     let local = local_file(&content, caller, &scope, &field, path).await?;
-                    // A job that starts later keeps the file as it is now, past the upload.
-                    let held = if start {
+                    // Kept as it is now, past the upload, for a later run to send.
+                    let held = if !keep_files {
                         None
                     } else {
                         Some(
@@ -376,6 +379,8 @@ pub async fn fast_transfer_file(
         .resolve(&scope.inventory, &wanted)
         .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?
         .hosts;
+    let host_ids: Vec<i64> = chosen.iter().map(|h| h.bk_host_id).collect();
+    let plan = super::steps::plan(req.rolling_config.as_ref(), &host_ids)?;
 
     let name = req
         .task_name
@@ -425,7 +430,14 @@ pub async fn fast_transfer_file(
     };
     let created = shared
         .store
-        .create_job_sealing(&new_job, shared.cipher.sealer(), None)
+        .create_job_sealing(
+            &new_job,
+            shared.cipher.sealer(),
+            plan.as_ref()
+                .map(super::steps::Plan::stored)
+                .transpose()?
+                .as_ref(),
+        )
         .await?;
     let spec = TransferSpec {
         job_instance_id: created.job_instance_id,
@@ -459,9 +471,8 @@ pub async fn fast_transfer_file(
         started = start,
         "transfer job accepted"
     );
-    if start {
-        shared.engine.start_transfer(spec);
-    }
+    super::steps::save_and_start(shared, plan, Work::Files(FileStep::Transfer(spec)), start)
+        .await?;
     reply::data(Submitted {
         job_instance_id: created.job_instance_id,
         job_instance_name: name,

@@ -101,7 +101,7 @@ impl std::fmt::Debug for FileJobSpec {
 }
 
 /// What every host's run of the step shares.
-struct Step {
+pub(super) struct Step {
     job_instance_id: i64,
     step_instance_id: i64,
     target_dir: String,
@@ -109,6 +109,33 @@ struct Step {
     files: Vec<(String, String, u64)>,
     /// The encoded request, or why it could not be encoded.
     frame: Result<Bytes, String>,
+}
+
+/// What a file step sends its targets, ready for any of them: a batch of a rolling step
+/// dispatches some, a step that does not roll all at once.
+pub(super) struct FileDispatch {
+    targets: std::collections::HashMap<i64, FileTarget>,
+    run: FileRun,
+}
+
+/// How a file step's target gets its files.
+pub(super) enum FileRun {
+    /// `push_config_file`: the files inline in one `Place` frame.
+    Place(Arc<Step>),
+    /// `fast_transfer_file`: a `Fetch` of chunks from the content store.
+    Fetch {
+        step: Arc<super::transfer::FetchStep>,
+        strict: bool,
+    },
+}
+
+impl FileDispatch {
+    pub(super) fn new(targets: &[FileTarget], run: FileRun) -> Self {
+        Self {
+            targets: targets.iter().map(|t| (t.bk_host_id, t.clone())).collect(),
+            run,
+        }
+    }
 }
 
 impl Engine {
@@ -156,6 +183,32 @@ impl Engine {
             },
         )
         .await;
+        let dispatch = self.place_dispatch(&spec);
+        let mut hosts = JoinSet::new();
+        let mut host_of_task = std::collections::HashMap::with_capacity(spec.hosts.len());
+        for target in &spec.hosts {
+            self.spawn_file_host(
+                &dispatch,
+                target.bk_host_id,
+                &cancel,
+                &mut hosts,
+                &mut host_of_task,
+            );
+        }
+        drop(dispatch);
+        let finishing = Finishing {
+            job_instance_id: spec.job_instance_id,
+            step_instance_id: spec.step_instance_id,
+            hosts: spec.hosts.len(),
+            started,
+            all_succeeded: true,
+        };
+        self.finish_job(finishing, hosts, host_of_task, &cancel)
+            .await;
+    }
+
+    /// The step's files encoded once, ready to be placed on any of its targets.
+    pub(super) fn place_dispatch(&self, spec: &FileJobSpec) -> FileDispatch {
         let request = TaskDown::Place(PlaceRequest {
             // One frame for every host: the agent names its temporary files itself.
             task_id: Uuid::nil(),
@@ -190,32 +243,46 @@ impl Engine {
                 .collect(),
             frame,
         });
-        let mut hosts = JoinSet::new();
-        let mut host_of_task = std::collections::HashMap::with_capacity(spec.hosts.len());
-        for target in spec.hosts.iter().cloned() {
-            let engine = self.clone();
-            let step = step.clone();
-            let cancel = cancel.clone();
-            let bk_host_id = target.bk_host_id;
-            let handle = hosts.spawn(async move { engine.file_host(&step, target, cancel).await });
-            host_of_task.insert(
-                handle.id(),
-                super::RunOf {
-                    bk_host_id,
-                    epoch: FILE_STEP_EPOCH,
-                },
+        FileDispatch::new(&spec.hosts, FileRun::Place(step))
+    }
+
+    /// Starts the run of a file step (either kind) on one of its targets, into `hosts`; a host
+    /// the step does not target is not started.
+    pub(super) fn spawn_file_host(
+        &self,
+        dispatch: &FileDispatch,
+        bk_host_id: i64,
+        cancel: &CancellationToken,
+        hosts: &mut JoinSet<i32>,
+        host_of_task: &mut std::collections::HashMap<tokio::task::Id, super::RunOf>,
+    ) {
+        let Some(target) = dispatch.targets.get(&bk_host_id).cloned() else {
+            tracing::error!(
+                bk_host_id,
+                "a file step dispatched to a host it does not target"
             );
-        }
-        drop(step);
-        let finishing = Finishing {
-            job_instance_id: spec.job_instance_id,
-            step_instance_id: spec.step_instance_id,
-            hosts: spec.hosts.len(),
-            started,
-            all_succeeded: true,
+            return;
         };
-        self.finish_job(finishing, hosts, host_of_task, &cancel)
-            .await;
+        let engine = self.clone();
+        let cancel = cancel.clone();
+        let handle = match &dispatch.run {
+            FileRun::Place(step) => {
+                let step = step.clone();
+                hosts.spawn(async move { engine.file_host(&step, target, cancel).await })
+            }
+            FileRun::Fetch { step, strict } => {
+                let (step, strict) = (step.clone(), *strict);
+                hosts
+                    .spawn(async move { engine.transfer_host(&step, target, strict, cancel).await })
+            }
+        };
+        host_of_task.insert(
+            handle.id(),
+            super::RunOf {
+                bk_host_id,
+                epoch: FILE_STEP_EPOCH,
+            },
+        );
     }
 
     /// One host of a file step, to its final status.

@@ -34,7 +34,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::files::{FILE_STEP_EPOCH, FileHostRun, file_line, file_status, join};
+use super::files::{
+    FILE_STEP_EPOCH, FileDispatch, FileHostRun, FileRun, file_line, file_status, join,
+};
 use super::{Engine, FileTarget, Finishing, MODE_DOWNLOAD, MODE_UPLOAD, now_ms, target_path};
 use crate::content::{ContentStore, Hash};
 use crate::gateway::AgentLink;
@@ -154,8 +156,32 @@ struct Collected {
     bytes_read: u64,
 }
 
+/// A transfer's sources read, ready for its targets (phase 2), all at once or batch by batch.
+pub(super) struct PreparedTransfer {
+    pub(super) dispatch: FileDispatch,
+    step: Arc<FetchStep>,
+    /// The chunks the step pinned in the content store.
+    pinned: Arc<std::sync::Mutex<Vec<Hash>>>,
+    bytes_read: u64,
+}
+
+impl PreparedTransfer {
+    /// Once no target will ask for a chunk any more: logs what the step cost the sources and
+    /// the controller, and unpins its chunks.
+    pub(super) fn end(self, targets: usize) {
+        tracing::info!(
+            job = self.step.job_instance_id,
+            targets,
+            source_bytes_read = self.bytes_read,
+            controller_bytes_relayed = self.step.relayed.load(Ordering::Relaxed),
+            "transfer ended"
+        );
+        self.step.content.unpin(self.pinned.lock().unwrap().iter());
+    }
+}
+
 /// What every target's run shares.
-struct FetchStep {
+pub(super) struct FetchStep {
     job_instance_id: i64,
     step_instance_id: i64,
     account: String,
@@ -234,7 +260,6 @@ impl Engine {
     }
 
     async fn run_transfer(&self, spec: TransferSpec, cancel: CancellationToken) {
-        let spec = Arc::new(spec);
         let started = now_ms();
         self.write_for(
             spec.job_instance_id,
@@ -246,6 +271,41 @@ impl Engine {
             },
         )
         .await;
+        let (job_instance_id, step_instance_id) = (spec.job_instance_id, spec.step_instance_id);
+        let targets: Vec<i64> = spec.targets.iter().map(|t| t.bk_host_id).collect();
+        let prepared = self.prepare_transfer(spec, &cancel).await;
+        // Phase 2: every target pulls the files.
+        let mut hosts = JoinSet::new();
+        let mut host_of_task = HashMap::with_capacity(targets.len());
+        for bk_host_id in &targets {
+            self.spawn_file_host(
+                &prepared.dispatch,
+                *bk_host_id,
+                &cancel,
+                &mut hosts,
+                &mut host_of_task,
+            );
+        }
+        let finishing = Finishing {
+            job_instance_id,
+            step_instance_id,
+            hosts: targets.len(),
+            started,
+            all_succeeded: true,
+        };
+        self.finish_job(finishing, hosts, host_of_task, &cancel)
+            .await;
+        prepared.end(targets.len());
+    }
+
+    /// Phase 1: reads every source once into the content store (chunks pinned until
+    /// [`PreparedTransfer::end`]), then makes the one `Fetch` every target is sent.
+    pub(super) async fn prepare_transfer(
+        &self,
+        spec: TransferSpec,
+        cancel: &CancellationToken,
+    ) -> PreparedTransfer {
+        let spec = Arc::new(spec);
         let clock = tokio::time::Instant::now();
         let pinned: Arc<std::sync::Mutex<Vec<Hash>>> = Arc::default();
         // Phase 1: every source read once, into the content store.
@@ -370,42 +430,18 @@ impl Engine {
             content: spec.content.clone(),
             relayed: AtomicU64::new(0),
         });
-        // Phase 2: every target pulls the files.
-        let mut hosts = JoinSet::new();
-        let mut host_of_task = HashMap::with_capacity(spec.targets.len());
-        for target in spec.targets.iter().cloned() {
-            let engine = self.clone();
-            let step = step.clone();
-            let cancel = cancel.clone();
-            let strict = spec.strict;
-            let bk_host_id = target.bk_host_id;
-            let handle = hosts
-                .spawn(async move { engine.transfer_host(&step, target, strict, cancel).await });
-            host_of_task.insert(
-                handle.id(),
-                super::RunOf {
-                    bk_host_id,
-                    epoch: FILE_STEP_EPOCH,
+        PreparedTransfer {
+            dispatch: FileDispatch::new(
+                &spec.targets,
+                FileRun::Fetch {
+                    step: step.clone(),
+                    strict: spec.strict,
                 },
-            );
+            ),
+            step,
+            pinned,
+            bytes_read,
         }
-        let finishing = Finishing {
-            job_instance_id: spec.job_instance_id,
-            step_instance_id: spec.step_instance_id,
-            hosts: spec.targets.len(),
-            started,
-            all_succeeded: true,
-        };
-        self.finish_job(finishing, hosts, host_of_task, &cancel)
-            .await;
-        tracing::info!(
-            job = spec.job_instance_id,
-            targets = spec.targets.len(),
-            source_bytes_read = bytes_read,
-            controller_bytes_relayed = step.relayed.load(Ordering::Relaxed),
-            "transfer ended"
-        );
-        spec.content.unpin(pinned.lock().unwrap().iter());
     }
 
     /// Phase 1 on one source host.
@@ -559,7 +595,7 @@ impl Engine {
     }
 
     /// Phase 2 on one target host, to its final status.
-    async fn transfer_host(
+    pub(super) async fn transfer_host(
         &self,
         step: &FetchStep,
         target: FileTarget,
