@@ -260,12 +260,7 @@ pub async fn push_config_file(
             let kept = tokio::task::spawn_blocking(move || store.put_file(&content))
                 .await
                 .map_err(|e| ApiError::internal("content store", e))?
-                .map_err(|e| match e {
-                    crate::content::ContentError::Full { .. } => {
-                        ApiError::new(super::error::code::INTERNAL, e.to_string())
-                    }
-                    other => ApiError::internal("content store", other),
-                })?;
+                .map_err(super::held::content_error)?;
             Some(
                 super::held::keep(
                     shared,
@@ -279,7 +274,7 @@ pub async fn push_config_file(
                 .await?,
             )
         };
-        stored_files.push(StoredFile {
+        stored_files.push(StoredPushFile {
             file_name: file.name.clone(),
             size: file.content.len(),
             mode: format!("{:04o}", file.mode),
@@ -339,14 +334,7 @@ pub async fn push_config_file(
     let spec = FileJobSpec {
         job_instance_id: created.job_instance_id,
         step_instance_id: created.step_instance_id,
-        hosts: chosen
-            .iter()
-            .map(|h| FileTarget {
-                bk_host_id: h.bk_host_id,
-                bk_cloud_id: h.bk_cloud_id,
-                ip: h.ip.to_canonical().to_string(),
-            })
-            .collect(),
+        hosts: chosen.iter().map(file_target).collect(),
         account: account.account.clone(),
         target_dir: dir,
         strict,
@@ -376,7 +364,7 @@ struct StoredPush {
     file_target_path: String,
     #[serde(default = "force_mode")]
     transfer_mode: i64,
-    files: Vec<StoredFile>,
+    files: Vec<StoredPushFile>,
 }
 
 fn force_mode() -> i64 {
@@ -384,7 +372,7 @@ fn force_mode() -> i64 {
 }
 
 #[derive(Debug, serde::Serialize, Deserialize)]
-struct StoredFile {
+struct StoredPushFile {
     file_name: String,
     size: usize,
     mode: String,
@@ -425,35 +413,46 @@ pub(super) async fn created_push(
                 .await
                 .map_err(|e| ApiError::internal("content store", e))?
                 .map_err(|e| ApiError::internal("kept file", e))?;
-        let digest = ring::digest::digest(&ring::digest::SHA256, &content);
-        let mut sha256 = [0u8; 32];
-        sha256.copy_from_slice(digest.as_ref());
         files.push(StepFile {
             src_path: file.file_name.clone(),
             name: file.file_name,
             mode: u32::from_str_radix(&file.mode, 8)
                 .map_err(|e| ApiError::internal("stored file step", e))?,
-            sha256,
+            sha256: crate::content::sha256(&content),
             content: Arc::new(content),
         });
     }
     Ok(FileJobSpec {
         job_instance_id: job.job_instance_id,
         step_instance_id: step.step_instance_id,
-        hosts: targets
-            .iter()
-            .map(|h| FileTarget {
-                bk_host_id: h.bk_host_id,
-                bk_cloud_id: h.bk_cloud_id,
-                ip: h.ip.clone(),
-            })
-            .collect(),
+        hosts: stored_targets(targets),
         account: account.account.clone(),
         target_dir: stored.file_target_path,
         strict: stored.transfer_mode == 1,
         timeout_secs: u32::try_from(step.timeout).unwrap_or(u32::MAX),
         files,
     })
+}
+
+/// A host a file step targets (or reads from), as the inventory resolved it.
+pub(super) fn file_target(host: &fleetrun_inventory::ResolvedHost) -> FileTarget {
+    FileTarget {
+        bk_host_id: host.bk_host_id,
+        bk_cloud_id: host.bk_cloud_id,
+        ip: host.ip.to_canonical().to_string(),
+    }
+}
+
+/// A stored file step's targets, as its host results name them.
+pub(super) fn stored_targets(results: &[fleetrun_store::HostResultRecord]) -> Vec<FileTarget> {
+    results
+        .iter()
+        .map(|h| FileTarget {
+            bk_host_id: h.bk_host_id,
+            bk_cloud_id: h.bk_cloud_id,
+            ip: h.ip.clone(),
+        })
+        .collect()
 }
 
 /// bk-job's step type of a file step.

@@ -34,6 +34,15 @@ pub(super) fn refuse_in_cluster(shared: &Shared, field: &str) -> Result<(), ApiE
     Ok(())
 }
 
+/// The error a request that stores bytes in the content store answers: a full store says so
+/// (its bound is the operator's to raise), anything else is internal.
+pub(super) fn content_error(e: crate::content::ContentError) -> ApiError {
+    match e {
+        crate::content::ContentError::Full { .. } => ApiError::new(code::INTERNAL, e.to_string()),
+        other => ApiError::internal("content store", other),
+    }
+}
+
 /// Keeps `file` (already in the content store) for a job being created, as `file_name`;
 /// returns the record's id, for the step to name.
 pub(super) async fn keep(

@@ -22,7 +22,7 @@ use super::{
     auth::Caller,
     error::code,
     execute::{TargetServer, refuse_while_unwritable},
-    files::{STEP_TYPE_FILE, target_dir},
+    files::{STEP_TYPE_FILE, file_target, stored_targets, target_dir},
     params::{Params, lenient},
     reply,
     request::ApiRequest,
@@ -31,7 +31,7 @@ use super::{
 use crate::{
     Shared,
     content::{self, StoredFile, Upload},
-    engine::{FileStep, FileTarget, LocalFile, SourceSpec, TransferSpec, Work},
+    engine::{FileStep, LocalFile, SourceSpec, TransferSpec, Work},
     now_ms,
     status::{host, job},
 };
@@ -300,11 +300,7 @@ pub async fn fast_transfer_file(
                 });
                 for h in &hosts {
                     sources.push(SourceSpec {
-                        host: FileTarget {
-                            bk_host_id: h.bk_host_id,
-                            bk_cloud_id: h.bk_cloud_id,
-                            ip: h.ip.to_canonical().to_string(),
-                        },
+                        host: file_target(h),
                         account: source_account.account.clone(),
                         paths: checked.clone(),
                     });
@@ -444,14 +440,7 @@ pub async fn fast_transfer_file(
         step_instance_id: created.step_instance_id,
         sources,
         locals,
-        targets: chosen
-            .iter()
-            .map(|h| FileTarget {
-                bk_host_id: h.bk_host_id,
-                bk_cloud_id: h.bk_cloud_id,
-                ip: h.ip.to_canonical().to_string(),
-            })
-            .collect(),
+        targets: chosen.iter().map(file_target).collect(),
         account: account.account.clone(),
         target_path: template,
         target_name,
@@ -510,20 +499,7 @@ pub(super) async fn created_transfer(
                 })?;
             let (record, file) =
                 super::held::kept(shared, job, &field("file_list[0]"), held).await?;
-            let parse = |hex: &str| {
-                content::parse_hex(hex).ok_or_else(|| ApiError::internal("kept file", "bad hash"))
-            };
-            locals.push(LocalFile {
-                name: record.file_name,
-                path: path.clone(),
-                size: file.size,
-                sha256: parse(&file.sha256)?,
-                chunks: file
-                    .chunks
-                    .iter()
-                    .map(|c| parse(c))
-                    .collect::<Result<_, _>>()?,
-            });
+            locals.push(stored_local(record.file_name, path, &file)?);
             continue;
         }
         let (Some(account_id), Some(user), Some(host_ids)) =
@@ -547,11 +523,7 @@ pub(super) async fn created_transfer(
             .hosts;
         for h in &hosts {
             sources.push(SourceSpec {
-                host: FileTarget {
-                    bk_host_id: h.bk_host_id,
-                    bk_cloud_id: h.bk_cloud_id,
-                    ip: h.ip.to_canonical().to_string(),
-                },
+                host: file_target(h),
                 account: source_account.account.clone(),
                 paths: source.file_list.clone(),
             });
@@ -562,14 +534,7 @@ pub(super) async fn created_transfer(
         step_instance_id: step.step_instance_id,
         sources,
         locals,
-        targets: targets
-            .iter()
-            .map(|h| FileTarget {
-                bk_host_id: h.bk_host_id,
-                bk_cloud_id: h.bk_cloud_id,
-                ip: h.ip.clone(),
-            })
-            .collect(),
+        targets: stored_targets(targets),
         account: account.account.clone(),
         target_path: stored.file_target_path,
         target_name: stored.file_target_name,
@@ -629,11 +594,16 @@ async fn local_file(
             ),
         )
     })?;
+    stored_local(upload.file_name.clone(), path, file)
+}
+
+/// A local file as a content store record names it: `name`, sent from `path`.
+fn stored_local(name: String, path: &str, file: &StoredFile) -> Result<LocalFile, ApiError> {
     let parse = |hex: &str| {
         content::parse_hex(hex).ok_or_else(|| ApiError::internal("upload record", "bad hash"))
     };
     Ok(LocalFile {
-        name: upload.file_name.clone(),
+        name,
         path: path.to_owned(),
         size: file.size,
         sha256: parse(&file.sha256)?,
@@ -886,10 +856,7 @@ async fn store_chunk(shared: &Arc<Shared>, data: Vec<u8>) -> Result<content::Has
     tokio::task::spawn_blocking(move || store.put_chunk(&hash, &data))
         .await
         .map_err(|e| ApiError::internal("content store", e))?
-        .map_err(|e| match e {
-            content::ContentError::Full { .. } => ApiError::new(code::INTERNAL, e.to_string()),
-            other => ApiError::internal("content store", other),
-        })?;
+        .map_err(super::held::content_error)?;
     Ok(hash)
 }
 

@@ -141,8 +141,20 @@ impl FileDispatch {
 impl Engine {
     /// Starts a file step in the background; false if the job is running already.
     pub fn start_files(&self, spec: FileJobSpec) -> bool {
-        let cancel = CancellationToken::new();
         let job_instance_id = spec.job_instance_id;
+        self.start_file_run(job_instance_id, move |engine, cancel| async move {
+            engine.run_files(spec, cancel).await;
+        })
+    }
+
+    /// Runs a file step that does not roll in the background, under its job's lease, until its
+    /// end is committed; false if the job is running already.
+    pub(super) fn start_file_run<F, Fut>(&self, job_instance_id: i64, run: F) -> bool
+    where
+        F: FnOnce(Engine, CancellationToken) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let cancel = CancellationToken::new();
         {
             let mut running = self.running.lock().unwrap();
             if running.contains_key(&job_instance_id) {
@@ -160,7 +172,7 @@ impl Engine {
                 engine.release_lease(job_instance_id).await;
                 return;
             }
-            engine.run_files(spec, cancel).await;
+            run(engine.clone(), cancel).await;
             if let Err(e) = engine.store.flush().await {
                 tracing::error!(job = job_instance_id, "cannot commit the job's end: {e}");
             }

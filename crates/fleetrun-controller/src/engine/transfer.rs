@@ -229,34 +229,10 @@ fn valid_relative(name: &str) -> bool {
 impl Engine {
     /// Starts a transfer step in the background; false if the job is running already.
     pub fn start_transfer(&self, spec: TransferSpec) -> bool {
-        let cancel = CancellationToken::new();
         let job_instance_id = spec.job_instance_id;
-        {
-            let mut running = self.running.lock().unwrap();
-            if running.contains_key(&job_instance_id) {
-                return false;
-            }
-            running.insert(job_instance_id, cancel.clone());
-        }
-        let engine = self.clone();
-        tokio::spawn(async move {
-            let leased = engine.take_lease(job_instance_id).await;
-            // A created job's start took the lease already (`lease_for_start`).
-            engine.starting.lock().unwrap().remove(&job_instance_id);
-            if !leased {
-                engine.running.lock().unwrap().remove(&job_instance_id);
-                engine.release_lease(job_instance_id).await;
-                return;
-            }
+        self.start_file_run(job_instance_id, move |engine, cancel| async move {
             engine.run_transfer(spec, cancel).await;
-            if let Err(e) = engine.store.flush().await {
-                tracing::error!(job = job_instance_id, "cannot commit the job's end: {e}");
-            }
-            engine.running.lock().unwrap().remove(&job_instance_id);
-            engine.run_left(job_instance_id);
-            engine.release_lease(job_instance_id).await;
-        });
-        true
+        })
     }
 
     async fn run_transfer(&self, spec: TransferSpec, cancel: CancellationToken) {
