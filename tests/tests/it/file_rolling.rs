@@ -542,3 +542,72 @@ async fn a_config_push_waits_for_a_confirmation_before_each_batch() -> Result<()
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_config_push_goes_on_after_a_controller_restart_with_the_files_it_kept()
+-> Result<()> {
+    let mut cluster = start_cluster(2).await?;
+    let hosts = cluster.host_ids();
+    let out = scratch("roll-restart");
+    let files = json!([{"file_name": "kept.conf", "content": b64(b"kept = yes\n")}]);
+    let mut request = push_request(&cluster, out.path(), files, &hosts);
+    request["rolling_config"] = json!({"expression": "1", "mode": 3});
+    let (job, step) = submit(&cluster, "push_config_file", request).await?;
+    wait_for(&cluster, job, 7).await?;
+    // The first batch's file is removed: only the next batch can bring it back.
+    std::fs::remove_file(out.path().join("kept.conf"))?;
+    cluster.kill_controller()?;
+    cluster.start_controller().await?;
+    let ids: Vec<String> = cluster.agents.iter().map(|a| a.agent_id.clone()).collect();
+    cluster.wait_online(&ids, Duration::from_secs(30)).await?;
+    let kept = status_of(&cluster, job).await?;
+    assert_eq!(kept["job_instance"]["status"], 7, "{kept}");
+    assert_eq!(operate_step(&cluster, job, step, 13).await?["code"], 0);
+    let done = wait_for(&cluster, job, 3).await?;
+    assert_eq!(
+        statuses(&done),
+        by_host(vec![(hosts[0], 9), (hosts[1], 9)]),
+        "{done}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("kept.conf"))?,
+        "kept = yes\n"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn controllers_in_a_cluster_refuse_config_pushes_that_keep_their_files() -> Result<()> {
+    let Some(cluster) = fleetrun_tests::start_shared_cluster(
+        "controllers_in_a_cluster_refuse_config_pushes_that_keep_their_files",
+        1,
+        2,
+        fleetrun_testkit::cluster::ClusterOptions::default(),
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    let out = scratch("cluster-push");
+    let files = json!([{"file_name": "a.conf", "content": b64(b"a")}]);
+    for (field, value) in [
+        ("start_task", json!(false)),
+        ("rolling_config", json!({"expression": "1", "mode": 3})),
+    ] {
+        let mut request = push_request(&cluster, out.path(), files.clone(), &cluster.host_ids());
+        request[field] = value;
+        let (code, message) = refused(&cluster, "push_config_file", request).await?;
+        assert_eq!(code, 1_241_011, "{message}");
+        assert!(message.starts_with(field), "{message}");
+        assert!(message.contains("[cluster]"), "{message}");
+    }
+    // Without either, the push is taken as ever.
+    let request = push_request(&cluster, out.path(), files, &cluster.host_ids());
+    let (job, _) = submit(&cluster, "push_config_file", request).await?;
+    let done = cluster
+        .client()
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["job_instance"]["status"], 3, "{done}");
+    Ok(())
+}

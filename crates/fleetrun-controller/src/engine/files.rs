@@ -24,9 +24,6 @@ use uuid::Uuid;
 
 use super::{Engine, Finishing, now_ms};
 
-/// The epoch a file step's writes carry: a file step runs once, as its job's first run (it is
-/// not retried, and a take-up ends it), so its hosts are where every new job's start.
-pub(super) const FILE_STEP_EPOCH: i64 = fleetrun_store::FIRST_EPOCH;
 use crate::status::{host, job};
 
 /// The first protocol version that carries file tasks.
@@ -198,15 +195,17 @@ impl Engine {
         let dispatch = self.place_dispatch(&spec);
         let mut hosts = JoinSet::new();
         let mut host_of_task = std::collections::HashMap::with_capacity(spec.hosts.len());
-        for target in &spec.hosts {
-            self.spawn_file_host(
-                &dispatch,
-                target.bk_host_id,
-                &cancel,
-                &mut hosts,
-                &mut host_of_task,
-            );
-        }
+        let targets: Vec<i64> = spec.hosts.iter().map(|t| t.bk_host_id).collect();
+        self.spawn_file_hosts(
+            &dispatch,
+            spec.job_instance_id,
+            spec.step_instance_id,
+            &targets,
+            &cancel,
+            &mut hosts,
+            &mut host_of_task,
+        )
+        .await;
         drop(dispatch);
         let finishing = Finishing {
             job_instance_id: spec.job_instance_id,
@@ -258,48 +257,64 @@ impl Engine {
         FileDispatch::new(&spec.hosts, FileRun::Place(step))
     }
 
-    /// Starts the run of a file step (either kind) on one of its targets, into `hosts`; a host
-    /// the step does not target is not started.
-    pub(super) fn spawn_file_host(
+    /// Starts the runs of a file step (either kind) on `targets`, into `hosts`, each writing
+    /// its host at the epoch the store holds for it now (a host of a job a restarted controller
+    /// went on with is past the first); a host the step does not target is not started.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn spawn_file_hosts(
         &self,
         dispatch: &FileDispatch,
-        bk_host_id: i64,
+        job_instance_id: i64,
+        step_instance_id: i64,
+        targets: &[i64],
         cancel: &CancellationToken,
         hosts: &mut JoinSet<i32>,
         host_of_task: &mut std::collections::HashMap<tokio::task::Id, super::RunOf>,
     ) {
-        let Some(target) = dispatch.targets.get(&bk_host_id).cloned() else {
-            tracing::error!(
-                bk_host_id,
-                "a file step dispatched to a host it does not target"
-            );
-            return;
-        };
-        let engine = self.clone();
-        let cancel = cancel.clone();
-        let handle = match &dispatch.run {
-            FileRun::Place(step) => {
-                let step = step.clone();
-                hosts.spawn(async move { engine.file_host(&step, target, cancel).await })
-            }
-            FileRun::Fetch { step, strict } => {
-                let (step, strict) = (step.clone(), *strict);
-                hosts
-                    .spawn(async move { engine.transfer_host(&step, target, strict, cancel).await })
-            }
-        };
-        host_of_task.insert(
-            handle.id(),
-            super::RunOf {
-                bk_host_id,
-                epoch: FILE_STEP_EPOCH,
-            },
-        );
+        let epochs = self
+            .dispatch_epochs(job_instance_id, step_instance_id)
+            .await;
+        for bk_host_id in targets.iter().copied() {
+            let Some(target) = dispatch.targets.get(&bk_host_id).cloned() else {
+                tracing::error!(
+                    bk_host_id,
+                    "a file step dispatched to a host it does not target"
+                );
+                continue;
+            };
+            let epoch = epochs
+                .get(&bk_host_id)
+                .copied()
+                .unwrap_or(fleetrun_store::FIRST_EPOCH);
+            let engine = self.clone();
+            let cancel = cancel.clone();
+            let handle = match &dispatch.run {
+                FileRun::Place(step) => {
+                    let step = step.clone();
+                    hosts.spawn(async move { engine.file_host(&step, target, epoch, cancel).await })
+                }
+                FileRun::Fetch { step, strict } => {
+                    let (step, strict) = (step.clone(), *strict);
+                    hosts.spawn(async move {
+                        engine
+                            .transfer_host(&step, target, epoch, strict, cancel)
+                            .await
+                    })
+                }
+            };
+            host_of_task.insert(handle.id(), super::RunOf { bk_host_id, epoch });
+        }
     }
 
     /// One host of a file step, to its final status.
-    async fn file_host(&self, step: &Step, target: FileTarget, cancel: CancellationToken) -> i32 {
-        let mut run = FileHostRun::new(step, &target);
+    async fn file_host(
+        &self,
+        step: &Step,
+        target: FileTarget,
+        epoch: i64,
+        cancel: CancellationToken,
+    ) -> i32 {
+        let mut run = FileHostRun::new(step, &target, epoch);
         let (status, tag) = self.exchange_files(step, &target, &mut run, &cancel).await;
         run.finish(self, step.job_instance_id, status, tag).await
     }
@@ -403,7 +418,7 @@ impl Engine {
                                 bk_host_id: target.bk_host_id,
                                 status: host::RUNNING,
                                 start_time: Some(start),
-                                epoch: FILE_STEP_EPOCH,
+                                epoch: run.epoch,
                             },
                         )
                         .await;
@@ -454,6 +469,8 @@ pub(super) struct FileHostRun {
     pub(super) reported: Vec<bool>,
     /// Each file's size in bytes, which bounds what the agent may report.
     pub(super) sizes: Vec<u64>,
+    /// The host's epoch, which every write of the run carries.
+    pub(super) epoch: i64,
 }
 
 impl FileHostRun {
@@ -461,6 +478,7 @@ impl FileHostRun {
     pub(super) fn with_logs(
         step_instance_id: i64,
         bk_host_id: i64,
+        epoch: i64,
         logs: Vec<FileLog>,
         sizes: Vec<u64>,
     ) -> Self {
@@ -472,10 +490,11 @@ impl FileHostRun {
             logs,
             reported,
             sizes,
+            epoch,
         }
     }
 
-    fn new(step: &Step, target: &FileTarget) -> Self {
+    fn new(step: &Step, target: &FileTarget, epoch: i64) -> Self {
         let logs = step
             .files
             .iter()
@@ -507,6 +526,7 @@ impl FileHostRun {
             logs,
             reported,
             sizes: step.files.iter().map(|(_, _, size)| *size).collect(),
+            epoch,
         }
     }
 
@@ -619,7 +639,7 @@ impl FileHostRun {
                         end_time: now_ms(),
                         ..HostOutcome::default()
                     },
-                    epoch: FILE_STEP_EPOCH,
+                    epoch: self.epoch,
                 },
             )
             .await;

@@ -312,9 +312,16 @@ impl Engine {
                 .await;
             }
             Dispatch::Files(files) => {
-                for bk_host_id in batch_hosts {
-                    self.spawn_file_host(files, *bk_host_id, cancel, hosts, host_of_task);
-                }
+                self.spawn_file_hosts(
+                    files,
+                    job_instance_id,
+                    step_instance_id,
+                    batch_hosts,
+                    cancel,
+                    hosts,
+                    host_of_task,
+                )
+                .await;
             }
         }
     }

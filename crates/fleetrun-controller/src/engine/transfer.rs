@@ -34,9 +34,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::files::{
-    FILE_STEP_EPOCH, FileDispatch, FileHostRun, FileRun, file_line, file_status, join,
-};
+use super::files::{FileDispatch, FileHostRun, FileRun, file_line, file_status, join};
 use super::{Engine, FileTarget, Finishing, MODE_DOWNLOAD, MODE_UPLOAD, now_ms, target_path};
 use crate::content::{ContentStore, Hash};
 use crate::gateway::AgentLink;
@@ -253,15 +251,16 @@ impl Engine {
         // Phase 2: every target pulls the files.
         let mut hosts = JoinSet::new();
         let mut host_of_task = HashMap::with_capacity(targets.len());
-        for bk_host_id in &targets {
-            self.spawn_file_host(
-                &prepared.dispatch,
-                *bk_host_id,
-                &cancel,
-                &mut hosts,
-                &mut host_of_task,
-            );
-        }
+        self.spawn_file_hosts(
+            &prepared.dispatch,
+            job_instance_id,
+            step_instance_id,
+            &targets,
+            &cancel,
+            &mut hosts,
+            &mut host_of_task,
+        )
+        .await;
         let finishing = Finishing {
             job_instance_id,
             step_instance_id,
@@ -575,6 +574,7 @@ impl Engine {
         &self,
         step: &FetchStep,
         target: FileTarget,
+        epoch: i64,
         strict: bool,
         cancel: CancellationToken,
     ) -> i32 {
@@ -633,7 +633,8 @@ impl Engine {
             log.seq = i32::try_from(seq).unwrap_or(i32::MAX);
         }
         let sizes = step.files.iter().map(|f| f.size).collect();
-        let mut run = FileHostRun::with_logs(step.step_instance_id, target.bk_host_id, logs, sizes);
+        let mut run =
+            FileHostRun::with_logs(step.step_instance_id, target.bk_host_id, epoch, logs, sizes);
         for seen in run.reported.iter_mut().skip(fetched) {
             *seen = true;
         }
@@ -1007,7 +1008,7 @@ impl Engine {
                                 bk_host_id: target.bk_host_id,
                                 status: host::RUNNING,
                                 start_time: Some(start),
-                                epoch: FILE_STEP_EPOCH,
+                                epoch: run.epoch,
                             },
                         )
                         .await;
