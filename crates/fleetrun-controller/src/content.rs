@@ -83,6 +83,10 @@ pub struct Upload {
     pub expires_ms: i64,
     /// Set once the bytes arrived.
     pub file: Option<StoredFile>,
+    /// A file a job keeps for a later run, not an upload: no upload URL writes it, and no
+    /// request names it as a local file.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
 }
 
 impl Upload {
@@ -511,6 +515,7 @@ mod tests {
                     sha256: hex(&b),
                     chunks: vec![hex(&b)],
                 }),
+                kept: false,
             })
             .unwrap();
         assert_eq!(store.sweep(0).unwrap(), 1);
@@ -554,6 +559,7 @@ mod tests {
                 created_ms: now_ms(),
                 expires_ms: now_ms() + 60_000,
                 file: Some(file.clone()),
+                kept: true,
             })
             .unwrap();
         store.put_file(b"loose").unwrap();

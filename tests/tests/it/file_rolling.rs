@@ -158,7 +158,7 @@ async fn a_created_transfer_waits_then_sends_the_files_as_they_were_when_it_was_
     let original: Vec<u8> = (0..(1 << 20) + 3).map(|i| (i % 241) as u8).collect();
     let (path, url) = upload(&cluster, "pkg.bin", &original).await?;
     let sources = json!([
-        {"file_type": 2, "file_list": [path]},
+        {"file_type": 2, "file_list": [path.clone()]},
         {
             "file_type": 1,
             "file_list": [src.path().join("host.txt").to_str().unwrap()],
@@ -169,7 +169,7 @@ async fn a_created_transfer_waits_then_sends_the_files_as_they_were_when_it_was_
     let mut request = transfer_request(&cluster, out.path().to_str().unwrap(), sources, &[a2]);
     request["start_task"] = json!(false);
     request["download_speed_limit"] = json!(50);
-    let (job, _) = submit(&cluster, "fast_transfer_file", request).await?;
+    let (job, step) = submit(&cluster, "fast_transfer_file", request).await?;
 
     // Created, not started: pending (1), its host waiting (5), nothing written.
     let status = status_of(&cluster, job).await?;
@@ -179,6 +179,34 @@ async fn a_created_transfer_waits_then_sends_the_files_as_they_were_when_it_was_
 
     // The upload is replaced meanwhile: the job sends what it was accepted with.
     put(&cluster, &url, b"replaced after the job was accepted").await?;
+    // What the job keeps is no upload: the step names it, and nothing writes it or sends it.
+    let mut query = cluster.info.scope();
+    query["step_instance_id"] = json!(step);
+    let detail = client.call("get_step_instance_detail", query).await?;
+    let described: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD.decode(
+            detail["script_step_info"]["content"]
+                .as_str()
+                .context("content")?,
+        )?,
+    )?;
+    let held = described["file_source_list"][0]["held"]
+        .as_str()
+        .context("the kept file's record")?
+        .to_owned();
+    let kept_url = url.replace(url.rsplit('/').next().context("upload id")?, &held);
+    assert!(put(&cluster, &kept_url, b"forged").await.is_err());
+    let as_local = json!([{"file_type": 2, "file_list": [path.replace(
+        path.split('/').nth(1).context("upload id")?,
+        &held,
+    )]}]);
+    let (code, message) = refused(
+        &cluster,
+        "fast_transfer_file",
+        transfer_request(&cluster, out.path().to_str().unwrap(), as_local, &[a2]),
+    )
+    .await?;
+    assert_eq!(code, 1_240_003, "{message}");
     client
         .call("operate_job_instance", start(&cluster, job))
         .await?;

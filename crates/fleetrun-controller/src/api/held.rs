@@ -66,6 +66,7 @@ pub(super) async fn keep(
         created_ms,
         expires_ms: created_ms.saturating_add(ttl_ms),
         file: Some(file),
+        kept: true,
     };
     let id = record.id.clone();
     let store = shared.content.clone();
@@ -101,7 +102,7 @@ pub(super) async fn kept(
         )
     };
     let record = record
-        .filter(|r| r.app_code == job.app_code && r.scope_id == job.bk_scope_id)
+        .filter(|r| r.kept && r.app_code == job.app_code && r.scope_id == job.bk_scope_id)
         .ok_or_else(expired)?;
     let file = record.file.clone().ok_or_else(expired)?;
     Ok((record, file))

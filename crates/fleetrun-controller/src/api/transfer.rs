@@ -580,7 +580,8 @@ async fn local_file(
         .await
         .map_err(|e| ApiError::internal("content store", e))?
         .ok_or_else(not_found)?;
-    if upload.app_code != caller.app_code
+    if upload.kept
+        || upload.app_code != caller.app_code
         || !scope.owns(&upload.scope_type, &upload.scope_id)
         || upload.path() != path
     {
@@ -691,6 +692,7 @@ pub async fn generate_local_file_upload_url(
             created_ms,
             expires_ms: created_ms.saturating_add(ttl_ms),
             file: None,
+            kept: false,
         };
         let store = shared.content.clone();
         let saved = upload.clone();
@@ -768,8 +770,9 @@ async fn receive_upload(
         .await
         .map_err(|e| ApiError::internal("content store", e))?
         .ok_or_else(not_found)?;
-    // Bound to the app it was handed to: another app's credentials find nothing.
-    if upload.app_code != caller.app_code {
+    // Bound to the app it was handed to: another app's credentials find nothing. A file a job
+    // keeps is no upload: nothing replaces it.
+    if upload.kept || upload.app_code != caller.app_code {
         return Err(not_found());
     }
     let max = shared.config.files.max_upload_bytes;
