@@ -639,3 +639,35 @@ async fn controllers_in_a_cluster_refuse_config_pushes_that_keep_their_files() -
     assert_eq!(done["job_instance"]["status"], 3, "{done}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn staggered_config_push_batches_start_with_the_requested_spacing() -> Result<()> {
+    let cluster = start_cluster(2).await?;
+    let hosts = cluster.host_ids();
+    let out = scratch("roll-staggered");
+    let files = json!([{"file_name": "s.conf", "content": b64(b"staggered\n")}]);
+    let mut request = push_request(&cluster, out.path(), files, &hosts);
+    request["rolling_config"] = json!({
+        "expression": "1",
+        "execution_mode": 2,
+        "batch_start_wait_fixed_ms": 1500,
+        "batch_start_wait_random_min_ms": 0,
+        "batch_start_wait_random_max_ms": 0,
+    });
+    let (job, step) = submit(&cluster, "push_config_file", request).await?;
+    let done = wait_for(&cluster, job, 3).await?;
+    assert_eq!(
+        statuses(&done),
+        by_host(vec![(hosts[0], 9), (hosts[1], 9)]),
+        "{done}"
+    );
+    let hosts_of = batches(&cluster, job, step).await?;
+    let (first, second) = (hosts_of[&hosts[0]], hosts_of[&hosts[1]]);
+    assert_eq!((first.0, second.0), (1, 2), "{hosts_of:?}");
+    assert!(
+        second.2 - first.2 >= 1000,
+        "batch 2 started {} ms after batch 1: {hosts_of:?}",
+        second.2 - first.2
+    );
+    Ok(())
+}
