@@ -1,10 +1,9 @@
 //! File steps (`fast_transfer_file`, `push_config_file`) created to start later
 //! (`start_task=false`) and rolled out in batches (`rolling_config`), on real agents.
 //!
-//! All agents of a test cluster share this machine's file system: each target writes under a
-//! directory named after its address (`[FILESRCIP]` is the source's; a target's own directory
-//! comes from running one step per target in the rolling tests), so who got what is seen on
-//! disk.
+//! All agents of a test cluster share this machine's file system, so every target writes the
+//! same path: who got what, and when, is read from the step's host records (batch, status, start
+//! and end) and each host's file logs; the file on disk is checked against its hash.
 
 use std::{os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
 
