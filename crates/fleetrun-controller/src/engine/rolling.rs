@@ -104,12 +104,6 @@ enum Ending {
 }
 
 impl Engine {
-    /// Starts (or goes on with) a rolling job in the background; false if it is running
-    /// already.
-    pub fn start_rolling(&self, spec: JobSpec, rolling: RollingStart) -> bool {
-        self.start_rolling_work(Work::Script(spec), rolling)
-    }
-
     /// Starts (or goes on with) a rolling step of either kind in the background; false if its
     /// job is running already.
     pub fn start_rolling_work(&self, work: Work, rolling: RollingStart) -> bool {
