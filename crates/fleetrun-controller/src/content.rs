@@ -81,6 +81,10 @@ pub struct Upload {
     pub expires_ms: i64,
     /// Set once the bytes arrived.
     pub file: Option<StoredFile>,
+    /// A file a job keeps for a later run, not an upload: no upload URL writes it, and no
+    /// request names it as a local file.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
 }
 
 impl Upload {
@@ -311,6 +315,45 @@ impl ContentStore {
         (upload.expires_ms > now_ms()).then_some(upload)
     }
 
+    /// Stores a whole file held in memory as chunks (each checked and stored once) and says
+    /// what it is made of. Blocking. For files small enough to be held whole anyway (a
+    /// `push_config_file` file kept for a job created to start later).
+    pub fn put_file(&self, data: &[u8]) -> Result<StoredFile, ContentError> {
+        let mut chunks = Vec::with_capacity(data.len().div_ceil(FILE_CHUNK));
+        for chunk in data.chunks(FILE_CHUNK) {
+            let hash = sha256(chunk);
+            self.put_chunk(&hash, chunk)?;
+            chunks.push(hex(&hash));
+        }
+        Ok(StoredFile {
+            size: data.len() as u64,
+            sha256: hex(&sha256(data)),
+            chunks,
+        })
+    }
+
+    /// Reads back a whole file [`ContentStore::put_file`] stored, each chunk and the whole
+    /// checked against their SHA-256s, at most `max` bytes. Blocking.
+    pub fn read_file(&self, file: &StoredFile, max: u64) -> Result<Vec<u8>, ContentError> {
+        if file.size > max {
+            return Err(ContentError::TooLarge(
+                usize::try_from(file.size).unwrap_or(usize::MAX),
+            ));
+        }
+        let mut data = Vec::with_capacity(usize::try_from(file.size).unwrap_or(0));
+        for chunk in &file.chunks {
+            let hash = parse_hex(chunk).ok_or(ContentError::HashMismatch)?;
+            data.extend_from_slice(&self.read_chunk(&hash)?);
+            if data.len() as u64 > file.size {
+                return Err(ContentError::HashMismatch);
+            }
+        }
+        if data.len() as u64 != file.size || hex(&sha256(&data)) != file.sha256 {
+            return Err(ContentError::HashMismatch);
+        }
+        Ok(data)
+    }
+
     /// Removes expired uploads, then every chunk not pinned and not used by an upload left, if
     /// it is older than `grace_ms` (a chunk being stored by a transfer that has not pinned it
     /// yet). Blocking. Returns the chunks removed.
@@ -470,6 +513,7 @@ mod tests {
                     sha256: hex(&b),
                     chunks: vec![hex(&b)],
                 }),
+                kept: false,
             })
             .unwrap();
         assert_eq!(store.sweep(0).unwrap(), 1);
@@ -481,6 +525,44 @@ mod tests {
         store.unpin([&a]);
         assert_eq!(store.sweep(0).unwrap(), 1);
         assert_eq!(store.used(), 1);
+    }
+
+    #[test]
+    fn a_whole_file_put_is_read_back_checked_and_kept_by_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path(), 8 << 20).unwrap();
+        let data: Vec<u8> = (0..FILE_CHUNK * 2 + 5).map(|i| (i % 251) as u8).collect();
+        let file = store.put_file(&data).unwrap();
+        assert_eq!(file.chunks.len(), 3);
+        assert_eq!(store.read_file(&file, 8 << 20).unwrap(), data);
+        assert!(matches!(
+            store.read_file(&file, 10),
+            Err(ContentError::TooLarge(_))
+        ));
+        let mut lying = file.clone();
+        lying.sha256 = hex(&sha256(b"other"));
+        assert!(matches!(
+            store.read_file(&lying, 8 << 20),
+            Err(ContentError::HashMismatch)
+        ));
+        // Kept by an upload record, the chunks outlive a sweep; without one they go.
+        store
+            .save_upload(&Upload {
+                id: uuid::Uuid::new_v4().to_string(),
+                app_code: "app".into(),
+                scope_type: "biz".into(),
+                scope_id: "1".into(),
+                username: "admin".into(),
+                file_name: "f".into(),
+                created_ms: now_ms(),
+                expires_ms: now_ms() + 60_000,
+                file: Some(file.clone()),
+                kept: true,
+            })
+            .unwrap();
+        store.put_file(b"loose").unwrap();
+        assert_eq!(store.sweep(0).unwrap(), 1);
+        assert_eq!(store.read_file(&file, 8 << 20).unwrap(), data);
     }
 
     #[test]

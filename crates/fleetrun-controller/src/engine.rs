@@ -17,7 +17,7 @@ pub use files::{
     FileJobSpec, FileTarget, MODE_DOWNLOAD, MODE_UPLOAD, StepFile, file_status, human_size,
     human_speed,
 };
-pub use rolling::RollingStart;
+pub use rolling::{FileStep, RollingStart, Work};
 pub use transfer::{LocalFile, SourceSpec, TransferSpec};
 
 use std::{
@@ -403,7 +403,7 @@ impl Engine {
 
     /// Takes the job's lease before a handler marks the job running and starts it, so that no
     /// controller takes a job up in between; false if another controller holds it. Followed by
-    /// [`Engine::start`] / [`Engine::start_rolling`], or by [`Engine::lease_unused`].
+    /// [`Engine::start`] / [`Engine::start_rolling_work`], or by [`Engine::lease_unused`].
     pub async fn lease_for_start(&self, job_instance_id: i64) -> bool {
         self.starting.lock().unwrap().insert(job_instance_id);
         if self.take_lease(job_instance_id).await {

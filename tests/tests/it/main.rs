@@ -24,6 +24,7 @@ mod database;
 mod dist;
 mod enrollment;
 mod execution;
+mod file_rolling;
 mod files;
 mod grants;
 mod health;

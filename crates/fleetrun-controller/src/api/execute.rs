@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     Shared,
-    engine::{JobSpec, TaskTemplate},
+    engine::{JobSpec, TaskTemplate, Work},
     now_ms,
     status::{host, job},
 };
@@ -316,7 +316,7 @@ pub async fn fast_execute_script(
     let started = super::steps::save_and_start(
         shared,
         rolling,
-        JobSpec {
+        Work::Script(JobSpec {
             job_instance_id: created.job_instance_id,
             step_instance_id: created.step_instance_id,
             hosts: host_ids,
@@ -328,7 +328,7 @@ pub async fn fast_execute_script(
                 account: account.account.clone(),
                 timeout_secs: timeout as u32,
             },
-        },
+        }),
         start,
     )
     .await;

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     Shared,
-    engine::{FileJobSpec, FileTarget, StepFile},
+    engine::{FileJobSpec, FileStep, FileTarget, StepFile, Work},
     now_ms,
     status::{host, job},
 };
@@ -211,7 +211,18 @@ pub async fn push_config_file(
     };
     let timeout = super::submit::step_timeout(req.timeout)?;
     super::submit::check_task_name(req.task_name.as_deref())?;
-    super::submit::refuse_file_step_options(req.rolling_config.as_ref(), req.start_task)?;
+    super::steps::check(req.rolling_config.as_ref())?;
+    let start = req.start_task.unwrap_or(true);
+    // A job created to start later, or rolling (a run after a pause starts from the store),
+    // keeps its files' contents for that run.
+    let rolls = req.rolling_config.as_ref().is_some_and(|v| !v.is_null());
+    if rolls {
+        super::held::refuse_in_cluster(shared, "rolling_config")?;
+    }
+    if !start {
+        super::held::refuse_in_cluster(shared, "start_task")?;
+    }
+    let keep_files = !start || rolls;
     let callback_url = super::submit::callback_url(shared, req.callback_url.as_deref())?;
 
     let inventory = shared.inventory.current().await?;
@@ -229,29 +240,61 @@ pub async fn push_config_file(
         .resolve(&scope.inventory, &wanted)
         .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?
         .hosts;
+    let host_ids: Vec<i64> = chosen.iter().map(|h| h.bk_host_id).collect();
+    let plan = super::steps::plan(req.rolling_config.as_ref(), &host_ids)?;
 
     let create_time = now_ms();
     let name = req
         .task_name
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| format!("API_PUSH_CONFIG_FILE_{create_time}"));
-    // The step keeps the list of files (names and sizes), never their contents.
-    let described = serde_json::json!({
-        "file_target_path": dir,
-        "files": files.iter().map(|f| serde_json::json!({
-            "file_name": f.name,
-            "size": f.content.len(),
-            "mode": format!("{:04o}", f.mode),
-        })).collect::<Vec<_>>(),
+    // The step keeps the list of files (names and sizes), never their contents: a job that
+    // starts later or rolls keeps those in the content store, and the step names where.
+    let mut stored_files = Vec::with_capacity(files.len());
+    for file in &files {
+        let held = if !keep_files {
+            None
+        } else {
+            let store = shared.content.clone();
+            let content = file.content.clone();
+            let kept = tokio::task::spawn_blocking(move || store.put_file(&content))
+                .await
+                .map_err(|e| ApiError::internal("content store", e))?
+                .map_err(super::held::content_error)?;
+            Some(
+                super::held::keep(
+                    shared,
+                    &caller.username,
+                    &caller.app_code,
+                    &scope,
+                    &file.name,
+                    kept,
+                    create_time,
+                )
+                .await?,
+            )
+        };
+        stored_files.push(StoredPushFile {
+            file_name: file.name.clone(),
+            size: file.content.len(),
+            mode: format!("{:04o}", file.mode),
+            held,
+        });
+    }
+    let described = serde_json::to_string(&StoredPush {
+        file_target_path: dir.clone(),
+        transfer_mode: if strict { 1 } else { 2 },
+        files: stored_files,
     })
-    .to_string();
+    .map_err(|e| ApiError::internal("file step", e))?;
     let new_job = fleetrun_store::NewJob {
         name: name.clone(),
         operator: caller.username.clone(),
         app_code: caller.app_code.clone(),
         bk_scope_type: scope.scope_type.clone(),
         bk_scope_id: scope.scope_id.clone(),
-        status: job::RUNNING,
+        // Created to start later, the job is pending (1) until `operate_job_instance` starts it.
+        status: if start { job::RUNNING } else { job::PENDING },
         job_type: 1,
         launch_mode: 2,
         callback_url,
@@ -279,30 +322,31 @@ pub async fn push_config_file(
     };
     let created = shared
         .store
-        .create_job_sealing(&new_job, shared.cipher.sealer(), None)
+        .create_job_sealing(
+            &new_job,
+            shared.cipher.sealer(),
+            plan.as_ref()
+                .map(super::steps::Plan::stored)
+                .transpose()?
+                .as_ref(),
+        )
         .await?;
     let spec = FileJobSpec {
         job_instance_id: created.job_instance_id,
         step_instance_id: created.step_instance_id,
-        hosts: chosen
-            .iter()
-            .map(|h| FileTarget {
-                bk_host_id: h.bk_host_id,
-                bk_cloud_id: h.bk_cloud_id,
-                ip: h.ip.to_canonical().to_string(),
-            })
-            .collect(),
+        hosts: chosen.iter().map(file_target).collect(),
         account: account.account.clone(),
         target_dir: dir,
         strict,
         timeout_secs: timeout as u32,
         files,
     };
-    shared.engine.start_files(spec);
+    super::steps::save_and_start(shared, plan, Work::Files(FileStep::Push(spec)), start).await?;
     tracing::info!(
         job = created.job_instance_id,
         hosts = chosen.len(),
         operator = %caller.username,
+        started = start,
         "file job accepted"
     );
     reply::data(Submitted {
@@ -310,6 +354,105 @@ pub async fn push_config_file(
         job_instance_name: name,
         step_instance_id: created.step_instance_id,
     })
+}
+
+/// A `push_config_file` step as the store keeps it (the step's payload): names, sizes and modes,
+/// and for a job created with `start_task=false` the id of the record that keeps each file's
+/// contents for it ([`super::held`]).
+#[derive(Debug, serde::Serialize, Deserialize)]
+struct StoredPush {
+    file_target_path: String,
+    #[serde(default = "force_mode")]
+    transfer_mode: i64,
+    files: Vec<StoredPushFile>,
+}
+
+fn force_mode() -> i64 {
+    2
+}
+
+#[derive(Debug, serde::Serialize, Deserialize)]
+struct StoredPushFile {
+    file_name: String,
+    size: usize,
+    mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    held: Option<String>,
+}
+
+/// Whether a file step's stored payload is a `push_config_file` one (not a transfer).
+pub(super) fn is_push(payload: &[u8]) -> bool {
+    serde_json::from_slice::<StoredPush>(payload).is_ok()
+}
+
+/// A `push_config_file` job created with `start_task=false`, ready to start from what the store
+/// keeps: its account still running as the user it ran as, every file still kept, each read
+/// back checked against the SHA-256 it was kept under.
+pub(super) async fn created_push(
+    shared: &Shared,
+    job: &fleetrun_store::JobRecord,
+    step: &fleetrun_store::StepRecord,
+    payload: &[u8],
+    targets: &[fleetrun_store::HostResultRecord],
+) -> Result<FileJobSpec, ApiError> {
+    let stored: StoredPush =
+        serde_json::from_slice(payload).map_err(|e| ApiError::internal("stored file step", e))?;
+    let inventory = shared.inventory.current().await?;
+    let account = super::steps::stored_account(&inventory, job, step.account_id, &step.account)?;
+    let mut files = Vec::with_capacity(stored.files.len());
+    for (i, file) in stored.files.into_iter().enumerate() {
+        let field = format!("file_list[{i}].content");
+        let held = file
+            .held
+            .as_deref()
+            .ok_or_else(|| ApiError::internal("stored file step", "a file kept by nothing"))?;
+        let (_, kept) = super::held::kept(shared, job, &field, held).await?;
+        let store = shared.content.clone();
+        let content =
+            tokio::task::spawn_blocking(move || store.read_file(&kept, MAX_CONFIG_BYTES as u64))
+                .await
+                .map_err(|e| ApiError::internal("content store", e))?
+                .map_err(|e| ApiError::internal("kept file", e))?;
+        files.push(StepFile {
+            src_path: file.file_name.clone(),
+            name: file.file_name,
+            mode: u32::from_str_radix(&file.mode, 8)
+                .map_err(|e| ApiError::internal("stored file step", e))?,
+            sha256: crate::content::sha256(&content),
+            content: Arc::new(content),
+        });
+    }
+    Ok(FileJobSpec {
+        job_instance_id: job.job_instance_id,
+        step_instance_id: step.step_instance_id,
+        hosts: stored_targets(targets),
+        account: account.account.clone(),
+        target_dir: stored.file_target_path,
+        strict: stored.transfer_mode == 1,
+        timeout_secs: u32::try_from(step.timeout).unwrap_or(u32::MAX),
+        files,
+    })
+}
+
+/// A host a file step targets (or reads from), as the inventory resolved it.
+pub(super) fn file_target(host: &fleetrun_inventory::ResolvedHost) -> FileTarget {
+    FileTarget {
+        bk_host_id: host.bk_host_id,
+        bk_cloud_id: host.bk_cloud_id,
+        ip: host.ip.to_canonical().to_string(),
+    }
+}
+
+/// A stored file step's targets, as its host results name them.
+pub(super) fn stored_targets(results: &[fleetrun_store::HostResultRecord]) -> Vec<FileTarget> {
+    results
+        .iter()
+        .map(|h| FileTarget {
+            bk_host_id: h.bk_host_id,
+            bk_cloud_id: h.bk_cloud_id,
+            ip: h.ip.clone(),
+        })
+        .collect()
 }
 
 /// bk-job's step type of a file step.

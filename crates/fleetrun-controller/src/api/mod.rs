@@ -18,6 +18,7 @@ mod error;
 mod execute;
 pub(crate) mod files;
 mod health;
+mod held;
 mod intake;
 mod job_list;
 mod operate;

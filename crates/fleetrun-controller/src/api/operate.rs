@@ -102,9 +102,7 @@ async fn start_created_job(
         .steps
         .first()
         .ok_or_else(|| ApiError::internal("start job", "job has no step"))?;
-    let scope: fleetrun_inventory::Scope = format!("{}:{}", job.bk_scope_type, job.bk_scope_id)
-        .parse()
-        .map_err(|e| ApiError::internal("start job", format!("stored scope: {e}")))?;
+    let scope = super::steps::stored_scope(job)?;
     let inventory = shared.inventory.current().await?;
     let hosts = shared.store.host_results(step.step_instance_id).await?;
     let wanted = fleetrun_inventory::Targets {
@@ -117,8 +115,16 @@ async fn start_created_job(
     inventory
         .resolve(&scope, &wanted)
         .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?;
-    // The account and the rules in force now decide, as for a fresh submit.
-    let task = super::steps::stored_task(shared, job, step).await?;
+    // The accounts, the rules in force and, for a file step, the files it kept decide, as for
+    // a fresh submit.
+    let work = super::steps::stored_work(
+        shared,
+        caller,
+        job,
+        step,
+        hosts.iter().map(|h| h.bk_host_id).collect(),
+    )
+    .await?;
     // The lease first: once the job shows running, a controller looking for jobs nobody holds
     // must find this one held.
     if !shared.engine.lease_for_start(job.job_instance_id).await {
@@ -138,16 +144,7 @@ async fn start_created_job(
         claimed?;
         return Err(not_startable());
     }
-    let started = super::steps::start_created(
-        shared,
-        crate::engine::JobSpec {
-            job_instance_id: job.job_instance_id,
-            step_instance_id: step.step_instance_id,
-            hosts: hosts.iter().map(|h| h.bk_host_id).collect(),
-            task,
-        },
-    )
-    .await;
+    let started = super::steps::start_created(shared, step.step_instance_id, work).await;
     if !matches!(started, Ok(true)) {
         shared.engine.lease_unused(job.job_instance_id).await;
         started?;

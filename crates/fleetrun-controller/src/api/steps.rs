@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     Shared,
-    engine::{JobSpec, RollingStart, TaskTemplate},
+    engine::{FileStep, JobSpec, RollingStart, TaskTemplate, Work},
     rolling::{ConfigError, RollingConfig},
     status,
 };
@@ -73,7 +73,7 @@ impl Plan {
 pub(super) async fn save_and_start(
     shared: &Shared,
     plan: Option<Plan>,
-    spec: JobSpec,
+    work: Work,
     start: bool,
 ) -> Result<(), ApiError> {
     if !start {
@@ -81,11 +81,11 @@ pub(super) async fn save_and_start(
     }
     match plan {
         None => {
-            shared.engine.start(spec);
+            shared.engine.start_work(work);
         }
         Some(Plan { config, batches }) => {
-            shared.engine.start_rolling(
-                spec,
+            shared.engine.start_rolling_work(
+                work,
                 RollingStart {
                     config,
                     batches,
@@ -101,14 +101,18 @@ pub(super) async fn save_and_start(
 
 /// Starts a job created with `start_task=false`: by batches if it rolls. False if it is running
 /// already.
-pub(super) async fn start_created(shared: &Shared, spec: JobSpec) -> Result<bool, ApiError> {
-    match shared.store.rolling(spec.step_instance_id).await? {
-        None => Ok(shared.engine.start(spec)),
+pub(super) async fn start_created(
+    shared: &Shared,
+    step_instance_id: i64,
+    work: Work,
+) -> Result<bool, ApiError> {
+    match shared.store.rolling(step_instance_id).await? {
+        None => Ok(shared.engine.start_work(work)),
         Some(record) => {
             let config = stored_config(&record.config)?;
-            let batches = shared.store.rolling_batches(spec.step_instance_id).await?;
-            Ok(shared.engine.start_rolling(
-                spec,
+            let batches = shared.store.rolling_batches(step_instance_id).await?;
+            Ok(shared.engine.start_rolling_work(
+                work,
                 RollingStart {
                     config,
                     batches,
@@ -417,7 +421,7 @@ async fn go_on(
     super::execute::refuse_while_unwritable(shared)?;
     let config = stored_config(&record.config)?;
     let batches = shared.store.rolling_batches(step.step_instance_id).await?;
-    let task = stored_task(shared, job, step).await?;
+    let work = stored_work(shared, caller, job, step, batches.concat()).await?;
     // The batches still to go out.
     let later: Vec<i64> = batches
         .iter()
@@ -472,12 +476,6 @@ async fn go_on(
             ),
         ));
     }
-    let spec = JobSpec {
-        job_instance_id: job.job_instance_id,
-        step_instance_id: step.step_instance_id,
-        hosts: batches.concat(),
-        task,
-    };
     let rolling = RollingStart {
         config,
         batches,
@@ -489,7 +487,10 @@ async fn go_on(
     // that saw the pause committed may come a moment before that.
     let mut started = false;
     for _ in 0..100 {
-        if shared.engine.start_rolling(spec.clone(), rolling.clone()) {
+        if shared
+            .engine
+            .start_rolling_work(work.clone(), rolling.clone())
+        {
             started = true;
             break;
         }
@@ -522,6 +523,42 @@ async fn go_on(
     Ok(())
 }
 
+/// What a stored step sends `hosts` (a script step's; a file step goes to all of its own), from
+/// the store, as a fresh submit would send it now: a script through [`stored_task`], a file
+/// step's files through `files::created_push` or `transfer::created_transfer` (the files the
+/// job keeps, its sources' hosts and accounts checked again). Every path that dispatches a
+/// stored step (a created job's start, a rolling job going on) takes its work from here.
+pub(super) async fn stored_work(
+    shared: &Shared,
+    caller: &Caller,
+    job: &fleetrun_store::JobRecord,
+    step: &fleetrun_store::StepRecord,
+    hosts: Vec<i64>,
+) -> Result<Work, ApiError> {
+    if step.step_type != super::files::STEP_TYPE_FILE {
+        return Ok(Work::Script(JobSpec {
+            job_instance_id: job.job_instance_id,
+            step_instance_id: step.step_instance_id,
+            hosts,
+            task: stored_task(shared, job, step).await?,
+        }));
+    }
+    let targets = shared.store.host_results(step.step_instance_id).await?;
+    let (payload, _) = shared
+        .store
+        .step_payload(step.step_instance_id)
+        .await?
+        .ok_or_else(|| ApiError::internal("stored step", "step vanished"))?;
+    Ok(Work::Files(if super::files::is_push(&payload) {
+        FileStep::Push(super::files::created_push(shared, job, step, &payload, &targets).await?)
+    } else {
+        FileStep::Transfer(
+            super::transfer::created_transfer(shared, caller, job, step, &payload, &targets)
+                .await?,
+        )
+    }))
+}
+
 /// What the step's hosts run, from the store: the script, the parameter (opened if sealed) and
 /// the account, which must still run as it did when the job was created. The dangerous-command
 /// rules in force now decide whether it may go out again, as for a fresh submit. Every path that
@@ -532,22 +569,8 @@ pub(super) async fn stored_task(
     job: &fleetrun_store::JobRecord,
     step: &fleetrun_store::StepRecord,
 ) -> Result<TaskTemplate, ApiError> {
-    let scope: fleetrun_inventory::Scope = format!("{}:{}", job.bk_scope_type, job.bk_scope_id)
-        .parse()
-        .map_err(|e| ApiError::internal("stored step", format!("stored scope: {e}")))?;
     let inventory = shared.inventory.current().await?;
-    let account = inventory
-        .account_for(&scope, Some(step.account_id), None)
-        .map_err(|e| ApiError::new(i64::from(e.code()), format!("account_id: {e}")))?;
-    if account.account != step.account {
-        return Err(ApiError::invalid(
-            "job_instance_id",
-            format!(
-                "account {} now runs as {:?}, not {:?} as when job {} was created; submit it again",
-                step.account_id, account.account, step.account, job.job_instance_id
-            ),
-        ));
-    }
+    let account = stored_account(&inventory, job, step.account_id, &step.account)?;
     let (script, param) = shared
         .store
         .step_payload(step.step_instance_id)
@@ -577,6 +600,39 @@ pub(super) async fn stored_task(
         account: account.account.clone(),
         timeout_secs: u32::try_from(step.timeout).unwrap_or(u32::MAX),
     })
+}
+
+/// The scope a stored job was submitted in.
+pub(super) fn stored_scope(
+    job: &fleetrun_store::JobRecord,
+) -> Result<fleetrun_inventory::Scope, ApiError> {
+    format!("{}:{}", job.bk_scope_type, job.bk_scope_id)
+        .parse()
+        .map_err(|e| ApiError::internal("stored step", format!("stored scope: {e}")))
+}
+
+/// The account `account_id` as the job's scope allows it now, refused unless it still runs as
+/// `user`, the user it ran as when the job was created.
+pub(super) fn stored_account<'i>(
+    inventory: &'i fleetrun_inventory::Inventory,
+    job: &fleetrun_store::JobRecord,
+    account_id: i64,
+    user: &str,
+) -> Result<&'i fleetrun_inventory::Account, ApiError> {
+    let account = inventory
+        .account_for(&stored_scope(job)?, Some(account_id), None)
+        .map_err(|e| ApiError::new(i64::from(e.code()), format!("account_id: {e}")))?;
+    if account.account != user {
+        return Err(ApiError::invalid(
+            "job_instance_id",
+            format!(
+                "account {account_id} now runs as {:?}, not {user:?} as when job {} was created; \
+                 submit it again",
+                account.account, job.job_instance_id
+            ),
+        ));
+    }
+    Ok(account)
 }
 
 /// Runs a finished step's hosts again (operations 2 and 8) under the next execute_count: the

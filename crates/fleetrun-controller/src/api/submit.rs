@@ -1,10 +1,8 @@
 //! What the submit APIs (`fast_execute_script`, `fast_transfer_file`, `push_config_file`) check
 //! the same way: a step's `timeout` and `task_name`, the `callback_url`, the account a step runs
-//! as, and the options a file step refuses.
+//! as.
 
-use serde_json::Value;
-
-use super::{ApiError, error::code};
+use super::ApiError;
 use crate::Shared;
 
 /// Longest `task_name` a submit API takes, in characters.
@@ -53,26 +51,6 @@ pub(super) fn callback_url(
                 .to_string(),
         )),
     }
-}
-
-/// Refuses what a file step cannot do yet: roll, or wait for `operate_job_instance` to start.
-pub(super) fn refuse_file_step_options(
-    rolling_config: Option<&Value>,
-    start_task: Option<bool>,
-) -> Result<(), ApiError> {
-    if rolling_config.is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::new(
-            code::NOT_SUPPORTED,
-            "rolling_config: file steps do not roll yet; submit without rolling_config",
-        ));
-    }
-    if start_task == Some(false) {
-        return Err(ApiError::new(
-            code::NOT_SUPPORTED,
-            "start_task: file steps start when they are accepted; submit without start_task=false",
-        ));
-    }
-    Ok(())
 }
 
 /// Which request fields name an account, for the errors of [`requested_account`].

@@ -22,7 +22,7 @@ use super::{
     auth::Caller,
     error::code,
     execute::{TargetServer, refuse_while_unwritable},
-    files::{STEP_TYPE_FILE, target_dir},
+    files::{STEP_TYPE_FILE, file_target, stored_targets, target_dir},
     params::{Params, lenient},
     reply,
     request::ApiRequest,
@@ -31,7 +31,7 @@ use super::{
 use crate::{
     Shared,
     content::{self, StoredFile, Upload},
-    engine::{FileTarget, LocalFile, SourceSpec, TransferSpec},
+    engine::{FileStep, LocalFile, SourceSpec, TransferSpec, Work},
     now_ms,
     status::{host, job},
 };
@@ -71,6 +71,38 @@ struct Request {
     #[serde(default, deserialize_with = "lenient::opt_bool")]
     start_task: Option<bool>,
     rolling_config: Option<Value>,
+}
+
+/// A transfer step as the store keeps it (the step's payload, shown by `get_step_instance_detail`):
+/// what a job created with `start_task=false` is started from. Sources keep their host ids and
+/// account ids, local files the id of the record that holds them for the job
+/// ([`super::held`]); speed limits are in MB/s as submitted.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredTransfer {
+    file_target_path: String,
+    file_target_name: Option<String>,
+    transfer_mode: i64,
+    #[serde(default)]
+    download_speed_limit: i64,
+    #[serde(default)]
+    upload_speed_limit: i64,
+    file_source_list: Vec<StoredSource>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSource {
+    file_type: i64,
+    file_list: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    account: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    account_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hosts: Option<Vec<i64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    held: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,8 +223,13 @@ pub async fn fast_transfer_file(
     let download = speed_limit("download_speed_limit", req.download_speed_limit)?;
     let upload = speed_limit("upload_speed_limit", req.upload_speed_limit)?;
     super::submit::check_task_name(req.task_name.as_deref())?;
-    super::submit::refuse_file_step_options(req.rolling_config.as_ref(), req.start_task)?;
+    super::steps::check(req.rolling_config.as_ref())?;
+    let start = req.start_task.unwrap_or(true);
+    // A job created to start later, or rolling (a run after a pause starts from the store),
+    // keeps its local files past their uploads.
+    let keep_files = !start || req.rolling_config.as_ref().is_some_and(|v| !v.is_null());
     let callback_url = super::submit::callback_url(shared, req.callback_url.as_deref())?;
+    let create_time = now_ms();
 
     let inventory = shared.inventory.current().await?;
     let account_of = |field: &str, id: Option<i64>, alias: Option<&str>| {
@@ -252,19 +289,18 @@ pub async fn fast_transfer_file(
                     source_account.id,
                     source_account.alias.as_deref(),
                 )?;
-                described.push(serde_json::json!({
-                    "file_type": file_type::SERVER,
-                    "file_list": checked,
-                    "account": source_account.account,
-                    "hosts": hosts.iter().map(|h| h.bk_host_id).collect::<Vec<_>>(),
-                }));
+                described.push(StoredSource {
+                    file_type: file_type::SERVER,
+                    file_list: checked.clone(),
+                    account: Some(source_account.account.clone()),
+                    account_id: Some(source_account.id),
+                    hosts: Some(hosts.iter().map(|h| h.bk_host_id).collect()),
+                    size: None,
+                    held: None,
+                });
                 for h in &hosts {
                     sources.push(SourceSpec {
-                        host: FileTarget {
-                            bk_host_id: h.bk_host_id,
-                            bk_cloud_id: h.bk_cloud_id,
-                            ip: h.ip.to_canonical().to_string(),
-                        },
+                        host: file_target(h),
                         account: source_account.account.clone(),
                         paths: checked.clone(),
                     });
@@ -275,11 +311,32 @@ pub async fn fast_transfer_file(
                 for (j, path) in files.iter().enumerate() {
                     let field = field(&format!("file_list[{j}]"));
                     let local = local_file(&content, caller, &scope, &field, path).await?;
-                    described.push(serde_json::json!({
-                        "file_type": file_type::LOCAL,
-                        "file_list": [path],
-                        "size": local.size,
-                    }));
+                    // Kept as it is now, past the upload, for a later run to send.
+                    let held = if !keep_files {
+                        None
+                    } else {
+                        Some(
+                            super::held::keep(
+                                shared,
+                                &caller.username,
+                                &caller.app_code,
+                                &scope,
+                                &local.name,
+                                local.stored(),
+                                create_time,
+                            )
+                            .await?,
+                        )
+                    };
+                    described.push(StoredSource {
+                        file_type: file_type::LOCAL,
+                        file_list: vec![path.clone()],
+                        account: None,
+                        account_id: None,
+                        hosts: None,
+                        size: Some(local.size),
+                        held,
+                    });
                     locals.push(local);
                 }
             }
@@ -318,26 +375,30 @@ pub async fn fast_transfer_file(
         .resolve(&scope.inventory, &wanted)
         .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?
         .hosts;
+    let host_ids: Vec<i64> = chosen.iter().map(|h| h.bk_host_id).collect();
+    let plan = super::steps::plan(req.rolling_config.as_ref(), &host_ids)?;
 
-    let create_time = now_ms();
     let name = req
         .task_name
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| format!("API_FAST_TRANSFER_FILE_{create_time}"));
-    let step_described = serde_json::json!({
-        "file_target_path": template,
-        "file_target_name": target_name,
-        "transfer_mode": if strict { 1 } else { 2 },
-        "file_source_list": described,
+    let step_described = serde_json::to_string(&StoredTransfer {
+        file_target_path: template.clone(),
+        file_target_name: target_name.clone(),
+        transfer_mode: if strict { 1 } else { 2 },
+        download_speed_limit: req.download_speed_limit.unwrap_or(0),
+        upload_speed_limit: req.upload_speed_limit.unwrap_or(0),
+        file_source_list: described,
     })
-    .to_string();
+    .map_err(|e| ApiError::internal("transfer step", e))?;
     let new_job = fleetrun_store::NewJob {
         name: name.clone(),
         operator: caller.username.clone(),
         app_code: caller.app_code.clone(),
         bk_scope_type: scope.scope_type.clone(),
         bk_scope_id: scope.scope_id.clone(),
-        status: job::RUNNING,
+        // Created to start later, the job is pending (1) until `operate_job_instance` starts it.
+        status: if start { job::RUNNING } else { job::PENDING },
         job_type: 1,
         launch_mode: 2,
         callback_url,
@@ -365,21 +426,21 @@ pub async fn fast_transfer_file(
     };
     let created = shared
         .store
-        .create_job_sealing(&new_job, shared.cipher.sealer(), None)
+        .create_job_sealing(
+            &new_job,
+            shared.cipher.sealer(),
+            plan.as_ref()
+                .map(super::steps::Plan::stored)
+                .transpose()?
+                .as_ref(),
+        )
         .await?;
     let spec = TransferSpec {
         job_instance_id: created.job_instance_id,
         step_instance_id: created.step_instance_id,
         sources,
         locals,
-        targets: chosen
-            .iter()
-            .map(|h| FileTarget {
-                bk_host_id: h.bk_host_id,
-                bk_cloud_id: h.bk_cloud_id,
-                ip: h.ip.to_canonical().to_string(),
-            })
-            .collect(),
+        targets: chosen.iter().map(file_target).collect(),
         account: account.account.clone(),
         target_path: template,
         target_name,
@@ -396,13 +457,96 @@ pub async fn fast_transfer_file(
         locals = spec.locals.len(),
         hosts = chosen.len(),
         operator = %caller.username,
+        started = start,
         "transfer job accepted"
     );
-    shared.engine.start_transfer(spec);
+    super::steps::save_and_start(shared, plan, Work::Files(FileStep::Transfer(spec)), start)
+        .await?;
     reply::data(Submitted {
         job_instance_id: created.job_instance_id,
         job_instance_name: name,
         step_instance_id: created.step_instance_id,
+    })
+}
+
+/// A transfer job created with `start_task=false`, ready to start from what the store keeps, as
+/// it would be submitted now: every source host still in the job's scope and visible to the
+/// caller, every account still running as the user it ran as, every local file still kept.
+pub(super) async fn created_transfer(
+    shared: &Shared,
+    caller: &Caller,
+    job: &fleetrun_store::JobRecord,
+    step: &fleetrun_store::StepRecord,
+    payload: &[u8],
+    targets: &[fleetrun_store::HostResultRecord],
+) -> Result<TransferSpec, ApiError> {
+    let stored: StoredTransfer = serde_json::from_slice(payload)
+        .map_err(|e| ApiError::internal("stored transfer step", e))?;
+    let scope = super::steps::stored_scope(job)?;
+    let inventory = shared.inventory.current().await?;
+    let account = super::steps::stored_account(&inventory, job, step.account_id, &step.account)?;
+    let mut sources = Vec::new();
+    let mut locals = Vec::new();
+    for (i, source) in stored.file_source_list.into_iter().enumerate() {
+        let field = |name: &str| format!("file_source_list[{i}].{name}");
+        if source.file_type == file_type::LOCAL {
+            let (path, held) = source
+                .file_list
+                .first()
+                .zip(source.held.as_deref())
+                .ok_or_else(|| {
+                    ApiError::internal("stored transfer step", "a local file kept by nothing")
+                })?;
+            let (record, file) =
+                super::held::kept(shared, job, &field("file_list[0]"), held).await?;
+            locals.push(stored_local(record.file_name, path, &file)?);
+            continue;
+        }
+        let (Some(account_id), Some(user), Some(host_ids)) =
+            (source.account_id, source.account.as_deref(), source.hosts)
+        else {
+            return Err(ApiError::internal(
+                "stored transfer step",
+                "a server source without its account or hosts",
+            ));
+        };
+        let source_account = super::steps::stored_account(&inventory, job, account_id, user)
+            .map_err(|e| ApiError::new(e.code, format!("{}: {}", field("account"), e.message)))?;
+        let wanted = fleetrun_inventory::Targets {
+            host_ids: Some(host_ids),
+            ..Default::default()
+        };
+        scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
+        let hosts = inventory
+            .resolve(&scope, &wanted)
+            .map_err(|e| ApiError::new(i64::from(e.code()), format!("{}: {e}", field("server"))))?
+            .hosts;
+        for h in &hosts {
+            sources.push(SourceSpec {
+                host: file_target(h),
+                account: source_account.account.clone(),
+                paths: source.file_list.clone(),
+            });
+        }
+    }
+    Ok(TransferSpec {
+        job_instance_id: job.job_instance_id,
+        step_instance_id: step.step_instance_id,
+        sources,
+        locals,
+        targets: stored_targets(targets),
+        account: account.account.clone(),
+        target_path: stored.file_target_path,
+        target_name: stored.file_target_name,
+        strict: stored.transfer_mode == 1,
+        timeout_secs: u32::try_from(step.timeout).unwrap_or(u32::MAX),
+        upload_bytes_per_sec: speed_limit("upload_speed_limit", Some(stored.upload_speed_limit))?,
+        download_bytes_per_sec: speed_limit(
+            "download_speed_limit",
+            Some(stored.download_speed_limit),
+        )?,
+        create_time: job.create_time,
+        content: shared.content.clone(),
     })
 }
 
@@ -436,7 +580,8 @@ async fn local_file(
         .await
         .map_err(|e| ApiError::internal("content store", e))?
         .ok_or_else(not_found)?;
-    if upload.app_code != caller.app_code
+    if upload.kept
+        || upload.app_code != caller.app_code
         || !scope.owns(&upload.scope_type, &upload.scope_id)
         || upload.path() != path
     {
@@ -450,11 +595,16 @@ async fn local_file(
             ),
         )
     })?;
+    stored_local(upload.file_name.clone(), path, file)
+}
+
+/// A local file as a content store record names it: `name`, sent from `path`.
+fn stored_local(name: String, path: &str, file: &StoredFile) -> Result<LocalFile, ApiError> {
     let parse = |hex: &str| {
         content::parse_hex(hex).ok_or_else(|| ApiError::internal("upload record", "bad hash"))
     };
     Ok(LocalFile {
-        name: upload.file_name.clone(),
+        name,
         path: path.to_owned(),
         size: file.size,
         sha256: parse(&file.sha256)?,
@@ -542,6 +692,7 @@ pub async fn generate_local_file_upload_url(
             created_ms,
             expires_ms: created_ms.saturating_add(ttl_ms),
             file: None,
+            kept: false,
         };
         let store = shared.content.clone();
         let saved = upload.clone();
@@ -619,8 +770,9 @@ async fn receive_upload(
         .await
         .map_err(|e| ApiError::internal("content store", e))?
         .ok_or_else(not_found)?;
-    // Bound to the app it was handed to: another app's credentials find nothing.
-    if upload.app_code != caller.app_code {
+    // Bound to the app it was handed to: another app's credentials find nothing. A file a job
+    // keeps is no upload: nothing replaces it.
+    if upload.kept || upload.app_code != caller.app_code {
         return Err(not_found());
     }
     let max = shared.config.files.max_upload_bytes;
@@ -707,10 +859,7 @@ async fn store_chunk(shared: &Arc<Shared>, data: Vec<u8>) -> Result<content::Has
     tokio::task::spawn_blocking(move || store.put_chunk(&hash, &data))
         .await
         .map_err(|e| ApiError::internal("content store", e))?
-        .map_err(|e| match e {
-            content::ContentError::Full { .. } => ApiError::new(code::INTERNAL, e.to_string()),
-            other => ApiError::internal("content store", other),
-        })?;
+        .map_err(super::held::content_error)?;
     Ok(hash)
 }
 

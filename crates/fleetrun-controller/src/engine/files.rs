@@ -24,9 +24,6 @@ use uuid::Uuid;
 
 use super::{Engine, Finishing, now_ms};
 
-/// The epoch a file step's writes carry: a file step runs once, as its job's first run (it is
-/// not retried, and a take-up ends it), so its hosts are where every new job's start.
-pub(super) const FILE_STEP_EPOCH: i64 = fleetrun_store::FIRST_EPOCH;
 use crate::status::{host, job};
 
 /// The first protocol version that carries file tasks.
@@ -101,7 +98,7 @@ impl std::fmt::Debug for FileJobSpec {
 }
 
 /// What every host's run of the step shares.
-struct Step {
+pub(super) struct Step {
     job_instance_id: i64,
     step_instance_id: i64,
     target_dir: String,
@@ -111,11 +108,50 @@ struct Step {
     frame: Result<Bytes, String>,
 }
 
+/// What a file step sends its targets, ready for any of them: a batch of a rolling step
+/// dispatches some, a step that does not roll all at once.
+pub(super) struct FileDispatch {
+    targets: std::collections::HashMap<i64, FileTarget>,
+    run: FileRun,
+}
+
+/// How a file step's target gets its files.
+pub(super) enum FileRun {
+    /// `push_config_file`: the files inline in one `Place` frame.
+    Place(Arc<Step>),
+    /// `fast_transfer_file`: a `Fetch` of chunks from the content store.
+    Fetch {
+        step: Arc<super::transfer::FetchStep>,
+        strict: bool,
+    },
+}
+
+impl FileDispatch {
+    pub(super) fn new(targets: &[FileTarget], run: FileRun) -> Self {
+        Self {
+            targets: targets.iter().map(|t| (t.bk_host_id, t.clone())).collect(),
+            run,
+        }
+    }
+}
+
 impl Engine {
     /// Starts a file step in the background; false if the job is running already.
     pub fn start_files(&self, spec: FileJobSpec) -> bool {
-        let cancel = CancellationToken::new();
         let job_instance_id = spec.job_instance_id;
+        self.start_file_run(job_instance_id, move |engine, cancel| async move {
+            engine.run_files(spec, cancel).await;
+        })
+    }
+
+    /// Runs a file step that does not roll in the background, under its job's lease, until its
+    /// end is committed; false if the job is running already.
+    pub(super) fn start_file_run<F, Fut>(&self, job_instance_id: i64, run: F) -> bool
+    where
+        F: FnOnce(Engine, CancellationToken) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let cancel = CancellationToken::new();
         {
             let mut running = self.running.lock().unwrap();
             if running.contains_key(&job_instance_id) {
@@ -125,11 +161,15 @@ impl Engine {
         }
         let engine = self.clone();
         tokio::spawn(async move {
-            if !engine.take_lease(job_instance_id).await {
+            let leased = engine.take_lease(job_instance_id).await;
+            // A created job's start took the lease already (`lease_for_start`).
+            engine.starting.lock().unwrap().remove(&job_instance_id);
+            if !leased {
                 engine.running.lock().unwrap().remove(&job_instance_id);
+                engine.release_lease(job_instance_id).await;
                 return;
             }
-            engine.run_files(spec, cancel).await;
+            run(engine.clone(), cancel).await;
             if let Err(e) = engine.store.flush().await {
                 tracing::error!(job = job_instance_id, "cannot commit the job's end: {e}");
             }
@@ -152,6 +192,34 @@ impl Engine {
             },
         )
         .await;
+        let dispatch = self.place_dispatch(&spec);
+        let mut hosts = JoinSet::new();
+        let mut host_of_task = std::collections::HashMap::with_capacity(spec.hosts.len());
+        let targets: Vec<i64> = spec.hosts.iter().map(|t| t.bk_host_id).collect();
+        self.spawn_file_hosts(
+            &dispatch,
+            spec.job_instance_id,
+            spec.step_instance_id,
+            &targets,
+            &cancel,
+            &mut hosts,
+            &mut host_of_task,
+        )
+        .await;
+        drop(dispatch);
+        let finishing = Finishing {
+            job_instance_id: spec.job_instance_id,
+            step_instance_id: spec.step_instance_id,
+            hosts: spec.hosts.len(),
+            started,
+            all_succeeded: true,
+        };
+        self.finish_job(finishing, hosts, host_of_task, &cancel)
+            .await;
+    }
+
+    /// The step's files encoded once, ready to be placed on any of its targets.
+    pub(super) fn place_dispatch(&self, spec: &FileJobSpec) -> FileDispatch {
         let request = TaskDown::Place(PlaceRequest {
             // One frame for every host: the agent names its temporary files itself.
             task_id: Uuid::nil(),
@@ -186,37 +254,67 @@ impl Engine {
                 .collect(),
             frame,
         });
-        let mut hosts = JoinSet::new();
-        let mut host_of_task = std::collections::HashMap::with_capacity(spec.hosts.len());
-        for target in spec.hosts.iter().cloned() {
-            let engine = self.clone();
-            let step = step.clone();
-            let cancel = cancel.clone();
-            let bk_host_id = target.bk_host_id;
-            let handle = hosts.spawn(async move { engine.file_host(&step, target, cancel).await });
-            host_of_task.insert(
-                handle.id(),
-                super::RunOf {
-                    bk_host_id,
-                    epoch: FILE_STEP_EPOCH,
-                },
-            );
-        }
-        drop(step);
-        let finishing = Finishing {
-            job_instance_id: spec.job_instance_id,
-            step_instance_id: spec.step_instance_id,
-            hosts: spec.hosts.len(),
-            started,
-            all_succeeded: true,
-        };
-        self.finish_job(finishing, hosts, host_of_task, &cancel)
+        FileDispatch::new(&spec.hosts, FileRun::Place(step))
+    }
+
+    /// Starts the runs of a file step (either kind) on `targets`, into `hosts`, each writing
+    /// its host at the epoch the store holds for it now (a host of a job a restarted controller
+    /// went on with is past the first); a host the step does not target is not started.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn spawn_file_hosts(
+        &self,
+        dispatch: &FileDispatch,
+        job_instance_id: i64,
+        step_instance_id: i64,
+        targets: &[i64],
+        cancel: &CancellationToken,
+        hosts: &mut JoinSet<i32>,
+        host_of_task: &mut std::collections::HashMap<tokio::task::Id, super::RunOf>,
+    ) {
+        let epochs = self
+            .dispatch_epochs(job_instance_id, step_instance_id)
             .await;
+        for bk_host_id in targets.iter().copied() {
+            let Some(target) = dispatch.targets.get(&bk_host_id).cloned() else {
+                tracing::error!(
+                    bk_host_id,
+                    "a file step dispatched to a host it does not target"
+                );
+                continue;
+            };
+            let epoch = epochs
+                .get(&bk_host_id)
+                .copied()
+                .unwrap_or(fleetrun_store::FIRST_EPOCH);
+            let engine = self.clone();
+            let cancel = cancel.clone();
+            let handle = match &dispatch.run {
+                FileRun::Place(step) => {
+                    let step = step.clone();
+                    hosts.spawn(async move { engine.file_host(&step, target, epoch, cancel).await })
+                }
+                FileRun::Fetch { step, strict } => {
+                    let (step, strict) = (step.clone(), *strict);
+                    hosts.spawn(async move {
+                        engine
+                            .transfer_host(&step, target, epoch, strict, cancel)
+                            .await
+                    })
+                }
+            };
+            host_of_task.insert(handle.id(), super::RunOf { bk_host_id, epoch });
+        }
     }
 
     /// One host of a file step, to its final status.
-    async fn file_host(&self, step: &Step, target: FileTarget, cancel: CancellationToken) -> i32 {
-        let mut run = FileHostRun::new(step, &target);
+    async fn file_host(
+        &self,
+        step: &Step,
+        target: FileTarget,
+        epoch: i64,
+        cancel: CancellationToken,
+    ) -> i32 {
+        let mut run = FileHostRun::new(step, &target, epoch);
         let (status, tag) = self.exchange_files(step, &target, &mut run, &cancel).await;
         run.finish(self, step.job_instance_id, status, tag).await
     }
@@ -320,7 +418,7 @@ impl Engine {
                                 bk_host_id: target.bk_host_id,
                                 status: host::RUNNING,
                                 start_time: Some(start),
-                                epoch: FILE_STEP_EPOCH,
+                                epoch: run.epoch,
                             },
                         )
                         .await;
@@ -371,6 +469,8 @@ pub(super) struct FileHostRun {
     pub(super) reported: Vec<bool>,
     /// Each file's size in bytes, which bounds what the agent may report.
     pub(super) sizes: Vec<u64>,
+    /// The host's epoch, which every write of the run carries.
+    pub(super) epoch: i64,
 }
 
 impl FileHostRun {
@@ -378,6 +478,7 @@ impl FileHostRun {
     pub(super) fn with_logs(
         step_instance_id: i64,
         bk_host_id: i64,
+        epoch: i64,
         logs: Vec<FileLog>,
         sizes: Vec<u64>,
     ) -> Self {
@@ -389,10 +490,11 @@ impl FileHostRun {
             logs,
             reported,
             sizes,
+            epoch,
         }
     }
 
-    fn new(step: &Step, target: &FileTarget) -> Self {
+    fn new(step: &Step, target: &FileTarget, epoch: i64) -> Self {
         let logs = step
             .files
             .iter()
@@ -424,6 +526,7 @@ impl FileHostRun {
             logs,
             reported,
             sizes: step.files.iter().map(|(_, _, size)| *size).collect(),
+            epoch,
         }
     }
 
@@ -536,7 +639,7 @@ impl FileHostRun {
                         end_time: now_ms(),
                         ..HostOutcome::default()
                     },
-                    epoch: FILE_STEP_EPOCH,
+                    epoch: self.epoch,
                 },
             )
             .await;

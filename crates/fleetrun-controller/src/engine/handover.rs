@@ -120,7 +120,7 @@ impl Engine {
     /// included. A host taken over before (a retried step's) is past the first epoch: a run
     /// that assumed the first would have even its end refused, and the host would stay
     /// unfinished.
-    async fn dispatch_epochs(
+    pub(super) async fn dispatch_epochs(
         &self,
         job_instance_id: i64,
         step_instance_id: i64,

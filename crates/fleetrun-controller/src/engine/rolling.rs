@@ -10,6 +10,12 @@
 //! Staggered execution starts batch k `fixed + random(min, max)` ms after batch k-1 without
 //! waiting for it; the mode is ignored and any failed host fails the step.
 //!
+//! File steps roll the same way: a transfer reads its sources once per run (before its first
+//! batch, into the content store, pinned until the run ends), and each batch's targets pull the
+//! files from there; a `push_config_file` step's files are encoded once per run. A run that goes
+//! on after a pause starts from the step as the store keeps it (the files a job holds, the
+//! sources read again).
+//!
 //! Either way, once as many hosts failed as `max_failures` / `max_failure_percent` allow, no
 //! further batch goes out and the job fails. Hosts of batches that never went out keep their
 //! waiting status (5), as bk-job leaves them.
@@ -19,8 +25,10 @@ use std::{collections::HashMap, time::Duration};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{Engine, Finishing, JobSpec, now_ms};
+use super::files::FileDispatch;
+use super::{Engine, FileJobSpec, Finishing, JobSpec, RunOf, TransferSpec, now_ms};
 use crate::{
+    host_run::Limits,
     rolling::{Execution, Mode, RollingConfig},
     status::job,
 };
@@ -39,6 +47,41 @@ pub struct RollingStart {
     pub earlier_failures: usize,
     /// When the job first started; None for a job that starts now.
     pub started: Option<i64>,
+}
+
+/// What a step's hosts are sent: a script, or files.
+#[derive(Debug, Clone)]
+pub enum Work {
+    Script(JobSpec),
+    Files(FileStep),
+}
+
+/// A file step ready to run.
+#[derive(Debug, Clone)]
+pub enum FileStep {
+    /// `push_config_file`.
+    Push(FileJobSpec),
+    /// `fast_transfer_file`.
+    Transfer(TransferSpec),
+}
+
+impl Work {
+    fn job_instance_id(&self) -> i64 {
+        match self {
+            Work::Script(spec) => spec.job_instance_id,
+            Work::Files(FileStep::Push(spec)) => spec.job_instance_id,
+            Work::Files(FileStep::Transfer(spec)) => spec.job_instance_id,
+        }
+    }
+}
+
+/// What a rolling run's batches dispatch to their hosts.
+enum Dispatch<'a> {
+    Script {
+        request: Option<&'a fleetrun_proto::SharedTaskRequest>,
+        limits: Limits,
+    },
+    Files(&'a FileDispatch),
 }
 
 /// A rolling job a restarted controller took up mid-way.
@@ -61,11 +104,11 @@ enum Ending {
 }
 
 impl Engine {
-    /// Starts (or goes on with) a rolling job in the background; false if it is running
-    /// already.
-    pub fn start_rolling(&self, spec: JobSpec, rolling: RollingStart) -> bool {
+    /// Starts (or goes on with) a rolling step of either kind in the background; false if its
+    /// job is running already.
+    pub fn start_rolling_work(&self, work: Work, rolling: RollingStart) -> bool {
         let cancel = CancellationToken::new();
-        let job_instance_id = spec.job_instance_id;
+        let job_instance_id = work.job_instance_id();
         {
             let mut running = self.running.lock().unwrap();
             if running.contains_key(&job_instance_id) {
@@ -73,8 +116,17 @@ impl Engine {
             }
             running.insert(job_instance_id, cancel.clone());
         }
-        self.spawn_rolling(spec, rolling, cancel);
+        self.spawn_rolling(work, rolling, cancel);
         true
+    }
+
+    /// Starts a step that does not roll, of either kind; false if its job is running already.
+    pub fn start_work(&self, work: Work) -> bool {
+        match work {
+            Work::Script(spec) => self.start(spec),
+            Work::Files(FileStep::Push(spec)) => self.start_files(spec),
+            Work::Files(FileStep::Transfer(spec)) => self.start_transfer(spec),
+        }
     }
 
     /// Rolls a retried step on in the place `reservation` holds (see [`Engine::reserve`]).
@@ -84,11 +136,11 @@ impl Engine {
         spec: JobSpec,
         rolling: RollingStart,
     ) {
-        self.spawn_rolling(spec, rolling, reservation.take());
+        self.spawn_rolling(Work::Script(spec), rolling, reservation.take());
     }
 
-    fn spawn_rolling(&self, spec: JobSpec, rolling: RollingStart, cancel: CancellationToken) {
-        let job_instance_id = spec.job_instance_id;
+    fn spawn_rolling(&self, work: Work, rolling: RollingStart, cancel: CancellationToken) {
+        let job_instance_id = work.job_instance_id();
         let engine = self.clone();
         tokio::spawn(async move {
             let leased = engine.take_lease(job_instance_id).await;
@@ -99,7 +151,10 @@ impl Engine {
                 engine.release_lease(job_instance_id).await;
                 return;
             }
-            let registered = engine.run_rolling(spec, rolling, cancel).await;
+            let registered = match work {
+                Work::Script(spec) => engine.run_rolling(spec, rolling, cancel).await,
+                Work::Files(step) => engine.run_rolling_files(step, rolling, cancel).await,
+            };
             if let Err(e) = engine.store.flush().await {
                 tracing::error!(
                     job = job_instance_id,
@@ -130,33 +185,160 @@ impl Engine {
             hosts: all_hosts,
             task,
         } = spec;
+        let started = self
+            .rolling_started(job_instance_id, step_instance_id, rolling.started)
+            .await;
+        let limits = self.limits(task.timeout_secs);
+        let request = self.encode_request(job_instance_id, step_instance_id, task);
+        let dispatch = Dispatch::Script {
+            request: request.as_ref(),
+            limits,
+        };
+        let ids = (job_instance_id, step_instance_id);
+        self.roll(ids, all_hosts.len(), started, rolling, &cancel, &dispatch)
+            .await
+    }
+
+    /// Runs the batches of a file step; false if the run paused and so left the running set.
+    async fn run_rolling_files(
+        &self,
+        step: FileStep,
+        rolling: RollingStart,
+        cancel: CancellationToken,
+    ) -> bool {
+        let (job_instance_id, step_instance_id, hosts) = match &step {
+            FileStep::Push(spec) => (
+                spec.job_instance_id,
+                spec.step_instance_id,
+                spec.hosts.len(),
+            ),
+            FileStep::Transfer(spec) => (
+                spec.job_instance_id,
+                spec.step_instance_id,
+                spec.targets.len(),
+            ),
+        };
+        let ids = (job_instance_id, step_instance_id);
+        let started = self
+            .rolling_started(job_instance_id, step_instance_id, rolling.started)
+            .await;
+        match step {
+            FileStep::Push(spec) => {
+                let files = self.place_dispatch(&spec);
+                drop(spec);
+                self.roll(
+                    ids,
+                    hosts,
+                    started,
+                    rolling,
+                    &cancel,
+                    &Dispatch::Files(&files),
+                )
+                .await
+            }
+            FileStep::Transfer(spec) => {
+                // The sources are read once for every batch of this run.
+                let prepared = self.prepare_transfer(spec, &cancel).await;
+                let registered = self
+                    .roll(
+                        ids,
+                        hosts,
+                        started,
+                        rolling,
+                        &cancel,
+                        &Dispatch::Files(&prepared.dispatch),
+                    )
+                    .await;
+                prepared.end(hosts);
+                registered
+            }
+        }
+    }
+
+    /// When the job started: now (recorded) for a job that starts with this run.
+    async fn rolling_started(
+        &self,
+        job_instance_id: i64,
+        step_instance_id: i64,
+        started: Option<i64>,
+    ) -> i64 {
+        if let Some(started) = started {
+            return started;
+        }
+        let at = now_ms();
+        self.write_for(
+            job_instance_id,
+            Write::JobStarted {
+                job_instance_id,
+                step_instance_id,
+                status: job::RUNNING,
+                at,
+            },
+        )
+        .await;
+        at
+    }
+
+    /// Sends one batch's hosts their work.
+    #[allow(clippy::too_many_arguments)]
+    async fn dispatch_batch(
+        &self,
+        dispatch: &Dispatch<'_>,
+        job_instance_id: i64,
+        step_instance_id: i64,
+        batch_hosts: &[i64],
+        cancel: &CancellationToken,
+        hosts: &mut JoinSet<i32>,
+        host_of_task: &mut HashMap<tokio::task::Id, RunOf>,
+    ) {
+        match dispatch {
+            Dispatch::Script { request, limits } => {
+                self.spawn_hosts(
+                    job_instance_id,
+                    step_instance_id,
+                    batch_hosts,
+                    *request,
+                    *limits,
+                    cancel,
+                    hosts,
+                    host_of_task,
+                )
+                .await;
+            }
+            Dispatch::Files(files) => {
+                self.spawn_file_hosts(
+                    files,
+                    job_instance_id,
+                    step_instance_id,
+                    batch_hosts,
+                    cancel,
+                    hosts,
+                    host_of_task,
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Dispatches the batches from `rolling.next_batch` on and ends the run as the mode says;
+    /// false if the run paused and so left the running set.
+    async fn roll(
+        &self,
+        (job_instance_id, step_instance_id): (i64, i64),
+        host_count: usize,
+        started: i64,
+        rolling: RollingStart,
+        cancel: &CancellationToken,
+        dispatch: &Dispatch<'_>,
+    ) -> bool {
         let RollingStart {
             config,
             batches,
             next_batch,
             earlier_failures,
-            started,
+            ..
         } = rolling;
-        let started = match started {
-            Some(started) => started,
-            None => {
-                let at = now_ms();
-                self.write_for(
-                    job_instance_id,
-                    Write::JobStarted {
-                        job_instance_id,
-                        step_instance_id,
-                        status: job::RUNNING,
-                        at,
-                    },
-                )
-                .await;
-                at
-            }
-        };
-        let limits = self.limits(task.timeout_secs);
-        let request = self.encode_request(job_instance_id, step_instance_id, task);
-        let failure_limit = config.failure_limit(all_hosts.len());
+        let failure_limit = config.failure_limit(host_count);
         let total = batches.len();
         // Failed hosts that count: against the limit, and for the job's status.
         let mut failures = earlier_failures;
@@ -197,13 +379,12 @@ impl Engine {
                 hosts = batch_hosts.len(),
                 "rolling batch out"
             );
-            self.spawn_hosts(
+            self.dispatch_batch(
+                dispatch,
                 job_instance_id,
                 step_instance_id,
                 batch_hosts,
-                request.as_ref(),
-                limits,
-                &cancel,
+                cancel,
                 &mut hosts,
                 &mut host_of_task,
             )
@@ -270,17 +451,16 @@ impl Engine {
             .join_hosts(job_instance_id, step_instance_id, &mut hosts, &host_of_task)
             .await;
         failures += failed;
-        drop(request);
         let finishing = Finishing {
             job_instance_id,
             step_instance_id,
-            hosts: all_hosts.len(),
+            hosts: host_count,
             started,
             all_succeeded: failures == 0,
         };
         match ending {
             Ending::Paused { status } => {
-                if self.pause(&finishing, status, &cancel).await {
+                if self.pause(&finishing, status, cancel).await {
                     return false;
                 }
                 self.end_job(&finishing, job::TERMINATE_SUCCESS, job::TERMINATE_SUCCESS)

@@ -34,7 +34,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::files::{FILE_STEP_EPOCH, FileHostRun, file_line, file_status, join};
+use super::files::{FileDispatch, FileHostRun, FileRun, file_line, file_status, join};
 use super::{Engine, FileTarget, Finishing, MODE_DOWNLOAD, MODE_UPLOAD, now_ms, target_path};
 use crate::content::{ContentStore, Hash};
 use crate::gateway::AgentLink;
@@ -78,6 +78,17 @@ pub struct LocalFile {
     pub size: u64,
     pub sha256: Hash,
     pub chunks: Vec<Hash>,
+}
+
+impl LocalFile {
+    /// The file as the content store records it.
+    pub fn stored(&self) -> crate::content::StoredFile {
+        crate::content::StoredFile {
+            size: self.size,
+            sha256: crate::content::hex(&self.sha256),
+            chunks: self.chunks.iter().map(crate::content::hex).collect(),
+        }
+    }
 }
 
 /// A transfer step ready to run, as created by the API.
@@ -143,8 +154,32 @@ struct Collected {
     bytes_read: u64,
 }
 
+/// A transfer's sources read, ready for its targets (phase 2), all at once or batch by batch.
+pub(super) struct PreparedTransfer {
+    pub(super) dispatch: FileDispatch,
+    step: Arc<FetchStep>,
+    /// The chunks the step pinned in the content store.
+    pinned: Arc<std::sync::Mutex<Vec<Hash>>>,
+    bytes_read: u64,
+}
+
+impl PreparedTransfer {
+    /// Once no target will ask for a chunk any more: logs what the step cost the sources and
+    /// the controller, and unpins its chunks.
+    pub(super) fn end(self, targets: usize) {
+        tracing::info!(
+            job = self.step.job_instance_id,
+            targets,
+            source_bytes_read = self.bytes_read,
+            controller_bytes_relayed = self.step.relayed.load(Ordering::Relaxed),
+            "transfer ended"
+        );
+        self.step.content.unpin(self.pinned.lock().unwrap().iter());
+    }
+}
+
 /// What every target's run shares.
-struct FetchStep {
+pub(super) struct FetchStep {
     job_instance_id: i64,
     step_instance_id: i64,
     account: String,
@@ -192,34 +227,13 @@ fn valid_relative(name: &str) -> bool {
 impl Engine {
     /// Starts a transfer step in the background; false if the job is running already.
     pub fn start_transfer(&self, spec: TransferSpec) -> bool {
-        let cancel = CancellationToken::new();
         let job_instance_id = spec.job_instance_id;
-        {
-            let mut running = self.running.lock().unwrap();
-            if running.contains_key(&job_instance_id) {
-                return false;
-            }
-            running.insert(job_instance_id, cancel.clone());
-        }
-        let engine = self.clone();
-        tokio::spawn(async move {
-            if !engine.take_lease(job_instance_id).await {
-                engine.running.lock().unwrap().remove(&job_instance_id);
-                return;
-            }
+        self.start_file_run(job_instance_id, move |engine, cancel| async move {
             engine.run_transfer(spec, cancel).await;
-            if let Err(e) = engine.store.flush().await {
-                tracing::error!(job = job_instance_id, "cannot commit the job's end: {e}");
-            }
-            engine.running.lock().unwrap().remove(&job_instance_id);
-            engine.run_left(job_instance_id);
-            engine.release_lease(job_instance_id).await;
-        });
-        true
+        })
     }
 
     async fn run_transfer(&self, spec: TransferSpec, cancel: CancellationToken) {
-        let spec = Arc::new(spec);
         let started = now_ms();
         self.write_for(
             spec.job_instance_id,
@@ -231,6 +245,42 @@ impl Engine {
             },
         )
         .await;
+        let (job_instance_id, step_instance_id) = (spec.job_instance_id, spec.step_instance_id);
+        let targets: Vec<i64> = spec.targets.iter().map(|t| t.bk_host_id).collect();
+        let prepared = self.prepare_transfer(spec, &cancel).await;
+        // Phase 2: every target pulls the files.
+        let mut hosts = JoinSet::new();
+        let mut host_of_task = HashMap::with_capacity(targets.len());
+        self.spawn_file_hosts(
+            &prepared.dispatch,
+            job_instance_id,
+            step_instance_id,
+            &targets,
+            &cancel,
+            &mut hosts,
+            &mut host_of_task,
+        )
+        .await;
+        let finishing = Finishing {
+            job_instance_id,
+            step_instance_id,
+            hosts: targets.len(),
+            started,
+            all_succeeded: true,
+        };
+        self.finish_job(finishing, hosts, host_of_task, &cancel)
+            .await;
+        prepared.end(targets.len());
+    }
+
+    /// Phase 1: reads every source once into the content store (chunks pinned until
+    /// [`PreparedTransfer::end`]), then makes the one `Fetch` every target is sent.
+    pub(super) async fn prepare_transfer(
+        &self,
+        spec: TransferSpec,
+        cancel: &CancellationToken,
+    ) -> PreparedTransfer {
+        let spec = Arc::new(spec);
         let clock = tokio::time::Instant::now();
         let pinned: Arc<std::sync::Mutex<Vec<Hash>>> = Arc::default();
         // Phase 1: every source read once, into the content store.
@@ -355,42 +405,18 @@ impl Engine {
             content: spec.content.clone(),
             relayed: AtomicU64::new(0),
         });
-        // Phase 2: every target pulls the files.
-        let mut hosts = JoinSet::new();
-        let mut host_of_task = HashMap::with_capacity(spec.targets.len());
-        for target in spec.targets.iter().cloned() {
-            let engine = self.clone();
-            let step = step.clone();
-            let cancel = cancel.clone();
-            let strict = spec.strict;
-            let bk_host_id = target.bk_host_id;
-            let handle = hosts
-                .spawn(async move { engine.transfer_host(&step, target, strict, cancel).await });
-            host_of_task.insert(
-                handle.id(),
-                super::RunOf {
-                    bk_host_id,
-                    epoch: FILE_STEP_EPOCH,
+        PreparedTransfer {
+            dispatch: FileDispatch::new(
+                &spec.targets,
+                FileRun::Fetch {
+                    step: step.clone(),
+                    strict: spec.strict,
                 },
-            );
+            ),
+            step,
+            pinned,
+            bytes_read,
         }
-        let finishing = Finishing {
-            job_instance_id: spec.job_instance_id,
-            step_instance_id: spec.step_instance_id,
-            hosts: spec.targets.len(),
-            started,
-            all_succeeded: true,
-        };
-        self.finish_job(finishing, hosts, host_of_task, &cancel)
-            .await;
-        tracing::info!(
-            job = spec.job_instance_id,
-            targets = spec.targets.len(),
-            source_bytes_read = bytes_read,
-            controller_bytes_relayed = step.relayed.load(Ordering::Relaxed),
-            "transfer ended"
-        );
-        spec.content.unpin(pinned.lock().unwrap().iter());
     }
 
     /// Phase 1 on one source host.
@@ -544,10 +570,11 @@ impl Engine {
     }
 
     /// Phase 2 on one target host, to its final status.
-    async fn transfer_host(
+    pub(super) async fn transfer_host(
         &self,
         step: &FetchStep,
         target: FileTarget,
+        epoch: i64,
         strict: bool,
         cancel: CancellationToken,
     ) -> i32 {
@@ -606,7 +633,8 @@ impl Engine {
             log.seq = i32::try_from(seq).unwrap_or(i32::MAX);
         }
         let sizes = step.files.iter().map(|f| f.size).collect();
-        let mut run = FileHostRun::with_logs(step.step_instance_id, target.bk_host_id, logs, sizes);
+        let mut run =
+            FileHostRun::with_logs(step.step_instance_id, target.bk_host_id, epoch, logs, sizes);
         for seen in run.reported.iter_mut().skip(fetched) {
             *seen = true;
         }
@@ -980,7 +1008,7 @@ impl Engine {
                                 bk_host_id: target.bk_host_id,
                                 status: host::RUNNING,
                                 start_time: Some(start),
-                                epoch: FILE_STEP_EPOCH,
+                                epoch: run.epoch,
                             },
                         )
                         .await;

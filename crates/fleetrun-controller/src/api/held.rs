@@ -1,0 +1,109 @@
+//! Files a file job keeps for a run after its submit (a job created with `start_task=false`, or
+//! one that rolls and goes on after a pause): a local upload (`fast_transfer_file`'s
+//! `file_type` 2) or an inline configuration file (`push_config_file`).
+//!
+//! Each is kept as a record of its own in the content store (an [`Upload`] under a new id, bound
+//! to the job's app and scope), naming the chunks the file was made of when the job was
+//! accepted: the sweep keeps a live record's chunks, and a new PUT to the upload URL the job
+//! named does not change what the job sends. A record lives `[files] upload_ttl_secs` from the
+//! job's creation, as long as an upload does; a job started (or a rolling job going on) after
+//! that is refused, naming the field that gave the file, and must be submitted again. The step
+//! stores the record's id, never the file's bytes.
+
+use crate::{
+    Shared,
+    content::{StoredFile, Upload},
+};
+
+use super::{ApiError, error::code, scope};
+
+/// Refuses `field` (`start_task=false`, `rolling_config`) where files cannot be kept for a
+/// later run: the controllers of a `[cluster]` each keep their own content store, and the start
+/// (or the batch after a pause) may come to another one.
+pub(super) fn refuse_in_cluster(shared: &Shared, field: &str) -> Result<(), ApiError> {
+    if shared.config.cluster.is_some() {
+        return Err(ApiError::new(
+            code::NOT_SUPPORTED,
+            format!(
+                "{field}: a push_config_file job that starts later or rolls keeps its files in \
+                 the content store of the controller that accepted it, and controllers in a \
+                 [cluster] each have their own; submit it without {field}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The error a request that stores bytes in the content store answers: a full store says so
+/// (its bound is the operator's to raise), anything else is internal.
+pub(super) fn content_error(e: crate::content::ContentError) -> ApiError {
+    match e {
+        crate::content::ContentError::Full { .. } => ApiError::new(code::INTERNAL, e.to_string()),
+        other => ApiError::internal("content store", other),
+    }
+}
+
+/// Keeps `file` (already in the content store) for a job being created, as `file_name`;
+/// returns the record's id, for the step to name.
+pub(super) async fn keep(
+    shared: &Shared,
+    username: &str,
+    app_code: &str,
+    scope: &scope::Scope,
+    file_name: &str,
+    file: StoredFile,
+    created_ms: i64,
+) -> Result<String, ApiError> {
+    let ttl_ms =
+        i64::try_from(shared.config.files.upload_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let record = Upload {
+        id: uuid::Uuid::new_v4().to_string(),
+        app_code: app_code.to_owned(),
+        scope_type: scope.scope_type.clone(),
+        scope_id: scope.scope_id.clone(),
+        username: username.to_owned(),
+        file_name: file_name.to_owned(),
+        created_ms,
+        expires_ms: created_ms.saturating_add(ttl_ms),
+        file: Some(file),
+        kept: true,
+    };
+    let id = record.id.clone();
+    let store = shared.content.clone();
+    tokio::task::spawn_blocking(move || store.save_upload(&record))
+        .await
+        .map_err(|e| ApiError::internal("content store", e))?
+        .map_err(|e| ApiError::internal("content store", e))?;
+    Ok(id)
+}
+
+/// The file a created job kept under `id`, as it was kept; refused, naming `field`, once its
+/// record expired (or if it is not the job's).
+pub(super) async fn kept(
+    shared: &Shared,
+    job: &fleetrun_store::JobRecord,
+    field: &str,
+    id: &str,
+) -> Result<(Upload, StoredFile), ApiError> {
+    let store = shared.content.clone();
+    let wanted = id.to_owned();
+    let record = tokio::task::spawn_blocking(move || store.upload(&wanted))
+        .await
+        .map_err(|e| ApiError::internal("content store", e))?;
+    let expired = || {
+        let ttl = shared.config.files.upload_ttl_secs;
+        ApiError::invalid(
+            field,
+            format!(
+                "job {} kept this file for {ttl} s from its creation ([files] upload_ttl_secs) \
+                 and it is no longer kept; submit the job again",
+                job.job_instance_id
+            ),
+        )
+    };
+    let record = record
+        .filter(|r| r.kept && r.app_code == job.app_code && r.scope_id == job.bk_scope_id)
+        .ok_or_else(expired)?;
+    let file = record.file.clone().ok_or_else(expired)?;
+    Ok((record, file))
+}
