@@ -288,8 +288,10 @@ pub(crate) struct Statement<'q> {
 /// statement cache, and on a PostgreSQL server): the group commits of a controller running
 /// jobs one or a few hosts at a time repeat these few shapes, and preparing a statement anew
 /// cost more than executing it (a fifth of a single-host job's instructions on SQLite went to
-/// parsing SQL). Ten statement kinds at four shapes each stay well inside sqlx's cache of 100
-/// per connection; a larger statement is prepared for its one use, its cost shared by its rows.
+/// parsing SQL). About ten statement kinds at four shapes each share sqlx's cache of 100 per
+/// connection (least recently used first out) with the store's fixed statements, of which a
+/// connection uses a few dozen at a time; a larger statement is prepared for its one use, its
+/// cost shared by its rows.
 const PREPARED_ROWS: usize = 4;
 
 impl<'q> Statement<'q> {

@@ -153,14 +153,11 @@ impl Store {
             }
             Some(job_ids) => {
                 for chunk in job_ids.chunks(IDS_PER_QUERY) {
-                    let list = chunk
-                        .iter()
-                        .map(i64::to_string)
-                        .collect::<Vec<_>>()
-                        .join(",");
                     let rows = sqlx::query(&format!(
-                        "{UNQUEUED} AND job_instance_id IN ({list}) ORDER BY job_instance_id"
+                        "{UNQUEUED} AND job_instance_id IN ({}) ORDER BY job_instance_id",
+                        crate::join_ids(chunk)
                     ))
+                    .persistent(false)
                     .fetch_all(&self.pool)
                     .await?;
                     ids.extend(rows.iter().map(|r| r.get::<i64, _>(0)));

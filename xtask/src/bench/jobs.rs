@@ -278,6 +278,18 @@ impl Api {
         in_flight: usize,
         window: Duration,
     ) -> Result<f64> {
+        let (jobs, took) = self.single_host_jobs(hosts, in_flight, window).await?;
+        Ok(jobs as f64 / took.as_secs_f64())
+    }
+
+    /// As [`Self::single_host_rate`]: the jobs run to their end within about `window` (after
+    /// one to warm up, not counted) and the time they took.
+    pub async fn single_host_jobs(
+        &self,
+        hosts: &[i64],
+        in_flight: usize,
+        window: Duration,
+    ) -> Result<(u64, Duration)> {
         ensure!(!hosts.is_empty(), "no host to run jobs on");
         self.run_streamed(&hosts[..1], "echo ok\n").await?;
         let started = Instant::now();
@@ -299,7 +311,7 @@ impl Api {
         while let Some(joined) = workers.join_next().await {
             jobs += joined??;
         }
-        Ok(jobs as f64 / started.elapsed().as_secs_f64())
+        Ok((jobs, started.elapsed()))
     }
 }
 

@@ -99,7 +99,7 @@ async fn measure(ctx: &Ctx, cluster: &mut Cluster, figures: &mut Vec<Figure>) ->
             let hosts = api
                 .wait_online(PREFIX, HOSTS, Duration::from_secs(60))
                 .await?;
-            let rate = throughput(
+            let (rate, _) = throughput(
                 &api,
                 &hosts,
                 window,
@@ -250,27 +250,24 @@ async fn measure_real(ctx: &Ctx, cluster: &mut Cluster, figures: &mut Vec<Figure
                 .context("the controller is not running")?;
             let api = Api::new(&cluster.info);
             wait_reconnected(&api, &hosts).await?;
-            let cpu = || {
-                (
-                    sys::cpu_secs(controller).unwrap_or(0.0),
-                    agents
-                        .iter()
-                        .map(|p| sys::cpu_secs_with_children(*p).unwrap_or(0.0))
-                        .sum::<f64>(),
-                )
+            let cpu = || -> Result<(f64, f64)> {
+                let mut agents_cpu = 0.0;
+                for pid in &agents {
+                    agents_cpu += sys::cpu_secs_with_children(*pid)?;
+                }
+                Ok((sys::cpu_secs(controller)?, agents_cpu))
             };
-            let cpu0 = cpu();
-            let started = Instant::now();
-            let rate = throughput(
+            let cpu0 = cpu()?;
+            let (rate, jobs) = throughput(
                 &api,
                 &hosts,
                 window,
                 enabled.then(|| cluster.info.api_url.clone()),
             )
             .await?;
-            let jobs = rate * started.elapsed().as_secs_f64();
-            let cpu1 = cpu();
-            let per_job = |secs: f64| secs * 1e3 / jobs.max(1.0);
+            let cpu1 = cpu()?;
+            // The window's CPU also covers its warm-up job: one in hundreds.
+            let per_job = |secs: f64| secs * 1e3 / jobs.max(1) as f64;
             let side = if enabled { &mut on } else { &mut off };
             side.0.push(rate);
             side.1.push(per_job(cpu1.0 - cpu0.0 + cpu1.1 - cpu0.1));
@@ -438,14 +435,14 @@ async fn run_jobs(api: &Api, host: i64, count: usize) -> Result<()> {
     Ok(())
 }
 
-/// Jobs per second over `window`, `IN_FLIGHT` clients each submitting a job to one host and
-/// following it to its end; `/metrics` at `scrape` is read every 5 s meanwhile.
+/// Jobs per second over `window`, and how many ran, `IN_FLIGHT` clients each submitting a job
+/// to one host and following it to its end; `/metrics` at `scrape` is read every 5 s meanwhile.
 async fn throughput(
     api: &Api,
     hosts: &[i64],
     window: Duration,
     scrape: Option<String>,
-) -> Result<f64> {
+) -> Result<(f64, u64)> {
     let deadline = Instant::now() + window;
     let scraper = scrape.map(|url| {
         tokio::spawn(async move {
@@ -469,9 +466,9 @@ async fn throughput(
             anyhow::Ok(scraped)
         })
     });
-    let rate = api.single_host_rate(hosts, IN_FLIGHT, window).await?;
+    let (jobs, took) = api.single_host_jobs(hosts, IN_FLIGHT, window).await?;
     if let Some(scraper) = scraper {
         scraper.await?.context("scraping /metrics")?;
     }
-    Ok(rate)
+    Ok((jobs as f64 / took.as_secs_f64(), jobs))
 }
