@@ -439,6 +439,46 @@ async fn a_refused_file_submit_keeps_nothing_and_a_start_missing_a_kept_chunk_is
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_uploaded_file_whose_chunk_is_gone_fails_that_file_and_the_rest_is_sent() -> Result<()> {
+    let cluster = start_cluster(1).await?;
+    let client = cluster.client();
+    let host = cluster.host_ids()[0];
+    let src = scratch("gone-src");
+    let out = scratch("gone-out");
+    let on_host = b"read from the source host".to_vec();
+    std::fs::write(src.path().join("host.txt"), &on_host)?;
+    let uploaded = b"an upload whose chunk is removed from the store".to_vec();
+    let (path, _) = upload(&cluster, "gone.bin", &uploaded).await?;
+    remove_chunk(&cluster, &uploaded)?;
+    let sources = json!([
+        {"file_type": 2, "file_list": [path]},
+        {
+            "file_type": 1,
+            "file_list": [src.path().join("host.txt").to_str().unwrap()],
+            "account": {"alias": "root"},
+            "server": {"host_id_list": [host]},
+        },
+    ]);
+    let request = transfer_request(&cluster, out.path().to_str().unwrap(), sources, &[host]);
+    let (job, step) = submit(&cluster, "fast_transfer_file", request).await?;
+    let status = client
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(120))
+        .await?;
+    // The run found the chunk gone when it pinned it: that file fails, named, the other lands.
+    assert_eq!(statuses(&status), vec![(host, 203)], "{status}");
+    assert_eq!(std::fs::read(out.path().join("host.txt"))?, on_host);
+    assert!(!out.path().join("gone.bin").exists());
+    let logs = downloads(&cluster, job, step, host).await?;
+    assert!(
+        logs.iter().any(|log| log["log_content"]
+            .as_str()
+            .is_some_and(|l| l.contains("no longer in the controller's content store"))),
+        "{logs:?}"
+    );
+    Ok(())
+}
+
 /// Waits until the job shows `job_status`; returns the status reply.
 async fn wait_for(cluster: &TestCluster, job: i64, job_status: i64) -> Result<Value> {
     fleetrun_tests::eventually(
