@@ -307,6 +307,25 @@ impl ContentStore {
         Ok(())
     }
 
+    /// Removes the record `id` (one kept for a job that was then not created); its chunks go
+    /// with the next sweep unless something else uses them. Blocking.
+    pub fn remove_upload(&self, id: &str) -> Result<(), ContentError> {
+        let path = self.upload_path(id).ok_or(ContentError::Missing)?;
+        match fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The first of `hashes` the store does not hold, if any. Blocking. Asked after pinning
+    /// them, the answer holds: a pinned chunk is not swept.
+    pub fn first_missing<'a>(&self, hashes: impl IntoIterator<Item = &'a Hash>) -> Option<Hash> {
+        hashes.into_iter().copied().find(|hash| {
+            !fs::symlink_metadata(self.object(hash)).is_ok_and(|m| m.file_type().is_file())
+        })
+    }
+
     /// The upload `id`, if it is recorded and not expired. Blocking.
     pub fn upload(&self, id: &str) -> Option<Upload> {
         let path = self.upload_path(id)?;
@@ -602,6 +621,50 @@ mod tests {
         assert_eq!(store.used(), data.len() as u64);
         assert_eq!(store.read_chunk(&hash).unwrap(), data);
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_pinned_chunk_outlives_its_record_and_a_swept_one_is_reported_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path(), 1 << 20).unwrap();
+        let kept = store.put_file(b"kept").unwrap();
+        let swept = store.put_file(b"swept").unwrap();
+        let (kept_hash, swept_hash) = (sha256(b"kept"), sha256(b"swept"));
+        let id = uuid::Uuid::new_v4().to_string();
+        store
+            .save_upload(&Upload {
+                id: id.clone(),
+                app_code: "app".into(),
+                scope_type: "biz".into(),
+                scope_id: "1".into(),
+                username: "admin".into(),
+                file_name: "f".into(),
+                created_ms: now_ms(),
+                expires_ms: now_ms() + 60_000,
+                file: Some(kept),
+                kept: true,
+            })
+            .unwrap();
+        assert!(store.upload(&id).is_some());
+        assert_eq!(store.first_missing([&kept_hash, &swept_hash]), None);
+        // A run pins what it sends; the record removed, a sweep takes only what is not pinned.
+        store.pin([&kept_hash]);
+        store.remove_upload(&id).unwrap();
+        assert!(store.upload(&id).is_none());
+        store.remove_upload(&id).unwrap();
+        assert_eq!(store.sweep(0).unwrap(), 1);
+        assert_eq!(store.first_missing([&kept_hash]), None);
+        assert_eq!(
+            store.first_missing([&kept_hash, &swept_hash]),
+            Some(swept_hash)
+        );
+        assert!(matches!(
+            store.read_file(&swept, 1 << 20),
+            Err(ContentError::Missing)
+        ));
+        store.unpin([&kept_hash]);
+        assert_eq!(store.sweep(0).unwrap(), 1);
+        assert_eq!(store.first_missing([&kept_hash]), Some(kept_hash));
     }
 
     #[test]

@@ -127,6 +127,13 @@ async fn upload(cluster: &TestCluster, name: &str, content: &[u8]) -> Result<(St
 }
 
 async fn put(cluster: &TestCluster, url: &str, content: &[u8]) -> Result<()> {
+    let reply = put_reply(cluster, url, content).await?;
+    anyhow::ensure!(reply["result"] == true, "upload refused: {reply}");
+    Ok(())
+}
+
+/// The reply to a PUT of `content` to `url`, refused or not.
+async fn put_reply(cluster: &TestCluster, url: &str, content: &[u8]) -> Result<Value> {
     let auth = json!({
         "bk_app_code": cluster.info.bk_app_code,
         "bk_app_secret": cluster.info.bk_app_secret,
@@ -140,8 +147,31 @@ async fn put(cluster: &TestCluster, url: &str, content: &[u8]) -> Result<()> {
         .await?
         .json()
         .await?;
-    anyhow::ensure!(reply["result"] == true, "upload refused: {reply}");
-    Ok(())
+    Ok(reply)
+}
+
+/// The records (uploads and kept files) in the controller's content store.
+fn records(cluster: &TestCluster) -> Result<usize> {
+    Ok(
+        std::fs::read_dir(cluster.dir().join("content").join("uploads"))?
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "json"))
+            })
+            .count(),
+    )
+}
+
+/// Removes the chunk of a file of one chunk from the controller's content store.
+fn remove_chunk(cluster: &TestCluster, content: &[u8]) -> Result<()> {
+    let name = hex::encode(sha256(content));
+    let object = cluster
+        .dir()
+        .join("content")
+        .join("objects")
+        .join(&name[..2])
+        .join(&name);
+    std::fs::remove_file(&object).with_context(|| format!("{}", object.display()))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -194,7 +224,12 @@ async fn a_created_transfer_waits_then_sends_the_files_as_they_were_when_it_was_
         .context("the kept file's record")?
         .to_owned();
     let kept_url = url.replace(url.rsplit('/').next().context("upload id")?, &held);
-    assert!(put(&cluster, &kept_url, b"forged").await.is_err());
+    let forged = put_reply(&cluster, &kept_url, b"forged").await?;
+    assert_eq!(forged["result"], false, "{forged}");
+    assert_eq!(forged["code"], 1_240_003, "{forged}");
+    let message = forged["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("upload_url"), "{message}");
+    assert!(message.contains("no such upload"), "{message}");
     let as_local = json!([{"file_type": 2, "file_list": [path.replace(
         path.split('/').nth(1).context("upload id")?,
         &held,
@@ -244,6 +279,7 @@ async fn a_created_config_push_writes_nothing_until_started() -> Result<()> {
     let (job, _) = submit(&cluster, "push_config_file", request).await?;
     let status = status_of(&cluster, job).await?;
     assert_eq!(status["job_instance"]["status"], 1, "{status}");
+    assert_eq!(statuses(&status).len(), hosts.len(), "{status}");
     assert!(statuses(&status).iter().all(|(_, s)| *s == 5), "{status}");
     assert!(!out.path().join("app.conf").exists());
 
@@ -254,6 +290,7 @@ async fn a_created_config_push_writes_nothing_until_started() -> Result<()> {
         .wait_job(&cluster.info.scope(), job, Duration::from_secs(60))
         .await?;
     assert_eq!(status["job_instance"]["status"], 3, "{status}");
+    assert_eq!(statuses(&status).len(), hosts.len(), "{status}");
     assert!(statuses(&status).iter().all(|(_, s)| *s == 9), "{status}");
     assert_eq!(
         std::fs::read_to_string(out.path().join("app.conf"))?,
@@ -324,6 +361,121 @@ async fn created_file_jobs_are_still_checked_at_submit_and_refused_once_their_fi
     }
     assert!(!out.path().join("x.bin").exists());
     assert!(!out.path().join("a.conf").exists());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_file_submit_keeps_nothing_and_a_start_missing_a_kept_chunk_is_refused()
+-> Result<()> {
+    let cluster = start_cluster(1).await?;
+    let client = cluster.client();
+    let hosts = cluster.host_ids();
+    let out = scratch("refused");
+    let dir = out.path().to_str().unwrap();
+    let uploaded = b"uploaded, then named by refused submits".to_vec();
+    let (path, _) = upload(&cluster, "x.bin", &uploaded).await?;
+    let local = json!({"file_type": 2, "file_list": [path]});
+    assert_eq!(records(&cluster)?, 1);
+
+    // Refused after the local file was checked: a bad target host, a later source refused.
+    // Neither keeps anything.
+    let mut bad_host = transfer_request(&cluster, dir, json!([local.clone()]), &[987_654_321]);
+    bad_host["start_task"] = json!(false);
+    let mut third_party = transfer_request(
+        &cluster,
+        dir,
+        json!([local.clone(), {"file_type": 3, "file_list": ["a"], "file_source_id": 1}]),
+        &hosts,
+    );
+    third_party["start_task"] = json!(false);
+    for (request, wanted) in [
+        (bad_host, "target_server"),
+        (third_party, "file_source_list[1].file_type"),
+    ] {
+        let (code, message) = refused(&cluster, "fast_transfer_file", request).await?;
+        assert_ne!(code, 0, "{message}");
+        assert!(message.starts_with(wanted), "{message}");
+        assert_eq!(records(&cluster)?, 1, "kept after {message}");
+    }
+    let files = json!([{"file_name": "a.conf", "content": b64(b"a = 1\n")}]);
+    let mut push = push_request(&cluster, out.path(), files.clone(), &[987_654_321]);
+    push["start_task"] = json!(false);
+    let (_, message) = refused(&cluster, "push_config_file", push).await?;
+    assert!(message.starts_with("target_server"), "{message}");
+    assert_eq!(records(&cluster)?, 1, "kept after {message}");
+
+    // Accepted, each job keeps its file once; a start whose kept chunk is gone is refused,
+    // naming the field and the chunk, and the job stays pending.
+    let mut later = transfer_request(&cluster, dir, json!([local]), &hosts);
+    later["start_task"] = json!(false);
+    let (transfer, _) = submit(&cluster, "fast_transfer_file", later).await?;
+    assert_eq!(records(&cluster)?, 2);
+    let mut push = push_request(&cluster, out.path(), files, &hosts);
+    push["start_task"] = json!(false);
+    let (pushed, _) = submit(&cluster, "push_config_file", push).await?;
+    assert_eq!(records(&cluster)?, 3);
+    remove_chunk(&cluster, &uploaded)?;
+    remove_chunk(&cluster, b"a = 1\n")?;
+    for (job, field) in [
+        (transfer, "file_source_list[0].file_list[0]"),
+        (pushed, "file_list[0].content"),
+    ] {
+        let reply = client
+            .call_raw("operate_job_instance", start(&cluster, job))
+            .await?;
+        assert_eq!(reply["result"], false, "{reply}");
+        assert_eq!(reply["code"], 1_240_003, "{reply}");
+        let message = reply["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with(field), "{message}");
+        assert!(
+            message.contains("no longer in the controller's content store"),
+            "{message}"
+        );
+        let status = status_of(&cluster, job).await?;
+        assert_eq!(status["job_instance"]["status"], 1, "{status}");
+    }
+    assert!(!out.path().join("x.bin").exists());
+    assert!(!out.path().join("a.conf").exists());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_uploaded_file_whose_chunk_is_gone_fails_that_file_and_the_rest_is_sent() -> Result<()> {
+    let cluster = start_cluster(1).await?;
+    let client = cluster.client();
+    let host = cluster.host_ids()[0];
+    let src = scratch("gone-src");
+    let out = scratch("gone-out");
+    let on_host = b"read from the source host".to_vec();
+    std::fs::write(src.path().join("host.txt"), &on_host)?;
+    let uploaded = b"an upload whose chunk is removed from the store".to_vec();
+    let (path, _) = upload(&cluster, "gone.bin", &uploaded).await?;
+    remove_chunk(&cluster, &uploaded)?;
+    let sources = json!([
+        {"file_type": 2, "file_list": [path]},
+        {
+            "file_type": 1,
+            "file_list": [src.path().join("host.txt").to_str().unwrap()],
+            "account": {"alias": "root"},
+            "server": {"host_id_list": [host]},
+        },
+    ]);
+    let request = transfer_request(&cluster, out.path().to_str().unwrap(), sources, &[host]);
+    let (job, step) = submit(&cluster, "fast_transfer_file", request).await?;
+    let status = client
+        .wait_job(&cluster.info.scope(), job, Duration::from_secs(120))
+        .await?;
+    // The run found the chunk gone when it pinned it: that file fails, named, the other lands.
+    assert_eq!(statuses(&status), vec![(host, 203)], "{status}");
+    assert_eq!(std::fs::read(out.path().join("host.txt"))?, on_host);
+    assert!(!out.path().join("gone.bin").exists());
+    let logs = downloads(&cluster, job, step, host).await?;
+    assert!(
+        logs.iter().any(|log| log["log_content"]
+            .as_str()
+            .is_some_and(|l| l.contains("no longer in the controller's content store"))),
+        "{logs:?}"
+    );
     Ok(())
 }
 

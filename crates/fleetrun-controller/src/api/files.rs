@@ -249,88 +249,100 @@ pub async fn push_config_file(
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| format!("API_PUSH_CONFIG_FILE_{create_time}"));
     // The step keeps the list of files (names and sizes), never their contents: a job that
-    // starts later or rolls keeps those in the content store, and the step names where.
-    let mut stored_files = Vec::with_capacity(files.len());
-    for file in &files {
-        let held = if !keep_files {
-            None
-        } else {
+    // starts later or rolls keeps those in the content store, and the step names where. Every
+    // check passed: kept now, just before the job is created, and removed if it is not.
+    let mut to_keep = Vec::new();
+    if keep_files {
+        for file in &files {
             let store = shared.content.clone();
             let content = file.content.clone();
             let kept = tokio::task::spawn_blocking(move || store.put_file(&content))
                 .await
                 .map_err(|e| ApiError::internal("content store", e))?
                 .map_err(super::held::content_error)?;
-            Some(
-                super::held::keep(
-                    shared,
-                    &caller.username,
-                    &caller.app_code,
-                    &scope,
-                    &file.name,
-                    kept,
-                    create_time,
-                )
-                .await?,
-            )
-        };
-        stored_files.push(StoredPushFile {
+            to_keep.push((file.name.clone(), kept));
+        }
+    }
+    let held = super::held::keep_all(
+        shared,
+        &caller.username,
+        &caller.app_code,
+        &scope,
+        to_keep,
+        create_time,
+    )
+    .await?;
+    let mut held_ids = held.iter().cloned().map(Some);
+    let stored_files: Vec<StoredPushFile> = files
+        .iter()
+        .map(|file| StoredPushFile {
             file_name: file.name.clone(),
             size: file.content.len(),
             mode: format!("{:04o}", file.mode),
-            held,
-        });
-    }
-    let described = serde_json::to_string(&StoredPush {
-        file_target_path: dir.clone(),
-        transfer_mode: if strict { 1 } else { 2 },
-        files: stored_files,
-    })
-    .map_err(|e| ApiError::internal("file step", e))?;
-    let new_job = fleetrun_store::NewJob {
-        name: name.clone(),
-        operator: caller.username.clone(),
-        app_code: caller.app_code.clone(),
-        bk_scope_type: scope.scope_type.clone(),
-        bk_scope_id: scope.scope_id.clone(),
-        // Created to start later, the job is pending (1) until `operate_job_instance` starts it.
-        status: if start { job::RUNNING } else { job::PENDING },
-        job_type: 1,
-        launch_mode: 2,
-        callback_url,
-        create_time,
-        step: fleetrun_store::NewStep {
+            held: held_ids.next().flatten(),
+        })
+        .collect();
+    let created = async {
+        let described = serde_json::to_string(&StoredPush {
+            file_target_path: dir.clone(),
+            transfer_mode: if strict { 1 } else { 2 },
+            files: stored_files,
+        })
+        .map_err(|e| ApiError::internal("file step", e))?;
+        let new_job = fleetrun_store::NewJob {
             name: name.clone(),
-            step_type: STEP_TYPE_FILE,
-            script_language: 0,
-            script_content: described.into_bytes(),
-            script_param: String::new(),
-            is_param_sensitive: false,
-            timeout,
-            account_id: account.id,
-            account: account.account.clone(),
-        },
-        hosts: chosen
-            .iter()
-            .map(|h| fleetrun_store::NewHostResult {
-                bk_host_id: h.bk_host_id,
-                bk_cloud_id: h.bk_cloud_id,
-                ip: h.ip.to_canonical().to_string(),
-                status: host::WAITING,
-            })
-            .collect(),
+            operator: caller.username.clone(),
+            app_code: caller.app_code.clone(),
+            bk_scope_type: scope.scope_type.clone(),
+            bk_scope_id: scope.scope_id.clone(),
+            // Created to start later, the job is pending (1) until `operate_job_instance` starts it.
+            status: if start { job::RUNNING } else { job::PENDING },
+            job_type: 1,
+            launch_mode: 2,
+            callback_url,
+            create_time,
+            step: fleetrun_store::NewStep {
+                name: name.clone(),
+                step_type: STEP_TYPE_FILE,
+                script_language: 0,
+                script_content: described.into_bytes(),
+                script_param: String::new(),
+                is_param_sensitive: false,
+                timeout,
+                account_id: account.id,
+                account: account.account.clone(),
+            },
+            hosts: chosen
+                .iter()
+                .map(|h| fleetrun_store::NewHostResult {
+                    bk_host_id: h.bk_host_id,
+                    bk_cloud_id: h.bk_cloud_id,
+                    ip: h.ip.to_canonical().to_string(),
+                    status: host::WAITING,
+                })
+                .collect(),
+        };
+        let created = shared
+            .store
+            .create_job_sealing(
+                &new_job,
+                shared.cipher.sealer(),
+                plan.as_ref()
+                    .map(super::steps::Plan::stored)
+                    .transpose()?
+                    .as_ref(),
+            )
+            .await?;
+        Ok::<_, ApiError>(created)
+    }
+    .await;
+    let created = match created {
+        Ok(created) => created,
+        Err(e) => {
+            super::held::release(shared, held).await;
+            return Err(e);
+        }
     };
-    let created = shared
-        .store
-        .create_job_sealing(
-            &new_job,
-            shared.cipher.sealer(),
-            plan.as_ref()
-                .map(super::steps::Plan::stored)
-                .transpose()?
-                .as_ref(),
-        )
-        .await?;
     let spec = FileJobSpec {
         job_instance_id: created.job_instance_id,
         step_instance_id: created.step_instance_id,

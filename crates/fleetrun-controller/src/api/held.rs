@@ -45,7 +45,7 @@ pub(super) fn content_error(e: crate::content::ContentError) -> ApiError {
 
 /// Keeps `file` (already in the content store) for a job being created, as `file_name`;
 /// returns the record's id, for the step to name.
-pub(super) async fn keep(
+async fn keep(
     shared: &Shared,
     username: &str,
     app_code: &str,
@@ -77,6 +77,54 @@ pub(super) async fn keep(
     Ok(id)
 }
 
+/// Keeps each of `files` (name, file already in the content store) for a job about to be
+/// created, in order; returns the records' ids. Called once every check of the request passed,
+/// just before the job is created: if one cannot be kept, those kept before it are removed.
+pub(super) async fn keep_all(
+    shared: &Shared,
+    username: &str,
+    app_code: &str,
+    scope: &scope::Scope,
+    files: Vec<(String, StoredFile)>,
+    created_ms: i64,
+) -> Result<Vec<String>, ApiError> {
+    let mut ids = Vec::with_capacity(files.len());
+    for (name, file) in files {
+        match keep(shared, username, app_code, scope, &name, file, created_ms).await {
+            Ok(id) => ids.push(id),
+            Err(e) => {
+                release(shared, ids).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Removes the records kept for a job that was then not created, so a refused submit leaves
+/// nothing kept behind it (nor keeps its chunks from the sweep).
+pub(super) async fn release(shared: &Shared, ids: Vec<String>) {
+    if ids.is_empty() {
+        return;
+    }
+    let store = shared.content.clone();
+    let removed = tokio::task::spawn_blocking(move || {
+        ids.iter()
+            .map(|id| store.remove_upload(id).map_err(|e| format!("{id}: {e}")))
+            .filter_map(Result::err)
+            .collect::<Vec<_>>()
+    })
+    .await;
+    match removed {
+        Ok(failed) if failed.is_empty() => {}
+        Ok(failed) => tracing::warn!(
+            ?failed,
+            "cannot remove kept files of a job not created; they expire with upload_ttl_secs"
+        ),
+        Err(e) => tracing::warn!("cannot remove kept files of a job not created: {e}"),
+    }
+}
+
 /// The file a created job kept under `id`, as it was kept; refused, naming `field`, once its
 /// record expired (or if it is not the job's).
 pub(super) async fn kept(
@@ -102,8 +150,36 @@ pub(super) async fn kept(
         )
     };
     let record = record
-        .filter(|r| r.kept && r.app_code == job.app_code && r.scope_id == job.bk_scope_id)
+        .filter(|r| {
+            r.kept
+                && r.app_code == job.app_code
+                && r.scope_type == job.bk_scope_type
+                && r.scope_id == job.bk_scope_id
+        })
         .ok_or_else(expired)?;
     let file = record.file.clone().ok_or_else(expired)?;
+    // The record alone is not the file: a chunk gone from the store (removed by hand, or a
+    // store moved without them) is refused here rather than failing every target's fetch.
+    let hashes = file
+        .chunks
+        .iter()
+        .map(|c| crate::content::parse_hex(c))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| ApiError::internal("kept file", "a chunk not named by its SHA-256"))?;
+    let store = shared.content.clone();
+    let missing = tokio::task::spawn_blocking(move || store.first_missing(hashes.iter()))
+        .await
+        .map_err(|e| ApiError::internal("content store", e))?;
+    if let Some(hash) = missing {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "job {} kept this file, but its chunk {} is no longer in the controller's \
+                 content store; submit the job again",
+                job.job_instance_id,
+                crate::content::hex(&hash)
+            ),
+        ));
+    }
     Ok((record, file))
 }

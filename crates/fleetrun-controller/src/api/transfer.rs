@@ -251,6 +251,8 @@ pub async fn fast_transfer_file(
     let mut sources = Vec::new();
     let mut locals = Vec::new();
     let mut described = Vec::new();
+    // Where in `described` each of `locals` is.
+    let mut local_sources = Vec::new();
     let mut paths = 0usize;
     for (i, source) in list.into_iter().enumerate() {
         let field = |name: &str| format!("file_source_list[{i}].{name}");
@@ -311,23 +313,8 @@ pub async fn fast_transfer_file(
                 for (j, path) in files.iter().enumerate() {
                     let field = field(&format!("file_list[{j}]"));
                     let local = local_file(&content, caller, &scope, &field, path).await?;
-                    // Kept as it is now, past the upload, for a later run to send.
-                    let held = if !keep_files {
-                        None
-                    } else {
-                        Some(
-                            super::held::keep(
-                                shared,
-                                &caller.username,
-                                &caller.app_code,
-                                &scope,
-                                &local.name,
-                                local.stored(),
-                                create_time,
-                            )
-                            .await?,
-                        )
-                    };
+                    // Kept (`held`) once every check passed, just before the job is created.
+                    local_sources.push(described.len());
                     described.push(StoredSource {
                         file_type: file_type::LOCAL,
                         file_list: vec![path.clone()],
@@ -335,7 +322,7 @@ pub async fn fast_transfer_file(
                         account_id: None,
                         hosts: None,
                         size: Some(local.size),
-                        held,
+                        held: None,
                     });
                     locals.push(local);
                 }
@@ -382,59 +369,91 @@ pub async fn fast_transfer_file(
         .task_name
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| format!("API_FAST_TRANSFER_FILE_{create_time}"));
-    let step_described = serde_json::to_string(&StoredTransfer {
-        file_target_path: template.clone(),
-        file_target_name: target_name.clone(),
-        transfer_mode: if strict { 1 } else { 2 },
-        download_speed_limit: req.download_speed_limit.unwrap_or(0),
-        upload_speed_limit: req.upload_speed_limit.unwrap_or(0),
-        file_source_list: described,
-    })
-    .map_err(|e| ApiError::internal("transfer step", e))?;
-    let new_job = fleetrun_store::NewJob {
-        name: name.clone(),
-        operator: caller.username.clone(),
-        app_code: caller.app_code.clone(),
-        bk_scope_type: scope.scope_type.clone(),
-        bk_scope_id: scope.scope_id.clone(),
-        // Created to start later, the job is pending (1) until `operate_job_instance` starts it.
-        status: if start { job::RUNNING } else { job::PENDING },
-        job_type: 1,
-        launch_mode: 2,
-        callback_url,
-        create_time,
-        step: fleetrun_store::NewStep {
-            name: name.clone(),
-            step_type: STEP_TYPE_FILE,
-            script_language: 0,
-            script_content: step_described.into_bytes(),
-            script_param: String::new(),
-            is_param_sensitive: false,
-            timeout,
-            account_id: account.id,
-            account: account.account.clone(),
-        },
-        hosts: chosen
-            .iter()
-            .map(|h| fleetrun_store::NewHostResult {
-                bk_host_id: h.bk_host_id,
-                bk_cloud_id: h.bk_cloud_id,
-                ip: h.ip.to_canonical().to_string(),
-                status: host::WAITING,
-            })
-            .collect(),
-    };
-    let created = shared
-        .store
-        .create_job_sealing(
-            &new_job,
-            shared.cipher.sealer(),
-            plan.as_ref()
-                .map(super::steps::Plan::stored)
-                .transpose()?
-                .as_ref(),
+    // Every check passed: the local files are kept as they are now, past their uploads, for a
+    // later run to send; if the job is not created after all, the records are removed.
+    let held = if keep_files {
+        super::held::keep_all(
+            shared,
+            &caller.username,
+            &caller.app_code,
+            &scope,
+            locals
+                .iter()
+                .map(|l| (l.name.clone(), l.stored()))
+                .collect(),
+            create_time,
         )
-        .await?;
+        .await?
+    } else {
+        Vec::new()
+    };
+    for (&at, id) in local_sources.iter().zip(&held) {
+        described[at].held = Some(id.clone());
+    }
+    let created = async {
+        let step_described = serde_json::to_string(&StoredTransfer {
+            file_target_path: template.clone(),
+            file_target_name: target_name.clone(),
+            transfer_mode: if strict { 1 } else { 2 },
+            download_speed_limit: req.download_speed_limit.unwrap_or(0),
+            upload_speed_limit: req.upload_speed_limit.unwrap_or(0),
+            file_source_list: described,
+        })
+        .map_err(|e| ApiError::internal("transfer step", e))?;
+        let new_job = fleetrun_store::NewJob {
+            name: name.clone(),
+            operator: caller.username.clone(),
+            app_code: caller.app_code.clone(),
+            bk_scope_type: scope.scope_type.clone(),
+            bk_scope_id: scope.scope_id.clone(),
+            // Created to start later, the job is pending (1) until `operate_job_instance` starts it.
+            status: if start { job::RUNNING } else { job::PENDING },
+            job_type: 1,
+            launch_mode: 2,
+            callback_url,
+            create_time,
+            step: fleetrun_store::NewStep {
+                name: name.clone(),
+                step_type: STEP_TYPE_FILE,
+                script_language: 0,
+                script_content: step_described.into_bytes(),
+                script_param: String::new(),
+                is_param_sensitive: false,
+                timeout,
+                account_id: account.id,
+                account: account.account.clone(),
+            },
+            hosts: chosen
+                .iter()
+                .map(|h| fleetrun_store::NewHostResult {
+                    bk_host_id: h.bk_host_id,
+                    bk_cloud_id: h.bk_cloud_id,
+                    ip: h.ip.to_canonical().to_string(),
+                    status: host::WAITING,
+                })
+                .collect(),
+        };
+        let created = shared
+            .store
+            .create_job_sealing(
+                &new_job,
+                shared.cipher.sealer(),
+                plan.as_ref()
+                    .map(super::steps::Plan::stored)
+                    .transpose()?
+                    .as_ref(),
+            )
+            .await?;
+        Ok::<_, ApiError>(created)
+    }
+    .await;
+    let created = match created {
+        Ok(created) => created,
+        Err(e) => {
+            super::held::release(shared, held).await;
+            return Err(e);
+        }
+    };
     let spec = TransferSpec {
         job_instance_id: created.job_instance_id,
         step_instance_id: created.step_instance_id,

@@ -283,6 +283,46 @@ impl Engine {
         let spec = Arc::new(spec);
         let clock = tokio::time::Instant::now();
         let pinned: Arc<std::sync::Mutex<Vec<Hash>>> = Arc::default();
+        // The local files' chunks are pinned before anything else: reading the source hosts
+        // may take up to the step's timeout, and a kept file's record may expire meanwhile.
+        // Pinned, a chunk still there stays; one already gone is said so, for that file.
+        let mut locals = Vec::with_capacity(spec.locals.len());
+        let mut failures: Vec<SourceFailure> = Vec::new();
+        for local in &spec.locals {
+            spec.content.pin(&local.chunks);
+            pinned.lock().unwrap().extend(local.chunks.iter().copied());
+        }
+        let content = spec.content.clone();
+        let chunks: Vec<Vec<Hash>> = spec.locals.iter().map(|l| l.chunks.clone()).collect();
+        let missing = tokio::task::spawn_blocking(move || {
+            chunks
+                .iter()
+                .map(|c| content.first_missing(c))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(
+                job = spec.job_instance_id,
+                "cannot look for local chunks: {e}"
+            );
+            vec![None; spec.locals.len()]
+        });
+        for (local, missing) in spec.locals.iter().zip(missing) {
+            match missing {
+                None => locals.push(local),
+                Some(hash) => failures.push(SourceFailure {
+                    src: None,
+                    src_path: local.path.clone(),
+                    status: transfer_status::SOURCE_NOT_FOUND,
+                    reason: format!(
+                        "the local file's chunk {} is no longer in the controller's content \
+                         store; upload the file and submit the job again",
+                        crate::content::hex(&hash)
+                    ),
+                }),
+            }
+        }
         // Phase 1: every source read once, into the content store.
         let mut sources = JoinSet::new();
         for source in spec.sources.iter().cloned() {
@@ -294,7 +334,6 @@ impl Engine {
                 .spawn(async move { engine.collect_from(&spec, source, &cancel, &pinned).await });
         }
         let mut gathered: Vec<Gathered> = Vec::new();
-        let mut failures: Vec<SourceFailure> = Vec::new();
         let mut uploads: Vec<FileLog> = Vec::new();
         let mut bytes_read = 0u64;
         while let Some(joined) = sources.join_next().await {
@@ -317,9 +356,7 @@ impl Engine {
                 "cannot store the upload logs: {e}"
             );
         }
-        for local in &spec.locals {
-            spec.content.pin(&local.chunks);
-            pinned.lock().unwrap().extend(local.chunks.iter().copied());
+        for local in locals {
             gathered.push(Gathered {
                 src: None,
                 src_path: local.path.clone(),

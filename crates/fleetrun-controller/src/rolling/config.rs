@@ -1,8 +1,8 @@
 //! `rolling_config` as bk-job checks it (`EsbRollingConfigDTO` and its validation groups,
 //! `RollingConfigServiceImpl`), plus fleetrun's failure limits.
 //!
-//! Fields: `type` (1, the default: roll over the target hosts; 2, source files, is for file
-//! steps), `mode` (1 pause when a batch fails, the default; 2 roll on; 3 confirm each next batch),
+//! Fields: `type` (1, the default: roll over the target hosts, for script and file steps alike;
+//! 2, rolling over a transfer's source files, is not served and refused), `mode` (1 pause when a batch fails, the default; 2 roll on; 3 confirm each next batch),
 //! `execution_mode` (1 serial, the default; 2 parallel staggered, which needs
 //! `batch_start_wait_fixed_ms`, `batch_start_wait_random_min_ms` and
 //! `batch_start_wait_random_max_ms`, each in [0, 3600000], max at least min, and allows at most
@@ -168,7 +168,8 @@ impl RollingConfig {
             Some(2) => {
                 return Err(invalid(
                     "type",
-                    "2 (source-file rolling) applies to file transfers; a script step rolls over its target hosts (1)",
+                    "2 (rolling over source files) is not supported by fleetrun; script and \
+                     file steps roll over their target hosts (1)",
                 ));
             }
             Some(other) => return Err(invalid("type", format!("illegal rolling type {other}"))),
