@@ -382,6 +382,19 @@ impl Membership {
     }
 }
 
+/// Keeps the hosts placed in this controller's inventory equal to those registered through
+/// any controller: an agent registered through another one makes the merged inventory here
+/// stale, and its news says so. A news lost with the listening connection is made up for: the
+/// listener's loss wakes every follower.
+pub async fn follow_hosts(shared: std::sync::Arc<crate::Shared>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = shared.store.host_news() => shared.inventory.invalidate(),
+        }
+    }
+}
+
 /// How often revocations and the dangerous-command rules are read again without news.
 const TRUST_POLL: Duration = Duration::from_secs(5);
 

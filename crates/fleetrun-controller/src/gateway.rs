@@ -401,8 +401,15 @@ impl Gateway {
                 return;
             }
         };
-        // The host may be new, or report new addresses: the merged inventory is stale.
+        // The host may be new, or report new addresses: the merged inventory is stale, here and
+        // on the other controllers sharing the database.
         self.inventory.invalidate();
+        if let Err(e) = self.store.announce_host_news().await {
+            tracing::warn!(
+                agent_id,
+                "cannot tell the other controllers of the host's registration: {e}"
+            );
+        }
         self.report_contested_address(&host).await;
         let protocol_version = hello.protocol_version.min(PROTOCOL_VERSION);
         let heartbeat_interval_ms = self.heartbeat.as_millis() as u64;

@@ -332,6 +332,7 @@ impl Controller {
         ));
         if shared.engine.membership().is_some() {
             tasks.spawn(cluster::follow_trust(shared.clone(), shutdown.clone()));
+            tasks.spawn(cluster::follow_hosts(shared.clone(), shutdown.clone()));
         }
         let limits = shared.config.limits.clone();
         let audit = shared.audit.clone();

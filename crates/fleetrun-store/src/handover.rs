@@ -73,6 +73,23 @@ impl Store {
         Ok(())
     }
 
+    /// Announces to the other controllers that an agent's host was registered here (new, or at
+    /// new addresses): their inventories, which place the registered hosts, are stale.
+    pub async fn announce_host_news(&self) -> Result<(), StoreError> {
+        let Some(own) = &self.member_id else {
+            return Ok(());
+        };
+        let mut connection = self.pool.acquire().await?;
+        crate::watch::announce(&mut connection, own, crate::watch::HOST_NEWS).await?;
+        Ok(())
+    }
+
+    /// Returns at news from another controller of a host registered there; a news that comes
+    /// while nobody waits is kept for the next wait.
+    pub async fn host_news(&self) {
+        self.watchers.host_news().notified().await;
+    }
+
     /// Returns at news from another controller of a handover or a termination; a news that
     /// comes while nobody waits is kept for the next wait.
     pub async fn cluster_news(&self) {

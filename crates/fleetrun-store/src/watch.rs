@@ -29,6 +29,8 @@ const EVERYTHING: &str = "*";
 pub(crate) const NEWS: &str = "c";
 /// News of a revocation or a dangerous-rule change, as its own announcement.
 pub(crate) const TRUST_NEWS: &str = "t";
+/// News of an agent's host registered (new, or at a new address) through another controller.
+pub(crate) const HOST_NEWS: &str = "h";
 
 /// What a commit touched, as announced to other controllers: `j<id>` and `s<id>` separated by
 /// spaces, or [`EVERYTHING`]; `None` when it touched no job.
@@ -182,7 +184,7 @@ impl Key {
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Watchers(
     Arc<Mutex<Registry>>,
-    Arc<[Notify; 2]>,
+    Arc<[Notify; 3]>,
     Arc<crate::fence::Fenced>,
 );
 
@@ -222,6 +224,11 @@ impl Watchers {
         &self.1[1]
     }
 
+    /// Woken by [`HOST_NEWS`] (and by a lost listening connection).
+    pub(crate) fn host_news(&self) -> &Notify {
+        &self.1[2]
+    }
+
     /// Tells the engine that writes of these hosts (step, host, row epoch) were refused.
     pub(crate) fn fenced(&self, refused: Vec<(i64, i64, i64)>) {
         self.2.push(refused);
@@ -238,6 +245,9 @@ impl Watchers {
         }
         if text == TRUST_NEWS || text == EVERYTHING {
             self.trust_news().notify_one();
+        }
+        if text == HOST_NEWS || text == EVERYTHING {
+            self.host_news().notify_one();
         }
         let registry = self.0.lock().unwrap();
         if text == EVERYTHING {
@@ -381,5 +391,32 @@ mod tests {
             })
             .collect();
         assert_eq!(announcement(&many).as_deref(), Some(EVERYTHING));
+    }
+
+    #[tokio::test]
+    async fn host_news_wakes_its_listener_and_no_other() {
+        let watchers = Watchers::default();
+        watchers.announced(HOST_NEWS);
+        tokio::time::timeout(Duration::from_secs(1), watchers.host_news().notified())
+            .await
+            .expect("woken by host news");
+        for other in [watchers.news(), watchers.trust_news()] {
+            assert!(
+                tokio::time::timeout(Duration::from_millis(50), other.notified())
+                    .await
+                    .is_err()
+            );
+        }
+        watchers.announced(TRUST_NEWS);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), watchers.host_news().notified())
+                .await
+                .is_err()
+        );
+        // A lost listening connection is announced as everything: host news may be among it.
+        watchers.announced(EVERYTHING);
+        tokio::time::timeout(Duration::from_secs(1), watchers.host_news().notified())
+            .await
+            .expect("woken by everything");
     }
 }

@@ -54,7 +54,9 @@ async fn split_cluster(test: &str) -> Result<Option<TestCluster>> {
     .await
 }
 
-/// Waits until each agent is connected to the controller it tries first (its log says so).
+/// Waits until each agent is connected to the controller it tries first (its log says so),
+/// and every controller places every host in its inventory: a host registered through one
+/// controller reaches the others' inventories by its news.
 async fn agents_split(cluster: &TestCluster) -> Result<()> {
     for (i, agent) in cluster.agents.iter().enumerate() {
         let log = cluster.controller_log_at(i);
@@ -68,6 +70,30 @@ async fn agents_split(cluster: &TestCluster) -> Result<()> {
                     .lines()
                     .any(|l| l.contains("agent online") && l.contains(&agent_id));
                 async move { online.then_some(()) }
+            },
+        )
+        .await?;
+    }
+    let hosts = cluster.host_ids();
+    for index in 0..cluster.info.api_urls.len() {
+        let client = cluster.client_at(index);
+        eventually(
+            Duration::from_secs(10),
+            "every host placed in each controller's inventory",
+            || {
+                let client = client.clone();
+                let hosts = hosts.clone();
+                async move {
+                    let listed = client.hosts().await.ok()?;
+                    hosts
+                        .iter()
+                        .all(|id| {
+                            listed
+                                .iter()
+                                .any(|h| h["bk_host_id"] == *id && !h["bk_biz_id"].is_null())
+                        })
+                        .then_some(())
+                }
             },
         )
         .await?;
