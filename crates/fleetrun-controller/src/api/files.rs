@@ -18,7 +18,6 @@ use crate::{
     Shared,
     engine::{FileJobSpec, FileStep, FileTarget, StepFile, Work},
     now_ms,
-    status::{host, job},
 };
 
 /// Most files in one request.
@@ -282,67 +281,30 @@ pub async fn push_config_file(
             held: held_ids.next().flatten(),
         })
         .collect();
-    let created = async {
-        let described = serde_json::to_string(&StoredPush {
-            file_target_path: dir.clone(),
-            transfer_mode: if strict { 1 } else { 2 },
-            files: stored_files,
-        })
-        .map_err(|e| ApiError::internal("file step", e))?;
-        let new_job = fleetrun_store::NewJob {
-            name: name.clone(),
-            operator: caller.username.clone(),
-            app_code: caller.app_code.clone(),
-            bk_scope_type: scope.scope_type.clone(),
-            bk_scope_id: scope.scope_id.clone(),
-            // Created to start later, the job is pending (1) until `operate_job_instance` starts it.
-            status: if start { job::RUNNING } else { job::PENDING },
-            job_type: 1,
-            launch_mode: 2,
+    let described = serde_json::to_string(&StoredPush {
+        file_target_path: dir.clone(),
+        transfer_mode: if strict { 1 } else { 2 },
+        files: stored_files,
+    })
+    .map_err(|e| ApiError::internal("file step", e));
+    let created = super::held::create_file_job(
+        shared,
+        super::held::FileJob {
+            name: &name,
+            caller,
+            scope: &scope,
+            start,
             callback_url,
             create_time,
-            step: fleetrun_store::NewStep {
-                name: name.clone(),
-                step_type: STEP_TYPE_FILE,
-                script_language: 0,
-                script_content: described.into_bytes(),
-                script_param: String::new(),
-                is_param_sensitive: false,
-                timeout,
-                account_id: account.id,
-                account: account.account.clone(),
-            },
-            hosts: chosen
-                .iter()
-                .map(|h| fleetrun_store::NewHostResult {
-                    bk_host_id: h.bk_host_id,
-                    bk_cloud_id: h.bk_cloud_id,
-                    ip: h.ip.to_canonical().to_string(),
-                    status: host::WAITING,
-                })
-                .collect(),
-        };
-        let created = shared
-            .store
-            .create_job_sealing(
-                &new_job,
-                shared.cipher.sealer(),
-                plan.as_ref()
-                    .map(super::steps::Plan::stored)
-                    .transpose()?
-                    .as_ref(),
-            )
-            .await?;
-        Ok::<_, ApiError>(created)
-    }
-    .await;
-    let created = match created {
-        Ok(created) => created,
-        Err(e) => {
-            super::held::release(shared, held).await;
-            return Err(e);
-        }
-    };
+            timeout,
+            account,
+            hosts: &chosen,
+            plan: plan.as_ref(),
+        },
+        described,
+        held,
+    )
+    .await?;
     let spec = FileJobSpec {
         job_instance_id: created.job_instance_id,
         step_instance_id: created.step_instance_id,

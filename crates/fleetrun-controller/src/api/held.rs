@@ -183,3 +183,79 @@ pub(super) async fn kept(
     }
     Ok((record, file))
 }
+
+/// A file step's job, every check of its request passed, ready to be stored.
+pub(super) struct FileJob<'a> {
+    pub name: &'a str,
+    pub caller: &'a super::auth::Caller,
+    pub scope: &'a scope::Scope,
+    /// Started now, or created pending (1) until `operate_job_instance` starts it.
+    pub start: bool,
+    pub callback_url: Option<String>,
+    pub create_time: i64,
+    pub timeout: i64,
+    pub account: &'a fleetrun_inventory::Account,
+    pub hosts: &'a [fleetrun_inventory::ResolvedHost],
+    pub plan: Option<&'a super::steps::Plan>,
+}
+
+/// Stores `job` with its step described by `described` (the step's JSON, or why it could not
+/// be made); the records kept for it (`held`) are removed when it is not created.
+pub(super) async fn create_file_job(
+    shared: &Shared,
+    job: FileJob<'_>,
+    described: Result<String, ApiError>,
+    held: Vec<String>,
+) -> Result<fleetrun_store::CreatedJob, ApiError> {
+    let created = async {
+        let new_job = fleetrun_store::NewJob {
+            name: job.name.to_owned(),
+            operator: job.caller.username.clone(),
+            app_code: job.caller.app_code.clone(),
+            bk_scope_type: job.scope.scope_type.clone(),
+            bk_scope_id: job.scope.scope_id.clone(),
+            status: if job.start {
+                crate::status::job::RUNNING
+            } else {
+                crate::status::job::PENDING
+            },
+            job_type: 1,
+            launch_mode: 2,
+            callback_url: job.callback_url,
+            create_time: job.create_time,
+            step: fleetrun_store::NewStep {
+                name: job.name.to_owned(),
+                step_type: super::files::STEP_TYPE_FILE,
+                script_language: 0,
+                script_content: described?.into_bytes(),
+                script_param: String::new(),
+                is_param_sensitive: false,
+                timeout: job.timeout,
+                account_id: job.account.id,
+                account: job.account.account.clone(),
+            },
+            hosts: job
+                .hosts
+                .iter()
+                .map(|h| fleetrun_store::NewHostResult {
+                    bk_host_id: h.bk_host_id,
+                    bk_cloud_id: h.bk_cloud_id,
+                    ip: h.ip.to_canonical().to_string(),
+                    status: crate::status::host::WAITING,
+                })
+                .collect(),
+        };
+        let rolling = job.plan.map(super::steps::Plan::stored).transpose()?;
+        Ok::<_, ApiError>(
+            shared
+                .store
+                .create_job_sealing(&new_job, shared.cipher.sealer(), rolling.as_ref())
+                .await?,
+        )
+    }
+    .await;
+    if created.is_err() {
+        release(shared, held).await;
+    }
+    created
+}

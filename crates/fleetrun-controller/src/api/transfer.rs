@@ -22,7 +22,7 @@ use super::{
     auth::Caller,
     error::code,
     execute::{TargetServer, refuse_while_unwritable},
-    files::{STEP_TYPE_FILE, file_target, stored_targets, target_dir},
+    files::{file_target, stored_targets, target_dir},
     params::{Params, lenient},
     reply,
     request::ApiRequest,
@@ -33,7 +33,6 @@ use crate::{
     content::{self, StoredFile, Upload},
     engine::{FileStep, LocalFile, SourceSpec, TransferSpec, Work},
     now_ms,
-    status::{host, job},
 };
 
 const MAX_SOURCES: usize = 100;
@@ -390,70 +389,33 @@ pub async fn fast_transfer_file(
     for (&at, id) in local_sources.iter().zip(&held) {
         described[at].held = Some(id.clone());
     }
-    let created = async {
-        let step_described = serde_json::to_string(&StoredTransfer {
-            file_target_path: template.clone(),
-            file_target_name: target_name.clone(),
-            transfer_mode: if strict { 1 } else { 2 },
-            download_speed_limit: req.download_speed_limit.unwrap_or(0),
-            upload_speed_limit: req.upload_speed_limit.unwrap_or(0),
-            file_source_list: described,
-        })
-        .map_err(|e| ApiError::internal("transfer step", e))?;
-        let new_job = fleetrun_store::NewJob {
-            name: name.clone(),
-            operator: caller.username.clone(),
-            app_code: caller.app_code.clone(),
-            bk_scope_type: scope.scope_type.clone(),
-            bk_scope_id: scope.scope_id.clone(),
-            // Created to start later, the job is pending (1) until `operate_job_instance` starts it.
-            status: if start { job::RUNNING } else { job::PENDING },
-            job_type: 1,
-            launch_mode: 2,
+    let described = serde_json::to_string(&StoredTransfer {
+        file_target_path: template.clone(),
+        file_target_name: target_name.clone(),
+        transfer_mode: if strict { 1 } else { 2 },
+        download_speed_limit: req.download_speed_limit.unwrap_or(0),
+        upload_speed_limit: req.upload_speed_limit.unwrap_or(0),
+        file_source_list: described,
+    })
+    .map_err(|e| ApiError::internal("transfer step", e));
+    let created = super::held::create_file_job(
+        shared,
+        super::held::FileJob {
+            name: &name,
+            caller,
+            scope: &scope,
+            start,
             callback_url,
             create_time,
-            step: fleetrun_store::NewStep {
-                name: name.clone(),
-                step_type: STEP_TYPE_FILE,
-                script_language: 0,
-                script_content: step_described.into_bytes(),
-                script_param: String::new(),
-                is_param_sensitive: false,
-                timeout,
-                account_id: account.id,
-                account: account.account.clone(),
-            },
-            hosts: chosen
-                .iter()
-                .map(|h| fleetrun_store::NewHostResult {
-                    bk_host_id: h.bk_host_id,
-                    bk_cloud_id: h.bk_cloud_id,
-                    ip: h.ip.to_canonical().to_string(),
-                    status: host::WAITING,
-                })
-                .collect(),
-        };
-        let created = shared
-            .store
-            .create_job_sealing(
-                &new_job,
-                shared.cipher.sealer(),
-                plan.as_ref()
-                    .map(super::steps::Plan::stored)
-                    .transpose()?
-                    .as_ref(),
-            )
-            .await?;
-        Ok::<_, ApiError>(created)
-    }
-    .await;
-    let created = match created {
-        Ok(created) => created,
-        Err(e) => {
-            super::held::release(shared, held).await;
-            return Err(e);
-        }
-    };
+            timeout,
+            account,
+            hosts: &chosen,
+            plan: plan.as_ref(),
+        },
+        described,
+        held,
+    )
+    .await?;
     let spec = TransferSpec {
         job_instance_id: created.job_instance_id,
         step_instance_id: created.step_instance_id,
