@@ -15,8 +15,9 @@
 //! - `footprint`: controller RSS per connected agent (swarm), a real agent's idle RSS and CPU.
 //! - `script`: controller peak RSS while one 16 MiB script goes to 1,000 swarm hosts.
 //! - `inventory`: `fleetrun-inventory`'s `resolve_bench` example, when it exists.
-//! - `overhead`: single-host job throughput with metrics and the audit trail off, then on
-//!   (swarm, emulated), and the share they cost against the 5% target.
+//! - `overhead`: what metrics and the audit trail cost against the 5% target, off then on:
+//!   single-host job throughput (swarm, emulated), the controller's instructions per job under
+//!   callgrind (when valgrind is installed), and CPU time per job with 4 real agents.
 //! - `console`: the web console's page of a 10,000-host job (swarm) and its data, served.
 //! - `files`: 256 MiB (64 quick) from one real agent to 10 through `fast_transfer_file`: wall
 //!   time, source bytes read, controller bytes relayed, peak RSS, and the aggregate rate beside
