@@ -469,6 +469,22 @@ pub async fn sweep_periodically(
 mod tests {
     use super::*;
 
+    /// An upload record of app `app` in business 1, living a minute, holding `file`.
+    fn upload(id: &str, file: StoredFile, kept: bool) -> Upload {
+        Upload {
+            id: id.to_owned(),
+            app_code: "app".into(),
+            scope_type: "biz".into(),
+            scope_id: "1".into(),
+            username: "admin".into(),
+            file_name: "f".into(),
+            created_ms: now_ms(),
+            expires_ms: now_ms() + 60_000,
+            file: Some(file),
+            kept,
+        }
+    }
+
     #[test]
     fn chunks_are_stored_once_checked_and_bounded() {
         let dir = tempfile::tempdir().unwrap();
@@ -518,22 +534,15 @@ mod tests {
         store.pin([&a]);
         let id = uuid::Uuid::new_v4().to_string();
         store
-            .save_upload(&Upload {
-                id: id.clone(),
-                app_code: "app".into(),
-                scope_type: "biz".into(),
-                scope_id: "1".into(),
-                username: "admin".into(),
-                file_name: "f".into(),
-                created_ms: now_ms(),
-                expires_ms: now_ms() + 60_000,
-                file: Some(StoredFile {
+            .save_upload(&upload(
+                &id,
+                StoredFile {
                     size: 1,
                     sha256: hex(&b),
                     chunks: vec![hex(&b)],
-                }),
-                kept: false,
-            })
+                },
+                false,
+            ))
             .unwrap();
         assert_eq!(store.sweep(0).unwrap(), 1);
         assert!(store.read_chunk(&a).is_ok());
@@ -566,18 +575,11 @@ mod tests {
         ));
         // Kept by an upload record, the chunks outlive a sweep; without one they go.
         store
-            .save_upload(&Upload {
-                id: uuid::Uuid::new_v4().to_string(),
-                app_code: "app".into(),
-                scope_type: "biz".into(),
-                scope_id: "1".into(),
-                username: "admin".into(),
-                file_name: "f".into(),
-                created_ms: now_ms(),
-                expires_ms: now_ms() + 60_000,
-                file: Some(file.clone()),
-                kept: true,
-            })
+            .save_upload(&upload(
+                &uuid::Uuid::new_v4().to_string(),
+                file.clone(),
+                true,
+            ))
             .unwrap();
         store.put_file(b"loose").unwrap();
         assert_eq!(store.sweep(0).unwrap(), 1);
@@ -631,20 +633,7 @@ mod tests {
         let swept = store.put_file(b"swept").unwrap();
         let (kept_hash, swept_hash) = (sha256(b"kept"), sha256(b"swept"));
         let id = uuid::Uuid::new_v4().to_string();
-        store
-            .save_upload(&Upload {
-                id: id.clone(),
-                app_code: "app".into(),
-                scope_type: "biz".into(),
-                scope_id: "1".into(),
-                username: "admin".into(),
-                file_name: "f".into(),
-                created_ms: now_ms(),
-                expires_ms: now_ms() + 60_000,
-                file: Some(kept),
-                kept: true,
-            })
-            .unwrap();
+        store.save_upload(&upload(&id, kept, true)).unwrap();
         assert!(store.upload(&id).is_some());
         assert_eq!(store.first_missing([&kept_hash, &swept_hash]), None);
         // A run pins what it sends; the record removed, a sweep takes only what is not pinned.
