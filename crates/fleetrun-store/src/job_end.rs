@@ -2,6 +2,8 @@
 //! in the status the caller saw (retry's and rolling's operations end jobs this way, so that an
 //! operator or controller that moved the job first wins).
 
+use crate::{Store, StoreError, retry};
+
 /// A job's end that holds only while the job is in `only_from`: what [`end_job_and_step`] writes.
 pub(crate) struct JobEnd {
     pub job_instance_id: i64,
@@ -16,7 +18,7 @@ pub(crate) struct JobEnd {
 /// In `tx`: if the job is still in `end.only_from`, gives it `end.job_status` and its step
 /// `end.step_status`, both ended at `end.at`. False, with nothing written, if the job is not in
 /// that status any more (another operator or controller moved it first).
-pub(crate) async fn end_job_and_step(
+async fn end_job_and_step(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     end: &JobEnd,
 ) -> Result<bool, sqlx::Error> {
@@ -43,4 +45,48 @@ pub(crate) async fn end_job_and_step(
         .await?;
     }
     Ok(ended)
+}
+
+/// What a job's end writes besides the job and its step, in the same transaction.
+pub(crate) enum AlsoWrite {
+    Nothing,
+    /// The step's hosts still waiting get this status, ended at the end's time.
+    WaitingHosts(i32),
+    /// The job's callback delivery is forgotten, so that its new end is reported.
+    ForgetCallback,
+}
+
+impl Store {
+    /// Ends the job and its step as `end` says, and writes `also`, in one transaction. False,
+    /// with nothing written, if the job is not in `end.only_from` any more.
+    pub(crate) async fn end_job(&self, end: &JobEnd, also: AlsoWrite) -> Result<bool, StoreError> {
+        let ended = async {
+            let mut tx = self.pool.begin().await?;
+            if !end_job_and_step(&mut tx, end).await? {
+                return Ok(false);
+            }
+            match also {
+                AlsoWrite::Nothing => {}
+                AlsoWrite::WaitingHosts(host_status) => {
+                    sqlx::query(
+                        "UPDATE host_result SET status = $1, end_time = $2
+                         WHERE step_instance_id = $3 AND status = $4",
+                    )
+                    .bind(host_status)
+                    .bind(end.at)
+                    .bind(end.step_instance_id)
+                    .bind(retry::WAITING)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                AlsoWrite::ForgetCallback => {
+                    retry::forget_callback(&mut tx, end.job_instance_id).await?;
+                }
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(true)
+        }
+        .await;
+        self.noting_write_failure(ended)
+    }
 }

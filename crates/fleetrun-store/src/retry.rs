@@ -17,7 +17,7 @@ use sqlx::Row;
 
 use crate::{
     HostResultRecord, Store, StoreError,
-    job_end::{JobEnd, end_job_and_step},
+    job_end::{AlsoWrite, JobEnd},
     join_ints,
 };
 
@@ -213,34 +213,16 @@ impl Store {
         host_status: i32,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let ended = async {
-            let mut tx = self.pool.begin().await?;
-            let end = JobEnd {
-                job_instance_id,
-                step_instance_id,
-                only_from: running,
-                job_status: status,
-                step_status: status,
-                at: now,
-            };
-            if !end_job_and_step(&mut tx, &end).await? {
-                return Ok(false);
-            }
-            sqlx::query(
-                "UPDATE host_result SET status = $1, end_time = $2
-                 WHERE step_instance_id = $3 AND status = $4",
-            )
-            .bind(host_status)
-            .bind(now)
-            .bind(step_instance_id)
-            .bind(WAITING)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(true)
-        }
-        .await;
-        self.noting_write_failure(ended)
+        let end = JobEnd {
+            job_instance_id,
+            step_instance_id,
+            only_from: running,
+            job_status: status,
+            step_status: status,
+            at: now,
+        };
+        self.end_job(&end, AlsoWrite::WaitingHosts(host_status))
+            .await
     }
 
     /// Ends a job in `failed` whose step's error an operator ignored: the step gets
@@ -255,25 +237,15 @@ impl Store {
         job_status: i32,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let ended = async {
-            let mut tx = self.pool.begin().await?;
-            let end = JobEnd {
-                job_instance_id,
-                step_instance_id,
-                only_from: failed,
-                job_status,
-                step_status,
-                at: now,
-            };
-            if !end_job_and_step(&mut tx, &end).await? {
-                return Ok(false);
-            }
-            forget_callback(&mut tx, job_instance_id).await?;
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(true)
-        }
-        .await;
-        self.noting_write_failure(ended)
+        let end = JobEnd {
+            job_instance_id,
+            step_instance_id,
+            only_from: failed,
+            job_status,
+            step_status,
+            at: now,
+        };
+        self.end_job(&end, AlsoWrite::ForgetCallback).await
     }
 
     /// A step's host results as they stood at the end of `execute_count` (bk-job's count), or
@@ -352,11 +324,11 @@ impl Store {
 }
 
 /// bk-job's "waiting for execution" host status, which a retried host starts from.
-const WAITING: i32 = 5;
+pub(crate) const WAITING: i32 = 5;
 
 /// Forgets a job's callback delivery and its attempts, so that the job's next end is queued
 /// and delivered again (a delivery is one per job).
-async fn forget_callback(
+pub(crate) async fn forget_callback(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     job_instance_id: i64,
 ) -> Result<(), sqlx::Error> {

@@ -9,7 +9,7 @@ use sqlx::Row;
 
 use crate::{
     Store, StoreError,
-    job_end::{JobEnd, end_job_and_step},
+    job_end::{AlsoWrite, JobEnd},
 };
 
 /// A step's rolling plan and progress.
@@ -242,22 +242,15 @@ impl Store {
         status: i32,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let ended = async {
-            let mut tx = self.pool.begin().await?;
-            let end = JobEnd {
-                job_instance_id,
-                step_instance_id,
-                only_from: paused,
-                job_status: status,
-                step_status: status,
-                at: now,
-            };
-            let ended = end_job_and_step(&mut tx, &end).await?;
-            tx.commit().await?;
-            Ok::<bool, sqlx::Error>(ended)
-        }
-        .await;
-        self.noting_write_failure(ended)
+        let end = JobEnd {
+            job_instance_id,
+            step_instance_id,
+            only_from: paused,
+            job_status: status,
+            step_status: status,
+            at: now,
+        };
+        self.end_job(&end, AlsoWrite::Nothing).await
     }
 
     /// Rolling jobs in one of `statuses` (those a pause leaves a job in that a restart must not
