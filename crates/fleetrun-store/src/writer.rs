@@ -864,41 +864,11 @@ async fn commit(
     // that finished meanwhile. Applying them after the loop changes nothing: a status change in
     // the same batch (`JobStatus`) only touches rows without an end, and the end overrides it;
     // a job's start comes before its first run's end.
-    let step_ends = last_per_host(
-        step_ends,
-        |(step, ..)| *step,
-        |_| crate::FIRST_EPOCH,
-        |_, _| {},
-        |_| {},
-    );
-    for chunk in step_ends.chunks(dialect.max_parameters() / 3) {
-        let mut update = Statement::new(
-            dialect,
-            "UPDATE step_instance SET status = v.column2, end_time = v.column3 FROM (",
-        );
-        update.push_values(chunk, |row, (step, status, at)| {
-            row.push_bind(*step).push_bind(*status).push_bind(*at);
-        });
-        update.push(") AS v WHERE step_instance.step_instance_id = v.column1");
-        update.build().execute(&mut *tx).await?;
-    }
-    let job_ends = last_per_host(
-        job_ends,
-        |(job, ..)| *job,
-        |_| crate::FIRST_EPOCH,
-        |_, _| {},
-        |_| {},
-    );
-    for chunk in job_ends.chunks(dialect.max_parameters() / 3) {
-        let mut update = Statement::new(
-            dialect,
-            "UPDATE job_instance SET status = v.column2, end_time = v.column3 FROM (",
-        );
-        update.push_values(chunk, |row, (job, status, at)| {
-            row.push_bind(*job).push_bind(*status).push_bind(*at);
-        });
-        update.push(") AS v WHERE job_instance.job_instance_id = v.column1");
-        update.build().execute(&mut *tx).await?;
+    for (table, id_column, ends) in [
+        ("step_instance", "step_instance_id", step_ends),
+        ("job_instance", "job_instance_id", job_ends),
+    ] {
+        write_ends(&mut tx, dialect, table, id_column, ends).await?;
     }
     // "Running" host rows, then final ones, many per statement. Applying them after the loop
     // changes nothing: nothing else in a batch writes these rows, and a host's "running" update
@@ -1075,6 +1045,36 @@ async fn commit(
     appending.clone_from(&committed.audit_head);
     tx.commit().await?;
     Ok(committed)
+}
+
+/// Writes `ends` (id, status, end time) to `table`'s rows by `id_column`: steps' or jobs', many
+/// per statement. An id that ends twice in a batch is written once, as its last end left it.
+async fn write_ends(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    dialect: Dialect,
+    table: &str,
+    id_column: &str,
+    ends: Vec<(i64, i32, i64)>,
+) -> Result<(), sqlx::Error> {
+    let ends = last_per_host(
+        ends,
+        |(id, ..)| *id,
+        |_| crate::FIRST_EPOCH,
+        |_, _| {},
+        |_| {},
+    );
+    for chunk in ends.chunks(dialect.max_parameters() / 3) {
+        let mut update = Statement::new(
+            dialect,
+            format!("UPDATE {table} SET status = v.column2, end_time = v.column3 FROM ("),
+        );
+        update.push_values(chunk, |row, (id, status, at)| {
+            row.push_bind(*id).push_bind(*status).push_bind(*at);
+        });
+        update.push(&format!(") AS v WHERE {table}.{id_column} = v.column1"));
+        update.build().execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 /// Takes the audit trail's lock (waiting at most [`AUDIT_LOCK_TIMEOUT`] on PostgreSQL; the
