@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use fleetrun_store::{Store, StoreError, scratch::TestDatabase};
 
+mod common;
+
 #[tokio::test(flavor = "multi_thread")]
 async fn controllers_of_other_names_share_a_database_one_of_each_name_lives() {
     let db = TestDatabase::create("cluster_names").await.unwrap();
@@ -124,7 +126,7 @@ async fn a_commit_through_one_store_wakes_the_followers_of_another() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "a measurement: run on demand with --ignored --nocapture"]
 async fn rows_and_bytes_per_host_run() {
-    use fleetrun_store::{HostCheckpoint, HostOutcome, NewHostResult, NewJob, NewStep, Write};
+    use fleetrun_store::{HostCheckpoint, HostOutcome, Write};
     use sqlx::Row as _;
     const HOSTS: i64 = 10_000;
     let db = TestDatabase::create("cluster_footprint").await.unwrap();
@@ -160,37 +162,7 @@ async fn rows_and_bytes_per_host_run() {
     }
     let before = sizes(&mut admin).await;
     let created = store
-        .create_job(&NewJob {
-            name: "footprint".into(),
-            operator: "o".into(),
-            app_code: "a".into(),
-            bk_scope_type: "biz".into(),
-            bk_scope_id: "2".into(),
-            status: 2,
-            job_type: 1,
-            launch_mode: 2,
-            callback_url: None,
-            create_time: 0,
-            step: NewStep {
-                name: "s".into(),
-                step_type: 1,
-                script_language: 1,
-                script_content: b"echo hello".to_vec(),
-                script_param: String::new(),
-                is_param_sensitive: false,
-                timeout: 60,
-                account_id: 1,
-                account: "root".into(),
-            },
-            hosts: (1..=HOSTS)
-                .map(|id| NewHostResult {
-                    bk_host_id: id,
-                    bk_cloud_id: 0,
-                    ip: format!("10.{}.{}.{}", id / 65_536, (id / 256) % 256, id % 256),
-                    status: 5,
-                })
-                .collect(),
-        })
+        .create_job(&common::job_on_hosts("footprint", 2, b"echo hello", HOSTS))
         .await
         .unwrap();
     let step = created.step_instance_id;

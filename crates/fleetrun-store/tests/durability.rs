@@ -11,44 +11,16 @@ use std::{
 };
 
 use fleetrun_store::{
-    Database, HostOutcome, NewHostResult, NewJob, NewStep, Store, StoreError, Write,
-    scratch::TestDatabase,
+    Database, HostOutcome, NewJob, Store, StoreError, Write, scratch::TestDatabase,
 };
+
+mod common;
 
 const PENDING: i32 = 1;
 const RUNNING: i32 = 2;
 
-/// Like the crate's `test_job`, which is `#[cfg(test)]` and so out of an integration test's reach.
 fn new_job(status: i32) -> NewJob {
-    NewJob {
-        name: "t".into(),
-        operator: "o".into(),
-        app_code: "a".into(),
-        bk_scope_type: "biz".into(),
-        bk_scope_id: "2".into(),
-        status,
-        job_type: 1,
-        launch_mode: 2,
-        callback_url: None,
-        create_time: 0,
-        step: NewStep {
-            name: "s".into(),
-            step_type: 1,
-            script_language: 1,
-            script_content: b"true".to_vec(),
-            script_param: String::new(),
-            is_param_sensitive: false,
-            timeout: 60,
-            account_id: 1,
-            account: "root".into(),
-        },
-        hosts: vec![NewHostResult {
-            bk_host_id: 1,
-            bk_cloud_id: 0,
-            ip: "10.0.0.1".into(),
-            status: 5,
-        }],
-    }
+    common::job_on_hosts("t", status, b"true", 1)
 }
 
 fn sibling(path: &Path, suffix: &str) -> PathBuf {

@@ -5,44 +5,14 @@
 
 use std::time::{Duration, Instant};
 
-use fleetrun_store::{
-    HostOutcome, NewHostResult, NewJob, NewStep, Store, Write, scratch::TestDatabase,
-};
+use fleetrun_store::{HostOutcome, NewJob, Store, Write, scratch::TestDatabase};
+
+mod common;
 
 const HOSTS: i64 = 10_000;
 
 fn job() -> NewJob {
-    NewJob {
-        name: "throughput".into(),
-        operator: "o".into(),
-        app_code: "a".into(),
-        bk_scope_type: "biz".into(),
-        bk_scope_id: "2".into(),
-        status: 2,
-        job_type: 1,
-        launch_mode: 2,
-        callback_url: None,
-        create_time: 0,
-        step: NewStep {
-            name: "s".into(),
-            step_type: 1,
-            script_language: 1,
-            script_content: b"echo hello".to_vec(),
-            script_param: String::new(),
-            is_param_sensitive: false,
-            timeout: 60,
-            account_id: 1,
-            account: "root".into(),
-        },
-        hosts: (1..=HOSTS)
-            .map(|id| NewHostResult {
-                bk_host_id: id,
-                bk_cloud_id: 0,
-                ip: format!("10.{}.{}.{}", id / 65_536, (id / 256) % 256, id % 256),
-                status: 5,
-            })
-            .collect(),
-    }
+    common::job_on_hosts("throughput", 2, b"echo hello", HOSTS)
 }
 
 fn per_second(n: i64, took: Duration) -> f64 {
