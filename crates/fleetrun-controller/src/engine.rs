@@ -1527,6 +1527,22 @@ impl Engine {
         self.record_part(job_instance_id, write).await;
     }
 
+    /// Records that a job (its one step) starts running now; returns when.
+    async fn job_started_now(&self, job_instance_id: i64, step_instance_id: i64) -> i64 {
+        let at = now_ms();
+        self.write_for(
+            job_instance_id,
+            Write::JobStarted {
+                job_instance_id,
+                step_instance_id,
+                status: job::RUNNING,
+                at,
+            },
+        )
+        .await;
+        at
+    }
+
     /// Records a write of a host run here as a part of the job, whoever holds its lease.
     async fn record_part(&self, job_instance_id: i64, write: Write) {
         if let Err(e) = self.store.record(write).await {

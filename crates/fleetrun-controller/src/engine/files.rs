@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use super::{Engine, Finishing, now_ms};
 
-use crate::status::{host, job};
+use crate::status::host;
 
 /// The first protocol version that carries file tasks.
 pub const FILE_PROTOCOL_VERSION: u32 = 4;
@@ -181,17 +181,9 @@ impl Engine {
     }
 
     async fn run_files(&self, spec: FileJobSpec, cancel: CancellationToken) {
-        let started = now_ms();
-        self.write_for(
-            spec.job_instance_id,
-            Write::JobStarted {
-                job_instance_id: spec.job_instance_id,
-                step_instance_id: spec.step_instance_id,
-                status: job::RUNNING,
-                at: started,
-            },
-        )
-        .await;
+        let started = self
+            .job_started_now(spec.job_instance_id, spec.step_instance_id)
+            .await;
         let dispatch = self.place_dispatch(&spec);
         let mut hosts = JoinSet::new();
         let mut host_of_task = std::collections::HashMap::with_capacity(spec.hosts.len());
@@ -394,39 +386,20 @@ impl Engine {
                     cancel_sent = true;
                     let _ = send_frame(&mut send, &TaskDown::Cancel).await;
                     let bound = tokio::time::Instant::now() + grace;
-                    deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
+                    no_later_than(&mut deadline, bound);
                     continue;
                 }
             };
             match up {
                 Ok(Some(TaskUp::Started { started_at_ms })) => {
-                    if run.started_at.is_none() {
-                        let now = now_ms();
-                        // The agent's clock only names the start when it is plausible.
-                        let start = if started_at_ms.abs_diff(now)
-                            <= crate::host_run::MAX_CLOCK_SKEW_MS.unsigned_abs()
-                        {
-                            started_at_ms
-                        } else {
-                            now
-                        };
-                        run.started_at = Some(start);
-                        self.write_for(
-                            step.job_instance_id,
-                            Write::HostStatus {
-                                step_instance_id: step.step_instance_id,
-                                bk_host_id: target.bk_host_id,
-                                status: host::RUNNING,
-                                start_time: Some(start),
-                                epoch: run.epoch,
-                            },
-                        )
-                        .await;
-                        let bound = tokio::time::Instant::now()
-                            + Duration::from_secs(u64::from(step.timeout_secs))
-                            + grace;
-                        deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
-                    }
+                    self.file_task_started(
+                        step.job_instance_id,
+                        step.timeout_secs,
+                        run,
+                        started_at_ms,
+                        &mut deadline,
+                    )
+                    .await;
                 }
                 Ok(Some(TaskUp::FilePlaced(report))) => run.report(report),
                 Ok(Some(TaskUp::Finished(result))) => {
@@ -457,6 +430,61 @@ impl Engine {
             }
         }
     }
+}
+
+impl Engine {
+    /// The agent of a file task (a push's or a transfer's target) reported its start: the host
+    /// is running from then (by the agent's clock only where that is plausible), and `deadline`
+    /// becomes at the latest the task's timeout plus the grace period. Only the first report
+    /// counts.
+    pub(super) async fn file_task_started(
+        &self,
+        job_instance_id: i64,
+        timeout_secs: u32,
+        run: &mut FileHostRun,
+        started_at_ms: i64,
+        deadline: &mut Option<tokio::time::Instant>,
+    ) {
+        if run.started_at.is_some() {
+            return;
+        }
+        let start = plausible(started_at_ms, now_ms());
+        run.started_at = Some(start);
+        self.write_for(
+            job_instance_id,
+            Write::HostStatus {
+                step_instance_id: run.step_instance_id,
+                bk_host_id: run.bk_host_id,
+                status: host::RUNNING,
+                start_time: Some(start),
+                epoch: run.epoch,
+            },
+        )
+        .await;
+        let bound = tokio::time::Instant::now()
+            + Duration::from_secs(u64::from(timeout_secs))
+            + self.agent_grace;
+        no_later_than(deadline, bound);
+    }
+}
+
+/// An agent's time `t` of a file task where it lies within the clock skew allowed of `now`,
+/// else `now`.
+pub(super) fn plausible(t: i64, now: i64) -> i64 {
+    // `abs_diff`: an agent may send any i64, `i64::MIN` included.
+    if t.abs_diff(now) <= crate::host_run::MAX_CLOCK_SKEW_MS.unsigned_abs() {
+        t
+    } else {
+        now
+    }
+}
+
+/// Brings a file task's `deadline` forward to `bound`, never back.
+pub(super) fn no_later_than(
+    deadline: &mut Option<tokio::time::Instant>,
+    bound: tokio::time::Instant,
+) {
+    *deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
 }
 
 /// What one host's file task has reported so far.
@@ -551,11 +579,8 @@ impl FileHostRun {
         }
         *seen = true;
         let now = now_ms();
-        // `abs_diff`: an agent may send any i64, `i64::MIN` included.
-        let skew = crate::host_run::MAX_CLOCK_SKEW_MS.unsigned_abs();
-        let plausible = |t: i64| if t.abs_diff(now) <= skew { t } else { now };
-        let start = plausible(report.started_at_ms);
-        let end = plausible(report.finished_at_ms).max(start);
+        let start = plausible(report.started_at_ms, now);
+        let end = plausible(report.finished_at_ms, now).max(start);
         // No more than the file holds, whatever the agent says.
         let known = self.sizes.get(index).copied().unwrap_or(0);
         let size = i64::try_from(report.bytes.min(known)).unwrap_or(i64::MAX);

@@ -265,18 +265,8 @@ impl Engine {
         if let Some(started) = started {
             return started;
         }
-        let at = now_ms();
-        self.write_for(
-            job_instance_id,
-            Write::JobStarted {
-                job_instance_id,
-                step_instance_id,
-                status: job::RUNNING,
-                at,
-            },
-        )
-        .await;
-        at
+        self.job_started_now(job_instance_id, step_instance_id)
+            .await
     }
 
     /// Sends one batch's hosts their work.

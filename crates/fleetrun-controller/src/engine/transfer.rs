@@ -28,17 +28,19 @@ use fleetrun_proto::{
     CollectRequest, FILE_CHUNK, FetchFile, FetchRequest, SourceEnding, TaskDown, TaskUp,
     encode_frame,
 };
-use fleetrun_store::{FileLog, Write};
+use fleetrun_store::FileLog;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::files::{FileDispatch, FileHostRun, FileRun, file_line, file_status, join};
+use super::files::{
+    FileDispatch, FileHostRun, FileRun, file_line, file_status, join, no_later_than, plausible,
+};
 use super::{Engine, FileTarget, Finishing, MODE_DOWNLOAD, MODE_UPLOAD, now_ms, target_path};
 use crate::content::{ContentStore, Hash};
 use crate::gateway::AgentLink;
-use crate::status::{host, job};
+use crate::status::host;
 
 mod requested;
 use requested::{Fit, Requested};
@@ -234,17 +236,9 @@ impl Engine {
     }
 
     async fn run_transfer(&self, spec: TransferSpec, cancel: CancellationToken) {
-        let started = now_ms();
-        self.write_for(
-            spec.job_instance_id,
-            Write::JobStarted {
-                job_instance_id: spec.job_instance_id,
-                step_instance_id: spec.step_instance_id,
-                status: job::RUNNING,
-                at: started,
-            },
-        )
-        .await;
+        let started = self
+            .job_started_now(spec.job_instance_id, spec.step_instance_id)
+            .await;
         let (job_instance_id, step_instance_id) = (spec.job_instance_id, spec.step_instance_id);
         let targets: Vec<i64> = spec.targets.iter().map(|t| t.bk_host_id).collect();
         let prepared = self.prepare_transfer(spec, &cancel).await;
@@ -1004,14 +998,14 @@ impl Engine {
                     cancel_sent = true;
                     let _ = commands.send(Command::Cancel);
                     let bound = tokio::time::Instant::now() + grace;
-                    *deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
+                    no_later_than(deadline, bound);
                     continue;
                 }
                 why = &mut chunk_failure, if send_failure.is_none() => {
                     // The sender has cancelled the agent's task; its result still comes.
                     send_failure = Some(why.unwrap_or_else(|_| "the chunk sender stopped".into()));
                     let bound = tokio::time::Instant::now() + grace;
-                    *deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
+                    no_later_than(deadline, bound);
                     continue;
                 }
             };
@@ -1028,32 +1022,14 @@ impl Engine {
             };
             match up {
                 Ok(Some(TaskUp::Started { started_at_ms })) => {
-                    if run.started_at.is_none() {
-                        let now = now_ms();
-                        let start = if started_at_ms.abs_diff(now)
-                            <= crate::host_run::MAX_CLOCK_SKEW_MS.unsigned_abs()
-                        {
-                            started_at_ms
-                        } else {
-                            now
-                        };
-                        run.started_at = Some(start);
-                        self.write_for(
-                            step.job_instance_id,
-                            Write::HostStatus {
-                                step_instance_id: step.step_instance_id,
-                                bk_host_id: target.bk_host_id,
-                                status: host::RUNNING,
-                                start_time: Some(start),
-                                epoch: run.epoch,
-                            },
-                        )
-                        .await;
-                        let bound = tokio::time::Instant::now()
-                            + Duration::from_secs(u64::from(step.timeout_secs))
-                            + grace;
-                        *deadline = Some(deadline.map_or(bound, |d| d.min(bound)));
-                    }
+                    self.file_task_started(
+                        step.job_instance_id,
+                        step.timeout_secs,
+                        run,
+                        started_at_ms,
+                        deadline,
+                    )
+                    .await;
                 }
                 Ok(Some(TaskUp::Want { index })) => want(index, 0),
                 Ok(Some(TaskUp::WantFrom { index, chunk })) => want(index, chunk),
@@ -1547,9 +1523,7 @@ fn upload_log(
     success: bool,
 ) -> FileLog {
     let now = now_ms();
-    let skew = crate::host_run::MAX_CLOCK_SKEW_MS.unsigned_abs();
-    let plausible = |t: i64| if t.abs_diff(now) <= skew { t } else { now };
-    let (start, end) = timing.map_or((now, now), |(s, e)| (plausible(s), plausible(e)));
+    let (start, end) = timing.map_or((now, now), |(s, e)| (plausible(s, now), plausible(e, now)));
     let end = end.max(start);
     let size = i64::try_from(size).unwrap_or(i64::MAX);
     let mut log = FileLog {
