@@ -231,11 +231,7 @@ pub async fn fast_execute_script(
     )?;
 
     let wanted = wanted_targets(req.target_server)?;
-    scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
-    let chosen = inventory
-        .resolve(&scope.inventory, &wanted)
-        .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?
-        .hosts;
+    let chosen = resolve_wanted(caller, &inventory, &scope, &wanted)?;
 
     let host_ids: Vec<i64> = chosen.iter().map(|h| h.bk_host_id).collect();
     let rolling = super::steps::plan(req.rolling_config.as_ref(), &host_ids)?;
@@ -352,6 +348,22 @@ pub async fn fast_execute_script(
         step_instance_id: created.step_instance_id,
         dangerous_script_check: scanned,
     })
+}
+
+/// The hosts `wanted` (a request's `target_server`) names in `scope`: refused if it names hosts
+/// the caller may not see, or ones `scope` does not hold. Submits, previews and file steps all
+/// resolve their targets here.
+pub(super) fn resolve_wanted(
+    caller: &Caller,
+    inventory: &fleetrun_inventory::Inventory,
+    scope: &scope::Scope,
+    wanted: &fleetrun_inventory::Targets,
+) -> Result<Vec<fleetrun_inventory::ResolvedHost>, ApiError> {
+    scope::refuse_unseen_hosts(caller, inventory, wanted)?;
+    Ok(inventory
+        .resolve(&scope.inventory, wanted)
+        .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?
+        .hosts)
 }
 
 /// What a request's `target_server` asks for: host ids (or, without them, addresses, each

@@ -198,16 +198,7 @@ pub async fn push_config_file(
             content: Arc::new(bytes),
         });
     }
-    let strict = match req.transfer_mode.unwrap_or(2) {
-        1 => true,
-        2 => false,
-        other => {
-            return Err(ApiError::invalid(
-                "transfer_mode",
-                format!("{other} is not 1 (strict) or 2 (force)"),
-            ));
-        }
-    };
+    let strict = strict_mode(req.transfer_mode)?;
     let timeout = super::submit::step_timeout(req.timeout)?;
     super::submit::check_task_name(req.task_name.as_deref())?;
     super::steps::check(req.rolling_config.as_ref())?;
@@ -234,11 +225,7 @@ pub async fn push_config_file(
     )?;
 
     let wanted = super::execute::wanted_targets(req.target_server)?;
-    scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
-    let chosen = inventory
-        .resolve(&scope.inventory, &wanted)
-        .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?
-        .hosts;
+    let chosen = super::execute::resolve_wanted(caller, &inventory, &scope, &wanted)?;
     let host_ids: Vec<i64> = chosen.iter().map(|h| h.bk_host_id).collect();
     let plan = super::steps::plan(req.rolling_config.as_ref(), &host_ids)?;
 
@@ -287,6 +274,8 @@ pub async fn push_config_file(
         files: stored_files,
     })
     .map_err(|e| ApiError::internal("file step", e));
+    // The same call as fast_transfer_file's (`api/transfer.rs`): one function creates both file
+    // APIs' jobs, and each names here, field by field, what its own checks produced.
     let created = super::held::create_file_job(
         shared,
         super::held::FileJob {
@@ -406,6 +395,19 @@ pub(super) async fn created_push(
         timeout_secs: u32::try_from(step.timeout).unwrap_or(u32::MAX),
         files,
     })
+}
+
+/// Whether a file step's `transfer_mode` asks for bk-job's strict mode (1) rather than force
+/// (2, the default).
+pub(super) fn strict_mode(transfer_mode: Option<i64>) -> Result<bool, ApiError> {
+    match transfer_mode.unwrap_or(2) {
+        1 => Ok(true),
+        2 => Ok(false),
+        other => Err(ApiError::invalid(
+            "transfer_mode",
+            format!("{other} is not 1 (strict) or 2 (force)"),
+        )),
+    }
 }
 
 /// A host a file step targets (or reads from), as the inventory resolved it.

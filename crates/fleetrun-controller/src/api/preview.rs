@@ -50,11 +50,7 @@ pub async fn preview_rolling(
     )?;
     let wanted = super::execute::wanted_targets(req.target_server)?;
     let inventory = shared.inventory.current().await?;
-    scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
-    let chosen = inventory
-        .resolve(&scope.inventory, &wanted)
-        .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?
-        .hosts;
+    let chosen = super::execute::resolve_wanted(caller, &inventory, &scope, &wanted)?;
     let hosts: Vec<PreviewHost> = chosen
         .iter()
         .map(|h| PreviewHost {

@@ -208,16 +208,7 @@ pub async fn fast_transfer_file(
             format!("{} sources, at most {MAX_SOURCES}", list.len()),
         ));
     }
-    let strict = match req.transfer_mode.unwrap_or(2) {
-        1 => true,
-        2 => false,
-        other => {
-            return Err(ApiError::invalid(
-                "transfer_mode",
-                format!("{other} is not 1 (strict) or 2 (force)"),
-            ));
-        }
-    };
+    let strict = super::files::strict_mode(req.transfer_mode)?;
     let timeout = super::submit::step_timeout(req.timeout)?;
     let download = speed_limit("download_speed_limit", req.download_speed_limit)?;
     let upload = speed_limit("upload_speed_limit", req.upload_speed_limit)?;
@@ -356,11 +347,7 @@ pub async fn fast_transfer_file(
     }
 
     let wanted = super::execute::wanted_targets(req.target_server)?;
-    scope::refuse_unseen_hosts(caller, &inventory, &wanted)?;
-    let chosen = inventory
-        .resolve(&scope.inventory, &wanted)
-        .map_err(|e| ApiError::new(i64::from(e.code()), format!("target_server: {e}")))?
-        .hosts;
+    let chosen = super::execute::resolve_wanted(caller, &inventory, &scope, &wanted)?;
     let host_ids: Vec<i64> = chosen.iter().map(|h| h.bk_host_id).collect();
     let plan = super::steps::plan(req.rolling_config.as_ref(), &host_ids)?;
 
@@ -398,6 +385,8 @@ pub async fn fast_transfer_file(
         file_source_list: described,
     })
     .map_err(|e| ApiError::internal("transfer step", e));
+    // The same call as push_config_file's (`api/files.rs`): one function creates both file
+    // APIs' jobs, and each names here, field by field, what its own checks produced.
     let created = super::held::create_file_job(
         shared,
         super::held::FileJob {
