@@ -1,5 +1,10 @@
 //! The inventory's administration commands, as clap reads them: `inventory`, `biz`, `bizset`,
 //! `node`, the subcommands of `hosts`, `groups` and `accounts`; and `agents` (revocation).
+//!
+//! The objects' subcommands (`add`, `update`, `rm`, ...) look alike from one enum to the next,
+//! and stay spelled out: each variant's doc comments are the help `--help` prints for that
+//! command, in that object's own words (a business's `bk_biz_id`, a set's `bk_biz_set_id`), and
+//! what differs between them is exactly those words.
 
 use std::path::PathBuf;
 

@@ -278,6 +278,8 @@ async fn answer(request: Request) -> Response {
                     crate::audit::summarize(&params.0),
                 ));
             }
+            // One arm per API, each naming its handler: the arms look alike because every
+            // handler takes the same request, and the list is the index of what is served.
             match api.as_str() {
                 "fast_execute_script" => {
                     execute::fast_execute_script(&shared, &caller, &params).await

@@ -154,6 +154,10 @@ fn version_reply(v: &ScriptVersionRecord, with_content: bool) -> VersionReply {
 }
 
 /// A script (its basics) as bk-job lists it.
+///
+/// Its scope, creator and modification fields repeat [`VersionReply`]'s on purpose: each reply
+/// struct is one of bk-job's replies as its documentation lists it, field by field in its order,
+/// and is read against that list.
 #[derive(Debug, Serialize)]
 struct ScriptReply {
     id: String,
