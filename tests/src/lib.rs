@@ -188,6 +188,67 @@ impl TestCluster {
             .logs(&self.info.scope(), job, step, &self.host_ids())
             .await
     }
+
+    /// Submits `request` to `api`, an API that creates a job (`push_config_file`,
+    /// `fast_transfer_file`, ...): (job id, step id).
+    pub async fn submit_to(&self, api: &str, request: Value) -> Result<(i64, i64)> {
+        let accepted = self.client().call(api, request).await?;
+        Ok((
+            accepted["job_instance_id"].as_i64().context("job id")?,
+            accepted["step_instance_id"].as_i64().context("step id")?,
+        ))
+    }
+
+    /// Submits `request` to `api` as [`Self::submit_to`] does and waits up to `limit` for the
+    /// job's end: (job id, step id, final status data).
+    pub async fn run_to_end(
+        &self,
+        api: &str,
+        request: Value,
+        limit: Duration,
+    ) -> Result<(i64, i64, Value)> {
+        let (job, step) = self.submit_to(api, request).await?;
+        let status = self
+            .client()
+            .wait_job(&self.info.scope(), job, limit)
+            .await?;
+        Ok((job, step, status))
+    }
+
+    /// The refusal of `request` by `api`: (code, message); panics if it was accepted.
+    pub async fn refused(&self, api: &str, request: Value) -> Result<(i64, String)> {
+        let reply = self.client().call_raw(api, request).await?;
+        assert_eq!(reply["result"], false, "must be refused: {reply}");
+        Ok((
+            reply["code"].as_i64().unwrap_or_default(),
+            reply["message"].as_str().unwrap_or_default().to_owned(),
+        ))
+    }
+
+    /// One host's file logs of a file step, as `get_job_instance_ip_log` lists them (its
+    /// `file_logs`); asserts that the log is a file step's (`log_type` 2).
+    pub async fn file_logs(&self, job: i64, step: i64, host: i64) -> Result<Value> {
+        let mut body = self.info.scope();
+        body["job_instance_id"] = json!(job);
+        body["step_instance_id"] = json!(step);
+        body["bk_host_id"] = json!(host);
+        let data = self.client().call("get_job_instance_ip_log", body).await?;
+        assert_eq!(data["log_type"], 2, "{data}");
+        Ok(data["file_logs"].clone())
+    }
+}
+
+/// Asserts that `reply` (a whole reply, as `call_raw` returns it) is a refusal with `code` whose
+/// message contains `says`.
+pub fn assert_refused(reply: &Value, code: i64, says: &str) {
+    assert_eq!(reply["result"], false, "{reply}");
+    assert_eq!(reply["code"], code, "{reply}");
+    assert!(reply_message(reply).contains(says), "{reply}");
+}
+
+/// A reply's message; empty if it has none.
+pub fn reply_message(reply: &Value) -> &str {
+    reply["message"].as_str().unwrap_or_default()
 }
 
 /// The ids of the hosts a job reached (its per-host results), sorted.

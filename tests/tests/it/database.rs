@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use fleetrun_tests::{TestCluster, eventually, sqlite_only, start_cluster};
+use fleetrun_tests::{TestCluster, eventually, reply_message, sqlite_only, start_cluster};
 use serde_json::{Value, json};
 
 fn files(cluster: &TestCluster) -> [PathBuf; 3] {
@@ -106,9 +106,7 @@ async fn start_talkative_job(cluster: &TestCluster, lines: u32) -> Result<i64> {
 fn assert_refused_for_the_database(reply: &Value) {
     assert_eq!(reply["code"], 1_252_001, "{reply}");
     assert!(
-        reply["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("the controller cannot write to its database: ")),
+        reply_message(reply).starts_with("the controller cannot write to its database: "),
         "{reply}"
     );
 }

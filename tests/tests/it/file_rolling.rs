@@ -74,21 +74,12 @@ fn by_host(mut pairs: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
 
 /// Submits `api` with `request`; (job, step).
 async fn submit(cluster: &TestCluster, api: &str, request: Value) -> Result<(i64, i64)> {
-    let accepted = cluster.client().call(api, request).await?;
-    Ok((
-        accepted["job_instance_id"].as_i64().context("job id")?,
-        accepted["step_instance_id"].as_i64().context("step id")?,
-    ))
+    cluster.submit_to(api, request).await
 }
 
 /// The refusal of `api` with `request`: (code, message).
 async fn refused(cluster: &TestCluster, api: &str, request: Value) -> Result<(i64, String)> {
-    let reply = cluster.client().call_raw(api, request).await?;
-    assert_eq!(reply["result"], false, "must be refused: {reply}");
-    Ok((
-        reply["code"].as_i64().unwrap_or_default(),
-        reply["message"].as_str().unwrap_or_default().to_owned(),
-    ))
+    cluster.refused(api, request).await
 }
 
 fn push_request(cluster: &TestCluster, dir: &Path, files: Value, hosts: &[i64]) -> Value {
@@ -538,16 +529,9 @@ async fn batches(
 
 /// The download logs (mode 1) one host's file logs hold: (status, size).
 async fn downloads(cluster: &TestCluster, job: i64, step: i64, host: i64) -> Result<Vec<Value>> {
-    let mut body = cluster.info.scope();
-    body["job_instance_id"] = json!(job);
-    body["step_instance_id"] = json!(step);
-    body["bk_host_id"] = json!(host);
-    let data = cluster
-        .client()
-        .call("get_job_instance_ip_log", body)
-        .await?;
-    assert_eq!(data["log_type"], 2, "{data}");
-    Ok(data["file_logs"]
+    Ok(cluster
+        .file_logs(job, step, host)
+        .await?
         .as_array()
         .cloned()
         .unwrap_or_default()

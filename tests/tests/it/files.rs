@@ -68,41 +68,19 @@ fn push_request(cluster: &TestCluster, dir: &str, files: Value, account: &str) -
 
 /// Submits a push_config_file and waits for its end; returns (job, step, status data).
 async fn push(cluster: &TestCluster, request: Value) -> Result<(i64, i64, Value)> {
-    let client = cluster.client();
-    let accepted = client.call("push_config_file", request).await?;
-    let job = accepted["job_instance_id"].as_i64().context("job id")?;
-    let step = accepted["step_instance_id"].as_i64().context("step id")?;
-    let status = client
-        .wait_job(&cluster.info.scope(), job, Duration::from_secs(60))
-        .await?;
-    Ok((job, step, status))
+    cluster
+        .run_to_end("push_config_file", request, Duration::from_secs(60))
+        .await
 }
 
 /// The refusal of a request: (code, message).
 async fn refused(cluster: &TestCluster, request: Value) -> Result<(i64, String)> {
-    let reply = cluster
-        .client()
-        .call_raw("push_config_file", request)
-        .await?;
-    assert_eq!(reply["result"], false, "must be refused: {reply}");
-    Ok((
-        reply["code"].as_i64().unwrap_or_default(),
-        reply["message"].as_str().unwrap_or_default().to_owned(),
-    ))
+    cluster.refused("push_config_file", request).await
 }
 
 /// One host's file logs, from get_job_instance_ip_log.
 async fn file_logs(cluster: &TestCluster, job: i64, step: i64, host: i64) -> Result<Value> {
-    let mut body = cluster.info.scope();
-    body["job_instance_id"] = json!(job);
-    body["step_instance_id"] = json!(step);
-    body["bk_host_id"] = json!(host);
-    let data = cluster
-        .client()
-        .call("get_job_instance_ip_log", body)
-        .await?;
-    assert_eq!(data["log_type"], 2, "{data}");
-    Ok(data["file_logs"].clone())
+    cluster.file_logs(job, step, host).await
 }
 
 fn leftovers(dir: &Path) -> Vec<String> {
