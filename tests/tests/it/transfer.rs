@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use fleetrun_tests::{TestCluster, host_results, start_cluster};
+use fleetrun_tests::{TestCluster, assert_refused, host_results, start_cluster};
 use serde_json::{Value, json};
 
 const TEST_USER: &str = "fleetrun-user";
@@ -94,39 +94,18 @@ fn server_source(files: &[&str], hosts: &[i64], account: &str) -> Value {
 
 /// Submits a transfer and waits for its end: (job, step, status data).
 async fn transfer(cluster: &TestCluster, request: Value) -> Result<(i64, i64, Value)> {
-    let client = cluster.client();
-    let accepted = client.call("fast_transfer_file", request).await?;
-    let job = accepted["job_instance_id"].as_i64().context("job id")?;
-    let step = accepted["step_instance_id"].as_i64().context("step id")?;
-    let status = client
-        .wait_job(&cluster.info.scope(), job, Duration::from_secs(120))
-        .await?;
-    Ok((job, step, status))
+    cluster
+        .run_to_end("fast_transfer_file", request, Duration::from_secs(120))
+        .await
 }
 
 async fn refused(cluster: &TestCluster, request: Value) -> Result<(i64, String)> {
-    let reply = cluster
-        .client()
-        .call_raw("fast_transfer_file", request)
-        .await?;
-    assert_eq!(reply["result"], false, "must be refused: {reply}");
-    Ok((
-        reply["code"].as_i64().unwrap_or_default(),
-        reply["message"].as_str().unwrap_or_default().to_owned(),
-    ))
+    cluster.refused("fast_transfer_file", request).await
 }
 
 async fn file_logs(cluster: &TestCluster, job: i64, step: i64, host: i64) -> Result<Vec<Value>> {
-    let mut body = cluster.info.scope();
-    body["job_instance_id"] = json!(job);
-    body["step_instance_id"] = json!(step);
-    body["bk_host_id"] = json!(host);
-    let data = cluster
-        .client()
-        .call("get_job_instance_ip_log", body)
-        .await?;
-    assert_eq!(data["log_type"], 2, "{data}");
-    Ok(data["file_logs"].as_array().cloned().unwrap_or_default())
+    let logs = cluster.file_logs(job, step, host).await?;
+    Ok(logs.as_array().cloned().unwrap_or_default())
 }
 
 fn statuses(status: &Value) -> Vec<i64> {
@@ -982,14 +961,7 @@ async fn a_source_account_missing_on_its_host_fails_the_targets() -> Result<()> 
             .client()
             .call_raw("operate_step_instance", body)
             .await?;
-        assert_eq!(reply["result"], false, "{reply}");
-        assert_eq!(reply["code"], 1_241_011, "{reply}");
-        assert!(
-            reply["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("file step")),
-            "{reply}"
-        );
+        assert_refused(&reply, 1_241_011, "file step");
     }
     Ok(())
 }
@@ -1080,14 +1052,7 @@ async fn controllers_in_a_cluster_refuse_local_uploads() -> Result<()> {
             .client_at(at)
             .call_raw("generate_local_file_upload_url", body)
             .await?;
-        assert_eq!(reply["result"], false, "{reply}");
-        assert_eq!(reply["code"], 1_241_011, "{reply}");
-        assert!(
-            reply["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("[cluster]")),
-            "{reply}"
-        );
+        assert_refused(&reply, 1_241_011, "[cluster]");
     }
     Ok(())
 }
