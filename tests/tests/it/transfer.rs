@@ -828,42 +828,40 @@ async fn a_lying_source_lands_nothing_forged() -> Result<()> {
         sha256,
         data: data.to_vec(),
     };
-    let frames = [
-        TaskUp::Started { started_at_ms: 0 },
+    let long_name = "f".repeat(5000);
+    // Each lie: the name the source reports, the size it announces (and then claims to have
+    // read), a chunk's bytes, the bytes whose hash it names that chunk by, and the bytes whose
+    // hash it gives for the whole file.
+    type Lie<'a> = (&'a str, u64, &'a [u8], &'a [u8], &'a [u8]);
+    let lies: [Lie; 6] = [
         // More than announced.
-        file(0, "a", 4),
-        chunk(b"12345678", sha(b"12345678")),
-        end(0, sha(b"12345678"), 4),
+        ("a", 4, b"12345678", b"12345678", b"12345678"),
         // A chunk named by another chunk's hash.
-        file(1, "b", 4),
-        chunk(b"evil", sha(b"good")),
-        end(1, sha(b"good"), 4),
+        ("b", 4, b"evil", b"good", b"good"),
         // A whole-file hash that is not the bytes'.
-        file(2, "c", 4),
-        chunk(b"abcd", sha(b"abcd")),
-        end(2, sha(b"wxyz"), 4),
+        ("c", 4, b"abcd", b"abcd", b"wxyz"),
         // A name that climbs out.
-        file(3, "../escape", 1),
-        chunk(b"x", sha(b"x")),
-        end(3, sha(b"x"), 1),
+        ("../escape", 1, b"x", b"x", b"x"),
         // Asked for /srv/app.conf, it names a file that would land elsewhere under the target.
-        file(4, "cron.d/evil", 4),
-        chunk(b"evil", sha(b"evil")),
-        end(4, sha(b"evil"), 4),
+        ("cron.d/evil", 4, b"evil", b"evil", b"evil"),
         // A name far past any path's length, for the controller to hold.
-        file(5, &"f".repeat(5000), 1),
-        chunk(b"f", sha(b"f")),
-        end(5, sha(b"f"), 1),
-        // Nothing at all for /srv/g.
-        TaskUp::Finished(TaskResult {
-            ending: Ending::Exited { code: 0 },
-            started_at_ms: 0,
-            finished_at_ms: 0,
-            output_bytes: 0,
-            survivors: 0,
-            message: None,
-        }),
+        (&long_name, 1, b"f", b"f", b"f"),
     ];
+    let mut frames = vec![TaskUp::Started { started_at_ms: 0 }];
+    for (index, (name, size, data, named, whole)) in (0u32..).zip(lies) {
+        frames.push(file(index, name, size));
+        frames.push(chunk(data, sha(named)));
+        frames.push(end(index, sha(whole), size));
+    }
+    // Nothing at all for /srv/g.
+    frames.push(TaskUp::Finished(TaskResult {
+        ending: Ending::Exited { code: 0 },
+        started_at_ms: 0,
+        finished_at_ms: 0,
+        output_bytes: 0,
+        survivors: 0,
+        message: None,
+    }));
     for frame in frames {
         send_frame(&mut send, &frame).await?;
     }
