@@ -44,6 +44,24 @@ async fn submit(
     ))
 }
 
+/// Submits a job of ten minutes (its deadline far away) to a raw agent's host and takes the task
+/// the controller sends on `connection`: (job, the task stream's send side, to be held open, the
+/// task).
+async fn long_task(
+    cluster: &TestCluster,
+    connection: &quinn::Connection,
+    bk_host_id: i64,
+) -> Result<(i64, quinn::SendStream, fleetrun_proto::TaskRequest)> {
+    let (job, _) = submit(cluster, "sleep 600", &[bk_host_id], json!({"timeout": 600})).await?;
+    let (send, recv) = tokio::time::timeout(Duration::from_secs(10), connection.accept_bi())
+        .await
+        .context("the task")??;
+    let Some(TaskDown::Run(run)) = FramedRecv::new(recv).recv::<TaskDown>().await? else {
+        anyhow::bail!("expected a task");
+    };
+    Ok((job, send, run))
+}
+
 /// A raw agent of protocol version 2 with its own certificate, connected from `ip`, welcomed,
 /// having reported that it holds nothing, and sending heartbeats until the connection ends.
 async fn raw_agent(
@@ -124,20 +142,7 @@ async fn a_task_the_agent_comes_back_without_ends_at_once_with_the_reason() -> R
     let cluster = start_cluster(0).await?;
     let (ip, agent_id) = ("127.0.0.95", "forgetful");
     let (endpoint, connection, bk_host_id) = raw_agent(&cluster, agent_id, ip).await?;
-    // Ten minutes to run: the deadline is far away.
-    let (job, _) = submit(
-        &cluster,
-        "sleep 600",
-        &[bk_host_id],
-        json!({"timeout": 600}),
-    )
-    .await?;
-    let (_send, recv) = tokio::time::timeout(Duration::from_secs(10), connection.accept_bi())
-        .await
-        .context("the task")??;
-    let Some(TaskDown::Run(_)) = FramedRecv::new(recv).recv::<TaskDown>().await? else {
-        anyhow::bail!("expected a task");
-    };
+    let (job, _send, _) = long_task(&cluster, &connection, bk_host_id).await?;
     // The connection is lost as the task arrives, and the agent comes back without it.
     connection.close(0u32.into(), b"lost");
     endpoint.wait_idle().await;
@@ -298,19 +303,7 @@ async fn a_terminate_while_the_agent_takes_no_resume_stream_ends_the_job_within_
     with_short_grace(&mut cluster).await?;
     let (ip, agent_id) = ("127.0.0.97", "stalling");
     let (endpoint, connection, bk_host_id) = raw_agent(&cluster, agent_id, ip).await?;
-    let (job, _) = submit(
-        &cluster,
-        "sleep 600",
-        &[bk_host_id],
-        json!({"timeout": 600}),
-    )
-    .await?;
-    let (_send, recv) = tokio::time::timeout(Duration::from_secs(10), connection.accept_bi())
-        .await
-        .context("the task")??;
-    let Some(TaskDown::Run(run)) = FramedRecv::new(recv).recv::<TaskDown>().await? else {
-        anyhow::bail!("expected a task");
-    };
+    let (job, _send, run) = long_task(&cluster, &connection, bk_host_id).await?;
     // The connection is lost; the agent comes back holding the task, but lets the controller
     // open no stream to resume it on.
     connection.close(0u32.into(), b"lost");
