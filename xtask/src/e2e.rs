@@ -74,27 +74,33 @@ fn counted(n: u32) -> String {
     (1..=n).map(|i| format!("{i}\n")).collect()
 }
 
+/// The ids of every host of `cluster`.
+fn host_ids(cluster: &Cluster) -> Vec<i64> {
+    cluster.info.hosts.iter().map(|h| h.bk_host_id).collect()
+}
+
+/// A fast_execute_script request for a shell script on every host of `cluster`, as root;
+/// `extra` fields override the defaults.
+fn script_request(cluster: &Cluster, script: &str, extra: Value) -> Value {
+    let mut request = cluster.info.scope();
+    request["script_language"] = json!(1);
+    request["script_content"] = json!(b64(script));
+    request["account_alias"] = json!("root");
+    request["timeout"] = json!(120);
+    request["target_server"] = json!({ "host_id_list": host_ids(cluster) });
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        request[k] = v.clone();
+    }
+    request
+}
+
 impl Ctx {
     fn hosts(&self) -> Vec<i64> {
-        self.cluster
-            .info
-            .hosts
-            .iter()
-            .map(|h| h.bk_host_id)
-            .collect()
+        host_ids(&self.cluster)
     }
 
     fn request(&self, script: &str, extra: Value) -> Value {
-        let mut request = self.cluster.info.scope();
-        request["script_language"] = json!(1);
-        request["script_content"] = json!(b64(script));
-        request["account_alias"] = json!("root");
-        request["timeout"] = json!(120);
-        request["target_server"] = json!({ "host_id_list": self.hosts() });
-        for (k, v) in extra.as_object().into_iter().flatten() {
-            request[k] = v.clone();
-        }
-        request
+        script_request(&self.cluster, script, extra)
     }
 
     async fn submit(&self, request: Value) -> Result<(i64, i64)> {

@@ -18,7 +18,7 @@ use fleetrun_testkit::{
     netns::Network,
 };
 
-use super::{b64, counted, counter, reattach::CallbackInbox};
+use super::{counted, counter, reattach::CallbackInbox};
 
 /// The PostgreSQL server `--database` names: a URL, or `postgres` for `FLEETRUN_TEST_DATABASE`
 /// (the tests' server) or else the local one.
@@ -42,25 +42,11 @@ struct ClusterCtx {
 
 impl ClusterCtx {
     fn hosts(&self) -> Vec<i64> {
-        self.cluster
-            .info
-            .hosts
-            .iter()
-            .map(|h| h.bk_host_id)
-            .collect()
+        super::host_ids(&self.cluster)
     }
 
     fn request(&self, script: &str, extra: Value) -> Value {
-        let mut request = self.cluster.info.scope();
-        request["script_language"] = json!(1);
-        request["script_content"] = json!(b64(script));
-        request["account_alias"] = json!("root");
-        request["timeout"] = json!(120);
-        request["target_server"] = json!({ "host_id_list": self.hosts() });
-        for (k, v) in extra.as_object().into_iter().flatten() {
-            request[k] = v.clone();
-        }
-        request
+        super::script_request(&self.cluster, script, extra)
     }
 
     async fn submit_to(&self, index: usize, request: Value) -> Result<(i64, i64)> {
