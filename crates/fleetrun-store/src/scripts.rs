@@ -295,6 +295,9 @@ impl Store {
         self.script_version(scope.0, scope.1, version_id).await
     }
 
+    // The lookups below look alike and stay apart: each spells out its statement beside the
+    // values it binds, and they differ in what they join and which columns they match.
+
     /// A script of the scope.
     pub async fn script(
         &self,
