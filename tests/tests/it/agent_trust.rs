@@ -16,6 +16,21 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
+/// Waits up to 20 s (failing as `what`) until agent `index`'s log says `says`; returns the log.
+async fn agent_log_saying(
+    cluster: &TestCluster,
+    index: usize,
+    what: &str,
+    says: &str,
+) -> Result<String> {
+    let log = cluster.agents[index].log.clone();
+    eventually(Duration::from_secs(20), what, || {
+        let text = read(&log);
+        async move { text.contains(says).then_some(text) }
+    })
+    .await
+}
+
 /// Rewrites one line (`key = ...`) of an agent's configuration.
 fn set_agent_option(config: &Path, key: &str, value: &str) -> Result<()> {
     let text = std::fs::read_to_string(config)?;
@@ -100,12 +115,8 @@ async fn an_agent_reporting_another_hosts_address_is_refused() -> Result<()> {
     // The forger keeps its own valid certificate (which names its own address) and reports the
     // victim's address.
     restart_agent_with(&mut cluster, forger, &[("ip", format!("\"{victim_ip}\""))]).await?;
-    let log = cluster.agents[forger].log.clone();
-    let refusal = eventually(Duration::from_secs(20), "the forger is refused", || {
-        let text = read(&log);
-        async move { text.contains("does not name").then_some(text) }
-    })
-    .await?;
+    let refusal =
+        agent_log_saying(&cluster, forger, "the forger is refused", "does not name").await?;
     assert!(
         refusal.contains(&format!("reports address {victim_ip}, which its certificate does not name (it names {forger_ip})")),
         "{refusal}"
@@ -243,12 +254,7 @@ async fn an_address_pinned_by_the_inventory_wins_over_the_certificate() -> Resul
 
     // The agent reports the address its certificate names, not the pinned one: refused.
     restart_agent_with(&mut cluster, 1, &[]).await?;
-    let log = cluster.agents[1].log.clone();
-    let text = eventually(Duration::from_secs(20), "agent-2 refused", || {
-        let text = read(&log);
-        async move { text.contains("pins it to").then_some(text) }
-    })
-    .await?;
+    let text = agent_log_saying(&cluster, 1, "agent-2 refused", "pins it to").await?;
     assert!(
         text.contains("reports address 127.0.0.11 in cloud area 0, but the inventory pins it to 127.0.0.50 in cloud area 0"),
         "{text}"
@@ -267,12 +273,7 @@ async fn an_unpinned_agent_cannot_choose_its_cloud_area() -> Result<()> {
     // agent-2 keeps its valid certificate (which names its address) and reports cloud area 3,
     // where it would hold that address and receive the jobs sent there by ip_list.
     restart_agent_with(&mut cluster, 1, &[("bk_cloud_id", "3".to_owned())]).await?;
-    let log = cluster.agents[1].log.clone();
-    let refusal = eventually(Duration::from_secs(20), "agent-2 refused", || {
-        let text = read(&log);
-        async move { text.contains("reports cloud area 3").then_some(text) }
-    })
-    .await?;
+    let refusal = agent_log_saying(&cluster, 1, "agent-2 refused", "reports cloud area 3").await?;
     assert!(
         refusal.contains("pin it in the inventory") && refusal.contains("trust_reported_ip_in"),
         "{refusal}"
@@ -479,12 +480,7 @@ async fn a_forgotten_agent_is_not_placed_again_unless_unlisted_agents_may_regist
         )
         .await?;
     cluster.start_agent(1)?;
-    let log = cluster.agents[1].log.clone();
-    let text = eventually(Duration::from_secs(20), "agent-2 refused", || {
-        let text = read(&log);
-        async move { text.contains("is not in the inventory").then_some(text) }
-    })
-    .await?;
+    let text = agent_log_saying(&cluster, 1, "agent-2 refused", "is not in the inventory").await?;
     assert!(
         text.contains("fleetrun hosts move --agent agent-2"),
         "{text}"
