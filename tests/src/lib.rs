@@ -189,6 +189,37 @@ impl TestCluster {
             .await
     }
 
+    /// `get_job_instance_status` of `job`, its hosts' results included; as it stood at the end
+    /// of `execute_count` (bk-job's count of a step's runs) when given.
+    pub async fn job_status_at(&self, job: i64, execute_count: Option<i64>) -> Result<Value> {
+        let mut query = self.info.scope();
+        query["job_instance_id"] = json!(job);
+        query["return_ip_result"] = json!(true);
+        if let Some(n) = execute_count {
+            query["execute_count"] = json!(n);
+        }
+        self.client().call("get_job_instance_status", query).await
+    }
+
+    /// Waits up to `limit` until `job` is in `job_status`; returns that status, as
+    /// [`Self::job_status_at`] reads it.
+    pub async fn wait_for_status(
+        &self,
+        job: i64,
+        job_status: i64,
+        limit: Duration,
+    ) -> Result<Value> {
+        eventually(
+            limit,
+            &format!("job {job} in status {job_status}"),
+            || async move {
+                let status = self.job_status_at(job, None).await.ok()?;
+                (status["job_instance"]["status"] == job_status).then_some(status)
+            },
+        )
+        .await
+    }
+
     /// Submits `request` to `api`, an API that creates a job (`push_config_file`,
     /// `fast_transfer_file`, ...): (job id, step id).
     pub async fn submit_to(&self, api: &str, request: Value) -> Result<(i64, i64)> {

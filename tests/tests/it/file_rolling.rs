@@ -42,13 +42,7 @@ fn start(cluster: &TestCluster, job: i64) -> Value {
 
 /// The job's status data, host results included.
 async fn status_of(cluster: &TestCluster, job: i64) -> Result<Value> {
-    let mut query = cluster.info.scope();
-    query["job_instance_id"] = json!(job);
-    query["return_ip_result"] = json!(true);
-    cluster
-        .client()
-        .call("get_job_instance_status", query)
-        .await
+    cluster.job_status_at(job, None).await
 }
 
 /// Host results' statuses by host id, sorted by id.
@@ -333,17 +327,13 @@ async fn created_file_jobs_are_still_checked_at_submit_and_refused_once_their_fi
     push["start_task"] = json!(false);
     let (pushed, _) = submit(&cluster, "push_config_file", push).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let client = cluster.client();
     for (job, field) in [
         (transfer, "file_source_list[0].file_list[0]"),
         (pushed, "file_list[0].content"),
     ] {
-        let reply = client
-            .call_raw("operate_job_instance", start(&cluster, job))
-            .await?;
-        assert_eq!(reply["result"], false, "{reply}");
-        assert_eq!(reply["code"], 1_240_003, "{reply}");
-        let message = reply["message"].as_str().unwrap_or_default();
+        let (code, message) =
+            refused(&cluster, "operate_job_instance", start(&cluster, job)).await?;
+        assert_eq!(code, 1_240_003, "{message}");
         assert!(message.starts_with(field), "{message}");
         assert!(message.contains("upload_ttl_secs"), "{message}");
         // Refused, the job is still pending, startable by nobody until submitted again.
@@ -359,7 +349,6 @@ async fn created_file_jobs_are_still_checked_at_submit_and_refused_once_their_fi
 async fn a_refused_file_submit_keeps_nothing_and_a_start_missing_a_kept_chunk_is_refused()
 -> Result<()> {
     let cluster = start_cluster(1).await?;
-    let client = cluster.client();
     let hosts = cluster.host_ids();
     let out = scratch("refused");
     let dir = out.path().to_str().unwrap();
@@ -411,12 +400,9 @@ async fn a_refused_file_submit_keeps_nothing_and_a_start_missing_a_kept_chunk_is
         (transfer, "file_source_list[0].file_list[0]"),
         (pushed, "file_list[0].content"),
     ] {
-        let reply = client
-            .call_raw("operate_job_instance", start(&cluster, job))
-            .await?;
-        assert_eq!(reply["result"], false, "{reply}");
-        assert_eq!(reply["code"], 1_240_003, "{reply}");
-        let message = reply["message"].as_str().unwrap_or_default();
+        let (code, message) =
+            refused(&cluster, "operate_job_instance", start(&cluster, job)).await?;
+        assert_eq!(code, 1_240_003, "{message}");
         assert!(message.starts_with(field), "{message}");
         assert!(
             message.contains("no longer in the controller's content store"),
@@ -472,15 +458,9 @@ async fn an_uploaded_file_whose_chunk_is_gone_fails_that_file_and_the_rest_is_se
 
 /// Waits until the job shows `job_status`; returns the status reply.
 async fn wait_for(cluster: &TestCluster, job: i64, job_status: i64) -> Result<Value> {
-    fleetrun_tests::eventually(
-        Duration::from_secs(120),
-        &format!("job {job} in status {job_status}"),
-        || async move {
-            let status = status_of(cluster, job).await.ok()?;
-            (status["job_instance"]["status"] == job_status).then_some(status)
-        },
-    )
-    .await
+    cluster
+        .wait_for_status(job, job_status, Duration::from_secs(120))
+        .await
 }
 
 async fn operate_step(cluster: &TestCluster, job: i64, step: i64, code: i64) -> Result<Value> {

@@ -15,39 +15,17 @@ use super::callbacks::Receiver;
 /// Submits a job on every host; returns (job, step).
 async fn submit(cluster: &TestCluster, script: &str, extra: Value) -> Result<(i64, i64)> {
     let request = cluster.script_request(script, &cluster.host_ids(), extra);
-    let accepted = cluster
-        .client()
-        .call("fast_execute_script", request)
-        .await?;
-    Ok((
-        accepted["job_instance_id"].as_i64().context("job id")?,
-        accepted["step_instance_id"].as_i64().context("step id")?,
-    ))
+    cluster.submit_to("fast_execute_script", request).await
 }
 
 async fn status_at(cluster: &TestCluster, job: i64, execute_count: Option<i64>) -> Result<Value> {
-    let mut query = cluster.info.scope();
-    query["job_instance_id"] = json!(job);
-    query["return_ip_result"] = json!(true);
-    if let Some(n) = execute_count {
-        query["execute_count"] = json!(n);
-    }
-    cluster
-        .client()
-        .call("get_job_instance_status", query)
-        .await
+    cluster.job_status_at(job, execute_count).await
 }
 
 async fn wait_for(cluster: &TestCluster, job: i64, job_status: i64) -> Result<Value> {
-    eventually(
-        Duration::from_secs(60),
-        &format!("job {job} in status {job_status}"),
-        || async move {
-            let status = status_at(cluster, job, None).await.ok()?;
-            (status["job_instance"]["status"] == job_status).then_some(status)
-        },
-    )
-    .await
+    cluster
+        .wait_for_status(job, job_status, Duration::from_secs(60))
+        .await
 }
 
 async fn operate(cluster: &TestCluster, job: i64, step: i64, code: i64) -> Result<Value> {

@@ -15,37 +15,18 @@ async fn submit(cluster: &TestCluster, script: &str, rolling: Value) -> Result<(
         &cluster.host_ids(),
         json!({ "rolling_config": rolling }),
     );
-    let accepted = cluster
-        .client()
-        .call("fast_execute_script", request)
-        .await?;
-    Ok((
-        accepted["job_instance_id"].as_i64().context("job id")?,
-        accepted["step_instance_id"].as_i64().context("step id")?,
-    ))
+    cluster.submit_to("fast_execute_script", request).await
 }
 
 async fn status(cluster: &TestCluster, job: i64) -> Result<Value> {
-    let mut query = cluster.info.scope();
-    query["job_instance_id"] = json!(job);
-    query["return_ip_result"] = json!(true);
-    cluster
-        .client()
-        .call("get_job_instance_status", query)
-        .await
+    cluster.job_status_at(job, None).await
 }
 
 /// Waits until the job shows `job_status`; returns the status reply.
 async fn wait_for(cluster: &TestCluster, job: i64, job_status: i64) -> Result<Value> {
-    eventually(
-        Duration::from_secs(60),
-        &format!("job {job} in status {job_status}"),
-        || async move {
-            let status = status(cluster, job).await.ok()?;
-            (status["job_instance"]["status"] == job_status).then_some(status)
-        },
-    )
-    .await
+    cluster
+        .wait_for_status(job, job_status, Duration::from_secs(60))
+        .await
 }
 
 /// Host statuses, sorted, so batches can be counted: how many hosts are in each status.
