@@ -136,6 +136,9 @@ fn leftovers(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
+// The tests below open alike (a cluster of the agents each needs, its hosts, scratch directories
+// named for the test) and end alike (what landed where): each stays whole, so that it reads alone.
+
 #[tokio::test(flavor = "multi_thread")]
 async fn one_source_to_three_targets_as_the_accounts_with_modes_and_bk_job_logs() -> Result<()> {
     let uid = user_uid();
