@@ -500,6 +500,9 @@ async fn fields_fleetrun_cannot_honour_are_refused_not_dropped() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn scripts_are_updated_and_deleted_as_in_bk_job() -> Result<()> {
+    // The refusals below look alike and stay a sequence, not a table: each is checked where the
+    // script's versions stand as it needs them (a draft, the online one, the one a job ran), and
+    // the steps between them are what bring the script there.
     let (cluster, client, scope, host) = one_agent().await?;
     let v1 = client
         .call("create_script", with(&scope, json!({"name": "s", "script_language": 1, "content": b64("echo 1"), "version": "1"})))
