@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Engine, Finishing, now_ms};
+use crate::gateway::AgentLink;
 
 use crate::status::host;
 
@@ -318,31 +319,15 @@ impl Engine {
         run: &mut FileHostRun,
         cancel: &CancellationToken,
     ) -> (i32, String) {
-        let frame = match &step.frame {
-            Ok(frame) => frame.clone(),
-            Err(e) => {
-                return (
-                    host::AGENT_TASK_ERROR,
-                    format!("cannot encode the file task: {e}"),
-                );
-            }
+        let (frame, link) = match self.file_task_link(
+            &step.frame,
+            target.bk_host_id,
+            "file task",
+            ("file tasks", FILE_PROTOCOL_VERSION),
+        ) {
+            Ok(ready) => ready,
+            Err(ended) => return ended,
         };
-        let Some(link) = self.agents.get(target.bk_host_id) else {
-            return (
-                host::AGENT_ABNORMAL,
-                "agent offline when the task was dispatched".into(),
-            );
-        };
-        if link.protocol_version < FILE_PROTOCOL_VERSION {
-            return (
-                host::AGENT_TASK_ERROR,
-                format!(
-                    "the agent speaks protocol version {}; file tasks need version \
-                     {FILE_PROTOCOL_VERSION}: upgrade the agent (nothing was sent to it)",
-                    link.protocol_version
-                ),
-            );
-        }
         let (mut send, recv) = match link.connection.open_bi().await {
             Ok(stream) => stream,
             Err(e) => {
@@ -476,6 +461,48 @@ pub(super) fn plausible(t: i64, now: i64) -> i64 {
         t
     } else {
         now
+    }
+}
+
+impl Engine {
+    /// What a file task (`task`: "file task", "transfer task") needs before anything is sent:
+    /// its encoded request and the link of its host's agent, which must speak at least the
+    /// protocol version `needs` names (`needs.0` saying what needs it). Else the host's status
+    /// and tag, nothing sent.
+    pub(super) fn file_task_link(
+        &self,
+        frame: &Result<Bytes, String>,
+        bk_host_id: i64,
+        task: &str,
+        needs: (&str, u32),
+    ) -> Result<(Bytes, AgentLink), (i32, String)> {
+        let frame = match frame {
+            Ok(frame) => frame.clone(),
+            Err(e) => {
+                return Err((
+                    host::AGENT_TASK_ERROR,
+                    format!("cannot encode the {task}: {e}"),
+                ));
+            }
+        };
+        let Some(link) = self.agents.get(bk_host_id) else {
+            return Err((
+                host::AGENT_ABNORMAL,
+                "agent offline when the task was dispatched".into(),
+            ));
+        };
+        let (what, version) = needs;
+        if link.protocol_version < version {
+            return Err((
+                host::AGENT_TASK_ERROR,
+                format!(
+                    "the agent speaks protocol version {}; {what} need version {version}: \
+                     upgrade the agent (nothing was sent to it)",
+                    link.protocol_version
+                ),
+            ));
+        }
+        Ok((frame, link))
     }
 }
 

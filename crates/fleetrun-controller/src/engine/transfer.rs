@@ -719,31 +719,15 @@ impl Engine {
         strict: bool,
         cancel: &CancellationToken,
     ) -> (i32, String) {
-        let frame = match &step.frame {
-            Ok(frame) => frame.clone(),
-            Err(e) => {
-                return (
-                    host::AGENT_TASK_ERROR,
-                    format!("cannot encode the transfer task: {e}"),
-                );
-            }
+        let (frame, mut link) = match self.file_task_link(
+            &step.frame,
+            target.bk_host_id,
+            "transfer task",
+            ("file transfers", TRANSFER_PROTOCOL_VERSION),
+        ) {
+            Ok(ready) => ready,
+            Err(ended) => return ended,
         };
-        let Some(mut link) = self.agents.get(target.bk_host_id) else {
-            return (
-                host::AGENT_ABNORMAL,
-                "agent offline when the task was dispatched".into(),
-            );
-        };
-        if link.protocol_version < TRANSFER_PROTOCOL_VERSION {
-            return (
-                host::AGENT_TASK_ERROR,
-                format!(
-                    "the agent speaks protocol version {}; file transfers need version \
-                     {TRANSFER_PROTOCOL_VERSION}: upgrade the agent (nothing was sent to it)",
-                    link.protocol_version
-                ),
-            );
-        }
         let grace = self.agent_grace;
         let bound =
             tokio::time::Instant::now() + Duration::from_secs(u64::from(step.timeout_secs)) + grace;
