@@ -1,6 +1,7 @@
 //! A job's conditional end: the job and its step ended together, only while the job is still
 //! in the status the caller saw (retry's and rolling's operations end jobs this way, so that an
-//! operator or controller that moved the job first wins).
+//! operator or controller that moved the job first wins); and, as conditionally, a paused job
+//! put back to running.
 
 use crate::{Store, StoreError, retry};
 
@@ -45,6 +46,28 @@ async fn end_job_and_step(
         .await?;
     }
     Ok(ended)
+}
+
+/// In `tx`: if the job is still in `only_from` (paused), puts it back in `running` with no end
+/// time. False, with nothing written, if it is not in that status any more (another operator or
+/// controller took it up first).
+pub(crate) async fn resume_job(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    job_instance_id: i64,
+    only_from: i32,
+    running: i32,
+) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE job_instance SET status = $1, end_time = NULL
+         WHERE job_instance_id = $2 AND status = $3",
+    )
+    .bind(running)
+    .bind(job_instance_id)
+    .bind(only_from)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1)
 }
 
 /// What a job's end writes besides the job and its step, in the same transaction.

@@ -17,7 +17,7 @@ use sqlx::Row;
 
 use crate::{
     HostResultRecord, Store, StoreError,
-    job_end::{AlsoWrite, JobEnd},
+    job_end::{AlsoWrite, JobEnd, resume_job},
     join_ints,
 };
 
@@ -80,17 +80,7 @@ impl Store {
     ) -> Result<Option<Retried>, StoreError> {
         let retried = async {
             let mut tx = self.pool.begin().await?;
-            let claimed = sqlx::query(
-                "UPDATE job_instance SET status = $1, end_time = NULL
-                 WHERE job_instance_id = $2 AND status = $3",
-            )
-            .bind(running)
-            .bind(job_instance_id)
-            .bind(paused)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
+            let claimed = resume_job(&mut tx, job_instance_id, paused, running).await?;
             if !claimed {
                 return Ok(None);
             }

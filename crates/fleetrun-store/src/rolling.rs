@@ -9,7 +9,7 @@ use sqlx::Row;
 
 use crate::{
     Store, StoreError,
-    job_end::{AlsoWrite, JobEnd},
+    job_end::{AlsoWrite, JobEnd, resume_job},
 };
 
 /// A step's rolling plan and progress.
@@ -195,17 +195,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let claimed = async {
             let mut tx = self.pool.begin().await?;
-            let claimed = sqlx::query(
-                "UPDATE job_instance SET status = $1, end_time = NULL
-                 WHERE job_instance_id = $2 AND status = $3",
-            )
-            .bind(running)
-            .bind(job_instance_id)
-            .bind(paused)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
+            let claimed = resume_job(&mut tx, job_instance_id, paused, running).await?;
             if claimed {
                 sqlx::query(
                     "UPDATE step_instance SET status = $1, end_time = NULL WHERE step_instance_id = $2",
