@@ -123,9 +123,10 @@ impl Dialect {
     }
 }
 
-/// Connections that serve queries, per backend.
-const SQLITE_CONNECTIONS: u32 = 4;
-const POSTGRES_CONNECTIONS: u32 = 8;
+/// Connections that serve queries, per backend, and the one the store's writer keeps for its
+/// group commits.
+const SQLITE_CONNECTIONS: u32 = 4 + 1;
+const POSTGRES_CONNECTIONS: u32 = 8 + 1;
 /// How long a query waits for a connection before it fails (and the store reports the database
 /// as refusing writes).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);

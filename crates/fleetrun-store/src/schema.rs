@@ -130,6 +130,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0020_host_epoch.sql"),
         include_str!("../migrations/postgres/0020_host_epoch.sql"),
     ),
+    (
+        21,
+        "audit rowid",
+        include_str!("../migrations/sqlite/0021_audit_rowid.sql"),
+        include_str!("../migrations/postgres/0021_audit_rowid.sql"),
+    ),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them.
@@ -252,5 +258,80 @@ mod tests {
             let listed: Vec<i64> = MIGRATIONS.iter().map(|m| m.0).collect();
             assert_eq!(numbers, listed, "migrations/{dialect}: {files:?}");
         }
+    }
+
+    /// Migration 21 rebuilds SQLite's audit table around its number: every entry written before
+    /// it reads back the same, field for field, and the table is left with no index besides its
+    /// row ids (the number is the row id).
+    #[tokio::test]
+    async fn the_audit_trail_reads_back_the_same_after_its_table_is_rebuilt() {
+        use sqlx::ConnectOptions as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mut connection = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(dir.path().join("store.db"))
+            .create_if_missing(true)
+            .connect()
+            .await
+            .unwrap();
+        let mut before = migrator(Dialect::Sqlite).await.unwrap();
+        before.migrations = before
+            .migrations
+            .iter()
+            .filter(|m| m.version < 21)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into();
+        before.run(&mut connection).await.unwrap();
+        for seq in 1..=3_i64 {
+            sqlx::query(
+                "INSERT INTO audit_log (seq, at, app_code, operator, source, request_id, api, \
+                 change, outcome_code, outcome, prev_hash, hash) \
+                 VALUES ($1, $2, 'app', 'op', '127.0.0.1', $3, 'fast_execute_script', \
+                 '{\"a\":1}', $4, 'ok', $5, $6)",
+            )
+            .bind(seq)
+            .bind(1_700_000_000_000 + seq)
+            .bind(format!("req-{seq}"))
+            .bind(seq - 1)
+            .bind(format!("hash-{}", seq - 1))
+            .bind(format!("hash-{seq}"))
+            .execute(&mut connection)
+            .await
+            .unwrap();
+        }
+        async fn rows(connection: &mut sqlx::SqliteConnection) -> Vec<Vec<String>> {
+            sqlx::query("SELECT * FROM audit_log ORDER BY seq")
+                .fetch_all(connection)
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| {
+                    (0..row.len())
+                        .map(|i| {
+                            row.try_get::<String, _>(i)
+                                .or_else(|_| row.try_get::<i64, _>(i).map(|n| n.to_string()))
+                                .unwrap()
+                        })
+                        .collect()
+                })
+                .collect()
+        }
+        let written = rows(&mut connection).await;
+        assert_eq!(written.len(), 3);
+
+        migrate_sqlite(&mut connection).await.unwrap();
+        assert_eq!(rows(&mut connection).await, written);
+        let indexes: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'audit_log'",
+        )
+        .fetch_all(&mut connection)
+        .await
+        .unwrap();
+        assert_eq!(indexes, Vec::<String>::new());
+        let rowid: i64 = sqlx::query_scalar("SELECT rowid FROM audit_log WHERE seq = 2")
+            .fetch_one(&mut connection)
+            .await
+            .unwrap();
+        assert_eq!(rowid, 2);
     }
 }

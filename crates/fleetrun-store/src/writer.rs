@@ -103,28 +103,7 @@ pub(crate) fn spawn(
     audit_head: tokio::sync::watch::Sender<AuditHead>,
 ) -> mpsc::Sender<Write> {
     let (tx, rx) = mpsc::channel(QUEUE);
-    tokio::spawn(
-        Writer {
-            pool,
-            dialect,
-            watchers,
-            health,
-            announce,
-            audit_head,
-            rx,
-            pending: VecDeque::new(),
-            pending_bytes: 0,
-            accepted: 0,
-            flushes: VecDeque::new(),
-            dropping: false,
-            holed: std::collections::HashSet::new(),
-            deferred_audit: 0,
-            audit_tries: 0,
-            cap: None,
-            uncertain: None,
-        }
-        .run(),
-    );
+    tokio::spawn(Writer::new(pool, dialect, watchers, health, announce, audit_head, rx).run());
     tx
 }
 
@@ -147,6 +126,13 @@ pub(crate) const AUDIT_LOCK_TIMEOUT: &str = "1s";
 
 pub(crate) struct Writer {
     pool: AnyPool,
+    /// The connection the group commits go through, kept from one commit to the next (and given
+    /// up when it fails as a write). SQLite clears a connection's page cache whenever it starts
+    /// a transaction after another connection's commit: commits through whichever pool
+    /// connection was free each cleared a cache, where a connection of the writer's own finds its
+    /// pages (the tables' last leaves, the indexes) still valid after its own commits. (In a
+    /// mutex only so that `&Writer` is `Send`: the writer alone reaches it, through `&mut`.)
+    connection: std::sync::Mutex<Option<sqlx::pool::PoolConnection<sqlx::Any>>>,
     dialect: Dialect,
     watchers: Watchers,
     health: Arc<HealthState>,
@@ -229,6 +215,37 @@ fn describe(write: &Write) -> String {
 }
 
 impl Writer {
+    fn new(
+        pool: AnyPool,
+        dialect: Dialect,
+        watchers: Watchers,
+        health: Arc<HealthState>,
+        announce: Option<String>,
+        audit_head: tokio::sync::watch::Sender<AuditHead>,
+        rx: mpsc::Receiver<Write>,
+    ) -> Self {
+        Self {
+            pool,
+            connection: std::sync::Mutex::new(None),
+            dialect,
+            watchers,
+            health,
+            announce,
+            audit_head,
+            rx,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            accepted: 0,
+            flushes: VecDeque::new(),
+            dropping: false,
+            holed: std::collections::HashSet::new(),
+            deferred_audit: 0,
+            audit_tries: 0,
+            cap: None,
+            uncertain: None,
+        }
+    }
+
     async fn run(mut self) {
         let mut incoming = Vec::with_capacity(BATCH);
         let mut attempt = 0u32;
@@ -421,7 +438,11 @@ impl Writer {
         }
         .min(self.pending.len());
         let batch = &self.pending.make_contiguous()[..n];
-        let mut connection = self.pool.acquire().await?;
+        let kept = self.connection.get_mut().unwrap_or_else(|e| e.into_inner());
+        let mut connection = match kept.take() {
+            Some(connection) => connection,
+            None => self.pool.acquire().await?,
+        };
         let started = std::time::Instant::now();
         let announcement = self
             .announce
@@ -440,7 +461,9 @@ impl Writer {
         .await;
         let took = started.elapsed();
         metrics::histogram!("fleetrun_store_commit_seconds").record(took);
-        crate::health::discard_if_broken(&mut connection, &committed);
+        if !crate::health::discard_if_broken(&mut connection, &committed) {
+            *self.connection.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(connection);
+        }
         let committed = match committed {
             Ok(committed) => committed,
             Err(error) if is_refused_statement(&error) => {
@@ -1155,25 +1178,15 @@ pub(crate) mod tests {
     /// A writer on `store`'s database driven by the test itself: writes are taken with
     /// `accept` and committed with `commit_front`, so what goes in one batch is known.
     pub(crate) fn harness(store: &crate::Store) -> super::Writer {
-        super::Writer {
-            pool: store.pool.clone(),
-            dialect: store.dialect,
-            watchers: store.watchers.clone(),
-            health: super::HealthState::new(),
-            rx: tokio::sync::mpsc::channel(1).1,
-            pending: std::collections::VecDeque::new(),
-            pending_bytes: 0,
-            accepted: 0,
-            flushes: std::collections::VecDeque::new(),
-            dropping: false,
-            holed: std::collections::HashSet::new(),
-            announce: None,
-            audit_head: tokio::sync::watch::Sender::new(None),
-            deferred_audit: 0,
-            audit_tries: 0,
-            cap: None,
-            uncertain: None,
-        }
+        super::Writer::new(
+            store.pool.clone(),
+            store.dialect,
+            store.watchers.clone(),
+            super::HealthState::new(),
+            None,
+            tokio::sync::watch::Sender::new(None),
+            tokio::sync::mpsc::channel(1).1,
+        )
     }
 
     /// Takes `writes` and commits them (and what was taken before), asserting that the
