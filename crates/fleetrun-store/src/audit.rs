@@ -195,6 +195,16 @@ pub(crate) async fn append_in<'a>(
     Ok((seq, prev))
 }
 
+/// The trail's one query: a page of entries after a number, filtered. On SQLite it is planned
+/// as a range of numbers read in order (migration 0021), whatever the filters' values.
+const AUDIT_ENTRIES: &str = "SELECT * FROM audit_log \
+     WHERE seq > $1 AND at >= $2 AND at < $3 \
+     AND ($4 IS NULL OR app_code = $4) \
+     AND ($5 IS NULL OR operator = $5) \
+     AND ($6 IS NULL OR api = $6) \
+     AND ($7 IS NULL OR (outcome_code = 0) = $7) \
+     ORDER BY seq LIMIT $8";
+
 impl Store {
     /// Appends `entry` (the record of a replaced key) and makes `key_fingerprint` the chain's
     /// key from that entry on, in one transaction; returns the entry's number and hash.
@@ -297,25 +307,17 @@ impl Store {
         &self,
         filter: &AuditFilter,
     ) -> Result<Vec<AuditRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT * FROM audit_log \
-             WHERE seq > $1 AND at >= $2 AND at < $3 \
-             AND ($4 IS NULL OR app_code = $4) \
-             AND ($5 IS NULL OR operator = $5) \
-             AND ($6 IS NULL OR api = $6) \
-             AND ($7 IS NULL OR (outcome_code = 0) = $7) \
-             ORDER BY seq LIMIT $8",
-        )
-        .bind(filter.after_seq.unwrap_or(0))
-        .bind(filter.since.unwrap_or(i64::MIN))
-        .bind(filter.until.unwrap_or(i64::MAX))
-        .bind(filter.app_code.as_deref())
-        .bind(filter.operator.as_deref())
-        .bind(filter.api.as_deref())
-        .bind(filter.succeeded)
-        .bind(filter.limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(AUDIT_ENTRIES)
+            .bind(filter.after_seq.unwrap_or(0))
+            .bind(filter.since.unwrap_or(i64::MIN))
+            .bind(filter.until.unwrap_or(i64::MAX))
+            .bind(filter.app_code.as_deref())
+            .bind(filter.operator.as_deref())
+            .bind(filter.api.as_deref())
+            .bind(filter.succeeded)
+            .bind(filter.limit)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.iter().map(record).collect())
     }
 
@@ -372,6 +374,38 @@ mod tests {
             prev = record.hash.clone();
         }
         records
+    }
+
+    /// On SQLite a page of the trail is read as a range of numbers in order: neither a sort nor
+    /// an index besides the rows' own b-tree, with a time window or without.
+    #[tokio::test]
+    async fn a_page_of_the_trail_is_a_range_of_numbers_on_sqlite() {
+        let (_db, store) = crate::test_store().await;
+        if store.dialect != crate::backend::Dialect::Sqlite {
+            return;
+        }
+        for (since, until) in [(i64::MIN, i64::MAX), (1_700_000_000_000, 1_700_000_060_000)] {
+            let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {AUDIT_ENTRIES}"))
+                .bind(0_i64)
+                .bind(since)
+                .bind(until)
+                .bind(Some("app"))
+                .bind(None::<String>)
+                .bind(None::<String>)
+                .bind(None::<bool>)
+                .bind(100_i64)
+                .fetch_all(&store.pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get::<String, _>("detail"))
+                .collect();
+            assert_eq!(
+                plan,
+                ["SEARCH audit_log USING INTEGER PRIMARY KEY (rowid>?)"],
+                "{since}..{until}"
+            );
+        }
     }
 
     /// Entries queued among the job engine's writes are chained in the writer's group commit,

@@ -123,10 +123,10 @@ impl Dialect {
     }
 }
 
-/// Connections that serve queries, per backend, and the one the store's writer keeps for its
-/// group commits.
+/// Connections that serve queries, per backend; on SQLite, and the one the store's writer keeps
+/// for its group commits.
 const SQLITE_CONNECTIONS: u32 = 4 + 1;
-const POSTGRES_CONNECTIONS: u32 = 8 + 1;
+const POSTGRES_CONNECTIONS: u32 = 8;
 /// How long a query waits for a connection before it fails (and the store reports the database
 /// as refusing writes).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -158,16 +158,14 @@ fn is_postgres_write_failure(sqlstate: &str) -> bool {
 
 /// Closes a connection whose write failed for want of a writable database instead of returning
 /// it to the pool: SQLite can keep the failed transaction's lock on it, which would then block
-/// every later write, even once the database is writable again. Returns whether it is closed.
+/// every later write, even once the database is writable again.
 pub(crate) fn discard_if_broken<T>(
     connection: &mut sqlx::pool::PoolConnection<sqlx::Any>,
     result: &Result<T, sqlx::Error>,
-) -> bool {
+) {
     if let Err(error) = result
         && is_write_failure(error)
     {
         connection.close_on_drop();
-        return true;
     }
-    false
 }

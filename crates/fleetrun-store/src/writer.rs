@@ -126,11 +126,12 @@ pub(crate) const AUDIT_LOCK_TIMEOUT: &str = "1s";
 
 pub(crate) struct Writer {
     pool: AnyPool,
-    /// The connection the group commits go through, kept from one commit to the next (and given
-    /// up when it fails as a write). SQLite clears a connection's page cache whenever it starts
-    /// a transaction after another connection's commit: commits through whichever pool
+    /// On SQLite, the connection the group commits go through, kept from one commit to the
+    /// next while they succeed. SQLite clears a connection's page cache whenever it starts a
+    /// transaction after another connection's commit: commits through whichever pool
     /// connection was free each cleared a cache, where a connection of the writer's own finds its
-    /// pages (the tables' last leaves, the indexes) still valid after its own commits. (In a
+    /// pages (the tables' last leaves, the indexes) still valid after its own commits.
+    /// PostgreSQL has no such cache to keep, and its pool checks a connection before lending it. (In a
     /// mutex only so that `&Writer` is `Send`: the writer alone reaches it, through `&mut`.)
     connection: std::sync::Mutex<Option<sqlx::pool::PoolConnection<sqlx::Any>>>,
     dialect: Dialect,
@@ -461,7 +462,17 @@ impl Writer {
         .await;
         let took = started.elapsed();
         metrics::histogram!("fleetrun_store_commit_seconds").record(took);
-        if !crate::health::discard_if_broken(&mut connection, &committed) {
+        crate::health::discard_if_broken(&mut connection, &committed);
+        // Kept after a commit, or after a statement the database refused (SQLite's worker has
+        // rolled the transaction back before it runs anything else). After any other failure
+        // the connection goes back to the pool, which rolls back what is open and closes it
+        // if it no longer answers, and the next commit takes a fresh one.
+        let keep = self.dialect == Dialect::Sqlite
+            && match &committed {
+                Ok(_) => true,
+                Err(error) => is_refused_statement(error),
+            };
+        if keep {
             *self.connection.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(connection);
         }
         let committed = match committed {
