@@ -136,6 +136,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0021_audit_rowid.sql"),
         include_str!("../migrations/postgres/0021_audit_rowid.sql"),
     ),
+    (
+        22,
+        "canonical scope ids",
+        include_str!("../migrations/sqlite/0022_canonical_scope_ids.sql"),
+        include_str!("../migrations/postgres/0022_canonical_scope_ids.sql"),
+    ),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them.
@@ -333,5 +339,69 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(rowid, 2);
+    }
+
+    /// Migration 22 writes stored scope ids as numbers write them: leading zeros go (all zeros
+    /// leave `"0"`), in the script library and in jobs; any other text stays as it is.
+    #[tokio::test]
+    async fn scope_ids_stored_with_leading_zeros_are_written_as_numbers() {
+        let (_db, store) = crate::test_store().await;
+        let cases = [
+            ("02", "2"),
+            ("0010", "10"),
+            ("000", "0"),
+            ("0", "0"),
+            ("2", "2"),
+            ("0x2", "0x2"),
+            ("a02", "a02"),
+        ];
+        for (i, (stored, _)) in cases.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO script (script_id, bk_scope_type, bk_scope_id, name, \
+                 script_language, creator, create_time, last_modify_user, last_modify_time) \
+                 VALUES ($1, 'biz', $2, 'n', 1, 'c', 0, 'c', 0)",
+            )
+            .bind(format!("script-{i}"))
+            .bind(*stored)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO job_instance (job_instance_id, name, operator, app_code, \
+                 bk_scope_type, bk_scope_id, status, type, launch_mode, create_time) \
+                 VALUES ($1, 'n', 'o', 'a', 'biz', $2, 3, 0, 1, 0)",
+            )
+            .bind(i as i64 + 1)
+            .bind(*stored)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        }
+        let &(_, _, sqlite, postgres) = MIGRATIONS.iter().find(|m| m.0 == 22).unwrap();
+        let sql = match store.dialect {
+            Dialect::Sqlite => sqlite,
+            Dialect::Postgres => postgres,
+        };
+        sqlx::raw_sql(sql).execute(&store.pool).await.unwrap();
+        for (i, (stored, written)) in cases.iter().enumerate() {
+            let script: String =
+                sqlx::query_scalar("SELECT bk_scope_id FROM script WHERE script_id = $1")
+                    .bind(format!("script-{i}"))
+                    .fetch_one(&store.pool)
+                    .await
+                    .unwrap();
+            let job: String = sqlx::query_scalar(
+                "SELECT bk_scope_id FROM job_instance WHERE job_instance_id = $1",
+            )
+            .bind(i as i64 + 1)
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+            assert_eq!(
+                (script.as_str(), job.as_str()),
+                (*written, *written),
+                "{stored:?}"
+            );
+        }
     }
 }
