@@ -17,7 +17,8 @@
 //! - `inventory`: `fleetrun-inventory`'s `resolve_bench` example, when it exists.
 //! - `overhead`: what metrics and the audit trail cost against the 5% target, off then on:
 //!   single-host job throughput (swarm, emulated), the controller's instructions per job under
-//!   callgrind (when valgrind is installed), and CPU time per job with 4 real agents.
+//!   callgrind (when valgrind is installed; also with each feature alone), and CPU time per job
+//!   with 4 real agents (the controller's added share is the figure with a verdict).
 //! - `console`: the web console's page of a 10,000-host job (swarm) and its data, served.
 //! - `files`: 256 MiB (64 quick) from one real agent to 10 through `fast_transfer_file`: wall
 //!   time, source bytes read, controller bytes relayed, peak RSS, and the aggregate rate beside

@@ -1288,19 +1288,12 @@ impl Engine {
             hosts: targets,
             task,
         } = spec;
-        let started = now_ms();
-        if first {
-            self.write_for(
-                job_instance_id,
-                Write::JobStarted {
-                    job_instance_id,
-                    step_instance_id,
-                    status: job::RUNNING,
-                    at: started,
-                },
-            )
-            .await;
-        }
+        let started = if first {
+            self.job_started_now(job_instance_id, step_instance_id)
+                .await
+        } else {
+            now_ms()
+        };
         let limits = self.limits(task.timeout_secs);
         let request = self.encode_request(job_instance_id, step_instance_id, task);
         let mut hosts = JoinSet::new();
