@@ -118,58 +118,83 @@ pub(crate) async fn lock_audit(
     Ok(())
 }
 
-/// Numbers, hashes (each with its own hasher) and inserts `entries` after the chain's head
-/// (on PostgreSQL a multi-row `INSERT` per [`ROWS_PER_INSERT`] entries, on SQLite one prepared
-/// `INSERT` per entry), under the lock [`lock_audit`] took; returns the last entry's number and
-/// hash.
-pub(crate) async fn append_in<'a>(
+/// Rows per `INSERT` on SQLite: up to this many, the statement stays prepared
+/// ([`crate::backend::Statement::build`]), and a batch of entries that one statement appends
+/// needs no savepoint around it (a statement the database refuses changes nothing).
+pub(crate) const SQLITE_ROWS_PER_INSERT: usize = 4;
+
+/// Numbers, hashes (each with its own hasher) and inserts `entries` after the chain's head, in
+/// multi-row `INSERT`s ([`ROWS_PER_INSERT`] rows each on PostgreSQL,
+/// [`SQLITE_ROWS_PER_INSERT`] on SQLite), under the lock [`lock_audit`] took; returns the last
+/// entry's number and hash.
+///
+/// `known` is the head as the caller last committed it, if it knows it: the head is then not
+/// read. Were it stale (another writer appended since), the first row's number is taken
+/// already and the database refuses that first statement before it writes anything; the head
+/// is then read and the entries numbered and hashed again after it. Only for SQLite, where a
+/// refused statement leaves the transaction open.
+pub(crate) async fn append_in(
     dialect: Dialect,
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    entries: impl IntoIterator<Item = (&'a NewAuditEntry, &'a AuditHasher)>,
+    entries: &[(&NewAuditEntry, &AuditHasher)],
+    known: Option<&(i64, String)>,
+) -> Result<(i64, String), sqlx::Error> {
+    if let Some(head) = known.filter(|_| dialect == Dialect::Sqlite) {
+        match insert_after(dialect, tx, head.clone(), entries).await {
+            Err(error) if is_taken_number(&error) => {
+                tracing::warn!(
+                    seq = head.0,
+                    "the audit trail grew past the head this writer last committed (another \
+                     writer appended to it): its entries are numbered after the new head"
+                );
+            }
+            appended => return appended,
+        }
+    }
+    let head = read_head(tx).await?;
+    insert_after(dialect, tx, head, entries).await
+}
+
+/// The trail's last entry's number and hash; `(0, "")` while it is empty.
+async fn read_head(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
 ) -> Result<(i64, String), sqlx::Error> {
     let head = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
         .fetch_optional(&mut **tx)
         .await?;
-    let (mut seq, mut prev) = head.map_or((0, String::new()), |row| {
+    Ok(head.map_or((0, String::new()), |row| {
         (row.get::<i64, _>(0), row.get::<String, _>(1))
-    });
-    let mut entries = entries.into_iter().peekable();
-    if dialect == Dialect::Sqlite {
-        // One prepared statement, run once an entry: SQLite has no round trip to save, and a
-        // multi-row insert's text, new for each count of rows, costs more to parse than the
-        // rows cost to write.
-        for (entry, hasher) in entries {
+    }))
+}
+
+/// Whether the database refused a row because its number is taken.
+fn is_taken_number(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.kind() == sqlx::error::ErrorKind::UniqueViolation)
+}
+
+/// Numbers and hashes `entries` after `head`, and inserts them.
+async fn insert_after(
+    dialect: Dialect,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    head: (i64, String),
+    entries: &[(&NewAuditEntry, &AuditHasher)],
+) -> Result<(i64, String), sqlx::Error> {
+    let (mut seq, mut prev) = head;
+    let per_insert = match dialect {
+        Dialect::Sqlite => SQLITE_ROWS_PER_INSERT,
+        Dialect::Postgres => ROWS_PER_INSERT,
+    };
+    for chunk in entries.chunks(per_insert) {
+        let mut rows = Vec::with_capacity(chunk.len());
+        for (entry, hasher) in chunk {
             seq += 1;
             let hash = hasher(seq, entry, &prev);
-            sqlx::query(
-                "INSERT INTO audit_log (seq, at, app_code, operator, source, request_id, api, \
-                 change, outcome_code, outcome, prev_hash, hash) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            )
-            .bind(seq)
-            .bind(entry.at)
-            .bind(entry.app_code.as_str())
-            .bind(entry.operator.as_str())
-            .bind(entry.source.as_str())
-            .bind(entry.request_id.as_str())
-            .bind(entry.api.as_str())
-            .bind(entry.change.as_str())
-            .bind(entry.outcome_code)
-            .bind(entry.outcome.as_str())
-            .bind(prev.as_str())
-            .bind(hash.as_str())
-            .execute(&mut **tx)
-            .await?;
-            prev = hash;
-        }
-        return Ok((seq, prev));
-    }
-    while entries.peek().is_some() {
-        let mut rows = Vec::with_capacity(ROWS_PER_INSERT);
-        for (entry, hasher) in entries.by_ref().take(ROWS_PER_INSERT) {
-            seq += 1;
-            let hash = hasher(seq, entry, &prev);
-            rows.push((seq, entry, std::mem::replace(&mut prev, hash.clone()), hash));
+            rows.push((
+                seq,
+                *entry,
+                std::mem::replace(&mut prev, hash.clone()),
+                hash,
+            ));
         }
         let mut insert = Statement::new(
             dialect,
@@ -216,7 +241,7 @@ impl Store {
         at: i64,
     ) -> Result<(i64, String), StoreError> {
         let mut tx = self.begin_audit().await?;
-        let head = append_in(self.dialect, &mut tx, [(entry, hasher)]).await;
+        let head = append_in(self.dialect, &mut tx, &[(entry, hasher)], None).await;
         let head = self.noting_write_failure(head)?;
         let marked = Self::upsert_marker(&mut tx, key_fingerprint, head.0, at).await;
         self.noting_write_failure(marked)?;

@@ -107,6 +107,10 @@ pub(crate) fn spawn(
     tx
 }
 
+/// Longest time audit entries alone wait for other writes to share their commit
+/// ([`Writer::run`]). An entry is in the trail this much later at most, and no later than a
+/// flush ([`crate::Store::flush`]) or the writer's close.
+const AUDIT_LINGER: Duration = Duration::from_millis(20);
 /// Writes kept in memory while the database refuses them, at most. Bounds the memory a long
 /// outage takes; past it, writes are given up and counted (see [`crate::Health::lost`]).
 const MAX_PENDING: usize = 200_000;
@@ -169,6 +173,11 @@ pub(crate) struct Writer {
     /// lost with the connection: it may have been made): how many writes from the front it
     /// held, and the trail's head it would have left.
     uncertain: Option<(usize, (i64, String))>,
+    /// On SQLite, the audit trail's head as this writer's last commit left it, so that the next
+    /// append need not read it: nothing else appends while the controller runs (`audit rekey`
+    /// wants it stopped), and should something have, the append notices
+    /// ([`crate::audit::append_in`]). Forgotten after any commit that did not end as planned.
+    audit_known: Option<(i64, String)>,
 }
 
 /// What a group commit did besides committing its job writes.
@@ -244,6 +253,7 @@ impl Writer {
             audit_tries: 0,
             cap: None,
             uncertain: None,
+            audit_known: None,
         }
     }
 
@@ -264,6 +274,16 @@ impl Writer {
                     () = tokio::time::sleep(IDLE_PROBE) => probe_due = true,
                 }
                 self.take(&mut incoming);
+                if open && self.only_audit_pending() {
+                    // The call an entry records has usually just started a job, whose writes
+                    // follow within milliseconds: the entry waits for them a little and shares
+                    // their commit, instead of taking one of its own and splitting theirs.
+                    tokio::select! {
+                        n = self.rx.recv_many(&mut incoming, BATCH) => open = n > 0,
+                        () = tokio::time::sleep(AUDIT_LINGER) => {}
+                    }
+                    self.take(&mut incoming);
+                }
             } else if failing {
                 // Keep taking writes in while waiting to retry, so that the engine (and through
                 // it the agents) does not stall on a broken disk; the backlog is bounded.
@@ -314,6 +334,16 @@ impl Writer {
             }
             self.answer_flushes();
         }
+    }
+
+    /// Whether the backlog holds audit entries and nothing else, and nobody waits for them.
+    fn only_audit_pending(&self) -> bool {
+        self.flushes.is_empty()
+            && !self.pending.is_empty()
+            && self
+                .pending
+                .iter()
+                .all(|w| matches!(w, Write::Audit { .. }))
     }
 
     fn take(&mut self, incoming: &mut Vec<Write>) {
@@ -450,6 +480,7 @@ impl Writer {
             .as_deref()
             .and_then(|store| Some((store, crate::watch::announcement(batch)?)));
         let mut appending = None;
+        let known_head = self.audit_known.take();
         let committed = commit(
             &mut connection,
             batch,
@@ -457,6 +488,7 @@ impl Writer {
             announcement
                 .as_ref()
                 .map(|(store, text)| (*store, text.as_str())),
+            known_head.as_ref(),
             &mut appending,
         )
         .await;
@@ -486,6 +518,13 @@ impl Writer {
                 return Err(error);
             }
         };
+        if self.dialect == Dialect::Sqlite {
+            self.audit_known = match (&committed.audit_head, &committed.audit_refused) {
+                (Some(head), _) => Some(head.clone()),
+                (None, None) => known_head,
+                (None, Some(_)) => None,
+            };
+        }
         self.committed(n, committed, Some(took));
         Ok(())
     }
@@ -754,6 +793,7 @@ async fn commit(
     batch: &[Write],
     dialect: Dialect,
     announcement: Option<(&str, &str)>,
+    known_head: Option<&(i64, String)>,
     appending: &mut Option<(i64, String)>,
 ) -> Result<Committed, sqlx::Error> {
     // A host whose task also ended in this batch, at the same epoch or a later one, needs no
@@ -1062,13 +1102,21 @@ async fn commit(
         ..Committed::default()
     };
     if !audit.is_empty() {
-        sqlx::query("SAVEPOINT audit").execute(&mut *tx).await?;
-        match append_audit(dialect, &mut tx, audit).await {
+        // On SQLite, entries that one statement appends need no savepoint: a statement it
+        // refuses has changed nothing, and the transaction goes on.
+        let savepoint =
+            dialect == Dialect::Postgres || audit.len() > crate::audit::SQLITE_ROWS_PER_INSERT;
+        if savepoint {
+            sqlx::query("SAVEPOINT audit").execute(&mut *tx).await?;
+        }
+        match append_audit(dialect, &mut tx, &audit, known_head).await {
             Ok(head) => committed.audit_head = Some(head),
             Err(error) if is_refused_statement(&error) || crate::health::is_transient(&error) => {
-                sqlx::query("ROLLBACK TO SAVEPOINT audit")
-                    .execute(&mut *tx)
-                    .await?;
+                if savepoint {
+                    sqlx::query("ROLLBACK TO SAVEPOINT audit")
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 committed.audit_refused = Some(error);
             }
             Err(error) => return Err(error),
@@ -1116,7 +1164,8 @@ async fn write_ends(
 async fn append_audit(
     dialect: Dialect,
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    audit: Vec<(&crate::NewAuditEntry, &crate::AuditHasher)>,
+    audit: &[(&crate::NewAuditEntry, &crate::AuditHasher)],
+    known_head: Option<&(i64, String)>,
 ) -> Result<(i64, String), sqlx::Error> {
     if dialect == Dialect::Postgres {
         sqlx::query(&format!("SET LOCAL lock_timeout = '{AUDIT_LOCK_TIMEOUT}'"))
@@ -1124,7 +1173,7 @@ async fn append_audit(
             .await?;
     }
     crate::audit::lock_audit(dialect, tx).await?;
-    crate::audit::append_in(dialect, tx, audit).await
+    crate::audit::append_in(dialect, tx, audit, known_head).await
 }
 
 /// `items` with one item per key, where the last one at the highest epoch stands and
@@ -1443,6 +1492,127 @@ pub(crate) mod tests {
         assert_eq!(writer.pending_bytes, 0);
     }
 
+    /// On SQLite, a commit's audit entries go in one statement without a savepoint when they
+    /// fit one (at most 4), in several under a savepoint otherwise: either way, an entry the
+    /// database refuses (here a trigger refuses it) takes none of the others and none of the
+    /// job writes with it. The job ends with the first commit, the entries around the refused
+    /// one are chained, and the refused one is given up alone after its tries.
+    #[tokio::test]
+    async fn sqlite_rolls_back_refused_audit_entries_alone_with_or_without_a_savepoint() {
+        for around in [1, 3] {
+            let (_db, store) = crate::test_store().await;
+            if store.dialect != crate::Dialect::Sqlite {
+                return;
+            }
+            sqlx::query(
+                "CREATE TRIGGER refuse_entry BEFORE INSERT ON audit_log \
+                 WHEN NEW.request_id = 'refused' BEGIN SELECT RAISE(ABORT, 'refused'); END",
+            )
+            .execute(&store.pool)
+            .await
+            .unwrap();
+            let job = store.create_job(&new_job(0)).await.unwrap();
+            let mut writer = harness(&store);
+            let mut expected = Vec::new();
+            for i in 0..around {
+                expected.push(format!("before {i}"));
+                writer.accept(audit(&format!("before {i}"), "{}".into()));
+            }
+            writer.accept(audit("refused", "{}".into()));
+            for write in finished(&job, 3) {
+                writer.accept(write);
+            }
+            for i in 0..around {
+                expected.push(format!("after {i}"));
+                writer.accept(audit(&format!("after {i}"), "{}".into()));
+            }
+            writer.commit_front().await.unwrap();
+            let record = store.job(job.job_instance_id).await.unwrap().unwrap();
+            assert_eq!(
+                (record.status, record.end_time),
+                (3, Some(20)),
+                "{around}: the job's end is committed by the first commit"
+            );
+            drain(&mut writer).await;
+            let records = store
+                .audit_entries(&crate::AuditFilter {
+                    limit: 100,
+                    ..crate::AuditFilter::default()
+                })
+                .await
+                .unwrap();
+            let ids: Vec<&str> = records
+                .iter()
+                .map(|r| r.entry.request_id.as_str())
+                .collect();
+            assert_eq!(ids, expected, "{around} entries around the refused one");
+            let mut prev = String::new();
+            for (i, record) in records.iter().enumerate() {
+                assert_eq!(record.seq, i as i64 + 1);
+                assert_eq!(record.prev_hash, prev);
+                prev = record.hash.clone();
+            }
+            assert_eq!(writer.health.get().lost, 1);
+            assert!(writer.health.get().is_writable());
+            assert_eq!((writer.deferred_audit, writer.audit_tries), (0, 0));
+        }
+    }
+
+    /// On SQLite the writer numbers its entries after the head its last commit left, without
+    /// reading it; an entry appended meanwhile by someone else (another process on the file, a
+    /// key change) is noticed by the taken number, and the writer's entries, one or several
+    /// statements' worth, are chained after it instead, none refused.
+    #[tokio::test]
+    async fn entries_after_an_append_by_someone_else_are_chained_after_it() {
+        let (_db, store) = crate::test_store().await;
+        let mut writer = harness(&store);
+        commit_unrefused(&mut writer, vec![audit("mine 0", "{}".into())]).await;
+        let mut expected = vec!["mine 0".to_owned()];
+        for (round, count) in [1, 6].into_iter().enumerate() {
+            let outside = format!("outside {round}");
+            let hasher = |seq: i64, entry: &crate::NewAuditEntry, prev: &str| {
+                format!("{seq}|{}|{prev}", entry.request_id)
+            };
+            let entry = crate::NewAuditEntry {
+                request_id: outside.clone(),
+                ..crate::NewAuditEntry::default()
+            };
+            store.rekey_audit(&entry, &hasher, "fp", 1).await.unwrap();
+            expected.push(outside);
+            let mut writes = Vec::new();
+            for i in 0..count {
+                let id = format!("mine {round}.{i}");
+                writes.push(audit(&id, "{}".into()));
+                expected.push(id);
+            }
+            commit_unrefused(&mut writer, writes).await;
+        }
+        let records = store
+            .audit_entries(&crate::AuditFilter {
+                limit: 100,
+                ..crate::AuditFilter::default()
+            })
+            .await
+            .unwrap();
+        let ids: Vec<&str> = records
+            .iter()
+            .map(|r| r.entry.request_id.as_str())
+            .collect();
+        assert_eq!(ids, expected);
+        let mut prev = String::new();
+        for (i, record) in records.iter().enumerate() {
+            assert_eq!(record.seq, i as i64 + 1);
+            assert_eq!(record.prev_hash, prev);
+            assert_eq!(
+                record.hash,
+                format!("{}|{}|{prev}", record.seq, record.entry.request_id)
+            );
+            prev = record.hash.clone();
+        }
+        let last = records.last().unwrap();
+        assert_eq!(committed_head(&writer), Some((last.seq, last.hash.clone())));
+    }
+
     /// A job write the database refuses as a statement (PostgreSQL refuses a NUL in a host's
     /// tag) is found by halving the batch and given up alone: the writes around it commit, and
     /// the writer does not retry the same batch forever. SQLite stores it.
@@ -1553,9 +1723,16 @@ pub(crate) mod tests {
         let mut appending = None;
         let mut connection = store.pool.acquire().await.unwrap();
         let batch = &writer.pending.make_contiguous()[..4];
-        super::commit(&mut connection, batch, store.dialect, None, &mut appending)
-            .await
-            .unwrap();
+        super::commit(
+            &mut connection,
+            batch,
+            store.dialect,
+            None,
+            None,
+            &mut appending,
+        )
+        .await
+        .unwrap();
         drop(connection);
         let head = appending.unwrap();
         assert_eq!(head.0, 2);

@@ -25,8 +25,9 @@
 //! number of jobs runs, once per variant; instructions per job do not depend on the machine's
 //! load (the same binary and inputs count the same), which makes a 5% difference visible.
 //! Metrics alone and the audit trail alone are counted too, to say where the cost lies.
-//! (Under valgrind the CPU reports no SHA extensions, so the audit chain's HMAC-SHA256 runs
-//! ring's AVX code there: the count overstates that hash's share.)
+//! (The audit chain's hash is BLAKE3, whose instruction count under valgrind is the one a CPU
+//! runs; HMAC-SHA256, its earlier hash, ran ring's AVX code there, valgrind's CPU reporting no
+//! SHA extensions.)
 
 use std::time::{Duration, Instant};
 
