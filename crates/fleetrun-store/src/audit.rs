@@ -118,9 +118,9 @@ pub(crate) async fn lock_audit(
     Ok(())
 }
 
-/// Rows per `INSERT` on SQLite: up to this many, the statement stays prepared
-/// ([`crate::backend::Statement::build`]), and a batch of entries that one statement appends
-/// needs no savepoint around it (a statement the database refuses changes nothing).
+/// Rows per `INSERT` on SQLite: each of these few shapes stays prepared ([`SQLITE_INSERTS`]),
+/// and a batch of entries that one statement appends needs no savepoint around it (a statement
+/// the database refuses changes nothing).
 pub(crate) const SQLITE_ROWS_PER_INSERT: usize = 4;
 
 /// Numbers, hashes (each with its own hasher) and inserts `entries` after the chain's head, in
@@ -196,11 +196,28 @@ async fn insert_after(
                 hash,
             ));
         }
-        let mut insert = Statement::new(
-            dialect,
-            "INSERT INTO audit_log (seq, at, app_code, operator, source, request_id, api, \
-             change, outcome_code, outcome, prev_hash, hash)",
-        );
+        if dialect == Dialect::Sqlite {
+            // The text of each of the few shapes is made once.
+            let mut insert = sqlx::query(&SQLITE_INSERTS[rows.len() - 1]);
+            for (seq, entry, prev_hash, hash) in rows {
+                insert = insert
+                    .bind(seq)
+                    .bind(entry.at)
+                    .bind(entry.app_code.as_str())
+                    .bind(entry.operator.as_str())
+                    .bind(entry.source.as_str())
+                    .bind(entry.request_id.as_str())
+                    .bind(entry.api.as_str())
+                    .bind(entry.change.as_str())
+                    .bind(entry.outcome_code)
+                    .bind(entry.outcome.as_str())
+                    .bind(prev_hash)
+                    .bind(hash);
+            }
+            insert.execute(&mut **tx).await?;
+            continue;
+        }
+        let mut insert = Statement::new(dialect, INSERT_INTO);
         insert.push_values(rows, |row, (seq, entry, prev_hash, hash)| {
             row.push_bind(seq)
                 .push_bind(entry.at)
@@ -219,6 +236,19 @@ async fn insert_after(
     }
     Ok((seq, prev))
 }
+
+const INSERT_INTO: &str = "INSERT INTO audit_log (seq, at, app_code, operator, source, \
+     request_id, api, change, outcome_code, outcome, prev_hash, hash)";
+
+/// SQLite's `INSERT` of 1 to [`SQLITE_ROWS_PER_INSERT`] entries (prepared once per connection:
+/// `sqlx::query` keeps a statement by default).
+static SQLITE_INSERTS: std::sync::LazyLock<[String; SQLITE_ROWS_PER_INSERT]> =
+    std::sync::LazyLock::new(|| {
+        std::array::from_fn(|i| {
+            let row = format!("({})", ["?"; 12].join(", "));
+            format!("{INSERT_INTO} VALUES {}", vec![row; i + 1].join(", "))
+        })
+    });
 
 /// The trail's one query: a page of entries after a number, filtered. On SQLite it is planned
 /// as a range of numbers read in order (migration 0021), whatever the filters' values.
