@@ -81,6 +81,34 @@ pub fn is_state_changing(api: &str) -> bool {
 
 /// Whether a parameter's value is a secret by its name (compared without regard to case).
 fn is_secret_key(key: &str) -> bool {
+    if COMMON_KEYS.contains(&key) {
+        return false;
+    }
+    is_secret_name(key)
+}
+
+/// Parameter names of bk-job's changing APIs that name no secret, answered without the
+/// automaton: most of every request is made of them.
+const COMMON_KEYS: [&str; 16] = [
+    "account_alias",
+    "account_id",
+    "bk_app_code",
+    "bk_biz_id",
+    "bk_scope_id",
+    "bk_scope_type",
+    "bk_username",
+    "host_id_list",
+    "ip_list",
+    "script_content",
+    "script_language",
+    "script_param",
+    "target_server",
+    "task_name",
+    "timeout",
+    "is_param_sensitive",
+];
+
+fn is_secret_name(key: &str) -> bool {
     static WORDS: std::sync::LazyLock<aho_corasick::AhoCorasick> = std::sync::LazyLock::new(|| {
         aho_corasick::AhoCorasick::builder()
             .ascii_case_insensitive(true)
@@ -801,7 +829,9 @@ async fn anchor_loop(
                     sink.append(entry).await;
                 }
             }
-            changed = committed.changed(), if following => {
+            // While a head waits for its turn, later commits are not followed one by one: the
+            // head is read again when the anchor is due.
+            changed = committed.changed(), if following && anchoring.pending.is_none() => {
                 if changed.is_err() {
                     // The writer is gone: nothing more will be committed.
                     following = false;
@@ -813,6 +843,7 @@ async fn anchor_loop(
                 }
             }
             () = anchoring.due_at(), if anchoring.pending.is_some() => {
+                anchoring.committed(sink.committed.borrow_and_update().clone());
                 anchoring.write(&sink).await;
             }
         }
@@ -1505,6 +1536,16 @@ mod tests {
             summarize(params.as_object().unwrap()),
             r#"{"API_Token":"***","KEY":"***","Ssh_Key":"***","callback_url":7,"deep":{"a":[1,{"Password":"***"}]},"keyboard":"kept","task_name":"t","timeout":60}"#
         );
+    }
+
+    #[test]
+    fn the_common_names_answered_at_once_are_none_the_automaton_calls_secret() {
+        for key in COMMON_KEYS {
+            assert!(!is_secret_name(key), "{key}");
+        }
+        for key in ["bk_app_secret", "Password", "api_token", "ssh_key", "KEY"] {
+            assert!(is_secret_key(key), "{key}");
+        }
     }
 
     #[test]
