@@ -218,11 +218,16 @@ impl Serialize for Masked<'_> {
 /// sensitive script parameters, callback URLs' queries) and long values replaced by their size
 /// and SHA-256.
 pub fn summarize(params: &Map<String, Value>) -> String {
-    let text = serde_json::to_string(&Masked {
-        map: params,
-        depth: 0,
-    })
+    let mut text = Vec::with_capacity(512);
+    serde_json::to_writer(
+        &mut text,
+        &Masked {
+            map: params,
+            depth: 0,
+        },
+    )
     .expect("a JSON value serializes");
+    let text = String::from_utf8(text).expect("serde_json writes UTF-8");
     if text.len() > MAX_CHANGE_BYTES {
         return json!({ "summary": described(text.as_bytes()) }).to_string();
     }

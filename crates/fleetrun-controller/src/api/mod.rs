@@ -383,7 +383,7 @@ async fn answer(request: Request) -> Response {
             at: crate::now_ms(),
             app_code,
             operator,
-            source: peer.map_or_else(String::new, |Extension(PeerAddr(a))| a.to_string()),
+            source: peer.map_or_else(String::new, |Extension(PeerAddr(a))| address_text(a)),
             request_id: api_request.id().to_owned(),
             api: api_name.to_owned(),
             change,
@@ -401,7 +401,7 @@ async fn answer(request: Request) -> Response {
             at: crate::now_ms(),
             app_code,
             operator,
-            source: peer.map_or_else(String::new, |Extension(PeerAddr(a))| a.to_string()),
+            source: peer.map_or_else(String::new, |Extension(PeerAddr(a))| address_text(a)),
             request_id: api_request.id().to_owned(),
             api: api_name.to_owned(),
             change: "{}".to_owned(),
@@ -414,6 +414,26 @@ async fn answer(request: Request) -> Response {
     }
     crate::metrics::api_request(api_name, code, started.elapsed());
     request::envelope(api_request.id(), result)
+}
+
+/// A client's address as the audit trail records it, `SocketAddr`'s own form; an IPv4 one is
+/// written digit by digit, for the formatting machinery cost a twentieth of what auditing a
+/// call adds.
+fn address_text(address: std::net::SocketAddr) -> String {
+    let std::net::SocketAddr::V4(v4) = address else {
+        return address.to_string();
+    };
+    let mut digits = itoa::Buffer::new();
+    let mut text = String::with_capacity(21);
+    for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        text.push_str(digits.format(octet));
+    }
+    text.push(':');
+    text.push_str(digits.format(v4.port()));
+    text
 }
 
 /// The app code and user name a refused caller gave (`X-Bkapi-Authorization`, else the query
@@ -446,6 +466,21 @@ fn claimed_caller(headers: &HeaderMap, query: Option<&str>) -> (String, String) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_is_recorded_as_it_displays() {
+        for text in [
+            "127.0.0.1:32962",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "10.20.3.4:80",
+            "[::1]:443",
+            "[fe80::1%2]:8080",
+        ] {
+            let address: std::net::SocketAddr = text.parse().unwrap();
+            assert_eq!(address_text(address), address.to_string(), "{text}");
+        }
+    }
 
     #[test]
     fn every_business_script_api_has_its_public_twin_served() {
