@@ -134,6 +134,11 @@ const POSTGRES_CONNECTIONS: u32 = 8;
 /// made that a twentieth of a single-host job's instructions). A transaction that touches more
 /// pages reads them again from the operating system's cache.
 const SQLITE_CACHE_SIZE: &str = "PRAGMA cache_size = -256";
+/// The page cache of the connection the store's writer takes, SQLite's default of 2,000 KiB: a
+/// group commit can change thousands of rows (a fan-out's hosts ending at once), and a cache
+/// smaller than the pages it dirties would write them to the WAL before the commit, some of
+/// them twice. Such a connection keeps that cache should it go back to the pool.
+pub(crate) const SQLITE_WRITER_CACHE_SIZE: &str = "PRAGMA cache_size = -2000";
 /// How long a query waits for a connection before it fails (and the store reports the database
 /// as refusing writes).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);

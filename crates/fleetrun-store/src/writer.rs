@@ -472,7 +472,15 @@ impl Writer {
         let kept = self.connection.get_mut().unwrap_or_else(|e| e.into_inner());
         let mut connection = match kept.take() {
             Some(connection) => connection,
-            None => self.pool.acquire().await?,
+            None => {
+                let mut connection = self.pool.acquire().await?;
+                if self.dialect == Dialect::Sqlite {
+                    sqlx::query(crate::backend::SQLITE_WRITER_CACHE_SIZE)
+                        .execute(&mut *connection)
+                        .await?;
+                }
+                connection
+            }
         };
         let started = std::time::Instant::now();
         let announcement = self
