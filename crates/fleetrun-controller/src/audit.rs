@@ -406,6 +406,17 @@ impl AuditKey {
         Self::decode(&encoded).map_err(|reason| fail(reason.to_owned()))
     }
 
+    /// Whether this key made `record`'s hash, as this release writes it (BLAKE3) or as earlier
+    /// ones did (HMAC-SHA256).
+    fn signs(&self, record: &AuditRecord) -> bool {
+        self.signs_parts(record.seq, &record.entry, &record.prev_hash, &record.hash)
+    }
+
+    fn signs_parts(&self, seq: i64, entry: &NewAuditEntry, prev_hash: &str, hash: &str) -> bool {
+        entry_hash(self, seq, entry, prev_hash) == hash
+            || hmac_entry_hash(self, seq, entry, prev_hash) == hash
+    }
+
     /// The same key, accepting plain hashes on entries up to `seq`.
     pub fn with_unkeyed_until(mut self, seq: i64) -> Self {
         self.unkeyed_until = seq;
@@ -1109,7 +1120,7 @@ pub async fn open(
             // what was changed. A rekey would cut the chain's proof for nothing.
             let signs_head = match store.audit_entry(head_seq).await? {
                 Some(record) if head_seq > key.unkeyed_until.max(key.lost_until) => {
-                    entry_hash(&key, record.seq, &record.entry, &record.prev_hash) == record.hash
+                    key.signs(&record)
                 }
                 _ => false,
             };
@@ -1440,9 +1451,7 @@ pub async fn verify(
                 // Made under the lost key: the entry recording its replacement pins the last
                 // one's hash, and the links pin the rest.
                 report.unverifiable += 1;
-            } else if entry_hash(key, seq, &entry, &stored_prev) == hash
-                || hmac_entry_hash(key, seq, &entry, &stored_prev) == hash
-            {
+            } else if key.signs_parts(seq, &entry, &stored_prev, &hash) {
                 keyed_seen = true;
                 if entry.api == BREAK_API {
                     problem(&mut report, format!("entry {seq}: {}", entry.outcome));

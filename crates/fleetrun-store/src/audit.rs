@@ -118,9 +118,7 @@ pub(crate) async fn lock_audit(
     Ok(())
 }
 
-/// Rows per `INSERT` on SQLite: each of these few shapes stays prepared ([`SQLITE_INSERTS`]),
-/// and a batch of entries that one statement appends needs no savepoint around it (a statement
-/// the database refuses changes nothing).
+/// Rows per `INSERT` on SQLite: each of these few shapes stays prepared ([`SQLITE_INSERTS`]).
 pub(crate) const SQLITE_ROWS_PER_INSERT: usize = 4;
 
 /// Numbers, hashes (each with its own hasher) and inserts `entries` after the chain's head, in
@@ -140,7 +138,9 @@ pub(crate) async fn append_in(
     known: Option<&(i64, String)>,
 ) -> Result<(i64, String), sqlx::Error> {
     if let Some(head) = known.filter(|_| dialect == Dialect::Sqlite) {
-        match insert_after(dialect, tx, head.clone(), entries).await {
+        // Only the first statement may meet a taken number and be retried: it wrote nothing.
+        let first = entries.len().min(SQLITE_ROWS_PER_INSERT);
+        match insert_after(dialect, tx, head.clone(), &entries[..first]).await {
             Err(error) if is_taken_number(&error) => {
                 tracing::warn!(
                     seq = head.0,
@@ -148,7 +148,8 @@ pub(crate) async fn append_in(
                      writer appended to it): its entries are numbered after the new head"
                 );
             }
-            appended => return appended,
+            Err(error) => return Err(error),
+            Ok(after) => return insert_after(dialect, tx, after, &entries[first..]).await,
         }
     }
     let head = read_head(tx).await?;
@@ -522,6 +523,26 @@ mod tests {
             .unwrap();
         store.flush().await.unwrap();
         assert_chain(&store, 302).await;
+    }
+
+    /// An entry alone in the writer's backlog, which waits a little for other writes to share
+    /// its commit, is committed without any: nobody flushes, nothing else is written.
+    #[tokio::test]
+    async fn an_entry_alone_is_committed_without_a_flush() {
+        let (_db, store) = crate::test_store().await;
+        let mut head = store.committed_audit_head();
+        store
+            .record(Write::Audit {
+                entry: entry("create_script", "alone".into()),
+                hasher: hasher(),
+            })
+            .await
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), head.changed())
+            .await
+            .expect("the entry is committed")
+            .unwrap();
+        assert_eq!(head.borrow().as_ref().map(|h| h.0), Some(1));
     }
 
     /// Two stores on one database (two controllers sharing PostgreSQL, or a second process on a

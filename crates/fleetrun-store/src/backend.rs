@@ -131,14 +131,14 @@ const POSTGRES_CONNECTIONS: u32 = 8;
 /// whole cache when it begins a read after another connection's commit, which the store's
 /// writer makes every few milliseconds under load: a cache rarely outlives one transaction, and
 /// dropping it costs in proportion to the pages it ever held (SQLite's default of 2,000 KiB
-/// made that a twentieth of a single-host job's instructions). A transaction that touches more
+/// made that a twentieth of a single-host job's instructions). A transaction that reads more
 /// pages reads them again from the operating system's cache.
 const SQLITE_CACHE_SIZE: &str = "PRAGMA cache_size = -256";
-/// The page cache of the connection the store's writer takes, SQLite's default of 2,000 KiB: a
-/// group commit can change thousands of rows (a fan-out's hosts ending at once), and a cache
-/// smaller than the pages it dirties would write them to the WAL before the commit, some of
-/// them twice. Such a connection keeps that cache should it go back to the pool.
-pub(crate) const SQLITE_WRITER_CACHE_SIZE: &str = "PRAGMA cache_size = -2000";
+/// Pages a transaction may change before SQLite writes them to the WAL ahead of its commit:
+/// SQLite's default follows the cache size, and a group commit or a job's creation can change
+/// thousands of rows (a fan-out's hosts), which a 64-page cache would spill, some pages twice.
+/// The cache grows past its size for them while the transaction lasts.
+const SQLITE_CACHE_SPILL: &str = "PRAGMA cache_spill = 500";
 /// How long a query waits for a connection before it fails (and the store reports the database
 /// as refusing writes).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -173,6 +173,7 @@ pub(crate) async fn connect(database: &Database) -> Result<(sqlx::AnyPool, Diale
                             "PRAGMA synchronous = NORMAL",
                             "PRAGMA foreign_keys = ON",
                             SQLITE_CACHE_SIZE,
+                            SQLITE_CACHE_SPILL,
                         ] {
                             sqlx::query(pragma).execute(&mut *connection).await?;
                         }
