@@ -198,7 +198,9 @@ async fn insert_after(
             ));
         }
         if dialect == Dialect::Sqlite {
-            // The text of each of the few shapes is made once.
+            // The text of each of the few shapes is made once. The two chains of binds below
+            // take the same values in the same order and stay apart: this one binds to a text
+            // made beforehand, PostgreSQL's writes the placeholders as it binds.
             let mut insert = sqlx::query(&SQLITE_INSERTS[rows.len() - 1]);
             for (seq, entry, prev_hash, hash) in rows {
                 insert = insert

@@ -1419,6 +1419,29 @@ pub(crate) mod tests {
         }
     }
 
+    /// The request ids of the trail's entries in order, once checked to be numbered from 1
+    /// without a gap, each chained to the one before it with [`audit`]'s hash.
+    async fn chained_ids(store: &crate::Store) -> Vec<String> {
+        let records = store
+            .audit_entries(&crate::AuditFilter {
+                limit: 100,
+                ..crate::AuditFilter::default()
+            })
+            .await
+            .unwrap();
+        let mut prev = String::new();
+        for (i, record) in records.iter().enumerate() {
+            assert_eq!(record.seq, i as i64 + 1);
+            assert_eq!(record.prev_hash, prev, "entry {}", record.seq);
+            assert_eq!(
+                record.hash,
+                format!("{}|{}|{prev}", record.seq, record.entry.request_id)
+            );
+            prev = record.hash.clone();
+        }
+        records.into_iter().map(|r| r.entry.request_id).collect()
+    }
+
     fn finished(job: &crate::CreatedJob, status: i32) -> [Write; 2] {
         [
             Write::StepFinished {
@@ -1457,26 +1480,7 @@ pub(crate) mod tests {
             "the job's end is committed by the first commit"
         );
         drain(&mut writer).await;
-        let records = store
-            .audit_entries(&crate::AuditFilter {
-                limit: 100,
-                ..crate::AuditFilter::default()
-            })
-            .await
-            .unwrap();
-        let ids: Vec<&str> = records
-            .iter()
-            .map(|r| r.entry.request_id.as_str())
-            .collect();
-        let mut prev = String::new();
-        for record in &records {
-            assert_eq!(record.prev_hash, prev);
-            assert_eq!(
-                record.hash,
-                format!("{}|{}|{prev}", record.seq, record.entry.request_id)
-            );
-            prev = record.hash.clone();
-        }
+        let ids = chained_ids(&store).await;
         match store.dialect {
             crate::Dialect::Postgres => {
                 assert_eq!(ids, ["before", "after"]);
@@ -1534,24 +1538,11 @@ pub(crate) mod tests {
                 "{around}: the job's end is committed by the first commit"
             );
             drain(&mut writer).await;
-            let records = store
-                .audit_entries(&crate::AuditFilter {
-                    limit: 100,
-                    ..crate::AuditFilter::default()
-                })
-                .await
-                .unwrap();
-            let ids: Vec<&str> = records
-                .iter()
-                .map(|r| r.entry.request_id.as_str())
-                .collect();
-            assert_eq!(ids, expected, "{around} entries around the refused one");
-            let mut prev = String::new();
-            for (i, record) in records.iter().enumerate() {
-                assert_eq!(record.seq, i as i64 + 1);
-                assert_eq!(record.prev_hash, prev);
-                prev = record.hash.clone();
-            }
+            assert_eq!(
+                chained_ids(&store).await,
+                expected,
+                "{around} entries around the refused one"
+            );
             assert_eq!(writer.health.get().lost, 1);
             assert!(writer.health.get().is_writable());
             assert_eq!((writer.deferred_audit, writer.audit_tries), (0, 0));
@@ -1593,30 +1584,9 @@ pub(crate) mod tests {
             }
             commit_unrefused(&mut writer, writes).await;
         }
-        let records = store
-            .audit_entries(&crate::AuditFilter {
-                limit: 100,
-                ..crate::AuditFilter::default()
-            })
-            .await
-            .unwrap();
-        let ids: Vec<&str> = records
-            .iter()
-            .map(|r| r.entry.request_id.as_str())
-            .collect();
-        assert_eq!(ids, expected);
-        let mut prev = String::new();
-        for (i, record) in records.iter().enumerate() {
-            assert_eq!(record.seq, i as i64 + 1);
-            assert_eq!(record.prev_hash, prev);
-            assert_eq!(
-                record.hash,
-                format!("{}|{}|{prev}", record.seq, record.entry.request_id)
-            );
-            prev = record.hash.clone();
-        }
-        let last = records.last().unwrap();
-        assert_eq!(committed_head(&writer), Some((last.seq, last.hash.clone())));
+        assert_eq!(chained_ids(&store).await, expected);
+        let last = store.audit_head().await.unwrap();
+        assert_eq!(committed_head(&writer), last);
     }
 
     /// A job write the database refuses as a statement (PostgreSQL refuses a NUL in a host's
