@@ -11,7 +11,7 @@
 //! database: `[security] audit_key_file`; `fleetrun-audit-v3`), so someone who can write the
 //! database but not read the key cannot recompute the chain after an edit. Entries written by
 //! earlier releases carry an HMAC-SHA256 under the same key (`fleetrun-audit-v2`), which
-//! [`verify`] accepts as well: both need the key, and BLAKE3 takes a tenth of the instructions
+//! [`verify`] accepts as well: both need the key, and BLAKE3 takes a quarter of the instructions
 //! per entry on a CPU without SHA extensions. Entries written before the key existed (plain
 //! SHA-256, `fleetrun-audit-v1`) are accepted only up to the number the key file recorded when it
 //! was made (`unkeyed_until`), and counted apart ([`Verification::unkeyed`]): a chain rewritten

@@ -131,7 +131,7 @@ const POSTGRES_CONNECTIONS: u32 = 8;
 /// whole cache when it begins a read after another connection's commit, which the store's
 /// writer makes every few milliseconds under load: a cache rarely outlives one transaction, and
 /// dropping it costs in proportion to the pages it ever held (SQLite's default of 2,000 KiB
-/// made that a twentieth of a single-host job's instructions). A transaction that reads more
+/// made that a tenth of a single-host job's instructions). A transaction that reads more
 /// pages reads them again from the operating system's cache.
 const SQLITE_CACHE_SIZE: &str = "PRAGMA cache_size = -256";
 /// Pages a transaction may change before SQLite writes them to the WAL ahead of its commit:
