@@ -168,18 +168,17 @@ impl Store {
     ) -> Result<HashMap<i64, String>, StoreError> {
         let mut found = HashMap::new();
         for chunk in hosts.chunks(10_000) {
-            let rows = sqlx::query(&format!(
+            let ids = crate::Ids::new(self.dialect, "a.bk_host_id", 3, chunk);
+            let query = format!(
                 "SELECT a.bk_host_id, a.controller FROM agent_connection a
                  JOIN controller c ON c.name = a.controller
-                 WHERE a.controller <> $1 AND c.heartbeat_at >= $2
-                   AND a.bk_host_id IN ({})",
-                crate::join_ids(chunk)
-            ))
-            .persistent(false)
-            .bind(except)
-            .bind(alive_since)
-            .fetch_all(&self.pool)
-            .await?;
+                 WHERE a.controller <> $1 AND c.heartbeat_at >= $2 AND {}",
+                ids.sql()
+            );
+            let rows = ids
+                .bind(sqlx::query(&query).bind(except).bind(alive_since))
+                .fetch_all(&self.pool)
+                .await?;
             found.extend(
                 rows.iter()
                     .map(|r| (r.get::<i64, _>(0), r.get::<String, _>(1))),
@@ -248,7 +247,8 @@ impl Store {
             }
             // The hosts pass to their receivers, whoever wrote them before (an earlier run).
             let ids: Vec<i64> = hosts.iter().map(|(h, _)| *h).collect();
-            let epochs = crate::fence::advance(&mut tx, step_instance_id, &ids).await?;
+            let epochs =
+                crate::fence::advance(&mut tx, self.dialect, step_instance_id, &ids).await?;
             self.announce_news(&mut tx).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(epochs)
@@ -294,7 +294,7 @@ impl Store {
             let mut epochs = HashMap::new();
             for (step, hosts) in by_step {
                 epochs.extend(
-                    crate::fence::row_epochs(&mut tx, step, &hosts)
+                    crate::fence::row_epochs(&mut tx, self.dialect, step, &hosts)
                         .await?
                         .into_iter()
                         .map(|(host, epoch)| ((step, host), epoch)),
@@ -521,7 +521,8 @@ impl Store {
             .rows_affected()
                 == 1;
             if moved {
-                crate::fence::advance(&mut tx, step_instance_id, &[bk_host_id]).await?;
+                crate::fence::advance(&mut tx, self.dialect, step_instance_id, &[bk_host_id])
+                    .await?;
                 self.announce_news(&mut tx).await?;
             }
             tx.commit().await?;
@@ -548,16 +549,17 @@ impl Store {
         }
         let mut found = Vec::new();
         for chunk in hosts.chunks(10_000) {
-            let rows = sqlx::query(&format!(
+            let ids = crate::Ids::new(self.dialect, "h.bk_host_id", 2, chunk);
+            let query = format!(
                 "SELECT t.task_id FROM task_handover h JOIN host_task t
                      ON t.step_instance_id = h.step_instance_id AND t.bk_host_id = h.bk_host_id
-                 WHERE h.controller <> $1 AND h.taken = 1 AND h.bk_host_id IN ({})",
-                crate::join_ids(chunk)
-            ))
-            .persistent(false)
-            .bind(except)
-            .fetch_all(&self.pool)
-            .await?;
+                 WHERE h.controller <> $1 AND h.taken = 1 AND {}",
+                ids.sql()
+            );
+            let rows = ids
+                .bind(sqlx::query(&query).bind(except))
+                .fetch_all(&self.pool)
+                .await?;
             found.extend(rows.iter().map(|r| r.get::<String, _>(0)));
         }
         Ok(found)
@@ -569,17 +571,43 @@ impl Store {
         step_instance_id: i64,
         hosts: &[i64],
     ) -> Result<HashMap<i64, i32>, StoreError> {
+        self.statuses_among(step_instance_id, hosts, "").await
+    }
+
+    /// The statuses of those of `hosts` in the step whose status is none of `unfinished`: what
+    /// a follower of hosts run elsewhere waits for, without reading again, every time it looks,
+    /// the thousands still running.
+    pub async fn final_host_statuses(
+        &self,
+        step_instance_id: i64,
+        hosts: &[i64],
+        unfinished: &[i32],
+    ) -> Result<HashMap<i64, i32>, StoreError> {
+        if unfinished.is_empty() {
+            return self.host_statuses(step_instance_id, hosts).await;
+        }
+        let filter = format!(" AND status NOT IN ({})", crate::join_ints(unfinished));
+        self.statuses_among(step_instance_id, hosts, &filter).await
+    }
+
+    async fn statuses_among(
+        &self,
+        step_instance_id: i64,
+        hosts: &[i64],
+        filter: &str,
+    ) -> Result<HashMap<i64, i32>, StoreError> {
         let mut found = HashMap::with_capacity(hosts.len());
         for chunk in hosts.chunks(10_000) {
-            let rows = sqlx::query(&format!(
+            let ids = crate::Ids::new(self.dialect, "bk_host_id", 2, chunk);
+            let query = format!(
                 "SELECT bk_host_id, status FROM host_result
-                 WHERE step_instance_id = $1 AND bk_host_id IN ({})",
-                crate::join_ids(chunk)
-            ))
-            .persistent(false)
-            .bind(step_instance_id)
-            .fetch_all(&self.pool)
-            .await?;
+                 WHERE step_instance_id = $1 AND {}{filter}",
+                ids.sql()
+            );
+            let rows = ids
+                .bind(sqlx::query(&query).bind(step_instance_id))
+                .fetch_all(&self.pool)
+                .await?;
             found.extend(
                 rows.iter()
                     .map(|r| (r.get::<i64, _>(0), r.get::<i32, _>(1))),
@@ -1035,6 +1063,48 @@ mod tests {
                 .is_none()
         );
         assert_eq!(store.handover(step, 1, 0).await.unwrap(), None);
+    }
+
+    /// A follower reads the statuses of the hosts it asks about that are final, and no
+    /// other: not the running ones, not those of another step, not one it did not ask about.
+    #[tokio::test]
+    async fn a_follower_reads_only_final_statuses_of_the_hosts_it_asks_about() {
+        let (_db, store) = crate::test_store().await;
+        let hosts: Vec<i64> = (1..=3_000).collect();
+        let job = store
+            .create_job(&crate::test_job(hosts.clone(), 7))
+            .await
+            .unwrap();
+        // Another job on the same hosts, every one of them final.
+        store
+            .create_job(&crate::test_job(hosts.clone(), 9))
+            .await
+            .unwrap();
+        let step = job.step_instance_id;
+        // Every third host final (9 or 11), the others running (7).
+        sqlx::query(
+            "UPDATE host_result SET status = CASE WHEN bk_host_id % 6 = 0 THEN 11 ELSE 9 END
+             WHERE step_instance_id = $1 AND bk_host_id % 3 = 0",
+        )
+        .bind(step)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        let asked: Vec<i64> = hosts.iter().copied().filter(|h| *h != 3).collect();
+        let found = store
+            .final_host_statuses(step, &asked, &[5, 7])
+            .await
+            .unwrap();
+        let wanted: HashMap<i64, i32> = asked
+            .iter()
+            .filter(|h| *h % 3 == 0)
+            .map(|h| (*h, if h % 6 == 0 { 11 } else { 9 }))
+            .collect();
+        assert_eq!(found, wanted);
+        assert_eq!(
+            store.host_statuses(step, &[1, 3]).await.unwrap(),
+            HashMap::from([(1, 7), (3, 9)])
+        );
     }
 
     /// On PostgreSQL a take-over's "still unfinished" check reads a snapshot: a final status

@@ -666,6 +666,47 @@ async fn claim(
     Ok(claimed)
 }
 
+/// `column IN (…)` for a list of ids of any length, at placeholder `$n` on PostgreSQL: there
+/// one bound array read by `unnest`, so the server parses no list and the statement's text
+/// stays the same and stays prepared (a controller following 5,000 hosts handed to another
+/// asks about them every few hundred milliseconds); on SQLite the ids as text
+/// ([`join_ids`]). Bound after every other value of the statement.
+pub(crate) struct Ids {
+    sql: String,
+    array: Option<String>,
+}
+
+impl Ids {
+    pub(crate) fn new(dialect: Dialect, column: &str, n: usize, ids: &[i64]) -> Self {
+        match dialect {
+            Dialect::Postgres => Self {
+                sql: format!("{column} IN (SELECT unnest(${n}::int8[]))"),
+                array: Some(backend::int8_array(ids)),
+            },
+            Dialect::Sqlite => Self {
+                sql: format!("{column} IN ({})", join_ids(ids)),
+                array: None,
+            },
+        }
+    }
+
+    pub(crate) fn sql(&self) -> &str {
+        &self.sql
+    }
+
+    /// Binds the array (PostgreSQL), or marks the statement as one not to keep (SQLite: its
+    /// text serves once).
+    pub(crate) fn bind<'q>(
+        self,
+        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+        match self.array {
+            Some(array) => query.bind(array),
+            None => query.persistent(false),
+        }
+    }
+}
+
 /// Ids as SQL text for an `IN (…)` list of any length (thousands of bound parameters cost more
 /// than the text). A statement carrying them runs with `.persistent(false)`: its text serves
 /// once, and kept prepared it would push reused statements out of the connection's cache.

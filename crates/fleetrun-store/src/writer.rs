@@ -1090,7 +1090,7 @@ async fn commit(
             applied,
         );
     }
-    let refused = fence.refused(&mut tx).await?;
+    let refused = fence.refused(&mut tx, dialect).await?;
     if let Some((store, text)) = announcement {
         crate::watch::announce(&mut tx, store, text).await?;
     }

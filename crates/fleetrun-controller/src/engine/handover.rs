@@ -180,7 +180,11 @@ impl Engine {
                 return;
             }
             let hosts: Vec<i64> = pending.keys().copied().collect();
-            match self.store.host_statuses(step_instance_id, &hosts).await {
+            match self
+                .store
+                .final_host_statuses(step_instance_id, &hosts, host::UNFINISHED)
+                .await
+            {
                 Ok(statuses) => {
                     for (bk_host_id, status) in statuses {
                         if !host::UNFINISHED.contains(&status)
