@@ -401,16 +401,17 @@ impl<'q> Statement<'q> {
             Dialect::Postgres => {
                 self.columns.clear();
                 for item in items {
-                    row(
-                        &mut Row {
-                            statement: self,
-                            column: 0,
-                        },
-                        item,
-                    );
+                    let mut written = Row {
+                        statement: self,
+                        column: 0,
+                    };
+                    row(&mut written, item);
+                    // `unnest` would pad a short column with NULLs where VALUES refuses.
+                    debug_assert_eq!(written.column, self.columns.len(), "a row of every column");
                     self.rows += 1;
                 }
-                debug_assert!(self.rows > 0, "rows to write");
+                // An empty `unnest()` is no statement; every caller has rows to write.
+                assert!(self.rows > 0, "push_values without rows");
                 let columns = std::mem::take(&mut self.columns);
                 let mut select = String::from(" SELECT ");
                 let mut arrays = Vec::new();
@@ -477,6 +478,10 @@ impl<'q> Row<'_, 'q> {
             }
             Dialect::Postgres => {
                 let column = self.column(T::ELEMENT);
+                debug_assert!(
+                    column.sql.is_none(),
+                    "a column of values or of SQL, not both"
+                );
                 if column.literal.len() > 1 {
                     column.literal.push(',');
                 }
@@ -499,7 +504,10 @@ impl<'q> Row<'_, 'q> {
             }
             Dialect::Postgres => {
                 let column = self.column("");
-                debug_assert!(column.sql.as_deref().is_none_or(|s| s == sql));
+                debug_assert!(
+                    column.sql.as_deref().is_none_or(|s| s == sql) && column.literal.len() == 1,
+                    "a column of the same SQL in every row"
+                );
                 column.sql = Some(sql.to_owned());
             }
         }
@@ -606,7 +614,7 @@ impl<T: ArrayElement + ?Sized> ArrayElement for &T {
     }
 }
 
-/// `ids` as an array literal for `= ANY($n::int8[])`: one bound value whatever their number,
+/// `ids` as an array literal for `unnest($n::int8[])`: one bound value whatever their number,
 /// and a statement text that stays the same.
 pub(crate) fn int8_array(ids: &[i64]) -> String {
     let mut literal = String::with_capacity(ids.len() * 8 + 2);
@@ -632,14 +640,28 @@ mod tests {
         use sqlx::Row as _;
         let (_db, store) = crate::test_store().await;
         let every_byte: Vec<u8> = (0..=255).collect();
-        type Written<'a> = (i64, i32, &'a str, Option<&'a str>, &'a [u8], Option<i64>);
+        type Written<'a> = (
+            i64,
+            Option<i32>,
+            &'a str,
+            Option<&'a str>,
+            &'a [u8],
+            Option<i64>,
+        );
         let rows: Vec<Written<'_>> = vec![
-            (i64::MIN, i32::MIN, "", None, &[], None),
-            (-1, -1, "NULL", Some("null"), &every_byte, Some(i64::MAX)),
-            (0, 0, "a\"b\\c,d{e}f g", Some("\\\""), b"\\x00", Some(0)),
+            (i64::MIN, Some(i32::MIN), "", None, &[], None),
+            (-1, None, "NULL", Some("null"), &every_byte, Some(i64::MAX)),
+            (
+                0,
+                Some(0),
+                "a\"b\\c,d{e}f g",
+                Some("\\\""),
+                b"\\x00",
+                Some(0),
+            ),
             (
                 i64::MAX,
-                i32::MAX,
+                Some(i32::MAX),
                 "héllo\n\ttab ☃",
                 Some(""),
                 b"\"{},",
@@ -665,7 +687,7 @@ mod tests {
             assert_eq!(read.len(), count);
             for (row, wanted) in read.iter().zip(&rows) {
                 assert_eq!(row.get::<i64, _>(0), wanted.0);
-                assert_eq!(row.get::<i32, _>(1), wanted.1);
+                assert_eq!(row.get::<Option<i32>, _>(1), wanted.1);
                 assert_eq!(row.get::<String, _>(2), wanted.2);
                 assert_eq!(row.get::<Option<String>, _>(3).as_deref(), wanted.3);
                 assert_eq!(row.get::<Vec<u8>, _>(4), wanted.4);
@@ -673,6 +695,44 @@ mod tests {
                 assert_eq!(row.get::<i32, _>(6), 7);
             }
         }
+    }
+
+    /// The literals PostgreSQL reads: each kind of value, quoted and escaped where it must be.
+    #[test]
+    fn array_literals_escape_what_postgres_reads_specially() {
+        fn literal<T: ArrayElement>(values: &[T]) -> String {
+            let mut out = String::from("{");
+            for (i, v) in values.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                v.write_element(&mut out);
+            }
+            out.push('}');
+            out
+        }
+        assert_eq!(
+            literal(&["a\"b\\c", "", "NULL", "x,{y} z"]),
+            r#"{"a\"b\\c","","NULL","x,{y} z"}"#
+        );
+        assert_eq!(
+            literal(&[Some(i64::MIN), None, Some(0)]),
+            "{-9223372036854775808,NULL,0}"
+        );
+        assert_eq!(literal(&[None::<i32>, Some(-7)]), "{NULL,-7}");
+        assert_eq!(
+            literal::<&[u8]>(&[&[0x00, 0xff, b'\\'], &[]]),
+            r#"{"\\x00ff5c","\\x"}"#
+        );
+        assert_eq!(int8_array(&[3, -1]), "{3,-1}");
+        assert_eq!(
+            (
+                <Option<&str>>::ELEMENT,
+                <&[u8]>::ELEMENT,
+                <Option<i32>>::ELEMENT
+            ),
+            ("text", "bytea", "int4")
+        );
     }
 
     /// On PostgreSQL the statement's text does not grow with its rows.
@@ -683,7 +743,7 @@ mod tests {
             .map(|n| {
                 let mut insert = Statement::new(Dialect::Postgres, "INSERT INTO t (a, b, c)");
                 insert.push_values(0..n, |row, i: i64| {
-                    row.push_bind(i).push_bind(Some("x")).push_sql("0");
+                    row.push_bind(i).push_sql("0").push_bind(Some("x"));
                 });
                 assert_eq!(insert.arguments.len(), 2);
                 insert.sql
@@ -691,8 +751,8 @@ mod tests {
             .collect();
         assert_eq!(
             texts[0],
-            "INSERT INTO t (a, b, c) SELECT u.column1, u.column2, 0 AS column3 \
-             FROM unnest($1::int8[], $2::text[]) AS u(column1, column2)"
+            "INSERT INTO t (a, b, c) SELECT u.column1, 0 AS column2, u.column3 \
+             FROM unnest($1::int8[], $2::text[]) AS u(column1, column3)"
         );
         assert!(texts.iter().all(|t| *t == texts[0]));
     }

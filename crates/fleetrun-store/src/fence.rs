@@ -32,7 +32,7 @@ pub(crate) fn not_fenced_out(epoch_column: &str) -> String {
 }
 
 /// On PostgreSQL, takes a share lock on the host rows of `hosts` (step, host), in one
-/// statement per chunk and in order, before the fenced inserts of their log and checkpoints:
+/// statement per step and in host order, before the fenced inserts of their log and checkpoints:
 /// their `NOT EXISTS` reads a snapshot and locks nothing, so without it an epoch raise that
 /// commits meanwhile would not be waited for. With it, a raise waits for this transaction, or
 /// this one for the raise (and then reads the raised epoch). SQLite runs one writer at a time.
@@ -226,23 +226,24 @@ pub(crate) async fn row_epochs(
 /// another writer. Returns each host's new epoch.
 pub(crate) async fn advance(
     tx: &mut sqlx::AnyConnection,
-    dialect: crate::backend::Dialect,
     step_instance_id: i64,
     hosts: &[i64],
 ) -> Result<HashMap<i64, i64>, sqlx::Error> {
     let mut epochs = HashMap::with_capacity(hosts.len());
+    // The ids as a literal list: PostgreSQL then walks the key's index in host order and
+    // locks the rows in that order, as `lock_hosts` does, where a join with an array could
+    // take them in any order and two writers could deadlock.
     for chunk in hosts.chunks(10_000) {
-        let ids = crate::Ids::new(dialect, "bk_host_id", 2, chunk);
-        let query = format!(
+        let rows = sqlx::query(&format!(
             "UPDATE host_result SET epoch = epoch + 1
-             WHERE step_instance_id = $1 AND {}
+             WHERE step_instance_id = $1 AND bk_host_id IN ({})
              RETURNING bk_host_id, epoch",
-            ids.sql()
-        );
-        let rows = ids
-            .bind(sqlx::query(&query).bind(step_instance_id))
-            .fetch_all(&mut *tx)
-            .await?;
+            crate::join_ids(chunk)
+        ))
+        .persistent(false)
+        .bind(step_instance_id)
+        .fetch_all(&mut *tx)
+        .await?;
         epochs.extend(
             rows.iter()
                 .map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1))),

@@ -247,8 +247,7 @@ impl Store {
             }
             // The hosts pass to their receivers, whoever wrote them before (an earlier run).
             let ids: Vec<i64> = hosts.iter().map(|(h, _)| *h).collect();
-            let epochs =
-                crate::fence::advance(&mut tx, self.dialect, step_instance_id, &ids).await?;
+            let epochs = crate::fence::advance(&mut tx, step_instance_id, &ids).await?;
             self.announce_news(&mut tx).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(epochs)
@@ -521,8 +520,7 @@ impl Store {
             .rows_affected()
                 == 1;
             if moved {
-                crate::fence::advance(&mut tx, self.dialect, step_instance_id, &[bk_host_id])
-                    .await?;
+                crate::fence::advance(&mut tx, step_instance_id, &[bk_host_id]).await?;
                 self.announce_news(&mut tx).await?;
             }
             tx.commit().await?;

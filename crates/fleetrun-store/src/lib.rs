@@ -622,7 +622,14 @@ async fn insert_job(
         insert.build().execute(&mut *tx).await?;
     }
     if let Some(plan) = rolling {
-        rolling::insert_rolling(&mut tx, step_instance_id, &plan.config, &plan.batches).await?;
+        rolling::insert_rolling(
+            &mut tx,
+            dialect,
+            step_instance_id,
+            &plan.config,
+            &plan.batches,
+        )
+        .await?;
     }
     tx.commit().await?;
     Ok(CreatedJob {

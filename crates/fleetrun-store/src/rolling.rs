@@ -38,6 +38,7 @@ pub struct NewRolling {
 /// Writes a step's plan within `tx`.
 pub(crate) async fn insert_rolling(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    dialect: crate::backend::Dialect,
     step_instance_id: i64,
     config: &str,
     batches: &[Vec<i64>],
@@ -58,25 +59,20 @@ pub(crate) async fn insert_rolling(
             hosts.iter().map(move |&h| (h, batch))
         })
         .collect();
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
-            .collect();
-        let sql = format!(
-            "INSERT INTO rolling_host (step_instance_id, bk_host_id, batch) VALUES {}",
-            values.join(", ")
+    for chunk in rows.chunks(dialect.max_parameters() / 3) {
+        let mut insert = crate::backend::Statement::new(
+            dialect,
+            "INSERT INTO rolling_host (step_instance_id, bk_host_id, batch)",
         );
-        let mut query = sqlx::query(&sql);
-        for (host, batch) in chunk {
-            query = query.bind(step_instance_id).bind(*host).bind(*batch);
-        }
-        query.execute(&mut **tx).await?;
+        insert.push_values(chunk, |row, (host, batch)| {
+            row.push_bind(step_instance_id)
+                .push_bind(*host)
+                .push_bind(*batch);
+        });
+        insert.build().execute(&mut **tx).await?;
     }
     Ok(())
 }
-
-/// Rows per multi-row insert: well under both backends' bound-parameter limits.
-const ROWS_PER_INSERT: usize = 300;
 
 impl Store {
     /// Records a step's rolling plan: its configuration and each host's batch (`batches[0]` is
@@ -89,7 +85,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let saved = async {
             let mut tx = self.pool.begin().await?;
-            insert_rolling(&mut tx, step_instance_id, config, batches).await?;
+            insert_rolling(&mut tx, self.dialect, step_instance_id, config, batches).await?;
             tx.commit().await
         }
         .await;

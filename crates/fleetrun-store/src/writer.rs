@@ -1058,7 +1058,7 @@ async fn commit(
             .filter(|pair| !updated.contains(pair)),
     )
     .await?;
-    for chunk in logs.chunks(dialect.max_parameters() / 5) {
+    for chunk in bounded_chunks(&logs, dialect.max_parameters() / 5, |w| w.3.len()) {
         // A chunk is refused when its host's row has another epoch; a chunk of a host without
         // a row (no job holds it) is not fenced.
         let mut insert = Statement::new(
@@ -1127,6 +1127,38 @@ async fn commit(
     appending.clone_from(&committed.audit_head);
     tx.commit().await?;
     Ok(committed)
+}
+
+/// Data bytes of log chunks per statement. On PostgreSQL they travel as one hex-encoded text
+/// array, twice their size, held whole by the server while it reads it: a group commit of 4,096
+/// chunks of 64 KiB would be a gigabyte in one value.
+const LOG_BYTES_PER_STATEMENT: usize = 16 << 20;
+
+/// `items` cut into runs of at most `rows` items and, past the first item of each, at most
+/// [`LOG_BYTES_PER_STATEMENT`] of `size`.
+fn bounded_chunks<T>(
+    items: &[T],
+    rows: usize,
+    size: impl Fn(&T) -> usize,
+) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut end = 0;
+        while end < rest.len() && end < rows {
+            bytes += size(&rest[end]);
+            if end > 0 && bytes > LOG_BYTES_PER_STATEMENT {
+                break;
+            }
+            end += 1;
+        }
+        let (chunk, after) = rest.split_at(end);
+        rest = after;
+        Some(chunk)
+    })
 }
 
 /// Writes `ends` (id, status, end time) to `table`'s rows by `id_column`: steps' or jobs', many
@@ -1237,6 +1269,23 @@ pub(crate) mod tests {
 
     /// A writer on `store`'s database driven by the test itself: writes are taken with
     /// `accept` and committed with `commit_front`, so what goes in one batch is known.
+    #[test]
+    fn log_statements_are_bounded_by_rows_and_by_bytes() {
+        let mb = 1 << 20;
+        let cut = |sizes: &[usize], rows| -> Vec<Vec<usize>> {
+            super::bounded_chunks(sizes, rows, |s| *s)
+                .map(<[usize]>::to_vec)
+                .collect()
+        };
+        assert!(cut(&[], 3).is_empty());
+        assert_eq!(cut(&[1, 2, 3, 4, 5], 2), [vec![1, 2], vec![3, 4], vec![5]]);
+        // 16 MiB fit; the next byte starts another statement; one larger item goes alone.
+        assert_eq!(
+            cut(&[8 * mb, 8 * mb, 1, 20 * mb, 2], 100),
+            [vec![8 * mb, 8 * mb], vec![1], vec![20 * mb], vec![2]]
+        );
+    }
+
     pub(crate) fn harness(store: &crate::Store) -> super::Writer {
         super::Writer::new(
             store.pool.clone(),
