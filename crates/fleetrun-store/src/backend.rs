@@ -614,16 +614,16 @@ impl<T: ArrayElement + ?Sized> ArrayElement for &T {
     }
 }
 
-/// `ids` as an array literal for `unnest($n::int8[])`: one bound value whatever their number,
-/// and a statement text that stays the same.
-pub(crate) fn int8_array(ids: &[i64]) -> String {
-    let mut literal = String::with_capacity(ids.len() * 8 + 2);
+/// `values` as one array literal (`{…}`), e.g. ids for `unnest($n::int8[])`: one bound value
+/// whatever their number, and a statement text that stays the same.
+pub(crate) fn array_literal<T: ArrayElement>(values: &[T]) -> String {
+    let mut literal = String::with_capacity(values.len() * 8 + 2);
     literal.push('{');
-    for (i, id) in ids.iter().enumerate() {
+    for (i, value) in values.iter().enumerate() {
         if i > 0 {
             literal.push(',');
         }
-        id.write_element(&mut literal);
+        value.write_element(&mut literal);
     }
     literal.push('}');
     literal
@@ -700,17 +700,7 @@ mod tests {
     /// The literals PostgreSQL reads: each kind of value, quoted and escaped where it must be.
     #[test]
     fn array_literals_escape_what_postgres_reads_specially() {
-        fn literal<T: ArrayElement>(values: &[T]) -> String {
-            let mut out = String::from("{");
-            for (i, v) in values.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                v.write_element(&mut out);
-            }
-            out.push('}');
-            out
-        }
+        use array_literal as literal;
         assert_eq!(
             literal(&["a\"b\\c", "", "NULL", "x,{y} z"]),
             r#"{"a\"b\\c","","NULL","x,{y} z"}"#
@@ -724,7 +714,7 @@ mod tests {
             literal::<&[u8]>(&[&[0x00, 0xff, b'\\'], &[]]),
             r#"{"\\x00ff5c","\\x"}"#
         );
-        assert_eq!(int8_array(&[3, -1]), "{3,-1}");
+        assert_eq!(literal(&[3_i64, -1]), "{3,-1}");
         assert_eq!(
             (
                 <Option<&str>>::ELEMENT,

@@ -61,7 +61,7 @@ pub(crate) async fn lock_hosts(
              WHERE r.step_instance_id = $1 ORDER BY r.bk_host_id FOR SHARE OF r",
         )
         .bind(step)
-        .bind(crate::backend::int8_array(&hosts))
+        .bind(crate::backend::array_literal(&hosts))
         .fetch_all(&mut *tx)
         .await?;
     }

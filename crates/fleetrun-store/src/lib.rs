@@ -688,7 +688,7 @@ impl Ids {
         match dialect {
             Dialect::Postgres => Self {
                 sql: format!("{column} IN (SELECT unnest(${n}::int8[]))"),
-                array: Some(backend::int8_array(ids)),
+                array: Some(backend::array_literal(ids)),
             },
             Dialect::Sqlite => Self {
                 sql: format!("{column} IN ({})", join_ids(ids)),
