@@ -42,26 +42,19 @@ impl Engine {
         self.membership.as_ref()
     }
 
-    /// Hands the hosts of `targets` that are not connected here and whose agents are connected
-    /// to another live controller over to it; returns them, each with the epoch it was handed
-    /// at. Nothing without a membership.
+    /// Hands the hosts of `away` (not connected here) whose agents are connected to another
+    /// live controller over to it; returns them, each with the epoch it was handed at. Nothing
+    /// without a membership. An agent that connected here meanwhile is recorded as this
+    /// controller's, so its host is not handed.
     pub(super) async fn hand_over_remote(
         &self,
         job_instance_id: i64,
         step_instance_id: i64,
-        targets: &[i64],
+        away: &[i64],
     ) -> HashMap<i64, i64> {
         let Some(membership) = &self.membership else {
             return HashMap::new();
         };
-        let away: Vec<i64> = targets
-            .iter()
-            .copied()
-            .filter(|h| self.agents.get(*h).is_none())
-            .collect();
-        if away.is_empty() {
-            return HashMap::new();
-        }
         let alive_since = match membership.alive_since().await {
             Ok(alive_since) => alive_since,
             Err(e) => {
@@ -75,7 +68,7 @@ impl Engine {
         };
         let elsewhere = match self
             .store
-            .connected_elsewhere(&away, membership.name(), alive_since)
+            .connected_elsewhere(away, membership.name(), alive_since)
             .await
         {
             Ok(elsewhere) => elsewhere,
@@ -187,9 +180,7 @@ impl Engine {
             {
                 Ok(statuses) => {
                     for (bk_host_id, status) in statuses {
-                        if !host::UNFINISHED.contains(&status)
-                            && let Some(tx) = pending.remove(&bk_host_id)
-                        {
+                        if let Some(tx) = pending.remove(&bk_host_id) {
                             let _ = tx.send(status);
                         }
                     }
